@@ -1,0 +1,175 @@
+"""Public entry point of the Mamba-1 selective scan, its backends and input validation."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from linearnexus.core.mode import KernelMode
+from linearnexus.core.types import Array, DType, is_float_dtype
+from linearnexus.kernels.base import GridConfig, current_platform, dispatch, resolve_mode
+from linearnexus.kernels.mamba.chunked import ChunkForm, default_chunk_form, selective_scan_chunked
+from linearnexus.kernels.mamba.reference import selective_scan_reference
+
+DEFAULT_CHUNK_SIZE = 16  # measured best on the CPU for the "scan" chunk form (docs/features/mamba.md)
+
+
+class MambaReferenceKernel:
+    """Pure-JAX backend: chunked form in chunk mode, the per-step truth in recurrent mode.
+
+    Runs on every platform and dtype.
+    """
+
+    name: ClassVar[str] = "reference"
+
+    def __init__(self, chunk_form: ChunkForm | None = None) -> None:
+        self.chunk_form = chunk_form
+
+    def supports(self, *, platform: str, dtype: DType) -> bool:
+        return True
+
+    def forward_chunk(self, x, dt, A, B, C, *, D=None, z=None, initial_state=None,
+                      grid: GridConfig) -> tuple[Array, Array]:
+        form = self.chunk_form or default_chunk_form(current_platform())
+        return selective_scan_chunked(x, dt, A, B, C, D=D, z=z, initial_state=initial_state,
+                                      chunk_size=grid.chunk_size, form=form)
+
+    def forward_recurrent(self, x, dt, A, B, C, *, D=None, z=None,
+                          initial_state=None) -> tuple[Array, Array]:
+        return selective_scan_reference(x, dt, A, B, C, D=D, z=z, initial_state=initial_state)
+
+
+class MambaPallasKernel:
+    """Placeholder for the Pallas GPU selective scan: not written yet.
+
+    It declares no support anywhere, so automatic dispatch skips it; asking for it by
+    name raises ``NotImplementedError`` before any work is done.
+    """
+
+    name: ClassVar[str] = "pallas"
+    reason: ClassVar[str] = (
+        "the Pallas selective-scan kernel for Mamba is not implemented yet "
+        "(tracked by the 'Pallas GPU kernels' issue); use backend='reference' or 'auto'"
+    )
+
+    def supports(self, *, platform: str, dtype: DType) -> bool:
+        return False
+
+    def ensure_available(self) -> None:
+        raise NotImplementedError(self.reason)
+
+    def forward_chunk(self, *args: Any, **kwargs: Any) -> tuple[Array, Array]:
+        raise NotImplementedError(self.reason)
+
+    def forward_recurrent(self, *args: Any, **kwargs: Any) -> tuple[Array, Array]:
+        raise NotImplementedError(self.reason)
+
+
+BACKENDS = {"pallas": MambaPallasKernel(), "reference": MambaReferenceKernel()}
+# Preference order for automatic choice; the last entry is the always-available fallback.
+BACKEND_ORDER = ("pallas", "reference")
+
+
+def _check(name: str, array: Array | None, shape: tuple[int, ...], legend: str) -> None:
+    if array is None:
+        return
+    if tuple(array.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)} {legend}, got {tuple(array.shape)}")
+    if not is_float_dtype(array.dtype):
+        raise TypeError(f"{name}: expected a float dtype, got {array.dtype}")
+
+
+def validate_selective_scan_inputs(x, dt, A, B, C, D=None, z=None, dt_bias=None,
+                                   initial_state=None) -> None:
+    """Shape / dtype checks shared by every backend; errors name the argument.
+
+    Raises:
+        ValueError: wrong rank or shape, or T == 0. TypeError: non-float arrays.
+    """
+    if x.ndim != 3:
+        raise ValueError(f"x: expected rank 3 [B, T, C], got shape {tuple(x.shape)}")
+    if not is_float_dtype(x.dtype):
+        raise TypeError(f"x: expected a float dtype, got {x.dtype}")
+    batch, seq, channels = x.shape
+    if seq == 0:
+        raise ValueError("x: sequence length T must be >= 1, got T=0")
+    if A.ndim != 2 or A.shape[0] != channels:
+        raise ValueError(f"A: expected shape ({channels}, N) [C, N], got {tuple(A.shape)}")
+    n_state = A.shape[1]
+    _check("A", A, (channels, n_state), "[C, N]")
+    _check("dt", dt, (batch, seq, channels), "[B, T, C]")
+    _check("B", B, (batch, seq, n_state), "[B, T, N]")
+    _check("C", C, (batch, seq, n_state), "[B, T, N]")
+    _check("D", D, (channels,), "[C]")
+    _check("z", z, (batch, seq, channels), "[B, T, C]")
+    _check("dt_bias", dt_bias, (channels,), "[C]")
+    _check("initial_state", initial_state, (batch, channels, n_state), "[B, C, N]")
+
+
+def selective_scan(
+    x: Array,
+    dt: Array,
+    A: Array,
+    B: Array,
+    C: Array,
+    *,
+    D: Array | None = None,
+    z: Array | None = None,
+    dt_bias: Array | None = None,
+    dt_softplus: bool = False,
+    initial_state: Array | None = None,
+    output_final_state: bool = False,
+    chunk_size: int | None = None,
+    mode: KernelMode | str | None = None,
+    backend: str | None = None,
+    grid: GridConfig | None = None,
+) -> tuple[Array, Array | None]:
+    """Mamba-1 selective scan (S6).
+
+    ``h_t = exp(dt_t A) * h_{t-1} + dt_t B_t x_t``, ``y_t = C_t . h_t + D x_t``, then
+    ``y_t *= silu(z_t)`` when ``z`` is given. With ``dt_softplus`` the step is
+    ``softplus(dt + dt_bias)``, else ``dt + dt_bias``.
+
+    Args:
+        x: ``[B, T, C]`` float input (C = d_inner channels).
+        dt: ``[B, T, C]`` step sizes (raw when ``dt_softplus``).
+        A: ``[C, N]`` continuous-time decay (negative for stability).
+        B, C: ``[B, T, N]`` input / output projections.
+        D: ``[C]`` skip. z: ``[B, T, C]`` gate. dt_bias: ``[C]``.
+        initial_state: ``[B, C, N]`` or None (zeros).
+        output_final_state: return the final ``[B, C, N]`` state (else None).
+        chunk_size: tokens per chunk in chunk mode (default 16); overrides ``grid``.
+        mode: CHUNK, RECURRENT or None (``select_mode(T)``).
+        backend: "reference", "pallas" or None (best available).
+        grid: launch config for kernels (chunk size, blocks, warps).
+
+    Returns:
+        ``(y [B, T, C] in x's dtype, final_state [B, C, N] float32 or None)``.
+
+    Raises:
+        ValueError / TypeError: bad shapes or dtypes, naming the argument.
+        NotImplementedError: the named backend cannot run this call.
+    """
+    validate_selective_scan_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state)
+    if grid is None:
+        grid = GridConfig(chunk_size=DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size)
+    elif chunk_size is not None:
+        grid = GridConfig(chunk_size=chunk_size, block_c=grid.block_c,
+                          num_warps=grid.num_warps, num_stages=grid.num_stages)
+    run_mode = resolve_mode(mode, x.shape[1])
+    if dt_bias is not None:
+        dt = dt + dt_bias.astype(dt.dtype)
+    if dt_softplus:
+        dt = jax.nn.softplus(dt.astype(jnp.promote_types(dt.dtype, jnp.float32))).astype(dt.dtype)
+
+    def call(kernel):
+        if run_mode is KernelMode.CHUNK:
+            return kernel.forward_chunk(x, dt, A, B, C, D=D, z=z, initial_state=initial_state,
+                                        grid=grid)
+        return kernel.forward_recurrent(x, dt, A, B, C, D=D, z=z, initial_state=initial_state)
+
+    y, final_state = dispatch("mamba", BACKENDS, BACKEND_ORDER, call, backend=backend,
+                              dtype=x.dtype)
+    return y, (final_state if output_final_state else None)

@@ -1,0 +1,1 @@
+"""NNx blocks with one calling convention: ``y, new_state = block(x, state=, mask=, mode=)``."""

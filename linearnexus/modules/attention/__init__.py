@@ -1,0 +1,1 @@
+"""Softmax attention blocks: causal MHA / GQA / MQA attention and latent attention (MLA)."""

@@ -1,0 +1,345 @@
+"""Causal softmax self-attention (MHA / GQA / MQA) with RoPE and a preallocated KV cache.
+
+``n_kv_heads == n_heads`` is multi-head attention, ``1 < n_kv_heads < n_heads`` grouped-query
+attention (query head ``h`` reads key/value head ``h // (n_heads // n_kv_heads)``) and
+``n_kv_heads == 1`` multi-query attention.
+
+The cache (:class:`KVCache`) has a fixed size ``max_seq_len`` so decoding never changes array
+shapes: slot ``s`` of row ``b`` holds the key/value of absolute position ``s`` and
+``lengths[b]`` says how many slots are filled. A call writes its valid tokens at slots
+``lengths[b] .. lengths[b] + n_valid[b] - 1``; slots past the new length stay exactly zero.
+
+The token-layout helpers here (:func:`layout_tokens`, :func:`write_slots`,
+:func:`causal_allowed`, :func:`masked_softmax`, :func:`unlayout`) are shared with
+:mod:`linearnexus.modules.attention.mla`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from linearnexus.core.config import ConfigError, field
+from linearnexus.core.mode import KernelMode, as_mode
+from linearnexus.core.padding import align_valid_left, restore_alignment
+from linearnexus.core.types import Array, DType
+from linearnexus.modules.base import BlockConfig, check_block_input, check_state_batch, dtype_of
+from linearnexus.modules.common import RotaryEmbedding, math_dtype
+
+# ---- config and cache --------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class AttentionConfig(BlockConfig):
+    """Causal self-attention.
+
+    Attributes:
+        n_heads: query heads H.
+        n_kv_heads: key/value heads (None = ``n_heads``); must divide ``n_heads``. Fewer than
+            ``n_heads`` is GQA, 1 is MQA; the cache shrinks by ``n_heads / n_kv_heads``.
+        head_dim: K per head (None = ``d_model // n_heads``, which then must divide evenly);
+            even, because RoPE rotates feature pairs.
+        max_seq_len: slots in the KV cache, i.e. the longest context a cache can hold.
+        rope_base: RoPE frequency base.
+        qkv_bias: add biases to the q, k, v projections (the output projection has none).
+    """
+
+    n_heads: int = field(4, gt=0, doc="query heads")
+    n_kv_heads: int | None = field(None, gt=0, doc="key/value heads; None = n_heads")
+    head_dim: int | None = field(None, gt=0, doc="per-head dim; None = d_model // n_heads")
+    max_seq_len: int = field(1024, gt=0, doc="KV cache slots")
+    rope_base: float = field(10000.0, gt=0, doc="RoPE frequency base")
+    qkv_bias: bool = field(False, doc="biases on q, k, v projections")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"n_kv_heads: must divide n_heads={self.n_heads}, got {self.n_kv_heads}"
+            )
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ConfigError(
+                f"n_heads: must divide d_model={self.d_model} when head_dim is None, "
+                f"got {self.n_heads}"
+            )
+        if self.resolved_head_dim % 2:
+            raise ConfigError(
+                f"head_dim: must be even (RoPE rotates pairs), got {self.resolved_head_dim}"
+            )
+
+    @property
+    def resolved_kv_heads(self) -> int:
+        """Number of key/value heads (``n_kv_heads`` or ``n_heads``)."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def resolved_head_dim(self) -> int:
+        """K per head (``head_dim`` or ``d_model // n_heads``)."""
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    @classmethod
+    def tiny(cls, d_model: int = 16, **overrides: Any) -> AttentionConfig:
+        """4 query heads sharing 2 KV heads (GQA), head dim 4, a 128-slot cache."""
+        base = {"d_model": d_model, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 128}
+        return cls.from_dict({**base, **overrides})
+
+
+class KVCache(NamedTuple):
+    """Preallocated key/value cache (a pytree, passed in and returned).
+
+    Attributes:
+        k: ``[B, S, Hkv, K]`` keys (already rotated), slot ``s`` = absolute position ``s``.
+        v: ``[B, S, Hkv, V]`` values.
+        lengths: ``[B]`` int32 number of filled slots per row.
+    """
+
+    k: Array
+    v: Array
+    lengths: Array
+
+    @classmethod
+    def zeros(cls, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int,
+              dtype: DType | str = jnp.float32, v_head_dim: int | None = None) -> KVCache:
+        """An empty cache of ``max_len`` slots."""
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"batch_size and max_len must be >= 1, got {batch_size}, {max_len}")
+        v_head_dim = head_dim if v_head_dim is None else v_head_dim
+        dtype = jnp.dtype(dtype)
+        return cls(jnp.zeros((batch_size, max_len, n_kv_heads, head_dim), dtype),
+                   jnp.zeros((batch_size, max_len, n_kv_heads, v_head_dim), dtype),
+                   jnp.zeros((batch_size,), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[1]
+
+
+def cache_bytes_per_token(config: AttentionConfig, dtype: DType | str | None = None) -> int:
+    """Bytes of KV cache one token costs in one layer: ``2 * n_kv_heads * head_dim * itemsize``.
+
+    Args:
+        config: the attention config.
+        dtype: cache dtype (None = ``config.dtype``).
+    """
+    itemsize = jnp.dtype(config.dtype if dtype is None else dtype).itemsize
+    return 2 * config.resolved_kv_heads * config.resolved_head_dim * itemsize
+
+
+# ---- token layout helpers (shared with MLA) ----------------------------------------------
+
+
+class TokenLayout(NamedTuple):
+    """Where each token of a call goes, after valid tokens are compacted to the front.
+
+    Attributes:
+        perm: ``[B, T]`` int32 permutation from :func:`align_valid_left` (None: no mask).
+        valid: ``[B, T]`` bool, True for aligned token ``i < n_valid[b]``.
+        n_valid: ``[B]`` int32 valid tokens per row.
+        offset: ``[B]`` int32 cache length before this call.
+        positions: ``[B, T]`` int32 absolute position ``offset[b] + i`` of aligned token i
+            (also its cache slot).
+    """
+
+    perm: Array | None
+    valid: Array
+    n_valid: Array
+    offset: Array
+    positions: Array
+
+
+def layout_tokens(x: Array, mask: Array | None, offset: Array) -> tuple[Array, TokenLayout]:
+    """Compact each row's valid tokens to the front and give them absolute positions.
+
+    Args:
+        x: ``[B, T, ...]``.
+        mask: ``[B, T]`` bool (True = valid) or None (all valid).
+        offset: ``[B]`` int cache lengths before this call.
+
+    Returns:
+        ``(x_aligned [B, T, ...], layout)``.
+    """
+    batch, seq = x.shape[:2]
+    if mask is None:
+        x_aligned, perm = x, None
+        n_valid = jnp.full((batch,), seq, jnp.int32)
+    else:
+        x_aligned, perm, n_valid = align_valid_left(x, mask)
+    idx = jnp.arange(seq, dtype=jnp.int32)
+    valid = idx[None, :] < n_valid[:, None]
+    positions = offset.astype(jnp.int32)[:, None] + idx[None, :]  # [B, T]
+    return x_aligned, TokenLayout(perm, valid, n_valid, offset.astype(jnp.int32), positions)
+
+
+def check_capacity(layout: TokenLayout, seq_len: int, max_len: int) -> None:
+    """Raise ``ValueError`` when a call cannot fit in a cache of ``max_len`` slots.
+
+    ``T > max_len`` is always checked; ``offset + n_valid > max_len`` only when those values
+    are concrete (outside ``jit``). Under ``jit`` tokens past the end are dropped silently.
+    """
+    if seq_len > max_len:
+        raise ValueError(
+            f"x: sequence length T={seq_len} exceeds max_seq_len={max_len} (the cache size)"
+        )
+    try:
+        total = np.asarray(layout.offset) + np.asarray(layout.n_valid)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return
+    if total.size and total.max() > max_len:
+        row = int(total.argmax())
+        raise ValueError(
+            f"state: cache overflow in row {row}: {int(np.asarray(layout.offset)[row])} cached "
+            f"+ {int(np.asarray(layout.n_valid)[row])} new tokens > max_seq_len={max_len}"
+        )
+
+
+def write_slots(buffer: Array, new: Array, layout: TokenLayout) -> Array:
+    """Write aligned valid tokens ``new: [B, T, ...]`` into ``buffer: [B, S, ...]`` at their
+    absolute positions; pads (and, under ``jit``, slots past ``S``) are dropped."""
+    batch, slots = buffer.shape[:2]
+    target = jnp.where(layout.valid, layout.positions, slots)  # [B, T]; pads -> out of range
+    rows = jnp.arange(batch)[:, None]  # [B, 1]
+    return buffer.at[rows, target].set(new.astype(buffer.dtype), mode="drop")
+
+
+def causal_allowed(layout: TokenLayout, num_keys: int, key_offset: Array | None = None) -> Array:
+    """``[B, T, S]`` bool: query i may read key s iff key position <= query position.
+
+    Keys are either the cache (key s is absolute position s: ``key_offset=None``) or this
+    call's own aligned tokens (key s is position ``offset + s``: pass ``layout.offset``).
+    Empty cache slots sit at positions past every valid query, so they are never read.
+    """
+    key_pos = jnp.arange(num_keys, dtype=jnp.int32)[None, :]  # [1, S]
+    if key_offset is not None:
+        key_pos = key_pos + key_offset[:, None]  # [B, S]
+    return key_pos[:, None, :] <= layout.positions[:, :, None]  # [B, T, S]
+
+
+def masked_softmax(scores: Array, allowed: Array) -> Array:
+    """Softmax over the last axis of ``scores`` where ``allowed`` (broadcastable), else 0.
+
+    Every query row must allow at least one key (the causal mask always allows the first).
+    """
+    big_neg = jnp.finfo(scores.dtype).min
+    return jax.nn.softmax(jnp.where(allowed, scores, big_neg), axis=-1)
+
+
+def unlayout(y: Array, layout: TokenLayout) -> Array:
+    """Zero padded outputs and undo :func:`layout_tokens`'s compaction: ``[B, T, ...]``."""
+    y = jnp.where(layout.valid.reshape(layout.valid.shape + (1,) * (y.ndim - 2)), y, 0)
+    return y if layout.perm is None else restore_alignment(y, layout.perm)
+
+
+def grouped_attention(q: Array, k: Array, v: Array, allowed: Array, scale: float) -> Array:
+    """Softmax attention with query heads grouped over shared key/value heads.
+
+    Args:
+        q: ``[B, T, H, K]``. k: ``[B, S, Hkv, K]``. v: ``[B, S, Hkv, V]`` with ``Hkv | H``.
+        allowed: ``[B, T, S]`` bool.
+        scale: multiplies ``q . k``.
+
+    Returns:
+        ``[B, T, H, V]`` in ``q.dtype``; scores and softmax run in float32 (float64 for f64).
+    """
+    batch, seq, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    ct = math_dtype(q.dtype)
+    qg = q.reshape(batch, seq, kv_heads, heads // kv_heads, dim)  # [B,T,H,K] -> [B,T,Hkv,G,K]
+    scores = jnp.einsum("btngk,bsnk->bngts", qg.astype(ct), k.astype(ct)) * scale
+    probs = masked_softmax(scores, allowed[:, None, None])  # [B, Hkv, G, T, S]
+    out = jnp.einsum("bngts,bsnv->btngv", probs, v.astype(ct))  # [B, T, Hkv, G, V]
+    return out.reshape(batch, seq, heads, v.shape[-1]).astype(q.dtype)  # -> [B, T, H, V]
+
+
+# ---- the block ---------------------------------------------------------------------------
+
+
+class CausalSelfAttention(nnx.Module):
+    """Causal multi-head / grouped-query / multi-query self-attention with RoPE.
+
+    ``y, new_state = attn(x, state=None, mask=None, mode=None)`` with ``x: [B, T, D]``:
+
+    * ``state``: a :class:`KVCache` (None = empty). The returned cache holds the old
+      entries plus this call's valid tokens; with ``state=None`` the queries attend only
+      to this call's tokens (no ``max_seq_len``-long cache read).
+    * ``mask``: ``[B, T]`` padding mask (True = valid, any pattern). Valid tokens are taken
+      in order as one contiguous continuation of the cache; pads are never cached, read
+      or rotated into a position, and their outputs are zero.
+    * ``mode``: validated and ignored: attention has one form, so ``"chunk"`` and
+      ``"recurrent"`` give the same result.
+
+    Raises:
+        ValueError: bad ``x`` / ``mask`` / ``state`` shapes, ``T == 0``, or a call that
+            overflows the cache (checked when lengths are concrete; ``T > max_seq_len``
+            always). TypeError: a non-float ``x`` or a ``state`` that is not a KVCache.
+    """
+
+    def __init__(self, config: AttentionConfig, *, rngs: nnx.Rngs) -> None:
+        if not isinstance(config, AttentionConfig):
+            raise TypeError(f"config: expected AttentionConfig, got {type(config).__name__}")
+        self.config = config
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.resolved_kv_heads
+        self.head_dim = config.resolved_head_dim
+        self.dtype = dtype_of(config.dtype)
+        d, h, hkv, k = config.d_model, self.n_heads, self.n_kv_heads, self.head_dim
+        kw = dict(dtype=self.dtype, param_dtype=dtype_of(config.param_dtype), rngs=rngs)
+        self.q_proj = nnx.Linear(d, h * k, use_bias=config.qkv_bias, **kw)
+        self.k_proj = nnx.Linear(d, hkv * k, use_bias=config.qkv_bias, **kw)
+        self.v_proj = nnx.Linear(d, hkv * k, use_bias=config.qkv_bias, **kw)
+        self.o_proj = nnx.Linear(h * k, d, use_bias=False, **kw)
+        self.rope = RotaryEmbedding(k, base=config.rope_base)
+
+    def init_state(self, batch_size: int) -> KVCache:
+        """An empty :class:`KVCache` of ``max_seq_len`` slots in the compute dtype."""
+        return KVCache.zeros(batch_size, self.config.max_seq_len, self.n_kv_heads,
+                             self.head_dim, self.dtype)
+
+    def _check_state(self, state: Any, batch: int) -> None:
+        if state is None:
+            return
+        if not isinstance(state, KVCache):
+            raise TypeError(f"state: expected KVCache or None, got {type(state).__name__}")
+        shape = (batch, self.config.max_seq_len, self.n_kv_heads, self.head_dim)
+        check_state_batch("state.k", state.k, shape)
+        check_state_batch("state.v", state.v, shape)
+        check_state_batch("state.lengths", state.lengths, (batch,))
+
+    def __call__(self, x: Array, *, state: KVCache | None = None, mask: Array | None = None,
+                 mode: KernelMode | str | None = None) -> tuple[Array, KVCache]:
+        """``x: [B, T, D]`` -> ``(y [B, T, D] in the compute dtype, new KVCache)``."""
+        mask = check_block_input(x, self.config.d_model, mask)
+        as_mode(mode)  # validated only: one form of attention
+        batch, seq, _ = x.shape
+        self._check_state(state, batch)
+        cache = self.init_state(batch) if state is None else state
+        xa, layout = layout_tokens(x.astype(self.dtype), mask, cache.lengths)
+        check_capacity(layout, seq, self.config.max_seq_len)
+
+        h, hkv, k = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.q_proj(xa).reshape(batch, seq, h, k)  # [B, T, H*K] -> [B, T, H, K]
+        key = self.k_proj(xa).reshape(batch, seq, hkv, k)  # [B, T, Hkv*K] -> [B, T, Hkv, K]
+        val = self.v_proj(xa).reshape(batch, seq, hkv, k)  # [B, T, Hkv*K] -> [B, T, Hkv, K]
+        q = self.rope.apply(q, layout.positions)
+        key = self.rope.apply(key, layout.positions)
+
+        new_state = KVCache(write_slots(cache.k, key, layout), write_slots(cache.v, val, layout),
+                            cache.lengths + layout.n_valid)
+        if state is None:  # nothing cached: attend within this call only
+            keys, vals = key.astype(cache.k.dtype), val.astype(cache.v.dtype)
+            allowed = causal_allowed(layout, seq, key_offset=layout.offset)
+        else:
+            keys, vals = new_state.k, new_state.v
+            allowed = causal_allowed(layout, keys.shape[1])
+        out = grouped_attention(q, keys, vals, allowed, k ** -0.5)  # [B, T, H, K]
+        y = self.o_proj(out.reshape(batch, seq, h * k))  # [B, T, H, K] -> [B, T, D]
+        return unlayout(y, layout), new_state
+
+
+class AttentionBlock(CausalSelfAttention):
+    """The registered ``"attention"`` block: the attention mixer alone (the model adds the
+    pre-norm, residual and MLP around every block)."""

@@ -1,0 +1,1 @@
+"""Selective state-space blocks."""

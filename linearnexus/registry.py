@@ -1,0 +1,109 @@
+"""Name -> kernel backend, block, or model preset; resolved lazily on first lookup.
+
+Tests, benchmarks, docs and the command-line tools walk these registries, so adding a
+mechanism means registering it here once:
+
+* ``KERNEL_REGISTRY["mamba:reference"]`` -> the backend object (``kernels/base.py``).
+* ``OP_REGISTRY["mamba"]`` -> the mechanism's public api function.
+* ``LAYER_REGISTRY["mamba"]`` -> ``LayerEntry(block_class, config_class)``.
+* ``MODEL_REGISTRY["gpt-small"]`` -> a zero-argument function returning a ``ModelConfig``.
+
+Entries are import paths, so ``import linearnexus.registry`` imports no kernel or Flax code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Generic, NamedTuple, TypeVar
+
+V = TypeVar("V")
+
+
+def _import(path: str) -> Any:
+    """``"pkg.module:attr.sub"`` -> the object."""
+    module_name, _, attr = path.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in filter(None, attr.split(".")):
+        obj = getattr(obj, part)
+    return obj
+
+
+class LazyRegistry(Mapping[str, V], Generic[V]):
+    """A read-mostly mapping whose values are built by loaders on first access."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._loaders: dict[str, Callable[[], V]] = {}
+        self._cache: dict[str, V] = {}
+
+    def register(self, name: str, loader: Callable[[], V], *, overwrite: bool = False) -> None:
+        if name in self._loaders and not overwrite:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self._loaders[name] = loader
+        self._cache.pop(name, None)
+
+    def __getitem__(self, name: str) -> V:
+        if name not in self._loaders:
+            raise KeyError(f"unknown {self.kind} {name!r}; registered: {sorted(self._loaders)}")
+        if name not in self._cache:
+            self._cache[name] = self._loaders[name]()
+        return self._cache[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._loaders))
+
+    def __len__(self) -> int:
+        return len(self._loaders)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._loaders
+
+
+class LayerEntry(NamedTuple):
+    """A registered block: its class and its config class (``Block(config, rngs=...)``)."""
+
+    block: type
+    config: type
+
+
+KERNEL_REGISTRY: LazyRegistry[Any] = LazyRegistry("kernel")
+OP_REGISTRY: LazyRegistry[Callable[..., Any]] = LazyRegistry("op")
+LAYER_REGISTRY: LazyRegistry[LayerEntry] = LazyRegistry("layer")
+MODEL_REGISTRY: LazyRegistry[Callable[[], Any]] = LazyRegistry("model preset")
+
+
+def register_op(mechanism: str, api_module: str, function: str, backends: tuple[str, ...]) -> None:
+    """Register ``mechanism``'s api function and each backend in ``api_module.BACKENDS``."""
+    OP_REGISTRY.register(mechanism, lambda: _import(f"{api_module}:{function}"))
+    for backend in backends:
+        KERNEL_REGISTRY.register(
+            f"{mechanism}:{backend}", lambda b=backend: _import(f"{api_module}:BACKENDS")[b]
+        )
+
+
+def register_layer(name: str, block_path: str, config_path: str) -> None:
+    """Register a block by import paths ``"module:Class"``."""
+    LAYER_REGISTRY.register(name, lambda: LayerEntry(_import(block_path), _import(config_path)))
+
+
+def register_model(name: str, preset_path: str) -> None:
+    """Register a model preset: ``preset_path`` names a zero-argument config factory."""
+    MODEL_REGISTRY.register(name, lambda: _import(preset_path))
+
+
+def kernels_for(mechanism: str) -> dict[str, Any]:
+    """``{"reference": backend, ...}`` for one mechanism."""
+    prefix = f"{mechanism}:"
+    return {name[len(prefix):]: KERNEL_REGISTRY[name] for name in KERNEL_REGISTRY
+            if name.startswith(prefix)}
+
+
+# ---- built-in registrations ------------------------------------------------------------
+register_op("mamba", "linearnexus.kernels.mamba.api", "selective_scan", ("reference", "pallas"))
+register_layer("mamba", "linearnexus.modules.ssm.mamba:MambaBlock",
+               "linearnexus.modules.ssm.mamba:MambaConfig")
+register_layer("attention", "linearnexus.modules.attention.causal:AttentionBlock",
+               "linearnexus.modules.attention.causal:AttentionConfig")
+register_layer("mla", "linearnexus.modules.attention.mla:MLABlock",
+               "linearnexus.modules.attention.mla:MLAConfig")

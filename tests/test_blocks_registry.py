@@ -1,0 +1,120 @@
+"""Every registered block through the same checks, with no per-block code.
+
+A new block registered in ``linearnexus.registry.LAYER_REGISTRY`` with a ``Config.tiny()``
+is picked up here automatically.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from linearnexus.modules.base import Block
+from linearnexus.registry import LAYER_REGISTRY
+from tests.helpers.parity import (
+    assert_chunk_recurrent_parity,
+    assert_grads_match_finite_differences,
+    assert_mask_behavior,
+    assert_prefix_continuation,
+    x64,
+)
+
+LAYERS = sorted(LAYER_REGISTRY)
+
+
+def build(name: str, **overrides):
+    entry = LAYER_REGISTRY[name]
+    config = entry.config.tiny(**overrides)
+    return entry.block(config, rngs=nnx.Rngs(0)), config
+
+
+def inputs(key, config, batch: int, seq: int) -> jax.Array:
+    dtype = jnp.dtype(config.dtype)
+    return jax.random.normal(key, (batch, seq, config.d_model), jnp.float32).astype(dtype)
+
+
+def test_registry_is_not_empty():
+    assert "mamba" in LAYERS
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_follows_block_protocol(name, key):
+    block, config = build(name)
+    assert isinstance(block, Block)
+    x = inputs(key, config, 2, 5)
+    y, state = block(x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    fresh = block.init_state(2)
+    assert jax.tree.structure(fresh) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(state), strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert not np.any(np.asarray(a))  # init_state is zeros
+
+
+@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("seq", [1, 7, 13])
+def test_chunk_vs_recurrent(name, seq, key):
+    block, config = build(name)
+    k1, k2 = jax.random.split(key)
+    x = inputs(k1, config, 2, seq)
+    # a non-zero initial state: the state after a random prefix
+    _, prefix_state = block(inputs(k2, config, 2, 5))
+    assert_chunk_recurrent_parity(block, x, tol=1e-5)
+    assert_chunk_recurrent_parity(block, x, state=prefix_state, tol=1e-5)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
+def test_prefix_then_continuation(name, mode, key):
+    block, config = build(name)
+    x = inputs(key, config, 2, 19)
+    assert_prefix_continuation(block, x, split=6, mode=mode, tol=1e-5)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_mask(name, side, key):
+    block, config = build(name)
+    x = inputs(key, config, 3, 11)
+    assert_mask_behavior(block, x, [11, 4, 1], side=side, tol=1e-5)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_gradients_match_finite_differences(name, key):
+    with x64():
+        block, config = build(name, dtype="float64", param_dtype="float64")
+        graphdef, params = nnx.split(block, nnx.Param)
+        k1, k2, k3 = jax.random.split(key, 3)
+        x = inputs(k1, config, 2, 9)
+        cot = jax.random.normal(k2, x.shape, jnp.float64)
+
+        def loss(tree):
+            p, xx = tree
+            y, state = nnx.merge(graphdef, p)(xx, mode="chunk")
+            # the final state enters the loss too, so its gradient path is checked
+            s = sum(jnp.sum(jnp.sin(leaf)) for leaf in jax.tree.leaves(state)
+                    if jnp.issubdtype(leaf.dtype, jnp.floating))
+            return jnp.sum(y * cot) + s
+
+        assert_grads_match_finite_differences(loss, (params, x), key=k3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_bad_inputs_are_named(name, key):
+    block, config = build(name)
+    d = config.d_model
+    with pytest.raises(ValueError, match="x"):
+        block(jnp.ones((2, d)))  # rank 2
+    with pytest.raises(ValueError, match="hidden size"):
+        block(jnp.ones((2, 3, d + 1)))
+    with pytest.raises(ValueError, match="T must be >= 1"):
+        block(jnp.ones((2, 0, d)))
+    with pytest.raises(TypeError, match="float"):
+        block(jnp.ones((2, 3, d), jnp.int32))
+    with pytest.raises(ValueError, match="mask"):
+        block(jnp.ones((2, 3, d)), mask=jnp.ones((2, 4), bool))
+    with pytest.raises(ValueError, match="mode"):
+        block(jnp.ones((2, 3, d)), mode="sideways")

@@ -1,0 +1,223 @@
+"""The selective-scan op: every implementation against the per-step reference.
+
+``IMPLEMENTATIONS`` lists each way the op can run; a new backend (e.g. Pallas) adds one
+line there and inherits every check below.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from linearnexus.kernels.mamba import selective_scan
+from linearnexus.kernels.mamba.api import MambaReferenceKernel
+from linearnexus.kernels.mamba.reference import selective_scan_reference
+from linearnexus.registry import KERNEL_REGISTRY, kernels_for
+from tests.helpers.parity import assert_close, x64
+
+
+def _chunk(form):
+    def run(x, dt, A, B, C, D, z, h0, chunk_size):
+        y, h = selective_scan(x, dt, A, B, C, D=D, z=z, initial_state=h0, output_final_state=True,
+                              mode="chunk", chunk_size=chunk_size, backend="reference")
+        return y, h
+    if form is None:
+        return run
+
+    kernel = MambaReferenceKernel(chunk_form=form)
+    from linearnexus.kernels.base import GridConfig
+
+    def run_form(x, dt, A, B, C, D, z, h0, chunk_size):
+        return kernel.forward_chunk(x, dt, A, B, C, D=D, z=z, initial_state=h0,
+                                    grid=GridConfig(chunk_size=chunk_size))
+    return run_form
+
+
+def _recurrent(x, dt, A, B, C, D, z, h0, chunk_size):
+    return selective_scan(x, dt, A, B, C, D=D, z=z, initial_state=h0, output_final_state=True,
+                          mode="recurrent", backend="reference")
+
+
+IMPLEMENTATIONS = {
+    "chunk-auto": _chunk(None),
+    "chunk-scan": _chunk("scan"),
+    "chunk-assoc": _chunk("assoc"),
+    "recurrent": _recurrent,
+}
+# compiled once per shape and shared by every test (compiles dominate this file's time)
+JITTED = {name: jax.jit(fn, static_argnums=8) for name, fn in IMPLEMENTATIONS.items()}
+REFERENCE = jax.jit(lambda x, dt, A, B, C, D, z, h0: selective_scan_reference(
+    x, dt, A, B, C, D=D, z=z, initial_state=h0))
+
+
+def make_inputs(key, batch=2, seq=65, channels=12, n=5, dtype=jnp.float32, strong_decay=False):
+    ks = jax.random.split(key, 8)
+    x = jax.random.normal(ks[0], (batch, seq, channels), dtype)
+    scale = 4.0 if strong_decay else 0.0
+    dt = jax.nn.softplus(jax.random.normal(ks[1], (batch, seq, channels)) + scale - 1.0).astype(dtype)
+    A = -jnp.exp(jax.random.normal(ks[2], (channels, n))).astype(dtype)
+    if strong_decay:
+        A = A * 5.0
+    B = jax.random.normal(ks[3], (batch, seq, n), dtype)
+    C = jax.random.normal(ks[4], (batch, seq, n), dtype)
+    D = jax.random.normal(ks[5], (channels,), dtype)
+    z = jax.random.normal(ks[6], (batch, seq, channels), dtype)
+    h0 = jax.random.normal(ks[7], (batch, channels, n), jnp.float32)
+    return x, dt, A, B, C, D, z, h0
+
+
+_STEP = jax.jit(lambda *a: selective_scan(*a[:5], D=a[5], z=a[6], initial_state=a[7],
+                                          output_final_state=True, mode="recurrent"))
+
+
+def token_by_token(x, dt, A, B, C, D, z, h0):
+    """Recurrent mode called once per token, the state threaded through every call."""
+    h = h0 if h0 is not None else jnp.zeros((x.shape[0], x.shape[2], A.shape[1]), jnp.float32)
+    ys = []
+    for t in range(x.shape[1]):
+        s = slice(t, t + 1)
+        y, h = _STEP(x[:, s], dt[:, s], A, B[:, s], C[:, s], D, z[:, s], h)
+        ys.append(y)
+    return jnp.concatenate(ys, axis=1), h
+
+
+def test_registry_lists_backends():
+    assert set(kernels_for("mamba")) == {"reference", "pallas"}
+    assert KERNEL_REGISTRY["mamba:reference"].supports(platform="cpu", dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))
+@pytest.mark.parametrize("seq", [1, 7, 63, 64, 65, 257])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_forward_matches_reference(impl, seq, with_state, key):
+    x, dt, A, B, C, D, z, h0 = make_inputs(key, seq=seq)
+    h0 = h0 if with_state else None
+    y_ref, h_ref = REFERENCE(x, dt, A, B, C, D, z, h0)
+    for chunk_size in ((16,) if impl == "recurrent" else (8, 64)):
+        y, h = JITTED[impl](x, dt, A, B, C, D, z, h0, chunk_size)
+        assert_close(y, y_ref, 1e-5, f"{impl} L={chunk_size} output")
+        assert_close(h, h_ref, 1e-5, f"{impl} L={chunk_size} final state")
+
+
+@pytest.mark.parametrize("seq", [1, 7, 63, 64, 65, 257])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_chunk_equals_token_by_token(seq, with_state, key):
+    x, dt, A, B, C, D, z, h0 = make_inputs(key, seq=seq)
+    h0 = h0 if with_state else None
+    y_tok, h_tok = token_by_token(x, dt, A, B, C, D, z, h0)
+    for chunk_size in (5, 16):
+        for form in ("chunk-scan", "chunk-assoc"):
+            y, h = JITTED[form](x, dt, A, B, C, D, z, h0, chunk_size)
+            assert_close(y, y_tok, 1e-5, f"{form} L={chunk_size} vs token-by-token output")
+            assert_close(h, h_tok, 1e-5, f"{form} L={chunk_size} vs token-by-token state")
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))
+@pytest.mark.parametrize("split", [1, 16, 40])
+def test_prefix_then_continuation(impl, split, key):
+    x, dt, A, B, C, D, z, h0 = make_inputs(key, seq=65)
+    run = functools.partial(JITTED[impl], chunk_size=16)
+    y_all, h_all = run(x, dt, A, B, C, D, z, h0)
+    a, b = slice(0, split), slice(split, None)
+    y1, h1 = run(x[:, a], dt[:, a], A, B[:, a], C[:, a], D, z[:, a], h0)
+    y2, h2 = run(x[:, b], dt[:, b], A, B[:, b], C[:, b], D, z[:, b], h1)
+    assert_close(jnp.concatenate([y1, y2], 1), y_all, 1e-5, "output")
+    assert_close(h2, h_all, 1e-5, "state")
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))
+def test_gradients_match_reference(impl, key):
+    args = make_inputs(key, seq=37)
+    cot_y = jax.random.normal(jax.random.fold_in(key, 1), args[0].shape)
+    cot_h = jax.random.normal(jax.random.fold_in(key, 2), args[7].shape)
+    names = ("x", "dt", "A", "B", "C", "D", "z", "initial_state")
+
+    def loss(fn, *a):
+        y, h = fn(*a)
+        return jnp.sum(y * cot_y) + jnp.sum(h * cot_h)
+
+    ref = jax.grad(lambda *a: loss(lambda *b: selective_scan_reference(
+        *b[:5], D=b[5], z=b[6], initial_state=b[7]), *a), argnums=tuple(range(8)))(*args)
+    got = jax.grad(lambda *a: loss(lambda *b: IMPLEMENTATIONS[impl](*b, 8), *a),
+                   argnums=tuple(range(8)))(*args)
+    for name, g, r in zip(names, got, ref, strict=True):
+        assert_close(g, r, 1e-4, f"{impl} d{name}")
+
+
+def test_chunked_float64_is_exact_to_roundoff(key):
+    with x64():
+        args = make_inputs(key, seq=100, dtype=jnp.float64)
+        args = args[:7] + (args[7].astype(jnp.float64),)
+        y_ref, h_ref = selective_scan_reference(*args[:5], D=args[5], z=args[6], initial_state=args[7])
+        for form in ("chunk-scan", "chunk-assoc"):
+            y, h = IMPLEMENTATIONS[form](*args, 16)
+            assert y.dtype == jnp.float64 and h.dtype == jnp.float64
+            assert_close(y, y_ref, 1e-12, f"{form} float64 output")
+            assert_close(h, h_ref, 1e-12, f"{form} float64 state")
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))
+def test_strong_decay_long_sequence_is_finite(impl, key):
+    args = make_inputs(key, batch=1, seq=4096, channels=8, n=4, strong_decay=True)
+    y_ref, h_ref = REFERENCE(*args)
+    y, h = JITTED[impl](*args, 64)
+    assert np.isfinite(np.asarray(y)).all() and np.isfinite(np.asarray(h)).all()
+    assert_close(y, y_ref, 1e-5, "strong-decay output")
+
+
+def test_bfloat16_inputs_keep_float32_state(key):
+    args = make_inputs(key, seq=33)
+    y32, h32 = selective_scan_reference(*args[:5], D=args[5], z=args[6], initial_state=args[7])
+    bf = [a.astype(jnp.bfloat16) for a in args[:7]]
+    y, h = selective_scan(*bf[:5], D=bf[5], z=bf[6], initial_state=args[7],
+                          output_final_state=True, mode="chunk")
+    assert y.dtype == jnp.bfloat16 and h.dtype == jnp.float32
+    assert_close(y, y32, 3e-2, "bf16 output")
+
+
+def test_dt_bias_and_softplus(key):
+    x, dt, A, B, C, D, z, h0 = make_inputs(key, seq=20)
+    raw = jax.random.normal(jax.random.fold_in(key, 3), dt.shape)
+    bias = jax.random.normal(jax.random.fold_in(key, 4), (dt.shape[-1],))
+    y, h = selective_scan(x, raw, A, B, C, D=D, z=z, dt_bias=bias, dt_softplus=True,
+                          initial_state=h0, output_final_state=True)
+    y_ref, h_ref = selective_scan_reference(x, jax.nn.softplus(raw + bias), A, B, C, D=D, z=z,
+                                            initial_state=h0)
+    assert_close(y, y_ref, 1e-5, "output")
+    assert_close(h, h_ref, 1e-5, "state")
+
+
+def test_final_state_only_when_asked(key):
+    x, dt, A, B, C, D, z, h0 = make_inputs(key, seq=5)
+    _, h = selective_scan(x, dt, A, B, C)
+    assert h is None
+
+
+def test_bad_inputs_name_the_argument(key):
+    x, dt, A, B, C, D, z, h0 = make_inputs(key, seq=9)
+    with pytest.raises(ValueError, match=r"x: expected rank 3"):
+        selective_scan(x[0], dt, A, B, C)
+    with pytest.raises(ValueError, match=r"dt: expected shape \(2, 9, 12\)"):
+        selective_scan(x, dt[:, :4], A, B, C)
+    with pytest.raises(ValueError, match=r"A: expected shape \(12, N\)"):
+        selective_scan(x, dt, A[:3], B, C)
+    with pytest.raises(ValueError, match=r"B: expected shape"):
+        selective_scan(x, dt, A, B[..., :2], C)
+    with pytest.raises(ValueError, match=r"initial_state: expected shape \(2, 12, 5\)"):
+        selective_scan(x, dt, A, B, C, initial_state=h0[:1])
+    with pytest.raises(ValueError, match=r"T must be >= 1"):
+        selective_scan(x[:, :0], dt[:, :0], A, B[:, :0], C[:, :0])
+    with pytest.raises(TypeError, match=r"x: expected a float dtype"):
+        selective_scan(x.astype(jnp.int32), dt, A, B, C)
+    with pytest.raises(ValueError, match=r"chunk_size"):
+        selective_scan(x, dt, A, B, C, chunk_size=0, mode="chunk")
+    with pytest.raises(ValueError, match=r"mode must be one of"):
+        selective_scan(x, dt, A, B, C, mode="parallel")
+    with pytest.raises(ValueError, match=r"backend: mamba has no backend 'triton'"):
+        selective_scan(x, dt, A, B, C, backend="triton")
+    with pytest.raises(NotImplementedError, match="Pallas selective-scan"):
+        selective_scan(x, dt, A, B, C, backend="pallas")
