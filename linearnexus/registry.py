@@ -6,7 +6,7 @@ mechanism means registering it here once:
 * ``KERNEL_REGISTRY["mamba:reference"]`` -> the backend object (``kernels/base.py``).
 * ``OP_REGISTRY["mamba"]`` -> the mechanism's public api function.
 * ``LAYER_REGISTRY["mamba"]`` -> ``LayerEntry(block_class, config_class)``.
-* ``MODEL_REGISTRY["gpt-small"]`` -> a zero-argument function returning a ``ModelConfig``.
+* ``MODEL_REGISTRY["gpt-small"]`` -> a function ``(**overrides) -> ModelConfig``.
 
 Entries are import paths, so ``import linearnexus.registry`` imports no kernel or Flax code.
 """
@@ -103,6 +103,14 @@ def kernels_for(mechanism: str) -> dict[str, Any]:
 register_op("mamba", "linearnexus.kernels.mamba.api", "selective_scan", ("reference", "pallas"))
 register_layer("mamba", "linearnexus.modules.ssm.mamba:MambaBlock",
                "linearnexus.modules.ssm.mamba:MambaConfig")
+
+# model presets (defined in linearnexus/models.py; a preset whose block is not registered
+# raises a ConfigError naming the missing block when it is built)
+MODEL_PRESETS = ("gpt-small", "mamba-small", "mamba2-small", "gla-small", "deltanet-small",
+                 "gated-deltanet-small", "retnet-small", "mla-small", "hybrid-small")
+for _preset in MODEL_PRESETS:
+    MODEL_REGISTRY.register(
+        _preset, lambda n=_preset: _import("linearnexus.models:preset_factory")(n))
 register_layer("attention", "linearnexus.modules.attention.causal:AttentionBlock",
                "linearnexus.modules.attention.causal:AttentionConfig")
 register_layer("mla", "linearnexus.modules.attention.mla:MLABlock",

@@ -1,0 +1,256 @@
+"""Language models built from any registered blocks: GPT, pure SSM / linear, and hybrids.
+
+One class covers them all. ``ModelConfig.block_pattern`` names blocks from
+``LAYER_REGISTRY``; the pattern repeats to ``n_layers``. Each layer is pre-norm::
+
+    x = x + mixer(norm1(x))          # attention, mamba, mla, ... (state in, state out)
+    x = x + mlp(norm2(x))            # SwiGLU, when config.mlp (GPT-style stacks)
+
+and the model is ``embed -> layers -> final norm -> head`` (head tied to the embedding
+when ``tie_embeddings``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from linearnexus.core.config import ConfigBase, ConfigError, field
+from linearnexus.core.mode import KernelMode
+from linearnexus.core.padding import validate_mask
+from linearnexus.core.types import FLOAT_DTYPES, Array
+from linearnexus.modules.common import Embedding, RMSNorm, SwiGLU
+from linearnexus.registry import LAYER_REGISTRY, MODEL_REGISTRY
+
+ModelState = tuple[Any, ...]  # one block state per layer
+
+
+@dataclasses.dataclass
+class ModelConfig(ConfigBase):
+    """A language model: sizes, which blocks, and per-block options.
+
+    Attributes:
+        vocab_size: number of token ids (set from the tokenizer by the trainer).
+        d_model: residual width D.
+        n_layers: number of layers; ``block_pattern`` repeats (and is cut) to this length.
+        block_pattern: block names from ``LAYER_REGISTRY``, e.g. ``("mamba", "mamba", "attention")``.
+        block_options: per block name, overrides of that block's config
+            (e.g. ``{"attention": {"n_heads": 4}}``); d_model, dtypes and max_seq_len come
+            from this config.
+        mlp: add a SwiGLU MLP after every mixer (GPT style). Mamba stacks use False: the
+            Mamba mixer has its own expansion.
+        mlp_hidden: MLP hidden width; None = 8/3 * D rounded up to a multiple of 64.
+        tie_embeddings: reuse the embedding matrix as the output head.
+        norm_eps: RMSNorm epsilon.
+        max_seq_len: longest context (attention KV-cache slots).
+        dtype / param_dtype: compute and parameter dtypes.
+    """
+
+    vocab_size: int = field(256, gt=0)
+    d_model: int = field(128, gt=0)
+    n_layers: int = field(4, gt=0)
+    block_pattern: tuple[str, ...] = ("attention",)
+    block_options: dict = field(default_factory=dict)
+    mlp: bool = True
+    mlp_hidden: int | None = field(None, gt=0)
+    tie_embeddings: bool = True
+    norm_eps: float = field(1e-5, gt=0)
+    max_seq_len: int = field(1024, gt=0)
+    dtype: str = field("float32", choices=FLOAT_DTYPES)
+    param_dtype: str = field("float32", choices=FLOAT_DTYPES)
+
+    def validate(self) -> None:
+        if not self.block_pattern:
+            raise ConfigError("block_pattern: expected at least one block name, got ()")
+        registered = sorted(LAYER_REGISTRY)
+        for name in self.block_pattern:
+            if name not in LAYER_REGISTRY:
+                raise ConfigError(
+                    f"block_pattern: block {name!r} is not available (registered blocks: "
+                    f"{', '.join(registered)})")
+        for name, options in self.block_options.items():
+            if name not in LAYER_REGISTRY:
+                raise ConfigError(f"block_options: no block named {name!r} (registered: {registered})")
+            if not isinstance(options, dict):
+                raise ConfigError(f"block_options.{name}: expected a mapping, got {options!r}")
+            # build once so a bad option fails here, naming the field
+            try:
+                self.block_config(name)
+            except ConfigError as e:
+                raise ConfigError(f"block_options.{name}.{e}") from None
+
+    @property
+    def layer_types(self) -> tuple[str, ...]:
+        """The block name of every layer (the pattern repeated to n_layers)."""
+        reps = -(-self.n_layers // len(self.block_pattern))
+        return (tuple(self.block_pattern) * reps)[: self.n_layers]
+
+    def block_config(self, name: str) -> Any:
+        """The config of block ``name`` as this model builds it."""
+        config_cls = LAYER_REGISTRY[name].config
+        base: dict[str, Any] = {"d_model": self.d_model, "dtype": self.dtype,
+                                "param_dtype": self.param_dtype}
+        if "max_seq_len" in config_cls.field_names():
+            base["max_seq_len"] = self.max_seq_len
+        return config_cls.from_dict({**base, **self.block_options.get(name, {})})
+
+
+class Layer(nnx.Module):
+    """Pre-norm residual layer around one mixer block and an optional MLP."""
+
+    def __init__(self, config: ModelConfig, block_name: str, *, rngs: nnx.Rngs) -> None:
+        dtype, pdtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+        entry = LAYER_REGISTRY[block_name]
+        self.norm1 = RMSNorm(config.d_model, eps=config.norm_eps, dtype=dtype, param_dtype=pdtype)
+        self.mixer = entry.block(config.block_config(block_name), rngs=rngs)
+        if config.mlp:
+            self.norm2 = RMSNorm(config.d_model, eps=config.norm_eps, dtype=dtype, param_dtype=pdtype)
+            self.mlp = SwiGLU(config.d_model, config.mlp_hidden, dtype=dtype, param_dtype=pdtype,
+                              rngs=rngs)
+        else:
+            self.norm2 = None
+            self.mlp = None
+
+    def __call__(self, x: Array, *, state: Any, mask: Array | None,
+                 mode: KernelMode | str | None) -> tuple[Array, Any]:
+        h, new_state = self.mixer(self.norm1(x), state=state, mask=mask, mode=mode)
+        x = x + h
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x))
+        return x, new_state
+
+
+class LMModel(nnx.Module):
+    """``tokens [B, T] -> logits [B, T, V]`` with per-layer states in and out."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs) -> None:
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config: expected ModelConfig, got {type(config).__name__}")
+        self.config = config
+        dtype, pdtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+        self.embed = Embedding(config.vocab_size, config.d_model, dtype=dtype, param_dtype=pdtype,
+                               rngs=rngs)
+        self.layers = nnx.List([Layer(config, name, rngs=rngs) for name in config.layer_types])
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps, dtype=dtype, param_dtype=pdtype)
+        self.lm_head = (None if config.tie_embeddings else
+                        nnx.Linear(config.d_model, config.vocab_size, use_bias=False, dtype=dtype,
+                                   param_dtype=pdtype, rngs=rngs))
+
+    def init_state(self, batch_size: int) -> ModelState:
+        """Zero states of every layer's block (KV caches, conv caches, scan states)."""
+        return tuple(layer.mixer.init_state(batch_size) for layer in self.layers)
+
+    def __call__(
+        self,
+        tokens: Array,
+        *,
+        state: ModelState | None = None,
+        mask: Array | None = None,
+        mode: KernelMode | str | None = None,
+    ) -> tuple[Array, ModelState]:
+        """Run the model.
+
+        Args:
+            tokens: ``[B, T]`` integer ids in ``[0, vocab_size)``.
+            state: from ``init_state`` or a previous call (one entry per layer); None = empty.
+            mask: optional ``[B, T]`` padding mask (True = real token), e.g. left-padded prompts.
+            mode: CHUNK / RECURRENT / None (each block picks by length).
+
+        Returns:
+            ``(logits [B, T, V] float32, new_state)``.
+
+        Raises:
+            ValueError / TypeError: bad tokens, mask or state.
+        """
+        if not hasattr(tokens, "ndim") or tokens.ndim != 2:
+            raise ValueError(f"tokens: expected rank 2 [B, T], got shape {getattr(tokens, 'shape', None)}")
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise TypeError(f"tokens: expected an integer dtype, got {tokens.dtype}")
+        if tokens.shape[1] == 0:
+            raise ValueError(f"tokens: sequence length T must be >= 1, got shape {tokens.shape}")
+        if mask is not None:
+            mask = validate_mask(mask, *tokens.shape, name="mask")
+        if state is not None and len(state) != len(self.layers):
+            raise ValueError(f"state: expected {len(self.layers)} layer states, got {len(state)}")
+        x = self.embed(tokens)  # [B, T, D]
+        new_states = []
+        for i, layer in enumerate(self.layers):
+            x, s = layer(x, state=None if state is None else state[i], mask=mask, mode=mode)
+            new_states.append(s)
+        x = self.norm(x)
+        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+        return logits.astype(jnp.float32), tuple(new_states)
+
+    def num_params(self) -> int:
+        """Number of parameters (tied head counted once)."""
+        params = nnx.state(self, nnx.Param)
+        return sum(int(p.size) for p in jax.tree.leaves(params))
+
+
+def create_model(config: ModelConfig | str, *, seed: int = 0, rngs: nnx.Rngs | None = None,
+                 **overrides: Any) -> LMModel:
+    """Build an :class:`LMModel` from a config or a preset name (with field overrides)."""
+    if isinstance(config, str):
+        config = get_preset(config)
+    if overrides:
+        config = config.replace(**overrides)
+    return LMModel(config, rngs=rngs if rngs is not None else nnx.Rngs(seed))
+
+
+# ---- presets -----------------------------------------------------------------------------
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    # nanoGPT's Shakespeare-char CPU recipe size: 4 layers, 4 heads, 128 wide
+    "gpt-small": dict(d_model=128, n_layers=4, block_pattern=("attention",),
+                      block_options={"attention": {"n_heads": 4}}),
+    # no MLP in Mamba stacks, so twice the layers for a similar parameter count
+    "mamba-small": dict(d_model=128, n_layers=8, block_pattern=("mamba",), mlp=False),
+    "mamba2-small": dict(d_model=128, n_layers=8, block_pattern=("mamba2",), mlp=False),
+    "gla-small": dict(d_model=128, n_layers=4, block_pattern=("gla",)),
+    "deltanet-small": dict(d_model=128, n_layers=4, block_pattern=("deltanet",)),
+    "gated-deltanet-small": dict(d_model=128, n_layers=4, block_pattern=("gated_deltanet",)),
+    "retnet-small": dict(d_model=128, n_layers=4, block_pattern=("retnet",)),
+    "mla-small": dict(d_model=128, n_layers=4, block_pattern=("mla",),
+                      block_options={"mla": {"n_heads": 4, "kv_lora_rank": 32, "qk_nope_head_dim": 32,
+                                             "qk_rope_head_dim": 16, "v_head_dim": 32}}),
+    # two Mamba layers per attention layer
+    "hybrid-small": dict(d_model=128, n_layers=6, block_pattern=("mamba", "mamba", "attention"),
+                         block_options={"attention": {"n_heads": 4}}),
+}
+
+
+def get_preset(name: str, **overrides: Any) -> ModelConfig:
+    """The preset ``name`` as a :class:`ModelConfig` (with overrides applied).
+
+    Raises:
+        KeyError: unknown preset name (lists the known ones).
+        ConfigError: the preset needs a block that is not registered yet (names it).
+    """
+    if name not in MODEL_REGISTRY:
+        raise KeyError(f"unknown model preset {name!r}; known presets: {sorted(MODEL_REGISTRY)}")
+    return MODEL_REGISTRY[name](**overrides)
+
+
+def list_presets() -> list[str]:
+    return sorted(MODEL_REGISTRY)
+
+
+def preset_factory(name: str):
+    """The config factory of preset ``name`` (what ``MODEL_REGISTRY[name]`` holds)."""
+    if name not in _PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; known presets: {sorted(_PRESETS)}")
+
+    def make(**overrides: Any) -> ModelConfig:
+        spec = {**_PRESETS[name], **overrides}
+        missing = [b for b in spec["block_pattern"] if b not in LAYER_REGISTRY]
+        if missing:
+            raise ConfigError(
+                f"preset {name!r} needs block(s) {missing} which are not implemented yet; "
+                f"available blocks: {sorted(LAYER_REGISTRY)}")
+        return ModelConfig.from_dict(spec)
+
+    return make
