@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from linearnexus.core.config import ConfigBase, ConfigError, field
@@ -77,7 +78,9 @@ class ModelConfig(ConfigBase):
                 raise ConfigError(f"block_options: no block named {name!r} (registered: {registered})")
             if not isinstance(options, dict):
                 raise ConfigError(f"block_options.{name}: expected a mapping, got {options!r}")
-            # build once so a bad option fails here, naming the field
+        # build every block's config once, so a bad combination (e.g. n_heads not dividing
+        # d_model) fails here, naming the field, instead of when the model is built
+        for name in dict.fromkeys((*self.block_pattern, *self.block_options)):
             try:
                 self.block_config(name)
             except ConfigError as e:
@@ -161,7 +164,7 @@ class LMModel(nnx.Module):
             mode: CHUNK / RECURRENT / None (each block picks by length).
 
         Returns:
-            ``(logits [B, T, V] float32, new_state)``.
+            ``(logits [B, T, V] float32 (float64 for a float64 model), new_state)``.
 
         Raises:
             ValueError / TypeError: bad tokens, mask or state.
@@ -172,6 +175,7 @@ class LMModel(nnx.Module):
             raise TypeError(f"tokens: expected an integer dtype, got {tokens.dtype}")
         if tokens.shape[1] == 0:
             raise ValueError(f"tokens: sequence length T must be >= 1, got shape {tokens.shape}")
+        _check_token_range(tokens, self.config.vocab_size)
         if mask is not None:
             mask = validate_mask(mask, *tokens.shape, name="mask")
         if state is not None and len(state) != len(self.layers):
@@ -183,12 +187,23 @@ class LMModel(nnx.Module):
             new_states.append(s)
         x = self.norm(x)
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
-        return logits.astype(jnp.float32), tuple(new_states)
+        return logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), tuple(new_states)
 
     def num_params(self) -> int:
         """Number of parameters (tied head counted once)."""
         params = nnx.state(self, nnx.Param)
         return sum(int(p.size) for p in jax.tree.leaves(params))
+
+
+def _check_token_range(tokens: Array, vocab_size: int) -> None:
+    """Raise for ids outside ``[0, vocab_size)``; only possible outside ``jit`` (concrete ids)."""
+    try:
+        ids = np.asarray(tokens)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"tokens: ids must be in [0, {vocab_size}), got min {lo}, max {hi}")
 
 
 def create_model(config: ModelConfig | str, *, seed: int = 0, rngs: nnx.Rngs | None = None,

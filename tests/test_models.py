@@ -106,6 +106,8 @@ def test_token_errors():
         model(jnp.zeros((3,), jnp.int32))
     with pytest.raises(TypeError, match="tokens: expected an integer dtype"):
         model(jnp.zeros((1, 3), jnp.float32))
+    with pytest.raises(ValueError, match=r"tokens: ids must be in \[0, 29\), got min 0, max 29"):
+        model(jnp.array([[0, 29]], jnp.int32))
     with pytest.raises(ValueError, match="state: expected 1 layer states"):
         model(jnp.zeros((1, 3), jnp.int32), state=())
 

@@ -41,9 +41,11 @@ def clamp_log_gate(g: Array, min_value: float = -20.0) -> Array:
 
 def softplus_decay(a: Array, a_log: Array, dt_bias: Array | None = None) -> Array:
     """Mamba2 / Gated DeltaNet decay ``-exp(A_log) * softplus(a + dt_bias)`` (log-space, <= 0)."""
+    dtype = jnp.promote_types(a.dtype, jnp.float32)  # float32, or float64 under x64
+    a = a.astype(dtype)
     if dt_bias is not None:
-        a = a + dt_bias
-    return -jnp.exp(a_log.astype(jnp.float32)) * jax.nn.softplus(a.astype(jnp.float32))
+        a = a + dt_bias.astype(dtype)
+    return -jnp.exp(a_log.astype(dtype)) * jax.nn.softplus(a)
 
 
 def inverse_softplus(y: Array) -> Array:

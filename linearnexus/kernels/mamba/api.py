@@ -68,6 +68,19 @@ class MambaPallasKernel:
 
 
 BACKENDS = {"pallas": MambaPallasKernel(), "reference": MambaReferenceKernel()}
+
+
+def check_backend(backend: str) -> None:
+    """Raise before any work if ``backend`` cannot be used at all.
+
+    Raises:
+        ValueError: unknown name. NotImplementedError: a backend that does not exist yet.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: mamba has no backend {backend!r}; choose one of {sorted(BACKENDS)}")
+    ensure = getattr(BACKENDS[backend], "ensure_available", None)
+    if ensure is not None:
+        ensure()
 # Preference order for automatic choice; the last entry is the always-available fallback.
 BACKEND_ORDER = ("pallas", "reference")
 
@@ -155,14 +168,17 @@ def selective_scan(
     validate_selective_scan_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state)
     if grid is None:
         grid = GridConfig(chunk_size=DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size)
-    elif chunk_size is not None:
+    elif chunk_size is not None:  # an explicit chunk_size wins over grid.chunk_size
         grid = GridConfig(chunk_size=chunk_size, block_c=grid.block_c,
                           num_warps=grid.num_warps, num_stages=grid.num_stages)
     run_mode = resolve_mode(mode, x.shape[1])
-    if dt_bias is not None:
-        dt = dt + dt_bias.astype(dt.dtype)
-    if dt_softplus:
-        dt = jax.nn.softplus(dt.astype(jnp.promote_types(dt.dtype, jnp.float32))).astype(dt.dtype)
+    if dt_bias is not None or dt_softplus:
+        # the step size is computed in at least float32 and stays there (bf16 dt loses ~3 digits)
+        dt = dt.astype(jnp.promote_types(dt.dtype, jnp.float32))
+        if dt_bias is not None:
+            dt = dt + dt_bias.astype(dt.dtype)
+        if dt_softplus:
+            dt = jax.nn.softplus(dt)
 
     def call(kernel):
         if run_mode is KernelMode.CHUNK:

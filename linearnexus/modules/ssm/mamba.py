@@ -28,9 +28,9 @@ from linearnexus.core.conv import depthwise_conv1d_causal
 from linearnexus.core.gating import sample_dt_bias
 from linearnexus.core.mode import KernelMode, as_mode
 from linearnexus.core.padding import align_valid_left, lengths_to_mask, restore_alignment
-from linearnexus.core.types import Array
+from linearnexus.core.types import Array, state_dtype
 from linearnexus.kernels.base import resolve_mode
-from linearnexus.kernels.mamba import selective_scan
+from linearnexus.kernels.mamba import check_backend, selective_scan
 from linearnexus.modules.base import BlockConfig, check_block_input, check_state_batch, dtype_of
 
 
@@ -101,11 +101,8 @@ class MambaBlock(nnx.Module):
     def __init__(self, config: MambaConfig, *, rngs: nnx.Rngs) -> None:
         if not isinstance(config, MambaConfig):
             raise TypeError(f"config: expected MambaConfig, got {type(config).__name__}")
-        if config.kernel_backend == "pallas":
-            # fail at construction, before any compilation, while no Pallas kernel exists
-            from linearnexus.registry import KERNEL_REGISTRY
-
-            KERNEL_REGISTRY["mamba:pallas"].ensure_available()
+        if config.kernel_backend != "auto":
+            check_backend(config.kernel_backend)  # fails at construction, before any compile
         self.config = config
         cfg = config
         dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
@@ -136,7 +133,7 @@ class MambaBlock(nnx.Module):
         """Zero conv cache ``[B, d_conv-1, C]`` (compute dtype) and scan state ``[B, C, N]``."""
         cfg = self.config
         dtype = dtype_of(cfg.dtype)
-        sdtype = jnp.float64 if dtype == jnp.float64 else jnp.float32
+        sdtype = state_dtype(dtype)
         return MambaState(
             conv=ConvState.zeros(batch_size, cfg.d_conv, cfg.d_inner, dtype),
             ssm=RecurrentState.zeros(batch_size, cfg.d_inner, cfg.d_state, dtype=sdtype),
@@ -200,7 +197,7 @@ class MambaBlock(nnx.Module):
         A = -jnp.exp(self.A_log[...].astype(gate_dtype))  # [C, N]
         backend = None if cfg.kernel_backend == "auto" else cfg.kernel_backend
         y, ssm_state = selective_scan(
-            u, dt.astype(u.dtype), A, b_t, c_t, D=self.D[...], z=z,
+            u, dt, A, b_t, c_t, D=self.D[...], z=z,
             initial_state=state.ssm.state, output_final_state=True,
             chunk_size=cfg.chunk_size, mode=run_mode, backend=backend)
         out = self.out_proj(y)
