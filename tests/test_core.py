@@ -19,9 +19,11 @@ from linearnexus.core.mode import KernelMode, as_mode, select_mode
 from linearnexus.core.padding import (
     align_valid_left,
     compute_unpadded_indices,
+    layout_tokens,
     pad,
     restore_alignment,
     segment_ids_from_cu_seqlens,
+    unlayout,
     unpad,
     validate_cu_seqlens,
 )
@@ -176,6 +178,29 @@ def test_align_valid_left_round_trip():
         n = int(lengths[b])
         np.testing.assert_array_equal(np.asarray(aligned[b, :n]), np.asarray(x[b][np.asarray(mask[b])]))
     np.testing.assert_array_equal(np.asarray(restore_alignment(aligned, perm)), np.asarray(x))
+
+
+def test_layout_tokens_positions_zeroed_pads_and_unlayout():
+    rng = np.random.default_rng(4)
+    mask = np.asarray([[0, 1, 1, 0, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]], bool)
+    x = rng.standard_normal((3, 5, 2)).astype(np.float32)
+    x[~mask] = np.nan  # a non-finite pad must not survive the layout
+    offset = jnp.asarray([4, 0, 7], jnp.int32)
+    xa, layout = layout_tokens(jnp.asarray(x), jnp.asarray(mask), offset)
+    np.testing.assert_array_equal(np.asarray(layout.n_valid), [3, 5, 1])
+    np.testing.assert_array_equal(np.asarray(layout.positions[0]), [4, 5, 6, 7, 8])
+    np.testing.assert_array_equal(np.asarray(layout.valid), np.arange(5) < [[3], [5], [1]])
+    for b in range(3):
+        n = int(layout.n_valid[b])
+        np.testing.assert_array_equal(np.asarray(xa[b, :n]), x[b][mask[b]])
+        assert not np.any(np.asarray(xa[b, n:]))  # pads are zeros, not NaN
+    y = jnp.where(layout.valid[..., None], xa * 2, jnp.nan)  # a block's NaN at pads
+    back = np.asarray(unlayout(y, layout))
+    np.testing.assert_array_equal(back, np.where(mask[..., None], 2 * np.nan_to_num(x), 0))
+    # no mask: nothing moves, positions start at 0
+    xa, layout = layout_tokens(jnp.asarray(x), None)
+    assert layout.perm is None and unlayout(xa, layout) is xa
+    np.testing.assert_array_equal(np.asarray(layout.positions), np.broadcast_to(np.arange(5), (3, 5)))
 
 
 def test_cu_seqlens_checks_and_segment_ids():

@@ -7,11 +7,15 @@ Two ways to run padded batches:
   scatters results back.
 * **Left alignment**: ``align_valid_left`` moves each row's valid tokens to the front
   (keeping their order), so any mask (left, right or scattered padding) becomes right
-  padding; ``restore_alignment`` undoes it. Recurrent blocks use this so pads never
-  touch the state or a conv cache.
+  padding; ``restore_alignment`` undoes it. Blocks use it through :func:`layout_tokens`
+  (align, zero the pads, give each valid token its absolute position) and
+  :func:`unlayout` (zero pad outputs, put tokens back), so pads never touch a state, a
+  conv cache or a KV cache, and never reach a valid output.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -111,6 +115,79 @@ def restore_alignment(x_aligned: Array, perm: Array) -> Array:
 def lengths_to_mask(lengths: Array, seq: int) -> Array:
     """``[B]`` lengths -> ``[B, T]`` bool mask of right-padded rows."""
     return jnp.arange(seq)[None, :] < jnp.asarray(lengths)[:, None]
+
+
+class TokenLayout(NamedTuple):
+    """Where each token of a block call sits after :func:`layout_tokens`.
+
+    A pytree (arrays and ``None`` only), so it can cross ``jit`` boundaries.
+
+    Attributes:
+        perm: ``[B, T]`` int32 permutation from :func:`align_valid_left`, or None when the
+            call had no mask (every token valid, nothing moved).
+        valid: ``[B, T]`` bool, True for aligned token ``i < n_valid[b]``.
+        n_valid: ``[B]`` int32 valid tokens per row.
+        offset: ``[B]`` int32 tokens already seen before this call (a KV cache's lengths;
+            zeros when the block has no positions).
+        positions: ``[B, T]`` int32 absolute position ``offset[b] + i`` of aligned token i
+            (also its KV-cache slot). Positions of pads are past every valid one.
+    """
+
+    perm: Array | None
+    valid: Array
+    n_valid: Array
+    offset: Array
+    positions: Array
+
+
+def layout_tokens(x: Array, mask: Array | None,
+                  offset: Array | None = None) -> tuple[Array, TokenLayout]:
+    """Compact each row's valid tokens to the front, zero the pads, give tokens positions.
+
+    Pads are zeroed with ``jnp.where`` (not a multiplication), so a non-finite value at a
+    padded position (a NaN embedding, an ``inf``) cannot reach any valid output.
+
+    Args:
+        x: ``[B, T, ...]``.
+        mask: ``[B, T]`` bool (True = valid) or None (all valid: ``x`` is returned as is).
+        offset: ``[B]`` int tokens before this call (None = zeros).
+
+    Returns:
+        ``(x_aligned [B, T, ...], layout)``: the first ``layout.n_valid[b]`` entries of row b
+        of ``x_aligned`` are its valid tokens in order, the rest are zeros.
+    """
+    batch, seq = x.shape[:2]
+    offset = jnp.zeros((batch,), jnp.int32) if offset is None else offset.astype(jnp.int32)
+    if mask is None:
+        perm = None
+        n_valid = jnp.full((batch,), seq, jnp.int32)
+        valid = jnp.ones((batch, seq), bool)
+    else:
+        x, perm, n_valid = align_valid_left(x, mask)
+        valid = lengths_to_mask(n_valid, seq)  # [B, T]
+        x = zero_pads(x, valid)
+    positions = offset[:, None] + jnp.arange(seq, dtype=jnp.int32)[None, :]  # [B, T]
+    return x, TokenLayout(perm, valid, n_valid, offset, positions)
+
+
+def unlayout(y: Array, layout: TokenLayout) -> Array:
+    """Undo :func:`layout_tokens` on an output ``y: [B, T, ...]``: pads -> 0, tokens put back.
+
+    Pads are zeroed with ``jnp.where``, so whatever a block computed there (even NaN) is
+    dropped. With no mask (``layout.perm is None``) ``y`` is returned unchanged.
+    """
+    if layout.perm is None:
+        return y
+    return restore_alignment(zero_pads(y, layout.valid), layout.perm)
+
+
+def zero_pads(x: Array, valid: Array) -> Array:
+    """``x: [B, T, ...]`` with zeros where ``valid: [B, T]`` is False.
+
+    A ``jnp.where``, not a multiplication: ``0 * NaN`` is NaN, so multiplying by the mask
+    would let a non-finite pad through.
+    """
+    return jnp.where(valid.reshape(valid.shape + (1,) * (x.ndim - 2)), x, 0)
 
 
 def validate_cu_seqlens(cu_seqlens: Array, total: int, *, batch: int) -> None:

@@ -8,10 +8,8 @@ The cache (:class:`KVCache`) has a fixed size ``max_seq_len`` so decoding never 
 shapes: slot ``s`` of row ``b`` holds the key/value of absolute position ``s`` and
 ``lengths[b]`` says how many slots are filled. A call writes its valid tokens at slots
 ``lengths[b] .. lengths[b] + n_valid[b] - 1``; slots past the new length stay exactly zero.
-
-The token-layout helpers here (:func:`layout_tokens`, :func:`write_slots`,
-:func:`causal_allowed`, :func:`masked_softmax`, :func:`unlayout`) are shared with
-:mod:`linearnexus.modules.attention.mla`.
+The cache handling, call prologue and causal masking shared with MLA live in
+:mod:`linearnexus.modules.attention.common`.
 """
 
 from __future__ import annotations
@@ -19,16 +17,21 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from linearnexus.core.config import ConfigError, field
 from linearnexus.core.mode import KernelMode, as_mode
-from linearnexus.core.padding import align_valid_left, restore_alignment
+from linearnexus.core.padding import unlayout
 from linearnexus.core.types import Array, DType
-from linearnexus.modules.base import BlockConfig, check_block_input, check_state_batch, dtype_of
+from linearnexus.modules.attention.common import (
+    append_and_read,
+    begin_call,
+    bytes_per_token,
+    empty_slots,
+    masked_softmax,
+)
+from linearnexus.modules.base import BlockConfig, dtype_of
 from linearnexus.modules.common import RotaryEmbedding, math_dtype
 
 # ---- config and cache --------------------------------------------------------------------
@@ -105,14 +108,14 @@ class KVCache(NamedTuple):
     @classmethod
     def zeros(cls, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int,
               dtype: DType | str = jnp.float32, v_head_dim: int | None = None) -> KVCache:
-        """An empty cache of ``max_len`` slots."""
-        if batch_size < 1 or max_len < 1:
-            raise ValueError(f"batch_size and max_len must be >= 1, got {batch_size}, {max_len}")
+        """An empty cache of ``max_len`` slots.
+
+        Raises:
+            ValueError: ``batch_size < 1`` or ``max_len < 1``.
+        """
         v_head_dim = head_dim if v_head_dim is None else v_head_dim
-        dtype = jnp.dtype(dtype)
-        return cls(jnp.zeros((batch_size, max_len, n_kv_heads, head_dim), dtype),
-                   jnp.zeros((batch_size, max_len, n_kv_heads, v_head_dim), dtype),
-                   jnp.zeros((batch_size,), jnp.int32))
+        shapes = ((n_kv_heads, head_dim), (n_kv_heads, v_head_dim))
+        return cls(*empty_slots(batch_size, max_len, shapes, dtype))
 
     @property
     def max_len(self) -> int:
@@ -126,112 +129,10 @@ def cache_bytes_per_token(config: AttentionConfig, dtype: DType | str | None = N
         config: the attention config.
         dtype: cache dtype (None = ``config.dtype``).
     """
-    itemsize = jnp.dtype(config.dtype if dtype is None else dtype).itemsize
-    return 2 * config.resolved_kv_heads * config.resolved_head_dim * itemsize
+    return bytes_per_token(2 * config.resolved_kv_heads * config.resolved_head_dim, config, dtype)
 
 
-# ---- token layout helpers (shared with MLA) ----------------------------------------------
-
-
-class TokenLayout(NamedTuple):
-    """Where each token of a call goes, after valid tokens are compacted to the front.
-
-    Attributes:
-        perm: ``[B, T]`` int32 permutation from :func:`align_valid_left` (None: no mask).
-        valid: ``[B, T]`` bool, True for aligned token ``i < n_valid[b]``.
-        n_valid: ``[B]`` int32 valid tokens per row.
-        offset: ``[B]`` int32 cache length before this call.
-        positions: ``[B, T]`` int32 absolute position ``offset[b] + i`` of aligned token i
-            (also its cache slot).
-    """
-
-    perm: Array | None
-    valid: Array
-    n_valid: Array
-    offset: Array
-    positions: Array
-
-
-def layout_tokens(x: Array, mask: Array | None, offset: Array) -> tuple[Array, TokenLayout]:
-    """Compact each row's valid tokens to the front and give them absolute positions.
-
-    Args:
-        x: ``[B, T, ...]``.
-        mask: ``[B, T]`` bool (True = valid) or None (all valid).
-        offset: ``[B]`` int cache lengths before this call.
-
-    Returns:
-        ``(x_aligned [B, T, ...], layout)``.
-    """
-    batch, seq = x.shape[:2]
-    if mask is None:
-        x_aligned, perm = x, None
-        n_valid = jnp.full((batch,), seq, jnp.int32)
-    else:
-        x_aligned, perm, n_valid = align_valid_left(x, mask)
-    idx = jnp.arange(seq, dtype=jnp.int32)
-    valid = idx[None, :] < n_valid[:, None]
-    positions = offset.astype(jnp.int32)[:, None] + idx[None, :]  # [B, T]
-    return x_aligned, TokenLayout(perm, valid, n_valid, offset.astype(jnp.int32), positions)
-
-
-def check_capacity(layout: TokenLayout, seq_len: int, max_len: int) -> None:
-    """Raise ``ValueError`` when a call cannot fit in a cache of ``max_len`` slots.
-
-    ``T > max_len`` is always checked; ``offset + n_valid > max_len`` only when those values
-    are concrete (outside ``jit``). Under ``jit`` tokens past the end are dropped silently.
-    """
-    if seq_len > max_len:
-        raise ValueError(
-            f"x: sequence length T={seq_len} exceeds max_seq_len={max_len} (the cache size)"
-        )
-    try:
-        total = np.asarray(layout.offset) + np.asarray(layout.n_valid)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return
-    if total.size and total.max() > max_len:
-        row = int(total.argmax())
-        raise ValueError(
-            f"state: cache overflow in row {row}: {int(np.asarray(layout.offset)[row])} cached "
-            f"+ {int(np.asarray(layout.n_valid)[row])} new tokens > max_seq_len={max_len}"
-        )
-
-
-def write_slots(buffer: Array, new: Array, layout: TokenLayout) -> Array:
-    """Write aligned valid tokens ``new: [B, T, ...]`` into ``buffer: [B, S, ...]`` at their
-    absolute positions; pads (and, under ``jit``, slots past ``S``) are dropped."""
-    batch, slots = buffer.shape[:2]
-    target = jnp.where(layout.valid, layout.positions, slots)  # [B, T]; pads -> out of range
-    rows = jnp.arange(batch)[:, None]  # [B, 1]
-    return buffer.at[rows, target].set(new.astype(buffer.dtype), mode="drop")
-
-
-def causal_allowed(layout: TokenLayout, num_keys: int, key_offset: Array | None = None) -> Array:
-    """``[B, T, S]`` bool: query i may read key s iff key position <= query position.
-
-    Keys are either the cache (key s is absolute position s: ``key_offset=None``) or this
-    call's own aligned tokens (key s is position ``offset + s``: pass ``layout.offset``).
-    Empty cache slots sit at positions past every valid query, so they are never read.
-    """
-    key_pos = jnp.arange(num_keys, dtype=jnp.int32)[None, :]  # [1, S]
-    if key_offset is not None:
-        key_pos = key_pos + key_offset[:, None]  # [B, S]
-    return key_pos[:, None, :] <= layout.positions[:, :, None]  # [B, T, S]
-
-
-def masked_softmax(scores: Array, allowed: Array) -> Array:
-    """Softmax over the last axis of ``scores`` where ``allowed`` (broadcastable), else 0.
-
-    Every query row must allow at least one key (the causal mask always allows the first).
-    """
-    big_neg = jnp.finfo(scores.dtype).min
-    return jax.nn.softmax(jnp.where(allowed, scores, big_neg), axis=-1)
-
-
-def unlayout(y: Array, layout: TokenLayout) -> Array:
-    """Zero padded outputs and undo :func:`layout_tokens`'s compaction: ``[B, T, ...]``."""
-    y = jnp.where(layout.valid.reshape(layout.valid.shape + (1,) * (y.ndim - 2)), y, 0)
-    return y if layout.perm is None else restore_alignment(y, layout.perm)
+# ---- attention math ----------------------------------------------------------------------
 
 
 def grouped_attention(q: Array, k: Array, v: Array, allowed: Array, scale: float) -> Array:
@@ -299,27 +200,14 @@ class CausalSelfAttention(nnx.Module):
         return KVCache.zeros(batch_size, self.config.max_seq_len, self.n_kv_heads,
                              self.head_dim, self.dtype)
 
-    def _check_state(self, state: Any, batch: int) -> None:
-        if state is None:
-            return
-        if not isinstance(state, KVCache):
-            raise TypeError(f"state: expected KVCache or None, got {type(state).__name__}")
-        shape = (batch, self.config.max_seq_len, self.n_kv_heads, self.head_dim)
-        check_state_batch("state.k", state.k, shape)
-        check_state_batch("state.v", state.v, shape)
-        check_state_batch("state.lengths", state.lengths, (batch,))
-
     def __call__(self, x: Array, *, state: KVCache | None = None, mask: Array | None = None,
                  mode: KernelMode | str | None = None) -> tuple[Array, KVCache]:
         """``x: [B, T, D]`` -> ``(y [B, T, D] in the compute dtype, new KVCache)``."""
-        mask = check_block_input(x, self.config.d_model, mask)
         as_mode(mode)  # validated only: one form of attention
+        xa, layout, cache = begin_call(x, state, mask, d_model=self.config.d_model,
+                                       max_len=self.config.max_seq_len, dtype=self.dtype,
+                                       init_state=self.init_state)
         batch, seq, _ = x.shape
-        self._check_state(state, batch)
-        cache = self.init_state(batch) if state is None else state
-        xa, layout = layout_tokens(x.astype(self.dtype), mask, cache.lengths)
-        check_capacity(layout, seq, self.config.max_seq_len)
-
         h, hkv, k = self.n_heads, self.n_kv_heads, self.head_dim
         q = self.q_proj(xa).reshape(batch, seq, h, k)  # [B, T, H*K] -> [B, T, H, K]
         key = self.k_proj(xa).reshape(batch, seq, hkv, k)  # [B, T, Hkv*K] -> [B, T, Hkv, K]
@@ -327,14 +215,8 @@ class CausalSelfAttention(nnx.Module):
         q = self.rope.apply(q, layout.positions)
         key = self.rope.apply(key, layout.positions)
 
-        new_state = KVCache(write_slots(cache.k, key, layout), write_slots(cache.v, val, layout),
-                            cache.lengths + layout.n_valid)
-        if state is None:  # nothing cached: attend within this call only
-            keys, vals = key.astype(cache.k.dtype), val.astype(cache.v.dtype)
-            allowed = causal_allowed(layout, seq, key_offset=layout.offset)
-        else:
-            keys, vals = new_state.k, new_state.v
-            allowed = causal_allowed(layout, keys.shape[1])
+        new_state, (keys, vals), allowed = append_and_read(cache, (key, val), layout,
+                                                           fresh=state is None)
         out = grouped_attention(q, keys, vals, allowed, k ** -0.5)  # [B, T, H, K]
         y = self.o_proj(out.reshape(batch, seq, h * k))  # [B, T, H, K] -> [B, T, D]
         return unlayout(y, layout), new_state

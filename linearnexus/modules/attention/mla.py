@@ -34,16 +34,16 @@ from flax import nnx
 
 from linearnexus.core.config import ConfigError, field
 from linearnexus.core.mode import KernelMode, as_mode, select_mode
+from linearnexus.core.padding import unlayout
 from linearnexus.core.types import Array, DType
-from linearnexus.modules.attention.causal import (
-    causal_allowed,
-    check_capacity,
-    layout_tokens,
+from linearnexus.modules.attention.common import (
+    append_and_read,
+    begin_call,
+    bytes_per_token,
+    empty_slots,
     masked_softmax,
-    unlayout,
-    write_slots,
 )
-from linearnexus.modules.base import BlockConfig, check_block_input, check_state_batch, dtype_of
+from linearnexus.modules.base import BlockConfig, dtype_of
 from linearnexus.modules.common import RMSNorm, RotaryEmbedding, math_dtype
 
 
@@ -105,13 +105,12 @@ class MLACache(NamedTuple):
     @classmethod
     def zeros(cls, batch_size: int, max_len: int, kv_lora_rank: int, rope_dim: int,
               dtype: DType | str = jnp.float32) -> MLACache:
-        """An empty cache of ``max_len`` slots."""
-        if batch_size < 1 or max_len < 1:
-            raise ValueError(f"batch_size and max_len must be >= 1, got {batch_size}, {max_len}")
-        dtype = jnp.dtype(dtype)
-        return cls(jnp.zeros((batch_size, max_len, kv_lora_rank), dtype),
-                   jnp.zeros((batch_size, max_len, rope_dim), dtype),
-                   jnp.zeros((batch_size,), jnp.int32))
+        """An empty cache of ``max_len`` slots.
+
+        Raises:
+            ValueError: ``batch_size < 1`` or ``max_len < 1``.
+        """
+        return cls(*empty_slots(batch_size, max_len, ((kv_lora_rank,), (rope_dim,)), dtype))
 
 
 def cache_bytes_per_token(config: MLAConfig, dtype: DType | str | None = None) -> int:
@@ -121,8 +120,7 @@ def cache_bytes_per_token(config: MLAConfig, dtype: DType | str | None = None) -
         config: the MLA config.
         dtype: cache dtype (None = ``config.dtype``).
     """
-    itemsize = jnp.dtype(config.dtype if dtype is None else dtype).itemsize
-    return (config.kv_lora_rank + config.qk_rope_head_dim) * itemsize
+    return bytes_per_token(config.kv_lora_rank + config.qk_rope_head_dim, config, dtype)
 
 
 class MultiHeadLatentAttention(nnx.Module):
@@ -173,16 +171,6 @@ class MultiHeadLatentAttention(nnx.Module):
         return MLACache.zeros(batch_size, c.max_seq_len, c.kv_lora_rank, c.qk_rope_head_dim,
                               self.dtype)
 
-    def _check_state(self, state: Any, batch: int) -> None:
-        if state is None:
-            return
-        if not isinstance(state, MLACache):
-            raise TypeError(f"state: expected MLACache or None, got {type(state).__name__}")
-        c = self.config
-        check_state_batch("state.c_kv", state.c_kv, (batch, c.max_seq_len, c.kv_lora_rank))
-        check_state_batch("state.k_rope", state.k_rope, (batch, c.max_seq_len, c.qk_rope_head_dim))
-        check_state_batch("state.lengths", state.lengths, (batch,))
-
     def _queries(self, x: Array) -> Array:
         """``x: [B, T, D]`` -> ``[B, T, H*(d_nope+d_rope)]``."""
         if self.config.q_lora_rank is None:
@@ -193,14 +181,11 @@ class MultiHeadLatentAttention(nnx.Module):
                  mode: KernelMode | str | None = None) -> tuple[Array, MLACache]:
         """``x: [B, T, D]`` -> ``(y [B, T, D] in the compute dtype, new MLACache)``."""
         c = self.config
-        mask = check_block_input(x, c.d_model, mask)
+        mode = as_mode(mode)
+        xa, layout, cache = begin_call(x, state, mask, d_model=c.d_model, max_len=c.max_seq_len,
+                                       dtype=self.dtype, init_state=self.init_state)
         batch, seq, _ = x.shape
-        mode = as_mode(mode) or select_mode(seq)
-        self._check_state(state, batch)
-        cache = self.init_state(batch) if state is None else state
-        xa, layout = layout_tokens(x.astype(self.dtype), mask, cache.lengths)
-        check_capacity(layout, seq, c.max_seq_len)
-
+        mode = mode or select_mode(seq)
         h, dn, dr, dv = c.n_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
         q = self._queries(xa).reshape(batch, seq, h, dn + dr)  # [B,T,H*(dn+dr)] -> [B,T,H,dn+dr]
         q_nope = q[..., :dn]
@@ -209,16 +194,8 @@ class MultiHeadLatentAttention(nnx.Module):
         k_rope = self.w_kr(xa)[:, :, None, :]  # [B, T, dr] -> [B, T, 1, dr]
         k_rope = self.rope.apply(k_rope, layout.positions)[:, :, 0, :]  # -> [B, T, dr]
 
-        new_state = MLACache(write_slots(cache.c_kv, c_kv, layout),
-                             write_slots(cache.k_rope, k_rope, layout),
-                             cache.lengths + layout.n_valid)
-        if state is None:  # nothing cached: attend within this call only
-            lat, kr = c_kv.astype(cache.c_kv.dtype), k_rope.astype(cache.k_rope.dtype)
-            allowed = causal_allowed(layout, seq, key_offset=layout.offset)
-        else:
-            lat, kr = new_state.c_kv, new_state.k_rope
-            allowed = causal_allowed(layout, lat.shape[1])
-
+        new_state, (lat, kr), allowed = append_and_read(cache, (c_kv, k_rope), layout,
+                                                        fresh=state is None)
         absorbed = mode is KernelMode.RECURRENT
         out = mla_attention(q_nope, q_rope, lat, kr, self.w_uk[...], self.w_uv[...], allowed,
                             absorbed=absorbed)  # [B, T, H, dv]

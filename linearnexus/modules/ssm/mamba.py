@@ -27,7 +27,7 @@ from linearnexus.core.config import ConfigError, field
 from linearnexus.core.conv import depthwise_conv1d_causal
 from linearnexus.core.gating import sample_dt_bias
 from linearnexus.core.mode import KernelMode, as_mode
-from linearnexus.core.padding import align_valid_left, lengths_to_mask, restore_alignment
+from linearnexus.core.padding import layout_tokens, unlayout, zero_pads
 from linearnexus.core.types import Array, state_dtype
 from linearnexus.kernels.base import resolve_mode
 from linearnexus.kernels.mamba import check_backend, selective_scan
@@ -164,23 +164,21 @@ class MambaBlock(nnx.Module):
         cfg = self.config
         valid = check_block_input(x, cfg.d_model, mask)
         run_mode = resolve_mode(as_mode(mode), x.shape[1], cfg.mode_threshold)
-        batch, seq, _ = x.shape
+        batch = x.shape[0]
         if state is None:
             state = self.init_state(batch)
         else:
             check_state_batch("state.conv", state.conv.buffer, (batch, cfg.d_conv - 1, cfg.d_inner))
             check_state_batch("state.ssm", state.ssm.state, (batch, cfg.d_inner, cfg.d_state))
-        x = x.astype(dtype_of(cfg.dtype))
-
-        lengths = perm = None
-        if valid is not None:
-            # valid tokens to the front: pads can then touch neither conv cache nor state
-            x, perm, lengths = align_valid_left(x, valid)
-            valid = lengths_to_mask(lengths, seq)
+        # valid tokens to the front (pads zeroed): pads can then touch neither conv cache
+        # nor state; the conv reads only the first n_valid inputs of each row
+        masked = valid is not None
+        x, layout = layout_tokens(x.astype(dtype_of(cfg.dtype)), valid)
+        lengths = layout.n_valid if masked else None
 
         xi, z = jnp.split(self.in_proj(x), 2, axis=-1)  # [B, T, 2C] -> 2 x [B, T, C]
-        if valid is not None:
-            xi = jnp.where(valid[..., None], xi, 0)
+        if masked:
+            xi = zero_pads(xi, layout.valid)  # in_proj's bias would make pads non-zero
         conv_w = self.conv_weight[...]
         conv_b = None if self.conv_bias is None else self.conv_bias[...]
         u, conv_cache = depthwise_conv1d_causal(xi, conv_w, conv_b, state.conv.buffer, lengths=lengths)
@@ -192,16 +190,14 @@ class MambaBlock(nnx.Module):
         # gates in at least float32 (float64 when the block computes in float64)
         gate_dtype = jnp.promote_types(x.dtype, jnp.float32)
         dt = jax.nn.softplus(self.dt_proj(dt_in).astype(gate_dtype))  # [B, T, C]
-        if valid is not None:
-            dt = jnp.where(valid[..., None], dt, 0.0)  # dt = 0: state passes through pads
+        if masked:
+            dt = zero_pads(dt, layout.valid)  # dt = 0: state passes through pads
         A = -jnp.exp(self.A_log[...].astype(gate_dtype))  # [C, N]
         backend = None if cfg.kernel_backend == "auto" else cfg.kernel_backend
         y, ssm_state = selective_scan(
             u, dt, A, b_t, c_t, D=self.D[...], z=z,
             initial_state=state.ssm.state, output_final_state=True,
             chunk_size=cfg.chunk_size, mode=run_mode, backend=backend)
-        out = self.out_proj(y)
-        if valid is not None:
-            out = restore_alignment(jnp.where(valid[..., None], out, 0), perm)
+        out = unlayout(self.out_proj(y), layout)
         new_state = MambaState(conv=state.conv.update(conv_cache), ssm=state.ssm.update(ssm_state))
         return out, new_state
