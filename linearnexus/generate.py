@@ -1,0 +1,507 @@
+"""Sampling from an :class:`~linearnexus.models.LMModel`: batched, cached, compiled once.
+
+How a batch of prompts is decoded::
+
+    prompts (lists of ids, any lengths)
+      -> left-pad to a bucket length P (extra pads are masked out)   [B, P] ids + [B, P] mask
+      -> prefill: ONE model call in chunk mode over the whole batch  -> state, logits[:, -1]
+      -> repeat: step(params, tokens [B, 1], state, key)             recurrent mode, jitted once
+                 -> (next [B], new state, key)
+
+Left padding puts the last real token of every row in the last column, so the prefill's
+``logits[:, -1]`` is the next-token distribution of every row. The blocks compact valid
+tokens out of the padding (KV caches hold only real tokens, SSM states never see pads).
+
+Compilation: the prefill compiles once per (batch size, bucket length) and the decode step
+once per batch size, for one model and one (temperature, top_k, top_p) setting; other
+sampling fields (seed, max_new_tokens, stop_tokens) never recompile. Prompt buckets
+(:func:`prompt_bucket`) are 16, 32, 64, 128, 256, 512, then multiples of 512, capped at the
+model's ``max_seq_len`` for models with attention caches. :func:`trace_counts` reports how
+many times each function was traced (= compiled) in this process.
+
+Stop tokens: a row stops at the first stop token it samples; the stop token is NOT part of
+the returned ids (so ``len(out) < max_new_tokens`` means the row stopped). Finished rows
+are fed ``pad_id`` until every row is done or ``max_new_tokens`` is reached.
+
+Dimension letters as in :mod:`linearnexus.core.types`, plus ``V`` = vocabulary size here.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from linearnexus.core.config import ConfigBase, ConfigError, field
+from linearnexus.core.types import Array
+from linearnexus.models import LMModel, ModelState
+
+PAD_ID = 0  # token fed to padding slots and finished rows; masked out or cut, so any id works
+
+_TRACES: collections.Counter[str] = collections.Counter()
+
+
+def trace_counts() -> dict[str, int]:
+    """How many times the prefill and decode-step functions were traced in this process.
+
+    ``jax.jit`` traces once per new input signature and compiles what it traces, so this
+    counts compilations: ``{"prefill": n, "decode": m}``.
+    """
+    return {"prefill": _TRACES["prefill"], "decode": _TRACES["decode"]}
+
+
+# ---- sampling config and pure sampling functions -----------------------------------------
+
+
+@dataclasses.dataclass
+class SamplingConfig(ConfigBase):
+    """How to pick tokens.
+
+    Attributes:
+        temperature: divides the logits; 0 = greedy (argmax; top_k / top_p are then unused).
+        top_k: keep only the k most likely tokens; None or 0 = off.
+        top_p: nucleus sampling: keep the smallest set of most likely tokens whose
+            probability mass is >= top_p (the top token always stays); None or 1.0 = off.
+        max_new_tokens: tokens to generate per row (fewer when a stop token is sampled).
+        stop_tokens: ids that end a row; the stop token itself is not returned.
+        seed: PRNG seed of the sampling noise (generation is deterministic given the seed).
+    """
+
+    temperature: float = field(1.0, ge=0, doc="0 = greedy")
+    top_k: int | None = field(None, ge=0, doc="None / 0 = off")
+    top_p: float | None = field(None, gt=0, le=1, doc="None / 1.0 = off")
+    max_new_tokens: int = field(100, ge=0, doc="tokens generated per row")
+    stop_tokens: tuple[int, ...] = field((), doc="ids that end a row (excluded from the output)")
+    seed: int = field(0, doc="PRNG seed")
+
+    def validate(self) -> None:
+        for i, tok in enumerate(self.stop_tokens):
+            if tok < 0:
+                raise ConfigError(f"stop_tokens[{i}]: expected a token id >= 0, got {tok}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def sampler_key(self) -> tuple[float, int | None, float | None]:
+        """The fields that change the compiled step: ``(temperature, top_k, top_p)`` with
+        "off" values normalised to None (greedy ignores top_k / top_p)."""
+        if self.greedy:
+            return (0.0, None, None)
+        top_k = self.top_k if self.top_k else None
+        top_p = self.top_p if self.top_p is not None and self.top_p < 1.0 else None
+        return (float(self.temperature), top_k, top_p)
+
+
+def apply_top_k(logits: Array, k: int | None) -> Array:
+    """Keep the ``k`` largest logits of the last axis, set the rest to ``-inf``.
+
+    Exactly ``k`` entries survive even when values tie (ties go to the lower index).
+
+    Args:
+        logits: ``[..., V]`` float.
+        k: a Python int; None, 0 or ``k >= V`` returns ``logits`` unchanged.
+
+    Returns:
+        ``[..., V]`` same dtype.
+
+    Raises:
+        ValueError: ``k < 0``.
+    """
+    if k is not None and k < 0:
+        raise ValueError(f"k: expected None or an int >= 0, got {k}")
+    vocab = logits.shape[-1]
+    if not k or k >= vocab:
+        return logits
+    flat = logits.reshape(-1, vocab)  # [..., V] -> [N, V]
+    _, idx = jax.lax.top_k(flat, k)  # [N, k]
+    rows = jnp.arange(flat.shape[0])[:, None]  # [N, 1]
+    keep = jnp.zeros(flat.shape, bool).at[rows, idx].set(True)
+    return jnp.where(keep, flat, -jnp.inf).reshape(logits.shape)
+
+
+def apply_top_p(logits: Array, p: float | None) -> Array:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability mass
+    (of ``softmax(logits)``) is ``>= p``; the rest become ``-inf``.
+
+    Token ``i`` (in descending order) is kept iff the mass of the tokens before it is
+    ``< p``, so the top token is always kept.
+
+    Args:
+        logits: ``[..., V]`` float (``-inf`` entries allowed, at least one finite per row).
+        p: a Python float in ``(0, 1]``; None or ``p >= 1`` returns ``logits`` unchanged.
+
+    Returns:
+        ``[..., V]`` same dtype.
+
+    Raises:
+        ValueError: ``p <= 0``.
+    """
+    if p is None or p >= 1.0:
+        return logits
+    if p <= 0:
+        raise ValueError(f"p: expected a value in (0, 1], got {p}")
+    vocab = logits.shape[-1]
+    flat = logits.reshape(-1, vocab)  # [..., V] -> [N, V]
+    order = jnp.argsort(-flat, axis=-1)  # descending, stable
+    sorted_logits = jnp.take_along_axis(flat, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits.astype(jnp.float32), axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # [N, V]
+    keep_sorted = mass_before < p
+    rows = jnp.arange(flat.shape[0])[:, None]
+    keep = jnp.zeros(flat.shape, bool).at[rows, order].set(keep_sorted)  # back to vocab order
+    return jnp.where(keep, flat, -jnp.inf).reshape(logits.shape)
+
+
+def sample_next(logits: Array, key: Array, cfg: SamplingConfig) -> Array:
+    """Pick one token per row.
+
+    Greedy (argmax) when ``cfg.temperature == 0``; otherwise ``logits / temperature``, then
+    top-k, then top-p, then a categorical draw (independent noise per row).
+
+    Args:
+        logits: ``[B, V]`` float.
+        key: a PRNG key (unused when greedy).
+        cfg: the sampling config (only temperature, top_k, top_p are read).
+
+    Returns:
+        ``[B]`` int32 token ids.
+    """
+    if cfg.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits.astype(jnp.float32) / cfg.temperature
+    scaled = apply_top_p(apply_top_k(scaled, cfg.top_k), cfg.top_p)
+    return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+
+# ---- prompt layout -----------------------------------------------------------------------
+
+
+def prompt_bucket(length: int, limit: int | None = None) -> int:
+    """The padded prompt length for a longest prompt of ``length`` tokens.
+
+    16 for ``length <= 16``, the next power of two up to 512, then the next multiple of 512;
+    capped at ``limit`` (a cache size) when given. Few buckets = few prefill compilations.
+
+    Raises:
+        ValueError: ``length < 1`` or ``length > limit``.
+    """
+    if length < 1:
+        raise ValueError(f"length: expected >= 1, got {length}")
+    if limit is not None and length > limit:
+        raise ValueError(f"length: {length} exceeds the limit {limit}")
+    if length <= 16:
+        bucket = 16
+    elif length <= 512:
+        bucket = 1 << (length - 1).bit_length()
+    else:
+        bucket = -(-length // 512) * 512
+    return bucket if limit is None else min(bucket, limit)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int,
+             pad_id: int = PAD_ID) -> tuple[np.ndarray, np.ndarray]:
+    """Right-align prompts in a ``[B, length]`` grid.
+
+    Returns:
+        ``(tokens [B, length] int32, mask [B, length] bool)``, True at real tokens.
+
+    Raises:
+        ValueError: a prompt longer than ``length``.
+    """
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), bool)
+    for i, row in enumerate(prompts):
+        if len(row) > length:
+            raise ValueError(f"prompts[{i}]: length {len(row)} exceeds the padded length {length}")
+        if len(row):
+            tokens[i, length - len(row):] = row
+            mask[i, length - len(row):] = True
+    return tokens, mask
+
+
+def _as_prompts(prompts: Any, vocab_size: int) -> list[list[int]]:
+    """Normalise ``prompts`` to non-empty lists of in-vocabulary ids (errors name them)."""
+    if hasattr(prompts, "ndim"):
+        arr = np.asarray(prompts)
+        if arr.ndim != 2:
+            raise ValueError(f"prompts: expected a [B, T] array or a list of id lists, "
+                             f"got an array of shape {arr.shape}")
+        rows = [row.tolist() for row in arr]
+    else:
+        if not isinstance(prompts, Sequence) or isinstance(prompts, (str, bytes)):
+            raise TypeError(f"prompts: expected a list of id lists, got {type(prompts).__name__}")
+        rows = []
+        for i, row in enumerate(prompts):
+            if isinstance(row, (int, np.integer)):
+                raise TypeError("prompts: expected a list of prompts (lists of ids), got a flat "
+                                "list of ids; for one prompt pass [prompt]")
+            rows.append(np.asarray(row).reshape(-1).tolist() if hasattr(row, "ndim") else list(row))
+            if not rows[-1]:
+                raise ValueError(f"prompts[{i}]: empty prompt; give at least one token "
+                                 "(e.g. a start / end-of-text token)")
+    if not rows:
+        raise ValueError("prompts: expected at least one prompt, got none")
+    for i, row in enumerate(rows):
+        for tok in row:
+            if not isinstance(tok, (int, np.integer)) or not 0 <= tok < vocab_size:
+                raise ValueError(f"prompts[{i}]: token {tok!r} is not an id in [0, {vocab_size})")
+    return [[int(t) for t in row] for row in rows]
+
+
+def cache_limit(model: LMModel) -> int | None:
+    """The most tokens any layer's cache holds (min ``max_seq_len`` over layers that have
+    one, i.e. attention / MLA caches), or None when every layer is recurrent."""
+    limits = [getattr(getattr(layer.mixer, "config", None), "max_seq_len", None)
+              for layer in model.layers]
+    limits = [x for x in limits if x is not None]
+    return min(limits) if limits else None
+
+
+def check_capacity(model: LMModel, prompt_len: int, max_new_tokens: int) -> None:
+    """Raise ``ValueError`` when ``prompt_len + max_new_tokens`` exceeds the cache size."""
+    limit = cache_limit(model)
+    if limit is not None and prompt_len + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = "
+            f"{prompt_len + max_new_tokens} exceeds the model's max_seq_len={limit} (the KV-cache "
+            f"size); shorten the prompt, lower max_new_tokens or build the model with a larger "
+            f"max_seq_len")
+
+
+# ---- compiled prefill and decode step ----------------------------------------------------
+
+
+class _Compiled(NamedTuple):
+    graphdef: Any
+    prefill: Callable[..., tuple[Array, ModelState, Array]]
+    step: Callable[..., tuple[Array, ModelState, Array]]
+
+
+# model -> {sampler key -> compiled functions}; weak so dropping a model frees its executables
+_COMPILED: weakref.WeakKeyDictionary[LMModel, dict[tuple, _Compiled]] = weakref.WeakKeyDictionary()
+
+
+def _build(graphdef: Any, cfg: SamplingConfig) -> _Compiled:
+    """jit the prefill and the decode step for one model structure and sampler setting."""
+    sampler = SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+
+    def prefill(params: Any, tokens: Array, mask: Array, key: Array):
+        _TRACES["prefill"] += 1  # runs at trace time only
+        model = nnx.merge(graphdef, params)
+        logits, state = model(tokens, state=None, mask=mask, mode="chunk")  # [B, P, V]
+        key, sub = jax.random.split(key)
+        # left padding: column -1 is every row's last real token
+        return sample_next(logits[:, -1], sub, sampler), state, key
+
+    def step(params: Any, tokens: Array, state: ModelState, key: Array):
+        _TRACES["decode"] += 1  # runs at trace time only
+        model = nnx.merge(graphdef, params)
+        logits, new_state = model(tokens, state=state, mode="recurrent")  # [B, 1, V]
+        key, sub = jax.random.split(key)
+        return sample_next(logits[:, -1], sub, sampler), new_state, key
+
+    # donating the state lets XLA update KV caches in place instead of copying them per token
+    return _Compiled(graphdef, jax.jit(prefill), jax.jit(step, donate_argnums=(2,)))
+
+
+class Decoder:
+    """The compiled prefill and decode step of one model under one sampling setting.
+
+    The parameters are read from ``model`` when the Decoder is made; make a new one after
+    changing them (the compiled functions are cached per model and reused).
+
+    Example::
+
+        dec = Decoder(model, cfg)
+        nxt, state, key = dec.prefill(tokens, mask, jax.random.key(0))   # [B], state, key
+        nxt, state, key = dec.step(nxt[:, None], state, key)            # one more token
+    """
+
+    def __init__(self, model: LMModel, cfg: SamplingConfig | None = None) -> None:
+        if not isinstance(model, LMModel):
+            raise TypeError(f"model: expected an LMModel, got {type(model).__name__}")
+        cfg = SamplingConfig() if cfg is None else cfg
+        self.model = model
+        self.cfg = cfg
+        graphdef, self.params = nnx.split(model)
+        per_model = _COMPILED.setdefault(model, {})
+        entry = per_model.get(cfg.sampler_key())
+        if entry is None or entry.graphdef != graphdef:  # structure changed: rebuild
+            entry = per_model[cfg.sampler_key()] = _build(graphdef, cfg)
+        self._compiled = entry
+
+    @property
+    def step_fn(self) -> Callable[..., tuple[Array, ModelState, Array]]:
+        """The jitted ``(params, tokens [B, 1], state, key) -> (next [B], state, key)``;
+        ``state`` is donated (invalid after the call)."""
+        return self._compiled.step
+
+    def prefill(self, tokens: Array | np.ndarray, mask: Array | np.ndarray,
+                key: Array) -> tuple[Array, ModelState, Array]:
+        """Run left-padded prompts and sample the first new token.
+
+        Args:
+            tokens: ``[B, P]`` int32 ids, prompts right-aligned. mask: ``[B, P]`` bool.
+            key: PRNG key.
+
+        Returns:
+            ``(next [B] int32, state, key)``; the state holds only the real tokens.
+        """
+        return self._compiled.prefill(self.params, jnp.asarray(tokens, jnp.int32),
+                                      jnp.asarray(mask, bool), key)
+
+    def step(self, tokens: Array | np.ndarray, state: ModelState,
+             key: Array) -> tuple[Array, ModelState, Array]:
+        """Feed ``tokens [B, 1]`` int32 and sample the next token of every row.
+
+        Returns ``(next [B] int32, new_state, key)``; ``state`` is donated (do not reuse it).
+        """
+        return self._compiled.step(self.params, jnp.asarray(tokens, jnp.int32), state, key)
+
+
+# ---- generation loops --------------------------------------------------------------------
+
+
+def _checked_cfg(cfg: SamplingConfig | None, vocab_size: int) -> SamplingConfig:
+    if cfg is None:
+        return SamplingConfig()
+    if not isinstance(cfg, SamplingConfig):
+        raise TypeError(f"cfg: expected SamplingConfig, got {type(cfg).__name__}")
+    cfg = cfg.replace()  # re-validate: fields may have been assigned after construction
+    for i, tok in enumerate(cfg.stop_tokens):
+        if tok >= vocab_size:
+            raise ConfigError(f"stop_tokens[{i}]: id {tok} is outside the vocabulary [0, {vocab_size})")
+    return cfg
+
+
+def _token_steps(model: LMModel, rows: list[list[int]], cfg: SamplingConfig,
+                 pad_id: int) -> Iterator[np.ndarray]:
+    """Yield each step's new tokens ``[B]`` int32, with -1 for rows that have finished
+    (a row's stop token is reported as -1 too). Ends when all rows finished or after
+    ``max_new_tokens`` steps."""
+    dec = Decoder(model, cfg)
+    tokens, mask = left_pad(rows, prompt_bucket(max(map(len, rows)), cache_limit(model)), pad_id)
+    nxt, state, key = dec.prefill(tokens, mask, jax.random.key(cfg.seed))
+    stops = np.asarray(cfg.stop_tokens, np.int32)
+    done = np.zeros(len(rows), bool)
+    for i in range(cfg.max_new_tokens):
+        host = np.asarray(nxt)
+        done |= np.isin(host, stops)
+        yield np.where(done, -1, host).astype(np.int32)
+        if done.all() or i == cfg.max_new_tokens - 1:
+            return
+        feed = np.where(done, pad_id, host).astype(np.int32)[:, None]  # [B, 1]
+        nxt, state, key = dec.step(feed, state, key)
+
+
+def generate(model: LMModel, prompts: Sequence[Sequence[int]] | Array | np.ndarray,
+             cfg: SamplingConfig | None = None, *, pad_id: int = PAD_ID) -> list[list[int]]:
+    """Continue a batch of prompts of any lengths.
+
+    Args:
+        model: the language model.
+        prompts: a list of non-empty id lists, or a ``[B, T]`` int array (B prompts of T).
+        cfg: sampling settings (None = ``SamplingConfig()``).
+        pad_id: id fed at padding and for finished rows (masked out / cut from the output).
+
+    Returns:
+        per prompt, the new ids only (at most ``max_new_tokens``; shorter when the row
+        sampled a stop token, which is excluded).
+
+    Raises:
+        ValueError: empty or out-of-vocabulary prompts; ``longest prompt + max_new_tokens``
+            over ``max_seq_len`` for models with attention caches (checked before any work).
+        ConfigError (a ValueError): bad sampling settings (names the field).
+        TypeError: wrong argument types.
+    """
+    cfg = _checked_cfg(cfg, model.config.vocab_size)
+    rows = _as_prompts(prompts, model.config.vocab_size)
+    check_capacity(model, max(map(len, rows)), cfg.max_new_tokens)
+    out: list[list[int]] = [[] for _ in rows]
+    if cfg.max_new_tokens == 0:
+        return out
+    for toks in _token_steps(model, rows, cfg, pad_id):
+        for r, tok in enumerate(toks.tolist()):
+            if tok >= 0:
+                out[r].append(tok)
+    return out
+
+
+def stream(model: LMModel, prompt: Sequence[int], cfg: SamplingConfig | None = None,
+           *, pad_id: int = PAD_ID) -> Iterator[int]:
+    """Yield the new tokens of one prompt as they are produced.
+
+    Same compiled functions, seed handling and stop rule as :func:`generate` with a batch of
+    one, so ``list(stream(m, p, cfg)) == generate(m, [p], cfg)[0]``.
+
+    Raises:
+        as :func:`generate`, at the call (before the first token), not at the first ``next``.
+    """
+    cfg = _checked_cfg(cfg, model.config.vocab_size)
+    rows = _as_prompts([prompt], model.config.vocab_size)
+    check_capacity(model, len(rows[0]), cfg.max_new_tokens)
+
+    def tokens() -> Iterator[int]:
+        if cfg.max_new_tokens == 0:
+            return
+        for toks in _token_steps(model, rows, cfg, pad_id):
+            if toks[0] < 0:
+                return
+            yield int(toks[0])
+
+    return tokens()
+
+
+def start_tokens(tokenizer: Any) -> list[int]:
+    """What to condition on for an empty prompt: the end-of-text token when the tokenizer
+    has one (GPT-2 style), else ``encode("\\n")`` (character level, as nanoGPT).
+
+    Raises:
+        ValueError: the tokenizer has neither.
+    """
+    if getattr(tokenizer, "eos_id", None) is not None:
+        return [int(tokenizer.eos_id)]
+    try:
+        ids = list(tokenizer.encode("\n"))
+    except ValueError:
+        ids = []
+    if not ids:
+        raise ValueError("prompt: empty, and the tokenizer has no eos_id and cannot encode '\\n' "
+                         "to start from; give a non-empty prompt")
+    return ids
+
+
+def generate_text(model: LMModel, tokenizer: Any, prompt: str, cfg: SamplingConfig | None = None,
+                  num_samples: int = 1) -> list[str]:
+    """Sample ``num_samples`` continuations of ``prompt`` (one batched :func:`generate`).
+
+    An empty prompt conditions on :func:`start_tokens` instead. Stop tokens come from
+    ``cfg`` only (pass ``stop_tokens=(tokenizer.eos_id,)`` to stop at end of text).
+
+    Returns:
+        ``num_samples`` strings: ``prompt`` followed by the decoded new tokens (the start
+        token of an empty prompt is not included).
+
+    Raises:
+        ValueError: ``num_samples < 1``, plus everything :func:`generate` raises.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples: expected >= 1, got {num_samples}")
+    ids = list(tokenizer.encode(prompt)) if prompt else start_tokens(tokenizer)
+    outs = generate(model, [ids] * num_samples, cfg)
+    return [prompt + tokenizer.decode(o) for o in outs]
+
+
+__all__ = [
+    "PAD_ID", "Decoder", "SamplingConfig", "apply_top_k", "apply_top_p", "cache_limit",
+    "check_capacity", "generate", "generate_text", "left_pad", "prompt_bucket", "sample_next",
+    "start_tokens", "stream", "trace_counts",
+]
