@@ -1,0 +1,305 @@
+"""``train_lm.py``: train a language model on TinyShakespeare (or any text file).
+
+Examples::
+
+    python train_lm.py --model gpt-small --max-steps 600 --out runs/demo
+    python train_lm.py --config configs/models/gpt_nanogpt_cpu.yaml --out runs/nanogpt
+    python train_lm.py --out runs/nanogpt --resume            # continue a stopped run
+    python train_lm.py --model mamba-small --tokenizer bpe --vocab-size 2048 --out runs/m
+
+Settings are resolved in this order (later wins): TrainConfig defaults; the preset
+(``--model``, default gpt-small) or ``--config`` file; on ``--resume``, the configs saved in
+the checkpoint; then every flag given on the command line. ``--config`` is either a
+ModelConfig YAML or a file with ``model:`` and ``train:`` sections (see
+``linearnexus.train.read_config_file`` and docs/training.md).
+
+Exit status: 0 when training finished, 2 for bad arguments, 130 / 143 when SIGINT /
+SIGTERM stopped it (after saving a checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PRESET = "gpt-small"
+DEFAULT_SAMPLE_TOKENS = 200
+
+# flag -> TrainConfig field, for flags that override the train config when given
+_TRAIN_FLAGS = {
+    "max_steps": "max_steps",
+    "batch_size": "batch_size",
+    "seq_len": "seq_len",
+    "lr": "lr",
+    "optimizer": "optimizer",
+    "warmup_steps": "warmup_steps",
+    "eval_interval": "eval_interval",
+    "eval_batches": "eval_batches",
+    "checkpoint_interval": "checkpoint_interval",
+    "log_interval": "log_interval",
+    "seed": "seed",
+    "tokenizer": "tokenizer",
+    "vocab_size": "bpe_vocab_size",
+    "data": "data",
+}
+
+
+class UsageError(Exception):
+    """A bad combination of arguments, settings or data, found after parsing; ``main``
+    prints it as ``train_lm.py: error: ...`` and returns 2."""
+
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train_lm.py",
+        description="Train a LinearNexus language model (char or BPE tokens) with resumable "
+                    "orbax checkpoints. See docs/training.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--model", metavar="PRESET", default=None,
+                   help=f"model preset (default {DEFAULT_PRESET} when no --config names one)")
+    m.add_argument("--config", metavar="YAML", default=None,
+                   help="a ModelConfig YAML, or a YAML with 'model:' and 'train:' sections")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", metavar="PATH", default=None,
+                   help="text file (default: TinyShakespeare via $LINEARNEXUS_SHAKESPEARE "
+                        "or the cache)")
+    d.add_argument("--download-shakespeare", action="store_true",
+                   help="download TinyShakespeare into the cache if it is not found")
+    d.add_argument("--data-cache", metavar="DIR", default=None,
+                   help="where the tokenized data is prepared (default <out>/data)")
+    d.add_argument("--tokenizer", choices=("char", "bpe"), default=None,
+                   help="character-level or byte-level BPE (default char)")
+    d.add_argument("--vocab-size", type=_int_at_least(257), default=None,
+                   help="BPE vocabulary size (default 4096; only with --tokenizer bpe)")
+    t = p.add_argument_group("training")
+    t.add_argument("--max-steps", type=_int_at_least(1), default=None)
+    t.add_argument("--batch-size", type=_int_at_least(1), default=None)
+    t.add_argument("--seq-len", type=_int_at_least(1), default=None)
+    t.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate")
+    t.add_argument("--optimizer", choices=("adamw", "muon", "sophia"), default=None)
+    t.add_argument("--warmup-steps", type=_int_at_least(0), default=None)
+    t.add_argument("--eval-interval", type=_int_at_least(0), default=None,
+                   help="steps between evaluations (0 = only at the end)")
+    t.add_argument("--eval-batches", type=_int_at_least(1), default=None)
+    t.add_argument("--checkpoint-interval", type=_int_at_least(0), default=None,
+                   help="steps between checkpoints (default: the eval interval)")
+    t.add_argument("--log-interval", type=_int_at_least(1), default=None)
+    t.add_argument("--seed", type=_int_at_least(0), default=None)
+    r = p.add_argument_group("run")
+    r.add_argument("--out", metavar="DIR", default=None,
+                   help="run folder (default: the config's out_dir, else runs/<model>)")
+    g = r.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --out (fresh start if none)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="delete the checkpoints and metrics already in --out, then start fresh")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--sample-tokens", type=_int_at_least(0), default=DEFAULT_SAMPLE_TOKENS,
+                   help="print a sample of this many tokens at the end (0 = none)")
+    return p
+
+
+def _resolve(args: argparse.Namespace) -> tuple[Any, Any, bool]:
+    """(ModelConfig without the vocab size settled, TrainConfig, resuming) from the args."""
+    from linearnexus.core.config import ConfigError
+    from linearnexus.models import list_presets
+    from linearnexus.train import (
+        CHECKPOINT_DIR,
+        TrainConfig,
+        read_checkpoint_meta,
+        read_config_file,
+        resolve_model_config,
+    )
+
+    if args.model is not None and args.model not in list_presets():
+        raise UsageError(f"--model: unknown preset {args.model!r}; choose one of "
+                         f"{', '.join(list_presets())}")
+    model_section: dict[str, Any] = {}
+    train_section: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            model_section, train_section = read_config_file(args.config)
+        except (FileNotFoundError, ConfigError) as e:
+            raise UsageError(f"--config: {e}") from None
+    overrides = {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items()
+                 if getattr(args, flag) is not None}
+    if args.no_progress:
+        overrides["progress"] = False
+
+    # the run folder decides whether there is something to resume
+    out = args.out or train_section.get("out_dir")
+    if out is None:
+        name = args.model or model_section.get("preset") or (
+            Path(args.config).stem if args.config else DEFAULT_PRESET)
+        out = os.path.join("runs", name)
+    overrides["out_dir"] = str(out)
+    ckpt_dir = Path(out) / CHECKPOINT_DIR
+    saved = None
+    if ckpt_dir.is_dir():
+        try:
+            saved = read_checkpoint_meta(ckpt_dir)
+        except FileNotFoundError:
+            saved = None
+    if saved is not None and not (args.resume or args.overwrite):
+        raise UsageError(f"--out: {out} already holds a run (checkpoint at step {saved['step']}); "
+                         "pass --resume to continue it or --overwrite to start over")
+
+    try:
+        if args.resume and saved is not None:
+            from linearnexus.models import ModelConfig
+
+            model_config = ModelConfig.from_dict(saved["model_config"])
+            if args.model is not None or model_section:
+                asked = resolve_model_config(model_section, args.model or None)
+                mine = {k: v for k, v in asked.to_dict().items() if k != "vocab_size"}
+                theirs = {k: v for k, v in model_config.to_dict().items() if k != "vocab_size"}
+                if mine != theirs:
+                    raise UsageError(f"--resume: the model asked for differs from the one in {out}; "
+                                     "drop --model/--config or use another --out")
+            saved_train = {k: v for k, v in saved["train_config"].items() if k != "progress"}
+            train = TrainConfig.from_dict({**saved_train, **train_section, **overrides})
+        else:
+            model_config = resolve_model_config(
+                model_section, args.model or (None if model_section else DEFAULT_PRESET))
+            train = TrainConfig.from_dict({**train_section, **overrides})
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    except KeyError as e:  # unknown preset named in a config file
+        raise UsageError(f"--config: {e.args[0]}") from None
+    if train.bpe_vocab_size is not None and train.tokenizer != "bpe":
+        raise UsageError("--vocab-size: only meaningful with --tokenizer bpe")
+    if train.seq_len > model_config.max_seq_len:
+        raise UsageError(f"--seq-len: {train.seq_len} exceeds the model's max_seq_len="
+                         f"{model_config.max_seq_len}")
+    return model_config, train, args.resume and saved is not None
+
+
+def _print_sample(model: Any, tokenizer: Any, n_tokens: int, seed: int, window: int) -> None:
+    from linearnexus.cli.sample import default_window, sample_texts
+    from linearnexus.generate import SamplingConfig
+
+    eos = tokenizer.eos_id
+    cfg = SamplingConfig(temperature=0.8, top_k=200, max_new_tokens=n_tokens, seed=seed,
+                         stop_tokens=() if eos is None else (eos,))
+    text = sample_texts(model, tokenizer, "", cfg, 1,
+                        default_window(model, {"seq_len": window}))[0]
+    print("---------- sample ----------")
+    print(text)
+    print("----------------------------")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.download_shakespeare and args.data is not None:
+        parser.error("--download-shakespeare: not with --data (that names the text file)")
+    try:
+        return _run(args)
+    except UsageError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    model_config, train, resuming = _resolve(args)
+
+    import numpy as np
+
+    from linearnexus.data import DataLoader, prepare_dataset, resolve_shakespeare
+    from linearnexus.models import create_model
+    from linearnexus.train import SFTTrainer, clear_run
+
+    try:
+        text_path = resolve_shakespeare(train.data, download=args.download_shakespeare)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    # record the file actually used, so a resume finds it without the same flags / env
+    train = train.replace(data=str(Path(text_path).absolute()))
+    out_dir = Path(train.out_dir)
+    if args.overwrite:
+        clear_run(out_dir)
+    data_dir = Path(args.data_cache) if args.data_cache else out_dir / "data"
+    try:
+        prepared = prepare_dataset(text_path, data_dir, tokenizer=train.tokenizer,
+                                   val_fraction=train.val_fraction, vocab_size=train.bpe_vocab_size)
+    except ValueError as e:
+        raise UsageError(f"data: {e}") from None
+    tokenizer = prepared.load_tokenizer()
+    print(f"data: {text_path} -> {data_dir} ({'reused' if prepared.reused else 'prepared'}): "
+          f"{prepared.train_tokens:,} train / {prepared.val_tokens:,} val tokens, "
+          f"{prepared.tokenizer_kind} vocab {prepared.vocab_size}")
+    if model_config.vocab_size != tokenizer.vocab_size:
+        if resuming:
+            raise UsageError(f"data: the tokenizer has {tokenizer.vocab_size} tokens but the checkpoint's "
+                             f"model has vocab_size={model_config.vocab_size}")
+        model_config = model_config.replace(vocab_size=tokenizer.vocab_size)
+    for name, n in (("train", prepared.train_tokens), ("val", prepared.val_tokens)):
+        if n < train.seq_len + 1:
+            raise UsageError(f"data: the {name} split has {n} tokens, fewer than --seq-len + 1 = "
+                             f"{train.seq_len + 1}")
+
+    model = create_model(model_config, seed=train.seed)
+    print(f"model: {model.num_params():,} parameters, layers {list(model_config.layer_types)}, "
+          f"d_model {model_config.d_model}")
+    print(f"train: {train.optimizer}, lr {train.lr:g}, {train.max_steps} steps of "
+          f"{train.batch_size}x{train.seq_len} tokens -> {out_dir}")
+    loader = DataLoader(prepared.train_dataset(), train.batch_size, train.seq_len, seed=train.seed)
+    trainer = SFTTrainer(model, None, loader, prepared.val_dataset(), train, model_config,
+                         tokenizer=tokenizer)
+    try:
+        result = trainer.train(resume=resuming)
+    except KeyboardInterrupt:
+        print("\naborted (second Ctrl-C): no checkpoint written for the current step",
+              file=sys.stderr)
+        return 130
+
+    steady = [r["tokens_per_s"] for r in result.history if r.get("tokens_per_s")][1:]
+    steady_tok_s = float(np.median(steady)) if steady else result.tokens_per_s
+
+    def fmt(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.4f}"
+
+    val_at = "" if result.val_step in (None, result.step) else f" at step {result.val_step}"
+    print(f"{'stopped' if result.interrupted else 'done'}: step {result.step}, train loss "
+          f"{fmt(result.train_loss)}, val loss {fmt(result.val_loss)}{val_at} (best "
+          f"{fmt(result.best_val_loss)}), {steady_tok_s:,.0f} tok/s, {result.elapsed_s:.1f}s "
+          f"this session; checkpoint {result.checkpoint}")
+    if result.interrupted:
+        print(f"resume with: train_lm.py --out {out_dir} --resume")
+        return 130 if result.interrupted == "SIGINT" else 143
+    if args.sample_tokens > 0:
+        _print_sample(trainer.model, tokenizer, args.sample_tokens, train.seed, train.seq_len)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

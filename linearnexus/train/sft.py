@@ -1,0 +1,1056 @@
+"""Next-token training of an :class:`~linearnexus.models.LMModel` with resumable checkpoints.
+
+The loop, nanoGPT style::
+
+    trainer = SFTTrainer(model, None, DataLoader(train, B, T, seed), val, TrainConfig(...),
+                         tokenizer=tok)
+    result = trainer.train(resume=True)          # SIGINT / SIGTERM: checkpoint, then return
+    model, model_config, extra = load_checkpoint("runs/x")    # for sampling
+
+Training state lives outside the model as pure pytrees (``TrainState``: the model's
+``nnx.Param`` arrays, its other nnx state, the optax state and a PRNG key). One jitted
+step ``(state, inputs, targets) -> (state, loss)`` donates the old state, so XLA updates
+the buffers in place; the trainer always holds the only live copy, and the model object
+passed in never aliases it (``trainer.model`` copies the trained weights into it). Sophia's Hessian
+estimate runs in a second compiled step, every ``sophia_hessian_interval`` steps.
+
+A run folder (``config.out_dir``)::
+
+    config.yaml        model + train sections (re-runnable with ``train_lm.py --config``)
+    metrics.jsonl      one JSON record per log / eval step, flushed as written
+    loss.png           train / val loss curves (written at the end of ``train``)
+    checkpoints/<step>/{model,opt,meta,tokenizer}   orbax; the last N and the best kept
+
+Orbax writes each checkpoint into a temporary folder and renames it when complete, so a
+run killed mid-save leaves the previous checkpoint intact; restore takes the latest
+complete step and temporary leftovers are removed when the manager opens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from linearnexus.core.config import ConfigBase, ConfigError, field
+from linearnexus.data import DataLoader, TextDataset, load_tokenizer
+from linearnexus.models import LMModel, ModelConfig, get_preset
+from linearnexus.optim import (
+    OPTIMIZERS,
+    SCHEDULES,
+    SOPHIA_HESSIAN_INTERVAL,
+    create_optimizer,
+    create_schedule,
+    gnb_hessian_estimate,
+    sophia_should_update_hessian,
+)
+
+__all__ = [
+    "CHECKPOINT_DIR",
+    "EVAL_SEED",
+    "SFTTrainer",
+    "TrainConfig",
+    "TrainResult",
+    "TrainState",
+    "build_optimizer",
+    "clear_run",
+    "cross_entropy_loss",
+    "find_checkpoint",
+    "load_checkpoint",
+    "load_run_config",
+    "read_checkpoint_meta",
+    "read_config_file",
+    "resolve_model_config",
+]
+
+CHECKPOINT_DIR = "checkpoints"  # under out_dir
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+CONFIG_FILE = "config.yaml"
+EVAL_SEED = 0  # eval windows are the same for every run on the same data, whatever its seed
+_FORMAT_VERSION = 1
+_ITEMS = ("model", "opt", "meta", "tokenizer")
+
+
+# ---- config ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainConfig(ConfigBase):
+    """One training run: steps, batches, optimizer, evaluation, checkpoints, data.
+
+    The defaults are close to nanoGPT's shakespeare_char CPU recipe; the recipe itself
+    (beta2 0.99 included) is ``configs/models/gpt_nanogpt_cpu.yaml``.
+
+    Attributes:
+        max_steps: optimizer steps in total (also the end of the lr schedule).
+        batch_size / seq_len: B sequences of T tokens per step (the model sees T inputs).
+        optimizer: ``adamw``, ``muon`` or ``sophia`` (``linearnexus.optim``).
+        lr: peak learning rate (of the AdamW part for muon). min_lr_ratio: final lr / lr.
+        warmup_steps: linear warmup from 0; None = min(100, max_steps // 10).
+        schedule: cosine, linear or constant decay.
+        weight_decay: decoupled decay of weight matrices (not embeddings, norms, biases).
+        beta1 / beta2: moment rates; None = the optimizer's default (AdamW 0.9 / 0.95).
+        grad_clip: global-norm clip; 0 = off.
+        muon_lr: peak lr of the Muon part. sophia_gamma / sophia_hessian_interval: SophiaG's
+            gamma and k (a Gauss-Newton-Bartlett Hessian estimate every k steps).
+        eval_interval: evaluate every this many steps (and at step 0 and the end); 0 = only
+            at the end. eval_batches: fixed val windows per evaluation, batch_size each.
+        log_interval: steps between metric records (train loss = mean since the last one).
+        checkpoint_interval: steps between checkpoints; None = eval_interval; 0 = only at
+            the end (and on SIGINT / SIGTERM).
+        keep_last_n: newest checkpoints kept. keep_best: also keep the lowest-val-loss one.
+        tokenizer / bpe_vocab_size / val_fraction / data: how the command line prepares
+            data (``char`` or ``bpe``; BPE vocabulary; held-out share; text file, None =
+            TinyShakespeare). The trainer itself does not read them.
+        seed: model init, batch order and Sophia's label sampling.
+        out_dir: run folder (metrics, plot, checkpoints).
+        progress: show a tqdm bar when stderr is a terminal.
+    """
+
+    max_steps: int = field(2000, gt=0)
+    batch_size: int = field(12, gt=0)
+    seq_len: int = field(64, gt=0)
+    optimizer: str = field("adamw", choices=OPTIMIZERS)
+    lr: float = field(1e-3, gt=0)
+    min_lr_ratio: float = field(0.1, ge=0, le=1)
+    warmup_steps: int | None = field(None, ge=0)
+    schedule: str = field("cosine", choices=SCHEDULES)
+    weight_decay: float = field(0.1, ge=0)
+    beta1: float | None = field(None, ge=0, lt=1)
+    beta2: float | None = field(None, ge=0, lt=1)
+    grad_clip: float = field(1.0, ge=0)
+    muon_lr: float = field(0.02, gt=0)
+    sophia_gamma: float = field(0.05, gt=0)
+    sophia_hessian_interval: int = field(SOPHIA_HESSIAN_INTERVAL, gt=0)
+    eval_interval: int = field(250, ge=0)
+    eval_batches: int = field(20, gt=0)
+    log_interval: int = field(10, gt=0)
+    checkpoint_interval: int | None = field(None, ge=0)
+    keep_last_n: int = field(2, gt=0)
+    keep_best: bool = True
+    tokenizer: str = field("char", choices=("char", "bpe"))
+    bpe_vocab_size: int | None = field(None, ge=257)
+    val_fraction: float = field(0.1, gt=0, lt=1)
+    data: str | None = None
+    seed: int = field(0, ge=0)
+    out_dir: str = "runs/default"
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.warmup_steps is not None and self.warmup_steps > self.max_steps:
+            raise ConfigError(
+                f"warmup_steps: must be <= max_steps={self.max_steps}, got {self.warmup_steps}")
+
+    @property
+    def resolved_warmup_steps(self) -> int:
+        return min(100, self.max_steps // 10) if self.warmup_steps is None else self.warmup_steps
+
+    @property
+    def resolved_checkpoint_interval(self) -> int:
+        return self.eval_interval if self.checkpoint_interval is None else self.checkpoint_interval
+
+
+# fields that may differ between a run and its resumption without changing the losses
+# (max_steps too when the schedule is constant; otherwise it moves the lr schedule)
+_HARMLESS_FIELDS = ("out_dir", "progress", "log_interval", "eval_interval", "eval_batches",
+                    "checkpoint_interval", "keep_last_n", "keep_best", "data")
+
+
+# ---- run-config files --------------------------------------------------------------------
+
+
+def read_config_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read a YAML run config into ``(model_section, train_section)`` dicts.
+
+    Two layouts are accepted:
+
+    * sectioned: top-level ``model:`` and/or ``train:`` mappings (ModelConfig / TrainConfig
+      fields). ``model:`` may name a base preset with ``preset: gpt-small``; the other
+      model keys override it.
+    * flat: the file is a ModelConfig (its fields, optionally with ``preset:``); the train
+      section is then empty.
+
+    Raises:
+        FileNotFoundError: no such file. ConfigError: not a mapping, or a section that is not.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config: no such file {path}")
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a YAML mapping, got {type(data).__name__}")
+    if data and set(data) <= {"model", "train"}:
+        model, train = data.get("model") or {}, data.get("train") or {}
+    else:
+        model, train = data, {}
+    for name, section in (("model", model), ("train", train)):
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: section {name!r} must be a mapping, got {section!r}")
+    return dict(model), dict(train)
+
+
+def resolve_model_config(model_section: Mapping[str, Any], preset: str | None = None) -> ModelConfig:
+    """A ModelConfig from a config-file model section.
+
+    The base is ``preset`` if given (e.g. ``--model``), else the section's ``preset:`` key,
+    else the ModelConfig defaults; the section's other keys override it.
+
+    Raises:
+        KeyError: unknown preset. ConfigError: a bad field (named).
+    """
+    section = dict(model_section)
+    preset = preset or section.pop("preset", None)
+    section.pop("preset", None)
+    base = get_preset(preset) if preset else ModelConfig()
+    return base.replace(**section) if section else base
+
+
+def load_run_config(path: str | os.PathLike, *, preset: str | None = None,
+                    **train_overrides: Any) -> tuple[ModelConfig, TrainConfig]:
+    """``(ModelConfig, TrainConfig)`` from a YAML file (see :func:`read_config_file`).
+
+    ``train_overrides`` replace train fields (e.g. ``max_steps=100``). The model's
+    ``vocab_size`` is whatever the file says; the command line sets it from the tokenizer.
+    """
+    model_section, train_section = read_config_file(path)
+    return (resolve_model_config(model_section, preset),
+            TrainConfig.from_dict({**train_section, **train_overrides}))
+
+
+# ---- loss and state ----------------------------------------------------------------------
+
+
+def cross_entropy_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy: ``logits [B, T, V]`` float, ``targets [B, T]`` int -> []."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return jnp.mean(losses)
+
+
+class TrainState(NamedTuple):
+    """Everything a step reads and writes (one pytree, donated to the compiled step).
+
+    Attributes:
+        params: the model's ``nnx.Param`` arrays as a pure nested dict.
+        rest: the model's other nnx state (pure dict; empty for the built-in blocks).
+        opt_state: the optax state.
+        rng: ``[2]`` uint32 PRNG key (Sophia's label sampling).
+    """
+
+    params: Any
+    rest: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :meth:`SFTTrainer.train` did.
+
+    Attributes:
+        step: optimizer steps completed (over all sessions of the run).
+        start_step: the step this session started from (> 0 after a resume).
+        train_loss / val_loss: the last recorded values (None if never recorded).
+        val_step: the step ``val_loss`` was measured at.
+        best_val_loss: lowest val loss seen in this session (or the resumed checkpoint's).
+        interrupted: ``"SIGINT"`` / ``"SIGTERM"`` when a signal stopped the run, else None.
+        elapsed_s: wall time of this session. tokens_per_s: training tokens per second
+            over this session (compilation and evaluation included).
+        history: this session's metric records (as written to metrics.jsonl).
+        checkpoint: folder of the last checkpoint written (or restored), if any.
+    """
+
+    step: int
+    start_step: int
+    train_loss: float | None
+    val_loss: float | None
+    val_step: int | None
+    best_val_loss: float | None
+    interrupted: str | None
+    elapsed_s: float
+    tokens_per_s: float
+    history: list[dict[str, Any]]
+    checkpoint: Path | None
+
+
+# ---- optimizer and compiled steps ----------------------------------------------------------
+
+
+def build_optimizer(config: TrainConfig, params: Any
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """``(tx, lr_schedule)`` for ``config``: ``linearnexus.optim.create_optimizer`` with the
+    config's optimizer, warmup + decay schedule, weight decay, betas and clipping."""
+    tx = create_optimizer(
+        config.optimizer, params, lr=config.lr, total_steps=config.max_steps,
+        warmup_steps=config.resolved_warmup_steps, weight_decay=config.weight_decay, b1=config.beta1,
+        b2=config.beta2, min_lr_ratio=config.min_lr_ratio, schedule=config.schedule,
+        grad_clip=config.grad_clip, muon_lr=config.muon_lr, sophia_gamma=config.sophia_gamma)
+    schedule = create_schedule(config.lr, warmup_steps=config.resolved_warmup_steps,
+                               total_steps=config.max_steps, min_lr_ratio=config.min_lr_ratio,
+                               kind=config.schedule)
+    return tx, schedule
+
+
+class _Steps(NamedTuple):
+    graphdef: Any
+    tx: Any
+    step: Callable[..., tuple[TrainState, jax.Array]]
+    step_hessian: Callable[..., tuple[TrainState, jax.Array]]
+    eval: Callable[..., jax.Array]
+
+
+# jitted functions per model structure (eval) and per (structure, tx object) (steps): the
+# GraphDef of an LMModel is not hashable (it holds the ModelConfig), so it cannot be a static
+# jit argument; short lists instead. jax.jit compiles lazily, on the first call.
+_STEPS: list[_Steps] = []
+_EVALS: list[tuple[Any, Callable[..., jax.Array]]] = []
+_MAX_CACHED = 8
+
+
+def _loss_fn(graphdef: Any, params: Any, rest: Any, inputs: jax.Array, targets: jax.Array):
+    model = nnx.merge(graphdef, params, rest)
+    logits, _ = model(inputs)  # [B, T, V]
+    _, _, new_rest = nnx.split(model, nnx.Param, ...)
+    return cross_entropy_loss(logits, targets), nnx.to_pure_dict(new_rest)
+
+
+def _eval_fn(graphdef: Any) -> Callable[..., jax.Array]:
+    for cached_graphdef, fn in _EVALS:
+        if cached_graphdef == graphdef:
+            return fn
+
+    def mean_loss(params, rest, inputs, targets):  # [N, B, T] each -> []
+        losses = jax.lax.map(lambda xy: _loss_fn(graphdef, params, rest, *xy)[0],
+                             (inputs, targets))
+        return jnp.mean(losses)
+
+    fn = jax.jit(mean_loss)
+    _EVALS.insert(0, (graphdef, fn))
+    del _EVALS[_MAX_CACHED:]
+    return fn
+
+
+def _compiled(graphdef: Any, tx: optax.GradientTransformation) -> _Steps:
+    for entry in _STEPS:
+        if entry.tx is tx and entry.graphdef == graphdef:
+            return entry
+
+    def step(state: TrainState, inputs, targets, with_hessian: bool):
+        (loss, rest), grads = jax.value_and_grad(
+            lambda p: _loss_fn(graphdef, p, state.rest, inputs, targets), has_aux=True)(
+            state.params)
+        rng = state.rng
+        extra = {}
+        if with_hessian:  # static: a separate compiled step
+            rng, sub = jax.random.split(rng)
+
+            def logits_fn(p, x):
+                return nnx.merge(graphdef, p, state.rest)(x)[0]
+
+            extra["hessian"] = gnb_hessian_estimate(logits_fn, state.params, inputs, sub)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(params, rest, opt_state, rng), loss
+
+    entry = _Steps(
+        graphdef, tx,
+        # donated: XLA writes the new state into the old state's buffers
+        jax.jit(lambda s, x, y: step(s, x, y, False), donate_argnums=(0,)),
+        jax.jit(lambda s, x, y: step(s, x, y, True), donate_argnums=(0,)),
+        _eval_fn(graphdef))
+    _STEPS.insert(0, entry)
+    del _STEPS[_MAX_CACHED:]
+    return entry
+
+
+# ---- small file helpers ------------------------------------------------------------------
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    records = []
+    if not path.is_file():
+        return records
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill: drop it
+            continue
+    return records
+
+
+def _abstract(tree: Any) -> Any:
+    """ShapeDtypeStructs (with shardings) to restore ``tree``'s structure into."""
+    import orbax.checkpoint as ocp
+
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def _tokenizer_json(tokenizer: Any) -> Any:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = tokenizer.save(Path(tmp) / "tokenizer.json")
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def _tokenizer_from_json(obj: Any) -> Any:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tokenizer.json"
+        path.write_text(json.dumps(obj), encoding="utf-8")
+        return load_tokenizer(path)
+
+
+def _val_loss(metrics: Mapping[str, Any]) -> float:
+    return float(metrics["val_loss"])
+
+
+class _DropMissingMetricsWarning:
+    """Filters orbax's warning for checkpoints saved without metrics (ours on purpose: only
+    checkpoints taken at an evaluation have a val loss)."""
+
+    def filter(self, record: Any) -> bool:
+        return "did not provide metrics" not in str(record.msg)
+
+
+_QUIET = _DropMissingMetricsWarning()
+
+
+def _quiet_orbax() -> None:
+    import logging
+
+    logger = logging.getLogger("absl")
+    if _QUIET not in logger.filters:
+        logger.addFilter(_QUIET)
+
+
+def _checkpoint_manager(directory: Path, config: TrainConfig | None, *, read_only: bool = False):
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint import checkpoint_managers as ocm
+
+    policies: list[Any] = []
+    track_best = config is not None and config.keep_best
+    if config is not None:
+        policies.append(ocm.LatestN(config.keep_last_n))
+        if track_best:
+            # checkpoints saved at an evaluation carry {"val_loss": v}; reverse=True sorts
+            # descending, so BestN's "last n" are the lowest losses
+            policies.append(ocm.BestN(get_metric_fn=_val_loss, reverse=True, n=1,
+                                      keep_checkpoints_without_metrics=False))
+    _quiet_orbax()
+    # (not orbax's read_only option, which logs warnings; this manager just never saves)
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocm.AnyPreservationPolicy(policies) if policies else None,
+        # orbax writes the metrics to disk only when best_fn is set; without them a later
+        # session (a resume) would not know which old checkpoint was the best
+        best_fn=_val_loss if track_best else None,
+        best_mode="min",
+        # synchronous: the next step donates (frees) the arrays being saved
+        enable_async_checkpointing=False,
+        cleanup_tmp_directories=not read_only,  # drop leftovers of a save that was killed
+        create=not read_only,
+        save_root_metadata=not read_only,
+    )
+    return ocp.CheckpointManager(directory, options=options, item_names=_ITEMS)
+
+
+def find_checkpoint(path: str | os.PathLike) -> tuple[Path, int | None]:
+    """``(checkpoints folder, step or None = latest)`` for a run folder, its
+    ``checkpoints/`` folder, or one step folder ``checkpoints/<step>``.
+
+    Raises:
+        FileNotFoundError: nothing that looks like a checkpoint at ``path``.
+    """
+    path = Path(path).expanduser().absolute()  # orbax wants absolute paths
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint: no such path {path}")
+    if (path / CHECKPOINT_DIR).is_dir():
+        return path / CHECKPOINT_DIR, None
+    if path.name.isdigit() and (path / "meta").is_dir():
+        return path.parent, int(path.name)
+    if any(p.name.isdigit() for p in path.iterdir() if p.is_dir()):
+        return path, None
+    raise FileNotFoundError(
+        f"checkpoint: {path} is neither a run folder (with {CHECKPOINT_DIR}/), a checkpoints "
+        "folder nor a step folder")
+
+
+# ---- the trainer -------------------------------------------------------------------------
+
+
+class SFTTrainer:
+    """Next-token cross-entropy training with evaluation, metrics and orbax checkpoints.
+
+    Args:
+        model: the :class:`LMModel` to train (its weights are copied in; the object is
+            updated from the trained state by :attr:`model` and at the end of ``train``).
+        tx: an optax transformation, or None for :func:`build_optimizer` (the config's
+            optimizer and schedule). A custom Sophia must accept ``hessian=`` in ``update``
+            (``linearnexus.optim.sophia`` does). Trainers sharing one ``tx`` object and the
+            same model structure share compiled steps.
+        train_loader: a :class:`~linearnexus.data.DataLoader` (or anything iterable yielding
+            ``(inputs [B, T], targets [B, T])`` int32 with ``state_dict`` /
+            ``load_state_dict``); its position is checkpointed.
+        val_dataset: token file for evaluation (``eval_batches`` fixed windows of
+            ``[batch_size, seq_len]``), or None to skip evaluation.
+        config: the :class:`TrainConfig`.
+        model_config: the model's config (None = ``model.config``); stored in checkpoints
+            so :func:`load_checkpoint` can rebuild the model.
+        tokenizer: optional; stored in checkpoints for sampling.
+        lr_schedule: the schedule of a custom ``tx``, to log the lr (None: not logged).
+        log: where progress lines go (default: print to stdout, through tqdm when a bar
+            is shown).
+
+    Raises:
+        TypeError / ValueError: bad arguments (e.g. a loader whose batch shape differs
+            from the config, or a val set shorter than ``seq_len + 1`` tokens).
+    """
+
+    def __init__(self, model: LMModel, tx: optax.GradientTransformation | None,
+                 train_loader: Any, val_dataset: TextDataset | None, config: TrainConfig,
+                 model_config: ModelConfig | None = None, *, tokenizer: Any = None,
+                 lr_schedule: optax.Schedule | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config: expected TrainConfig, got {type(config).__name__}")
+        if not isinstance(model, nnx.Module):
+            raise TypeError(f"model: expected an nnx.Module, got {type(model).__name__}")
+        model_config = model_config if model_config is not None else getattr(model, "config", None)
+        if not isinstance(model_config, ModelConfig):
+            raise TypeError("model_config: expected a ModelConfig (none given and model.config "
+                            "is not one)")
+        for name in ("batch_size", "seq_len"):
+            got = getattr(train_loader, name, getattr(config, name))
+            if got != getattr(config, name):
+                raise ValueError(f"train_loader: {name}={got} differs from config.{name}="
+                                 f"{getattr(config, name)}")
+        if config.seq_len > model_config.max_seq_len:
+            raise ValueError(f"config.seq_len={config.seq_len} exceeds the model's max_seq_len="
+                             f"{model_config.max_seq_len}")
+        self.config = config
+        self.model_config = model_config
+        self.train_loader = train_loader
+        self.val_dataset = val_dataset
+        self.tokenizer = tokenizer
+        self._log_fn = log
+        self._model = model
+        self.out_dir = Path(config.out_dir).expanduser().absolute()  # orbax wants absolute paths
+        self.checkpoint_dir = self.out_dir / CHECKPOINT_DIR
+        self.metrics_path = self.out_dir / METRICS_FILE
+
+        self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        # copies: the step donates its input buffers, which must not be the model's own
+        params = jax.tree.map(jnp.copy, nnx.to_pure_dict(params))
+        rest = jax.tree.map(jnp.copy, nnx.to_pure_dict(rest))
+        if tx is None:
+            tx, lr_schedule = build_optimizer(config, params)
+        self.tx = tx
+        self.lr_schedule = lr_schedule
+        self.state = TrainState(params, rest, tx.init(params),
+                                jax.random.PRNGKey(config.seed))
+        self.step = 0
+        self.elapsed_before = 0.0  # wall time of earlier sessions of this run
+        self.restored_metrics: dict[str, Any] = {}  # of the checkpoint resumed from
+        self.uses_hessian = config.optimizer == "sophia"
+        self._fns = _compiled(self.graphdef, tx)
+        self._eval_batches = self._make_eval_batches()
+
+    def _make_eval_batches(self) -> tuple[jax.Array, jax.Array] | None:
+        if self.val_dataset is None:
+            return None
+        loader = DataLoader(self.val_dataset, self.config.batch_size, self.config.seq_len,
+                            seed=EVAL_SEED)
+        batches = [loader.get_batch(i) for i in range(self.config.eval_batches)]
+        inputs = np.stack([b[0] for b in batches])  # [N, B, T]
+        targets = np.stack([b[1] for b in batches])  # [N, B, T]
+        return jnp.asarray(inputs), jnp.asarray(targets)
+
+    # -- public pieces -----------------------------------------------------------------------
+
+    def train_step(self, inputs: Any, targets: Any) -> jax.Array:
+        """One optimizer step on ``inputs, targets`` (``[B, T]`` int32); returns the loss
+        (a device scalar, not synced). Sophia gets a Hessian estimate on its k-th steps."""
+        if self.uses_hessian and sophia_should_update_hessian(
+                self.step, self.config.sophia_hessian_interval):
+            fn = self._fns.step_hessian
+        else:
+            fn = self._fns.step
+        # the old state is donated (its buffers are reused), so it is replaced whole
+        self.state, loss = fn(self.state, inputs, targets)
+        self.step += 1
+        return loss
+
+    def evaluate(self) -> float | None:
+        """Mean loss over the fixed val windows (None without a val set)."""
+        if self._eval_batches is None:
+            return None
+        return float(self._fns.eval(self.state.params, self.state.rest, *self._eval_batches))
+
+    def lr_at(self, step: int) -> float | None:
+        """Learning rate of optimizer step ``step`` (0-based), when the trainer built the tx."""
+        return None if self.lr_schedule is None else float(self.lr_schedule(step))
+
+    @property
+    def model(self) -> LMModel:
+        """The model passed in, updated to the current trained weights (copies, so later
+        training steps do not invalidate it)."""
+        nnx.update(self._model, jax.tree.map(jnp.copy, self.state.params),
+                   jax.tree.map(jnp.copy, self.state.rest))
+        return self._model
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def _meta(self, metrics: dict[str, Any] | None, elapsed: float) -> dict[str, Any]:
+        loader_state = (self.train_loader.state_dict()
+                        if hasattr(self.train_loader, "state_dict") else None)
+        return {
+            "format_version": _FORMAT_VERSION,
+            "step": self.step,
+            "loader": loader_state,
+            "model_config": self.model_config.to_dict(),
+            "train_config": self.config.to_dict(),
+            "metrics": metrics or {},
+            "elapsed_s": elapsed,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+
+    def save_checkpoint(self, metrics: dict[str, Any] | None = None, *,
+                        elapsed: float | None = None, manager: Any = None) -> Path:
+        """Write a checkpoint of the current step (no-op if that step is already saved).
+
+        ``metrics`` with a ``val_loss`` makes the checkpoint a candidate for "best".
+        Returns the step folder.
+        """
+        import orbax.checkpoint as ocp
+
+        own = manager is None
+        mgr = manager or _checkpoint_manager(self.checkpoint_dir, self.config)
+        try:
+            if self.step not in mgr.all_steps():
+                items = {
+                    "model": ocp.args.StandardSave({"params": self.state.params,
+                                                    "rest": self.state.rest}),
+                    "opt": ocp.args.StandardSave({"opt_state": self.state.opt_state,
+                                                  "rng": self.state.rng}),
+                    "meta": ocp.args.JsonSave(self._meta(metrics, self.elapsed_before
+                                                         if elapsed is None else elapsed)),
+                }
+                if self.tokenizer is not None:
+                    items["tokenizer"] = ocp.args.JsonSave(_tokenizer_json(self.tokenizer))
+                val = None if not metrics else metrics.get("val_loss")
+                mgr.save(self.step, args=ocp.args.Composite(**items),
+                         metrics=None if val is None else {"val_loss": float(val)})
+                mgr.wait_until_finished()
+        finally:
+            if own:
+                mgr.close()
+        return self.checkpoint_dir / str(self.step)
+
+    def restore_checkpoint(self, step: int | None = None, *, manager: Any = None) -> int | None:
+        """Load the latest complete checkpoint (or ``step``) of ``out_dir`` into the trainer:
+        weights, optimizer state, RNG, step, loader position. Returns the step, or None
+        when there is no checkpoint.
+
+        Raises:
+            ValueError: the checkpoint was written for a different model config.
+        """
+        import orbax.checkpoint as ocp
+
+        if not self.checkpoint_dir.is_dir():
+            return None
+        own = manager is None
+        mgr = manager or _checkpoint_manager(self.checkpoint_dir, self.config)
+        try:
+            step = mgr.latest_step() if step is None else step
+            if step is None:
+                return None
+            meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+            saved_model = ModelConfig.from_dict(meta["model_config"])
+            if saved_model != self.model_config:
+                diff = _config_diff(saved_model.to_dict(), self.model_config.to_dict())
+                raise ValueError(f"checkpoint {self.checkpoint_dir / str(step)} was written for a "
+                                 f"different model config ({diff})")
+            saved_train = meta.get("train_config", {})
+            harmless = _HARMLESS_FIELDS + (("max_steps",) if self.config.schedule == "constant"
+                                           else ())
+            changed = [k for k, v in self.config.to_dict().items()
+                       if k not in harmless and k in saved_train and saved_train[k] != v]
+            if changed:
+                self._log(f"warning: resuming with changed training settings "
+                          f"({_config_diff(saved_train, self.config.to_dict(), changed)}); "
+                          "the continuation will not match the original run exactly")
+            restored = mgr.restore(step, args=ocp.args.Composite(
+                model=ocp.args.StandardRestore(_abstract({"params": self.state.params,
+                                                          "rest": self.state.rest})),
+                opt=ocp.args.StandardRestore(_abstract({"opt_state": self.state.opt_state,
+                                                        "rng": self.state.rng}))))
+        finally:
+            if own:
+                mgr.close()
+        self.state = TrainState(restored.model["params"], restored.model["rest"],
+                                restored.opt["opt_state"], restored.opt["rng"])
+        self.step = int(meta["step"])
+        self.elapsed_before = float(meta.get("elapsed_s", 0.0))
+        self.restored_metrics = dict(meta.get("metrics") or {})
+        if meta.get("loader") is not None and hasattr(self.train_loader, "load_state_dict"):
+            self.train_loader.load_state_dict(meta["loader"])
+        return self.step
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _log(self, line: str) -> None:
+        if self._log_fn is not None:
+            self._log_fn(line)
+        elif getattr(self, "_bar", None) is not None:
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def _write_config(self) -> None:
+        import yaml
+
+        text = yaml.safe_dump({"model": self.model_config.to_dict(),
+                               "train": self.config.to_dict()}, sort_keys=False)
+        _atomic_write_text(self.out_dir / CONFIG_FILE, text)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop records past ``step`` (written after the checkpoint we resume from) and any
+        line cut short by a kill, so appended records start on a fresh line."""
+        if self.metrics_path.is_file():
+            kept = [r for r in _read_jsonl(self.metrics_path) if r.get("step", 0) <= step]
+            _atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def train(self, *, resume: bool = False, on_step: Callable[[int], None] | None = None
+              ) -> TrainResult:
+        """Train to ``config.max_steps``.
+
+        Args:
+            resume: continue from the latest complete checkpoint in ``out_dir`` (a fresh
+                start if there is none). Batches, RNG and optimizer state continue exactly,
+                so the losses equal those of an uninterrupted run with the same config.
+            on_step: called with the step number after every step (e.g. custom logging).
+
+        SIGINT (Ctrl-C) and SIGTERM stop the loop after the current step, save a
+        checkpoint and return with ``interrupted`` set; a second Ctrl-C raises
+        ``KeyboardInterrupt`` at once (no save).
+
+        Raises:
+            FileExistsError: ``out_dir`` has checkpoints and ``resume`` is False.
+        """
+        cfg = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        mgr = _checkpoint_manager(self.checkpoint_dir, cfg)
+        try:
+            if self.step == 0:
+                existing = mgr.latest_step()
+                if existing is not None and not resume:
+                    raise FileExistsError(
+                        f"{self.checkpoint_dir} already holds checkpoints (latest step "
+                        f"{existing}); resume, or use a fresh out_dir")
+                if resume and existing is not None:
+                    self.restore_checkpoint(manager=mgr)
+                    self._log(f"resumed from {self.checkpoint_dir / str(self.step)} "
+                              f"(step {self.step})")
+                if self.step == 0 and self.metrics_path.is_file():
+                    self.metrics_path.unlink()
+                else:
+                    self._truncate_metrics(self.step)
+            self._write_config()
+            return self._loop(mgr, on_step)
+        finally:
+            mgr.close()
+
+    def _loop(self, mgr: Any, on_step: Callable[[int], None] | None) -> TrainResult:
+        cfg = self.config
+        start_step = self.step
+        tokens_per_step = cfg.batch_size * cfg.seq_len
+        ckpt_every = cfg.resolved_checkpoint_interval
+        history: list[dict[str, Any]] = []
+        session_start = time.perf_counter()
+        last_ckpt: Path | None = (self.checkpoint_dir / str(self.step)
+                                  if self.step in mgr.all_steps() else None)
+        last_val: float | None = self.restored_metrics.get("val_loss")
+        val_step: int | None = None if last_val is None else self.step
+        best_val: float | None = last_val
+        last_train: float | None = None
+
+        def elapsed() -> float:
+            return self.elapsed_before + time.perf_counter() - session_start
+
+        stop: dict[str, Any] = {"signal": None}
+        handlers_installed = threading.current_thread() is threading.main_thread()
+        old_handlers: dict[int, Any] = {}
+
+        def on_signal(signum: int, frame: Any) -> None:
+            if stop["signal"] is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # second Ctrl-C: quit now, no checkpoint
+            stop["signal"] = signal.Signals(signum).name
+
+        if handlers_installed:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old_handlers[sig] = signal.signal(sig, on_signal)
+
+        metrics_file = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115
+
+        def record(rec: dict[str, Any]) -> None:
+            history.append(rec)
+            metrics_file.write(json.dumps(rec) + "\n")
+            metrics_file.flush()
+
+        self._bar = None
+        if cfg.progress and sys.stderr.isatty() and self._log_fn is None:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step",
+                             dynamic_ncols=True, desc="train")
+        pending: list[jax.Array] = []  # step losses since the last record (device scalars)
+        window_start, window_steps = time.perf_counter(), 0
+        session_tokens = 0
+        try:
+            if self.step == 0 and self._eval_batches is not None and cfg.max_steps > 0:
+                last_val = best_val = self.evaluate()
+                val_step = 0
+                record({"step": 0, "val_loss": last_val, "elapsed_s": round(elapsed(), 3)})
+                self._log(f"step 0: val loss {last_val:.4f}")
+                window_start = time.perf_counter()
+            while self.step < cfg.max_steps and stop["signal"] is None:
+                inputs, targets = next(self.train_loader)
+                pending.append(self.train_step(inputs, targets))
+                window_steps += 1
+                session_tokens += tokens_per_step
+                step = self.step
+                if self._bar is not None:
+                    self._bar.update(1)
+                is_last = step == cfg.max_steps
+                do_eval = self._eval_batches is not None and (
+                    is_last or (cfg.eval_interval > 0 and step % cfg.eval_interval == 0))
+                do_log = do_eval or is_last or step % cfg.log_interval == 0
+                if do_log:
+                    last_train = float(np.mean([float(x) for x in pending]))
+                    pending.clear()
+                    now = time.perf_counter()
+                    tok_s = window_steps * tokens_per_step / max(now - window_start, 1e-9)
+                    rec: dict[str, Any] = {"step": step, "train_loss": last_train,
+                                           "lr": self.lr_at(step - 1),
+                                           "tokens_per_s": round(tok_s, 1)}
+                    if not math.isfinite(last_train):
+                        self._log(f"warning: train loss is {last_train} at step {step}")
+                    if do_eval:
+                        last_val, val_step = self.evaluate(), step
+                        rec["val_loss"] = last_val
+                        best_val = last_val if best_val is None else min(best_val, last_val)
+                    rec["elapsed_s"] = round(elapsed(), 3)
+                    record(rec)
+                    if self._bar is not None:
+                        post = {"loss": f"{last_train:.4f}", "tok/s": f"{tok_s:,.0f}"}
+                        if last_val is not None:
+                            post["val"] = f"{last_val:.4f}"
+                        self._bar.set_postfix(post, refresh=False)
+                    if do_eval:
+                        eta = (cfg.max_steps - step) * (now - session_start) / max(
+                            step - start_step, 1)
+                        self._log(f"step {step}/{cfg.max_steps}: train loss {last_train:.4f}, "
+                                  f"val loss {last_val:.4f}, {tok_s:,.0f} tok/s, "
+                                  f"elapsed {elapsed():.0f}s, eta {eta:.0f}s")
+                    window_start, window_steps = time.perf_counter(), 0
+                if is_last or (ckpt_every > 0 and step % ckpt_every == 0):
+                    metrics = {"val_loss": last_val} if do_eval else None
+                    last_ckpt = self.save_checkpoint(metrics, elapsed=elapsed(), manager=mgr)
+                    window_start = time.perf_counter()
+                if on_step is not None:
+                    on_step(step)
+            if stop["signal"] is not None:
+                if pending:  # record the partial window so the log reaches the stop point
+                    last_train = float(np.mean([float(x) for x in pending]))
+                    record({"step": self.step, "train_loss": last_train,
+                            "lr": self.lr_at(self.step - 1), "elapsed_s": round(elapsed(), 3)})
+                if self.step > 0:
+                    last_ckpt = self.save_checkpoint(None, elapsed=elapsed(), manager=mgr)
+                    self._log(f"{stop['signal']}: stopped at step {self.step}; checkpoint "
+                              f"saved to {last_ckpt}")
+                else:
+                    self._log(f"{stop['signal']}: stopped before the first step; nothing saved")
+        finally:
+            metrics_file.close()
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+            if handlers_installed:
+                for sig, old in old_handlers.items():
+                    signal.signal(sig, old)
+            self.elapsed_before = elapsed()
+        self.write_plot()
+        wall = time.perf_counter() - session_start
+        self.model  # noqa: B018 - sync the caller's model object to the trained weights
+        return TrainResult(
+            step=self.step, start_step=start_step, train_loss=last_train, val_loss=last_val,
+            val_step=val_step, best_val_loss=best_val, interrupted=stop["signal"], elapsed_s=wall,
+            tokens_per_s=session_tokens / max(wall, 1e-9), history=history,
+            checkpoint=last_ckpt)
+
+    def write_plot(self, path: str | os.PathLike | None = None) -> Path | None:
+        """Plot train / val loss from metrics.jsonl to ``loss.png`` (Agg, no display).
+        Returns the path, or None when there is nothing to plot."""
+        records = _read_jsonl(self.metrics_path)
+        train = [(r["step"], r["train_loss"]) for r in records if r.get("train_loss") is not None]
+        val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+        if not train and not val:
+            return None
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(7, 4.5), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        if train:
+            ax.plot(*zip(*train, strict=True), label="train", linewidth=1.2)
+        if val:
+            ax.plot(*zip(*val, strict=True), "o-", label="val", linewidth=1.5, markersize=4)
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats / token)")
+        ax.set_title(f"{self.out_dir.name}: {self.config.optimizer}, "
+                     f"B={self.config.batch_size}, T={self.config.seq_len}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        out = Path(path) if path is not None else self.out_dir / PLOT_FILE
+        tmp = out.with_name(f".{out.name}.tmp.png")
+        fig.savefig(tmp)
+        os.replace(tmp, out)
+        return out
+
+
+def _config_diff(old: Mapping[str, Any], new: Mapping[str, Any],
+                 keys: Any = None) -> str:
+    keys = keys if keys is not None else sorted(set(old) | set(new))
+    parts = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    return "; ".join(parts)
+
+
+def clear_run(out_dir: str | os.PathLike) -> None:
+    """Delete what a training run wrote into ``out_dir`` (checkpoints, metrics, plot,
+    config.yaml) so a fresh run can start there; other files (e.g. a data cache) stay."""
+    import shutil
+
+    out_dir = Path(out_dir).expanduser()
+    shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
+    for name in (METRICS_FILE, PLOT_FILE, CONFIG_FILE):
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def read_checkpoint_meta(path: str | os.PathLike, *, step: int | None = None) -> dict[str, Any]:
+    """The JSON metadata of a checkpoint (``step``, ``model_config``, ``train_config``,
+    ``loader``, ``metrics``, ``elapsed_s``); ``path`` as for :func:`load_checkpoint`.
+
+    Raises:
+        FileNotFoundError: no complete checkpoint there.
+    """
+    import orbax.checkpoint as ocp
+
+    directory, named_step = find_checkpoint(path)
+    mgr = _checkpoint_manager(directory, None, read_only=True)
+    try:
+        step = _pick_step(mgr, directory, step if step is not None else named_step)
+        return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    finally:
+        mgr.close()
+
+
+def _pick_step(mgr: Any, directory: Path, step: int | None) -> int:
+    if step is None:
+        step = mgr.latest_step()
+    if step is None or step not in mgr.all_steps():
+        raise FileNotFoundError(
+            f"checkpoint: no complete checkpoint{'' if step is None else f' for step {step}'} "
+            f"in {directory} (steps: {list(mgr.all_steps())})")
+    return step
+
+
+# ---- loading for sampling ----------------------------------------------------------------
+
+
+def load_checkpoint(path: str | os.PathLike, *, step: int | None = None
+                    ) -> tuple[LMModel, ModelConfig, dict[str, Any]]:
+    """Rebuild the model of a checkpoint, for sampling or evaluation.
+
+    Args:
+        path: a run folder (``out_dir``; the latest checkpoint), its ``checkpoints/``
+            folder, or one step folder ``checkpoints/<step>``.
+        step: a specific step (overrides the one a step folder names).
+
+    Returns:
+        ``(model, model_config, extra)`` where ``extra`` has ``step``, ``train_config``
+        (a dict), ``metrics``, ``loader`` (position), ``tokenizer`` (the run's tokenizer
+        object, or None if it was not saved) and ``path`` (the step folder).
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``path`` (or no such step).
+    """
+    import orbax.checkpoint as ocp
+
+    directory, named_step = find_checkpoint(path)
+    mgr = _checkpoint_manager(directory, None, read_only=True)
+    try:
+        step = _pick_step(mgr, directory, step if step is not None else named_step)
+        step_dir = directory / str(step)
+        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        model_config = ModelConfig.from_dict(meta["model_config"])
+        abstract_model = nnx.eval_shape(lambda: LMModel(model_config, rngs=nnx.Rngs(0)))
+        graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+        def target(tree: Any) -> Any:
+            return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                                nnx.to_pure_dict(tree))
+
+        items = {"model": ocp.args.StandardRestore({"params": target(params), "rest": target(rest)})}
+        if (step_dir / "tokenizer").is_dir():
+            items["tokenizer"] = ocp.args.JsonRestore()
+        restored = mgr.restore(step, args=ocp.args.Composite(**items))
+    finally:
+        mgr.close()
+    model = nnx.merge(graphdef, restored.model["params"], restored.model["rest"])
+    tokenizer = (_tokenizer_from_json(restored.tokenizer)
+                 if "tokenizer" in items and restored.tokenizer is not None else None)
+    extra = {
+        "step": int(meta["step"]),
+        "train_config": meta.get("train_config"),
+        "metrics": meta.get("metrics", {}),
+        "loader": meta.get("loader"),
+        "tokenizer": tokenizer,
+        "path": step_dir,
+    }
+    return model, model_config, extra
