@@ -13,6 +13,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 # keep XLA from grabbing both cores per test worker more than needed
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+# several pytest workers may share one GPU: no 75% preallocation per process
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+
+# The suite checks math at 1e-5: on GPUs XLA's default float32 matmuls use TF32 (about 1e-3
+# relative), so ask for full float32 precision (a no-op on the CPU).
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture

@@ -218,7 +218,8 @@ def test_mla_absorbed_equals_naive(name, rng):
     y_abs, s_abs = jit_block(block, "recurrent")(x, state)
     y_naive, s_naive = jit_block(block, "chunk")(x, state)
     assert_close(y_abs, y_naive, TOL, "with cache")
-    assert_trees_close(s_abs, s_naive, 0.0, "cache")
+    # same projections either way; only XLA fusion order differs (exact on CPU, ~1e-8 on GPU)
+    assert_trees_close(s_abs, s_naive, 1e-6, "cache")
 
 
 def test_mla_core_paths_agree_on_random_weights(rng):
