@@ -65,7 +65,7 @@ SHAKESPEARE_NUM_CHARS = 1_115_394  # all ASCII, so also the number of bytes
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"  # both tokenizers save under this name in a data folder
 DEFAULT_BPE_VOCAB = 4096
-_META_VERSION = 1  # bump when the on-disk layout changes, so old folders are rebuilt
+_META_VERSION = 2  # bump when the on-disk layout changes, so old folders are rebuilt
 
 
 # ----------------------------------------------------------------------------- file helpers
@@ -640,7 +640,12 @@ def prepare_dataset(
     if tokenizer == "char":
         tok: CharTokenizer | BPETokenizer = CharTokenizer.from_text(text)
     else:
-        tok = BPETokenizer.train(text, vocab_size=vocab_size)
+        # learn merges from the training part only, so validation text does not shape the
+        # tokenizer (byte-level BPE still encodes any text). The char vocabulary above is
+        # taken from the whole text, as nanoGPT does: a character unseen in training would
+        # otherwise be unencodable, and a set of characters carries no frequency statistics.
+        train_chars = text[: max(1, int(len(text) * (1.0 - val_fraction)))]
+        tok = BPETokenizer.train(train_chars, vocab_size=vocab_size)
     ids = np.asarray(tok.encode(text), dtype=np.int64)  # [n]
     n = ids.shape[0]
     n_train = int(n * (1.0 - val_fraction))

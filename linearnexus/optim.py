@@ -126,10 +126,17 @@ def _decays(path: tuple[Any, ...], leaf: Any) -> bool:
     return _ndim(leaf) >= 2 and not _excluded_by_name(_path_names(path))
 
 
+#: Exact path names of 2-D parameters Muon should not orthogonalise: a depthwise conv
+#: kernel ``[W, C]`` is not a linear map, and Mamba's ``dt_proj`` ``[R, C]`` (R = D/16) is so
+#: thin that Muon's orthogonalised, sqrt(fan_out / fan_in)-scaled step is far larger than
+#: AdamW's. They go to AdamW under Muon.
+NO_MUON_PARAM_NAMES: tuple[str, ...] = ("conv_weight", "dt_proj")
+
+
 def _is_muon(path: tuple[Any, ...], leaf: Any) -> bool:
     names = _path_names(path)
     return (_ndim(leaf) == 2 and not _excluded_by_name(names)
-            and not any(n in HEAD_PARAM_NAMES for n in names))
+            and not any(n in HEAD_PARAM_NAMES or n in NO_MUON_PARAM_NAMES for n in names))
 
 
 def weight_decay_mask(params: PyTree) -> PyTree:

@@ -395,3 +395,14 @@ def test_nnx_optimizer(key, tiny_lm, name):
     assert all(jax.tree.leaves(moved)), moved
     np.testing.assert_array_equal(  # the shared fixture is untouched (clone)
         np.asarray(tiny_lm.hidden.kernel[...]), before["hidden"]["kernel"])
+
+
+def test_muon_skips_conv_kernels_and_thin_matrices():
+    import numpy as np
+
+    params = {"mixer": {"conv_weight": np.zeros((4, 256)), "dt_proj": {"kernel": np.zeros((8, 256))},
+                        "in_proj": {"kernel": np.zeros((128, 512))}}}
+    muon = muon_mask(params)
+    assert muon["mixer"]["conv_weight"] is False
+    assert muon["mixer"]["dt_proj"]["kernel"] is False
+    assert muon["mixer"]["in_proj"]["kernel"] is True

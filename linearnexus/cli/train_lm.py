@@ -186,6 +186,10 @@ def _resolve(args: argparse.Namespace) -> tuple[Any, Any, bool]:
                                      "drop --model/--config or use another --out")
             saved_train = {k: v for k, v in saved["train_config"].items() if k != "progress"}
             train = TrainConfig.from_dict({**saved_train, **train_section, **overrides})
+            if saved_train.get("optimizer", train.optimizer) != train.optimizer:
+                raise UsageError(f"--optimizer: the run in {out} was trained with "
+                                 f"{saved_train['optimizer']!r}, whose state cannot become "
+                                 f"{train.optimizer!r}'s; drop --optimizer or use another --out")
         else:
             model_config = resolve_model_config(
                 model_section, args.model or (None if model_section else DEFAULT_PRESET))

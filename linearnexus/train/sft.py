@@ -704,6 +704,12 @@ class SFTTrainer:
                 raise ValueError(f"checkpoint {self.checkpoint_dir / str(step)} was written for a "
                                  f"different model config ({diff})")
             saved_train = meta.get("train_config", {})
+            if saved_train.get("optimizer", self.config.optimizer) != self.config.optimizer:
+                # the optimizer state's structure differs: it cannot be restored
+                raise ValueError(
+                    f"optimizer: the checkpoint at {self.checkpoint_dir / str(step)} was written by "
+                    f"{saved_train['optimizer']!r}, not {self.config.optimizer!r}; resume with "
+                    f"--optimizer {saved_train['optimizer']} or start a new run")
             harmless = _HARMLESS_FIELDS + (("max_steps",) if self.config.schedule == "constant"
                                            else ())
             changed = [k for k, v in self.config.to_dict().items()
