@@ -369,3 +369,16 @@ def test_sigkilled_cli_run_resumes_like_an_uninterrupted_one(corpus, tmp_path):
     for step in range(steps[-1] + 1, 61):
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-6), step
     assert (run / "loss.png").is_file()
+
+
+def test_resume_refuses_another_tokenizer(make_trainer):
+    from linearnexus.data import CharTokenizer
+
+    first = make_trainer("tok", max_steps=2, eval_interval=2)
+    first.train()
+    second = make_trainer("tok", max_steps=4, eval_interval=2)
+    # same size, another character set: ids would silently change meaning
+    chars = list(second.tokenizer.decode(list(range(second.tokenizer.vocab_size))))
+    second.tokenizer = CharTokenizer(chars[:-1] + ["\u2603"])
+    with pytest.raises(ValueError, match="tokenizer: the checkpoint at .* different tokenizer"):
+        second.train(resume=True)

@@ -281,6 +281,10 @@ def _run(args: argparse.Namespace) -> int:
                          tokenizer=tokenizer)
     try:
         result = trainer.train(resume=resuming)
+    except ValueError as e:
+        if resuming and str(e).startswith(("tokenizer:", "optimizer:", "checkpoint ")):
+            raise UsageError(f"--resume: {e}") from None  # the run folder does not fit these settings
+        raise
     except KeyboardInterrupt:
         print("\naborted (second Ctrl-C): no checkpoint written for the current step",
               file=sys.stderr)

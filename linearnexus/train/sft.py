@@ -703,6 +703,15 @@ class SFTTrainer:
                 diff = _config_diff(saved_model.to_dict(), self.model_config.to_dict())
                 raise ValueError(f"checkpoint {self.checkpoint_dir / str(step)} was written for a "
                                  f"different model config ({diff})")
+            if self.tokenizer is not None and (self.checkpoint_dir / str(step) / "tokenizer").is_dir():
+                saved_tok = mgr.restore(step, args=ocp.args.Composite(
+                    tokenizer=ocp.args.JsonRestore())).tokenizer
+                if saved_tok is not None and saved_tok != _tokenizer_json(self.tokenizer):
+                    # same vocab size is not enough: ids would silently mean other tokens
+                    raise ValueError(
+                        f"tokenizer: the checkpoint at {self.checkpoint_dir / str(step)} was trained "
+                        "with a different tokenizer than the prepared data's (the text or the "
+                        "tokenizer settings changed); resume on the same data or start a new run")
             saved_train = meta.get("train_config", {})
             if saved_train.get("optimizer", self.config.optimizer) != self.config.optimizer:
                 # the optimizer state's structure differs: it cannot be restored
