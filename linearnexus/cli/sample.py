@@ -20,7 +20,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from linearnexus.cli.train_lm import UsageError, _int_at_least
+from linearnexus.cli import UsageError, int_at_least, run_reporting_usage_errors
 
 SEPARATOR = "---------------"
 
@@ -52,15 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a run folder (latest checkpoint) or a step folder <run>/checkpoints/<step>")
     p.add_argument("--prompt", default="", help="text to continue ('' = start of text)")
-    p.add_argument("--max-tokens", type=_int_at_least(1), default=500,
+    p.add_argument("--max-tokens", type=int_at_least(1), default=500,
                    help="new tokens per sample")
     p.add_argument("--temperature", type=_temperature, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=_int_at_least(0), default=200, help="0 = off")
+    p.add_argument("--top-k", type=int_at_least(0), default=200, help="0 = off")
     p.add_argument("--top-p", type=_top_p, default=None, help="nucleus sampling mass (off if unset)")
-    p.add_argument("--num-samples", type=_int_at_least(1), default=1)
+    p.add_argument("--num-samples", type=int_at_least(1), default=1)
     p.add_argument("--stream", action="store_true", help="print tokens as they are sampled")
-    p.add_argument("--seed", type=_int_at_least(0), default=0)
-    p.add_argument("--window", type=_int_at_least(0), default=None,
+    p.add_argument("--seed", type=int_at_least(0), default=0)
+    p.add_argument("--window", type=int_at_least(0), default=None,
                    help="context window in tokens; default: the training seq_len for models "
                         "with attention, unlimited for recurrent ones; 0 = unlimited")
     return p
@@ -158,11 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.stream and args.num_samples > 1:
         parser.error("--stream: prints one sample; drop --num-samples")
-    try:
-        return _run(args)
-    except UsageError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
+    return run_reporting_usage_errors(parser, args, _run)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from linearnexus.cli import UsageError, int_at_least, run_reporting_usage_errors
+
 DEFAULT_PRESET = "gpt-small"
 DEFAULT_SAMPLE_TOKENS = 200
 
@@ -46,24 +48,6 @@ _TRAIN_FLAGS = {
     "vocab_size": "bpe_vocab_size",
     "data": "data",
 }
-
-
-class UsageError(Exception):
-    """A bad combination of arguments, settings or data, found after parsing; ``main``
-    prints it as ``train_lm.py: error: ...`` and returns 2."""
-
-
-def _int_at_least(lo: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {value}")
-        return value
-
-    return parse
 
 
 def _positive_float(text: str) -> float:
@@ -97,22 +81,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the tokenized data is prepared (default <out>/data)")
     d.add_argument("--tokenizer", choices=("char", "bpe"), default=None,
                    help="character-level or byte-level BPE (default char)")
-    d.add_argument("--vocab-size", type=_int_at_least(257), default=None,
+    d.add_argument("--vocab-size", type=int_at_least(257), default=None,
                    help="BPE vocabulary size (default 4096; only with --tokenizer bpe)")
     t = p.add_argument_group("training")
-    t.add_argument("--max-steps", type=_int_at_least(1), default=None)
-    t.add_argument("--batch-size", type=_int_at_least(1), default=None)
-    t.add_argument("--seq-len", type=_int_at_least(1), default=None)
+    t.add_argument("--max-steps", type=int_at_least(1), default=None)
+    t.add_argument("--batch-size", type=int_at_least(1), default=None)
+    t.add_argument("--seq-len", type=int_at_least(1), default=None)
     t.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate")
     t.add_argument("--optimizer", choices=("adamw", "muon", "sophia"), default=None)
-    t.add_argument("--warmup-steps", type=_int_at_least(0), default=None)
-    t.add_argument("--eval-interval", type=_int_at_least(0), default=None,
+    t.add_argument("--warmup-steps", type=int_at_least(0), default=None)
+    t.add_argument("--eval-interval", type=int_at_least(0), default=None,
                    help="steps between evaluations (0 = only at the end)")
-    t.add_argument("--eval-batches", type=_int_at_least(1), default=None)
-    t.add_argument("--checkpoint-interval", type=_int_at_least(0), default=None,
+    t.add_argument("--eval-batches", type=int_at_least(1), default=None)
+    t.add_argument("--checkpoint-interval", type=int_at_least(0), default=None,
                    help="steps between checkpoints (default: the eval interval)")
-    t.add_argument("--log-interval", type=_int_at_least(1), default=None)
-    t.add_argument("--seed", type=_int_at_least(0), default=None)
+    t.add_argument("--log-interval", type=int_at_least(1), default=None)
+    t.add_argument("--seed", type=int_at_least(0), default=None)
     r = p.add_argument_group("run")
     r.add_argument("--out", metavar="DIR", default=None,
                    help="run folder (default: the config's out_dir, else runs/<model>)")
@@ -122,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true",
                    help="delete the checkpoints and metrics already in --out, then start fresh")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    r.add_argument("--sample-tokens", type=_int_at_least(0), default=DEFAULT_SAMPLE_TOKENS,
+    r.add_argument("--sample-tokens", type=int_at_least(0), default=DEFAULT_SAMPLE_TOKENS,
                    help="print a sample of this many tokens at the end (0 = none)")
     return p
 
@@ -226,11 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.download_shakespeare and args.data is not None:
         parser.error("--download-shakespeare: not with --data (that names the text file)")
-    try:
-        return _run(args)
-    except UsageError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
+    return run_reporting_usage_errors(parser, args, _run)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -1,41 +1,8 @@
 """Training: :class:`SFTTrainer` (next-token loss, compiled donated steps, orbax
 checkpoints, resume, metrics) and :func:`load_checkpoint` for sampling.
 
-See ``docs/training.md``.
+See ``docs/training.md``. The public names are listed once, in ``sft.__all__``.
 """
 
-from linearnexus.train.sft import (
-    CHECKPOINT_DIR,
-    EVAL_SEED,
-    SFTTrainer,
-    TrainConfig,
-    TrainResult,
-    TrainState,
-    build_optimizer,
-    clear_run,
-    cross_entropy_loss,
-    find_checkpoint,
-    load_checkpoint,
-    load_run_config,
-    read_checkpoint_meta,
-    read_config_file,
-    resolve_model_config,
-)
-
-__all__ = [
-    "CHECKPOINT_DIR",
-    "EVAL_SEED",
-    "SFTTrainer",
-    "TrainConfig",
-    "TrainResult",
-    "TrainState",
-    "build_optimizer",
-    "clear_run",
-    "cross_entropy_loss",
-    "find_checkpoint",
-    "load_checkpoint",
-    "load_run_config",
-    "read_checkpoint_meta",
-    "read_config_file",
-    "resolve_model_config",
-]
+from linearnexus.train.sft import *  # noqa: F403
+from linearnexus.train.sft import __all__  # noqa: F401
