@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from linearnexus import data as D
+from tests.helpers.text import synthetic_text
 
 # ----------------------------------------------------------------------------- fixtures
 
@@ -33,14 +34,7 @@ def _real_shakespeare() -> Path | None:
 
 
 def _synthetic_text(n_chars: int = 120_000) -> str:
-    rng = np.random.default_rng(0)
-    words = ["thou", "art", "the", "king", "of", "Rome", "and", "my", "lord", "speak", "ROMEO:"]
-    out, size = [], 0
-    while size < n_chars:
-        line = " ".join(rng.choice(words, size=int(rng.integers(3, 12)))) + ".\n"
-        out.append(line)
-        size += len(line)
-    return "".join(out)[:n_chars]
+    return synthetic_text(n_chars, max_words=12, truncate=True)
 
 
 @pytest.fixture(scope="session")

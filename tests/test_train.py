@@ -33,6 +33,7 @@ from linearnexus.train import (
     load_run_config,
     read_config_file,
 )
+from tests.helpers.text import synthetic_text
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(d_model=32, n_layers=1, block_options={"attention": {"n_heads": 2}}, max_seq_len=64)
@@ -41,14 +42,7 @@ BASE = dict(max_steps=40, batch_size=4, seq_len=16, lr=3e-3, warmup_steps=2, eva
 
 
 def _text(n_chars: int = 20_000) -> str:
-    rng = np.random.default_rng(0)
-    words = ["thou", "art", "the", "king", "of", "Rome", "and", "my", "lord", "speak", "ROMEO:"]
-    lines, size = [], 0
-    while size < n_chars:
-        line = " ".join(rng.choice(words, size=int(rng.integers(3, 10)))) + ".\n"
-        lines.append(line)
-        size += len(line)
-    return "".join(lines)
+    return synthetic_text(n_chars, max_words=10)
 
 
 @pytest.fixture(scope="module")
