@@ -14,7 +14,7 @@ import pytest
 from linearnexus.core import gating
 from linearnexus.core.cache import ConvState, RecurrentState
 from linearnexus.core.config import ConfigBase, ConfigError, field
-from linearnexus.core.conv import depthwise_conv1d_causal
+from linearnexus.core.conv import depthwise_conv1d_causal, depthwise_conv1d_varlen
 from linearnexus.core.mode import KernelMode, as_mode, select_mode
 from linearnexus.core.padding import (
     align_valid_left,
@@ -139,6 +139,93 @@ def test_conv_errors():
         depthwise_conv1d_causal(x, jnp.zeros((4, 3)), cache=jnp.zeros((2, 2, 3)))
     with pytest.raises(TypeError, match=r"inputs: expected a float dtype"):
         depthwise_conv1d_causal(x.astype(jnp.int32), jnp.zeros((4, 3)))
+
+
+def _conv_per_sequence(x, w, b, cache, cu):
+    """Varlen conv by running :func:`depthwise_conv1d_causal` on each sequence alone."""
+    outs, caches = [], []
+    for n in range(len(cu) - 1):
+        piece = x[:, cu[n] : cu[n + 1]]
+        o, c = depthwise_conv1d_causal(piece, w, b, cache[n : n + 1])
+        outs.append(o)
+        caches.append(c)
+    return jnp.concatenate(outs, axis=1), jnp.concatenate(caches, axis=0)
+
+
+# sequences of length 0, 1, shorter than W-1, longer than W, a trailing empty one
+_VARLEN_LENS = [[3, 0, 1, 2, 7, 0], [1], [0, 5], [9, 1, 1]]
+
+
+@pytest.mark.parametrize("width", [1, 2, 4])
+@pytest.mark.parametrize("lens", _VARLEN_LENS)
+def test_conv_varlen_equals_per_sequence(width, lens):
+    rng = np.random.default_rng(width * 10 + len(lens))
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    total, n, c = int(cu[-1]), len(lens), 5
+    x = jnp.asarray(rng.standard_normal((1, total, c)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((width, c)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal(c), jnp.float32)
+    cache = jnp.asarray(rng.standard_normal((n, width - 1, c)), jnp.float32)
+    ref_out, ref_cache = _conv_per_sequence(x, w, b, cache, cu)
+    out, new_cache = depthwise_conv1d_varlen(x, w, b, cache, cu_seqlens=jnp.asarray(cu))
+    assert out.shape == (1, total, c) and new_cache.shape == (n, width - 1, c)
+    assert_close(out, ref_out, 1e-6, "varlen conv output")
+    assert_close(new_cache, ref_cache, 1e-6, "varlen conv cache")
+    # cu_seqlens traced under jit
+    run = jax.jit(lambda x, w, b, cache, cu: depthwise_conv1d_varlen(x, w, b, cache, cu_seqlens=cu))
+    out_j, cache_j = run(x, w, b, cache, jnp.asarray(cu))
+    assert_close(out_j, ref_out, 1e-6, "varlen conv output (jit)")
+    assert_close(cache_j, ref_cache, 1e-6, "varlen conv cache (jit)")
+    # no cache: every sequence starts from zeros
+    out0, _ = depthwise_conv1d_varlen(x, w, cu_seqlens=jnp.asarray(cu))
+    ref0, _ = _conv_per_sequence(x, w, None, jnp.zeros_like(cache), cu)
+    assert_close(out0, ref0, 1e-6, "varlen conv output (no cache)")
+
+
+def test_conv_varlen_gradients_match_per_sequence():
+    rng = np.random.default_rng(7)
+    lens, width, c = [2, 0, 5, 1], 4, 3
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    x = jnp.asarray(rng.standard_normal((1, int(cu[-1]), c)))
+    w = jnp.asarray(rng.standard_normal((width, c)))
+    b = jnp.asarray(rng.standard_normal(c))
+    cache = jnp.asarray(rng.standard_normal((len(lens), width - 1, c)))
+    d_out = jnp.asarray(rng.standard_normal(x.shape))
+    d_cache = jnp.asarray(rng.standard_normal(cache.shape))
+
+    def loss(fn):
+        def f(x, w, b, cache):
+            out, new_cache = fn(x, w, b, cache)
+            return jnp.sum(out * d_out) + jnp.sum(new_cache * d_cache)
+        return jax.grad(f, argnums=(0, 1, 2, 3))
+
+    got = jax.jit(loss(lambda *a: depthwise_conv1d_varlen(*a, cu_seqlens=jnp.asarray(cu))))(
+        x, w, b, cache)
+    want = loss(lambda *a: _conv_per_sequence(*a, cu))(x, w, b, cache)
+    for name, g, r in zip(("inputs", "weight", "bias", "cache"), got, want, strict=True):
+        assert_close(g, r, 1e-6, f"grad {name}")
+
+
+def test_conv_varlen_errors():
+    x = jnp.zeros((1, 5, 3))
+    w = jnp.zeros((4, 3))
+    cu = jnp.array([0, 2, 5], jnp.int32)
+    with pytest.raises(ValueError, match=r"cu_seqlens: requires batch size 1"):
+        depthwise_conv1d_varlen(jnp.zeros((2, 5, 3)), w, cu_seqlens=cu)
+    with pytest.raises(ValueError, match=r"cu_seqlens: must start at 0 and end at T=5"):
+        depthwise_conv1d_varlen(x, w, cu_seqlens=jnp.array([0, 2, 4], jnp.int32))
+    with pytest.raises(ValueError, match=r"cu_seqlens: must be non-decreasing"):
+        depthwise_conv1d_varlen(x, w, cu_seqlens=jnp.array([0, 3, 2, 5], jnp.int32))
+    with pytest.raises(ValueError, match=r"cu_seqlens: expected shape \[N\+1\]"):
+        depthwise_conv1d_varlen(x, w, cu_seqlens=jnp.array([5], jnp.int32))
+    with pytest.raises(TypeError, match=r"cu_seqlens: expected an integer dtype"):
+        depthwise_conv1d_varlen(x, w, cu_seqlens=cu.astype(jnp.float32))
+    with pytest.raises(ValueError, match=r"cache: expected shape \(2, 3, 3\) \[N, W-1, C\]"):
+        depthwise_conv1d_varlen(x, w, cache=jnp.zeros((1, 3, 3)), cu_seqlens=cu)
+    with pytest.raises(ValueError, match=r"weight: expected \[W, 3\]"):
+        depthwise_conv1d_varlen(x, jnp.zeros((4, 2)), cu_seqlens=cu)
+    with pytest.raises(ValueError, match=r"bias: expected shape \(3,\)"):
+        depthwise_conv1d_varlen(x, w, jnp.zeros(2), cu_seqlens=cu)
 
 
 # ---- padding -----------------------------------------------------------------------------

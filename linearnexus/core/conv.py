@@ -4,7 +4,24 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from linearnexus.core.padding import segment_ids_from_cu_seqlens, validate_cu_seqlens
 from linearnexus.core.types import Array, is_float_dtype
+
+
+def _check_inputs_weight_bias(inputs: Array, weight: Array, bias: Array | None) -> int:
+    """Validate ``inputs [B, T, C]``, ``weight [W, C]`` and ``bias [C]``; return ``W``."""
+    if inputs.ndim != 3:
+        raise ValueError(f"inputs: expected rank 3 [B, T, C], got shape {inputs.shape}")
+    if not is_float_dtype(inputs.dtype):
+        raise TypeError(f"inputs: expected a float dtype, got {inputs.dtype}")
+    if weight.ndim != 2:
+        raise ValueError(f"weight: expected rank 2 [W, C], got shape {weight.shape}")
+    channels = inputs.shape[2]
+    if weight.shape[0] < 1 or weight.shape[1] != channels:
+        raise ValueError(f"weight: expected [W, {channels}] to match inputs' C, got {weight.shape}")
+    if bias is not None and bias.shape != (channels,):
+        raise ValueError(f"bias: expected shape ({channels},), got {bias.shape}")
+    return weight.shape[0]
 
 
 def depthwise_conv1d_causal(
@@ -36,18 +53,8 @@ def depthwise_conv1d_causal(
     Raises:
         ValueError / TypeError: on wrong ranks, channel counts, cache shape or dtypes.
     """
-    if inputs.ndim != 3:
-        raise ValueError(f"inputs: expected rank 3 [B, T, C], got shape {inputs.shape}")
-    if not is_float_dtype(inputs.dtype):
-        raise TypeError(f"inputs: expected a float dtype, got {inputs.dtype}")
-    if weight.ndim != 2:
-        raise ValueError(f"weight: expected rank 2 [W, C], got shape {weight.shape}")
+    width = _check_inputs_weight_bias(inputs, weight, bias)
     batch, seq, channels = inputs.shape
-    width = weight.shape[0]
-    if weight.shape[1] != channels:
-        raise ValueError(f"weight: expected [W, {channels}] to match inputs' C, got {weight.shape}")
-    if bias is not None and bias.shape != (channels,):
-        raise ValueError(f"bias: expected shape ({channels},), got {bias.shape}")
     if cache is None:
         cache = jnp.zeros((batch, width - 1, channels), inputs.dtype)
     elif cache.shape != (batch, width - 1, channels):
@@ -70,3 +77,85 @@ def depthwise_conv1d_causal(
         idx = jnp.asarray(lengths, jnp.int32)[:, None] + jnp.arange(width - 1)[None, :]
         new_cache = jnp.take_along_axis(ext, idx[:, :, None], axis=1)
     return out, new_cache
+
+
+def depthwise_conv1d_varlen(
+    inputs: Array,
+    weight: Array,
+    bias: Array | None = None,
+    cache: Array | None = None,
+    *,
+    cu_seqlens: Array,
+) -> tuple[Array, Array]:
+    """:func:`depthwise_conv1d_causal` over ``N`` sequences packed into one row.
+
+    Sequence ``n`` holds tokens ``cu_seqlens[n] : cu_seqlens[n+1]`` of ``inputs[0]`` and is
+    convolved on its own: a tap that would reach before its start reads ``cache[n]``,
+    never the previous sequence's tokens. So the result equals running
+    :func:`depthwise_conv1d_causal` on each sequence with its own cache.
+
+    Jit-safe with a traced ``cu_seqlens`` (``N`` comes from its static shape): every tap
+    is one gather from ``concat(cache.reshape(N*(W-1), C), inputs[0])``.
+
+    Args:
+        inputs: ``[1, T, C]`` float, ``N`` packed sequences.
+        weight: ``[W, C]``; ``weight[-1]`` multiplies the current token.
+        bias: optional ``[C]``.
+        cache: optional ``[N, W-1, C]``, each sequence's previous ``W-1`` inputs, oldest
+            first (zeros when None).
+        cu_seqlens: ``[N+1]`` int: starts at 0, non-decreasing, ends at ``T``. Sequences
+            may be empty. Values are checked only when concrete (not under ``jit``).
+
+    Returns:
+        ``(out [1, T, C], new_cache [N, W-1, C])``. ``new_cache[n]`` holds the last ``W-1``
+        inputs of sequence ``n`` (drawing on ``cache[n]`` when it is shorter than ``W-1``;
+        ``cache[n]`` unchanged when it is empty). ``out`` has the promoted dtype of inputs
+        and weight, the cache the dtype of ``inputs``.
+
+    Raises:
+        ValueError / TypeError: naming ``inputs``, ``weight``, ``bias``, ``cache`` or
+            ``cu_seqlens`` (``B != 1``, wrong rank or dtype, bad values when concrete).
+    """
+    width = _check_inputs_weight_bias(inputs, weight, bias)
+    batch, seq, channels = inputs.shape
+    cu_seqlens = jnp.asarray(cu_seqlens)
+    validate_cu_seqlens(cu_seqlens, seq, batch=batch)
+    n_seq = cu_seqlens.shape[0] - 1
+    hist = width - 1
+    if cache is None:
+        cache = jnp.zeros((n_seq, hist, channels), inputs.dtype)
+    elif cache.shape != (n_seq, hist, channels):
+        raise ValueError(
+            f"cache: expected shape {(n_seq, hist, channels)} [N, W-1, C] with N = "
+            f"len(cu_seqlens) - 1, got {cache.shape}"
+        )
+    cu = cu_seqlens.astype(jnp.int32)
+    x = inputs[0]  # [1, T, C] -> [T, C]
+    # rows 0 .. N*(W-1)-1 are the caches, row N*(W-1) + t is token t
+    table = jnp.concatenate([cache.astype(inputs.dtype).reshape(n_seq * hist, channels), x])
+    base = n_seq * hist
+    # clip: a malformed traced cu_seqlens gives wrong values, never an out-of-range gather
+    seg = jnp.clip(segment_ids_from_cu_seqlens(cu, seq), 0, n_seq - 1)  # [T]
+    tok = jnp.arange(seq, dtype=jnp.int32)
+    local = tok - cu[seg]  # [T] position of each token inside its sequence
+
+    dtype = jnp.promote_types(inputs.dtype, weight.dtype)
+    out = jnp.zeros((seq, channels), dtype)
+    for w in range(width):  # tap w reads local position local - (W-1) + w
+        back = local - hist + w
+        idx = jnp.where(back >= 0, base + tok - hist + w, seg * hist + local + w)  # [T]
+        idx = jnp.clip(idx, 0, table.shape[0] - 1)
+        out = out + table[idx].astype(dtype) * weight[w].astype(dtype)
+    if bias is not None:
+        out = out + bias.astype(dtype)
+
+    lens = cu[1:] - cu[:-1]  # [N]
+    seq_ids = jnp.arange(n_seq, dtype=jnp.int32)[:, None]  # [N, 1]
+    j = jnp.arange(hist, dtype=jnp.int32)[None, :]  # [1, W-1]
+    # cache slot j of sequence n is its local position len - (W-1) + j
+    from_tokens = base + cu[1:, None] - hist + j
+    from_cache = seq_ids * hist + lens[:, None] + j
+    cache_idx = jnp.where(lens[:, None] - hist + j >= 0, from_tokens, from_cache)  # [N, W-1]
+    cache_idx = jnp.clip(cache_idx, 0, table.shape[0] - 1)
+    new_cache = table[cache_idx]  # [N, W-1] -> [N, W-1, C]
+    return out[None], new_cache

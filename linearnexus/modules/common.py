@@ -1,4 +1,4 @@
-"""Layers every model and block shares: token embedding, RMSNorm, SwiGLU MLP, rotary embedding.
+"""Shared layers: embedding, (gated) RMSNorm, SwiGLU MLP, rotary embedding, short conv, L2 norm.
 
 All layers are Flax NNx modules built eagerly. Layers with parameters take keyword-only
 ``rngs``; ``dtype`` is the compute dtype and ``param_dtype`` the storage dtype, so bf16
@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from linearnexus.core.types import Array, DType
+from linearnexus.core.conv import depthwise_conv1d_causal, depthwise_conv1d_varlen
+from linearnexus.core.types import Array, DType, is_float_dtype
 
 
 def _dtype(value: DType | str | None) -> np.dtype | None:
@@ -219,3 +220,193 @@ class RotaryEmbedding(nnx.Module):
         return jnp.concatenate(rotated, axis=-1).astype(x.dtype)
 
     __call__ = apply
+
+
+def l2_normalize(x: Array, eps: float = 1e-6, axis: int = -1) -> Array:
+    """``x / sqrt(sum(x^2, axis) + eps)`` (FLA's ``l2norm``, used on DeltaNet's q and k).
+
+    Computed in float32 (float64 for f64 input) and returned in ``x.dtype``.
+
+    Args:
+        x: ``[..., K]`` float (any rank; ``axis`` picks the normalised axis).
+        eps: added to the sum of squares, so an all-zero vector maps to zeros.
+        axis: the axis to normalise over.
+
+    Raises:
+        ValueError: ``eps <= 0``.
+    """
+    if eps <= 0:
+        raise ValueError(f"eps: must be > 0, got {eps}")
+    ct = math_dtype(x.dtype)
+    xf = x.astype(ct)
+    inv = jax.lax.rsqrt(jnp.sum(xf * xf, axis=axis, keepdims=True) + eps)
+    return (xf * inv).astype(x.dtype)
+
+
+_GATE_ACTIVATIONS = {"silu": jax.nn.silu, "sigmoid": jax.nn.sigmoid}
+
+
+class GatedRMSNorm(nnx.Module):
+    """RMSNorm with a multiplicative gate, the output norm of Mamba2, GLA and Gated DeltaNet.
+
+    * ``norm_before_gate=True``: ``rmsnorm(x) * scale * act(gate)`` (FLA's
+      ``FusedRMSNormGated``, used by GLA and Gated DeltaNet).
+    * ``norm_before_gate=False``: ``rmsnorm(x * act(gate)) * scale`` (Mamba2's
+      ``RMSNormGated(norm_before_gate=False)``).
+
+    ``rmsnorm(v) = v / sqrt(mean(v^2) + eps)``, the mean over the last axis, or over each
+    group of ``group_size`` consecutive features when ``group_size`` is set (Mamba2 with
+    ``ngroups > 1``: ``group_size = d_inner // ngroups``). To normalise per head pass
+    ``[..., H, K]`` with ``dim = K``. Math in float32 (float64 for f64 input).
+
+    Args:
+        dim: size of the last axis of ``x`` and ``gate``.
+        eps: added to the mean square.
+        norm_before_gate: normalise ``x`` then gate (True) or gate then normalise (False).
+        activation: ``"silu"`` or ``"sigmoid"``, applied to ``gate``.
+        group_size: features per normalisation group (None = the whole ``dim``); must
+            divide ``dim``.
+        dtype: output dtype (None = the input's dtype).
+        param_dtype: storage dtype of ``scale`` (``[dim]``, initialised to ones).
+        rngs: accepted for a uniform constructor; unused (no random init).
+
+    Raises:
+        ValueError: ``dim < 1``, ``eps <= 0``, an unknown ``activation`` or a
+            ``group_size`` that does not divide ``dim``.
+    """
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, norm_before_gate: bool = True,
+                 activation: str = "silu", group_size: int | None = None,
+                 dtype: DType | str | None = None, param_dtype: DType | str = jnp.float32,
+                 rngs: nnx.Rngs | None = None) -> None:
+        if dim < 1:
+            raise ValueError(f"dim: must be >= 1, got {dim}")
+        if eps <= 0:
+            raise ValueError(f"eps: must be > 0, got {eps}")
+        if activation not in _GATE_ACTIVATIONS:
+            raise ValueError(
+                f"activation: expected one of {sorted(_GATE_ACTIVATIONS)}, got {activation!r}")
+        if group_size is not None and (group_size < 1 or dim % group_size):
+            raise ValueError(f"group_size: must be >= 1 and divide dim={dim}, got {group_size}")
+        del rngs
+        self.dim = dim
+        self.eps = eps
+        self.norm_before_gate = norm_before_gate
+        self.activation = activation
+        self.group_size = group_size
+        self.dtype = _dtype(dtype)
+        self.scale = nnx.Param(jnp.ones((dim,), _dtype(param_dtype)))
+
+    def __call__(self, x: Array, gate: Array) -> Array:
+        """``x, gate: [..., dim]`` (same shape) -> ``[..., dim]`` in ``dtype`` (or ``x.dtype``).
+
+        Raises:
+            ValueError: last axis of ``x`` is not ``dim``, or ``gate``'s shape differs.
+        """
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x: expected last axis {self.dim}, got shape {x.shape}")
+        if gate.shape != x.shape:
+            raise ValueError(f"gate: expected shape {x.shape} (that of x), got {gate.shape}")
+        out_dtype = self.dtype or x.dtype
+        ct = math_dtype(jnp.promote_types(x.dtype, gate.dtype))
+        xf = x.astype(ct)
+        g = _GATE_ACTIVATIONS[self.activation](gate.astype(ct))
+        if not self.norm_before_gate:
+            xf = xf * g
+        group = self.group_size or self.dim
+        grouped = xf.reshape(*xf.shape[:-1], self.dim // group, group)  # [..., D] -> [..., G, D/G]
+        inv = jax.lax.rsqrt(jnp.mean(grouped * grouped, axis=-1, keepdims=True) + self.eps)
+        y = (grouped * inv).reshape(xf.shape) * self.scale[...].astype(ct)  # [..., G, D/G] -> [..., D]
+        if self.norm_before_gate:
+            y = y * g
+        return y.astype(out_dtype)
+
+
+_CONV_ACTIVATIONS = {"silu": jax.nn.silu}
+
+
+class ShortConv(nnx.Module):
+    """Causal depthwise short conv with a cache: the token-shift conv of linear blocks.
+
+    ``y = act(bias + sum_w conv_weight[w] * x[t - W + 1 + w])`` per channel, the window
+    reaching into ``cache`` before the call's first token. The parameters are named
+    ``conv_weight`` ``[W, C]`` and ``conv_bias`` ``[C]`` (or None) so the optimizer keeps
+    them from Muon (``optim.NO_MUON_PARAM_NAMES``); both use PyTorch's Conv1d init
+    ``U(-1/sqrt(W), 1/sqrt(W))``. One ShortConv over concatenated channels equals separate
+    convs per part (the conv is depthwise), so a block with q, k and v convs can use one
+    conv and one cache.
+
+    Args:
+        channels: C.
+        width: kernel width W (the cache keeps ``W - 1`` inputs).
+        bias: learn ``conv_bias``.
+        activation: ``"silu"`` or None (identity).
+        dtype: compute dtype: ``x`` is cast to it, and ``y`` and the cache come back in it
+            (None = ``x.dtype``). The conv accumulates in the promoted dtype of ``x`` and the
+            parameters, so float32 master weights give a float32 sum under bf16 compute.
+        param_dtype: storage dtype of the parameters.
+        rngs: ``nnx.Rngs`` with a ``params`` stream.
+
+    Raises:
+        ValueError: ``channels < 1``, ``width < 1`` or an unknown ``activation``.
+    """
+
+    def __init__(self, channels: int, width: int = 4, *, bias: bool = False,
+                 activation: str | None = "silu", dtype: DType | str | None = None,
+                 param_dtype: DType | str = jnp.float32, rngs: nnx.Rngs) -> None:
+        if channels < 1:
+            raise ValueError(f"channels: must be >= 1, got {channels}")
+        if width < 1:
+            raise ValueError(f"width: must be >= 1, got {width}")
+        if activation is not None and activation not in _CONV_ACTIVATIONS:
+            raise ValueError(
+                f"activation: expected one of {sorted(_CONV_ACTIVATIONS)} or None, got {activation!r}")
+        self.channels = channels
+        self.width = width
+        self.activation = activation
+        self.dtype = _dtype(dtype)
+        pdt = _dtype(param_dtype)
+        bound = 1.0 / math.sqrt(width)  # PyTorch Conv1d default: fan_in = W for depthwise
+        self.conv_weight = nnx.Param(
+            jax.random.uniform(rngs.params(), (width, channels), pdt, -bound, bound))
+        self.conv_bias = (nnx.Param(jax.random.uniform(rngs.params(), (channels,), pdt, -bound, bound))
+                          if bias else None)
+
+    def __call__(self, x: Array, cache: Array | None = None, *, lengths: Array | None = None,
+                 cu_seqlens: Array | None = None) -> tuple[Array, Array]:
+        """Convolve ``x`` continuing from ``cache``.
+
+        Args:
+            x: ``[B, T, C]`` float.
+            cache: ``[B, W-1, C]`` (``[N, W-1, C]`` with ``cu_seqlens``), the previous
+                ``W - 1`` inputs, oldest first; None = zeros.
+            lengths: optional ``[B]`` int valid tokens at the start of each row (rows
+                padded on the right, pads zeroed): the new cache then holds the last
+                ``W - 1`` valid inputs.
+            cu_seqlens: optional ``[N+1]`` int, ``B == 1``: ``x`` packs ``N`` sequences,
+                each convolved on its own with its own cache.
+
+        Returns:
+            ``(y [B, T, C], new_cache)`` both in ``dtype`` (None = ``x.dtype``); the cache
+            has the shape of ``cache``.
+
+        Raises:
+            ValueError: both ``lengths`` and ``cu_seqlens``; bad shapes (named by the
+                core conv: ``inputs`` is ``x``). TypeError: non-float ``x``.
+        """
+        if lengths is not None and cu_seqlens is not None:
+            raise ValueError("lengths and cu_seqlens: pass at most one of them")
+        if x.ndim != 3 or x.shape[-1] != self.channels:
+            raise ValueError(f"x: expected [B, T, C={self.channels}], got shape {x.shape}")
+        if not is_float_dtype(x.dtype):
+            raise TypeError(f"x: expected a float dtype, got {x.dtype}")
+        x = x.astype(self.dtype or x.dtype)
+        weight = self.conv_weight[...]
+        bias = None if self.conv_bias is None else self.conv_bias[...]
+        if cu_seqlens is None:
+            y, new_cache = depthwise_conv1d_causal(x, weight, bias, cache, lengths=lengths)
+        else:
+            y, new_cache = depthwise_conv1d_varlen(x, weight, bias, cache, cu_seqlens=cu_seqlens)
+        if self.activation is not None:
+            y = _CONV_ACTIVATIONS[self.activation](y)
+        return y.astype(x.dtype), new_cache
