@@ -35,7 +35,7 @@ def test_paper_initialisation():
         ({"chunk_size": 0}, r"chunk_size: expected a value > 0, got 0"),
         ({"d_model": -4}, r"d_model: expected a value > 0"),
         ({"dt_min": 0.5, "dt_max": 0.1}, r"dt_min: must be <= dt_max"),
-        ({"kernel_backend": "cuda"}, r"kernel_backend: expected one of \['auto', 'reference', 'pallas'\]"),
+        ({"kernel_backend": "cuda"}, r"kernel_backend: expected one of \['auto', 'jax', 'naive', 'pallas'\]"),
         ({"d_state": 2.0}, r"d_state: expected int"),
     ],
 )
@@ -52,7 +52,7 @@ def test_pallas_backend_fails_at_construction():
 def test_reference_and_auto_backends_agree():
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 40, 16)), jnp.float32)
     auto = MambaBlock(MambaConfig.tiny(), rngs=nnx.Rngs(0))
-    ref = MambaBlock(MambaConfig.tiny(kernel_backend="reference"), rngs=nnx.Rngs(0))
+    ref = MambaBlock(MambaConfig.tiny(kernel_backend="jax"), rngs=nnx.Rngs(0))
     assert_close(auto(x)[0], ref(x)[0], 1e-6, "auto vs reference")
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from linearnexus.kernels.mamba import selective_scan
-from linearnexus.kernels.mamba.api import MambaReferenceKernel
+from linearnexus.kernels.mamba.api import MambaJaxKernel
 from linearnexus.kernels.mamba.reference import selective_scan_reference
 from linearnexus.registry import KERNEL_REGISTRY, kernels_for
 from tests.helpers.parity import assert_close, x64
@@ -23,12 +23,12 @@ from tests.helpers.parity import assert_close, x64
 def _chunk(form):
     def run(x, dt, A, B, C, D, z, h0, chunk_size):
         y, h = selective_scan(x, dt, A, B, C, D=D, z=z, initial_state=h0, output_final_state=True,
-                              mode="chunk", chunk_size=chunk_size, backend="reference")
+                              mode="chunk", chunk_size=chunk_size, backend="jax")
         return y, h
     if form is None:
         return run
 
-    kernel = MambaReferenceKernel(chunk_form=form)
+    kernel = MambaJaxKernel(chunk_form=form)
     from linearnexus.kernels.base import GridConfig
 
     def run_form(x, dt, A, B, C, D, z, h0, chunk_size):
@@ -39,7 +39,7 @@ def _chunk(form):
 
 def _recurrent(x, dt, A, B, C, D, z, h0, chunk_size):
     return selective_scan(x, dt, A, B, C, D=D, z=z, initial_state=h0, output_final_state=True,
-                          mode="recurrent", backend="reference")
+                          mode="recurrent", backend="jax")
 
 
 IMPLEMENTATIONS = {
@@ -86,8 +86,8 @@ def token_by_token(x, dt, A, B, C, D, z, h0):
 
 
 def test_registry_lists_backends():
-    assert set(kernels_for("mamba")) == {"reference", "pallas"}
-    assert KERNEL_REGISTRY["mamba:reference"].supports(platform="cpu", dtype=jnp.float32)
+    assert set(kernels_for("mamba")) == {"jax", "naive", "pallas"}
+    assert KERNEL_REGISTRY["mamba:jax"].supports(platform="cpu", dtype=jnp.float32)
 
 
 @pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))

@@ -16,13 +16,13 @@ from linearnexus.kernels.mamba.reference import selective_scan_reference
 DEFAULT_CHUNK_SIZE = 16  # measured best on the CPU for the "scan" chunk form (docs/features/mamba.md)
 
 
-class MambaReferenceKernel:
-    """Pure-JAX backend: chunked form in chunk mode, the per-step truth in recurrent mode.
+class MambaJaxKernel:
+    """Pure-JAX backend: chunked form in chunk mode, the per-step scan in recurrent mode.
 
     Runs on every platform and dtype.
     """
 
-    name: ClassVar[str] = "reference"
+    name: ClassVar[str] = "jax"
 
     def __init__(self, chunk_form: ChunkForm | None = None) -> None:
         self.chunk_form = chunk_form
@@ -41,6 +41,23 @@ class MambaReferenceKernel:
         return selective_scan_reference(x, dt, A, B, C, D=D, z=z, initial_state=initial_state)
 
 
+class MambaNaiveKernel:
+    """The per-step reference in both modes (the truth the other backends are tested on)."""
+
+    name: ClassVar[str] = "naive"
+
+    def supports(self, *, platform: str, dtype: DType) -> bool:
+        return True
+
+    def forward_chunk(self, x, dt, A, B, C, *, D=None, z=None, initial_state=None,
+                      grid: GridConfig) -> tuple[Array, Array]:
+        return selective_scan_reference(x, dt, A, B, C, D=D, z=z, initial_state=initial_state)
+
+    def forward_recurrent(self, x, dt, A, B, C, *, D=None, z=None,
+                          initial_state=None) -> tuple[Array, Array]:
+        return selective_scan_reference(x, dt, A, B, C, D=D, z=z, initial_state=initial_state)
+
+
 class MambaPallasKernel:
     """Placeholder for the Pallas GPU selective scan: not written yet.
 
@@ -51,7 +68,7 @@ class MambaPallasKernel:
     name: ClassVar[str] = "pallas"
     reason: ClassVar[str] = (
         "the Pallas selective-scan kernel for Mamba is not implemented yet "
-        "(tracked by the 'Pallas GPU kernels' issue); use backend='reference' or 'auto'"
+        "(tracked by the 'Pallas GPU kernels' issue); use backend='jax' or None (automatic)"
     )
 
     def supports(self, *, platform: str, dtype: DType) -> bool:
@@ -67,7 +84,7 @@ class MambaPallasKernel:
         raise NotImplementedError(self.reason)
 
 
-BACKENDS = {"pallas": MambaPallasKernel(), "reference": MambaReferenceKernel()}
+BACKENDS = {"pallas": MambaPallasKernel(), "jax": MambaJaxKernel(), "naive": MambaNaiveKernel()}
 
 
 def check_backend(backend: str) -> None:
@@ -82,7 +99,7 @@ def check_backend(backend: str) -> None:
     if ensure is not None:
         ensure()
 # Preference order for automatic choice; the last entry is the always-available fallback.
-BACKEND_ORDER = ("pallas", "reference")
+BACKEND_ORDER = ("pallas", "jax", "naive")
 
 
 def _check(name: str, array: Array | None, shape: tuple[int, ...], legend: str) -> None:
@@ -155,7 +172,8 @@ def selective_scan(
         output_final_state: return the final ``[B, C, N]`` state (else None).
         chunk_size: tokens per chunk in chunk mode (default 16); overrides ``grid``.
         mode: CHUNK, RECURRENT or None (``select_mode(T)``).
-        backend: "reference", "pallas" or None (best available).
+        backend: "jax" (chunked / per-step pure JAX), "naive" (per-step truth), "pallas", or
+            None (best available).
         grid: launch config for kernels (chunk size, blocks, warps).
 
     Returns:

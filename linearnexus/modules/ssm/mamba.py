@@ -49,7 +49,8 @@ class MambaConfig(BlockConfig):
         conv_bias / bias: bias on the conv / on in_proj and out_proj.
         chunk_size: tokens per chunk in chunk mode (16 measured fastest on CPU).
         mode_threshold: calls with T < this run in recurrent mode when ``mode=None``.
-        kernel_backend: "auto" (best available), "reference" (pure JAX) or "pallas".
+        kernel_backend: "auto" (best available), "jax" (pure JAX), "naive" (per-step
+            reference, slow) or "pallas".
     """
 
     d_state: int = field(16, gt=0)
@@ -64,7 +65,7 @@ class MambaConfig(BlockConfig):
     bias: bool = False
     chunk_size: int = field(16, gt=0)
     mode_threshold: int = field(64, gt=0)
-    kernel_backend: str = field("auto", choices=("auto", "reference", "pallas"))
+    kernel_backend: str = field("auto", choices=("auto", "jax", "naive", "pallas"))
 
     def validate(self) -> None:
         if self.dt_min > self.dt_max:
