@@ -1,0 +1,95 @@
+"""The two pure-JAX backends every linear-attention op has, and the shared api plumbing.
+
+* ``"jax"``: the chunked form in chunk mode, the recurrent scan in recurrent mode. Runs
+  everywhere; the default until a faster backend (Pallas) supports the call.
+* ``"naive"``: the per-step reference (the truth) in both modes; packed sequences are run
+  one at a time, so it needs concrete ``cu_seqlens``. For tests and debugging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+from linearnexus.core.mode import KernelMode
+from linearnexus.core.types import Array, DType
+from linearnexus.kernels.base import GridConfig, dispatch, resolve_mode
+
+OpFn = Callable[..., tuple[Array, Array]]
+
+
+class JaxKernel:
+    """Chunked form for chunk mode, recurrent scan for recurrent mode; every platform and dtype."""
+
+    name: ClassVar[str] = "jax"
+
+    def __init__(self, chunked: OpFn, recurrent: OpFn) -> None:
+        self.chunked = chunked
+        self.recurrent = recurrent
+
+    def supports(self, *, platform: str, dtype: DType) -> bool:
+        return True
+
+    def forward_chunk(self, *arrays: Array, initial_state: Array | None, grid: GridConfig,
+                      **kwargs: Any) -> tuple[Array, Array]:
+        return self.chunked(*arrays, initial_state=initial_state, chunk_size=grid.chunk_size, **kwargs)
+
+    def forward_recurrent(self, *arrays: Array, initial_state: Array | None,
+                          **kwargs: Any) -> tuple[Array, Array]:
+        return self.recurrent(*arrays, initial_state=initial_state, **kwargs)
+
+
+class NaiveKernel:
+    """The per-step reference in both modes (slow; the definition the others are tested on)."""
+
+    name: ClassVar[str] = "naive"
+
+    def __init__(self, reference: OpFn) -> None:
+        self.reference = reference
+
+    def supports(self, *, platform: str, dtype: DType) -> bool:
+        return True
+
+    def forward_chunk(self, *arrays: Array, initial_state: Array | None, grid: GridConfig,
+                      **kwargs: Any) -> tuple[Array, Array]:
+        return self.reference(*arrays, initial_state=initial_state, **kwargs)
+
+    def forward_recurrent(self, *arrays: Array, initial_state: Array | None,
+                          **kwargs: Any) -> tuple[Array, Array]:
+        return self.reference(*arrays, initial_state=initial_state, **kwargs)
+
+
+def make_backends(reference: OpFn, chunked: OpFn, recurrent: OpFn) -> dict[str, Any]:
+    """``{"jax": ..., "naive": ...}`` for one op."""
+    return {"jax": JaxKernel(chunked, recurrent), "naive": NaiveKernel(reference)}
+
+
+#: automatic choice: the first backend that supports the call; "naive" is never picked
+#: automatically unless every other backend declines
+DEFAULT_ORDER: tuple[str, ...] = ("jax", "naive")
+
+
+def check_chunk_size(chunk_size: int | None, default: int) -> int:
+    """``chunk_size`` or ``default``; a positive int."""
+    if chunk_size is None:
+        return default
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
+    return chunk_size
+
+
+def run_op(op_name: str, backends: Mapping[str, Any], order: Sequence[str], arrays: tuple[Array, ...],
+           *, initial_state: Array | None, output_final_state: bool, chunk_size: int,
+           mode: KernelMode | str | None, backend: str | None, dtype: DType,
+           **kwargs: Any) -> tuple[Array, Array | None]:
+    """Pick the mode and backend, run the op, drop the final state unless asked for."""
+    run_mode = resolve_mode(mode, arrays[0].shape[1])
+    grid = GridConfig(chunk_size=chunk_size)
+
+    def call(kernel):
+        if run_mode is KernelMode.CHUNK:
+            return kernel.forward_chunk(*arrays, initial_state=initial_state, grid=grid, **kwargs)
+        return kernel.forward_recurrent(*arrays, initial_state=initial_state, **kwargs)
+
+    o, final = dispatch(op_name, backends, order, call, backend=backend, dtype=dtype)
+    return o, (final if output_final_state else None)

@@ -1,0 +1,202 @@
+"""Laying tokens out in whole chunks, and the scan of states across chunks.
+
+Chunked forms work on ``[R, NC, L, ...]`` blocks (R rows, NC chunks of L tokens). Two
+layouts map ``[B, T, ...]`` inputs there:
+
+* **batch** (no ``cu_seqlens``): R = B, each row padded at the end to ``NC * L`` tokens.
+* **packed** (``cu_seqlens``, B == 1): R = 1, and every sequence starts on a fresh chunk,
+  so no chunk straddles two sequences. Sequence n takes ``ceil(len_n / L)`` chunks; the
+  number of chunks ``NC = (T + N (L - 1)) // L`` is a static upper bound (unused chunks
+  at the end hold only padding). A chunk that starts a sequence loads that sequence's
+  initial state instead of the carried one.
+
+Padding slots are zeros. Ops make zeros inert (k = 0 writes nothing, log-gate 0 decays
+nothing, beta = 0 updates nothing), so a state passes through padding unchanged and the
+state at the end of a sequence's last chunk is its final state.
+
+Everything here is jit-safe with a traced ``cu_seqlens``; only its length is static.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from linearnexus.core.types import Array
+
+
+class ChunkPlan(NamedTuple):
+    """Where each token sits in the ``[R, NC, L]`` chunk layout.
+
+    Attributes:
+        batch, seq: the input's B and T.
+        chunk: L. n_chunks: NC. rows: R.
+        src: packed layout only: ``[NC * L]`` int32 index of the token in each slot
+            (``T`` for a padding slot), else None.
+        dst: packed layout only: ``[T]`` int32 slot of each token, else None.
+        reset: packed layout only: ``[NC]`` bool, chunk starts a sequence, else None.
+        seq_of_chunk: packed layout only: ``[NC]`` int32 sequence of each chunk.
+        last_chunk: packed layout only: ``[N]`` int32 last chunk of each sequence (-1 when
+            the sequence is empty).
+    """
+
+    batch: int
+    seq: int
+    chunk: int
+    n_chunks: int
+    rows: int
+    src: Array | None = None
+    dst: Array | None = None
+    reset: Array | None = None
+    seq_of_chunk: Array | None = None
+    last_chunk: Array | None = None
+
+    @property
+    def packed(self) -> bool:
+        return self.src is not None
+
+
+def plan_chunks(batch: int, seq: int, chunk: int, cu_seqlens: Array | None = None) -> ChunkPlan:
+    """Build the chunk layout for ``[B, T]`` tokens, batch or packed (see module doc)."""
+    if chunk < 1:
+        raise ValueError(f"chunk_size: expected a positive int, got {chunk}")
+    if cu_seqlens is None:
+        n_chunks = -(-seq // chunk)
+        return ChunkPlan(batch, seq, chunk, n_chunks, batch)
+    cu = jnp.asarray(cu_seqlens).astype(jnp.int32)
+    n_seqs = cu.shape[0] - 1
+    n_chunks = max(1, (seq + n_seqs * (chunk - 1)) // chunk)
+    lens = cu[1:] - cu[:-1]  # [N]
+    per_seq = (lens + chunk - 1) // chunk  # [N] chunks of each sequence
+    first = jnp.cumsum(per_seq) - per_seq  # [N] first chunk of each sequence
+    used = jnp.sum(per_seq)
+    c = jnp.arange(n_chunks, dtype=jnp.int32)
+    # the sequence owning chunk c: the last n with first[n] <= c (empty sequences share their
+    # successor's `first`, and the search lands on the non-empty one after them)
+    owner = jnp.clip(jnp.searchsorted(first, c, side="right") - 1, 0, n_seqs - 1).astype(jnp.int32)
+    in_use = c < used
+    reset = in_use & (c == first[owner])
+    slot = jnp.arange(n_chunks * chunk, dtype=jnp.int32)
+    slot_chunk, slot_offset = slot // chunk, slot % chunk
+    slot_owner = owner[slot_chunk]
+    local = (slot_chunk - first[slot_owner]) * chunk + slot_offset
+    valid = (slot_chunk < used) & (local < lens[slot_owner])
+    src = jnp.where(valid, cu[slot_owner] + local, seq).astype(jnp.int32)
+    token = jnp.arange(seq, dtype=jnp.int32)
+    seg = jnp.clip(jnp.searchsorted(cu, token, side="right") - 1, 0, n_seqs - 1)
+    dst = (first[seg] * chunk + token - cu[seg]).astype(jnp.int32)
+    last_chunk = jnp.where(per_seq > 0, first + per_seq - 1, -1).astype(jnp.int32)
+    return ChunkPlan(batch, seq, chunk, n_chunks, 1, src, dst, reset, owner, last_chunk)
+
+
+def to_chunks(x: Array, plan: ChunkPlan) -> Array:
+    """``[B, T, ...]`` -> ``[R, NC, L, ...]`` with zeros in padding slots."""
+    rest = x.shape[2:]
+    if not plan.packed:
+        pad = plan.n_chunks * plan.chunk - plan.seq
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * len(rest))
+        return x.reshape(plan.rows, plan.n_chunks, plan.chunk, *rest)  # [B, NC*L, ...] -> [B, NC, L, ...]
+    flat = jnp.take(x[0], plan.src, axis=0, mode="fill", fill_value=0)  # [NC*L, ...]
+    return flat.reshape(1, plan.n_chunks, plan.chunk, *rest)
+
+
+def from_chunks(y: Array, plan: ChunkPlan) -> Array:
+    """``[R, NC, L, ...]`` -> ``[B, T, ...]`` (padding slots dropped)."""
+    rest = y.shape[3:]
+    flat = y.reshape(plan.rows, plan.n_chunks * plan.chunk, *rest)  # [R, NC*L, ...]
+    if not plan.packed:
+        return flat[:, : plan.seq]
+    return jnp.take(flat[0], plan.dst, axis=0)[None]  # [T, ...] -> [1, T, ...]
+
+
+def scan_chunk_states(
+    step: Callable[..., tuple[Array, Array]],
+    xs: tuple[Array, ...],
+    plan: ChunkPlan,
+    initial_state: Array | None,
+    state_shape: tuple[int, ...],
+    dtype,
+) -> tuple[Array, Array, Array]:
+    """Run ``step`` across chunks, carrying the ``[R, H, K, V]`` state.
+
+    Args:
+        step: ``(state [R, H, K, V], *x_c) -> (next_state, y_c)`` for one chunk; ``x_c`` are
+            the entries of ``xs`` at that chunk.
+        xs: per-chunk inputs, each ``[R, NC, ...]``.
+        plan: the chunk layout (packed layouts reset the state at sequence starts).
+        initial_state: ``[N, H, K, V]`` or None (zeros).
+        state_shape: ``(H, K, V)``.
+        dtype: state dtype.
+
+    Returns:
+        ``(entering [R, NC, H, K, V], ys [R, NC, ...], final [N, H, K, V])``: the state
+        entering each chunk, ``step``'s per-chunk outputs, and each sequence's final state.
+    """
+    rows = plan.rows
+    if initial_state is not None:
+        initial_state = initial_state.astype(dtype)
+    zeros = jnp.zeros((rows, *state_shape), dtype)
+    xs_t = tuple(jnp.moveaxis(x, 1, 0) for x in xs)  # [R, NC, ...] -> [NC, R, ...]
+    if not plan.packed:
+        start = zeros if initial_state is None else initial_state
+
+        def body(state, x_c):
+            nxt, y_c = step(state, *x_c)
+            return nxt, (state, y_c)
+
+        final, (entering, ys) = jax.lax.scan(body, start, xs_t)
+    else:
+        if initial_state is None:
+            loads = None
+        else:  # [NC, 1, H, K, V]: the initial state of each chunk's sequence
+            loads = initial_state[plan.seq_of_chunk][:, None]
+
+        def body(state, inp):
+            (reset_c, load_c), x_c = inp
+            state = jnp.where(reset_c, 0.0 if load_c is None else load_c, state)
+            nxt, y_c = step(state, *x_c)
+            return nxt, (state, y_c, nxt)
+
+        _, (entering, ys, leaving) = jax.lax.scan(body, zeros, ((plan.reset, loads), xs_t))
+        n_seqs = plan.last_chunk.shape[0]
+        ends = leaving[jnp.maximum(plan.last_chunk, 0), 0]  # [N, H, K, V]
+        empty = (plan.last_chunk < 0)[:, None, None, None]
+        start = jnp.zeros((n_seqs, *state_shape), dtype) if initial_state is None else initial_state
+        final = jnp.where(empty, start, ends)
+    entering = jnp.moveaxis(entering, 0, 1)  # [NC, R, ...] -> [R, NC, ...]
+    ys = jax.tree.map(lambda y: jnp.moveaxis(y, 0, 1), ys)
+    return entering, ys, final
+
+
+def chunk_cumsum(g: Array, axis: int = -1) -> Array:
+    """Inclusive cumulative sum of log-gates along the in-chunk axis.
+
+    Written as a matmul with a lower-triangular ones matrix (in full float32 precision)
+    rather than ``jnp.cumsum``: XLA fuses a cumsum into its elementwise consumers and then
+    recomputes it for every element of e.g. an ``[L, L]`` decay matrix, which made the
+    decay 4x slower on the CPU; a dot is never fused that way.
+    """
+    g = jnp.moveaxis(g, axis, -1)
+    length = g.shape[-1]
+    upper = jnp.triu(jnp.ones((length, length), g.dtype))  # upper[j, i] = 1 for j <= i
+    out = jnp.matmul(g, upper, precision=jax.lax.Precision.HIGHEST)  # [..., L] -> [..., L]
+    return jnp.moveaxis(out, -1, axis)
+
+
+def causal_decay(b: Array) -> Array:
+    """Pairwise in-chunk decay ``exp(b_i - b_j)`` for ``j <= i``, else 0.
+
+    Args:
+        b: ``[..., L]`` inclusive cumulative log-gates within a chunk.
+
+    Returns:
+        ``[..., L, L]``. The difference is masked before ``exp``, so no entry overflows
+        however strong the decay (every exponent used is <= 0 for log-gates <= 0).
+    """
+    length = b.shape[-1]
+    diff = b[..., :, None] - b[..., None, :]  # [..., L(i), L(j)]
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    return jnp.where(causal, jnp.exp(jnp.where(causal, diff, 0.0)), 0.0)
