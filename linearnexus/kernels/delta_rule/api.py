@@ -1,0 +1,85 @@
+"""Public entry point of the delta rule (DeltaNet) and its backends."""
+
+from __future__ import annotations
+
+from linearnexus.core.mode import KernelMode
+from linearnexus.core.types import Array
+from linearnexus.kernels.common.backends import (
+    DEFAULT_ORDER,
+    check_chunk_size,
+    make_backends,
+    run_op,
+)
+from linearnexus.kernels.common.validation import (
+    check_array,
+    check_cu_seqlens,
+    check_initial_state,
+    check_qkv,
+    resolve_scale,
+)
+from linearnexus.kernels.delta_rule.chunked import delta_rule_chunked
+from linearnexus.kernels.delta_rule.reference import delta_rule_recurrent, delta_rule_reference
+
+# fastest fwd+bwd on 2 CPU cores (B=2, T=2048, H=4, K=V=64); 128 is ~1.4x faster on an H200
+# (README.md, Speed)
+DEFAULT_CHUNK_SIZE = 64
+
+BACKENDS = make_backends(delta_rule_reference, delta_rule_chunked, delta_rule_recurrent)
+BACKEND_ORDER = DEFAULT_ORDER
+
+
+def delta_rule(
+    q: Array,
+    k: Array,
+    v: Array,
+    beta: Array,
+    *,
+    scale: float | None = None,
+    initial_state: Array | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Array | None = None,
+    chunk_size: int | None = None,
+    mode: KernelMode | str | None = None,
+    backend: str | None = None,
+) -> tuple[Array, Array | None]:
+    """Linear attention with the delta rule (DeltaNet).
+
+    ``S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T`` and
+    ``o_t = scale * q_t^T S_t``, with ``S`` a ``K x V`` state per head: each step moves the
+    state's value at ``k_t`` a fraction ``beta_t`` of the way toward ``v_t``.
+
+    Keys are expected L2-normalised (``||k_t|| = 1``, e.g. ``k / ||k||`` in the layer);
+    with ``beta_t`` in ``(0, 1)`` (a sigmoid) each step is then a contraction. Nothing here
+    normalises or checks them: other keys give the same recurrence, which may grow.
+
+    Args:
+        q, k: ``[B, T, H, K]``. v: ``[B, T, H, V]``.
+        beta: ``[B, T, H]`` write strengths, typically in ``(0, 1)``.
+        scale: multiplies q; default ``K ** -0.5``.
+        initial_state: ``[N, H, K, V]`` (N = B, or the number of packed sequences) or None.
+        output_final_state: also return the final ``[N, H, K, V]`` state.
+        cu_seqlens: ``[N+1]`` int32 offsets of packed sequences (requires B == 1); each
+            sequence starts from its own initial state and never sees the others.
+        chunk_size: tokens per chunk in chunk mode (default 64).
+        mode: "chunk", "recurrent" or None (recurrent when T < 64).
+        backend: "jax" (chunked / recurrent pure JAX), "naive" (per-step truth) or None.
+
+    Returns:
+        ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32 or None)``
+        (float64 when any input is float64).
+
+    Raises:
+        ValueError / TypeError: bad shapes, dtypes, ``cu_seqlens`` or ``scale``, naming the
+            argument. NotImplementedError: the named backend cannot run this call.
+    """
+    batch, seq, heads, key_dim, value_dim = check_qkv(q, k, v)
+    if beta is None:
+        raise ValueError(f"beta: expected shape {(batch, seq, heads)} [B, T, H], got None")
+    check_array("beta", beta, (batch, seq, heads), "[B, T, H]")
+    n_states = check_cu_seqlens(cu_seqlens, batch, seq)
+    check_initial_state(initial_state, n_states, heads, key_dim, value_dim)
+    scale = resolve_scale(scale, key_dim)
+    chunk_size = check_chunk_size(chunk_size, DEFAULT_CHUNK_SIZE)
+    return run_op("delta_rule", BACKENDS, BACKEND_ORDER, (q, k, v, beta), initial_state=initial_state,
+                  output_final_state=output_final_state, chunk_size=chunk_size, mode=mode,
+                  backend=backend, dtype=q.dtype, scale=scale, cu_seqlens=cu_seqlens)

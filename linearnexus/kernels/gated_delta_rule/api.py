@@ -1,0 +1,96 @@
+"""Public entry point of the gated delta rule (Gated DeltaNet) and its backends."""
+
+from __future__ import annotations
+
+from linearnexus.core.mode import KernelMode
+from linearnexus.core.types import Array
+from linearnexus.kernels.common.backends import (
+    DEFAULT_ORDER,
+    check_chunk_size,
+    make_backends,
+    run_op,
+)
+from linearnexus.kernels.common.validation import (
+    check_array,
+    check_cu_seqlens,
+    check_initial_state,
+    check_qkv,
+    resolve_scale,
+)
+from linearnexus.kernels.gated_delta_rule.chunked import gated_delta_rule_chunked
+from linearnexus.kernels.gated_delta_rule.reference import (
+    gated_delta_rule_recurrent,
+    gated_delta_rule_reference,
+)
+
+# fastest fwd+bwd on 2 CPU cores (B=2, T=2048, H=4, K=V=64); 128 is ~1.4x faster on an H200
+# (README.md, Speed)
+DEFAULT_CHUNK_SIZE = 64
+
+BACKENDS = make_backends(gated_delta_rule_reference, gated_delta_rule_chunked,
+                         gated_delta_rule_recurrent)
+BACKEND_ORDER = DEFAULT_ORDER
+
+
+def gated_delta_rule(
+    q: Array,
+    k: Array,
+    v: Array,
+    g: Array,
+    beta: Array,
+    *,
+    scale: float | None = None,
+    initial_state: Array | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Array | None = None,
+    chunk_size: int | None = None,
+    mode: KernelMode | str | None = None,
+    backend: str | None = None,
+) -> tuple[Array, Array | None]:
+    """The delta rule with a scalar decay per head and step (Gated DeltaNet).
+
+    ``S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T`` and
+    ``o_t = scale * q_t^T S_t``, with ``S`` a ``K x V`` state per head.
+
+    Keys are expected L2-normalised (``||k_t|| = 1``, e.g. ``k / ||k||`` in the layer);
+    with ``beta_t`` in ``(0, 1)`` and ``g_t <= 0`` each step is then a contraction. Nothing
+    here normalises or checks them.
+
+    Args:
+        q, k: ``[B, T, H, K]``. v: ``[B, T, H, V]``.
+        g: ``[B, T, H]`` log-gates (<= 0 for decay).
+        beta: ``[B, T, H]`` write strengths, typically in ``(0, 1)``.
+        scale: multiplies q; default ``K ** -0.5``.
+        initial_state: ``[N, H, K, V]`` (N = B, or the number of packed sequences) or None.
+        output_final_state: also return the final ``[N, H, K, V]`` state.
+        cu_seqlens: ``[N+1]`` int32 offsets of packed sequences (requires B == 1); each
+            sequence starts from its own initial state and never sees the others.
+        chunk_size: tokens per chunk in chunk mode (default 64).
+        mode: "chunk", "recurrent" or None (recurrent when T < 64).
+        backend: "jax" (chunked / recurrent pure JAX), "naive" (per-step truth) or None.
+
+    Returns:
+        ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32 or None)``
+        (float64 when any input is float64).
+
+    Raises:
+        ValueError / TypeError: bad shapes, dtypes, ``cu_seqlens`` or ``scale``, naming the
+            argument. NotImplementedError: the named backend cannot run this call.
+    """
+    batch, seq, heads, key_dim, value_dim = check_qkv(q, k, v)
+    for name, gate in (("g", g), ("beta", beta)):
+        if gate is None:
+            raise ValueError(f"{name}: expected shape {(batch, seq, heads)} [B, T, H], got None")
+    if getattr(g, "ndim", None) == 4:
+        raise ValueError(f"g: gated_delta_rule takes a scalar gate per head [B, T, H]; got rank 4 "
+                         f"{tuple(g.shape)}")
+    check_array("g", g, (batch, seq, heads), "[B, T, H]")
+    check_array("beta", beta, (batch, seq, heads), "[B, T, H]")
+    n_states = check_cu_seqlens(cu_seqlens, batch, seq)
+    check_initial_state(initial_state, n_states, heads, key_dim, value_dim)
+    scale = resolve_scale(scale, key_dim)
+    chunk_size = check_chunk_size(chunk_size, DEFAULT_CHUNK_SIZE)
+    return run_op("gated_delta_rule", BACKENDS, BACKEND_ORDER, (q, k, v, g, beta),
+                  initial_state=initial_state, output_final_state=output_final_state,
+                  chunk_size=chunk_size, mode=mode, backend=backend, dtype=q.dtype, scale=scale,
+                  cu_seqlens=cu_seqlens)
