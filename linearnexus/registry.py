@@ -3,7 +3,7 @@
 Tests, benchmarks, docs and the command-line tools walk these registries, so adding a
 mechanism means registering it here once:
 
-* ``KERNEL_REGISTRY["mamba:reference"]`` -> the backend object (``kernels/base.py``).
+* ``KERNEL_REGISTRY["mamba:jax"]`` -> the backend object (``kernels/base.py``).
 * ``OP_REGISTRY["mamba"]`` -> the mechanism's public api function.
 * ``LAYER_REGISTRY["mamba"]`` -> ``LayerEntry(block_class, config_class)``.
 * ``MODEL_REGISTRY["gpt-small"]`` -> a function ``(**overrides) -> ModelConfig``.
@@ -93,14 +93,18 @@ def register_model(name: str, preset_path: str) -> None:
 
 
 def kernels_for(mechanism: str) -> dict[str, Any]:
-    """``{"reference": backend, ...}`` for one mechanism."""
+    """``{"jax": backend, ...}`` for one mechanism."""
     prefix = f"{mechanism}:"
     return {name[len(prefix):]: KERNEL_REGISTRY[name] for name in KERNEL_REGISTRY
             if name.startswith(prefix)}
 
 
 # ---- built-in registrations ------------------------------------------------------------
-register_op("mamba", "linearnexus.kernels.mamba.api", "selective_scan", ("reference", "pallas"))
+register_op("mamba", "linearnexus.kernels.mamba.api", "selective_scan", ("jax", "naive", "pallas"))
+# the linear-attention family: backends "jax" (chunked / recurrent) and "naive" (per-step truth)
+LINEAR_OPS = ("simple_gla", "gla", "delta_rule", "gated_delta_rule", "retention", "ssd")
+for _op in LINEAR_OPS:
+    register_op(_op, f"linearnexus.kernels.{_op}.api", _op, ("jax", "naive"))
 register_layer("mamba", "linearnexus.modules.ssm.mamba:MambaBlock",
                "linearnexus.modules.ssm.mamba:MambaConfig")
 
@@ -115,3 +119,14 @@ register_layer("attention", "linearnexus.modules.attention.causal:AttentionBlock
                "linearnexus.modules.attention.causal:AttentionConfig")
 register_layer("mla", "linearnexus.modules.attention.mla:MLABlock",
                "linearnexus.modules.attention.mla:MLAConfig")
+# the linear-attention family's blocks (one calling convention; see modules/base.py)
+for _name, _path, _block, _config in (
+    ("mamba2", "linearnexus.modules.ssm.mamba2", "Mamba2Block", "Mamba2Config"),
+    ("gla", "linearnexus.modules.linear.gla", "GLABlock", "GLAConfig"),
+    ("simple_gla", "linearnexus.modules.linear.gla", "SimpleGLABlock", "SimpleGLAConfig"),
+    ("deltanet", "linearnexus.modules.linear.deltanet", "DeltaNetBlock", "DeltaNetConfig"),
+    ("gated_deltanet", "linearnexus.modules.linear.deltanet", "GatedDeltaNetBlock",
+     "GatedDeltaNetConfig"),
+    ("retnet", "linearnexus.modules.linear.retnet", "RetNetBlock", "RetNetConfig"),
+):
+    register_layer(_name, f"{_path}:{_block}", f"{_path}:{_config}")

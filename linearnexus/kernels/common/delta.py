@@ -27,9 +27,10 @@ import jax.numpy as jnp
 
 from linearnexus.core.types import Array
 from linearnexus.kernels.common.chunking import (
-    causal_decay,
     chunk_cumsum,
+    chunk_suffix_sum,
     from_chunks,
+    pairwise_decay,
     plan_chunks,
     scan_chunk_states,
     to_chunks,
@@ -137,12 +138,13 @@ def delta_chunked(q: Array, k: Array, v: Array, beta: Array, g: Array | None, *,
         gc = jnp.swapaxes(to_chunks(g.astype(dtype), plan), 2, 3)  # [R, NC, H, L]
         b = chunk_cumsum(gc)  # [R, NC, H, L] inclusive, within each chunk
         b_last = b[..., -1]  # [R, NC, H]
-        decay = causal_decay(b)  # [R, NC, H, L(i), L(j)], 0 above the diagonal
+        decay = pairwise_decay(gc)  # [R, NC, H, L(i), L(j)], 0 above the diagonal
         scores = qk * decay
         a = jnp.where(strict, kk * decay, 0.0) * betac
         gamma = jnp.exp(b)[..., None]  # [R, NC, H, L, 1], <= 1
         k_beta = kc * (betac * gamma)
-        k_end = kc * jnp.exp(b_last[..., None] - b)[..., None]  # [R, NC, H, L, K]
+        # exp(b_L - b_j), the suffix summed directly (see chunk_suffix_sum)
+        k_end = kc * jnp.exp(chunk_suffix_sum(gc))[..., None]  # [R, NC, H, L, K]
     # (I + A) [W | U] = [beta gamma K | beta V]; two matmuls rather than one on a concatenation,
     # which cost a copy each way
     inv = unit_lower_inverse(a)  # [R, NC, H, L, L]

@@ -18,9 +18,10 @@ import jax.numpy as jnp
 
 from linearnexus.core.types import Array
 from linearnexus.kernels.common.chunking import (
-    causal_decay,
     chunk_cumsum,
+    chunk_suffix_sum,
     from_chunks,
+    pairwise_decay,
     plan_chunks,
     scan_chunk_states,
     to_chunks,
@@ -47,10 +48,10 @@ def simple_gla_chunked(q: Array, k: Array, v: Array, g: Array, *, scale: float,
     gc = jnp.swapaxes(to_chunks(g.astype(dtype), plan), 2, 3)  # [R, NC, H, L]
     b = chunk_cumsum(gc)  # [R, NC, H, L] inclusive, within each chunk
     b_last = b[..., -1]  # [R, NC, H]
-    decay = causal_decay(b)  # [R, NC, H, L(i), L(j)]
+    decay = pairwise_decay(gc)  # [R, NC, H, L(i), L(j)]
     scores = jnp.einsum("rchik,rchjk->rchij", qc, kc) * decay * scale
     o_intra = jnp.einsum("rchij,rchjv->rchiv", scores, vc)
-    k_to_end = kc * jnp.exp(b_last[..., None] - b)[..., None]  # [R, NC, H, L, K]
+    k_to_end = kc * jnp.exp(chunk_suffix_sum(gc))[..., None]  # [R, NC, H, L, K]; exp(b_L - b_j)
     d_state = jnp.einsum("rchlk,rchlv->rchkv", k_to_end, vc)  # [R, NC, H, K, V]
     entering, _, final = scan_chunk_states(_decay_step, (d_state, b_last), plan, initial_state,
                                            (heads, key_dim, value_dim), dtype)

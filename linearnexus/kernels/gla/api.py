@@ -1,0 +1,82 @@
+"""Public entry point of GLA (gated linear attention, a decay per key dimension) and its backends."""
+
+from __future__ import annotations
+
+from linearnexus.core.mode import KernelMode
+from linearnexus.core.types import Array
+from linearnexus.kernels.common.backends import (
+    DEFAULT_ORDER,
+    check_chunk_size,
+    make_backends,
+    run_op,
+)
+from linearnexus.kernels.common.validation import (
+    check_array,
+    check_cu_seqlens,
+    check_initial_state,
+    check_qkv,
+    resolve_scale,
+)
+from linearnexus.kernels.gla.chunked import gla_chunked
+from linearnexus.kernels.gla.reference import gla_recurrent, gla_reference
+
+DEFAULT_CHUNK_SIZE = 64
+
+BACKENDS = make_backends(gla_reference, gla_chunked, gla_recurrent)
+BACKEND_ORDER = DEFAULT_ORDER
+
+
+def gla(
+    q: Array,
+    k: Array,
+    v: Array,
+    g: Array,
+    *,
+    scale: float | None = None,
+    initial_state: Array | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Array | None = None,
+    chunk_size: int | None = None,
+    mode: KernelMode | str | None = None,
+    backend: str | None = None,
+) -> tuple[Array, Array | None]:
+    """Gated linear attention with a decay per head, step and key dimension.
+
+    ``S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T`` and ``o_t = scale * q_t^T S_t``, with ``S`` a
+    ``K x V`` state per head whose row ``k`` decays by ``exp(g_t[k])``.
+
+    Args:
+        q, k: ``[B, T, H, K]``. v: ``[B, T, H, V]``.
+        g: ``[B, T, H, K]`` log-gates (<= 0 for decay).
+        scale: multiplies q; default ``K ** -0.5``.
+        initial_state: ``[N, H, K, V]`` (N = B, or the number of packed sequences) or None.
+        output_final_state: also return the final ``[N, H, K, V]`` state.
+        cu_seqlens: ``[N+1]`` int32 offsets of packed sequences (requires B == 1); each
+            sequence starts from its own initial state and never sees the others.
+        chunk_size: tokens per chunk in chunk mode (default 64).
+        mode: "chunk", "recurrent" or None (recurrent when T < 64).
+        backend: "jax" (chunked / recurrent pure JAX), "naive" (per-step truth) or None.
+
+    Returns:
+        ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32 or None)``; float64
+        inputs compute and return the state in float64.
+
+    Raises:
+        ValueError / TypeError: bad shapes, dtypes, ``cu_seqlens`` or ``scale``, naming the
+            argument. NotImplementedError: the named backend cannot run this call.
+    """
+    batch, seq, heads, key_dim, value_dim = check_qkv(q, k, v)
+    if getattr(g, "ndim", None) == 3:
+        raise ValueError(f"g: gla takes a gate per key dimension [B, T, H, K]; got rank 3 "
+                         f"{tuple(g.shape)} (use simple_gla for a scalar gate per head)")
+    if g is None:
+        raise ValueError("g: gla needs log-gates [B, T, H, K]; got None (use simple_gla "
+                         "without g for plain linear attention)")
+    check_array("g", g, (batch, seq, heads, key_dim), "[B, T, H, K]")
+    n_states = check_cu_seqlens(cu_seqlens, batch, seq)
+    check_initial_state(initial_state, n_states, heads, key_dim, value_dim)
+    scale = resolve_scale(scale, key_dim)
+    chunk_size = check_chunk_size(chunk_size, DEFAULT_CHUNK_SIZE)
+    return run_op("gla", BACKENDS, BACKEND_ORDER, (q, k, v, g), initial_state=initial_state,
+                  output_final_state=output_final_state, chunk_size=chunk_size, mode=mode,
+                  backend=backend, dtype=q.dtype, scale=scale, cu_seqlens=cu_seqlens)

@@ -1,0 +1,253 @@
+"""Every linear-attention op, every implementation, against its per-step reference.
+
+Ops come from ``tests/op_specs.py``; implementations are the api's modes (chunked and
+recurrent, backend "jax") compared with backend "naive" (the per-step truth). A new op
+adds a spec; a new backend adds one line to ``IMPLEMENTATIONS``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.helpers.parity import assert_close, x64
+from tests.op_specs import SPECS
+
+OPS = sorted(SPECS)
+TOL = 1e-4
+
+# name -> api keyword arguments
+IMPLEMENTATIONS = {
+    "chunk": dict(mode="chunk", backend="jax"),
+    "recurrent": dict(mode="recurrent", backend="jax"),
+}
+REFERENCE = dict(backend="naive")
+CU_SEQLENS = np.array([0, 0, 1, 71, 71, 200, 201], np.int32)  # lengths 0, 1, 70, 0, 129, 1
+
+
+@functools.cache
+def _jitted(op: str, impl: str, packed: bool):
+    """One compiled function per (op, implementation); shapes recompile as needed."""
+    fn = SPECS[op].fn
+    kwargs = IMPLEMENTATIONS[impl]
+
+    def run(arrays, h0, cu_seqlens):
+        return fn(*arrays, initial_state=h0, output_final_state=True,
+                  cu_seqlens=cu_seqlens if packed else None, **kwargs)
+    return jax.jit(run)
+
+
+def _reference_eager(op, arrays, h0, cu_seqlens=None):
+    return SPECS[op].fn(*arrays, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens,
+                        **REFERENCE)
+
+
+@functools.cache
+def _reference_jitted(op: str, packed: bool):
+    # the naive backend loops over packed sequences in Python, so the offsets are a
+    # compile-time constant here (CU_SEQLENS), not a traced argument
+    cu = CU_SEQLENS if packed else None
+    return jax.jit(lambda arrays, h0: _reference_eager(op, arrays, h0, cu))
+
+
+def _reference(op, arrays, h0, cu_seqlens=None):
+    return _reference_jitted(op, cu_seqlens is not None)(arrays, h0)
+
+
+def _inputs(op, key, B, T, H, K, V, *, with_state, decay="normal", n_states=None):
+    k1, k2 = jax.random.split(key)
+    arrays = SPECS[op].make(k1, B, T, H, K, V, decay)
+    h0 = (jax.random.normal(k2, (n_states or B, H, K, V), jnp.float32) if with_state else None)
+    return tuple(arrays.values()), h0
+
+
+# (T, head dim, initial state): every length in {1, 63, 64, 65, 1000}, every head dim in
+# {32, 64, 100}, each with and without an initial state somewhere
+CASES = [(1, 32, False), (63, 100, True), (64, 64, False), (65, 32, True), (1000, 64, True)]
+SHORT_CASES = [(65, 32, True), (130, 100, False)]  # ops without a full sweep
+
+
+def _sweep(cases, short=None):
+    """Parametrise (op, seq, dim, with_state), the short list for ops without a full sweep."""
+    short = SHORT_CASES if short is None else short
+    return [(op, *case) for op in OPS for case in (cases if SPECS[op].full_sweep else short)]
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))
+@pytest.mark.parametrize("op,seq,dim,with_state", _sweep(CASES))
+def test_forward_matches_reference(op, impl, seq, dim, with_state, key):
+    arrays, h0 = _inputs(op, key, 2, seq, 2, dim, dim, with_state=with_state)
+    o_ref, s_ref = _reference(op, arrays, h0)
+    o, s = _jitted(op, impl, False)(arrays, h0, None)
+    assert o.shape == o_ref.shape and o.dtype == arrays[0].dtype
+    assert s.shape == s_ref.shape and s.dtype == jnp.float32
+    assert_close(o, o_ref, TOL, f"{op}/{impl} output")
+    assert_close(s, s_ref, TOL, f"{op}/{impl} final state")
+
+
+def _grads(fn, arrays, h0, cot_o, cot_s):
+    def loss(arrays, h0):
+        o, s = fn(arrays, h0)
+        return jnp.sum(o * cot_o) + jnp.sum(s * cot_s)
+    return jax.grad(loss, argnums=(0, 1))(arrays, h0)
+
+
+# chunked form over several chunks at an awkward head dim; the recurrent form (a scan of the
+# reference's own step) at one shorter shape
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("impl,seq,dim", [("chunk", 130, 100), ("recurrent", 63, 32)])
+def test_gradients_match_reference(op, impl, seq, dim, key):
+    """Gradients of a random cotangent on outputs and final state, for every input array
+    (q, k, v, gates, beta) and the initial state."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    arrays, h0 = _inputs(op, k1, 2, seq, 2, dim, dim, with_state=True)
+    o_ref, s_ref = _reference(op, arrays, h0)
+    cot_o = jax.random.normal(k2, o_ref.shape)
+    cot_s = jax.random.normal(k3, s_ref.shape)
+    ref = jax.jit(lambda a, h: _grads(lambda a, h: _reference_eager(op, a, h), a, h, cot_o, cot_s))(
+        arrays, h0)
+    run = _jitted(op, impl, False)
+    got = jax.jit(lambda a, h: _grads(lambda a, h: run(a, h, None), a, h, cot_o, cot_s))(arrays, h0)
+    names = list(SPECS[op].make(key, 1, 1, 1, 1, 1))
+    for name, g, r in zip(names, got[0], ref[0], strict=True):
+        assert_close(g, r, TOL, f"{op}/{impl} d{name}")
+    assert_close(got[1], ref[1], TOL, f"{op}/{impl} d initial_state")
+
+
+FULL_OPS = [op for op in OPS if SPECS[op].full_sweep]
+PACKED_CASES = [(op, *case) for op in OPS for case in (
+    [("chunk", True), ("chunk", False), ("recurrent", True)] if SPECS[op].full_sweep
+    else [("chunk", True)])]
+
+
+@pytest.mark.parametrize("op,impl,with_state", PACKED_CASES)
+def test_packed_sequences_match_each_alone(op, impl, with_state, key):
+    """cu_seqlens (traced under jit) gives each sequence its own result, lengths 0 and 1 too."""
+    n = len(CU_SEQLENS) - 1
+    arrays, h0 = _inputs(op, key, 1, int(CU_SEQLENS[-1]), 2, 32, 24, with_state=with_state,
+                         n_states=n)
+    cu = jnp.asarray(CU_SEQLENS)
+    o_ref, s_ref = _reference(op, arrays, h0, cu)
+    o, s = _jitted(op, impl, True)(arrays, h0, cu)
+    assert s.shape == (n, 2, 32, 24)
+    assert_close(o, o_ref, TOL, f"{op}/{impl} packed output")
+    assert_close(s, s_ref, TOL, f"{op}/{impl} packed final states")
+    # an empty sequence's final state is its initial state (or zeros)
+    expect_empty = np.zeros((2, 32, 24)) if h0 is None else np.asarray(h0[0])
+    np.testing.assert_allclose(np.asarray(s[0]), expect_empty, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_packed_gradients_match_reference(op, key):
+    k1, k2 = jax.random.split(key)
+    n = len(CU_SEQLENS) - 1
+    arrays, h0 = _inputs(op, k1, 1, int(CU_SEQLENS[-1]), 2, 32, 24, with_state=True, n_states=n)
+    cu = jnp.asarray(CU_SEQLENS)
+    o_ref, s_ref = _reference(op, arrays, h0, cu)
+    cot_o, cot_s = jax.random.normal(k2, o_ref.shape), jax.random.normal(k2, s_ref.shape)
+    ref = jax.jit(lambda a, h: _grads(lambda a, h: _reference_eager(op, a, h, CU_SEQLENS), a, h, cot_o,
+                                      cot_s))(arrays, h0)
+    run = _jitted(op, "chunk", True)
+    got = jax.jit(lambda a, h: _grads(lambda a, h: run(a, h, cu), a, h, cot_o, cot_s))(arrays, h0)
+    for i, (g, r) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True)):
+        assert_close(g, r, TOL, f"{op} packed grad #{i}")
+
+
+@pytest.mark.parametrize("op", FULL_OPS)
+def test_token_by_token_decoding_equals_one_call(op, key):
+    """Recurrent mode fed one token at a time, threading the state, equals one long call."""
+    arrays, h0 = _inputs(op, key, 2, 9, 2, 16, 8, with_state=True)
+    o_full, s_full = _reference(op, arrays, h0)
+    step = _jitted(op, "recurrent", False)
+    state, outs = h0, []
+    for t in range(9):
+        o_t, state = step(tuple(a[:, t:t + 1] if a.ndim >= 3 else a for a in arrays), state, None)
+        outs.append(o_t)
+    assert_close(jnp.concatenate(outs, axis=1), o_full, 1e-5, f"{op} decoded outputs")
+    assert_close(state, s_full, 1e-5, f"{op} decoded state")
+
+
+@pytest.mark.parametrize("op", FULL_OPS)
+def test_float64_chunked_is_exact(op, key):
+    """In float64 the chunked form equals the reference to rounding (catches small biases
+    a float32 tolerance would hide)."""
+    with x64():
+        arrays, h0 = _inputs(op, key, 1, 70, 2, 12, 10, with_state=True)
+        arrays = tuple(a.astype(jnp.float64) for a in arrays)
+        h0 = h0.astype(jnp.float64)
+        o_ref, s_ref = _reference_eager(op, arrays, h0)
+        o, s = jax.jit(lambda a, h: SPECS[op].fn(*a, initial_state=h, output_final_state=True,
+                                                 mode="chunk", chunk_size=16, backend="jax"))(arrays, h0)
+        assert o.dtype == jnp.float64 and s.dtype == jnp.float64
+        assert_close(o, o_ref, 1e-10, f"{op} float64 output")
+        assert_close(s, s_ref, 1e-10, f"{op} float64 state")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_long_sequence_with_strong_decay_is_stable(op, key):
+    """T = 16384 in float32 with log-gates near -20 per step: finite, and within tolerance."""
+    decay = "strong" if SPECS[op].gated else "normal"
+    arrays, h0 = _inputs(op, key, 1, 16384, 1, 16, 16, with_state=True, decay=decay)
+    o_ref, s_ref = _reference(op, arrays, h0)
+    o, s = _jitted(op, "chunk", False)(arrays, h0, None)
+    assert np.all(np.isfinite(np.asarray(o))) and np.all(np.isfinite(np.asarray(s)))
+    assert_close(o, o_ref, TOL, f"{op} long output")
+    assert_close(s, s_ref, TOL, f"{op} long state")
+
+
+@pytest.mark.parametrize("op", [op for op in OPS if SPECS[op].gated])
+def test_gradients_under_strong_decay(op, key):
+    """Log-gates near -20: the true gate gradients are tiny, so any cancellation between
+    large cumulative sums (b_i - b_j) would swamp them; every gradient stays within 1e-4."""
+    k1, k2 = jax.random.split(key)
+    arrays, h0 = _inputs(op, k1, 1, 150, 2, 16, 16, with_state=True, decay="strong")
+    o_ref, s_ref = _reference(op, arrays, h0)
+    cot_o, cot_s = jax.random.normal(k2, o_ref.shape), jax.random.normal(k2, s_ref.shape)
+    ref = jax.jit(lambda a, h: _grads(lambda a, h: _reference_eager(op, a, h), a, h, cot_o, cot_s))(
+        arrays, h0)
+    run = _jitted(op, "chunk", False)
+    got = jax.jit(lambda a, h: _grads(lambda a, h: run(a, h, None), a, h, cot_o, cot_s))(arrays, h0)
+    names = [*SPECS[op].make(key, 1, 1, 1, 1, 1), "initial_state"]
+    for name, g, r in zip(names, jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        assert_close(g, r, TOL, f"{op} strong-decay d{name}")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_bad_inputs_name_the_argument(op, key):
+    """Every error names the argument: wrong rank or length for each input array, non-float
+    input, initial state of the wrong shape, bad cu_seqlens, unknown backend or mode."""
+    fn = SPECS[op].fn
+    arrays = SPECS[op].make(key, 2, 5, 2, 4, 3)
+    names, base = list(arrays), list(arrays.values())
+    for i, name in enumerate(names):
+        bad = list(base)
+        bad[i] = base[i][..., None]  # one axis too many
+        with pytest.raises(ValueError, match=f"^{name}: "):
+            fn(*bad)
+        if i > 0 and base[i].ndim >= 3:  # a sequence length that disagrees with the first input
+            bad[i] = base[i][:, :4]
+            with pytest.raises(ValueError, match=f"^{name}: "):
+                fn(*bad)
+    with pytest.raises(TypeError, match=f"^{names[0]}: expected a float"):
+        fn(base[0].astype(jnp.int32), *base[1:])
+    with pytest.raises(ValueError, match="initial_state"):
+        fn(*base, initial_state=jnp.zeros((2, 2, 4, 4)))
+    with pytest.raises(ValueError, match="cu_seqlens: requires batch size 1"):
+        fn(*base, cu_seqlens=jnp.array([0, 5], jnp.int32))
+    one = [a[:1] if a.ndim >= 3 else a for a in base]
+    with pytest.raises(ValueError, match="cu_seqlens: must be non-decreasing"):
+        fn(*one, cu_seqlens=jnp.array([0, 4, 2, 5], jnp.int32))
+    with pytest.raises(ValueError, match="cu_seqlens: must start at 0 and end at T"):
+        fn(*one, cu_seqlens=jnp.array([0, 4], jnp.int32))
+    with pytest.raises(ValueError, match="initial_state"):  # one state per packed sequence
+        fn(*one, cu_seqlens=jnp.array([0, 2, 5], jnp.int32), initial_state=jnp.zeros((1, 2, 4, 3)))
+    with pytest.raises(ValueError, match="backend"):
+        fn(*base, backend="cuda-magic")
+    with pytest.raises(ValueError, match="mode"):
+        fn(*base, mode="sideways")
+    with pytest.raises(ValueError, match="chunk_size"):
+        fn(*base, chunk_size=0)
