@@ -1,4 +1,5 @@
-"""Shared layers: embedding, (gated) RMSNorm, SwiGLU MLP, rotary embedding, short conv, L2 norm.
+"""Shared layers: embedding, (gated) RMSNorm, SwiGLU MLP, rotary embedding, short conv, L2 norm,
+and PyTorch's xavier-uniform initialiser.
 
 All layers are Flax NNx modules built eagerly. Layers with parameters take keyword-only
 ``rngs``; ``dtype`` is the compute dtype and ``param_dtype`` the storage dtype, so bf16
@@ -26,6 +27,11 @@ def _dtype(value: DType | str | None) -> np.dtype | None:
 def math_dtype(dtype: DType | str) -> np.dtype:
     """The dtype to do reductions (norms, softmax, rotations) in: float32, or float64 for f64."""
     return jnp.promote_types(jnp.dtype(dtype), jnp.float32)
+
+
+def xavier_uniform(gain: float = 1.0) -> nnx.Initializer:
+    """PyTorch's ``xavier_uniform_(w, gain)``: ``U(+-gain * sqrt(6 / (fan_in + fan_out)))``."""
+    return nnx.initializers.variance_scaling(gain * gain, "fan_avg", "uniform")
 
 
 class Embedding(nnx.Module):

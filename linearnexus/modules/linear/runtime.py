@@ -12,6 +12,9 @@ A block's ``__call__`` reads::
     ``cu_seqlens=call.cu_seqlens``; k, v, gates and beta go through ``inert(..., call)`` ...
     y = end_call(out_proj(o), call)
 
+:class:`modules.linear.base.LinearAttentionBlock` writes this once for the q / k / v
+blocks (GLA, Simple GLA, RetNet, DeltaNet, Gated DeltaNet); Mamba2 uses it directly.
+
 With a mask, :func:`begin_call` moves each row's valid tokens to the front and zeroes
 the pads (:func:`core.padding.layout_tokens`), so every padding pattern becomes right
 padding. :func:`inert` then zeroes pads in whatever feeds the state (a zero key / value

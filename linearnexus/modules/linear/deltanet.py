@@ -1,0 +1,287 @@
+"""DeltaNet (Yang et al. 2024) and Gated DeltaNet (Yang, Kautz, Hatamizadeh 2025) blocks.
+
+"Parallelizing Linear Transformers with the Delta Rule over Sequence Length" (Yang, Wang,
+Zhang, Shen, Kim; NeurIPS 2024) and "Gated Delta Networks: Improving Mamba2 with Delta
+Rule" (Yang, Kautz, Hatamizadeh; ICLR 2025), with the layer defaults of
+flash-linear-attention's (FLA) ``DeltaNet`` and ``GatedDeltaNet``. Data flow for
+``x: [B, T, D]`` with ``H`` heads, per-head key / value sizes ``K``, ``V``::
+
+    q, k, v = x W_q, x W_k, x W_v                 # [B, T, H*K], [B, T, H*K], [B, T, H*V]
+    (q, k, v) = silu(short_conv(q | k | v))       # silu(q, k, v) without the short conv
+    q, k    = q / ||q||, k / ||k||                # per head, over K
+    beta    = sigmoid(x W_b)                      # [B, T, H] (x 2 with allow_neg_eigval)
+    g       = -exp(A_log) softplus(x W_a + dt_bias)   # Gated DeltaNet only: [B, T, H], <= 0
+    S_t     = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T   # [H, K, V], float32
+    o_t     = K^-1/2 q_t^T S_t                    # [B, T, H, V]
+    y       = W_o (rmsnorm(o) * scale * silu(x W_g))   # per head over V (no gate: rmsnorm(o) * scale)
+
+DeltaNet is the same with ``g = 0`` (no decay): each step moves the state's value at key
+``k_t`` a fraction ``beta_t`` of the way toward ``v_t``. Everything but the L2 norm, beta
+and the decay is :class:`~linearnexus.modules.linear.base.LinearAttentionBlock`
+(``modules/linear/base.py``: projections, short conv, output norm and projection, the
+call); :class:`DeltaNetFamilyBlock` adds what the two blocks share (the silu without the
+conv, the L2 norm of q and k, beta) and each block only its decay and its op
+(``kernels.delta_rule.delta_rule`` or ``kernels.gated_delta_rule.gated_delta_rule``).
+
+Choices and where they come from:
+
+* Initialisation: every linear weight ``xavier_uniform(gain=2^-2.5)``, norm scales one, the
+  short conv with PyTorch's Conv1d init: FLA's ``DeltaNet`` and ``GatedDeltaNet`` layers at
+  the time of the two papers (both called ``_initialize_weights``; current FLA layers have
+  no init of their own and take the model's ``normal(0, 0.02)``). Gated DeltaNet's
+  ``A = exp(A_log) ~ U(0, 16]`` per head and ``softplus(dt_bias) ~ logU[1e-3, 0.1]``
+  (floor 1e-4) per head are FLA's; A is clamped to ``>= a_init_floor`` before the log so a
+  draw of 0 cannot give ``-inf``.
+* The output gate: FLA's Gated DeltaNet has it on by default, FLA's DeltaNet off
+  (``use_gate=False``); here ``use_output_gate=True`` for both, a plain per-head RMSNorm
+  when off.
+* Without the short conv, q, k and v go through silu (FLA's Gated DeltaNet; FLA's DeltaNet
+  silus only v there, but its default ``qk_activation='silu'`` is the conv's activation).
+* Head sizes: FLA's DeltaNet has ``num_heads=4`` at ``D=1024`` (K=256) and FLA's Gated
+  DeltaNet ``head_dim=256, num_heads=6`` (``H K = 0.75 D`` at ``D=2048``): sized for large
+  models. Here ``num_heads=None`` picks heads of ``K = 64`` (DeltaNet) or ``H ~ 0.75 D / K``
+  with ``head_dim = 64`` (Gated DeltaNet, FLA's ratio), which suits small widths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from linearnexus.core.config import ConfigError, field
+from linearnexus.core.gating import sample_dt_bias, softplus_decay
+from linearnexus.core.types import Array
+from linearnexus.kernels.delta_rule import delta_rule
+from linearnexus.kernels.gated_delta_rule import gated_delta_rule
+from linearnexus.modules.base import dtype_of
+from linearnexus.modules.common import l2_normalize, math_dtype
+from linearnexus.modules.linear.base import LinearAttentionBlock, LinearAttentionConfig, whole_width
+from linearnexus.modules.linear.runtime import SequenceCall
+
+__all__ = [
+    "DeltaNetBlock",
+    "DeltaNetConfig",
+    "DeltaNetFamilyBlock",
+    "DeltaNetFamilyConfig",
+    "GatedDeltaNetBlock",
+    "GatedDeltaNetConfig",
+]
+
+#: with ``num_heads=None``, DeltaNet uses heads of this key size (and Gated DeltaNet's
+#: ``head_dim`` defaults to it): the per-head size of most small linear-attention models
+DEFAULT_HEAD_K_DIM = 64
+
+
+@dataclasses.dataclass
+class DeltaNetFamilyConfig(LinearAttentionConfig):
+    """Fields shared by DeltaNet and Gated DeltaNet (FLA's layer arguments and defaults).
+
+    DeltaNet has FLA's ``expand_k`` / ``expand_v`` head layout, Gated DeltaNet a fixed
+    ``head_dim`` (see :class:`~linearnexus.modules.linear.base.LinearAttentionConfig`).
+
+    Attributes:
+        use_short_conv: a causal depthwise conv (+ silu) on q, k and v after their
+            projections (FLA's ``ShortConvolution``, on by default: the papers call it
+            crucial); one conv over the concatenated channels, which equals three
+            separate depthwise convs.
+        conv_size: the short conv's width W (4).
+        conv_bias: learn a bias in the short conv (False).
+        use_output_gate: output ``rmsnorm(o) * silu(x W_g)`` (True) or ``rmsnorm(o)``.
+        allow_neg_eigval: ``beta = 2 sigmoid(.)`` in ``(0, 2)``, so ``I - beta k k^T`` can
+            have a negative eigenvalue (Grazzi et al. 2024, FLA's ``allow_neg_eigval``).
+        norm_eps: epsilon of the per-head output RMSNorm (1e-5).
+        qk_norm_eps: epsilon of the L2 norm of q and k (FLA's ``l2norm``: 1e-6).
+        chunk_size: tokens per chunk in chunk mode (FLA's 64).
+        mode_threshold: with ``mode=None``, calls with T < this run in recurrent mode.
+        kernel_backend: "auto" (best available), "jax" (chunked / recurrent pure JAX) or
+            "naive" (the per-step reference in both modes; needs concrete ``cu_seqlens``).
+    """
+
+    use_short_conv: bool = True
+    conv_size: int = field(4, gt=0)
+    conv_bias: bool = False
+    use_output_gate: bool = True
+    allow_neg_eigval: bool = False
+    norm_eps: float = field(1e-5, gt=0)
+    qk_norm_eps: float = field(1e-6, gt=0)
+    chunk_size: int = field(64, gt=0)
+    mode_threshold: int = field(64, gt=0)
+    kernel_backend: str = field("auto", choices=("auto", "jax", "naive"))
+
+    @property
+    def output_gate(self) -> bool:
+        """``use_output_gate``."""
+        return self.use_output_gate
+
+
+@dataclasses.dataclass
+class DeltaNetConfig(DeltaNetFamilyConfig):
+    """DeltaNet hyper-parameters (FLA ``DeltaNet`` defaults, except where noted).
+
+    Attributes (besides :class:`DeltaNetFamilyConfig`'s):
+        num_heads: H, or None for heads of ``K = 64``: the largest ``H <= key_dim // 64``
+            (at least 1) that divides both ``key_dim`` and ``value_dim``. FLA's layer
+            default is 4 heads at ``D = 1024`` (K = 256); its 1.3B model 16 at 2048 (K = 128).
+        expand_k: ``key_dim = d_model * expand_k`` (1.0); per head ``K = key_dim / H``.
+        expand_v: ``value_dim = d_model * expand_v`` (1.0); per head ``V = value_dim / H``.
+    """
+
+    num_heads: int | None = field(None, gt=0)
+    expand_k: float = field(1.0, gt=0)
+    expand_v: float = field(1.0, gt=0)
+
+    @property
+    def heads(self) -> int:
+        if self.num_heads is not None:
+            return self.num_heads
+        key_dim, value_dim = self.key_dim, self.value_dim
+        heads = max(1, key_dim // DEFAULT_HEAD_K_DIM)
+        while key_dim % heads or value_dim % heads:
+            heads -= 1
+        return heads
+
+
+@dataclasses.dataclass
+class GatedDeltaNetConfig(DeltaNetFamilyConfig):
+    """Gated DeltaNet hyper-parameters (FLA ``GatedDeltaNet`` defaults, except where noted).
+
+    Attributes (besides :class:`DeltaNetFamilyConfig`'s):
+        head_dim: per-head key size K (64; FLA's default 256 is sized for ``D = 2048``).
+        num_heads: H, or None for ``max(1, round(0.75 * d_model / head_dim))``: FLA's
+            sizing ``H K = 0.75 D`` (its defaults, 6 heads of 256 at ``D = 2048``, are
+            this rule), which keeps the layer near ``6 D^2`` parameters.
+        expand_v: per-head value size ``V = head_dim * expand_v`` (FLA's 2.0).
+        dt_min, dt_max: ``softplus(dt_bias)`` is initialised log-uniform in
+            ``[dt_min, dt_max]`` (FLA's 1e-3, 0.1), clamped below at ``dt_init_floor``.
+        dt_init_floor: 1e-4 (FLA).
+        a_init_max: ``A = exp(A_log)`` is initialised ``U(0, a_init_max]`` per head (FLA's 16).
+        a_init_floor: ``A`` is clamped to at least this before the log (a draw of exactly
+            0 would make ``A_log = -inf``).
+    """
+
+    head_dim: int = field(DEFAULT_HEAD_K_DIM, gt=0)
+    num_heads: int | None = field(None, gt=0)
+    expand_v: float = field(2.0, gt=0)
+    dt_min: float = field(1e-3, gt=0)
+    dt_max: float = field(0.1, gt=0)
+    dt_init_floor: float = field(1e-4, gt=0)
+    a_init_max: float = field(16.0, gt=0)
+    a_init_floor: float = field(1e-4, gt=0)
+
+    def validate(self) -> None:
+        whole_width("expand_v", "head_dim", self.head_dim, self.expand_v)
+        if self.dt_min > self.dt_max:
+            raise ConfigError(f"dt_min: must be <= dt_max ({self.dt_max}), got {self.dt_min}")
+        if self.a_init_floor >= self.a_init_max:
+            raise ConfigError(
+                f"a_init_floor: must be < a_init_max ({self.a_init_max}), got {self.a_init_floor}")
+
+    @property
+    def heads(self) -> int:
+        if self.num_heads is not None:
+            return self.num_heads
+        return max(1, math.floor(0.75 * self.d_model / self.head_dim + 0.5))
+
+    @property
+    def key_dim(self) -> int:
+        return self.heads * self.head_k_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.heads * self.head_v_dim
+
+    @property
+    def head_k_dim(self) -> int:
+        return self.head_dim
+
+    @property
+    def head_v_dim(self) -> int:
+        return whole_width("expand_v", "head_dim", self.head_dim, self.expand_v)
+
+    @classmethod
+    def tiny(cls, d_model: int = 16, **overrides: Any) -> GatedDeltaNetConfig:
+        """d_model 16, 2 heads of K = 4, V = 8, chunks of 8 (T = 13 or 19 spans several)."""
+        return super().tiny(d_model, **{"head_dim": 4, **overrides})
+
+
+class DeltaNetFamilyBlock(LinearAttentionBlock):
+    """The shared body of DeltaNet and Gated DeltaNet (no norm or residual around it).
+
+    :class:`~linearnexus.modules.linear.base.LinearAttentionBlock` with silu on q, k and v
+    when there is no short conv, L2-normalised q and k, and ``beta = sigmoid(x W_b)`` (times
+    2 with ``allow_neg_eigval``). A subclass sets ``config_class`` and ``op`` and implements
+    ``_gates`` (from :meth:`_beta` and its decay); for a decay it extends
+    ``_build_mechanism``.
+
+    Parameters: ``q_proj``, ``k_proj`` ``[D, H*K]``, ``v_proj`` ``[D, H*V]``, ``b_proj``
+    ``[D, H]`` (no biases), ``g_proj`` ``[D, H*V]`` with ``use_output_gate``, ``o_proj``
+    ``[H*V, D]``, ``norm.scale`` ``[V]`` (one scale shared by the heads, as in FLA),
+    ``conv.conv_weight`` ``[W, 2HK + HV]`` with ``use_short_conv``, and the subclass's
+    decay parameters.
+    """
+
+    config_class: ClassVar[type[DeltaNetFamilyConfig]] = DeltaNetFamilyConfig
+    silu_without_conv = True
+
+    def _build_mechanism(self, rngs: nnx.Rngs) -> None:
+        self.b_proj = self._linear(self.config.d_model, self.config.heads, rngs)  # beta logits
+
+    def _prepare_qk(self, q: Array, k: Array, state: Any,
+                    call: SequenceCall) -> tuple[Array, Array]:
+        """``q / ||q||``, ``k / ||k||`` per head over K."""
+        eps = self.config.qk_norm_eps
+        return l2_normalize(q, eps), l2_normalize(k, eps)
+
+    def _beta(self, x: Array) -> Array:
+        """``beta [B, T, H]`` in float32 (float64 for float64 compute) from ``x [B, T, D]``."""
+        beta = jax.nn.sigmoid(self.b_proj(x).astype(math_dtype(x.dtype)))
+        return 2.0 * beta if self.config.allow_neg_eigval else beta
+
+
+class DeltaNetBlock(DeltaNetFamilyBlock):
+    """DeltaNet: the delta rule without decay; op :func:`linearnexus.kernels.delta_rule.delta_rule`.
+
+    Parameters as :class:`DeltaNetFamilyBlock` (no decay parameters).
+    """
+
+    config_class = DeltaNetConfig
+    op = staticmethod(delta_rule)
+
+    def _gates(self, x: Array) -> tuple[Array]:
+        return (self._beta(x),)
+
+
+class GatedDeltaNetBlock(DeltaNetFamilyBlock):
+    """Gated DeltaNet: the delta rule with a data-dependent scalar decay per head and step.
+
+    ``g = -exp(A_log) * softplus(x W_a + dt_bias)`` (Mamba2's decay; FLA's ``a_proj =
+    Linear(D, H, bias=False)``), computed in float32; op
+    :func:`linearnexus.kernels.gated_delta_rule.gated_delta_rule`. Extra parameters:
+    ``a_proj`` ``[D, H]``, ``A_log`` ``[H]``, ``dt_bias`` ``[H]``.
+    """
+
+    config_class = GatedDeltaNetConfig
+    op = staticmethod(gated_delta_rule)
+
+    def _build_mechanism(self, rngs: nnx.Rngs) -> None:
+        super()._build_mechanism(rngs)
+        cfg = self.config
+        pdtype = dtype_of(cfg.param_dtype)
+        h = cfg.heads
+        self.a_proj = self._linear(cfg.d_model, h, rngs)
+        a = jax.random.uniform(rngs.params(), (h,), jnp.float32, 0.0, cfg.a_init_max)
+        self.A_log = nnx.Param(jnp.log(jnp.maximum(a, cfg.a_init_floor)).astype(pdtype))
+        self.dt_bias = nnx.Param(sample_dt_bias(rngs.params(), (h,), cfg.dt_min, cfg.dt_max,
+                                                cfg.dt_init_floor, pdtype))
+
+    def _gates(self, x: Array) -> tuple[Array, Array]:
+        beta = self._beta(x)  # first: the order x is used in sets how its gradient is summed
+        # the projection in the compute dtype, the decay in float32 (float64 for float64)
+        logits = self.a_proj(x).astype(math_dtype(x.dtype))  # [B, T, H]
+        g = softplus_decay(logits, self.A_log[...], self.dt_bias[...])  # [B, T, H], <= 0
+        return g, beta
