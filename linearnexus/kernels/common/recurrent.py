@@ -14,6 +14,7 @@ import numpy as np
 
 from linearnexus.core.padding import segment_ids_from_cu_seqlens
 from linearnexus.core.types import Array
+from linearnexus.kernels.common.validation import compute_dtype
 
 Step = Callable[..., tuple[Array, Array]]
 
@@ -106,3 +107,44 @@ def reference_loop(run_one: Callable[[tuple[Array, ...], Array | None], tuple[Ar
         outs.append(o_n)
         finals.append(final_n)
     return jnp.concatenate(outs, axis=1), jnp.concatenate(finals, axis=0)
+
+
+def _cast(xs: tuple[Array, ...]) -> tuple[tuple[Array, ...], object, tuple[int, int, int]]:
+    """Cast ``(q, k, v, *gates)`` to the compute dtype; also return the state's ``(H, K, V)``."""
+    dtype = compute_dtype(*(x.dtype for x in xs))
+    q, _, v = xs[:3]
+    return tuple(x.astype(dtype) for x in xs), dtype, (q.shape[2], q.shape[3], v.shape[3])
+
+
+def per_step_reference(step: Step, xs: tuple[Array, ...], *, initial_state: Array | None,
+                       cu_seqlens: Array | None) -> tuple[Array, Array]:
+    """An op's truth from its one-token ``step``: a per-step scan; packed sequences run one by
+    one (:func:`reference_loop`, concrete ``cu_seqlens``).
+
+    Args:
+        step: ``(state, q_t, k_t, v_t, *gates_t) -> (state, o_t)``.
+        xs: ``(q [B, T, H, K], k, v [B, T, H, V], *gates [B, T, H, ...])``.
+
+    Returns:
+        ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32, float64 for f64)``.
+    """
+    cast, dtype, shape = _cast(xs)
+
+    def run_one(xs_n, init):
+        return scan_tokens(step, xs_n, init, shape, dtype)
+
+    o, final = reference_loop(run_one, cast, initial_state, cu_seqlens, shape, dtype)
+    return o.astype(xs[2].dtype), final
+
+
+def per_step_recurrent(step: Step, xs: tuple[Array, ...], *, initial_state: Array | None,
+                       cu_seqlens: Array | None) -> tuple[Array, Array]:
+    """The recurrent (decoding) form from ``step``: the reference's math, jit-safe with packed
+    sequences (the state restarts at each ``cu_seqlens`` boundary). As
+    :func:`per_step_reference`."""
+    cast, dtype, shape = _cast(xs)
+    if cu_seqlens is None:
+        o, final = scan_tokens(step, cast, initial_state, shape, dtype)
+    else:
+        o, final = scan_tokens_packed(step, cast, initial_state, shape, dtype, cu_seqlens)
+    return o.astype(xs[2].dtype), final

@@ -9,11 +9,12 @@ recurrent (decoding) form.
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 
 from linearnexus.core.types import Array
-from linearnexus.kernels.common.recurrent import reference_loop, scan_tokens, scan_tokens_packed
-from linearnexus.kernels.common.validation import compute_dtype
+from linearnexus.kernels.common.recurrent import per_step_recurrent, per_step_reference
 
 
 def gated_delta_rule_step(state: Array, q_t: Array, k_t: Array, v_t: Array, g_t: Array,
@@ -26,11 +27,6 @@ def gated_delta_rule_step(state: Array, q_t: Array, k_t: Array, v_t: Array, g_t:
     state = state + k_t[..., :, None] * error[..., None, :]
     o_t = scale * jnp.einsum("rhk,rhkv->rhv", q_t, state)
     return state, o_t
-
-
-def _prepare(q, k, v, g, beta):
-    dtype = compute_dtype(q.dtype, k.dtype, v.dtype, g.dtype, beta.dtype)
-    return tuple(x.astype(dtype) for x in (q, k, v, g, beta)), dtype
 
 
 def gated_delta_rule_reference(q: Array, k: Array, v: Array, g: Array, beta: Array, *,
@@ -47,15 +43,8 @@ def gated_delta_rule_reference(q: Array, k: Array, v: Array, g: Array, beta: Arr
     Returns:
         ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32 (float64 for f64))``.
     """
-    xs, dtype = _prepare(q, k, v, g, beta)
-    shape = (q.shape[2], q.shape[3], v.shape[3])
-
-    def run_one(xs_n, init):
-        return scan_tokens(lambda s, *x: gated_delta_rule_step(s, *x, scale=scale), xs_n, init,
-                           shape, dtype)
-
-    o, final = reference_loop(run_one, xs, initial_state, cu_seqlens, shape, dtype)
-    return o.astype(v.dtype), final
+    step = functools.partial(gated_delta_rule_step, scale=scale)
+    return per_step_reference(step, (q, k, v, g, beta), initial_state=initial_state, cu_seqlens=cu_seqlens)
 
 
 def gated_delta_rule_recurrent(q: Array, k: Array, v: Array, g: Array, beta: Array, *,
@@ -63,11 +52,5 @@ def gated_delta_rule_recurrent(q: Array, k: Array, v: Array, g: Array, beta: Arr
                                cu_seqlens: Array | None = None) -> tuple[Array, Array]:
     """The recurrent (decoding) form: same math as the reference, jit-safe with packed
     sequences (the state restarts at each ``cu_seqlens`` boundary). Shapes as the reference."""
-    xs, dtype = _prepare(q, k, v, g, beta)
-    shape = (q.shape[2], q.shape[3], v.shape[3])
-    step = lambda s, *x: gated_delta_rule_step(s, *x, scale=scale)  # noqa: E731
-    if cu_seqlens is None:
-        o, final = scan_tokens(step, xs, initial_state, shape, dtype)
-    else:
-        o, final = scan_tokens_packed(step, xs, initial_state, shape, dtype, cu_seqlens)
-    return o.astype(v.dtype), final
+    step = functools.partial(gated_delta_rule_step, scale=scale)
+    return per_step_recurrent(step, (q, k, v, g, beta), initial_state=initial_state, cu_seqlens=cu_seqlens)

@@ -7,11 +7,12 @@ equation by eye; it is also the recurrent (decoding) form.
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 
 from linearnexus.core.types import Array
-from linearnexus.kernels.common.recurrent import reference_loop, scan_tokens, scan_tokens_packed
-from linearnexus.kernels.common.validation import compute_dtype
+from linearnexus.kernels.common.recurrent import per_step_recurrent, per_step_reference
 
 
 def gla_step(state: Array, q_t: Array, k_t: Array, v_t: Array, g_t: Array, *,
@@ -21,11 +22,6 @@ def gla_step(state: Array, q_t: Array, k_t: Array, v_t: Array, g_t: Array, *,
     state = jnp.exp(g_t)[..., :, None] * state + k_t[..., :, None] * v_t[..., None, :]
     o_t = scale * jnp.einsum("rhk,rhkv->rhv", q_t, state)
     return state, o_t
-
-
-def _prepare(q, k, v, g):
-    dtype = compute_dtype(q.dtype, k.dtype, v.dtype, g.dtype)
-    return tuple(x.astype(dtype) for x in (q, k, v, g)), dtype
 
 
 def gla_reference(q: Array, k: Array, v: Array, g: Array, *, scale: float,
@@ -41,14 +37,8 @@ def gla_reference(q: Array, k: Array, v: Array, g: Array, *, scale: float,
     Returns:
         ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32 (float64 for f64))``.
     """
-    xs, dtype = _prepare(q, k, v, g)
-    shape = (q.shape[2], q.shape[3], v.shape[3])
-
-    def run_one(xs_n, init):
-        return scan_tokens(lambda s, *x: gla_step(s, *x, scale=scale), xs_n, init, shape, dtype)
-
-    o, final = reference_loop(run_one, xs, initial_state, cu_seqlens, shape, dtype)
-    return o.astype(v.dtype), final
+    step = functools.partial(gla_step, scale=scale)
+    return per_step_reference(step, (q, k, v, g), initial_state=initial_state, cu_seqlens=cu_seqlens)
 
 
 def gla_recurrent(q: Array, k: Array, v: Array, g: Array, *, scale: float,
@@ -56,11 +46,5 @@ def gla_recurrent(q: Array, k: Array, v: Array, g: Array, *, scale: float,
                   cu_seqlens: Array | None = None) -> tuple[Array, Array]:
     """The recurrent (decoding) form: same math as the reference, jit-safe with packed
     sequences (the state restarts at each ``cu_seqlens`` boundary). Shapes as the reference."""
-    xs, dtype = _prepare(q, k, v, g)
-    shape = (q.shape[2], q.shape[3], v.shape[3])
-    step = lambda s, *x: gla_step(s, *x, scale=scale)  # noqa: E731
-    if cu_seqlens is None:
-        o, final = scan_tokens(step, xs, initial_state, shape, dtype)
-    else:
-        o, final = scan_tokens_packed(step, xs, initial_state, shape, dtype, cu_seqlens)
-    return o.astype(v.dtype), final
+    step = functools.partial(gla_step, scale=scale)
+    return per_step_recurrent(step, (q, k, v, g), initial_state=initial_state, cu_seqlens=cu_seqlens)
