@@ -14,6 +14,11 @@ from typing import Any, ClassVar
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array, DType
 from linearnexus.kernels.base import GridConfig, dispatch, resolve_mode
+from linearnexus.kernels.common.validation import (
+    check_cu_seqlens,
+    check_initial_state,
+    resolve_scale,
+)
 
 OpFn = Callable[..., tuple[Array, Array]]
 
@@ -93,3 +98,30 @@ def run_op(op_name: str, backends: Mapping[str, Any], order: Sequence[str], arra
 
     o, final = dispatch(op_name, backends, order, call, backend=backend, dtype=dtype)
     return o, (final if output_final_state else None)
+
+
+def check_and_run(op_name: str, backends: Mapping[str, Any], order: Sequence[str],
+                  arrays: tuple[Array, ...], dims: tuple[int, int, int, int, int], *,
+                  default_chunk_size: int, scale: float | None, initial_state: Array | None,
+                  output_final_state: bool, cu_seqlens: Array | None, chunk_size: int | None,
+                  mode: KernelMode | str | None, backend: str | None) -> tuple[Array, Array | None]:
+    """The checks every linear-attention api shares after its own shape checks, then the run.
+
+    Args:
+        arrays: ``(q, k, v, *gates)`` as the op's backends take them.
+        dims: ``(B, T, H, K, V)`` from :func:`validation.check_qkv`.
+        default_chunk_size: the op's chunk size when ``chunk_size`` is None.
+        Others: the api function's own arguments.
+
+    Raises:
+        ValueError / TypeError naming ``cu_seqlens``, ``initial_state``, ``scale`` or
+        ``chunk_size``; NotImplementedError when the named backend cannot run the call.
+    """
+    batch, seq, heads, key_dim, value_dim = dims
+    n_states = check_cu_seqlens(cu_seqlens, batch, seq)
+    check_initial_state(initial_state, n_states, heads, key_dim, value_dim)
+    scale = resolve_scale(scale, key_dim)
+    chunk_size = check_chunk_size(chunk_size, default_chunk_size)
+    return run_op(op_name, backends, order, arrays, initial_state=initial_state,
+                  output_final_state=output_final_state, chunk_size=chunk_size, mode=mode,
+                  backend=backend, dtype=arrays[0].dtype, scale=scale, cu_seqlens=cu_seqlens)

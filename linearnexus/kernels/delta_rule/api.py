@@ -4,18 +4,10 @@ from __future__ import annotations
 
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array
-from linearnexus.kernels.common.backends import (
-    DEFAULT_ORDER,
-    check_chunk_size,
-    make_backends,
-    run_op,
-)
+from linearnexus.kernels.common.backends import DEFAULT_ORDER, check_and_run, make_backends
 from linearnexus.kernels.common.validation import (
     check_array,
-    check_cu_seqlens,
-    check_initial_state,
     check_qkv,
-    resolve_scale,
 )
 from linearnexus.kernels.delta_rule.chunked import delta_rule_chunked
 from linearnexus.kernels.delta_rule.reference import delta_rule_recurrent, delta_rule_reference
@@ -76,10 +68,8 @@ def delta_rule(
     if beta is None:
         raise ValueError(f"beta: expected shape {(batch, seq, heads)} [B, T, H], got None")
     check_array("beta", beta, (batch, seq, heads), "[B, T, H]")
-    n_states = check_cu_seqlens(cu_seqlens, batch, seq)
-    check_initial_state(initial_state, n_states, heads, key_dim, value_dim)
-    scale = resolve_scale(scale, key_dim)
-    chunk_size = check_chunk_size(chunk_size, DEFAULT_CHUNK_SIZE)
-    return run_op("delta_rule", BACKENDS, BACKEND_ORDER, (q, k, v, beta), initial_state=initial_state,
-                  output_final_state=output_final_state, chunk_size=chunk_size, mode=mode,
-                  backend=backend, dtype=q.dtype, scale=scale, cu_seqlens=cu_seqlens)
+    return check_and_run("delta_rule", BACKENDS, BACKEND_ORDER, (q, k, v, beta),
+                         (batch, seq, heads, key_dim, value_dim),
+                         default_chunk_size=DEFAULT_CHUNK_SIZE, scale=scale,
+                         initial_state=initial_state, output_final_state=output_final_state,
+                         cu_seqlens=cu_seqlens, chunk_size=chunk_size, mode=mode, backend=backend)

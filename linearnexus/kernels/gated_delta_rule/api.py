@@ -4,19 +4,8 @@ from __future__ import annotations
 
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array
-from linearnexus.kernels.common.backends import (
-    DEFAULT_ORDER,
-    check_chunk_size,
-    make_backends,
-    run_op,
-)
-from linearnexus.kernels.common.validation import (
-    check_array,
-    check_cu_seqlens,
-    check_initial_state,
-    check_qkv,
-    resolve_scale,
-)
+from linearnexus.kernels.common.backends import DEFAULT_ORDER, check_and_run, make_backends
+from linearnexus.kernels.common.validation import check_array, check_qkv
 from linearnexus.kernels.gated_delta_rule.chunked import gated_delta_rule_chunked
 from linearnexus.kernels.gated_delta_rule.reference import (
     gated_delta_rule_recurrent,
@@ -86,11 +75,8 @@ def gated_delta_rule(
                          f"{tuple(g.shape)}")
     check_array("g", g, (batch, seq, heads), "[B, T, H]")
     check_array("beta", beta, (batch, seq, heads), "[B, T, H]")
-    n_states = check_cu_seqlens(cu_seqlens, batch, seq)
-    check_initial_state(initial_state, n_states, heads, key_dim, value_dim)
-    scale = resolve_scale(scale, key_dim)
-    chunk_size = check_chunk_size(chunk_size, DEFAULT_CHUNK_SIZE)
-    return run_op("gated_delta_rule", BACKENDS, BACKEND_ORDER, (q, k, v, g, beta),
-                  initial_state=initial_state, output_final_state=output_final_state,
-                  chunk_size=chunk_size, mode=mode, backend=backend, dtype=q.dtype, scale=scale,
-                  cu_seqlens=cu_seqlens)
+    return check_and_run("gated_delta_rule", BACKENDS, BACKEND_ORDER, (q, k, v, g, beta),
+                         (batch, seq, heads, key_dim, value_dim),
+                         default_chunk_size=DEFAULT_CHUNK_SIZE, scale=scale,
+                         initial_state=initial_state, output_final_state=output_final_state,
+                         cu_seqlens=cu_seqlens, chunk_size=chunk_size, mode=mode, backend=backend)

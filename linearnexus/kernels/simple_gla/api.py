@@ -6,18 +6,10 @@ import jax.numpy as jnp
 
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array
-from linearnexus.kernels.common.backends import (
-    DEFAULT_ORDER,
-    check_chunk_size,
-    make_backends,
-    run_op,
-)
+from linearnexus.kernels.common.backends import DEFAULT_ORDER, check_and_run, make_backends
 from linearnexus.kernels.common.validation import (
     check_array,
-    check_cu_seqlens,
-    check_initial_state,
     check_qkv,
-    resolve_scale,
 )
 from linearnexus.kernels.simple_gla.chunked import simple_gla_chunked
 from linearnexus.kernels.simple_gla.reference import simple_gla_recurrent, simple_gla_reference
@@ -72,12 +64,10 @@ def simple_gla(
         raise ValueError(f"g: simple_gla takes a scalar gate per head [B, T, H]; got rank 4 "
                          f"{tuple(g.shape)} (use gla for a gate per key dimension)")
     check_array("g", g, (batch, seq, heads), "[B, T, H]")
-    n_states = check_cu_seqlens(cu_seqlens, batch, seq)
-    check_initial_state(initial_state, n_states, heads, key_dim, value_dim)
-    scale = resolve_scale(scale, key_dim)
-    chunk_size = check_chunk_size(chunk_size, DEFAULT_CHUNK_SIZE)
     if g is None:
         g = jnp.zeros((batch, seq, heads), jnp.float32)
-    return run_op("simple_gla", BACKENDS, BACKEND_ORDER, (q, k, v, g), initial_state=initial_state,
-                  output_final_state=output_final_state, chunk_size=chunk_size, mode=mode,
-                  backend=backend, dtype=q.dtype, scale=scale, cu_seqlens=cu_seqlens)
+    return check_and_run("simple_gla", BACKENDS, BACKEND_ORDER, (q, k, v, g),
+                         (batch, seq, heads, key_dim, value_dim),
+                         default_chunk_size=DEFAULT_CHUNK_SIZE, scale=scale,
+                         initial_state=initial_state, output_final_state=output_final_state,
+                         cu_seqlens=cu_seqlens, chunk_size=chunk_size, mode=mode, backend=backend)

@@ -212,13 +212,15 @@ class LinearAttentionBlock(nnx.Module):
     # ---- subclass hooks ------------------------------------------------------------------
     def _build_mechanism(self, rngs: nnx.Rngs) -> None:
         """Create the mechanism's own parameters (its gates', beta's)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define _build_mechanism: the base "
+                                  "class has no gate of its own")
 
     def _gates(self, x: Array) -> tuple[Array, ...]:
         """The op's arguments after q, k, v, from the aligned ``x [B, T, D]``: log-gates
         ``[B, T, H, K]`` or ``[B, T, H]``, beta ``[B, T, H]``, in float32 (float64 for float64
         compute). The caller zeroes them at pads."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define _gates: the base class has "
+                                  "no gate of its own")
 
     def _prepare_qk(self, q: Array, k: Array, state: Any,
                     call: SequenceCall) -> tuple[Array, Array]:
