@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check linearnexus tests examples benchmarks
 
 test: $(STAMP) lint
-	$(PY) -m pytest -n 2 tests
+	$(PY) -m pytest -n 2 --dist worksteal tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/mamba_cpu.py

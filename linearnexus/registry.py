@@ -101,10 +101,13 @@ def kernels_for(mechanism: str) -> dict[str, Any]:
 
 # ---- built-in registrations ------------------------------------------------------------
 register_op("mamba", "linearnexus.kernels.mamba.api", "selective_scan", ("jax", "naive", "pallas"))
-# the linear-attention family: backends "jax" (chunked / recurrent) and "naive" (per-step truth)
+# the linear-attention family: backends "jax" (chunked / recurrent), "naive" (per-step truth)
+# and "pallas" (Triton kernels; retention and ssd run through simple_gla's backends)
 LINEAR_OPS = ("simple_gla", "gla", "delta_rule", "gated_delta_rule", "retention", "ssd")
+_PALLAS_OPS = ("simple_gla", "gla", "delta_rule", "gated_delta_rule", "retention", "ssd")
+_LINEAR_BACKENDS = {op: ("pallas", "jax", "naive") for op in _PALLAS_OPS}
 for _op in LINEAR_OPS:
-    register_op(_op, f"linearnexus.kernels.{_op}.api", _op, ("jax", "naive"))
+    register_op(_op, f"linearnexus.kernels.{_op}.api", _op, _LINEAR_BACKENDS.get(_op, ("jax", "naive")))
 register_layer("mamba", "linearnexus.modules.ssm.mamba:MambaBlock",
                "linearnexus.modules.ssm.mamba:MambaConfig")
 

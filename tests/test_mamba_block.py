@@ -44,11 +44,6 @@ def test_config_errors(kwargs, match):
         MambaConfig(**kwargs)
 
 
-def test_pallas_backend_fails_at_construction():
-    with pytest.raises(NotImplementedError, match="Pallas selective-scan kernel"):
-        MambaBlock(MambaConfig(d_model=16, kernel_backend="pallas"), rngs=nnx.Rngs(0))
-
-
 def test_reference_and_auto_backends_agree():
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 40, 16)), jnp.float32)
     auto = MambaBlock(MambaConfig.tiny(), rngs=nnx.Rngs(0))

@@ -219,5 +219,3 @@ def test_bad_inputs_name_the_argument(key):
         selective_scan(x, dt, A, B, C, mode="parallel")
     with pytest.raises(ValueError, match=r"backend: mamba has no backend 'triton'"):
         selective_scan(x, dt, A, B, C, backend="triton")
-    with pytest.raises(NotImplementedError, match="Pallas selective-scan"):
-        selective_scan(x, dt, A, B, C, backend="pallas")

@@ -5,11 +5,13 @@ from __future__ import annotations
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array
 from linearnexus.kernels.common.backends import DEFAULT_ORDER, check_and_run, make_backends
+from linearnexus.kernels.common.pallas_ops import PallasKernel
 from linearnexus.kernels.common.validation import (
     check_array,
     check_qkv,
 )
 from linearnexus.kernels.delta_rule.chunked import delta_rule_chunked
+from linearnexus.kernels.delta_rule.pallas import delta_rule_pallas
 from linearnexus.kernels.delta_rule.reference import delta_rule_recurrent, delta_rule_reference
 
 # fastest fwd+bwd on 2 CPU cores (B=2, T=2048, H=4, K=V=64); 128 is ~1.4x faster on an H200
@@ -17,7 +19,9 @@ from linearnexus.kernels.delta_rule.reference import delta_rule_recurrent, delta
 DEFAULT_CHUNK_SIZE = 64
 
 BACKENDS = make_backends(delta_rule_reference, delta_rule_chunked, delta_rule_recurrent)
-BACKEND_ORDER = DEFAULT_ORDER
+BACKENDS["pallas"] = PallasKernel(delta_rule_pallas, delta_rule_recurrent)
+# Pallas first: automatic dispatch takes it on a GPU only (its `supports` says no elsewhere)
+BACKEND_ORDER = ("pallas", *DEFAULT_ORDER)
 
 
 def delta_rule(
@@ -54,7 +58,8 @@ def delta_rule(
             sequence starts from its own initial state and never sees the others.
         chunk_size: tokens per chunk in chunk mode (default 64).
         mode: "chunk", "recurrent" or None (recurrent when T < 64).
-        backend: "jax" (chunked / recurrent pure JAX), "naive" (per-step truth) or None.
+        backend: "pallas" (Triton kernels; the automatic choice on a GPU), "jax"
+            (chunked / recurrent pure JAX), "naive" (per-step truth) or None.
 
     Returns:
         ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32 or None)``

@@ -5,8 +5,10 @@ from __future__ import annotations
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array
 from linearnexus.kernels.common.backends import DEFAULT_ORDER, check_and_run, make_backends
+from linearnexus.kernels.common.pallas_ops import PallasKernel
 from linearnexus.kernels.common.validation import check_array, check_qkv
 from linearnexus.kernels.gated_delta_rule.chunked import gated_delta_rule_chunked
+from linearnexus.kernels.gated_delta_rule.pallas import gated_delta_rule_pallas
 from linearnexus.kernels.gated_delta_rule.reference import (
     gated_delta_rule_recurrent,
     gated_delta_rule_reference,
@@ -18,7 +20,9 @@ DEFAULT_CHUNK_SIZE = 64
 
 BACKENDS = make_backends(gated_delta_rule_reference, gated_delta_rule_chunked,
                          gated_delta_rule_recurrent)
-BACKEND_ORDER = DEFAULT_ORDER
+BACKENDS["pallas"] = PallasKernel(gated_delta_rule_pallas, gated_delta_rule_recurrent)
+# Pallas first: automatic dispatch takes it on a GPU only (its `supports` says no elsewhere)
+BACKEND_ORDER = ("pallas", *DEFAULT_ORDER)
 
 
 def gated_delta_rule(
@@ -56,7 +60,8 @@ def gated_delta_rule(
             sequence starts from its own initial state and never sees the others.
         chunk_size: tokens per chunk in chunk mode (default 64).
         mode: "chunk", "recurrent" or None (recurrent when T < 64).
-        backend: "jax" (chunked / recurrent pure JAX), "naive" (per-step truth) or None.
+        backend: "pallas" (Triton kernels; the automatic choice on a GPU), "jax"
+            (chunked / recurrent pure JAX), "naive" (per-step truth) or None.
 
     Returns:
         ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32 or None)``

@@ -5,17 +5,21 @@ from __future__ import annotations
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array
 from linearnexus.kernels.common.backends import DEFAULT_ORDER, check_and_run, make_backends
+from linearnexus.kernels.common.pallas_ops import PallasKernel
 from linearnexus.kernels.common.validation import (
     check_array,
     check_qkv,
 )
 from linearnexus.kernels.gla.chunked import gla_chunked
+from linearnexus.kernels.gla.pallas import gla_pallas
 from linearnexus.kernels.gla.reference import gla_recurrent, gla_reference
 
 DEFAULT_CHUNK_SIZE = 64
 
 BACKENDS = make_backends(gla_reference, gla_chunked, gla_recurrent)
-BACKEND_ORDER = DEFAULT_ORDER
+BACKENDS["pallas"] = PallasKernel(gla_pallas, gla_recurrent)
+# Pallas first: automatic dispatch takes it on a GPU only (its `supports` says no elsewhere)
+BACKEND_ORDER = ("pallas", *DEFAULT_ORDER)
 
 
 def gla(
@@ -47,7 +51,8 @@ def gla(
             sequence starts from its own initial state and never sees the others.
         chunk_size: tokens per chunk in chunk mode (default 64).
         mode: "chunk", "recurrent" or None (recurrent when T < 64).
-        backend: "jax" (chunked / recurrent pure JAX), "naive" (per-step truth) or None.
+        backend: "pallas" (Triton kernels; the automatic choice on a GPU), "jax"
+            (chunked / recurrent pure JAX), "naive" (per-step truth) or None.
 
     Returns:
         ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32 or None)``; float64

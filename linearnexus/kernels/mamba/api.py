@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array, DType, is_float_dtype
 from linearnexus.kernels.base import GridConfig, current_platform, dispatch, resolve_mode
+from linearnexus.kernels.common.pallas import TritonConfig
 from linearnexus.kernels.mamba.chunked import ChunkForm, default_chunk_form, selective_scan_chunked
 from linearnexus.kernels.mamba.reference import selective_scan_reference
 
@@ -59,29 +61,56 @@ class MambaNaiveKernel:
 
 
 class MambaPallasKernel:
-    """Placeholder for the Pallas GPU selective scan: not written yet.
+    """Pallas (Triton) GPU kernels in chunk mode (``pallas.py``); the per-step scan in recurrent mode.
 
-    It declares no support anywhere, so automatic dispatch skips it; asking for it by
-    name raises ``NotImplementedError`` before any work is done.
+    Claims float32 / bfloat16 / float16 on a GPU only, so automatic dispatch picks it there
+    and keeps the pure-JAX path everywhere else. Asked for by name it runs on any platform
+    (Pallas interpret mode off the GPU: slow, for tests). Recurrent (decoding) calls are a
+    few tokens long, where a kernel launch per call buys nothing, so they go to the
+    reference per-step scan.
+
+    Launch knobs, first set wins: ``grid.block_c`` / ``grid.num_warps`` / ``grid.num_stages``
+    of the call, then this object's ``config``, then ``pallas.default_config`` (a heuristic
+    on the shape). ``grid.chunk_size`` is the chunked-JAX form's knob and is not used here
+    (the kernel's time tile is ``config.chunk``, a power of two >= 16).
     """
 
     name: ClassVar[str] = "pallas"
-    reason: ClassVar[str] = (
-        "the Pallas selective-scan kernel for Mamba is not implemented yet "
-        "(tracked by the 'Pallas GPU kernels' issue); use backend='jax' or None (automatic)"
-    )
+    dtypes: ClassVar[tuple[DType, ...]] = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+    def __init__(self, config: TritonConfig | None = None) -> None:
+        if config is not None and not isinstance(config, TritonConfig):
+            raise TypeError(f"config: expected TritonConfig or None, got {type(config).__name__}")
+        self.config = config
 
     def supports(self, *, platform: str, dtype: DType) -> bool:
-        return False
+        return platform == "gpu" and jnp.dtype(dtype) in [jnp.dtype(d) for d in self.dtypes]
 
     def ensure_available(self) -> None:
-        raise NotImplementedError(self.reason)
+        """Nothing to check: the kernels run on every platform (interpret mode off the GPU)."""
 
-    def forward_chunk(self, *args: Any, **kwargs: Any) -> tuple[Array, Array]:
-        raise NotImplementedError(self.reason)
+    def launch_config(self, grid: GridConfig) -> TritonConfig:
+        """This backend's config with the call's explicit ``grid`` fields on top."""
+        base = self.config or TritonConfig()
+        if grid.block_c is not None and (grid.block_c < 16 or grid.block_c & (grid.block_c - 1)):
+            raise ValueError(f"grid.block_c: the Pallas selective scan takes a power of two >= 16 "
+                             f"channels per program, got {grid.block_c}")
+        return dataclasses.replace(
+            base,
+            block_v=grid.block_c if grid.block_c is not None else base.block_v,
+            num_warps=grid.num_warps if grid.num_warps is not None else base.num_warps,
+            num_stages=grid.num_stages if grid.num_stages is not None else base.num_stages)
 
-    def forward_recurrent(self, *args: Any, **kwargs: Any) -> tuple[Array, Array]:
-        raise NotImplementedError(self.reason)
+    def forward_chunk(self, x, dt, A, B, C, *, D=None, z=None, initial_state=None,
+                      grid: GridConfig) -> tuple[Array, Array]:
+        from linearnexus.kernels.mamba.pallas import selective_scan_pallas  # imports Pallas
+
+        return selective_scan_pallas(x, dt, A, B, C, D=D, z=z, initial_state=initial_state,
+                                     config=self.launch_config(grid))
+
+    def forward_recurrent(self, x, dt, A, B, C, *, D=None, z=None,
+                          initial_state=None) -> tuple[Array, Array]:
+        return selective_scan_reference(x, dt, A, B, C, D=D, z=z, initial_state=initial_state)
 
 
 BACKENDS = {"pallas": MambaPallasKernel(), "jax": MambaJaxKernel(), "naive": MambaNaiveKernel()}
@@ -91,7 +120,7 @@ def check_backend(backend: str) -> None:
     """Raise before any work if ``backend`` cannot be used at all.
 
     Raises:
-        ValueError: unknown name. NotImplementedError: a backend that does not exist yet.
+        ValueError: unknown name. NotImplementedError: a backend that cannot run here.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: mamba has no backend {backend!r}; choose one of {sorted(BACKENDS)}")
@@ -172,8 +201,9 @@ def selective_scan(
         output_final_state: return the final ``[B, C, N]`` state (else None).
         chunk_size: tokens per chunk in chunk mode (default 16); overrides ``grid``.
         mode: CHUNK, RECURRENT or None (``select_mode(T)``).
-        backend: "jax" (chunked / per-step pure JAX), "naive" (per-step truth), "pallas", or
-            None (best available).
+        backend: "jax" (chunked / per-step pure JAX), "naive" (per-step truth), "pallas"
+            (Triton kernels on a GPU, interpret mode elsewhere), or None (best available:
+            "pallas" on a GPU, else "jax").
         grid: launch config for kernels (chunk size, blocks, warps).
 
     Returns:

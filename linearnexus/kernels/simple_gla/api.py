@@ -7,17 +7,21 @@ import jax.numpy as jnp
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array
 from linearnexus.kernels.common.backends import DEFAULT_ORDER, check_and_run, make_backends
+from linearnexus.kernels.common.pallas_ops import PallasKernel
 from linearnexus.kernels.common.validation import (
     check_array,
     check_qkv,
 )
 from linearnexus.kernels.simple_gla.chunked import simple_gla_chunked
+from linearnexus.kernels.simple_gla.pallas import simple_gla_pallas
 from linearnexus.kernels.simple_gla.reference import simple_gla_recurrent, simple_gla_reference
 
 DEFAULT_CHUNK_SIZE = 64
 
 BACKENDS = make_backends(simple_gla_reference, simple_gla_chunked, simple_gla_recurrent)
-BACKEND_ORDER = DEFAULT_ORDER
+BACKENDS["pallas"] = PallasKernel(simple_gla_pallas, simple_gla_recurrent)
+# Pallas first: automatic dispatch takes it on a GPU only (its `supports` says no elsewhere)
+BACKEND_ORDER = ("pallas", *DEFAULT_ORDER)
 
 
 def simple_gla(
@@ -50,7 +54,8 @@ def simple_gla(
             sequence starts from its own initial state and never sees the others.
         chunk_size: tokens per chunk in chunk mode (default 64).
         mode: "chunk", "recurrent" or None (recurrent when T < 64).
-        backend: "jax" (chunked / recurrent pure JAX), "naive" (per-step truth) or None.
+        backend: "pallas" (Triton kernels; the automatic choice on a GPU), "jax"
+            (chunked / recurrent pure JAX), "naive" (per-step truth) or None.
 
     Returns:
         ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32 or None)``.

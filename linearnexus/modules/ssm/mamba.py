@@ -49,8 +49,9 @@ class MambaConfig(BlockConfig):
         conv_bias / bias: bias on the conv / on in_proj and out_proj.
         chunk_size: tokens per chunk in chunk mode (16 measured fastest on CPU).
         mode_threshold: calls with T < this run in recurrent mode when ``mode=None``.
-        kernel_backend: "auto" (best available), "jax" (pure JAX), "naive" (per-step
-            reference, slow) or "pallas".
+        kernel_backend: "auto" (best available: "pallas" on a GPU, else "jax"), "jax"
+            (pure JAX), "naive" (per-step reference, slow) or "pallas" (Triton kernels on a
+            GPU; Pallas interpret mode elsewhere, slow).
     """
 
     d_state: int = field(16, gt=0)

@@ -1,0 +1,96 @@
+"""What every Pallas (Triton-lowered) kernel of the library shares.
+
+* :class:`TritonConfig`: the launch knobs of one kernel (block sizes, warps, stages), typed
+  and validated, with ``None`` meaning "the kernel's heuristic decides".
+* :func:`interpret_mode`: kernels run compiled through Triton on an NVIDIA GPU and in
+  Pallas interpret mode everywhere else (the CPU in CI), so the same kernel code is what the
+  tests check.
+* :func:`compiler_params`: ``num_warps`` / ``num_stages`` in the form the installed JAX
+  takes (the class moved between JAX versions; the library supports JAX 0.10 and 0.11).
+
+Pallas's Triton lowering wants power-of-two block shapes, ``jnp.dot`` operands of at least
+16 x 16, and no dynamic indexing of values (only of refs, with ``pl.ds``); kernels pad
+inputs to whole blocks in their JAX glue instead of masking inside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+
+from linearnexus.kernels.base import current_platform
+
+#: set to "1" to force interpret mode (e.g. to debug a kernel on a GPU machine), "0" to
+#: force compilation
+INTERPRET_ENV = "LINEARNEXUS_PALLAS_INTERPRET"
+
+
+def interpret_mode() -> bool:
+    """True unless running on a GPU (or ``LINEARNEXUS_PALLAS_INTERPRET=0``)."""
+    forced = os.environ.get(INTERPRET_ENV)
+    if forced in ("0", "1"):
+        return forced == "1"
+    return current_platform() != "gpu"
+
+
+def compiler_params(num_warps: int | None, num_stages: int | None) -> Any:
+    """Triton compiler parameters for ``pl.pallas_call(compiler_params=...)``."""
+    from jax.experimental.pallas import triton as pl_triton
+
+    cls = getattr(pl_triton, "CompilerParams", None) or pl_triton.TritonCompilerParams
+    return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def _is_pow2(n: int) -> bool:
+    return n >= 1 and (n & (n - 1)) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonConfig:
+    """Launch knobs of one Pallas kernel. ``None`` fields are filled by the kernel's heuristic.
+
+    Attributes:
+        chunk: tokens per chunk (L), a power of two >= 16 (chunked ops) or tokens per tile
+            (the selective scan).
+        block_k: key-dimension columns per program (power of two >= 16).
+        block_v: value-dimension columns per program (power of two >= 16).
+        num_warps: Triton warps per program (1, 2, 4, 8 or 16).
+        num_stages: software-pipelining depth of the kernels' loops (>= 1).
+    """
+
+    chunk: int | None = None
+    block_k: int | None = None
+    block_v: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("chunk", "block_k", "block_v"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not _is_pow2(value) or value < 16):
+                raise ValueError(f"{name}: expected a power of two >= 16 or None, got {value!r}")
+        if self.num_warps is not None and self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps: expected 1, 2, 4, 8 or 16 or None, got {self.num_warps!r}")
+        if self.num_stages is not None and (not isinstance(self.num_stages, int)
+                                            or self.num_stages < 1):
+            raise ValueError(f"num_stages: expected a positive int or None, got {self.num_stages!r}")
+
+    def merged(self, default: TritonConfig) -> TritonConfig:
+        """This config with its ``None`` fields taken from ``default``."""
+        return TritonConfig(**{f.name: (getattr(self, f.name) if getattr(self, f.name) is not None
+                                        else getattr(default, f.name))
+                               for f in dataclasses.fields(self)})
+
+
+def next_pow2(n: int, minimum: int = 16) -> int:
+    """The smallest power of two >= max(n, minimum)."""
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def on_gpu() -> bool:
+    """Whether JAX's default device is a GPU."""
+    return jax.default_backend() in ("cuda", "rocm", "gpu")

@@ -1,0 +1,540 @@
+"""Pallas (Triton) kernels for the chunked linear-attention core, forward and backward.
+
+One core serves ``simple_gla`` (and through it ``ssd`` / ``retention``), ``delta_rule`` and
+``gated_delta_rule``. Per chunk of L tokens, entering with state ``S_c [K, V]``::
+
+    vn  = v                                  (gated linear attention)
+    vn  = u - w S_c                          (delta rules: u, w from the WY form)
+    o   = scale * [ (q * e^b) S_c + ((q k^T) * Gamma) vn ]
+    S_{c+1} = e^{b_L} S_c + (k * e^{b_L - b})^T vn
+
+with ``b`` the inclusive in-chunk sum of log-gates (0 without a gate) and
+``Gamma_ij = exp(b_i - b_j)`` for ``j <= i``, else 0. Five kernels:
+
+* ``fwd_h`` (grid ``[K blocks, V blocks, rows x heads]``): walks the chunks of one row in
+  order, stores ``S_c`` for every chunk (and ``vn`` for the delta rules), loads a
+  sequence's initial state at the chunk that starts it, stores its final state at the
+  chunk that ends it.
+* ``fwd_o`` (grid ``[V blocks, chunks, rows x heads]``): the output, all chunks in parallel.
+* ``bwd_dv`` (same grid): ``dv`` (the intra-chunk part only for the delta rules).
+* ``bwd_dh`` (as ``fwd_h``, chunks in reverse): ``dS`` for every chunk, the initial-state
+  gradient, and for the delta rules ``dvn`` (which needs ``dS`` of the next chunk).
+* ``bwd_dqk`` (grid ``[K blocks, chunks, rows x heads]``): ``dq``, ``dk`` (``dw``), and the
+  per-token terms of the gate gradient.
+
+The gate gradient is chunk-local. Raising the log-gate of token t of chunk c by d scales
+every decay from t on: inside the chunk that acts on ``q_t'`` and ``k_t'`` as
+``q e^{B}``, ``k e^{-B}`` (``dL/dB_t' = q_t'.dq_t' - k_t'.dk_t'``), and beyond the chunk it
+scales the state leaving it, ``S_{c+1}`` (``<S_{c+1}, dS_{c+1}>``; for the delta rules the
+``w S`` term of the next chunk moves with that state, so no extra term appears). Hence
+``dg_t = sum_{t <= t' in chunk} (q.dq - k.dk)_t' + <S_{c+1}, dS_{c+1}>``, with
+``<S_{c+1}, dS_{c+1}> = e^{b_L} <S_c, dS_{c+1}> + sum_j k_j . dk_j(state part)``, all from
+values ``bwd_dqk`` already holds. ``bwd_dqk`` sums these terms regrouped so that pairs that
+cancel exactly never appear: ``q_i.dq_i`` and ``k_i.dk_i`` share the ``dA_ii (q_i.k_i)``
+term, and ``-k_j.dk_j(state)`` for ``j >= t`` cancels against the carried state's part (the
+grouping of the GLA kernel, ``kernels/gla/pallas.py``). Measured before the regrouping:
+a sequence-wide reverse cumsum of ``q.dq - k.dk`` gave bf16 gate gradients 1.6e-2 off on an
+H200, and the ungrouped chunk-local sum was 35x off (relative) at log-gates near -20, where
+the true ``dg`` is ~1e-8 and the cancelling terms O(10).
+
+Inputs come in the chunk layout ``[R, NC * L, H, D]`` (see ``chunking.py``: batch rows, or
+one row of packed sequences each starting on a fresh chunk), with head dims padded to
+powers of two >= 16. States are float32 in registers; the per-chunk states stored for the
+other kernels are in the input dtype (as FLA does), accumulation is float32 throughout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from linearnexus.core.types import Array
+from linearnexus.kernels.common.pallas import TritonConfig, compiler_params
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class CoreStatic:
+    """The static description of one core call (hashable: it keys the compiled kernels).
+
+    Attributes:
+        gate: "none" or "scalar".
+        delta: whether ``w`` is given (the delta rules).
+        has_h0: whether an initial state is given.
+        scale: multiplies q.
+        rows, n_chunks, chunk, heads, key_dim, value_dim, n_seqs: R, NC, L, H, K, V, N.
+        block_k, block_v, num_warps, num_stages: launch knobs of the two sequential kernels
+            (``fwd_h``, ``bwd_dh``), already resolved.
+        par_block_k, par_block_v, par_warps: blocks and warps of the three parallel kernels
+            (``fwd_o``, ``bwd_dv``, ``bwd_dqk``), which take whole head dims up to 128 so that
+            ``q k^T`` is computed once per chunk, not once per value block.
+        interpret: Pallas interpret mode (off a GPU).
+    """
+
+    gate: str
+    delta: bool
+    has_h0: bool
+    scale: float
+    rows: int
+    n_chunks: int
+    chunk: int
+    heads: int
+    key_dim: int
+    value_dim: int
+    n_seqs: int
+    block_k: int
+    block_v: int
+    num_warps: int
+    num_stages: int
+    interpret: bool
+    par_block_k: int = 64
+    par_block_v: int = 64
+    par_warps: int = 4
+
+
+def default_config(*, rows: int, heads: int, key_dim: int, value_dim: int, delta: bool,
+                   n_chunks: int, dtype: Any) -> TritonConfig:
+    """The heuristic launch config of the sequential kernels (README "Pallas kernels").
+
+    Measured on an H200 (bf16, K = V = 128, the ``fwd_h`` kernel alone, 2026-11-23):
+
+    * chunk 64: the matmuls inside a chunk are 64 x 64 x D, big enough for the tensor cores,
+      and the per-chunk state store (``K x V`` per 64 tokens) stays under the q/k/v traffic.
+    * block_v 64, 4 warps: fastest at both (8, 4096, 16) and (2, 16384, 16); smaller value
+      blocks give more programs but each walks the same chunks, and lost (16: 2.5x slower).
+      The delta rules need all of K in one program (``u - w S`` mixes it), and there
+      block_v 32 wins when 64 would leave fewer programs than SMs (132).
+    * num_stages 2, or 3 for long sequences (>= 128 chunks a program), where prefetching the
+      next chunk's loads hides more latency (0.39 vs 0.50 ms at T = 16384).
+    """
+    del dtype
+    block_k = key_dim if delta else min(64, key_dim)
+    block_v = min(64, value_dim)
+    if delta and block_v > 32 and (value_dim // block_v) * rows * heads < 132:
+        block_v = 32
+    warps = 8 if (delta and key_dim >= 256) else 4
+    stages = 3 if n_chunks >= 128 else 2
+    return TritonConfig(chunk=64, block_k=block_k, block_v=block_v, num_warps=warps,
+                        num_stages=stages)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _dot(a: Array, b: Array, *, ta: bool = False, tb: bool = False) -> Array:
+    """``a @ b`` (optionally transposed) with float32 accumulation; exact float32 for f32."""
+    if ta:
+        a = a.T
+    if tb:
+        b = b.T
+    precision = jax.lax.Precision.HIGHEST if a.dtype == F32 else None
+    return jnp.dot(a, b, preferred_element_type=F32, precision=precision)
+
+
+def _causal(length: int) -> Array:
+    i = jax.lax.broadcasted_iota(jnp.int32, (length, length), 0)
+    j = jax.lax.broadcasted_iota(jnp.int32, (length, length), 1)
+    return i >= j
+
+
+def _gamma(b: Array, length: int) -> Array:
+    """``exp(b_i - b_j)`` for ``j <= i``, else 0; ``b [L]`` float32 -> ``[L, L]``."""
+    diff = jnp.where(_causal(length), b[:, None] - b[None, :], -jnp.inf)
+    return jnp.exp(diff)
+
+
+def _row_col(st: CoreStatic) -> tuple[Any, Any]:
+    rh = pl.program_id(2)
+    return rh // st.heads, rh % st.heads
+
+
+def _call(kernel, st: CoreStatic, grid, out_shape, *args, parallel: bool = False):
+    warps = st.par_warps if parallel else st.num_warps
+    return pl.pallas_call(
+        kernel, out_shape=out_shape, grid=grid, interpret=st.interpret,
+        compiler_params=compiler_params(warps, st.num_stages),
+    )(*args)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _fwd_h_kernel(*refs, st: CoreStatic):
+    it = iter(refs)
+    k_ref, v_ref = next(it), next(it)
+    w_ref = next(it) if st.delta else None
+    b_ref = next(it) if st.gate == "scalar" else None
+    h0_ref = next(it) if st.has_h0 else None
+    seq_ref, flag_ref = next(it), next(it)
+    h_ref = next(it)
+    vn_ref = next(it) if st.delta else None
+    final_ref = next(it)
+    L, BK, BV = st.chunk, st.block_k, st.block_v
+    ik, iv = pl.program_id(0), pl.program_id(1)
+    r, h = _row_col(st)
+    ks, vs = pl.ds(ik * BK, BK), pl.ds(iv * BV, BV)
+
+    def body(c, state):
+        t0 = c * L
+        seq = seq_ref[r, c]
+        flag = flag_ref[r, c]
+        reset = (flag & 1) == 1
+        last = (flag & 2) == 2
+        start = h0_ref[seq, h, ks, vs].astype(F32) if st.has_h0 else jnp.zeros((BK, BV), F32)
+        state = jnp.where(reset, start, state)
+        h_ref[r, c, h, ks, vs] = state.astype(h_ref.dtype)
+        k = k_ref[r, pl.ds(t0, L), h, ks]  # [L, BK]
+        v = v_ref[r, pl.ds(t0, L), h, vs]  # [L, BV]
+        if st.delta:
+            w = w_ref[r, pl.ds(t0, L), h, ks]  # [L, K] (BK == K)
+            vn = v.astype(F32) - _dot(w, state.astype(w.dtype))
+            vn_ref[r, pl.ds(t0, L), h, vs] = vn.astype(vn_ref.dtype)
+            v = vn.astype(k.dtype)
+        if st.gate == "scalar":
+            b = b_ref[r, pl.ds(t0, L), h]  # [L]
+            b_last = b_ref[r, pl.ds(t0 + L - 1, 1), h]  # [1]
+            k = (k.astype(F32) * jnp.exp(b_last - b)[:, None]).astype(k.dtype)
+            state = state * jnp.exp(b_last)[:, None]
+        state = state + _dot(k, v, ta=True)
+        plt.store(final_ref.at[seq, h, ks, vs], state, mask=jnp.broadcast_to(last, (BK, BV)))
+        return state
+
+    jax.lax.fori_loop(0, st.n_chunks, body, jnp.zeros((BK, BV), F32))
+
+
+def _fwd_o_kernel(*refs, st: CoreStatic):
+    it = iter(refs)
+    q_ref, k_ref, v_ref, h_ref = next(it), next(it), next(it), next(it)
+    b_ref = next(it) if st.gate == "scalar" else None
+    o_ref = next(it)
+    L, BK, BV = st.chunk, st.par_block_k, st.par_block_v
+    iv, c = pl.program_id(0), pl.program_id(1)
+    r, h = _row_col(st)
+    t0 = c * L
+    vs = pl.ds(iv * BV, BV)
+    acc_o = jnp.zeros((L, BV), F32)
+    acc_a = jnp.zeros((L, L), F32)
+    for ik in range(st.key_dim // BK):
+        ks = pl.ds(ik * BK, BK)
+        q = q_ref[r, pl.ds(t0, L), h, ks]
+        k = k_ref[r, pl.ds(t0, L), h, ks]
+        acc_o += _dot(q, h_ref[r, c, h, ks, vs])
+        acc_a += _dot(q, k, tb=True)
+    if st.gate == "scalar":
+        b = b_ref[r, pl.ds(t0, L), h]
+        acc_o = acc_o * jnp.exp(b)[:, None]
+        a = acc_a * _gamma(b, L)
+    else:
+        a = jnp.where(_causal(L), acc_a, 0.0)
+    v = v_ref[r, pl.ds(t0, L), h, vs]
+    o = (acc_o + _dot(a.astype(v.dtype), v)) * st.scale
+    o_ref[r, pl.ds(t0, L), h, vs] = o.astype(o_ref.dtype)
+
+
+def run_fwd_h(st: CoreStatic, k, v, w, b, h0, seq_info, flags):
+    """The ``fwd_h`` kernel: ``(h [R, NC, H, K, V], vn [R, TP, H, V] | None, final [N, H, K, V])``."""
+    R, NC, H, K, V = st.rows, st.n_chunks, st.heads, st.key_dim, st.value_dim
+    dt = k.dtype
+    ins = [k, v] + ([w] if st.delta else []) + ([b] if st.gate == "scalar" else []) \
+        + ([h0] if st.has_h0 else []) + [seq_info, flags]
+    outs = [jax.ShapeDtypeStruct((R, NC, H, K, V), dt)]
+    if st.delta:
+        outs.append(jax.ShapeDtypeStruct((R, NC * st.chunk, H, V), dt))
+    outs.append(jax.ShapeDtypeStruct((st.n_seqs, H, K, V), F32))
+    grid = (K // st.block_k, V // st.block_v, R * H)
+    res = _call(functools.partial(_fwd_h_kernel, st=st), st, grid, outs, *ins)
+    return (res[0], res[1], res[2]) if st.delta else (res[0], None, res[1])
+
+
+def run_fwd_o(st: CoreStatic, q, k, v, h, b):
+    """The ``fwd_o`` kernel: ``o [R, TP, H, V]`` (``v`` is ``vn`` for the delta rules)."""
+    R, NC, H, V = st.rows, st.n_chunks, st.heads, st.value_dim
+    ins = [q, k, v, h] + ([b] if st.gate == "scalar" else [])
+    return _call(functools.partial(_fwd_o_kernel, st=st), st, (V // st.par_block_v, NC, R * H),
+                 jax.ShapeDtypeStruct((R, NC * st.chunk, H, V), q.dtype), *ins, parallel=True)
+
+
+def core_forward(st: CoreStatic, q, k, v, w, b, h0, seq_info, flags):
+    """Run ``fwd_h`` and ``fwd_o``; returns ``(o, h, vn, final)`` (``vn`` None unless delta)."""
+    h, vn, final = run_fwd_h(st, k, v, w, b, h0, seq_info, flags)
+    o = run_fwd_o(st, q, k, vn if st.delta else v, h, b)
+    return o, h, vn, final
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _bwd_dv_kernel(*refs, st: CoreStatic):
+    """``dv = (scale (q k^T) * Gamma)^T do (+ (k e^{b_L - b}) dS_{c+1} unless delta)``."""
+    it = iter(refs)
+    q_ref, k_ref, do_ref = next(it), next(it), next(it)
+    dh_ref = None if st.delta else next(it)
+    b_ref = next(it) if st.gate == "scalar" else None
+    dv_ref = next(it)
+    L, BK, BV = st.chunk, st.par_block_k, st.par_block_v
+    iv, c = pl.program_id(0), pl.program_id(1)
+    r, h = _row_col(st)
+    t0 = c * L
+    vs = pl.ds(iv * BV, BV)
+    acc_at = jnp.zeros((L, L), F32)  # [key j, query i] = k_j . q_i
+    acc_dv = jnp.zeros((L, BV), F32)
+    for ik in range(st.key_dim // BK):
+        ks = pl.ds(ik * BK, BK)
+        q = q_ref[r, pl.ds(t0, L), h, ks]
+        k = k_ref[r, pl.ds(t0, L), h, ks]
+        acc_at += _dot(k, q, tb=True)
+        if not st.delta:
+            acc_dv += _dot(k, dh_ref[r, c, h, ks, vs])
+    if st.gate == "scalar":
+        b = b_ref[r, pl.ds(t0, L), h]
+        b_last = b_ref[r, pl.ds(t0 + L - 1, 1), h]
+        at = acc_at * _gamma(b, L).T
+        acc_dv = acc_dv * jnp.exp(b_last - b)[:, None]
+    else:
+        at = jnp.where(_causal(L).T, acc_at, 0.0)
+    do = do_ref[r, pl.ds(t0, L), h, vs]
+    dv = _dot((at * st.scale).astype(do.dtype), do) + acc_dv
+    dv_ref[r, pl.ds(t0, L), h, vs] = dv.astype(dv_ref.dtype)
+
+
+def _bwd_dh_kernel(*refs, st: CoreStatic):
+    it = iter(refs)
+    q_ref, do_ref = next(it), next(it)
+    k_ref, w_ref, dvi_ref = (next(it), next(it), next(it)) if st.delta else (None, None, None)
+    b_ref = next(it) if st.gate == "scalar" else None
+    dht_ref = next(it)
+    seq_ref, flag_ref = next(it), next(it)
+    dh_ref = next(it)
+    dvn_ref = next(it) if st.delta else None
+    dh0_ref = next(it)
+    L, BK, BV = st.chunk, st.block_k, st.block_v
+    ik, iv = pl.program_id(0), pl.program_id(1)
+    r, h = _row_col(st)
+    ks, vs = pl.ds(ik * BK, BK), pl.ds(iv * BV, BV)
+
+    def body(i, ds):
+        c = st.n_chunks - 1 - i
+        t0 = c * L
+        seq = seq_ref[r, c]
+        flag = flag_ref[r, c]
+        reset = (flag & 1) == 1
+        last = (flag & 2) == 2
+        ds = jnp.where(last, dht_ref[seq, h, ks, vs], ds)
+        dh_ref[r, c, h, ks, vs] = ds.astype(dh_ref.dtype)
+        q = q_ref[r, pl.ds(t0, L), h, ks]
+        do = do_ref[r, pl.ds(t0, L), h, vs]
+        if st.gate == "scalar":
+            b = b_ref[r, pl.ds(t0, L), h]
+            b_last = b_ref[r, pl.ds(t0 + L - 1, 1), h]
+            q = (q.astype(F32) * jnp.exp(b)[:, None]).astype(q.dtype)
+        nxt = _dot(q, do, ta=True) * st.scale
+        if st.delta:
+            k = k_ref[r, pl.ds(t0, L), h, ks]
+            if st.gate == "scalar":
+                k = (k.astype(F32) * jnp.exp(b_last - b)[:, None]).astype(k.dtype)
+            dvn = dvi_ref[r, pl.ds(t0, L), h, vs].astype(F32) + _dot(k, ds.astype(k.dtype))
+            dvn_ref[r, pl.ds(t0, L), h, vs] = dvn.astype(dvn_ref.dtype)
+            w = w_ref[r, pl.ds(t0, L), h, ks]
+            nxt -= _dot(w, dvn.astype(w.dtype), ta=True)
+        if st.gate == "scalar":
+            nxt += ds * jnp.exp(b_last)[:, None]
+        else:
+            nxt += ds
+        plt.store(dh0_ref.at[seq, h, ks, vs], nxt, mask=jnp.broadcast_to(reset, (BK, BV)))
+        return nxt
+
+    jax.lax.fori_loop(0, st.n_chunks, body, jnp.zeros((BK, BV), F32))
+
+
+def _bwd_dqk_kernel(*refs, st: CoreStatic):
+    it = iter(refs)
+    q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref = (next(it) for _ in range(6))
+    w_ref, dvn_ref = (next(it), next(it)) if st.delta else (None, None)
+    b_ref = next(it) if st.gate == "scalar" else None
+    dq_ref, dk_ref = next(it), next(it)
+    dw_ref = next(it) if st.delta else None
+    db_ref = next(it) if st.gate == "scalar" else None
+    L, BK, BV = st.chunk, st.par_block_k, st.par_block_v
+    ik, c = pl.program_id(0), pl.program_id(1)
+    r, h = _row_col(st)
+    t0 = c * L
+    ks = pl.ds(ik * BK, BK)
+    acc_dq = jnp.zeros((L, BK), F32)  # do S_c^T
+    acc_dk = jnp.zeros((L, BK), F32)  # vn dS_{c+1}^T
+    acc_da = jnp.zeros((L, L), F32)  # do vn^T
+    acc_dw = jnp.zeros((L, BK), F32)  # dvn S_c^T
+    acc_sds = jnp.zeros((), F32)  # <S_c, dS_{c+1}> over this K block
+    for iv in range(st.value_dim // BV):
+        vs = pl.ds(iv * BV, BV)
+        do = do_ref[r, pl.ds(t0, L), h, vs]
+        v = v_ref[r, pl.ds(t0, L), h, vs]
+        s = h_ref[r, c, h, ks, vs]
+        ds = dh_ref[r, c, h, ks, vs]
+        acc_dq += _dot(do, s, tb=True)
+        acc_dk += _dot(v, ds, tb=True)
+        if st.gate == "scalar":
+            acc_sds += jnp.sum(s.astype(F32) * ds.astype(F32))
+        acc_da += _dot(do, v, tb=True)
+        if st.delta:
+            acc_dw += _dot(dvn_ref[r, pl.ds(t0, L), h, vs], s, tb=True)
+    q = q_ref[r, pl.ds(t0, L), h, ks]
+    k = k_ref[r, pl.ds(t0, L), h, ks]
+    if st.gate == "scalar":
+        b = b_ref[r, pl.ds(t0, L), h]
+        b_last = b_ref[r, pl.ds(t0 + L - 1, 1), h]
+        da = acc_da * _gamma(b, L) * st.scale
+        acc_dq = acc_dq * jnp.exp(b)[:, None]
+        acc_dk = acc_dk * jnp.exp(b_last - b)[:, None]
+    else:
+        da = jnp.where(_causal(L), acc_da, 0.0) * st.scale
+    da = da.astype(q.dtype)
+    dq = acc_dq * st.scale + _dot(da, k)
+    dk = acc_dk + _dot(da, q, ta=True)
+    dq_ref[r, pl.ds(t0, L), h, ks] = dq.astype(dq_ref.dtype)
+    dk_ref[r, pl.ds(t0, L), h, ks] = dk.astype(dk_ref.dtype)
+    if st.delta:
+        dw_ref[r, pl.ds(t0, L), h, ks] = (-acc_dw).astype(dw_ref.dtype)
+    if st.gate == "scalar":
+        # this K block's share of dg (module doc), summed so that nothing large cancels:
+        # dg_t = sum_{i >= t} [q_i.dq_i(state) + sum_{j < i} P_ij - sum_{l > i} P_li]
+        #        + e^{b_L} <S_c, dS_{c+1}> + sum_{j < t} k_j.dk_j(state),
+        # P_ij = dA_ij (q_i . k_j) for j < i (the i == j pairs cancel exactly and are left out)
+        qf, kf = q.astype(F32), k.astype(F32)
+        row, col = jax.lax.broadcasted_iota(jnp.int32, (L, L), 0), jax.lax.broadcasted_iota(
+            jnp.int32, (L, L), 1)
+        p = jnp.where(row > col, da.astype(F32) * _dot(q, k, tb=True), 0.0)
+        term = jnp.sum(qf * acc_dq, axis=1) * st.scale + jnp.sum(p, axis=1) - jnp.sum(p, axis=0)
+        kdk = jnp.sum(kf * acc_dk, axis=1)
+        dg = jnp.sum(jnp.where(col >= row, term[None, :], 0.0) + jnp.where(col < row, kdk[None, :], 0.0),
+                     axis=1)
+        db_ref[ik, r, pl.ds(t0, L), h] = dg + jnp.exp(b_last) * acc_sds
+
+
+def core_backward(st: CoreStatic, res, do, dfinal):
+    """Gradients of the core; returns ``(dq, dk, dv, dw, dB_parts, dh0)``.
+
+    ``dB_parts [NK, R, TP, H]`` (scalar gate): each K block's share of the gate gradient
+    ``dg`` (see the module doc).
+    """
+    q, k, v, w, b, h0, seq_info, flags, h, vn, final = res
+    del h0, final
+    R, NC, L, H, K, V = st.rows, st.n_chunks, st.chunk, st.heads, st.key_dim, st.value_dim
+    TP = NC * L
+    dt = q.dtype
+    nk, nv = K // st.block_k, V // st.block_v
+    pk, pv = K // st.par_block_k, V // st.par_block_v
+    do = do.astype(dt)
+    dfinal = dfinal.astype(F32)
+    gate_in = [b] if st.gate == "scalar" else []
+    # dv (the whole of it for gated linear attention; its intra-chunk part for the delta rules)
+    if st.delta:
+        dv_intra = _call(functools.partial(_bwd_dv_kernel, st=st), st, (pv, NC, R * H),
+                         jax.ShapeDtypeStruct((R, TP, H, V), F32), q, k, do, *gate_in, parallel=True)
+        ins = [q, do, k, w, dv_intra] + gate_in + [dfinal, seq_info, flags]
+        outs = [jax.ShapeDtypeStruct((R, NC, H, K, V), dt), jax.ShapeDtypeStruct((R, TP, H, V), dt),
+                jax.ShapeDtypeStruct((st.n_seqs, H, K, V), F32)]
+        dh, dvn, dh0 = _call(functools.partial(_bwd_dh_kernel, st=st), st, (nk, nv, R * H), outs, *ins)
+        dv = dvn
+    else:
+        ins = [q, do] + gate_in + [dfinal, seq_info, flags]
+        outs = [jax.ShapeDtypeStruct((R, NC, H, K, V), dt),
+                jax.ShapeDtypeStruct((st.n_seqs, H, K, V), F32)]
+        dh, dh0 = _call(functools.partial(_bwd_dh_kernel, st=st), st, (nk, nv, R * H), outs, *ins)
+        dvn = None
+        dv = _call(functools.partial(_bwd_dv_kernel, st=st), st, (pv, NC, R * H),
+                   jax.ShapeDtypeStruct((R, TP, H, V), dt), q, k, do, dh, *gate_in, parallel=True)
+    vv = vn if st.delta else v
+    ins = [q, k, vv, do, h, dh] + ([w, dvn] if st.delta else []) + gate_in
+    outs = [jax.ShapeDtypeStruct((R, TP, H, K), dt), jax.ShapeDtypeStruct((R, TP, H, K), dt)]
+    if st.delta:
+        outs.append(jax.ShapeDtypeStruct((R, TP, H, K), dt))
+    if st.gate == "scalar":
+        outs.append(jax.ShapeDtypeStruct((pk, R, TP, H), F32))
+    res_ = _call(functools.partial(_bwd_dqk_kernel, st=st), st, (pk, NC, R * H), outs, *ins,
+                 parallel=True)
+    res_ = list(res_)
+    dq, dk = res_.pop(0), res_.pop(0)
+    dw = res_.pop(0) if st.delta else None
+    db_parts = res_.pop(0) if st.gate == "scalar" else None
+    return dq, dk, dv, dw, db_parts, dh0
+
+
+# ----------------------------------------------------------------------------- custom_vjp
+
+
+def _chunk_cumsum_flat(g: Array, st: CoreStatic) -> Array:
+    """In-chunk inclusive cumsum of ``g [R, TP, H]`` in float32."""
+    gc = g.astype(F32).reshape(st.rows, st.n_chunks, st.chunk, st.heads)
+    return jnp.cumsum(gc, axis=2).reshape(st.rows, st.n_chunks * st.chunk, st.heads)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def chunk_core(st: CoreStatic, q, k, v, w, g, h0, seq_info, flags):
+    """The core in the chunk layout; ``(o [R, TP, H, V], final [N, H, K, V] float32)``.
+
+    Args:
+        st: static description. q, k: ``[R, TP, H, K]``. v: ``[R, TP, H, V]`` (``u`` for the
+        delta rules). w: ``[R, TP, H, K]`` or None. g: ``[R, TP, H]`` log-gates or None.
+        h0: ``[N, H, K, V]`` or None. seq_info: ``[R, NC]`` int32 sequence of each chunk.
+        flags: ``[R, NC]`` int32, bit 0: chunk starts its sequence, bit 1: ends it.
+    """
+    o, final = _core_fwd(st, q, k, v, w, g, h0, seq_info, flags)[0]
+    return o, final
+
+
+def _has_chunk(st: CoreStatic, seq_info: Array, flags: Array) -> Array:
+    """``[N]`` bool: the sequence owns at least one chunk (length-0 packed sequences do not,
+    and the kernels never write their final state or its gradient)."""
+    starts = ((flags & 1) == 1).ravel()
+    return jnp.zeros((st.n_seqs,), bool).at[seq_info.ravel()].max(starts)
+
+
+def _core_fwd(st, q, k, v, w, g, h0, seq_info, flags):
+    b = _chunk_cumsum_flat(g, st) if st.gate == "scalar" else None
+    h0f = None if h0 is None else h0.astype(F32)
+    o, h, vn, final = core_forward(st, q, k, v, w, b, h0f, seq_info, flags)
+    empty_final = jnp.zeros_like(final) if h0 is None else h0f
+    final = jnp.where(_has_chunk(st, seq_info, flags)[:, None, None, None], final, empty_final)
+    return (o, final), (q, k, v, w, b, h0, seq_info, flags, h, vn, final)
+
+
+def _core_bwd(st, res, cts):
+    do, dfinal = cts
+    q, k, v, w, b, h0, seq_info, flags, h, vn, final = res
+    dq, dk, dv, dw, db_parts, dh0 = core_backward(st, res, do, dfinal)
+    dg = None
+    if st.gate == "scalar":
+        dg = jnp.sum(db_parts, axis=0)  # [R, TP, H]
+    if h0 is not None:  # a length-0 sequence passes its initial state straight through
+        dh0 = jnp.where(_has_chunk(st, seq_info, flags)[:, None, None, None], dh0, dfinal)
+        dh0 = dh0.astype(h0.dtype)
+    dw = None if w is None else dw.astype(w.dtype)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dw, dg, dh0, None, None)
+
+
+chunk_core.defvjp(_core_fwd, _core_bwd)
+
+
+# ----------------------------------------------------------------------------- glue
+
+
+def chunk_layout_info(plan) -> tuple[Array, Array]:
+    """``(seq_info [R, NC] int32, flags [R, NC] int32)`` for a :class:`ChunkPlan`."""
+    R, NC = plan.rows, plan.n_chunks
+    if not plan.packed:
+        seq_info = jnp.broadcast_to(jnp.arange(R, dtype=jnp.int32)[:, None], (R, NC))
+        c = jnp.arange(NC)
+        flags = jnp.where(c == 0, 1, 0) | jnp.where(c == NC - 1, 2, 0)
+        return seq_info, jnp.broadcast_to(flags.astype(jnp.int32)[None], (R, NC))
+    seq = plan.seq_of_chunk.astype(jnp.int32)
+    c = jnp.arange(NC, dtype=jnp.int32)
+    last = plan.last_chunk[seq] == c
+    flags = jnp.where(plan.reset, 1, 0) | jnp.where(last, 2, 0)
+    return seq[None], flags.astype(jnp.int32)[None]

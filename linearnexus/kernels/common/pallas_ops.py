@@ -1,0 +1,224 @@
+"""The ``pallas`` backend of the chunked linear-attention ops: layout glue around the core.
+
+The Pallas kernels (``pallas_chunk.py``) work in the chunk layout ``[R, NC * L, H, D]``
+with power-of-two head dims; this module gets inputs there and back:
+
+* batch inputs are padded at the end to whole chunks (no copy when T is a multiple of L);
+  packed inputs (``cu_seqlens``) are gathered so each sequence starts on a fresh chunk;
+* head dims that are not powers of two >= 16 are zero-padded (zeros are inert);
+* the delta rules' WY preparation (``w``, ``u``: the per-chunk triangular solve) is its own
+  pair of Pallas kernels (``pallas_wy.py``), then the sequential core (``pallas_chunk.py``).
+
+Decoding (recurrent mode) is one token at a time; a kernel launch per token would not pay,
+so the backend's recurrent mode runs the op's pure-JAX recurrent form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import jax.numpy as jnp
+
+from linearnexus.core.types import Array, DType
+from linearnexus.kernels.base import GridConfig
+from linearnexus.kernels.common.chunking import plan_chunks, to_chunks
+from linearnexus.kernels.common.pallas import TritonConfig, interpret_mode, next_pow2
+from linearnexus.kernels.common.pallas_chunk import (
+    CoreStatic,
+    chunk_core,
+    chunk_layout_info,
+    default_config,
+)
+from linearnexus.kernels.common.pallas_wy import WyStatic, wy_prepare
+
+F32 = jnp.float32
+#: warps of the parallel kernels (whole 64 x 128 tiles); module-level so benchmarks can sweep it
+PAR_WARPS = 4
+_SUPPORTED = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def check_pallas_dtype(op: str, *arrays: Array) -> None:
+    """Raise ``NotImplementedError`` for dtypes the Triton kernels do not take (float64)."""
+    for a in arrays:
+        if a is not None and jnp.dtype(a.dtype) not in _SUPPORTED:
+            raise NotImplementedError(
+                f"{op}: the pallas backend takes float32 / bfloat16 / float16 inputs, got "
+                f"{a.dtype}; use backend='jax' (chunked) or 'naive' for {a.dtype}")
+
+
+def _pad_last(x: Array | None, size: int) -> Array | None:
+    if x is None or x.shape[-1] == size:
+        return x
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
+
+
+def _layout(x: Array, plan) -> Array:
+    """``[B, T, H, ...]`` -> ``[R, NC * L, H, ...]`` with zero padding slots."""
+    c = to_chunks(x, plan)  # [R, NC, L, H, ...]
+    return c.reshape(plan.rows, plan.n_chunks * plan.chunk, *c.shape[3:])
+
+
+def _unlayout(y: Array, plan) -> Array:
+    """``[R, NC * L, H, ...]`` -> ``[B, T, H, ...]``."""
+    if not plan.packed:
+        return y[:, : plan.seq]
+    return jnp.take(y[0], plan.dst, axis=0)[None]
+
+
+def _chunk_of(config: TritonConfig | None, chunk_size: int | None) -> TritonConfig:
+    """``config`` with ``chunk`` set: the config's own, else ``chunk_size``, else 64."""
+    cfg = config or TritonConfig()
+    if cfg.chunk is None:
+        chunk = 64 if chunk_size is None else chunk_size
+        if chunk < 16 or chunk & (chunk - 1):
+            raise ValueError(f"chunk_size: the pallas backend needs a power of two >= 16, got {chunk}")
+        cfg = dataclasses.replace(cfg, chunk=chunk)
+    return cfg
+
+
+def _resolve(cfg: TritonConfig, *, rows, heads, key_dim, value_dim, delta, dtype,
+             n_chunks: int = 64) -> TritonConfig:
+    """Fill ``cfg``'s None fields from the heuristic and check the blocks fit the shape."""
+    cfg = cfg.merged(default_config(rows=rows, heads=heads, key_dim=key_dim, value_dim=value_dim,
+                                    delta=delta, n_chunks=n_chunks, dtype=dtype))
+    if key_dim % cfg.block_k or value_dim % cfg.block_v:
+        raise ValueError(f"config: block_k={cfg.block_k} / block_v={cfg.block_v} must divide the "
+                         f"padded head dims K={key_dim} / V={value_dim}")
+    if delta and cfg.block_k != key_dim:
+        raise ValueError(f"config: the delta rules need block_k == K ({key_dim}), got {cfg.block_k}")
+    return cfg
+
+
+def _static(cfg: TritonConfig, *, gate, delta, has_h0, scale, plan, heads, key_dim, value_dim,
+            n_seqs) -> CoreStatic:
+    return CoreStatic(gate=gate, delta=delta, has_h0=has_h0, scale=float(scale), rows=plan.rows,
+                      n_chunks=plan.n_chunks, chunk=plan.chunk, heads=heads, key_dim=key_dim,
+                      value_dim=value_dim, n_seqs=n_seqs, block_k=cfg.block_k, block_v=cfg.block_v,
+                      num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret_mode(),
+                      par_block_k=min(key_dim, 128), par_block_v=min(value_dim, 128),
+                      par_warps=PAR_WARPS)
+
+
+def _prepare(q, k, v, initial_state, cu_seqlens, chunk: int):
+    batch, seq, heads, key_dim = q.shape
+    value_dim = v.shape[3]
+    plan = plan_chunks(batch, seq, chunk, cu_seqlens)
+    kp, vp = next_pow2(key_dim), next_pow2(value_dim)
+    h0 = initial_state
+    if h0 is not None:
+        h0 = jnp.pad(h0.astype(F32), [(0, 0), (0, 0), (0, kp - key_dim), (0, vp - value_dim)])
+    n_seqs = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return plan, kp, vp, h0, n_seqs
+
+
+def linear_attention_pallas(q: Array, k: Array, v: Array, g: Array | None, *, scale: float,
+                            initial_state: Array | None = None, cu_seqlens: Array | None = None,
+                            chunk_size: int | None = None,
+                            config: TritonConfig | None = None) -> tuple[Array, Array]:
+    """Gated linear attention with a scalar gate (simple_gla) through the Pallas kernels.
+
+    Args:
+        q, k: ``[B, T, H, K]``. v: ``[B, T, H, V]``. g: ``[B, T, H]`` log-gates or None.
+        scale: multiplies q. initial_state: ``[N, H, K, V]`` or None.
+        cu_seqlens: ``[N+1]`` offsets of packed sequences (B == 1) or None.
+        chunk_size: L (power of two >= 16); default from the heuristic (64).
+        config: launch-knob overrides (:class:`TritonConfig`); None fields use the heuristic.
+
+    Returns:
+        ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32)``.
+    """
+    check_pallas_dtype("simple_gla", q, k, v, g)
+    batch, seq, heads, key_dim = q.shape
+    value_dim = v.shape[3]
+    dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+    cfg = _chunk_of(config, chunk_size)
+    plan, kp, vp, h0, n_seqs = _prepare(q, k, v, initial_state, cu_seqlens, cfg.chunk)
+    cfg = _resolve(cfg, rows=plan.rows, heads=heads, key_dim=kp, value_dim=vp, delta=False,
+                   dtype=dtype, n_chunks=plan.n_chunks)
+    qc = _layout(_pad_last(q.astype(dtype), kp), plan)
+    kc = _layout(_pad_last(k.astype(dtype), kp), plan)
+    vc = _layout(_pad_last(v.astype(dtype), vp), plan)
+    gc = None if g is None else _layout(g.astype(F32), plan)
+    seq_info, flags = chunk_layout_info(plan)
+    st = _static(cfg, gate="none" if g is None else "scalar", delta=False, has_h0=h0 is not None,
+                 scale=scale, plan=plan, heads=heads, key_dim=kp, value_dim=vp, n_seqs=n_seqs)
+    o, final = chunk_core(st, qc, kc, vc, None, gc, h0, seq_info, flags)
+    o = _unlayout(o, plan)[..., :value_dim].astype(v.dtype)
+    return o, final[:, :, :key_dim, :value_dim]
+
+
+def delta_rule_pallas(q: Array, k: Array, v: Array, beta: Array, g: Array | None, *, scale: float,
+                      initial_state: Array | None = None, cu_seqlens: Array | None = None,
+                      chunk_size: int | None = None,
+                      config: TritonConfig | None = None) -> tuple[Array, Array]:
+    """The (gated) delta rule through the Pallas kernels.
+
+    Args:
+        q, k: ``[B, T, H, K]`` (k L2-normalised). v: ``[B, T, H, V]``. beta: ``[B, T, H]``.
+        g: ``[B, T, H]`` log-gates, or None (ungated delta rule).
+        Others: as :func:`linear_attention_pallas`.
+
+    Returns:
+        ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32)``.
+    """
+    name = "delta_rule" if g is None else "gated_delta_rule"
+    check_pallas_dtype(name, q, k, v, beta, g)
+    batch, seq, heads, key_dim = q.shape
+    value_dim = v.shape[3]
+    dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+    cfg = _chunk_of(config, chunk_size)
+    plan, kp, vp, h0, n_seqs = _prepare(q, k, v, initial_state, cu_seqlens, cfg.chunk)
+    cfg = _resolve(cfg, rows=plan.rows, heads=heads, key_dim=kp, value_dim=vp, delta=True,
+                   dtype=dtype, n_chunks=plan.n_chunks)
+    qc = _layout(_pad_last(q.astype(dtype), kp), plan)
+    kc = _layout(_pad_last(k.astype(dtype), kp), plan)
+    vc = _layout(_pad_last(v, vp), plan)
+    betac = _layout(beta, plan)
+    gc = None if g is None else _layout(g.astype(F32), plan)
+    wst = WyStatic(gated=g is not None, rows=plan.rows, n_chunks=plan.n_chunks, chunk=plan.chunk,
+                   heads=heads, key_dim=kp, value_dim=vp, exact=dtype == F32,
+                   num_warps=8 if max(kp, vp) >= 256 else 4, interpret=interpret_mode())
+    w, u = wy_prepare(wst, kc, vc.astype(dtype), betac, gc)
+    seq_info, flags = chunk_layout_info(plan)
+    st = _static(cfg, gate="none" if g is None else "scalar", delta=True, has_h0=h0 is not None,
+                 scale=scale, plan=plan, heads=heads, key_dim=kp, value_dim=vp, n_seqs=n_seqs)
+    o, final = chunk_core(st, qc, kc, u, w, gc, h0, seq_info, flags)
+    o = _unlayout(o, plan)[..., :value_dim].astype(v.dtype)
+    return o, final[:, :, :key_dim, :value_dim]
+
+
+class PallasKernel:
+    """The ``pallas`` backend of a linear-attention op.
+
+    Chunk mode runs the Pallas kernels (compiled through Triton on an NVIDIA GPU, Pallas
+    interpret mode elsewhere); recurrent mode (decoding) runs the op's pure-JAX recurrent
+    form. Automatic dispatch picks it on a GPU only, for float32 / bfloat16 / float16.
+
+    Args:
+        chunked: the op's pallas function, called as ``fn(*arrays, scale=..., initial_state=...,
+            cu_seqlens=..., chunk_size=..., config=...)``.
+        recurrent: the op's pure-JAX recurrent form.
+        config: launch-knob overrides for every call (None: the heuristic).
+    """
+
+    name: ClassVar[str] = "pallas"
+
+    def __init__(self, chunked: Callable[..., tuple[Array, Array]],
+                 recurrent: Callable[..., tuple[Array, Array]], config: TritonConfig | None = None):
+        self.chunked = chunked
+        self.recurrent = recurrent
+        self.config = config
+
+    def supports(self, *, platform: str, dtype: DType) -> bool:
+        return platform == "gpu" and jnp.dtype(dtype) in _SUPPORTED
+
+    def forward_chunk(self, *arrays: Array, initial_state: Array | None, grid: GridConfig,
+                      **kwargs: Any) -> tuple[Array, Array]:
+        return self.chunked(*arrays, initial_state=initial_state, chunk_size=grid.chunk_size,
+                            config=self.config, **kwargs)
+
+    def forward_recurrent(self, *arrays: Array, initial_state: Array | None,
+                          **kwargs: Any) -> tuple[Array, Array]:
+        return self.recurrent(*arrays, initial_state=initial_state, **kwargs)

@@ -1,0 +1,244 @@
+"""Pallas kernels for the delta rules' per-chunk WY preparation, forward and backward.
+
+Per chunk of L tokens (``kernels/common/delta.py`` has the derivation)::
+
+    M = I + A,   A_ij = beta_i (k_i . k_j) exp(b_i - b_j)   for j < i (else 0)
+    w = M^{-1} (beta e^b * k),   u = M^{-1} (beta * v)
+
+``M`` is unit lower triangular. The forward kernel builds ``M^{-1}`` from 16 x 16 blocks:
+each diagonal block is inverted exactly by forward substitution (16 steps of a 16 x 16
+product), the blocks below by block substitution, and ``M^{-1}`` is stored (float32,
+``[R, TP, H, L]``) for the backward, which then needs only whole-chunk products::
+
+    dR_w = M^{-T} dw,  dR_u = M^{-T} du,  dA = -(dR_w w^T + dR_u u^T)   (strictly lower)
+
+and the chain rule through ``A``, ``beta e^b k`` and ``beta v`` gives ``dk, dv, dbeta`` and
+the gradient of the in-chunk cumulative log-gate ``b`` (turned into ``dg`` in JAX).
+
+Pallas's Triton lowering cannot slice values, so sub-blocks are loaded from refs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from linearnexus.core.types import Array
+from linearnexus.kernels.common.pallas import compiler_params
+
+F32 = jnp.float32
+SUB = 16  # sub-block size of the in-kernel triangular inverse
+
+
+@dataclasses.dataclass(frozen=True)
+class WyStatic:
+    """Static description of one preparation call (hashable)."""
+
+    gated: bool
+    rows: int
+    n_chunks: int
+    chunk: int
+    heads: int
+    key_dim: int
+    value_dim: int
+    exact: bool  # float32 inputs: exact float32 products (no TF32)
+    num_warps: int
+    interpret: bool
+
+
+def _dot(a, b, st: WyStatic, *, ta=False, tb=False, exact=False):
+    if ta:
+        a = a.T
+    if tb:
+        b = b.T
+    precision = jax.lax.Precision.HIGHEST if (exact or st.exact) and a.dtype == F32 else None
+    return jnp.dot(a, b, preferred_element_type=F32, precision=precision)
+
+
+def _iota2(n):
+    return (jax.lax.broadcasted_iota(jnp.int32, (n, n), 0),
+            jax.lax.broadcasted_iota(jnp.int32, (n, n), 1))
+
+
+def _wy_fwd_kernel(*refs, st: WyStatic):
+    if st.gated:
+        k_ref, v_ref, beta_ref, b_ref, w_ref, u_ref, m_ref = refs
+    else:
+        k_ref, v_ref, beta_ref, w_ref, u_ref, m_ref = refs
+        b_ref = None
+    c, rh = pl.program_id(0), pl.program_id(1)
+    r, h = rh // st.heads, rh % st.heads
+    t0 = c * st.chunk
+    nb = st.chunk // SUB
+    row, col = _iota2(SUB)
+    eye = (row == col).astype(F32)
+    ks, betas, bs = [], [], []
+    for i in range(nb):
+        rows = pl.ds(t0 + i * SUB, SUB)
+        ks.append(k_ref[r, rows, h, :])
+        betas.append(beta_ref[r, rows, h].astype(F32))
+        bs.append(b_ref[r, rows, h] if st.gated else None)
+    # blocks of A (rows i, cols j <= i)
+    a = {}
+    for i in range(nb):
+        for j in range(i + 1):
+            blk = _dot(ks[i], ks[j], st, tb=True) * betas[i][:, None]
+            if st.gated:
+                diff = bs[i][:, None] - bs[j][None, :]
+                blk = blk * jnp.exp(jnp.where(row > col, diff, 0.0) if i == j else diff)
+            if i == j:
+                blk = jnp.where(row > col, blk, 0.0)
+            a[i, j] = blk
+    # inverse of each unit-lower diagonal block by forward substitution: row s of X is
+    # e_s - A[s, :s] X[:s, :] (rows above s are final when row s is computed)
+    minv = {}
+    for i in range(nb):
+        x = eye
+        for s in range(1, SUB):
+            x = jnp.where(row == s, eye - _dot(a[i, i], x, st, exact=True), x)
+        minv[i, i] = x
+    # blocks below the diagonal: M^{-1}_ij = -M^{-1}_ii sum_{j <= m < i} A_im M^{-1}_mj
+    for i in range(nb):
+        for j in range(i):
+            acc = jnp.zeros((SUB, SUB), F32)
+            for m in range(j, i):
+                acc += _dot(a[i, m], minv[m, j], st, exact=True)
+            minv[i, j] = -_dot(minv[i, i], acc, st, exact=True)
+    for i in range(nb):
+        rows = pl.ds(t0 + i * SUB, SUB)
+        w_acc = jnp.zeros((SUB, st.key_dim), F32)
+        u_acc = jnp.zeros((SUB, st.value_dim), F32)
+        for j in range(nb):
+            if j > i:
+                m_ref[r, rows, h, pl.ds(j * SUB, SUB)] = jnp.zeros((SUB, SUB), F32)
+                continue
+            m_ref[r, rows, h, pl.ds(j * SUB, SUB)] = minv[i, j]
+            scale = betas[j] * jnp.exp(bs[j]) if st.gated else betas[j]
+            kbe = ks[j].astype(F32) * scale[:, None]
+            vb = v_ref[r, pl.ds(t0 + j * SUB, SUB), h, :].astype(F32) * betas[j][:, None]
+            w_acc += _dot(minv[i, j], kbe, st)
+            u_acc += _dot(minv[i, j], vb, st)
+        w_ref[r, rows, h, :] = w_acc.astype(w_ref.dtype)
+        u_ref[r, rows, h, :] = u_acc.astype(u_ref.dtype)
+
+
+def _wy_bwd_kernel(*refs, st: WyStatic):
+    if st.gated:
+        k_ref, v_ref, beta_ref, b_ref, m_ref, dw_ref, du_ref, dk_ref, dv_ref, dbeta_ref, db_ref = refs
+    else:
+        k_ref, v_ref, beta_ref, m_ref, dw_ref, du_ref, dk_ref, dv_ref, dbeta_ref = refs
+        b_ref = db_ref = None
+    c, rh = pl.program_id(0), pl.program_id(1)
+    r, h = rh // st.heads, rh % st.heads
+    L = st.chunk
+    rows = pl.ds(c * L, L)
+    row, col = _iota2(L)
+    beta = beta_ref[r, rows, h].astype(F32)  # [L]
+    minv = m_ref[r, rows, h, :]  # [L, L] float32
+    if st.gated:
+        b = b_ref[r, rows, h]
+        eb = jnp.exp(b)
+        gam = jnp.exp(jnp.where(row > col, b[:, None] - b[None, :], -jnp.inf))
+    else:
+        eb = jnp.ones_like(beta)
+        gam = jnp.where(row > col, 1.0, 0.0)
+    # head dims in blocks of <= 64 columns: whole 256-wide float32 operands overflow shared
+    # memory (measured: 344 KB asked of 227 KB at K = V = 256)
+    bk, bv = min(st.key_dim, 64), min(st.value_dim, 64)
+    da = jnp.zeros((L, L), F32)
+    kk = jnp.zeros((L, L), F32)
+    dbeta = jnp.zeros((L,), F32)
+    for j in range(st.value_dim // bv):  # u = M^{-1} (beta v): dv, dbeta and dA's share
+        vs = pl.ds(j * bv, bv)
+        v = v_ref[r, rows, h, vs].astype(F32)
+        u = _dot(minv, v * beta[:, None], st)
+        dru = _dot(minv, du_ref[r, rows, h, vs].astype(F32), st, ta=True)  # M^{-T} du
+        da -= _dot(dru, u, st, tb=True)
+        dv_ref[r, rows, h, vs] = (dru * beta[:, None]).astype(dv_ref.dtype)
+        dbeta += jnp.sum(dru * v, axis=1)
+    for j in range(st.key_dim // bk):  # w = M^{-1} (beta e^b k): dA's share
+        ks = pl.ds(j * bk, bk)
+        k = k_ref[r, rows, h, ks].astype(F32)
+        w = _dot(minv, k * (beta * eb)[:, None], st)
+        drw = _dot(minv, dw_ref[r, rows, h, ks].astype(F32), st, ta=True)
+        da -= _dot(drw, w, st, tb=True)
+        kk += _dot(k, k, st, tb=True)
+    g = da * gam  # zero on and above the diagonal
+    gb = g * beta[:, None]
+    dbeta += jnp.sum(g * kk, axis=1)
+    db = jnp.zeros((L,), F32)
+    for j in range(st.key_dim // bk):  # dk through A and through beta e^b k
+        ks = pl.ds(j * bk, bk)
+        k = k_ref[r, rows, h, ks].astype(F32)
+        drw = _dot(minv, dw_ref[r, rows, h, ks].astype(F32), st, ta=True)
+        dk = _dot(gb, k, st) + _dot(gb, k, st, ta=True) + drw * (beta * eb)[:, None]
+        dk_ref[r, rows, h, ks] = dk.astype(dk_ref.dtype)
+        dbeta += jnp.sum(drw * k, axis=1) * eb
+        db += jnp.sum(drw * k, axis=1) * (beta * eb)
+    dbeta_ref[r, rows, h] = dbeta
+    if st.gated:
+        p = gb * kk  # dA_ij * A_ij
+        db_ref[r, rows, h] = jnp.sum(p, axis=1) - jnp.sum(p, axis=0) + db
+
+
+def _call(kernel, st, out_shape, *args):
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=(st.n_chunks, st.rows * st.heads),
+                          interpret=st.interpret,
+                          compiler_params=compiler_params(st.num_warps, 1))(*args)
+
+
+def _in_chunk_cumsum(g: Array, st: WyStatic) -> Array:
+    gc = g.astype(F32).reshape(st.rows, st.n_chunks, st.chunk, st.heads)
+    return jnp.cumsum(gc, axis=2).reshape(g.shape)
+
+
+def _fwd(st: WyStatic, k, v, beta, g):
+    R, TP, H = st.rows, st.n_chunks * st.chunk, st.heads
+    outs = [jax.ShapeDtypeStruct((R, TP, H, st.key_dim), k.dtype),
+            jax.ShapeDtypeStruct((R, TP, H, st.value_dim), k.dtype),
+            jax.ShapeDtypeStruct((R, TP, H, st.chunk), F32)]
+    ins = [k, v, beta] + ([_in_chunk_cumsum(g, st)] if st.gated else [])
+    w, u, minv = _call(functools.partial(_wy_fwd_kernel, st=st), st, outs, *ins)
+    return (w, u), (k, v, beta, g, minv)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def wy_prepare(st: WyStatic, k: Array, v: Array, beta: Array, g: Array | None) -> tuple[Array, Array]:
+    """``(w [R, TP, H, K], u [R, TP, H, V])`` in k's dtype, from the chunk layout.
+
+    k ``[R, TP, H, K]`` (L2-normalised rows), v ``[R, TP, H, V]``, beta ``[R, TP, H]``,
+    g ``[R, TP, H]`` float32 log-gates or None.
+    """
+    return _fwd(st, k, v, beta, g)[0]
+
+
+def _wy_fwd(st, k, v, beta, g):
+    return _fwd(st, k, v, beta, g)
+
+
+def _wy_bwd(st, res, cts):
+    k, v, beta, g, minv = res
+    dw, du = cts
+    R, TP, H = st.rows, st.n_chunks * st.chunk, st.heads
+    outs = [jax.ShapeDtypeStruct((R, TP, H, st.key_dim), F32),
+            jax.ShapeDtypeStruct((R, TP, H, st.value_dim), F32),
+            jax.ShapeDtypeStruct((R, TP, H), F32)]
+    ins = [k, v, beta]
+    if st.gated:
+        outs.append(jax.ShapeDtypeStruct((R, TP, H), F32))
+        ins.append(_in_chunk_cumsum(g, st))
+    ins += [minv, dw, du]
+    res_ = _call(functools.partial(_wy_bwd_kernel, st=st), st, outs, *ins)
+    dk, dv, dbeta = res_[0], res_[1], res_[2]
+    dg = None
+    if st.gated:  # b is the in-chunk inclusive cumsum of g: dg is the in-chunk suffix sum of db
+        db = res_[3].reshape(R, st.n_chunks, st.chunk, H)
+        dg = jnp.flip(jnp.cumsum(jnp.flip(db, 2), axis=2), 2).reshape(R, TP, H)
+    return dk.astype(k.dtype), dv.astype(v.dtype), dbeta.astype(beta.dtype), dg
+
+
+wy_prepare.defvjp(_wy_fwd, _wy_bwd)

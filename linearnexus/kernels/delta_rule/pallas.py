@@ -1,0 +1,24 @@
+"""delta_rule's ``pallas`` backend: the WY preparation in JAX, the sequential core in Pallas.
+
+Kernels, launch heuristic and the gradient path: ``kernels/common/pallas_chunk.py``,
+``kernels/common/pallas_ops.py`` and this folder's README ("Pallas kernels").
+"""
+
+from __future__ import annotations
+
+from linearnexus.core.types import Array
+from linearnexus.kernels.common.pallas import TritonConfig
+from linearnexus.kernels.common.pallas_ops import delta_rule_pallas as _delta
+
+
+def delta_rule_pallas(q: Array, k: Array, v: Array, beta: Array, *, scale: float,
+                      initial_state: Array | None = None, cu_seqlens: Array | None = None,
+                      chunk_size: int | None = None,
+                      config: TritonConfig | None = None) -> tuple[Array, Array]:
+    """The delta rule through the Pallas kernels; arguments as :func:`delta_rule_reference`
+    plus ``chunk_size`` (power of two >= 16) and ``config`` (launch-knob overrides).
+
+    Returns ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32)``.
+    """
+    return _delta(q, k, v, beta, None, scale=scale, initial_state=initial_state,
+                  cu_seqlens=cu_seqlens, chunk_size=chunk_size, config=config)

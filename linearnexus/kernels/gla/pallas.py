@@ -1,0 +1,533 @@
+"""GLA's ``pallas`` backend: Pallas (Triton) kernels for a log-gate per key dimension.
+
+Per chunk of L tokens, entering with state ``S_c [K, V]``, with ``b`` the inclusive in-chunk
+sum of the log-gates (float32, a vector over K per token) and ``b_L`` its last row::
+
+    o       = scale * [ (q * e^b) S_c + A v ],   A_ij = sum_k q_ik k_jk e^{b_ik - b_jk}  (j <= i)
+    S_{c+1} = diag(e^{b_L}) S_c + (k * e^{b_L - b})^T v
+
+The decay of ``A`` depends on the key dimension, so it cannot multiply one ``L x L`` score
+matrix as in simple GLA, and ``e^{b_i - b_j}`` must never be formed as ``e^{b_i} e^{-b_j}``
+(it overflows over a long span). As in FLA, the chunk is cut into sub-chunks of 16 tokens:
+
+* sub-chunk pairs ``I > J`` go through the reference row ``r`` (the last row of ``J``):
+  ``A_IJ = (q_I e^{b_I - b_r}) (k_J e^{b_r - b_J})^T``, one 16 x 16 x K matmul, both
+  exponents <= 0;
+* diagonal blocks ``I == J`` are exact: a loop over the 16 key rows ``j`` builds column ``j``
+  as ``sum_k q_I k_j e^{b_I - b_j}``, the exponent masked to ``-inf`` where ``i < j``
+  before the exp.
+
+Pallas's Triton lowering slices only refs, never values, so every sub-block is loaded
+from its ref, and columns are assembled with ``where(iota == j, ...)``. Kernels (``R``
+rows of the chunk layout, ``H`` heads, ``NC`` chunks):
+
+* ``fwd_a`` (grid ``[1, chunks, rows x heads]``): ``A`` for every chunk, stored float32
+  ``[R, TP, H, L]`` (zeros above the diagonal) and reused by ``fwd_o`` and ``bwd_dv``.
+* ``fwd_h`` (grid ``[K blocks, V blocks, rows x heads]``): the sequential walk over chunks,
+  as in ``common/pallas_chunk.py`` with a decay per state row.
+* ``fwd_o`` (grid ``[V blocks, chunks, rows x heads]``).
+* ``bwd_dh`` (as ``fwd_h``, chunks in reverse):
+  ``dS_c = diag(e^{b_L}) dS_{c+1} + scale (q e^b)^T do``.
+* ``bwd_da`` (grid ``[1, chunks, rows x heads]``): ``dA = scale (do v^T)``, masked ``j <= i``.
+* ``bwd_dv`` (grid ``[V blocks, chunks, rows x heads]``):
+  ``dv = scale A^T do + (k e^{b_L - b}) dS_{c+1}``.
+* ``bwd_dqk`` (grid ``[K blocks, chunks, rows x heads]``): ``dq``, ``dk`` (inter-chunk part
+  by matmuls with ``S_c`` / ``dS_{c+1}``, intra-chunk part by the same sub-chunk scheme on
+  ``dA``) and the per-token terms of the gate gradient, one 16-row sub-chunk at a time.
+
+Gate gradient. It is taken chunk by chunk (``g`` of chunk c acts only on chunk c's outputs
+and on ``S_{c+1}``, given ``S_c``), per key dimension::
+
+    dg_t = sum_{i >= t} [ q_i dq_i^inter + q_i dq_i^intra' - k_i dk_i^intra' ]
+           + e^{b_L} <S_c, dS_{c+1}>  +  sum_{j < t} k_j dk_j^inter
+
+where ``'`` leaves out the diagonal (``i == j``) pairs, whose contributions to ``q.dq`` and
+``k.dk`` cancel exactly. The kernel stores the first bracket (with the ``<S_c, dS_{c+1}>``
+term on the chunk's last row) and ``k dk^inter``; JAX takes the in-chunk reverse
+(inclusive) and forward (exclusive) cumulative sums. Unlike the global identity
+``dB_t = q.dq - k.dk (+ <S_T, dS_T>)`` followed by a reverse cumsum over the sequence,
+no O(1) terms cancel here: under strong decay (log-gates near -20) the true ``dg`` is
+~e^-20 times the other gradients, and those cancellations left rounding noise of the size
+of ``dg`` itself.
+
+Exponent precision. Exponents that are differences ``b_i - b_j`` use a compensated in-chunk
+sum ``b = hi + lo`` (``hi`` float32, ``lo`` bfloat16, :func:`_in_chunk_sums`) as
+``(hi_i - hi_j) + (lo_i - lo_j)``. With ``hi`` alone, a one-step difference at log-gates
+near -20 carries the rounding of a sum near ``-20 L``, and the gate gradient (all of whose
+entries are then ~e^-20, made of exactly such one-step terms) was off by 1.5e-5 (L = 32);
+with ``lo`` it is at float32 rounding. Absolute exponents (``e^{b_i}``, ``e^{b_L}``) take
+``hi`` alone: they matter only where ``|b|`` is small, and there ``hi`` is accurate.
+
+Inputs come in the chunk layout ``[R, NC * L, H, D]`` (``common/chunking.py``) with head
+dims padded to powers of two >= 16 (padded key dims have q = k = 0, g = 0: inert).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from linearnexus.core.types import Array
+from linearnexus.kernels.common.pallas import TritonConfig
+from linearnexus.kernels.common.pallas_chunk import (
+    CoreStatic,
+    _call,
+    _causal,
+    _dot,
+    _has_chunk,
+    _row_col,
+    chunk_layout_info,
+)
+from linearnexus.kernels.common.pallas_ops import (
+    _chunk_of,
+    _layout,
+    _pad_last,
+    _prepare,
+    _static,
+    _unlayout,
+    check_pallas_dtype,
+)
+
+F32 = jnp.float32
+#: rows of a sub-chunk (the smallest ``jnp.dot`` operand the Triton lowering takes)
+SUB = 16
+
+
+def default_config(*, rows: int, heads: int, key_dim: int, value_dim: int) -> TritonConfig:
+    """The heuristic launch config for GLA.
+
+    * chunk 64 (as FLA): 4 sub-chunks of 16, so 6 off-diagonal 16 x 16 block matmuls and 4
+      exact 16-step diagonal loops per chunk; the per-chunk state store (``K x V`` per 64
+      tokens) stays under the q/k/v/g traffic. Shorter chunks store more states, longer
+      ones grow the ``L^2`` intra-chunk work quadratically.
+    * block_k = block_v = 64: a 64 x 64 float32 state is 32 registers a thread at 4 warps in
+      the sequential kernels (``fwd_h``, ``bwd_dh``), and ``bwd_dqk`` holds only a few
+      16 x block_k accumulators (it works one sub-chunk at a time). block_v stays 64 even
+      when that leaves few programs: for simple_gla's ``fwd_h`` (the same walk with a
+      scalar decay) block_v 16 was 4.6x slower at (8, 4096, 16, 128) on an H200 and 1.3x
+      at (2, 16384, 16, 128). ``fwd_a`` and ``bwd_da`` loop over all of K / V in one
+      program; their grid is chunks x rows x heads.
+    """
+    del rows, heads
+    block_k = min(64, key_dim)
+    block_v = min(64, value_dim)
+    return TritonConfig(chunk=64, block_k=block_k, block_v=block_v, num_warps=4, num_stages=2)
+
+
+def _resolve(cfg: TritonConfig, *, rows, heads, key_dim, value_dim) -> TritonConfig:
+    cfg = cfg.merged(default_config(rows=rows, heads=heads, key_dim=key_dim, value_dim=value_dim))
+    if key_dim % cfg.block_k or value_dim % cfg.block_v:
+        raise ValueError(f"config: block_k={cfg.block_k} / block_v={cfg.block_v} must divide the "
+                         f"padded head dims K={key_dim} / V={value_dim}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _iota(shape, axis: int) -> Array:
+    return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+
+
+def _rows(t0, i: int) -> pl.Slice:
+    """The rows of sub-chunk ``i`` of the chunk starting at token ``t0``."""
+    return pl.ds(t0 + i * SUB, SUB)
+
+
+def _load_b(b_ref, c_ref, *idx) -> tuple[Array, Array]:
+    """``(hi, lo)`` of the in-chunk log-decay at ``idx``, ``b = hi + lo`` (:func:`_in_chunk_sums`)."""
+    return b_ref[idx], c_ref[idx].astype(F32)
+
+
+def _gap(x: tuple[Array, Array], y: tuple[Array, Array]) -> Array:
+    """``x - y`` of two compensated sums, accurate to the rounding of the result itself."""
+    return (x[0] - y[0]) + (x[1] - y[1])
+
+
+def _scaled(x: Array, exponent: Array) -> Array:
+    """``x * exp(exponent)`` computed in float32, back in ``x``'s dtype (a matmul operand)."""
+    return (x.astype(F32) * jnp.exp(exponent)).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _fwd_a_kernel(q_ref, k_ref, b_ref, c_ref, a_ref, *, st: CoreStatic):
+    """``A`` of one chunk (without ``scale``), sub-chunk row by sub-chunk row."""
+    L, BK = st.chunk, st.block_k
+    c = pl.program_id(1)
+    r, h = _row_col(st)
+    t0 = c * L
+    ns = L // SUB
+    row_i = _iota((SUB, BK), 0)
+    col_j = _iota((SUB, SUB), 1)
+    for bi in range(ns):
+        ri = _rows(t0, bi)
+        acc = [jnp.zeros((SUB, SUB), F32) for _ in range(bi + 1)]
+        for ik in range(st.key_dim // BK):
+            ks = pl.ds(ik * BK, BK)
+            q = q_ref[r, ri, h, ks]
+            b = _load_b(b_ref, c_ref, r, ri, h, ks)  # [SUB, BK] float32
+            for bj in range(bi):  # through the reference row (last row of sub-chunk bj)
+                b_r = _load_b(b_ref, c_ref, r, t0 + bj * SUB + SUB - 1, h, ks)  # [BK]
+                rj = _rows(t0, bj)
+                qs = _scaled(q, _gap(b, b_r))
+                kj = _scaled(k_ref[r, rj, h, ks], _gap(b_r, _load_b(b_ref, c_ref, r, rj, h, ks)))
+                acc[bj] += _dot(qs, kj, tb=True)
+            qf = q.astype(F32)
+
+            def column(j, a, qf=qf, b=b, ks=ks, bi=bi):
+                row = t0 + bi * SUB + j
+                k_j = k_ref[r, row, h, ks].astype(F32)  # [BK]
+                b_j = _load_b(b_ref, c_ref, r, row, h, ks)
+                e = jnp.exp(jnp.where(row_i >= j, _gap(b, b_j), -jnp.inf))
+                col = jnp.sum(qf * k_j[None, :] * e, axis=1)  # [SUB]
+                return a + jnp.where(col_j == j, col[:, None], 0.0)
+
+            acc[bi] = jax.lax.fori_loop(0, SUB, column, acc[bi])
+        for bj in range(ns):
+            blk = acc[bj] if bj <= bi else jnp.zeros((SUB, SUB), F32)
+            a_ref[r, ri, h, pl.ds(bj * SUB, SUB)] = blk
+
+
+def _fwd_h_kernel(k_ref, v_ref, b_ref, c_ref, *refs, st: CoreStatic):
+    it = iter(refs)
+    h0_ref = next(it) if st.has_h0 else None
+    seq_ref, flag_ref, h_ref, final_ref = next(it), next(it), next(it), next(it)
+    L, BK, BV = st.chunk, st.block_k, st.block_v
+    ik, iv = pl.program_id(0), pl.program_id(1)
+    r, h = _row_col(st)
+    ks, vs = pl.ds(ik * BK, BK), pl.ds(iv * BV, BV)
+
+    def body(c, state):
+        t0 = c * L
+        seq = seq_ref[r, c]
+        flag = flag_ref[r, c]
+        reset = (flag & 1) == 1
+        last = (flag & 2) == 2
+        start = h0_ref[seq, h, ks, vs].astype(F32) if st.has_h0 else jnp.zeros((BK, BV), F32)
+        state = jnp.where(reset, start, state)
+        h_ref[r, c, h, ks, vs] = state.astype(h_ref.dtype)
+        b = _load_b(b_ref, c_ref, r, pl.ds(t0, L), h, ks)  # [L, BK]
+        b_last = _load_b(b_ref, c_ref, r, t0 + L - 1, h, ks)  # [BK]
+        k = _scaled(k_ref[r, pl.ds(t0, L), h, ks], _gap(b_last, b))
+        v = v_ref[r, pl.ds(t0, L), h, vs]
+        state = state * jnp.exp(b_last[0])[:, None] + _dot(k, v, ta=True)
+        plt.store(final_ref.at[seq, h, ks, vs], state, mask=jnp.broadcast_to(last, (BK, BV)))
+        return state
+
+    jax.lax.fori_loop(0, st.n_chunks, body, jnp.zeros((BK, BV), F32))
+
+
+def _fwd_o_kernel(q_ref, v_ref, h_ref, b_ref, a_ref, o_ref, *, st: CoreStatic):
+    L, BK, BV = st.chunk, st.block_k, st.block_v
+    iv, c = pl.program_id(0), pl.program_id(1)
+    r, h = _row_col(st)
+    t0 = c * L
+    vs = pl.ds(iv * BV, BV)
+    acc = jnp.zeros((L, BV), F32)
+    for ik in range(st.key_dim // BK):
+        ks = pl.ds(ik * BK, BK)
+        q = _scaled(q_ref[r, pl.ds(t0, L), h, ks], b_ref[r, pl.ds(t0, L), h, ks])
+        acc += _dot(q, h_ref[r, c, h, ks, vs])
+    v = v_ref[r, pl.ds(t0, L), h, vs]
+    a = a_ref[r, pl.ds(t0, L), h, pl.ds(0, L)]
+    o = (acc + _dot(a.astype(v.dtype), v)) * st.scale
+    o_ref[r, pl.ds(t0, L), h, vs] = o.astype(o_ref.dtype)
+
+
+def gla_forward(st: CoreStatic, q, k, v, b, bc, h0, seq_info, flags):
+    """Run ``fwd_a``, ``fwd_h``, ``fwd_o``; returns ``(o, a, h, final)``."""
+    R, NC, L, H, K, V = st.rows, st.n_chunks, st.chunk, st.heads, st.key_dim, st.value_dim
+    TP = NC * L
+    dt = q.dtype
+    nk, nv = K // st.block_k, V // st.block_v
+    a = _call(functools.partial(_fwd_a_kernel, st=st), st, (1, NC, R * H),
+              jax.ShapeDtypeStruct((R, TP, H, L), F32), q, k, b, bc)
+    ins = [k, v, b, bc] + ([h0] if st.has_h0 else []) + [seq_info, flags]
+    outs = [jax.ShapeDtypeStruct((R, NC, H, K, V), dt),
+            jax.ShapeDtypeStruct((st.n_seqs, H, K, V), F32)]
+    h, final = _call(functools.partial(_fwd_h_kernel, st=st), st, (nk, nv, R * H), outs, *ins)
+    o = _call(functools.partial(_fwd_o_kernel, st=st), st, (nv, NC, R * H),
+              jax.ShapeDtypeStruct((R, TP, H, V), dt), q, v, h, b, a)
+    return o, a, h, final
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _bwd_dh_kernel(q_ref, do_ref, b_ref, dht_ref, seq_ref, flag_ref, dh_ref, dh0_ref, *,
+                   st: CoreStatic):
+    """``dh[c] = dS_{c+1}`` (the gradient of the state leaving chunk c), and ``dh0``."""
+    L, BK, BV = st.chunk, st.block_k, st.block_v
+    ik, iv = pl.program_id(0), pl.program_id(1)
+    r, h = _row_col(st)
+    ks, vs = pl.ds(ik * BK, BK), pl.ds(iv * BV, BV)
+
+    def body(i, ds):
+        c = st.n_chunks - 1 - i
+        t0 = c * L
+        seq = seq_ref[r, c]
+        flag = flag_ref[r, c]
+        reset = (flag & 1) == 1
+        last = (flag & 2) == 2
+        ds = jnp.where(last, dht_ref[seq, h, ks, vs], ds)
+        dh_ref[r, c, h, ks, vs] = ds.astype(dh_ref.dtype)
+        q = _scaled(q_ref[r, pl.ds(t0, L), h, ks], b_ref[r, pl.ds(t0, L), h, ks])
+        do = do_ref[r, pl.ds(t0, L), h, vs]
+        b_last = b_ref[r, t0 + L - 1, h, ks]
+        nxt = _dot(q, do, ta=True) * st.scale + ds * jnp.exp(b_last)[:, None]
+        plt.store(dh0_ref.at[seq, h, ks, vs], nxt, mask=jnp.broadcast_to(reset, (BK, BV)))
+        return nxt
+
+    jax.lax.fori_loop(0, st.n_chunks, body, jnp.zeros((BK, BV), F32))
+
+
+def _bwd_da_kernel(do_ref, v_ref, da_ref, *, st: CoreStatic):
+    """``dA = scale * do v^T`` masked to ``j <= i`` (float32)."""
+    L, BV = st.chunk, st.block_v
+    c = pl.program_id(1)
+    r, h = _row_col(st)
+    t0 = c * L
+    acc = jnp.zeros((L, L), F32)
+    for iv in range(st.value_dim // BV):
+        vs = pl.ds(iv * BV, BV)
+        acc += _dot(do_ref[r, pl.ds(t0, L), h, vs], v_ref[r, pl.ds(t0, L), h, vs], tb=True)
+    da_ref[r, pl.ds(t0, L), h, pl.ds(0, L)] = jnp.where(_causal(L), acc * st.scale, 0.0)
+
+
+def _bwd_dv_kernel(k_ref, do_ref, dh_ref, b_ref, c_ref, a_ref, dv_ref, *, st: CoreStatic):
+    L, BK, BV = st.chunk, st.block_k, st.block_v
+    iv, c = pl.program_id(0), pl.program_id(1)
+    r, h = _row_col(st)
+    t0 = c * L
+    vs = pl.ds(iv * BV, BV)
+    acc = jnp.zeros((L, BV), F32)
+    for ik in range(st.key_dim // BK):
+        ks = pl.ds(ik * BK, BK)
+        b = _load_b(b_ref, c_ref, r, pl.ds(t0, L), h, ks)
+        b_last = _load_b(b_ref, c_ref, r, t0 + L - 1, h, ks)
+        k = _scaled(k_ref[r, pl.ds(t0, L), h, ks], _gap(b_last, b))
+        acc += _dot(k, dh_ref[r, c, h, ks, vs])
+    do = do_ref[r, pl.ds(t0, L), h, vs]
+    a = a_ref[r, pl.ds(t0, L), h, pl.ds(0, L)] * st.scale
+    dv = _dot(a.astype(do.dtype), do, ta=True) + acc
+    dv_ref[r, pl.ds(t0, L), h, vs] = dv.astype(dv_ref.dtype)
+
+
+def _bwd_dqk_kernel(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, c_ref, da_ref,
+                    dq_ref, dk_ref, p_ref, pk_ref, *, st: CoreStatic):
+    """``dq``, ``dk`` and the gate-gradient terms, one sub-chunk of 16 rows at a time.
+
+    ``p``: ``q dq - k dk`` without the diagonal pairs and the inter-chunk ``dk`` (plus
+    ``e^{b_L} <S_c, dS_{c+1}>`` on the chunk's last row); ``pk``: ``k dk^inter``.
+    """
+    L, BK, BV = st.chunk, st.block_k, st.block_v
+    ik, c = pl.program_id(0), pl.program_id(1)
+    r, h = _row_col(st)
+    t0 = c * L
+    ks = pl.ds(ik * BK, BK)
+    ns = L // SUB
+    dt = q_ref.dtype
+    row_i = _iota((SUB, BK), 0)
+    sub_i = _iota((SUB,), 0)
+    b_last = _load_b(b_ref, c_ref, r, t0 + L - 1, h, ks)  # [BK]
+    for bi in range(ns):
+        ri = _rows(t0, bi)
+        q = q_ref[r, ri, h, ks]
+        k = k_ref[r, ri, h, ks]
+        qf, kf = q.astype(F32), k.astype(F32)
+        b = _load_b(b_ref, c_ref, r, ri, h, ks)  # [SUB, BK]
+        # inter-chunk: do S_c^T and v dS_{c+1}^T
+        acc_q = jnp.zeros((SUB, BK), F32)
+        acc_k = jnp.zeros((SUB, BK), F32)
+        hdh = jnp.zeros((BK,), F32)
+        for iv in range(st.value_dim // BV):
+            vs = pl.ds(iv * BV, BV)
+            s = h_ref[r, c, h, ks, vs]
+            ds = dh_ref[r, c, h, ks, vs]
+            acc_q += _dot(do_ref[r, ri, h, vs], s, tb=True)
+            acc_k += _dot(v_ref[r, ri, h, vs], ds, tb=True)
+            if bi == ns - 1:
+                hdh += jnp.sum(s.astype(F32) * ds.astype(F32), axis=1)
+        dq = acc_q * (jnp.exp(b[0]) * st.scale)
+        dk_inter = acc_k * jnp.exp(_gap(b_last, b))
+        dk = jnp.zeros((SUB, BK), F32)
+        # intra-chunk, off-diagonal sub-chunk pairs through the reference row
+        for bj in range(bi):  # keys of sub-chunk bj < bi act on dq_I
+            rj = _rows(t0, bj)
+            b_r = _load_b(b_ref, c_ref, r, t0 + bj * SUB + SUB - 1, h, ks)
+            kj = _scaled(k_ref[r, rj, h, ks], _gap(b_r, _load_b(b_ref, c_ref, r, rj, h, ks)))
+            da = da_ref[r, ri, h, pl.ds(bj * SUB, SUB)]  # dA_IJ [SUB, SUB]
+            dq += _dot(da.astype(dt), kj) * jnp.exp(_gap(b, b_r))
+        b_r = _load_b(b_ref, c_ref, r, t0 + bi * SUB + SUB - 1, h, ks)
+        for bj in range(bi + 1, ns):  # queries of sub-chunk bj > bi act on dk_I
+            rj = _rows(t0, bj)
+            qj = _scaled(q_ref[r, rj, h, ks], _gap(_load_b(b_ref, c_ref, r, rj, h, ks), b_r))
+            da = da_ref[r, rj, h, pl.ds(bi * SUB, SUB)]  # dA_JI [SUB, SUB]
+            dk += _dot(da.astype(dt), qj, ta=True) * jnp.exp(_gap(b_r, b))
+
+        # the diagonal block, exactly; pairs i > j here, the i == j terms (dd) apart
+        def column(j, carry, qf=qf, b=b, ri=ri, bi=bi):
+            dq, dk, dd = carry
+            row = t0 + bi * SUB + j
+            col = da_ref[r, ri, h, bi * SUB + j]  # dA_{i j}, i in the sub-chunk: [SUB]
+            k_j = k_ref[r, row, h, ks].astype(F32)
+            b_j = _load_b(b_ref, c_ref, r, row, h, ks)
+            e = jnp.exp(jnp.where(row_i > j, _gap(b, b_j), -jnp.inf))  # [SUB, BK]
+            dq = dq + col[:, None] * k_j[None, :] * e
+            dk_j = jnp.sum(col[:, None] * qf * e, axis=0)  # [BK]
+            dk = dk + jnp.where(row_i == j, dk_j[None, :], 0.0)
+            dd = dd + jnp.where(sub_i == j, col, 0.0)
+            return dq, dk, dd
+
+        dq, dk, dd = jax.lax.fori_loop(0, SUB, column, (dq, dk, jnp.zeros((SUB,), F32)))
+        p = qf * dq - kf * dk
+        if bi == ns - 1:  # e^{b_L} <S_c, dS_{c+1}> acts on every token of the chunk
+            p += jnp.where(row_i == SUB - 1, (jnp.exp(b_last[0]) * hdh)[None, :], 0.0)
+        p_ref[r, ri, h, ks] = p
+        pk_ref[r, ri, h, ks] = kf * dk_inter
+        dq_ref[r, ri, h, ks] = (dq + dd[:, None] * kf).astype(dq_ref.dtype)
+        dk_ref[r, ri, h, ks] = (dk + dk_inter + dd[:, None] * qf).astype(dk_ref.dtype)
+
+
+def gla_backward(st: CoreStatic, res, do, dfinal):
+    """Gradients in the chunk layout: ``(dq, dk, dv, p, pk, dh0)`` (see :func:`_bwd_dqk_kernel`)."""
+    q, k, v, b, bc, a, h0, seq_info, flags, h = res
+    del h0
+    R, NC, L, H, K, V = st.rows, st.n_chunks, st.chunk, st.heads, st.key_dim, st.value_dim
+    TP = NC * L
+    dt = q.dtype
+    nk, nv = K // st.block_k, V // st.block_v
+    do = do.astype(dt)
+    outs = [jax.ShapeDtypeStruct((R, NC, H, K, V), dt),
+            jax.ShapeDtypeStruct((st.n_seqs, H, K, V), F32)]
+    dh, dh0 = _call(functools.partial(_bwd_dh_kernel, st=st), st, (nk, nv, R * H), outs,
+                    q, do, b, dfinal.astype(F32), seq_info, flags)
+    da = _call(functools.partial(_bwd_da_kernel, st=st), st, (1, NC, R * H),
+               jax.ShapeDtypeStruct((R, TP, H, L), F32), do, v)
+    dv = _call(functools.partial(_bwd_dv_kernel, st=st), st, (nv, NC, R * H),
+               jax.ShapeDtypeStruct((R, TP, H, V), dt), k, do, dh, b, bc, a)
+    outs = [jax.ShapeDtypeStruct((R, TP, H, K), dt), jax.ShapeDtypeStruct((R, TP, H, K), dt),
+            jax.ShapeDtypeStruct((R, TP, H, K), F32), jax.ShapeDtypeStruct((R, TP, H, K), F32)]
+    dq, dk, p, pk = _call(functools.partial(_bwd_dqk_kernel, st=st), st, (nk, NC, R * H), outs,
+                          q, k, v, do, h, dh, b, bc, da)
+    return dq, dk, dv, p, pk, dh0
+
+
+# ----------------------------------------------------------------------------- custom_vjp
+
+
+def _in_chunk(x: Array, st: CoreStatic) -> Array:
+    """``[R, TP, H, K]`` -> ``[R, NC, L, H, K]``."""
+    return x.reshape(st.rows, st.n_chunks, st.chunk, st.heads, x.shape[-1])
+
+
+def _flat(x: Array) -> Array:
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+def _two_sum(a: Array, b: Array) -> tuple[Array, Array]:
+    """``a + b`` as ``(s, err)`` with ``s + err`` exact (Knuth's TwoSum)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def _in_chunk_sums(g: Array, st: CoreStatic) -> tuple[Array, Array]:
+    """The inclusive in-chunk sums of ``g [R, TP, H, K]`` as ``(hi float32, lo bfloat16)``.
+
+    ``hi + lo`` carries the sum to ~2^-40 relative (a compensated scan). Exponents that
+    are differences ``b_i - b_j`` take ``(hi_i - hi_j) + (lo_i - lo_j)``: with ``hi`` alone,
+    a difference of one step at log-gates near -20 carries the rounding of a sum near
+    ``-20 L`` (``2e-5`` absolute at L = 32), which showed in the gate gradient (whose
+    entries are all ~e^-20 there). ``lo`` (at most half an ulp of ``hi``) needs no more
+    than bfloat16's 8 bits, which halves its memory traffic.
+    """
+
+    def combine(x, y):
+        s, e = _two_sum(x[0], y[0])
+        lo = x[1] + y[1] + e
+        hi = s + lo
+        return hi, lo - (hi - s)
+
+    gc = _in_chunk(g.astype(F32), st)
+    hi, lo = jax.lax.associative_scan(combine, (gc, jnp.zeros_like(gc)), axis=2)
+    return _flat(hi), _flat(lo).astype(jnp.bfloat16)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def gla_core(st: CoreStatic, q, k, v, g, h0, seq_info, flags):
+    """GLA in the chunk layout; ``(o [R, TP, H, V], final [N, H, K, V] float32)``.
+
+    Args:
+        st: static description (``gate="vector"``). q, k: ``[R, TP, H, K]``. v:
+        ``[R, TP, H, V]``. g: ``[R, TP, H, K]`` float32 log-gates. h0: ``[N, H, K, V]``
+        float32 or None. seq_info, flags: as :func:`~linearnexus.kernels.common.pallas_chunk.chunk_core`.
+    """
+    return _core_fwd(st, q, k, v, g, h0, seq_info, flags)[0]
+
+
+def _core_fwd(st, q, k, v, g, h0, seq_info, flags):
+    b, bc = _in_chunk_sums(g, st)
+    h0f = None if h0 is None else h0.astype(F32)
+    o, a, h, final = gla_forward(st, q, k, v, b, bc, h0f, seq_info, flags)
+    empty_final = jnp.zeros_like(final) if h0 is None else h0f
+    final = jnp.where(_has_chunk(st, seq_info, flags)[:, None, None, None], final, empty_final)
+    return (o, final), (q, k, v, b, bc, a, h0, seq_info, flags, h)
+
+
+def _core_bwd(st, res, cts):
+    do, dfinal = cts
+    h0, seq_info, flags = res[6], res[7], res[8]
+    dq, dk, dv, p, pk, dh0 = gla_backward(st, res, do, dfinal)
+    p, pk = _in_chunk(p, st), _in_chunk(pk, st)
+    # dg_t = sum_{i >= t} p_i + sum_{j < t} pk_j, within the chunk (module doc)
+    rev = jnp.flip(jnp.cumsum(jnp.flip(p, 2), axis=2), 2)
+    shifted = jnp.concatenate([jnp.zeros_like(pk[:, :, :1]), pk[:, :, :-1]], axis=2)
+    dg = _flat(rev + jnp.cumsum(shifted, axis=2))
+    if h0 is not None:  # a length-0 sequence passes its initial state straight through
+        dh0 = jnp.where(_has_chunk(st, seq_info, flags)[:, None, None, None], dh0, dfinal)
+        dh0 = dh0.astype(h0.dtype)
+    else:
+        dh0 = None
+    return dq, dk, dv, dg, dh0, None, None
+
+
+gla_core.defvjp(_core_fwd, _core_bwd)
+
+
+# ----------------------------------------------------------------------------- glue
+
+
+def gla_pallas(q: Array, k: Array, v: Array, g: Array, *, scale: float,
+               initial_state: Array | None = None, cu_seqlens: Array | None = None,
+               chunk_size: int | None = None,
+               config: TritonConfig | None = None) -> tuple[Array, Array]:
+    """GLA through the Pallas kernels; arguments as :func:`gla_reference` plus ``chunk_size``
+    (power of two >= 16) and ``config`` (launch-knob overrides; None fields use
+    :func:`default_config`).
+
+    Returns ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32)``.
+    """
+    check_pallas_dtype("gla", q, k, v, g)
+    heads, key_dim = q.shape[2], q.shape[3]
+    value_dim = v.shape[3]
+    dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+    cfg = _chunk_of(config, chunk_size)
+    plan, kp, vp, h0, n_seqs = _prepare(q, k, v, initial_state, cu_seqlens, cfg.chunk)
+    cfg = _resolve(cfg, rows=plan.rows, heads=heads, key_dim=kp, value_dim=vp)
+    qc = _layout(_pad_last(q.astype(dtype), kp), plan)
+    kc = _layout(_pad_last(k.astype(dtype), kp), plan)
+    vc = _layout(_pad_last(v.astype(dtype), vp), plan)
+    gc = _layout(_pad_last(g.astype(F32), kp), plan)
+    seq_info, flags = chunk_layout_info(plan)
+    st = _static(cfg, gate="vector", delta=False, has_h0=h0 is not None, scale=scale, plan=plan,
+                 heads=heads, key_dim=kp, value_dim=vp, n_seqs=n_seqs)
+    o, final = gla_core(st, qc, kc, vc, gc, h0, seq_info, flags)
+    o = _unlayout(o, plan)[..., :value_dim].astype(v.dtype)
+    return o, final[:, :, :key_dim, :value_dim]

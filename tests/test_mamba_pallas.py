@@ -1,0 +1,174 @@
+"""The Pallas selective-scan kernels (interpret mode on the CPU) against the per-step reference.
+
+Forward output, final state and the gradient of every input (initial state included), at
+sequence lengths that are not multiples of the time tile, channel counts that are not
+multiples of the channel block and a state size that is not a power of two. Shapes are
+tiny: interpret mode is slow, and compiling dominates this file's run time.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from linearnexus.kernels.base import GridConfig
+from linearnexus.kernels.common.pallas import TritonConfig
+from linearnexus.kernels.mamba import pallas as mamba_pallas
+from linearnexus.kernels.mamba import selective_scan
+from linearnexus.kernels.mamba.api import BACKENDS
+from linearnexus.kernels.mamba.pallas import (
+    default_config,
+    memory_floor_bytes,
+    resolve_config,
+    selective_scan_pallas,
+)
+from linearnexus.kernels.mamba.reference import selective_scan_reference
+from linearnexus.modules.ssm.mamba import MambaBlock, MambaConfig
+from tests.helpers.parity import assert_close, jit_block, x64
+
+NAMES = ("x", "dt", "A", "B", "C", "D", "z", "initial_state")
+
+
+def make_inputs(key, batch=2, seq=37, channels=24, n=5, dtype=jnp.float32):
+    # numpy draws (seeded from the test's key): eager jax.random ops would compile per shape
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
+
+    def normal(*shape, dt=dtype):
+        return jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dt)
+
+    dt = jnp.log1p(jnp.exp(normal(batch, seq, channels, dt=jnp.float32) - 1.0))  # softplus
+    return {"x": normal(batch, seq, channels), "dt": dt.astype(dtype),
+            "A": -jnp.exp(normal(channels, n, dt=jnp.float32)).astype(dtype),
+            "B": normal(batch, seq, n), "C": normal(batch, seq, n), "D": normal(channels),
+            "z": normal(batch, seq, channels),
+            "initial_state": normal(batch, channels, n, dt=jnp.float32)}
+
+
+def outputs_and_grads(fn, inputs, key):
+    """``(y, final_state, grads)``; grads of ``<y, u> + <h, v>`` for random ``u, v``."""
+    names = [k for k, v in inputs.items() if v is not None]
+
+    def run(arrays):
+        kw = {k: arrays.get(k) for k in ("D", "z", "initial_state")}
+        return fn(arrays["x"], arrays["dt"], arrays["A"], arrays["B"], arrays["C"], **kw)
+
+    @jax.jit
+    def go(arrays):
+        (y, h), vjp = jax.vjp(run, arrays)
+        ku, kv = jax.random.split(key)
+        u = jax.random.normal(ku, y.shape, jnp.float32).astype(y.dtype)
+        v = jax.random.normal(kv, h.shape, h.dtype)
+        return y, h, vjp((u, v))[0]
+
+    return go({k: inputs[k] for k in names})
+
+
+def check(inputs, key, tol, config=None, fn=None):
+    if fn is None:
+        def fn(*a, **kw):
+            return selective_scan_pallas(*a, config=config, **kw)
+    pallas = outputs_and_grads(fn, inputs, key)
+    ref = outputs_and_grads(selective_scan_reference, inputs, key)
+    assert pallas[0].dtype == inputs["x"].dtype
+    assert pallas[1].dtype == jnp.float32
+    assert_close(pallas[0], ref[0], tol, "output")
+    assert_close(pallas[1], ref[1], tol, "final state")
+    for name in ref[2]:
+        assert pallas[2][name].dtype == inputs[name].dtype, name
+        assert_close(pallas[2][name], ref[2][name], tol, f"d{name}")
+
+
+def test_float32_matches_reference(key):
+    # through the api by name (interpret mode on the CPU). T = 37: 3 tiles of 16, the last
+    # one padded; 24 channels: 2 blocks of 16, one padded; N = 5 padded to 8
+    def by_name(*args, **kw):
+        return selective_scan(*args, **kw, output_final_state=True, mode="chunk",
+                              backend="pallas")
+
+    check(make_inputs(key), key, 1e-4, fn=by_name)
+
+
+def test_without_skip_and_gate_other_tiles(key):
+    # no D, no z, no initial state; 32-step tiles, 40 channels in 3 blocks, T = 45
+    inputs = make_inputs(key, seq=45, channels=40, n=3)
+    inputs["D"] = inputs["z"] = inputs["initial_state"] = None
+    check(inputs, key, 1e-4, TritonConfig(chunk=32, block_v=16))
+
+
+def test_bfloat16_inputs(key):
+    # bfloat16 everywhere but A (float32, as the Mamba block passes it)
+    inputs = make_inputs(key, seq=21, channels=16, n=4, dtype=jnp.bfloat16)
+    inputs["A"] = inputs["A"].astype(jnp.float32)
+    check(inputs, key, 1e-2)
+
+
+def test_unrolled_tiles_forward(key, monkeypatch):
+    # the compiled (GPU) path writes a tile's steps as straight-line code; interpret mode
+    # normally loops over them (faster to compile). Check the unrolled form once.
+    monkeypatch.setattr(mamba_pallas, "_FORCE_UNROLL", True)
+    inputs = make_inputs(key, seq=20, channels=16, n=4)
+    args = [inputs[k] for k in NAMES[:5]]
+    y, h = jax.jit(selective_scan_pallas)(*args, D=inputs["D"], z=inputs["z"],
+                                          initial_state=inputs["initial_state"])
+    y_ref, h_ref = selective_scan_reference(*args, D=inputs["D"], z=inputs["z"],
+                                            initial_state=inputs["initial_state"])
+    assert_close(y, y_ref, 1e-4, "output")
+    assert_close(h, h_ref, 1e-4, "final state")
+
+
+def test_recurrent_mode_and_dispatch(key):
+    # recurrent mode delegates to the per-step reference
+    inputs = make_inputs(key, seq=2, channels=16, n=4)
+    args = [inputs[k] for k in NAMES[:5]]
+    y_rec, _ = selective_scan(*args, mode="recurrent", backend="pallas")
+    assert_close(y_rec, selective_scan_reference(*args)[0], 1e-6, "recurrent")
+    kernel = BACKENDS["pallas"]
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        assert kernel.supports(platform="gpu", dtype=dtype)
+        assert not kernel.supports(platform="cpu", dtype=dtype)
+        assert not kernel.supports(platform="tpu", dtype=dtype)
+    assert not kernel.supports(platform="gpu", dtype=jnp.float64)
+
+
+def test_bad_config_names_the_field(key):
+    with pytest.raises(ValueError, match=r"block_v: expected a power of two >= 16"):
+        TritonConfig(block_v=24)
+    with pytest.raises(ValueError, match=r"chunk: expected a power of two >= 16"):
+        TritonConfig(chunk=8)
+    with pytest.raises(ValueError, match=r"block_k: the selective scan has no key dimension"):
+        resolve_config(TritonConfig(block_k=16), 2, 8, 16, 4)
+    with pytest.raises(TypeError, match=r"config: expected TritonConfig"):
+        resolve_config({"block_v": 16}, 2, 8, 16, 4)
+    inputs = make_inputs(key, seq=8, channels=16, n=4)
+    args = [inputs[k] for k in NAMES[:5]]
+    with pytest.raises(ValueError, match=r"grid.block_c: .* power of two >= 16"):
+        selective_scan(*args, mode="chunk", backend="pallas", grid=GridConfig(block_c=24))
+    with x64():
+        with pytest.raises(NotImplementedError, match=r"x: the Pallas selective scan takes"):
+            selective_scan_pallas(*(a.astype(jnp.float64) for a in args))
+
+
+def test_default_config_and_memory_floor():
+    small = default_config(1, 128, 64, 16)
+    big = default_config(8, 4096, 4096, 16)
+    assert (small.block_v, big.block_v) == (16, 32)
+    for cfg in (small, big):
+        assert cfg.chunk == 16 and cfg.num_warps == 1 and cfg.num_stages == 2
+    assert resolve_config(TritonConfig(chunk=64), 1, 128, 64, 16).chunk == 64
+    # B=1, T=2, D=4, N=2 in float32: x, dt, z, y 8 floats each; B, C 4 each; A 8; D 4;
+    # initial + final state 8 each
+    assert memory_floor_bytes(1, 2, 4, 2, jnp.float32) == 4 * (4 * 8 + 2 * 4 + 8 + 4 + 2 * 8)
+
+
+def test_mamba_block_with_pallas_backend():
+    cfg = MambaConfig.tiny(kernel_backend="pallas")  # d_inner 32, d_state 4
+    block = MambaBlock(cfg, rngs=nnx.Rngs(0))
+    ref = MambaBlock(MambaConfig.tiny(kernel_backend="jax"), rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 19, 16)), jnp.float32)
+    y, state = jit_block(block, "chunk")(x)
+    y_ref, state_ref = jit_block(ref, "chunk")(x)
+    assert_close(y, y_ref, 1e-4, "block output")
+    assert_close(state.ssm.state, state_ref.ssm.state, 1e-4, "block ssm state")
