@@ -42,10 +42,7 @@ def _api(op: str):
     return importlib.import_module(f"linearnexus.kernels.{op}.api")
 
 
-GLA_HAS_PALLAS = "pallas" in _api("gla").BACKENDS
-OPS = [*PALLAS_OPS, pytest.param("gla", marks=pytest.mark.skipif(
-    not GLA_HAS_PALLAS, reason="gla has no pallas backend yet (linearnexus/kernels/gla/pallas.py); "
-                               "runs once 'pallas' is in linearnexus.kernels.gla.api.BACKENDS"))]
+OPS = [*PALLAS_OPS, "gla"]
 
 TOL = 1e-5  # float32 (conftest sets the highest matmul precision)
 BF16_TOL, BF16_GRAD_TOL = 2e-2, 5e-2
@@ -135,7 +132,7 @@ def test_batch_matches_reference(op, key):
     _compare(op, names, got, ref, TOL, TOL, "float32")
 
 
-@pytest.mark.parametrize("op", ["simple_gla", "gated_delta_rule", OPS[-1]])  # OPS[-1]: gla
+@pytest.mark.parametrize("op", ["simple_gla", "gated_delta_rule", "gla"])
 def test_strong_decay_matches_reference(op, key):
     """Log-gates in [-20, -19]: the state forgets almost everything each step; exp of large
     cumulative gate sums must neither overflow nor cancel (outputs and gradients)."""

@@ -19,8 +19,6 @@ import dataclasses
 import os
 from typing import Any
 
-import jax
-
 from linearnexus.kernels.base import current_platform
 
 #: set to "1" to force interpret mode (e.g. to debug a kernel on a GPU machine), "0" to
@@ -89,8 +87,3 @@ class TritonConfig:
 def next_pow2(n: int, minimum: int = 16) -> int:
     """The smallest power of two >= max(n, minimum)."""
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
-
-
-def on_gpu() -> bool:
-    """Whether JAX's default device is a GPU."""
-    return jax.default_backend() in ("cuda", "rocm", "gpu")

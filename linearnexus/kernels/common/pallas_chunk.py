@@ -469,10 +469,11 @@ def core_backward(st: CoreStatic, res, do, dfinal):
 # ----------------------------------------------------------------------------- custom_vjp
 
 
-def _chunk_cumsum_flat(g: Array, st: CoreStatic) -> Array:
-    """In-chunk inclusive cumsum of ``g [R, TP, H]`` in float32."""
-    gc = g.astype(F32).reshape(st.rows, st.n_chunks, st.chunk, st.heads)
-    return jnp.cumsum(gc, axis=2).reshape(st.rows, st.n_chunks * st.chunk, st.heads)
+def in_chunk_cumsum(g: Array, chunk: int) -> Array:
+    """In-chunk inclusive cumsum of log-gates ``g [R, TP, H]`` (chunk layout), float32."""
+    rows, total, heads = g.shape
+    gc = g.astype(F32).reshape(rows, total // chunk, chunk, heads)
+    return jnp.cumsum(gc, axis=2).reshape(g.shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -497,7 +498,7 @@ def _has_chunk(st: CoreStatic, seq_info: Array, flags: Array) -> Array:
 
 
 def _core_fwd(st, q, k, v, w, g, h0, seq_info, flags):
-    b = _chunk_cumsum_flat(g, st) if st.gate == "scalar" else None
+    b = in_chunk_cumsum(g, st.chunk) if st.gate == "scalar" else None
     h0f = None if h0 is None else h0.astype(F32)
     o, h, vn, final = core_forward(st, q, k, v, w, b, h0f, seq_info, flags)
     empty_final = jnp.zeros_like(final) if h0 is None else h0f

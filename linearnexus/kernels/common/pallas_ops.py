@@ -113,6 +113,41 @@ def _prepare(q, k, v, initial_state, cu_seqlens, chunk: int):
     return plan, kp, vp, h0, n_seqs
 
 
+def _run_chunked(name: str, q: Array, k: Array, v: Array, g: Array | None, beta: Array | None, *,
+                 scale: float, initial_state: Array | None, cu_seqlens: Array | None,
+                 chunk_size: int | None, config: TritonConfig | None) -> tuple[Array, Array]:
+    """The glue both public functions share: layout in, (WY preparation,) core, layout out.
+
+    ``beta`` given means the delta rule (``g`` then optional); otherwise gated linear
+    attention with a scalar gate ``g`` (or none).
+    """
+    delta = beta is not None
+    check_pallas_dtype(name, q, k, v, g, beta)
+    heads, key_dim, value_dim = q.shape[2], q.shape[3], v.shape[3]
+    dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+    cfg = _chunk_of(config, chunk_size)
+    plan, kp, vp, h0, n_seqs = _prepare(q, k, v, initial_state, cu_seqlens, cfg.chunk)
+    cfg = _resolve(cfg, rows=plan.rows, heads=heads, key_dim=kp, value_dim=vp, delta=delta,
+                   dtype=dtype, n_chunks=plan.n_chunks)
+    qc = _layout(_pad_last(q.astype(dtype), kp), plan)
+    kc = _layout(_pad_last(k.astype(dtype), kp), plan)
+    vc = _layout(_pad_last(v.astype(dtype), vp), plan)
+    gc = None if g is None else _layout(g.astype(F32), plan)
+    w = None
+    if delta:  # the values the core sees are u; w corrects them by the entering state
+        wst = WyStatic(gated=g is not None, rows=plan.rows, n_chunks=plan.n_chunks,
+                       chunk=plan.chunk, heads=heads, key_dim=kp, value_dim=vp,
+                       exact=dtype == F32, num_warps=8 if max(kp, vp) >= 256 else 4,
+                       interpret=interpret_mode())
+        w, vc = wy_prepare(wst, kc, vc, _layout(beta, plan), gc)
+    seq_info, flags = chunk_layout_info(plan)
+    st = _static(cfg, gate="none" if g is None else "scalar", delta=delta, has_h0=h0 is not None,
+                 scale=scale, plan=plan, heads=heads, key_dim=kp, value_dim=vp, n_seqs=n_seqs)
+    o, final = chunk_core(st, qc, kc, vc, w, gc, h0, seq_info, flags)
+    o = _unlayout(o, plan)[..., :value_dim].astype(v.dtype)
+    return o, final[:, :, :key_dim, :value_dim]
+
+
 def linear_attention_pallas(q: Array, k: Array, v: Array, g: Array | None, *, scale: float,
                             initial_state: Array | None = None, cu_seqlens: Array | None = None,
                             chunk_size: int | None = None,
@@ -129,24 +164,8 @@ def linear_attention_pallas(q: Array, k: Array, v: Array, g: Array | None, *, sc
     Returns:
         ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32)``.
     """
-    check_pallas_dtype("simple_gla", q, k, v, g)
-    batch, seq, heads, key_dim = q.shape
-    value_dim = v.shape[3]
-    dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
-    cfg = _chunk_of(config, chunk_size)
-    plan, kp, vp, h0, n_seqs = _prepare(q, k, v, initial_state, cu_seqlens, cfg.chunk)
-    cfg = _resolve(cfg, rows=plan.rows, heads=heads, key_dim=kp, value_dim=vp, delta=False,
-                   dtype=dtype, n_chunks=plan.n_chunks)
-    qc = _layout(_pad_last(q.astype(dtype), kp), plan)
-    kc = _layout(_pad_last(k.astype(dtype), kp), plan)
-    vc = _layout(_pad_last(v.astype(dtype), vp), plan)
-    gc = None if g is None else _layout(g.astype(F32), plan)
-    seq_info, flags = chunk_layout_info(plan)
-    st = _static(cfg, gate="none" if g is None else "scalar", delta=False, has_h0=h0 is not None,
-                 scale=scale, plan=plan, heads=heads, key_dim=kp, value_dim=vp, n_seqs=n_seqs)
-    o, final = chunk_core(st, qc, kc, vc, None, gc, h0, seq_info, flags)
-    o = _unlayout(o, plan)[..., :value_dim].astype(v.dtype)
-    return o, final[:, :, :key_dim, :value_dim]
+    return _run_chunked("simple_gla", q, k, v, g, None, scale=scale, initial_state=initial_state,
+                        cu_seqlens=cu_seqlens, chunk_size=chunk_size, config=config)
 
 
 def delta_rule_pallas(q: Array, k: Array, v: Array, beta: Array, g: Array | None, *, scale: float,
@@ -164,29 +183,8 @@ def delta_rule_pallas(q: Array, k: Array, v: Array, beta: Array, g: Array | None
         ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32)``.
     """
     name = "delta_rule" if g is None else "gated_delta_rule"
-    check_pallas_dtype(name, q, k, v, beta, g)
-    batch, seq, heads, key_dim = q.shape
-    value_dim = v.shape[3]
-    dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
-    cfg = _chunk_of(config, chunk_size)
-    plan, kp, vp, h0, n_seqs = _prepare(q, k, v, initial_state, cu_seqlens, cfg.chunk)
-    cfg = _resolve(cfg, rows=plan.rows, heads=heads, key_dim=kp, value_dim=vp, delta=True,
-                   dtype=dtype, n_chunks=plan.n_chunks)
-    qc = _layout(_pad_last(q.astype(dtype), kp), plan)
-    kc = _layout(_pad_last(k.astype(dtype), kp), plan)
-    vc = _layout(_pad_last(v, vp), plan)
-    betac = _layout(beta, plan)
-    gc = None if g is None else _layout(g.astype(F32), plan)
-    wst = WyStatic(gated=g is not None, rows=plan.rows, n_chunks=plan.n_chunks, chunk=plan.chunk,
-                   heads=heads, key_dim=kp, value_dim=vp, exact=dtype == F32,
-                   num_warps=8 if max(kp, vp) >= 256 else 4, interpret=interpret_mode())
-    w, u = wy_prepare(wst, kc, vc.astype(dtype), betac, gc)
-    seq_info, flags = chunk_layout_info(plan)
-    st = _static(cfg, gate="none" if g is None else "scalar", delta=True, has_h0=h0 is not None,
-                 scale=scale, plan=plan, heads=heads, key_dim=kp, value_dim=vp, n_seqs=n_seqs)
-    o, final = chunk_core(st, qc, kc, u, w, gc, h0, seq_info, flags)
-    o = _unlayout(o, plan)[..., :value_dim].astype(v.dtype)
-    return o, final[:, :, :key_dim, :value_dim]
+    return _run_chunked(name, q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                        cu_seqlens=cu_seqlens, chunk_size=chunk_size, config=config)
 
 
 class PallasKernel:

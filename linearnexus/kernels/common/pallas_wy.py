@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 
 from linearnexus.core.types import Array
 from linearnexus.kernels.common.pallas import compiler_params
+from linearnexus.kernels.common.pallas_chunk import in_chunk_cumsum
 
 F32 = jnp.float32
 SUB = 16  # sub-block size of the in-kernel triangular inverse
@@ -191,17 +192,12 @@ def _call(kernel, st, out_shape, *args):
                           compiler_params=compiler_params(st.num_warps, 1))(*args)
 
 
-def _in_chunk_cumsum(g: Array, st: WyStatic) -> Array:
-    gc = g.astype(F32).reshape(st.rows, st.n_chunks, st.chunk, st.heads)
-    return jnp.cumsum(gc, axis=2).reshape(g.shape)
-
-
 def _fwd(st: WyStatic, k, v, beta, g):
     R, TP, H = st.rows, st.n_chunks * st.chunk, st.heads
     outs = [jax.ShapeDtypeStruct((R, TP, H, st.key_dim), k.dtype),
             jax.ShapeDtypeStruct((R, TP, H, st.value_dim), k.dtype),
             jax.ShapeDtypeStruct((R, TP, H, st.chunk), F32)]
-    ins = [k, v, beta] + ([_in_chunk_cumsum(g, st)] if st.gated else [])
+    ins = [k, v, beta] + ([in_chunk_cumsum(g, st.chunk)] if st.gated else [])
     w, u, minv = _call(functools.partial(_wy_fwd_kernel, st=st), st, outs, *ins)
     return (w, u), (k, v, beta, g, minv)
 
@@ -230,7 +226,7 @@ def _wy_bwd(st, res, cts):
     ins = [k, v, beta]
     if st.gated:
         outs.append(jax.ShapeDtypeStruct((R, TP, H), F32))
-        ins.append(_in_chunk_cumsum(g, st))
+        ins.append(in_chunk_cumsum(g, st.chunk))
     ins += [minv, dw, du]
     res_ = _call(functools.partial(_wy_bwd_kernel, st=st), st, outs, *ins)
     dk, dv, dbeta = res_[0], res_[1], res_[2]
