@@ -920,6 +920,27 @@ def save(results: dict[str, Any], name: str, out_dir: str | None) -> None:
             log(f"could not write results to {folder}: {e}")
 
 
+DOCS_BEGIN = "<!-- kernels-gpu-table:begin (written by benchmarks/kernels_gpu.py --docs) -->"
+DOCS_END = "<!-- kernels-gpu-table:end -->"
+
+
+def write_docs(results: dict[str, Any], path: str) -> None:
+    """Put the run's table into ``path`` between the DOCS_BEGIN / DOCS_END markers (headings one
+    level down, the title dropped), leaving the rest of the file as it is."""
+    doc = Path(path)
+    text = doc.read_text()
+    if DOCS_BEGIN not in text or DOCS_END not in text:
+        raise ValueError(f"--docs: {path} has no {DOCS_BEGIN!r} ... {DOCS_END!r} markers")
+    body = []
+    for line in markdown(results).splitlines()[1:]:  # drop the "# ..." title
+        body.append("#" + line if line.startswith("#") else line)
+    head, rest = text.split(DOCS_BEGIN, 1)
+    tail = rest.split(DOCS_END, 1)[1]
+    tmp = doc.with_suffix(".md.tmp")
+    tmp.write_text(head + DOCS_BEGIN + "\n" + "\n".join(body).strip() + "\n" + DOCS_END + tail)
+    os.replace(tmp, doc)
+
+
 # -------------------------------------------------------------------------------- main
 
 def merge_previous(results: dict[str, Any], path: str) -> None:
@@ -975,7 +996,15 @@ def main() -> None:
                              "warm machine then skip most compiles (FLA keeps Triton's autotune cache)")
     parser.add_argument("--out", default=None, help="also write the results into this folder")
     parser.add_argument("--name", default="kernels_gpu", help="results file stem")
+    parser.add_argument("--docs", default=None,
+                        help="also write the table into this markdown file, between its "
+                             "kernels-gpu-table markers (docs/benchmarks.md)")
     args = parser.parse_args()
+    if args.docs:  # fail now, not after half an hour of timing
+        doc_text = Path(args.docs).read_text() if Path(args.docs).is_file() else ""
+        if DOCS_BEGIN not in doc_text or DOCS_END not in doc_text:
+            parser.error(f"--docs: expected a markdown file with the {DOCS_BEGIN!r} and {DOCS_END!r} "
+                         f"markers, got {args.docs!r}")
     t_start = time.perf_counter()
     deadline = t_start + args.budget if args.budget > 0 else float("inf")
     gpu = on_gpu()
@@ -1111,6 +1140,9 @@ def main() -> None:
 
     results["total_seconds"] = round(time.perf_counter() - t_start, 1)
     save(results, args.name, args.out)
+    if args.docs:
+        write_docs(results, args.docs)
+        log(f"wrote the table into {args.docs}")
     log("")
     log(markdown(results))
     log(f"total {results['total_seconds']} s; wrote {RESULTS_DIR / args.name}.json/.md"

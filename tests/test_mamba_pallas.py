@@ -105,20 +105,6 @@ def test_bfloat16_inputs(key):
     check(inputs, key, 1e-2)
 
 
-def test_unrolled_tiles_forward(key, monkeypatch):
-    # the compiled (GPU) path writes a tile's steps as straight-line code; interpret mode
-    # normally loops over them (faster to compile). Check the unrolled form once.
-    monkeypatch.setattr(mamba_pallas, "_FORCE_UNROLL", True)
-    inputs = make_inputs(key, seq=20, channels=16, n=4)
-    args = [inputs[k] for k in NAMES[:5]]
-    y, h = jax.jit(selective_scan_pallas)(*args, D=inputs["D"], z=inputs["z"],
-                                          initial_state=inputs["initial_state"])
-    y_ref, h_ref = selective_scan_reference(*args, D=inputs["D"], z=inputs["z"],
-                                            initial_state=inputs["initial_state"])
-    assert_close(y, y_ref, 1e-4, "output")
-    assert_close(h, h_ref, 1e-4, "final state")
-
-
 def test_recurrent_mode_and_dispatch(key):
     # recurrent mode delegates to the per-step reference
     inputs = make_inputs(key, seq=2, channels=16, n=4)
@@ -152,11 +138,9 @@ def test_bad_config_names_the_field(key):
 
 
 def test_default_config_and_memory_floor():
-    small = default_config(1, 128, 64, 16)
-    big = default_config(8, 4096, 4096, 16)
-    assert (small.block_v, big.block_v) == (16, 32)
-    for cfg in (small, big):
-        assert cfg.chunk == 16 and cfg.num_warps == 1 and cfg.num_stages == 2
+    for cfg in (default_config(1, 128, 64, 16), default_config(8, 4096, 4096, 16)):
+        assert (cfg.chunk, cfg.block_v, cfg.num_warps, cfg.num_stages) == (16, 16, 1, 1)
+    assert [mamba_pallas.bwd_warps(w) for w in (1, 2, 4, 8)] == [4, 8, 16, 16]
     assert resolve_config(TritonConfig(chunk=64), 1, 128, 64, 16).chunk == 64
     # B=1, T=2, D=4, N=2 in float32: x, dt, z, y 8 floats each; B, C 4 each; A 8; D 4;
     # initial + final state 8 each
@@ -172,3 +156,32 @@ def test_mamba_block_with_pallas_backend():
     y_ref, state_ref = jit_block(ref, "chunk")(x)
     assert_close(y, y_ref, 1e-4, "block output")
     assert_close(state.ssm.state, state_ref.ssm.state, 1e-4, "block ssm state")
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_linear_scan_matches_a_loop_inside_a_kernel(reverse):
+    # the affine scan primitive the kernels use, run inside a Pallas kernel (interpret mode)
+    from jax.experimental import pallas as pl
+
+    from linearnexus.kernels.common.pallas_scan import linear_scan
+
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.uniform(0.0, 1.0, (16, 4, 8)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((16, 4, 8)), jnp.float32)
+
+    def kernel(a_ref, b_ref, pa_ref, pb_ref):
+        pa, pb = linear_scan(a_ref[...], b_ref[...], axis=0, reverse=reverse)
+        pa_ref[...], pb_ref[...] = pa, pb
+
+    shape = jax.ShapeDtypeStruct(a.shape, jnp.float32)
+    pa, pb = pl.pallas_call(kernel, out_shape=(shape, shape), interpret=True)(a, b)
+    order = range(15, -1, -1) if reverse else range(16)
+    prod, acc = np.ones((4, 8)), np.zeros((4, 8))
+    want_a, want_b = np.zeros((16, 4, 8)), np.zeros((16, 4, 8))
+    for t in order:
+        prod, acc = prod * np.asarray(a[t]), np.asarray(a[t]) * acc + np.asarray(b[t])
+        want_a[t], want_b[t] = prod, acc
+    np.testing.assert_allclose(pa, want_a, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pb, want_b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="a, b: expected one shape"):
+        linear_scan(a, b[:8])

@@ -6,11 +6,10 @@ Pallas interpret mode (:func:`~linearnexus.kernels.common.pallas.interpret_mode`
 what the tests check.
 
 Layout. The JAX glue puts every array in the kernels' layout: channels last and padded to
-whole channel blocks, time padded to whole tiles, the state transposed to ``[B, N, C]``
-(state index as rows, channels as columns) and ``B``/``C`` transposed to ``[B, N, T]``::
+whole channel blocks, time padded to whole tiles, the state transposed to ``[B, N, C]``::
 
-    x, dt, z, y  [B, T', C']      rows of one time step are contiguous over channels
-    B, C         [B, N', T']      one step's column B[:, t] is an [N', 1] load
+    x, dt, z, y  [B, T', C']      a tile of ``chunk`` steps x ``block_v`` channels is one load
+    B, C         [B, T', N']      a tile of ``chunk`` steps x all states is one load
     A            [N', C']         float32
     state        [B, N', C']      float32
 
@@ -18,22 +17,26 @@ whole channel blocks, time padded to whole tiles, the state transposed to ``[B, 
 have ``dt = 0`` (decay ``exp(0) = 1``, input ``0``), padded state rows have ``A = B = C = 0``.
 
 Forward. Grid ``(batch, channel blocks)``; a program owns ``block_v`` channels of one
-sequence and keeps their ``[N', block_v]`` float32 state in registers. It walks time in
-tiles of ``chunk`` steps (a ``fori_loop`` over tiles, the steps of a tile unrolled so the
-loads of later steps issue ahead of the recurrence), and per step loads one coalesced row
-of ``x``, ``dt``, ``z`` (``block_v`` contiguous channels), one column of ``B`` and ``C``,
-updates the state and writes one row of ``y``. Every input is read once and ``y`` written
-once. When differentiating, it also stores the state at the start of every tile
-("checkpoints", ``T'/chunk`` states).
+sequence and walks time in tiles of ``chunk`` steps, carrying the ``[N', block_v]`` float32
+state. A tile is whole-tensor math on ``[chunk, N', block_v]`` values: decays
+``a_t = exp(dt_t A)`` and inputs ``b_t = dt_t x_t B_t``, then one
+:func:`~linearnexus.kernels.common.pallas_scan.linear_scan` over the tile's time axis
+(Triton's ``tt.scan`` with the affine combine) gives every ``h_t`` from the entering state,
+and ``y_t = C_t . h_t`` is a reduction over states. No per-step loads, stores or loops: an
+earlier per-step walk was bound by one DRAM round trip per step (4.6 ms at B=8, T=4096,
+C=2048, N=16; this form 0.78 ms). The next tile's inputs are loaded a tile ahead (carried
+through the loop). Every input is read once and ``y`` written once; when differentiating,
+the state entering every tile is stored too ("checkpoints", ``T'/chunk`` states).
 
-Backward (``jax.custom_vjp``). Same grid, tiles walked last to first. For a tile, the
-program reloads its checkpoint, recomputes the tile's states forward into a per-program
-scratch buffer (``chunk`` states of ``[N', block_v]``, an extra kernel output that stays in
-L1/L2), then walks the tile backward reading ``h_{t-1}`` from the scratch, carrying the
-state cotangent ``g`` (``g_t = a_{t+1} g_{t+1} + C_t dy_t``). It writes ``dx``, ``ddt``,
-``dz`` rows; per-block partial sums over its channels for ``dB``/``dC`` columns
-(``[B, blocks, N', T']``); and per-sequence partials of ``dA``/``dD``; the glue sums the
-partials (no atomics). ``d initial_state`` is the carried ``g`` after the first step.
+Backward (``jax.custom_vjp``). Same grid, tiles walked last to first. A tile recomputes its
+states from its checkpoint with the same scan, then gets the state cotangents
+``g_t = C_t dy_t + a_{t+1} g_{t+1}`` from a reverse scan (``a_{t+1}`` from ``dt`` shifted
+one step by a 0/1 matrix product, exact in float32), entering with the cotangent carried
+from the tile after it. ``a_t h_{t-1}`` is ``h_t - b_t``, so no shifted states are needed.
+It writes ``dx``, ``ddt``, ``dz`` tiles; per-block partial sums over its channels for
+``dB``/``dC`` (``[B, blocks * T', N']``); and per-sequence partials of ``dA``/``dD``; the
+glue sums the partials (no atomics). ``d initial_state`` is the cotangent carried out of
+the first tile.
 """
 
 from __future__ import annotations
@@ -47,36 +50,36 @@ from jax.experimental import pallas as pl
 
 from linearnexus.core.types import Array, DType
 from linearnexus.kernels.common.pallas import TritonConfig, compiler_params, interpret_mode
+from linearnexus.kernels.common.pallas_scan import linear_scan
 
 __all__ = ["default_config", "memory_floor_bytes", "resolve_config", "selective_scan_pallas"]
 
 _LOG2E = 1.4426950408889634
 #: dtypes the kernels load (math is float32 whatever the input dtype)
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-#: below this many one-warp programs at 32 channels each, use 16 channels per program so that
-#: the GPU holds more warps in flight (about 8 per SM of a 132-SM H200); see README
-_TARGET_PROGRAMS = 1024
-#: tests set this to check the unrolled (compiled-path) tile loop in interpret mode too
-_FORCE_UNROLL: bool | None = None
-
+#: warps of the backward kernel (None: the config's num_warps); a tuning hook for benchmarks
+_BWD_NUM_WARPS: int | None = None
 
 def default_config(batch: int, seq: int, channels: int, n_state: int) -> TritonConfig:
     """The heuristic launch config for a ``[batch, seq, channels]`` scan with ``n_state`` states.
 
-    * ``block_v`` (channels per program): 32, or 16 when ``batch * channels / 32`` programs
-      would leave the GPU short of warps (under 1024). With one warp per program, 32
-      channels put one channel (all its ``N`` states) in each thread, so the ``C . h``
-      reduction needs no shuffles; 16 doubles the programs at one shuffle per step.
-    * ``num_warps`` 1: the state is ``N' x block_v`` floats; one warp covers it with
-      ``N'`` (or ``N'/2``) registers per thread, and parallelism comes from programs.
-    * ``chunk`` 16: steps unrolled per tile and the checkpoint interval of the backward
-      (checkpoint memory ``B * C * N * 4 * T / 16`` bytes, backward scratch
-      ``16 * N' * block_v`` floats per program, small enough for L1).
-    * ``num_stages`` 2: lets Triton prefetch the next tile's loads.
+    A program owns ``block_v`` channels of one sequence and walks time in tiles of ``chunk``
+    steps; every live tensor of a tile is ``[chunk, N', block_v]`` float32, so
+    ``chunk * block_v`` bounds the registers. Measured on an H200 at B=8, T=4096, C=2048,
+    N=16, bf16 (``docs/gpu_notes.md``): 16 x 16 tiles with 1 warp gave the fastest forward
+    (0.78 ms; 2 warps 0.96, 4 warps 1.26; 32 channels 0.83-1.03) and the backward, which keeps
+    about twice the live tiles, was fastest with 4 warps (``bwd_warps = 4 * num_warps``; 2 and
+    8 warps were 20% and 50% slower). Both kernels are bound by L1/shared-memory traffic
+    (Nsight Compute: L1 80%, DRAM 5-14%), which more warps do not relieve. ``chunk`` is also
+    the backward's checkpoint interval (``B * C * N' * 4 * T / chunk`` bytes).
     """
-    del seq, n_state  # the defaults do not depend on them (yet)
-    block_v = 32 if batch * max(channels // 32, 1) >= _TARGET_PROGRAMS else 16
-    return TritonConfig(chunk=16, block_v=block_v, num_warps=1, num_stages=2)
+    del batch, seq, channels, n_state  # the defaults do not depend on them (yet)
+    return TritonConfig(chunk=16, block_v=16, num_warps=1, num_stages=1)
+
+
+def bwd_warps(num_warps: int) -> int:
+    """Warps of the backward kernel for a forward config's ``num_warps`` (see default_config)."""
+    return min(4 * num_warps, 16)
 
 
 def resolve_config(config: TritonConfig | None, batch: int, seq: int, channels: int,
@@ -137,11 +140,11 @@ class _Plan:
     chunk: int
     block_v: int
     num_warps: int
+    bwd_num_warps: int
     num_stages: int
     has_d: bool
     has_z: bool
     interpret: bool
-    unroll: bool  # steps of a tile as straight-line code (GPU) or a fori_loop (interpret)
 
     @property
     def n_chunks(self) -> int:
@@ -152,27 +155,35 @@ class _Plan:
         return self.channels_pad // self.block_v
 
 
-def _row(ref, t):  # one time step of a [T', block_v] tile, as float32 [1, block_v]
-    return ref[pl.ds(t, 1), :].astype(jnp.float32)
+def _tile_rows(plan: _Plan, c):
+    """Rows of tile ``c`` (a traced index, or a Python int)."""
+    start = c * plan.chunk
+    return pl.ds(start if isinstance(start, int) else pl.multiple_of(start, plan.chunk), plan.chunk)
 
 
-def _col(ref, t):  # one time step of a [N', T'] tile, as float32 [N', 1]
-    return ref[:, pl.ds(t, 1)].astype(jnp.float32)
+def _tile_loader(plan: _Plan, *refs):
+    """``load(c)``: tile ``c`` of each ref (``None`` refs give ``None``), in its stored dtype."""
+
+    def load(c):
+        rows = _tile_rows(plan, c)
+        return tuple(None if r is None else r[rows, :] for r in refs)
+
+    return load
 
 
-def _steps(plan: _Plan, body, carry, *, reverse: bool = False):
-    """``carry = body(i, carry)`` for the ``chunk`` steps of a tile (``i`` descending if reverse).
+def _f32(*arrays):
+    return tuple(None if a is None else a.astype(jnp.float32) for a in arrays)
 
-    Compiled, the steps are unrolled (static ``i``) so the loads of later steps issue ahead of
-    the recurrence; in interpret mode they are a ``fori_loop`` (same body, traced ``i``),
-    which XLA compiles ~10x faster on the CPU.
-    """
-    L = plan.chunk
-    if plan.unroll:
-        for i in (reversed(range(L)) if reverse else range(L)):
-            carry = body(i, carry)
-        return carry
-    return jax.lax.fori_loop(0, L, lambda j, c: body(L - 1 - j if reverse else j, c), carry)
+
+def _last_row(x, plan: _Plan):
+    """``x[L - 1]`` of an ``[L, ...]`` value (Triton cannot slice values: a masked sum)."""
+    t = jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
+    return jnp.sum(jnp.where(t == plan.chunk - 1, x, 0.0), axis=0)
+
+
+def _first_row(x):
+    t = jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
+    return jnp.sum(jnp.where(t == 0, x, 0.0), axis=0)
 
 
 def _fwd_kernel(*refs, plan: _Plan, save: bool):
@@ -182,41 +193,32 @@ def _fwd_kernel(*refs, plan: _Plan, save: bool):
     z_ref = next(it) if plan.has_z else None
     y_ref, hT_ref = next(it), next(it)
     ck_ref = next(it) if save else None
-    L, N = plan.chunk, plan.n_pad
+    N = plan.n_pad
+    load = _tile_loader(plan, x_ref, dt_ref, b_ref, c_ref, z_ref)
 
     a2 = a_ref[...].astype(jnp.float32) * _LOG2E  # [N', bv]: exp(dt A) = exp2(dt A log2 e)
     d_row = d_ref[...].astype(jnp.float32) if plan.has_d else None  # [1, bv]
 
-    def tile(c, h):
+    def tile(c, carry):
+        h, cur = carry  # h: state entering the tile [N', bv]; cur: this tile's raw inputs
+        nxt = load(jnp.minimum(c + 1, plan.n_chunks - 1))  # issued a tile ahead
         if save:
             ck_ref[pl.ds(pl.multiple_of(c * N, N), N), :] = h
+        x, dt, bm, cm, z = _f32(*cur)  # [L, bv] x3, [L, N'] x2
+        decay = jnp.exp2(dt[:, None, :] * a2[None])  # [L, N', bv]
+        drive = (dt * x)[:, None, :] * bm[:, :, None]
+        prod, acc = linear_scan(decay, drive, axis=0)
+        hs = prod * h[None] + acc  # h_t for the L steps
+        y = jnp.sum(cm[:, :, None] * hs, axis=1)  # [L, bv]
+        if plan.has_d:
+            y = y + d_row * x
+        if plan.has_z:
+            y = y * (z * jax.nn.sigmoid(z))
+        y_ref[_tile_rows(plan, c), :] = y.astype(y_ref.dtype)
+        return _last_row(hs, plan), nxt
 
-        def step(i, h):
-            t = c * L + i
-            x_t, dt_t = _row(x_ref, t), _row(dt_ref, t)
-            h = jnp.exp2(dt_t * a2) * h + (dt_t * x_t) * _col(b_ref, t)
-            y = jnp.sum(_col(c_ref, t) * h, axis=0, keepdims=True)  # [1, bv]
-            if plan.has_d:
-                y = y + d_row * x_t
-            if plan.has_z:
-                z_t = _row(z_ref, t)
-                y = y * (z_t * jax.nn.sigmoid(z_t))
-            y_ref[pl.ds(t, 1), :] = y.astype(y_ref.dtype)
-            return h
-
-        return _steps(plan, step, h)
-
-    h = jax.lax.fori_loop(0, plan.n_chunks, tile, h0_ref[...].astype(jnp.float32))
+    h, _ = jax.lax.fori_loop(0, plan.n_chunks, tile, (h0_ref[...].astype(jnp.float32), load(0)))
     hT_ref[...] = h
-
-
-def _barrier(plan: _Plan) -> None:
-    # orders the scratch writes / reads of the program's threads on a GPU; interpret mode
-    # runs a program sequentially and has no rule for it
-    if not plan.interpret:
-        from jax.experimental.pallas import triton as pl_triton
-
-        pl_triton.debug_barrier()
 
 
 def _bwd_kernel(*refs, plan: _Plan):
@@ -227,65 +229,65 @@ def _bwd_kernel(*refs, plan: _Plan):
     dx_ref, ddt_ref, db_ref, dc_ref, da_ref, dh0_ref = (next(it) for _ in range(6))
     dd_ref = next(it) if plan.has_d else None
     dz_ref = next(it) if plan.has_z else None
-    s_ref = next(it)  # scratch: the tile's states h_{t-1}, [L * N', bv]
-    L, N = plan.chunk, plan.n_pad
+    L, N, bv = plan.chunk, plan.n_pad, plan.block_v
+    load = _tile_loader(plan, x_ref, dt_ref, b_ref, c_ref, z_ref, dy_ref)
 
     a_nat = a_ref[...].astype(jnp.float32)  # [N', bv]
     a2 = a_nat * _LOG2E
     d_row = d_ref[...].astype(jnp.float32) if plan.has_d else None
+    # next-step shift as a product: (S @ u)_t = u_{t+1}, 0 on the last row (exact in float32)
+    rr, cc = (jax.lax.broadcasted_iota(jnp.int32, (L, L), i) for i in (0, 1))
+    shift = (cc == rr + 1).astype(jnp.float32)
+
+    def ckpt(c):
+        return ck_ref[pl.ds(c * N if isinstance(c, int) else pl.multiple_of(c * N, N), N), :]
 
     def tile(k, carry):
+        g_in, da_acc, dd_acc, (h0, cur) = carry  # g_in: a_{t0+L} g_{t0+L} (dhT for the last)
         c = plan.n_chunks - 1 - k
-        t0 = c * L
-
-        def recompute(i, h):  # slot i of the scratch holds h_{t0+i-1}
-            s_ref[pl.ds(i * N, N), :] = h
-            x_t, dt_t = _row(x_ref, t0 + i), _row(dt_ref, t0 + i)
-            return jnp.exp2(dt_t * a2) * h + (dt_t * x_t) * _col(b_ref, t0 + i)
-
-        def step(i, carry):
-            g_next, da_acc, dd_acc = carry
-            t = t0 + i
-            h_prev = s_ref[pl.ds(i * N, N), :]
-            x_t, dt_t, dy_t = _row(x_ref, t), _row(dt_ref, t), _row(dy_ref, t)
-            b_t, c_t = _col(b_ref, t), _col(c_ref, t)
-            a = jnp.exp2(dt_t * a2)  # [N', bv]
-            dtx = dt_t * x_t
-            h = a * h_prev + dtx * b_t
-            if plan.has_z:
-                z_t = _row(z_ref, t)
-                sig = jax.nn.sigmoid(z_t)
-                y_pre = jnp.sum(c_t * h, axis=0, keepdims=True)
-                if plan.has_d:
-                    y_pre = y_pre + d_row * x_t
-                dz = dy_t * y_pre * sig * (1.0 + z_t * (1.0 - sig))
-                dz_ref[pl.ds(t, 1), :] = dz.astype(dz_ref.dtype)
-                dy_t = dy_t * (z_t * sig)  # now the cotangent of y before the gate
-            g = g_next + c_t * dy_t  # cotangent of h_t, [N', bv]
-            dc_ref[:, pl.ds(t, 1)] = jnp.sum(h * dy_t, axis=1, keepdims=True)
-            db_ref[:, pl.ds(t, 1)] = jnp.sum(g * dtx, axis=1, keepdims=True)
-            gb = jnp.sum(g * b_t, axis=0, keepdims=True)  # [1, bv]
-            g_decay = g * h_prev * a  # cotangent of (dt A) per state
-            da_acc = da_acc + g_decay * dt_t
-            ddt = x_t * gb + jnp.sum(g_decay * a_nat, axis=0, keepdims=True)
-            dx = dt_t * gb
+        nxt_c = jnp.maximum(c - 1, 0)
+        nxt = (ckpt(nxt_c), load(nxt_c))  # issued a tile ahead
+        x, dt, bm, cm, z, dy = _f32(*cur)
+        rows = _tile_rows(plan, c)
+        # recompute the tile's states h_t from its checkpoint
+        decay = jnp.exp2(dt[:, None, :] * a2[None])  # a_t, [L, N', bv]
+        dtx = dt * x
+        drive = dtx[:, None, :] * bm[:, :, None]  # b_t
+        prod, acc = linear_scan(decay, drive, axis=0)
+        hs = prod * h0[None] + acc
+        if plan.has_z:
+            sig = jax.nn.sigmoid(z)
+            y_pre = jnp.sum(cm[:, :, None] * hs, axis=1)
             if plan.has_d:
-                dx = dx + dy_t * d_row
-                dd_acc = dd_acc + dy_t * x_t
-            ddt_ref[pl.ds(t, 1), :] = ddt.astype(ddt_ref.dtype)
-            dx_ref[pl.ds(t, 1), :] = dx.astype(dx_ref.dtype)
-            return a * g, da_acc, dd_acc
+                y_pre = y_pre + d_row * x
+            dz = dy * y_pre * sig * (1.0 + z * (1.0 - sig))
+            dz_ref[rows, :] = dz.astype(dz_ref.dtype)
+            dy = dy * (z * sig)  # the cotangent of y before the gate
+        # g_t = C_t dy_t + a_{t+1} g_{t+1}: a reverse scan with the decays shifted one step
+        dt_next = jnp.dot(shift, dt, precision=jax.lax.Precision.HIGHEST,
+                          preferred_element_type=jnp.float32)
+        decay_next = jnp.exp2(dt_next[:, None, :] * a2[None])  # 1 on the last row
+        gprod, gacc = linear_scan(decay_next, cm[:, :, None] * dy[:, None, :], axis=0,
+                                  reverse=True)
+        g = gacc + gprod * g_in[None]  # [L, N', bv]
+        dc_ref[rows, :] = jnp.sum(hs * dy[:, None, :], axis=2)  # [L, N'] partial over channels
+        db_ref[rows, :] = jnp.sum(g * dtx[:, None, :], axis=2)
+        gb = jnp.sum(g * bm[:, :, None], axis=1)  # [L, bv]
+        g_decay = g * (hs - drive)  # g_t * a_t h_{t-1}: cotangent of (dt A) per state
+        da_acc = da_acc + jnp.sum(g_decay * dt[:, None, :], axis=0)
+        ddt = x * gb + jnp.sum(g_decay * a_nat[None], axis=1)
+        dx = dt * gb
+        if plan.has_d:
+            dx = dx + dy * d_row
+            dd_acc = dd_acc + jnp.sum(dy * x, axis=0, keepdims=True)
+        ddt_ref[rows, :] = ddt.astype(ddt_ref.dtype)
+        dx_ref[rows, :] = dx.astype(dx_ref.dtype)
+        return _first_row(decay * g), da_acc, dd_acc, nxt
 
-        _barrier(plan)  # the previous tile's reads of the scratch are done
-        # (the last recomputed state, h_{t0+L-1}, is unused: dead code once compiled)
-        _steps(plan, recompute, ck_ref[pl.ds(pl.multiple_of(c * N, N), N), :])
-        _barrier(plan)
-        return _steps(plan, step, carry, reverse=True)
-
-    bv = plan.block_v
+    last = plan.n_chunks - 1
     init = (dhT_ref[...].astype(jnp.float32), jnp.zeros((N, bv), jnp.float32),
-            jnp.zeros((1, bv), jnp.float32))
-    g, da_acc, dd_acc = jax.lax.fori_loop(0, plan.n_chunks, tile, init)
+            jnp.zeros((1, bv), jnp.float32), (ckpt(last), load(last)))
+    g, da_acc, dd_acc, _ = jax.lax.fori_loop(0, plan.n_chunks, tile, init)
     dh0_ref[...] = g
     da_ref[...] = da_acc
     if plan.has_d:
@@ -297,21 +299,20 @@ def _bwd_kernel(*refs, plan: _Plan):
 
 def _specs(plan: _Plan):
     """BlockSpecs of the kernel-layout arrays, by kind."""
-    T, N, bv, L = plan.seq_pad, plan.n_pad, plan.block_v, plan.chunk
+    T, N, bv = plan.seq_pad, plan.n_pad, plan.block_v
     return {
         "row": pl.BlockSpec((None, T, bv), lambda b, j: (b, 0, j)),  # [B, T', C']
-        "col": pl.BlockSpec((None, N, T), lambda b, j: (b, 0, 0)),  # [B, N', T']
+        "bc": pl.BlockSpec((None, T, N), lambda b, j: (b, 0, 0)),  # [B, T', N']
         "a": pl.BlockSpec((N, bv), lambda b, j: (0, j)),  # [N', C']
         "d": pl.BlockSpec((1, bv), lambda b, j: (0, j)),  # [1, C']
         "state": pl.BlockSpec((None, N, bv), lambda b, j: (b, 0, j)),  # [B, N', C']
         "ckpt": pl.BlockSpec((None, plan.n_chunks * N, bv), lambda b, j: (b, 0, j)),
-        "partial_col": pl.BlockSpec((None, N, T), lambda b, j: (b, j, 0)),  # [B, blocks*N', T']
+        "partial_bc": pl.BlockSpec((None, T, N), lambda b, j: (b, j, 0)),  # [B, blocks*T', N']
         "skip_partial": pl.BlockSpec((None, 1, bv), lambda b, j: (b, 0, j)),  # [B, 1, C']
-        "scratch": pl.BlockSpec((None, L * N, bv), lambda b, j: (b, 0, j)),
     }
 
 
-def _call(kernel, plan: _Plan, in_specs, out_specs, out_shape, name: str):
+def _call(kernel, plan: _Plan, in_specs, out_specs, out_shape, name: str, warps: int):
     return pl.pallas_call(
         kernel,
         grid=(plan.batch, plan.n_blocks),
@@ -319,8 +320,7 @@ def _call(kernel, plan: _Plan, in_specs, out_specs, out_shape, name: str):
         out_specs=out_specs,
         out_shape=out_shape,
         interpret=plan.interpret,
-        compiler_params=None if plan.interpret else compiler_params(plan.num_warps,
-                                                                     plan.num_stages),
+        compiler_params=None if plan.interpret else compiler_params(warps, plan.num_stages),
         name=name,
     )
 
@@ -330,7 +330,7 @@ def _forward(plan: _Plan, save: bool, x, dt, a, b, c, h0, d, z):
     f32 = jnp.float32
     state = jax.ShapeDtypeStruct((plan.batch, plan.n_pad, plan.channels_pad), f32)
     ins = [x, dt, a, b, c, h0] + ([d] if plan.has_d else []) + ([z] if plan.has_z else [])
-    in_specs = [sp["row"], sp["row"], sp["a"], sp["col"], sp["col"], sp["state"]]
+    in_specs = [sp["row"], sp["row"], sp["a"], sp["bc"], sp["bc"], sp["state"]]
     in_specs += ([sp["d"]] if plan.has_d else []) + ([sp["row"]] if plan.has_z else [])
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), state]
     out_specs = [sp["row"], sp["state"]]
@@ -339,7 +339,8 @@ def _forward(plan: _Plan, save: bool, x, dt, a, b, c, h0, d, z):
             (plan.batch, plan.n_chunks * plan.n_pad, plan.channels_pad), f32))
         out_specs.append(sp["ckpt"])
     kernel = functools.partial(_fwd_kernel, plan=plan, save=save)
-    outs = _call(kernel, plan, in_specs, out_specs, out_shape, "mamba_selective_scan_fwd")(*ins)
+    outs = _call(kernel, plan, in_specs, out_specs, out_shape, "mamba_selective_scan_fwd",
+                 plan.num_warps)(*ins)
     return tuple(outs)
 
 
@@ -348,14 +349,14 @@ def _backward(plan: _Plan, x, dt, a, b, c, ck, d, z, dy, dhT):
     f32 = jnp.float32
     Bn, T, Cp, N = plan.batch, plan.seq_pad, plan.channels_pad, plan.n_pad
     ins = [x, dt, a, b, c, ck, dy, dhT] + ([d] if plan.has_d else []) + ([z] if plan.has_z else [])
-    in_specs = [sp["row"], sp["row"], sp["a"], sp["col"], sp["col"], sp["ckpt"], sp["row"],
+    in_specs = [sp["row"], sp["row"], sp["a"], sp["bc"], sp["bc"], sp["ckpt"], sp["row"],
                 sp["state"]]
     in_specs += ([sp["d"]] if plan.has_d else []) + ([sp["row"]] if plan.has_z else [])
     sds = jax.ShapeDtypeStruct
     out_shape = [sds(x.shape, x.dtype), sds(dt.shape, dt.dtype),
-                 sds((Bn, plan.n_blocks * N, T), f32), sds((Bn, plan.n_blocks * N, T), f32),
+                 sds((Bn, plan.n_blocks * T, N), f32), sds((Bn, plan.n_blocks * T, N), f32),
                  sds((Bn, N, Cp), f32), sds((Bn, N, Cp), f32)]
-    out_specs = [sp["row"], sp["row"], sp["partial_col"], sp["partial_col"], sp["state"],
+    out_specs = [sp["row"], sp["row"], sp["partial_bc"], sp["partial_bc"], sp["state"],
                  sp["state"]]
     if plan.has_d:
         out_shape.append(sds((Bn, 1, Cp), f32))
@@ -363,17 +364,15 @@ def _backward(plan: _Plan, x, dt, a, b, c, ck, d, z, dy, dhT):
     if plan.has_z:
         out_shape.append(sds(z.shape, z.dtype))
         out_specs.append(sp["row"])
-    out_shape.append(sds((Bn, plan.chunk * N, Cp), f32))  # scratch, discarded
-    out_specs.append(sp["scratch"])
     kernel = functools.partial(_bwd_kernel, plan=plan)
     outs = list(_call(kernel, plan, in_specs, out_specs, out_shape,
-                      "mamba_selective_scan_bwd")(*ins))
+                      "mamba_selective_scan_bwd", plan.bwd_num_warps)(*ins))
     dx, ddt, db_part, dc_part, da_part, dh0 = outs[:6]
-    rest = outs[6:-1]
+    rest = outs[6:]
     dd = rest.pop(0) if plan.has_d else None
     dz = rest.pop(0) if plan.has_z else None
-    db = db_part.reshape(Bn, plan.n_blocks, N, T).sum(axis=1)
-    dc = dc_part.reshape(Bn, plan.n_blocks, N, T).sum(axis=1)
+    db = db_part.reshape(Bn, plan.n_blocks, T, N).sum(axis=1)
+    dc = dc_part.reshape(Bn, plan.n_blocks, T, N).sum(axis=1)
     da = da_part.sum(axis=0)
     dd = None if dd is None else dd.sum(axis=0)
     return dx, ddt, da, db, dc, dh0, dd, dz
@@ -454,23 +453,23 @@ def selective_scan_pallas(
     ch_pad = -(-channels // bv) * bv
     n_pad = 1 << max(n_state - 1, 0).bit_length()
     plan = _Plan(batch=batch, seq_pad=seq_pad, channels_pad=ch_pad, n_pad=n_pad, chunk=L,
-                 block_v=bv, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                 has_d=D is not None, has_z=z is not None, interpret=interpret,
-                 unroll=not interpret if _FORCE_UNROLL is None else _FORCE_UNROLL)
+                 block_v=bv, num_warps=cfg.num_warps,
+                 bwd_num_warps=_BWD_NUM_WARPS or bwd_warps(cfg.num_warps), num_stages=cfg.num_stages,
+                 has_d=D is not None, has_z=z is not None, interpret=interpret)
     dT, dC, dN = seq_pad - seq, ch_pad - channels, n_pad - n_state
 
     def rows(a):  # [B, T, C] -> [B, T', C'], zeros padded (dt = 0: inert steps)
         return jnp.pad(a, ((0, 0), (0, dT), (0, dC))) if dT or dC else a
 
-    def cols(a):  # [B, T, N] -> [B, N', T']
-        return jnp.pad(jnp.swapaxes(a, 1, 2), ((0, 0), (0, dN), (0, dT)))
+    def bc(a):  # [B, T, N] -> [B, T', N']
+        return jnp.pad(a, ((0, 0), (0, dT), (0, dN))) if dT or dN else a
 
     a_k = jnp.pad(A.astype(jnp.float32).T, ((0, dN), (0, dC)))  # [N', C']
     h0 = (jnp.zeros((batch, n_pad, ch_pad), jnp.float32) if initial_state is None else
           jnp.pad(jnp.swapaxes(initial_state.astype(jnp.float32), 1, 2), ((0, 0), (0, dN), (0, dC))))
     d_k = None if D is None else jnp.pad(D, (0, dC))[None, :]  # [1, C']
     z_k = None if z is None else rows(z)
-    y, hT = _scan_fn(plan)(rows(x), rows(dt), a_k, cols(B), cols(C), h0, d_k, z_k)
+    y, hT = _scan_fn(plan)(rows(x), rows(dt), a_k, bc(B), bc(C), h0, d_k, z_k)
     y = y[:, :seq, :channels] if dT or dC else y
     final_state = jnp.swapaxes(hT[:, :n_state, :channels], 1, 2)  # [B, N', C'] -> [B, C, N]
     return y, final_state
