@@ -202,8 +202,8 @@ def environment(torch: Any) -> dict[str, Any]:
                                                "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_FLAGS",
                                                "LINEARNEXUS_PALLAS_INTERPRET")},
     }
-    try:
-        env["linearnexus_commit"] = subprocess.run(
+    try:  # LINEARNEXUS_COMMIT overrides git where the checkout's .git is not the tree's own
+        env["linearnexus_commit"] = os.environ.get("LINEARNEXUS_COMMIT") or subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
         ).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
