@@ -3,7 +3,7 @@ speed vs flash-linear-attention (FLA), in one process.
 
     python3 benchmarks/kernels_gpu.py [--ops simple_gla gla ...] [--shapes 0 3] [--quick]
         [--skip-fla] [--skip-check] [--skip-mamba] [--chunk-size 64] [--repeats 9] [--budget 560]
-        [--merge earlier.json] [--out DIR] [--name kernels_gpu]
+        [--merge earlier.json] [--out DIR] [--name kernels_gpu] [--docs docs/benchmarks.md]
 
 On the GPU machine (no internet; FLA carried as wheels in .whl/, pure Python):
 
@@ -15,7 +15,10 @@ CPU smoke test (Pallas in interpret mode, tiny shapes, no torch import):
 ``python benchmarks/kernels_gpu.py --quick --skip-fla``.
 
 Writes ``benchmarks/results/<name>.json`` and ``<name>.md`` (and the same two files under
-``--out DIR``).
+``--out DIR``); ``--docs FILE`` also puts the table into FILE between its
+``kernels-gpu-table`` markers. A full run takes ~45 minutes on a fresh H200 (compiles and
+FLA's autotuning); ``benchmarks/kernels_gpu_detached.sh`` runs it in its own process session
+across commands that are limited to 10 minutes each.
 
 What it does
 ------------
@@ -778,8 +781,8 @@ def fmt_ms(entry: dict | None, part: str) -> str:
     status = entry.get("status", "-")
     if status == "not implemented":
         return "n/i"
-    if status == "skipped":
-        return "skip"
+    if status in ("skipped", "not run"):
+        return status
     if entry.get(f"{part}_error") or entry.get("error") or status == "ERROR":
         return "err"
     return "-"
@@ -847,6 +850,10 @@ def markdown(results: dict[str, Any]) -> str:
                   "| ratio | LN %HBM | LN %MMA | FLA %HBM | FLA %MMA |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         forced = results.get("fla_triton_flag_forced") and op in FLAG_OPS
+        by_shape = {tuple(r["shape"]): r for r in rows}
+        if set(by_shape) <= set(SHAPES):  # a GPU run: every shape of the issue, "not run" if absent
+            rows = [by_shape.get(shape, {"shape": list(shape), "ln": {"status": "not run"}})
+                    for shape in SHAPES]
         for row in rows:
             ln, fla = row.get("ln"), row.get("fla")
             fla_fb = fmt_ms(fla, "fwd_bwd") + (" †" if forced and fla and "fwd_bwd" in fla else "")

@@ -52,7 +52,7 @@ from linearnexus.core.types import Array, DType
 from linearnexus.kernels.common.pallas import TritonConfig, compiler_params, interpret_mode
 from linearnexus.kernels.common.pallas_scan import linear_scan
 
-__all__ = ["default_config", "memory_floor_bytes", "resolve_config", "selective_scan_pallas"]
+__all__ = ["bwd_warps", "default_config", "memory_floor_bytes", "resolve_config", "selective_scan_pallas"]
 
 _LOG2E = 1.4426950408889634
 #: dtypes the kernels load (math is float32 whatever the input dtype)

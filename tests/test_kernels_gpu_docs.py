@@ -1,0 +1,44 @@
+"""benchmarks/kernels_gpu.py --docs: the table lands between the markers, the rest stays."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("kernels_gpu", ROOT / "benchmarks" / "kernels_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    argv, sys.argv = sys.argv, ["kernels_gpu.py"]
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.argv = argv
+    return module
+
+
+def test_write_docs_replaces_only_the_marked_table(tmp_path):
+    kg = load_script()
+    results = json.loads((ROOT / "benchmarks" / "results" / "kernels_gpu.json").read_text())
+    doc = tmp_path / "bench.md"
+    doc.write_text(f"# Title\n\nintro\n\n{kg.DOCS_BEGIN}\nold table\n{kg.DOCS_END}\n\nafter\n")
+    kg.write_docs(results, str(doc))
+    text = doc.read_text()
+    assert text.startswith("# Title\n\nintro\n\n") and text.endswith(f"{kg.DOCS_END}\n\nafter\n")
+    assert "old table" not in text
+    table = text.split(kg.DOCS_BEGIN)[1].split(kg.DOCS_END)[0]
+    assert "### Correctness" in table and "#### simple_gla" in table  # headings one level down
+    assert "# LinearNexus Pallas kernels" not in table  # the title is dropped
+    for shape in kg.SHAPES:  # every shape of the issue has a row, measured or "not run"
+        assert f"| {shape} |" in table
+    kg.write_docs(results, str(doc))  # idempotent
+    assert doc.read_text() == text
+
+    doc.write_text("no markers here\n")
+    with pytest.raises(ValueError, match="--docs: .* has no"):
+        kg.write_docs(results, str(doc))
