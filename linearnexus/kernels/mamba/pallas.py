@@ -175,15 +175,10 @@ def _f32(*arrays):
     return tuple(None if a is None else a.astype(jnp.float32) for a in arrays)
 
 
-def _last_row(x, plan: _Plan):
-    """``x[L - 1]`` of an ``[L, ...]`` value (Triton cannot slice values: a masked sum)."""
+def _row_of(x, index: int):
+    """``x[index]`` of an ``[L, ...]`` value (Triton cannot slice values: a masked sum)."""
     t = jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
-    return jnp.sum(jnp.where(t == plan.chunk - 1, x, 0.0), axis=0)
-
-
-def _first_row(x):
-    t = jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
-    return jnp.sum(jnp.where(t == 0, x, 0.0), axis=0)
+    return jnp.sum(jnp.where(t == index, x, 0.0), axis=0)
 
 
 def _fwd_kernel(*refs, plan: _Plan, save: bool):
@@ -215,7 +210,7 @@ def _fwd_kernel(*refs, plan: _Plan, save: bool):
         if plan.has_z:
             y = y * (z * jax.nn.sigmoid(z))
         y_ref[_tile_rows(plan, c), :] = y.astype(y_ref.dtype)
-        return _last_row(hs, plan), nxt
+        return _row_of(hs, plan.chunk - 1), nxt
 
     h, _ = jax.lax.fori_loop(0, plan.n_chunks, tile, (h0_ref[...].astype(jnp.float32), load(0)))
     hT_ref[...] = h
@@ -282,7 +277,7 @@ def _bwd_kernel(*refs, plan: _Plan):
             dd_acc = dd_acc + jnp.sum(dy * x, axis=0, keepdims=True)
         ddt_ref[rows, :] = ddt.astype(ddt_ref.dtype)
         dx_ref[rows, :] = dx.astype(dx_ref.dtype)
-        return _first_row(decay * g), da_acc, dd_acc, nxt
+        return _row_of(decay * g, 0), da_acc, dd_acc, nxt
 
     last = plan.n_chunks - 1
     init = (dhT_ref[...].astype(jnp.float32), jnp.zeros((N, bv), jnp.float32),
