@@ -155,6 +155,21 @@ def _row_col(st: CoreStatic) -> tuple[Any, Any]:
     return rh // st.heads, rh % st.heads
 
 
+def _chunk_entry(seq_ref, flag_ref, r, c):
+    """``(seq, starts, ends)`` of chunk ``c`` of row ``r``: its sequence, and whether the chunk
+    opens / closes it (bits 0 / 1 of ``flags``); the walks reset their carry there."""
+    flag = flag_ref[r, c]
+    return seq_ref[r, c], (flag & 1) == 1, (flag & 2) == 2
+
+
+def _entering_state(st: CoreStatic, h0_ref, seq, h, ks, vs, starts, state):
+    """The forward walk's state entering a chunk: the sequence's initial state (or zeros)
+    where the chunk opens its sequence, else the carried ``state``."""
+    bk, bv = state.shape
+    start = h0_ref[seq, h, ks, vs].astype(F32) if st.has_h0 else jnp.zeros((bk, bv), F32)
+    return jnp.where(starts, start, state)
+
+
 def _call(kernel, st: CoreStatic, grid, out_shape, *args, parallel: bool = False):
     warps = st.par_warps if parallel else st.num_warps
     return pl.pallas_call(
@@ -183,12 +198,8 @@ def _fwd_h_kernel(*refs, st: CoreStatic):
 
     def body(c, state):
         t0 = c * L
-        seq = seq_ref[r, c]
-        flag = flag_ref[r, c]
-        reset = (flag & 1) == 1
-        last = (flag & 2) == 2
-        start = h0_ref[seq, h, ks, vs].astype(F32) if st.has_h0 else jnp.zeros((BK, BV), F32)
-        state = jnp.where(reset, start, state)
+        seq, reset, last = _chunk_entry(seq_ref, flag_ref, r, c)
+        state = _entering_state(st, h0_ref, seq, h, ks, vs, reset, state)
         h_ref[r, c, h, ks, vs] = state.astype(h_ref.dtype)
         k = k_ref[r, pl.ds(t0, L), h, ks]  # [L, BK]
         v = v_ref[r, pl.ds(t0, L), h, vs]  # [L, BV]
@@ -322,10 +333,7 @@ def _bwd_dh_kernel(*refs, st: CoreStatic):
     def body(i, ds):
         c = st.n_chunks - 1 - i
         t0 = c * L
-        seq = seq_ref[r, c]
-        flag = flag_ref[r, c]
-        reset = (flag & 1) == 1
-        last = (flag & 2) == 2
+        seq, reset, last = _chunk_entry(seq_ref, flag_ref, r, c)
         ds = jnp.where(last, dht_ref[seq, h, ks, vs], ds)
         dh_ref[r, c, h, ks, vs] = ds.astype(dh_ref.dtype)
         q = q_ref[r, pl.ds(t0, L), h, ks]

@@ -77,7 +77,9 @@ from linearnexus.kernels.common.pallas_chunk import (
     CoreStatic,
     _call,
     _causal,
+    _chunk_entry,
     _dot,
+    _entering_state,
     _has_chunk,
     _row_col,
     chunk_layout_info,
@@ -205,12 +207,8 @@ def _fwd_h_kernel(k_ref, v_ref, b_ref, c_ref, *refs, st: CoreStatic):
 
     def body(c, state):
         t0 = c * L
-        seq = seq_ref[r, c]
-        flag = flag_ref[r, c]
-        reset = (flag & 1) == 1
-        last = (flag & 2) == 2
-        start = h0_ref[seq, h, ks, vs].astype(F32) if st.has_h0 else jnp.zeros((BK, BV), F32)
-        state = jnp.where(reset, start, state)
+        seq, reset, last = _chunk_entry(seq_ref, flag_ref, r, c)
+        state = _entering_state(st, h0_ref, seq, h, ks, vs, reset, state)
         h_ref[r, c, h, ks, vs] = state.astype(h_ref.dtype)
         b = _load_b(b_ref, c_ref, r, pl.ds(t0, L), h, ks)  # [L, BK]
         b_last = _load_b(b_ref, c_ref, r, t0 + L - 1, h, ks)  # [BK]
@@ -271,10 +269,7 @@ def _bwd_dh_kernel(q_ref, do_ref, b_ref, dht_ref, seq_ref, flag_ref, dh_ref, dh0
     def body(i, ds):
         c = st.n_chunks - 1 - i
         t0 = c * L
-        seq = seq_ref[r, c]
-        flag = flag_ref[r, c]
-        reset = (flag & 1) == 1
-        last = (flag & 2) == 2
+        seq, reset, last = _chunk_entry(seq_ref, flag_ref, r, c)
         ds = jnp.where(last, dht_ref[seq, h, ks, vs], ds)
         dh_ref[r, c, h, ks, vs] = ds.astype(dh_ref.dtype)
         q = _scaled(q_ref[r, pl.ds(t0, L), h, ks], b_ref[r, pl.ds(t0, L), h, ks])
