@@ -2,7 +2,8 @@
 speed vs flash-linear-attention (FLA), in one process.
 
     python3 benchmarks/kernels_gpu.py [--ops simple_gla gla ...] [--shapes 0 3] [--quick]
-        [--skip-fla] [--skip-check] [--skip-mamba] [--chunk-size 64] [--repeats 9] [--budget 560]
+        [--skip-fla] [--skip-ln] [--skip-check] [--skip-mamba] [--skip-ceilings]
+        [--chunk-size 64] [--repeats 9] [--budget 560]
         [--merge earlier.json] [--out DIR] [--name kernels_gpu] [--docs docs/benchmarks.md]
 
 On the GPU machine (no internet; FLA carried as wheels in .whl/, pure Python):
@@ -989,8 +990,12 @@ def main() -> None:
                         help=f"indices into {SHAPES}")
     parser.add_argument("--quick", action="store_true", help="one small shape, few repeats")
     parser.add_argument("--skip-fla", action="store_true")
+    parser.add_argument("--skip-ln", action="store_true",
+                        help="time FLA only (e.g. to fill Triton's compile and autotune caches first)")
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--skip-mamba", action="store_true")
+    parser.add_argument("--skip-ceilings", action="store_true",
+                        help="do not measure HBM / matmul ceilings (no %%HBM / %%MMA columns)")
     parser.add_argument("--chunk-size", type=int, default=None,
                         help="LinearNexus chunk size (default: each op's own); FLA keeps 64")
     parser.add_argument("--repeats", type=int, default=None)
@@ -1073,7 +1078,7 @@ def main() -> None:
         results["notes"].append(f"LinearNexus chunk size {args.chunk_size} (--chunk-size); "
                                 f"FLA uses its default 64")
 
-    if torch is not None:
+    if torch is not None and not args.skip_ceilings:
         try:
             log("measuring ceilings ...")
             results["ceilings"] = measure_ceilings(torch, triton_testing, args.quick)
@@ -1125,13 +1130,16 @@ def main() -> None:
                 log(f"  {op} {shape}: skipped (time budget)")
                 continue
             log(f"timing {op} {shape} ... ({time.perf_counter() - t_start:.0f} s)")
-            try:
-                row["ln"] = time_ln(op, shape, repeats, args.chunk_size, l2_bytes)
-                efficiency(row["ln"], row["flops"]["ln"], row["bytes"], ceil)
-            except Exception as e:  # noqa: BLE001
-                row["ln"] = {"status": "ERROR", "error": short_error(e)}
-                traceback.print_exc(limit=3)
-            gc.collect()
+            if args.skip_ln:
+                row["ln"] = {"status": "skipped", "error": "--skip-ln"}
+            else:
+                try:
+                    row["ln"] = time_ln(op, shape, repeats, args.chunk_size, l2_bytes)
+                    efficiency(row["ln"], row["flops"]["ln"], row["bytes"], ceil)
+                except Exception as e:  # noqa: BLE001
+                    row["ln"] = {"status": "ERROR", "error": short_error(e)}
+                    traceback.print_exc(limit=3)
+                gc.collect()
             if use_fla:
                 row["fla"] = time_fla(torch, triton_testing, op, shape, repeats, l2_bytes)
                 efficiency(row["fla"], row["flops"]["fla"], row["bytes"], ceil)

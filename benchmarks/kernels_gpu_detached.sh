@@ -3,40 +3,58 @@
 # limited to ~10 minutes (the device tool's): the first call starts it, every call then waits
 # up to POLL_S seconds for it and copies what it has written so far into $OUT (or ./kg_out).
 # Call again at once until it prints FINISHED (the machine is released after ~30 s idle).
-#   [PYTHON=python3] bash benchmarks/kernels_gpu_detached.sh [POLL_S] [-- extra kernels_gpu.py flags]
+#   [PYTHON=python3] [PREWARM=14] bash benchmarks/kernels_gpu_detached.sh [POLL_S] [-- extra flags]
 # FLA's wheels, if carried in .whl/, are installed into /tmp/site first.
-# FLA's autotuning is most of a full run (~27 of ~45 minutes on 2026-11-23). Triton keeps
-# autotune results on disk with TRITON_CACHE_AUTOTUNING=1; the script copies those files
-# (*.autotune.json, small) to $DEST/triton_autotune, and a later session that carries them in
-# .triton_autotune/ starts with FLA's earlier choices (FLA's own mechanism: it then compiles
-# only the chosen configs). Not yet tried on the device: check the log's FLA warm-up times.
+#
+# Most of a full run from a fresh machine is FLA's autotuning (~32 of ~45 minutes on
+# 2026-11-23), and most of that is Triton compiling every candidate config, one at a time.
+# PREWARM=N first runs N FLA-only processes side by side (--skip-ln, one per group of shapes
+# and ops), which fill Triton's on-disk compile cache in parallel; their autotune choices,
+# made while they share the GPU, are then deleted, and the measured run autotunes FLA again
+# alone on the GPU, now loading compiled configs from the cache instead of compiling them.
 set -u
 POLL_S=${1:-560}
 shift || true
 [ "${1:-}" = "--" ] && shift
 WORK=/tmp/kernels_gpu_detached
 DEST=${OUT:-$PWD/kg_out}
-export PYTHONPATH=/tmp/site:$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
-export TRITON_CACHE_DIR=$WORK/triton TRITON_CACHE_AUTOTUNING=1
+PY=${PYTHON:-python3}
+export PYTHONPATH=/tmp/site:$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+export TRITON_CACHE_DIR=$WORK/triton
 if [ ! -f "$WORK/started" ]; then
   mkdir -p "$WORK"
   if compgen -G ".whl/*.whl" >/dev/null; then
-    "${PYTHON:-python3}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl
   fi
   cp docs/benchmarks.md "$WORK/benchmarks.md"
-  if [ -d .triton_autotune ]; then mkdir -p "$TRITON_CACHE_DIR" && cp -r .triton_autotune/. "$TRITON_CACHE_DIR"/; fi
+  {
+    echo "set -u; cd '$PWD'"
+    if [ "${PREWARM:-0}" -gt 0 ]; then
+      echo "echo \"prewarm start \$(date -u +%T)\""
+      n=0
+      for shape in 0 1 2 3 4 5 6; do
+        for ops in "simple_gla gla" "delta_rule gated_delta_rule"; do
+          [ "$n" -ge "$PREWARM" ] && break 2
+          echo "'$PY' benchmarks/kernels_gpu.py --skip-ln --skip-check --skip-mamba --skip-ceilings --repeats 1 --budget 0 --jax-cache '' --ops $ops --shapes $shape --name prewarm_$n --out '$WORK/prewarm' > '$WORK/prewarm_$n.log' 2>&1 &"
+          n=$((n + 1))
+        done
+      done
+      echo "wait"
+      echo "find '$TRITON_CACHE_DIR' -name '*.autotune.json' -delete"
+      echo "echo \"prewarm done \$(date -u +%T)\""
+    fi
+    printf "'%s' benchmarks/kernels_gpu.py --budget 0 --out '%s' --docs '%s'" "$PY" "$WORK" "$WORK/benchmarks.md"
+    for a in "$@"; do printf " '%s'" "$a"; done
+    echo
+    echo "echo \"run done \$(date -u +%T)\""
+  } > "$WORK/driver.sh"
   touch "$WORK/started"
-  setsid nohup "${PYTHON:-python3}" benchmarks/kernels_gpu.py --budget 0 --out "$WORK" \
-    --docs "$WORK/benchmarks.md" "$@" > "$WORK/run.log" 2>&1 < /dev/null &
+  setsid nohup bash "$WORK/driver.sh" > "$WORK/run.log" 2>&1 < /dev/null &
   echo "started"
 fi
 end=$((SECONDS + POLL_S))
-while [ $SECONDS -lt $end ] && pgrep -f "benchmarks/kernels_gpu.py" >/dev/null; do sleep 5; done
+while [ $SECONDS -lt $end ] && pgrep -f "$WORK/driver.sh" >/dev/null; do sleep 5; done
 grep -v "^W0000\|^I0000" "$WORK/run.log" | tail -n 30
-mkdir -p "$DEST" && cp "$WORK"/*.json "$WORK"/*.md "$WORK"/run.log "$DEST"/ 2>/dev/null
-mkdir -p "$DEST/triton_autotune"
-if [ -d "$TRITON_CACHE_DIR" ]; then
-  (cd "$TRITON_CACHE_DIR" && find . -name "*.autotune.json" -exec cp --parents {} "$DEST/triton_autotune/" \;)
-fi
-if pgrep -f "benchmarks/kernels_gpu.py" >/dev/null; then echo "STILL_RUNNING"; else echo "FINISHED"; fi
+mkdir -p "$DEST" && cp "$WORK"/*.json "$WORK"/*.md "$WORK"/*.log "$WORK"/driver.sh "$DEST"/ 2>/dev/null
+if pgrep -f "$WORK/driver.sh" >/dev/null; then echo "STILL_RUNNING"; else echo "FINISHED"; fi

@@ -112,7 +112,9 @@ def default_config(*, rows: int, heads: int, key_dim: int, value_dim: int, delta
       The delta rules need all of K in one program (``u - w S`` mixes it), and there
       block_v 32 wins when 64 would leave fewer programs than SMs (132).
     * num_stages 2, or 3 for long sequences (>= 128 chunks a program), where prefetching the
-      next chunk's loads hides more latency (0.39 vs 0.50 ms at T = 16384).
+      next chunk's loads hides more latency (0.39 vs 0.50 ms at T = 16384). The delta rules
+      at K >= 256 take 1: with 2, ``bwd_dh``'s ``[64, 256]`` tiles ask 344 KB of shared memory
+      (279 KB gated) of the 227 KB a block may have.
     """
     del dtype
     block_k = key_dim if delta else min(64, key_dim)
@@ -121,6 +123,8 @@ def default_config(*, rows: int, heads: int, key_dim: int, value_dim: int, delta
         block_v = 32
     warps = 8 if (delta and key_dim >= 256) else 4
     stages = 3 if n_chunks >= 128 else 2
+    if delta and key_dim >= 256:
+        stages = 1
     return TritonConfig(chunk=64, block_k=block_k, block_v=block_v, num_warps=warps,
                         num_stages=stages)
 
@@ -170,8 +174,10 @@ def _entering_state(st: CoreStatic, h0_ref, seq, h, ks, vs, starts, state):
     return jnp.where(starts, start, state)
 
 
-def _call(kernel, st: CoreStatic, grid, out_shape, *args, parallel: bool = False):
-    warps = st.par_warps if parallel else st.num_warps
+def _call(kernel, st: CoreStatic, grid, out_shape, *args, parallel: bool = False,
+          warps: int | None = None):
+    if warps is None:
+        warps = st.par_warps if parallel else st.num_warps
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, interpret=st.interpret,
         compiler_params=compiler_params(warps, st.num_stages),

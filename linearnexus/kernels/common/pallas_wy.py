@@ -127,9 +127,9 @@ def _wy_fwd_kernel(*refs, st: WyStatic):
         u_acc = jnp.zeros((SUB, st.value_dim), F32)
         for j in range(nb):
             if j > i:
-                m_ref[r, rows, h, pl.ds(j * SUB, SUB)] = jnp.zeros((SUB, SUB), F32)
+                m_ref[r, rows, h, pl.ds(j * SUB, SUB)] = jnp.zeros((SUB, SUB), m_ref.dtype)
                 continue
-            m_ref[r, rows, h, pl.ds(j * SUB, SUB)] = minv[i, j]
+            m_ref[r, rows, h, pl.ds(j * SUB, SUB)] = minv[i, j].astype(m_ref.dtype)
             scale = betas[j] * jnp.exp(bs[j]) if st.gated else betas[j]
             kbe = ks[j].astype(F32) * scale[:, None]
             vb = v_ref[r, pl.ds(t0 + j * SUB, SUB), h, :].astype(F32) * betas[j][:, None]
@@ -150,31 +150,39 @@ def _wy_bwd_kernel(*refs, st: WyStatic):
     L = st.chunk
     rows = pl.ds(c * L, L)
     row, col = _iota2(L)
+    # bf16 inputs: the big products take bf16 operands (float32 accumulation), as the
+    # forward's w / u are bf16 anyway; float32 inputs keep float32 (exact) operands
+    op = F32 if st.exact else jnp.bfloat16
     beta = beta_ref[r, rows, h].astype(F32)  # [L]
-    minv = m_ref[r, rows, h, :]  # [L, L] float32
+    minv = m_ref[r, rows, h, :].astype(op)  # [L, L] M^{-1}, stored in the operand dtype
     b = b_ref[r, rows, h] if st.gated else None
     eb = jnp.exp(b) if st.gated else jnp.ones_like(beta)
     # head dims in blocks of <= 64 columns: whole 256-wide float32 operands overflow shared
     # memory (measured: 344 KB asked of 227 KB at K = V = 256)
     bk, bv = min(st.key_dim, 64), min(st.value_dim, 64)
-    da = jnp.zeros((L, L), F32)
+    # With w = M^{-1} kbe and u = M^{-1} vb (kbe = beta e^b k, vb = beta v):
+    #   dA = -(M^{-T} dw w^T + M^{-T} du u^T) = -M^{-T} X M^{-T},  X = dw kbe^T + du vb^T,
+    # so w, u and M^{-T} dw never have to be formed for dA: X sums over head-dim blocks.
+    x = jnp.zeros((L, L), F32)
     kk = jnp.zeros((L, L), F32)
     dbeta = jnp.zeros((L,), F32)
-    for j in range(st.value_dim // bv):  # u = M^{-1} (beta v): dv, dbeta and dA's share
+    for j in range(st.value_dim // bv):  # dv = beta M^{-T} du, dbeta's share, X's share
         vs = pl.ds(j * bv, bv)
         v = v_ref[r, rows, h, vs].astype(F32)
-        u = _dot(minv, v * beta[:, None], st)
-        dru = _dot(minv, du_ref[r, rows, h, vs].astype(F32), st, ta=True)  # M^{-T} du
-        da -= _dot(dru, u, st, tb=True)
+        du = du_ref[r, rows, h, vs].astype(op)
+        x += _dot(du, (v * beta[:, None]).astype(op), st, tb=True)
+        dru = _dot(minv, du, st, ta=True)  # M^{-T} du
         dv_ref[r, rows, h, vs] = (dru * beta[:, None]).astype(dv_ref.dtype)
         dbeta += jnp.sum(dru * v, axis=1)
-    for j in range(st.key_dim // bk):  # w = M^{-1} (beta e^b k): dA's share
+    for j in range(st.key_dim // bk):  # X's share from w, and k k^T
         ks = pl.ds(j * bk, bk)
-        k = k_ref[r, rows, h, ks].astype(F32)
-        w = _dot(minv, k * (beta * eb)[:, None], st)
-        drw = _dot(minv, dw_ref[r, rows, h, ks].astype(F32), st, ta=True)
-        da -= _dot(drw, w, st, tb=True)
-        kk += _dot(k, k, st, tb=True)
+        k = k_ref[r, rows, h, ks]
+        kbe = (k.astype(F32) * (beta * eb)[:, None]).astype(op)
+        x += _dot(dw_ref[r, rows, h, ks].astype(op), kbe, st, tb=True)
+        kk += _dot(k.astype(op), k.astype(op), st, tb=True)
+    # two [L, L] products in float32 operands (TF32 on the GPU for bf16 inputs)
+    minv32 = minv.astype(F32)
+    da = -_dot(_dot(minv32, x, st, ta=True), minv32, st, tb=True)
     # the decay factors of A, built only now to keep fewer [L, L] tiles live in the loops
     if st.gated:
         gam = jnp.exp(jnp.where(row > col, b[:, None] - b[None, :], -jnp.inf))
@@ -183,15 +191,18 @@ def _wy_bwd_kernel(*refs, st: WyStatic):
     g = da * gam  # zero on and above the diagonal
     gb = g * beta[:, None]
     dbeta += jnp.sum(g * kk, axis=1)
+    # A_ij = beta_i gam_ij k_i.k_j: dk_i gets sum_j gb_ij k_j, dk_j gets sum_i gb_ij k_i
+    sym = (gb + gb.T).astype(op)
     db = jnp.zeros((L,), F32)
-    for j in range(st.key_dim // bk):  # dk through A and through beta e^b k
+    for j in range(st.key_dim // bk):  # dk through A and through kbe
         ks = pl.ds(j * bk, bk)
-        k = k_ref[r, rows, h, ks].astype(F32)
-        drw = _dot(minv, dw_ref[r, rows, h, ks].astype(F32), st, ta=True)
-        dk = _dot(gb, k, st) + _dot(gb, k, st, ta=True) + drw * (beta * eb)[:, None]
+        k = k_ref[r, rows, h, ks]
+        drw = _dot(minv, dw_ref[r, rows, h, ks].astype(op), st, ta=True)  # M^{-T} dw
+        dk = _dot(sym, k.astype(op), st) + drw * (beta * eb)[:, None]
         dk_ref[r, rows, h, ks] = dk.astype(dk_ref.dtype)
-        dbeta += jnp.sum(drw * k, axis=1) * eb
-        db += jnp.sum(drw * k, axis=1) * (beta * eb)
+        rk = jnp.sum(drw * k.astype(F32), axis=1)
+        dbeta += rk * eb
+        db += rk * (beta * eb)
     dbeta_ref[r, rows, h] = dbeta
     if st.gated:
         p = gb * kk  # dA_ij * A_ij
@@ -208,7 +219,7 @@ def _fwd(st: WyStatic, k, v, beta, g):
     R, TP, H = st.rows, st.n_chunks * st.chunk, st.heads
     outs = [jax.ShapeDtypeStruct((R, TP, H, st.key_dim), k.dtype),
             jax.ShapeDtypeStruct((R, TP, H, st.value_dim), k.dtype),
-            jax.ShapeDtypeStruct((R, TP, H, st.chunk), F32)]
+            jax.ShapeDtypeStruct((R, TP, H, st.chunk), F32 if st.exact else k.dtype)]
     ins = [k, v, beta] + ([in_chunk_cumsum(g, st.chunk)] if st.gated else [])
     w, u, minv = _call(functools.partial(_wy_fwd_kernel, st=st), st, outs, *ins)
     return (w, u), (k, v, beta, g, minv)

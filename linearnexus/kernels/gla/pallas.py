@@ -13,16 +13,18 @@ matrix as in simple GLA, and ``e^{b_i - b_j}`` must never be formed as ``e^{b_i}
 * sub-chunk pairs ``I > J`` go through the reference row ``r`` (the last row of ``J``):
   ``A_IJ = (q_I e^{b_I - b_r}) (k_J e^{b_r - b_J})^T``, one 16 x 16 x K matmul, both
   exponents <= 0;
-* diagonal blocks ``I == J`` are exact: a loop over the 16 key rows ``j`` builds column ``j``
-  as ``sum_k q_I k_j e^{b_I - b_j}``, the exponent masked to ``-inf`` where ``i < j``
-  before the exp.
+* diagonal blocks ``I == J`` are exact: a walk over the 16 key rows ``j`` computes column
+  ``j`` as ``sum_k q_I k_j e^{b_I - b_j}``, the exponent masked to ``-inf`` where ``i < j``
+  before the exp, and stores it at once (the backward's walks add ``[16, K]`` terms and
+  never reduce inside the loop). Each walk loads row ``j + 1`` while it works on row ``j``.
 
-Pallas's Triton lowering slices only refs, never values, so every sub-block is loaded
-from its ref, and columns are assembled with ``where(iota == j, ...)``. Kernels (``R``
-rows of the chunk layout, ``H`` heads, ``NC`` chunks):
+Pallas's Triton lowering slices only refs, never values, so every sub-block and row is
+loaded from its ref. Kernels (``R`` rows of the chunk layout, ``H`` heads, ``NC`` chunks;
+the two per-sub-chunk kernels run ``SUB_WARPS`` = 2 warps):
 
-* ``fwd_a`` (grid ``[1, chunks, rows x heads]``): ``A`` for every chunk, stored float32
-  ``[R, TP, H, L]`` (zeros above the diagonal) and reused by ``fwd_o`` and ``bwd_dv``.
+* ``fwd_a`` (grid ``[sub-chunks, chunks, rows x heads]``): ``A`` for every chunk, one
+  16-row block per program, stored float32 ``[R, TP, H, L]`` (zeros above the diagonal)
+  and reused by ``fwd_o`` and ``bwd_dv``.
 * ``fwd_h`` (grid ``[K blocks, V blocks, rows x heads]``): the sequential walk over chunks,
   as in ``common/pallas_chunk.py`` with a decay per state row.
 * ``fwd_o`` (grid ``[V blocks, chunks, rows x heads]``).
@@ -31,9 +33,10 @@ rows of the chunk layout, ``H`` heads, ``NC`` chunks):
 * ``bwd_da`` (grid ``[1, chunks, rows x heads]``): ``dA = scale (do v^T)``, masked ``j <= i``.
 * ``bwd_dv`` (grid ``[V blocks, chunks, rows x heads]``):
   ``dv = scale A^T do + (k e^{b_L - b}) dS_{c+1}``.
-* ``bwd_dqk`` (grid ``[K blocks, chunks, rows x heads]``): ``dq``, ``dk`` (inter-chunk part
-  by matmuls with ``S_c`` / ``dS_{c+1}``, intra-chunk part by the same sub-chunk scheme on
-  ``dA``) and the per-token terms of the gate gradient, one 16-row sub-chunk at a time.
+* ``bwd_dqk`` (grid ``[K blocks x sub-chunks, chunks, rows x heads]``): ``dq``, ``dk``
+  (inter-chunk part by matmuls with ``S_c`` / ``dS_{c+1}``, intra-chunk part by the same
+  sub-chunk scheme on ``dA``) and the per-token terms of the gate gradient, one 16-row
+  sub-chunk per program.
 
 Gate gradient. It is taken chunk by chunk (``g`` of chunk c acts only on chunk c's outputs
 and on ``S_{c+1}``, given ``S_c``), per key dimension::
@@ -97,22 +100,26 @@ from linearnexus.kernels.common.pallas_ops import (
 F32 = jnp.float32
 #: rows of a sub-chunk (the smallest ``jnp.dot`` operand the Triton lowering takes)
 SUB = 16
+#: warps of the two per-sub-chunk kernels (``fwd_a``, ``bwd_dqk``), whose tiles are only
+#: ``[16, K]``. H200, bf16 (8, 4096, 16, 128), 2026-11-23: fwd / fwd+bwd 3.95 / 10.08 ms at
+#: 2 warps against 4.70 / 11.82 at 4, 5.43 / 13.67 at 1 and 7.39 / 14.51 at 8.
+SUB_WARPS = 2
 
 
 def default_config(*, rows: int, heads: int, key_dim: int, value_dim: int) -> TritonConfig:
     """The heuristic launch config for GLA.
 
     * chunk 64 (as FLA): 4 sub-chunks of 16, so 6 off-diagonal 16 x 16 block matmuls and 4
-      exact 16-step diagonal loops per chunk; the per-chunk state store (``K x V`` per 64
-      tokens) stays under the q/k/v/g traffic. Shorter chunks store more states, longer
-      ones grow the ``L^2`` intra-chunk work quadratically.
+      exact 16-step diagonal walks per chunk (one per ``fwd_a`` program); the per-chunk
+      state store (``K x V`` per 64 tokens) stays under the q/k/v/g traffic. Shorter chunks
+      store more states, longer ones grow the ``L^2`` intra-chunk work quadratically.
     * block_k = block_v = 64: a 64 x 64 float32 state is 32 registers a thread at 4 warps in
       the sequential kernels (``fwd_h``, ``bwd_dh``), and ``bwd_dqk`` holds only a few
-      16 x block_k accumulators (it works one sub-chunk at a time). block_v stays 64 even
+      16 x block_k accumulators (one sub-chunk per program). block_v stays 64 even
       when that leaves few programs: for simple_gla's ``fwd_h`` (the same walk with a
       scalar decay) block_v 16 was 4.6x slower at (8, 4096, 16, 128) on an H200 and 1.3x
-      at (2, 16384, 16, 128). ``fwd_a`` and ``bwd_da`` loop over all of K / V in one
-      program; their grid is chunks x rows x heads.
+      at (2, 16384, 16, 128). ``fwd_a`` and ``bwd_da`` take all of K / V in one program.
+    * warps: 4 for the chunk-wide kernels, ``SUB_WARPS`` for the two per-sub-chunk ones.
     """
     del rows, heads
     block_k = min(64, key_dim)
@@ -159,41 +166,54 @@ def _scaled(x: Array, exponent: Array) -> Array:
 
 
 def _fwd_a_kernel(q_ref, k_ref, b_ref, c_ref, a_ref, *, st: CoreStatic):
-    """``A`` of one chunk (without ``scale``), sub-chunk row by sub-chunk row."""
+    """Row block ``bi`` (the grid's first axis) of ``A`` for one chunk, without ``scale``.
+
+    One program per (sub-chunk row, chunk, row x head), so the four row blocks of a chunk
+    run in parallel and each program holds only ``[16, K]`` tiles. The diagonal block is
+    built column by column, each column stored as soon as it is summed over K (no
+    assembling of a ``[16, 16]`` value from columns, which cost a layout conversion per
+    column); the blocks left of it go through the reference row as matmuls.
+    """
     L, BK = st.chunk, st.block_k
-    c = pl.program_id(1)
+    bi, c = pl.program_id(0), pl.program_id(1)
     r, h = _row_col(st)
     t0 = c * L
     ns = L // SUB
-    row_i = _iota((SUB, BK), 0)
-    col_j = _iota((SUB, SUB), 1)
-    for bi in range(ns):
-        ri = _rows(t0, bi)
-        acc = [jnp.zeros((SUB, SUB), F32) for _ in range(bi + 1)]
-        for ik in range(st.key_dim // BK):
-            ks = pl.ds(ik * BK, BK)
-            q = q_ref[r, ri, h, ks]
-            b = _load_b(b_ref, c_ref, r, ri, h, ks)  # [SUB, BK] float32
-            for bj in range(bi):  # through the reference row (last row of sub-chunk bj)
+    ri = pl.ds(t0 + bi * SUB, SUB)
+    whole = pl.ds(0, st.key_dim)
+    row_i = _iota((SUB, st.key_dim), 0)
+    qf = q_ref[r, ri, h, whole].astype(F32)
+    b = _load_b(b_ref, c_ref, r, ri, h, whole)  # [SUB, K] float32
+
+    def key_row(j):  # row j of the sub-chunk (clamped: the walk prefetches one row ahead)
+        row = t0 + bi * SUB + jnp.minimum(j, SUB - 1)
+        return k_ref[r, row, h, whole].astype(F32), _load_b(b_ref, c_ref, r, row, h, whole)
+
+    def column(j, cur):
+        k_j, b_j = cur
+        nxt = key_row(j + 1)  # issued before this column's math and store
+        e = jnp.exp(jnp.where(row_i >= j, _gap(b, b_j), -jnp.inf))
+        a_ref[r, ri, h, bi * SUB + j] = jnp.sum(qf * k_j[None, :] * e, axis=1)  # zero above i
+        return nxt
+
+    jax.lax.fori_loop(0, SUB, column, key_row(0))
+    for bj in range(ns):
+
+        @pl.when(bj < bi)
+        def _below(bj=bj):  # through the reference row (last row of sub-chunk bj)
+            rj = _rows(t0, bj)
+            acc = jnp.zeros((SUB, SUB), F32)
+            for ik in range(st.key_dim // BK):
+                ks = pl.ds(ik * BK, BK)
                 b_r = _load_b(b_ref, c_ref, r, t0 + bj * SUB + SUB - 1, h, ks)  # [BK]
-                rj = _rows(t0, bj)
-                qs = _scaled(q, _gap(b, b_r))
+                qs = _scaled(q_ref[r, ri, h, ks], _gap(_load_b(b_ref, c_ref, r, ri, h, ks), b_r))
                 kj = _scaled(k_ref[r, rj, h, ks], _gap(b_r, _load_b(b_ref, c_ref, r, rj, h, ks)))
-                acc[bj] += _dot(qs, kj, tb=True)
-            qf = q.astype(F32)
+                acc += _dot(qs, kj, tb=True)
+            a_ref[r, ri, h, pl.ds(bj * SUB, SUB)] = acc
 
-            def column(j, a, qf=qf, b=b, ks=ks, bi=bi):
-                row = t0 + bi * SUB + j
-                k_j = k_ref[r, row, h, ks].astype(F32)  # [BK]
-                b_j = _load_b(b_ref, c_ref, r, row, h, ks)
-                e = jnp.exp(jnp.where(row_i >= j, _gap(b, b_j), -jnp.inf))
-                col = jnp.sum(qf * k_j[None, :] * e, axis=1)  # [SUB]
-                return a + jnp.where(col_j == j, col[:, None], 0.0)
-
-            acc[bi] = jax.lax.fori_loop(0, SUB, column, acc[bi])
-        for bj in range(ns):
-            blk = acc[bj] if bj <= bi else jnp.zeros((SUB, SUB), F32)
-            a_ref[r, ri, h, pl.ds(bj * SUB, SUB)] = blk
+        @pl.when(bj > bi)
+        def _above(bj=bj):
+            a_ref[r, ri, h, pl.ds(bj * SUB, SUB)] = jnp.zeros((SUB, SUB), F32)
 
 
 def _fwd_h_kernel(k_ref, v_ref, b_ref, c_ref, *refs, st: CoreStatic):
@@ -244,8 +264,8 @@ def gla_forward(st: CoreStatic, q, k, v, b, bc, h0, seq_info, flags):
     TP = NC * L
     dt = q.dtype
     nk, nv = K // st.block_k, V // st.block_v
-    a = _call(functools.partial(_fwd_a_kernel, st=st), st, (1, NC, R * H),
-              jax.ShapeDtypeStruct((R, TP, H, L), F32), q, k, b, bc)
+    a = _call(functools.partial(_fwd_a_kernel, st=st), st, (L // SUB, NC, R * H),
+              jax.ShapeDtypeStruct((R, TP, H, L), F32), q, k, b, bc, warps=SUB_WARPS)
     ins = [k, v, b, bc] + ([h0] if st.has_h0 else []) + [seq_info, flags]
     outs = [jax.ShapeDtypeStruct((R, NC, H, K, V), dt),
             jax.ShapeDtypeStruct((st.n_seqs, H, K, V), F32)]
@@ -316,78 +336,101 @@ def _bwd_dv_kernel(k_ref, do_ref, dh_ref, b_ref, c_ref, a_ref, dv_ref, *, st: Co
 
 def _bwd_dqk_kernel(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, c_ref, da_ref,
                     dq_ref, dk_ref, p_ref, pk_ref, *, st: CoreStatic):
-    """``dq``, ``dk`` and the gate-gradient terms, one sub-chunk of 16 rows at a time.
+    """``dq``, ``dk`` and the gate-gradient terms of one sub-chunk of 16 rows.
 
-    ``p``: ``q dq - k dk`` without the diagonal pairs and the inter-chunk ``dk`` (plus
-    ``e^{b_L} <S_c, dS_{c+1}>`` on the chunk's last row); ``pk``: ``k dk^inter``.
+    Grid ``[K blocks x sub-chunks, chunks, rows x heads]``: the sub-chunks of a chunk run in
+    parallel (one program walked all four in turn, at 255 registers a thread, and took
+    6.4 ms at (8, 4096, 16, 128) on an H200). ``p``: ``q dq - k dk`` without the diagonal
+    pairs and the inter-chunk ``dk`` (plus ``e^{b_L} <S_c, dS_{c+1}>`` on the chunk's last
+    row); ``pk``: ``k dk^inter``.
     """
     L, BK, BV = st.chunk, st.block_k, st.block_v
-    ik, c = pl.program_id(0), pl.program_id(1)
+    ns = L // SUB
+    ik, bi = pl.program_id(0) // ns, pl.program_id(0) % ns
+    c = pl.program_id(1)
     r, h = _row_col(st)
     t0 = c * L
     ks = pl.ds(ik * BK, BK)
-    ns = L // SUB
     dt = q_ref.dtype
     row_i = _iota((SUB, BK), 0)
     sub_i = _iota((SUB,), 0)
     b_last = _load_b(b_ref, c_ref, r, t0 + L - 1, h, ks)  # [BK]
-    for bi in range(ns):
-        ri = _rows(t0, bi)
-        q = q_ref[r, ri, h, ks]
-        k = k_ref[r, ri, h, ks]
-        qf, kf = q.astype(F32), k.astype(F32)
-        b = _load_b(b_ref, c_ref, r, ri, h, ks)  # [SUB, BK]
-        # inter-chunk: do S_c^T and v dS_{c+1}^T
-        acc_q = jnp.zeros((SUB, BK), F32)
-        acc_k = jnp.zeros((SUB, BK), F32)
-        hdh = jnp.zeros((BK,), F32)
-        for iv in range(st.value_dim // BV):
-            vs = pl.ds(iv * BV, BV)
-            s = h_ref[r, c, h, ks, vs]
-            ds = dh_ref[r, c, h, ks, vs]
-            acc_q += _dot(do_ref[r, ri, h, vs], s, tb=True)
-            acc_k += _dot(v_ref[r, ri, h, vs], ds, tb=True)
-            if bi == ns - 1:
-                hdh += jnp.sum(s.astype(F32) * ds.astype(F32), axis=1)
-        dq = acc_q * (jnp.exp(b[0]) * st.scale)
-        dk_inter = acc_k * jnp.exp(_gap(b_last, b))
-        dk = jnp.zeros((SUB, BK), F32)
-        # intra-chunk, off-diagonal sub-chunk pairs through the reference row
-        for bj in range(bi):  # keys of sub-chunk bj < bi act on dq_I
-            rj = _rows(t0, bj)
-            b_r = _load_b(b_ref, c_ref, r, t0 + bj * SUB + SUB - 1, h, ks)
-            kj = _scaled(k_ref[r, rj, h, ks], _gap(b_r, _load_b(b_ref, c_ref, r, rj, h, ks)))
-            da = da_ref[r, ri, h, pl.ds(bj * SUB, SUB)]  # dA_IJ [SUB, SUB]
-            dq += _dot(da.astype(dt), kj) * jnp.exp(_gap(b, b_r))
-        b_r = _load_b(b_ref, c_ref, r, t0 + bi * SUB + SUB - 1, h, ks)
-        for bj in range(bi + 1, ns):  # queries of sub-chunk bj > bi act on dk_I
-            rj = _rows(t0, bj)
-            qj = _scaled(q_ref[r, rj, h, ks], _gap(_load_b(b_ref, c_ref, r, rj, h, ks), b_r))
-            da = da_ref[r, rj, h, pl.ds(bi * SUB, SUB)]  # dA_JI [SUB, SUB]
-            dk += _dot(da.astype(dt), qj, ta=True) * jnp.exp(_gap(b_r, b))
+    ri = pl.ds(t0 + bi * SUB, SUB)
+    q = q_ref[r, ri, h, ks]
+    k = k_ref[r, ri, h, ks]
+    qf, kf = q.astype(F32), k.astype(F32)
+    b = _load_b(b_ref, c_ref, r, ri, h, ks)  # [SUB, BK]
+    # inter-chunk: do S_c^T and v dS_{c+1}^T
+    acc_q = jnp.zeros((SUB, BK), F32)
+    acc_k = jnp.zeros((SUB, BK), F32)
+    hdh = jnp.zeros((BK,), F32)
+    for iv in range(st.value_dim // BV):
+        vs = pl.ds(iv * BV, BV)
+        s = h_ref[r, c, h, ks, vs]
+        ds = dh_ref[r, c, h, ks, vs]
+        acc_q += _dot(do_ref[r, ri, h, vs], s, tb=True)
+        acc_k += _dot(v_ref[r, ri, h, vs], ds, tb=True)
+        hdh += jnp.sum(s.astype(F32) * ds.astype(F32), axis=1)  # used by the last sub-chunk
+    dq = acc_q * (jnp.exp(b[0]) * st.scale)
+    dk_inter = acc_k * jnp.exp(_gap(b_last, b))
 
-        # the diagonal block, exactly; pairs i > j here, the i == j terms (dd) apart
-        def column(j, carry, qf=qf, b=b, ri=ri, bi=bi):
-            dq, dk, dd = carry
-            row = t0 + bi * SUB + j
-            col = da_ref[r, ri, h, bi * SUB + j]  # dA_{i j}, i in the sub-chunk: [SUB]
-            k_j = k_ref[r, row, h, ks].astype(F32)
-            b_j = _load_b(b_ref, c_ref, r, row, h, ks)
-            e = jnp.exp(jnp.where(row_i > j, _gap(b, b_j), -jnp.inf))  # [SUB, BK]
-            dq = dq + col[:, None] * k_j[None, :] * e
-            dk_j = jnp.sum(col[:, None] * qf * e, axis=0)  # [BK]
-            dk = dk + jnp.where(row_i == j, dk_j[None, :], 0.0)
-            dd = dd + jnp.where(sub_i == j, col, 0.0)
-            return dq, dk, dd
+    # intra-chunk, off-diagonal sub-chunk pairs through the reference row
+    def key_block(bj, dq):  # keys of sub-chunk bj < bi act on dq_I
+        rj = pl.ds(t0 + bj * SUB, SUB)
+        b_r = _load_b(b_ref, c_ref, r, t0 + bj * SUB + SUB - 1, h, ks)
+        kj = _scaled(k_ref[r, rj, h, ks], _gap(b_r, _load_b(b_ref, c_ref, r, rj, h, ks)))
+        da = da_ref[r, ri, h, pl.ds(bj * SUB, SUB)]  # dA_IJ [SUB, SUB]
+        return dq + _dot(da.astype(dt), kj) * jnp.exp(_gap(b, b_r))
 
-        dq, dk, dd = jax.lax.fori_loop(0, SUB, column, (dq, dk, jnp.zeros((SUB,), F32)))
-        p = qf * dq - kf * dk
-        if bi == ns - 1:  # e^{b_L} <S_c, dS_{c+1}> acts on every token of the chunk
-            p += jnp.where(row_i == SUB - 1, (jnp.exp(b_last[0]) * hdh)[None, :], 0.0)
-        p_ref[r, ri, h, ks] = p
-        pk_ref[r, ri, h, ks] = kf * dk_inter
-        dq_ref[r, ri, h, ks] = (dq + dd[:, None] * kf).astype(dq_ref.dtype)
-        dk_ref[r, ri, h, ks] = (dk + dk_inter + dd[:, None] * qf).astype(dk_ref.dtype)
+    b_r = _load_b(b_ref, c_ref, r, t0 + bi * SUB + SUB - 1, h, ks)
+
+    def query_block(bj, dk):  # queries of sub-chunk bj > bi act on dk_I
+        rj = pl.ds(t0 + bj * SUB, SUB)
+        qj = _scaled(q_ref[r, rj, h, ks], _gap(_load_b(b_ref, c_ref, r, rj, h, ks), b_r))
+        da = da_ref[r, rj, h, pl.ds(bi * SUB, SUB)]  # dA_JI [SUB, SUB]
+        return dk + _dot(da.astype(dt), qj, ta=True) * jnp.exp(_gap(b_r, b))
+
+    dq = jax.lax.fori_loop(0, bi, key_block, dq)
+    dk = jax.lax.fori_loop(bi + 1, ns, query_block, jnp.zeros((SUB, BK), F32))
+
+    # the diagonal block, exactly; pairs i > j here, the i == j terms (dd) apart. Two walks
+    # over the sub-chunk's rows j, each adding a [SUB, BK] term with no reduction: keys j
+    # act on dq_i (i > j) through column j of dA, queries j on dk_i (i < j) through row j
+    # (summing over rows instead cost a cross-warp reduction per step)
+    # (each walk prefetches row j + 1, clamped, through its carry)
+    def key_row(j):
+        j = jnp.minimum(j, SUB - 1)
+        row = t0 + bi * SUB + j
+        return (da_ref[r, ri, h, bi * SUB + j],  # dA_{i j}, i in the sub-chunk: [SUB]
+                k_ref[r, row, h, ks].astype(F32), _load_b(b_ref, c_ref, r, row, h, ks))
+
+    def key_step(j, carry):
+        dq, dd, (col, k_j, b_j) = carry
+        nxt = key_row(j + 1)
+        e = jnp.exp(jnp.where(row_i > j, _gap(b, b_j), -jnp.inf))
+        return dq + col[:, None] * k_j[None, :] * e, dd + jnp.where(sub_i == j, col, 0.0), nxt
+
+    def query_row(j):
+        row = t0 + bi * SUB + jnp.minimum(j, SUB - 1)
+        return (da_ref[r, row, h, pl.ds(bi * SUB, SUB)],  # dA_{j i}, i in the sub-chunk: [SUB]
+                q_ref[r, row, h, ks].astype(F32), _load_b(b_ref, c_ref, r, row, h, ks))
+
+    def query_step(j, carry):
+        dk, (rowda, q_j, b_j) = carry
+        nxt = query_row(j + 1)
+        e = jnp.exp(jnp.where(row_i < j, _gap(b_j, b), -jnp.inf))
+        return dk + rowda[:, None] * q_j[None, :] * e, nxt
+
+    dq, dd, _ = jax.lax.fori_loop(0, SUB, key_step, (dq, jnp.zeros((SUB,), F32), key_row(0)))
+    dk, _ = jax.lax.fori_loop(0, SUB, query_step, (dk, query_row(0)))
+    p = qf * dq - kf * dk
+    # e^{b_L} <S_c, dS_{c+1}> acts on every token of the chunk: stored on its last row
+    last_row = (row_i == SUB - 1) & (bi == ns - 1)
+    p += jnp.where(last_row, (jnp.exp(b_last[0]) * hdh)[None, :], 0.0)
+    p_ref[r, ri, h, ks] = p
+    pk_ref[r, ri, h, ks] = kf * dk_inter
+    dq_ref[r, ri, h, ks] = (dq + dd[:, None] * kf).astype(dq_ref.dtype)
+    dk_ref[r, ri, h, ks] = (dk + dk_inter + dd[:, None] * qf).astype(dk_ref.dtype)
 
 
 def gla_backward(st: CoreStatic, res, do, dfinal):
@@ -409,8 +452,8 @@ def gla_backward(st: CoreStatic, res, do, dfinal):
                jax.ShapeDtypeStruct((R, TP, H, V), dt), k, do, dh, b, bc, a)
     outs = [jax.ShapeDtypeStruct((R, TP, H, K), dt), jax.ShapeDtypeStruct((R, TP, H, K), dt),
             jax.ShapeDtypeStruct((R, TP, H, K), F32), jax.ShapeDtypeStruct((R, TP, H, K), F32)]
-    dq, dk, p, pk = _call(functools.partial(_bwd_dqk_kernel, st=st), st, (nk, NC, R * H), outs,
-                          q, k, v, do, h, dh, b, bc, da)
+    dq, dk, p, pk = _call(functools.partial(_bwd_dqk_kernel, st=st), st, (nk * (L // SUB), NC, R * H),
+                          outs, q, k, v, do, h, dh, b, bc, da, warps=SUB_WARPS)
     return dq, dk, dv, p, pk, dh0
 
 
