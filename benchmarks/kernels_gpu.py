@@ -17,9 +17,12 @@ CPU smoke test (Pallas in interpret mode, tiny shapes, no torch import):
 
 Writes ``benchmarks/results/<name>.json`` and ``<name>.md`` (and the same two files under
 ``--out DIR``); ``--docs FILE`` also puts the table into FILE between its
-``kernels-gpu-table`` markers. A full run takes ~45 minutes on a fresh H200 (compiles and
-FLA's autotuning); ``benchmarks/kernels_gpu_detached.sh`` runs it in its own process session
-across commands that are limited to 10 minutes each.
+``kernels-gpu-table`` markers. A full run takes ~45 minutes on a fresh H200, ~32 of them
+FLA's autotuning (Triton compiling each candidate config, one at a time);
+``benchmarks/kernels_gpu_detached.sh`` runs it in its own process session across commands
+that are limited to 10 minutes each, and with ``PREWARM=14`` first fills Triton's compile
+cache from 14 FLA-only processes side by side (8 minutes), after which the measured run took
+11 minutes (2026-11-23).
 
 What it does
 ------------
