@@ -33,10 +33,12 @@ the two per-sub-chunk kernels run ``SUB_WARPS`` = 2 warps):
 * ``bwd_da`` (grid ``[1, chunks, rows x heads]``): ``dA = scale (do v^T)``, masked ``j <= i``.
 * ``bwd_dv`` (grid ``[V blocks, chunks, rows x heads]``):
   ``dv = scale A^T do + (k e^{b_L - b}) dS_{c+1}``.
-* ``bwd_dqk`` (grid ``[K blocks x sub-chunks, chunks, rows x heads]``): ``dq``, ``dk``
-  (inter-chunk part by matmuls with ``S_c`` / ``dS_{c+1}``, intra-chunk part by the same
-  sub-chunk scheme on ``dA``) and the per-token terms of the gate gradient, one 16-row
-  sub-chunk per program.
+* ``bwd_dqk`` as two kernels on the grid ``[K blocks x sub-chunks, chunks, rows x heads]``,
+  one 16-row sub-chunk per program: ``bwd_dqk_matmul`` (inter-chunk parts of ``dq``, ``dk``
+  by matmuls with ``S_c`` / ``dS_{c+1}``, the off-diagonal sub-chunk blocks of ``dA``,
+  float32 partials) and ``bwd_dqk_walk`` (the diagonal blocks, exactly, added to those
+  partials), with the per-token terms of the gate gradient. Split, the walks' programs
+  hold no matmul operands: fwd+bwd 5% faster on the H200 than one kernel.
 
 Gate gradient. It is taken chunk by chunk (``g`` of chunk c acts only on chunk c's outputs
 and on ``S_{c+1}``, given ``S_c``), per key dimension::
@@ -75,7 +77,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from linearnexus.core.types import Array
-from linearnexus.kernels.common.pallas import TritonConfig
+from linearnexus.kernels.common.pallas import TritonConfig, compiler_params
 from linearnexus.kernels.common.pallas_chunk import (
     CoreStatic,
     _call,
@@ -334,36 +336,39 @@ def _bwd_dv_kernel(k_ref, do_ref, dh_ref, b_ref, c_ref, a_ref, dv_ref, *, st: Co
     dv_ref[r, pl.ds(t0, L), h, vs] = dv.astype(dv_ref.dtype)
 
 
-def _bwd_dqk_kernel(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, c_ref, da_ref,
-                    dq_ref, dk_ref, p_ref, pk_ref, *, st: CoreStatic):
-    """``dq``, ``dk`` and the gate-gradient terms of one sub-chunk of 16 rows.
-
-    Grid ``[K blocks x sub-chunks, chunks, rows x heads]``: the sub-chunks of a chunk run in
-    parallel (one program walked all four in turn, at 255 registers a thread, and took
-    6.4 ms at (8, 4096, 16, 128) on an H200). ``p``: ``q dq - k dk`` without the diagonal
-    pairs and the inter-chunk ``dk`` (plus ``e^{b_L} <S_c, dS_{c+1}>`` on the chunk's last
-    row); ``pk``: ``k dk^inter``.
-    """
-    L, BK, BV = st.chunk, st.block_k, st.block_v
-    ns = L // SUB
+def _sub_chunk_of(st: CoreStatic):
+    """``(ik, bi, c, r, h, t0, ks, ri)`` of a program on the ``bwd_dqk`` grid
+    ``[K blocks x sub-chunks, chunks, rows x heads]``."""
+    ns = st.chunk // SUB
     ik, bi = pl.program_id(0) // ns, pl.program_id(0) % ns
     c = pl.program_id(1)
     r, h = _row_col(st)
-    t0 = c * L
-    ks = pl.ds(ik * BK, BK)
+    t0 = c * st.chunk
+    return ik, bi, c, r, h, t0, pl.ds(ik * st.block_k, st.block_k), pl.ds(t0 + bi * SUB, SUB)
+
+
+def _bwd_dqk_matmul_kernel(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, c_ref, da_ref,
+                           dq_ref, dk_ref, p_ref, pk_ref, *, st: CoreStatic):
+    """The matmul part of ``dq``, ``dk`` and the gate-gradient terms of one sub-chunk.
+
+    Writes (float32) ``dq``: inter-chunk + blocks left of the diagonal; ``dk``: inter-chunk +
+    blocks below; ``p``: ``q dq - k dk`` of those parts without the inter-chunk ``dk`` (plus
+    ``e^{b_L} <S_c, dS_{c+1}>`` on the chunk's last row); ``pk``: ``k dk^inter`` (final).
+    :func:`_bwd_dqk_walk_kernel` adds the diagonal blocks. Two kernels, so that the walks'
+    programs hold no matmul operands or states.
+    """
+    L, BV = st.chunk, st.block_v
+    ns = L // SUB
+    ik, bi, c, r, h, t0, ks, ri = _sub_chunk_of(st)
     dt = q_ref.dtype
-    row_i = _iota((SUB, BK), 0)
-    sub_i = _iota((SUB,), 0)
+    row_i = _iota((SUB, st.block_k), 0)
     b_last = _load_b(b_ref, c_ref, r, t0 + L - 1, h, ks)  # [BK]
-    ri = pl.ds(t0 + bi * SUB, SUB)
-    q = q_ref[r, ri, h, ks]
-    k = k_ref[r, ri, h, ks]
-    qf, kf = q.astype(F32), k.astype(F32)
+    qf, kf = q_ref[r, ri, h, ks].astype(F32), k_ref[r, ri, h, ks].astype(F32)
     b = _load_b(b_ref, c_ref, r, ri, h, ks)  # [SUB, BK]
     # inter-chunk: do S_c^T and v dS_{c+1}^T
-    acc_q = jnp.zeros((SUB, BK), F32)
-    acc_k = jnp.zeros((SUB, BK), F32)
-    hdh = jnp.zeros((BK,), F32)
+    acc_q = jnp.zeros((SUB, st.block_k), F32)
+    acc_k = jnp.zeros((SUB, st.block_k), F32)
+    hdh = jnp.zeros((st.block_k,), F32)
     for iv in range(st.value_dim // BV):
         vs = pl.ds(iv * BV, BV)
         s = h_ref[r, c, h, ks, vs]
@@ -391,13 +396,35 @@ def _bwd_dqk_kernel(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, c_ref, da
         return dk + _dot(da.astype(dt), qj, ta=True) * jnp.exp(_gap(b_r, b))
 
     dq = jax.lax.fori_loop(0, bi, key_block, dq)
-    dk = jax.lax.fori_loop(bi + 1, ns, query_block, jnp.zeros((SUB, BK), F32))
+    dk = jax.lax.fori_loop(bi + 1, ns, query_block, jnp.zeros((SUB, st.block_k), F32))
+    p = qf * dq - kf * dk
+    # e^{b_L} <S_c, dS_{c+1}> acts on every token of the chunk: stored on its last row
+    last_row = (row_i == SUB - 1) & (bi == ns - 1)
+    p_ref[r, ri, h, ks] = p + jnp.where(last_row, (jnp.exp(b_last[0]) * hdh)[None, :], 0.0)
+    pk_ref[r, ri, h, ks] = kf * dk_inter
+    dq_ref[r, ri, h, ks] = dq
+    dk_ref[r, ri, h, ks] = dk + dk_inter
 
-    # the diagonal block, exactly; pairs i > j here, the i == j terms (dd) apart. Two walks
-    # over the sub-chunk's rows j, each adding a [SUB, BK] term with no reduction: keys j
-    # act on dq_i (i > j) through column j of dA, queries j on dk_i (i < j) through row j
-    # (summing over rows instead cost a cross-warp reduction per step)
-    # (each walk prefetches row j + 1, clamped, through its carry)
+
+def _bwd_dqk_walk_kernel(q_ref, k_ref, b_ref, c_ref, da_ref, dq1_ref, dk1_ref, p1_ref,
+                         dq_ref, dk_ref, p_ref, *, st: CoreStatic):
+    """The diagonal ``[16, 16]`` blocks of ``dA`` acting on ``dq`` and ``dk``, exactly, added
+    to :func:`_bwd_dqk_matmul_kernel`'s parts (``p_ref`` is ``p1_ref``'s buffer).
+
+    Pairs ``i > j`` by two walks over the sub-chunk's rows ``j``, each adding a
+    ``[16, BK]`` term with no reduction: keys ``j`` act on ``dq_i`` (i > j) through column
+    ``j`` of ``dA``, queries ``j`` on ``dk_i`` (i < j) through row ``j`` (summing over rows
+    instead cost a cross-warp reduction per step); each walk prefetches row ``j + 1``
+    (clamped) through its carry. The ``i == j`` pairs (``dd``), whose ``q.dq`` and ``k.dk``
+    shares cancel in the gate gradient, go to ``dq`` and ``dk`` only.
+    """
+    del p1_ref
+    _, bi, _, r, h, t0, ks, ri = _sub_chunk_of(st)
+    row_i = _iota((SUB, st.block_k), 0)
+    sub_i = _iota((SUB,), 0)
+    qf, kf = q_ref[r, ri, h, ks].astype(F32), k_ref[r, ri, h, ks].astype(F32)
+    b = _load_b(b_ref, c_ref, r, ri, h, ks)  # [SUB, BK]
+
     def key_row(j):
         j = jnp.minimum(j, SUB - 1)
         row = t0 + bi * SUB + j
@@ -421,16 +448,12 @@ def _bwd_dqk_kernel(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, c_ref, da
         e = jnp.exp(jnp.where(row_i < j, _gap(b_j, b), -jnp.inf))
         return dk + rowda[:, None] * q_j[None, :] * e, nxt
 
-    dq, dd, _ = jax.lax.fori_loop(0, SUB, key_step, (dq, jnp.zeros((SUB,), F32), key_row(0)))
-    dk, _ = jax.lax.fori_loop(0, SUB, query_step, (dk, query_row(0)))
-    p = qf * dq - kf * dk
-    # e^{b_L} <S_c, dS_{c+1}> acts on every token of the chunk: stored on its last row
-    last_row = (row_i == SUB - 1) & (bi == ns - 1)
-    p += jnp.where(last_row, (jnp.exp(b_last[0]) * hdh)[None, :], 0.0)
-    p_ref[r, ri, h, ks] = p
-    pk_ref[r, ri, h, ks] = kf * dk_inter
-    dq_ref[r, ri, h, ks] = (dq + dd[:, None] * kf).astype(dq_ref.dtype)
-    dk_ref[r, ri, h, ks] = (dk + dk_inter + dd[:, None] * qf).astype(dk_ref.dtype)
+    zero = jnp.zeros((SUB, st.block_k), F32)
+    dq, dd, _ = jax.lax.fori_loop(0, SUB, key_step, (zero, jnp.zeros((SUB,), F32), key_row(0)))
+    dk, _ = jax.lax.fori_loop(0, SUB, query_step, (zero, query_row(0)))
+    p_ref[r, ri, h, ks] = p_ref[r, ri, h, ks] + qf * dq - kf * dk
+    dq_ref[r, ri, h, ks] = (dq1_ref[r, ri, h, ks] + dq + dd[:, None] * kf).astype(dq_ref.dtype)
+    dk_ref[r, ri, h, ks] = (dk1_ref[r, ri, h, ks] + dk + dd[:, None] * qf).astype(dk_ref.dtype)
 
 
 def gla_backward(st: CoreStatic, res, do, dfinal):
@@ -450,10 +473,15 @@ def gla_backward(st: CoreStatic, res, do, dfinal):
                jax.ShapeDtypeStruct((R, TP, H, L), F32), do, v)
     dv = _call(functools.partial(_bwd_dv_kernel, st=st), st, (nv, NC, R * H),
                jax.ShapeDtypeStruct((R, TP, H, V), dt), k, do, dh, b, bc, a)
-    outs = [jax.ShapeDtypeStruct((R, TP, H, K), dt), jax.ShapeDtypeStruct((R, TP, H, K), dt),
-            jax.ShapeDtypeStruct((R, TP, H, K), F32), jax.ShapeDtypeStruct((R, TP, H, K), F32)]
-    dq, dk, p, pk = _call(functools.partial(_bwd_dqk_kernel, st=st), st, (nk * (L // SUB), NC, R * H),
-                          outs, q, k, v, do, h, dh, b, bc, da, warps=SUB_WARPS)
+    grid = (nk * (L // SUB), NC, R * H)
+    part = jax.ShapeDtypeStruct((R, TP, H, K), F32)
+    dq1, dk1, p, pk = _call(functools.partial(_bwd_dqk_matmul_kernel, st=st), st, grid,
+                            [part] * 4, q, k, v, do, h, dh, b, bc, da, warps=SUB_WARPS)
+    outs = [jax.ShapeDtypeStruct((R, TP, H, K), dt), jax.ShapeDtypeStruct((R, TP, H, K), dt), part]
+    dq, dk, p = pl.pallas_call(functools.partial(_bwd_dqk_walk_kernel, st=st), out_shape=outs,
+                               grid=grid, input_output_aliases={7: 2}, interpret=st.interpret,
+                               compiler_params=compiler_params(SUB_WARPS, st.num_stages),
+                               )(q, k, b, bc, da, dq1, dk1, p)
     return dq, dk, dv, p, pk, dh0
 
 
