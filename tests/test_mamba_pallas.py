@@ -126,6 +126,8 @@ def test_bad_config_names_the_field(key):
         TritonConfig(chunk=8)
     with pytest.raises(ValueError, match=r"block_k: the selective scan has no key dimension"):
         resolve_config(TritonConfig(block_k=16), 2, 8, 16, 4)
+    with pytest.raises(ValueError, match=r"par_block_k: the selective scan has no key dimension"):
+        resolve_config(TritonConfig(par_block_k=16), 2, 8, 16, 4)
     with pytest.raises(TypeError, match=r"config: expected TritonConfig"):
         resolve_config({"block_v": 16}, 2, 8, 16, 4)
     inputs = make_inputs(key, seq=8, channels=16, n=4)

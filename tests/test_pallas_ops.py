@@ -196,6 +196,41 @@ def test_triton_config_rejects_bad_knobs():
         TritonConfig(block_v=24)
     with pytest.raises(ValueError, match="num_warps"):
         TritonConfig(num_warps=3)
+    with pytest.raises(ValueError, match="par_block_k"):
+        TritonConfig(par_block_k=24)
+
+
+def test_par_block_k_override_matches_reference(key):
+    """``TritonConfig.par_block_k`` (the parallel core kernels' K block) set through the
+    backend's config: two K blocks of 16 (K = 20 pads to 32) still match the reference; a
+    block that does not divide K, and the knob on GLA (which has no such kernels), are
+    ValueErrors naming it."""
+    op = "gated_delta_rule"
+    names, arrays, h0, cot_o, cot_s = _inputs(op, key, BATCH)
+    kernel = _api(op).BACKENDS["pallas"]
+
+    def fn(a, h):
+        return SPECS[op].fn(*a, initial_state=h, output_final_state=True, **PALLAS)
+
+    old = kernel.config
+    try:
+        kernel.config = TritonConfig(par_block_k=16)
+        got = jax.jit(lambda *x: _value_and_grads(fn, *x))(arrays, h0, cot_o, cot_s)
+        kernel.config = TritonConfig(par_block_k=64)
+        with pytest.raises(ValueError, match="par_block_k=64"):
+            fn(arrays, h0)
+    finally:
+        kernel.config = old
+    _compare(op, names, got, _naive(op, False)(arrays, h0, cot_o, cot_s), TOL, TOL, "par_block_k=16")
+    gla_kernel = _api("gla").BACKENDS["pallas"]
+    _, gla_arrays, gla_h0, _, _ = _inputs("gla", key, BATCH)
+    old = gla_kernel.config
+    try:
+        gla_kernel.config = TritonConfig(par_block_k=16)
+        with pytest.raises(ValueError, match="par_block_k"):
+            SPECS["gla"].fn(*gla_arrays, initial_state=gla_h0, **PALLAS)
+    finally:
+        gla_kernel.config = old
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -57,6 +57,9 @@ class TritonConfig:
         block_v: value-dimension columns per program (power of two >= 16).
         num_warps: Triton warps per program (1, 2, 4, 8 or 16).
         num_stages: software-pipelining depth of the kernels' loops (>= 1).
+        par_block_k: key-dimension columns per program of the chunked core's parallel
+            kernels (``fwd_o``, ``bwd_dv``, ``bwd_dqk``: simple_gla and the delta rules; power
+            of two >= 16). Other kernels take none and reject it.
     """
 
     chunk: int | None = None
@@ -64,9 +67,10 @@ class TritonConfig:
     block_v: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
+    par_block_k: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("chunk", "block_k", "block_v"):
+        for name in ("chunk", "block_k", "block_v", "par_block_k"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or not _is_pow2(value) or value < 16):

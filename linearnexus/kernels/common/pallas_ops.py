@@ -88,6 +88,9 @@ def _resolve(cfg: TritonConfig, *, rows, heads, key_dim, value_dim, delta, dtype
                          f"padded head dims K={key_dim} / V={value_dim}")
     if delta and cfg.block_k != key_dim:
         raise ValueError(f"config: the delta rules need block_k == K ({key_dim}), got {cfg.block_k}")
+    if cfg.par_block_k is not None and key_dim % cfg.par_block_k:
+        raise ValueError(f"config: par_block_k={cfg.par_block_k} must divide the padded key dim "
+                         f"K={key_dim}")
     return cfg
 
 
@@ -97,7 +100,8 @@ def _static(cfg: TritonConfig, *, gate, delta, has_h0, scale, plan, heads, key_d
                       n_chunks=plan.n_chunks, chunk=plan.chunk, heads=heads, key_dim=key_dim,
                       value_dim=value_dim, n_seqs=n_seqs, block_k=cfg.block_k, block_v=cfg.block_v,
                       num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret_mode(),
-                      par_block_k=par_block_k(key_dim, delta=delta, gated=gate == "scalar"),
+                      par_block_k=cfg.par_block_k or par_block_k(key_dim, delta=delta,
+                                                                 gated=gate == "scalar"),
                       par_block_v=min(value_dim, 128), par_warps=PAR_WARPS)
 
 
@@ -110,7 +114,7 @@ def par_block_k(key_dim: int, *, delta: bool, gated: bool) -> int:
     (8, 4096, 16, 128) 4.22 -> 3.55 ms (``bwd_dqk`` alone 1.42 ms at 255 registers per
     thread, against 0.49 ms ungated), at (1, 8192, 96, 128) 7.30 -> 6.20 ms; the ungated rule
     is faster whole (2.85 vs 2.91 ms); at K = 256 10.4 -> 10.0 ms (ungated), 13.3 -> 11.8 ms
-    (gated).
+    (gated). ``TritonConfig(par_block_k=...)`` overrides it.
     """
     if delta and (gated or key_dim >= 256):
         return min(key_dim, 64)

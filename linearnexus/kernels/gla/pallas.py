@@ -130,6 +130,9 @@ def default_config(*, rows: int, heads: int, key_dim: int, value_dim: int) -> Tr
 
 
 def _resolve(cfg: TritonConfig, *, rows, heads, key_dim, value_dim) -> TritonConfig:
+    if cfg.par_block_k is not None:
+        raise ValueError(f"config: par_block_k is a knob of the shared chunk core (simple_gla, the "
+                         f"delta rules); GLA's kernels take block_k, got par_block_k={cfg.par_block_k}")
     cfg = cfg.merged(default_config(rows=rows, heads=heads, key_dim=key_dim, value_dim=value_dim))
     if key_dim % cfg.block_k or value_dim % cfg.block_v:
         raise ValueError(f"config: block_k={cfg.block_k} / block_v={cfg.block_v} must divide the "

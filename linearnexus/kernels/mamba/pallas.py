@@ -88,7 +88,7 @@ def resolve_config(config: TritonConfig | None, batch: int, seq: int, channels: 
 
     Raises:
         TypeError: ``config`` is not a ``TritonConfig``.
-        ValueError: ``block_k`` is set (the scan has no key dimension).
+        ValueError: ``block_k`` or ``par_block_k`` is set (the scan has no key dimension).
     """
     if config is None:
         config = TritonConfig()
@@ -97,6 +97,9 @@ def resolve_config(config: TritonConfig | None, batch: int, seq: int, channels: 
     if config.block_k is not None:
         raise ValueError(f"block_k: the selective scan has no key dimension; leave it None "
                          f"(channels per program is block_v), got {config.block_k}")
+    if config.par_block_k is not None:
+        raise ValueError(f"par_block_k: the selective scan has no key dimension; leave it None, "
+                         f"got {config.par_block_k}")
     return config.merged(default_config(batch, seq, channels, n_state))
 
 
