@@ -8,14 +8,20 @@
 #
 # Most of a full run from a fresh machine is FLA's autotuning (~32 of ~45 minutes on
 # 2026-11-23), and most of that is Triton compiling every candidate config, one at a time.
-# PREWARM=N first runs N FLA-only processes side by side (--skip-ln, one per group of shapes
-# and ops), which fill Triton's on-disk compile cache in parallel; their autotune choices,
-# made while they share the GPU, are then deleted, and the measured run autotunes FLA again
-# alone on the GPU, now loading compiled configs from the cache instead of compiling them.
+# PREWARM=N (0-14) first runs N FLA-only processes side by side (--skip-ln, one per shape and
+# pair of ops, each limited to 15 minutes), which fill Triton's on-disk compile cache in
+# parallel; any autotune choices they cached (made while they shared the GPU) are deleted,
+# and the measured run autotunes FLA again alone on the GPU, now loading compiled configs
+# from the cache instead of compiling them (2026-11-23: 8.4 minutes of prewarm, then a
+# 642-second measured run).
 set -u
-POLL_S=${1:-560}
-shift || true
+POLL_S=560
+if [ $# -gt 0 ] && [ "$1" != "--" ]; then POLL_S=$1; shift; fi
 [ "${1:-}" = "--" ] && shift
+case "$POLL_S" in ''|*[!0-9]*) echo "POLL_S: expected seconds (an integer), got '$POLL_S'" >&2; exit 2;; esac
+PREWARM=${PREWARM:-0}
+case "$PREWARM" in ''|*[!0-9]*) echo "PREWARM: expected 0-14, got '$PREWARM'" >&2; exit 2;; esac
+if [ "$PREWARM" -gt 14 ]; then echo "PREWARM: expected 0-14 (7 shapes x 2 op pairs), got $PREWARM" >&2; exit 2; fi
 WORK=/tmp/kernels_gpu_detached
 DEST=${OUT:-$PWD/kg_out}
 PY=${PYTHON:-python3}
@@ -29,25 +35,27 @@ if [ ! -f "$WORK/started" ]; then
   fi
   cp docs/benchmarks.md "$WORK/benchmarks.md"
   {
-    echo "set -u; cd '$PWD'"
-    if [ "${PREWARM:-0}" -gt 0 ]; then
-      echo "echo \"prewarm start \$(date -u +%T)\""
+    printf 'set -u; cd %q\n' "$PWD"
+    if [ "$PREWARM" -gt 0 ]; then
+      echo 'echo "prewarm start $(date -u +%T)"'
       n=0
       for shape in 0 1 2 3 4 5 6; do
         for ops in "simple_gla gla" "delta_rule gated_delta_rule"; do
           [ "$n" -ge "$PREWARM" ] && break 2
-          echo "'$PY' benchmarks/kernels_gpu.py --skip-ln --skip-check --skip-mamba --skip-ceilings --repeats 1 --budget 0 --jax-cache '' --ops $ops --shapes $shape --name prewarm_$n --out '$WORK/prewarm' > '$WORK/prewarm_$n.log' 2>&1 &"
+          printf 'timeout -k 10 900 %q benchmarks/kernels_gpu.py --skip-ln --skip-check --skip-mamba ' "$PY"
+          printf -- '--skip-ceilings --repeats 1 --budget 0 --jax-cache "" --ops %s --shapes %s ' "$ops" "$shape"
+          printf -- '--name prewarm_%s --out %q > %q 2>&1 &\n' "$n" "$WORK/prewarm" "$WORK/prewarm_$n.log"
           n=$((n + 1))
         done
       done
       echo "wait"
-      echo "find '$TRITON_CACHE_DIR' -name '*.autotune.json' -delete"
-      echo "echo \"prewarm done \$(date -u +%T)\""
+      printf 'find %q -name "*.autotune.json" -delete\n' "$TRITON_CACHE_DIR"
+      echo 'echo "prewarm done $(date -u +%T)"'
     fi
-    printf "'%s' benchmarks/kernels_gpu.py --budget 0 --out '%s' --docs '%s'" "$PY" "$WORK" "$WORK/benchmarks.md"
-    for a in "$@"; do printf " '%s'" "$a"; done
+    printf '%q benchmarks/kernels_gpu.py --budget 0 --out %q --docs %q' "$PY" "$WORK" "$WORK/benchmarks.md"
+    for a in "$@"; do printf ' %q' "$a"; done
     echo
-    echo "echo \"run done \$(date -u +%T)\""
+    echo 'echo "run done $(date -u +%T)"'
   } > "$WORK/driver.sh"
   touch "$WORK/started"
   setsid nohup bash "$WORK/driver.sh" > "$WORK/run.log" 2>&1 < /dev/null &
@@ -56,5 +64,5 @@ fi
 end=$((SECONDS + POLL_S))
 while [ $SECONDS -lt $end ] && pgrep -f "$WORK/driver.sh" >/dev/null; do sleep 5; done
 grep -v "^W0000\|^I0000" "$WORK/run.log" | tail -n 30
-mkdir -p "$DEST" && cp "$WORK"/*.json "$WORK"/*.md "$WORK"/*.log "$WORK"/driver.sh "$DEST"/ 2>/dev/null
+mkdir -p "$DEST" && cp "$WORK"/*.json "$WORK"/*.md "$WORK"/run.log "$WORK"/driver.sh "$DEST"/ 2>/dev/null
 if pgrep -f "$WORK/driver.sh" >/dev/null; then echo "STILL_RUNNING"; else echo "FINISHED"; fi

@@ -191,6 +191,20 @@ def test_bfloat16_matches_float32_reference(op, key):
     _compare(op, names, got, ref, BF16_TOL, BF16_GRAD_TOL, "bfloat16")
 
 
+@pytest.mark.parametrize("op", ["delta_rule"])
+def test_float16_matches_float32_reference(op, key):
+    """float16 inputs: the WY preparation's backward takes its matmul operands (and keeps
+    ``M^{-1}``) in the inputs' 16-bit dtype, float16 here, not bfloat16. float16 keeps 11
+    bits, so bfloat16's tolerances hold with room to spare."""
+    names, arrays, h0, cot_o, cot_s = _inputs(op, key, BATCH)
+    low = tuple(a if name in GATES else a.astype(jnp.float16)
+                for name, a in zip(names, arrays, strict=True))
+    got = _pallas(op, False)(low, h0, cot_o, cot_s, None)
+    assert got[0].dtype == jnp.float16
+    ref = _naive(op, False)(tuple(a.astype(jnp.float32) for a in low), h0, cot_o, cot_s)
+    _compare(op, names, got, ref, BF16_TOL / 4, BF16_GRAD_TOL / 4, "float16")
+
+
 def test_triton_config_rejects_bad_knobs():
     with pytest.raises(ValueError, match="block_v"):
         TritonConfig(block_v=24)

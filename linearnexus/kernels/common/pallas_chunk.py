@@ -70,11 +70,12 @@ class CoreStatic:
         has_h0: whether an initial state is given.
         scale: multiplies q.
         rows, n_chunks, chunk, heads, key_dim, value_dim, n_seqs: R, NC, L, H, K, V, N.
-        block_k, block_v, num_warps, num_stages: launch knobs of the two sequential kernels
-            (``fwd_h``, ``bwd_dh``), already resolved.
+        block_k, block_v, num_warps: launch knobs of the two sequential kernels (``fwd_h``,
+            ``bwd_dh``), already resolved; num_stages: every kernel's pipelining depth.
         par_block_k, par_block_v, par_warps: blocks and warps of the three parallel kernels
             (``fwd_o``, ``bwd_dv``, ``bwd_dqk``), which take whole head dims up to 128 so that
-            ``q k^T`` is computed once per chunk, not once per value block.
+            ``q k^T`` is computed once per chunk, not once per value block (par_block_k: 64
+            for the gated delta rule or K = 256, see ``pallas_ops.par_block_k``).
         interpret: Pallas interpret mode (off a GPU).
     """
 
@@ -113,8 +114,10 @@ def default_config(*, rows: int, heads: int, key_dim: int, value_dim: int, delta
       block_v 32 wins when 64 would leave fewer programs than SMs (132).
     * num_stages 2, or 3 for long sequences (>= 128 chunks a program), where prefetching the
       next chunk's loads hides more latency (0.39 vs 0.50 ms at T = 16384). The delta rules
-      at K >= 256 take 1: with 2, ``bwd_dh``'s ``[64, 256]`` tiles ask 344 KB of shared memory
-      (279 KB gated) of the 227 KB a block may have.
+      at K >= 256 take 1 (for all their core kernels: ``num_stages`` is shared): with 2, a
+      sequential backward kernel (``bwd_dh``, by elimination: the parallel kernels' blocks did
+      not change it) asked 344 KB of shared memory (279 KB gated) of the 227 KB a block may
+      have.
     """
     del dtype
     block_k = key_dim if delta else min(64, key_dim)
@@ -175,12 +178,15 @@ def _entering_state(st: CoreStatic, h0_ref, seq, h, ks, vs, starts, state):
 
 
 def _call(kernel, st: CoreStatic, grid, out_shape, *args, parallel: bool = False,
-          warps: int | None = None):
+          warps: int | None = None, aliases: dict[int, int] | None = None):
+    """``pallas_call`` with the launch knobs of ``st`` (``warps`` overrides them); ``aliases``
+    maps input positions to the outputs that reuse their buffers."""
     if warps is None:
         warps = st.par_warps if parallel else st.num_warps
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, interpret=st.interpret,
         compiler_params=compiler_params(warps, st.num_stages),
+        input_output_aliases=aliases or {},
     )(*args)
 
 

@@ -7,13 +7,15 @@ Per chunk of L tokens (``kernels/common/delta.py`` has the derivation)::
 
 ``M`` is unit lower triangular. The forward kernel builds ``M^{-1}`` from 16 x 16 blocks:
 each diagonal block is inverted exactly by a product of 4 factors (``a`` is nilpotent), the
-blocks below by block substitution, and ``M^{-1}`` is stored (float32,
-``[R, TP, H, L]``) for the backward, which then needs only whole-chunk products::
+blocks below by block substitution, and ``M^{-1}`` is stored (``[R, TP, H, L]``, in k's
+dtype: float32 for float32 inputs) for the backward, which then needs only whole-chunk
+products::
 
-    dR_w = M^{-T} dw,  dR_u = M^{-T} du,  dA = -(dR_w w^T + dR_u u^T)   (strictly lower)
+    X = dw kbe^T + du vb^T  (kbe = beta e^b k, vb = beta v),   dA = -M^{-T} X M^{-T}
 
-and the chain rule through ``A``, ``beta e^b k`` and ``beta v`` gives ``dk, dv, dbeta`` and
-the gradient of the in-chunk cumulative log-gate ``b`` (turned into ``dg`` in JAX).
+(strictly lower; ``w``, ``u`` and ``M^{-T} dw`` are never formed for it), and the chain rule
+through ``A``, ``kbe`` and ``vb`` gives ``dk, dv, dbeta`` and the gradient of the in-chunk
+cumulative log-gate ``b`` (turned into ``dg`` in JAX).
 
 Pallas's Triton lowering cannot slice values, so sub-blocks are loaded from refs.
 """
@@ -150,9 +152,10 @@ def _wy_bwd_kernel(*refs, st: WyStatic):
     L = st.chunk
     rows = pl.ds(c * L, L)
     row, col = _iota2(L)
-    # bf16 inputs: the big products take bf16 operands (float32 accumulation), as the
-    # forward's w / u are bf16 anyway; float32 inputs keep float32 (exact) operands
-    op = F32 if st.exact else jnp.bfloat16
+    # 16-bit inputs: the big products take operands in the inputs' dtype (float32
+    # accumulation), as the forward's w / u are in that dtype anyway; float32 inputs keep
+    # float32 (exact) operands
+    op = F32 if st.exact else k_ref.dtype
     beta = beta_ref[r, rows, h].astype(F32)  # [L]
     minv = m_ref[r, rows, h, :].astype(op)  # [L, L] M^{-1}, stored in the operand dtype
     b = b_ref[r, rows, h] if st.gated else None

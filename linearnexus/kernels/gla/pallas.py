@@ -20,7 +20,7 @@ matrix as in simple GLA, and ``e^{b_i - b_j}`` must never be formed as ``e^{b_i}
 
 Pallas's Triton lowering slices only refs, never values, so every sub-block and row is
 loaded from its ref. Kernels (``R`` rows of the chunk layout, ``H`` heads, ``NC`` chunks;
-the two per-sub-chunk kernels run ``SUB_WARPS`` = 2 warps):
+the three per-sub-chunk kernels run ``SUB_WARPS`` = 2 warps):
 
 * ``fwd_a`` (grid ``[sub-chunks, chunks, rows x heads]``): ``A`` for every chunk, one
   16-row block per program, stored float32 ``[R, TP, H, L]`` (zeros above the diagonal)
@@ -77,7 +77,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from linearnexus.core.types import Array
-from linearnexus.kernels.common.pallas import TritonConfig, compiler_params
+from linearnexus.kernels.common.pallas import TritonConfig
 from linearnexus.kernels.common.pallas_chunk import (
     CoreStatic,
     _call,
@@ -102,7 +102,7 @@ from linearnexus.kernels.common.pallas_ops import (
 F32 = jnp.float32
 #: rows of a sub-chunk (the smallest ``jnp.dot`` operand the Triton lowering takes)
 SUB = 16
-#: warps of the two per-sub-chunk kernels (``fwd_a``, ``bwd_dqk``), whose tiles are only
+#: warps of the per-sub-chunk kernels (``fwd_a``, both halves of ``bwd_dqk``), whose tiles are only
 #: ``[16, K]``. H200, bf16 (8, 4096, 16, 128), 2026-11-23: fwd / fwd+bwd 3.95 / 10.08 ms at
 #: 2 warps against 4.70 / 11.82 at 4, 5.43 / 13.67 at 1 and 7.39 / 14.51 at 8.
 SUB_WARPS = 2
@@ -121,7 +121,7 @@ def default_config(*, rows: int, heads: int, key_dim: int, value_dim: int) -> Tr
       when that leaves few programs: for simple_gla's ``fwd_h`` (the same walk with a
       scalar decay) block_v 16 was 4.6x slower at (8, 4096, 16, 128) on an H200 and 1.3x
       at (2, 16384, 16, 128). ``fwd_a`` and ``bwd_da`` take all of K / V in one program.
-    * warps: 4 for the chunk-wide kernels, ``SUB_WARPS`` for the two per-sub-chunk ones.
+    * warps: 4 for the chunk-wide kernels, ``SUB_WARPS`` for the three per-sub-chunk ones.
     """
     del rows, heads
     block_k = min(64, key_dim)
@@ -460,7 +460,8 @@ def _bwd_dqk_walk_kernel(q_ref, k_ref, b_ref, c_ref, da_ref, dq1_ref, dk1_ref, p
 
 
 def gla_backward(st: CoreStatic, res, do, dfinal):
-    """Gradients in the chunk layout: ``(dq, dk, dv, p, pk, dh0)`` (see :func:`_bwd_dqk_kernel`)."""
+    """Gradients in the chunk layout: ``(dq, dk, dv, p, pk, dh0)`` (``p``, ``pk``: see
+    :func:`_bwd_dqk_matmul_kernel` and :func:`_bwd_dqk_walk_kernel`)."""
     q, k, v, b, bc, a, h0, seq_info, flags, h = res
     del h0
     R, NC, L, H, K, V = st.rows, st.n_chunks, st.chunk, st.heads, st.key_dim, st.value_dim
@@ -481,10 +482,8 @@ def gla_backward(st: CoreStatic, res, do, dfinal):
     dq1, dk1, p, pk = _call(functools.partial(_bwd_dqk_matmul_kernel, st=st), st, grid,
                             [part] * 4, q, k, v, do, h, dh, b, bc, da, warps=SUB_WARPS)
     outs = [jax.ShapeDtypeStruct((R, TP, H, K), dt), jax.ShapeDtypeStruct((R, TP, H, K), dt), part]
-    dq, dk, p = pl.pallas_call(functools.partial(_bwd_dqk_walk_kernel, st=st), out_shape=outs,
-                               grid=grid, input_output_aliases={7: 2}, interpret=st.interpret,
-                               compiler_params=compiler_params(SUB_WARPS, st.num_stages),
-                               )(q, k, b, bc, da, dq1, dk1, p)
+    dq, dk, p = _call(functools.partial(_bwd_dqk_walk_kernel, st=st), st, grid, outs,
+                      q, k, b, bc, da, dq1, dk1, p, warps=SUB_WARPS, aliases={7: 2})
     return dq, dk, dv, p, pk, dh0
 
 
