@@ -147,7 +147,7 @@ def _iota(shape, axis: int) -> Array:
     return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
-def _rows(t0, i: int) -> pl.Slice:
+def _rows(t0, i) -> pl.Slice:
     """The rows of sub-chunk ``i`` of the chunk starting at token ``t0``."""
     return pl.ds(t0 + i * SUB, SUB)
 
@@ -160,6 +160,19 @@ def _load_b(b_ref, c_ref, *idx) -> tuple[Array, Array]:
 def _gap(x: tuple[Array, Array], y: tuple[Array, Array]) -> Array:
     """``x - y`` of two compensated sums, accurate to the rounding of the result itself."""
     return (x[0] - y[0]) + (x[1] - y[1])
+
+
+def _keys_to_ref(k_ref, b_ref, c_ref, r, h, t0, bj, ks) -> tuple[tuple[Array, Array], Array]:
+    """``(b_r, k_J e^{b_r - b_J})`` for sub-chunk ``bj`` (``J``), ``b_r`` its last row's
+    log-decay: keys decayed up to the reference row (exponents <= 0)."""
+    b_r = _load_b(b_ref, c_ref, r, t0 + bj * SUB + SUB - 1, h, ks)  # [BK]
+    rows = _rows(t0, bj)
+    return b_r, _scaled(k_ref[r, rows, h, ks], _gap(b_r, _load_b(b_ref, c_ref, r, rows, h, ks)))
+
+
+def _queries_from_ref(q_ref, b_ref, c_ref, r, rows, h, ks, b_r) -> Array:
+    """``q_I e^{b_I - b_r}`` for the query rows ``rows`` (``I``, after the reference row)."""
+    return _scaled(q_ref[r, rows, h, ks], _gap(_load_b(b_ref, c_ref, r, rows, h, ks), b_r))
 
 
 def _scaled(x: Array, exponent: Array) -> Array:
@@ -184,7 +197,7 @@ def _fwd_a_kernel(q_ref, k_ref, b_ref, c_ref, a_ref, *, st: CoreStatic):
     r, h = _row_col(st)
     t0 = c * L
     ns = L // SUB
-    ri = pl.ds(t0 + bi * SUB, SUB)
+    ri = _rows(t0, bi)
     whole = pl.ds(0, st.key_dim)
     row_i = _iota((SUB, st.key_dim), 0)
     qf = q_ref[r, ri, h, whole].astype(F32)
@@ -206,14 +219,11 @@ def _fwd_a_kernel(q_ref, k_ref, b_ref, c_ref, a_ref, *, st: CoreStatic):
 
         @pl.when(bj < bi)
         def _below(bj=bj):  # through the reference row (last row of sub-chunk bj)
-            rj = _rows(t0, bj)
             acc = jnp.zeros((SUB, SUB), F32)
             for ik in range(st.key_dim // BK):
                 ks = pl.ds(ik * BK, BK)
-                b_r = _load_b(b_ref, c_ref, r, t0 + bj * SUB + SUB - 1, h, ks)  # [BK]
-                qs = _scaled(q_ref[r, ri, h, ks], _gap(_load_b(b_ref, c_ref, r, ri, h, ks), b_r))
-                kj = _scaled(k_ref[r, rj, h, ks], _gap(b_r, _load_b(b_ref, c_ref, r, rj, h, ks)))
-                acc += _dot(qs, kj, tb=True)
+                b_r, kj = _keys_to_ref(k_ref, b_ref, c_ref, r, h, t0, bj, ks)
+                acc += _dot(_queries_from_ref(q_ref, b_ref, c_ref, r, ri, h, ks, b_r), kj, tb=True)
             a_ref[r, ri, h, pl.ds(bj * SUB, SUB)] = acc
 
         @pl.when(bj > bi)
@@ -347,7 +357,7 @@ def _sub_chunk_of(st: CoreStatic):
     c = pl.program_id(1)
     r, h = _row_col(st)
     t0 = c * st.chunk
-    return ik, bi, c, r, h, t0, pl.ds(ik * st.block_k, st.block_k), pl.ds(t0 + bi * SUB, SUB)
+    return ik, bi, c, r, h, t0, pl.ds(ik * st.block_k, st.block_k), _rows(t0, bi)
 
 
 def _bwd_dqk_matmul_kernel(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, c_ref, da_ref,
@@ -384,17 +394,15 @@ def _bwd_dqk_matmul_kernel(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, c_
 
     # intra-chunk, off-diagonal sub-chunk pairs through the reference row
     def key_block(bj, dq):  # keys of sub-chunk bj < bi act on dq_I
-        rj = pl.ds(t0 + bj * SUB, SUB)
-        b_r = _load_b(b_ref, c_ref, r, t0 + bj * SUB + SUB - 1, h, ks)
-        kj = _scaled(k_ref[r, rj, h, ks], _gap(b_r, _load_b(b_ref, c_ref, r, rj, h, ks)))
+        b_r, kj = _keys_to_ref(k_ref, b_ref, c_ref, r, h, t0, bj, ks)
         da = da_ref[r, ri, h, pl.ds(bj * SUB, SUB)]  # dA_IJ [SUB, SUB]
         return dq + _dot(da.astype(dt), kj) * jnp.exp(_gap(b, b_r))
 
     b_r = _load_b(b_ref, c_ref, r, t0 + bi * SUB + SUB - 1, h, ks)
 
     def query_block(bj, dk):  # queries of sub-chunk bj > bi act on dk_I
-        rj = pl.ds(t0 + bj * SUB, SUB)
-        qj = _scaled(q_ref[r, rj, h, ks], _gap(_load_b(b_ref, c_ref, r, rj, h, ks), b_r))
+        rj = _rows(t0, bj)
+        qj = _queries_from_ref(q_ref, b_ref, c_ref, r, rj, h, ks, b_r)
         da = da_ref[r, rj, h, pl.ds(bi * SUB, SUB)]  # dA_JI [SUB, SUB]
         return dk + _dot(da.astype(dt), qj, ta=True) * jnp.exp(_gap(b_r, b))
 
