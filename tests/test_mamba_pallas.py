@@ -187,3 +187,52 @@ def test_linear_scan_matches_a_loop_inside_a_kernel(reverse):
     np.testing.assert_allclose(pb, want_b, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="a, b: expected one shape"):
         linear_scan(a, b[:8])
+
+
+def test_kernel_math_primitives_inside_a_kernel():
+    # fma, dot_sum (every axis) and the approximate exp2 / reciprocal the kernels use, run
+    # inside a Pallas kernel in interpret mode, against plain numpy
+    from jax.experimental import pallas as pl
+
+    from linearnexus.kernels.common.pallas_scan import dot_sum, exp2_approx, fma, rcp_approx
+
+    rng = np.random.default_rng(1)
+    u, v, w = (jnp.asarray(rng.standard_normal((8, 4, 16)), jnp.float32) for _ in range(3))
+
+    def kernel(u_ref, v_ref, w_ref, f_ref, s0_ref, s1_ref, s2_ref, e_ref, r_ref):
+        a, b, c = u_ref[...], v_ref[...], w_ref[...]
+        f_ref[...] = fma(a, b, c)
+        s0_ref[...], s1_ref[...], s2_ref[...] = (dot_sum(a, b, axis=k) for k in (0, 1, 2))
+        e_ref[...] = exp2_approx(-jnp.abs(a), interpret=True)
+        r_ref[...] = rcp_approx(1.0 + jnp.abs(b), interpret=True)
+
+    f32 = jnp.float32
+    shapes = [u.shape, (4, 16), (8, 16), (8, 4), u.shape, u.shape]
+    out = pl.pallas_call(kernel, out_shape=[jax.ShapeDtypeStruct(s, f32) for s in
+                                           [u.shape] + shapes[1:]], interpret=True)(u, v, w)
+    un, vn, wn = (np.asarray(t) for t in (u, v, w))
+    np.testing.assert_allclose(out[0], un * vn + wn, rtol=1e-6, atol=1e-6)
+    for k in range(3):
+        np.testing.assert_allclose(out[1 + k], (un * vn).sum(axis=k), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[4], np.exp2(-np.abs(un)), rtol=1e-6)
+    np.testing.assert_allclose(out[5], 1.0 / (1.0 + np.abs(vn)), rtol=1e-6)
+    with pytest.raises(ValueError, match="a, b, c: expected one shape"):
+        fma(u, v, w[:4])
+    with pytest.raises(ValueError, match="u, v: expected one shape"):
+        dot_sum(u, v[:4], axis=0)
+
+
+def test_kernels_lower_to_triton_for_a_gpu(monkeypatch):
+    # the Triton rules of the primitives above (fma, the fused reduction, inline PTX) and both
+    # kernels build valid Triton IR: lower the forward and backward for CUDA on this CPU
+    monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")
+    inputs = make_inputs(jax.random.key(0), seq=50, channels=40, n=16, dtype=jnp.bfloat16)
+    args = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in inputs.values()]
+
+    def loss(x, dt, A, B, C, D, z, h0):
+        y, h = selective_scan_pallas(x, dt, A, B, C, D=D, z=z, initial_state=h0)
+        return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h)
+
+    grad = jax.grad(loss, argnums=tuple(range(8)))
+    text = jax.jit(grad).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2  # the saving forward and the backward

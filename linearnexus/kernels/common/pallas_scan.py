@@ -1,4 +1,13 @@
-"""A first-order linear scan usable inside Pallas kernels (Triton lowering and interpret mode).
+"""Scan and arithmetic primitives for Pallas kernels (Triton lowering and interpret mode).
+
+* :func:`linear_scan`: the first-order affine scan (below);
+* :func:`fma` and :func:`dot_sum`: a fused multiply-add and a multiply-add reduction.
+  Pallas's Triton pipeline does not contract ``mul`` + ``add`` into ``fma`` (measured on an
+  H200: the selective scan compiled to separate FMUL and FADD, 820 instructions per sub-tile
+  instead of 508), so issue-bound loops ask for it;
+* :func:`exp2_approx` and :func:`rcp_approx`: one ``ex2.approx.ftz`` / ``rcp.approx.ftz``
+  PTX instruction each (inline assembly), without the subnormal fix-ups and IEEE division
+  Pallas emits otherwise.
 
 ``linear_scan(a, b, axis)`` returns the running composition of the affine maps
 ``h -> a_t * h + b_t`` along ``axis``::
@@ -13,10 +22,13 @@ Why a custom primitive: Pallas's Triton lowering has no rule for ``lax.associati
 (it is not a primitive) and lowers only ``cumsum`` to Triton's ``tt.scan``; a cumsum of
 log-decays would need ``exp(-cumsum)`` factors that overflow at strong decay. Triton's scan
 takes any associative combine, so this module registers a primitive whose Triton rule builds
-``tt.scan`` with the affine combine ``(a1, b1), (a2, b2) -> (a1 a2, a2 b1 + b2)`` directly.
+``tt.scan`` with the affine combine ``(a1, b1), (a2, b2) -> (a1 a2, fma(a2, b1, b2))``
+directly. Along an axis held inside one thread the scan is sequential and, when ``A`` is
+unused, one fma per element (the products are dead code).
 The rule goes through JAX's private Pallas-Triton lowering table
 (``jax._src.pallas.triton.lowering``), checked on JAX 0.10 (lowering) and 0.11 (H200).
-Everywhere else (interpret mode, plain XLA) the primitive is ``lax.associative_scan``.
+Everywhere else (interpret mode, plain XLA) the primitive is ``lax.associative_scan``, and the
+others are ``a * b + c``, ``sum(u * v)``, ``jnp.exp2`` and ``1 / x``.
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ from jax.interpreters import mlir
 
 from linearnexus.core.types import Array
 
-__all__ = ["linear_scan"]
+__all__ = ["dot_sum", "exp2_approx", "fma", "linear_scan", "rcp_approx"]
 
 linear_scan_p = Primitive("linearnexus_linear_scan")
 linear_scan_p.multiple_results = True
@@ -53,10 +65,29 @@ linear_scan_p.def_abstract_eval(_abstract)
 mlir.register_lowering(linear_scan_p, mlir.lower_fun(_impl, multiple_results=True))
 
 
+fma_p = Primitive("linearnexus_fma")
+fma_p.def_impl(lambda a, b, c: a * b + c)
+fma_p.def_abstract_eval(lambda a, b, c: a)
+mlir.register_lowering(fma_p, mlir.lower_fun(lambda a, b, c: [a * b + c], multiple_results=True))
+
+dot_sum_p = Primitive("linearnexus_dot_sum")
+
+
+def _dot_sum_impl(u, v, *, axis: int):
+    return jnp.sum(u * v, axis=axis)
+
+
+dot_sum_p.def_impl(_dot_sum_impl)
+dot_sum_p.def_abstract_eval(
+    lambda u, v, *, axis: jax.core.ShapedArray(u.shape[:axis] + u.shape[axis + 1:], u.dtype))
+mlir.register_lowering(dot_sum_p, mlir.lower_fun(_dot_sum_impl, multiple_results=False))
+
+
 def _register_triton_rule() -> None:
     try:  # private API: see the module docstring
         from jax._src.lib.mlir import ir
         from jax._src.lib.mlir.dialects import arith
+        from jax._src.lib.mlir.dialects import math as math_d
         from jax._src.lib.triton import dialect as tt
         from jax._src.pallas.triton import lowering as tl
     except ImportError:  # no Triton lowering in this jaxlib: interpret mode still works
@@ -70,11 +101,32 @@ def _register_triton_rule() -> None:
         block = op.regions[0].blocks.append(elt, elt, elt, elt)
         with ir.InsertionPoint.at_block_begin(block):
             a1, b1, a2, b2 = block.arguments
-            tt.scan_return([arith.mulf(a1, a2), arith.addf(arith.mulf(a2, b1), b2)])
+            tt.scan_return([arith.mulf(a1, a2), math_d.fma(a2, b1, b2)])
         op.verify()
         return list(op.results)
 
+    def fma_rule(ctx, a, b, c):
+        a, b, c = (tl._ensure_ir_value(v, aval) for v, aval in zip((a, b, c), ctx.avals_in, strict=True))
+        return math_d.fma(a, b, c)
+
+    def dot_sum_rule(ctx, u, v, *, axis: int):
+        u = tl._ensure_ir_value(u, ctx.avals_in[0])
+        v = tl._ensure_ir_value(v, ctx.avals_in[1])
+        elt = ir.RankedTensorType(u.type).element_type
+        op = tt.ReduceOp([u, v], axis)
+        block = op.regions[0].blocks.append(elt, elt, elt, elt)
+        with ir.InsertionPoint.at_block_begin(block):
+            u1, v1, u2, v2 = block.arguments
+            one = arith.constant(elt, 1.0)
+            # (u1 v1 + u2 v2, 1): associative; in a thread the v = 1 factors fold away and the
+            # reduction is one fma per element
+            tt.reduce_return([math_d.fma(u2, v2, arith.mulf(u1, v1)), one])
+        op.verify()
+        return op.results[0]
+
     tl.triton_lowering_rules[linear_scan_p] = rule
+    tl.triton_lowering_rules[fma_p] = fma_rule
+    tl.triton_lowering_rules[dot_sum_p] = dot_sum_rule
 
 
 _register_triton_rule()
@@ -99,3 +151,56 @@ def linear_scan(a: Array, b: Array, *, axis: int = 0, reverse: bool = False) -> 
     axis = axis % a.ndim
     A, B = linear_scan_p.bind(a, b, axis=axis, reverse=reverse)
     return A, B
+
+
+def fma(a: Array, b: Array, c: Array) -> Array:
+    """``a * b + c`` as one fused multiply-add in a Triton kernel (elsewhere two ops).
+
+    Pallas's Triton pipeline does not contract ``mulf`` + ``addf`` into ``fma`` on its own
+    (measured on an H200: the selective scan compiled to separate FMUL and FADD), so the
+    inner loops that are bound by instruction issue ask for it. Operands: one shape and dtype
+    (float32); broadcast before calling.
+    """
+    if not (a.shape == b.shape == c.shape and a.dtype == b.dtype == c.dtype):
+        raise ValueError(f"a, b, c: expected one shape and dtype, got {a.shape} {a.dtype}, "
+                         f"{b.shape} {b.dtype}, {c.shape} {c.dtype}")
+    return fma_p.bind(a, b, c)
+
+
+def dot_sum(u: Array, v: Array, *, axis: int) -> Array:
+    """``sum(u * v, axis)`` with the products fused into the reduction (one fma per element).
+
+    Args:
+        u, v: arrays of one shape and dtype (float32).
+        axis: the reduced axis.
+
+    Returns:
+        ``u``'s shape without ``axis``.
+    """
+    if u.shape != v.shape or u.dtype != v.dtype:
+        raise ValueError(f"u, v: expected one shape and dtype, got {u.shape} {u.dtype} and "
+                         f"{v.shape} {v.dtype}")
+    return dot_sum_p.bind(u, v, axis=axis % u.ndim)
+
+
+def _inline_f32(asm: str, x: Array) -> Array:
+    from jax.experimental.pallas import triton as pl_triton
+
+    return pl_triton.elementwise_inline_asm(
+        asm, args=[x], constraints="=r,r", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])[0]
+
+
+def exp2_approx(x: Array, *, interpret: bool) -> Array:
+    """``2 ** x`` as one ``ex2.approx.ftz.f32`` (a single MUFU op; results below 2^-126 flush to 0).
+
+    Pallas's ``exp2`` lowers with subnormal range fix-ups around the MUFU op (a compare and
+    two predicated multiplies each); decays never need subnormals. ``interpret``: plain
+    ``jnp.exp2`` (CPU interpret mode has no PTX).
+    """
+    return jnp.exp2(x) if interpret else _inline_f32("ex2.approx.ftz.f32 $0, $1;", x)
+
+
+def rcp_approx(x: Array, *, interpret: bool) -> Array:
+    """``1 / x`` as one ``rcp.approx.ftz.f32`` (relative error ~1 ulp; no IEEE division)."""
+    return 1.0 / x if interpret else _inline_f32("rcp.approx.ftz.f32 $0, $1;", x)

@@ -6,33 +6,36 @@ Pallas interpret mode (:func:`~linearnexus.kernels.common.pallas.interpret_mode`
 what the tests check.
 
 Layout. The JAX glue puts every array in the kernels' layout: channels last and padded to
-whole channel blocks, time padded to whole tiles, the state transposed to ``[B, N, C]``::
+whole channel blocks, time padded to whole forward groups (``max(chunk, 32)`` steps), the
+state transposed to ``[B, N, C]``::
 
-    x, dt, z, y  [B, T', C']      a tile of ``chunk`` steps x ``block_v`` channels is one load
-    B, C         [B, T', N']      a tile of ``chunk`` steps x all states is one load
+    x, dt, z, y  [B, T', C']      a tile of steps x ``block_v`` channels is one load
+    B, C         [B, T', N']      float32; a tile of steps x all states is one load
     A            [N', C']         float32
     state        [B, N', C']      float32
 
 ``N'`` is ``N`` rounded up to a power of two; padding is inert: padded steps and channels
 have ``dt = 0`` (decay ``exp(0) = 1``, input ``0``), padded state rows have ``A = B = C = 0``.
 
-Forward. Grid ``(batch, channel blocks)``; a program owns ``block_v`` channels of one
-sequence and walks time in tiles of ``chunk`` steps, carrying the ``[N', block_v]`` float32
-state. A tile is whole-tensor math on ``[chunk, N', block_v]`` values: decays
-``a_t = exp(dt_t A)`` and inputs ``b_t = dt_t x_t B_t``, then one
-:func:`~linearnexus.kernels.common.pallas_scan.linear_scan` over the tile's time axis
-(Triton's ``tt.scan`` with the affine combine) gives every ``h_t`` from the entering state,
-and ``y_t = C_t . h_t`` is a reduction over states. No per-step loads, stores or loops: an
-earlier per-step walk was bound by one DRAM round trip per step (4.6 ms at B=8, T=4096,
-C=2048, N=16; this form 0.78 ms). The next tile's inputs are loaded a tile ahead (carried
-through the loop). Every input is read once and ``y`` written once; when differentiating,
-the state entering every tile is stored too ("checkpoints", ``T'/chunk`` states).
+Forward. Grid ``(batch, channel blocks)``, one warp; a program owns ``block_v`` channels of
+one sequence, carries the ``[N', block_v]`` float32 state and walks time in sub-tiles of
+``FWD_TILE = 8`` steps, a group of four or more per loop iteration. A sub-tile is whole-tensor
+math on ``[8, N', block_v]`` values whose time axis Triton keeps inside each thread: decays
+``a_t = exp2(dt_t A)`` (one ``ex2.approx`` each), inputs ``b_t = dt_t x_t B_t`` with the
+entering state folded into the first row, one
+:func:`~linearnexus.kernels.common.pallas_scan.linear_scan` over time (one fma per state and
+step in a thread), ``y_t = C_t . h_t`` as a fused multiply-add reduction
+(:func:`~linearnexus.kernels.common.pallas_scan.dot_sum`). Each sub-tile's inputs are
+reloaded, one group ahead, right after their last use (so the load lands in the same
+registers and has a group of work to arrive). Every input is read once and ``y`` written
+once; when differentiating, the state entering every ``chunk`` steps is stored too
+("checkpoints", ``T'/chunk`` states).
 
-Backward (``jax.custom_vjp``). Same grid, tiles walked last to first. A tile recomputes its
-states from its checkpoint with the same scan, then gets the state cotangents
-``g_t = C_t dy_t + a_{t+1} g_{t+1}`` from a reverse scan (``a_{t+1}`` from ``dt`` shifted
-one step by a 0/1 matrix product, exact in float32), entering with the cotangent carried
-from the tile after it. ``a_t h_{t-1}`` is ``h_t - b_t``, so no shifted states are needed.
+Backward (``jax.custom_vjp``). Same grid, tiles of ``chunk`` steps walked last to first. A
+tile recomputes its states from its checkpoint with the same scan, then gets the state
+cotangents ``g_t = C_t dy_t + a_{t+1} g_{t+1}`` from a reverse scan (``a_{t+1}`` from
+``dt_next``, ``dt`` shifted one row by the glue), the cotangent carried from the tile after
+it riding on the last row. ``a_t h_{t-1}`` is ``h_t - b_t``, so no shifted states are needed.
 It writes ``dx``, ``ddt``, ``dz`` tiles; per-block partial sums over its channels for
 ``dB``/``dC`` (``[B, blocks * T', N']``); and per-sequence partials of ``dA``/``dD``; the
 glue sums the partials (no atomics). ``d initial_state`` is the cotangent carried out of
@@ -50,11 +53,13 @@ from jax.experimental import pallas as pl
 
 from linearnexus.core.types import Array, DType
 from linearnexus.kernels.common.pallas import TritonConfig, compiler_params, interpret_mode
-from linearnexus.kernels.common.pallas_scan import linear_scan
+from linearnexus.kernels.common.pallas_scan import dot_sum, exp2_approx, fma, linear_scan, rcp_approx
 
 __all__ = ["bwd_warps", "default_config", "memory_floor_bytes", "resolve_config", "selective_scan_pallas"]
 
 _LOG2E = 1.4426950408889634
+#: time steps per forward sub-tile (see default_config)
+FWD_TILE = 8
 #: dtypes the kernels load (math is float32 whatever the input dtype)
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 #: warps of the backward kernel (None: the config's num_warps); a tuning hook for benchmarks
@@ -63,15 +68,16 @@ _BWD_NUM_WARPS: int | None = None
 def default_config(batch: int, seq: int, channels: int, n_state: int) -> TritonConfig:
     """The heuristic launch config for a ``[batch, seq, channels]`` scan with ``n_state`` states.
 
-    A program owns ``block_v`` channels of one sequence and walks time in tiles of ``chunk``
-    steps; every live tensor of a tile is ``[chunk, N', block_v]`` float32, so
-    ``chunk * block_v`` bounds the registers. Measured on an H200 at B=8, T=4096, C=2048,
-    N=16, bf16 (``docs/gpu_notes.md``): 16 x 16 tiles with 1 warp gave the fastest forward
-    (0.78 ms; 2 warps 0.96, 4 warps 1.26; 32 channels 0.83-1.03) and the backward, which keeps
-    about twice the live tiles, was fastest with 4 warps (``bwd_warps = 4 * num_warps``; 2 and
-    8 warps were 20% and 50% slower). Both kernels are bound by L1/shared-memory traffic
-    (Nsight Compute: L1 80%, DRAM 5-14%), which more warps do not relieve. ``chunk`` is also
-    the backward's checkpoint interval (``B * C * N' * 4 * T / chunk`` bytes).
+    ``chunk`` is the backward's tile and checkpoint interval (the forward walks fixed 8-step
+    sub-tiles, grouped by ``max(chunk, 32)`` steps); ``block_v`` channels per program.
+    Measured on an H200 at B=8, T=4096, C=2048, N=16, bf16 (the op README's table): 16
+    channels with 1 forward warp (8-step sub-tiles, 2 lanes x 8 registers of states per
+    channel) gave the fastest forward, 0.57 ms; all 16 states in one thread (32 channels)
+    0.73 ms, 4 states per thread with 4x the warps (8 channels) 1.13 ms. The backward keeps
+    about four live ``[chunk, N', block_v]`` tiles and was fastest with 4 warps
+    (``bwd_warps = 4 * num_warps``; 2 and 8 warps were 22% and 58% slower), bound by the
+    cross-lane reductions over channels for ``dB``/``dC``. ``chunk`` also sets the checkpoint
+    memory (``B * C * N' * 4 * T / chunk`` bytes).
     """
     del batch, seq, channels, n_state  # the defaults do not depend on them (yet)
     return TritonConfig(chunk=16, block_v=16, num_warps=1, num_stages=1)
@@ -150,6 +156,11 @@ class _Plan:
     interpret: bool
 
     @property
+    def fwd_group(self) -> int:
+        """Time steps per forward loop iteration: whole chunks, at least ``4 * FWD_TILE``."""
+        return max(self.chunk, 4 * FWD_TILE)
+
+    @property
     def n_chunks(self) -> int:
         return self.seq_pad // self.chunk
 
@@ -158,17 +169,17 @@ class _Plan:
         return self.channels_pad // self.block_v
 
 
-def _tile_rows(plan: _Plan, c):
-    """Rows of tile ``c`` (a traced index, or a Python int)."""
-    start = c * plan.chunk
-    return pl.ds(start if isinstance(start, int) else pl.multiple_of(start, plan.chunk), plan.chunk)
+def _tile_rows(length: int, c):
+    """Rows of tile ``c`` of ``length`` steps (``c`` a traced index or a Python int)."""
+    start = c * length
+    return pl.ds(start if isinstance(start, int) else pl.multiple_of(start, length), length)
 
 
-def _tile_loader(plan: _Plan, *refs):
-    """``load(c)``: tile ``c`` of each ref (``None`` refs give ``None``), in its stored dtype."""
+def _tile_loader(length: int, *refs):
+    """``load(c)``: tile ``c`` (``length`` steps) of each ref (``None`` refs give ``None``)."""
 
     def load(c):
-        rows = _tile_rows(plan, c)
+        rows = _tile_rows(length, c)
         return tuple(None if r is None else r[rows, :] for r in refs)
 
     return load
@@ -178,10 +189,9 @@ def _f32(*arrays):
     return tuple(None if a is None else a.astype(jnp.float32) for a in arrays)
 
 
-def _row_of(x, index: int):
-    """``x[index]`` of an ``[L, ...]`` value (Triton cannot slice values: a masked sum)."""
-    t = jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
-    return jnp.sum(jnp.where(t == index, x, 0.0), axis=0)
+def _silu(z, interpret: bool):
+    """``z * sigmoid(z)`` from one ``ex2`` and one approximate reciprocal (no IEEE division)."""
+    return z * rcp_approx(1.0 + exp2_approx(z * -_LOG2E, interpret=interpret), interpret=interpret)
 
 
 def _fwd_kernel(*refs, plan: _Plan, save: bool):
@@ -191,51 +201,72 @@ def _fwd_kernel(*refs, plan: _Plan, save: bool):
     z_ref = next(it) if plan.has_z else None
     y_ref, hT_ref = next(it), next(it)
     ck_ref = next(it) if save else None
-    N = plan.n_pad
-    load = _tile_loader(plan, x_ref, dt_ref, b_ref, c_ref, z_ref)
+    N, S, bv = plan.n_pad, FWD_TILE, plan.block_v
+    per_group = plan.fwd_group // S  # sub-tiles per loop iteration
+    load = _tile_loader(S, x_ref, dt_ref, b_ref, c_ref, z_ref)
+    n_sub = plan.seq_pad // S
 
     a2 = a_ref[...].astype(jnp.float32) * _LOG2E  # [N', bv]: exp(dt A) = exp2(dt A log2 e)
     d_row = d_ref[...].astype(jnp.float32) if plan.has_d else None  # [1, bv]
+    t_idx = jax.lax.broadcasted_iota(jnp.int32, (S, N, bv), 0)
 
-    def tile(c, carry):
-        h, cur = carry  # h: state entering the tile [N', bv]; cur: this tile's raw inputs
-        nxt = load(jnp.minimum(c + 1, plan.n_chunks - 1))  # issued a tile ahead
-        if save:
-            ck_ref[pl.ds(pl.multiple_of(c * N, N), N), :] = h
-        x, dt, bm, cm, z = _f32(*cur)  # [L, bv] x3, [L, N'] x2
-        decay = jnp.exp2(dt[:, None, :] * a2[None])  # [L, N', bv]
+    def sub_tile(s, h, cur):
+        """Steps ``[s S, (s+1) S)`` entering with state ``h``: writes y, returns the leaving state."""
+        x, dt, bm, cm, z = _f32(*cur)  # [S, bv] x3, [S, N'] x2
+        decay = exp2_approx(dt[:, None, :] * a2[None], interpret=plan.interpret)  # [S, N', bv]
         drive = (dt * x)[:, None, :] * bm[:, :, None]
-        prod, acc = linear_scan(decay, drive, axis=0)
-        hs = prod * h[None] + acc  # h_t for the L steps
-        y = jnp.sum(cm[:, :, None] * hs, axis=1)  # [L, bv]
+        # the entering state rides on the first step's input: h_0 = a_0 h + b_0 (the select is
+        # static per register once the time axis sits in a thread, so rows > 0 cost nothing)
+        drive = jnp.where(t_idx == 0, fma(decay, jnp.broadcast_to(h[None], decay.shape), drive),
+                          drive)
+        _, hs = linear_scan(decay, drive, axis=0)  # h_t for the S steps
+        y = dot_sum(jnp.broadcast_to(cm[:, :, None], hs.shape), hs, axis=1)  # [S, bv]
         if plan.has_d:
             y = y + d_row * x
         if plan.has_z:
-            y = y * (z * jax.nn.sigmoid(z))
-        y_ref[_tile_rows(plan, c), :] = y.astype(y_ref.dtype)
-        return _row_of(hs, plan.chunk - 1), nxt
+            y = y * _silu(z, plan.interpret)
+        y_ref[_tile_rows(S, s), :] = y.astype(y_ref.dtype)
+        return jnp.sum(jnp.where(t_idx == S - 1, hs, -0.0), axis=0)  # -0.0: the adds fold away
 
-    h, _ = jax.lax.fori_loop(0, plan.n_chunks, tile, (h0_ref[...].astype(jnp.float32), load(0)))
+    def group(g, carry):
+        h, tiles = carry
+        nxt = []
+        for u in range(per_group):
+            s = g * per_group + u
+            if save and (u * S) % plan.chunk == 0:  # the state entering every backward tile
+                row = (g * plan.fwd_group + u * S) // plan.chunk * N
+                ck_ref[pl.ds(pl.multiple_of(row, N), N), :] = h
+            h = sub_tile(s, h, tiles[u])
+            # this sub-tile's slot refills with the one a group ahead, issued after the slot's
+            # last use so the load lands in the same registers (no loop-carried copies that
+            # would wait on it) and has a whole group to arrive
+            nxt.append(load(jnp.minimum(s + per_group, n_sub - 1)))
+        return h, tuple(nxt)
+
+    init = (h0_ref[...].astype(jnp.float32), tuple(load(u) for u in range(per_group)))
+    h, _ = jax.lax.fori_loop(0, plan.seq_pad // plan.fwd_group, group, init)
     hT_ref[...] = h
 
 
 def _bwd_kernel(*refs, plan: _Plan):
     it = iter(refs)
-    x_ref, dt_ref, a_ref, b_ref, c_ref, ck_ref, dy_ref, dhT_ref = (next(it) for _ in range(8))
+    x_ref, dt_ref, dtn_ref, a_ref, b_ref, c_ref, ck_ref, dy_ref, dhT_ref = (next(it) for _ in range(9))
     d_ref = next(it) if plan.has_d else None
     z_ref = next(it) if plan.has_z else None
     dx_ref, ddt_ref, db_ref, dc_ref, da_ref, dh0_ref = (next(it) for _ in range(6))
     dd_ref = next(it) if plan.has_d else None
     dz_ref = next(it) if plan.has_z else None
     L, N, bv = plan.chunk, plan.n_pad, plan.block_v
-    load = _tile_loader(plan, x_ref, dt_ref, b_ref, c_ref, z_ref, dy_ref)
+    load = _tile_loader(L, x_ref, dt_ref, dtn_ref, b_ref, c_ref, z_ref, dy_ref)
+    interp = plan.interpret
 
     a_nat = a_ref[...].astype(jnp.float32)  # [N', bv]
     a2 = a_nat * _LOG2E
     d_row = d_ref[...].astype(jnp.float32) if plan.has_d else None
-    # next-step shift as a product: (S @ u)_t = u_{t+1}, 0 on the last row (exact in float32)
-    rr, cc = (jax.lax.broadcasted_iota(jnp.int32, (L, L), i) for i in (0, 1))
-    shift = (cc == rr + 1).astype(jnp.float32)
+    t_idx = jax.lax.broadcasted_iota(jnp.int32, (L, N, bv), 0)
+
+    def full(v):  # broadcast a [L, bv] / [L, N'] / [N', bv] operand to the tile's shape
+        return jnp.broadcast_to(v, (L, N, bv))
 
     def ckpt(c):
         return ck_ref[pl.ds(c * N if isinstance(c, int) else pl.multiple_of(c * N, N), N), :]
@@ -245,34 +276,35 @@ def _bwd_kernel(*refs, plan: _Plan):
         c = plan.n_chunks - 1 - k
         nxt_c = jnp.maximum(c - 1, 0)
         nxt = (ckpt(nxt_c), load(nxt_c))  # issued a tile ahead
-        x, dt, bm, cm, z, dy = _f32(*cur)
-        rows = _tile_rows(plan, c)
-        # recompute the tile's states h_t from its checkpoint
-        decay = jnp.exp2(dt[:, None, :] * a2[None])  # a_t, [L, N', bv]
+        x, dt, dt_next, bm, cm, z, dy = _f32(*cur)
+        rows = _tile_rows(L, c)
+        # recompute the tile's states h_t from its checkpoint (entering state folded into row 0)
+        decay = exp2_approx(dt[:, None, :] * a2[None], interpret=interp)  # a_t, [L, N', bv]
         dtx = dt * x
         drive = dtx[:, None, :] * bm[:, :, None]  # b_t
-        prod, acc = linear_scan(decay, drive, axis=0)
-        hs = prod * h0[None] + acc
+        _, hs = linear_scan(decay, jnp.where(t_idx == 0, fma(decay, full(h0[None]), drive), drive),
+                            axis=0)
         if plan.has_z:
-            sig = jax.nn.sigmoid(z)
+            sig = rcp_approx(1.0 + exp2_approx(z * -_LOG2E, interpret=interp), interpret=interp)
             y_pre = jnp.sum(cm[:, :, None] * hs, axis=1)
             if plan.has_d:
                 y_pre = y_pre + d_row * x
             dz = dy * y_pre * sig * (1.0 + z * (1.0 - sig))
             dz_ref[rows, :] = dz.astype(dz_ref.dtype)
             dy = dy * (z * sig)  # the cotangent of y before the gate
-        # g_t = C_t dy_t + a_{t+1} g_{t+1}: a reverse scan with the decays shifted one step
-        dt_next = jnp.dot(shift, dt, precision=jax.lax.Precision.HIGHEST,
-                          preferred_element_type=jnp.float32)
-        decay_next = jnp.exp2(dt_next[:, None, :] * a2[None])  # 1 on the last row
-        gprod, gacc = linear_scan(decay_next, cm[:, :, None] * dy[:, None, :], axis=0,
-                                  reverse=True)
-        g = gacc + gprod * g_in[None]  # [L, N', bv]
+        # g_t = C_t dy_t + a_{t+1} g_{t+1}: a reverse scan with the decays one step ahead (dt_next
+        # is dt shifted one row by the glue); the carried a_{t0+L} g_{t0+L} rides on the last row
+        decay_next = exp2_approx(dt_next[:, None, :] * a2[None], interpret=interp)
+        c_dy = cm[:, :, None] * dy[:, None, :]
+        _, g = linear_scan(decay_next, jnp.where(t_idx == L - 1, c_dy + full(g_in[None]), c_dy),
+                           axis=0, reverse=True)  # [L, N', bv]
+        # reductions across lanes shuffle every operand, so they stay plain sums of products
+        # (dot_sum would shuffle both factors); the time-axis ones are in-thread and fused
         dc_ref[rows, :] = jnp.sum(hs * dy[:, None, :], axis=2)  # [L, N'] partial over channels
         db_ref[rows, :] = jnp.sum(g * dtx[:, None, :], axis=2)
         gb = jnp.sum(g * bm[:, :, None], axis=1)  # [L, bv]
         g_decay = g * (hs - drive)  # g_t * a_t h_{t-1}: cotangent of (dt A) per state
-        da_acc = da_acc + jnp.sum(g_decay * dt[:, None, :], axis=0)
+        da_acc = da_acc + dot_sum(g_decay, full(dt[:, None, :]), axis=0)
         ddt = x * gb + jnp.sum(g_decay * a_nat[None], axis=1)
         dx = dt * gb
         if plan.has_d:
@@ -280,7 +312,8 @@ def _bwd_kernel(*refs, plan: _Plan):
             dd_acc = dd_acc + jnp.sum(dy * x, axis=0, keepdims=True)
         ddt_ref[rows, :] = ddt.astype(ddt_ref.dtype)
         dx_ref[rows, :] = dx.astype(dx_ref.dtype)
-        return _row_of(decay * g, 0), da_acc, dd_acc, nxt
+        g_out = jnp.sum(jnp.where(t_idx == 0, decay * g, -0.0), axis=0)  # a_{t0} g_{t0}
+        return g_out, da_acc, dd_acc, nxt
 
     last = plan.n_chunks - 1
     init = (dhT_ref[...].astype(jnp.float32), jnp.zeros((N, bv), jnp.float32),
@@ -346,8 +379,10 @@ def _backward(plan: _Plan, x, dt, a, b, c, ck, d, z, dy, dhT):
     sp = _specs(plan)
     f32 = jnp.float32
     Bn, T, Cp, N = plan.batch, plan.seq_pad, plan.channels_pad, plan.n_pad
-    ins = [x, dt, a, b, c, ck, dy, dhT] + ([d] if plan.has_d else []) + ([z] if plan.has_z else [])
-    in_specs = [sp["row"], sp["row"], sp["a"], sp["bc"], sp["bc"], sp["ckpt"], sp["row"],
+    dt_next = jnp.pad(dt[:, 1:], ((0, 0), (0, 1), (0, 0)))  # dt_{t+1} (0 past the end)
+    ins = [x, dt, dt_next, a, b, c, ck, dy, dhT]
+    ins += ([d] if plan.has_d else []) + ([z] if plan.has_z else [])
+    in_specs = [sp["row"], sp["row"], sp["row"], sp["a"], sp["bc"], sp["bc"], sp["ckpt"], sp["row"],
                 sp["state"]]
     in_specs += ([sp["d"]] if plan.has_d else []) + ([sp["row"]] if plan.has_z else [])
     sds = jax.ShapeDtypeStruct
@@ -447,7 +482,8 @@ def selective_scan_pallas(
     cfg = resolve_config(config, batch, seq, channels, n_state)
     interpret = interpret_mode()
     L, bv = cfg.chunk, cfg.block_v
-    seq_pad = -(-seq // L) * L
+    group = max(L, 4 * FWD_TILE)  # _Plan.fwd_group: the forward walks whole groups
+    seq_pad = -(-seq // group) * group
     ch_pad = -(-channels // bv) * bv
     n_pad = 1 << max(n_state - 1, 0).bit_length()
     plan = _Plan(batch=batch, seq_pad=seq_pad, channels_pad=ch_pad, n_pad=n_pad, chunk=L,
@@ -467,7 +503,10 @@ def selective_scan_pallas(
           jnp.pad(jnp.swapaxes(initial_state.astype(jnp.float32), 1, 2), ((0, 0), (0, dN), (0, dC))))
     d_k = None if D is None else jnp.pad(D, (0, dC))[None, :]  # [1, C']
     z_k = None if z is None else rows(z)
-    y, hT = _scan_fn(plan)(rows(x), rows(dt), a_k, bc(B), bc(C), h0, d_k, z_k)
+    # B and C go in as float32: every program broadcasts them over its channels through shared
+    # memory, and converting after the broadcast cost two extra instructions per state element
+    y, hT = _scan_fn(plan)(rows(x), rows(dt), a_k, bc(B).astype(jnp.float32),
+                           bc(C).astype(jnp.float32), h0, d_k, z_k)
     y = y[:, :seq, :channels] if dT or dC else y
     final_state = jnp.swapaxes(hT[:, :n_state, :channels], 1, 2)  # [B, N', C'] -> [B, C, N]
     return y, final_state
