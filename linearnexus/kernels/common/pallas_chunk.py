@@ -56,6 +56,7 @@ from jax.experimental.pallas import triton as plt
 
 from linearnexus.core.types import Array
 from linearnexus.kernels.common.pallas import TritonConfig, compiler_params
+from linearnexus.kernels.common.pallas_scan import exp_approx
 
 F32 = jnp.float32
 
@@ -154,7 +155,7 @@ def _causal(length: int) -> Array:
 def _gamma(b: Array, length: int) -> Array:
     """``exp(b_i - b_j)`` for ``j <= i``, else 0; ``b [L]`` float32 -> ``[L, L]``."""
     diff = jnp.where(_causal(length), b[:, None] - b[None, :], -jnp.inf)
-    return jnp.exp(diff)
+    return exp_approx(diff)
 
 
 def _row_col(st: CoreStatic) -> tuple[Any, Any]:
@@ -223,8 +224,8 @@ def _fwd_h_kernel(*refs, st: CoreStatic):
         if st.gate == "scalar":
             b = b_ref[r, pl.ds(t0, L), h]  # [L]
             b_last = b_ref[r, pl.ds(t0 + L - 1, 1), h]  # [1]
-            k = (k.astype(F32) * jnp.exp(b_last - b)[:, None]).astype(k.dtype)
-            state = state * jnp.exp(b_last)[:, None]
+            k = (k.astype(F32) * exp_approx(b_last - b)[:, None]).astype(k.dtype)
+            state = state * exp_approx(b_last)[:, None]
         state = state + _dot(k, v, ta=True)
         plt.store(final_ref.at[seq, h, ks, vs], state, mask=jnp.broadcast_to(last, (BK, BV)))
         return state
@@ -252,7 +253,7 @@ def _fwd_o_kernel(*refs, st: CoreStatic):
         acc_a += _dot(q, k, tb=True)
     if st.gate == "scalar":
         b = b_ref[r, pl.ds(t0, L), h]
-        acc_o = acc_o * jnp.exp(b)[:, None]
+        acc_o = acc_o * exp_approx(b)[:, None]
         a = acc_a * _gamma(b, L)
     else:
         a = jnp.where(_causal(L), acc_a, 0.0)
@@ -319,7 +320,7 @@ def _bwd_dv_kernel(*refs, st: CoreStatic):
         b = b_ref[r, pl.ds(t0, L), h]
         b_last = b_ref[r, pl.ds(t0 + L - 1, 1), h]
         at = acc_at * _gamma(b, L).T
-        acc_dv = acc_dv * jnp.exp(b_last - b)[:, None]
+        acc_dv = acc_dv * exp_approx(b_last - b)[:, None]
     else:
         at = jnp.where(_causal(L).T, acc_at, 0.0)
     do = do_ref[r, pl.ds(t0, L), h, vs]
@@ -353,18 +354,18 @@ def _bwd_dh_kernel(*refs, st: CoreStatic):
         if st.gate == "scalar":
             b = b_ref[r, pl.ds(t0, L), h]
             b_last = b_ref[r, pl.ds(t0 + L - 1, 1), h]
-            q = (q.astype(F32) * jnp.exp(b)[:, None]).astype(q.dtype)
+            q = (q.astype(F32) * exp_approx(b)[:, None]).astype(q.dtype)
         nxt = _dot(q, do, ta=True) * st.scale
         if st.delta:
             k = k_ref[r, pl.ds(t0, L), h, ks]
             if st.gate == "scalar":
-                k = (k.astype(F32) * jnp.exp(b_last - b)[:, None]).astype(k.dtype)
+                k = (k.astype(F32) * exp_approx(b_last - b)[:, None]).astype(k.dtype)
             dvn = dvi_ref[r, pl.ds(t0, L), h, vs].astype(F32) + _dot(k, ds.astype(k.dtype))
             dvn_ref[r, pl.ds(t0, L), h, vs] = dvn.astype(dvn_ref.dtype)
             w = w_ref[r, pl.ds(t0, L), h, ks]
             nxt -= _dot(w, dvn.astype(w.dtype), ta=True)
         if st.gate == "scalar":
-            nxt += ds * jnp.exp(b_last)[:, None]
+            nxt += ds * exp_approx(b_last)[:, None]
         else:
             nxt += ds
         plt.store(dh0_ref.at[seq, h, ks, vs], nxt, mask=jnp.broadcast_to(reset, (BK, BV)))
@@ -410,8 +411,8 @@ def _bwd_dqk_kernel(*refs, st: CoreStatic):
         b = b_ref[r, pl.ds(t0, L), h]
         b_last = b_ref[r, pl.ds(t0 + L - 1, 1), h]
         da = acc_da * _gamma(b, L) * st.scale
-        acc_dq = acc_dq * jnp.exp(b)[:, None]
-        acc_dk = acc_dk * jnp.exp(b_last - b)[:, None]
+        acc_dq = acc_dq * exp_approx(b)[:, None]
+        acc_dk = acc_dk * exp_approx(b_last - b)[:, None]
     else:
         da = jnp.where(_causal(L), acc_da, 0.0) * st.scale
     da = da.astype(q.dtype)
@@ -434,7 +435,7 @@ def _bwd_dqk_kernel(*refs, st: CoreStatic):
         kdk = jnp.sum(kf * acc_dk, axis=1)
         dg = jnp.sum(jnp.where(col >= row, term[None, :], 0.0) + jnp.where(col < row, kdk[None, :], 0.0),
                      axis=1)
-        db_ref[ik, r, pl.ds(t0, L), h] = dg + jnp.exp(b_last) * acc_sds
+        db_ref[ik, r, pl.ds(t0, L), h] = dg + exp_approx(b_last) * acc_sds
 
 
 def core_backward(st: CoreStatic, res, do, dfinal):

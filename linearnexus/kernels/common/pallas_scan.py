@@ -40,7 +40,9 @@ from jax.interpreters import mlir
 
 from linearnexus.core.types import Array
 
-__all__ = ["dot_sum", "exp2_approx", "fma", "linear_scan", "rcp_approx"]
+__all__ = ["dot_sum", "exp2_approx", "exp_approx", "fma", "linear_scan", "rcp_approx"]
+
+_LOG2E = 1.4426950408889634
 
 linear_scan_p = Primitive("linearnexus_linear_scan")
 linear_scan_p.multiple_results = True
@@ -199,6 +201,21 @@ def exp2_approx(x: Array, *, interpret: bool) -> Array:
     ``jnp.exp2`` (CPU interpret mode has no PTX).
     """
     return jnp.exp2(x) if interpret else _inline_f32("ex2.approx.ftz.f32 $0, $1;", x)
+
+
+def exp_approx(x: Array, *, interpret: bool | None = None) -> Array:
+    """``exp(x)`` as ``exp2_approx(x log2 e)``: a multiply and one MUFU op.
+
+    Pallas lowers ``jnp.exp`` to libdevice's ``__nv_expf`` (a range reduction, the MUFU op
+    and subnormal fix-ups, about eight instructions). Relative error: the rounding of
+    ``x log2 e`` (``|x| 2^-24``) plus ``ex2.approx``'s ~2^-22; ``-inf`` gives 0.
+    ``interpret``: ``None`` asks :func:`~linearnexus.kernels.common.pallas.interpret_mode`.
+    """
+    if interpret is None:
+        from linearnexus.kernels.common.pallas import interpret_mode
+
+        interpret = interpret_mode()
+    return exp2_approx(x * _LOG2E, interpret=interpret)
 
 
 def rcp_approx(x: Array, *, interpret: bool) -> Array:

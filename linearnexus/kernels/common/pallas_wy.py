@@ -32,6 +32,7 @@ from jax.experimental import pallas as pl
 from linearnexus.core.types import Array
 from linearnexus.kernels.common.pallas import compiler_params
 from linearnexus.kernels.common.pallas_chunk import in_chunk_cumsum
+from linearnexus.kernels.common.pallas_scan import exp_approx
 
 F32 = jnp.float32
 SUB = 16  # sub-block size of the in-kernel triangular inverse
@@ -109,7 +110,7 @@ def _wy_fwd_kernel(*refs, st: WyStatic):
             blk = _dot(ks[i], ks[j], st, tb=True) * betas[i][:, None]
             if st.gated:
                 diff = bs[i][:, None] - bs[j][None, :]
-                blk = blk * jnp.exp(jnp.where(row > col, diff, 0.0) if i == j else diff)
+                blk = blk * exp_approx(jnp.where(row > col, diff, 0.0) if i == j else diff)
             if i == j:
                 blk = jnp.where(row > col, blk, 0.0)
             a[i, j] = blk
@@ -132,7 +133,7 @@ def _wy_fwd_kernel(*refs, st: WyStatic):
                 m_ref[r, rows, h, pl.ds(j * SUB, SUB)] = jnp.zeros((SUB, SUB), m_ref.dtype)
                 continue
             m_ref[r, rows, h, pl.ds(j * SUB, SUB)] = minv[i, j].astype(m_ref.dtype)
-            scale = betas[j] * jnp.exp(bs[j]) if st.gated else betas[j]
+            scale = betas[j] * exp_approx(bs[j]) if st.gated else betas[j]
             kbe = ks[j].astype(F32) * scale[:, None]
             vb = v_ref[r, pl.ds(t0 + j * SUB, SUB), h, :].astype(F32) * betas[j][:, None]
             w_acc += _dot(minv[i, j], kbe, st)
@@ -159,7 +160,7 @@ def _wy_bwd_kernel(*refs, st: WyStatic):
     beta = beta_ref[r, rows, h].astype(F32)  # [L]
     minv = m_ref[r, rows, h, :].astype(op)  # [L, L] M^{-1}, stored in the operand dtype
     b = b_ref[r, rows, h] if st.gated else None
-    eb = jnp.exp(b) if st.gated else jnp.ones_like(beta)
+    eb = exp_approx(b) if st.gated else jnp.ones_like(beta)
     # head dims in blocks of <= 64 columns: whole 256-wide float32 operands overflow shared
     # memory (measured: 344 KB asked of 227 KB at K = V = 256)
     bk, bv = min(st.key_dim, 64), min(st.value_dim, 64)
@@ -188,7 +189,7 @@ def _wy_bwd_kernel(*refs, st: WyStatic):
     da = -_dot(_dot(minv32, x, st, ta=True), minv32, st, tb=True)
     # the decay factors of A, built only now to keep fewer [L, L] tiles live in the loops
     if st.gated:
-        gam = jnp.exp(jnp.where(row > col, b[:, None] - b[None, :], -jnp.inf))
+        gam = exp_approx(jnp.where(row > col, b[:, None] - b[None, :], -jnp.inf))
     else:
         gam = jnp.where(row > col, 1.0, 0.0)
     g = da * gam  # zero on and above the diagonal
