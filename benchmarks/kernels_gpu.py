@@ -904,9 +904,9 @@ def markdown(results: dict[str, Any]) -> str:
                 status = f" {e.get('status')}: {why}"
             lines.append(f"- B={B}, T={T}, d_inner={D}, d_state={N}, bf16, {backend}: "
                          + ("; ".join(parts) + status).strip())
-        lines.append("- inputs: x, z, B, C and raw dt in bf16, dt_bias + dt_softplus=True (the api computes "
-                     "softplus(dt + dt_bias) in float32 before the kernel), D, A float32; no initial / "
-                     "final state; fwd+bwd = gradient w.r.t. all of them")
+        lines.append("- inputs: x, z, B, C and raw dt in bf16, dt_bias + dt_softplus=True (pallas: applied "
+                     "in float32 inside the kernels; jax: by the api in a float32 pass before the scan), "
+                     "D, A float32; no initial / final state; fwd+bwd = gradient w.r.t. all of them")
         fb = sc["floor_bytes"]
         lines += [f"- floor = bytes that must move / measured HBM bandwidth ({sc['floor_source']}); "
                   f"bytes {fb[0] / 1e6:.0f} MB fwd, {fb[1] / 1e6:.0f} MB fwd+bwd", ""]

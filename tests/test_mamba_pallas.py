@@ -228,11 +228,49 @@ def test_kernels_lower_to_triton_for_a_gpu(monkeypatch):
     monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")
     inputs = make_inputs(jax.random.key(0), seq=50, channels=40, n=16, dtype=jnp.bfloat16)
     args = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in inputs.values()]
+    args.append(jax.ShapeDtypeStruct((40,), jnp.float32))  # dt_bias (softplus in the kernels)
 
-    def loss(x, dt, A, B, C, D, z, h0):
-        y, h = selective_scan_pallas(x, dt, A, B, C, D=D, z=z, initial_state=h0)
+    def loss(x, dt, A, B, C, D, z, h0, bias):
+        y, h = selective_scan_pallas(x, dt, A, B, C, D=D, z=z, initial_state=h0, dt_bias=bias,
+                                     dt_softplus=True)
         return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h)
 
-    grad = jax.grad(loss, argnums=tuple(range(8)))
+    grad = jax.grad(loss, argnums=tuple(range(9)))
     text = jax.jit(grad).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 2  # the saving forward and the backward
+
+
+@pytest.mark.parametrize("bias, softplus", [(True, True), (False, True), (True, False)])
+def test_step_size_inside_the_kernel(key, bias, softplus):
+    # dt_bias / softplus applied inside the kernels (raw dt in, no float32 dt pass) against the
+    # reference given the same raw inputs through the api: outputs, final state and the
+    # gradients of raw dt and dt_bias. T = 45 pads 19 steps, which must stay inert
+    inputs = make_inputs(key, seq=45, channels=40, n=3)
+    rng = np.random.default_rng(3)
+    inputs["dt"] = jnp.asarray(rng.normal(-3.0, 2.0, (2, 45, 40)), jnp.float32)  # raw
+    inputs["dt_bias"] = jnp.asarray(rng.normal(0.0, 1.0, (40,)), jnp.float32) if bias else None
+    if not softplus:  # dt + dt_bias is the step itself: keep it positive
+        inputs["dt"] = jnp.abs(inputs["dt"]) * 0.05
+        inputs["dt_bias"] = jnp.abs(inputs["dt_bias"]) * 0.05
+    names = [k for k, v in inputs.items() if v is not None]
+
+    def run(backend):
+        def f(arrays):
+            kw = {k: arrays.get(k) for k in ("D", "z", "initial_state", "dt_bias")}
+            return selective_scan(arrays["x"], arrays["dt"], arrays["A"], arrays["B"],
+                                  arrays["C"], **kw, dt_softplus=softplus,
+                                  output_final_state=True, mode="chunk", backend=backend)
+
+        @jax.jit
+        def go(arrays):
+            (y, h), vjp = jax.vjp(f, arrays)
+            u = jax.random.normal(key, y.shape, y.dtype)
+            return y, h, vjp((u, jnp.ones_like(h)))[0]
+
+        return go({k: inputs[k] for k in names})
+
+    got, want = run("pallas"), run("naive")
+    assert_close(got[0], want[0], 1e-4, "output")
+    assert_close(got[1], want[1], 1e-4, "final state")
+    for name in names:
+        assert_close(got[2][name], want[2][name], 1e-4, f"d{name}")

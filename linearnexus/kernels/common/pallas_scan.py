@@ -5,9 +5,10 @@
   Pallas's Triton pipeline does not contract ``mul`` + ``add`` into ``fma`` (measured on an
   H200: the selective scan compiled to separate FMUL and FADD, 820 instructions per sub-tile
   instead of 508), so issue-bound loops ask for it;
-* :func:`exp2_approx` and :func:`rcp_approx`: one ``ex2.approx.ftz`` / ``rcp.approx.ftz``
-  PTX instruction each (inline assembly), without the subnormal fix-ups and IEEE division
-  Pallas emits otherwise.
+* :func:`exp2_approx`, :func:`exp_approx`, :func:`log2_approx` and :func:`rcp_approx`: one
+  ``ex2`` / ``lg2`` / ``rcp.approx.ftz`` PTX instruction each (inline assembly; ``exp`` adds
+  a multiply), without the range reductions, subnormal fix-ups and IEEE division Pallas
+  emits otherwise.
 
 ``linear_scan(a, b, axis)`` returns the running composition of the affine maps
 ``h -> a_t * h + b_t`` along ``axis``::
@@ -40,7 +41,8 @@ from jax.interpreters import mlir
 
 from linearnexus.core.types import Array
 
-__all__ = ["dot_sum", "exp2_approx", "exp_approx", "fma", "linear_scan", "rcp_approx"]
+__all__ = ["dot_sum", "exp2_approx", "exp_approx", "fma", "linear_scan", "log2_approx",
+           "rcp_approx"]
 
 _LOG2E = 1.4426950408889634
 
@@ -216,6 +218,11 @@ def exp_approx(x: Array, *, interpret: bool | None = None) -> Array:
 
         interpret = interpret_mode()
     return exp2_approx(x * _LOG2E, interpret=interpret)
+
+
+def log2_approx(x: Array, *, interpret: bool) -> Array:
+    """``log2(x)`` as one ``lg2.approx.ftz.f32`` (absolute error ~2^-22 on [1, 2])."""
+    return jnp.log2(x) if interpret else _inline_f32("lg2.approx.ftz.f32 $0, $1;", x)
 
 
 def rcp_approx(x: Array, *, interpret: bool) -> Array:

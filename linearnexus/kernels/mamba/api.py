@@ -77,6 +77,9 @@ class MambaPallasKernel:
 
     name: ClassVar[str] = "pallas"
     dtypes: ClassVar[tuple[DType, ...]] = (jnp.float32, jnp.bfloat16, jnp.float16)
+    #: chunk mode takes the raw ``dt`` with ``dt_bias`` / ``dt_softplus`` and applies them in
+    #: the kernels (the other backends get the step size computed by the api)
+    fuses_step_size: ClassVar[bool] = True
 
     def __init__(self, config: TritonConfig | None = None) -> None:
         if config is not None and not isinstance(config, TritonConfig):
@@ -102,10 +105,12 @@ class MambaPallasKernel:
             num_stages=grid.num_stages if grid.num_stages is not None else base.num_stages)
 
     def forward_chunk(self, x, dt, A, B, C, *, D=None, z=None, initial_state=None,
+                      dt_bias=None, dt_softplus: bool = False,
                       grid: GridConfig) -> tuple[Array, Array]:
         from linearnexus.kernels.mamba.pallas import selective_scan_pallas  # imports Pallas
 
         return selective_scan_pallas(x, dt, A, B, C, D=D, z=z, initial_state=initial_state,
+                                     dt_bias=dt_bias, dt_softplus=dt_softplus,
                                      config=self.launch_config(grid))
 
     def forward_recurrent(self, x, dt, A, B, C, *, D=None, z=None,
@@ -220,19 +225,27 @@ def selective_scan(
         grid = GridConfig(chunk_size=chunk_size, block_c=grid.block_c,
                           num_warps=grid.num_warps, num_stages=grid.num_stages)
     run_mode = resolve_mode(mode, x.shape[1])
-    if dt_bias is not None or dt_softplus:
-        # the step size is computed in at least float32 and stays there (bf16 dt loses ~3 digits)
-        dt = dt.astype(jnp.promote_types(dt.dtype, jnp.float32))
+    raw_dt = dt
+
+    def step_size():
+        if dt_bias is None and not dt_softplus:
+            return raw_dt
+        # computed in at least float32 and kept there (bf16 dt loses ~3 digits)
+        s = raw_dt.astype(jnp.promote_types(raw_dt.dtype, jnp.float32))
         if dt_bias is not None:
-            dt = dt + dt_bias.astype(dt.dtype)
-        if dt_softplus:
-            dt = jax.nn.softplus(dt)
+            s = s + dt_bias.astype(s.dtype)
+        return jax.nn.softplus(s) if dt_softplus else s
 
     def call(kernel):
         if run_mode is KernelMode.CHUNK:
-            return kernel.forward_chunk(x, dt, A, B, C, D=D, z=z, initial_state=initial_state,
-                                        grid=grid)
-        return kernel.forward_recurrent(x, dt, A, B, C, D=D, z=z, initial_state=initial_state)
+            if getattr(kernel, "fuses_step_size", False):  # no float32 dt pass in memory
+                return kernel.forward_chunk(x, raw_dt, A, B, C, D=D, z=z,
+                                            initial_state=initial_state, dt_bias=dt_bias,
+                                            dt_softplus=dt_softplus, grid=grid)
+            return kernel.forward_chunk(x, step_size(), A, B, C, D=D, z=z,
+                                        initial_state=initial_state, grid=grid)
+        return kernel.forward_recurrent(x, step_size(), A, B, C, D=D, z=z,
+                                        initial_state=initial_state)
 
     y, final_state = dispatch("mamba", BACKENDS, BACKEND_ORDER, call, backend=backend,
                               dtype=x.dtype)

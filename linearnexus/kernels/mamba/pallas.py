@@ -53,7 +53,14 @@ from jax.experimental import pallas as pl
 
 from linearnexus.core.types import Array, DType
 from linearnexus.kernels.common.pallas import TritonConfig, compiler_params, interpret_mode
-from linearnexus.kernels.common.pallas_scan import dot_sum, exp2_approx, fma, linear_scan, rcp_approx
+from linearnexus.kernels.common.pallas_scan import (
+    dot_sum,
+    exp2_approx,
+    fma,
+    linear_scan,
+    log2_approx,
+    rcp_approx,
+)
 
 __all__ = ["bwd_warps", "default_config", "memory_floor_bytes", "resolve_config", "selective_scan_pallas"]
 
@@ -153,7 +160,15 @@ class _Plan:
     num_stages: int
     has_d: bool
     has_z: bool
+    has_bias: bool  # dt_bias added in the kernel
+    softplus: bool  # softplus applied to the step in the kernel
+    seq: int  # real sequence length (steps at or past it are padding)
     interpret: bool
+
+    @property
+    def raw_dt(self) -> bool:
+        """The kernels get the raw ``dt`` and compute the step size themselves."""
+        return self.has_bias or self.softplus
 
     @property
     def fwd_group(self) -> int:
@@ -194,14 +209,41 @@ def _silu(z, interpret: bool):
     return z * rcp_approx(1.0 + exp2_approx(z * -_LOG2E, interpret=interpret), interpret=interpret)
 
 
+_LN2 = 0.6931471805599453
+
+
+def _softplus(u, interpret: bool):
+    """``log(1 + e^u)`` from one ``ex2`` and one ``lg2`` (``log1p`` by its series for tiny terms)."""
+    e = exp2_approx(-jnp.abs(u) * _LOG2E, interpret=interpret)  # e^{-|u|} in (0, 1]
+    log1p = jnp.where(e < 1e-3, e * (1.0 - e * (0.5 - e * (1.0 / 3.0))),
+                      log2_approx(1.0 + e, interpret=interpret) * _LN2)
+    return jnp.maximum(u, 0.0) + log1p
+
+
+def _step(plan: _Plan, raw, bias, first_row, shift: int = 0):
+    """The step size ``softplus(dt + dt_bias)`` (or ``dt + dt_bias``) of a ``[rows, bv]`` tile of
+    raw ``dt``, zero on the padding steps (global row ``first_row + i + shift >= seq``).
+
+    Returns ``(dt, u)``: the step and the pre-softplus ``u`` (for the backward's derivative).
+    """
+    u = raw + bias if plan.has_bias else raw
+    dt = _softplus(u, plan.interpret) if plan.softplus else u
+    if plan.seq < plan.seq_pad:  # padding steps must stay inert (decay 1, input 0)
+        t = first_row + shift + jax.lax.broadcasted_iota(jnp.int32, raw.shape, 0)
+        dt = jnp.where(t < plan.seq, dt, 0.0)
+    return dt, u
+
+
 def _fwd_kernel(*refs, plan: _Plan, save: bool):
     it = iter(refs)
     x_ref, dt_ref, a_ref, b_ref, c_ref, h0_ref = (next(it) for _ in range(6))
     d_ref = next(it) if plan.has_d else None
     z_ref = next(it) if plan.has_z else None
+    bias_ref = next(it) if plan.has_bias else None
     y_ref, hT_ref = next(it), next(it)
     ck_ref = next(it) if save else None
     N, S, bv = plan.n_pad, FWD_TILE, plan.block_v
+    bias = bias_ref[...].astype(jnp.float32) if plan.has_bias else None  # [1, bv]
     per_group = plan.fwd_group // S  # sub-tiles per loop iteration
     load = _tile_loader(S, x_ref, dt_ref, b_ref, c_ref, z_ref)
     n_sub = plan.seq_pad // S
@@ -213,6 +255,8 @@ def _fwd_kernel(*refs, plan: _Plan, save: bool):
     def sub_tile(s, h, cur):
         """Steps ``[s S, (s+1) S)`` entering with state ``h``: writes y, returns the leaving state."""
         x, dt, bm, cm, z = _f32(*cur)  # [S, bv] x3, [S, N'] x2
+        if plan.raw_dt:
+            dt, _ = _step(plan, dt, bias, s * S)
         decay = exp2_approx(dt[:, None, :] * a2[None], interpret=plan.interpret)  # [S, N', bv]
         drive = (dt * x)[:, None, :] * bm[:, :, None]
         # the entering state rides on the first step's input: h_0 = a_0 h + b_0 (the select is
@@ -253,9 +297,12 @@ def _bwd_kernel(*refs, plan: _Plan):
     x_ref, dt_ref, dtn_ref, a_ref, b_ref, c_ref, ck_ref, dy_ref, dhT_ref = (next(it) for _ in range(9))
     d_ref = next(it) if plan.has_d else None
     z_ref = next(it) if plan.has_z else None
+    bias_ref = next(it) if plan.has_bias else None
     dx_ref, ddt_ref, db_ref, dc_ref, da_ref, dh0_ref = (next(it) for _ in range(6))
     dd_ref = next(it) if plan.has_d else None
     dz_ref = next(it) if plan.has_z else None
+    dbias_ref = next(it) if plan.has_bias else None
+    bias = bias_ref[...].astype(jnp.float32) if plan.has_bias else None
     L, N, bv = plan.chunk, plan.n_pad, plan.block_v
     load = _tile_loader(L, x_ref, dt_ref, dtn_ref, b_ref, c_ref, z_ref, dy_ref)
     interp = plan.interpret
@@ -272,12 +319,15 @@ def _bwd_kernel(*refs, plan: _Plan):
         return ck_ref[pl.ds(c * N if isinstance(c, int) else pl.multiple_of(c * N, N), N), :]
 
     def tile(k, carry):
-        g_in, da_acc, dd_acc, (h0, cur) = carry  # g_in: a_{t0+L} g_{t0+L} (dhT for the last)
+        g_in, da_acc, dd_acc, dbias_acc, (h0, cur) = carry  # g_in: a_{t0+L} g_{t0+L}
         c = plan.n_chunks - 1 - k
         nxt_c = jnp.maximum(c - 1, 0)
         nxt = (ckpt(nxt_c), load(nxt_c))  # issued a tile ahead
         x, dt, dt_next, bm, cm, z, dy = _f32(*cur)
         rows = _tile_rows(L, c)
+        if plan.raw_dt:
+            dt, u = _step(plan, dt, bias, c * L)
+            dt_next, _ = _step(plan, dt_next, bias, c * L, shift=1)
         # recompute the tile's states h_t from its checkpoint (entering state folded into row 0)
         decay = exp2_approx(dt[:, None, :] * a2[None], interpret=interp)  # a_t, [L, N', bv]
         dtx = dt * x
@@ -310,19 +360,31 @@ def _bwd_kernel(*refs, plan: _Plan):
         if plan.has_d:
             dx = dx + dy * d_row
             dd_acc = dd_acc + jnp.sum(dy * x, axis=0, keepdims=True)
+        if plan.raw_dt:  # through the step size to the raw dt (padding rows have dt = 0 ...)
+            if plan.softplus:  # d softplus(u) / du = sigmoid(u)
+                ddt = ddt * rcp_approx(1.0 + exp2_approx(u * -_LOG2E, interpret=interp),
+                                       interpret=interp)
+            if plan.seq < plan.seq_pad:  # ... and no gradient)
+                t_glob = c * L + jax.lax.broadcasted_iota(jnp.int32, ddt.shape, 0)
+                ddt = jnp.where(t_glob < plan.seq, ddt, 0.0)
+            if plan.has_bias:
+                dbias_acc = dbias_acc + jnp.sum(ddt, axis=0, keepdims=True)
         ddt_ref[rows, :] = ddt.astype(ddt_ref.dtype)
         dx_ref[rows, :] = dx.astype(dx_ref.dtype)
         g_out = jnp.sum(jnp.where(t_idx == 0, decay * g, -0.0), axis=0)  # a_{t0} g_{t0}
-        return g_out, da_acc, dd_acc, nxt
+        return g_out, da_acc, dd_acc, dbias_acc, nxt
 
     last = plan.n_chunks - 1
     init = (dhT_ref[...].astype(jnp.float32), jnp.zeros((N, bv), jnp.float32),
-            jnp.zeros((1, bv), jnp.float32), (ckpt(last), load(last)))
-    g, da_acc, dd_acc, _ = jax.lax.fori_loop(0, plan.n_chunks, tile, init)
+            jnp.zeros((1, bv), jnp.float32), jnp.zeros((1, bv), jnp.float32),
+            (ckpt(last), load(last)))
+    g, da_acc, dd_acc, dbias_acc, _ = jax.lax.fori_loop(0, plan.n_chunks, tile, init)
     dh0_ref[...] = g
     da_ref[...] = da_acc
     if plan.has_d:
         dd_ref[...] = dd_acc
+    if plan.has_bias:
+        dbias_ref[...] = dbias_acc
 
 
 # ----------------------------------------------------------------------------- launches
@@ -356,13 +418,15 @@ def _call(kernel, plan: _Plan, in_specs, out_specs, out_shape, name: str, warps:
     )
 
 
-def _forward(plan: _Plan, save: bool, x, dt, a, b, c, h0, d, z):
+def _forward(plan: _Plan, save: bool, x, dt, a, b, c, h0, d, z, bias):
     sp = _specs(plan)
     f32 = jnp.float32
     state = jax.ShapeDtypeStruct((plan.batch, plan.n_pad, plan.channels_pad), f32)
     ins = [x, dt, a, b, c, h0] + ([d] if plan.has_d else []) + ([z] if plan.has_z else [])
+    ins += [bias] if plan.has_bias else []
     in_specs = [sp["row"], sp["row"], sp["a"], sp["bc"], sp["bc"], sp["state"]]
     in_specs += ([sp["d"]] if plan.has_d else []) + ([sp["row"]] if plan.has_z else [])
+    in_specs += [sp["d"]] if plan.has_bias else []
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), state]
     out_specs = [sp["row"], sp["state"]]
     if save:
@@ -375,16 +439,18 @@ def _forward(plan: _Plan, save: bool, x, dt, a, b, c, h0, d, z):
     return tuple(outs)
 
 
-def _backward(plan: _Plan, x, dt, a, b, c, ck, d, z, dy, dhT):
+def _backward(plan: _Plan, x, dt, a, b, c, ck, d, z, bias, dy, dhT):
     sp = _specs(plan)
     f32 = jnp.float32
     Bn, T, Cp, N = plan.batch, plan.seq_pad, plan.channels_pad, plan.n_pad
     dt_next = jnp.pad(dt[:, 1:], ((0, 0), (0, 1), (0, 0)))  # dt_{t+1} (0 past the end)
     ins = [x, dt, dt_next, a, b, c, ck, dy, dhT]
     ins += ([d] if plan.has_d else []) + ([z] if plan.has_z else [])
+    ins += [bias] if plan.has_bias else []
     in_specs = [sp["row"], sp["row"], sp["row"], sp["a"], sp["bc"], sp["bc"], sp["ckpt"], sp["row"],
                 sp["state"]]
     in_specs += ([sp["d"]] if plan.has_d else []) + ([sp["row"]] if plan.has_z else [])
+    in_specs += [sp["d"]] if plan.has_bias else []
     sds = jax.ShapeDtypeStruct
     out_shape = [sds(x.shape, x.dtype), sds(dt.shape, dt.dtype),
                  sds((Bn, plan.n_blocks * T, N), f32), sds((Bn, plan.n_blocks * T, N), f32),
@@ -397,6 +463,9 @@ def _backward(plan: _Plan, x, dt, a, b, c, ck, d, z, dy, dhT):
     if plan.has_z:
         out_shape.append(sds(z.shape, z.dtype))
         out_specs.append(sp["row"])
+    if plan.has_bias:
+        out_shape.append(sds((Bn, 1, Cp), f32))
+        out_specs.append(sp["skip_partial"])
     kernel = functools.partial(_bwd_kernel, plan=plan)
     outs = list(_call(kernel, plan, in_specs, out_specs, out_shape,
                       "mamba_selective_scan_bwd", plan.bwd_num_warps)(*ins))
@@ -404,11 +473,12 @@ def _backward(plan: _Plan, x, dt, a, b, c, ck, d, z, dy, dhT):
     rest = outs[6:]
     dd = rest.pop(0) if plan.has_d else None
     dz = rest.pop(0) if plan.has_z else None
+    dbias = rest.pop(0).sum(axis=0) if plan.has_bias else None  # [1, C']
     db = db_part.reshape(Bn, plan.n_blocks, T, N).sum(axis=1)
     dc = dc_part.reshape(Bn, plan.n_blocks, T, N).sum(axis=1)
     da = da_part.sum(axis=0)
     dd = None if dd is None else dd.sum(axis=0)
-    return dx, ddt, da, db, dc, dh0, dd, dz
+    return dx, ddt, da, db, dc, dh0, dd, dz, dbias
 
 
 @functools.cache
@@ -416,21 +486,22 @@ def _scan_fn(plan: _Plan):
     """The custom_vjp selective scan over kernel-layout arrays, for one static plan."""
 
     @jax.custom_vjp
-    def scan(x, dt, a, b, c, h0, d, z):
-        y, hT = _forward(plan, False, x, dt, a, b, c, h0, d, z)
+    def scan(x, dt, a, b, c, h0, d, z, bias):
+        y, hT = _forward(plan, False, x, dt, a, b, c, h0, d, z, bias)
         return y, hT
 
-    def fwd(x, dt, a, b, c, h0, d, z):
-        y, hT, ck = _forward(plan, True, x, dt, a, b, c, h0, d, z)
-        return (y, hT), (x, dt, a, b, c, ck, d, z)
+    def fwd(x, dt, a, b, c, h0, d, z, bias):
+        y, hT, ck = _forward(plan, True, x, dt, a, b, c, h0, d, z, bias)
+        return (y, hT), (x, dt, a, b, c, ck, d, z, bias)
 
     def bwd(res, cts):
-        x, dt, a, b, c, ck, d, z = res
+        x, dt, a, b, c, ck, d, z, bias = res
         dy, dhT = cts
-        dx, ddt, da, db, dc, dh0, dd, dz = _backward(plan, x, dt, a, b, c, ck, d, z,
-                                                     dy.astype(x.dtype), dhT.astype(jnp.float32))
+        dx, ddt, da, db, dc, dh0, dd, dz, dbias = _backward(
+            plan, x, dt, a, b, c, ck, d, z, bias, dy.astype(x.dtype), dhT.astype(jnp.float32))
         return (dx, ddt, da.astype(a.dtype), db.astype(b.dtype), dc.astype(c.dtype), dh0,
-                None if d is None else dd.astype(d.dtype), dz)
+                None if d is None else dd.astype(d.dtype), dz,
+                None if bias is None else dbias.astype(bias.dtype))
 
     scan.defvjp(fwd, bwd)
     return scan
@@ -454,17 +525,23 @@ def selective_scan_pallas(
     D: Array | None = None,
     z: Array | None = None,
     initial_state: Array | None = None,
+    dt_bias: Array | None = None,
+    dt_softplus: bool = False,
     config: TritonConfig | None = None,
 ) -> tuple[Array, Array]:
     """Mamba-1 selective scan with the Pallas kernels (differentiable: custom_vjp).
 
     ``h_t = exp(dt_t A) * h_{t-1} + dt_t B_t x_t``, ``y_t = C_t . h_t + D x_t``, then
-    ``y_t *= silu(z_t)`` when ``z`` is given. Inputs are not validated here (the api does).
+    ``y_t *= silu(z_t)`` when ``z`` is given. With ``dt_softplus`` the step is
+    ``softplus(dt + dt_bias)``, else ``dt + dt_bias``, computed in float32 inside the kernels
+    (no float32 ``dt`` written to memory). Inputs are not validated here (the api does).
 
     Args:
-        x, dt: ``[B, T, C]`` (dt already positive, after any softplus).
+        x, dt: ``[B, T, C]`` (``dt`` raw when ``dt_bias`` / ``dt_softplus`` are given, else
+            the step itself).
         A: ``[C, N]``. B, C: ``[B, T, N]``. D: ``[C]`` or None. z: ``[B, T, C]`` or None.
         initial_state: ``[B, C, N]`` or None (zeros).
+        dt_bias: ``[C]`` or None. dt_softplus: apply softplus to ``dt + dt_bias``.
         config: launch knobs; ``None`` fields come from :func:`default_config`.
             ``chunk`` = time steps per tile (and checkpoint interval of the backward),
             ``block_v`` = channels per program.
@@ -476,7 +553,8 @@ def selective_scan_pallas(
         NotImplementedError: an input dtype other than float32 / bfloat16 / float16.
         ValueError / TypeError: a bad ``config``.
     """
-    _check_dtypes(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, initial_state=initial_state)
+    _check_dtypes(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, initial_state=initial_state,
+                  dt_bias=dt_bias)
     batch, seq, channels = x.shape
     n_state = A.shape[1]
     cfg = resolve_config(config, batch, seq, channels, n_state)
@@ -489,7 +567,8 @@ def selective_scan_pallas(
     plan = _Plan(batch=batch, seq_pad=seq_pad, channels_pad=ch_pad, n_pad=n_pad, chunk=L,
                  block_v=bv, num_warps=cfg.num_warps,
                  bwd_num_warps=_BWD_NUM_WARPS or bwd_warps(cfg.num_warps), num_stages=cfg.num_stages,
-                 has_d=D is not None, has_z=z is not None, interpret=interpret)
+                 has_d=D is not None, has_z=z is not None, has_bias=dt_bias is not None,
+                 softplus=bool(dt_softplus), seq=seq, interpret=interpret)
     dT, dC, dN = seq_pad - seq, ch_pad - channels, n_pad - n_state
 
     def rows(a):  # [B, T, C] -> [B, T', C'], zeros padded (dt = 0: inert steps)
@@ -503,10 +582,11 @@ def selective_scan_pallas(
           jnp.pad(jnp.swapaxes(initial_state.astype(jnp.float32), 1, 2), ((0, 0), (0, dN), (0, dC))))
     d_k = None if D is None else jnp.pad(D, (0, dC))[None, :]  # [1, C']
     z_k = None if z is None else rows(z)
+    bias_k = None if dt_bias is None else jnp.pad(dt_bias, (0, dC))[None, :]  # [1, C']
     # B and C go in as float32: every program broadcasts them over its channels through shared
     # memory, and converting after the broadcast cost two extra instructions per state element
     y, hT = _scan_fn(plan)(rows(x), rows(dt), a_k, bc(B).astype(jnp.float32),
-                           bc(C).astype(jnp.float32), h0, d_k, z_k)
+                           bc(C).astype(jnp.float32), h0, d_k, z_k, bias_k)
     y = y[:, :seq, :channels] if dT or dC else y
     final_state = jnp.swapaxes(hT[:, :n_state, :channels], 1, 2)  # [B, N', C'] -> [B, C, N]
     return y, final_state
