@@ -206,10 +206,9 @@ def test_kernel_math_primitives_inside_a_kernel():
         e_ref[...] = exp2_approx(-jnp.abs(a), interpret=True)
         r_ref[...] = rcp_approx(1.0 + jnp.abs(b), interpret=True)
 
-    f32 = jnp.float32
-    shapes = [u.shape, (4, 16), (8, 16), (8, 4), u.shape, u.shape]
-    out = pl.pallas_call(kernel, out_shape=[jax.ShapeDtypeStruct(s, f32) for s in
-                                           [u.shape] + shapes[1:]], interpret=True)(u, v, w)
+    shapes = [u.shape, (4, 16), (8, 16), (8, 4), u.shape, u.shape]  # fma, 3 sums, exp2, rcp
+    out = pl.pallas_call(kernel, out_shape=[jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes],
+                         interpret=True)(u, v, w)
     un, vn, wn = (np.asarray(t) for t in (u, v, w))
     np.testing.assert_allclose(out[0], un * vn + wn, rtol=1e-6, atol=1e-6)
     for k in range(3):
