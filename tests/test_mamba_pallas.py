@@ -215,6 +215,8 @@ def test_kernel_math_primitives_inside_a_kernel():
         np.testing.assert_allclose(out[1 + k], (un * vn).sum(axis=k), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out[4], np.exp2(-np.abs(un)), rtol=1e-6)
     np.testing.assert_allclose(out[5], 1.0 / (1.0 + np.abs(vn)), rtol=1e-6)
+    # a length-1 axis (d_state = 1) never reaches the Triton combine: plain product there
+    np.testing.assert_allclose(dot_sum(u[:, :1], v[:, :1], axis=1), (un * vn)[:, 0], rtol=1e-6)
     with pytest.raises(ValueError, match="a, b, c: expected one shape"):
         fma(u, v, w[:4])
     with pytest.raises(ValueError, match="u, v: expected one shape"):

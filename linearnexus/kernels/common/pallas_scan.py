@@ -29,7 +29,7 @@ unused, one fma per element (the products are dead code).
 The rule goes through JAX's private Pallas-Triton lowering table
 (``jax._src.pallas.triton.lowering``), checked on JAX 0.10 (lowering) and 0.11 (H200).
 Everywhere else (interpret mode, plain XLA) the primitive is ``lax.associative_scan``, and the
-others are ``a * b + c``, ``sum(u * v)``, ``jnp.exp2`` and ``1 / x``.
+others are ``a * b + c``, ``sum(u * v)``, ``jnp.exp2``, ``jnp.log2`` and ``1 / x``.
 """
 
 from __future__ import annotations
@@ -184,7 +184,10 @@ def dot_sum(u: Array, v: Array, *, axis: int) -> Array:
     if u.shape != v.shape or u.dtype != v.dtype:
         raise ValueError(f"u, v: expected one shape and dtype, got {u.shape} {u.dtype} and "
                          f"{v.shape} {v.dtype}")
-    return dot_sum_p.bind(u, v, axis=axis % u.ndim)
+    axis = axis % u.ndim
+    if u.shape[axis] == 1:  # Triton's reduce never calls the combine on a length-1 axis
+        return jnp.sum(u * v, axis=axis)
+    return dot_sum_p.bind(u, v, axis=axis)
 
 
 def _inline_f32(asm: str, x: Array) -> Array:

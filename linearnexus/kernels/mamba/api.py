@@ -72,7 +72,8 @@ class MambaPallasKernel:
     Launch knobs, first set wins: ``grid.block_c`` / ``grid.num_warps`` / ``grid.num_stages``
     of the call, then this object's ``config``, then ``pallas.default_config`` (a heuristic
     on the shape). ``grid.chunk_size`` is the chunked-JAX form's knob and is not used here
-    (the kernel's time tile is ``config.chunk``, a power of two >= 16).
+    (``config.chunk``, a power of two >= 16, is the backward's time tile and checkpoint
+    interval; the forward walks fixed 8-step sub-tiles).
     """
 
     name: ClassVar[str] = "pallas"
