@@ -207,9 +207,13 @@ def _f32(*arrays):
     return tuple(None if a is None else a.astype(jnp.float32) for a in arrays)
 
 
+def _sigmoid(z, interpret: bool):
+    """``sigmoid(z)`` from one ``ex2`` and one approximate reciprocal (no IEEE division)."""
+    return rcp_approx(1.0 + exp2_approx(z * -_LOG2E, interpret=interpret), interpret=interpret)
+
+
 def _silu(z, interpret: bool):
-    """``z * sigmoid(z)`` from one ``ex2`` and one approximate reciprocal (no IEEE division)."""
-    return z * rcp_approx(1.0 + exp2_approx(z * -_LOG2E, interpret=interpret), interpret=interpret)
+    return z * _sigmoid(z, interpret)
 
 
 _LN2 = 0.6931471805599453
@@ -343,7 +347,7 @@ def _bwd_kernel(*refs, plan: _Plan):
         _, hs = linear_scan(decay, jnp.where(t_idx == 0, fma(decay, full(h0[None]), drive), drive),
                             axis=0)
         if plan.has_z:
-            sig = rcp_approx(1.0 + exp2_approx(z * -_LOG2E, interpret=interp), interpret=interp)
+            sig = _sigmoid(z, interp)
             y_pre = jnp.sum(cm[:, :, None] * hs, axis=1)
             if plan.has_d:
                 y_pre = y_pre + d_row * x
@@ -370,8 +374,7 @@ def _bwd_kernel(*refs, plan: _Plan):
             dd_acc = dd_acc + jnp.sum(dy * x, axis=0, keepdims=True)
         if plan.raw_dt:  # through the step size to the raw dt (padding rows have dt = 0 ...)
             if plan.softplus:  # d softplus(u) / du = sigmoid(u)
-                ddt = ddt * rcp_approx(1.0 + exp2_approx(u * -_LOG2E, interpret=interp),
-                                       interpret=interp)
+                ddt = ddt * _sigmoid(u, interp)
             if plan.seq < plan.seq_pad:  # ... and no gradient)
                 t_glob = c * L + jax.lax.broadcasted_iota(jnp.int32, ddt.shape, 0)
                 ddt = jnp.where(t_glob < plan.seq, ddt, 0.0)
