@@ -3,14 +3,16 @@
 # limited to ~10 minutes (the device tool's): the first call starts it, every call then waits
 # up to POLL_S seconds for it and copies what it has written so far into $OUT (or ./kg_out).
 # Call again at once until it prints FINISHED (the machine is released after ~30 s idle).
-#   [PYTHON=python3] [PREWARM=14] bash benchmarks/kernels_gpu_detached.sh [POLL_S] [-- extra flags]
+#   [PYTHON=python3] [PREWARM=14] [PREWARM_OPS="simple_gla gla|delta_rule gated_delta_rule"] \
+#     bash benchmarks/kernels_gpu_detached.sh [POLL_S] [-- extra flags]
 # FLA's wheels, if carried in .whl/, are installed into /tmp/site first.
 #
 # Most of a full run from a fresh machine is FLA's autotuning (~32 of ~45 minutes on
 # 2026-11-23), and most of that is Triton compiling every candidate config, one at a time.
 # PREWARM=N (0-14) first runs N FLA-only processes side by side (--skip-ln, one per shape and
 # pair of ops, each limited to 15 minutes), which fill Triton's on-disk compile cache in
-# parallel; any autotune choices they cached (made while they shared the GPU) are deleted,
+# parallel (PREWARM_OPS: the op groups, '|'-separated, one process per shape and group; set it
+# to the ops of a run limited with `-- --ops ...`); any autotune choices they cached (made while they shared the GPU) are deleted,
 # and the measured run autotunes FLA again alone on the GPU, now loading compiled configs
 # from the cache instead of compiling them (2026-11-23: 8.4 minutes of prewarm, then a
 # 642-second measured run).
@@ -20,8 +22,13 @@ if [ $# -gt 0 ] && [ "$1" != "--" ]; then POLL_S=$1; shift; fi
 [ "${1:-}" = "--" ] && shift
 case "$POLL_S" in ''|*[!0-9]*) echo "POLL_S: expected seconds (an integer), got '$POLL_S'" >&2; exit 2;; esac
 PREWARM=${PREWARM:-0}
-case "$PREWARM" in ''|*[!0-9]*) echo "PREWARM: expected 0-14, got '$PREWARM'" >&2; exit 2;; esac
-if [ "$PREWARM" -gt 14 ]; then echo "PREWARM: expected 0-14 (7 shapes x 2 op pairs), got $PREWARM" >&2; exit 2; fi
+PREWARM_OPS=${PREWARM_OPS:-simple_gla gla|delta_rule gated_delta_rule}
+IFS='|' read -ra GROUPS_ <<< "$PREWARM_OPS"
+MAXW=$((7 * ${#GROUPS_[@]}))
+case "$PREWARM" in ''|*[!0-9]*) echo "PREWARM: expected 0-$MAXW, got '$PREWARM'" >&2; exit 2;; esac
+if [ "$PREWARM" -gt "$MAXW" ]; then
+  echo "PREWARM: expected 0-$MAXW (7 shapes x ${#GROUPS_[@]} op groups of PREWARM_OPS), got $PREWARM" >&2; exit 2
+fi
 WORK=/tmp/kernels_gpu_detached
 DEST=${OUT:-$PWD/kg_out}
 PY=${PYTHON:-python3}
@@ -40,7 +47,7 @@ if [ ! -f "$WORK/started" ]; then
       echo 'echo "prewarm start $(date -u +%T)"'
       n=0
       for shape in 0 1 2 3 4 5 6; do
-        for ops in "simple_gla gla" "delta_rule gated_delta_rule"; do
+        for ops in "${GROUPS_[@]}"; do
           [ "$n" -ge "$PREWARM" ] && break 2
           printf 'timeout -k 10 900 %q benchmarks/kernels_gpu.py --skip-ln --skip-check --skip-mamba ' "$PY"
           printf -- '--skip-ceilings --repeats 1 --budget 0 --jax-cache "" --ops %s --shapes %s ' "$ops" "$shape"

@@ -189,6 +189,30 @@ def test_linear_scan_matches_a_loop_inside_a_kernel(reverse):
         linear_scan(a, b[:8])
 
 
+def test_compensated_cumsum_inside_a_kernel():
+    # GLA's in-chunk log-decay sums: hi + lo carries the prefix sums far beyond float32
+    from jax.experimental import pallas as pl
+
+    from linearnexus.kernels.common.pallas_scan import compensated_cumsum
+
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(-19.0 - rng.uniform(0.0, 1.0, (64, 32)), jnp.float32)  # strong decay
+
+    def kernel(x_ref, hi_ref, lo_ref):
+        hi_ref[...], lo_ref[...] = compensated_cumsum(x_ref[...], axis=0)
+
+    shape = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+    hi, lo = pl.pallas_call(kernel, out_shape=(shape, shape), interpret=True)(x)
+    exact = np.cumsum(np.asarray(x, np.float64), axis=0)
+    got = np.asarray(hi, np.float64) + np.asarray(lo, np.float64)
+    plain = np.asarray(jnp.cumsum(x, axis=0), np.float64)
+    assert np.max(np.abs(got - exact)) < 1e-9 * np.max(np.abs(exact))
+    assert np.max(np.abs(plain - exact)) > 1e3 * np.max(np.abs(got - exact))  # float32 alone
+    np.testing.assert_allclose(hi, exact, rtol=1e-6)  # hi is the rounded sum
+    with pytest.raises(ValueError, match="x: expected float32"):
+        compensated_cumsum(x.astype(jnp.bfloat16))
+
+
 def test_kernel_math_primitives_inside_a_kernel():
     # fma, dot_sum (every axis) and the approximate exp2 / reciprocal the kernels use, run
     # inside a Pallas kernel in interpret mode, against plain numpy

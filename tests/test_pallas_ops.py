@@ -144,6 +144,47 @@ def test_strong_decay_matches_reference(op, key):
     _compare(op, names, got, ref, TOL, TOL, "strong-decay")
 
 
+def test_gla_mixed_decay_takes_each_form(key):
+    """GLA's kernels choose per chunk / sub-chunk between the factored product and the exact
+    walk: chunk 32 (two sub-chunks), log-gates near -20 on chunks 0, 3 and the first
+    sub-chunk of chunks 1, 4, mild elsewhere, so the whole-chunk product (chunk 2), the
+    sub-chunk product (second halves of 1 and 4) and the walk all run in one call, the
+    backward's walk completing partials beside finished sub-chunks."""
+    shape = dict(B=1, T=150, H=2, K=20, V=24)
+    names, arrays, h0, cot_o, cot_s = _inputs("gla", key, shape)
+    t = np.arange(shape["T"])[None, :, None, None]
+    strong = ((t // 32) % 3 == 0) | (((t // 32) % 3 == 1) & (t % 32 < 16))
+    g = jnp.where(strong, -19.0 - jax.random.uniform(key, arrays[3].shape), arrays[3])
+    arrays = (*arrays[:3], g)
+
+    def run(arrays, h0, cot_o, cot_s, backend, **kw):
+        def fn(a, h):
+            return SPECS["gla"].fn(*a, initial_state=h, output_final_state=True, backend=backend, **kw)
+        return _value_and_grads(fn, arrays, h0, cot_o, cot_s)
+
+    got = jax.jit(functools.partial(run, backend="pallas", mode="chunk", chunk_size=2 * CHUNK))(
+        arrays, h0, cot_o, cot_s)
+    ref = jax.jit(functools.partial(run, backend="naive"))(arrays, h0, cot_o, cot_s)
+    _compare("gla", names, got, ref, TOL, TOL, "mixed-decay")
+
+
+def test_gla_kernels_lower_to_triton_for_a_gpu(monkeypatch):
+    """GLA's ten kernels (forward and backward) build valid Triton IR: lowered for CUDA on
+    this CPU, which also runs the Triton rules of the compensated and affine scans."""
+    monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")
+    names, arrays, _, _, _ = _inputs("gla", jax.random.key(0), dict(B=1, T=100, H=2, K=64, V=64))
+    args = [jax.ShapeDtypeStruct(a.shape, jnp.bfloat16 if n != "g" else a.dtype)
+            for n, a in zip(names, arrays, strict=True)]
+
+    def loss(*a):
+        o, _ = SPECS["gla"].fn(*a, **PALLAS)
+        return jnp.sum(o.astype(jnp.float32))
+
+    grad = jax.grad(loss, argnums=tuple(range(len(args))))
+    text = jax.jit(grad).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 10
+
+
 # retention and ssd run simple_gla's kernels and packed glue (their own code, the argument
 # mapping, is covered by the batch case), and delta_rule gated_delta_rule's with the gate
 # off: the packed case skips them (suite time)

@@ -41,7 +41,7 @@ from jax.interpreters import mlir
 
 from linearnexus.core.types import Array
 
-__all__ = ["dot_sum", "exp2_approx", "exp_approx", "fma", "linear_scan", "log2_approx",
+__all__ = ["compensated_cumsum", "dot_sum", "exp2_approx", "exp_approx", "fma", "linear_scan", "log2_approx",
            "rcp_approx"]
 
 _LOG2E = 1.4426950408889634
@@ -73,6 +73,29 @@ fma_p = Primitive("linearnexus_fma")
 fma_p.def_impl(lambda a, b, c: a * b + c)
 fma_p.def_abstract_eval(lambda a, b, c: a)
 mlir.register_lowering(fma_p, mlir.lower_fun(lambda a, b, c: [a * b + c], multiple_results=True))
+
+def _two_sum_combine(first, second):
+    """Combine two compensated sums ``(hi, lo)`` (TwoSum of the heads, renormalised)."""
+    (h1, l1), (h2, l2) = first, second
+    s = h1 + h2
+    bb = s - h1
+    err = (h1 - (s - bb)) + (h2 - bb)
+    lo = (l1 + l2) + err
+    hi = s + lo
+    return hi, lo - (hi - s)
+
+
+compensated_cumsum_p = Primitive("linearnexus_compensated_cumsum")
+compensated_cumsum_p.multiple_results = True
+
+
+def _ccumsum_impl(x, *, axis: int):
+    return list(jax.lax.associative_scan(_two_sum_combine, (x, jnp.zeros_like(x)), axis=axis))
+
+
+compensated_cumsum_p.def_impl(_ccumsum_impl)
+compensated_cumsum_p.def_abstract_eval(lambda x, *, axis: [x, x])
+mlir.register_lowering(compensated_cumsum_p, mlir.lower_fun(_ccumsum_impl, multiple_results=True))
 
 dot_sum_p = Primitive("linearnexus_dot_sum")
 
@@ -109,6 +132,23 @@ def _register_triton_rule() -> None:
         op.verify()
         return list(op.results)
 
+    def ccumsum_rule(ctx, x, *, axis: int):
+        x = tl._ensure_ir_value(x, ctx.avals_in[0])
+        elt = ir.RankedTensorType(x.type).element_type
+        zero = tl._zeros(x.type) if hasattr(tl, "_zeros") else arith.subf(x, x)
+        op = tt.ScanOp([x, zero], axis, False)
+        block = op.regions[0].blocks.append(elt, elt, elt, elt)
+        with ir.InsertionPoint.at_block_begin(block):
+            h1, l1, h2, l2 = block.arguments
+            s = arith.addf(h1, h2)
+            bb = arith.subf(s, h1)
+            err = arith.addf(arith.subf(h1, arith.subf(s, bb)), arith.subf(h2, bb))
+            lo = arith.addf(arith.addf(l1, l2), err)
+            hi = arith.addf(s, lo)
+            tt.scan_return([hi, arith.subf(lo, arith.subf(hi, s))])
+        op.verify()
+        return list(op.results)
+
     def fma_rule(ctx, a, b, c):
         a, b, c = (tl._ensure_ir_value(v, aval) for v, aval in zip((a, b, c), ctx.avals_in, strict=True))
         return math_d.fma(a, b, c)
@@ -130,6 +170,7 @@ def _register_triton_rule() -> None:
 
     tl.triton_lowering_rules[linear_scan_p] = rule
     tl.triton_lowering_rules[fma_p] = fma_rule
+    tl.triton_lowering_rules[compensated_cumsum_p] = ccumsum_rule
     tl.triton_lowering_rules[dot_sum_p] = dot_sum_rule
 
 
@@ -155,6 +196,19 @@ def linear_scan(a: Array, b: Array, *, axis: int = 0, reverse: bool = False) -> 
     axis = axis % a.ndim
     A, B = linear_scan_p.bind(a, b, axis=axis, reverse=reverse)
     return A, B
+
+
+def compensated_cumsum(x: Array, *, axis: int = 0) -> tuple[Array, Array]:
+    """Inclusive prefix sums of ``x`` along ``axis`` as ``(hi, lo)`` with ``hi + lo`` carrying
+    the sum to ~2^-40 relative (a scan whose combine is Knuth's TwoSum, renormalised).
+
+    One ``tt.scan`` in a Triton kernel; ``lax.associative_scan`` with the same combine
+    elsewhere. Args: ``x`` float32; Returns: two float32 arrays of ``x``'s shape.
+    """
+    if x.dtype != jnp.float32:
+        raise ValueError(f"x: expected float32, got {x.dtype}")
+    hi, lo = compensated_cumsum_p.bind(x, axis=axis % x.ndim)
+    return hi, lo
 
 
 def fma(a: Array, b: Array, c: Array) -> Array:

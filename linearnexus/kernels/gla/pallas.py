@@ -8,23 +8,33 @@ sum of the log-gates (float32, a vector over K per token) and ``b_L`` its last r
 
 The decay of ``A`` depends on the key dimension, so it cannot multiply one ``L x L`` score
 matrix as in simple GLA, and ``e^{b_i - b_j}`` must never be formed as ``e^{b_i} e^{-b_j}``
-(it overflows over a long span). As in FLA, the chunk is cut into sub-chunks of 16 tokens:
+over an unbounded span (it overflows). Two forms, chosen per program at run time:
 
-* sub-chunk pairs ``I > J`` go through the reference row ``r`` (the last row of ``J``):
-  ``A_IJ = (q_I e^{b_I - b_r}) (k_J e^{b_r - b_J})^T``, one 16 x 16 x K matmul, both
-  exponents <= 0;
-* diagonal blocks ``I == J`` are exact: a walk over the 16 key rows ``j`` computes column
-  ``j`` as ``sum_k q_I k_j e^{b_I - b_j}``, the exponent masked to ``-inf`` where ``i < j``
-  before the exp, and stores it at once (the backward's walks add ``[16, K]`` terms and
-  never reduce inside the loop). Each walk loads row ``j + 1`` while it works on row ``j``.
+* **Factored (the fast path).** With ``b_0`` the chunk's first row,
+  ``A = mask((q e^{b - b_0}) (k e^{b_0 - b})^T)``: one ``L x L x K`` matmul. Exact whenever
+  the chunk's decay ``max_k (b_0 - b_{L-1})`` is at most :data:`DIAG_DENSE_MAX` (40): the
+  first factor lies in ``[e^-40, 1]``, the second in ``[1, e^40]``, every kept product
+  ``e^{b_i - b_j}`` is <= 1 with each factor rounded on its own (float32), and the
+  masked-out products (``j > i``, up to ``e^40 |q||k| K``) stay finite. The operands are
+  float32, multiplied as TF32 for 16-bit inputs (bfloat16 operands, as FLA's sub-chunk
+  products take, raised the bf16 output error; TF32 lowered it below the sub-chunk form's)
+  and exactly for float32 inputs. The backward's ``dq``, ``dk`` are the same products with
+  ``dA``. Usual gates are far from the bound (GLA's ``log sigmoid(x) / 16``: ~3 per chunk).
+* **By sub-chunks** (any decay, as in FLA): the chunk is cut into sub-chunks of 16 tokens;
+  pairs ``I > J`` go through the reference row ``r`` (the last row of ``J``),
+  ``A_IJ = (q_I e^{b_I - b_r}) (k_J e^{b_r - b_J})^T`` (both exponents <= 0); a diagonal
+  block is the factored product over its 16 tokens where their decay is at most
+  :data:`DIAG_DENSE_MAX`, else exact by a walk over its 16 key rows ``j`` (column ``j`` is
+  ``sum_k q_I k_j e^{b_I - b_j}``, the exponent masked to ``-inf`` where ``i < j`` before
+  the exp; each walk loads row ``j + 1`` while it works on row ``j``).
 
 Pallas's Triton lowering slices only refs, never values, so every sub-block and row is
-loaded from its ref. Kernels (``R`` rows of the chunk layout, ``H`` heads, ``NC`` chunks;
-the three per-sub-chunk kernels run ``SUB_WARPS`` = 2 warps):
+loaded from its ref. Kernels (``R`` rows of the chunk layout, ``H`` heads, ``NC`` chunks):
 
-* ``fwd_a`` (grid ``[sub-chunks, chunks, rows x heads]``): ``A`` for every chunk, one
-  16-row block per program, stored float32 ``[R, TP, H, L]`` (zeros above the diagonal)
-  and reused by ``fwd_o`` and ``bwd_dv``.
+* ``sums`` (grid ``[K blocks, chunks, rows x heads]``): the compensated in-chunk sums
+  ``b = hi + lo`` of the log-gates (:func:`_in_chunk_sums`).
+* ``fwd_a`` (grid ``[1, chunks, rows x heads]``): ``A`` for every chunk, stored float32
+  ``[R, TP, H, L]`` (zeros above the diagonal) and reused by ``fwd_o`` and ``bwd_dv``.
 * ``fwd_h`` (grid ``[K blocks, V blocks, rows x heads]``): the sequential walk over chunks,
   as in ``common/pallas_chunk.py`` with a decay per state row.
 * ``fwd_o`` (grid ``[V blocks, chunks, rows x heads]``).
@@ -33,12 +43,12 @@ the three per-sub-chunk kernels run ``SUB_WARPS`` = 2 warps):
 * ``bwd_da`` (grid ``[1, chunks, rows x heads]``): ``dA = scale (do v^T)``, masked ``j <= i``.
 * ``bwd_dv`` (grid ``[V blocks, chunks, rows x heads]``):
   ``dv = scale A^T do + (k e^{b_L - b}) dS_{c+1}``.
-* ``bwd_dqk`` as two kernels on the grid ``[K blocks x sub-chunks, chunks, rows x heads]``,
-  one 16-row sub-chunk per program: ``bwd_dqk_matmul`` (inter-chunk parts of ``dq``, ``dk``
-  by matmuls with ``S_c`` / ``dS_{c+1}``, the off-diagonal sub-chunk blocks of ``dA``,
-  float32 partials) and ``bwd_dqk_walk`` (the diagonal blocks, exactly, added to those
-  partials), with the per-token terms of the gate gradient. Split, the walks' programs
-  hold no matmul operands: fwd+bwd 5% faster on the H200 than one kernel.
+* ``bwd_dqk`` (grid ``[K blocks, chunks, rows x heads]``): ``dq``, ``dk`` (inter-chunk
+  parts by matmuls with ``S_c`` / ``dS_{c+1}``, intra-chunk by either form) and the
+  per-token terms of the gate gradient. Sub-chunks that need the walk get float32 partials
+  here, and ``bwd_dqk_walk`` (grid ``[K blocks x sub-chunks, chunks, rows x heads]``,
+  ``SUB_WARPS`` warps; every other program returns at once) adds their diagonal blocks.
+* ``dg`` (grid ``[K blocks, chunks, rows x heads]``): the gate gradient's in-chunk sums.
 
 Gate gradient. It is taken chunk by chunk (``g`` of chunk c acts only on chunk c's outputs
 and on ``S_{c+1}``, given ``S_c``), per key dimension::
@@ -47,9 +57,9 @@ and on ``S_{c+1}``, given ``S_c``), per key dimension::
            + e^{b_L} <S_c, dS_{c+1}>  +  sum_{j < t} k_j dk_j^inter
 
 where ``'`` leaves out the diagonal (``i == j``) pairs, whose contributions to ``q.dq`` and
-``k.dk`` cancel exactly. The kernel stores the first bracket (with the ``<S_c, dS_{c+1}>``
-term on the chunk's last row) and ``k dk^inter``; JAX takes the in-chunk reverse
-(inclusive) and forward (exclusive) cumulative sums. Unlike the global identity
+``k.dk`` cancel exactly. ``bwd_dqk`` stores the first bracket (with the ``<S_c, dS_{c+1}>``
+term on the chunk's last row) and ``k dk^inter`` (one row down); the ``dg`` kernel takes
+the in-chunk reverse (inclusive) and forward (exclusive) sums as affine scans. Unlike the global identity
 ``dB_t = q.dq - k.dk (+ <S_T, dS_T>)`` followed by a reverse cumsum over the sequence,
 no O(1) terms cancel here: under strong decay (log-gates near -20) the true ``dg`` is
 ~e^-20 times the other gradients, and those cancellations left rounding noise of the size
@@ -98,31 +108,38 @@ from linearnexus.kernels.common.pallas_ops import (
     _unlayout,
     check_pallas_dtype,
 )
-from linearnexus.kernels.common.pallas_scan import exp_approx
+from linearnexus.kernels.common.pallas_scan import compensated_cumsum, exp_approx, linear_scan
 
 F32 = jnp.float32
 #: rows of a sub-chunk (the smallest ``jnp.dot`` operand the Triton lowering takes)
 SUB = 16
-#: warps of the per-sub-chunk kernels (``fwd_a``, both halves of ``bwd_dqk``), whose tiles are only
-#: ``[16, K]``. H200, bf16 (8, 4096, 16, 128), 2026-11-23: fwd / fwd+bwd 3.95 / 10.08 ms at
-#: 2 warps against 4.70 / 11.82 at 4, 5.43 / 13.67 at 1 and 7.39 / 14.51 at 8.
+#: warps of ``bwd_dqk_walk``, whose tiles are only ``[16, K]`` (per-sub-chunk kernels, H200, bf16
+#: (8, 4096, 16, 128), 2026-11-23: fwd / fwd+bwd 3.95 / 10.08 ms at 2 warps against 4.70 /
+#: 11.82 at 4, 5.43 / 13.67 at 1 and 7.39 / 14.51 at 8)
 SUB_WARPS = 2
+#: largest decay ``max_k (b_first - b_last)`` over a chunk (or a 16-token sub-chunk) for which
+#: its block of ``A`` (and of ``dA`` in the backward) is one factored matmul (module doc).
+#: ``e^40 ~ 2e17``: the factors and the masked-out products (``j > i``, up to
+#: ``e^40 |q||k| K``) stay far inside float32's range. Stronger decay takes the sub-chunk
+#: form, per program.
+DIAG_DENSE_MAX = 40.0
 
 
 def default_config(*, rows: int, heads: int, key_dim: int, value_dim: int) -> TritonConfig:
     """The heuristic launch config for GLA.
 
-    * chunk 64 (as FLA): 4 sub-chunks of 16, so 6 off-diagonal 16 x 16 block matmuls and 4
-      exact 16-step diagonal walks per chunk (one per ``fwd_a`` program); the per-chunk
-      state store (``K x V`` per 64 tokens) stays under the q/k/v/g traffic. Shorter chunks
-      store more states, longer ones grow the ``L^2`` intra-chunk work quadratically.
+    * chunk 64 (as FLA): one 64 x 64 factored product per chunk on the fast path, 4
+      sub-chunks of 16 otherwise; the per-chunk state store (``K x V`` per 64 tokens) stays
+      under the q/k/v/g traffic. Shorter chunks store more states, longer ones grow the
+      ``L^2`` intra-chunk work quadratically and reach the factored form's decay bound
+      sooner.
     * block_k = block_v = 64: a 64 x 64 float32 state is 32 registers a thread at 4 warps in
-      the sequential kernels (``fwd_h``, ``bwd_dh``), and ``bwd_dqk`` holds only a few
-      16 x block_k accumulators (one sub-chunk per program). block_v stays 64 even
-      when that leaves few programs: for simple_gla's ``fwd_h`` (the same walk with a
-      scalar decay) block_v 16 was 4.6x slower at (8, 4096, 16, 128) on an H200 and 1.3x
-      at (2, 16384, 16, 128). ``fwd_a`` and ``bwd_da`` take all of K / V in one program.
-    * warps: 4 for the chunk-wide kernels, ``SUB_WARPS`` for the three per-sub-chunk ones.
+      the sequential kernels (``fwd_h``, ``bwd_dh``). block_v stays 64 even when that
+      leaves few programs: for simple_gla's ``fwd_h`` (the same walk with a scalar decay)
+      block_v 16 was 4.6x slower at (8, 4096, 16, 128) on an H200 and 1.3x at
+      (2, 16384, 16, 128). ``fwd_a`` and ``bwd_da`` take all of K / V in one program.
+    * warps: 4 (``bwd_dqk`` at 8 was 6% slower fwd+bwd at (8, 4096, 16, 128) on an H200,
+      despite its register spills at 4), ``SUB_WARPS`` for ``bwd_dqk_walk``.
     """
     del rows, heads
     block_k = min(64, key_dim)
@@ -176,6 +193,44 @@ def _queries_from_ref(q_ref, b_ref, c_ref, r, rows, h, ks, b_r) -> Array:
     return _scaled(q_ref[r, rows, h, ks], _gap(_load_b(b_ref, c_ref, r, rows, h, ks), b_r))
 
 
+def _dense_over(b_ref, c_ref, r, h, first, last, ks) -> Array:
+    """Whether the decay from token row ``first`` to ``last``, ``max_k (b_first - b_last)``
+    over the key dims ``ks``, is at most :data:`DIAG_DENSE_MAX` (a scalar; NaN gives False)."""
+    b0 = _load_b(b_ref, c_ref, r, first, h, ks)  # [BK]
+    b1 = _load_b(b_ref, c_ref, r, last, h, ks)
+    return jnp.max(_gap(b0, b1)) <= DIAG_DENSE_MAX
+
+
+def _diag_dense(b_ref, c_ref, r, h, t0, bi, ks) -> Array:
+    """Whether the diagonal block of sub-chunk ``bi`` may go through the factored product
+    ``(q_I e^{b_I - b_0}) (k_I e^{b_0 - b_I})^T`` (``b_0``: the sub-chunk's first row): the
+    decay over the sub-chunk is at most :data:`DIAG_DENSE_MAX` (:func:`_dense_over`). Then
+    the first factor is <= 1, the second <= e^{DIAG_DENSE_MAX}, and every kept product
+    (``j <= i``) is ``e^{b_i - b_j} <= 1``, each factor with its own float32 rounding: as
+    accurate as the exact walk's per-element exp.
+    """
+    return _dense_over(b_ref, c_ref, r, h, t0 + bi * SUB, t0 + bi * SUB + SUB - 1, ks)
+
+
+def _diag_factors(b_ref, c_ref, r, h, t0, bi, ks, b) -> tuple[Array, Array]:
+    """``(e^{b_I - b_0}, e^{b_0 - b_I})`` for the rows ``b [SUB, BK]`` of sub-chunk ``bi``
+    (:func:`_diag_dense`)."""
+    x = _gap(b, _load_b(b_ref, c_ref, r, t0 + bi * SUB, h, ks))  # <= 0
+    return exp_approx(x), exp_approx(-x)
+
+
+def _diag_dot(a: Array, b: Array, *, exact: bool, ta: bool = False, tb: bool = False) -> Array:
+    """A diagonal block's matmul on float32 operands: exact float32 for float32 inputs, TF32
+    for 16-bit ones (10 mantissa bits: bfloat16 operands, as the off-diagonal blocks take,
+    raised the bf16 output error from 2.8e-3 to 3.3e-3 at T = 512)."""
+    if ta:
+        a = a.T
+    if tb:
+        b = b.T
+    precision = jax.lax.Precision.HIGHEST if exact else jax.lax.Precision.DEFAULT
+    return jnp.dot(a, b, preferred_element_type=F32, precision=(precision, precision))
+
+
 def _scaled(x: Array, exponent: Array) -> Array:
     """``x * exp(exponent)`` computed in float32, back in ``x``'s dtype (a matmul operand)."""
     return (x.astype(F32) * exp_approx(exponent)).astype(x.dtype)
@@ -185,37 +240,84 @@ def _scaled(x: Array, exponent: Array) -> Array:
 
 
 def _fwd_a_kernel(q_ref, k_ref, b_ref, c_ref, a_ref, *, st: CoreStatic):
-    """Row block ``bi`` (the grid's first axis) of ``A`` for one chunk, without ``scale``.
+    """``A`` for one chunk (without ``scale``), one program per (chunk, row x head).
 
-    One program per (sub-chunk row, chunk, row x head), so the four row blocks of a chunk
-    run in parallel and each program holds only ``[16, K]`` tiles. The diagonal block is
-    built column by column, each column stored as soon as it is summed over K (no
-    assembling of a ``[16, 16]`` value from columns, which cost a layout conversion per
-    column); the blocks left of it go through the reference row as matmuls.
+    Where the chunk's decay, ``max_k (b_0 - b_{L-1})``, is at most :data:`DIAG_DENSE_MAX`,
+    ``A`` is one masked matmul ``(q e^{b - b_0}) (k e^{b_0 - b})^T`` (first factor <= 1,
+    second <= e^{DIAG_DENSE_MAX}; every kept product ``e^{b_i - b_j} <= 1``; float32
+    operands, TF32 for 16-bit inputs). Otherwise the program builds it sub-chunk by
+    sub-chunk (:func:`_fwd_a_rows`), stable at any decay.
     """
     L, BK = st.chunk, st.block_k
-    bi, c = pl.program_id(0), pl.program_id(1)
+    c = pl.program_id(1)
     r, h = _row_col(st)
     t0 = c * L
+    rows = pl.ds(t0, L)
+    dense = _dense_over(b_ref, c_ref, r, h, t0, t0 + L - 1, pl.ds(0, st.key_dim))
+
+    @pl.when(dense)
+    def _one_matmul():
+        acc = jnp.zeros((L, L), F32)
+        for ik in range(st.key_dim // BK):
+            ks = pl.ds(ik * BK, BK)
+            x = _gap(_load_b(b_ref, c_ref, r, rows, h, ks), _load_b(b_ref, c_ref, r, t0, h, ks))
+            acc += _diag_dot(q_ref[r, rows, h, ks].astype(F32) * exp_approx(x),
+                             k_ref[r, rows, h, ks].astype(F32) * exp_approx(-x),
+                             exact=q_ref.dtype == F32, tb=True)
+        a_ref[r, rows, h, pl.ds(0, L)] = jnp.where(_causal(L), acc, 0.0)
+
+    @pl.when(jnp.logical_not(dense))
+    def _by_sub_chunks():
+        for bi in range(L // SUB):
+            _fwd_a_rows(q_ref, k_ref, b_ref, c_ref, a_ref, bi, r, h, t0, st=st)
+
+
+def _fwd_a_rows(q_ref, k_ref, b_ref, c_ref, a_ref, bi, r, h, t0, *, st: CoreStatic):
+    """Row block ``bi`` of ``A`` for the chunk starting at token ``t0``, at any decay.
+
+    Blocks left of the diagonal go through the reference row as matmuls. The diagonal
+    block is one factored matmul where the sub-chunk's decay allows (:func:`_diag_dense`),
+    else built column by column, each column stored as soon as it is summed over K (no
+    assembling of a ``[16, 16]`` value from columns, which cost a layout conversion per
+    column). ``bi`` may be static or traced.
+    """
+    L, BK = st.chunk, st.block_k
     ns = L // SUB
     ri = _rows(t0, bi)
     whole = pl.ds(0, st.key_dim)
-    row_i = _iota((SUB, st.key_dim), 0)
-    qf = q_ref[r, ri, h, whole].astype(F32)
-    b = _load_b(b_ref, c_ref, r, ri, h, whole)  # [SUB, K] float32
+    dt = q_ref.dtype
+    dense = _diag_dense(b_ref, c_ref, r, h, t0, bi, whole)
 
-    def key_row(j):  # row j of the sub-chunk (clamped: the walk prefetches one row ahead)
-        row = t0 + bi * SUB + jnp.minimum(j, SUB - 1)
-        return k_ref[r, row, h, whole].astype(F32), _load_b(b_ref, c_ref, r, row, h, whole)
+    @pl.when(dense)
+    def _diag_matmul():
+        acc = jnp.zeros((SUB, SUB), F32)
+        for ik in range(st.key_dim // BK):
+            ks = pl.ds(ik * BK, BK)
+            e_q, e_k = _diag_factors(b_ref, c_ref, r, h, t0, bi, ks,
+                                     _load_b(b_ref, c_ref, r, ri, h, ks))
+            acc += _diag_dot(q_ref[r, ri, h, ks].astype(F32) * e_q,
+                             k_ref[r, ri, h, ks].astype(F32) * e_k, exact=dt == F32, tb=True)
+        a_ref[r, ri, h, pl.ds(bi * SUB, SUB)] = jnp.where(_causal(SUB), acc, 0.0)
 
-    def column(j, cur):
-        k_j, b_j = cur
-        nxt = key_row(j + 1)  # issued before this column's math and store
-        e = exp_approx(jnp.where(row_i >= j, _gap(b, b_j), -jnp.inf))
-        a_ref[r, ri, h, bi * SUB + j] = jnp.sum(qf * k_j[None, :] * e, axis=1)  # zero above i
-        return nxt
+    @pl.when(jnp.logical_not(dense))
+    def _diag_walk():
+        qf = q_ref[r, ri, h, whole].astype(F32)
+        b = _load_b(b_ref, c_ref, r, ri, h, whole)  # [SUB, K] float32
+        row_i = _iota((SUB, st.key_dim), 0)
 
-    jax.lax.fori_loop(0, SUB, column, key_row(0))
+        def key_row(j):  # row j of the sub-chunk (clamped: the walk prefetches one row ahead)
+            row = t0 + bi * SUB + jnp.minimum(j, SUB - 1)
+            return k_ref[r, row, h, whole].astype(F32), _load_b(b_ref, c_ref, r, row, h, whole)
+
+        def column(j, cur):
+            k_j, b_j = cur
+            nxt = key_row(j + 1)  # issued before this column's math and store
+            e = exp_approx(jnp.where(row_i >= j, _gap(b, b_j), -jnp.inf))
+            a_ref[r, ri, h, bi * SUB + j] = jnp.sum(qf * k_j[None, :] * e, axis=1)  # zero above i
+            return nxt
+
+        jax.lax.fori_loop(0, SUB, column, key_row(0))
+
     for bj in range(ns):
 
         @pl.when(bj < bi)
@@ -280,8 +382,8 @@ def gla_forward(st: CoreStatic, q, k, v, b, bc, h0, seq_info, flags):
     TP = NC * L
     dt = q.dtype
     nk, nv = K // st.block_k, V // st.block_v
-    a = _call(functools.partial(_fwd_a_kernel, st=st), st, (L // SUB, NC, R * H),
-              jax.ShapeDtypeStruct((R, TP, H, L), F32), q, k, b, bc, warps=SUB_WARPS)
+    a = _call(functools.partial(_fwd_a_kernel, st=st), st, (1, NC, R * H),
+              jax.ShapeDtypeStruct((R, TP, H, L), F32), q, k, b, bc)
     ins = [k, v, b, bc] + ([h0] if st.has_h0 else []) + [seq_info, flags]
     outs = [jax.ShapeDtypeStruct((R, NC, H, K, V), dt),
             jax.ShapeDtypeStruct((st.n_seqs, H, K, V), F32)]
@@ -361,24 +463,100 @@ def _sub_chunk_of(st: CoreStatic):
     return ik, bi, c, r, h, t0, pl.ds(ik * st.block_k, st.block_k), _rows(t0, bi)
 
 
-def _bwd_dqk_matmul_kernel(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, c_ref, da_ref,
-                           dq_ref, dk_ref, p_ref, pk_ref, *, st: CoreStatic):
-    """The matmul part of ``dq``, ``dk`` and the gate-gradient terms of one sub-chunk.
+def _bwd_dqk_kernel(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, c_ref, da_ref,
+                    dq_ref, dk_ref, p_ref, pk_ref, dq1_ref, dk1_ref, *, st: CoreStatic):
+    """``dq``, ``dk`` and the gate-gradient terms of one chunk and K block, by matmuls.
 
-    Writes (float32) ``dq``: inter-chunk + blocks left of the diagonal; ``dk``: inter-chunk +
-    blocks below; ``p``: ``q dq - k dk`` of those parts without the inter-chunk ``dk`` (plus
-    ``e^{b_L} <S_c, dS_{c+1}>`` on the chunk's last row); ``pk``: ``k dk^inter`` (final).
-    :func:`_bwd_dqk_walk_kernel` adds the diagonal blocks. Two kernels, so that the walks'
-    programs hold no matmul operands or states.
+    Where the chunk's decay allows (:func:`_dense_over`, as ``fwd_a``), the whole chunk at
+    once: with ``e_q = e^{b - b_0}``, ``e_k = e^{b_0 - b}`` (``b_0``: the chunk's first row)
+    and ``dA'`` the strictly lower part of ``dA``, ``dq^intra' = e_q (dA' (k e_k))`` and
+    ``dk^intra' = e_k (dA'^T (q e_q))``; the ``i == j`` pairs (``dd``) go to ``dq``, ``dk``
+    only. Otherwise sub-chunk by sub-chunk (:func:`_bwd_dqk_rows`). Outputs as
+    :func:`_bwd_dqk_rows`.
+    """
+    L, BV = st.chunk, st.block_v
+    ik, c = pl.program_id(0), pl.program_id(1)
+    r, h = _row_col(st)
+    t0 = c * L
+    rows, ks = pl.ds(t0, L), pl.ds(ik * st.block_k, st.block_k)
+    dense = _dense_over(b_ref, c_ref, r, h, t0, t0 + L - 1, ks)
+    exact = q_ref.dtype == F32
+
+    @pl.when(dense)
+    def _whole_chunk():
+        b = _load_b(b_ref, c_ref, r, rows, h, ks)  # [L, BK]
+        b_last = _load_b(b_ref, c_ref, r, t0 + L - 1, h, ks)  # [BK]
+        x = _gap(b, _load_b(b_ref, c_ref, r, t0, h, ks))  # <= 0
+        e_q, e_k = exp_approx(x), exp_approx(-x)
+        qf, kf = q_ref[r, rows, h, ks].astype(F32), k_ref[r, rows, h, ks].astype(F32)
+        da = da_ref[r, rows, h, pl.ds(0, L)]  # [L, L], zero above the diagonal
+        i, j = _iota((L, L), 0), _iota((L, L), 1)
+        dd = jnp.sum(jnp.where(i == j, da, 0.0), axis=1)
+        strict = jnp.where(i > j, da, 0.0)
+        dq = _diag_dot(strict, kf * e_k, exact=exact) * e_q
+        dk = _diag_dot(strict, qf * e_q, exact=exact, ta=True) * e_k
+        acc_q = jnp.zeros((L, st.block_k), F32)
+        acc_k = jnp.zeros((L, st.block_k), F32)
+        hdh = jnp.zeros((st.block_k,), F32)
+        for iv in range(st.value_dim // BV):
+            vs = pl.ds(iv * BV, BV)
+            s_c = h_ref[r, c, h, ks, vs]
+            ds = dh_ref[r, c, h, ks, vs]
+            acc_q += _dot(do_ref[r, rows, h, vs], s_c, tb=True)
+            acc_k += _dot(v_ref[r, rows, h, vs], ds, tb=True)
+            hdh += jnp.sum(s_c.astype(F32) * ds.astype(F32), axis=1)
+        dq += acc_q * (exp_approx(b[0]) * st.scale)
+        dk_inter = acc_k * exp_approx(_gap(b_last, b))
+        pk_ref[r, pl.ds(t0 + 1, L), h, ks] = kf * dk_inter  # one row down (_dg_kernel)
+        last_row = _iota((L, st.block_k), 0) == L - 1
+        p_ref[r, rows, h, ks] = (qf * dq - kf * dk
+                                 + jnp.where(last_row, (exp_approx(b_last[0]) * hdh)[None, :], 0.0))
+        dq_ref[r, rows, h, ks] = (dq + dd[:, None] * kf).astype(dq_ref.dtype)
+        dk_ref[r, rows, h, ks] = (dk + dk_inter + dd[:, None] * qf).astype(dk_ref.dtype)
+
+    @pl.when(jnp.logical_not(dense))
+    def _by_sub_chunks():
+        for bi in range(L // SUB):
+            _bwd_dqk_rows(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, c_ref, da_ref, dq_ref,
+                          dk_ref, p_ref, pk_ref, dq1_ref, dk1_ref, (ik, bi, c, r, h), st=st)
+
+
+def _bwd_dqk_rows(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, c_ref, da_ref,
+                  dq_ref, dk_ref, p_ref, pk_ref, dq1_ref, dk1_ref, where, *, st: CoreStatic):
+    """``dq``, ``dk`` and the gate-gradient terms of sub-chunk ``bi`` (``where``:
+    ``(ik, bi, c, r, h)``, ``bi`` static) by matmuls, at any decay.
+
+    Always writes ``pk``: ``k dk^inter`` (final, one row down). Where the sub-chunk's
+    diagonal block may be factored (:func:`_diag_dense`) it is two more ``16 x 16`` matmuls
+    here, and the program writes its final ``dq``, ``dk`` (input dtype) and ``p``
+    (``q dq - k dk`` without the inter-chunk ``dk`` and the cancelling ``i == j`` pairs,
+    plus ``e^{b_L} <S_c, dS_{c+1}>`` on the chunk's last row). Otherwise it writes float32
+    partials without the diagonal block, ``dq1`` (inter-chunk + blocks left of it), ``dk1``
+    (inter-chunk + blocks below) and ``p``, which :func:`_bwd_dqk_walk_kernel` completes
+    with the exact walk: a kernel of its own, so that the walks' programs hold no matmul
+    operands or states.
     """
     L, BV = st.chunk, st.block_v
     ns = L // SUB
-    ik, bi, c, r, h, t0, ks, ri = _sub_chunk_of(st)
+    ik, bi, c, r, h = where
+    t0 = c * L
+    ks, ri = pl.ds(ik * st.block_k, st.block_k), _rows(t0, bi)
     dt = q_ref.dtype
     row_i = _iota((SUB, st.block_k), 0)
     b_last = _load_b(b_ref, c_ref, r, t0 + L - 1, h, ks)  # [BK]
     qf, kf = q_ref[r, ri, h, ks].astype(F32), k_ref[r, ri, h, ks].astype(F32)
     b = _load_b(b_ref, c_ref, r, ri, h, ks)  # [SUB, BK]
+    # the diagonal block first, while few tiles are live (zeros where it takes the walk);
+    # pairs i > j: dq_i += e^{b_i - b_0} sum_j dA_ij k_j e^{b_0 - b_j},
+    # dk_j += e^{b_0 - b_j} sum_i dA_ij q_i e^{b_i - b_0}; i == j (dd) to dq, dk only
+    dense = _diag_dense(b_ref, c_ref, r, h, t0, bi, ks)
+    e_q, e_k = _diag_factors(b_ref, c_ref, r, h, t0, bi, ks, b)
+    da = da_ref[r, ri, h, pl.ds(bi * SUB, SUB)]  # [SUB, SUB], zero above the diagonal
+    i, j = _iota((SUB, SUB), 0), _iota((SUB, SUB), 1)
+    dd = jnp.sum(jnp.where((i == j) & dense, da, 0.0), axis=1)
+    strict = jnp.where(i > j, da, 0.0)
+    dq = jnp.where(dense, _diag_dot(strict, kf * e_k, exact=dt == F32) * e_q, 0.0)
+    dk = jnp.where(dense, _diag_dot(strict, qf * e_q, exact=dt == F32, ta=True) * e_k, 0.0)
     # inter-chunk: do S_c^T and v dS_{c+1}^T
     acc_q = jnp.zeros((SUB, st.block_k), F32)
     acc_k = jnp.zeros((SUB, st.block_k), F32)
@@ -390,8 +568,9 @@ def _bwd_dqk_matmul_kernel(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, c_
         acc_q += _dot(do_ref[r, ri, h, vs], s, tb=True)
         acc_k += _dot(v_ref[r, ri, h, vs], ds, tb=True)
         hdh += jnp.sum(s.astype(F32) * ds.astype(F32), axis=1)  # used by the last sub-chunk
-    dq = acc_q * (exp_approx(b[0]) * st.scale)
+    dq += acc_q * (exp_approx(b[0]) * st.scale)
     dk_inter = acc_k * exp_approx(_gap(b_last, b))
+    pk_ref[r, pl.ds(t0 + bi * SUB + 1, SUB), h, ks] = kf * dk_inter  # one row down (_dg_kernel)
 
     # intra-chunk, off-diagonal sub-chunk pairs through the reference row
     def key_block(bj, dq):  # keys of sub-chunk bj < bi act on dq_I
@@ -408,20 +587,30 @@ def _bwd_dqk_matmul_kernel(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, c_
         return dk + _dot(da.astype(dt), qj, ta=True) * exp_approx(_gap(b_r, b))
 
     dq = jax.lax.fori_loop(0, bi, key_block, dq)
-    dk = jax.lax.fori_loop(bi + 1, ns, query_block, jnp.zeros((SUB, st.block_k), F32))
-    p = qf * dq - kf * dk
+    dk = jax.lax.fori_loop(bi + 1, ns, query_block, dk)
     # e^{b_L} <S_c, dS_{c+1}> acts on every token of the chunk: stored on its last row
     last_row = (row_i == SUB - 1) & (bi == ns - 1)
-    p_ref[r, ri, h, ks] = p + jnp.where(last_row, (exp_approx(b_last[0]) * hdh)[None, :], 0.0)
-    pk_ref[r, ri, h, ks] = kf * dk_inter
-    dq_ref[r, ri, h, ks] = dq
-    dk_ref[r, ri, h, ks] = dk + dk_inter
+    p_ref[r, ri, h, ks] = (qf * dq - kf * dk
+                           + jnp.where(last_row, (exp_approx(b_last[0]) * hdh)[None, :], 0.0))
+    dk += dk_inter
+
+    @pl.when(dense)
+    def _final():
+        dq_ref[r, ri, h, ks] = (dq + dd[:, None] * kf).astype(dq_ref.dtype)
+        dk_ref[r, ri, h, ks] = (dk + dd[:, None] * qf).astype(dk_ref.dtype)
+
+    @pl.when(jnp.logical_not(dense))
+    def _partials():
+        dq1_ref[r, ri, h, ks] = dq
+        dk1_ref[r, ri, h, ks] = dk
 
 
 def _bwd_dqk_walk_kernel(q_ref, k_ref, b_ref, c_ref, da_ref, dq1_ref, dk1_ref, p1_ref,
-                         dq_ref, dk_ref, p_ref, *, st: CoreStatic):
+                         dq0_ref, dk0_ref, dq_ref, dk_ref, p_ref, *, st: CoreStatic):
     """The diagonal ``[16, 16]`` blocks of ``dA`` acting on ``dq`` and ``dk``, exactly, added
-    to :func:`_bwd_dqk_matmul_kernel`'s parts (``p_ref`` is ``p1_ref``'s buffer).
+    to :func:`_bwd_dqk_rows`'s partials, for the sub-chunks it did not finish
+    (``p_ref``, ``dq_ref``, ``dk_ref`` are the buffers of ``p1_ref``, ``dq0_ref``,
+    ``dk0_ref``; the other programs return at once).
 
     Pairs ``i > j`` by two walks over the sub-chunk's rows ``j``, each adding a
     ``[16, BK]`` term with no reduction: keys ``j`` act on ``dq_i`` (i > j) through column
@@ -430,12 +619,27 @@ def _bwd_dqk_walk_kernel(q_ref, k_ref, b_ref, c_ref, da_ref, dq1_ref, dk1_ref, p
     (clamped) through its carry. The ``i == j`` pairs (``dd``), whose ``q.dq`` and ``k.dk``
     shares cancel in the gate gradient, go to ``dq`` and ``dk`` only.
     """
-    del p1_ref
+    del p1_ref, dq0_ref, dk0_ref
     _, bi, _, r, h, t0, ks, ri = _sub_chunk_of(st)
+    # the chunk's test as _bwd_dqk_kernel takes it (in floating point the sub-chunk's does
+    # not follow from it), then the sub-chunk's as _bwd_dqk_rows takes it
+    done = (_dense_over(b_ref, c_ref, r, h, t0, t0 + st.chunk - 1, ks)
+            | _diag_dense(b_ref, c_ref, r, h, t0, bi, ks))
+    pl.when(jnp.logical_not(done))(functools.partial(
+        _diag_walk_grads, q_ref, k_ref, b_ref, c_ref, da_ref, dq1_ref, dk1_ref, dq_ref, dk_ref,
+        p_ref, (bi, r, h, t0, ks, ri), st=st))
+
+
+def _diag_walk_grads(q_ref, k_ref, b_ref, c_ref, da_ref, dq1_ref, dk1_ref, dq_ref, dk_ref, p_ref,
+                     where, *, st: CoreStatic):
+    """The body of :func:`_bwd_dqk_walk_kernel` for a sub-chunk that takes the walk (``where``:
+    its program's ``(bi, r, h, t0, ks, ri)``; interpret mode has no ``program_id`` inside a
+    conditional)."""
+    bi, r, h, t0, ks, ri = where
+    b = _load_b(b_ref, c_ref, r, ri, h, ks)  # [SUB, BK]
     row_i = _iota((SUB, st.block_k), 0)
     sub_i = _iota((SUB,), 0)
     qf, kf = q_ref[r, ri, h, ks].astype(F32), k_ref[r, ri, h, ks].astype(F32)
-    b = _load_b(b_ref, c_ref, r, ri, h, ks)  # [SUB, BK]
 
     def key_row(j):
         j = jnp.minimum(j, SUB - 1)
@@ -470,7 +674,7 @@ def _bwd_dqk_walk_kernel(q_ref, k_ref, b_ref, c_ref, da_ref, dq1_ref, dk1_ref, p
 
 def gla_backward(st: CoreStatic, res, do, dfinal):
     """Gradients in the chunk layout: ``(dq, dk, dv, p, pk, dh0)`` (``p``, ``pk``: see
-    :func:`_bwd_dqk_matmul_kernel` and :func:`_bwd_dqk_walk_kernel`)."""
+    :func:`_bwd_dqk_rows` and :func:`_bwd_dqk_walk_kernel`)."""
     q, k, v, b, bc, a, h0, seq_info, flags, h = res
     del h0
     R, NC, L, H, K, V = st.rows, st.n_chunks, st.chunk, st.heads, st.key_dim, st.value_dim
@@ -488,53 +692,69 @@ def gla_backward(st: CoreStatic, res, do, dfinal):
                jax.ShapeDtypeStruct((R, TP, H, V), dt), k, do, dh, b, bc, a)
     grid = (nk * (L // SUB), NC, R * H)
     part = jax.ShapeDtypeStruct((R, TP, H, K), F32)
-    dq1, dk1, p, pk = _call(functools.partial(_bwd_dqk_matmul_kernel, st=st), st, grid,
-                            [part] * 4, q, k, v, do, h, dh, b, bc, da, warps=SUB_WARPS)
-    outs = [jax.ShapeDtypeStruct((R, TP, H, K), dt), jax.ShapeDtypeStruct((R, TP, H, K), dt), part]
-    dq, dk, p = _call(functools.partial(_bwd_dqk_walk_kernel, st=st), st, grid, outs,
-                      q, k, b, bc, da, dq1, dk1, p, warps=SUB_WARPS, aliases={7: 2})
+    grad = jax.ShapeDtypeStruct((R, TP, H, K), dt)
+    part_down = jax.ShapeDtypeStruct((R, TP + 1, H, K), F32)  # pk, stored one row down
+    # the partials dq1, dk1 are written (and read) only by sub-chunks that take the walk
+    outs = [grad, grad, part, part_down, part, part]
+    ins = (q, k, v, do, h, dh, b, bc, da)
+    dq, dk, p, pk, dq1, dk1 = _call(functools.partial(_bwd_dqk_kernel, st=st), st,
+                                    (nk, NC, R * H), outs, *ins)
+    dq, dk, p = _call(functools.partial(_bwd_dqk_walk_kernel, st=st), st, grid, [grad, grad, part],
+                      q, k, b, bc, da, dq1, dk1, p, dq, dk, warps=SUB_WARPS,
+                      aliases={7: 2, 8: 0, 9: 1})
     return dq, dk, dv, p, pk, dh0
 
 
 # ----------------------------------------------------------------------------- custom_vjp
 
 
-def _in_chunk(x: Array, st: CoreStatic) -> Array:
-    """``[R, TP, H, K]`` -> ``[R, NC, L, H, K]``."""
-    return x.reshape(st.rows, st.n_chunks, st.chunk, st.heads, x.shape[-1])
-
-
-def _flat(x: Array) -> Array:
-    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
-
-
-def _two_sum(a: Array, b: Array) -> tuple[Array, Array]:
-    """``a + b`` as ``(s, err)`` with ``s + err`` exact (Knuth's TwoSum)."""
-    s = a + b
-    bb = s - a
-    return s, (a - (s - bb)) + (b - bb)
+def _sums_kernel(g_ref, hi_ref, lo_ref, *, st: CoreStatic):
+    """One chunk's inclusive in-chunk sums of the log-gates, compensated (``[L, BK]`` tile)."""
+    L, BK = st.chunk, st.block_k
+    ik, c = pl.program_id(0), pl.program_id(1)
+    r, h = _row_col(st)
+    rows, ks = pl.ds(c * L, L), pl.ds(ik * BK, BK)
+    hi, lo = compensated_cumsum(g_ref[r, rows, h, ks], axis=0)
+    hi_ref[r, rows, h, ks] = hi
+    lo_ref[r, rows, h, ks] = lo.astype(lo_ref.dtype)
 
 
 def _in_chunk_sums(g: Array, st: CoreStatic) -> tuple[Array, Array]:
     """The inclusive in-chunk sums of ``g [R, TP, H, K]`` as ``(hi float32, lo bfloat16)``.
 
-    ``hi + lo`` carries the sum to ~2^-40 relative (a compensated scan). Exponents that
-    are differences ``b_i - b_j`` take ``(hi_i - hi_j) + (lo_i - lo_j)``: with ``hi`` alone,
-    a difference of one step at log-gates near -20 carries the rounding of a sum near
-    ``-20 L`` (``2e-5`` absolute at L = 32), which showed in the gate gradient (whose
-    entries are all ~e^-20 there). ``lo`` (at most half an ulp of ``hi``) needs no more
-    than bfloat16's 8 bits, which halves its memory traffic.
+    ``hi + lo`` carries the sum to ~2^-40 relative (:func:`compensated_cumsum`, one Pallas
+    kernel; as an XLA associative scan it took ~1 ms at (8, 4096, 16, 128) on the H200, in
+    ten fusions). Exponents that are differences ``b_i - b_j`` take
+    ``(hi_i - hi_j) + (lo_i - lo_j)``: with ``hi`` alone, a difference of one step at
+    log-gates near -20 carries the rounding of a sum near ``-20 L`` (``2e-5`` absolute at
+    L = 32), which showed in the gate gradient (whose entries are all ~e^-20 there). ``lo``
+    (at most half an ulp of ``hi``) needs no more than bfloat16's 8 bits, which halves its
+    memory traffic.
     """
+    R, TP, H, K = g.shape
+    outs = [jax.ShapeDtypeStruct((R, TP, H, K), F32), jax.ShapeDtypeStruct((R, TP, H, K), jnp.bfloat16)]
+    hi, lo = _call(functools.partial(_sums_kernel, st=st), st, (K // st.block_k, st.n_chunks, R * H),
+                   outs, g.astype(F32))
+    return hi, lo
 
-    def combine(x, y):
-        s, e = _two_sum(x[0], y[0])
-        lo = x[1] + y[1] + e
-        hi = s + lo
-        return hi, lo - (hi - s)
 
-    gc = _in_chunk(g.astype(F32), st)
-    hi, lo = jax.lax.associative_scan(combine, (gc, jnp.zeros_like(gc)), axis=2)
-    return _flat(hi), _flat(lo).astype(jnp.bfloat16)
+def _dg_kernel(p_ref, pk_ref, dg_ref, *, st: CoreStatic):
+    """``dg_t = sum_{i >= t} p_i + sum_{j < t} pk_j`` within one chunk (``[L, BK]`` tile).
+
+    ``pk_ref`` holds ``pk`` one row down (row ``t + 1`` of the buffer is ``pk_t``): the
+    chunk's rows of it, first row zeroed, are the exclusive sum's terms, with no
+    subtraction (``sum_{j <= t} - pk_t`` cancels: under strong decay the last row's ``pk``
+    is O(1) while ``dg`` is ~e^-20).
+    """
+    L, BK = st.chunk, st.block_k
+    ik, c = pl.program_id(0), pl.program_id(1)
+    r, h = _row_col(st)
+    rows, ks = pl.ds(c * L, L), pl.ds(ik * BK, BK)
+    p = p_ref[r, rows, h, ks]
+    before = jnp.where(_iota((L, BK), 0) == 0, 0.0, pk_ref[r, rows, h, ks])
+    ones = jnp.ones((L, BK), F32)
+    dg_ref[r, rows, h, ks] = (linear_scan(ones, p, axis=0, reverse=True)[1]
+                              + linear_scan(ones, before, axis=0)[1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -562,11 +782,10 @@ def _core_bwd(st, res, cts):
     do, dfinal = cts
     h0, seq_info, flags = res[6], res[7], res[8]
     dq, dk, dv, p, pk, dh0 = gla_backward(st, res, do, dfinal)
-    p, pk = _in_chunk(p, st), _in_chunk(pk, st)
     # dg_t = sum_{i >= t} p_i + sum_{j < t} pk_j, within the chunk (module doc)
-    rev = jnp.flip(jnp.cumsum(jnp.flip(p, 2), axis=2), 2)
-    shifted = jnp.concatenate([jnp.zeros_like(pk[:, :, :1]), pk[:, :, :-1]], axis=2)
-    dg = _flat(rev + jnp.cumsum(shifted, axis=2))
+    dg = _call(functools.partial(_dg_kernel, st=st), st,
+               (st.key_dim // st.block_k, st.n_chunks, st.rows * st.heads),
+               jax.ShapeDtypeStruct(p.shape, F32), p, pk)
     if h0 is not None:  # a length-0 sequence passes its initial state straight through
         dh0 = jnp.where(_has_chunk(st, seq_info, flags)[:, None, None, None], dh0, dfinal)
         dh0 = dh0.astype(h0.dtype)
