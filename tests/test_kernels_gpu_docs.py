@@ -42,3 +42,19 @@ def test_write_docs_replaces_only_the_marked_table(tmp_path):
     doc.write_text("no markers here\n")
     with pytest.raises(ValueError, match="--docs: .* has no"):
         kg.write_docs(results, str(doc))
+
+
+def test_profile_script_reads_a_trace_on_the_cpu():
+    # benchmarks/profile_gpu.py: the op builds, the profiler trace is written and parsed; on
+    # the CPU it holds no GPU plane, so no kernels (on a GPU: one entry per kernel)
+    spec = importlib.util.spec_from_file_location("profile_gpu", ROOT / "benchmarks" / "profile_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fn, arg = module.build("simple_gla", (1, 32, 2, 16), "fwd")
+    assert module.kernel_times(fn, arg, calls=1) == {}
+    with pytest.raises(SystemExit):
+        sys.argv, argv = ["profile_gpu.py", "gla", "--shape", "1,2"], sys.argv
+        try:
+            module.main()
+        finally:
+            sys.argv = argv
