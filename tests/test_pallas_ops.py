@@ -144,16 +144,47 @@ def test_strong_decay_matches_reference(op, key):
     _compare(op, names, got, ref, TOL, TOL, "strong-decay")
 
 
-def test_gla_mixed_decay_takes_each_form(key):
-    """GLA's kernels choose per chunk / sub-chunk between the factored product and the exact
-    walk: chunk 32 (two sub-chunks), log-gates near -20 on chunks 0, 3 and the first
-    sub-chunk of chunks 1, 4, mild elsewhere, so the whole-chunk product (chunk 2), the
-    sub-chunk product (second halves of 1 and 4) and the walk all run in one call, the
-    backward's walk completing partials beside finished sub-chunks."""
-    shape = dict(B=1, T=150, H=2, K=20, V=24)
+@pytest.mark.parametrize("op", ["simple_gla", "gated_delta_rule", "gla"])
+def test_zero_gate_resets_the_state(op, key):
+    """A log-gate of -inf (gate exactly 0: the state is forgotten) at a few steps, one of them
+    a chunk's first: outputs and gradients as the reference's, nothing NaN (the kernels'
+    in-chunk sums would form -inf - -inf; the glue floors log-gates at LOG_GATE_FLOOR)."""
+    names, arrays, h0, cot_o, cot_s = _inputs(op, key, BATCH)
+    gi = names.index("g")
+    arrays = list(arrays)
+    arrays[gi] = arrays[gi].at[:, jnp.array([5, 16, 30])].set(-jnp.inf)
+    arrays = tuple(arrays)
+    got = _pallas(op, False)(arrays, h0, cot_o, cot_s, None)  # the batch case's compiled code
+    for leaf in jax.tree.leaves(got):
+        assert np.all(np.isfinite(np.asarray(leaf, np.float64))), f"{op}: non-finite with a zero gate"
+    ref = _naive(op, False)(arrays, h0, cot_o, cot_s)
+    _compare(op, names, got, ref, TOL, TOL, "zero-gate")
+
+
+@pytest.mark.parametrize("across", ["time", "key_dims"])
+def test_gla_mixed_decay_takes_each_form(key, across):
+    """GLA's kernels choose per chunk / sub-chunk (and, in the backward, per K block) between
+    the factored product and the exact walk; log-gates near -20 on some spans, mild elsewhere,
+    so the whole-chunk product, the sub-chunk product and the walk all run in one call, the
+    backward's walk completing partials beside finished sub-chunks.
+
+    * ``time``: chunk 32 (two sub-chunks); strong on chunks 0, 3 and the first sub-chunk of
+      chunks 1, 4.
+    * ``key_dims``: chunk 64 (four sub-chunks), K = 100 (two K blocks of 64); strong only in
+      key dims >= 64, on chunk 1 and the first sub-chunk of chunk 0: the two K blocks of a
+      chunk decide differently.
+    """
+    if across == "time":
+        shape, chunk = dict(B=1, T=150, H=2, K=20, V=24), 2 * CHUNK
+    else:
+        shape, chunk = dict(B=1, T=150, H=2, K=100, V=24), 64
     names, arrays, h0, cot_o, cot_s = _inputs("gla", key, shape)
     t = np.arange(shape["T"])[None, :, None, None]
-    strong = ((t // 32) % 3 == 0) | (((t // 32) % 3 == 1) & (t % 32 < 16))
+    c, row = t // chunk, t % chunk
+    if across == "time":
+        strong = (c % 3 == 0) | ((c % 3 == 1) & (row < 16))
+    else:
+        strong = (np.arange(shape["K"]) >= 64) & ((c == 1) | ((c == 0) & (row < 16)))
     g = jnp.where(strong, -19.0 - jax.random.uniform(key, arrays[3].shape), arrays[3])
     arrays = (*arrays[:3], g)
 
@@ -162,10 +193,10 @@ def test_gla_mixed_decay_takes_each_form(key):
             return SPECS["gla"].fn(*a, initial_state=h, output_final_state=True, backend=backend, **kw)
         return _value_and_grads(fn, arrays, h0, cot_o, cot_s)
 
-    got = jax.jit(functools.partial(run, backend="pallas", mode="chunk", chunk_size=2 * CHUNK))(
+    got = jax.jit(functools.partial(run, backend="pallas", mode="chunk", chunk_size=chunk))(
         arrays, h0, cot_o, cot_s)
     ref = jax.jit(functools.partial(run, backend="naive"))(arrays, h0, cot_o, cot_s)
-    _compare("gla", names, got, ref, TOL, TOL, "mixed-decay")
+    _compare("gla", names, got, ref, TOL, TOL, f"mixed-decay ({across})")
 
 
 def test_gla_kernels_lower_to_triton_for_a_gpu(monkeypatch):

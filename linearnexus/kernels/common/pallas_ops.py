@@ -36,6 +36,17 @@ from linearnexus.kernels.common.pallas_wy import WyStatic, wy_prepare
 F32 = jnp.float32
 #: warps of the parallel kernels (whole 64 x 128 tiles); module-level so benchmarks can sweep it
 PAR_WARPS = 4
+#: log-gates below this are raised to it before the kernels: ``e^-105`` is 0 in float32, so a
+#: gate of exactly 0 (``g = -inf``, a hard reset of the state) keeps its meaning, where the
+#: in-chunk sums would otherwise form ``-inf - -inf`` (NaN everywhere after it). Gradients
+#: with respect to such gates are 0, as the reference's.
+LOG_GATE_FLOOR = -105.0
+
+
+def floor_log_gate(g: Array) -> Array:
+    """``g`` (float32) with every entry below :data:`LOG_GATE_FLOOR` (``-inf`` included) raised
+    to it; NaN stays NaN."""
+    return jnp.maximum(g.astype(F32), LOG_GATE_FLOOR)
 _SUPPORTED = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -152,7 +163,7 @@ def _run_chunked(name: str, q: Array, k: Array, v: Array, g: Array | None, beta:
     qc = _layout(_pad_last(q.astype(dtype), kp), plan)
     kc = _layout(_pad_last(k.astype(dtype), kp), plan)
     vc = _layout(_pad_last(v.astype(dtype), vp), plan)
-    gc = None if g is None else _layout(g.astype(F32), plan)
+    gc = None if g is None else _layout(floor_log_gate(g), plan)
     w = None
     if delta:  # the values the core sees are u; w corrects them by the entering state
         wst = WyStatic(gated=g is not None, rows=plan.rows, n_chunks=plan.n_chunks,

@@ -11,11 +11,14 @@ matrix as in simple GLA, and ``e^{b_i - b_j}`` must never be formed as ``e^{b_i}
 over an unbounded span (it overflows). Two forms, chosen per program at run time:
 
 * **Factored (the fast path).** With ``b_0`` the chunk's first row,
-  ``A = mask((q e^{b - b_0}) (k e^{b_0 - b})^T)``: one ``L x L x K`` matmul. Exact whenever
+  ``A = mask((q e^{b - b_0}) (k e^{b_0 - b})^T)``: one ``L x L x K`` matmul. Stable whenever
   the chunk's decay ``max_k (b_0 - b_{L-1})`` is at most :data:`DIAG_DENSE_MAX` (40): the
   first factor lies in ``[e^-40, 1]``, the second in ``[1, e^40]``, every kept product
   ``e^{b_i - b_j}`` is <= 1 with each factor rounded on its own (float32), and the
-  masked-out products (``j > i``, up to ``e^40 |q||k| K``) stay finite. The operands are
+  masked-out products (``j > i``, up to ``e^40 |q||k| K``) stay finite. Its rounding grows
+  with ``|b - b_0|`` rather than ``|b_i - b_j|`` (the exp of each factor is ~``2^-24 |x|``
+  off): float32 output 7e-7 against the walk's 1.2e-7 at a decay of 39.5 per chunk
+  (interpret mode); at usual decays the two agree. The operands are
   float32, multiplied as TF32 for 16-bit inputs (bfloat16 operands, as FLA's sub-chunk
   products take, raised the bf16 output error; TF32 lowered it below the sub-chunk form's)
   and exactly for float32 inputs. The backward's ``dq``, ``dk`` are the same products with
@@ -100,6 +103,7 @@ from linearnexus.kernels.common.pallas_chunk import (
     chunk_layout_info,
 )
 from linearnexus.kernels.common.pallas_ops import (
+    LOG_GATE_FLOOR,
     _chunk_of,
     _layout,
     _pad_last,
@@ -113,9 +117,10 @@ from linearnexus.kernels.common.pallas_scan import compensated_cumsum, exp_appro
 F32 = jnp.float32
 #: rows of a sub-chunk (the smallest ``jnp.dot`` operand the Triton lowering takes)
 SUB = 16
-#: warps of ``bwd_dqk_walk``, whose tiles are only ``[16, K]`` (per-sub-chunk kernels, H200, bf16
-#: (8, 4096, 16, 128), 2026-11-23: fwd / fwd+bwd 3.95 / 10.08 ms at 2 warps against 4.70 /
-#: 11.82 at 4, 5.43 / 13.67 at 1 and 7.39 / 14.51 at 8)
+#: warps of ``bwd_dqk_walk``, whose tiles are only ``[16, K]``. Chosen when every diagonal block
+#: took the walk (H200, bf16 (8, 4096, 16, 128), 2026-11-23, fwd / fwd+bwd: 3.95 / 10.08 ms at
+#: 2 warps against 4.70 / 11.82 at 4, 5.43 / 13.67 at 1 and 7.39 / 14.51 at 8); not
+#: re-measured since the walk became the strong-decay fallback
 SUB_WARPS = 2
 #: largest decay ``max_k (b_first - b_last)`` over a chunk (or a 16-token sub-chunk) for which
 #: its block of ``A`` (and of ``dA`` in the backward) is one factored matmul (module doc).
@@ -195,7 +200,9 @@ def _queries_from_ref(q_ref, b_ref, c_ref, r, rows, h, ks, b_r) -> Array:
 
 def _dense_over(b_ref, c_ref, r, h, first, last, ks) -> Array:
     """Whether the decay from token row ``first`` to ``last``, ``max_k (b_first - b_last)``
-    over the key dims ``ks``, is at most :data:`DIAG_DENSE_MAX` (a scalar; NaN gives False)."""
+    over the key dims ``ks``, is at most :data:`DIAG_DENSE_MAX` (a scalar). A NaN decay gives
+    False in interpret mode; Triton's max skips NaN lanes. Every kernel that must agree on
+    the answer evaluates it on the same values, so they agree either way."""
     b0 = _load_b(b_ref, c_ref, r, first, h, ks)  # [BK]
     b1 = _load_b(b_ref, c_ref, r, last, h, ks)
     return jnp.max(_gap(b0, b1)) <= DIAG_DENSE_MAX
@@ -206,8 +213,8 @@ def _diag_dense(b_ref, c_ref, r, h, t0, bi, ks) -> Array:
     ``(q_I e^{b_I - b_0}) (k_I e^{b_0 - b_I})^T`` (``b_0``: the sub-chunk's first row): the
     decay over the sub-chunk is at most :data:`DIAG_DENSE_MAX` (:func:`_dense_over`). Then
     the first factor is <= 1, the second <= e^{DIAG_DENSE_MAX}, and every kept product
-    (``j <= i``) is ``e^{b_i - b_j} <= 1``, each factor with its own float32 rounding: as
-    accurate as the exact walk's per-element exp.
+    (``j <= i``) is ``e^{b_i - b_j} <= 1``, each factor with its own float32 rounding (about
+    ``2^-24 |b - b_0|`` relative, against the walk's ``2^-24 |b_i - b_j|``).
     """
     return _dense_over(b_ref, c_ref, r, h, t0 + bi * SUB, t0 + bi * SUB + SUB - 1, ks)
 
@@ -220,9 +227,10 @@ def _diag_factors(b_ref, c_ref, r, h, t0, bi, ks, b) -> tuple[Array, Array]:
 
 
 def _diag_dot(a: Array, b: Array, *, exact: bool, ta: bool = False, tb: bool = False) -> Array:
-    """A diagonal block's matmul on float32 operands: exact float32 for float32 inputs, TF32
-    for 16-bit ones (10 mantissa bits: bfloat16 operands, as the off-diagonal blocks take,
-    raised the bf16 output error from 2.8e-3 to 3.3e-3 at T = 512)."""
+    """A factored product's matmul (a chunk's or a diagonal block's) on float32 operands:
+    exact float32 for float32 inputs, TF32 for 16-bit ones (10 mantissa bits: bfloat16
+    operands, as the sub-chunk form's off-diagonal blocks take, raised the bf16 output error
+    from 2.8e-3 to 3.3e-3 at T = 512)."""
     if ta:
         a = a.T
     if tb:
@@ -279,7 +287,7 @@ def _fwd_a_rows(q_ref, k_ref, b_ref, c_ref, a_ref, bi, r, h, t0, *, st: CoreStat
     block is one factored matmul where the sub-chunk's decay allows (:func:`_diag_dense`),
     else built column by column, each column stored as soon as it is summed over K (no
     assembling of a ``[16, 16]`` value from columns, which cost a layout conversion per
-    column). ``bi`` may be static or traced.
+    column). ``bi`` is static (the sub-chunks of a program are unrolled).
     """
     L, BK = st.chunk, st.block_k
     ns = L // SUB
@@ -453,7 +461,7 @@ def _bwd_dv_kernel(k_ref, do_ref, dh_ref, b_ref, c_ref, a_ref, dv_ref, *, st: Co
 
 
 def _sub_chunk_of(st: CoreStatic):
-    """``(ik, bi, c, r, h, t0, ks, ri)`` of a program on the ``bwd_dqk`` grid
+    """``(ik, bi, c, r, h, t0, ks, ri)`` of a program on the ``bwd_dqk_walk`` grid
     ``[K blocks x sub-chunks, chunks, rows x heads]``."""
     ns = st.chunk // SUB
     ik, bi = pl.program_id(0) // ns, pl.program_id(0) % ns
@@ -567,7 +575,8 @@ def _bwd_dqk_rows(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, c_ref, da_r
         ds = dh_ref[r, c, h, ks, vs]
         acc_q += _dot(do_ref[r, ri, h, vs], s, tb=True)
         acc_k += _dot(v_ref[r, ri, h, vs], ds, tb=True)
-        hdh += jnp.sum(s.astype(F32) * ds.astype(F32), axis=1)  # used by the last sub-chunk
+        if bi == ns - 1:  # <S_c, dS_{c+1}>: on the chunk's last row only
+            hdh += jnp.sum(s.astype(F32) * ds.astype(F32), axis=1)
     dq += acc_q * (exp_approx(b[0]) * st.scale)
     dk_inter = acc_k * exp_approx(_gap(b_last, b))
     pk_ref[r, pl.ds(t0 + bi * SUB + 1, SUB), h, ks] = kf * dk_inter  # one row down (_dg_kernel)
@@ -714,7 +723,9 @@ def _sums_kernel(g_ref, hi_ref, lo_ref, *, st: CoreStatic):
     ik, c = pl.program_id(0), pl.program_id(1)
     r, h = _row_col(st)
     rows, ks = pl.ds(c * L, L), pl.ds(ik * BK, BK)
-    hi, lo = compensated_cumsum(g_ref[r, rows, h, ks], axis=0)
+    # log-gates floored (LOG_GATE_FLOOR: -inf, a zero gate, would make TwoSum NaN); here rather
+    # than in the glue, where it was a pass of its own over the [B, T, H, K] gates
+    hi, lo = compensated_cumsum(jnp.maximum(g_ref[r, rows, h, ks], LOG_GATE_FLOOR), axis=0)
     hi_ref[r, rows, h, ks] = hi
     lo_ref[r, rows, h, ks] = lo.astype(lo_ref.dtype)
 
@@ -820,7 +831,7 @@ def gla_pallas(q: Array, k: Array, v: Array, g: Array, *, scale: float,
     qc = _layout(_pad_last(q.astype(dtype), kp), plan)
     kc = _layout(_pad_last(k.astype(dtype), kp), plan)
     vc = _layout(_pad_last(v.astype(dtype), vp), plan)
-    gc = _layout(_pad_last(g.astype(F32), kp), plan)
+    gc = _layout(_pad_last(g.astype(F32), kp), plan)  # floored in the sums kernel
     seq_info, flags = chunk_layout_info(plan)
     st = _static(cfg, gate="vector", delta=False, has_h0=h0 is not None, scale=scale, plan=plan,
                  heads=heads, key_dim=kp, value_dim=vp, n_seqs=n_seqs)
