@@ -216,6 +216,28 @@ def test_gla_kernels_lower_to_triton_for_a_gpu(monkeypatch):
     assert text.count("__gpu$xla.gpu.triton") == 10
 
 
+@pytest.mark.parametrize("op", ["delta_rule", "gated_delta_rule"])
+def test_delta_rules_lower_to_triton_without_a_dk_sum(op, monkeypatch):
+    """The delta rules' kernels build valid Triton IR (lowered for CUDA on this CPU), and the
+    two parts of ``dk`` (the core's and the WY preparation's) are summed inside the WY
+    backward kernel: no XLA add of two ``dk``-shaped arrays is left in the program."""
+    monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")
+    names, arrays, _, _, _ = _inputs(op, jax.random.key(0), dict(B=1, T=128, H=2, K=64, V=64))
+    args = [jax.ShapeDtypeStruct(a.shape, a.dtype if n in GATES else jnp.bfloat16)
+            for n, a in zip(names, arrays, strict=True)]
+
+    def loss(*a):
+        o, _ = SPECS[op].fn(*a, **PALLAS)
+        return jnp.sum(o.astype(jnp.float32))
+
+    grad = jax.grad(loss, argnums=tuple(range(len(args))))
+    text = jax.jit(grad).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 7
+    dk_adds = [line for line in text.splitlines()
+               if "stablehlo.add" in line and "x2x64xbf16>" in line]
+    assert not dk_adds, dk_adds
+
+
 # retention and ssd run simple_gla's kernels and packed glue (their own code, the argument
 # mapping, is covered by the batch case), and delta_rule gated_delta_rule's with the gate
 # off: the packed case skips them (suite time)

@@ -170,7 +170,8 @@ def _run_chunked(name: str, q: Array, k: Array, v: Array, g: Array | None, beta:
                        chunk=plan.chunk, heads=heads, key_dim=kp, value_dim=vp,
                        exact=dtype == F32, num_warps=8 if max(kp, vp) >= 256 else 4,
                        interpret=interpret_mode())
-        w, vc = wy_prepare(wst, kc, vc, _layout(beta, plan), gc)
+        # k passes through so that the core's dk is added inside the WY backward kernel
+        w, vc, kc = wy_prepare(wst, kc, vc, _layout(beta, plan), gc)
     seq_info, flags = chunk_layout_info(plan)
     st = _static(cfg, gate="none" if g is None else "scalar", delta=delta, has_h0=h0 is not None,
                  scale=scale, plan=plan, heads=heads, key_dim=kp, value_dim=vp, n_seqs=n_seqs)
