@@ -471,6 +471,41 @@ def _sub_chunk_of(st: CoreStatic):
     return ik, bi, c, r, h, t0, pl.ds(ik * st.block_k, st.block_k), _rows(t0, bi)
 
 
+def _factored_grads(da: Array, qf: Array, kf: Array, e_q: Array, e_k: Array,
+                    exact: bool) -> tuple[Array, Array, Array]:
+    """``(dd, dq, dk)`` of one factored block: ``da [n, n]`` (zero above the diagonal),
+    ``qf``, ``kf``, ``e_q = e^{b - b_0}``, ``e_k = e^{b_0 - b}`` ``[n, BK]``. Pairs ``i > j``:
+    ``dq_i += e^{b_i - b_0} sum_j dA_ij k_j e^{b_0 - b_j}``,
+    ``dk_j += e^{b_0 - b_j} sum_i dA_ij q_i e^{b_i - b_0}``; ``dd`` (``[n]``) is the diagonal of
+    ``dA``, whose ``i == j`` pairs go to ``dq``, ``dk`` only (never into the gate gradient)."""
+    n = da.shape[0]
+    i, j = _iota((n, n), 0), _iota((n, n), 1)
+    dd = jnp.sum(jnp.where(i == j, da, 0.0), axis=1)
+    strict = jnp.where(i > j, da, 0.0)
+    dq = _diag_dot(strict, kf * e_k, exact=exact) * e_q
+    dk = _diag_dot(strict, qf * e_q, exact=exact, ta=True) * e_k
+    return dd, dq, dk
+
+
+def _inter_chunk(do_ref, v_ref, h_ref, dh_ref, r, c, h, rows, ks, st: CoreStatic, *,
+                 with_hdh: bool) -> tuple[Array, Array, Array]:
+    """``(do S_c^T, v dS_{c+1}^T, <S_c, dS_{c+1}> per key row)`` for the token rows ``rows``
+    and key dims ``ks`` (summed over V blocks); the last is zeros unless ``with_hdh``."""
+    n = rows.size
+    acc_q = jnp.zeros((n, st.block_k), F32)
+    acc_k = jnp.zeros((n, st.block_k), F32)
+    hdh = jnp.zeros((st.block_k,), F32)
+    for iv in range(st.value_dim // st.block_v):
+        vs = pl.ds(iv * st.block_v, st.block_v)
+        s_c = h_ref[r, c, h, ks, vs]
+        ds = dh_ref[r, c, h, ks, vs]
+        acc_q += _dot(do_ref[r, rows, h, vs], s_c, tb=True)
+        acc_k += _dot(v_ref[r, rows, h, vs], ds, tb=True)
+        if with_hdh:
+            hdh += jnp.sum(s_c.astype(F32) * ds.astype(F32), axis=1)
+    return acc_q, acc_k, hdh
+
+
 def _bwd_dqk_kernel(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, c_ref, da_ref,
                     dq_ref, dk_ref, p_ref, pk_ref, dq1_ref, dk1_ref, *, st: CoreStatic):
     """``dq``, ``dk`` and the gate-gradient terms of one chunk and K block, by matmuls.
@@ -482,7 +517,7 @@ def _bwd_dqk_kernel(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, c_ref, da
     only. Otherwise sub-chunk by sub-chunk (:func:`_bwd_dqk_rows`). Outputs as
     :func:`_bwd_dqk_rows`.
     """
-    L, BV = st.chunk, st.block_v
+    L = st.chunk
     ik, c = pl.program_id(0), pl.program_id(1)
     r, h = _row_col(st)
     t0 = c * L
@@ -497,22 +532,9 @@ def _bwd_dqk_kernel(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, c_ref, da
         x = _gap(b, _load_b(b_ref, c_ref, r, t0, h, ks))  # <= 0
         e_q, e_k = exp_approx(x), exp_approx(-x)
         qf, kf = q_ref[r, rows, h, ks].astype(F32), k_ref[r, rows, h, ks].astype(F32)
-        da = da_ref[r, rows, h, pl.ds(0, L)]  # [L, L], zero above the diagonal
-        i, j = _iota((L, L), 0), _iota((L, L), 1)
-        dd = jnp.sum(jnp.where(i == j, da, 0.0), axis=1)
-        strict = jnp.where(i > j, da, 0.0)
-        dq = _diag_dot(strict, kf * e_k, exact=exact) * e_q
-        dk = _diag_dot(strict, qf * e_q, exact=exact, ta=True) * e_k
-        acc_q = jnp.zeros((L, st.block_k), F32)
-        acc_k = jnp.zeros((L, st.block_k), F32)
-        hdh = jnp.zeros((st.block_k,), F32)
-        for iv in range(st.value_dim // BV):
-            vs = pl.ds(iv * BV, BV)
-            s_c = h_ref[r, c, h, ks, vs]
-            ds = dh_ref[r, c, h, ks, vs]
-            acc_q += _dot(do_ref[r, rows, h, vs], s_c, tb=True)
-            acc_k += _dot(v_ref[r, rows, h, vs], ds, tb=True)
-            hdh += jnp.sum(s_c.astype(F32) * ds.astype(F32), axis=1)
+        dd, dq, dk = _factored_grads(da_ref[r, rows, h, pl.ds(0, L)], qf, kf, e_q, e_k, exact)
+        acc_q, acc_k, hdh = _inter_chunk(do_ref, v_ref, h_ref, dh_ref, r, c, h, rows, ks, st,
+                                         with_hdh=True)
         dq += acc_q * (exp_approx(b[0]) * st.scale)
         dk_inter = acc_k * exp_approx(_gap(b_last, b))
         pk_ref[r, pl.ds(t0 + 1, L), h, ks] = kf * dk_inter  # one row down (_dg_kernel)
@@ -544,7 +566,7 @@ def _bwd_dqk_rows(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, c_ref, da_r
     with the exact walk: a kernel of its own, so that the walks' programs hold no matmul
     operands or states.
     """
-    L, BV = st.chunk, st.block_v
+    L = st.chunk
     ns = L // SUB
     ik, bi, c, r, h = where
     t0 = c * L
@@ -559,24 +581,12 @@ def _bwd_dqk_rows(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, c_ref, da_r
     # dk_j += e^{b_0 - b_j} sum_i dA_ij q_i e^{b_i - b_0}; i == j (dd) to dq, dk only
     dense = _diag_dense(b_ref, c_ref, r, h, t0, bi, ks)
     e_q, e_k = _diag_factors(b_ref, c_ref, r, h, t0, bi, ks, b)
-    da = da_ref[r, ri, h, pl.ds(bi * SUB, SUB)]  # [SUB, SUB], zero above the diagonal
-    i, j = _iota((SUB, SUB), 0), _iota((SUB, SUB), 1)
-    dd = jnp.sum(jnp.where((i == j) & dense, da, 0.0), axis=1)
-    strict = jnp.where(i > j, da, 0.0)
-    dq = jnp.where(dense, _diag_dot(strict, kf * e_k, exact=dt == F32) * e_q, 0.0)
-    dk = jnp.where(dense, _diag_dot(strict, qf * e_q, exact=dt == F32, ta=True) * e_k, 0.0)
-    # inter-chunk: do S_c^T and v dS_{c+1}^T
-    acc_q = jnp.zeros((SUB, st.block_k), F32)
-    acc_k = jnp.zeros((SUB, st.block_k), F32)
-    hdh = jnp.zeros((st.block_k,), F32)
-    for iv in range(st.value_dim // BV):
-        vs = pl.ds(iv * BV, BV)
-        s = h_ref[r, c, h, ks, vs]
-        ds = dh_ref[r, c, h, ks, vs]
-        acc_q += _dot(do_ref[r, ri, h, vs], s, tb=True)
-        acc_k += _dot(v_ref[r, ri, h, vs], ds, tb=True)
-        if bi == ns - 1:  # <S_c, dS_{c+1}>: on the chunk's last row only
-            hdh += jnp.sum(s.astype(F32) * ds.astype(F32), axis=1)
+    dd, dq, dk = _factored_grads(da_ref[r, ri, h, pl.ds(bi * SUB, SUB)], qf, kf, e_q, e_k,
+                                 dt == F32)
+    dd, dq, dk = (jnp.where(dense, x, 0.0) for x in (dd, dq, dk))
+    # <S_c, dS_{c+1}> only where it is used: on the chunk's last row
+    acc_q, acc_k, hdh = _inter_chunk(do_ref, v_ref, h_ref, dh_ref, r, c, h, ri, ks, st,
+                                     with_hdh=bi == ns - 1)
     dq += acc_q * (exp_approx(b[0]) * st.scale)
     dk_inter = acc_k * exp_approx(_gap(b_last, b))
     pk_ref[r, pl.ds(t0 + bi * SUB + 1, SUB), h, ks] = kf * dk_inter  # one row down (_dg_kernel)
