@@ -41,13 +41,13 @@ PAR_WARPS = 4
 #: in-chunk sums would otherwise form ``-inf - -inf`` (NaN everywhere after it). Gradients
 #: with respect to such gates are 0, as the reference's.
 LOG_GATE_FLOOR = -105.0
+_SUPPORTED = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def floor_log_gate(g: Array) -> Array:
     """``g`` (float32) with every entry below :data:`LOG_GATE_FLOOR` (``-inf`` included) raised
     to it; NaN stays NaN."""
     return jnp.maximum(g.astype(F32), LOG_GATE_FLOOR)
-_SUPPORTED = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def check_pallas_dtype(op: str, *arrays: Array) -> None:

@@ -34,6 +34,8 @@ others are ``a * b + c``, ``sum(u * v)``, ``jnp.exp2``, ``jnp.log2`` and ``1 / x
 
 from __future__ import annotations
 
+import operator
+
 import jax
 import jax.numpy as jnp
 from jax.extend.core import Primitive
@@ -41,8 +43,8 @@ from jax.interpreters import mlir
 
 from linearnexus.core.types import Array
 
-__all__ = ["compensated_cumsum", "dot_sum", "exp2_approx", "exp_approx", "fma", "linear_scan", "log2_approx",
-           "rcp_approx"]
+__all__ = ["compensated_cumsum", "dot_sum", "exp2_approx", "exp_approx", "fma", "linear_scan",
+           "log2_approx", "rcp_approx"]
 
 _LOG2E = 1.4426950408889634
 
@@ -74,15 +76,18 @@ fma_p.def_impl(lambda a, b, c: a * b + c)
 fma_p.def_abstract_eval(lambda a, b, c: a)
 mlir.register_lowering(fma_p, mlir.lower_fun(lambda a, b, c: [a * b + c], multiple_results=True))
 
-def _two_sum_combine(first, second):
-    """Combine two compensated sums ``(hi, lo)`` (TwoSum of the heads, renormalised)."""
+
+def _two_sum_combine(first, second, add=operator.add, sub=operator.sub):
+    """Combine two compensated sums ``(hi, lo)`` (TwoSum of the heads, renormalised); ``add``
+    and ``sub`` are ``+`` / ``-`` on arrays, or MLIR's ``arith.addf`` / ``arith.subf`` in the
+    Triton rule (the same combine in both)."""
     (h1, l1), (h2, l2) = first, second
-    s = h1 + h2
-    bb = s - h1
-    err = (h1 - (s - bb)) + (h2 - bb)
-    lo = (l1 + l2) + err
-    hi = s + lo
-    return hi, lo - (hi - s)
+    s = add(h1, h2)
+    bb = sub(s, h1)
+    err = add(sub(h1, sub(s, bb)), sub(h2, bb))
+    lo = add(add(l1, l2), err)
+    hi = add(s, lo)
+    return hi, sub(lo, sub(hi, s))
 
 
 compensated_cumsum_p = Primitive("linearnexus_compensated_cumsum")
@@ -140,12 +145,7 @@ def _register_triton_rule() -> None:
         block = op.regions[0].blocks.append(elt, elt, elt, elt)
         with ir.InsertionPoint.at_block_begin(block):
             h1, l1, h2, l2 = block.arguments
-            s = arith.addf(h1, h2)
-            bb = arith.subf(s, h1)
-            err = arith.addf(arith.subf(h1, arith.subf(s, bb)), arith.subf(h2, bb))
-            lo = arith.addf(arith.addf(l1, l2), err)
-            hi = arith.addf(s, lo)
-            tt.scan_return([hi, arith.subf(lo, arith.subf(hi, s))])
+            tt.scan_return(list(_two_sum_combine((h1, l1), (h2, l2), arith.addf, arith.subf)))
         op.verify()
         return list(op.results)
 

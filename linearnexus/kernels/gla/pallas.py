@@ -219,11 +219,24 @@ def _diag_dense(b_ref, c_ref, r, h, t0, bi, ks) -> Array:
     return _dense_over(b_ref, c_ref, r, h, t0 + bi * SUB, t0 + bi * SUB + SUB - 1, ks)
 
 
-def _diag_factors(b_ref, c_ref, r, h, t0, bi, ks, b) -> tuple[Array, Array]:
-    """``(e^{b_I - b_0}, e^{b_0 - b_I})`` for the rows ``b [SUB, BK]`` of sub-chunk ``bi``
-    (:func:`_diag_dense`)."""
-    x = _gap(b, _load_b(b_ref, c_ref, r, t0 + bi * SUB, h, ks))  # <= 0
+def _factors(b_ref, c_ref, r, h, row0, ks, b) -> tuple[Array, Array]:
+    """``(e^{b - b_0}, e^{b_0 - b})`` of a factored block whose first token row is ``row0``
+    (``b_0``), for its rows' log-decay ``b [n, BK]`` (:func:`_dense_over`)."""
+    x = _gap(b, _load_b(b_ref, c_ref, r, row0, h, ks))  # <= 0
     return exp_approx(x), exp_approx(-x)
+
+
+def _factored_scores(q_ref, k_ref, b_ref, c_ref, r, h, rows, row0, st: CoreStatic) -> Array:
+    """``(q e^{b - b_0}) (k e^{b_0 - b})^T`` over all key dims (blocks of ``block_k``) for the
+    token rows ``rows`` (first row ``row0``): ``[n, n]`` float32, unmasked."""
+    n, BK = rows.size, st.block_k
+    acc = jnp.zeros((n, n), F32)
+    for ik in range(st.key_dim // BK):
+        ks = pl.ds(ik * BK, BK)
+        e_q, e_k = _factors(b_ref, c_ref, r, h, row0, ks, _load_b(b_ref, c_ref, r, rows, h, ks))
+        acc += _diag_dot(q_ref[r, rows, h, ks].astype(F32) * e_q,
+                         k_ref[r, rows, h, ks].astype(F32) * e_k, exact=q_ref.dtype == F32, tb=True)
+    return acc
 
 
 def _diag_dot(a: Array, b: Array, *, exact: bool, ta: bool = False, tb: bool = False) -> Array:
@@ -256,7 +269,7 @@ def _fwd_a_kernel(q_ref, k_ref, b_ref, c_ref, a_ref, *, st: CoreStatic):
     operands, TF32 for 16-bit inputs). Otherwise the program builds it sub-chunk by
     sub-chunk (:func:`_fwd_a_rows`), stable at any decay.
     """
-    L, BK = st.chunk, st.block_k
+    L = st.chunk
     c = pl.program_id(1)
     r, h = _row_col(st)
     t0 = c * L
@@ -265,13 +278,7 @@ def _fwd_a_kernel(q_ref, k_ref, b_ref, c_ref, a_ref, *, st: CoreStatic):
 
     @pl.when(dense)
     def _one_matmul():
-        acc = jnp.zeros((L, L), F32)
-        for ik in range(st.key_dim // BK):
-            ks = pl.ds(ik * BK, BK)
-            x = _gap(_load_b(b_ref, c_ref, r, rows, h, ks), _load_b(b_ref, c_ref, r, t0, h, ks))
-            acc += _diag_dot(q_ref[r, rows, h, ks].astype(F32) * exp_approx(x),
-                             k_ref[r, rows, h, ks].astype(F32) * exp_approx(-x),
-                             exact=q_ref.dtype == F32, tb=True)
+        acc = _factored_scores(q_ref, k_ref, b_ref, c_ref, r, h, rows, t0, st)
         a_ref[r, rows, h, pl.ds(0, L)] = jnp.where(_causal(L), acc, 0.0)
 
     @pl.when(jnp.logical_not(dense))
@@ -293,18 +300,11 @@ def _fwd_a_rows(q_ref, k_ref, b_ref, c_ref, a_ref, bi, r, h, t0, *, st: CoreStat
     ns = L // SUB
     ri = _rows(t0, bi)
     whole = pl.ds(0, st.key_dim)
-    dt = q_ref.dtype
     dense = _diag_dense(b_ref, c_ref, r, h, t0, bi, whole)
 
     @pl.when(dense)
     def _diag_matmul():
-        acc = jnp.zeros((SUB, SUB), F32)
-        for ik in range(st.key_dim // BK):
-            ks = pl.ds(ik * BK, BK)
-            e_q, e_k = _diag_factors(b_ref, c_ref, r, h, t0, bi, ks,
-                                     _load_b(b_ref, c_ref, r, ri, h, ks))
-            acc += _diag_dot(q_ref[r, ri, h, ks].astype(F32) * e_q,
-                             k_ref[r, ri, h, ks].astype(F32) * e_k, exact=dt == F32, tb=True)
+        acc = _factored_scores(q_ref, k_ref, b_ref, c_ref, r, h, ri, t0 + bi * SUB, st)
         a_ref[r, ri, h, pl.ds(bi * SUB, SUB)] = jnp.where(_causal(SUB), acc, 0.0)
 
     @pl.when(jnp.logical_not(dense))
@@ -471,6 +471,14 @@ def _sub_chunk_of(st: CoreStatic):
     return ik, bi, c, r, h, t0, pl.ds(ik * st.block_k, st.block_k), _rows(t0, bi)
 
 
+def _chunk_block(st: CoreStatic):
+    """``(r, h, rows, ks)`` of a program on a ``[K blocks, chunks, rows x heads]`` grid: its
+    row and head, its chunk's token rows and its key dims."""
+    r, h = _row_col(st)
+    return (r, h, pl.ds(pl.program_id(1) * st.chunk, st.chunk),
+            pl.ds(pl.program_id(0) * st.block_k, st.block_k))
+
+
 def _factored_grads(da: Array, qf: Array, kf: Array, e_q: Array, e_k: Array,
                     exact: bool) -> tuple[Array, Array, Array]:
     """``(dd, dq, dk)`` of one factored block: ``da [n, n]`` (zero above the diagonal),
@@ -519,9 +527,8 @@ def _bwd_dqk_kernel(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, c_ref, da
     """
     L = st.chunk
     ik, c = pl.program_id(0), pl.program_id(1)
-    r, h = _row_col(st)
+    r, h, rows, ks = _chunk_block(st)
     t0 = c * L
-    rows, ks = pl.ds(t0, L), pl.ds(ik * st.block_k, st.block_k)
     dense = _dense_over(b_ref, c_ref, r, h, t0, t0 + L - 1, ks)
     exact = q_ref.dtype == F32
 
@@ -529,8 +536,7 @@ def _bwd_dqk_kernel(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, c_ref, da
     def _whole_chunk():
         b = _load_b(b_ref, c_ref, r, rows, h, ks)  # [L, BK]
         b_last = _load_b(b_ref, c_ref, r, t0 + L - 1, h, ks)  # [BK]
-        x = _gap(b, _load_b(b_ref, c_ref, r, t0, h, ks))  # <= 0
-        e_q, e_k = exp_approx(x), exp_approx(-x)
+        e_q, e_k = _factors(b_ref, c_ref, r, h, t0, ks, b)
         qf, kf = q_ref[r, rows, h, ks].astype(F32), k_ref[r, rows, h, ks].astype(F32)
         dd, dq, dk = _factored_grads(da_ref[r, rows, h, pl.ds(0, L)], qf, kf, e_q, e_k, exact)
         acc_q, acc_k, hdh = _inter_chunk(do_ref, v_ref, h_ref, dh_ref, r, c, h, rows, ks, st,
@@ -580,7 +586,7 @@ def _bwd_dqk_rows(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, c_ref, da_r
     # pairs i > j: dq_i += e^{b_i - b_0} sum_j dA_ij k_j e^{b_0 - b_j},
     # dk_j += e^{b_0 - b_j} sum_i dA_ij q_i e^{b_i - b_0}; i == j (dd) to dq, dk only
     dense = _diag_dense(b_ref, c_ref, r, h, t0, bi, ks)
-    e_q, e_k = _diag_factors(b_ref, c_ref, r, h, t0, bi, ks, b)
+    e_q, e_k = _factors(b_ref, c_ref, r, h, t0 + bi * SUB, ks, b)
     dd, dq, dk = _factored_grads(da_ref[r, ri, h, pl.ds(bi * SUB, SUB)], qf, kf, e_q, e_k,
                                  dt == F32)
     dd, dq, dk = (jnp.where(dense, x, 0.0) for x in (dd, dq, dk))
@@ -729,10 +735,7 @@ def gla_backward(st: CoreStatic, res, do, dfinal):
 
 def _sums_kernel(g_ref, hi_ref, lo_ref, *, st: CoreStatic):
     """One chunk's inclusive in-chunk sums of the log-gates, compensated (``[L, BK]`` tile)."""
-    L, BK = st.chunk, st.block_k
-    ik, c = pl.program_id(0), pl.program_id(1)
-    r, h = _row_col(st)
-    rows, ks = pl.ds(c * L, L), pl.ds(ik * BK, BK)
+    r, h, rows, ks = _chunk_block(st)
     # log-gates floored (LOG_GATE_FLOOR: -inf, a zero gate, would make TwoSum NaN); here rather
     # than in the glue, where it was a pass of its own over the [B, T, H, K] gates
     hi, lo = compensated_cumsum(jnp.maximum(g_ref[r, rows, h, ks], LOG_GATE_FLOOR), axis=0)
@@ -767,13 +770,11 @@ def _dg_kernel(p_ref, pk_ref, dg_ref, *, st: CoreStatic):
     subtraction (``sum_{j <= t} - pk_t`` cancels: under strong decay the last row's ``pk``
     is O(1) while ``dg`` is ~e^-20).
     """
-    L, BK = st.chunk, st.block_k
-    ik, c = pl.program_id(0), pl.program_id(1)
-    r, h = _row_col(st)
-    rows, ks = pl.ds(c * L, L), pl.ds(ik * BK, BK)
+    r, h, rows, ks = _chunk_block(st)
     p = p_ref[r, rows, h, ks]
-    before = jnp.where(_iota((L, BK), 0) == 0, 0.0, pk_ref[r, rows, h, ks])
-    ones = jnp.ones((L, BK), F32)
+    tile = (st.chunk, st.block_k)
+    before = jnp.where(_iota(tile, 0) == 0, 0.0, pk_ref[r, rows, h, ks])
+    ones = jnp.ones(tile, F32)
     dg_ref[r, rows, h, ks] = (linear_scan(ones, p, axis=0, reverse=True)[1]
                               + linear_scan(ones, before, axis=0)[1])
 
