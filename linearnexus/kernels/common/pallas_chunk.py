@@ -78,6 +78,11 @@ class CoreStatic:
             ``q k^T`` is computed once per chunk, not once per value block (par_block_k: 64
             for the gated delta rule or K = 256, see ``pallas_ops.par_block_k``).
         interpret: Pallas interpret mode (off a GPU).
+        packed: rows hold packed sequences (``cu_seqlens``), which open and close at any
+            chunk; False for batch rows, one sequence each from the first chunk to the last,
+            whose walks then load the initial state (or the final state's gradient) before
+            their loop and store the final state (or ``dh0``) after it, instead of a
+            masked load and store at every chunk.
     """
 
     gate: str
@@ -99,6 +104,7 @@ class CoreStatic:
     par_block_k: int = 64
     par_block_v: int = 64
     par_warps: int = 4
+    packed: bool = True
 
 
 def default_config(*, rows: int, heads: int, key_dim: int, value_dim: int, delta: bool,
@@ -170,12 +176,36 @@ def _chunk_entry(seq_ref, flag_ref, r, c):
     return seq_ref[r, c], (flag & 1) == 1, (flag & 2) == 2
 
 
+def _state_where(ref, seq, h, ks, vs, pick, state):
+    """``ref[seq, h, ks, vs]`` (a per-sequence state or its gradient, float32) where ``pick``,
+    else ``state``. The load is masked by ``pick``: a walk asks for it at every chunk but
+    needs it at one, and an unmasked ``[K, V]`` load per chunk was the largest load of the
+    delta rules' ``bwd_dh`` (16 KB of 72 KB a step at K = 128, block_v = 32)."""
+    mask = jnp.broadcast_to(pick, state.shape)
+    return jnp.where(pick, plt.load(ref.at[seq, h, ks, vs], mask=mask, other=0.0).astype(F32), state)
+
+
+def _row_start(st: CoreStatic, ref, seq_ref, r, h, ks, vs, shape) -> Array:
+    """A walk's first carry: for a batch row, its sequence's ``ref`` block (an initial state,
+    or the final state's gradient; None: zeros), loaded once before the loop; for packed rows
+    zeros (the walk loads each sequence's block at the chunk that needs it)."""
+    if st.packed or ref is None:
+        return jnp.zeros(shape, F32)
+    return ref[seq_ref[r, 0], h, ks, vs].astype(F32)
+
+
+def _row_end(st: CoreStatic, ref, seq_ref, r, h, ks, vs, carry) -> None:
+    """After a batch row's walk, store its last carry (the final state, or ``dh0``)."""
+    if not st.packed:
+        ref[seq_ref[r, 0], h, ks, vs] = carry.astype(ref.dtype)
+
+
 def _entering_state(st: CoreStatic, h0_ref, seq, h, ks, vs, starts, state):
     """The forward walk's state entering a chunk: the sequence's initial state (or zeros)
     where the chunk opens its sequence, else the carried ``state``."""
-    bk, bv = state.shape
-    start = h0_ref[seq, h, ks, vs].astype(F32) if st.has_h0 else jnp.zeros((bk, bv), F32)
-    return jnp.where(starts, start, state)
+    if st.has_h0:
+        return _state_where(h0_ref, seq, h, ks, vs, starts, state)
+    return jnp.where(starts, 0.0, state)
 
 
 def _call(kernel, st: CoreStatic, grid, out_shape, *args, parallel: bool = False,
@@ -211,26 +241,35 @@ def _fwd_h_kernel(*refs, st: CoreStatic):
 
     def body(c, state):
         t0 = c * L
-        seq, reset, last = _chunk_entry(seq_ref, flag_ref, r, c)
-        state = _entering_state(st, h0_ref, seq, h, ks, vs, reset, state)
+        if st.packed:
+            seq, reset, last = _chunk_entry(seq_ref, flag_ref, r, c)
+            state = _entering_state(st, h0_ref, seq, h, ks, vs, reset, state)
         h_ref[r, c, h, ks, vs] = state.astype(h_ref.dtype)
         k = k_ref[r, pl.ds(t0, L), h, ks]  # [L, BK]
         v = v_ref[r, pl.ds(t0, L), h, vs]  # [L, BV]
+        if st.gate == "scalar":
+            b = b_ref[r, pl.ds(t0, L), h]  # [L]
+            b_last = b_ref[r, pl.ds(t0 + L - 1, 1), h]  # [1]
         if st.delta:
             w = w_ref[r, pl.ds(t0, L), h, ks]  # [L, K] (BK == K)
             vn = v.astype(F32) - _dot(w, state.astype(w.dtype))
             vn_ref[r, pl.ds(t0, L), h, vs] = vn.astype(vn_ref.dtype)
+            # the decay goes on vn's rows (float32 in registers already), not on k's: k's
+            # tile then feeds the matmul straight from its asynchronous copy (module doc)
+            if st.gate == "scalar":
+                vn = vn * exp_approx(b_last - b)[:, None]
             v = vn.astype(k.dtype)
-        if st.gate == "scalar":
-            b = b_ref[r, pl.ds(t0, L), h]  # [L]
-            b_last = b_ref[r, pl.ds(t0 + L - 1, 1), h]  # [1]
+        elif st.gate == "scalar":
             k = (k.astype(F32) * exp_approx(b_last - b)[:, None]).astype(k.dtype)
+        if st.gate == "scalar":
             state = state * exp_approx(b_last)[:, None]
         state = state + _dot(k, v, ta=True)
-        plt.store(final_ref.at[seq, h, ks, vs], state, mask=jnp.broadcast_to(last, (BK, BV)))
+        if st.packed:
+            plt.store(final_ref.at[seq, h, ks, vs], state, mask=jnp.broadcast_to(last, (BK, BV)))
         return state
 
-    jax.lax.fori_loop(0, st.n_chunks, body, jnp.zeros((BK, BV), F32))
+    start = _row_start(st, h0_ref, seq_ref, r, h, ks, vs, (BK, BV))
+    _row_end(st, final_ref, seq_ref, r, h, ks, vs, jax.lax.fori_loop(0, st.n_chunks, body, start))
 
 
 def _fwd_o_kernel(*refs, st: CoreStatic):
@@ -346,21 +385,27 @@ def _bwd_dh_kernel(*refs, st: CoreStatic):
     def body(i, ds):
         c = st.n_chunks - 1 - i
         t0 = c * L
-        seq, reset, last = _chunk_entry(seq_ref, flag_ref, r, c)
-        ds = jnp.where(last, dht_ref[seq, h, ks, vs], ds)
+        if st.packed:
+            seq, reset, last = _chunk_entry(seq_ref, flag_ref, r, c)
+            ds = _state_where(dht_ref, seq, h, ks, vs, last, ds)
         dh_ref[r, c, h, ks, vs] = ds.astype(dh_ref.dtype)
         q = q_ref[r, pl.ds(t0, L), h, ks]
         do = do_ref[r, pl.ds(t0, L), h, vs]
         if st.gate == "scalar":
             b = b_ref[r, pl.ds(t0, L), h]
             b_last = b_ref[r, pl.ds(t0 + L - 1, 1), h]
-            q = (q.astype(F32) * exp_approx(b)[:, None]).astype(q.dtype)
+            # the delta rules decay do's [L, BV] rows, not q's [L, K] ones (as in fwd_h)
+            if st.delta:
+                do = (do.astype(F32) * exp_approx(b)[:, None]).astype(do.dtype)
+            else:
+                q = (q.astype(F32) * exp_approx(b)[:, None]).astype(q.dtype)
         nxt = _dot(q, do, ta=True) * st.scale
         if st.delta:
             k = k_ref[r, pl.ds(t0, L), h, ks]
+            kds = _dot(k, ds.astype(k.dtype))
             if st.gate == "scalar":
-                k = (k.astype(F32) * exp_approx(b_last - b)[:, None]).astype(k.dtype)
-            dvn = dvi_ref[r, pl.ds(t0, L), h, vs].astype(F32) + _dot(k, ds.astype(k.dtype))
+                kds = kds * exp_approx(b_last - b)[:, None]
+            dvn = dvi_ref[r, pl.ds(t0, L), h, vs].astype(F32) + kds
             dvn_ref[r, pl.ds(t0, L), h, vs] = dvn.astype(dvn_ref.dtype)
             w = w_ref[r, pl.ds(t0, L), h, ks]
             nxt -= _dot(w, dvn.astype(w.dtype), ta=True)
@@ -368,10 +413,12 @@ def _bwd_dh_kernel(*refs, st: CoreStatic):
             nxt += ds * exp_approx(b_last)[:, None]
         else:
             nxt += ds
-        plt.store(dh0_ref.at[seq, h, ks, vs], nxt, mask=jnp.broadcast_to(reset, (BK, BV)))
+        if st.packed:
+            plt.store(dh0_ref.at[seq, h, ks, vs], nxt, mask=jnp.broadcast_to(reset, (BK, BV)))
         return nxt
 
-    jax.lax.fori_loop(0, st.n_chunks, body, jnp.zeros((BK, BV), F32))
+    start = _row_start(st, dht_ref, seq_ref, r, h, ks, vs, (BK, BV))
+    _row_end(st, dh0_ref, seq_ref, r, h, ks, vs, jax.lax.fori_loop(0, st.n_chunks, body, start))
 
 
 def _bwd_dqk_kernel(*refs, st: CoreStatic):

@@ -113,7 +113,7 @@ def _static(cfg: TritonConfig, *, gate, delta, has_h0, scale, plan, heads, key_d
                       num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret_mode(),
                       par_block_k=cfg.par_block_k or par_block_k(key_dim, delta=delta,
                                                                  gated=gate == "scalar"),
-                      par_block_v=min(value_dim, 128), par_warps=PAR_WARPS)
+                      par_block_v=min(value_dim, 128), par_warps=PAR_WARPS, packed=plan.packed)
 
 
 def par_block_k(key_dim: int, *, delta: bool, gated: bool) -> int:
@@ -126,6 +126,12 @@ def par_block_k(key_dim: int, *, delta: bool, gated: bool) -> int:
     thread, against 0.49 ms ungated), at (1, 8192, 96, 128) 7.30 -> 6.20 ms; the ungated rule
     is faster whole (2.85 vs 2.91 ms); at K = 256 10.4 -> 10.0 ms (ungated), 13.3 -> 11.8 ms
     (gated). ``TritonConfig(par_block_k=...)`` overrides it.
+
+    Eight warps for ``bwd_dqk`` remove its spills (194 registers, none, where 4 warps compile
+    to 255 and 192 bytes of spills) but were slower on the H200 (session 8, fwd+bwd at
+    (2, 16384, 16, 128): ``bwd_dqk`` 0.50 -> 0.64 ms ungated, 0.77 -> 1.20 ms gated; whole op
+    2.64 -> 2.77 / 2.87 -> 3.28 ms), and the gated rule at K blocks of 128 with 8 warps was
+    slower too (3.20 ms): all parallel kernels keep 4 warps.
     """
     if delta and (gated or key_dim >= 256):
         return min(key_dim, 64)

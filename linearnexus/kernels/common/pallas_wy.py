@@ -7,9 +7,10 @@ Per chunk of L tokens (``kernels/common/delta.py`` has the derivation)::
 
 ``M`` is unit lower triangular. The forward kernel builds ``M^{-1}`` from 16 x 16 blocks:
 each diagonal block is inverted exactly by a product of 4 factors (``a`` is nilpotent), the
-blocks below by block substitution, and ``M^{-1}`` is stored (``[R, TP, H, L]``, in k's
-dtype: float32 for float32 inputs) for the backward, which then needs only whole-chunk
-products::
+blocks below by block substitution. ``M^{-1}`` is written to a float32 scratch and read back
+as one ``[L, L]`` tile for ``w`` and ``u`` (whole-chunk products), and stored
+(``[R, TP, H, L]``, in k's dtype: float32 for float32 inputs) for the backward, which then
+needs only whole-chunk products::
 
     X = dw kbe^T + du vb^T  (kbe = beta e^b k, vb = beta v),   dA = -M^{-T} X M^{-T}
 
@@ -28,6 +29,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
 
 from linearnexus.core.types import Array
 from linearnexus.kernels.common.pallas import compiler_params
@@ -85,35 +87,45 @@ def _unit_lower_inverse(a, eye, st: WyStatic):
     return _dot(p, eye + a8, st, exact=True)
 
 
+def _barrier(st: WyStatic) -> None:
+    """Make every thread's stores to global memory visible to the whole program's loads after
+    it (``__syncthreads``); interpret mode runs a program in order and needs none."""
+    if not st.interpret:
+        plt.debug_barrier()
+
+
 def _wy_fwd_kernel(*refs, st: WyStatic):
     if st.gated:
-        k_ref, v_ref, beta_ref, b_ref, w_ref, u_ref, m_ref = refs
+        k_ref, v_ref, beta_ref, b_ref, w_ref, u_ref, m_ref, *work = refs
     else:
-        k_ref, v_ref, beta_ref, w_ref, u_ref, m_ref = refs
+        k_ref, v_ref, beta_ref, w_ref, u_ref, m_ref, *work = refs
         b_ref = None
+    # work_ref: float32 [R, TP, H, L] scratch where A is parked and M^{-1} read back; for
+    # float32 inputs that is m_ref itself, for 16-bit ones a buffer of its own (m_ref keeps
+    # the inputs' dtype for the backward: a float32 M^{-1} there pushed the backward kernel
+    # to twice the register spills and cost 0.03-0.06 ms of forward + backward on the H200)
+    work_ref = work[0] if work else m_ref
     c, rh = pl.program_id(0), pl.program_id(1)
     r, h = rh // st.heads, rh % st.heads
     t0 = c * st.chunk
     nb = st.chunk // SUB
     row, col = _iota2(SUB)
     eye = (row == col).astype(F32)
-    ks, betas, bs = [], [], []
-    for i in range(nb):
-        rows = pl.ds(t0 + i * SUB, SUB)
-        ks.append(k_ref[r, rows, h, :])
-        betas.append(beta_ref[r, rows, h].astype(F32))
-        bs.append(b_ref[r, rows, h] if st.gated else None)
-    # blocks of A (rows i, cols j <= i)
-    a = {}
-    for i in range(nb):
-        for j in range(i + 1):
-            blk = _dot(ks[i], ks[j], st, tb=True) * betas[i][:, None]
-            if st.gated:
-                diff = bs[i][:, None] - bs[j][None, :]
-                blk = blk * exp_approx(jnp.where(row > col, diff, 0.0) if i == j else diff)
-            if i == j:
-                blk = jnp.where(row > col, blk, 0.0)
-            a[i, j] = blk
+    rows = pl.ds(t0, st.chunk)
+    beta = beta_ref[r, rows, h].astype(F32)  # [L]
+    b = b_ref[r, rows, h] if st.gated else None
+    # A as one [L, L] product (ten 16-row products of K columns before), parked in work_ref
+    # (M^{-1} overwrites it below) and read back in 16 x 16 blocks: Pallas cannot slice values
+    k = k_ref[r, rows, h, :]
+    full_row, full_col = _iota2(st.chunk)
+    if st.gated:
+        decay = exp_approx(jnp.where(full_row > full_col, b[:, None] - b[None, :], -jnp.inf))
+    else:
+        decay = jnp.where(full_row > full_col, 1.0, 0.0)
+    work_ref[r, rows, h, :] = _dot(k, k, st, tb=True) * beta[:, None] * decay
+    _barrier(st)
+    a = {(i, j): work_ref[r, pl.ds(t0 + i * SUB, SUB), h, pl.ds(j * SUB, SUB)]
+         for i in range(nb) for j in range(i + 1)}
     minv = {}
     for i in range(nb):
         minv[i, i] = _unit_lower_inverse(a[i, i], eye, st)
@@ -124,22 +136,26 @@ def _wy_fwd_kernel(*refs, st: WyStatic):
             for m in range(j, i):
                 acc += _dot(a[i, m], minv[m, j], st, exact=True)
             minv[i, j] = -_dot(minv[i, i], acc, st, exact=True)
+    # every thread has used its blocks of A (so its loads are done) before M^{-1} replaces it
+    _barrier(st)
     for i in range(nb):
-        rows = pl.ds(t0 + i * SUB, SUB)
-        w_acc = jnp.zeros((SUB, st.key_dim), F32)
-        u_acc = jnp.zeros((SUB, st.value_dim), F32)
         for j in range(nb):
-            if j > i:
-                m_ref[r, rows, h, pl.ds(j * SUB, SUB)] = jnp.zeros((SUB, SUB), m_ref.dtype)
-                continue
-            m_ref[r, rows, h, pl.ds(j * SUB, SUB)] = minv[i, j].astype(m_ref.dtype)
-            scale = betas[j] * exp_approx(bs[j]) if st.gated else betas[j]
-            kbe = ks[j].astype(F32) * scale[:, None]
-            vb = v_ref[r, pl.ds(t0 + j * SUB, SUB), h, :].astype(F32) * betas[j][:, None]
-            w_acc += _dot(minv[i, j], kbe, st)
-            u_acc += _dot(minv[i, j], vb, st)
-        w_ref[r, rows, h, :] = w_acc.astype(w_ref.dtype)
-        u_ref[r, rows, h, :] = u_acc.astype(u_ref.dtype)
+            blk = minv[i, j] if j <= i else jnp.zeros((SUB, SUB), F32)
+            at = (r, pl.ds(t0 + i * SUB, SUB), h, pl.ds(j * SUB, SUB))
+            work_ref[at] = blk
+            if work:
+                m_ref[at] = blk.astype(m_ref.dtype)
+    # w and u as whole-chunk products with M^{-1} read back as one [L, L] tile (16-row
+    # products with M = 16 run on the small MMA shapes)
+    _barrier(st)
+    minv_all = work_ref[r, rows, h, :]  # [L, L] float32
+    scale = beta * exp_approx(b) if st.gated else beta
+    for dim, src, dst, fac in ((st.key_dim, k_ref, w_ref, scale), (st.value_dim, v_ref, u_ref, beta)):
+        blk = min(dim, 64)  # 64 columns: float32 operands of 256 columns overflow shared memory
+        for j in range(dim // blk):
+            cs = pl.ds(j * blk, blk)
+            x = src[r, rows, h, cs].astype(F32) * fac[:, None]
+            dst[r, rows, h, cs] = _dot(minv_all, x, st).astype(dst.dtype)
 
 
 def _wy_bwd_kernel(*refs, st: WyStatic):
@@ -224,11 +240,14 @@ def _call(kernel, st, out_shape, *args, aliases=None):
 
 def _fwd(st: WyStatic, k, v, beta, g):
     R, TP, H = st.rows, st.n_chunks * st.chunk, st.heads
+    m_dtype = F32 if st.exact else k.dtype
     outs = [jax.ShapeDtypeStruct((R, TP, H, st.key_dim), k.dtype),
             jax.ShapeDtypeStruct((R, TP, H, st.value_dim), k.dtype),
-            jax.ShapeDtypeStruct((R, TP, H, st.chunk), F32 if st.exact else k.dtype)]
+            jax.ShapeDtypeStruct((R, TP, H, st.chunk), m_dtype)]
+    if not st.exact:  # the kernel's float32 scratch (see _wy_fwd_kernel)
+        outs.append(jax.ShapeDtypeStruct((R, TP, H, st.chunk), F32))
     ins = [k, v, beta] + ([in_chunk_cumsum(g, st.chunk)] if st.gated else [])
-    w, u, minv = _call(functools.partial(_wy_fwd_kernel, st=st), st, outs, *ins)
+    w, u, minv = _call(functools.partial(_wy_fwd_kernel, st=st), st, outs, *ins)[:3]
     return (w, u, k), (k, v, beta, g, minv)
 
 
