@@ -12,9 +12,13 @@ with ``b`` the inclusive in-chunk sum of log-gates (0 without a gate) and
 ``Gamma_ij = exp(b_i - b_j)`` for ``j <= i``, else 0. Five kernels:
 
 * ``fwd_h`` (grid ``[K blocks, V blocks, rows x heads]``): walks the chunks of one row in
-  order, stores ``S_c`` for every chunk (and ``vn`` for the delta rules), loads a
-  sequence's initial state at the chunk that starts it, stores its final state at the
-  chunk that ends it.
+  order, stores ``S_c`` for every chunk (and ``vn`` for the delta rules). A batch row (one
+  sequence, ``CoreStatic.packed`` False) loads its initial state before the loop and stores
+  its final state after it; a row of packed sequences loads a sequence's initial state
+  (masked) at the chunk that starts it and stores its final state at the chunk that ends it.
+  For the gated delta rule the decay ``e^{b_L - b}`` multiplies ``vn``'s rows (float32 in
+  registers) instead of ``k``'s, so ``k``'s tile goes from its asynchronous copy straight
+  into the matmul; ``bwd_dh`` likewise decays ``do`` and ``k dS`` instead of ``q`` and ``k``.
 * ``fwd_o`` (grid ``[V blocks, chunks, rows x heads]``): the output, all chunks in parallel.
 * ``bwd_dv`` (same grid): ``dv`` (the intra-chunk part only for the delta rules).
 * ``bwd_dh`` (as ``fwd_h``, chunks in reverse): ``dS`` for every chunk, the initial-state
