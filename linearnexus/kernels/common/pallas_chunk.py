@@ -180,36 +180,44 @@ def _chunk_entry(seq_ref, flag_ref, r, c):
     return seq_ref[r, c], (flag & 1) == 1, (flag & 2) == 2
 
 
-def _state_where(ref, seq, h, ks, vs, pick, state):
-    """``ref[seq, h, ks, vs]`` (a per-sequence state or its gradient, float32) where ``pick``,
-    else ``state``. The load is masked by ``pick``: a walk asks for it at every chunk but
-    needs it at one, and an unmasked ``[K, V]`` load per chunk was the largest load of the
-    delta rules' ``bwd_dh`` (16 KB of 72 KB a step at K = 128, block_v = 32)."""
-    mask = jnp.broadcast_to(pick, state.shape)
-    return jnp.where(pick, plt.load(ref.at[seq, h, ks, vs], mask=mask, other=0.0).astype(F32), state)
+def _walk(st: CoreStatic, seq_ref, flag_ref, r, h, ks, vs, enter_ref, leave_ref, step, *,
+          reverse: bool) -> None:
+    """Run ``carry = step(c, carry)`` over the chunks ``c`` of row ``r`` (last to first when
+    ``reverse``), the carry a ``[BK, BV]`` float32 state (or its gradient).
 
+    The carry enters a sequence as its ``enter_ref`` block (``h0`` forward, ``dht`` backward;
+    None: zeros) and leaves it into ``leave_ref`` (the final state, ``dh0``). A batch row is
+    one sequence from the first chunk to the last: it loads before the loop and stores after
+    it. Rows of packed sequences do it at the chunks that open / close each sequence, the
+    load masked: an unmasked ``[K, V]`` load per chunk was the largest load of the delta
+    rules' ``bwd_dh`` (16 KB of the 72 KB a step at K = 128, block_v = 32) and, with the
+    masked store per chunk, 0.86 -> 0.59 ms of it on an H200 (``docs/gpu_notes.md``).
+    """
+    shape = (st.block_k, st.block_v)
 
-def _row_start(st: CoreStatic, ref, seq_ref, r, h, ks, vs, shape) -> Array:
-    """A walk's first carry: for a batch row, its sequence's ``ref`` block (an initial state,
-    or the final state's gradient; None: zeros), loaded once before the loop; for packed rows
-    zeros (the walk loads each sequence's block at the chunk that needs it)."""
-    if st.packed or ref is None:
-        return jnp.zeros(shape, F32)
-    return ref[seq_ref[r, 0], h, ks, vs].astype(F32)
+    def body(i, carry):
+        c = st.n_chunks - 1 - i if reverse else i
+        if st.packed:
+            seq, starts, ends = _chunk_entry(seq_ref, flag_ref, r, c)
+            enter, leave = (ends, starts) if reverse else (starts, ends)
+            if enter_ref is None:
+                carry = jnp.where(enter, 0.0, carry)
+            else:
+                block = plt.load(enter_ref.at[seq, h, ks, vs], mask=jnp.broadcast_to(enter, shape),
+                                 other=0.0)
+                carry = jnp.where(enter, block.astype(F32), carry)
+        carry = step(c, carry)
+        if st.packed:
+            plt.store(leave_ref.at[seq, h, ks, vs], carry, mask=jnp.broadcast_to(leave, shape))
+        return carry
 
-
-def _row_end(st: CoreStatic, ref, seq_ref, r, h, ks, vs, carry) -> None:
-    """After a batch row's walk, store its last carry (the final state, or ``dh0``)."""
+    if st.packed or enter_ref is None:
+        start = jnp.zeros(shape, F32)
+    else:
+        start = enter_ref[seq_ref[r, 0], h, ks, vs].astype(F32)
+    carry = jax.lax.fori_loop(0, st.n_chunks, body, start)
     if not st.packed:
-        ref[seq_ref[r, 0], h, ks, vs] = carry.astype(ref.dtype)
-
-
-def _entering_state(st: CoreStatic, h0_ref, seq, h, ks, vs, starts, state):
-    """The forward walk's state entering a chunk: the sequence's initial state (or zeros)
-    where the chunk opens its sequence, else the carried ``state``."""
-    if st.has_h0:
-        return _state_where(h0_ref, seq, h, ks, vs, starts, state)
-    return jnp.where(starts, 0.0, state)
+        leave_ref[seq_ref[r, 0], h, ks, vs] = carry.astype(leave_ref.dtype)
 
 
 def _call(kernel, st: CoreStatic, grid, out_shape, *args, parallel: bool = False,
@@ -243,11 +251,8 @@ def _fwd_h_kernel(*refs, st: CoreStatic):
     r, h = _row_col(st)
     ks, vs = pl.ds(ik * BK, BK), pl.ds(iv * BV, BV)
 
-    def body(c, state):
+    def step(c, state):
         t0 = c * L
-        if st.packed:
-            seq, reset, last = _chunk_entry(seq_ref, flag_ref, r, c)
-            state = _entering_state(st, h0_ref, seq, h, ks, vs, reset, state)
         h_ref[r, c, h, ks, vs] = state.astype(h_ref.dtype)
         k = k_ref[r, pl.ds(t0, L), h, ks]  # [L, BK]
         v = v_ref[r, pl.ds(t0, L), h, vs]  # [L, BV]
@@ -267,13 +272,9 @@ def _fwd_h_kernel(*refs, st: CoreStatic):
             k = (k.astype(F32) * exp_approx(b_last - b)[:, None]).astype(k.dtype)
         if st.gate == "scalar":
             state = state * exp_approx(b_last)[:, None]
-        state = state + _dot(k, v, ta=True)
-        if st.packed:
-            plt.store(final_ref.at[seq, h, ks, vs], state, mask=jnp.broadcast_to(last, (BK, BV)))
-        return state
+        return state + _dot(k, v, ta=True)
 
-    start = _row_start(st, h0_ref, seq_ref, r, h, ks, vs, (BK, BV))
-    _row_end(st, final_ref, seq_ref, r, h, ks, vs, jax.lax.fori_loop(0, st.n_chunks, body, start))
+    _walk(st, seq_ref, flag_ref, r, h, ks, vs, h0_ref, final_ref, step, reverse=False)
 
 
 def _fwd_o_kernel(*refs, st: CoreStatic):
@@ -386,12 +387,8 @@ def _bwd_dh_kernel(*refs, st: CoreStatic):
     r, h = _row_col(st)
     ks, vs = pl.ds(ik * BK, BK), pl.ds(iv * BV, BV)
 
-    def body(i, ds):
-        c = st.n_chunks - 1 - i
+    def step(c, ds):
         t0 = c * L
-        if st.packed:
-            seq, reset, last = _chunk_entry(seq_ref, flag_ref, r, c)
-            ds = _state_where(dht_ref, seq, h, ks, vs, last, ds)
         dh_ref[r, c, h, ks, vs] = ds.astype(dh_ref.dtype)
         q = q_ref[r, pl.ds(t0, L), h, ks]
         do = do_ref[r, pl.ds(t0, L), h, vs]
@@ -414,15 +411,10 @@ def _bwd_dh_kernel(*refs, st: CoreStatic):
             w = w_ref[r, pl.ds(t0, L), h, ks]
             nxt -= _dot(w, dvn.astype(w.dtype), ta=True)
         if st.gate == "scalar":
-            nxt += ds * exp_approx(b_last)[:, None]
-        else:
-            nxt += ds
-        if st.packed:
-            plt.store(dh0_ref.at[seq, h, ks, vs], nxt, mask=jnp.broadcast_to(reset, (BK, BV)))
-        return nxt
+            return nxt + ds * exp_approx(b_last)[:, None]
+        return nxt + ds
 
-    start = _row_start(st, dht_ref, seq_ref, r, h, ks, vs, (BK, BV))
-    _row_end(st, dh0_ref, seq_ref, r, h, ks, vs, jax.lax.fori_loop(0, st.n_chunks, body, start))
+    _walk(st, seq_ref, flag_ref, r, h, ks, vs, dht_ref, dh0_ref, step, reverse=True)
 
 
 def _bwd_dqk_kernel(*refs, st: CoreStatic):

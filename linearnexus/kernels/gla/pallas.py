@@ -87,7 +87,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
 
 from linearnexus.core.types import Array
 from linearnexus.kernels.common.pallas import TritonConfig
@@ -95,14 +94,10 @@ from linearnexus.kernels.common.pallas_chunk import (
     CoreStatic,
     _call,
     _causal,
-    _chunk_entry,
     _dot,
-    _entering_state,
     _has_chunk,
     _row_col,
-    _row_end,
-    _row_start,
-    _state_where,
+    _walk,
     chunk_layout_info,
 )
 from linearnexus.kernels.common.pallas_ops import (
@@ -354,23 +349,16 @@ def _fwd_h_kernel(k_ref, v_ref, b_ref, c_ref, *refs, st: CoreStatic):
     r, h = _row_col(st)
     ks, vs = pl.ds(ik * BK, BK), pl.ds(iv * BV, BV)
 
-    def body(c, state):
+    def step(c, state):
         t0 = c * L
-        if st.packed:
-            seq, reset, last = _chunk_entry(seq_ref, flag_ref, r, c)
-            state = _entering_state(st, h0_ref, seq, h, ks, vs, reset, state)
         h_ref[r, c, h, ks, vs] = state.astype(h_ref.dtype)
         b = _load_b(b_ref, c_ref, r, pl.ds(t0, L), h, ks)  # [L, BK]
         b_last = _load_b(b_ref, c_ref, r, t0 + L - 1, h, ks)  # [BK]
         k = _scaled(k_ref[r, pl.ds(t0, L), h, ks], _gap(b_last, b))
         v = v_ref[r, pl.ds(t0, L), h, vs]
-        state = state * exp_approx(b_last[0])[:, None] + _dot(k, v, ta=True)
-        if st.packed:
-            plt.store(final_ref.at[seq, h, ks, vs], state, mask=jnp.broadcast_to(last, (BK, BV)))
-        return state
+        return state * exp_approx(b_last[0])[:, None] + _dot(k, v, ta=True)
 
-    start = _row_start(st, h0_ref, seq_ref, r, h, ks, vs, (BK, BV))
-    _row_end(st, final_ref, seq_ref, r, h, ks, vs, jax.lax.fori_loop(0, st.n_chunks, body, start))
+    _walk(st, seq_ref, flag_ref, r, h, ks, vs, h0_ref, final_ref, step, reverse=False)
 
 
 def _fwd_o_kernel(q_ref, v_ref, h_ref, b_ref, a_ref, o_ref, *, st: CoreStatic):
@@ -418,23 +406,15 @@ def _bwd_dh_kernel(q_ref, do_ref, b_ref, dht_ref, seq_ref, flag_ref, dh_ref, dh0
     r, h = _row_col(st)
     ks, vs = pl.ds(ik * BK, BK), pl.ds(iv * BV, BV)
 
-    def body(i, ds):
-        c = st.n_chunks - 1 - i
+    def step(c, ds):
         t0 = c * L
-        if st.packed:
-            seq, reset, last = _chunk_entry(seq_ref, flag_ref, r, c)
-            ds = _state_where(dht_ref, seq, h, ks, vs, last, ds)
         dh_ref[r, c, h, ks, vs] = ds.astype(dh_ref.dtype)
         q = _scaled(q_ref[r, pl.ds(t0, L), h, ks], b_ref[r, pl.ds(t0, L), h, ks])
         do = do_ref[r, pl.ds(t0, L), h, vs]
         b_last = b_ref[r, t0 + L - 1, h, ks]
-        nxt = _dot(q, do, ta=True) * st.scale + ds * exp_approx(b_last)[:, None]
-        if st.packed:
-            plt.store(dh0_ref.at[seq, h, ks, vs], nxt, mask=jnp.broadcast_to(reset, (BK, BV)))
-        return nxt
+        return _dot(q, do, ta=True) * st.scale + ds * exp_approx(b_last)[:, None]
 
-    start = _row_start(st, dht_ref, seq_ref, r, h, ks, vs, (BK, BV))
-    _row_end(st, dh0_ref, seq_ref, r, h, ks, vs, jax.lax.fori_loop(0, st.n_chunks, body, start))
+    _walk(st, seq_ref, flag_ref, r, h, ks, vs, dht_ref, dh0_ref, step, reverse=True)
 
 
 def _bwd_da_kernel(do_ref, v_ref, da_ref, *, st: CoreStatic):
