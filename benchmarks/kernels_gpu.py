@@ -39,7 +39,7 @@ What it does
    the host. Thresholds: bf16 inputs: outputs/states <= 5e-3, gradients <= 1e-2 (bf16 keeps
    8 bits: rounding alone gives ~1e-3); float32: 1e-4 / 1e-3. NaN fails. In the bf16 case q,
    k, v, beta are bf16 while g and initial_state stay float32 (as FLA's tests and models).
-   Same for the Mamba-1 selective scan (pallas vs naive).
+   Same for the Mamba-1 selective scan (pallas vs naive, dense and packed).
 4. Timing (bf16, K = V = D) of the forward and of forward+backward (the gradient of
    ``sum(o * do)`` w.r.t. all inputs incl. gates) for LinearNexus (``jax.jit`` of the api
    call, backend="pallas", mode="chunk", the op's default chunk size unless ``--chunk-size``)
@@ -542,38 +542,46 @@ def mamba_inputs(key: jax.Array, B: int, T: int, D: int, N: int, dtype: Any) -> 
     }
 
 
-def mamba_call(backend: str, extra: dict) -> Callable:
+def mamba_call(backend: str, extra: dict, cu_seqlens: jax.Array | None = None) -> Callable:
     from linearnexus.kernels.mamba.api import selective_scan
 
     def run(args: dict, h0: jax.Array | None, final: bool):
         return selective_scan(args["x"], args["dt"], args["A"], args["B"], args["C"], D=args["D"],
                               z=args["z"], dt_bias=args["dt_bias"], dt_softplus=True,
-                              initial_state=h0, output_final_state=final, backend=backend, **extra)
+                              initial_state=h0, output_final_state=final, backend=backend,
+                              cu_seqlens=cu_seqlens, **extra)
     return run
 
 
-def check_mamba(dtype_name: str, key: jax.Array, shape: tuple[int, ...], ref_cache: dict) -> dict:
+def check_mamba(dtype_name: str, case: str, key: jax.Array, shape: tuple[int, ...],
+                cu: tuple[int, ...], ref_cache: dict) -> dict:
+    """pallas vs naive for the selective scan: y, final state(s), every gradient; ``case``
+    "packed" runs B=1 with ``cu_seqlens`` ``cu`` (one initial / final state per sequence)."""
     B, T, D, N = shape
+    cu_arr = None
+    if case == "packed":
+        B, cu_arr = 1, jnp.asarray(np.asarray(cu, np.int32))
+    n_states = B if cu_arr is None else len(cu) - 1
     dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
     k1, k2, k3, k4 = jax.random.split(key, 4)
     inputs = mamba_inputs(k1, B, T, D, N, dtype)
-    h0 = 0.1 * jax.random.normal(k2, (B, D, N), jnp.float32)
+    h0 = 0.1 * jax.random.normal(k2, (n_states, D, N), jnp.float32)
     dy = jax.random.normal(k3, (B, T, D), jnp.float32)
-    dht = jax.random.normal(k4, (B, D, N), jnp.float32)
+    dht = jax.random.normal(k4, (n_states, D, N), jnp.float32)
 
     def make(backend: str, extra: dict) -> Callable:
-        run = mamba_call(backend, extra)
+        run = mamba_call(backend, extra, cu_arr)
 
         def loss(args, h0, dy, dht):
             y, ht = run(args, h0, True)
             return jnp.sum(y.astype(jnp.float32) * dy) + jnp.sum(ht * dht), (y, ht)
         return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
 
-    if "mamba" not in ref_cache:
-        ref_cache["mamba"] = make("naive", {})
+    if ("mamba", case) not in ref_cache:
+        ref_cache[("mamba", case)] = make("naive", {})
     args32 = {n: a.astype(jnp.float32) for n, a in inputs.items()}
     with jax.default_matmul_precision("highest"):
-        (ref_g, ref_h0), (ref_y, ref_ht) = ref_cache["mamba"](args32, h0, dy, dht)
+        (ref_g, ref_h0), (ref_y, ref_ht) = ref_cache[("mamba", case)](args32, h0, dy, dht)
     (g, g_h0), (y, ht) = make("pallas", {"mode": "chunk"})(inputs, h0, dy, dht)
     errors = {"y": rel_err(y, ref_y), "ht": rel_err(ht, ref_ht)}
     for name in inputs:
@@ -595,8 +603,7 @@ def run_checks(ops: list[str], quick: bool, chunk_size: int | None, do_mamba: bo
     seed = 1000
     jobs: list[tuple[str, str, str]] = [(op, dt, case) for op in ops for dt, case in cases]
     if do_mamba:
-        mamba_dtypes = ("bfloat16",) if quick else ("float32", "bfloat16")
-        jobs += [("selective_scan", dt, "dense") for dt in mamba_dtypes]
+        jobs += [("selective_scan", dt, case) for dt, case in cases]
     for op, dtype_name, case in jobs:
         seed += 1
         key = jax.random.PRNGKey(seed)
@@ -605,8 +612,10 @@ def run_checks(ops: list[str], quick: bool, chunk_size: int | None, do_mamba: bo
         try:
             if op == "selective_scan":
                 mshape = MAMBA_CHECK_GPU if on_gpu() else MAMBA_CHECK_CPU
-                row = check_mamba(dtype_name, key, mshape, ref_cache)
-                row["shape"] = list(mshape)
+                row = check_mamba(dtype_name, case, key, mshape, cu, ref_cache)
+                row["shape"] = [1 if case == "packed" else mshape[0], *mshape[1:]]
+                if case == "packed":
+                    row["cu_seqlens"] = list(cu)
             else:
                 row = check_linear(op, dtype_name, case, key, shape, cu, chunk_size, ref_cache)
                 row["shape"] = [1 if case == "packed" else shape[0], *shape[1:]]

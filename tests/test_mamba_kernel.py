@@ -219,3 +219,88 @@ def test_bad_inputs_name_the_argument(key):
         selective_scan(x, dt, A, B, C, mode="parallel")
     with pytest.raises(ValueError, match=r"backend: mamba has no backend 'triton'"):
         selective_scan(x, dt, A, B, C, backend="triton")
+
+
+# packed sequences: an empty one, one ending on a 16-step chunk boundary (16 + 16), one that
+# is shorter than a chunk and a long one
+CU = (0, 16, 16, 32, 37, 70)
+
+
+def packed_inputs(key, dtype=jnp.float32):
+    x, dt, A, B, C, D, z, _ = make_inputs(key, batch=1, seq=CU[-1], dtype=dtype)
+    h0 = jax.random.normal(jax.random.fold_in(key, 9), (len(CU) - 1, x.shape[2], A.shape[1]))
+    return x, dt, A, B, C, D, z, h0
+
+
+def packed_outputs_and_grads(fn, arrays, key):
+    (y, h), vjp = jax.vjp(fn, *arrays)
+    u = jax.random.normal(key, y.shape, y.dtype)
+    v = jax.random.normal(jax.random.fold_in(key, 1), h.shape, h.dtype)
+    return y, h, vjp((u, v))
+
+
+@functools.cache
+def _packed_reference(key_data: tuple[int, ...]):
+    key = jax.random.wrap_key_data(jnp.asarray(key_data, jnp.uint32))
+
+    @jax.jit  # the offsets are concrete here: the reference runs each sequence alone
+    def ref(*a):
+        x, dt, A, B, C, D, z, h0 = a
+        return selective_scan_reference(x, dt, A, B, C, D=D, z=z, initial_state=h0,
+                                        cu_seqlens=np.asarray(CU, np.int32))
+
+    return packed_outputs_and_grads(ref, packed_inputs(key), key)
+
+
+def packed_reference(key):
+    """(y, final states, grads) of the reference on :func:`packed_inputs` (cached per key)."""
+    return _packed_reference(tuple(np.asarray(jax.random.key_data(key)).tolist()))
+
+
+@pytest.mark.parametrize("impl", ["chunk-scan", "chunk-assoc", "recurrent"])
+def test_packed_sequences_match_running_each_alone(impl, key):
+    # the reference runs each sequence on its own (its definition of cu_seqlens); the jax
+    # forms run them packed, here with traced offsets (under jit), forward and backward
+    key = jax.random.key(11)  # one set of inputs for every form: the reference runs once
+    arrays = packed_inputs(key)
+    cu = jnp.asarray(CU, jnp.int32)
+    kernel = MambaJaxKernel(chunk_form=impl.removeprefix("chunk-")) if impl != "recurrent" else None
+    from linearnexus.kernels.base import GridConfig
+
+    @jax.jit
+    def packed(cu_traced, *a):
+        x, dt, A, B, C, D, z, h0 = a
+        if kernel is None:
+            y, h = selective_scan(x, dt, A, B, C, D=D, z=z, initial_state=h0, cu_seqlens=cu_traced,
+                                  output_final_state=True, mode="recurrent", backend="jax")
+            return y, h
+        return kernel.forward_chunk(x, dt, A, B, C, D=D, z=z, initial_state=h0,
+                                    cu_seqlens=cu_traced, grid=GridConfig(chunk_size=16))
+
+    got = packed_outputs_and_grads(functools.partial(packed, cu), arrays, key)
+    want = packed_reference(key)
+    assert got[1].shape == (len(CU) - 1, 12, 5)
+    assert_close(got[0], want[0], 1e-5, "y")
+    assert_close(got[1], want[1], 1e-5, "final states")
+    np.testing.assert_array_equal(np.asarray(got[1][1]), np.asarray(arrays[7][1]))  # empty
+    for name, g, w in zip("x dt A B C D z h0".split(), got[2], want[2], strict=True):
+        assert np.isfinite(np.asarray(g)).all(), name
+        assert_close(g, w, 1e-5, f"d{name}")
+
+
+def test_packed_sequences_bad_inputs_name_the_argument(key):
+    x, dt, A, B, C, D, z, h0 = packed_inputs(key)
+    cu = jnp.asarray(CU, jnp.int32)
+    with pytest.raises(ValueError, match=r"cu_seqlens: requires batch size 1"):
+        two = jnp.concatenate([x, x])
+        selective_scan(two, jnp.concatenate([dt, dt]), A, jnp.concatenate([B, B]),
+                       jnp.concatenate([C, C]), cu_seqlens=cu)
+    with pytest.raises(ValueError, match=r"initial_state: expected shape \(5, 12, 5\) \[N_seq"):
+        selective_scan(x, dt, A, B, C, initial_state=h0[:1], cu_seqlens=cu)
+    with pytest.raises(ValueError, match=r"cu_seqlens: must start at 0 and end at T=70"):
+        selective_scan(x, dt, A, B, C, cu_seqlens=jnp.asarray([0, 10, 60], jnp.int32))
+    with pytest.raises(TypeError, match=r"cu_seqlens: expected an integer dtype"):
+        selective_scan(x, dt, A, B, C, cu_seqlens=jnp.asarray([0.0, 70.0]))
+    with pytest.raises(ValueError, match=r"cu_seqlens: the reference needs concrete offsets"):
+        jax.jit(lambda c: selective_scan(x, dt, A, B, C, cu_seqlens=c, mode="chunk",
+                                         backend="naive")[0])(cu)

@@ -121,7 +121,8 @@ def scan_chunk_states(
     state_shape: tuple[int, ...],
     dtype,
 ) -> tuple[Array, Array, Array]:
-    """Run ``step`` across chunks, carrying the ``[R, H, K, V]`` state.
+    """Run ``step`` across chunks, carrying the ``[R, *state_shape]`` state (``[R, H, K, V]``
+    for the linear-attention ops, ``[R, C, N]`` for the selective scan).
 
     Args:
         step: ``(state [R, H, K, V], *x_c) -> (next_state, y_c)`` for one chunk; ``x_c`` are
@@ -129,7 +130,7 @@ def scan_chunk_states(
         xs: per-chunk inputs, each ``[R, NC, ...]``.
         plan: the chunk layout (packed layouts reset the state at sequence starts).
         initial_state: ``[N, H, K, V]`` or None (zeros).
-        state_shape: ``(H, K, V)``.
+        state_shape: ``(H, K, V)`` (any rank).
         dtype: state dtype.
 
     Returns:
@@ -164,7 +165,7 @@ def scan_chunk_states(
         _, (entering, ys, leaving) = jax.lax.scan(body, zeros, ((plan.reset, loads), xs_t))
         n_seqs = plan.last_chunk.shape[0]
         ends = leaving[jnp.maximum(plan.last_chunk, 0), 0]  # [N, H, K, V]
-        empty = (plan.last_chunk < 0)[:, None, None, None]
+        empty = (plan.last_chunk < 0).reshape(n_seqs, *([1] * len(state_shape)))
         start = jnp.zeros((n_seqs, *state_shape), dtype) if initial_state is None else initial_state
         final = jnp.where(empty, start, ends)
     entering = jnp.moveaxis(entering, 0, 1)  # [NC, R, ...] -> [R, NC, ...]

@@ -48,7 +48,8 @@ def scan_tokens_packed(step: Step, xs: tuple[Array, ...], initial_state: Array |
     last token is processed; an empty sequence keeps its initial state.
 
     Returns:
-        ``(o [1, T, ...], final_state [N, H, K, V])``.
+        ``(o [1, T, ...], final_state [N, *state_shape])`` (``state_shape`` is ``(H, K, V)``
+        for the linear-attention ops, ``(C, N)`` for the selective scan).
     """
     cu = jnp.asarray(cu_seqlens).astype(jnp.int32)
     n_seqs = cu.shape[0] - 1
@@ -69,7 +70,7 @@ def scan_tokens_packed(step: Step, xs: tuple[Array, ...], initial_state: Array |
         # where() needs only its predicate in the backward pass, so `finals` adds no
         # per-token residuals
         hit = last_t & (jnp.arange(n_seqs) == seg_t)
-        finals = jnp.where(hit[:, None, None, None], state, finals)
+        finals = jnp.where(hit.reshape(n_seqs, *([1] * len(state_shape))), state, finals)
         return (state, finals), o_t[0]
 
     init = (jnp.zeros((1, *state_shape), dtype), starts)

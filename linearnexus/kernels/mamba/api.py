@@ -12,8 +12,9 @@ from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array, DType, is_float_dtype
 from linearnexus.kernels.base import GridConfig, current_platform, dispatch, resolve_mode
 from linearnexus.kernels.common.pallas import TritonConfig
+from linearnexus.kernels.common.validation import check_cu_seqlens
 from linearnexus.kernels.mamba.chunked import ChunkForm, default_chunk_form, selective_scan_chunked
-from linearnexus.kernels.mamba.reference import selective_scan_reference
+from linearnexus.kernels.mamba.reference import selective_scan_recurrent, selective_scan_reference
 
 DEFAULT_CHUNK_SIZE = 16  # measured best on the CPU for the "scan" chunk form (docs/features/mamba.md)
 
@@ -33,14 +34,15 @@ class MambaJaxKernel:
         return True
 
     def forward_chunk(self, x, dt, A, B, C, *, D=None, z=None, initial_state=None,
-                      grid: GridConfig) -> tuple[Array, Array]:
+                      cu_seqlens=None, grid: GridConfig) -> tuple[Array, Array]:
         form = self.chunk_form or default_chunk_form(current_platform())
         return selective_scan_chunked(x, dt, A, B, C, D=D, z=z, initial_state=initial_state,
-                                      chunk_size=grid.chunk_size, form=form)
+                                      chunk_size=grid.chunk_size, form=form, cu_seqlens=cu_seqlens)
 
-    def forward_recurrent(self, x, dt, A, B, C, *, D=None, z=None,
-                          initial_state=None) -> tuple[Array, Array]:
-        return selective_scan_reference(x, dt, A, B, C, D=D, z=z, initial_state=initial_state)
+    def forward_recurrent(self, x, dt, A, B, C, *, D=None, z=None, initial_state=None,
+                          cu_seqlens=None) -> tuple[Array, Array]:
+        return selective_scan_recurrent(x, dt, A, B, C, D=D, z=z, initial_state=initial_state,
+                                        cu_seqlens=cu_seqlens)
 
 
 class MambaNaiveKernel:
@@ -52,12 +54,15 @@ class MambaNaiveKernel:
         return True
 
     def forward_chunk(self, x, dt, A, B, C, *, D=None, z=None, initial_state=None,
-                      grid: GridConfig) -> tuple[Array, Array]:
-        return selective_scan_reference(x, dt, A, B, C, D=D, z=z, initial_state=initial_state)
+                      cu_seqlens=None, grid: GridConfig) -> tuple[Array, Array]:
+        # packed sequences one by one: concrete cu_seqlens (raises a clear error under jit)
+        return selective_scan_reference(x, dt, A, B, C, D=D, z=z, initial_state=initial_state,
+                                        cu_seqlens=cu_seqlens)
 
-    def forward_recurrent(self, x, dt, A, B, C, *, D=None, z=None,
-                          initial_state=None) -> tuple[Array, Array]:
-        return selective_scan_reference(x, dt, A, B, C, D=D, z=z, initial_state=initial_state)
+    def forward_recurrent(self, x, dt, A, B, C, *, D=None, z=None, initial_state=None,
+                          cu_seqlens=None) -> tuple[Array, Array]:
+        return selective_scan_recurrent(x, dt, A, B, C, D=D, z=z, initial_state=initial_state,
+                                        cu_seqlens=cu_seqlens)
 
 
 class MambaPallasKernel:
@@ -106,17 +111,18 @@ class MambaPallasKernel:
             num_stages=grid.num_stages if grid.num_stages is not None else base.num_stages)
 
     def forward_chunk(self, x, dt, A, B, C, *, D=None, z=None, initial_state=None,
-                      dt_bias=None, dt_softplus: bool = False,
+                      cu_seqlens=None, dt_bias=None, dt_softplus: bool = False,
                       grid: GridConfig) -> tuple[Array, Array]:
         from linearnexus.kernels.mamba.pallas import selective_scan_pallas  # imports Pallas
 
         return selective_scan_pallas(x, dt, A, B, C, D=D, z=z, initial_state=initial_state,
-                                     dt_bias=dt_bias, dt_softplus=dt_softplus,
-                                     config=self.launch_config(grid))
+                                     cu_seqlens=cu_seqlens, dt_bias=dt_bias,
+                                     dt_softplus=dt_softplus, config=self.launch_config(grid))
 
-    def forward_recurrent(self, x, dt, A, B, C, *, D=None, z=None,
-                          initial_state=None) -> tuple[Array, Array]:
-        return selective_scan_reference(x, dt, A, B, C, D=D, z=z, initial_state=initial_state)
+    def forward_recurrent(self, x, dt, A, B, C, *, D=None, z=None, initial_state=None,
+                          cu_seqlens=None) -> tuple[Array, Array]:
+        return selective_scan_recurrent(x, dt, A, B, C, D=D, z=z, initial_state=initial_state,
+                                        cu_seqlens=cu_seqlens)
 
 
 BACKENDS = {"pallas": MambaPallasKernel(), "jax": MambaJaxKernel(), "naive": MambaNaiveKernel()}
@@ -147,11 +153,13 @@ def _check(name: str, array: Array | None, shape: tuple[int, ...], legend: str) 
 
 
 def validate_selective_scan_inputs(x, dt, A, B, C, D=None, z=None, dt_bias=None,
-                                   initial_state=None) -> None:
+                                   initial_state=None, cu_seqlens=None) -> None:
     """Shape / dtype checks shared by every backend; errors name the argument.
 
     Raises:
-        ValueError: wrong rank or shape, or T == 0. TypeError: non-float arrays.
+        ValueError: wrong rank or shape, T == 0, or bad ``cu_seqlens`` (B != 1, not
+        ``[N+1]`` offsets from 0 to T, decreasing). TypeError: non-float arrays, or
+        non-integer ``cu_seqlens``.
     """
     if x.ndim != 3:
         raise ValueError(f"x: expected rank 3 [B, T, C], got shape {tuple(x.shape)}")
@@ -170,7 +178,9 @@ def validate_selective_scan_inputs(x, dt, A, B, C, D=None, z=None, dt_bias=None,
     _check("D", D, (channels,), "[C]")
     _check("z", z, (batch, seq, channels), "[B, T, C]")
     _check("dt_bias", dt_bias, (channels,), "[C]")
-    _check("initial_state", initial_state, (batch, channels, n_state), "[B, C, N]")
+    n_seqs = check_cu_seqlens(cu_seqlens, batch, seq)
+    _check("initial_state", initial_state, (n_seqs, channels, n_state),
+           "[B, C, N]" if cu_seqlens is None else "[N_seq, C, N] (one per packed sequence)")
 
 
 def selective_scan(
@@ -186,6 +196,7 @@ def selective_scan(
     dt_softplus: bool = False,
     initial_state: Array | None = None,
     output_final_state: bool = False,
+    cu_seqlens: Array | None = None,
     chunk_size: int | None = None,
     mode: KernelMode | str | None = None,
     backend: str | None = None,
@@ -203,8 +214,12 @@ def selective_scan(
         A: ``[C, N]`` continuous-time decay (negative for stability).
         B, C: ``[B, T, N]`` input / output projections.
         D: ``[C]`` skip. z: ``[B, T, C]`` gate. dt_bias: ``[C]``.
-        initial_state: ``[B, C, N]`` or None (zeros).
-        output_final_state: return the final ``[B, C, N]`` state (else None).
+        initial_state: ``[B, C, N]`` (``[N_seq, C, N]`` with ``cu_seqlens``) or None (zeros).
+        output_final_state: return the final state (else None).
+        cu_seqlens: ``[N_seq + 1]`` int offsets of packed sequences (requires B == 1): the
+            state restarts at each sequence from its own initial state, and the final state
+            is one per sequence. Traced offsets work in every backend and mode except the
+            ``naive`` backend's chunk mode (it runs the sequences one by one).
         chunk_size: tokens per chunk in chunk mode (default 16); overrides ``grid``.
         mode: CHUNK, RECURRENT or None (``select_mode(T)``).
         backend: "jax" (chunked / per-step pure JAX), "naive" (per-step truth), "pallas"
@@ -213,13 +228,13 @@ def selective_scan(
         grid: launch config for kernels (chunk size, blocks, warps).
 
     Returns:
-        ``(y [B, T, C] in x's dtype, final_state [B, C, N] float32 or None)``.
+        ``(y [B, T, C] in x's dtype, final_state [B or N_seq, C, N] float32 or None)``.
 
     Raises:
         ValueError / TypeError: bad shapes or dtypes, naming the argument.
         NotImplementedError: the named backend cannot run this call.
     """
-    validate_selective_scan_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state)
+    validate_selective_scan_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens)
     if grid is None:
         grid = GridConfig(chunk_size=DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size)
     elif chunk_size is not None:  # an explicit chunk_size wins over grid.chunk_size
@@ -241,12 +256,13 @@ def selective_scan(
         if run_mode is KernelMode.CHUNK:
             if getattr(kernel, "fuses_step_size", False):  # no float32 dt pass in memory
                 return kernel.forward_chunk(x, raw_dt, A, B, C, D=D, z=z,
-                                            initial_state=initial_state, dt_bias=dt_bias,
-                                            dt_softplus=dt_softplus, grid=grid)
+                                            initial_state=initial_state, cu_seqlens=cu_seqlens,
+                                            dt_bias=dt_bias, dt_softplus=dt_softplus, grid=grid)
             return kernel.forward_chunk(x, step_size(), A, B, C, D=D, z=z,
-                                        initial_state=initial_state, grid=grid)
+                                        initial_state=initial_state, cu_seqlens=cu_seqlens,
+                                        grid=grid)
         return kernel.forward_recurrent(x, step_size(), A, B, C, D=D, z=z,
-                                        initial_state=initial_state)
+                                        initial_state=initial_state, cu_seqlens=cu_seqlens)
 
     y, final_state = dispatch("mamba", BACKENDS, BACKEND_ORDER, call, backend=backend,
                               dtype=x.dtype)

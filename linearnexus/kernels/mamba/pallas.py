@@ -43,6 +43,14 @@ It writes ``dx``, ``ddt``, ``dz`` tiles; per-block partial sums over its channel
 ``dB``/``dC`` (``[B, blocks * T', N']``); and per-sequence partials of ``dA``/``dD``; the
 glue sums the partials (no atomics). ``d initial_state`` is the cotangent carried out of
 the first tile.
+
+Packed sequences (``cu_seqlens``, B == 1) use the shared chunk layout
+(``kernels/common/chunking.py``) with the backward's tile as the chunk: every sequence starts
+on a fresh ``chunk`` of the single row, its last one padded. A per-chunk word (owner
+sequence, opens / closes it) tells the forward where to load the sequence's initial state
+(``[N_seq * N', C']``) into the carry and store its final state, and the backward where to
+put the final state's cotangent into the carry and store ``d initial_state``; a row mask
+keeps padded steps at ``dt = 0`` when the step size is computed in the kernels.
 """
 
 from __future__ import annotations
@@ -53,8 +61,10 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
 
 from linearnexus.core.types import Array, DType
+from linearnexus.kernels.common.chunking import from_chunks, plan_chunks, to_chunks
 from linearnexus.kernels.common.pallas import TritonConfig, compiler_params, interpret_mode
 from linearnexus.kernels.common.pallas_scan import (
     dot_sum,
@@ -165,8 +175,9 @@ class _Plan:
     has_z: bool
     has_bias: bool  # dt_bias added in the kernel
     softplus: bool  # softplus applied to the step in the kernel
-    seq: int  # real sequence length (steps at or past it are padding)
+    seq: int  # real sequence length (steps at or past it are padding; packed: seq_pad)
     interpret: bool
+    packed: bool = False  # cu_seqlens: one row, sequences on chunk boundaries (module doc)
 
     @property
     def raw_dt(self) -> bool:
@@ -232,18 +243,37 @@ def _softplus(u, interpret: bool):
     return jnp.maximum(u, 0.0) + log1p
 
 
-def _step(plan: _Plan, raw, bias, first_row, shift: int = 0):
+def _step(plan: _Plan, raw, bias, first_row, valid, shift: int = 0):
     """The step size ``softplus(dt + dt_bias)`` (or ``dt + dt_bias``) of a ``[rows, bv]`` tile of
-    raw ``dt``, zero on the padding steps (global row ``first_row + i + shift >= seq``).
+    raw ``dt``, zero on the padding steps (global row ``first_row + i + shift >= seq``; packed:
+    where the ``[rows, 1]`` mask ``valid`` is 0).
 
     Returns ``(dt, u)``: the step and the pre-softplus ``u`` (for the backward's derivative).
     """
     u = raw + bias if plan.has_bias else raw
     dt = _softplus(u, plan.interpret) if plan.softplus else u
+    return _mask_rows(plan, dt, first_row, valid, shift), u
+
+
+def _mask_rows(plan: _Plan, v, first_row, valid, shift: int = 0):
+    """``v`` (``[rows, bv]``) zeroed on the padding steps (see :func:`_step`)."""
+    if plan.packed:
+        return jnp.where(valid > 0.0, v, 0.0)
     if plan.seq < plan.seq_pad:  # padding steps must stay inert (decay 1, input 0)
-        t = first_row + shift + jax.lax.broadcasted_iota(jnp.int32, raw.shape, 0)
-        dt = jnp.where(t < plan.seq, dt, 0.0)
-    return dt, u
+        t = first_row + shift + jax.lax.broadcasted_iota(jnp.int32, v.shape, 0)
+        return jnp.where(t < plan.seq, v, 0.0)
+    return v
+
+
+def _chunk_word(meta_ref, k):
+    """``(owner sequence, opens it, closes it)`` of chunk ``k`` (packed layouts)."""
+    word = meta_ref[k]
+    return word >> 2, (word & 1) == 1, (word & 2) == 2
+
+
+def _seq_rows(owner, n: int):
+    """Rows of sequence ``owner``'s ``[N', bv]`` block in a ``[N_seq * N', bv]`` state ref."""
+    return pl.ds(pl.multiple_of(owner * n, n), n)
 
 
 def _fwd_kernel(*refs, plan: _Plan, save: bool):
@@ -252,12 +282,14 @@ def _fwd_kernel(*refs, plan: _Plan, save: bool):
     d_ref = next(it) if plan.has_d else None
     z_ref = next(it) if plan.has_z else None
     bias_ref = next(it) if plan.has_bias else None
+    meta_ref = next(it) if plan.packed else None
+    valid_ref = next(it) if plan.packed and plan.raw_dt else None
     y_ref, hT_ref = next(it), next(it)
     ck_ref = next(it) if save else None
     N, S, bv = plan.n_pad, FWD_TILE, plan.block_v
     bias = bias_ref[...].astype(jnp.float32) if plan.has_bias else None  # [1, bv]
     per_group = plan.fwd_group // S  # sub-tiles per loop iteration
-    load = _tile_loader(S, x_ref, dt_ref, b_ref, c_ref, z_ref)
+    load = _tile_loader(S, x_ref, dt_ref, b_ref, c_ref, z_ref, valid_ref)
     n_sub = plan.seq_pad // S
 
     a2 = a_ref[...].astype(jnp.float32) * _LOG2E  # [N', bv]: exp(dt A) = exp2(dt A log2 e)
@@ -266,9 +298,9 @@ def _fwd_kernel(*refs, plan: _Plan, save: bool):
 
     def sub_tile(s, h, cur):
         """Steps ``[s S, (s+1) S)`` entering with state ``h``: writes y, returns the leaving state."""
-        x, dt, bm, cm, z = _f32(*cur)  # [S, bv] x3, [S, N'] x2
+        x, dt, bm, cm, z, valid = _f32(*cur)  # [S, bv] x3, [S, N'] x2, [S, 1]
         if plan.raw_dt:
-            dt, _ = _step(plan, dt, bias, s * S)
+            dt, _ = _step(plan, dt, bias, s * S, valid)
         decay = exp2_approx(dt[:, None, :] * a2[None], interpret=plan.interpret)  # [S, N', bv]
         drive = (dt * x)[:, None, :] * bm[:, :, None]
         # the entering state rides on the first step's input: h_0 = a_0 h + b_0 (the select is
@@ -289,19 +321,29 @@ def _fwd_kernel(*refs, plan: _Plan, save: bool):
         nxt = []
         for u in range(per_group):
             s = g * per_group + u
-            if save and (u * S) % plan.chunk == 0:  # the state entering every backward tile
-                row = (g * plan.fwd_group + u * S) // plan.chunk * N
-                ck_ref[pl.ds(pl.multiple_of(row, N), N), :] = h
+            if (u * S) % plan.chunk == 0:  # a backward tile (packed: chunk) starts here
+                k = (g * plan.fwd_group + u * S) // plan.chunk
+                if plan.packed:  # a sequence opening here enters with its initial state
+                    owner, opens, closes = _chunk_word(meta_ref, k)
+                    h = jnp.where(opens, h0_ref[_seq_rows(owner, N), :].astype(jnp.float32), h)
+                if save:  # the state entering every backward tile
+                    ck_ref[pl.ds(pl.multiple_of(k * N, N), N), :] = h
             h = sub_tile(s, h, tiles[u])
+            if plan.packed and ((u + 1) * S) % plan.chunk == 0:  # a sequence closing here
+                plt.store(hT_ref.at[_seq_rows(owner, N), :], h,
+                          mask=jnp.broadcast_to(closes, h.shape))
             # this sub-tile's slot refills with the one a group ahead, issued after the slot's
             # last use so the load lands in the same registers (no loop-carried copies that
             # would wait on it) and has a whole group to arrive
             nxt.append(load(jnp.minimum(s + per_group, n_sub - 1)))
         return h, tuple(nxt)
 
-    init = (h0_ref[...].astype(jnp.float32), tuple(load(u) for u in range(per_group)))
+    h_start = (jnp.zeros((N, bv), jnp.float32) if plan.packed
+               else h0_ref[...].astype(jnp.float32))
+    init = (h_start, tuple(load(u) for u in range(per_group)))
     h, _ = jax.lax.fori_loop(0, plan.seq_pad // plan.fwd_group, group, init)
-    hT_ref[...] = h
+    if not plan.packed:
+        hT_ref[...] = h
 
 
 def _bwd_kernel(*refs, plan: _Plan):
@@ -310,13 +352,15 @@ def _bwd_kernel(*refs, plan: _Plan):
     d_ref = next(it) if plan.has_d else None
     z_ref = next(it) if plan.has_z else None
     bias_ref = next(it) if plan.has_bias else None
+    meta_ref = next(it) if plan.packed else None
+    valid_ref, valn_ref = (next(it), next(it)) if plan.packed and plan.raw_dt else (None, None)
     dx_ref, ddt_ref, db_ref, dc_ref, da_ref, dh0_ref = (next(it) for _ in range(6))
     dd_ref = next(it) if plan.has_d else None
     dz_ref = next(it) if plan.has_z else None
     dbias_ref = next(it) if plan.has_bias else None
     bias = bias_ref[...].astype(jnp.float32) if plan.has_bias else None
     L, N, bv = plan.chunk, plan.n_pad, plan.block_v
-    load = _tile_loader(L, x_ref, dt_ref, dtn_ref, b_ref, c_ref, z_ref, dy_ref)
+    load = _tile_loader(L, x_ref, dt_ref, dtn_ref, b_ref, c_ref, z_ref, dy_ref, valid_ref, valn_ref)
     interp = plan.interpret
 
     a_nat = a_ref[...].astype(jnp.float32)  # [N', bv]
@@ -335,11 +379,14 @@ def _bwd_kernel(*refs, plan: _Plan):
         c = plan.n_chunks - 1 - k
         nxt_c = jnp.maximum(c - 1, 0)
         nxt = (ckpt(nxt_c), load(nxt_c))  # issued a tile ahead
-        x, dt, dt_next, bm, cm, z, dy = _f32(*cur)
+        x, dt, dt_next, bm, cm, z, dy, valid, valid_next = _f32(*cur)
         rows = _tile_rows(L, c)
+        if plan.packed:  # a sequence closing here: its final state's cotangent enters
+            owner, opens, closes = _chunk_word(meta_ref, c)
+            g_in = jnp.where(closes, dhT_ref[_seq_rows(owner, N), :].astype(jnp.float32), g_in)
         if plan.raw_dt:
-            dt, u = _step(plan, dt, bias, c * L)
-            dt_next, _ = _step(plan, dt_next, bias, c * L, shift=1)
+            dt, u = _step(plan, dt, bias, c * L, valid)
+            dt_next, _ = _step(plan, dt_next, bias, c * L, valid_next, shift=1)
         # recompute the tile's states h_t from its checkpoint (entering state folded into row 0)
         decay = exp2_approx(dt[:, None, :] * a2[None], interpret=interp)  # a_t, [L, N', bv]
         dtx = dt * x
@@ -375,22 +422,26 @@ def _bwd_kernel(*refs, plan: _Plan):
         if plan.raw_dt:  # through the step size to the raw dt (padding rows have dt = 0 ...)
             if plan.softplus:  # d softplus(u) / du = sigmoid(u)
                 ddt = ddt * _sigmoid(u, interp)
-            if plan.seq < plan.seq_pad:  # ... and no gradient)
-                t_glob = c * L + jax.lax.broadcasted_iota(jnp.int32, ddt.shape, 0)
-                ddt = jnp.where(t_glob < plan.seq, ddt, 0.0)
+            ddt = _mask_rows(plan, ddt, c * L, valid)  # ... and no gradient)
             if plan.has_bias:
                 dbias_acc = dbias_acc + jnp.sum(ddt, axis=0, keepdims=True)
         ddt_ref[rows, :] = ddt.astype(ddt_ref.dtype)
         dx_ref[rows, :] = dx.astype(dx_ref.dtype)
         g_out = jnp.sum(jnp.where(t_idx == 0, decay * g, -0.0), axis=0)  # a_{t0} g_{t0}
+        if plan.packed:  # a sequence opening here: the cotangent of its initial state
+            plt.store(dh0_ref.at[_seq_rows(owner, N), :], g_out,
+                      mask=jnp.broadcast_to(opens, g_out.shape))
         return g_out, da_acc, dd_acc, dbias_acc, nxt
 
     last = plan.n_chunks - 1
-    init = (dhT_ref[...].astype(jnp.float32), jnp.zeros((N, bv), jnp.float32),
+    g_start = (jnp.zeros((N, bv), jnp.float32) if plan.packed
+               else dhT_ref[...].astype(jnp.float32))
+    init = (g_start, jnp.zeros((N, bv), jnp.float32),
             jnp.zeros((1, bv), jnp.float32), jnp.zeros((1, bv), jnp.float32),
             (ckpt(last), load(last)))
     g, da_acc, dd_acc, dbias_acc, _ = jax.lax.fori_loop(0, plan.n_chunks, tile, init)
-    dh0_ref[...] = g
+    if not plan.packed:
+        dh0_ref[...] = g
     da_ref[...] = da_acc
     if plan.has_d:
         dd_ref[...] = dd_acc
@@ -413,7 +464,23 @@ def _specs(plan: _Plan):
         "ckpt": pl.BlockSpec((None, plan.n_chunks * N, bv), lambda b, j: (b, 0, j)),
         "partial_bc": pl.BlockSpec((None, T, N), lambda b, j: (b, j, 0)),  # [B, blocks*T', N']
         "skip_partial": pl.BlockSpec((None, 1, bv), lambda b, j: (b, 0, j)),  # [B, 1, C']
+        "col": pl.BlockSpec((None, T, 1), lambda b, j: (b, 0, 0)),  # [1, T', 1] row mask
+        "meta": pl.BlockSpec((None, plan.n_chunks), lambda b, j: (b, 0)),  # [1, T'/chunk]
     }
+
+
+def _state_spec(plan: _Plan, state: Array):
+    """The spec of a ``[B, N', C']`` state (packed: ``[1, N_seq * N', C']``, every sequence's)."""
+    return pl.BlockSpec((None, state.shape[1], plan.block_v), lambda b, j: (b, 0, j))
+
+
+def _packed_extras(plan: _Plan, meta, *masks):
+    """The packed layout's extra inputs and their specs (nothing for batch rows)."""
+    if not plan.packed:
+        return [], []
+    sp = _specs(plan)
+    masks = [m for m in masks if m is not None] if plan.raw_dt else []
+    return [meta, *masks], [sp["meta"]] + [sp["col"]] * len(masks)
 
 
 def _call(kernel, plan: _Plan, in_specs, out_specs, out_shape, name: str, warps: int):
@@ -429,17 +496,20 @@ def _call(kernel, plan: _Plan, in_specs, out_specs, out_shape, name: str, warps:
     )
 
 
-def _forward(plan: _Plan, save: bool, x, dt, a, b, c, h0, d, z, bias):
+def _forward(plan: _Plan, save: bool, x, dt, a, b, c, h0, d, z, bias, meta, valid):
     sp = _specs(plan)
     f32 = jnp.float32
-    state = jax.ShapeDtypeStruct((plan.batch, plan.n_pad, plan.channels_pad), f32)
+    state = jax.ShapeDtypeStruct(h0.shape, f32)
     ins = [x, dt, a, b, c, h0] + ([d] if plan.has_d else []) + ([z] if plan.has_z else [])
     ins += [bias] if plan.has_bias else []
-    in_specs = [sp["row"], sp["row"], sp["a"], sp["bc"], sp["bc"], sp["state"]]
+    in_specs = [sp["row"], sp["row"], sp["a"], sp["bc"], sp["bc"], _state_spec(plan, h0)]
     in_specs += ([sp["d"]] if plan.has_d else []) + ([sp["row"]] if plan.has_z else [])
     in_specs += [sp["d"]] if plan.has_bias else []
+    extra, extra_specs = _packed_extras(plan, meta, valid)
+    ins += extra
+    in_specs += extra_specs
     out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), state]
-    out_specs = [sp["row"], sp["state"]]
+    out_specs = [sp["row"], _state_spec(plan, h0)]
     if save:
         out_shape.append(jax.ShapeDtypeStruct(
             (plan.batch, plan.n_chunks * plan.n_pad, plan.channels_pad), f32))
@@ -450,24 +520,33 @@ def _forward(plan: _Plan, save: bool, x, dt, a, b, c, h0, d, z, bias):
     return tuple(outs)
 
 
-def _backward(plan: _Plan, x, dt, a, b, c, ck, d, z, bias, dy, dhT):
+def _shift_up(a):
+    """``a[:, t + 1]`` at row ``t`` of a ``[B, T', F]`` array (0 past the end)."""
+    return jnp.pad(a[:, 1:], ((0, 0), (0, 1), (0, 0)))
+
+
+def _backward(plan: _Plan, x, dt, a, b, c, ck, d, z, bias, meta, valid, dy, dhT):
     sp = _specs(plan)
     f32 = jnp.float32
     Bn, T, Cp, N = plan.batch, plan.seq_pad, plan.channels_pad, plan.n_pad
-    dt_next = jnp.pad(dt[:, 1:], ((0, 0), (0, 1), (0, 0)))  # dt_{t+1} (0 past the end)
+    dt_next = _shift_up(dt)  # dt_{t+1}
     ins = [x, dt, dt_next, a, b, c, ck, dy, dhT]
     ins += ([d] if plan.has_d else []) + ([z] if plan.has_z else [])
     ins += [bias] if plan.has_bias else []
     in_specs = [sp["row"], sp["row"], sp["row"], sp["a"], sp["bc"], sp["bc"], sp["ckpt"], sp["row"],
-                sp["state"]]
+                _state_spec(plan, dhT)]
     in_specs += ([sp["d"]] if plan.has_d else []) + ([sp["row"]] if plan.has_z else [])
     in_specs += [sp["d"]] if plan.has_bias else []
+    extra, extra_specs = _packed_extras(plan, meta, valid,
+                                        None if valid is None else _shift_up(valid))
+    ins += extra
+    in_specs += extra_specs
     sds = jax.ShapeDtypeStruct
     out_shape = [sds(x.shape, x.dtype), sds(dt.shape, dt.dtype),
                  sds((Bn, plan.n_blocks * T, N), f32), sds((Bn, plan.n_blocks * T, N), f32),
-                 sds((Bn, N, Cp), f32), sds((Bn, N, Cp), f32)]
+                 sds((Bn, N, Cp), f32), sds(dhT.shape, f32)]
     out_specs = [sp["row"], sp["row"], sp["partial_bc"], sp["partial_bc"], sp["state"],
-                 sp["state"]]
+                 _state_spec(plan, dhT)]
     if plan.has_d:
         out_shape.append(sds((Bn, 1, Cp), f32))
         out_specs.append(sp["skip_partial"])
@@ -492,27 +571,44 @@ def _backward(plan: _Plan, x, dt, a, b, c, ck, d, z, bias, dy, dhT):
     return dx, ddt, da, db, dc, dh0, dd, dz, dbias
 
 
+def _opened_rows(plan: _Plan, meta, rows: int):
+    """``[1, N_seq * N', 1]``: True on the state rows of sequences some chunk opens (packed);
+    the kernels never touch an empty sequence's rows, so the glue fills them."""
+    n_seqs = rows // plan.n_pad
+    opened = jnp.zeros((n_seqs,), jnp.int32).at[meta[0] >> 2].max(meta[0] & 1)
+    return jnp.repeat(opened > 0, plan.n_pad)[None, :, None]
+
+
 @functools.cache
 def _scan_fn(plan: _Plan):
-    """The custom_vjp selective scan over kernel-layout arrays, for one static plan."""
+    """The custom_vjp selective scan over kernel-layout arrays, for one static plan.
+
+    ``meta`` / ``valid``: the packed layout's chunk words and row mask (None for batch rows).
+    """
+
+    def final_state(hT, h0, meta):  # an empty packed sequence ends as it started
+        return jnp.where(_opened_rows(plan, meta, h0.shape[1]), hT, h0) if plan.packed else hT
 
     @jax.custom_vjp
-    def scan(x, dt, a, b, c, h0, d, z, bias):
-        y, hT = _forward(plan, False, x, dt, a, b, c, h0, d, z, bias)
-        return y, hT
+    def scan(x, dt, a, b, c, h0, d, z, bias, meta, valid):
+        y, hT = _forward(plan, False, x, dt, a, b, c, h0, d, z, bias, meta, valid)
+        return y, final_state(hT, h0, meta)
 
-    def fwd(x, dt, a, b, c, h0, d, z, bias):
-        y, hT, ck = _forward(plan, True, x, dt, a, b, c, h0, d, z, bias)
-        return (y, hT), (x, dt, a, b, c, ck, d, z, bias)
+    def fwd(x, dt, a, b, c, h0, d, z, bias, meta, valid):
+        y, hT, ck = _forward(plan, True, x, dt, a, b, c, h0, d, z, bias, meta, valid)
+        return (y, final_state(hT, h0, meta)), (x, dt, a, b, c, ck, d, z, bias, meta, valid)
 
     def bwd(res, cts):
-        x, dt, a, b, c, ck, d, z, bias = res
+        x, dt, a, b, c, ck, d, z, bias, meta, valid = res
         dy, dhT = cts
+        dhT = dhT.astype(jnp.float32)
         dx, ddt, da, db, dc, dh0, dd, dz, dbias = _backward(
-            plan, x, dt, a, b, c, ck, d, z, bias, dy.astype(x.dtype), dhT.astype(jnp.float32))
+            plan, x, dt, a, b, c, ck, d, z, bias, meta, valid, dy.astype(x.dtype), dhT)
+        if plan.packed:  # an empty sequence passes its final state's cotangent through
+            dh0 = jnp.where(_opened_rows(plan, meta, dhT.shape[1]), dh0, dhT)
         return (dx, ddt, da.astype(a.dtype), db.astype(b.dtype), dc.astype(c.dtype), dh0,
                 None if d is None else dd.astype(d.dtype), dz,
-                None if bias is None else dbias.astype(bias.dtype))
+                None if bias is None else dbias.astype(bias.dtype), None, None)
 
     scan.defvjp(fwd, bwd)
     return scan
@@ -536,6 +632,7 @@ def selective_scan_pallas(
     D: Array | None = None,
     z: Array | None = None,
     initial_state: Array | None = None,
+    cu_seqlens: Array | None = None,
     dt_bias: Array | None = None,
     dt_softplus: bool = False,
     config: TritonConfig | None = None,
@@ -551,7 +648,9 @@ def selective_scan_pallas(
         x, dt: ``[B, T, C]`` (``dt`` raw when ``dt_bias`` / ``dt_softplus`` are given, else
             the step itself).
         A: ``[C, N]``. B, C: ``[B, T, N]``. D: ``[C]`` or None. z: ``[B, T, C]`` or None.
-        initial_state: ``[B, C, N]`` or None (zeros).
+        initial_state: ``[B, C, N]`` (``[N_seq, C, N]`` with ``cu_seqlens``) or None (zeros).
+        cu_seqlens: ``[N_seq + 1]`` int offsets of packed sequences (B == 1; may be traced)
+            or None.
         dt_bias: ``[C]`` or None. dt_softplus: apply softplus to ``dt + dt_bias``.
         config: launch knobs; ``None`` fields come from :func:`default_config`.
             ``chunk`` = the backward's time tile and checkpoint interval (the forward walks
@@ -559,7 +658,7 @@ def selective_scan_pallas(
             ``block_v`` = channels per program.
 
     Returns:
-        ``(y [B, T, C] in x's dtype, final_state [B, C, N] float32)``.
+        ``(y [B, T, C] in x's dtype, final_state [B or N_seq, C, N] float32)``.
 
     Raises:
         NotImplementedError: an input dtype other than float32 / bfloat16 / float16.
@@ -573,32 +672,59 @@ def selective_scan_pallas(
     interpret = interpret_mode()
     L, bv = cfg.chunk, cfg.block_v
     group = max(L, 4 * FWD_TILE)  # _Plan.fwd_group: the forward walks whole groups
-    seq_pad = -(-seq // group) * group
+    packed = cu_seqlens is not None
+    # packed: every sequence on a fresh chunk of one row (to_chunks), slots past a sequence
+    # and the group padding are zeros
+    layout = plan_chunks(batch, seq, L, cu_seqlens) if packed else None
+    length = layout.n_chunks * L if packed else seq  # rows before the group padding
+    seq_pad = -(-length // group) * group
     ch_pad = -(-channels // bv) * bv
     n_pad = 1 << max(n_state - 1, 0).bit_length()
     plan = _Plan(batch=batch, seq_pad=seq_pad, channels_pad=ch_pad, n_pad=n_pad, chunk=L,
                  block_v=bv, num_warps=cfg.num_warps,
                  bwd_num_warps=_BWD_NUM_WARPS or bwd_warps(cfg.num_warps), num_stages=cfg.num_stages,
                  has_d=D is not None, has_z=z is not None, has_bias=dt_bias is not None,
-                 softplus=bool(dt_softplus), seq=seq, interpret=interpret)
-    dT, dC, dN = seq_pad - seq, ch_pad - channels, n_pad - n_state
+                 softplus=bool(dt_softplus), seq=seq_pad if packed else seq, interpret=interpret,
+                 packed=packed)
+    dT, dC, dN = seq_pad - length, ch_pad - channels, n_pad - n_state
+
+    def gather(a):  # packed: [1, T, F] -> [1, NC * L, F] in the chunk layout
+        return to_chunks(a, layout).reshape(1, length, a.shape[-1]) if packed else a
 
     def rows(a):  # [B, T, C] -> [B, T', C'], zeros padded (dt = 0: inert steps)
+        a = gather(a)
         return jnp.pad(a, ((0, 0), (0, dT), (0, dC))) if dT or dC else a
 
     def bc(a):  # [B, T, N] -> [B, T', N']
+        a = gather(a)
         return jnp.pad(a, ((0, 0), (0, dT), (0, dN))) if dT or dN else a
 
     a_k = jnp.pad(A.astype(jnp.float32).T, ((0, dN), (0, dC)))  # [N', C']
-    h0 = (jnp.zeros((batch, n_pad, ch_pad), jnp.float32) if initial_state is None else
+    n_states = cu_seqlens.shape[0] - 1 if packed else batch
+    h0 = (jnp.zeros((n_states, n_pad, ch_pad), jnp.float32) if initial_state is None else
           jnp.pad(jnp.swapaxes(initial_state.astype(jnp.float32), 1, 2), ((0, 0), (0, dN), (0, dC))))
+    meta = valid = None
+    if packed:
+        h0 = h0.reshape(1, n_states * n_pad, ch_pad)  # every sequence's [N', C'] block
+        n_chunks = seq_pad // L
+        owner = jnp.pad(layout.seq_of_chunk, (0, n_chunks - layout.n_chunks))
+        opens = jnp.pad(layout.reset, (0, n_chunks - layout.n_chunks))
+        k = jnp.arange(n_chunks, dtype=jnp.int32)
+        closes = k == layout.last_chunk[owner]  # -1 for an empty sequence: never
+        meta = (owner * 4 + opens.astype(jnp.int32) + 2 * closes.astype(jnp.int32))[None]
+        if dt_bias is not None or dt_softplus:  # the kernels' row mask for the step size
+            valid = jnp.pad((layout.src < seq).astype(jnp.float32), (0, dT))[None, :, None]
     d_k = None if D is None else jnp.pad(D, (0, dC))[None, :]  # [1, C']
     z_k = None if z is None else rows(z)
     bias_k = None if dt_bias is None else jnp.pad(dt_bias, (0, dC))[None, :]  # [1, C']
     # B and C go in as float32: every program broadcasts them over its channels through shared
     # memory, and converting after the broadcast cost two extra instructions per state element
     y, hT = _scan_fn(plan)(rows(x), rows(dt), a_k, bc(B).astype(jnp.float32),
-                           bc(C).astype(jnp.float32), h0, d_k, z_k, bias_k)
-    y = y[:, :seq, :channels] if dT or dC else y
-    final_state = jnp.swapaxes(hT[:, :n_state, :channels], 1, 2)  # [B, N', C'] -> [B, C, N]
+                           bc(C).astype(jnp.float32), h0, d_k, z_k, bias_k, meta, valid)
+    if packed:
+        y = from_chunks(y[:, :length, :channels].reshape(1, layout.n_chunks, L, channels), layout)
+        hT = hT.reshape(n_states, n_pad, ch_pad)
+    else:
+        y = y[:, :seq, :channels] if dT or dC else y
+    final_state = jnp.swapaxes(hT[:, :n_state, :channels], 1, 2)  # [., N', C'] -> [., C, N]
     return y, final_state

@@ -6,6 +6,10 @@ simplified Euler step on B)::
     h_t[c, n] = exp(dt_t[c] * A[c, n]) * h_{t-1}[c, n] + dt_t[c] * B_t[n] * x_t[c]
     y_t[c]    = sum_n C_t[n] * h_t[c, n] + D[c] * x_t[c]
     y_t[c]   *= silu(z_t[c])            (when z is given)
+
+Packed sequences (``cu_seqlens``, B == 1): the state restarts at each sequence from its own
+initial state (``[N_seq, C, N]``, zeros when None), and each sequence's final state is
+returned (``[N_seq, C, N]``); an empty sequence's final state is its initial state.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from linearnexus.core.types import Array, state_dtype
+from linearnexus.kernels.common.recurrent import reference_loop, scan_tokens_packed
 
 
 def selective_state_update(
@@ -56,28 +61,70 @@ def selective_scan_reference(
     D: Array | None = None,
     z: Array | None = None,
     initial_state: Array | None = None,
+    cu_seqlens: Array | None = None,
 ) -> tuple[Array, Array]:
     """Per-step selective scan (a ``lax.scan`` over T). Also the recurrent decoding mode.
 
     Args:
         x, dt: ``[B, T, C]`` (dt already positive, i.e. after softplus).
         A: ``[C, N]`` (negative). B, C: ``[B, T, N]``. D: ``[C]``. z: ``[B, T, C]``.
-        initial_state: ``[B, C, N]`` or None for zeros.
+        initial_state: ``[B, C, N]`` (``[N_seq, C, N]`` with ``cu_seqlens``) or None for zeros.
+        cu_seqlens: ``[N_seq + 1]`` int offsets of packed sequences (B == 1) or None. The
+            sequences are run one by one, so the offsets must be concrete (the definition
+            the packed forms are tested against); :func:`selective_scan_recurrent` takes
+            traced offsets.
 
     Returns:
-        ``(y [B, T, C] in x's dtype, final_state [B, C, N] float32 / float64)``.
-    """
-    batch, _, channels = x.shape
-    sd = state_dtype(x.dtype)
-    h0 = (jnp.zeros((batch, channels, A.shape[1]), sd) if initial_state is None
-          else initial_state.astype(sd))
+        ``(y [B, T, C] in x's dtype, final_state [B or N_seq, C, N] float32 / float64)``.
 
-    def step(h, inputs):
-        x_t, dt_t, b_t, c_t = inputs
+    Raises:
+        ValueError: ``cu_seqlens`` is traced.
+    """
+    sd = state_dtype(x.dtype)
+    n_state = A.shape[1]
+
+    def run_one(xs, init):  # one batch of sequences: the scan without skip and gate
+        xb, dtb, bb, cb = xs
+        h0 = (jnp.zeros((xb.shape[0], xb.shape[2], n_state), sd) if init is None
+              else init.astype(sd))
+
+        def step(h, inputs):
+            x_t, dt_t, b_t, c_t = inputs
+            return selective_state_update(h, x_t, dt_t, A, b_t, c_t)
+
+        time_major = tuple(jnp.swapaxes(a, 0, 1) for a in xs)  # [B, T, .] -> [T, B, .]
+        h, y = jax.lax.scan(step, h0, time_major)
+        return jnp.swapaxes(y, 0, 1), h  # [T, B, C] -> [B, T, C]
+
+    y, h = reference_loop(run_one, (x, dt, B, C), initial_state, cu_seqlens,
+                          (x.shape[2], n_state), sd)
+    y = apply_skip_and_gate(y, x, D, z)
+    return y.astype(x.dtype), h
+
+
+def selective_scan_recurrent(
+    x: Array,
+    dt: Array,
+    A: Array,
+    B: Array,
+    C: Array,
+    *,
+    D: Array | None = None,
+    z: Array | None = None,
+    initial_state: Array | None = None,
+    cu_seqlens: Array | None = None,
+) -> tuple[Array, Array]:
+    """The per-step scan as the recurrent mode runs it: same contract and result as
+    :func:`selective_scan_reference`, and ``cu_seqlens`` may be traced (one scan over the
+    packed tokens, the state restarting at each sequence)."""
+    if cu_seqlens is None:
+        return selective_scan_reference(x, dt, A, B, C, D=D, z=z, initial_state=initial_state)
+    sd = state_dtype(x.dtype)
+
+    def step(h, x_t, dt_t, b_t, c_t):
         return selective_state_update(h, x_t, dt_t, A, b_t, c_t)
 
-    time_major = tuple(jnp.swapaxes(a, 0, 1) for a in (x, dt, B, C))  # [B, T, .] -> [T, B, .]
-    h, y = jax.lax.scan(step, h0, time_major)
-    y = jnp.swapaxes(y, 0, 1)  # [T, B, C] -> [B, T, C]
+    y, h = scan_tokens_packed(step, (x, dt, B, C), initial_state, (x.shape[2], A.shape[1]), sd,
+                              cu_seqlens)
     y = apply_skip_and_gate(y, x, D, z)
     return y.astype(x.dtype), h

@@ -24,14 +24,13 @@ from flax import nnx
 
 from linearnexus.core.cache import ConvState, RecurrentState
 from linearnexus.core.config import ConfigError, field
-from linearnexus.core.conv import depthwise_conv1d_causal
+from linearnexus.core.conv import depthwise_conv1d_causal, depthwise_conv1d_varlen
 from linearnexus.core.gating import sample_dt_bias
-from linearnexus.core.mode import KernelMode, as_mode
-from linearnexus.core.padding import layout_tokens, unlayout, zero_pads
+from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array, state_dtype
-from linearnexus.kernels.base import resolve_mode
 from linearnexus.kernels.mamba import check_backend, selective_scan
-from linearnexus.modules.base import BlockConfig, check_block_input, check_state_batch, dtype_of
+from linearnexus.modules.base import BlockConfig, check_state_batch, dtype_of
+from linearnexus.modules.linear.runtime import begin_call, end_call, inert
 
 
 @dataclasses.dataclass
@@ -148,42 +147,49 @@ class MambaBlock(nnx.Module):
         state: MambaState | None = None,
         mask: Array | None = None,
         mode: KernelMode | str | None = None,
+        cu_seqlens: Array | None = None,
     ) -> tuple[Array, MambaState]:
         """Run the mixer.
 
         Args:
             x: ``[B, T, D]`` float.
             state: a :class:`MambaState` from ``init_state`` or a previous call; None = zeros.
+                Its batch is B, or N with ``cu_seqlens``.
             mask: optional ``[B, T]`` padding mask (True = valid), any padding pattern.
             mode: CHUNK, RECURRENT or None (recurrent when ``T < mode_threshold``).
+            cu_seqlens: optional ``[N+1]`` int offsets: ``x`` (``B == 1``) packs N sequences,
+                each run from its own state (conv cache and scan state). Not together with
+                ``mask``.
 
         Returns:
             ``(y [B, T, D], new_state)``; ``y`` is zero at padded positions.
 
         Raises:
-            ValueError / TypeError: bad ``x``, ``mask``, ``state`` or ``mode``.
+            ValueError / TypeError: bad ``x``, ``mask``, ``cu_seqlens``, ``state`` or ``mode``.
         """
         cfg = self.config
-        valid = check_block_input(x, cfg.d_model, mask)
-        run_mode = resolve_mode(as_mode(mode), x.shape[1], cfg.mode_threshold)
-        batch = x.shape[0]
+        # with a mask, valid tokens move to the front (pads zeroed): pads can then touch
+        # neither conv cache nor state; the conv reads only the first n_valid inputs of each row
+        x, call = begin_call(x, cfg.d_model, mask=mask, cu_seqlens=cu_seqlens, mode=mode,
+                             mode_threshold=cfg.mode_threshold, dtype=dtype_of(cfg.dtype))
+        n_states = call.n_states
         if state is None:
-            state = self.init_state(batch)
+            state = self.init_state(n_states)
         else:
-            check_state_batch("state.conv", state.conv.buffer, (batch, cfg.d_conv - 1, cfg.d_inner))
-            check_state_batch("state.ssm", state.ssm.state, (batch, cfg.d_inner, cfg.d_state))
-        # valid tokens to the front (pads zeroed): pads can then touch neither conv cache
-        # nor state; the conv reads only the first n_valid inputs of each row
-        masked = valid is not None
-        x, layout = layout_tokens(x.astype(dtype_of(cfg.dtype)), valid)
-        lengths = layout.n_valid if masked else None
+            check_state_batch("state.conv", state.conv.buffer,
+                              (n_states, cfg.d_conv - 1, cfg.d_inner))
+            check_state_batch("state.ssm", state.ssm.state, (n_states, cfg.d_inner, cfg.d_state))
 
         xi, z = jnp.split(self.in_proj(x), 2, axis=-1)  # [B, T, 2C] -> 2 x [B, T, C]
-        if masked:
-            xi = zero_pads(xi, layout.valid)  # in_proj's bias would make pads non-zero
+        xi = inert(xi, call)  # in_proj's bias would make pads non-zero
         conv_w = self.conv_weight[...]
         conv_b = None if self.conv_bias is None else self.conv_bias[...]
-        u, conv_cache = depthwise_conv1d_causal(xi, conv_w, conv_b, state.conv.buffer, lengths=lengths)
+        if call.cu_seqlens is not None:  # each sequence convolved alone, from its own cache
+            u, conv_cache = depthwise_conv1d_varlen(xi, conv_w, conv_b, state.conv.buffer,
+                                                    cu_seqlens=call.cu_seqlens)
+        else:
+            u, conv_cache = depthwise_conv1d_causal(xi, conv_w, conv_b, state.conv.buffer,
+                                                    lengths=call.lengths)
         u = jax.nn.silu(u).astype(x.dtype)
 
         r, n = cfg.resolved_dt_rank, cfg.d_state
@@ -192,14 +198,13 @@ class MambaBlock(nnx.Module):
         # gates in at least float32 (float64 when the block computes in float64)
         gate_dtype = jnp.promote_types(x.dtype, jnp.float32)
         dt = jax.nn.softplus(self.dt_proj(dt_in).astype(gate_dtype))  # [B, T, C]
-        if masked:
-            dt = zero_pads(dt, layout.valid)  # dt = 0: state passes through pads
+        dt = inert(dt, call)  # dt = 0: state passes through pads
         A = -jnp.exp(self.A_log[...].astype(gate_dtype))  # [C, N]
         backend = None if cfg.kernel_backend == "auto" else cfg.kernel_backend
         y, ssm_state = selective_scan(
             u, dt, A, b_t, c_t, D=self.D[...], z=z,
-            initial_state=state.ssm.state, output_final_state=True,
-            chunk_size=cfg.chunk_size, mode=run_mode, backend=backend)
-        out = unlayout(self.out_proj(y), layout)
+            initial_state=state.ssm.state, output_final_state=True, cu_seqlens=call.cu_seqlens,
+            chunk_size=cfg.chunk_size, mode=call.mode, backend=backend)
+        out = end_call(self.out_proj(y), call)
         new_state = MambaState(conv=state.conv.update(conv_cache), ssm=state.ssm.update(ssm_state))
         return out, new_state
