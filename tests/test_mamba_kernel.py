@@ -257,22 +257,26 @@ def packed_reference(key):
     return _packed_reference(tuple(np.asarray(jax.random.key_data(key)).tolist()))
 
 
-@pytest.mark.parametrize("impl", ["chunk-scan", "chunk-assoc", "recurrent"])
+@pytest.mark.parametrize("impl", ["chunk-scan", "chunk-assoc", "recurrent", "naive"])
 def test_packed_sequences_match_running_each_alone(impl, key):
-    # the reference runs each sequence on its own (its definition of cu_seqlens); the jax
-    # forms run them packed, here with traced offsets (under jit), forward and backward
+    # the reference with concrete offsets runs each sequence on its own (its definition of
+    # cu_seqlens); the jax forms, and the reference itself, run them packed with traced
+    # offsets (under jit), forward and backward
     key = jax.random.key(11)  # one set of inputs for every form: the reference runs once
     arrays = packed_inputs(key)
     cu = jnp.asarray(CU, jnp.int32)
-    kernel = MambaJaxKernel(chunk_form=impl.removeprefix("chunk-")) if impl != "recurrent" else None
+    kernel = (MambaJaxKernel(chunk_form=impl.removeprefix("chunk-")) if impl.startswith("chunk")
+              else None)
     from linearnexus.kernels.base import GridConfig
 
     @jax.jit
     def packed(cu_traced, *a):
         x, dt, A, B, C, D, z, h0 = a
-        if kernel is None:
+        if kernel is None:  # recurrent mode; the naive backend's chunk mode (one packed scan)
             y, h = selective_scan(x, dt, A, B, C, D=D, z=z, initial_state=h0, cu_seqlens=cu_traced,
-                                  output_final_state=True, mode="recurrent", backend="jax")
+                                  output_final_state=True,
+                                  mode="chunk" if impl == "naive" else "recurrent",
+                                  backend="naive" if impl == "naive" else "jax")
             return y, h
         return kernel.forward_chunk(x, dt, A, B, C, D=D, z=z, initial_state=h0,
                                     cu_seqlens=cu_traced, grid=GridConfig(chunk_size=16))
@@ -301,6 +305,3 @@ def test_packed_sequences_bad_inputs_name_the_argument(key):
         selective_scan(x, dt, A, B, C, cu_seqlens=jnp.asarray([0, 10, 60], jnp.int32))
     with pytest.raises(TypeError, match=r"cu_seqlens: expected an integer dtype"):
         selective_scan(x, dt, A, B, C, cu_seqlens=jnp.asarray([0.0, 70.0]))
-    with pytest.raises(ValueError, match=r"cu_seqlens: the reference needs concrete offsets"):
-        jax.jit(lambda c: selective_scan(x, dt, A, B, C, cu_seqlens=c, mode="chunk",
-                                         backend="naive")[0])(cu)

@@ -14,7 +14,7 @@ from linearnexus.kernels.base import GridConfig, current_platform, dispatch, res
 from linearnexus.kernels.common.pallas import TritonConfig
 from linearnexus.kernels.common.validation import check_cu_seqlens
 from linearnexus.kernels.mamba.chunked import ChunkForm, default_chunk_form, selective_scan_chunked
-from linearnexus.kernels.mamba.reference import selective_scan_recurrent, selective_scan_reference
+from linearnexus.kernels.mamba.reference import selective_scan_reference
 
 DEFAULT_CHUNK_SIZE = 16  # measured best on the CPU for the "scan" chunk form (docs/features/mamba.md)
 
@@ -41,7 +41,7 @@ class MambaJaxKernel:
 
     def forward_recurrent(self, x, dt, A, B, C, *, D=None, z=None, initial_state=None,
                           cu_seqlens=None) -> tuple[Array, Array]:
-        return selective_scan_recurrent(x, dt, A, B, C, D=D, z=z, initial_state=initial_state,
+        return selective_scan_reference(x, dt, A, B, C, D=D, z=z, initial_state=initial_state,
                                         cu_seqlens=cu_seqlens)
 
 
@@ -55,13 +55,12 @@ class MambaNaiveKernel:
 
     def forward_chunk(self, x, dt, A, B, C, *, D=None, z=None, initial_state=None,
                       cu_seqlens=None, grid: GridConfig) -> tuple[Array, Array]:
-        # packed sequences one by one: concrete cu_seqlens (raises a clear error under jit)
         return selective_scan_reference(x, dt, A, B, C, D=D, z=z, initial_state=initial_state,
                                         cu_seqlens=cu_seqlens)
 
     def forward_recurrent(self, x, dt, A, B, C, *, D=None, z=None, initial_state=None,
                           cu_seqlens=None) -> tuple[Array, Array]:
-        return selective_scan_recurrent(x, dt, A, B, C, D=D, z=z, initial_state=initial_state,
+        return selective_scan_reference(x, dt, A, B, C, D=D, z=z, initial_state=initial_state,
                                         cu_seqlens=cu_seqlens)
 
 
@@ -121,7 +120,7 @@ class MambaPallasKernel:
 
     def forward_recurrent(self, x, dt, A, B, C, *, D=None, z=None, initial_state=None,
                           cu_seqlens=None) -> tuple[Array, Array]:
-        return selective_scan_recurrent(x, dt, A, B, C, D=D, z=z, initial_state=initial_state,
+        return selective_scan_reference(x, dt, A, B, C, D=D, z=z, initial_state=initial_state,
                                         cu_seqlens=cu_seqlens)
 
 
@@ -218,8 +217,7 @@ def selective_scan(
         output_final_state: return the final state (else None).
         cu_seqlens: ``[N_seq + 1]`` int offsets of packed sequences (requires B == 1): the
             state restarts at each sequence from its own initial state, and the final state
-            is one per sequence. Traced offsets work in every backend and mode except the
-            ``naive`` backend's chunk mode (it runs the sequences one by one).
+            is one per sequence. Offsets may be traced (under ``jit``) in every backend.
         chunk_size: tokens per chunk in chunk mode (default 16); overrides ``grid``.
         mode: CHUNK, RECURRENT or None (``select_mode(T)``).
         backend: "jax" (chunked / per-step pure JAX), "naive" (per-step truth), "pallas"

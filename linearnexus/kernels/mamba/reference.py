@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from linearnexus.core.types import Array, state_dtype
 from linearnexus.kernels.common.recurrent import reference_loop, scan_tokens_packed
@@ -51,6 +52,14 @@ def apply_skip_and_gate(y: Array, x: Array, D: Array | None, z: Array | None) ->
     return y
 
 
+def _is_concrete(array: Array) -> bool:
+    try:
+        np.asarray(array)
+    except jax.errors.TracerArrayConversionError:
+        return False
+    return True
+
+
 def selective_scan_reference(
     x: Array,
     dt: Array,
@@ -69,62 +78,31 @@ def selective_scan_reference(
         x, dt: ``[B, T, C]`` (dt already positive, i.e. after softplus).
         A: ``[C, N]`` (negative). B, C: ``[B, T, N]``. D: ``[C]``. z: ``[B, T, C]``.
         initial_state: ``[B, C, N]`` (``[N_seq, C, N]`` with ``cu_seqlens``) or None for zeros.
-        cu_seqlens: ``[N_seq + 1]`` int offsets of packed sequences (B == 1) or None. The
-            sequences are run one by one, so the offsets must be concrete (the definition
-            the packed forms are tested against); :func:`selective_scan_recurrent` takes
-            traced offsets.
+        cu_seqlens: ``[N_seq + 1]`` int offsets of packed sequences (B == 1) or None.
+            Concrete offsets run each sequence alone (the definition the packed forms are
+            tested against); traced ones (under ``jit``) run one scan over the packed
+            tokens that restarts the state at each sequence.
 
     Returns:
         ``(y [B, T, C] in x's dtype, final_state [B or N_seq, C, N] float32 / float64)``.
-
-    Raises:
-        ValueError: ``cu_seqlens`` is traced.
     """
     sd = state_dtype(x.dtype)
     n_state = A.shape[1]
 
-    def run_one(xs, init):  # one batch of sequences: the scan without skip and gate
-        xb, dtb, bb, cb = xs
-        h0 = (jnp.zeros((xb.shape[0], xb.shape[2], n_state), sd) if init is None
-              else init.astype(sd))
-
-        def step(h, inputs):
-            x_t, dt_t, b_t, c_t = inputs
-            return selective_state_update(h, x_t, dt_t, A, b_t, c_t)
-
-        time_major = tuple(jnp.swapaxes(a, 0, 1) for a in xs)  # [B, T, .] -> [T, B, .]
-        h, y = jax.lax.scan(step, h0, time_major)
-        return jnp.swapaxes(y, 0, 1), h  # [T, B, C] -> [B, T, C]
-
-    y, h = reference_loop(run_one, (x, dt, B, C), initial_state, cu_seqlens,
-                          (x.shape[2], n_state), sd)
-    y = apply_skip_and_gate(y, x, D, z)
-    return y.astype(x.dtype), h
-
-
-def selective_scan_recurrent(
-    x: Array,
-    dt: Array,
-    A: Array,
-    B: Array,
-    C: Array,
-    *,
-    D: Array | None = None,
-    z: Array | None = None,
-    initial_state: Array | None = None,
-    cu_seqlens: Array | None = None,
-) -> tuple[Array, Array]:
-    """The per-step scan as the recurrent mode runs it: same contract and result as
-    :func:`selective_scan_reference`, and ``cu_seqlens`` may be traced (one scan over the
-    packed tokens, the state restarting at each sequence)."""
-    if cu_seqlens is None:
-        return selective_scan_reference(x, dt, A, B, C, D=D, z=z, initial_state=initial_state)
-    sd = state_dtype(x.dtype)
-
     def step(h, x_t, dt_t, b_t, c_t):
         return selective_state_update(h, x_t, dt_t, A, b_t, c_t)
 
-    y, h = scan_tokens_packed(step, (x, dt, B, C), initial_state, (x.shape[2], A.shape[1]), sd,
-                              cu_seqlens)
+    def run_one(xs, init):  # one batch of sequences: the scan without skip and gate
+        h0 = (jnp.zeros((xs[0].shape[0], xs[0].shape[2], n_state), sd) if init is None
+              else init.astype(sd))
+        time_major = tuple(jnp.swapaxes(a, 0, 1) for a in xs)  # [B, T, .] -> [T, B, .]
+        h, y = jax.lax.scan(lambda h, inputs: step(h, *inputs), h0, time_major)
+        return jnp.swapaxes(y, 0, 1), h  # [T, B, C] -> [B, T, C]
+
+    xs, shape = (x, dt, B, C), (x.shape[2], n_state)
+    if cu_seqlens is not None and not _is_concrete(cu_seqlens):
+        y, h = scan_tokens_packed(step, xs, initial_state, shape, sd, cu_seqlens)
+    else:
+        y, h = reference_loop(run_one, xs, initial_state, cu_seqlens, shape, sd)
     y = apply_skip_and_gate(y, x, D, z)
     return y.astype(x.dtype), h
