@@ -159,3 +159,26 @@ def depthwise_conv1d_varlen(
     cache_idx = jnp.clip(cache_idx, 0, table.shape[0] - 1)
     new_cache = table[cache_idx]  # [N, W-1] -> [N, W-1, C]
     return out[None], new_cache
+
+
+def depthwise_conv1d(
+    inputs: Array,
+    weight: Array,
+    bias: Array | None = None,
+    cache: Array | None = None,
+    *,
+    lengths: Array | None = None,
+    cu_seqlens: Array | None = None,
+) -> tuple[Array, Array]:
+    """The block-level entry: :func:`depthwise_conv1d_varlen` for packed sequences
+    (``cu_seqlens``), else :func:`depthwise_conv1d_causal` (batch rows, ``lengths`` valid
+    tokens each when given). Same arguments and results as those two.
+
+    Raises:
+        ValueError: both ``lengths`` and ``cu_seqlens``; otherwise as the function called.
+    """
+    if cu_seqlens is None:
+        return depthwise_conv1d_causal(inputs, weight, bias, cache, lengths=lengths)
+    if lengths is not None:
+        raise ValueError("lengths and cu_seqlens: pass at most one of them")
+    return depthwise_conv1d_varlen(inputs, weight, bias, cache, cu_seqlens=cu_seqlens)

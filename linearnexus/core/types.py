@@ -32,6 +32,15 @@ def is_float_dtype(dtype: DType) -> bool:
     return np.dtype(dtype).name in FLOAT_DTYPES
 
 
+def is_concrete(array: Array) -> bool:
+    """True when ``array``'s values are known (not a tracer under ``jit``)."""
+    try:
+        np.asarray(array)
+    except jax.errors.TracerArrayConversionError:
+        return False
+    return True
+
+
 def state_dtype(dtype: DType) -> np.dtype:
     """The dtype a recurrent state is kept in: float32, or float64 for float64 inputs."""
     return np.dtype("float64") if np.dtype(dtype) == np.dtype("float64") else np.dtype("float32")

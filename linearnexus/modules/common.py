@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from linearnexus.core.conv import depthwise_conv1d_causal, depthwise_conv1d_varlen
+from linearnexus.core.conv import depthwise_conv1d
 from linearnexus.core.types import Array, DType, is_float_dtype
 
 
@@ -400,8 +400,6 @@ class ShortConv(nnx.Module):
             ValueError: both ``lengths`` and ``cu_seqlens``; bad shapes (named by the
                 core conv: ``inputs`` is ``x``). TypeError: non-float ``x``.
         """
-        if lengths is not None and cu_seqlens is not None:
-            raise ValueError("lengths and cu_seqlens: pass at most one of them")
         if x.ndim != 3 or x.shape[-1] != self.channels:
             raise ValueError(f"x: expected [B, T, C={self.channels}], got shape {x.shape}")
         if not is_float_dtype(x.dtype):
@@ -409,10 +407,8 @@ class ShortConv(nnx.Module):
         x = x.astype(self.dtype or x.dtype)
         weight = self.conv_weight[...]
         bias = None if self.conv_bias is None else self.conv_bias[...]
-        if cu_seqlens is None:
-            y, new_cache = depthwise_conv1d_causal(x, weight, bias, cache, lengths=lengths)
-        else:
-            y, new_cache = depthwise_conv1d_varlen(x, weight, bias, cache, cu_seqlens=cu_seqlens)
+        y, new_cache = depthwise_conv1d(x, weight, bias, cache, lengths=lengths,
+                                        cu_seqlens=cu_seqlens)
         if self.activation is not None:
             y = _CONV_ACTIVATIONS[self.activation](y)
         return y.astype(x.dtype), new_cache

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from linearnexus.core.padding import segment_ids_from_cu_seqlens
-from linearnexus.core.types import Array
+from linearnexus.core.types import Array, is_concrete
 from linearnexus.kernels.common.validation import compute_dtype
 
 Step = Callable[..., tuple[Array, Array]]
@@ -92,11 +92,10 @@ def reference_loop(run_one: Callable[[tuple[Array, ...], Array | None], tuple[Ar
     """
     if cu_seqlens is None:
         return run_one(xs, initial_state)
-    try:
-        cu = np.asarray(cu_seqlens).astype(np.int64)
-    except jax.errors.TracerArrayConversionError as e:
+    if not is_concrete(cu_seqlens):
         raise ValueError("cu_seqlens: the reference needs concrete offsets (not traced under jit); "
-                         "use mode='recurrent' or 'chunk' inside jit") from e
+                         "use mode='recurrent' or 'chunk' inside jit")
+    cu = np.asarray(cu_seqlens).astype(np.int64)
     outs, finals = [], []
     for n in range(len(cu) - 1):
         lo, hi = int(cu[n]), int(cu[n + 1])

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from linearnexus.core.types import Array, state_dtype
+from linearnexus.core.types import Array, is_concrete, state_dtype
 from linearnexus.kernels.common.recurrent import reference_loop, scan_tokens_packed
 
 
@@ -50,14 +49,6 @@ def apply_skip_and_gate(y: Array, x: Array, D: Array | None, z: Array | None) ->
     if z is not None:
         y = y * jax.nn.silu(z.astype(y.dtype))
     return y
-
-
-def _is_concrete(array: Array) -> bool:
-    try:
-        np.asarray(array)
-    except jax.errors.TracerArrayConversionError:
-        return False
-    return True
 
 
 def selective_scan_reference(
@@ -100,7 +91,7 @@ def selective_scan_reference(
         return jnp.swapaxes(y, 0, 1), h  # [T, B, C] -> [B, T, C]
 
     xs, shape = (x, dt, B, C), (x.shape[2], n_state)
-    if cu_seqlens is not None and not _is_concrete(cu_seqlens):
+    if cu_seqlens is not None and not is_concrete(cu_seqlens):
         y, h = scan_tokens_packed(step, xs, initial_state, shape, sd, cu_seqlens)
     else:
         y, h = reference_loop(run_one, xs, initial_state, cu_seqlens, shape, sd)

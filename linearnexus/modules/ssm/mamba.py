@@ -24,7 +24,7 @@ from flax import nnx
 
 from linearnexus.core.cache import ConvState, RecurrentState
 from linearnexus.core.config import ConfigError, field
-from linearnexus.core.conv import depthwise_conv1d_causal, depthwise_conv1d_varlen
+from linearnexus.core.conv import depthwise_conv1d
 from linearnexus.core.gating import sample_dt_bias
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array, state_dtype
@@ -184,12 +184,9 @@ class MambaBlock(nnx.Module):
         xi = inert(xi, call)  # in_proj's bias would make pads non-zero
         conv_w = self.conv_weight[...]
         conv_b = None if self.conv_bias is None else self.conv_bias[...]
-        if call.cu_seqlens is not None:  # each sequence convolved alone, from its own cache
-            u, conv_cache = depthwise_conv1d_varlen(xi, conv_w, conv_b, state.conv.buffer,
-                                                    cu_seqlens=call.cu_seqlens)
-        else:
-            u, conv_cache = depthwise_conv1d_causal(xi, conv_w, conv_b, state.conv.buffer,
-                                                    lengths=call.lengths)
+        # packed: each sequence convolved alone, from its own cache
+        u, conv_cache = depthwise_conv1d(xi, conv_w, conv_b, state.conv.buffer,
+                                         lengths=call.lengths, cu_seqlens=call.cu_seqlens)
         u = jax.nn.silu(u).astype(x.dtype)
 
         r, n = cfg.resolved_dt_rank, cfg.d_state
