@@ -58,3 +58,26 @@ def test_profile_script_reads_a_trace_on_the_cpu():
             module.main()
         finally:
             sys.argv = argv
+
+
+def test_scan_bound_balances_the_two_pipes():
+    # benchmarks/scan_bound.py's model: the best FMA-pipe share of the exp2s makes the MUFU and
+    # issue times equal, is no slower than every exp2 on MUFU, and the step size given is less work
+    spec = importlib.util.spec_from_file_location("scan_bound", ROOT / "benchmarks" / "scan_bound.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shape = (8, 4096, 2048, 16)
+    r_mufu, r_issue = 16 * 132 * 1.98e9, 128 * 132 * 1.98e9  # H200 datasheet rates
+    out = module.forward_bound(shape, r_mufu, r_issue)
+    updates = 8 * 4096 * 2048 * 16
+    m, s, x = out["mufu_per_update"], out["other_per_update"], out["best_offload"]
+    assert m == 1 + module.PER_TOKEN_MUFU / 16 and 0 < x < m
+    mufu_time = updates * (m - x) / r_mufu
+    issue_time = updates * (s + m + (module.SOFT_EXP2_INSTR - 1) * x) / r_issue
+    assert mufu_time == pytest.approx(issue_time, rel=1e-9) == pytest.approx(out["best_s"], rel=1e-9)
+    assert out["best_s"] < out["all_mufu_s"] == pytest.approx(updates * m / r_mufu, rel=1e-9)
+    given = module.forward_bound(shape, r_mufu, r_issue, step_given=True)
+    assert given["best_s"] < out["best_s"]
+    # where issue is the scarce resource the FMA-pipe exp2 never pays
+    slow_issue = module.forward_bound(shape, r_mufu, r_mufu / 100)
+    assert slow_issue["best_offload"] == 0.0 and slow_issue["best_s"] == slow_issue["all_mufu_s"]

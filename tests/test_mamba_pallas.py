@@ -188,9 +188,10 @@ def test_masked_mamba_block_gradients_with_pallas_backend():
         assert_close(v[...], v_ref[...], 1e-4, f"d{k}")
 
 
-@pytest.mark.parametrize("reverse", [False, True])
-def test_linear_scan_matches_a_loop_inside_a_kernel(reverse):
-    # the affine scan primitive the kernels use, run inside a Pallas kernel (interpret mode)
+@pytest.mark.parametrize("reverse, flip", [(False, False), (True, False), (True, True)])
+def test_linear_scan_matches_a_loop_inside_a_kernel(reverse, flip):
+    # the affine scan primitive the kernels use, run inside a Pallas kernel (interpret mode;
+    # flip only changes the Triton lowering, which test_kernels_lower_to_triton_for_a_gpu builds)
     from jax.experimental import pallas as pl
 
     from linearnexus.kernels.common.pallas_scan import linear_scan
@@ -200,7 +201,7 @@ def test_linear_scan_matches_a_loop_inside_a_kernel(reverse):
     b = jnp.asarray(rng.standard_normal((16, 4, 8)), jnp.float32)
 
     def kernel(a_ref, b_ref, pa_ref, pb_ref):
-        pa, pb = linear_scan(a_ref[...], b_ref[...], axis=0, reverse=reverse)
+        pa, pb = linear_scan(a_ref[...], b_ref[...], axis=0, reverse=reverse, flip=flip)
         pa_ref[...], pb_ref[...] = pa, pb
 
     shape = jax.ShapeDtypeStruct(a.shape, jnp.float32)
@@ -215,6 +216,8 @@ def test_linear_scan_matches_a_loop_inside_a_kernel(reverse):
     np.testing.assert_allclose(pb, want_b, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="a, b: expected one shape"):
         linear_scan(a, b[:8])
+    with pytest.raises(ValueError, match="flip: the scanned axis must have a power-of-two"):
+        linear_scan(a[:12], b[:12], axis=0, reverse=True, flip=True)
 
 
 def test_compensated_cumsum_inside_a_kernel():

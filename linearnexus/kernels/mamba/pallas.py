@@ -405,8 +405,9 @@ def _bwd_kernel(*refs, plan: _Plan):
         # is dt shifted one row by the glue); the carried a_{t0+L} g_{t0+L} rides on the last row
         decay_next = exp2_approx(dt_next[:, None, :] * a2[None], interpret=interp)
         c_dy = cm[:, :, None] * dy[:, None, :]
+        # flip: time sits in each thread, where Triton's reverse scan would shuffle every value
         _, g = linear_scan(decay_next, jnp.where(t_idx == L - 1, c_dy + full(g_in[None]), c_dy),
-                           axis=0, reverse=True)  # [L, N', bv]
+                           axis=0, reverse=True, flip=True)  # [L, N', bv]
         # reductions across lanes shuffle every operand, so they stay plain sums of products
         # (dot_sum would shuffle both factors); the time-axis ones are in-thread and fused
         dc_ref[rows, :] = jnp.sum(hs * dy[:, None, :], axis=2)  # [L, N'] partial over channels
