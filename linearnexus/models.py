@@ -180,14 +180,27 @@ class LMModel(nnx.Module):
             mask = validate_mask(mask, *tokens.shape, name="mask")
         if state is not None and len(state) != len(self.layers):
             raise ValueError(f"state: expected {len(self.layers)} layer states, got {len(state)}")
+        hidden, new_state = self.hidden_states(tokens, state=state, mask=mask, mode=mode)
+        return self.logits(hidden), new_state
+
+    def hidden_states(self, tokens: Array, *, state: ModelState | None = None,
+                      mask: Array | None = None, mode: KernelMode | str | None = None
+                      ) -> tuple[Array, ModelState]:
+        """The trunk alone (embed -> layers -> final norm): ``(hidden [B, T, D], new_state)``.
+
+        For heads other than the LM head (e.g. an RL value head); inputs are not checked
+        here (``__call__`` checks them)."""
         x = self.embed(tokens)  # [B, T, D]
         new_states = []
         for i, layer in enumerate(self.layers):
             x, s = layer(x, state=None if state is None else state[i], mask=mask, mode=mode)
             new_states.append(s)
-        x = self.norm(x)
-        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
-        return logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), tuple(new_states)
+        return self.norm(x), tuple(new_states)
+
+    def logits(self, hidden: Array) -> Array:
+        """The LM head: ``hidden [B, T, D] -> logits [B, T, V]`` (at least float32)."""
+        logits = self.embed.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
+        return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
     def num_params(self) -> int:
         """Number of parameters (tied head counted once)."""
