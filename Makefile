@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 LINEARNEXUS_SHAKESPEARE ?= $(abspath ../shared/data/tinyshakespeare/input.txt)
 export LINEARNEXUS_SHAKESPEARE
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean rl-demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) train_lm.py --model gpt-small --max-steps 800 --batch-size 12 --seq-len 64 \
 		--eval-interval 200 --out runs/demo --overwrite --sample-tokens 300
+
+# SFT a tiny char-level model on two-digit addition, then GRPO and PPO from it (docs/rl.md);
+# writes benchmarks/results/rl_demo.json
+rl-demo: $(STAMP)
+	$(PY) benchmarks/rl_demo.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check linearnexus tests examples benchmarks

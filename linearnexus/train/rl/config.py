@@ -77,7 +77,8 @@ class RLConfig(ConfigBase):
 
     Attributes:
         algo: ``grpo`` or ``ppo``.
-        task: task name (``linearnexus.train.rl.tasks.TASKS``).
+        task: task name (``linearnexus.train.rl.tasks.TASKS``). task_options: keyword
+            arguments of the task's ``make_task`` (e.g. ``{"format_weight": 0.0}``).
         max_steps: rollout steps (each: sample, score, update).
         prompts_per_step: N prompts per step; group_size: G completions per prompt
             (B = N * G rows per rollout). GRPO needs G >= 2; PPO accepts 1.
@@ -90,7 +91,7 @@ class RLConfig(ConfigBase):
             all optimizer updates (max_steps * updates per step).
         eval_interval: steps between held-out evaluations (greedy exact match; also at
             step 0 and the end); 0 = only at the end. eval_prompts: held-out prompts per
-            evaluation (None = all).
+            evaluation (None = all; 0 = no evaluation).
         log_interval: steps between metric records. checkpoint_interval: steps between
             checkpoints; None = eval_interval; 0 = only at the end (and on a signal).
         keep_last_n: newest checkpoints kept.
@@ -101,6 +102,7 @@ class RLConfig(ConfigBase):
 
     algo: str = field("grpo", choices=ALGOS)
     task: str = "addition"
+    task_options: dict = field(default_factory=dict)
     max_steps: int = field(100, gt=0)
     prompts_per_step: int = field(16, gt=0)
     group_size: int = field(8, gt=0)
@@ -116,7 +118,7 @@ class RLConfig(ConfigBase):
     beta2: float | None = field(None, ge=0, lt=1)
     grad_clip: float = field(1.0, ge=0)
     eval_interval: int = field(20, ge=0)
-    eval_prompts: int | None = field(256, gt=0)
+    eval_prompts: int | None = field(256, ge=0)
     log_interval: int = field(1, gt=0)
     checkpoint_interval: int | None = field(None, ge=0)
     keep_last_n: int = field(2, gt=0)

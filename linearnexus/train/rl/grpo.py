@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from linearnexus.models import LMModel
+from linearnexus.train.rl._cache import cached
 from linearnexus.train.rl.config import RLConfig
 from linearnexus.train.rl.losses import (
     aggregate,
@@ -101,7 +102,9 @@ class GRPO:
             return TrainState(params, state.rest, opt_state, state.rng), {**metrics, "loss": loss}
 
         # donated: the new state reuses the old state's buffers
-        self._step = jax.jit(step, static_argnums=(2,), donate_argnums=(0,))
+        key = ("grpo", config.temperature, config.grpo.to_dict(), tx)
+        self._step = cached(graphdef, key, lambda: jax.jit(step, static_argnums=(2,),
+                                                           donate_argnums=(0,)))
 
     @staticmethod
     def policy_state(params: Any, rest: Any) -> tuple[Any, Any]:

@@ -19,6 +19,7 @@ from flax import nnx
 
 from linearnexus.core.types import Array
 from linearnexus.models import LMModel
+from linearnexus.train.rl._cache import cached
 from linearnexus.train.rl.config import RLConfig
 from linearnexus.train.rl.losses import (
     aggregate,
@@ -141,8 +142,10 @@ class PPO:
             params = optax.apply_updates(state.params, updates)
             return TrainState(params, state.rest, opt_state, state.rng), {**metrics, "loss": loss}
 
-        self._forward = jax.jit(forward, static_argnums=(4,))
-        self._step = jax.jit(step, static_argnums=(2,), donate_argnums=(0,))
+        key = ("ppo", self.config.temperature, p.to_dict(), tx)
+        self._forward, self._step = cached(graphdef, key, lambda: (
+            jax.jit(forward, static_argnums=(4,)),
+            jax.jit(step, static_argnums=(2,), donate_argnums=(0,))))
 
     @staticmethod
     def policy_state(params: Any, rest: Any) -> tuple[Any, Any]:

@@ -42,6 +42,7 @@ from flax import nnx
 
 from linearnexus.generate import SamplingConfig, check_capacity, generate
 from linearnexus.models import LMModel
+from linearnexus.train.rl._cache import cached
 from linearnexus.train.rl.config import RLConfig
 from linearnexus.train.rl.grpo import GRPO
 from linearnexus.train.rl.ppo import PPO
@@ -112,6 +113,9 @@ class RLTrainer:
         config: the :class:`RLConfig`.
         init: where the policy came from (``{"path": ..., "step": ...}``), recorded in
             checkpoints so a resume can rebuild the reference model.
+        reference: the frozen reference of the KL term (None = a copy of ``policy``; give
+            the initial model when ``policy`` is not it, e.g. on a resume). Not kept when
+            the KL weight is 0.
         tx: an optax transformation, or None for the config's optimizer and schedule.
         log: where progress lines go (default: print, through tqdm when a bar is shown).
 
@@ -123,7 +127,8 @@ class RLTrainer:
     """
 
     def __init__(self, policy: LMModel, tokenizer: Any, task: Task, config: RLConfig, *,
-                 init: dict[str, Any] | None = None, tx: optax.GradientTransformation | None = None,
+                 init: dict[str, Any] | None = None, reference: LMModel | None = None,
+                 tx: optax.GradientTransformation | None = None,
                  log: Callable[[str], None] | None = None) -> None:
         if not isinstance(config, RLConfig):
             raise TypeError(f"config: expected RLConfig, got {type(config).__name__}")
@@ -148,9 +153,9 @@ class RLTrainer:
 
         self.stop_id = self._stop_id()
         self.train_ids = self._encode_all(task.train_prompts, "train_prompts")
-        eval_prompts = list(task.eval_prompts)[: config.eval_prompts]
-        self.eval_prompts = eval_prompts
-        self.eval_ids = self._encode_all(eval_prompts, "eval_prompts")
+        self.eval_prompts = list(task.eval_prompts)[: config.eval_prompts]
+        self.eval_ids = (self._encode_all(self.eval_prompts, "eval_prompts")
+                         if config.eval_prompts != 0 else [])
         longest = max(map(len, self.train_ids + self.eval_ids))
         check_capacity(policy, longest, self.max_new_tokens)
         self._probe_rewards()
@@ -163,12 +168,21 @@ class RLTrainer:
         rest = jax.tree.map(jnp.copy, nnx.to_pure_dict(rest))
         self.lr_schedule: optax.Schedule | None = None
         if tx is None:
-            tx, self.lr_schedule = build_optimizer(self._optim_config(), params)
+            optim = self._optim_config()
+            # one tx object per optimizer setting and parameter structure, so that trainers
+            # alike (a run and its resumption) share the compiled update
+            tx, self.lr_schedule = cached(
+                self.algo.graphdef, ("tx", optim.to_dict(), jax.tree.structure(params)),
+                lambda: build_optimizer(optim, params))
         self.algo.set_optimizer(tx)
         self.tx = tx
         self.state = TrainState(params, rest, tx.init(params), jax.random.PRNGKey(config.seed))
 
-        pol_graphdef, pol_params, pol_rest = nnx.split(policy, nnx.Param, ...)
+        pol_graphdef, _, _ = nnx.split(policy, nnx.Param, ...)
+        ref_model = policy if reference is None else reference
+        if not isinstance(ref_model, LMModel) or ref_model.config != policy.config:
+            raise ValueError("reference: expected an LMModel with the policy's config")
+        _, ref_params, ref_rest = nnx.split(ref_model, nnx.Param, ...)
         temperature = config.temperature
 
         def logprobs(params, rest, tokens, attn, prompt_len):
@@ -176,10 +190,11 @@ class RLTrainer:
             logits, _ = model(tokens, mask=attn)  # [B, P + C, V]
             return completion_logprobs(logits, tokens, prompt_len, temperature)
 
-        self._logprobs = jax.jit(logprobs, static_argnums=(4,))
+        self._logprobs = cached(pol_graphdef, ("logprobs", temperature),
+                                lambda: jax.jit(logprobs, static_argnums=(4,)))
         # the reference is the initial policy, frozen; none is kept when the KL weight is 0
-        self.ref = ((jax.tree.map(jnp.copy, nnx.to_pure_dict(pol_params)),
-                     jax.tree.map(jnp.copy, nnx.to_pure_dict(pol_rest)))
+        self.ref = ((jax.tree.map(jnp.copy, nnx.to_pure_dict(ref_params)),
+                     jax.tree.map(jnp.copy, nnx.to_pure_dict(ref_rest)))
                     if config.uses_reference else None)
         self.step = 0
         self.elapsed_before = 0.0
@@ -227,7 +242,7 @@ class RLTrainer:
     def _probe_rewards(self) -> None:
         """Call every reward function on two held-out prompts, so a wrong return type or
         shape is reported now and not after the first rollout."""
-        prompts = list(self.eval_prompts[:2])
+        prompts = list((self.eval_prompts or self.task.train_prompts)[:2])
         completions = [""] * len(prompts)
         for name, fn in {**self.task.rewards, "score": self.task.score}.items():
             if not callable(fn):
@@ -281,9 +296,11 @@ class RLTrainer:
         rec.update(metrics)
         return rec
 
-    def evaluate(self) -> float:
+    def evaluate(self) -> float | None:
         """Held-out accuracy: greedy completions of ``eval_prompts`` scored by
-        ``task.score`` (mean of 0 / 1)."""
+        ``task.score`` (mean of 0 / 1); None when evaluation is off."""
+        if not self.eval_ids:
+            return None
         cfg = SamplingConfig(temperature=0.0, max_new_tokens=self.max_new_tokens,
                              stop_tokens=(self.stop_id,))
         outs = generate(self._sync_policy(), self.eval_ids, cfg)
@@ -458,7 +475,7 @@ class RLTrainer:
             self._bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step",
                              dynamic_ncols=True, desc=cfg.algo)
         try:
-            if self.step == 0:
+            if self.step == 0 and self.eval_ids:
                 last_acc = self.evaluate()
                 record({"step": 0, "eval_accuracy": last_acc, "elapsed_s": round(elapsed(), 3)})
                 self._log(f"step 0: held-out accuracy {last_acc:.3f}")
@@ -470,7 +487,8 @@ class RLTrainer:
                 last_reward = rec["reward_mean"]
                 rec = {"step": step, **rec, "lr": lr, "step_s": round(time.perf_counter() - t0, 3)}
                 is_last = step == cfg.max_steps
-                do_eval = is_last or (cfg.eval_interval > 0 and step % cfg.eval_interval == 0)
+                do_eval = bool(self.eval_ids) and (
+                    is_last or (cfg.eval_interval > 0 and step % cfg.eval_interval == 0))
                 if do_eval:
                     last_acc = rec["eval_accuracy"] = self.evaluate()
                 if do_eval or is_last or step % cfg.log_interval == 0:
@@ -482,11 +500,11 @@ class RLTrainer:
                     if last_acc is not None:
                         post["acc"] = f"{last_acc:.3f}"
                     self._bar.set_postfix(post, refresh=False)
-                if do_eval:
+                if do_eval or is_last:
+                    acc = "" if last_acc is None else f", held-out accuracy {last_acc:.3f}"
                     self._log(f"step {step}/{cfg.max_steps}: reward {rec['reward_mean']:.3f} "
-                              f"(+- {rec['reward_std']:.3f}), held-out accuracy {last_acc:.3f}, "
-                              f"completion length {rec['completion_len']:.2f}, elapsed "
-                              f"{elapsed():.0f}s")
+                              f"(+- {rec['reward_std']:.3f}){acc}, completion length "
+                              f"{rec['completion_len']:.2f}, elapsed {elapsed():.0f}s")
                 if is_last or (ckpt_every > 0 and step % ckpt_every == 0):
                     last_ckpt = self.save_checkpoint(elapsed=elapsed(), manager=mgr)
             if stop["signal"] is not None:
