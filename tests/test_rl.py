@@ -21,8 +21,7 @@ from flax import nnx
 from linearnexus.core.config import ConfigError
 from linearnexus.data import CharTokenizer
 from linearnexus.models import ModelConfig, create_model
-from linearnexus.train.rl import GRPOConfig, PPOConfig, RLConfig, RLTrainer, Task, get_task
-from linearnexus.train.rl import losses
+from linearnexus.train.rl import GRPOConfig, PPOConfig, RLConfig, RLTrainer, Task, get_task, losses
 from linearnexus.train.rl.ppo import token_rewards
 from linearnexus.train.rl.rewards import combine_rewards
 from linearnexus.train.rl.rollout import build_rollout, completion_logprobs
