@@ -278,13 +278,16 @@ def _config(tmp_path, **kw) -> RLConfig:
     return RLConfig(**{**base, **kw})
 
 
+PPO_CASE = {"ppo": PPOConfig(epochs=1, num_minibatches=2, ent_coef=0.01)}
+
+
 @pytest.mark.parametrize("block,algo,options", [
     ("attention", "grpo", {"grpo": GRPOConfig(beta=0.02, num_iterations=2)}),
     ("mamba2", "grpo", {"grpo": GRPOConfig(loss_aggregation="token", importance_level="sequence",
                                            eps_high=0.28)}),
     ("gated_deltanet", "grpo", {"grpo": GRPOConfig(scale_rewards=False,
                                                    loss_aggregation="constant")}),
-    ("attention", "ppo", {"ppo": PPOConfig(epochs=1, num_minibatches=2, ent_coef=0.01)}),
+    ("attention", "ppo", PPO_CASE),
 ])
 def test_steps_move_the_policy_towards_the_reward(tmp_path, block, algo, options):
     model = _policy(block)
@@ -307,9 +310,9 @@ def test_steps_move_the_policy_towards_the_reward(tmp_path, block, algo, options
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    """PPO (a separate critic in the checkpoint) stopped by SIGINT after step 2, resumed."""
-    cfg = dict(algo="ppo", max_steps=4, checkpoint_interval=0, lr=1e-2, prompts_per_step=4,
-               ppo=PPOConfig(epochs=1, num_minibatches=2, kl_coef=0.05, value_model="separate"))
+    """PPO (value head and optimizer state in the checkpoint) stopped by SIGINT after step
+    2, then resumed; the settings are the PPO case above, whose compiled steps it reuses."""
+    cfg = dict(PPO_CASE, algo="ppo", checkpoint_interval=0)
     keys = ("reward_mean", "loss", "value_loss", "kl", "clip_frac", "entropy")
     full = RLTrainer(_policy("attention"), TOK, _task(),
                      _config(tmp_path / "a", **cfg), log=lambda s: None).train()
@@ -349,6 +352,29 @@ def test_resume_equals_uninterrupted(tmp_path):
     want_params = nnx.to_pure_dict(nnx.state(resumed.model, nnx.Param))
     got_params = nnx.to_pure_dict(nnx.state(loaded, nnx.Param))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), got_params, want_params)
+
+
+def test_separate_critic():
+    """value_model="separate": the critic reads its own trunk (a copy of the policy), so
+    the value loss leaves the policy's weights alone."""
+    from linearnexus.train.rl.ppo import PPO
+
+    policy = _policy("attention")
+    algo = PPO(RLConfig(algo="ppo", ppo=PPOConfig(value_model="separate")), policy)
+    ac = algo.module
+    assert ac.value_trunk is not None and ac.value_trunk is not policy
+    ac.value_head.kernel.value = jnp.ones_like(ac.value_head.kernel.value)
+    tokens = jnp.asarray([TOK.encode("12+34=46")])
+    graphdef, params, rest = nnx.split(ac, nnx.Param, ...)
+
+    def value_sum(p):
+        return jnp.sum(nnx.merge(graphdef, p, rest)(tokens)[1])
+
+    grads = nnx.to_pure_dict(jax.jit(jax.grad(value_sum))(params))
+    assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads["policy"]))
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["value_trunk"]))
+    extra = algo.extra_state(nnx.to_pure_dict(params), nnx.to_pure_dict(rest))
+    assert set(extra["params"]) == {"value_head", "value_trunk"}
 
 
 def test_bad_task_input_is_reported_before_training(tmp_path):

@@ -385,6 +385,33 @@ def _compiled(graphdef: Any, tx: optax.GradientTransformation) -> _Steps:
 # ---- small file helpers ------------------------------------------------------------------
 
 
+def catch_stop_signals() -> tuple[dict[str, str | None], Callable[[], None]]:
+    """Turn SIGINT / SIGTERM into a flag for a training loop to check between steps.
+
+    Returns ``(stop, restore)``: ``stop["signal"]`` becomes ``"SIGINT"`` / ``"SIGTERM"``
+    when one arrives (a second SIGINT raises ``KeyboardInterrupt`` at once); ``restore()``
+    puts the previous handlers back. Outside the main thread nothing is installed.
+    """
+    stop: dict[str, str | None] = {"signal": None}
+    old_handlers: dict[int, Any] = {}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if stop["signal"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: quit now, no checkpoint
+        stop["signal"] = signal.Signals(signum).name
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old_handlers[sig] = signal.signal(sig, on_signal)
+
+    def restore() -> None:
+        for sig, old in old_handlers.items():
+            signal.signal(sig, old)
+        old_handlers.clear()
+
+    return stop, restore
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -825,18 +852,7 @@ class SFTTrainer:
         def elapsed() -> float:
             return self.elapsed_before + time.perf_counter() - session_start
 
-        stop: dict[str, Any] = {"signal": None}
-        handlers_installed = threading.current_thread() is threading.main_thread()
-        old_handlers: dict[int, Any] = {}
-
-        def on_signal(signum: int, frame: Any) -> None:
-            if stop["signal"] is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # second Ctrl-C: quit now, no checkpoint
-            stop["signal"] = signal.Signals(signum).name
-
-        if handlers_installed:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                old_handlers[sig] = signal.signal(sig, on_signal)
+        stop, restore_signals = catch_stop_signals()
 
         metrics_file = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115
 
@@ -923,9 +939,7 @@ class SFTTrainer:
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None
-            if handlers_installed:
-                for sig, old in old_handlers.items():
-                    signal.signal(sig, old)
+            restore_signals()
             self.elapsed_before = elapsed()
         self.write_plot()
         wall = time.perf_counter() - session_start

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -66,6 +64,7 @@ from linearnexus.train.sft import (
     _read_jsonl,
     _tokenizer_json,
     build_optimizer,
+    catch_stop_signals,
 )
 
 __all__ = ["RLResult", "RLTrainer"]
@@ -450,18 +449,7 @@ class RLTrainer:
         def elapsed() -> float:
             return self.elapsed_before + time.perf_counter() - session_start
 
-        stop: dict[str, Any] = {"signal": None}
-        main_thread = threading.current_thread() is threading.main_thread()
-        old_handlers: dict[int, Any] = {}
-
-        def on_signal(signum: int, frame: Any) -> None:
-            if stop["signal"] is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # second Ctrl-C: quit now, no checkpoint
-            stop["signal"] = signal.Signals(signum).name
-
-        if main_thread:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                old_handlers[sig] = signal.signal(sig, on_signal)
+        stop, restore_signals = catch_stop_signals()
         metrics_file = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115
 
         def record(rec: dict[str, Any]) -> None:
@@ -519,8 +507,7 @@ class RLTrainer:
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None
-            for sig, old in old_handlers.items():
-                signal.signal(sig, old)
+            restore_signals()
             self.elapsed_before = elapsed()
         self.write_plot()
         self.model  # noqa: B018 - leave the caller's policy object with the trained weights
