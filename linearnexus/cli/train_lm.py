@@ -26,7 +26,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from linearnexus.cli import UsageError, int_at_least, run_reporting_usage_errors
+from linearnexus.cli import (
+    UsageError,
+    existing_run,
+    int_at_least,
+    number_above,
+    run_reporting_usage_errors,
+)
 
 DEFAULT_PRESET = "gpt-small"
 DEFAULT_SAMPLE_TOKENS = 200
@@ -50,14 +56,7 @@ _TRAIN_FLAGS = {
 }
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return value
+_positive_float = number_above(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,9 +115,7 @@ def _resolve(args: argparse.Namespace) -> tuple[Any, Any, bool]:
     from linearnexus.core.config import ConfigError
     from linearnexus.models import list_presets
     from linearnexus.train import (
-        CHECKPOINT_DIR,
         TrainConfig,
-        read_checkpoint_meta,
         read_config_file,
         resolve_model_config,
     )
@@ -145,16 +142,7 @@ def _resolve(args: argparse.Namespace) -> tuple[Any, Any, bool]:
             Path(args.config).stem if args.config else DEFAULT_PRESET)
         out = os.path.join("runs", name)
     overrides["out_dir"] = str(out)
-    ckpt_dir = Path(out) / CHECKPOINT_DIR
-    saved = None
-    if ckpt_dir.is_dir():
-        try:
-            saved = read_checkpoint_meta(ckpt_dir)
-        except FileNotFoundError:
-            saved = None
-    if saved is not None and not (args.resume or args.overwrite):
-        raise UsageError(f"--out: {out} already holds a run (checkpoint at step {saved['step']}); "
-                         "pass --resume to continue it or --overwrite to start over")
+    saved = existing_run(out, resume=args.resume, overwrite=args.overwrite)
 
     try:
         if args.resume and saved is not None:

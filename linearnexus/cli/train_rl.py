@@ -22,7 +22,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from linearnexus.cli import UsageError, int_at_least, run_reporting_usage_errors
+from linearnexus.cli import (
+    UsageError,
+    existing_run,
+    int_at_least,
+    number_above,
+    run_reporting_usage_errors,
+)
 
 # flag -> RLConfig field ("section.field" for the algorithms' options)
 _FLAGS = {
@@ -45,20 +51,6 @@ _FLAGS = {
 }
 
 
-def _number(lo: float, *, strict: bool) -> Any:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not (value > lo if strict else value >= lo) or value != value or value == float("inf"):
-            raise argparse.ArgumentTypeError(
-                f"expected a finite number {'>' if strict else '>='} {lo:g}, got {text}")
-        return value
-
-    return parse
-
-
 def _task_option(text: str) -> tuple[str, Any]:
     import yaml
 
@@ -74,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="RL post-training (GRPO / PPO) of a LinearNexus SFT checkpoint on a task "
                     "with verifiable rewards. See docs/rl.md.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    pos, nonneg = _number(0, strict=True), _number(0, strict=False)
+    pos, nonneg = number_above(0), number_above(0, strict=False)
     r = p.add_argument_group("run")
     r.add_argument("--algo", choices=("grpo", "ppo"), default=None, help="default grpo")
     r.add_argument("--init", metavar="RUN_DIR", default=None,
@@ -168,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from linearnexus.core.config import ConfigError
-    from linearnexus.train import CHECKPOINT_DIR, clear_run, load_checkpoint, read_checkpoint_meta
+    from linearnexus.train import clear_run, load_checkpoint
     from linearnexus.train.rl import RLConfig, RLTrainer, get_task
 
     file_section: dict[str, Any] = {}
@@ -185,15 +177,7 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out or file_section.get("out_dir")
                or Path("runs") / (over.get("algo") or file_section.get("algo") or "grpo"))
     over["out_dir"] = str(out)
-    saved = None
-    if (out / CHECKPOINT_DIR).is_dir():
-        try:
-            saved = read_checkpoint_meta(out)
-        except FileNotFoundError:
-            saved = None
-    if saved is not None and not (args.resume or args.overwrite):
-        raise UsageError(f"--out: {out} already holds a run (checkpoint at step {saved['step']}); "
-                         "pass --resume to continue it or --overwrite to start over")
+    saved = existing_run(out, resume=args.resume, overwrite=args.overwrite)
     resuming = args.resume and saved is not None
     if resuming and saved.get("kind") != "rl":
         raise UsageError(f"--out: {out} holds a checkpoint that is not an RL run's")
