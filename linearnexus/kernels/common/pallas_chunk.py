@@ -188,6 +188,15 @@ def _state_block(st: CoreStatic) -> tuple[Any, Any, Any, Any]:
     return r, h, pl.ds(ik * st.block_k, st.block_k), pl.ds(iv * st.block_v, st.block_v)
 
 
+def _value_block(st: CoreStatic, block_v: int) -> tuple[Any, Any, Any, Any, Any]:
+    """``(r, h, c, t0, vs)`` of a parallel program (grid ``[V blocks, chunks, rows x heads]``):
+    its row, head, chunk, the chunk's first token, and its value columns."""
+    iv, c = pl.program_id(0), pl.program_id(1)
+    r, h = _row_col(st)
+    t0 = c * st.chunk
+    return r, h, c, t0, pl.ds(iv * block_v, block_v)
+
+
 def _walk(st: CoreStatic, where, seq_ref, flag_ref, enter_ref, leave_ref, states_ref, step, *,
           reverse: bool) -> None:
     """Run ``carry = step(c, t0, carry)`` over the chunks ``c`` (first token ``t0``) of the
@@ -282,10 +291,7 @@ def _fwd_h_kernel(*, k_ref, v_ref, w_ref, b_ref, h0_ref, seq_ref, flag_ref, h_re
 
 def _fwd_o_kernel(*, q_ref, k_ref, v_ref, h_ref, b_ref, o_ref, st: CoreStatic):
     L, BK, BV = st.chunk, st.par_block_k, st.par_block_v
-    iv, c = pl.program_id(0), pl.program_id(1)
-    r, h = _row_col(st)
-    t0 = c * L
-    vs = pl.ds(iv * BV, BV)
+    r, h, c, t0, vs = _value_block(st, st.par_block_v)
     acc_o = jnp.zeros((L, BV), F32)
     acc_a = jnp.zeros((L, L), F32)
     for ik in range(st.key_dim // BK):
@@ -341,10 +347,7 @@ def core_forward(st: CoreStatic, q, k, v, w, b, h0, seq_info, flags):
 def _bwd_dv_kernel(*, q_ref, k_ref, do_ref, dh_ref, b_ref, dv_ref, st: CoreStatic):
     """``dv = (scale (q k^T) * Gamma)^T do (+ (k e^{b_L - b}) dS_{c+1} unless delta)``."""
     L, BK, BV = st.chunk, st.par_block_k, st.par_block_v
-    iv, c = pl.program_id(0), pl.program_id(1)
-    r, h = _row_col(st)
-    t0 = c * L
-    vs = pl.ds(iv * BV, BV)
+    r, h, c, t0, vs = _value_block(st, st.par_block_v)
     acc_at = jnp.zeros((L, L), F32)  # [key j, query i] = k_j . q_i
     acc_dv = jnp.zeros((L, BV), F32)
     for ik in range(st.key_dim // BK):

@@ -98,6 +98,7 @@ from linearnexus.kernels.common.pallas_chunk import (
     _has_chunk,
     _row_col,
     _state_block,
+    _value_block,
     _walk,
     chunk_layout_info,
 )
@@ -359,10 +360,7 @@ def _fwd_h_kernel(*, k_ref, v_ref, b_ref, c_ref, h0_ref, seq_ref, flag_ref, h_re
 
 def _fwd_o_kernel(q_ref, v_ref, h_ref, b_ref, a_ref, o_ref, *, st: CoreStatic):
     L, BK, BV = st.chunk, st.block_k, st.block_v
-    iv, c = pl.program_id(0), pl.program_id(1)
-    r, h = _row_col(st)
-    t0 = c * L
-    vs = pl.ds(iv * BV, BV)
+    r, h, c, t0, vs = _value_block(st, st.block_v)
     acc = jnp.zeros((L, BV), F32)
     for ik in range(st.key_dim // BK):
         ks = pl.ds(ik * BK, BK)
@@ -425,10 +423,7 @@ def _bwd_da_kernel(do_ref, v_ref, da_ref, *, st: CoreStatic):
 
 def _bwd_dv_kernel(k_ref, do_ref, dh_ref, b_ref, c_ref, a_ref, dv_ref, *, st: CoreStatic):
     L, BK, BV = st.chunk, st.block_k, st.block_v
-    iv, c = pl.program_id(0), pl.program_id(1)
-    r, h = _row_col(st)
-    t0 = c * L
-    vs = pl.ds(iv * BV, BV)
+    r, h, c, t0, vs = _value_block(st, st.block_v)
     acc = jnp.zeros((L, BV), F32)
     for ik in range(st.key_dim // BK):
         ks = pl.ds(ik * BK, BK)
