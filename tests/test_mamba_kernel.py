@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from linearnexus.kernels.mamba import selective_scan
-from linearnexus.kernels.mamba.api import MambaJaxKernel
+from linearnexus.kernels.mamba.api import jax_backend
 from linearnexus.kernels.mamba.reference import selective_scan_reference
 from linearnexus.registry import KERNEL_REGISTRY, kernels_for
 from tests.helpers.parity import assert_close, x64
@@ -28,7 +28,7 @@ def _chunk(form):
     if form is None:
         return run
 
-    kernel = MambaJaxKernel(chunk_form=form)
+    kernel = jax_backend(chunk_form=form)
     from linearnexus.kernels.base import GridConfig
 
     def run_form(x, dt, A, B, C, D, z, h0, chunk_size):
@@ -265,7 +265,7 @@ def test_packed_sequences_match_running_each_alone(impl, key):
     key = jax.random.key(11)  # one set of inputs for every form: the reference runs once
     arrays = packed_inputs(key)
     cu = jnp.asarray(CU, jnp.int32)
-    kernel = (MambaJaxKernel(chunk_form=impl.removeprefix("chunk-")) if impl.startswith("chunk")
+    kernel = (jax_backend(chunk_form=impl.removeprefix("chunk-")) if impl.startswith("chunk")
               else None)
     from linearnexus.kernels.base import GridConfig
 
