@@ -210,7 +210,7 @@ def _walk(st: CoreStatic, where, seq_ref, flag_ref, enter_ref, leave_ref, states
     it. Rows of packed sequences do it at the chunks that open / close each sequence, the
     load masked: an unmasked ``[K, V]`` load per chunk was the largest load of the delta
     rules' ``bwd_dh`` (16 KB of the 72 KB a step at K = 128, block_v = 32) and, with the
-    masked store per chunk, 0.86 -> 0.59 ms of it on an H200 (``docs/gpu_notes.md``).
+    masked store per chunk, 0.86 -> 0.59 ms of it on an H200 (``docs/benchmarks.md``, GPU kernel work log).
     """
     r, h, ks, vs = where
     shape = (st.block_k, st.block_v)
