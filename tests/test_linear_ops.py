@@ -346,17 +346,23 @@ def test_small_batch_matches_reference(op, impl, key):
     compare_all(op, names, got, ref, SMALL_TOL, SMALL_TOL, f"{impl} float32")
 
 
+def _finite_and_close(op, impl, names, arrays, h0, cot_o, cot_s, what):
+    """Batch-shape outputs and gradients (the batch case's compiled code): all finite, and
+    as the reference's."""
+    got = small_run(op, impl, False)(arrays, h0, cot_o, cot_s, None)
+    for leaf in jax.tree.leaves(got):
+        assert np.all(np.isfinite(np.asarray(leaf, np.float64))), f"{op}: non-finite ({what})"
+    ref = small_reference(op, False)(arrays, h0, cot_o, cot_s)
+    compare_all(op, names, got, ref, SMALL_TOL, SMALL_TOL, f"{impl} {what}")
+
+
 @pytest.mark.parametrize("impl", SMALL_IMPLS)
 @pytest.mark.parametrize("op", KERNEL_OPS)
 def test_small_strong_decay_matches_reference(op, impl, key):
     """Log-gates in [-20, -19]: the state forgets almost everything each step; exp of large
     cumulative gate sums must neither overflow nor cancel (outputs and gradients)."""
     names, arrays, h0, cot_o, cot_s = small_inputs(op, key, BATCH, decay="strong")
-    got = small_run(op, impl, False)(arrays, h0, cot_o, cot_s, None)  # the batch case's code
-    for leaf in jax.tree.leaves(got):
-        assert np.all(np.isfinite(np.asarray(leaf, np.float64))), f"{op}: non-finite under strong decay"
-    ref = small_reference(op, False)(arrays, h0, cot_o, cot_s)
-    compare_all(op, names, got, ref, SMALL_TOL, SMALL_TOL, f"{impl} strong-decay")
+    _finite_and_close(op, impl, names, arrays, h0, cot_o, cot_s, "strong-decay")
 
 
 @pytest.mark.parametrize("impl", SMALL_IMPLS)
@@ -370,12 +376,7 @@ def test_small_zero_gate_resets_the_state(op, impl, key):
     gi = names.index("g")
     arrays = list(arrays)
     arrays[gi] = arrays[gi].at[:, jnp.array([5, 16, 30])].set(-jnp.inf)
-    arrays = tuple(arrays)
-    got = small_run(op, impl, False)(arrays, h0, cot_o, cot_s, None)  # the batch case's code
-    for leaf in jax.tree.leaves(got):
-        assert np.all(np.isfinite(np.asarray(leaf, np.float64))), f"{op}: non-finite with a zero gate"
-    ref = small_reference(op, False)(arrays, h0, cot_o, cot_s)
-    compare_all(op, names, got, ref, SMALL_TOL, SMALL_TOL, f"{impl} zero-gate")
+    _finite_and_close(op, impl, names, tuple(arrays), h0, cot_o, cot_s, "zero-gate")
 
 
 @pytest.mark.parametrize("impl", SMALL_IMPLS)
