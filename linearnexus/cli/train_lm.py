@@ -193,7 +193,7 @@ def _resolve(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[Any
     try:
         stack.enter_context(RunLock(out, warn=lambda line: print(line, file=sys.stderr)))
     except RunLockedError as e:
-        raise UsageError(f"--out: {e}") from None
+        raise UsageError(f"--out: {str(e).removeprefix('out_dir: ')}") from None
     ckpt_dir = Path(out) / CHECKPOINT_DIR
     steps = [s for s, _ in step_folders(ckpt_dir)]
     if steps and not (args.resume or args.overwrite):
