@@ -213,6 +213,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _link_or_create(source: Path, target: Path) -> None:
+    """Make ``target`` hold ``source``'s content, failing with FileExistsError if it exists:
+    a hard link (atomic, content included), or where the filesystem has none, an exclusive
+    create followed by the write."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (some network / FUSE filesystems)
+        fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(source.read_bytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
 class RunLock:
     """Exclusive ownership of a run folder: ``<out_dir>/run.lock`` holds the owner's pid
     and host while a run writes there, and is removed at exit.
@@ -259,7 +275,7 @@ class RunLock:
         try:
             for _ in range(3):
                 try:
-                    os.link(tmp, self.path)
+                    _link_or_create(tmp, self.path)
                 except FileExistsError:
                     owner = self._owner()
                     if owner is not None:

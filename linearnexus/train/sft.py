@@ -20,10 +20,13 @@ A run folder (``config.out_dir``)::
     metrics.jsonl      one JSON record per log / eval step, flushed as written
     loss.png           train / val loss curves (written at the end of ``train``)
     checkpoints/<step>/{model,opt,meta,tokenizer}   orbax; the last N and the best kept
+    checkpoints/<step>/integrity.json   size + SHA-256 of each file, written last
 
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a
-run killed mid-save leaves the previous checkpoint intact; restore takes the latest
-complete step and temporary leftovers are removed when the manager opens.
+run killed mid-save leaves the previous checkpoint intact (temporary leftovers are removed
+when the manager opens). Then an integrity manifest is written last; restore takes the
+newest checkpoint that verifies against it, moving failing ones aside (train/integrity.py).
+A run holds ``out_dir/run.lock`` while it trains.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from linearnexus.optim import (
     sophia_should_update_hessian,
 )
 from linearnexus.train.integrity import (
+    MANIFEST_FILE,
     CheckpointError,
     CheckpointWriteError,
     RunLock,
@@ -519,7 +523,7 @@ def find_checkpoint(path: str | os.PathLike) -> tuple[Path, int | None]:
         raise FileNotFoundError(f"checkpoint: no such path {path}")
     if (path / CHECKPOINT_DIR).is_dir():
         return path / CHECKPOINT_DIR, None
-    if path.name.isdigit() and (path / "meta").is_dir():
+    if path.name.isdigit() and ((path / "meta").is_dir() or (path / MANIFEST_FILE).is_file()):
         return path.parent, int(path.name)
     if any(p.name.isdigit() for p in path.iterdir() if p.is_dir()):
         return path, None
