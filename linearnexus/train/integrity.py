@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -126,7 +128,21 @@ def verify_checkpoint(step_dir: str | os.PathLike, mode: str = "full", *,
         return f"{MANIFEST_FILE}: unreadable ({e})"
     if manifest.get("step") != int(step_dir.name):
         return f"{MANIFEST_FILE}: written for step {manifest.get('step')}, not {step_dir.name}"
-    return verify_manifest(step_dir, files, mode, hash_limit=hash_limit)
+    stat = path.stat()
+    key = (str(step_dir.absolute()), stat.st_ino, stat.st_mtime_ns, mode, hash_limit)
+    if time.monotonic() - _VERIFIED.get(key, -math.inf) < _VERIFIED_FOR_S:
+        return None
+    problem = verify_manifest(step_dir, files, mode, hash_limit=hash_limit)
+    if problem is None:
+        _VERIFIED[key] = time.monotonic()
+    return problem
+
+
+# checkpoints that verified in this process a moment ago, by their manifest's identity: the
+# command line verifies before it builds the trainer, which verifies again, and hashing
+# costs ~1 s/GB. Kept briefly, so a long-lived process rechecks what it reads later.
+_VERIFIED: dict[tuple[str, int, int, str, int], float] = {}
+_VERIFIED_FOR_S = 60.0
 
 
 def step_folders(checkpoint_dir: str | os.PathLike) -> list[tuple[int, Path]]:
