@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import jax
@@ -323,6 +324,51 @@ def test_run_lock_refuses_a_live_owner_and_takes_over_a_dead_one(build, referenc
     with RunLock(out) as outer, RunLock(out):  # re-entrant in one process
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert not lock.exists() and outer is not None
+
+
+_CONTENDER = textwrap.dedent("""
+    import importlib.util, os, sys, time
+    from pathlib import Path
+
+    # the lock module alone (importing linearnexus.train would pull in JAX: seconds each)
+    spec = importlib.util.spec_from_file_location("integrity", sys.argv[1])
+    integrity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(integrity)
+    out, go, release = Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+    while not go.exists():
+        time.sleep(0.005)
+    try:
+        lock = integrity.RunLock(out).acquire()
+    except integrity.RunLockedError as e:
+        print(e)
+        sys.exit(3)
+    print("owner", os.getpid(), flush=True)
+    while not release.exists():
+        time.sleep(0.01)
+    lock.release()
+""")
+
+
+def test_concurrent_processes_one_owner(tmp_path):
+    from linearnexus.train import integrity
+
+    out, go, release = tmp_path / "run", tmp_path / "go", tmp_path / "release"
+    procs = [subprocess.Popen([sys.executable, "-c", _CONTENDER, integrity.__file__, str(out),
+                               str(go), str(release)], stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    go.touch()  # all start racing for the lock at once
+    deadline = time.monotonic() + 60
+    while sum(p.poll() is not None for p in procs) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    losers = [p for p in procs if p.poll() is not None]
+    owners = [p for p in procs if p not in losers]
+    assert len(owners) == 1 and len(losers) == 3
+    assert json.loads((out / LOCK_FILE).read_text())["pid"] == owners[0].pid
+    for p in losers:
+        assert p.returncode == 3
+        assert f"is in use by another run (pid {owners[0].pid} on" in p.stdout.read()
+    release.touch()
+    assert owners[0].wait(timeout=60) == 0 and not (out / LOCK_FILE).exists()
 
 
 def test_second_cli_run_on_a_folder_names_the_owner(corpus, tmp_path, capsys):  # noqa: F811

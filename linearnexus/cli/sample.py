@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -174,10 +175,15 @@ def _run(args: argparse.Namespace) -> int:
     from linearnexus.train import load_checkpoint
 
     try:
-        model, model_config, extra = load_checkpoint(args.checkpoint,
-                                                     verify=args.verify_checkpoints)
+        with warnings.catch_warnings(record=True) as skipped:  # checkpoints that fail to verify
+            warnings.simplefilter("always")
+            model, model_config, extra = load_checkpoint(args.checkpoint,
+                                                         verify=args.verify_checkpoints)
     except FileNotFoundError as e:
         raise UsageError(f"--checkpoint: {e}") from None
+    finally:
+        for w in skipped:
+            print(f"warning: {w.message}", file=sys.stderr)
     tokenizer = extra["tokenizer"]
     if tokenizer is None:
         raise UsageError(f"--checkpoint: {extra['path']} holds no tokenizer (it was not trained "

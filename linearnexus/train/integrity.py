@@ -209,11 +209,14 @@ def select_checkpoint(checkpoint_dir: str | os.PathLike, mode: str = "full", *,
                     warn(f"warning: {line}; using step {s}")
             return s
         failed.append((folder, reason))
+    if step is not None:
+        raise CheckpointError(f"checkpoint: {folders[0][1]} does not verify ({failed[0][1]}); "
+                              "--verify-checkpoints off reads it unverified")
     listing = "; ".join(f"{folder.name}: {why}" for folder, why in failed)
     raise CheckpointError(
         f"checkpoint: none of the checkpoints in {checkpoint_dir} verifies ({listing}); "
-        "nothing was moved. Start over (--overwrite), or load them unverified with "
-        "--verify-checkpoints off")
+        "nothing was moved. --verify-checkpoints off reads them unverified (or start over "
+        "with train_lm.py --overwrite)")
 
 
 # ---- the run lock -------------------------------------------------------------------------
