@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -174,16 +173,11 @@ def _run(args: argparse.Namespace) -> int:
     from linearnexus.generate import SamplingConfig, start_tokens
     from linearnexus.train import load_checkpoint
 
-    try:
-        with warnings.catch_warnings(record=True) as skipped:  # checkpoints that fail to verify
-            warnings.simplefilter("always")
-            model, model_config, extra = load_checkpoint(args.checkpoint,
-                                                         verify=args.verify_checkpoints)
+    try:  # a checkpoint that fails verification is skipped with a warning
+        model, model_config, extra = load_checkpoint(args.checkpoint,
+                                                     verify=args.verify_checkpoints)
     except FileNotFoundError as e:
         raise UsageError(f"--checkpoint: {e}") from None
-    finally:
-        for w in skipped:
-            print(f"warning: {w.message}", file=sys.stderr)
     tokenizer = extra["tokenizer"]
     if tokenizer is None:
         raise UsageError(f"--checkpoint: {extra['path']} holds no tokenizer (it was not trained "
