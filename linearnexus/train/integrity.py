@@ -315,7 +315,8 @@ class RunLock:
         if host == me["host"] and isinstance(pid, int) and pid != me["pid"] and _pid_alive(pid):
             raise RunLockedError(
                 f"out_dir: {self.path.parent} is in use by another run (pid {pid} on {host}, "
-                f"lock {self.path}); wait for it to finish, or use another --out")
+                f"lock {self.path}); wait for it to finish or use another --out (if no run is "
+                "using it, the pid was reused: delete the lock file)")
         if host is not None and host != me["host"]:
             raise RunLockedError(
                 f"out_dir: {self.path.parent} is locked by pid {pid} on host {host} "
