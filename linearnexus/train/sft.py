@@ -52,7 +52,7 @@ import optax
 from flax import nnx
 
 from linearnexus.core.config import ConfigBase, ConfigError, field
-from linearnexus.core.fileio import VERIFY_MODES, atomic_write_text
+from linearnexus.core.fileio import VERIFY_MODES, atomic_write, atomic_write_text
 from linearnexus.data import DataLoader, TextDataset, load_tokenizer
 from linearnexus.models import LMModel, ModelConfig, get_preset
 from linearnexus.optim import (
@@ -1093,9 +1093,7 @@ class SFTTrainer:
         ax.legend()
         fig.tight_layout()
         out = Path(path) if path is not None else self.out_dir / PLOT_FILE
-        tmp = out.with_name(f".{out.name}.tmp.png")
-        fig.savefig(tmp)
-        os.replace(tmp, out)
+        atomic_write(out, lambda fh: fig.savefig(fh, format="png"))
         return out
 
 
