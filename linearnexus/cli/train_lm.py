@@ -70,7 +70,7 @@ def _positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     from linearnexus.registry import MODEL_REGISTRY  # cheap: names only, nothing imported
 
-    d = TRAIN_DEFAULTS
+    default = TRAIN_DEFAULTS
     p = argparse.ArgumentParser(
         prog="train_lm.py",
         description="Train a LinearNexus language model (char or BPE tokens) with resumable "
@@ -82,56 +82,56 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {DEFAULT_PRESET} when no --config names one)")
     m.add_argument("--config", metavar="YAML", default=None,
                    help="a ModelConfig YAML, or a YAML with 'model:' and 'train:' sections")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", metavar="PATH", default=None,
+    d = p.add_argument_group("data")
+    d.add_argument("--data", metavar="PATH", default=None,
                    help="text file (default: TinyShakespeare via $LINEARNEXUS_SHAKESPEARE "
                         "or the cache)")
-    g.add_argument("--download-shakespeare", action="store_true",
+    d.add_argument("--download-shakespeare", action="store_true",
                    help="download TinyShakespeare into the cache if it is not found")
-    g.add_argument("--data-cache", metavar="DIR", default=None,
+    d.add_argument("--data-cache", metavar="DIR", default=None,
                    help="where the tokenized data is prepared (default <out>/data)")
-    g.add_argument("--tokenizer", choices=("char", "bpe"), default=None,
-                   help=f"character-level or byte-level BPE (default {d['tokenizer']})")
-    g.add_argument("--vocab-size", type=int_at_least(257), default=None,
+    d.add_argument("--tokenizer", choices=("char", "bpe"), default=None,
+                   help=f"character-level or byte-level BPE (default {default['tokenizer']})")
+    d.add_argument("--vocab-size", type=int_at_least(257), default=None,
                    help="BPE vocabulary size (default 4096; only with --tokenizer bpe)")
     t = p.add_argument_group("training")
     t.add_argument("--max-steps", type=int_at_least(1), default=None,
-                   help=f"optimizer steps in total (default {d['max_steps']})")
+                   help=f"optimizer steps in total (default {default['max_steps']})")
     t.add_argument("--batch-size", type=int_at_least(1), default=None,
-                   help=f"sequences per step (default {d['batch_size']})")
+                   help=f"sequences per step (default {default['batch_size']})")
     t.add_argument("--seq-len", type=int_at_least(1), default=None,
-                   help=f"tokens per sequence (default {d['seq_len']})")
+                   help=f"tokens per sequence (default {default['seq_len']})")
     t.add_argument("--lr", type=_positive_float, default=None,
-                   help=f"peak learning rate (default {d['lr']:g})")
+                   help=f"peak learning rate (default {default['lr']:g})")
     t.add_argument("--optimizer", choices=("adamw", "muon", "sophia"), default=None,
-                   help=f"optimizer (default {d['optimizer']})")
+                   help=f"optimizer (default {default['optimizer']})")
     t.add_argument("--warmup-steps", type=int_at_least(0), default=None,
                    help="linear lr warmup steps (default min(100, max_steps // 10); clamped "
                         "to --max-steps with a warning)")
     t.add_argument("--eval-interval", type=int_at_least(0), default=None,
                    help=f"steps between evaluations, 0 = only at the end "
-                        f"(default {d['eval_interval']})")
+                        f"(default {default['eval_interval']})")
     t.add_argument("--eval-batches", type=int_at_least(1), default=None,
-                   help=f"validation batches per evaluation (default {d['eval_batches']})")
+                   help=f"validation batches per evaluation (default {default['eval_batches']})")
     t.add_argument("--checkpoint-interval", type=int_at_least(0), default=None,
                    help="steps between checkpoints (default: the eval interval)")
     t.add_argument("--log-interval", type=int_at_least(1), default=None,
-                   help=f"steps between metric records (default {d['log_interval']})")
+                   help=f"steps between metric records (default {default['log_interval']})")
     t.add_argument("--seed", type=int_at_least(0), default=None,
-                   help=f"seed of the model init and the batch order (default {d['seed']})")
+                   help=f"seed of the model init and the batch order (default {default['seed']})")
     r = p.add_argument_group("run")
     r.add_argument("--out", metavar="DIR", default=None,
                    help="run folder (default: the config's out_dir, else runs/<model>)")
-    x = r.add_mutually_exclusive_group()
-    x.add_argument("--resume", action="store_true",
+    g = r.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --out that verifies (fresh "
                         "start if there is none)")
-    x.add_argument("--overwrite", action="store_true",
+    g.add_argument("--overwrite", action="store_true",
                    help="delete the checkpoints and metrics already in --out, then start fresh")
     r.add_argument("--verify-checkpoints", choices=("full", "sizes", "off"), default=None,
                    help="check checkpoints against their manifests before reading: SHA-256 "
                         "and sizes, sizes only, or nothing (default "
-                        f"{d['verify_checkpoints']})")
+                        f"{default['verify_checkpoints']})")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--sample-tokens", type=int_at_least(0), default=DEFAULT_SAMPLE_TOKENS,
                    help="print a sample of this many tokens at the end, 0 = none "
