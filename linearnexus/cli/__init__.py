@@ -7,11 +7,9 @@ Each module has ``main(argv=None) -> int``; the scripts at the repository root
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+import warnings
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 
 class UsageError(Exception):
@@ -51,30 +49,16 @@ def number_above(lo: float, *, strict: bool = True) -> Callable[[str], float]:
 
 def run_reporting_usage_errors(parser: argparse.ArgumentParser, args: argparse.Namespace,
                                run: Callable[[argparse.Namespace], int]) -> int:
-    """``run(args)``, printing a :class:`UsageError` as ``<prog>: error: ...`` (exit status 2)."""
-    try:
-        return run(args)
-    except UsageError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
+    """``run(args)``, printing a :class:`UsageError` as ``<prog>: error: ...`` (exit status 2)
+    and each warning as one ``<prog>: warning: ...`` line (no source line under it)."""
+    def show(message: Warning | str, *rest: object, **kwargs: object) -> None:
+        print(f"{parser.prog}: warning: {str(message).removeprefix('warning: ')}",
+              file=sys.stderr)
 
-
-def existing_run(out: str | os.PathLike, *, resume: bool, overwrite: bool) -> dict[str, Any] | None:
-    """The checkpoint metadata of the run already in ``out`` (None when there is none).
-
-    Raises:
-        UsageError: there is one and neither ``resume`` nor ``overwrite`` was asked for.
-    """
-    from linearnexus.train import CHECKPOINT_DIR, read_checkpoint_meta
-
-    ckpt_dir = Path(out) / CHECKPOINT_DIR
-    saved = None
-    if ckpt_dir.is_dir():
+    with warnings.catch_warnings():
+        warnings.showwarning = show
         try:
-            saved = read_checkpoint_meta(ckpt_dir)
-        except FileNotFoundError:
-            saved = None
-    if saved is not None and not (resume or overwrite):
-        raise UsageError(f"--out: {out} already holds a run (checkpoint at step {saved['step']}); "
-                         "pass --resume to continue it or --overwrite to start over")
-    return saved
+            return run(args)
+        except UsageError as e:
+            print(f"{parser.prog}: error: {e}", file=sys.stderr)
+            return 2

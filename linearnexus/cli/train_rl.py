@@ -22,13 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from linearnexus.cli import (
-    UsageError,
-    existing_run,
-    int_at_least,
-    number_above,
-    run_reporting_usage_errors,
-)
+from linearnexus.cli import UsageError, int_at_least, number_above, run_reporting_usage_errors
 
 # flag -> RLConfig field ("section.field" for the algorithms' options)
 _FLAGS = {
@@ -160,7 +154,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from linearnexus.core.config import ConfigError
-    from linearnexus.train import clear_run, load_checkpoint
+    from linearnexus.train import (
+        CHECKPOINT_DIR,
+        clear_run,
+        load_checkpoint,
+        read_checkpoint_meta,
+    )
+    from linearnexus.train.integrity import CheckpointError, step_folders
     from linearnexus.train.rl import RLConfig, RLTrainer, get_task
 
     file_section: dict[str, Any] = {}
@@ -177,7 +177,16 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out or file_section.get("out_dir")
                or Path("runs") / (over.get("algo") or file_section.get("algo") or "grpo"))
     over["out_dir"] = str(out)
-    saved = existing_run(out, resume=args.resume, overwrite=args.overwrite)
+    steps = [st for st, _ in step_folders(out / CHECKPOINT_DIR)]
+    if steps and not (args.resume or args.overwrite):
+        raise UsageError(f"--out: {out} already holds a run (checkpoints at steps {steps}); "
+                         "pass --resume to continue it or --overwrite to start over")
+    saved = None
+    if steps and args.resume:
+        try:  # the newest checkpoint that verifies (the trainer moves failing ones aside)
+            saved = read_checkpoint_meta(out)
+        except CheckpointError as e:
+            raise UsageError(f"--resume: {e}") from None
     resuming = args.resume and saved is not None
     if resuming and saved.get("kind") != "rl":
         raise UsageError(f"--out: {out} holds a checkpoint that is not an RL run's")

@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import jax
@@ -38,8 +39,15 @@ import numpy as np
 import optax
 from flax import nnx
 
+from linearnexus.core.fileio import atomic_write_text
 from linearnexus.generate import SamplingConfig, check_capacity, generate
 from linearnexus.models import LMModel
+from linearnexus.train.integrity import (
+    RunLock,
+    select_checkpoint,
+    step_folders,
+    write_checkpoint_manifest,
+)
 from linearnexus.train.rl._cache import cached
 from linearnexus.train.rl.config import RLConfig
 from linearnexus.train.rl.grpo import GRPO
@@ -59,7 +67,6 @@ from linearnexus.train.sft import (
     TrainConfig,
     TrainState,
     _abstract,
-    _atomic_write_text,
     _checkpoint_manager,
     _read_jsonl,
     _tokenizer_json,
@@ -70,7 +77,7 @@ from linearnexus.train.sft import (
 __all__ = ["RLResult", "RLTrainer"]
 
 PLOT_FILE = "rl.png"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # as SFT checkpoints: with an integrity manifest
 
 
 @dataclasses.dataclass
@@ -342,17 +349,19 @@ class RLTrainer:
                 meta=ocp.args.JsonSave(meta),
                 tokenizer=ocp.args.JsonSave(_tokenizer_json(self.tokenizer))))
             manager.wait_until_finished()
+            write_checkpoint_manifest(self.checkpoint_dir / str(self.step), self.step)
         return self.checkpoint_dir / str(self.step)
 
-    def restore_checkpoint(self, manager: Any) -> int | None:
-        """Load the latest checkpoint of ``out_dir``; returns its step (None if none).
+    def restore_checkpoint(self, manager: Any, step: int | None = None) -> int | None:
+        """Load checkpoint ``step`` (None = the latest) of ``out_dir``; returns its step
+        (None if there is none).
 
         Raises:
             ValueError: it was written by another algorithm or for another model.
         """
         import orbax.checkpoint as ocp
 
-        step = manager.latest_step()
+        step = manager.latest_step() if step is None else step
         if step is None:
             return None
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
@@ -412,30 +421,39 @@ class RLTrainer:
 
         Raises:
             FileExistsError: ``out_dir`` holds checkpoints and ``resume`` is False.
+            RunLockedError: another live process is training in ``out_dir``.
+            CheckpointError: ``resume`` and checkpoints exist, but none verifies.
         """
         import yaml
 
         cfg = self.config
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        mgr = _checkpoint_manager(self.checkpoint_dir, cfg)
-        try:
-            existing = mgr.latest_step()
-            if self.step == 0 and existing is not None:
-                if not resume:
-                    raise FileExistsError(f"{self.checkpoint_dir} already holds checkpoints (latest "
-                                          f"step {existing}); resume, or use a fresh out_dir")
-                self.restore_checkpoint(mgr)
-                self._log(f"resumed from {self.checkpoint_dir / str(self.step)} (step {self.step})")
-            kept = [r for r in _read_jsonl(self.metrics_path) if r.get("step", 0) <= self.step]
+        with RunLock(self.out_dir, warn=self._log):
+            chosen = None
             if self.step == 0:
-                kept = []
-            _atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-            _atomic_write_text(self.out_dir / CONFIG_FILE, yaml.safe_dump(
-                {"model": self.model_config.to_dict(), "rl": cfg.to_dict(), "init": self.init},
-                sort_keys=False))
-            return self._loop(mgr)
-        finally:
-            mgr.close()
+                existing = [s for s, _ in step_folders(self.checkpoint_dir)]
+                if existing and not resume:
+                    raise FileExistsError(f"{self.checkpoint_dir} already holds checkpoints (latest "
+                                          f"step {existing[0]}); resume, or use a fresh out_dir")
+                if resume:  # the newest that verifies; failing ones are moved aside
+                    chosen = select_checkpoint(self.checkpoint_dir, move_aside=True,
+                                               warn=self._log)
+            mgr = _checkpoint_manager(self.checkpoint_dir, cfg)
+            try:
+                if chosen is not None:
+                    self.restore_checkpoint(mgr, chosen)
+                    self._log(f"resumed from {self.checkpoint_dir / str(self.step)} "
+                              f"(step {self.step})")
+                kept = [r for r in _read_jsonl(self.metrics_path) if r.get("step", 0) <= self.step]
+                if self.step == 0:
+                    kept = []
+                atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+                atomic_write_text(self.out_dir / CONFIG_FILE, yaml.safe_dump(
+                    {"model": self.model_config.to_dict(), "rl": cfg.to_dict(), "init": self.init},
+                    sort_keys=False))
+                return self._loop(mgr)
+            finally:
+                mgr.close()
 
     def _loop(self, mgr: Any) -> RLResult:
         cfg = self.config
@@ -449,7 +467,8 @@ class RLTrainer:
         def elapsed() -> float:
             return self.elapsed_before + time.perf_counter() - session_start
 
-        stop, restore_signals = catch_stop_signals()
+        stop = SimpleNamespace(stop=None)  # catch_stop_signals sets .stop
+        restore_signals = catch_stop_signals(stop)
         metrics_file = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115
 
         def record(rec: dict[str, Any]) -> None:
@@ -467,7 +486,7 @@ class RLTrainer:
                 last_acc = self.evaluate()
                 record({"step": 0, "eval_accuracy": last_acc, "elapsed_s": round(elapsed(), 3)})
                 self._log(f"step 0: held-out accuracy {last_acc:.3f}")
-            while self.step < cfg.max_steps and stop["signal"] is None:
+            while self.step < cfg.max_steps and stop.stop is None:
                 lr = self.lr_at(self.step)
                 t0 = time.perf_counter()
                 rec = self.train_step()
@@ -495,13 +514,13 @@ class RLTrainer:
                               f"{rec['completion_len']:.2f}, elapsed {elapsed():.0f}s")
                 if is_last or (ckpt_every > 0 and step % ckpt_every == 0):
                     last_ckpt = self.save_checkpoint(elapsed=elapsed(), manager=mgr)
-            if stop["signal"] is not None:
+            if stop.stop is not None:
                 if self.step > start_step or (self.step > 0 and last_ckpt is None):
                     last_ckpt = self.save_checkpoint(elapsed=elapsed(), manager=mgr)
-                    self._log(f"{stop['signal']}: stopped at step {self.step}; checkpoint "
+                    self._log(f"{stop.stop}: stopped at step {self.step}; checkpoint "
                               f"saved to {last_ckpt}")
                 else:
-                    self._log(f"{stop['signal']}: stopped before the first step; nothing saved")
+                    self._log(f"{stop.stop}: stopped before the first step; nothing saved")
         finally:
             metrics_file.close()
             if self._bar is not None:
@@ -512,7 +531,7 @@ class RLTrainer:
         self.write_plot()
         self.model  # noqa: B018 - leave the caller's policy object with the trained weights
         return RLResult(step=self.step, start_step=start_step, reward_mean=last_reward,
-                        eval_accuracy=last_acc, interrupted=stop["signal"],
+                        eval_accuracy=last_acc, interrupted=stop.stop,
                         elapsed_s=time.perf_counter() - session_start, history=history,
                         checkpoint=last_ckpt)
 
