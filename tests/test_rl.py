@@ -56,6 +56,8 @@ def test_group_advantages_by_hand():
     raw = group_advantages(r, 4, scale_std=False)
     np.testing.assert_allclose(raw, [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0, 2.25, -0.75, -0.75, -0.75],
                                atol=1e-6)
+    tied = group_advantages(jnp.full((8,), 0.1), 8)
+    assert np.all(np.asarray(tied) == 0.0)
     with pytest.raises(ValueError, match="group_size"):
         group_advantages(r, 1)
     with pytest.raises(ValueError, match="rewards"):

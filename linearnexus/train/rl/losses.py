@@ -74,7 +74,10 @@ def group_advantages(rewards: Array, group_size: int, *, scale_std: bool = True,
     adv = r - jnp.mean(r, axis=1, keepdims=True)
     if scale_std:
         adv = adv / (jnp.std(r, axis=1, keepdims=True) + eps)
-    return adv.reshape(-1)  # [N, G] -> [B]
+    # a group of equal rewards carries no signal: exactly 0 (the float32 mean of G copies of
+    # 0.1 is not always 0.1, and the std scaling would blow that rounding up)
+    tied = jnp.all(r == r[:, :1], axis=1, keepdims=True)  # [N, 1]
+    return jnp.where(tied, 0.0, adv).reshape(-1)  # [N, G] -> [B]
 
 
 def sequence_log_ratio(logp: Array, old_logp: Array, mask: Array) -> Array:
