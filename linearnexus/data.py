@@ -44,6 +44,7 @@ __all__ = [
     "Tokenizer",
     "CharTokenizer",
     "BPETokenizer",
+    "PretrainedTokenizer",
     "load_tokenizer",
     "resolve_shakespeare",
     "download_shakespeare",
@@ -351,8 +352,69 @@ class BPETokenizer:
         return f"BPETokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
 
 
-def load_tokenizer(path: PathLike) -> CharTokenizer | BPETokenizer:
-    """Load either tokenizer from its saved file (or a folder holding ``tokenizer.json``).
+#: special tokens taken as end-of-text, in this order, when a pretrained tokenizer's
+#: checkpoint does not name its eos id
+_EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>")
+
+
+class PretrainedTokenizer:
+    """Any HF ``tokenizers`` ``tokenizer.json`` (a pretrained checkpoint's), used as is.
+
+    ``encode`` adds what the tokenizer's post-processor adds (e.g. a BOS token); ``decode``
+    keeps special tokens, as :class:`BPETokenizer` does.
+    """
+
+    kind = "pretrained"
+
+    def __init__(self, tokenizer: HFTokenizer, eos_id: int | None = None):
+        self._tok = tokenizer
+        if eos_id is None:
+            for name in _EOS_NAMES:
+                if tokenizer.token_to_id(name) is not None:
+                    eos_id = tokenizer.token_to_id(name)
+                    break
+        if eos_id is not None and not 0 <= int(eos_id) < self.vocab_size:
+            raise ValueError(f"eos_id: must be in [0, {self.vocab_size}), got {eos_id}")
+        self._eos_id = None if eos_id is None else int(eos_id)
+
+    @classmethod
+    def load(cls, path: PathLike, eos_id: int | None = None) -> PretrainedTokenizer:
+        """Read a ``tokenizer.json`` (a file, or a folder holding one)."""
+        from tokenizers import Tokenizer as HFTok
+
+        return cls(HFTok.from_file(str(_tokenizer_file(path))), eos_id)
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids in ``[0, vocab_size)`` (added tokens included)."""
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._eos_id
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text).ids)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        bad = (ids < 0) | (ids >= self.vocab_size)
+        if bad.any():
+            raise ValueError(f"ids: token id {int(ids[np.argmax(bad)])} is outside [0, {self.vocab_size})")
+        return self._tok.decode(ids.tolist(), skip_special_tokens=False)
+
+    def save(self, path: PathLike) -> Path:
+        """Write ``tokenizer.json`` to ``path`` (a folder gets ``tokenizer.json``)."""
+        path = _tokenizer_file(path)
+        _atomic_write_bytes(path, self._tok.to_str(pretty=True).encode())
+        return path
+
+    def __repr__(self) -> str:
+        return f"PretrainedTokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+def load_tokenizer(path: PathLike) -> CharTokenizer | BPETokenizer | PretrainedTokenizer:
+    """Load a saved tokenizer (char, BPE, or a pretrained HF one) from its file or folder.
 
     Raises:
         FileNotFoundError: no such file. ValueError: a JSON file of neither kind.
@@ -363,9 +425,12 @@ def load_tokenizer(path: PathLike) -> CharTokenizer | BPETokenizer:
     obj = json.loads(file.read_text(encoding="utf-8"))
     if obj.get("kind") == CharTokenizer.kind:
         return CharTokenizer.load(file)
-    if isinstance(obj.get("model"), dict) and obj["model"].get("type") == "BPE":
+    if isinstance(obj.get("model"), dict) and obj["model"].get("type") == "BPE" and any(
+            t.get("content") == EOS_TOKEN for t in obj.get("added_tokens") or []):
         return BPETokenizer.load(file)
-    raise ValueError(f"{file}: neither a CharTokenizer nor a HF BPE tokenizer.json")
+    if isinstance(obj.get("model"), dict):  # a pretrained checkpoint's tokenizer
+        return PretrainedTokenizer.load(file)
+    raise ValueError(f"{file}: neither a CharTokenizer nor a HF tokenizer.json")
 
 
 # ----------------------------------------------------------------------------- TinyShakespeare
