@@ -269,7 +269,8 @@ def model_config_from_hf(raw: dict[str, Any], *, shapes: dict[str, tuple[int, ..
         f.require("hidden_act", ("silu",), "the Mamba2 block's conv uses silu")
         heads, headdim, expand = int(f["num_heads"]), int(f["head_dim"]), int(f["expand"])
         if heads * headdim != expand * d:
-            raise f.refuse("num_heads", f"num_heads * head_dim must equal expand * hidden_size = {expand * d}")
+            raise f.refuse("num_heads",
+                           f"num_heads * head_dim must equal expand * hidden_size = {expand * d}")
         lo, hi = (_number(v) for v in f["time_step_limit"])
         d_shape = shapes.get("backbone.layers.0.mixer.D")
         eps = float(f["layer_norm_epsilon"])
@@ -371,13 +372,15 @@ def hf_config(model: Any) -> dict[str, Any]:
         raise refuse(f"block_options.{block_name}.norm_eps", b.norm_eps,
                      f"one norm_eps serves every norm; the model's norm_eps is {cfg.norm_eps}")
     if b.conv_bias:
-        raise refuse(f"block_options.{block_name}.conv_bias", True, "FLA's models build the conv without bias")
+        raise refuse(f"block_options.{block_name}.conv_bias", True,
+                     "FLA's models build the conv without bias")
     out.update(intermediate_size=model.layers[0].mlp.hidden, hidden_act="swish", norm_eps=cfg.norm_eps,
                max_position_embeddings=cfg.max_seq_len, use_short_conv=b.use_short_conv,
                conv_size=b.conv_size, num_heads=b.heads, fuse_norm=True)
     if arch == "GLAForCausalLM":
         if b.gate_low_rank_dim != 16:
-            raise refuse("block_options.gla.gate_low_rank_dim", b.gate_low_rank_dim, "FLA's GLA model uses 16")
+            raise refuse("block_options.gla.gate_low_rank_dim", b.gate_low_rank_dim,
+                         "FLA's GLA model uses 16")
         if b.gate_logit_normalizer != 16:
             raise refuse("block_options.gla.gate_logit_normalizer", b.gate_logit_normalizer,
                          "FLA's GLA model uses 16")
@@ -414,7 +417,8 @@ def _to_hf(rule: _Rule, value: np.ndarray, widths: Sequence[int]) -> list[np.nda
     if rule.kind == "linear":
         return [np.ascontiguousarray(value.T)]
     cuts = np.cumsum(widths)[:-1]
-    return [np.ascontiguousarray(part.T[:, None, :]) for part in np.split(value, cuts, axis=1)]  # [W, C] -> [C, 1, W]
+    # [W, C] -> per part [C_i, 1, W]
+    return [np.ascontiguousarray(part.T[:, None, :]) for part in np.split(value, cuts, axis=1)]
 
 
 def _rules(config: Any, arch: str, present: Callable[[str], bool] | None = None) -> list[_Rule]:
