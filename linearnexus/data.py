@@ -557,7 +557,7 @@ class PreparedData:
     Attributes:
         out_dir: the folder holding ``train.bin``, ``val.bin``, ``meta.json``,
             ``tokenizer.json``.
-        tokenizer_kind: ``"char"`` or ``"bpe"``.
+        tokenizer_kind: ``"char"``, ``"bpe"`` or ``"pretrained"`` (a given tokenizer).
         vocab_size: size of the trained vocabulary (ids are in ``[0, vocab_size)``).
         dtype: dtype of the ``.bin`` files (uint16 or uint32).
         train_tokens, val_tokens: number of tokens in each file.
@@ -590,7 +590,7 @@ class PreparedData:
     def tokenizer_path(self) -> Path:
         return self.out_dir / TOKENIZER_FILE
 
-    def load_tokenizer(self) -> CharTokenizer | BPETokenizer:
+    def load_tokenizer(self) -> CharTokenizer | BPETokenizer | PretrainedTokenizer:
         return load_tokenizer(self.tokenizer_path)
 
     def train_dataset(self) -> TextDataset:
@@ -649,7 +649,7 @@ def _up_to_date(out_dir: Path, settings: dict[str, Any]) -> dict[str, Any] | Non
 def prepare_dataset(
     text_path: PathLike,
     out_dir: PathLike,
-    tokenizer: Literal["char", "bpe"] = "char",
+    tokenizer: Literal["char", "bpe"] | Tokenizer = "char",
     val_fraction: float = 0.1,
     vocab_size: int | None = None,
 ) -> PreparedData:
@@ -665,8 +665,10 @@ def prepare_dataset(
     Args:
         text_path: UTF-8 text file.
         out_dir: output folder (created).
-        tokenizer: ``"char"`` (vocabulary = the characters of the text) or ``"bpe"``
-            (byte-level BPE trained on the whole text).
+        tokenizer: ``"char"`` (vocabulary = the characters of the text), ``"bpe"``
+            (byte-level BPE trained on the whole text), or a ready tokenizer object (a
+            pretrained checkpoint's, e.g. :func:`linearnexus.hf.load_tokenizer`), used as is;
+            its saved JSON's hash joins the settings that decide reuse.
         val_fraction: share of tokens held out, in ``(0, 1)``.
         vocab_size: BPE vocabulary size (default 4096); ignored for ``"char"``.
 
@@ -676,7 +678,14 @@ def prepare_dataset(
     """
     text_path = Path(text_path).expanduser()
     out_dir = Path(out_dir).expanduser()
-    if tokenizer not in ("char", "bpe"):
+    given = None if isinstance(tokenizer, str) else tokenizer
+    if given is not None:
+        if not isinstance(given, Tokenizer):
+            raise TypeError(f"tokenizer: expected 'char', 'bpe' or a tokenizer object, got {tokenizer!r}")
+        with tempfile.TemporaryDirectory() as tmp:
+            given_sha = _sha256_file(given.save(Path(tmp) / TOKENIZER_FILE))
+        tokenizer = "pretrained"
+    elif tokenizer not in ("char", "bpe"):
         raise ValueError(f"tokenizer: expected 'char' or 'bpe', got {tokenizer!r}")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction: must be in (0, 1), got {val_fraction}")
@@ -697,13 +706,18 @@ def prepare_dataset(
         "val_fraction": float(val_fraction),
         "source_sha256": source_sha,
     }
+    if given is not None:
+        settings["tokenizer_sha256"] = given_sha
     meta = _up_to_date(out_dir, settings)
     if meta is not None:
         return PreparedData._from_meta(out_dir, meta, reused=True)
 
     text = text_path.read_text(encoding="utf-8")
-    if tokenizer == "char":
-        tok: CharTokenizer | BPETokenizer = CharTokenizer.from_text(text)
+    tok: Tokenizer
+    if given is not None:
+        tok = given
+    elif tokenizer == "char":
+        tok = CharTokenizer.from_text(text)
     else:
         # learn merges from the training part only, so validation text does not shape the
         # tokenizer (byte-level BPE still encodes any text). The char vocabulary above is

@@ -42,6 +42,7 @@ __all__ = [
     "hf_config",
     "load_tokenizer",
     "model_config_from_hf",
+    "pretrained_config",
     "resolve_path",
     "save_pretrained",
 ]
@@ -515,6 +516,30 @@ def _flat_params(model: Any) -> tuple[Any, dict[str, Any]]:
 # ----------------------------------------------------------------------------- load / save
 
 
+def _open(path: str | os.PathLike, dtype: str) -> tuple[Any, dict[str, Any], _Weights]:
+    from linearnexus.core.types import FLOAT_DTYPES
+
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype: expected one of {FLOAT_DTYPES}, got {dtype!r}")
+    folder = resolve_path(path)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"path: no config.json in {folder}")
+    raw = json.loads(config_file.read_text())
+    weights = _Weights(_weight_files(folder))  # reads the headers only
+    return model_config_from_hf(raw, shapes=weights.shapes, dtype=dtype), raw, weights
+
+
+def pretrained_config(path: str | os.PathLike, *, dtype: str = "float32") -> Any:
+    """The :class:`~linearnexus.models.ModelConfig` :func:`from_pretrained` would build
+    (reads ``config.json`` and the safetensors headers, no weights).
+
+    Raises:
+        As :func:`from_pretrained`.
+    """
+    return _open(path, dtype)[0]
+
+
 def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32") -> Any:
     """Load a Hugging Face checkpoint as an :class:`~linearnexus.models.LMModel`.
 
@@ -535,18 +560,9 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32") -> Any:
     import jax.numpy as jnp
     from flax import nnx
 
-    from linearnexus.core.types import FLOAT_DTYPES
     from linearnexus.models import LMModel
 
-    if dtype not in FLOAT_DTYPES:
-        raise ValueError(f"dtype: expected one of {FLOAT_DTYPES}, got {dtype!r}")
-    folder = resolve_path(path)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"path: no config.json in {folder}")
-    raw = json.loads(config_file.read_text())
-    weights = _Weights(_weight_files(folder))
-    config = model_config_from_hf(raw, shapes=weights.shapes, dtype=dtype)
+    config, raw, weights = _open(path, dtype)
     arch = _architecture(raw)
     model = nnx.eval_shape(lambda: LMModel(config, rngs=nnx.Rngs(0)))  # shapes only, no init compute
     state, params = _flat_params(model)

@@ -118,6 +118,8 @@ class TrainConfig(ConfigBase):
         tokenizer / bpe_vocab_size / val_fraction / data: how the command line prepares
             data (``char`` or ``bpe``; BPE vocabulary; held-out share; text file, None =
             TinyShakespeare). The trainer itself does not read them.
+        init_hf: a Hugging Face checkpoint folder the run started from (``train_lm.py
+            --init-hf``): its weights at step 0, its tokenizer for the data; None = none.
         seed: model init, batch order and Sophia's label sampling.
         out_dir: run folder (metrics, plot, checkpoints).
         progress: show a tqdm bar when stderr is a terminal.
@@ -151,6 +153,7 @@ class TrainConfig(ConfigBase):
     seed: int = field(0, ge=0)
     out_dir: str = "runs/default"
     progress: bool = True
+    init_hf: str | None = None
 
     def validate(self) -> None:
         if self.warmup_steps is not None and self.warmup_steps > self.max_steps:
