@@ -312,3 +312,87 @@ def test_pretrained_tokenizer(tmp_path):
     assert again.eos_id == 2  # without config.json: the "</s>" special token
     bpe = BPETokenizer.train("some text " * 50, vocab_size=270)
     assert isinstance(load_tokenizer(bpe.save(tmp_path / "bpe.json")), BPETokenizer)
+
+
+def test_mamba2_options_d_has_hdim_and_dt_limit():
+    """D per channel equals D per head when its values repeat per head; dt_limit clamps dt."""
+    from linearnexus.modules.ssm.mamba2 import Mamba2Block, Mamba2Config
+
+    x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+    base = Mamba2Block(Mamba2Config.tiny(), rngs=nnx.Rngs(0))
+    per_channel = Mamba2Block(Mamba2Config.tiny(D_has_hdim=True), rngs=nnx.Rngs(0))
+    assert per_channel.D.shape == (2, 16)
+    base.D[...] = jnp.array([0.5, -1.5])
+    per_channel.D[...] = jnp.repeat(base.D[...][:, None], 16, axis=1)
+    y0 = base(x)[0]
+    np.testing.assert_allclose(per_channel(x)[0], y0, rtol=1e-6, atol=1e-6)
+    # dt is initialised in [1e-3, 0.1]: a floor of 1 changes every step
+    clamped = Mamba2Block(Mamba2Config.tiny(dt_limit=(1.0, 2.0)), rngs=nnx.Rngs(0))
+    nnx.update(clamped, nnx.state(base, nnx.Param))
+    assert rel(clamped(x)[0], y0) > 1e-2
+    with pytest.raises(Exception, match="dt_limit"):
+        Mamba2Config.tiny(dt_limit=(0.5, 0.1))
+
+
+def test_cli_hf_flags(fla_checkpoints, tmp_path, capsys):
+    """sample.py --hf samples a checkpoint with its own tokenizer; train_lm.py --init-hf
+    refuses a second model or tokenizer source."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from linearnexus.cli import sample, train_lm
+
+    _, _, _, folder = fla_checkpoints[1]
+    text = "the quick brown fox jumps over the lazy dog . " * 40
+    vocab = {w: i for i, w in enumerate(["</s>", "[UNK]", *sorted(set(text.split()))])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for f in folder.iterdir():
+        (ckpt / f.name).write_bytes(f.read_bytes())
+    tok.save(str(ckpt / "tokenizer.json"))
+    (tmp_path / "text.txt").write_text(text)
+    # the training path itself (a few steps, --resume, sampling the run) was run by hand: a
+    # compiled train step costs more than this file's test budget
+    args = ["--init-hf", str(ckpt), "--data", str(tmp_path / "text.txt"), "--out", str(tmp_path / "run")]
+    assert train_lm.main(args + ["--model", "gpt-small"]) == 2  # the model is the checkpoint's
+    assert train_lm.main(args + ["--tokenizer", "bpe"]) == 2  # and so is the tokenizer
+    assert "--init-hf" in capsys.readouterr().err
+    assert sample.main(["--hf", str(ckpt), "--prompt", "the", "--max-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("the")
+    assert sample.main(["--hf", str(tmp_path / "none")]) == 2
+
+
+
+def _fla_on_gpu() -> bool:
+    try:
+        import fla  # noqa: F401
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _fla_on_gpu(), reason="FLA's models need its Triton kernels on a GPU")
+def test_fla_parity_on_gpu(tmp_path):
+    """FLA's own GLA / Gated DeltaNet models (random init, perturbed), saved and imported:
+    the same logits (float32). Runs only where flash-linear-attention and a GPU are."""
+    import torch
+    from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM, GLAConfig, GLAForCausalLM
+
+    torch.manual_seed(0)
+    ids = np.random.default_rng(0).integers(0, VOCAB, (2, 70))  # > 64: FLA's chunk kernels
+    for name, model in (
+        ("gla", GLAForCausalLM(GLAConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                         num_heads=2, use_short_conv=True, clamp_min=-0.05))),
+        ("gdn", GatedDeltaNetForCausalLM(GatedDeltaNetConfig(
+            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_heads=2, head_dim=24,
+            expand_v=1.5, allow_neg_eigval=True)))):
+        model = model.float().cuda().eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+            want = model(torch.from_numpy(ids).cuda()).logits.float().cpu().numpy()
+        model.save_pretrained(tmp_path / name)
+        got = hf.from_pretrained(tmp_path / name)(jnp.asarray(ids), mode="chunk")[0]
+        assert rel(got, want) < 1e-3, name  # FLA's kernels run tf32 matmuls
