@@ -236,21 +236,84 @@ class CharTokenizer:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
 
 
-class BPETokenizer:
+#: special tokens taken as end-of-text, in this order, when a pretrained tokenizer's
+#: checkpoint does not name its eos id
+_EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>")
+
+
+class PretrainedTokenizer:
+    """Any HF ``tokenizers`` ``tokenizer.json`` (a pretrained checkpoint's), used as is.
+
+    ``encode`` adds what the tokenizer's post-processor adds (e.g. a BOS token); ``decode``
+    keeps special tokens, as :class:`BPETokenizer` does.
+    """
+
+    kind = "pretrained"
+
+    def __init__(self, tokenizer: HFTokenizer, eos_id: int | None = None):
+        self._tok = tokenizer
+        if eos_id is None:
+            for name in _EOS_NAMES:
+                if tokenizer.token_to_id(name) is not None:
+                    eos_id = tokenizer.token_to_id(name)
+                    break
+        if eos_id is not None and not 0 <= int(eos_id) < self.vocab_size:
+            raise ValueError(f"eos_id: must be in [0, {self.vocab_size}), got {eos_id}")
+        self._eos_id = None if eos_id is None else int(eos_id)
+
+    @classmethod
+    def load(cls, path: PathLike, eos_id: int | None = None) -> PretrainedTokenizer:
+        """Read a ``tokenizer.json`` (a file, or a folder holding one)."""
+        from tokenizers import Tokenizer as HFTok
+
+        return cls(HFTok.from_file(str(_tokenizer_file(path))), eos_id)
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids in ``[0, vocab_size)`` (added tokens included)."""
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._eos_id
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text).ids)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        bad = (ids < 0) | (ids >= self.vocab_size)
+        if bad.any():
+            raise ValueError(f"ids: token id {int(ids[np.argmax(bad)])} is outside [0, {self.vocab_size})")
+        return self._tok.decode(ids.tolist(), skip_special_tokens=False)
+
+    def save(self, path: PathLike) -> Path:
+        """Write ``tokenizer.json`` to ``path`` (a folder gets ``tokenizer.json``)."""
+        path = _tokenizer_file(path)
+        _atomic_write_bytes(path, self._tok.to_str(pretty=True).encode())
+        return path
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+class BPETokenizer(PretrainedTokenizer):
     """Byte-level BPE (GPT-2 style pre-tokenization) trained locally with HF ``tokenizers``.
 
     Every byte is in the base alphabet, so any text round-trips:
-    ``decode(encode(s)) == s``. ``<|endoftext|>`` is the one special token (``eos_id``).
+    ``decode(encode(s)) == s``. ``<|endoftext|>`` is the one special token (``eos_id``); a
+    literal ``<|endoftext|>`` in the text encodes to it.
     """
 
     kind = "bpe"
 
-    def __init__(self, tokenizer: HFTokenizer):
-        self._tok = tokenizer
+    def __init__(self, tokenizer: HFTokenizer, eos_id: int | None = None):
         eos = tokenizer.token_to_id(EOS_TOKEN)
         if eos is None:
             raise ValueError(f"tokenizer: has no {EOS_TOKEN!r} special token")
-        self._eos_id = int(eos)
+        if eos_id is not None and eos_id != eos:
+            raise ValueError(f"eos_id: the {EOS_TOKEN!r} token is {eos}, got {eos_id}")
+        super().__init__(tokenizer, int(eos))
 
     @classmethod
     def train(
@@ -312,105 +375,6 @@ class BPETokenizer:
             Path(save_dir).mkdir(parents=True, exist_ok=True)
             out.save(Path(save_dir) / TOKENIZER_FILE)
         return out
-
-    @classmethod
-    def load(cls, path: PathLike) -> BPETokenizer:
-        """Read a ``tokenizer.json`` (a file, or a folder holding one)."""
-        from tokenizers import Tokenizer as HFTok
-
-        return cls(HFTok.from_file(str(_tokenizer_file(path))))
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self._tok.get_vocab_size())
-
-    @property
-    def eos_id(self) -> int | None:
-        return self._eos_id
-
-    def encode(self, text: str) -> list[int]:
-        """``text`` -> token ids (a literal ``<|endoftext|>`` in the text becomes ``eos_id``)."""
-        return list(self._tok.encode(text).ids)
-
-    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        """Token ids -> text; special tokens are kept, so ``decode(encode(s)) == s``."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        bad = (ids < 0) | (ids >= self.vocab_size)
-        if bad.any():
-            raise ValueError(
-                f"ids: token id {int(ids[np.argmax(bad)])} is outside [0, {self.vocab_size})"
-            )
-        return self._tok.decode(ids.tolist(), skip_special_tokens=False)
-
-    def save(self, path: PathLike) -> Path:
-        """Write HF's ``tokenizer.json`` to ``path`` (a folder gets ``tokenizer.json``)."""
-        path = _tokenizer_file(path)
-        _atomic_write_bytes(path, self._tok.to_str(pretty=True).encode())
-        return path
-
-    def __repr__(self) -> str:
-        return f"BPETokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
-
-
-#: special tokens taken as end-of-text, in this order, when a pretrained tokenizer's
-#: checkpoint does not name its eos id
-_EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>")
-
-
-class PretrainedTokenizer:
-    """Any HF ``tokenizers`` ``tokenizer.json`` (a pretrained checkpoint's), used as is.
-
-    ``encode`` adds what the tokenizer's post-processor adds (e.g. a BOS token); ``decode``
-    keeps special tokens, as :class:`BPETokenizer` does.
-    """
-
-    kind = "pretrained"
-
-    def __init__(self, tokenizer: HFTokenizer, eos_id: int | None = None):
-        self._tok = tokenizer
-        if eos_id is None:
-            for name in _EOS_NAMES:
-                if tokenizer.token_to_id(name) is not None:
-                    eos_id = tokenizer.token_to_id(name)
-                    break
-        if eos_id is not None and not 0 <= int(eos_id) < self.vocab_size:
-            raise ValueError(f"eos_id: must be in [0, {self.vocab_size}), got {eos_id}")
-        self._eos_id = None if eos_id is None else int(eos_id)
-
-    @classmethod
-    def load(cls, path: PathLike, eos_id: int | None = None) -> PretrainedTokenizer:
-        """Read a ``tokenizer.json`` (a file, or a folder holding one)."""
-        from tokenizers import Tokenizer as HFTok
-
-        return cls(HFTok.from_file(str(_tokenizer_file(path))), eos_id)
-
-    @property
-    def vocab_size(self) -> int:
-        """Ids in ``[0, vocab_size)`` (added tokens included)."""
-        return int(self._tok.get_vocab_size(with_added_tokens=True))
-
-    @property
-    def eos_id(self) -> int | None:
-        return self._eos_id
-
-    def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text).ids)
-
-    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        bad = (ids < 0) | (ids >= self.vocab_size)
-        if bad.any():
-            raise ValueError(f"ids: token id {int(ids[np.argmax(bad)])} is outside [0, {self.vocab_size})")
-        return self._tok.decode(ids.tolist(), skip_special_tokens=False)
-
-    def save(self, path: PathLike) -> Path:
-        """Write ``tokenizer.json`` to ``path`` (a folder gets ``tokenizer.json``)."""
-        path = _tokenizer_file(path)
-        _atomic_write_bytes(path, self._tok.to_str(pretty=True).encode())
-        return path
-
-    def __repr__(self) -> str:
-        return f"PretrainedTokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
 
 
 def load_tokenizer(path: PathLike) -> CharTokenizer | BPETokenizer | PretrainedTokenizer:

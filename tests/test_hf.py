@@ -10,7 +10,6 @@ float64 numpy reference of FLA's equations written below (layer by layer, from
 
 from __future__ import annotations
 
-import functools
 import json
 
 import jax
@@ -22,14 +21,13 @@ from safetensors.numpy import load_file, save_file
 
 from linearnexus import hf
 from linearnexus.data import BPETokenizer, PretrainedTokenizer, load_tokenizer
+from tests.helpers.models import compiled_model
+from tests.helpers.parity import rel_err
 
 TOL = 1e-4
 VOCAB = 53
 
 
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 # ---- the reference: FLA's model, one token at a time, float64 numpy ----------------------
@@ -197,14 +195,6 @@ def fla_checkpoints(tmp_path_factory):
             ("gdn", GDN_CFG, gdn, _write(root / "gdn", GDN_CFG, gdn, shard=True))]
 
 
-def _compiled(model):
-    graphdef, params = nnx.split(model)
-
-    @functools.partial(jax.jit, static_argnames="mode")
-    def run(params, tokens, state, mode):
-        return nnx.merge(graphdef, params)(tokens, state=state, mode=mode)
-
-    return lambda tokens, state=None, mode=None: run(params, jnp.asarray(tokens), state, mode)
 
 
 def test_fla_import_matches_reference_prefill_and_decode(fla_checkpoints):
@@ -216,12 +206,12 @@ def test_fla_import_matches_reference_prefill_and_decode(fla_checkpoints):
         steps = rng.integers(0, VOCAB, (2, 20))
         state = ref.init(2)
         want = np.stack([ref.step(ids[:, t], state) for t in range(ids.shape[1])], 1)
-        run = _compiled(model)
+        run = compiled_model(model)
         logits, st = run(ids, mode="chunk")
-        assert rel(logits, want) < TOL, name
+        assert rel_err(logits, want) < TOL, name
         for t in range(steps.shape[1]):
             logits, st = run(steps[:, t:t + 1], st)
-            assert rel(logits[:, 0], ref.step(steps[:, t], state)) < TOL, (name, t)
+            assert rel_err(logits[:, 0], ref.step(steps[:, t], state)) < TOL, (name, t)
 
 
 def test_fla_save_round_trip(fla_checkpoints, tmp_path):
@@ -329,7 +319,7 @@ def test_mamba2_options_d_has_hdim_and_dt_limit():
     # dt is initialised in [1e-3, 0.1]: a floor of 1 changes every step
     clamped = Mamba2Block(Mamba2Config.tiny(dt_limit=(1.0, 2.0)), rngs=nnx.Rngs(0))
     nnx.update(clamped, nnx.state(base, nnx.Param))
-    assert rel(clamped(x)[0], y0) > 1e-2
+    assert rel_err(clamped(x)[0], y0) > 1e-2
     with pytest.raises(Exception, match="dt_limit"):
         Mamba2Config.tiny(dt_limit=(0.5, 0.1))
 
@@ -395,4 +385,4 @@ def test_fla_parity_on_gpu(tmp_path):
             want = model(torch.from_numpy(ids).cuda()).logits.float().cpu().numpy()
         model.save_pretrained(tmp_path / name)
         got = hf.from_pretrained(tmp_path / name)(jnp.asarray(ids), mode="chunk")[0]
-        assert rel(got, want) < 1e-3, name  # FLA's kernels run tf32 matmuls
+        assert rel_err(got, want) < 1e-3, name  # FLA's kernels run tf32 matmuls

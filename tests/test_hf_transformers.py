@@ -10,10 +10,8 @@ here must load in transformers with the same logits. Skipped without torch / tra
 
 from __future__ import annotations
 
-import functools
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -24,14 +22,13 @@ transformers = pytest.importorskip("transformers")
 
 from linearnexus import hf  # noqa: E402
 from linearnexus.models import create_model  # noqa: E402
+from tests.helpers.models import compiled_model  # noqa: E402
+from tests.helpers.parity import rel_err  # noqa: E402
 
 TOL = 1e-4
 DECODE_STEPS = 20
 
 
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def _perturbed(model):
@@ -72,16 +69,6 @@ def _reference_steps(model, ids: np.ndarray, steps: np.ndarray) -> list[np.ndarr
     return logits
 
 
-def _compiled(model):
-    """``run(tokens, state, mode)``: the model under one ``jax.jit`` (eager calls dispatch
-    every op on its own: several times slower for 20 decode steps)."""
-    graphdef, params = nnx.split(model)
-
-    @functools.partial(jax.jit, static_argnames="mode")
-    def run(params, tokens, state, mode):
-        return nnx.merge(graphdef, params)(tokens, state=state, mode=mode)
-
-    return lambda tokens, state=None, mode=None: run(params, jnp.asarray(tokens), state, mode)
 
 
 def test_import_prefill_and_decode_match_transformers(hf_models):
@@ -94,16 +81,16 @@ def test_import_prefill_and_decode_match_transformers(hf_models):
         ids = rng.integers(0, 61, (2, 37))
         steps = rng.integers(0, 61, (2, DECODE_STEPS))
         ref = _reference_steps(ref_model, ids, steps)
-        run = _compiled(model)
+        run = compiled_model(model)
         logits, state = run(ids, mode="chunk")
-        assert rel(logits, ref[0]) < TOL, name
+        assert rel_err(logits, ref[0]) < TOL, name
         # a one-token prompt (T = 1) from an empty state, with the step's compiled shape
         with torch.no_grad():
             first = ref_model(torch.from_numpy(steps[:, :1])).logits.numpy()
-        assert rel(run(steps[:, :1])[0], first) < TOL, name
+        assert rel_err(run(steps[:, :1])[0], first) < TOL, name
         for t in range(DECODE_STEPS):
             logits, state = run(steps[:, t:t + 1], state)
-            assert rel(logits, ref[t + 1]) < TOL, (name, t)
+            assert rel_err(logits, ref[t + 1]) < TOL, (name, t)
 
 
 def test_save_here_load_in_transformers(tmp_path):
@@ -132,7 +119,7 @@ def test_save_here_load_in_transformers(tmp_path):
             theirs = cls.from_pretrained(folder).eval()
             with torch.no_grad():
                 ref = theirs(torch.from_numpy(ids)).logits.numpy()
-            assert rel(mine, ref) < TOL, (name, shard)
+            assert rel_err(mine, ref) < TOL, (name, shard)
             back = hf.from_pretrained(folder)  # the same parameters, bit for bit
             skip = {"block_options", "max_seq_len", "residual_in_fp32"}  # HF's Mamba default: fp32
             assert {k: v for k, v in back.config.to_dict().items() if k not in skip} == {
