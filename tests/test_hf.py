@@ -376,7 +376,7 @@ def test_fla_parity_on_gpu(tmp_path):
         ("gla", GLAForCausalLM(GLAConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
                                          num_heads=2, use_short_conv=True, clamp_min=-0.05))),
         ("gdn", GatedDeltaNetForCausalLM(GatedDeltaNetConfig(
-            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_heads=2, head_dim=24,
+            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_heads=2, head_dim=32,
             expand_v=1.5, allow_neg_eigval=True)))):
         model = model.float().cuda().eval()
         with torch.no_grad():
