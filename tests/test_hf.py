@@ -270,11 +270,13 @@ def test_hub_id_without_folder_is_a_clear_error(monkeypatch, tmp_path):
 def test_save_refuses_what_the_format_cannot_hold(tmp_path):
     from linearnexus.models import create_model
 
-    hybrid = create_model("deltanet-small", vocab_size=40, d_model=16, n_layers=1)
+    # shapes only (nnx.eval_shape): the refusal comes before any value is read
+    deltanet = nnx.eval_shape(lambda: create_model("deltanet-small", vocab_size=40, d_model=16, n_layers=1))
     with pytest.raises(hf.UnsupportedCheckpointError, match="block_pattern"):
-        hf.save_pretrained(hybrid, tmp_path / "h")
-    gla = create_model("gla-small", vocab_size=40, d_model=16, n_layers=1,
-                       block_options={"gla": {"num_heads": 2, "gate_low_rank_dim": 4}})
+        hf.save_pretrained(deltanet, tmp_path / "h")
+    gla = nnx.eval_shape(lambda: create_model(
+        "gla-small", vocab_size=40, d_model=16, n_layers=1,
+        block_options={"gla": {"num_heads": 2, "gate_low_rank_dim": 4}}))
     with pytest.raises(hf.UnsupportedCheckpointError, match="gate_low_rank_dim"):
         hf.save_pretrained(gla, tmp_path / "g")
     assert not (tmp_path / "g").exists()  # refused before anything is written
