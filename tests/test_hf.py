@@ -388,3 +388,35 @@ def test_fla_parity_on_gpu(tmp_path):
         model.save_pretrained(tmp_path / name)
         got = hf.from_pretrained(tmp_path / name)(jnp.asarray(ids), mode="chunk")[0]
         assert rel_err(got, want) < 1e-3, name  # FLA's kernels run tf32 matmuls
+
+
+def test_train_lm_init_hf_starts_from_the_checkpoint(tmp_path, capsys):
+    """train_lm.py --init-hf: the run's model is the checkpoint's (with the lr still 0 after
+    one warm-up step its saved weights are the checkpoint's, bit for bit), its data is
+    tokenized with the checkpoint's tokenizer, and the run records where it started."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from linearnexus.cli import train_lm
+    from linearnexus.models import create_model
+    from linearnexus.train import load_checkpoint
+
+    text = "the quick brown fox jumps over the lazy dog . " * 30
+    vocab = {w: i for i, w in enumerate(["</s>", "[UNK]", *sorted(set(text.split()))])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    source = nnx.jit(lambda: create_model("mamba-small", seed=7, vocab_size=16, d_model=8, n_layers=1,
+                                          block_options={"mamba": {"d_state": 2}}))()
+    ckpt = hf.save_pretrained(source, tmp_path / "ckpt")
+    tok.save(str(ckpt / "tokenizer.json"))
+    (tmp_path / "text.txt").write_text(text)
+    assert train_lm.main(["--init-hf", str(ckpt), "--data", str(tmp_path / "text.txt"),
+                          "--max-steps", "1", "--warmup-steps", "1", "--batch-size", "1",
+                          "--seq-len", "4", "--eval-interval", "0", "--eval-batches", "1",
+                          "--out", str(tmp_path / "run"), "--no-progress", "--sample-tokens", "0"]) == 0
+    assert f"pretrained vocab {len(vocab)}" in capsys.readouterr().out
+    model, _, extra = load_checkpoint(tmp_path / "run")
+    assert extra["train_config"]["init_hf"] == str(ckpt.absolute())
+    assert extra["tokenizer"].encode("the lazy dog") == tok.encode("the lazy dog").ids
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model, nnx.Param)),
+                                 nnx.to_flat_state(nnx.state(source, nnx.Param)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
