@@ -594,7 +594,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32") -> Any:
     return model
 
 
-def save_pretrained(model: Any, path: str | os.PathLike, *,
+def save_pretrained(model: Any, path: str | os.PathLike, *, tokenizer: Any = None,
                     max_shard_size: int = 5 * 1024**3) -> Path:
     """Write ``model`` as a Hugging Face checkpoint folder (``config.json`` + safetensors).
 
@@ -608,6 +608,8 @@ def save_pretrained(model: Any, path: str | os.PathLike, *,
         model: an :class:`~linearnexus.models.LMModel` of one block type (mamba, mamba2,
             gla or gated_deltanet).
         path: output folder (created).
+        tokenizer: optional; an HF-``tokenizers``-based tokenizer (``BPETokenizer``,
+            ``PretrainedTokenizer``) also written as ``tokenizer.json``.
         max_shard_size: largest shard in bytes; more than that is split into
             ``model-0000i-of-0000N.safetensors`` with ``model.safetensors.index.json``.
 
@@ -622,6 +624,11 @@ def save_pretrained(model: Any, path: str | os.PathLike, *,
 
     if max_shard_size < 1:
         raise ValueError(f"max_shard_size: must be >= 1, got {max_shard_size}")
+    from linearnexus.data import PretrainedTokenizer  # BPETokenizer is one too
+
+    if tokenizer is not None and not isinstance(tokenizer, PretrainedTokenizer):
+        raise ValueError(f"tokenizer: expected a BPETokenizer or PretrainedTokenizer (HF's "
+                         f"tokenizer.json format), got {type(tokenizer).__name__}")
     config_dict = hf_config(model)  # refuses before anything is written
     cfg = model.config
     arch = config_dict["architectures"][0]
@@ -654,6 +661,8 @@ def save_pretrained(model: Any, path: str | os.PathLike, *,
         index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},
                  "weight_map": {n: names[i] for i, s in enumerate(shards) for n in s}}
         _write_json(folder / "model.safetensors.index.json", index)
+    if tokenizer is not None:
+        tokenizer.save(folder / "tokenizer.json")
     _write_json(folder / "config.json", config_dict)
     return folder
 

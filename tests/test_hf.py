@@ -406,8 +406,7 @@ def test_train_lm_init_hf_starts_from_the_checkpoint(tmp_path, capsys):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     source = nnx.jit(lambda: create_model("mamba-small", seed=7, vocab_size=16, d_model=8, n_layers=1,
                                           block_options={"mamba": {"d_state": 2}}))()
-    ckpt = hf.save_pretrained(source, tmp_path / "ckpt")
-    tok.save(str(ckpt / "tokenizer.json"))
+    ckpt = hf.save_pretrained(source, tmp_path / "ckpt", tokenizer=PretrainedTokenizer(tok))
     (tmp_path / "text.txt").write_text(text)
     assert train_lm.main(["--init-hf", str(ckpt), "--data", str(tmp_path / "text.txt"),
                           "--max-steps", "1", "--warmup-steps", "1", "--batch-size", "1",
