@@ -428,8 +428,7 @@ def _rules(config: Any, arch: str, present: Callable[[str], bool] | None = None)
     ``present(name)`` says whether the checkpoint holds a tensor (picks among naming
     variants: FLA's unfused ``g_norm``, an old ``backbone.embedding``); None when saving.
     """
-    model_type, block_name = ARCHITECTURES[arch]
-    b = config.block_config(block_name)
+    b = config.block_config(ARCHITECTURES[arch][1])
     has = present or (lambda name: False)
     rules: list[_Rule] = []
     mamba = arch in ("MambaForCausalLM", "Mamba2ForCausalLM")
@@ -493,7 +492,6 @@ def _rules(config: Any, arch: str, present: Callable[[str], bool] | None = None)
             add("mixer.A_log", "attn.A_log")
             add("mixer.dt_bias", "attn.dt_bias")
             add("mixer.norm.scale", "attn.o_norm.weight")
-    del model_type
     return rules
 
 
