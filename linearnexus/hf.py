@@ -666,9 +666,10 @@ def save_pretrained(model: Any, path: str | os.PathLike, *, tokenizer: Any = Non
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=True) + "\n")
-    os.replace(tmp, path)
+    from linearnexus.core.fileio import atomic_write_text
+
+    # allow_nan: transformers reads a plain JSON ``Infinity`` (Mamba2's time_step_limit)
+    atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=True) + "\n")
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
