@@ -3,8 +3,6 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-# the dev extra's torch (HF interop tests) from PyPI is the CUDA build; the CPU wheel is enough
-TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # Where the demo reads TinyShakespeare from; override with `make demo LINEARNEXUS_SHAKESPEARE=...`.
 LINEARNEXUS_SHAKESPEARE ?= $(abspath ../shared/data/tinyshakespeare/input.txt)
 export LINEARNEXUS_SHAKESPEARE
@@ -14,7 +12,7 @@ export LINEARNEXUS_SHAKESPEARE
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --extra-index-url $(TORCH_INDEX) -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)
