@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -52,7 +53,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from linearnexus.core.hooks import op_override
 
-__all__ = ["CONTEXT_OPS", "context_parallel", "summary_bytes"]
+__all__ = ["CONTEXT_OPS", "collective_bytes", "context_parallel", "summary_bytes"]
 
 AXIS = "context"
 # op -> names of its arrays with the sequence at dimension 1 (split over context)
@@ -254,3 +255,26 @@ def summary_bytes(name: str, *, parts: int, n_states: int, heads: int, key_dim: 
     else:
         per = heads * key_dim * (key_dim + value_dim)
     return (parts - 1) * n_states * per * itemsize
+
+
+_COLLECTIVE = re.compile(
+    r"=\s*\(?([a-z0-9]+)\[([0-9,]*)\][^=]*?\s(all-gather|all-reduce|reduce-scatter|"
+    r"collective-permute|all-to-all)(-start)?\(")
+_ITEMSIZE = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2,
+             "s16": 2, "u16": 2, "s8": 1, "u8": 1, "pred": 1}
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+    """Bytes of the results of each kind of collective in a compiled program's HLO text
+    (``jit(f).lower(...).compile().as_text()``): per device, per call of the program."""
+    out: dict[str, int] = {}
+    for line in hlo_text.splitlines():
+        m = _COLLECTIVE.search(line)
+        if m is None:
+            continue
+        dtype, dims, kind = m.group(1), m.group(2), m.group(3)
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        out[kind] = out.get(kind, 0) + n * _ITEMSIZE.get(dtype, 4)
+    return out
