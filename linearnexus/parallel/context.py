@@ -177,9 +177,8 @@ def _run(name: str, fn: Callable[..., Any], args: dict[str, Any], mesh: Mesh) ->
         arrays["initial_state"], specs["initial_state"] = args["initial_state"], state_spec
     if cu is not None:
         arrays["cu_seqlens"], specs["cu_seqlens"] = cu, PartitionSpec()
-    static = {n: v for n, v in args.items() if n not in arrays}
-    static.pop("initial_state", None)
-    static.pop("cu_seqlens", None)
+    static = {n: v for n, v in args.items()
+              if n not in arrays and n not in ("initial_state", "cu_seqlens")}
 
     def body(arrays: dict[str, Any]) -> tuple[Any, Any]:
         idx = jax.lax.axis_index(AXIS)
@@ -187,7 +186,8 @@ def _run(name: str, fn: Callable[..., Any], args: dict[str, Any], mesh: Mesh) ->
         init = mine.pop("initial_state", None)
         n_local = mine[seq_names[0]].shape[0] if cu is None else n_states
         if cu is not None:  # offsets clipped to this slice; sequences outside it are empty
-            mine["cu_seqlens"] = jnp.clip(cu_local_base(mine["cu_seqlens"], idx), 0, local)
+            offsets = mine["cu_seqlens"]
+            mine["cu_seqlens"] = jnp.clip(offsets - idx * local, 0, local).astype(offsets.dtype)
         m, b = summary(fn, {**mine, "initial_state": None}, n_local)
         ms = jax.lax.all_gather(m, AXIS)  # [P, N, ...]
         bs = jax.lax.all_gather(b, AXIS)
@@ -199,9 +199,6 @@ def _run(name: str, fn: Callable[..., Any], args: dict[str, Any], mesh: Mesh) ->
         enter = jnp.stack(entering)[idx]
         o, _ = fn(**{**mine, "initial_state": enter, "output_final_state": False})
         return o, state
-
-    def cu_local_base(offsets, idx):
-        return (offsets - idx * local).astype(offsets.dtype)
 
     out_o = PartitionSpec(b_ax, AXIS, h_ax)
     mapped = jax.shard_map(body, mesh=mesh, in_specs=(specs,), out_specs=(out_o, state_spec),

@@ -10,7 +10,6 @@ sequence over devices.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable
