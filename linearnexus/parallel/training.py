@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from linearnexus.parallel.mesh import make_mesh, validate_model
@@ -39,6 +40,15 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
         jax.tree.map(lambda _: rep, state.rest),
         shardings_like(state.opt_state, state.params, params, mesh),
         rep)
+
+
+def _put(x: Any, sharding: NamedSharding) -> jax.Array:
+    """``x`` (equal on every process) laid out as ``sharding``, as a new buffer."""
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding, may_alias=False)
+    # many hosts: each process fills only its own devices' shards from its host copy
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 @dataclasses.dataclass
@@ -72,11 +82,13 @@ class Placement:
 
     def place_state(self, state: Any) -> Any:
         """``state`` moved onto the mesh (a copy: the trainer's step donates it)."""
-        return jax.device_put(state, self.state, may_alias=False)
+        return jax.tree.map(_put, state, self.state)
 
     def place_batch(self, *arrays: Any, eval: bool = False) -> tuple[Any, ...]:
+        """Token batches (the same global ``[B, T]`` / ``[N, B, T]`` on every process) split
+        over the mesh."""
         sharding = self.eval_batch if eval else self.batch
-        return tuple(jax.device_put(a, sharding) for a in arrays)
+        return tuple(_put(a, sharding) for a in arrays)
 
     def _traced(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         if self.context == 1:
