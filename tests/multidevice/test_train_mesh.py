@@ -172,3 +172,22 @@ def test_tensor_must_divide_heads_before_compiling(monkeypatch):
     with pytest.raises(MeshError, match="'data' x 'fsdp' = 8 do not divide batch_size=4"):
         Placement.create("fsdp=8", None, config, batch_size=4, seq_len=16)
     assert not traced
+
+
+def test_evaluation_on_a_context_mesh(tmp_path):
+    """The eval program (a lax.map over windows) splits the sequence too, same loss."""
+    from linearnexus.data import DataLoader, prepare_dataset
+    from tests.helpers.text import synthetic_text
+
+    (tmp_path / "input.txt").write_text(synthetic_text(4000), encoding="utf-8")
+    prepared = prepare_dataset(tmp_path / "input.txt", tmp_path / "data")
+    config = _model_config("hybrid").replace(vocab_size=prepared.vocab_size)
+    losses = []
+    for mesh in (None, "data=2,context=4"):
+        cfg = TrainConfig(max_steps=STEPS, batch_size=B, seq_len=T, eval_batches=2,
+                          progress=False, mesh=mesh, out_dir=str(tmp_path / "unused"))
+        loader = DataLoader(prepared.train_dataset(), B, T, seed=0)
+        trainer = SFTTrainer(create_model(config, seed=0), None, loader,
+                             prepared.val_dataset(), cfg)
+        losses.append(trainer.evaluate())
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
