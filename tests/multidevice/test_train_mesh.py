@@ -148,18 +148,6 @@ def test_checkpoint_moves_between_meshes(tmp_path):
     assert all(len(x.devices()) == 1 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-@pytest.mark.parametrize("spec, match", [
-    ("data=2,pipeline=4", "unknown axis 'pipeline'"),
-    ("data=2,fsdp=2", "multiply to 4, but there are 8 devices"),
-    ("data=two", "axis 'data' needs a positive integer"),
-    ("data=2,data=4", "axis 'data' named twice"),
-    ("fsdp", "AXIS=SIZE"),
-])
-def test_bad_mesh_specs(spec, match):
-    with pytest.raises(MeshError, match=match):
-        make_mesh(spec)
-
-
 def test_tensor_must_divide_heads_before_compiling(monkeypatch):
     config = _model_config("gpt")  # 2 attention heads
     traced = []
