@@ -254,24 +254,38 @@ def summary_bytes(name: str, *, parts: int, n_states: int, heads: int, key_dim: 
     return (parts - 1) * n_states * per * itemsize
 
 
-_COLLECTIVE = re.compile(
-    r"=\s*\(?([a-z0-9]+)\[([0-9,]*)\][^=]*?\s(all-gather|all-reduce|reduce-scatter|"
-    r"collective-permute|all-to-all)(-start)?\(")
+_COLLECTIVE = re.compile(r"=\s*(.*?)\s(all-gather|all-reduce|reduce-scatter|collective-permute|"
+                         r"all-to-all)(-start)?\(")
+_SHAPE = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
 _ITEMSIZE = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2,
              "s16": 2, "u16": 2, "s8": 1, "u8": 1, "pred": 1}
 
 
+def _talks(line: str) -> bool:
+    """False for a collective whose device groups all have one member (moves nothing)."""
+    iota = re.search(r"replica_groups=\[(\d+),(\d+)\]", line)
+    if iota:
+        return int(iota.group(2)) > 1
+    groups = re.search(r"replica_groups=\{(.*?)\}(,|$|\s)", line)
+    if groups:
+        return any("," in g for g in re.findall(r"\{([^{}]*)\}", groups.group(1) + "}"))
+    return True
+
+
 def collective_bytes(hlo_text: str) -> dict[str, int]:
     """Bytes of the results of each kind of collective in a compiled program's HLO text
-    (``jit(f).lower(...).compile().as_text()``): per device, per call of the program."""
+    (``jit(f).lower(...).compile().as_text()``): per device, per call of the program.
+    Collectives within groups of one device (no traffic) are left out."""
     out: dict[str, int] = {}
     for line in hlo_text.splitlines():
         m = _COLLECTIVE.search(line)
-        if m is None:
+        if m is None or not _talks(line):
             continue
-        dtype, dims, kind = m.group(1), m.group(2), m.group(3)
-        n = 1
-        for d in filter(None, dims.split(",")):
-            n *= int(d)
-        out[kind] = out.get(kind, 0) + n * _ITEMSIZE.get(dtype, 4)
+        total = 0
+        for dtype, dims in _SHAPE.findall(m.group(1)):
+            n = 1
+            for d in filter(None, dims.split(",")):
+                n *= int(d)
+            total += n * _ITEMSIZE.get(dtype, 4)
+        out[m.group(2)] = out.get(m.group(2), 0) + total
     return out
