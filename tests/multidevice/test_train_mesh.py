@@ -101,7 +101,14 @@ def test_every_registered_block_has_rules():
                             block_pattern=(block,), tie_embeddings=False)
         abstract = nnx.eval_shape(lambda c=config: create_model(c))
         params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
-        param_shardings(params, mesh)  # raises ShardingRuleError naming an uncovered path
+        shardings = param_shardings(params, mesh)  # raises ShardingRuleError if uncovered
+        if block == "attention":  # column / row parallel, and FSDP on the model width
+            layer = shardings["layers"][0]
+            P = jax.sharding.PartitionSpec
+            assert layer["mixer"]["q_proj"]["kernel"].spec == P("fsdp", "tensor")
+            assert layer["mixer"]["o_proj"]["kernel"].spec == P("tensor", "fsdp")
+            assert layer["mlp"]["w_down"]["kernel"].spec == P("tensor", "fsdp")
+            assert shardings["lm_head"]["kernel"].spec == P("fsdp", "tensor")
 
 
 def test_weights_are_split_and_fsdp_holds_one_eighth():
