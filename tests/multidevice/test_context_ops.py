@@ -9,6 +9,8 @@ two; chunk sizes do not divide the slices, so chunks straddle nothing by constru
 
 from __future__ import annotations
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,7 +114,7 @@ OPS = ("simple_gla", "gla", "delta_rule", "gated_delta_rule", "retention", "ssd"
 @pytest.mark.parametrize("layout", ["packed", "batched"])
 @pytest.mark.parametrize("name", OPS)
 def test_context_parallel_op_equals_one_device(name, layout):
-    rng = np.random.default_rng(abs(hash((name, layout))) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(f"{name}-{layout}".encode()))
     if layout == "packed":  # B = 1, sequences crossing the 4-token slices of context=8
         mesh, batch, cu, n_states = make_mesh("context=8"), 1, jnp.asarray(CU), len(CU) - 1
     else:  # batch over data, sequence over context
