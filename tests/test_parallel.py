@@ -54,4 +54,6 @@ def test_cli_rejects_a_bad_mesh_before_preparing_data(tmp_path, capsys):
                  "--data", str(tmp_path / "missing.txt")])
     assert code == 2
     assert "--mesh: mesh: unknown axis 'pipeline'" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
+    # (the run folder may exist: the CLI takes its lock first) nothing was prepared
+    assert not (tmp_path / "run" / "data").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()
