@@ -56,6 +56,7 @@ _TRAIN_FLAGS = {
     "data": "data",
     "verify_checkpoints": "verify_checkpoints",
     "init_hf": "init_hf",
+    "mesh": "mesh",
 }
 
 
@@ -124,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"steps between metric records (default {default['log_interval']})")
     t.add_argument("--seed", type=int_at_least(0), default=None,
                    help=f"seed of the model init and the batch order (default {default['seed']})")
+    t.add_argument("--mesh", metavar="SPEC", default=None,
+                   help="device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, context, tensor) "
+                        "or auto (all devices on fsdp); default one device (docs/distributed.md)")
     r = p.add_argument_group("run")
     r.add_argument("--out", metavar="DIR", default=None,
                    help="run folder (default: the config's out_dir, else runs/<model>)")
@@ -260,6 +264,14 @@ def _resolve(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[Any
     if train.seq_len > model_config.max_seq_len:
         raise UsageError(f"--seq-len: {train.seq_len} exceeds the model's max_seq_len="
                          f"{model_config.max_seq_len}")
+    if train.mesh is not None:  # before the data is prepared or anything compiles
+        from linearnexus.parallel import MeshError, make_mesh, validate_model
+
+        try:
+            validate_model(make_mesh(train.mesh), model_config, batch_size=train.batch_size,
+                           seq_len=train.seq_len)
+        except MeshError as e:
+            raise UsageError(f"--mesh: {e}") from None
     return model_config, train, args.resume and saved is not None
 
 
