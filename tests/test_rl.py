@@ -365,7 +365,7 @@ def test_separate_critic():
     algo = PPO(RLConfig(algo="ppo", ppo=PPOConfig(value_model="separate")), policy)
     ac = algo.module
     assert ac.value_trunk is not None and ac.value_trunk is not policy
-    ac.value_head.kernel.value = jnp.ones_like(ac.value_head.kernel.value)
+    ac.value_head.kernel[...] = jnp.ones_like(ac.value_head.kernel[...])
     tokens = jnp.asarray([TOK.encode("12+34=46")])
     graphdef, params, rest = nnx.split(ac, nnx.Param, ...)
 
