@@ -54,10 +54,12 @@ def trace_counts() -> dict[str, int]:
     """How many times the prefill and decode-step functions were traced in this process.
 
     ``jax.jit`` traces once per new input signature and compiles what it traces, so this
-    counts compilations: ``{"prefill": n, "decode": m, "loop": k}`` (the per-step host
-    path compiles ``decode``, the on-device loop ``loop``).
+    counts compilations: ``{"prefill", "decode", "loop", "serve_insert", "serve_loop"}``
+    (the per-step host path compiles ``decode``, the on-device loop ``loop``, continuous
+    batching (:mod:`linearnexus.serving`) the last two).
     """
-    return {name: _TRACES[name] for name in ("prefill", "decode", "loop")}
+    return {name: _TRACES[name] for name in ("prefill", "decode", "loop", "serve_insert",
+                                             "serve_loop")}
 
 
 # ---- sampling config and pure sampling functions -----------------------------------------
@@ -286,13 +288,26 @@ _STOP_SLOTS = 8  # stop ids are padded with -1 to a multiple of this (few shapes
 
 
 class _Compiled(NamedTuple):
-    prefill: Callable[..., tuple[Array, ModelState, Array]]
+    sample_first: Callable[..., tuple[Array, Array]]
     step: Callable[..., tuple[Array, ModelState, Array]]
     loop: Callable[..., tuple[Array, Array, Array, ModelState, Array, Array]]
 
 
-# (model structure, sampler setting) -> compiled functions; models of one structure share them
+# (model structure, sampler setting) -> compiled functions; models of one structure share
+# them. The prefill (the costliest compile) does not depend on the sampler: cached apart.
 _COMPILED: CompileCache[_Compiled] = CompileCache(max_entries=16)
+_PREFILL: CompileCache[Callable[..., tuple[Array, ModelState]]] = CompileCache(max_entries=16)
+
+
+def _build_prefill(graphdef: Any) -> Callable[..., tuple[Array, ModelState]]:
+    def prefill(params: Any, tokens: Array, mask: Array) -> tuple[Array, ModelState]:
+        _TRACES["prefill"] += 1  # runs at trace time only
+        model = nnx.merge(graphdef, params)
+        logits, state = model(tokens, state=None, mask=mask, mode="chunk")  # [B, P, V]
+        # left padding: column -1 is every row's last real token
+        return logits[:, -1], state
+
+    return jax.jit(prefill)
 
 
 def _sampler(cfg: SamplingConfig) -> SamplingConfig:
@@ -320,13 +335,9 @@ def _build(graphdef: Any, cfg: SamplingConfig) -> _Compiled:
     sampler setting."""
     sampler = _sampler(cfg)
 
-    def prefill(params: Any, tokens: Array, mask: Array, key: Array):
-        _TRACES["prefill"] += 1  # runs at trace time only
-        model = nnx.merge(graphdef, params)
-        logits, state = model(tokens, state=None, mask=mask, mode="chunk")  # [B, P, V]
+    def sample_first(logits: Array, key: Array) -> tuple[Array, Array]:
         key, sub = jax.random.split(key)
-        # left padding: column -1 is every row's last real token
-        return sample_next(logits[:, -1], sub, sampler), state, key
+        return sample_next(logits, sub, sampler), key
 
     def step(params: Any, tokens: Array, state: ModelState, key: Array):
         _TRACES["decode"] += 1  # runs at trace time only
@@ -360,7 +371,7 @@ def _build(graphdef: Any, cfg: SamplingConfig) -> _Compiled:
         return buf, i, nxt, state, key, done
 
     # donating the state lets XLA update KV caches in place instead of copying them per token
-    return _Compiled(jax.jit(prefill), jax.jit(step, donate_argnums=(2,)),
+    return _Compiled(jax.jit(sample_first), jax.jit(step, donate_argnums=(2,)),
                      jax.jit(loop, donate_argnums=(2,)))
 
 
@@ -457,6 +468,7 @@ class Decoder:
         graphdef, _ = nnx.split(model)
         self.params = inference_params(model, weights)
         self._compiled = _COMPILED.get(graphdef, cfg.sampler_key(), lambda: _build(graphdef, cfg))
+        self._prefill = _PREFILL.get(graphdef, None, lambda: _build_prefill(graphdef))
 
     @property
     def step_fn(self) -> Callable[..., tuple[Array, ModelState, Array]]:
@@ -475,8 +487,10 @@ class Decoder:
         Returns:
             ``(next [B] int32, state, key)``; the state holds only the real tokens.
         """
-        return self._compiled.prefill(self.params, jnp.asarray(tokens, jnp.int32),
-                                      jnp.asarray(mask, bool), key)
+        last, state = self._prefill(self.params, jnp.asarray(tokens, jnp.int32),
+                                    jnp.asarray(mask, bool))  # [B, V] logits, state
+        nxt, key = self._compiled.sample_first(last, key)
+        return nxt, state, key
 
     def step(self, tokens: Array | np.ndarray, state: ModelState,
              key: Array) -> tuple[Array, ModelState, Array]:
