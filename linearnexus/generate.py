@@ -487,10 +487,15 @@ class Decoder:
         Returns:
             ``(next [B] int32, state, key)``; the state holds only the real tokens.
         """
-        last, state = self._prefill(self.params, jnp.asarray(tokens, jnp.int32),
-                                    jnp.asarray(mask, bool))  # [B, V] logits, state
+        last, state = self.prefill_logits(tokens, mask)
         nxt, key = self._compiled.sample_first(last, key)
         return nxt, state, key
+
+    def prefill_logits(self, tokens: Array | np.ndarray,
+                       mask: Array | np.ndarray) -> tuple[Array, ModelState]:
+        """:meth:`prefill` without the sampling: ``(next-token logits [B, V], state)``
+        (compiled once per model structure and shape, whatever the sampler)."""
+        return self._prefill(self.params, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool))
 
     def step(self, tokens: Array | np.ndarray, state: ModelState,
              key: Array) -> tuple[Array, ModelState, Array]:

@@ -5,8 +5,9 @@ How it runs::
 
     submit(prompt, ...) -> queue
     loop until the queue is empty and every slot is free:
-      refill: for each free slot, prefill one queued prompt alone ([1, P] chunk mode),
-              record its first token, write its state into the slot      (jitted, slot traced)
+      refill: prefill queued prompts for all free slots in one chunk-mode call ([R, P]),
+              sample each one's first token with its own key, scatter their states into
+              the free slots (resetting them)                            (jitted, slots traced)
       decode: up to ``sync_every`` steps of every busy slot in one ``lax.while_loop``; the
               loop exits early when a slot finishes, so the host can refill it
       collect: one host sync; finished requests leave their slot
@@ -18,8 +19,9 @@ depend on which other requests share the batch: they equal
 overwritten (reset) when a new request moves in. Works for every block: recurrent states
 and slot KV caches both keep the batch on their leading axis.
 
-Compilation: one decode loop and one insert per (model structure, sampler setting, number
-of slots), one prefill per prompt bucket (:func:`linearnexus.generate.prompt_bucket`).
+Compilation: one decode loop per (model structure, sampler setting, number of slots); one
+prefill and insert per (prompt bucket (:func:`linearnexus.generate.prompt_bucket`), number of
+refilled rows rounded up to a power of two).
 """
 
 from __future__ import annotations
@@ -77,17 +79,29 @@ class _Slots(NamedTuple):
 def _build(graphdef: Any, cfg: SamplingConfig) -> _Serve:
     sampler = _sampler(cfg)
 
-    def insert(slots: _Slots, state1: ModelState, first: Array, key: Array, left: Array,
-               stops: Array, slot: Array) -> _Slots:
-        """Move a prefilled request (batch-1 ``state1``) into ``slot``; resets that slot."""
+    def sample_rows(logits: Array, keys: Array) -> tuple[Array, Array]:
+        """One token per row with the row's own key, split as generate splits its key for a
+        batch of one: ``[B, V], [B] keys -> ([B] int32, [B] keys)``."""
+        pairs = jax.vmap(jax.random.split)(keys)  # [B, 2]
+        toks = jax.vmap(lambda lg, k: sample_next(lg[None], k, sampler)[0])(logits, pairs[:, 1])
+        return toks, pairs[:, 0]
+
+    def insert(slots: _Slots, state: ModelState, last: Array, keys: Array, left: Array,
+               stops: Array, where: Array) -> tuple[_Slots, Array]:
+        """Move prefilled requests (row r of ``state`` / ``last`` logits [R, V]) into slots
+        ``where[r]`` (``where[r] >= B``: a filler row, dropped); resets those slots.
+
+        Returns the new slots and the requests' first tokens ``[R]``."""
         _TRACES["serve_insert"] += 1  # runs at trace time only
+        first, keys = sample_rows(last, keys)
+        stopped = jnp.any(first[:, None] == stops, axis=-1)  # [R]
 
-        def put(big: Array, one: Array) -> Array:  # [B, ...] <- [1, ...] at row `slot`
-            return jax.lax.dynamic_update_slice_in_dim(big, one.astype(big.dtype), slot, 0)
+        def put(big: Array, rows: Array) -> Array:  # [B, ...] <- [R, ...] at rows `where`
+            return big.at[where].set(rows.astype(big.dtype), mode="drop")
 
-        return _Slots(slots.nxt.at[slot].set(first[0]), jax.tree.map(put, slots.state, state1),
-                      slots.keys.at[slot].set(key), slots.active.at[slot].set(True),
-                      slots.left.at[slot].set(left), slots.stops.at[slot].set(stops))
+        return _Slots(put(slots.nxt, first), jax.tree.map(put, slots.state, state),
+                      put(slots.keys, keys), put(slots.active, ~stopped & (left > 0)),
+                      put(slots.left, left), put(slots.stops, stops)), first
 
     def loop(params: Any, slots: _Slots, n: Array, pad_id: Array):
         """Up to ``n`` decode steps of every active slot; stops early when one finishes."""
@@ -104,17 +118,14 @@ def _build(graphdef: Any, cfg: SamplingConfig) -> _Serve:
             model = nnx.merge(graphdef, params)
             feed = jnp.where(s.active, s.nxt, pad_id)[:, None]  # [B, 1]; free slots get pads
             logits, state = model(feed, state=s.state, mode="recurrent")  # [B, 1, V]
-            # each slot splits its own key as generate does for a batch of one
-            pairs = jax.vmap(jax.random.split)(s.keys)  # [B, 2]
-            new = jax.vmap(lambda lg, k: sample_next(lg[None], k, sampler)[0])(
-                logits[:, -1], pairs[:, 1])  # [B]
+            new, keys = sample_rows(logits[:, -1], s.keys)  # each slot with its own key
             nxt = jnp.where(s.active, new, s.nxt)
             stop = s.active & jnp.any(nxt[:, None] == s.stops, axis=-1)  # [B]
             left = s.left - s.active.astype(jnp.int32)
             finish = s.active & (stop | (left <= 0))
             col = jnp.where(s.active & ~stop, nxt, -1)[:, None]  # [B, 1]
             buf = jax.lax.dynamic_update_slice(buf, col, (0, i))
-            s = _Slots(nxt, state, pairs[:, 0], s.active & ~finish, left, s.stops)
+            s = _Slots(nxt, state, keys, s.active & ~finish, left, s.stops)
             return i + 1, s, buf, jnp.any(finish)
 
         i, slots, buf, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), slots, buf, False))
@@ -183,6 +194,7 @@ class ContinuousBatcher:
         self._next_id = 0
         self._slots: _Slots | None = None
         self._owner: list[Request | None] = [None] * slots
+        self._finished: list[Request] = []  # asked for no tokens: done at submit
         self.stats = {"decode_calls": 0, "prefills": 0, "tokens": 0}
 
     def submit(self, prompt: list[int] | np.ndarray, *, max_new_tokens: int | None = None,
@@ -199,9 +211,15 @@ class ContinuousBatcher:
         cfg = _checked_cfg(cfg, self.model.config.vocab_size)
         (row,) = _as_prompts([prompt], self.model.config.vocab_size)
         check_capacity(self.model, len(row), cfg.max_new_tokens)
+        if len(cfg.stop_tokens) > int(stop_array(()).shape[0]):
+            raise ValueError(f"stop_tokens: at most {int(stop_array(()).shape[0])} stop ids per "
+                             f"request, got {len(cfg.stop_tokens)}")
         req = Request(self._next_id, row, cfg.max_new_tokens, cfg.seed, tuple(cfg.stop_tokens))
         self._next_id += 1
-        self._queue.append(req)
+        if req.max_new_tokens == 0:
+            self._finished.append(req)
+        else:
+            self._queue.append(req)
         return req.id
 
     def _empty_slots(self) -> _Slots:
@@ -211,30 +229,36 @@ class ContinuousBatcher:
                       jax.random.split(jax.random.key(0), b), jnp.zeros(b, bool),
                       jnp.zeros(b, jnp.int32), jnp.full((b, width), -1, jnp.int32))
 
-    def _start(self, req: Request, slot: int) -> bool:
-        """Prefill ``req`` alone and move it into ``slot``; False when it already finished
-        (its first token is a stop token, or it wanted one token)."""
-        tokens, mask = left_pad([req.prompt], prompt_bucket(len(req.prompt),
-                                                            cache_limit(self.model)), self.pad_id)
-        first, state1, key = self._decoder.prefill(tokens, mask, jax.random.key(req.seed))
+    def _refill(self) -> list[tuple[Request, Array, int]]:
+        """Prefill queued requests into every free slot in one batched call (its batch is
+        the number of free slots rounded up to a power of two: few compiles; filler rows
+        repeat a real prompt and are dropped). No host sync: the first tokens are read with
+        the next decode call's output.
+
+        Returns ``[(request, first tokens [R], row)]``."""
+        free = [i for i, r in enumerate(self._owner) if r is None]
+        reqs = [self._queue.popleft() for _ in range(min(len(free), len(self._queue)))]
+        if not reqs:
+            return []
+        rows = 1 << (len(reqs) - 1).bit_length()
+        prompts = [r.prompt for r in reqs] + [reqs[0].prompt] * (rows - len(reqs))
+        tokens, mask = left_pad(prompts, prompt_bucket(max(map(len, prompts)),
+                                                       cache_limit(self.model)), self.pad_id)
+        last, state = self._decoder.prefill_logits(tokens, mask)  # [R, V], state
+        width = self._slots.stops.shape[1]
+        stops = np.full((rows, width), -1, np.int32)
+        for i, r in enumerate(reqs):
+            stops[i] = np.asarray(stop_array(r.stop_tokens))
+        seeds = [r.seed for r in reqs] + [0] * (rows - len(reqs))
+        keys = jnp.stack([jax.random.key(x) for x in seeds])
+        left = np.array([r.max_new_tokens - 1 for r in reqs] + [0] * (rows - len(reqs)), np.int32)
+        where = np.array(free[: len(reqs)] + [self.n_slots] * (rows - len(reqs)), np.int32)
+        self._slots, first = self._fns.insert(self._slots, state, last, keys, jnp.asarray(left),
+                                              jnp.asarray(stops), jnp.asarray(where))
         self.stats["prefills"] += 1
-        if req.max_new_tokens == 0:
-            return False
-        tok = int(first[0])
-        if tok in req.stop_tokens:
-            return False
-        req.tokens.append(tok)
-        self.stats["tokens"] += 1
-        if req.max_new_tokens == 1:
-            return False
-        stops = stop_array(req.stop_tokens)
-        if stops.shape[0] != self._slots.stops.shape[1]:
-            raise ValueError(f"stop_tokens: at most {self._slots.stops.shape[1]} stop ids per "
-                             f"request in one server, got {len(req.stop_tokens)}")
-        self._slots = self._fns.insert(self._slots, state1, first, key,
-                                       jnp.int32(req.max_new_tokens - 1), stops, jnp.int32(slot))
-        self._owner[slot] = req
-        return True
+        for req, slot in zip(reqs, free, strict=False):
+            self._owner[slot] = req
+        return [(req, first, i) for i, req in enumerate(reqs)]
 
     def run(self) -> dict[int, list[int]]:
         """Decode until the queue is empty and every slot is free.
@@ -243,33 +267,95 @@ class ContinuousBatcher:
             ``{request id: new token ids}`` for the requests finished in this call (stop
             tokens excluded, as :func:`~linearnexus.generate.generate`).
         """
-        done: dict[int, list[int]] = {}
+        done: dict[int, list[int]] = {r.id: r.tokens for r in self._finished}
+        self._finished.clear()
         if self._slots is None:
             self._slots = self._empty_slots()
         while self._queue or any(r is not None for r in self._owner):
-            for slot in range(self.n_slots):
-                while self._owner[slot] is None and self._queue:
-                    req = self._queue.popleft()
-                    if not self._start(req, slot):
-                        done[req.id] = req.tokens
-            if all(r is None for r in self._owner):
-                continue
+            started = self._refill()
             buf, count, self._slots = self._fns.loop(self._decoder.params, self._slots,
                                                      jnp.int32(self.sync_every),
                                                      jnp.int32(self.pad_id))
             self.stats["decode_calls"] += 1
             block = np.asarray(buf[:, : int(count)])  # the host sync of this call
             active = np.asarray(self._slots.active)
+            for req, first, row in started:
+                tok = int(first[row])
+                if tok not in req.stop_tokens:
+                    req.tokens.append(tok)
             for slot, req in enumerate(self._owner):
                 if req is None:
                     continue
                 new = [t for t in block[slot].tolist() if t >= 0]
                 req.tokens.extend(new)
-                self.stats["tokens"] += len(new)
                 if not active[slot]:
                     done[req.id] = req.tokens
+                    self.stats["tokens"] += len(req.tokens)
                     self._owner[slot] = None
         return done
 
 
-__all__ = ["ContinuousBatcher", "Request"]
+def serve_bench(model: LMModel, n_requests: int, *, slots: int = 16,
+                cfg: SamplingConfig | None = None, max_prompt: int = 64, max_new: int = 256,
+                sync_every: int = 32, seed: int = 0) -> dict[str, Any]:
+    """Throughput under a stream of mixed-length requests: continuous batching vs static
+    batches.
+
+    ``n_requests`` random requests (prompt lengths uniform in ``[1, max_prompt]``, token
+    budgets uniform in ``[1, max_new]``, no stop tokens, so both methods produce the same
+    tokens) are decoded twice: by a :class:`ContinuousBatcher` with ``slots`` slots, and by
+    :func:`~linearnexus.generate.generate` over consecutive groups of ``slots`` requests,
+    where each group runs until its longest request is done. Each method runs once untimed
+    (compiles), then once timed.
+
+    Returns:
+        ``{"requests", "tokens", "continuous": {"seconds", "tokens_per_s", "decode_calls"},
+        "static": {"seconds", "tokens_per_s"}, "speedup"}``.
+
+    Raises:
+        ValueError: ``n_requests < 1``, ``max_prompt < 1`` or ``max_new < 1``.
+    """
+    import time
+
+    from linearnexus.generate import generate
+
+    for name, value in (("n_requests", n_requests), ("max_prompt", max_prompt),
+                        ("max_new", max_new)):
+        if value < 1:
+            raise ValueError(f"{name}: expected >= 1, got {value}")
+    cfg = _checked_cfg(cfg, model.config.vocab_size).replace(stop_tokens=())
+    rng = np.random.default_rng(seed)
+    vocab = model.config.vocab_size
+    reqs = [(rng.integers(0, vocab, int(rng.integers(1, max_prompt + 1))).tolist(),
+             int(rng.integers(1, max_new + 1))) for _ in range(n_requests)]
+    total = sum(n for _, n in reqs)
+
+    def continuous() -> tuple[float, int]:
+        server = ContinuousBatcher(model, slots=slots, cfg=cfg, sync_every=sync_every)
+        t0 = time.perf_counter()
+        for i, (prompt, n) in enumerate(reqs):
+            server.submit(prompt, max_new_tokens=n, seed=cfg.seed + i)
+        server.run()
+        return time.perf_counter() - t0, server.stats["decode_calls"]
+
+    def static() -> float:
+        t0 = time.perf_counter()
+        for i in range(0, n_requests, slots):
+            group = reqs[i: i + slots]
+            generate(model, [p for p, _ in group],
+                     cfg.replace(max_new_tokens=max(n for _, n in group), seed=cfg.seed + i))
+        return time.perf_counter() - t0
+
+    continuous()
+    cont_s, calls = continuous()
+    static()
+    static_s = static()
+    # static batches decode every row to the group's longest budget; only the requested
+    # tokens count as useful
+    return {"requests": n_requests, "tokens": total, "slots": slots,
+            "continuous": {"seconds": cont_s, "tokens_per_s": total / cont_s,
+                           "decode_calls": calls},
+            "static": {"seconds": static_s, "tokens_per_s": total / static_s},
+            "speedup": static_s / cont_s}
+
+__all__ = ["ContinuousBatcher", "Request", "serve_bench"]

@@ -5,6 +5,7 @@ Examples::
     python sample.py --checkpoint runs/demo                       # latest checkpoint of a run
     python sample.py --checkpoint runs/demo/checkpoints/500 --prompt "ROMEO:" --num-samples 3
     python sample.py --checkpoint runs/demo --stream --max-tokens 1000 --temperature 0.7
+    python sample.py --serve-bench 64 --preset mamba-small --slots 16 --max-tokens 128
 
 The model config and the tokenizer come from the checkpoint itself. An empty prompt starts
 from the tokenizer's end-of-text token, or a newline for character-level models. Models
@@ -49,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sample.py", description="Sample text from a LinearNexus checkpoint.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a run folder (latest checkpoint) or a step folder <run>/checkpoints/<step>")
+    p.add_argument("--checkpoint", metavar="PATH", default=None,
+                   help="a run folder (latest checkpoint) or a step folder <run>/checkpoints/<step> "
+                        "(required unless --serve-bench --preset)")
     p.add_argument("--prompt", default="", help="text to continue ('' = start of text)")
     p.add_argument("--max-tokens", type=int_at_least(1), default=500,
                    help="new tokens per sample")
@@ -63,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int_at_least(0), default=None,
                    help="context window in tokens; default: the training seq_len for models "
                         "with attention, unlimited for recurrent ones; 0 = unlimited")
+    bench = p.add_argument_group("serving benchmark (continuous batching, linearnexus.serving)")
+    bench.add_argument("--serve-bench", type=int_at_least(1), default=None, metavar="N",
+                       help="time N random requests (prompts of 1..64 tokens, 1..--max-tokens new "
+                            "tokens) through continuous batching vs static batches; prints JSON")
+    bench.add_argument("--slots", type=int_at_least(1), default=16,
+                       help="batch slots of the continuous batcher (and static batch size)")
+    bench.add_argument("--preset", default=None,
+                       help="with --serve-bench: a randomly initialised model preset instead of "
+                            "--checkpoint")
     return p
 
 
@@ -161,10 +172,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_reporting_usage_errors(parser, args, _run)
 
 
+def _serve_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from linearnexus.generate import SamplingConfig
+    from linearnexus.serving import serve_bench
+
+    if args.preset:
+        from linearnexus.models import create_model
+
+        try:
+            model = create_model(args.preset, seed=args.seed)
+        except KeyError as e:
+            raise UsageError(f"--preset: {e.args[0]}") from None
+    else:
+        from linearnexus.train import load_checkpoint
+
+        try:
+            model = load_checkpoint(args.checkpoint)[0]
+        except FileNotFoundError as e:
+            raise UsageError(f"--checkpoint: {e}") from None
+    cfg = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         seed=args.seed)
+    print(json.dumps(serve_bench(model, args.serve_bench, slots=args.slots, cfg=cfg,
+                                 max_new=args.max_tokens), indent=1))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from linearnexus.generate import SamplingConfig, start_tokens
     from linearnexus.train import load_checkpoint
 
+    if args.serve_bench is None and args.preset:
+        raise UsageError("--preset: only with --serve-bench (sampling text needs --checkpoint)")
+    if args.serve_bench is not None and bool(args.preset) == bool(args.checkpoint):
+        raise UsageError("--serve-bench: give exactly one of --checkpoint and --preset")
+    if args.serve_bench is not None:
+        return _serve_bench(args)
+    if not args.checkpoint:
+        raise UsageError("--checkpoint: required (a run folder or <run>/checkpoints/<step>)")
     try:
         model, model_config, extra = load_checkpoint(args.checkpoint)
     except FileNotFoundError as e:
