@@ -5,16 +5,22 @@ How a batch of prompts is decoded::
     prompts (lists of ids, any lengths)
       -> left-pad to a bucket length P (extra pads are masked out)   [B, P] ids + [B, P] mask
       -> prefill: ONE model call in chunk mode over the whole batch  -> state, logits[:, -1]
-      -> repeat: step(params, tokens [B, 1], state, key)             recurrent mode, jitted once
-                 -> (next [B], new state, key)
+      -> sample the first token of every row
+      -> decode loop: lax.while_loop of step(tokens [B, 1], state, key) in recurrent mode,
+         sampling, stop check, finished mask, [B, LOOP_CHUNK] token buffer: all on the
+         device, one host sync per LOOP_CHUNK tokens (``loop="host"``: one jitted step per
+         token from Python, the reference; same tokens for the same seed)
 
 Left padding puts the last real token of every row in the last column, so the prefill's
 ``logits[:, -1]`` is the next-token distribution of every row. The blocks compact valid
 tokens out of the padding (KV caches hold only real tokens, SSM states never see pads).
 
-Compilation: the prefill compiles once per (batch size, bucket length) and the decode step
-once per batch size, for one model and one (temperature, top_k, top_p) setting; other
-sampling fields (seed, max_new_tokens, stop_tokens) never recompile. Prompt buckets
+Compilation: the prefill compiles once per (model structure, batch size, bucket length), the
+decode loop and step once per batch size for one model structure and one (temperature,
+top_k, top_p) setting; other sampling fields (seed, max_new_tokens, stop_tokens) never
+recompile. Weights: see :func:`inference_params` (``weights="compute"`` stores Linear and
+embedding weights in their compute dtype once, e.g. bf16). Continuous batching:
+:mod:`linearnexus.serving`. Guide: ``docs/generation.md``. Prompt buckets
 (:func:`prompt_bucket`) are 16, 32, 64, 128, 256, 512, then multiples of 512, capped at the
 model's ``max_seq_len`` for models with attention caches. :func:`trace_counts` reports how
 many times each function was traced (= compiled) in this process.
