@@ -579,9 +579,11 @@ def _host_steps(model: LMModel, rows: list[list[int]], cfg: SamplingConfig, pad_
 
 
 def _device_steps(model: LMModel, rows: list[list[int]], cfg: SamplingConfig, pad_id: int,
-                  weights: str, sync_every: int = LOOP_CHUNK) -> Iterator[np.ndarray]:
+                  weights: str, sync_every: int | None = None) -> Iterator[np.ndarray]:
     """The on-device loop: yield ``[B, n]`` int32 blocks of new tokens (-1 where a row had
-    finished), one host sync per block of at most ``sync_every`` tokens."""
+    finished), one host sync per block of at most ``sync_every`` (default
+    :data:`LOOP_CHUNK`) tokens."""
+    sync_every = LOOP_CHUNK if sync_every is None else sync_every
     dec = Decoder(model, cfg, weights=weights)
     tokens, mask = left_pad(rows, prompt_bucket(max(map(len, rows)), cache_limit(model)), pad_id)
     nxt, state, key = dec.prefill(tokens, mask, jax.random.key(cfg.seed))
