@@ -351,3 +351,16 @@ def test_bad_prompts_and_stop_ids(models):
     with pytest.raises(ConfigError, match="stop_tokens"):
         G.generate(model, [[1]], GREEDY.replace(stop_tokens=[VOCAB]))
     assert G.generate(model, [[1], [2, 3]], GREEDY.replace(max_new_tokens=0)) == [[], []]
+
+
+def test_sample_cli_serve_bench_arguments(capsys):
+    from linearnexus.cli import sample
+
+    assert sample.main(["--serve-bench", "2"]) == 2  # neither --checkpoint nor --preset
+    assert "exactly one of --checkpoint and --preset" in capsys.readouterr().err
+    assert sample.main(["--preset", "gpt-small"]) == 2  # --preset only benchmarks
+    assert "--preset: only with --serve-bench" in capsys.readouterr().err
+    assert sample.main(["--prompt", "x"]) == 2
+    assert "--checkpoint: required" in capsys.readouterr().err
+    assert sample.main(["--serve-bench", "2", "--preset", "no-such-model"]) == 2
+    assert "--preset: unknown model preset" in capsys.readouterr().err
