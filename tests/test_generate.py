@@ -284,7 +284,11 @@ def test_compute_dtype_weights(key):
 def test_continuous_batching_equals_alone(models, key):
     from linearnexus.serving import ContinuousBatcher
 
-    model = models.setdefault("every", every_block_model())
+    # a KV cache with per-row lengths, a conv + scan state, RetNet's per-row offsets: the
+    # slot scatter is the same pytree code for every state
+    model = models.setdefault("serve", tiny_model(
+        "gpt", n_layers=3, block_pattern=("attention", "mamba", "retnet"), max_seq_len=48,
+        block_options={"attention": {"n_heads": 2}, "mamba": {"chunk_size": 4}}))
     rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2**30)))
     requests = [dict(prompt=rng.integers(0, VOCAB, rng.integers(1, 16)).tolist(),
                      max_new_tokens=int(rng.integers(1, 10)), seed=int(rng.integers(0, 99)),
