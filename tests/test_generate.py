@@ -360,8 +360,8 @@ def test_bad_prompts_and_stop_ids(models):
 def test_sample_cli_serve_bench_arguments(capsys):
     from linearnexus.cli import sample
 
-    assert sample.main(["--serve-bench", "2"]) == 2  # neither --checkpoint nor --preset
-    assert "exactly one of --checkpoint and --preset" in capsys.readouterr().err
+    assert sample.main(["--serve-bench", "2"]) == 2  # no model source
+    assert "exactly one of --checkpoint, --hf and --preset" in capsys.readouterr().err
     assert sample.main(["--preset", "gpt-small"]) == 2  # --preset only benchmarks
     assert "--preset: only with --serve-bench" in capsys.readouterr().err
     assert sample.main(["--prompt", "x"]) == 2
