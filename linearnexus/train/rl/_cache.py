@@ -1,9 +1,8 @@
-"""A small cache of compiled functions shared by trainers of the same model structure.
+"""The RL trainers' compiled functions, cached per model structure and settings.
 
 ``jax.jit`` caches per function object, and each trainer builds its own closures, so two
 trainers of one model (a run and its resumption, or the tests' several short runs) would
-compile everything twice. The key holds the model's GraphDef (not hashable: compared with
-``==``, as ``linearnexus.train.sft`` does) and the settings the compiled code reads.
+compile everything twice without this shared :class:`~linearnexus.core.compile_cache.CompileCache`.
 """
 
 from __future__ import annotations
@@ -11,17 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-_ENTRIES: list[tuple[Any, Any, Any]] = []
-_MAX = 16
+from linearnexus.core.compile_cache import CompileCache
+
+_COMPILED: CompileCache[Any] = CompileCache(max_entries=16)
 
 
 def cached(graphdef: Any, key: Any, build: Callable[[], Any]) -> Any:
-    """``build()`` once per ``(graphdef, key)``; ``key`` is compared with ``==`` (an optax
-    transformation in it compares its functions by identity)."""
-    for g, k, value in _ENTRIES:
-        if k == key and g == graphdef:
-            return value
-    value = build()
-    _ENTRIES.insert(0, (graphdef, key, value))
-    del _ENTRIES[_MAX:]
-    return value
+    """``build()`` once per ``(graphdef, key)`` (both compared with ``==``; an optax
+    transformation in ``key`` compares its functions by identity)."""
+    return _COMPILED.get(graphdef, key, build)
