@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                             "--sample-tokens", "0", *common])
     if status:
         return status
-    # 32 prompts x 8 samples per step at temperature 0.8, exact-match reward only (the
-    # format reward's noise, scaled by a group's small std, slowed learning in trials);
+    # 32 prompts x 8 samples per step at temperature 0.8, exact-match reward only (within an
+    # all-wrong group, std scaling blows the format reward's small differences up);
     # every held-out prompt is evaluated (greedy) every 50 steps
     rl_common = ["--init", str(out / "sft"), "--task", "addition", "--task-option",
                  "format_weight=0", "--prompts-per-step", "32", "--group-size", "8",
