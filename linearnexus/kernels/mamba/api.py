@@ -12,7 +12,11 @@ from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array, DType, is_float_dtype
 from linearnexus.kernels.base import GridConfig, current_platform, dispatch, resolve_mode
 from linearnexus.kernels.common.pallas import TritonConfig
-from linearnexus.kernels.common.validation import check_cu_seqlens
+from linearnexus.kernels.common.validation import (
+    as_cu_seqlens,
+    check_cu_seqlens,
+    cu_seqlens_ok,
+)
 from linearnexus.kernels.mamba.chunked import ChunkForm, default_chunk_form, selective_scan_chunked
 from linearnexus.kernels.mamba.reference import selective_scan_reference
 
@@ -229,9 +233,12 @@ def selective_scan(
         ``(y [B, T, C] in x's dtype, final_state [B or N_seq, C, N] float32 or None)``.
 
     Raises:
-        ValueError / TypeError: bad shapes or dtypes, naming the argument.
+        ValueError / TypeError: bad shapes or dtypes, naming the argument (concrete
+            ``cu_seqlens`` values too; traced invalid offsets make every output NaN, see
+            :mod:`linearnexus.kernels.common.validation`).
         NotImplementedError: the named backend cannot run this call.
     """
+    cu_seqlens = as_cu_seqlens(cu_seqlens)
     validate_selective_scan_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens)
     if grid is None:
         grid = GridConfig(chunk_size=DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size)
@@ -264,4 +271,8 @@ def selective_scan(
 
     y, final_state = dispatch("mamba", BACKENDS, BACKEND_ORDER, call, backend=backend,
                               dtype=x.dtype)
+    ok = cu_seqlens_ok(cu_seqlens, x.shape[1])
+    if ok is not None:  # traced offsets that turn out invalid: NaN, not a plausible answer
+        y = jnp.where(ok, y, y * jnp.nan)
+        final_state = jnp.where(ok, final_state, final_state * jnp.nan)
     return y, (final_state if output_final_state else None)
