@@ -240,11 +240,17 @@ def run_guarded(run: Callable[..., tuple[Array, Array]], q: Array, k: Array, v: 
     """
     names = tuple(name for name, _ in gates)
     seq = q.shape[1]
+    # concrete offsets stay concrete (the naive backend loops over them in Python): only
+    # traced ones travel as an argument of the custom_vjp
+    traced_cu = cu_seqlens is not None and is_traced(cu_seqlens)
+    fixed_cu = None if traced_cu else cu_seqlens
 
     def fast(cu, q, k, v, gate_arrays, h0):
-        return run(q, k, v, *gate_arrays, initial_state=h0, cu_seqlens=cu)
+        return run(q, k, v, *gate_arrays, initial_state=h0,
+                   cu_seqlens=cu if traced_cu else fixed_cu)
 
     def slow(cu, q, k, v, gate_arrays, h0):
+        cu = cu if traced_cu else fixed_cu
         clean, finish = causal_guard(q, k, v, tuple(zip(names, gate_arrays, strict=True)),
                                      cu_seqlens=cu)
         return finish(*run(*clean, initial_state=h0, cu_seqlens=cu))
@@ -254,7 +260,7 @@ def run_guarded(run: Callable[..., tuple[Array, Array]], q: Array, k: Array, v: 
         for name, gate in zip(names, gate_arrays, strict=True):
             if name == "g":
                 ok = ok & jnp.all(gate <= 0)
-        if cu is not None and is_traced(cu):
+        if traced_cu:
             ok = ok & _cu_valid(cu, seq)
         return ok
 
@@ -276,7 +282,8 @@ def run_guarded(run: Callable[..., tuple[Array, Array]], q: Array, k: Array, v: 
         return (None, *grads)
 
     guarded.defvjp(guarded_fwd, guarded_bwd)
-    return guarded(cu_seqlens, q, k, v, tuple(a for _, a in gates), initial_state)
+    return guarded(cu_seqlens if traced_cu else None, q, k, v, tuple(a for _, a in gates),
+                   initial_state)
 
 
 def check_cu_seqlens(cu_seqlens: Array | None, batch: int, seq: int) -> int:

@@ -175,6 +175,8 @@ class MambaBlock(nnx.Module):
         n_states = call.n_states
         if state is None:
             state = self.init_state(n_states)
+        elif not isinstance(state, MambaState):
+            raise TypeError(f"state: expected a MambaState, got {type(state).__name__}")
         else:
             check_state_batch("state.conv", state.conv.buffer,
                               (n_states, cfg.d_conv - 1, cfg.d_inner))
