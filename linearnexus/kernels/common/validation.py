@@ -104,9 +104,13 @@ def as_cu_seqlens(cu_seqlens: object) -> Array | None:
     if cu_seqlens is None or hasattr(cu_seqlens, "ndim"):
         return cu_seqlens
     if isinstance(cu_seqlens, (list, tuple)):
-        values = np.asarray(cu_seqlens)
-        if values.ndim == 1 and values.size and np.issubdtype(values.dtype, np.integer):
-            return jnp.asarray(values, jnp.int32)
+        try:  # jnp, not np: the entries may be traced ints
+            values = jnp.asarray(cu_seqlens)
+        except TypeError:
+            values = None
+        if (values is not None and values.ndim == 1 and values.size
+                and jnp.issubdtype(values.dtype, jnp.integer)):
+            return values.astype(jnp.int32)
     raise TypeError(f"cu_seqlens: expected an int array or a list of ints [N+1], got "
                     f"{cu_seqlens!r}")
 
