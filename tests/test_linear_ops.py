@@ -399,3 +399,18 @@ def test_checkify_switch_reports_traced_bad_values(key):
     err, (o, _) = checked(arrays, h0, jnp.asarray(CU_SEQLENS))
     err.throw()  # clean inputs: no error
     assert np.isfinite(np.asarray(o)).all()
+
+
+@pytest.mark.parametrize("op", ["simple_gla", "gated_delta_rule"])
+def test_non_finite_inputs_stay_causal_in_pallas(op, key):
+    """The pallas backend (interpret mode here) behind the same guard: a NaN in v at step t
+    of one row, mid-chunk, leaves that row's earlier outputs as the clean run's."""
+    arrays, h0 = _inputs(op, key, 2, 24, 2, 16, 16, with_state=True)
+    run = jax.jit(lambda a, h: SPECS[op].fn(*a, initial_state=h, output_final_state=True,
+                                            backend="pallas", mode="chunk", chunk_size=16))
+    bad = list(arrays)
+    bad[2] = arrays[2].at[1, 20].set(jnp.nan)  # v, in the second chunk (16..23)
+    (o_clean, _), (o, s) = run(arrays, h0), run(tuple(bad), h0)
+    assert_close(o[0], o_clean[0], 1e-6, f"{op} pallas clean row")
+    assert_close(o[1, :20], o_clean[1, :20], 1e-6, f"{op} pallas before the NaN")
+    assert np.isnan(np.asarray(o[1, 20:])).any(axis=(1, 2)).all() and np.isnan(np.asarray(s[1])).any()

@@ -10,7 +10,8 @@ when the op is called:
 * **Traced values** (under ``jit``) cannot raise. The same conditions then make the
   affected outputs NaN, never a plausible wrong answer: every output and final state for
   invalid ``cu_seqlens``; the outputs from the first positive log-gate on (to the end of
-  its sequence, that head) and that sequence's final state for ``g > 0``. The checks are
+  its sequence, that head) and that sequence's final state for ``g > 0`` (the selective
+  scan checks its offsets only: ``A`` > 0 is its caller's choice). The checks are
   also registered with ``jax.experimental.checkify`` as debug checks, which cost nothing
   unless the caller opts in (the switch)::
 
