@@ -329,7 +329,8 @@ GATED_OPS = [op for op in OPS if op != "ssd" and "g" in SPECS[op].make(jax.rando
 @pytest.mark.parametrize("op", GATED_OPS)
 def test_positive_log_gates_are_refused_or_nan(op, key):
     """g > 0 (a state that grows): a ValueError naming g when the values are concrete;
-    under jit, NaN from that step on in that row (every mode), the rest untouched."""
+    under jit, NaN from that step on in that row (every mode), the rest untouched. g = -inf
+    (a gate of 0) is valid and exact in chunk mode too."""
     arrays, h0 = _inputs(op, key, 2, 65, 2, 32, 32, with_state=True)
     names = list(SPECS[op].make(key, 1, 1, 1, 1, 1))
     gi = names.index("g")
@@ -344,6 +345,14 @@ def test_positive_log_gates_are_refused_or_nan(op, key):
         assert_close(o[1, :BAD_T], o_clean[1, :BAD_T], 1e-6, f"{op}/{impl} before the gate")
         assert np.isnan(np.asarray(o[1, BAD_T:])).any(axis=(1, 2)).all()
         assert np.isnan(np.asarray(s[1])).all() and not np.isnan(np.asarray(s[0])).any()
+    # g = -inf is a valid gate (exp(g) = 0: a hard reset): finite, and chunked == recurrent
+    reset = list(arrays)
+    reset[gi] = arrays[gi].at[1, BAD_T].set(-jnp.inf)
+    o_chunk, s_chunk = _jitted(op, "chunk", False)(tuple(reset), h0, None)
+    o_rec, s_rec = _jitted(op, "recurrent", False)(tuple(reset), h0, None)
+    assert np.isfinite(np.asarray(o_chunk)).all() and np.isfinite(np.asarray(s_chunk)).all()
+    assert_close(o_chunk, o_rec, TOL, f"{op} g=-inf output")
+    assert_close(s_chunk, s_rec, TOL, f"{op} g=-inf state")
 
 
 def test_ssd_positive_log_gate_names_dt_and_a(key):

@@ -153,6 +153,11 @@ def check_log_gate(name: str, g: Array | None) -> None:
                          f"without bound), got {values[where]} at index {where}")
 
 
+#: ``g = -inf`` (a gate of exactly 0) becomes this before a rerun: ``e^-105`` is 0 in float32,
+#: and the chunked forms' in-chunk sums would otherwise form ``-inf - -inf`` or ``0 * -inf``
+LOG_GATE_FLOOR = -105.0
+
+
 def _token_ok(x: Array, valid: Callable[[Array], Array]) -> tuple[Array, Array]:
     """``(entry_ok like x, token_ok [B, T, H])``: ``valid`` per entry, and all of a token's."""
     entry_ok = valid(x)
@@ -165,7 +170,8 @@ def causal_guard(q: Array, k: Array, v: Array, gates: Sequence[tuple[str, Array]
     """Make a linear-attention op's NaN handling causal and its traced bad values loud.
 
     Bad entries (non-finite, or a positive log-gate ``g``) are replaced by 0, which every
-    op treats as inert, before the kernel runs; ``finish`` then marks what they reach:
+    op treats as inert, before the kernel runs (and ``g = -inf``, a valid hard reset, by
+    :data:`LOG_GATE_FLOOR`); ``finish`` then marks what they reach:
     the head's outputs from the bad step to the end of its sequence (only that step's for
     a bad ``q``) and its final state become NaN. With traced invalid ``cu_seqlens``, every
     output does. For clean inputs the values are unchanged (a ``where`` on each array).
@@ -194,6 +200,8 @@ def causal_guard(q: Array, k: Array, v: Array, gates: Sequence[tuple[str, Array]
     state_ok = jnp.ones((batch, seq, heads), bool)
     for name, x in (("k", k), ("v", v), *gates):
         entry_ok, token_ok = _token_ok(x, decay if name == "g" else finite)
+        if name == "g":  # -inf is a valid gate (a hard reset) that chunked sums turn into NaN
+            x = jnp.where(x == -jnp.inf, LOG_GATE_FLOOR, x)
         clean.append(jnp.where(entry_ok, x, 0))
         state_ok = state_ok & token_ok
     # the first bad step of each row (or packed sequence) and head; a min, not a cumsum
@@ -235,9 +243,11 @@ def run_guarded(run: Callable[..., tuple[Array, Array]], q: Array, k: Array, v: 
     ``run`` is first called on the inputs as they are. When its outputs are all finite,
     every log-gate is <= 0 and traced ``cu_seqlens`` are valid (the usual case), that is
     the answer; otherwise (a ``lax.cond``) the op runs again through :func:`causal_guard`.
-    Guarding every call instead cost a copy of every input and output (measured +20-40%
-    on a chunked forward on the CPU). Differentiable (reverse mode; a ``custom_vjp`` keeps
-    the conditional's branches from each carrying the other's autodiff residuals).
+    Guarding every call instead cost a copy of every input and output (+20-40% on a
+    chunked forward, 2-core CPU). Reverse-mode differentiable through a ``custom_vjp``
+    (forward-mode ``jvp`` is not supported): the fast path's backward, whose gradients
+    are NaN after bad inputs; a conditional under autodiff would make each branch carry
+    the other's residuals.
 
     Args:
         run: the op; ``final`` is ``[N, H, K, V]``.
@@ -278,13 +288,15 @@ def run_guarded(run: Callable[..., tuple[Array, Array]], q: Array, k: Array, v: 
         out, fast_vjp = jax.vjp(functools.partial(fast, cu), *args)
         ok = clean_run(out, cu, args[3])
         out = jax.lax.cond(ok, lambda: out, lambda: slow(cu, *args))
-        return out, (ok, cu, args, fast_vjp)
+        return out, (ok, fast_vjp)
 
     def guarded_bwd(res, ct):
-        ok, cu, args, fast_vjp = res
-        grads = jax.lax.cond(ok, lambda: fast_vjp(ct),
-                             lambda: jax.vjp(functools.partial(slow, cu), *args)[1](ct))
-        return (None, *grads)
+        # after bad inputs the gradients are NaN (as the recurrence's would be): a NaN
+        # cotangent through the fast path's backward, rather than a conditional between two
+        # backward passes (its operands, every residual, were copied: +40% fwd+bwd on the CPU)
+        ok, fast_vjp = res
+        ct = jax.tree.map(lambda c: jnp.where(ok, c, c * jnp.nan), ct)
+        return (None, *fast_vjp(ct))
 
     guarded.defvjp(guarded_fwd, guarded_bwd)
     return guarded(cu_seqlens if traced_cu else None, q, k, v, tuple(a for _, a in gates),
