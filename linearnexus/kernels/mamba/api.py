@@ -273,6 +273,9 @@ def selective_scan(
                               dtype=x.dtype)
     ok = cu_seqlens_ok(cu_seqlens, x.shape[1])
     if ok is not None:  # traced offsets that turn out invalid: NaN, not a plausible answer
-        y = jnp.where(ok, y, y * jnp.nan)
-        final_state = jnp.where(ok, final_state, final_state * jnp.nan)
+        # a scalar factor, not a where on y: where(ok, y, y * nan) gives NaN gradients even
+        # when ok (its unused branch's cotangent 0 times nan); this gives them only when not
+        poison = jnp.where(ok, 1.0, jnp.nan).astype(y.dtype)
+        y = y * poison
+        final_state = final_state * poison.astype(final_state.dtype)
     return y, (final_state if output_final_state else None)
