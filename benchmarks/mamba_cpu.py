@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, save_json, time_fn, today, write_section  # noqa: E402
 
 from linearnexus.kernels.base import GridConfig  # noqa: E402
-from linearnexus.kernels.mamba.api import MambaJaxKernel  # noqa: E402
+from linearnexus.kernels.mamba.api import jax_backend  # noqa: E402
 from linearnexus.modules.ssm.mamba import MambaBlock, MambaConfig  # noqa: E402
 
 
@@ -63,7 +63,7 @@ def bench_op(batch: int, seq: int, channels: int, n_state: int, repeats: int, qu
     variants += [(f"chunked assoc L={L}", "chunk", "assoc", L) for L in sizes]
     rows = []
     for label, mode, form, L in variants:
-        kernel = MambaJaxKernel(chunk_form=form)
+        kernel = jax_backend(chunk_form=form)
         if mode == "recurrent":
             def run(x, dt, B, C, kernel=kernel):
                 return kernel.forward_recurrent(x, dt, A, B, C)[0]
