@@ -135,8 +135,8 @@ def bench_ops(preset: Preset, ops: Sequence[str], backends: Sequence[str] | None
                 if kernel is reference:
                     variants = [("per-step", {})]
                 for label, extra in variants:
-                    def forward(*a, b=backend, kw=extra):
-                        return fn(*a, backend=b, mode="chunk", **kw)[0]
+                    def forward(*a, f=fn, b=backend, kw=extra):
+                        return f(*a, backend=b, mode="chunk", **kw)[0]
 
                     t_f, t_fb = _time_pair(forward, args, repeats, tuple(range(len(args))))
                     row = {"kind": "op", "name": op, "backend": backend, "variant": label,
@@ -162,7 +162,7 @@ def bench_blocks(preset: Preset, blocks: Sequence[str], repeats: int,
         graphdef, params = nnx.split(block)
         x = jax.random.normal(jax.random.PRNGKey(2), (batch, seq, d_model)).astype(preset.dtype)
         for mode in preset.modes:
-            def forward(p, x, mode=mode):
+            def forward(p, x, mode=mode, graphdef=graphdef):
                 return nnx.merge(graphdef, p)(x, mode=mode)[0]
 
             t_f, t_fb = _time_pair(forward, (params, x), repeats, (0, 1))
@@ -238,7 +238,7 @@ def tune(preset: Preset, ops: Sequence[str], repeats: int) -> None:
             for cfg in candidates:
                 kernel.config = cfg  # the backend's own config wins over the cache
                 try:
-                    _, t_fb = _time_pair(lambda *a: fn(*a, backend="pallas", mode="chunk")[0],
+                    _, t_fb = _time_pair(lambda *a, f=fn: f(*a, backend="pallas", mode="chunk")[0],
                                          args, repeats, tuple(range(len(args))))
                 except (ValueError, NotImplementedError) as e:
                     print(f"tune: {op} {cfg}: {e}")
