@@ -185,7 +185,7 @@ def markdown(preset_name: str, preset: Preset, rows: list[dict[str, Any]], comma
              repeats: int) -> str:
     """The results as a markdown section (speed-up column: against the op's reference)."""
     lines = [f"## `benchmarks/run.py --preset {preset_name}`", "",
-             f"{today()}, {machine()}. `{command}`. {preset.description}; jit-compiled, median "
+             f"{today()}, {machine()}. `{command}`. Preset: {preset.description}. Jit-compiled, median "
              f"of {repeats} calls "
              "after a compile + warm-up call; forward+backward is `jax.grad` of a random "
              "projection of the output w.r.t. every input (and the parameters for blocks).", ""]
