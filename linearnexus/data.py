@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +31,14 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
+
+from linearnexus.core.fileio import (
+    atomic_write,
+    atomic_write_bytes,
+    build_manifest,
+    sha256_file,
+    verify_manifest,
+)
 
 if TYPE_CHECKING:  # only for annotations: importing `tokenizers` at runtime is deferred
     from tokenizers import Tokenizer as HFTokenizer
@@ -69,56 +77,19 @@ BUNDLED_SHAKESPEARE = Path(__file__).resolve().parent / "assets" / "tinyshakespe
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"  # both tokenizers save under this name in a data folder
 DEFAULT_BPE_VOCAB = 4096
-_META_VERSION = 2  # bump when the on-disk layout changes, so old folders are rebuilt
+_META_VERSION = 3  # bump when the on-disk layout changes, so old folders are rebuilt
 
 
 # ----------------------------------------------------------------------------- file helpers
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _temp_path(path: Path) -> Path:
-    """A fresh hidden file next to ``path`` (same filesystem, so ``os.replace`` is atomic)."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(name)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
 
 
 def _atomic_write_tokens(path: Path, ids: np.ndarray, dtype: np.dtype) -> None:
-    """Write ``ids`` (``[n]``, n > 0) as a flat ``dtype`` array through a memmap."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
-    try:
-        out = np.memmap(tmp, dtype=dtype, mode="w+", shape=(ids.shape[0],))
-        out[:] = ids
-        out.flush()
-        del out  # close the mapping before the rename
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``ids`` (``[n]``, n > 0) as a flat ``dtype`` array."""
+    atomic_write(path, lambda fh: ids.astype(dtype).tofile(fh))
 
 
 def _tokenizer_file(path: PathLike) -> Path:
@@ -348,7 +319,7 @@ class BPETokenizer:
     def save(self, path: PathLike) -> Path:
         """Write HF's ``tokenizer.json`` to ``path`` (a folder gets ``tokenizer.json``)."""
         path = _tokenizer_file(path)
-        _atomic_write_bytes(path, self._tok.to_str(pretty=True).encode())
+        atomic_write_bytes(path, self._tok.to_str(pretty=True).encode())
         return path
 
     def __repr__(self) -> str:
@@ -406,18 +377,12 @@ def download_shakespeare(
     import urllib.request  # deferred: pulls in http/ssl/email
 
     dest = Path(dest).expanduser()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(dest)
-    try:
-        digest = hashlib.sha256()
-        with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as f:
-            for block in iter(lambda: resp.read(1 << 16), b""):
-                digest.update(block)
-                f.write(block)
-            f.flush()
-            os.fsync(f.fileno())
+
+    def fetch_checked(fh: Any) -> None:  # raising here leaves dest untouched
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            data = resp.read()
         try:
-            n_chars = len(tmp.read_text(encoding="utf-8"))
+            n_chars = len(data.decode("utf-8"))
         except UnicodeDecodeError as err:
             raise ValueError(f"download from {url}: not UTF-8 text ({err})") from err
         if n_chars != SHAKESPEARE_NUM_CHARS:
@@ -425,14 +390,15 @@ def download_shakespeare(
                 f"download from {url}: expected {SHAKESPEARE_NUM_CHARS} characters, "
                 f"got {n_chars}; not kept"
             )
-        if digest.hexdigest() != SHAKESPEARE_SHA256:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != SHAKESPEARE_SHA256:
             raise ValueError(
-                f"download from {url}: SHA-256 {digest.hexdigest()} does not match the "
+                f"download from {url}: SHA-256 {digest} does not match the "
                 f"expected {SHAKESPEARE_SHA256}; not kept"
             )
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+        fh.write(data)
+
+    atomic_write(dest, fetch_checked)
     return dest
 
 
@@ -582,7 +548,8 @@ class PreparedData:
 
 
 def _up_to_date(out_dir: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
-    """The existing meta.json if it matches ``settings`` and its files are whole."""
+    """The existing meta.json if it matches ``settings`` and its files match the sizes and
+    SHA-256 digests it recorded; a damaged cache is named in a warning (then rebuilt)."""
     meta_path = out_dir / "meta.json"
     if not meta_path.is_file():
         return None
@@ -590,13 +557,12 @@ def _up_to_date(out_dir: Path, settings: dict[str, Any]) -> dict[str, Any] | Non
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         if any(meta.get(k) != v for k, v in settings.items()):
             return None
-        itemsize = np.dtype(meta["dtype"]).itemsize
-        for name, key in (("train.bin", "train_tokens"), ("val.bin", "val_tokens")):
-            if (out_dir / name).stat().st_size != int(meta[key]) * itemsize:
-                return None
-        if not (out_dir / TOKENIZER_FILE).is_file():
-            return None
-    except (OSError, ValueError, KeyError, TypeError):
+        problem = verify_manifest(out_dir, meta["files"], "full")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        problem = f"meta.json: unreadable ({e})"
+    if problem is not None:
+        warnings.warn(f"data cache {out_dir}: {problem}; rebuilding it from the text",
+                      stacklevel=3)
         return None
     return meta
 
@@ -613,9 +579,11 @@ def prepare_dataset(
     The first ``int(n * (1 - val_fraction))`` tokens go to ``train.bin``, the rest to
     ``val.bin`` (nanoGPT's split). Writes, atomically, into ``out_dir``: the two flat token
     files (``[n]`` of :func:`token_dtype`), ``tokenizer.json``, and ``meta.json``
-    (tokenizer kind, vocab size, dtype, token counts, source SHA-256), which is written
-    last. If ``out_dir`` already holds files for the same source hash and settings, nothing
-    is recomputed and the result has ``reused=True``.
+    (tokenizer kind, vocab size, dtype, token counts, source SHA-256, and the size and
+    SHA-256 of each file written), which is written last. If ``out_dir`` already holds
+    files for the same source hash and settings, and they still match their recorded
+    sizes and digests, nothing is recomputed and the result has ``reused=True``; files
+    that do not match are named in a warning and rebuilt from the text.
 
     Args:
         text_path: UTF-8 text file.
@@ -644,7 +612,7 @@ def prepare_dataset(
     if not text_path.is_file():
         raise FileNotFoundError(f"text_path: no such file {text_path}")
 
-    source_sha = _sha256_file(text_path)
+    source_sha = sha256_file(text_path)
     settings = {
         "format_version": _META_VERSION,
         "tokenizer": tokenizer,
@@ -690,6 +658,8 @@ def prepare_dataset(
         "train_tokens": n_train,
         "val_tokens": n - n_train,
         "source_path": str(text_path.resolve()),
+        # checked on reuse: a truncated or bit-flipped cache is rebuilt, not trained on
+        "files": build_manifest(out_dir, ["train.bin", "val.bin", TOKENIZER_FILE]),
     }
     _atomic_write_json(out_dir / "meta.json", meta)
     return PreparedData._from_meta(out_dir, meta, reused=False)

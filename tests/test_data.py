@@ -196,10 +196,27 @@ def test_prepare_char_writes_and_reuses(shakespeare: Path, tmp_path: Path):
     src2 = tmp_path / "other.txt"
     src2.write_text(text[:10_000], encoding="utf-8")
     assert not D.prepare_dataset(src2, out, tokenizer="char").reused
-    # a truncated token file is not trusted
-    with open(out / "train.bin", "r+b") as f:
-        f.truncate(100)
-    assert not D.prepare_dataset(src2, out, tokenizer="char").reused
+    # a truncated, a bit-flipped or a missing cache file is named and rebuilt from the text
+    good = D.prepare_dataset(src2, out, tokenizer="char")
+    assert good.reused
+    expected = {name: (out / name).read_bytes() for name in ("train.bin", "val.bin", "tokenizer.json")}
+    for name, damage, reason in (("train.bin", "truncate", "bytes, expected"),
+                                 ("val.bin", "flip", "SHA-256"),
+                                 ("tokenizer.json", "delete", "missing")):
+        path = out / name
+        if damage == "truncate":
+            with open(path, "r+b") as f:
+                f.truncate(100)
+        elif damage == "flip":
+            raw = bytearray(path.read_bytes())
+            raw[len(raw) // 2] ^= 0xFF
+            path.write_bytes(bytes(raw))
+        else:
+            path.unlink()
+        with pytest.warns(UserWarning, match=f"{name}: .*{reason}.*rebuilding"):
+            rebuilt = D.prepare_dataset(src2, out, tokenizer="char")
+        assert not rebuilt.reused
+        assert {n: (out / n).read_bytes() for n in expected} == expected
 
 
 def test_prepare_bpe(small_text: str, tmp_path: Path):

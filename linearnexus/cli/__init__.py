@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable
 
 
@@ -32,9 +33,16 @@ def int_at_least(lo: int) -> Callable[[str], int]:
 
 def run_reporting_usage_errors(parser: argparse.ArgumentParser, args: argparse.Namespace,
                                run: Callable[[argparse.Namespace], int]) -> int:
-    """``run(args)``, printing a :class:`UsageError` as ``<prog>: error: ...`` (exit status 2)."""
-    try:
-        return run(args)
-    except UsageError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
+    """``run(args)``, printing a :class:`UsageError` as ``<prog>: error: ...`` (exit status 2)
+    and each warning as one ``<prog>: warning: ...`` line (no source line under it)."""
+    def show(message: Warning | str, *rest: object, **kwargs: object) -> None:
+        print(f"{parser.prog}: warning: {str(message).removeprefix('warning: ')}",
+              file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        try:
+            return run(args)
+        except UsageError as e:
+            print(f"{parser.prog}: error: {e}", file=sys.stderr)
+            return 2

@@ -47,22 +47,30 @@ def _top_p(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="sample.py", description="Sample text from a LinearNexus checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="sample.py", description="Sample text from a LinearNexus checkpoint.")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a run folder (latest checkpoint) or a step folder <run>/checkpoints/<step>")
-    p.add_argument("--prompt", default="", help="text to continue ('' = start of text)")
+                   help="a run folder (its newest checkpoint that verifies) or a step folder "
+                        "<run>/checkpoints/<step>")
+    p.add_argument("--prompt", default="",
+                   help="text to continue (default '': the start of a text)")
     p.add_argument("--max-tokens", type=int_at_least(1), default=500,
-                   help="new tokens per sample")
-    p.add_argument("--temperature", type=_temperature, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int_at_least(0), default=200, help="0 = off")
-    p.add_argument("--top-p", type=_top_p, default=None, help="nucleus sampling mass (off if unset)")
-    p.add_argument("--num-samples", type=int_at_least(1), default=1)
+                   help="new tokens per sample (default 500)")
+    p.add_argument("--temperature", type=_temperature, default=0.8,
+                   help="sampling temperature, 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int_at_least(0), default=200,
+                   help="sample from the k likeliest tokens, 0 = off (default 200)")
+    p.add_argument("--top-p", type=_top_p, default=None,
+                   help="nucleus sampling mass in (0, 1] (default: off)")
+    p.add_argument("--num-samples", type=int_at_least(1), default=1,
+                   help="samples to print (default 1)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are sampled")
-    p.add_argument("--seed", type=int_at_least(0), default=0)
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="sampling seed (default 0)")
     p.add_argument("--window", type=int_at_least(0), default=None,
-                   help="context window in tokens; default: the training seq_len for models "
-                        "with attention, unlimited for recurrent ones; 0 = unlimited")
+                   help="context window in tokens, 0 = unlimited (default: the training "
+                        "seq_len for models with attention, unlimited for recurrent ones)")
+    p.add_argument("--verify-checkpoints", choices=("full", "sizes", "off"), default="full",
+                   help="check the checkpoint against its manifest first: SHA-256 and sizes, "
+                        "sizes only, or nothing (default full)")
     return p
 
 
@@ -165,8 +173,9 @@ def _run(args: argparse.Namespace) -> int:
     from linearnexus.generate import SamplingConfig, start_tokens
     from linearnexus.train import load_checkpoint
 
-    try:
-        model, model_config, extra = load_checkpoint(args.checkpoint)
+    try:  # a checkpoint that fails verification is skipped with a warning
+        model, model_config, extra = load_checkpoint(args.checkpoint,
+                                                     verify=args.verify_checkpoints)
     except FileNotFoundError as e:
         raise UsageError(f"--checkpoint: {e}") from None
     tokenizer = extra["tokenizer"]
@@ -179,8 +188,9 @@ def _run(args: argparse.Namespace) -> int:
                          stop_tokens=() if eos is None else (eos,))
     window = (default_window(model, extra["train_config"]) if args.window is None
               else args.window or None)
+    val = extra["metrics"].get("val_loss")
     print(f"# {extra['path']} (step {extra['step']}, val loss "
-          f"{extra['metrics'].get('val_loss', 'n/a')}, window {window or 'off'})", file=sys.stderr)
+          f"{'n/a' if val is None else f'{val:.4f}'}, window {window or 'off'})", file=sys.stderr)
     try:
         if args.stream:
             ids = tokenizer.encode(args.prompt) if args.prompt else start_tokens(tokenizer)

@@ -13,13 +13,15 @@ the checkpoint; then every flag given on the command line. ``--config`` is eithe
 ModelConfig YAML or a file with ``model:`` and ``train:`` sections (see
 ``linearnexus.train.read_config_file`` and docs/training.md).
 
-Exit status: 0 when training finished, 2 for bad arguments, 130 / 143 when SIGINT /
-SIGTERM stopped it (after saving a checkpoint).
+Exit status: 0 when training finished, 2 for bad arguments (or a run folder in use by
+another run), 1 when a checkpoint could not be written (e.g. a full disk; the earlier ones
+are kept), 130 / 143 when SIGINT / SIGTERM stopped it (after saving a checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -30,6 +32,10 @@ from linearnexus.cli import UsageError, int_at_least, run_reporting_usage_errors
 
 DEFAULT_PRESET = "gpt-small"
 DEFAULT_SAMPLE_TOKENS = 200
+# TrainConfig's defaults, repeated so --help needs no JAX import (tests check they agree)
+TRAIN_DEFAULTS = {"max_steps": 2000, "batch_size": 12, "seq_len": 64, "lr": 1e-3,
+                  "optimizer": "adamw", "eval_interval": 250, "eval_batches": 20,
+                  "log_interval": 10, "seed": 0, "tokenizer": "char", "verify_checkpoints": "full"}
 
 # flag -> TrainConfig field, for flags that override the train config when given
 _TRAIN_FLAGS = {
@@ -47,6 +53,7 @@ _TRAIN_FLAGS = {
     "tokenizer": "tokenizer",
     "vocab_size": "bpe_vocab_size",
     "data": "data",
+    "verify_checkpoints": "verify_checkpoints",
 }
 
 
@@ -61,14 +68,18 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from linearnexus.registry import MODEL_REGISTRY  # cheap: names only, nothing imported
+
+    default = TRAIN_DEFAULTS
     p = argparse.ArgumentParser(
         prog="train_lm.py",
         description="Train a LinearNexus language model (char or BPE tokens) with resumable "
-                    "orbax checkpoints. See docs/training.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "orbax checkpoints. Training flags left out come from --config, the "
+                    "resumed run, or the defaults shown. See docs/training.md.")
     m = p.add_argument_group("model")
     m.add_argument("--model", metavar="PRESET", default=None,
-                   help=f"model preset (default {DEFAULT_PRESET} when no --config names one)")
+                   help=f"model preset, one of: {', '.join(sorted(MODEL_REGISTRY))} "
+                        f"(default {DEFAULT_PRESET} when no --config names one)")
     m.add_argument("--config", metavar="YAML", default=None,
                    help="a ModelConfig YAML, or a YAML with 'model:' and 'train:' sections")
     d = p.add_argument_group("data")
@@ -76,55 +87,89 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text file (default: TinyShakespeare: $LINEARNEXUS_SHAKESPEARE, the "
                         "cache, else the copy shipped with the package)")
     d.add_argument("--download-shakespeare", action="store_true",
-                   help="download TinyShakespeare into the cache if it is not found")
+                   help="download TinyShakespeare into the cache when the cache has no copy "
+                        "(refresh it; otherwise the copy shipped with the package is used)")
     d.add_argument("--data-cache", metavar="DIR", default=None,
                    help="where the tokenized data is prepared (default <out>/data)")
     d.add_argument("--tokenizer", choices=("char", "bpe"), default=None,
-                   help="character-level or byte-level BPE (default char)")
+                   help=f"character-level or byte-level BPE (default {default['tokenizer']})")
     d.add_argument("--vocab-size", type=int_at_least(257), default=None,
                    help="BPE vocabulary size (default 4096; only with --tokenizer bpe)")
     t = p.add_argument_group("training")
-    t.add_argument("--max-steps", type=int_at_least(1), default=None)
-    t.add_argument("--batch-size", type=int_at_least(1), default=None)
-    t.add_argument("--seq-len", type=int_at_least(1), default=None)
-    t.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate")
-    t.add_argument("--optimizer", choices=("adamw", "muon", "sophia"), default=None)
-    t.add_argument("--warmup-steps", type=int_at_least(0), default=None)
+    t.add_argument("--max-steps", type=int_at_least(1), default=None,
+                   help=f"optimizer steps in total (default {default['max_steps']})")
+    t.add_argument("--batch-size", type=int_at_least(1), default=None,
+                   help=f"sequences per step (default {default['batch_size']})")
+    t.add_argument("--seq-len", type=int_at_least(1), default=None,
+                   help=f"tokens per sequence (default {default['seq_len']})")
+    t.add_argument("--lr", type=_positive_float, default=None,
+                   help=f"peak learning rate (default {default['lr']:g})")
+    t.add_argument("--optimizer", choices=("adamw", "muon", "sophia"), default=None,
+                   help=f"optimizer (default {default['optimizer']})")
+    t.add_argument("--warmup-steps", type=int_at_least(0), default=None,
+                   help="linear lr warmup steps (default min(100, max_steps // 10); clamped "
+                        "to --max-steps with a warning)")
     t.add_argument("--eval-interval", type=int_at_least(0), default=None,
-                   help="steps between evaluations (0 = only at the end)")
-    t.add_argument("--eval-batches", type=int_at_least(1), default=None)
+                   help=f"steps between evaluations, 0 = only at the end "
+                        f"(default {default['eval_interval']})")
+    t.add_argument("--eval-batches", type=int_at_least(1), default=None,
+                   help=f"validation batches per evaluation (default {default['eval_batches']})")
     t.add_argument("--checkpoint-interval", type=int_at_least(0), default=None,
                    help="steps between checkpoints (default: the eval interval)")
-    t.add_argument("--log-interval", type=int_at_least(1), default=None)
-    t.add_argument("--seed", type=int_at_least(0), default=None)
+    t.add_argument("--log-interval", type=int_at_least(1), default=None,
+                   help=f"steps between metric records (default {default['log_interval']})")
+    t.add_argument("--seed", type=int_at_least(0), default=None,
+                   help=f"seed of the model init and the batch order (default {default['seed']})")
     r = p.add_argument_group("run")
     r.add_argument("--out", metavar="DIR", default=None,
                    help="run folder (default: the config's out_dir, else runs/<model>)")
     g = r.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in --out (fresh start if none)")
+                   help="continue from the newest checkpoint in --out that verifies (fresh "
+                        "start if there is none)")
     g.add_argument("--overwrite", action="store_true",
                    help="delete the checkpoints and metrics already in --out, then start fresh")
+    r.add_argument("--verify-checkpoints", choices=("full", "sizes", "off"), default=None,
+                   help="check checkpoints against their manifests before reading: SHA-256 "
+                        "and sizes, sizes only, or nothing (default "
+                        f"{default['verify_checkpoints']})")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--sample-tokens", type=int_at_least(0), default=DEFAULT_SAMPLE_TOKENS,
-                   help="print a sample of this many tokens at the end (0 = none)")
+                   help="print a sample of this many tokens at the end, 0 = none "
+                        f"(default {DEFAULT_SAMPLE_TOKENS})")
     r.add_argument("--profile", metavar="STEPS", type=int_at_least(1), default=None,
                    help="write a jax.profiler trace of STEPS training steps (after the first, "
-                        "which compiles) to <out>/profile and print the slowest ops")
+                        "which compiles) to <out>/profile and print the slowest ops (default off)")
     return p
 
 
-def _resolve(args: argparse.Namespace) -> tuple[Any, Any, bool]:
-    """(ModelConfig without the vocab size settled, TrainConfig, resuming) from the args."""
+def _check_out_dir(out: str) -> None:
+    """--out must be (or become) a folder: no part of it may be a regular file."""
+    path = Path(out).expanduser().absolute()
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                what = "is" if part == path else f"lies under {part}, which is"
+                raise UsageError(f"--out: {out} {what} a regular file, not a folder")
+            return
+
+
+def _resolve(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[Any, Any, bool]:
+    """(ModelConfig without the vocab size settled, TrainConfig, resuming) from the args.
+    Takes the run folder's lock (released when ``stack`` closes) before reading it."""
     from linearnexus.core.config import ConfigError
     from linearnexus.models import list_presets
     from linearnexus.train import (
         CHECKPOINT_DIR,
+        CheckpointError,
+        RunLock,
+        RunLockedError,
         TrainConfig,
         read_checkpoint_meta,
         read_config_file,
         resolve_model_config,
     )
+    from linearnexus.train.integrity import step_folders
 
     if args.model is not None and args.model not in list_presets():
         raise UsageError(f"--model: unknown preset {args.model!r}; choose one of "
@@ -148,16 +193,24 @@ def _resolve(args: argparse.Namespace) -> tuple[Any, Any, bool]:
             Path(args.config).stem if args.config else DEFAULT_PRESET)
         out = os.path.join("runs", name)
     overrides["out_dir"] = str(out)
+    _check_out_dir(str(out))
+    try:
+        stack.enter_context(RunLock(out, warn=lambda line: print(line, file=sys.stderr)))
+    except RunLockedError as e:
+        raise UsageError(f"--out: {str(e).removeprefix('out_dir: ')}") from None
     ckpt_dir = Path(out) / CHECKPOINT_DIR
-    saved = None
-    if ckpt_dir.is_dir():
-        try:
-            saved = read_checkpoint_meta(ckpt_dir)
-        except FileNotFoundError:
-            saved = None
-    if saved is not None and not (args.resume or args.overwrite):
-        raise UsageError(f"--out: {out} already holds a run (checkpoint at step {saved['step']}); "
+    steps = [s for s, _ in step_folders(ckpt_dir)]
+    if steps and not (args.resume or args.overwrite):
+        raise UsageError(f"--out: {out} already holds a run (checkpoints at steps {steps}); "
                          "pass --resume to continue it or --overwrite to start over")
+    saved = None
+    if steps and args.resume:
+        try:  # the newest checkpoint that verifies; failing ones are moved aside
+            saved = read_checkpoint_meta(
+                ckpt_dir, verify=args.verify_checkpoints or TRAIN_DEFAULTS["verify_checkpoints"],
+                move_aside=True, warn=lambda line: print(line, file=sys.stderr))
+        except CheckpointError as e:
+            raise UsageError(f"--resume: {e}") from None
 
     try:
         if args.resume and saved is not None:
@@ -217,13 +270,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    model_config, train, resuming = _resolve(args)
+    with contextlib.ExitStack() as stack:
+        return _train(args, stack)
+
+
+def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
+    model_config, train, resuming = _resolve(args, stack)
 
     import numpy as np
 
     from linearnexus.data import DataLoader, prepare_dataset, resolve_shakespeare
     from linearnexus.models import create_model
-    from linearnexus.train import SFTTrainer, clear_run
+    from linearnexus.train import CheckpointWriteError, SFTTrainer, clear_run
 
     try:
         text_path = resolve_shakespeare(train.data, download=args.download_shakespeare)
@@ -280,6 +338,9 @@ def _run(args: argparse.Namespace) -> int:
         print("\naborted (second Ctrl-C): no checkpoint written for the current step",
               file=sys.stderr)
         return 130
+    except CheckpointWriteError as e:  # e.g. a full disk: not a usage error, but no traceback
+        print(f"train_lm.py: error: {e}", file=sys.stderr)
+        return 1
 
     if profiler is not None:
         summary = profiler.close()

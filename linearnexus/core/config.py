@@ -198,11 +198,10 @@ class ConfigBase:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def save_yaml(self, path: str | os.PathLike) -> None:
-        """Write the config as YAML (atomically: a temp file then a rename)."""
-        tmp = f"{os.fspath(path)}.tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(self.to_yaml())
-        os.replace(tmp, path)
+        """Write the config as YAML (atomically: see :func:`linearnexus.core.fileio.atomic_write`)."""
+        from linearnexus.core.fileio import atomic_write_text
+
+        atomic_write_text(path, self.to_yaml())
 
     @classmethod
     def from_yaml(cls: type[_C], text: str) -> _C:

@@ -20,10 +20,13 @@ A run folder (``config.out_dir``)::
     metrics.jsonl      one JSON record per log / eval step, flushed as written
     loss.png           train / val loss curves (written at the end of ``train``)
     checkpoints/<step>/{model,opt,meta,tokenizer}   orbax; the last N and the best kept
+    checkpoints/<step>/integrity.json   size + SHA-256 of each file, written last
 
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a
-run killed mid-save leaves the previous checkpoint intact; restore takes the latest
-complete step and temporary leftovers are removed when the manager opens.
+run killed mid-save leaves the previous checkpoint intact (temporary leftovers are removed
+when the manager opens). Then an integrity manifest is written last; restore takes the
+newest checkpoint that verifies against it, moving failing ones aside (train/integrity.py).
+A run holds ``out_dir/run.lock`` while it trains.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -48,6 +52,7 @@ import optax
 from flax import nnx
 
 from linearnexus.core.config import ConfigBase, ConfigError, field
+from linearnexus.core.fileio import VERIFY_MODES, atomic_write, atomic_write_text
 from linearnexus.data import DataLoader, TextDataset, load_tokenizer
 from linearnexus.models import LMModel, ModelConfig, get_preset
 from linearnexus.optim import (
@@ -59,9 +64,26 @@ from linearnexus.optim import (
     gnb_hessian_estimate,
     sophia_should_update_hessian,
 )
+from linearnexus.train.integrity import (
+    MANIFEST_FILE,
+    CheckpointError,
+    CheckpointWriteError,
+    RunLock,
+    RunLockedError,
+    select_checkpoint,
+    step_folders,
+    verify_checkpoint,
+    write_checkpoint_manifest,
+)
 
 __all__ = [
     "CHECKPOINT_DIR",
+    "CheckpointError",
+    "CheckpointWriteError",
+    "RunLock",
+    "RunLockedError",
+    "select_checkpoint",
+    "verify_checkpoint",
     "EVAL_SEED",
     "SFTTrainer",
     "TrainConfig",
@@ -83,7 +105,7 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 CONFIG_FILE = "config.yaml"
 EVAL_SEED = 0  # eval windows are the same for every run on the same data, whatever its seed
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: each checkpoint has an integrity manifest (train/integrity.py)
 _ITEMS = ("model", "opt", "meta", "tokenizer")
 
 
@@ -121,6 +143,8 @@ class TrainConfig(ConfigBase):
         seed: model init, batch order and Sophia's label sampling.
         out_dir: run folder (metrics, plot, checkpoints).
         progress: show a tqdm bar when stderr is a terminal.
+        verify_checkpoints: how a checkpoint is checked against its manifest before it is
+            read: ``full`` (sizes, and SHA-256 of files up to 1 GiB), ``sizes`` or ``off``.
     """
 
     max_steps: int = field(2000, gt=0)
@@ -151,15 +175,19 @@ class TrainConfig(ConfigBase):
     seed: int = field(0, ge=0)
     out_dir: str = "runs/default"
     progress: bool = True
+    verify_checkpoints: str = field("full", choices=VERIFY_MODES)
 
     def validate(self) -> None:
         if self.warmup_steps is not None and self.warmup_steps > self.max_steps:
-            raise ConfigError(
-                f"warmup_steps: must be <= max_steps={self.max_steps}, got {self.warmup_steps}")
+            # e.g. a recipe's warmup 100 with --max-steps 50 for a quick try: clamp, not refuse
+            warnings.warn(f"warmup_steps={self.warmup_steps} exceeds max_steps={self.max_steps}; "
+                          f"warming up over all {self.max_steps} steps instead", stacklevel=4)
 
     @property
     def resolved_warmup_steps(self) -> int:
-        return min(100, self.max_steps // 10) if self.warmup_steps is None else self.warmup_steps
+        if self.warmup_steps is None:
+            return min(100, self.max_steps // 10)
+        return min(self.warmup_steps, self.max_steps)
 
     @property
     def resolved_checkpoint_interval(self) -> int:
@@ -169,7 +197,8 @@ class TrainConfig(ConfigBase):
 # fields that may differ between a run and its resumption without changing the losses
 # (max_steps too when the schedule is constant; otherwise it moves the lr schedule)
 _HARMLESS_FIELDS = ("out_dir", "progress", "log_interval", "eval_interval", "eval_batches",
-                    "checkpoint_interval", "keep_last_n", "keep_best", "data")
+                    "checkpoint_interval", "keep_last_n", "keep_best", "data",
+                    "verify_checkpoints")
 
 
 # ---- run-config files --------------------------------------------------------------------
@@ -186,17 +215,26 @@ def read_config_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     * flat: the file is a ModelConfig (its fields, optionally with ``preset:``); the train
       section is then empty.
 
+    An empty file (or one holding only comments) is refused: it would silently train the
+    default model, which is never what a config file was meant to say.
+
     Raises:
-        FileNotFoundError: no such file. ConfigError: not a mapping, or a section that is not.
+        FileNotFoundError: no such file. ConfigError: not UTF-8 YAML, empty, not a mapping,
+            or a section that is not (each names the file).
     """
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config: no such file {path}")
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path}: not a YAML file ({first})") from None
     if data is None:
-        data = {}
+        raise ConfigError(f"{path}: the file is empty; give ModelConfig fields (e.g. "
+                          "'preset: gpt-small') or 'model:' / 'train:' sections")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a YAML mapping, got {type(data).__name__}")
     if data and set(data) <= {"model", "train"}:
@@ -385,20 +423,6 @@ def _compiled(graphdef: Any, tx: optax.GradientTransformation) -> _Steps:
 # ---- small file helpers ------------------------------------------------------------------
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     records = []
     if not path.is_file():
@@ -499,13 +523,42 @@ def find_checkpoint(path: str | os.PathLike) -> tuple[Path, int | None]:
         raise FileNotFoundError(f"checkpoint: no such path {path}")
     if (path / CHECKPOINT_DIR).is_dir():
         return path / CHECKPOINT_DIR, None
-    if path.name.isdigit() and (path / "meta").is_dir():
+    if path.name.isdigit() and ((path / "meta").is_dir() or (path / MANIFEST_FILE).is_file()):
         return path.parent, int(path.name)
     if any(p.name.isdigit() for p in path.iterdir() if p.is_dir()):
         return path, None
     raise FileNotFoundError(
         f"checkpoint: {path} is neither a run folder (with {CHECKPOINT_DIR}/), a checkpoints "
         "folder nor a step folder")
+
+
+@dataclasses.dataclass
+class _Session:
+    """What one call of :meth:`SFTTrainer.train` tracks (it ends up in its TrainResult)."""
+
+    start_step: int
+    start_time: float  # perf_counter
+    elapsed_before: float  # wall time of earlier sessions of the run
+    metrics_file: Any  # metrics.jsonl, open for appending
+    last_ckpt: Path | None
+    last_val: float | None
+    val_step: int | None
+    best_val: float | None
+    window_start: float  # perf_counter at the start of the current tokens/s window
+    last_train: float | None = None
+    window_steps: int = 0
+    tokens: int = 0  # training tokens of this session
+    stop: str | None = None  # the signal that stopped the loop
+    pending: list[jax.Array] = dataclasses.field(default_factory=list)  # losses since the last record
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.start_time
+
+    def record(self, rec: dict[str, Any]) -> None:
+        self.history.append(rec)
+        self.metrics_file.write(json.dumps(rec) + "\n")
+        self.metrics_file.flush()
 
 
 # ---- the trainer -------------------------------------------------------------------------
@@ -652,45 +705,72 @@ class SFTTrainer:
         """Write a checkpoint of the current step (no-op if that step is already saved).
 
         ``metrics`` with a ``val_loss`` makes the checkpoint a candidate for "best".
-        Returns the step folder.
-        """
-        import orbax.checkpoint as ocp
+        Orbax writes the items; then an integrity manifest (sizes and SHA-256 of every file)
+        is written last, which marks the checkpoint complete. Returns the step folder.
 
+        Raises:
+            CheckpointWriteError: a write failed (e.g. a full disk); older checkpoints are
+                untouched, and this step's partial files are ignored on resume.
+        """
         own = manager is None
         mgr = manager or _checkpoint_manager(self.checkpoint_dir, self.config)
+        step_dir = self.checkpoint_dir / str(self.step)
         try:
             if self.step not in mgr.all_steps():
-                items = {
-                    "model": ocp.args.StandardSave({"params": self.state.params,
-                                                    "rest": self.state.rest}),
-                    "opt": ocp.args.StandardSave({"opt_state": self.state.opt_state,
-                                                  "rng": self.state.rng}),
-                    "meta": ocp.args.JsonSave(self._meta(metrics, self.elapsed_before
-                                                         if elapsed is None else elapsed)),
-                }
-                if self.tokenizer is not None:
-                    items["tokenizer"] = ocp.args.JsonSave(_tokenizer_json(self.tokenizer))
-                val = None if not metrics else metrics.get("val_loss")
-                mgr.save(self.step, args=ocp.args.Composite(**items),
-                         metrics=None if val is None else {"val_loss": float(val)})
-                mgr.wait_until_finished()
+                self._write_checkpoint(mgr, metrics, elapsed)
+        except OSError as e:
+            raise CheckpointWriteError(
+                e.errno, f"checkpoint: writing step {self.step} to {step_dir} failed "
+                f"({e.strerror or e}); the earlier checkpoints "
+                f"{[s for s, _ in step_folders(self.checkpoint_dir) if s != self.step]} are "
+                "intact and --resume continues from the newest of them") from e
         finally:
             if own:
                 mgr.close()
-        return self.checkpoint_dir / str(self.step)
+        return step_dir
+
+    def _write_checkpoint(self, mgr: Any, metrics: dict[str, Any] | None,
+                          elapsed: float | None) -> None:
+        import orbax.checkpoint as ocp
+
+        items = {
+            "model": ocp.args.StandardSave({"params": self.state.params,
+                                            "rest": self.state.rest}),
+            "opt": ocp.args.StandardSave({"opt_state": self.state.opt_state,
+                                          "rng": self.state.rng}),
+            "meta": ocp.args.JsonSave(self._meta(metrics, self.elapsed_before
+                                                 if elapsed is None else elapsed)),
+        }
+        if self.tokenizer is not None:
+            items["tokenizer"] = ocp.args.JsonSave(_tokenizer_json(self.tokenizer))
+        val = None if not metrics else metrics.get("val_loss")
+        mgr.save(self.step, args=ocp.args.Composite(**items),
+                 metrics=None if val is None else {"val_loss": float(val)})
+        mgr.wait_until_finished()
+        write_checkpoint_manifest(self.checkpoint_dir / str(self.step), self.step)
 
     def restore_checkpoint(self, step: int | None = None, *, manager: Any = None) -> int | None:
-        """Load the latest complete checkpoint (or ``step``) of ``out_dir`` into the trainer:
-        weights, optimizer state, RNG, step, loader position. Returns the step, or None
-        when there is no checkpoint.
+        """Load the newest checkpoint of ``out_dir`` that verifies (or ``step``) into the
+        trainer: weights, optimizer state, RNG, step, loader position. Returns the step, or
+        None when there is no checkpoint.
+
+        Without ``manager``, checkpoints are first checked against their manifests
+        (``config.verify_checkpoints``; failing ones are named in a warning, not moved). With
+        one (as :meth:`train` calls it), the caller has already selected a verified step.
 
         Raises:
             ValueError: the checkpoint was written for a different model config.
+            CheckpointError: checkpoints exist but none verifies.
         """
         import orbax.checkpoint as ocp
 
         if not self.checkpoint_dir.is_dir():
             return None
+        if manager is None:
+            step = select_checkpoint(self.checkpoint_dir, self.config.verify_checkpoints,
+                                     step=step, warn=self._log)
+            if step is None:
+                return None
         own = manager is None
         mgr = manager or _checkpoint_manager(self.checkpoint_dir, self.config)
         try:
@@ -759,14 +839,14 @@ class SFTTrainer:
 
         text = yaml.safe_dump({"model": self.model_config.to_dict(),
                                "train": self.config.to_dict()}, sort_keys=False)
-        _atomic_write_text(self.out_dir / CONFIG_FILE, text)
+        atomic_write_text(self.out_dir / CONFIG_FILE, text)
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop records past ``step`` (written after the checkpoint we resume from) and any
         line cut short by a kill, so appended records start on a fresh line."""
         if self.metrics_path.is_file():
             kept = [r for r in _read_jsonl(self.metrics_path) if r.get("step", 0) <= step]
-            _atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def train(self, *, resume: bool = False, on_step: Callable[[int], None] | None = None
               ) -> TrainResult:
@@ -782,159 +862,210 @@ class SFTTrainer:
         checkpoint and return with ``interrupted`` set; a second Ctrl-C raises
         ``KeyboardInterrupt`` at once (no save).
 
+        On resume, checkpoints are checked against their manifests
+        (``config.verify_checkpoints``) newest first; each one that fails is named in a
+        warning and moved aside as ``<step>.corrupt``, and the newest that verifies is
+        restored. The run holds ``out_dir``'s :class:`~linearnexus.train.integrity.RunLock`
+        throughout. ``config.yaml`` is rewritten once the first step of this session ran
+        (so a resume that changes a setting but dies before a step leaves it as it was).
+
         Raises:
             FileExistsError: ``out_dir`` has checkpoints and ``resume`` is False.
+            RunLockedError: another live process is training in ``out_dir``.
+            CheckpointError: ``resume`` and checkpoints exist, but none verifies.
+            CheckpointWriteError: a checkpoint could not be written (e.g. a full disk).
         """
+        with RunLock(self.out_dir, warn=self._log):
+            mgr = self._open_run(resume)
+            try:
+                return self._loop(mgr, on_step)
+            finally:
+                mgr.close()
+
+    def _open_run(self, resume: bool) -> Any:
+        """Check the folder, restore on resume, reset the metrics; returns the checkpoint
+        manager (opened after corrupt checkpoints were moved aside, so it never sees them)."""
         cfg = self.config
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        chosen = None
+        if self.step == 0:
+            existing = [s for s, _ in step_folders(self.checkpoint_dir)]
+            if existing and not resume:
+                raise FileExistsError(
+                    f"{self.checkpoint_dir} already holds checkpoints (latest step "
+                    f"{existing[0]}); resume, or use a fresh out_dir")
+            if resume:
+                chosen = select_checkpoint(self.checkpoint_dir, cfg.verify_checkpoints,
+                                           move_aside=True, warn=self._log)
         mgr = _checkpoint_manager(self.checkpoint_dir, cfg)
         try:
+            if chosen is not None:
+                self.restore_checkpoint(chosen, manager=mgr)
+                self._log(f"resumed from {self.checkpoint_dir / str(self.step)} "
+                          f"(step {self.step})")
             if self.step == 0:
-                existing = mgr.latest_step()
-                if existing is not None and not resume:
-                    raise FileExistsError(
-                        f"{self.checkpoint_dir} already holds checkpoints (latest step "
-                        f"{existing}); resume, or use a fresh out_dir")
-                if resume and existing is not None:
-                    self.restore_checkpoint(manager=mgr)
-                    self._log(f"resumed from {self.checkpoint_dir / str(self.step)} "
-                              f"(step {self.step})")
-                if self.step == 0 and self.metrics_path.is_file():
-                    self.metrics_path.unlink()
-                else:
-                    self._truncate_metrics(self.step)
-            self._write_config()
-            return self._loop(mgr, on_step)
-        finally:
+                self.metrics_path.unlink(missing_ok=True)
+            elif chosen is not None:
+                self._truncate_metrics(self.step)
+            if self.step == 0 or not (self.out_dir / CONFIG_FILE).is_file():
+                self._write_config()
+        except BaseException:
             mgr.close()
+            raise
+        return mgr
 
     def _loop(self, mgr: Any, on_step: Callable[[int], None] | None) -> TrainResult:
+        """Steps to ``max_steps`` (or a signal): each step trains, then maybe logs /
+        evaluates, then maybe checkpoints."""
         cfg = self.config
-        start_step = self.step
-        tokens_per_step = cfg.batch_size * cfg.seq_len
-        ckpt_every = cfg.resolved_checkpoint_interval
-        history: list[dict[str, Any]] = []
-        session_start = time.perf_counter()
-        last_ckpt: Path | None = (self.checkpoint_dir / str(self.step)
-                                  if self.step in mgr.all_steps() else None)
-        last_val: float | None = self.restored_metrics.get("val_loss")
-        val_step: int | None = None if last_val is None else self.step
-        best_val: float | None = last_val
-        last_train: float | None = None
-
-        def elapsed() -> float:
-            return self.elapsed_before + time.perf_counter() - session_start
-
-        stop: dict[str, Any] = {"signal": None}
-        handlers_installed = threading.current_thread() is threading.main_thread()
-        old_handlers: dict[int, Any] = {}
-
-        def on_signal(signum: int, frame: Any) -> None:
-            if stop["signal"] is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # second Ctrl-C: quit now, no checkpoint
-            stop["signal"] = signal.Signals(signum).name
-
-        if handlers_installed:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                old_handlers[sig] = signal.signal(sig, on_signal)
-
-        metrics_file = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115
-
-        def record(rec: dict[str, Any]) -> None:
-            history.append(rec)
-            metrics_file.write(json.dumps(rec) + "\n")
-            metrics_file.flush()
-
-        self._bar = None
-        if cfg.progress and sys.stderr.isatty() and self._log_fn is None:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step",
-                             dynamic_ncols=True, desc="train")
-        pending: list[jax.Array] = []  # step losses since the last record (device scalars)
-        window_start, window_steps = time.perf_counter(), 0
-        session_tokens = 0
+        session = self._start_session(mgr)
+        restore_signals = self._catch_signals(session)
         try:
-            if self.step == 0 and self._eval_batches is not None and cfg.max_steps > 0:
-                last_val = best_val = self.evaluate()
-                val_step = 0
-                record({"step": 0, "val_loss": last_val, "elapsed_s": round(elapsed(), 3)})
-                self._log(f"step 0: val loss {last_val:.4f}")
-                window_start = time.perf_counter()
-            while self.step < cfg.max_steps and stop["signal"] is None:
-                inputs, targets = next(self.train_loader)
-                pending.append(self.train_step(inputs, targets))
-                window_steps += 1
-                session_tokens += tokens_per_step
-                step = self.step
-                if self._bar is not None:
-                    self._bar.update(1)
-                is_last = step == cfg.max_steps
-                do_eval = self._eval_batches is not None and (
-                    is_last or (cfg.eval_interval > 0 and step % cfg.eval_interval == 0))
-                do_log = do_eval or is_last or step % cfg.log_interval == 0
-                if do_log:
-                    last_train = float(np.mean([float(x) for x in pending]))
-                    pending.clear()
-                    now = time.perf_counter()
-                    tok_s = window_steps * tokens_per_step / max(now - window_start, 1e-9)
-                    rec: dict[str, Any] = {"step": step, "train_loss": last_train,
-                                           "lr": self.lr_at(step - 1),
-                                           "tokens_per_s": round(tok_s, 1)}
-                    if not math.isfinite(last_train):
-                        self._log(f"warning: train loss is {last_train} at step {step}")
-                    if do_eval:
-                        last_val, val_step = self.evaluate(), step
-                        rec["val_loss"] = last_val
-                        best_val = last_val if best_val is None else min(best_val, last_val)
-                    rec["elapsed_s"] = round(elapsed(), 3)
-                    record(rec)
-                    if self._bar is not None:
-                        post = {"loss": f"{last_train:.4f}", "tok/s": f"{tok_s:,.0f}"}
-                        if last_val is not None:
-                            post["val"] = f"{last_val:.4f}"
-                        self._bar.set_postfix(post, refresh=False)
-                    if do_eval:
-                        eta = (cfg.max_steps - step) * (now - session_start) / max(
-                            step - start_step, 1)
-                        self._log(f"step {step}/{cfg.max_steps}: train loss {last_train:.4f}, "
-                                  f"val loss {last_val:.4f}, {tok_s:,.0f} tok/s, "
-                                  f"elapsed {elapsed():.0f}s, eta {eta:.0f}s")
-                    window_start, window_steps = time.perf_counter(), 0
-                if is_last or (ckpt_every > 0 and step % ckpt_every == 0):
-                    metrics = {"val_loss": last_val} if do_eval else None
-                    last_ckpt = self.save_checkpoint(metrics, elapsed=elapsed(), manager=mgr)
-                    window_start = time.perf_counter()
+            self._open_bar()
+            self._initial_eval(session)
+            while self.step < cfg.max_steps and session.stop is None:
+                self._run_step(session)
+                evaluated = self._maybe_log(session)
+                self._maybe_checkpoint(session, mgr, evaluated)
                 if on_step is not None:
-                    on_step(step)
-            if stop["signal"] is not None:
-                if pending:  # record the partial window so the log reaches the stop point
-                    last_train = float(np.mean([float(x) for x in pending]))
-                    record({"step": self.step, "train_loss": last_train,
-                            "lr": self.lr_at(self.step - 1), "elapsed_s": round(elapsed(), 3)})
-                if self.step > 0:
-                    last_ckpt = self.save_checkpoint(None, elapsed=elapsed(), manager=mgr)
-                    self._log(f"{stop['signal']}: stopped at step {self.step}; checkpoint "
-                              f"saved to {last_ckpt}")
-                else:
-                    self._log(f"{stop['signal']}: stopped before the first step; nothing saved")
+                    on_step(self.step)
+            if session.stop is not None:
+                self._save_on_signal(session, mgr)
         finally:
-            metrics_file.close()
+            session.metrics_file.close()
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None
-            if handlers_installed:
-                for sig, old in old_handlers.items():
-                    signal.signal(sig, old)
-            self.elapsed_before = elapsed()
+            restore_signals()
+            self.elapsed_before = session.elapsed()
         self.write_plot()
-        wall = time.perf_counter() - session_start
+        wall = time.perf_counter() - session.start_time
         self.model  # noqa: B018 - sync the caller's model object to the trained weights
         return TrainResult(
-            step=self.step, start_step=start_step, train_loss=last_train, val_loss=last_val,
-            val_step=val_step, best_val_loss=best_val, interrupted=stop["signal"], elapsed_s=wall,
-            tokens_per_s=session_tokens / max(wall, 1e-9), history=history,
-            checkpoint=last_ckpt)
+            step=self.step, start_step=session.start_step, train_loss=session.last_train,
+            val_loss=session.last_val, val_step=session.val_step, best_val_loss=session.best_val,
+            interrupted=session.stop, elapsed_s=wall,
+            tokens_per_s=session.tokens / max(wall, 1e-9), history=session.history,
+            checkpoint=session.last_ckpt)
+
+    def _start_session(self, mgr: Any) -> _Session:
+        last_val: float | None = self.restored_metrics.get("val_loss")
+        now = time.perf_counter()
+        return _Session(
+            start_step=self.step, start_time=now, elapsed_before=self.elapsed_before,
+            metrics_file=open(self.metrics_path, "a", encoding="utf-8"),  # noqa: SIM115
+            last_ckpt=(self.checkpoint_dir / str(self.step)
+                       if self.step in mgr.all_steps() else None),
+            last_val=last_val, val_step=None if last_val is None else self.step,
+            best_val=last_val, window_start=now)
+
+    def _catch_signals(self, session: _Session) -> Callable[[], None]:
+        """SIGINT / SIGTERM set ``session.stop`` (a second SIGINT raises KeyboardInterrupt).
+        Returns the function that puts the previous handlers back (signal handlers can only
+        be set from the main thread; elsewhere this does nothing)."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def on_signal(signum: int, frame: Any) -> None:
+            if session.stop is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # second Ctrl-C: quit now, no checkpoint
+            session.stop = signal.Signals(signum).name
+
+        old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def restore() -> None:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+        return restore
+
+    def _open_bar(self) -> None:
+        self._bar = None
+        if self.config.progress and sys.stderr.isatty() and self._log_fn is None:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.config.max_steps, initial=self.step, unit="step",
+                             dynamic_ncols=True, desc="train")
+
+    def _initial_eval(self, session: _Session) -> None:
+        """The step-0 evaluation of a fresh run."""
+        if self.step == 0 and self._eval_batches is not None and self.config.max_steps > 0:
+            session.last_val = session.best_val = self.evaluate()
+            session.val_step = 0
+            session.record({"step": 0, "val_loss": session.last_val,
+                            "elapsed_s": round(session.elapsed(), 3)})
+            self._log(f"step 0: val loss {session.last_val:.4f}")
+            session.window_start = time.perf_counter()
+
+    def _run_step(self, session: _Session) -> None:
+        inputs, targets = next(self.train_loader)
+        session.pending.append(self.train_step(inputs, targets))
+        session.window_steps += 1
+        session.tokens += self.config.batch_size * self.config.seq_len
+        if self._bar is not None:
+            self._bar.update(1)
+        if self.step == session.start_step + 1 and session.start_step > 0:
+            # a resume records its (possibly changed) settings once a step ran with them
+            self._write_config()
+
+    def _maybe_log(self, session: _Session) -> bool:
+        """Record train loss (and evaluate) when this step is due; returns whether it
+        evaluated."""
+        cfg, step = self.config, self.step
+        is_last = step == cfg.max_steps
+        do_eval = self._eval_batches is not None and (
+            is_last or (cfg.eval_interval > 0 and step % cfg.eval_interval == 0))
+        if not (do_eval or is_last or step % cfg.log_interval == 0):
+            return False
+        session.last_train = float(np.mean([float(x) for x in session.pending]))
+        session.pending.clear()
+        now = time.perf_counter()
+        tokens = session.window_steps * cfg.batch_size * cfg.seq_len
+        tok_s = tokens / max(now - session.window_start, 1e-9)
+        rec: dict[str, Any] = {"step": step, "train_loss": session.last_train,
+                               "lr": self.lr_at(step - 1), "tokens_per_s": round(tok_s, 1)}
+        if not math.isfinite(session.last_train):
+            self._log(f"warning: train loss is {session.last_train} at step {step}")
+        if do_eval:
+            session.last_val, session.val_step = self.evaluate(), step
+            rec["val_loss"] = session.last_val
+            session.best_val = (session.last_val if session.best_val is None
+                                else min(session.best_val, session.last_val))
+        rec["elapsed_s"] = round(session.elapsed(), 3)
+        session.record(rec)
+        if self._bar is not None:
+            post = {"loss": f"{session.last_train:.4f}", "tok/s": f"{tok_s:,.0f}"}
+            if session.last_val is not None:
+                post["val"] = f"{session.last_val:.4f}"
+            self._bar.set_postfix(post, refresh=False)
+        if do_eval:
+            eta = (cfg.max_steps - step) * (now - session.start_time) / max(
+                step - session.start_step, 1)
+            self._log(f"step {step}/{cfg.max_steps}: train loss {session.last_train:.4f}, "
+                      f"val loss {session.last_val:.4f}, {tok_s:,.0f} tok/s, "
+                      f"elapsed {session.elapsed():.0f}s, eta {eta:.0f}s")
+        session.window_start, session.window_steps = time.perf_counter(), 0
+        return do_eval
+
+    def _maybe_checkpoint(self, session: _Session, mgr: Any, evaluated: bool) -> None:
+        every = self.config.resolved_checkpoint_interval
+        if self.step == self.config.max_steps or (every > 0 and self.step % every == 0):
+            metrics = {"val_loss": session.last_val} if evaluated else None
+            session.last_ckpt = self.save_checkpoint(metrics, elapsed=session.elapsed(),
+                                                     manager=mgr)
+            session.window_start = time.perf_counter()
+
+    def _save_on_signal(self, session: _Session, mgr: Any) -> None:
+        if session.pending:  # record the partial window so the log reaches the stop point
+            session.last_train = float(np.mean([float(x) for x in session.pending]))
+            session.record({"step": self.step, "train_loss": session.last_train,
+                            "lr": self.lr_at(self.step - 1),
+                            "elapsed_s": round(session.elapsed(), 3)})
+        if self.step > 0:
+            session.last_ckpt = self.save_checkpoint(None, elapsed=session.elapsed(), manager=mgr)
+            self._log(f"{session.stop}: stopped at step {self.step}; checkpoint saved to "
+                      f"{session.last_ckpt}")
+        else:
+            self._log(f"{session.stop}: stopped before the first step; nothing saved")
 
     def write_plot(self, path: str | os.PathLike | None = None) -> Path | None:
         """Plot train / val loss from metrics.jsonl to ``loss.png`` (Agg, no display).
@@ -962,9 +1093,7 @@ class SFTTrainer:
         ax.legend()
         fig.tight_layout()
         out = Path(path) if path is not None else self.out_dir / PLOT_FILE
-        tmp = out.with_name(f".{out.name}.tmp.png")
-        fig.savefig(tmp)
-        os.replace(tmp, out)
+        atomic_write(out, lambda fh: fig.savefig(fh, format="png"))
         return out
 
 
@@ -986,38 +1115,47 @@ def clear_run(out_dir: str | os.PathLike) -> None:
         (out_dir / name).unlink(missing_ok=True)
 
 
-def read_checkpoint_meta(path: str | os.PathLike, *, step: int | None = None) -> dict[str, Any]:
+def read_checkpoint_meta(path: str | os.PathLike, *, step: int | None = None,
+                         verify: str = "full", move_aside: bool = False,
+                         warn: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The JSON metadata of a checkpoint (``step``, ``model_config``, ``train_config``,
-    ``loader``, ``metrics``, ``elapsed_s``); ``path`` as for :func:`load_checkpoint`.
+    ``loader``, ``metrics``, ``elapsed_s``); ``path``, ``step`` and ``verify`` as for
+    :func:`load_checkpoint`. ``move_aside`` (only for the run's writer, holding its lock):
+    rename checkpoints that fail verification to ``<step>.corrupt``.
 
     Raises:
-        FileNotFoundError: no complete checkpoint there.
+        FileNotFoundError: no checkpoint there (CheckpointError: none that verifies).
     """
     import orbax.checkpoint as ocp
 
     directory, named_step = find_checkpoint(path)
+    step = _pick_step(directory, step if step is not None else named_step, verify,
+                      move_aside=move_aside, warn=warn)
     mgr = _checkpoint_manager(directory, None, read_only=True)
     try:
-        step = _pick_step(mgr, directory, step if step is not None else named_step)
         return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     finally:
         mgr.close()
 
 
-def _pick_step(mgr: Any, directory: Path, step: int | None) -> int:
-    if step is None:
-        step = mgr.latest_step()
-    if step is None or step not in mgr.all_steps():
-        raise FileNotFoundError(
-            f"checkpoint: no complete checkpoint{'' if step is None else f' for step {step}'} "
-            f"in {directory} (steps: {list(mgr.all_steps())})")
-    return step
+def _warn(line: str) -> None:
+    warnings.warn(line.removeprefix("warning: "), stacklevel=3)
+
+
+def _pick_step(directory: Path, step: int | None, verify: str, *, move_aside: bool = False,
+               warn: Callable[[str], None] | None = None) -> int:
+    """The newest step (or ``step``) in ``directory`` that verifies."""
+    picked = select_checkpoint(directory, verify, step=step, move_aside=move_aside,
+                               warn=warn or _warn)
+    if picked is None:
+        raise CheckpointError(f"checkpoint: no checkpoint in {directory}")
+    return picked
 
 
 # ---- loading for sampling ----------------------------------------------------------------
 
 
-def load_checkpoint(path: str | os.PathLike, *, step: int | None = None
+def load_checkpoint(path: str | os.PathLike, *, step: int | None = None, verify: str = "full"
                     ) -> tuple[LMModel, ModelConfig, dict[str, Any]]:
     """Rebuild the model of a checkpoint, for sampling or evaluation.
 
@@ -1025,6 +1163,9 @@ def load_checkpoint(path: str | os.PathLike, *, step: int | None = None
         path: a run folder (``out_dir``; the latest checkpoint), its ``checkpoints/``
             folder, or one step folder ``checkpoints/<step>``.
         step: a specific step (overrides the one a step folder names).
+        verify: check the checkpoint against its integrity manifest first: ``full``
+            (sizes and SHA-256), ``sizes`` or ``off``. Without a specific step, the newest
+            checkpoint that verifies is used; each one skipped is named in a warning.
 
     Returns:
         ``(model, model_config, extra)`` where ``extra`` has ``step``, ``train_config``
@@ -1032,14 +1173,15 @@ def load_checkpoint(path: str | os.PathLike, *, step: int | None = None
         object, or None if it was not saved) and ``path`` (the step folder).
 
     Raises:
-        FileNotFoundError: no checkpoint at ``path`` (or no such step).
+        FileNotFoundError: no checkpoint at ``path`` (or no such step); its subclass
+            CheckpointError when checkpoints exist but none (or not ``step``) verifies.
     """
     import orbax.checkpoint as ocp
 
     directory, named_step = find_checkpoint(path)
+    step = _pick_step(directory, step if step is not None else named_step, verify)
     mgr = _checkpoint_manager(directory, None, read_only=True)
     try:
-        step = _pick_step(mgr, directory, step if step is not None else named_step)
         step_dir = directory / str(step)
         meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         model_config = ModelConfig.from_dict(meta["model_config"])
