@@ -142,13 +142,16 @@ def check_op(op: str, backend: str, key: jax.Array, *, with_grads: bool = True,
         return tree_err(got, want)
 
     def packed() -> float:
-        cu = jnp.asarray(PACKED, jnp.int32)
+        # offsets closed over as a constant, not a traced argument: the per-step reference
+        # runs packed rows one at a time and needs them concrete
+        cu = np.asarray(PACKED, np.int32)
         one_row = make_op_inputs(op, jax.random.fold_in(key, 4), (1, *SIZES[1:]))
-        got = fn(*one_row, cu_seqlens=cu, output_final_state=True, mode="chunk", backend=backend)
-        # the per-step reference runs packed rows one at a time: needs concrete offsets (eager)
-        want = once("packed", lambda: fn(*one_row, cu_seqlens=cu, output_final_state=True,
-                                         backend=reference))
-        return tree_err(got, want)
+
+        def packed_run(b: str) -> Any:
+            return jax.jit(lambda *a: fn(*a, cu_seqlens=cu, output_final_state=True,
+                                         mode="chunk", backend=b))(*one_row)
+
+        return tree_err(packed_run(backend), once("packed", lambda: packed_run(reference)))
 
     checks = [_timed(target, "chunk fwd + state", FWD_TOL, forward("chunk")),
               _timed(target, "recurrent fwd + state", FWD_TOL, forward("recurrent")),
