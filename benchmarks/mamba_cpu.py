@@ -24,7 +24,7 @@ from common import machine, save_json, time_fn, today, write_section  # noqa: E4
 from run import Preset, bench_blocks  # noqa: E402
 
 from linearnexus.kernels.base import GridConfig  # noqa: E402
-from linearnexus.kernels.mamba.api import MambaJaxKernel  # noqa: E402
+from linearnexus.kernels.mamba.api import jax_backend  # noqa: E402
 
 
 def bench_block(batch: int, seq: int, d_model: int, repeats: int) -> list[dict]:
@@ -54,7 +54,7 @@ def bench_op(batch: int, seq: int, channels: int, n_state: int, repeats: int, qu
     variants += [(f"chunked assoc L={L}", "chunk", "assoc", L) for L in sizes]
     rows = []
     for label, mode, form, L in variants:
-        kernel = MambaJaxKernel(chunk_form=form)
+        kernel = jax_backend(chunk_form=form)
         if mode == "recurrent":
             def run(x, dt, B, C, kernel=kernel):
                 return kernel.forward_recurrent(x, dt, A, B, C)[0]

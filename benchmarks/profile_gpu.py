@@ -15,7 +15,7 @@ kernel launch. Printed: each kernel's time per call, largest first, Pallas kerne
 their Python function names and XLA's own fusions (the glue around the kernels: layout
 copies, scans, adds) under XLA's names, and the sum. Profiling the whole call, glue
 included, is the point: on 2026-11-23 a third of GLA's forward + backward was XLA fusions
-that no kernel-filtered Nsight Compute run had shown (``docs/gpu_notes.md``).
+that no kernel-filtered Nsight Compute run had shown (``docs/benchmarks.md``, GPU kernel work log).
 
 Timing here is CUPTI's per-kernel duration, not the wall time of a call (launch gaps are
 left out); ``benchmarks/kernels_gpu.py`` measures calls. On a machine without a GPU the

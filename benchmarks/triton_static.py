@@ -16,7 +16,7 @@ Triton is not a dependency of the project; install its wheel outside the venv fi
 ``pip download --no-deps -d /tmp/twhl triton==3.6.0`` (the venv's Python version) and
 ``pip install --no-deps --target /tmp/tsite /tmp/twhl/*.whl``. The kernels compile with
 ``enable_fp_fusion=False`` because XLA's Triton pipeline does not contract ``mul`` + ``add``
-either (``docs/gpu_notes.md``, session 6: the counts then match Nsight Compute's).
+either (``docs/benchmarks.md``, GPU kernel work log, session 6: the counts then match Nsight Compute's).
 Counts are static: a loop body counts once, whatever its trip count.
 """
 

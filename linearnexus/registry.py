@@ -103,11 +103,6 @@ def register_layer(name: str, block_path: str, config_path: str) -> None:
     LAYER_REGISTRY.register(name, lambda: LayerEntry(_import(block_path), _import(config_path)))
 
 
-def register_model(name: str, preset_path: str) -> None:
-    """Register a model preset: ``preset_path`` names a zero-argument config factory."""
-    MODEL_REGISTRY.register(name, lambda: _import(preset_path))
-
-
 def kernels_for(mechanism: str) -> dict[str, Any]:
     """``{"jax": backend, ...}`` for one mechanism."""
     prefix = f"{mechanism}:"
@@ -120,10 +115,8 @@ register_op("mamba", "linearnexus.kernels.mamba.api", "selective_scan", ("jax", 
 # the linear-attention family: backends "jax" (chunked / recurrent), "naive" (per-step truth)
 # and "pallas" (Triton kernels; retention and ssd run through simple_gla's backends)
 LINEAR_OPS = ("simple_gla", "gla", "delta_rule", "gated_delta_rule", "retention", "ssd")
-_PALLAS_OPS = ("simple_gla", "gla", "delta_rule", "gated_delta_rule", "retention", "ssd")
-_LINEAR_BACKENDS = {op: ("pallas", "jax", "naive") for op in _PALLAS_OPS}
 for _op in LINEAR_OPS:
-    register_op(_op, f"linearnexus.kernels.{_op}.api", _op, _LINEAR_BACKENDS.get(_op, ("jax", "naive")))
+    register_op(_op, f"linearnexus.kernels.{_op}.api", _op, ("pallas", "jax", "naive"))
 register_layer("mamba", "linearnexus.modules.ssm.mamba:MambaBlock",
                "linearnexus.modules.ssm.mamba:MambaConfig")
 

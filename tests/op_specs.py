@@ -1,8 +1,12 @@
-"""How to build random inputs for each linear-attention op, for the shared op suite.
+"""The linear-attention ops and their implementations, for the shared op suite.
 
 Each :class:`OpSpec` names the op's api function and makes its positional arrays. A new
 op adds one spec here and is run through every check in ``tests/test_linear_ops.py``.
 Keys are L2-normalised for the delta rules (their recurrence assumes ``||k|| = 1``).
+
+Each :class:`Implementation` is one way of running every op (api keyword arguments); a new
+backend adds one line to :data:`IMPLEMENTATIONS` and the suite checks it against the
+per-step reference (``backend="naive"``).
 """
 
 from __future__ import annotations
@@ -110,3 +114,32 @@ def make_gla(key, B, T, H, K, V, decay="normal"):
 
 
 SPECS["gla"] = OpSpec("gla", make_gla)
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """One implementation of every op, checked against the reference by the suite.
+
+    Attributes:
+        kwargs: the api keyword arguments that select it.
+        sweep: "full": every check at every shape (T up to 16384, head dims 32 / 64 / 100);
+            "small": the small-shape checks only (one awkward batch shape with every
+            gradient, packed sequences, log-gates near -20, zero gates, bfloat16 inputs),
+            for kernels that run in Pallas interpret mode on the CPU, where each compile
+            takes seconds.
+        wide_chunk_ops: ops whose small batch case runs chunks of twice ``chunk_size``, so
+            that kernels which cut a chunk into 16-token sub-blocks (the delta rules' WY
+            substitution, GLA's sub-chunks) run more than one.
+    """
+
+    kwargs: dict
+    sweep: str = "full"
+    wide_chunk_ops: tuple[str, ...] = ()
+
+
+IMPLEMENTATIONS: dict[str, Implementation] = {
+    "chunk": Implementation(dict(mode="chunk", backend="jax")),
+    "recurrent": Implementation(dict(mode="recurrent", backend="jax")),
+    "pallas": Implementation(dict(mode="chunk", backend="pallas", chunk_size=16), sweep="small",
+                             wide_chunk_ops=("gated_delta_rule", "gla")),
+}

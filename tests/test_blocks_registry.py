@@ -45,8 +45,14 @@ def inputs(key, config, batch: int, seq: int) -> jax.Array:
     return jax.random.normal(key, (batch, seq, config.d_model), jnp.float32).astype(dtype)
 
 
-def test_registry_is_not_empty():
-    assert "mamba" in LAYERS
+def test_every_entry_resolves_to_a_block_and_its_config():
+    """The registry's import paths resolve (a typo would only fail when the block is used),
+    and each config class builds the block it is registered with."""
+    assert LAYERS, "no registered blocks: every parametrised test below would be skipped"
+    for name in LAYERS:
+        layer_cls, config_cls = LAYER_REGISTRY[name]
+        assert inspect.isclass(layer_cls) and inspect.isclass(config_cls), name
+        assert callable(getattr(config_cls, "tiny", None)), f"{name}: {config_cls.__name__}.tiny"
 
 
 @pytest.mark.parametrize("name", LAYERS)

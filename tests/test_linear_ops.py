@@ -1,8 +1,11 @@
 """Every linear-attention op, every implementation, against its per-step reference.
 
-Ops come from ``tests/op_specs.py``; implementations are the api's modes (chunked and
-recurrent, backend "jax") compared with backend "naive" (the per-step truth). A new op
-adds a spec; a new backend adds one line to ``IMPLEMENTATIONS``.
+Ops and implementations come from ``tests/op_specs.py``: the api's modes (chunked and
+recurrent, backend "jax") and its kernels (backend "pallas", interpret mode on the CPU),
+each compared with backend "naive" (the per-step truth). A new op adds a spec; a new
+backend adds one line to ``IMPLEMENTATIONS`` there. Implementations with the "full" sweep
+run every check below; those with the "small" sweep (kernels in interpret mode, slow to
+compile) run the small-shape checks at the end of this file.
 """
 
 from __future__ import annotations
@@ -15,16 +18,12 @@ import numpy as np
 import pytest
 
 from tests.helpers.parity import assert_close, x64
-from tests.op_specs import SPECS
+from tests.op_specs import IMPLEMENTATIONS, SPECS
 
 OPS = sorted(SPECS)
 TOL = 1e-4
-
-# name -> api keyword arguments
-IMPLEMENTATIONS = {
-    "chunk": dict(mode="chunk", backend="jax"),
-    "recurrent": dict(mode="recurrent", backend="jax"),
-}
+FULL_IMPLS = sorted(n for n, impl in IMPLEMENTATIONS.items() if impl.sweep == "full")
+SMALL_IMPLS = sorted(n for n, impl in IMPLEMENTATIONS.items() if impl.sweep == "small")
 REFERENCE = dict(backend="naive")
 CU_SEQLENS = np.array([0, 0, 1, 71, 71, 200, 201], np.int32)  # lengths 0, 1, 70, 0, 129, 1
 
@@ -33,7 +32,7 @@ CU_SEQLENS = np.array([0, 0, 1, 71, 71, 200, 201], np.int32)  # lengths 0, 1, 70
 def _jitted(op: str, impl: str, packed: bool):
     """One compiled function per (op, implementation); shapes recompile as needed."""
     fn = SPECS[op].fn
-    kwargs = IMPLEMENTATIONS[impl]
+    kwargs = IMPLEMENTATIONS[impl].kwargs
 
     def run(arrays, h0, cu_seqlens):
         return fn(*arrays, initial_state=h0, output_final_state=True,
@@ -77,7 +76,7 @@ def _sweep(cases, short=None):
     return [(op, *case) for op in OPS for case in (cases if SPECS[op].full_sweep else short)]
 
 
-@pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))
+@pytest.mark.parametrize("impl", FULL_IMPLS)
 @pytest.mark.parametrize("op,seq,dim,with_state", _sweep(CASES))
 def test_forward_matches_reference(op, impl, seq, dim, with_state, key):
     arrays, h0 = _inputs(op, key, 2, seq, 2, dim, dim, with_state=with_state)
@@ -251,3 +250,166 @@ def test_bad_inputs_name_the_argument(op, key):
         fn(*base, mode="sideways")
     with pytest.raises(ValueError, match="chunk_size"):
         fn(*base, chunk_size=0)
+
+
+# ---- the small-shape checks: every implementation with the "small" sweep ----------------
+# Interpret mode compiles slowly: shapes are tiny and each (op, implementation, case)
+# compiles one jitted function (outputs and gradients together), reused by the
+# strong-decay and zero-gate cases.
+
+SMALL_TOL = 1e-5  # float32 (conftest sets the highest matmul precision)
+BF16_TOL, BF16_GRAD_TOL = 2e-2, 5e-2
+BATCH = dict(B=2, T=37, H=2, K=20, V=24)  # ragged last chunk of 16, K and V padded to 32
+SMALL_CU_SEQLENS = np.array([0, 0, 1, 21, 21, 35], np.int32)  # lengths 0, 1, 20, 0, 14
+PACKED = dict(B=1, T=int(SMALL_CU_SEQLENS[-1]), H=2, K=20, V=24)
+GATES = ("g", "dt", "A")  # stay float32 in the bfloat16 case
+# the ops with kernels of their own: retention and ssd re-parametrise simple_gla's kernels
+# (their argument mapping is covered by the batch case) and delta_rule runs
+# gated_delta_rule's with the gate off; each left-out op would cost a compile per case
+KERNEL_OPS = [op for op in OPS if SPECS[op].gated and SPECS[op].full_sweep]
+
+
+def small_inputs(op, key, shape, *, n_states=None, decay="normal"):
+    """``(names, arrays, h0, cot_o, cot_s)``: the op's inputs, an initial state and random
+    cotangents for the output and the final state."""
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    B, T, H, K, V = (shape[d] for d in "BTHKV")
+    made = SPECS[op].make(k1, B, T, H, K, V, decay)
+    n = n_states or B
+    h0 = jax.random.normal(k2, (n, H, K, V), jnp.float32)
+    cot_o = jax.random.normal(k3, (B, T, H, V), jnp.float32)
+    cot_s = jax.random.normal(k4, (n, H, K, V), jnp.float32)
+    return list(made), tuple(made.values()), h0, cot_o, cot_s
+
+
+def value_and_grads(fn, arrays, h0, cot_o, cot_s):
+    """``(o, s, (d arrays, d h0))`` of ``sum(o * cot_o) + sum(s * cot_s)``."""
+    def loss(arrays, h0):
+        o, s = fn(arrays, h0)
+        return jnp.sum(o.astype(jnp.float32) * cot_o) + jnp.sum(s * cot_s), (o, s)
+
+    (_, (o, s)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(arrays, h0)
+    return o, s, grads
+
+
+@functools.cache
+def small_run(op: str, impl: str, packed: bool):
+    """Jitted ``(arrays, h0, cot_o, cot_s, cu_seqlens) -> (o, s, grads)``; cu_seqlens traced."""
+    spec = IMPLEMENTATIONS[impl]
+    kwargs = dict(spec.kwargs)
+    if not packed and op in spec.wide_chunk_ops:
+        kwargs["chunk_size"] = 2 * kwargs["chunk_size"]
+
+    def run(arrays, h0, cot_o, cot_s, cu):
+        def fn(a, h):
+            return SPECS[op].fn(*a, initial_state=h, output_final_state=True,
+                                cu_seqlens=cu if packed else None, **kwargs)
+        return value_and_grads(fn, arrays, h0, cot_o, cot_s)
+    return jax.jit(run)
+
+
+@functools.cache
+def small_reference(op: str, packed: bool):
+    """The reference: it runs packed sequences one by one, so its cu_seqlens are a concrete
+    constant (SMALL_CU_SEQLENS), never traced."""
+    cu = SMALL_CU_SEQLENS if packed else None
+
+    def run(arrays, h0, cot_o, cot_s):
+        def fn(a, h):
+            return SPECS[op].fn(*a, initial_state=h, output_final_state=True, cu_seqlens=cu,
+                                **REFERENCE)
+        return value_and_grads(fn, arrays, h0, cot_o, cot_s)
+    return jax.jit(run)
+
+
+def compare_all(op, names, got, ref, tol, grad_tol, what):
+    """Output, final state, and the gradient of every input and of the initial state."""
+    o, s, (d_arrays, d_h0) = got
+    o_ref, s_ref, (r_arrays, r_h0) = ref
+    assert o.shape == o_ref.shape and s.shape == s_ref.shape
+    assert s.dtype == jnp.float32
+    assert_close(o, o_ref, tol, f"{op} {what} output")
+    assert_close(s, s_ref, tol, f"{op} {what} final state")
+    for name, g, r in zip(names, d_arrays, r_arrays, strict=True):
+        assert_close(g, r, grad_tol, f"{op} {what} d{name}")
+    assert_close(d_h0, r_h0, grad_tol, f"{op} {what} d initial_state")
+
+
+@pytest.mark.parametrize("impl", SMALL_IMPLS)
+@pytest.mark.parametrize("op", OPS)
+def test_small_batch_matches_reference(op, impl, key):
+    """float32, padded head dims, ragged last chunk, initial state: outputs and gradients."""
+    names, arrays, h0, cot_o, cot_s = small_inputs(op, key, BATCH)
+    got = small_run(op, impl, False)(arrays, h0, cot_o, cot_s, None)
+    assert got[0].dtype == jnp.float32
+    ref = small_reference(op, False)(arrays, h0, cot_o, cot_s)
+    compare_all(op, names, got, ref, SMALL_TOL, SMALL_TOL, f"{impl} float32")
+
+
+def _finite_and_close(op, impl, names, arrays, h0, cot_o, cot_s, what):
+    """Batch-shape outputs and gradients (the batch case's compiled code): all finite, and
+    as the reference's."""
+    got = small_run(op, impl, False)(arrays, h0, cot_o, cot_s, None)
+    for leaf in jax.tree.leaves(got):
+        assert np.all(np.isfinite(np.asarray(leaf, np.float64))), f"{op}: non-finite ({what})"
+    ref = small_reference(op, False)(arrays, h0, cot_o, cot_s)
+    compare_all(op, names, got, ref, SMALL_TOL, SMALL_TOL, f"{impl} {what}")
+
+
+@pytest.mark.parametrize("impl", SMALL_IMPLS)
+@pytest.mark.parametrize("op", KERNEL_OPS)
+def test_small_strong_decay_matches_reference(op, impl, key):
+    """Log-gates in [-20, -19]: the state forgets almost everything each step; exp of large
+    cumulative gate sums must neither overflow nor cancel (outputs and gradients)."""
+    names, arrays, h0, cot_o, cot_s = small_inputs(op, key, BATCH, decay="strong")
+    _finite_and_close(op, impl, names, arrays, h0, cot_o, cot_s, "strong-decay")
+
+
+@pytest.mark.parametrize("impl", SMALL_IMPLS)
+@pytest.mark.parametrize("op", KERNEL_OPS)
+def test_small_zero_gate_resets_the_state(op, impl, key):
+    """A log-gate of -inf (gate exactly 0: the state is forgotten) at a few steps, one of them
+    a chunk's first: outputs and gradients as the reference's, nothing NaN (the kernels'
+    in-chunk sums would form -inf - -inf; the Pallas glue floors log-gates at
+    LOG_GATE_FLOOR)."""
+    names, arrays, h0, cot_o, cot_s = small_inputs(op, key, BATCH)
+    gi = names.index("g")
+    arrays = list(arrays)
+    arrays[gi] = arrays[gi].at[:, jnp.array([5, 16, 30])].set(-jnp.inf)
+    _finite_and_close(op, impl, names, tuple(arrays), h0, cot_o, cot_s, "zero-gate")
+
+
+@pytest.mark.parametrize("impl", SMALL_IMPLS)
+@pytest.mark.parametrize("op", KERNEL_OPS)
+def test_small_packed_matches_reference(op, impl, key):
+    """Traced cu_seqlens under jit, sequences of lengths 0, 1, 20, 0, 14, each with its own
+    initial state: outputs, final states and gradients (an empty sequence's final state is
+    its initial state)."""
+    n = len(SMALL_CU_SEQLENS) - 1
+    names, arrays, h0, cot_o, cot_s = small_inputs(op, key, PACKED, n_states=n)
+    got = small_run(op, impl, True)(arrays, h0, cot_o, cot_s, jnp.asarray(SMALL_CU_SEQLENS))
+    ref = small_reference(op, True)(arrays, h0, cot_o, cot_s)
+    assert got[1].shape == (n, PACKED["H"], PACKED["K"], PACKED["V"])
+    compare_all(op, names, got, ref, SMALL_TOL, SMALL_TOL, f"{impl} packed")
+    for empty in (0, 3):
+        np.testing.assert_array_equal(np.asarray(got[1][empty]), np.asarray(h0[empty]),
+                                      err_msg=f"{op}: empty sequence {empty} changed its state")
+
+
+@pytest.mark.parametrize("impl", SMALL_IMPLS)
+@pytest.mark.parametrize("op", KERNEL_OPS)
+def test_small_bfloat16_matches_float32_reference(op, impl, key):
+    """bfloat16 inputs (gates float32) against the float32 reference on the same values.
+
+    Tolerances are bfloat16's (8 mantissa bits, about 4e-3 per rounding) on tiny shapes:
+    2e-2 for outputs and state, 5e-2 for gradients (rounded twice: cotangent path and
+    inputs)."""
+    names, arrays, h0, cot_o, cot_s = small_inputs(op, key, BATCH)
+    low = tuple(a if name in GATES else a.astype(jnp.bfloat16)
+                for name, a in zip(names, arrays, strict=True))
+    got = small_run(op, impl, False)(low, h0, cot_o, cot_s, None)
+    assert got[0].dtype == jnp.bfloat16  # v's dtype
+    for name, a, g in zip(names, low, got[2][0], strict=True):
+        assert g.dtype == a.dtype, f"{op}: d{name} is {g.dtype}, input {a.dtype}"
+    ref = small_reference(op, False)(tuple(a.astype(jnp.float32) for a in low), h0, cot_o, cot_s)
+    compare_all(op, names, got, ref, BF16_TOL, BF16_GRAD_TOL, f"{impl} bfloat16")

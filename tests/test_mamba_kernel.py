@@ -1,7 +1,9 @@
 """The selective-scan op: every implementation against the per-step reference.
 
-``IMPLEMENTATIONS`` lists each way the op can run; a new backend (e.g. Pallas) adds one
-line there and inherits every check below.
+``IMPLEMENTATIONS`` lists each way the op can run in pure JAX; a new one adds one line
+there and inherits every check below. A backend whose kernels run in Pallas interpret mode
+on the CPU (seconds per compile) adds one line to ``SMALL_IMPLEMENTATIONS`` instead and
+gets the small-shape checks at the end of this file.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 
 from linearnexus.kernels.mamba import selective_scan
-from linearnexus.kernels.mamba.api import MambaJaxKernel
+from linearnexus.kernels.mamba.api import jax_backend
 from linearnexus.kernels.mamba.reference import selective_scan_reference
 from linearnexus.registry import KERNEL_REGISTRY, kernels_for
 from tests.helpers.parity import assert_close, x64
@@ -28,7 +30,7 @@ def _chunk(form):
     if form is None:
         return run
 
-    kernel = MambaJaxKernel(chunk_form=form)
+    kernel = jax_backend(chunk_form=form)
     from linearnexus.kernels.base import GridConfig
 
     def run_form(x, dt, A, B, C, D, z, h0, chunk_size):
@@ -265,7 +267,7 @@ def test_packed_sequences_match_running_each_alone(impl, key):
     key = jax.random.key(11)  # one set of inputs for every form: the reference runs once
     arrays = packed_inputs(key)
     cu = jnp.asarray(CU, jnp.int32)
-    kernel = (MambaJaxKernel(chunk_form=impl.removeprefix("chunk-")) if impl.startswith("chunk")
+    kernel = (jax_backend(chunk_form=impl.removeprefix("chunk-")) if impl.startswith("chunk")
               else None)
     from linearnexus.kernels.base import GridConfig
 
@@ -305,3 +307,78 @@ def test_packed_sequences_bad_inputs_name_the_argument(key):
         selective_scan(x, dt, A, B, C, cu_seqlens=jnp.asarray([0, 10, 60], jnp.int32))
     with pytest.raises(TypeError, match=r"cu_seqlens: expected an integer dtype"):
         selective_scan(x, dt, A, B, C, cu_seqlens=jnp.asarray([0.0, 70.0]))
+
+
+# ---- the small-shape checks: backends whose kernels run in interpret mode ----------------
+
+SMALL_IMPLEMENTATIONS = {"pallas": dict(mode="chunk", backend="pallas")}
+
+
+def small_inputs(key, batch=2, seq=37, channels=24, n=5, dtype=jnp.float32):
+    """``{name: array}`` of the op's inputs (None-able ones included)."""
+    # numpy draws (seeded from the test's key): eager jax.random ops would compile per shape
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
+
+    def normal(*shape, dt=dtype):
+        return jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dt)
+
+    dt = jnp.log1p(jnp.exp(normal(batch, seq, channels, dt=jnp.float32) - 1.0))  # softplus
+    return {"x": normal(batch, seq, channels), "dt": dt.astype(dtype),
+            "A": -jnp.exp(normal(channels, n, dt=jnp.float32)).astype(dtype),
+            "B": normal(batch, seq, n), "C": normal(batch, seq, n), "D": normal(channels),
+            "z": normal(batch, seq, channels),
+            "initial_state": normal(batch, channels, n, dt=jnp.float32)}
+
+
+def outputs_and_grads(fn, inputs, key):
+    """``(y, final_state, grads)``; grads of ``<y, u> + <h, v>`` for random ``u, v``."""
+    names = [k for k, v in inputs.items() if v is not None]
+
+    def run(arrays):
+        kw = {k: arrays.get(k) for k in ("D", "z", "initial_state")}
+        return fn(arrays["x"], arrays["dt"], arrays["A"], arrays["B"], arrays["C"], **kw)
+
+    @jax.jit
+    def go(arrays):
+        (y, h), vjp = jax.vjp(run, arrays)
+        ku, kv = jax.random.split(key)
+        u = jax.random.normal(ku, y.shape, jnp.float32).astype(y.dtype)
+        v = jax.random.normal(kv, h.shape, h.dtype)
+        return y, h, vjp((u, v))[0]
+
+    return go({k: inputs[k] for k in names})
+
+
+def small_check(fn, inputs, key, tol):
+    """``fn`` (the op's positional arrays and D, z, initial_state as keywords -> (y, h))
+    against the reference: output, final state and every input's gradient, dtypes kept."""
+    got = outputs_and_grads(fn, inputs, key)
+    ref = outputs_and_grads(selective_scan_reference, inputs, key)
+    assert got[0].dtype == inputs["x"].dtype
+    assert got[1].dtype == jnp.float32
+    assert_close(got[0], ref[0], tol, "output")
+    assert_close(got[1], ref[1], tol, "final state")
+    for name in ref[2]:
+        assert got[2][name].dtype == inputs[name].dtype, name
+        assert_close(got[2][name], ref[2][name], tol, f"d{name}")
+
+
+def _small(impl):
+    def run(*args, **kw):
+        return selective_scan(*args, **kw, output_final_state=True, **SMALL_IMPLEMENTATIONS[impl])
+    return run
+
+
+@pytest.mark.parametrize("impl", sorted(SMALL_IMPLEMENTATIONS))
+def test_small_float32_matches_reference(impl, key):
+    # T = 37: 3 tiles of 16, the last one padded; 24 channels: 2 blocks of 16, one padded;
+    # N = 5 padded to 8 (for the Pallas kernels' layout)
+    small_check(_small(impl), small_inputs(key), key, 1e-4)
+
+
+@pytest.mark.parametrize("impl", sorted(SMALL_IMPLEMENTATIONS))
+def test_small_bfloat16_inputs(impl, key):
+    # bfloat16 everywhere but A (float32, as the Mamba block passes it)
+    inputs = small_inputs(key, seq=21, channels=16, n=4, dtype=jnp.bfloat16)
+    inputs["A"] = inputs["A"].astype(jnp.float32)
+    small_check(_small(impl), inputs, key, 1e-2)

@@ -1,9 +1,11 @@
-"""The Pallas selective-scan kernels (interpret mode on the CPU) against the per-step reference.
+"""What the Pallas selective-scan kernels need beyond the op suite (interpret mode on the CPU).
 
-Forward output, final state and the gradient of every input (initial state included), at
-sequence lengths that are not multiples of the time tile, channel counts that are not
-multiples of the channel block and a state size that is not a power of two. Shapes are
-tiny: interpret mode is slow, and compiling dominates this file's run time.
+The suite (``tests/test_mamba_kernel.py``, its ``SMALL_IMPLEMENTATIONS`` line for "pallas")
+checks outputs, final state and every gradient against the reference in float32 and
+bfloat16. Here: other tiles and launch knobs, the step size computed inside the kernels,
+packed sequences through the kernel's own layout, the kernels' math primitives, lowering
+for CUDA on the CPU, and the Mamba block on this backend. Shapes are tiny: interpret mode
+is slow, and compiling dominates this file's run time.
 """
 
 from __future__ import annotations
@@ -28,67 +30,17 @@ from linearnexus.kernels.mamba.pallas import (
 from linearnexus.kernels.mamba.reference import selective_scan_reference
 from linearnexus.modules.ssm.mamba import MambaBlock, MambaConfig
 from tests.helpers.parity import assert_close, jit_block, x64
+from tests.test_mamba_kernel import small_check
+from tests.test_mamba_kernel import small_inputs as make_inputs
 
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "initial_state")
 
 
-def make_inputs(key, batch=2, seq=37, channels=24, n=5, dtype=jnp.float32):
-    # numpy draws (seeded from the test's key): eager jax.random ops would compile per shape
-    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
-
-    def normal(*shape, dt=dtype):
-        return jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dt)
-
-    dt = jnp.log1p(jnp.exp(normal(batch, seq, channels, dt=jnp.float32) - 1.0))  # softplus
-    return {"x": normal(batch, seq, channels), "dt": dt.astype(dtype),
-            "A": -jnp.exp(normal(channels, n, dt=jnp.float32)).astype(dtype),
-            "B": normal(batch, seq, n), "C": normal(batch, seq, n), "D": normal(channels),
-            "z": normal(batch, seq, channels),
-            "initial_state": normal(batch, channels, n, dt=jnp.float32)}
-
-
-def outputs_and_grads(fn, inputs, key):
-    """``(y, final_state, grads)``; grads of ``<y, u> + <h, v>`` for random ``u, v``."""
-    names = [k for k, v in inputs.items() if v is not None]
-
-    def run(arrays):
-        kw = {k: arrays.get(k) for k in ("D", "z", "initial_state")}
-        return fn(arrays["x"], arrays["dt"], arrays["A"], arrays["B"], arrays["C"], **kw)
-
-    @jax.jit
-    def go(arrays):
-        (y, h), vjp = jax.vjp(run, arrays)
-        ku, kv = jax.random.split(key)
-        u = jax.random.normal(ku, y.shape, jnp.float32).astype(y.dtype)
-        v = jax.random.normal(kv, h.shape, h.dtype)
-        return y, h, vjp((u, v))[0]
-
-    return go({k: inputs[k] for k in names})
-
-
-def check(inputs, key, tol, config=None, fn=None):
-    if fn is None:
-        def fn(*a, **kw):
-            return selective_scan_pallas(*a, config=config, **kw)
-    pallas = outputs_and_grads(fn, inputs, key)
-    ref = outputs_and_grads(selective_scan_reference, inputs, key)
-    assert pallas[0].dtype == inputs["x"].dtype
-    assert pallas[1].dtype == jnp.float32
-    assert_close(pallas[0], ref[0], tol, "output")
-    assert_close(pallas[1], ref[1], tol, "final state")
-    for name in ref[2]:
-        assert pallas[2][name].dtype == inputs[name].dtype, name
-        assert_close(pallas[2][name], ref[2][name], tol, f"d{name}")
-
-
-def test_float32_matches_reference(key):
-    # through the api by name (interpret mode on the CPU). T = 37: 3 tiles of 16, the last
-    # one padded; 24 channels: 2 blocks of 16, one padded; N = 5 padded to 8
-    def by_name(*args, **kw):
-        return selective_scan(*args, **kw, output_final_state=True, mode="chunk",
-                              backend="pallas")
-
-    check(make_inputs(key), key, 1e-4, fn=by_name)
+def check(inputs, key, tol, config=None):
+    """``selective_scan_pallas`` with ``config`` against the reference (:func:`small_check`)."""
+    def fn(*a, **kw):
+        return selective_scan_pallas(*a, config=config, **kw)
+    small_check(fn, inputs, key, tol)
 
 
 def test_without_skip_and_gate_other_tiles(key):
@@ -96,13 +48,6 @@ def test_without_skip_and_gate_other_tiles(key):
     inputs = make_inputs(key, seq=45, channels=40, n=3)
     inputs["D"] = inputs["z"] = inputs["initial_state"] = None
     check(inputs, key, 1e-4, TritonConfig(chunk=32, block_v=16))
-
-
-def test_bfloat16_inputs(key):
-    # bfloat16 everywhere but A (float32, as the Mamba block passes it)
-    inputs = make_inputs(key, seq=21, channels=16, n=4, dtype=jnp.bfloat16)
-    inputs["A"] = inputs["A"].astype(jnp.float32)
-    check(inputs, key, 1e-2)
 
 
 def test_recurrent_mode_and_dispatch(key):

@@ -6,7 +6,7 @@ Subclass :class:`ConfigBase` as a frozen-free ``@dataclass``; declare constraint
     @dataclass
     class MambaConfig(ConfigBase):
         d_model: int = field(256, gt=0)
-        kernel_backend: str = field("auto", choices=("reference", "pallas", "auto"))
+        kernel_backend: str = field("auto", choices=("auto", "jax", "naive", "pallas"))
 
 Every field is type-checked against its annotation when the object is built, and the
 error names the field. ``from_dict`` rejects unknown keys by name. YAML support needs

@@ -24,6 +24,17 @@ from linearnexus.core.types import FLOAT_DTYPES, Array, is_float_dtype
 
 _B = TypeVar("_B", bound="BlockConfig")
 
+#: the ``kernel_backend`` choices of every block whose mechanism is a kernel op: "auto" (the
+#: op picks at call time: its Pallas kernels on an NVIDIA GPU, else pure JAX), "jax"
+#: (chunked / recurrent pure JAX), "naive" (the per-step reference in both modes), "pallas"
+#: (the Triton kernels; Pallas interpret mode, slow, off a GPU)
+KERNEL_BACKENDS = ("auto", "jax", "naive", "pallas")
+
+
+def op_backend(kernel_backend: str) -> str | None:
+    """A config's ``kernel_backend`` as the op's ``backend=`` argument ("auto" -> None)."""
+    return None if kernel_backend == "auto" else kernel_backend
+
 
 @dataclasses.dataclass
 class BlockConfig(ConfigBase):

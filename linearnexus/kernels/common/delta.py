@@ -63,16 +63,18 @@ def unit_lower_inverse(a: Array) -> Array:
     s = 1
     while s < size:
         n = size // s  # s-blocks per side; the pairs to merge are blocks (2m, 2m) and (2m+1, 2m+1)
+        # [..., size, size] -> [..., n, s, n, s] -> (swap) [..., n, n, s, s] -> [..., n*n, s, s]
         grid = jnp.swapaxes(a.reshape(*lead, n, s, n, s), -3, -2).reshape(*lead, n * n, s, s)
         # block (2m+1, 2m) of the [n, n] grid sits at n + m (2n + 2) once flattened: a strided
         # slice (a gather, and a slow scatter in the backward pass, otherwise)
         a21 = grid[..., n :: 2 * n + 2, :, :]  # [..., n/2, s, s]
-        x = x.reshape(*lead, n // 2, 2, s, s)  # pairs of s-blocks
+        x = x.reshape(*lead, n // 2, 2, s, s)  # [..., n, s, s] -> [..., n/2, 2, s, s]: pairs
         x11, x22 = x[..., 0, :, :], x[..., 1, :, :]
         x21 = -jnp.matmul(x22, jnp.matmul(a21, x11))
         top = jnp.concatenate([x11, jnp.zeros_like(x11)], axis=-1)
         x = jnp.concatenate([top, jnp.concatenate([x21, x22], axis=-1)], axis=-2)
         s *= 2
+    # [..., 1, size, size] (one block left) -> [..., size, size], padding cut off
     return x.reshape(*lead, size, size)[..., :length, :length]
 
 

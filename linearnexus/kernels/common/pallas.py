@@ -7,6 +7,8 @@
   tests check.
 * :func:`compiler_params`: ``num_warps`` / ``num_stages`` in the form the installed JAX
   takes (the class moved between JAX versions; the library supports JAX 0.10 and 0.11).
+* :func:`named_pallas_call`: ``pl.pallas_call`` with operands bound to the kernel's
+  ``<name>_ref`` parameters by name (optional operands are None), not unpacked by position.
 
 Pallas's Triton lowering wants power-of-two block shapes, ``jnp.dot`` operands of at least
 16 x 16, and no dynamic indexing of values (only of refs, with ``pl.ds``); kernels pad
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from linearnexus.kernels.base import current_platform
@@ -91,3 +94,54 @@ class TritonConfig:
 def next_pow2(n: int, minimum: int = 16) -> int:
     """The smallest power of two >= max(n, minimum)."""
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def named_pallas_call(kernel: Callable[..., None], *, inputs: Mapping[str, Any],
+                      outputs: Mapping[str, Any], in_specs: Mapping[str, Any] | None = None,
+                      out_specs: Mapping[str, Any] | None = None,
+                      aliases: Mapping[str, str] | None = None, **kwargs: Any) -> dict[str, Any]:
+    """``pl.pallas_call`` whose operands are bound to the kernel by name, not by position.
+
+    The kernel is called with one keyword argument ``<name>_ref`` per entry of ``inputs``
+    and ``outputs``; an entry whose value is None is an operand this launch does not have,
+    and its ``<name>_ref`` is None. So a kernel declares every operand it may take in its
+    signature, and adding an operand to a launch cannot shift the others.
+
+    Args:
+        kernel: the kernel body, e.g. ``functools.partial(_fwd_kernel, st=st)``; its name
+            (or ``kwargs["name"]``) names the launch.
+        inputs: name -> array (or None), in the order the launch passes them.
+        outputs: name -> ``jax.ShapeDtypeStruct`` (or None).
+        in_specs / out_specs: name -> ``BlockSpec`` for every present operand, or None for
+            whole-array blocks.
+        aliases: input name -> output name whose buffer it becomes.
+        kwargs: passed to ``pl.pallas_call`` (grid, interpret, compiler_params, ...).
+
+    Returns:
+        output name -> array (None for the absent ones).
+    """
+    from jax.experimental import pallas as pl
+
+    clash = set(inputs) & set(outputs)
+    if clash:
+        raise ValueError(f"named_pallas_call: names {sorted(clash)} are both inputs and outputs")
+    in_names = [n for n, a in inputs.items() if a is not None]
+    out_names = [n for n, s in outputs.items() if s is not None]
+    absent = {f"{n}_ref": None for n, a in (*inputs.items(), *outputs.items()) if a is None}
+    bound = [f"{n}_ref" for n in (*in_names, *out_names)]
+
+    def body(*refs: Any) -> None:
+        kernel(**dict(zip(bound, refs, strict=True)), **absent)
+
+    if in_specs is not None:
+        kwargs["in_specs"] = [in_specs[n] for n in in_names]
+    if out_specs is not None:
+        kwargs["out_specs"] = [out_specs[n] for n in out_names]
+    if aliases:
+        kwargs["input_output_aliases"] = {in_names.index(i): out_names.index(o)
+                                          for i, o in aliases.items()}
+    kwargs.setdefault("name", getattr(kernel, "func", kernel).__name__)
+    results = pl.pallas_call(body, out_shape=[outputs[n] for n in out_names], **kwargs)(
+        *(inputs[n] for n in in_names))
+    named = dict(zip(out_names, results, strict=True))
+    return {n: named.get(n) for n in outputs}

@@ -59,7 +59,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from linearnexus.core.types import Array
-from linearnexus.kernels.common.pallas import TritonConfig, compiler_params
+from linearnexus.kernels.common.pallas import TritonConfig, compiler_params, named_pallas_call
 from linearnexus.kernels.common.pallas_scan import exp_approx
 
 F32 = jnp.float32
@@ -180,10 +180,29 @@ def _chunk_entry(seq_ref, flag_ref, r, c):
     return seq_ref[r, c], (flag & 1) == 1, (flag & 2) == 2
 
 
-def _walk(st: CoreStatic, seq_ref, flag_ref, r, h, ks, vs, enter_ref, leave_ref, step, *,
+def _state_block(st: CoreStatic) -> tuple[Any, Any, Any, Any]:
+    """``(r, h, ks, vs)`` of a sequential program (grid ``[K blocks, V blocks, rows x heads]``):
+    its row, head, and the key / value slices of its ``[BK, BV]`` state block."""
+    ik, iv = pl.program_id(0), pl.program_id(1)
+    r, h = _row_col(st)
+    return r, h, pl.ds(ik * st.block_k, st.block_k), pl.ds(iv * st.block_v, st.block_v)
+
+
+def _value_block(st: CoreStatic, block_v: int) -> tuple[Any, Any, Any, Any, Any]:
+    """``(r, h, c, t0, vs)`` of a parallel program (grid ``[V blocks, chunks, rows x heads]``):
+    its row, head, chunk, the chunk's first token, and its value columns."""
+    iv, c = pl.program_id(0), pl.program_id(1)
+    r, h = _row_col(st)
+    t0 = c * st.chunk
+    return r, h, c, t0, pl.ds(iv * block_v, block_v)
+
+
+def _walk(st: CoreStatic, where, seq_ref, flag_ref, enter_ref, leave_ref, states_ref, step, *,
           reverse: bool) -> None:
-    """Run ``carry = step(c, carry)`` over the chunks ``c`` of row ``r`` (last to first when
-    ``reverse``), the carry a ``[BK, BV]`` float32 state (or its gradient).
+    """Run ``carry = step(c, t0, carry)`` over the chunks ``c`` (first token ``t0``) of the
+    program's row (last to first when ``reverse``), the carry a ``[BK, BV]`` float32 state
+    (or its gradient) that enters each chunk as ``states_ref[r, c, h, ks, vs]`` (stored in
+    ``states_ref``'s dtype for the parallel kernels). ``where``: :func:`_state_block`.
 
     The carry enters a sequence as its ``enter_ref`` block (``h0`` forward, ``dht`` backward;
     None: zeros) and leaves it into ``leave_ref`` (the final state, ``dh0``). A batch row is
@@ -191,8 +210,9 @@ def _walk(st: CoreStatic, seq_ref, flag_ref, r, h, ks, vs, enter_ref, leave_ref,
     it. Rows of packed sequences do it at the chunks that open / close each sequence, the
     load masked: an unmasked ``[K, V]`` load per chunk was the largest load of the delta
     rules' ``bwd_dh`` (16 KB of the 72 KB a step at K = 128, block_v = 32) and, with the
-    masked store per chunk, 0.86 -> 0.59 ms of it on an H200 (``docs/gpu_notes.md``).
+    masked store per chunk, 0.86 -> 0.59 ms of it on an H200 (``docs/benchmarks.md``, GPU kernel work log).
     """
+    r, h, ks, vs = where
     shape = (st.block_k, st.block_v)
 
     def body(i, carry):
@@ -206,7 +226,9 @@ def _walk(st: CoreStatic, seq_ref, flag_ref, r, h, ks, vs, enter_ref, leave_ref,
                 block = plt.load(enter_ref.at[seq, h, ks, vs], mask=jnp.broadcast_to(enter, shape),
                                  other=0.0)
                 carry = jnp.where(enter, block.astype(F32), carry)
-        carry = step(c, carry)
+        t0 = c * st.chunk
+        states_ref[r, c, h, ks, vs] = carry.astype(states_ref.dtype)
+        carry = step(c, t0, carry)
         if st.packed:
             plt.store(leave_ref.at[seq, h, ks, vs], carry, mask=jnp.broadcast_to(leave, shape))
         return carry
@@ -220,40 +242,30 @@ def _walk(st: CoreStatic, seq_ref, flag_ref, r, h, ks, vs, enter_ref, leave_ref,
         leave_ref[seq_ref[r, 0], h, ks, vs] = carry.astype(leave_ref.dtype)
 
 
-def _call(kernel, st: CoreStatic, grid, out_shape, *args, parallel: bool = False,
-          warps: int | None = None, aliases: dict[int, int] | None = None):
-    """``pallas_call`` with the launch knobs of ``st`` (``warps`` overrides them); ``aliases``
-    maps input positions to the outputs that reuse their buffers."""
+def _call(kernel, st: CoreStatic, grid, inputs: dict[str, Any], outputs: dict[str, Any], *,
+          parallel: bool = False, warps: int | None = None,
+          aliases: dict[str, str] | None = None) -> dict[str, Any]:
+    """:func:`~linearnexus.kernels.common.pallas.named_pallas_call` with the launch knobs of
+    ``st`` (``warps`` overrides them): the kernel takes ``<name>_ref`` for each input and
+    output (None ones absent); ``aliases`` maps input names to the outputs reusing their
+    buffers. Returns the outputs by name."""
     if warps is None:
         warps = st.par_warps if parallel else st.num_warps
-    return pl.pallas_call(
-        kernel, out_shape=out_shape, grid=grid, interpret=st.interpret,
-        compiler_params=compiler_params(warps, st.num_stages),
-        input_output_aliases=aliases or {},
-    )(*args)
+    return named_pallas_call(kernel, inputs=inputs, outputs=outputs, grid=grid,
+                             interpret=st.interpret,
+                             compiler_params=compiler_params(warps, st.num_stages),
+                             aliases=aliases)
 
 
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_h_kernel(*refs, st: CoreStatic):
-    it = iter(refs)
-    k_ref, v_ref = next(it), next(it)
-    w_ref = next(it) if st.delta else None
-    b_ref = next(it) if st.gate == "scalar" else None
-    h0_ref = next(it) if st.has_h0 else None
-    seq_ref, flag_ref = next(it), next(it)
-    h_ref = next(it)
-    vn_ref = next(it) if st.delta else None
-    final_ref = next(it)
-    L, BK, BV = st.chunk, st.block_k, st.block_v
-    ik, iv = pl.program_id(0), pl.program_id(1)
-    r, h = _row_col(st)
-    ks, vs = pl.ds(ik * BK, BK), pl.ds(iv * BV, BV)
+def _fwd_h_kernel(*, k_ref, v_ref, w_ref, b_ref, h0_ref, seq_ref, flag_ref, h_ref, vn_ref,
+                  final_ref, st: CoreStatic):
+    L = st.chunk
+    where = r, h, ks, vs = _state_block(st)
 
-    def step(c, state):
-        t0 = c * L
-        h_ref[r, c, h, ks, vs] = state.astype(h_ref.dtype)
+    def step(c, t0, state):
         k = k_ref[r, pl.ds(t0, L), h, ks]  # [L, BK]
         v = v_ref[r, pl.ds(t0, L), h, vs]  # [L, BV]
         if st.gate == "scalar":
@@ -274,19 +286,12 @@ def _fwd_h_kernel(*refs, st: CoreStatic):
             state = state * exp_approx(b_last)[:, None]
         return state + _dot(k, v, ta=True)
 
-    _walk(st, seq_ref, flag_ref, r, h, ks, vs, h0_ref, final_ref, step, reverse=False)
+    _walk(st, where, seq_ref, flag_ref, h0_ref, final_ref, h_ref, step, reverse=False)
 
 
-def _fwd_o_kernel(*refs, st: CoreStatic):
-    it = iter(refs)
-    q_ref, k_ref, v_ref, h_ref = next(it), next(it), next(it), next(it)
-    b_ref = next(it) if st.gate == "scalar" else None
-    o_ref = next(it)
+def _fwd_o_kernel(*, q_ref, k_ref, v_ref, h_ref, b_ref, o_ref, st: CoreStatic):
     L, BK, BV = st.chunk, st.par_block_k, st.par_block_v
-    iv, c = pl.program_id(0), pl.program_id(1)
-    r, h = _row_col(st)
-    t0 = c * L
-    vs = pl.ds(iv * BV, BV)
+    r, h, c, t0, vs = _value_block(st, st.par_block_v)
     acc_o = jnp.zeros((L, BV), F32)
     acc_a = jnp.zeros((L, L), F32)
     for ik in range(st.key_dim // BK):
@@ -310,23 +315,23 @@ def run_fwd_h(st: CoreStatic, k, v, w, b, h0, seq_info, flags):
     """The ``fwd_h`` kernel: ``(h [R, NC, H, K, V], vn [R, TP, H, V] | None, final [N, H, K, V])``."""
     R, NC, H, K, V = st.rows, st.n_chunks, st.heads, st.key_dim, st.value_dim
     dt = k.dtype
-    ins = [k, v] + ([w] if st.delta else []) + ([b] if st.gate == "scalar" else []) \
-        + ([h0] if st.has_h0 else []) + [seq_info, flags]
-    outs = [jax.ShapeDtypeStruct((R, NC, H, K, V), dt)]
-    if st.delta:
-        outs.append(jax.ShapeDtypeStruct((R, NC * st.chunk, H, V), dt))
-    outs.append(jax.ShapeDtypeStruct((st.n_seqs, H, K, V), F32))
+    ins = dict(k=k, v=v, w=w if st.delta else None, b=b if st.gate == "scalar" else None,
+               h0=h0 if st.has_h0 else None, seq=seq_info, flag=flags)
+    outs = dict(h=jax.ShapeDtypeStruct((R, NC, H, K, V), dt),
+                vn=jax.ShapeDtypeStruct((R, NC * st.chunk, H, V), dt) if st.delta else None,
+                final=jax.ShapeDtypeStruct((st.n_seqs, H, K, V), F32))
     grid = (K // st.block_k, V // st.block_v, R * H)
-    res = _call(functools.partial(_fwd_h_kernel, st=st), st, grid, outs, *ins)
-    return (res[0], res[1], res[2]) if st.delta else (res[0], None, res[1])
+    res = _call(functools.partial(_fwd_h_kernel, st=st), st, grid, ins, outs)
+    return res["h"], res["vn"], res["final"]
 
 
 def run_fwd_o(st: CoreStatic, q, k, v, h, b):
     """The ``fwd_o`` kernel: ``o [R, TP, H, V]`` (``v`` is ``vn`` for the delta rules)."""
     R, NC, H, V = st.rows, st.n_chunks, st.heads, st.value_dim
-    ins = [q, k, v, h] + ([b] if st.gate == "scalar" else [])
+    ins = dict(q=q, k=k, v=v, h=h, b=b if st.gate == "scalar" else None)
+    outs = dict(o=jax.ShapeDtypeStruct((R, NC * st.chunk, H, V), q.dtype))
     return _call(functools.partial(_fwd_o_kernel, st=st), st, (V // st.par_block_v, NC, R * H),
-                 jax.ShapeDtypeStruct((R, NC * st.chunk, H, V), q.dtype), *ins, parallel=True)
+                 ins, outs, parallel=True)["o"]
 
 
 def core_forward(st: CoreStatic, q, k, v, w, b, h0, seq_info, flags):
@@ -339,18 +344,10 @@ def core_forward(st: CoreStatic, q, k, v, w, b, h0, seq_info, flags):
 # ----------------------------------------------------------------------------- backward
 
 
-def _bwd_dv_kernel(*refs, st: CoreStatic):
+def _bwd_dv_kernel(*, q_ref, k_ref, do_ref, dh_ref, b_ref, dv_ref, st: CoreStatic):
     """``dv = (scale (q k^T) * Gamma)^T do (+ (k e^{b_L - b}) dS_{c+1} unless delta)``."""
-    it = iter(refs)
-    q_ref, k_ref, do_ref = next(it), next(it), next(it)
-    dh_ref = None if st.delta else next(it)
-    b_ref = next(it) if st.gate == "scalar" else None
-    dv_ref = next(it)
     L, BK, BV = st.chunk, st.par_block_k, st.par_block_v
-    iv, c = pl.program_id(0), pl.program_id(1)
-    r, h = _row_col(st)
-    t0 = c * L
-    vs = pl.ds(iv * BV, BV)
+    r, h, c, t0, vs = _value_block(st, st.par_block_v)
     acc_at = jnp.zeros((L, L), F32)  # [key j, query i] = k_j . q_i
     acc_dv = jnp.zeros((L, BV), F32)
     for ik in range(st.key_dim // BK):
@@ -372,24 +369,12 @@ def _bwd_dv_kernel(*refs, st: CoreStatic):
     dv_ref[r, pl.ds(t0, L), h, vs] = dv.astype(dv_ref.dtype)
 
 
-def _bwd_dh_kernel(*refs, st: CoreStatic):
-    it = iter(refs)
-    q_ref, do_ref = next(it), next(it)
-    k_ref, w_ref, dvi_ref = (next(it), next(it), next(it)) if st.delta else (None, None, None)
-    b_ref = next(it) if st.gate == "scalar" else None
-    dht_ref = next(it)
-    seq_ref, flag_ref = next(it), next(it)
-    dh_ref = next(it)
-    dvn_ref = next(it) if st.delta else None
-    dh0_ref = next(it)
-    L, BK, BV = st.chunk, st.block_k, st.block_v
-    ik, iv = pl.program_id(0), pl.program_id(1)
-    r, h = _row_col(st)
-    ks, vs = pl.ds(ik * BK, BK), pl.ds(iv * BV, BV)
+def _bwd_dh_kernel(*, q_ref, do_ref, k_ref, w_ref, dvi_ref, b_ref, dht_ref, seq_ref, flag_ref,
+                   dh_ref, dvn_ref, dh0_ref, st: CoreStatic):
+    L = st.chunk
+    where = r, h, ks, vs = _state_block(st)
 
-    def step(c, ds):
-        t0 = c * L
-        dh_ref[r, c, h, ks, vs] = ds.astype(dh_ref.dtype)
+    def step(c, t0, ds):
         q = q_ref[r, pl.ds(t0, L), h, ks]
         do = do_ref[r, pl.ds(t0, L), h, vs]
         if st.gate == "scalar":
@@ -414,17 +399,11 @@ def _bwd_dh_kernel(*refs, st: CoreStatic):
             return nxt + ds * exp_approx(b_last)[:, None]
         return nxt + ds
 
-    _walk(st, seq_ref, flag_ref, r, h, ks, vs, dht_ref, dh0_ref, step, reverse=True)
+    _walk(st, where, seq_ref, flag_ref, dht_ref, dh0_ref, dh_ref, step, reverse=True)
 
 
-def _bwd_dqk_kernel(*refs, st: CoreStatic):
-    it = iter(refs)
-    q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref = (next(it) for _ in range(6))
-    w_ref, dvn_ref = (next(it), next(it)) if st.delta else (None, None)
-    b_ref = next(it) if st.gate == "scalar" else None
-    dq_ref, dk_ref = next(it), next(it)
-    dw_ref = next(it) if st.delta else None
-    db_ref = next(it) if st.gate == "scalar" else None
+def _bwd_dqk_kernel(*, q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, w_ref, dvn_ref, b_ref,
+                    dq_ref, dk_ref, dw_ref, db_ref, st: CoreStatic):
     L, BK, BV = st.chunk, st.par_block_k, st.par_block_v
     ik, c = pl.program_id(0), pl.program_id(1)
     r, h = _row_col(st)
@@ -496,38 +475,37 @@ def core_backward(st: CoreStatic, res, do, dfinal):
     pk, pv = K // st.par_block_k, V // st.par_block_v
     do = do.astype(dt)
     dfinal = dfinal.astype(F32)
-    gate_in = [b] if st.gate == "scalar" else []
+    bg = b if st.gate == "scalar" else None
+    dh_shape = jax.ShapeDtypeStruct((R, NC, H, K, V), dt)
+    dh0_shape = jax.ShapeDtypeStruct((st.n_seqs, H, K, V), F32)
     # dv (the whole of it for gated linear attention; its intra-chunk part for the delta rules)
     if st.delta:
         dv_intra = _call(functools.partial(_bwd_dv_kernel, st=st), st, (pv, NC, R * H),
-                         jax.ShapeDtypeStruct((R, TP, H, V), F32), q, k, do, *gate_in, parallel=True)
-        ins = [q, do, k, w, dv_intra] + gate_in + [dfinal, seq_info, flags]
-        outs = [jax.ShapeDtypeStruct((R, NC, H, K, V), dt), jax.ShapeDtypeStruct((R, TP, H, V), dt),
-                jax.ShapeDtypeStruct((st.n_seqs, H, K, V), F32)]
-        dh, dvn, dh0 = _call(functools.partial(_bwd_dh_kernel, st=st), st, (nk, nv, R * H), outs, *ins)
+                         dict(q=q, k=k, do=do, dh=None, b=bg),
+                         dict(dv=jax.ShapeDtypeStruct((R, TP, H, V), F32)), parallel=True)["dv"]
+        ins = dict(q=q, do=do, k=k, w=w, dvi=dv_intra, b=bg, dht=dfinal, seq=seq_info, flag=flags)
+        outs = dict(dh=dh_shape, dvn=jax.ShapeDtypeStruct((R, TP, H, V), dt), dh0=dh0_shape)
+        res_ = _call(functools.partial(_bwd_dh_kernel, st=st), st, (nk, nv, R * H), ins, outs)
+        dh, dvn, dh0 = res_["dh"], res_["dvn"], res_["dh0"]
         dv = dvn
     else:
-        ins = [q, do] + gate_in + [dfinal, seq_info, flags]
-        outs = [jax.ShapeDtypeStruct((R, NC, H, K, V), dt),
-                jax.ShapeDtypeStruct((st.n_seqs, H, K, V), F32)]
-        dh, dh0 = _call(functools.partial(_bwd_dh_kernel, st=st), st, (nk, nv, R * H), outs, *ins)
+        ins = dict(q=q, do=do, k=None, w=None, dvi=None, b=bg, dht=dfinal, seq=seq_info,
+                   flag=flags)
+        res_ = _call(functools.partial(_bwd_dh_kernel, st=st), st, (nk, nv, R * H), ins,
+                     dict(dh=dh_shape, dvn=None, dh0=dh0_shape))
+        dh, dh0 = res_["dh"], res_["dh0"]
         dvn = None
         dv = _call(functools.partial(_bwd_dv_kernel, st=st), st, (pv, NC, R * H),
-                   jax.ShapeDtypeStruct((R, TP, H, V), dt), q, k, do, dh, *gate_in, parallel=True)
+                   dict(q=q, k=k, do=do, dh=dh, b=bg),
+                   dict(dv=jax.ShapeDtypeStruct((R, TP, H, V), dt)), parallel=True)["dv"]
     vv = vn if st.delta else v
-    ins = [q, k, vv, do, h, dh] + ([w, dvn] if st.delta else []) + gate_in
-    outs = [jax.ShapeDtypeStruct((R, TP, H, K), dt), jax.ShapeDtypeStruct((R, TP, H, K), dt)]
-    if st.delta:
-        outs.append(jax.ShapeDtypeStruct((R, TP, H, K), dt))
-    if st.gate == "scalar":
-        outs.append(jax.ShapeDtypeStruct((pk, R, TP, H), F32))
-    res_ = _call(functools.partial(_bwd_dqk_kernel, st=st), st, (pk, NC, R * H), outs, *ins,
+    ins = dict(q=q, k=k, v=vv, do=do, h=h, dh=dh, w=w if st.delta else None, dvn=dvn, b=bg)
+    grad = jax.ShapeDtypeStruct((R, TP, H, K), dt)
+    outs = dict(dq=grad, dk=grad, dw=grad if st.delta else None,
+                db=jax.ShapeDtypeStruct((pk, R, TP, H), F32) if st.gate == "scalar" else None)
+    res_ = _call(functools.partial(_bwd_dqk_kernel, st=st), st, (pk, NC, R * H), ins, outs,
                  parallel=True)
-    res_ = list(res_)
-    dq, dk = res_.pop(0), res_.pop(0)
-    dw = res_.pop(0) if st.delta else None
-    db_parts = res_.pop(0) if st.gate == "scalar" else None
-    return dq, dk, dv, dw, db_parts, dh0
+    return res_["dq"], res_["dk"], dv, res_["dw"], res_["db"], dh0
 
 
 # ----------------------------------------------------------------------------- custom_vjp

@@ -1,7 +1,10 @@
-"""delta_rule's ``pallas`` backend: the WY preparation in JAX, the sequential core in Pallas.
+"""delta_rule's ``pallas`` backend: every step in Pallas (Triton) kernels.
 
-Kernels, launch heuristic and the gradient path: ``kernels/common/pallas_chunk.py``,
-``kernels/common/pallas_ops.py`` and this folder's README ("Pallas kernels").
+The per-chunk WY preparation (``w``, ``u`` and ``M^{-1}``, forward and backward) is
+``kernels/common/pallas_wy.py``; the chunk core (the sequential state walk, the outputs and
+their gradients) is ``kernels/common/pallas_chunk.py``; the layout glue, launch heuristic
+and gradient path are ``kernels/common/pallas_ops.py``; this folder's README ("Pallas
+kernels") has the derivation.
 """
 
 from __future__ import annotations

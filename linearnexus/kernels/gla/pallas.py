@@ -97,6 +97,8 @@ from linearnexus.kernels.common.pallas_chunk import (
     _dot,
     _has_chunk,
     _row_col,
+    _state_block,
+    _value_block,
     _walk,
     chunk_layout_info,
 )
@@ -340,33 +342,25 @@ def _fwd_a_rows(q_ref, k_ref, b_ref, c_ref, a_ref, bi, r, h, t0, *, st: CoreStat
             a_ref[r, ri, h, pl.ds(bj * SUB, SUB)] = jnp.zeros((SUB, SUB), F32)
 
 
-def _fwd_h_kernel(k_ref, v_ref, b_ref, c_ref, *refs, st: CoreStatic):
-    it = iter(refs)
-    h0_ref = next(it) if st.has_h0 else None
-    seq_ref, flag_ref, h_ref, final_ref = next(it), next(it), next(it), next(it)
-    L, BK, BV = st.chunk, st.block_k, st.block_v
-    ik, iv = pl.program_id(0), pl.program_id(1)
-    r, h = _row_col(st)
-    ks, vs = pl.ds(ik * BK, BK), pl.ds(iv * BV, BV)
+def _fwd_h_kernel(*, k_ref, v_ref, b_ref, c_ref, h0_ref, seq_ref, flag_ref, h_ref, final_ref,
+                  st: CoreStatic):
+    """The sequential walk of ``common/pallas_chunk.py`` with a decay per state row."""
+    L = st.chunk
+    where = r, h, ks, vs = _state_block(st)
 
-    def step(c, state):
-        t0 = c * L
-        h_ref[r, c, h, ks, vs] = state.astype(h_ref.dtype)
+    def step(c, t0, state):
         b = _load_b(b_ref, c_ref, r, pl.ds(t0, L), h, ks)  # [L, BK]
         b_last = _load_b(b_ref, c_ref, r, t0 + L - 1, h, ks)  # [BK]
         k = _scaled(k_ref[r, pl.ds(t0, L), h, ks], _gap(b_last, b))
         v = v_ref[r, pl.ds(t0, L), h, vs]
         return state * exp_approx(b_last[0])[:, None] + _dot(k, v, ta=True)
 
-    _walk(st, seq_ref, flag_ref, r, h, ks, vs, h0_ref, final_ref, step, reverse=False)
+    _walk(st, where, seq_ref, flag_ref, h0_ref, final_ref, h_ref, step, reverse=False)
 
 
 def _fwd_o_kernel(q_ref, v_ref, h_ref, b_ref, a_ref, o_ref, *, st: CoreStatic):
     L, BK, BV = st.chunk, st.block_k, st.block_v
-    iv, c = pl.program_id(0), pl.program_id(1)
-    r, h = _row_col(st)
-    t0 = c * L
-    vs = pl.ds(iv * BV, BV)
+    r, h, c, t0, vs = _value_block(st, st.block_v)
     acc = jnp.zeros((L, BV), F32)
     for ik in range(st.key_dim // BK):
         ks = pl.ds(ik * BK, BK)
@@ -385,14 +379,15 @@ def gla_forward(st: CoreStatic, q, k, v, b, bc, h0, seq_info, flags):
     dt = q.dtype
     nk, nv = K // st.block_k, V // st.block_v
     a = _call(functools.partial(_fwd_a_kernel, st=st), st, (1, NC, R * H),
-              jax.ShapeDtypeStruct((R, TP, H, L), F32), q, k, b, bc)
-    ins = [k, v, b, bc] + ([h0] if st.has_h0 else []) + [seq_info, flags]
-    outs = [jax.ShapeDtypeStruct((R, NC, H, K, V), dt),
-            jax.ShapeDtypeStruct((st.n_seqs, H, K, V), F32)]
-    h, final = _call(functools.partial(_fwd_h_kernel, st=st), st, (nk, nv, R * H), outs, *ins)
+              dict(q=q, k=k, b=b, c=bc), dict(a=jax.ShapeDtypeStruct((R, TP, H, L), F32)))["a"]
+    ins = dict(k=k, v=v, b=b, c=bc, h0=h0 if st.has_h0 else None, seq=seq_info, flag=flags)
+    outs = dict(h=jax.ShapeDtypeStruct((R, NC, H, K, V), dt),
+                final=jax.ShapeDtypeStruct((st.n_seqs, H, K, V), F32))
+    res = _call(functools.partial(_fwd_h_kernel, st=st), st, (nk, nv, R * H), ins, outs)
     o = _call(functools.partial(_fwd_o_kernel, st=st), st, (nv, NC, R * H),
-              jax.ShapeDtypeStruct((R, TP, H, V), dt), q, v, h, b, a)
-    return o, a, h, final
+              dict(q=q, v=v, h=res["h"], b=b, a=a),
+              dict(o=jax.ShapeDtypeStruct((R, TP, H, V), dt)))["o"]
+    return o, a, res["h"], res["final"]
 
 
 # ----------------------------------------------------------------------------- backward
@@ -401,20 +396,16 @@ def gla_forward(st: CoreStatic, q, k, v, b, bc, h0, seq_info, flags):
 def _bwd_dh_kernel(q_ref, do_ref, b_ref, dht_ref, seq_ref, flag_ref, dh_ref, dh0_ref, *,
                    st: CoreStatic):
     """``dh[c] = dS_{c+1}`` (the gradient of the state leaving chunk c), and ``dh0``."""
-    L, BK, BV = st.chunk, st.block_k, st.block_v
-    ik, iv = pl.program_id(0), pl.program_id(1)
-    r, h = _row_col(st)
-    ks, vs = pl.ds(ik * BK, BK), pl.ds(iv * BV, BV)
+    L = st.chunk
+    where = r, h, ks, vs = _state_block(st)
 
-    def step(c, ds):
-        t0 = c * L
-        dh_ref[r, c, h, ks, vs] = ds.astype(dh_ref.dtype)
+    def step(c, t0, ds):
         q = _scaled(q_ref[r, pl.ds(t0, L), h, ks], b_ref[r, pl.ds(t0, L), h, ks])
         do = do_ref[r, pl.ds(t0, L), h, vs]
         b_last = b_ref[r, t0 + L - 1, h, ks]
         return _dot(q, do, ta=True) * st.scale + ds * exp_approx(b_last)[:, None]
 
-    _walk(st, seq_ref, flag_ref, r, h, ks, vs, dht_ref, dh0_ref, step, reverse=True)
+    _walk(st, where, seq_ref, flag_ref, dht_ref, dh0_ref, dh_ref, step, reverse=True)
 
 
 def _bwd_da_kernel(do_ref, v_ref, da_ref, *, st: CoreStatic):
@@ -432,10 +423,7 @@ def _bwd_da_kernel(do_ref, v_ref, da_ref, *, st: CoreStatic):
 
 def _bwd_dv_kernel(k_ref, do_ref, dh_ref, b_ref, c_ref, a_ref, dv_ref, *, st: CoreStatic):
     L, BK, BV = st.chunk, st.block_k, st.block_v
-    iv, c = pl.program_id(0), pl.program_id(1)
-    r, h = _row_col(st)
-    t0 = c * L
-    vs = pl.ds(iv * BV, BV)
+    r, h, c, t0, vs = _value_block(st, st.block_v)
     acc = jnp.zeros((L, BV), F32)
     for ik in range(st.key_dim // BK):
         ks = pl.ds(ik * BK, BK)
@@ -696,27 +684,30 @@ def gla_backward(st: CoreStatic, res, do, dfinal):
     dt = q.dtype
     nk, nv = K // st.block_k, V // st.block_v
     do = do.astype(dt)
-    outs = [jax.ShapeDtypeStruct((R, NC, H, K, V), dt),
-            jax.ShapeDtypeStruct((st.n_seqs, H, K, V), F32)]
-    dh, dh0 = _call(functools.partial(_bwd_dh_kernel, st=st), st, (nk, nv, R * H), outs,
-                    q, do, b, dfinal.astype(F32), seq_info, flags)
+    outs = dict(dh=jax.ShapeDtypeStruct((R, NC, H, K, V), dt),
+                dh0=jax.ShapeDtypeStruct((st.n_seqs, H, K, V), F32))
+    ins = dict(q=q, do=do, b=b, dht=dfinal.astype(F32), seq=seq_info, flag=flags)
+    res_ = _call(functools.partial(_bwd_dh_kernel, st=st), st, (nk, nv, R * H), ins, outs)
+    dh, dh0 = res_["dh"], res_["dh0"]
     da = _call(functools.partial(_bwd_da_kernel, st=st), st, (1, NC, R * H),
-               jax.ShapeDtypeStruct((R, TP, H, L), F32), do, v)
+               dict(do=do, v=v), dict(da=jax.ShapeDtypeStruct((R, TP, H, L), F32)))["da"]
     dv = _call(functools.partial(_bwd_dv_kernel, st=st), st, (nv, NC, R * H),
-               jax.ShapeDtypeStruct((R, TP, H, V), dt), k, do, dh, b, bc, a)
+               dict(k=k, do=do, dh=dh, b=b, c=bc, a=a),
+               dict(dv=jax.ShapeDtypeStruct((R, TP, H, V), dt)))["dv"]
     grid = (nk * (L // SUB), NC, R * H)
     part = jax.ShapeDtypeStruct((R, TP, H, K), F32)
     grad = jax.ShapeDtypeStruct((R, TP, H, K), dt)
     part_down = jax.ShapeDtypeStruct((R, TP + 1, H, K), F32)  # pk, stored one row down
     # the partials dq1, dk1 are written (and read) only by sub-chunks that take the walk
-    outs = [grad, grad, part, part_down, part, part]
-    ins = (q, k, v, do, h, dh, b, bc, da)
-    dq, dk, p, pk, dq1, dk1 = _call(functools.partial(_bwd_dqk_kernel, st=st), st,
-                                    (nk, NC, R * H), outs, *ins)
-    dq, dk, p = _call(functools.partial(_bwd_dqk_walk_kernel, st=st), st, grid, [grad, grad, part],
-                      q, k, b, bc, da, dq1, dk1, p, dq, dk, warps=SUB_WARPS,
-                      aliases={7: 2, 8: 0, 9: 1})
-    return dq, dk, dv, p, pk, dh0
+    outs = dict(dq=grad, dk=grad, p=part, pk=part_down, dq1=part, dk1=part)
+    ins = dict(q=q, k=k, v=v, do=do, h=h, dh=dh, b=b, c=bc, da=da)
+    r1 = _call(functools.partial(_bwd_dqk_kernel, st=st), st, (nk, NC, R * H), ins, outs)
+    ins = dict(q=q, k=k, b=b, c=bc, da=da, dq1=r1["dq1"], dk1=r1["dk1"], p1=r1["p"],
+               dq0=r1["dq"], dk0=r1["dk"])
+    r2 = _call(functools.partial(_bwd_dqk_walk_kernel, st=st), st, grid, ins,
+               dict(dq=grad, dk=grad, p=part), warps=SUB_WARPS,
+               aliases={"p1": "p", "dq0": "dq", "dk0": "dk"})
+    return r2["dq"], r2["dk"], dv, r2["p"], r1["pk"], dh0
 
 
 # ----------------------------------------------------------------------------- custom_vjp
@@ -745,10 +736,11 @@ def _in_chunk_sums(g: Array, st: CoreStatic) -> tuple[Array, Array]:
     memory traffic.
     """
     R, TP, H, K = g.shape
-    outs = [jax.ShapeDtypeStruct((R, TP, H, K), F32), jax.ShapeDtypeStruct((R, TP, H, K), jnp.bfloat16)]
-    hi, lo = _call(functools.partial(_sums_kernel, st=st), st, (K // st.block_k, st.n_chunks, R * H),
-                   outs, g.astype(F32))
-    return hi, lo
+    outs = dict(hi=jax.ShapeDtypeStruct((R, TP, H, K), F32),
+                lo=jax.ShapeDtypeStruct((R, TP, H, K), jnp.bfloat16))
+    res = _call(functools.partial(_sums_kernel, st=st), st, (K // st.block_k, st.n_chunks, R * H),
+                dict(g=g.astype(F32)), outs)
+    return res["hi"], res["lo"]
 
 
 def _dg_kernel(p_ref, pk_ref, dg_ref, *, st: CoreStatic):
@@ -796,7 +788,7 @@ def _core_bwd(st, res, cts):
     # dg_t = sum_{i >= t} p_i + sum_{j < t} pk_j, within the chunk (module doc)
     dg = _call(functools.partial(_dg_kernel, st=st), st,
                (st.key_dim // st.block_k, st.n_chunks, st.rows * st.heads),
-               jax.ShapeDtypeStruct(p.shape, F32), p, pk)
+               dict(p=p, pk=pk), dict(dg=jax.ShapeDtypeStruct(p.shape, F32)))["dg"]
     if h0 is not None:  # a length-0 sequence passes its initial state straight through
         dh0 = jnp.where(_has_chunk(st, seq_info, flags)[:, None, None, None], dh0, dfinal)
         dh0 = dh0.astype(h0.dtype)

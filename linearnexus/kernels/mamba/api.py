@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar
 
 import jax
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array, DType, is_float_dtype
 from linearnexus.kernels.base import GridConfig, current_platform, dispatch, resolve_mode
+from linearnexus.kernels.common.backends import JaxKernel, NaiveKernel
 from linearnexus.kernels.common.pallas import TritonConfig
 from linearnexus.kernels.common.validation import check_cu_seqlens
 from linearnexus.kernels.mamba.chunked import ChunkForm, default_chunk_form, selective_scan_chunked
@@ -19,49 +21,16 @@ from linearnexus.kernels.mamba.reference import selective_scan_reference
 DEFAULT_CHUNK_SIZE = 16  # measured best on the CPU for the "scan" chunk form (docs/features/mamba.md)
 
 
-class MambaJaxKernel:
-    """Pure-JAX backend: chunked form in chunk mode, the per-step scan in recurrent mode.
-
-    Runs on every platform and dtype.
-    """
-
-    name: ClassVar[str] = "jax"
-
-    def __init__(self, chunk_form: ChunkForm | None = None) -> None:
-        self.chunk_form = chunk_form
-
-    def supports(self, *, platform: str, dtype: DType) -> bool:
-        return True
-
-    def forward_chunk(self, x, dt, A, B, C, *, D=None, z=None, initial_state=None,
-                      cu_seqlens=None, grid: GridConfig) -> tuple[Array, Array]:
-        form = self.chunk_form or default_chunk_form(current_platform())
-        return selective_scan_chunked(x, dt, A, B, C, D=D, z=z, initial_state=initial_state,
-                                      chunk_size=grid.chunk_size, form=form, cu_seqlens=cu_seqlens)
-
-    def forward_recurrent(self, x, dt, A, B, C, *, D=None, z=None, initial_state=None,
-                          cu_seqlens=None) -> tuple[Array, Array]:
-        return selective_scan_reference(x, dt, A, B, C, D=D, z=z, initial_state=initial_state,
-                                        cu_seqlens=cu_seqlens)
+def _chunked(x, dt, A, B, C, *, chunk_form: ChunkForm | None = None, **kwargs) -> tuple[Array, Array]:
+    """The chunked form; ``chunk_form`` None picks the platform's best (``default_chunk_form``)."""
+    form = chunk_form or default_chunk_form(current_platform())
+    return selective_scan_chunked(x, dt, A, B, C, form=form, **kwargs)
 
 
-class MambaNaiveKernel:
-    """The per-step reference in both modes (the truth the other backends are tested on)."""
-
-    name: ClassVar[str] = "naive"
-
-    def supports(self, *, platform: str, dtype: DType) -> bool:
-        return True
-
-    def forward_chunk(self, x, dt, A, B, C, *, D=None, z=None, initial_state=None,
-                      cu_seqlens=None, grid: GridConfig) -> tuple[Array, Array]:
-        return selective_scan_reference(x, dt, A, B, C, D=D, z=z, initial_state=initial_state,
-                                        cu_seqlens=cu_seqlens)
-
-    def forward_recurrent(self, x, dt, A, B, C, *, D=None, z=None, initial_state=None,
-                          cu_seqlens=None) -> tuple[Array, Array]:
-        return selective_scan_reference(x, dt, A, B, C, D=D, z=z, initial_state=initial_state,
-                                        cu_seqlens=cu_seqlens)
+def jax_backend(chunk_form: ChunkForm | None = None) -> JaxKernel:
+    """The ``"jax"`` backend (``kernels/common/backends.py``): the chunked form in chunk mode
+    (``chunk_form`` pins its variant; None: per platform), the per-step scan in recurrent mode."""
+    return JaxKernel(functools.partial(_chunked, chunk_form=chunk_form), selective_scan_reference)
 
 
 class MambaPallasKernel:
@@ -94,9 +63,6 @@ class MambaPallasKernel:
     def supports(self, *, platform: str, dtype: DType) -> bool:
         return platform == "gpu" and jnp.dtype(dtype) in [jnp.dtype(d) for d in self.dtypes]
 
-    def ensure_available(self) -> None:
-        """Nothing to check: the kernels run on every platform (interpret mode off the GPU)."""
-
     def launch_config(self, grid: GridConfig, tuned: TritonConfig | None = None) -> TritonConfig:
         """This backend's config (else ``tuned``, the tuning cache's entry) with the call's
         explicit ``grid`` fields on top."""
@@ -128,20 +94,8 @@ class MambaPallasKernel:
                                         cu_seqlens=cu_seqlens)
 
 
-BACKENDS = {"pallas": MambaPallasKernel(), "jax": MambaJaxKernel(), "naive": MambaNaiveKernel()}
-
-
-def check_backend(backend: str) -> None:
-    """Raise before any work if ``backend`` cannot be used at all.
-
-    Raises:
-        ValueError: unknown name. NotImplementedError: a backend that cannot run here.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: mamba has no backend {backend!r}; choose one of {sorted(BACKENDS)}")
-    ensure = getattr(BACKENDS[backend], "ensure_available", None)
-    if ensure is not None:
-        ensure()
+BACKENDS = {"pallas": MambaPallasKernel(), "jax": jax_backend(),
+            "naive": NaiveKernel(selective_scan_reference)}
 # Preference order for automatic choice; the last entry is the always-available fallback.
 BACKEND_ORDER = ("pallas", "jax", "naive")
 

@@ -65,7 +65,12 @@ from jax.experimental.pallas import triton as plt
 
 from linearnexus.core.types import Array, DType
 from linearnexus.kernels.common.chunking import from_chunks, plan_chunks, to_chunks
-from linearnexus.kernels.common.pallas import TritonConfig, compiler_params, interpret_mode
+from linearnexus.kernels.common.pallas import (
+    TritonConfig,
+    compiler_params,
+    interpret_mode,
+    named_pallas_call,
+)
 from linearnexus.kernels.common.pallas_scan import (
     dot_sum,
     exp2_approx,
@@ -276,16 +281,8 @@ def _seq_rows(owner, n: int):
     return pl.ds(pl.multiple_of(owner * n, n), n)
 
 
-def _fwd_kernel(*refs, plan: _Plan, save: bool):
-    it = iter(refs)
-    x_ref, dt_ref, a_ref, b_ref, c_ref, h0_ref = (next(it) for _ in range(6))
-    d_ref = next(it) if plan.has_d else None
-    z_ref = next(it) if plan.has_z else None
-    bias_ref = next(it) if plan.has_bias else None
-    meta_ref = next(it) if plan.packed else None
-    valid_ref = next(it) if plan.packed and plan.raw_dt else None
-    y_ref, hT_ref = next(it), next(it)
-    ck_ref = next(it) if save else None
+def _fwd_kernel(*, x_ref, dt_ref, a_ref, b_ref, c_ref, h0_ref, d_ref, z_ref, bias_ref, meta_ref,
+                valid_ref, y_ref, hT_ref, ck_ref, plan: _Plan, save: bool):
     N, S, bv = plan.n_pad, FWD_TILE, plan.block_v
     bias = bias_ref[...].astype(jnp.float32) if plan.has_bias else None  # [1, bv]
     per_group = plan.fwd_group // S  # sub-tiles per loop iteration
@@ -346,18 +343,9 @@ def _fwd_kernel(*refs, plan: _Plan, save: bool):
         hT_ref[...] = h
 
 
-def _bwd_kernel(*refs, plan: _Plan):
-    it = iter(refs)
-    x_ref, dt_ref, dtn_ref, a_ref, b_ref, c_ref, ck_ref, dy_ref, dhT_ref = (next(it) for _ in range(9))
-    d_ref = next(it) if plan.has_d else None
-    z_ref = next(it) if plan.has_z else None
-    bias_ref = next(it) if plan.has_bias else None
-    meta_ref = next(it) if plan.packed else None
-    valid_ref, valn_ref = (next(it), next(it)) if plan.packed and plan.raw_dt else (None, None)
-    dx_ref, ddt_ref, db_ref, dc_ref, da_ref, dh0_ref = (next(it) for _ in range(6))
-    dd_ref = next(it) if plan.has_d else None
-    dz_ref = next(it) if plan.has_z else None
-    dbias_ref = next(it) if plan.has_bias else None
+def _bwd_kernel(*, x_ref, dt_ref, dtn_ref, a_ref, b_ref, c_ref, ck_ref, dy_ref, dhT_ref, d_ref,
+                z_ref, bias_ref, meta_ref, valid_ref, valn_ref, dx_ref, ddt_ref, db_ref, dc_ref,
+                da_ref, dh0_ref, dd_ref, dz_ref, dbias_ref, plan: _Plan):
     bias = bias_ref[...].astype(jnp.float32) if plan.has_bias else None
     L, N, bv = plan.chunk, plan.n_pad, plan.block_v
     load = _tile_loader(L, x_ref, dt_ref, dtn_ref, b_ref, c_ref, z_ref, dy_ref, valid_ref, valn_ref)
@@ -475,50 +463,49 @@ def _state_spec(plan: _Plan, state: Array):
     return pl.BlockSpec((None, state.shape[1], plan.block_v), lambda b, j: (b, 0, j))
 
 
-def _packed_extras(plan: _Plan, meta, *masks):
-    """The packed layout's extra inputs and their specs (nothing for batch rows)."""
-    if not plan.packed:
-        return [], []
-    sp = _specs(plan)
-    masks = [m for m in masks if m is not None] if plan.raw_dt else []
-    return [meta, *masks], [sp["meta"]] + [sp["col"]] * len(masks)
-
-
-def _call(kernel, plan: _Plan, in_specs, out_specs, out_shape, name: str, warps: int):
-    return pl.pallas_call(
-        kernel,
+def _call(kernel, plan: _Plan, inputs, outputs, specs, name: str, warps: int):
+    """One launch, operands by name (:func:`named_pallas_call`); ``specs``: name -> BlockSpec."""
+    return named_pallas_call(
+        kernel, inputs=inputs, outputs=outputs, in_specs=specs, out_specs=specs,
         grid=(plan.batch, plan.n_blocks),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
         interpret=plan.interpret,
         compiler_params=None if plan.interpret else compiler_params(warps, plan.num_stages),
         name=name,
     )
 
 
-def _forward(plan: _Plan, save: bool, x, dt, a, b, c, h0, d, z, bias, meta, valid):
+def _optional_inputs(plan: _Plan, d, z, bias, meta, valid, valid_next=None):
+    """The inputs a launch may lack: skip ``d``, gate ``z``, ``dt_bias``, and the packed
+    layout's chunk words and row masks (the masks only where the kernel computes the step)."""
+    masks = plan.packed and plan.raw_dt
+    return dict(d=d if plan.has_d else None, z=z if plan.has_z else None,
+                bias=bias if plan.has_bias else None, meta=meta if plan.packed else None,
+                valid=valid if masks else None, valn=valid_next if masks else None)
+
+
+def _operand_specs(plan: _Plan, h0) -> dict:
+    """BlockSpec of every operand of both kernels, by name."""
     sp = _specs(plan)
+    state = _state_spec(plan, h0)
+    return dict(x=sp["row"], dt=sp["row"], dtn=sp["row"], a=sp["a"], b=sp["bc"], c=sp["bc"],
+                h0=state, dhT=state, hT=state, dh0=state, ck=sp["ckpt"], dy=sp["row"],
+                d=sp["d"], z=sp["row"], bias=sp["d"], meta=sp["meta"], valid=sp["col"],
+                valn=sp["col"], y=sp["row"], dx=sp["row"], ddt=sp["row"], db=sp["partial_bc"],
+                dc=sp["partial_bc"], da=sp["state"], dd=sp["skip_partial"], dz=sp["row"],
+                dbias=sp["skip_partial"])
+
+
+def _forward(plan: _Plan, save: bool, x, dt, a, b, c, h0, d, z, bias, meta, valid):
     f32 = jnp.float32
-    state = jax.ShapeDtypeStruct(h0.shape, f32)
-    ins = [x, dt, a, b, c, h0] + ([d] if plan.has_d else []) + ([z] if plan.has_z else [])
-    ins += [bias] if plan.has_bias else []
-    in_specs = [sp["row"], sp["row"], sp["a"], sp["bc"], sp["bc"], _state_spec(plan, h0)]
-    in_specs += ([sp["d"]] if plan.has_d else []) + ([sp["row"]] if plan.has_z else [])
-    in_specs += [sp["d"]] if plan.has_bias else []
-    extra, extra_specs = _packed_extras(plan, meta, valid)
-    ins += extra
-    in_specs += extra_specs
-    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), state]
-    out_specs = [sp["row"], _state_spec(plan, h0)]
-    if save:
-        out_shape.append(jax.ShapeDtypeStruct(
-            (plan.batch, plan.n_chunks * plan.n_pad, plan.channels_pad), f32))
-        out_specs.append(sp["ckpt"])
+    ins = dict(x=x, dt=dt, a=a, b=b, c=c, h0=h0, **_optional_inputs(plan, d, z, bias, meta, valid))
+    del ins["valn"]
+    ck = jax.ShapeDtypeStruct((plan.batch, plan.n_chunks * plan.n_pad, plan.channels_pad), f32)
+    outs = dict(y=jax.ShapeDtypeStruct(x.shape, x.dtype), hT=jax.ShapeDtypeStruct(h0.shape, f32),
+                ck=ck if save else None)
     kernel = functools.partial(_fwd_kernel, plan=plan, save=save)
-    outs = _call(kernel, plan, in_specs, out_specs, out_shape, "mamba_selective_scan_fwd",
-                 plan.num_warps)(*ins)
-    return tuple(outs)
+    res = _call(kernel, plan, ins, outs, _operand_specs(plan, h0), "mamba_selective_scan_fwd",
+                plan.num_warps)
+    return (res["y"], res["hT"], res["ck"]) if save else (res["y"], res["hT"])
 
 
 def _shift_up(a):
@@ -527,44 +514,25 @@ def _shift_up(a):
 
 
 def _backward(plan: _Plan, x, dt, a, b, c, ck, d, z, bias, meta, valid, dy, dhT):
-    sp = _specs(plan)
     f32 = jnp.float32
     Bn, T, Cp, N = plan.batch, plan.seq_pad, plan.channels_pad, plan.n_pad
     dt_next = _shift_up(dt)  # dt_{t+1}
-    ins = [x, dt, dt_next, a, b, c, ck, dy, dhT]
-    ins += ([d] if plan.has_d else []) + ([z] if plan.has_z else [])
-    ins += [bias] if plan.has_bias else []
-    in_specs = [sp["row"], sp["row"], sp["row"], sp["a"], sp["bc"], sp["bc"], sp["ckpt"], sp["row"],
-                _state_spec(plan, dhT)]
-    in_specs += ([sp["d"]] if plan.has_d else []) + ([sp["row"]] if plan.has_z else [])
-    in_specs += [sp["d"]] if plan.has_bias else []
-    extra, extra_specs = _packed_extras(plan, meta, valid,
-                                        None if valid is None else _shift_up(valid))
-    ins += extra
-    in_specs += extra_specs
+    ins = dict(x=x, dt=dt, dtn=dt_next, a=a, b=b, c=c, ck=ck, dy=dy, dhT=dhT,
+               **_optional_inputs(plan, d, z, bias, meta, valid,
+                                  None if valid is None else _shift_up(valid)))
     sds = jax.ShapeDtypeStruct
-    out_shape = [sds(x.shape, x.dtype), sds(dt.shape, dt.dtype),
-                 sds((Bn, plan.n_blocks * T, N), f32), sds((Bn, plan.n_blocks * T, N), f32),
-                 sds((Bn, N, Cp), f32), sds(dhT.shape, f32)]
-    out_specs = [sp["row"], sp["row"], sp["partial_bc"], sp["partial_bc"], sp["state"],
-                 _state_spec(plan, dhT)]
-    if plan.has_d:
-        out_shape.append(sds((Bn, 1, Cp), f32))
-        out_specs.append(sp["skip_partial"])
-    if plan.has_z:
-        out_shape.append(sds(z.shape, z.dtype))
-        out_specs.append(sp["row"])
-    if plan.has_bias:
-        out_shape.append(sds((Bn, 1, Cp), f32))
-        out_specs.append(sp["skip_partial"])
+    skip = sds((Bn, 1, Cp), f32)
+    outs = dict(dx=sds(x.shape, x.dtype), ddt=sds(dt.shape, dt.dtype),
+                db=sds((Bn, plan.n_blocks * T, N), f32), dc=sds((Bn, plan.n_blocks * T, N), f32),
+                da=sds((Bn, N, Cp), f32), dh0=sds(dhT.shape, f32),
+                dd=skip if plan.has_d else None, dz=sds(z.shape, z.dtype) if plan.has_z else None,
+                dbias=skip if plan.has_bias else None)
     kernel = functools.partial(_bwd_kernel, plan=plan)
-    outs = list(_call(kernel, plan, in_specs, out_specs, out_shape,
-                      "mamba_selective_scan_bwd", plan.bwd_num_warps)(*ins))
-    dx, ddt, db_part, dc_part, da_part, dh0 = outs[:6]
-    rest = outs[6:]
-    dd = rest.pop(0) if plan.has_d else None
-    dz = rest.pop(0) if plan.has_z else None
-    dbias = rest.pop(0).sum(axis=0) if plan.has_bias else None  # [1, C']
+    res = _call(kernel, plan, ins, outs, _operand_specs(plan, dhT), "mamba_selective_scan_bwd",
+                plan.bwd_num_warps)
+    dx, ddt, db_part, dc_part, da_part, dh0 = (res[n] for n in ("dx", "ddt", "db", "dc", "da", "dh0"))
+    dd, dz = res["dd"], res["dz"]
+    dbias = res["dbias"].sum(axis=0) if plan.has_bias else None  # [1, C']
     db = db_part.reshape(Bn, plan.n_blocks, T, N).sum(axis=1)
     dc = dc_part.reshape(Bn, plan.n_blocks, T, N).sum(axis=1)
     da = da_part.sum(axis=0)

@@ -159,7 +159,7 @@ def grouped_attention(q: Array, k: Array, v: Array, allowed: Array, scale: float
 # ---- the block ---------------------------------------------------------------------------
 
 
-class CausalSelfAttention(nnx.Module):
+class AttentionBlock(nnx.Module):
     """Causal multi-head / grouped-query / multi-query self-attention with RoPE.
 
     ``y, new_state = attn(x, state=None, mask=None, mode=None)`` with ``x: [B, T, D]``:
@@ -221,7 +221,3 @@ class CausalSelfAttention(nnx.Module):
         y = self.o_proj(out.reshape(batch, seq, h * k))  # [B, T, H, K] -> [B, T, D]
         return unlayout(y, layout), new_state
 
-
-class AttentionBlock(CausalSelfAttention):
-    """The registered ``"attention"`` block: the attention mixer alone (the model adds the
-    pre-norm, residual and MLP around every block)."""

@@ -123,17 +123,17 @@ def cache_bytes_per_token(config: MLAConfig, dtype: DType | str | None = None) -
     return bytes_per_token(config.kv_lora_rank + config.qk_rope_head_dim, config, dtype)
 
 
-class MultiHeadLatentAttention(nnx.Module):
+class MLABlock(nnx.Module):
     """DeepSeek-V2 multi-head latent attention with a latent cache (see the module docstring).
 
     ``y, new_state = mla(x, state=None, mask=None, mode=None)`` with ``x: [B, T, D]``; the
     ``state`` / ``mask`` semantics are those of
-    :class:`linearnexus.modules.attention.causal.CausalSelfAttention`, with an
+    :class:`linearnexus.modules.attention.causal.AttentionBlock`, with an
     :class:`MLACache`. ``mode="chunk"`` runs the naive path, ``"recurrent"`` the absorbed
     path, None picks by length; both give the same result.
 
     Raises:
-        ValueError / TypeError: as ``CausalSelfAttention``.
+        ValueError / TypeError: as ``AttentionBlock``.
     """
 
     def __init__(self, config: MLAConfig, *, rngs: nnx.Rngs) -> None:
@@ -235,7 +235,3 @@ def mla_attention(q_nope: Array, q_rope: Array, c_kv: Array, k_rope: Array, w_uk
     probs = masked_softmax(scores * scale, allowed[:, None])  # [B, H, T, S]
     return jnp.einsum("bhts,bshv->bthv", probs, v)  # [B, T, H, dv]
 
-
-class MLABlock(MultiHeadLatentAttention):
-    """The registered ``"mla"`` block: the MLA mixer alone (the model adds the pre-norm,
-    residual and MLP around every block)."""

@@ -38,7 +38,7 @@ from flax import nnx
 from linearnexus.core.config import ConfigError
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array
-from linearnexus.modules.base import BlockConfig, dtype_of
+from linearnexus.modules.base import BlockConfig, dtype_of, op_backend
 from linearnexus.modules.common import GatedRMSNorm, RMSNorm, ShortConv, xavier_uniform
 from linearnexus.modules.linear.runtime import (
     LinearState,
@@ -137,7 +137,7 @@ class LinearAttentionConfig(BlockConfig):
     @property
     def backend(self) -> str | None:
         """``kernel_backend`` as the op's ``backend`` argument ("auto" -> None)."""
-        return None if self.kernel_backend == "auto" else self.kernel_backend
+        return op_backend(self.kernel_backend)
 
     @classmethod
     def tiny(cls, d_model: int = 16, **overrides: Any):

@@ -39,7 +39,7 @@ from linearnexus.core.gating import clamp_log_gate, log_sigmoid_gate, low_rank_g
 from linearnexus.core.types import Array
 from linearnexus.kernels.gla import gla
 from linearnexus.kernels.simple_gla import simple_gla
-from linearnexus.modules.base import dtype_of
+from linearnexus.modules.base import KERNEL_BACKENDS, dtype_of
 from linearnexus.modules.common import math_dtype, xavier_uniform
 from linearnexus.modules.linear.base import INIT_GAIN, LinearAttentionBlock, LinearAttentionConfig
 
@@ -69,8 +69,9 @@ class GLAFamilyConfig(LinearAttentionConfig):
         norm_eps: epsilon of the per-head gated RMSNorm.
         chunk_size: tokens per chunk in chunk mode (FLA's 64).
         mode_threshold: with ``mode=None``, calls with T < this run in recurrent mode.
-        kernel_backend: "auto" (best available), "jax" (chunked / recurrent pure JAX) or
-            "naive" (the per-step reference in both modes; needs concrete ``cu_seqlens``).
+        kernel_backend: one of :data:`~linearnexus.modules.base.KERNEL_BACKENDS`: "auto"
+            (best available), "jax", "naive" (the per-step reference; needs concrete
+            ``cu_seqlens``) or "pallas".
     """
 
     num_heads: int = field(4, gt=0)
@@ -82,7 +83,7 @@ class GLAFamilyConfig(LinearAttentionConfig):
     norm_eps: float = field(1e-5, gt=0)
     chunk_size: int = field(64, gt=0)
     mode_threshold: int = field(64, gt=0)
-    kernel_backend: str = field("auto", choices=("auto", "jax", "naive"))
+    kernel_backend: str = field("auto", choices=KERNEL_BACKENDS)
 
 
 @dataclasses.dataclass

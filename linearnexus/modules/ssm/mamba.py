@@ -28,8 +28,14 @@ from linearnexus.core.conv import depthwise_conv1d
 from linearnexus.core.gating import sample_dt_bias
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array, state_dtype
-from linearnexus.kernels.mamba import check_backend, selective_scan
-from linearnexus.modules.base import BlockConfig, check_state_batch, dtype_of
+from linearnexus.kernels.mamba import selective_scan
+from linearnexus.modules.base import (
+    KERNEL_BACKENDS,
+    BlockConfig,
+    check_state_batch,
+    dtype_of,
+    op_backend,
+)
 from linearnexus.modules.linear.runtime import begin_call, end_call, inert
 
 
@@ -65,7 +71,7 @@ class MambaConfig(BlockConfig):
     bias: bool = False
     chunk_size: int = field(16, gt=0)
     mode_threshold: int = field(64, gt=0)
-    kernel_backend: str = field("auto", choices=("auto", "jax", "naive", "pallas"))
+    kernel_backend: str = field("auto", choices=KERNEL_BACKENDS)
 
     def validate(self) -> None:
         if self.dt_min > self.dt_max:
@@ -105,8 +111,6 @@ class MambaBlock(nnx.Module):
     def __init__(self, config: MambaConfig, *, rngs: nnx.Rngs) -> None:
         if not isinstance(config, MambaConfig):
             raise TypeError(f"config: expected MambaConfig, got {type(config).__name__}")
-        if config.kernel_backend != "auto":
-            check_backend(config.kernel_backend)  # fails at construction, before any compile
         self.config = config
         cfg = config
         dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
@@ -200,11 +204,10 @@ class MambaBlock(nnx.Module):
         dt = jax.nn.softplus(self.dt_proj(dt_in).astype(gate_dtype))  # [B, T, C]
         dt = inert(dt, call)  # dt = 0: state passes through pads
         A = -jnp.exp(self.A_log[...].astype(gate_dtype))  # [C, N]
-        backend = None if cfg.kernel_backend == "auto" else cfg.kernel_backend
         y, ssm_state = selective_scan(
             u, dt, A, b_t, c_t, D=self.D[...], z=z,
             initial_state=state.ssm.state, output_final_state=True, cu_seqlens=call.cu_seqlens,
-            chunk_size=cfg.chunk_size, mode=call.mode, backend=backend)
+            chunk_size=cfg.chunk_size, mode=call.mode, backend=op_backend(cfg.kernel_backend))
         out = end_call(self.out_proj(y), call)
         new_state = MambaState(conv=state.conv.update(conv_cache), ssm=state.ssm.update(ssm_state))
         return out, new_state

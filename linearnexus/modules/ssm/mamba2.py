@@ -35,7 +35,7 @@ from linearnexus.core.gating import sample_dt_bias
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array
 from linearnexus.kernels.ssd import ssd
-from linearnexus.modules.base import BlockConfig, dtype_of
+from linearnexus.modules.base import KERNEL_BACKENDS, BlockConfig, dtype_of, op_backend
 from linearnexus.modules.common import GatedRMSNorm, ShortConv, math_dtype
 from linearnexus.modules.linear.runtime import (
     LinearState,
@@ -73,8 +73,9 @@ class Mamba2Config(BlockConfig):
             than the reference's 256: on CPU at T=1024 chunk 64 measured faster than 256
             (docs/features/mamba2.md).
         mode_threshold: with ``mode=None``, calls with T < this run in recurrent mode.
-        kernel_backend: "auto" (best available), "jax" (chunked / recurrent pure JAX) or
-            "naive" (the per-step reference).
+        kernel_backend: one of :data:`~linearnexus.modules.base.KERNEL_BACKENDS`: "auto"
+            (best available), "jax", "naive" (the per-step reference) or "pallas" (simple
+            GLA's Triton kernels, which the SSD op runs through).
     """
 
     d_state: int = field(64, gt=0)
@@ -92,7 +93,7 @@ class Mamba2Config(BlockConfig):
     norm_eps: float = field(1e-5, gt=0)
     chunk_size: int = field(64, gt=0)
     mode_threshold: int = field(64, gt=0)
-    kernel_backend: str = field("auto", choices=("auto", "jax", "naive"))
+    kernel_backend: str = field("auto", choices=KERNEL_BACKENDS)
 
     def validate(self) -> None:
         if self.d_inner % self.headdim:
@@ -235,10 +236,10 @@ class Mamba2Block(nnx.Module):
         dt = jax.nn.softplus(dt.astype(gate_dtype) + self.dt_bias[...].astype(gate_dtype))
         dt = inert(dt, call)  # [B, T, H]
         A = -jnp.exp(self.A_log[...].astype(gate_dtype))  # [H]
-        backend = None if cfg.kernel_backend == "auto" else cfg.kernel_backend
         y, ssm_state = ssd(xs, dt, A, b_t, c_t, D=self.D[...], initial_state=state.recurrent.state,
                            output_final_state=True, cu_seqlens=call.cu_seqlens,
-                           chunk_size=cfg.chunk_size, mode=call.mode, backend=backend)
+                           chunk_size=cfg.chunk_size, mode=call.mode,
+                           backend=op_backend(cfg.kernel_backend))
         y = y.reshape(batch, seq, e)  # [B, T, H, P] -> [B, T, E]
         if self.norm is not None:
             y = self.norm(y, z)
