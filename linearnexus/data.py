@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ __all__ = [
     "Tokenizer",
     "CharTokenizer",
     "BPETokenizer",
+    "PretrainedTokenizer",
     "load_tokenizer",
     "resolve_shakespeare",
     "BUNDLED_SHAKESPEARE",
@@ -210,21 +212,84 @@ class CharTokenizer:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
 
 
-class BPETokenizer:
+#: special tokens taken as end-of-text, in this order, when a pretrained tokenizer's
+#: checkpoint does not name its eos id
+_EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>")
+
+
+class PretrainedTokenizer:
+    """Any HF ``tokenizers`` ``tokenizer.json`` (a pretrained checkpoint's), used as is.
+
+    ``encode`` adds what the tokenizer's post-processor adds (e.g. a BOS token); ``decode``
+    keeps special tokens, as :class:`BPETokenizer` does.
+    """
+
+    kind = "pretrained"
+
+    def __init__(self, tokenizer: HFTokenizer, eos_id: int | None = None):
+        self._tok = tokenizer
+        if eos_id is None:
+            for name in _EOS_NAMES:
+                if tokenizer.token_to_id(name) is not None:
+                    eos_id = tokenizer.token_to_id(name)
+                    break
+        if eos_id is not None and not 0 <= int(eos_id) < self.vocab_size:
+            raise ValueError(f"eos_id: must be in [0, {self.vocab_size}), got {eos_id}")
+        self._eos_id = None if eos_id is None else int(eos_id)
+
+    @classmethod
+    def load(cls, path: PathLike, eos_id: int | None = None) -> PretrainedTokenizer:
+        """Read a ``tokenizer.json`` (a file, or a folder holding one)."""
+        from tokenizers import Tokenizer as HFTok
+
+        return cls(HFTok.from_file(str(_tokenizer_file(path))), eos_id)
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids in ``[0, vocab_size)`` (added tokens included)."""
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._eos_id
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text).ids)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        bad = (ids < 0) | (ids >= self.vocab_size)
+        if bad.any():
+            raise ValueError(f"ids: token id {int(ids[np.argmax(bad)])} is outside [0, {self.vocab_size})")
+        return self._tok.decode(ids.tolist(), skip_special_tokens=False)
+
+    def save(self, path: PathLike) -> Path:
+        """Write ``tokenizer.json`` to ``path`` (a folder gets ``tokenizer.json``)."""
+        path = _tokenizer_file(path)
+        atomic_write_bytes(path, self._tok.to_str(pretty=True).encode())
+        return path
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+class BPETokenizer(PretrainedTokenizer):
     """Byte-level BPE (GPT-2 style pre-tokenization) trained locally with HF ``tokenizers``.
 
     Every byte is in the base alphabet, so any text round-trips:
-    ``decode(encode(s)) == s``. ``<|endoftext|>`` is the one special token (``eos_id``).
+    ``decode(encode(s)) == s``. ``<|endoftext|>`` is the one special token (``eos_id``); a
+    literal ``<|endoftext|>`` in the text encodes to it.
     """
 
     kind = "bpe"
 
-    def __init__(self, tokenizer: HFTokenizer):
-        self._tok = tokenizer
+    def __init__(self, tokenizer: HFTokenizer, eos_id: int | None = None):
         eos = tokenizer.token_to_id(EOS_TOKEN)
         if eos is None:
             raise ValueError(f"tokenizer: has no {EOS_TOKEN!r} special token")
-        self._eos_id = int(eos)
+        if eos_id is not None and eos_id != eos:
+            raise ValueError(f"eos_id: the {EOS_TOKEN!r} token is {eos}, got {eos_id}")
+        super().__init__(tokenizer, int(eos))
 
     @classmethod
     def train(
@@ -287,47 +352,9 @@ class BPETokenizer:
             out.save(Path(save_dir) / TOKENIZER_FILE)
         return out
 
-    @classmethod
-    def load(cls, path: PathLike) -> BPETokenizer:
-        """Read a ``tokenizer.json`` (a file, or a folder holding one)."""
-        from tokenizers import Tokenizer as HFTok
 
-        return cls(HFTok.from_file(str(_tokenizer_file(path))))
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self._tok.get_vocab_size())
-
-    @property
-    def eos_id(self) -> int | None:
-        return self._eos_id
-
-    def encode(self, text: str) -> list[int]:
-        """``text`` -> token ids (a literal ``<|endoftext|>`` in the text becomes ``eos_id``)."""
-        return list(self._tok.encode(text).ids)
-
-    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        """Token ids -> text; special tokens are kept, so ``decode(encode(s)) == s``."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        bad = (ids < 0) | (ids >= self.vocab_size)
-        if bad.any():
-            raise ValueError(
-                f"ids: token id {int(ids[np.argmax(bad)])} is outside [0, {self.vocab_size})"
-            )
-        return self._tok.decode(ids.tolist(), skip_special_tokens=False)
-
-    def save(self, path: PathLike) -> Path:
-        """Write HF's ``tokenizer.json`` to ``path`` (a folder gets ``tokenizer.json``)."""
-        path = _tokenizer_file(path)
-        atomic_write_bytes(path, self._tok.to_str(pretty=True).encode())
-        return path
-
-    def __repr__(self) -> str:
-        return f"BPETokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
-
-
-def load_tokenizer(path: PathLike) -> CharTokenizer | BPETokenizer:
-    """Load either tokenizer from its saved file (or a folder holding ``tokenizer.json``).
+def load_tokenizer(path: PathLike) -> CharTokenizer | BPETokenizer | PretrainedTokenizer:
+    """Load a saved tokenizer (char, BPE, or a pretrained HF one) from its file or folder.
 
     Raises:
         FileNotFoundError: no such file. ValueError: a JSON file of neither kind.
@@ -338,9 +365,12 @@ def load_tokenizer(path: PathLike) -> CharTokenizer | BPETokenizer:
     obj = json.loads(file.read_text(encoding="utf-8"))
     if obj.get("kind") == CharTokenizer.kind:
         return CharTokenizer.load(file)
-    if isinstance(obj.get("model"), dict) and obj["model"].get("type") == "BPE":
+    if isinstance(obj.get("model"), dict) and obj["model"].get("type") == "BPE" and any(
+            t.get("content") == EOS_TOKEN for t in obj.get("added_tokens") or []):
         return BPETokenizer.load(file)
-    raise ValueError(f"{file}: neither a CharTokenizer nor a HF BPE tokenizer.json")
+    if isinstance(obj.get("model"), dict):  # a pretrained checkpoint's tokenizer
+        return PretrainedTokenizer.load(file)
+    raise ValueError(f"{file}: neither a CharTokenizer nor a HF tokenizer.json")
 
 
 # ----------------------------------------------------------------------------- TinyShakespeare
@@ -478,7 +508,7 @@ class PreparedData:
     Attributes:
         out_dir: the folder holding ``train.bin``, ``val.bin``, ``meta.json``,
             ``tokenizer.json``.
-        tokenizer_kind: ``"char"`` or ``"bpe"``.
+        tokenizer_kind: ``"char"``, ``"bpe"`` or ``"pretrained"`` (a given tokenizer).
         vocab_size: size of the trained vocabulary (ids are in ``[0, vocab_size)``).
         dtype: dtype of the ``.bin`` files (uint16 or uint32).
         train_tokens, val_tokens: number of tokens in each file.
@@ -511,7 +541,7 @@ class PreparedData:
     def tokenizer_path(self) -> Path:
         return self.out_dir / TOKENIZER_FILE
 
-    def load_tokenizer(self) -> CharTokenizer | BPETokenizer:
+    def load_tokenizer(self) -> CharTokenizer | BPETokenizer | PretrainedTokenizer:
         return load_tokenizer(self.tokenizer_path)
 
     def train_dataset(self) -> TextDataset:
@@ -570,7 +600,7 @@ def _up_to_date(out_dir: Path, settings: dict[str, Any]) -> dict[str, Any] | Non
 def prepare_dataset(
     text_path: PathLike,
     out_dir: PathLike,
-    tokenizer: Literal["char", "bpe"] = "char",
+    tokenizer: Literal["char", "bpe"] | Tokenizer = "char",
     val_fraction: float = 0.1,
     vocab_size: int | None = None,
 ) -> PreparedData:
@@ -588,8 +618,10 @@ def prepare_dataset(
     Args:
         text_path: UTF-8 text file.
         out_dir: output folder (created).
-        tokenizer: ``"char"`` (vocabulary = the characters of the text) or ``"bpe"``
-            (byte-level BPE trained on the whole text).
+        tokenizer: ``"char"`` (vocabulary = the characters of the text), ``"bpe"``
+            (byte-level BPE trained on the whole text), or a ready tokenizer object (a
+            pretrained checkpoint's, e.g. :func:`linearnexus.hf.load_tokenizer`), used as is;
+            its saved JSON's hash joins the settings that decide reuse.
         val_fraction: share of tokens held out, in ``(0, 1)``.
         vocab_size: BPE vocabulary size (default 4096); ignored for ``"char"``.
 
@@ -599,7 +631,14 @@ def prepare_dataset(
     """
     text_path = Path(text_path).expanduser()
     out_dir = Path(out_dir).expanduser()
-    if tokenizer not in ("char", "bpe"):
+    given = None if isinstance(tokenizer, str) else tokenizer
+    if given is not None:
+        if not isinstance(given, Tokenizer):
+            raise TypeError(f"tokenizer: expected 'char', 'bpe' or a tokenizer object, got {tokenizer!r}")
+        with tempfile.TemporaryDirectory() as tmp:
+            given_sha = sha256_file(given.save(Path(tmp) / TOKENIZER_FILE))
+        tokenizer = "pretrained"
+    elif tokenizer not in ("char", "bpe"):
         raise ValueError(f"tokenizer: expected 'char' or 'bpe', got {tokenizer!r}")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction: must be in (0, 1), got {val_fraction}")
@@ -620,13 +659,18 @@ def prepare_dataset(
         "val_fraction": float(val_fraction),
         "source_sha256": source_sha,
     }
+    if given is not None:
+        settings["tokenizer_sha256"] = given_sha
     meta = _up_to_date(out_dir, settings)
     if meta is not None:
         return PreparedData._from_meta(out_dir, meta, reused=True)
 
     text = text_path.read_text(encoding="utf-8")
-    if tokenizer == "char":
-        tok: CharTokenizer | BPETokenizer = CharTokenizer.from_text(text)
+    tok: Tokenizer
+    if given is not None:
+        tok = given
+    elif tokenizer == "char":
+        tok = CharTokenizer.from_text(text)
     else:
         # learn merges from the training part only, so validation text does not shape the
         # tokenizer (byte-level BPE still encodes any text). The char vocabulary above is

@@ -49,6 +49,9 @@ class ModelConfig(ConfigBase):
         norm_eps: RMSNorm epsilon.
         max_seq_len: longest context (attention KV-cache slots).
         dtype / param_dtype: compute and parameter dtypes.
+        residual_in_fp32: keep the residual stream (embedding output and every layer's
+            sum) in float32 when the compute dtype is lower (Mamba's ``residual_in_fp32``);
+            the blocks still compute in ``dtype``.
     """
 
     vocab_size: int = field(256, gt=0)
@@ -63,6 +66,7 @@ class ModelConfig(ConfigBase):
     max_seq_len: int = field(1024, gt=0)
     dtype: str = field("float32", choices=FLOAT_DTYPES)
     param_dtype: str = field("float32", choices=FLOAT_DTYPES)
+    residual_in_fp32: bool = False
 
     def validate(self) -> None:
         if not self.block_pattern:
@@ -181,6 +185,8 @@ class LMModel(nnx.Module):
         if state is not None and len(state) != len(self.layers):
             raise ValueError(f"state: expected {len(self.layers)} layer states, got {len(state)}")
         x = self.embed(tokens)  # [B, T, D]
+        if self.config.residual_in_fp32:
+            x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         new_states = []
         for i, layer in enumerate(self.layers):
             x, s = layer(x, state=None if state is None else state[i], mask=mask, mode=mode)

@@ -13,6 +13,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 # keep XLA from grabbing both cores per test worker more than needed
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+# tests/multidevice needs 8 simulated devices, so it runs in a process of its own (the
+# Makefile's second pytest call sets XLA_FLAGS before jax is imported)
+collect_ignore = ([] if "xla_force_host_platform_device_count=8" in os.environ["XLA_FLAGS"]
+                  else ["multidevice"])
 # several pytest workers may share one GPU: no 75% preallocation per process
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 

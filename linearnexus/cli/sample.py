@@ -5,6 +5,7 @@ Examples::
     python sample.py --checkpoint runs/demo                       # latest checkpoint of a run
     python sample.py --checkpoint runs/demo/checkpoints/500 --prompt "ROMEO:" --num-samples 3
     python sample.py --checkpoint runs/demo --stream --max-tokens 1000 --temperature 0.7
+    python sample.py --hf ~/models/mamba-130m-hf --prompt "The capital of France"   # HF checkpoint
 
 The model config and the tokenizer come from the checkpoint itself. An empty prompt starts
 from the tokenizer's end-of-text token, or a newline for character-level models. Models
@@ -48,9 +49,13 @@ def _top_p(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sample.py", description="Sample text from a LinearNexus checkpoint.")
-    p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a run folder (its newest checkpoint that verifies) or a step folder "
-                        "<run>/checkpoints/<step>")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="PATH",
+                     help="a run folder (its newest checkpoint that verifies) or a step folder "
+                          "<run>/checkpoints/<step>")
+    src.add_argument("--hf", metavar="PATH",
+                     help="a Hugging Face checkpoint folder (Mamba, Mamba2, GLA, Gated DeltaNet: "
+                          "config.json, *.safetensors, tokenizer.json); see docs/hf.md")
     p.add_argument("--prompt", default="",
                    help="text to continue (default '': the start of a text)")
     p.add_argument("--max-tokens", type=int_at_least(1), default=500,
@@ -171,13 +176,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from linearnexus.generate import SamplingConfig, start_tokens
-    from linearnexus.train import load_checkpoint
 
-    try:  # a checkpoint that fails verification is skipped with a warning
-        model, model_config, extra = load_checkpoint(args.checkpoint,
-                                                     verify=args.verify_checkpoints)
-    except FileNotFoundError as e:
-        raise UsageError(f"--checkpoint: {e}") from None
+    if args.hf is not None:
+        model, extra = _load_hf(args.hf)
+    else:
+        from linearnexus.train import load_checkpoint
+
+        try:  # a checkpoint that fails verification is skipped with a warning
+            model, _, extra = load_checkpoint(args.checkpoint, verify=args.verify_checkpoints)
+        except FileNotFoundError as e:
+            raise UsageError(f"--checkpoint: {e}") from None
     tokenizer = extra["tokenizer"]
     if tokenizer is None:
         raise UsageError(f"--checkpoint: {extra['path']} holds no tokenizer (it was not trained "
@@ -207,6 +215,19 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as e:  # unencodable prompt, prompt + max tokens over the cache size
         raise UsageError(str(e)) from None
     return 0
+
+
+def _load_hf(path: str) -> tuple[Any, dict[str, Any]]:
+    """(model, the ``extra`` dict of a run checkpoint) for a Hugging Face checkpoint folder."""
+    from linearnexus import hf
+
+    try:
+        model = hf.from_pretrained(path)
+        tokenizer = hf.load_tokenizer(path)
+    except (FileNotFoundError, hf.UnsupportedCheckpointError) as e:
+        raise UsageError(f"--hf: {e}") from None
+    return model, {"tokenizer": tokenizer, "path": path, "step": "pretrained", "metrics": {},
+                   "train_config": None}
 
 
 if __name__ == "__main__":

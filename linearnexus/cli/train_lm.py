@@ -6,6 +6,7 @@ Examples::
     python train_lm.py --config configs/models/gpt_nanogpt_cpu.yaml --out runs/nanogpt
     python train_lm.py --out runs/nanogpt --resume            # continue a stopped run
     python train_lm.py --model mamba-small --tokenizer bpe --vocab-size 2048 --out runs/m
+    python train_lm.py --init-hf ~/models/mamba-130m-hf --lr 1e-4 --out runs/ft   # docs/hf.md
 
 Settings are resolved in this order (later wins): TrainConfig defaults; the preset
 (``--model``, default gpt-small) or ``--config`` file; on ``--resume``, the configs saved in
@@ -54,6 +55,8 @@ _TRAIN_FLAGS = {
     "vocab_size": "bpe_vocab_size",
     "data": "data",
     "verify_checkpoints": "verify_checkpoints",
+    "init_hf": "init_hf",
+    "mesh": "mesh",
 }
 
 
@@ -82,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {DEFAULT_PRESET} when no --config names one)")
     m.add_argument("--config", metavar="YAML", default=None,
                    help="a ModelConfig YAML, or a YAML with 'model:' and 'train:' sections")
+    m.add_argument("--init-hf", metavar="PATH", default=None,
+                   help="fine-tune a Hugging Face checkpoint folder (Mamba, Mamba2, GLA, Gated "
+                        "DeltaNet; docs/hf.md): its model, weights and tokenizer")
     d = p.add_argument_group("data")
     d.add_argument("--data", metavar="PATH", default=None,
                    help="text file (default: TinyShakespeare: $LINEARNEXUS_SHAKESPEARE, the "
@@ -120,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"steps between metric records (default {default['log_interval']})")
     t.add_argument("--seed", type=int_at_least(0), default=None,
                    help=f"seed of the model init and the batch order (default {default['seed']})")
+    t.add_argument("--mesh", metavar="SPEC", default=None,
+                   help="device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, context, tensor) "
+                        "or auto (all devices on fsdp); default one device (docs/distributed.md)")
     r = p.add_argument_group("run")
     r.add_argument("--out", metavar="DIR", default=None,
                    help="run folder (default: the config's out_dir, else runs/<model>)")
@@ -183,6 +192,13 @@ def _resolve(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[Any
             raise UsageError(f"--config: {e}") from None
     overrides = {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items()
                  if getattr(args, flag) is not None}
+    if args.init_hf is not None:
+        if args.model is not None or model_section:
+            raise UsageError("--init-hf: the model comes from the checkpoint; drop --model and "
+                             "the config file's model section")
+        if args.tokenizer is not None or args.vocab_size is not None:
+            raise UsageError("--init-hf: the checkpoint's tokenizer is used; drop --tokenizer / --vocab-size")
+        overrides["init_hf"] = str(Path(args.init_hf).expanduser().absolute())
     if args.no_progress:
         overrides["progress"] = False
 
@@ -190,7 +206,8 @@ def _resolve(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[Any
     out = args.out or train_section.get("out_dir")
     if out is None:
         name = args.model or model_section.get("preset") or (
-            Path(args.config).stem if args.config else DEFAULT_PRESET)
+            Path(args.config).stem if args.config else
+            Path(args.init_hf).name if args.init_hf else DEFAULT_PRESET)
         out = os.path.join("runs", name)
     overrides["out_dir"] = str(out)
     _check_out_dir(str(out))
@@ -230,6 +247,14 @@ def _resolve(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[Any
                 raise UsageError(f"--optimizer: the run in {out} was trained with "
                                  f"{saved_train['optimizer']!r}, whose state cannot become "
                                  f"{train.optimizer!r}'s; drop --optimizer or use another --out")
+        elif args.init_hf is not None:
+            from linearnexus import hf
+
+            try:
+                model_config = hf.pretrained_config(args.init_hf)
+            except (FileNotFoundError, hf.UnsupportedCheckpointError) as e:
+                raise UsageError(f"--init-hf: {e}") from None
+            train = TrainConfig.from_dict({**train_section, **overrides})
         else:
             model_config = resolve_model_config(
                 model_section, args.model or (None if model_section else DEFAULT_PRESET))
@@ -243,7 +268,24 @@ def _resolve(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[Any
     if train.seq_len > model_config.max_seq_len:
         raise UsageError(f"--seq-len: {train.seq_len} exceeds the model's max_seq_len="
                          f"{model_config.max_seq_len}")
+    if train.mesh is not None:  # before the data is prepared or anything compiles
+        from linearnexus.parallel import MeshError, make_mesh, validate_model
+
+        try:
+            validate_model(make_mesh(train.mesh), model_config, batch_size=train.batch_size,
+                           seq_len=train.seq_len)
+        except MeshError as e:
+            raise UsageError(f"--mesh: {e}") from None
     return model_config, train, args.resume and saved is not None
+
+
+def _hf_tokenizer(path: str) -> Any:
+    from linearnexus import hf
+
+    try:
+        return hf.load_tokenizer(path)
+    except FileNotFoundError as e:
+        raise UsageError(f"--init-hf: {e}") from None
 
 
 def _print_sample(model: Any, tokenizer: Any, n_tokens: int, seed: int, window: int) -> None:
@@ -293,16 +335,22 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     if args.overwrite:
         clear_run(out_dir)
     data_dir = Path(args.data_cache) if args.data_cache else out_dir / "data"
+    pretrained_tok = _hf_tokenizer(train.init_hf) if train.init_hf else None
     try:
-        prepared = prepare_dataset(text_path, data_dir, tokenizer=train.tokenizer,
+        prepared = prepare_dataset(text_path, data_dir, tokenizer=pretrained_tok or train.tokenizer,
                                    val_fraction=train.val_fraction, vocab_size=train.bpe_vocab_size)
     except ValueError as e:
         raise UsageError(f"data: {e}") from None
-    tokenizer = prepared.load_tokenizer()
+    tokenizer = pretrained_tok or prepared.load_tokenizer()
     print(f"data: {text_path} -> {data_dir} ({'reused' if prepared.reused else 'prepared'}): "
           f"{prepared.train_tokens:,} train / {prepared.val_tokens:,} val tokens, "
           f"{prepared.tokenizer_kind} vocab {prepared.vocab_size}")
-    if model_config.vocab_size != tokenizer.vocab_size:
+    if pretrained_tok is not None:
+        # a checkpoint's embedding may be padded past its tokenizer (mamba-130m: 50280 / 50277)
+        if tokenizer.vocab_size > model_config.vocab_size:
+            raise UsageError(f"--init-hf: the tokenizer has {tokenizer.vocab_size} tokens but the "
+                             f"model only {model_config.vocab_size} embeddings")
+    elif model_config.vocab_size != tokenizer.vocab_size:
         if resuming:
             raise UsageError(f"data: the tokenizer has {tokenizer.vocab_size} tokens but the checkpoint's "
                              f"model has vocab_size={model_config.vocab_size}")
@@ -312,7 +360,12 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
             raise UsageError(f"data: the {name} split has {n} tokens, fewer than --seq-len + 1 = "
                              f"{train.seq_len + 1}")
 
-    model = create_model(model_config, seed=train.seed)
+    if train.init_hf and not resuming:  # on resume the checkpoint's weights are loaded instead
+        from linearnexus import hf
+
+        model = hf.from_pretrained(train.init_hf, dtype=model_config.dtype)
+    else:
+        model = create_model(model_config, seed=train.seed)
     print(f"model: {model.num_params():,} parameters, layers {list(model_config.layer_types)}, "
           f"d_model {model_config.d_model}")
     print(f"train: {train.optimizer}, lr {train.lr:g}, {train.max_steps} steps of "

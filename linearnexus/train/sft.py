@@ -32,6 +32,7 @@ A run holds ``out_dir/run.lock`` while it trains.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -140,9 +141,13 @@ class TrainConfig(ConfigBase):
         tokenizer / bpe_vocab_size / val_fraction / data: how the command line prepares
             data (``char`` or ``bpe``; BPE vocabulary; held-out share; text file, None =
             TinyShakespeare). The trainer itself does not read them.
+        init_hf: a Hugging Face checkpoint folder the run started from (``train_lm.py
+            --init-hf``): its weights at step 0, its tokenizer for the data; None = none.
         seed: model init, batch order and Sophia's label sampling.
         out_dir: run folder (metrics, plot, checkpoints).
         progress: show a tqdm bar when stderr is a terminal.
+        mesh: device mesh spec (``"data=2,fsdp=4"``, ``"auto"``; ``linearnexus.parallel``);
+            None = one device. A run may resume on another mesh.
         verify_checkpoints: how a checkpoint is checked against its manifest before it is
             read: ``full`` (sizes, and SHA-256 of files up to 1 GiB), ``sizes`` or ``off``.
     """
@@ -176,6 +181,8 @@ class TrainConfig(ConfigBase):
     out_dir: str = "runs/default"
     progress: bool = True
     verify_checkpoints: str = field("full", choices=VERIFY_MODES)
+    init_hf: str | None = None
+    mesh: str | None = None
 
     def validate(self) -> None:
         if self.warmup_steps is not None and self.warmup_steps > self.max_steps:
@@ -198,7 +205,7 @@ class TrainConfig(ConfigBase):
 # (max_steps too when the schedule is constant; otherwise it moves the lr schedule)
 _HARMLESS_FIELDS = ("out_dir", "progress", "log_interval", "eval_interval", "eval_batches",
                     "checkpoint_interval", "keep_last_n", "keep_best", "data",
-                    "verify_checkpoints")
+                    "verify_checkpoints", "mesh")
 
 
 # ---- run-config files --------------------------------------------------------------------
@@ -371,9 +378,9 @@ def _loss_fn(graphdef: Any, params: Any, rest: Any, inputs: jax.Array, targets: 
     return cross_entropy_loss(logits, targets), nnx.to_pure_dict(new_rest)
 
 
-def _eval_fn(graphdef: Any) -> Callable[..., jax.Array]:
+def _eval_fn(graphdef: Any, placement: Any = None) -> Callable[..., jax.Array]:
     for cached_graphdef, fn in _EVALS:
-        if cached_graphdef == graphdef:
+        if cached_graphdef == graphdef and placement is None:
             return fn
 
     def mean_loss(params, rest, inputs, targets):  # [N, B, T] each -> []
@@ -381,15 +388,17 @@ def _eval_fn(graphdef: Any) -> Callable[..., jax.Array]:
                              (inputs, targets))
         return jnp.mean(losses)
 
+    if placement is not None:  # shardings pinned per trainer; not cached
+        return placement.jit_eval(mean_loss)
     fn = jax.jit(mean_loss)
     _EVALS.insert(0, (graphdef, fn))
     del _EVALS[_MAX_CACHED:]
     return fn
 
 
-def _compiled(graphdef: Any, tx: optax.GradientTransformation) -> _Steps:
+def _compiled(graphdef: Any, tx: optax.GradientTransformation, placement: Any = None) -> _Steps:
     for entry in _STEPS:
-        if entry.tx is tx and entry.graphdef == graphdef:
+        if entry.tx is tx and entry.graphdef == graphdef and placement is None:
             return entry
 
     def step(state: TrainState, inputs, targets, with_hessian: bool):
@@ -409,12 +418,15 @@ def _compiled(graphdef: Any, tx: optax.GradientTransformation) -> _Steps:
         params = optax.apply_updates(state.params, updates)
         return TrainState(params, rest, opt_state, rng), loss
 
+    # donated: XLA writes the new state into the old state's buffers (on a mesh, the
+    # placement also pins the state's and batches' shardings at the program's boundary)
+    jit = (functools.partial(jax.jit, donate_argnums=(0,)) if placement is None
+           else placement.jit_step)
     entry = _Steps(
-        graphdef, tx,
-        # donated: XLA writes the new state into the old state's buffers
-        jax.jit(lambda s, x, y: step(s, x, y, False), donate_argnums=(0,)),
-        jax.jit(lambda s, x, y: step(s, x, y, True), donate_argnums=(0,)),
-        _eval_fn(graphdef))
+        graphdef, tx, jit(lambda s, x, y: step(s, x, y, False)),
+        jit(lambda s, x, y: step(s, x, y, True)), _eval_fn(graphdef, placement))
+    if placement is not None:
+        return entry
     _STEPS.insert(0, entry)
     del _STEPS[_MAX_CACHED:]
     return entry
@@ -634,11 +646,18 @@ class SFTTrainer:
         self.lr_schedule = lr_schedule
         self.state = TrainState(params, rest, tx.init(params),
                                 jax.random.PRNGKey(config.seed))
+        self.placement = None  # the state's layout on a device mesh (config.mesh)
+        if config.mesh is not None:
+            from linearnexus.parallel import Placement
+
+            self.placement = Placement.create(config.mesh, self.state, model_config,
+                                              batch_size=config.batch_size, seq_len=config.seq_len)
+            self.state = self.placement.place_state(self.state)
         self.step = 0
         self.elapsed_before = 0.0  # wall time of earlier sessions of this run
         self.restored_metrics: dict[str, Any] = {}  # of the checkpoint resumed from
         self.uses_hessian = config.optimizer == "sophia"
-        self._fns = _compiled(self.graphdef, tx)
+        self._fns = _compiled(self.graphdef, tx, self.placement)
         self._eval_batches = self._make_eval_batches()
 
     def _make_eval_batches(self) -> tuple[jax.Array, jax.Array] | None:
@@ -649,6 +668,8 @@ class SFTTrainer:
         batches = [loader.get_batch(i) for i in range(self.config.eval_batches)]
         inputs = np.stack([b[0] for b in batches])  # [N, B, T]
         targets = np.stack([b[1] for b in batches])  # [N, B, T]
+        if self.placement is not None:
+            return self.placement.place_batch(inputs, targets, eval=True)
         return jnp.asarray(inputs), jnp.asarray(targets)
 
     # -- public pieces -----------------------------------------------------------------------
@@ -661,6 +682,8 @@ class SFTTrainer:
             fn = self._fns.step_hessian
         else:
             fn = self._fns.step
+        if self.placement is not None:
+            inputs, targets = self.placement.place_batch(inputs, targets)
         # the old state is donated (its buffers are reused), so it is replaced whole
         self.state, loss = fn(self.state, inputs, targets)
         self.step += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from linearnexus.core.hooks import overridable
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array
 from linearnexus.kernels.common.backends import DEFAULT_ORDER, check_and_run, make_backends
@@ -24,6 +25,7 @@ BACKENDS["pallas"] = PallasKernel(delta_rule_pallas, delta_rule_recurrent)
 BACKEND_ORDER = ("pallas", *DEFAULT_ORDER)
 
 
+@overridable("delta_rule")  # context parallelism re-routes it (linearnexus.parallel)
 def delta_rule(
     q: Array,
     k: Array,

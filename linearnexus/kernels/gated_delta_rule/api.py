@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from linearnexus.core.hooks import overridable
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array
 from linearnexus.kernels.common.backends import DEFAULT_ORDER, check_and_run, make_backends
@@ -25,6 +26,7 @@ BACKENDS["pallas"] = PallasKernel(gated_delta_rule_pallas, gated_delta_rule_recu
 BACKEND_ORDER = ("pallas", *DEFAULT_ORDER)
 
 
+@overridable("gated_delta_rule")  # context parallelism re-routes it (linearnexus.parallel)
 def gated_delta_rule(
     q: Array,
     k: Array,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from linearnexus.core.hooks import overridable
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array
 from linearnexus.kernels.common.backends import DEFAULT_ORDER, check_and_run, make_backends
@@ -22,6 +23,7 @@ BACKENDS["pallas"] = PallasKernel(gla_pallas, gla_recurrent)
 BACKEND_ORDER = ("pallas", *DEFAULT_ORDER)
 
 
+@overridable("gla")  # context parallelism re-routes it (linearnexus.parallel)
 def gla(
     q: Array,
     k: Array,

@@ -9,6 +9,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
+from linearnexus.core.hooks import overridable
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array, DType, is_float_dtype
 from linearnexus.kernels.base import GridConfig, current_platform, dispatch, resolve_mode
@@ -140,6 +141,7 @@ def validate_selective_scan_inputs(x, dt, A, B, C, D=None, z=None, dt_bias=None,
            "[B, C, N]" if cu_seqlens is None else "[N_seq, C, N] (one per packed sequence)")
 
 
+@overridable("selective_scan")  # context parallelism re-routes it (linearnexus.parallel)
 def selective_scan(
     x: Array,
     dt: Array,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from linearnexus.core.hooks import overridable
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array
 from linearnexus.kernels.common.backends import DEFAULT_ORDER, check_and_run, make_backends
@@ -24,6 +25,7 @@ BACKENDS["pallas"] = PallasKernel(simple_gla_pallas, simple_gla_recurrent)
 BACKEND_ORDER = ("pallas", *DEFAULT_ORDER)
 
 
+@overridable("simple_gla")  # context parallelism re-routes it (linearnexus.parallel)
 def simple_gla(
     q: Array,
     k: Array,

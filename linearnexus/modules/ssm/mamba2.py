@@ -16,9 +16,9 @@ Head ``h`` reads group ``h // (H / G)`` of B and C. The state is a
 
 Follows the reference ``mamba_ssm.modules.mamba2.Mamba2`` (defaults, initialisation, the
 single in_proj, one conv over x, B and C, ``RMSNormGated(norm_before_gate=False)`` with
-``group_size = E / G``). Left out of the reference: ``d_ssm < d_inner`` (a partial SSM with an
-extra MLP path), ``dt_limit`` clamping (its default ``(0, inf)`` is a no-op) and
-``D_has_hdim`` (D per head, as the reference's default).
+``group_size = E / G``), including its ``dt_limit`` clamp and ``D_has_hdim`` (both off by
+default). Left out of the reference: ``d_ssm < d_inner`` (a partial SSM with an extra MLP
+path).
 """
 
 from __future__ import annotations
@@ -76,6 +76,10 @@ class Mamba2Config(BlockConfig):
         kernel_backend: one of :data:`~linearnexus.modules.base.KERNEL_BACKENDS`: "auto"
             (best available), "jax", "naive" (the per-step reference) or "pallas" (simple
             GLA's Triton kernels, which the SSD op runs through).
+        D_has_hdim: the skip ``D`` per channel, ``[H, P]`` (the reference's ``D_has_hdim``),
+            instead of per head ``[H]``.
+        dt_limit: ``(low, high)``: clamp ``softplus(dt + dt_bias)`` to it (the reference's
+            ``dt_limit``; transformers' ``time_step_limit``); None = no clamp.
     """
 
     d_state: int = field(64, gt=0)
@@ -94,8 +98,13 @@ class Mamba2Config(BlockConfig):
     chunk_size: int = field(64, gt=0)
     mode_threshold: int = field(64, gt=0)
     kernel_backend: str = field("auto", choices=KERNEL_BACKENDS)
+    D_has_hdim: bool = False
+    dt_limit: tuple[float, float] | None = None
 
     def validate(self) -> None:
+        if self.dt_limit is not None:
+            if len(self.dt_limit) != 2 or not 0 <= self.dt_limit[0] < self.dt_limit[1]:
+                raise ConfigError(f"dt_limit: need (low, high) with 0 <= low < high, got {self.dt_limit}")
         if self.d_inner % self.headdim:
             raise ConfigError(
                 f"headdim: must divide d_inner = expand * d_model = {self.d_inner}, got {self.headdim}")
@@ -143,7 +152,7 @@ class Mamba2Block(nnx.Module):
       default ``U(+-1/sqrt(W))``, with bias (``conv_bias``).
     * ``A_log`` ``[H]``: ``log(U(A_init_range))``; ``dt_bias`` ``[H]``: ``inverse_softplus(dt)``
       with ``dt`` log-uniform in ``[dt_min, dt_max]``, floored at ``dt_init_floor``;
-      ``D`` ``[H]``: ones; ``norm.scale`` ``[E]``: ones.
+      ``D`` ``[H]`` (``[H, P]`` with ``D_has_hdim``): ones; ``norm.scale`` ``[E]``: ones.
     """
 
     #: the mechanism this block runs (its op in OP_REGISTRY; the README's feature table reads it)
@@ -165,7 +174,7 @@ class Mamba2Block(nnx.Module):
         self.A_log = nnx.Param(jnp.log(a).astype(pdtype))
         self.dt_bias = nnx.Param(sample_dt_bias(
             rngs.params(), (h,), cfg.dt_min, cfg.dt_max, cfg.dt_init_floor, pdtype))
-        self.D = nnx.Param(jnp.ones((h,), pdtype))
+        self.D = nnx.Param(jnp.ones((h, cfg.headdim) if cfg.D_has_hdim else (h,), pdtype))
         self.norm = (GatedRMSNorm(e, eps=cfg.norm_eps, norm_before_gate=False,
                                   group_size=e // cfg.ngroups, dtype=dtype, param_dtype=pdtype)
                      if cfg.rmsnorm else None)
@@ -234,6 +243,8 @@ class Mamba2Block(nnx.Module):
         # softplus (softplus(0 + dt_bias) > 0), so pads neither decay nor write the state
         gate_dtype = math_dtype(dtype)
         dt = jax.nn.softplus(dt.astype(gate_dtype) + self.dt_bias[...].astype(gate_dtype))
+        if cfg.dt_limit is not None:
+            dt = jnp.clip(dt, *cfg.dt_limit)
         dt = inert(dt, call)  # [B, T, H]
         A = -jnp.exp(self.A_log[...].astype(gate_dtype))  # [H]
         y, ssm_state = ssd(xs, dt, A, b_t, c_t, D=self.D[...], initial_state=state.recurrent.state,
