@@ -238,21 +238,26 @@ def op_families(ops: Sequence[str]) -> list[list[str]]:
 
 
 def _run_jobs(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """Run the checks in ``args.jobs`` child processes, op families and blocks dealt out
-    round-robin, largest first; exit 1 if any child failed."""
+    """Run the checks in ``args.jobs`` child processes (op families and blocks dealt out by
+    estimated cost); exit 1 if any child failed."""
     import subprocess
 
-    families = sorted(op_families(args.ops if args.ops is not None else sorted(OP_REGISTRY)),
-                      key=len, reverse=True)
+    families = op_families(args.ops if args.ops is not None else sorted(OP_REGISTRY))
     blocks = args.blocks if args.blocks is not None else sorted(LAYER_REGISTRY)
+    # deal the work out largest first to the least loaded job; the cost unit is one op check
+    # (an op has about four per backend, a block's forward + decode step costs about three)
+    items = [(4 * sum(len(kernels_for(op)) - 1 for op in fam), fam, []) for fam in families]
+    items += [(3, [], [name]) for name in blocks]
+    jobs: list[tuple[int, list[str], list[str]]] = [(0, [], []) for _ in range(args.jobs)]
+    for cost, ops, names in sorted(items, key=lambda item: -item[0]):
+        i = min(range(args.jobs), key=lambda j: jobs[j][0])
+        jobs[i] = (jobs[i][0] + cost, jobs[i][1] + ops, jobs[i][2] + names)
     passthrough = [a for a in ("--optimize",) if getattr(args, a[2:])]
     if args.backends:
         passthrough += ["--backends", *args.backends]
     children = []
     start = time.perf_counter()
-    for i in range(args.jobs):
-        job_ops = [op for fam in families[i::args.jobs] for op in fam]
-        job_blocks = blocks[(args.jobs - 1 - i)::args.jobs]  # the job with fewer ops gets more blocks
+    for _, job_ops, job_blocks in jobs:
         cmd = [sys.executable, "-m", "linearnexus.tools.smoke", "--ops", *job_ops,
                "--blocks", *job_blocks, *passthrough]
         children.append(subprocess.Popen(cmd))
