@@ -5,16 +5,22 @@ How a batch of prompts is decoded::
     prompts (lists of ids, any lengths)
       -> left-pad to a bucket length P (extra pads are masked out)   [B, P] ids + [B, P] mask
       -> prefill: ONE model call in chunk mode over the whole batch  -> state, logits[:, -1]
-      -> repeat: step(params, tokens [B, 1], state, key)             recurrent mode, jitted once
-                 -> (next [B], new state, key)
+      -> sample the first token of every row
+      -> decode loop: lax.while_loop of step(tokens [B, 1], state, key) in recurrent mode,
+         sampling, stop check, finished mask, [B, LOOP_CHUNK] token buffer: all on the
+         device, one host sync per LOOP_CHUNK tokens (``loop="host"``: one jitted step per
+         token from Python, the reference; same tokens for the same seed)
 
 Left padding puts the last real token of every row in the last column, so the prefill's
 ``logits[:, -1]`` is the next-token distribution of every row. The blocks compact valid
 tokens out of the padding (KV caches hold only real tokens, SSM states never see pads).
 
-Compilation: the prefill compiles once per (batch size, bucket length) and the decode step
-once per batch size, for one model and one (temperature, top_k, top_p) setting; other
-sampling fields (seed, max_new_tokens, stop_tokens) never recompile. Prompt buckets
+Compilation: the prefill compiles once per (model structure, batch size, bucket length), the
+decode loop and step once per batch size for one model structure and one (temperature,
+top_k, top_p) setting; other sampling fields (seed, max_new_tokens, stop_tokens) never
+recompile. Weights: see :func:`inference_params` (``weights="compute"`` stores Linear and
+embedding weights in their compute dtype once, e.g. bf16). Continuous batching:
+:mod:`linearnexus.serving`. Guide: ``docs/generation.md``. Prompt buckets
 (:func:`prompt_bucket`) are 16, 32, 64, 128, 256, 512, then multiples of 512, capped at the
 model's ``max_seq_len`` for models with attention caches. :func:`trace_counts` reports how
 many times each function was traced (= compiled) in this process.
@@ -39,9 +45,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from linearnexus.core.compile_cache import CompileCache
 from linearnexus.core.config import ConfigBase, ConfigError, field
 from linearnexus.core.types import Array
 from linearnexus.models import LMModel, ModelState
+from linearnexus.modules.common import Embedding
 
 PAD_ID = 0  # token fed to padding slots and finished rows; masked out or cut, so any id works
 
@@ -52,9 +60,12 @@ def trace_counts() -> dict[str, int]:
     """How many times the prefill and decode-step functions were traced in this process.
 
     ``jax.jit`` traces once per new input signature and compiles what it traces, so this
-    counts compilations: ``{"prefill": n, "decode": m}``.
+    counts compilations: ``{"prefill", "decode", "loop", "serve_insert", "serve_loop"}``
+    (the per-step host path compiles ``decode``, the on-device loop ``loop``, continuous
+    batching (:mod:`linearnexus.serving`) the last two).
     """
-    return {"prefill": _TRACES["prefill"], "decode": _TRACES["decode"]}
+    return {name: _TRACES[name] for name in ("prefill", "decode", "loop", "serve_insert",
+                                             "serve_loop")}
 
 
 # ---- sampling config and pure sampling functions -----------------------------------------
@@ -276,47 +287,175 @@ def check_capacity(model: LMModel, prompt_len: int, max_new_tokens: int) -> None
             f"max_seq_len")
 
 
-# ---- compiled prefill and decode step ----------------------------------------------------
+# ---- compiled prefill, decode step and on-device decode loop -----------------------------
+
+LOOP_CHUNK = 256  # most decode steps one device call runs (its token buffer's width)
+_STOP_SLOTS = 8  # stop ids are padded with -1 to a multiple of this (few shapes, few compiles)
 
 
 class _Compiled(NamedTuple):
-    graphdef: Any
-    prefill: Callable[..., tuple[Array, ModelState, Array]]
+    sample_first: Callable[..., tuple[Array, Array]]
     step: Callable[..., tuple[Array, ModelState, Array]]
+    loop: Callable[..., tuple[Array, Array, Array, ModelState, Array, Array]]
 
 
-# model -> {sampler key -> compiled functions}; weak so dropping a model frees its executables
-_COMPILED: weakref.WeakKeyDictionary[LMModel, dict[tuple, _Compiled]] = weakref.WeakKeyDictionary()
+# (model structure, sampler setting) -> compiled functions; models of one structure share
+# them. The prefill (the costliest compile) does not depend on the sampler: cached apart.
+_COMPILED: CompileCache[_Compiled] = CompileCache(max_entries=16)
+_PREFILL: CompileCache[Callable[..., tuple[Array, ModelState]]] = CompileCache(max_entries=16)
 
 
-def _build(graphdef: Any, cfg: SamplingConfig) -> _Compiled:
-    """jit the prefill and the decode step for one model structure and sampler setting."""
-    sampler = SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
-
-    def prefill(params: Any, tokens: Array, mask: Array, key: Array):
+def _build_prefill(graphdef: Any) -> Callable[..., tuple[Array, ModelState]]:
+    def prefill(params: Any, tokens: Array, mask: Array) -> tuple[Array, ModelState]:
         _TRACES["prefill"] += 1  # runs at trace time only
         model = nnx.merge(graphdef, params)
         logits, state = model(tokens, state=None, mask=mask, mode="chunk")  # [B, P, V]
-        key, sub = jax.random.split(key)
         # left padding: column -1 is every row's last real token
-        return sample_next(logits[:, -1], sub, sampler), state, key
+        return logits[:, -1], state
+
+    return jax.jit(prefill)
+
+
+def _sampler(cfg: SamplingConfig) -> SamplingConfig:
+    return SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+
+
+def decode_step(graphdef: Any, sampler: SamplingConfig, params: Any, tokens: Array,
+                state: ModelState, key: Array) -> tuple[Array, ModelState, Array]:
+    """One recurrent-mode model call on ``tokens [B, 1]`` and one sampled token per row.
+
+    Pure (traceable): the body of :attr:`Decoder.step_fn` and of the on-device loop.
+
+    Returns:
+        ``(next [B] int32, new_state, key)``; ``key`` is split once, the sample drawn with
+        the second half.
+    """
+    model = nnx.merge(graphdef, params)
+    logits, new_state = model(tokens, state=state, mode="recurrent")  # [B, 1, V]
+    key, sub = jax.random.split(key)
+    return sample_next(logits[:, -1], sub, sampler), new_state, key
+
+
+def _build(graphdef: Any, cfg: SamplingConfig) -> _Compiled:
+    """jit the prefill, the decode step and the decode loop for one model structure and
+    sampler setting."""
+    sampler = _sampler(cfg)
+
+    def sample_first(logits: Array, key: Array) -> tuple[Array, Array]:
+        key, sub = jax.random.split(key)
+        return sample_next(logits, sub, sampler), key
 
     def step(params: Any, tokens: Array, state: ModelState, key: Array):
         _TRACES["decode"] += 1  # runs at trace time only
-        model = nnx.merge(graphdef, params)
-        logits, new_state = model(tokens, state=state, mode="recurrent")  # [B, 1, V]
-        key, sub = jax.random.split(key)
-        return sample_next(logits[:, -1], sub, sampler), new_state, key
+        return decode_step(graphdef, sampler, params, tokens, state, key)
+
+    def loop(params: Any, nxt: Array, state: ModelState, key: Array, done: Array, stops: Array,
+             n: Array, first: Array, pad_id: Array):
+        """Up to ``n`` tokens per row in one program (see :meth:`Decoder.run`)."""
+        _TRACES["loop"] += 1  # runs at trace time only
+        batch = nxt.shape[0]
+        # first call: `nxt` is the prefill's token, recorded in column 0; later calls: `nxt`
+        # was recorded by the previous call and the loop starts with a step
+        done = jnp.where(first, done | jnp.isin(nxt, stops), done)
+        buf = jnp.full((batch, LOOP_CHUNK), -1, jnp.int32)
+        buf = buf.at[:, 0].set(jnp.where(first & ~done, nxt, -1))
+
+        def cond(carry):
+            i, _, _, _, done, _ = carry
+            return (i < n) & ~jnp.all(done)
+
+        def body(carry):
+            i, nxt, state, key, done, buf = carry
+            feed = jnp.where(done, pad_id, nxt)[:, None]  # [B, 1]; finished rows get pads
+            nxt, state, key = decode_step(graphdef, sampler, params, feed, state, key)
+            done = done | jnp.isin(nxt, stops)
+            col = jnp.where(done, -1, nxt)[:, None]  # [B, 1]
+            return i + 1, nxt, state, key, done, jax.lax.dynamic_update_slice(buf, col, (0, i))
+
+        i, nxt, state, key, done, buf = jax.lax.while_loop(
+            cond, body, (first.astype(jnp.int32), nxt, state, key, done, buf))
+        return buf, i, nxt, state, key, done
 
     # donating the state lets XLA update KV caches in place instead of copying them per token
-    return _Compiled(graphdef, jax.jit(prefill), jax.jit(step, donate_argnums=(2,)))
+    return _Compiled(jax.jit(sample_first), jax.jit(step, donate_argnums=(2,)),
+                     jax.jit(loop, donate_argnums=(2,)))
+
+
+def stop_array(stop_tokens: Sequence[int]) -> Array:
+    """``[S]`` int32 stop ids padded with -1 (never sampled) to a multiple of 8, so the
+    number of stop tokens rarely changes a compiled shape."""
+    size = max(_STOP_SLOTS, -(-len(stop_tokens) // _STOP_SLOTS) * _STOP_SLOTS)
+    out = np.full(size, -1, np.int32)
+    out[: len(stop_tokens)] = stop_tokens
+    return jnp.asarray(out)
+
+
+# ---- inference weights -------------------------------------------------------------------
+
+WEIGHTS = ("compute", "stored")
+
+# modules that cast their parameters to their own ``dtype`` on every call: storing those
+# parameters in that dtype once gives the same result without the per-step conversion
+_CASTING_MODULES: tuple[type, ...] = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv,
+                                      Embedding)
+# (model -> (stored leaves, weakly), cast params) so repeated calls reuse one cast copy
+_CAST: weakref.WeakKeyDictionary[LMModel, tuple[list[Any], Any]] = weakref.WeakKeyDictionary()
+
+
+def inference_params(model: LMModel, weights: str = "compute") -> Any:
+    """The model's ``nnx.State`` for decoding.
+
+    Args:
+        model: the language model.
+        weights: ``"compute"``: the weights of modules that compute in another dtype than
+            they store (``nnx.Linear``, ``nnx.Einsum``, ``nnx.Conv``, the embedding: a bf16
+            model trained with float32 master weights) are cast to that compute dtype once
+            here, so a decode step reads half the bytes and does not convert them per step;
+            the outputs are bit-identical, as those modules cast the same way on every call.
+            Scalars and vectors the blocks use in float32 (norm scales, decay rates) keep
+            their stored dtype. ``"stored"``: the parameters as stored.
+
+    Returns:
+        ``nnx.State`` of ``model`` (the cast copy is cached until a parameter changes).
+
+    Raises:
+        ValueError: unknown ``weights``.
+    """
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights: expected one of {WEIGHTS}, got {weights!r}")
+    _, params = nnx.split(model)
+    if weights == "stored":
+        return params
+    targets: dict[tuple, Any] = {}
+    for path, node in nnx.iter_graph(model):
+        dtype = getattr(node, "dtype", None)
+        if isinstance(node, _CASTING_MODULES) and dtype is not None:
+            targets[tuple(path)] = jnp.dtype(dtype)
+    flat = nnx.to_flat_state(params)
+    leaves = [v.get_value() for _, v in flat]
+    cached = _CAST.get(model)
+    if cached is not None and len(cached[0]) == len(leaves) and all(
+            ref() is leaf for ref, leaf in zip(cached[0], leaves, strict=True)):
+        return cached[1]
+    todo = {path: targets[path[:-1]] for path, v in flat
+            if path[:-1] in targets and isinstance(v, nnx.Param)
+            and jnp.issubdtype(v.get_value().dtype, jnp.floating)
+            and v.get_value().dtype != targets[path[:-1]]}
+    if not todo:
+        return params
+    cast = {path: v.replace(v.get_value().astype(todo[path])) if path in todo else v
+            for path, v in flat}
+    out = nnx.from_flat_state(cast)
+    _CAST[model] = ([weakref.ref(leaf) for leaf in leaves], out)
+    return out
 
 
 class Decoder:
-    """The compiled prefill and decode step of one model under one sampling setting.
+    """The compiled prefill, decode step and decode loop of one model under one sampling
+    setting.
 
     The parameters are read from ``model`` when the Decoder is made; make a new one after
-    changing them (the compiled functions are cached per model and reused).
+    changing them (the compiled functions are cached per model structure and reused).
 
     Example::
 
@@ -325,18 +464,17 @@ class Decoder:
         nxt, state, key = dec.step(nxt[:, None], state, key)            # one more token
     """
 
-    def __init__(self, model: LMModel, cfg: SamplingConfig | None = None) -> None:
+    def __init__(self, model: LMModel, cfg: SamplingConfig | None = None, *,
+                 weights: str = "compute") -> None:
         if not isinstance(model, LMModel):
             raise TypeError(f"model: expected an LMModel, got {type(model).__name__}")
         cfg = SamplingConfig() if cfg is None else cfg
         self.model = model
         self.cfg = cfg
-        graphdef, self.params = nnx.split(model)
-        per_model = _COMPILED.setdefault(model, {})
-        entry = per_model.get(cfg.sampler_key())
-        if entry is None or entry.graphdef != graphdef:  # structure changed: rebuild
-            entry = per_model[cfg.sampler_key()] = _build(graphdef, cfg)
-        self._compiled = entry
+        graphdef, _ = nnx.split(model)
+        self.params = inference_params(model, weights)
+        self._compiled = _COMPILED.get(graphdef, cfg.sampler_key(), lambda: _build(graphdef, cfg))
+        self._prefill = _PREFILL.get(graphdef, None, lambda: _build_prefill(graphdef))
 
     @property
     def step_fn(self) -> Callable[..., tuple[Array, ModelState, Array]]:
@@ -355,8 +493,15 @@ class Decoder:
         Returns:
             ``(next [B] int32, state, key)``; the state holds only the real tokens.
         """
-        return self._compiled.prefill(self.params, jnp.asarray(tokens, jnp.int32),
-                                      jnp.asarray(mask, bool), key)
+        last, state = self.prefill_logits(tokens, mask)
+        nxt, key = self._compiled.sample_first(last, key)
+        return nxt, state, key
+
+    def prefill_logits(self, tokens: Array | np.ndarray,
+                       mask: Array | np.ndarray) -> tuple[Array, ModelState]:
+        """:meth:`prefill` without the sampling: ``(next-token logits [B, V], state)``
+        (compiled once per model structure and shape, whatever the sampler)."""
+        return self._prefill(self.params, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool))
 
     def step(self, tokens: Array | np.ndarray, state: ModelState,
              key: Array) -> tuple[Array, ModelState, Array]:
@@ -365,6 +510,37 @@ class Decoder:
         Returns ``(next [B] int32, new_state, key)``; ``state`` is donated (do not reuse it).
         """
         return self._compiled.step(self.params, jnp.asarray(tokens, jnp.int32), state, key)
+
+    def run(self, nxt: Array, state: ModelState, key: Array, done: Array, stops: Array, n: int,
+            *, first: bool, pad_id: int = PAD_ID
+            ) -> tuple[Array, Array, Array, ModelState, Array, Array]:
+        """Decode up to ``n`` tokens per row in one compiled program (``lax.while_loop``).
+
+        Same tokens, PRNG stream and stop rule as calling :meth:`step` ``n`` times from the
+        host: a row is done at its first stop token; done rows are fed ``pad_id``; the loop
+        ends early once every row is done.
+
+        Args:
+            nxt: ``[B]`` int32, the last sampled token (from :meth:`prefill` or the last run).
+            state, key: as returned with ``nxt``; ``state`` is donated.
+            done: ``[B]`` bool, rows already finished (all False on the first run).
+            stops: ``[S]`` int32 stop ids padded with -1 (:func:`stop_array`).
+            n: tokens to produce this call, ``1 <= n <= LOOP_CHUNK`` (traced: no recompile).
+            first: ``nxt`` comes from the prefill and is recorded as this run's first token.
+            pad_id: the id fed to finished rows.
+
+        Returns:
+            ``(buf [B, LOOP_CHUNK] int32, count [] int32, nxt, state, key, done)``: the first
+            ``count`` columns of ``buf`` hold this run's tokens, -1 where a row had finished
+            (its stop token included).
+
+        Raises:
+            ValueError: ``n`` outside ``[1, LOOP_CHUNK]``.
+        """
+        if not 1 <= n <= LOOP_CHUNK:
+            raise ValueError(f"n: expected 1 <= n <= {LOOP_CHUNK}, got {n}")
+        return self._compiled.loop(self.params, nxt, state, key, done, stops, jnp.int32(n),
+                                   jnp.asarray(first), jnp.int32(pad_id))
 
 
 # ---- generation loops --------------------------------------------------------------------
@@ -382,12 +558,12 @@ def _checked_cfg(cfg: SamplingConfig | None, vocab_size: int) -> SamplingConfig:
     return cfg
 
 
-def _token_steps(model: LMModel, rows: list[list[int]], cfg: SamplingConfig,
-                 pad_id: int) -> Iterator[np.ndarray]:
-    """Yield each step's new tokens ``[B]`` int32, with -1 for rows that have finished
-    (a row's stop token is reported as -1 too). Ends when all rows finished or after
-    ``max_new_tokens`` steps."""
-    dec = Decoder(model, cfg)
+def _host_steps(model: LMModel, rows: list[list[int]], cfg: SamplingConfig, pad_id: int,
+                weights: str) -> Iterator[np.ndarray]:
+    """The per-step host loop (the reference the device loop is tested against): yield each
+    step's new tokens ``[B, 1]`` int32, -1 for rows that have finished (a row's stop token is
+    reported as -1 too). Ends when all rows finished or after ``max_new_tokens`` steps."""
+    dec = Decoder(model, cfg, weights=weights)
     tokens, mask = left_pad(rows, prompt_bucket(max(map(len, rows)), cache_limit(model)), pad_id)
     nxt, state, key = dec.prefill(tokens, mask, jax.random.key(cfg.seed))
     stops = np.asarray(cfg.stop_tokens, np.int32)
@@ -395,15 +571,42 @@ def _token_steps(model: LMModel, rows: list[list[int]], cfg: SamplingConfig,
     for i in range(cfg.max_new_tokens):
         host = np.asarray(nxt)
         done |= np.isin(host, stops)
-        yield np.where(done, -1, host).astype(np.int32)
+        yield np.where(done, -1, host).astype(np.int32)[:, None]
         if done.all() or i == cfg.max_new_tokens - 1:
             return
         feed = np.where(done, pad_id, host).astype(np.int32)[:, None]  # [B, 1]
         nxt, state, key = dec.step(feed, state, key)
 
 
+def _device_steps(model: LMModel, rows: list[list[int]], cfg: SamplingConfig, pad_id: int,
+                  weights: str, sync_every: int | None = None) -> Iterator[np.ndarray]:
+    """The on-device loop: yield ``[B, n]`` int32 blocks of new tokens (-1 where a row had
+    finished), one host sync per block of at most ``sync_every`` (default
+    :data:`LOOP_CHUNK`) tokens."""
+    sync_every = LOOP_CHUNK if sync_every is None else sync_every
+    dec = Decoder(model, cfg, weights=weights)
+    tokens, mask = left_pad(rows, prompt_bucket(max(map(len, rows)), cache_limit(model)), pad_id)
+    nxt, state, key = dec.prefill(tokens, mask, jax.random.key(cfg.seed))
+    stops = stop_array(cfg.stop_tokens)
+    done = jnp.zeros(len(rows), bool)
+    produced = 0
+    while produced < cfg.max_new_tokens:
+        n = min(sync_every, cfg.max_new_tokens - produced)
+        buf, count, nxt, state, key, done = dec.run(nxt, state, key, done, stops, n,
+                                                    first=produced == 0, pad_id=pad_id)
+        block = np.asarray(buf[:, : int(count)])  # the host sync of this block
+        yield block
+        produced += block.shape[1]
+        if block.shape[1] < n or (block[:, -1] < 0).all():  # every row finished
+            return
+
+
+LOOPS = ("device", "host")
+
+
 def generate(model: LMModel, prompts: Sequence[Sequence[int]] | Array | np.ndarray,
-             cfg: SamplingConfig | None = None, *, pad_id: int = PAD_ID) -> list[list[int]]:
+             cfg: SamplingConfig | None = None, *, pad_id: int = PAD_ID, loop: str = "device",
+             weights: str = "compute") -> list[list[int]]:
     """Continue a batch of prompts of any lengths.
 
     Args:
@@ -411,6 +614,10 @@ def generate(model: LMModel, prompts: Sequence[Sequence[int]] | Array | np.ndarr
         prompts: a list of non-empty id lists, or a ``[B, T]`` int array (B prompts of T).
         cfg: sampling settings (None = ``SamplingConfig()``).
         pad_id: id fed at padding and for finished rows (masked out / cut from the output).
+        loop: ``"device"`` (default): the whole generation runs in one compiled
+            ``lax.while_loop`` per :data:`LOOP_CHUNK` tokens; ``"host"``: one jitted step
+            per token driven from Python (the reference; same tokens for the same seed).
+        weights: ``"compute"`` (default) or ``"stored"``, see :func:`inference_params`.
 
     Returns:
         per prompt, the new ids only (at most ``max_new_tokens``; shorter when the row
@@ -418,33 +625,48 @@ def generate(model: LMModel, prompts: Sequence[Sequence[int]] | Array | np.ndarr
 
     Raises:
         ValueError: empty or out-of-vocabulary prompts; ``longest prompt + max_new_tokens``
-            over ``max_seq_len`` for models with attention caches (checked before any work).
+            over ``max_seq_len`` for models with attention caches; unknown ``loop`` or
+            ``weights`` (all checked before any work).
         ConfigError (a ValueError): bad sampling settings (names the field).
         TypeError: wrong argument types.
     """
+    if loop not in LOOPS:
+        raise ValueError(f"loop: expected one of {LOOPS}, got {loop!r}")
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights: expected one of {WEIGHTS}, got {weights!r}")
     cfg = _checked_cfg(cfg, model.config.vocab_size)
     rows = _as_prompts(prompts, model.config.vocab_size)
     check_capacity(model, max(map(len, rows)), cfg.max_new_tokens)
     out: list[list[int]] = [[] for _ in rows]
     if cfg.max_new_tokens == 0:
         return out
-    for toks in _token_steps(model, rows, cfg, pad_id):
-        for r, tok in enumerate(toks.tolist()):
-            if tok >= 0:
-                out[r].append(tok)
+    steps = (_device_steps if loop == "device" else _host_steps)(model, rows, cfg, pad_id, weights)
+    for block in steps:
+        for r, toks in enumerate(block.tolist()):
+            out[r].extend(t for t in toks if t >= 0)
     return out
 
 
 def stream(model: LMModel, prompt: Sequence[int], cfg: SamplingConfig | None = None,
-           *, pad_id: int = PAD_ID) -> Iterator[int]:
+           *, pad_id: int = PAD_ID, sync_every: int = 1, weights: str = "compute") -> Iterator[int]:
     """Yield the new tokens of one prompt as they are produced.
 
     Same compiled functions, seed handling and stop rule as :func:`generate` with a batch of
     one, so ``list(stream(m, p, cfg)) == generate(m, [p], cfg)[0]``.
 
+    Args:
+        sync_every: tokens per host sync. 1 (default): the per-step host loop, each token
+            as soon as it exists; ``k > 1``: the on-device loop hands over blocks of ``k``
+            tokens (``k <= LOOP_CHUNK``), paying one host round trip per block.
+
     Raises:
-        as :func:`generate`, at the call (before the first token), not at the first ``next``.
+        as :func:`generate`, at the call (before the first token), not at the first ``next``;
+        ValueError: ``sync_every`` outside ``[1, LOOP_CHUNK]``.
     """
+    if not isinstance(sync_every, int) or not 1 <= sync_every <= LOOP_CHUNK:
+        raise ValueError(f"sync_every: expected an int in [1, {LOOP_CHUNK}], got {sync_every!r}")
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights: expected one of {WEIGHTS}, got {weights!r}")
     cfg = _checked_cfg(cfg, model.config.vocab_size)
     rows = _as_prompts([prompt], model.config.vocab_size)
     check_capacity(model, len(rows[0]), cfg.max_new_tokens)
@@ -452,10 +674,13 @@ def stream(model: LMModel, prompt: Sequence[int], cfg: SamplingConfig | None = N
     def tokens() -> Iterator[int]:
         if cfg.max_new_tokens == 0:
             return
-        for toks in _token_steps(model, rows, cfg, pad_id):
-            if toks[0] < 0:
-                return
-            yield int(toks[0])
+        steps = (_host_steps(model, rows, cfg, pad_id, weights) if sync_every == 1 else
+                 _device_steps(model, rows, cfg, pad_id, weights, sync_every))
+        for block in steps:
+            for tok in block[0].tolist():
+                if tok < 0:
+                    return
+                yield tok
 
     return tokens()
 
@@ -501,7 +726,8 @@ def generate_text(model: LMModel, tokenizer: Any, prompt: str, cfg: SamplingConf
 
 
 __all__ = [
-    "PAD_ID", "Decoder", "SamplingConfig", "apply_top_k", "apply_top_p", "cache_limit",
-    "check_capacity", "generate", "generate_text", "left_pad", "prompt_bucket", "sample_next",
-    "start_tokens", "stream", "trace_counts",
+    "LOOP_CHUNK", "PAD_ID", "Decoder", "SamplingConfig", "apply_top_k", "apply_top_p",
+    "cache_limit", "check_capacity", "decode_step", "generate", "generate_text",
+    "inference_params", "left_pad", "prompt_bucket", "sample_next", "start_tokens",
+    "stop_array", "stream", "trace_counts",
 ]

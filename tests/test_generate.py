@@ -179,11 +179,11 @@ def test_stop_tokens_end_rows(models, key, monkeypatch):
     cut = [row[: row.index(stop)] if stop in row else row for row in full]
     assert G.generate(model, prompts, cfg.replace(stop_tokens=[stop])) == cut
 
-    # a lone row that stops: no decode step after its stop token
+    # a lone row that stops: no decode step after its stop token (per-step host loop)
     calls = []
     step = G.Decoder.step
     monkeypatch.setattr(G.Decoder, "step", lambda self, *a: calls.append(1) or step(self, *a))
-    out = G.generate(model, prompts[:1], cfg.replace(stop_tokens=[stop]))
+    out = G.generate(model, prompts[:1], cfg.replace(stop_tokens=[stop]), loop="host")
     assert out == cut[:1] and len(calls) == len(cut[0])
 
 
@@ -192,6 +192,10 @@ def test_stream_yields_generate_tokens(models, key):
     prompt = random_prompts(key, [6])[0]
     full = G.generate(model, [prompt], GREEDY)[0]
     assert list(G.stream(model, prompt, GREEDY)) == full
+    # blocks of 5 tokens per host sync (later blocks start with a step, not the prefill token)
+    assert list(G.stream(model, prompt, GREEDY, sync_every=5)) == full
+    with pytest.raises(ValueError, match="sync_every"):
+        G.stream(model, prompt, GREEDY, sync_every=0)
     stopped = list(G.stream(model, prompt, GREEDY.replace(stop_tokens=[full[2]])))
     assert stopped == full[: full.index(full[2])]
 
@@ -202,13 +206,15 @@ def test_decode_step_compiles_once(key):
     cfg = SamplingConfig(temperature=0.8, top_k=5, max_new_tokens=20, seed=4)
     p1, p2 = random_prompts(key, [5, 13])  # both in the 16 bucket
     out1 = G.generate(model, [p1], cfg)[0]
-    G.generate(model, [p2], cfg.replace(seed=1, max_new_tokens=7))  # seed, length: no recompile
+    # seed, length, stop ids: no recompile
+    G.generate(model, [p2], cfg.replace(seed=1, max_new_tokens=7, stop_tokens=(3,)))
     assert list(G.stream(model, p1, cfg)) == out1  # same seed: the same sampled tokens
     after = G.trace_counts()
-    assert after["decode"] - before["decode"] == 1
+    assert after["loop"] - before["loop"] == 1
+    assert after["decode"] - before["decode"] == 1  # stream's per-step path
     assert after["prefill"] - before["prefill"] == 1
     G.generate(model, [p1, p2], cfg)  # a new batch size: one more of each
-    assert G.trace_counts()["decode"] - after["decode"] == 1
+    assert G.trace_counts()["loop"] - after["loop"] == 1
 
 
 def test_generate_text(models):
@@ -220,6 +226,94 @@ def test_generate_text(models):
     (empty,) = G.generate_text(model, tok, "", cfg)
     assert len(empty) == 6
     assert G.start_tokens(tok) == tok.encode("\n")
+
+
+# ---- on-device loop vs the per-step host loop, weights, continuous batching --------------
+
+
+def every_block_model():
+    """One layer of every registered block (registry-driven: a new block joins by itself),
+    so a single compile covers attention / MLA caches and every recurrent state."""
+    from linearnexus.registry import LAYER_REGISTRY
+
+    names = tuple(sorted(LAYER_REGISTRY))
+    return tiny_model("gpt", n_layers=len(names), block_pattern=names, max_seq_len=48,
+                      block_options={"attention": {"n_heads": 2}, "mamba": {"chunk_size": 4},
+                                     "mla": {"n_heads": 2, "kv_lora_rank": 8,
+                                             "qk_nope_head_dim": 6, "qk_rope_head_dim": 4,
+                                             "v_head_dim": 6}})
+
+
+SAMPLED = SamplingConfig(temperature=0.9, top_k=12, top_p=0.95, max_new_tokens=12, seed=7)
+
+
+@pytest.mark.parametrize("cfg", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_device_loop_equals_host_loop_every_block(models, cfg, key):
+    model = models.setdefault("every", every_block_model())
+    prompts = random_prompts(key, [5, 14, 1])
+    device = G.generate(model, prompts, cfg)
+    assert device == G.generate(model, prompts, cfg, loop="host")
+    assert all(len(row) == cfg.max_new_tokens for row in device)
+    # rows stop at different steps: finished rows are masked while the others go on
+    stop = device[1][4]
+    stopped = G.generate(model, prompts, cfg.replace(stop_tokens=(stop,)))
+    assert stopped == G.generate(model, prompts, cfg.replace(stop_tokens=(stop,)), loop="host")
+    assert stopped[1] == device[1][: device[1].index(stop)]
+
+
+def test_compute_dtype_weights(key):
+    """bf16 compute with float32 master weights: Linear / embedding weights are cast once
+    (same tokens as casting per call), vectors the blocks read in float32 stay float32."""
+    model = tiny_model("gpt", n_layers=1, dtype="bfloat16")
+    params = G.inference_params(model)
+    flat = dict(nnx.to_flat_state(params))
+    assert flat[("embed", "embedding")].get_value().dtype == jnp.bfloat16
+    kernels = [v for k, v in flat.items() if k[-1] == "kernel"]
+    assert kernels and all(v.get_value().dtype == jnp.bfloat16 for v in kernels)
+    assert flat[("norm", "scale")].get_value().dtype == jnp.float32
+    assert G.inference_params(model) is params  # cached while the parameters are unchanged
+    prompts = random_prompts(key, [4, 9])
+    cfg = GREEDY.replace(max_new_tokens=6)
+    assert G.generate(model, prompts, cfg) == G.generate(model, prompts, cfg, weights="stored")
+    model.norm.scale[...] = model.norm.scale[...] * 2  # a parameter changed: cast again
+    assert G.inference_params(model) is not params
+    with pytest.raises(ValueError, match="weights"):
+        G.generate(model, prompts, GREEDY, weights="bf16")
+
+
+def test_continuous_batching_equals_alone(models, key):
+    from linearnexus.serving import ContinuousBatcher
+
+    # a KV cache with per-row lengths, a conv + scan state, RetNet's per-row offsets: the
+    # slot scatter is the same pytree code for every state
+    model = models.setdefault("serve", tiny_model(
+        "gpt", n_layers=3, block_pattern=("attention", "mamba", "retnet"), max_seq_len=48,
+        block_options={"attention": {"n_heads": 2}, "mamba": {"chunk_size": 4}}))
+    rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2**30)))
+    requests = [dict(prompt=rng.integers(0, VOCAB, rng.integers(1, 16)).tolist(),
+                     max_new_tokens=int(rng.integers(1, 10)), seed=int(rng.integers(0, 99)),
+                     stop_tokens=(int(rng.integers(0, VOCAB)),) if i % 2 else ())
+                 for i in range(5)]
+    server = ContinuousBatcher(model, slots=2, cfg=SAMPLED, sync_every=4)
+    before = G.trace_counts()
+    ids = [server.submit(**r) for r in requests]
+    out = server.run()
+    for rid, r in zip(ids, requests, strict=True):
+        alone = G.generate(model, [r["prompt"]], SAMPLED.replace(
+            max_new_tokens=r["max_new_tokens"], seed=r["seed"], stop_tokens=r["stop_tokens"]))[0]
+        assert out[rid] == alone, rid
+    # a second wave reuses the slots and the compiled loop
+    traced = G.trace_counts()
+    more = [server.submit(r["prompt"], max_new_tokens=r["max_new_tokens"], seed=r["seed"])
+            for r in requests[:3]]
+    again = server.run()
+    assert sorted(again) == more
+    assert G.trace_counts()["serve_loop"] == traced["serve_loop"] == before["serve_loop"] + 1
+    assert server.stats["decode_calls"] > 2
+    with pytest.raises(ValueError, match="slots"):
+        ContinuousBatcher(model, slots=0)
+    with pytest.raises(ValueError, match=r"prompts\[0\]: token"):
+        server.submit([VOCAB])
 
 
 # ---- errors ------------------------------------------------------------------------------
@@ -261,3 +355,16 @@ def test_bad_prompts_and_stop_ids(models):
     with pytest.raises(ConfigError, match="stop_tokens"):
         G.generate(model, [[1]], GREEDY.replace(stop_tokens=[VOCAB]))
     assert G.generate(model, [[1], [2, 3]], GREEDY.replace(max_new_tokens=0)) == [[], []]
+
+
+def test_sample_cli_serve_bench_arguments(capsys):
+    from linearnexus.cli import sample
+
+    assert sample.main(["--serve-bench", "2"]) == 2  # no model source
+    assert "exactly one of --checkpoint, --hf and --preset" in capsys.readouterr().err
+    assert sample.main(["--preset", "gpt-small"]) == 2  # --preset only benchmarks
+    assert "--preset: only with --serve-bench" in capsys.readouterr().err
+    assert sample.main(["--prompt", "x"]) == 2
+    assert "--checkpoint: required" in capsys.readouterr().err
+    assert sample.main(["--serve-bench", "2", "--preset", "no-such-model"]) == 2
+    assert "--preset: unknown model preset" in capsys.readouterr().err

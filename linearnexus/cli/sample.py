@@ -6,6 +6,7 @@ Examples::
     python sample.py --checkpoint runs/demo/checkpoints/500 --prompt "ROMEO:" --num-samples 3
     python sample.py --checkpoint runs/demo --stream --max-tokens 1000 --temperature 0.7
     python sample.py --hf ~/models/mamba-130m-hf --prompt "The capital of France"   # HF checkpoint
+    python sample.py --serve-bench 64 --preset mamba-small --slots 16 --max-tokens 128
 
 The model config and the tokenizer come from the checkpoint itself. An empty prompt starts
 from the tokenizer's end-of-text token, or a newline for character-level models. Models
@@ -49,7 +50,8 @@ def _top_p(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sample.py", description="Sample text from a LinearNexus checkpoint.")
-    src = p.add_mutually_exclusive_group(required=True)
+    # one model source; checked in _run, since --serve-bench may take --preset instead
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", metavar="PATH",
                      help="a run folder (its newest checkpoint that verifies) or a step folder "
                           "<run>/checkpoints/<step>")
@@ -76,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-checkpoints", choices=("full", "sizes", "off"), default="full",
                    help="check the checkpoint against its manifest first: SHA-256 and sizes, "
                         "sizes only, or nothing (default full)")
+    bench = p.add_argument_group("serving benchmark (continuous batching, linearnexus.serving)")
+    bench.add_argument("--serve-bench", type=int_at_least(1), default=None, metavar="N",
+                       help="time N random requests (prompts of 1..64 tokens, 1..--max-tokens new "
+                            "tokens) through continuous batching vs static batches; prints JSON "
+                            "(default: off)")
+    bench.add_argument("--slots", type=int_at_least(1), default=16,
+                       help="batch slots of the continuous batcher and static batch size "
+                            "(default 16)")
+    bench.add_argument("--preset", default=None,
+                       help="with --serve-bench: a randomly initialised model preset instead of "
+                            "--checkpoint (default: none)")
     return p
 
 
@@ -174,9 +187,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_reporting_usage_errors(parser, args, _run)
 
 
+def _serve_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from linearnexus.generate import SamplingConfig
+    from linearnexus.serving import serve_bench
+
+    if args.hf:
+        model = _load_hf(args.hf)[0]
+    elif args.preset:
+        from linearnexus.models import create_model
+
+        try:
+            model = create_model(args.preset, seed=args.seed)
+        except KeyError as e:
+            raise UsageError(f"--preset: {e.args[0]}") from None
+    else:
+        from linearnexus.train import load_checkpoint
+
+        try:
+            model = load_checkpoint(args.checkpoint, verify=args.verify_checkpoints)[0]
+        except FileNotFoundError as e:
+            raise UsageError(f"--checkpoint: {e}") from None
+    cfg = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         seed=args.seed)
+    print(json.dumps(serve_bench(model, args.serve_bench, slots=args.slots, cfg=cfg,
+                                 max_new=args.max_tokens), indent=1))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from linearnexus.generate import SamplingConfig, start_tokens
 
+    sources = [name for name in ("checkpoint", "hf", "preset") if getattr(args, name)]
+    if args.serve_bench is None and args.preset:
+        raise UsageError("--preset: only with --serve-bench (sampling text needs --checkpoint)")
+    if args.serve_bench is not None:
+        if len(sources) != 1:
+            raise UsageError("--serve-bench: give exactly one of --checkpoint, --hf and --preset")
+        return _serve_bench(args)
+    if not sources:
+        raise UsageError("--checkpoint: required (a run folder or <run>/checkpoints/<step>), "
+                         "or --hf PATH")
     if args.hf is not None:
         model, extra = _load_hf(args.hf)
     else:

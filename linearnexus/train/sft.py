@@ -52,6 +52,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from linearnexus.core.compile_cache import CompileCache
 from linearnexus.core.config import ConfigBase, ConfigError, field
 from linearnexus.core.fileio import VERIFY_MODES, atomic_write, atomic_write_text
 from linearnexus.data import DataLoader, TextDataset, load_tokenizer
@@ -363,12 +364,10 @@ class _Steps(NamedTuple):
     eval: Callable[..., jax.Array]
 
 
-# jitted functions per model structure (eval) and per (structure, tx object) (steps): the
-# GraphDef of an LMModel is not hashable (it holds the ModelConfig), so it cannot be a static
-# jit argument; short lists instead. jax.jit compiles lazily, on the first call.
-_STEPS: list[_Steps] = []
-_EVALS: list[tuple[Any, Callable[..., jax.Array]]] = []
-_MAX_CACHED = 8
+# jitted functions per model structure (eval) and per (structure, tx object) (steps); the
+# same helper keeps generate.py's decode functions. jax.jit compiles lazily, on the first call.
+_STEPS: CompileCache[_Steps] = CompileCache(max_entries=8)
+_EVALS: CompileCache[Callable[..., jax.Array]] = CompileCache(max_entries=8)
 
 
 def _loss_fn(graphdef: Any, params: Any, rest: Any, inputs: jax.Array, targets: jax.Array):
@@ -379,10 +378,6 @@ def _loss_fn(graphdef: Any, params: Any, rest: Any, inputs: jax.Array, targets: 
 
 
 def _eval_fn(graphdef: Any, placement: Any = None) -> Callable[..., jax.Array]:
-    for cached_graphdef, fn in _EVALS:
-        if cached_graphdef == graphdef and placement is None:
-            return fn
-
     def mean_loss(params, rest, inputs, targets):  # [N, B, T] each -> []
         losses = jax.lax.map(lambda xy: _loss_fn(graphdef, params, rest, *xy)[0],
                              (inputs, targets))
@@ -390,17 +385,17 @@ def _eval_fn(graphdef: Any, placement: Any = None) -> Callable[..., jax.Array]:
 
     if placement is not None:  # shardings pinned per trainer; not cached
         return placement.jit_eval(mean_loss)
-    fn = jax.jit(mean_loss)
-    _EVALS.insert(0, (graphdef, fn))
-    del _EVALS[_MAX_CACHED:]
-    return fn
+    return _EVALS.get(graphdef, None, lambda: jax.jit(mean_loss))
 
 
 def _compiled(graphdef: Any, tx: optax.GradientTransformation, placement: Any = None) -> _Steps:
-    for entry in _STEPS:
-        if entry.tx is tx and entry.graphdef == graphdef and placement is None:
-            return entry
+    if placement is not None:  # shardings pinned per trainer; not cached
+        return _build_steps(graphdef, tx, placement)
+    return _STEPS.get(graphdef, tx, lambda: _build_steps(graphdef, tx))
 
+
+def _build_steps(graphdef: Any, tx: optax.GradientTransformation,
+                 placement: Any = None) -> _Steps:
     def step(state: TrainState, inputs, targets, with_hessian: bool):
         (loss, rest), grads = jax.value_and_grad(
             lambda p: _loss_fn(graphdef, p, state.rest, inputs, targets), has_aux=True)(
@@ -422,14 +417,9 @@ def _compiled(graphdef: Any, tx: optax.GradientTransformation, placement: Any = 
     # placement also pins the state's and batches' shardings at the program's boundary)
     jit = (functools.partial(jax.jit, donate_argnums=(0,)) if placement is None
            else placement.jit_step)
-    entry = _Steps(
+    return _Steps(
         graphdef, tx, jit(lambda s, x, y: step(s, x, y, False)),
         jit(lambda s, x, y: step(s, x, y, True)), _eval_fn(graphdef, placement))
-    if placement is not None:
-        return entry
-    _STEPS.insert(0, entry)
-    del _STEPS[_MAX_CACHED:]
-    return entry
 
 
 # ---- small file helpers ------------------------------------------------------------------
