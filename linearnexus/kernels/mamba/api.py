@@ -68,9 +68,10 @@ class MambaPallasKernel:
     def supports(self, *, platform: str, dtype: DType) -> bool:
         return platform == "gpu" and jnp.dtype(dtype) in [jnp.dtype(d) for d in self.dtypes]
 
-    def launch_config(self, grid: GridConfig) -> TritonConfig:
-        """This backend's config with the call's explicit ``grid`` fields on top."""
-        base = self.config or TritonConfig()
+    def launch_config(self, grid: GridConfig, tuned: TritonConfig | None = None) -> TritonConfig:
+        """This backend's config (else ``tuned``, the tuning cache's entry) with the call's
+        explicit ``grid`` fields on top."""
+        base = self.config or tuned or TritonConfig()
         if grid.block_c is not None and (grid.block_c < 16 or grid.block_c & (grid.block_c - 1)):
             raise ValueError(f"grid.block_c: the Pallas selective scan takes a power of two >= 16 "
                              f"channels per program, got {grid.block_c}")
@@ -83,11 +84,14 @@ class MambaPallasKernel:
     def forward_chunk(self, x, dt, A, B, C, *, D=None, z=None, initial_state=None,
                       cu_seqlens=None, dt_bias=None, dt_softplus: bool = False,
                       grid: GridConfig) -> tuple[Array, Array]:
+        from linearnexus.kernels import tuning
         from linearnexus.kernels.mamba.pallas import selective_scan_pallas  # imports Pallas
 
+        tuned = None if self.config is not None else tuning.tuned_config(
+            "mamba", self.name, (*x.shape, A.shape[1]), x.dtype)  # [B, T, C] + N
         return selective_scan_pallas(x, dt, A, B, C, D=D, z=z, initial_state=initial_state,
                                      cu_seqlens=cu_seqlens, dt_bias=dt_bias,
-                                     dt_softplus=dt_softplus, config=self.launch_config(grid))
+                                     dt_softplus=dt_softplus, config=self.launch_config(grid, tuned))
 
     def forward_recurrent(self, x, dt, A, B, C, *, D=None, z=None, initial_state=None,
                           cu_seqlens=None) -> tuple[Array, Array]:

@@ -105,6 +105,9 @@ class MambaState(NamedTuple):
 class MambaBlock(nnx.Module):
     """The Mamba-1 mixer (no norm or residual: the model wraps every block alike)."""
 
+    #: the mechanism this block runs (its op in OP_REGISTRY; the README's feature table reads it)
+    op = staticmethod(selective_scan)
+
     def __init__(self, config: MambaConfig, *, rngs: nnx.Rngs) -> None:
         if not isinstance(config, MambaConfig):
             raise TypeError(f"config: expected MambaConfig, got {type(config).__name__}")
