@@ -44,11 +44,14 @@ def validate_mask(mask: Array, batch: int, seq: int, *, name: str = "mask") -> A
         return mask
     if not (jnp.issubdtype(mask.dtype, jnp.integer) or jnp.issubdtype(mask.dtype, jnp.floating)):
         raise TypeError(f"{name}: expected a bool, int or float dtype, got {mask.dtype}")
-    binary = jnp.all((mask == 0) | (mask == 1))
     if isinstance(mask, jax.core.Tracer):
+        binary = jnp.all((mask == 0) | (mask == 1))
         checkify.check(binary, f"{name}: expected 0 / 1 values (or a bool mask)", debug=True)
-    elif not bool(binary):
-        values = np.asarray(mask)
+        return mask.astype(bool)
+    # numpy, not jnp: inside a jit trace a jnp op on a concrete (closed-over) mask is staged
+    # out and gives a tracer that cannot be tested with bool()
+    values = np.asarray(mask)
+    if not np.all((values == 0) | (values == 1)):
         bad = values[(values != 0) & (values != 1)]  # NaN compares unequal to both
         raise ValueError(f"{name}: expected a bool mask or 0 / 1 values, got {values.dtype} "
                          f"values such as {bad[:3].tolist()}")

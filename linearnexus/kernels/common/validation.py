@@ -141,13 +141,14 @@ def check_log_gate(name: str, g: Array | None) -> None:
     """
     if g is None:
         return
-    positive = jnp.any(g > 0)
     if is_traced(g):
-        checkify.check(~positive, f"{name}: log-gates must be <= 0 (a decay), got a maximum "
-                       "of {}", jnp.max(g), debug=True)
+        checkify.check(~jnp.any(g > 0), f"{name}: log-gates must be <= 0 (a decay), got a "
+                       "maximum of {}", jnp.max(g), debug=True)
         return
-    if bool(positive):
-        values = np.asarray(g)
+    # numpy, not jnp: inside a jit trace a jnp op on a concrete (closed-over) array is staged
+    # out and gives a tracer that cannot be tested with bool()
+    values = np.asarray(g)
+    if np.any(values > 0):
         where = tuple(int(i) for i in np.argwhere(values > 0)[0])
         raise ValueError(f"{name}: log-gates must be <= 0 (a decay; exp(g) > 1 grows the state "
                          f"without bound), got {values[where]} at index {where}")
