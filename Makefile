@@ -3,11 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-# Where the demo reads TinyShakespeare from; override with `make demo LINEARNEXUS_SHAKESPEARE=...`.
-LINEARNEXUS_SHAKESPEARE ?= $(abspath ../shared/data/tinyshakespeare/input.txt)
-export LINEARNEXUS_SHAKESPEARE
+# The demo trains on the TinyShakespeare copy shipped in linearnexus/assets/; set
+# LINEARNEXUS_SHAKESPEARE=PATH (or pass --data to train_lm.py) to use another file.
 
-.PHONY: setup demo test lint bench clean rl-demo
+.PHONY: setup demo test lint smoke bench clean rl-demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +33,10 @@ test: $(STAMP) lint
 	$(PY) -m pytest -n 2 --dist worksteal tests
 	# 8 simulated devices: a process of its own (XLA reads the device count at start-up)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -n 2 --dist worksteal tests/multidevice
+
+# every op's every backend vs its reference, every block's forward + decode step (< 90 s)
+smoke: $(STAMP)
+	$(PY) -m linearnexus.tools.smoke --jobs 2
 
 bench: $(STAMP)
 	$(PY) benchmarks/mamba_cpu.py

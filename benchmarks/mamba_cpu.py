@@ -3,7 +3,7 @@
     python benchmarks/mamba_cpu.py [--quick]
 
 1. Mamba block (B=4, T=1024, d_model=256, d_state=16): forward and forward+backward
-   tokens/s in chunk mode and in recurrent mode.
+   tokens/s in chunk mode and in recurrent mode (``run.py``'s block harness).
 2. The selective-scan op alone (same sizes: C=512, N=16): the per-step reference, the
    chunked "scan" and "assoc" forms at several chunk sizes, forward and forward+backward.
 
@@ -18,35 +18,26 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, save_json, time_fn, today, write_section  # noqa: E402
+from run import Preset, bench_blocks  # noqa: E402
 
 from linearnexus.kernels.base import GridConfig  # noqa: E402
 from linearnexus.kernels.mamba.api import jax_backend  # noqa: E402
-from linearnexus.modules.ssm.mamba import MambaBlock, MambaConfig  # noqa: E402
 
 
 def bench_block(batch: int, seq: int, d_model: int, repeats: int) -> list[dict]:
-    block = MambaBlock(MambaConfig(d_model=d_model), rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(block)
-    x = jax.random.normal(jax.random.PRNGKey(1), (batch, seq, d_model))
-    cot = jax.random.normal(jax.random.PRNGKey(2), x.shape)
+    """The Mamba block in chunk and recurrent mode, through ``run.py``'s block harness."""
+    preset = Preset("Mamba block on the CPU", op_sizes=(), block_size=(batch, seq, d_model),
+                    repeats=repeats)
     rows = []
-    for mode in ("chunk", "recurrent"):
-        def loss(p, x, mode=mode):
-            return jnp.sum(nnx.merge(graphdef, p)(x, mode=mode)[0] * cot)
-
-        fwd = jax.jit(lambda p, x, mode=mode: nnx.merge(graphdef, p)(x, mode=mode)[0])
-        fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1)))
-        t_f = time_fn(lambda fwd=fwd: fwd(params, x), repeats=repeats)
-        t_fb = time_fn(lambda fwd_bwd=fwd_bwd: fwd_bwd(params, x), repeats=repeats)
+    for r in bench_blocks(preset, ["mamba"], repeats, quick=False):
         tokens = batch * seq
-        rows.append({"mode": mode, "fwd_ms": t_f * 1e3, "fwd_bwd_ms": t_fb * 1e3,
-                     "fwd_tok_s": tokens / t_f, "fwd_bwd_tok_s": tokens / t_fb})
-        print(f"block {mode:9s} fwd {t_f * 1e3:8.1f} ms ({tokens / t_f:9,.0f} tok/s)   "
-              f"fwd+bwd {t_fb * 1e3:8.1f} ms ({tokens / t_fb:9,.0f} tok/s)", flush=True)
+        rows.append({"mode": r["variant"].removesuffix(" mode"), "fwd_ms": r["forward_ms"],
+                     "fwd_bwd_ms": r["forward_backward_ms"],
+                     "fwd_tok_s": tokens / (r["forward_ms"] / 1e3),
+                     "fwd_bwd_tok_s": tokens / (r["forward_backward_ms"] / 1e3)})
     return rows
 
 

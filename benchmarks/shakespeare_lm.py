@@ -40,7 +40,7 @@ def run_one(name: str, steps: int, out_root: Path, data: str | None) -> dict:
     cmd = [sys.executable, str(ROOT / "train_lm.py"), "--config", str(cfg_path), "--out", str(out),
            "--overwrite", "--no-progress", "--sample-tokens", "0"]
     if data:
-        cmd += ["--data", data]  # else train_lm.py looks at $LINEARNEXUS_SHAKESPEARE and the cache
+        cmd += ["--data", data]  # else train_lm.py's default (env, cache, shipped copy)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - start

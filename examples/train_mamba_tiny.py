@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", default="configs/models/mamba_tiny.yaml",
                    help="YAML with model: and train: sections")
     p.add_argument("--data", default=None,
-                   help="text file (default: TinyShakespeare from $LINEARNEXUS_SHAKESPEARE / the cache)")
+                   help="text file (default: TinyShakespeare: $LINEARNEXUS_SHAKESPEARE, the cache, "
+                        "else the copy shipped with the package)")
     p.add_argument("--download-shakespeare", action="store_true")
     p.add_argument("--out", default=None, help="run folder (default: the config's out_dir)")
     p.add_argument("--max-steps", type=int, default=None)

@@ -56,6 +56,7 @@ __all__ = [
     "PretrainedTokenizer",
     "load_tokenizer",
     "resolve_shakespeare",
+    "BUNDLED_SHAKESPEARE",
     "download_shakespeare",
     "token_dtype",
     "PreparedData",
@@ -72,6 +73,9 @@ SHAKESPEARE_URL = (
 )
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 SHAKESPEARE_NUM_CHARS = 1_115_394  # all ASCII, so also the number of bytes
+#: the copy shipped inside the package (public-domain text): the default data, so training
+#: works offline with nothing set; its SHA-256 is checked on use
+BUNDLED_SHAKESPEARE = Path(__file__).resolve().parent / "assets" / "tinyshakespeare.txt"
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"  # both tokenizers save under this name in a data folder
 DEFAULT_BPE_VOCAB = 4096
@@ -436,16 +440,19 @@ def resolve_shakespeare(
     Looks, in order, at: ``data`` (an explicit path, e.g. ``--data``); the environment
     variable ``LINEARNEXUS_SHAKESPEARE``; the cache file
     ``<cache>/tinyshakespeare/input.txt`` where ``<cache>`` is ``cache_dir``, else
-    ``$LINEARNEXUS_CACHE``, else ``~/.cache/linearnexus``. If none exists and
+    ``$LINEARNEXUS_CACHE``, else ``~/.cache/linearnexus``. If the cache has no copy and
     ``download`` is True, downloads the canonical file into the cache (checked with
-    :data:`SHAKESPEARE_SHA256`). A file found at ``data``, in the environment or in the
-    cache is not re-hashed (any text file may be passed as ``data``).
+    :data:`SHAKESPEARE_SHA256`: the way to refresh it); otherwise the copy shipped in the
+    package (:data:`BUNDLED_SHAKESPEARE`, checked against the same SHA-256). A file found
+    at ``data``, in the environment or in the cache is not re-hashed (any text file may be
+    passed as ``data``).
 
     Raises:
         FileNotFoundError: ``data`` or ``$LINEARNEXUS_SHAKESPEARE`` names a missing file;
-            or nothing was found and ``download`` is False or the download failed. The
-            message says what to do.
-        ValueError: the download arrived corrupted (nothing is kept).
+            or the download failed; or nothing was found and the bundled copy is missing.
+            The message says what to do.
+        ValueError: the download arrived corrupted (nothing is kept), or the bundled copy
+            does not match its SHA-256.
     """
     if data is not None:
         path = Path(data).expanduser()
@@ -462,13 +469,26 @@ def resolve_shakespeare(
     if cache_file.is_file():
         return cache_file
     if not download:
-        raise FileNotFoundError(_missing_message(cache_file))
+        return _bundled_shakespeare(cache_file)
     try:
         return download_shakespeare(cache_file)
     except OSError as err:  # network failures (URLError is an OSError); ValueError passes
         raise FileNotFoundError(
             f"{_missing_message(cache_file)}; the download from {SHAKESPEARE_URL} failed: {err}"
         ) from err
+
+
+def _bundled_shakespeare(cache_file: Path) -> Path:
+    """The shipped copy, after checking it is the canonical text (a checkout with CRLF line
+    ends or an LFS pointer in its place would otherwise train on something else)."""
+    if not BUNDLED_SHAKESPEARE.is_file():
+        raise FileNotFoundError(f"{_missing_message(cache_file)} (the bundled copy "
+                                f"{BUNDLED_SHAKESPEARE} is missing from this install)")
+    digest = hashlib.sha256(BUNDLED_SHAKESPEARE.read_bytes()).hexdigest()
+    if digest != SHAKESPEARE_SHA256:
+        raise ValueError(f"{BUNDLED_SHAKESPEARE}: SHA-256 {digest} does not match the expected "
+                         f"{SHAKESPEARE_SHA256}; pass --data PATH or use --download-shakespeare")
+    return BUNDLED_SHAKESPEARE
 
 
 # ----------------------------------------------------------------------------- token files

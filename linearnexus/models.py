@@ -283,3 +283,21 @@ def preset_factory(name: str):
         return ModelConfig.from_dict({**_PRESETS[name], **overrides})
 
     return make
+
+
+# Preset constants: ``create_model(GPT_SMALL)``. Each is a fresh ModelConfig built from the
+# preset table at import; treat them as read-only and derive variants with ``.replace(...)``.
+GPT_SMALL: ModelConfig = preset_factory("gpt-small")()
+MAMBA_SMALL: ModelConfig = preset_factory("mamba-small")()
+MAMBA2_SMALL: ModelConfig = preset_factory("mamba2-small")()
+GLA_SMALL: ModelConfig = preset_factory("gla-small")()
+DELTANET_SMALL: ModelConfig = preset_factory("deltanet-small")()
+GATED_DELTANET_SMALL: ModelConfig = preset_factory("gated-deltanet-small")()
+RETNET_SMALL: ModelConfig = preset_factory("retnet-small")()
+MLA_SMALL: ModelConfig = preset_factory("mla-small")()
+HYBRID_SMALL: ModelConfig = preset_factory("hybrid-small")()
+
+
+def preset_constant_name(preset: str) -> str:
+    """``"gated-deltanet-small"`` -> ``"GATED_DELTANET_SMALL"``, the constant's name here."""
+    return preset.upper().replace("-", "_")

@@ -3,9 +3,11 @@
 Tests, benchmarks, docs and the command-line tools walk these registries, so adding a
 mechanism means registering it here once:
 
-* ``KERNEL_REGISTRY["mamba:jax"]`` -> the backend object (``kernels/base.py``).
+* ``KERNEL_REGISTRY["mamba:jax"]`` -> the backend object (``kernels/base.py``);
+  ``"<op>:reference"`` is an alias of ``"<op>:naive"``, the per-step truth.
 * ``OP_REGISTRY["mamba"]`` -> the mechanism's public api function.
-* ``LAYER_REGISTRY["mamba"]`` -> ``LayerEntry(block_class, config_class)``.
+* ``LAYER_REGISTRY["mamba"]`` -> ``LayerEntry(block_class, config_class)``, a named tuple:
+  ``layer_cls, config_cls = LAYER_REGISTRY["mamba"]``.
 * ``MODEL_REGISTRY["gpt-small"]`` -> a function ``(**overrides) -> ModelConfig``.
 
 Entries are import paths, so ``import linearnexus.registry`` imports no kernel or Flax code.
@@ -36,6 +38,17 @@ class LazyRegistry(Mapping[str, V], Generic[V]):
         self.kind = kind
         self._loaders: dict[str, Callable[[], V]] = {}
         self._cache: dict[str, V] = {}
+        # alternative names: resolved by lookup and ``in``, left out of iteration so that
+        # walking the registry visits each entry once
+        self._aliases: dict[str, str] = {}
+
+    def alias(self, name: str, target: str) -> None:
+        """Make ``name`` look up the same entry as ``target`` (which must be registered)."""
+        if target not in self._loaders:
+            raise KeyError(f"alias {name!r}: unknown {self.kind} {target!r}")
+        if name in self._loaders:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self._aliases[name] = target
 
     def register(self, name: str, loader: Callable[[], V], *, overwrite: bool = False) -> None:
         if name in self._loaders and not overwrite:
@@ -44,6 +57,7 @@ class LazyRegistry(Mapping[str, V], Generic[V]):
         self._cache.pop(name, None)
 
     def __getitem__(self, name: str) -> V:
+        name = self._aliases.get(name, name)
         if name not in self._loaders:
             raise KeyError(f"unknown {self.kind} {name!r}; registered: {sorted(self._loaders)}")
         if name not in self._cache:
@@ -57,7 +71,7 @@ class LazyRegistry(Mapping[str, V], Generic[V]):
         return len(self._loaders)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._loaders
+        return name in self._loaders or name in self._aliases
 
 
 class LayerEntry(NamedTuple):
@@ -80,6 +94,8 @@ def register_op(mechanism: str, api_module: str, function: str, backends: tuple[
         KERNEL_REGISTRY.register(
             f"{mechanism}:{backend}", lambda b=backend: _import(f"{api_module}:BACKENDS")[b]
         )
+    if "naive" in backends:
+        KERNEL_REGISTRY.alias(f"{mechanism}:reference", f"{mechanism}:naive")
 
 
 def register_layer(name: str, block_path: str, config_path: str) -> None:

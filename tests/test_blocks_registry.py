@@ -6,6 +6,7 @@ is picked up here automatically.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import jax
@@ -14,7 +15,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from linearnexus.core.padding import validate_mask
 from linearnexus.modules.base import Block
+from linearnexus.modules.linear.runtime import begin_call
 from linearnexus.registry import LAYER_REGISTRY
 from tests.helpers.parity import (
     assert_chunk_recurrent_parity,
@@ -207,3 +210,47 @@ def test_bad_inputs_are_named(name, key):
         with pytest.raises(ValueError, match="mask and cu_seqlens"):
             block(jnp.ones((1, 3, d)), mask=jnp.ones((1, 3), bool),
                   cu_seqlens=jnp.array([0, 3], jnp.int32))
+
+
+
+@functools.cache
+def _state_types() -> dict[type, object]:
+    """One ``init_state(2)`` of each state type among the registered blocks (blocks built
+    abstractly: ``init_state`` reads only the config)."""
+    def state(name):
+        entry = LAYER_REGISTRY[name]
+        block = nnx.eval_shape(lambda: entry.block(entry.config.tiny(), rngs=nnx.Rngs(0)))
+        return block.init_state(2)
+    return {type(s): s for s in map(state, LAYERS)}
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_foreign_state_and_bad_masks_are_refused(name, key):
+    """Another block's state is a TypeError naming ``state``; a mask that is not binary
+    (0.5, 2, NaN) is a ValueError naming ``mask``. Both are raised before any work."""
+    block, config = build(name)
+    x = inputs(key, config, 2, 3)
+    own = type(block.init_state(2))
+    foreign = [s for t, s in _state_types().items() if t is not own]
+    assert foreign, "every registered block has the same state type"
+    for state in foreign:
+        with pytest.raises(TypeError, match="^state: expected"):
+            block(x, state=state)
+    for bad in (0.5, 2.0, np.nan):
+        with pytest.raises(ValueError, match="^mask: expected a bool mask or 0 / 1"):
+            block(x, mask=jnp.ones((2, 3)).at[1, 2].set(bad))
+
+
+def test_binary_masks_and_cu_seqlens_lists_are_accepted(key):
+    """0 / 1 int or float masks are the bool mask; ``cu_seqlens`` may be a Python list (the
+    entry every block with ``cu_seqlens`` shares converts and checks it; the ops' own list
+    handling is in test_linear_ops)."""
+    binary = np.array([[1, 1, 0], [1, 0, 1]])
+    for mask in (binary, binary.astype(np.float32)):
+        np.testing.assert_array_equal(validate_mask(mask, 2, 3), binary.astype(bool))
+    x = jax.random.normal(key, (1, 3, 4))
+    _, call = begin_call(x, 4, cu_seqlens=[0, 1, 3], dtype=jnp.float32)
+    assert call.cu_seqlens.dtype == jnp.int32 and call.n_states == 2
+    np.testing.assert_array_equal(call.cu_seqlens, [0, 1, 3])
+    with pytest.raises(ValueError, match="cu_seqlens: must be non-decreasing"):
+        begin_call(x, 4, cu_seqlens=[0, 2, 1, 3], dtype=jnp.float32)

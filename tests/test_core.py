@@ -355,3 +355,22 @@ def test_import_is_cheap():
             "print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_checks_on_closed_over_concrete_values_work_under_jit():
+    """Gates and masks closed over by a jitted function are concrete, but jnp ops on them
+    inside the trace are staged out: the value checks must not call bool() on those."""
+    from linearnexus.core.padding import validate_mask
+    from linearnexus.kernels.simple_gla import simple_gla
+
+    rng = np.random.default_rng(0)
+    mask = jnp.asarray(rng.integers(0, 2, (2, 8)).astype(np.float32))
+    assert int(jax.jit(lambda: validate_mask(mask, 2, 8).sum())()) == int(mask.sum())
+    q = jnp.asarray(rng.standard_normal((1, 9, 2, 5)), jnp.float32)
+    g = -jnp.asarray(rng.random((1, 9, 2)), jnp.float32)
+    eager = simple_gla(q, q, q, g)[0]
+    traced = jax.jit(lambda q: simple_gla(q, q, q, g)[0])(q)
+    np.testing.assert_allclose(np.asarray(traced), np.asarray(eager), rtol=1e-5, atol=1e-6)
+    bad = g.at[0, 3, 1].set(0.5)
+    with pytest.raises(ValueError, match="g: log-gates must be <= 0"):
+        jax.jit(lambda q: simple_gla(q, q, q, bad)[0])(q)

@@ -24,7 +24,8 @@ from tests.helpers.text import synthetic_text
 
 
 def _real_shakespeare() -> Path | None:
-    candidates = [Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"]
+    candidates = [D.BUNDLED_SHAKESPEARE,
+                  Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"]
     if os.environ.get("LINEARNEXUS_SHAKESPEARE"):
         candidates.append(Path(os.environ["LINEARNEXUS_SHAKESPEARE"]))
     for path in candidates:
@@ -358,6 +359,14 @@ def test_sha256_constant_matches_local_copy():
     assert len(raw.decode("utf-8")) == D.SHAKESPEARE_NUM_CHARS
 
 
+def test_bundled_copy_is_checked(isolated_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    crlf = tmp_path / "crlf.txt"  # what a checkout that rewrote line ends would hold
+    crlf.write_bytes(D.BUNDLED_SHAKESPEARE.read_bytes()[:1000].replace(b"\n", b"\r\n"))
+    monkeypatch.setattr(D, "BUNDLED_SHAKESPEARE", crlf)
+    with pytest.raises(ValueError, match="SHA-256"):
+        D.resolve_shakespeare()
+
+
 def test_resolve_order(isolated_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     explicit = tmp_path / "explicit.txt"
     explicit.write_text("x")
@@ -369,8 +378,8 @@ def test_resolve_order(isolated_env: Path, tmp_path: Path, monkeypatch: pytest.M
 
     assert D.resolve_shakespeare() == cached
     other_cache = tmp_path / "other_cache"
-    with pytest.raises(FileNotFoundError):
-        D.resolve_shakespeare(cache_dir=other_cache)  # explicit cache_dir beats the env
+    # explicit cache_dir beats the env; an empty cache falls back to the shipped copy
+    assert D.resolve_shakespeare(cache_dir=other_cache) == D.BUNDLED_SHAKESPEARE
     monkeypatch.setenv("LINEARNEXUS_SHAKESPEARE", str(from_env))
     assert D.resolve_shakespeare() == from_env
     assert D.resolve_shakespeare(str(explicit)) == explicit
@@ -386,6 +395,8 @@ def test_missing_file_message(isolated_env: Path, monkeypatch: pytest.MonkeyPatc
         raise AssertionError("must not touch the network without download=True")
 
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    assert D.resolve_shakespeare() == D.BUNDLED_SHAKESPEARE  # offline default, no download
+    monkeypatch.setattr(D, "BUNDLED_SHAKESPEARE", isolated_env / "not-installed.txt")
     with pytest.raises(FileNotFoundError) as info:
         D.resolve_shakespeare()
     msg = str(info.value)

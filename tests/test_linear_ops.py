@@ -252,6 +252,176 @@ def test_bad_inputs_name_the_argument(op, key):
         fn(*base, chunk_size=0)
 
 
+# --- bad values: NaN stays causal, positive log-gates and invalid offsets never pass silently
+
+BAD_T = 40  # inside the first chunk (64) of T = 65: a chunked form must not leak it backwards
+
+
+def _mamba_inputs(key, B, T, C=6, N=4):
+    ks = jax.random.split(key, 5)
+    arrays = {"x": jax.random.normal(ks[0], (B, T, C)),
+              "dt": jax.nn.softplus(jax.random.normal(ks[1], (B, T, C)) - 1.0),
+              "A": -jnp.exp(jax.random.normal(ks[2], (C, N))),
+              "B": jax.random.normal(ks[3], (B, T, N)), "C": jax.random.normal(ks[4], (B, T, N))}
+    return tuple(arrays.values()), jax.random.normal(key, (B, C, N)), list(arrays)
+
+
+@functools.cache
+def _mamba_jitted(impl: str):
+    from linearnexus.kernels.mamba import selective_scan
+
+    kwargs = REFERENCE if impl == "naive" else IMPLEMENTATIONS[impl].kwargs
+
+    def run(arrays, h0, cu_seqlens):
+        return selective_scan(*arrays, initial_state=h0, output_final_state=True,
+                              cu_seqlens=cu_seqlens, chunk_size=16, **kwargs)
+    return jax.jit(run)
+
+
+def _nan_case(op, key, impl):
+    """``(run, arrays, h0, names, output-only input)`` at (B=2, T=65): the shapes the
+    forward test compiles, so the jitted functions are reused."""
+    if op == "mamba":
+        arrays, h0, names = _mamba_inputs(key, 2, 65)
+        return functools.partial(_mamba_jitted(impl), cu_seqlens=None), arrays, h0, names, "C"
+    arrays, h0 = _inputs(op, key, 2, 65, 2, 32, 32, with_state=True)
+    run = (functools.partial(_reference, op) if impl == "naive" else
+           lambda a, h: _jitted(op, impl, False)(a, h, None))
+    names = list(SPECS[op].make(key, 1, 1, 1, 1, 1))
+    return run, arrays, h0, names, ("C" if op == "ssd" else "q")
+
+
+@pytest.mark.parametrize("op", [*OPS, "mamba"])
+def test_non_finite_inputs_stay_causal(op, key):
+    """A NaN at step t of one row, in any per-step input, in every mode and in the
+    reference: that row's outputs before t are those of the clean run, its outputs from t
+    on (only at t for the query-side input, which writes no state) and its final state are
+    NaN, and the other row is untouched. In chunk mode t sits mid-chunk."""
+    for impl in ("chunk", "recurrent", "naive"):
+        run, arrays, h0, names, output_only = _nan_case(op, key, impl)
+        o_clean, s_clean = (np.asarray(a) for a in run(arrays, h0))
+        for i, name in enumerate(names):
+            if arrays[i].ndim < 3:
+                continue  # per-head constants (A)
+            bad = list(arrays)
+            bad[i] = arrays[i].at[1, BAD_T].set(jnp.nan)
+            o, s = (np.asarray(a) for a in run(tuple(bad), h0))
+            where = f"{op}/{impl} NaN in {name}"
+            np.testing.assert_allclose(o[0], o_clean[0], rtol=1e-6, atol=1e-6, err_msg=where)
+            np.testing.assert_allclose(s[0], s_clean[0], rtol=1e-6, atol=1e-6, err_msg=where)
+            np.testing.assert_allclose(o[1, :BAD_T], o_clean[1, :BAD_T], rtol=1e-6, atol=1e-6,
+                                       err_msg=where)
+            assert np.isnan(o[1, BAD_T]).any(), where
+            if name == output_only:
+                np.testing.assert_allclose(o[1, BAD_T + 1:], o_clean[1, BAD_T + 1:], rtol=1e-6,
+                                           atol=1e-6, err_msg=where)
+                np.testing.assert_allclose(s[1], s_clean[1], rtol=1e-6, atol=1e-6, err_msg=where)
+            else:
+                assert np.isnan(o[1, BAD_T:]).any(axis=tuple(range(1, o.ndim - 1))).all(), where
+                assert np.isnan(s[1]).any(), where
+
+
+GATED_OPS = [op for op in OPS if op != "ssd" and "g" in SPECS[op].make(jax.random.PRNGKey(0), 1, 1,
+                                                                          1, 1, 1)]
+
+
+@pytest.mark.parametrize("op", GATED_OPS)
+def test_positive_log_gates_are_refused_or_nan(op, key):
+    """g > 0 (a state that grows): a ValueError naming g when the values are concrete;
+    under jit, NaN from that step on in that row (every mode), the rest untouched. g = -inf
+    (a gate of 0) is valid and exact in chunk mode too."""
+    arrays, h0 = _inputs(op, key, 2, 65, 2, 32, 32, with_state=True)
+    names = list(SPECS[op].make(key, 1, 1, 1, 1, 1))
+    gi = names.index("g")
+    bad = list(arrays)
+    bad[gi] = arrays[gi].at[1, BAD_T].set(50.0)
+    with pytest.raises(ValueError, match=r"^g: log-gates must be <= 0 .* index \(1, 40"):
+        SPECS[op].fn(*bad)
+    for impl in ("chunk", "recurrent"):
+        o_clean, _ = _jitted(op, impl, False)(arrays, h0, None)
+        o, s = _jitted(op, impl, False)(tuple(bad), h0, None)
+        assert_close(o[0], o_clean[0], 1e-6, f"{op}/{impl} clean row")
+        assert_close(o[1, :BAD_T], o_clean[1, :BAD_T], 1e-6, f"{op}/{impl} before the gate")
+        assert np.isnan(np.asarray(o[1, BAD_T:])).any(axis=(1, 2)).all()
+        assert np.isnan(np.asarray(s[1])).all() and not np.isnan(np.asarray(s[0])).any()
+    # g = -inf is a valid gate (exp(g) = 0: a hard reset): finite, and chunked == recurrent
+    reset = list(arrays)
+    reset[gi] = arrays[gi].at[1, BAD_T].set(-jnp.inf)
+    o_chunk, s_chunk = _jitted(op, "chunk", False)(tuple(reset), h0, None)
+    o_rec, s_rec = _jitted(op, "recurrent", False)(tuple(reset), h0, None)
+    assert np.isfinite(np.asarray(o_chunk)).all() and np.isfinite(np.asarray(s_chunk)).all()
+    assert_close(o_chunk, o_rec, TOL, f"{op} g=-inf output")
+    assert_close(s_chunk, s_rec, TOL, f"{op} g=-inf state")
+
+
+def test_ssd_positive_log_gate_names_dt_and_a(key):
+    x, dt, A, B, C = SPECS["ssd"].make(key, 1, 5, 2, 4, 4).values()
+    with pytest.raises(ValueError, match=r"^dt \* A: log-gates must be <= 0"):
+        SPECS["ssd"].fn(x, dt, -A, B, C)
+
+
+BAD_CU = jnp.array([3, 8, 1, 71, 71, 200, 240], jnp.int32)  # not from 0, decreasing, not to T
+
+
+@pytest.mark.parametrize("op", [*OPS, "mamba"])
+def test_invalid_traced_cu_seqlens_give_nan(op, key):
+    """Invalid offsets under jit make every output and final state NaN (concrete ones
+    raise: test_bad_inputs_name_the_argument); a Python list is taken as int32 offsets
+    (checked at each distinct entry: the linear ops' shared one, ssd's and mamba's)."""
+    n = len(CU_SEQLENS) - 1
+    if op == "mamba":
+        arrays, h0, _ = _mamba_inputs(key, 1, int(CU_SEQLENS[-1]))
+        h0 = jnp.broadcast_to(h0, (n, *h0.shape[1:]))
+        run = _mamba_jitted("chunk")
+    else:
+        arrays, h0 = _inputs(op, key, 1, int(CU_SEQLENS[-1]), 2, 32, 24, with_state=True,
+                             n_states=n)
+        run = _jitted(op, "chunk", True)
+    o, s = run(arrays, h0, BAD_CU)
+    assert np.isnan(np.asarray(o)).all() and np.isnan(np.asarray(s)).all()
+    if op not in ("simple_gla", "ssd", "mamba"):  # the other ops share simple_gla's entry
+        return
+    o_arr, s_arr = run(arrays, h0, jnp.asarray(CU_SEQLENS))
+    o_list, s_list = run(arrays, h0, CU_SEQLENS.tolist())  # traced ints in a list
+    assert_close(o_list, o_arr, 0.0, f"{op} cu_seqlens list output")
+    assert_close(s_list, s_arr, 0.0, f"{op} cu_seqlens list state")
+
+
+def test_checkify_switch_reports_traced_bad_values(key):
+    """Wrapped in checkify (the documented switch), the traced checks raise with the
+    argument's name; unwrapped they cost nothing and the outputs are NaN."""
+    from jax.experimental import checkify
+
+    n = len(CU_SEQLENS) - 1
+    arrays, h0 = _inputs("simple_gla", key, 1, int(CU_SEQLENS[-1]), 2, 32, 24, with_state=True,
+                         n_states=n)
+    checked = jax.jit(checkify.checkify(_jitted("simple_gla", "chunk", True),
+                                        errors=checkify.user_checks))
+    err, _ = checked(arrays, h0, BAD_CU)
+    with pytest.raises(checkify.JaxRuntimeError, match="cu_seqlens: must start at 0, end at T=201"):
+        err.throw()
+    positive = (*arrays[:3], arrays[3].at[0, 5].set(1.0))
+    err, _ = checked(positive, h0, jnp.asarray(CU_SEQLENS))
+    with pytest.raises(checkify.JaxRuntimeError, match="g: log-gates must be <= 0"):
+        err.throw()
+    err, (o, _) = checked(arrays, h0, jnp.asarray(CU_SEQLENS))
+    err.throw()  # clean inputs: no error
+    assert np.isfinite(np.asarray(o)).all()
+
+
+@pytest.mark.parametrize("op", ["simple_gla", "gated_delta_rule"])
+def test_non_finite_inputs_stay_causal_in_pallas(op, key):
+    """The pallas backend (interpret mode here) behind the same guard: a NaN in v at step t
+    of one row, mid-chunk, leaves that row's earlier outputs as the clean run's."""
+    arrays, h0 = _inputs(op, key, 2, 24, 2, 16, 16, with_state=True)
+    run = jax.jit(lambda a, h: SPECS[op].fn(*a, initial_state=h, output_final_state=True,
+                                            backend="pallas", mode="chunk", chunk_size=16))
+    bad = list(arrays)
+    bad[2] = arrays[2].at[1, 20].set(jnp.nan)  # v, in the second chunk (16..23)
+    (o_clean, _), (o, s) = run(arrays, h0), run(tuple(bad), h0)
+    assert_close(o[0], o_clean[0], 1e-6, f"{op} pallas clean row")
+    assert_close(o[1, :20], o_clean[1, :20], 1e-6, f"{op} pallas before the NaN")
+    assert np.isnan(np.asarray(o[1, 20:])).any(axis=(1, 2)).all() and np.isnan(np.asarray(s[1])).any()
 # ---- the small-shape checks: every implementation with the "small" sweep ----------------
 # Interpret mode compiles slowly: shapes are tiny and each (op, implementation, case)
 # compiles one jitted function (outputs and gradients together), reused by the

@@ -90,10 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "DeltaNet; docs/hf.md): its model, weights and tokenizer")
     d = p.add_argument_group("data")
     d.add_argument("--data", metavar="PATH", default=None,
-                   help="text file (default: TinyShakespeare via $LINEARNEXUS_SHAKESPEARE "
-                        "or the cache)")
+                   help="text file (default: TinyShakespeare: $LINEARNEXUS_SHAKESPEARE, the "
+                        "cache, else the copy shipped with the package)")
     d.add_argument("--download-shakespeare", action="store_true",
-                   help="download TinyShakespeare into the cache if it is not found")
+                   help="download TinyShakespeare into the cache when the cache has no copy "
+                        "(refresh it; otherwise the copy shipped with the package is used)")
     d.add_argument("--data-cache", metavar="DIR", default=None,
                    help="where the tokenized data is prepared (default <out>/data)")
     d.add_argument("--tokenizer", choices=("char", "bpe"), default=None,
@@ -145,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sample-tokens", type=int_at_least(0), default=DEFAULT_SAMPLE_TOKENS,
                    help="print a sample of this many tokens at the end, 0 = none "
                         f"(default {DEFAULT_SAMPLE_TOKENS})")
+    r.add_argument("--profile", metavar="STEPS", type=int_at_least(1), default=None,
+                   help="write a jax.profiler trace of STEPS training steps (after the first, "
+                        "which compiles) to <out>/profile and print the slowest ops (default off)")
     return p
 
 
@@ -369,8 +373,16 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     loader = DataLoader(prepared.train_dataset(), train.batch_size, train.seq_len, seed=train.seed)
     trainer = SFTTrainer(model, None, loader, prepared.val_dataset(), train, model_config,
                          tokenizer=tokenizer)
+    profiler = None
+    if args.profile is not None:
+        import jax
+
+        from linearnexus.tools.profile import StepTrace
+
+        profiler = StepTrace(out_dir / "profile", args.profile,
+                             sync=lambda: jax.block_until_ready(trainer.state.params))
     try:
-        result = trainer.train(resume=resuming)
+        result = trainer.train(resume=resuming, on_step=profiler)
     except ValueError as e:
         if resuming and str(e).startswith(("tokenizer:", "optimizer:", "checkpoint ")):
             raise UsageError(f"--resume: {e}") from None  # the run folder does not fit these settings
@@ -383,6 +395,9 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         print(f"train_lm.py: error: {e}", file=sys.stderr)
         return 1
 
+    if profiler is not None:
+        summary = profiler.close()
+        print("profile: no step was traced" if summary is None else summary.table())
     steady = [r["tokens_per_s"] for r in result.history if r.get("tokens_per_s")][1:]
     steady_tok_s = float(np.median(steady)) if steady else result.tokens_per_s
 

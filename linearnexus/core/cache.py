@@ -9,6 +9,21 @@ import jax.numpy as jnp
 from linearnexus.core.types import Array, DType
 
 
+def _one_of(name: str, value: int | None, alias: str, alias_value: int | None) -> int:
+    """The size given as ``name`` or as its keyword alias (exactly one of them)."""
+    if value is not None and alias_value is not None:
+        raise TypeError(f"{name} and {alias} name the same size: give one, got {value} and {alias_value}")
+    if value is None and alias_value is None:
+        raise TypeError(f"{name} (or {alias}) is required")
+    return value if value is not None else alias_value
+
+
+def _check_sizes(**sizes: int) -> None:
+    for name, n in sizes.items():
+        if n < 0:
+            raise ValueError(f"{name}: expected a size >= 0, got {n}")
+
+
 class ConvState(NamedTuple):
     """The last ``W - 1`` inputs of a causal depthwise conv.
 
@@ -19,10 +34,26 @@ class ConvState(NamedTuple):
     buffer: Array
 
     @classmethod
-    def zeros(cls, batch_size: int, width: int, channels: int, dtype: DType = jnp.float32) -> ConvState:
-        """Empty history for a conv of kernel ``width`` over ``channels`` channels."""
+    def zeros(cls, batch_size: int | None = None, width: int | None = None,
+              channels: int | None = None, dtype: DType = jnp.float32, *,
+              batch: int | None = None, kernel_size: int | None = None) -> ConvState:
+        """Empty history ``[B, W-1, C]`` for a conv of kernel width ``W`` over ``C`` channels.
+
+        Either positional ``zeros(batch_size, width, channels)`` or keywords
+        ``zeros(batch=B, kernel_size=W, channels=C)``.
+
+        Raises:
+            TypeError: a size given twice (``batch_size`` and ``batch``, ``width`` and
+                ``kernel_size``) or missing.
+            ValueError: a width below 1 or a negative size.
+        """
+        batch_size = _one_of("batch_size", batch_size, "batch", batch)
+        width = _one_of("width", width, "kernel_size", kernel_size)
+        if channels is None:
+            raise TypeError("ConvState.zeros: channels is required")
         if width < 1:
-            raise ValueError(f"width must be >= 1, got {width}")
+            raise ValueError(f"width: expected >= 1, got {width}")
+        _check_sizes(batch_size=batch_size, channels=channels)
         return cls(jnp.zeros((batch_size, width - 1, channels), dtype))
 
     def update(self, buffer: Array) -> ConvState:
@@ -43,10 +74,38 @@ class RecurrentState(NamedTuple):
     state: Array
 
     @classmethod
-    def zeros(cls, batch_size: int, *shape: int, dtype: DType = jnp.float32) -> RecurrentState:
+    def zeros(cls, batch_size: int | None = None, *shape: int, dtype: DType = jnp.float32,
+              batch: int | None = None, channels: int | None = None,
+              state_size: int | None = None) -> RecurrentState:
+        """A zero state ``[B, *shape]``.
+
+        Either positional ``zeros(batch_size, *shape)`` (any trailing shape, e.g.
+        ``H, K, V``) or, for the selective scan, keywords
+        ``zeros(batch=B, channels=C, state_size=N)`` -> ``[B, C, N]``.
+
+        Raises:
+            TypeError: ``batch_size`` and ``batch`` both given or neither; ``channels`` /
+                ``state_size`` mixed with a positional shape, or one without the other.
+            ValueError: a negative size.
+        """
+        batch_size = _one_of("batch_size", batch_size, "batch", batch)
+        if channels is not None or state_size is not None:
+            if shape:
+                raise TypeError("RecurrentState.zeros: give the state shape positionally or as "
+                                f"channels= / state_size=, not both (got {shape} and keywords)")
+            if channels is None or state_size is None:
+                raise TypeError("RecurrentState.zeros: channels and state_size go together, got "
+                                f"channels={channels}, state_size={state_size}")
+            shape = (channels, state_size)
+        _check_sizes(batch_size=batch_size, **{f"shape[{i}]": n for i, n in enumerate(shape)})
         return cls(jnp.zeros((batch_size, *shape), dtype))
 
     def update(self, state: Array) -> RecurrentState:
+        """A new state holding ``state`` (e.g. a scan's final state), cast to this dtype.
+
+        Raises:
+            ValueError: ``state`` has another shape.
+        """
         if state.shape != self.state.shape:
             raise ValueError(f"state: expected shape {self.state.shape}, got {state.shape}")
         return RecurrentState(state.astype(self.state.dtype))

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from linearnexus.core.types import Array
 
@@ -26,16 +28,33 @@ from linearnexus.core.types import Array
 def validate_mask(mask: Array, batch: int, seq: int, *, name: str = "mask") -> Array:
     """Check a ``[B, T]`` padding mask (True / 1 = valid token) and return it as bool.
 
+    A bool mask is always fine. An int or float mask must hold only 0 and 1: concrete
+    values are checked (a 0.5, 2 or NaN would otherwise be cast to True silently); traced
+    ones (under ``jit``) are cast, with a ``jax.experimental.checkify`` debug check that
+    runs when the caller wraps the step in ``checkify.checkify`` (no cost otherwise).
+
     Raises:
-        ValueError: wrong shape. TypeError: float mask with values other than 0 / 1 is
-            not checked (traced), but a complex or object dtype is rejected.
+        ValueError: wrong shape, or a concrete non-bool mask with values other than 0 / 1.
+        TypeError: a dtype other than bool, int or float.
     """
     mask = jnp.asarray(mask)
     if mask.shape != (batch, seq):
         raise ValueError(f"{name}: expected shape ({batch}, {seq}) [B, T], got {mask.shape}")
-    if not (jnp.issubdtype(mask.dtype, jnp.bool_) or jnp.issubdtype(mask.dtype, jnp.integer)
-            or jnp.issubdtype(mask.dtype, jnp.floating)):
+    if jnp.issubdtype(mask.dtype, jnp.bool_):
+        return mask
+    if not (jnp.issubdtype(mask.dtype, jnp.integer) or jnp.issubdtype(mask.dtype, jnp.floating)):
         raise TypeError(f"{name}: expected a bool, int or float dtype, got {mask.dtype}")
+    if isinstance(mask, jax.core.Tracer):
+        binary = jnp.all((mask == 0) | (mask == 1))
+        checkify.check(binary, f"{name}: expected 0 / 1 values (or a bool mask)", debug=True)
+        return mask.astype(bool)
+    # numpy, not jnp: inside a jit trace a jnp op on a concrete (closed-over) mask is staged
+    # out and gives a tracer that cannot be tested with bool()
+    values = np.asarray(mask)
+    if not np.all((values == 0) | (values == 1)):
+        bad = values[(values != 0) & (values != 1)]  # NaN compares unequal to both
+        raise ValueError(f"{name}: expected a bool mask or 0 / 1 values, got {values.dtype} "
+                         f"values such as {bad[:3].tolist()}")
     return mask.astype(bool)
 
 

@@ -15,9 +15,13 @@ from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array, DType
 from linearnexus.kernels.base import GridConfig, dispatch, resolve_mode
 from linearnexus.kernels.common.validation import (
+    as_cu_seqlens,
     check_cu_seqlens,
     check_initial_state,
+    check_log_gate,
+    cu_seqlens_ok,
     resolve_scale,
+    run_guarded,
 )
 
 OpFn = Callable[..., tuple[Array, Array]]
@@ -102,7 +106,8 @@ def run_op(op_name: str, backends: Mapping[str, Any], order: Sequence[str], arra
 
 def check_and_run(op_name: str, backends: Mapping[str, Any], order: Sequence[str],
                   arrays: tuple[Array, ...], dims: tuple[int, int, int, int, int], *,
-                  default_chunk_size: int, scale: float | None, initial_state: Array | None,
+                  gate_names: tuple[str, ...], default_chunk_size: int, scale: float | None,
+                  initial_state: Array | None,
                   output_final_state: bool, cu_seqlens: Array | None, chunk_size: int | None,
                   mode: KernelMode | str | None, backend: str | None) -> tuple[Array, Array | None]:
     """The checks every linear-attention api shares after its own shape checks, then the run.
@@ -110,18 +115,34 @@ def check_and_run(op_name: str, backends: Mapping[str, Any], order: Sequence[str
     Args:
         arrays: ``(q, k, v, *gates)`` as the op's backends take them.
         dims: ``(B, T, H, K, V)`` from :func:`validation.check_qkv`.
+        gate_names: the names of ``arrays[3:]`` (``"g"`` is a log-gate, must be <= 0).
         default_chunk_size: the op's chunk size when ``chunk_size`` is None.
         Others: the api function's own arguments.
 
     Raises:
-        ValueError / TypeError naming ``cu_seqlens``, ``initial_state``, ``scale`` or
-        ``chunk_size``; NotImplementedError when the named backend cannot run the call.
+        ValueError / TypeError naming ``cu_seqlens``, ``initial_state``, ``scale``,
+        ``chunk_size`` or ``g`` (concrete positive log-gates); NotImplementedError when the
+        named backend cannot run the call. Traced bad values give NaN outputs instead and
+        non-finite inputs propagate causally (:mod:`validation`'s module doc).
     """
     batch, seq, heads, key_dim, value_dim = dims
+    cu_seqlens = as_cu_seqlens(cu_seqlens)
     n_states = check_cu_seqlens(cu_seqlens, batch, seq)
     check_initial_state(initial_state, n_states, heads, key_dim, value_dim)
     scale = resolve_scale(scale, key_dim)
     chunk_size = check_chunk_size(chunk_size, default_chunk_size)
-    return run_op(op_name, backends, order, arrays, initial_state=initial_state,
-                  output_final_state=output_final_state, chunk_size=chunk_size, mode=mode,
-                  backend=backend, dtype=arrays[0].dtype, scale=scale, cu_seqlens=cu_seqlens)
+    gates = tuple(zip(gate_names, arrays[3:], strict=True))
+    for name, gate in gates:
+        if name == "g":
+            check_log_gate(name, gate)
+    cu_seqlens_ok(cu_seqlens, seq)  # the checkify switch's check (traced offsets only)
+
+    def run(*arrays, initial_state, cu_seqlens):
+        return run_op(op_name, backends, order, arrays, initial_state=initial_state,
+                      output_final_state=True, chunk_size=chunk_size, mode=mode,
+                      backend=backend, dtype=arrays[0].dtype, scale=scale,
+                      cu_seqlens=cu_seqlens)
+
+    o, final = run_guarded(run, *arrays[:3], gates, initial_state=initial_state,
+                           cu_seqlens=cu_seqlens)
+    return o, (final if output_final_state else None)

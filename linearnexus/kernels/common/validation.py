@@ -1,11 +1,44 @@
-"""Input checks shared by the linear-attention ops; every error names the argument."""
+"""Input checks shared by the linear-attention ops and the selective scan.
+
+Every error names the argument. What a bad *value* does depends on whether it is known
+when the op is called:
+
+* **Concrete values** (eager calls, or constants under ``jit``): invalid ``cu_seqlens``
+  (not starting at 0, not ending at T, decreasing) and positive log-gates (``g > 0``, which
+  grow the state instead of decaying it) raise ``ValueError`` naming the argument, before
+  any work.
+* **Traced values** (under ``jit``) cannot raise. The same conditions then make the
+  affected outputs NaN, never a plausible wrong answer: every output and final state for
+  invalid ``cu_seqlens``; the outputs from the first positive log-gate on (to the end of
+  its sequence, that head) and that sequence's final state for ``g > 0`` (the selective
+  scan checks its offsets only: ``A`` > 0 is its caller's choice). The checks are
+  also registered with ``jax.experimental.checkify`` as debug checks, which cost nothing
+  unless the caller opts in (the switch)::
+
+      from jax.experimental import checkify
+      err, out = jax.jit(checkify.checkify(step, errors=checkify.user_checks))(...)
+      err.throw()   # raises e.g. "cu_seqlens: must start at 0, end at T=16 and ..."
+
+* **Non-finite inputs** (NaN / inf in ``q``, ``k``, ``v``, gates, ``beta``) are not an
+  error: they propagate as in the per-step recurrence, causally. A bad value at step t of
+  a sequence makes that head's outputs NaN from t on (only ``o_t`` for a bad ``q_t``) and
+  its final state NaN; outputs before t are exactly those of a run without it, in every
+  mode and backend. (A chunked form mixes the steps of a chunk in matmuls, where
+  ``0 * NaN = NaN`` would leak a NaN backwards in time: :func:`causal_guard` zeroes bad
+  values before the kernel and marks the outputs they reach after it.)
+"""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
-from linearnexus.core.padding import validate_cu_seqlens
+from linearnexus.core.padding import segment_ids_from_cu_seqlens, validate_cu_seqlens
 from linearnexus.core.types import Array, DType, is_float_dtype
 
 
@@ -56,6 +89,219 @@ def check_initial_state(initial_state: Array | None, n_states: int, heads: int, 
                         value_dim: int) -> None:
     """``initial_state`` must be None or ``[N, H, K, V]`` (N = B, or sequences for varlen)."""
     check_array("initial_state", initial_state, (n_states, heads, key_dim, value_dim), "[N, H, K, V]")
+
+
+def is_traced(array: object) -> bool:
+    """True for a value only known at run time (a tracer under ``jit`` / ``grad``)."""
+    return isinstance(array, jax.core.Tracer)
+
+
+def as_cu_seqlens(cu_seqlens: object) -> Array | None:
+    """``cu_seqlens`` as an array: None stays None, a list / tuple of ints becomes int32.
+
+    Raises:
+        TypeError naming ``cu_seqlens``: neither None, an array, nor a sequence of ints.
+    """
+    if cu_seqlens is None or hasattr(cu_seqlens, "ndim"):
+        return cu_seqlens
+    if isinstance(cu_seqlens, (list, tuple)):
+        try:  # jnp, not np: the entries may be traced ints
+            values = jnp.asarray(cu_seqlens)
+        except TypeError:
+            values = None
+        if (values is not None and values.ndim == 1 and values.size
+                and jnp.issubdtype(values.dtype, jnp.integer)):
+            return values.astype(jnp.int32)
+    raise TypeError(f"cu_seqlens: expected an int array or a list of ints [N+1], got "
+                    f"{cu_seqlens!r}")
+
+
+def _cu_valid(cu_seqlens: Array, seq: int) -> Array:
+    """bool scalar: ``cu_seqlens`` starts at 0, ends at ``seq`` and never decreases."""
+    return ((cu_seqlens[0] == 0) & (cu_seqlens[-1] == seq)
+            & jnp.all(cu_seqlens[1:] >= cu_seqlens[:-1]))
+
+
+def cu_seqlens_ok(cu_seqlens: Array | None, seq: int) -> Array | None:
+    """Under ``jit``: a traced bool scalar, True when ``cu_seqlens`` is valid (starts at 0,
+    ends at ``seq``, never decreases), also registered as a checkify debug check. None when
+    ``cu_seqlens`` is None or concrete (checked by :func:`check_cu_seqlens` instead)."""
+    if cu_seqlens is None or not is_traced(cu_seqlens):
+        return None
+    ok = _cu_valid(cu_seqlens, seq)
+    checkify.check(ok, f"cu_seqlens: must start at 0, end at T={seq} and be non-decreasing, "
+                   "got {}", cu_seqlens, debug=True)
+    return ok
+
+
+def check_log_gate(name: str, g: Array | None) -> None:
+    """Log-gates must be <= 0 (a decay). Concrete: ``ValueError`` naming ``name`` at the
+    first positive entry (NaN is not an error: it propagates, see the module doc). Traced:
+    a checkify debug check (the outputs it reaches become NaN through :func:`causal_guard`).
+    """
+    if g is None:
+        return
+    if is_traced(g):
+        checkify.check(~jnp.any(g > 0), f"{name}: log-gates must be <= 0 (a decay), got a "
+                       "maximum of {}", jnp.max(g), debug=True)
+        return
+    # numpy, not jnp: inside a jit trace a jnp op on a concrete (closed-over) array is staged
+    # out and gives a tracer that cannot be tested with bool()
+    values = np.asarray(g)
+    if np.any(values > 0):
+        where = tuple(int(i) for i in np.argwhere(values > 0)[0])
+        raise ValueError(f"{name}: log-gates must be <= 0 (a decay; exp(g) > 1 grows the state "
+                         f"without bound), got {values[where]} at index {where}")
+
+
+#: ``g = -inf`` (a gate of exactly 0) becomes this before a rerun: ``e^-105`` is 0 in float32,
+#: and the chunked forms' in-chunk sums would otherwise form ``-inf - -inf`` or ``0 * -inf``
+LOG_GATE_FLOOR = -105.0
+
+
+def _token_ok(x: Array, valid: Callable[[Array], Array]) -> tuple[Array, Array]:
+    """``(entry_ok like x, token_ok [B, T, H])``: ``valid`` per entry, and all of a token's."""
+    entry_ok = valid(x)
+    token_ok = jnp.all(entry_ok, axis=tuple(range(3, x.ndim))) if x.ndim > 3 else entry_ok
+    return entry_ok, token_ok
+
+
+def causal_guard(q: Array, k: Array, v: Array, gates: Sequence[tuple[str, Array]], *,
+                 cu_seqlens: Array | None) -> tuple[tuple[Array, ...], Callable[..., tuple]]:
+    """Make a linear-attention op's NaN handling causal and its traced bad values loud.
+
+    Bad entries (non-finite, or a positive log-gate ``g``) are replaced by 0, which every
+    op treats as inert, before the kernel runs (and ``g = -inf``, a valid hard reset, by
+    :data:`LOG_GATE_FLOOR`); ``finish`` then marks what they reach:
+    the head's outputs from the bad step to the end of its sequence (only that step's for
+    a bad ``q``) and its final state become NaN. With traced invalid ``cu_seqlens``, every
+    output does. For clean inputs the values are unchanged (a ``where`` on each array).
+
+    Args:
+        q, k: ``[B, T, H, K]``. v: ``[B, T, H, V]``.
+        gates: ``(name, array)`` of the op's other per-token inputs, ``[B, T, H]`` or
+            ``[B, T, H, K]``; the one named ``g`` is a log-gate (must be <= 0).
+        cu_seqlens: ``[N+1]`` int32 or None.
+
+    Returns:
+        ``((q, k, v, *gates) with bad entries zeroed, finish)``; ``finish(o [B, T, H, V],
+        final [N, H, K, V] or None)`` returns them marked. A NaN's cotangent is NaN, so
+        gradients through marked outputs are NaN too, as the recurrence's would be.
+    """
+    batch, seq, heads = q.shape[:3]
+
+    def finite(x: Array) -> Array:
+        return jnp.isfinite(x)
+
+    def decay(x: Array) -> Array:
+        return x <= 0  # False for NaN and for +-inf > 0
+
+    q_ok, q_token_ok = _token_ok(q, finite)
+    clean = [jnp.where(q_ok, q, 0)]
+    state_ok = jnp.ones((batch, seq, heads), bool)
+    for name, x in (("k", k), ("v", v), *gates):
+        entry_ok, token_ok = _token_ok(x, decay if name == "g" else finite)
+        if name == "g":  # -inf is a valid gate (a hard reset) that chunked sums turn into NaN
+            x = jnp.where(x == -jnp.inf, LOG_GATE_FLOOR, x)
+        clean.append(jnp.where(entry_ok, x, 0))
+        state_ok = state_ok & token_ok
+    # the first bad step of each row (or packed sequence) and head; a min, not a cumsum
+    # (XLA:CPU runs a cumsum over T as a windowed reduction, O(T^2))
+    steps = jnp.arange(seq, dtype=jnp.int32)[None, :, None]  # [1, T, 1]
+    bad_at = jnp.where(state_ok, seq, steps)  # [B, T, H]: t at bad tokens, T elsewhere
+    if cu_seqlens is None:
+        first = jnp.min(bad_at, axis=1)  # [B, H]
+        reached = steps >= first[:, None]  # [B, T, H]
+        final_bad = first < seq  # [B, H]
+    else:
+        n_seqs = cu_seqlens.shape[0] - 1
+        seg = jnp.clip(segment_ids_from_cu_seqlens(jnp.clip(cu_seqlens, 0, seq), seq),
+                       0, n_seqs - 1)  # [T]
+        first = jax.ops.segment_min(bad_at[0], seg, n_seqs, indices_are_sorted=True)  # [N, H]
+        first = jnp.minimum(first, seq)  # an empty sequence's min is the dtype's maximum
+        reached = (steps[0] >= first[seg])[None]  # [1, T, H]
+        final_bad = first < seq  # [N, H]
+    out_bad = reached | ~q_token_ok
+    if cu_seqlens is not None and is_traced(cu_seqlens):
+        cu_ok = _cu_valid(cu_seqlens, seq)
+        out_bad, final_bad = out_bad | ~cu_ok, final_bad | ~cu_ok
+
+    def finish(o: Array, final: Array | None) -> tuple[Array, Array | None]:
+        o = jnp.where(out_bad[..., None], o * jnp.nan, o)
+        if final is not None:
+            final = jnp.where(final_bad[..., None, None], final * jnp.nan, final)
+        return o, final
+
+    return tuple(clean), finish
+
+
+def run_guarded(run: Callable[..., tuple[Array, Array]], q: Array, k: Array, v: Array,
+                gates: Sequence[tuple[str, Array]], *, initial_state: Array | None,
+                cu_seqlens: Array | None) -> tuple[Array, Array]:
+    """``run(q, k, v, *gates, initial_state=, cu_seqlens=) -> (o, final)``, with bad values
+    handled as the module doc says, at the cost of a check when the inputs are clean.
+
+    ``run`` is first called on the inputs as they are. When its outputs are all finite,
+    every log-gate is <= 0 and traced ``cu_seqlens`` are valid (the usual case), that is
+    the answer; otherwise (a ``lax.cond``) the op runs again through :func:`causal_guard`.
+    Guarding every call instead cost a copy of every input and output (+20-40% on a
+    chunked forward, 2-core CPU). Reverse-mode differentiable through a ``custom_vjp``
+    (forward-mode ``jvp`` is not supported): the fast path's backward, whose gradients
+    are NaN after bad inputs; a conditional under autodiff would make each branch carry
+    the other's residuals.
+
+    Args:
+        run: the op; ``final`` is ``[N, H, K, V]``.
+        q, k, v, gates, cu_seqlens: as :func:`causal_guard`. initial_state: passed on.
+    """
+    names = tuple(name for name, _ in gates)
+    seq = q.shape[1]
+    # concrete offsets stay concrete (the naive backend loops over them in Python): only
+    # traced ones travel as an argument of the custom_vjp
+    traced_cu = cu_seqlens is not None and is_traced(cu_seqlens)
+    fixed_cu = None if traced_cu else cu_seqlens
+
+    def fast(cu, q, k, v, gate_arrays, h0):
+        return run(q, k, v, *gate_arrays, initial_state=h0,
+                   cu_seqlens=cu if traced_cu else fixed_cu)
+
+    def slow(cu, q, k, v, gate_arrays, h0):
+        cu = cu if traced_cu else fixed_cu
+        clean, finish = causal_guard(q, k, v, tuple(zip(names, gate_arrays, strict=True)),
+                                     cu_seqlens=cu)
+        return finish(*run(*clean, initial_state=h0, cu_seqlens=cu))
+
+    def clean_run(out, cu, gate_arrays):
+        ok = jnp.all(jnp.isfinite(out[0])) & jnp.all(jnp.isfinite(out[1]))
+        for name, gate in zip(names, gate_arrays, strict=True):
+            if name == "g":
+                ok = ok & jnp.all(gate <= 0)
+        if traced_cu:
+            ok = ok & _cu_valid(cu, seq)
+        return ok
+
+    @jax.custom_vjp
+    def guarded(cu, *args):
+        out = fast(cu, *args)
+        return jax.lax.cond(clean_run(out, cu, args[3]), lambda: out, lambda: slow(cu, *args))
+
+    def guarded_fwd(cu, *args):
+        out, fast_vjp = jax.vjp(functools.partial(fast, cu), *args)
+        ok = clean_run(out, cu, args[3])
+        out = jax.lax.cond(ok, lambda: out, lambda: slow(cu, *args))
+        return out, (ok, fast_vjp)
+
+    def guarded_bwd(res, ct):
+        # after bad inputs the gradients are NaN (as the recurrence's would be): a NaN
+        # cotangent through the fast path's backward, rather than a conditional between two
+        # backward passes (its operands, every residual, were copied: +40% fwd+bwd on the CPU)
+        ok, fast_vjp = res
+        ct = jax.tree.map(lambda c: jnp.where(ok, c, c * jnp.nan), ct)
+        return (None, *fast_vjp(ct))
+
+    guarded.defvjp(guarded_fwd, guarded_bwd)
+    return guarded(cu_seqlens if traced_cu else None, q, k, v, tuple(a for _, a in gates),
+                   initial_state)
 
 
 def check_cu_seqlens(cu_seqlens: Array | None, batch: int, seq: int) -> int:

@@ -77,6 +77,6 @@ def delta_rule(
     check_array("beta", beta, (batch, seq, heads), "[B, T, H]")
     return check_and_run("delta_rule", BACKENDS, BACKEND_ORDER, (q, k, v, beta),
                          (batch, seq, heads, key_dim, value_dim),
-                         default_chunk_size=DEFAULT_CHUNK_SIZE, scale=scale,
+                         gate_names=("beta",), default_chunk_size=DEFAULT_CHUNK_SIZE, scale=scale,
                          initial_state=initial_state, output_final_state=output_final_state,
                          cu_seqlens=cu_seqlens, chunk_size=chunk_size, mode=mode, backend=backend)

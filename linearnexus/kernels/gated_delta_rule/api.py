@@ -84,6 +84,6 @@ def gated_delta_rule(
     check_array("beta", beta, (batch, seq, heads), "[B, T, H]")
     return check_and_run("gated_delta_rule", BACKENDS, BACKEND_ORDER, (q, k, v, g, beta),
                          (batch, seq, heads, key_dim, value_dim),
-                         default_chunk_size=DEFAULT_CHUNK_SIZE, scale=scale,
+                         gate_names=("g", "beta"), default_chunk_size=DEFAULT_CHUNK_SIZE, scale=scale,
                          initial_state=initial_state, output_final_state=output_final_state,
                          cu_seqlens=cu_seqlens, chunk_size=chunk_size, mode=mode, backend=backend)

@@ -74,6 +74,6 @@ def gla(
     check_array("g", g, (batch, seq, heads, key_dim), "[B, T, H, K]")
     return check_and_run("gla", BACKENDS, BACKEND_ORDER, (q, k, v, g),
                          (batch, seq, heads, key_dim, value_dim),
-                         default_chunk_size=DEFAULT_CHUNK_SIZE, scale=scale,
+                         gate_names=("g",), default_chunk_size=DEFAULT_CHUNK_SIZE, scale=scale,
                          initial_state=initial_state, output_final_state=output_final_state,
                          cu_seqlens=cu_seqlens, chunk_size=chunk_size, mode=mode, backend=backend)

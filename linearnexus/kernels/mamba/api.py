@@ -15,7 +15,11 @@ from linearnexus.core.types import Array, DType, is_float_dtype
 from linearnexus.kernels.base import GridConfig, current_platform, dispatch, resolve_mode
 from linearnexus.kernels.common.backends import JaxKernel, NaiveKernel
 from linearnexus.kernels.common.pallas import TritonConfig
-from linearnexus.kernels.common.validation import check_cu_seqlens
+from linearnexus.kernels.common.validation import (
+    as_cu_seqlens,
+    check_cu_seqlens,
+    cu_seqlens_ok,
+)
 from linearnexus.kernels.mamba.chunked import ChunkForm, default_chunk_form, selective_scan_chunked
 from linearnexus.kernels.mamba.reference import selective_scan_reference
 
@@ -64,9 +68,10 @@ class MambaPallasKernel:
     def supports(self, *, platform: str, dtype: DType) -> bool:
         return platform == "gpu" and jnp.dtype(dtype) in [jnp.dtype(d) for d in self.dtypes]
 
-    def launch_config(self, grid: GridConfig) -> TritonConfig:
-        """This backend's config with the call's explicit ``grid`` fields on top."""
-        base = self.config or TritonConfig()
+    def launch_config(self, grid: GridConfig, tuned: TritonConfig | None = None) -> TritonConfig:
+        """This backend's config (else ``tuned``, the tuning cache's entry) with the call's
+        explicit ``grid`` fields on top."""
+        base = self.config or tuned or TritonConfig()
         if grid.block_c is not None and (grid.block_c < 16 or grid.block_c & (grid.block_c - 1)):
             raise ValueError(f"grid.block_c: the Pallas selective scan takes a power of two >= 16 "
                              f"channels per program, got {grid.block_c}")
@@ -79,11 +84,14 @@ class MambaPallasKernel:
     def forward_chunk(self, x, dt, A, B, C, *, D=None, z=None, initial_state=None,
                       cu_seqlens=None, dt_bias=None, dt_softplus: bool = False,
                       grid: GridConfig) -> tuple[Array, Array]:
+        from linearnexus.kernels import tuning
         from linearnexus.kernels.mamba.pallas import selective_scan_pallas  # imports Pallas
 
+        tuned = None if self.config is not None else tuning.tuned_config(
+            "mamba", self.name, (*x.shape, A.shape[1]), x.dtype)  # [B, T, C] + N
         return selective_scan_pallas(x, dt, A, B, C, D=D, z=z, initial_state=initial_state,
                                      cu_seqlens=cu_seqlens, dt_bias=dt_bias,
-                                     dt_softplus=dt_softplus, config=self.launch_config(grid))
+                                     dt_softplus=dt_softplus, config=self.launch_config(grid, tuned))
 
     def forward_recurrent(self, x, dt, A, B, C, *, D=None, z=None, initial_state=None,
                           cu_seqlens=None) -> tuple[Array, Array]:
@@ -185,9 +193,12 @@ def selective_scan(
         ``(y [B, T, C] in x's dtype, final_state [B or N_seq, C, N] float32 or None)``.
 
     Raises:
-        ValueError / TypeError: bad shapes or dtypes, naming the argument.
+        ValueError / TypeError: bad shapes or dtypes, naming the argument (concrete
+            ``cu_seqlens`` values too; traced invalid offsets make every output NaN, see
+            :mod:`linearnexus.kernels.common.validation`).
         NotImplementedError: the named backend cannot run this call.
     """
+    cu_seqlens = as_cu_seqlens(cu_seqlens)
     validate_selective_scan_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens)
     if grid is None:
         grid = GridConfig(chunk_size=DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size)
@@ -220,4 +231,11 @@ def selective_scan(
 
     y, final_state = dispatch("mamba", BACKENDS, BACKEND_ORDER, call, backend=backend,
                               dtype=x.dtype)
+    ok = cu_seqlens_ok(cu_seqlens, x.shape[1])
+    if ok is not None:  # traced offsets that turn out invalid: NaN, not a plausible answer
+        # a scalar factor, not a where on y: where(ok, y, y * nan) gives NaN gradients even
+        # when ok (its unused branch's cotangent 0 times nan); this gives them only when not
+        poison = jnp.where(ok, 1.0, jnp.nan).astype(y.dtype)
+        y = y * poison
+        final_state = final_state * poison.astype(final_state.dtype)
     return y, (final_state if output_final_state else None)

@@ -75,6 +75,6 @@ def simple_gla(
         g = jnp.zeros((batch, seq, heads), jnp.float32)
     return check_and_run("simple_gla", BACKENDS, BACKEND_ORDER, (q, k, v, g),
                          (batch, seq, heads, key_dim, value_dim),
-                         default_chunk_size=DEFAULT_CHUNK_SIZE, scale=scale,
+                         gate_names=("g",), default_chunk_size=DEFAULT_CHUNK_SIZE, scale=scale,
                          initial_state=initial_state, output_final_state=output_final_state,
                          cu_seqlens=cu_seqlens, chunk_size=chunk_size, mode=mode, backend=backend)

@@ -14,10 +14,12 @@ import jax.numpy as jnp
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array
 from linearnexus.kernels.common.validation import (
+    as_cu_seqlens,
     check_array,
     check_cu_seqlens,
     check_float,
     check_initial_state,
+    check_log_gate,
     compute_dtype,
 )
 from linearnexus.kernels.simple_gla.api import BACKENDS, simple_gla
@@ -86,9 +88,10 @@ def ssd(
 
     Raises:
         ValueError / TypeError naming the bad argument (x, dt, A, B, C, D, dt_bias,
-        initial_state, cu_seqlens).
+        initial_state, cu_seqlens; ``dt * A`` for a concrete positive log-gate).
     """
     batch, seq, heads, head_dim, groups, n_state = _validate(x, dt, A, B, C, D, dt_bias)
+    cu_seqlens = as_cu_seqlens(cu_seqlens)
     n_states = check_cu_seqlens(cu_seqlens, batch, seq)
     check_initial_state(initial_state, n_states, heads, n_state, head_dim)
     dtype = compute_dtype(x.dtype, dt.dtype)
@@ -102,6 +105,7 @@ def ssd(
     k = jnp.repeat(B, per_group, axis=2)
     v = (x.astype(dtype) * dt[..., None]).astype(jnp.promote_types(x.dtype, dt.dtype))  # [B, T, H, P]
     g = dt * A.astype(dtype)  # [B, T, H]
+    check_log_gate("dt * A", g)  # named here: the caller never passed a `g`
     y, final = simple_gla(q, k, v, g, scale=1.0, initial_state=initial_state,
                           output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                           chunk_size=chunk_size, mode=mode, backend=backend)

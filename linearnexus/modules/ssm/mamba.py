@@ -105,6 +105,9 @@ class MambaState(NamedTuple):
 class MambaBlock(nnx.Module):
     """The Mamba-1 mixer (no norm or residual: the model wraps every block alike)."""
 
+    #: the mechanism this block runs (its op in OP_REGISTRY; the README's feature table reads it)
+    op = staticmethod(selective_scan)
+
     def __init__(self, config: MambaConfig, *, rngs: nnx.Rngs) -> None:
         if not isinstance(config, MambaConfig):
             raise TypeError(f"config: expected MambaConfig, got {type(config).__name__}")
@@ -179,6 +182,8 @@ class MambaBlock(nnx.Module):
         n_states = call.n_states
         if state is None:
             state = self.init_state(n_states)
+        elif not isinstance(state, MambaState):
+            raise TypeError(f"state: expected a MambaState, got {type(state).__name__}")
         else:
             check_state_batch("state.conv", state.conv.buffer,
                               (n_states, cfg.d_conv - 1, cfg.d_inner))

@@ -155,6 +155,9 @@ class Mamba2Block(nnx.Module):
       ``D`` ``[H]`` (``[H, P]`` with ``D_has_hdim``): ones; ``norm.scale`` ``[E]``: ones.
     """
 
+    #: the mechanism this block runs (its op in OP_REGISTRY; the README's feature table reads it)
+    op = staticmethod(ssd)
+
     def __init__(self, config: Mamba2Config, *, rngs: nnx.Rngs) -> None:
         if not isinstance(config, Mamba2Config):
             raise TypeError(f"config: expected Mamba2Config, got {type(config).__name__}")

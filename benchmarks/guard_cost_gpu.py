@@ -1,0 +1,110 @@
+"""What the linear ops' input guard (``kernels/common/validation.run_guarded``) costs on a GPU.
+
+The guard runs each op, checks its outputs are finite (and log-gates <= 0, traced offsets
+valid) and only then returns, through a ``lax.cond`` whose other branch reruns the op on
+cleaned inputs. This script times the api path with the guard as shipped, or with
+``--no-guard`` (the op called directly, as before the guard), for:
+
+* ops: simple_gla and gated_delta_rule, bf16 (8, 4096, 16, 128), forward and forward +
+  backward (``jax.grad`` of a sum), the default backend (Pallas on a GPU);
+* decode: the ~200M Gated DeltaNet LM of ``benchmarks/decode_gpu.py`` at batch 1 and 64
+  (its on-device loop).
+
+Run it twice on the GPU machine (one process each, so no compiled program is shared)::
+
+    python3 benchmarks/guard_cost_gpu.py && python3 benchmarks/guard_cost_gpu.py --no-guard
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _unguarded(run, q, k, v, gates, *, initial_state, cu_seqlens):
+    """The op called directly: what the api did before the guard."""
+    return run(q, k, v, *(a for _, a in gates), initial_state=initial_state, cu_seqlens=cu_seqlens)
+
+
+def time_call(fn, *args, repeats: int = 20) -> float:
+    """Median ms of ``fn(*args)`` after one warm-up (compile) call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def op_rows(shape: tuple[int, int, int, int]) -> list[dict]:
+    from linearnexus.kernels.gated_delta_rule import gated_delta_rule
+    from linearnexus.kernels.simple_gla import simple_gla
+
+    b, t, h, d = shape
+    keys = jax.random.split(jax.random.key(0), 5)
+    q = jax.random.normal(keys[0], shape, jnp.bfloat16)
+    k = jax.random.normal(keys[1], shape, jnp.bfloat16) * d ** -0.5
+    v = jax.random.normal(keys[2], shape, jnp.bfloat16)
+    g = -jax.nn.softplus(jax.random.normal(keys[3], (b, t, h), jnp.float32)) * 0.1
+    beta = jax.nn.sigmoid(jax.random.normal(keys[4], (b, t, h), jnp.float32))
+    ops = {
+        "simple_gla": lambda q, k, v: simple_gla(q, k, v, g)[0],
+        "gated_delta_rule": lambda q, k, v: gated_delta_rule(q, k, v, g, beta)[0],
+    }
+    rows = []
+    for name, op in ops.items():
+        fwd = jax.jit(op)
+        grad = jax.jit(jax.grad(lambda q, k, v, op=op: op(q, k, v).astype(jnp.float32).sum(),
+                                argnums=(0, 1, 2)))
+        rows.append({"op": name, "shape": list(shape), "fwd_ms": time_call(fwd, q, k, v),
+                     "fwd_bwd_ms": time_call(grad, q, k, v)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def decode_rows(batches: list[int]) -> list[dict]:
+    import decode_gpu
+
+    args = decode_gpu.build_parser().parse_args([]) if hasattr(decode_gpu, "build_parser") else None
+    if args is None:
+        args = argparse.Namespace(d_model=1024, layers=12, vocab=8192, dtype="bfloat16",
+                                  max_seq_len=512, steps=128, repeats=3, host_batches=[])
+    args.host_batches = []
+    args.dtype = args.dtype or "bfloat16"
+    rows = []
+    for batch in batches:
+        row = decode_gpu.time_ours("gdn", batch, args)
+        rows.append({"model": "gdn", "batch": batch, "ms_per_step": row["ms_per_step"]})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--no-guard", action="store_true", help="call the ops without the guard")
+    p.add_argument("--out", type=Path, default=None, help="JSON file to write")
+    args = p.parse_args()
+    if args.no_guard:
+        from linearnexus.kernels.common import backends
+
+        backends.run_guarded = _unguarded
+    result = {"guard": not args.no_guard, "device": str(jax.devices()[0]),
+              "jax": jax.__version__, "ops": op_rows((8, 4096, 16, 128)),
+              "decode": decode_rows([1, 64])}
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""The documented interface and the developer tools: cache constructors, registry aliases,
+preset constants, the tuning cache, smoke / benchmark / profile / feature-table tools, and the
+quickstart notebook (executed on a shortened setting so it cannot rot)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from linearnexus.core.cache import ConvState, RecurrentState
+from linearnexus.registry import KERNEL_REGISTRY, LAYER_REGISTRY, MODEL_REGISTRY, OP_REGISTRY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- core.cache
+
+
+def test_state_constructors_by_keyword_and_position(key):
+    rec = RecurrentState.zeros(batch=2, channels=256, state_size=16, dtype=jnp.float32)
+    conv = ConvState.zeros(batch=2, kernel_size=4, channels=256, dtype=jnp.float32)
+    assert rec.state.shape == (2, 256, 16) and rec.state.dtype == jnp.float32
+    assert conv.buffer.shape == (2, 3, 256)
+    new = jax.random.normal(key, (2, 256, 16))
+    np.testing.assert_array_equal(rec.update(new).state, new)
+    # the positional forms blocks use keep working
+    assert RecurrentState.zeros(2, 3, 4, 5).state.shape == (2, 3, 4, 5)
+    assert ConvState.zeros(2, 4, 3, jnp.bfloat16).buffer.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: RecurrentState.zeros(2, batch=2, channels=3, state_size=4), "batch_size and batch"),
+    (lambda: RecurrentState.zeros(batch=2, channels=3), "channels and state_size"),
+    (lambda: RecurrentState.zeros(2, 3, channels=3, state_size=4), "not both"),
+    (lambda: ConvState.zeros(batch=2, channels=3), "width"),
+    (lambda: ConvState.zeros(2, 4, 3, kernel_size=4), "width and kernel_size"),
+])
+def test_state_constructor_errors(call, match):
+    with pytest.raises(TypeError, match=match):
+        call()
+    with pytest.raises(ValueError, match="kernel|width"):
+        ConvState.zeros(batch=1, kernel_size=0, channels=3)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_reference_aliases_and_layer_unpacking():
+    for op in OP_REGISTRY:
+        assert KERNEL_REGISTRY[f"{op}:reference"] is KERNEL_REGISTRY[f"{op}:naive"]
+        assert f"{op}:reference" in KERNEL_REGISTRY
+    assert KERNEL_REGISTRY["mamba:jax"].name == "jax"
+    assert not any(name.endswith(":reference") for name in KERNEL_REGISTRY)  # walked once
+    layer_cls, config_cls = LAYER_REGISTRY["mamba"]
+    assert (layer_cls.__name__, config_cls.__name__) == ("MambaBlock", "MambaConfig")
+    pairs = dict(LAYER_REGISTRY.items())
+    assert set(pairs) == set(LAYER_REGISTRY)
+    for _, (layer_cls, config_cls) in LAYER_REGISTRY.items():
+        assert isinstance(layer_cls, type) and isinstance(config_cls, type)
+
+
+def test_preset_constants():
+    import linearnexus.models as M
+
+    for preset in MODEL_REGISTRY:
+        assert getattr(M, M.preset_constant_name(preset)) == M.get_preset(preset), preset
+    for preset in (M.GPT_SMALL, M.MAMBA_SMALL):
+        model = M.create_model(preset.replace(vocab_size=11, n_layers=1, d_model=16))
+        assert model.config.layer_types == preset.block_pattern[:1]
+
+
+# ----------------------------------------------------------------------------- tuning
+
+
+def test_estimate_grid_for_sequence():
+    from linearnexus.kernels.tuning import estimate_grid_for_sequence
+
+    short = estimate_grid_for_sequence(2, 10, 512, 64)
+    assert short.chunk_size == 16  # a 10-token call is not padded to 64
+    assert estimate_grid_for_sequence(2, 4096, 512, 64).chunk_size == 64
+    assert estimate_grid_for_sequence(64, 4096, 256, 64).block_c == 64  # 256 programs
+    assert estimate_grid_for_sequence(1, 4096, 256, 64).block_c == 16  # too few for any
+    with pytest.raises(ValueError, match="feature_dim"):
+        estimate_grid_for_sequence(1, 8, 0, 64)
+
+
+def test_tuning_cache_round_trip_and_pallas_read_hook(tmp_path, monkeypatch):
+    from linearnexus.kernels import tuning
+    from linearnexus.kernels.base import GridConfig
+    from linearnexus.kernels.common.pallas import TritonConfig
+    from linearnexus.kernels.common.pallas_ops import PallasKernel
+
+    monkeypatch.setenv("LINEARNEXUS_TUNING_CACHE", str(tmp_path / "tuning.json"))
+    q = jnp.zeros((2, 3000, 4, 32))
+    v = jnp.zeros((2, 3000, 4, 48))
+    assert tuning.tuned_config("gla", "pallas", (2, 3000, 4, 32, 48), jnp.float32) is None
+    cfg = TritonConfig(chunk=32, num_warps=8)
+    tuning.record("gla", "pallas", (2, 4096, 4, 32, 48), jnp.float32, cfg, seconds=1e-3)
+    # T = 3000 falls in the T = 4096 bucket; another dtype does not
+    assert tuning.tuned_config("gla", "pallas", (2, 3000, 4, 32, 48), jnp.float32) == cfg
+    assert tuning.tuned_config("gla", "pallas", (2, 3000, 4, 32, 48), jnp.bfloat16) is None
+
+    seen = []
+
+    def fake_gla_pallas(*arrays, config=None, **kwargs):
+        seen.append(config)
+        return arrays[2], None
+
+    fake_gla_pallas.__module__ = "linearnexus.kernels.gla.pallas"
+    kernel = PallasKernel(fake_gla_pallas, None)
+    kernel.forward_chunk(q, q, v, q, initial_state=None, grid=GridConfig())
+    own = TritonConfig(chunk=16)
+    kernel.config = own  # the backend's own config wins over the cache
+    kernel.forward_chunk(q, q, v, q, initial_state=None, grid=GridConfig())
+    assert seen == [cfg, own]
+
+
+# ----------------------------------------------------------------------------- tools
+
+
+def test_smoke_runs_and_reports(capsys):
+    from linearnexus.tools.smoke import run_smoke
+
+    checks = run_smoke(["retention"], ["jax"], ["retnet"])
+    names = {(c.target, c.name) for c in checks}
+    assert ("retention:jax", "chunk grads") in names
+    assert ("block retnet", "forward + decode step") in names
+    assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+    assert "ok   retention:jax" in capsys.readouterr().out
+
+
+def test_benchmark_harness_quick(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import run as bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    payload = bench.main(["--preset", "constrained", "--quick", "--ops", "retention",
+                          "--backends", "jax", "naive", "--blocks", "--no-write"])
+    rows = payload["rows"]
+    assert {r["backend"] for r in rows} == {"jax", "naive"}
+    assert all(r["forward_ms"] > 0 and r["forward_backward_ms"] > 0 for r in rows)
+    text = bench.markdown("constrained", bench.PRESETS["constrained"], rows, "cmd", 1)
+    assert "| retention | jax | default L |" in text and "x |" in text  # speed-up column
+
+
+def test_profile_layer(tmp_path, capsys):
+    from linearnexus.modules.linear.gla import SimpleGLABlock, SimpleGLAConfig
+    from linearnexus.tools.profile import profile_layer
+
+    summary = profile_layer(SimpleGLABlock, SimpleGLAConfig.tiny(), batch=2, seq=16, steps=2,
+                            out_dir=tmp_path / "trace")
+    assert list((tmp_path / "trace").glob("plugins/profile/*/*.xplane.pb"))
+    assert summary.ops and all(o.calls >= 1 and o.total_ms >= 0 for o in summary.ops)
+    assert summary.ops == sorted(summary.ops, key=lambda o: o.total_ms, reverse=True)
+    assert "ms in all" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="seq"):
+        profile_layer(SimpleGLABlock, SimpleGLAConfig.tiny(), seq=0)
+
+
+def test_readme_feature_table_is_fresh():
+    from linearnexus.tools import features
+
+    text = (ROOT / "README.md").read_text()
+    assert features.render(text, features.feature_table()) == text, (
+        "README.md's feature table is stale: run python -m linearnexus.tools.features")
+    with pytest.raises(ValueError, match="markers"):
+        features.render("no markers", "table")
+
+
+def test_quickstart_notebook_runs(monkeypatch, tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("QUICKSTART_STEPS", "3")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb = nbformat.read(ROOT / "examples" / "quickstart.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "step    2  loss" in text and "ROMEO:" in text
