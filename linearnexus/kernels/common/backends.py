@@ -143,6 +143,7 @@ def check_and_run(op_name: str, backends: Mapping[str, Any], order: Sequence[str
                       backend=backend, dtype=arrays[0].dtype, scale=scale,
                       cu_seqlens=cu_seqlens)
 
+    recurrent = resolve_mode(mode, seq) is KernelMode.RECURRENT
     o, final = run_guarded(run, *arrays[:3], gates, initial_state=initial_state,
-                           cu_seqlens=cu_seqlens)
+                           cu_seqlens=cu_seqlens, always_clean=recurrent)
     return o, (final if output_final_state else None)
