@@ -30,9 +30,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check linearnexus tests examples benchmarks
 
 test: $(STAMP) lint
-	$(PY) -m pytest -n 2 --dist worksteal tests
+	$(PY) -m pytest -n 2 --dist worksteal --durations=15 tests
 	# 8 simulated devices: a process of its own (XLA reads the device count at start-up)
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -n 2 --dist worksteal tests/multidevice
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -n 2 --dist worksteal --durations=15 tests/multidevice
 
 # every op's every backend vs its reference, every block's forward + decode step (< 90 s)
 smoke: $(STAMP)

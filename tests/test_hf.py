@@ -384,10 +384,16 @@ def test_fla_parity_on_gpu(tmp_path):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.05 * torch.randn_like(p))
+            # T <= 64: FLA's layers run their fused recurrent kernels (float32, no tensor-core
+            # dots); T = 70: their chunk kernels, whose Triton dots round through TF32
+            want_rec = model(torch.from_numpy(ids[:, :48]).cuda()).logits.float().cpu().numpy()
             want = model(torch.from_numpy(ids).cuda()).logits.float().cpu().numpy()
         model.save_pretrained(tmp_path / name)
         got = hf.from_pretrained(tmp_path / name)(jnp.asarray(ids), mode="chunk")[0]
-        assert rel_err(got, want) < 1e-3, name  # FLA's kernels run tf32 matmuls
+        err_rec, err_chunk = rel_err(got[:, :48], want_rec), rel_err(got, want)
+        print(f"{name}: vs FLA recurrent {err_rec:.2e}, vs FLA chunk (TF32) {err_chunk:.2e}")
+        assert err_rec < 1e-4, name
+        assert err_chunk < 5e-3, name  # measured 1.7e-3 for gdn on an H200: TF32 rounding
 
 
 def test_train_lm_init_hf_starts_from_the_checkpoint(tmp_path, capsys):
