@@ -437,13 +437,13 @@ def inference_params(model: LMModel, weights: str = "compute") -> Any:
     if cached is not None and len(cached[0]) == len(leaves) and all(
             ref() is leaf for ref, leaf in zip(cached[0], leaves, strict=True)):
         return cached[1]
-    todo = {path: targets[path[:-1]] for path, v in flat
+    to_cast = {path: targets[path[:-1]] for path, v in flat
             if path[:-1] in targets and isinstance(v, nnx.Param)
             and jnp.issubdtype(v.get_value().dtype, jnp.floating)
             and v.get_value().dtype != targets[path[:-1]]}
-    if not todo:
+    if not to_cast:
         return params
-    cast = {path: v.replace(v.get_value().astype(todo[path])) if path in todo else v
+    cast = {path: v.replace(v.get_value().astype(to_cast[path])) if path in to_cast else v
             for path, v in flat}
     out = nnx.from_flat_state(cast)
     _CAST[model] = ([weakref.ref(leaf) for leaf in leaves], out)

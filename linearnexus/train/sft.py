@@ -1088,28 +1088,42 @@ class SFTTrainer:
         records = _read_jsonl(self.metrics_path)
         train = [(r["step"], r["train_loss"]) for r in records if r.get("train_loss") is not None]
         val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
-        if not train and not val:
-            return None
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        return plot_curves(
+            Path(path) if path is not None else self.out_dir / PLOT_FILE,
+            [("train", train, {"linewidth": 1.2}),
+             ("val", val, {"fmt": "o-", "linewidth": 1.5, "markersize": 4})],
+            title=f"{self.out_dir.name}: {self.config.optimizer}, "
+                  f"B={self.config.batch_size}, T={self.config.seq_len}",
+            ylabel="cross-entropy (nats / token)")
 
-        fig = Figure(figsize=(7, 4.5), dpi=100)
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        if train:
-            ax.plot(*zip(*train, strict=True), label="train", linewidth=1.2)
-        if val:
-            ax.plot(*zip(*val, strict=True), "o-", label="val", linewidth=1.5, markersize=4)
-        ax.set_xlabel("step")
-        ax.set_ylabel("cross-entropy (nats / token)")
-        ax.set_title(f"{self.out_dir.name}: {self.config.optimizer}, "
-                     f"B={self.config.batch_size}, T={self.config.seq_len}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        out = Path(path) if path is not None else self.out_dir / PLOT_FILE
-        atomic_write(out, lambda fh: fig.savefig(fh, format="png"))
-        return out
+
+def plot_curves(out: Path, series: list[tuple[str, list[tuple[int, float]], dict[str, Any]]], *,
+                title: str, ylabel: str | None = None) -> Path | None:
+    """Plot ``(label, [(step, value), ...], style)`` curves against the step into the PNG
+    ``out`` (Agg, no display; written atomically). ``style`` may hold a matplotlib ``fmt``
+    and line keywords. Returns ``out``, or None when every series is empty."""
+    if not any(points for _, points, _ in series):
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for label, points, style in series:
+        if points:
+            style = dict(style)
+            ax.plot(*zip(*points, strict=True), *([style.pop("fmt")] if "fmt" in style else []),
+                    label=label, **style)
+    ax.set_xlabel("step")
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(out, lambda fh: fig.savefig(fh, format="png"))
+    return out
 
 
 def _config_diff(old: Mapping[str, Any], new: Mapping[str, Any],

@@ -72,6 +72,7 @@ from linearnexus.train.sft import (
     _tokenizer_json,
     build_optimizer,
     catch_stop_signals,
+    plot_curves,
 )
 
 __all__ = ["RLResult", "RLTrainer"]
@@ -540,26 +541,9 @@ class RLTrainer:
         records = _read_jsonl(self.metrics_path)
         reward = [(r["step"], r["reward_mean"]) for r in records if "reward_mean" in r]
         acc = [(r["step"], r["eval_accuracy"]) for r in records if "eval_accuracy" in r]
-        if not reward and not acc:
-            return None
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(7, 4.5), dpi=100)
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        if reward:
-            ax.plot(*zip(*reward, strict=True), label="reward (mean)", linewidth=1.0)
-        if acc:
-            ax.plot(*zip(*acc, strict=True), "o-", label="held-out accuracy", markersize=4)
-        ax.set_xlabel("step")
-        ax.set_title(f"{self.out_dir.name}: {self.config.algo} on {self.config.task}, "
-                     f"{self.config.prompts_per_step}x{self.config.group_size} samples / step")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        out = Path(path) if path is not None else self.out_dir / PLOT_FILE
-        tmp = out.with_name(f".{out.name}.tmp.png")
-        fig.savefig(tmp)
-        tmp.replace(out)
-        return out
+        return plot_curves(
+            Path(path) if path is not None else self.out_dir / PLOT_FILE,
+            [("reward (mean)", reward, {"linewidth": 1.0}),
+             ("held-out accuracy", acc, {"fmt": "o-", "markersize": 4})],
+            title=f"{self.out_dir.name}: {self.config.algo} on {self.config.task}, "
+                  f"{self.config.prompts_per_step}x{self.config.group_size} samples / step")
