@@ -285,17 +285,22 @@ def preset_factory(name: str):
     return make
 
 
-# Preset constants: ``create_model(GPT_SMALL)``. Each is a fresh ModelConfig built from the
-# preset table at import; treat them as read-only and derive variants with ``.replace(...)``.
-GPT_SMALL: ModelConfig = preset_factory("gpt-small")()
-MAMBA_SMALL: ModelConfig = preset_factory("mamba-small")()
-MAMBA2_SMALL: ModelConfig = preset_factory("mamba2-small")()
-GLA_SMALL: ModelConfig = preset_factory("gla-small")()
-DELTANET_SMALL: ModelConfig = preset_factory("deltanet-small")()
-GATED_DELTANET_SMALL: ModelConfig = preset_factory("gated-deltanet-small")()
-RETNET_SMALL: ModelConfig = preset_factory("retnet-small")()
-MLA_SMALL: ModelConfig = preset_factory("mla-small")()
-HYBRID_SMALL: ModelConfig = preset_factory("hybrid-small")()
+# Preset constants: ``create_model(GPT_SMALL)``, one per preset (``GPT_SMALL``,
+# ``MAMBA_SMALL``, ``MAMBA2_SMALL``, ``GLA_SMALL``, ``DELTANET_SMALL``,
+# ``GATED_DELTANET_SMALL``, ``RETNET_SMALL``, ``MLA_SMALL``, ``HYBRID_SMALL``). Built on first
+# access, not at import: a ModelConfig validates its blocks through the registry, which would
+# import every block and kernel module with ``linearnexus.models``. Each is one shared
+# ModelConfig: treat it as read-only and derive variants with ``.replace(...)``.
+_PRESET_CONSTANTS: dict[str, ModelConfig] = {}
+
+
+def __getattr__(name: str) -> ModelConfig:
+    preset = name.lower().replace("_", "-")
+    if not name.isupper() or preset not in _PRESETS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _PRESET_CONSTANTS:
+        _PRESET_CONSTANTS[name] = preset_factory(preset)()
+    return _PRESET_CONSTANTS[name]
 
 
 def preset_constant_name(preset: str) -> str:

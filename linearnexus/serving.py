@@ -247,8 +247,8 @@ class ContinuousBatcher:
         last, state = self._decoder.prefill_logits(tokens, mask)  # [R, V], state
         width = self._slots.stops.shape[1]
         stops = np.full((rows, width), -1, np.int32)
-        for i, r in enumerate(reqs):
-            stops[i] = np.asarray(stop_array(r.stop_tokens))
+        for i, r in enumerate(reqs):  # submit() capped each request's stop ids at the width
+            stops[i, : len(r.stop_tokens)] = r.stop_tokens
         seeds = [r.seed for r in reqs] + [0] * (rows - len(reqs))
         keys = jnp.stack([jax.random.key(x) for x in seeds])
         left = np.array([r.max_new_tokens - 1 for r in reqs] + [0] * (rows - len(reqs)), np.int32)

@@ -22,7 +22,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from linearnexus.core.fileio import atomic_write_text
 from linearnexus.kernels.base import GridConfig
 from linearnexus.kernels.common.pallas import TritonConfig, next_pow2
 
@@ -139,7 +139,6 @@ def record(op: str, backend: str, dims: Sequence[int], dtype: Any, config: Trito
         The cache file's path.
     """
     path = cache_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -148,13 +147,6 @@ def record(op: str, backend: str, dims: Sequence[int], dtype: Any, config: Trito
     knobs = {k: v for k, v in dataclasses.asdict(config).items() if v is not None}
     entries[_key(op, backend, dims, dtype, device_kind)] = {"config": knobs,
                                                             "seconds": float(seconds)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"version": 1, "entries": entries}, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write_text(path, json.dumps({"version": 1, "entries": entries}, indent=1,
+                                       sort_keys=True))
     return path

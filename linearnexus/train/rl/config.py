@@ -8,6 +8,7 @@ import dataclasses
 
 from linearnexus.core.config import ConfigBase, ConfigError, field
 from linearnexus.train.rl.losses import LOSS_AGGREGATIONS
+from linearnexus.train.sft import TrainConfig
 
 __all__ = ["ALGOS", "GRPOConfig", "PPOConfig", "RLConfig"]
 
@@ -130,15 +131,16 @@ class RLConfig(ConfigBase):
 
     # the checkpoint manager (shared with SFT) reads these; RL keeps no "best" checkpoint
     keep_best = False
+    resolved_checkpoint_interval = TrainConfig.resolved_checkpoint_interval
 
     def validate(self) -> None:
         if self.algo == "grpo" and self.group_size < 2:
             raise ConfigError(f"group_size: GRPO needs >= 2 completions per prompt (the group "
                               f"mean is the baseline), got {self.group_size}")
-        if self.algo == "ppo" and (self.prompts_per_step * self.group_size) % self.ppo.num_minibatches:
+        if self.algo == "ppo" and self.batch_size % self.ppo.num_minibatches:
             raise ConfigError(
                 f"ppo.num_minibatches: {self.ppo.num_minibatches} does not divide the rollout "
-                f"batch prompts_per_step * group_size = {self.prompts_per_step * self.group_size}")
+                f"batch prompts_per_step * group_size = {self.batch_size}")
 
     @property
     def batch_size(self) -> int:
@@ -151,10 +153,6 @@ class RLConfig(ConfigBase):
         if self.algo == "grpo":
             return self.grpo.num_iterations
         return self.ppo.epochs * self.ppo.num_minibatches
-
-    @property
-    def resolved_checkpoint_interval(self) -> int:
-        return self.eval_interval if self.checkpoint_interval is None else self.checkpoint_interval
 
     @property
     def uses_reference(self) -> bool:

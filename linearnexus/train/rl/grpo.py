@@ -27,6 +27,7 @@ from linearnexus.train.rl.losses import (
     group_advantages,
     k3_kl,
     masked_mean,
+    mean_metrics,
 )
 from linearnexus.train.rl.rollout import Rollout, completion_logprobs
 from linearnexus.train.sft import TrainState
@@ -144,11 +145,11 @@ class GRPO:
             old, _ = logprob_fn(state.params, state.rest, tokens, attn, rollout.prompt_len)
         batch = {"tokens": tokens, "attn": attn, "mask": jnp.asarray(mask, jnp.float32),
                  "adv": adv, "old_logp": old, "ref_logp": ref_logp}
-        totals: dict[str, float] = {}
+        records = []
         for _ in range(cfg.grpo.num_iterations):
             state, metrics = self._step(state, batch, rollout.prompt_len)
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + float(v) / cfg.grpo.num_iterations
+            records.append(metrics)
+        totals = mean_metrics(records)
         if ref_logp is None:
             totals.pop("kl")
         totals["adv_abs"] = float(jnp.mean(jnp.abs(adv)))

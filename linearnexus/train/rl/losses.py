@@ -31,6 +31,17 @@ __all__ = [
 LOSS_AGGREGATIONS = ("sequence", "token", "constant")
 
 
+def mean_metrics(metrics: list[dict[str, Array]]) -> dict[str, float]:
+    """The mean of each scalar metric over several updates, as Python floats. One
+    ``device_get`` for them all: a ``float()`` per metric per update would wait for the
+    device after every update instead of queueing the next one."""
+    totals: dict[str, float] = {}
+    for record in jax.device_get(metrics):
+        for key, value in record.items():
+            totals[key] = totals.get(key, 0.0) + float(value) / len(metrics)
+    return totals
+
+
 def masked_mean(x: Array, mask: Array, axis: int | None = None) -> Array:
     """Mean of ``x`` over the entries where ``mask`` is 1 (0 where the mask is empty)."""
     mask = mask.astype(x.dtype)

@@ -29,6 +29,7 @@ from linearnexus.train.rl.losses import (
     k3_kl,
     masked_mean,
     masked_whiten,
+    mean_metrics,
     value_loss,
 )
 from linearnexus.train.rl.rollout import Rollout, completion_logprobs
@@ -181,16 +182,15 @@ class PPO:
         batch = {"tokens": tokens, "attn": attn, "mask": loss_mask, "adv": adv,
                  "old_logp": old_logp, "old_values": old_values, "returns": returns}
         n, mb = rollout.batch_size, rollout.batch_size // p.num_minibatches
-        totals: dict[str, float] = {}
-        count = p.epochs * p.num_minibatches
+        records = []
         for _ in range(p.epochs):
             order = rng.permutation(n)
             for k in range(p.num_minibatches):
                 idx = jnp.asarray(order[k * mb:(k + 1) * mb])
                 sub = {key: None if v is None else v[idx] for key, v in batch.items()}
                 state, metrics = self._step(state, sub, rollout.prompt_len)
-                for key, v in metrics.items():
-                    totals[key] = totals.get(key, 0.0) + float(v) / count
+                records.append(metrics)
+        totals = mean_metrics(records)
         totals["rollout_entropy"] = float(masked_mean(ent, mask))
         totals["value_mean"] = float(masked_mean(old_values, mask))
         totals["return_mean"] = float(masked_mean(returns, mask))
