@@ -35,8 +35,11 @@ def abstract_gpu(device_kind: str = DEFAULT_GPU, num_cores: int | None = _H200_S
                          f"'NVIDIA H200', got {device_kind!r}")
     device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=num_cores,
                                          platform="gpu")
-    # one axis of size 1: the mesh exists only to carry the device; no array is sharded on it
-    mesh = jax.sharding.AbstractMesh((1,), ("_lowering",), abstract_device=device)
+    # one axis of size 1: the mesh exists only to carry the device. Auto, not 0.11's default
+    # Explicit: an Explicit mesh would put shardings into every array's type and change how
+    # the program traces (a reshape's output sharding must then be derivable, for example).
+    mesh = jax.sharding.AbstractMesh((1,), ("_lowering",), (jax.sharding.AxisType.Auto,),
+                                     abstract_device=device)
     with jax.sharding.use_abstract_mesh(mesh):
         yield
 
