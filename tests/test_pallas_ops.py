@@ -147,6 +147,12 @@ def test_triton_config_rejects_bad_knobs():
         TritonConfig(par_block_k=24)
 
 
+def test_lower_for_gpu_rejects_a_device_kind_it_cannot_target():
+    # the abstract device is only for NVIDIA kinds; a typo must not lower for the wrong chip
+    with pytest.raises(ValueError, match="device_kind: expected a jax NVIDIA device kind"):
+        lower_for_gpu(jnp.sin, jax.ShapeDtypeStruct((4,), jnp.float32), device_kind="H200")
+
+
 def test_par_block_k_override_matches_reference(key):
     """``TritonConfig.par_block_k`` (the parallel core kernels' K block) set through the
     backend's config: two K blocks of 16 (K = 20 pads to 32) still match the reference; a
