@@ -118,8 +118,8 @@ def test_fused_step_dispatch(monkeypatch, key):
     with pytest.raises(NotImplementedError, match="pallas_step.*T == 1"):
         gated_delta_rule(*two, backend="pallas_step", mode="recurrent")
     pallas = GDN_BACKENDS["pallas"]
-    # on the CPU (interpret mode) the automatic choice is the pure-JAX form
-    assert step_kernel(GDN_BACKENDS, GDN_ORDER, None, jnp.float32) is None
+    if pallas_step.interpret_mode():  # the CPU: the automatic choice is the pure-JAX form
+        assert step_kernel(GDN_BACKENDS, GDN_ORDER, None, jnp.float32) is None
     monkeypatch.setattr(pallas_step, "interpret_mode", lambda: False)
     import linearnexus.kernels.common.pallas_ops as ops
 
@@ -131,3 +131,57 @@ def test_fused_step_dispatch(monkeypatch, key):
     monkeypatch.setenv(pallas_step.FUSED_STEP_ENV, "0")
     assert step_kernel(GDN_BACKENDS, GDN_ORDER, None, jnp.bfloat16) is None
     assert step_kernel(GDN_BACKENDS, GDN_ORDER, "pallas_step", jnp.bfloat16) is not None
+
+
+@pytest.mark.parametrize("batch,channels,n_state,with_state,dtype",
+                         [(1, 24, 12, False, jnp.float32), (3, 64, 16, True, jnp.bfloat16)])
+def test_selective_scan_step_matches_reference(batch, channels, n_state, with_state, dtype, key):
+    from linearnexus.kernels.mamba import selective_scan
+
+    ks = jax.random.split(key, 8)
+    x = jax.random.normal(ks[0], (batch, 1, channels)).astype(dtype)
+    dt = jax.random.normal(ks[1], (batch, 1, channels)).astype(dtype)
+    A = -jnp.exp(jax.random.normal(ks[2], (channels, n_state)))
+    B = jax.random.normal(ks[3], (batch, 1, n_state)).astype(dtype)
+    C = jax.random.normal(ks[4], (batch, 1, n_state)).astype(dtype)
+    D = jax.random.normal(ks[5], (channels,))
+    z = jax.random.normal(ks[6], (batch, 1, channels)).astype(dtype)
+    h0 = jax.random.normal(ks[7], (batch, channels, n_state)) if with_state else None
+    bias = jnp.linspace(-1.0, 1.0, channels)
+    kw = dict(D=D, z=z, dt_bias=bias, dt_softplus=True, initial_state=h0,
+              output_final_state=True, mode="recurrent")
+    y, s = selective_scan(x, dt, A, B, C, backend="pallas_step", **kw)
+    up = [a.astype(jnp.float32) for a in (x, dt, A, B, C)]
+    kw["z"] = z.astype(jnp.float32)
+    y_ref, s_ref = selective_scan(*up, backend="naive", **kw)
+    tol = 1e-5 if dtype == jnp.float32 else 5e-3
+    assert y.dtype == dtype and y.shape == (batch, 1, channels)
+    assert s.shape == (batch, channels, n_state) and s.dtype == jnp.float32
+    assert _rel(y, y_ref) < tol and _rel(s, s_ref) < tol
+    with pytest.raises(NotImplementedError, match="T == 1"):
+        selective_scan(*(jnp.concatenate([a, a], 1) for a in (x, dt)), A,
+                       *(jnp.concatenate([a, a], 1) for a in (B, C)), backend="pallas_step")
+
+
+@pytest.mark.parametrize("batch,channels,width,bias,dtype",
+                         [(1, 24, 4, True, jnp.float32), (3, 4096, 4, False, jnp.bfloat16),
+                          (2, 40, 2, False, jnp.float32)])
+def test_conv_step_matches_reference(batch, channels, width, bias, dtype, key):
+    """The short conv's rolling-cache step: output and shifted cache as the pure-JAX conv's
+    (channel counts with and without a power-of-two block: 24 and 40 are padded)."""
+    from linearnexus.kernels.conv import conv_step
+
+    ks = jax.random.split(key, 4)
+    x = jax.random.normal(ks[0], (batch, 1, channels)).astype(dtype)
+    cache = jax.random.normal(ks[1], (batch, width - 1, channels)).astype(dtype)
+    weight = jax.random.normal(ks[2], (width, channels))
+    b = jax.random.normal(ks[3], (channels,)) if bias else None
+    y, new = conv_step(x, cache, weight, b, backend="pallas_step")
+    y_ref, new_ref = conv_step(x.astype(jnp.float32), cache.astype(jnp.float32), weight, b,
+                               backend="jax")
+    tol = 1e-5 if dtype == jnp.float32 else 5e-3
+    assert y.dtype == dtype and new.dtype == dtype and new.shape == cache.shape
+    assert _rel(y, y_ref) < tol
+    np.testing.assert_array_equal(np.asarray(new, np.float32), np.asarray(new_ref, np.float32))
+    with pytest.raises(ValueError, match="cache: expected shape"):
+        conv_step(x, jnp.concatenate([cache, cache], axis=1), weight, b)
