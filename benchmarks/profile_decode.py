@@ -167,7 +167,11 @@ def main() -> None:
     rows = []
     for kind in args.models:
         for batch in args.batches:
-            row = profile(kind, batch, args)
+            try:
+                row = profile(kind, batch, args)
+            except Exception as e:  # noqa: BLE001 - one failing cell must not lose the others
+                print(f"\n{kind} batch {batch}: {type(e).__name__}: {e}"[:2000], flush=True)
+                continue
             rows.append(row)
             print(f"\n{kind} batch {batch}: wall {row['wall_ms_per_step']:.3f} ms/step, device "
                   f"{row['device_ms_per_step']:.3f} ms/step in {row['launches_per_step']:.0f} "
