@@ -12,11 +12,15 @@ import pytest
 from linearnexus.kernels.common import pallas_step
 from linearnexus.kernels.common.backends import step_kernel
 from linearnexus.kernels.delta_rule import delta_rule
+from linearnexus.kernels.delta_rule.reference import delta_rule_step
 from linearnexus.kernels.gated_delta_rule import gated_delta_rule
 from linearnexus.kernels.gated_delta_rule.api import BACKEND_ORDER as GDN_ORDER
 from linearnexus.kernels.gated_delta_rule.api import BACKENDS as GDN_BACKENDS
+from linearnexus.kernels.gated_delta_rule.reference import gated_delta_rule_step
 from linearnexus.kernels.gla import gla
+from linearnexus.kernels.gla.reference import gla_step
 from linearnexus.kernels.simple_gla import simple_gla
+from linearnexus.kernels.simple_gla.reference import simple_gla_step
 
 
 def _inputs(key, op, batch, heads, key_dim, value_dim, dtype):
@@ -48,20 +52,25 @@ def _rel(a, b) -> float:
 CASES = [(1, 2, 12, 10, False, jnp.float32), (3, 2, 64, 128, True, jnp.bfloat16)]
 
 
+STEPS = {"simple_gla": simple_gla_step, "gla": gla_step, "delta_rule": delta_rule_step,
+         "gated_delta_rule": gated_delta_rule_step}
+
+
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_fused_step_matches_reference(op, key):
+    """Against the op's reference step (``reference.py``'s ``*_step``: the per-step truth's
+    one-token update) in float32 on the same (rounded) inputs."""
     for batch, heads, key_dim, value_dim, with_state, dtype in CASES:
         (q, k, v), gates, h0 = _inputs(key, op, batch, heads, key_dim, value_dim, dtype)
-        h0 = h0 if with_state else None
-        o, s = OPS[op](q, k, v, *gates, initial_state=h0, output_final_state=True,
-                       backend="pallas_step")
-        # the truth in float32 on the same (rounded) inputs
-        o_ref, s_ref = OPS[op](*(x.astype(jnp.float32) for x in (q, k, v)), *gates,
-                               initial_state=h0, output_final_state=True, backend="naive")
+        o, s = OPS[op](q, k, v, *gates, initial_state=h0 if with_state else None,
+                       output_final_state=True, backend="pallas_step")
+        start = h0 if with_state else jnp.zeros_like(h0)
+        s_ref, o_ref = STEPS[op](start, *(x[:, 0].astype(jnp.float32) for x in (q, k, v, *gates)),
+                                 scale=key_dim ** -0.5)
         tol = 1e-5 if dtype == jnp.float32 else 5e-3
         assert o.dtype == dtype and o.shape == (batch, 1, heads, value_dim)
         assert s.dtype == jnp.float32 and s.shape == (batch, heads, key_dim, value_dim)
-        assert _rel(o, o_ref) < tol, (op, batch, key_dim, _rel(o, o_ref))
+        assert _rel(o[:, 0], o_ref) < tol, (op, batch, key_dim, _rel(o[:, 0], o_ref))
         assert _rel(s, s_ref) < tol, (op, batch, key_dim, _rel(s, s_ref))
 
 
@@ -137,6 +146,7 @@ def test_fused_step_dispatch(monkeypatch, key):
                          [(1, 24, 12, False, jnp.float32), (3, 64, 16, True, jnp.bfloat16)])
 def test_selective_scan_step_matches_reference(batch, channels, n_state, with_state, dtype, key):
     from linearnexus.kernels.mamba import selective_scan
+    from linearnexus.kernels.mamba.reference import apply_skip_and_gate, selective_state_update
 
     ks = jax.random.split(key, 8)
     x = jax.random.normal(ks[0], (batch, 1, channels)).astype(dtype)
@@ -151,9 +161,13 @@ def test_selective_scan_step_matches_reference(batch, channels, n_state, with_st
     kw = dict(D=D, z=z, dt_bias=bias, dt_softplus=True, initial_state=h0,
               output_final_state=True, mode="recurrent")
     y, s = selective_scan(x, dt, A, B, C, backend="pallas_step", **kw)
-    up = [a.astype(jnp.float32) for a in (x, dt, A, B, C)]
-    kw["z"] = z.astype(jnp.float32)
-    y_ref, s_ref = selective_scan(*up, backend="naive", **kw)
+    # the reference step on the same (rounded) inputs in float32
+    x32, z32 = x[:, 0].astype(jnp.float32), z[:, 0].astype(jnp.float32)
+    step = jax.nn.softplus(dt[:, 0].astype(jnp.float32) + bias)
+    start = h0 if with_state else jnp.zeros((batch, channels, n_state))
+    s_ref, y_ref = selective_state_update(start, x32, step, A, B[:, 0].astype(jnp.float32),
+                                          C[:, 0].astype(jnp.float32))
+    y_ref = apply_skip_and_gate(y_ref, x32, D, z32)[:, None]
     tol = 1e-5 if dtype == jnp.float32 else 5e-3
     assert y.dtype == dtype and y.shape == (batch, 1, channels)
     assert s.shape == (batch, channels, n_state) and s.dtype == jnp.float32
@@ -164,7 +178,7 @@ def test_selective_scan_step_matches_reference(batch, channels, n_state, with_st
 
 
 @pytest.mark.parametrize("batch,channels,width,bias,dtype",
-                         [(1, 24, 4, True, jnp.float32), (3, 4096, 4, False, jnp.bfloat16),
+                         [(1, 24, 4, True, jnp.float32), (3, 512, 4, False, jnp.bfloat16),
                           (2, 40, 2, False, jnp.float32)])
 def test_conv_step_matches_reference(batch, channels, width, bias, dtype, key):
     """The short conv's rolling-cache step: output and shifted cache as the pure-JAX conv's
