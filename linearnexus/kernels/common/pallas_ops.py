@@ -297,6 +297,9 @@ class PallasStepKernel:
     """
 
     name: ClassVar[str] = "pallas_step"
+    #: what the feature table lists (it refuses every other call)
+    modes: ClassVar[tuple[str, ...]] = ("recurrent, one token (T == 1)",)
+    by_name_dtypes: ClassVar[tuple[DType, ...]] = (jnp.float32, jnp.bfloat16, jnp.float16)
 
     def __init__(self, step: StepSpec, recurrent: Callable[..., tuple[Array, Array]]) -> None:
         self.step = step

@@ -114,6 +114,9 @@ class MambaStepKernel:
     one-token calls on a GPU). Other calls raise ``NotImplementedError``."""
 
     name: ClassVar[str] = "pallas_step"
+    #: what the feature table lists (it refuses every other call)
+    modes: ClassVar[tuple[str, ...]] = ("recurrent, one token (T == 1)",)
+    by_name_dtypes: ClassVar[tuple[DType, ...]] = (jnp.float32, jnp.bfloat16, jnp.float16)
 
     def supports(self, *, platform: str, dtype: DType) -> bool:
         return False
