@@ -12,6 +12,12 @@ time, and the kernels grouped by kind (gemm / Pallas / XLA fusion / other) with 
 ones. The gap between wall time and device time is what the kernels' launches and the
 dependencies between them cost.
 
+On the H200 (JAX 0.11.2, 2026-12-04) the trace held no per-kernel events for the decode
+loop: XLA runs the loop body as CUDA graphs (its command buffers are on by default for
+fusions, cuBLAS and custom calls), whose kernels this trace does not list. The wall times
+stand; for the kernel list run with graphs off (``XLA_FLAGS=--xla_gpu_enable_command_buffer=``,
+which changes the timing) or under ``nsys profile --cuda-graph-trace=node``.
+
 ``--hlo DIR`` also writes each loop's optimized HLO there and prints the instruction count
 of the while body by opcode (on the CPU the counts are XLA:CPU's, a proxy only). XLA flags
 (``XLA_FLAGS``, e.g. ``--xla_gpu_enable_command_buffer=...``) apply as set in the
@@ -176,6 +182,8 @@ def main() -> None:
             print(f"\n{kind} batch {batch}: wall {row['wall_ms_per_step']:.3f} ms/step, device "
                   f"{row['device_ms_per_step']:.3f} ms/step in {row['launches_per_step']:.0f} "
                   "launches/step", flush=True)
+            if row["launches_per_step"] < 1:
+                print("  (no per-kernel events: the loop ran as CUDA graphs; see the docstring)")
             for k, v in sorted(row["by_kind"].items(), key=lambda kv: -kv[1]["ms"]):
                 print(f"  {k:32s} {v['ms']:.3f} ms  x{v['launches']:.0f}")
             for name, ms, n in row["top"]:
