@@ -5,7 +5,7 @@
 
 For each model (the ~200M configs of ``benchmarks/decode_gpu.py``) and batch it compiles the
 on-device decode loop (``Decoder.run``), runs it once, then records one run of ``--steps``
-greedy steps with ``jax.profiler`` and reads the trace back (as ``profile_gpu.py`` does):
+greedy steps with ``jax.profiler`` and reads the trace back (``profile_gpu.kernel_times``):
 every event on the GPU plane's stream lines is one kernel launch. Printed per step: kernel
 launches, the sum of their device times (CUPTI durations, launch gaps left out), the wall
 time, and the kernels grouped by kind (gemm / Pallas / XLA fusion / other) with the largest
@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import json
 import os
 import re
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -49,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from decode_gpu import our_config  # noqa: E402
+from profile_gpu import kernel_times  # noqa: E402
 
 from linearnexus.generate import Decoder, SamplingConfig, stop_array  # noqa: E402
 from linearnexus.models import create_model  # noqa: E402
@@ -63,28 +62,6 @@ def kind_of(name: str) -> str:
     if any(s in low for s in ("memcpy", "memset")):
         return "copy/memset"
     return "other (pallas, reductions, ...)"
-
-
-def trace_kernels(run, steps: int) -> dict[str, tuple[float, float]]:
-    """``{kernel: (device ms per step, launches per step)}`` of one traced ``run()``."""
-    folder = tempfile.mkdtemp(prefix="profile_decode_")
-    jax.profiler.start_trace(folder)
-    run()
-    jax.profiler.stop_trace()
-    paths = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)
-    data = jax.profiler.ProfileData.from_file(paths[0])
-    totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
-    for plane in data.planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            name = line.name.lower()
-            if "stream" not in name or "memcpy" in name:
-                continue
-            for event in line.events:
-                totals[event.name][0] += event.duration_ns / 1e6 / steps
-                totals[event.name][1] += 1 / steps
-    return {k: (v[0], v[1]) for k, v in sorted(totals.items(), key=lambda kv: -kv[1][0])}
 
 
 def body_opcodes(hlo: str) -> collections.Counter:
@@ -117,11 +94,10 @@ def profile(kind: str, batch: int, args) -> dict:
         tok = jnp.asarray(np.random.default_rng(0).integers(0, args.vocab, batch), jnp.int32)
         return tok, model.init_state(batch), jax.random.key(0), jnp.zeros(batch, bool)
 
-    def run():
-        out = dec.run(*inputs(), stops, steps, first=False)
-        jax.block_until_ready(out)
+    def run(_=None):
+        return dec.run(*inputs(), stops, steps, first=False)
 
-    run()
+    jax.block_until_ready(run())
     walls = []
     for _ in range(3):
         tok, state, key, done = inputs()
@@ -129,7 +105,8 @@ def profile(kind: str, batch: int, args) -> dict:
         t0 = time.perf_counter()
         jax.block_until_ready(dec.run(tok, state, key, done, stops, steps, first=False))
         walls.append((time.perf_counter() - t0) / steps * 1e3)
-    kernels = trace_kernels(run, steps)
+    kernels = {name: (ms / steps, n / steps)  # per call of `steps` steps -> per step
+               for name, (ms, n) in kernel_times(run, None, 1).items()}
     row = {"model": kind, "batch": batch, "wall_ms_per_step": statistics.median(walls),
            "launches_per_step": sum(n for _, n in kernels.values()),
            "device_ms_per_step": sum(ms for ms, _ in kernels.values())}
@@ -182,7 +159,7 @@ def main() -> None:
             print(f"\n{kind} batch {batch}: wall {row['wall_ms_per_step']:.3f} ms/step, device "
                   f"{row['device_ms_per_step']:.3f} ms/step in {row['launches_per_step']:.0f} "
                   "launches/step", flush=True)
-            if row["launches_per_step"] < 1:
+            if row["launches_per_step"] < 1 and jax.default_backend() == "gpu":
                 print("  (no per-kernel events: the loop ran as CUDA graphs; see the docstring)")
             for k, v in sorted(row["by_kind"].items(), key=lambda kv: -kv[1]["ms"]):
                 print(f"  {k:32s} {v['ms']:.3f} ms  x{v['launches']:.0f}")

@@ -37,7 +37,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from linearnexus.core.types import Array
-from linearnexus.kernels.common.pallas import compiler_params, interpret_mode, named_pallas_call, next_pow2
+from linearnexus.kernels.common.pallas import (
+    compiler_params,
+    interpret_mode,
+    named_pallas_call,
+    next_pow2,
+    pad_axis,
+)
 from linearnexus.kernels.common.validation import LOG_GATE_FLOOR
 
 F32 = jnp.float32
@@ -137,13 +143,6 @@ def _step_kernel(*, q_ref, k_ref, v_ref, g_ref, beta_ref, h0_ref, o_ref, final_r
     final_ref[...] = s
 
 
-def _pad_to(x: Array | None, axis: int, size: int) -> Array | None:
-    if x is None or x.shape[axis] == size:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pad)
-
 
 def _launch(q, k, v, g, beta, h0, *, spec: StepSpec, scale: float, guard: bool):
     """The kernel on ``q, k [N, H, K]``, ``v [N, H, V]``, gates, ``h0 [N, H, K, V]`` (or None);
@@ -152,15 +151,15 @@ def _launch(q, k, v, g, beta, h0, *, spec: StepSpec, scale: float, guard: bool):
     value_dim = v.shape[2]
     kp, vp = next_pow2(key_dim), next_pow2(value_dim)
     bv = min(vp, max(16, _TILE // kp))
-    q, k = _pad_to(q, 2, kp), _pad_to(k, 2, kp)
-    v = _pad_to(v, 2, vp)
+    q, k = pad_axis(q, 2, kp), pad_axis(k, 2, kp)
+    v = pad_axis(v, 2, vp)
     if g is not None:
         g = g.astype(F32)
-        g = g[..., None] if spec.gate == "scalar" else _pad_to(g, 2, kp)  # [N, H, 1] / [N, H, K']
+        g = g[..., None] if spec.gate == "scalar" else pad_axis(g, 2, kp)  # [N, H, 1] / [N, H, K']
     if beta is not None:
         beta = beta.astype(F32)[..., None]  # [N, H] -> [N, H, 1]
     if h0 is not None:
-        h0 = _pad_to(_pad_to(h0.astype(F32), 2, kp), 3, vp)
+        h0 = pad_axis(pad_axis(h0.astype(F32), 2, kp), 3, vp)
     st = _Static(gate=spec.gate, delta=spec.delta, has_h0=h0 is not None, scale=float(scale),
                  key_dim=kp, value_dim=vp, block_v=bv, guard=guard)
 

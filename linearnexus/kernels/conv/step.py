@@ -19,7 +19,7 @@ from jax.experimental import pallas as pl
 
 from linearnexus.core.conv import depthwise_conv1d_causal
 from linearnexus.core.types import Array
-from linearnexus.kernels.common.pallas import compiler_params, interpret_mode, named_pallas_call
+from linearnexus.kernels.common.pallas import compiler_params, interpret_mode, named_pallas_call, pad_axis
 
 F32 = jnp.float32
 
@@ -53,19 +53,13 @@ def _kernel(*, x_ref, cache_ref, w_ref, bias_ref, y_ref, new_cache_ref, st: _Sta
         new_cache_ref[b, i, span] = window[i + 1].astype(new_cache_ref.dtype)
 
 
-def _pad_c(a: Array | None, size: int) -> Array | None:
-    if a is None or a.shape[-1] == size:
-        return a
-    return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, size - a.shape[-1])])
-
-
 def _launch(x, cache, weight, bias, silu):
     batch, _, channels = x.shape
     block = 256
     while block > 16 and channels % block:
         block //= 2
     c_pad = -(-channels // block) * block
-    x, cache, weight, bias = (_pad_c(a, c_pad) for a in (x, cache, weight, bias))
+    x, cache, weight, bias = (pad_axis(a, -1, c_pad) for a in (x, cache, weight, bias))
     st = _Static(width=weight.shape[0], channels=c_pad, block_c=block,
                  has_bias=bias is not None, silu=silu)
     interpret = interpret_mode()

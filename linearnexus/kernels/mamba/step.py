@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from linearnexus.core.types import Array
-from linearnexus.kernels.common.pallas import compiler_params, interpret_mode, named_pallas_call, next_pow2
+from linearnexus.kernels.common import pallas as lp
 from linearnexus.kernels.mamba.reference import selective_scan_reference
 
 F32 = jnp.float32
@@ -57,28 +57,21 @@ def _kernel(*, x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, z_ref, h0_ref, y_ref, 
     final_ref[...] = h
 
 
-def _pad(x: Array | None, axis: int, size: int) -> Array | None:
-    if x is None or x.shape[axis] == size:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pad)
-
 
 def _launch(x, dt, A, B, C, D, z, h0):
     """``x, dt, z [Bt, Ch]``, ``A [Ch, N]``, ``B, C [Bt, N]``, ``D [Ch]``, ``h0 [Bt, Ch, N]``
     -> ``(y [Bt, Ch] in x's dtype, final [Bt, Ch, N] float32)``."""
     batch, channels = x.shape
     n_state = A.shape[1]
-    n_pad = next_pow2(n_state)
-    block = min(next_pow2(channels), max(16, _TILE // n_pad))
+    n_pad = lp.next_pow2(n_state)
+    block = min(lp.next_pow2(channels), max(16, _TILE // n_pad))
     c_pad = -(-channels // block) * block
-    x, dt, z = (_pad(a, 1, c_pad) for a in (x, dt, z))
-    A = _pad(_pad(A, 0, c_pad), 1, n_pad)
-    B, C = _pad(B, 1, n_pad), _pad(C, 1, n_pad)
-    D = _pad(D, 0, c_pad)
+    x, dt, z = (lp.pad_axis(a, 1, c_pad) for a in (x, dt, z))
+    A = lp.pad_axis(lp.pad_axis(A, 0, c_pad), 1, n_pad)
+    B, C = lp.pad_axis(B, 1, n_pad), lp.pad_axis(C, 1, n_pad)
+    D = lp.pad_axis(D, 0, c_pad)
     if h0 is not None:
-        h0 = _pad(_pad(h0.astype(F32), 1, c_pad), 2, n_pad)
+        h0 = lp.pad_axis(lp.pad_axis(h0.astype(F32), 1, c_pad), 2, n_pad)
     st = _Static(has_h0=h0 is not None, has_d=D is not None, has_z=z is not None,
                  block_c=block, n_state=n_pad)
     row = pl.BlockSpec((None, block), lambda i, j: (i, j))
@@ -87,15 +80,15 @@ def _launch(x, dt, A, B, C, D, z, h0):
     specs = {"x": row, "dt": row, "a": pl.BlockSpec((block, n_pad), lambda i, j: (j, 0)),
              "b": vec_n, "c": vec_n, "d": pl.BlockSpec((block,), lambda i, j: (j,)), "z": row,
              "h0": tile, "y": row, "final": tile}
-    interpret = interpret_mode()
-    out = named_pallas_call(
+    interpret = lp.interpret_mode()
+    out = lp.named_pallas_call(
         functools.partial(_kernel, st=st),
         inputs={"x": x, "dt": dt, "a": A, "b": B, "c": C, "d": D, "z": z, "h0": h0},
         outputs={"y": jax.ShapeDtypeStruct((batch, c_pad), x.dtype),
                  "final": jax.ShapeDtypeStruct((batch, c_pad, n_pad), F32)},
         in_specs=specs, out_specs=specs, aliases={"h0": "final"} if h0 is not None else None,
         grid=(batch, c_pad // block), interpret=interpret,
-        compiler_params=None if interpret else compiler_params(4, 1), name="selective_scan_step")
+        compiler_params=None if interpret else lp.compiler_params(4, 1), name="selective_scan_step")
     return out["y"][:, :channels], out["final"][:, :channels, :n_state]
 
 
