@@ -49,7 +49,7 @@ def _rel(a, b) -> float:
 
 # (batch, heads, K, V, with initial state, dtype): head dims that are not powers of two
 # (12 / 10, padded in the glue) and the real models' (64 / 128), batch 1 and > 1
-CASES = [(1, 2, 12, 10, False, jnp.float32), (3, 2, 64, 128, True, jnp.bfloat16)]
+CASES = [(1, 2, 12, 10, False, jnp.float32), (2, 1, 64, 128, True, jnp.bfloat16)]
 
 
 STEPS = {"simple_gla": simple_gla_step, "gla": gla_step, "delta_rule": delta_rule_step,
@@ -143,7 +143,7 @@ def test_fused_step_dispatch(monkeypatch, key):
 
 
 @pytest.mark.parametrize("batch,channels,n_state,with_state,dtype",
-                         [(1, 24, 12, False, jnp.float32), (3, 64, 16, True, jnp.bfloat16)])
+                         [(1, 24, 12, False, jnp.float32), (2, 64, 16, True, jnp.bfloat16)])
 def test_selective_scan_step_matches_reference(batch, channels, n_state, with_state, dtype, key):
     from linearnexus.kernels.mamba import selective_scan
     from linearnexus.kernels.mamba.reference import apply_skip_and_gate, selective_state_update
@@ -178,7 +178,7 @@ def test_selective_scan_step_matches_reference(batch, channels, n_state, with_st
 
 
 @pytest.mark.parametrize("batch,channels,width,bias,dtype",
-                         [(1, 24, 4, True, jnp.float32), (3, 512, 4, False, jnp.bfloat16),
+                         [(1, 24, 4, True, jnp.float32), (2, 512, 4, False, jnp.bfloat16),
                           (2, 40, 2, False, jnp.float32)])
 def test_conv_step_matches_reference(batch, channels, width, bias, dtype, key):
     """The short conv's rolling-cache step: output and shifted cache as the pure-JAX conv's
