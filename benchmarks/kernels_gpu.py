@@ -506,18 +506,19 @@ def check_linear(op: str, dtype_name: str, case: str, key: jax.Array, shape: tup
             return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(ht * dht), (o, ht)
         return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
 
-    ref_key = (op, case, T)
+    extra = {"mode": "chunk"}
+    if chunk_size is not None:
+        extra["chunk_size"] = chunk_size
+    args = tuple(inputs[n] for n in names)
+    # the backend first: one that declines (NotImplementedError) costs no reference run
+    (g, g_h0), (o, ht) = make(None if backend == "auto" else backend, extra)(args, h0, do, dht)
+    ref_key = (op, case, T, D)
     if ref_key not in ref_cache:
         ref_cache[ref_key] = make("naive", {})
     ref_fn = ref_cache[ref_key]
     args32 = tuple(inputs[n].astype(jnp.float32) for n in names)
     with jax.default_matmul_precision("highest"):
         (ref_g, ref_h0), (ref_o, ref_ht) = ref_fn(args32, h0, do, dht)
-    extra = {"mode": "chunk"}
-    if chunk_size is not None:
-        extra["chunk_size"] = chunk_size
-    args = tuple(inputs[n] for n in names)
-    (g, g_h0), (o, ht) = make(backend, extra)(args, h0, do, dht)
     errors = {"o": rel_err(o, ref_o), "ht": rel_err(ht, ref_ht)}
     for name, a, b in zip(names, g, ref_g, strict=True):
         errors[f"d{name}"] = rel_err(a, b)
@@ -602,9 +603,10 @@ def check_cu(T: int) -> tuple[int, ...]:
 
 def run_checks(ops: list[str], quick: bool, chunk_size: int | None, do_mamba: bool,
                backends: tuple[str, ...] = ("pallas",),
-               seqs: tuple[int, ...] | None = None) -> list[dict]:
-    """Every (op, backend, dtype, case, T) check; ``seqs``: sequence lengths (default: the
-    check shape's); the mamba checks run once (pallas)."""
+               seqs: tuple[int, ...] | None = None,
+               dims: tuple[int, ...] | None = None) -> list[dict]:
+    """Every (op, backend, dtype, case, T, D) check; ``seqs`` / ``dims``: sequence lengths and
+    head dims (default: the check shape's); the mamba checks run once (pallas)."""
     shape = CHECK_SHAPE_GPU if on_gpu() else CHECK_SHAPE_CPU
     cu = CHECK_CU_GPU if on_gpu() else CHECK_CU_CPU
     cases = [("float32", "dense"), ("bfloat16", "dense"), ("float32", "packed"), ("bfloat16", "packed")]
@@ -613,15 +615,16 @@ def run_checks(ops: list[str], quick: bool, chunk_size: int | None, do_mamba: bo
     rows = []
     ref_cache: dict = {}
     seed = 1000
-    seqs = seqs or (shape[1],)
-    jobs: list[tuple[str, str, str, str, int]] = [
-        (op, be, dt, case, T) for op in ops for be in backends for T in seqs for dt, case in cases]
+    seqs, dims = seqs or (shape[1],), dims or (shape[3],)
+    jobs: list[tuple[str, str, str, str, int, int]] = [
+        (op, be, dt, case, T, D) for op in ops for be in backends for D in dims for T in seqs
+        for dt, case in cases]
     if do_mamba:
-        jobs += [("selective_scan", "pallas", dt, case, shape[1]) for dt, case in cases]
-    for op, backend, dtype_name, case, T in jobs:
+        jobs += [("selective_scan", "pallas", dt, case, shape[1], shape[3]) for dt, case in cases]
+    for op, backend, dtype_name, case, T, D in jobs:
         seed += 1
         key = jax.random.PRNGKey(seed)
-        label = f"{op:17s} {backend:6s} T={T:<5d} {dtype_name:8s} {case:6s}"
+        label = f"{op:17s} {backend:6s} T={T:<5d} D={D:<3d} {dtype_name:8s} {case:6s}"
         start = time.perf_counter()
         try:
             if op == "selective_scan":
@@ -631,8 +634,8 @@ def run_checks(ops: list[str], quick: bool, chunk_size: int | None, do_mamba: bo
                 if case == "packed":
                     row["cu_seqlens"] = list(cu)
             else:
-                tshape = (shape[0], T, *shape[2:])
-                tcu = check_cu(T) if on_gpu() else cu
+                tshape = (shape[0], T, shape[2], D)
+                tcu = cu if T == shape[1] else check_cu(T)
                 row = check_linear(op, dtype_name, case, key, tshape, tcu, chunk_size, ref_cache,
                                    backend)
                 row["shape"] = [1 if case == "packed" else tshape[0], *tshape[1:]]
@@ -1038,8 +1041,14 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["pallas"], choices=("pallas", "mosaic"),
                         help="LinearNexus backends to check and time (the first one fills the LN "
                              "columns; mosaic adds its own columns)")
+    parser.add_argument("--check-backends", nargs="+", default=None,
+                        choices=("pallas", "mosaic", "auto"),
+                        help="backends of the correctness checks (default: --backends); auto: "
+                             "backend=None, the dispatcher's own choice")
     parser.add_argument("--check-seqs", nargs="+", type=int, default=None,
                         help="sequence lengths of the correctness checks (default: 1000 on the GPU)")
+    parser.add_argument("--check-dims", nargs="+", type=int, default=None,
+                        help="head dims (K = V) of the correctness checks (default: 64 on the GPU)")
     parser.add_argument("--chunk-size", type=int, default=None,
                         help="LinearNexus chunk size (default: each op's own); FLA keeps 64")
     parser.add_argument("--repeats", type=int, default=None)
@@ -1135,7 +1144,9 @@ def main() -> None:
     if not args.skip_check:
         log(f"correctness: {', '.join(args.backends)} vs naive ...")
         for row in run_checks(args.ops, args.quick, args.chunk_size, not args.skip_mamba,
-                              tuple(args.backends), tuple(args.check_seqs or ()) or None):
+                              tuple(args.check_backends or args.backends),
+                              tuple(args.check_seqs or ()) or None,
+                              tuple(args.check_dims or ()) or None):
             put_check(results, row)
         save(results, args.name, args.out)
         log(f"checks done at {time.perf_counter() - t_start:.0f} s")
