@@ -7,7 +7,7 @@ Prints (1) the backend automatic dispatch runs for bf16 dense, bf16 packed and f
 (via ``kernels.base.dispatch`` with the op's own order), (2) ``||mosaic - pallas|| / ||pallas||``
 of the output and final state at the shape (bf16, with an initial state), and (3) the
 forward's median time per ``MosaicConfig(stages=...)`` with the same host-clock method as
-``kernels_gpu.py``. Needs an sm_90 GPU.
+``kernels_gpu.py`` (and fwd+bwd, and the same for the pallas backend). Needs an sm_90 GPU.
 """
 
 from __future__ import annotations
@@ -66,18 +66,30 @@ def main() -> None:
     n_sets = kg.input_sets(kg.input_bytes("simple_gla", B, T, H, D, D), l2)
     sets = [tuple(kg.jax_inputs("simple_gla", jax.random.PRNGKey(100 + i), B, T, H, D, D,
                                 jnp.bfloat16).values()) for i in range(n_sets)]
-    for stages in (2, 3):
-        kernel = api.BACKENDS["mosaic"]
-        kernel.config = MosaicConfig(stages=stages)
+    do = jax.random.normal(jax.random.PRNGKey(99), (B, T, H, D), jnp.float32).astype(jnp.bfloat16)
+    runs = [("mosaic", MosaicConfig(stages=2)), ("mosaic", MosaicConfig(stages=3)), ("pallas", None)]
+    for backend, config in runs:
+        kernel = api.BACKENDS[backend]
+        kernel.config = config
+        label = backend + ("" if config is None else f" stages={config.stages}")
         try:
-            f = jax.jit(lambda *a: api.simple_gla(*a, backend="mosaic", mode="chunk")[0])
-            t = kg.host_time(lambda i, f=f: f(*sets[i % n_sets]), kg.jax_sync, repeats=5, n_sets=n_sets)
-            print(f"mosaic fwd stages={stages}: {t['ms']:.3f} ms", flush=True)
+            def fwd(*a, b=backend):
+                return api.simple_gla(*a, backend=b, mode="chunk")[0]
+
+            def loss(do, *a, fwd=fwd):
+                return jnp.sum(fwd(*a).astype(jnp.float32) * do.astype(jnp.float32))
+
+            f = jax.jit(fwd)
+            fb = jax.jit(jax.grad(loss, argnums=(1, 2, 3, 4)))
+            t = kg.host_time(lambda i, f=f: f(*sets[i % n_sets]), kg.jax_sync, repeats=5,
+                             n_sets=n_sets)
+            tb = kg.host_time(lambda i, fb=fb: fb(do, *sets[i % n_sets]), kg.jax_sync, repeats=5,
+                              n_sets=n_sets)
+            print(f"{label}: fwd {t['ms']:.3f} ms, fwd+bwd {tb['ms']:.3f} ms", flush=True)
         except Exception as e:  # noqa: BLE001 - a config that does not fit is reported, not fatal
-            print(f"mosaic fwd stages={stages}: {kg.short_error(e)}", flush=True)
+            print(f"{label}: {kg.short_error(e)}", flush=True)
         finally:
             kernel.config = None
-
 
 if __name__ == "__main__":
     main()

@@ -276,7 +276,11 @@ def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
                        plgpu.Barrier(num_barriers=1)),
         grid=(V // st.block_v, H, R),
         grid_names=("v", "h", "r"),
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        # Lane semantics (per-thread arrays with explicit layouts, as written here): JAX 0.10's
+        # default; 0.11 defaults to Warpgroup semantics, whose layout inference found no
+        # solution for this kernel on the H200 (and searched for minutes first)
+        compiler_params=plgpu.CompilerParams(
+            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
     )
     return f(q, k, v, bh, decay, e_last, h0)
 
