@@ -108,3 +108,41 @@ def test_mosaic_declines_what_it_does_not_cover():
                                             n_chunks=n_chunks)
                 assert smem_bytes(chunk=cfg.chunk, key_dim=K, block_v=cfg.block_v,
                                   stages=cfg.stages, itemsize=2) <= SMEM_LIMIT
+
+
+def test_mosaic_config_comes_from_the_tuning_cache(tmp_path, monkeypatch):
+    """With no config on the backend object, the tuning cache's entry for (op, "mosaic",
+    shape bucket, dtype) reaches the kernel as a MosaicConfig; a stale entry is ignored."""
+    import dataclasses as dc
+
+    from linearnexus.kernels import tuning
+    from linearnexus.kernels.base import GridConfig
+    from linearnexus.kernels.common.mosaic_ops import MosaicKernel
+
+    monkeypatch.setenv("LINEARNEXUS_TUNING_CACHE", str(tmp_path / "tuning.json"))
+    seen = []
+
+    def fake_chunked(*arrays, config=None, **kwargs):
+        seen.append(config)
+        return arrays[0], None
+
+    fake_chunked.__module__ = "linearnexus.kernels.simple_gla.mosaic"  # names the op
+    kernel = MosaicKernel(fake_chunked, None)
+    q = jnp.ones((2, 300, 4, 64), jnp.bfloat16)
+    g = -jnp.ones((2, 300, 4), jnp.float32)
+
+    @dc.dataclass(frozen=True)
+    class Knobs:  # what benchmarks/run.py --tune records: a dataclass of the winning knobs
+        stages: int
+        block_v: int
+
+    tuning.record("simple_gla", "mosaic", (2, 300, 4, 64, 64), jnp.bfloat16,
+                  Knobs(stages=3, block_v=64), seconds=1e-3, device_kind=jax.devices()[0].device_kind)
+    kernel.forward_chunk(q, q, q, g, initial_state=None, grid=GridConfig(chunk_size=64), scale=1.0,
+                         cu_seqlens=None)
+    assert seen[-1] == MosaicConfig(stages=3, block_v=64)
+    tuning.record("simple_gla", "mosaic", (2, 300, 4, 64, 64), jnp.bfloat16,
+                  Knobs(stages=1, block_v=64), seconds=1e-3, device_kind=jax.devices()[0].device_kind)
+    kernel.forward_chunk(q, q, q, g, initial_state=None, grid=GridConfig(chunk_size=64), scale=1.0,
+                         cu_seqlens=None)
+    assert seen[-1] is None  # stages=1 no longer validates: the heuristic decides
