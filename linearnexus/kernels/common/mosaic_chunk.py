@@ -159,18 +159,17 @@ def default_mosaic_config(*, rows: int, heads: int, key_dim: int, value_dim: int
 
 @dataclasses.dataclass(frozen=True)
 class MosaicStatic:
-    """The static description of one forward call (hashable; keys the compiled kernel)."""
+    """The static description of one forward call (hashable; keys the compiled kernel).
 
-    rows: int
-    n_chunks: int
-    chunk: int
-    heads: int
-    key_dim: int
-    value_dim: int
+    Attributes:
+        core: the Triton core's description of the same call (shapes R, NC, L, H, K, V,
+            scale, whether an initial state is given); the backward runs on it.
+        block_v, stages: the Mosaic kernel's value block and pipeline depth.
+    """
+
+    core: CoreStatic
     block_v: int
     stages: int
-    scale: float
-    has_h0: bool
 
 
 def _swizzled(cols: int, dtype: Any) -> tuple[Any, ...]:
@@ -188,14 +187,15 @@ def _forward_kernel(q_ref, k_ref, v_ref, b_ref, d_ref, e_ref, h0_ref, o_ref, fin
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    L, K, BV = st.chunk, st.key_dim, st.block_v
+    c = st.core
+    L, K, BV = c.chunk, c.key_dim, st.block_v
     wgmma_layout = plgpu.Layout.WGMMA
     rows_layout, cols_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)
     iv, h, r = jax.lax.axis_index("v"), jax.lax.axis_index("h"), jax.lax.axis_index("r")
     vs = pl.ds(iv * BV, BV)
 
     # f32_smem stages the float32 initial / final state between HBM (TMA) and registers
-    if st.has_h0:
+    if c.has_h0:
         plgpu.copy_gmem_to_smem(h0_ref.at[r, h, :, vs], f32_smem, bar.at[0])
         plgpu.barrier_wait(bar.at[0])
         state0 = _load(f32_smem, wgmma_layout)
@@ -229,7 +229,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, b_ref, d_ref, e_ref, h0_ref, o_ref, fin
             plgpu.wgmma(acc_o, a.astype(dtype), v_smem)  # registers [L, L] @ SMEM [L, BV]
 
         o = pl.run_state(inner)(plgpu.ACC.init(o_inter))
-        o_smem[...] = (o * st.scale).astype(dtype)
+        o_smem[...] = (o * c.scale).astype(dtype)
 
         # state update: S e^{b_L} + k^T (e^{b_L - b} v); the decay goes on v's rows
         d_row = _load(d_smem, rows_layout)  # [L]
@@ -253,7 +253,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, b_ref, d_ref, e_ref, h0_ref, o_ref, fin
         plgpu.BlockSpec((K,), lambda c: (c,)),  # e^{b_L}, K copies per chunk
     ]
     out_specs = [plgpu.BlockSpec((L, BV), lambda c: (c, 0), transforms=_swizzled(BV, dtype))]
-    pipeline = plgpu.emit_pipeline(body, grid=(st.n_chunks,), in_specs=in_specs,
+    pipeline = plgpu.emit_pipeline(body, grid=(c.n_chunks,), in_specs=in_specs,
                                    out_specs=out_specs, max_concurrent_steps=st.stages,
                                    init_carry=state0)
     final = pipeline(q_ref.at[r, :, h, :], k_ref.at[r, :, h, :], v_ref.at[r, :, h, vs],
@@ -280,7 +280,8 @@ def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
     """
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    R, NC, L, H, K, V = st.rows, st.n_chunks, st.chunk, st.heads, st.key_dim, st.value_dim
+    c = st.core
+    R, NC, L, H, K, V = c.rows, c.n_chunks, c.chunk, c.heads, c.key_dim, c.value_dim
     dtype = q.dtype
     bh = jnp.transpose(b, (0, 2, 1))  # [R, TP, H] -> [R, H, TP]: a chunk's gates contiguous
     bc = bh.reshape(R, H, NC, L)  # [R, H, TP] -> [R, H, NC, L]
@@ -288,7 +289,7 @@ def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
     decay = jnp.exp(b_last - bc).reshape(R, H, NC * L)  # e^{b_L - b}, <= 1
     e_last = jnp.broadcast_to(jnp.exp(b_last), (R, H, NC, K)).reshape(R, H, NC * K)
     if h0 is None:
-        h0 = jnp.zeros((1, 1, K, V), F32)  # never read (st.has_h0 False); keeps one signature
+        h0 = jnp.zeros((1, 1, K, V), F32)  # never read (core.has_h0 False); keeps one signature
     kernel = functools.partial(_forward_kernel, st=st, dtype=dtype)
     f = plgpu.kernel(
         kernel,
@@ -309,33 +310,33 @@ def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
     return f(q, k, v, bh, decay, e_last, h0)
 
 
-def _fwd_rule(st: MosaicStatic, core: CoreStatic, q, k, v, g, h0):
+def _fwd_rule(st: MosaicStatic, q, k, v, g, h0):
     from linearnexus.kernels.common.pallas_chunk import in_chunk_cumsum
 
-    b = in_chunk_cumsum(g, st.chunk)
+    b = in_chunk_cumsum(g, st.core.chunk)
     h0f = None if h0 is None else h0.astype(F32)
     o, final = mosaic_forward(st, q, k, v, b, h0f)
     return (o, final), (q, k, v, b, h0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def mosaic_core(st: MosaicStatic, core: CoreStatic, q, k, v, g, h0):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def mosaic_core(st: MosaicStatic, q, k, v, g, h0):
     """Scalar-gated linear attention in the chunk layout, forward on Mosaic GPU.
 
     Args:
-        st: the Mosaic kernel's static description. core: the matching Triton
-            :class:`CoreStatic` (batch rows, scalar gate), used by the backward.
+        st: the static description (its ``core``: batch rows, scalar gate).
         q, k: ``[R, TP, H, K]``. v: ``[R, TP, H, V]``. g: ``[R, TP, H]`` float32 log-gates.
         h0: ``[R, H, K, V]`` or None.
 
     Returns:
         ``(o [R, TP, H, V], final [R, H, K, V] float32)``.
     """
-    return _fwd_rule(st, core, q, k, v, g, h0)[0]
+    return _fwd_rule(st, q, k, v, g, h0)[0]
 
 
-def _bwd_rule(st: MosaicStatic, core: CoreStatic, res, cts):
+def _bwd_rule(st: MosaicStatic, res, cts):
     q, k, v, b, h0 = res
+    core = st.core
     R, NC = core.rows, core.n_chunks
     seq_info = jnp.broadcast_to(jnp.arange(R, dtype=jnp.int32)[:, None], (R, NC))
     chunk_ids = jnp.arange(NC)

@@ -15,14 +15,12 @@ automatic dispatch moves on to the Triton kernels (``pallas``), which run everyt
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from linearnexus.core.types import Array, DType
-from linearnexus.kernels.base import GridConfig
 from linearnexus.kernels.common.chunking import plan_chunks
 from linearnexus.kernels.common.mosaic_chunk import (
     MOSAIC_DTYPES,
@@ -36,6 +34,7 @@ from linearnexus.kernels.common.mosaic_chunk import (
 )
 from linearnexus.kernels.common.pallas import TritonConfig, next_pow2
 from linearnexus.kernels.common.pallas_ops import (
+    PallasKernel,
     _layout,
     _pad_last,
     _resolve,
@@ -137,41 +136,34 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
     if g is None:
         g = jnp.zeros((batch, seq, heads), F32)
     gc = _layout(floor_log_gate(g), plan)  # [B, NC * L, H]
-    st = MosaicStatic(rows=plan.rows, n_chunks=plan.n_chunks, chunk=chunk, heads=heads,
-                      key_dim=kp, value_dim=vp, block_v=cfg.block_v, stages=cfg.stages,
-                      scale=float(scale), has_h0=h0 is not None)
-    # the Triton core's description, for the backward pass (pallas_chunk's kernels)
+    # the Triton core's description of the call (the backward runs the Triton kernels)
     tcfg = _resolve(TritonConfig(chunk=chunk), rows=plan.rows, heads=heads, key_dim=kp,
                     value_dim=vp, delta=False, dtype=dtype, n_chunks=plan.n_chunks)
     core = _static(tcfg, gate="scalar", delta=False, has_h0=h0 is not None, scale=scale,
                    plan=plan, heads=heads, key_dim=kp, value_dim=vp, n_seqs=batch)
-    o, final = mosaic_core(st, core, qc, kc, vc, gc, h0)
+    st = MosaicStatic(core=core, block_v=cfg.block_v, stages=cfg.stages)
+    o, final = mosaic_core(st, qc, kc, vc, gc, h0)
     o = _unlayout(o, plan)[..., :value_dim].astype(v.dtype)
     return o, final[:, :, :key_dim, :value_dim]
 
 
-class MosaicKernel:
+class MosaicKernel(PallasKernel):
     """The ``mosaic`` backend of a linear-attention op: chunk mode on the Mosaic GPU kernel
-    (sm_90+), recurrent mode (decoding) on the op's pure-JAX recurrent form.
+    (sm_90+), recurrent mode (decoding) on the op's pure-JAX recurrent form; config
+    resolution as :class:`PallasKernel`'s (the object's ``config``, then the tuning cache
+    under backend ``"mosaic"``, then the kernel's heuristic).
 
-    Automatic dispatch tries it first on a GPU of compute capability >= 9.0 for bf16 / f16;
-    calls it does not cover raise ``NotImplementedError`` (module doc) and the dispatcher
+    Automatic dispatch tries it first on a GPU for bf16 / f16; calls it does not cover
+    (module doc; an Ampere GPU among them) raise ``NotImplementedError`` and the dispatcher
     moves on to ``pallas``.
 
     Args:
         chunked: the op's mosaic function (``fn(*arrays, scale=, initial_state=,
             cu_seqlens=, chunk_size=, config=)``). recurrent: the op's recurrent form.
-        config: overrides for every call (None: the tuning cache, then the heuristic).
+        config: :class:`MosaicConfig` overrides for every call.
     """
 
     name: ClassVar[str] = "mosaic"
-
-    def __init__(self, chunked: Callable[..., tuple[Array, Array]],
-                 recurrent: Callable[..., tuple[Array, Array]],
-                 config: MosaicConfig | None = None):
-        self.chunked = chunked
-        self.recurrent = recurrent
-        self.config = config
 
     def supports(self, *, platform: str, dtype: DType) -> bool:
         # static (the feature table reads it on any machine); the compute capability and the
@@ -179,22 +171,10 @@ class MosaicKernel:
         # NotImplementedError on an Ampere GPU so that dispatch moves on to pallas
         return platform == "gpu" and jnp.dtype(dtype) in MOSAIC_DTYPES
 
-    def forward_chunk(self, *arrays: Array, initial_state: Array | None, grid: GridConfig,
-                      **kwargs: Any) -> tuple[Array, Array]:
-        config = self.config
-        if config is None:  # the tuning cache (benchmarks/run.py --tune), before the heuristic
-            from linearnexus.kernels import tuning
+    def cached_config(self, op: str, dims: tuple[int, ...], dtype: Any) -> MosaicConfig | None:
+        from linearnexus.kernels import tuning
 
-            q, _, v = arrays[:3]
-            op = self.chunked.__module__.split(".")[-2]  # kernels/<op>/mosaic.py
-            knobs = tuning.lookup(op, self.name, (*q.shape, v.shape[-1]), q.dtype)
-            config = _config_from(knobs)
-        return self.chunked(*arrays, initial_state=initial_state, chunk_size=grid.chunk_size,
-                            config=config, **kwargs)
-
-    def forward_recurrent(self, *arrays: Array, initial_state: Array | None,
-                          **kwargs: Any) -> tuple[Array, Array]:
-        return self.recurrent(*arrays, initial_state=initial_state, **kwargs)
+        return _config_from(tuning.lookup(op, self.name, dims, dtype))
 
 
 def _config_from(knobs: dict[str, Any] | None) -> MosaicConfig | None:
