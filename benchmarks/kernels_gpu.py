@@ -4,7 +4,14 @@ speed vs flash-linear-attention (FLA), in one process.
     python3 benchmarks/kernels_gpu.py [--ops simple_gla gla ...] [--shapes 0 3] [--quick]
         [--skip-fla] [--skip-ln] [--skip-check] [--skip-mamba] [--skip-ceilings]
         [--chunk-size 64] [--repeats 9] [--budget 560]
+        [--backends pallas mosaic] [--check-backends mosaic auto] [--check-seqs 63 1000 4096]
+        [--check-dims 64 128]
         [--merge earlier.json] [--out DIR] [--name kernels_gpu] [--docs docs/benchmarks.md]
+
+``--backends``: the LinearNexus backends timed (the first fills the LN columns; ``mosaic``,
+the Mosaic GPU forward of simple_gla on Hopper, adds its own columns with its ratio to FLA and
+its %HBM / %MMA); ``--check-backends`` those checked against the reference (``auto``: the
+dispatcher's own choice), at every ``--check-seqs`` length and ``--check-dims`` head dim.
 
 On the GPU machine (no internet; FLA carried as wheels in .whl/, pure Python):
 
