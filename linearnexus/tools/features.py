@@ -72,7 +72,9 @@ def _dtypes(kernel: Any) -> list[str]:
     named = getattr(kernel, "by_name_dtypes", None)  # a backend picked by name only
     if named:
         return [jnp.dtype(d).name for d in named]
-    native = next((p for p in PLATFORMS if kernel.supports(platform=p, dtype=jnp.float32)), "cpu")
+    # the first platform it runs anything on (mosaic takes no float32, so not float32's)
+    native = next((p for p in PLATFORMS if any(kernel.supports(platform=p, dtype=d)
+                                               for d in DTYPES)), "cpu")
     return [jnp.dtype(d).name for d in DTYPES if kernel.supports(platform=native, dtype=d)]
 
 
