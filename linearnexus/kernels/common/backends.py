@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array, DType
-from linearnexus.kernels.base import GridConfig, dispatch, resolve_mode
+from linearnexus.kernels.base import GridConfig, current_platform, dispatch, resolve_mode
 from linearnexus.kernels.common.validation import (
     as_cu_seqlens,
     check_cu_seqlens,
@@ -104,6 +104,20 @@ def run_op(op_name: str, backends: Mapping[str, Any], order: Sequence[str], arra
     return o, (final if output_final_state else None)
 
 
+def step_kernel(backends: Mapping[str, Any], order: Sequence[str], backend: str | None,
+                dtype: DType) -> Any:
+    """The backend that would run a one-token call, when it runs the fused step kernel
+    (``kernel.step_ready(dtype)``); else None (the call goes through :func:`run_op`)."""
+    if backend is not None:
+        kernel = backends.get(backend)
+    else:
+        platform = current_platform()
+        kernel = next((backends[n] for n in order
+                       if backends[n].supports(platform=platform, dtype=dtype)), None)
+    ready = getattr(kernel, "step_ready", None)
+    return kernel if ready is not None and ready(dtype) else None
+
+
 def check_and_run(op_name: str, backends: Mapping[str, Any], order: Sequence[str],
                   arrays: tuple[Array, ...], dims: tuple[int, int, int, int, int], *,
                   gate_names: tuple[str, ...], default_chunk_size: int, scale: float | None,
@@ -144,6 +158,22 @@ def check_and_run(op_name: str, backends: Mapping[str, Any], order: Sequence[str
                       cu_seqlens=cu_seqlens)
 
     recurrent = resolve_mode(mode, seq) is KernelMode.RECURRENT
+    names = gate_names
+    fused = (step_kernel(backends, order, backend, arrays[0].dtype)
+             if recurrent and seq == 1 and cu_seqlens is None else None)
+    if fused is not None:  # decoding: one kernel, the guard's cleaning and marking inside it
+
+        def fallback(*arrays, initial_state):
+            def jax_run(*arrays, initial_state, cu_seqlens):
+                return fused.recurrent(*arrays, initial_state=initial_state, scale=scale,
+                                       cu_seqlens=cu_seqlens)
+
+            return run_guarded(jax_run, *arrays[:3], tuple(zip(names, arrays[3:], strict=True)),
+                               initial_state=initial_state, cu_seqlens=None, always_clean=True)
+
+        o, final = fused.fused_step(*arrays, initial_state=initial_state, scale=scale,
+                                    fallback=fallback)
+        return o, (final if output_final_state else None)
     o, final = run_guarded(run, *arrays[:3], gates, initial_state=initial_state,
                            cu_seqlens=cu_seqlens, always_clean=recurrent)
     return o, (final if output_final_state else None)

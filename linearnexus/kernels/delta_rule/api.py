@@ -6,7 +6,8 @@ from linearnexus.core.hooks import overridable
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array
 from linearnexus.kernels.common.backends import DEFAULT_ORDER, check_and_run, make_backends
-from linearnexus.kernels.common.pallas_ops import PallasKernel
+from linearnexus.kernels.common.pallas_ops import pallas_backends
+from linearnexus.kernels.common.pallas_step import StepSpec
 from linearnexus.kernels.common.validation import (
     check_array,
     check_qkv,
@@ -20,7 +21,8 @@ from linearnexus.kernels.delta_rule.reference import delta_rule_recurrent, delta
 DEFAULT_CHUNK_SIZE = 64
 
 BACKENDS = make_backends(delta_rule_reference, delta_rule_chunked, delta_rule_recurrent)
-BACKENDS["pallas"] = PallasKernel(delta_rule_pallas, delta_rule_recurrent)
+# "pallas_step": the fused one-token step by name (pallas runs it for T == 1 on a GPU)
+BACKENDS.update(pallas_backends(delta_rule_pallas, delta_rule_recurrent, StepSpec("none", delta=True)))
 # Pallas first: automatic dispatch takes it on a GPU only (its `supports` says no elsewhere)
 BACKEND_ORDER = ("pallas", *DEFAULT_ORDER)
 
@@ -60,7 +62,8 @@ def delta_rule(
             sequence starts from its own initial state and never sees the others.
         chunk_size: tokens per chunk in chunk mode (default 64).
         mode: "chunk", "recurrent" or None (recurrent when T < 64).
-        backend: "pallas" (Triton kernels; the automatic choice on a GPU), "jax"
+        backend: "pallas" (Triton kernels; the automatic choice on a GPU), "pallas_step" (the fused
+            one-token kernel, T == 1 only), "jax"
             (chunked / recurrent pure JAX), "naive" (per-step truth) or None.
 
     Returns:

@@ -6,7 +6,8 @@ from linearnexus.core.hooks import overridable
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array
 from linearnexus.kernels.common.backends import DEFAULT_ORDER, check_and_run, make_backends
-from linearnexus.kernels.common.pallas_ops import PallasKernel
+from linearnexus.kernels.common.pallas_ops import pallas_backends
+from linearnexus.kernels.common.pallas_step import StepSpec
 from linearnexus.kernels.common.validation import (
     check_array,
     check_qkv,
@@ -18,7 +19,8 @@ from linearnexus.kernels.gla.reference import gla_recurrent, gla_reference
 DEFAULT_CHUNK_SIZE = 64
 
 BACKENDS = make_backends(gla_reference, gla_chunked, gla_recurrent)
-BACKENDS["pallas"] = PallasKernel(gla_pallas, gla_recurrent)
+# "pallas_step": the fused one-token step by name (pallas runs it for T == 1 on a GPU)
+BACKENDS.update(pallas_backends(gla_pallas, gla_recurrent, StepSpec("vector", delta=False)))
 # Pallas first: automatic dispatch takes it on a GPU only (its `supports` says no elsewhere)
 BACKEND_ORDER = ("pallas", *DEFAULT_ORDER)
 
@@ -53,7 +55,8 @@ def gla(
             sequence starts from its own initial state and never sees the others.
         chunk_size: tokens per chunk in chunk mode (default 64).
         mode: "chunk", "recurrent" or None (recurrent when T < 64).
-        backend: "pallas" (Triton kernels; the automatic choice on a GPU), "jax"
+        backend: "pallas" (Triton kernels; the automatic choice on a GPU), "pallas_step" (the fused
+            one-token kernel, T == 1 only), "jax"
             (chunked / recurrent pure JAX), "naive" (per-step truth) or None.
 
     Returns:
