@@ -47,9 +47,10 @@ def token_arrays(data_dir: Path = DATA_DIR) -> tuple[np.ndarray, np.ndarray, int
 
 
 def make_trainer(preset: str, out_dir: Path, *, data_dir: Path = DATA_DIR,
-                 **train_overrides: Any) -> Any:
+                 model_overrides: dict[str, Any] | None = None, **train_overrides: Any) -> Any:
     """An :class:`~linearnexus.train.SFTTrainer` for ``preset`` with the recipe's training
-    settings (``gpt-small`` takes the recipe file's model, others their preset)."""
+    settings (``gpt-small`` takes the recipe file's model, others their preset), with
+    ``model_overrides`` (ModelConfig fields, e.g. ``dtype``) and ``train_overrides``."""
     from linearnexus.data import DataLoader, PreparedData
     from linearnexus.models import create_model
     from linearnexus.train import SFTTrainer, TrainConfig, clear_run, resolve_model_config
@@ -57,7 +58,7 @@ def make_trainer(preset: str, out_dir: Path, *, data_dir: Path = DATA_DIR,
     model_section, train_section = recipe()
     prepared = PreparedData.load(data_dir)
     model_config = resolve_model_config(model_section if preset == "gpt-small" else {"preset": preset})
-    model_config = model_config.replace(vocab_size=prepared.vocab_size)
+    model_config = model_config.replace(vocab_size=prepared.vocab_size, **(model_overrides or {}))
     train = TrainConfig.from_dict({**train_section, "out_dir": str(out_dir), "progress": False,
                                    **train_overrides})
     clear_run(out_dir)

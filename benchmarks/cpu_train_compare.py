@@ -1,7 +1,7 @@
 """LinearNexus vs a plain PyTorch peer on nanoGPT's Shakespeare-char CPU recipe, side by side.
 
-    python benchmarks/cpu_train_compare.py            # 2000 steps each (~5 min on a quiet 2-core CPU)
-    python benchmarks/cpu_train_compare.py --quick    # 300 steps each (~1.5 min)
+    python benchmarks/cpu_train_compare.py            # 2000 steps each (~10 min on a quiet 2-core CPU)
+    python benchmarks/cpu_train_compare.py --quick    # 300 steps each (~2 min)
     python benchmarks/cpu_train_compare.py --models gpt-small mamba2-small gla-small --no-peer
 
 Every run is its own process, trained through its real loop: ours is ``SFTTrainer.train`` with
@@ -15,8 +15,10 @@ run's final validation loss. ``torch.set_num_threads`` gets the cores this proce
 which is the size of XLA's CPU thread pool too (``--peer-threads`` adds peers with other
 counts: the best peer is the one to beat).
 
-``--xla-flags NAME=FLAGS`` adds a run of the first model with ``XLA_FLAGS=FLAGS`` (to
-measure a flag: ``--xla-flags noeigen=--xla_cpu_multi_thread_eigen=false``).
+Our runs use ``train_lm.py``'s XLA:CPU flags (``linearnexus/core/cpu_flags.py``); one more run
+of the first model keeps XLA's defaults, to show what the flags bring. ``--xla-flags
+NAME=FLAGS`` adds a run of the first model with ``XLA_FLAGS=FLAGS`` (to
+measure a flag: ``--xla-flags noynn=--xla_cpu_experimental_ynn_fusion_type=``).
 """
 
 from __future__ import annotations
@@ -87,13 +89,16 @@ class Run:
 
 def ours_worker(args: argparse.Namespace) -> None:
     """Block protocol (see cpu_train_peer.worker) around ``SFTTrainer.train``."""
+    from linearnexus.core.cpu_flags import apply_cpu_flags
+
+    apply_cpu_flags()  # as train_lm.py does
     import jax
 
     overrides = {"max_steps": args.max_steps}
-    if args.steps_per_call is not None:
-        overrides["steps_per_call"] = args.steps_per_call
     with tempfile.TemporaryDirectory(prefix="ln-ours-") as tmp:
-        trainer = cpu_recipe.make_trainer(args.model, Path(tmp) / "run", **overrides)
+        model = {"dtype": args.dtype} if args.dtype else None
+        trainer = cpu_recipe.make_trainer(args.model, Path(tmp) / "run", model_overrides=model,
+                                          **overrides)
         n_params = sum(int(x.size) for x in jax.tree.leaves(trainer.state.params))
         print(json.dumps({"ready": True, "params": n_params, "jax": jax.__version__,
                           "xla_flags": os.environ.get("XLA_FLAGS", "")}), flush=True)
@@ -131,16 +136,21 @@ def main() -> None:
     p.add_argument("--no-peer", action="store_true", help="no PyTorch peer (ours only)")
     p.add_argument("--peer-threads", type=int, nargs="+", default=None,
                    help="torch thread counts, one peer each (default: this process's cores)")
+    p.add_argument("--no-xla-defaults", action="store_true",
+                   help="no extra run of the first model with XLA's own CPU flags "
+                        "(LINEARNEXUS_XLA_CPU_FLAGS=0 instead of core/cpu_flags.py's)")
     p.add_argument("--xla-flags", nargs="*", default=[], metavar="NAME=FLAGS")
-    p.add_argument("--steps-per-call", type=int, default=None,
-                   help="TrainConfig.steps_per_call of our runs (default: the config's)")
+    p.add_argument("--dtype", nargs="*", default=[], metavar="DTYPE",
+                   help="add a run of the first model per compute dtype (e.g. bfloat16)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model", default="gpt-small", help=argparse.SUPPRESS)
+    p.add_argument("--model-dtype", dest="model_dtype", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.max_steps = args.max_steps or (300 if args.quick else 2000)
     args.block = args.block or (50 if args.quick else 100)
     if args.worker == "ours":
+        args.dtype = args.model_dtype
         ours_worker(args)
         return
 
@@ -151,13 +161,17 @@ def main() -> None:
     runs = []
     for model in args.models:
         cmd = [sys.executable, __file__, "--worker", "ours", "--model", model, *common]
-        if args.steps_per_call is not None:
-            cmd += ["--steps-per-call", str(args.steps_per_call)]
         runs.append(Run(model, cmd, dict(base_env)))
+    if not args.no_xla_defaults:
+        runs.append(Run(f"{args.models[0]}[XLA defaults]", runs[0].cmd,
+                        {**base_env, "LINEARNEXUS_XLA_CPU_FLAGS": "0"}))
     for spec in args.xla_flags:
         name, _, flags = spec.partition("=")
         runs.append(Run(f"{args.models[0]}[{name}]", runs[0].cmd,
                         {**base_env, "XLA_FLAGS": f"{base_env.get('XLA_FLAGS', '')} {flags}".strip()}))
+    for dtype in args.dtype:
+        runs.append(Run(f"{args.models[0]}[{dtype}]", [*runs[0].cmd, "--model-dtype", dtype],
+                        dict(base_env)))
     if not args.no_peer:
         for threads in args.peer_threads or [cores]:
             runs.append(Run(f"torch-peer[{threads} threads]",

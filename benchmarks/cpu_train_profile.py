@@ -151,7 +151,6 @@ def main() -> None:
     args = p.parse_args()
     cpu_recipe.prepare()
     import jax
-
     from common import machine
 
     print(machine(), jax.__version__)
