@@ -8,12 +8,14 @@ from linearnexus.core.hooks import overridable
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array
 from linearnexus.kernels.common.backends import DEFAULT_ORDER, check_and_run, make_backends
+from linearnexus.kernels.common.mosaic_ops import MosaicKernel
 from linearnexus.kernels.common.pallas_ops import PallasKernel
 from linearnexus.kernels.common.validation import (
     check_array,
     check_qkv,
 )
 from linearnexus.kernels.simple_gla.chunked import simple_gla_chunked
+from linearnexus.kernels.simple_gla.mosaic import simple_gla_mosaic
 from linearnexus.kernels.simple_gla.pallas import simple_gla_pallas
 from linearnexus.kernels.simple_gla.reference import simple_gla_recurrent, simple_gla_reference
 
@@ -21,8 +23,10 @@ DEFAULT_CHUNK_SIZE = 64
 
 BACKENDS = make_backends(simple_gla_reference, simple_gla_chunked, simple_gla_recurrent)
 BACKENDS["pallas"] = PallasKernel(simple_gla_pallas, simple_gla_recurrent)
-# Pallas first: automatic dispatch takes it on a GPU only (its `supports` says no elsewhere)
-BACKEND_ORDER = ("pallas", *DEFAULT_ORDER)
+BACKENDS["mosaic"] = MosaicKernel(simple_gla_mosaic, simple_gla_recurrent)
+# Mosaic GPU first on sm_90+ (bf16 / f16, batch rows; it raises NotImplementedError for the
+# rest), then the Triton kernels on any NVIDIA GPU; both decline off a GPU
+BACKEND_ORDER = ("mosaic", "pallas", *DEFAULT_ORDER)
 
 
 @overridable("simple_gla")  # context parallelism re-routes it (linearnexus.parallel)
@@ -56,7 +60,9 @@ def simple_gla(
             sequence starts from its own initial state and never sees the others.
         chunk_size: tokens per chunk in chunk mode (default 64).
         mode: "chunk", "recurrent" or None (recurrent when T < 64).
-        backend: "pallas" (Triton kernels; the automatic choice on a GPU), "jax"
+        backend: "mosaic" (Mosaic GPU forward on sm_90+, the automatic choice there for
+            bf16 / f16 batch rows), "pallas" (Triton kernels; the automatic choice on other
+            GPUs and for what mosaic does not cover), "jax"
             (chunked / recurrent pure JAX), "naive" (per-step truth) or None.
 
     Returns:
