@@ -1,6 +1,9 @@
-"""train_lm.py's XLA:CPU flags (linearnexus.core.cpu_flags): added, never overriding the user."""
+"""CPU training settings: train_lm.py's XLA:CPU flags (linearnexus.core.cpu_flags), added and
+never overriding the user's; the bfloat16 variant of the nanoGPT recipe."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from linearnexus.core.cpu_flags import CPU_TRAINING_FLAGS, DISABLE_ENV, apply_cpu_flags
 
@@ -35,3 +38,14 @@ def test_the_process_environment_is_left_alone_once_jax_has_started(monkeypatch)
     import os
 
     assert "XLA_FLAGS" not in os.environ
+
+
+def test_the_bfloat16_recipe_is_the_float32_recipe_with_bfloat16_compute():
+    from linearnexus.train import load_run_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs" / "models"
+    model32, train32 = load_run_config(configs / "gpt_nanogpt_cpu.yaml")
+    model16, train16 = load_run_config(configs / "gpt_nanogpt_cpu_bf16.yaml")
+    assert (model16.dtype, model16.param_dtype) == ("bfloat16", "float32")
+    assert model16.replace(dtype="float32") == model32
+    assert train16.replace(out_dir=train32.out_dir) == train32
