@@ -113,10 +113,11 @@ def kernels_for(mechanism: str) -> dict[str, Any]:
 # ---- built-in registrations ------------------------------------------------------------
 register_op("mamba", "linearnexus.kernels.mamba.api", "selective_scan", ("jax", "naive", "pallas"))
 # the linear-attention family: backends "jax" (chunked / recurrent), "naive" (per-step truth)
-# and "pallas" (Triton kernels; retention and ssd run through simple_gla's backends)
+# "pallas" (Triton kernels) and "pallas_tpu" (Mosaic TPU kernels); retention and ssd run
+# through simple_gla's backends
 LINEAR_OPS = ("simple_gla", "gla", "delta_rule", "gated_delta_rule", "retention", "ssd")
 for _op in LINEAR_OPS:
-    register_op(_op, f"linearnexus.kernels.{_op}.api", _op, ("pallas", "jax", "naive"))
+    register_op(_op, f"linearnexus.kernels.{_op}.api", _op, ("pallas", "pallas_tpu", "jax", "naive"))
 register_layer("mamba", "linearnexus.modules.ssm.mamba:MambaBlock",
                "linearnexus.modules.ssm.mamba:MambaConfig")
 

@@ -1,0 +1,113 @@
+"""The ``pallas_tpu`` backend (Mosaic TPU kernels) in Pallas's TPU interpret mode on the CPU.
+
+Every op's kernels, forward and backward, against the per-step recurrence (the reference's
+step function, run by ``backend="jax", mode="recurrent"``: one jit-safe scan, packed
+sequences included, where ``backend="naive"`` would compile one scan per sequence): the
+output, the final state and the gradient of every input, initial state included.
+
+The interpreter compiles slowly (~4 s per op and shape), so each op runs two calls that fold
+the issue's grid of cases together (``docs/tpu.md``, "Tests"):
+
+* packed: ``cu_seqlens`` lengths (0, 1, 63, 70, 129, 1000), head dims 64, with initial
+  states: T = 1, 63 and 1000 as sequences, the packing lengths (0, 1, 70, 129);
+* batch: T = 65 (a chunk and one token), head dims 128, no initial state.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from linearnexus.kernels.common import pallas_tpu
+from linearnexus.registry import KERNEL_REGISTRY, OP_REGISTRY
+from tests.helpers.parity import assert_close
+from tests.op_specs import SPECS
+
+OPS = ("simple_gla", "delta_rule", "gated_delta_rule", "gla")
+OUT_TOL, GRAD_TOL = 1e-4, 1e-3
+PACKED_LENGTHS = (0, 1, 63, 70, 129, 1000)
+CASES = {
+    "packed": dict(lengths=PACKED_LENGTHS, dim=64, h0=True),
+    "batch": dict(lengths=(65,), dim=128, h0=False),
+}
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv(pallas_tpu.INTERPRET_ENV, "1")
+
+
+@functools.partial(jax.jit, static_argnames=("op", "backend", "mode"))
+def _loss_and_grads(arrays, h0, cu, cts, *, op, backend, mode):
+    def loss(arrays, h0):
+        o, final = OP_REGISTRY[op](*arrays, initial_state=h0, output_final_state=True,
+                                   cu_seqlens=cu, mode=mode, backend=backend)
+        return jnp.sum(o * cts[0]) + jnp.sum(final * cts[1]), (o, final)
+
+    (_, outs), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(arrays, h0)
+    return outs, grads
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("op", OPS)
+def test_matches_reference(op, case, interpret, key):
+    spec = CASES[case]
+    lengths, dim = spec["lengths"], spec["dim"]
+    total, packed = sum(lengths), len(lengths) > 1
+    n = len(lengths) if packed else 1
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    named = SPECS[op].make(k1, 1, total, 1, dim, dim)
+    arrays = tuple(named.values())  # positional order (a dict would be key-sorted by jit)
+    cu = jnp.asarray(np.cumsum((0, *lengths)), jnp.int32) if packed else None
+    h0 = jax.random.normal(k2, (n, 1, dim, dim), jnp.float32) if spec["h0"] else None
+    cts = (jax.random.normal(k3, (1, total, 1, dim), jnp.float32),
+           jax.random.normal(k4, (n, 1, dim, dim), jnp.float32))
+    (o, final), (grads, dh0) = _loss_and_grads(arrays, h0, cu, cts, op=op, backend="pallas_tpu",
+                                               mode="chunk")
+    (o_ref, final_ref), (grads_ref, dh0_ref) = _loss_and_grads(
+        arrays, h0, cu, cts, op=op, backend="jax", mode="recurrent")
+    assert_close(o, o_ref, OUT_TOL, f"{op} {case} output")
+    assert_close(final, final_ref, OUT_TOL, f"{op} {case} final state")
+    for name, grad, grad_ref in zip(named, grads, grads_ref, strict=True):
+        assert_close(grad, grad_ref, GRAD_TOL, f"{op} {case} d{name}")
+    if h0 is not None:
+        assert_close(dh0, dh0_ref, GRAD_TOL, f"{op} {case} d initial_state")
+
+
+def test_registry_lists_the_backend():
+    for op in (*OPS, "retention", "ssd"):
+        assert KERNEL_REGISTRY[f"{op}:pallas_tpu"].name == "pallas_tpu"
+
+
+def test_needs_a_tpu_or_the_interpreter_switch(monkeypatch, key):
+    monkeypatch.delenv(pallas_tpu.INTERPRET_ENV, raising=False)
+    arrays = SPECS["simple_gla"].make(key, 1, 8, 1, 16, 16)
+    with pytest.raises(NotImplementedError, match=pallas_tpu.INTERPRET_ENV):
+        OP_REGISTRY["simple_gla"](*arrays.values(), mode="chunk", backend="pallas_tpu")
+
+
+def test_automatic_dispatch_takes_it_on_a_tpu_only():
+    kernel = KERNEL_REGISTRY["gated_delta_rule:pallas_tpu"]
+    assert kernel.supports(platform="tpu", dtype=jnp.bfloat16)
+    assert kernel.supports(platform="tpu", dtype=jnp.float32)
+    assert not kernel.supports(platform="tpu", dtype=jnp.float16)
+    assert not kernel.supports(platform="cpu", dtype=jnp.float32)
+    assert not kernel.supports(platform="gpu", dtype=jnp.float32)
+
+
+def test_vmem_budget_is_checked_before_launch(monkeypatch, interpret, key):
+    monkeypatch.setenv(pallas_tpu.VMEM_ENV, str(1 << 20))
+    arrays = SPECS["gla"].make(key, 1, 8, 1, 256, 256)
+    with pytest.raises(pallas_tpu.TpuVmemError, match=r"gla \(B=1, T=8, H=1, K=256, V=256\).*budget of 1.00 MiB"):
+        OP_REGISTRY["gla"](*arrays.values(), mode="chunk", backend="pallas_tpu")
+
+
+def test_bad_chunk_size_names_the_argument(interpret, key):
+    arrays = SPECS["simple_gla"].make(key, 1, 8, 1, 16, 16)
+    with pytest.raises(ValueError, match="chunk_size"):
+        OP_REGISTRY["simple_gla"](*arrays.values(), mode="chunk", backend="pallas_tpu",
+                                  chunk_size=12)
