@@ -5,12 +5,16 @@ step function, run by ``backend="jax", mode="recurrent"``: one jit-safe scan, pa
 sequences included, where ``backend="naive"`` would compile one scan per sequence): the
 output, the final state and the gradient of every input, initial state included.
 
-The interpreter compiles slowly (~4 s per op and shape), so each op runs two calls that fold
-the issue's grid of cases together (``docs/tpu.md``, "Tests"):
+The interpreter compiles slowly (~4 s of CPU per op and shape), so the issue's grid of cases
+is folded into six calls (``docs/tpu.md``, "Tests"):
 
-* packed: ``cu_seqlens`` lengths (0, 1, 63, 70, 129, 1000), head dims 64, with initial
-  states: T = 1, 63 and 1000 as sequences, the packing lengths (0, 1, 70, 129);
-* batch: T = 65 (a chunk and one token), head dims 128, no initial state.
+* packed, every op: ``cu_seqlens`` lengths (0, 1, 63, 65, 70, 129, 1000) with initial
+  states: T = 1, 63, 65 and 1000 as sequences, and the packing lengths (0, 1, 70, 129);
+  head dims 64 (simple_gla, delta_rule) or 128 (gated_delta_rule, gla);
+* batch (no ``cu_seqlens``), T = 65 (one chunk of 64 tokens and one more), no initial
+  state: simple_gla at head dims 128, delta_rule at 64. The batch layout, the zero initial
+  state and the head-dim padding are one code path for every op (``pallas_tpu.py``'s glue
+  and the kernels' ``has_h0`` switch).
 """
 
 from __future__ import annotations
@@ -29,11 +33,12 @@ from tests.op_specs import SPECS
 
 OPS = ("simple_gla", "delta_rule", "gated_delta_rule", "gla")
 OUT_TOL, GRAD_TOL = 1e-4, 1e-3
-PACKED_LENGTHS = (0, 1, 63, 70, 129, 1000)
-CASES = {
-    "packed": dict(lengths=PACKED_LENGTHS, dim=64, h0=True),
-    "batch": dict(lengths=(65,), dim=128, h0=False),
-}
+PACKED_LENGTHS = (0, 1, 63, 65, 70, 129, 1000)
+RUNS = [  # (op, case, head dims)
+    ("simple_gla", "packed", 64), ("delta_rule", "packed", 64),
+    ("gated_delta_rule", "packed", 128), ("gla", "packed", 128),
+    ("simple_gla", "batch", 128), ("delta_rule", "batch", 64),
+]
 
 
 @pytest.fixture
@@ -52,18 +57,17 @@ def _loss_and_grads(arrays, h0, cu, cts, *, op, backend, mode):
     return outs, grads
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("op", OPS)
-def test_matches_reference(op, case, interpret, key):
-    spec = CASES[case]
-    lengths, dim = spec["lengths"], spec["dim"]
-    total, packed = sum(lengths), len(lengths) > 1
+@pytest.mark.parametrize(("op", "case", "dim"), RUNS)
+def test_matches_reference(op, case, dim, interpret, key):
+    packed = case == "packed"
+    lengths = PACKED_LENGTHS if packed else (65,)
+    total = sum(lengths)
     n = len(lengths) if packed else 1
     k1, k2, k3, k4 = jax.random.split(key, 4)
     named = SPECS[op].make(k1, 1, total, 1, dim, dim)
     arrays = tuple(named.values())  # positional order (a dict would be key-sorted by jit)
     cu = jnp.asarray(np.cumsum((0, *lengths)), jnp.int32) if packed else None
-    h0 = jax.random.normal(k2, (n, 1, dim, dim), jnp.float32) if spec["h0"] else None
+    h0 = jax.random.normal(k2, (n, 1, dim, dim), jnp.float32) if packed else None
     cts = (jax.random.normal(k3, (1, total, 1, dim), jnp.float32),
            jax.random.normal(k4, (n, 1, dim, dim), jnp.float32))
     (o, final), (grads, dh0) = _loss_and_grads(arrays, h0, cu, cts, op=op, backend="pallas_tpu",
