@@ -217,7 +217,9 @@ def _iota(length: int) -> tuple[Array, Array]:
 def _chunk_flags(st: TpuStatic, seq_ref, flag_ref, c):
     """``(starts, ends)`` of chunk ``c`` of this program's row: whether it opens / closes its
     sequence (bits 0 / 1 of the flag table)."""
-    r = pl.program_id(0) // st.heads
+    # lax.div / lax.rem, not // and %: jnp's floor division lowers through `sign`, which
+    # Mosaic lowers per TPU generation (and the operands are never negative)
+    r = jax.lax.div(pl.program_id(0), st.heads)
     flag = flag_ref[r * st.n_chunks + c]
     return (flag & 1) == 1, (flag & 2) == 2
 
@@ -424,7 +426,7 @@ def _specs(st: TpuStatic, *, reverse: bool) -> dict[str, Any]:
         return rh, cc(c), 0, 0
 
     def per_seq(rh, c, seq, flag):
-        return seq[(rh // H) * NC + cc(c)], rh % H, 0, 0
+        return seq[jax.lax.div(rh, H) * NC + cc(c)], jax.lax.rem(rh, H), 0, 0
 
     return {
         "k": pl.BlockSpec((None, L, K), token),
