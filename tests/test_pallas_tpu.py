@@ -20,12 +20,14 @@ is folded into six calls (``docs/tpu.md``, "Tests"):
 from __future__ import annotations
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from linearnexus.kernels.base import dispatch
 from linearnexus.kernels.common import pallas_tpu
 from linearnexus.registry import KERNEL_REGISTRY, OP_REGISTRY
 from tests.helpers.parity import assert_close
@@ -94,19 +96,29 @@ def test_needs_a_tpu_or_the_interpreter_switch(monkeypatch, key):
         OP_REGISTRY["simple_gla"](*arrays.values(), mode="chunk", backend="pallas_tpu")
 
 
-def test_automatic_dispatch_takes_it_on_a_tpu_only():
-    kernel = KERNEL_REGISTRY["gated_delta_rule:pallas_tpu"]
-    assert kernel.supports(platform="tpu", dtype=jnp.bfloat16)
-    assert kernel.supports(platform="tpu", dtype=jnp.float32)
-    assert not kernel.supports(platform="tpu", dtype=jnp.float16)
-    assert not kernel.supports(platform="cpu", dtype=jnp.float32)
-    assert not kernel.supports(platform="gpu", dtype=jnp.float32)
+@pytest.mark.parametrize("op", (*OPS, "retention", "ssd"))
+def test_automatic_dispatch_takes_it_on_a_tpu_only(op):
+    """On a TPU backend=None picks pallas_tpu (float32 / bfloat16); elsewhere nothing changes."""
+    api = importlib.import_module(f"linearnexus.kernels.{op}.api")
+    # retention and ssd run through simple_gla's backends and preference order
+    order = getattr(api, "BACKEND_ORDER", None) or importlib.import_module(
+        "linearnexus.kernels.simple_gla.api").BACKEND_ORDER
+
+    def chosen(platform, dtype=jnp.float32):
+        return dispatch(op, api.BACKENDS, order, lambda k: k.name, backend=None, dtype=dtype,
+                        platform=platform)
+
+    assert chosen("tpu") == chosen("tpu", jnp.bfloat16) == "pallas_tpu"
+    assert chosen("tpu", jnp.float16) == chosen("tpu", jnp.float64) == "jax"
+    assert chosen("cpu") == chosen("cpu", jnp.bfloat16) == "jax"
+    assert chosen("gpu") == "pallas"
 
 
 def test_vmem_budget_is_checked_before_launch(monkeypatch, interpret, key):
     monkeypatch.setenv(pallas_tpu.VMEM_ENV, str(1 << 20))
     arrays = SPECS["gla"].make(key, 1, 8, 1, 256, 256)
-    with pytest.raises(pallas_tpu.TpuVmemError, match=r"gla \(B=1, T=8, H=1, K=256, V=256\).*budget of 1.00 MiB"):
+    expected = r"gla \(B=1, T=8, H=1, K=256, V=256\).*budget of 1.00 MiB"
+    with pytest.raises(pallas_tpu.TpuVmemError, match=expected):
         OP_REGISTRY["gla"](*arrays.values(), mode="chunk", backend="pallas_tpu")
 
 

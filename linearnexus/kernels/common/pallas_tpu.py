@@ -780,6 +780,8 @@ class PallasTpuKernel:
     """
 
     name = "pallas_tpu"
+    #: shown next to the backend in the README's feature table (``linearnexus.tools.features``)
+    status = "TPU: verified in interpret mode; not yet timed on hardware"
 
     def __init__(self, chunked, recurrent) -> None:
         self.chunked = chunked
