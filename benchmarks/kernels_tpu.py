@@ -19,6 +19,10 @@ On a CPU, ``--quick`` runs the same checks through Pallas's TPU interpreter
 1e-3) and bf16, and lowers every op's fwd+bwd for a TPU with ``jax.export`` (the Mosaic
 lowering, without a TPU); its times are the interpreter's and say nothing about a TPU.
 
+``--roofline`` prints the roofline ESTIMATE of ``docs/tpu.md`` (no device needed): per op,
+shape and direction, the MXU FLOPs and HBM bytes of the kernels (:func:`cost`), and
+``max(FLOPs / peak bf16 rate, bytes / HBM bandwidth)`` for the chips in :data:`CHIPS`.
+
 Writes ``<out>/kernels_tpu.json`` (default ``benchmarks/results``).
 """
 
@@ -48,6 +52,67 @@ OPS = ("simple_gla", "gla", "delta_rule", "gated_delta_rule")
 SHAPES = ((8, 2048, 16, 128), (2, 8192, 16, 128), (4, 4096, 8, 256))
 QUICK_SHAPE = (1, 200, 2, 64)
 TOL = {"bfloat16": (5e-3, 1e-2), "float32": (1e-4, 1e-3)}
+#: published per-chip peak bf16 FLOP/s and HBM bytes/s (Google Cloud TPU docs, cited in
+#: docs/tpu.md): v5e 197 TFLOP/s, 819 GB/s; v5p 459 TFLOP/s, 2765 GB/s; v6e 918 TFLOP/s,
+#: 1638 GB/s
+CHIPS = {"v5e": (197e12, 819e9), "v5p": (459e12, 2765e9), "v6e": (918e12, 1638e9)}
+
+
+def cost(op: str, direction: str, L: int, K: int, V: int) -> tuple[float, float]:
+    """``(MXU FLOPs, HBM bytes)`` per token and head of the kernels (bf16 inputs, float32
+    gates and states), with K, V the lane-padded head dims and L the chunk.
+
+    Forward per chunk: ``q k^T`` (2 L^2 K), ``scores vn`` (2 L^2 V), ``(q e^b) S`` and
+    ``k_end^T vn`` (2 L K V each); the delta rules add ``w S`` (2 L K V) and the WY form in
+    XLA (``k k^T`` 2 L^2 K, the triangular inverse ~2 L^3 / 3, ``w``, ``u`` 2 L^2 (K + V); its
+    backward counted as twice that). Backward per chunk: ``q k^T`` again, ``P^T do`` and
+    ``do vn^T`` (2 L^2 V each), ``dA k`` and ``dA^T q`` (2 L^2 K each), four ``[L, K] x [K, V]``
+    products (8 L K V), the delta rules' ``w^T dvn`` and ``dvn S^T`` (4 L K V), and the scalar
+    gate's two in-chunk sums as ``[L, L] x [L, 128]`` matmuls (4 L^2 128). GLA's in-chunk
+    scores run on the VPU (a per-key decay), so only its other matmuls count here.
+    Bytes: every operand block read once and every result written once, plus the float32
+    per-chunk states (4 K V / L per token, written forward, read backward).
+    """
+    delta, gla = "delta" in op, op == "gla"
+    fwd = direction == "fwd"
+    if gla:
+        flops = 2 * L * V + 4 * K * V if fwd else 2 * L * (2 * V + K) + 10 * K * V
+    else:
+        flops = 2 * L * (K + V) + 4 * K * V if fwd else L * (6 * K + 4 * V) + 8 * K * V
+        if op in ("simple_gla", "gated_delta_rule") and not fwd:
+            flops += 4 * L * 128
+    if delta:
+        wy = 2 * L * K + 2 * L * L / 3 + 2 * L * (K + V)
+        flops += (2 * K * V + wy) if fwd else (4 * K * V + 2 * wy)
+    gate_bytes = {"simple_gla": 8, "gated_delta_rule": 8, "delta_rule": 0, "gla": 4 * K}[op]
+    states = 4 * K * V / L
+    if fwd:
+        nbytes = 2 * (2 * K + V) + gate_bytes + 2 * V + states
+        if delta:  # w read, vn written; the WY form reads k, v, beta and writes w, u
+            nbytes += 2 * K + 2 * V + 2 * (K + V) + 4 + 2 * (K + V)
+    else:
+        nbytes = 2 * (2 * K + 2 * V) + gate_bytes + states + 2 * (2 * K + V) + gate_bytes
+        if delta:  # w, dw, and the WY backward (about twice its forward traffic)
+            nbytes += 4 * K + 4 * (2 * (K + V) + 4 + 2 * (K + V))
+    return flops, nbytes
+
+
+def roofline(shapes, chunk: int = 128) -> list[dict]:
+    """The estimate per op, shape, direction and chip (milliseconds; see :func:`cost`)."""
+    rows = []
+    for op in OPS:
+        for B, T, H, D in shapes:
+            K = V = -(-D // 128) * 128
+            n = B * T * H
+            for direction in ("fwd", "bwd"):
+                flops, nbytes = cost(op, direction, chunk, K, V)
+                row = {"op": op, "shape": [B, T, H, D], "direction": direction,
+                       "GFLOP": n * flops / 1e9, "GB": n * nbytes / 1e9}
+                for chip, (peak, bw) in CHIPS.items():
+                    t_mxu, t_hbm = n * flops / peak, n * nbytes / bw
+                    row[chip] = (1e3 * max(t_mxu, t_hbm), "MXU" if t_mxu > t_hbm else "HBM")
+                rows.append(row)
+    return rows
 
 
 def make_inputs(op: str, shape: tuple[int, int, int, int], dtype, seed: int = 0) -> dict:
@@ -161,8 +226,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--quick", action="store_true",
                         help="CPU: the TPU interpreter at one small shape, plus TPU lowering")
+    parser.add_argument("--roofline", action="store_true",
+                        help="print the roofline estimate (docs/tpu.md) and exit")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
+    if args.roofline:
+        print("| op | (B, T, H, D) | pass | GFLOP (MXU) | GB (HBM) | "
+              + " | ".join(f"{c} ms (bound)" for c in CHIPS) + " |")
+        print("| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in CHIPS) + " |")
+        for r in roofline([SHAPES[i] for i in (args.shapes or range(len(SHAPES)))]):
+            print(f"| {r['op']} | {tuple(r['shape'])} | {r['direction']} | {r['GFLOP']:.0f} | "
+                  f"{r['GB']:.2f} | " + " | ".join(f"{r[c][0]:.2f} ({r[c][1]})" for c in CHIPS)
+                  + " |")
+        return
     on_tpu = jax.default_backend() == "tpu"
     if args.quick:
         os.environ[pallas_tpu.INTERPRET_ENV] = "1"

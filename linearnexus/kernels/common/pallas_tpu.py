@@ -382,7 +382,7 @@ def _bwd_kernel(seq_ref, flag_ref, *refs, st: TpuStatic, names: tuple[str, ...])
         r["dw"][...] = (-_dot(dvn.astype(dt), S.astype(dt), tb=True)).astype(r["dw"].dtype)
     if st.gate == "scalar":
         # the module doc's grouping: per-token terms summed from t on, state terms before t
-        p = jnp.where(row > col, dP * gamma * _dot(q, k, tb=True), 0.0)  # [L, L]
+        p = jnp.where(row > col, dP * scores, 0.0)  # [L, L]: dA_ij (q_i . k_j) e^{b_i - b_j}
         term = (jnp.sum(qf * dq_state, axis=1, keepdims=True) + jnp.sum(p, axis=1, keepdims=True)
                 - jnp.sum(p.T, axis=1, keepdims=True))  # [L, 1]
         kdk = jnp.sum(kf * dk_state, axis=1, keepdims=True)  # [L, 1]
