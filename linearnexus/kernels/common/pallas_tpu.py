@@ -176,8 +176,8 @@ def vmem_bytes(st: TpuStatic, itemsize: int) -> dict[str, int]:
         "[L, L] temporaries": 6 * _tile_bytes((L, L), 4),
         "[L, D] temporaries": 8 * _tile_bytes((L, max(K, V)), 4),
     }
-    if kg:  # the per-key decay of one block of rows: [L, L, K] float32 at most 16 rows at a time
-        parts["[16, L, K] decay"] = 2 * 16 * _tile_bytes((L, K), 4)
+    if kg:  # the per-key decay, 16 query rows at a time: up to 4 live [16, L, K] float32 arrays
+        parts["[16, L, K] decay"] = 4 * 16 * _tile_bytes((L, K), 4)
     return parts
 
 
