@@ -167,8 +167,8 @@ def vmem_bytes(st: TpuStatic, itemsize: int) -> dict[str, int]:
     token_blocks += (2 + st.delta) * _tile_bytes((L, K), itemsize) + _tile_bytes((L, V), itemsize)
     if st.gate == "scalar":
         token_blocks += 2 * _tile_bytes((L, 1), 4) + _tile_bytes((1, L), 4)
-    elif kg:
-        token_blocks += 2 * _tile_bytes((L, K), 4)
+    elif kg:  # b (read), dg (written), the chunk's last sums [K, 1]
+        token_blocks += 2 * _tile_bytes((L, K), 4) + _tile_bytes((K, 1), 4)
     state_blocks = 3 * _tile_bytes((K, V), 4)
     parts = {
         "blocks (x2, double-buffered)": 2 * (token_blocks + state_blocks),
@@ -323,8 +323,7 @@ def _fwd_kernel(seq_ref, flag_ref, *refs, st: TpuStatic, names: tuple[str, ...])
     o = _dot((q.astype(F32) * e_b).astype(dt), S.astype(dt)) + _dot(scores.astype(dt), vn.astype(dt))
     r["o"][...] = (o * st.scale).astype(r["o"].dtype)
     k_end = (k.astype(F32) * e_end).astype(dt)  # [L, K] k_j e^{b_L - b_j}
-    # e_last is [1, 1] (scalar gate) or [1, K] (per key): the state's rows decay by it
-    decay_rows = e_last.reshape(-1, 1) if st.gate == "key" else e_last
+    decay_rows = jnp.exp(r["bl"][...]) if st.gate == "key" else e_last  # [K, 1] or [1, 1]
     S_new = S * decay_rows + _dot(k_end, vn.astype(dt), ta=True)
     state_ref[...] = S_new
 
@@ -375,7 +374,7 @@ def _bwd_kernel(seq_ref, flag_ref, *refs, st: TpuStatic, names: tuple[str, ...])
         dk = dk_state + _dot(da.astype(dt), q, ta=True)
     r["dq"][...] = dq.astype(r["dq"].dtype)
     r["dk"][...] = dk.astype(r["dk"].dtype)
-    decay_rows = e_last.reshape(-1, 1) if st.gate == "key" else e_last
+    decay_rows = jnp.exp(r["bl"][...]) if st.gate == "key" else e_last  # [K, 1] or [1, 1]
     dS_prev = _dot(q_start, do, ta=True) * st.scale + dSn * decay_rows
     if st.delta:
         dS_prev = dS_prev - _dot(r["w"][...], dvn.astype(dt), ta=True)
@@ -397,8 +396,10 @@ def _bwd_kernel(seq_ref, flag_ref, *refs, st: TpuStatic, names: tuple[str, ...])
         # per key dim d: dg_td = sum_{i >= t} db_id + e^{b_Ld} <S_d, dS'_d> (rows of the state),
         # with db the gradient of the in-chunk sums b (module doc, per key dim)
         db = qf * dq_state + db_intra - kf * dk_state  # [L, K]
-        db_last = jnp.sum(S * dSn, axis=1).reshape(1, -1) * e_last + jnp.sum(kf * dk_state, axis=0,
-                                                                             keepdims=True)
+        # <S_d, dS'_d> per key dim d as a row: a ones [8, V] x (S * dS')^T product on the MXU
+        # rather than a lane reduction reshaped from a column into a row
+        carried = _dot(jnp.ones((SUBLANE, st.value_dim), F32), S * dSn, tb=True)[:1]  # [1, K]
+        db_last = carried * e_last + jnp.sum(kf * dk_state, axis=0, keepdims=True)
         upper = (col >= row).astype(F32)
         r["dg"][...] = _dot(upper, db) + db_last  # [L, K]
     dS_ref[...] = dS_prev
@@ -415,6 +416,7 @@ def _bwd_kernel(seq_ref, flag_ref, *refs, st: TpuStatic, names: tuple[str, ...])
 def _specs(st: TpuStatic, *, reverse: bool) -> dict[str, Any]:
     """Block specs by operand kind; ``reverse`` visits the chunks last to first."""
     L, K, V, H, NC = st.chunk, st.key_dim, st.value_dim, st.heads, st.n_chunks
+    sq = pl.squeezed  # a block dim of 1 the kernel does not see
 
     def cc(c):
         return NC - 1 - c if reverse else c
@@ -429,12 +431,13 @@ def _specs(st: TpuStatic, *, reverse: bool) -> dict[str, Any]:
         return seq[jax.lax.div(rh, H) * NC + cc(c)], jax.lax.rem(rh, H), 0, 0
 
     return {
-        "k": pl.BlockSpec((None, L, K), token),
-        "v": pl.BlockSpec((None, L, V), token),
-        "col": pl.BlockSpec((None, L, 1), token),
-        "row": pl.BlockSpec((None, None, 1, L), per_chunk),
-        "chunk_state": pl.BlockSpec((None, None, K, V), per_chunk),
-        "seq_state": pl.BlockSpec((None, None, K, V), per_seq),
+        "k": pl.BlockSpec((sq, L, K), token),
+        "v": pl.BlockSpec((sq, L, V), token),
+        "col": pl.BlockSpec((sq, L, 1), token),
+        "row": pl.BlockSpec((sq, sq, 1, L), per_chunk),
+        "key_col": pl.BlockSpec((sq, sq, K, 1), per_chunk),
+        "chunk_state": pl.BlockSpec((sq, sq, K, V), per_chunk),
+        "seq_state": pl.BlockSpec((sq, sq, K, V), per_seq),
     }
 
 
@@ -477,8 +480,9 @@ def _gate_inputs(st: TpuStatic, b: Array | None) -> list[tuple[str, str, Array |
         RH = st.rows * st.heads
         return [("bc", "col", b[..., None]),  # [RH, TP] -> [RH, TP, 1]
                 ("br", "row", b.reshape(RH, st.n_chunks, 1, st.chunk))]  # -> [RH, NC, 1, L]
-    if st.gate == "key":
-        return [("bc", "k", b)]
+    if st.gate == "key":  # and the chunk's last sums as a column, to decay the state's rows
+        last = b.reshape(b.shape[0], st.n_chunks, st.chunk, -1)[:, :, -1, :, None]  # [RH, NC, K, 1]
+        return [("bc", "k", b), ("bl", "key_col", last)]
     return []
 
 
