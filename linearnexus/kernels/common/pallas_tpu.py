@@ -176,8 +176,9 @@ def vmem_bytes(st: TpuStatic, itemsize: int) -> dict[str, int]:
         "[L, L] temporaries": 6 * _tile_bytes((L, L), 4),
         "[L, D] temporaries": 8 * _tile_bytes((L, max(K, V)), 4),
     }
-    if kg:  # the per-key decay, 16 query rows at a time: up to 4 live [16, L, K] float32 arrays
-        parts["[16, L, K] decay"] = 4 * 16 * _tile_bytes((L, K), 4)
+    if kg:  # GLA's diagonal blocks: up to 4 live [16, 16, K] float32 arrays, and the split
+        # decays of the keys ([L, K] x 2)
+        parts["GLA sub-chunk temporaries"] = 4 * 16 * _tile_bytes((16, K), 4) + 2 * _tile_bytes((L, K), 4)
     return parts
 
 
@@ -244,52 +245,99 @@ def _decays(st: TpuStatic, bc_ref, br_ref):
     return jnp.exp(b), jnp.exp(b_last - b), jnp.exp(b_last), None
 
 
-def _key_scores(st: TpuStatic, q: Array, k: Array, bc_ref) -> Array:
-    """GLA's intra-chunk scores ``A_ij = sum_d q_id k_jd exp(b_id - b_jd)`` for ``j <= i``.
+def _sub(st: TpuStatic) -> int:
+    """GLA's sub-chunk: 16 tokens (8 when the chunk is not a multiple of 16)."""
+    return 16 if st.chunk % 16 == 0 else SUBLANE
 
-    Each exponent is formed as a difference and masked before ``exp`` (so nothing
-    overflows, unlike ``(q e^b)(k e^{-b})^T``), 16 query rows at a time: a
-    ``[16, L, K]`` float32 block, a VPU product and a lane reduction, not an MXU matmul."""
-    L = st.chunk
+
+def _key_blocks(st: TpuStatic, q: Array, k: Array, b: Array, i0: int):
+    """The factors of GLA's scores for the query rows ``[i0, i0 + c)`` of the chunk.
+
+    Off the diagonal block (keys ``j < i0``) the decay splits at the sub-chunk's first token:
+    ``exp(b_i - b_j) = exp(b_i - b_i0) exp(b_i0 - b_j)``, both factors <= 1, so
+    ``A = q_t k_t^T`` is one MXU matmul with nothing overflowing. Inside the diagonal block
+    the decay is formed exactly per key dim (a ``[c, c, K]`` array), as masked differences.
+
+    Returns ``(q_t [c, K], e_q [c, K], k_t [L, K], e_k [L, K], decay [c, c, K], place
+    [c, L])``; ``place`` moves a ``[c, c]`` block to columns ``[i0, i0 + c)`` by a matmul
+    (exact for float32 at full precision; no lane-unaligned concatenation)."""
+    L, c = st.chunk, _sub(st)
+    b_i = b[i0:i0 + c]  # [c, K]
+    b_0 = b[i0:i0 + 1]  # [1, K]
+    e_q = jnp.exp(b_i - b_0)
+    q_t = q[i0:i0 + c] * e_q
+    j = jax.lax.broadcasted_iota(jnp.int32, (L, 1), 0)
+    e_k = jnp.exp(jnp.where(j < i0, b_0 - b, -jnp.inf))  # [L, K]: 0 from row i0 on
+    k_t = k * e_k
+    ii = jax.lax.broadcasted_iota(jnp.int32, (c, c, 1), 0)
+    jj = jax.lax.broadcasted_iota(jnp.int32, (c, c, 1), 1)
+    decay = jnp.exp(jnp.where(ii >= jj, b_i[:, None, :] - b_i[None, :, :], -jnp.inf))
+    place = (jax.lax.broadcasted_iota(jnp.int32, (c, L), 1)
+             == i0 + jax.lax.broadcasted_iota(jnp.int32, (c, L), 0)).astype(F32)
+    return q_t, e_q, k_t, e_k, decay, place
+
+
+def _key_scores(st: TpuStatic, q: Array, k: Array, bc_ref) -> Array:
+    """GLA's in-chunk scores ``A_ij = sum_d q_id k_jd exp(b_id - b_jd)`` for ``j <= i``, one
+    ``[c, L]`` block of query rows at a time (:func:`_key_blocks`): ``[L, L]`` float32."""
+    L, c = st.chunk, _sub(st)
     b = bc_ref[...]  # [L, K]
     qf, kf = q.astype(F32), k.astype(F32)
+    dt = q.dtype
     blocks = []
-    sub = min(16, L)
-    col = jax.lax.broadcasted_iota(jnp.int32, (sub, L, 1), 1)
-    for i0 in range(0, L, sub):
-        row = i0 + jax.lax.broadcasted_iota(jnp.int32, (sub, L, 1), 0)
-        diff = b[i0:i0 + sub][:, None, :] - b[None, :, :]  # [16, L, K]
-        decay = jnp.exp(jnp.where(row >= col, diff, -jnp.inf))
-        blocks.append(jnp.sum(qf[i0:i0 + sub][:, None, :] * kf[None, :, :] * decay, axis=2))
+    for i0 in range(0, L, c):
+        q_t, _, k_t, _, decay, place = _key_blocks(st, qf, kf, b, i0)
+        q_i, k_i = qf[i0:i0 + c], kf[i0:i0 + c]
+        diag = jnp.sum(q_i[:, None, :] * k_i[None, :, :] * decay, axis=2)  # [c, c]
+        block = _dot(diag, place)  # [c, L]
+        if i0:
+            block = block + _dot(q_t.astype(dt), k_t.astype(dt), tb=True)
+        blocks.append(block)
     return jnp.concatenate(blocks, axis=0)  # [L, L]
 
 
 def _key_score_grads(st: TpuStatic, q: Array, k: Array, da: Array, bc_ref):
     """Gradients of :func:`_key_scores` for the cotangent ``da [L, L]`` (causal): ``(dq [L, K],
-    dk [L, K], db [L, K])``; ``db`` is the gradient of the in-chunk sums ``b`` (the i == j
-    terms cancel and are left out)."""
-    L = st.chunk
+    dk [L, K], db [L, K])``, ``db`` the gradient of the in-chunk sums ``b``.
+
+    Off the diagonal block, ``q_t = q e^{b - b_i0}`` and ``k_t = k e^{b_i0 - b}`` give
+    ``db_i += q_t.dq_t``, ``db_j -= k_t.dk_t`` and the split point ``b_i0`` the difference of
+    their sums. Inside it the pairs ``i > j`` give ``+`` to ``b_i`` and ``-`` to ``b_j`` (the
+    ``i == j`` terms cancel exactly and are left out)."""
+    L, c = st.chunk, _sub(st)
     b = bc_ref[...]
     qf, kf = q.astype(F32), k.astype(F32)
-    sub = min(16, L)
-    col = jax.lax.broadcasted_iota(jnp.int32, (sub, L, 1), 1)
-    dq_blocks, db_q_blocks = [], []
+    dt = q.dtype
+    rows = jax.lax.broadcasted_iota(jnp.int32, (L, 1), 0)
+    ii = jax.lax.broadcasted_iota(jnp.int32, (c, c, 1), 0)
+    jj = jax.lax.broadcasted_iota(jnp.int32, (c, c, 1), 1)
     dk = jnp.zeros_like(kf)
-    for i0 in range(0, L, sub):
-        row = i0 + jax.lax.broadcasted_iota(jnp.int32, (sub, L, 1), 0)
-        diff = b[i0:i0 + sub][:, None, :] - b[None, :, :]  # [16, L, K]
-        decay = jnp.exp(jnp.where(row >= col, diff, -jnp.inf))
-        wgt = da[i0:i0 + sub][:, :, None] * decay  # [16, L, K]
-        dq_blocks.append(jnp.sum(wgt * kf[None, :, :], axis=1))  # [16, K]
-        dk = dk + jnp.sum(wgt * qf[i0:i0 + sub][:, None, :], axis=0)  # [L, K]
-        # d/db_i of exp(b_i - b_j) is +, d/db_j is -: the product term, strictly below the diagonal
-        term = jnp.where(row > col, wgt * qf[i0:i0 + sub][:, None, :] * kf[None, :, :], 0.0)
-        db_q_blocks.append(jnp.sum(term, axis=1))  # [16, K], for b_i
-        if i0 == 0:
-            db_k = -jnp.sum(term, axis=0)  # [L, K], for b_j
-        else:
-            db_k = db_k - jnp.sum(term, axis=0)
-    return jnp.concatenate(dq_blocks, axis=0), dk, jnp.concatenate(db_q_blocks, axis=0) + db_k
+    db = jnp.zeros_like(kf)
+    dq_blocks, dk_blocks, db_blocks = [], [], []
+    for i0 in range(0, L, c):
+        q_t, e_q, k_t, e_k, decay, place = _key_blocks(st, qf, kf, b, i0)
+        q_i, k_i = qf[i0:i0 + c], kf[i0:i0 + c]
+        da_i = da[i0:i0 + c]  # [c, L]
+        # the diagonal block, exactly per key dim
+        wgt = _dot(da_i, place, tb=True)[:, :, None] * decay  # [c, c, K]
+        dq_i = jnp.sum(wgt * k_i[None, :, :], axis=1)  # [c, K]
+        dk_blocks.append(jnp.sum(wgt * q_i[:, None, :], axis=0))  # [c, K]
+        term = jnp.where(ii > jj, wgt * q_i[:, None, :] * k_i[None, :, :], 0.0)
+        db_i = jnp.sum(term, axis=1) - jnp.sum(term, axis=0)  # [c, K]
+        if i0:  # the keys before the sub-chunk, through the split decay
+            dq_t = _dot(da_i.astype(dt), k_t.astype(dt))  # [c, K]
+            dk_t = _dot(da_i.astype(dt), q_t.astype(dt), ta=True)  # [L, K]
+            dq_i = dq_i + dq_t * e_q
+            dk = dk + dk_t * e_k
+            t_q, t_k = q_t * dq_t, k_t * dk_t
+            db_i = db_i + t_q
+            split = jnp.sum(t_k, axis=0, keepdims=True) - jnp.sum(t_q, axis=0, keepdims=True)
+            db = db - t_k + jnp.where(rows == i0, split, 0.0)  # [L, K]
+        dq_blocks.append(dq_i)
+        db_blocks.append(db_i)
+    dq = jnp.concatenate(dq_blocks, axis=0)
+    dk = dk + jnp.concatenate(dk_blocks, axis=0)
+    return dq, dk, db + jnp.concatenate(db_blocks, axis=0)
 
 
 # ----------------------------------------------------------------------------- kernels
