@@ -69,14 +69,15 @@ def cost(op: str, direction: str, L: int, K: int, V: int) -> tuple[float, float]
     ``do vn^T`` (2 L^2 V each), ``dA k`` and ``dA^T q`` (2 L^2 K each), four ``[L, K] x [K, V]``
     products (8 L K V), the delta rules' ``w^T dvn`` and ``dvn S^T`` (4 L K V), and the scalar
     gate's two in-chunk sums as ``[L, L] x [L, 128]`` matmuls (4 L^2 128). GLA's in-chunk
-    scores run on the VPU (a per-key decay), so only its other matmuls count here.
+    scores off the 16-token diagonal blocks are MXU matmuls (split decay); its diagonal
+    blocks run on the VPU and are not counted here.
     Bytes: every operand block read once and every result written once, plus the float32
     per-chunk states (4 K V / L per token, written forward, read backward).
     """
     delta, gla = "delta" in op, op == "gla"
     fwd = direction == "fwd"
-    if gla:
-        flops = 2 * L * V + 4 * K * V if fwd else 2 * L * (2 * V + K) + 10 * K * V
+    if gla:  # the split-decay scores q_t k_t^T (2 L K) and their two gradients (4 L K)
+        flops = 2 * L * (K + V) + 4 * K * V if fwd else 2 * L * (2 * V + 3 * K) + 10 * K * V
     else:
         flops = 2 * L * (K + V) + 4 * K * V if fwd else L * (6 * K + 4 * V) + 8 * K * V
         if op in ("simple_gla", "gated_delta_rule") and not fwd:
