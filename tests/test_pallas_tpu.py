@@ -43,9 +43,14 @@ RUNS = [  # (op, case, head dims)
 ]
 
 
+ON_TPU = jax.default_backend() == "tpu"
+
+
 @pytest.fixture
 def interpret(monkeypatch):
-    monkeypatch.setenv(pallas_tpu.INTERPRET_ENV, "1")
+    """The TPU interpreter off a TPU; on a TPU the kernels run compiled."""
+    if not ON_TPU:
+        monkeypatch.setenv(pallas_tpu.INTERPRET_ENV, "1")
 
 
 @functools.partial(jax.jit, static_argnames=("op", "backend", "mode"))
@@ -89,6 +94,7 @@ def test_registry_lists_the_backend():
         assert KERNEL_REGISTRY[f"{op}:pallas_tpu"].name == "pallas_tpu"
 
 
+@pytest.mark.skipif(ON_TPU, reason="on a TPU the kernels run without the switch")
 def test_needs_a_tpu_or_the_interpreter_switch(monkeypatch, key):
     monkeypatch.delenv(pallas_tpu.INTERPRET_ENV, raising=False)
     arrays = SPECS["simple_gla"].make(key, 1, 8, 1, 16, 16)
