@@ -684,44 +684,52 @@ def tpu_layout_info(plan) -> tuple[Array, Array]:
     return seq_info.reshape(-1), flags.reshape(-1)
 
 
-def run_tpu_core(op: str, q: Array, k: Array, v: Array, w: Array | None, g: Array | None, *,
-                 gate: str, delta: bool, scale: float, initial_state: Array | None, plan,
-                 n_seqs: int, key_dim: int, value_dim: int) -> tuple[Array, Array]:
-    """Check VMEM, launch :func:`tpu_core` on inputs already in the TPU layout, return
-    ``(o [B, T, H, V], final [N, H, K, V] float32)``.
+def run_tpu_core(st: TpuStatic, limit: int, q: Array, k: Array, v: Array, w: Array | None,
+                 g: Array | None, *, initial_state: Array | None, plan, key_dim: int,
+                 value_dim: int) -> tuple[Array, Array]:
+    """Launch :func:`tpu_core` on inputs already in the TPU layout (VMEM already checked by
+    :func:`_prepare`); return ``(o [B, T, H, V], final [N, H, K, V] float32)``.
 
     Args:
         q, k, w: ``[RH, TP, Kp]``; v: ``[RH, TP, Vp]``; g: ``[RH, TP(, Kp)]`` float32 or None.
         plan: the chunk plan; key_dim / value_dim: the unpadded K and V.
     """
-    heads = q.shape[0] // plan.rows
-    kp, vp = q.shape[2], v.shape[2]
     h0 = initial_state
     if h0 is not None:
-        h0 = jnp.pad(h0.astype(F32), [(0, 0), (0, 0), (0, kp - key_dim), (0, vp - value_dim)])
-    st = TpuStatic(gate=gate, delta=delta, has_h0=h0 is not None, scale=float(scale),
-                   rows=plan.rows, heads=heads, n_chunks=plan.n_chunks, chunk=plan.chunk,
-                   key_dim=kp, value_dim=vp, n_seqs=n_seqs, interpret=run_mode())
-    shape_desc = f"{op} (B={plan.batch}, T={plan.seq}, H={heads}, K={key_dim}, V={value_dim})"
-    limit = check_vmem(st, jnp.dtype(q.dtype).itemsize, shape_desc)
+        h0 = jnp.pad(h0.astype(F32), [(0, 0), (0, 0), (0, st.key_dim - key_dim),
+                                      (0, st.value_dim - value_dim)])
     seq_info, flags = tpu_layout_info(plan)
     o, final = tpu_core(st, limit, q, k, v, w, g, h0, seq_info, flags)
-    return from_tpu_layout(o, plan, heads, value_dim), final[:, :, :key_dim, :value_dim]
+    return from_tpu_layout(o, plan, st.heads, value_dim), final[:, :, :key_dim, :value_dim]
 
 
-def _prepare(op: str, q: Array, k: Array, v: Array, chunk_size: int | None,
-             cu_seqlens: Array | None):
-    """``(plan, dtype, Kp, Vp, n_seqs, q, k, v in the TPU layout)``."""
+def _prepare(op: str, q: Array, k: Array, v: Array, *, gate: str, delta: bool, scale: float,
+             initial_state: Array | None, chunk_size: int | None, cu_seqlens: Array | None):
+    """The static description, its VMEM check (before any layout work or launch), and q, k,
+    v in the TPU layout: ``(st, vmem_limit, plan, dtype, qt, kt, vt)``.
+
+    Raises:
+        NotImplementedError: not on a TPU without the interpreter switch.
+        TpuVmemError: the call does not fit the VMEM budget.
+    """
     from linearnexus.kernels.common.chunking import plan_chunks
 
-    batch, seq = q.shape[:2]
-    plan = plan_chunks(batch, seq, resolve_chunk(chunk_size), cu_seqlens)
+    interpret = run_mode()
+    batch, seq, heads, key_dim = q.shape
+    value_dim = v.shape[3]
+    chunk = resolve_chunk(chunk_size)
     dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
-    kp, vp = round_up(q.shape[3], LANE), round_up(v.shape[3], LANE)
+    kp, vp = round_up(key_dim, LANE), round_up(value_dim, LANE)
     n_seqs = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    plan = plan_chunks(batch, seq, chunk, cu_seqlens)
+    st = TpuStatic(gate=gate, delta=delta, has_h0=initial_state is not None, scale=float(scale),
+                   rows=plan.rows, heads=heads, n_chunks=plan.n_chunks, chunk=chunk,
+                   key_dim=kp, value_dim=vp, n_seqs=n_seqs, interpret=interpret)
+    shape_desc = f"{op} (B={batch}, T={seq}, H={heads}, K={key_dim}, V={value_dim})"
+    limit = check_vmem(st, jnp.dtype(dtype).itemsize, shape_desc)
     qt, kt = (to_tpu_layout(x.astype(dtype), plan, kp) for x in (q, k))
     vt = to_tpu_layout(v.astype(dtype), plan, vp)
-    return plan, dtype, kp, vp, n_seqs, qt, kt, vt
+    return st, limit, plan, dtype, qt, kt, vt
 
 
 def gated_attention_tpu(op: str, q: Array, k: Array, v: Array, g: Array | None, *, gate: str,
@@ -747,15 +755,14 @@ def gated_attention_tpu(op: str, q: Array, k: Array, v: Array, g: Array | None, 
     from linearnexus.kernels.common.pallas_ops import floor_log_gate
 
     check_tpu_dtype(op, q, k, v)
-    interpret = run_mode()  # refuse before any layout work
-    del interpret
-    plan, _, kp, vp, n_seqs, qt, kt, vt = _prepare(op, q, k, v, chunk_size, cu_seqlens)
+    st, limit, plan, _, qt, kt, vt = _prepare(
+        op, q, k, v, gate="none" if g is None else gate, delta=False, scale=scale,
+        initial_state=initial_state, chunk_size=chunk_size, cu_seqlens=cu_seqlens)
     gt = None
     if g is not None:
-        gt = to_tpu_layout(floor_log_gate(g), plan, kp if gate == "key" else None)
-    o, final = run_tpu_core(op, qt, kt, vt, None, gt, gate="none" if g is None else gate,
-                            delta=False, scale=scale, initial_state=initial_state, plan=plan,
-                            n_seqs=n_seqs, key_dim=q.shape[3], value_dim=v.shape[3])
+        gt = to_tpu_layout(floor_log_gate(g), plan, st.key_dim if gate == "key" else None)
+    o, final = run_tpu_core(st, limit, qt, kt, vt, None, gt, initial_state=initial_state,
+                            plan=plan, key_dim=q.shape[3], value_dim=v.shape[3])
     return o.astype(v.dtype), final
 
 
@@ -801,8 +808,10 @@ def delta_rule_tpu(op: str, q: Array, k: Array, v: Array, beta: Array, g: Array 
     from linearnexus.kernels.common.pallas_ops import floor_log_gate
 
     check_tpu_dtype(op, q, k, v, beta, g)
-    run_mode()
-    plan, dtype, kp, vp, n_seqs, qt, kt, vt = _prepare(op, q, k, v, chunk_size, cu_seqlens)
+    st, limit, plan, dtype, qt, kt, vt = _prepare(
+        op, q, k, v, gate="none" if g is None else "scalar", delta=True, scale=scale,
+        initial_state=initial_state, chunk_size=chunk_size, cu_seqlens=cu_seqlens)
+    kp, vp = st.key_dim, st.value_dim
     RH, TP = qt.shape[:2]
     NC, L = plan.n_chunks, plan.chunk
     gt = None if g is None else to_tpu_layout(floor_log_gate(g), plan, None)  # [RH, TP]
@@ -811,9 +820,8 @@ def delta_rule_tpu(op: str, q: Array, k: Array, v: Array, beta: Array, g: Array 
                betat.reshape(RH, NC, L, 1), None if gt is None else gt.reshape(RH, NC, L))
     w = w.reshape(RH, TP, kp).astype(dtype)  # [RH, NC, L, Kp] -> [RH, TP, Kp]
     u = u.reshape(RH, TP, vp).astype(dtype)
-    o, final = run_tpu_core(op, qt, kt, u, w, gt, gate="none" if g is None else "scalar",
-                            delta=True, scale=scale, initial_state=initial_state, plan=plan,
-                            n_seqs=n_seqs, key_dim=q.shape[3], value_dim=v.shape[3])
+    o, final = run_tpu_core(st, limit, qt, kt, u, w, gt, initial_state=initial_state,
+                            plan=plan, key_dim=q.shape[3], value_dim=v.shape[3])
     return o.astype(v.dtype), final
 
 
