@@ -33,6 +33,13 @@ pair of large terms that cancel):
 ``dg_t = sum_{i >= t} [q_i.dq_i(state) + sum_{j<i} P_ij - sum_{l>i} P_li]
 + e^{b_L} <S, dS'> + sum_{j<t} k_j.dk_j(state)``, ``P_ij = dA_ij (q_i . k_j)``.
 
+GLA's in-chunk scores (a decay per key dim) go by 16-token query sub-chunks
+(:func:`_key_blocks`): keys before the sub-chunk through the split decay
+``exp(b_i - b_i0) exp(b_i0 - b_j)`` (both <= 1) as one MXU matmul, the 16 x 16 diagonal
+block exactly per key dim on the VPU. Its gate gradient is ``dg_t = sum_{i >= t} db_i`` per
+key dim, with ``db`` gathered from every place ``b`` enters (not regrouped; checked at
+log-gates near -20 against the recurrence: 5e-5 relative).
+
 TPU layout: tensors go in as ``[rows x heads, tokens, D]`` with D padded to a multiple of
 the lane width (128) and tokens to whole chunks (L a multiple of 8; 128 by default, the
 MXU edge), so every block is a whole number of (8, 128) tiles; log-gate sums come twice, as
