@@ -4,7 +4,14 @@ speed vs flash-linear-attention (FLA), in one process.
     python3 benchmarks/kernels_gpu.py [--ops simple_gla gla ...] [--shapes 0 3] [--quick]
         [--skip-fla] [--skip-ln] [--skip-check] [--skip-mamba] [--skip-ceilings]
         [--chunk-size 64] [--repeats 9] [--budget 560]
+        [--backends pallas mosaic] [--check-backends mosaic auto] [--check-seqs 63 1000 4096]
+        [--check-dims 64 128]
         [--merge earlier.json] [--out DIR] [--name kernels_gpu] [--docs docs/benchmarks.md]
+
+``--backends``: the LinearNexus backends timed (the first fills the LN columns; ``mosaic``,
+the Mosaic GPU forward of simple_gla on Hopper, adds its own columns with its ratio to FLA and
+its %HBM / %MMA); ``--check-backends`` those checked against the reference (``auto``: the
+dispatcher's own choice), at every ``--check-seqs`` length and ``--check-dims`` head dim.
 
 On the GPU machine (no internet; FLA carried as wheels in .whl/, pure Python):
 
@@ -481,8 +488,9 @@ def judge(errors: dict[str, float], grad_names: set[str], dtype_name: str) -> tu
 
 
 def check_linear(op: str, dtype_name: str, case: str, key: jax.Array, shape: tuple[int, ...],
-                 cu: tuple[int, ...], chunk_size: int | None, ref_cache: dict) -> dict[str, Any]:
-    """pallas vs naive: o, final state, and gradients of sum(o*do) + sum(ht*dht)."""
+                 cu: tuple[int, ...], chunk_size: int | None, ref_cache: dict,
+                 backend: str = "pallas") -> dict[str, Any]:
+    """``backend`` vs naive: o, final state, and gradients of sum(o*do) + sum(ht*dht)."""
     B, T, H, D = shape
     dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
     cu_arr = None
@@ -505,18 +513,19 @@ def check_linear(op: str, dtype_name: str, case: str, key: jax.Array, shape: tup
             return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(ht * dht), (o, ht)
         return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
 
-    ref_key = (op, case)
+    extra = {"mode": "chunk"}
+    if chunk_size is not None:
+        extra["chunk_size"] = chunk_size
+    args = tuple(inputs[n] for n in names)
+    # the backend first: one that declines (NotImplementedError) costs no reference run
+    (g, g_h0), (o, ht) = make(None if backend == "auto" else backend, extra)(args, h0, do, dht)
+    ref_key = (op, case, T, D)
     if ref_key not in ref_cache:
         ref_cache[ref_key] = make("naive", {})
     ref_fn = ref_cache[ref_key]
     args32 = tuple(inputs[n].astype(jnp.float32) for n in names)
     with jax.default_matmul_precision("highest"):
         (ref_g, ref_h0), (ref_o, ref_ht) = ref_fn(args32, h0, do, dht)
-    extra = {"mode": "chunk"}
-    if chunk_size is not None:
-        extra["chunk_size"] = chunk_size
-    args = tuple(inputs[n] for n in names)
-    (g, g_h0), (o, ht) = make("pallas", extra)(args, h0, do, dht)
     errors = {"o": rel_err(o, ref_o), "ht": rel_err(ht, ref_ht)}
     for name, a, b in zip(names, g, ref_g, strict=True):
         errors[f"d{name}"] = rel_err(a, b)
@@ -592,7 +601,19 @@ def check_mamba(dtype_name: str, case: str, key: jax.Array, shape: tuple[int, ..
     return {"status": "PASS" if ok else "FAIL", "errors": errors, "failed": bad}
 
 
-def run_checks(ops: list[str], quick: bool, chunk_size: int | None, do_mamba: bool) -> list[dict]:
+def check_cu(T: int) -> tuple[int, ...]:
+    """Packed offsets for a check at T tokens: CHECK_CU_GPU's three sequences scaled to T."""
+    if T == CHECK_SHAPE_GPU[1]:
+        return CHECK_CU_GPU
+    return tuple(sorted({0, max(1, T // 10), max(1, T // 3), T}))
+
+
+def run_checks(ops: list[str], quick: bool, chunk_size: int | None, do_mamba: bool,
+               backends: tuple[str, ...] = ("pallas",),
+               seqs: tuple[int, ...] | None = None,
+               dims: tuple[int, ...] | None = None) -> list[dict]:
+    """Every (op, backend, dtype, case, T, D) check; ``seqs`` / ``dims``: sequence lengths and
+    head dims (default: the check shape's); the mamba checks run once (pallas)."""
     shape = CHECK_SHAPE_GPU if on_gpu() else CHECK_SHAPE_CPU
     cu = CHECK_CU_GPU if on_gpu() else CHECK_CU_CPU
     cases = [("float32", "dense"), ("bfloat16", "dense"), ("float32", "packed"), ("bfloat16", "packed")]
@@ -601,13 +622,16 @@ def run_checks(ops: list[str], quick: bool, chunk_size: int | None, do_mamba: bo
     rows = []
     ref_cache: dict = {}
     seed = 1000
-    jobs: list[tuple[str, str, str]] = [(op, dt, case) for op in ops for dt, case in cases]
+    seqs, dims = seqs or (shape[1],), dims or (shape[3],)
+    jobs: list[tuple[str, str, str, str, int, int]] = [
+        (op, be, dt, case, T, D) for op in ops for be in backends for D in dims for T in seqs
+        for dt, case in cases]
     if do_mamba:
-        jobs += [("selective_scan", dt, case) for dt, case in cases]
-    for op, dtype_name, case in jobs:
+        jobs += [("selective_scan", "pallas", dt, case, shape[1], shape[3]) for dt, case in cases]
+    for op, backend, dtype_name, case, T, D in jobs:
         seed += 1
         key = jax.random.PRNGKey(seed)
-        label = f"{op:17s} {dtype_name:8s} {case:6s}"
+        label = f"{op:17s} {backend:6s} T={T:<5d} D={D:<3d} {dtype_name:8s} {case:6s}"
         start = time.perf_counter()
         try:
             if op == "selective_scan":
@@ -617,17 +641,21 @@ def run_checks(ops: list[str], quick: bool, chunk_size: int | None, do_mamba: bo
                 if case == "packed":
                     row["cu_seqlens"] = list(cu)
             else:
-                row = check_linear(op, dtype_name, case, key, shape, cu, chunk_size, ref_cache)
-                row["shape"] = [1 if case == "packed" else shape[0], *shape[1:]]
+                tshape = (shape[0], T, shape[2], D)
+                tcu = cu if T == shape[1] else check_cu(T)
+                row = check_linear(op, dtype_name, case, key, tshape, tcu, chunk_size, ref_cache,
+                                   backend)
+                row["shape"] = [1 if case == "packed" else tshape[0], *tshape[1:]]
                 if case == "packed":
-                    row["cu_seqlens"] = list(cu)
+                    row["cu_seqlens"] = list(tcu)
         except Exception as e:  # noqa: BLE001 - one failure must not end the run
             if not_implemented(e):
                 row = {"status": "not implemented", "error": short_error(e)}
             else:
                 row = {"status": "ERROR", "error": short_error(e)}
                 traceback.print_exc(limit=3)
-        row.update(op=op, dtype=dtype_name, case=case, seconds=round(time.perf_counter() - start, 1))
+        row.update(op=op, backend=backend, dtype=dtype_name, case=case,
+                   seconds=round(time.perf_counter() - start, 1))
         rows.append(row)
         if "errors" in row:
             worst = max(row["errors"].items(), key=lambda kv: -1 if kv[1] != kv[1] else kv[1])
@@ -643,10 +671,10 @@ def run_checks(ops: list[str], quick: bool, chunk_size: int | None, do_mamba: bo
 # ---------------------------------------------------------------------------- timing
 
 def time_ln(op: str, shape: tuple[int, ...], repeats: int, chunk_size: int | None,
-            l2_bytes: int) -> dict[str, Any]:
+            l2_bytes: int, backend: str = "pallas") -> dict[str, Any]:
     B, T, H, D = shape
     fn = ln_api(op)
-    kw: dict[str, Any] = {"backend": "pallas", "mode": "chunk"}
+    kw: dict[str, Any] = {"backend": backend, "mode": "chunk"}
     if chunk_size is not None:
         kw["chunk_size"] = chunk_size
     n_sets = input_sets(input_bytes(op, B, T, H, D, D), l2_bytes)
@@ -837,11 +865,11 @@ def markdown(results: dict[str, Any]) -> str:
     lines.append("")
     checks = results.get("checks") or []
     if checks:
-        lines += ["## Correctness (pallas vs naive per-step reference)", "",
+        lines += ["## Correctness (LinearNexus backends vs naive per-step reference)", "",
                   "Thresholds ||a-b||/||b||: bf16 outputs/states <= 5e-3, gradients <= 1e-2; "
                   "float32 1e-4 / 1e-3.", "",
-                  "| op | dtype | case | shape | result | worst (tensor = err) |",
-                  "|---|---|---|---|---|---|"]
+                  "| op | backend | dtype | case | shape | result | worst (tensor = err) |",
+                  "|---|---|---|---|---|---|---|"]
         for c in checks:
             if "errors" in c:
                 worst = max(c["errors"].items(), key=lambda kv: float("inf") if kv[1] != kv[1] else kv[1])
@@ -851,17 +879,20 @@ def markdown(results: dict[str, Any]) -> str:
             shape = "x".join(map(str, c.get("shape", [])))
             if c.get("cu_seqlens"):
                 shape += f" cu={c['cu_seqlens']}"
-            lines.append(f"| {c['op']} | {c['dtype']} | {c['case']} | {shape} | {c['status']} | {detail} |")
+            lines.append(f"| {c['op']} | {c.get('backend', 'pallas')} | {c['dtype']} | {c['case']} | "
+                         f"{shape} | {c['status']} | {detail} |")
         lines.append("")
     lines += ["## Speed (bf16, K = V = D; ms, median)", "",
               "ratio = LinearNexus time / FLA time (< 1: LinearNexus faster). %HBM / %MMA: "
               "fwd / fwd+bwd share of the measured ceilings (bytes that must move, FLOPs of the "
               "chunked algorithm; formulas in benchmarks/kernels_gpu.py).", ""]
     for op, rows in results["timing"].items():
-        lines += [f"### {op}", "",
-                  "| shape (B, T, H, D) | LN fwd ms | FLA fwd ms | ratio | LN fwd+bwd ms | FLA fwd+bwd ms "
-                  "| ratio | LN %HBM | LN %MMA | FLA %HBM | FLA %MMA |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        mosaic = any(r.get("mosaic") for r in rows)
+        head = ("| shape (B, T, H, D) | LN fwd ms | FLA fwd ms | ratio | LN fwd+bwd ms | FLA fwd+bwd ms "
+                "| ratio | LN %HBM | LN %MMA | FLA %HBM | FLA %MMA |")
+        if mosaic:  # the mosaic backend (Mosaic GPU forward), its ratios to FLA and shares
+            head += " mosaic fwd ms | ratio | mosaic fwd+bwd ms | ratio | mosaic %HBM | mosaic %MMA |"
+        lines += [f"### {op}", "", head, "|---" * (head.count("|") - 1) + "|"]
         forced = results.get("fla_triton_flag_forced") and op in FLAG_OPS
         by_shape = {tuple(r["shape"]): r for r in rows}
         if set(by_shape) <= set(SHAPES):  # a GPU run: every shape of the issue, "not run" if absent
@@ -873,10 +904,14 @@ def markdown(results: dict[str, Any]) -> str:
             cells = [str(tuple(row["shape"])), fmt_ms(ln, "fwd"), fmt_ms(fla, "fwd"), ratio(ln, fla, "fwd"),
                      fmt_ms(ln, "fwd_bwd"), fla_fb, ratio(ln, fla, "fwd_bwd"),
                      pct(ln, "pct_hbm"), pct(ln, "pct_mma"), pct(fla, "pct_hbm"), pct(fla, "pct_mma")]
+            if mosaic:
+                mo = row.get("mosaic")
+                cells += [fmt_ms(mo, "fwd"), ratio(mo, fla, "fwd"), fmt_ms(mo, "fwd_bwd"),
+                          ratio(mo, fla, "fwd_bwd"), pct(mo, "pct_hbm"), pct(mo, "pct_mma")]
             lines.append("| " + " | ".join(cells) + " |")
         errs = []
         for row in rows:
-            for who in ("ln", "fla"):
+            for who in ("ln", "mosaic", "fla"):
                 e = row.get(who) or {}
                 text = e.get("error") or e.get("fwd_error") or e.get("fwd_bwd_error")
                 if text:
@@ -978,8 +1013,10 @@ def merge_previous(results: dict[str, Any], path: str) -> None:
 
 
 def put_check(results: dict[str, Any], row: dict[str, Any]) -> None:
-    key = (row["op"], row["dtype"], row["case"])
-    results["checks"] = [c for c in results["checks"] if (c["op"], c["dtype"], c["case"]) != key] + [row]
+    def key(c: dict[str, Any]) -> tuple:
+        return (c["op"], c.get("backend", "pallas"), c["dtype"], c["case"], tuple(c.get("shape", ())))
+
+    results["checks"] = [c for c in results["checks"] if key(c) != key(row)] + [row]
 
 
 def _measured(row: dict[str, Any] | None) -> bool:
@@ -1008,6 +1045,17 @@ def main() -> None:
     parser.add_argument("--skip-mamba", action="store_true")
     parser.add_argument("--skip-ceilings", action="store_true",
                         help="do not measure HBM / matmul ceilings (no %%HBM / %%MMA columns)")
+    parser.add_argument("--backends", nargs="+", default=["pallas"], choices=("pallas", "mosaic"),
+                        help="LinearNexus backends to check and time (the first one fills the LN "
+                             "columns; mosaic adds its own columns)")
+    parser.add_argument("--check-backends", nargs="+", default=None,
+                        choices=("pallas", "mosaic", "auto"),
+                        help="backends of the correctness checks (default: --backends); auto: "
+                             "backend=None, the dispatcher's own choice")
+    parser.add_argument("--check-seqs", nargs="+", type=int, default=None,
+                        help="sequence lengths of the correctness checks (default: 1000 on the GPU)")
+    parser.add_argument("--check-dims", nargs="+", type=int, default=None,
+                        help="head dims (K = V) of the correctness checks (default: 64 on the GPU)")
     parser.add_argument("--chunk-size", type=int, default=None,
                         help="LinearNexus chunk size (default: each op's own); FLA keeps 64")
     parser.add_argument("--repeats", type=int, default=None)
@@ -1101,8 +1149,11 @@ def main() -> None:
     ceil = results["ceilings"] or {}
 
     if not args.skip_check:
-        log("correctness: pallas vs naive ...")
-        for row in run_checks(args.ops, args.quick, args.chunk_size, not args.skip_mamba):
+        log(f"correctness: {', '.join(args.backends)} vs naive ...")
+        for row in run_checks(args.ops, args.quick, args.chunk_size, not args.skip_mamba,
+                              tuple(args.check_backends or args.backends),
+                              tuple(args.check_seqs or ()) or None,
+                              tuple(args.check_dims or ()) or None):
             put_check(results, row)
         save(results, args.name, args.out)
         log(f"checks done at {time.perf_counter() - t_start:.0f} s")
@@ -1145,13 +1196,16 @@ def main() -> None:
             if args.skip_ln:
                 row["ln"] = {"status": "skipped", "error": "--skip-ln"}
             else:
-                try:
-                    row["ln"] = time_ln(op, shape, repeats, args.chunk_size, l2_bytes)
-                    efficiency(row["ln"], row["flops"]["ln"], row["bytes"], ceil)
-                except Exception as e:  # noqa: BLE001
-                    row["ln"] = {"status": "ERROR", "error": short_error(e)}
-                    traceback.print_exc(limit=3)
-                gc.collect()
+                for i, backend in enumerate(args.backends):
+                    slot = "ln" if i == 0 else backend  # the first backend fills the LN columns
+                    try:
+                        row[slot] = time_ln(op, shape, repeats, args.chunk_size, l2_bytes, backend)
+                        row[slot]["backend"] = backend
+                        efficiency(row[slot], row["flops"]["ln"], row["bytes"], ceil)
+                    except Exception as e:  # noqa: BLE001
+                        row[slot] = {"status": "ERROR", "error": short_error(e), "backend": backend}
+                        traceback.print_exc(limit=3)
+                    gc.collect()
             if use_fla:
                 row["fla"] = time_fla(torch, triton_testing, op, shape, repeats, l2_bytes)
                 efficiency(row["fla"], row["flops"]["fla"], row["bytes"], ceil)
@@ -1159,6 +1213,12 @@ def main() -> None:
                 torch.cuda.empty_cache()
             put_timing(results, op, row)
             ln, fla = row.get("ln"), row.get("fla")
+            if row.get("mosaic"):
+                mo = row["mosaic"]
+                log(f"  {op} {shape}: mosaic fwd {fmt_ms(mo, 'fwd')} fwd+bwd {fmt_ms(mo, 'fwd_bwd')}"
+                    f" %HBM {pct(mo, 'pct_hbm')} %MMA {pct(mo, 'pct_mma')}"
+                    + (f" | {str(mo.get('error') or mo.get('fwd_error') or '')[:300]}"
+                       if mo.get("status") != "ok" else ""))
             log(f"  {op} {shape}: LN fwd {fmt_ms(ln, 'fwd')} fwd+bwd {fmt_ms(ln, 'fwd_bwd')} | "
                 f"FLA fwd {fmt_ms(fla, 'fwd')} fwd+bwd {fmt_ms(fla, 'fwd_bwd')} ms"
                 + (f" | LN: {ln.get('status')} {str(ln.get('error') or ln.get('fwd_error') or '')[:160]}"

@@ -43,8 +43,8 @@ LINEAR_OPS = ("simple_gla", "gla", "delta_rule", "gated_delta_rule")
 OPS = (*LINEAR_OPS, "selective_scan")
 
 
-def build(op: str, shape: tuple[int, ...], mode: str):
-    """``(jitted function, its argument)`` for ``op`` at ``shape``."""
+def build(op: str, shape: tuple[int, ...], mode: str, backend: str = "pallas"):
+    """``(jitted function, its argument)`` for ``op`` at ``shape`` on ``backend``."""
     key = jax.random.PRNGKey(0)
     if op == "selective_scan":
         B, T, D, N = shape
@@ -61,7 +61,7 @@ def build(op: str, shape: tuple[int, ...], mode: str):
         inputs = tuple(inputs[n] for n in names)
 
         def fwd(args):
-            return fn(*args, backend="pallas", mode="chunk")[0]
+            return fn(*args, backend=backend, mode="chunk")[0]
     if mode == "fwd":
         return jax.jit(fwd), inputs
 
@@ -109,6 +109,8 @@ def main() -> None:
     parser.add_argument("--shape", default=None, help="B,T,H,D (B,T,d_inner,d_state for the scan)")
     parser.add_argument("--mode", choices=("fwd", "fwd+bwd"), default="fwd+bwd")
     parser.add_argument("--calls", type=int, default=3)
+    parser.add_argument("--backend", default="pallas", choices=("pallas", "mosaic"),
+                        help="the linear-attention op's backend (mosaic: simple_gla, bf16)")
     parser.add_argument("--json", default=None, help="also write the times to this file")
     args = parser.parse_args()
     if args.calls < 1:
@@ -122,7 +124,7 @@ def main() -> None:
             parser.error(f"--shape: expected four integers B,T,H,D, got {args.shape!r}")
         if len(shape) != 4 or min(shape) < 1:
             parser.error(f"--shape: expected four positive integers B,T,H,D, got {args.shape!r}")
-    fn, arg = build(args.op, shape, args.mode)
+    fn, arg = build(args.op, shape, args.mode, args.backend)
     times = kernel_times(fn, arg, args.calls)
     if not times:
         print(f"no GPU kernels in the trace (devices: {jax.devices()}): run this on a GPU")

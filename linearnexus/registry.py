@@ -116,8 +116,12 @@ register_op("mamba", "linearnexus.kernels.mamba.api", "selective_scan", ("jax", 
 # "pallas" (Triton kernels) and "pallas_tpu" (Mosaic TPU kernels); retention and ssd run
 # through simple_gla's backends
 LINEAR_OPS = ("simple_gla", "gla", "delta_rule", "gated_delta_rule", "retention", "ssd")
+#: ops with a "mosaic" backend (Mosaic GPU kernels, sm_90+); retention and ssd share simple_gla's
+MOSAIC_OPS = ("simple_gla", "retention", "ssd")
 for _op in LINEAR_OPS:
-    register_op(_op, f"linearnexus.kernels.{_op}.api", _op, ("pallas", "pallas_tpu", "jax", "naive"))
+    register_op(_op, f"linearnexus.kernels.{_op}.api", _op,
+                (*(("mosaic",) if _op in MOSAIC_OPS else ()), "pallas", "pallas_tpu", "jax",
+                 "naive"))
 register_layer("mamba", "linearnexus.modules.ssm.mamba:MambaBlock",
                "linearnexus.modules.ssm.mamba:MambaConfig")
 

@@ -6,7 +6,8 @@ mapping a key
 
     device kind | JAX version | op | backend | shape bucket | dtype
 
-to the launch knobs (``TritonConfig`` fields) that ran fastest there. ``python
+to the launch knobs that ran fastest there (``TritonConfig`` fields; ``MosaicConfig``
+fields under backend ``"mosaic"``, read by ``kernels/common/mosaic_ops.MosaicKernel``). ``python
 benchmarks/run.py --tune`` fills it on a GPU; the Pallas backends read it before their
 heuristic default, so the order a call's knobs are resolved in is: the call's own
 ``config`` / ``grid``, the backend object's ``config``, this cache, the kernel's heuristic.
@@ -131,9 +132,10 @@ def tuned_config(op: str, backend: str, dims: Sequence[int], dtype: Any) -> Trit
         return None
 
 
-def record(op: str, backend: str, dims: Sequence[int], dtype: Any, config: TritonConfig, *,
+def record(op: str, backend: str, dims: Sequence[int], dtype: Any, config: Any, *,
            seconds: float, device_kind: str | None = None) -> Path:
-    """Store ``config`` (measured at ``seconds`` per call) for this key; an atomic rewrite.
+    """Store ``config`` (a config dataclass, e.g. :class:`TritonConfig`, measured at ``seconds``
+    per call) for this key; an atomic rewrite.
 
     Returns:
         The cache file's path.

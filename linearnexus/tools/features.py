@@ -69,7 +69,9 @@ def _auto_platforms(op: str, backend: str) -> list[str]:
 
 
 def _dtypes(kernel: Any) -> list[str]:
-    native = next((p for p in PLATFORMS if kernel.supports(platform=p, dtype=jnp.float32)), "cpu")
+    # the first platform it runs anything on (mosaic takes no float32, so not float32's)
+    native = next((p for p in PLATFORMS if any(kernel.supports(platform=p, dtype=d)
+                                               for d in DTYPES)), "cpu")
     return [jnp.dtype(d).name for d in DTYPES if kernel.supports(platform=native, dtype=d)]
 
 

@@ -254,13 +254,17 @@ class PallasKernel:
                       **kwargs: Any) -> tuple[Array, Array]:
         config = self.config
         if config is None:  # the tuning cache (benchmarks/run.py --tune), before the heuristic
-            from linearnexus.kernels import tuning
-
             q, _, v = arrays[:3]
-            op = self.chunked.__module__.split(".")[-2]  # kernels/<op>/pallas.py
-            config = tuning.tuned_config(op, self.name, (*q.shape, v.shape[-1]), q.dtype)
+            op = self.chunked.__module__.split(".")[-2]  # kernels/<op>/<backend>.py
+            config = self.cached_config(op, (*q.shape, v.shape[-1]), q.dtype)
         return self.chunked(*arrays, initial_state=initial_state, chunk_size=grid.chunk_size,
                             config=config, **kwargs)
+
+    def cached_config(self, op: str, dims: tuple[int, ...], dtype: Any) -> TritonConfig | None:
+        """This backend's tuning-cache entry for the call, or None."""
+        from linearnexus.kernels import tuning
+
+        return tuning.tuned_config(op, self.name, dims, dtype)
 
     def forward_recurrent(self, *arrays: Array, initial_state: Array | None,
                           **kwargs: Any) -> tuple[Array, Array]:

@@ -8,6 +8,7 @@ from linearnexus.core.hooks import overridable
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array
 from linearnexus.kernels.common.backends import DEFAULT_ORDER, check_and_run, make_backends
+from linearnexus.kernels.common.mosaic_ops import MosaicKernel
 from linearnexus.kernels.common.pallas_ops import PallasKernel
 from linearnexus.kernels.common.pallas_tpu import PallasTpuKernel
 from linearnexus.kernels.common.validation import (
@@ -15,6 +16,7 @@ from linearnexus.kernels.common.validation import (
     check_qkv,
 )
 from linearnexus.kernels.simple_gla.chunked import simple_gla_chunked
+from linearnexus.kernels.simple_gla.mosaic import simple_gla_mosaic
 from linearnexus.kernels.simple_gla.pallas import simple_gla_pallas
 from linearnexus.kernels.simple_gla.pallas_tpu import simple_gla_pallas_tpu
 from linearnexus.kernels.simple_gla.reference import simple_gla_recurrent, simple_gla_reference
@@ -23,10 +25,12 @@ DEFAULT_CHUNK_SIZE = 64
 
 BACKENDS = make_backends(simple_gla_reference, simple_gla_chunked, simple_gla_recurrent)
 BACKENDS["pallas"] = PallasKernel(simple_gla_pallas, simple_gla_recurrent)
+BACKENDS["mosaic"] = MosaicKernel(simple_gla_mosaic, simple_gla_recurrent)
 BACKENDS["pallas_tpu"] = PallasTpuKernel(simple_gla_pallas_tpu, simple_gla_recurrent)
-# Pallas first: automatic dispatch takes "pallas" on a GPU only and "pallas_tpu" on a TPU
-# only (their `supports` say no elsewhere)
-BACKEND_ORDER = ("pallas", "pallas_tpu", *DEFAULT_ORDER)
+# Mosaic GPU first on sm_90+ (bf16 / f16, batch rows; it raises NotImplementedError for the
+# rest), then the Triton kernels on any NVIDIA GPU; both decline off a GPU; the Mosaic TPU
+# kernels on a TPU only
+BACKEND_ORDER = ("mosaic", "pallas", "pallas_tpu", *DEFAULT_ORDER)
 
 
 @overridable("simple_gla")  # context parallelism re-routes it (linearnexus.parallel)
@@ -60,9 +64,11 @@ def simple_gla(
             sequence starts from its own initial state and never sees the others.
         chunk_size: tokens per chunk in chunk mode (default 64).
         mode: "chunk", "recurrent" or None (recurrent when T < 64).
-        backend: "pallas" (Triton kernels; the automatic choice on a GPU), "pallas_tpu"
-            (Mosaic TPU kernels; the automatic choice on a TPU; on a CPU only with
-            ``LINEARNEXUS_PALLAS_TPU_INTERPRET=1``, through the TPU interpreter), "jax"
+        backend: "mosaic" (Mosaic GPU forward on sm_90+, the automatic choice there for
+            bf16 / f16 batch rows), "pallas" (Triton kernels; the automatic choice on other
+            GPUs and for what mosaic does not cover), "pallas_tpu" (Mosaic TPU kernels; the
+            automatic choice on a TPU; on a CPU only with ``LINEARNEXUS_PALLAS_TPU_INTERPRET=1``,
+            through the TPU interpreter), "jax"
             (chunked / recurrent pure JAX), "naive" (per-step truth) or None.
 
     Returns:

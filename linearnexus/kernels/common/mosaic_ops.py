@@ -1,0 +1,188 @@
+"""The ``mosaic`` backend of the chunked linear-attention ops (Hopper, sm_90+).
+
+Layout glue around ``mosaic_chunk.py``'s kernel, shared with the Triton ``pallas`` backend
+(``pallas_ops.py``): batch inputs padded to whole chunks, head dims zero-padded. A call the
+Mosaic kernel does not cover raises ``NotImplementedError`` here, before any work, so
+automatic dispatch moves on to the Triton kernels (``pallas``), which run everything:
+
+* not an NVIDIA GPU of compute capability 9.0 or newer (Ampere keeps the Triton kernels);
+* an installed JAX whose Mosaic GPU lacks an API the kernel uses
+  (:func:`~linearnexus.kernels.common.mosaic_chunk.mosaic_unavailable_reason`);
+* float32 inputs (wgmma rounds float32 operands to TF32), packed ``cu_seqlens``, key dims
+  above 128, chunk sizes other than 64 / 128.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from linearnexus.core.types import Array, DType
+from linearnexus.kernels.common.chunking import plan_chunks
+from linearnexus.kernels.common.mosaic_chunk import (
+    MOSAIC_DTYPES,
+    SMEM_LIMIT,
+    MosaicConfig,
+    MosaicStatic,
+    default_mosaic_config,
+    mosaic_core,
+    mosaic_unavailable_reason,
+    smem_bytes,
+)
+from linearnexus.kernels.common.pallas import TritonConfig, next_pow2
+from linearnexus.kernels.common.pallas_ops import (
+    PallasKernel,
+    _layout,
+    _pad_last,
+    _resolve,
+    _static,
+    _unlayout,
+    floor_log_gate,
+)
+
+F32 = jnp.float32
+
+
+def compute_capability() -> tuple[int, int] | None:
+    """``(major, minor)`` of the first device when it is an NVIDIA GPU, else None."""
+    device = jax.devices()[0]
+    cc = getattr(device, "compute_capability", None)
+    if device.platform != "gpu" or not cc:
+        return None
+    major, minor = (int(x) for x in str(cc).split(".")[:2])
+    return major, minor
+
+
+def check_mosaic_call(q: Array, k: Array, v: Array, *, cu_seqlens: Array | None,
+                      chunk: int, check_device: bool = True) -> None:
+    """Raise ``NotImplementedError`` naming what the Mosaic kernel does not cover
+    (``check_device`` False skips the GPU check: lowering for CUDA on a CPU machine)."""
+    cc = compute_capability() if check_device else (9, 0)
+    if cc is None or cc < (9, 0):
+        raise NotImplementedError(
+            f"mosaic backend: needs an NVIDIA GPU of compute capability >= 9.0 (Hopper), found "
+            f"{'no GPU' if cc is None else f'sm_{cc[0]}{cc[1]}'}; the pallas (Triton) kernels "
+            f"run Ampere")
+    reason = mosaic_unavailable_reason()
+    if reason is not None:
+        raise NotImplementedError(f"mosaic backend: {reason}; the pallas (Triton) kernels run it")
+    dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+    if jnp.dtype(dtype) not in MOSAIC_DTYPES:
+        raise NotImplementedError(
+            f"mosaic backend: takes bfloat16 / float16 inputs, got {dtype} (wgmma rounds float32 "
+            f"operands to TF32); the pallas backend runs float32")
+    if cu_seqlens is not None:
+        raise NotImplementedError("mosaic backend: packed sequences (cu_seqlens) are not "
+                                  "implemented; the pallas backend runs them")
+    if next_pow2(q.shape[3], minimum=64) > 128:
+        raise NotImplementedError(f"mosaic backend: key dim {q.shape[3]} > 128 (the [K, BV] "
+                                  "float32 state must fit one warpgroup's registers)")
+    if chunk not in (64, 128):
+        raise NotImplementedError(f"mosaic backend: chunk_size {chunk} (64 or 128 only)")
+
+
+def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, scale: float,
+                            initial_state: Array | None = None, cu_seqlens: Array | None = None,
+                            chunk_size: int | None = None,
+                            config: MosaicConfig | None = None,
+                            check_device: bool = True) -> tuple[Array, Array]:
+    """Gated linear attention with a scalar gate (simple_gla) through the Mosaic GPU kernel.
+
+    Args:
+        q, k: ``[B, T, H, K]``. v: ``[B, T, H, V]`` (bfloat16 / float16).
+        g: ``[B, T, H]`` log-gates or None. scale: multiplies q.
+        initial_state: ``[B, H, K, V]`` or None. cu_seqlens: must be None (raises).
+        chunk_size: L (64 or 128); ``config.chunk`` wins; default 64.
+        config: tile / pipeline overrides (:class:`MosaicConfig`); None fields: heuristic.
+        check_device: False skips the sm_90 check, to lower for CUDA on a machine without a
+            GPU (``jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))``, the CI test).
+
+    Returns:
+        ``(o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32)``.
+
+    Raises:
+        NotImplementedError: a call the kernel does not cover (module doc).
+    """
+    cfg = config or MosaicConfig()
+    chunk = cfg.chunk or chunk_size or 64
+    check_mosaic_call(q, k, v, cu_seqlens=cu_seqlens, chunk=chunk, check_device=check_device)
+    batch, seq, heads, key_dim = q.shape
+    value_dim = v.shape[3]
+    dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+    # zero padding of head dims is inert; 64 is the smallest wgmma-friendly tile here and a
+    # power of two keeps the Triton backward's blocks valid on the same padded arrays
+    kp, vp = next_pow2(key_dim, minimum=64), next_pow2(value_dim, minimum=64)
+    plan = plan_chunks(batch, seq, chunk, None)  # [B, NC * L] rows, padded at the end
+    cfg = cfg.merged(default_mosaic_config(rows=plan.rows, heads=heads, key_dim=kp,
+                                           value_dim=vp, n_chunks=plan.n_chunks,
+                                           itemsize=jnp.dtype(dtype).itemsize))
+    if vp % cfg.block_v:
+        raise ValueError(f"config: block_v={cfg.block_v} must divide the padded value dim {vp}")
+    need = smem_bytes(chunk=chunk, key_dim=kp, block_v=cfg.block_v, stages=cfg.stages,
+                      itemsize=jnp.dtype(dtype).itemsize)
+    if need > SMEM_LIMIT:
+        raise ValueError(f"config: chunk={chunk}, block_v={cfg.block_v}, stages={cfg.stages} at "
+                         f"K={kp} needs {need} bytes of shared memory, over the {SMEM_LIMIT} "
+                         "a block may use; use fewer stages or a smaller block_v / chunk")
+    h0 = initial_state
+    if h0 is not None:
+        h0 = jnp.pad(h0.astype(F32), [(0, 0), (0, 0), (0, kp - key_dim), (0, vp - value_dim)])
+    qc = _layout(_pad_last(q.astype(dtype), kp), plan)  # [B, NC * L, H, Kp]
+    kc = _layout(_pad_last(k.astype(dtype), kp), plan)
+    vc = _layout(_pad_last(v.astype(dtype), vp), plan)  # [B, NC * L, H, Vp]
+    if g is None:
+        g = jnp.zeros((batch, seq, heads), F32)
+    gc = _layout(floor_log_gate(g), plan)  # [B, NC * L, H]
+    # the Triton core's description of the call (the backward runs the Triton kernels)
+    tcfg = _resolve(TritonConfig(chunk=chunk), rows=plan.rows, heads=heads, key_dim=kp,
+                    value_dim=vp, delta=False, dtype=dtype, n_chunks=plan.n_chunks)
+    core = _static(tcfg, gate="scalar", delta=False, has_h0=h0 is not None, scale=scale,
+                   plan=plan, heads=heads, key_dim=kp, value_dim=vp, n_seqs=batch)
+    st = MosaicStatic(core=core, block_v=cfg.block_v, stages=cfg.stages)
+    o, final = mosaic_core(st, qc, kc, vc, gc, h0)
+    o = _unlayout(o, plan)[..., :value_dim].astype(v.dtype)
+    return o, final[:, :, :key_dim, :value_dim]
+
+
+class MosaicKernel(PallasKernel):
+    """The ``mosaic`` backend of a linear-attention op: chunk mode on the Mosaic GPU kernel
+    (sm_90+), recurrent mode (decoding) on the op's pure-JAX recurrent form; config
+    resolution as :class:`PallasKernel`'s (the object's ``config``, then the tuning cache
+    under backend ``"mosaic"``, then the kernel's heuristic).
+
+    Automatic dispatch tries it first on a GPU for bf16 / f16; calls it does not cover
+    (module doc; an Ampere GPU among them) raise ``NotImplementedError`` and the dispatcher
+    moves on to ``pallas``.
+
+    Args:
+        chunked: the op's mosaic function (``fn(*arrays, scale=, initial_state=,
+            cu_seqlens=, chunk_size=, config=)``). recurrent: the op's recurrent form.
+        config: :class:`MosaicConfig` overrides for every call.
+    """
+
+    name: ClassVar[str] = "mosaic"
+
+    def supports(self, *, platform: str, dtype: DType) -> bool:
+        # static (the feature table reads it on any machine); the compute capability and the
+        # installed JAX are checked when a call runs (check_mosaic_call), which raises
+        # NotImplementedError on an Ampere GPU so that dispatch moves on to pallas
+        return platform == "gpu" and jnp.dtype(dtype) in MOSAIC_DTYPES
+
+    def cached_config(self, op: str, dims: tuple[int, ...], dtype: Any) -> MosaicConfig | None:
+        from linearnexus.kernels import tuning
+
+        return _config_from(tuning.lookup(op, self.name, dims, dtype))
+
+
+def _config_from(knobs: dict[str, Any] | None) -> MosaicConfig | None:
+    """A cached entry as a :class:`MosaicConfig`; None when absent or no longer valid."""
+    if knobs is None:
+        return None
+    names = {f.name for f in dataclasses.fields(MosaicConfig)}
+    try:
+        return MosaicConfig(**{k: v for k, v in knobs.items() if k in names})
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,148 @@
+"""The Mosaic GPU kernels lower for CUDA on a machine without a GPU (CI's check of them).
+
+Numerics need an sm_90 GPU (benchmarks/kernels_gpu.py --backends mosaic, docs/mosaic.md);
+here each kernel is traced and lowered to the Mosaic GPU dialect with
+``jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))``, which runs the whole Pallas
+Mosaic GPU lowering (layouts, wgmma shapes, shared-memory budget) short of PTX. Skips, with
+the reason, when the installed JAX's Mosaic GPU lacks an API the kernels use.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from linearnexus.kernels.common.mosaic_chunk import (
+    SMEM_LIMIT,
+    MosaicConfig,
+    default_mosaic_config,
+    mosaic_unavailable_reason,
+    smem_bytes,
+)
+from linearnexus.kernels.common.mosaic_ops import linear_attention_mosaic
+from linearnexus.kernels.simple_gla.api import BACKENDS, simple_gla
+
+REASON = mosaic_unavailable_reason()
+needs_mosaic = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+
+
+def _lower(fn, *specs):
+    return jax.jit(fn).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _specs(B, T, H, K, V, h0):
+    qk = jax.ShapeDtypeStruct((B, T, H, K), jnp.bfloat16)
+    v = jax.ShapeDtypeStruct((B, T, H, V), jnp.bfloat16)
+    g = jax.ShapeDtypeStruct((B, T, H), jnp.float32)
+    s0 = jax.ShapeDtypeStruct((B, H, K, V), jnp.float32) if h0 else None
+    return qk, qk, v, g, s0
+
+
+@needs_mosaic
+@pytest.mark.parametrize("shape,h0,config", [
+    ((2, 1000, 2, 128, 128), True, None),  # T not a multiple of the chunk, the benchmark's K = V
+    ((1, 63, 3, 40, 72), False, MosaicConfig(block_v=64, stages=3)),  # odd head dims, padded
+])
+def test_simple_gla_mosaic_lowers_forward_and_backward(shape, h0, config, monkeypatch):
+    """Forward (the Mosaic GPU kernel) and its gradient (custom_vjp onto the Triton backward
+    kernels) lower for CUDA; the modules hold the Mosaic GPU and Triton custom calls."""
+    monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")  # Triton kernels, not interpret mode
+
+    def fwd(q, k, v, g, s0):
+        return linear_attention_mosaic(q, k, v, g, scale=0.1, initial_state=s0, config=config,
+                                       check_device=False)
+
+    def loss(q, k, v, g, s0):
+        o, final = fwd(q, k, v, g, s0)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
+
+    specs = _specs(*shape, h0)
+    text = _lower(fwd, *specs)
+    assert "mosaic_gpu" in text
+    try:
+        grad_text = _lower(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4) if h0 else (0, 1, 2, 3)),
+                           *specs)
+    except RuntimeError as e:  # JAX 0.11's Triton lowering reads the device it compiles for
+        if "No supported GPU devices" not in str(e):
+            raise
+        pytest.skip(f"forward lowered; the Triton backward needs a GPU to lower on jax "
+                    f"{jax.__version__}: {str(e)[:80]}")
+    assert "mosaic_gpu" in grad_text and "xla.gpu.triton" in grad_text
+
+
+def test_mosaic_declines_what_it_does_not_cover():
+    """What the kernel does not run raises NotImplementedError (so dispatch moves on), and a
+    config over the shared-memory budget is a ValueError naming config."""
+    q, k, v, g, _ = (-jnp.ones(s.shape, s.dtype) if s is not None else None
+                     for s in _specs(1, 8, 1, 64, 64, False))  # g = -1: a valid log-gate
+    kernel = BACKENDS["mosaic"]
+    assert kernel.supports(platform="gpu", dtype=jnp.bfloat16)
+    assert not kernel.supports(platform="gpu", dtype=jnp.float32)
+    assert not kernel.supports(platform="cpu", dtype=jnp.bfloat16)
+    with pytest.raises(NotImplementedError, match="compute capability"):  # this CPU machine
+        simple_gla(q, k, v, g, backend="mosaic", mode="chunk")
+    with pytest.raises(NotImplementedError, match="float32"):
+        linear_attention_mosaic(q.astype(jnp.float32), k, v, g, scale=1.0, check_device=False)
+    with pytest.raises(NotImplementedError, match="cu_seqlens"):
+        linear_attention_mosaic(q, k, v, g, scale=1.0, check_device=False,
+                                cu_seqlens=jnp.array([0, 3, 8], jnp.int32))
+    with pytest.raises(NotImplementedError, match="key dim"):
+        wide = jnp.ones((1, 8, 1, 256), jnp.bfloat16)
+        linear_attention_mosaic(wide, wide, v, g, scale=1.0, check_device=False)
+    if REASON is None:
+        with pytest.raises(ValueError, match="config"):
+            linear_attention_mosaic(jnp.ones((1, 8, 1, 128), jnp.bfloat16),
+                                    jnp.ones((1, 8, 1, 128), jnp.bfloat16),
+                                    jnp.ones((1, 8, 1, 128), jnp.bfloat16), g, scale=1.0,
+                                    check_device=False, config=MosaicConfig(block_v=128))
+    with pytest.raises(ValueError, match="block_v"):
+        MosaicConfig(block_v=96)
+    with pytest.raises(ValueError, match="stages"):
+        MosaicConfig(stages=1)
+    # the heuristic always fits shared memory
+    for K in (64, 128):
+        for V in (64, 128, 256):
+            for n_chunks in (1, 64, 256):
+                cfg = default_mosaic_config(rows=8, heads=16, key_dim=K, value_dim=V,
+                                            n_chunks=n_chunks)
+                assert smem_bytes(chunk=cfg.chunk, key_dim=K, block_v=cfg.block_v,
+                                  stages=cfg.stages, itemsize=2) <= SMEM_LIMIT
+
+
+def test_mosaic_config_comes_from_the_tuning_cache(tmp_path, monkeypatch):
+    """With no config on the backend object, the tuning cache's entry for (op, "mosaic",
+    shape bucket, dtype) reaches the kernel as a MosaicConfig; a stale entry is ignored."""
+    import dataclasses as dc
+
+    from linearnexus.kernels import tuning
+    from linearnexus.kernels.base import GridConfig
+    from linearnexus.kernels.common.mosaic_ops import MosaicKernel
+
+    monkeypatch.setenv("LINEARNEXUS_TUNING_CACHE", str(tmp_path / "tuning.json"))
+    seen = []
+
+    def fake_chunked(*arrays, config=None, **kwargs):
+        seen.append(config)
+        return arrays[0], None
+
+    fake_chunked.__module__ = "linearnexus.kernels.simple_gla.mosaic"  # names the op
+    kernel = MosaicKernel(fake_chunked, None)
+    q = jnp.ones((2, 300, 4, 64), jnp.bfloat16)
+    g = -jnp.ones((2, 300, 4), jnp.float32)
+
+    @dc.dataclass(frozen=True)
+    class Knobs:  # what benchmarks/run.py --tune records: a dataclass of the winning knobs
+        stages: int
+        block_v: int
+
+    tuning.record("simple_gla", "mosaic", (2, 300, 4, 64, 64), jnp.bfloat16,
+                  Knobs(stages=3, block_v=64), seconds=1e-3, device_kind=jax.devices()[0].device_kind)
+    kernel.forward_chunk(q, q, q, g, initial_state=None, grid=GridConfig(chunk_size=64), scale=1.0,
+                         cu_seqlens=None)
+    assert seen[-1] == MosaicConfig(stages=3, block_v=64)
+    tuning.record("simple_gla", "mosaic", (2, 300, 4, 64, 64), jnp.bfloat16,
+                  Knobs(stages=1, block_v=64), seconds=1e-3, device_kind=jax.devices()[0].device_kind)
+    kernel.forward_chunk(q, q, q, g, initial_state=None, grid=GridConfig(chunk_size=64), scale=1.0,
+                         cu_seqlens=None)
+    assert seen[-1] is None  # stages=1 no longer validates: the heuristic decides
