@@ -72,10 +72,10 @@ LANE = 128
 SUBLANE = 8
 #: set to "1" to run the TPU kernels through Pallas's TPU interpreter on a CPU (or GPU)
 INTERPRET_ENV = "LINEARNEXUS_PALLAS_TPU_INTERPRET"
-#: VMEM a kernel may use, in bytes (passed to Mosaic as ``vmem_limit_bytes``). 32 MiB fits
-#: every current TPU (v5e / v6e: 128 MiB per core, v5p: 95 MiB, v7x: 64 MiB) and is twice
-#: the 16 MiB scoped default, which the double-buffered blocks at K = V = 256 come near.
-#: ``LINEARNEXUS_TPU_VMEM_BYTES`` overrides it.
+#: VMEM a kernel may use, in bytes (passed to Mosaic as ``vmem_limit_bytes``), at most: on
+#: a TPU the budget is the smaller of this and 3/4 of the chip's VMEM per core
+#: (``pltpu.get_tpu_info``: 128 MiB on v5e / v6e, 64 MiB on v5p / v7x, 16 MiB on v4), the
+#: rest left to Mosaic's own scratch. ``LINEARNEXUS_TPU_VMEM_BYTES`` overrides it.
 DEFAULT_VMEM_BUDGET = 32 * 1024 * 1024
 VMEM_ENV = "LINEARNEXUS_TPU_VMEM_BYTES"
 
@@ -106,10 +106,17 @@ def run_mode() -> bool:
 
 
 def vmem_budget() -> int:
-    """The VMEM budget in bytes (:data:`DEFAULT_VMEM_BUDGET` or ``LINEARNEXUS_TPU_VMEM_BYTES``)."""
+    """The VMEM budget in bytes: ``LINEARNEXUS_TPU_VMEM_BYTES``, else
+    :data:`DEFAULT_VMEM_BUDGET` capped at 3/4 of the TPU's VMEM per core (on a TPU)."""
     raw = os.environ.get(VMEM_ENV)
     if raw is None:
-        return DEFAULT_VMEM_BUDGET
+        if current_platform() != "tpu":
+            return DEFAULT_VMEM_BUDGET
+        try:
+            capacity = pltpu.get_tpu_info().vmem_capacity_bytes
+        except ValueError:  # a chip this JAX does not know: keep the default
+            return DEFAULT_VMEM_BUDGET
+        return min(DEFAULT_VMEM_BUDGET, capacity * 3 // 4)
     try:
         value = int(raw)
     except ValueError:
