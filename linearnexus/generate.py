@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -54,6 +55,22 @@ from linearnexus.modules.common import Embedding
 PAD_ID = 0  # token fed to padding slots and finished rows; masked out or cut, so any id works
 
 _TRACES: collections.Counter[str] = collections.Counter()
+
+#: ``LINEARNEXUS_DECODE_GRAPH=while`` compiles the on-device decode loop on a GPU with XLA's
+#: command buffers (CUDA graphs) for the while loop and its condition too, so a whole chunk
+#: of steps launches as one graph instead of kernel by kernel (docs/generation.md, "Speed")
+DECODE_GRAPH_ENV = "LINEARNEXUS_DECODE_GRAPH"
+_GRAPH_COMMANDS = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
+
+
+def _loop_compiler_options() -> dict[str, str] | None:
+    """XLA options of the decode loop's compile (read when the loop is built)."""
+    choice = os.environ.get(DECODE_GRAPH_ENV, "")
+    if choice not in ("", "while", "default"):
+        raise ValueError(f"{DECODE_GRAPH_ENV}: expected 'while' or 'default', got {choice!r}")
+    if choice != "while" or jax.default_backend() != "gpu":
+        return None
+    return {"xla_gpu_enable_command_buffer": _GRAPH_COMMANDS}
 
 
 def trace_counts() -> dict[str, int]:
@@ -378,7 +395,7 @@ def _build(graphdef: Any, cfg: SamplingConfig) -> _Compiled:
 
     # donating the state lets XLA update KV caches in place instead of copying them per token
     return _Compiled(jax.jit(sample_first), jax.jit(step, donate_argnums=(2,)),
-                     jax.jit(loop, donate_argnums=(2,)))
+                     jax.jit(loop, donate_argnums=(2,), compiler_options=_loop_compiler_options()))
 
 
 def stop_array(stop_tokens: Sequence[int]) -> Array:

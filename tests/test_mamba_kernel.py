@@ -88,7 +88,7 @@ def token_by_token(x, dt, A, B, C, D, z, h0):
 
 
 def test_registry_lists_backends():
-    assert set(kernels_for("mamba")) == {"jax", "naive", "pallas"}
+    assert set(kernels_for("mamba")) == {"jax", "naive", "pallas", "pallas_step"}
     assert KERNEL_REGISTRY["mamba:jax"].supports(platform="cpu", dtype=jnp.float32)
 
 

@@ -407,6 +407,11 @@ class ShortConv(nnx.Module):
         x = x.astype(self.dtype or x.dtype)
         weight = self.conv_weight[...]
         bias = None if self.conv_bias is None else self.conv_bias[...]
+        if (x.shape[1] == 1 and cache is not None and self.width >= 2 and lengths is None
+                and cu_seqlens is None):  # decoding: one fused kernel on a GPU
+            from linearnexus.kernels.conv import conv_step  # imports Pallas: only when decoding
+
+            return conv_step(x, cache, weight, bias, activation=self.activation)
         y, new_cache = depthwise_conv1d(x, weight, bias, cache, lengths=lengths,
                                         cu_seqlens=cu_seqlens)
         if self.activation is not None:

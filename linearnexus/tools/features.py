@@ -6,11 +6,15 @@
 One row per mechanism and backend (``KERNEL_REGISTRY``), then one per block that runs no
 registered op (attention, MLA). Every cell is read from the code, not written by hand:
 
-* modes: the kernel-protocol methods the backend implements (``forward_chunk`` ->
-  chunk, ``forward_recurrent`` -> recurrent);
+* modes: the backend's ``modes`` attribute when it has one (the one-token kernels),
+  else the kernel-protocol methods it implements (``forward_chunk`` -> chunk,
+  ``forward_recurrent`` -> recurrent);
 * automatic on: the platforms where automatic dispatch picks this backend first (its
   ``supports`` in the op's ``BACKEND_ORDER``), for float32 inputs;
-* dtypes: what ``supports`` accepts on the backend's own platform;
+* dtypes: what ``supports`` accepts on the backend's own platform (``by_name_dtypes`` for
+  a backend used by name only);
+* a backend's ``status`` attribute, when it has one, follows its name (e.g. how far it is
+  verified);
 * varlen: whether the op's api takes ``cu_seqlens``;
 * decode: the registered blocks built on the op (their ``op`` attribute) and how their
   decoding state grows, measured on ``init_state`` of their ``tiny()`` config at two
@@ -67,6 +71,9 @@ def _auto_platforms(op: str, backend: str) -> list[str]:
 
 
 def _dtypes(kernel: Any) -> list[str]:
+    named = getattr(kernel, "by_name_dtypes", None)  # a backend picked by name only
+    if named:
+        return [jnp.dtype(d).name for d in named]
     # the first platform it runs anything on (mosaic takes no float32, so not float32's)
     native = next((p for p in PLATFORMS if any(kernel.supports(platform=p, dtype=d)
                                                for d in DTYPES)), "cpu")
@@ -115,9 +122,13 @@ def feature_table() -> str:
         decode = ", ".join(f"`{b}` ({growth[b]})" for b in blocks) or "op only (no block)"
         reference = KERNEL_REGISTRY[f"{op}:reference"]
         for backend, kernel in sorted(kernels_for(op).items()):
-            modes = [m for m, meth in (("chunk", "forward_chunk"), ("recurrent", "forward_recurrent"))
-                     if callable(getattr(kernel, meth, None))]
+            modes = list(getattr(kernel, "modes", ())) or [
+                m for m, meth in (("chunk", "forward_chunk"), ("recurrent", "forward_recurrent"))
+                if callable(getattr(kernel, meth, None))]
             label = f"`{backend}`" + (" (reference)" if kernel is reference else "")
+            status = getattr(kernel, "status", None)
+            if status:
+                label += f" ({status})"
             auto = ", ".join(_auto_platforms(op, backend)) or "by name only"
             lines.append(f"| `{op}` | {label} | {', '.join(modes)} | {auto} | "
                          f"{', '.join(_dtypes(kernel))} | {varlen} | {decode} |")

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array, DType
-from linearnexus.kernels.base import GridConfig, dispatch, resolve_mode
+from linearnexus.kernels.base import GridConfig, current_platform, dispatch, resolve_mode
 from linearnexus.kernels.common.validation import (
     as_cu_seqlens,
     check_cu_seqlens,
@@ -90,10 +90,10 @@ def check_chunk_size(chunk_size: int | None, default: int) -> int:
 def run_op(op_name: str, backends: Mapping[str, Any], order: Sequence[str], arrays: tuple[Array, ...],
            *, initial_state: Array | None, output_final_state: bool, chunk_size: int,
            mode: KernelMode | str | None, backend: str | None, dtype: DType,
-           **kwargs: Any) -> tuple[Array, Array | None]:
+           chunk_size_given: bool = True, **kwargs: Any) -> tuple[Array, Array | None]:
     """Pick the mode and backend, run the op, drop the final state unless asked for."""
     run_mode = resolve_mode(mode, arrays[0].shape[1])
-    grid = GridConfig(chunk_size=chunk_size)
+    grid = GridConfig(chunk_size=chunk_size, chunk_size_given=chunk_size_given)
 
     def call(kernel):
         if run_mode is KernelMode.CHUNK:
@@ -102,6 +102,20 @@ def run_op(op_name: str, backends: Mapping[str, Any], order: Sequence[str], arra
 
     o, final = dispatch(op_name, backends, order, call, backend=backend, dtype=dtype)
     return o, (final if output_final_state else None)
+
+
+def step_kernel(backends: Mapping[str, Any], order: Sequence[str], backend: str | None,
+                dtype: DType) -> Any:
+    """The backend that would run a one-token call, when it runs the fused step kernel
+    (``kernel.step_ready(dtype)``); else None (the call goes through :func:`run_op`)."""
+    if backend is not None:
+        kernel = backends.get(backend)
+    else:
+        platform = current_platform()
+        kernel = next((backends[n] for n in order
+                       if backends[n].supports(platform=platform, dtype=dtype)), None)
+    ready = getattr(kernel, "step_ready", None)
+    return kernel if ready is not None and ready(dtype) else None
 
 
 def check_and_run(op_name: str, backends: Mapping[str, Any], order: Sequence[str],
@@ -130,6 +144,7 @@ def check_and_run(op_name: str, backends: Mapping[str, Any], order: Sequence[str
     n_states = check_cu_seqlens(cu_seqlens, batch, seq)
     check_initial_state(initial_state, n_states, heads, key_dim, value_dim)
     scale = resolve_scale(scale, key_dim)
+    chunk_size_given = chunk_size is not None
     chunk_size = check_chunk_size(chunk_size, default_chunk_size)
     gates = tuple(zip(gate_names, arrays[3:], strict=True))
     for name, gate in gates:
@@ -141,9 +156,25 @@ def check_and_run(op_name: str, backends: Mapping[str, Any], order: Sequence[str
         return run_op(op_name, backends, order, arrays, initial_state=initial_state,
                       output_final_state=True, chunk_size=chunk_size, mode=mode,
                       backend=backend, dtype=arrays[0].dtype, scale=scale,
-                      cu_seqlens=cu_seqlens)
+                      cu_seqlens=cu_seqlens, chunk_size_given=chunk_size_given)
 
     recurrent = resolve_mode(mode, seq) is KernelMode.RECURRENT
+    names = gate_names
+    fused = (step_kernel(backends, order, backend, arrays[0].dtype)
+             if recurrent and seq == 1 and cu_seqlens is None else None)
+    if fused is not None:  # decoding: one kernel, the guard's cleaning and marking inside it
+
+        def fallback(*arrays, initial_state):
+            def jax_run(*arrays, initial_state, cu_seqlens):
+                return fused.recurrent(*arrays, initial_state=initial_state, scale=scale,
+                                       cu_seqlens=cu_seqlens)
+
+            return run_guarded(jax_run, *arrays[:3], tuple(zip(names, arrays[3:], strict=True)),
+                               initial_state=initial_state, cu_seqlens=None, always_clean=True)
+
+        o, final = fused.fused_step(*arrays, initial_state=initial_state, scale=scale,
+                                    fallback=fallback)
+        return o, (final if output_final_state else None)
     o, final = run_guarded(run, *arrays[:3], gates, initial_state=initial_state,
                            cu_seqlens=cu_seqlens, always_clean=recurrent)
     return o, (final if output_final_state else None)

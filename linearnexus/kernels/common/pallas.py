@@ -91,6 +91,18 @@ class TritonConfig:
                                for f in dataclasses.fields(self)})
 
 
+def pad_axis(x: Any, axis: int, size: int) -> Any:
+    """``x`` zero-padded at the end of ``axis`` to ``size`` (None and right-sized arrays pass
+    through: no copy)."""
+    if x is None or x.shape[axis] == size:
+        return x
+    import jax.numpy as jnp
+
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
 def next_pow2(n: int, minimum: int = 16) -> int:
     """The smallest power of two >= max(n, minimum)."""
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())

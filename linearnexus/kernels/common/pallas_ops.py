@@ -9,8 +9,11 @@ with power-of-two head dims; this module gets inputs there and back:
 * the delta rules' WY preparation (``w``, ``u``: the per-chunk triangular solve) is its own
   pair of Pallas kernels (``pallas_wy.py``), then the sequential core (``pallas_chunk.py``).
 
-Decoding (recurrent mode) is one token at a time; a kernel launch per token would not pay,
-so the backend's recurrent mode runs the op's pure-JAX recurrent form.
+Decoding: a one-token call (``T == 1``, recurrent mode, no ``cu_seqlens``) on a GPU runs
+the fused step kernel of ``pallas_step.py`` (one launch per layer, the input guard folded
+in; ``LINEARNEXUS_FUSED_STEP=0`` turns it off); other recurrent-mode calls run the op's
+pure-JAX recurrent form. The ``pallas_step`` backend names the fused step explicitly (any
+platform; interpret mode off a GPU).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from linearnexus.kernels.common.pallas_chunk import (
     chunk_layout_info,
     default_config,
 )
+from linearnexus.kernels.common.pallas_step import StepSpec, fused_step_enabled, linear_step
 from linearnexus.kernels.common.pallas_wy import WyStatic, wy_prepare
 
 F32 = jnp.float32
@@ -242,10 +246,24 @@ class PallasKernel:
     name: ClassVar[str] = "pallas"
 
     def __init__(self, chunked: Callable[..., tuple[Array, Array]],
-                 recurrent: Callable[..., tuple[Array, Array]], config: TritonConfig | None = None):
+                 recurrent: Callable[..., tuple[Array, Array]], config: TritonConfig | None = None,
+                 step: StepSpec | None = None):
         self.chunked = chunked
         self.recurrent = recurrent
         self.config = config
+        self.step = step
+
+    def step_ready(self, dtype: DType) -> bool:
+        """Whether a one-token call runs the fused step kernel: compiled (a GPU, not interpret
+        mode), a dtype it takes, and not turned off (``LINEARNEXUS_FUSED_STEP=0``)."""
+        return (self.step is not None and fused_step_enabled() and not interpret_mode()
+                and jnp.dtype(dtype) in _SUPPORTED)
+
+    def fused_step(self, *arrays: Array, initial_state: Array | None, scale: float,
+                   fallback: Callable[..., tuple[Array, Array]]) -> tuple[Array, Array]:
+        """One token through :func:`pallas_step.linear_step` (the guard folded in)."""
+        return linear_step(self.step, arrays, scale=scale, initial_state=initial_state,
+                           fallback=fallback)
 
     def supports(self, *, platform: str, dtype: DType) -> bool:
         return platform == "gpu" and jnp.dtype(dtype) in _SUPPORTED
@@ -269,3 +287,56 @@ class PallasKernel:
     def forward_recurrent(self, *arrays: Array, initial_state: Array | None,
                           **kwargs: Any) -> tuple[Array, Array]:
         return self.recurrent(*arrays, initial_state=initial_state, **kwargs)
+
+
+class PallasStepKernel:
+    """The ``pallas_step`` backend: the fused one-token step by name, on any platform
+    (compiled on a GPU, interpret mode elsewhere). Never picked automatically (the ``pallas``
+    backend runs the same kernel for one-token calls on a GPU); calls it cannot run (``T !=
+    1``, ``cu_seqlens``) raise ``NotImplementedError``.
+
+    Args:
+        step: the op's gate kind and delta flag. recurrent: the op's pure-JAX recurrent form
+            (its VJP is the step's backward pass).
+    """
+
+    name: ClassVar[str] = "pallas_step"
+    #: what the feature table lists (it refuses every other call)
+    modes: ClassVar[tuple[str, ...]] = ("recurrent, one token (T == 1)",)
+    by_name_dtypes: ClassVar[tuple[DType, ...]] = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+    def __init__(self, step: StepSpec, recurrent: Callable[..., tuple[Array, Array]]) -> None:
+        self.step = step
+        self.recurrent = recurrent
+
+    def supports(self, *, platform: str, dtype: DType) -> bool:
+        return False
+
+    def step_ready(self, dtype: DType) -> bool:
+        return True
+
+    def fused_step(self, *arrays: Array, initial_state: Array | None, scale: float,
+                   fallback: Callable[..., tuple[Array, Array]]) -> tuple[Array, Array]:
+        return linear_step(self.step, arrays, scale=scale, initial_state=initial_state,
+                           fallback=fallback)
+
+    def _refuse(self, arrays: tuple[Array, ...], cu_seqlens: Any) -> None:
+        raise NotImplementedError(
+            "backend 'pallas_step' runs one-token calls (T == 1, recurrent mode, no cu_seqlens); "
+            f"got T={arrays[0].shape[1]}{' with cu_seqlens' if cu_seqlens is not None else ''}: "
+            "use backend='pallas' or 'jax'")
+
+    def forward_chunk(self, *arrays: Array, initial_state: Array | None, grid: GridConfig,
+                      cu_seqlens: Any = None, **kwargs: Any) -> tuple[Array, Array]:
+        self._refuse(arrays, cu_seqlens)
+
+    def forward_recurrent(self, *arrays: Array, initial_state: Array | None,
+                          cu_seqlens: Any = None, **kwargs: Any) -> tuple[Array, Array]:
+        self._refuse(arrays, cu_seqlens)
+
+
+def pallas_backends(chunked: Callable[..., tuple[Array, Array]],
+                    recurrent: Callable[..., tuple[Array, Array]], step: StepSpec) -> dict[str, Any]:
+    """``{"pallas": ..., "pallas_step": ...}`` for one linear-attention op."""
+    return {"pallas": PallasKernel(chunked, recurrent, step=step),
+            "pallas_step": PallasStepKernel(step, recurrent)}

@@ -44,8 +44,9 @@ class MambaPallasKernel:
     Claims float32 / bfloat16 / float16 on a GPU only, so automatic dispatch picks it there
     and keeps the pure-JAX path everywhere else. Asked for by name it runs on any platform
     (Pallas interpret mode off the GPU: slow, for tests). Recurrent (decoding) calls are a
-    few tokens long, where a kernel launch per call buys nothing, so they go to the
-    reference per-step scan.
+    few tokens long: one-token calls on a GPU run the fused step kernel (``step.py``: one
+    launch, the state read and written once; ``LINEARNEXUS_FUSED_STEP=0`` turns it off),
+    others the reference per-step scan.
 
     Launch knobs, first set wins: ``grid.block_c`` / ``grid.num_warps`` / ``grid.num_stages``
     of the call, then this object's ``config``, then ``pallas.default_config`` (a heuristic
@@ -95,12 +96,47 @@ class MambaPallasKernel:
 
     def forward_recurrent(self, x, dt, A, B, C, *, D=None, z=None, initial_state=None,
                           cu_seqlens=None) -> tuple[Array, Array]:
+        from linearnexus.kernels.common.pallas import interpret_mode
+        from linearnexus.kernels.common.pallas_step import fused_step_enabled
+
+        if (x.shape[1] == 1 and cu_seqlens is None and fused_step_enabled()
+                and not interpret_mode()):  # decoding on a GPU: the fused one-token kernel
+            from linearnexus.kernels.mamba.step import selective_scan_step
+
+            return selective_scan_step(x, dt, A, B, C, D=D, z=z, initial_state=initial_state)
         return selective_scan_reference(x, dt, A, B, C, D=D, z=z, initial_state=initial_state,
                                         cu_seqlens=cu_seqlens)
 
 
+class MambaStepKernel:
+    """The ``pallas_step`` backend: the fused one-token kernel (``step.py``) by name, on any
+    platform (interpret mode off a GPU); never picked automatically (``pallas`` runs it for
+    one-token calls on a GPU). Other calls raise ``NotImplementedError``."""
+
+    name: ClassVar[str] = "pallas_step"
+    #: what the feature table lists (it refuses every other call)
+    modes: ClassVar[tuple[str, ...]] = ("recurrent, one token (T == 1)",)
+    by_name_dtypes: ClassVar[tuple[DType, ...]] = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+    def supports(self, *, platform: str, dtype: DType) -> bool:
+        return False
+
+    def forward_chunk(self, x, *args, cu_seqlens=None, **kwargs) -> tuple[Array, Array]:
+        raise NotImplementedError("backend 'pallas_step' runs one-token calls (T == 1) in "
+                                  "recurrent mode: use backend='pallas' or 'jax'")
+
+    def forward_recurrent(self, x, dt, A, B, C, *, D=None, z=None, initial_state=None,
+                          cu_seqlens=None) -> tuple[Array, Array]:
+        from linearnexus.kernels.mamba.step import selective_scan_step
+
+        if cu_seqlens is not None:
+            raise NotImplementedError("backend 'pallas_step' runs one-token calls without "
+                                      "cu_seqlens: use backend='pallas' or 'jax'")
+        return selective_scan_step(x, dt, A, B, C, D=D, z=z, initial_state=initial_state)
+
+
 BACKENDS = {"pallas": MambaPallasKernel(), "jax": jax_backend(),
-            "naive": NaiveKernel(selective_scan_reference)}
+            "naive": NaiveKernel(selective_scan_reference), "pallas_step": MambaStepKernel()}
 # Preference order for automatic choice; the last entry is the always-available fallback.
 BACKEND_ORDER = ("pallas", "jax", "naive")
 
@@ -185,8 +221,9 @@ def selective_scan(
         chunk_size: tokens per chunk in chunk mode (default 16); overrides ``grid``.
         mode: CHUNK, RECURRENT or None (``select_mode(T)``).
         backend: "jax" (chunked / per-step pure JAX), "naive" (per-step truth), "pallas"
-            (Triton kernels on a GPU, interpret mode elsewhere), or None (best available:
-            "pallas" on a GPU, else "jax").
+            (Triton kernels on a GPU, interpret mode elsewhere; one-token calls on a GPU run
+            the fused step kernel), "pallas_step" (that kernel by name, T == 1 only), or None
+            (best available: "pallas" on a GPU, else "jax").
         grid: launch config for kernels (chunk size, blocks, warps).
 
     Returns:

@@ -193,10 +193,15 @@ class MambaBlock(nnx.Module):
         xi = inert(xi, call)  # in_proj's bias would make pads non-zero
         conv_w = self.conv_weight[...]
         conv_b = None if self.conv_bias is None else self.conv_bias[...]
-        # packed: each sequence convolved alone, from its own cache
-        u, conv_cache = depthwise_conv1d(xi, conv_w, conv_b, state.conv.buffer,
-                                         lengths=call.lengths, cu_seqlens=call.cu_seqlens)
-        u = jax.nn.silu(u).astype(x.dtype)
+        if xi.shape[1] == 1 and call.lengths is None and call.cu_seqlens is None and cfg.d_conv >= 2:
+            from linearnexus.kernels.conv import conv_step  # decoding: one fused kernel on a GPU
+
+            u, conv_cache = conv_step(xi, state.conv.buffer, conv_w, conv_b, activation="silu")
+            u = u.astype(x.dtype)
+        else:  # packed: each sequence convolved alone, from its own cache
+            u, conv_cache = depthwise_conv1d(xi, conv_w, conv_b, state.conv.buffer,
+                                             lengths=call.lengths, cu_seqlens=call.cu_seqlens)
+            u = jax.nn.silu(u).astype(x.dtype)
 
         r, n = cfg.resolved_dt_rank, cfg.d_state
         x_dbl = self.x_proj(u)  # [B, T, R + 2N]
