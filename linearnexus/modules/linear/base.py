@@ -43,8 +43,8 @@ from linearnexus.modules.common import (
     GatedRMSNorm,
     RMSNorm,
     ShortConv,
-    fused_dense,
     fused_decode_enabled,
+    fused_dense,
     xavier_uniform,
 )
 from linearnexus.modules.linear.runtime import (
