@@ -11,9 +11,10 @@ them) it builds the model with 1 and with 2 layers and counts, in the step
   one-token Pallas kernels are not picked, so the pure-JAX recurrent form is counted);
 * ``fusions`` / ``dots`` / ``other`` / ``kernels`` (their sum): the instructions of the
   loop body that XLA compiles from the on-device decode loop (``Decoder.run``) for the
-  default backend. On a GPU each is one kernel launch (dots: dots and custom calls, i.e.
-  cuBLAS and the Pallas kernels; run with ``XLA_FLAGS=--xla_gpu_enable_command_buffer=``
-  so the body is not wrapped in command buffers); on a CPU, XLA:CPU's, a proxy.
+  default backend. On a GPU each is one kernel launch (``dots`` counts dots and custom
+  calls: there the Pallas kernels, while XLA:GPU's matmuls are fusions; run with
+  ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` so the body is not wrapped in command
+  buffers); on a CPU, XLA:CPU's, a proxy. ``--hlo DIR`` writes the compiled loops.
   Parameters, tuples, constants and bitcasts launch nothing and are not counted.
 
 The 2-layer count minus the 1-layer count is one layer's share. ``LINEARNEXUS_FUSED_DECODE=0``
@@ -68,6 +69,9 @@ def counts(kind: str, layers: int, args: argparse.Namespace) -> dict[str, int]:
     hlo = dec._compiled.loop.lower(
         dec.params, tok[:, 0], state, key, jnp.zeros(args.batch, bool), stop_array(()),
         jnp.int32(4), jnp.asarray(False), jnp.int32(0)).compile().as_text()
+    if args.hlo:
+        Path(args.hlo).mkdir(parents=True, exist_ok=True)
+        (Path(args.hlo) / f"loop_{kind}_{layers}layers.hlo.txt").write_text(hlo)
     body = body_opcodes(hlo)
     fusions = body.get("fusion", 0)
     dots = body.get("dot", 0) + body.get("custom-call", 0)
@@ -84,6 +88,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--hlo", default=None, help="folder for the compiled loops' HLO")
     p.add_argument("--verbose", action="store_true", help="print the loop body's opcodes")
     args = p.parse_args()
     rows = {}
