@@ -13,6 +13,8 @@ registered op (attention, MLA). Every cell is read from the code, not written by
   ``supports`` in the op's ``BACKEND_ORDER``), for float32 inputs;
 * dtypes: what ``supports`` accepts on the backend's own platform (``by_name_dtypes`` for
   a backend used by name only);
+* a backend's ``status`` attribute, when it has one, follows its name (e.g. how far it is
+  verified);
 * varlen: whether the op's api takes ``cu_seqlens``;
 * decode: the registered blocks built on the op (their ``op`` attribute) and how their
   decoding state grows, measured on ``init_state`` of their ``tiny()`` config at two
@@ -124,6 +126,9 @@ def feature_table() -> str:
                 m for m, meth in (("chunk", "forward_chunk"), ("recurrent", "forward_recurrent"))
                 if callable(getattr(kernel, meth, None))]
             label = f"`{backend}`" + (" (reference)" if kernel is reference else "")
+            status = getattr(kernel, "status", None)
+            if status:
+                label += f" ({status})"
             auto = ", ".join(_auto_platforms(op, backend)) or "by name only"
             lines.append(f"| `{op}` | {label} | {', '.join(modes)} | {auto} | "
                          f"{', '.join(_dtypes(kernel))} | {varlen} | {decode} |")
