@@ -114,15 +114,15 @@ def kernels_for(mechanism: str) -> dict[str, Any]:
 register_op("mamba", "linearnexus.kernels.mamba.api", "selective_scan",
             ("jax", "naive", "pallas", "pallas_step"))
 # the linear-attention family: backends "jax" (chunked / recurrent), "naive" (per-step truth),
-# "pallas" (Triton kernels; retention and ssd run through simple_gla's backends) and
-# "pallas_step" (the fused one-token kernel by name)
+# "pallas" (Triton kernels), "pallas_tpu" (Mosaic TPU kernels) and "pallas_step" (the fused
+# one-token kernel by name); retention and ssd run through simple_gla's backends
 LINEAR_OPS = ("simple_gla", "gla", "delta_rule", "gated_delta_rule", "retention", "ssd")
 #: ops with a "mosaic" backend (Mosaic GPU kernels, sm_90+); retention and ssd share simple_gla's
 MOSAIC_OPS = ("simple_gla", "retention", "ssd")
 for _op in LINEAR_OPS:
     register_op(_op, f"linearnexus.kernels.{_op}.api", _op,
-                (*(("mosaic",) if _op in MOSAIC_OPS else ()), "pallas", "jax", "naive",
-                 "pallas_step"))
+                (*(("mosaic",) if _op in MOSAIC_OPS else ()), "pallas", "pallas_tpu", "jax",
+                 "naive", "pallas_step"))
 register_layer("mamba", "linearnexus.modules.ssm.mamba:MambaBlock",
                "linearnexus.modules.ssm.mamba:MambaConfig")
 

@@ -312,6 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from linearnexus.core.cpu_flags import apply_cpu_flags
+
+    apply_cpu_flags()  # before JAX starts its backend (core/cpu_flags.py says why)
     with contextlib.ExitStack() as stack:
         return _train(args, stack)
 

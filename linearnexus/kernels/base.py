@@ -46,12 +46,16 @@ class GridConfig:
         block_c: channels (or head-dim columns) per program for GPU kernels.
         num_warps: Triton warps per program.
         num_stages: software-pipelining stages.
+        chunk_size_given: False when ``chunk_size`` is the op's default rather than the
+            caller's choice (a backend with its own default tile, e.g. ``pallas_tpu``, then
+            uses that).
     """
 
     chunk_size: int = 64
     block_c: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
+    chunk_size_given: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool):

@@ -13,6 +13,8 @@ registered op (attention, MLA). Every cell is read from the code, not written by
   ``supports`` in the op's ``BACKEND_ORDER``), for float32 inputs;
 * dtypes: what ``supports`` accepts on the backend's own platform (``by_name_dtypes`` for
   a backend used by name only);
+* a backend's ``status`` attribute, when it has one, follows its name (e.g. how far it is
+  verified);
 * varlen: whether the op's api takes ``cu_seqlens``;
 * decode: the registered blocks built on the op (their ``op`` attribute) and how their
   decoding state grows, measured on ``init_state`` of their ``tiny()`` config at two
@@ -56,15 +58,26 @@ def _backend_order(op: str) -> tuple[str, ...]:
 
 
 def _auto_platforms(op: str, backend: str) -> list[str]:
+    """Platforms where dispatch picks ``backend`` by itself, each followed by the dtypes it
+    is picked for when that is fewer than the backend supports there (e.g. mosaic takes
+    bfloat16 on a GPU while float32 stays with pallas)."""
     backends = kernels_for(op)
     order = _backend_order(op)
     picked = []
     for platform in PLATFORMS:
-        for name in order:  # dispatch's rule: the first that supports the call, the last always
-            if name == order[-1] or backends[name].supports(platform=platform, dtype=jnp.float32):
-                if name == backend:
-                    picked.append(platform)
-                break
+        chosen = []
+        for dtype in DTYPES:
+            for name in order:  # dispatch's rule: the first that supports the call, the last always
+                if name == order[-1] or backends[name].supports(platform=platform, dtype=dtype):
+                    if name == backend:
+                        chosen.append(jnp.dtype(dtype).name)
+                    break
+        if not chosen:
+            continue
+        own = [jnp.dtype(d).name for d in DTYPES
+               if backends[backend].supports(platform=platform, dtype=d)]
+        picked.append(platform if chosen == own or not own else
+                      f"{platform} ({', '.join(chosen)})")
     return picked
 
 
@@ -124,6 +137,9 @@ def feature_table() -> str:
                 m for m, meth in (("chunk", "forward_chunk"), ("recurrent", "forward_recurrent"))
                 if callable(getattr(kernel, meth, None))]
             label = f"`{backend}`" + (" (reference)" if kernel is reference else "")
+            status = getattr(kernel, "status", None)
+            if status:
+                label += f" ({status})"
             auto = ", ".join(_auto_platforms(op, backend)) or "by name only"
             lines.append(f"| `{op}` | {label} | {', '.join(modes)} | {auto} | "
                          f"{', '.join(_dtypes(kernel))} | {varlen} | {decode} |")

@@ -90,10 +90,10 @@ def check_chunk_size(chunk_size: int | None, default: int) -> int:
 def run_op(op_name: str, backends: Mapping[str, Any], order: Sequence[str], arrays: tuple[Array, ...],
            *, initial_state: Array | None, output_final_state: bool, chunk_size: int,
            mode: KernelMode | str | None, backend: str | None, dtype: DType,
-           **kwargs: Any) -> tuple[Array, Array | None]:
+           chunk_size_given: bool = True, **kwargs: Any) -> tuple[Array, Array | None]:
     """Pick the mode and backend, run the op, drop the final state unless asked for."""
     run_mode = resolve_mode(mode, arrays[0].shape[1])
-    grid = GridConfig(chunk_size=chunk_size)
+    grid = GridConfig(chunk_size=chunk_size, chunk_size_given=chunk_size_given)
 
     def call(kernel):
         if run_mode is KernelMode.CHUNK:
@@ -144,6 +144,7 @@ def check_and_run(op_name: str, backends: Mapping[str, Any], order: Sequence[str
     n_states = check_cu_seqlens(cu_seqlens, batch, seq)
     check_initial_state(initial_state, n_states, heads, key_dim, value_dim)
     scale = resolve_scale(scale, key_dim)
+    chunk_size_given = chunk_size is not None
     chunk_size = check_chunk_size(chunk_size, default_chunk_size)
     gates = tuple(zip(gate_names, arrays[3:], strict=True))
     for name, gate in gates:
@@ -155,7 +156,7 @@ def check_and_run(op_name: str, backends: Mapping[str, Any], order: Sequence[str
         return run_op(op_name, backends, order, arrays, initial_state=initial_state,
                       output_final_state=True, chunk_size=chunk_size, mode=mode,
                       backend=backend, dtype=arrays[0].dtype, scale=scale,
-                      cu_seqlens=cu_seqlens)
+                      cu_seqlens=cu_seqlens, chunk_size_given=chunk_size_given)
 
     recurrent = resolve_mode(mode, seq) is KernelMode.RECURRENT
     names = gate_names

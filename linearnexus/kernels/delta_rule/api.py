@@ -8,12 +8,14 @@ from linearnexus.core.types import Array
 from linearnexus.kernels.common.backends import DEFAULT_ORDER, check_and_run, make_backends
 from linearnexus.kernels.common.pallas_ops import pallas_backends
 from linearnexus.kernels.common.pallas_step import StepSpec
+from linearnexus.kernels.common.pallas_tpu import PallasTpuKernel
 from linearnexus.kernels.common.validation import (
     check_array,
     check_qkv,
 )
 from linearnexus.kernels.delta_rule.chunked import delta_rule_chunked
 from linearnexus.kernels.delta_rule.pallas import delta_rule_pallas
+from linearnexus.kernels.delta_rule.pallas_tpu import delta_rule_pallas_tpu
 from linearnexus.kernels.delta_rule.reference import delta_rule_recurrent, delta_rule_reference
 
 # fastest fwd+bwd on 2 CPU cores (B=2, T=2048, H=4, K=V=64); 128 is ~1.4x faster on an H200
@@ -23,8 +25,10 @@ DEFAULT_CHUNK_SIZE = 64
 BACKENDS = make_backends(delta_rule_reference, delta_rule_chunked, delta_rule_recurrent)
 # "pallas_step": the fused one-token step by name (pallas runs it for T == 1 on a GPU)
 BACKENDS.update(pallas_backends(delta_rule_pallas, delta_rule_recurrent, StepSpec("none", delta=True)))
-# Pallas first: automatic dispatch takes it on a GPU only (its `supports` says no elsewhere)
-BACKEND_ORDER = ("pallas", *DEFAULT_ORDER)
+BACKENDS["pallas_tpu"] = PallasTpuKernel(delta_rule_pallas_tpu, delta_rule_recurrent)
+# Pallas first: automatic dispatch takes "pallas" on a GPU only and "pallas_tpu" on a TPU
+# only (their `supports` say no elsewhere)
+BACKEND_ORDER = ("pallas", "pallas_tpu", *DEFAULT_ORDER)
 
 
 @overridable("delta_rule")  # context parallelism re-routes it (linearnexus.parallel)
@@ -62,7 +66,9 @@ def delta_rule(
             sequence starts from its own initial state and never sees the others.
         chunk_size: tokens per chunk in chunk mode (default 64).
         mode: "chunk", "recurrent" or None (recurrent when T < 64).
-        backend: "pallas" (Triton kernels; the automatic choice on a GPU), "pallas_step" (the fused
+        backend: "pallas" (Triton kernels; the automatic choice on a GPU), "pallas_tpu"
+            (Mosaic TPU kernels; the automatic choice on a TPU; on a CPU only with
+            ``LINEARNEXUS_PALLAS_TPU_INTERPRET=1``, through the TPU interpreter), "pallas_step" (the fused
             one-token kernel, T == 1 only), "jax"
             (chunked / recurrent pure JAX), "naive" (per-step truth) or None.
 

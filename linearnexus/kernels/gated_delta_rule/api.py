@@ -8,9 +8,11 @@ from linearnexus.core.types import Array
 from linearnexus.kernels.common.backends import DEFAULT_ORDER, check_and_run, make_backends
 from linearnexus.kernels.common.pallas_ops import pallas_backends
 from linearnexus.kernels.common.pallas_step import StepSpec
+from linearnexus.kernels.common.pallas_tpu import PallasTpuKernel
 from linearnexus.kernels.common.validation import check_array, check_qkv
 from linearnexus.kernels.gated_delta_rule.chunked import gated_delta_rule_chunked
 from linearnexus.kernels.gated_delta_rule.pallas import gated_delta_rule_pallas
+from linearnexus.kernels.gated_delta_rule.pallas_tpu import gated_delta_rule_pallas_tpu
 from linearnexus.kernels.gated_delta_rule.reference import (
     gated_delta_rule_recurrent,
     gated_delta_rule_reference,
@@ -25,8 +27,10 @@ BACKENDS = make_backends(gated_delta_rule_reference, gated_delta_rule_chunked,
 # "pallas_step": the fused one-token step by name (pallas runs it for T == 1 on a GPU)
 BACKENDS.update(pallas_backends(gated_delta_rule_pallas, gated_delta_rule_recurrent,
                                 StepSpec("scalar", delta=True)))
-# Pallas first: automatic dispatch takes it on a GPU only (its `supports` says no elsewhere)
-BACKEND_ORDER = ("pallas", *DEFAULT_ORDER)
+BACKENDS["pallas_tpu"] = PallasTpuKernel(gated_delta_rule_pallas_tpu, gated_delta_rule_recurrent)
+# Pallas first: automatic dispatch takes "pallas" on a GPU only and "pallas_tpu" on a TPU
+# only (their `supports` say no elsewhere)
+BACKEND_ORDER = ("pallas", "pallas_tpu", *DEFAULT_ORDER)
 
 
 @overridable("gated_delta_rule")  # context parallelism re-routes it (linearnexus.parallel)
@@ -65,7 +69,9 @@ def gated_delta_rule(
             sequence starts from its own initial state and never sees the others.
         chunk_size: tokens per chunk in chunk mode (default 64).
         mode: "chunk", "recurrent" or None (recurrent when T < 64).
-        backend: "pallas" (Triton kernels; the automatic choice on a GPU), "pallas_step" (the fused
+        backend: "pallas" (Triton kernels; the automatic choice on a GPU), "pallas_tpu"
+            (Mosaic TPU kernels; the automatic choice on a TPU; on a CPU only with
+            ``LINEARNEXUS_PALLAS_TPU_INTERPRET=1``, through the TPU interpreter), "pallas_step" (the fused
             one-token kernel, T == 1 only), "jax"
             (chunked / recurrent pure JAX), "naive" (per-step truth) or None.
 

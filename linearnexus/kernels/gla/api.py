@@ -8,12 +8,14 @@ from linearnexus.core.types import Array
 from linearnexus.kernels.common.backends import DEFAULT_ORDER, check_and_run, make_backends
 from linearnexus.kernels.common.pallas_ops import pallas_backends
 from linearnexus.kernels.common.pallas_step import StepSpec
+from linearnexus.kernels.common.pallas_tpu import PallasTpuKernel
 from linearnexus.kernels.common.validation import (
     check_array,
     check_qkv,
 )
 from linearnexus.kernels.gla.chunked import gla_chunked
 from linearnexus.kernels.gla.pallas import gla_pallas
+from linearnexus.kernels.gla.pallas_tpu import gla_pallas_tpu
 from linearnexus.kernels.gla.reference import gla_recurrent, gla_reference
 
 DEFAULT_CHUNK_SIZE = 64
@@ -21,8 +23,10 @@ DEFAULT_CHUNK_SIZE = 64
 BACKENDS = make_backends(gla_reference, gla_chunked, gla_recurrent)
 # "pallas_step": the fused one-token step by name (pallas runs it for T == 1 on a GPU)
 BACKENDS.update(pallas_backends(gla_pallas, gla_recurrent, StepSpec("vector", delta=False)))
-# Pallas first: automatic dispatch takes it on a GPU only (its `supports` says no elsewhere)
-BACKEND_ORDER = ("pallas", *DEFAULT_ORDER)
+BACKENDS["pallas_tpu"] = PallasTpuKernel(gla_pallas_tpu, gla_recurrent)
+# Pallas first: automatic dispatch takes "pallas" on a GPU only and "pallas_tpu" on a TPU
+# only (their `supports` say no elsewhere)
+BACKEND_ORDER = ("pallas", "pallas_tpu", *DEFAULT_ORDER)
 
 
 @overridable("gla")  # context parallelism re-routes it (linearnexus.parallel)
@@ -55,7 +59,9 @@ def gla(
             sequence starts from its own initial state and never sees the others.
         chunk_size: tokens per chunk in chunk mode (default 64).
         mode: "chunk", "recurrent" or None (recurrent when T < 64).
-        backend: "pallas" (Triton kernels; the automatic choice on a GPU), "pallas_step" (the fused
+        backend: "pallas" (Triton kernels; the automatic choice on a GPU), "pallas_tpu"
+            (Mosaic TPU kernels; the automatic choice on a TPU; on a CPU only with
+            ``LINEARNEXUS_PALLAS_TPU_INTERPRET=1``, through the TPU interpreter), "pallas_step" (the fused
             one-token kernel, T == 1 only), "jax"
             (chunked / recurrent pure JAX), "naive" (per-step truth) or None.
 

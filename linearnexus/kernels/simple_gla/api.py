@@ -11,6 +11,7 @@ from linearnexus.kernels.common.backends import DEFAULT_ORDER, check_and_run, ma
 from linearnexus.kernels.common.mosaic_ops import MosaicKernel
 from linearnexus.kernels.common.pallas_ops import pallas_backends
 from linearnexus.kernels.common.pallas_step import StepSpec
+from linearnexus.kernels.common.pallas_tpu import PallasTpuKernel
 from linearnexus.kernels.common.validation import (
     check_array,
     check_qkv,
@@ -18,6 +19,7 @@ from linearnexus.kernels.common.validation import (
 from linearnexus.kernels.simple_gla.chunked import simple_gla_chunked
 from linearnexus.kernels.simple_gla.mosaic import simple_gla_mosaic
 from linearnexus.kernels.simple_gla.pallas import simple_gla_pallas
+from linearnexus.kernels.simple_gla.pallas_tpu import simple_gla_pallas_tpu
 from linearnexus.kernels.simple_gla.reference import simple_gla_recurrent, simple_gla_reference
 
 DEFAULT_CHUNK_SIZE = 64
@@ -27,9 +29,11 @@ STEP = StepSpec("scalar", delta=False)
 # "pallas_step": the fused one-token step by name (pallas and mosaic run it for T == 1 on a GPU)
 BACKENDS.update(pallas_backends(simple_gla_pallas, simple_gla_recurrent, STEP))
 BACKENDS["mosaic"] = MosaicKernel(simple_gla_mosaic, simple_gla_recurrent, step=STEP)
+BACKENDS["pallas_tpu"] = PallasTpuKernel(simple_gla_pallas_tpu, simple_gla_recurrent)
 # Mosaic GPU first on sm_90+ (bf16 / f16, batch rows; it raises NotImplementedError for the
-# rest), then the Triton kernels on any NVIDIA GPU; both decline off a GPU
-BACKEND_ORDER = ("mosaic", "pallas", *DEFAULT_ORDER)
+# rest), then the Triton kernels on any NVIDIA GPU; both decline off a GPU; the Mosaic TPU
+# kernels on a TPU only
+BACKEND_ORDER = ("mosaic", "pallas", "pallas_tpu", *DEFAULT_ORDER)
 
 
 @overridable("simple_gla")  # context parallelism re-routes it (linearnexus.parallel)
@@ -65,8 +69,10 @@ def simple_gla(
         mode: "chunk", "recurrent" or None (recurrent when T < 64).
         backend: "mosaic" (Mosaic GPU forward on sm_90+, the automatic choice there for
             bf16 / f16 batch rows), "pallas" (Triton kernels; the automatic choice on other
-            GPUs and for what mosaic does not cover), "pallas_step" (the fused one-token
-            kernel, T == 1 only), "jax"
+            GPUs and for what mosaic does not cover), "pallas_tpu" (Mosaic TPU kernels; the
+            automatic choice on a TPU; on a CPU only with ``LINEARNEXUS_PALLAS_TPU_INTERPRET=1``,
+            through the TPU interpreter), "pallas_step" (the fused
+            one-token kernel, T == 1 only), "jax"
             (chunked / recurrent pure JAX), "naive" (per-step truth) or None.
 
     Returns:

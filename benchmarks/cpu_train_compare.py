@@ -1,0 +1,228 @@
+"""LinearNexus vs a plain PyTorch peer on nanoGPT's Shakespeare-char CPU recipe, side by side.
+
+    python benchmarks/cpu_train_compare.py            # 2000 steps each (~10 min on a quiet 2-core CPU)
+    python benchmarks/cpu_train_compare.py --quick    # 300 steps each (~2 min)
+    python benchmarks/cpu_train_compare.py --models gpt-small mamba2-small gla-small --no-peer
+
+Every run is its own process, trained through its real loop: ours is ``SFTTrainer.train`` with
+the settings of ``configs/models/gpt_nanogpt_cpu.yaml`` (evaluation and orbax checkpoints every
+250 steps included); the peer is ``cpu_train_peer.py`` (PyTorch eager, the same model, data,
+batches and schedule). The runs take turns: each advances ``--block`` steps while the others
+wait on a pipe, round after round, so load from other jobs on a shared machine falls on all
+of them alike. Tokens/s are reported steady (rounds after the first, which holds start-up,
+compilation and the step-0 evaluation) and overall, with the ratio to the peer and each
+run's final validation loss. ``torch.set_num_threads`` gets the cores this process may use,
+which is the size of XLA's CPU thread pool too (``--peer-threads`` adds peers with other
+counts: the best peer is the one to beat).
+
+Our runs use ``train_lm.py``'s XLA:CPU flags (``linearnexus/core/cpu_flags.py``); one more run
+of the first model keeps XLA's defaults, to show what the flags bring. ``--xla-flags
+NAME=FLAGS`` adds a run of the first model with ``XLA_FLAGS=FLAGS`` (to
+measure a flag: ``--xla-flags noynn=--xla_cpu_experimental_ynn_fusion_type=``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cpu_recipe  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+TARGET_RATIO = 1.3
+TARGET_VAL = 1.88  # nanoGPT's figure for this recipe
+
+
+@dataclass
+class Run:
+    """One training process taking part in the rounds."""
+
+    name: str
+    cmd: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen | None = None
+    info: dict = field(default_factory=dict)
+    blocks: list[dict] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=self.env, cwd=cpu_recipe.ROOT)
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        raise RuntimeError(f"{self.name}: the worker exited ({self.proc.wait()}) without an answer")
+
+    def advance(self) -> dict:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        block = self._read()
+        self.blocks.append(block)
+        return block
+
+    @property
+    def done(self) -> bool:
+        return bool(self.blocks) and self.blocks[-1]["done"]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+
+    def tokens_per_s(self, tokens_per_step: int, steady: bool) -> float:
+        blocks = self.blocks[1:] if steady and len(self.blocks) > 1 else self.blocks
+        steps = blocks[-1]["step"] - (self.blocks[0]["step"] if blocks is not self.blocks else 0)
+        return steps * tokens_per_step / sum(b["seconds"] for b in blocks)
+
+
+def ours_worker(args: argparse.Namespace) -> None:
+    """Block protocol (see cpu_train_peer.worker) around ``SFTTrainer.train``."""
+    from linearnexus.core.cpu_flags import apply_cpu_flags
+
+    apply_cpu_flags()  # as train_lm.py does
+    import jax
+
+    overrides = {"max_steps": args.max_steps}
+    with tempfile.TemporaryDirectory(prefix="ln-ours-") as tmp:
+        model = {"dtype": args.dtype} if args.dtype else None
+        trainer = cpu_recipe.make_trainer(args.model, Path(tmp) / "run", model_overrides=model,
+                                          **overrides)
+        n_params = sum(int(x.size) for x in jax.tree.leaves(trainer.state.params))
+        print(json.dumps({"ready": True, "params": n_params, "jax": jax.__version__,
+                          "xla_flags": os.environ.get("XLA_FLAGS", "")}), flush=True)
+        if sys.stdin.readline().strip() != "go":
+            return
+        clock = {"start": time.perf_counter()}
+
+        def last(key: str) -> float | None:  # from metrics.jsonl, flushed per record
+            lines = trainer.metrics_path.read_text().splitlines()
+            return next((r[key] for r in map(json.loads, reversed(lines)) if key in r), None)
+
+        def on_step(step: int) -> None:
+            if step % args.block and step != args.max_steps:
+                return
+            jax.block_until_ready(trainer.state.params)
+            seconds = time.perf_counter() - clock["start"]
+            done = step >= args.max_steps
+            print(json.dumps({"step": step, "seconds": seconds, "val_loss": last("val_loss"),
+                              "train_loss": last("train_loss"), "done": done}), flush=True)
+            if not done and sys.stdin.readline().strip() != "go":
+                raise SystemExit(0)
+            clock["start"] = time.perf_counter()
+
+        trainer.train(on_step=on_step)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="300 steps per run instead of 2000")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--block", type=int, default=None,
+                   help="steps per turn (default 100; 50 with --quick)")
+    p.add_argument("--models", nargs="+", default=["gpt-small"])
+    p.add_argument("--no-peer", action="store_true", help="no PyTorch peer (ours only)")
+    p.add_argument("--peer-threads", type=int, nargs="+", default=None,
+                   help="torch thread counts, one peer each (default: this process's cores)")
+    p.add_argument("--no-xla-defaults", action="store_true",
+                   help="no extra run of the first model with XLA's own CPU flags "
+                        "(LINEARNEXUS_XLA_CPU_FLAGS=0 instead of core/cpu_flags.py's)")
+    p.add_argument("--xla-flags", nargs="*", default=[], metavar="NAME=FLAGS")
+    p.add_argument("--dtype", nargs="*", default=[], metavar="DTYPE",
+                   help="add a run of the first model per compute dtype (e.g. bfloat16)")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model", default="gpt-small", help=argparse.SUPPRESS)
+    p.add_argument("--model-dtype", dest="model_dtype", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.max_steps = args.max_steps or (300 if args.quick else 2000)
+    args.block = args.block or (50 if args.quick else 100)
+    if args.worker == "ours":
+        args.dtype = args.model_dtype
+        ours_worker(args)
+        return
+
+    cpu_recipe.prepare()
+    cores = len(os.sched_getaffinity(0))
+    base_env = {**os.environ, "PYTHONPATH": str(cpu_recipe.ROOT)}
+    common = ["--max-steps", str(args.max_steps), "--block", str(args.block)]
+    runs = []
+    for model in args.models:
+        cmd = [sys.executable, __file__, "--worker", "ours", "--model", model, *common]
+        runs.append(Run(model, cmd, dict(base_env)))
+    if not args.no_xla_defaults:
+        runs.append(Run(f"{args.models[0]}[XLA defaults]", runs[0].cmd,
+                        {**base_env, "LINEARNEXUS_XLA_CPU_FLAGS": "0"}))
+    for spec in args.xla_flags:
+        name, _, flags = spec.partition("=")
+        runs.append(Run(f"{args.models[0]}[{name}]", runs[0].cmd,
+                        {**base_env, "XLA_FLAGS": f"{base_env.get('XLA_FLAGS', '')} {flags}".strip()}))
+    for dtype in args.dtype:
+        runs.append(Run(f"{args.models[0]}[{dtype}]", [*runs[0].cmd, "--model-dtype", dtype],
+                        dict(base_env)))
+    if not args.no_peer:
+        for threads in args.peer_threads or [cores]:
+            runs.append(Run(f"torch-peer[{threads} threads]",
+                            [sys.executable, str(HERE / "cpu_train_peer.py"), "--worker",
+                             "--threads", str(threads), *common], dict(base_env)))
+
+    _, recipe = cpu_recipe.recipe()
+    tokens_per_step = recipe["batch_size"] * recipe["seq_len"]
+    load_start = os.getloadavg()[0]
+    wall = time.perf_counter()
+    try:
+        for run in runs:  # one at a time: start-up is not timed, but keep it off the others
+            run.start()
+        while not all(r.done for r in runs):
+            for run in runs:
+                if not run.done:
+                    block = run.advance()
+                    print(f"  {run.name:32s} step {block['step']:5d}  {block['seconds']:7.2f} s",
+                          flush=True)
+    finally:
+        for run in runs:
+            run.stop()
+    wall = time.perf_counter() - wall
+    from common import machine
+
+    print(f"\n{machine()}; {cores} cores for XLA and torch.set_num_threads; "
+          f"{args.max_steps} steps per run in turns of {args.block}; load average "
+          f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; {wall:.0f} s")
+    peers = [r for r in runs if r.name.startswith("torch")]
+    best_peer = max((r.tokens_per_s(tokens_per_step, True) for r in peers), default=None)
+    rows = []
+    print(f"{'run':32s} {'steady tok/s':>12s} {'overall tok/s':>13s} {'vs peer':>8s} "
+          f"{'val loss':>9s}")
+    for run in runs:
+        steady = run.tokens_per_s(tokens_per_step, True)
+        overall = run.tokens_per_s(tokens_per_step, False)
+        ratio = steady / best_peer if best_peer else None
+        val = run.blocks[-1]["val_loss"]
+        rows.append({"run": run.name, "steady_tokens_per_s": steady, "overall_tokens_per_s": overall,
+                     "ratio_to_best_peer": ratio, "val_loss": val, "info": run.info})
+        print(f"{run.name:32s} {steady:12,.0f} {overall:13,.0f} "
+              f"{'' if ratio is None else f'{ratio:7.2f}x':>8s} {val:9.4f}")
+    if best_peer and not args.quick and args.max_steps == 2000:
+        ours = rows[0]
+        ok = ours["ratio_to_best_peer"] >= TARGET_RATIO and ours["val_loss"] <= TARGET_VAL
+        print(f"target (>= {TARGET_RATIO}x the best peer, val loss <= {TARGET_VAL}): "
+              f"{'met' if ok else 'NOT met'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "steps": args.max_steps,
+                                               "block": args.block, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
