@@ -21,6 +21,7 @@ import pytest
 from linearnexus.kernels.base import dispatch
 from linearnexus.kernels.common.gpu_lowering import lower_for_gpu
 from linearnexus.kernels.common.pallas import TritonConfig
+from linearnexus.kernels.common.pallas_ops import _chunk_of
 from linearnexus.registry import KERNEL_REGISTRY
 from tests.helpers.parity import x64
 from tests.op_specs import IMPLEMENTATIONS, SPECS
@@ -224,3 +225,13 @@ def test_dispatch_never_picks_pallas_on_cpu(op):
     assert chosen("gpu") == "pallas"
     assert chosen("gpu", jnp.float64) == "jax"
     assert jax.default_backend() != "cpu" or chosen(None) == "jax"
+
+    def untileable_chunk(kernel):  # what the pallas backend does with chunk_size=8
+        if kernel.name == "pallas":
+            _chunk_of(None, 8)
+        return kernel.name
+
+    # a chunk size the Triton kernels cannot tile: automatic dispatch moves on to jax (the
+    # named backend raises a ValueError naming chunk_size, test above)
+    assert dispatch(op, api.BACKENDS, order, untileable_chunk, backend=None,
+                    dtype=jnp.float32, platform="gpu") == "jax"

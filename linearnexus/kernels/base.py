@@ -29,12 +29,20 @@ __all__ = [
     "GridConfig",
     "KernelMode",
     "SelectiveKernelProtocol",
+    "UnsupportedArgument",
     "current_platform",
     "dispatch",
     "resolve_mode",
 ]
 
 _R = TypeVar("_R")
+
+
+class UnsupportedArgument(NotImplementedError, ValueError):
+    """An argument one backend cannot take (e.g. a chunk size its kernels do not tile) though
+    the op accepts it: under automatic dispatch the next backend runs the call (a
+    ``NotImplementedError``); a caller who named the backend gets the error, which is also a
+    ``ValueError`` naming the argument."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import jax.numpy as jnp
 
 from linearnexus.core.types import Array, DType
-from linearnexus.kernels.base import GridConfig
+from linearnexus.kernels.base import GridConfig, UnsupportedArgument
 from linearnexus.kernels.common.chunking import plan_chunks, to_chunks
 from linearnexus.kernels.common.pallas import TritonConfig, interpret_mode, next_pow2
 from linearnexus.kernels.common.pallas_chunk import (
@@ -88,7 +88,8 @@ def _chunk_of(config: TritonConfig | None, chunk_size: int | None) -> TritonConf
     if cfg.chunk is None:
         chunk = 64 if chunk_size is None else chunk_size
         if chunk < 16 or chunk & (chunk - 1):
-            raise ValueError(f"chunk_size: the pallas backend needs a power of two >= 16, got {chunk}")
+            raise UnsupportedArgument(
+                f"chunk_size: the pallas backend needs a power of two >= 16, got {chunk}")
         cfg = dataclasses.replace(cfg, chunk=chunk)
     return cfg
 

@@ -65,7 +65,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from linearnexus.core.types import Array
-from linearnexus.kernels.base import current_platform
+from linearnexus.kernels.base import UnsupportedArgument, current_platform
 
 F32 = jnp.float32
 LANE = 128
@@ -659,7 +659,7 @@ def resolve_chunk(chunk_size: int | None) -> int:
         return DEFAULT_CHUNK
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 8 \
             or chunk_size % SUBLANE:
-        raise ValueError(f"chunk_size: the pallas_tpu backend needs a multiple of {SUBLANE} "
+        raise UnsupportedArgument(f"chunk_size: the pallas_tpu backend needs a multiple of {SUBLANE} "
                          f"(128 fills the MXU), got {chunk_size!r}")
     return chunk_size
 
