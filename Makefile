@@ -1,4 +1,11 @@
 # `make demo` and `make test` work from a clean clone: they create .venv on first use.
+# `make test JAX_VERSION=0.11.2` (or `make test-jax011`): the suite on that JAX, in a venv of
+# its own (.venv-jax0.11.2); JAX 0.11 needs Python >= 3.12 (CONTRIBUTING.md, "Two JAX versions")
+ifneq ($(JAX_VERSION),)
+PYTHON ?= python3.12
+VENV ?= .venv-jax$(JAX_VERSION)
+JAX_PIN := "jax==$(JAX_VERSION)" "jaxlib==$(JAX_VERSION)"
+endif
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,12 +13,12 @@ STAMP := $(VENV)/.installed-stamp
 # The demo trains on the TinyShakespeare copy shipped in linearnexus/assets/; set
 # LINEARNEXUS_SHAKESPEARE=PATH (or pass --data to train_lm.py) to use another file.
 
-.PHONY: setup demo test lint smoke bench clean rl-demo
+.PHONY: setup demo test test-jax011 lint smoke bench clean rl-demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev]" $(JAX_PIN)
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -33,6 +40,9 @@ test: $(STAMP) lint
 	$(PY) -m pytest -n 2 --dist worksteal --durations=15 tests
 	# 8 simulated devices: a process of its own (XLA reads the device count at start-up)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -n 2 --dist worksteal --durations=15 tests/multidevice
+
+test-jax011:
+	$(MAKE) test JAX_VERSION=0.11.2
 
 # every op's every backend vs its reference, every block's forward + decode step (< 90 s)
 smoke: $(STAMP)

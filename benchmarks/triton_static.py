@@ -39,6 +39,8 @@ import jax.numpy as jnp  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernels_gpu as kg  # noqa: E402
 
+from linearnexus.kernels.common.gpu_lowering import lower_for_gpu  # noqa: E402
+
 
 def capture_ttir() -> list[str]:
     """Record the TTIR of every Pallas kernel lowered from now on (in lowering order)."""
@@ -143,7 +145,7 @@ def main() -> None:
     captured = capture_ttir()
     loss, structs = loss_and_args(args.op, shape, args.packed)
     grad = jax.grad(loss, argnums=tuple(range(len(structs))))
-    text = jax.jit(grad).trace(*structs).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_gpu(grad, *structs)
     warps = [int(w) for w in re.findall(r"num_warps = (\d+) : i32", text)]
     stages = [int(s) for s in re.findall(r"num_stages = (\d+) : i32", text)]
     names = re.findall(r'name = "([^"]+)"', text)

@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 from linearnexus.kernels.base import GridConfig
+from linearnexus.kernels.common.gpu_lowering import lower_for_gpu
 from linearnexus.kernels.common.pallas import TritonConfig
 from linearnexus.kernels.mamba import pallas as mamba_pallas
 from linearnexus.kernels.mamba import selective_scan
@@ -237,7 +238,7 @@ def test_kernels_lower_to_triton_for_a_gpu(monkeypatch):
         return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h)
 
     grad = jax.grad(loss, argnums=tuple(range(9)))
-    text = jax.jit(grad).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_gpu(grad, *args)
     assert text.count("__gpu$xla.gpu.triton") == 2  # the saving forward and the backward
 
 
@@ -356,5 +357,5 @@ def test_packed_kernels_lower_to_triton_for_a_gpu(monkeypatch):
         return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h)
 
     grad = jax.grad(loss, argnums=tuple(range(9)))
-    text = jax.jit(grad).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_gpu(grad, *args)
     assert text.count("__gpu$xla.gpu.triton") == 2

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from linearnexus.kernels.base import dispatch
+from linearnexus.kernels.common.gpu_lowering import lower_for_gpu
 from linearnexus.kernels.common.pallas import TritonConfig
 from linearnexus.registry import KERNEL_REGISTRY
 from tests.helpers.parity import x64
@@ -97,7 +98,7 @@ def test_gla_kernels_lower_to_triton_for_a_gpu(monkeypatch):
         return jnp.sum(o.astype(jnp.float32))
 
     grad = jax.grad(loss, argnums=tuple(range(len(args))))
-    text = jax.jit(grad).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_gpu(grad, *args)
     assert text.count("__gpu$xla.gpu.triton") == 10
 
 
@@ -116,7 +117,7 @@ def test_delta_rules_lower_to_triton_without_a_dk_sum(op, monkeypatch):
         return jnp.sum(o.astype(jnp.float32))
 
     grad = jax.grad(loss, argnums=tuple(range(len(args))))
-    text = jax.jit(grad).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_gpu(grad, *args)
     assert text.count("__gpu$xla.gpu.triton") == 7
     dk_adds = [line for line in text.splitlines()
                if "stablehlo.add" in line and "x2x64xbf16>" in line]
@@ -144,6 +145,12 @@ def test_triton_config_rejects_bad_knobs():
         TritonConfig(num_warps=3)
     with pytest.raises(ValueError, match="par_block_k"):
         TritonConfig(par_block_k=24)
+
+
+def test_lower_for_gpu_rejects_a_device_kind_it_cannot_target():
+    # the abstract device is only for NVIDIA kinds; a typo must not lower for the wrong chip
+    with pytest.raises(ValueError, match="device_kind: expected a jax NVIDIA device kind"):
+        lower_for_gpu(jnp.sin, jax.ShapeDtypeStruct((4,), jnp.float32), device_kind="H200")
 
 
 def test_par_block_k_override_matches_reference(key):

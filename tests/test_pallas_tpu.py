@@ -6,16 +6,14 @@ sequences included, where ``backend="naive"`` would compile one scan per sequenc
 output, the final state and the gradient of every input, initial state included.
 
 The interpreter compiles slowly (~4 s of CPU per op and shape), so the issue's grid of cases
-is folded into six calls (``docs/tpu.md``, "Tests"):
+is folded into eight calls (``docs/tpu.md``, "Tests"):
 
 * packed, every op: ``cu_seqlens`` lengths (0, 1, 63, 65, 70, 129, 1000) with initial
   states: T = 1, 63, 65 and 1000 as sequences, and the packing lengths (0, 1, 70, 129);
   head dims 64 (padded to the 128 lanes);
-* batch (no ``cu_seqlens``), T = 65 (T not a multiple of the chunk), no initial state:
-  simple_gla at head dims 128 (float32, no padding), gated_delta_rule at 64 with
-  bfloat16 q, k, v. The batch layout, the zero initial state and the head-dim padding are
-  one code path for every op (``pallas_tpu.py``'s glue and the kernels' ``has_h0`` switch;
-  the kernels see 128 lanes either way).
+* batch (no ``cu_seqlens``), T = 65 (T not a multiple of the chunk), no initial state,
+  head dims 128 (no padding), every op: float32, and gated_delta_rule with bfloat16
+  q, k, v.
 """
 
 from __future__ import annotations
@@ -40,7 +38,8 @@ PACKED_LENGTHS = (0, 1, 63, 65, 70, 129, 1000)
 RUNS = [  # (op, case, head dims)
     ("simple_gla", "packed", 64), ("delta_rule", "packed", 64),
     ("gated_delta_rule", "packed", 64), ("gla", "packed", 64),
-    ("simple_gla", "batch", 128), ("gated_delta_rule", "batch-bf16", 64),
+    ("simple_gla", "batch", 128), ("delta_rule", "batch", 128), ("gla", "batch", 128),
+    ("gated_delta_rule", "batch-bf16", 128),
 ]
 #: bfloat16 q, k, v (gates, beta, states float32), against the reference on the same values
 #: in float32: bf16 rounding of the in-kernel operands alone gives ~1e-3

@@ -9,6 +9,8 @@ compute can keep float32 master weights.
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +115,73 @@ class RMSNorm(nnx.Module):
         return (xf * inv * self.scale[...].astype(ct)).astype(out_dtype)
 
 
+#: set to "0" to run one-token calls with a matmul per projection, as longer calls do
+FUSED_DECODE_ENV = "LINEARNEXUS_FUSED_DECODE"
+
+
+def fused_decode_enabled() -> bool:
+    """False when ``LINEARNEXUS_FUSED_DECODE=0`` (read at trace time)."""
+    return os.environ.get(FUSED_DECODE_ENV, "1") != "0"
+
+
+def fused_dense(x: Array, linears: Sequence[nnx.Linear], *,
+                groups: Sequence[int] | None = None) -> list[Array]:
+    """``[l(x) for l in linears]`` as one matmul: ``x [..., D] @ [W_1 | ... | W_n]``.
+
+    For one-token decoding, where every projection is a separate tiny GEMV kernel and the
+    step is bound by how many kernels run, not by the bytes they read. The weights are
+    concatenated inside the traced function: in the on-device decode loop they are loop
+    invariants, which XLA hoists out of the loop body (``benchmarks/count_decode_ops.py``
+    shows one dot per group in the body). Each output column is the same dot product as in
+    its own ``nnx.Linear`` (the same dtypes, precision and bias), so results differ at most
+    by the matmul's rounding.
+
+    Args:
+        x: ``[..., D]``.
+        linears: ``nnx.Linear`` modules of the same ``in_features`` D, compute dtype,
+            precision and ``dot_general``.
+        groups: how many consecutive linears each output covers (summing to
+            ``len(linears)``): ``(3, 1)`` returns ``[y_1 | y_2 | y_3, y_4]``, the first three
+            outputs side by side without a concatenate. None: one output per linear.
+
+    Returns:
+        ``[y_1 [..., F_1], ..., y_n [..., F_n]]`` (or one per group) in the linears'
+        compute dtype.
+
+    Raises:
+        ValueError: no linears, linears that differ in what their matmul does, or
+            ``groups`` that do not sum to ``len(linears)``.
+    """
+    if not linears:
+        raise ValueError("linears: expected at least one nnx.Linear, got none")
+    groups = [1] * len(linears) if groups is None else list(groups)
+    if sum(groups) != len(linears) or min(groups) < 1:
+        raise ValueError(f"groups: expected positive sizes summing to {len(linears)} (the "
+                         f"number of linears), got {groups}")
+    first = linears[0]
+    for lin in linears[1:]:
+        if (lin.in_features, lin.dtype, lin.precision, lin.dot_general,
+                lin.preferred_element_type) != (first.in_features, first.dtype, first.precision,
+                                                first.dot_general, first.preferred_element_type):
+            raise ValueError("linears: expected the same in_features, dtype, precision and "
+                             "dot_general in all of them")
+    ends = np.cumsum([lin.out_features for lin in linears])[np.cumsum(groups) - 1]
+    kernel = jnp.concatenate([lin.kernel[...] for lin in linears], axis=1)  # [D, sum F]
+    bias = None
+    if any(lin.bias is not None for lin in linears):
+        bias = jnp.concatenate([lin.bias[...] if lin.bias is not None
+                                else jnp.zeros((lin.out_features,), lin.param_dtype)
+                                for lin in linears])  # [sum F]
+    x, kernel, bias = first.promote_dtype((x, kernel, bias), dtype=first.dtype)
+    kwargs = ({} if first.preferred_element_type is None
+              else {"preferred_element_type": first.preferred_element_type})
+    y = first.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                          precision=first.precision, **kwargs)  # [..., sum F]
+    if bias is not None:
+        y = y + bias
+    return jnp.split(y, ends[:-1].tolist(), axis=-1)
+
+
 def swiglu_hidden_size(d_model: int, multiple_of: int = 64) -> int:
     """LLaMA's MLP width: ``8/3 * d_model`` rounded up to a multiple of ``multiple_of``."""
     return multiple_of * math.ceil(8 * d_model / 3 / multiple_of)
@@ -154,7 +223,11 @@ class SwiGLU(nnx.Module):
         """``x: [..., D]`` -> ``[..., D]`` in the compute dtype."""
         if x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected last axis D={self.d_model}, got shape {x.shape}")
-        return self.w_down(jax.nn.silu(self.w_gate(x)) * self.w_up(x))  # [..., F] -> [..., D]
+        if x.ndim >= 2 and x.shape[-2] == 1 and fused_decode_enabled():  # one token: one GEMV
+            gate, up = fused_dense(x, (self.w_gate, self.w_up))
+        else:
+            gate, up = self.w_gate(x), self.w_up(x)
+        return self.w_down(jax.nn.silu(gate) * up)  # [..., F] -> [..., D]
 
 
 class RotaryEmbedding(nnx.Module):

@@ -58,15 +58,26 @@ def _backend_order(op: str) -> tuple[str, ...]:
 
 
 def _auto_platforms(op: str, backend: str) -> list[str]:
+    """Platforms where dispatch picks ``backend`` by itself, each followed by the dtypes it
+    is picked for when that is fewer than the backend supports there (e.g. mosaic takes
+    bfloat16 on a GPU while float32 stays with pallas)."""
     backends = kernels_for(op)
     order = _backend_order(op)
     picked = []
     for platform in PLATFORMS:
-        for name in order:  # dispatch's rule: the first that supports the call, the last always
-            if name == order[-1] or backends[name].supports(platform=platform, dtype=jnp.float32):
-                if name == backend:
-                    picked.append(platform)
-                break
+        chosen = []
+        for dtype in DTYPES:
+            for name in order:  # dispatch's rule: the first that supports the call, the last always
+                if name == order[-1] or backends[name].supports(platform=platform, dtype=dtype):
+                    if name == backend:
+                        chosen.append(jnp.dtype(dtype).name)
+                    break
+        if not chosen:
+            continue
+        own = [jnp.dtype(d).name for d in DTYPES
+               if backends[backend].supports(platform=platform, dtype=d)]
+        picked.append(platform if chosen == own or not own else
+                      f"{platform} ({', '.join(chosen)})")
     return picked
 
 

@@ -164,6 +164,9 @@ class MosaicKernel(PallasKernel):
     """
 
     name: ClassVar[str] = "mosaic"
+    #: shown after the name in the README's feature table
+    status: ClassVar[str] = ("sm_90+, dense batches: Mosaic GPU forward, Triton backward; "
+                             "otherwise falls back to pallas")
 
     def supports(self, *, platform: str, dtype: DType) -> bool:
         # static (the feature table reads it on any machine); the compute capability and the

@@ -32,13 +32,21 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from linearnexus.core.config import ConfigError
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array
 from linearnexus.modules.base import BlockConfig, dtype_of, op_backend
-from linearnexus.modules.common import GatedRMSNorm, RMSNorm, ShortConv, xavier_uniform
+from linearnexus.modules.common import (
+    GatedRMSNorm,
+    RMSNorm,
+    ShortConv,
+    fused_decode_enabled,
+    fused_dense,
+    xavier_uniform,
+)
 from linearnexus.modules.linear.runtime import (
     LinearState,
     SequenceCall,
@@ -221,6 +229,18 @@ class LinearAttentionBlock(nnx.Module):
         raise NotImplementedError(f"{type(self).__name__} must define _gates: the base class has "
                                   "no gate of its own")
 
+    def _gate_linears(self) -> tuple[nnx.Linear, ...] | None:
+        """The ``nnx.Linear`` projections of ``x`` that :meth:`_gates` reads, in the order
+        :meth:`_gates_from` takes their outputs, or None (the default) when the gates are
+        not plain projections of ``x``: then one-token calls project q, k, v apart."""
+        return None
+
+    def _gates_from(self, x: Array, logits: list[Array]) -> tuple[Array, ...]:
+        """:meth:`_gates` from its projections' outputs ``logits`` (those of
+        :meth:`_gate_linears`, computed with q, k and v in one matmul at decode)."""
+        raise NotImplementedError(f"{type(self).__name__} must define _gates_from with "
+                                  "_gate_linears")
+
     def _prepare_qk(self, q: Array, k: Array, state: Any,
                     call: SequenceCall) -> tuple[Array, Array]:
         """Transform ``q, k [B, T, H, K]`` before the op (RetNet's rotary, DeltaNet's L2
@@ -290,12 +310,25 @@ class LinearAttentionBlock(nnx.Module):
         batch, seq, _ = x.shape
         h, hk, hv = cfg.heads, cfg.head_k_dim, cfg.head_v_dim
 
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        gate_linears = self._gate_linears()
+        fused = seq == 1 and gate_linears is not None and fused_decode_enabled()
+        if fused:  # one token: q, k, v, the gates' and the output gate's projections in one GEMV
+            out_gate = () if self.g_proj is None else (self.g_proj,)
+            rest = [self.q_proj, self.k_proj, self.v_proj, *gate_linears, *out_gate]
+            qkv, *rest = fused_dense(x, rest, groups=(3,) + (1,) * (len(rest) - 3))
+            gate_logits = rest[:len(gate_linears)]  # [B, 1, 2HK + HV], then the gates'
+            q, k, v = jnp.split(qkv, [cfg.key_dim, 2 * cfg.key_dim], axis=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         conv = linear.conv
         if self.conv is not None:
-            # one conv over q | k | v, run part by part (no [B, T, 2HK + HV] concatenation)
-            (q, k, v), cache = self.conv.split_call([q, k, v], conv.buffer, lengths=call.lengths,
-                                                    cu_seqlens=call.cu_seqlens)
+            if fused:  # one token: qkv is the fused projection's first columns already
+                qkv, cache = self.conv(qkv, conv.buffer, lengths=call.lengths,
+                                       cu_seqlens=call.cu_seqlens)
+                q, k, v = jnp.split(qkv, [cfg.key_dim, 2 * cfg.key_dim], axis=-1)
+            else:  # one conv over q | k | v, run part by part (no [B, T, 2HK + HV] concatenation)
+                (q, k, v), cache = self.conv.split_call(
+                    [q, k, v], conv.buffer, lengths=call.lengths, cu_seqlens=call.cu_seqlens)
             conv = conv.update(cache)
         elif self.silu_without_conv:
             q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
@@ -306,13 +339,15 @@ class LinearAttentionBlock(nnx.Module):
         # pads write nothing (k = v = 0, beta = 0) and decay nothing (log-gate = 0): the
         # conv, biases and sigmoids make them non-zero even though begin_call zeroed x there
         k, v = inert(k, call), inert(v, call)
-        gates = [inert(gate, call) for gate in self._gates(x)]
+        gates = self._gates_from(x, gate_logits) if fused else self._gates(x)
+        gates = [inert(gate, call) for gate in gates]
         o, final = type(self).op(
             q, k, v, *gates, initial_state=linear.recurrent.state, output_final_state=True,
             cu_seqlens=call.cu_seqlens, chunk_size=cfg.chunk_size, mode=call.mode,
             backend=cfg.backend)  # o: [B, T, H, V]
         if self.g_proj is not None:
-            gate = self.g_proj(x).reshape(batch, seq, h, hv)  # [B, T, H*V] -> [B, T, H, V]
+            gate = rest[-1] if fused else self.g_proj(x)  # [B, T, H*V]
+            gate = gate.reshape(batch, seq, h, hv)  # [B, T, H*V] -> [B, T, H, V]
             o = self.norm(o, gate)
         else:
             o = self.norm(o)

@@ -240,7 +240,11 @@ class DeltaNetFamilyBlock(LinearAttentionBlock):
 
     def _beta(self, x: Array) -> Array:
         """``beta [B, T, H]`` in float32 (float64 for float64 compute) from ``x [B, T, D]``."""
-        beta = jax.nn.sigmoid(self.b_proj(x).astype(math_dtype(x.dtype)))
+        return self._beta_from(self.b_proj(x))
+
+    def _beta_from(self, logits: Array) -> Array:
+        """``beta [B, T, H]`` from ``logits = x W_b [B, T, H]`` (compute dtype)."""
+        beta = jax.nn.sigmoid(logits.astype(math_dtype(logits.dtype)))
         return 2.0 * beta if self.config.allow_neg_eigval else beta
 
 
@@ -255,6 +259,12 @@ class DeltaNetBlock(DeltaNetFamilyBlock):
 
     def _gates(self, x: Array) -> tuple[Array]:
         return (self._beta(x),)
+
+    def _gate_linears(self) -> tuple[nnx.Linear, ...]:
+        return (self.b_proj,)
+
+    def _gates_from(self, x: Array, logits: list[Array]) -> tuple[Array]:
+        return (self._beta_from(logits[0]),)
 
 
 class GatedDeltaNetBlock(DeltaNetFamilyBlock):
@@ -283,6 +293,15 @@ class GatedDeltaNetBlock(DeltaNetFamilyBlock):
     def _gates(self, x: Array) -> tuple[Array, Array]:
         beta = self._beta(x)  # first: the order x is used in sets how its gradient is summed
         # the projection in the compute dtype, the decay in float32 (float64 for float64)
-        logits = self.a_proj(x).astype(math_dtype(x.dtype))  # [B, T, H]
-        g = softplus_decay(logits, self.A_log[...], self.dt_bias[...])  # [B, T, H], <= 0
-        return g, beta
+        return self._decay_from(self.a_proj(x)), beta
+
+    def _decay_from(self, logits: Array) -> Array:
+        """``g [B, T, H] <= 0`` from ``logits = x W_a [B, T, H]`` (compute dtype)."""
+        logits = logits.astype(math_dtype(logits.dtype))
+        return softplus_decay(logits, self.A_log[...], self.dt_bias[...])  # [B, T, H]
+
+    def _gate_linears(self) -> tuple[nnx.Linear, ...]:
+        return (self.b_proj, self.a_proj)
+
+    def _gates_from(self, x: Array, logits: list[Array]) -> tuple[Array, Array]:
+        return self._decay_from(logits[1]), self._beta_from(logits[0])
