@@ -289,3 +289,20 @@ def test_linear_state_zeros_and_checks():
     with x64():  # a float64 block keeps a float64 state
         state64 = zeros_linear_state(1, dtype="float64", **dims)
         assert state64.recurrent.state.dtype == jnp.float64 and state64.conv.buffer.dtype == jnp.float64
+
+
+def test_short_conv_split_call_equals_the_whole_conv_split():
+    conv = ShortConv(7, 3, bias=True, rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(4)
+    lengths = jnp.asarray([5, 3])
+    for seq, cache in ((5, None), (5, rng.standard_normal((2, 2, 7)).astype(np.float32)),
+                       (1, rng.standard_normal((2, 2, 7)).astype(np.float32))):
+        x = rng.standard_normal((2, seq, 7)).astype(np.float32)
+        lens = lengths if seq == 5 else None
+        y, new_cache = conv(jnp.asarray(x), cache, lengths=lens)
+        parts, part_cache = conv.split_call([x[..., :2], x[..., 2:5], x[..., 5:]], cache,
+                                            lengths=lens)
+        np.testing.assert_allclose(np.concatenate(parts, -1), y, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(part_cache, new_cache, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="parts"):
+        conv.split_call([x[..., :2]], None)

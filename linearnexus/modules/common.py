@@ -490,3 +490,48 @@ class ShortConv(nnx.Module):
         if self.activation is not None:
             y = _CONV_ACTIVATIONS[self.activation](y)
         return y.astype(x.dtype), new_cache
+
+    def split_call(self, parts: list[Array], cache: Array | None = None, *,
+                   lengths: Array | None = None,
+                   cu_seqlens: Array | None = None) -> tuple[list[Array], Array]:
+        """``self(concatenate(parts))`` split back into the parts, without the concatenation.
+
+        The conv is depthwise, so each part is convolved on its own with its slice of
+        ``conv_weight``, ``conv_bias`` and the cache; only the small ``[B, W-1, C]`` caches
+        are concatenated. On the CPU, the full-width ``[B, T, C]`` concatenation and its
+        backward (the split's transpose, written in the layout the weight-gradient matmuls
+        want) cost a gated-deltanet-small training step more than its delta-rule op did.
+
+        Args:
+            parts: ``[B, T, C_i]`` arrays with ``sum(C_i) == C``, in channel order.
+            cache, lengths, cu_seqlens: as in ``__call__``.
+
+        Returns:
+            ``([y_i [B, T, C_i]], new_cache)`` as ``__call__`` would give, split.
+        """
+        sizes = [p.shape[-1] if p.ndim == 3 else -1 for p in parts]
+        if sum(sizes) != self.channels or min(sizes) < 1:
+            raise ValueError(f"parts: expected [B, T, C_i] arrays with sum(C_i) = "
+                             f"{self.channels}, got shapes {[p.shape for p in parts]}")
+        if parts[0].shape[1] == 1 and cache is not None:  # decoding: one fused conv
+            y, new_cache = self(jnp.concatenate(parts, axis=-1), cache, lengths=lengths,
+                                cu_seqlens=cu_seqlens)  # [B, 1, C]
+            return jnp.split(y, np.cumsum(sizes)[:-1].tolist(), axis=-1), new_cache
+        weight = self.conv_weight[...]
+        bias = None if self.conv_bias is None else self.conv_bias[...]
+        ys, caches, lo = [], [], 0
+        for part, size in zip(parts, sizes, strict=True):
+            if not is_float_dtype(part.dtype):
+                raise TypeError(f"parts: expected float dtypes, got {part.dtype}")
+            x = part.astype(self.dtype or part.dtype)
+            hi = lo + size
+            y, part_cache = depthwise_conv1d(
+                x, weight[:, lo:hi], None if bias is None else bias[lo:hi],
+                None if cache is None else cache[..., lo:hi], lengths=lengths,
+                cu_seqlens=cu_seqlens)
+            if self.activation is not None:
+                y = _CONV_ACTIVATIONS[self.activation](y)
+            ys.append(y.astype(x.dtype))
+            caches.append(part_cache)
+            lo = hi
+        return ys, jnp.concatenate(caches, axis=-1)  # [B, W-1, C]

@@ -322,11 +322,13 @@ class LinearAttentionBlock(nnx.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         conv = linear.conv
         if self.conv is not None:
-            if not fused:  # fused: qkv is the projection's first columns already
-                qkv = jnp.concatenate([q, k, v], axis=-1)  # [B, T, 2HK + HV]
-            qkv, cache = self.conv(qkv, conv.buffer, lengths=call.lengths,
-                                   cu_seqlens=call.cu_seqlens)
-            q, k, v = jnp.split(qkv, [cfg.key_dim, 2 * cfg.key_dim], axis=-1)
+            if fused:  # one token: qkv is the fused projection's first columns already
+                qkv, cache = self.conv(qkv, conv.buffer, lengths=call.lengths,
+                                       cu_seqlens=call.cu_seqlens)
+                q, k, v = jnp.split(qkv, [cfg.key_dim, 2 * cfg.key_dim], axis=-1)
+            else:  # one conv over q | k | v, run part by part (no [B, T, 2HK + HV] concatenation)
+                (q, k, v), cache = self.conv.split_call(
+                    [q, k, v], conv.buffer, lengths=call.lengths, cu_seqlens=call.cu_seqlens)
             conv = conv.update(cache)
         elif self.silu_without_conv:
             q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
