@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from linearnexus.core.config import ConfigBase, ConfigError, field
+from linearnexus.optim import SCHEDULES
 from linearnexus.train.rl.losses import LOSS_AGGREGATIONS
 from linearnexus.train.sft import TrainConfig
 
@@ -112,7 +113,7 @@ class RLConfig(ConfigBase):
     mask_truncated: bool = False
     optimizer: str = field("adamw", choices=("adamw", "muon"))
     lr: float = field(1e-4, gt=0)
-    schedule: str = field("constant", choices=("cosine", "linear", "constant"))
+    schedule: str = field("constant", choices=SCHEDULES)
     warmup_steps: int = field(0, ge=0)
     weight_decay: float = field(0.0, ge=0)
     beta1: float | None = field(None, ge=0, lt=1)
