@@ -15,8 +15,10 @@ run's final validation loss. ``torch.set_num_threads`` gets the cores this proce
 which is the size of XLA's CPU thread pool too (``--peer-threads`` adds peers with other
 counts: the best peer is the one to beat).
 
-Our runs use ``train_lm.py``'s XLA:CPU flags (``linearnexus/core/cpu_flags.py``); one more run
-of the first model keeps XLA's defaults, to show what the flags bring. ``--xla-flags
+Our runs use ``train_lm.py``'s CPU settings (``linearnexus/core/cpu_flags.py``: its XLA:CPU
+flags and, on a host with 2+ cores, the batch split over 2 CPU devices); two more runs of
+the first model show what they bring: one with XLA's defaults on one device, one with the
+flags on one device (``--cpu-devices N`` adds one with N devices). ``--xla-flags
 NAME=FLAGS`` adds a run of the first model with ``XLA_FLAGS=FLAGS`` (to
 measure a flag: ``--xla-flags noynn=--xla_cpu_experimental_ynn_fusion_type=``).
 """
@@ -89,19 +91,23 @@ class Run:
 
 def ours_worker(args: argparse.Namespace) -> None:
     """Block protocol (see cpu_train_peer.worker) around ``SFTTrainer.train``."""
-    from linearnexus.core.cpu_flags import apply_cpu_flags
+    from linearnexus.core.cpu_flags import apply_cpu_flags, plan_cpu_devices, use_cpu_devices
 
-    apply_cpu_flags()  # as train_lm.py does
+    apply_cpu_flags()  # as train_lm.py does, and its split of the batch over CPU devices
+    n_devices, mesh = plan_cpu_devices(None, cpu_recipe.recipe()[1]["batch_size"])
+    if n_devices:
+        use_cpu_devices(n_devices)
     import jax
 
-    overrides = {"max_steps": args.max_steps}
+    overrides = {"max_steps": args.max_steps, "mesh": mesh}
     with tempfile.TemporaryDirectory(prefix="ln-ours-") as tmp:
         model = {"dtype": args.dtype} if args.dtype else None
         trainer = cpu_recipe.make_trainer(args.model, Path(tmp) / "run", model_overrides=model,
                                           **overrides)
         n_params = sum(int(x.size) for x in jax.tree.leaves(trainer.state.params))
         print(json.dumps({"ready": True, "params": n_params, "jax": jax.__version__,
-                          "xla_flags": os.environ.get("XLA_FLAGS", "")}), flush=True)
+                          "xla_flags": os.environ.get("XLA_FLAGS", ""), "mesh": mesh}),
+              flush=True)
         if sys.stdin.readline().strip() != "go":
             return
         clock = {"start": time.perf_counter()}
@@ -137,8 +143,12 @@ def main() -> None:
     p.add_argument("--peer-threads", type=int, nargs="+", default=None,
                    help="torch thread counts, one peer each (default: this process's cores)")
     p.add_argument("--no-xla-defaults", action="store_true",
-                   help="no extra run of the first model with XLA's own CPU flags "
-                        "(LINEARNEXUS_XLA_CPU_FLAGS=0 instead of core/cpu_flags.py's)")
+                   help="no extra runs of the first model with XLA's own CPU settings "
+                        "(LINEARNEXUS_XLA_CPU_FLAGS=0 LINEARNEXUS_CPU_DEVICES=1) and on one "
+                        "CPU device (LINEARNEXUS_CPU_DEVICES=1)")
+    p.add_argument("--cpu-devices", type=int, nargs="*", default=[], metavar="N",
+                   help="add a run of the first model per N, its batch split over N CPU "
+                        "devices (LINEARNEXUS_CPU_DEVICES=N)")
     p.add_argument("--xla-flags", nargs="*", default=[], metavar="NAME=FLAGS")
     p.add_argument("--dtype", nargs="*", default=[], metavar="DTYPE",
                    help="add a run of the first model per compute dtype (e.g. bfloat16)")
@@ -164,7 +174,13 @@ def main() -> None:
         runs.append(Run(model, cmd, dict(base_env)))
     if not args.no_xla_defaults:
         runs.append(Run(f"{args.models[0]}[XLA defaults]", runs[0].cmd,
-                        {**base_env, "LINEARNEXUS_XLA_CPU_FLAGS": "0"}))
+                        {**base_env, "LINEARNEXUS_XLA_CPU_FLAGS": "0",
+                         "LINEARNEXUS_CPU_DEVICES": "1"}))
+        runs.append(Run(f"{args.models[0]}[1 device]", runs[0].cmd,
+                        {**base_env, "LINEARNEXUS_CPU_DEVICES": "1"}))
+    for n in args.cpu_devices:
+        runs.append(Run(f"{args.models[0]}[{n} devices]", runs[0].cmd,
+                        {**base_env, "LINEARNEXUS_CPU_DEVICES": str(n)}))
     for spec in args.xla_flags:
         name, _, flags = spec.partition("=")
         runs.append(Run(f"{args.models[0]}[{name}]", runs[0].cmd,

@@ -1,11 +1,21 @@
 """CPU training settings: train_lm.py's XLA:CPU flags (linearnexus.core.cpu_flags), added and
-never overriding the user's; the bfloat16 variant of the nanoGPT recipe."""
+never overriding the user's; its split of the batch over CPU devices; the bfloat16 variant of
+the nanoGPT recipe."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from linearnexus.core.cpu_flags import CPU_TRAINING_FLAGS, DISABLE_ENV, apply_cpu_flags
+import pytest
+
+from linearnexus.core import cpu_flags
+from linearnexus.core.cpu_flags import (
+    CPU_DEVICES_ENV,
+    CPU_TRAINING_FLAGS,
+    DISABLE_ENV,
+    apply_cpu_flags,
+    plan_cpu_devices,
+)
 
 
 def test_flags_are_added_to_an_empty_or_unrelated_xla_flags():
@@ -49,3 +59,38 @@ def test_the_bfloat16_recipe_is_the_float32_recipe_with_bfloat16_compute():
     assert (model16.dtype, model16.param_dtype) == ("bfloat16", "float32")
     assert model16.replace(dtype="float32") == model32
     assert train16.replace(out_dir=train32.out_dir) == train32
+
+
+@pytest.fixture
+def fresh_two_cores(monkeypatch):
+    """As in a new train_lm.py process on a 2-core host: JAX's backend not started yet."""
+    monkeypatch.setattr(cpu_flags, "_backend_started", lambda: False)
+    monkeypatch.setattr(cpu_flags, "_cores", lambda: 2)
+
+
+def test_the_batch_is_split_over_two_cpu_devices_by_default(fresh_two_cores, monkeypatch):
+    cpu = {"JAX_PLATFORMS": "cpu"}
+    assert plan_cpu_devices(None, 12, cpu) == (2, "data=2")
+    assert plan_cpu_devices(None, 7, cpu) == (0, None)  # an odd batch: one device
+    monkeypatch.setattr(cpu_flags, "_cores", lambda: 1)
+    assert plan_cpu_devices(None, 12, cpu) == (0, None)
+
+
+def test_the_user_and_the_mesh_decide_the_cpu_device_count(fresh_two_cores, monkeypatch):
+    cpu = {"JAX_PLATFORMS": "cpu"}
+    assert plan_cpu_devices(None, 12, {**cpu, CPU_DEVICES_ENV: "1"}) == (0, None)
+    assert plan_cpu_devices(None, 12, {**cpu, CPU_DEVICES_ENV: "3"}) == (3, "data=3")
+    for bad, said in (("5", "do not divide the batch size 12"), ("two", "positive integer")):
+        with pytest.raises(ValueError, match=f"{CPU_DEVICES_ENV}: .*{said}"):
+            plan_cpu_devices(None, 12, {**cpu, CPU_DEVICES_ENV: bad})
+    # a mesh of N devices gets N CPU devices; "auto" and a one-device mesh leave the count
+    assert plan_cpu_devices("data=2,fsdp=2", 12, cpu) == (4, "data=2,fsdp=2")
+    assert plan_cpu_devices("auto", 12, cpu) == (0, "auto")
+    assert plan_cpu_devices("none", 12, cpu) == (0, "none")
+    # a count the user set, an accelerator host, a started backend: nothing is planned
+    for env in ({**cpu, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+                {**cpu, "JAX_NUM_CPU_DEVICES": "4"}, {"JAX_PLATFORMS": "cuda,cpu"}):
+        assert plan_cpu_devices(None, 12, env) == (0, None)
+        assert plan_cpu_devices("data=2", 12, env) == (0, "data=2")
+    monkeypatch.setattr(cpu_flags, "_backend_started", lambda: True)
+    assert plan_cpu_devices(None, 12, cpu) == (0, None)

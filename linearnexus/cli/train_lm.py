@@ -268,6 +268,17 @@ def _resolve(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[Any
     if train.seq_len > model_config.max_seq_len:
         raise UsageError(f"--seq-len: {train.seq_len} exceeds the model's max_seq_len="
                          f"{model_config.max_seq_len}")
+    # on a CPU-only host: the batch split over 2 CPU devices (core/cpu_flags.py says why), or
+    # as many CPU devices as --mesh names; before anything starts JAX's backend
+    from linearnexus.core.cpu_flags import plan_cpu_devices, use_cpu_devices
+
+    try:
+        n_cpu_devices, mesh = plan_cpu_devices(train.mesh, train.batch_size)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if n_cpu_devices:
+        use_cpu_devices(n_cpu_devices)
+        train = train.replace(mesh=mesh)
     if train.mesh is not None:  # before the data is prepared or anything compiles
         from linearnexus.parallel import MeshError, make_mesh, validate_model
 
@@ -372,7 +383,8 @@ def _train(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     print(f"model: {model.num_params():,} parameters, layers {list(model_config.layer_types)}, "
           f"d_model {model_config.d_model}")
     print(f"train: {train.optimizer}, lr {train.lr:g}, {train.max_steps} steps of "
-          f"{train.batch_size}x{train.seq_len} tokens -> {out_dir}")
+          f"{train.batch_size}x{train.seq_len} tokens -> {out_dir}"
+          + (f" on mesh {train.mesh}" if train.mesh else ""))
     loader = DataLoader(prepared.train_dataset(), train.batch_size, train.seq_len, seed=train.seed)
     trainer = SFTTrainer(model, None, loader, prepared.val_dataset(), train, model_config,
                          tokenizer=tokenizer)
