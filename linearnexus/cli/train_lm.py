@@ -220,6 +220,7 @@ def _resolve(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[Any
     if steps and not (args.resume or args.overwrite):
         raise UsageError(f"--out: {out} already holds a run (checkpoints at steps {steps}); "
                          "pass --resume to continue it or --overwrite to start over")
+    auto_mesh = _plan_cpu_devices(out, bool(steps and args.resume), train_section, overrides)
     saved = None
     if steps and args.resume:
         try:  # the newest checkpoint that verifies; failing ones are moved aside
@@ -268,17 +269,8 @@ def _resolve(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[Any
     if train.seq_len > model_config.max_seq_len:
         raise UsageError(f"--seq-len: {train.seq_len} exceeds the model's max_seq_len="
                          f"{model_config.max_seq_len}")
-    # on a CPU-only host: the batch split over 2 CPU devices (core/cpu_flags.py says why), or
-    # as many CPU devices as --mesh names; before anything starts JAX's backend
-    from linearnexus.core.cpu_flags import plan_cpu_devices, use_cpu_devices
-
-    try:
-        n_cpu_devices, mesh = plan_cpu_devices(train.mesh, train.batch_size)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if n_cpu_devices:
-        use_cpu_devices(n_cpu_devices)
-        train = train.replace(mesh=mesh)
+    if train.mesh is None and auto_mesh is not None:
+        train = train.replace(mesh=auto_mesh)
     if train.mesh is not None:  # before the data is prepared or anything compiles
         from linearnexus.parallel import MeshError, make_mesh, validate_model
 
@@ -288,6 +280,34 @@ def _resolve(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[Any
         except MeshError as e:
             raise UsageError(f"--mesh: {e}") from None
     return model_config, train, args.resume and saved is not None
+
+
+def _plan_cpu_devices(out: str, resuming: bool, train_section: dict[str, Any],
+                      overrides: dict[str, Any]) -> str | None:
+    """On a CPU-only host, ask JAX for 2 CPU devices to split the batch over (or for as many
+    as the run's mesh names; ``core/cpu_flags.py`` says why and when). Runs before anything
+    starts JAX's backend (verifying a checkpoint does), so the run's mesh and batch size are
+    read here as the resolution in ``_resolve`` will settle them: flags over the config file
+    over the run folder's ``config.yaml``. Returns the automatic mesh (``"data=2"``) or None."""
+    from linearnexus.core.cpu_flags import plan_cpu_devices, use_cpu_devices
+    from linearnexus.train import read_config_file
+    from linearnexus.train.sft import CONFIG_FILE
+
+    known: dict[str, Any] = {**train_section, **overrides}
+    saved_config = Path(out) / CONFIG_FILE
+    if resuming and saved_config.is_file():
+        with contextlib.suppress(Exception):  # a broken file is reported by the resume itself
+            known = {**read_config_file(saved_config)[1], **known}
+    mesh, batch = known.get("mesh"), known.get("batch_size")
+    if not isinstance(batch, int) or batch < 1:  # a bad value is TrainConfig's to report
+        batch = TRAIN_DEFAULTS["batch_size"]
+    try:
+        n_devices, planned = plan_cpu_devices(mesh, batch)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if n_devices:
+        use_cpu_devices(n_devices)
+    return planned if mesh is None else None
 
 
 def _hf_tokenizer(path: str) -> Any:
