@@ -28,6 +28,7 @@ from linearnexus.kernels.common.mosaic_chunk import (
     MosaicConfig,
     MosaicStatic,
     default_mosaic_config,
+    mosaic_backward_fits,
     mosaic_core,
     mosaic_unavailable_reason,
     smem_bytes,
@@ -127,6 +128,12 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
         raise ValueError(f"config: chunk={chunk}, block_v={cfg.block_v}, stages={cfg.stages} at "
                          f"K={kp} needs {need} bytes of shared memory, over the {SMEM_LIMIT} "
                          "a block may use; use fewer stages or a smaller block_v / chunk")
+    if cfg.backward == "mosaic" and not mosaic_backward_fits(
+            chunk=chunk, key_dim=kp, value_dim=vp, block_v=cfg.block_v,
+            itemsize=jnp.dtype(dtype).itemsize):
+        raise ValueError(f"config: backward='mosaic' at chunk={chunk}, K={kp}, V={vp}, "
+                         f"block_v={cfg.block_v} does not fit shared memory (the dq / dk kernel "
+                         "holds whole [L, V] tiles: V <= 128); use backward='pallas'")
     h0 = initial_state
     if h0 is not None:
         h0 = jnp.pad(h0.astype(F32), [(0, 0), (0, 0), (0, kp - key_dim), (0, vp - value_dim)])
@@ -141,7 +148,7 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
                     value_dim=vp, delta=False, dtype=dtype, n_chunks=plan.n_chunks)
     core = _static(tcfg, gate="scalar", delta=False, has_h0=h0 is not None, scale=scale,
                    plan=plan, heads=heads, key_dim=kp, value_dim=vp, n_seqs=batch)
-    st = MosaicStatic(core=core, block_v=cfg.block_v, stages=cfg.stages)
+    st = MosaicStatic(core=core, block_v=cfg.block_v, stages=cfg.stages, backward=cfg.backward)
     o, final = mosaic_core(st, qc, kc, vc, gc, h0)
     o = _unlayout(o, plan)[..., :value_dim].astype(v.dtype)
     return o, final[:, :, :key_dim, :value_dim]
@@ -165,7 +172,7 @@ class MosaicKernel(PallasKernel):
 
     name: ClassVar[str] = "mosaic"
     #: shown after the name in the README's feature table
-    status: ClassVar[str] = ("sm_90+, dense batches: Mosaic GPU forward, Triton backward; "
+    status: ClassVar[str] = ("sm_90+, dense batches, V <= 128: Mosaic GPU forward and backward; "
                              "otherwise falls back to pallas")
 
     def supports(self, *, platform: str, dtype: DType) -> bool:
