@@ -32,6 +32,9 @@ from linearnexus.kernels.base import GridConfig, dispatch  # noqa: E402
 from linearnexus.kernels.common.mosaic_chunk import MosaicConfig  # noqa: E402
 from linearnexus.kernels.simple_gla import api  # noqa: E402
 
+#: one pipeline stage in every Mosaic kernel: two programs per SM
+ONE_STAGE = MosaicConfig(stages=1, bwd_stages=1, dqk_stages=1, backward="mosaic")
+
 
 def chosen(dtype, cu_seqlens) -> str:
     """The backend dispatch settles on: the first in order whose ``supports`` says yes and
@@ -48,8 +51,9 @@ def chosen(dtype, cu_seqlens) -> str:
     return dispatch("simple_gla", api.BACKENDS, api.BACKEND_ORDER, call, backend=None, dtype=dtype)
 
 
-def check_no_state(T: int, D: int, seed: int) -> None:
-    """mosaic (Mosaic backward) vs the per-step reference, no initial state, bf16 inputs."""
+def check_no_state(T: int, D: int, seed: int, config: MosaicConfig | None = None) -> None:
+    """mosaic (Mosaic backward) vs the per-step reference, no initial state, bf16 inputs
+    (``config``: the mosaic backend's overrides for this check)."""
     B, H = 2, 4
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
     inputs = kg.jax_inputs("simple_gla", k1, B, T, H, D, D, jnp.bfloat16)
@@ -64,13 +68,17 @@ def check_no_state(T: int, D: int, seed: int) -> None:
             return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(ht * dht), (o, ht)
         return jax.jit(jax.grad(loss, has_aux=True))
 
-    g, (o, ht) = make("mosaic")(tuple(inputs[n] for n in names))
+    api.BACKENDS["mosaic"].config = config
+    try:
+        g, (o, ht) = make("mosaic")(tuple(inputs[n] for n in names))
+    finally:
+        api.BACKENDS["mosaic"].config = None
     with jax.default_matmul_precision("highest"):
         rg, (ro, rht) = make("naive")(tuple(inputs[n].astype(jnp.float32) for n in names))
     errors = {"o": kg.rel_err(o, ro), "ht": kg.rel_err(ht, rht)}
     errors.update({f"d{n}": kg.rel_err(a, b) for n, a, b in zip(names, g, rg, strict=True)})
     ok, bad = kg.judge(errors, {f"d{n}" for n in names}, "bfloat16")
-    print(f"{'PASS' if ok else 'FAIL'} no initial state T={T} D={D}: "
+    print(f"{'PASS' if ok else 'FAIL'} no initial state T={T} D={D} {config or ''}: "
           + " ".join(f"{n}={e:.1e}" for n, e in errors.items()), flush=True)
 
 
@@ -89,33 +97,46 @@ def main() -> None:
             check_no_state(cs, cd, 7000 + i)
         except Exception as e:  # noqa: BLE001 - report and go on to the timing
             print(f"ERROR no initial state T={cs} D={cd}: {kg.short_error(e)}", flush=True)
+    for i, (cs, cd) in enumerate(((63, 64), (1000, 128), (4096, 128))):  # one stage everywhere
+        try:
+            check_no_state(cs, cd, 7100 + i, ONE_STAGE)
+        except Exception as e:  # noqa: BLE001
+            print(f"ERROR no initial state T={cs} D={cd} {ONE_STAGE}: {kg.short_error(e)}",
+                  flush=True)
     inputs = tuple(kg.jax_inputs("simple_gla", jax.random.PRNGKey(0), B, T, H, D, D,
                                  jnp.bfloat16).values())
     h0 = jax.random.normal(jax.random.PRNGKey(1), (B, H, D, D), jnp.float32)
     do = jax.random.normal(jax.random.PRNGKey(99), (B, T, H, D), jnp.float32).astype(jnp.bfloat16)
     outs = {}
-    for backend in ("mosaic", "pallas"):
-        def full(args, h0, b=backend):
+    for backend, config in (("mosaic", None), ("mosaic1", ONE_STAGE), ("pallas", None)):
+        api.BACKENDS["mosaic"].config = config
+
+        def full(args, h0, b=backend.rstrip("1")):
             o, ht = api.simple_gla(*args, initial_state=h0, output_final_state=True, backend=b,
                                    mode="chunk")
             return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32)) + jnp.sum(ht), (o, ht)
 
         grads, (o, ht) = jax.jit(jax.grad(full, argnums=(0, 1), has_aux=True))(inputs, h0)
         outs[backend] = [np.asarray(x, np.float64) for x in (o, ht, *grads[0], grads[1])]
-    for i, name in enumerate(("o", "final", "dq", "dk", "dv", "dg", "dh0")):
-        a, b = outs["mosaic"][i], outs["pallas"][i]
-        print(f"mosaic vs pallas {name}: {np.linalg.norm(a - b) / np.linalg.norm(b):.2e}", flush=True)
+        api.BACKENDS["mosaic"].config = None
+    for which in ("mosaic", "mosaic1"):
+        errs = []
+        for i, name in enumerate(("o", "final", "dq", "dk", "dv", "dg", "dh0")):
+            a, b = outs[which][i], outs["pallas"][i]
+            errs.append(f"{name}={np.linalg.norm(a - b) / np.linalg.norm(b):.2e}")
+        print(f"{which} vs pallas: {' '.join(errs)}", flush=True)
     del outs
     l2 = 60 * 2 ** 20
     n_sets = kg.input_sets(kg.input_bytes("simple_gla", B, T, H, D, D), l2)
     sets = [tuple(kg.jax_inputs("simple_gla", jax.random.PRNGKey(100 + i), B, T, H, D, D,
                                 jnp.bfloat16).values()) for i in range(n_sets)]
-    runs = [("mosaic", MosaicConfig(backward="mosaic")), ("mosaic", MosaicConfig(backward="pallas")),
-            ("pallas", None)]
+    best = time_parts(B, T, H, D, sets, n_sets, do)
+    runs = [("mosaic", MosaicConfig(backward="mosaic")), ("mosaic", best), ("mosaic", ONE_STAGE),
+            ("mosaic", MosaicConfig(backward="pallas")), ("pallas", None)]
     for backend, config in runs:
         kernel = api.BACKENDS[backend]
         kernel.config = config
-        label = backend + ("" if config is None else f" backward={config.backward}")
+        label = backend + ("" if config is None else f" {config}")
         try:
             def fwd(*a, b=backend):
                 return api.simple_gla(*a, backend=b, mode="chunk")[0]
@@ -134,12 +155,15 @@ def main() -> None:
             print(f"{label}: {kg.short_error(e)}", flush=True)
         finally:
             kernel.config = None
-    time_parts(B, T, H, D, sets, n_sets, do)
 
 
-def time_parts(B: int, T: int, H: int, D: int, sets, n_sets: int, do) -> None:
-    """The Mosaic backward's pieces alone, in the chunk layout (T a multiple of 64): the
-    forward that stores the states, the reverse walk (dv, dS), the dq / dk kernel."""
+def time_parts(B: int, T: int, H: int, D: int, sets, n_sets: int, do) -> MosaicConfig:
+    """The Mosaic kernels alone, in the chunk layout (T a multiple of 64), at their default
+    pipeline depth and at one stage (two programs per SM): the forward, the forward that
+    stores the states, the reverse walk (dv, dS), the dq / dk kernel. Returns the config of
+    the fastest depth of each."""
+    import dataclasses
+
     from linearnexus.kernels.common import mosaic_bwd, mosaic_chunk
     from linearnexus.kernels.common.pallas_chunk import CoreStatic, in_chunk_cumsum
 
@@ -149,31 +173,47 @@ def time_parts(B: int, T: int, H: int, D: int, sets, n_sets: int, do) -> None:
                       packed=False)
     cfg = mosaic_chunk.default_mosaic_config(rows=B, heads=H, key_dim=D, value_dim=D,
                                              n_chunks=T // 64)
-    st = mosaic_chunk.MosaicStatic(core=core, block_v=cfg.block_v, stages=cfg.stages,
-                                   backward="mosaic")
+    base = mosaic_chunk.MosaicStatic(core=core, block_v=cfg.block_v, stages=cfg.stages,
+                                     backward="mosaic")
     dfinal = jnp.zeros((B, H, D, D), jnp.float32)
-    parts = {}
-
-    @jax.jit
-    def fwd_states(q, k, v, g):
-        return mosaic_chunk.mosaic_forward(st, q, k, v, in_chunk_cumsum(g, 64), None,
-                                           store_states=True)
-
-    parts["forward + states"] = lambda i: fwd_states(*sets[i % n_sets])
     b = in_chunk_cumsum(sets[0][3], 64)
     gates = mosaic_chunk.gate_rows(b, 64, D)
-    h = fwd_states(*sets[0])[2]
-    state_grad = jax.jit(lambda q, k: mosaic_bwd.run_state_grad(st, q, k, do, gates, dfinal))
-    parts["state_grad (dv, dS)"] = lambda i: state_grad(*sets[i % n_sets][:2])
-    dh = state_grad(*sets[0][:2])[1]
-    dqk = jax.jit(lambda q, k, v: mosaic_bwd.run_dqk(st, q, k, v, do, h, dh, gates))
-    parts["dqk (dq, dk, dg terms)"] = lambda i: dqk(*sets[i % n_sets][:3])
-    for name, call in parts.items():
+    best: dict[str, tuple[float, int | None]] = {}
+
+    def timed(name: str, knob: str, value: int | None, call) -> None:
         try:
             t = kg.host_time(call, kg.jax_sync, repeats=5, n_sets=n_sets)
-            print(f"  {name}: {t['ms']:.3f} ms", flush=True)
+            print(f"  {name} {knob}={value}: {t['ms']:.3f} ms", flush=True)
+            if knob not in best or t["ms"] < best[knob][0]:
+                best[knob] = (t["ms"], value)
         except Exception as e:  # noqa: BLE001
-            print(f"  {name}: {kg.short_error(e)}", flush=True)
+            print(f"  {name} {knob}={value}: {kg.short_error(e)}", flush=True)
+
+    h = dh = None
+    for stages in (cfg.stages, 1):
+        st = dataclasses.replace(base, stages=stages)
+        fwd = jax.jit(lambda q, k, v, g, st=st: mosaic_chunk.mosaic_forward(
+            st, q, k, v, in_chunk_cumsum(g, 64), None))
+        timed("forward", "fwd", stages, lambda i, f=fwd: f(*sets[i % n_sets]))
+        fwd_states = jax.jit(lambda q, k, v, g, st=st: mosaic_chunk.mosaic_forward(
+            st, q, k, v, in_chunk_cumsum(g, 64), None, store_states=True))
+        timed("forward + states", "stages", stages, lambda i, f=fwd_states: f(*sets[i % n_sets]))
+        h = fwd_states(*sets[0])[2]
+    for stages in (None, 1):
+        st = dataclasses.replace(base, bwd_stages=stages)
+        state_grad = jax.jit(lambda q, k, st=st: mosaic_bwd.run_state_grad(st, q, k, do, gates,
+                                                                           dfinal))
+        timed("state_grad (dv, dS)", "bwd_stages", stages,
+              lambda i, f=state_grad: f(*sets[i % n_sets][:2]))
+        dh = state_grad(*sets[0][:2])[1]
+    for stages in (None, 1):
+        st = dataclasses.replace(base, dqk_stages=stages)
+        dqk = jax.jit(lambda q, k, v, st=st: mosaic_bwd.run_dqk(st, q, k, v, do, h, dh, gates))
+        timed("dqk (dq, dk, dg terms)", "dqk_stages", stages,
+              lambda i, f=dqk: f(*sets[i % n_sets][:3]))
+    pick = {knob: value for knob, (_, value) in best.items() if knob != "fwd"}
+    print(f"  fastest: {pick} (plain forward: stages={best.get('fwd', (0, None))[1]})", flush=True)
+    return MosaicConfig(backward="mosaic", **pick)
 
 
 if __name__ == "__main__":

@@ -264,7 +264,7 @@ def run_state_grad(st: MosaicStatic, q: Array, k: Array, do: Array, gates: tuple
     c = st.core
     R, NC, L, H, K, V = c.rows, c.n_chunks, c.chunk, c.heads, c.key_dim, c.value_dim
     dtype = q.dtype
-    stages = deepest_stages(lambda s: state_smem_bytes(
+    stages = st.bwd_stages or deepest_stages(lambda s: state_smem_bytes(
         chunk=L, key_dim=K, block_v=st.block_v, stages=s,
         itemsize=jnp.dtype(dtype).itemsize) <= SMEM_LIMIT, 3)
     return plgpu.kernel(
@@ -290,7 +290,7 @@ def run_dqk(st: MosaicStatic, q: Array, k: Array, v: Array, do: Array, h: Array,
     R, NC, L, H, K, V = c.rows, c.n_chunks, c.chunk, c.heads, c.key_dim, c.value_dim
     TP, nk = NC * L, K // min(K, DQK_BLOCK_K)
     dtype = q.dtype
-    stages = deepest_stages(lambda s: dqk_smem_bytes(
+    stages = st.dqk_stages or deepest_stages(lambda s: dqk_smem_bytes(
         chunk=L, key_dim=K, value_dim=V, stages=s,
         itemsize=jnp.dtype(dtype).itemsize) <= SMEM_LIMIT, 3)
     return plgpu.kernel(

@@ -97,30 +97,39 @@ BACKWARDS = ("mosaic", "pallas")
 
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
-    """Tile and pipeline knobs of the Mosaic GPU forward kernel; None: the heuristic decides.
+    """Tile and pipeline knobs of the Mosaic GPU kernels; None: the heuristic decides.
 
     Attributes:
         chunk: tokens per chunk L (64 or 128): the M and K size of the intra-chunk wgmmas.
         block_v: value columns per program (64 or 128); the state block is ``[K, block_v]``
             float32 in registers (64 registers a thread at K = 128, block_v = 64).
-        stages: TMA pipeline depth (chunks in flight, >= 2) of the forward.
+        stages: TMA pipeline depth (chunks in flight, >= 1) of the forward.
         backward: ``"mosaic"`` (the Mosaic GPU backward kernels, ``mosaic_bwd.py``) or
             ``"pallas"`` (the Triton backward kernels after a Triton ``fwd_h`` recompute).
+        bwd_stages, dqk_stages: pipeline depths of the Mosaic backward's reverse walk and
+            ``dq / dk`` kernel (>= 1).
+
+    One stage (any of the three) leaves room in shared memory for two programs per SM,
+    whose copies and dependent wgmma chains then overlap each other's.
     """
 
     chunk: int | None = None
     block_v: int | None = None
     stages: int | None = None
     backward: str | None = None
+    bwd_stages: int | None = None
+    dqk_stages: int | None = None
 
     def __post_init__(self) -> None:
         if self.chunk is not None and self.chunk not in (64, 128):
             raise ValueError(f"chunk: expected 64, 128 or None, got {self.chunk!r}")
         if self.block_v is not None and self.block_v not in (64, 128):
             raise ValueError(f"block_v: expected 64, 128 or None, got {self.block_v!r}")
-        if self.stages is not None and (isinstance(self.stages, bool)
-                                        or not isinstance(self.stages, int) or self.stages < 2):
-            raise ValueError(f"stages: expected an int >= 2 or None, got {self.stages!r}")
+        for name in ("stages", "bwd_stages", "dqk_stages"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"{name}: expected an int >= 1 or None, got {value!r}")
         if self.backward is not None and self.backward not in BACKWARDS:
             raise ValueError(f"backward: expected one of {BACKWARDS} or None, got {self.backward!r}")
 
@@ -202,12 +211,16 @@ class MosaicStatic:
             scale, whether an initial state is given); the backward runs on it.
         block_v, stages: the Mosaic kernel's value block and pipeline depth.
         backward: ``"mosaic"`` or ``"pallas"`` (:class:`MosaicConfig`).
+        bwd_stages, dqk_stages: the backward kernels' pipeline depths; None: the most
+            that fit (up to 3).
     """
 
     core: CoreStatic
     block_v: int
     stages: int
     backward: str = "pallas"
+    bwd_stages: int | None = None
+    dqk_stages: int | None = None
 
 
 def _swizzled(cols: int, dtype: Any) -> tuple[Any, ...]:
