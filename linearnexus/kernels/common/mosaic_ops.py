@@ -186,8 +186,8 @@ class MosaicKernel(PallasKernel):
 
     name: ClassVar[str] = "mosaic"
     #: shown after the name in the README's feature table
-    status: ClassVar[str] = ("sm_90+, dense batches, V <= 128: Mosaic GPU forward and backward; "
-                             "otherwise falls back to pallas")
+    status: ClassVar[str] = ("sm_90+, dense batches: Mosaic GPU forward and backward (Triton "
+                             "backward at V > 128); otherwise falls back to pallas")
 
     def supports(self, *, platform: str, dtype: DType) -> bool:
         # static (the feature table reads it on any machine); the compute capability and the
