@@ -14,7 +14,7 @@ Per chunk c of L tokens, entering with state ``S_c`` and leaving with the state 
 Two kernels, both walking the chunks of one row in a TMA pipeline (``plgpu.emit_pipeline``)
 with every matmul a warpgroup ``wgmma``:
 
-* ``state_grad`` (grid ``[V blocks, heads, rows]``, chunks in reverse): the state gradient
+* ``state_grad`` (grid ``[V blocks of 64, heads, rows]``, chunks in reverse): the state gradient
   ``dS [K, BV]`` is a float32 wgmma accumulator that never leaves registers; per chunk it
   goes out once in bf16 (``dh [R, NC, H, K, V]``, read by the next kernel), ``dv`` is
   complete here (its contractions run over K and L, both whole in the program), and after
@@ -62,6 +62,9 @@ from linearnexus.kernels.common.mosaic_chunk import (
 F32 = jnp.float32
 #: key columns per ``dqk`` program
 DQK_BLOCK_K = 64
+#: value columns per ``state_grad`` program (the ``[K, 64]`` float32 state gradient is 64
+#: registers a thread at K = 128; independent of the forward's ``block_v``)
+STATE_BLOCK_V = 64
 
 
 def state_smem_bytes(*, chunk: int, key_dim: int, block_v: int, stages: int, itemsize: int) -> int:
@@ -91,7 +94,7 @@ def _state_grad_kernel(q_ref, k_ref, do_ref, b_ref, d_ref, e_ref, dht_ref, dv_re
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     c = st.core
-    L, K, BV, NC = c.chunk, c.key_dim, st.block_v, c.n_chunks
+    L, K, BV, NC = c.chunk, c.key_dim, min(c.value_dim, STATE_BLOCK_V), c.n_chunks
     wgmma_layout = plgpu.Layout.WGMMA
     rows_layout, cols_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)
     iv, h, r = jax.lax.axis_index("v"), jax.lax.axis_index("h"), jax.lax.axis_index("r")
@@ -264,17 +267,18 @@ def run_state_grad(st: MosaicStatic, q: Array, k: Array, do: Array, gates: tuple
     c = st.core
     R, NC, L, H, K, V = c.rows, c.n_chunks, c.chunk, c.heads, c.key_dim, c.value_dim
     dtype = q.dtype
+    bv = min(V, STATE_BLOCK_V)
     stages = st.bwd_stages or deepest_stages(lambda s: state_smem_bytes(
-        chunk=L, key_dim=K, block_v=st.block_v, stages=s,
+        chunk=L, key_dim=K, block_v=bv, stages=s,
         itemsize=jnp.dtype(dtype).itemsize) <= SMEM_LIMIT, 3)
     return plgpu.kernel(
         functools.partial(_state_grad_kernel, st=st, dtype=dtype, stages=stages),
         out_type=(jax.ShapeDtypeStruct((R, NC * L, H, V), dtype),
                   jax.ShapeDtypeStruct((R, NC, H, K, V), dtype),
                   jax.ShapeDtypeStruct((R, H, K, V), F32)),
-        scratch_types=(plgpu.SMEM((L, st.block_v), dtype, transforms=_swizzled(st.block_v, dtype)),
+        scratch_types=(plgpu.SMEM((L, bv), dtype, transforms=_swizzled(bv, dtype)),
                        plgpu.Barrier(num_barriers=1)),
-        grid=(V // st.block_v, H, R),
+        grid=(V // bv, H, R),
         grid_names=("v", "h", "r"),
         compiler_params=compiler_params(),
     )(q, k, do.astype(dtype), *gates, dfinal.astype(F32))

@@ -106,11 +106,14 @@ class MosaicConfig:
         stages: TMA pipeline depth (chunks in flight, >= 1) of the forward.
         backward: ``"mosaic"`` (the Mosaic GPU backward kernels, ``mosaic_bwd.py``) or
             ``"pallas"`` (the Triton backward kernels after a Triton ``fwd_h`` recompute).
-        bwd_stages, dqk_stages: pipeline depths of the Mosaic backward's reverse walk and
-            ``dq / dk`` kernel (>= 1).
+        bwd_stages: pipeline depth (>= 1) of the kernels that run under a gradient with the
+            Mosaic backward: the forward that stores every chunk's state and the backward's
+            reverse walk (``stages`` is the depth of the plain forward).
+        dqk_stages: pipeline depth (>= 1) of the Mosaic backward's ``dq / dk`` kernel.
 
-    One stage (any of the three) leaves room in shared memory for two programs per SM,
-    whose copies and dependent wgmma chains then overlap each other's.
+    One stage leaves room in shared memory for two programs per SM, whose copies and
+    dependent wgmma chains then overlap each other's (measured: faster for the plain forward
+    at 256 programs, slower for the three kernels of the gradient; ``default_mosaic_config``).
     """
 
     chunk: int | None = None
@@ -161,11 +164,13 @@ def smem_bytes(*, chunk: int, key_dim: int, block_v: int, stages: int, itemsize:
 
 def mosaic_backward_fits(*, chunk: int, key_dim: int, value_dim: int, block_v: int,
                          itemsize: int = 2) -> bool:
-    """Whether the Mosaic backward kernels (``mosaic_bwd.py``) fit shared memory at 2
-    stages: the ``dq / dk`` kernel holds whole ``[L, V]`` and ``[64, V]`` tiles, so V <= 128."""
+    """Whether the Mosaic backward kernels (``mosaic_bwd.py``) and the forward that stores
+    the states (at value block ``block_v``) fit shared memory at 2 stages: the ``dq / dk``
+    kernel holds whole ``[L, V]`` and ``[64, V]`` tiles, so V <= 128."""
     from linearnexus.kernels.common import mosaic_bwd
 
-    return (mosaic_bwd.state_smem_bytes(chunk=chunk, key_dim=key_dim, block_v=block_v,
+    return (mosaic_bwd.state_smem_bytes(chunk=chunk, key_dim=key_dim,
+                                        block_v=min(value_dim, mosaic_bwd.STATE_BLOCK_V),
                                         stages=2, itemsize=itemsize) <= SMEM_LIMIT
             and mosaic_bwd.dqk_smem_bytes(chunk=chunk, key_dim=key_dim, value_dim=value_dim,
                                           stages=2, itemsize=itemsize) <= SMEM_LIMIT
@@ -178,15 +183,24 @@ def deepest_stages(fits, most: int = 4) -> int:
     return max([s for s in range(2, most + 1) if fits(s)], default=2)
 
 
+#: streaming multiprocessors of the H100 SXM / H200 (the heuristic's wave arithmetic)
+HOPPER_SMS = 132
+
+
 def default_mosaic_config(*, rows: int, heads: int, key_dim: int, value_dim: int,
                           n_chunks: int, itemsize: int = 2) -> MosaicConfig:
     """The heuristic: chunk 64; value blocks of 64 (at V = 128 two programs per head, which
     the H200's 132 SMs need at B * H = 128), 128 only when that still leaves >= 2 programs
-    per SM and fits shared memory; 3 pipeline stages when they fit and the walk is longer
-    than a few chunks, else 2.
+    per SM and fits shared memory. The plain forward: one pipeline stage when there are more
+    programs than SMs (two programs then share each SM, in one wave, and overlap each
+    other's dependent chains), else 3 stages when they fit and the walk is longer than a few
+    chunks, else 2. The gradient's kernels (``bwd_stages``, ``dqk_stages``): None, the
+    deepest that fit. The Mosaic backward wherever it fits shared memory (V <= 128).
 
-    Measured on an H200 (bf16, (8, 4096, 16, 128), forward, 2026-12-04): 3 stages 0.337 ms,
-    2 stages 0.347 ms (block_v 128 does not fit shared memory at K = 128)."""
+    Measured on an H200 (bf16, (8, 4096, 16, 128): 256 programs, 2026-12-04, kernels alone):
+    plain forward 1 stage 0.241 ms, 3 stages 0.257 ms (0.309 / 0.335 ms through the api);
+    the forward storing the states 3 stages 0.307 ms, 1 stage 0.332 ms; the reverse walk
+    3 stages 0.303 ms, 1 stage 0.318 ms; ``dq / dk`` 2 stages 0.515 ms, 1 stage 0.671 ms."""
     block_v = 64
     if (value_dim % 128 == 0 and (value_dim // 128) * rows * heads >= 264
             and smem_bytes(chunk=64, key_dim=key_dim, block_v=128, stages=2,
@@ -197,6 +211,8 @@ def default_mosaic_config(*, rows: int, heads: int, key_dim: int, value_dim: int
     if n_chunks >= 8 and smem_bytes(chunk=64, key_dim=key_dim, block_v=block_v, stages=3,
                                       itemsize=itemsize) <= SMEM_LIMIT:
         stages = 3
+    if n_chunks >= 8 and (value_dim // block_v) * rows * heads > HOPPER_SMS:
+        stages = 1
     backward = "mosaic" if mosaic_backward_fits(chunk=64, key_dim=key_dim, value_dim=value_dim,
                                                 block_v=block_v, itemsize=itemsize) else "pallas"
     return MosaicConfig(chunk=64, block_v=block_v, stages=stages, backward=backward)
@@ -211,8 +227,8 @@ class MosaicStatic:
             scale, whether an initial state is given); the backward runs on it.
         block_v, stages: the Mosaic kernel's value block and pipeline depth.
         backward: ``"mosaic"`` or ``"pallas"`` (:class:`MosaicConfig`).
-        bwd_stages, dqk_stages: the backward kernels' pipeline depths; None: the most
-            that fit (up to 3).
+        bwd_stages, dqk_stages: the gradient's pipeline depths (:class:`MosaicConfig`); None:
+            the most that fit (up to 3).
     """
 
     core: CoreStatic
@@ -389,10 +405,11 @@ def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
     if h0 is None:
         h0 = jnp.zeros((1, 1, K, V), F32)  # never read (core.has_h0 False); keeps one signature
     stages = st.stages
-    if store_states:  # the state slots take shared memory: as many stages as still fit
-        stages = min(stages, deepest_stages(lambda s: smem_bytes(
+    if store_states:  # the forward under a gradient: the backward's depth (the state slots
+        # take shared memory: by default as many stages as still fit, up to 3)
+        stages = st.bwd_stages or deepest_stages(lambda s: smem_bytes(
             chunk=L, key_dim=K, block_v=st.block_v, stages=s, itemsize=jnp.dtype(dtype).itemsize,
-            store_states=True) <= SMEM_LIMIT))
+            store_states=True) <= SMEM_LIMIT, 3)
     kernel = functools.partial(_forward_kernel, st=dataclasses.replace(st, stages=stages),
                                dtype=dtype, store_states=store_states)
     out_type = [jax.ShapeDtypeStruct((R, NC * L, H, V), dtype),

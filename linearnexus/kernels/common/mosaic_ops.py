@@ -131,9 +131,13 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
                          "a block may use; use fewer stages or a smaller block_v / chunk")
     itemsize = jnp.dtype(dtype).itemsize
     needs = {}  # shared memory of the backward kernels' stage overrides
-    if cfg.bwd_stages:
-        needs["bwd_stages"] = mosaic_bwd.state_smem_bytes(
-            chunk=chunk, key_dim=kp, block_v=cfg.block_v, stages=cfg.bwd_stages, itemsize=itemsize)
+    if cfg.bwd_stages:  # the reverse walk and the forward that stores the states
+        needs["bwd_stages"] = max(
+            mosaic_bwd.state_smem_bytes(chunk=chunk, key_dim=kp,
+                                        block_v=min(vp, mosaic_bwd.STATE_BLOCK_V),
+                                        stages=cfg.bwd_stages, itemsize=itemsize),
+            smem_bytes(chunk=chunk, key_dim=kp, block_v=cfg.block_v, stages=cfg.bwd_stages,
+                       itemsize=itemsize, store_states=True))
     if cfg.dqk_stages:
         needs["dqk_stages"] = mosaic_bwd.dqk_smem_bytes(
             chunk=chunk, key_dim=kp, value_dim=vp, stages=cfg.dqk_stages, itemsize=itemsize)
