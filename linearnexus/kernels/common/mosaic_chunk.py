@@ -10,8 +10,8 @@ cumsum of log-gates (``pallas_chunk.py``'s module doc has the derivation)::
     o   = scale * [ e^{b} * (q S_c) + A v ]                                 wgmma x2 [L, BV]
     S_{c+1} = e^{b_L} S_c + k^T (e^{b_L - b} * v)                          wgmma [K, BV]
 
-* q, k, v chunks arrive by TMA into swizzled SMEM through ``plgpu.emit_pipeline`` (two
-  stages: the copies of chunk c+2 are issued as soon as chunk c is done with its slot); the
+* q, k, v chunks arrive by TMA into swizzled SMEM through ``plgpu.emit_pipeline``
+  (``stages`` deep: the copies of chunk c+stages go out when chunk c frees its slot); the
   output tile leaves by TMA from SMEM.
 * ``q S_c`` takes ``S_c`` from SMEM in the input dtype (bf16, as FLA's stored states are);
   the carried state itself stays float32 in registers across the whole walk.
@@ -25,9 +25,14 @@ cumsum of log-gates (``pallas_chunk.py``'s module doc has the derivation)::
 Scope (anything else raises ``NotImplementedError`` and the dispatcher moves on to the
 Triton kernels): bfloat16 / float16 inputs (the wgmma of float32 operands is TF32, short of
 the float32 thresholds), key dim padded to 64 or 128, value dim padded to a multiple of the
-value block, batch rows (no ``cu_seqlens`` packing), no delta rule. The backward pass
-reuses the Triton kernels of ``pallas_chunk.py`` after re-running their ``fwd_h`` for the
-per-chunk states this kernel does not store (``mosaic_core``'s custom_vjp).
+value block, batch rows (no ``cu_seqlens`` packing), no delta rule.
+
+Backward (``mosaic_core``'s custom_vjp): under a gradient the forward also stores every
+chunk's entering state (``store_states``: the bf16 state tile of the ``q S_c`` matmul
+becomes a pipeline output slot), and the Mosaic GPU kernels of ``mosaic_bwd.py`` run the
+backward; ``MosaicConfig(backward="pallas")`` (the default where those do not fit shared
+memory, V > 128) runs the Triton kernels of ``pallas_chunk.py`` instead, after re-running
+their ``fwd_h`` for the states.
 """
 
 from __future__ import annotations
