@@ -37,6 +37,7 @@ their ``fwd_h`` for the states.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -153,17 +154,19 @@ SMEM_LIMIT = 232448 - 2048
 
 
 def smem_bytes(*, chunk: int, key_dim: int, block_v: int, stages: int, itemsize: int,
-               store_states: bool = False) -> int:
+               store_states: bool = False, delta: bool = False) -> int:
     """Shared memory one program of the forward kernel asks for: ``stages`` pipeline slots
     of the q, k, v, gate and output tiles (and of the per-chunk state tile when the states
     are stored for the backward), the bf16 state tile otherwise and the decayed-v tile. The
     float32 state staging tile (initial / final state) is scoped before and after the
-    pipeline and reuses its space."""
+    pipeline and reuses its space. ``delta`` (the delta rules): one more ``[L, K]`` pipeline
+    slot (``w``) a stage and one more ``[L, BV]`` scratch tile (``vn = u - w S_c``, the B
+    operand of ``A vn``)."""
     L, K, BV = chunk, key_dim, block_v
     state_tile = K * BV * itemsize
-    per_stage = (2 * L * K + 2 * L * BV) * itemsize + (2 * L + K) * 4
+    per_stage = ((3 if delta else 2) * L * K + 2 * L * BV) * itemsize + (2 * L + K) * 4
     per_stage += state_tile if store_states else 0
-    scratch = L * BV * itemsize + (0 if store_states else state_tile)
+    scratch = (2 if delta else 1) * L * BV * itemsize + (0 if store_states else state_tile)
     return scratch + max(stages * per_stage, K * BV * 4)
 
 
@@ -282,18 +285,70 @@ def _state_out(state: Array, gmem: Any) -> None:
     pl.run_scoped(scoped, plgpu.SMEM(state.shape, F32, transforms=_swizzled(state.shape[1], F32)))
 
 
+#: set by :func:`gpu_interpret` only (its ``InterpretGPUParams``): the forward kernel then
+#: runs in JAX's Mosaic GPU interpreter and avoids what that cannot run
+_INTERPRETING: Any = False
+
+
+def wgmma_onto(init: Array, issue: Any) -> Array:
+    """``init`` plus the products ``issue(acc)`` adds to a float32 wgmma accumulator.
+
+    On the GPU the accumulator starts as ``init`` (``run_state``: no extra registers or
+    adds). Under :func:`gpu_interpret` it starts at zero and ``init`` is added after (the
+    interpreter has no rule for ``run_state``'s discharged wgmma); the float32 sums differ
+    by rounding only."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if not _INTERPRETING:
+        return pl.run_state(issue)(plgpu.ACC.init(init))
+
+    def scoped(acc):
+        issue(acc)
+        return acc[...]
+
+    return init + pl.run_scoped(scoped, plgpu.ACC(init.shape, F32))
+
+
+def wgmma_regs(acc: Any, a: Array, b: Any) -> None:
+    """``acc += a @ b`` with ``a`` in registers (wgmma's A operand; FlashAttention-3's ``P``).
+    Under :func:`gpu_interpret` ``a`` goes through a scoped SMEM tile first: the interpreter
+    takes SMEM operands only."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if not _INTERPRETING:
+        plgpu.wgmma(acc, a, b)
+        return
+
+    def scoped(a_smem):
+        a_smem[...] = a
+        plgpu.commit_smem()
+        plgpu.wgmma(acc, a_smem, b)
+
+    pl.run_scoped(scoped, plgpu.SMEM(a.shape, a.dtype, transforms=_swizzled(a.shape[1], a.dtype)))
+
+
 def _forward_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> None:
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    q_ref, k_ref, v_ref, b_ref, d_ref, e_ref, h0_ref, o_ref, final_ref = refs[:9]
+    c = st.core
+    delta = c.delta  # the delta rules: v is u (WY form), w corrects it by the entering state
+    n_in = 8 if delta else 7
+    q_ref, k_ref, v_ref, b_ref, d_ref, e_ref, h0_ref = refs[:7]
+    w_ref = refs[7] if delta else None
+    o_ref, final_ref = refs[n_in:n_in + 2]
+    vn_smem = None
     if store_states:  # the states go out through the pipeline's slots, not a scratch tile
-        h_ref, vd_smem, bar = refs[9:]
+        h_ref, vd_smem, bar = refs[n_in + 2:]
         s_scratch = None
+    elif delta:
+        h_ref = None
+        s_scratch, vn_smem, vd_smem, bar = refs[n_in + 2:]
     else:
         h_ref = None
-        s_scratch, vd_smem, bar = refs[9:]
-    c = st.core
+        s_scratch, vd_smem, bar = refs[n_in + 2:]
     L, K, BV = c.chunk, c.key_dim, st.block_v
     wgmma_layout = plgpu.Layout.WGMMA
     rows_layout, cols_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)
@@ -308,20 +363,44 @@ def _forward_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> 
     causal = (plgpu.broadcasted_iota(jnp.int32, (L, L), 0, layout=wgmma_layout)
               >= plgpu.broadcasted_iota(jnp.int32, (L, L), 1, layout=wgmma_layout))
 
-    def body(_, q_smem, k_smem, v_smem, b_smem, d_smem, e_smem, o_smem, *rest):
+    def body(_, q_smem, k_smem, v_smem, b_smem, d_smem, e_smem, *rest):
+        w_smem, rest = (rest[0], rest[1:]) if delta else (None, rest)
+        o_smem, rest = rest[0], rest[1:]
         s_smem, state = rest if store_states else (s_scratch, rest[0])
         # S_c in the input dtype for the q S_c matmul (and, stored, for the backward); the
         # float32 carry stays in registers
         s_smem[...] = state.astype(dtype)
         plgpu.commit_smem()
         k_t = _transposed(k_smem)  # [K, L] view of the [L, K] tile
+        av_smem = v_smem  # the B operand of A v (vn for the delta rules)
 
-        def intra(acc_qk, acc_o):
-            plgpu.wgmma(acc_qk, q_smem, k_t)  # [L, K] @ [K, L]
-            plgpu.wgmma(acc_o, q_smem, s_smem)  # [L, K] @ [K, BV]
-            return acc_qk[...], acc_o[...]
+        if delta:
+            # the three products of S_c (and q k^T) issued together: w S_c is on the chain
+            # (vn needs it), q k^T and q S_c overlap it
+            def intra3(acc_qk, acc_o, acc_ws):
+                plgpu.wgmma(acc_ws, w_smem, s_smem)  # [L, K] @ [K, BV]
+                plgpu.wgmma(acc_qk, q_smem, k_t)  # [L, K] @ [K, L]
+                plgpu.wgmma(acc_o, q_smem, s_smem)  # [L, K] @ [K, BV]
+                return acc_qk[...], acc_o[...], acc_ws[...]
 
-        qk, qs = pl.run_scoped(intra, plgpu.ACC((L, L), F32), plgpu.ACC((L, BV), F32))
+            qk, qs, ws = pl.run_scoped(intra3, plgpu.ACC((L, L), F32), plgpu.ACC((L, BV), F32),
+                                       plgpu.ACC((L, BV), F32))
+            # vn = u - w S_c: the values the chunk actually writes; in the input dtype as the
+            # B operand of A vn, and decayed by e^{b_L - b} for the state update (the Triton
+            # fwd_h rounds both the same way)
+            vn = _load(v_smem, wgmma_layout).astype(F32) - ws  # [L, BV]
+            d_row = _load(d_smem, rows_layout)  # [L]
+            vn_smem[...] = vn.astype(dtype)
+            vd_smem[...] = (vn * jax.lax.broadcast_in_dim(d_row, (L, BV), [0])).astype(dtype)
+            plgpu.commit_smem()
+            av_smem = vn_smem
+        else:
+            def intra(acc_qk, acc_o):
+                plgpu.wgmma(acc_qk, q_smem, k_t)  # [L, K] @ [K, L]
+                plgpu.wgmma(acc_o, q_smem, s_smem)  # [L, K] @ [K, BV]
+                return acc_qk[...], acc_o[...]
+
+            qk, qs = pl.run_scoped(intra, plgpu.ACC((L, L), F32), plgpu.ACC((L, BV), F32))
         b_row = _load(b_smem, rows_layout)  # [L], one per query row
         b_col = _load(b_smem, cols_layout)  # [L], one per key column
         diff = (jax.lax.broadcast_in_dim(b_row, (L, L), [0])
@@ -331,23 +410,25 @@ def _forward_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> 
         o_inter = qs * jax.lax.broadcast_in_dim(jnp.exp(b_row), (L, BV), [0])
 
         def inner(acc_o):
-            plgpu.wgmma(acc_o, a.astype(dtype), v_smem)  # registers [L, L] @ SMEM [L, BV]
+            wgmma_regs(acc_o, a.astype(dtype), av_smem)  # registers [L, L] @ SMEM [L, BV]
 
-        o = pl.run_state(inner)(plgpu.ACC.init(o_inter))
+        o = wgmma_onto(o_inter, inner)
         o_smem[...] = (o * c.scale).astype(dtype)
 
-        # state update: S e^{b_L} + k^T (e^{b_L - b} v); the decay goes on v's rows
-        d_row = _load(d_smem, rows_layout)  # [L]
-        v = _load(v_smem, wgmma_layout).astype(F32)  # [L, BV]
-        vd_smem[...] = (v * jax.lax.broadcast_in_dim(d_row, (L, BV), [0])).astype(dtype)
-        plgpu.commit_smem()
+        # state update: S e^{b_L} + k^T (e^{b_L - b} v); the decay goes on v's rows (the
+        # delta rules wrote e^{b_L - b} vn above)
+        if not delta:
+            d_row = _load(d_smem, rows_layout)  # [L]
+            v = _load(v_smem, wgmma_layout).astype(F32)  # [L, BV]
+            vd_smem[...] = (v * jax.lax.broadcast_in_dim(d_row, (L, BV), [0])).astype(dtype)
+            plgpu.commit_smem()
         e_row = _load(e_smem, rows_layout)  # [K], e^{b_L} repeated
 
         def update(acc_s):
             plgpu.wgmma(acc_s, k_t, vd_smem)  # [K, L] @ [L, BV]
 
         decayed = state * jax.lax.broadcast_in_dim(e_row, (K, BV), [0])
-        return pl.run_state(update)(plgpu.ACC.init(decayed))
+        return wgmma_onto(decayed, update)
 
     in_specs = [
         plgpu.BlockSpec((L, K), lambda c: (c, 0), transforms=_swizzled(K, dtype)),  # q
@@ -357,6 +438,11 @@ def _forward_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> 
         plgpu.BlockSpec((L,), lambda c: (c,)),  # e^{b_L - b}
         plgpu.BlockSpec((K,), lambda c: (c,)),  # e^{b_L}, K copies per chunk
     ]
+    ins = [q_ref.at[r, :, h, :], k_ref.at[r, :, h, :], v_ref.at[r, :, h, vs], b_ref.at[r, h],
+           d_ref.at[r, h], e_ref.at[r, h]]
+    if delta:  # w, [L, K] per chunk
+        in_specs.append(plgpu.BlockSpec((L, K), lambda c: (c, 0), transforms=_swizzled(K, dtype)))
+        ins.append(w_ref.at[r, :, h, :])
     out_specs = [plgpu.BlockSpec((L, BV), lambda c: (c, 0), transforms=_swizzled(BV, dtype))]
     outs = [o_ref.at[r, :, h, vs]]
     if store_states:  # S_c of every chunk, [NC, K, BV] of h [R, NC, H, K, V]
@@ -366,8 +452,7 @@ def _forward_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> 
     pipeline = plgpu.emit_pipeline(body, grid=(c.n_chunks,), in_specs=in_specs,
                                    out_specs=out_specs, max_concurrent_steps=st.stages,
                                    init_carry=state0)
-    final = pipeline(q_ref.at[r, :, h, :], k_ref.at[r, :, h, :], v_ref.at[r, :, h, vs],
-                     b_ref.at[r, h], d_ref.at[r, h], e_ref.at[r, h], *outs)
+    final = pipeline(*ins, *outs)
     _state_out(final, final_ref.at[r, h, :, vs])
 
 
@@ -386,16 +471,19 @@ def gate_rows(b: Array, chunk: int, key_dim: int) -> tuple[Array, Array, Array]:
 
 
 def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
-                   h0: Array | None, *, store_states: bool = False
+                   h0: Array | None, *, store_states: bool = False, w: Array | None = None
                    ) -> tuple[Array, Array] | tuple[Array, Array, Array]:
     """Run the forward kernel in the chunk layout.
 
     Args:
         st: static description. q, k: ``[R, TP, H, K]``. v: ``[R, TP, H, V]`` (bf16 / f16,
-            TP = NC * L, K in (64, 128), V a multiple of ``st.block_v``).
+            TP = NC * L, K in (64, 128), V a multiple of ``st.block_v``); for the delta rules
+            (``st.core.delta``) the WY form's ``u``.
         b: ``[R, TP, H]`` float32 in-chunk inclusive cumsum of the log-gates.
         h0: ``[R, H, K, V]`` float32 or None.
-        store_states: also return every chunk's entering state (for the backward).
+        store_states: also return every chunk's entering state (for the backward; not with
+            the delta rules, whose backward re-runs the Triton ``fwd_h``).
+        w: ``[R, TP, H, K]`` the WY form's ``w`` (the delta rules only, else None).
 
     Returns:
         ``(o [R, TP, H, V] in q's dtype, final [R, H, K, V] float32)``, and with
@@ -405,6 +493,10 @@ def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
 
     c = st.core
     R, NC, L, H, K, V = c.rows, c.n_chunks, c.chunk, c.heads, c.key_dim, c.value_dim
+    if c.delta != (w is not None) or (c.delta and store_states):
+        raise ValueError(f"w: expected {'[R, TP, H, K]' if c.delta else 'None'} for "
+                         f"delta={c.delta} (store_states={store_states}: the delta rules "
+                         "store no states), got {None if w is None else w.shape}")
     dtype = q.dtype
     bh, decay, e_last = gate_rows(b, L, K)
     if h0 is None:
@@ -426,6 +518,9 @@ def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
     else:
         scratch.insert(0, plgpu.SMEM((K, st.block_v), dtype,
                                      transforms=_swizzled(st.block_v, dtype)))
+    if c.delta:  # vn, the B operand of A vn (after the state tile, before the decayed one)
+        scratch.insert(1, plgpu.SMEM((L, st.block_v), dtype,
+                                     transforms=_swizzled(st.block_v, dtype)))
     f = plgpu.kernel(
         kernel,
         out_type=tuple(out_type),
@@ -433,8 +528,11 @@ def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
         grid=(V // st.block_v, H, R),
         grid_names=("v", "h", "r"),
         compiler_params=compiler_params(),
+        # only this kernel: a global interpret switch would also hand the Triton kernels
+        # around it (the WY preparation) to the Mosaic GPU interpreter
+        **({"interpret": _INTERPRETING} if _INTERPRETING else {}),
     )
-    return f(q, k, v, bh, decay, e_last, h0)
+    return f(q, k, v, bh, decay, e_last, h0, *(() if w is None else (w,)))
 
 
 def compiler_params() -> Any:
@@ -480,6 +578,16 @@ def mosaic_core(st: MosaicStatic, q, k, v, g, h0):
     return mosaic_forward(st, q, k, v, b, None if h0 is None else h0.astype(F32))
 
 
+def batch_rows_info(rows: int, n_chunks: int) -> tuple[Array, Array]:
+    """``(seq_info [R, NC], flags [R, NC])`` int32 of batch rows (one sequence per row, from
+    its first chunk to its last) for the Triton kernels (``pallas_chunk.chunk_layout_info``)."""
+    seq_info = jnp.broadcast_to(jnp.arange(rows, dtype=jnp.int32)[:, None], (rows, n_chunks))
+    chunk_ids = jnp.arange(n_chunks)
+    flags = (jnp.where(chunk_ids == 0, 1, 0)
+             | jnp.where(chunk_ids == n_chunks - 1, 2, 0)).astype(jnp.int32)
+    return seq_info, jnp.broadcast_to(flags[None], (rows, n_chunks))
+
+
 def _bwd_rule(st: MosaicStatic, res, cts):
     q, k, v, b, h0, h = res
     if st.backward == "mosaic":
@@ -489,11 +597,7 @@ def _bwd_rule(st: MosaicStatic, res, cts):
         dq, dk, dv, dg, dh0 = mosaic_backward(st, q, k, v, b, h, do, dfinal)
         return dq, dk, dv, dg, None if h0 is None else dh0.astype(h0.dtype)
     core = st.core
-    R, NC = core.rows, core.n_chunks
-    seq_info = jnp.broadcast_to(jnp.arange(R, dtype=jnp.int32)[:, None], (R, NC))
-    chunk_ids = jnp.arange(NC)
-    flags = (jnp.where(chunk_ids == 0, 1, 0) | jnp.where(chunk_ids == NC - 1, 2, 0)).astype(jnp.int32)
-    flags = jnp.broadcast_to(flags[None], (R, NC))
+    seq_info, flags = batch_rows_info(core.rows, core.n_chunks)
     h0f = None if h0 is None else h0.astype(F32)
     # the Triton backward needs every chunk's entering state, which the fused forward kept
     # in registers only: one more Triton fwd_h walk recomputes them
@@ -504,3 +608,47 @@ def _bwd_rule(st: MosaicStatic, res, cts):
 
 
 mosaic_core.defvjp(_fwd_rule, _bwd_rule)
+
+
+def gpu_interpret_reason() -> str | None:
+    """Why :func:`gpu_interpret` cannot run here (None: it can): it needs JAX's Mosaic GPU
+    interpreter (``InterpretGPUParams``, JAX 0.11)."""
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # noqa: F401
+    except ImportError as e:
+        return f"jax {jax.__version__} has no Mosaic GPU interpreter ({e})"
+    return None
+
+
+@contextlib.contextmanager
+def gpu_interpret():
+    """Run the Mosaic GPU forward kernel traced inside on the CPU, through JAX's Mosaic GPU
+    interpreter (a private API of JAX 0.11: ``jax._src.pallas.mosaic_gpu.interpret``, which
+    simulates shared memory, TMA copies, barriers and wgmma), for numerics without a GPU.
+    Slow: small shapes only. The kernel differs from the GPU's in two places
+    (:func:`wgmma_onto`, :func:`wgmma_regs`), and the interpreter's SMEM -> GMEM copy is
+    wrapped to take emit_pipeline's predicate. The backward kernels (``mosaic_bwd.py``) are
+    not covered (their register-operand wgmmas and ``run_state`` accumulators are not
+    rewritten)."""
+    global _INTERPRETING
+    import numpy as np
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    copy_out = gpu_callbacks.copy_smem_to_gmem
+
+    def predicated_copy_out(*, token, predicate, **kwargs):
+        # JAX 0.11's interpreter raises on any predicated SMEM -> GMEM copy, which
+        # emit_pipeline issues for its output slots (a copy only when the block changes):
+        # here a false predicate skips the copy and a true one runs it, as on the GPU
+        if predicate is not None and not bool(np.asarray(predicate)):
+            return token
+        return copy_out(token=token, predicate=None, **kwargs)
+
+    previous, _INTERPRETING = _INTERPRETING, InterpretGPUParams()
+    gpu_callbacks.copy_smem_to_gmem = predicated_copy_out
+    try:
+        yield
+    finally:
+        _INTERPRETING = previous
+        gpu_callbacks.copy_smem_to_gmem = copy_out

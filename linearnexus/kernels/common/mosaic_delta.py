@@ -1,0 +1,150 @@
+"""The delta rules' chunk core on Mosaic GPU (Hopper, sm_90+): forward kernel, Triton backward.
+
+NOT YET RUN ON A GPU: it lowers for CUDA (``tests/test_mosaic_lowering.py``) but its numerics
+and speed are unchecked on hardware, so automatic dispatch takes it only when
+``LINEARNEXUS_MOSAIC_GDN=1`` (:data:`OPT_IN_ENV`); ``backend="mosaic"`` runs it by name.
+``benchmarks/mosaic_gdn_check.py`` is the check (docs/mosaic.md).
+
+``delta_rule`` and ``gated_delta_rule`` share it (``g`` None: no gate). The per-chunk WY
+preparation stays the Triton kernels of ``pallas_wy.py`` (a forward substitution over the
+rows of ``I + A`` does not map onto wgmma tiles, and it is a parallel pass that reads each
+chunk once): ``w = M^{-1} (beta e^{b} k)``, ``u = M^{-1} (beta v)``. The sequential walk is
+``mosaic_chunk.py``'s forward kernel with ``core.delta`` set, which per chunk, entering with
+``S_c`` (float32 registers, bf16 copy in SMEM)::
+
+    ws  = w S_c,  qk = q k^T,  qs = q S_c            three wgmmas issued together
+    vn  = u - ws                                     registers -> SMEM (bf16) twice:
+                                                     vn, and e^{b_L - b} vn
+    o   = scale [ e^{b} qs + ((qk) * Gamma) vn ]     wgmma, A the register operand
+    S_{c+1} = e^{b_L} S_c + k^T (e^{b_L - b} vn)     wgmma into the state accumulator
+
+The backward (``jax.custom_vjp``, as simple_gla's first Mosaic version) re-runs the Triton
+``fwd_h`` for the per-chunk states and ``vn`` and runs the Triton core backward
+(``pallas_chunk._core_bwd``); the WY preparation's own ``custom_vjp`` (``pallas_wy.py``)
+then carries ``dw``, ``du`` back to ``k``, ``v``, ``beta`` and ``g``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+
+from linearnexus.core.types import Array
+from linearnexus.kernels.common.mosaic_chunk import (
+    HOPPER_SMS,
+    SMEM_LIMIT,
+    MosaicConfig,
+    MosaicStatic,
+    batch_rows_info,
+    mosaic_forward,
+    smem_bytes,
+)
+from linearnexus.kernels.common.pallas_chunk import _core_bwd, in_chunk_cumsum, run_fwd_h
+
+F32 = jnp.float32
+#: automatic dispatch takes the delta rules' mosaic backend only when this is "1" (the
+#: kernel has not run on a GPU yet); by name it always runs
+OPT_IN_ENV = "LINEARNEXUS_MOSAIC_GDN"
+#: flip to True (and drop the opt-in) once benchmarks/mosaic_gdn_check.py passes on an H200
+VERIFIED = False
+#: the feature table's note on the backend
+MOSAIC_STATUS = ("UNVERIFIED on a GPU, automatic only with LINEARNEXUS_MOSAIC_GDN=1; sm_90+, "
+                 "dense batches: Triton WY, Mosaic GPU forward walk, Triton backward")
+
+
+def delta_opted_in() -> bool:
+    """Whether automatic dispatch may pick the delta rules' Mosaic kernel."""
+    return VERIFIED or os.environ.get(OPT_IN_ENV, "") == "1"
+
+
+def default_delta_config(*, rows: int, heads: int, key_dim: int, value_dim: int,
+                         n_chunks: int, itemsize: int = 2) -> MosaicConfig:
+    """The heuristic of the delta rules' forward: chunk 64, value blocks of 64 (the
+    ``[K, 64]`` float32 state, 64 registers a thread at K = 128, plus three ``[64, 64]``
+    accumulators), the Triton backward. Stages: one when the grid has more programs than
+    the 132 SMs and the walk is long (two programs of ~97 KB share an SM at K = 128, as the
+    simple_gla forward's measured best), else 2 when they fit (3 do not at K = 128: 227 KB).
+    Unmeasured (docs/mosaic.md)."""
+    del itemsize  # bf16 / f16 only; kept for the same signature as default_mosaic_config
+    block_v = min(64, value_dim)
+    stages = 2 if smem_bytes(chunk=64, key_dim=key_dim, block_v=block_v, stages=2, itemsize=2,
+                             delta=True) <= SMEM_LIMIT else 1
+    if n_chunks >= 8 and (value_dim // block_v) * rows * heads > HOPPER_SMS:
+        stages = 1
+    return MosaicConfig(chunk=64, block_v=block_v, stages=stages, backward="pallas")
+
+
+def check_delta_config(cfg: MosaicConfig, *, key_dim: int, value_dim: int) -> None:
+    """Raise ``ValueError`` naming ``config`` for knobs the delta rules' kernel does not take
+    (``cfg`` resolved: no None field but the backward stages)."""
+    if cfg.backward != "pallas":
+        raise ValueError(f"config: backward={cfg.backward!r}: the delta rules' Mosaic backend "
+                         "has the Triton backward only (backward='pallas')")
+    if cfg.bwd_stages is not None or cfg.dqk_stages is not None:
+        raise ValueError("config: bwd_stages / dqk_stages set the Mosaic backward kernels, "
+                         "which the delta rules do not have; leave them None")
+    if cfg.block_v != 64 or value_dim % cfg.block_v:
+        raise ValueError(f"config: block_v={cfg.block_v}: the delta rules' kernel takes 64 (at "
+                         "128 the [K, 128] float32 state and three accumulators exceed a "
+                         f"warpgroup's registers); padded V={value_dim}")
+    need = smem_bytes(chunk=cfg.chunk, key_dim=key_dim, block_v=cfg.block_v, stages=cfg.stages,
+                      itemsize=2, delta=True)
+    if need > SMEM_LIMIT:
+        raise ValueError(f"config: stages={cfg.stages} at K={key_dim} needs {need} bytes of "
+                         f"shared memory with the delta rule's w and vn tiles, over the "
+                         f"{SMEM_LIMIT} a block may use; use fewer stages")
+
+
+def _gates(st: MosaicStatic, g: Array | None, like: Array) -> tuple[Array, Array | None]:
+    """``(b for the kernel, b for the Triton backward)``: the in-chunk cumsum of ``g``, or
+    zeros for the kernel and None for the Triton backward without a gate."""
+    if g is None:
+        return jnp.zeros(like.shape[:3], F32), None
+    b = in_chunk_cumsum(g, st.core.chunk)
+    return b, b
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def mosaic_delta_core(st: MosaicStatic, q: Array, k: Array, u: Array, w: Array,
+                      g: Array | None, h0: Array | None) -> tuple[Array, Array]:
+    """The delta rules' chunk core in the chunk layout: Mosaic GPU forward, Triton backward.
+
+    Args:
+        st: static description (``st.core.delta`` True; ``core.gate`` "scalar" or "none").
+        q, k, w: ``[R, TP, H, K]`` (bf16 / f16). u: ``[R, TP, H, V]``. w, u: the WY form's.
+        g: ``[R, TP, H]`` float32 log-gates, or None (the ungated delta rule).
+        h0: ``[R, H, K, V]`` or None.
+
+    Returns:
+        ``(o [R, TP, H, V], final [R, H, K, V] float32)``.
+    """
+    return _forward(st, q, k, u, w, g, h0)
+
+
+def _forward(st: MosaicStatic, q, k, u, w, g, h0) -> tuple[Array, Array]:
+    b, _ = _gates(st, g, q)
+    return mosaic_forward(st, q, k, u, b, None if h0 is None else h0.astype(F32), w=w)
+
+
+def _fwd_rule(st: MosaicStatic, q, k, u, w, g, h0):
+    return _forward(st, q, k, u, w, g, h0), (q, k, u, w, g, h0)
+
+
+def _bwd_rule(st: MosaicStatic, res, cts):
+    q, k, u, w, g, h0 = res
+    core = st.core
+    _, b = _gates(st, g, q)
+    seq_info, flags = batch_rows_info(core.rows, core.n_chunks)
+    h0f = None if h0 is None else h0.astype(F32)
+    # the Triton backward reads every chunk's entering state and vn, which the Mosaic
+    # forward kept in registers / SMEM only: the Triton fwd_h walk recomputes them
+    h, vn, final = run_fwd_h(core, k, u, w, b, h0f, seq_info, flags)
+    full = (q, k, u, w, b, h0, seq_info, flags, h, vn, final)
+    dq, dk, du, dw, dg, dh0, _, _ = _core_bwd(core, full, cts)
+    return dq, dk, du, dw, None if g is None else dg, None if h0 is None else dh0
+
+
+mosaic_delta_core.defvjp(_fwd_rule, _bwd_rule)
