@@ -612,7 +612,10 @@ mosaic_core.defvjp(_fwd_rule, _bwd_rule)
 
 def gpu_interpret_reason() -> str | None:
     """Why :func:`gpu_interpret` cannot run here (None: it can): it needs JAX's Mosaic GPU
-    interpreter (``InterpretGPUParams``, JAX 0.11)."""
+    interpreter as in JAX 0.11 (``InterpretGPUParams``; 0.10.2's stops on an assertion in
+    its layout handling for this kernel)."""
+    if not _NEW_REF_API:
+        return f"jax {jax.__version__}: the Mosaic GPU interpreter runs these kernels from 0.11"
     try:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # noqa: F401
     except ImportError as e:

@@ -1,9 +1,11 @@
 """The delta rules' chunk core on Mosaic GPU (Hopper, sm_90+): forward kernel, Triton backward.
 
-NOT YET RUN ON A GPU: it lowers for CUDA (``tests/test_mosaic_lowering.py``) but its numerics
-and speed are unchecked on hardware, so automatic dispatch takes it only when
+NOT YET RUN ON A GPU: it lowers for CUDA on JAX 0.10 and 0.11, and its forward and
+gradients match the per-step reference in JAX 0.11's Mosaic GPU interpreter on the CPU
+(``mosaic_chunk.gpu_interpret``; ``tests/test_mosaic_lowering.py``), but the compiled kernel's
+numerics and speed are unchecked on hardware, so automatic dispatch takes it only when
 ``LINEARNEXUS_MOSAIC_GDN=1`` (:data:`OPT_IN_ENV`); ``backend="mosaic"`` runs it by name.
-``benchmarks/mosaic_gdn_check.py`` is the check (docs/mosaic.md).
+``benchmarks/mosaic_gdn_check.py`` is the GPU check (docs/mosaic.md).
 
 ``delta_rule`` and ``gated_delta_rule`` share it (``g`` None: no gate). The per-chunk WY
 preparation stays the Triton kernels of ``pallas_wy.py`` (a forward substitution over the
@@ -51,8 +53,9 @@ OPT_IN_ENV = "LINEARNEXUS_MOSAIC_GDN"
 #: flip to True (and drop the opt-in) once benchmarks/mosaic_gdn_check.py passes on an H200
 VERIFIED = False
 #: the feature table's note on the backend
-MOSAIC_STATUS = ("UNVERIFIED on a GPU, automatic only with LINEARNEXUS_MOSAIC_GDN=1; sm_90+, "
-                 "dense batches: Triton WY, Mosaic GPU forward walk, Triton backward")
+MOSAIC_STATUS = ("not yet run on a GPU (forward numerics checked in the CPU Mosaic GPU "
+                 "interpreter): automatic only with LINEARNEXUS_MOSAIC_GDN=1; sm_90+, dense "
+                 "batches: Triton WY, Mosaic GPU forward walk, Triton backward")
 
 
 def delta_opted_in() -> bool:

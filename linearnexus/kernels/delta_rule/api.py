@@ -32,8 +32,8 @@ BACKENDS.update(pallas_backends(delta_rule_pallas, delta_rule_recurrent, STEP))
 BACKENDS["pallas_tpu"] = PallasTpuKernel(delta_rule_pallas_tpu, delta_rule_recurrent)
 # the Mosaic GPU forward (sm_90+, bf16 / f16, batch rows): by name, or automatically with
 # LINEARNEXUS_MOSAIC_GDN=1 until it is verified on a GPU (kernels/common/mosaic_delta.py)
-BACKENDS["mosaic"] = MosaicKernel(delta_rule_mosaic, delta_rule_recurrent, step=STEP,
-                                  opt_in=delta_opted_in, status=MOSAIC_STATUS)
+BACKENDS["mosaic"] = MosaicKernel(delta_rule_mosaic, delta_rule_recurrent,
+                                  step=STEP, opt_in=delta_opted_in, status=MOSAIC_STATUS)
 # automatic dispatch takes "mosaic" (opted in) and "pallas" on a GPU only, "pallas_tpu" on a
 # TPU only (their `supports` say no elsewhere); mosaic raises NotImplementedError for what
 # it does not cover and pallas runs it
