@@ -160,13 +160,15 @@ def smem_bytes(*, chunk: int, key_dim: int, block_v: int, stages: int, itemsize:
     are stored for the backward), the bf16 state tile otherwise and the decayed-v tile. The
     float32 state staging tile (initial / final state) is scoped before and after the
     pipeline and reuses its space. ``delta`` (the delta rules): one more ``[L, K]`` pipeline
-    slot (``w``) a stage and one more ``[L, BV]`` scratch tile (``vn = u - w S_c``, the B
-    operand of ``A vn``)."""
+    slot (``w``) a stage and one more ``[L, BV]`` tile (``vn = u - w S_c``, the B operand of
+    ``A vn``): scratch, or a pipeline output slot when the states are stored (``vn`` goes to
+    HBM with them)."""
     L, K, BV = chunk, key_dim, block_v
     state_tile = K * BV * itemsize
+    vn_tile = L * BV * itemsize if delta else 0
     per_stage = ((3 if delta else 2) * L * K + 2 * L * BV) * itemsize + (2 * L + K) * 4
-    per_stage += state_tile if store_states else 0
-    scratch = (2 if delta else 1) * L * BV * itemsize + (0 if store_states else state_tile)
+    per_stage += state_tile + vn_tile if store_states else 0
+    scratch = L * BV * itemsize + (0 if store_states else state_tile + vn_tile)
     return scratch + max(stages * per_stage, K * BV * 4)
 
 
@@ -339,8 +341,11 @@ def _forward_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> 
     q_ref, k_ref, v_ref, b_ref, d_ref, e_ref, h0_ref = refs[:7]
     w_ref = refs[7] if delta else None
     o_ref, final_ref = refs[n_in:n_in + 2]
-    vn_smem = None
-    if store_states:  # the states go out through the pipeline's slots, not a scratch tile
+    vn_smem = vn_ref = None
+    if store_states and delta:  # the states and vn go out through pipeline slots
+        h_ref, vn_ref, vd_smem, bar = refs[n_in + 2:]
+        s_scratch = None
+    elif store_states:  # the states go out through the pipeline's slots, not a scratch tile
         h_ref, vd_smem, bar = refs[n_in + 2:]
         s_scratch = None
     elif delta:
@@ -366,7 +371,9 @@ def _forward_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> 
     def body(_, q_smem, k_smem, v_smem, b_smem, d_smem, e_smem, *rest):
         w_smem, rest = (rest[0], rest[1:]) if delta else (None, rest)
         o_smem, rest = rest[0], rest[1:]
-        s_smem, state = rest if store_states else (s_scratch, rest[0])
+        s_smem, rest = (rest[0], rest[1:]) if store_states else (s_scratch, rest)
+        vn_tile, rest = (rest[0], rest[1:]) if store_states and delta else (vn_smem, rest)
+        state = rest[0]
         # S_c in the input dtype for the q S_c matmul (and, stored, for the backward); the
         # float32 carry stays in registers
         s_smem[...] = state.astype(dtype)
@@ -390,10 +397,10 @@ def _forward_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> 
             # fwd_h rounds both the same way)
             vn = _load(v_smem, wgmma_layout).astype(F32) - ws  # [L, BV]
             d_row = _load(d_smem, rows_layout)  # [L]
-            vn_smem[...] = vn.astype(dtype)
+            vn_tile[...] = vn.astype(dtype)
             vd_smem[...] = (vn * jax.lax.broadcast_in_dim(d_row, (L, BV), [0])).astype(dtype)
             plgpu.commit_smem()
-            av_smem = vn_smem
+            av_smem = vn_tile
         else:
             def intra(acc_qk, acc_o):
                 plgpu.wgmma(acc_qk, q_smem, k_t)  # [L, K] @ [K, L]
@@ -449,6 +456,10 @@ def _forward_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> 
         out_specs.append(plgpu.BlockSpec((None, K, BV), lambda c: (c, 0, 0),
                                          transforms=_swizzled(BV, dtype)))
         outs.append(h_ref.at[r, :, h, :, vs])
+    if store_states and delta:  # vn of every chunk, [TP, BV] of vn [R, TP, H, V]
+        out_specs.append(plgpu.BlockSpec((L, BV), lambda c: (c, 0),
+                                         transforms=_swizzled(BV, dtype)))
+        outs.append(vn_ref.at[r, :, h, vs])
     pipeline = plgpu.emit_pipeline(body, grid=(c.n_chunks,), in_specs=in_specs,
                                    out_specs=out_specs, max_concurrent_steps=st.stages,
                                    init_carry=state0)
@@ -481,22 +492,22 @@ def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
             (``st.core.delta``) the WY form's ``u``.
         b: ``[R, TP, H]`` float32 in-chunk inclusive cumsum of the log-gates.
         h0: ``[R, H, K, V]`` float32 or None.
-        store_states: also return every chunk's entering state (for the backward; not with
-            the delta rules, whose backward re-runs the Triton ``fwd_h``).
+        store_states: also return every chunk's entering state (for the backward), and for
+            the delta rules every chunk's ``vn``.
         w: ``[R, TP, H, K]`` the WY form's ``w`` (the delta rules only, else None).
 
     Returns:
         ``(o [R, TP, H, V] in q's dtype, final [R, H, K, V] float32)``, and with
-        ``store_states`` a third ``h [R, NC, H, K, V]`` in q's dtype (``S_c`` per chunk).
+        ``store_states`` a third ``h [R, NC, H, K, V]`` in q's dtype (``S_c`` per chunk) and
+        for the delta rules a fourth ``vn [R, TP, H, V]`` in q's dtype (``u - w S_c``).
     """
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     c = st.core
     R, NC, L, H, K, V = c.rows, c.n_chunks, c.chunk, c.heads, c.key_dim, c.value_dim
-    if c.delta != (w is not None) or (c.delta and store_states):
+    if c.delta != (w is not None):
         raise ValueError(f"w: expected {'[R, TP, H, K]' if c.delta else 'None'} for "
-                         f"delta={c.delta} (store_states={store_states}: the delta rules "
-                         "store no states), got {None if w is None else w.shape}")
+                         f"delta={c.delta}, got {None if w is None else w.shape}")
     dtype = q.dtype
     bh, decay, e_last = gate_rows(b, L, K)
     if h0 is None:
@@ -506,7 +517,7 @@ def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
         # take shared memory: by default as many stages as still fit, up to 3)
         stages = st.bwd_stages or deepest_stages(lambda s: smem_bytes(
             chunk=L, key_dim=K, block_v=st.block_v, stages=s, itemsize=jnp.dtype(dtype).itemsize,
-            store_states=True) <= SMEM_LIMIT, 3)
+            store_states=True, delta=c.delta) <= SMEM_LIMIT, 3)
     kernel = functools.partial(_forward_kernel, st=dataclasses.replace(st, stages=stages),
                                dtype=dtype, store_states=store_states)
     out_type = [jax.ShapeDtypeStruct((R, NC * L, H, V), dtype),
@@ -515,12 +526,14 @@ def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
                plgpu.Barrier(num_barriers=1)]
     if store_states:
         out_type.append(jax.ShapeDtypeStruct((R, NC, H, K, V), dtype))
+        if c.delta:
+            out_type.append(jax.ShapeDtypeStruct((R, NC * L, H, V), dtype))
     else:
         scratch.insert(0, plgpu.SMEM((K, st.block_v), dtype,
                                      transforms=_swizzled(st.block_v, dtype)))
-    if c.delta:  # vn, the B operand of A vn (after the state tile, before the decayed one)
-        scratch.insert(1, plgpu.SMEM((L, st.block_v), dtype,
-                                     transforms=_swizzled(st.block_v, dtype)))
+        if c.delta:  # vn, the B operand of A vn (after the state tile, before the decayed one)
+            scratch.insert(1, plgpu.SMEM((L, st.block_v), dtype,
+                                         transforms=_swizzled(st.block_v, dtype)))
     f = plgpu.kernel(
         kernel,
         out_type=tuple(out_type),

@@ -20,10 +20,13 @@ chunk once): ``w = M^{-1} (beta e^{b} k)``, ``u = M^{-1} (beta v)``. The sequent
     o   = scale [ e^{b} qs + ((qk) * Gamma) vn ]     wgmma, A the register operand
     S_{c+1} = e^{b_L} S_c + k^T (e^{b_L - b} vn)     wgmma into the state accumulator
 
-The backward (``jax.custom_vjp``, as simple_gla's first Mosaic version) re-runs the Triton
-``fwd_h`` for the per-chunk states and ``vn`` and runs the Triton core backward
-(``pallas_chunk._core_bwd``); the WY preparation's own ``custom_vjp`` (``pallas_wy.py``)
-then carries ``dw``, ``du`` back to ``k``, ``v``, ``beta`` and ``g``.
+The backward (``jax.custom_vjp``): under a gradient the kernel also stores every chunk's
+entering state ``S_c`` (the bf16 tile of the ``w S_c`` / ``q S_c`` matmuls becomes a
+pipeline output slot, as simple_gla's ``store_states``) and ``vn`` (likewise): exactly the
+two residuals the Triton ``pallas`` backend keeps from its ``fwd_h``, so no recompute and no
+more memory than that backend. The Triton core backward (``pallas_chunk._core_bwd``) reads
+them; the WY preparation's own ``custom_vjp`` (``pallas_wy.py``) then carries ``dw``,
+``du`` back to ``k``, ``v``, ``beta`` and ``g``.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from linearnexus.kernels.common.mosaic_chunk import (
     mosaic_forward,
     smem_bytes,
 )
-from linearnexus.kernels.common.pallas_chunk import _core_bwd, in_chunk_cumsum, run_fwd_h
+from linearnexus.kernels.common.pallas_chunk import _core_bwd, in_chunk_cumsum
 
 F32 = jnp.float32
 #: automatic dispatch takes the delta rules' mosaic backend only when this is "1" (the
@@ -67,10 +70,11 @@ def default_delta_config(*, rows: int, heads: int, key_dim: int, value_dim: int,
                          n_chunks: int, itemsize: int = 2) -> MosaicConfig:
     """The heuristic of the delta rules' forward: chunk 64, value blocks of 64 (the
     ``[K, 64]`` float32 state, 64 registers a thread at K = 128, plus three ``[64, 64]``
-    accumulators), the Triton backward. Stages: one when the grid has more programs than
-    the 132 SMs and the walk is long (two programs of ~97 KB share an SM at K = 128, as the
-    simple_gla forward's measured best), else 2 when they fit (3 do not at K = 128: 227 KB).
-    Unmeasured (docs/mosaic.md)."""
+    accumulators), the Triton backward. Stages of the plain forward: one when the grid has
+    more programs than the 132 SMs and the walk is long (two programs of ~97 KB share an SM
+    at K = 128, as the simple_gla forward's measured best), else 2 when they fit (3 do not at
+    K = 128: 227 KB). ``bwd_stages`` (the forward that stores the states under a gradient):
+    None, the deepest that fits (2 at K = 128, 181 KB). Unmeasured (docs/mosaic.md)."""
     del itemsize  # bf16 / f16 only; kept for the same signature as default_mosaic_config
     block_v = min(64, value_dim)
     stages = 2 if smem_bytes(chunk=64, key_dim=key_dim, block_v=block_v, stages=2, itemsize=2,
@@ -82,23 +86,27 @@ def default_delta_config(*, rows: int, heads: int, key_dim: int, value_dim: int,
 
 def check_delta_config(cfg: MosaicConfig, *, key_dim: int, value_dim: int) -> None:
     """Raise ``ValueError`` naming ``config`` for knobs the delta rules' kernel does not take
-    (``cfg`` resolved: no None field but the backward stages)."""
+    (``cfg`` resolved: no None field but ``bwd_stages`` / ``dqk_stages``)."""
     if cfg.backward != "pallas":
         raise ValueError(f"config: backward={cfg.backward!r}: the delta rules' Mosaic backend "
                          "has the Triton backward only (backward='pallas')")
-    if cfg.bwd_stages is not None or cfg.dqk_stages is not None:
-        raise ValueError("config: bwd_stages / dqk_stages set the Mosaic backward kernels, "
-                         "which the delta rules do not have; leave them None")
+    if cfg.dqk_stages is not None:
+        raise ValueError("config: dqk_stages sets a Mosaic backward kernel the delta rules do "
+                         "not have; leave it None")
     if cfg.block_v != 64 or value_dim % cfg.block_v:
         raise ValueError(f"config: block_v={cfg.block_v}: the delta rules' kernel takes 64 (at "
                          "128 the [K, 128] float32 state and three accumulators exceed a "
                          f"warpgroup's registers); padded V={value_dim}")
-    need = smem_bytes(chunk=cfg.chunk, key_dim=key_dim, block_v=cfg.block_v, stages=cfg.stages,
-                      itemsize=2, delta=True)
-    if need > SMEM_LIMIT:
-        raise ValueError(f"config: stages={cfg.stages} at K={key_dim} needs {need} bytes of "
-                         f"shared memory with the delta rule's w and vn tiles, over the "
-                         f"{SMEM_LIMIT} a block may use; use fewer stages")
+    for name, stored in (("stages", False), ("bwd_stages", True)):
+        stages = getattr(cfg, name)
+        if stages is None:
+            continue
+        need = smem_bytes(chunk=cfg.chunk, key_dim=key_dim, block_v=cfg.block_v, stages=stages,
+                          itemsize=2, delta=True, store_states=stored)
+        if need > SMEM_LIMIT:
+            raise ValueError(f"config: {name}={stages} at K={key_dim} needs {need} bytes of "
+                             f"shared memory with the delta rule's w and vn tiles, over the "
+                             f"{SMEM_LIMIT} a block may use; use fewer stages")
 
 
 def _gates(st: MosaicStatic, g: Array | None, like: Array) -> tuple[Array, Array | None]:
@@ -133,18 +141,19 @@ def _forward(st: MosaicStatic, q, k, u, w, g, h0) -> tuple[Array, Array]:
 
 
 def _fwd_rule(st: MosaicStatic, q, k, u, w, g, h0):
-    return _forward(st, q, k, u, w, g, h0), (q, k, u, w, g, h0)
+    # under a gradient the kernel also stores every chunk's entering state and vn, the two
+    # residuals the Triton backward reads (the pallas backend keeps the same two)
+    b, _ = _gates(st, g, q)
+    o, final, h, vn = mosaic_forward(st, q, k, u, b, None if h0 is None else h0.astype(F32),
+                                     w=w, store_states=True)
+    return (o, final), (q, k, u, w, g, h0, h, vn, final)
 
 
 def _bwd_rule(st: MosaicStatic, res, cts):
-    q, k, u, w, g, h0 = res
+    q, k, u, w, g, h0, h, vn, final = res
     core = st.core
     _, b = _gates(st, g, q)
     seq_info, flags = batch_rows_info(core.rows, core.n_chunks)
-    h0f = None if h0 is None else h0.astype(F32)
-    # the Triton backward reads every chunk's entering state and vn, which the Mosaic
-    # forward kept in registers / SMEM only: the Triton fwd_h walk recomputes them
-    h, vn, final = run_fwd_h(core, k, u, w, b, h0f, seq_info, flags)
     full = (q, k, u, w, b, h0, seq_info, flags, h, vn, final)
     dq, dk, du, dw, dg, dh0, _, _ = _core_bwd(core, full, cts)
     return dq, dk, du, dw, None if g is None else dg, None if h0 is None else dh0

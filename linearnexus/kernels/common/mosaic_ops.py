@@ -207,7 +207,8 @@ def delta_rule_mosaic(q: Array, k: Array, v: Array, beta: Array, g: Array | None
         scale, initial_state, cu_seqlens (must be None), check_device: as
             :func:`linear_attention_mosaic`.
         chunk_size: L; 64 only (``config.chunk`` wins).
-        config: :class:`MosaicConfig` overrides (``stages``; ``block_v`` 64; the Triton
+        config: :class:`MosaicConfig` overrides (``stages``, ``bwd_stages``: the depth of the
+            forward that stores the states under a gradient; ``block_v`` 64; the Triton
             backward); None fields: ``mosaic_delta.default_delta_config``.
 
     Returns:
@@ -245,7 +246,8 @@ def delta_rule_mosaic(q: Array, k: Array, v: Array, beta: Array, g: Array | None
     w, uc, kc = wy_prepare(wst, kc, vc, _layout(beta, plan), gc)
     core = _core_static(dtype, plan, kp, vp, heads=heads, scale=scale, has_h0=h0 is not None,
                         gate="none" if g is None else "scalar", delta=True)
-    st = MosaicStatic(core=core, block_v=cfg.block_v, stages=cfg.stages, backward="pallas")
+    st = MosaicStatic(core=core, block_v=cfg.block_v, stages=cfg.stages, backward="pallas",
+                      bwd_stages=cfg.bwd_stages)
     o, final = mosaic_delta_core(st, qc, kc, uc, w, gc, h0)
     o = _unlayout(o, plan)[..., :v.shape[3]].astype(v.dtype)
     return o, final[:, :, :q.shape[3], :v.shape[3]]
