@@ -56,7 +56,7 @@ OPT_IN_ENV = "LINEARNEXUS_MOSAIC_GDN"
 #: flip to True (and drop the opt-in) once benchmarks/mosaic_gdn_check.py passes on an H200
 VERIFIED = False
 #: the feature table's note on the backend
-MOSAIC_STATUS = ("not yet run on a GPU (forward numerics checked in the CPU Mosaic GPU "
+MOSAIC_STATUS = ("not yet run on a GPU (numerics checked only in JAX 0.11's CPU Mosaic GPU "
                  "interpreter): automatic only with LINEARNEXUS_MOSAIC_GDN=1; sm_90+, dense "
                  "batches: Triton WY, Mosaic GPU forward walk, Triton backward")
 
@@ -72,13 +72,17 @@ def default_delta_config(*, rows: int, heads: int, key_dim: int, value_dim: int,
     ``[K, 64]`` float32 state, 64 registers a thread at K = 128, plus three ``[64, 64]``
     accumulators), the Triton backward. Stages of the plain forward: one when the grid has
     more programs than the 132 SMs and the walk is long (two programs of ~97 KB share an SM
-    at K = 128, as the simple_gla forward's measured best), else 2 when they fit (3 do not at
-    K = 128: 227 KB). ``bwd_stages`` (the forward that stores the states under a gradient):
-    None, the deepest that fits (2 at K = 128, 181 KB). Unmeasured (docs/mosaic.md)."""
-    del itemsize  # bf16 / f16 only; kept for the same signature as default_mosaic_config
+    at K = 128, as the simple_gla forward's measured best), else the deepest of 3 (walks of
+    >= 8 chunks) or 2 that fits (3 do not at K = 128: 227 KB). ``bwd_stages`` (the forward
+    that stores the states under a gradient): None, the deepest that fits up to 3 (2 at
+    K = 128: 186 KB). Unmeasured (docs/mosaic.md)."""
     block_v = min(64, value_dim)
-    stages = 2 if smem_bytes(chunk=64, key_dim=key_dim, block_v=block_v, stages=2, itemsize=2,
-                             delta=True) <= SMEM_LIMIT else 1
+
+    def fits(stages: int) -> bool:
+        return smem_bytes(chunk=64, key_dim=key_dim, block_v=block_v, stages=stages,
+                          itemsize=itemsize, delta=True) <= SMEM_LIMIT
+
+    stages = 3 if n_chunks >= 8 and fits(3) else 2 if fits(2) else 1
     if n_chunks >= 8 and (value_dim // block_v) * rows * heads > HOPPER_SMS:
         stages = 1
     return MosaicConfig(chunk=64, block_v=block_v, stages=stages, backward="pallas")
