@@ -2,8 +2,9 @@
 WY preparation and backward): numerics against the per-step reference, then speed against
 the Triton ``pallas`` backend (and FLA 0.6.0 when importable), within a time budget.
 
-    python3 benchmarks/mosaic_gdn_check.py [--out DIR] [--budget 140] [--seqs 63 1000 4096]
-        [--dims 64 128] [--shape 8,4096,16,128] [--no-fla]
+    python3 benchmarks/mosaic_gdn_check.py [--out DIR] [--budget 130] [--seqs 1000 63 4096]
+        [--dims 128 64] [--shape 8,4096,16,128] [--no-fla] [--check-share 0.5]
+        [--extras-reserve 15]
 
 On the GPU machine, FLA from the carried wheels (``.whl/``, docs: kernels_gpu.py)::
 
@@ -11,8 +12,9 @@ On the GPU machine, FLA from the carried wheels (``.whl/``, docs: kernels_gpu.py
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
     PYTHONUNBUFFERED=1 python3 benchmarks/mosaic_gdn_check.py --out $OUT
 
-What it does, in order (each step skipped, and said so, once ``--budget`` seconds are spent;
-the JSON is rewritten after every step, so a killed run keeps what it finished):
+What it does, in order (a step not started when its share of ``--budget`` is spent is
+skipped, and said so; the JSON is rewritten after every step, so a killed run keeps what it
+finished):
 
 1. Dispatch: the backend automatic dispatch picks for bf16 gated_delta_rule without and
    with ``LINEARNEXUS_MOSAIC_GDN=1``.
@@ -23,17 +25,20 @@ the JSON is rewritten after every step, so a killed run keeps what it finished):
    ``backend="naive"`` (float32 inputs, highest matmul precision), at every ``--seqs`` x
    ``--dims`` (B = 2, H = 4, K = V = D), with an initial state and without one (the
    reference then runs from a zero state); then delta_rule (no gate) at T = 1000, D = 128
-   with an initial state and T = 63, D = 64 without.
+   with an initial state and T = 63, D = 64 without. No new check starts after
+   ``--check-share`` of the budget.
 3. Speed at ``--shape`` (bf16, no states): forward and forward+backward (the gradient of
    ``sum(o * do)`` w.r.t. q, k, v, g, beta) through the api for mosaic (the heuristic's
-   config; and ``stages=2`` for the plain forward with ``bwd_stages=1`` for the forward
-   that stores the states under the gradient: the other side of each heuristic choice),
-   pallas, with ``kernels_gpu.host_time`` (host clock
-   around back-to-back calls, median of 5, inputs rotated past L2); plus
-   ``||mosaic - pallas|| / ||pallas||`` of the output at that shape.
+   config) and pallas, with ``kernels_gpu.host_time`` (host clock around back-to-back
+   calls, median of 5, inputs rotated past L2); plus ``||mosaic - pallas|| / ||pallas||``
+   of the output at that shape.
 4. FLA's ``chunk_gated_delta_rule`` at the same shape and method, in a child process
-   bounded by what is left of the budget (its first call autotunes); skipped when
-   ``fla`` is not importable.
+   bounded by what is left of the budget less ``--extras-reserve`` (its first call
+   autotunes); skipped when ``fla`` is not importable.
+5. Extras, if time is left: mosaic at ``stages=2`` (the plain forward) / ``bwd_stages=1``
+   (the forward that stores the states under the gradient), the other side of each
+   heuristic choice; then each kernel alone in the chunk layout: the Triton WY
+   preparation and the Mosaic walk at 1 and 2 stages, plain and storing ``S_c`` / ``vn``.
 
 Prints a compact table; writes ``mosaic_gdn_check.json`` under ``--out``.
 """
@@ -140,6 +145,49 @@ def time_backend(op: str, shape: tuple[int, ...], backend: str, config: MosaicCo
         kernel.config = None
 
 
+def time_kernels(shape: tuple[int, ...], sets: list, n_sets: int) -> dict[str, float]:
+    """Each kernel of the mosaic forward alone, in the chunk layout (T a multiple of 64, D a
+    power of two >= 64): the Triton WY preparation, and the Mosaic walk at 1 and 2 pipeline
+    stages, plain and storing ``S_c`` and ``vn`` (the gradient's forward). Median ms."""
+    import dataclasses
+
+    from linearnexus.kernels.common import mosaic_chunk
+    from linearnexus.kernels.common.pallas import interpret_mode
+    from linearnexus.kernels.common.pallas_chunk import CoreStatic, in_chunk_cumsum
+    from linearnexus.kernels.common.pallas_wy import WyStatic, wy_prepare
+
+    B, T, H, D = shape
+    L = 64
+    wst = WyStatic(gated=True, rows=B, n_chunks=T // L, chunk=L, heads=H, key_dim=D,
+                   value_dim=D, exact=False, num_warps=4, interpret=interpret_mode())
+    core = CoreStatic(gate="scalar", delta=True, has_h0=False, scale=D ** -0.5, rows=B,
+                      n_chunks=T // L, chunk=L, heads=H, key_dim=D, value_dim=D, n_seqs=B,
+                      block_k=D, block_v=64, num_warps=4, num_stages=2, interpret=interpret_mode(),
+                      packed=False)
+    base = mosaic_chunk.MosaicStatic(core=core, block_v=64, stages=1, backward="pallas")
+    # inputs: q, k, v, g, beta -> the walk's q, k, u, w, b (WY once per input set)
+    wy = jax.jit(lambda q, k, v, g, beta: wy_prepare(wst, k, v, beta, g))
+    walk_in = [(s[0], s[1], *wy(*s)[:2], in_chunk_cumsum(s[3], L)) for s in sets]
+    out: dict[str, float] = {}
+
+    def timed(name: str, call) -> None:
+        try:
+            out[name] = kg.host_time(call, kg.jax_sync, repeats=5, n_sets=n_sets)["ms"]
+        except Exception as e:  # noqa: BLE001
+            out[name] = float("nan")
+            kg.log(f"  {name}: {kg.short_error(e)}")
+
+    timed("WY preparation (Triton)", lambda i: wy(*sets[i % n_sets]))
+    for stored in (False, True):
+        for stages in (1, 2):
+            st = dataclasses.replace(base, stages=stages, bwd_stages=stages)
+            f = jax.jit(lambda q, k, w, u, b, st=st, stored=stored: mosaic_chunk.mosaic_forward(
+                st, q, k, u, b, None, w=w, store_states=stored))
+            timed(f"walk{' storing S_c, vn' if stored else ''} stages={stages}",
+                  lambda i, f=f: f(*walk_in[i % n_sets]))
+    return out
+
+
 def fla_child(shape: tuple[int, ...], out_file: str) -> None:
     """(child process) FLA's chunk_gated_delta_rule fwd and fwd+bwd at ``shape``."""
     import torch
@@ -163,12 +211,16 @@ def fla_child(shape: tuple[int, ...], out_file: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    parser.add_argument("--budget", type=float, default=140.0,
+    parser.add_argument("--budget", type=float, default=130.0,
                         help="seconds; steps not started by then are skipped")
     parser.add_argument("--seqs", nargs="+", type=int, default=[1000, 63, 4096])
     parser.add_argument("--dims", nargs="+", type=int, default=[128, 64])
     parser.add_argument("--shape", default="8,4096,16,128")
     parser.add_argument("--no-fla", action="store_true")
+    parser.add_argument("--check-share", type=float, default=0.5,
+                        help="share of the budget after which no new check starts")
+    parser.add_argument("--extras-reserve", type=float, default=15.0,
+                        help="seconds FLA leaves for the extra timings after it")
     parser.add_argument("--fla-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     shape = tuple(int(x) for x in args.shape.split(","))
@@ -198,9 +250,10 @@ def main() -> None:
              for h0 in (True, False)]
     cases += [("delta_rule", 1000, 128, True), ("delta_rule", 63, 64, False)]
     ref_cache: dict = {}
+    checks_until = t0 + args.check_share * args.budget  # leave the rest to the timing
     for i, (op, T, D, h0) in enumerate(cases):
         label = f"{op} T={T} D={D} h0={'yes' if h0 else 'no'}"
-        if time.perf_counter() > deadline:
+        if time.perf_counter() > checks_until:
             results["skipped"].append(f"check {label}: budget spent")
             continue
         try:
@@ -221,12 +274,11 @@ def main() -> None:
                                 jnp.bfloat16).values()) for i in range(n_sets)]
     do = jax.random.normal(jax.random.PRNGKey(99), (B, T, H, D), jnp.float32).astype(jnp.bfloat16)
     outs = {}
-    for label, backend, config in (("mosaic", "mosaic", None), ("pallas", "pallas", None),
-                                   ("mosaic stages=2 bwd_stages=1", "mosaic",
-                                    MosaicConfig(stages=2, bwd_stages=1))):
+
+    def timing(label: str, backend: str, config: MosaicConfig | None) -> None:
         if time.perf_counter() > deadline:
             results["skipped"].append(f"timing {label}: budget spent")
-            continue
+            return
         try:
             res = time_backend(op, shape, backend, config, sets, n_sets, do)
             outs[label] = res.pop("o")
@@ -237,15 +289,20 @@ def main() -> None:
             results["timing"][label] = {"error": kg.short_error(e)}
             kg.log(f"{label}: {kg.short_error(e)}")
         save()
+
+    timing("mosaic", "mosaic", None)
+    timing("pallas", "pallas", None)
     if "mosaic" in outs and "pallas" in outs:
         results["mosaic_vs_pallas_o"] = kg.rel_err(outs["mosaic"], outs["pallas"])
         kg.log(f"||o_mosaic - o_pallas|| / ||o_pallas|| = {results['mosaic_vs_pallas_o']:.2e}")
-    del outs, sets
+    outs.clear()
 
-    left = deadline - time.perf_counter()
+    # FLA before the extras: its ratio is the issue's measure; it may take what is left but
+    # the extras' reserve (its first call autotunes)
+    left = deadline - time.perf_counter() - args.extras_reserve
     if args.no_fla or importlib.util.find_spec("fla") is None:
         results["skipped"].append("FLA: --no-fla or not importable")
-    elif left < 20:
+    elif left < 15:
         results["skipped"].append(f"FLA: {left:.0f} s of the budget left")
     else:
         child = out_dir / "fla_child.json"
@@ -253,10 +310,25 @@ def main() -> None:
             subprocess.run([sys.executable, __file__, "--shape", args.shape, "--fla-child",
                             str(child)], timeout=left, check=True)
             results["timing"]["fla"] = json.loads(child.read_text())
+            fla = results["timing"]["fla"]
+            kg.log(f"FLA: fwd {fla.get('fwd', {}).get('ms', float('nan')):.3f} ms, fwd+bwd "
+                   f"{fla.get('fwd_bwd', {}).get('ms', float('nan')):.3f} ms "
+                   f"{fla.get('error', '')}  [{time.perf_counter() - t0:.0f} s]")
         except subprocess.TimeoutExpired:
             results["skipped"].append(f"FLA: not done within the {left:.0f} s left (autotuning)")
         except Exception as e:  # noqa: BLE001
             results["timing"]["fla"] = {"error": kg.short_error(e)}
+        save()
+
+    timing("mosaic stages=2 bwd_stages=1", "mosaic", MosaicConfig(stages=2, bwd_stages=1))
+    if time.perf_counter() > deadline - 10:
+        results["skipped"].append("kernels alone: budget spent")
+    elif T % 64 or D not in (64, 128):
+        results["skipped"].append("kernels alone: T not a multiple of 64 or D not 64 / 128")
+    else:
+        results["kernels_ms"] = time_kernels(shape, sets, n_sets)
+        kg.log("kernels alone: " + ", ".join(f"{n} {t:.3f} ms"
+                                              for n, t in results["kernels_ms"].items()))
     results["elapsed_s"] = round(time.perf_counter() - t0, 1)
     save()
     print_table(results, shape)
