@@ -637,7 +637,7 @@ def gpu_interpret_reason() -> str | None:
 
 
 @contextlib.contextmanager
-def gpu_interpret():
+def gpu_interpret(detect_races: bool = False):
     """Run the Mosaic GPU forward kernel traced inside on the CPU, through JAX's Mosaic GPU
     interpreter (a private API of JAX 0.11: ``jax._src.pallas.mosaic_gpu.interpret``, which
     simulates shared memory, TMA copies, barriers and wgmma), for numerics without a GPU.
@@ -645,7 +645,9 @@ def gpu_interpret():
     (:func:`wgmma_onto`, :func:`wgmma_regs`), and the interpreter's SMEM -> GMEM copy is
     wrapped to take emit_pipeline's predicate. The backward kernels (``mosaic_bwd.py``) are
     not covered (their register-operand wgmmas and ``run_state`` accumulators are not
-    rewritten)."""
+    rewritten). ``detect_races``: the interpreter's happens-before race detector (it prints
+    each race; ``jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call.get_races()``
+    says whether any was found)."""
     global _INTERPRETING
     import numpy as np
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
@@ -661,7 +663,7 @@ def gpu_interpret():
             return token
         return copy_out(token=token, predicate=None, **kwargs)
 
-    previous, _INTERPRETING = _INTERPRETING, InterpretGPUParams()
+    previous, _INTERPRETING = _INTERPRETING, InterpretGPUParams(detect_races=detect_races)
     gpu_callbacks.copy_smem_to_gmem = predicated_copy_out
     try:
         yield
