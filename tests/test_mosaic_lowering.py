@@ -27,6 +27,7 @@ from linearnexus.kernels.common.mosaic_chunk import (
 from linearnexus.kernels.common.mosaic_ops import delta_rule_mosaic, linear_attention_mosaic
 from linearnexus.kernels.gated_delta_rule.reference import gated_delta_rule_reference
 from linearnexus.kernels.simple_gla.api import BACKENDS, simple_gla
+from linearnexus.kernels.simple_gla.reference import simple_gla_reference
 
 REASON = mosaic_unavailable_reason()
 needs_mosaic = pytest.mark.skipif(REASON is not None, reason=REASON or "")
@@ -213,10 +214,12 @@ def test_delta_rules_mosaic_lower_forward_and_backward(shape, h0, gated, config,
 
 @pytest.mark.skipif(REASON is not None or gpu_interpret_reason() is not None,
                     reason=REASON or gpu_interpret_reason() or "")
-def test_delta_mosaic_matches_reference_in_the_interpreter():
-    """The gated delta rule's Mosaic GPU forward kernel, run on the CPU by JAX's Mosaic GPU
-    interpreter (JAX 0.11), and its gradient (the kernel storing the states and vn, then the
-    Triton backward in interpret mode) against the per-step reference: bf16, two chunks
+@pytest.mark.parametrize("op", ["gated_delta_rule", "simple_gla"])
+def test_mosaic_matches_reference_in_the_interpreter(op):
+    """The Mosaic GPU kernels run on the CPU by JAX's Mosaic GPU interpreter (JAX 0.11),
+    forward and gradient, against the per-step reference: the gated delta rule (the
+    Mosaic forward storing the states and vn, then the Triton backward in interpret mode)
+    and simple_gla (Mosaic forward and both Mosaic backward kernels). bf16, two chunks
     (T = 100, the last one padded), an initial state; thresholds as on the GPU (outputs and
     states 5e-3, gradients 1e-2)."""
     B, T, H, K, V = 1, 100, 1, 64, 64
@@ -230,32 +233,43 @@ def test_delta_mosaic_matches_reference_in_the_interpreter():
     s0 = jax.random.normal(ks[5], (B, H, K, V))
     do = jax.random.normal(ks[6], (B, T, H, V))
     dht = jax.random.normal(ks[7], (B, H, K, V))
+    if op == "simple_gla":
+        args, names = (q, k, v, g, s0), ("dq", "dk", "dv", "dg", "dh0")
 
-    def loss(fn, q, k, v, g, beta, s0):
-        o, final = fn(q, k, v, g, beta, s0)
+        def mosaic(q, k, v, g, s0):
+            return linear_attention_mosaic(q, k, v, g, scale=K ** -0.5, initial_state=s0,
+                                           check_device=False)
+
+        def reference(q, k, v, g, s0):
+            return simple_gla_reference(q, k, v, g, scale=K ** -0.5, initial_state=s0)
+    else:
+        args, names = (q, k, v, g, beta, s0), ("dq", "dk", "dv", "dg", "dbeta", "dh0")
+
+        def mosaic(q, k, v, g, beta, s0):
+            return delta_rule_mosaic(q, k, v, beta, g, scale=K ** -0.5, initial_state=s0,
+                                     check_device=False)
+
+        def reference(q, k, v, g, beta, s0):
+            return gated_delta_rule_reference(q, k, v, g, beta, scale=K ** -0.5,
+                                              initial_state=s0)
+
+    def loss(fn, *args):
+        o, final = fn(*args)
         return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(final * dht), (o, final)
 
-    def mosaic(q, k, v, g, beta, s0):
-        return delta_rule_mosaic(q, k, v, beta, g, scale=K ** -0.5, initial_state=s0,
-                                 check_device=False)
-
-    def reference(q, k, v, g, beta, s0):
-        return gated_delta_rule_reference(q, k, v, g, beta, scale=K ** -0.5, initial_state=s0)
-
-    argnums = tuple(range(1, 7))
+    argnums = tuple(range(1, len(args) + 1))
     with gpu_interpret():
-        grads, (o, final) = jax.grad(loss, argnums, has_aux=True)(mosaic, q, k, v, g, beta, s0)
+        grads, (o, final) = jax.grad(loss, argnums, has_aux=True)(mosaic, *args)
     with jax.default_matmul_precision("highest"):
         ref_grads, (ro, rf) = jax.grad(loss, argnums, has_aux=True)(
-            reference, *(x.astype(jnp.float32) for x in (q, k, v, g, beta, s0)))
+            reference, *(x.astype(jnp.float32) for x in args))
 
     def rel(a, b):
         return float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
 
     errors = {"o": rel(o, ro), "final": rel(final, rf)}
     assert max(errors.values()) <= 5e-3, errors
-    errors = {n: rel(a, b) for n, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), grads,
-                                               ref_grads, strict=True)}
+    errors = {n: rel(a, b) for n, a, b in zip(names, grads, ref_grads, strict=True)}
     assert max(errors.values()) <= 1e-2, errors
 
 

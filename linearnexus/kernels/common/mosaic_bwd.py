@@ -57,6 +57,9 @@ from linearnexus.kernels.common.mosaic_chunk import (
     compiler_params,
     deepest_stages,
     gate_rows,
+    interpret_kwargs,
+    wgmma_onto,
+    wgmma_regs,
 )
 
 F32 = jnp.float32
@@ -124,9 +127,9 @@ def _state_grad_kernel(q_ref, k_ref, do_ref, b_ref, d_ref, e_ref, dht_ref, dv_re
         d_row = _load(d_smem, rows_layout)  # [L], e^{b_L - b}
 
         def intra_dv(acc_dv):
-            plgpu.wgmma(acc_dv, at.astype(dtype), do_smem)  # registers [L, L] @ SMEM [L, BV]
+            wgmma_regs(acc_dv, at.astype(dtype), do_smem)  # registers [L, L] @ SMEM [L, BV]
 
-        dv = pl.run_state(intra_dv)(plgpu.ACC.init(kds * _bcast(d_row, (L, BV), 0)))
+        dv = wgmma_onto(kds * _bcast(d_row, (L, BV), 0), intra_dv)
         dv_smem[...] = dv.astype(dtype)
 
         # dS_c = e^{b_L} dS_{c+1} + q^T (s e^{b} do): the decay goes on do's rows
@@ -138,7 +141,7 @@ def _state_grad_kernel(q_ref, k_ref, do_ref, b_ref, d_ref, e_ref, dht_ref, dv_re
         def update(acc_s):
             plgpu.wgmma(acc_s, q_t, doe_smem)  # [K, L] @ [L, BV]
 
-        return pl.run_state(update)(plgpu.ACC.init(ds * _bcast(e_row, (K, BV), 0)))
+        return wgmma_onto(ds * _bcast(e_row, (K, BV), 0), update)
 
     def back(c):  # chunks in reverse
         return NC - 1 - c
@@ -201,9 +204,9 @@ def _dqk_kernel(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, d_ref, dq_ref
         q_dq = jnp.sum(_load(q_smem, wgmma_layout).astype(F32) * dqs, axis=1) * c.scale
 
         def dq_intra(acc):
-            plgpu.wgmma(acc, da.astype(dtype), k_smem)  # registers [L, L] @ SMEM [L, BK]
+            wgmma_regs(acc, da.astype(dtype), k_smem)  # registers [L, L] @ SMEM [L, BK]
 
-        dq = pl.run_state(dq_intra)(plgpu.ACC.init(dqs * c.scale))
+        dq = wgmma_onto(dqs * c.scale, dq_intra)
         dq_smem[...] = dq.astype(dtype)
 
         def dk_side(acc_kq, acc_dat, acc_dk):
@@ -221,9 +224,9 @@ def _dqk_kernel(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, d_ref, dq_ref
         k_dk = jnp.sum(_load(k_smem, wgmma_layout).astype(F32) * dks, axis=1)
 
         def dk_intra(acc):
-            plgpu.wgmma(acc, dat.astype(dtype), q_smem)  # registers [L, L] @ SMEM [L, BK]
+            wgmma_regs(acc, dat.astype(dtype), q_smem)  # registers [L, L] @ SMEM [L, BK]
 
-        dk = pl.run_state(dk_intra)(plgpu.ACC.init(dks))
+        dk = wgmma_onto(dks, dk_intra)
         dk_smem[...] = dk.astype(dtype)
         term_smem[...] = q_dq + row_p - col_p
         kdk_smem[...] = k_dk
@@ -281,6 +284,7 @@ def run_state_grad(st: MosaicStatic, q: Array, k: Array, do: Array, gates: tuple
         grid=(V // bv, H, R),
         grid_names=("v", "h", "r"),
         compiler_params=compiler_params(),
+        **interpret_kwargs(),
     )(q, k, do.astype(dtype), *gates, dfinal.astype(F32))
 
 
@@ -307,6 +311,7 @@ def run_dqk(st: MosaicStatic, q: Array, k: Array, v: Array, do: Array, h: Array,
         grid=(nk, H, R),
         grid_names=("k", "h", "r"),
         compiler_params=compiler_params(),
+        **interpret_kwargs(),
     )(q, k, v, do.astype(dtype), h, dh, gates[0], gates[1])
 
 

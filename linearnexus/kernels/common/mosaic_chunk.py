@@ -292,6 +292,13 @@ def _state_out(state: Array, gmem: Any) -> None:
 _INTERPRETING: Any = False
 
 
+def interpret_kwargs() -> dict[str, Any]:
+    """``plgpu.kernel``'s ``interpret=`` under :func:`gpu_interpret`, else nothing: passed to
+    each Mosaic kernel, because a global interpret switch would also hand the Triton kernels
+    around them (the WY preparation) to the Mosaic GPU interpreter."""
+    return {"interpret": _INTERPRETING} if _INTERPRETING else {}
+
+
 def wgmma_onto(init: Array, issue: Any) -> Array:
     """``init`` plus the products ``issue(acc)`` adds to a float32 wgmma accumulator.
 
@@ -541,9 +548,7 @@ def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
         grid=(V // st.block_v, H, R),
         grid_names=("v", "h", "r"),
         compiler_params=compiler_params(),
-        # only this kernel: a global interpret switch would also hand the Triton kernels
-        # around it (the WY preparation) to the Mosaic GPU interpreter
-        **({"interpret": _INTERPRETING} if _INTERPRETING else {}),
+        **interpret_kwargs(),
     )
     return f(q, k, v, bh, decay, e_last, h0, *(() if w is None else (w,)))
 
@@ -638,16 +643,15 @@ def gpu_interpret_reason() -> str | None:
 
 @contextlib.contextmanager
 def gpu_interpret(detect_races: bool = False):
-    """Run the Mosaic GPU forward kernel traced inside on the CPU, through JAX's Mosaic GPU
+    """Run the Mosaic GPU kernels traced inside on the CPU, through JAX's Mosaic GPU
     interpreter (a private API of JAX 0.11: ``jax._src.pallas.mosaic_gpu.interpret``, which
     simulates shared memory, TMA copies, barriers and wgmma), for numerics without a GPU.
-    Slow: small shapes only. The kernel differs from the GPU's in two places
+    Slow: small shapes only. The kernels differ from the GPU's in two places
     (:func:`wgmma_onto`, :func:`wgmma_regs`), and the interpreter's SMEM -> GMEM copy is
-    wrapped to take emit_pipeline's predicate. The backward kernels (``mosaic_bwd.py``) are
-    not covered (their register-operand wgmmas and ``run_state`` accumulators are not
-    rewritten). ``detect_races``: the interpreter's happens-before race detector (it prints
-    each race; ``jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call.get_races()``
-    says whether any was found)."""
+    wrapped to take emit_pipeline's predicate. ``detect_races``: the interpreter's
+    happens-before race detector (it prints each race;
+    ``jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call.get_races()`` says whether
+    any was found)."""
     global _INTERPRETING
     import numpy as np
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
