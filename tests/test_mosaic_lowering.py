@@ -44,12 +44,17 @@ def _specs(B, T, H, K, V, h0):
 
 @needs_mosaic
 @pytest.mark.parametrize("shape,h0,config", [
-    ((2, 1000, 2, 128, 128), True, None),  # T not a multiple of the chunk, the benchmark's K = V
-    ((1, 63, 3, 40, 72), False, MosaicConfig(block_v=64, stages=3)),  # odd head dims, padded
+    # T not a multiple of the chunk, the benchmark's K = V; the default: Mosaic backward
+    ((2, 1000, 2, 128, 128), True, None),
+    # odd head dims, padded; the Triton backward
+    ((1, 63, 3, 40, 72), False, MosaicConfig(block_v=64, stages=3, backward="pallas")),
+    # one pipeline stage in all three kernels, K = V = 64
+    ((1, 130, 2, 64, 64), True, MosaicConfig(stages=1, bwd_stages=1, dqk_stages=1)),
 ])
 def test_simple_gla_mosaic_lowers_forward_and_backward(shape, h0, config, monkeypatch):
-    """Forward (the Mosaic GPU kernel) and its gradient (custom_vjp onto the Triton backward
-    kernels) lower for CUDA; the modules hold the Mosaic GPU and Triton custom calls."""
+    """Forward (the Mosaic GPU kernel) and its gradient lower for CUDA: with the Mosaic
+    backward, three Mosaic GPU kernels (forward storing the chunk states, the reverse walk,
+    dq / dk) and no Triton; with ``backward="pallas"``, the Triton backward kernels."""
     monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")  # Triton kernels, not interpret mode
 
     def fwd(q, k, v, g, s0):
@@ -62,10 +67,14 @@ def test_simple_gla_mosaic_lowers_forward_and_backward(shape, h0, config, monkey
 
     specs = _specs(*shape, h0)
     text = _lower(fwd, *specs)
-    assert "mosaic_gpu" in text
+    assert text.count("custom_call @mosaic_gpu") == 1
     grad_text = _lower(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4) if h0 else (0, 1, 2, 3)),
                        *specs)
-    assert "mosaic_gpu" in grad_text and "xla.gpu.triton" in grad_text
+    if config is not None and config.backward == "pallas":
+        assert grad_text.count("custom_call @mosaic_gpu") == 1 and "xla.gpu.triton" in grad_text
+    else:
+        assert grad_text.count("custom_call @mosaic_gpu") == 3
+        assert "xla.gpu.triton" not in grad_text
 
 
 def test_mosaic_declines_what_it_does_not_cover():
@@ -93,12 +102,25 @@ def test_mosaic_declines_what_it_does_not_cover():
             linear_attention_mosaic(jnp.ones((1, 8, 1, 128), jnp.bfloat16),
                                     jnp.ones((1, 8, 1, 128), jnp.bfloat16),
                                     jnp.ones((1, 8, 1, 128), jnp.bfloat16), g, scale=1.0,
-                                    check_device=False, config=MosaicConfig(block_v=128))
+                                    check_device=False,
+                                    config=MosaicConfig(block_v=128, stages=4))
+        with pytest.raises(ValueError, match="dqk_stages"):  # 3 stages of [64, V] tiles: over
+            linear_attention_mosaic(jnp.ones((1, 8, 1, 128), jnp.bfloat16),
+                                    jnp.ones((1, 8, 1, 128), jnp.bfloat16),
+                                    jnp.ones((1, 8, 1, 128), jnp.bfloat16), g, scale=1.0,
+                                    check_device=False, config=MosaicConfig(dqk_stages=3))
+        with pytest.raises(ValueError, match="backward='mosaic'"):  # V = 256: [L, V] tiles
+            linear_attention_mosaic(q, k, jnp.ones((1, 8, 1, 256), jnp.bfloat16), g, scale=1.0,
+                                    check_device=False, config=MosaicConfig(backward="mosaic"))
     with pytest.raises(ValueError, match="block_v"):
         MosaicConfig(block_v=96)
     with pytest.raises(ValueError, match="stages"):
-        MosaicConfig(stages=1)
-    # the heuristic always fits shared memory
+        MosaicConfig(stages=0)
+    with pytest.raises(ValueError, match="dqk_stages"):
+        MosaicConfig(dqk_stages=True)
+    with pytest.raises(ValueError, match="backward"):
+        MosaicConfig(backward="triton")
+    # the heuristic always fits shared memory, and picks the Mosaic backward where it fits
     for K in (64, 128):
         for V in (64, 128, 256):
             for n_chunks in (1, 64, 256):
@@ -106,6 +128,7 @@ def test_mosaic_declines_what_it_does_not_cover():
                                             n_chunks=n_chunks)
                 assert smem_bytes(chunk=cfg.chunk, key_dim=K, block_v=cfg.block_v,
                                   stages=cfg.stages, itemsize=2) <= SMEM_LIMIT
+                assert cfg.backward == ("mosaic" if V <= 128 else "pallas")
 
 
 def test_mosaic_config_comes_from_the_tuning_cache(tmp_path, monkeypatch):
@@ -140,7 +163,7 @@ def test_mosaic_config_comes_from_the_tuning_cache(tmp_path, monkeypatch):
                          cu_seqlens=None)
     assert seen[-1] == MosaicConfig(stages=3, block_v=64)
     tuning.record("simple_gla", "mosaic", (2, 300, 4, 64, 64), jnp.bfloat16,
-                  Knobs(stages=1, block_v=64), seconds=1e-3, device_kind=jax.devices()[0].device_kind)
+                  Knobs(stages=0, block_v=64), seconds=1e-3, device_kind=jax.devices()[0].device_kind)
     kernel.forward_chunk(q, q, q, g, initial_state=None, grid=GridConfig(chunk_size=64), scale=1.0,
                          cu_seqlens=None)
-    assert seen[-1] is None  # stages=1 no longer validates: the heuristic decides
+    assert seen[-1] is None  # stages=0 does not validate: the heuristic decides

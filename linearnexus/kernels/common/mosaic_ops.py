@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from linearnexus.core.types import Array, DType
+from linearnexus.kernels.common import mosaic_bwd
 from linearnexus.kernels.common.chunking import plan_chunks
 from linearnexus.kernels.common.mosaic_chunk import (
     MOSAIC_DTYPES,
@@ -28,6 +29,7 @@ from linearnexus.kernels.common.mosaic_chunk import (
     MosaicConfig,
     MosaicStatic,
     default_mosaic_config,
+    mosaic_backward_fits,
     mosaic_core,
     mosaic_unavailable_reason,
     smem_bytes,
@@ -127,6 +129,28 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
         raise ValueError(f"config: chunk={chunk}, block_v={cfg.block_v}, stages={cfg.stages} at "
                          f"K={kp} needs {need} bytes of shared memory, over the {SMEM_LIMIT} "
                          "a block may use; use fewer stages or a smaller block_v / chunk")
+    itemsize = jnp.dtype(dtype).itemsize
+    needs = {}  # shared memory of the backward kernels' stage overrides
+    if cfg.bwd_stages:  # the reverse walk and the forward that stores the states
+        needs["bwd_stages"] = max(
+            mosaic_bwd.state_smem_bytes(chunk=chunk, key_dim=kp,
+                                        block_v=min(vp, mosaic_bwd.STATE_BLOCK_V),
+                                        stages=cfg.bwd_stages, itemsize=itemsize),
+            smem_bytes(chunk=chunk, key_dim=kp, block_v=cfg.block_v, stages=cfg.bwd_stages,
+                       itemsize=itemsize, store_states=True))
+    if cfg.dqk_stages:
+        needs["dqk_stages"] = mosaic_bwd.dqk_smem_bytes(
+            chunk=chunk, key_dim=kp, value_dim=vp, stages=cfg.dqk_stages, itemsize=itemsize)
+    for name, need in needs.items():
+        if need > SMEM_LIMIT:
+            raise ValueError(f"config: {name}={getattr(cfg, name)} at K={kp}, V={vp} needs "
+                             f"{need} bytes of shared memory, over the {SMEM_LIMIT} a block may use")
+    if cfg.backward == "mosaic" and not mosaic_backward_fits(
+            chunk=chunk, key_dim=kp, value_dim=vp, block_v=cfg.block_v,
+            itemsize=jnp.dtype(dtype).itemsize):
+        raise ValueError(f"config: backward='mosaic' at chunk={chunk}, K={kp}, V={vp}, "
+                         f"block_v={cfg.block_v} does not fit shared memory (the dq / dk kernel "
+                         "holds whole [L, V] tiles: V <= 128); use backward='pallas'")
     h0 = initial_state
     if h0 is not None:
         h0 = jnp.pad(h0.astype(F32), [(0, 0), (0, 0), (0, kp - key_dim), (0, vp - value_dim)])
@@ -141,7 +165,8 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
                     value_dim=vp, delta=False, dtype=dtype, n_chunks=plan.n_chunks)
     core = _static(tcfg, gate="scalar", delta=False, has_h0=h0 is not None, scale=scale,
                    plan=plan, heads=heads, key_dim=kp, value_dim=vp, n_seqs=batch)
-    st = MosaicStatic(core=core, block_v=cfg.block_v, stages=cfg.stages)
+    st = MosaicStatic(core=core, block_v=cfg.block_v, stages=cfg.stages, backward=cfg.backward,
+                      bwd_stages=cfg.bwd_stages, dqk_stages=cfg.dqk_stages)
     o, final = mosaic_core(st, qc, kc, vc, gc, h0)
     o = _unlayout(o, plan)[..., :value_dim].astype(v.dtype)
     return o, final[:, :, :key_dim, :value_dim]
@@ -165,8 +190,8 @@ class MosaicKernel(PallasKernel):
 
     name: ClassVar[str] = "mosaic"
     #: shown after the name in the README's feature table
-    status: ClassVar[str] = ("sm_90+, dense batches: Mosaic GPU forward, Triton backward; "
-                             "otherwise falls back to pallas")
+    status: ClassVar[str] = ("sm_90+, dense batches: Mosaic GPU forward and backward (Triton "
+                             "backward at V > 128); otherwise falls back to pallas")
 
     def supports(self, *, platform: str, dtype: DType) -> bool:
         # static (the feature table reads it on any machine); the compute capability and the
