@@ -12,8 +12,8 @@ automatic dispatch moves on to the Triton kernels (``pallas``), which run everyt
   above 128, chunk sizes other than 64 / 128 (64 only for the delta rules).
 
 The delta rules (``delta_rule_mosaic``: Triton WY preparation, Mosaic GPU walk, Triton
-backward) have not run on a GPU yet: their backend objects carry an ``opt_in``
-(``LINEARNEXUS_MOSAIC_GDN=1``) without which automatic dispatch passes them by.
+backward) carry an ``opt_in`` (``mosaic_delta.delta_opted_in``): automatic dispatch passes
+them by when ``LINEARNEXUS_MOSAIC_GDN=0``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """gated_delta_rule's ``mosaic`` backend: the Triton WY preparation, the chunk walk on Mosaic
-GPU (Hopper), the Triton backward. NOT YET VERIFIED ON A GPU: automatic dispatch picks it
-only with ``LINEARNEXUS_MOSAIC_GDN=1`` (``kernels/common/mosaic_delta.py``; docs/mosaic.md).
+GPU (Hopper), the Triton backward. Picked automatically on sm_90+
+(``LINEARNEXUS_MOSAIC_GDN=0``: by name only; ``kernels/common/mosaic_delta.py``; docs/mosaic.md).
 """
 
 from __future__ import annotations
