@@ -58,7 +58,7 @@ from linearnexus.core.gating import sample_dt_bias, softplus_decay
 from linearnexus.core.types import Array
 from linearnexus.kernels.delta_rule import delta_rule
 from linearnexus.kernels.gated_delta_rule import gated_delta_rule
-from linearnexus.modules.base import KERNEL_BACKENDS, dtype_of
+from linearnexus.modules.base import MOSAIC_KERNEL_BACKENDS, dtype_of
 from linearnexus.modules.common import l2_normalize, math_dtype
 from linearnexus.modules.linear.base import LinearAttentionBlock, LinearAttentionConfig, whole_width
 from linearnexus.modules.linear.runtime import SequenceCall
@@ -98,9 +98,10 @@ class DeltaNetFamilyConfig(LinearAttentionConfig):
         qk_norm_eps: epsilon of the L2 norm of q and k (FLA's ``l2norm``: 1e-6).
         chunk_size: tokens per chunk in chunk mode (FLA's 64).
         mode_threshold: with ``mode=None``, calls with T < this run in recurrent mode.
-        kernel_backend: one of :data:`~linearnexus.modules.base.KERNEL_BACKENDS`: "auto"
+        kernel_backend: one of :data:`~linearnexus.modules.base.MOSAIC_KERNEL_BACKENDS`: "auto"
             (best available), "jax", "naive" (the per-step reference; needs concrete
-            ``cu_seqlens``) or "pallas".
+            ``cu_seqlens``), "pallas" or "mosaic" (the Mosaic GPU forward walk on sm_90+,
+            docs/mosaic.md).
     """
 
     use_short_conv: bool = True
@@ -112,7 +113,7 @@ class DeltaNetFamilyConfig(LinearAttentionConfig):
     qk_norm_eps: float = field(1e-6, gt=0)
     chunk_size: int = field(64, gt=0)
     mode_threshold: int = field(64, gt=0)
-    kernel_backend: str = field("auto", choices=KERNEL_BACKENDS)
+    kernel_backend: str = field("auto", choices=MOSAIC_KERNEL_BACKENDS)
 
     @property
     def output_gate(self) -> bool:

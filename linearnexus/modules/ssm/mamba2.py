@@ -35,7 +35,7 @@ from linearnexus.core.gating import sample_dt_bias
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array
 from linearnexus.kernels.ssd import ssd
-from linearnexus.modules.base import KERNEL_BACKENDS, BlockConfig, dtype_of, op_backend
+from linearnexus.modules.base import MOSAIC_KERNEL_BACKENDS, BlockConfig, dtype_of, op_backend
 from linearnexus.modules.common import GatedRMSNorm, ShortConv, math_dtype
 from linearnexus.modules.linear.runtime import (
     LinearState,
@@ -73,9 +73,10 @@ class Mamba2Config(BlockConfig):
             than the reference's 256: on CPU at T=1024 chunk 64 measured faster than 256
             (docs/features/mamba2.md).
         mode_threshold: with ``mode=None``, calls with T < this run in recurrent mode.
-        kernel_backend: one of :data:`~linearnexus.modules.base.KERNEL_BACKENDS`: "auto"
+        kernel_backend: one of :data:`~linearnexus.modules.base.MOSAIC_KERNEL_BACKENDS`: "auto"
             (best available), "jax", "naive" (the per-step reference) or "pallas" (simple
-            GLA's Triton kernels, which the SSD op runs through).
+            GLA's Triton kernels, which the SSD op runs through) or "mosaic" (simple GLA's
+            Mosaic GPU kernels on sm_90+, docs/mosaic.md).
         D_has_hdim: the skip ``D`` per channel, ``[H, P]`` (the reference's ``D_has_hdim``),
             instead of per head ``[H]``.
         dt_limit: ``(low, high)``: clamp ``softplus(dt + dt_bias)`` to it (the reference's
@@ -97,7 +98,7 @@ class Mamba2Config(BlockConfig):
     norm_eps: float = field(1e-5, gt=0)
     chunk_size: int = field(64, gt=0)
     mode_threshold: int = field(64, gt=0)
-    kernel_backend: str = field("auto", choices=KERNEL_BACKENDS)
+    kernel_backend: str = field("auto", choices=MOSAIC_KERNEL_BACKENDS)
     D_has_hdim: bool = False
     dt_limit: tuple[float, float] | None = None
 
