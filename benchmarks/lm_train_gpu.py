@@ -27,8 +27,8 @@ so a killed call keeps what it finished):
    scatter-add in the embedding gradient is not deterministic on a GPU), then the first of
    ``--loss-backends`` (``mosaic``). Per step ``|loss_b - loss_jax| / loss_jax``; PASS when
    its maximum over the steps is <= ``--loss-tol``. The other ``--loss-backends``
-   (``pallas``) run after FLA, if time is left. (Mamba2 on ``mosaic`` raises today: ssd's
-   ``v = dt * x`` is float32, which the mosaic backend refuses; docs/mosaic.md.)
+   (``pallas``) run after FLA, if time is left. (Mamba2's ``v = dt * x`` is float32; the
+   mosaic backend rounds it to bf16, ``mosaic_ops.mosaic_dtype``.)
 2. **Throughput** (``throughput``). A Gated DeltaNet LM: d_model 1024, 12 layers, vocab 8192,
    16 heads of K = 64, V = 128, SwiGLU MLP (hidden 2752), tied embeddings (~211M
    parameters), T = 2048, batch 8, float32 parameters, bf16 compute, AdamW; per backend in

@@ -75,3 +75,21 @@ def test_kernel_backend_mosaic_pins_the_op():
     if jax.default_backend() == "cpu":
         with pytest.raises(NotImplementedError, match="compute capability"):
             jax.eval_shape(lambda x: block(x, mode="chunk"), x)  # traced only: raises there
+
+
+def test_mosaic_takes_ssd_float32_v_beside_16_bit_qk():
+    """ssd's ``v = dt * x`` is float32 beside bf16 q, k: the mosaic kernels compute in bf16
+    (a bf16 Mamba2 reaches them); float32 q or k still goes to pallas."""
+    from linearnexus.kernels.common.mosaic_ops import check_mosaic_call, mosaic_dtype
+
+    qk = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
+    v32 = jnp.zeros((1, 64, 1, 64), jnp.float32)
+    assert mosaic_dtype(qk, qk, v32) == jnp.bfloat16
+    assert mosaic_dtype(qk.astype(jnp.float32), qk, v32) == jnp.float32
+    try:
+        check_mosaic_call(qk, qk, v32, cu_seqlens=None, chunk=64, check_device=False)
+    except NotImplementedError as e:  # only a JAX without the Mosaic GPU APIs may refuse
+        assert "float32" not in str(e)
+    with pytest.raises(NotImplementedError, match="float32"):
+        check_mosaic_call(qk.astype(jnp.float32), qk, v32, cu_seqlens=None, chunk=64,
+                          check_device=False)
