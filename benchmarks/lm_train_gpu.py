@@ -238,8 +238,6 @@ def fla_child(args: argparse.Namespace) -> None:
         Path(args.fla_child).write_text(json.dumps(
             {"framework": "fla", "error": f"FLA not importable: {type(e).__name__}: {e}"}))
         return
-    import importlib
-
     import kernels_gpu as kg
     from common import shakespeare_batches
 
@@ -248,10 +246,7 @@ def fla_child(args: argparse.Namespace) -> None:
     s = args.sizes
     env = kg.environment(torch)
     notes = []
-    chunk_o = importlib.import_module("fla.ops.common.chunk_o")
-    if (kg.version_tuple(env.get("triton")) < (3, 7, 1) and kg.is_hopper(env)
-            and not getattr(chunk_o, "TRITON_ABOVE_3_7_1", True)):
-        chunk_o.TRITON_ABOVE_3_7_1 = True  # as kernels_gpu.py: timing only (FLA issue #640)
+    if kg.unlock_fla_gated_backward(env):  # as kernels_gpu.py: timing only (FLA issue #640)
         notes.append("fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 forced True (Triton "
                      f"{env.get('triton')} < 3.7.1 on Hopper; timing only: FLA issue #640)")
     d = s["d_model"]
