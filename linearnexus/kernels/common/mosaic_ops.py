@@ -13,7 +13,7 @@ automatic dispatch moves on to the Triton kernels (``pallas``), which run everyt
 
 The delta rules (``delta_rule_mosaic``: Triton WY preparation, Mosaic GPU walk, Triton
 backward) carry an ``opt_in`` (``mosaic_delta.delta_opted_in``): automatic dispatch passes
-them by when ``LINEARNEXUS_MOSAIC_GDN=0``.
+them by unless ``LINEARNEXUS_MOSAIC_GDN=1`` (slower than pallas in LM training).
 """
 
 from __future__ import annotations
