@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from linearnexus.modules.common import FUSED_DECODE_ENV, SwiGLU, fused_dense
+from linearnexus.modules.common import (
+    FUSED_DECODE_ENV,
+    SwiGLU,
+    decode_weights,
+    fused_dense,
+    using_decode_weights,
+)
 from linearnexus.registry import LAYER_REGISTRY
 
 
@@ -28,23 +34,61 @@ def _close(a, b):
                                    rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name,overrides,masked", [
-    ("gated_deltanet", {}, False),
+# (block, config overrides, masked, dtype). Unmasked calls whose head sizes are powers of two
+# run the fused layer kernel (kernels/fused_decode; through the interpreter here): GDN with
+# and without the conv and output gate, DeltaNet, Mamba2 with groups, per-channel D and a
+# dt clamp, and in bf16. Masked calls and other head sizes keep the fused projection only.
+CASES = [
+    ("gated_deltanet", {}, False, "float32"),
     ("gated_deltanet", {"use_short_conv": False, "use_output_gate": False,
-                        "allow_neg_eigval": True}, True),
-    ("deltanet", {"expand_v": 1.5}, True),
-])
-def test_one_token_block_matches_unfused(monkeypatch, name, overrides, masked):
+                        "allow_neg_eigval": True}, False, "float32"),
+    ("gated_deltanet", {}, True, "float32"),
+    ("deltanet", {"expand_v": 1.5}, True, "float32"),
+    ("deltanet", {}, False, "bfloat16"),
+    ("mamba2", {"ngroups": 2, "D_has_hdim": True, "dt_limit": (0.0, 0.5)}, False, "float32"),
+    ("mamba2", {"conv_bias": False, "rmsnorm": False}, False, "bfloat16"),
+]
+
+
+@pytest.mark.parametrize("name,overrides,masked,dtype", CASES)
+def test_one_token_block_matches_unfused(monkeypatch, name, overrides, masked, dtype):
+    """The one-token call (fused projection, and the fused layer kernel where it applies)
+    against the unfused call (``LINEARNEXUS_FUSED_DECODE=0``: a matmul per projection,
+    the conv, gates, op and norm apart): float32 to 1e-5, bf16 to 5e-3, every output and
+    state leaf."""
+    import linearnexus.kernels.fused_decode.api as layer_api
+
+    monkeypatch.setattr(layer_api, "_compiles", lambda: True)  # pick it as on a GPU
+    launched = []
+    for kernel in ("delta_layer", "ssd_layer"):  # count the layer kernel's launches
+        real = getattr(layer_api, kernel)
+        monkeypatch.setattr(layer_api, kernel,
+                            lambda *a, real=real: launched.append(1) or real(*a))
     entry = LAYER_REGISTRY[name]
-    block = entry.block(entry.config.tiny(**overrides), rngs=nnx.Rngs(1))
+    block = entry.block(entry.config.tiny(dtype=dtype, **overrides), rngs=nnx.Rngs(1))
     zeros = jax.tree.leaves(block.init_state(3))
     keys = jax.random.split(jax.random.key(0), len(zeros))  # a non-zero state to start from
     state = jax.tree.unflatten(jax.tree.structure(block.init_state(3)), [
-        0.3 * jax.random.normal(k, z.shape, z.dtype) for k, z in zip(keys, zeros, strict=True)])
+        (0.3 * jax.random.normal(k, z.shape)).astype(z.dtype) for k, z in zip(keys, zeros, strict=True)])
     x = jax.random.normal(jax.random.key(1), (3, 1, 16))
     mask = jnp.array([[True], [False], [True]]) if masked else None  # a pad row stays inert
     fused, plain = _both(monkeypatch, lambda: block(x, state=state, mask=mask))
-    _close(fused, plain)
+    assert len(launched) == (0 if masked or "expand_v" in overrides else 1)
+    if name == "gated_deltanet" and not (masked or overrides):  # the backward pass too
+
+        def loss(x, state):
+            y, new = block(x, state=state)
+            return jnp.sum(jnp.sin(y)) + sum(jnp.sum(s * s) for s in jax.tree.leaves(new))
+
+        fused_grads, plain_grads = _both(monkeypatch,
+                                         lambda: jax.jit(jax.grad(loss, (0, 1)))(x, state))
+        _close(fused_grads, plain_grads)
+    if dtype == "float32":
+        _close(fused, plain)
+    else:
+        for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(plain), strict=True):
+            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            assert np.linalg.norm(a - b) <= 5e-3 * np.linalg.norm(b)
 
 
 def test_swiglu_one_token_matches_unfused(monkeypatch):
@@ -52,6 +96,25 @@ def test_swiglu_one_token_matches_unfused(monkeypatch):
     x = jax.random.normal(jax.random.key(2), (2, 1, 12))
     fused, plain = _both(monkeypatch, lambda: mlp(x))
     _close(fused, plain)
+
+
+def test_decode_weights_are_read_and_checked():
+    """``fused_dense`` reads the concatenation computed once (``generate.Decoder`` passes
+    it to every step) instead of concatenating; a table of another structure is refused."""
+    mlp = SwiGLU(12, 20, use_bias=True, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(4), (2, 1, 12))
+    weights = decode_weights(mlp)
+    with using_decode_weights(mlp, weights):
+        _close(mlp(x), mlp(x.reshape(2, 1, 12)))
+    doubled = {k: (2 * w, 2 * b) for k, (w, b) in weights.items()}
+    with using_decode_weights(mlp, doubled):  # the table is what the matmul reads
+        gate, up = fused_dense(x, mlp.decode_linears()[0])
+    _close((gate, up), (2 * mlp.w_gate(x), 2 * mlp.w_up(x)))
+    with pytest.raises(ValueError, match="weights"), using_decode_weights(mlp, {"other/0": weights["0"]}):
+        pass
+    with pytest.raises(ValueError, match="kernel of shape"), using_decode_weights(
+            mlp, {"0": (weights["0"][0][:4], None)}):
+        pass
 
 
 def test_fused_dense_groups_and_errors():
