@@ -128,7 +128,7 @@ def fused_decode_enabled() -> bool:
 
 
 def fused_dense(x: Array, linears: Sequence[nnx.Linear], *,
-                groups: Sequence[int] | None = None) -> list[Array]:
+                groups: Sequence[int] | None = None, glu: bool = False) -> list[Array]:
     """``[l(x) for l in linears]`` as one matmul: ``x [..., D] @ [W_1 | ... | W_n]``.
 
     For one-token decoding, where every projection is a separate tiny GEMV kernel and the
@@ -146,6 +146,12 @@ def fused_dense(x: Array, linears: Sequence[nnx.Linear], *,
         groups: how many consecutive linears each output covers (summing to
             ``len(linears)``): ``(3, 1)`` returns ``[y_1 | y_2 | y_3, y_4]``, the first three
             outputs side by side without a concatenate. None: one output per linear.
+        glu: two linears of one width (gate, up): return ``[silu(y_1) * y_2]`` (SwiGLU's
+            hidden activation).
+
+    A single row (``x`` of one token and batch 1) on a GPU runs the matmul as one Pallas
+    kernel that reads the weights once (``kernels.fused_decode.decode_matvec``; XLA's
+    one-row matmul is a multiply and a reduce), the ``glu`` activation folded in.
 
     Returns:
         ``[y_1 [..., F_1], ..., y_n [..., F_n]]`` (or one per group) in the linears'
@@ -153,8 +159,12 @@ def fused_dense(x: Array, linears: Sequence[nnx.Linear], *,
 
     Raises:
         ValueError: no linears, linears that differ in what their matmul does, or
-            ``groups`` that do not sum to ``len(linears)``.
+            ``groups`` that do not sum to ``len(linears)``; ``glu`` without two linears
+            of one width.
     """
+    if glu and (len(linears) != 2 or groups is not None
+                or linears[0].out_features != linears[1].out_features):
+        raise ValueError("glu: expected two linears of one width (gate, up) and no groups")
     if not linears:
         raise ValueError("linears: expected at least one nnx.Linear, got none")
     groups = [1] * len(linears) if groups is None else list(groups)
@@ -175,15 +185,45 @@ def fused_dense(x: Array, linears: Sequence[nnx.Linear], *,
     x, kernel, bias = first.promote_dtype((x, kernel, bias), dtype=first.dtype)
     kwargs = ({} if first.preferred_element_type is None
               else {"preferred_element_type": first.preferred_element_type})
-    y = first.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
-                          precision=first.precision, **kwargs)  # [..., sum F]
-    if bias is not None:
-        y = y + bias
+
+    def xla(x: Array, kernel: Array, bias: Array | None) -> Array:
+        y = first.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                              precision=first.precision, **kwargs)  # [..., sum F]
+        if bias is not None:
+            y = y + bias
+        if glu:
+            gate, up = jnp.split(y, 2, axis=-1)
+            y = jax.nn.silu(gate) * up  # [..., F]
+        return y
+
+    from linearnexus.kernels.fused_decode import decode_matvec, matvec_ready
+
+    depth, width = kernel.shape
+    if (first.precision is None and first.preferred_element_type is None
+            and matvec_ready(math.prod(x.shape[:-1]), depth, width, x.dtype, glu=glu)):
+        y = decode_matvec(x.reshape(1, depth), kernel, bias, glu=glu, fallback=xla)  # [1, N]
+        y = y.reshape(*x.shape[:-1], y.shape[-1])  # [1, N] -> [..., N]
+    else:
+        y = xla(x, kernel, bias)
+    if glu:
+        return [y]
     return jnp.split(y, ends[:-1].tolist(), axis=-1)
+
+
+def decode_linear(x: Array, linear: nnx.Linear) -> Array:
+    """``linear(x)``; for a one-token call (``x [..., 1, D]``) with the fused decode path on,
+    through :func:`fused_dense` (batch 1 on a GPU: one matmul kernel that reads the weights
+    once). The same matmul either way."""
+    if x.ndim >= 2 and x.shape[-2] == 1 and fused_decode_enabled():
+        return fused_dense(x, [linear])[0]
+    return linear(x)
 
 
 def _concat_weights(linears: Sequence[nnx.Linear]) -> tuple[Array, Array | None]:
     """``([W_1 | ... | W_n] [D, sum F], [b_1 | ... | b_n] [sum F] or None)``."""
+    if len(linears) == 1:
+        lin = linears[0]
+        return lin.kernel[...], None if lin.bias is None else lin.bias[...]
     kernel = jnp.concatenate([lin.kernel[...] for lin in linears], axis=1)  # [D, sum F]
     bias = None
     if any(lin.bias is not None for lin in linears):
@@ -297,9 +337,9 @@ class SwiGLU(nnx.Module):
         if x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected last axis D={self.d_model}, got shape {x.shape}")
         if x.ndim >= 2 and x.shape[-2] == 1 and fused_decode_enabled():  # one token: one GEMV
-            gate, up = fused_dense(x, self.decode_linears()[0])
-        else:
-            gate, up = self.w_gate(x), self.w_up(x)
+            hidden, = fused_dense(x, self.decode_linears()[0], glu=True)  # [..., F]
+            return decode_linear(hidden, self.w_down)  # [..., F] -> [..., D]
+        gate, up = self.w_gate(x), self.w_up(x)
         return self.w_down(jax.nn.silu(gate) * up)  # [..., F] -> [..., D]
 
 

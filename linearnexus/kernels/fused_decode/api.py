@@ -25,6 +25,7 @@ from linearnexus.core.types import Array, DType
 from linearnexus.kernels.base import current_platform
 from linearnexus.kernels.common.pallas import interpret_mode
 from linearnexus.kernels.common.pallas_step import fused_step_enabled
+from linearnexus.kernels.fused_decode.gemv import blocks, matvec
 from linearnexus.kernels.fused_decode.pallas import (
     MAX_TILE,
     DeltaLayerSpec,
@@ -33,11 +34,14 @@ from linearnexus.kernels.fused_decode.pallas import (
     ssd_layer,
 )
 
-__all__ = ["FUSED_LAYER_ENV", "DeltaLayerSpec", "SsdLayerSpec", "delta_layer_step",
-           "layer_kernel_ready", "ssd_layer_step"]
+__all__ = ["DECODE_GEMV_ENV", "FUSED_LAYER_ENV", "DeltaLayerSpec", "SsdLayerSpec",
+           "decode_matvec", "delta_layer_step", "layer_kernel_ready", "matvec_ready",
+           "ssd_layer_step"]
 
 #: set to "0" to run one-token layer steps as separate kernels (conv, gates, step, norm)
 FUSED_LAYER_ENV = "LINEARNEXUS_FUSED_LAYER"
+#: set to "0" to leave batch-1 decode matmuls to XLA (a multiply and a reduce each)
+DECODE_GEMV_ENV = "LINEARNEXUS_DECODE_GEMV"
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -193,3 +197,29 @@ def ssd_layer_step(spec: SsdLayerSpec, proj: Array, conv_cache: Array, conv_weig
     _check("d", d, (h, spec.head_dim) if spec.d_per_channel else (h,), "(D)")
     args = (proj, conv_cache, conv_weight, conv_bias, state.astype(jnp.float32), a_log, dt_bias, d)
     return _with_fallback(lambda *a: ssd_layer(spec, *a), fallback, args)
+
+
+def matvec_ready(rows: int, depth: int, width: int, dtype: DType, *, glu: bool = False) -> bool:
+    """Whether ``[rows, depth] @ [depth, width]`` runs :func:`decode_matvec`'s kernel: one
+    row (batch-1 decoding), a GPU, ``LINEARNEXUS_DECODE_GEMV`` not "0", float32 / bfloat16
+    / float16, D a multiple of 16 (any N: the last block of columns is masked; even with
+    ``glu``)."""
+    out = width // 2 if glu else width
+    return (rows == 1 and _compiles() and os.environ.get(DECODE_GEMV_ENV, "1") != "0"
+            and jnp.dtype(dtype) in _DTYPES and not (glu and width % 2)
+            and blocks(depth, out) is not None)
+
+
+def decode_matvec(x: Array, w: Array, bias: Array | None, *, glu: bool = False,
+                  fallback: Callable[[Array, Array, Array | None], Array]) -> Array:
+    """``x [1, D] @ w [D, N] (+ bias)`` (with ``glu``: ``silu`` of the first half times the
+    second) in one kernel that reads ``w`` once (``gemv.py``); ``fallback(x, w, bias)`` is
+    the same in XLA and gives the backward pass.
+
+    Raises:
+        NotImplementedError: shapes :func:`matvec_ready` would refuse.
+    """
+    if x.ndim != 2 or x.shape[0] != 1 or w.ndim != 2 or w.shape[0] != x.shape[1]:
+        raise NotImplementedError(f"decode_matvec: expected x [1, D] and w [D, N], got x "
+                                  f"{x.shape}, w {w.shape}")
+    return _with_fallback(lambda x, w, b: matvec(x, w, b, glu=glu), fallback, (x, w, bias))

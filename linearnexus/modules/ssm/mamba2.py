@@ -38,7 +38,13 @@ from linearnexus.kernels.conv import conv_step
 from linearnexus.kernels.fused_decode import SsdLayerSpec, layer_kernel_ready, ssd_layer_step
 from linearnexus.kernels.ssd import ssd
 from linearnexus.modules.base import KERNEL_BACKENDS, BlockConfig, dtype_of, op_backend
-from linearnexus.modules.common import GatedRMSNorm, ShortConv, fused_decode_enabled, math_dtype
+from linearnexus.modules.common import (
+    GatedRMSNorm,
+    ShortConv,
+    decode_linear,
+    fused_decode_enabled,
+    math_dtype,
+)
 from linearnexus.modules.linear.runtime import (
     LinearState,
     begin_call,
@@ -198,14 +204,16 @@ class Mamba2Block(nnx.Module):
                             d_state=cfg.d_state, conv_width=cfg.d_conv,
                             d_per_channel=cfg.D_has_hdim, dt_limit=cfg.dt_limit)
 
-    def _fused_layer(self, proj: Array, state: LinearState) -> tuple[Array, LinearState] | None:
-        """One token (no mask, no packing) through ``kernels.fused_decode.ssd_layer_step``
-        where it runs: ``(y * silu(z) [B, E] float32, new_state)``; else None."""
+    def _fused_layer(self, x: Array, state: LinearState) -> tuple[Array, LinearState] | None:
+        """One token ``x [B, 1, D]`` (no mask, no packing) through
+        ``kernels.fused_decode.ssd_layer_step`` where it runs: ``(y * silu(z) [B, E]
+        float32, new_state)``; else None."""
         cfg = self.config
         spec = self._layer_spec()
         if not (fused_decode_enabled()
-                and layer_kernel_ready(spec, proj.dtype, op_backend(cfg.kernel_backend))):
+                and layer_kernel_ready(spec, x.dtype, op_backend(cfg.kernel_backend))):
             return None
+        proj = decode_linear(x, self.in_proj)[:, 0]  # [B, 1, F] -> [B, F]
         conv = self.conv
         y, cache, final = ssd_layer_step(
             spec, proj, state.conv.buffer, conv.conv_weight[...],
@@ -275,13 +283,13 @@ class Mamba2Block(nnx.Module):
         e, h, p = cfg.d_inner, cfg.n_heads, cfg.headdim
         g, n = cfg.ngroups, cfg.d_state
 
-        zxbcdt = self.in_proj(x)  # [B, T, 2E + 2GN + H]
         if seq == 1 and call.layout is None and call.cu_seqlens is None:
-            layer = self._fused_layer(zxbcdt[:, 0], state)
+            layer = self._fused_layer(x, state)
             if layer is not None:  # conv, step size, SSD step, skip and gate in one kernel
                 y, new_state = layer  # [B, E] float32: y * silu(z)
                 y = self.norm.normalize_gated(y) if self.norm is not None else y.astype(dtype)
-                return self.out_proj(y[:, None]), new_state
+                return decode_linear(y[:, None], self.out_proj), new_state
+        zxbcdt = self.in_proj(x)  # [B, T, 2E + 2GN + H]
         z, xbc, dt = jnp.split(zxbcdt, [e, e + cfg.conv_dim], axis=-1)
         # pads zeroed before the conv (in_proj's bias would make them non-zero), so the conv
         # cache keeps the last valid inputs
