@@ -11,6 +11,7 @@ from flax import nnx
 
 from linearnexus.modules.common import (
     FUSED_DECODE_ENV,
+    RMSNorm,
     SwiGLU,
     decode_weights,
     fused_dense,
@@ -34,24 +35,27 @@ def _close(a, b):
                                    rtol=1e-5, atol=1e-6)
 
 
-# (block, config overrides, masked, dtype). Unmasked calls whose head sizes are powers of two
-# run the fused layer kernel (kernels/fused_decode; through the interpreter here): GDN with
-# and without the conv and output gate, DeltaNet, Mamba2 with groups, per-channel D and a
-# dt clamp, and in bf16. Masked calls and other head sizes keep the fused projection only.
+# (block, config overrides, masked, dtype, batch). Unmasked calls whose head sizes are
+# powers of two run the fused layer kernel (kernels/fused_decode; through the interpreter
+# here): GDN with and without the conv and output gate, DeltaNet, Mamba2 with groups,
+# per-channel D and a dt clamp, and in bf16; at batch 1 the projections are one-row matmul
+# kernels too (Mamba2's output norm in out_proj's). Masked calls and other head sizes keep
+# the fused projection only.
 CASES = [
-    ("gated_deltanet", {}, False, "float32"),
+    ("gated_deltanet", {}, False, "float32", 2),
     ("gated_deltanet", {"use_short_conv": False, "use_output_gate": False,
-                        "allow_neg_eigval": True}, False, "float32"),
-    ("gated_deltanet", {}, True, "float32"),
-    ("deltanet", {"expand_v": 1.5}, True, "float32"),
-    ("deltanet", {}, False, "bfloat16"),
+                        "allow_neg_eigval": True}, False, "float32", 1),
+    ("gated_deltanet", {}, True, "float32", 3),
+    ("deltanet", {"expand_v": 1.5}, True, "float32", 3),
+    ("deltanet", {}, False, "bfloat16", 2),
     ("mamba2", {"ngroups": 2, "D_has_hdim": True, "dt_limit": (0.0, 0.5), "conv_bias": False},
-     False, "float32"),
+     False, "float32", 2),
+    ("mamba2", {}, False, "float32", 1),
 ]
 
 
-@pytest.mark.parametrize("name,overrides,masked,dtype", CASES)
-def test_one_token_block_matches_unfused(monkeypatch, name, overrides, masked, dtype):
+@pytest.mark.parametrize("name,overrides,masked,dtype,batch", CASES)
+def test_one_token_block_matches_unfused(monkeypatch, name, overrides, masked, dtype, batch):
     """The one-token call (fused projection, and the fused layer kernel where it applies)
     against the unfused call (``LINEARNEXUS_FUSED_DECODE=0``: a matmul per projection,
     the conv, gates, op and norm apart): float32 to 1e-5, bf16 to 5e-3, every output and
@@ -66,7 +70,6 @@ def test_one_token_block_matches_unfused(monkeypatch, name, overrides, masked, d
                             lambda *a, real=real: launched.append((a, real(*a))) or launched[-1][1])
     entry = LAYER_REGISTRY[name]
     block = entry.block(entry.config.tiny(dtype=dtype, **overrides), rngs=nnx.Rngs(1))
-    batch = 3 if masked else 2  # the interpreter's cost grows with the grid (B, H)
     zeros = jax.tree.leaves(block.init_state(batch))
     keys = jax.random.split(jax.random.key(0), len(zeros))  # a non-zero state to start from
     state = jax.tree.unflatten(jax.tree.structure(block.init_state(batch)), [
@@ -107,6 +110,15 @@ def test_swiglu_one_token_matches_unfused(monkeypatch, width, hidden, batch, ker
     if batch == 1:
         grads = _both(monkeypatch, lambda: jax.grad(lambda x: jnp.sum(jnp.sin(mlp(x))))(x))
         _close(*grads)
+        # a pre-norm layer's MLP half, x + h + mlp(norm(x + h)): the sum and the norm in the
+        # first kernel's prologue, the residual sum in the second's epilogue
+        norm = RMSNorm(width, dtype=jnp.float32)
+        norm.scale[...] = jax.random.uniform(jax.random.key(5), (width,), minval=0.5, maxval=1.5)
+        h = jax.random.normal(jax.random.key(6), x.shape)
+        launched.clear()
+        fused, plain = _both(monkeypatch, lambda: mlp.residual_step(x, h, norm))
+        assert len(launched) == kernels
+        _close(fused, plain)
 
 
 def test_decode_weights_are_read_and_checked():

@@ -179,10 +179,7 @@ def fused_dense(x: Array, linears: Sequence[nnx.Linear], *,
             raise ValueError("linears: expected the same in_features, dtype, precision and "
                              "dot_general in all of them")
     ends = np.cumsum([lin.out_features for lin in linears])[np.cumsum(groups) - 1]
-    table = _DECODE_WEIGHTS.get()
-    cached = None if table is None else table.get(tuple(id(lin) for lin in linears))
-    kernel, bias = _concat_weights(linears) if cached is None else cached
-    x, kernel, bias = first.promote_dtype((x, kernel, bias), dtype=first.dtype)
+    x, kernel, bias = _decode_weights_of(x, linears)
     kwargs = ({} if first.preferred_element_type is None
               else {"preferred_element_type": first.preferred_element_type})
 
@@ -201,13 +198,24 @@ def fused_dense(x: Array, linears: Sequence[nnx.Linear], *,
     depth, width = kernel.shape
     if (first.precision is None and first.preferred_element_type is None
             and matvec_ready(math.prod(x.shape[:-1]), depth, width, x.dtype, glu=glu)):
-        y = decode_matvec(x.reshape(1, depth), kernel, bias, glu=glu, fallback=xla)  # [1, N]
+        y = decode_matvec(x.reshape(1, depth), kernel, bias, glu=glu,
+                          fallback=lambda x, kernel, bias, *_: xla(x, kernel, bias))  # [1, N]
         y = y.reshape(*x.shape[:-1], y.shape[-1])  # [1, N] -> [..., N]
     else:
         y = xla(x, kernel, bias)
     if glu:
         return [y]
     return jnp.split(y, ends[:-1].tolist(), axis=-1)
+
+
+def _decode_weights_of(x: Array, linears: Sequence[nnx.Linear]
+                       ) -> tuple[Array, Array, Array | None]:
+    """``(x, [W_1 | ... | W_n], bias)`` in the linears' compute dtype: the concatenation
+    from :func:`using_decode_weights` when set, else made here."""
+    table = _DECODE_WEIGHTS.get()
+    cached = None if table is None else table.get(tuple(id(lin) for lin in linears))
+    kernel, bias = _concat_weights(linears) if cached is None else cached
+    return linears[0].promote_dtype((x, kernel, bias), dtype=linears[0].dtype)
 
 
 def decode_linear(x: Array, linear: nnx.Linear) -> Array:
@@ -331,6 +339,47 @@ class SwiGLU(nnx.Module):
     def decode_linears(self) -> list[list[nnx.Linear]]:
         """The projections a one-token call runs as one matmul: gate and up."""
         return [[self.w_gate, self.w_up]]
+
+    def residual_step(self, x: Array, h: Array, norm: RMSNorm) -> Array:
+        """A pre-norm layer's MLP half: ``r + self(norm(r))`` with ``r = x + h`` (``x`` the
+        residual stream, ``h`` the mixer's output; ``[..., D]`` in the compute dtype).
+
+        A one-token call of batch 1 on a GPU is two kernels (``kernels.fused_decode``'s
+        one-row matmul): the sum, the norm, gate | up and the activation in one, down and
+        the residual sum in the other. Elsewhere the same three steps in XLA.
+        """
+        f, d = self.hidden, self.d_model
+        rows = math.prod(x.shape[:-1])
+        from linearnexus.kernels.fused_decode import matvec_ready
+
+        use_kernels = (x.shape[-1] == d and x.ndim >= 2 and x.shape[-2] == 1
+                       and fused_decode_enabled() and norm.dtype is not None
+                       and self.w_gate.bias is None and self.w_down.bias is None
+                       and x.dtype == h.dtype == norm.dtype == self.w_down.dtype
+                       and matvec_ready(rows, d, 2 * f, x.dtype, glu=True)
+                       and matvec_ready(rows, f, d, x.dtype))
+        if not use_kernels:
+            r = x + h
+            return r + self(norm(r))
+        from linearnexus.kernels.fused_decode import decode_matvec
+
+        row, h_row = x.reshape(1, d), h.reshape(1, d)  # [..., 1, D] -> [1, D]
+        _, w_gu, _ = _decode_weights_of(row, self.decode_linears()[0])  # [D, 2F]
+        _, w_down, _ = _decode_weights_of(row, [self.w_down])  # [F, D]
+
+        def hidden_xla(x, w, bias, add, scale, *_):  # the same in XLA: the backward pass
+            r = gated_rms_norm(x + add, None, scale, eps=norm.eps, dtype=norm.dtype)
+            gate, up = jnp.split(r @ w, 2, axis=-1)  # [1, 2F] -> [1, F] x 2
+            return jax.nn.silu(gate) * up
+
+        def out_xla(hidden, w, bias, add, scale, residual, residual_add):
+            return (residual + residual_add) + hidden @ w  # [1, D]
+
+        hidden = decode_matvec(row, w_gu, None, glu=True, add=h_row, norm_scale=norm.scale[...],
+                               norm_eps=norm.eps, fallback=hidden_xla)  # [1, F]
+        out = decode_matvec(hidden, w_down, None, residual=row, residual_add=h_row,
+                            fallback=out_xla)  # [1, D]
+        return out.reshape(x.shape)  # [1, D] -> [..., 1, D]
 
     def __call__(self, x: Array) -> Array:
         """``x: [..., D]`` -> ``[..., D]`` in the compute dtype."""

@@ -211,10 +211,18 @@ def matvec_ready(rows: int, depth: int, width: int, dtype: DType, *, glu: bool =
 
 
 def decode_matvec(x: Array, w: Array, bias: Array | None, *, glu: bool = False,
-                  fallback: Callable[[Array, Array, Array | None], Array]) -> Array:
-    """``x [1, D] @ w [D, N] (+ bias)`` (with ``glu``: ``silu`` of the first half times the
-    second) in one kernel that reads ``w`` once (``gemv.py``); ``fallback(x, w, bias)`` is
-    the same in XLA and gives the backward pass.
+                  add: Array | None = None, norm_scale: Array | None = None,
+                  norm_eps: float | None = None, residual: Array | None = None,
+                  residual_add: Array | None = None, out_dtype: DType | None = None,
+                  fallback: Callable[..., Array]) -> Array:
+    """``x [1, D] @ w [D, N] (+ bias)`` in one kernel that reads ``w`` once (``gemv.py``):
+    with ``glu``, ``silu`` of the first half times the second; ``add`` / ``norm_scale``
+    (with ``norm_eps``) make the input ``rmsnorm(x + add) * norm_scale``; ``residual`` /
+    ``residual_add`` add ``residual + residual_add`` to the output; ``out_dtype`` (default
+    x's) is the output's and the rounding's dtype (see ``gemv.matvec``).
+
+    ``fallback(x, w, bias, add, norm_scale, residual, residual_add)`` is the same in XLA and
+    gives the backward pass.
 
     Raises:
         NotImplementedError: shapes :func:`matvec_ready` would refuse.
@@ -222,4 +230,9 @@ def decode_matvec(x: Array, w: Array, bias: Array | None, *, glu: bool = False,
     if x.ndim != 2 or x.shape[0] != 1 or w.ndim != 2 or w.shape[0] != x.shape[1]:
         raise NotImplementedError(f"decode_matvec: expected x [1, D] and w [D, N], got x "
                                   f"{x.shape}, w {w.shape}")
-    return _with_fallback(lambda x, w, b: matvec(x, w, b, glu=glu), fallback, (x, w, bias))
+
+    def kernel(x, w, bias, add, norm_scale, residual, residual_add):
+        return matvec(x, w, bias, glu=glu, add=add, norm_scale=norm_scale, norm_eps=norm_eps,
+                      residual=residual, residual_add=residual_add, out_dtype=out_dtype)
+
+    return _with_fallback(kernel, fallback, (x, w, bias, add, norm_scale, residual, residual_add))

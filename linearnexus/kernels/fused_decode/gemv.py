@@ -38,6 +38,7 @@ class _Static:
     block_n: int
     half: int | None  # glu: column offset of W_up (F); None: a plain matmul
     out_dtype: jnp.dtype
+    norm_eps: float | None  # an RMSNorm prologue with this epsilon, or None
 
 
 def blocks(depth: int, width: int) -> tuple[int, int] | None:
@@ -50,14 +51,34 @@ def blocks(depth: int, width: int) -> tuple[int, int] | None:
     return bk, next((b for b in (64, 32) if -(-width // b) >= 64), 16)
 
 
-def _kernel(*, x_ref, w_ref, bias_ref, y_ref, st: _Static):
+def _kernel(*, x_ref, add_ref, scale_ref, w_ref, bias_ref, res_ref, res_add_ref, y_ref,
+            st: _Static):
     j = pl.program_id(0)
     columns = [j * st.block_n] + ([] if st.half is None else [st.half + j * st.block_n])
     valid = j * st.block_n + jnp.arange(st.block_n) < st.width  # the last block: partial
 
+    def rnd(v):
+        return v.astype(st.out_dtype).astype(F32)
+
+    def row(k0):  # [BK] of the input row: x (+ add, rounded as the residual stream is)
+        span = pl.ds(k0, st.block_k)
+        xk = x_ref[0, span].astype(F32)
+        return xk if add_ref is None else rnd(xk + add_ref[0, span].astype(F32))
+
+    inv = None
+    if st.norm_eps is not None:  # RMSNorm over the whole row first: it is one row, cheap
+        squares = jax.lax.fori_loop(
+            0, st.depth // st.block_k,
+            lambda i, acc: acc + jnp.sum(jnp.square(row(pl.multiple_of(i * st.block_k,
+                                                                       st.block_k)))),
+            jnp.zeros((), F32))
+        inv = jax.lax.rsqrt(squares / st.depth + st.norm_eps)
+
     def body(i, acc):
         k0 = pl.multiple_of(i * st.block_k, st.block_k)
-        xk = x_ref[0, pl.ds(k0, st.block_k)].astype(F32)  # [BK]
+        xk = row(k0)  # [BK]
+        if inv is not None:
+            xk = rnd(xk * inv * scale_ref[pl.ds(k0, st.block_k)].astype(F32))
         mask = jnp.broadcast_to(valid[None, :], (st.block_k, st.block_n))
         return tuple(a + jnp.sum(xk[:, None] * plt.load(
             w_ref.at[pl.ds(k0, st.block_k), pl.ds(c, st.block_n)], mask=mask,
@@ -65,10 +86,6 @@ def _kernel(*, x_ref, w_ref, bias_ref, y_ref, st: _Static):
 
     zeros = tuple(jnp.zeros((st.block_n,), F32) for _ in columns)
     acc = jax.lax.fori_loop(0, st.depth // st.block_k, body, zeros)
-
-    def rnd(v):
-        return v.astype(st.out_dtype).astype(F32)
-
     outs = [rnd(a) for a in acc]  # the matmul's output, in the compute dtype
     if bias_ref is not None:
         outs = [rnd(o + plt.load(bias_ref.at[pl.ds(c, st.block_n)], mask=valid,
@@ -79,16 +96,28 @@ def _kernel(*, x_ref, w_ref, bias_ref, y_ref, st: _Static):
     else:  # silu(gate) * up, each step rounded as the XLA path rounds it
         gate, up = outs
         y = rnd(rnd(gate * rnd(1.0 / (1.0 + jnp.exp(-gate)))) * up)
+    if res_ref is not None:  # the residual stream (res + res_add, rounded) plus this output
+        cols = pl.ds(j * st.block_n, st.block_n)
+        res = plt.load(res_ref.at[pl.ds(0, 1), cols], mask=valid[None], other=0.0)[0]
+        if res_add_ref is not None:
+            res = rnd(res.astype(F32) + plt.load(res_add_ref.at[pl.ds(0, 1), cols],
+                                                 mask=valid[None], other=0.0)[0].astype(F32))
+        y = rnd(res.astype(F32) + y)
     plt.store(y_ref.at[pl.ds(0, 1), pl.ds(j * st.block_n, st.block_n)],
               y.astype(y_ref.dtype)[None], mask=valid[None])  # [1, BN]
 
 
 def matvec(x: Array, w: Array, bias: Array | None = None, *, glu: bool = False,
-           out_dtype=None) -> Array:
+           add: Array | None = None, norm_scale: Array | None = None,
+           norm_eps: float | None = None, residual: Array | None = None,
+           residual_add: Array | None = None, out_dtype=None) -> Array:
     """``x [1, D] @ w [D, N] (+ bias [N])`` in one kernel; with ``glu``,
     ``silu(y[:, :N/2]) * y[:, N/2:]``.
 
-    The caller checks the shapes with :func:`blocks` (``..api.matvec_ready``).
+    Prologue: ``x + add`` (``[1, D]``) and / or ``rmsnorm(.) * norm_scale [D]`` (epsilon
+    ``norm_eps``) in place of ``x``; epilogue: ``(residual + residual_add) + y`` (each
+    ``[1, N]``). Every sum is rounded to the compute dtype as the layers round it. The
+    caller checks the shapes with :func:`blocks` (``..api.matvec_ready``).
 
     Returns:
         ``[1, N]`` (``[1, N/2]`` with ``glu``) in ``out_dtype`` (default ``x.dtype``).
@@ -101,11 +130,14 @@ def matvec(x: Array, w: Array, bias: Array | None = None, *, glu: bool = False,
                                   f"of 16 (and an even N with glu); got x {x.shape}, N={width}")
     bk, bn = tiles
     out_dtype = jnp.dtype(out_dtype or x.dtype)
-    st = _Static(depth=depth, width=out_width, block_k=bk, block_n=bn, half=out_width if glu else None,
-                 out_dtype=out_dtype)
+    st = _Static(depth=depth, width=out_width, block_k=bk, block_n=bn,
+                 half=out_width if glu else None, out_dtype=out_dtype,
+                 norm_eps=None if norm_scale is None else float(norm_eps))
     interpret = interpret_mode()
     out = named_pallas_call(
-        functools.partial(_kernel, st=st), inputs={"x": x, "w": w, "bias": bias},
+        functools.partial(_kernel, st=st),
+        inputs={"x": x, "add": add, "scale": norm_scale, "w": w, "bias": bias,
+                "res": residual, "res_add": residual_add},
         outputs={"y": jax.ShapeDtypeStruct((1, out_width), out_dtype)},
         grid=(-(-out_width // bn),), interpret=interpret,
         compiler_params=None if interpret else compiler_params(4 if bk * bn >= 4096 else 2, 3),
