@@ -63,6 +63,7 @@ def test_one_token_block_matches_unfused(monkeypatch, name, overrides, masked, d
     import linearnexus.kernels.fused_decode.api as layer_api
 
     monkeypatch.setattr(layer_api, "_compiles", lambda: True)  # pick it as on a GPU
+    monkeypatch.setenv(layer_api.DECODE_GEMV_ENV, "1")  # and the one-row matmuls (batch 1)
     launched = []
     for kernel in ("delta_layer", "ssd_layer"):  # record the layer kernel's launches
         real = getattr(layer_api, kernel)
@@ -97,6 +98,7 @@ def test_swiglu_one_token_matches_unfused(monkeypatch, width, hidden, batch, ker
     import linearnexus.kernels.fused_decode.api as layer_api
 
     monkeypatch.setattr(layer_api, "_compiles", lambda: True)  # pick the kernels as on a GPU
+    monkeypatch.setenv(layer_api.DECODE_GEMV_ENV, "1")
     launched = []
     real = layer_api.matvec
     monkeypatch.setattr(layer_api, "matvec", lambda *a, **k: launched.append(1) or real(*a, **k))

@@ -40,7 +40,9 @@ __all__ = ["DECODE_GEMV_ENV", "FUSED_LAYER_ENV", "DeltaLayerSpec", "SsdLayerSpec
 
 #: set to "0" to run one-token layer steps as separate kernels (conv, gates, step, norm)
 FUSED_LAYER_ENV = "LINEARNEXUS_FUSED_LAYER"
-#: set to "0" to leave batch-1 decode matmuls to XLA (a multiply and a reduce each)
+#: set to "1" to run batch-1 decode matmuls as one-row matmul kernels (``gemv.py``): fewer
+#: kernels (7 per GDN layer instead of 11) but slower as written (1.30 vs 0.69 ms per GDN
+#: step on the H200: docs/benchmarks.md), so off by default
 DECODE_GEMV_ENV = "LINEARNEXUS_DECODE_GEMV"
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -201,11 +203,11 @@ def ssd_layer_step(spec: SsdLayerSpec, proj: Array, conv_cache: Array, conv_weig
 
 def matvec_ready(rows: int, depth: int, width: int, dtype: DType, *, glu: bool = False) -> bool:
     """Whether ``[rows, depth] @ [depth, width]`` runs :func:`decode_matvec`'s kernel: one
-    row (batch-1 decoding), a GPU, ``LINEARNEXUS_DECODE_GEMV`` not "0", float32 / bfloat16
+    row (batch-1 decoding), a GPU, ``LINEARNEXUS_DECODE_GEMV=1`` (off by default), float32 / bfloat16
     / float16, D a multiple of 16 (any N: the last block of columns is masked; even with
     ``glu``)."""
     out = width // 2 if glu else width
-    return (rows == 1 and _compiles() and os.environ.get(DECODE_GEMV_ENV, "1") != "0"
+    return (rows == 1 and _compiles() and os.environ.get(DECODE_GEMV_ENV, "0") == "1"
             and jnp.dtype(dtype) in _DTYPES and not (glu and width % 2)
             and blocks(depth, out) is not None)
 

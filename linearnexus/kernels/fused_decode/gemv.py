@@ -9,9 +9,18 @@ contraction in ``BK``-row tiles of the weight, accumulating in float32; with ``g
 owns the same columns of both halves ``[W_gate | W_up]`` and writes ``silu(gate) * up``
 (SwiGLU's hidden activation), so the MLP's gate, up and activation are one kernel.
 
-Values are rounded to the output dtype where the XLA path rounds them (the matmul's
-output, the bias sum, each step of ``silu(g) * u``), so the two agree to the matmul's
-summation order.
+Prologue and epilogue options make a pre-norm layer's MLP half two kernels
+(``modules.common.SwiGLU.residual_step``): ``rmsnorm(x + h)`` before gate | up, and the
+residual sum ``(x + h) + out`` after down. Values are rounded to the output dtype where the
+XLA path rounds them (the matmul's output, the bias sum, each step of ``silu(g) * u``, the
+residual sums, the norm's output), so the two agree to the matmul's summation order.
+
+Measured on the H200 (docs/benchmarks.md, 2026-12-04): it takes the GDN LM's loop body
+from 11 to 7 kernels per layer but the batch-1 step from 0.69 to 1.30 ms. Each program
+walks the contraction serially in ``BK``-row tiles (64 programs of ``D / BK`` dependent
+loads for a ``D x 1024`` weight), so it is latency-bound where XLA's multiply spreads the
+whole ``[D, N]`` product over the GPU; a split-K grid or wider tiles are the next step.
+Off by default (``LINEARNEXUS_DECODE_GEMV=1`` turns it on).
 """
 
 from __future__ import annotations

@@ -147,7 +147,7 @@ def _conv_channels(proj_ref, cache_ref, w_ref, bias_ref, new_cache_ref, *, b, pr
     acc = bias_ref[span].astype(F32) if bias_ref is not None else jnp.zeros((size,), F32)
     for i, value in enumerate(window):  # W is 2..4: unrolled multiply-adds
         acc = acc + w_ref[i, span].astype(F32) * value
-    for i in range(width - 1):  # in place: only this program reads these channels
+    for i in range(width - 1):  # no other program reads these channels from new_cache_ref
         new_cache_ref[b, i, span] = window[i + 1].astype(new_cache_ref.dtype)
     return acc * _sigmoid(acc)
 
