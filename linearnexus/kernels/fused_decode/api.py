@@ -34,10 +34,6 @@ from linearnexus.kernels.fused_decode.pallas import (
     ssd_layer,
 )
 
-__all__ = ["DECODE_GEMV_ENV", "FUSED_LAYER_ENV", "DeltaLayerSpec", "SsdLayerSpec",
-           "decode_matvec", "delta_layer_step", "layer_kernel_ready", "matvec_ready",
-           "ssd_layer_step"]
-
 #: set to "0" to run one-token layer steps as separate kernels (conv, gates, step, norm)
 FUSED_LAYER_ENV = "LINEARNEXUS_FUSED_LAYER"
 #: set to "1" to run batch-1 decode matmuls as one-row matmul kernels (``gemv.py``): fewer
@@ -89,6 +85,25 @@ def _check(name: str, array: Array | None, shape: tuple[int, ...], legend: str) 
         raise ValueError(f"{name}: expected shape {shape} {legend}, got {tuple(array.shape)}")
 
 
+def _start(spec: DeltaLayerSpec | SsdLayerSpec, proj: Array, dims: str) -> int:
+    """Refuse a spec the kernel does not take, check ``proj [B, F]``; return B."""
+    if not _fits(spec):
+        raise NotImplementedError(
+            f"the fused layer step takes power-of-two head sizes whose state tile has at most "
+            f"{MAX_TILE} elements and a conv of width >= 2, got {dims}, W={spec.conv_width}")
+    batch = proj.shape[0]
+    _check("proj", proj, (batch, spec.width), "[B, F]")
+    return batch
+
+
+def _check_conv(batch: int, width: int, channels: int, cache: Array | None,
+                weight: Array | None, bias: Array | None) -> None:
+    _check("conv_cache", cache, (batch, width - 1, channels), "[B, W-1, C]")
+    _check("conv_weight", weight, (width, channels), "[W, C]")
+    if bias is not None:
+        _check("conv_bias", bias, (channels,), "[C]")
+
+
 def _with_fallback(kernel: Callable[..., tuple], fallback: Callable[..., tuple],
                    args: tuple) -> tuple:
     """``kernel(*args)`` whose backward pass is ``fallback``'s (same arguments, same
@@ -135,20 +150,10 @@ def delta_layer_step(spec: DeltaLayerSpec, proj: Array, conv_cache: Array | None
         NotImplementedError: a spec the kernel does not take (head sizes not powers of
             two, a state tile over 16384, a conv narrower than 2).
     """
-    if not _fits(spec):
-        raise NotImplementedError(
-            f"the fused layer step takes power-of-two head sizes with K * V <= {MAX_TILE} "
-            f"and a conv of width >= 2, got K={spec.key_dim}, V={spec.value_dim}, "
-            f"W={spec.conv_width}")
-    batch = proj.shape[0]
+    batch = _start(spec, proj, f"K={spec.key_dim}, V={spec.value_dim}")
     h, kd, vd = spec.heads, spec.key_dim, spec.value_dim
-    _check("proj", proj, (batch, spec.width), "[B, F]")
     if spec.conv_width is not None:
-        c = spec.qkv_width
-        _check("conv_cache", conv_cache, (batch, spec.conv_width - 1, c), "[B, W-1, C]")
-        _check("conv_weight", conv_weight, (spec.conv_width, c), "[W, C]")
-        if conv_bias is not None:
-            _check("conv_bias", conv_bias, (c,), "[C]")
+        _check_conv(batch, spec.conv_width, spec.qkv_width, conv_cache, conv_weight, conv_bias)
     _check("state", state, (batch, h, kd, vd), "[B, H, K, V]")
     if spec.gated:
         _check("a_log", a_log, (h,), "[H]")
@@ -181,18 +186,9 @@ def ssd_layer_step(spec: SsdLayerSpec, proj: Array, conv_cache: Array, conv_weig
         ValueError: an argument of the wrong shape. NotImplementedError: a spec the kernel
             does not take.
     """
-    if not _fits(spec):
-        raise NotImplementedError(
-            f"the fused layer step takes power-of-two d_state and headdim with N * P <= "
-            f"{MAX_TILE} and a conv of width >= 2, got N={spec.d_state}, P={spec.head_dim}, "
-            f"W={spec.conv_width}")
-    batch = proj.shape[0]
+    batch = _start(spec, proj, f"N={spec.d_state}, P={spec.head_dim}")
     h, c = spec.heads, spec.conv_channels
-    _check("proj", proj, (batch, spec.width), "[B, F]")
-    _check("conv_cache", conv_cache, (batch, spec.conv_width - 1, c), "[B, W-1, C]")
-    _check("conv_weight", conv_weight, (spec.conv_width, c), "[W, C]")
-    if conv_bias is not None:
-        _check("conv_bias", conv_bias, (c,), "[C]")
+    _check_conv(batch, spec.conv_width, c, conv_cache, conv_weight, conv_bias)
     _check("state", state, (batch, h, spec.d_state, spec.head_dim), "[B, H, N, P]")
     _check("a_log", a_log, (h,), "[H]")
     _check("dt_bias", dt_bias, (h,), "[H]")
