@@ -154,3 +154,24 @@ def test_fused_dense_groups_and_errors():
         fused_dense(x, [lins[0], nnx.Linear(5, 2, rngs=rngs)])
     with pytest.raises(ValueError, match="linears"):
         fused_dense(x, [])
+
+
+def test_layer_step_refuses_bad_arguments():
+    """Shapes are checked before the launch, naming the argument; specs the kernel cannot
+    take are refused (the blocks ask ``layer_kernel_ready`` first and never send them)."""
+    from linearnexus.kernels.fused_decode import DeltaLayerSpec, delta_layer_step, matvec_ready
+
+    spec = DeltaLayerSpec(heads=2, key_dim=4, value_dim=8, conv_width=4, silu_without_conv=True,
+                          gated=False, output_gate=True, allow_neg_eigval=False, qk_eps=1e-6,
+                          norm_eps=1e-5, scale=0.5)
+    proj = jnp.zeros((1, spec.width))
+    args = [proj, jnp.zeros((1, 3, spec.qkv_width)), jnp.zeros((4, spec.qkv_width)), None,
+            jnp.zeros((1, 2, 4, 8)), None, None, jnp.ones((8,))]
+    bad_state = list(args)
+    bad_state[4] = jnp.zeros((1, 2, 8, 4))
+    with pytest.raises(ValueError, match="state: expected shape"):
+        delta_layer_step(spec, *bad_state, fallback=None)
+    with pytest.raises(NotImplementedError, match="power-of-two"):
+        delta_layer_step(spec.__class__(**{**spec.__dict__, "value_dim": 12}), *args,
+                         fallback=None)
+    assert not matvec_ready(1, 64, 96, jnp.float32)  # the CPU: nothing compiles
