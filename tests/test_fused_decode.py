@@ -39,12 +39,13 @@ def _close(a, b):
 # powers of two run the fused layer kernel (kernels/fused_decode; through the interpreter
 # here): GDN with and without the conv and output gate, DeltaNet, Mamba2 with groups,
 # per-channel D and a dt clamp, and in bf16; at batch 1 the projections are one-row matmul
-# kernels too (Mamba2's output norm in out_proj's). Masked calls and other head sizes keep
-# the fused projection only.
+# kernels too (LINEARNEXUS_DECODE_GEMV=1: in_proj's 82 columns end in a partial block, and
+# Mamba2's output norm is out_proj's prologue). Masked calls and other head sizes keep the
+# fused projection only.
 CASES = [
     ("gated_deltanet", {}, False, "float32", 2),
     ("gated_deltanet", {"use_short_conv": False, "use_output_gate": False,
-                        "allow_neg_eigval": True}, False, "float32", 1),
+                        "allow_neg_eigval": True}, False, "float32", 2),
     ("gated_deltanet", {}, True, "float32", 3),
     ("deltanet", {"expand_v": 1.5}, True, "float32", 3),
     ("deltanet", {}, False, "bfloat16", 2),
@@ -89,12 +90,12 @@ def test_one_token_block_matches_unfused(monkeypatch, name, overrides, masked, d
             assert np.linalg.norm(a - b) <= 5e-3 * np.linalg.norm(b)
 
 
-@pytest.mark.parametrize("width,hidden,batch,kernels", [
-    (12, 20, 2, 0),  # XLA's matmuls over the concatenated weights
-    (64, 96, 1, 2),  # batch 1: the one-row matmul kernels (gate | up with the glu, then down)
-    (32, 56, 1, 1),  # a partial last block of columns (56); down's D = 56 stays with XLA
-])
-def test_swiglu_one_token_matches_unfused(monkeypatch, width, hidden, batch, kernels):
+@pytest.mark.parametrize("batch", [2, 1])
+def test_swiglu_one_token_matches_unfused(monkeypatch, batch):
+    """Batch 2: gate and up as one XLA matmul. Batch 1 (``LINEARNEXUS_DECODE_GEMV=1``): a
+    pre-norm layer's MLP half ``x + h + mlp(norm(x + h))`` as two one-row matmul kernels
+    (the sum and the norm in the first one's prologue with the glu, the residual sum in
+    the second one's epilogue), forward and backward (the XLA path's VJP)."""
     import linearnexus.kernels.fused_decode.api as layer_api
 
     monkeypatch.setattr(layer_api, "_compiles", lambda: True)  # pick the kernels as on a GPU
@@ -102,25 +103,23 @@ def test_swiglu_one_token_matches_unfused(monkeypatch, width, hidden, batch, ker
     launched = []
     real = layer_api.matvec
     monkeypatch.setattr(layer_api, "matvec", lambda *a, **k: launched.append(1) or real(*a, **k))
-    mlp = SwiGLU(width, hidden, use_bias=True, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(2), (batch, 1, width))
-    fused, plain = _both(monkeypatch, lambda: mlp(x))
-    assert len(launched) == kernels
-    _close(fused, plain)
-    # the backward pass is XLA's matmul's (kernels.fused_decode.api._with_fallback, which
-    # the layer kernels share)
-    if batch == 1:
-        grads = _both(monkeypatch, lambda: jax.grad(lambda x: jnp.sum(jnp.sin(mlp(x))))(x))
-        _close(*grads)
-        # a pre-norm layer's MLP half, x + h + mlp(norm(x + h)): the sum and the norm in the
-        # first kernel's prologue, the residual sum in the second's epilogue
-        norm = RMSNorm(width, dtype=jnp.float32)
-        norm.scale[...] = jax.random.uniform(jax.random.key(5), (width,), minval=0.5, maxval=1.5)
-        h = jax.random.normal(jax.random.key(6), x.shape)
-        launched.clear()
-        fused, plain = _both(monkeypatch, lambda: mlp.residual_step(x, h, norm))
-        assert len(launched) == kernels
-        _close(fused, plain)
+    if batch == 2:
+        mlp = SwiGLU(12, 20, use_bias=True, rngs=nnx.Rngs(0))
+        x = jax.random.normal(jax.random.key(2), (batch, 1, 12))
+        _close(*_both(monkeypatch, lambda: mlp(x)))
+        assert not launched
+        return
+    mlp = SwiGLU(32, 48, rngs=nnx.Rngs(0))
+    norm = RMSNorm(32, dtype=jnp.float32)
+    norm.scale[...] = jax.random.uniform(jax.random.key(5), (32,), minval=0.5, maxval=1.5)
+    x, h = (jax.random.normal(jax.random.key(k), (1, 1, 32)) for k in (2, 6))
+    _close(*_both(monkeypatch, lambda: mlp.residual_step(x, h, norm)))
+    assert len(launched) == 2
+
+    def loss(x, h):
+        return jnp.sum(jnp.sin(mlp.residual_step(x, h, norm)))
+
+    _close(*_both(monkeypatch, lambda: jax.grad(loss, (0, 1))(x, h)))
 
 
 def test_decode_weights_are_read_and_checked():
