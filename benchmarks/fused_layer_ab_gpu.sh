@@ -3,8 +3,7 @@
 # (docs/benchmarks.md, "Fused one-token layer kernels"): their tests compiled through
 # Triton, kernels per layer of the compiled decode loop (XLA:GPU, command buffers off so the
 # body is flat), and ms per decode step of the GDN and Mamba2 LMs at batch 1 and 64 (and
-# the per-token host loop at batch 1) with the weight-read floor, for this tree (after), with
-# LINEARNEXUS_DECODE_GEMV=0 (batch 1), and
+# the per-token host loop at batch 1) with the weight-read floor, for this tree (after) and
 # for the tree in $BASE (before: the code this change started from; skipped when unset).
 # Run from the repository root; logs go to $OUT.
 set -u
@@ -21,9 +20,6 @@ grep -E "per layer|opcodes|Error" "$OUT/count_after.log"
 tar czf "$OUT/hlo_after.tgz" -C /tmp hlo 2>/dev/null
 timeout 90 $D > "$OUT/after.log" 2>&1
 grep -E '^\| linearnexus|Error' "$OUT/after.log"
-# the batch-1 one-row matmul kernels off (XLA's multiply + reduce per projection)
-LINEARNEXUS_DECODE_GEMV=0 timeout 90 $D --batches 1 > "$OUT/no_gemv.log" 2>&1
-grep -E '^\| linearnexus|Error' "$OUT/no_gemv.log"
 if [ -n "${BASE:-}" ]; then
   cd "$BASE" && export PYTHONPATH=$PWD
   XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 50 $C > "$OUT/count_before.log" 2>&1

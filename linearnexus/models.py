@@ -125,9 +125,10 @@ class Layer(nnx.Module):
     def __call__(self, x: Array, *, state: Any, mask: Array | None,
                  mode: KernelMode | str | None) -> tuple[Array, Any]:
         h, new_state = self.mixer(self.norm1(x), state=state, mask=mask, mode=mode)
-        if self.mlp is not None:  # x + h + mlp(norm2(x + h)) (decoding: see SwiGLU.residual_step)
-            return self.mlp.residual_step(x, h, self.norm2), new_state
-        return x + h, new_state
+        x = x + h
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x))
+        return x, new_state
 
 
 class LMModel(nnx.Module):

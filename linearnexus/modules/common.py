@@ -128,7 +128,7 @@ def fused_decode_enabled() -> bool:
 
 
 def fused_dense(x: Array, linears: Sequence[nnx.Linear], *,
-                groups: Sequence[int] | None = None, glu: bool = False) -> list[Array]:
+                groups: Sequence[int] | None = None) -> list[Array]:
     """``[l(x) for l in linears]`` as one matmul: ``x [..., D] @ [W_1 | ... | W_n]``.
 
     For one-token decoding, where every projection is a separate tiny GEMV kernel and the
@@ -146,12 +146,6 @@ def fused_dense(x: Array, linears: Sequence[nnx.Linear], *,
         groups: how many consecutive linears each output covers (summing to
             ``len(linears)``): ``(3, 1)`` returns ``[y_1 | y_2 | y_3, y_4]``, the first three
             outputs side by side without a concatenate. None: one output per linear.
-        glu: two linears of one width (gate, up): return ``[silu(y_1) * y_2]`` (SwiGLU's
-            hidden activation).
-
-    A single row (``x`` of one token and batch 1) on a GPU runs the matmul as one Pallas
-    kernel that reads the weights once (``kernels.fused_decode.decode_matvec``; XLA's
-    one-row matmul is a multiply and a reduce), the ``glu`` activation folded in.
 
     Returns:
         ``[y_1 [..., F_1], ..., y_n [..., F_n]]`` (or one per group) in the linears'
@@ -159,12 +153,8 @@ def fused_dense(x: Array, linears: Sequence[nnx.Linear], *,
 
     Raises:
         ValueError: no linears, linears that differ in what their matmul does, or
-            ``groups`` that do not sum to ``len(linears)``; ``glu`` without two linears
-            of one width.
+            ``groups`` that do not sum to ``len(linears)``.
     """
-    if glu and (len(linears) != 2 or groups is not None
-                or linears[0].out_features != linears[1].out_features):
-        raise ValueError("glu: expected two linears of one width (gate, up) and no groups")
     if not linears:
         raise ValueError("linears: expected at least one nnx.Linear, got none")
     groups = [1] * len(linears) if groups is None else list(groups)
@@ -179,59 +169,21 @@ def fused_dense(x: Array, linears: Sequence[nnx.Linear], *,
             raise ValueError("linears: expected the same in_features, dtype, precision and "
                              "dot_general in all of them")
     ends = np.cumsum([lin.out_features for lin in linears])[np.cumsum(groups) - 1]
-    x, kernel, bias = _decode_weights_of(x, linears)
-    kwargs = ({} if first.preferred_element_type is None
-              else {"preferred_element_type": first.preferred_element_type})
-
-    def xla(x: Array, kernel: Array, bias: Array | None) -> Array:
-        y = first.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
-                              precision=first.precision, **kwargs)  # [..., sum F]
-        if bias is not None:
-            y = y + bias
-        if glu:
-            gate, up = jnp.split(y, 2, axis=-1)
-            y = jax.nn.silu(gate) * up  # [..., F]
-        return y
-
-    from linearnexus.kernels.fused_decode import decode_matvec, matvec_ready
-
-    depth, width = kernel.shape
-    if (first.precision is None and first.preferred_element_type is None
-            and matvec_ready(math.prod(x.shape[:-1]), depth, width, x.dtype, glu=glu)):
-        y = decode_matvec(x.reshape(1, depth), kernel, bias, glu=glu,
-                          fallback=lambda x, kernel, bias, *_: xla(x, kernel, bias))  # [1, N]
-        y = y.reshape(*x.shape[:-1], y.shape[-1])  # [1, N] -> [..., N]
-    else:
-        y = xla(x, kernel, bias)
-    if glu:
-        return [y]
-    return jnp.split(y, ends[:-1].tolist(), axis=-1)
-
-
-def _decode_weights_of(x: Array, linears: Sequence[nnx.Linear]
-                       ) -> tuple[Array, Array, Array | None]:
-    """``(x, [W_1 | ... | W_n], bias)`` in the linears' compute dtype: the concatenation
-    from :func:`using_decode_weights` when set, else made here."""
     table = _DECODE_WEIGHTS.get()
     cached = None if table is None else table.get(tuple(id(lin) for lin in linears))
     kernel, bias = _concat_weights(linears) if cached is None else cached
-    return linears[0].promote_dtype((x, kernel, bias), dtype=linears[0].dtype)
-
-
-def decode_linear(x: Array, linear: nnx.Linear) -> Array:
-    """``linear(x)``; for a one-token call (``x [..., 1, D]``) with the fused decode path on,
-    through :func:`fused_dense` (batch 1 on a GPU: one matmul kernel that reads the weights
-    once). The same matmul either way."""
-    if x.ndim >= 2 and x.shape[-2] == 1 and fused_decode_enabled():
-        return fused_dense(x, [linear])[0]
-    return linear(x)
+    x, kernel, bias = first.promote_dtype((x, kernel, bias), dtype=first.dtype)
+    kwargs = ({} if first.preferred_element_type is None
+              else {"preferred_element_type": first.preferred_element_type})
+    y = first.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                          precision=first.precision, **kwargs)  # [..., sum F]
+    if bias is not None:
+        y = y + bias
+    return jnp.split(y, ends[:-1].tolist(), axis=-1)
 
 
 def _concat_weights(linears: Sequence[nnx.Linear]) -> tuple[Array, Array | None]:
     """``([W_1 | ... | W_n] [D, sum F], [b_1 | ... | b_n] [sum F] or None)``."""
-    if len(linears) == 1:
-        lin = linears[0]
-        return lin.kernel[...], None if lin.bias is None else lin.bias[...]
     kernel = jnp.concatenate([lin.kernel[...] for lin in linears], axis=1)  # [D, sum F]
     bias = None
     if any(lin.bias is not None for lin in linears):
@@ -340,55 +292,14 @@ class SwiGLU(nnx.Module):
         """The projections a one-token call runs as one matmul: gate and up."""
         return [[self.w_gate, self.w_up]]
 
-    def residual_step(self, x: Array, h: Array, norm: RMSNorm) -> Array:
-        """A pre-norm layer's MLP half: ``r + self(norm(r))`` with ``r = x + h`` (``x`` the
-        residual stream, ``h`` the mixer's output; ``[..., D]`` in the compute dtype).
-
-        A one-token call of batch 1 on a GPU is two kernels (``kernels.fused_decode``'s
-        one-row matmul): the sum, the norm, gate | up and the activation in one, down and
-        the residual sum in the other. Elsewhere the same three steps in XLA.
-        """
-        f, d = self.hidden, self.d_model
-        rows = math.prod(x.shape[:-1])
-        from linearnexus.kernels.fused_decode import matvec_ready
-
-        use_kernels = (x.shape[-1] == d and x.ndim >= 2 and x.shape[-2] == 1
-                       and fused_decode_enabled() and norm.dtype is not None
-                       and self.w_gate.bias is None and self.w_down.bias is None
-                       and x.dtype == h.dtype == norm.dtype == self.w_down.dtype
-                       and matvec_ready(rows, d, 2 * f, x.dtype, glu=True)
-                       and matvec_ready(rows, f, d, x.dtype))
-        if not use_kernels:
-            r = x + h
-            return r + self(norm(r))
-        from linearnexus.kernels.fused_decode import decode_matvec
-
-        row, h_row = x.reshape(1, d), h.reshape(1, d)  # [..., 1, D] -> [1, D]
-        _, w_gu, _ = _decode_weights_of(row, self.decode_linears()[0])  # [D, 2F]
-        _, w_down, _ = _decode_weights_of(row, [self.w_down])  # [F, D]
-
-        def hidden_xla(x, w, bias, add, scale, *_):  # the same in XLA: the backward pass
-            r = gated_rms_norm(x + add, None, scale, eps=norm.eps, dtype=norm.dtype)
-            gate, up = jnp.split(r @ w, 2, axis=-1)  # [1, 2F] -> [1, F] x 2
-            return jax.nn.silu(gate) * up
-
-        def out_xla(hidden, w, bias, add, scale, residual, residual_add):
-            return (residual + residual_add) + hidden @ w  # [1, D]
-
-        hidden = decode_matvec(row, w_gu, None, glu=True, add=h_row, norm_scale=norm.scale[...],
-                               norm_eps=norm.eps, fallback=hidden_xla)  # [1, F]
-        out = decode_matvec(hidden, w_down, None, residual=row, residual_add=h_row,
-                            fallback=out_xla)  # [1, D]
-        return out.reshape(x.shape)  # [1, D] -> [..., 1, D]
-
     def __call__(self, x: Array) -> Array:
         """``x: [..., D]`` -> ``[..., D]`` in the compute dtype."""
         if x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected last axis D={self.d_model}, got shape {x.shape}")
         if x.ndim >= 2 and x.shape[-2] == 1 and fused_decode_enabled():  # one token: one GEMV
-            hidden, = fused_dense(x, self.decode_linears()[0], glu=True)  # [..., F]
-            return decode_linear(hidden, self.w_down)  # [..., F] -> [..., D]
-        gate, up = self.w_gate(x), self.w_up(x)
+            gate, up = fused_dense(x, self.decode_linears()[0])
+        else:
+            gate, up = self.w_gate(x), self.w_up(x)
         return self.w_down(jax.nn.silu(gate) * up)  # [..., F] -> [..., D]
 
 

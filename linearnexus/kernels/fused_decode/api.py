@@ -25,7 +25,6 @@ from linearnexus.core.types import Array, DType
 from linearnexus.kernels.base import current_platform
 from linearnexus.kernels.common.pallas import interpret_mode
 from linearnexus.kernels.common.pallas_step import fused_step_enabled
-from linearnexus.kernels.fused_decode.gemv import blocks, matvec
 from linearnexus.kernels.fused_decode.pallas import (
     MAX_TILE,
     DeltaLayerSpec,
@@ -36,10 +35,6 @@ from linearnexus.kernels.fused_decode.pallas import (
 
 #: set to "0" to run one-token layer steps as separate kernels (conv, gates, step, norm)
 FUSED_LAYER_ENV = "LINEARNEXUS_FUSED_LAYER"
-#: set to "1" to run batch-1 decode matmuls as one-row matmul kernels (``gemv.py``): fewer
-#: kernels (7 per GDN layer instead of 11) but slower as written (1.30 vs 0.69 ms per GDN
-#: step on the H200: docs/benchmarks.md), so off by default
-DECODE_GEMV_ENV = "LINEARNEXUS_DECODE_GEMV"
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -195,42 +190,3 @@ def ssd_layer_step(spec: SsdLayerSpec, proj: Array, conv_cache: Array, conv_weig
     _check("d", d, (h, spec.head_dim) if spec.d_per_channel else (h,), "(D)")
     args = (proj, conv_cache, conv_weight, conv_bias, state.astype(jnp.float32), a_log, dt_bias, d)
     return _with_fallback(lambda *a: ssd_layer(spec, *a), fallback, args)
-
-
-def matvec_ready(rows: int, depth: int, width: int, dtype: DType, *, glu: bool = False) -> bool:
-    """Whether ``[rows, depth] @ [depth, width]`` runs :func:`decode_matvec`'s kernel: one
-    row (batch-1 decoding), a GPU, ``LINEARNEXUS_DECODE_GEMV=1`` (off by default), float32 / bfloat16
-    / float16, D a multiple of 16 (any N: the last block of columns is masked; even with
-    ``glu``)."""
-    out = width // 2 if glu else width
-    return (rows == 1 and _compiles() and os.environ.get(DECODE_GEMV_ENV, "0") == "1"
-            and jnp.dtype(dtype) in _DTYPES and not (glu and width % 2)
-            and blocks(depth, out) is not None)
-
-
-def decode_matvec(x: Array, w: Array, bias: Array | None, *, glu: bool = False,
-                  add: Array | None = None, norm_scale: Array | None = None,
-                  norm_eps: float | None = None, residual: Array | None = None,
-                  residual_add: Array | None = None, out_dtype: DType | None = None,
-                  fallback: Callable[..., Array]) -> Array:
-    """``x [1, D] @ w [D, N] (+ bias)`` in one kernel that reads ``w`` once (``gemv.py``):
-    with ``glu``, ``silu`` of the first half times the second; ``add`` / ``norm_scale``
-    (with ``norm_eps``) make the input ``rmsnorm(x + add) * norm_scale``; ``residual`` /
-    ``residual_add`` add ``residual + residual_add`` to the output; ``out_dtype`` (default
-    x's) is the output's and the rounding's dtype (see ``gemv.matvec``).
-
-    ``fallback(x, w, bias, add, norm_scale, residual, residual_add)`` is the same in XLA and
-    gives the backward pass.
-
-    Raises:
-        NotImplementedError: shapes :func:`matvec_ready` would refuse.
-    """
-    if x.ndim != 2 or x.shape[0] != 1 or w.ndim != 2 or w.shape[0] != x.shape[1]:
-        raise NotImplementedError(f"decode_matvec: expected x [1, D] and w [D, N], got x "
-                                  f"{x.shape}, w {w.shape}")
-
-    def kernel(x, w, bias, add, norm_scale, residual, residual_add):
-        return matvec(x, w, bias, glu=glu, add=add, norm_scale=norm_scale, norm_eps=norm_eps,
-                      residual=residual, residual_add=residual_add, out_dtype=out_dtype)
-
-    return _with_fallback(kernel, fallback, (x, w, bias, add, norm_scale, residual, residual_add))

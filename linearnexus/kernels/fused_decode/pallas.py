@@ -164,6 +164,7 @@ def _delta_kernel(*, proj_ref, cache_ref, w_ref, bias_ref, h0_ref, a_log_ref, dt
                                       proj_at=offset, cache_at=offset, size=size,
                                       width=sp.conv_width))
         x = proj_ref[b, pl.ds(offset, size)].astype(F32)
+        # one rounding, as XLA:GPU's fused silu (XLA:CPU rounds its bf16 sigmoid per op)
         return rnd(x * _sigmoid(x)) if sp.silu_without_conv else x
 
     def l2(x):

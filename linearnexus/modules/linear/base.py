@@ -43,7 +43,6 @@ from linearnexus.modules.common import (
     GatedRMSNorm,
     RMSNorm,
     ShortConv,
-    decode_linear,
     fused_decode_enabled,
     fused_dense,
     xavier_uniform,
@@ -334,7 +333,7 @@ class LinearAttentionBlock(nnx.Module):
             layer = self._fused_layer(x, linear)
             if layer is not None:  # the recurrent part in one kernel (a GPU)
                 o, new_linear = layer
-                return decode_linear(o, self.o_proj), self._next_state(state, new_linear, call, seq)
+                return self.o_proj(o), self._next_state(state, new_linear, call, seq)
         if fused:  # one token: q, k, v, the gates' and the output gate's projections in one GEMV
             rest = self.decode_linears()[0]
             qkv, *rest = fused_dense(x, rest, groups=(3,) + (1,) * (len(rest) - 3))

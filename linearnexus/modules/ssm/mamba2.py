@@ -35,23 +35,10 @@ from linearnexus.core.gating import sample_dt_bias
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array
 from linearnexus.kernels.conv import conv_step
-from linearnexus.kernels.fused_decode import (
-    SsdLayerSpec,
-    decode_matvec,
-    layer_kernel_ready,
-    matvec_ready,
-    ssd_layer_step,
-)
+from linearnexus.kernels.fused_decode import SsdLayerSpec, layer_kernel_ready, ssd_layer_step
 from linearnexus.kernels.ssd import ssd
 from linearnexus.modules.base import KERNEL_BACKENDS, BlockConfig, dtype_of, op_backend
-from linearnexus.modules.common import (
-    GatedRMSNorm,
-    ShortConv,
-    decode_linear,
-    fused_decode_enabled,
-    gated_rms_norm,
-    math_dtype,
-)
+from linearnexus.modules.common import GatedRMSNorm, ShortConv, fused_decode_enabled, math_dtype
 from linearnexus.modules.linear.runtime import (
     LinearState,
     begin_call,
@@ -211,16 +198,14 @@ class Mamba2Block(nnx.Module):
                             d_state=cfg.d_state, conv_width=cfg.d_conv,
                             d_per_channel=cfg.D_has_hdim, dt_limit=cfg.dt_limit)
 
-    def _fused_layer(self, x: Array, state: LinearState) -> tuple[Array, LinearState] | None:
-        """One token ``x [B, 1, D]`` (no mask, no packing) through
-        ``kernels.fused_decode.ssd_layer_step`` where it runs: ``(y * silu(z) [B, E]
-        float32, new_state)``; else None."""
+    def _fused_layer(self, proj: Array, state: LinearState) -> tuple[Array, LinearState] | None:
+        """One token (no mask, no packing) through ``kernels.fused_decode.ssd_layer_step``
+        where it runs: ``(y * silu(z) [B, E] float32, new_state)``; else None."""
         cfg = self.config
         spec = self._layer_spec()
         if not (fused_decode_enabled()
-                and layer_kernel_ready(spec, x.dtype, op_backend(cfg.kernel_backend))):
+                and layer_kernel_ready(spec, proj.dtype, op_backend(cfg.kernel_backend))):
             return None
-        proj = decode_linear(x, self.in_proj)[:, 0]  # [B, 1, F] -> [B, F]
         conv = self.conv
         y, cache, final = ssd_layer_step(
             spec, proj, state.conv.buffer, conv.conv_weight[...],
@@ -229,25 +214,6 @@ class Mamba2Block(nnx.Module):
             fallback=lambda *a: self._layer_reference(spec, *a))
         return y, LinearState(conv=state.conv.update(cache),
                               recurrent=state.recurrent.update(final))
-
-    def _decode_out(self, yg: Array, dtype: Any) -> Array:
-        """``out_proj(norm(yg))`` for one token, ``yg = y * silu(z) [B, 1, E]`` float32: at
-        batch 1 on a GPU with one group, the norm is the one-row matmul kernel's prologue."""
-        cfg, e = self.config, self.config.d_inner
-        if self.norm is None:
-            return decode_linear(yg.astype(dtype), self.out_proj)
-        if not (cfg.ngroups == 1 and self.out_proj.bias is None
-                and matvec_ready(yg.shape[0], e, cfg.d_model, dtype)):
-            return decode_linear(self.norm.normalize_gated(yg), self.out_proj)
-        norm = self.norm
-        kernel = self.out_proj.kernel[...].astype(dtype)  # [E, D]
-
-        def xla(yg, w, bias, add, scale, *_):  # the same in XLA: the backward pass
-            return gated_rms_norm(yg, None, scale, eps=norm.eps, dtype=dtype) @ w
-
-        out = decode_matvec(yg[:, 0], kernel, None, norm_scale=norm.scale[...], norm_eps=norm.eps,
-                            out_dtype=dtype, fallback=xla)  # [1, D]
-        return out[:, None]  # [1, D] -> [1, 1, D]
 
     def _layer_reference(self, spec: SsdLayerSpec, proj: Array, cache: Array,
                          conv_weight: Array, conv_bias: Array | None, state: Array,
@@ -309,12 +275,13 @@ class Mamba2Block(nnx.Module):
         e, h, p = cfg.d_inner, cfg.n_heads, cfg.headdim
         g, n = cfg.ngroups, cfg.d_state
 
+        zxbcdt = self.in_proj(x)  # [B, T, 2E + 2GN + H]
         if seq == 1 and call.layout is None and call.cu_seqlens is None:
-            layer = self._fused_layer(x, state)
+            layer = self._fused_layer(zxbcdt[:, 0], state)
             if layer is not None:  # conv, step size, SSD step, skip and gate in one kernel
                 y, new_state = layer  # [B, E] float32: y * silu(z)
-                return self._decode_out(y[:, None], dtype), new_state
-        zxbcdt = self.in_proj(x)  # [B, T, 2E + 2GN + H]
+                y = self.norm.normalize_gated(y) if self.norm is not None else y.astype(dtype)
+                return self.out_proj(y[:, None]), new_state
         z, xbc, dt = jnp.split(zxbcdt, [e, e + cfg.conv_dim], axis=-1)
         # pads zeroed before the conv (in_proj's bias would make them non-zero), so the conv
         # cache keeps the last valid inputs
