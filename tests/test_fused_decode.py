@@ -61,10 +61,16 @@ def test_one_token_block_matches_unfused(monkeypatch, name, overrides, masked, d
 
     monkeypatch.setattr(layer_api, "_compiles", lambda: True)  # pick it as on a GPU
     launched = []
-    for kernel in ("delta_layer", "ssd_layer"):  # record the layer kernel's launches
-        real = getattr(layer_api, kernel)
-        monkeypatch.setattr(layer_api, kernel,
-                            lambda *a, real=real: launched.append((a, real(*a))) or launched[-1][1])
+
+    def record(real):  # the layer step's arguments and outputs, in the caller's trace
+        def step(*args, fallback):
+            launched.append((args, real(*args, fallback=fallback)))
+            return launched[-1][1]
+        return step
+
+    for module, step in (("linearnexus.modules.linear.deltanet", "delta_layer_step"),
+                         ("linearnexus.modules.ssm.mamba2", "ssd_layer_step")):
+        monkeypatch.setattr(f"{module}.{step}", record(getattr(layer_api, step)))
     entry = LAYER_REGISTRY[name]
     block = entry.block(entry.config.tiny(dtype=dtype, **overrides), rngs=nnx.Rngs(1))
     zeros = jax.tree.leaves(block.init_state(batch))
@@ -73,11 +79,18 @@ def test_one_token_block_matches_unfused(monkeypatch, name, overrides, masked, d
         (0.3 * jax.random.normal(k, z.shape)).astype(z.dtype) for k, z in zip(keys, zeros, strict=True)])
     x = jax.random.normal(jax.random.key(1), (batch, 1, 16))
     mask = jnp.array([[True], [False], [True]]) if masked else None  # a pad row stays inert
-    fused, plain = _both(monkeypatch, lambda: block(x, state=state, mask=mask))
-    assert len(launched) == (0 if masked or "expand_v" in overrides else 1)
-    pairs = [(fused, plain)] + [  # and the block's unfused reference (the kernel's backward
-        (out, block._layer_reference(*args)) for args, out in launched]  # pass) on its inputs
-    for got, want in pairs:
+
+    def call(x, state):  # jitted: one compile instead of an eager compile per op
+        launched.clear()
+        out = block(x, state=state, mask=mask)
+        # the kernel's outputs and the block's unfused reference on the same inputs (the
+        # reference is the kernel's backward pass)
+        return out, [(got, block._layer_reference(*args)) for args, got in launched]
+
+    (fused, pairs), (plain, _) = _both(monkeypatch,
+                                       lambda: jax.jit(lambda x, s: call(x, s))(x, state))
+    assert len(pairs) == (0 if masked or "expand_v" in overrides else 1)
+    for got, want in [(fused, plain), *pairs]:
         if dtype == "float32":
             _close(got, want)
             continue
