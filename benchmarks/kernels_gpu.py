@@ -9,7 +9,7 @@ speed vs flash-linear-attention (FLA), in one process.
         [--merge earlier.json] [--out DIR] [--name kernels_gpu] [--docs docs/benchmarks.md]
 
 ``--backends``: the LinearNexus backends timed (the first fills the LN columns; ``mosaic``,
-the Mosaic GPU forward of simple_gla on Hopper, adds its own columns with its ratio to FLA and
+the Mosaic GPU kernels of simple_gla on Hopper, adds its own columns with its ratio to FLA and
 its %HBM / %MMA); ``--check-backends`` those checked against the reference (``auto``: the
 dispatcher's own choice), at every ``--check-seqs`` length and ``--check-dims`` head dim.
 
@@ -890,7 +890,7 @@ def markdown(results: dict[str, Any]) -> str:
         mosaic = any(r.get("mosaic") for r in rows)
         head = ("| shape (B, T, H, D) | LN fwd ms | FLA fwd ms | ratio | LN fwd+bwd ms | FLA fwd+bwd ms "
                 "| ratio | LN %HBM | LN %MMA | FLA %HBM | FLA %MMA |")
-        if mosaic:  # the mosaic backend (Mosaic GPU forward), its ratios to FLA and shares
+        if mosaic:  # the mosaic backend (Mosaic GPU kernels), its ratios to FLA and shares
             head += " mosaic fwd ms | ratio | mosaic fwd+bwd ms | ratio | mosaic %HBM | mosaic %MMA |"
         lines += [f"### {op}", "", head, "|---" * (head.count("|") - 1) + "|"]
         forced = results.get("fla_triton_flag_forced") and op in FLAG_OPS

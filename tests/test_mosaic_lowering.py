@@ -19,11 +19,15 @@ from linearnexus.kernels.common.mosaic_chunk import (
     SMEM_LIMIT,
     MosaicConfig,
     default_mosaic_config,
+    gpu_interpret,
+    gpu_interpret_reason,
     mosaic_unavailable_reason,
     smem_bytes,
 )
-from linearnexus.kernels.common.mosaic_ops import linear_attention_mosaic
+from linearnexus.kernels.common.mosaic_ops import delta_rule_mosaic, linear_attention_mosaic
+from linearnexus.kernels.gated_delta_rule.reference import gated_delta_rule_reference
 from linearnexus.kernels.simple_gla.api import BACKENDS, simple_gla
+from linearnexus.kernels.simple_gla.reference import simple_gla_reference
 
 REASON = mosaic_unavailable_reason()
 needs_mosaic = pytest.mark.skipif(REASON is not None, reason=REASON or "")
@@ -44,12 +48,17 @@ def _specs(B, T, H, K, V, h0):
 
 @needs_mosaic
 @pytest.mark.parametrize("shape,h0,config", [
-    ((2, 1000, 2, 128, 128), True, None),  # T not a multiple of the chunk, the benchmark's K = V
-    ((1, 63, 3, 40, 72), False, MosaicConfig(block_v=64, stages=3)),  # odd head dims, padded
+    # T not a multiple of the chunk, the benchmark's K = V; the default: Mosaic backward
+    ((2, 1000, 2, 128, 128), True, None),
+    # odd head dims, padded; the Triton backward
+    ((1, 63, 3, 40, 72), False, MosaicConfig(block_v=64, stages=3, backward="pallas")),
+    # one pipeline stage in all three kernels, K = V = 64
+    ((1, 130, 2, 64, 64), True, MosaicConfig(stages=1, bwd_stages=1, dqk_stages=1)),
 ])
 def test_simple_gla_mosaic_lowers_forward_and_backward(shape, h0, config, monkeypatch):
-    """Forward (the Mosaic GPU kernel) and its gradient (custom_vjp onto the Triton backward
-    kernels) lower for CUDA; the modules hold the Mosaic GPU and Triton custom calls."""
+    """Forward (the Mosaic GPU kernel) and its gradient lower for CUDA: with the Mosaic
+    backward, three Mosaic GPU kernels (forward storing the chunk states, the reverse walk,
+    dq / dk) and no Triton; with ``backward="pallas"``, the Triton backward kernels."""
     monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")  # Triton kernels, not interpret mode
 
     def fwd(q, k, v, g, s0):
@@ -62,10 +71,14 @@ def test_simple_gla_mosaic_lowers_forward_and_backward(shape, h0, config, monkey
 
     specs = _specs(*shape, h0)
     text = _lower(fwd, *specs)
-    assert "mosaic_gpu" in text
+    assert text.count("custom_call @mosaic_gpu") == 1
     grad_text = _lower(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4) if h0 else (0, 1, 2, 3)),
                        *specs)
-    assert "mosaic_gpu" in grad_text and "xla.gpu.triton" in grad_text
+    if config is not None and config.backward == "pallas":
+        assert grad_text.count("custom_call @mosaic_gpu") == 1 and "xla.gpu.triton" in grad_text
+    else:
+        assert grad_text.count("custom_call @mosaic_gpu") == 3
+        assert "xla.gpu.triton" not in grad_text
 
 
 def test_mosaic_declines_what_it_does_not_cover():
@@ -93,12 +106,25 @@ def test_mosaic_declines_what_it_does_not_cover():
             linear_attention_mosaic(jnp.ones((1, 8, 1, 128), jnp.bfloat16),
                                     jnp.ones((1, 8, 1, 128), jnp.bfloat16),
                                     jnp.ones((1, 8, 1, 128), jnp.bfloat16), g, scale=1.0,
-                                    check_device=False, config=MosaicConfig(block_v=128))
+                                    check_device=False,
+                                    config=MosaicConfig(block_v=128, stages=4))
+        with pytest.raises(ValueError, match="dqk_stages"):  # 3 stages of [64, V] tiles: over
+            linear_attention_mosaic(jnp.ones((1, 8, 1, 128), jnp.bfloat16),
+                                    jnp.ones((1, 8, 1, 128), jnp.bfloat16),
+                                    jnp.ones((1, 8, 1, 128), jnp.bfloat16), g, scale=1.0,
+                                    check_device=False, config=MosaicConfig(dqk_stages=3))
+        with pytest.raises(ValueError, match="backward='mosaic'"):  # V = 256: [L, V] tiles
+            linear_attention_mosaic(q, k, jnp.ones((1, 8, 1, 256), jnp.bfloat16), g, scale=1.0,
+                                    check_device=False, config=MosaicConfig(backward="mosaic"))
     with pytest.raises(ValueError, match="block_v"):
         MosaicConfig(block_v=96)
     with pytest.raises(ValueError, match="stages"):
-        MosaicConfig(stages=1)
-    # the heuristic always fits shared memory
+        MosaicConfig(stages=0)
+    with pytest.raises(ValueError, match="dqk_stages"):
+        MosaicConfig(dqk_stages=True)
+    with pytest.raises(ValueError, match="backward"):
+        MosaicConfig(backward="triton")
+    # the heuristic always fits shared memory, and picks the Mosaic backward where it fits
     for K in (64, 128):
         for V in (64, 128, 256):
             for n_chunks in (1, 64, 256):
@@ -106,6 +132,7 @@ def test_mosaic_declines_what_it_does_not_cover():
                                             n_chunks=n_chunks)
                 assert smem_bytes(chunk=cfg.chunk, key_dim=K, block_v=cfg.block_v,
                                   stages=cfg.stages, itemsize=2) <= SMEM_LIMIT
+                assert cfg.backward == ("mosaic" if V <= 128 else "pallas")
 
 
 def test_mosaic_config_comes_from_the_tuning_cache(tmp_path, monkeypatch):
@@ -140,7 +167,157 @@ def test_mosaic_config_comes_from_the_tuning_cache(tmp_path, monkeypatch):
                          cu_seqlens=None)
     assert seen[-1] == MosaicConfig(stages=3, block_v=64)
     tuning.record("simple_gla", "mosaic", (2, 300, 4, 64, 64), jnp.bfloat16,
-                  Knobs(stages=1, block_v=64), seconds=1e-3, device_kind=jax.devices()[0].device_kind)
+                  Knobs(stages=0, block_v=64), seconds=1e-3, device_kind=jax.devices()[0].device_kind)
     kernel.forward_chunk(q, q, q, g, initial_state=None, grid=GridConfig(chunk_size=64), scale=1.0,
                          cu_seqlens=None)
-    assert seen[-1] is None  # stages=1 no longer validates: the heuristic decides
+    assert seen[-1] is None  # stages=0 does not validate: the heuristic decides
+
+
+def _delta_specs(B, T, H, K, V, h0, gated):
+    qk = jax.ShapeDtypeStruct((B, T, H, K), jnp.bfloat16)
+    v = jax.ShapeDtypeStruct((B, T, H, V), jnp.bfloat16)
+    beta = jax.ShapeDtypeStruct((B, T, H), jnp.bfloat16)
+    g = jax.ShapeDtypeStruct((B, T, H), jnp.float32) if gated else None
+    s0 = jax.ShapeDtypeStruct((B, H, K, V), jnp.float32) if h0 else None
+    return qk, qk, v, beta, g, s0
+
+
+@needs_mosaic
+@pytest.mark.parametrize("shape,h0,gated,config", [
+    # gated, T not a multiple of the chunk, the benchmark's K = V, initial state
+    ((2, 1000, 2, 128, 128), True, True, None),
+    # the ungated delta rule, odd head dims (padded), one pipeline stage
+    ((1, 63, 3, 40, 72), False, False, MosaicConfig(stages=1, bwd_stages=1)),
+])
+def test_delta_rules_mosaic_lower_forward_and_backward(shape, h0, gated, config, monkeypatch):
+    """The delta rules' mosaic backend lowers for CUDA: the forward is the Triton WY kernel
+    and one Mosaic GPU kernel; under the gradient that kernel stores the states and vn, and
+    the Triton backward (dv, dh, dq / dk, WY backward) follows, with no Triton fwd_h."""
+    monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")
+
+    def fwd(q, k, v, beta, g, s0):
+        return delta_rule_mosaic(q, k, v, beta, g, scale=0.1, initial_state=s0, config=config,
+                                 check_device=False)
+
+    def loss(q, k, v, beta, g, s0):
+        o, final = fwd(q, k, v, beta, g, s0)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
+
+    specs = _delta_specs(*shape, h0, gated)
+    text = _lower(fwd, *specs)
+    assert text.count("custom_call @mosaic_gpu") == 1 and text.count("xla.gpu.triton") == 1
+    argnums = tuple(i for i, s in enumerate(specs) if s is not None)
+    grad_text = _lower(jax.value_and_grad(loss, argnums=argnums), *specs)
+    assert grad_text.count("custom_call @mosaic_gpu") == 1
+    assert grad_text.count("xla.gpu.triton") == 5
+
+
+@pytest.mark.skipif(REASON is not None or gpu_interpret_reason() is not None,
+                    reason=REASON or gpu_interpret_reason() or "")
+@pytest.mark.parametrize("op", ["gated_delta_rule", "simple_gla"])
+def test_mosaic_matches_reference_in_the_interpreter(op):
+    """The Mosaic GPU kernels run on the CPU by JAX's Mosaic GPU interpreter (JAX 0.11),
+    forward and gradient, against the per-step reference: the gated delta rule (the
+    Mosaic forward storing the states and vn, then the Triton backward in interpret mode)
+    and simple_gla (Mosaic forward and both Mosaic backward kernels). bf16, two chunks
+    (T = 100, the last one padded), an initial state; thresholds as on the GPU (outputs and
+    states 5e-3, gradients 1e-2)."""
+    B, T, H, K, V = 1, 100, 1, 64, 64
+    ks = jax.random.split(jax.random.PRNGKey(3), 8)
+    q = jax.random.normal(ks[0], (B, T, H, K)).astype(jnp.bfloat16)
+    k = jax.random.normal(ks[1], (B, T, H, K))
+    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
+    v = jax.random.normal(ks[2], (B, T, H, V)).astype(jnp.bfloat16)
+    g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H)))
+    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H))).astype(jnp.bfloat16)
+    s0 = jax.random.normal(ks[5], (B, H, K, V))
+    do = jax.random.normal(ks[6], (B, T, H, V))
+    dht = jax.random.normal(ks[7], (B, H, K, V))
+    if op == "simple_gla":
+        args, names = (q, k, v, g, s0), ("dq", "dk", "dv", "dg", "dh0")
+
+        def mosaic(q, k, v, g, s0):
+            return linear_attention_mosaic(q, k, v, g, scale=K ** -0.5, initial_state=s0,
+                                           check_device=False)
+
+        def reference(q, k, v, g, s0):
+            return simple_gla_reference(q, k, v, g, scale=K ** -0.5, initial_state=s0)
+    else:
+        args, names = (q, k, v, g, beta, s0), ("dq", "dk", "dv", "dg", "dbeta", "dh0")
+
+        def mosaic(q, k, v, g, beta, s0):
+            return delta_rule_mosaic(q, k, v, beta, g, scale=K ** -0.5, initial_state=s0,
+                                     check_device=False)
+
+        def reference(q, k, v, g, beta, s0):
+            return gated_delta_rule_reference(q, k, v, g, beta, scale=K ** -0.5,
+                                              initial_state=s0)
+
+    def loss(fn, *args):
+        o, final = fn(*args)
+        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(final * dht), (o, final)
+
+    argnums = tuple(range(1, len(args) + 1))
+    with gpu_interpret():
+        grads, (o, final) = jax.grad(loss, argnums, has_aux=True)(mosaic, *args)
+    with jax.default_matmul_precision("highest"):
+        ref_grads, (ro, rf) = jax.grad(loss, argnums, has_aux=True)(
+            reference, *(x.astype(jnp.float32) for x in args))
+
+    def rel(a, b):
+        return float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+
+    errors = {"o": rel(o, ro), "final": rel(final, rf)}
+    assert max(errors.values()) <= 5e-3, errors
+    errors = {n: rel(a, b) for n, a, b in zip(names, grads, ref_grads, strict=True)}
+    assert max(errors.values()) <= 1e-2, errors
+
+
+def test_delta_mosaic_dispatch_and_declines_what_it_does_not_cover(monkeypatch):
+    """Automatic dispatch puts the delta rules' mosaic backend first on a GPU for bf16
+    (checked on an H200), and passes it by with LINEARNEXUS_MOSAIC_GDN=0; calls it does
+    not cover raise NotImplementedError, configs it does not take a ValueError naming config."""
+    from linearnexus.kernels.base import dispatch
+    from linearnexus.kernels.common import mosaic_delta
+    from linearnexus.kernels.delta_rule import api as dr_api
+    from linearnexus.kernels.gated_delta_rule import api as gdn_api
+
+    def chosen(api, dtype):
+        return dispatch("op", api.BACKENDS, api.BACKEND_ORDER, lambda k: k.name, backend=None,
+                        dtype=dtype, platform="gpu")
+
+    monkeypatch.setenv(mosaic_delta.OPT_IN_ENV, "0")
+    for api in (gdn_api, dr_api):
+        assert api.BACKEND_ORDER[0] == "mosaic"
+        assert chosen(api, jnp.bfloat16) == "pallas"
+        assert api.BACKENDS["mosaic"].by_name_dtypes  # the feature table: by name only
+    monkeypatch.delenv(mosaic_delta.OPT_IN_ENV)  # checked on an H200: automatic
+    for api in (gdn_api, dr_api):
+        assert chosen(api, jnp.bfloat16) == "mosaic"
+        assert chosen(api, jnp.float32) == "pallas"
+        assert api.BACKENDS["mosaic"].by_name_dtypes is None
+    q = jnp.ones((1, 8, 1, 64), jnp.bfloat16)
+    beta = jnp.ones((1, 8, 1), jnp.bfloat16)
+    g = -jnp.ones((1, 8, 1), jnp.float32)
+    if jax.default_backend() != "gpu":
+        with pytest.raises(NotImplementedError, match="compute capability"):
+            gdn_api.gated_delta_rule(q, q, q, g, beta, backend="mosaic", mode="chunk")
+    with pytest.raises(NotImplementedError, match="chunk_size 128"):
+        delta_rule_mosaic(q, q, q, beta, g, scale=1.0, chunk_size=128, check_device=False)
+    with pytest.raises(NotImplementedError, match="float32"):
+        delta_rule_mosaic(q.astype(jnp.float32), q, q, beta, g, scale=1.0, check_device=False)
+    if REASON is None:
+        q128 = jnp.ones((1, 8, 1, 128), jnp.bfloat16)
+        for config, match in ((MosaicConfig(backward="mosaic"), "Triton backward"),
+                              (MosaicConfig(block_v=128), "block_v"),
+                              (MosaicConfig(dqk_stages=2), "dqk_stages"),
+                              (MosaicConfig(stages=3), "stages=3"),
+                              (MosaicConfig(bwd_stages=3), "bwd_stages=3")):
+            with pytest.raises(ValueError, match=f"config.*{match}"):
+                delta_rule_mosaic(q128, q128, q128, beta, g, scale=1.0, config=config,
+                                  check_device=False)
+    for K in (64, 128):  # the heuristic fits shared memory
+        for n_chunks in (1, 64):
+            cfg = mosaic_delta.default_delta_config(rows=8, heads=16, key_dim=K, value_dim=128,
+                                                    n_chunks=n_chunks)
+            mosaic_delta.check_delta_config(cfg, key_dim=K, value_dim=128)

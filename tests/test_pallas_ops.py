@@ -64,7 +64,7 @@ def test_gla_mixed_decay_takes_each_form(key, across):
     if across == "time":
         shape, chunk = dict(B=1, T=150, H=2, K=20, V=24), 2 * CHUNK
     else:
-        shape, chunk = dict(B=1, T=150, H=2, K=100, V=24), 64
+        shape, chunk = dict(B=1, T=100, H=2, K=100, V=24), 64  # a ragged second chunk
     names, arrays, h0, cot_o, cot_s = small_inputs("gla", key, shape)
     t = np.arange(shape["T"])[None, :, None, None]
     c, row = t // chunk, t % chunk

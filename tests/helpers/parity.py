@@ -105,11 +105,15 @@ def assert_prefix_continuation(block: nnx.Module, x: jax.Array, split: int, *,
     assert_trees_close(s2, s_full, tol, "prefix+continuation state")
 
 
-def padding_mask(lengths: list[int], seq: int, side: str) -> np.ndarray:
+def padding_mask(lengths: list[int], seq: int, side: str | list[str]) -> np.ndarray:
     """``[B, T]`` bool: row ``b`` keeps ``lengths[b]`` valid tokens at its end
     (``side="left"``: left padding), its start (``"right"``), or in a fixed scattered
-    pattern (``"scattered"``: every other position first, then the rest)."""
+    pattern (``"scattered"``: every other position first, then the rest). A list gives
+    each row its own side."""
     assert all(1 <= n <= seq for n in lengths)
+    if not isinstance(side, str):
+        assert len(side) == len(lengths)
+        return np.concatenate([padding_mask([n], seq, s) for n, s in zip(lengths, side, strict=True)])
     pos = np.arange(seq)[None, :]
     n = np.asarray(lengths)[:, None]
     if side == "left":
@@ -128,7 +132,7 @@ def row_of(tree: Any, b: int) -> Any:
 
 
 def assert_mask_behavior(block: nnx.Module, x: jax.Array, lengths: list[int], *,
-                         side: str = "right", mode: str | None = None, state: Any = None,
+                         side: str | list[str] = "right", mode: str | None = None, state: Any = None,
                          tol: float = 1e-5) -> None:
     """Padded positions change neither the valid outputs nor the final state.
 

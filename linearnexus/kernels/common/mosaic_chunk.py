@@ -10,8 +10,8 @@ cumsum of log-gates (``pallas_chunk.py``'s module doc has the derivation)::
     o   = scale * [ e^{b} * (q S_c) + A v ]                                 wgmma x2 [L, BV]
     S_{c+1} = e^{b_L} S_c + k^T (e^{b_L - b} * v)                          wgmma [K, BV]
 
-* q, k, v chunks arrive by TMA into swizzled SMEM through ``plgpu.emit_pipeline`` (two
-  stages: the copies of chunk c+2 are issued as soon as chunk c is done with its slot); the
+* q, k, v chunks arrive by TMA into swizzled SMEM through ``plgpu.emit_pipeline``
+  (``stages`` deep: the copies of chunk c+stages go out when chunk c frees its slot); the
   output tile leaves by TMA from SMEM.
 * ``q S_c`` takes ``S_c`` from SMEM in the input dtype (bf16, as FLA's stored states are);
   the carried state itself stays float32 in registers across the whole walk.
@@ -25,13 +25,19 @@ cumsum of log-gates (``pallas_chunk.py``'s module doc has the derivation)::
 Scope (anything else raises ``NotImplementedError`` and the dispatcher moves on to the
 Triton kernels): bfloat16 / float16 inputs (the wgmma of float32 operands is TF32, short of
 the float32 thresholds), key dim padded to 64 or 128, value dim padded to a multiple of the
-value block, batch rows (no ``cu_seqlens`` packing), no delta rule. The backward pass
-reuses the Triton kernels of ``pallas_chunk.py`` after re-running their ``fwd_h`` for the
-per-chunk states this kernel does not store (``mosaic_core``'s custom_vjp).
+value block, batch rows (no ``cu_seqlens`` packing), no delta rule.
+
+Backward (``mosaic_core``'s custom_vjp): under a gradient the forward also stores every
+chunk's entering state (``store_states``: the bf16 state tile of the ``q S_c`` matmul
+becomes a pipeline output slot), and the Mosaic GPU kernels of ``mosaic_bwd.py`` run the
+backward; ``MosaicConfig(backward="pallas")`` (the default where those do not fit shared
+memory, V > 128) runs the Triton kernels of ``pallas_chunk.py`` instead, after re-running
+their ``fwd_h`` for the states.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -91,29 +97,50 @@ def _transposed(ref: Any) -> Any:
     return ref.transpose((1, 0)) if _NEW_REF_API else plgpu.transpose_ref(ref, (1, 0))
 
 
+#: the backward implementations a :class:`MosaicConfig` may name
+BACKWARDS = ("mosaic", "pallas")
+
+
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
-    """Tile and pipeline knobs of the Mosaic GPU forward kernel; None: the heuristic decides.
+    """Tile and pipeline knobs of the Mosaic GPU kernels; None: the heuristic decides.
 
     Attributes:
         chunk: tokens per chunk L (64 or 128): the M and K size of the intra-chunk wgmmas.
         block_v: value columns per program (64 or 128); the state block is ``[K, block_v]``
             float32 in registers (64 registers a thread at K = 128, block_v = 64).
-        stages: TMA pipeline depth (chunks in flight, >= 2).
+        stages: TMA pipeline depth (chunks in flight, >= 1) of the forward.
+        backward: ``"mosaic"`` (the Mosaic GPU backward kernels, ``mosaic_bwd.py``) or
+            ``"pallas"`` (the Triton backward kernels after a Triton ``fwd_h`` recompute).
+        bwd_stages: pipeline depth (>= 1) of the kernels that run under a gradient with the
+            Mosaic backward: the forward that stores every chunk's state and the backward's
+            reverse walk (``stages`` is the depth of the plain forward).
+        dqk_stages: pipeline depth (>= 1) of the Mosaic backward's ``dq / dk`` kernel.
+
+    One stage leaves room in shared memory for two programs per SM, whose copies and
+    dependent wgmma chains then overlap each other's (measured: faster for the plain forward
+    at 256 programs, slower for the three kernels of the gradient; ``default_mosaic_config``).
     """
 
     chunk: int | None = None
     block_v: int | None = None
     stages: int | None = None
+    backward: str | None = None
+    bwd_stages: int | None = None
+    dqk_stages: int | None = None
 
     def __post_init__(self) -> None:
         if self.chunk is not None and self.chunk not in (64, 128):
             raise ValueError(f"chunk: expected 64, 128 or None, got {self.chunk!r}")
         if self.block_v is not None and self.block_v not in (64, 128):
             raise ValueError(f"block_v: expected 64, 128 or None, got {self.block_v!r}")
-        if self.stages is not None and (isinstance(self.stages, bool)
-                                        or not isinstance(self.stages, int) or self.stages < 2):
-            raise ValueError(f"stages: expected an int >= 2 or None, got {self.stages!r}")
+        for name in ("stages", "bwd_stages", "dqk_stages"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"{name}: expected an int >= 1 or None, got {value!r}")
+        if self.backward is not None and self.backward not in BACKWARDS:
+            raise ValueError(f"backward: expected one of {BACKWARDS} or None, got {self.backward!r}")
 
     def merged(self, default: MosaicConfig) -> MosaicConfig:
         """This config with its None fields taken from ``default``."""
@@ -126,24 +153,64 @@ class MosaicConfig:
 SMEM_LIMIT = 232448 - 2048
 
 
-def smem_bytes(*, chunk: int, key_dim: int, block_v: int, stages: int, itemsize: int) -> int:
+def smem_bytes(*, chunk: int, key_dim: int, block_v: int, stages: int, itemsize: int,
+               store_states: bool = False, delta: bool = False) -> int:
     """Shared memory one program of the forward kernel asks for: ``stages`` pipeline slots
-    of the q, k, v, gate and output tiles, the bf16 state tile, the decayed-v tile and the
-    float32 state staging tile (within 1 KB of what Mosaic GPU reported when lowering)."""
+    of the q, k, v, gate and output tiles (and of the per-chunk state tile when the states
+    are stored for the backward), the bf16 state tile otherwise and the decayed-v tile. The
+    float32 state staging tile (initial / final state) is scoped before and after the
+    pipeline and reuses its space. ``delta`` (the delta rules): one more ``[L, K]`` pipeline
+    slot (``w``) a stage and one more ``[L, BV]`` tile (``vn = u - w S_c``, the B operand of
+    ``A vn``): scratch, or a pipeline output slot when the states are stored (``vn`` goes to
+    HBM with them)."""
     L, K, BV = chunk, key_dim, block_v
-    per_stage = (2 * L * K + 2 * L * BV) * itemsize + (2 * L + K) * 4
-    return stages * per_stage + (K * BV + L * BV) * itemsize + K * BV * 4
+    state_tile = K * BV * itemsize
+    vn_tile = L * BV * itemsize if delta else 0
+    per_stage = ((3 if delta else 2) * L * K + 2 * L * BV) * itemsize + (2 * L + K) * 4
+    per_stage += state_tile + vn_tile if store_states else 0
+    scratch = L * BV * itemsize + (0 if store_states else state_tile + vn_tile)
+    return scratch + max(stages * per_stage, K * BV * 4)
+
+
+def mosaic_backward_fits(*, chunk: int, key_dim: int, value_dim: int, block_v: int,
+                         itemsize: int = 2) -> bool:
+    """Whether the Mosaic backward kernels (``mosaic_bwd.py``) and the forward that stores
+    the states (at value block ``block_v``) fit shared memory at 2 stages: the ``dq / dk``
+    kernel holds whole ``[L, V]`` and ``[64, V]`` tiles, so V <= 128."""
+    from linearnexus.kernels.common import mosaic_bwd
+
+    return (mosaic_bwd.state_smem_bytes(chunk=chunk, key_dim=key_dim,
+                                        block_v=min(value_dim, mosaic_bwd.STATE_BLOCK_V),
+                                        stages=2, itemsize=itemsize) <= SMEM_LIMIT
+            and mosaic_bwd.dqk_smem_bytes(chunk=chunk, key_dim=key_dim, value_dim=value_dim,
+                                          stages=2, itemsize=itemsize) <= SMEM_LIMIT
+            and smem_bytes(chunk=chunk, key_dim=key_dim, block_v=block_v, stages=2,
+                           itemsize=itemsize, store_states=True) <= SMEM_LIMIT)
+
+
+def deepest_stages(fits, most: int = 4) -> int:
+    """The most pipeline stages in ``2..most`` for which ``fits(stages)`` holds (2 if none)."""
+    return max([s for s in range(2, most + 1) if fits(s)], default=2)
+
+
+#: streaming multiprocessors of the H100 SXM / H200 (the heuristic's wave arithmetic)
+HOPPER_SMS = 132
 
 
 def default_mosaic_config(*, rows: int, heads: int, key_dim: int, value_dim: int,
                           n_chunks: int, itemsize: int = 2) -> MosaicConfig:
     """The heuristic: chunk 64; value blocks of 64 (at V = 128 two programs per head, which
     the H200's 132 SMs need at B * H = 128), 128 only when that still leaves >= 2 programs
-    per SM and fits shared memory; 3 pipeline stages when they fit and the walk is longer
-    than a few chunks, else 2.
+    per SM and fits shared memory. The plain forward: one pipeline stage when there are more
+    programs than SMs (two programs then share each SM, in one wave, and overlap each
+    other's dependent chains), else 3 stages when they fit and the walk is longer than a few
+    chunks, else 2. The gradient's kernels (``bwd_stages``, ``dqk_stages``): None, the
+    deepest that fit. The Mosaic backward wherever it fits shared memory (V <= 128).
 
-    Measured on an H200 (bf16, (8, 4096, 16, 128), forward, 2026-12-04): 3 stages 0.337 ms,
-    2 stages 0.347 ms (block_v 128 does not fit shared memory at K = 128)."""
+    Measured on an H200 (bf16, (8, 4096, 16, 128): 256 programs, 2026-12-04, kernels alone):
+    plain forward 1 stage 0.241 ms, 3 stages 0.257 ms (0.309 / 0.335 ms through the api);
+    the forward storing the states 3 stages 0.307 ms, 1 stage 0.332 ms; the reverse walk
+    3 stages 0.303 ms, 1 stage 0.318 ms; ``dq / dk`` 2 stages 0.515 ms, 1 stage 0.671 ms."""
     block_v = 64
     if (value_dim % 128 == 0 and (value_dim // 128) * rows * heads >= 264
             and smem_bytes(chunk=64, key_dim=key_dim, block_v=128, stages=2,
@@ -154,7 +221,11 @@ def default_mosaic_config(*, rows: int, heads: int, key_dim: int, value_dim: int
     if n_chunks >= 8 and smem_bytes(chunk=64, key_dim=key_dim, block_v=block_v, stages=3,
                                       itemsize=itemsize) <= SMEM_LIMIT:
         stages = 3
-    return MosaicConfig(chunk=64, block_v=block_v, stages=stages)
+    if n_chunks >= 8 and (value_dim // block_v) * rows * heads > HOPPER_SMS:
+        stages = 1
+    backward = "mosaic" if mosaic_backward_fits(chunk=64, key_dim=key_dim, value_dim=value_dim,
+                                                block_v=block_v, itemsize=itemsize) else "pallas"
+    return MosaicConfig(chunk=64, block_v=block_v, stages=stages, backward=backward)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,11 +236,17 @@ class MosaicStatic:
         core: the Triton core's description of the same call (shapes R, NC, L, H, K, V,
             scale, whether an initial state is given); the backward runs on it.
         block_v, stages: the Mosaic kernel's value block and pipeline depth.
+        backward: ``"mosaic"`` or ``"pallas"`` (:class:`MosaicConfig`).
+        bwd_stages, dqk_stages: the gradient's pipeline depths (:class:`MosaicConfig`); None:
+            the most that fit (up to 3).
     """
 
     core: CoreStatic
     block_v: int
     stages: int
+    backward: str = "pallas"
+    bwd_stages: int | None = None
+    dqk_stages: int | None = None
 
 
 def _swizzled(cols: int, dtype: Any) -> tuple[Any, ...]:
@@ -182,41 +259,162 @@ def _swizzled(cols: int, dtype: Any) -> tuple[Any, ...]:
             plgpu.SwizzleTransform(swizzle))
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, b_ref, d_ref, e_ref, h0_ref, o_ref, final_ref,
-                    s_smem, vd_smem, f32_smem, bar, *, st: MosaicStatic, dtype: Any) -> None:
+def _state_in(gmem: Any, bar: Any, shape: tuple[int, int]) -> Array:
+    """A float32 ``[rows, cols]`` state block from HBM into registers (WGMMA layout), staged
+    through a scoped SMEM tile whose space the pipeline that follows reuses."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def scoped(f32_smem):
+        plgpu.copy_gmem_to_smem(gmem, f32_smem, bar.at[0])
+        plgpu.barrier_wait(bar.at[0])
+        return _load(f32_smem, plgpu.Layout.WGMMA)
+
+    return pl.run_scoped(scoped, plgpu.SMEM(shape, F32, transforms=_swizzled(shape[1], F32)))
+
+
+def _state_out(state: Array, gmem: Any) -> None:
+    """Store a float32 register state block (WGMMA layout) to HBM through a scoped SMEM tile."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def scoped(f32_smem):
+        f32_smem[...] = state
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(f32_smem, gmem)
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(scoped, plgpu.SMEM(state.shape, F32, transforms=_swizzled(state.shape[1], F32)))
+
+
+#: set by :func:`gpu_interpret` only (its ``InterpretGPUParams``): the forward kernel then
+#: runs in JAX's Mosaic GPU interpreter and avoids what that cannot run
+_INTERPRETING: Any = False
+
+
+def interpret_kwargs() -> dict[str, Any]:
+    """``plgpu.kernel``'s ``interpret=`` under :func:`gpu_interpret`, else nothing: passed to
+    each Mosaic kernel, because a global interpret switch would also hand the Triton kernels
+    around them (the WY preparation) to the Mosaic GPU interpreter."""
+    return {"interpret": _INTERPRETING} if _INTERPRETING else {}
+
+
+def wgmma_onto(init: Array, issue: Any) -> Array:
+    """``init`` plus the products ``issue(acc)`` adds to a float32 wgmma accumulator.
+
+    On the GPU the accumulator starts as ``init`` (``run_state``: no extra registers or
+    adds). Under :func:`gpu_interpret` it starts at zero and ``init`` is added after (the
+    interpreter has no rule for ``run_state``'s discharged wgmma); the float32 sums differ
+    by rounding only."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if not _INTERPRETING:
+        return pl.run_state(issue)(plgpu.ACC.init(init))
+
+    def scoped(acc):
+        issue(acc)
+        return acc[...]
+
+    return init + pl.run_scoped(scoped, plgpu.ACC(init.shape, F32))
+
+
+def wgmma_regs(acc: Any, a: Array, b: Any) -> None:
+    """``acc += a @ b`` with ``a`` in registers (wgmma's A operand; FlashAttention-3's ``P``).
+    Under :func:`gpu_interpret` ``a`` goes through a scoped SMEM tile first: the interpreter
+    takes SMEM operands only."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if not _INTERPRETING:
+        plgpu.wgmma(acc, a, b)
+        return
+
+    def scoped(a_smem):
+        a_smem[...] = a
+        plgpu.commit_smem()
+        plgpu.wgmma(acc, a_smem, b)
+
+    pl.run_scoped(scoped, plgpu.SMEM(a.shape, a.dtype, transforms=_swizzled(a.shape[1], a.dtype)))
+
+
+def _forward_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> None:
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     c = st.core
+    delta = c.delta  # the delta rules: v is u (WY form), w corrects it by the entering state
+    n_in = 8 if delta else 7
+    q_ref, k_ref, v_ref, b_ref, d_ref, e_ref, h0_ref = refs[:7]
+    w_ref = refs[7] if delta else None
+    o_ref, final_ref = refs[n_in:n_in + 2]
+    vn_smem = vn_ref = None
+    if store_states and delta:  # the states and vn go out through pipeline slots
+        h_ref, vn_ref, vd_smem, bar = refs[n_in + 2:]
+        s_scratch = None
+    elif store_states:  # the states go out through the pipeline's slots, not a scratch tile
+        h_ref, vd_smem, bar = refs[n_in + 2:]
+        s_scratch = None
+    elif delta:
+        h_ref = None
+        s_scratch, vn_smem, vd_smem, bar = refs[n_in + 2:]
+    else:
+        h_ref = None
+        s_scratch, vd_smem, bar = refs[n_in + 2:]
     L, K, BV = c.chunk, c.key_dim, st.block_v
     wgmma_layout = plgpu.Layout.WGMMA
     rows_layout, cols_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)
     iv, h, r = jax.lax.axis_index("v"), jax.lax.axis_index("h"), jax.lax.axis_index("r")
     vs = pl.ds(iv * BV, BV)
 
-    # f32_smem stages the float32 initial / final state between HBM (TMA) and registers
     if c.has_h0:
-        plgpu.copy_gmem_to_smem(h0_ref.at[r, h, :, vs], f32_smem, bar.at[0])
-        plgpu.barrier_wait(bar.at[0])
-        state0 = _load(f32_smem, wgmma_layout)
+        state0 = _state_in(h0_ref.at[r, h, :, vs], bar, (K, BV))
     else:
         state0 = plgpu.layout_cast(jnp.zeros((K, BV), F32), wgmma_layout)
 
     causal = (plgpu.broadcasted_iota(jnp.int32, (L, L), 0, layout=wgmma_layout)
               >= plgpu.broadcasted_iota(jnp.int32, (L, L), 1, layout=wgmma_layout))
 
-    def body(_, q_smem, k_smem, v_smem, b_smem, d_smem, e_smem, o_smem, state):
-        # S_c in the input dtype for the q S_c matmul; the float32 carry stays in registers
+    def body(_, q_smem, k_smem, v_smem, b_smem, d_smem, e_smem, *rest):
+        w_smem, rest = (rest[0], rest[1:]) if delta else (None, rest)
+        o_smem, rest = rest[0], rest[1:]
+        s_smem, rest = (rest[0], rest[1:]) if store_states else (s_scratch, rest)
+        vn_tile, rest = (rest[0], rest[1:]) if store_states and delta else (vn_smem, rest)
+        state = rest[0]
+        # S_c in the input dtype for the q S_c matmul (and, stored, for the backward); the
+        # float32 carry stays in registers
         s_smem[...] = state.astype(dtype)
         plgpu.commit_smem()
         k_t = _transposed(k_smem)  # [K, L] view of the [L, K] tile
+        av_smem = v_smem  # the B operand of A v (vn for the delta rules)
 
-        def intra(acc_qk, acc_o):
-            plgpu.wgmma(acc_qk, q_smem, k_t)  # [L, K] @ [K, L]
-            plgpu.wgmma(acc_o, q_smem, s_smem)  # [L, K] @ [K, BV]
-            return acc_qk[...], acc_o[...]
+        if delta:
+            # the three products of S_c (and q k^T) issued together: w S_c is on the chain
+            # (vn needs it), q k^T and q S_c overlap it
+            def intra3(acc_qk, acc_o, acc_ws):
+                plgpu.wgmma(acc_ws, w_smem, s_smem)  # [L, K] @ [K, BV]
+                plgpu.wgmma(acc_qk, q_smem, k_t)  # [L, K] @ [K, L]
+                plgpu.wgmma(acc_o, q_smem, s_smem)  # [L, K] @ [K, BV]
+                return acc_qk[...], acc_o[...], acc_ws[...]
 
-        qk, qs = pl.run_scoped(intra, plgpu.ACC((L, L), F32), plgpu.ACC((L, BV), F32))
+            qk, qs, ws = pl.run_scoped(intra3, plgpu.ACC((L, L), F32), plgpu.ACC((L, BV), F32),
+                                       plgpu.ACC((L, BV), F32))
+            # vn = u - w S_c: the values the chunk actually writes; in the input dtype as the
+            # B operand of A vn, and decayed by e^{b_L - b} for the state update (the Triton
+            # fwd_h rounds both the same way)
+            vn = _load(v_smem, wgmma_layout).astype(F32) - ws  # [L, BV]
+            d_row = _load(d_smem, rows_layout)  # [L]
+            vn_tile[...] = vn.astype(dtype)
+            vd_smem[...] = (vn * jax.lax.broadcast_in_dim(d_row, (L, BV), [0])).astype(dtype)
+            plgpu.commit_smem()
+            av_smem = vn_tile
+        else:
+            def intra(acc_qk, acc_o):
+                plgpu.wgmma(acc_qk, q_smem, k_t)  # [L, K] @ [K, L]
+                plgpu.wgmma(acc_o, q_smem, s_smem)  # [L, K] @ [K, BV]
+                return acc_qk[...], acc_o[...]
+
+            qk, qs = pl.run_scoped(intra, plgpu.ACC((L, L), F32), plgpu.ACC((L, BV), F32))
         b_row = _load(b_smem, rows_layout)  # [L], one per query row
         b_col = _load(b_smem, cols_layout)  # [L], one per key column
         diff = (jax.lax.broadcast_in_dim(b_row, (L, L), [0])
@@ -226,23 +424,25 @@ def _forward_kernel(q_ref, k_ref, v_ref, b_ref, d_ref, e_ref, h0_ref, o_ref, fin
         o_inter = qs * jax.lax.broadcast_in_dim(jnp.exp(b_row), (L, BV), [0])
 
         def inner(acc_o):
-            plgpu.wgmma(acc_o, a.astype(dtype), v_smem)  # registers [L, L] @ SMEM [L, BV]
+            wgmma_regs(acc_o, a.astype(dtype), av_smem)  # registers [L, L] @ SMEM [L, BV]
 
-        o = pl.run_state(inner)(plgpu.ACC.init(o_inter))
+        o = wgmma_onto(o_inter, inner)
         o_smem[...] = (o * c.scale).astype(dtype)
 
-        # state update: S e^{b_L} + k^T (e^{b_L - b} v); the decay goes on v's rows
-        d_row = _load(d_smem, rows_layout)  # [L]
-        v = _load(v_smem, wgmma_layout).astype(F32)  # [L, BV]
-        vd_smem[...] = (v * jax.lax.broadcast_in_dim(d_row, (L, BV), [0])).astype(dtype)
-        plgpu.commit_smem()
+        # state update: S e^{b_L} + k^T (e^{b_L - b} v); the decay goes on v's rows (the
+        # delta rules wrote e^{b_L - b} vn above)
+        if not delta:
+            d_row = _load(d_smem, rows_layout)  # [L]
+            v = _load(v_smem, wgmma_layout).astype(F32)  # [L, BV]
+            vd_smem[...] = (v * jax.lax.broadcast_in_dim(d_row, (L, BV), [0])).astype(dtype)
+            plgpu.commit_smem()
         e_row = _load(e_smem, rows_layout)  # [K], e^{b_L} repeated
 
         def update(acc_s):
             plgpu.wgmma(acc_s, k_t, vd_smem)  # [K, L] @ [L, BV]
 
         decayed = state * jax.lax.broadcast_in_dim(e_row, (K, BV), [0])
-        return pl.run_state(update)(plgpu.ACC.init(decayed))
+        return wgmma_onto(decayed, update)
 
     in_specs = [
         plgpu.BlockSpec((L, K), lambda c: (c, 0), transforms=_swizzled(K, dtype)),  # q
@@ -252,62 +452,117 @@ def _forward_kernel(q_ref, k_ref, v_ref, b_ref, d_ref, e_ref, h0_ref, o_ref, fin
         plgpu.BlockSpec((L,), lambda c: (c,)),  # e^{b_L - b}
         plgpu.BlockSpec((K,), lambda c: (c,)),  # e^{b_L}, K copies per chunk
     ]
+    ins = [q_ref.at[r, :, h, :], k_ref.at[r, :, h, :], v_ref.at[r, :, h, vs], b_ref.at[r, h],
+           d_ref.at[r, h], e_ref.at[r, h]]
+    if delta:  # w, [L, K] per chunk
+        in_specs.append(plgpu.BlockSpec((L, K), lambda c: (c, 0), transforms=_swizzled(K, dtype)))
+        ins.append(w_ref.at[r, :, h, :])
     out_specs = [plgpu.BlockSpec((L, BV), lambda c: (c, 0), transforms=_swizzled(BV, dtype))]
+    outs = [o_ref.at[r, :, h, vs]]
+    if store_states:  # S_c of every chunk, [NC, K, BV] of h [R, NC, H, K, V]
+        out_specs.append(plgpu.BlockSpec((None, K, BV), lambda c: (c, 0, 0),
+                                         transforms=_swizzled(BV, dtype)))
+        outs.append(h_ref.at[r, :, h, :, vs])
+    if store_states and delta:  # vn of every chunk, [TP, BV] of vn [R, TP, H, V]
+        out_specs.append(plgpu.BlockSpec((L, BV), lambda c: (c, 0),
+                                         transforms=_swizzled(BV, dtype)))
+        outs.append(vn_ref.at[r, :, h, vs])
     pipeline = plgpu.emit_pipeline(body, grid=(c.n_chunks,), in_specs=in_specs,
                                    out_specs=out_specs, max_concurrent_steps=st.stages,
                                    init_carry=state0)
-    final = pipeline(q_ref.at[r, :, h, :], k_ref.at[r, :, h, :], v_ref.at[r, :, h, vs],
-                     b_ref.at[r, h], d_ref.at[r, h], e_ref.at[r, h], o_ref.at[r, :, h, vs])
+    final = pipeline(*ins, *outs)
+    _state_out(final, final_ref.at[r, h, :, vs])
 
-    f32_smem[...] = final
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(f32_smem, final_ref.at[r, h, :, vs])
-    plgpu.wait_smem_to_gmem(0)
+
+def gate_rows(b: Array, chunk: int, key_dim: int) -> tuple[Array, Array, Array]:
+    """The gate rows the kernels read, from ``b [R, TP, H]`` (in-chunk inclusive cumsum):
+    ``(b [R, H, TP], e^{b_L - b} [R, H, TP], e^{b_L} [R, H, NC * K])`` float32, a chunk's
+    values contiguous and ``e^{b_L}`` repeated K times per chunk."""
+    R, TP, H = b.shape
+    NC = TP // chunk
+    bh = jnp.transpose(b, (0, 2, 1))  # [R, TP, H] -> [R, H, TP]: a chunk's gates contiguous
+    bc = bh.reshape(R, H, NC, chunk)  # [R, H, TP] -> [R, H, NC, L]
+    b_last = bc[..., -1:]  # [R, H, NC, 1]
+    decay = jnp.exp(b_last - bc).reshape(R, H, TP)  # e^{b_L - b}, <= 1
+    e_last = jnp.broadcast_to(jnp.exp(b_last), (R, H, NC, key_dim)).reshape(R, H, NC * key_dim)
+    return bh, decay, e_last
 
 
 def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
-                   h0: Array | None) -> tuple[Array, Array]:
+                   h0: Array | None, *, store_states: bool = False, w: Array | None = None
+                   ) -> tuple[Array, Array] | tuple[Array, Array, Array]:
     """Run the forward kernel in the chunk layout.
 
     Args:
         st: static description. q, k: ``[R, TP, H, K]``. v: ``[R, TP, H, V]`` (bf16 / f16,
-            TP = NC * L, K in (64, 128), V a multiple of ``st.block_v``).
+            TP = NC * L, K in (64, 128), V a multiple of ``st.block_v``); for the delta rules
+            (``st.core.delta``) the WY form's ``u``.
         b: ``[R, TP, H]`` float32 in-chunk inclusive cumsum of the log-gates.
         h0: ``[R, H, K, V]`` float32 or None.
+        store_states: also return every chunk's entering state (for the backward), and for
+            the delta rules every chunk's ``vn``.
+        w: ``[R, TP, H, K]`` the WY form's ``w`` (the delta rules only, else None).
 
     Returns:
-        ``(o [R, TP, H, V] in q's dtype, final [R, H, K, V] float32)``.
+        ``(o [R, TP, H, V] in q's dtype, final [R, H, K, V] float32)``, and with
+        ``store_states`` a third ``h [R, NC, H, K, V]`` in q's dtype (``S_c`` per chunk) and
+        for the delta rules a fourth ``vn [R, TP, H, V]`` in q's dtype (``u - w S_c``).
     """
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     c = st.core
     R, NC, L, H, K, V = c.rows, c.n_chunks, c.chunk, c.heads, c.key_dim, c.value_dim
+    if c.delta != (w is not None):
+        raise ValueError(f"w: expected {'[R, TP, H, K]' if c.delta else 'None'} for "
+                         f"delta={c.delta}, got {None if w is None else w.shape}")
     dtype = q.dtype
-    bh = jnp.transpose(b, (0, 2, 1))  # [R, TP, H] -> [R, H, TP]: a chunk's gates contiguous
-    bc = bh.reshape(R, H, NC, L)  # [R, H, TP] -> [R, H, NC, L]
-    b_last = bc[..., -1:]  # [R, H, NC, 1]
-    decay = jnp.exp(b_last - bc).reshape(R, H, NC * L)  # e^{b_L - b}, <= 1
-    e_last = jnp.broadcast_to(jnp.exp(b_last), (R, H, NC, K)).reshape(R, H, NC * K)
+    bh, decay, e_last = gate_rows(b, L, K)
     if h0 is None:
         h0 = jnp.zeros((1, 1, K, V), F32)  # never read (core.has_h0 False); keeps one signature
-    kernel = functools.partial(_forward_kernel, st=st, dtype=dtype)
+    stages = st.stages
+    if store_states:  # the forward under a gradient: the backward's depth (the state slots
+        # take shared memory: by default as many stages as still fit, up to 3)
+        stages = st.bwd_stages or deepest_stages(lambda s: smem_bytes(
+            chunk=L, key_dim=K, block_v=st.block_v, stages=s, itemsize=jnp.dtype(dtype).itemsize,
+            store_states=True, delta=c.delta) <= SMEM_LIMIT, 3)
+    kernel = functools.partial(_forward_kernel, st=dataclasses.replace(st, stages=stages),
+                               dtype=dtype, store_states=store_states)
+    out_type = [jax.ShapeDtypeStruct((R, NC * L, H, V), dtype),
+                jax.ShapeDtypeStruct((R, H, K, V), F32)]
+    scratch = [plgpu.SMEM((L, st.block_v), dtype, transforms=_swizzled(st.block_v, dtype)),
+               plgpu.Barrier(num_barriers=1)]
+    if store_states:
+        out_type.append(jax.ShapeDtypeStruct((R, NC, H, K, V), dtype))
+        if c.delta:
+            out_type.append(jax.ShapeDtypeStruct((R, NC * L, H, V), dtype))
+    else:
+        scratch.insert(0, plgpu.SMEM((K, st.block_v), dtype,
+                                     transforms=_swizzled(st.block_v, dtype)))
+        if c.delta:  # vn, the B operand of A vn (after the state tile, before the decayed one)
+            scratch.insert(1, plgpu.SMEM((L, st.block_v), dtype,
+                                         transforms=_swizzled(st.block_v, dtype)))
     f = plgpu.kernel(
         kernel,
-        out_type=(jax.ShapeDtypeStruct((R, NC * L, H, V), dtype),
-                  jax.ShapeDtypeStruct((R, H, K, V), F32)),
-        scratch_types=(plgpu.SMEM((K, st.block_v), dtype, transforms=_swizzled(st.block_v, dtype)),
-                       plgpu.SMEM((L, st.block_v), dtype, transforms=_swizzled(st.block_v, dtype)),
-                       plgpu.SMEM((K, st.block_v), F32, transforms=_swizzled(st.block_v, F32)),
-                       plgpu.Barrier(num_barriers=1)),
+        out_type=tuple(out_type),
+        scratch_types=tuple(scratch),
         grid=(V // st.block_v, H, R),
         grid_names=("v", "h", "r"),
-        # Lane semantics (per-thread arrays with explicit layouts, as written here): JAX 0.10's
-        # default; 0.11 defaults to Warpgroup semantics, whose layout inference found no
-        # solution for this kernel on the H200 (and searched for minutes first)
-        compiler_params=plgpu.CompilerParams(
-            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
+        compiler_params=compiler_params(),
+        **interpret_kwargs(),
     )
-    return f(q, k, v, bh, decay, e_last, h0)
+    return f(q, k, v, bh, decay, e_last, h0, *(() if w is None else (w,)))
+
+
+def compiler_params() -> Any:
+    """Mosaic GPU compiler parameters of every kernel here.
+
+    Lane semantics (per-thread arrays with explicit layouts, as written here): JAX 0.10's
+    default; 0.11 defaults to Warpgroup semantics, whose layout inference found no solution
+    for the forward kernel on the H200 (and searched for minutes first)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu.CompilerParams(approx_math=True,
+                                lowering_semantics=plgpu.LoweringSemantics.Lane)
 
 
 def _fwd_rule(st: MosaicStatic, q, k, v, g, h0):
@@ -315,33 +570,52 @@ def _fwd_rule(st: MosaicStatic, q, k, v, g, h0):
 
     b = in_chunk_cumsum(g, st.core.chunk)
     h0f = None if h0 is None else h0.astype(F32)
-    o, final = mosaic_forward(st, q, k, v, b, h0f)
-    return (o, final), (q, k, v, b, h0)
+    if st.backward == "mosaic":  # the Mosaic backward reads every chunk's entering state
+        o, final, h = mosaic_forward(st, q, k, v, b, h0f, store_states=True)
+    else:
+        (o, final), h = mosaic_forward(st, q, k, v, b, h0f), None
+    return (o, final), (q, k, v, b, h0, h)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def mosaic_core(st: MosaicStatic, q, k, v, g, h0):
-    """Scalar-gated linear attention in the chunk layout, forward on Mosaic GPU.
+    """Scalar-gated linear attention in the chunk layout on Mosaic GPU.
 
     Args:
-        st: the static description (its ``core``: batch rows, scalar gate).
+        st: the static description (its ``core``: batch rows, scalar gate; its ``backward``:
+            which backward kernels the gradient runs).
         q, k: ``[R, TP, H, K]``. v: ``[R, TP, H, V]``. g: ``[R, TP, H]`` float32 log-gates.
         h0: ``[R, H, K, V]`` or None.
 
     Returns:
         ``(o [R, TP, H, V], final [R, H, K, V] float32)``.
     """
-    return _fwd_rule(st, q, k, v, g, h0)[0]
+    from linearnexus.kernels.common.pallas_chunk import in_chunk_cumsum
+
+    b = in_chunk_cumsum(g, st.core.chunk)
+    return mosaic_forward(st, q, k, v, b, None if h0 is None else h0.astype(F32))
+
+
+def batch_rows_info(rows: int, n_chunks: int) -> tuple[Array, Array]:
+    """``(seq_info [R, NC], flags [R, NC])`` int32 of batch rows (one sequence per row, from
+    its first chunk to its last) for the Triton kernels (``pallas_chunk.chunk_layout_info``)."""
+    seq_info = jnp.broadcast_to(jnp.arange(rows, dtype=jnp.int32)[:, None], (rows, n_chunks))
+    chunk_ids = jnp.arange(n_chunks)
+    flags = (jnp.where(chunk_ids == 0, 1, 0)
+             | jnp.where(chunk_ids == n_chunks - 1, 2, 0)).astype(jnp.int32)
+    return seq_info, jnp.broadcast_to(flags[None], (rows, n_chunks))
 
 
 def _bwd_rule(st: MosaicStatic, res, cts):
-    q, k, v, b, h0 = res
+    q, k, v, b, h0, h = res
+    if st.backward == "mosaic":
+        from linearnexus.kernels.common.mosaic_bwd import mosaic_backward
+
+        do, dfinal = cts
+        dq, dk, dv, dg, dh0 = mosaic_backward(st, q, k, v, b, h, do, dfinal)
+        return dq, dk, dv, dg, None if h0 is None else dh0.astype(h0.dtype)
     core = st.core
-    R, NC = core.rows, core.n_chunks
-    seq_info = jnp.broadcast_to(jnp.arange(R, dtype=jnp.int32)[:, None], (R, NC))
-    chunk_ids = jnp.arange(NC)
-    flags = (jnp.where(chunk_ids == 0, 1, 0) | jnp.where(chunk_ids == NC - 1, 2, 0)).astype(jnp.int32)
-    flags = jnp.broadcast_to(flags[None], (R, NC))
+    seq_info, flags = batch_rows_info(core.rows, core.n_chunks)
     h0f = None if h0 is None else h0.astype(F32)
     # the Triton backward needs every chunk's entering state, which the fused forward kept
     # in registers only: one more Triton fwd_h walk recomputes them
@@ -352,3 +626,51 @@ def _bwd_rule(st: MosaicStatic, res, cts):
 
 
 mosaic_core.defvjp(_fwd_rule, _bwd_rule)
+
+
+def gpu_interpret_reason() -> str | None:
+    """Why :func:`gpu_interpret` cannot run here (None: it can): it needs JAX's Mosaic GPU
+    interpreter as in JAX 0.11 (``InterpretGPUParams``; 0.10.2's stops on an assertion in
+    its layout handling for this kernel)."""
+    if not _NEW_REF_API:
+        return f"jax {jax.__version__}: the Mosaic GPU interpreter runs these kernels from 0.11"
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # noqa: F401
+    except ImportError as e:
+        return f"jax {jax.__version__} has no Mosaic GPU interpreter ({e})"
+    return None
+
+
+@contextlib.contextmanager
+def gpu_interpret(detect_races: bool = False):
+    """Run the Mosaic GPU kernels traced inside on the CPU, through JAX's Mosaic GPU
+    interpreter (a private API of JAX 0.11: ``jax._src.pallas.mosaic_gpu.interpret``, which
+    simulates shared memory, TMA copies, barriers and wgmma), for numerics without a GPU.
+    Slow: small shapes only. The kernels differ from the GPU's in two places
+    (:func:`wgmma_onto`, :func:`wgmma_regs`), and the interpreter's SMEM -> GMEM copy is
+    wrapped to take emit_pipeline's predicate. ``detect_races``: the interpreter's
+    happens-before race detector (it prints each race;
+    ``jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call.get_races()`` says whether
+    any was found)."""
+    global _INTERPRETING
+    import numpy as np
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    copy_out = gpu_callbacks.copy_smem_to_gmem
+
+    def predicated_copy_out(*, token, predicate, **kwargs):
+        # JAX 0.11's interpreter raises on any predicated SMEM -> GMEM copy, which
+        # emit_pipeline issues for its output slots (a copy only when the block changes):
+        # here a false predicate skips the copy and a true one runs it, as on the GPU
+        if predicate is not None and not bool(np.asarray(predicate)):
+            return token
+        return copy_out(token=token, predicate=None, **kwargs)
+
+    previous, _INTERPRETING = _INTERPRETING, InterpretGPUParams(detect_races=detect_races)
+    gpu_callbacks.copy_smem_to_gmem = predicated_copy_out
+    try:
+        yield
+    finally:
+        _INTERPRETING = previous
+        gpu_callbacks.copy_smem_to_gmem = copy_out

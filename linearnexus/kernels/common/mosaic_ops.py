@@ -9,18 +9,24 @@ automatic dispatch moves on to the Triton kernels (``pallas``), which run everyt
 * an installed JAX whose Mosaic GPU lacks an API the kernel uses
   (:func:`~linearnexus.kernels.common.mosaic_chunk.mosaic_unavailable_reason`);
 * float32 inputs (wgmma rounds float32 operands to TF32), packed ``cu_seqlens``, key dims
-  above 128, chunk sizes other than 64 / 128.
+  above 128, chunk sizes other than 64 / 128 (64 only for the delta rules).
+
+The delta rules (``delta_rule_mosaic``: Triton WY preparation, Mosaic GPU walk, Triton
+backward) carry an ``opt_in`` (``mosaic_delta.delta_opted_in``): automatic dispatch passes
+them by when ``LINEARNEXUS_MOSAIC_GDN=0``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from linearnexus.core.types import Array, DType
+from linearnexus.kernels.common import mosaic_bwd
 from linearnexus.kernels.common.chunking import plan_chunks
 from linearnexus.kernels.common.mosaic_chunk import (
     MOSAIC_DTYPES,
@@ -28,11 +34,13 @@ from linearnexus.kernels.common.mosaic_chunk import (
     MosaicConfig,
     MosaicStatic,
     default_mosaic_config,
+    mosaic_backward_fits,
     mosaic_core,
     mosaic_unavailable_reason,
     smem_bytes,
 )
 from linearnexus.kernels.common.pallas import TritonConfig, next_pow2
+from linearnexus.kernels.common.pallas_chunk import CoreStatic
 from linearnexus.kernels.common.pallas_ops import (
     PallasKernel,
     _layout,
@@ -42,6 +50,7 @@ from linearnexus.kernels.common.pallas_ops import (
     _unlayout,
     floor_log_gate,
 )
+from linearnexus.kernels.common.pallas_step import StepSpec
 
 F32 = jnp.float32
 
@@ -109,13 +118,8 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
     cfg = config or MosaicConfig()
     chunk = cfg.chunk or chunk_size or 64
     check_mosaic_call(q, k, v, cu_seqlens=cu_seqlens, chunk=chunk, check_device=check_device)
-    batch, seq, heads, key_dim = q.shape
-    value_dim = v.shape[3]
-    dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
-    # zero padding of head dims is inert; 64 is the smallest wgmma-friendly tile here and a
-    # power of two keeps the Triton backward's blocks valid on the same padded arrays
-    kp, vp = next_pow2(key_dim, minimum=64), next_pow2(value_dim, minimum=64)
-    plan = plan_chunks(batch, seq, chunk, None)  # [B, NC * L] rows, padded at the end
+    heads = q.shape[2]
+    dtype, kp, vp, plan, h0, (qc, kc, vc) = _chunk_inputs(q, k, v, initial_state, chunk)
     cfg = cfg.merged(default_mosaic_config(rows=plan.rows, heads=heads, key_dim=kp,
                                            value_dim=vp, n_chunks=plan.n_chunks,
                                            itemsize=jnp.dtype(dtype).itemsize))
@@ -127,24 +131,126 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
         raise ValueError(f"config: chunk={chunk}, block_v={cfg.block_v}, stages={cfg.stages} at "
                          f"K={kp} needs {need} bytes of shared memory, over the {SMEM_LIMIT} "
                          "a block may use; use fewer stages or a smaller block_v / chunk")
+    itemsize = jnp.dtype(dtype).itemsize
+    needs = {}  # shared memory of the backward kernels' stage overrides
+    if cfg.bwd_stages:  # the reverse walk and the forward that stores the states
+        needs["bwd_stages"] = max(
+            mosaic_bwd.state_smem_bytes(chunk=chunk, key_dim=kp,
+                                        block_v=min(vp, mosaic_bwd.STATE_BLOCK_V),
+                                        stages=cfg.bwd_stages, itemsize=itemsize),
+            smem_bytes(chunk=chunk, key_dim=kp, block_v=cfg.block_v, stages=cfg.bwd_stages,
+                       itemsize=itemsize, store_states=True))
+    if cfg.dqk_stages:
+        needs["dqk_stages"] = mosaic_bwd.dqk_smem_bytes(
+            chunk=chunk, key_dim=kp, value_dim=vp, stages=cfg.dqk_stages, itemsize=itemsize)
+    for name, need in needs.items():
+        if need > SMEM_LIMIT:
+            raise ValueError(f"config: {name}={getattr(cfg, name)} at K={kp}, V={vp} needs "
+                             f"{need} bytes of shared memory, over the {SMEM_LIMIT} a block may use")
+    if cfg.backward == "mosaic" and not mosaic_backward_fits(
+            chunk=chunk, key_dim=kp, value_dim=vp, block_v=cfg.block_v,
+            itemsize=jnp.dtype(dtype).itemsize):
+        raise ValueError(f"config: backward='mosaic' at chunk={chunk}, K={kp}, V={vp}, "
+                         f"block_v={cfg.block_v} does not fit shared memory (the dq / dk kernel "
+                         "holds whole [L, V] tiles: V <= 128); use backward='pallas'")
+    if g is None:
+        g = jnp.zeros(q.shape[:3], F32)
+    gc = _layout(floor_log_gate(g), plan)  # [B, NC * L, H]
+    core = _core_static(dtype, plan, kp, vp, heads=heads, scale=scale, has_h0=h0 is not None,
+                        gate="scalar", delta=False)
+    st = MosaicStatic(core=core, block_v=cfg.block_v, stages=cfg.stages, backward=cfg.backward,
+                      bwd_stages=cfg.bwd_stages, dqk_stages=cfg.dqk_stages)
+    o, final = mosaic_core(st, qc, kc, vc, gc, h0)
+    o = _unlayout(o, plan)[..., :v.shape[3]].astype(v.dtype)
+    return o, final[:, :, :q.shape[3], :v.shape[3]]
+
+
+def _chunk_inputs(q: Array, k: Array, v: Array, initial_state: Array | None, chunk: int):
+    """``(dtype, Kp, Vp, plan, h0, (q, k, v))`` in the chunk layout ``[B, NC * L, H, D]``,
+    head dims zero-padded to powers of two >= 64 (the initial state likewise, float32)."""
+    batch, seq, _, key_dim = q.shape
+    value_dim = v.shape[3]
+    dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+    # zero padding of head dims is inert; 64 is the smallest wgmma-friendly tile here and a
+    # power of two keeps the Triton backward's blocks valid on the same padded arrays
+    kp, vp = next_pow2(key_dim, minimum=64), next_pow2(value_dim, minimum=64)
+    plan = plan_chunks(batch, seq, chunk, None)  # [B, NC * L] rows, padded at the end
     h0 = initial_state
     if h0 is not None:
         h0 = jnp.pad(h0.astype(F32), [(0, 0), (0, 0), (0, kp - key_dim), (0, vp - value_dim)])
     qc = _layout(_pad_last(q.astype(dtype), kp), plan)  # [B, NC * L, H, Kp]
     kc = _layout(_pad_last(k.astype(dtype), kp), plan)
     vc = _layout(_pad_last(v.astype(dtype), vp), plan)  # [B, NC * L, H, Vp]
-    if g is None:
-        g = jnp.zeros((batch, seq, heads), F32)
-    gc = _layout(floor_log_gate(g), plan)  # [B, NC * L, H]
-    # the Triton core's description of the call (the backward runs the Triton kernels)
-    tcfg = _resolve(TritonConfig(chunk=chunk), rows=plan.rows, heads=heads, key_dim=kp,
-                    value_dim=vp, delta=False, dtype=dtype, n_chunks=plan.n_chunks)
-    core = _static(tcfg, gate="scalar", delta=False, has_h0=h0 is not None, scale=scale,
-                   plan=plan, heads=heads, key_dim=kp, value_dim=vp, n_seqs=batch)
-    st = MosaicStatic(core=core, block_v=cfg.block_v, stages=cfg.stages)
-    o, final = mosaic_core(st, qc, kc, vc, gc, h0)
-    o = _unlayout(o, plan)[..., :value_dim].astype(v.dtype)
-    return o, final[:, :, :key_dim, :value_dim]
+    return dtype, kp, vp, plan, h0, (qc, kc, vc)
+
+
+def _core_static(dtype: Any, plan: Any, kp: int, vp: int, *, heads: int, scale: float,
+                 has_h0: bool, gate: str, delta: bool) -> CoreStatic:
+    """The Triton core's description of the call (the backward runs the Triton kernels)."""
+    tcfg = _resolve(TritonConfig(chunk=plan.chunk), rows=plan.rows, heads=heads, key_dim=kp,
+                    value_dim=vp, delta=delta, dtype=dtype, n_chunks=plan.n_chunks)
+    return _static(tcfg, gate=gate, delta=delta, has_h0=has_h0, scale=scale, plan=plan,
+                   heads=heads, key_dim=kp, value_dim=vp, n_seqs=plan.rows)
+
+
+def delta_rule_mosaic(q: Array, k: Array, v: Array, beta: Array, g: Array | None, *,
+                      scale: float, initial_state: Array | None = None,
+                      cu_seqlens: Array | None = None, chunk_size: int | None = None,
+                      config: MosaicConfig | None = None,
+                      check_device: bool = True) -> tuple[Array, Array]:
+    """The (gated) delta rule: WY preparation in Triton, the chunk walk on Mosaic GPU, the
+    backward in Triton (``mosaic_delta.py``; not yet verified on a GPU).
+
+    Args:
+        q, k: ``[B, T, H, K]`` (k L2-normalised). v: ``[B, T, H, V]`` (bfloat16 / float16).
+        beta: ``[B, T, H]``. g: ``[B, T, H]`` log-gates, or None (the ungated delta rule).
+        scale, initial_state, cu_seqlens (must be None), check_device: as
+            :func:`linear_attention_mosaic`.
+        chunk_size: L; 64 only (``config.chunk`` wins).
+        config: :class:`MosaicConfig` overrides (``stages``, ``bwd_stages``: the depth of the
+            forward that stores the states under a gradient; ``block_v`` 64; the Triton
+            backward); None fields: ``mosaic_delta.default_delta_config``.
+
+    Returns:
+        ``(o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32)``.
+
+    Raises:
+        NotImplementedError: what :func:`check_mosaic_call` declines, and chunk sizes other
+            than 64. ValueError: a config the kernel does not take (names ``config``).
+    """
+    from linearnexus.kernels.common.mosaic_delta import (
+        check_delta_config,
+        default_delta_config,
+        mosaic_delta_core,
+    )
+    from linearnexus.kernels.common.pallas import interpret_mode
+    from linearnexus.kernels.common.pallas_wy import WyStatic, wy_prepare
+
+    cfg = config or MosaicConfig()
+    chunk = cfg.chunk or chunk_size or 64
+    check_mosaic_call(q, k, v, cu_seqlens=cu_seqlens, chunk=chunk, check_device=check_device)
+    if chunk != 64:
+        raise NotImplementedError(f"mosaic backend: chunk_size {chunk}: the delta rules' kernel "
+                                  "takes chunks of 64 (a [128, 128] q k^T accumulator would not "
+                                  "fit beside the state in registers)")
+    heads = q.shape[2]
+    dtype, kp, vp, plan, h0, (qc, kc, vc) = _chunk_inputs(q, k, v, initial_state, chunk)
+    cfg = cfg.merged(default_delta_config(rows=plan.rows, heads=heads, key_dim=kp, value_dim=vp,
+                                          n_chunks=plan.n_chunks))
+    check_delta_config(cfg, key_dim=kp, value_dim=vp)
+    gc = None if g is None else _layout(floor_log_gate(g), plan)  # [B, NC * L, H]
+    wst = WyStatic(gated=g is not None, rows=plan.rows, n_chunks=plan.n_chunks, chunk=chunk,
+                   heads=heads, key_dim=kp, value_dim=vp, exact=False,
+                   num_warps=8 if max(kp, vp) >= 256 else 4, interpret=interpret_mode())
+    # k passes through so that the core's dk is added inside the WY backward kernel
+    w, uc, kc = wy_prepare(wst, kc, vc, _layout(beta, plan), gc)
+    core = _core_static(dtype, plan, kp, vp, heads=heads, scale=scale, has_h0=h0 is not None,
+                        gate="none" if g is None else "scalar", delta=True)
+    st = MosaicStatic(core=core, block_v=cfg.block_v, stages=cfg.stages, backward="pallas",
+                      bwd_stages=cfg.bwd_stages)
+    o, final = mosaic_delta_core(st, qc, kc, uc, w, gc, h0)
+    o = _unlayout(o, plan)[..., :v.shape[3]].astype(v.dtype)
+    return o, final[:, :, :q.shape[3], :v.shape[3]]
 
 
 class MosaicKernel(PallasKernel):
@@ -161,17 +267,39 @@ class MosaicKernel(PallasKernel):
         chunked: the op's mosaic function (``fn(*arrays, scale=, initial_state=,
             cu_seqlens=, chunk_size=, config=)``). recurrent: the op's recurrent form.
         config: :class:`MosaicConfig` overrides for every call.
+        step: the op's one-token step (:class:`PallasKernel`).
+        opt_in: for a kernel not yet verified on a GPU: a function saying whether automatic
+            dispatch may pick it (``mosaic_delta.delta_opted_in``: an environment variable);
+            by name it always runs. None: automatic dispatch picks it.
+        status: the feature table's note after the name (None: the class's).
     """
 
     name: ClassVar[str] = "mosaic"
     #: shown after the name in the README's feature table
-    status: ClassVar[str] = ("sm_90+, dense batches: Mosaic GPU forward, Triton backward; "
-                             "otherwise falls back to pallas")
+    status: str = ("sm_90+, dense batches: Mosaic GPU forward and backward (Triton "
+                   "backward at V > 128); otherwise falls back to pallas")
+
+    def __init__(self, chunked: Callable[..., tuple[Array, Array]],
+                 recurrent: Callable[..., tuple[Array, Array]] | None,
+                 config: MosaicConfig | None = None, step: StepSpec | None = None, *,
+                 opt_in: Callable[[], bool] | None = None, status: str | None = None) -> None:
+        super().__init__(chunked, recurrent, config=config, step=step)
+        self.opt_in = opt_in
+        if status is not None:
+            self.status = status
+
+    @property
+    def by_name_dtypes(self) -> tuple[DType, ...] | None:
+        """The dtypes it takes when automatic dispatch leaves it out (not opted in): the
+        feature table then lists it as by name only."""
+        return None if self.opt_in is None or self.opt_in() else MOSAIC_DTYPES
 
     def supports(self, *, platform: str, dtype: DType) -> bool:
         # static (the feature table reads it on any machine); the compute capability and the
         # installed JAX are checked when a call runs (check_mosaic_call), which raises
         # NotImplementedError on an Ampere GPU so that dispatch moves on to pallas
+        if self.opt_in is not None and not self.opt_in():
+            return False
         return platform == "gpu" and jnp.dtype(dtype) in MOSAIC_DTYPES
 
     def cached_config(self, op: str, dims: tuple[int, ...], dtype: Any) -> MosaicConfig | None:

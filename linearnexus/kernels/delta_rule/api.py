@@ -6,6 +6,8 @@ from linearnexus.core.hooks import overridable
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array
 from linearnexus.kernels.common.backends import DEFAULT_ORDER, check_and_run, make_backends
+from linearnexus.kernels.common.mosaic_delta import MOSAIC_STATUS, delta_opted_in
+from linearnexus.kernels.common.mosaic_ops import MosaicKernel
 from linearnexus.kernels.common.pallas_ops import pallas_backends
 from linearnexus.kernels.common.pallas_step import StepSpec
 from linearnexus.kernels.common.pallas_tpu import PallasTpuKernel
@@ -14,6 +16,7 @@ from linearnexus.kernels.common.validation import (
     check_qkv,
 )
 from linearnexus.kernels.delta_rule.chunked import delta_rule_chunked
+from linearnexus.kernels.delta_rule.mosaic import delta_rule_mosaic
 from linearnexus.kernels.delta_rule.pallas import delta_rule_pallas
 from linearnexus.kernels.delta_rule.pallas_tpu import delta_rule_pallas_tpu
 from linearnexus.kernels.delta_rule.reference import delta_rule_recurrent, delta_rule_reference
@@ -22,13 +25,19 @@ from linearnexus.kernels.delta_rule.reference import delta_rule_recurrent, delta
 # (README.md, Speed)
 DEFAULT_CHUNK_SIZE = 64
 
+STEP = StepSpec("none", delta=True)
 BACKENDS = make_backends(delta_rule_reference, delta_rule_chunked, delta_rule_recurrent)
 # "pallas_step": the fused one-token step by name (pallas runs it for T == 1 on a GPU)
-BACKENDS.update(pallas_backends(delta_rule_pallas, delta_rule_recurrent, StepSpec("none", delta=True)))
+BACKENDS.update(pallas_backends(delta_rule_pallas, delta_rule_recurrent, STEP))
 BACKENDS["pallas_tpu"] = PallasTpuKernel(delta_rule_pallas_tpu, delta_rule_recurrent)
-# Pallas first: automatic dispatch takes "pallas" on a GPU only and "pallas_tpu" on a TPU
-# only (their `supports` say no elsewhere)
-BACKEND_ORDER = ("pallas", "pallas_tpu", *DEFAULT_ORDER)
+# the Mosaic GPU forward (sm_90+, bf16 / f16, batch rows): by name, or automatically with
+# automatically (checked on an H200; LINEARNEXUS_MOSAIC_GDN=0: by name only)
+BACKENDS["mosaic"] = MosaicKernel(delta_rule_mosaic, delta_rule_recurrent,
+                                  step=STEP, opt_in=delta_opted_in, status=MOSAIC_STATUS)
+# automatic dispatch takes "mosaic" (unless LINEARNEXUS_MOSAIC_GDN=0) and "pallas" on a GPU
+# only, "pallas_tpu" on a TPU only (their `supports` say no elsewhere); mosaic raises
+# NotImplementedError for what it does not cover and pallas runs it
+BACKEND_ORDER = ("mosaic", "pallas", "pallas_tpu", *DEFAULT_ORDER)
 
 
 @overridable("delta_rule")  # context parallelism re-routes it (linearnexus.parallel)
@@ -66,7 +75,10 @@ def delta_rule(
             sequence starts from its own initial state and never sees the others.
         chunk_size: tokens per chunk in chunk mode (default 64).
         mode: "chunk", "recurrent" or None (recurrent when T < 64).
-        backend: "pallas" (Triton kernels; the automatic choice on a GPU), "pallas_tpu"
+        backend: "mosaic" (Mosaic GPU forward on sm_90+ for bf16 / f16 batch rows, Triton
+            backward; the automatic choice there unless
+            ``LINEARNEXUS_MOSAIC_GDN=0``), "pallas" (Triton kernels; the automatic choice on
+            other GPUs and calls mosaic declines), "pallas_tpu"
             (Mosaic TPU kernels; the automatic choice on a TPU; on a CPU only with
             ``LINEARNEXUS_PALLAS_TPU_INTERPRET=1``, through the TPU interpreter), "pallas_step" (the fused
             one-token kernel, T == 1 only), "jax"

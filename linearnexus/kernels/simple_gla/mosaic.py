@@ -1,4 +1,5 @@
-"""simple_gla's ``mosaic`` backend: the Mosaic GPU (Hopper) forward kernel with a scalar gate.
+"""simple_gla's ``mosaic`` backend: the Mosaic GPU (Hopper) kernels with a scalar gate,
+forward and backward (``kernels/common/mosaic_bwd.py``).
 
 Kernel, tile config and scope: ``kernels/common/mosaic_chunk.py``; glue and what falls back
 to the Triton ``pallas`` backend: ``kernels/common/mosaic_ops.py``; design and measured
@@ -16,8 +17,9 @@ def simple_gla_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, scale: f
                       initial_state: Array | None = None, cu_seqlens: Array | None = None,
                       chunk_size: int | None = None,
                       config: MosaicConfig | None = None) -> tuple[Array, Array]:
-    """Simple GLA with the forward on Mosaic GPU; arguments as :func:`simple_gla_reference`
-    plus ``chunk_size`` (64 or 128) and ``config`` (tile / pipeline overrides).
+    """Simple GLA on Mosaic GPU (forward and, under a gradient, backward); arguments as
+    :func:`simple_gla_reference` plus ``chunk_size`` (64 or 128) and ``config`` (tile /
+    pipeline overrides, which backward: :class:`MosaicConfig`).
 
     Returns ``(o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32)``.
 

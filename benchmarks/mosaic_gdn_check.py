@@ -1,0 +1,364 @@
+"""One-call GPU check of the delta rules' ``mosaic`` backend (Mosaic GPU forward walk, Triton
+WY preparation and backward): numerics against the per-step reference, then speed against
+the Triton ``pallas`` backend (and FLA 0.6.0 when importable), within a time budget.
+
+    python3 benchmarks/mosaic_gdn_check.py [--out DIR] [--budget 130] [--seqs 1000 63 4096]
+        [--dims 128 64] [--shape 8,4096,16,128] [--no-fla] [--check-share 0.5]
+        [--extras-reserve 15]
+
+On the GPU machine, FLA from the carried wheels (``.whl/``, docs: kernels_gpu.py)::
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \\
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+    PYTHONUNBUFFERED=1 python3 benchmarks/mosaic_gdn_check.py --out $OUT
+
+What it does, in order (a step not started when its share of ``--budget`` is spent is
+skipped, and said so; the JSON is rewritten after every step, so a killed run keeps what it
+finished):
+
+1. Dispatch: the backend automatic dispatch picks for bf16 gated_delta_rule without and
+   with ``LINEARNEXUS_MOSAIC_GDN=1``.
+2. Numerics, bf16 (``kernels_gpu.py``'s input recipe, metric and thresholds: outputs and
+   states <= 5e-3, gradients <= 1e-2, NaN fails): ``gated_delta_rule(backend="mosaic")``
+   through the api, the output, final state and the gradients of
+   ``sum(o * do) + sum(ht * dht)`` w.r.t. q, k, v, g, beta (and the initial state) against
+   ``backend="naive"`` (float32 inputs, highest matmul precision), at every ``--seqs`` x
+   ``--dims`` (B = 2, H = 4, K = V = D), with an initial state and without one (the
+   reference then runs from a zero state); then delta_rule (no gate) at T = 1000, D = 128
+   with an initial state and T = 63, D = 64 without. No new check starts after
+   ``--check-share`` of the budget.
+3. Speed at ``--shape`` (bf16, no states): forward and forward+backward (the gradient of
+   ``sum(o * do)`` w.r.t. q, k, v, g, beta) through the api for mosaic (the heuristic's
+   config) and pallas, with ``kernels_gpu.host_time`` (host clock around back-to-back
+   calls, median of 5, inputs rotated past L2); plus ``||mosaic - pallas|| / ||pallas||``
+   of the output at that shape.
+4. FLA's ``chunk_gated_delta_rule`` at the same shape and method, in a child process
+   bounded by what is left of the budget less ``--extras-reserve`` (its first call
+   autotunes); skipped when ``fla`` is not importable.
+5. Extras, if time is left: mosaic at ``stages=2`` (the plain forward) / ``bwd_stages=1``
+   (the forward that stores the states under the gradient), the other side of each
+   heuristic choice; then each kernel alone in the chunk layout: the Triton WY
+   preparation and the Mosaic walk at 1 and 2 stages, plain and storing ``S_c`` / ``vn``.
+
+Prints a compact table; writes ``mosaic_gdn_check.json`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the FLA child shares the GPU
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kernels_gpu as kg  # noqa: E402  (input recipe, metric, thresholds, timing)
+
+from linearnexus.kernels.base import dispatch  # noqa: E402
+from linearnexus.kernels.common import mosaic_delta  # noqa: E402
+from linearnexus.kernels.common.mosaic_chunk import MosaicConfig  # noqa: E402
+
+
+def ops() -> dict[str, Any]:
+    from linearnexus.kernels.delta_rule import api as dr
+    from linearnexus.kernels.gated_delta_rule import api as gdn
+
+    return {"gated_delta_rule": gdn, "delta_rule": dr}
+
+
+def chosen(api: Any) -> str:
+    return dispatch("gated_delta_rule", api.BACKENDS, api.BACKEND_ORDER, lambda k: k.name,
+                    backend=None, dtype=jnp.bfloat16)
+
+
+def check(op: str, T: int, D: int, with_h0: bool, seed: int, ref_cache: dict) -> dict[str, Any]:
+    """mosaic vs naive through the api at (2, T, 4, D), bf16; errors by name."""
+    B, H = 2, 4
+    api = ops()[op]
+    fn = getattr(api, op)
+    k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(seed), 4)
+    inputs = kg.jax_inputs(op, k1, B, T, H, D, D, jnp.bfloat16)
+    names = list(inputs)
+    h0 = jax.random.normal(k2, (B, H, D, D), jnp.float32)
+    if not with_h0:
+        h0 = jnp.zeros_like(h0)
+    do = jax.random.normal(k3, (B, T, H, D), jnp.float32)
+    dht = jax.random.normal(k4, (B, H, D, D), jnp.float32)
+
+    def make(backend: str, pass_h0: bool):
+        def loss(args, h0, do, dht):
+            o, ht = fn(*args, initial_state=h0 if pass_h0 else None, output_final_state=True,
+                       backend=backend, **({"mode": "chunk"} if backend != "naive" else {}))
+            return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(ht * dht), (o, ht)
+        return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+
+    args = tuple(inputs[n] for n in names)
+    (g, g_h0), (o, ht) = make("mosaic", with_h0)(args, h0, do, dht)
+    key = (op, T, D)
+    if key not in ref_cache:  # one reference per shape: no initial state = a zero one
+        ref_cache[key] = make("naive", True)
+    with jax.default_matmul_precision("highest"):
+        (rg, rg_h0), (ro, rht) = ref_cache[key](tuple(a.astype(jnp.float32) for a in args), h0,
+                                                do, dht)
+    errors = {"o": kg.rel_err(o, ro), "ht": kg.rel_err(ht, rht)}
+    errors.update({f"d{n}": kg.rel_err(a, b) for n, a, b in zip(names, g, rg, strict=True)})
+    if with_h0:
+        errors["dh0"] = kg.rel_err(g_h0, rg_h0)
+    grads = {f"d{n}" for n in names} | {"dh0"}
+    ok, bad = kg.judge(errors, grads, "bfloat16")
+    return {"op": op, "T": T, "D": D, "h0": with_h0, "status": "PASS" if ok else "FAIL",
+            "failed": bad, "errors": errors}
+
+
+def time_backend(op: str, shape: tuple[int, ...], backend: str, config: MosaicConfig | None,
+                 sets: list, n_sets: int, do: Any) -> dict[str, Any]:
+    api = ops()[op]
+    fn = getattr(api, op)
+    kernel = api.BACKENDS[backend]
+    kernel.config = config
+    try:
+        def fwd(*a):
+            return fn(*a, backend=backend, mode="chunk")[0]
+
+        def loss(do, *a):
+            return jnp.sum(fwd(*a).astype(jnp.float32) * do.astype(jnp.float32))
+
+        f = jax.jit(fwd)
+        fb = jax.jit(jax.grad(loss, argnums=tuple(range(1, len(sets[0]) + 1))))
+        out = {"fwd": kg.host_time(lambda i: f(*sets[i % n_sets]), kg.jax_sync, repeats=5,
+                                   n_sets=n_sets)}
+        out["fwd_bwd"] = kg.host_time(lambda i: fb(do, *sets[i % n_sets]), kg.jax_sync,
+                                      repeats=5, n_sets=n_sets)
+        out["o"] = f(*sets[0])
+        return out
+    finally:
+        kernel.config = None
+
+
+def time_kernels(shape: tuple[int, ...], sets: list, n_sets: int) -> dict[str, float]:
+    """Each kernel of the mosaic forward alone, in the chunk layout (T a multiple of 64, D a
+    power of two >= 64): the Triton WY preparation, and the Mosaic walk at 1 and 2 pipeline
+    stages, plain and storing ``S_c`` and ``vn`` (the gradient's forward). Median ms."""
+    import dataclasses
+
+    from linearnexus.kernels.common import mosaic_chunk
+    from linearnexus.kernels.common.pallas import interpret_mode
+    from linearnexus.kernels.common.pallas_chunk import CoreStatic, in_chunk_cumsum
+    from linearnexus.kernels.common.pallas_wy import WyStatic, wy_prepare
+
+    B, T, H, D = shape
+    L = 64
+    wst = WyStatic(gated=True, rows=B, n_chunks=T // L, chunk=L, heads=H, key_dim=D,
+                   value_dim=D, exact=False, num_warps=4, interpret=interpret_mode())
+    core = CoreStatic(gate="scalar", delta=True, has_h0=False, scale=D ** -0.5, rows=B,
+                      n_chunks=T // L, chunk=L, heads=H, key_dim=D, value_dim=D, n_seqs=B,
+                      block_k=D, block_v=64, num_warps=4, num_stages=2, interpret=interpret_mode(),
+                      packed=False)
+    base = mosaic_chunk.MosaicStatic(core=core, block_v=64, stages=1, backward="pallas")
+    # inputs: q, k, v, g, beta -> the walk's q, k, u, w, b (WY once per input set)
+    wy = jax.jit(lambda q, k, v, g, beta: wy_prepare(wst, k, v, beta, g))
+    walk_in = [(s[0], s[1], *wy(*s)[:2], in_chunk_cumsum(s[3], L)) for s in sets]
+    out: dict[str, float] = {}
+
+    def timed(name: str, call) -> None:
+        try:
+            out[name] = kg.host_time(call, kg.jax_sync, repeats=5, n_sets=n_sets)["ms"]
+        except Exception as e:  # noqa: BLE001
+            out[name] = float("nan")
+            kg.log(f"  {name}: {kg.short_error(e)}")
+
+    timed("WY preparation (Triton)", lambda i: wy(*sets[i % n_sets]))
+    for stored in (False, True):
+        for stages in (1, 2):
+            st = dataclasses.replace(base, stages=stages, bwd_stages=stages)
+            f = jax.jit(lambda q, k, w, u, b, st=st, stored=stored: mosaic_chunk.mosaic_forward(
+                st, q, k, u, b, None, w=w, store_states=stored))
+            timed(f"walk{' storing S_c, vn' if stored else ''} stages={stages}",
+                  lambda i, f=f: f(*walk_in[i % n_sets]))
+    return out
+
+
+def fla_child(shape: tuple[int, ...], out_file: str) -> None:
+    """(child process) FLA's chunk_gated_delta_rule fwd and fwd+bwd at ``shape``."""
+    import torch
+    import triton.testing as triton_testing
+
+    env = kg.environment(torch)
+    notes = []
+    chunk_o = importlib.import_module("fla.ops.common.chunk_o")
+    if (kg.version_tuple(env.get("triton")) < (3, 7, 1) and kg.is_hopper(env)
+            and not getattr(chunk_o, "TRITON_ABOVE_3_7_1", True)):
+        chunk_o.TRITON_ABOVE_3_7_1 = True  # as kernels_gpu.py: timing only (FLA issue #640)
+        notes.append("fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 forced True (timing only)")
+    l2 = int((env.get("l2_cache_mib") or 50) * 2 ** 20)
+    res = kg.time_fla(torch, triton_testing, "gated_delta_rule", shape, 5, l2)
+    res["notes"] = notes
+    res["versions"] = {k: env.get(k) for k in ("torch", "triton", "fla_core",
+                                               "flash_linear_attention")}
+    Path(out_file).write_text(json.dumps(res, default=str))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--budget", type=float, default=130.0,
+                        help="seconds; steps not started by then are skipped")
+    parser.add_argument("--seqs", nargs="+", type=int, default=[1000, 63, 4096])
+    parser.add_argument("--dims", nargs="+", type=int, default=[128, 64])
+    parser.add_argument("--shape", default="8,4096,16,128")
+    parser.add_argument("--no-fla", action="store_true")
+    parser.add_argument("--check-share", type=float, default=0.5,
+                        help="share of the budget after which no new check starts")
+    parser.add_argument("--extras-reserve", type=float, default=15.0,
+                        help="seconds FLA leaves for the extra timings after it")
+    parser.add_argument("--fla-child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    shape = tuple(int(x) for x in args.shape.split(","))
+    if args.fla_child:
+        fla_child(shape, args.fla_child)
+        return
+    t0 = time.perf_counter()
+    deadline = t0 + args.budget
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"env": kg.environment(None), "args": vars(args), "checks": [],
+                               "timing": {}, "skipped": []}
+
+    def save() -> None:
+        (out_dir / "mosaic_gdn_check.json").write_text(json.dumps(results, indent=1, default=str))
+
+    gdn = ops()["gated_delta_rule"]
+    before = chosen(gdn)
+    os.environ[mosaic_delta.OPT_IN_ENV] = "1"
+    after = chosen(gdn)
+    del os.environ[mosaic_delta.OPT_IN_ENV]
+    results["dispatch"] = {"default": before, "opted_in": after}
+    kg.log(f"{results['env'].get('gpu')} jax {jax.__version__}; dispatch bf16: {before}, "
+           f"with {mosaic_delta.OPT_IN_ENV}=1: {after}")
+
+    cases = [("gated_delta_rule", T, D, h0) for D in args.dims for T in args.seqs
+             for h0 in (True, False)]
+    cases += [("delta_rule", 1000, 128, True), ("delta_rule", 63, 64, False)]
+    ref_cache: dict = {}
+    checks_until = t0 + args.check_share * args.budget  # leave the rest to the timing
+    for i, (op, T, D, h0) in enumerate(cases):
+        label = f"{op} T={T} D={D} h0={'yes' if h0 else 'no'}"
+        if time.perf_counter() > checks_until:
+            results["skipped"].append(f"check {label}: budget spent")
+            continue
+        try:
+            row = check(op, T, D, h0, 9000 + i, ref_cache)
+        except Exception as e:  # noqa: BLE001 - report it and go on
+            row = {"op": op, "T": T, "D": D, "h0": h0, "status": "ERROR",
+                   "error": kg.short_error(e)}
+        results["checks"].append(row)
+        errs = " ".join(f"{n}={e:.1e}" for n, e in row.get("errors", {}).items())
+        kg.log(f"{row['status']:5s} {label}: {errs or row.get('error', '')}"
+               f"  [{time.perf_counter() - t0:.0f} s]")
+        save()
+
+    B, T, H, D = shape
+    op = "gated_delta_rule"
+    n_sets = kg.input_sets(kg.input_bytes(op, B, T, H, D, D), 60 * 2 ** 20)
+    sets = [tuple(kg.jax_inputs(op, jax.random.PRNGKey(100 + i), B, T, H, D, D,
+                                jnp.bfloat16).values()) for i in range(n_sets)]
+    do = jax.random.normal(jax.random.PRNGKey(99), (B, T, H, D), jnp.float32).astype(jnp.bfloat16)
+    outs = {}
+
+    def timing(label: str, backend: str, config: MosaicConfig | None) -> None:
+        if time.perf_counter() > deadline:
+            results["skipped"].append(f"timing {label}: budget spent")
+            return
+        try:
+            res = time_backend(op, shape, backend, config, sets, n_sets, do)
+            outs[label] = res.pop("o")
+            results["timing"][label] = res
+            kg.log(f"{label}: fwd {res['fwd']['ms']:.3f} ms, fwd+bwd {res['fwd_bwd']['ms']:.3f} ms"
+                   f"  [{time.perf_counter() - t0:.0f} s]")
+        except Exception as e:  # noqa: BLE001
+            results["timing"][label] = {"error": kg.short_error(e)}
+            kg.log(f"{label}: {kg.short_error(e)}")
+        save()
+
+    timing("mosaic", "mosaic", None)
+    timing("pallas", "pallas", None)
+    if "mosaic" in outs and "pallas" in outs:
+        results["mosaic_vs_pallas_o"] = kg.rel_err(outs["mosaic"], outs["pallas"])
+        kg.log(f"||o_mosaic - o_pallas|| / ||o_pallas|| = {results['mosaic_vs_pallas_o']:.2e}")
+    outs.clear()
+
+    # FLA before the extras: its ratio is the issue's measure; it may take what is left but
+    # the extras' reserve (its first call autotunes)
+    left = deadline - time.perf_counter() - args.extras_reserve
+    if args.no_fla or importlib.util.find_spec("fla") is None:
+        results["skipped"].append("FLA: --no-fla or not importable")
+    elif left < 15:
+        results["skipped"].append(f"FLA: {left:.0f} s of the budget left")
+    else:
+        child = out_dir / "fla_child.json"
+        try:
+            subprocess.run([sys.executable, __file__, "--shape", args.shape, "--fla-child",
+                            str(child)], timeout=left, check=True)
+            results["timing"]["fla"] = json.loads(child.read_text())
+            fla = results["timing"]["fla"]
+            kg.log(f"FLA: fwd {fla.get('fwd', {}).get('ms', float('nan')):.3f} ms, fwd+bwd "
+                   f"{fla.get('fwd_bwd', {}).get('ms', float('nan')):.3f} ms "
+                   f"{fla.get('error', '')}  [{time.perf_counter() - t0:.0f} s]")
+        except subprocess.TimeoutExpired:
+            results["skipped"].append(f"FLA: not done within the {left:.0f} s left (autotuning)")
+        except Exception as e:  # noqa: BLE001
+            results["timing"]["fla"] = {"error": kg.short_error(e)}
+        save()
+
+    timing("mosaic stages=2 bwd_stages=1", "mosaic", MosaicConfig(stages=2, bwd_stages=1))
+    if time.perf_counter() > deadline - 10:
+        results["skipped"].append("kernels alone: budget spent")
+    elif T % 64 or D not in (64, 128):
+        results["skipped"].append("kernels alone: T not a multiple of 64 or D not 64 / 128")
+    else:
+        results["kernels_ms"] = time_kernels(shape, sets, n_sets)
+        kg.log("kernels alone: " + ", ".join(f"{n} {t:.3f} ms"
+                                              for n, t in results["kernels_ms"].items()))
+    results["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    save()
+    print_table(results, shape)
+
+
+def print_table(results: dict[str, Any], shape: tuple[int, ...]) -> None:
+    checks = results["checks"]
+    passed = sum(r["status"] == "PASS" for r in checks)
+    kg.log(f"\nchecks: {passed}/{len(checks)} PASS"
+           + "".join(f"\n  {r['status']} {r['op']} T={r['T']} D={r['D']} h0={r['h0']} "
+                     f"{r.get('failed') or r.get('error', '')}"
+                     for r in checks if r["status"] != "PASS"))
+    timing = results["timing"]
+    fla = timing.get("fla", {})
+    kg.log(f"\n| {shape} bf16 | fwd ms | fwd+bwd ms | fwd / FLA | fwd+bwd / FLA |")
+    kg.log("| --- | --- | --- | --- | --- |")
+    for label, row in timing.items():
+        if "error" in row or "fwd" not in row:
+            kg.log(f"| {label} | {row.get('error', row.get('status', '-'))[:80]} | | | |")
+            continue
+        cells = []
+        for part in ("fwd", "fwd_bwd"):
+            ref = fla.get(part, {}).get("ms")
+            cells.append(f"{row[part]['ms'] / ref:.2f}x" if ref else "-")
+        kg.log(f"| {label} | {row['fwd']['ms']:.3f} | {row['fwd_bwd']['ms']:.3f} | "
+               f"{cells[0]} | {cells[1]} |")
+    for s in results["skipped"]:
+        kg.log(f"skipped: {s}")
+    kg.log(f"elapsed {results['elapsed_s']} s")
+
+
+if __name__ == "__main__":
+    main()

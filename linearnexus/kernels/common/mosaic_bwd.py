@@ -1,0 +1,345 @@
+"""Pallas Mosaic GPU (Hopper, sm_90+) backward kernels of the scalar-gated chunked linear
+attention (``mosaic_chunk.py`` has the forward and the ``custom_vjp`` that calls these).
+
+Per chunk c of L tokens, entering with state ``S_c`` and leaving with the state gradient
+``dS_{c+1}`` (``dS_{NC} = dht``), with ``b`` the in-chunk inclusive cumsum of log-gates,
+``Gamma_ij = exp(b_i - b_j)`` for ``j <= i`` (else 0) and ``s`` the scale::
+
+    dS_c = e^{b_L} dS_{c+1} + q^T (s e^{b} * do)                               [K, V]
+    dv   = (s (k q^T) * Gamma^T) do + e^{b_L - b} * (k dS_{c+1})               [L, V]
+    dA   = s (do v^T) * Gamma                                                  [L, L]
+    dq   = s e^{b} * (do S_c^T) + dA k                                         [L, K]
+    dk   = e^{b_L - b} * (v dS_{c+1}^T) + dA^T q                               [L, K]
+
+Two kernels, both walking the chunks of one row in a TMA pipeline (``plgpu.emit_pipeline``)
+with every matmul a warpgroup ``wgmma``:
+
+* ``state_grad`` (grid ``[V blocks of 64, heads, rows]``, chunks in reverse): the state gradient
+  ``dS [K, BV]`` is a float32 wgmma accumulator that never leaves registers; per chunk it
+  goes out once in bf16 (``dh [R, NC, H, K, V]``, read by the next kernel), ``dv`` is
+  complete here (its contractions run over K and L, both whole in the program), and after
+  the walk ``dS_0`` is the initial state's gradient. It is the forward kernel run
+  backwards: the same four wgmmas, ``q`` in place of ``k`` and ``do`` in place of ``v``.
+* ``dqk`` (grid ``[K blocks of 64, heads, rows]``, chunks in order): ``dq``, ``dk`` and the
+  gate gradient's per-token terms from ``q, k, v, do``, the stored ``S_c`` (the forward's
+  ``store_states``) and ``dS_{c+1}``. ``dA^T`` is a second small wgmma (``v do^T``) rather
+  than a transpose of registers, as FlashAttention-3's backward forms ``dP^T``. Blocks of
+  64 keys keep the whole ``[L, V]`` and ``[64, V]`` tiles of two stages in shared memory
+  (V <= 128; ``mosaic_chunk.mosaic_backward_fits``).
+
+The gate gradient (``pallas_chunk.py``'s module doc derives it) is
+``dg_t = sum_{i >= t} term_i + sum_{j < t} kdk_j + e^{b_L} <S_c, dS_{c+1}>`` within the
+chunk, with ``term_i = s q_i . dq_i(state) + sum_{j < i} P_ij - sum_{l > i} P_li``,
+``P_ij = dA_ij (q_i . k_j)``, ``kdk_j = k_j . dk_j(state)``: the grouping in which the
+diagonal pairs, which cancel exactly, never appear (the ungrouped sum loses all precision
+at strong decay). The kernel writes ``term``, ``kdk`` per token and ``<S_c, dS_{c+1}>`` per
+key row (float32, ~1/64 of the gradient bytes); the in-chunk cumulative sums and the sum
+over key rows are three small XLA ops on ``[R, H, TP]`` arrays.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from linearnexus.core.types import Array
+from linearnexus.kernels.common.mosaic_chunk import (
+    SMEM_LIMIT,
+    MosaicStatic,
+    _load,
+    _state_in,
+    _state_out,
+    _swizzled,
+    _transposed,
+    compiler_params,
+    deepest_stages,
+    gate_rows,
+    interpret_kwargs,
+    wgmma_onto,
+    wgmma_regs,
+)
+
+F32 = jnp.float32
+#: key columns per ``dqk`` program
+DQK_BLOCK_K = 64
+#: value columns per ``state_grad`` program (the ``[K, 64]`` float32 state gradient is 64
+#: registers a thread at K = 128; independent of the forward's ``block_v``)
+STATE_BLOCK_V = 64
+
+
+def state_smem_bytes(*, chunk: int, key_dim: int, block_v: int, stages: int, itemsize: int) -> int:
+    """Shared memory of one ``state_grad`` program: per stage the q, k, do, gate, dv and dh
+    tiles; the scaled-do tile; the scoped float32 staging tile of dht / dh0."""
+    L, K, BV = chunk, key_dim, block_v
+    per_stage = (2 * L * K + 2 * L * BV + K * BV) * itemsize + (2 * L + K) * 4
+    return L * BV * itemsize + max(stages * per_stage, K * BV * 4)
+
+
+def dqk_smem_bytes(*, chunk: int, key_dim: int, value_dim: int, stages: int, itemsize: int) -> int:
+    """Shared memory of one ``dqk`` program: per stage the q, k (64 keys), v, do, S_c, dS
+    tiles, the gate rows, the dq, dk tiles and the float32 gate-gradient terms."""
+    L, BK, V = chunk, min(key_dim, DQK_BLOCK_K), value_dim
+    per_stage = (2 * L * BK + 2 * L * V + 2 * BK * V + 2 * L * BK) * itemsize + (4 * L + BK) * 4
+    return stages * per_stage
+
+
+def _bcast(x: Array, shape: tuple[int, int], dim: int) -> Array:
+    return jax.lax.broadcast_in_dim(x, shape, [dim])
+
+
+def _state_grad_kernel(q_ref, k_ref, do_ref, b_ref, d_ref, e_ref, dht_ref, dv_ref, dh_ref,
+                       dh0_ref, doe_smem, bar, *, st: MosaicStatic, dtype: Any,
+                       stages: int) -> None:
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    c = st.core
+    L, K, BV, NC = c.chunk, c.key_dim, min(c.value_dim, STATE_BLOCK_V), c.n_chunks
+    wgmma_layout = plgpu.Layout.WGMMA
+    rows_layout, cols_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)
+    iv, h, r = jax.lax.axis_index("v"), jax.lax.axis_index("h"), jax.lax.axis_index("r")
+    vs = pl.ds(iv * BV, BV)
+    ds0 = _state_in(dht_ref.at[r, h, :, vs], bar, (K, BV))
+    # [key j, query i]: Gamma^T keeps i >= j
+    upper = (plgpu.broadcasted_iota(jnp.int32, (L, L), 1, layout=wgmma_layout)
+             >= plgpu.broadcasted_iota(jnp.int32, (L, L), 0, layout=wgmma_layout))
+
+    def body(_, q_smem, k_smem, do_smem, b_smem, d_smem, e_smem, dv_smem, dh_smem, ds):
+        # dS_{c+1} in the input dtype: the k dS matmul reads it, and it goes out for dqk
+        dh_smem[...] = ds.astype(dtype)
+        plgpu.commit_smem()
+        q_t = _transposed(q_smem)  # [K, L] view of the [L, K] tile
+
+        def intra(acc_kq, acc_dv):
+            plgpu.wgmma(acc_kq, k_smem, q_t)  # [L, K] @ [K, L]: k_j . q_i
+            plgpu.wgmma(acc_dv, k_smem, dh_smem)  # [L, K] @ [K, BV]
+            return acc_kq[...], acc_dv[...]
+
+        kq, kds = pl.run_scoped(intra, plgpu.ACC((L, L), F32), plgpu.ACC((L, BV), F32))
+        b_row = _load(b_smem, rows_layout)  # [L], per key row j
+        b_col = _load(b_smem, cols_layout)  # [L], per query column i
+        diff = _bcast(b_col, (L, L), 1) - _bcast(b_row, (L, L), 0)  # b_i - b_j at [j, i]
+        # masked before the exp: below the diagonal b_i - b_j > 0 could overflow
+        at = jnp.where(upper, kq * jnp.exp(jnp.where(upper, diff, 0.0)) * c.scale, 0.0)
+        d_row = _load(d_smem, rows_layout)  # [L], e^{b_L - b}
+
+        def intra_dv(acc_dv):
+            wgmma_regs(acc_dv, at.astype(dtype), do_smem)  # registers [L, L] @ SMEM [L, BV]
+
+        dv = wgmma_onto(kds * _bcast(d_row, (L, BV), 0), intra_dv)
+        dv_smem[...] = dv.astype(dtype)
+
+        # dS_c = e^{b_L} dS_{c+1} + q^T (s e^{b} do): the decay goes on do's rows
+        do = _load(do_smem, wgmma_layout).astype(F32)  # [L, BV]
+        doe_smem[...] = (do * _bcast(jnp.exp(b_row) * c.scale, (L, BV), 0)).astype(dtype)
+        plgpu.commit_smem()
+        e_row = _load(e_smem, rows_layout)  # [K], e^{b_L} repeated
+
+        def update(acc_s):
+            plgpu.wgmma(acc_s, q_t, doe_smem)  # [K, L] @ [L, BV]
+
+        return wgmma_onto(ds * _bcast(e_row, (K, BV), 0), update)
+
+    def back(c):  # chunks in reverse
+        return NC - 1 - c
+
+    in_specs = [
+        plgpu.BlockSpec((L, K), lambda c: (back(c), 0), transforms=_swizzled(K, dtype)),  # q
+        plgpu.BlockSpec((L, K), lambda c: (back(c), 0), transforms=_swizzled(K, dtype)),  # k
+        plgpu.BlockSpec((L, BV), lambda c: (back(c), 0), transforms=_swizzled(BV, dtype)),  # do
+        plgpu.BlockSpec((L,), lambda c: (back(c),)),  # b
+        plgpu.BlockSpec((L,), lambda c: (back(c),)),  # e^{b_L - b}
+        plgpu.BlockSpec((K,), lambda c: (back(c),)),  # e^{b_L}, K copies per chunk
+    ]
+    out_specs = [
+        plgpu.BlockSpec((L, BV), lambda c: (back(c), 0), transforms=_swizzled(BV, dtype)),  # dv
+        plgpu.BlockSpec((None, K, BV), lambda c: (back(c), 0, 0),
+                        transforms=_swizzled(BV, dtype)),  # dS_{c+1}
+    ]
+    pipeline = plgpu.emit_pipeline(body, grid=(NC,), in_specs=in_specs, out_specs=out_specs,
+                                   max_concurrent_steps=stages, init_carry=ds0)
+    ds_first = pipeline(q_ref.at[r, :, h, :], k_ref.at[r, :, h, :], do_ref.at[r, :, h, vs],
+                        b_ref.at[r, h], d_ref.at[r, h], e_ref.at[r, h],
+                        dv_ref.at[r, :, h, vs], dh_ref.at[r, :, h, :, vs])
+    _state_out(ds_first, dh0_ref.at[r, h, :, vs])
+
+
+def _dqk_kernel(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, d_ref, dq_ref, dk_ref,
+                term_ref, kdk_ref, sds_ref, *, st: MosaicStatic, dtype: Any,
+                stages: int) -> None:
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    c = st.core
+    L, BK, V, NC = c.chunk, min(c.key_dim, DQK_BLOCK_K), c.value_dim, c.n_chunks
+    wgmma_layout = plgpu.Layout.WGMMA
+    rows_layout, cols_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)
+    ik, h, r = jax.lax.axis_index("k"), jax.lax.axis_index("h"), jax.lax.axis_index("r")
+    ks = pl.ds(ik * BK, BK)
+    row = plgpu.broadcasted_iota(jnp.int32, (L, L), 0, layout=wgmma_layout)
+    col = plgpu.broadcasted_iota(jnp.int32, (L, L), 1, layout=wgmma_layout)
+    lower, upper = row >= col, col >= row
+
+    def body(_, q_smem, k_smem, v_smem, do_smem, h_smem, dh_smem, b_smem, d_smem,
+             dq_smem, dk_smem, term_smem, kdk_smem, sds_smem):
+        b_row = _load(b_smem, rows_layout)  # [L]
+        b_col = _load(b_smem, cols_layout)  # [L]
+        diff = _bcast(b_row, (L, L), 0) - _bcast(b_col, (L, L), 1)  # b_i - b_j at [i, j]
+
+        def dq_side(acc_qk, acc_da, acc_dq):
+            plgpu.wgmma(acc_qk, q_smem, _transposed(k_smem))  # [L, BK] @ [BK, L]
+            plgpu.wgmma(acc_da, do_smem, _transposed(v_smem))  # [L, V] @ [V, L]
+            plgpu.wgmma(acc_dq, do_smem, _transposed(h_smem))  # [L, V] @ [V, BK]: do S_c^T
+            return acc_qk[...], acc_da[...], acc_dq[...]
+
+        qk, da, dqs = pl.run_scoped(dq_side, plgpu.ACC((L, L), F32), plgpu.ACC((L, L), F32),
+                                    plgpu.ACC((L, BK), F32))
+        da = jnp.where(lower, da * jnp.exp(jnp.where(lower, diff, 0.0)) * c.scale, 0.0)
+        # P_ij = dA_ij (q_i . k_j), j < i; float32 (this K block's share of q_i . k_j)
+        row_p = jnp.sum(jnp.where(row > col, da * qk, 0.0), axis=1)
+        dqs = dqs * _bcast(jnp.exp(b_row), (L, BK), 0)
+        q_dq = jnp.sum(_load(q_smem, wgmma_layout).astype(F32) * dqs, axis=1) * c.scale
+
+        def dq_intra(acc):
+            wgmma_regs(acc, da.astype(dtype), k_smem)  # registers [L, L] @ SMEM [L, BK]
+
+        dq = wgmma_onto(dqs * c.scale, dq_intra)
+        dq_smem[...] = dq.astype(dtype)
+
+        def dk_side(acc_kq, acc_dat, acc_dk):
+            plgpu.wgmma(acc_kq, k_smem, _transposed(q_smem))  # [L, BK] @ [BK, L]
+            plgpu.wgmma(acc_dat, v_smem, _transposed(do_smem))  # [L, V] @ [V, L]: dA^T
+            plgpu.wgmma(acc_dk, v_smem, _transposed(dh_smem))  # [L, V] @ [V, BK]: v dS^T
+            return acc_kq[...], acc_dat[...], acc_dk[...]
+
+        kq, dat, dks = pl.run_scoped(dk_side, plgpu.ACC((L, L), F32), plgpu.ACC((L, L), F32),
+                                     plgpu.ACC((L, BK), F32))
+        # [key j, query i]: -diff is b_i - b_j there
+        dat = jnp.where(upper, dat * jnp.exp(jnp.where(upper, -diff, 0.0)) * c.scale, 0.0)
+        col_p = jnp.sum(jnp.where(col > row, dat * kq, 0.0), axis=1)  # sum_{i > j} P_ij
+        dks = dks * _bcast(_load(d_smem, rows_layout), (L, BK), 0)
+        k_dk = jnp.sum(_load(k_smem, wgmma_layout).astype(F32) * dks, axis=1)
+
+        def dk_intra(acc):
+            wgmma_regs(acc, dat.astype(dtype), q_smem)  # registers [L, L] @ SMEM [L, BK]
+
+        dk = wgmma_onto(dks, dk_intra)
+        dk_smem[...] = dk.astype(dtype)
+        term_smem[...] = q_dq + row_p - col_p
+        kdk_smem[...] = k_dk
+        s_c = _load(h_smem, wgmma_layout).astype(F32)  # [BK, V]
+        ds = _load(dh_smem, wgmma_layout).astype(F32)
+        sds_smem[...] = jnp.sum(s_c * ds, axis=1)  # [BK]: <S_c, dS_{c+1}> per key row
+
+    key_tile = _swizzled(BK, dtype)
+    value_tile = _swizzled(V, dtype)
+    in_specs = [
+        plgpu.BlockSpec((L, BK), lambda c: (c, 0), transforms=key_tile),  # q
+        plgpu.BlockSpec((L, BK), lambda c: (c, 0), transforms=key_tile),  # k
+        plgpu.BlockSpec((L, V), lambda c: (c, 0), transforms=value_tile),  # v
+        plgpu.BlockSpec((L, V), lambda c: (c, 0), transforms=value_tile),  # do
+        plgpu.BlockSpec((None, BK, V), lambda c: (c, 0, 0), transforms=value_tile),  # S_c
+        plgpu.BlockSpec((None, BK, V), lambda c: (c, 0, 0), transforms=value_tile),  # dS_{c+1}
+        plgpu.BlockSpec((L,), lambda c: (c,)),  # b
+        plgpu.BlockSpec((L,), lambda c: (c,)),  # e^{b_L - b}
+    ]
+    out_specs = [
+        plgpu.BlockSpec((L, BK), lambda c: (c, 0), transforms=key_tile),  # dq
+        plgpu.BlockSpec((L, BK), lambda c: (c, 0), transforms=key_tile),  # dk
+        plgpu.BlockSpec((L,), lambda c: (c,)),  # term
+        plgpu.BlockSpec((L,), lambda c: (c,)),  # kdk
+        plgpu.BlockSpec((None, BK), lambda c: (c, 0)),  # <S_c, dS_{c+1}> per key row
+    ]
+    pipeline = plgpu.emit_pipeline(body, grid=(NC,), in_specs=in_specs, out_specs=out_specs,
+                                   max_concurrent_steps=stages)
+    pipeline(q_ref.at[r, :, h, ks], k_ref.at[r, :, h, ks], v_ref.at[r, :, h, :],
+             do_ref.at[r, :, h, :], h_ref.at[r, :, h, ks, :], dh_ref.at[r, :, h, ks, :],
+             b_ref.at[r, h], d_ref.at[r, h], dq_ref.at[r, :, h, ks], dk_ref.at[r, :, h, ks],
+             term_ref.at[ik, r, h], kdk_ref.at[ik, r, h], sds_ref.at[r, h, :, ks])
+
+
+def run_state_grad(st: MosaicStatic, q: Array, k: Array, do: Array, gates: tuple[Array, ...],
+                   dfinal: Array) -> tuple[Array, Array, Array]:
+    """The reverse walk: ``(dv [R, TP, H, V], dh [R, NC, H, K, V] (dS_{c+1} per chunk, in
+    q's dtype), dh0 [R, H, K, V] float32)``; ``gates`` from ``mosaic_chunk.gate_rows``."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    c = st.core
+    R, NC, L, H, K, V = c.rows, c.n_chunks, c.chunk, c.heads, c.key_dim, c.value_dim
+    dtype = q.dtype
+    bv = min(V, STATE_BLOCK_V)
+    stages = st.bwd_stages or deepest_stages(lambda s: state_smem_bytes(
+        chunk=L, key_dim=K, block_v=bv, stages=s,
+        itemsize=jnp.dtype(dtype).itemsize) <= SMEM_LIMIT, 3)
+    return plgpu.kernel(
+        functools.partial(_state_grad_kernel, st=st, dtype=dtype, stages=stages),
+        out_type=(jax.ShapeDtypeStruct((R, NC * L, H, V), dtype),
+                  jax.ShapeDtypeStruct((R, NC, H, K, V), dtype),
+                  jax.ShapeDtypeStruct((R, H, K, V), F32)),
+        scratch_types=(plgpu.SMEM((L, bv), dtype, transforms=_swizzled(bv, dtype)),
+                       plgpu.Barrier(num_barriers=1)),
+        grid=(V // bv, H, R),
+        grid_names=("v", "h", "r"),
+        compiler_params=compiler_params(),
+        **interpret_kwargs(),
+    )(q, k, do.astype(dtype), *gates, dfinal.astype(F32))
+
+
+def run_dqk(st: MosaicStatic, q: Array, k: Array, v: Array, do: Array, h: Array, dh: Array,
+            gates: tuple[Array, ...]) -> tuple[Array, ...]:
+    """``(dq, dk [R, TP, H, K], term, kdk [NK, R, H, TP], sds [R, H, NC, K])``: the
+    gradients of q and k, and the gate gradient's per-token and per-key-row terms."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    c = st.core
+    R, NC, L, H, K, V = c.rows, c.n_chunks, c.chunk, c.heads, c.key_dim, c.value_dim
+    TP, nk = NC * L, K // min(K, DQK_BLOCK_K)
+    dtype = q.dtype
+    stages = st.dqk_stages or deepest_stages(lambda s: dqk_smem_bytes(
+        chunk=L, key_dim=K, value_dim=V, stages=s,
+        itemsize=jnp.dtype(dtype).itemsize) <= SMEM_LIMIT, 3)
+    return plgpu.kernel(
+        functools.partial(_dqk_kernel, st=st, dtype=dtype, stages=stages),
+        out_type=(jax.ShapeDtypeStruct((R, TP, H, K), dtype),
+                  jax.ShapeDtypeStruct((R, TP, H, K), dtype),
+                  jax.ShapeDtypeStruct((nk, R, H, TP), F32),
+                  jax.ShapeDtypeStruct((nk, R, H, TP), F32),
+                  jax.ShapeDtypeStruct((R, H, NC, K), F32)),
+        grid=(nk, H, R),
+        grid_names=("k", "h", "r"),
+        compiler_params=compiler_params(),
+        **interpret_kwargs(),
+    )(q, k, v, do.astype(dtype), h, dh, gates[0], gates[1])
+
+
+def mosaic_backward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array, h: Array,
+                    do: Array, dfinal: Array) -> tuple[Array, Array, Array, Array, Array]:
+    """Gradients of the chunked core through the two Mosaic GPU kernels (module doc).
+
+    Args:
+        st: static description (chunk layout, batch rows). q, k: ``[R, TP, H, K]``.
+            v: ``[R, TP, H, V]`` (bf16 / f16). b: ``[R, TP, H]`` float32 in-chunk cumsum of
+            the log-gates. h: ``[R, NC, H, K, V]`` every chunk's entering state (the
+            forward's ``store_states``). do: ``[R, TP, H, V]``. dfinal: ``[R, H, K, V]``.
+
+    Returns:
+        ``(dq, dk [R, TP, H, K], dv [R, TP, H, V] in q's dtype, dg [R, TP, H] float32,
+        dh0 [R, H, K, V] float32)``.
+    """
+    c = st.core
+    R, NC, L, H = c.rows, c.n_chunks, c.chunk, c.heads
+    gates = gate_rows(b, L, c.key_dim)
+    dv, dh, dh0 = run_state_grad(st, q, k, do, gates, dfinal)
+    dq, dk, term, kdk, sds = run_dqk(st, q, k, v, do, h, dh, gates)
+    # dg_t = sum_{i >= t} term_i + sum_{j < t} kdk_j + e^{b_L} <S_c, dS_{c+1}>, per chunk
+    term = jnp.sum(term, axis=0).reshape(R, H, NC, L)  # [NK, R, H, TP] -> [R, H, NC, L]
+    kdk = jnp.sum(kdk, axis=0).reshape(R, H, NC, L)
+    after = jax.lax.cumsum(term, axis=3, reverse=True)
+    before = jnp.pad(jnp.cumsum(kdk[..., :-1], axis=3), [(0, 0)] * 3 + [(1, 0)])
+    b_last = gates[0].reshape(R, H, NC, L)[..., -1:]  # [R, H, TP] -> [R, H, NC, L] -> [.., 1]
+    carried = jnp.exp(b_last) * jnp.sum(sds, axis=3, keepdims=True)  # [R, H, NC, 1]
+    dg = (after + before + carried).reshape(R, H, NC * L)  # [R, H, NC, L] -> [R, H, TP]
+    return dq, dk, dv, jnp.transpose(dg, (0, 2, 1)), dh0

@@ -1,0 +1,167 @@
+"""The delta rules' chunk core on Mosaic GPU (Hopper, sm_90+): forward kernel, Triton backward.
+
+Checked on the H200 (``benchmarks/mosaic_gdn_check.py``, 2026-12-04): forward and every
+gradient through the api against the reference at T = 63, 1000, 4096, head dims 128, with
+and without an initial state (bf16, worst 3.8e-3); head dims 64 and the ungated
+``delta_rule`` in JAX 0.11's Mosaic GPU interpreter on the CPU (``mosaic_chunk.gpu_interpret``).
+Automatic dispatch picks it on sm_90+; ``LINEARNEXUS_MOSAIC_GDN=0`` (:data:`OPT_IN_ENV`)
+leaves it to ``backend="mosaic"`` by name.
+``benchmarks/mosaic_gdn_check.py`` is the GPU check (docs/mosaic.md).
+
+``delta_rule`` and ``gated_delta_rule`` share it (``g`` None: no gate). The per-chunk WY
+preparation stays the Triton kernels of ``pallas_wy.py`` (a forward substitution over the
+rows of ``I + A`` does not map onto wgmma tiles, and it is a parallel pass that reads each
+chunk once): ``w = M^{-1} (beta e^{b} k)``, ``u = M^{-1} (beta v)``. The sequential walk is
+``mosaic_chunk.py``'s forward kernel with ``core.delta`` set, which per chunk, entering with
+``S_c`` (float32 registers, bf16 copy in SMEM)::
+
+    ws  = w S_c,  qk = q k^T,  qs = q S_c            three wgmmas issued together
+    vn  = u - ws                                     registers -> SMEM (bf16) twice:
+                                                     vn, and e^{b_L - b} vn
+    o   = scale [ e^{b} qs + ((qk) * Gamma) vn ]     wgmma, A the register operand
+    S_{c+1} = e^{b_L} S_c + k^T (e^{b_L - b} vn)     wgmma into the state accumulator
+
+The backward (``jax.custom_vjp``): under a gradient the kernel also stores every chunk's
+entering state ``S_c`` (the bf16 tile of the ``w S_c`` / ``q S_c`` matmuls becomes a
+pipeline output slot, as simple_gla's ``store_states``) and ``vn`` (likewise): exactly the
+two residuals the Triton ``pallas`` backend keeps from its ``fwd_h``, so no recompute and no
+more memory than that backend. The Triton core backward (``pallas_chunk._core_bwd``) reads
+them; the WY preparation's own ``custom_vjp`` (``pallas_wy.py``) then carries ``dw``,
+``du`` back to ``k``, ``v``, ``beta`` and ``g``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+
+from linearnexus.core.types import Array
+from linearnexus.kernels.common.mosaic_chunk import (
+    HOPPER_SMS,
+    SMEM_LIMIT,
+    MosaicConfig,
+    MosaicStatic,
+    batch_rows_info,
+    mosaic_forward,
+    smem_bytes,
+)
+from linearnexus.kernels.common.pallas_chunk import _core_bwd, in_chunk_cumsum
+
+F32 = jnp.float32
+#: "0" keeps the delta rules' mosaic backend out of automatic dispatch (by name it always
+#: runs); "1" puts it in even where VERIFIED is False
+OPT_IN_ENV = "LINEARNEXUS_MOSAIC_GDN"
+#: checked on an H200 (benchmarks/mosaic_gdn_check.py; docs/mosaic.md, "Measured")
+VERIFIED = True
+#: the feature table's note on the backend
+MOSAIC_STATUS = ("sm_90+, dense batches: Triton WY, Mosaic GPU forward walk, Triton backward; "
+                 "LINEARNEXUS_MOSAIC_GDN=0 leaves it to by-name calls")
+
+
+def delta_opted_in() -> bool:
+    """Whether automatic dispatch may pick the delta rules' Mosaic kernel."""
+    flag = os.environ.get(OPT_IN_ENV, "")
+    return flag == "1" or (VERIFIED and flag != "0")
+
+
+def default_delta_config(*, rows: int, heads: int, key_dim: int, value_dim: int,
+                         n_chunks: int, itemsize: int = 2) -> MosaicConfig:
+    """The heuristic of the delta rules' forward: chunk 64, value blocks of 64 (the
+    ``[K, 64]`` float32 state, 64 registers a thread at K = 128, plus three ``[64, 64]``
+    accumulators), the Triton backward. Stages of the plain forward: one when the grid has
+    more programs than the 132 SMs and the walk is long (two programs of ~97 KB share an SM
+    at K = 128, as the simple_gla forward's measured best), else the deepest of 3 (walks of
+    >= 8 chunks) or 2 that fits (3 do not at K = 128: 227 KB). ``bwd_stages`` (the forward
+    that stores the states under a gradient): None, the deepest that fits up to 3 (2 at
+    K = 128: 186 KB). Unmeasured (docs/mosaic.md)."""
+    block_v = min(64, value_dim)
+
+    def fits(stages: int) -> bool:
+        return smem_bytes(chunk=64, key_dim=key_dim, block_v=block_v, stages=stages,
+                          itemsize=itemsize, delta=True) <= SMEM_LIMIT
+
+    stages = 3 if n_chunks >= 8 and fits(3) else 2 if fits(2) else 1
+    if n_chunks >= 8 and (value_dim // block_v) * rows * heads > HOPPER_SMS:
+        stages = 1
+    return MosaicConfig(chunk=64, block_v=block_v, stages=stages, backward="pallas")
+
+
+def check_delta_config(cfg: MosaicConfig, *, key_dim: int, value_dim: int) -> None:
+    """Raise ``ValueError`` naming ``config`` for knobs the delta rules' kernel does not take
+    (``cfg`` resolved: no None field but ``bwd_stages`` / ``dqk_stages``)."""
+    if cfg.backward != "pallas":
+        raise ValueError(f"config: backward={cfg.backward!r}: the delta rules' Mosaic backend "
+                         "has the Triton backward only (backward='pallas')")
+    if cfg.dqk_stages is not None:
+        raise ValueError("config: dqk_stages sets a Mosaic backward kernel the delta rules do "
+                         "not have; leave it None")
+    if cfg.block_v != 64 or value_dim % cfg.block_v:
+        raise ValueError(f"config: block_v={cfg.block_v}: the delta rules' kernel takes 64 (at "
+                         "128 the [K, 128] float32 state and three accumulators exceed a "
+                         f"warpgroup's registers); padded V={value_dim}")
+    for name, stored in (("stages", False), ("bwd_stages", True)):
+        stages = getattr(cfg, name)
+        if stages is None:
+            continue
+        need = smem_bytes(chunk=cfg.chunk, key_dim=key_dim, block_v=cfg.block_v, stages=stages,
+                          itemsize=2, delta=True, store_states=stored)
+        if need > SMEM_LIMIT:
+            raise ValueError(f"config: {name}={stages} at K={key_dim} needs {need} bytes of "
+                             f"shared memory with the delta rule's w and vn tiles, over the "
+                             f"{SMEM_LIMIT} a block may use; use fewer stages")
+
+
+def _gates(st: MosaicStatic, g: Array | None, like: Array) -> tuple[Array, Array | None]:
+    """``(b for the kernel, b for the Triton backward)``: the in-chunk cumsum of ``g``, or
+    zeros for the kernel and None for the Triton backward without a gate."""
+    if g is None:
+        return jnp.zeros(like.shape[:3], F32), None
+    b = in_chunk_cumsum(g, st.core.chunk)
+    return b, b
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def mosaic_delta_core(st: MosaicStatic, q: Array, k: Array, u: Array, w: Array,
+                      g: Array | None, h0: Array | None) -> tuple[Array, Array]:
+    """The delta rules' chunk core in the chunk layout: Mosaic GPU forward, Triton backward.
+
+    Args:
+        st: static description (``st.core.delta`` True; ``core.gate`` "scalar" or "none").
+        q, k, w: ``[R, TP, H, K]`` (bf16 / f16). u: ``[R, TP, H, V]``. w, u: the WY form's.
+        g: ``[R, TP, H]`` float32 log-gates, or None (the ungated delta rule).
+        h0: ``[R, H, K, V]`` or None.
+
+    Returns:
+        ``(o [R, TP, H, V], final [R, H, K, V] float32)``.
+    """
+    return _forward(st, q, k, u, w, g, h0)
+
+
+def _forward(st: MosaicStatic, q, k, u, w, g, h0) -> tuple[Array, Array]:
+    b, _ = _gates(st, g, q)
+    return mosaic_forward(st, q, k, u, b, None if h0 is None else h0.astype(F32), w=w)
+
+
+def _fwd_rule(st: MosaicStatic, q, k, u, w, g, h0):
+    # under a gradient the kernel also stores every chunk's entering state and vn, the two
+    # residuals the Triton backward reads (the pallas backend keeps the same two)
+    b, _ = _gates(st, g, q)
+    o, final, h, vn = mosaic_forward(st, q, k, u, b, None if h0 is None else h0.astype(F32),
+                                     w=w, store_states=True)
+    return (o, final), (q, k, u, w, g, h0, h, vn, final)
+
+
+def _bwd_rule(st: MosaicStatic, res, cts):
+    q, k, u, w, g, h0, h, vn, final = res
+    core = st.core
+    _, b = _gates(st, g, q)
+    seq_info, flags = batch_rows_info(core.rows, core.n_chunks)
+    full = (q, k, u, w, b, h0, seq_info, flags, h, vn, final)
+    dq, dk, du, dw, dg, dh0, _, _ = _core_bwd(core, full, cts)
+    return dq, dk, du, dw, None if g is None else dg, None if h0 is None else dh0
+
+
+mosaic_delta_core.defvjp(_fwd_rule, _bwd_rule)
