@@ -49,6 +49,25 @@ def time_fn(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5) -> floa
     return statistics.median(times)
 
 
+def shakespeare_batches(global_batch: int, seq: int, vocab: int
+                        ) -> Callable[[int], tuple[Any, Any]]:
+    """``batch(i) -> (inputs, targets)``, each ``[global_batch, seq]`` int32: windows of
+    TinyShakespeare bytes (mod ``vocab``) drawn from step number ``i`` alone, so every run
+    (GPU count, backend, framework) sees the same data at the same step."""
+    import numpy as np
+
+    from linearnexus.data import resolve_shakespeare
+
+    data = np.frombuffer(Path(resolve_shakespeare()).read_bytes(), np.uint8).astype(np.int32)
+    data = data % vocab
+
+    def batch(i: int) -> tuple[Any, Any]:
+        starts = np.random.default_rng(i).integers(0, len(data) - seq - 1, global_batch)
+        window = np.stack([data[s:s + seq + 1] for s in starts])  # [B, T+1]
+        return window[:, :-1], window[:, 1:]
+    return batch
+
+
 def write_section(name: str, body: str) -> None:
     """Replace (or append) the section between ``<!-- name:start -->`` / ``<!-- name:end -->``."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"

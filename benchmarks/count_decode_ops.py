@@ -17,6 +17,10 @@ them) it builds the model with 1 and with 2 layers and counts, in the step
   buffers); on a CPU, XLA:CPU's, a proxy. ``--hlo DIR`` writes the compiled loops.
   Parameters, tuples, constants and bitcasts launch nothing and are not counted.
 
+``--lower-gpu`` (a CPU host): the step lowered for CUDA with the fused Pallas kernels picked
+as on a GPU (their Triton lowering runs on the host, so this also checks that they lower):
+its StableHLO ops and Pallas kernels, no compiled loop.
+
 The 2-layer count minus the 1-layer count is one layer's share. ``LINEARNEXUS_FUSED_DECODE=0``
 counts the unfused one-token path (a projection matmul per weight).
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -43,6 +48,7 @@ from decode_gpu import our_config  # noqa: E402
 from profile_decode import body_opcodes  # noqa: E402
 
 from linearnexus.generate import Decoder, SamplingConfig, decode_step, stop_array  # noqa: E402
+from linearnexus.kernels.common.pallas import INTERPRET_ENV  # noqa: E402
 from linearnexus.models import create_model  # noqa: E402
 
 #: XLA:CPU instructions that launch nothing on a GPU
@@ -63,11 +69,16 @@ def counts(kind: str, layers: int, args: argparse.Namespace) -> dict[str, int]:
     def step(params, tokens, state, key):
         return decode_step(graphdef, sampler, params, tokens, state, key)
 
-    text = jax.jit(step).trace(dec.params, tok, state, key).lower(
+    text = jax.jit(step).trace(dec.inputs, tok, state, key).lower(
         lowering_platforms=("cuda",)).as_text()
     hlo_ops = len(re.findall(r"^\s*(?:%[\w#:]+(?:, %[\w#:]+)* = )?\"?stablehlo\.", text, re.M))
+    if args.lower_gpu:  # no XLA:GPU compile on a CPU host: the lowered step's ops only
+        calls = re.findall(r'stablehlo\.custom_call @([\w$.]+)', text)
+        pallas = sum("triton" in c for c in calls)
+        return {"stablehlo": hlo_ops, "pallas_kernels": pallas,
+                "other_custom_calls": len(calls) - pallas}
     hlo = dec._compiled.loop.lower(
-        dec.params, tok[:, 0], state, key, jnp.zeros(args.batch, bool), stop_array(()),
+        dec.inputs, tok[:, 0], state, key, jnp.zeros(args.batch, bool), stop_array(()),
         jnp.int32(4), jnp.asarray(False), jnp.int32(0)).compile().as_text()
     if args.hlo:
         Path(args.hlo).mkdir(parents=True, exist_ok=True)
@@ -90,14 +101,22 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--hlo", default=None, help="folder for the compiled loops' HLO")
     p.add_argument("--verbose", action="store_true", help="print the loop body's opcodes")
+    p.add_argument("--lower-gpu", action="store_true",
+                   help="on a CPU host: lower the step for CUDA with the fused Pallas kernels "
+                        "picked as on a GPU (Triton lowering runs here; checks they lower) and "
+                        "count its StableHLO ops and Pallas kernels; no compiled loop")
     args = p.parse_args()
+    if args.lower_gpu:
+        # the kernels are picked where the platform reads "gpu" and interpret mode is off
+        os.environ[INTERPRET_ENV] = "0"
+        jax.default_backend = lambda: "cuda"
     rows = {}
     for kind in args.models:
         one, two = counts(kind, 1, args), counts(kind, 2, args)
         per_layer = {k: two[k] - one[k] for k in one if not k.startswith("_")}
         rows[kind] = per_layer
         print(f"{kind}: per layer {json.dumps(per_layer)}", flush=True)
-        if args.verbose:
+        if args.verbose and not args.lower_gpu:
             diff = collections.Counter(two["_body"])
             diff.subtract(one["_body"])
             print("  body opcodes per layer:", dict(+diff))

@@ -250,6 +250,18 @@ def is_hopper(env: dict[str, Any]) -> bool:
     return str(cap).startswith("9")
 
 
+def unlock_fla_gated_backward(env: dict[str, Any]) -> bool:
+    """Set ``fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1`` True where FLA 0.6.0 would refuse its
+    gated backward (Hopper, Triton < 3.7.1: FLA issue #640, module doc), for timing only;
+    True when it did."""
+    chunk_o = importlib.import_module("fla.ops.common.chunk_o")
+    if (version_tuple(env.get("triton")) < (3, 7, 1) and is_hopper(env)
+            and not getattr(chunk_o, "TRITON_ABOVE_3_7_1", True)):
+        chunk_o.TRITON_ABOVE_3_7_1 = True
+        return True
+    return False
+
+
 def version_tuple(text: str | None) -> tuple[int, ...]:
     parts = []
     for piece in (text or "0").split("+")[0].split(".")[:3]:
@@ -1121,10 +1133,7 @@ def main() -> None:
             results["notes"].append(f"FLA not importable: {short_error(e)}")
             log(f"FLA not importable: {short_error(e)}")
     if use_fla:
-        chunk_o = importlib.import_module("fla.ops.common.chunk_o")
-        triton_old = version_tuple(env.get("triton")) < (3, 7, 1)
-        if triton_old and is_hopper(env) and not getattr(chunk_o, "TRITON_ABOVE_3_7_1", True):
-            chunk_o.TRITON_ABOVE_3_7_1 = True
+        if unlock_fla_gated_backward(env):
             results["fla_triton_flag_forced"] = True
             note = (f"FLA 0.6.0 refuses the gated backward (chunk_bwd_dqkwg) of simple_gla and "
                     f"gated_delta_rule on Hopper with Triton < 3.7.1 (here {env.get('triton')}): Triton "

@@ -195,10 +195,7 @@ def fla_child(shape: tuple[int, ...], out_file: str) -> None:
 
     env = kg.environment(torch)
     notes = []
-    chunk_o = importlib.import_module("fla.ops.common.chunk_o")
-    if (kg.version_tuple(env.get("triton")) < (3, 7, 1) and kg.is_hopper(env)
-            and not getattr(chunk_o, "TRITON_ABOVE_3_7_1", True)):
-        chunk_o.TRITON_ABOVE_3_7_1 = True  # as kernels_gpu.py: timing only (FLA issue #640)
+    if kg.unlock_fla_gated_backward(env):  # as kernels_gpu.py: timing only (FLA issue #640)
         notes.append("fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 forced True (timing only)")
     l2 = int((env.get("l2_cache_mib") or 50) * 2 ** 20)
     res = kg.time_fla(torch, triton_testing, "gated_delta_rule", shape, 5, l2)

@@ -118,7 +118,7 @@ def profile(kind: str, batch: int, args) -> dict:
     row["top"] = [(name, ms, n) for name, (ms, n) in list(kernels.items())[:25]]
     if args.hlo:
         tok, state, key, done = inputs()
-        hlo = dec._compiled.loop.lower(dec.params, tok, state, key, done, stops, jnp.int32(steps),
+        hlo = dec._compiled.loop.lower(dec.inputs, tok, state, key, done, stops, jnp.int32(steps),
                                        jnp.asarray(False), jnp.int32(0)).compile().as_text()
         path = Path(args.hlo) / f"loop_{kind}_b{batch}.hlo.txt"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -61,23 +61,6 @@ def _config(kind: str, s: dict):
                        block_options={"attention": {"n_heads": max(1, s["d_model"] // 128)}})
 
 
-def _batches(global_batch: int, seq: int, vocab: int):
-    """Batch ``i`` (inputs, targets) of TinyShakespeare bytes, drawn from step number i alone
-    (so every GPU count sees the same data)."""
-    import numpy as np
-
-    from linearnexus.data import resolve_shakespeare
-
-    data = np.frombuffer(Path(resolve_shakespeare()).read_bytes(), np.uint8).astype(np.int32)
-    data = data % vocab
-
-    def batch(i: int):
-        starts = np.random.default_rng(i).integers(0, len(data) - seq - 1, global_batch)
-        window = np.stack([data[s:s + seq + 1] for s in starts])  # [B, T+1]
-        return window[:, :-1], window[:, 1:]
-    return batch
-
-
 def _trainer(kind: str, s: dict, mesh: str | None, batch: int, seq: int, steps: int):
     from linearnexus.models import create_model
     from linearnexus.train import SFTTrainer, TrainConfig
@@ -98,9 +81,10 @@ def _is_oom(err: Exception) -> bool:
 
 def work_throughput(s: dict, n: int) -> list[dict]:
     import jax
+    from common import shakespeare_batches
 
     rows = []
-    batch_of = _batches(s["per_gpu_batch"] * n, s["seq"], s["vocab"])
+    batch_of = shakespeare_batches(s["per_gpu_batch"] * n, s["seq"], s["vocab"])
     for kind in KINDS:
         for axis in ("data", "fsdp"):
             mesh = f"{axis}={n}" if n > 1 else None
@@ -128,9 +112,10 @@ def work_throughput(s: dict, n: int) -> list[dict]:
 
 def work_losses(s: dict, n: int, global_batch: int) -> dict:
     import jax
+    from common import shakespeare_batches
 
     mesh = f"fsdp={n}" if n > 1 else None
-    batch_of = _batches(global_batch, s["seq"], s["vocab"])
+    batch_of = shakespeare_batches(global_batch, s["seq"], s["vocab"])
     t = _trainer("gdn", s, mesh, global_batch, s["seq"], s["loss_steps"])
     losses = [float(jax.device_get(t.train_step(*batch_of(i)))) for i in range(s["loss_steps"])]
     return {"gpus": n, "mesh": mesh or "one device", "global_batch": global_batch,
@@ -175,6 +160,7 @@ def _context_op(s: dict, n: int) -> dict:
 
 def work_context(s: dict, n: int) -> dict:
     import jax
+    from common import shakespeare_batches
 
     from linearnexus.parallel.context import collective_bytes
 
@@ -187,7 +173,7 @@ def work_context(s: dict, n: int) -> dict:
     try:
         mesh = f"context={n}" if n > 1 else None
         t = _trainer("gdn", s, mesh, 1, seq, 4)
-        batch_of = _batches(1, seq, s["vocab"])
+        batch_of = shakespeare_batches(1, seq, s["vocab"])
         if n > 1:
             hlo = t._fns.step.lower(t.state, *batch_of(0)).compile().as_text()
             out["model_collective_bytes"] = collective_bytes(hlo)

@@ -50,7 +50,12 @@ from linearnexus.core.compile_cache import CompileCache
 from linearnexus.core.config import ConfigBase, ConfigError, field
 from linearnexus.core.types import Array
 from linearnexus.models import LMModel, ModelState
-from linearnexus.modules.common import Embedding
+from linearnexus.modules.common import (
+    Embedding,
+    decode_weights,
+    fused_decode_enabled,
+    using_decode_weights,
+)
 
 PAD_ID = 0  # token fed to padding slots and finished rows; masked out or cut, so any id works
 
@@ -343,14 +348,50 @@ def decode_step(graphdef: Any, sampler: SamplingConfig, params: Any, tokens: Arr
 
     Pure (traceable): the body of :attr:`Decoder.step_fn` and of the on-device loop.
 
+    ``params`` is the model's ``nnx.State`` or a :class:`DecodeParams` (the state and the
+    fused projections' concatenated weights, computed once).
+
     Returns:
         ``(next [B] int32, new_state, key)``; ``key`` is split once, the sample drawn with
         the second half.
     """
+    fused = None
+    if isinstance(params, DecodeParams):
+        params, fused = params
     model = nnx.merge(graphdef, params)
-    logits, new_state = model(tokens, state=state, mode="recurrent")  # [B, 1, V]
+    with using_decode_weights(model, fused):
+        logits, new_state = model(tokens, state=state, mode="recurrent")  # [B, 1, V]
     key, sub = jax.random.split(key)
     return sample_next(logits[:, -1], sub, sampler), new_state, key
+
+
+class DecodeParams(NamedTuple):
+    """What the decode step and loop read: the model's ``nnx.State`` and the concatenated
+    weights of its one-token fused projections (``modules.common.decode_weights``; ``{}``
+    with ``LINEARNEXUS_FUSED_DECODE=0``), so no step concatenates them again."""
+
+    state: Any
+    fused: dict[str, tuple[Array, Array | None]]
+
+
+# model -> (the params its fused weights were computed from, DecodeParams)
+_DECODE_PARAMS: weakref.WeakKeyDictionary[LMModel, tuple[Any, DecodeParams]] = (
+    weakref.WeakKeyDictionary())
+
+
+def decode_params(model: LMModel, params: Any) -> DecodeParams:
+    """``DecodeParams(params, fused weights)``: the concatenations computed once for these
+    ``params`` (cached with them: the same ``params`` object gives the same result). They
+    are a second copy of the fused projections' weights (q, k, v, gates and output gate of
+    the DeltaNet-family blocks, gate and up of the MLPs) while a decoder lives."""
+    cached = _DECODE_PARAMS.get(model)
+    if cached is not None and cached[0] is params:
+        return cached[1]
+    graphdef, _ = nnx.split(model)
+    fused = decode_weights(nnx.merge(graphdef, params)) if fused_decode_enabled() else {}
+    out = DecodeParams(params, fused)
+    _DECODE_PARAMS[model] = (params, out)
+    return out
 
 
 def _build(graphdef: Any, cfg: SamplingConfig) -> _Compiled:
@@ -490,13 +531,16 @@ class Decoder:
         self.cfg = cfg
         graphdef, _ = nnx.split(model)
         self.params = inference_params(model, weights)
+        #: what the step and the loop take: the params and the fused projections' weights
+        self.inputs = decode_params(model, self.params)
         self._compiled = _COMPILED.get(graphdef, cfg.sampler_key(), lambda: _build(graphdef, cfg))
         self._prefill = _PREFILL.get(graphdef, None, lambda: _build_prefill(graphdef))
 
     @property
     def step_fn(self) -> Callable[..., tuple[Array, ModelState, Array]]:
-        """The jitted ``(params, tokens [B, 1], state, key) -> (next [B], state, key)``;
-        ``state`` is donated (invalid after the call)."""
+        """The jitted ``(params, tokens [B, 1], state, key) -> (next [B], state, key)``
+        (``params``: :attr:`inputs`, or the model's ``nnx.State``); ``state`` is donated
+        (invalid after the call)."""
         return self._compiled.step
 
     def prefill(self, tokens: Array | np.ndarray, mask: Array | np.ndarray,
@@ -526,7 +570,7 @@ class Decoder:
 
         Returns ``(next [B] int32, new_state, key)``; ``state`` is donated (do not reuse it).
         """
-        return self._compiled.step(self.params, jnp.asarray(tokens, jnp.int32), state, key)
+        return self._compiled.step(self.inputs, jnp.asarray(tokens, jnp.int32), state, key)
 
     def run(self, nxt: Array, state: ModelState, key: Array, done: Array, stops: Array, n: int,
             *, first: bool, pad_id: int = PAD_ID
@@ -556,7 +600,7 @@ class Decoder:
         """
         if not 1 <= n <= LOOP_CHUNK:
             raise ValueError(f"n: expected 1 <= n <= {LOOP_CHUNK}, got {n}")
-        return self._compiled.loop(self.params, nxt, state, key, done, stops, jnp.int32(n),
+        return self._compiled.loop(self.inputs, nxt, state, key, done, stops, jnp.int32(n),
                                    jnp.asarray(first), jnp.int32(pad_id))
 
 
@@ -743,8 +787,8 @@ def generate_text(model: LMModel, tokenizer: Any, prompt: str, cfg: SamplingConf
 
 
 __all__ = [
-    "LOOP_CHUNK", "PAD_ID", "Decoder", "SamplingConfig", "apply_top_k", "apply_top_p",
-    "cache_limit", "check_capacity", "decode_step", "generate", "generate_text",
-    "inference_params", "left_pad", "prompt_bucket", "sample_next", "start_tokens",
+    "LOOP_CHUNK", "PAD_ID", "DecodeParams", "Decoder", "SamplingConfig", "apply_top_k",
+    "apply_top_p", "cache_limit", "check_capacity", "decode_params", "decode_step", "generate",
+    "generate_text", "inference_params", "left_pad", "prompt_bucket", "sample_next", "start_tokens",
     "stop_array", "stream", "trace_counts",
 ]

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from linearnexus.modules.common import FUSED_DECODE_ENV, SwiGLU, fused_dense
+from linearnexus.modules.common import (
+    FUSED_DECODE_ENV,
+    SwiGLU,
+    decode_weights,
+    fused_dense,
+    using_decode_weights,
+)
 from linearnexus.registry import LAYER_REGISTRY
 
 
@@ -28,23 +34,69 @@ def _close(a, b):
                                    rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name,overrides,masked", [
-    ("gated_deltanet", {}, False),
-    ("gated_deltanet", {"use_short_conv": False, "use_output_gate": False,
-                        "allow_neg_eigval": True}, True),
-    ("deltanet", {"expand_v": 1.5}, True),
-])
-def test_one_token_block_matches_unfused(monkeypatch, name, overrides, masked):
+# (block, config overrides, masked, dtype, batch). Unmasked calls whose head sizes are
+# powers of two run the fused layer kernel (kernels/fused_decode; through the interpreter
+# here): GDN with the conv and output gate, DeltaNet without them, Mamba2 with groups,
+# per-channel D and a dt clamp in bf16 (without a conv, the XLA path's bf16 silu rounds
+# per op on the CPU, the kernel once: those two are compared in float32). Masked calls
+# and other head sizes keep the fused projection only.
+CASES = [
+    ("gated_deltanet", {}, False, "float32", 2),
+    ("gated_deltanet", {}, True, "float32", 3),
+    ("deltanet", {"expand_v": 1.5}, True, "float32", 3),
+    ("deltanet", {"use_short_conv": False, "use_output_gate": False, "allow_neg_eigval": True},
+     False, "float32", 1),
+    ("mamba2", {"ngroups": 2, "D_has_hdim": True, "dt_limit": (0.0, 0.5), "conv_bias": False},
+     False, "bfloat16", 2),
+]
+
+
+@pytest.mark.parametrize("name,overrides,masked,dtype,batch", CASES)
+def test_one_token_block_matches_unfused(monkeypatch, name, overrides, masked, dtype, batch):
+    """The one-token call (fused projection, and the fused layer kernel where it applies)
+    against the unfused call (``LINEARNEXUS_FUSED_DECODE=0``: a matmul per projection,
+    the conv, gates, op and norm apart): float32 to 1e-5, bf16 to 5e-3, every output and
+    state leaf."""
+    import linearnexus.kernels.fused_decode.api as layer_api
+
+    monkeypatch.setattr(layer_api, "_compiles", lambda: True)  # pick it as on a GPU
+    launched = []
+
+    def record(real):  # the layer step's arguments and outputs, in the caller's trace
+        def step(*args, fallback):
+            launched.append((args, real(*args, fallback=fallback)))
+            return launched[-1][1]
+        return step
+
+    for module, step in (("linearnexus.modules.linear.deltanet", "delta_layer_step"),
+                         ("linearnexus.modules.ssm.mamba2", "ssd_layer_step")):
+        monkeypatch.setattr(f"{module}.{step}", record(getattr(layer_api, step)))
     entry = LAYER_REGISTRY[name]
-    block = entry.block(entry.config.tiny(**overrides), rngs=nnx.Rngs(1))
-    zeros = jax.tree.leaves(block.init_state(3))
+    block = entry.block(entry.config.tiny(dtype=dtype, **overrides), rngs=nnx.Rngs(1))
+    zeros = jax.tree.leaves(block.init_state(batch))
     keys = jax.random.split(jax.random.key(0), len(zeros))  # a non-zero state to start from
-    state = jax.tree.unflatten(jax.tree.structure(block.init_state(3)), [
-        0.3 * jax.random.normal(k, z.shape, z.dtype) for k, z in zip(keys, zeros, strict=True)])
-    x = jax.random.normal(jax.random.key(1), (3, 1, 16))
+    state = jax.tree.unflatten(jax.tree.structure(block.init_state(batch)), [
+        (0.3 * jax.random.normal(k, z.shape)).astype(z.dtype) for k, z in zip(keys, zeros, strict=True)])
+    x = jax.random.normal(jax.random.key(1), (batch, 1, 16))
     mask = jnp.array([[True], [False], [True]]) if masked else None  # a pad row stays inert
-    fused, plain = _both(monkeypatch, lambda: block(x, state=state, mask=mask))
-    _close(fused, plain)
+
+    def call(x, state):  # jitted: one compile instead of an eager compile per op
+        launched.clear()
+        out = block(x, state=state, mask=mask)
+        # the kernel's outputs and the block's unfused reference on the same inputs (the
+        # reference is the kernel's backward pass)
+        return out, [(got, block._layer_reference(*args)) for args, got in launched]
+
+    (fused, pairs), (plain, _) = _both(monkeypatch,
+                                       lambda: jax.jit(lambda x, s: call(x, s))(x, state))
+    assert len(pairs) == (0 if masked or "expand_v" in overrides else 1)
+    for got, want in [(fused, plain), *pairs]:
+        if dtype == "float32":
+            _close(got, want)
+            continue
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            assert np.linalg.norm(a - b) <= 5e-3 * np.linalg.norm(b)
 
 
 def test_swiglu_one_token_matches_unfused(monkeypatch):
@@ -52,6 +104,25 @@ def test_swiglu_one_token_matches_unfused(monkeypatch):
     x = jax.random.normal(jax.random.key(2), (2, 1, 12))
     fused, plain = _both(monkeypatch, lambda: mlp(x))
     _close(fused, plain)
+
+
+def test_decode_weights_are_read_and_checked():
+    """``fused_dense`` reads the concatenation computed once (``generate.Decoder`` passes
+    it to every step) instead of concatenating; a table of another structure is refused."""
+    mlp = SwiGLU(12, 20, use_bias=True, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(4), (2, 1, 12))
+    weights = decode_weights(mlp)
+    with using_decode_weights(mlp, weights):
+        _close(mlp(x), mlp(x.reshape(2, 1, 12)))
+    doubled = {k: (2 * w, 2 * b) for k, (w, b) in weights.items()}
+    with using_decode_weights(mlp, doubled):  # the table is what the matmul reads
+        gate, up = fused_dense(x, mlp.decode_linears()[0])
+    _close((gate, up), (2 * mlp.w_gate(x), 2 * mlp.w_up(x)))
+    with pytest.raises(ValueError, match="weights"), using_decode_weights(mlp, {"other/0": weights["0"]}):
+        pass
+    with pytest.raises(ValueError, match="kernel of shape"), using_decode_weights(
+            mlp, {"0": (weights["0"][0][:4], None)}):
+        pass
 
 
 def test_fused_dense_groups_and_errors():
@@ -66,3 +137,23 @@ def test_fused_dense_groups_and_errors():
         fused_dense(x, [lins[0], nnx.Linear(5, 2, rngs=rngs)])
     with pytest.raises(ValueError, match="linears"):
         fused_dense(x, [])
+
+
+def test_layer_step_refuses_bad_arguments():
+    """Shapes are checked before the launch, naming the argument; specs the kernel cannot
+    take are refused (the blocks ask ``layer_kernel_ready`` first and never send them)."""
+    from linearnexus.kernels.fused_decode import DeltaLayerSpec, delta_layer_step
+
+    spec = DeltaLayerSpec(heads=2, key_dim=4, value_dim=8, conv_width=4, silu_without_conv=True,
+                          gated=False, output_gate=True, allow_neg_eigval=False, qk_eps=1e-6,
+                          norm_eps=1e-5, scale=0.5)
+    proj = jnp.zeros((1, spec.width))
+    args = [proj, jnp.zeros((1, 3, spec.qkv_width)), jnp.zeros((4, spec.qkv_width)), None,
+            jnp.zeros((1, 2, 4, 8)), None, None, jnp.ones((8,))]
+    bad_state = list(args)
+    bad_state[4] = jnp.zeros((1, 2, 8, 4))
+    with pytest.raises(ValueError, match="state: expected shape"):
+        delta_layer_step(spec, *bad_state, fallback=None)
+    with pytest.raises(NotImplementedError, match="power-of-two"):
+        delta_layer_step(spec.__class__(**{**spec.__dict__, "value_dim": 12}), *args,
+                         fallback=None)

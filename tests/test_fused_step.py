@@ -134,10 +134,17 @@ def test_fused_step_dispatch(monkeypatch, key):
 
     monkeypatch.setattr(ops, "interpret_mode", lambda: False)
     monkeypatch.setattr("linearnexus.kernels.common.backends.current_platform", lambda: "gpu")
+    # gated_delta_rule tries mosaic first on a GPU when opted in (it runs the same fused
+    # step); by default, and without it, pallas does
+    from linearnexus.kernels.common import mosaic_delta
+
+    monkeypatch.delenv(mosaic_delta.OPT_IN_ENV, raising=False)
     assert step_kernel(GDN_BACKENDS, GDN_ORDER, None, jnp.bfloat16) is pallas
+    monkeypatch.setenv(mosaic_delta.OPT_IN_ENV, "1")
+    assert step_kernel(GDN_BACKENDS, GDN_ORDER, None, jnp.bfloat16) is GDN_BACKENDS["mosaic"]
+    assert step_kernel(GDN_BACKENDS, GDN_ORDER[1:], None, jnp.bfloat16) is pallas
     from linearnexus.kernels.simple_gla.api import BACKEND_ORDER, BACKENDS
 
-    # simple_gla (ssd, retention) tries mosaic first on a GPU: it runs the same fused step
     assert step_kernel(BACKENDS, BACKEND_ORDER, None, jnp.bfloat16) is BACKENDS["mosaic"]
     assert step_kernel(GDN_BACKENDS, GDN_ORDER, None, jnp.float64) is None
     assert step_kernel(GDN_BACKENDS, GDN_ORDER, "jax", jnp.bfloat16) is None

@@ -274,8 +274,9 @@ def test_mosaic_matches_reference_in_the_interpreter(op):
 
 
 def test_delta_mosaic_dispatch_and_declines_what_it_does_not_cover(monkeypatch):
-    """Automatic dispatch puts the delta rules' mosaic backend first on a GPU for bf16
-    (checked on an H200), and passes it by with LINEARNEXUS_MOSAIC_GDN=0; calls it does
+    """Automatic dispatch passes the delta rules' mosaic backend by (slower than pallas in
+    LM training) unless LINEARNEXUS_MOSAIC_GDN=1 (then it comes first on a GPU for bf16);
+    calls it does
     not cover raise NotImplementedError, configs it does not take a ValueError naming config."""
     from linearnexus.kernels.base import dispatch
     from linearnexus.kernels.common import mosaic_delta
@@ -286,12 +287,13 @@ def test_delta_mosaic_dispatch_and_declines_what_it_does_not_cover(monkeypatch):
         return dispatch("op", api.BACKENDS, api.BACKEND_ORDER, lambda k: k.name, backend=None,
                         dtype=dtype, platform="gpu")
 
-    monkeypatch.setenv(mosaic_delta.OPT_IN_ENV, "0")
-    for api in (gdn_api, dr_api):
-        assert api.BACKEND_ORDER[0] == "mosaic"
-        assert chosen(api, jnp.bfloat16) == "pallas"
-        assert api.BACKENDS["mosaic"].by_name_dtypes  # the feature table: by name only
-    monkeypatch.delenv(mosaic_delta.OPT_IN_ENV)  # checked on an H200: automatic
+    for flag in ("0", ""):  # off, and the default (slower than pallas in LM training)
+        monkeypatch.setenv(mosaic_delta.OPT_IN_ENV, flag)
+        for api in (gdn_api, dr_api):
+            assert api.BACKEND_ORDER[0] == "mosaic"
+            assert chosen(api, jnp.bfloat16) == "pallas"
+            assert api.BACKENDS["mosaic"].by_name_dtypes  # the feature table: by name only
+    monkeypatch.setenv(mosaic_delta.OPT_IN_ENV, "1")
     for api in (gdn_api, dr_api):
         assert chosen(api, jnp.bfloat16) == "mosaic"
         assert chosen(api, jnp.float32) == "pallas"

@@ -30,6 +30,12 @@ _B = TypeVar("_B", bound="BlockConfig")
 #: (the Triton kernels; Pallas interpret mode, slow, off a GPU)
 KERNEL_BACKENDS = ("auto", "jax", "naive", "pallas")
 
+#: ``KERNEL_BACKENDS`` plus "mosaic" (the Mosaic GPU kernels on sm_90+, docs/mosaic.md), for
+#: the blocks whose op has that backend (Mamba2 through ssd / simple_gla, DeltaNet, Gated
+#: DeltaNet). Naming it pins every layer of a model to it (``ModelConfig.block_options``);
+#: a call it cannot run then raises ``NotImplementedError`` instead of falling back.
+MOSAIC_KERNEL_BACKENDS = (*KERNEL_BACKENDS, "mosaic")
+
 
 def op_backend(kernel_backend: str) -> str | None:
     """A config's ``kernel_backend`` as the op's ``backend=`` argument ("auto" -> None)."""

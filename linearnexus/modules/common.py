@@ -8,9 +8,12 @@ compute can keep float32 master weights.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -129,12 +132,12 @@ def fused_dense(x: Array, linears: Sequence[nnx.Linear], *,
     """``[l(x) for l in linears]`` as one matmul: ``x [..., D] @ [W_1 | ... | W_n]``.
 
     For one-token decoding, where every projection is a separate tiny GEMV kernel and the
-    step is bound by how many kernels run, not by the bytes they read. The weights are
-    concatenated inside the traced function: in the on-device decode loop they are loop
-    invariants, which XLA hoists out of the loop body (``benchmarks/count_decode_ops.py``
-    shows one dot per group in the body). Each output column is the same dot product as in
-    its own ``nnx.Linear`` (the same dtypes, precision and bias), so results differ at most
-    by the matmul's rounding.
+    step is bound by how many kernels run, not by the bytes they read. The concatenated
+    weights come from :func:`using_decode_weights` when the caller computed them once
+    (``generate.Decoder`` does); otherwise they are concatenated inside the traced
+    function, where in an on-device loop XLA hoists them out of the loop body. Each output
+    column is the same dot product as in its own ``nnx.Linear`` (the same dtypes, precision
+    and bias), so results differ at most by the matmul's rounding.
 
     Args:
         x: ``[..., D]``.
@@ -166,12 +169,9 @@ def fused_dense(x: Array, linears: Sequence[nnx.Linear], *,
             raise ValueError("linears: expected the same in_features, dtype, precision and "
                              "dot_general in all of them")
     ends = np.cumsum([lin.out_features for lin in linears])[np.cumsum(groups) - 1]
-    kernel = jnp.concatenate([lin.kernel[...] for lin in linears], axis=1)  # [D, sum F]
-    bias = None
-    if any(lin.bias is not None for lin in linears):
-        bias = jnp.concatenate([lin.bias[...] if lin.bias is not None
-                                else jnp.zeros((lin.out_features,), lin.param_dtype)
-                                for lin in linears])  # [sum F]
+    table = _DECODE_WEIGHTS.get()
+    cached = None if table is None else table.get(tuple(id(lin) for lin in linears))
+    kernel, bias = _concat_weights(linears) if cached is None else cached
     x, kernel, bias = first.promote_dtype((x, kernel, bias), dtype=first.dtype)
     kwargs = ({} if first.preferred_element_type is None
               else {"preferred_element_type": first.preferred_element_type})
@@ -180,6 +180,75 @@ def fused_dense(x: Array, linears: Sequence[nnx.Linear], *,
     if bias is not None:
         y = y + bias
     return jnp.split(y, ends[:-1].tolist(), axis=-1)
+
+
+def _concat_weights(linears: Sequence[nnx.Linear]) -> tuple[Array, Array | None]:
+    """``([W_1 | ... | W_n] [D, sum F], [b_1 | ... | b_n] [sum F] or None)``."""
+    kernel = jnp.concatenate([lin.kernel[...] for lin in linears], axis=1)  # [D, sum F]
+    bias = None
+    if any(lin.bias is not None for lin in linears):
+        bias = jnp.concatenate([lin.bias[...] if lin.bias is not None
+                                else jnp.zeros((lin.out_features,), lin.param_dtype)
+                                for lin in linears])  # [sum F]
+    return kernel, bias
+
+
+# id(linear) tuples -> their concatenated (kernel, bias), set by `using_decode_weights`
+_DECODE_WEIGHTS: contextvars.ContextVar[dict[tuple[int, ...], tuple[Array, Array | None]] | None] = (
+    contextvars.ContextVar("linearnexus_decode_weights", default=None))
+
+
+def _decode_groups(model: nnx.Module) -> Iterator[tuple[str, list[nnx.Linear]]]:
+    """``("path/i", linears)`` for every group of projections a module of ``model`` runs as
+    one matmul at ``T == 1`` (modules with a ``decode_linears()`` method)."""
+    for path, node in nnx.iter_graph(model):
+        groups = getattr(node, "decode_linears", None)
+        if isinstance(node, nnx.Module) and callable(groups):
+            for i, linears in enumerate(groups()):
+                yield "/".join(map(str, (*path, i))), linears
+
+
+def decode_weights(model: nnx.Module) -> dict[str, tuple[Array, Array | None]]:
+    """The concatenated weights of every one-token fused projection in ``model`` (see
+    :func:`fused_dense`), keyed by module path: compute them once per set of parameters
+    (``linearnexus.generate.Decoder`` does) and pass them to :func:`using_decode_weights`
+    inside the decode step, so a step that XLA cannot hoist them out of (the per-token
+    host loop) does not concatenate them on every call. They are a second copy of those
+    projections' weights."""
+    return {name: _concat_weights(linears) for name, linears in _decode_groups(model)}
+
+
+@contextlib.contextmanager
+def using_decode_weights(model: nnx.Module,
+                         weights: dict[str, tuple[Array, Array | None]] | None) -> Iterator[None]:
+    """Within the block, :func:`fused_dense` over a group of ``model``'s projections reads
+    its concatenation from ``weights`` (from :func:`decode_weights` of the same structure)
+    instead of concatenating. ``None`` or ``{}``: nothing changes.
+
+    Raises:
+        ValueError: ``weights`` has a group ``model`` does not have, or a kernel of another
+            shape.
+    """
+    if not weights:
+        yield
+        return
+    table: dict[tuple[int, ...], Any] = {}
+    for name, linears in _decode_groups(model):
+        if name in weights:
+            kernel = weights[name][0]
+            want = (linears[0].in_features, sum(lin.out_features for lin in linears))
+            if tuple(kernel.shape) != want:
+                raise ValueError(f"weights[{name!r}]: expected a kernel of shape {want}, got "
+                                 f"{tuple(kernel.shape)}")
+            table[tuple(id(lin) for lin in linears)] = weights[name]
+    if len(table) != len(weights):
+        raise ValueError(f"weights: {len(weights) - len(table)} groups that model does not "
+                         "have (weights from another model structure?)")
+    token = _DECODE_WEIGHTS.set(table)
+    try:
+        yield
+    finally:
+        _DECODE_WEIGHTS.reset(token)
 
 
 def swiglu_hidden_size(d_model: int, multiple_of: int = 64) -> int:
@@ -219,12 +288,16 @@ class SwiGLU(nnx.Module):
         self.w_up = nnx.Linear(d_model, hidden, **kw)
         self.w_down = nnx.Linear(hidden, d_model, **kw)
 
+    def decode_linears(self) -> list[list[nnx.Linear]]:
+        """The projections a one-token call runs as one matmul: gate and up."""
+        return [[self.w_gate, self.w_up]]
+
     def __call__(self, x: Array) -> Array:
         """``x: [..., D]`` -> ``[..., D]`` in the compute dtype."""
         if x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected last axis D={self.d_model}, got shape {x.shape}")
         if x.ndim >= 2 and x.shape[-2] == 1 and fused_decode_enabled():  # one token: one GEMV
-            gate, up = fused_dense(x, (self.w_gate, self.w_up))
+            gate, up = fused_dense(x, self.decode_linears()[0])
         else:
             gate, up = self.w_gate(x), self.w_up(x)
         return self.w_down(jax.nn.silu(gate) * up)  # [..., F] -> [..., D]
@@ -386,19 +459,52 @@ class GatedRMSNorm(nnx.Module):
             raise ValueError(f"x: expected last axis {self.dim}, got shape {x.shape}")
         if gate.shape != x.shape:
             raise ValueError(f"gate: expected shape {x.shape} (that of x), got {gate.shape}")
-        out_dtype = self.dtype or x.dtype
-        ct = math_dtype(jnp.promote_types(x.dtype, gate.dtype))
-        xf = x.astype(ct)
-        g = _GATE_ACTIVATIONS[self.activation](gate.astype(ct))
-        if not self.norm_before_gate:
-            xf = xf * g
-        group = self.group_size or self.dim
-        grouped = xf.reshape(*xf.shape[:-1], self.dim // group, group)  # [..., D] -> [..., G, D/G]
-        inv = jax.lax.rsqrt(jnp.mean(grouped * grouped, axis=-1, keepdims=True) + self.eps)
-        y = (grouped * inv).reshape(xf.shape) * self.scale[...].astype(ct)  # [..., G, D/G] -> [..., D]
+        return gated_rms_norm(x, gate, self.scale[...], eps=self.eps,
+                              norm_before_gate=self.norm_before_gate, activation=self.activation,
+                              group_size=self.group_size, dtype=self.dtype)
+
+    def normalize_gated(self, xg: Array) -> Array:
+        """``rmsnorm(xg) * scale`` for ``xg = x * act(gate)`` already formed (``[..., dim]``;
+        ``norm_before_gate=False`` only): what a fused kernel that gated ``x`` hands over.
+
+        Raises:
+            ValueError: ``norm_before_gate=True`` or a last axis that is not ``dim``.
+        """
         if self.norm_before_gate:
-            y = y * g
-        return y.astype(out_dtype)
+            raise ValueError("normalize_gated: this norm gates after normalising "
+                             "(norm_before_gate=True); call it with x and gate")
+        if xg.shape[-1] != self.dim:
+            raise ValueError(f"xg: expected last axis {self.dim}, got shape {xg.shape}")
+        ct = math_dtype(xg.dtype)
+        y = _grouped_rms(xg.astype(ct), self.scale[...], self.eps, self.group_size or self.dim)
+        return y.astype(self.dtype or xg.dtype)
+
+
+def _grouped_rms(xf: Array, scale: Array, eps: float, group: int) -> Array:
+    """``xf [..., D]`` (math dtype) normalised over each group of ``group`` features, times
+    ``scale [D]``."""
+    dim = xf.shape[-1]
+    grouped = xf.reshape(*xf.shape[:-1], dim // group, group)  # [..., D] -> [..., G, D/G]
+    inv = jax.lax.rsqrt(jnp.mean(grouped * grouped, axis=-1, keepdims=True) + eps)
+    return (grouped * inv).reshape(xf.shape) * scale.astype(xf.dtype)  # [..., G, D/G] -> [..., D]
+
+
+def gated_rms_norm(x: Array, gate: Array | None, scale: Array, *, eps: float,
+                   norm_before_gate: bool = True, activation: str = "silu",
+                   group_size: int | None = None, dtype: DType | None = None) -> Array:
+    """:class:`GatedRMSNorm`'s math on explicit parameters (``gate=None``: no gate, the
+    plain RMSNorm). ``x, gate: [..., D]``, ``scale: [D]`` -> ``[..., D]`` in ``dtype`` (or
+    ``x.dtype``); math in float32 (float64 for f64)."""
+    out_dtype = dtype or x.dtype
+    ct = math_dtype(x.dtype if gate is None else jnp.promote_types(x.dtype, gate.dtype))
+    xf = x.astype(ct)
+    g = None if gate is None else _GATE_ACTIVATIONS[activation](gate.astype(ct))
+    if g is not None and not norm_before_gate:
+        xf = xf * g
+    y = _grouped_rms(xf, scale, eps, group_size or x.shape[-1])
+    if g is not None and norm_before_gate:
+        y = y * g
+    return y.astype(out_dtype)
 
 
 _CONV_ACTIVATIONS = {"silu": jax.nn.silu}

@@ -4,8 +4,10 @@ Checked on the H200 (``benchmarks/mosaic_gdn_check.py``, 2026-12-04): forward an
 gradient through the api against the reference at T = 63, 1000, 4096, head dims 128, with
 and without an initial state (bf16, worst 3.8e-3); head dims 64 and the ungated
 ``delta_rule`` in JAX 0.11's Mosaic GPU interpreter on the CPU (``mosaic_chunk.gpu_interpret``).
-Automatic dispatch picks it on sm_90+; ``LINEARNEXUS_MOSAIC_GDN=0`` (:data:`OPT_IN_ENV`)
-leaves it to ``backend="mosaic"`` by name.
+A whole Gated DeltaNet LM trained slower through it than through the Triton kernels
+(:data:`AUTOMATIC`), so automatic dispatch picks it only with ``LINEARNEXUS_MOSAIC_GDN=1``
+(:data:`OPT_IN_ENV`); ``backend="mosaic"`` (or the blocks' ``kernel_backend="mosaic"``)
+runs it by name.
 ``benchmarks/mosaic_gdn_check.py`` is the GPU check (docs/mosaic.md).
 
 ``delta_rule`` and ``gated_delta_rule`` share it (``g`` None: no gate). The per-chunk WY
@@ -51,20 +53,26 @@ from linearnexus.kernels.common.mosaic_chunk import (
 from linearnexus.kernels.common.pallas_chunk import _core_bwd, in_chunk_cumsum
 
 F32 = jnp.float32
-#: "0" keeps the delta rules' mosaic backend out of automatic dispatch (by name it always
-#: runs); "1" puts it in even where VERIFIED is False
+#: "1" puts the delta rules' mosaic backend first in automatic dispatch; "0" keeps it out
+#: (by name it always runs)
 OPT_IN_ENV = "LINEARNEXUS_MOSAIC_GDN"
-#: checked on an H200 (benchmarks/mosaic_gdn_check.py; docs/mosaic.md, "Measured")
+#: checked on an H200 (benchmarks/mosaic_gdn_check.py, benchmarks/lm_train_gpu.py's losses)
 VERIFIED = True
+#: automatic without the variable: no. The forward walk is 0.92x Triton's forward at
+#: (8, 4096, 16, 128), but a whole 211M Gated DeltaNet LM (K = 64, V = 128) trained at
+#: 86.3 ms/step through it against 79.9 through pallas (benchmarks/lm_train_gpu.py,
+#: H200, 2026-12-04), so pallas stays the automatic choice until it wins there
+AUTOMATIC = False
 #: the feature table's note on the backend
 MOSAIC_STATUS = ("sm_90+, dense batches: Triton WY, Mosaic GPU forward walk, Triton backward; "
-                 "LINEARNEXUS_MOSAIC_GDN=0 leaves it to by-name calls")
+                 "checked on an H200, but slower than pallas in LM training: automatic only "
+                 "with LINEARNEXUS_MOSAIC_GDN=1")
 
 
 def delta_opted_in() -> bool:
     """Whether automatic dispatch may pick the delta rules' Mosaic kernel."""
     flag = os.environ.get(OPT_IN_ENV, "")
-    return flag == "1" or (VERIFIED and flag != "0")
+    return flag == "1" or (VERIFIED and AUTOMATIC and flag != "0")
 
 
 def default_delta_config(*, rows: int, heads: int, key_dim: int, value_dim: int,

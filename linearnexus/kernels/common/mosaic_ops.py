@@ -13,7 +13,7 @@ automatic dispatch moves on to the Triton kernels (``pallas``), which run everyt
 
 The delta rules (``delta_rule_mosaic``: Triton WY preparation, Mosaic GPU walk, Triton
 backward) carry an ``opt_in`` (``mosaic_delta.delta_opted_in``): automatic dispatch passes
-them by when ``LINEARNEXUS_MOSAIC_GDN=0``.
+them by unless ``LINEARNEXUS_MOSAIC_GDN=1`` (slower than pallas in LM training).
 """
 
 from __future__ import annotations
@@ -65,6 +65,16 @@ def compute_capability() -> tuple[int, int] | None:
     return major, minor
 
 
+def mosaic_dtype(q: Array, k: Array, v: Array) -> Any:
+    """The dtype the kernels compute in: q and k's when both are 16-bit, with ``v`` rounded
+    to it, else ``result_type(q, k, v)``. A float32 ``v`` beside 16-bit q, k is what ssd
+    passes (``v = dt * x``, bf16 x times float32 dt); wgmma takes 16-bit operands, so the
+    kernel rounds it as it rounds everything it multiplies (the output keeps ``v``'s dtype).
+    Without this, a bf16 Mamba2 would never reach these kernels."""
+    qk = jnp.result_type(q.dtype, k.dtype)
+    return qk if jnp.dtype(qk) in MOSAIC_DTYPES else jnp.result_type(q.dtype, k.dtype, v.dtype)
+
+
 def check_mosaic_call(q: Array, k: Array, v: Array, *, cu_seqlens: Array | None,
                       chunk: int, check_device: bool = True) -> None:
     """Raise ``NotImplementedError`` naming what the Mosaic kernel does not cover
@@ -78,7 +88,7 @@ def check_mosaic_call(q: Array, k: Array, v: Array, *, cu_seqlens: Array | None,
     reason = mosaic_unavailable_reason()
     if reason is not None:
         raise NotImplementedError(f"mosaic backend: {reason}; the pallas (Triton) kernels run it")
-    dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+    dtype = mosaic_dtype(q, k, v)
     if jnp.dtype(dtype) not in MOSAIC_DTYPES:
         raise NotImplementedError(
             f"mosaic backend: takes bfloat16 / float16 inputs, got {dtype} (wgmma rounds float32 "
@@ -170,7 +180,7 @@ def _chunk_inputs(q: Array, k: Array, v: Array, initial_state: Array | None, chu
     head dims zero-padded to powers of two >= 64 (the initial state likewise, float32)."""
     batch, seq, _, key_dim = q.shape
     value_dim = v.shape[3]
-    dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+    dtype = mosaic_dtype(q, k, v)
     # zero padding of head dims is inert; 64 is the smallest wgmma-friendly tile here and a
     # power of two keeps the Triton backward's blocks valid on the same padded arrays
     kp, vp = next_pow2(key_dim, minimum=64), next_pow2(value_dim, minimum=64)

@@ -101,19 +101,22 @@ def _mark(x: Array, bad: Array) -> Array:
     return jnp.where(jnp.broadcast_to(bad > 0, x.shape), jnp.full(x.shape, jnp.nan, F32), x)
 
 
-def _step_kernel(*, q_ref, k_ref, v_ref, g_ref, beta_ref, h0_ref, o_ref, final_ref, st: _Static):
-    j = pl.program_id(2)
-    q = q_ref[...].astype(F32)  # [K']
-    k = k_ref[...].astype(F32)
-    v_all = v_ref[...].astype(F32)  # [V']: the whole head, for the guard's check
-    v = v_ref[pl.ds(j * st.block_v, st.block_v)].astype(F32)  # [BV]
-    g = None if g_ref is None else g_ref[...].astype(F32)  # [1] or [K']
-    beta = None if beta_ref is None else beta_ref[...].astype(F32)  # [1]
+def guarded_update(q: Array, k: Array, v: Array, g: Array | None, beta: Array | None,
+                   s: Array, *, delta: bool, scale: float, guard: bool,
+                   v_full: Array | None = None) -> tuple[Array, Array]:
+    """One head's one-token update inside a kernel, the input guard folded in.
+
+    ``q, k [K']``, ``v [BV]`` (``v_full [V']``, the whole head, for the guard's check: None
+    when ``v`` is the whole head), ``g`` None / ``[1]`` / ``[K']`` (log-gate), ``beta`` None
+    / ``[1]``, ``s [K', BV]`` float32 -> ``(o [BV], s [K', BV])``, every value float32.
+    With ``guard``: bad entries are zeroed and the outputs they reach marked NaN, as
+    ``validation.causal_guard`` does for ``T == 1``.
+    """
     head_bad = q_bad = None
-    if st.guard:
+    if guard:
         q_ok, k_ok, v_ok = _ok(q), _ok(k), _ok(v)
         q_bad = _count_bad(q_ok)
-        head_bad = _count_bad(k_ok) + _count_bad(_ok(v_all))
+        head_bad = _count_bad(k_ok) + _count_bad(v_ok if v_full is None else _ok(v_full))
         q, k, v = jnp.where(q_ok, q, 0.0), jnp.where(k_ok, k, 0.0), jnp.where(v_ok, v, 0.0)
         if g is not None:
             g_ok = g <= 0  # False for NaN and +inf; -inf is a valid hard reset
@@ -123,25 +126,37 @@ def _step_kernel(*, q_ref, k_ref, v_ref, g_ref, beta_ref, h0_ref, o_ref, final_r
             beta_ok = _ok(beta)
             head_bad = head_bad + _count_bad(beta_ok)
             beta = jnp.where(beta_ok, beta, 0.0)
-    if st.has_h0:
-        s = h0_ref[...]  # [K', BV] float32
-    else:
-        s = jnp.zeros((st.key_dim, st.block_v), F32)
     if g is not None:  # [1, 1] (scalar gate) or [K', 1] (one decay per key row)
         s = s * jnp.exp(g)[:, None]
-    if st.delta:
+    if delta:
         predicted = jnp.sum(k[:, None] * s, axis=0)  # S^T k: [BV]
         err = beta * (v - predicted)  # [1] * [BV]
         s = s + k[:, None] * err[None, :]
     else:
         s = s + k[:, None] * v[None, :]
-    o = st.scale * jnp.sum(q[:, None] * s, axis=0)  # [BV]
-    if st.guard:
+    o = scale * jnp.sum(q[:, None] * s, axis=0)  # [BV]
+    if guard:
         o = _mark(o, head_bad + q_bad)
         s = _mark(s, head_bad)
+    return o, s
+
+
+def _step_kernel(*, q_ref, k_ref, v_ref, g_ref, beta_ref, h0_ref, o_ref, final_ref, st: _Static):
+    j = pl.program_id(2)
+    q = q_ref[...].astype(F32)  # [K']
+    k = k_ref[...].astype(F32)
+    v_all = v_ref[...].astype(F32)  # [V']: the whole head, for the guard's check
+    v = v_ref[pl.ds(j * st.block_v, st.block_v)].astype(F32)  # [BV]
+    g = None if g_ref is None else g_ref[...].astype(F32)  # [1] or [K']
+    beta = None if beta_ref is None else beta_ref[...].astype(F32)  # [1]
+    if st.has_h0:
+        s = h0_ref[...]  # [K', BV] float32
+    else:
+        s = jnp.zeros((st.key_dim, st.block_v), F32)
+    o, s = guarded_update(q, k, v, g, beta, s, delta=st.delta, scale=st.scale, guard=st.guard,
+                          v_full=v_all)
     o_ref[...] = o.astype(o_ref.dtype)
     final_ref[...] = s
-
 
 
 def _launch(q, k, v, g, beta, h0, *, spec: StepSpec, scale: float, guard: bool):

@@ -31,10 +31,11 @@ BACKENDS = make_backends(delta_rule_reference, delta_rule_chunked, delta_rule_re
 BACKENDS.update(pallas_backends(delta_rule_pallas, delta_rule_recurrent, STEP))
 BACKENDS["pallas_tpu"] = PallasTpuKernel(delta_rule_pallas_tpu, delta_rule_recurrent)
 # the Mosaic GPU forward (sm_90+, bf16 / f16, batch rows): by name, or automatically with
-# automatically (checked on an H200; LINEARNEXUS_MOSAIC_GDN=0: by name only)
+# automatically with LINEARNEXUS_MOSAIC_GDN=1 (checked on an H200, slower than pallas in LM
+# training: kernels/common/mosaic_delta.py)
 BACKENDS["mosaic"] = MosaicKernel(delta_rule_mosaic, delta_rule_recurrent,
                                   step=STEP, opt_in=delta_opted_in, status=MOSAIC_STATUS)
-# automatic dispatch takes "mosaic" (unless LINEARNEXUS_MOSAIC_GDN=0) and "pallas" on a GPU
+# automatic dispatch takes "mosaic" (opted in) and "pallas" on a GPU
 # only, "pallas_tpu" on a TPU only (their `supports` say no elsewhere); mosaic raises
 # NotImplementedError for what it does not cover and pallas runs it
 BACKEND_ORDER = ("mosaic", "pallas", "pallas_tpu", *DEFAULT_ORDER)
@@ -76,9 +77,9 @@ def delta_rule(
         chunk_size: tokens per chunk in chunk mode (default 64).
         mode: "chunk", "recurrent" or None (recurrent when T < 64).
         backend: "mosaic" (Mosaic GPU forward on sm_90+ for bf16 / f16 batch rows, Triton
-            backward; the automatic choice there unless
-            ``LINEARNEXUS_MOSAIC_GDN=0``), "pallas" (Triton kernels; the automatic choice on
-            other GPUs and calls mosaic declines), "pallas_tpu"
+            backward; automatic only with
+            ``LINEARNEXUS_MOSAIC_GDN=1``), "pallas" (Triton kernels; the automatic choice on
+            a GPU), "pallas_tpu"
             (Mosaic TPU kernels; the automatic choice on a TPU; on a CPU only with
             ``LINEARNEXUS_PALLAS_TPU_INTERPRET=1``, through the TPU interpreter), "pallas_step" (the fused
             one-token kernel, T == 1 only), "jax"

@@ -1,6 +1,6 @@
 """delta_rule's ``mosaic`` backend: gated_delta_rule's kernels without a gate (no decay).
-Picked automatically on sm_90+
-(``LINEARNEXUS_MOSAIC_GDN=0``: by name only; ``kernels/common/mosaic_delta.py``; docs/mosaic.md).
+Checked on an H200; by name, or automatically with ``LINEARNEXUS_MOSAIC_GDN=1`` (slower than
+pallas in LM training: ``kernels/common/mosaic_delta.py``; docs/mosaic.md).
 """
 
 from __future__ import annotations

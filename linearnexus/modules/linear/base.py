@@ -241,6 +241,23 @@ class LinearAttentionBlock(nnx.Module):
         raise NotImplementedError(f"{type(self).__name__} must define _gates_from with "
                                   "_gate_linears")
 
+    def decode_linears(self) -> list[list[nnx.Linear]]:
+        """The projections a one-token call runs as one matmul (``modules.common.fused_dense``):
+        q, k, v, the gates' (:meth:`_gate_linears`) and the output gate; none when the gates
+        are not plain projections."""
+        gate_linears = self._gate_linears()
+        if gate_linears is None:
+            return []
+        out_gate = [] if self.g_proj is None else [self.g_proj]
+        return [[self.q_proj, self.k_proj, self.v_proj, *gate_linears, *out_gate]]
+
+    def _fused_layer(self, x: Array, linear: LinearState) -> tuple[Array, LinearState] | None:
+        """A one-token call (no mask, no packing) through one fused layer kernel, from the
+        input projection to ``o_proj``'s input ``[B, 1, H*V]``, with the new state; None
+        (the default) when the block has none or it does not apply (then the block runs
+        its unfused path)."""
+        return None
+
     def _prepare_qk(self, q: Array, k: Array, state: Any,
                     call: SequenceCall) -> tuple[Array, Array]:
         """Transform ``q, k [B, T, H, K]`` before the op (RetNet's rotary, DeltaNet's L2
@@ -312,9 +329,13 @@ class LinearAttentionBlock(nnx.Module):
 
         gate_linears = self._gate_linears()
         fused = seq == 1 and gate_linears is not None and fused_decode_enabled()
+        if fused and call.layout is None and call.cu_seqlens is None:
+            layer = self._fused_layer(x, linear)
+            if layer is not None:  # the recurrent part in one kernel (a GPU)
+                o, new_linear = layer
+                return self.o_proj(o), self._next_state(state, new_linear, call, seq)
         if fused:  # one token: q, k, v, the gates' and the output gate's projections in one GEMV
-            out_gate = () if self.g_proj is None else (self.g_proj,)
-            rest = [self.q_proj, self.k_proj, self.v_proj, *gate_linears, *out_gate]
+            rest = self.decode_linears()[0]
             qkv, *rest = fused_dense(x, rest, groups=(3,) + (1,) * (len(rest) - 3))
             gate_logits = rest[:len(gate_linears)]  # [B, 1, 2HK + HV], then the gates'
             q, k, v = jnp.split(qkv, [cfg.key_dim, 2 * cfg.key_dim], axis=-1)

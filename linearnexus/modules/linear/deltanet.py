@@ -56,12 +56,14 @@ from flax import nnx
 from linearnexus.core.config import ConfigError, field
 from linearnexus.core.gating import sample_dt_bias, softplus_decay
 from linearnexus.core.types import Array
+from linearnexus.kernels.conv import conv_step
 from linearnexus.kernels.delta_rule import delta_rule
+from linearnexus.kernels.fused_decode import DeltaLayerSpec, delta_layer_step, layer_kernel_ready
 from linearnexus.kernels.gated_delta_rule import gated_delta_rule
-from linearnexus.modules.base import KERNEL_BACKENDS, dtype_of
-from linearnexus.modules.common import l2_normalize, math_dtype
+from linearnexus.modules.base import MOSAIC_KERNEL_BACKENDS, dtype_of
+from linearnexus.modules.common import fused_dense, gated_rms_norm, l2_normalize, math_dtype
 from linearnexus.modules.linear.base import LinearAttentionBlock, LinearAttentionConfig, whole_width
-from linearnexus.modules.linear.runtime import SequenceCall
+from linearnexus.modules.linear.runtime import LinearState, SequenceCall
 
 __all__ = [
     "DeltaNetBlock",
@@ -98,9 +100,10 @@ class DeltaNetFamilyConfig(LinearAttentionConfig):
         qk_norm_eps: epsilon of the L2 norm of q and k (FLA's ``l2norm``: 1e-6).
         chunk_size: tokens per chunk in chunk mode (FLA's 64).
         mode_threshold: with ``mode=None``, calls with T < this run in recurrent mode.
-        kernel_backend: one of :data:`~linearnexus.modules.base.KERNEL_BACKENDS`: "auto"
+        kernel_backend: one of :data:`~linearnexus.modules.base.MOSAIC_KERNEL_BACKENDS`: "auto"
             (best available), "jax", "naive" (the per-step reference; needs concrete
-            ``cu_seqlens``) or "pallas".
+            ``cu_seqlens``), "pallas" or "mosaic" (the Mosaic GPU forward walk on sm_90+,
+            docs/mosaic.md).
     """
 
     use_short_conv: bool = True
@@ -112,7 +115,7 @@ class DeltaNetFamilyConfig(LinearAttentionConfig):
     qk_norm_eps: float = field(1e-6, gt=0)
     chunk_size: int = field(64, gt=0)
     mode_threshold: int = field(64, gt=0)
-    kernel_backend: str = field("auto", choices=KERNEL_BACKENDS)
+    kernel_backend: str = field("auto", choices=MOSAIC_KERNEL_BACKENDS)
 
     @property
     def output_gate(self) -> bool:
@@ -228,6 +231,8 @@ class DeltaNetFamilyBlock(LinearAttentionBlock):
 
     config_class: ClassVar[type[DeltaNetFamilyConfig]] = DeltaNetFamilyConfig
     silu_without_conv = True
+    #: a data-dependent decay (Gated DeltaNet's ``A_log``, ``dt_bias`` and ``a_proj``)
+    decays: ClassVar[bool] = False
 
     def _build_mechanism(self, rngs: nnx.Rngs) -> None:
         self.b_proj = self._linear(self.config.d_model, self.config.heads, rngs)  # beta logits
@@ -237,6 +242,70 @@ class DeltaNetFamilyBlock(LinearAttentionBlock):
         """``q / ||q||``, ``k / ||k||`` per head over K."""
         eps = self.config.qk_norm_eps
         return l2_normalize(q, eps), l2_normalize(k, eps)
+
+    def _layer_spec(self) -> DeltaLayerSpec:
+        cfg = self.config
+        return DeltaLayerSpec(
+            heads=cfg.heads, key_dim=cfg.head_k_dim, value_dim=cfg.head_v_dim,
+            conv_width=cfg.conv_width, silu_without_conv=self.silu_without_conv,
+            gated=self.decays, output_gate=self.g_proj is not None,
+            allow_neg_eigval=cfg.allow_neg_eigval, qk_eps=cfg.qk_norm_eps,
+            norm_eps=cfg.norm_eps, scale=cfg.head_k_dim ** -0.5)
+
+    def _fused_layer(self, x: Array, linear: LinearState) -> tuple[Array, LinearState] | None:
+        """One token through ``kernels.fused_decode.delta_layer_step`` (conv, silu, L2
+        norms, beta and decay, the state step with the guard, the output norm and gate in
+        one kernel) where :func:`layer_kernel_ready` says it runs; else None."""
+        cfg = self.config
+        spec = self._layer_spec()
+        if not layer_kernel_ready(spec, x.dtype, cfg.backend):
+            return None
+        linears = self.decode_linears()[0]
+        proj = fused_dense(x, linears, groups=(len(linears),))[0][:, 0]  # [B, 1, F] -> [B, F]
+        conv = self.conv
+
+        def value(param):
+            return None if param is None else param[...]
+
+        y, cache, final = delta_layer_step(
+            spec, proj, None if conv is None else linear.conv.buffer,
+            None if conv is None else conv.conv_weight[...],
+            None if conv is None else value(conv.conv_bias), linear.recurrent.state,
+            *((self.A_log[...], self.dt_bias[...]) if spec.gated else (None, None)),
+            self.norm.scale[...], fallback=lambda *a: self._layer_reference(spec, *a))
+        new_conv = None if conv is None else linear.conv.update(cache)
+        return y[:, None], LinearState(conv=new_conv, recurrent=linear.recurrent.update(final))
+
+    def _layer_reference(self, spec: DeltaLayerSpec, proj: Array, cache: Array | None,
+                         conv_weight: Array | None, conv_bias: Array | None, state: Array,
+                         a_log: Array | None, dt_bias: Array | None,
+                         norm_scale: Array) -> tuple[Array, Array | None, Array]:
+        """:func:`delta_layer_step`'s math unfused, on explicit parameters (its backward
+        pass): the same steps as the block's one-token call."""
+        batch, hk = proj.shape[0], spec.heads * spec.key_dim
+        qkv = proj[:, None, :spec.qkv_width]  # [B, F] -> [B, 1, 2HK + HV]
+        if spec.conv_width is not None:
+            qkv, cache = conv_step(qkv, cache, conv_weight, conv_bias, activation="silu")
+        elif spec.silu_without_conv:
+            qkv = jax.nn.silu(qkv)
+        q, k, v = jnp.split(qkv, [hk, 2 * hk], axis=-1)
+        q = q.reshape(batch, 1, spec.heads, spec.key_dim)  # [B, 1, HK] -> [B, 1, H, K]
+        k = k.reshape(batch, 1, spec.heads, spec.key_dim)
+        v = v.reshape(batch, 1, spec.heads, spec.value_dim)  # [B, 1, HV] -> [B, 1, H, V]
+        q, k = l2_normalize(q, spec.qk_eps), l2_normalize(k, spec.qk_eps)
+        at, h = spec.qkv_width, spec.heads
+        beta = self._beta_from(proj[:, None, at:at + h])  # [B, 1, H]
+        gates = (beta,)
+        if spec.gated:
+            logits = proj[:, None, at + h:at + 2 * h].astype(math_dtype(proj.dtype))
+            gates = (softplus_decay(logits, a_log, dt_bias), beta)
+        o, final = type(self).op(q, k, v, *gates, initial_state=state, output_final_state=True,
+                                 mode="recurrent", backend=self.config.backend)  # [B, 1, H, V]
+        gate = None
+        if spec.output_gate:
+            gate = proj[:, at + len(gates) * h:].reshape(batch, h, spec.value_dim)  # [B, H, V]
+        y = gated_rms_norm(o[:, 0], gate, norm_scale, eps=spec.norm_eps)  # [B, H, V]
+        return y.reshape(batch, h * spec.value_dim), cache, final  # [B, H, V] -> [B, HV]
 
     def _beta(self, x: Array) -> Array:
         """``beta [B, T, H]`` in float32 (float64 for float64 compute) from ``x [B, T, D]``."""
@@ -278,6 +347,7 @@ class GatedDeltaNetBlock(DeltaNetFamilyBlock):
 
     config_class = GatedDeltaNetConfig
     op = staticmethod(gated_delta_rule)
+    decays = True
 
     def _build_mechanism(self, rngs: nnx.Rngs) -> None:
         super()._build_mechanism(rngs)

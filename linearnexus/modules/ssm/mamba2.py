@@ -34,9 +34,11 @@ from linearnexus.core.config import ConfigError, field
 from linearnexus.core.gating import sample_dt_bias
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array
+from linearnexus.kernels.conv import conv_step
+from linearnexus.kernels.fused_decode import SsdLayerSpec, layer_kernel_ready, ssd_layer_step
 from linearnexus.kernels.ssd import ssd
-from linearnexus.modules.base import KERNEL_BACKENDS, BlockConfig, dtype_of, op_backend
-from linearnexus.modules.common import GatedRMSNorm, ShortConv, math_dtype
+from linearnexus.modules.base import MOSAIC_KERNEL_BACKENDS, BlockConfig, dtype_of, op_backend
+from linearnexus.modules.common import GatedRMSNorm, ShortConv, fused_decode_enabled, math_dtype
 from linearnexus.modules.linear.runtime import (
     LinearState,
     begin_call,
@@ -73,9 +75,10 @@ class Mamba2Config(BlockConfig):
             than the reference's 256: on CPU at T=1024 chunk 64 measured faster than 256
             (docs/features/mamba2.md).
         mode_threshold: with ``mode=None``, calls with T < this run in recurrent mode.
-        kernel_backend: one of :data:`~linearnexus.modules.base.KERNEL_BACKENDS`: "auto"
+        kernel_backend: one of :data:`~linearnexus.modules.base.MOSAIC_KERNEL_BACKENDS`: "auto"
             (best available), "jax", "naive" (the per-step reference) or "pallas" (simple
-            GLA's Triton kernels, which the SSD op runs through).
+            GLA's Triton kernels, which the SSD op runs through) or "mosaic" (simple GLA's
+            Mosaic GPU kernels on sm_90+, docs/mosaic.md).
         D_has_hdim: the skip ``D`` per channel, ``[H, P]`` (the reference's ``D_has_hdim``),
             instead of per head ``[H]``.
         dt_limit: ``(low, high)``: clamp ``softplus(dt + dt_bias)`` to it (the reference's
@@ -97,7 +100,7 @@ class Mamba2Config(BlockConfig):
     norm_eps: float = field(1e-5, gt=0)
     chunk_size: int = field(64, gt=0)
     mode_threshold: int = field(64, gt=0)
-    kernel_backend: str = field("auto", choices=KERNEL_BACKENDS)
+    kernel_backend: str = field("auto", choices=MOSAIC_KERNEL_BACKENDS)
     D_has_hdim: bool = False
     dt_limit: tuple[float, float] | None = None
 
@@ -190,6 +193,50 @@ class Mamba2Block(nnx.Module):
         ``[B, H, N, P]`` (float32; float64 for a float64 block)."""
         return zeros_linear_state(batch_size, dtype=self.config.dtype, **self._state_dims())
 
+    def _layer_spec(self) -> SsdLayerSpec:
+        cfg = self.config
+        return SsdLayerSpec(heads=cfg.n_heads, head_dim=cfg.headdim, groups=cfg.ngroups,
+                            d_state=cfg.d_state, conv_width=cfg.d_conv,
+                            d_per_channel=cfg.D_has_hdim, dt_limit=cfg.dt_limit)
+
+    def _fused_layer(self, proj: Array, state: LinearState) -> tuple[Array, LinearState] | None:
+        """One token (no mask, no packing) through ``kernels.fused_decode.ssd_layer_step``
+        where it runs: ``(y * silu(z) [B, E] float32, new_state)``; else None."""
+        cfg = self.config
+        spec = self._layer_spec()
+        if not (fused_decode_enabled()
+                and layer_kernel_ready(spec, proj.dtype, op_backend(cfg.kernel_backend))):
+            return None
+        conv = self.conv
+        y, cache, final = ssd_layer_step(
+            spec, proj, state.conv.buffer, conv.conv_weight[...],
+            None if conv.conv_bias is None else conv.conv_bias[...], state.recurrent.state,
+            self.A_log[...], self.dt_bias[...], self.D[...],
+            fallback=lambda *a: self._layer_reference(spec, *a))
+        return y, LinearState(conv=state.conv.update(cache),
+                              recurrent=state.recurrent.update(final))
+
+    def _layer_reference(self, spec: SsdLayerSpec, proj: Array, cache: Array,
+                         conv_weight: Array, conv_bias: Array | None, state: Array,
+                         a_log: Array, dt_bias: Array, d: Array) -> tuple[Array, Array, Array]:
+        """:func:`ssd_layer_step`'s math unfused, on explicit parameters (its backward pass):
+        the same steps as the block's one-token call."""
+        batch, e, h = proj.shape[0], spec.inner, spec.heads
+        g, n = spec.groups, spec.d_state
+        z, xbc, dt = jnp.split(proj[:, None], [e, e + spec.conv_channels], axis=-1)
+        xbc, cache = conv_step(xbc, cache, conv_weight, conv_bias, activation="silu")
+        xs, b_t, c_t = jnp.split(xbc, [e, e + g * n], axis=-1)
+        ct = math_dtype(proj.dtype)
+        dt = jax.nn.softplus(dt.astype(ct) + dt_bias.astype(ct))  # [B, 1, H]
+        if spec.dt_limit is not None:
+            dt = jnp.clip(dt, *spec.dt_limit)
+        y, final = ssd(xs.reshape(batch, 1, h, spec.head_dim), dt, -jnp.exp(a_log.astype(ct)),
+                       b_t.reshape(batch, 1, g, n), c_t.reshape(batch, 1, g, n), D=d,
+                       initial_state=state, output_final_state=True, mode="recurrent",
+                       backend=op_backend(self.config.kernel_backend))  # [B, 1, H, P]
+        y = y.reshape(batch, e).astype(ct) * jax.nn.silu(z[:, 0].astype(ct))  # [B, E]
+        return y, cache, final
+
     def __call__(
         self,
         x: Array,
@@ -230,6 +277,12 @@ class Mamba2Block(nnx.Module):
         g, n = cfg.ngroups, cfg.d_state
 
         zxbcdt = self.in_proj(x)  # [B, T, 2E + 2GN + H]
+        if seq == 1 and call.layout is None and call.cu_seqlens is None:
+            layer = self._fused_layer(zxbcdt[:, 0], state)
+            if layer is not None:  # conv, step size, SSD step, skip and gate in one kernel
+                y, new_state = layer  # [B, E] float32: y * silu(z)
+                y = self.norm.normalize_gated(y) if self.norm is not None else y.astype(dtype)
+                return self.out_proj(y[:, None]), new_state
         z, xbc, dt = jnp.split(zxbcdt, [e, e + cfg.conv_dim], axis=-1)
         # pads zeroed before the conv (in_proj's bias would make them non-zero), so the conv
         # cache keeps the last valid inputs
