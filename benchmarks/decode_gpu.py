@@ -79,7 +79,10 @@ def our_config(kind: str, *, d: int, layers: int, vocab: int, dtype: str,
     common = dict(vocab_size=vocab, d_model=d, n_layers=layers, dtype=dtype,
                   param_dtype="float32", max_seq_len=max_seq_len)
     if kind == "gdn":
-        return ModelConfig(block_pattern=("gated_deltanet",), **common)
+        # the heads FLA's model gets below (16 of K = 64 at d 1024: 211M parameters); the
+        # block's own default would be 12 (0.75 d / K), a smaller model than FLA's
+        return ModelConfig(block_pattern=("gated_deltanet",), block_options={"gated_deltanet": {
+            "num_heads": max(1, d // 64), "head_dim": 64, "expand_v": 2.0}}, **common)
     if kind == "mamba2":
         return ModelConfig(block_pattern=("mamba2",), mlp=False, **common)
     if kind == "gpt":
