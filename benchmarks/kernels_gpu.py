@@ -8,10 +8,11 @@ speed vs flash-linear-attention (FLA), in one process.
         [--check-dims 64 128]
         [--merge earlier.json] [--out DIR] [--name kernels_gpu] [--docs docs/benchmarks.md]
 
-``--backends``: the LinearNexus backends timed (the first fills the LN columns; ``mosaic``,
-the Mosaic GPU kernels of simple_gla on Hopper, adds its own columns with its ratio to FLA and
-its %HBM / %MMA); ``--check-backends`` those checked against the reference (``auto``: the
-dispatcher's own choice), at every ``--check-seqs`` length and ``--check-dims`` head dim.
+``--backends``: the LinearNexus backends timed (the first fills the LN columns; each other
+one, ``mosaic`` (Mosaic GPU kernels on Hopper) or ``pallas`` (Triton), adds its own columns
+with its ratio to FLA and its %HBM / %MMA); ``--check-backends`` those checked against the
+reference (``auto``: the dispatcher's own choice), at every ``--check-seqs`` length and
+``--check-dims`` head dim.
 
 On the GPU machine (no internet; FLA carried as wheels in .whl/, pure Python):
 
@@ -899,11 +900,13 @@ def markdown(results: dict[str, Any]) -> str:
               "fwd / fwd+bwd share of the measured ceilings (bytes that must move, FLOPs of the "
               "chunked algorithm; formulas in benchmarks/kernels_gpu.py).", ""]
     for op, rows in results["timing"].items():
-        mosaic = any(r.get("mosaic") for r in rows)
+        # backends after the first of --backends (which fills the LN columns) get columns of
+        # their own: their times, ratios to FLA and shares
+        extras = [b for b in ("mosaic", "pallas") if any(r.get(b) for r in rows)]
         head = ("| shape (B, T, H, D) | LN fwd ms | FLA fwd ms | ratio | LN fwd+bwd ms | FLA fwd+bwd ms "
                 "| ratio | LN %HBM | LN %MMA | FLA %HBM | FLA %MMA |")
-        if mosaic:  # the mosaic backend (Mosaic GPU kernels), its ratios to FLA and shares
-            head += " mosaic fwd ms | ratio | mosaic fwd+bwd ms | ratio | mosaic %HBM | mosaic %MMA |"
+        for b in extras:
+            head += f" {b} fwd ms | ratio | {b} fwd+bwd ms | ratio | {b} %HBM | {b} %MMA |"
         lines += [f"### {op}", "", head, "|---" * (head.count("|") - 1) + "|"]
         forced = results.get("fla_triton_flag_forced") and op in FLAG_OPS
         by_shape = {tuple(r["shape"]): r for r in rows}
@@ -916,14 +919,14 @@ def markdown(results: dict[str, Any]) -> str:
             cells = [str(tuple(row["shape"])), fmt_ms(ln, "fwd"), fmt_ms(fla, "fwd"), ratio(ln, fla, "fwd"),
                      fmt_ms(ln, "fwd_bwd"), fla_fb, ratio(ln, fla, "fwd_bwd"),
                      pct(ln, "pct_hbm"), pct(ln, "pct_mma"), pct(fla, "pct_hbm"), pct(fla, "pct_mma")]
-            if mosaic:
-                mo = row.get("mosaic")
-                cells += [fmt_ms(mo, "fwd"), ratio(mo, fla, "fwd"), fmt_ms(mo, "fwd_bwd"),
-                          ratio(mo, fla, "fwd_bwd"), pct(mo, "pct_hbm"), pct(mo, "pct_mma")]
+            for b in extras:
+                ex = row.get(b)
+                cells += [fmt_ms(ex, "fwd"), ratio(ex, fla, "fwd"), fmt_ms(ex, "fwd_bwd"),
+                          ratio(ex, fla, "fwd_bwd"), pct(ex, "pct_hbm"), pct(ex, "pct_mma")]
             lines.append("| " + " | ".join(cells) + " |")
         errs = []
         for row in rows:
-            for who in ("ln", "mosaic", "fla"):
+            for who in ("ln", *extras, "fla"):
                 e = row.get(who) or {}
                 text = e.get("error") or e.get("fwd_error") or e.get("fwd_bwd_error")
                 if text:
