@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# ~1.5-3 min on a 2-core CPU (800 steps, val loss ~1.85), then a 300-character sample
+# ~1-2 min on a 2-core CPU (800 steps, val loss ~1.84), then a 300-character sample
 demo: $(STAMP)
 	$(PY) train_lm.py --model gpt-small --max-steps 800 --batch-size 12 --seq-len 64 \
 		--eval-interval 200 --out runs/demo --overwrite --sample-tokens 300

@@ -383,7 +383,7 @@ def decode_params(model: LMModel, params: Any) -> DecodeParams:
     """``DecodeParams(params, fused weights)``: the concatenations computed once for these
     ``params`` (cached with them: the same ``params`` object gives the same result). They
     are a second copy of the fused projections' weights (q, k, v, gates and output gate of
-    the DeltaNet-family blocks, gate and up of the MLPs) while a decoder lives."""
+    the DeltaNet-family blocks, gate and up of the MLPs) while the model lives."""
     cached = _DECODE_PARAMS.get(model)
     if cached is not None and cached[0] is params:
         return cached[1]

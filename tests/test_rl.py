@@ -1,5 +1,5 @@
 """Tests for linearnexus.train.rl: loss pieces against hand-computed values, rollout layout,
-reward checks, a few GRPO / PPO steps on tiny attention / Mamba2 / Gated DeltaNet policies
+reward checks, a few GRPO / PPO steps on tiny attention / Gated DeltaNet policies
 that must move the policy towards the reward, exact resume, and train_rl.py's errors.
 
 Policies are 1-layer, 16-wide models over a 13-character vocabulary; every run is a few

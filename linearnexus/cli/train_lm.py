@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"seed of the model init and the batch order (default {default['seed']})")
     t.add_argument("--mesh", metavar="SPEC", default=None,
                    help="device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, context, tensor) "
-                        "or auto (all devices on fsdp); default one device (docs/distributed.md)")
+                        "or auto (all devices on fsdp); default one device, data=2 over 2 CPU "
+                        "devices on a CPU-only host (docs/training.md)")
     r = p.add_argument_group("run")
     r.add_argument("--out", metavar="DIR", default=None,
                    help="run folder (default: the config's out_dir, else runs/<model>)")

@@ -163,12 +163,14 @@ def _count_given(env: Mapping[str, str]) -> bool:
 def _mesh_devices(mesh: str) -> int:
     """Devices a ``"data=2,fsdp=4"`` spec covers (0 for "auto", "none" or a malformed spec,
     which the mesh's own validation reports)."""
-    total = 1
-    for part in mesh.split(","):
-        _, eq, size = part.partition("=")
-        if not eq or not size.strip().isdigit():
-            return 0
-        total *= int(size)
+    import math
+
+    from linearnexus.parallel.mesh import MeshError, parse_mesh_spec
+
+    try:
+        total = math.prod(parse_mesh_spec(mesh, None).values())
+    except MeshError:
+        return 0
     return total if total > 1 else 0
 
 

@@ -33,14 +33,15 @@ class MeshError(ValueError):
     """A mesh spec that cannot work (names the axis)."""
 
 
-def parse_mesh_spec(spec: str | Mapping[str, int] | None, n_devices: int) -> dict[str, int]:
+def parse_mesh_spec(spec: str | Mapping[str, int] | None, n_devices: int | None) -> dict[str, int]:
     """``"data=2,fsdp=4"`` -> ``{"data": 2, "fsdp": 4, "context": 1, "tensor": 1}``.
 
     Args:
         spec: the spec string, a mapping axis -> size, ``"auto"`` (all devices on fsdp) or
             None / ``""`` / ``"none"`` (one device).
         n_devices: devices the mesh must cover (the product of the sizes must equal it,
-            except for the one-device spec).
+            except for the one-device spec); None: any count (the sizes as named; not for
+            ``"auto"``, whose size is the device count).
 
     Raises:
         MeshError: an unknown axis, a size that is not a positive integer, an axis named
@@ -49,6 +50,8 @@ def parse_mesh_spec(spec: str | Mapping[str, int] | None, n_devices: int) -> dic
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none")):
         return dict.fromkeys(AXES, 1)
     if isinstance(spec, str) and spec.strip().lower() == "auto":
+        if n_devices is None:
+            raise MeshError("mesh: 'auto' takes its size from the device count")
         return {**dict.fromkeys(AXES, 1), "fsdp": n_devices}
     if isinstance(spec, Mapping):
         items = [(str(k), v) for k, v in spec.items()]
@@ -78,7 +81,7 @@ def parse_mesh_spec(spec: str | Mapping[str, int] | None, n_devices: int) -> dic
             raise MeshError(f"mesh: axis {name!r} needs a positive integer size, got {size!r}")
         sizes[name] = value
     total = math.prod(sizes.values())
-    if total != n_devices:
+    if n_devices is not None and total != n_devices:
         named = " x ".join(f"{a}={sizes[a]}" for a in AXES if sizes[a] > 1) or "all 1"
         raise MeshError(f"mesh: axis sizes {named} multiply to {total}, but there are "
                         f"{n_devices} devices; the product must equal the device count")

@@ -1,7 +1,8 @@
 """Training on meshes of 8 simulated devices equals training on one.
 
-For GPT, Mamba-2, Gated DeltaNet and a Mamba + attention hybrid: 5 AdamW steps on each of
-the meshes data=8, fsdp=8, data=2 fsdp=2 tensor=2 and data=2 context=4 give the one-device
+For GPT, Mamba-2, Gated DeltaNet and a Mamba + attention hybrid, each on two of the meshes
+data=8, fsdp=8, data=2 fsdp=2 tensor=2 and data=2 context=4 (every mesh on two models or
+more, ``MESH_CASES``): 5 AdamW steps give the one-device
 losses (1e-5 relative) and parameters (the whole parameter vector within 1e-5 relative;
 single tensors within 5e-5, since Adam divides each element's update by its own gradient
 scale, so float32 reduction-order noise on near-zero gradients shows up per element).

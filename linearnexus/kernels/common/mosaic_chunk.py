@@ -25,7 +25,8 @@ cumsum of log-gates (``pallas_chunk.py``'s module doc has the derivation)::
 Scope (anything else raises ``NotImplementedError`` and the dispatcher moves on to the
 Triton kernels): bfloat16 / float16 inputs (the wgmma of float32 operands is TF32, short of
 the float32 thresholds), key dim padded to 64 or 128, value dim padded to a multiple of the
-value block, batch rows (no ``cu_seqlens`` packing), no delta rule.
+value block, batch rows (no ``cu_seqlens`` packing). The delta rules run the same walk
+with ``core.delta`` set (``mosaic_delta.py``).
 
 Backward (``mosaic_core``'s custom_vjp): under a gradient the forward also stores every
 chunk's entering state (``store_states``: the bf16 state tile of the ``q S_c`` matmul

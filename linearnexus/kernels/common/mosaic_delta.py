@@ -56,8 +56,6 @@ F32 = jnp.float32
 #: "1" puts the delta rules' mosaic backend first in automatic dispatch; "0" keeps it out
 #: (by name it always runs)
 OPT_IN_ENV = "LINEARNEXUS_MOSAIC_GDN"
-#: checked on an H200 (benchmarks/mosaic_gdn_check.py, benchmarks/lm_train_gpu.py's losses)
-VERIFIED = True
 #: automatic without the variable: no. The forward walk is 0.92x Triton's forward at
 #: (8, 4096, 16, 128), but a whole 211M Gated DeltaNet LM (K = 64, V = 128) trained at
 #: 86.3 ms/step through it against 79.9 through pallas (benchmarks/lm_train_gpu.py,
@@ -65,14 +63,14 @@ VERIFIED = True
 AUTOMATIC = False
 #: the feature table's note on the backend
 MOSAIC_STATUS = ("sm_90+, dense batches: Triton WY, Mosaic GPU forward walk, Triton backward; "
-                 "checked on an H200, but slower than pallas in LM training: automatic only "
-                 "with LINEARNEXUS_MOSAIC_GDN=1")
+                 "gated_delta_rule checked on an H200 (delta_rule in the interpreter), slower "
+                 "than pallas in LM training: automatic only with LINEARNEXUS_MOSAIC_GDN=1")
 
 
 def delta_opted_in() -> bool:
     """Whether automatic dispatch may pick the delta rules' Mosaic kernel."""
     flag = os.environ.get(OPT_IN_ENV, "")
-    return flag == "1" or (VERIFIED and AUTOMATIC and flag != "0")
+    return flag == "1" or (AUTOMATIC and flag != "0")
 
 
 def default_delta_config(*, rows: int, heads: int, key_dim: int, value_dim: int,

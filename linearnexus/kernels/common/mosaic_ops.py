@@ -209,7 +209,8 @@ def delta_rule_mosaic(q: Array, k: Array, v: Array, beta: Array, g: Array | None
                       config: MosaicConfig | None = None,
                       check_device: bool = True) -> tuple[Array, Array]:
     """The (gated) delta rule: WY preparation in Triton, the chunk walk on Mosaic GPU, the
-    backward in Triton (``mosaic_delta.py``; not yet verified on a GPU).
+    backward in Triton (``mosaic_delta.py``; checked on an H200, automatic only with
+    ``LINEARNEXUS_MOSAIC_GDN=1``).
 
     Args:
         q, k: ``[B, T, H, K]`` (k L2-normalised). v: ``[B, T, H, V]`` (bfloat16 / float16).
@@ -278,9 +279,9 @@ class MosaicKernel(PallasKernel):
             cu_seqlens=, chunk_size=, config=)``). recurrent: the op's recurrent form.
         config: :class:`MosaicConfig` overrides for every call.
         step: the op's one-token step (:class:`PallasKernel`).
-        opt_in: for a kernel not yet verified on a GPU: a function saying whether automatic
-            dispatch may pick it (``mosaic_delta.delta_opted_in``: an environment variable);
-            by name it always runs. None: automatic dispatch picks it.
+        opt_in: a function saying whether automatic dispatch may pick it
+            (``mosaic_delta.delta_opted_in``: an environment variable); by name it always
+            runs. None: automatic dispatch picks it.
         status: the feature table's note after the name (None: the class's).
     """
 
