@@ -30,6 +30,7 @@ from linearnexus.kernels.common.chunking import (
     chunk_cumsum,
     chunk_suffix_sum,
     from_chunks,
+    maybe_tune_cpu_malloc,
     pairwise_decay,
     plan_chunks,
     scan_chunk_states,
@@ -122,6 +123,7 @@ def delta_chunked(q: Array, k: Array, v: Array, beta: Array, g: Array | None, *,
     value_dim = v.shape[3]
     gates = () if g is None else (g.dtype,)
     dtype = compute_dtype(q.dtype, k.dtype, v.dtype, beta.dtype, *gates)
+    maybe_tune_cpu_malloc()
     plan = plan_chunks(batch, seq, chunk_size, cu_seqlens)
     length = plan.chunk
     # heads before time inside a chunk, so every einsum below is a plain batched matmul

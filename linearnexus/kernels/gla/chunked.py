@@ -39,6 +39,7 @@ from linearnexus.kernels.common.chunking import (
     ChunkPlan,
     chunk_cumsum,
     from_chunks,
+    maybe_tune_cpu_malloc,
     plan_chunks,
     scan_chunk_states,
     to_chunks,
@@ -279,6 +280,7 @@ def gla_chunked(q: Array, k: Array, v: Array, g: Array, *, scale: float,
     is at most ``2 * DENSE_MAX_EXPONENT`` (it bounds the range of ``b``), else the tree form.
     """
     dtype = compute_dtype(q.dtype, k.dtype, v.dtype, g.dtype)
+    maybe_tune_cpu_malloc()
     plan = plan_chunks(q.shape[0], q.shape[1], chunk_size, cu_seqlens)
     arrays = tuple(x.astype(dtype) for x in (q, k, v, g))
     if initial_state is not None:

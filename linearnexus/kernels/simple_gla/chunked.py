@@ -21,6 +21,7 @@ from linearnexus.kernels.common.chunking import (
     chunk_cumsum,
     chunk_suffix_sum,
     from_chunks,
+    maybe_tune_cpu_malloc,
     pairwise_decay,
     plan_chunks,
     scan_chunk_states,
@@ -41,6 +42,7 @@ def simple_gla_chunked(q: Array, k: Array, v: Array, g: Array, *, scale: float,
     batch, seq, heads, key_dim = q.shape
     value_dim = v.shape[3]
     dtype = compute_dtype(q.dtype, k.dtype, v.dtype, g.dtype)
+    maybe_tune_cpu_malloc()
     plan = plan_chunks(batch, seq, chunk_size, cu_seqlens)
     # heads before time inside a chunk, so every einsum below is a plain batched matmul
     qc, kc, vc = (jnp.swapaxes(to_chunks(x.astype(dtype), plan), 2, 3)
