@@ -118,6 +118,17 @@ class ChunkPlan(NamedTuple):
         return self.src is not None
 
 
+_TRACED_FIELDS = ("src", "dst", "reset", "seq_of_chunk", "last_chunk")
+
+
+def split_plan(plan: ChunkPlan) -> tuple[ChunkPlan, dict[str, Array]]:
+    """``(plan without its arrays, {field: array})``: a ``custom_vjp`` must not close over
+    traced values, so the packed layout's arrays travel as an argument and
+    ``static._replace(**arrays)`` rebuilds the plan inside."""
+    traced = {f: getattr(plan, f) for f in _TRACED_FIELDS if getattr(plan, f) is not None}
+    return plan._replace(**{f: None for f in traced}), traced
+
+
 def plan_chunks(batch: int, seq: int, chunk: int, cu_seqlens: Array | None = None) -> ChunkPlan:
     """Build the chunk layout for ``[B, T]`` tokens, batch or packed (see module doc)."""
     if chunk < 1:
@@ -229,6 +240,74 @@ def scan_chunk_states(
     entering = jnp.moveaxis(entering, 0, 1)  # [NC, R, ...] -> [R, NC, ...]
     ys = jax.tree.map(lambda y: jnp.moveaxis(y, 0, 1), ys)
     return entering, ys, final
+
+
+#: up to this many chunks per row, :func:`decayed_chunk_states` is one matmul over the chunk
+#: axis (``NC^2 K V`` flops, ~1/8 of a chunked op's at NC = 32, L = K = V = 64); beyond, a scan
+MATMUL_STATES_MAX_CHUNKS = 32
+
+
+def decayed_chunk_states(d_state: Array, log_decay: Array, plan: ChunkPlan,
+                         initial_state: Array | None) -> tuple[Array, Array]:
+    """States entering each chunk of ``S_{c+1} = exp(a_c) S_c + dS_c`` (a scalar decay per
+    row, head and chunk), head-major.
+
+    Args:
+        d_state: ``[R, H, NC, *S]`` what each chunk adds (decayed to its end).
+        log_decay: ``[R, H, NC]`` the chunk's summed log-gates ``a_c``.
+        plan: the chunk layout. initial_state: ``[N, H, *S]`` or None (zeros).
+
+    Returns:
+        ``(entering [R, H, NC, *S], final [N, H, *S])`` in ``d_state``'s dtype.
+
+    In the batch layout with at most :data:`MATMUL_STATES_MAX_CHUNKS` chunks the recurrence
+    is unrolled into one matmul, ``entering_c = sum_{c' < c} exp(a_{c'+1} + ... + a_{c-1})
+    dS_{c'}`` (each exponent summed over exactly its own chunks, as in
+    :func:`pairwise_decay`): no sequential loop, whose per-step slices, stacked outputs and
+    their autodiff copies cost more than these flops on the CPU. Otherwise (more chunks, or
+    packed sequences, whose state restarts) :func:`scan_chunk_states`.
+    """
+    rows, heads, n_chunks = log_decay.shape
+    state_shape = d_state.shape[3:]
+    dtype = d_state.dtype
+    if plan.packed or n_chunks > MATMUL_STATES_MAX_CHUNKS:
+        def step(state, ds, a):  # state [R, H, *S]
+            decay = jnp.exp(a).reshape(a.shape + (1,) * len(state_shape))
+            return decay * state + ds, ()
+
+        # [R, H, NC, ...] -> [R, NC, H, ...] for the scan and back
+        xs = (jnp.moveaxis(d_state, 2, 1), jnp.moveaxis(log_decay, 2, 1))
+        entering, _, final = scan_chunk_states(step, xs, plan, initial_state,
+                                               (heads, *state_shape), dtype)
+        return jnp.moveaxis(entering, 1, 2), final
+    if n_chunks == 1:  # one chunk per row (short training windows): nothing to carry
+        decay = jnp.exp(log_decay[:, :, 0]).reshape(rows, heads, *([1] * len(state_shape)))
+        if initial_state is None:
+            return jnp.zeros_like(d_state), d_state[:, :, 0]
+        start = initial_state.astype(dtype)  # [R, H, *S]
+        return start[:, :, None], decay * start + d_state[:, :, 0]
+    flat = d_state.reshape(rows, heads, n_chunks, -1)  # [R, H, NC, X]
+    t = np.arange(n_chunks)
+    # span[t, c, c'] = 1 when c' < t < c: the chunks between c' and c
+    span = (t[:, None, None] > t[None, None, :]) & (t[:, None, None] < t[None, :, None])
+    span = jnp.asarray(span.reshape(n_chunks, n_chunks * n_chunks), dtype)
+    sums = jnp.matmul(log_decay, span, precision=jax.lax.Precision.HIGHEST)  # [R, H, NC*NC]
+    sums = sums.reshape(rows, heads, n_chunks, n_chunks)
+    before = np.tril(np.ones((n_chunks, n_chunks), bool), -1)  # c' < c
+    carry = jnp.where(before, jnp.exp(jnp.where(before, sums, 0.0)), 0.0)  # [R, H, NC, NC]
+    entering = jnp.matmul(carry, flat)  # [R, H, NC, NC] @ [R, H, NC, X] -> [R, H, NC, X]
+    # exp(a_{c'+1} + ... + a_{NC-1}): chunk c' carried to the end
+    to_end = jnp.exp(chunk_suffix_sum(log_decay))  # [R, H, NC]
+    final = jnp.einsum("rhc,rhcx->rhx", to_end, flat)  # [R, H, X]
+    if initial_state is not None:
+        start = initial_state.astype(dtype).reshape(rows, heads, 1, -1)  # [R, H, 1, X]
+        strictly_upper = jnp.asarray(np.triu(np.ones((n_chunks, n_chunks)), 1), dtype)  # t < c
+        from_start = jnp.exp(jnp.matmul(log_decay, strictly_upper,  # a_0 + ... + a_{c-1}
+                                        precision=jax.lax.Precision.HIGHEST))  # [R, H, NC]
+        entering = entering + from_start[..., None] * start
+        final = final + jnp.exp(jnp.sum(log_decay, axis=-1))[..., None] * start[:, :, 0]
+    return (entering.reshape(rows, heads, n_chunks, *state_shape),
+            final.reshape(rows, heads, *state_shape))
 
 
 def chunk_cumsum(g: Array, axis: int = -1) -> Array:
