@@ -182,6 +182,18 @@ def from_chunks(y: Array, plan: ChunkPlan) -> Array:
     return jnp.take(flat[0], plan.dst, axis=0)[None]  # [T, ...] -> [1, T, ...]
 
 
+def to_head_major(x: Array, plan: ChunkPlan) -> Array:
+    """``[B, T, H, ...]`` -> ``[R, H, NC, L, ...]`` (one copy). With heads before chunks,
+    every per-chunk dot batches over leading ``(r, h, c)`` and the chunk axis can be
+    contracted or sliced in place."""
+    return jnp.moveaxis(to_chunks(x, plan), 3, 1)  # [R, NC, L, H, ...] -> [R, H, NC, L, ...]
+
+
+def from_head_major(y: Array, plan: ChunkPlan) -> Array:
+    """``[R, H, NC, L, ...]`` -> ``[B, T, H, ...]`` (padding slots dropped)."""
+    return from_chunks(jnp.moveaxis(y, 1, 3), plan)  # -> [R, NC, L, H, ...] -> [B, T, H, ...]
+
+
 def scan_chunk_states(
     step: Callable[..., tuple[Array, Array]],
     xs: tuple[Array, ...],

@@ -25,22 +25,14 @@ from linearnexus.kernels.common.chunking import (
     chunk_cumsum,
     chunk_suffix_sum,
     decayed_chunk_states,
-    from_chunks,
+    from_head_major,
     maybe_tune_cpu_malloc,
     pairwise_decay,
     plan_chunks,
     split_plan,
-    to_chunks,
+    to_head_major,
 )
 from linearnexus.kernels.common.validation import compute_dtype
-
-
-def _head_major(x: Array, plan) -> Array:
-    """``[B, T, H, ...]`` -> ``[R, H, NC, L, ...]``: one copy, after which every dot below
-    batches over leading (r, h, c) and the scan across chunks contracts the chunk axis in
-    place."""
-    x = to_chunks(x, plan)  # [R, NC, L, H, ...]
-    return jnp.moveaxis(x, 3, 1)
 
 
 def _in_chunk_sums(x: Array, upper: bool) -> Array:
@@ -132,11 +124,10 @@ def simple_gla_chunked(q: Array, k: Array, v: Array, g: Array, *, scale: float,
     dtype = compute_dtype(q.dtype, k.dtype, v.dtype, g.dtype)
     maybe_tune_cpu_malloc()
     plan = plan_chunks(batch, seq, chunk_size, cu_seqlens)
-    qc, kc, vc = (_head_major(x.astype(dtype), plan) for x in (q, k, v))  # [R, H, NC, L, *]
-    gc = _head_major(g.astype(dtype), plan)  # [R, H, NC, L]
+    qc, kc, vc = (to_head_major(x.astype(dtype), plan) for x in (q, k, v))  # [R, H, NC, L, *]
+    gc = to_head_major(g.astype(dtype), plan)  # [R, H, NC, L]
     if initial_state is not None:
         initial_state = initial_state.astype(dtype)
     static, traced = split_plan(plan)  # the packed layout's arrays are traced
     o, final = _core(static, scale, traced, qc, kc, vc, gc, initial_state)
-    o = jnp.moveaxis(o, 1, 3)  # [R, H, NC, L, V] -> [R, NC, L, H, V]
-    return from_chunks(o, plan).astype(v.dtype), final
+    return from_head_major(o, plan).astype(v.dtype), final
