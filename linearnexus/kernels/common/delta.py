@@ -234,13 +234,25 @@ def delta_chunked(q: Array, k: Array, v: Array, beta: Array, g: Array | None, *,
     inv = unit_lower_inverse(a)  # [R, H, NC, L, L]
     w = jnp.matmul(inv, k_beta)  # [R, H, NC, L, K]
     u0 = jnp.matmul(inv, vc * betac)  # [R, H, NC, L, V]
+    q_from_start = qc * scale if g is None else qc * (scale * gamma)  # [R, H, NC, L, K]
+    if not plan.packed and plan.n_chunks == 1:  # one chunk per row (short training windows)
+        u, o = u0, jnp.einsum("rhcij,rhcjv->rhciv", scores, u0)
+        if initial_state is not None:
+            start = initial_state.astype(dtype)[:, :, None]  # [R, H, 1, K, V]
+            u = u0 - jnp.einsum("rhclk,rhckv->rhclv", w, start)
+            o = (jnp.einsum("rhcij,rhcjv->rhciv", scores, u)
+                 + jnp.einsum("rhclk,rhckv->rhclv", q_from_start, start))
+        final = jnp.einsum("rhclk,rhclv->rhkv", k_end, u)  # [R, H, K, V]
+        if initial_state is not None:
+            decay = 1.0 if g is None else jnp.exp(log_decay[:, :, 0])[..., None, None]  # [R, H, 1, 1]
+            final = final + decay * start[:, :, 0]
+        return from_head_major(o, plan).astype(v.dtype), final
     if plan.packed:
         entering, u, final = _packed_scan(w, u0, k_end, log_decay, plan, initial_state)
     else:
         start = (jnp.zeros((batch, heads, key_dim, value_dim), dtype) if initial_state is None
                  else initial_state.astype(dtype))
         entering, u, final = _delta_scan(w, u0, k_end, log_decay, start)
-    q_from_start = qc * scale if g is None else qc * (scale * gamma)  # [R, H, NC, L, K]
     o = (jnp.einsum("rhcij,rhcjv->rhciv", scores, u)
          + jnp.einsum("rhclk,rhckv->rhclv", q_from_start, entering))
     return from_head_major(o, plan).astype(v.dtype), final  # [R, H, NC, L, V] -> [B, T, H, V]
