@@ -124,16 +124,15 @@ def _delta_scan(w: Array, u0: Array, k_end: Array, log_decay: Array | None,
         return state if log_decay is None else jnp.exp(at(log_decay, c))[..., None, None] * state
 
     def forward(w, u0, k_end, log_decay, initial_state):
-        # u_c overwrites U_c in U's buffer (read first): no zero-filled output buffer
         def body(c, carry):
             state, entering, u = carry
-            u_c = at(u, c) - jnp.einsum("rhlk,rhkv->rhlv", at(w, c), state)
+            u_c = at(u0, c) - jnp.einsum("rhlk,rhkv->rhlv", at(w, c), state)
             nxt = jnp.einsum("rhlk,rhlv->rhkv", at(k_end, c), u_c)
             nxt = nxt + decayed(state, log_decay, c)
             return nxt, put(entering, state, c), put(u, u_c, c)
 
         shape = (*w.shape[:3], w.shape[4], u0.shape[4])  # [R, H, NC, K, V]
-        carry = (initial_state, jnp.zeros(shape, w.dtype), u0)
+        carry = (initial_state, jnp.zeros(shape, w.dtype), jnp.zeros_like(u0))
         final, entering, u = jax.lax.fori_loop(0, n_chunks, body, carry)
         return (entering, u, final), (w, k_end, log_decay, entering, u)
 
@@ -145,16 +144,15 @@ def _delta_scan(w: Array, u0: Array, k_end: Array, log_decay: Array | None,
         w, k_end, log_decay, entering, u = res
         d_entering, d_u_out, d_final = cts
 
-        # du_c and dS_{c+1} overwrite dU_c and dEntering_c in their buffers (read first)
         def body(i, carry):
             c = n_chunks - 1 - i
             d_next, d_u, d_nexts = carry  # d_next: the cotangent of S_{c+1}
-            du_c = at(d_u, c) + jnp.einsum("rhlk,rhkv->rhlv", at(k_end, c), d_next)
-            d_state = at(d_nexts, c) - jnp.einsum("rhlk,rhlv->rhkv", at(w, c), du_c)
+            du_c = at(d_u_out, c) + jnp.einsum("rhlk,rhkv->rhlv", at(k_end, c), d_next)
+            d_state = at(d_entering, c) - jnp.einsum("rhlk,rhlv->rhkv", at(w, c), du_c)
             d_state = d_state + decayed(d_next, log_decay, c)
             return d_state, put(d_u, du_c, c), put(d_nexts, d_next, c)
 
-        carry = (d_final, d_u_out, d_entering)
+        carry = (d_final, jnp.zeros_like(d_u_out), jnp.zeros_like(d_entering))
         d_initial, d_u, d_nexts = jax.lax.fori_loop(0, n_chunks, body, carry)
         dw = -jnp.einsum("rhclv,rhckv->rhclk", d_u, entering)  # [R, H, NC, L, K]
         dk_end = jnp.einsum("rhclv,rhckv->rhclk", u, d_nexts)
