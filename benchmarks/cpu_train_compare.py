@@ -41,6 +41,10 @@ import cpu_recipe  # noqa: E402
 HERE = Path(__file__).resolve().parent
 TARGET_RATIO = 1.3
 TARGET_VAL = 1.88  # nanoGPT's figure for this recipe
+# issue 22's target for the linear presets, at gpt-small's parameter count
+LINEAR_PRESETS = ("mamba2-small", "gated-deltanet-small", "gla-small")
+LINEAR_TARGET_RATIO = 0.6
+LINEAR_TARGET_VAL = 1.75
 
 
 @dataclass
@@ -219,22 +223,36 @@ def main() -> None:
     peers = [r for r in runs if r.name.startswith("torch")]
     best_peer = max((r.tokens_per_s(tokens_per_step, True) for r in peers), default=None)
     rows = []
-    print(f"{'run':32s} {'steady tok/s':>12s} {'overall tok/s':>13s} {'vs peer':>8s} "
-          f"{'val loss':>9s}")
+    # the linear presets are measured against gpt-small (the first run of that name)
+    gpt = next((r for r in runs if r.name == "gpt-small"), None)
+    gpt_speed = None if gpt is None else gpt.tokens_per_s(tokens_per_step, True)
+    print(f"{'run':32s} {'params':>9s} {'steady tok/s':>12s} {'overall tok/s':>13s} "
+          f"{'vs peer':>8s} {'vs gpt':>7s} {'val loss':>9s}")
     for run in runs:
         steady = run.tokens_per_s(tokens_per_step, True)
         overall = run.tokens_per_s(tokens_per_step, False)
         ratio = steady / best_peer if best_peer else None
+        vs_gpt = steady / gpt_speed if gpt_speed and not run.name.startswith("torch") else None
         val = run.blocks[-1]["val_loss"]
-        rows.append({"run": run.name, "steady_tokens_per_s": steady, "overall_tokens_per_s": overall,
-                     "ratio_to_best_peer": ratio, "val_loss": val, "info": run.info})
-        print(f"{run.name:32s} {steady:12,.0f} {overall:13,.0f} "
-              f"{'' if ratio is None else f'{ratio:7.2f}x':>8s} {val:9.4f}")
-    if best_peer and not args.quick and args.max_steps == 2000:
+        params = run.info.get("params")
+        rows.append({"run": run.name, "params": params, "steady_tokens_per_s": steady,
+                     "overall_tokens_per_s": overall, "ratio_to_best_peer": ratio,
+                     "ratio_to_gpt_small": vs_gpt, "val_loss": val, "info": run.info})
+        print(f"{run.name:32s} {'' if params is None else f'{params:,}':>9s} {steady:12,.0f} "
+              f"{overall:13,.0f} {'' if ratio is None else f'{ratio:7.2f}x':>8s} "
+              f"{'' if vs_gpt is None else f'{vs_gpt:6.2f}x':>7s} {val:9.4f}")
+    full = not args.quick and args.max_steps == 2000
+    if best_peer and full:
         ours = rows[0]
         ok = ours["ratio_to_best_peer"] >= TARGET_RATIO and ours["val_loss"] <= TARGET_VAL
         print(f"target (>= {TARGET_RATIO}x the best peer, val loss <= {TARGET_VAL}): "
               f"{'met' if ok else 'NOT met'}")
+    for row in rows:
+        if full and row["run"] in LINEAR_PRESETS and row["ratio_to_gpt_small"] is not None:
+            ok = (row["ratio_to_gpt_small"] >= LINEAR_TARGET_RATIO
+                  and row["val_loss"] <= LINEAR_TARGET_VAL)
+            print(f"{row['run']}: target (>= {LINEAR_TARGET_RATIO}x gpt-small's tokens/s, val "
+                  f"loss <= {LINEAR_TARGET_VAL}): {'met' if ok else 'NOT met'}")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "steps": args.max_steps,
                                                "block": args.block, "rows": rows}, indent=2))

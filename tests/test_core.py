@@ -116,6 +116,24 @@ def test_conv_matches_direct_sum_and_pieces_equal_whole(width, seq):
         pieces.append(o)
     assert_close(jnp.concatenate(pieces, 1), out, 1e-6, "conv pieces")
     np.testing.assert_array_equal(np.asarray(c), np.asarray(new_cache))
+    # the hand-written backward against autodiff of the direct sum
+    d_out = jnp.asarray(rng.standard_normal(out.shape).astype(np.float32))
+    d_cache = jnp.asarray(rng.standard_normal(new_cache.shape).astype(np.float32))
+
+    def direct(x, w, b, cache):
+        ext = jnp.concatenate([cache, x], axis=1)
+        y = sum(ext[:, k : k + seq] * w[k] for k in range(width)) + b
+        return y, ext[:, seq:]
+
+    def grads(fn):
+        def loss(*args):
+            y, new = fn(*args)
+            return jnp.sum(y * d_out) + jnp.sum(new * d_cache)
+        return jax.grad(loss, argnums=(0, 1, 2, 3))(*map(jnp.asarray, (x, w, b, cache)))
+
+    for name, g, r in zip(("inputs", "weight", "bias", "cache"),
+                          grads(depthwise_conv1d_causal), grads(direct), strict=True):
+        assert_close(g, r, 1e-5, f"conv grad {name}")
 
 
 def test_conv_cache_with_lengths_takes_last_valid_inputs():

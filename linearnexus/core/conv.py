@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from linearnexus.core.padding import segment_ids_from_cu_seqlens, validate_cu_seqlens
@@ -22,6 +23,54 @@ def _check_inputs_weight_bias(inputs: Array, weight: Array, bias: Array | None) 
     if bias is not None and bias.shape != (channels,):
         raise ValueError(f"bias: expected shape ({channels},), got {bias.shape}")
     return weight.shape[0]
+
+
+@jax.custom_vjp
+def _shifted_sum(ext: Array, weight: Array) -> Array:
+    """``out[b, t, c] = sum_w weight[w, c] * ext[b, t + w, c]``: ``ext [B, W-1+T, C]``,
+    ``weight [W, C]`` -> ``[B, T, C]`` in their promoted dtype.
+
+    The backward pass is written out (``_shifted_sum_bwd``). Autodiff gave the input
+    gradient as W zero-padded copies of ``g * weight[w]`` summed, and XLA:CPU fused that sum
+    into the transposing copy that feeds the projection's weight-gradient matmul, a loop
+    that read W arrays with a stride per element: a Gated DeltaNet block's training step
+    was ~5% slower with it (docs/benchmarks.md, "CPU training speed, round 4").
+    """
+    width = weight.shape[0]
+    seq = ext.shape[1] - width + 1
+    dtype = jnp.promote_types(ext.dtype, weight.dtype)
+    out = ext[:, :seq].astype(dtype) * weight[0].astype(dtype)
+    for w in range(1, width):  # W is 2..4 in practice: W shifted multiply-adds beat a conv call
+        out = out + ext[:, w : w + seq].astype(dtype) * weight[w].astype(dtype)
+    return out
+
+
+def _shifted_sum_fwd(ext: Array, weight: Array) -> tuple[Array, tuple[Array, Array]]:
+    return _shifted_sum(ext, weight), (ext, weight)
+
+
+def _shifted_sum_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+    ext, weight = res
+    width, span = weight.shape[0], ext.shape[1]
+    seq = span - width + 1
+    gw = g.astype(jnp.promote_types(g.dtype, weight.dtype))
+    # d_ext[s] = sum_w g[s - w] weight[w] over 0 <= s - w < T: with g padded by W-1 zeros on
+    # both sides, g[s - w] sits at padded[s + W-1 - w]
+    padded = jnp.pad(gw, [(0, 0), (width - 1, width - 1), (0, 0)])  # [B, T + 2(W-1), C]
+    d_ext = padded[:, width - 1 : width - 1 + span] * weight[0]
+    for w in range(1, width):
+        lo = width - 1 - w
+        d_ext = d_ext + padded[:, lo : lo + span] * weight[w]
+    d_weight = jnp.stack([jnp.sum(gw * ext[:, w : w + seq], axis=(0, 1))
+                          for w in range(width)])  # [W, C]
+    d_ext = d_ext.astype(ext.dtype)
+    if jax.default_backend() == "cpu":
+        # materialised in [B, W-1+T, C] order: see _shifted_sum (a fusion barrier, not math)
+        d_ext = jax.lax.optimization_barrier(d_ext)
+    return d_ext, d_weight.astype(weight.dtype)
+
+
+_shifted_sum.defvjp(_shifted_sum_fwd, _shifted_sum_bwd)
 
 
 def depthwise_conv1d_causal(
@@ -63,9 +112,7 @@ def depthwise_conv1d_causal(
         )
     ext = jnp.concatenate([cache.astype(inputs.dtype), inputs], axis=1)  # [B, W-1+T, C]
     dtype = jnp.promote_types(inputs.dtype, weight.dtype)
-    out = jnp.zeros((batch, seq, channels), dtype)
-    for w in range(width):  # W is 2..4 in practice: W shifted multiply-adds beat a conv call
-        out = out + ext[:, w : w + seq].astype(dtype) * weight[w].astype(dtype)
+    out = _shifted_sum(ext, weight)  # [B, T, C]
     if bias is not None:
         out = out + bias.astype(dtype)
     if width == 1:
