@@ -92,6 +92,11 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+#: presets whose ``--docs`` table replaces a named section of docs/benchmarks.md:
+#: ``{preset: (section marker, heading)}`` (others: ``run-<preset>``)
+DOC_SECTIONS = {"linear-ops-cpu": ("linear-ops-cpu", "Linear-attention ops on the CPU")}
+
+
 def runs_natively(kernel: Any, dtype: Any) -> bool:
     """Whether a backend claims this machine (Pallas off a GPU would run interpreted)."""
     return kernel.supports(platform=current_platform(), dtype=dtype) or kernel.name == "naive"
@@ -184,7 +189,8 @@ def _line(row: dict[str, Any]) -> str:
 def markdown(preset_name: str, preset: Preset, rows: list[dict[str, Any]], command: str,
              repeats: int) -> str:
     """The results as a markdown section (speed-up column: against the op's reference)."""
-    lines = [f"## `benchmarks/run.py --preset {preset_name}`", "",
+    title = DOC_SECTIONS.get(preset_name, (None, f"`benchmarks/run.py --preset {preset_name}`"))[1]
+    lines = [f"## {title}", "",
              f"{today()}, {machine()}. `{command}`. Preset: {preset.description}. Jit-compiled, median "
              f"of {repeats} calls "
              "after a compile + warm-up call; forward+backward is `jax.grad` of a random "
@@ -299,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         (RESULTS_DIR / f"{name}.md").write_text(text)
         print(f"wrote {RESULTS_DIR / name}.json and .md")
         if args.docs:
-            write_section(f"run-{args.preset}", text)
+            write_section(DOC_SECTIONS.get(args.preset, (f"run-{args.preset}",))[0], text)
     return payload
 
 

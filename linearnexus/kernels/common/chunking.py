@@ -19,6 +19,9 @@ Everything here is jit-safe with a traced ``cu_seqlens``; only its length is sta
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -27,6 +30,61 @@ import jax.numpy as jnp
 import numpy as np
 
 from linearnexus.core.types import Array
+
+#: set to "0" to leave glibc's malloc settings alone (see :func:`tune_cpu_malloc`)
+MALLOC_ENV = "LINEARNEXUS_CPU_MALLOC"
+#: what :func:`tune_cpu_malloc` sets: blocks up to 1 GiB come from the heap, and up to
+#: 1 GiB of free memory at the heap's top is kept rather than handed back to the OS
+MALLOC_THRESHOLD_BYTES = 1 << 30
+_malloc_state: dict[str, bool] = {}
+
+
+def tune_cpu_malloc() -> bool:
+    """Keep XLA:CPU's large scratch blocks in the process instead of re-faulting them.
+
+    glibc serves a block above its mmap threshold (at most 32 MB by default) with a fresh
+    ``mmap`` and unmaps it on ``free``; every call of a compiled op that needs such a
+    block then touches new pages: one page fault per 4 KiB, zero-filled by the kernel.
+    The chunked forms' temporaries (and their autodiff residuals) are of that size, and
+    those faults were about a fifth of a chunked forward+backward at B=2, T=2048 (a
+    ``* 2.0`` on 32 MB took 8.7 ms with glibc's defaults, 2.3 ms with this).
+
+    Sets ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` to :data:`MALLOC_THRESHOLD_BYTES`
+    through ``mallopt``, once per process, on Linux with glibc. The cost: freed memory
+    stays in the process (its resident size stays near its peak) until it is reused.
+    Called when a chunked op is traced for the CPU (the platform that runs it); a no-op
+    when ``LINEARNEXUS_CPU_MALLOC=0``, when the user already tuned malloc
+    (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or ``GLIBC_TUNABLES`` in the
+    environment), or off glibc.
+
+    Returns:
+        Whether the settings are in place (set now or by an earlier call).
+    """
+    if "done" in _malloc_state:
+        return _malloc_state["done"]
+    _malloc_state["done"] = False
+    if os.environ.get(MALLOC_ENV, "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    if any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                                           "GLIBC_TUNABLES")):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    ok = (mallopt(m_mmap_threshold, MALLOC_THRESHOLD_BYTES) == 1
+          and mallopt(m_trim_threshold, MALLOC_THRESHOLD_BYTES) == 1)
+    _malloc_state["done"] = ok
+    return ok
+
+
+def maybe_tune_cpu_malloc() -> None:
+    """:func:`tune_cpu_malloc` when the default platform is the CPU (called at trace time)."""
+    if "done" not in _malloc_state and jax.default_backend() == "cpu":
+        tune_cpu_malloc()
 
 
 class ChunkPlan(NamedTuple):
@@ -58,6 +116,17 @@ class ChunkPlan(NamedTuple):
     @property
     def packed(self) -> bool:
         return self.src is not None
+
+
+_TRACED_FIELDS = ("src", "dst", "reset", "seq_of_chunk", "last_chunk")
+
+
+def split_plan(plan: ChunkPlan) -> tuple[ChunkPlan, dict[str, Array]]:
+    """``(plan without its arrays, {field: array})``: a ``custom_vjp`` must not close over
+    traced values, so the packed layout's arrays travel as an argument and
+    ``static._replace(**arrays)`` rebuilds the plan inside."""
+    traced = {f: getattr(plan, f) for f in _TRACED_FIELDS if getattr(plan, f) is not None}
+    return plan._replace(**{f: None for f in traced}), traced
 
 
 def plan_chunks(batch: int, seq: int, chunk: int, cu_seqlens: Array | None = None) -> ChunkPlan:
@@ -111,6 +180,18 @@ def from_chunks(y: Array, plan: ChunkPlan) -> Array:
     if not plan.packed:
         return flat[:, : plan.seq]
     return jnp.take(flat[0], plan.dst, axis=0)[None]  # [T, ...] -> [1, T, ...]
+
+
+def to_head_major(x: Array, plan: ChunkPlan) -> Array:
+    """``[B, T, H, ...]`` -> ``[R, H, NC, L, ...]`` (one copy). With heads before chunks,
+    every per-chunk dot batches over leading ``(r, h, c)`` and the chunk axis can be
+    contracted or sliced in place."""
+    return jnp.moveaxis(to_chunks(x, plan), 3, 1)  # [R, NC, L, H, ...] -> [R, H, NC, L, ...]
+
+
+def from_head_major(y: Array, plan: ChunkPlan) -> Array:
+    """``[R, H, NC, L, ...]`` -> ``[B, T, H, ...]`` (padding slots dropped)."""
+    return from_chunks(jnp.moveaxis(y, 1, 3), plan)  # -> [R, NC, L, H, ...] -> [B, T, H, ...]
 
 
 def scan_chunk_states(
@@ -171,6 +252,74 @@ def scan_chunk_states(
     entering = jnp.moveaxis(entering, 0, 1)  # [NC, R, ...] -> [R, NC, ...]
     ys = jax.tree.map(lambda y: jnp.moveaxis(y, 0, 1), ys)
     return entering, ys, final
+
+
+#: up to this many chunks per row, :func:`decayed_chunk_states` is one matmul over the chunk
+#: axis (``NC^2 K V`` flops, ~1/8 of a chunked op's at NC = 32, L = K = V = 64); beyond, a scan
+MATMUL_STATES_MAX_CHUNKS = 32
+
+
+def decayed_chunk_states(d_state: Array, log_decay: Array, plan: ChunkPlan,
+                         initial_state: Array | None) -> tuple[Array, Array]:
+    """States entering each chunk of ``S_{c+1} = exp(a_c) S_c + dS_c`` (a scalar decay per
+    row, head and chunk), head-major.
+
+    Args:
+        d_state: ``[R, H, NC, *S]`` what each chunk adds (decayed to its end).
+        log_decay: ``[R, H, NC]`` the chunk's summed log-gates ``a_c``.
+        plan: the chunk layout. initial_state: ``[N, H, *S]`` or None (zeros).
+
+    Returns:
+        ``(entering [R, H, NC, *S], final [N, H, *S])`` in ``d_state``'s dtype.
+
+    In the batch layout with at most :data:`MATMUL_STATES_MAX_CHUNKS` chunks the recurrence
+    is unrolled into one matmul, ``entering_c = sum_{c' < c} exp(a_{c'+1} + ... + a_{c-1})
+    dS_{c'}`` (each exponent summed over exactly its own chunks, as in
+    :func:`pairwise_decay`): no sequential loop, whose per-step slices, stacked outputs and
+    their autodiff copies cost more than these flops on the CPU. Otherwise (more chunks, or
+    packed sequences, whose state restarts) :func:`scan_chunk_states`.
+    """
+    rows, heads, n_chunks = log_decay.shape
+    state_shape = d_state.shape[3:]
+    dtype = d_state.dtype
+    if plan.packed or n_chunks > MATMUL_STATES_MAX_CHUNKS:
+        def step(state, ds, a):  # state [R, H, *S]
+            decay = jnp.exp(a).reshape(a.shape + (1,) * len(state_shape))
+            return decay * state + ds, ()
+
+        # [R, H, NC, ...] -> [R, NC, H, ...] for the scan and back
+        xs = (jnp.moveaxis(d_state, 2, 1), jnp.moveaxis(log_decay, 2, 1))
+        entering, _, final = scan_chunk_states(step, xs, plan, initial_state,
+                                               (heads, *state_shape), dtype)
+        return jnp.moveaxis(entering, 1, 2), final
+    if n_chunks == 1:  # one chunk per row (short training windows): nothing to carry
+        decay = jnp.exp(log_decay[:, :, 0]).reshape(rows, heads, *([1] * len(state_shape)))
+        if initial_state is None:
+            return jnp.zeros_like(d_state), d_state[:, :, 0]
+        start = initial_state.astype(dtype)  # [R, H, *S]
+        return start[:, :, None], decay * start + d_state[:, :, 0]
+    flat = d_state.reshape(rows, heads, n_chunks, -1)  # [R, H, NC, X]
+    t = np.arange(n_chunks)
+    # span[t, c, c'] = 1 when c' < t < c: the chunks between c' and c
+    span = (t[:, None, None] > t[None, None, :]) & (t[:, None, None] < t[None, :, None])
+    span = jnp.asarray(span.reshape(n_chunks, n_chunks * n_chunks), dtype)
+    sums = jnp.matmul(log_decay, span, precision=jax.lax.Precision.HIGHEST)  # [R, H, NC*NC]
+    sums = sums.reshape(rows, heads, n_chunks, n_chunks)
+    before = np.tril(np.ones((n_chunks, n_chunks), bool), -1)  # c' < c
+    carry = jnp.where(before, jnp.exp(jnp.where(before, sums, 0.0)), 0.0)  # [R, H, NC, NC]
+    entering = jnp.matmul(carry, flat)  # [R, H, NC, NC] @ [R, H, NC, X] -> [R, H, NC, X]
+    # exp(a_{c'+1} + ... + a_{NC-1}): chunk c' carried to the end
+    to_end = jnp.exp(chunk_suffix_sum(log_decay))  # [R, H, NC]
+    final = jnp.einsum("rhc,rhcx->rhx", to_end, flat)  # [R, H, X]
+    if initial_state is not None:
+        start = initial_state.astype(dtype).reshape(rows, heads, 1, -1)  # [R, H, 1, X]
+        strictly_upper = jnp.asarray(np.triu(np.ones((n_chunks, n_chunks)), 1), dtype)  # t < c
+        from_start = jnp.exp(jnp.matmul(log_decay, strictly_upper,  # a_0 + ... + a_{c-1}
+                                        precision=jax.lax.Precision.HIGHEST))  # [R, H, NC]
+        entering = entering + from_start[..., None] * start
+        final = final + jnp.exp(jnp.sum(log_decay, axis=-1))[..., None] * start[:, :, 0]
+    return (entering.reshape(rows, heads, n_chunks, *state_shape),
+            final.reshape(rows, heads, *state_shape))
 
 
 def chunk_cumsum(g: Array, axis: int = -1) -> Array:

@@ -27,13 +27,15 @@ import jax.numpy as jnp
 
 from linearnexus.core.types import Array
 from linearnexus.kernels.common.chunking import (
+    ChunkPlan,
     chunk_cumsum,
     chunk_suffix_sum,
-    from_chunks,
+    from_head_major,
+    maybe_tune_cpu_malloc,
     pairwise_decay,
     plan_chunks,
     scan_chunk_states,
-    to_chunks,
+    to_head_major,
 )
 from linearnexus.kernels.common.validation import compute_dtype
 
@@ -88,19 +90,96 @@ def _inverse_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, 
     return x, -jnp.matmul(x, jnp.matmul(jnp.tril(da, -1), x))
 
 
-def _ungated_step(state: Array, w: Array, u0: Array, k_end: Array) -> tuple[Array, Array]:
-    """``u = U - W S_c``; ``S_{c+1} = S_c + K^T u``. ``state [R, H, K, V]``, ``w, k_end
-    [R, H, L, K]``, ``u0 [R, H, L, V]`` -> ``(next_state, u [R, H, L, V])``."""
-    u = u0 - jnp.einsum("rhlk,rhkv->rhlv", w, state)
-    return state + jnp.einsum("rhlk,rhlv->rhkv", k_end, u), u
+def _delta_scan(w: Array, u0: Array, k_end: Array, log_decay: Array | None,
+                initial_state: Array) -> tuple[Array, Array, Array]:
+    """The sequential part in the batch layout, head-major, with a hand-written backward.
+
+    For each chunk ``c`` entering with ``S_c``: ``u_c = U_c - W_c S_c`` and
+    ``S_{c+1} = exp(a_c) S_c + K_end_c^T u_c``.
+
+    Args:
+        w, k_end: ``[R, H, NC, L, K]``. u0: ``[R, H, NC, L, V]`` (``U``).
+        log_decay: ``[R, H, NC]`` (``a_c = b_L``) or None (no decay).
+        initial_state: ``[R, H, K, V]``.
+
+    Returns:
+        ``(entering [R, H, NC, K, V], u [R, H, NC, L, V], final [R, H, K, V])``.
+
+    A ``fori_loop`` that slices the chunk axis in place (no chunk-major copies of the
+    inputs or of the stacked outputs, which ``lax.scan`` needs). The backward loop runs
+    only the two matmuls the state's cotangent needs per chunk (``du_c = dU_c + K_end_c
+    dS_{c+1}``, ``dS_c = exp(a_c) dS_{c+1} - W_c^T du_c + dEntering_c``); the parameter
+    gradients (``dW = -du S^T``, ``dK_end = u dS_{c+1}^T``, ``da``) are batched matmuls
+    over all chunks afterwards. Autodiff of the scan did all four per chunk in the loop.
+    """
+    n_chunks = w.shape[2]
+
+    def at(x, c):  # [R, H, NC, ...] -> [R, H, ...] at chunk c
+        return jax.lax.dynamic_index_in_dim(x, c, axis=2, keepdims=False)
+
+    def put(buf, x, c):
+        return jax.lax.dynamic_update_index_in_dim(buf, x, c, axis=2)
+
+    def decayed(state, log_decay, c):  # exp(a_c) S for state [R, H, K, V]
+        return state if log_decay is None else jnp.exp(at(log_decay, c))[..., None, None] * state
+
+    def forward(w, u0, k_end, log_decay, initial_state):
+        def body(c, carry):
+            state, entering, u = carry
+            u_c = at(u0, c) - jnp.einsum("rhlk,rhkv->rhlv", at(w, c), state)
+            nxt = jnp.einsum("rhlk,rhlv->rhkv", at(k_end, c), u_c)
+            nxt = nxt + decayed(state, log_decay, c)
+            return nxt, put(entering, state, c), put(u, u_c, c)
+
+        shape = (*w.shape[:3], w.shape[4], u0.shape[4])  # [R, H, NC, K, V]
+        carry = (initial_state, jnp.zeros(shape, w.dtype), jnp.zeros_like(u0))
+        final, entering, u = jax.lax.fori_loop(0, n_chunks, body, carry)
+        return (entering, u, final), (w, k_end, log_decay, entering, u)
+
+    @jax.custom_vjp
+    def run(w, u0, k_end, log_decay, initial_state):
+        return forward(w, u0, k_end, log_decay, initial_state)[0]
+
+    def bwd(res, cts):
+        w, k_end, log_decay, entering, u = res
+        d_entering, d_u_out, d_final = cts
+
+        def body(i, carry):
+            c = n_chunks - 1 - i
+            d_next, d_u, d_nexts = carry  # d_next: the cotangent of S_{c+1}
+            du_c = at(d_u_out, c) + jnp.einsum("rhlk,rhkv->rhlv", at(k_end, c), d_next)
+            d_state = at(d_entering, c) - jnp.einsum("rhlk,rhlv->rhkv", at(w, c), du_c)
+            d_state = d_state + decayed(d_next, log_decay, c)
+            return d_state, put(d_u, du_c, c), put(d_nexts, d_next, c)
+
+        carry = (d_final, jnp.zeros_like(d_u_out), jnp.zeros_like(d_entering))
+        d_initial, d_u, d_nexts = jax.lax.fori_loop(0, n_chunks, body, carry)
+        dw = -jnp.einsum("rhclv,rhckv->rhclk", d_u, entering)  # [R, H, NC, L, K]
+        dk_end = jnp.einsum("rhclv,rhckv->rhclk", u, d_nexts)
+        d_log_decay = (None if log_decay is None else  # exp(a_c) <dS_{c+1}, S_c>
+                       jnp.exp(log_decay) * jnp.sum(d_nexts * entering, axis=(-2, -1)))
+        return dw, d_u, dk_end, d_log_decay, d_initial
+
+    run.defvjp(forward, bwd)
+    return run(w, u0, k_end, log_decay, initial_state)
 
 
-def _gated_step(state: Array, w: Array, u0: Array, k_end: Array,
-                log_decay: Array) -> tuple[Array, Array]:
-    """As :func:`_ungated_step`, with ``S_{c+1} = exp(b_L) S_c + K_end^T u``; ``log_decay [R, H]``."""
-    u = u0 - jnp.einsum("rhlk,rhkv->rhlv", w, state)
-    nxt = jnp.exp(log_decay)[..., None, None] * state + jnp.einsum("rhlk,rhlv->rhkv", k_end, u)
-    return nxt, u
+def _packed_scan(w: Array, u0: Array, k_end: Array, log_decay: Array | None, plan: ChunkPlan,
+                 initial_state: Array | None) -> tuple[Array, Array, Array]:
+    """:func:`_delta_scan` for the packed layout (the state restarts at sequence starts),
+    through ``scan_chunk_states`` and autodiff; returns ``final [N, H, K, V]``."""
+
+    def step(state, w_c, u0_c, k_end_c, *a_c):  # state [R, H, K, V]; x_c [R, H, L, *]
+        u = u0_c - jnp.einsum("rhlk,rhkv->rhlv", w_c, state)
+        nxt = jnp.einsum("rhlk,rhlv->rhkv", k_end_c, u)
+        return nxt + (state if not a_c else jnp.exp(a_c[0])[..., None, None] * state), u
+
+    xs = (w, u0, k_end) + (() if log_decay is None else (log_decay,))
+    xs = tuple(jnp.moveaxis(x, 2, 1) for x in xs)  # [R, H, NC, ...] -> [R, NC, H, ...]
+    heads, key_dim, value_dim = w.shape[1], w.shape[4], u0.shape[4]
+    entering, u, final = scan_chunk_states(step, xs, plan, initial_state,
+                                           (heads, key_dim, value_dim), w.dtype)
+    return jnp.moveaxis(entering, 1, 2), jnp.moveaxis(u, 1, 2), final
 
 
 def delta_chunked(q: Array, k: Array, v: Array, beta: Array, g: Array | None, *, scale: float,
@@ -122,44 +201,56 @@ def delta_chunked(q: Array, k: Array, v: Array, beta: Array, g: Array | None, *,
     value_dim = v.shape[3]
     gates = () if g is None else (g.dtype,)
     dtype = compute_dtype(q.dtype, k.dtype, v.dtype, beta.dtype, *gates)
+    maybe_tune_cpu_malloc()
     plan = plan_chunks(batch, seq, chunk_size, cu_seqlens)
     length = plan.chunk
-    # heads before time inside a chunk, so every einsum below is a plain batched matmul
-    qc, kc, vc = (jnp.swapaxes(to_chunks(x.astype(dtype), plan), 2, 3)
-                  for x in (q, k, v))  # [B, T, H, *] -> [R, NC, H, L, *]
-    betac = jnp.swapaxes(to_chunks(beta.astype(dtype), plan), 2, 3)[..., None]  # [R, NC, H, L, 1]
-    kk = jnp.einsum("rchik,rchjk->rchij", kc, kc)  # [R, NC, H, L(i), L(j)]
-    qk = jnp.einsum("rchik,rchjk->rchij", qc, kc) * scale
+    # heads before chunks, so every einsum below is a plain batched matmul
+    qc, kc, vc = (to_head_major(x.astype(dtype), plan) for x in (q, k, v))  # [R, H, NC, L, *]
+    betac = to_head_major(beta.astype(dtype), plan)[..., None]  # [R, H, NC, L, 1]
+    kk = jnp.einsum("rhcik,rhcjk->rhcij", kc, kc)  # [R, H, NC, L(i), L(j)]
+    qk = jnp.einsum("rhcik,rhcjk->rhcij", qc, kc) * scale
     strict = jnp.tril(jnp.ones((length, length), bool), -1)
     if g is None:
         scores = jnp.where(jnp.tril(jnp.ones((length, length), bool)), qk, 0.0)
         a = jnp.where(strict, kk, 0.0) * betac  # A = tril(diag(beta) K K^T, -1)
         k_beta = kc * betac
         k_end = kc
+        log_decay = None
     else:
-        gc = jnp.swapaxes(to_chunks(g.astype(dtype), plan), 2, 3)  # [R, NC, H, L]
-        b = chunk_cumsum(gc)  # [R, NC, H, L] inclusive, within each chunk
-        b_last = b[..., -1]  # [R, NC, H]
-        decay = pairwise_decay(gc)  # [R, NC, H, L(i), L(j)], 0 above the diagonal
+        gc = to_head_major(g.astype(dtype), plan)  # [R, H, NC, L]
+        b = chunk_cumsum(gc)  # [R, H, NC, L] inclusive, within each chunk
+        log_decay = b[..., -1]  # [R, H, NC]
+        decay = pairwise_decay(gc)  # [R, H, NC, L(i), L(j)], 0 above the diagonal
         scores = qk * decay
         a = jnp.where(strict, kk * decay, 0.0) * betac
-        gamma = jnp.exp(b)[..., None]  # [R, NC, H, L, 1], <= 1
+        gamma = jnp.exp(b)[..., None]  # [R, H, NC, L, 1], <= 1
         k_beta = kc * (betac * gamma)
         # exp(b_L - b_j), the suffix summed directly (see chunk_suffix_sum)
-        k_end = kc * jnp.exp(chunk_suffix_sum(gc))[..., None]  # [R, NC, H, L, K]
+        k_end = kc * jnp.exp(chunk_suffix_sum(gc))[..., None]  # [R, H, NC, L, K]
     # (I + A) [W | U] = [beta gamma K | beta V]; two matmuls rather than one on a concatenation,
     # which cost a copy each way
-    inv = unit_lower_inverse(a)  # [R, NC, H, L, L]
-    w = jnp.matmul(inv, k_beta)  # [R, NC, H, L, K]
-    u0 = jnp.matmul(inv, vc * betac)  # [R, NC, H, L, V]
-    if g is None:
-        step, xs = _ungated_step, (w, u0, k_end)
+    inv = unit_lower_inverse(a)  # [R, H, NC, L, L]
+    w = jnp.matmul(inv, k_beta)  # [R, H, NC, L, K]
+    u0 = jnp.matmul(inv, vc * betac)  # [R, H, NC, L, V]
+    q_from_start = qc * scale if g is None else qc * (scale * gamma)  # [R, H, NC, L, K]
+    if not plan.packed and plan.n_chunks == 1:  # one chunk per row (short training windows)
+        u, o = u0, jnp.einsum("rhcij,rhcjv->rhciv", scores, u0)
+        if initial_state is not None:
+            start = initial_state.astype(dtype)[:, :, None]  # [R, H, 1, K, V]
+            u = u0 - jnp.einsum("rhclk,rhckv->rhclv", w, start)
+            o = (jnp.einsum("rhcij,rhcjv->rhciv", scores, u)
+                 + jnp.einsum("rhclk,rhckv->rhclv", q_from_start, start))
+        final = jnp.einsum("rhclk,rhclv->rhkv", k_end, u)  # [R, H, K, V]
+        if initial_state is not None:
+            decay = 1.0 if g is None else jnp.exp(log_decay[:, :, 0])[..., None, None]  # [R, H, 1, 1]
+            final = final + decay * start[:, :, 0]
+        return from_head_major(o, plan).astype(v.dtype), final
+    if plan.packed:
+        entering, u, final = _packed_scan(w, u0, k_end, log_decay, plan, initial_state)
     else:
-        step, xs = _gated_step, (w, u0, k_end, b_last)
-    entering, u, final = scan_chunk_states(step, xs, plan, initial_state,
-                                           (heads, key_dim, value_dim), dtype)
-    q_from_start = qc * scale if g is None else qc * (scale * gamma)  # [R, NC, H, L, K]
-    o = (jnp.einsum("rchij,rchjv->rchiv", scores, u)
-         + jnp.einsum("rchlk,rchkv->rchlv", q_from_start, entering))
-    o = from_chunks(jnp.swapaxes(o, 2, 3), plan)  # [R, NC, L, H, V] -> [B, T, H, V]
-    return o.astype(v.dtype), final
+        start = (jnp.zeros((batch, heads, key_dim, value_dim), dtype) if initial_state is None
+                 else initial_state.astype(dtype))
+        entering, u, final = _delta_scan(w, u0, k_end, log_decay, start)
+    o = (jnp.einsum("rhcij,rhcjv->rhciv", scores, u)
+         + jnp.einsum("rhclk,rhckv->rhclv", q_from_start, entering))
+    return from_head_major(o, plan).astype(v.dtype), final  # [R, H, NC, L, V] -> [B, T, H, V]

@@ -39,6 +39,7 @@ from linearnexus.kernels.common.chunking import (
     ChunkPlan,
     chunk_cumsum,
     from_chunks,
+    maybe_tune_cpu_malloc,
     plan_chunks,
     scan_chunk_states,
     to_chunks,
@@ -170,11 +171,18 @@ def _chunk_major(x: Array) -> Array:
 
 def _inter_chunk(q_side: Array, k_side: Array, vc: Array, b_last: Array, kv_shift: Array,
                  q_shift: Array, plan: ChunkPlan, initial_state: Array | None,
-                 dtype) -> tuple[Array, Array]:
+                 dtype) -> tuple[Array | None, Array]:
     """Chunk states and what the queries read from them: ``(o_inter [NC, R, H, L, V],
-    final [N, H, K, V])``. ``q_side, k_side [NC, R, H, L, K]``; see :func:`_scan_step`."""
+    final [N, H, K, V])``. ``q_side, k_side [NC, R, H, L, K]``; see :func:`_scan_step`.
+    ``o_inter`` is None when it is zero (one chunk per row and no initial state)."""
     shape = (q_side.shape[2], q_side.shape[4], vc.shape[4])
     kv = jnp.einsum("crhlk,crhlv->crhkv", k_side, vc)  # [NC, R, H, K, V]
+    if not plan.packed and q_side.shape[0] == 1:  # one chunk per row: no scan
+        if initial_state is None:
+            return None, jnp.exp(kv_shift[0])[..., None] * kv[0]  # [R, H, K, V]
+        start = initial_state.astype(dtype)  # [R, H, K, V]
+        state, read = _scan_step(start, kv[0], b_last[0], kv_shift[0], q_shift[0])
+        return jnp.einsum("rhlk,rhkv->rhlv", q_side[0], read)[None], state
     # scan_chunk_states wants [R, NC, ...] and scans over [NC, R, ...]: the swaps cancel
     xs = tuple(jnp.swapaxes(x, 0, 1) for x in (kv, b_last, kv_shift, q_shift))
     _, entering, final = scan_chunk_states(_scan_step, xs, plan, initial_state, shape, dtype)
@@ -202,7 +210,8 @@ def _dense_path(q_raw: Array, k_raw: Array, v_raw: Array, g_raw: Array,
     o_intra = _intra_dense(q_side, k_side, vc)
     o_inter, final = _inter_chunk(q_side, k_side, vc, b_last, b_last - mid, mid, plan,
                                   initial_state, b.dtype)
-    return jnp.transpose(o_intra + o_inter, (1, 0, 3, 2, 4)), final
+    o = o_intra if o_inter is None else o_intra + o_inter
+    return jnp.transpose(o, (1, 0, 3, 2, 4)), final
 
 
 def _tree_path(q_raw: Array, k_raw: Array, v_raw: Array, g_raw: Array,
@@ -279,6 +288,7 @@ def gla_chunked(q: Array, k: Array, v: Array, g: Array, *, scale: float,
     is at most ``2 * DENSE_MAX_EXPONENT`` (it bounds the range of ``b``), else the tree form.
     """
     dtype = compute_dtype(q.dtype, k.dtype, v.dtype, g.dtype)
+    maybe_tune_cpu_malloc()
     plan = plan_chunks(q.shape[0], q.shape[1], chunk_size, cu_seqlens)
     arrays = tuple(x.astype(dtype) for x in (q, k, v, g))
     if initial_state is not None:

@@ -32,7 +32,12 @@ import jax
 import jax.numpy as jnp
 
 from linearnexus.core.types import Array, state_dtype
-from linearnexus.kernels.common.chunking import from_chunks, plan_chunks, scan_chunk_states
+from linearnexus.kernels.common.chunking import (
+    from_chunks,
+    maybe_tune_cpu_malloc,
+    plan_chunks,
+    scan_chunk_states,
+)
 from linearnexus.kernels.common.chunking import to_chunks as to_chunk_layout
 from linearnexus.kernels.mamba.reference import apply_skip_and_gate, selective_state_update
 
@@ -85,6 +90,7 @@ def selective_scan_chunked(
     sd = state_dtype(x.dtype)
     L = chunk_size
     A_c = A.astype(sd)
+    maybe_tune_cpu_malloc()
 
     if form == "scan":
 

@@ -8,54 +8,126 @@ it (see README.md for the derivation)::
 
 Every exponent is a difference ``b_i - b_j`` with ``j <= i`` (<= 0), so strong decay
 underflows to zero instead of overflowing. The intra-chunk terms of all chunks are
-batched matmuls; only ``S_{c+1} = exp(b_L) S_c + dS_c`` runs sequentially. The backward
-pass (autodiff) keeps one state per chunk, never one per token.
+batched matmuls, and so is ``S_{c+1} = exp(b_L) S_c + dS_c`` across chunks when there are
+few (:func:`~linearnexus.kernels.common.chunking.decayed_chunk_states`). The backward pass
+(autodiff) keeps one state per chunk, never one per token.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from linearnexus.core.types import Array
 from linearnexus.kernels.common.chunking import (
+    ChunkPlan,
     chunk_cumsum,
     chunk_suffix_sum,
-    from_chunks,
+    decayed_chunk_states,
+    from_head_major,
+    maybe_tune_cpu_malloc,
     pairwise_decay,
     plan_chunks,
-    scan_chunk_states,
-    to_chunks,
+    split_plan,
+    to_head_major,
 )
 from linearnexus.kernels.common.validation import compute_dtype
 
 
-def _decay_step(state: Array, d_state: Array, log_decay: Array) -> tuple[Array, tuple[()]]:
-    """``S_{c+1} = exp(b_L) S_c + dS_c`` for ``state [R, H, K, V]``, ``log_decay [R, H]``."""
-    return jnp.exp(log_decay)[..., None, None] * state + d_state, ()
+def _in_chunk_sums(x: Array, upper: bool) -> Array:
+    """Along the last axis: ``y_t = x_t + ... + x_L`` (``upper=False``) or the exclusive
+    prefix ``y_t = x_1 + ... + x_{t-1}`` (``upper=True``). A matmul in full precision (see
+    ``chunk_cumsum`` for why not ``jnp.cumsum``)."""
+    length = x.shape[-1]
+    ones = np.ones((length, length))
+    # [j, t] = 1 for t <= j (reverse inclusive) or j < t (exclusive prefix)
+    mat = jnp.asarray(np.triu(ones, 1) if upper else np.tril(ones), x.dtype)
+    return jnp.matmul(x, mat, precision=jax.lax.Precision.HIGHEST)
+
+
+def _core(plan: ChunkPlan, scale: float, traced: dict[str, Array], qc: Array, kc: Array,
+          vc: Array, gc: Array, initial_state: Array | None) -> tuple[Array, Array]:
+    """The op on head-major chunks (``[R, H, NC, L, D]``, gates ``[R, H, NC, L]``) with a
+    hand-written backward pass; returns ``(o [R, H, NC, L, V], final [N, H, K, V])``.
+    ``plan`` without its arrays, which come as ``traced`` (see ``split_plan``).
+
+    Autodiff of the forward differentiated the decay matrix (a ``[L, L*L]`` matmul each
+    way) and kept its masks as residuals. Here each log-gate ``g_t`` gets the sum of what
+    flows through the exponents that contain it, every term summed over exactly its own
+    pairs (so strong decay loses no digits to cancellation, as in ``pairwise_decay``):
+
+    * in-chunk pairs ``j < t <= i``: ``P_ij = dA_ij * scores_ij`` (``dA = dO V^T``); its
+      row sums minus its column sums (diagonal left out: ``exp(0)``) reverse-summed;
+    * queries reading the entering state (``i >= t``): ``q_i . dq_i`` of that term;
+    * keys written into the next state (``j < t``): ``k_j . dk_j`` of that term;
+    * the state's decay ``exp(b_L)`` (every ``t``).
+
+    Backward: eight matmuls against autodiff's ten, and no ``[L, L]`` mask residuals.
+    """
+
+    def forward(traced, qc, kc, vc, gc, initial_state):
+        def states(d_state, log_decay, initial_state):
+            return decayed_chunk_states(d_state, log_decay, plan._replace(**traced),
+                                        initial_state)
+
+        b = chunk_cumsum(gc)  # [R, H, NC, L] inclusive, within each chunk
+        decay = pairwise_decay(gc) * scale  # [R, H, NC, L(i), L(j)], 0 above the diagonal
+        scores = jnp.einsum("rhcik,rhcjk->rhcij", qc, kc) * decay
+        to_end = jnp.exp(chunk_suffix_sum(gc))[..., None]  # [R, H, NC, L, 1]: exp(b_L - b_j)
+        k_to_end = kc * to_end
+        d_state = jnp.einsum("rhclk,rhclv->rhckv", k_to_end, vc)  # [R, H, NC, K, V]
+        (entering, final), states_vjp = jax.vjp(states, d_state, b[..., -1], initial_state)
+        from_start = (scale * jnp.exp(b))[..., None]  # [R, H, NC, L, 1]
+        o = (jnp.einsum("rhcij,rhcjv->rhciv", scores, vc)
+             + jnp.einsum("rhclk,rhckv->rhclv", qc * from_start, entering))
+        res = (qc, kc, vc, decay, scores, to_end, k_to_end, from_start, d_state, entering,
+               states_vjp)
+        return (o, final), res
+
+    @jax.custom_vjp
+    def run(traced, qc, kc, vc, gc, initial_state):
+        return forward(traced, qc, kc, vc, gc, initial_state)[0]
+
+    def bwd(res, cts):
+        qc, kc, vc, decay, scores, to_end, k_to_end, from_start, d_state, entering, \
+            states_vjp = res
+        do, d_final = cts  # [R, H, NC, L, V], [N, H, K, V]
+        d_entering = jnp.einsum("rhclk,rhclv->rhckv", qc * from_start, do)
+        d_d_state, d_log_decay, d_initial = states_vjp((d_entering, d_final))
+        d_a = jnp.einsum("rhciv,rhcjv->rhcij", do, vc)  # [R, H, NC, L(i), L(j)]
+        d_scores = d_a * decay
+        length = scores.shape[-1]
+        strict = np.tril(np.ones((length, length), np.dtype(scores.dtype)), -1)
+        pairs = d_a * scores * strict  # P_ij for j < i (the diagonal's decay is exp(0))
+        dq_inter = jnp.einsum("rhclv,rhckv->rhclk", do, entering) * from_start
+        dk_state = jnp.einsum("rhclv,rhckv->rhclk", vc, d_d_state) * to_end
+        dq = jnp.einsum("rhcij,rhcjk->rhcik", d_scores, kc) + dq_inter
+        dk = jnp.einsum("rhcij,rhcik->rhcjk", d_scores, qc) + dk_state
+        dv = (jnp.einsum("rhcij,rhciv->rhcjv", scores, do)
+              + jnp.einsum("rhclk,rhckv->rhclv", k_to_end, d_d_state))
+        after = jnp.sum(pairs, axis=-1) - jnp.sum(pairs, axis=-2) + jnp.sum(qc * dq_inter, -1)
+        dg = (_in_chunk_sums(after, upper=False)  # [R, H, NC, L]
+              + _in_chunk_sums(jnp.sum(kc * dk_state, axis=-1), upper=True)
+              + d_log_decay[..., None])
+        return None, dq, dk, dv, dg, d_initial
+
+    run.defvjp(forward, bwd)
+    return run(traced, qc, kc, vc, gc, initial_state)
 
 
 def simple_gla_chunked(q: Array, k: Array, v: Array, g: Array, *, scale: float,
                        initial_state: Array | None = None, cu_seqlens: Array | None = None,
                        chunk_size: int = 64) -> tuple[Array, Array]:
     """Chunked simple GLA; arguments and returns as :func:`simple_gla_reference`."""
-    batch, seq, heads, key_dim = q.shape
-    value_dim = v.shape[3]
+    batch, seq = q.shape[:2]
     dtype = compute_dtype(q.dtype, k.dtype, v.dtype, g.dtype)
+    maybe_tune_cpu_malloc()
     plan = plan_chunks(batch, seq, chunk_size, cu_seqlens)
-    # heads before time inside a chunk, so every einsum below is a plain batched matmul
-    qc, kc, vc = (jnp.swapaxes(to_chunks(x.astype(dtype), plan), 2, 3)
-                  for x in (q, k, v))  # [B, T, H, *] -> [R, NC, H, L, *]
-    gc = jnp.swapaxes(to_chunks(g.astype(dtype), plan), 2, 3)  # [R, NC, H, L]
-    b = chunk_cumsum(gc)  # [R, NC, H, L] inclusive, within each chunk
-    b_last = b[..., -1]  # [R, NC, H]
-    decay = pairwise_decay(gc)  # [R, NC, H, L(i), L(j)]
-    scores = jnp.einsum("rchik,rchjk->rchij", qc, kc) * decay * scale
-    o_intra = jnp.einsum("rchij,rchjv->rchiv", scores, vc)
-    k_to_end = kc * jnp.exp(chunk_suffix_sum(gc))[..., None]  # [R, NC, H, L, K]; exp(b_L - b_j)
-    d_state = jnp.einsum("rchlk,rchlv->rchkv", k_to_end, vc)  # [R, NC, H, K, V]
-    entering, _, final = scan_chunk_states(_decay_step, (d_state, b_last), plan, initial_state,
-                                           (heads, key_dim, value_dim), dtype)
-    q_from_start = qc * (scale * jnp.exp(b))[..., None]  # [R, NC, H, L, K]
-    o_inter = jnp.einsum("rchlk,rchkv->rchlv", q_from_start, entering)
-    o = from_chunks(jnp.swapaxes(o_intra + o_inter, 2, 3), plan)  # [R, NC, L, H, V] -> [B, T, H, V]
-    return o.astype(v.dtype), final
+    qc, kc, vc = (to_head_major(x.astype(dtype), plan) for x in (q, k, v))  # [R, H, NC, L, *]
+    gc = to_head_major(g.astype(dtype), plan)  # [R, H, NC, L]
+    if initial_state is not None:
+        initial_state = initial_state.astype(dtype)
+    static, traced = split_plan(plan)  # the packed layout's arrays are traced
+    o, final = _core(static, scale, traced, qc, kc, vc, gc, initial_state)
+    return from_head_major(o, plan).astype(v.dtype), final
