@@ -271,6 +271,10 @@ _PRESETS: dict[str, dict[str, Any]] = {
 def get_preset(name: str, **overrides: Any) -> ModelConfig:
     """The preset ``name`` as a :class:`ModelConfig` (with overrides applied).
 
+    Overrides replace the preset's fields, except ``block_options``, which merge per block:
+    ``get_preset("mamba2-small", block_options={"mamba2": {"headdim": 32}})`` keeps the
+    preset's ``expand=1``. (``ModelConfig.replace`` replaces ``block_options`` whole.)
+
     Raises:
         KeyError: unknown preset name (lists the known ones).
         ConfigError: a bad override, e.g. a ``block_pattern`` naming an unregistered block.
@@ -290,8 +294,15 @@ def preset_factory(name: str):
         raise KeyError(f"unknown model preset {name!r}; known presets: {sorted(_PRESETS)}")
 
     def make(**overrides: Any) -> ModelConfig:
+        fields = {**_PRESETS[name], **overrides}
+        # block_options merge per block over the preset's: overriding one option of a block
+        # keeps the preset's others (mamba2-small's expand=1 with a headdim override)
+        own, asked = _PRESETS[name].get("block_options"), overrides.get("block_options")
+        if own and isinstance(asked, dict):
+            fields["block_options"] = {block: {**own.get(block, {}), **dict(asked.get(block, {}))}
+                                       for block in {**own, **asked}}
         # ModelConfig's validation names any block_pattern entry that is not registered
-        return ModelConfig.from_dict({**_PRESETS[name], **overrides})
+        return ModelConfig.from_dict(fields)
 
     return make
 

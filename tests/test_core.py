@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import subprocess
 import sys
 
@@ -116,7 +117,7 @@ def test_conv_matches_direct_sum_and_pieces_equal_whole(width, seq):
         pieces.append(o)
     assert_close(jnp.concatenate(pieces, 1), out, 1e-6, "conv pieces")
     np.testing.assert_array_equal(np.asarray(c), np.asarray(new_cache))
-    # the hand-written backward against autodiff of the direct sum
+    # the written-out backward against autodiff of the direct sum
     d_out = jnp.asarray(rng.standard_normal(out.shape).astype(np.float32))
     d_cache = jnp.asarray(rng.standard_normal(new_cache.shape).astype(np.float32))
 
@@ -131,9 +132,16 @@ def test_conv_matches_direct_sum_and_pieces_equal_whole(width, seq):
             return jnp.sum(y * d_out) + jnp.sum(new * d_cache)
         return jax.grad(loss, argnums=(0, 1, 2, 3))(*map(jnp.asarray, (x, w, b, cache)))
 
-    for name, g, r in zip(("inputs", "weight", "bias", "cache"),
-                          grads(depthwise_conv1d_causal), grads(direct), strict=True):
+    written = functools.partial(depthwise_conv1d_causal, written_backward=True)
+    for name, g, r in zip(("inputs", "weight", "bias", "cache"), grads(written), grads(direct),
+                          strict=True):
         assert_close(g, r, 1e-5, f"conv grad {name}")
+    # the default keeps forward mode
+    tangents = tuple(jnp.ones_like(jnp.asarray(a)) for a in (x, w, b, cache))
+    _, got = jax.jvp(lambda *a: depthwise_conv1d_causal(*a)[0], tuple(map(jnp.asarray, (x, w, b, cache))),
+                     tangents)
+    _, want = jax.jvp(lambda *a: direct(*a)[0], tuple(map(jnp.asarray, (x, w, b, cache))), tangents)
+    assert_close(got, want, 1e-5, "conv jvp")
 
 
 def test_conv_cache_with_lengths_takes_last_valid_inputs():

@@ -216,6 +216,34 @@ def test_gradients_under_strong_decay(op, key):
         assert_close(g, r, TOL, f"{op} strong-decay d{name}")
 
 
+def test_simple_gla_gate_gradient_of_a_strong_step_among_mild_ones(key):
+    """A log-gate of -20 next to ones of -0.01 in the same chunk: its true gradient is ~1e-9
+    against ~1 for its neighbours, so a sum that cancels the chunk's large terms would bury
+    it (the written-out backward once did). Each element of dg within 1e-3 of float64."""
+    from linearnexus.kernels.simple_gla.reference import simple_gla_reference
+
+    ks = jax.random.split(key, 6)
+    q, k = (jax.random.normal(kk, (1, 64, 2, 5)) for kk in ks[:2])
+    v = jax.random.normal(ks[2], (1, 64, 2, 7))
+    g = jnp.where(jax.random.uniform(ks[3], (1, 64, 2)) < 0.5, -20.0, -0.01)
+    h0 = jax.random.normal(ks[4], (1, 2, 5, 7))
+    cot = jax.random.normal(ks[5], (1, 64, 2, 7))
+
+    def dg(fn, dtype):
+        def loss(g):
+            o, _ = fn(*(a.astype(dtype) for a in (q, k, v)), g, scale=0.4,
+                      initial_state=h0.astype(dtype))
+            return jnp.sum(o.astype(dtype) * cot.astype(dtype))
+        return np.asarray(jax.grad(loss)(g.astype(dtype)), np.float64)
+
+    with x64():
+        want = dg(simple_gla_reference, jnp.float64)
+    got = dg(lambda *a, **kw: SPECS["simple_gla"].fn(*a, **kw, output_final_state=True,
+                                                      mode="chunk", backend="jax"), jnp.float32)
+    rel = np.abs(got - want) / np.maximum(np.abs(want), 1e-30)
+    assert np.max(rel[np.asarray(g) < -1]) < 1e-3, np.max(rel[np.asarray(g) < -1])
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_bad_inputs_name_the_argument(op, key):
     """Every error names the argument: wrong rank or length for each input array, non-float

@@ -25,8 +25,7 @@ def _check_inputs_weight_bias(inputs: Array, weight: Array, bias: Array | None) 
     return weight.shape[0]
 
 
-@jax.custom_vjp
-def _shifted_sum(ext: Array, weight: Array) -> Array:
+def _shifted_sum_math(ext: Array, weight: Array) -> Array:
     """``out[b, t, c] = sum_w weight[w, c] * ext[b, t + w, c]``: ``ext [B, W-1+T, C]``,
     ``weight [W, C]`` -> ``[B, T, C]`` in their promoted dtype.
 
@@ -34,7 +33,9 @@ def _shifted_sum(ext: Array, weight: Array) -> Array:
     gradient as W zero-padded copies of ``g * weight[w]`` summed, and XLA:CPU fused that sum
     into the transposing copy that feeds the projection's weight-gradient matmul, a loop
     that read W arrays with a stride per element: a Gated DeltaNet block's training step
-    was ~5% slower with it (docs/benchmarks.md, "CPU training speed, round 4").
+    was ~5% slower with it (docs/benchmarks.md, "CPU training speed, round 4"). A
+    ``custom_vjp`` has no forward-mode derivative, so callers opt in
+    (``written_backward``) where theirs is reverse-mode only anyway.
     """
     width = weight.shape[0]
     seq = ext.shape[1] - width + 1
@@ -46,7 +47,7 @@ def _shifted_sum(ext: Array, weight: Array) -> Array:
 
 
 def _shifted_sum_fwd(ext: Array, weight: Array) -> tuple[Array, tuple[Array, Array]]:
-    return _shifted_sum(ext, weight), (ext, weight)
+    return _shifted_sum_math(ext, weight), (ext, weight)
 
 
 def _shifted_sum_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
@@ -65,11 +66,12 @@ def _shifted_sum_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
                           for w in range(width)])  # [W, C]
     d_ext = d_ext.astype(ext.dtype)
     if jax.default_backend() == "cpu":
-        # materialised in [B, W-1+T, C] order: see _shifted_sum (a fusion barrier, not math)
+        # materialised in [B, W-1+T, C] order: see _shifted_sum_math (a fusion barrier, not math)
         d_ext = jax.lax.optimization_barrier(d_ext)
     return d_ext, d_weight.astype(weight.dtype)
 
 
+_shifted_sum = jax.custom_vjp(_shifted_sum_math)
 _shifted_sum.defvjp(_shifted_sum_fwd, _shifted_sum_bwd)
 
 
@@ -80,6 +82,7 @@ def depthwise_conv1d_causal(
     cache: Array | None = None,
     *,
     lengths: Array | None = None,
+    written_backward: bool = False,
 ) -> tuple[Array, Array]:
     """Causal depthwise conv: ``out[b, t, c] = bias[c] + sum_w weight[w, c] * x[b, t-W+1+w, c]``.
 
@@ -94,6 +97,10 @@ def depthwise_conv1d_causal(
         lengths: optional ``[B]`` int, the number of valid tokens at the start of each row
             (rows padded on the right). The returned cache then holds the last ``W-1``
             valid inputs instead of the last ``W-1`` positions.
+        written_backward: differentiate through a written-out backward pass (faster
+            training on the CPU) instead of autodiff's; it has no forward-mode derivative
+            (``jax.jvp``), so the default keeps autodiff. The linear blocks ask for it in
+            chunk mode, whose ops are reverse-mode only already.
 
     Returns:
         ``(out [B, T, C], new_cache [B, W-1, C])``; ``out`` has the promoted dtype of
@@ -112,7 +119,10 @@ def depthwise_conv1d_causal(
         )
     ext = jnp.concatenate([cache.astype(inputs.dtype), inputs], axis=1)  # [B, W-1+T, C]
     dtype = jnp.promote_types(inputs.dtype, weight.dtype)
-    out = _shifted_sum(ext, weight)  # [B, T, C]
+    if written_backward:
+        out = _shifted_sum(ext, weight)  # [B, T, C]
+    else:
+        out = _shifted_sum_math(ext, weight)  # the same sum, differentiated by autodiff
     if bias is not None:
         out = out + bias.astype(dtype)
     if width == 1:
@@ -216,16 +226,19 @@ def depthwise_conv1d(
     *,
     lengths: Array | None = None,
     cu_seqlens: Array | None = None,
+    written_backward: bool = False,
 ) -> tuple[Array, Array]:
     """The block-level entry: :func:`depthwise_conv1d_varlen` for packed sequences
     (``cu_seqlens``), else :func:`depthwise_conv1d_causal` (batch rows, ``lengths`` valid
-    tokens each when given). Same arguments and results as those two.
+    tokens each when given; ``written_backward`` as there). Same arguments and results as
+    those two.
 
     Raises:
         ValueError: both ``lengths`` and ``cu_seqlens``; otherwise as the function called.
     """
     if cu_seqlens is None:
-        return depthwise_conv1d_causal(inputs, weight, bias, cache, lengths=lengths)
+        return depthwise_conv1d_causal(inputs, weight, bias, cache, lengths=lengths,
+                                       written_backward=written_backward)
     if lengths is not None:
         raise ValueError("lengths and cu_seqlens: pass at most one of them")
     return depthwise_conv1d_varlen(inputs, weight, bias, cache, cu_seqlens=cu_seqlens)

@@ -558,7 +558,8 @@ class ShortConv(nnx.Module):
                           if bias else None)
 
     def __call__(self, x: Array, cache: Array | None = None, *, lengths: Array | None = None,
-                 cu_seqlens: Array | None = None) -> tuple[Array, Array]:
+                 cu_seqlens: Array | None = None,
+                 written_backward: bool = False) -> tuple[Array, Array]:
         """Convolve ``x`` continuing from ``cache``.
 
         Args:
@@ -570,6 +571,8 @@ class ShortConv(nnx.Module):
                 ``W - 1`` valid inputs.
             cu_seqlens: optional ``[N+1]`` int, ``B == 1``: ``x`` packs ``N`` sequences,
                 each convolved on its own with its own cache.
+            written_backward: see ``core.conv.depthwise_conv1d_causal`` (no ``jax.jvp``
+                through the conv when set; faster training on the CPU).
 
         Returns:
             ``(y [B, T, C], new_cache)`` both in ``dtype`` (None = ``x.dtype``); the cache
@@ -592,14 +595,14 @@ class ShortConv(nnx.Module):
 
             return conv_step(x, cache, weight, bias, activation=self.activation)
         y, new_cache = depthwise_conv1d(x, weight, bias, cache, lengths=lengths,
-                                        cu_seqlens=cu_seqlens)
+                                        cu_seqlens=cu_seqlens, written_backward=written_backward)
         if self.activation is not None:
             y = _CONV_ACTIVATIONS[self.activation](y)
         return y.astype(x.dtype), new_cache
 
     def split_call(self, parts: list[Array], cache: Array | None = None, *,
-                   lengths: Array | None = None,
-                   cu_seqlens: Array | None = None) -> tuple[list[Array], Array]:
+                   lengths: Array | None = None, cu_seqlens: Array | None = None,
+                   written_backward: bool = False) -> tuple[list[Array], Array]:
         """``self(concatenate(parts))`` split back into the parts, without the concatenation.
 
         The conv is depthwise, so each part is convolved on its own with its slice of
@@ -610,7 +613,7 @@ class ShortConv(nnx.Module):
 
         Args:
             parts: ``[B, T, C_i]`` arrays with ``sum(C_i) == C``, in channel order.
-            cache, lengths, cu_seqlens: as in ``__call__``.
+            cache, lengths, cu_seqlens, written_backward: as in ``__call__``.
 
         Returns:
             ``([y_i [B, T, C_i]], new_cache)`` as ``__call__`` would give, split.
@@ -634,7 +637,7 @@ class ShortConv(nnx.Module):
             y, part_cache = depthwise_conv1d(
                 x, weight[:, lo:hi], None if bias is None else bias[lo:hi],
                 None if cache is None else cache[..., lo:hi], lengths=lengths,
-                cu_seqlens=cu_seqlens)
+                cu_seqlens=cu_seqlens, written_backward=written_backward)
             if self.activation is not None:
                 y = _CONV_ACTIVATIONS[self.activation](y)
             ys.append(y.astype(x.dtype))

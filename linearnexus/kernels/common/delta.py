@@ -15,9 +15,9 @@ log-gates, ``Gamma_ij = exp(b_i - b_j)`` for ``j <= i`` (else 0) and ``gamma_i =
 ``I + A`` is unit lower triangular; its inverse (:func:`unit_lower_inverse`, matmuls only)
 gives ``W, U``. Everything that does not involve ``S_0`` is computed for all chunks at once,
 and the scan across chunks does only ``u = U - W S_c`` and
-``S_{c+1} = gamma_L S_c + K_end^T u`` (two matmuls). Autodiff keeps one ``K x V`` state per
-chunk, never one per token. Without a gate (``g is None``) every decay is 1 and no
-exponential is computed.
+``S_{c+1} = gamma_L S_c + K_end^T u`` (two matmuls). The backward pass (the loop's written
+out) keeps one ``K x V`` state per chunk, never one per token. Without a gate
+(``g is None``) every decay is 1 and no exponential is computed.
 """
 
 from __future__ import annotations

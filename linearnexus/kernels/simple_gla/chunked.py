@@ -10,7 +10,7 @@ Every exponent is a difference ``b_i - b_j`` with ``j <= i`` (<= 0), so strong d
 underflows to zero instead of overflowing. The intra-chunk terms of all chunks are
 batched matmuls, and so is ``S_{c+1} = exp(b_L) S_c + dS_c`` across chunks when there are
 few (:func:`~linearnexus.kernels.common.chunking.decayed_chunk_states`). The backward pass
-(autodiff) keeps one state per chunk, never one per token.
+(written out in ``_core``) keeps one state per chunk, never one per token.
 """
 
 from __future__ import annotations
@@ -57,13 +57,15 @@ def _core(plan: ChunkPlan, scale: float, traced: dict[str, Array], qc: Array, kc
     flows through the exponents that contain it, every term summed over exactly its own
     pairs (so strong decay loses no digits to cancellation, as in ``pairwise_decay``):
 
-    * in-chunk pairs ``j < t <= i``: ``P_ij = dA_ij * scores_ij`` (``dA = dO V^T``); its
-      row sums minus its column sums (diagonal left out: ``exp(0)``) reverse-summed;
+    * in-chunk pairs ``j < t <= i``: ``P_ij = dA_ij * scores_ij`` (``dA = dO V^T``, the
+      diagonal left out: ``exp(0)``), summed over exactly those pairs (``P @ U`` with
+      ``U[j, t] = [j < t]``, then over ``i >= t``);
     * queries reading the entering state (``i >= t``): ``q_i . dq_i`` of that term;
     * keys written into the next state (``j < t``): ``k_j . dk_j`` of that term;
     * the state's decay ``exp(b_L)`` (every ``t``).
 
-    Backward: eight matmuls against autodiff's ten, and no ``[L, L]`` mask residuals.
+    Backward: ten matmuls per chunk (two of them ``[L, L]`` sums), no ``[L, L]`` mask
+    residuals, plus the states' backward.
     """
 
     def forward(traced, qc, kc, vc, gc, initial_state):
@@ -106,8 +108,15 @@ def _core(plan: ChunkPlan, scale: float, traced: dict[str, Array], qc: Array, kc
         dk = jnp.einsum("rhcij,rhcik->rhcjk", d_scores, qc) + dk_state
         dv = (jnp.einsum("rhcij,rhciv->rhcjv", scores, do)
               + jnp.einsum("rhclk,rhckv->rhclv", k_to_end, d_d_state))
-        after = jnp.sum(pairs, axis=-1) - jnp.sum(pairs, axis=-2) + jnp.sum(qc * dq_inter, -1)
-        dg = (_in_chunk_sums(after, upper=False)  # [R, H, NC, L]
+        # the pairs j < t <= i: [P @ U]_it = sum_{j < t} P_ij (U[j, t] = [j < t]), then summed
+        # over i >= t. Row sums minus column sums, reverse-summed, are the same in exact
+        # arithmetic but cancel: a strongly decayed t next to mild ones got an error of
+        # eps times the chunk's largest P (code review, 2026-12-04)
+        before_t = jnp.asarray(np.triu(np.ones((length, length)), 1), pairs.dtype)
+        crossing = jnp.matmul(pairs, before_t, precision=jax.lax.Precision.HIGHEST)
+        from_t = np.tril(np.ones((length, length), np.dtype(scores.dtype)))  # [i, t]: i >= t
+        dg = (jnp.sum(crossing * from_t, axis=-2)  # [R, H, NC, L]
+              + _in_chunk_sums(jnp.sum(qc * dq_inter, -1), upper=False)
               + _in_chunk_sums(jnp.sum(kc * dk_state, axis=-1), upper=True)
               + d_log_decay[..., None])
         return None, dq, dk, dv, dg, d_initial

@@ -349,7 +349,8 @@ class LinearAttentionBlock(nnx.Module):
                 q, k, v = jnp.split(qkv, [cfg.key_dim, 2 * cfg.key_dim], axis=-1)
             else:  # one conv over q | k | v, run part by part (no [B, T, 2HK + HV] concatenation)
                 (q, k, v), cache = self.conv.split_call(
-                    [q, k, v], conv.buffer, lengths=call.lengths, cu_seqlens=call.cu_seqlens)
+                    [q, k, v], conv.buffer, lengths=call.lengths, cu_seqlens=call.cu_seqlens,
+                    written_backward=call.mode is KernelMode.CHUNK)  # the op has no jvp there
             conv = conv.update(cache)
         elif self.silu_without_conv:
             q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)

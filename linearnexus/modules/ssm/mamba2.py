@@ -287,7 +287,8 @@ class Mamba2Block(nnx.Module):
         # pads zeroed before the conv (in_proj's bias would make them non-zero), so the conv
         # cache keeps the last valid inputs
         xbc, conv_cache = self.conv(inert(xbc, call), state.conv.buffer, lengths=call.lengths,
-                                    cu_seqlens=call.cu_seqlens)
+                                    cu_seqlens=call.cu_seqlens,
+                                    written_backward=call.mode is KernelMode.CHUNK)  # no jvp there
         xs, b_t, c_t = jnp.split(xbc, [e, e + g * n], axis=-1)
         xs = inert(xs.reshape(batch, seq, h, p), call)  # [B, T, E] -> [B, T, H, P]
         b_t = inert(b_t.reshape(batch, seq, g, n), call)  # [B, T, GN] -> [B, T, G, N]
