@@ -52,9 +52,9 @@ def tune_cpu_malloc() -> bool:
     Sets ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` to :data:`MALLOC_THRESHOLD_BYTES`
     through ``mallopt``, once per process, on Linux with glibc. The cost: freed memory
     stays in the process (its resident size stays near its peak) until it is reused.
-    Called when a chunked op is traced for the CPU (the platform that runs it); a no-op
+    Called when a chunked op is traced while JAX's default backend is the CPU; a no-op
     when ``LINEARNEXUS_CPU_MALLOC=0``, when the user already tuned malloc
-    (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or ``GLIBC_TUNABLES`` in the
+    (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or a ``glibc.malloc.*`` tunable in the
     environment), or off glibc.
 
     Returns:
@@ -65,8 +65,8 @@ def tune_cpu_malloc() -> bool:
     _malloc_state["done"] = False
     if os.environ.get(MALLOC_ENV, "1") == "0" or not sys.platform.startswith("linux"):
         return False
-    if any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
-                                           "GLIBC_TUNABLES")):
+    if ("MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -307,10 +307,13 @@ def decayed_chunk_states(d_state: Array, log_decay: Array, plan: ChunkPlan,
     sums = sums.reshape(rows, heads, n_chunks, n_chunks)
     before = np.tril(np.ones((n_chunks, n_chunks), bool), -1)  # c' < c
     carry = jnp.where(before, jnp.exp(jnp.where(before, sums, 0.0)), 0.0)  # [R, H, NC, NC]
-    entering = jnp.matmul(carry, flat)  # [R, H, NC, NC] @ [R, H, NC, X] -> [R, H, NC, X]
+    # full precision: these sums stand in for the scan's exact float32 adds (a TPU's default
+    # would round them through bfloat16, a GPU's through TF32)
+    entering = jnp.matmul(carry, flat, precision=jax.lax.Precision.HIGHEST)  # [R,H,NC,X]
     # exp(a_{c'+1} + ... + a_{NC-1}): chunk c' carried to the end
     to_end = jnp.exp(chunk_suffix_sum(log_decay))  # [R, H, NC]
-    final = jnp.einsum("rhc,rhcx->rhx", to_end, flat)  # [R, H, X]
+    final = jnp.einsum("rhc,rhcx->rhx", to_end, flat,
+                       precision=jax.lax.Precision.HIGHEST)  # [R, H, X]
     if initial_state is not None:
         start = initial_state.astype(dtype).reshape(rows, heads, 1, -1)  # [R, H, 1, X]
         strictly_upper = jnp.asarray(np.triu(np.ones((n_chunks, n_chunks)), 1), dtype)  # t < c
