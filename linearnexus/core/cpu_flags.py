@@ -20,11 +20,10 @@ on a host with no accelerator, ``train_lm.py`` asks JAX for 2 CPU devices
 (``jax_num_cpu_devices``, before its backend starts) and trains on the mesh ``data=2``, each
 device running its half of the batch on one thread. A step of a small model is ~600 small
 ops; one device runs them one after another with little overlap, two devices run two
-streams side by side and meet once per step in the gradient all-reduce. On a quiet 2-core
-Xeon that made the nanoGPT recipe's step 1.15-1.75x faster (three runs), at the same
-losses, and ``make demo`` 1.5x; on cores shared with other busy processes the two devices
-wait on each other at the all-reduce and it was 0.8-1.3x (docs/benchmarks.md, "CPU training
-speed, round 3").
+streams side by side and meet once per step in the gradient all-reduce. That pays on idle
+cores, at the same losses; on cores shared with other busy processes the two devices wait
+on each other at the all-reduce and it can cost (measured: docs/benchmarks.md, "CPU
+training speed, round 3").
 ``LINEARNEXUS_CPU_DEVICES=1`` turns it off, ``=N`` asks for N devices; a ``--mesh`` of N
 devices gets N CPU devices on such a host; a CPU device count the user set
 (``--xla_force_host_platform_device_count`` in ``XLA_FLAGS``, ``JAX_NUM_CPU_DEVICES``) wins.

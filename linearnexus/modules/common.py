@@ -475,9 +475,8 @@ class GatedRMSNorm(nnx.Module):
                              "(norm_before_gate=True); call it with x and gate")
         if xg.shape[-1] != self.dim:
             raise ValueError(f"xg: expected last axis {self.dim}, got shape {xg.shape}")
-        ct = math_dtype(xg.dtype)
-        y = _grouped_rms(xg.astype(ct), self.scale[...], self.eps, self.group_size or self.dim)
-        return y.astype(self.dtype or xg.dtype)
+        return gated_rms_norm(xg, None, self.scale[...], eps=self.eps,
+                              group_size=self.group_size, dtype=self.dtype)
 
 
 def _grouped_rms(xf: Array, scale: Array, eps: float, group: int) -> Array:

@@ -316,43 +316,49 @@ def decayed_chunk_states(d_state: Array, log_decay: Array, plan: ChunkPlan,
                        precision=jax.lax.Precision.HIGHEST)  # [R, H, X]
     if initial_state is not None:
         start = initial_state.astype(dtype).reshape(rows, heads, 1, -1)  # [R, H, 1, X]
-        strictly_upper = jnp.asarray(np.triu(np.ones((n_chunks, n_chunks)), 1), dtype)  # t < c
-        from_start = jnp.exp(jnp.matmul(log_decay, strictly_upper,  # a_0 + ... + a_{c-1}
-                                        precision=jax.lax.Precision.HIGHEST))  # [R, H, NC]
+        # a_0 + ... + a_{c-1}: the decay from the row's start to chunk c
+        from_start = jnp.exp(chunk_cumsum(log_decay, inclusive=False))  # [R, H, NC]
         entering = entering + from_start[..., None] * start
         final = final + jnp.exp(jnp.sum(log_decay, axis=-1))[..., None] * start[:, :, 0]
     return (entering.reshape(rows, heads, n_chunks, *state_shape),
             final.reshape(rows, heads, *state_shape))
 
 
-def chunk_cumsum(g: Array, axis: int = -1) -> Array:
-    """Inclusive cumulative sum of log-gates along the in-chunk axis.
-
-    Written as a matmul with a lower-triangular ones matrix (in full float32 precision)
-    rather than ``jnp.cumsum``: XLA fuses a cumsum into its elementwise consumers and then
-    recomputes it for every element of e.g. an ``[L, L]`` decay matrix, which made the
-    decay 4x slower on the CPU; a dot is never fused that way.
-    """
+def _triangular_sum(g: Array, axis: int, ones: np.ndarray) -> Array:
+    """``g`` along ``axis`` times the 0/1 matrix ``ones [L, L]`` (as ``g @ ones``), in full
+    precision; the one place the in-chunk sums below are computed."""
     g = jnp.moveaxis(g, axis, -1)
-    length = g.shape[-1]
-    upper = jnp.triu(jnp.ones((length, length), g.dtype))  # upper[j, i] = 1 for j <= i
-    out = jnp.matmul(g, upper, precision=jax.lax.Precision.HIGHEST)  # [..., L] -> [..., L]
+    out = jnp.matmul(g, jnp.asarray(ones, g.dtype),
+                     precision=jax.lax.Precision.HIGHEST)  # [..., L] -> [..., L]
     return jnp.moveaxis(out, -1, axis)
 
 
-def chunk_suffix_sum(g: Array, axis: int = -1) -> Array:
-    """``r_j = g_{j+1} + ... + g_L``: the log-decay from token j to the chunk's end.
+def chunk_cumsum(g: Array, axis: int = -1, *, inclusive: bool = True) -> Array:
+    """Cumulative sum of log-gates along the in-chunk axis: ``b_t = g_1 + ... + g_t``
+    (``inclusive``) or ``g_1 + ... + g_{t-1}``.
 
-    Summed directly (a matmul with a strictly-lower ones matrix, full float32 precision)
+    Written as a matmul with a triangular ones matrix (in full float32 precision) rather
+    than ``jnp.cumsum``: XLA fuses a cumsum into its elementwise consumers and then
+    recomputes it for every element of e.g. an ``[L, L]`` decay matrix, which made the
+    decay 4x slower on the CPU; a dot is never fused that way.
+    """
+    length = g.shape[axis]
+    # [j, t] = 1 for j <= t (inclusive) or j < t
+    return _triangular_sum(g, axis, np.triu(np.ones((length, length)), 0 if inclusive else 1))
+
+
+def chunk_suffix_sum(g: Array, axis: int = -1, *, inclusive: bool = False) -> Array:
+    """``r_j = g_{j+1} + ... + g_L`` (``g_j + ... + g_L`` when ``inclusive``): by default the
+    log-decay from token j to the chunk's end.
+
+    Summed directly (a matmul with a triangular ones matrix, full float32 precision)
     rather than as ``b_L - b_j``: under strong decay both cumulative sums are large
     (-1280 after 64 steps at -20) and their difference loses the digits the gate gradient
     needs (measured: ~500% error in ``dg`` at log-gates near -20).
     """
-    g = jnp.moveaxis(g, axis, -1)
-    length = g.shape[-1]
-    lower = jnp.tril(jnp.ones((length, length), g.dtype), -1)  # lower[t, j] = 1 for t > j
-    out = jnp.matmul(g, lower, precision=jax.lax.Precision.HIGHEST)  # [..., L] -> [..., L]
-    return jnp.moveaxis(out, -1, axis)
+    length = g.shape[axis]
+    # [t, j] = 1 for t > j, or t >= j when inclusive
+    return _triangular_sum(g, axis, np.tril(np.ones((length, length)), 0 if inclusive else -1))
 
 
 def pairwise_decay(g: Array) -> Array:

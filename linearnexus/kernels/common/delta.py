@@ -90,6 +90,16 @@ def _inverse_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, 
     return x, -jnp.matmul(x, jnp.matmul(jnp.tril(da, -1), x))
 
 
+def _chunk_step(state: Array, w: Array, u0: Array, k_end: Array,
+                log_decay: Array | None) -> tuple[Array, Array]:
+    """One chunk: ``u = U - W S_c``, ``S_{c+1} = exp(a_c) S_c + K_end^T u`` (no decay when
+    ``log_decay`` is None). ``state [R, H, K, V]``, ``w, k_end [R, H, L, K]``, ``u0
+    [R, H, L, V]``, ``log_decay [R, H]`` -> ``(next_state, u [R, H, L, V])``."""
+    u = u0 - jnp.einsum("rhlk,rhkv->rhlv", w, state)
+    kept = state if log_decay is None else jnp.exp(log_decay)[..., None, None] * state
+    return kept + jnp.einsum("rhlk,rhlv->rhkv", k_end, u), u
+
+
 def _delta_scan(w: Array, u0: Array, k_end: Array, log_decay: Array | None,
                 initial_state: Array) -> tuple[Array, Array, Array]:
     """The sequential part in the batch layout, head-major, with a hand-written backward.
@@ -126,9 +136,8 @@ def _delta_scan(w: Array, u0: Array, k_end: Array, log_decay: Array | None,
     def forward(w, u0, k_end, log_decay, initial_state):
         def body(c, carry):
             state, entering, u = carry
-            u_c = at(u0, c) - jnp.einsum("rhlk,rhkv->rhlv", at(w, c), state)
-            nxt = jnp.einsum("rhlk,rhlv->rhkv", at(k_end, c), u_c)
-            nxt = nxt + decayed(state, log_decay, c)
+            nxt, u_c = _chunk_step(state, at(w, c), at(u0, c), at(k_end, c),
+                                   None if log_decay is None else at(log_decay, c))
             return nxt, put(entering, state, c), put(u, u_c, c)
 
         shape = (*w.shape[:3], w.shape[4], u0.shape[4])  # [R, H, NC, K, V]
@@ -170,9 +179,7 @@ def _packed_scan(w: Array, u0: Array, k_end: Array, log_decay: Array | None, pla
     through ``scan_chunk_states`` and autodiff; returns ``final [N, H, K, V]``."""
 
     def step(state, w_c, u0_c, k_end_c, *a_c):  # state [R, H, K, V]; x_c [R, H, L, *]
-        u = u0_c - jnp.einsum("rhlk,rhkv->rhlv", w_c, state)
-        nxt = jnp.einsum("rhlk,rhlv->rhkv", k_end_c, u)
-        return nxt + (state if not a_c else jnp.exp(a_c[0])[..., None, None] * state), u
+        return _chunk_step(state, w_c, u0_c, k_end_c, a_c[0] if a_c else None)
 
     xs = (w, u0, k_end) + (() if log_decay is None else (log_decay,))
     xs = tuple(jnp.moveaxis(x, 2, 1) for x in xs)  # [R, H, NC, ...] -> [R, NC, H, ...]
@@ -234,16 +241,17 @@ def delta_chunked(q: Array, k: Array, v: Array, beta: Array, g: Array | None, *,
     u0 = jnp.matmul(inv, vc * betac)  # [R, H, NC, L, V]
     q_from_start = qc * scale if g is None else qc * (scale * gamma)  # [R, H, NC, L, K]
     if not plan.packed and plan.n_chunks == 1:  # one chunk per row (short training windows)
-        u, o = u0, jnp.einsum("rhcij,rhcjv->rhciv", scores, u0)
-        if initial_state is not None:
-            start = initial_state.astype(dtype)[:, :, None]  # [R, H, 1, K, V]
-            u = u0 - jnp.einsum("rhclk,rhckv->rhclv", w, start)
+        if initial_state is None:  # nothing enters: u = U, S_1 = K_end^T U
+            u = u0
+            final = jnp.einsum("rhclk,rhclv->rhkv", k_end, u)  # [R, H, K, V]
+            o = jnp.einsum("rhcij,rhcjv->rhciv", scores, u)
+        else:
+            start = initial_state.astype(dtype)  # [R, H, K, V]
+            final, u = _chunk_step(start, w[:, :, 0], u0[:, :, 0], k_end[:, :, 0],
+                                   None if g is None else log_decay[:, :, 0])
+            u = u[:, :, None]  # [R, H, L, V] -> [R, H, 1, L, V]
             o = (jnp.einsum("rhcij,rhcjv->rhciv", scores, u)
-                 + jnp.einsum("rhclk,rhckv->rhclv", q_from_start, start))
-        final = jnp.einsum("rhclk,rhclv->rhkv", k_end, u)  # [R, H, K, V]
-        if initial_state is not None:
-            decay = 1.0 if g is None else jnp.exp(log_decay[:, :, 0])[..., None, None]  # [R, H, 1, 1]
-            final = final + decay * start[:, :, 0]
+                 + jnp.einsum("rhclk,rhkv->rhclv", q_from_start, start))
         return from_head_major(o, plan).astype(v.dtype), final
     if plan.packed:
         entering, u, final = _packed_scan(w, u0, k_end, log_decay, plan, initial_state)

@@ -9,6 +9,8 @@
   takes (the class moved between JAX versions; the library supports JAX 0.10 and 0.11).
 * :func:`named_pallas_call`: ``pl.pallas_call`` with operands bound to the kernel's
   ``<name>_ref`` parameters by name (optional operands are None), not unpacked by position.
+* :func:`with_reference_vjp`: a forward-only kernel made differentiable through its plain-JAX
+  reference's backward pass.
 
 Pallas's Triton lowering wants power-of-two block shapes, ``jnp.dot`` operands of at least
 16 x 16, and no dynamic indexing of values (only of refs, with ``pl.ds``); kernels pad
@@ -157,3 +159,27 @@ def named_pallas_call(kernel: Callable[..., None], *, inputs: Mapping[str, Any],
         *(inputs[n] for n in in_names))
     named = dict(zip(out_names, results, strict=True))
     return {n: named.get(n) for n in outputs}
+
+
+def with_reference_vjp(kernel: Callable[..., Any], reference: Callable[..., Any],
+                       *args: Any) -> Any:
+    """``kernel(*args)``, differentiated as ``reference(*args)`` is.
+
+    For the one-token kernels (decode steps), which have no backward pass of their own:
+    ``reference`` takes the same arguments and returns the same outputs (pytrees; None
+    leaves allowed), and the backward pass is ``jax.vjp`` of it at the saved arguments.
+    """
+    import jax  # here: importing this module must not start JAX's backend
+
+    @jax.custom_vjp
+    def run(*args):
+        return kernel(*args)
+
+    def run_fwd(*args):
+        return kernel(*args), args
+
+    def run_bwd(res, ct):
+        return jax.vjp(reference, *res)[1](ct)
+
+    run.defvjp(run_fwd, run_bwd)
+    return run(*args)

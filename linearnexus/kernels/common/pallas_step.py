@@ -43,6 +43,7 @@ from linearnexus.kernels.common.pallas import (
     named_pallas_call,
     next_pow2,
     pad_axis,
+    with_reference_vjp,
 )
 from linearnexus.kernels.common.validation import LOG_GATE_FLOOR
 
@@ -233,17 +234,5 @@ def linear_step(spec: StepSpec, arrays: tuple[Array, ...], *, scale: float,
         o, final = _launch(q, k, v, g, beta, h0, spec=spec, scale=scale, guard=True)
         return o[:, None], final  # [B, H, V] -> [B, 1, H, V]
 
-    @jax.custom_vjp
-    def step(arrays, h0):
-        return forward(arrays, h0)
-
-    def step_fwd(arrays, h0):
-        return forward(arrays, h0), (arrays, h0)
-
-    def step_bwd(res, ct):
-        arrays, h0 = res
-        _, vjp = jax.vjp(lambda a, s: fallback(*a, initial_state=s), arrays, h0)
-        return vjp(ct)
-
-    step.defvjp(step_fwd, step_bwd)
-    return step(tuple(arrays), initial_state)
+    return with_reference_vjp(forward, lambda a, s: fallback(*a, initial_state=s),
+                              tuple(arrays), initial_state)

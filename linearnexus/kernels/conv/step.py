@@ -19,7 +19,13 @@ from jax.experimental import pallas as pl
 
 from linearnexus.core.conv import depthwise_conv1d_causal
 from linearnexus.core.types import Array
-from linearnexus.kernels.common.pallas import compiler_params, interpret_mode, named_pallas_call, pad_axis
+from linearnexus.kernels.common.pallas import (
+    compiler_params,
+    interpret_mode,
+    named_pallas_call,
+    pad_axis,
+    with_reference_vjp,
+)
 
 F32 = jnp.float32
 
@@ -94,15 +100,7 @@ def conv_step_pallas(x: Array, cache: Array, weight: Array, bias: Array | None, 
         y = jax.nn.silu(y) if activation == "silu" else y
         return y.astype(x.dtype), new_cache
 
-    @jax.custom_vjp
-    def step(x, cache, weight, bias):
+    def kernel(x, cache, weight, bias):
         return _launch(x, cache, weight, bias, activation == "silu")
 
-    def step_fwd(x, cache, weight, bias):
-        return step(x, cache, weight, bias), (x, cache, weight, bias)
-
-    def step_bwd(res, ct):
-        return jax.vjp(reference, *res)[1](ct)
-
-    step.defvjp(step_fwd, step_bwd)
-    return step(x, cache, weight, bias)
+    return with_reference_vjp(kernel, reference, x, cache, weight, bias)

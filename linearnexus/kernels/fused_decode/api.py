@@ -18,12 +18,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-import jax
 import jax.numpy as jnp
 
 from linearnexus.core.types import Array, DType
 from linearnexus.kernels.base import current_platform
-from linearnexus.kernels.common.pallas import interpret_mode
+from linearnexus.kernels.common.pallas import interpret_mode, with_reference_vjp
 from linearnexus.kernels.common.pallas_step import fused_step_enabled
 from linearnexus.kernels.fused_decode.pallas import (
     MAX_TILE,
@@ -99,25 +98,6 @@ def _check_conv(batch: int, width: int, channels: int, cache: Array | None,
         _check("conv_bias", bias, (channels,), "[C]")
 
 
-def _with_fallback(kernel: Callable[..., tuple], fallback: Callable[..., tuple],
-                   args: tuple) -> tuple:
-    """``kernel(*args)`` whose backward pass is ``fallback``'s (same arguments, same
-    outputs)."""
-
-    @jax.custom_vjp
-    def run(*args):
-        return kernel(*args)
-
-    def run_fwd(*args):
-        return kernel(*args), args
-
-    def run_bwd(res, ct):
-        return jax.vjp(fallback, *res)[1](ct)
-
-    run.defvjp(run_fwd, run_bwd)
-    return run(*args)
-
-
 def delta_layer_step(spec: DeltaLayerSpec, proj: Array, conv_cache: Array | None,
                      conv_weight: Array | None, conv_bias: Array | None, state: Array,
                      a_log: Array | None, dt_bias: Array | None, norm_scale: Array, *,
@@ -156,7 +136,7 @@ def delta_layer_step(spec: DeltaLayerSpec, proj: Array, conv_cache: Array | None
     _check("norm_scale", norm_scale, (vd,), "[V]")
     args = (proj, conv_cache, conv_weight, conv_bias, state.astype(jnp.float32), a_log, dt_bias,
             norm_scale)
-    return _with_fallback(lambda *a: delta_layer(spec, *a), fallback, args)
+    return with_reference_vjp(lambda *a: delta_layer(spec, *a), fallback, *args)
 
 
 def ssd_layer_step(spec: SsdLayerSpec, proj: Array, conv_cache: Array, conv_weight: Array,
@@ -189,4 +169,4 @@ def ssd_layer_step(spec: SsdLayerSpec, proj: Array, conv_cache: Array, conv_weig
     _check("dt_bias", dt_bias, (h,), "[H]")
     _check("d", d, (h, spec.head_dim) if spec.d_per_channel else (h,), "(D)")
     args = (proj, conv_cache, conv_weight, conv_bias, state.astype(jnp.float32), a_log, dt_bias, d)
-    return _with_fallback(lambda *a: ssd_layer(spec, *a), fallback, args)
+    return with_reference_vjp(lambda *a: ssd_layer(spec, *a), fallback, *args)

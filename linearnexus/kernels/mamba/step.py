@@ -123,15 +123,4 @@ def selective_scan_step(x: Array, dt: Array, A: Array, B: Array, C: Array, *,
         x, dt, A, B, C, D, z, h0 = args
         return selective_scan_reference(x, dt, A, B, C, D=D, z=z, initial_state=h0)
 
-    @jax.custom_vjp
-    def step(args):
-        return forward(args)
-
-    def step_fwd(args):
-        return forward(args), args
-
-    def step_bwd(args, ct):
-        return jax.vjp(reference, args)[1](ct)
-
-    step.defvjp(step_fwd, step_bwd)
-    return step(args)
+    return lp.with_reference_vjp(forward, reference, args)

@@ -35,17 +35,6 @@ from linearnexus.kernels.common.chunking import (
 from linearnexus.kernels.common.validation import compute_dtype
 
 
-def _in_chunk_sums(x: Array, upper: bool) -> Array:
-    """Along the last axis: ``y_t = x_t + ... + x_L`` (``upper=False``) or the exclusive
-    prefix ``y_t = x_1 + ... + x_{t-1}`` (``upper=True``). A matmul in full precision (see
-    ``chunk_cumsum`` for why not ``jnp.cumsum``)."""
-    length = x.shape[-1]
-    ones = np.ones((length, length))
-    # [j, t] = 1 for t <= j (reverse inclusive) or j < t (exclusive prefix)
-    mat = jnp.asarray(np.triu(ones, 1) if upper else np.tril(ones), x.dtype)
-    return jnp.matmul(x, mat, precision=jax.lax.Precision.HIGHEST)
-
-
 def _core(plan: ChunkPlan, scale: float, traced: dict[str, Array], qc: Array, kc: Array,
           vc: Array, gc: Array, initial_state: Array | None) -> tuple[Array, Array]:
     """The op on head-major chunks (``[R, H, NC, L, D]``, gates ``[R, H, NC, L]``) with a
@@ -108,16 +97,15 @@ def _core(plan: ChunkPlan, scale: float, traced: dict[str, Array], qc: Array, kc
         dk = jnp.einsum("rhcij,rhcik->rhcjk", d_scores, qc) + dk_state
         dv = (jnp.einsum("rhcij,rhciv->rhcjv", scores, do)
               + jnp.einsum("rhclk,rhckv->rhclv", k_to_end, d_d_state))
-        # the pairs j < t <= i: [P @ U]_it = sum_{j < t} P_ij (U[j, t] = [j < t]), then summed
-        # over i >= t. Row sums minus column sums, reverse-summed, are the same in exact
-        # arithmetic but cancel: a strongly decayed t next to mild ones got an error of
-        # eps times the chunk's largest P (code review, 2026-12-04)
-        before_t = jnp.asarray(np.triu(np.ones((length, length)), 1), pairs.dtype)
-        crossing = jnp.matmul(pairs, before_t, precision=jax.lax.Precision.HIGHEST)
+        # the pairs j < t <= i: crossing_it = sum_{j < t} P_ij (P @ U, U[j, t] = [j < t]),
+        # then summed over i >= t. Row sums minus column sums, reverse-summed, are the same
+        # in exact arithmetic but cancel: a strongly decayed t next to mild ones got an
+        # error of eps times the chunk's largest P
+        crossing = chunk_cumsum(pairs, inclusive=False)  # [R, H, NC, L(i), L(t)]
         from_t = np.tril(np.ones((length, length), np.dtype(scores.dtype)))  # [i, t]: i >= t
         dg = (jnp.sum(crossing * from_t, axis=-2)  # [R, H, NC, L]
-              + _in_chunk_sums(jnp.sum(qc * dq_inter, -1), upper=False)
-              + _in_chunk_sums(jnp.sum(kc * dk_state, axis=-1), upper=True)
+              + chunk_suffix_sum(jnp.sum(qc * dq_inter, -1), inclusive=True)  # i >= t
+              + chunk_cumsum(jnp.sum(kc * dk_state, axis=-1), inclusive=False)  # j < t
               + d_log_decay[..., None])
         return None, dq, dk, dv, dg, d_initial
 
