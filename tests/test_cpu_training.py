@@ -94,3 +94,36 @@ def test_the_user_and_the_mesh_decide_the_cpu_device_count(fresh_two_cores, monk
         assert plan_cpu_devices("data=2", 12, env) == (0, "data=2")
     monkeypatch.setattr(cpu_flags, "_backend_started", lambda: True)
     assert plan_cpu_devices(None, 12, cpu) == (0, None)
+
+
+def test_a_resume_plans_devices_from_the_checkpoint_it_restores(tmp_path, monkeypatch):
+    """The resumed run's mesh and batch come from the newest checkpoint's metadata (what
+    the resume restores), not from a ``config.yaml`` a later, failed start rewrote."""
+    import json
+
+    from linearnexus.cli import train_lm
+
+    asked = []
+    monkeypatch.setattr(cpu_flags, "plan_cpu_devices",
+                        lambda mesh, batch: asked.append((mesh, batch)) or (0, mesh))
+    out = tmp_path / "run"
+    for step, mesh, batch in ((100, "data=4", 8), (200, "data=2,fsdp=2", 16)):
+        meta_dir = out / "checkpoints" / str(step) / "meta"
+        meta_dir.mkdir(parents=True)
+        meta = {"step": step, "train_config": {"mesh": mesh, "batch_size": batch}}
+        (meta_dir / "metadata").write_text(json.dumps(meta), encoding="utf-8")
+    (out / "config.yaml").write_text("train:\n  mesh: data=8\n  batch_size: 24\n",
+                                     encoding="utf-8")
+    train_lm._plan_cpu_devices(str(out), True, {}, {})
+    assert asked[-1] == ("data=2,fsdp=2", 16)  # the newest step's
+    train_lm._plan_cpu_devices(str(out), True, {}, {"batch_size": 4})
+    assert asked[-1] == ("data=2,fsdp=2", 4)  # a flag still wins
+    (out / "checkpoints" / "200" / "meta" / "metadata").write_text("{torn", encoding="utf-8")
+    train_lm._plan_cpu_devices(str(out), True, {}, {})
+    assert asked[-1] == ("data=4", 8)  # an unreadable newest: the next one
+    for step in (100, 200):
+        (out / "checkpoints" / str(step) / "meta" / "metadata").unlink()
+    train_lm._plan_cpu_devices(str(out), True, {}, {})
+    assert asked[-1] == ("data=8", 24)  # no metadata at all: the run's config.yaml
+    train_lm._plan_cpu_devices(str(out), False, {"batch_size": 12}, {})
+    assert asked[-1] == (None, 12)  # a fresh run reads nothing from the folder

@@ -10,6 +10,8 @@ the reason, when the installed JAX's Mosaic GPU lacks an API the kernels use.
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -19,6 +21,7 @@ from linearnexus.kernels.common.mosaic_chunk import (
     SMEM_LIMIT,
     MosaicConfig,
     default_mosaic_config,
+    mosaic_backward_fits,
     gpu_interpret,
     gpu_interpret_reason,
     mosaic_unavailable_reason,
@@ -54,6 +57,8 @@ def _specs(B, T, H, K, V, h0):
     ((1, 63, 3, 40, 72), False, MosaicConfig(block_v=64, stages=3, backward="pallas")),
     # one pipeline stage in all three kernels, K = V = 64
     ((1, 130, 2, 64, 64), True, MosaicConfig(stages=1, bwd_stages=1, dqk_stages=1)),
+    # chunks of 128 with few programs: the heuristic's stages fit shared memory (no error)
+    ((1, 1100, 2, 128, 128), True, MosaicConfig(chunk=128)),
 ])
 def test_simple_gla_mosaic_lowers_forward_and_backward(shape, h0, config, monkeypatch):
     """Forward (the Mosaic GPU kernel) and its gradient lower for CUDA: with the Mosaic
@@ -74,7 +79,8 @@ def test_simple_gla_mosaic_lowers_forward_and_backward(shape, h0, config, monkey
     assert text.count("custom_call @mosaic_gpu") == 1
     grad_text = _lower(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4) if h0 else (0, 1, 2, 3)),
                        *specs)
-    if config is not None and config.backward == "pallas":
+    # at chunk 128, K = V = 128 the Mosaic backward does not fit: the heuristic picks Triton
+    if config is not None and (config.backward == "pallas" or config.chunk == 128):
         assert grad_text.count("custom_call @mosaic_gpu") == 1 and "xla.gpu.triton" in grad_text
     else:
         assert grad_text.count("custom_call @mosaic_gpu") == 3
@@ -124,15 +130,19 @@ def test_mosaic_declines_what_it_does_not_cover():
         MosaicConfig(dqk_stages=True)
     with pytest.raises(ValueError, match="backward"):
         MosaicConfig(backward="triton")
-    # the heuristic always fits shared memory, and picks the Mosaic backward where it fits
-    for K in (64, 128):
-        for V in (64, 128, 256):
-            for n_chunks in (1, 64, 256):
-                cfg = default_mosaic_config(rows=8, heads=16, key_dim=K, value_dim=V,
-                                            n_chunks=n_chunks)
-                assert smem_bytes(chunk=cfg.chunk, key_dim=K, block_v=cfg.block_v,
-                                  stages=cfg.stages, itemsize=2) <= SMEM_LIMIT
-                assert cfg.backward == ("mosaic" if V <= 128 else "pallas")
+    # the heuristic always fits shared memory at either chunk size, few programs or many,
+    # and picks the Mosaic backward where it fits
+    for chunk, K, V, rows, n_chunks in itertools.product((64, 128), (64, 128), (64, 128, 256),
+                                                         (1, 8), (1, 64, 256)):
+        cfg = default_mosaic_config(rows=rows, heads=16, key_dim=K, value_dim=V,
+                                    n_chunks=n_chunks, chunk=chunk)
+        assert cfg.chunk == chunk
+        assert smem_bytes(chunk=chunk, key_dim=K, block_v=cfg.block_v,
+                          stages=cfg.stages, itemsize=2) <= SMEM_LIMIT
+        assert cfg.backward == ("mosaic" if mosaic_backward_fits(
+            chunk=chunk, key_dim=K, value_dim=V, block_v=cfg.block_v) else "pallas")
+        if chunk == 64:
+            assert cfg.backward == ("mosaic" if V <= 128 else "pallas")
 
 
 def test_mosaic_config_comes_from_the_tuning_cache(tmp_path, monkeypatch):

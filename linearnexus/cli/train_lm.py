@@ -289,16 +289,27 @@ def _plan_cpu_devices(out: str, resuming: bool, train_section: dict[str, Any],
     as the run's mesh names; ``core/cpu_flags.py`` says why and when). Runs before anything
     starts JAX's backend (verifying a checkpoint does), so the run's mesh and batch size are
     read here as the resolution in ``_resolve`` will settle them: flags over the config file
-    over the run folder's ``config.yaml``. Returns the automatic mesh (``"data=2"``) or None."""
+    over the training config in the newest checkpoint's metadata (the one a resume restores
+    unless it fails verification; the run folder's ``config.yaml`` where no metadata parses).
+    Returns the automatic mesh (``"data=2"``) or None."""
     from linearnexus.core.cpu_flags import plan_cpu_devices, use_cpu_devices
     from linearnexus.train import read_config_file
-    from linearnexus.train.sft import CONFIG_FILE
+    from linearnexus.train.integrity import read_step_meta, step_folders
+    from linearnexus.train.sft import CHECKPOINT_DIR, CONFIG_FILE
 
     known: dict[str, Any] = {**train_section, **overrides}
-    saved_config = Path(out) / CONFIG_FILE
-    if resuming and saved_config.is_file():
-        with contextlib.suppress(Exception):  # a broken file is reported by the resume itself
-            known = {**read_config_file(saved_config)[1], **known}
+    if resuming:
+        saved_train = None
+        for _, step_dir in step_folders(Path(out) / CHECKPOINT_DIR):
+            meta = read_step_meta(step_dir)
+            if meta is not None and isinstance(meta.get("train_config"), dict):
+                saved_train = meta["train_config"]
+                break
+        saved_config = Path(out) / CONFIG_FILE
+        if saved_train is None and saved_config.is_file():
+            with contextlib.suppress(Exception):  # a broken file is reported by the resume
+                saved_train = read_config_file(saved_config)[1]
+        known = {**(saved_train or {}), **known}
     mesh, batch = known.get("mesh"), known.get("batch_size")
     if not isinstance(batch, int) or batch < 1:  # a bad value is TrainConfig's to report
         batch = TRAIN_DEFAULTS["batch_size"]

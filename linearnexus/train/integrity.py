@@ -88,12 +88,24 @@ def write_checkpoint_manifest(step_dir: str | os.PathLike, step: int) -> Path:
     return atomic_write_text(step_dir / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
 
 
+def read_step_meta(step_dir: str | os.PathLike) -> dict | None:
+    """The JSON metadata a checkpoint step folder holds (``step``, ``model_config``,
+    ``train_config`` ...), read as plain JSON without orbax or JAX; None when it is missing
+    or does not parse. Unverified: for decisions taken before JAX starts (the CPU device
+    count of a resumed run), not for restoring."""
+    try:
+        meta = json.loads((Path(step_dir) / "meta" / "metadata").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def _legacy_format(step_dir: Path) -> bool:
     """True when the checkpoint's metadata says it predates manifests (format_version 1)."""
+    meta = read_step_meta(step_dir)
     try:
-        meta = json.loads((step_dir / "meta" / "metadata").read_text(encoding="utf-8"))
-        return int(meta.get("format_version", 0)) < 2
-    except (OSError, ValueError, TypeError, AttributeError):
+        return meta is not None and int(meta.get("format_version", 0)) < 2
+    except (ValueError, TypeError):
         return False
 
 

@@ -199,8 +199,8 @@ HOPPER_SMS = 132
 
 
 def default_mosaic_config(*, rows: int, heads: int, key_dim: int, value_dim: int,
-                          n_chunks: int, itemsize: int = 2) -> MosaicConfig:
-    """The heuristic: chunk 64; value blocks of 64 (at V = 128 two programs per head, which
+                          n_chunks: int, itemsize: int = 2, chunk: int = 64) -> MosaicConfig:
+    """The heuristic at chunk ``chunk`` (64 unless the call asks for 128): value blocks of 64 (at V = 128 two programs per head, which
     the H200's 132 SMs need at B * H = 128), 128 only when that still leaves >= 2 programs
     per SM and fits shared memory. The plain forward: one pipeline stage when there are more
     programs than SMs (two programs then share each SM, in one wave, and overlap each
@@ -212,21 +212,24 @@ def default_mosaic_config(*, rows: int, heads: int, key_dim: int, value_dim: int
     plain forward 1 stage 0.241 ms, 3 stages 0.257 ms (0.309 / 0.335 ms through the api);
     the forward storing the states 3 stages 0.307 ms, 1 stage 0.332 ms; the reverse walk
     3 stages 0.303 ms, 1 stage 0.318 ms; ``dq / dk`` 2 stages 0.515 ms, 1 stage 0.671 ms."""
+    def fits(block: int, stages: int) -> bool:
+        return smem_bytes(chunk=chunk, key_dim=key_dim, block_v=block, stages=stages,
+                          itemsize=itemsize) <= SMEM_LIMIT
+
     block_v = 64
     if (value_dim % 128 == 0 and (value_dim // 128) * rows * heads >= 264
-            and smem_bytes(chunk=64, key_dim=key_dim, block_v=128, stages=2,
-                           itemsize=itemsize) <= SMEM_LIMIT):
+            and fits(128, 2)):
         block_v = 128
     block_v = min(block_v, value_dim)
-    stages = 2
-    if n_chunks >= 8 and smem_bytes(chunk=64, key_dim=key_dim, block_v=block_v, stages=3,
-                                      itemsize=itemsize) <= SMEM_LIMIT:
-        stages = 3
+    stages = 3 if n_chunks >= 8 and fits(block_v, 3) else 2
     if n_chunks >= 8 and (value_dim // block_v) * rows * heads > HOPPER_SMS:
         stages = 1
-    backward = "mosaic" if mosaic_backward_fits(chunk=64, key_dim=key_dim, value_dim=value_dim,
-                                                block_v=block_v, itemsize=itemsize) else "pallas"
-    return MosaicConfig(chunk=64, block_v=block_v, stages=stages, backward=backward)
+    while stages > 1 and not fits(block_v, stages):  # chunk 128: fewer slots fit
+        stages -= 1
+    backward = "mosaic" if mosaic_backward_fits(chunk=chunk, key_dim=key_dim,
+                                                value_dim=value_dim, block_v=block_v,
+                                                itemsize=itemsize) else "pallas"
+    return MosaicConfig(chunk=chunk, block_v=block_v, stages=stages, backward=backward)
 
 
 @dataclasses.dataclass(frozen=True)
