@@ -21,9 +21,9 @@ from linearnexus.kernels.common.mosaic_chunk import (
     SMEM_LIMIT,
     MosaicConfig,
     default_mosaic_config,
-    mosaic_backward_fits,
     gpu_interpret,
     gpu_interpret_reason,
+    mosaic_backward_fits,
     mosaic_unavailable_reason,
     smem_bytes,
 )
