@@ -202,7 +202,8 @@ def default_mosaic_config(*, rows: int, heads: int, key_dim: int, value_dim: int
                           n_chunks: int, itemsize: int = 2, chunk: int = 64) -> MosaicConfig:
     """The heuristic at chunk ``chunk`` (64 unless the call asks for 128): value blocks of
     64 (at V = 128 two programs per head, which the H200's 132 SMs need at B * H = 128),
-    128 only when that still leaves >= 2 programs per SM and fits shared memory. The plain forward: one pipeline stage when there are more
+    128 only when that still leaves >= 2 programs per SM and fits shared memory. The plain
+    forward: one pipeline stage when there are more
     programs than SMs (two programs then share each SM, in one wave, and overlap each
     other's dependent chains), else 3 stages when they fit and the walk is longer than a few
     chunks, else 2. The gradient's kernels (``bwd_stages``, ``dqk_stages``): None, the
