@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from linearnexus.core.autodiff import rotate_half_pairs, swiglu, written_backward_enabled
 from linearnexus.core.conv import depthwise_conv1d
 from linearnexus.core.types import Array, DType, is_float_dtype
 
@@ -298,6 +299,13 @@ class SwiGLU(nnx.Module):
             raise ValueError(f"x: expected last axis D={self.d_model}, got shape {x.shape}")
         if x.ndim >= 2 and x.shape[-2] == 1 and fused_decode_enabled():  # one token: one GEMV
             gate, up = fused_dense(x, self.decode_linears()[0])
+        elif self.w_gate.bias is None and written_backward_enabled():
+            # the same math with a written-out backward (core/autodiff.py: faster on the CPU)
+            cdt = self.w_gate.dtype or jnp.promote_types(x.dtype, self.w_gate.kernel[...].dtype)
+            flat = x.reshape(-1, self.d_model)  # [..., D] -> [N, D]
+            y = swiglu(flat, self.w_gate.kernel[...], self.w_up.kernel[...],
+                       self.w_down.kernel[...], jnp.dtype(cdt))
+            return y.reshape(*x.shape[:-1], self.d_model)  # [N, D] -> [..., D]
         else:
             gate, up = self.w_gate(x), self.w_up(x)
         return self.w_down(jax.nn.silu(gate) * up)  # [..., F] -> [..., D]
@@ -367,6 +375,8 @@ class RotaryEmbedding(nnx.Module):
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [B, T, R/2] -> [B, T, 1, R/2]
         half = self.rotary_dim // 2
         xf = x.astype(ct)
+        if written_backward_enabled():  # the same rotation, its backward written out
+            return rotate_half_pairs(xf, cos, sin).astype(x.dtype)
         x1, x2, rest = xf[..., :half], xf[..., half:self.rotary_dim], xf[..., self.rotary_dim:]
         rotated = [x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest]
         return jnp.concatenate(rotated, axis=-1).astype(x.dtype)

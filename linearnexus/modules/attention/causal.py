@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 from flax import nnx
 
+from linearnexus.core.autodiff import grouped_softmax_attention, written_backward_enabled
 from linearnexus.core.config import ConfigError, field
 from linearnexus.core.mode import KernelMode, as_mode
 from linearnexus.core.padding import unlayout
@@ -145,14 +146,20 @@ def grouped_attention(q: Array, k: Array, v: Array, allowed: Array, scale: float
 
     Returns:
         ``[B, T, H, V]`` in ``q.dtype``; scores and softmax run in float32 (float64 for f64).
+        Differentiated through a written-out backward (``core/autodiff.py``) unless that is
+        turned off.
     """
     batch, seq, heads, dim = q.shape
     kv_heads = k.shape[2]
     ct = math_dtype(q.dtype)
     qg = q.reshape(batch, seq, kv_heads, heads // kv_heads, dim)  # [B,T,H,K] -> [B,T,Hkv,G,K]
-    scores = jnp.einsum("btngk,bsnk->bngts", qg.astype(ct), k.astype(ct)) * scale
-    probs = masked_softmax(scores, allowed[:, None, None])  # [B, Hkv, G, T, S]
-    out = jnp.einsum("bngts,bsnv->btngv", probs, v.astype(ct))  # [B, T, Hkv, G, V]
+    if written_backward_enabled():  # the same attention, its backward written out
+        out = grouped_softmax_attention(qg.astype(ct), k.astype(ct), v.astype(ct), allowed,
+                                        scale)  # [B, T, Hkv, G, V]
+    else:
+        scores = jnp.einsum("btngk,bsnk->bngts", qg.astype(ct), k.astype(ct)) * scale
+        probs = masked_softmax(scores, allowed[:, None, None])  # [B, Hkv, G, T, S]
+        out = jnp.einsum("bngts,bsnv->btngv", probs, v.astype(ct))  # [B, T, Hkv, G, V]
     return out.reshape(batch, seq, heads, v.shape[-1]).astype(q.dtype)  # -> [B, T, H, V]
 
 
