@@ -321,6 +321,7 @@ class LinearAttentionBlock(nnx.Module):
         cfg = self.config
         x, call = begin_call(x, cfg.d_model, mask=mask, cu_seqlens=cu_seqlens, mode=mode,
                              mode_threshold=cfg.mode_threshold, dtype=dtype_of(cfg.dtype))
+        fresh = state is None  # the op then starts from no state (its zero-state paths)
         if state is None:
             state = self.init_state(call.n_states)
         linear = self._linear_state(state, call)
@@ -364,7 +365,8 @@ class LinearAttentionBlock(nnx.Module):
         gates = self._gates_from(x, gate_logits) if fused else self._gates(x)
         gates = [inert(gate, call) for gate in gates]
         o, final = type(self).op(
-            q, k, v, *gates, initial_state=linear.recurrent.state, output_final_state=True,
+            q, k, v, *gates, initial_state=None if fresh else linear.recurrent.state,
+            output_final_state=True,
             cu_seqlens=call.cu_seqlens, chunk_size=cfg.chunk_size, mode=call.mode,
             backend=cfg.backend)  # o: [B, T, H, V]
         if self.g_proj is not None:

@@ -180,6 +180,7 @@ class MambaBlock(nnx.Module):
         x, call = begin_call(x, cfg.d_model, mask=mask, cu_seqlens=cu_seqlens, mode=mode,
                              mode_threshold=cfg.mode_threshold, dtype=dtype_of(cfg.dtype))
         n_states = call.n_states
+        fresh = state is None  # the scan then starts from no state (its zero-state paths)
         if state is None:
             state = self.init_state(n_states)
         elif not isinstance(state, MambaState):
@@ -213,7 +214,8 @@ class MambaBlock(nnx.Module):
         A = -jnp.exp(self.A_log[...].astype(gate_dtype))  # [C, N]
         y, ssm_state = selective_scan(
             u, dt, A, b_t, c_t, D=self.D[...], z=z,
-            initial_state=state.ssm.state, output_final_state=True, cu_seqlens=call.cu_seqlens,
+            initial_state=None if fresh else state.ssm.state, output_final_state=True,
+            cu_seqlens=call.cu_seqlens,
             chunk_size=cfg.chunk_size, mode=call.mode, backend=op_backend(cfg.kernel_backend))
         out = end_call(self.out_proj(y), call)
         new_state = MambaState(conv=state.conv.update(conv_cache), ssm=state.ssm.update(ssm_state))

@@ -268,6 +268,7 @@ class Mamba2Block(nnx.Module):
         x, call = begin_call(x, cfg.d_model, mask=mask, cu_seqlens=cu_seqlens, mode=mode,
                              mode_threshold=cfg.mode_threshold, dtype=dtype)
         dims = self._state_dims()
+        fresh = state is None  # the op then starts from no state (its zero-state paths)
         if state is None:
             state = zeros_linear_state(call.n_states, dtype=dtype, **dims)
         else:
@@ -301,7 +302,8 @@ class Mamba2Block(nnx.Module):
             dt = jnp.clip(dt, *cfg.dt_limit)
         dt = inert(dt, call)  # [B, T, H]
         A = -jnp.exp(self.A_log[...].astype(gate_dtype))  # [H]
-        y, ssm_state = ssd(xs, dt, A, b_t, c_t, D=self.D[...], initial_state=state.recurrent.state,
+        y, ssm_state = ssd(xs, dt, A, b_t, c_t, D=self.D[...],
+                           initial_state=None if fresh else state.recurrent.state,
                            output_final_state=True, cu_seqlens=call.cu_seqlens,
                            chunk_size=cfg.chunk_size, mode=call.mode,
                            backend=op_backend(cfg.kernel_backend))
