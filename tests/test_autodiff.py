@@ -13,6 +13,7 @@ from linearnexus.core.autodiff import (
     WRITTEN_BACKWARD_ENV,
     autodiff_backward,
     grouped_softmax_attention,
+    rotate_half_pairs,
     swiglu,
     written_backward_enabled,
 )
@@ -163,3 +164,17 @@ def test_the_switch_turns_written_backwards_off_for_jvp(rng, monkeypatch):
     dot = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(tangent), jax.tree.leaves(pullback),
                                              strict=True))
     np.testing.assert_allclose(dot, jnp.vdot(from_jvp, w), rtol=1e-4)
+
+
+def test_a_traced_scale_and_rope_angles_are_handled(rng):
+    """A traced attention scale takes autodiff's path (the written one keeps it static); the
+    rotation's angles are constants: no gradient reaches them."""
+    from linearnexus.modules.attention.causal import grouped_attention
+
+    q, k, v = randn(rng, 1, 5, 4, 8), randn(rng, 1, 5, 2, 8), randn(rng, 1, 5, 2, 8)
+    allowed = jnp.tril(jnp.ones((5, 5), bool))[None]
+    at_traced = jax.jit(lambda s: grouped_attention(q, k, v, allowed, s))(jnp.float32(0.3))
+    np.testing.assert_allclose(at_traced, grouped_attention(q, k, v, allowed, 0.3), atol=1e-6)
+    x, cos, sin = randn(rng, 3, 8), randn(rng, 3, 4), randn(rng, 3, 4)
+    d_cos, d_sin = jax.grad(lambda c, s: jnp.sum(rotate_half_pairs(x, c, s)), (0, 1))(cos, sin)
+    assert not np.any(np.asarray(d_cos)) and not np.any(np.asarray(d_sin))

@@ -73,6 +73,29 @@ def test_follows_block_protocol(name, key):
 
 
 @pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("mode", MODES)
+def test_no_state_equals_an_explicit_zero_state(name, mode, key):
+    """Called without a state, a block may take its op's zero-state paths: outputs, the new
+    state and the gradients equal those of a call given ``init_state`` (the zeros)."""
+    block, config = build(name)
+    graphdef, params = nnx.split(block)
+    x = inputs(key, config, 2, 13)
+    cot = jax.random.normal(jax.random.fold_in(key, 1), x.shape, jnp.float32)
+
+    def run(p, x, with_state):
+        blk = nnx.merge(graphdef, p)
+        state = blk.init_state(2) if with_state else None
+        y, new_state = blk(x, state=state, mode=mode)
+        return jnp.sum(y.astype(jnp.float32) * cot), (y, new_state)
+
+    results = [jax.jit(jax.value_and_grad(run, argnums=(0, 1), has_aux=True),
+                       static_argnums=2)(params, x, s) for s in (False, True)]
+    (_, (y0, state0)), grads0 = results[0]
+    (_, (y1, state1)), grads1 = results[1]
+    assert_trees_close((y0, state0, grads0), (y1, state1, grads1), 1e-6, f"{name}[{mode}]")
+
+
+@pytest.mark.parametrize("name", LAYERS)
 @pytest.mark.parametrize("seq", [1, 13])
 def test_chunk_vs_recurrent(name, seq, key):
     block, config = build(name)

@@ -7,13 +7,21 @@ softmax attention's gradient through padded and transposed copies. Here those la
 a ``jax.custom_vjp`` whose backward is written out: the forward saves what the backward
 needs (``sigmoid(gate)``, the attention probabilities) and the backward is the textbook
 formula as plain matmuls and elementwise products. On the nanoGPT CPU recipe (gpt-small,
-2 cores) this made a training step 1.2-1.33x faster (``docs/benchmarks.md``, CPU training
-round 5); the results equal autodiff's up to float rounding (``tests/test_autodiff.py``).
+2-core CPU) this made a training step 1.33x faster on one device and 1.28x on two
+(``docs/benchmarks.md``, CPU training round 5); the results equal autodiff's up to float
+rounding (``tests/test_autodiff.py``). With a bfloat16 compute dtype SwiGLU's gate math
+runs in float32 here (autodiff's path and one-token decoding run it in bfloat16), so the
+two differ by about one bfloat16 ulp.
 
 A ``custom_vjp`` has no forward-mode derivative: ``jax.jvp`` (and forward-over-reverse
 Hessian-vector products) through a model fail on it. The written-out backwards are used
 unless turned off, for the calls traced under :func:`autodiff_backward` or for a whole
-process with ``LINEARNEXUS_WRITTEN_BACKWARD=0``; both are read at trace time.
+process with ``LINEARNEXUS_WRITTEN_BACKWARD=0``; both are read at trace time, so a
+function ``jax.jit`` traced before keeps what it was traced with (jit a fresh function
+inside the block). This covers softmax attention and MLP stacks (GPT-style models); the
+linear and SSM ops in chunk mode are reverse-mode only whatever the switch (their
+``custom_vjp`` is the kernel's own backward): forward mode through them needs
+``mode="recurrent"``.
 
     from linearnexus.core.autodiff import autodiff_backward
 
@@ -131,19 +139,23 @@ _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 # ---- rotary embedding --------------------------------------------------------------------
 
 
-@jax.custom_vjp
 def rotate_half_pairs(x: Array, cos: Array, sin: Array) -> Array:
     """RoPE's rotation of the half-split pairs ``(x1, x2)`` of the first ``2 R`` features,
     with a written-out backward (the rotation by the opposite angle).
 
     Args:
         x: ``[..., K]`` in the math dtype. cos, sin: ``[..., R]`` broadcastable against
-            ``x[..., :R]``, ``2 R <= K``; treated as constants (their gradient is not formed:
-            they come from integer positions).
+            ``x[..., :R]``, ``2 R <= K``; constants: no gradient flows to them
+            (``stop_gradient``; RoPE's come from integer positions).
 
     Returns:
         ``[x1 cos - x2 sin, x2 cos + x1 sin, x[..., 2R:]]`` concatenated, ``[..., K]``.
     """
+    return _rotate_pairs(x, jax.lax.stop_gradient(cos), jax.lax.stop_gradient(sin))
+
+
+@jax.custom_vjp
+def _rotate_pairs(x: Array, cos: Array, sin: Array) -> Array:
     return _rotate(x, cos, sin)
 
 
@@ -162,7 +174,7 @@ def _rotate_bwd(res, d_out):
     return _rotate(d_out, cos, -sin), None, None
 
 
-rotate_half_pairs.defvjp(_rotate_fwd, _rotate_bwd)
+_rotate_pairs.defvjp(_rotate_fwd, _rotate_bwd)
 
 
 # ---- softmax attention -------------------------------------------------------------------

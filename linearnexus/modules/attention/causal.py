@@ -153,7 +153,8 @@ def grouped_attention(q: Array, k: Array, v: Array, allowed: Array, scale: float
     kv_heads = k.shape[2]
     ct = math_dtype(q.dtype)
     qg = q.reshape(batch, seq, kv_heads, heads // kv_heads, dim)  # [B,T,H,K] -> [B,T,Hkv,G,K]
-    if written_backward_enabled():  # the same attention, its backward written out
+    # the same attention, its backward written out (a Python-number scale: it is static there)
+    if written_backward_enabled() and isinstance(scale, (int, float)):
         out = grouped_softmax_attention(qg.astype(ct), k.astype(ct), v.astype(ct), allowed,
                                         scale)  # [B, T, Hkv, G, V]
     else:
