@@ -47,7 +47,12 @@ import jax
 import jax.numpy as jnp
 
 from linearnexus.core.types import Array
-from linearnexus.kernels.common.pallas_chunk import CoreStatic, _core_bwd, run_fwd_h
+from linearnexus.kernels.common.pallas_chunk import (
+    CoreStatic,
+    _core_bwd,
+    batch_layout_info,
+    run_fwd_h,
+)
 
 F32 = jnp.float32
 #: input dtypes the wgmma path takes exactly (bf16 / f16 operands, float32 accumulation)
@@ -601,16 +606,6 @@ def mosaic_core(st: MosaicStatic, q, k, v, g, h0):
     return mosaic_forward(st, q, k, v, b, None if h0 is None else h0.astype(F32))
 
 
-def batch_rows_info(rows: int, n_chunks: int) -> tuple[Array, Array]:
-    """``(seq_info [R, NC], flags [R, NC])`` int32 of batch rows (one sequence per row, from
-    its first chunk to its last) for the Triton kernels (``pallas_chunk.chunk_layout_info``)."""
-    seq_info = jnp.broadcast_to(jnp.arange(rows, dtype=jnp.int32)[:, None], (rows, n_chunks))
-    chunk_ids = jnp.arange(n_chunks)
-    flags = (jnp.where(chunk_ids == 0, 1, 0)
-             | jnp.where(chunk_ids == n_chunks - 1, 2, 0)).astype(jnp.int32)
-    return seq_info, jnp.broadcast_to(flags[None], (rows, n_chunks))
-
-
 def _bwd_rule(st: MosaicStatic, res, cts):
     q, k, v, b, h0, h = res
     if st.backward == "mosaic":
@@ -620,7 +615,7 @@ def _bwd_rule(st: MosaicStatic, res, cts):
         dq, dk, dv, dg, dh0 = mosaic_backward(st, q, k, v, b, h, do, dfinal)
         return dq, dk, dv, dg, None if h0 is None else dh0.astype(h0.dtype)
     core = st.core
-    seq_info, flags = batch_rows_info(core.rows, core.n_chunks)
+    seq_info, flags = batch_layout_info(core.rows, core.n_chunks)
     h0f = None if h0 is None else h0.astype(F32)
     # the Triton backward needs every chunk's entering state, which the fused forward kept
     # in registers only: one more Triton fwd_h walk recomputes them

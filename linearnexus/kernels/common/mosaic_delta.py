@@ -46,11 +46,10 @@ from linearnexus.kernels.common.mosaic_chunk import (
     SMEM_LIMIT,
     MosaicConfig,
     MosaicStatic,
-    batch_rows_info,
     mosaic_forward,
     smem_bytes,
 )
-from linearnexus.kernels.common.pallas_chunk import _core_bwd, in_chunk_cumsum
+from linearnexus.kernels.common.pallas_chunk import _core_bwd, batch_layout_info, in_chunk_cumsum
 
 F32 = jnp.float32
 #: "1" puts the delta rules' mosaic backend first in automatic dispatch; "0" keeps it out
@@ -164,7 +163,7 @@ def _bwd_rule(st: MosaicStatic, res, cts):
     q, k, u, w, g, h0, h, vn, final = res
     core = st.core
     _, b = _gates(st, g, q)
-    seq_info, flags = batch_rows_info(core.rows, core.n_chunks)
+    seq_info, flags = batch_layout_info(core.rows, core.n_chunks)
     full = (q, k, u, w, b, h0, seq_info, flags, h, vn, final)
     dq, dk, du, dw, dg, dh0, _, _ = _core_bwd(core, full, cts)
     return dq, dk, du, dw, None if g is None else dg, None if h0 is None else dh0

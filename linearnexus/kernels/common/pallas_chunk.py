@@ -568,16 +568,21 @@ chunk_core.defvjp(_core_fwd, _core_bwd)
 # ----------------------------------------------------------------------------- glue
 
 
+def batch_layout_info(rows: int, n_chunks: int) -> tuple[Array, Array]:
+    """``(seq_info [R, NC] int32, flags [R, NC] int32)`` of batch rows: one sequence per
+    row, starting at its first chunk (flag 1) and ending at its last (flag 2)."""
+    seq_info = jnp.broadcast_to(jnp.arange(rows, dtype=jnp.int32)[:, None], (rows, n_chunks))
+    c = jnp.arange(n_chunks)
+    flags = jnp.where(c == 0, 1, 0) | jnp.where(c == n_chunks - 1, 2, 0)
+    return seq_info, jnp.broadcast_to(flags.astype(jnp.int32)[None], (rows, n_chunks))
+
+
 def chunk_layout_info(plan) -> tuple[Array, Array]:
     """``(seq_info [R, NC] int32, flags [R, NC] int32)`` for a :class:`ChunkPlan`."""
-    R, NC = plan.rows, plan.n_chunks
     if not plan.packed:
-        seq_info = jnp.broadcast_to(jnp.arange(R, dtype=jnp.int32)[:, None], (R, NC))
-        c = jnp.arange(NC)
-        flags = jnp.where(c == 0, 1, 0) | jnp.where(c == NC - 1, 2, 0)
-        return seq_info, jnp.broadcast_to(flags.astype(jnp.int32)[None], (R, NC))
+        return batch_layout_info(plan.rows, plan.n_chunks)
     seq = plan.seq_of_chunk.astype(jnp.int32)
-    c = jnp.arange(NC, dtype=jnp.int32)
+    c = jnp.arange(plan.n_chunks, dtype=jnp.int32)
     last = plan.last_chunk[seq] == c
     flags = jnp.where(plan.reset, 1, 0) | jnp.where(last, 2, 0)
     return seq[None], flags.astype(jnp.int32)[None]
