@@ -299,14 +299,10 @@ def decayed_chunk_states(d_state: Array, log_decay: Array, plan: ChunkPlan,
         start = initial_state.astype(dtype)  # [R, H, *S]
         return start[:, :, None], decay * start + d_state[:, :, 0]
     flat = d_state.reshape(rows, heads, n_chunks, -1)  # [R, H, NC, X]
-    t = np.arange(n_chunks)
-    # span[t, c, c'] = 1 when c' < t < c: the chunks between c' and c
-    span = (t[:, None, None] > t[None, None, :]) & (t[:, None, None] < t[None, :, None])
-    span = jnp.asarray(span.reshape(n_chunks, n_chunks * n_chunks), dtype)
-    sums = jnp.matmul(log_decay, span, precision=jax.lax.Precision.HIGHEST)  # [R, H, NC*NC]
-    sums = sums.reshape(rows, heads, n_chunks, n_chunks)
-    before = np.tril(np.ones((n_chunks, n_chunks), bool), -1)  # c' < c
-    carry = jnp.where(before, jnp.exp(jnp.where(before, sums, 0.0)), 0.0)  # [R, H, NC, NC]
+    # carry[c, c'] = exp(a_{c'+1} + ... + a_{c-1}) for c' < c: pairwise_decay's row c - 1
+    # (its exponents over c' < t <= c - 1), shifted down one row; row 0 carries nothing
+    carry = jnp.pad(pairwise_decay(log_decay)[..., :-1, :],
+                    [(0, 0)] * (log_decay.ndim - 1) + [(1, 0), (0, 0)])  # [R, H, NC, NC]
     # full precision: these sums stand in for the scan's exact float32 adds (a TPU's default
     # would round them through bfloat16, a GPU's through TF32)
     entering = jnp.matmul(carry, flat, precision=jax.lax.Precision.HIGHEST)  # [R,H,NC,X]

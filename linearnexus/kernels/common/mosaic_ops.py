@@ -130,7 +130,6 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
     check_mosaic_call(q, k, v, cu_seqlens=cu_seqlens, chunk=chunk, check_device=check_device)
     heads = q.shape[2]
     dtype, kp, vp, plan, h0, (qc, kc, vc) = _chunk_inputs(q, k, v, initial_state, chunk)
-    tiles_given = cfg.block_v is not None or cfg.stages is not None
     cfg = cfg.merged(default_mosaic_config(rows=plan.rows, heads=heads, key_dim=kp,
                                            value_dim=vp, n_chunks=plan.n_chunks,
                                            itemsize=jnp.dtype(dtype).itemsize, chunk=chunk))
@@ -138,10 +137,6 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
         raise ValueError(f"config: block_v={cfg.block_v} must divide the padded value dim {vp}")
     need = smem_bytes(chunk=chunk, key_dim=kp, block_v=cfg.block_v, stages=cfg.stages,
                       itemsize=jnp.dtype(dtype).itemsize)
-    if need > SMEM_LIMIT and not tiles_given:  # the heuristic's smallest tiles do not fit
-        raise NotImplementedError(f"mosaic backend: chunk_size {chunk} at K={kp} needs {need} "
-                                  f"bytes of shared memory at one stage of value block "
-                                  f"{cfg.block_v}, over the {SMEM_LIMIT} a block may use")
     if need > SMEM_LIMIT:
         raise ValueError(f"config: chunk={chunk}, block_v={cfg.block_v}, stages={cfg.stages} at "
                          f"K={kp} needs {need} bytes of shared memory, over the {SMEM_LIMIT} "
