@@ -23,6 +23,7 @@ from flax import nnx
 from linearnexus.core.autodiff import rotate_half_pairs, swiglu, written_backward_enabled
 from linearnexus.core.conv import depthwise_conv1d
 from linearnexus.core.types import Array, DType, is_float_dtype
+from linearnexus.kernels.fused_decode.gemv import one_row_matmul, one_row_ready
 
 
 def _dtype(value: DType | str | None) -> np.dtype | None:
@@ -82,6 +83,8 @@ class Embedding(nnx.Module):
         if x.shape[-1] != self.features:
             raise ValueError(f"x: expected last axis D={self.features}, got shape {x.shape}")
         table = self.embedding[...].astype(self.dtype)
+        if one_row_ready(x):  # batch-1 decoding on a GPU: kernels/fused_decode/gemv.py
+            return one_row_matmul(x.astype(self.dtype), table, transposed=True)  # [..., V]
         return jnp.einsum("...d,vd->...v", x.astype(self.dtype), table)  # [..., D] -> [..., V]
 
 
@@ -174,13 +177,35 @@ def fused_dense(x: Array, linears: Sequence[nnx.Linear], *,
     cached = None if table is None else table.get(tuple(id(lin) for lin in linears))
     kernel, bias = _concat_weights(linears) if cached is None else cached
     x, kernel, bias = first.promote_dtype((x, kernel, bias), dtype=first.dtype)
-    kwargs = ({} if first.preferred_element_type is None
-              else {"preferred_element_type": first.preferred_element_type})
-    y = first.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
-                          precision=first.precision, **kwargs)  # [..., sum F]
+    y = _matmul(first, x, kernel)  # [..., D] @ [D, sum F] -> [..., sum F]
     if bias is not None:
         y = y + bias
     return jnp.split(y, ends[:-1].tolist(), axis=-1)
+
+
+def _matmul(lin: nnx.Linear, x: Array, kernel: Array) -> Array:
+    """``x [..., D] @ kernel [D, N]`` as ``lin``'s matmul does it (its precision and
+    preferred element type); one row on a GPU through ``kernels.fused_decode.gemv`` (not
+    for a custom ``dot_general``)."""
+    if lin.dot_general is jax.lax.dot_general and one_row_ready(x):
+        return one_row_matmul(x, kernel, out_dtype=lin.preferred_element_type,
+                              precision=lin.precision)
+    kwargs = ({} if lin.preferred_element_type is None
+              else {"preferred_element_type": lin.preferred_element_type})
+    return lin.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                           precision=lin.precision, **kwargs)  # [..., D] -> [..., N]
+
+
+def dense(lin: nnx.Linear, x: Array) -> Array:
+    """``lin(x)``: ``x [..., D]`` -> ``[..., N]``, with the same dtypes, precision and bias;
+    a call of one row in all on a GPU runs ``kernels.fused_decode.gemv`` (batch-1 decoding's
+    output projections)."""
+    if not one_row_ready(x):
+        return lin(x)
+    bias = lin.bias[...] if lin.bias is not None else None
+    x, kernel, bias = lin.promote_dtype((x, lin.kernel[...], bias), dtype=lin.dtype)
+    y = _matmul(lin, x, kernel)
+    return y if bias is None else y + bias
 
 
 def _concat_weights(linears: Sequence[nnx.Linear]) -> tuple[Array, Array | None]:
@@ -308,7 +333,7 @@ class SwiGLU(nnx.Module):
             return y.reshape(*x.shape[:-1], self.d_model)  # [N, D] -> [..., D]
         else:
             gate, up = self.w_gate(x), self.w_up(x)
-        return self.w_down(jax.nn.silu(gate) * up)  # [..., F] -> [..., D]
+        return dense(self.w_down, jax.nn.silu(gate) * up)  # [..., F] -> [..., D]
 
 
 class RotaryEmbedding(nnx.Module):

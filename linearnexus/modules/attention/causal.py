@@ -33,7 +33,7 @@ from linearnexus.modules.attention.common import (
     masked_softmax,
 )
 from linearnexus.modules.base import BlockConfig, dtype_of
-from linearnexus.modules.common import RotaryEmbedding, math_dtype
+from linearnexus.modules.common import RotaryEmbedding, dense, math_dtype
 
 # ---- config and cache --------------------------------------------------------------------
 
@@ -217,15 +217,15 @@ class AttentionBlock(nnx.Module):
                                        init_state=self.init_state)
         batch, seq, _ = x.shape
         h, hkv, k = self.n_heads, self.n_kv_heads, self.head_dim
-        q = self.q_proj(xa).reshape(batch, seq, h, k)  # [B, T, H*K] -> [B, T, H, K]
-        key = self.k_proj(xa).reshape(batch, seq, hkv, k)  # [B, T, Hkv*K] -> [B, T, Hkv, K]
-        val = self.v_proj(xa).reshape(batch, seq, hkv, k)  # [B, T, Hkv*K] -> [B, T, Hkv, K]
+        q = dense(self.q_proj, xa).reshape(batch, seq, h, k)  # [B, T, H*K] -> [B, T, H, K]
+        key = dense(self.k_proj, xa).reshape(batch, seq, hkv, k)  # [B, T, Hkv*K] -> [B, T, Hkv, K]
+        val = dense(self.v_proj, xa).reshape(batch, seq, hkv, k)  # [B, T, Hkv*K] -> [B, T, Hkv, K]
         q = self.rope.apply(q, layout.positions)
         key = self.rope.apply(key, layout.positions)
 
         new_state, (keys, vals), allowed = append_and_read(cache, (key, val), layout,
                                                            fresh=state is None)
         out = grouped_attention(q, keys, vals, allowed, k ** -0.5)  # [B, T, H, K]
-        y = self.o_proj(out.reshape(batch, seq, h * k))  # [B, T, H, K] -> [B, T, D]
+        y = dense(self.o_proj, out.reshape(batch, seq, h * k))  # [B, T, H, K] -> [B, T, D]
         return unlayout(y, layout), new_state
 

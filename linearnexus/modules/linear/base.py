@@ -43,6 +43,7 @@ from linearnexus.modules.common import (
     GatedRMSNorm,
     RMSNorm,
     ShortConv,
+    dense,
     fused_decode_enabled,
     fused_dense,
     xavier_uniform,
@@ -334,14 +335,14 @@ class LinearAttentionBlock(nnx.Module):
             layer = self._fused_layer(x, linear)
             if layer is not None:  # the recurrent part in one kernel (a GPU)
                 o, new_linear = layer
-                return self.o_proj(o), self._next_state(state, new_linear, call, seq)
+                return dense(self.o_proj, o), self._next_state(state, new_linear, call, seq)
         if fused:  # one token: q, k, v, the gates' and the output gate's projections in one GEMV
             rest = self.decode_linears()[0]
             qkv, *rest = fused_dense(x, rest, groups=(3,) + (1,) * (len(rest) - 3))
             gate_logits = rest[:len(gate_linears)]  # [B, 1, 2HK + HV], then the gates'
             q, k, v = jnp.split(qkv, [cfg.key_dim, 2 * cfg.key_dim], axis=-1)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = dense(self.q_proj, x), dense(self.k_proj, x), dense(self.v_proj, x)
         conv = linear.conv
         if self.conv is not None:
             if fused:  # one token: qkv is the fused projection's first columns already
@@ -370,12 +371,12 @@ class LinearAttentionBlock(nnx.Module):
             cu_seqlens=call.cu_seqlens, chunk_size=cfg.chunk_size, mode=call.mode,
             backend=cfg.backend)  # o: [B, T, H, V]
         if self.g_proj is not None:
-            gate = rest[-1] if fused else self.g_proj(x)  # [B, T, H*V]
+            gate = rest[-1] if fused else dense(self.g_proj, x)  # [B, T, H*V]
             gate = gate.reshape(batch, seq, h, hv)  # [B, T, H*V] -> [B, T, H, V]
             o = self.norm(o, gate)
         else:
             o = self.norm(o)
         o = o.reshape(batch, seq, h * hv)  # [B, T, H, V] -> [B, T, H*V]
-        y = end_call(self.o_proj(o), call)
+        y = end_call(dense(self.o_proj, o), call)
         new_linear = LinearState(conv=conv, recurrent=linear.recurrent.update(final))
         return y, self._next_state(state, new_linear, call, seq)

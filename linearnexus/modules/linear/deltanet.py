@@ -61,7 +61,7 @@ from linearnexus.kernels.delta_rule import delta_rule
 from linearnexus.kernels.fused_decode import DeltaLayerSpec, delta_layer_step, layer_kernel_ready
 from linearnexus.kernels.gated_delta_rule import gated_delta_rule
 from linearnexus.modules.base import MOSAIC_KERNEL_BACKENDS, dtype_of
-from linearnexus.modules.common import fused_dense, gated_rms_norm, l2_normalize, math_dtype
+from linearnexus.modules.common import dense, fused_dense, gated_rms_norm, l2_normalize, math_dtype
 from linearnexus.modules.linear.base import LinearAttentionBlock, LinearAttentionConfig, whole_width
 from linearnexus.modules.linear.runtime import LinearState, SequenceCall
 
@@ -309,7 +309,7 @@ class DeltaNetFamilyBlock(LinearAttentionBlock):
 
     def _beta(self, x: Array) -> Array:
         """``beta [B, T, H]`` in float32 (float64 for float64 compute) from ``x [B, T, D]``."""
-        return self._beta_from(self.b_proj(x))
+        return self._beta_from(dense(self.b_proj, x))
 
     def _beta_from(self, logits: Array) -> Array:
         """``beta [B, T, H]`` from ``logits = x W_b [B, T, H]`` (compute dtype)."""
@@ -363,7 +363,7 @@ class GatedDeltaNetBlock(DeltaNetFamilyBlock):
     def _gates(self, x: Array) -> tuple[Array, Array]:
         beta = self._beta(x)  # first: the order x is used in sets how its gradient is summed
         # the projection in the compute dtype, the decay in float32 (float64 for float64)
-        return self._decay_from(self.a_proj(x)), beta
+        return self._decay_from(dense(self.a_proj, x)), beta
 
     def _decay_from(self, logits: Array) -> Array:
         """``g [B, T, H] <= 0`` from ``logits = x W_a [B, T, H]`` (compute dtype)."""

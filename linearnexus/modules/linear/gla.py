@@ -40,7 +40,7 @@ from linearnexus.core.types import Array
 from linearnexus.kernels.gla import gla
 from linearnexus.kernels.simple_gla import simple_gla
 from linearnexus.modules.base import KERNEL_BACKENDS, dtype_of
-from linearnexus.modules.common import math_dtype, xavier_uniform
+from linearnexus.modules.common import dense, math_dtype, xavier_uniform
 from linearnexus.modules.linear.base import INIT_GAIN, LinearAttentionBlock, LinearAttentionConfig
 
 __all__ = [
@@ -188,6 +188,6 @@ class SimpleGLABlock(GLAFamilyBlock):
         self.gate_proj = self._linear(self.config.d_model, self.config.heads, rngs, use_bias=True)
 
     def _gates(self, x: Array) -> tuple[Array]:
-        logits = self.gate_proj(x)  # [B, T, H]
+        logits = dense(self.gate_proj, x)  # [B, T, H]
         return (log_sigmoid_gate(logits.astype(math_dtype(x.dtype)),
                                  self.config.gate_logit_normalizer),)

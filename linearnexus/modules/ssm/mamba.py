@@ -36,6 +36,7 @@ from linearnexus.modules.base import (
     dtype_of,
     op_backend,
 )
+from linearnexus.modules.common import dense
 from linearnexus.modules.linear.runtime import begin_call, end_call, inert
 
 
@@ -190,7 +191,7 @@ class MambaBlock(nnx.Module):
                               (n_states, cfg.d_conv - 1, cfg.d_inner))
             check_state_batch("state.ssm", state.ssm.state, (n_states, cfg.d_inner, cfg.d_state))
 
-        xi, z = jnp.split(self.in_proj(x), 2, axis=-1)  # [B, T, 2C] -> 2 x [B, T, C]
+        xi, z = jnp.split(dense(self.in_proj, x), 2, axis=-1)  # [B, T, 2C] -> 2 x [B, T, C]
         xi = inert(xi, call)  # in_proj's bias would make pads non-zero
         conv_w = self.conv_weight[...]
         conv_b = None if self.conv_bias is None else self.conv_bias[...]
@@ -205,11 +206,11 @@ class MambaBlock(nnx.Module):
             u = jax.nn.silu(u).astype(x.dtype)
 
         r, n = cfg.resolved_dt_rank, cfg.d_state
-        x_dbl = self.x_proj(u)  # [B, T, R + 2N]
+        x_dbl = dense(self.x_proj, u)  # [B, T, R + 2N]
         dt_in, b_t, c_t = jnp.split(x_dbl, [r, r + n], axis=-1)
         # gates in at least float32 (float64 when the block computes in float64)
         gate_dtype = jnp.promote_types(x.dtype, jnp.float32)
-        dt = jax.nn.softplus(self.dt_proj(dt_in).astype(gate_dtype))  # [B, T, C]
+        dt = jax.nn.softplus(dense(self.dt_proj, dt_in).astype(gate_dtype))  # [B, T, C]
         dt = inert(dt, call)  # dt = 0: state passes through pads
         A = -jnp.exp(self.A_log[...].astype(gate_dtype))  # [C, N]
         y, ssm_state = selective_scan(
@@ -217,6 +218,6 @@ class MambaBlock(nnx.Module):
             initial_state=None if fresh else state.ssm.state, output_final_state=True,
             cu_seqlens=call.cu_seqlens,
             chunk_size=cfg.chunk_size, mode=call.mode, backend=op_backend(cfg.kernel_backend))
-        out = end_call(self.out_proj(y), call)
+        out = end_call(dense(self.out_proj, y), call)
         new_state = MambaState(conv=state.conv.update(conv_cache), ssm=state.ssm.update(ssm_state))
         return out, new_state

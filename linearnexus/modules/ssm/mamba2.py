@@ -38,7 +38,7 @@ from linearnexus.kernels.conv import conv_step
 from linearnexus.kernels.fused_decode import SsdLayerSpec, layer_kernel_ready, ssd_layer_step
 from linearnexus.kernels.ssd import ssd
 from linearnexus.modules.base import MOSAIC_KERNEL_BACKENDS, BlockConfig, dtype_of, op_backend
-from linearnexus.modules.common import GatedRMSNorm, ShortConv, fused_decode_enabled, math_dtype
+from linearnexus.modules.common import GatedRMSNorm, ShortConv, dense, fused_decode_enabled, math_dtype
 from linearnexus.modules.linear.runtime import (
     LinearState,
     begin_call,
@@ -277,13 +277,13 @@ class Mamba2Block(nnx.Module):
         e, h, p = cfg.d_inner, cfg.n_heads, cfg.headdim
         g, n = cfg.ngroups, cfg.d_state
 
-        zxbcdt = self.in_proj(x)  # [B, T, 2E + 2GN + H]
+        zxbcdt = dense(self.in_proj, x)  # [B, T, 2E + 2GN + H]
         if seq == 1 and call.layout is None and call.cu_seqlens is None:
             layer = self._fused_layer(zxbcdt[:, 0], state)
             if layer is not None:  # conv, step size, SSD step, skip and gate in one kernel
                 y, new_state = layer  # [B, E] float32: y * silu(z)
                 y = self.norm.normalize_gated(y) if self.norm is not None else y.astype(dtype)
-                return self.out_proj(y[:, None]), new_state
+                return dense(self.out_proj, y[:, None]), new_state
         z, xbc, dt = jnp.split(zxbcdt, [e, e + cfg.conv_dim], axis=-1)
         # pads zeroed before the conv (in_proj's bias would make them non-zero), so the conv
         # cache keeps the last valid inputs
@@ -312,7 +312,7 @@ class Mamba2Block(nnx.Module):
             y = self.norm(y, z)
         else:
             y = (y.astype(gate_dtype) * jax.nn.silu(z.astype(gate_dtype))).astype(dtype)
-        out = end_call(self.out_proj(y), call)
+        out = end_call(dense(self.out_proj, y), call)
         new_state = LinearState(conv=state.conv.update(conv_cache),
                                 recurrent=state.recurrent.update(ssm_state))
         return out, new_state

@@ -1,0 +1,265 @@
+"""One-row matmuls (batch-1 decoding) on a GPU: which form reads the weights near the HBM rate.
+
+A batch-1 decode step is a chain of ``[1, D] @ [D, N]`` projections. XLA:GPU rewrites each
+as a multiply and a reduce ("dot strength reduction" below ~10M matrix elements), which can
+write and read back the whole product. This script times, inside one jitted
+``lax.fori_loop`` so that launch cost is what a decode loop pays, a chain shaped like the
+Gated DeltaNet LM of ``decode_gpu.py`` (12 layers of: input projection 1024 -> 6160, output
+projection 2048 -> 1024, MLP gate | up 1024 -> 5504, down 2752 -> 1024, with the residual
+adds, SwiGLU and a norm between them) with each projection computed as:
+
+* ``xla``: ``jnp.dot`` of the one row (what the models do today);
+* ``pad2`` / ``pad8``: the row padded to 2 / 8 rows, so XLA keeps a matmul (cuBLAS or its
+  Triton GEMM), then row 0;
+* ``splitk``: a Pallas (Triton) kernel over a ``(N / BN, S)`` grid, each program one
+  ``[D / S, BN]`` tile of the weight loaded at once, float32 partial sums ``[S, N]`` summed
+  by XLA;
+* ``cols``: a Pallas kernel, program ``j`` owns ``BN`` output columns of ``W [D, N]`` and
+  walks D in ``BK``-row tiles;
+* ``rowsT``: a Pallas kernel over the transposed weight ``W^T [N, D]`` (contiguous rows),
+  program ``j`` owns ``BN`` rows and walks D in ``BK``-column tiles.
+
+ms per chain step, the weight bytes read once at the measured copy bandwidth (the floor),
+and the compiled loop's kernel count. CPU smoke test: ``python benchmarks/gemv_gpu.py
+--quick`` (Pallas interpret mode; checks every variant against ``xla``, no timing claims).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import linearnexus.kernels.fused_decode.gemv as gemv  # noqa: E402
+from linearnexus.kernels.common.pallas import compiler_params, interpret_mode  # noqa: E402
+
+F32 = jnp.float32
+BF16 = jnp.bfloat16
+
+
+def _splitk_kernel(x_ref, w_ref, o_ref, *, depth: int, width: int, bk: int, bn: int):
+    j, s = pl.program_id(0), pl.program_id(1)
+    cols = j * bn + jnp.arange(bn)
+    rows = s * bk + jnp.arange(bk)
+    mask = (rows[:, None] < depth) & (cols[None, :] < width)
+    w = plt.load(w_ref.at[pl.ds(s * bk, bk), pl.ds(j * bn, bn)], mask=mask, other=0.0)
+    x = plt.load(x_ref.at[pl.ds(0, 1), pl.ds(s * bk, bk)], mask=(rows < depth)[None],
+                 other=0.0)[0]  # [BK]
+    part = jnp.sum(x.astype(F32)[:, None] * w.astype(F32), axis=0)  # [BN]
+    plt.store(o_ref.at[pl.ds(s, 1), pl.ds(j * bn, bn)], part[None], mask=(cols < width)[None])
+
+
+def splitk(x, w, *, bn: int = 32, splits: int = 4, warps: int = 4):
+    """``x [1, D] @ w [D, N]`` through float32 partials ``[S, N]`` summed by XLA."""
+    depth, width = w.shape
+    bk = pl.next_power_of_2(-(-depth // splits))
+    splits = -(-depth // bk)
+    part = pl.pallas_call(
+        functools.partial(_splitk_kernel, depth=depth, width=width, bk=bk, bn=bn),
+        out_shape=jax.ShapeDtypeStruct((splits, width), F32),
+        grid=(pl.cdiv(width, bn), splits), interpret=interpret_mode(),
+        compiler_params=compiler_params(warps, 1))(x, w)
+    return part.sum(0, keepdims=True).astype(x.dtype)  # [S, N] -> [1, N]
+
+
+def _cols_kernel(x_ref, w_ref, o_ref, *, depth: int, width: int, bk: int, bn: int):
+    j = pl.program_id(0)
+    cols = j * bn + jnp.arange(bn)
+
+    def body(i, acc):
+        rows = i * bk + jnp.arange(bk)
+        mask = (rows[:, None] < depth) & (cols[None, :] < width)
+        w = plt.load(w_ref.at[pl.ds(i * bk, bk), pl.ds(j * bn, bn)], mask=mask, other=0.0)
+        x = plt.load(x_ref.at[pl.ds(0, 1), pl.ds(i * bk, bk)], mask=(rows < depth)[None],
+                     other=0.0)[0]  # [BK]
+        return acc + jnp.sum(x.astype(F32)[:, None] * w.astype(F32), axis=0)  # [BN]
+
+    acc = jax.lax.fori_loop(0, pl.cdiv(depth, bk), body, jnp.zeros((bn,), F32))
+    plt.store(o_ref.at[pl.ds(0, 1), pl.ds(j * bn, bn)], acc.astype(o_ref.dtype)[None],
+              mask=(cols < width)[None])
+
+
+def cols(x, w, *, bn: int = 32, bk: int = 256, warps: int = 4, stages: int = 3):
+    """``x [1, D] @ w [D, N]``, program ``j`` owns columns ``[j BN, (j + 1) BN)``."""
+    depth, width = w.shape
+    return pl.pallas_call(
+        functools.partial(_cols_kernel, depth=depth, width=width, bk=bk, bn=bn),
+        out_shape=jax.ShapeDtypeStruct((1, width), x.dtype),
+        grid=(pl.cdiv(width, bn),), interpret=interpret_mode(),
+        compiler_params=compiler_params(warps, stages))(x, w)
+
+
+def _rows_kernel(x_ref, wt_ref, o_ref, *, depth: int, width: int, bk: int, bn: int):
+    j = pl.program_id(0)
+    outs = j * bn + jnp.arange(bn)
+
+    def body(i, acc):
+        ks = i * bk + jnp.arange(bk)
+        mask = (outs[:, None] < width) & (ks[None, :] < depth)
+        w = plt.load(wt_ref.at[pl.ds(j * bn, bn), pl.ds(i * bk, bk)], mask=mask, other=0.0)
+        x = plt.load(x_ref.at[pl.ds(0, 1), pl.ds(i * bk, bk)], mask=(ks < depth)[None],
+                     other=0.0)[0]  # [BK]
+        return acc + jnp.sum(w.astype(F32) * x.astype(F32)[None, :], axis=1)  # [BN]
+
+    acc = jax.lax.fori_loop(0, pl.cdiv(depth, bk), body, jnp.zeros((bn,), F32))
+    plt.store(o_ref.at[pl.ds(0, 1), pl.ds(j * bn, bn)], acc.astype(o_ref.dtype)[None],
+              mask=(outs < width)[None])
+
+
+def rows_t(x, wt, *, bn: int = 8, bk: int = 512, warps: int = 4, stages: int = 3):
+    """``x [1, D] @ wt [N, D]^T``, program ``j`` owns rows ``[j BN, (j + 1) BN)`` of ``wt``."""
+    width, depth = wt.shape
+    return pl.pallas_call(
+        functools.partial(_rows_kernel, depth=depth, width=width, bk=bk, bn=bn),
+        out_shape=jax.ShapeDtypeStruct((1, width), x.dtype),
+        grid=(pl.cdiv(width, bn),), interpret=interpret_mode(),
+        compiler_params=compiler_params(warps, stages))(x, wt)
+
+
+def xla(x, w):
+    return jnp.dot(x, w)  # [1, D] @ [D, N] -> [1, N]
+
+
+def padded(rows: int):
+    def mm(x, w):
+        xp = jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)))  # [rows, D]
+        return jnp.dot(xp, w)[:1]  # [rows, N] -> [1, N]
+    return mm
+
+
+def variants(quick: bool) -> dict[str, tuple[callable, bool]]:
+    """name -> (matmul(x, w), whether it takes the transposed weight)."""
+    out = {"xla": (xla, False), "pad2": (padded(2), False), "pad8": (padded(8), False)}
+    for bn, s in ((32, 4), (64, 8), (16, 2)):
+        out[f"splitk_bn{bn}_s{s}"] = (functools.partial(splitk, bn=bn, splits=s), False)
+    for bn, bk in ((16, 256), (32, 128), (32, 512)):
+        out[f"cols_bn{bn}_bk{bk}"] = (functools.partial(cols, bn=bn, bk=bk), False)
+    for bn, bk, w in ((4, 512, 4), (8, 256, 4), (2, 1024, 4), (8, 512, 8)):
+        out[f"rowsT_bn{bn}_bk{bk}_w{w}"] = (functools.partial(rows_t, bn=bn, bk=bk, warps=w),
+                                            True)
+    # the library's kernels with their own tiles (kernels/fused_decode/gemv.py)
+    out["lib_cols"] = (lambda x, w: gemv._pallas(x, w, False, x.dtype), False)
+    out["lib_rowsT"] = (lambda x, w: gemv._pallas(x, w, True, x.dtype), True)
+    if quick:
+        out = {k: v for i, (k, v) in enumerate(out.items()) if i < 3 or k.endswith(
+            ("bn32_s4", "bn16_bk256", "bn4_bk512_w4", "lib_cols", "lib_rowsT"))}
+    return out
+
+
+def make_weights(key, d: int, layers: int, dims: dict[str, tuple[int, int]]):
+    ws = []
+    for layer in range(layers):
+        lk = jax.random.fold_in(key, layer)
+        ws.append({name: (0.02 * jax.random.normal(jax.random.fold_in(lk, i), shape, F32)
+                          ).astype(BF16) for i, (name, shape) in enumerate(dims.items())})
+    return ws
+
+
+def chain(mm, transposed: bool, d: int, inner: int, hidden: int):
+    """One decode-like step over every layer; ``mm(x, w)`` computes each projection."""
+    def norm(h):
+        hf = h.astype(F32)
+        return (hf * jax.lax.rsqrt(jnp.mean(hf * hf, -1, keepdims=True) + 1e-6)).astype(BF16)
+
+    def step(h, ws):
+        for w in ws:
+            def proj(x, name, w=w):
+                return mm(x, w[name + ("_t" if transposed else "")])
+            y = proj(norm(h), "in")  # [1, 6160]
+            h = h + proj(y[:, :inner] * jax.nn.sigmoid(y[:, -inner:]), "o")  # [1, D]
+            gu = proj(norm(h), "gu")  # [1, 2 * hidden]
+            h = h + proj(jax.nn.silu(gu[:, :hidden]) * gu[:, hidden:], "down")
+        return h
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes, CPU check only")
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    if args.quick:
+        d, layers, inner, hidden, n_in = 64, 2, 128, 176, 400
+    else:
+        d, layers, inner, hidden, n_in = 1024, 12, 2048, 2752, 6160
+    dims = {"in": (d, n_in), "o": (inner, d), "gu": (d, 2 * hidden), "down": (hidden, d)}
+    ws = make_weights(jax.random.PRNGKey(0), d, layers, dims)
+    for w in ws:
+        for name in list(dims):
+            w[name + "_t"] = w[name].T  # [N, D]
+    weight_bytes = sum(int(np.prod(s)) * 2 for s in dims.values()) * layers
+    h0 = (jax.random.normal(jax.random.PRNGKey(1), (1, d), F32)).astype(BF16)
+
+    bandwidth = None
+    if not args.quick:
+        buf = jnp.ones((1 << 29,), F32)  # 2 GiB
+        copy = jax.jit(lambda a: a + 1.0)
+        copy(buf).block_until_ready()
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            copy(buf).block_until_ready()
+            times.append(time.perf_counter() - t)
+        bandwidth = 2 * buf.nbytes / min(times)
+        del buf
+    print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}; weights "
+          f"{weight_bytes / 1e6:.1f} MB; copy bandwidth "
+          f"{'-' if bandwidth is None else f'{bandwidth / 1e12:.2f} TB/s'}", flush=True)
+
+    ref = None
+    rows = []
+    for name, (mm, transposed) in variants(args.quick).items():
+        step = chain(mm, transposed, d, inner, hidden)
+        run = jax.jit(lambda h, ws, step=step: jax.lax.fori_loop(
+            0, args.steps, lambda i, h: step(h, ws), h))
+        one = jax.jit(step)
+        try:
+            out1 = np.asarray(one(h0, ws).astype(F32))
+            if ref is None:
+                ref = out1
+            err = float(np.linalg.norm(out1 - ref) / np.linalg.norm(ref))
+            compiled = run.lower(h0, ws).compile()
+            text = compiled.as_text()
+            kernels = len(re.findall(r"= [^\n]*\b(fusion|custom-call|cublas|gemm)\(", text))
+            compiled(h0, ws).block_until_ready()
+            times = []
+            for _ in range(1 if args.quick else args.repeats):
+                t = time.perf_counter()
+                compiled(h0, ws).block_until_ready()
+                times.append(time.perf_counter() - t)
+            ms = statistics.median(times) / args.steps * 1e3
+        except Exception as exc:  # a variant that does not compile here: report, go on
+            print(f"{name:24s} failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            continue
+        floor = None if bandwidth is None else weight_bytes / bandwidth * 1e3
+        rows.append({"variant": name, "ms_per_step": ms, "rel_err_vs_xla": err,
+                     "hlo_kernel_lines": kernels,
+                     "floor_ms": floor, "x_floor": None if floor is None else ms / floor})
+        print(f"{name:24s} {ms:8.3f} ms/step  err {err:.1e}  kernels~{kernels:4d}"
+              + ("" if floor is None else f"  {ms / floor:5.1f}x floor ({floor:.3f} ms)"),
+              flush=True)
+    if args.out or os.environ.get("OUT"):
+        path = Path(args.out or os.environ["OUT"]) / "gemv_gpu.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"device": jax.devices()[0].device_kind,
+                                    "jax": jax.__version__, "bandwidth": bandwidth,
+                                    "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

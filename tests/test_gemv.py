@@ -1,0 +1,104 @@
+"""One-row matmuls for batch-1 decoding (``kernels/fused_decode/gemv.py``): every mode
+against XLA's matmul, the kernels through the Pallas interpreter, at sizes that are not
+multiples of the tiles; and one-token model calls with the kernels picked (as on a GPU)
+against the same calls without."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import linearnexus.kernels.fused_decode.gemv as gemv
+import linearnexus.modules.common as common
+from linearnexus.models import LMModel, ModelConfig
+
+
+def _ref(x, w, transposed):
+    xf, wf = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    return xf.reshape(1, -1) @ (wf.T if transposed else wf)
+
+
+@pytest.mark.parametrize("mode", ["xla", "pad", "pallas"])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("depth,width,dtype", [(1, 1, "float32"), (63, 65, "float32"),
+                                               (100, 1000, "bfloat16"), (520, 33, "float32")])
+def test_one_row_matmul_matches_the_matmul(monkeypatch, mode, transposed, depth, width, dtype):
+    """Each mode's ``[1, D] @ W`` against a float64 product (float32 1e-5, bf16: one
+    rounding of the float32 sum, 1e-2), leading axes kept."""
+    monkeypatch.setenv(gemv.GEMV_ENV, mode)
+    kx, kw = jax.random.split(jax.random.PRNGKey(depth * 7 + width))
+    x = jax.random.normal(kx, (1, 1, depth), jnp.float32).astype(dtype)
+    shape = (width, depth) if transposed else (depth, width)
+    w = jax.random.normal(kw, shape, jnp.float32).astype(dtype)
+    y = jax.jit(lambda a, b: gemv.one_row_matmul(a, b, transposed=transposed))(x, w)
+    assert y.shape == (1, 1, width) and y.dtype == jnp.dtype(dtype)
+    tol = 1e-5 if dtype == "float32" else 1e-2
+    np.testing.assert_allclose(np.asarray(y, np.float64).reshape(1, width),
+                               _ref(x, w, transposed), rtol=tol, atol=tol * np.sqrt(depth))
+
+
+def test_one_row_matmul_gradient_is_the_matmuls(monkeypatch):
+    """The kernel's backward pass is the matmul's (gradients to 1e-5)."""
+    monkeypatch.setenv(gemv.GEMV_ENV, "pallas")
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 40), jnp.float32)
+    w = jax.random.normal(jax.random.PRNGKey(1), (40, 70), jnp.float32)
+    probe = jax.random.normal(jax.random.PRNGKey(2), (1, 70), jnp.float32)
+    got = jax.grad(lambda a, b: jnp.sum(gemv.one_row_matmul(a, b) * probe), (0, 1))(x, w)
+    want = jax.grad(lambda a, b: jnp.sum((a @ b) * probe), (0, 1))(x, w)
+    for g, r in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments_are_named(monkeypatch):
+    x = jnp.ones((2, 8))
+    with pytest.raises(ValueError, match="x: expected one row"):
+        gemv.one_row_matmul(x, jnp.ones((8, 4)))
+    with pytest.raises(ValueError, match=r"w: expected \[D, N\] with D=8"):
+        gemv.one_row_matmul(x[:1], jnp.ones((4, 8)))
+    with pytest.raises(ValueError, match=r"w: expected \[N, D\] with D=8"):
+        gemv.one_row_matmul(x[:1], jnp.ones((8, 4)), transposed=True)
+    monkeypatch.setenv(gemv.GEMV_ENV, "cublas")
+    with pytest.raises(ValueError, match="LINEARNEXUS_DECODE_GEMV: expected one of"):
+        gemv.gemv_mode()
+
+
+def test_one_row_ready_only_for_one_row_where_kernels_compile(monkeypatch):
+    assert not gemv.one_row_ready(jnp.ones((1, 1, 8)))  # the CPU: never
+    monkeypatch.setattr(gemv, "_compiles", lambda: True)
+    monkeypatch.setenv(gemv.GEMV_ENV, "pallas")
+    assert gemv.one_row_ready(jnp.ones((1, 1, 8)))
+    assert not gemv.one_row_ready(jnp.ones((2, 1, 8)))
+    monkeypatch.setenv(gemv.GEMV_ENV, "xla")
+    assert not gemv.one_row_ready(jnp.ones((1, 1, 8)))
+
+
+@pytest.mark.parametrize("pattern,mlp", [(("gated_deltanet",), True), (("mamba2",), False),
+                                         (("attention",), True), (("mamba",), False)])
+@pytest.mark.parametrize("mode", ["pad", "pallas"])
+def test_one_token_models_match_xla(monkeypatch, pattern, mlp, mode):
+    """Batch-1 one-token logits and states with every projection and the tied head
+    through the mode (interpreted, picked as on a GPU) equal XLA's path to 1e-5."""
+    cfg = ModelConfig(vocab_size=61, d_model=64, n_layers=2, block_pattern=pattern, mlp=mlp,
+                      tie_embeddings=True)
+    model = LMModel(cfg, rngs=nnx.Rngs(0))
+    tokens = jnp.array([[5]], jnp.int32)
+    state = model.init_state(1)
+
+    def call():
+        return model(tokens, state=state, mode="recurrent")
+
+    want = call()
+    monkeypatch.setattr(gemv, "_compiles", lambda: True)
+    monkeypatch.setenv(gemv.GEMV_ENV, mode)
+    calls = []
+    real = common.one_row_matmul
+    monkeypatch.setattr(common, "one_row_matmul",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = call()
+    assert calls, "no projection took the one-row path"
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=1e-5, atol=1e-5)
