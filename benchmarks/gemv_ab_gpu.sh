@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call for the batch-1 decode matmuls (kernels/fused_decode/gemv.py):
 # the tests with the kernels compiled through Triton, the decode loop at batch 1 under each
-# LINEARNEXUS_DECODE_GEMV mode (GDN and Mamba2 of benchmarks/decode_gpu.py), then the
+# LINEARNEXUS_DECODE_GEMV mode (GDN and Mamba2 of benchmarks/decode_gpu.py), and the
 # one-row matmul forms alone (benchmarks/gemv_gpu.py). Usage (repo root, on the GPU):
 #   bash benchmarks/gemv_ab_gpu.sh            # results under $OUT
 set -u
@@ -9,11 +9,14 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gemv_ab}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gemv.py 2>&1 | tail -3
-for mode in xla pad pallas; do
-  echo "== LINEARNEXUS_DECODE_GEMV=$mode"
-  LINEARNEXUS_DECODE_GEMV=$mode timeout 150 python3 benchmarks/decode_gpu.py --models gdn mamba2 \
-    --batches 1 --host-batches --steps 64 --skip-fla --budget 130 --out "$OUT/$mode" 2>&1 \
-    | grep -v "^W0000\|^I0000" | grep -E "^\|.*linearnexus|error|Error" | head -20
-done
-timeout 200 python3 benchmarks/gemv_gpu.py --out "$OUT" 2>&1 | grep -v "^W0000\|^I0000"
+timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_gemv.py 2>&1 | tail -3
+decode() {
+  echo "== LINEARNEXUS_DECODE_GEMV=$1"
+  LINEARNEXUS_DECODE_GEMV=$1 timeout 130 python3 benchmarks/decode_gpu.py --models gdn mamba2 \
+    --batches 1 --host-batches --steps 64 --skip-fla --budget 110 --out "$OUT/$1" 2>&1 \
+    | grep -E "^\| linearnexus|Error|error:" | head -20
+}
+decode xla
+decode pallas
+timeout 150 python3 benchmarks/gemv_gpu.py --out "$OUT" 2>&1 | grep -v "^W0000\|^I0000"
+decode pad

@@ -151,11 +151,12 @@ def variants(quick: bool) -> dict[str, tuple[callable, bool]]:
         out[f"rowsT_bn{bn}_bk{bk}_w{w}"] = (functools.partial(rows_t, bn=bn, bk=bk, warps=w),
                                             True)
     # the library's kernels with their own tiles (kernels/fused_decode/gemv.py)
-    out["lib_cols"] = (lambda x, w: gemv._pallas(x, w, False, x.dtype), False)
-    out["lib_rowsT"] = (lambda x, w: gemv._pallas(x, w, True, x.dtype), True)
+    out["lib_cols"] = (lambda x, w: gemv.one_row_fused(x, w), False)
+    out["lib_rowsT"] = (lambda x, w: gemv.one_row_fused(x, w, transposed=True), True)
+    out["lib_fused"] = ("fused", False)  # prologue / epilogue folded in: see chain()
     if quick:
         out = {k: v for i, (k, v) in enumerate(out.items()) if i < 3 or k.endswith(
-            ("bn32_s4", "bn16_bk256", "bn4_bk512_w4", "lib_cols", "lib_rowsT"))}
+            ("bn32_s4", "bn16_bk256", "bn4_bk512_w4", "lib_cols", "lib_rowsT", "lib_fused"))}
     return out
 
 
@@ -173,6 +174,19 @@ def chain(mm, transposed: bool, d: int, inner: int, hidden: int):
     def norm(h):
         hf = h.astype(F32)
         return (hf * jax.lax.rsqrt(jnp.mean(hf * hf, -1, keepdims=True) + 1e-6)).astype(BF16)
+
+    if mm == "fused":  # the norms, residual sums and SwiGLU inside the matmul kernels
+        def fused_step(h, ws):
+            ones = jnp.ones((d,), BF16)
+            for w in ws:
+                y = gemv.one_row_fused(h, w["in"], norm_scale=ones, norm_eps=1e-6)
+                h = gemv.one_row_fused(y[:, :inner] * jax.nn.sigmoid(y[:, -inner:]), w["o"],
+                                       residual=h)
+                hidden = gemv.one_row_fused(h, w["gu"], glu=True, norm_scale=ones,
+                                            norm_eps=1e-6)
+                h = gemv.one_row_fused(hidden, w["down"], residual=h)
+            return h
+        return fused_step
 
     def step(h, ws):
         for w in ws:

@@ -125,10 +125,9 @@ class Layer(nnx.Module):
     def __call__(self, x: Array, *, state: Any, mask: Array | None,
                  mode: KernelMode | str | None) -> tuple[Array, Any]:
         h, new_state = self.mixer(self.norm1(x), state=state, mask=mask, mode=mode)
-        x = x + h
-        if self.mlp is not None:
-            x = x + self.mlp(self.norm2(x))
-        return x, new_state
+        if self.mlp is not None:  # (x + h) + mlp(norm2(x + h)); see SwiGLU.residual_step
+            return self.mlp.residual_step(x, h, self.norm2), new_state
+        return x + h, new_state
 
 
 class LMModel(nnx.Module):

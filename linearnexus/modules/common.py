@@ -23,7 +23,12 @@ from flax import nnx
 from linearnexus.core.autodiff import rotate_half_pairs, swiglu, written_backward_enabled
 from linearnexus.core.conv import depthwise_conv1d
 from linearnexus.core.types import Array, DType, is_float_dtype
-from linearnexus.kernels.fused_decode.gemv import one_row_matmul, one_row_ready
+from linearnexus.kernels.fused_decode.gemv import (
+    gemv_mode,
+    one_row_fused,
+    one_row_matmul,
+    one_row_ready,
+)
 
 
 def _dtype(value: DType | str | None) -> np.dtype | None:
@@ -173,9 +178,7 @@ def fused_dense(x: Array, linears: Sequence[nnx.Linear], *,
             raise ValueError("linears: expected the same in_features, dtype, precision and "
                              "dot_general in all of them")
     ends = np.cumsum([lin.out_features for lin in linears])[np.cumsum(groups) - 1]
-    table = _DECODE_WEIGHTS.get()
-    cached = None if table is None else table.get(tuple(id(lin) for lin in linears))
-    kernel, bias = _concat_weights(linears) if cached is None else cached
+    kernel, bias = _group_weights(linears)
     x, kernel, bias = first.promote_dtype((x, kernel, bias), dtype=first.dtype)
     y = _matmul(first, x, kernel)  # [..., D] @ [D, sum F] -> [..., sum F]
     if bias is not None:
@@ -206,6 +209,14 @@ def dense(lin: nnx.Linear, x: Array) -> Array:
     x, kernel, bias = lin.promote_dtype((x, lin.kernel[...], bias), dtype=lin.dtype)
     y = _matmul(lin, x, kernel)
     return y if bias is None else y + bias
+
+
+def _group_weights(linears: Sequence[nnx.Linear]) -> tuple[Array, Array | None]:
+    """``([W_1 | ... | W_n], bias)``: from :func:`using_decode_weights`' table when set,
+    else concatenated here."""
+    table = _DECODE_WEIGHTS.get()
+    cached = None if table is None else table.get(tuple(id(lin) for lin in linears))
+    return _concat_weights(linears) if cached is None else cached
 
 
 def _concat_weights(linears: Sequence[nnx.Linear]) -> tuple[Array, Array | None]:
@@ -317,6 +328,39 @@ class SwiGLU(nnx.Module):
     def decode_linears(self) -> list[list[nnx.Linear]]:
         """The projections a one-token call runs as one matmul: gate and up."""
         return [[self.w_gate, self.w_up]]
+
+    def residual_step(self, x: Array, h: Array, norm: RMSNorm) -> Array:
+        """A pre-norm layer's MLP half: ``r + self(norm(r))`` with ``r = x + h`` (``x`` the
+        residual stream, ``h`` the mixer's output, ``[..., D]``).
+
+        One row on a GPU with ``LINEARNEXUS_DECODE_GEMV=pallas`` (batch-1 decoding) runs
+        as two kernels (``kernels.fused_decode.gemv.one_row_fused``): the sum, the norm,
+        gate | up and the activation in one; down and the residual sum in the other.
+        Elsewhere (and for biases, a custom matmul, or mixed dtypes) the same steps in XLA.
+        """
+        if not self._fused_residual_ready(x, h, norm):
+            r = x + h
+            return r + self(norm(r))
+        d = self.d_model
+        row, h_row = x.reshape(1, d), h.reshape(1, d)  # [..., 1, D] -> [1, D]
+        w_gu, _ = _group_weights(self.decode_linears()[0])  # [D, 2F]
+        dtype = x.dtype
+        hidden = one_row_fused(row, w_gu.astype(dtype), glu=True, add=h_row,
+                               norm_scale=norm.scale[...], norm_eps=norm.eps)  # [1, F]
+        out = one_row_fused(hidden, self.w_down.kernel[...].astype(dtype), residual=row,
+                            residual_add=h_row)  # [1, D]
+        return out.reshape(x.shape)  # [1, D] -> [..., 1, D]
+
+    def _fused_residual_ready(self, x: Array, h: Array, norm: RMSNorm) -> bool:
+        lins = (self.w_gate, self.w_up, self.w_down)
+        return (x.shape == h.shape and x.shape[-1] == self.d_model and x.ndim >= 2
+                and x.shape[-2] == 1 and fused_decode_enabled() and one_row_ready(x)
+                and gemv_mode() == "pallas" and isinstance(norm, RMSNorm)
+                and x.dtype == h.dtype == jnp.dtype(norm.dtype or x.dtype)
+                and all(lin.bias is None and lin.precision is None
+                        and lin.preferred_element_type is None
+                        and lin.dot_general is jax.lax.dot_general
+                        and jnp.dtype(lin.dtype or lin.param_dtype) == x.dtype for lin in lins))
 
     def __call__(self, x: Array) -> Array:
         """``x: [..., D]`` -> ``[..., D]`` in the compute dtype."""

@@ -22,6 +22,7 @@ XLA's matmul. The default is the mode measured fastest on the H200 (``DEFAULT_MO
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -30,7 +31,12 @@ import jax.numpy as jnp
 
 from linearnexus.core.types import Array, DType
 from linearnexus.kernels.base import current_platform
-from linearnexus.kernels.common.pallas import compiler_params, interpret_mode, with_reference_vjp
+from linearnexus.kernels.common.pallas import (
+    compiler_params,
+    interpret_mode,
+    named_pallas_call,
+    with_reference_vjp,
+)
 
 #: "xla" | "pad" | "pallas": how one-row matmuls run on a GPU (read at trace time)
 GEMV_ENV = "LINEARNEXUS_DECODE_GEMV"
@@ -89,64 +95,117 @@ def blocks(depth: int, width: int, *, programs: int = 256) -> tuple[int, int]:
     return bk, bn
 
 
-def _cols_kernel(x_ref, w_ref, o_ref, *, depth: int, width: int, bk: int, bn: int):
+def _row_out(ref, start, valid):
+    """``ref[0, start:start + BN]`` as float32 (zero where not ``valid``)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plt
+
+    return plt.load(ref.at[pl.ds(0, 1), pl.ds(start, valid.shape[0])], mask=valid[None],
+                    other=0.0)[0].astype(F32)  # [1, BN] -> [BN]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    depth: int  # D, the contraction
+    width: int  # N, output columns
+    block_k: int
+    block_n: int
+    transposed: bool  # W stored [N, D]
+    glu: bool  # W = [W_gate | W_up] ([D, 2N]): out = silu(x W_gate) * (x W_up)
+    norm_eps: float | None  # an RMSNorm prologue with this epsilon
+    out_dtype: jnp.dtype  # also the dtype every intermediate sum is rounded to
+
+
+def _kernel(*, x_ref, add_ref, scale_ref, w_ref, res_ref, res_add_ref, y_ref, st: _Static):
+    """Program ``j``: output columns ``[j BN, (j + 1) BN)``, the contraction walked in ``BK``
+    tiles (float32 sums). Prologue ``x (+ add) (-> rmsnorm * scale)``, epilogue ``glu`` and
+    ``(res + res_add) + y``, each rounded to the output dtype where the layers round."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plt
 
     j = pl.program_id(0)
-    cols = j * bn + jnp.arange(bn)
-
-    def body(i, acc):
-        rows = i * bk + jnp.arange(bk)
-        mask = (rows[:, None] < depth) & (cols[None, :] < width)
-        w = plt.load(w_ref.at[pl.ds(i * bk, bk), pl.ds(j * bn, bn)], mask=mask, other=0.0)
-        x = plt.load(x_ref.at[pl.ds(0, 1), pl.ds(i * bk, bk)], mask=(rows < depth)[None],
-                     other=0.0)[0]  # [1, BK] -> [BK]
-        return acc + jnp.sum(x.astype(F32)[:, None] * w.astype(F32), axis=0)  # [BN]
-
-    acc = jax.lax.fori_loop(0, pl.cdiv(depth, bk), body, jnp.zeros((bn,), F32))
-    plt.store(o_ref.at[pl.ds(0, 1), pl.ds(j * bn, bn)], acc.astype(o_ref.dtype)[None],
-              mask=(cols < width)[None])  # [BN] -> [1, BN]
-
-
-def _rows_kernel(x_ref, wt_ref, o_ref, *, depth: int, width: int, bk: int, bn: int):
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plt
-
-    j = pl.program_id(0)
+    bk, bn, depth, width = st.block_k, st.block_n, st.depth, st.width
     outs = j * bn + jnp.arange(bn)
+    n_tiles = pl.cdiv(depth, bk)
+
+    def rnd(v):
+        return v.astype(st.out_dtype).astype(F32)
+
+    def row(ref, k0):  # [BK] of a one-row operand, zero past D
+        ks = k0 + jnp.arange(bk)
+        return plt.load(ref.at[pl.ds(0, 1), pl.ds(k0, bk)], mask=(ks < depth)[None],
+                        other=0.0)[0].astype(F32)  # [1, BK] -> [BK]
+
+    def x_in(k0):  # the prologue's input: x, or x + add rounded as the residual stream is
+        xk = row(x_ref, k0)
+        return xk if add_ref is None else rnd(xk + row(add_ref, k0))
+
+    inv = None
+    if st.norm_eps is not None:  # RMSNorm over the whole row first (one row: cheap)
+        squares = jax.lax.fori_loop(0, n_tiles, lambda i, a: a + jnp.sum(jnp.square(
+            x_in(pl.multiple_of(i * bk, bk)))), jnp.zeros((), F32))
+        inv = jax.lax.rsqrt(squares / depth + st.norm_eps)
+
+    starts = [j * bn] + ([width + j * bn] if st.glu else [])
 
     def body(i, acc):
-        ks = i * bk + jnp.arange(bk)
-        mask = (outs[:, None] < width) & (ks[None, :] < depth)
-        w = plt.load(wt_ref.at[pl.ds(j * bn, bn), pl.ds(i * bk, bk)], mask=mask, other=0.0)
-        x = plt.load(x_ref.at[pl.ds(0, 1), pl.ds(i * bk, bk)], mask=(ks < depth)[None],
-                     other=0.0)[0]  # [1, BK] -> [BK]
-        return acc + jnp.sum(w.astype(F32) * x.astype(F32)[None, :], axis=1)  # [BN]
+        k0 = pl.multiple_of(i * bk, bk)
+        ks = k0 + jnp.arange(bk)
+        xk = x_in(k0)  # [BK]
+        if inv is not None:
+            scale = plt.load(scale_ref.at[pl.ds(k0, bk)], mask=ks < depth, other=0.0)
+            xk = rnd(xk * inv * scale.astype(F32))
+        if st.transposed:  # W [N, D]: BN rows of BK contiguous weights
+            mask = (outs[:, None] < width) & (ks[None, :] < depth)
+            w = plt.load(w_ref.at[pl.ds(j * bn, bn), pl.ds(k0, bk)], mask=mask, other=0.0)
+            return (acc[0] + jnp.sum(w.astype(F32) * xk[None, :], axis=1),)  # [BN]
+        mask = (ks[:, None] < depth) & (outs[None, :] < width)
+        return tuple(a + jnp.sum(xk[:, None] * plt.load(
+            w_ref.at[pl.ds(k0, bk), pl.ds(c, bn)], mask=mask, other=0.0).astype(F32), axis=0)
+            for a, c in zip(acc, starts, strict=True))  # [BN] each
 
-    acc = jax.lax.fori_loop(0, pl.cdiv(depth, bk), body, jnp.zeros((bn,), F32))
-    plt.store(o_ref.at[pl.ds(0, 1), pl.ds(j * bn, bn)], acc.astype(o_ref.dtype)[None],
+    acc = jax.lax.fori_loop(0, n_tiles, body, tuple(jnp.zeros((bn,), F32) for _ in starts))
+    ys = [rnd(a) for a in acc]  # the matmul's output, in the output dtype
+    if st.glu:  # silu(gate) * up, each op rounded as XLA rounds it
+        gate, up = ys
+        y = rnd(rnd(gate * rnd(jax.nn.sigmoid(gate))) * up)
+    else:
+        y = ys[0]
+    if res_ref is not None:
+        res = _row_out(res_ref, j * bn, outs < width)
+        if res_add_ref is not None:
+            res = rnd(res + _row_out(res_add_ref, j * bn, outs < width))
+        y = rnd(res + y)
+    plt.store(y_ref.at[pl.ds(0, 1), pl.ds(j * bn, bn)], y.astype(y_ref.dtype)[None],
               mask=(outs < width)[None])  # [BN] -> [1, BN]
 
 
-def _pallas(x: Array, w: Array, transposed: bool, out_dtype: jnp.dtype) -> Array:
-    """``x [1, D]`` times ``w [D, N]`` (or ``[N, D]`` transposed) -> ``[1, N]``."""
+def _tiles(depth: int, width: int, transposed: bool) -> tuple[int, int]:
+    """``(BK, BN)``: the column kernel's from :func:`blocks`; the row kernel's BN rows of
+    up to 512 contiguous weights, 8 rows when that still gives 256 programs (else 4)."""
+    if transposed:
+        return _pow2_at_most(max(depth, 16), 512), 8 if -(-width // 8) >= 256 else 4
+    return blocks(depth, width)
+
+
+def _launch(x: Array, w: Array, add: Array | None, scale: Array | None,
+            res: Array | None, res_add: Array | None, *, transposed: bool, glu: bool,
+            norm_eps: float | None, out_dtype: jnp.dtype) -> Array:
+    """The kernel: ``x [1, D]``, ``w [D, N]`` (``[D, 2N]`` with glu, ``[N, D]`` transposed)
+    -> ``[1, N]``."""
     from jax.experimental import pallas as pl
 
     depth = x.shape[1]
-    width = w.shape[0] if transposed else w.shape[1]
-    if transposed:  # BN rows of ~512 contiguous weights each per tile
-        bk = _pow2_at_most(max(depth, 16), 512)
-        bn = 8 if -(-width // 8) >= 256 else 4
-        kernel = _rows_kernel
-    else:
-        bk, bn = blocks(depth, width)
-        kernel = _cols_kernel
-    return pl.pallas_call(
-        functools.partial(kernel, depth=depth, width=width, bk=bk, bn=bn),
-        out_shape=jax.ShapeDtypeStruct((1, width), out_dtype),
+    width = w.shape[0] if transposed else w.shape[1] // (2 if glu else 1)
+    bk, bn = _tiles(depth, width, transposed)
+    st = _Static(depth=depth, width=width, block_k=bk, block_n=bn, transposed=transposed,
+                 glu=glu, norm_eps=norm_eps, out_dtype=jnp.dtype(out_dtype))
+    return named_pallas_call(
+        functools.partial(_kernel, st=st),
+        inputs={"x": x, "add": add, "scale": scale, "w": w, "res": res, "res_add": res_add},
+        outputs={"y": jax.ShapeDtypeStruct((1, width), out_dtype)},
         grid=(pl.cdiv(width, bn),), interpret=interpret_mode(),
-        compiler_params=compiler_params(4, 3), name="one_row_matmul")(x, w)
+        compiler_params=compiler_params(4, 3), name="one_row_matmul")["y"]
 
 
 def _reference(x: Array, w: Array, transposed: bool, out_dtype: jnp.dtype,
@@ -191,8 +250,84 @@ def one_row_matmul(x: Array, w: Array, *, transposed: bool = False,
         y = _reference(xp, w, transposed, out_dtype, precision)[:1]  # [PAD_ROWS, N] -> [1, N]
     elif mode == "pallas":
         y = with_reference_vjp(
-            lambda a, b: _pallas(a, b, transposed, out_dtype),
+            lambda a, b: _launch(a, b, None, None, None, None, transposed=transposed,
+                                 glu=False, norm_eps=None, out_dtype=out_dtype),
             lambda a, b: _reference(a, b, transposed, out_dtype, precision), x2, w)
     else:
         y = _reference(x2, w, transposed, out_dtype, precision)
     return y.reshape(*lead, width)  # [1, N] -> [..., N]
+
+
+def _fused_reference(x: Array, w: Array, add: Array | None, scale: Array | None,
+                     res: Array | None, res_add: Array | None, *, transposed: bool,
+                     glu: bool, norm_eps: float | None, out_dtype: jnp.dtype) -> Array:
+    """:func:`one_row_fused`'s math in XLA, op by op as the layers compute it (its
+    backward pass)."""
+    if add is not None:
+        x = x + add
+    if norm_eps is not None:
+        xf = x.astype(F32)
+        inv = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + norm_eps)
+        x = (xf * inv * scale.astype(F32)).astype(out_dtype)
+    y = _reference(x, w, transposed, out_dtype)  # [1, N] or [1, 2N]
+    if glu:
+        gate, up = jnp.split(y, 2, axis=-1)  # [1, 2N] -> 2 x [1, N]
+        y = jax.nn.silu(gate) * up
+    if res is not None:
+        y = (res if res_add is None else res + res_add) + y
+    return y
+
+
+def one_row_fused(x: Array, w: Array, *, transposed: bool = False, glu: bool = False,
+                  add: Array | None = None, norm_scale: Array | None = None,
+                  norm_eps: float | None = None, residual: Array | None = None,
+                  residual_add: Array | None = None) -> Array:
+    """A one-row matmul with a pre-norm layer's work around it, in one Pallas kernel.
+
+    ``y = x' @ w`` with the prologue ``x' = rmsnorm(x + add) * norm_scale`` (each part
+    optional) and the epilogue ``silu(y_gate) * y_up`` (``glu``: ``w = [W_gate | W_up]``)
+    then ``(residual + residual_add) + y``; every sum is rounded to ``x``'s dtype where
+    the layers round it, so it matches them to the matmul's summation order. A GPU-only
+    path (``one_row_ready`` and mode ``"pallas"``); differentiable (as the XLA ops).
+
+    Args:
+        x: ``[1, D]`` in the compute dtype; add: ``[1, D]`` or None.
+        w: ``[D, N]`` (``[D, 2N]`` with ``glu``; ``[N, D]`` with ``transposed``).
+        norm_scale: ``[D]`` (with ``norm_eps``) or None.
+        residual, residual_add: ``[1, N]`` or None.
+
+    Returns:
+        ``[1, N]`` in ``x``'s dtype.
+
+    Raises:
+        ValueError: an operand of the wrong shape or dtype, naming it.
+    """
+    depth = x.shape[-1]
+    if x.ndim != 2 or x.shape[0] != 1:
+        raise ValueError(f"x: expected [1, D], got shape {tuple(x.shape)}")
+    if glu and transposed:
+        raise ValueError("glu: not with transposed weights")
+    k_axis = 1 if transposed else 0
+    if w.ndim != 2 or w.shape[k_axis] != depth or (glu and w.shape[1] % 2):
+        want = "[N, D]" if transposed else ("[D, 2N]" if glu else "[D, N]")
+        raise ValueError(f"w: expected {want} with D={depth}, got shape {tuple(w.shape)}")
+    width = w.shape[1 - k_axis] // (2 if glu else 1)
+    for name, arr, shape in (("add", add, (1, depth)), ("norm_scale", norm_scale, (depth,)),
+                             ("residual", residual, (1, width)),
+                             ("residual_add", residual_add, (1, width))):
+        if arr is not None and tuple(arr.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(arr.shape)}")
+    if (norm_scale is None) != (norm_eps is None):
+        raise ValueError("norm_scale and norm_eps: expected both or neither, got "
+                         f"{'norm_scale' if norm_eps is None else 'norm_eps'} alone")
+    if residual_add is not None and residual is None:
+        raise ValueError("residual_add: expected with residual, got it alone")
+    for name, arr in (("w", w), ("add", add), ("residual", residual),
+                      ("residual_add", residual_add)):
+        if arr is not None and arr.dtype != x.dtype:
+            raise ValueError(f"{name}: expected dtype {x.dtype} (x's), got {arr.dtype}")
+    kw = dict(transposed=transposed, glu=glu,
+              norm_eps=None if norm_eps is None else float(norm_eps), out_dtype=x.dtype)
+    return with_reference_vjp(functools.partial(_launch, **kw),
+                              functools.partial(_fused_reference, **kw),
+                              x, w, add, norm_scale, residual, residual_add)
