@@ -186,3 +186,29 @@ def test_mlp_half_runs_two_kernels_and_matches(monkeypatch, dtype):
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                    rtol=tol, atol=tol)
+
+
+def test_kernels_lower_through_triton(monkeypatch):
+    """Both kernels, every prologue / epilogue, lowered for CUDA on this host (Triton form,
+    not interpreted): one Triton custom call each."""
+    from linearnexus.kernels.common.gpu_lowering import lower_for_gpu
+    from linearnexus.kernels.common.pallas import INTERPRET_ENV
+
+    monkeypatch.setenv(INTERPRET_ENV, "0")
+    bf = jnp.bfloat16
+    row, h = jax.ShapeDtypeStruct((1, 1000), bf), jax.ShapeDtypeStruct((1, 1000), bf)
+    w_gu = jax.ShapeDtypeStruct((1000, 2 * 2752), bf)
+    w_dn = jax.ShapeDtypeStruct((2752, 1000), bf)
+    scale = jax.ShapeDtypeStruct((1000,), jnp.float32)
+
+    def mlp(x, h, w_gu, w_dn, scale):
+        hid = gemv.one_row_fused(x, w_gu, glu=True, add=h, norm_scale=scale, norm_eps=1e-6)
+        return gemv.one_row_fused(hid, w_dn, residual=x[:, :1000], residual_add=h)
+
+    def head(x, table):
+        return gemv.one_row_fused(x, table, transposed=True)
+
+    text = lower_for_gpu(mlp, row, h, w_gu, w_dn, scale)
+    assert text.count("__gpu$xla.gpu.triton") == 2
+    text = lower_for_gpu(head, row, jax.ShapeDtypeStruct((8192, 1000), bf))
+    assert text.count("__gpu$xla.gpu.triton") == 1
