@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call for the batch-1 decode matmuls (kernels/fused_decode/gemv.py):
-# the tests with the kernels compiled through Triton, the decode loop at batch 1 under each
+# the tests with the kernels compiled through Triton, the decode loop under each
 # LINEARNEXUS_DECODE_GEMV mode (GDN and Mamba2 of benchmarks/decode_gpu.py), and the
 # one-row matmul forms alone (benchmarks/gemv_gpu.py). Usage (repo root, on the GPU):
 #   bash benchmarks/gemv_ab_gpu.sh            # results under $OUT
@@ -9,14 +9,16 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gemv_ab}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_gemv.py 2>&1 | tail -3
-decode() {
-  echo "== LINEARNEXUS_DECODE_GEMV=$1"
-  LINEARNEXUS_DECODE_GEMV=$1 timeout 130 python3 benchmarks/decode_gpu.py --models gdn mamba2 \
-    --batches 1 --host-batches --steps 64 --skip-fla --budget 110 --out "$OUT/$1" 2>&1 \
+timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_gemv.py 2>&1 | tail -3
+decode() {  # mode, batches...
+  local mode=$1; shift
+  echo "== LINEARNEXUS_DECODE_GEMV=$mode"
+  LINEARNEXUS_DECODE_GEMV=$mode timeout 150 python3 benchmarks/decode_gpu.py --models gdn mamba2 \
+    --batches "$@" --host-batches 1 --steps 64 --skip-fla --budget 130 --out "$OUT/$mode" 2>&1 \
     | grep -E "^\| linearnexus|Error|error:" | head -20
 }
-decode xla
-decode pallas
-timeout 150 python3 benchmarks/gemv_gpu.py --out "$OUT" 2>&1 | grep -v "^W0000\|^I0000"
-decode pad
+decode pallas 1 64
+decode xla 1 64
+decode pad 1
+timeout 120 python3 benchmarks/gemv_gpu.py --out "$OUT" --variants xla pad8 rowsT_bn2_bk1024_w4 \
+  lib lib_fused 2>&1 | grep -v "^W0000\|^I0000"

@@ -109,6 +109,7 @@ def test_one_token_models_match_xla(monkeypatch, pattern, mlp, mode):
     {"glu": True, "add": True, "norm": True},  # the MLP's first kernel
     {"residual": True, "residual_add": True},  # its second
     {"norm": True, "transposed": True},  # the final norm and a tied head
+    {"glu": True, "norm": True, "transposed": True},
     {"residual": True},
 ])
 def test_one_row_fused_matches_the_layers_ops(monkeypatch, options, dtype):
@@ -122,8 +123,8 @@ def test_one_row_fused_matches_the_layers_ops(monkeypatch, options, dtype):
         return (scale * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
 
     x = rnd(keys[0], (1, depth))
-    w_shape = ((width, depth) if options.get("transposed")
-               else (depth, 2 * width if options.get("glu") else width))
+    out = 2 * width if options.get("glu") else width
+    w_shape = (out, depth) if options.get("transposed") else (depth, out)
     w = rnd(keys[1], w_shape, depth ** -0.5)
     kw = {"transposed": options.get("transposed", False), "glu": options.get("glu", False)}
     if options.get("add"):
@@ -152,8 +153,8 @@ def test_one_row_fused_refuses_bad_operands():
         gemv.one_row_fused(jnp.ones((2, 8)), w)
     with pytest.raises(ValueError, match=r"w: expected \[D, 2N\] with D=8"):
         gemv.one_row_fused(x, jnp.ones((8, 5)), glu=True)
-    with pytest.raises(ValueError, match="glu: not with transposed"):
-        gemv.one_row_fused(x, w, glu=True, transposed=True)
+    with pytest.raises(ValueError, match=r"w: expected \[2N, D\] with D=8"):
+        gemv.one_row_fused(x, jnp.ones((5, 8)), glu=True, transposed=True)
     with pytest.raises(ValueError, match=r"residual: expected shape \(1, 6\)"):
         gemv.one_row_fused(x, w, residual=jnp.ones((1, 8)))
     with pytest.raises(ValueError, match="norm_scale and norm_eps: expected both"):
@@ -212,3 +213,57 @@ def test_kernels_lower_through_triton(monkeypatch):
     assert text.count("__gpu$xla.gpu.triton") == 2
     text = lower_for_gpu(head, row, jax.ShapeDtypeStruct((8192, 1000), bf))
     assert text.count("__gpu$xla.gpu.triton") == 1
+
+
+def test_transposed_decode_table(monkeypatch):
+    """With the Pallas mode picked (as on a GPU), the decode table stores every projection
+    transposed (the fused groups and each other Linear), the one-token call reads it, and
+    its logits and states equal XLA's path without a table (1e-5); a kernel of the wrong
+    shape is refused, naming it."""
+    from linearnexus.modules.common import TRANSPOSED, decode_weights, using_decode_weights
+
+    cfg = ModelConfig(vocab_size=61, d_model=64, n_layers=2, block_pattern=("gated_deltanet",),
+                      mlp=True, tie_embeddings=True)
+    model = LMModel(cfg, rngs=nnx.Rngs(2))
+    tokens, state = jnp.array([[3]], jnp.int32), model.init_state(1)
+    want = model(tokens, state=state, mode="recurrent")
+    assert decode_weights(model) and not any(k.endswith(TRANSPOSED)
+                                             for k in decode_weights(model))  # the CPU
+    monkeypatch.setattr(gemv, "_compiles", lambda: True)
+    monkeypatch.setenv(gemv.GEMV_ENV, "pallas")
+    table = decode_weights(model)
+    assert all(k.endswith(TRANSPOSED) for k in table)
+    o_proj = [k for k in table if "o_proj" in k]
+    assert len(o_proj) == cfg.n_layers and table[o_proj[0]][0].shape == (64, 64 * 2)
+    seen = []
+    real = gemv._launch
+    monkeypatch.setattr(gemv, "_launch", lambda x, wt, *a, **k: seen.append(wt) or
+                        real(x, wt, *a, **k))
+    with using_decode_weights(model, table):
+        got = model(tokens, state=state, mode="recurrent")
+    tabled = {id(v[0]) for v in table.values()}
+    assert seen and sum(id(w) in tabled for w in seen) >= 4 * cfg.n_layers
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=1e-5, atol=1e-5)
+    bad = dict(table)
+    bad[o_proj[0]] = (table[o_proj[0]][0].T, None)
+    with pytest.raises(ValueError, match="kernel of shape"), using_decode_weights(model, bad):
+        pass
+
+
+@pytest.mark.parametrize("pattern", [("gated_deltanet",), ("mamba2",)])
+def test_generate_with_pallas_mode_equals_xla(monkeypatch, pattern):
+    """Greedy tokens of the on-device loop with every batch-1 matmul through the Pallas
+    mode (interpreted) equal the XLA mode's."""
+    from linearnexus.generate import SamplingConfig, generate
+
+    cfg = ModelConfig(vocab_size=61, d_model=64, n_layers=2, block_pattern=pattern,
+                      mlp=pattern == ("gated_deltanet",), tie_embeddings=True)
+    model = LMModel(cfg, rngs=nnx.Rngs(4))
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=6)
+    want = generate(model, [[1, 2, 3]], sampling)
+    monkeypatch.setattr(gemv, "_compiles", lambda: True)
+    monkeypatch.setenv(gemv.GEMV_ENV, "pallas")
+    model = LMModel(cfg, rngs=nnx.Rngs(4))  # a fresh model: nothing cached from the XLA run
+    assert generate(model, [[1, 2, 3]], sampling) == want

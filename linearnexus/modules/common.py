@@ -28,6 +28,7 @@ from linearnexus.kernels.fused_decode.gemv import (
     one_row_fused,
     one_row_matmul,
     one_row_ready,
+    transposed_weights,
 )
 
 
@@ -178,49 +179,56 @@ def fused_dense(x: Array, linears: Sequence[nnx.Linear], *,
             raise ValueError("linears: expected the same in_features, dtype, precision and "
                              "dot_general in all of them")
     ends = np.cumsum([lin.out_features for lin in linears])[np.cumsum(groups) - 1]
-    kernel, bias = _group_weights(linears)
+    kernel, bias, transposed = _group_weights(linears)
     x, kernel, bias = first.promote_dtype((x, kernel, bias), dtype=first.dtype)
-    y = _matmul(first, x, kernel)  # [..., D] @ [D, sum F] -> [..., sum F]
+    y = _matmul(first, x, kernel, transposed)  # [..., D] @ [D, sum F] -> [..., sum F]
     if bias is not None:
         y = y + bias
     return jnp.split(y, ends[:-1].tolist(), axis=-1)
 
 
-def _matmul(lin: nnx.Linear, x: Array, kernel: Array) -> Array:
-    """``x [..., D] @ kernel [D, N]`` as ``lin``'s matmul does it (its precision and
-    preferred element type); one row on a GPU through ``kernels.fused_decode.gemv`` (not
-    for a custom ``dot_general``)."""
+def _matmul(lin: nnx.Linear, x: Array, kernel: Array, transposed: bool = False) -> Array:
+    """``x [..., D] @ kernel [D, N]`` (``kernel [N, D]`` when ``transposed``) as ``lin``'s
+    matmul does it (its precision and preferred element type); one row on a GPU through
+    ``kernels.fused_decode.gemv`` (not for a custom ``dot_general``)."""
     if lin.dot_general is jax.lax.dot_general and one_row_ready(x):
-        return one_row_matmul(x, kernel, out_dtype=lin.preferred_element_type,
-                              precision=lin.precision)
+        return one_row_matmul(x, kernel, transposed=transposed,
+                              out_dtype=lin.preferred_element_type, precision=lin.precision)
     kwargs = ({} if lin.preferred_element_type is None
               else {"preferred_element_type": lin.preferred_element_type})
-    return lin.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
-                           precision=lin.precision, **kwargs)  # [..., D] -> [..., N]
+    if transposed and lin.dot_general is not jax.lax.dot_general:
+        kernel, transposed = kernel.T, False  # [N, D] -> [D, N]: what a custom matmul takes
+    dims = (((x.ndim - 1,), (1 if transposed else 0,)), ((), ()))
+    return lin.dot_general(x, kernel, dims, precision=lin.precision,
+                           **kwargs)  # [..., D] -> [..., N]
 
 
 def dense(lin: nnx.Linear, x: Array) -> Array:
     """``lin(x)``: ``x [..., D]`` -> ``[..., N]``, with the same dtypes, precision and bias;
     a call of one row in all on a GPU runs ``kernels.fused_decode.gemv`` (batch-1 decoding's
-    output projections)."""
+    output projections), reading the weight from the decode table when it is there."""
     if not one_row_ready(x):
         return lin(x)
-    bias = lin.bias[...] if lin.bias is not None else None
-    x, kernel, bias = lin.promote_dtype((x, lin.kernel[...], bias), dtype=lin.dtype)
-    y = _matmul(lin, x, kernel)
+    kernel, bias, transposed = _group_weights([lin])
+    x, kernel, bias = lin.promote_dtype((x, kernel, bias), dtype=lin.dtype)
+    y = _matmul(lin, x, kernel, transposed)
     return y if bias is None else y + bias
 
 
-def _group_weights(linears: Sequence[nnx.Linear]) -> tuple[Array, Array | None]:
-    """``([W_1 | ... | W_n], bias)``: from :func:`using_decode_weights`' table when set,
-    else concatenated here."""
+def _group_weights(linears: Sequence[nnx.Linear]) -> tuple[Array, Array | None, bool]:
+    """``(kernel, bias, transposed)`` of a group: from :func:`using_decode_weights`' table
+    when set (``[sum F, D]`` when stored transposed), else ``[W_1 | ... | W_n] [D, sum F]``
+    made here."""
     table = _DECODE_WEIGHTS.get()
     cached = None if table is None else table.get(tuple(id(lin) for lin in linears))
-    return _concat_weights(linears) if cached is None else cached
+    return (*_concat_weights(linears), False) if cached is None else cached
 
 
 def _concat_weights(linears: Sequence[nnx.Linear]) -> tuple[Array, Array | None]:
     """``([W_1 | ... | W_n] [D, sum F], [b_1 | ... | b_n] [sum F] or None)``."""
+    if len(linears) == 1:
+        lin = linears[0]
+        return lin.kernel[...], None if lin.bias is None else lin.bias[...]
     kernel = jnp.concatenate([lin.kernel[...] for lin in linears], axis=1)  # [D, sum F]
     bias = None
     if any(lin.bias is not None for lin in linears):
@@ -230,36 +238,58 @@ def _concat_weights(linears: Sequence[nnx.Linear]) -> tuple[Array, Array | None]
     return kernel, bias
 
 
-# id(linear) tuples -> their concatenated (kernel, bias), set by `using_decode_weights`
-_DECODE_WEIGHTS: contextvars.ContextVar[dict[tuple[int, ...], tuple[Array, Array | None]] | None] = (
+# id(linear) tuples -> (kernel, bias, transposed), set by `using_decode_weights`
+_DECODE_WEIGHTS: contextvars.ContextVar[dict[tuple[int, ...], tuple[Array, Array | None, bool]]
+                                        | None] = (
     contextvars.ContextVar("linearnexus_decode_weights", default=None))
+#: suffix of decode-table names whose kernel is stored transposed, ``[sum F, D]``
+TRANSPOSED = "^T"
 
 
-def _decode_groups(model: nnx.Module) -> Iterator[tuple[str, list[nnx.Linear]]]:
+def _decode_groups(model: nnx.Module, *, singles: bool = False
+                   ) -> Iterator[tuple[str, list[nnx.Linear]]]:
     """``("path/i", linears)`` for every group of projections a module of ``model`` runs as
-    one matmul at ``T == 1`` (modules with a ``decode_linears()`` method)."""
+    one matmul at ``T == 1`` (modules with a ``decode_linears()`` method); with ``singles``
+    also ``("path", [linear])`` for every other ``nnx.Linear``."""
+    grouped: set[int] = set()
+    linears_at: list[tuple[str, nnx.Linear]] = []
     for path, node in nnx.iter_graph(model):
         groups = getattr(node, "decode_linears", None)
         if isinstance(node, nnx.Module) and callable(groups):
             for i, linears in enumerate(groups()):
+                grouped.update(id(lin) for lin in linears)
                 yield "/".join(map(str, (*path, i))), linears
+        if singles and isinstance(node, nnx.Linear):
+            linears_at.append(("/".join(map(str, path)), node))
+    for name, lin in linears_at:
+        if id(lin) not in grouped:
+            yield name, [lin]
 
 
 def decode_weights(model: nnx.Module) -> dict[str, tuple[Array, Array | None]]:
-    """The concatenated weights of every one-token fused projection in ``model`` (see
-    :func:`fused_dense`), keyed by module path: compute them once per set of parameters
-    (``linearnexus.generate.Decoder`` does) and pass them to :func:`using_decode_weights`
-    inside the decode step, so a step that XLA cannot hoist them out of (the per-token
-    host loop) does not concatenate them on every call. They are a second copy of those
-    projections' weights."""
+    """The decode weight table of ``model``, keyed by module path: the concatenated weights
+    of every one-token fused projection (see :func:`fused_dense`); where the batch-1 Pallas
+    matmuls run (``LINEARNEXUS_DECODE_GEMV=pallas`` on a GPU) those and every other
+    ``nnx.Linear``'s kernel stored transposed (``[sum F, D]``, names ending in
+    :data:`TRANSPOSED`), the layout those kernels read. Compute it once per set of
+    parameters (``linearnexus.generate.Decoder`` does) and pass it to
+    :func:`using_decode_weights` inside the decode step, so a step that XLA cannot hoist
+    it out of (the per-token host loop) does not rebuild it on every call. It is a second
+    copy of those projections' weights."""
+    if transposed_weights():
+        out = {}
+        for name, linears in _decode_groups(model, singles=True):
+            kernel, bias = _concat_weights(linears)
+            out[name + TRANSPOSED] = (kernel.T, bias)  # [D, sum F] -> [sum F, D]
+        return out
     return {name: _concat_weights(linears) for name, linears in _decode_groups(model)}
 
 
 @contextlib.contextmanager
 def using_decode_weights(model: nnx.Module,
                          weights: dict[str, tuple[Array, Array | None]] | None) -> Iterator[None]:
-    """Within the block, :func:`fused_dense` over a group of ``model``'s projections reads
-    its concatenation from ``weights`` (from :func:`decode_weights` of the same structure)
+    """Within the block, :func:`fused_dense` and :func:`dense` over ``model``'s projections
+    read their weights from ``weights`` (:func:`decode_weights` of the same structure)
     instead of concatenating. ``None`` or ``{}``: nothing changes.
 
     Raises:
@@ -270,14 +300,16 @@ def using_decode_weights(model: nnx.Module,
         yield
         return
     table: dict[tuple[int, ...], Any] = {}
-    for name, linears in _decode_groups(model):
-        if name in weights:
-            kernel = weights[name][0]
-            want = (linears[0].in_features, sum(lin.out_features for lin in linears))
-            if tuple(kernel.shape) != want:
-                raise ValueError(f"weights[{name!r}]: expected a kernel of shape {want}, got "
-                                 f"{tuple(kernel.shape)}")
-            table[tuple(id(lin) for lin in linears)] = weights[name]
+    for name, linears in _decode_groups(model, singles=True):
+        want = (linears[0].in_features, sum(lin.out_features for lin in linears))
+        for key, shape, transposed in ((name, want, False),
+                                       (name + TRANSPOSED, want[::-1], True)):
+            if key in weights:
+                kernel, bias = weights[key]
+                if tuple(kernel.shape) != shape:
+                    raise ValueError(f"weights[{key!r}]: expected a kernel of shape {shape}, "
+                                     f"got {tuple(kernel.shape)}")
+                table[tuple(id(lin) for lin in linears)] = (kernel, bias, transposed)
     if len(table) != len(weights):
         raise ValueError(f"weights: {len(weights) - len(table)} groups that model does not "
                          "have (weights from another model structure?)")
@@ -343,11 +375,12 @@ class SwiGLU(nnx.Module):
             return r + self(norm(r))
         d = self.d_model
         row, h_row = x.reshape(1, d), h.reshape(1, d)  # [..., 1, D] -> [1, D]
-        w_gu, _ = _group_weights(self.decode_linears()[0])  # [D, 2F]
+        w_gu, _, gu_t = _group_weights(self.decode_linears()[0])  # [D, 2F] or [2F, D]
+        w_dn, _, dn_t = _group_weights([self.w_down])  # [F, D] or [D, F]
         dtype = x.dtype
-        hidden = one_row_fused(row, w_gu.astype(dtype), glu=True, add=h_row,
+        hidden = one_row_fused(row, w_gu.astype(dtype), transposed=gu_t, glu=True, add=h_row,
                                norm_scale=norm.scale[...], norm_eps=norm.eps)  # [1, F]
-        out = one_row_fused(hidden, self.w_down.kernel[...].astype(dtype), residual=row,
+        out = one_row_fused(hidden, w_dn.astype(dtype), transposed=dn_t, residual=row,
                             residual_add=h_row)  # [1, D]
         return out.reshape(x.shape)  # [1, D] -> [..., 1, D]
 

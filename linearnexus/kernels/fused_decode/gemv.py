@@ -4,17 +4,20 @@ A batch-1 decode step is a chain of one-row projections. XLA:GPU rewrites a matm
 left side is one row as an elementwise multiply and a reduce when the weight has fewer than
 ~10M elements ("dot strength reduction"), and in the decode loop that became two kernels
 per projection, the first writing the whole ``[D, N]`` product that the second reads back
-(``docs/benchmarks.md``, "Fused one-token layer kernels"). This module computes such
-products another way, chosen by ``LINEARNEXUS_DECODE_GEMV`` (read at trace time):
+(``docs/benchmarks.md``, "One-row matmuls"). This module computes such products another
+way, chosen by ``LINEARNEXUS_DECODE_GEMV`` (read at trace time):
 
 * ``"xla"``: ``lax.dot_general`` as every other call (XLA's rewrite);
 * ``"pad"``: the row padded to :data:`PAD_ROWS` rows, so XLA keeps a matmul (cuBLAS or its
   own GEMM), then row 0;
-* ``"pallas"``: a Pallas (Triton) kernel over ``W [D, N]``: program ``j`` owns ``BN``
-  output columns and walks D in ``BK``-row tiles, accumulating in float32 (an earlier
-  version with 64 programs of 64 columns was latency-bound; the heuristic here keeps
-  ~1-3 programs per SM). A weight stored ``[N, D]`` (the tied embedding as the LM head)
-  takes the transposed kernel: program ``j`` owns ``BN`` rows.
+* ``"pallas"``: a Pallas (Triton) kernel over the weight stored transposed, ``W^T [N, D]``:
+  program ``j`` owns ``BN`` rows of it (output columns) and reads them in contiguous
+  ``BK``-wide tiles, accumulating in float32. :func:`one_row_fused` folds a pre-norm
+  layer's work around the matmul into the same kernel (RMSNorm and residual sum before,
+  SwiGLU and residual sum after). The transposed weights come from the decode weight table
+  (``modules.common.decode_weights``); a ``[D, N]`` weight is transposed in the trace
+  (hoisted out of an on-device decode loop by XLA). On the H200 the ``[D, N]`` layout read
+  in column tiles was 1.8x slower (32-byte rows per tile), hence the transposed layout.
 
 Only one-row calls on a GPU change (``one_row_ready``); batch > 1 and the CPU always take
 XLA's matmul. The default is the mode measured fastest on the H200 (``DEFAULT_MODE``).
@@ -64,6 +67,12 @@ def _compiles() -> bool:
     return current_platform() == "gpu" and not interpret_mode()
 
 
+def transposed_weights() -> bool:
+    """Whether decode weight tables store kernels transposed (``[N, D]``, the layout the
+    ``"pallas"`` kernels read): mode ``"pallas"`` where the kernels compile."""
+    return gemv_mode() == "pallas" and _compiles()
+
+
 def one_row_ready(x: Array) -> bool:
     """Whether a matmul of ``x [..., D]`` goes through :func:`one_row_matmul`: one row in
     all (``prod(x.shape[:-1]) == 1``), the kernels compile here, and the mode is not
@@ -81,18 +90,11 @@ def _pow2_at_most(n: int, cap: int) -> int:
     return p
 
 
-def blocks(depth: int, width: int, *, programs: int = 256) -> tuple[int, int]:
-    """``(BK, BN)`` of the column kernel for ``[1, depth] @ [depth, width]``: ``BN`` the
-    largest power of two in [8, 64] that still gives ``programs`` programs (8 when none
-    does), ``BK`` so that one tile holds ~8192 weights (powers of two; the last tile of
-    either axis is masked)."""
-    bn = 8
-    for b in (64, 32, 16):
-        if -(-width // b) >= programs:
-            bn = b
-            break
-    bk = _pow2_at_most(max(depth, 16), max(16, 8192 // bn))
-    return bk, bn
+def tiles(depth: int) -> tuple[int, int]:
+    """``(BK, BN)`` for a ``[N, depth]`` transposed weight: ``BN = 2`` rows per program and
+    ``BK`` up to 1024 contiguous weights per row (a power of two; the last tile is masked).
+    The best of those timed on the H200 (``benchmarks/gemv_gpu.py``)."""
+    return _pow2_at_most(max(depth, 16), 1024), 2
 
 
 def _row_out(ref, start, valid):
@@ -110,16 +112,16 @@ class _Static:
     width: int  # N, output columns
     block_k: int
     block_n: int
-    transposed: bool  # W stored [N, D]
-    glu: bool  # W = [W_gate | W_up] ([D, 2N]): out = silu(x W_gate) * (x W_up)
+    glu: bool  # W^T = [W_gate^T ; W_up^T] ([2N, D]): out = silu(x W_gate) * (x W_up)
     norm_eps: float | None  # an RMSNorm prologue with this epsilon
     out_dtype: jnp.dtype  # also the dtype every intermediate sum is rounded to
 
 
 def _kernel(*, x_ref, add_ref, scale_ref, w_ref, res_ref, res_add_ref, y_ref, st: _Static):
-    """Program ``j``: output columns ``[j BN, (j + 1) BN)``, the contraction walked in ``BK``
-    tiles (float32 sums). Prologue ``x (+ add) (-> rmsnorm * scale)``, epilogue ``glu`` and
-    ``(res + res_add) + y``, each rounded to the output dtype where the layers round."""
+    """Program ``j``: output columns ``[j BN, (j + 1) BN)`` = rows of ``W^T``, the
+    contraction read in ``BK``-wide tiles (float32 sums). Prologue ``x (+ add)
+    (-> rmsnorm * scale)``, epilogue ``glu`` and ``(res + res_add) + y``, each rounded to the
+    output dtype where the layers round."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plt
 
@@ -155,14 +157,10 @@ def _kernel(*, x_ref, add_ref, scale_ref, w_ref, res_ref, res_add_ref, y_ref, st
         if inv is not None:
             scale = plt.load(scale_ref.at[pl.ds(k0, bk)], mask=ks < depth, other=0.0)
             xk = rnd(xk * inv * scale.astype(F32))
-        if st.transposed:  # W [N, D]: BN rows of BK contiguous weights
-            mask = (outs[:, None] < width) & (ks[None, :] < depth)
-            w = plt.load(w_ref.at[pl.ds(j * bn, bn), pl.ds(k0, bk)], mask=mask, other=0.0)
-            return (acc[0] + jnp.sum(w.astype(F32) * xk[None, :], axis=1),)  # [BN]
-        mask = (ks[:, None] < depth) & (outs[None, :] < width)
-        return tuple(a + jnp.sum(xk[:, None] * plt.load(
-            w_ref.at[pl.ds(k0, bk), pl.ds(c, bn)], mask=mask, other=0.0).astype(F32), axis=0)
-            for a, c in zip(acc, starts, strict=True))  # [BN] each
+        mask = (outs[:, None] < width) & (ks[None, :] < depth)
+        return tuple(a + jnp.sum(plt.load(w_ref.at[pl.ds(c, bn), pl.ds(k0, bk)], mask=mask,
+                                          other=0.0).astype(F32) * xk[None, :], axis=1)
+                     for a, c in zip(acc, starts, strict=True))  # [BN, BK] -> [BN] each
 
     acc = jax.lax.fori_loop(0, n_tiles, body, tuple(jnp.zeros((bn,), F32) for _ in starts))
     ys = [rnd(a) for a in acc]  # the matmul's output, in the output dtype
@@ -180,29 +178,20 @@ def _kernel(*, x_ref, add_ref, scale_ref, w_ref, res_ref, res_add_ref, y_ref, st
               mask=(outs < width)[None])  # [BN] -> [1, BN]
 
 
-def _tiles(depth: int, width: int, transposed: bool) -> tuple[int, int]:
-    """``(BK, BN)``: the column kernel's from :func:`blocks`; the row kernel's BN rows of
-    up to 512 contiguous weights, 8 rows when that still gives 256 programs (else 4)."""
-    if transposed:
-        return _pow2_at_most(max(depth, 16), 512), 8 if -(-width // 8) >= 256 else 4
-    return blocks(depth, width)
-
-
-def _launch(x: Array, w: Array, add: Array | None, scale: Array | None,
-            res: Array | None, res_add: Array | None, *, transposed: bool, glu: bool,
+def _launch(x: Array, wt: Array, add: Array | None, scale: Array | None,
+            res: Array | None, res_add: Array | None, *, glu: bool,
             norm_eps: float | None, out_dtype: jnp.dtype) -> Array:
-    """The kernel: ``x [1, D]``, ``w [D, N]`` (``[D, 2N]`` with glu, ``[N, D]`` transposed)
-    -> ``[1, N]``."""
+    """The kernel: ``x [1, D]``, ``wt [N, D]`` (``[2N, D]`` with glu) -> ``[1, N]``."""
     from jax.experimental import pallas as pl
 
     depth = x.shape[1]
-    width = w.shape[0] if transposed else w.shape[1] // (2 if glu else 1)
-    bk, bn = _tiles(depth, width, transposed)
-    st = _Static(depth=depth, width=width, block_k=bk, block_n=bn, transposed=transposed,
-                 glu=glu, norm_eps=norm_eps, out_dtype=jnp.dtype(out_dtype))
+    width = wt.shape[0] // (2 if glu else 1)
+    bk, bn = tiles(depth)
+    st = _Static(depth=depth, width=width, block_k=bk, block_n=bn, glu=glu,
+                 norm_eps=norm_eps, out_dtype=jnp.dtype(out_dtype))
     return named_pallas_call(
         functools.partial(_kernel, st=st),
-        inputs={"x": x, "add": add, "scale": scale, "w": w, "res": res, "res_add": res_add},
+        inputs={"x": x, "add": add, "scale": scale, "w": wt, "res": res, "res_add": res_add},
         outputs={"y": jax.ShapeDtypeStruct((1, width), out_dtype)},
         grid=(pl.cdiv(width, bn),), interpret=interpret_mode(),
         compiler_params=compiler_params(4, 3), name="one_row_matmul")["y"]
@@ -249,10 +238,11 @@ def one_row_matmul(x: Array, w: Array, *, transposed: bool = False,
         xp = jnp.pad(x2, ((0, PAD_ROWS - 1), (0, 0)))  # [1, D] -> [PAD_ROWS, D]
         y = _reference(xp, w, transposed, out_dtype, precision)[:1]  # [PAD_ROWS, N] -> [1, N]
     elif mode == "pallas":
+        wt = w if transposed else w.T  # [N, D]
         y = with_reference_vjp(
-            lambda a, b: _launch(a, b, None, None, None, None, transposed=transposed,
-                                 glu=False, norm_eps=None, out_dtype=out_dtype),
-            lambda a, b: _reference(a, b, transposed, out_dtype, precision), x2, w)
+            lambda a, b: _launch(a, b, None, None, None, None, glu=False, norm_eps=None,
+                                 out_dtype=out_dtype),
+            lambda a, b: _reference(a, b, True, out_dtype, precision), x2, wt)
     else:
         y = _reference(x2, w, transposed, out_dtype, precision)
     return y.reshape(*lead, width)  # [1, N] -> [..., N]
@@ -284,15 +274,18 @@ def one_row_fused(x: Array, w: Array, *, transposed: bool = False, glu: bool = F
                   residual_add: Array | None = None) -> Array:
     """A one-row matmul with a pre-norm layer's work around it, in one Pallas kernel.
 
-    ``y = x' @ w`` with the prologue ``x' = rmsnorm(x + add) * norm_scale`` (each part
-    optional) and the epilogue ``silu(y_gate) * y_up`` (``glu``: ``w = [W_gate | W_up]``)
-    then ``(residual + residual_add) + y``; every sum is rounded to ``x``'s dtype where
+    ``y = x' @ w`` (``w [D, N]``, or ``[N, D]`` stored transposed: the kernel reads that
+    layout, and a ``[D, N]`` weight is transposed first) with the prologue
+    ``x' = rmsnorm(x + add) * norm_scale`` (each part optional) and the epilogue
+    ``silu(y_gate) * y_up`` (``glu``: ``w = [W_gate | W_up]``) then
+    ``(residual + residual_add) + y``; every sum is rounded to ``x``'s dtype where
     the layers round it, so it matches them to the matmul's summation order. A GPU-only
     path (``one_row_ready`` and mode ``"pallas"``); differentiable (as the XLA ops).
 
     Args:
         x: ``[1, D]`` in the compute dtype; add: ``[1, D]`` or None.
-        w: ``[D, N]`` (``[D, 2N]`` with ``glu``; ``[N, D]`` with ``transposed``).
+        w: ``[D, N]`` (``[D, 2N]`` with ``glu``); ``[N, D]`` (``[2N, D]``) with
+            ``transposed``.
         norm_scale: ``[D]`` (with ``norm_eps``) or None.
         residual, residual_add: ``[1, N]`` or None.
 
@@ -305,11 +298,10 @@ def one_row_fused(x: Array, w: Array, *, transposed: bool = False, glu: bool = F
     depth = x.shape[-1]
     if x.ndim != 2 or x.shape[0] != 1:
         raise ValueError(f"x: expected [1, D], got shape {tuple(x.shape)}")
-    if glu and transposed:
-        raise ValueError("glu: not with transposed weights")
     k_axis = 1 if transposed else 0
-    if w.ndim != 2 or w.shape[k_axis] != depth or (glu and w.shape[1] % 2):
-        want = "[N, D]" if transposed else ("[D, 2N]" if glu else "[D, N]")
+    if w.ndim != 2 or w.shape[k_axis] != depth or (glu and w.shape[1 - k_axis] % 2):
+        want = (("[2N, D]" if glu else "[N, D]") if transposed
+                else ("[D, 2N]" if glu else "[D, N]"))
         raise ValueError(f"w: expected {want} with D={depth}, got shape {tuple(w.shape)}")
     width = w.shape[1 - k_axis] // (2 if glu else 1)
     for name, arr, shape in (("add", add, (1, depth)), ("norm_scale", norm_scale, (depth,)),
@@ -326,8 +318,9 @@ def one_row_fused(x: Array, w: Array, *, transposed: bool = False, glu: bool = F
                       ("residual_add", residual_add)):
         if arr is not None and arr.dtype != x.dtype:
             raise ValueError(f"{name}: expected dtype {x.dtype} (x's), got {arr.dtype}")
-    kw = dict(transposed=transposed, glu=glu,
-              norm_eps=None if norm_eps is None else float(norm_eps), out_dtype=x.dtype)
+    kw = dict(glu=glu, norm_eps=None if norm_eps is None else float(norm_eps),
+              out_dtype=x.dtype)
+    wt = w if transposed else w.T  # [N, D] (or [2N, D])
     return with_reference_vjp(functools.partial(_launch, **kw),
-                              functools.partial(_fused_reference, **kw),
-                              x, w, add, norm_scale, residual, residual_add)
+                              functools.partial(_fused_reference, transposed=True, **kw),
+                              x, wt, add, norm_scale, residual, residual_add)
