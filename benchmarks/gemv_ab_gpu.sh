@@ -9,7 +9,8 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gemv_ab}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_gemv.py 2>&1 | tail -3
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout 200 python3 -m pytest -q -p no:cacheprovider \
+  tests/test_gemv.py 2>&1 | tail -3  # float32 checks: no TF32 in the XLA side
 decode() {  # mode, batches...
   local mode=$1; shift
   echo "== LINEARNEXUS_DECODE_GEMV=$mode"

@@ -66,7 +66,8 @@ def test_bad_arguments_are_named(monkeypatch):
 
 
 def test_one_row_ready_only_for_one_row_where_kernels_compile(monkeypatch):
-    assert not gemv.one_row_ready(jnp.ones((1, 1, 8)))  # the CPU: never
+    monkeypatch.setattr(gemv, "_compiles", lambda: False)  # the CPU, interpret mode: never
+    assert not gemv.one_row_ready(jnp.ones((1, 1, 8)))
     monkeypatch.setattr(gemv, "_compiles", lambda: True)
     monkeypatch.setenv(gemv.GEMV_ENV, "pallas")
     assert gemv.one_row_ready(jnp.ones((1, 1, 8)))
@@ -90,6 +91,7 @@ def test_one_token_models_match_xla(monkeypatch, pattern, mlp, mode):
     def call():
         return model(tokens, state=state, mode="recurrent")
 
+    monkeypatch.setenv(gemv.GEMV_ENV, "xla")  # the reference, also on a GPU
     want = call()
     monkeypatch.setattr(gemv, "_compiles", lambda: True)
     monkeypatch.setenv(gemv.GEMV_ENV, mode)
@@ -175,6 +177,7 @@ def test_mlp_half_runs_two_kernels_and_matches(monkeypatch, dtype):
     model = LMModel(cfg, rngs=nnx.Rngs(1))
     tokens = jnp.array([[7]], jnp.int32)
     state = model.init_state(1)
+    monkeypatch.setenv(gemv.GEMV_ENV, "xla")  # the reference, also on a GPU
     want = model(tokens, state=state, mode="recurrent")
     monkeypatch.setattr(gemv, "_compiles", lambda: True)
     monkeypatch.setenv(gemv.GEMV_ENV, "pallas")
@@ -226,9 +229,11 @@ def test_transposed_decode_table(monkeypatch):
                       mlp=True, tie_embeddings=True)
     model = LMModel(cfg, rngs=nnx.Rngs(2))
     tokens, state = jnp.array([[3]], jnp.int32), model.init_state(1)
+    monkeypatch.setenv(gemv.GEMV_ENV, "xla")  # the reference, also on a GPU
     want = model(tokens, state=state, mode="recurrent")
+    monkeypatch.setattr(gemv, "_compiles", lambda: False)  # the CPU: plain layout
     assert decode_weights(model) and not any(k.endswith(TRANSPOSED)
-                                             for k in decode_weights(model))  # the CPU
+                                             for k in decode_weights(model))
     monkeypatch.setattr(gemv, "_compiles", lambda: True)
     monkeypatch.setenv(gemv.GEMV_ENV, "pallas")
     table = decode_weights(model)
@@ -262,6 +267,7 @@ def test_generate_with_pallas_mode_equals_xla(monkeypatch, pattern):
                       mlp=pattern == ("gated_deltanet",), tie_embeddings=True)
     model = LMModel(cfg, rngs=nnx.Rngs(4))
     sampling = SamplingConfig(temperature=0.0, max_new_tokens=6)
+    monkeypatch.setenv(gemv.GEMV_ENV, "xla")  # the reference, also on a GPU
     want = generate(model, [[1, 2, 3]], sampling)
     monkeypatch.setattr(gemv, "_compiles", lambda: True)
     monkeypatch.setenv(gemv.GEMV_ENV, "pallas")

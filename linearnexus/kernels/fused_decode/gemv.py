@@ -44,7 +44,7 @@ from linearnexus.kernels.common.pallas import (
 #: "xla" | "pad" | "pallas": how one-row matmuls run on a GPU (read at trace time)
 GEMV_ENV = "LINEARNEXUS_DECODE_GEMV"
 MODES = ("xla", "pad", "pallas")
-DEFAULT_MODE = "pad"
+DEFAULT_MODE = "pallas"
 #: rows the "pad" mode pads one row to
 PAD_ROWS = 8
 F32 = jnp.float32
