@@ -165,6 +165,8 @@ def test_one_row_fused_refuses_bad_operands():
         gemv.one_row_fused(x, w, residual_add=jnp.ones((1, 6)))
     with pytest.raises(ValueError, match="add: expected dtype float32"):
         gemv.one_row_fused(x, w, add=jnp.ones((1, 8), jnp.bfloat16))
+    with pytest.raises(ValueError, match="x: expected dtype bfloat16"):
+        gemv.one_row_fused(x, w.astype(jnp.bfloat16))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -273,3 +275,33 @@ def test_generate_with_pallas_mode_equals_xla(monkeypatch, pattern):
     monkeypatch.setenv(gemv.GEMV_ENV, "pallas")
     model = LMModel(cfg, rngs=nnx.Rngs(4))  # a fresh model: nothing cached from the XLA run
     assert generate(model, [[1, 2, 3]], sampling) == want
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mamba2_gated_norm_folds_into_out_proj(monkeypatch, dtype):
+    """With the fused layer kernel and the pallas mode picked (interpreted), a batch-1
+    one-token Mamba2 call runs its gated norm in ``out_proj``'s prologue (one
+    ``one_row_fused`` per layer, from the float32 gated row) and matches the XLA mode
+    (float32 1e-5; bf16 2e-2 on O(1) logits)."""
+    import linearnexus.kernels.fused_decode.api as layer_api
+
+    cfg = ModelConfig(vocab_size=61, d_model=64, n_layers=2, block_pattern=("mamba2",),
+                      mlp=False, tie_embeddings=True, dtype=dtype,
+                      block_options={"mamba2": {"d_state": 16, "headdim": 16}})
+    model = LMModel(cfg, rngs=nnx.Rngs(5))
+    tokens, state = jnp.array([[9]], jnp.int32), model.init_state(1)
+    monkeypatch.setattr(layer_api, "_compiles", lambda: True)
+    monkeypatch.setattr(gemv, "_compiles", lambda: True)
+    monkeypatch.setenv(gemv.GEMV_ENV, "xla")
+    want = model(tokens, state=state, mode="recurrent")
+    monkeypatch.setenv(gemv.GEMV_ENV, "pallas")
+    calls = []
+    real = common.one_row_fused
+    monkeypatch.setattr(common, "one_row_fused",
+                        lambda x, *a, **k: calls.append(x.dtype) or real(x, *a, **k))
+    got = model(tokens, state=state, mode="recurrent")
+    assert calls == [jnp.dtype(jnp.float32)] * cfg.n_layers
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=tol, atol=tol)

@@ -215,6 +215,28 @@ def dense(lin: nnx.Linear, x: Array) -> Array:
     return y if bias is None else y + bias
 
 
+def normed_dense(lin: nnx.Linear, norm: Any, xg: Array) -> Array | None:
+    """``lin(norm.normalize_gated(xg))`` as one kernel for a one-row call on a GPU in the
+    ``pallas`` mode (the RMSNorm in the matmul's prologue: Mamba2's gated norm before
+    ``out_proj`` at batch 1), or None where that does not apply (the caller runs the two
+    steps): ``norm`` a :class:`GatedRMSNorm` that gates before normalising, over the whole
+    row (one group), in ``lin``'s compute dtype; ``lin`` a plain ``nnx.Linear`` without a
+    bias. ``xg [..., D]`` (float32 from a fused kernel, or the compute dtype)."""
+    if not (isinstance(norm, GatedRMSNorm) and not norm.norm_before_gate
+            and norm.group_size in (None, norm.dim) and one_row_ready(xg)
+            and gemv_mode() == "pallas" and lin.bias is None and lin.precision is None
+            and lin.preferred_element_type is None and lin.dot_general is jax.lax.dot_general
+            and xg.shape[-1] == norm.dim == lin.in_features):
+        return None
+    dtype = jnp.dtype(lin.dtype or lin.param_dtype)
+    if jnp.dtype(norm.dtype or xg.dtype) != dtype or not is_float_dtype(xg.dtype):
+        return None
+    kernel, _, transposed = _group_weights([lin])
+    out = one_row_fused(xg.reshape(1, norm.dim), kernel.astype(dtype), transposed=transposed,
+                        norm_scale=norm.scale[...], norm_eps=norm.eps)  # [1, N]
+    return out.reshape(*xg.shape[:-1], lin.out_features)  # [1, N] -> [..., N]
+
+
 def _group_weights(linears: Sequence[nnx.Linear]) -> tuple[Array, Array | None, bool]:
     """``(kernel, bias, transposed)`` of a group: from :func:`using_decode_weights`' table
     when set (``[sum F, D]`` when stored transposed), else ``[W_1 | ... | W_n] [D, sum F]``

@@ -278,19 +278,22 @@ def one_row_fused(x: Array, w: Array, *, transposed: bool = False, glu: bool = F
     layout, and a ``[D, N]`` weight is transposed first) with the prologue
     ``x' = rmsnorm(x + add) * norm_scale`` (each part optional) and the epilogue
     ``silu(y_gate) * y_up`` (``glu``: ``w = [W_gate | W_up]``) then
-    ``(residual + residual_add) + y``; every sum is rounded to ``x``'s dtype where
-    the layers round it, so it matches them to the matmul's summation order. A GPU-only
+    ``(residual + residual_add) + y``; every sum is rounded to ``w``'s dtype (the compute
+    dtype) where the layers round it, so it matches them to the matmul's summation order.
+    ``x`` may be float32 with a norm prologue and no ``add`` (Mamba2's gated-norm input):
+    the normalised row is rounded to ``w``'s dtype. A GPU-only
     path (``one_row_ready`` and mode ``"pallas"``); differentiable (as the XLA ops).
 
     Args:
-        x: ``[1, D]`` in the compute dtype; add: ``[1, D]`` or None.
+        x: ``[1, D]`` in ``w``'s dtype (another float dtype with ``norm_scale`` and no
+            ``add``); add: ``[1, D]`` or None.
         w: ``[D, N]`` (``[D, 2N]`` with ``glu``); ``[N, D]`` (``[2N, D]``) with
             ``transposed``.
         norm_scale: ``[D]`` (with ``norm_eps``) or None.
         residual, residual_add: ``[1, N]`` or None.
 
     Returns:
-        ``[1, N]`` in ``x``'s dtype.
+        ``[1, N]`` in ``w``'s dtype.
 
     Raises:
         ValueError: an operand of the wrong shape or dtype, naming it.
@@ -314,12 +317,14 @@ def one_row_fused(x: Array, w: Array, *, transposed: bool = False, glu: bool = F
                          f"{'norm_scale' if norm_eps is None else 'norm_eps'} alone")
     if residual_add is not None and residual is None:
         raise ValueError("residual_add: expected with residual, got it alone")
-    for name, arr in (("w", w), ("add", add), ("residual", residual),
-                      ("residual_add", residual_add)):
-        if arr is not None and arr.dtype != x.dtype:
-            raise ValueError(f"{name}: expected dtype {x.dtype} (x's), got {arr.dtype}")
+    if x.dtype != w.dtype and (norm_scale is None or add is not None):
+        raise ValueError(f"x: expected dtype {w.dtype} (w's), got {x.dtype}; another dtype "
+                         "only with a norm prologue (which casts it) and no add")
+    for name, arr in (("add", add), ("residual", residual), ("residual_add", residual_add)):
+        if arr is not None and arr.dtype != w.dtype:
+            raise ValueError(f"{name}: expected dtype {w.dtype} (w's), got {arr.dtype}")
     kw = dict(glu=glu, norm_eps=None if norm_eps is None else float(norm_eps),
-              out_dtype=x.dtype)
+              out_dtype=w.dtype)
     wt = w if transposed else w.T  # [N, D] (or [2N, D])
     return with_reference_vjp(functools.partial(_launch, **kw),
                               functools.partial(_fused_reference, transposed=True, **kw),

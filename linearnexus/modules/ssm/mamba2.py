@@ -38,7 +38,14 @@ from linearnexus.kernels.conv import conv_step
 from linearnexus.kernels.fused_decode import SsdLayerSpec, layer_kernel_ready, ssd_layer_step
 from linearnexus.kernels.ssd import ssd
 from linearnexus.modules.base import MOSAIC_KERNEL_BACKENDS, BlockConfig, dtype_of, op_backend
-from linearnexus.modules.common import GatedRMSNorm, ShortConv, dense, fused_decode_enabled, math_dtype
+from linearnexus.modules.common import (
+    GatedRMSNorm,
+    ShortConv,
+    dense,
+    fused_decode_enabled,
+    math_dtype,
+    normed_dense,
+)
 from linearnexus.modules.linear.runtime import (
     LinearState,
     begin_call,
@@ -282,8 +289,13 @@ class Mamba2Block(nnx.Module):
             layer = self._fused_layer(zxbcdt[:, 0], state)
             if layer is not None:  # conv, step size, SSD step, skip and gate in one kernel
                 y, new_state = layer  # [B, E] float32: y * silu(z)
-                y = self.norm.normalize_gated(y) if self.norm is not None else y.astype(dtype)
-                return dense(self.out_proj, y[:, None]), new_state
+                out = (None if self.norm is None
+                       else normed_dense(self.out_proj, self.norm, y[:, None]))  # batch 1
+                if out is None:
+                    y = (self.norm.normalize_gated(y) if self.norm is not None
+                         else y.astype(dtype))
+                    out = dense(self.out_proj, y[:, None])
+                return out, new_state
         z, xbc, dt = jnp.split(zxbcdt, [e, e + cfg.conv_dim], axis=-1)
         # pads zeroed before the conv (in_proj's bias would make them non-zero), so the conv
         # cache keeps the last valid inputs
