@@ -305,3 +305,19 @@ def test_mamba2_gated_norm_folds_into_out_proj(monkeypatch, dtype):
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                    rtol=tol, atol=tol)
+
+
+def test_a_linear_subclass_keeps_its_own_call(monkeypatch):
+    """A subclass of nnx.Linear with its own __call__ (an adapter) is called as it is,
+    never replaced by the one-row kernel."""
+    class Doubled(nnx.Linear):
+        def __call__(self, x, out_sharding=None):
+            return 2.0 * super().__call__(x)
+
+    monkeypatch.setattr(gemv, "_compiles", lambda: True)
+    monkeypatch.setenv(gemv.GEMV_ENV, "pallas")
+    lin = Doubled(8, 5, rngs=nnx.Rngs(0))
+    x = jnp.ones((1, 1, 8))
+    np.testing.assert_allclose(common.dense(lin, x), 2.0 * (x @ lin.kernel[...]), rtol=1e-6)
+    plain = nnx.Linear(8, 5, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(common.dense(plain, x), x @ plain.kernel[...], rtol=1e-5)

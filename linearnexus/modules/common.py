@@ -207,7 +207,7 @@ def dense(lin: nnx.Linear, x: Array) -> Array:
     """``lin(x)``: ``x [..., D]`` -> ``[..., N]``, with the same dtypes, precision and bias;
     a call of one row in all on a GPU runs ``kernels.fused_decode.gemv`` (batch-1 decoding's
     output projections), reading the weight from the decode table when it is there."""
-    if not one_row_ready(x):
+    if not (one_row_ready(x) and _plain_linear(lin)):
         return lin(x)
     kernel, bias, transposed = _group_weights([lin])
     x, kernel, bias = lin.promote_dtype((x, kernel, bias), dtype=lin.dtype)
@@ -224,7 +224,8 @@ def normed_dense(lin: nnx.Linear, norm: Any, xg: Array) -> Array | None:
     bias. ``xg [..., D]`` (float32 from a fused kernel, or the compute dtype)."""
     if not (isinstance(norm, GatedRMSNorm) and not norm.norm_before_gate
             and norm.group_size in (None, norm.dim) and one_row_ready(xg)
-            and gemv_mode() == "pallas" and lin.bias is None and lin.precision is None
+            and gemv_mode() == "pallas" and _plain_linear(lin) and lin.bias is None
+            and lin.precision is None
             and lin.preferred_element_type is None and lin.dot_general is jax.lax.dot_general
             and xg.shape[-1] == norm.dim == lin.in_features):
         return None
@@ -235,6 +236,12 @@ def normed_dense(lin: nnx.Linear, norm: Any, xg: Array) -> Array | None:
     out = one_row_fused(xg.reshape(1, norm.dim), kernel.astype(dtype), transposed=transposed,
                         norm_scale=norm.scale[...], norm_eps=norm.eps)  # [1, N]
     return out.reshape(*xg.shape[:-1], lin.out_features)  # [1, N] -> [..., N]
+
+
+def _plain_linear(lin: nnx.Linear) -> bool:
+    """``lin`` computes what ``nnx.Linear`` does (not a subclass with its own ``__call__``,
+    e.g. an adapter), so its kernel and bias are the whole of it."""
+    return type(lin).__call__ is nnx.Linear.__call__
 
 
 def _group_weights(linears: Sequence[nnx.Linear]) -> tuple[Array, Array | None, bool]:
@@ -412,7 +419,7 @@ class SwiGLU(nnx.Module):
                 and x.shape[-2] == 1 and fused_decode_enabled() and one_row_ready(x)
                 and gemv_mode() == "pallas" and isinstance(norm, RMSNorm)
                 and x.dtype == h.dtype == jnp.dtype(norm.dtype or x.dtype)
-                and all(lin.bias is None and lin.precision is None
+                and all(_plain_linear(lin) and lin.bias is None and lin.precision is None
                         and lin.preferred_element_type is None
                         and lin.dot_general is jax.lax.dot_general
                         and jnp.dtype(lin.dtype or lin.param_dtype) == x.dtype for lin in lins))
