@@ -16,8 +16,10 @@ adds, SwiGLU and a norm between them) with each projection computed as:
   by XLA;
 * ``cols``: a Pallas kernel, program ``j`` owns ``BN`` output columns of ``W [D, N]`` and
   walks D in ``BK``-row tiles;
-* ``rowsT``: a Pallas kernel over the transposed weight ``W^T [N, D]`` (contiguous rows),
-  program ``j`` owns ``BN`` rows and walks D in ``BK``-column tiles.
+* ``rowsT``: the library's Pallas kernel (``kernels/fused_decode/gemv.py``) over the
+  transposed weight ``W^T [N, D]`` (contiguous rows) at other tiles: program ``j`` owns
+  ``BN`` rows and walks D in ``BK``-column tiles; ``lib`` / ``lib_fused`` at its own tiles,
+  without and with the layer's norms, SwiGLU and residual sums folded in.
 
 ms per chain step against the weight bytes read once at the measured copy bandwidth (the
 floor). CPU smoke test: ``python benchmarks/gemv_gpu.py
@@ -101,31 +103,11 @@ def cols(x, w, *, bn: int = 32, bk: int = 256, warps: int = 4, stages: int = 3):
         compiler_params=compiler_params(warps, stages))(x, w)
 
 
-def _rows_kernel(x_ref, wt_ref, o_ref, *, depth: int, width: int, bk: int, bn: int):
-    j = pl.program_id(0)
-    outs = j * bn + jnp.arange(bn)
-
-    def body(i, acc):
-        ks = i * bk + jnp.arange(bk)
-        mask = (outs[:, None] < width) & (ks[None, :] < depth)
-        w = plt.load(wt_ref.at[pl.ds(j * bn, bn), pl.ds(i * bk, bk)], mask=mask, other=0.0)
-        x = plt.load(x_ref.at[pl.ds(0, 1), pl.ds(i * bk, bk)], mask=(ks < depth)[None],
-                     other=0.0)[0]  # [BK]
-        return acc + jnp.sum(w.astype(F32) * x.astype(F32)[None, :], axis=1)  # [BN]
-
-    acc = jax.lax.fori_loop(0, pl.cdiv(depth, bk), body, jnp.zeros((bn,), F32))
-    plt.store(o_ref.at[pl.ds(0, 1), pl.ds(j * bn, bn)], acc.astype(o_ref.dtype)[None],
-              mask=(outs < width)[None])
-
-
-def rows_t(x, wt, *, bn: int = 8, bk: int = 512, warps: int = 4, stages: int = 3):
-    """``x [1, D] @ wt [N, D]^T``, program ``j`` owns rows ``[j BN, (j + 1) BN)`` of ``wt``."""
-    width, depth = wt.shape
-    return pl.pallas_call(
-        functools.partial(_rows_kernel, depth=depth, width=width, bk=bk, bn=bn),
-        out_shape=jax.ShapeDtypeStruct((1, width), x.dtype),
-        grid=(pl.cdiv(width, bn),), interpret=interpret_mode(),
-        compiler_params=compiler_params(warps, stages))(x, wt)
+def rows_t(x, wt, *, bn: int = 8, bk: int = 512, warps: int = 4):
+    """``x [1, D] @ wt [N, D]^T``: the library's kernel (``gemv._launch``), program ``j``
+    owning rows ``[j BN, (j + 1) BN)`` of ``wt``, at the given tiles and warps."""
+    return gemv._launch(x, wt, None, None, None, None, glu=False, norm_eps=None,
+                        out_dtype=x.dtype, blocks=(bk, bn), warps=warps)
 
 
 def xla(x, w):

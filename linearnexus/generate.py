@@ -366,9 +366,10 @@ def decode_step(graphdef: Any, sampler: SamplingConfig, params: Any, tokens: Arr
 
 
 class DecodeParams(NamedTuple):
-    """What the decode step and loop read: the model's ``nnx.State`` and the concatenated
-    weights of its one-token fused projections (``modules.common.decode_weights``; ``{}``
-    with ``LINEARNEXUS_FUSED_DECODE=0``), so no step concatenates them again."""
+    """What the decode step and loop read: the model's ``nnx.State`` and its decode weight
+    table (``modules.common.decode_weights``: the concatenated weights of its one-token
+    fused projections, and with the batch-1 Pallas matmuls every projection stored
+    transposed; ``{}`` with ``LINEARNEXUS_FUSED_DECODE=0``), so no step builds them again."""
 
     state: Any
     fused: dict[str, tuple[Array, Array | None]]
@@ -380,10 +381,11 @@ _DECODE_PARAMS: weakref.WeakKeyDictionary[LMModel, tuple[Any, DecodeParams]] = (
 
 
 def decode_params(model: LMModel, params: Any) -> DecodeParams:
-    """``DecodeParams(params, fused weights)``: the concatenations computed once for these
-    ``params`` (cached with them: the same ``params`` object gives the same result). They
-    are a second copy of the fused projections' weights (q, k, v, gates and output gate of
-    the DeltaNet-family blocks, gate and up of the MLPs) while the model lives."""
+    """``DecodeParams(params, decode weight table)``: the table computed once for these
+    ``params`` (cached with them: the same ``params`` object gives the same result). It is
+    a second copy of the fused projections' weights (q, k, v, gates and output gate of
+    the DeltaNet-family blocks, gate and up of the MLPs), of every projection's in the
+    ``pallas`` mode of ``LINEARNEXUS_DECODE_GEMV`` on a GPU, while the model lives."""
     cached = _DECODE_PARAMS.get(model)
     if cached is not None and cached[0] is params:
         return cached[1]

@@ -24,7 +24,7 @@ from linearnexus.core.autodiff import rotate_half_pairs, swiglu, written_backwar
 from linearnexus.core.conv import depthwise_conv1d
 from linearnexus.core.types import Array, DType, is_float_dtype
 from linearnexus.kernels.fused_decode.gemv import (
-    gemv_mode,
+    fused_ready,
     one_row_fused,
     one_row_matmul,
     one_row_ready,
@@ -223,10 +223,7 @@ def normed_dense(lin: nnx.Linear, norm: Any, xg: Array) -> Array | None:
     row (one group), in ``lin``'s compute dtype; ``lin`` a plain ``nnx.Linear`` without a
     bias. ``xg [..., D]`` (float32 from a fused kernel, or the compute dtype)."""
     if not (isinstance(norm, GatedRMSNorm) and not norm.norm_before_gate
-            and norm.group_size in (None, norm.dim) and one_row_ready(xg)
-            and gemv_mode() == "pallas" and _plain_linear(lin) and lin.bias is None
-            and lin.precision is None
-            and lin.preferred_element_type is None and lin.dot_general is jax.lax.dot_general
+            and norm.group_size in (None, norm.dim) and fused_ready(xg) and _kernel_linear(lin)
             and xg.shape[-1] == norm.dim == lin.in_features):
         return None
     dtype = jnp.dtype(lin.dtype or lin.param_dtype)
@@ -242,6 +239,13 @@ def _plain_linear(lin: nnx.Linear) -> bool:
     """``lin`` computes what ``nnx.Linear`` does (not a subclass with its own ``__call__``,
     e.g. an adapter), so its kernel and bias are the whole of it."""
     return type(lin).__call__ is nnx.Linear.__call__
+
+
+def _kernel_linear(lin: nnx.Linear) -> bool:
+    """``lin`` is a plain matmul that ``one_row_fused`` computes as it does: a plain
+    ``nnx.Linear`` without a bias, precision, preferred element type or custom matmul."""
+    return (_plain_linear(lin) and lin.bias is None and lin.precision is None
+            and lin.preferred_element_type is None and lin.dot_general is jax.lax.dot_general)
 
 
 def _group_weights(linears: Sequence[nnx.Linear]) -> tuple[Array, Array | None, bool]:
@@ -416,13 +420,11 @@ class SwiGLU(nnx.Module):
     def _fused_residual_ready(self, x: Array, h: Array, norm: RMSNorm) -> bool:
         lins = (self.w_gate, self.w_up, self.w_down)
         return (x.shape == h.shape and x.shape[-1] == self.d_model and x.ndim >= 2
-                and x.shape[-2] == 1 and fused_decode_enabled() and one_row_ready(x)
-                and gemv_mode() == "pallas" and isinstance(norm, RMSNorm)
+                and x.shape[-2] == 1 and fused_decode_enabled() and fused_ready(x)
+                and isinstance(norm, RMSNorm)
                 and x.dtype == h.dtype == jnp.dtype(norm.dtype or x.dtype)
-                and all(_plain_linear(lin) and lin.bias is None and lin.precision is None
-                        and lin.preferred_element_type is None
-                        and lin.dot_general is jax.lax.dot_general
-                        and jnp.dtype(lin.dtype or lin.param_dtype) == x.dtype for lin in lins))
+                and all(_kernel_linear(lin) and jnp.dtype(lin.dtype or lin.param_dtype) == x.dtype
+                        for lin in lins))
 
     def __call__(self, x: Array) -> Array:
         """``x: [..., D]`` -> ``[..., D]`` in the compute dtype."""

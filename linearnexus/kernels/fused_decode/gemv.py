@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 
 import jax
@@ -77,10 +78,13 @@ def one_row_ready(x: Array) -> bool:
     """Whether a matmul of ``x [..., D]`` goes through :func:`one_row_matmul`: one row in
     all (``prod(x.shape[:-1]) == 1``), the kernels compile here, and the mode is not
     ``"xla"``."""
-    rows = 1
-    for n in x.shape[:-1]:
-        rows *= n
-    return rows == 1 and _compiles() and gemv_mode() != "xla"
+    return math.prod(x.shape[:-1]) == 1 and _compiles() and gemv_mode() != "xla"
+
+
+def fused_ready(x: Array) -> bool:
+    """Whether :func:`one_row_fused` runs for ``x``: :func:`one_row_ready` in mode
+    ``"pallas"`` (the other modes keep the layer's ops in XLA)."""
+    return one_row_ready(x) and gemv_mode() == "pallas"
 
 
 def _pow2_at_most(n: int, cap: int) -> int:
@@ -97,13 +101,15 @@ def tiles(depth: int) -> tuple[int, int]:
     return _pow2_at_most(max(depth, 16), 1024), 2
 
 
-def _row_out(ref, start, valid):
-    """``ref[0, start:start + BN]`` as float32 (zero where not ``valid``)."""
+def _row(ref, start: Array, size: int, limit: int) -> Array:
+    """``ref[0, start:start + size]`` of a ``[1, L]`` operand as float32, zero from index
+    ``limit`` on (the masked last tile)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plt
 
-    return plt.load(ref.at[pl.ds(0, 1), pl.ds(start, valid.shape[0])], mask=valid[None],
-                    other=0.0)[0].astype(F32)  # [1, BN] -> [BN]
+    valid = start + jnp.arange(size) < limit
+    return plt.load(ref.at[pl.ds(0, 1), pl.ds(start, size)], mask=valid[None],
+                    other=0.0)[0].astype(F32)  # [1, size] -> [size]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,14 +139,9 @@ def _kernel(*, x_ref, add_ref, scale_ref, w_ref, res_ref, res_add_ref, y_ref, st
     def rnd(v):
         return v.astype(st.out_dtype).astype(F32)
 
-    def row(ref, k0):  # [BK] of a one-row operand, zero past D
-        ks = k0 + jnp.arange(bk)
-        return plt.load(ref.at[pl.ds(0, 1), pl.ds(k0, bk)], mask=(ks < depth)[None],
-                        other=0.0)[0].astype(F32)  # [1, BK] -> [BK]
-
     def x_in(k0):  # the prologue's input: x, or x + add rounded as the residual stream is
-        xk = row(x_ref, k0)
-        return xk if add_ref is None else rnd(xk + row(add_ref, k0))
+        xk = _row(x_ref, k0, bk, depth)  # [BK]
+        return xk if add_ref is None else rnd(xk + _row(add_ref, k0, bk, depth))
 
     inv = None
     if st.norm_eps is not None:  # RMSNorm over the whole row first (one row: cheap)
@@ -170,9 +171,9 @@ def _kernel(*, x_ref, add_ref, scale_ref, w_ref, res_ref, res_add_ref, y_ref, st
     else:
         y = ys[0]
     if res_ref is not None:
-        res = _row_out(res_ref, j * bn, outs < width)
+        res = _row(res_ref, j * bn, bn, width)  # [BN]
         if res_add_ref is not None:
-            res = rnd(res + _row_out(res_add_ref, j * bn, outs < width))
+            res = rnd(res + _row(res_add_ref, j * bn, bn, width))
         y = rnd(res + y)
     plt.store(y_ref.at[pl.ds(0, 1), pl.ds(j * bn, bn)], y.astype(y_ref.dtype)[None],
               mask=(outs < width)[None])  # [BN] -> [1, BN]
@@ -180,13 +181,16 @@ def _kernel(*, x_ref, add_ref, scale_ref, w_ref, res_ref, res_add_ref, y_ref, st
 
 def _launch(x: Array, wt: Array, add: Array | None, scale: Array | None,
             res: Array | None, res_add: Array | None, *, glu: bool,
-            norm_eps: float | None, out_dtype: jnp.dtype) -> Array:
-    """The kernel: ``x [1, D]``, ``wt [N, D]`` (``[2N, D]`` with glu) -> ``[1, N]``."""
+            norm_eps: float | None, out_dtype: jnp.dtype,
+            blocks: tuple[int, int] | None = None, warps: int = 4) -> Array:
+    """The kernel: ``x [1, D]``, ``wt [N, D]`` (``[2N, D]`` with glu) -> ``[1, N]``;
+    ``blocks`` ``(BK, BN)`` (powers of two) in place of :func:`tiles`' (the benchmark's
+    sweep)."""
     from jax.experimental import pallas as pl
 
     depth = x.shape[1]
     width = wt.shape[0] // (2 if glu else 1)
-    bk, bn = tiles(depth)
+    bk, bn = blocks or tiles(depth)
     st = _Static(depth=depth, width=width, block_k=bk, block_n=bn, glu=glu,
                  norm_eps=norm_eps, out_dtype=jnp.dtype(out_dtype))
     return named_pallas_call(
@@ -194,7 +198,7 @@ def _launch(x: Array, wt: Array, add: Array | None, scale: Array | None,
         inputs={"x": x, "add": add, "scale": scale, "w": wt, "res": res, "res_add": res_add},
         outputs={"y": jax.ShapeDtypeStruct((1, width), out_dtype)},
         grid=(pl.cdiv(width, bn),), interpret=interpret_mode(),
-        compiler_params=compiler_params(4, 3), name="one_row_matmul")["y"]
+        compiler_params=compiler_params(warps, 3), name="one_row_matmul")["y"]
 
 
 def _reference(x: Array, w: Array, transposed: bool, out_dtype: jnp.dtype,
@@ -221,10 +225,7 @@ def one_row_matmul(x: Array, w: Array, *, transposed: bool = False,
         ValueError: more than one row, or ``w`` whose contracting axis is not D.
     """
     lead, depth = x.shape[:-1], x.shape[-1]
-    rows = 1
-    for n in lead:
-        rows *= n
-    if rows != 1:
+    if math.prod(lead) != 1:
         raise ValueError(f"x: expected one row (prod of leading axes 1), got shape {x.shape}")
     k_axis = 1 if transposed else 0
     if w.ndim != 2 or w.shape[k_axis] != depth:
