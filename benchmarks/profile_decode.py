@@ -16,7 +16,10 @@ On the H200 (JAX 0.11.2, 2026-12-04) the trace held no per-kernel events for the
 loop: XLA runs the loop body as CUDA graphs (its command buffers are on by default for
 fusions, cuBLAS and custom calls), whose kernels this trace does not list. The wall times
 stand; for the kernel list run with graphs off (``XLA_FLAGS=--xla_gpu_enable_command_buffer=``,
-which changes the timing) or under ``nsys profile --cuda-graph-trace=node``.
+which changes the timing) or under ``nsys profile --cuda-graph-trace=node``. On an H100
+(JAX 0.11.2, 2026-12-05) the trace held no kernels with graphs off either, and the image
+has no Nsight Systems: ``benchmarks/decode_parts_gpu.py`` times the step's kernels one by
+one instead.
 
 ``--hlo DIR`` also writes each loop's optimized HLO there and prints the instruction count
 of the while body by opcode (on the CPU the counts are XLA:CPU's, a proxy only). XLA flags

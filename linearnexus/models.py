@@ -13,6 +13,8 @@ when ``tie_embeddings``).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from typing import Any
 
 import jax
@@ -24,7 +26,7 @@ from linearnexus.core.config import ConfigBase, ConfigError, field
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.padding import validate_mask
 from linearnexus.core.types import FLOAT_DTYPES, Array
-from linearnexus.modules.common import Embedding, RMSNorm, SwiGLU
+from linearnexus.modules.common import Embedding, RMSNorm, SwiGLU, norm_foldable
 from linearnexus.registry import LAYER_REGISTRY, MODEL_REGISTRY
 
 ModelState = tuple[Any, ...]  # one block state per layer
@@ -106,6 +108,17 @@ class ModelConfig(ConfigBase):
         return config_cls.from_dict({**base, **self.block_options.get(name, {})})
 
 
+@functools.cache
+def _takes_input_norm_type(cls: type) -> bool:
+    return "input_norm" in inspect.signature(cls.__call__).parameters
+
+
+def _takes_input_norm(block: nnx.Module) -> bool:
+    """Whether ``block`` takes ``input_norm=`` (an :class:`RMSNorm` it applies to its input
+    first, folding it into its input projection where it can)."""
+    return _takes_input_norm_type(type(block))
+
+
 class Layer(nnx.Module):
     """Pre-norm residual layer around one mixer block and an optional MLP."""
 
@@ -124,7 +137,13 @@ class Layer(nnx.Module):
 
     def __call__(self, x: Array, *, state: Any, mask: Array | None,
                  mode: KernelMode | str | None) -> tuple[Array, Any]:
-        h, new_state = self.mixer(self.norm1(x), state=state, mask=mask, mode=mode)
+        if (mask is None and x.ndim == 3 and x.shape[1] == 1 and _takes_input_norm(self.mixer)
+                and norm_foldable(x, self.norm1, self.norm1.dtype or x.dtype)):
+            # batch-1 decoding on a GPU: the mixer folds the pre-norm into its input
+            # projection's kernel (one launch instead of three)
+            h, new_state = self.mixer(x, state=state, mask=mask, mode=mode, input_norm=self.norm1)
+        else:
+            h, new_state = self.mixer(self.norm1(x), state=state, mask=mask, mode=mode)
         if self.mlp is not None:  # (x + h) + mlp(norm2(x + h)); see SwiGLU.residual_step
             return self.mlp.residual_step(x, h, self.norm2), new_state
         return x + h, new_state
@@ -183,8 +202,11 @@ class LMModel(nnx.Module):
             mask = validate_mask(mask, *tokens.shape, name="mask")
         if state is not None and len(state) != len(self.layers):
             raise ValueError(f"state: expected {len(self.layers)} layer states, got {len(state)}")
-        hidden, new_state = self.hidden_states(tokens, state=state, mask=mask, mode=mode)
-        return self.logits(hidden), new_state
+        x, new_state = self._trunk(tokens, state=state, mask=mask, mode=mode)
+        if self.lm_head is None:  # the final norm runs in the tied head's kernel at batch 1
+            logits = self.embed.attend(x, norm=self.norm)
+            return logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), new_state
+        return self.logits(self.norm(x)), new_state
 
     def hidden_states(self, tokens: Array, *, state: ModelState | None = None,
                       mask: Array | None = None, mode: KernelMode | str | None = None
@@ -193,6 +215,12 @@ class LMModel(nnx.Module):
 
         For heads other than the LM head (e.g. an RL value head); inputs are not checked
         here (``__call__`` checks them)."""
+        x, new_state = self._trunk(tokens, state=state, mask=mask, mode=mode)
+        return self.norm(x), new_state
+
+    def _trunk(self, tokens: Array, *, state: ModelState | None, mask: Array | None,
+               mode: KernelMode | str | None) -> tuple[Array, ModelState]:
+        """Embed and layers, before the final norm: ``(x [B, T, D], new_state)``."""
         x = self.embed(tokens)  # [B, T, D]
         if self.config.residual_in_fp32:
             x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
@@ -200,7 +228,7 @@ class LMModel(nnx.Module):
         for i, layer in enumerate(self.layers):
             x, s = layer(x, state=None if state is None else state[i], mask=mask, mode=mode)
             new_states.append(s)
-        return self.norm(x), tuple(new_states)
+        return x, tuple(new_states)
 
     def logits(self, hidden: Array) -> Array:
         """The LM head: ``hidden [B, T, D] -> logits [B, T, V]`` (at least float32)."""

@@ -171,9 +171,11 @@ def test_one_row_fused_refuses_bad_operands():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_mlp_half_runs_two_kernels_and_matches(monkeypatch, dtype):
-    """A batch-1 one-token GDN model with the pallas mode runs each MLP half through
-    ``one_row_fused`` (two calls per layer) and matches XLA's path (float32 1e-5, bf16
-    logits 5e-2 absolute on O(1) logits: the two round the same sums in another order)."""
+    """A batch-1 one-token GDN model with the pallas mode runs each MLP half, the input
+    projection with the pre-norm and the tied head with the final norm through
+    ``one_row_fused`` (three calls per layer, one for the head) and matches XLA's path
+    (float32 1e-5, bf16 logits 5e-2 absolute on O(1) logits: the two round the same sums
+    in another order)."""
     cfg = ModelConfig(vocab_size=61, d_model=64, n_layers=2, block_pattern=("gated_deltanet",),
                       mlp=True, tie_embeddings=True, dtype=dtype)
     model = LMModel(cfg, rngs=nnx.Rngs(1))
@@ -187,7 +189,7 @@ def test_mlp_half_runs_two_kernels_and_matches(monkeypatch, dtype):
     real = common.one_row_fused
     monkeypatch.setattr(common, "one_row_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
     got = model(tokens, state=state, mode="recurrent")
-    assert len(calls) == 2 * cfg.n_layers
+    assert len(calls) == 3 * cfg.n_layers + 1
     tol = 1e-5 if dtype == "float32" else 5e-2
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
@@ -280,9 +282,10 @@ def test_generate_with_pallas_mode_equals_xla(monkeypatch, pattern):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_mamba2_gated_norm_folds_into_out_proj(monkeypatch, dtype):
     """With the fused layer kernel and the pallas mode picked (interpreted), a batch-1
-    one-token Mamba2 call runs its gated norm in ``out_proj``'s prologue (one
-    ``one_row_fused`` per layer, from the float32 gated row) and matches the XLA mode
-    (float32 1e-5; bf16 2e-2 on O(1) logits)."""
+    one-token Mamba2 call runs its gated norm in ``out_proj``'s prologue (from the float32
+    gated row), the layer's pre-norm in ``in_proj``'s and the final norm in the tied
+    head's (``one_row_fused`` each) and matches the XLA mode (float32 1e-5; bf16 2e-2 on
+    O(1) logits)."""
     import linearnexus.kernels.fused_decode.api as layer_api
 
     cfg = ModelConfig(vocab_size=61, d_model=64, n_layers=2, block_pattern=("mamba2",),
@@ -300,7 +303,8 @@ def test_mamba2_gated_norm_folds_into_out_proj(monkeypatch, dtype):
     monkeypatch.setattr(common, "one_row_fused",
                         lambda x, *a, **k: calls.append(x.dtype) or real(x, *a, **k))
     got = model(tokens, state=state, mode="recurrent")
-    assert calls == [jnp.dtype(jnp.float32)] * cfg.n_layers
+    row, f32 = jnp.dtype(dtype), jnp.dtype(jnp.float32)
+    assert calls == [row, f32] * cfg.n_layers + [row]  # in_proj, out_proj per layer; head
     tol = 1e-5 if dtype == "float32" else 2e-2
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
@@ -321,3 +325,108 @@ def test_a_linear_subclass_keeps_its_own_call(monkeypatch):
     np.testing.assert_allclose(common.dense(lin, x), 2.0 * (x @ lin.kernel[...]), rtol=1e-6)
     plain = nnx.Linear(8, 5, rngs=nnx.Rngs(0))
     np.testing.assert_allclose(common.dense(plain, x), x @ plain.kernel[...], rtol=1e-5)
+
+
+def _picked(monkeypatch, layer_kernels: bool = True):
+    """The one-row kernels (and the fused layer kernels) picked as on a GPU, interpreted."""
+    import linearnexus.kernels.fused_decode.api as layer_api
+
+    if layer_kernels:
+        monkeypatch.setattr(layer_api, "_compiles", lambda: True)
+    monkeypatch.setattr(gemv, "_compiles", lambda: True)
+    monkeypatch.setenv(gemv.GEMV_ENV, "pallas")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("width,bias", [(37, False), (1000, False), (24, True)])
+def test_dense_with_a_norm_is_the_norm_then_the_matmul(monkeypatch, dtype, width, bias):
+    """``dense(lin, x, norm=n)`` and ``fused_dense(..., norm=n)`` equal ``lin(n(x))`` with
+    the norm in the kernel's prologue (bias-free) or applied first (with a bias, or off the
+    GPU path): float32 1e-5, bf16 one rounding of O(1) outputs; D = 100 (not a tile)."""
+    depth = 100
+    rngs = nnx.Rngs(3)
+    lin = nnx.Linear(depth, width, use_bias=bias, dtype=dtype, rngs=rngs)
+    other = nnx.Linear(depth, 9, use_bias=False, dtype=dtype, rngs=rngs)
+    norm = common.RMSNorm(depth, eps=1e-5, dtype=dtype)
+    norm.scale[...] = jax.random.uniform(jax.random.key(1), (depth,), minval=0.5, maxval=1.5)
+    x = (3.0 * jax.random.normal(jax.random.key(2), (1, 1, depth))).astype(dtype)
+    want = lin(norm(x))
+    want_other = other(norm(x))
+    assert np.allclose(common.dense(lin, x, norm=norm), want)  # CPU: the norm, then lin
+    _picked(monkeypatch, layer_kernels=False)
+    calls = []
+    real = common.one_row_fused
+    monkeypatch.setattr(common, "one_row_fused",
+                        lambda *a, **k: calls.append(k.get("norm_scale") is not None)
+                        or real(*a, **k))
+    got = common.dense(lin, x, norm=norm)
+    got_pair = common.fused_dense(x, [lin, other], norm=norm)
+    assert calls == ([] if bias else [True, True])  # a bias: norm first, then the plain kernel
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    for a, b in ((got, want), (got_pair[0], want), (got_pair[1], want_other)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=tol, atol=tol)
+
+
+def test_tied_head_with_the_final_norm(monkeypatch):
+    """``Embedding.attend(x, norm=n)`` equals ``attend(n(x))``, folded (one kernel) on the
+    GPU path and applied first elsewhere (two rows)."""
+    emb = common.Embedding(50, 24, rngs=nnx.Rngs(0))
+    norm = common.RMSNorm(24, eps=1e-6)
+    x = 2.0 * jax.random.normal(jax.random.key(0), (1, 1, 24))
+    x2 = 2.0 * jax.random.normal(jax.random.key(1), (2, 1, 24))
+    _picked(monkeypatch, layer_kernels=False)
+    np.testing.assert_allclose(emb.attend(x, norm=norm), emb.attend(norm(x)), rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(emb.attend(x2, norm=norm), emb.attend(norm(x2)), rtol=1e-6,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("pattern,options", [
+    (("gated_deltanet",), {}),
+    (("deltanet",), {}),
+    (("mamba2",), {"mamba2": {"d_state": 16, "headdim": 16}}),
+    (("gla",), {}),
+    (("attention",), {}),
+])
+@pytest.mark.parametrize("dtype,fp32_residual", [("float32", False), ("bfloat16", False),
+                                                 ("bfloat16", True)])
+def test_pre_norm_folds_into_the_input_projection(monkeypatch, pattern, options, dtype,
+                                                  fp32_residual):
+    """A batch-1 one-token call with the kernels picked (interpreted) hands each layer's
+    pre-norm to its mixer, which runs it in its input projection's kernel (blocks with a
+    fused projection: the delta family, Mamba2; GLA applies it itself), and the logits and
+    states equal the XLA mode's (float32 1e-5, bf16 2e-2 on O(1) logits). With a float32
+    residual stream and bf16 compute the mixer applies the norm to the float32 row itself
+    (its projection kernel reads the compute dtype)."""
+    cfg = ModelConfig(vocab_size=61, d_model=64, n_layers=2, block_pattern=pattern, mlp=True,
+                      tie_embeddings=True, dtype=dtype, block_options=options,
+                      residual_in_fp32=fp32_residual)
+    model = LMModel(cfg, rngs=nnx.Rngs(4))
+    tokens = jnp.array([[11]], jnp.int32)
+    state = model.init_state(1)
+    # a state that is not zero, so the one-token step reads it
+    state = jax.tree.map(lambda s: 0.3 * jax.random.normal(jax.random.key(s.size), s.shape
+                                                           ).astype(s.dtype)
+                         if jnp.issubdtype(s.dtype, jnp.floating) else s, state)
+    monkeypatch.setenv(gemv.GEMV_ENV, "xla")
+    want = model(tokens, state=state, mode="recurrent")
+    _picked(monkeypatch)
+    seen = []
+    for cls in {type(layer.mixer) for layer in model.layers}:
+        monkeypatch.setattr(cls, "__call__",
+                            lambda self, x, real=cls.__call__, **k: seen.append(
+                                k.get("input_norm") is not None) or real(self, x, **k))
+    got = model(tokens, state=state, mode="recurrent")
+    assert seen == [True] * cfg.n_layers
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=tol, atol=tol)
+    # two tokens, or the XLA mode: the layer applies the norm itself
+    seen.clear()
+    model(jnp.array([[11, 12]], jnp.int32), state=state, mode="recurrent")
+    monkeypatch.setenv(gemv.GEMV_ENV, "xla")
+    model(tokens, state=state, mode="recurrent")
+    assert seen == [False] * (2 * cfg.n_layers)

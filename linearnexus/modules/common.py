@@ -84,11 +84,19 @@ class Embedding(nnx.Module):
             raise TypeError(f"ids: expected an integer dtype, got {ids.dtype}")
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
-    def attend(self, x: Array) -> Array:
-        """Tied output head: ``x: [..., D]`` -> logits ``[..., V] = x @ table.T``."""
+    def attend(self, x: Array, *, norm: RMSNorm | None = None) -> Array:
+        """Tied output head: ``x: [..., D]`` -> logits ``[..., V] = x @ table.T``
+        (``norm(x) @ table.T`` with ``norm``: batch-1 decoding on a GPU folds that norm into
+        the head's one-row kernel, see :func:`norm_foldable`)."""
         if x.shape[-1] != self.features:
             raise ValueError(f"x: expected last axis D={self.features}, got shape {x.shape}")
         table = self.embedding[...].astype(self.dtype)
+        if norm is not None:
+            if norm_foldable(x, norm, jnp.dtype(self.dtype)):
+                out = one_row_fused(x.reshape(1, self.features), table, transposed=True,
+                                    norm_scale=norm.scale[...], norm_eps=norm.eps)  # [1, V]
+                return out.reshape(*x.shape[:-1], out.shape[-1])  # [1, V] -> [..., V]
+            x = norm(x)
         if one_row_ready(x):  # batch-1 decoding on a GPU: kernels/fused_decode/gemv.py
             return one_row_matmul(x.astype(self.dtype), table, transposed=True)  # [..., V]
         return jnp.einsum("...d,vd->...v", x.astype(self.dtype), table)  # [..., D] -> [..., V]
@@ -137,8 +145,34 @@ def fused_decode_enabled() -> bool:
     return os.environ.get(FUSED_DECODE_ENV, "1") != "0"
 
 
+def norm_foldable(x: Array, norm: Any, dtype: DType) -> bool:
+    """Whether ``norm(x)`` can run in the prologue of a one-row matmul kernel computing in
+    ``dtype`` (``kernels.fused_decode.gemv.one_row_fused``): one row on a GPU in the
+    ``pallas`` mode, ``norm`` a plain :class:`RMSNorm` over ``x``'s last axis whose output
+    dtype is ``dtype`` (the matmul's compute dtype), ``x`` a float array. The kernel then
+    computes the same float32 norm and rounds the normalised row to ``dtype`` as the module
+    does."""
+    return (type(norm) is RMSNorm and x.shape[-1] == norm.dim and is_float_dtype(x.dtype)
+            and fused_ready(x) and jnp.dtype(norm.dtype or x.dtype) == jnp.dtype(dtype))
+
+
+def input_norm_first(x: Array, norm: RMSNorm | None, dtype: DType, *,
+                     fold: bool = True) -> tuple[Array, RMSNorm | None]:
+    """A block's ``input_norm`` (the layer's pre-norm handed to the block): ``(x, norm)``
+    when the block may fold it into its input projection's kernel (``fold``, one token
+    ``x [B, 1, D]`` already in the compute ``dtype``, :func:`norm_foldable`), else
+    ``(norm(x), None)`` (the norm applied here, as the layer would have)."""
+    if norm is None:
+        return x, None
+    if (fold and getattr(x, "ndim", 0) == 3 and x.shape[1] == 1
+            and jnp.dtype(x.dtype) == jnp.dtype(dtype) and norm_foldable(x, norm, dtype)):
+        return x, norm
+    return norm(x), None
+
+
 def fused_dense(x: Array, linears: Sequence[nnx.Linear], *,
-                groups: Sequence[int] | None = None) -> list[Array]:
+                groups: Sequence[int] | None = None,
+                norm: RMSNorm | None = None) -> list[Array]:
     """``[l(x) for l in linears]`` as one matmul: ``x [..., D] @ [W_1 | ... | W_n]``.
 
     For one-token decoding, where every projection is a separate tiny GEMV kernel and the
@@ -156,6 +190,10 @@ def fused_dense(x: Array, linears: Sequence[nnx.Linear], *,
         groups: how many consecutive linears each output covers (summing to
             ``len(linears)``): ``(3, 1)`` returns ``[y_1 | y_2 | y_3, y_4]``, the first three
             outputs side by side without a concatenate. None: one output per linear.
+        norm: an :class:`RMSNorm` applied to ``x`` first (a pre-norm layer's norm), or
+            None. For one row on a GPU in the ``pallas`` mode it runs in the matmul
+            kernel's prologue (:func:`norm_foldable`, and bias-free plain linears);
+            elsewhere as the module.
 
     Returns:
         ``[y_1 [..., F_1], ..., y_n [..., F_n]]`` (or one per group) in the linears'
@@ -179,6 +217,11 @@ def fused_dense(x: Array, linears: Sequence[nnx.Linear], *,
             raise ValueError("linears: expected the same in_features, dtype, precision and "
                              "dot_general in all of them")
     ends = np.cumsum([lin.out_features for lin in linears])[np.cumsum(groups) - 1]
+    if norm is not None:
+        y = _normed_matmul(norm, linears, x)
+        if y is not None:
+            return jnp.split(y, ends[:-1].tolist(), axis=-1)
+        x = norm(x)
     kernel, bias, transposed = _group_weights(linears)
     x, kernel, bias = first.promote_dtype((x, kernel, bias), dtype=first.dtype)
     y = _matmul(first, x, kernel, transposed)  # [..., D] @ [D, sum F] -> [..., sum F]
@@ -203,10 +246,31 @@ def _matmul(lin: nnx.Linear, x: Array, kernel: Array, transposed: bool = False) 
                            **kwargs)  # [..., D] -> [..., N]
 
 
-def dense(lin: nnx.Linear, x: Array) -> Array:
-    """``lin(x)``: ``x [..., D]`` -> ``[..., N]``, with the same dtypes, precision and bias;
-    a call of one row in all on a GPU runs ``kernels.fused_decode.gemv`` (batch-1 decoding's
-    output projections), reading the weight from the decode table when it is there."""
+def _normed_matmul(norm: RMSNorm, linears: Sequence[nnx.Linear], x: Array) -> Array | None:
+    """``norm(x) @ [W_1 | ... | W_n]`` in one ``one_row_fused`` kernel (the norm in its
+    prologue), ``[..., sum F]``; None where that does not apply."""
+    dtype = jnp.dtype(linears[0].dtype or linears[0].param_dtype)
+    if not (norm_foldable(x, norm, dtype) and all(
+            _kernel_linear(lin) and jnp.dtype(lin.dtype or lin.param_dtype) == dtype
+            for lin in linears)):
+        return None
+    kernel, _, transposed = _group_weights(linears)  # [D, sum F] or [sum F, D]
+    out = one_row_fused(x.reshape(1, norm.dim), kernel.astype(dtype), transposed=transposed,
+                        norm_scale=norm.scale[...], norm_eps=norm.eps)  # [1, sum F]
+    return out.reshape(*x.shape[:-1], out.shape[-1])  # [1, sum F] -> [..., sum F]
+
+
+def dense(lin: nnx.Linear, x: Array, *, norm: RMSNorm | None = None) -> Array:
+    """``lin(x)`` (``lin(norm(x))`` with ``norm``): ``x [..., D]`` -> ``[..., N]``, with the
+    same dtypes, precision and bias; a call of one row in all on a GPU runs
+    ``kernels.fused_decode.gemv`` (batch-1 decoding's projections), reading the weight from
+    the decode table when it is there, with ``norm`` in the kernel's prologue where
+    :func:`norm_foldable` says so (and ``lin`` is bias-free)."""
+    if norm is not None:
+        y = _normed_matmul(norm, [lin], x)
+        if y is not None:
+            return y
+        x = norm(x)
     if not (one_row_ready(x) and _plain_linear(lin)):
         return lin(x)
     kernel, bias, transposed = _group_weights([lin])

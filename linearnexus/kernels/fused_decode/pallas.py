@@ -221,14 +221,27 @@ def _ssd_kernel(*, proj_ref, cache_ref, w_ref, bias_ref, h0_ref, a_log_ref, dt_b
     y_ref[b, pl.ds(h * p, p)] = y * (z * _sigmoid(z))
 
 
+#: at most this many programs (batch x heads) launch with 2 warps: on an H100, batch 1,
+#: the GDN layer kernel (16 programs, [64, 128] tiles) took 4.8 us at 2 warps and 5.8 at 4,
+#: Mamba2's (32 programs, [64, 64]) 2.4 and 5.3 us (benchmarks/decode_parts_gpu.py)
+FEW_PROGRAMS = 128
+
+
+def layer_warps(programs: int, tile: int) -> int:
+    """Warps per program of a layer kernel with ``programs`` programs of ``tile`` state
+    elements: 2 for a grid that leaves most SMs idle (batch-1 decoding), where fewer
+    threads per program finished sooner; else 4 for tiles of >= 4096 elements."""
+    return 2 if programs <= FEW_PROGRAMS or tile < 4096 else 4
+
+
 def _launch(kernel, sp, inputs, outputs, *, aliases, heads, tile, name):
     batch = inputs["proj"].shape[0]
     interpret = interpret_mode()
     return named_pallas_call(
         functools.partial(kernel, sp=sp), inputs=inputs, outputs=outputs, aliases=aliases,
         grid=(batch, heads), interpret=interpret,
-        compiler_params=None if interpret else compiler_params(4 if tile >= 4096 else 2, 1),
-        name=name)
+        compiler_params=None if interpret else compiler_params(
+            layer_warps(batch * heads, tile), 1), name=name)
 
 
 def delta_layer(sp: DeltaLayerSpec, proj: Array, conv_cache: Array | None,

@@ -33,7 +33,15 @@ from linearnexus.modules.attention.common import (
     masked_softmax,
 )
 from linearnexus.modules.base import BlockConfig, dtype_of
-from linearnexus.modules.common import RotaryEmbedding, dense, math_dtype
+from linearnexus.modules.common import (
+    RMSNorm,
+    RotaryEmbedding,
+    dense,
+    fused_decode_enabled,
+    fused_dense,
+    input_norm_first,
+    math_dtype,
+)
 
 # ---- config and cache --------------------------------------------------------------------
 
@@ -208,18 +216,32 @@ class AttentionBlock(nnx.Module):
         return KVCache.zeros(batch_size, self.config.max_seq_len, self.n_kv_heads,
                              self.head_dim, self.dtype)
 
+    def decode_linears(self) -> list[list[nnx.Linear]]:
+        """The projections a one-token call runs as one matmul (``modules.common.fused_dense``):
+        q, k and v."""
+        return [[self.q_proj, self.k_proj, self.v_proj]]
+
     def __call__(self, x: Array, *, state: KVCache | None = None, mask: Array | None = None,
-                 mode: KernelMode | str | None = None) -> tuple[Array, KVCache]:
-        """``x: [B, T, D]`` -> ``(y [B, T, D] in the compute dtype, new KVCache)``."""
+                 mode: KernelMode | str | None = None,
+                 input_norm: RMSNorm | None = None) -> tuple[Array, KVCache]:
+        """``x: [B, T, D]`` -> ``(y [B, T, D] in the compute dtype, new KVCache)``;
+        ``input_norm`` (an :class:`RMSNorm`, the layer's pre-norm) is applied to ``x`` first,
+        in the q | k | v projection's kernel for one token on a GPU."""
         as_mode(mode)  # validated only: one form of attention
+        x, input_norm = input_norm_first(x, input_norm, self.dtype, fold=mask is None)
         xa, layout, cache = begin_call(x, state, mask, d_model=self.config.d_model,
                                        max_len=self.config.max_seq_len, dtype=self.dtype,
                                        init_state=self.init_state)
         batch, seq, _ = x.shape
         h, hkv, k = self.n_heads, self.n_kv_heads, self.head_dim
-        q = dense(self.q_proj, xa).reshape(batch, seq, h, k)  # [B, T, H*K] -> [B, T, H, K]
-        key = dense(self.k_proj, xa).reshape(batch, seq, hkv, k)  # [B, T, Hkv*K] -> [B, T, Hkv, K]
-        val = dense(self.v_proj, xa).reshape(batch, seq, hkv, k)  # [B, T, Hkv*K] -> [B, T, Hkv, K]
+        if seq == 1 and fused_decode_enabled():  # one token: q, k, v in one matmul
+            q, key, val = fused_dense(xa, self.decode_linears()[0], norm=input_norm)
+        else:
+            xa = xa if input_norm is None else input_norm(xa)
+            q, key, val = (dense(lin, xa) for lin in self.decode_linears()[0])
+        q = q.reshape(batch, seq, h, k)  # [B, T, H*K] -> [B, T, H, K]
+        key = key.reshape(batch, seq, hkv, k)  # [B, T, Hkv*K] -> [B, T, Hkv, K]
+        val = val.reshape(batch, seq, hkv, k)  # [B, T, Hkv*K] -> [B, T, Hkv, K]
         q = self.rope.apply(q, layout.positions)
         key = self.rope.apply(key, layout.positions)
 

@@ -46,6 +46,7 @@ from linearnexus.modules.common import (
     dense,
     fused_decode_enabled,
     fused_dense,
+    input_norm_first,
     xavier_uniform,
 )
 from linearnexus.modules.linear.runtime import (
@@ -252,11 +253,12 @@ class LinearAttentionBlock(nnx.Module):
         out_gate = [] if self.g_proj is None else [self.g_proj]
         return [[self.q_proj, self.k_proj, self.v_proj, *gate_linears, *out_gate]]
 
-    def _fused_layer(self, x: Array, linear: LinearState) -> tuple[Array, LinearState] | None:
+    def _fused_layer(self, x: Array, linear: LinearState,
+                     input_norm: RMSNorm | None = None) -> tuple[Array, LinearState] | None:
         """A one-token call (no mask, no packing) through one fused layer kernel, from the
-        input projection to ``o_proj``'s input ``[B, 1, H*V]``, with the new state; None
-        (the default) when the block has none or it does not apply (then the block runs
-        its unfused path)."""
+        input projection (of ``input_norm(x)`` with a norm) to ``o_proj``'s input
+        ``[B, 1, H*V]``, with the new state; None (the default) when the block has none or
+        it does not apply (then the block runs its unfused path)."""
         return None
 
     def _prepare_qk(self, q: Array, k: Array, state: Any,
@@ -300,6 +302,7 @@ class LinearAttentionBlock(nnx.Module):
         mask: Array | None = None,
         mode: KernelMode | str | None = None,
         cu_seqlens: Array | None = None,
+        input_norm: RMSNorm | None = None,
     ) -> tuple[Array, Any]:
         """Run the block.
 
@@ -311,6 +314,9 @@ class LinearAttentionBlock(nnx.Module):
             mode: CHUNK, RECURRENT or None (recurrent when ``T < mode_threshold``).
             cu_seqlens: optional ``[N+1]`` int32 offsets of ``N`` sequences packed in
                 ``x`` (``B == 1``); each runs from its own state row. Not with ``mask``.
+            input_norm: an :class:`RMSNorm` to apply to ``x`` first (the layer's pre-norm:
+                the block then computes ``block(input_norm(x))``), or None. One token on a
+                GPU runs it in the input projection's kernel (``modules.common.fused_dense``).
 
         Returns:
             ``(y [B, T, D] in the compute dtype, new_state)``; ``y`` is zero at pads.
@@ -320,6 +326,8 @@ class LinearAttentionBlock(nnx.Module):
                 ``mode``, naming the argument.
         """
         cfg = self.config
+        x, input_norm = input_norm_first(x, input_norm, dtype_of(cfg.dtype),
+                                         fold=mask is None and cu_seqlens is None)
         x, call = begin_call(x, cfg.d_model, mask=mask, cu_seqlens=cu_seqlens, mode=mode,
                              mode_threshold=cfg.mode_threshold, dtype=dtype_of(cfg.dtype))
         fresh = state is None  # the op then starts from no state (its zero-state paths)
@@ -332,16 +340,19 @@ class LinearAttentionBlock(nnx.Module):
         gate_linears = self._gate_linears()
         fused = seq == 1 and gate_linears is not None and fused_decode_enabled()
         if fused and call.layout is None and call.cu_seqlens is None:
-            layer = self._fused_layer(x, linear)
+            layer = self._fused_layer(x, linear, input_norm)
             if layer is not None:  # the recurrent part in one kernel (a GPU)
                 o, new_linear = layer
                 return dense(self.o_proj, o), self._next_state(state, new_linear, call, seq)
         if fused:  # one token: q, k, v, the gates' and the output gate's projections in one GEMV
             rest = self.decode_linears()[0]
-            qkv, *rest = fused_dense(x, rest, groups=(3,) + (1,) * (len(rest) - 3))
+            qkv, *rest = fused_dense(x, rest, groups=(3,) + (1,) * (len(rest) - 3),
+                                     norm=input_norm)
             gate_logits = rest[:len(gate_linears)]  # [B, 1, 2HK + HV], then the gates'
             q, k, v = jnp.split(qkv, [cfg.key_dim, 2 * cfg.key_dim], axis=-1)
-        else:
+        if input_norm is not None:  # x's other uses (XLA drops it where none reads it)
+            x = input_norm(x)
+        if not fused:
             q, k, v = dense(self.q_proj, x), dense(self.k_proj, x), dense(self.v_proj, x)
         conv = linear.conv
         if self.conv is not None:

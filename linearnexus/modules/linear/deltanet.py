@@ -61,7 +61,14 @@ from linearnexus.kernels.delta_rule import delta_rule
 from linearnexus.kernels.fused_decode import DeltaLayerSpec, delta_layer_step, layer_kernel_ready
 from linearnexus.kernels.gated_delta_rule import gated_delta_rule
 from linearnexus.modules.base import MOSAIC_KERNEL_BACKENDS, dtype_of
-from linearnexus.modules.common import dense, fused_dense, gated_rms_norm, l2_normalize, math_dtype
+from linearnexus.modules.common import (
+    RMSNorm,
+    dense,
+    fused_dense,
+    gated_rms_norm,
+    l2_normalize,
+    math_dtype,
+)
 from linearnexus.modules.linear.base import LinearAttentionBlock, LinearAttentionConfig, whole_width
 from linearnexus.modules.linear.runtime import LinearState, SequenceCall
 
@@ -252,16 +259,19 @@ class DeltaNetFamilyBlock(LinearAttentionBlock):
             allow_neg_eigval=cfg.allow_neg_eigval, qk_eps=cfg.qk_norm_eps,
             norm_eps=cfg.norm_eps, scale=cfg.head_k_dim ** -0.5)
 
-    def _fused_layer(self, x: Array, linear: LinearState) -> tuple[Array, LinearState] | None:
+    def _fused_layer(self, x: Array, linear: LinearState,
+                     input_norm: RMSNorm | None = None) -> tuple[Array, LinearState] | None:
         """One token through ``kernels.fused_decode.delta_layer_step`` (conv, silu, L2
         norms, beta and decay, the state step with the guard, the output norm and gate in
-        one kernel) where :func:`layer_kernel_ready` says it runs; else None."""
+        one kernel) where :func:`layer_kernel_ready` says it runs; else None. The input
+        projection (of ``input_norm(x)`` with a norm: in its prologue) is one kernel."""
         cfg = self.config
         spec = self._layer_spec()
         if not layer_kernel_ready(spec, x.dtype, cfg.backend):
             return None
         linears = self.decode_linears()[0]
-        proj = fused_dense(x, linears, groups=(len(linears),))[0][:, 0]  # [B, 1, F] -> [B, F]
+        proj = fused_dense(x, linears, groups=(len(linears),),
+                           norm=input_norm)[0][:, 0]  # [B, 1, F] -> [B, F]
         conv = self.conv
 
         def value(param):

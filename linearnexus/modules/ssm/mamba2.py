@@ -40,9 +40,11 @@ from linearnexus.kernels.ssd import ssd
 from linearnexus.modules.base import MOSAIC_KERNEL_BACKENDS, BlockConfig, dtype_of, op_backend
 from linearnexus.modules.common import (
     GatedRMSNorm,
+    RMSNorm,
     ShortConv,
     dense,
     fused_decode_enabled,
+    input_norm_first,
     math_dtype,
     normed_dense,
 )
@@ -252,6 +254,7 @@ class Mamba2Block(nnx.Module):
         mask: Array | None = None,
         mode: KernelMode | str | None = None,
         cu_seqlens: Array | None = None,
+        input_norm: RMSNorm | None = None,
     ) -> tuple[Array, LinearState]:
         """Run the mixer.
 
@@ -263,6 +266,8 @@ class Mamba2Block(nnx.Module):
             mode: CHUNK, RECURRENT or None (recurrent when ``T < mode_threshold``).
             cu_seqlens: optional ``[N+1]`` int offsets: ``x`` (``B == 1``) packs N sequences,
                 each run from its own state. Not together with ``mask``.
+            input_norm: an :class:`RMSNorm` to apply to ``x`` first (the layer's pre-norm),
+                or None; one token on a GPU runs it in ``in_proj``'s kernel.
 
         Returns:
             ``(y [B, T, D] in the compute dtype, new_state)``; ``y`` is zero at pads.
@@ -272,6 +277,8 @@ class Mamba2Block(nnx.Module):
         """
         cfg = self.config
         dtype = dtype_of(cfg.dtype)
+        x, input_norm = input_norm_first(x, input_norm, dtype,
+                                         fold=mask is None and cu_seqlens is None)
         x, call = begin_call(x, cfg.d_model, mask=mask, cu_seqlens=cu_seqlens, mode=mode,
                              mode_threshold=cfg.mode_threshold, dtype=dtype)
         dims = self._state_dims()
@@ -284,7 +291,7 @@ class Mamba2Block(nnx.Module):
         e, h, p = cfg.d_inner, cfg.n_heads, cfg.headdim
         g, n = cfg.ngroups, cfg.d_state
 
-        zxbcdt = dense(self.in_proj, x)  # [B, T, 2E + 2GN + H]
+        zxbcdt = dense(self.in_proj, x, norm=input_norm)  # [B, T, 2E + 2GN + H]
         if seq == 1 and call.layout is None and call.cu_seqlens is None:
             layer = self._fused_layer(zxbcdt[:, 0], state)
             if layer is not None:  # conv, step size, SSD step, skip and gate in one kernel
