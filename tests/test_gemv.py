@@ -5,6 +5,8 @@ against the same calls without."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -221,6 +223,16 @@ def test_kernels_lower_through_triton(monkeypatch):
     text = lower_for_gpu(head, row, jax.ShapeDtypeStruct((8192, 1000), bf))
     assert text.count("__gpu$xla.gpu.triton") == 1
 
+    def conv(x, wt, cache, cw, cb, scale):
+        return gemv.one_row_conv(x, wt, cache, cw, cb, conv_start=1024, transposed=True,
+                                 norm_scale=scale, norm_eps=1e-6)
+
+    text = lower_for_gpu(conv, row, jax.ShapeDtypeStruct((4256, 1000), bf),
+                         jax.ShapeDtypeStruct((1, 3, 2176), bf),
+                         jax.ShapeDtypeStruct((4, 2176), jnp.float32),
+                         jax.ShapeDtypeStruct((2176,), jnp.float32), scale)
+    assert text.count("__gpu$xla.gpu.triton") == 1
+
 
 def test_transposed_decode_table(monkeypatch):
     """With the Pallas mode picked (as on a GPU), the decode table stores every projection
@@ -283,9 +295,9 @@ def test_generate_with_pallas_mode_equals_xla(monkeypatch, pattern):
 def test_mamba2_gated_norm_folds_into_out_proj(monkeypatch, dtype):
     """With the fused layer kernel and the pallas mode picked (interpreted), a batch-1
     one-token Mamba2 call runs its gated norm in ``out_proj``'s prologue (from the float32
-    gated row), the layer's pre-norm in ``in_proj``'s and the final norm in the tied
-    head's (``one_row_fused`` each) and matches the XLA mode (float32 1e-5; bf16 2e-2 on
-    O(1) logits)."""
+    gated row), the layer's pre-norm and the conv in ``in_proj``'s kernel
+    (``one_row_conv``) and the final norm in the tied head's, and matches the XLA mode
+    (float32 1e-5; bf16 2e-2 on O(1) logits)."""
     import linearnexus.kernels.fused_decode.api as layer_api
 
     cfg = ModelConfig(vocab_size=61, d_model=64, n_layers=2, block_pattern=("mamba2",),
@@ -299,12 +311,15 @@ def test_mamba2_gated_norm_folds_into_out_proj(monkeypatch, dtype):
     want = model(tokens, state=state, mode="recurrent")
     monkeypatch.setenv(gemv.GEMV_ENV, "pallas")
     calls = []
-    real = common.one_row_fused
+    real, real_conv = common.one_row_fused, common.one_row_conv
     monkeypatch.setattr(common, "one_row_fused",
                         lambda x, *a, **k: calls.append(x.dtype) or real(x, *a, **k))
+    monkeypatch.setattr(common, "one_row_conv",
+                        lambda x, *a, **k: calls.append("conv") or real_conv(x, *a, **k))
     got = model(tokens, state=state, mode="recurrent")
     row, f32 = jnp.dtype(dtype), jnp.dtype(jnp.float32)
-    assert calls == [row, f32] * cfg.n_layers + [row]  # in_proj, out_proj per layer; head
+    # per layer in_proj (with the pre-norm and the conv), out_proj; then the head
+    assert calls == ["conv", f32] * cfg.n_layers + [row]
     tol = 1e-5 if dtype == "float32" else 2e-2
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
@@ -430,3 +445,127 @@ def test_pre_norm_folds_into_the_input_projection(monkeypatch, pattern, options,
     monkeypatch.setenv(gemv.GEMV_ENV, "xla")
     model(tokens, state=state, mode="recurrent")
     assert seen == [False] * (2 * cfg.n_layers)
+
+
+def _conv_want(x, w, cache, cw, cb, conv_start, norm):
+    """The matmul (XLA) then the conv's one-token step (``kernels.conv``, jax backend)."""
+    from linearnexus.kernels.conv.api import conv_step
+
+    xin = x if norm is None else norm(x)
+    y = jnp.dot(xin, w, preferred_element_type=jnp.float32).astype(w.dtype)  # [1, N]
+    c = cache.shape[2]
+    seg, new_cache = conv_step(y[:, None, conv_start:conv_start + c], cache, cw, cb,
+                               activation="silu", backend="jax")  # [1, 1, C]
+    return y.at[:, conv_start:conv_start + c].set(seg[:, 0]), new_cache
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("width,bias,norm,transposed", [(4, True, False, False),
+                                                        (2, False, True, True),
+                                                        (3, True, True, False)])
+def test_one_row_conv_is_the_matmul_then_the_conv_step(monkeypatch, dtype, width, bias,
+                                                       norm, transposed):
+    """``one_row_conv`` (interpreted) equals XLA's matmul followed by the conv's one-token
+    step on columns [6, 30) of 40 (D = 100, not a tile), with the cache shifted and the
+    other columns the matmul's: float32 1e-5, bf16 one rounding; conv widths 2-4, with and
+    without a bias and a norm prologue; its gradient is the reference's."""
+    d, n, c, start = 100, 40, 24, 6
+    ks = jax.random.split(jax.random.key(width), 6)
+    x = jax.random.normal(ks[0], (1, d)).astype(dtype)
+    w = (jax.random.normal(ks[1], (d, n)) * 0.1).astype(dtype)
+    cache = jax.random.normal(ks[2], (1, width - 1, c)).astype(dtype)
+    cw = jax.random.normal(ks[3], (width, c)) * 0.5
+    cb = jax.random.normal(ks[4], (c,)) if bias else None
+    rms = None
+    if norm:
+        rms = common.RMSNorm(d, eps=1e-5, dtype=dtype)
+        rms.scale[...] = jax.random.uniform(ks[5], (d,), minval=0.5, maxval=1.5)
+    want, want_cache = _conv_want(x, w, cache, cw, cb, start, rms)
+    got, got_cache = gemv.one_row_conv(
+        x, w.T if transposed else w, cache, cw, cb, conv_start=start, transposed=transposed,
+        norm_scale=None if rms is None else rms.scale[...], norm_eps=None if rms is None
+        else rms.eps)
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    for a, b in ((got, want), (got_cache, want_cache)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=tol, atol=tol)
+    if dtype == "float32":  # the gradient is the reference's (the matmul and the conv's)
+        def loss(fn, x, cw):
+            y, nc = fn(x, cw)
+            return jnp.sum(y * jnp.arange(n)) + jnp.sum(nc)
+
+        kernel = functools.partial(loss, lambda x, cw: gemv.one_row_conv(
+            x, w, cache, cw, cb, conv_start=start))
+        ref = functools.partial(loss, lambda x, cw: _conv_want(x, w, cache, cw, cb, start, None))
+        for a, b in zip(jax.grad(kernel, (0, 1))(x, cw), jax.grad(ref, (0, 1))(x, cw),
+                        strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_one_row_conv_refuses_bad_operands():
+    x, w = jnp.ones((1, 8)), jnp.ones((8, 10))
+    cache, cw = jnp.ones((1, 3, 4)), jnp.ones((4, 4))
+    with pytest.raises(ValueError, match="conv_cache: expected"):
+        gemv.one_row_conv(x, w, jnp.ones((3, 4)), cw)
+    with pytest.raises(ValueError, match=r"conv_weight: expected shape \(4, 4\)"):
+        gemv.one_row_conv(x, w, cache, jnp.ones((3, 4)))
+    with pytest.raises(ValueError, match="conv_bias: expected shape"):
+        gemv.one_row_conv(x, w, cache, cw, jnp.ones((5,)))
+    with pytest.raises(ValueError, match="conv_start: expected a multiple of 2"):
+        gemv.one_row_conv(x, w, cache, cw, conv_start=1)
+    with pytest.raises(ValueError, match="conv_start: expected"):
+        gemv.one_row_conv(x, w, cache, cw, conv_start=8)  # 8 + 4 > 10 columns
+    with pytest.raises(ValueError, match="conv_cache: expected dtype float32"):
+        gemv.one_row_conv(x, w, cache.astype(jnp.bfloat16), cw)
+    with pytest.raises(ValueError, match="x: expected dtype"):
+        gemv.one_row_conv(x.astype(jnp.bfloat16), w, cache, cw)
+
+
+@pytest.mark.parametrize("pattern,options", [
+    (("gated_deltanet",), {}),
+    (("mamba2",), {"mamba2": {"d_state": 16, "headdim": 16}}),
+])
+def test_conv_runs_in_the_input_projection(monkeypatch, pattern, options):
+    """At batch 1 with the kernels picked (interpreted), GDN and Mamba2 layers run their
+    short conv in the input projection's kernel (``one_row_conv``, one per layer), hand the
+    layer kernel a row without a conv (so Mamba2's kernel writes no new cache), and the
+    logits and every state (conv caches included) over three tokens equal the XLA mode's
+    (1e-5)."""
+    cfg = ModelConfig(vocab_size=61, d_model=64, n_layers=2, block_pattern=pattern,
+                      mlp=pattern == ("gated_deltanet",), tie_embeddings=True,
+                      block_options=options)
+    model = LMModel(cfg, rngs=nnx.Rngs(2))
+
+    def three():
+        state, out = model.init_state(1), []
+        for t in (3, 17, 40):
+            logits, state = model(jnp.array([[t]], jnp.int32), state=state, mode="recurrent")
+            out.append(logits)
+        return out, state
+
+    monkeypatch.setenv(gemv.GEMV_ENV, "xla")
+    want = three()
+    _picked(monkeypatch)
+    calls = []
+    real = common.one_row_conv
+    monkeypatch.setattr(common, "one_row_conv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = three()
+    assert len(calls) == 3 * cfg.n_layers
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_ssd_layer_without_a_conv_refuses_conv_operands():
+    """``ssd_layer_step`` with ``spec.conv_width`` None (the row arrives after the conv)
+    names the conv operands it was given anyway."""
+    from linearnexus.kernels.fused_decode import SsdLayerSpec, ssd_layer_step
+
+    spec = SsdLayerSpec(heads=2, head_dim=4, groups=1, d_state=4, conv_width=None,
+                        d_per_channel=False, dt_limit=None)
+    proj = jnp.zeros((1, spec.width))
+    with pytest.raises(ValueError, match="conv_cache, conv_weight, conv_bias: expected None"):
+        ssd_layer_step(spec, proj, jnp.zeros((1, 3, spec.conv_channels)), None, None,
+                       jnp.zeros((1, 2, 4, 4)), jnp.zeros(2), jnp.zeros(2), jnp.zeros(2),
+                       fallback=lambda *a: a)

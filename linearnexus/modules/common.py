@@ -25,9 +25,11 @@ from linearnexus.core.conv import depthwise_conv1d
 from linearnexus.core.types import Array, DType, is_float_dtype
 from linearnexus.kernels.fused_decode.gemv import (
     fused_ready,
+    one_row_conv,
     one_row_fused,
     one_row_matmul,
     one_row_ready,
+    tiles,
     transposed_weights,
 )
 
@@ -258,6 +260,43 @@ def _normed_matmul(norm: RMSNorm, linears: Sequence[nnx.Linear], x: Array) -> Ar
     out = one_row_fused(x.reshape(1, norm.dim), kernel.astype(dtype), transposed=transposed,
                         norm_scale=norm.scale[...], norm_eps=norm.eps)  # [1, sum F]
     return out.reshape(*x.shape[:-1], out.shape[-1])  # [1, sum F] -> [..., sum F]
+
+
+def conv_dense(x: Array, linears: Sequence[nnx.Linear], conv: ShortConv, cache: Array, *,
+               conv_start: int = 0, norm: RMSNorm | None = None) -> tuple[Array, Array] | None:
+    """``fused_dense(x, linears)`` (of ``norm(x)`` with a norm) whose columns ``[conv_start,
+    conv_start + C)`` then take ``conv``'s one-token step (silu), in one kernel
+    (``kernels.fused_decode.gemv.one_row_conv``): a recurrent layer's input projection and
+    short conv at batch 1 on a GPU in the ``pallas`` mode. Returns ``(y [..., sum F] in the
+    compute dtype, new_cache [1, W-1, C])``, or None where that does not apply (then the
+    caller runs the conv itself): not one row on the GPU path, linears that are not plain
+    bias-free matmuls of one dtype, a conv without silu or of another width than the
+    cache, a cache not in the compute dtype, odd ``conv_start`` or ``C``, or a norm that
+    does not fold."""
+    dtype = jnp.dtype(linears[0].dtype or linears[0].param_dtype)
+    depth = x.shape[-1]
+    bn = tiles(depth)[1]
+    channels = conv.channels
+    if not (fused_ready(x) and conv.activation == "silu" and conv.width >= 2
+            and tuple(cache.shape) == (1, conv.width - 1, channels)
+            and jnp.dtype(cache.dtype) == dtype and conv_start % bn == 0 and channels % bn == 0
+            and conv_start + channels <= sum(lin.out_features for lin in linears)
+            and all(_kernel_linear(lin) and jnp.dtype(lin.dtype or lin.param_dtype) == dtype
+                    for lin in linears)):
+        return None
+    if norm is None:
+        if jnp.dtype(x.dtype) != dtype:
+            return None
+    elif not norm_foldable(x, norm, dtype):
+        return None
+    kernel, _, transposed = _group_weights(linears)  # [D, sum F] or [sum F, D]
+    bias = None if conv.conv_bias is None else conv.conv_bias[...]
+    y, new_cache = one_row_conv(
+        x.reshape(1, depth), kernel.astype(dtype), cache, conv.conv_weight[...], bias,
+        conv_start=conv_start, transposed=transposed,
+        norm_scale=None if norm is None else norm.scale[...],
+        norm_eps=None if norm is None else norm.eps)  # [1, sum F], [1, W-1, C]
+    return y.reshape(*x.shape[:-1], y.shape[-1]), new_cache  # [1, sum F] -> [..., sum F]
 
 
 def dense(lin: nnx.Linear, x: Array, *, norm: RMSNorm | None = None) -> Array:

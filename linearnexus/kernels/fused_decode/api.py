@@ -53,7 +53,7 @@ def _fits(spec: DeltaLayerSpec | SsdLayerSpec) -> bool:
         conv = spec.conv_width is None or spec.conv_width >= 2
     else:
         dims = (spec.d_state, spec.head_dim)
-        conv = spec.conv_width >= 2
+        conv = spec.conv_width is None or spec.conv_width >= 2
     return conv and all(_pow2(d) for d in dims) and dims[0] * dims[1] <= MAX_TILE
 
 
@@ -139,23 +139,26 @@ def delta_layer_step(spec: DeltaLayerSpec, proj: Array, conv_cache: Array | None
     return with_reference_vjp(lambda *a: delta_layer(spec, *a), fallback, *args)
 
 
-def ssd_layer_step(spec: SsdLayerSpec, proj: Array, conv_cache: Array, conv_weight: Array,
-                   conv_bias: Array | None, state: Array, a_log: Array, dt_bias: Array,
-                   d: Array, *, fallback: Callable[..., tuple[Array, Array, Array]]
-                   ) -> tuple[Array, Array, Array]:
+def ssd_layer_step(spec: SsdLayerSpec, proj: Array, conv_cache: Array | None,
+                   conv_weight: Array | None, conv_bias: Array | None, state: Array,
+                   a_log: Array, dt_bias: Array, d: Array, *,
+                   fallback: Callable[..., tuple[Array, Array | None, Array]]
+                   ) -> tuple[Array, Array | None, Array]:
     """One token of a Mamba2 layer between ``in_proj`` and the gated norm.
 
     Args:
         spec: :class:`SsdLayerSpec`.
-        proj: ``[B, 2E + 2GN + H]`` ``in_proj``'s row (z | x | B | C | dt), compute dtype.
+        proj: ``[B, 2E + 2GN + H]`` ``in_proj``'s row (z | x | B | C | dt), compute dtype;
+            with ``spec.conv_width`` None, x | B | C after the conv and its silu.
         conv_cache: ``[B, W-1, E + 2GN]``; conv_weight ``[W, E + 2GN]``; conv_bias
-            ``[E + 2GN]`` or None.
+            ``[E + 2GN]`` or None. All three None when ``spec.conv_width`` is None.
         state: ``[B, H, N, P]`` float32. a_log, dt_bias: ``[H]``. d: ``[H]`` or ``[H, P]``.
         fallback: the same function, unfused: its VJP is the backward pass.
 
     Returns:
-        ``(y * silu(z) [B, E] float32, new_cache, new_state [B, H, N, P] float32)``, with
-        ``y`` the SSD output plus the ``D`` skip, rounded to the compute dtype.
+        ``(y * silu(z) [B, E] float32, new_cache (None without a conv), new_state
+        [B, H, N, P] float32)``, with ``y`` the SSD output plus the ``D`` skip, rounded to
+        the compute dtype.
 
     Raises:
         ValueError: an argument of the wrong shape. NotImplementedError: a spec the kernel
@@ -163,7 +166,11 @@ def ssd_layer_step(spec: SsdLayerSpec, proj: Array, conv_cache: Array, conv_weig
     """
     batch = _start(spec, proj, f"N={spec.d_state}, P={spec.head_dim}")
     h, c = spec.heads, spec.conv_channels
-    _check_conv(batch, spec.conv_width, c, conv_cache, conv_weight, conv_bias)
+    if spec.conv_width is not None:
+        _check_conv(batch, spec.conv_width, c, conv_cache, conv_weight, conv_bias)
+    elif any(a is not None for a in (conv_cache, conv_weight, conv_bias)):
+        raise ValueError("conv_cache, conv_weight, conv_bias: expected None with "
+                         "spec.conv_width None (the row arrives after the conv), got arrays")
     _check("state", state, (batch, h, spec.d_state, spec.head_dim), "[B, H, N, P]")
     _check("a_log", a_log, (h,), "[H]")
     _check("dt_bias", dt_bias, (h,), "[H]")

@@ -121,13 +121,44 @@ class _Static:
     glu: bool  # W^T = [W_gate^T ; W_up^T] ([2N, D]): out = silu(x W_gate) * (x W_up)
     norm_eps: float | None  # an RMSNorm prologue with this epsilon
     out_dtype: jnp.dtype  # also the dtype every intermediate sum is rounded to
+    conv_width: int | None = None  # a causal conv (+ silu) epilogue over W taps
+    conv_start: int = 0  # the first output column the conv covers (a multiple of BN)
+    conv_channels: int = 0  # how many columns it covers (a multiple of BN)
 
 
-def _kernel(*, x_ref, add_ref, scale_ref, w_ref, res_ref, res_add_ref, y_ref, st: _Static):
+def _conv_epilogue(y: Array, j: Array, rnd, *, cache_ref, cw_ref, cb_ref, new_cache_ref,
+                   st: _Static) -> Array:
+    """The short conv's one-token step on this program's columns when they are conv
+    channels: ``silu(bias + sum_w cw[w] * window[w])`` with the window the cache rows and
+    ``y``, rounded to the output dtype; the cache shifted by one token in place (each
+    channel belongs to one program, so no other program reads it)."""
+    from jax.experimental import pallas as pl
+
+    bn, width = st.block_n, st.conv_width
+    channel = j * bn - st.conv_start
+    inside = (channel >= 0) & (channel < st.conv_channels)  # all BN columns or none
+    span = pl.ds(jnp.clip(channel, 0, st.conv_channels - bn), bn)  # in bounds either way
+    window = [cache_ref[0, i, span].astype(F32) for i in range(width - 1)] + [y]
+    acc = (cb_ref[span].astype(F32) if cb_ref is not None else jnp.zeros((bn,), F32))
+    for i, value in enumerate(window):  # W is 2..4: unrolled multiply-adds
+        acc = acc + cw_ref[i, span].astype(F32) * value
+    conv = rnd(acc * jax.nn.sigmoid(acc))
+
+    @pl.when(inside)
+    def _():
+        for i in range(width - 1):
+            new_cache_ref[0, i, span] = window[i + 1].astype(new_cache_ref.dtype)
+
+    return jnp.where(inside, conv, y)
+
+
+def _kernel(*, x_ref, add_ref, scale_ref, w_ref, res_ref, res_add_ref, cache_ref, cw_ref,
+            cb_ref, y_ref, new_cache_ref, st: _Static):
     """Program ``j``: output columns ``[j BN, (j + 1) BN)`` = rows of ``W^T``, the
     contraction read in ``BK``-wide tiles (float32 sums). Prologue ``x (+ add)
-    (-> rmsnorm * scale)``, epilogue ``glu`` and ``(res + res_add) + y``, each rounded to the
-    output dtype where the layers round."""
+    (-> rmsnorm * scale)``, epilogue ``glu`` and ``(res + res_add) + y``, or the short
+    conv's step (:func:`_conv_epilogue`), each rounded to the output dtype where the layers
+    round."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plt
 
@@ -175,6 +206,9 @@ def _kernel(*, x_ref, add_ref, scale_ref, w_ref, res_ref, res_add_ref, y_ref, st
         if res_add_ref is not None:
             res = rnd(res + _row(res_add_ref, j * bn, bn, width))
         y = rnd(res + y)
+    if st.conv_width is not None:
+        y = _conv_epilogue(y, j, rnd, cache_ref=cache_ref, cw_ref=cw_ref, cb_ref=cb_ref,
+                           new_cache_ref=new_cache_ref, st=st)
     plt.store(y_ref.at[pl.ds(0, 1), pl.ds(j * bn, bn)], y.astype(y_ref.dtype)[None],
               mask=(outs < width)[None])  # [BN] -> [1, BN]
 
@@ -186,19 +220,37 @@ def _launch(x: Array, wt: Array, add: Array | None, scale: Array | None,
     """The kernel: ``x [1, D]``, ``wt [N, D]`` (``[2N, D]`` with glu) -> ``[1, N]``;
     ``blocks`` ``(BK, BN)`` (powers of two) in place of :func:`tiles`' (the benchmark's
     sweep)."""
+    return _launch_any(x, wt, add, scale, res, res_add, None, None, None, glu=glu,
+                       norm_eps=norm_eps, out_dtype=out_dtype, blocks=blocks, warps=warps)[0]
+
+
+def _launch_any(x: Array, wt: Array, add: Array | None, scale: Array | None,
+                res: Array | None, res_add: Array | None, cache: Array | None,
+                conv_weight: Array | None, conv_bias: Array | None, *, glu: bool,
+                norm_eps: float | None, out_dtype: jnp.dtype, conv_start: int = 0,
+                blocks: tuple[int, int] | None = None,
+                warps: int = 4) -> tuple[Array, Array | None]:
+    """The kernel with every operand; returns ``(y [1, N], new cache or None)``."""
     from jax.experimental import pallas as pl
 
     depth = x.shape[1]
     width = wt.shape[0] // (2 if glu else 1)
     bk, bn = blocks or tiles(depth)
+    conv = {} if cache is None else dict(conv_width=conv_weight.shape[0],
+                                         conv_start=conv_start, conv_channels=cache.shape[2])
     st = _Static(depth=depth, width=width, block_k=bk, block_n=bn, glu=glu,
-                 norm_eps=norm_eps, out_dtype=jnp.dtype(out_dtype))
-    return named_pallas_call(
+                 norm_eps=norm_eps, out_dtype=jnp.dtype(out_dtype), **conv)
+    out = named_pallas_call(
         functools.partial(_kernel, st=st),
-        inputs={"x": x, "add": add, "scale": scale, "w": wt, "res": res, "res_add": res_add},
-        outputs={"y": jax.ShapeDtypeStruct((1, width), out_dtype)},
+        inputs={"x": x, "add": add, "scale": scale, "w": wt, "res": res, "res_add": res_add,
+                "cache": cache, "cw": conv_weight, "cb": conv_bias},
+        outputs={"y": jax.ShapeDtypeStruct((1, width), out_dtype),
+                 "new_cache": None if cache is None else jax.ShapeDtypeStruct(
+                     cache.shape, cache.dtype)},
+        aliases={} if cache is None else {"cache": "new_cache"},
         grid=(pl.cdiv(width, bn),), interpret=interpret_mode(),
-        compiler_params=compiler_params(warps, 3), name="one_row_matmul")["y"]
+        compiler_params=compiler_params(warps, 3), name="one_row_matmul")
+    return out["y"], out["new_cache"]
 
 
 def _reference(x: Array, w: Array, transposed: bool, out_dtype: jnp.dtype,
@@ -330,3 +382,97 @@ def one_row_fused(x: Array, w: Array, *, transposed: bool = False, glu: bool = F
     return with_reference_vjp(functools.partial(_launch, **kw),
                               functools.partial(_fused_reference, transposed=True, **kw),
                               x, wt, add, norm_scale, residual, residual_add)
+
+
+def _conv_reference(x: Array, wt: Array, scale: Array | None, cache: Array,
+                    conv_weight: Array, conv_bias: Array | None, *, norm_eps: float | None,
+                    out_dtype: jnp.dtype, conv_start: int) -> tuple[Array, Array]:
+    """:func:`one_row_conv`'s math in XLA (its backward pass)."""
+    y = _fused_reference(x, wt, None, scale, None, None, transposed=True, glu=False,
+                         norm_eps=norm_eps, out_dtype=out_dtype)  # [1, N]
+    channels = cache.shape[2]
+    window = jnp.concatenate([cache[0], y[:, conv_start:conv_start + channels]],
+                             axis=0).astype(cache.dtype)  # [W-1, C] + [1, C] -> [W, C]
+    acc = jnp.sum(conv_weight.astype(F32) * window.astype(F32), axis=0)  # [W, C] -> [C]
+    if conv_bias is not None:
+        acc = acc + conv_bias.astype(F32)
+    conv = (acc * jax.nn.sigmoid(acc)).astype(out_dtype)  # [C]
+    y = y.at[0, conv_start:conv_start + channels].set(conv)
+    return y, window[1:][None]  # [1, W-1, C]
+
+
+def one_row_conv(x: Array, w: Array, conv_cache: Array, conv_weight: Array,
+                 conv_bias: Array | None = None, *, conv_start: int = 0,
+                 transposed: bool = False, norm_scale: Array | None = None,
+                 norm_eps: float | None = None) -> tuple[Array, Array]:
+    """A one-row matmul whose output columns ``[conv_start, conv_start + C)`` then take the
+    short conv's one-token step, in one Pallas kernel (a recurrent layer's input
+    projection at batch 1: q | k | v or Mamba2's x | B | C go through the conv, the other
+    columns, gates and the like, come out as the matmul gives them).
+
+    ``y = x' @ w`` with the optional RMSNorm prologue of :func:`one_row_fused`; then for
+    each conv channel ``c``: ``silu(bias_c + sum_i conv_weight[i, c] * window[i, c])``
+    with ``window = [conv_cache[0, :, c], y_c]`` (float32 sums, rounded to ``w``'s dtype
+    once, as the layers' one-token conv step), and the cache shifted by one token: each
+    channel's new cache is written in place by the one program that owns the column.
+
+    Args:
+        x: ``[1, D]`` (as :func:`one_row_fused`); w: ``[D, N]`` or ``[N, D]`` with
+            ``transposed``.
+        conv_cache: ``[1, W-1, C]`` in ``w``'s dtype; conv_weight ``[W, C]``; conv_bias
+            ``[C]`` or None; ``W >= 2``.
+        conv_start: the first conv column; ``conv_start`` and ``C`` even (two output
+            columns per program, never split between the conv and the rest), and
+            ``conv_start + C <= N``.
+        norm_scale, norm_eps: an RMSNorm prologue, or None.
+
+    Returns:
+        ``(y [1, N] in w's dtype, new_cache [1, W-1, C])``.
+
+    Raises:
+        ValueError: an operand of the wrong shape or dtype, or conv columns that do not
+            fit, naming the argument.
+    """
+    depth = x.shape[-1]
+    if x.ndim != 2 or x.shape[0] != 1:
+        raise ValueError(f"x: expected [1, D], got shape {tuple(x.shape)}")
+    k_axis = 1 if transposed else 0
+    if w.ndim != 2 or w.shape[k_axis] != depth:
+        want = "[N, D]" if transposed else "[D, N]"
+        raise ValueError(f"w: expected {want} with D={depth}, got shape {tuple(w.shape)}")
+    width = w.shape[1 - k_axis]
+    if conv_cache.ndim != 3 or conv_cache.shape[0] != 1 or conv_cache.shape[1] < 1:
+        raise ValueError(f"conv_cache: expected [1, W-1, C] with W >= 2, got shape "
+                         f"{tuple(conv_cache.shape)}")
+    taps, channels = conv_cache.shape[1] + 1, conv_cache.shape[2]
+    if tuple(conv_weight.shape) != (taps, channels):
+        raise ValueError(f"conv_weight: expected shape {(taps, channels)} [W, C] (from "
+                         f"conv_cache), got {tuple(conv_weight.shape)}")
+    if conv_bias is not None and tuple(conv_bias.shape) != (channels,):
+        raise ValueError(f"conv_bias: expected shape {(channels,)}, got "
+                         f"{tuple(conv_bias.shape)}")
+    bn = tiles(depth)[1]
+    if conv_start < 0 or conv_start % bn or channels % bn or conv_start + channels > width:
+        raise ValueError(f"conv_start: expected a multiple of {bn} with conv_start + C <= N "
+                         f"and C a multiple of {bn}, got conv_start={conv_start}, "
+                         f"C={channels}, N={width}")
+    if conv_cache.dtype != w.dtype:
+        raise ValueError(f"conv_cache: expected dtype {w.dtype} (w's), got {conv_cache.dtype}")
+    if norm_scale is not None and tuple(norm_scale.shape) != (depth,):
+        raise ValueError(f"norm_scale: expected shape {(depth,)}, got "
+                         f"{tuple(norm_scale.shape)}")
+    if (norm_scale is None) != (norm_eps is None):
+        raise ValueError("norm_scale and norm_eps: expected both or neither")
+    if x.dtype != w.dtype and norm_scale is None:
+        raise ValueError(f"x: expected dtype {w.dtype} (w's), got {x.dtype}; another dtype "
+                         "only with a norm prologue (which casts it)")
+    kw = dict(norm_eps=None if norm_eps is None else float(norm_eps), out_dtype=w.dtype)
+    wt = w if transposed else w.T  # [N, D]
+
+    def kernel(x, wt, scale, cache, cw, cb):
+        return _launch_any(x, wt, None, scale, None, None, cache, cw, cb, glu=False,
+                           conv_start=conv_start, **kw)
+
+    return with_reference_vjp(
+        kernel, functools.partial(_conv_reference, conv_start=conv_start, **kw),
+        x, wt, norm_scale, conv_cache, conv_weight, conv_bias)

@@ -89,7 +89,8 @@ class SsdLayerSpec:
 
     Attributes:
         heads, head_dim, groups, d_state: H, P, G, N (``E = H P`` inner channels).
-        conv_width: the conv's W (>= 2).
+        conv_width: the conv's W (>= 2), or None when the projection row arrives with the
+            conv (and its silu) applied already (``gemv.one_row_conv``).
         d_per_channel: ``D`` is ``[H, P]`` (else ``[H]``).
         dt_limit: ``(low, high)`` clamp of the step size, or None.
 
@@ -101,7 +102,7 @@ class SsdLayerSpec:
     head_dim: int
     groups: int
     d_state: int
-    conv_width: int
+    conv_width: int | None
     d_per_channel: bool
     dt_limit: tuple[float, float] | None
 
@@ -200,6 +201,8 @@ def _ssd_kernel(*, proj_ref, cache_ref, w_ref, bias_ref, h0_ref, a_log_ref, dt_b
     rnd = _rounder(proj_ref.dtype)
 
     def conv(channel, size):  # conv channel offset within x | B | C
+        if sp.conv_width is None:  # the row holds the conv's output already
+            return proj_ref[b, pl.ds(e + channel, size)].astype(F32)
         return rnd(_conv_channels(proj_ref, cache_ref, w_ref, bias_ref, new_cache_ref, b=b,
                                   proj_at=e + channel, cache_at=channel, size=size,
                                   width=sp.conv_width))
@@ -265,18 +268,19 @@ def delta_layer(sp: DeltaLayerSpec, proj: Array, conv_cache: Array | None,
     return out["y"], out["new_cache"], out["final"]
 
 
-def ssd_layer(sp: SsdLayerSpec, proj: Array, conv_cache: Array, conv_weight: Array,
-              conv_bias: Array | None, state: Array, a_log: Array, dt_bias: Array,
-              d: Array) -> tuple[Array, Array, Array]:
+def ssd_layer(sp: SsdLayerSpec, proj: Array, conv_cache: Array | None,
+              conv_weight: Array | None, conv_bias: Array | None, state: Array,
+              a_log: Array, dt_bias: Array, d: Array) -> tuple[Array, Array | None, Array]:
     """The kernel (shapes checked by :func:`..api.ssd_layer_step`); returns
-    ``(y * silu(z) [B, E] float32, new_cache, final [B, H, N, P] float32)``."""
+    ``(y * silu(z) [B, E] float32, new_cache or None, final [B, H, N, P] float32)``."""
     batch = proj.shape[0]
     out = _launch(
         _ssd_kernel, sp,
         {"proj": proj, "cache": conv_cache, "w": conv_weight, "bias": conv_bias, "h0": state,
          "a_log": a_log, "dt_bias": dt_bias, "d": d},
         {"y": jax.ShapeDtypeStruct((batch, sp.inner), F32),
-         "new_cache": jax.ShapeDtypeStruct(conv_cache.shape, conv_cache.dtype),
+         "new_cache": None if conv_cache is None else jax.ShapeDtypeStruct(
+             conv_cache.shape, conv_cache.dtype),
          "final": jax.ShapeDtypeStruct(state.shape, F32)},
         aliases={"h0": "final"}, heads=sp.heads, tile=sp.d_state * sp.head_dim,
         name="ssd_layer_step")

@@ -63,6 +63,7 @@ from linearnexus.kernels.gated_delta_rule import gated_delta_rule
 from linearnexus.modules.base import MOSAIC_KERNEL_BACKENDS, dtype_of
 from linearnexus.modules.common import (
     RMSNorm,
+    conv_dense,
     dense,
     fused_dense,
     gated_rms_norm,
@@ -270,9 +271,20 @@ class DeltaNetFamilyBlock(LinearAttentionBlock):
         if not layer_kernel_ready(spec, x.dtype, cfg.backend):
             return None
         linears = self.decode_linears()[0]
+        conv = self.conv
+        gates = (self.A_log[...], self.dt_bias[...]) if spec.gated else (None, None)
+        done = None if conv is None else conv_dense(x, linears, conv, linear.conv.buffer,
+                                                   norm=input_norm)
+        if done is not None:  # batch 1: the conv ran in the input projection's kernel
+            proj, cache = done
+            spec = dataclasses.replace(spec, conv_width=None, silu_without_conv=False)
+            y, _, final = delta_layer_step(
+                spec, proj[:, 0], None, None, None, linear.recurrent.state, *gates,
+                self.norm.scale[...], fallback=lambda *a: self._layer_reference(spec, *a))
+            return y[:, None], LinearState(conv=linear.conv.update(cache),
+                                           recurrent=linear.recurrent.update(final))
         proj = fused_dense(x, linears, groups=(len(linears),),
                            norm=input_norm)[0][:, 0]  # [B, 1, F] -> [B, F]
-        conv = self.conv
 
         def value(param):
             return None if param is None else param[...]
@@ -281,8 +293,7 @@ class DeltaNetFamilyBlock(LinearAttentionBlock):
             spec, proj, None if conv is None else linear.conv.buffer,
             None if conv is None else conv.conv_weight[...],
             None if conv is None else value(conv.conv_bias), linear.recurrent.state,
-            *((self.A_log[...], self.dt_bias[...]) if spec.gated else (None, None)),
-            self.norm.scale[...], fallback=lambda *a: self._layer_reference(spec, *a))
+            *gates, self.norm.scale[...], fallback=lambda *a: self._layer_reference(spec, *a))
         new_conv = None if conv is None else linear.conv.update(cache)
         return y[:, None], LinearState(conv=new_conv, recurrent=linear.recurrent.update(final))
 

@@ -42,6 +42,7 @@ from linearnexus.modules.common import (
     GatedRMSNorm,
     RMSNorm,
     ShortConv,
+    conv_dense,
     dense,
     fused_decode_enabled,
     input_norm_first,
@@ -208,32 +209,49 @@ class Mamba2Block(nnx.Module):
                             d_state=cfg.d_state, conv_width=cfg.d_conv,
                             d_per_channel=cfg.D_has_hdim, dt_limit=cfg.dt_limit)
 
-    def _fused_layer(self, proj: Array, state: LinearState) -> tuple[Array, LinearState] | None:
-        """One token (no mask, no packing) through ``kernels.fused_decode.ssd_layer_step``
-        where it runs: ``(y * silu(z) [B, E] float32, new_state)``; else None."""
+    def _fused_layer(self, x: Array, input_norm: RMSNorm | None,
+                     state: LinearState) -> tuple[Array, LinearState] | None:
+        """One token (no mask, no packing) of ``x [B, 1, D]`` (``input_norm(x)`` with a
+        norm) from ``in_proj`` through ``kernels.fused_decode.ssd_layer_step`` where it
+        runs: ``(y * silu(z) [B, E] float32, new_state)``; else None. At batch 1 on a GPU
+        the conv runs in ``in_proj``'s kernel (``modules.common.conv_dense``: its cache is
+        then updated in place, not copied)."""
         cfg = self.config
         spec = self._layer_spec()
         if not (fused_decode_enabled()
-                and layer_kernel_ready(spec, proj.dtype, op_backend(cfg.kernel_backend))):
+                and layer_kernel_ready(spec, dtype_of(cfg.dtype),
+                                       op_backend(cfg.kernel_backend))):
             return None
         conv = self.conv
-        y, cache, final = ssd_layer_step(
-            spec, proj, state.conv.buffer, conv.conv_weight[...],
-            None if conv.conv_bias is None else conv.conv_bias[...], state.recurrent.state,
-            self.A_log[...], self.dt_bias[...], self.D[...],
-            fallback=lambda *a: self._layer_reference(spec, *a))
+        params = (state.recurrent.state, self.A_log[...], self.dt_bias[...], self.D[...])
+        done = conv_dense(x, [self.in_proj], conv, state.conv.buffer, conv_start=cfg.d_inner,
+                          norm=input_norm)
+        if done is not None:  # x | B | C arrive after the conv
+            proj, cache = done
+            spec = dataclasses.replace(spec, conv_width=None)
+            y, _, final = ssd_layer_step(spec, proj[:, 0], None, None, None, *params,
+                                         fallback=lambda *a: self._layer_reference(spec, *a))
+        else:
+            proj = dense(self.in_proj, x, norm=input_norm)  # [B, 1, 2E + 2GN + H]
+            y, cache, final = ssd_layer_step(
+                spec, proj[:, 0], state.conv.buffer, conv.conv_weight[...],
+                None if conv.conv_bias is None else conv.conv_bias[...], *params,
+                fallback=lambda *a: self._layer_reference(spec, *a))
         return y, LinearState(conv=state.conv.update(cache),
                               recurrent=state.recurrent.update(final))
 
-    def _layer_reference(self, spec: SsdLayerSpec, proj: Array, cache: Array,
-                         conv_weight: Array, conv_bias: Array | None, state: Array,
-                         a_log: Array, dt_bias: Array, d: Array) -> tuple[Array, Array, Array]:
+    def _layer_reference(self, spec: SsdLayerSpec, proj: Array, cache: Array | None,
+                         conv_weight: Array | None, conv_bias: Array | None, state: Array,
+                         a_log: Array, dt_bias: Array,
+                         d: Array) -> tuple[Array, Array | None, Array]:
         """:func:`ssd_layer_step`'s math unfused, on explicit parameters (its backward pass):
-        the same steps as the block's one-token call."""
+        the same steps as the block's one-token call (without the conv when
+        ``spec.conv_width`` is None: the row has it already)."""
         batch, e, h = proj.shape[0], spec.inner, spec.heads
         g, n = spec.groups, spec.d_state
         z, xbc, dt = jnp.split(proj[:, None], [e, e + spec.conv_channels], axis=-1)
-        xbc, cache = conv_step(xbc, cache, conv_weight, conv_bias, activation="silu")
+        if spec.conv_width is not None:
+            xbc, cache = conv_step(xbc, cache, conv_weight, conv_bias, activation="silu")
         xs, b_t, c_t = jnp.split(xbc, [e, e + g * n], axis=-1)
         ct = math_dtype(proj.dtype)
         dt = jax.nn.softplus(dt.astype(ct) + dt_bias.astype(ct))  # [B, 1, H]
@@ -291,9 +309,8 @@ class Mamba2Block(nnx.Module):
         e, h, p = cfg.d_inner, cfg.n_heads, cfg.headdim
         g, n = cfg.ngroups, cfg.d_state
 
-        zxbcdt = dense(self.in_proj, x, norm=input_norm)  # [B, T, 2E + 2GN + H]
         if seq == 1 and call.layout is None and call.cu_seqlens is None:
-            layer = self._fused_layer(zxbcdt[:, 0], state)
+            layer = self._fused_layer(x, input_norm, state)
             if layer is not None:  # conv, step size, SSD step, skip and gate in one kernel
                 y, new_state = layer  # [B, E] float32: y * silu(z)
                 out = (None if self.norm is None
@@ -303,6 +320,7 @@ class Mamba2Block(nnx.Module):
                          else y.astype(dtype))
                     out = dense(self.out_proj, y[:, None])
                 return out, new_state
+        zxbcdt = dense(self.in_proj, x, norm=input_norm)  # [B, T, 2E + 2GN + H]
         z, xbc, dt = jnp.split(zxbcdt, [e, e + cfg.conv_dim], axis=-1)
         # pads zeroed before the conv (in_proj's bias would make them non-zero), so the conv
         # cache keeps the last valid inputs
