@@ -17,8 +17,12 @@ back on the host); the median of 5 loops each. Parts, at the shapes of
 * ``pallas_noop`` / ``xla_noop``: a Pallas kernel / an XLA fusion that adds one to a
   ``[1, 1024]`` row: what one dependent launch costs with no work;
 * ``gdn_layer`` / ``mamba2_layer``: the fused one-token layer kernels
-  (``kernels/fused_decode/pallas.py``: conv, gates, state update, output norm) at batch 1,
-  with the state and conv cache carried;
+  (``kernels/fused_decode/pallas.py``: gates, state update, output norm) as batch-1
+  decoding runs them (the short conv in the input projection's kernel), the state
+  carried; ``*_layer_conv``: with the conv and its cache inside (the path before, and
+  batch > 1);
+* ``row_conv_*``: the input projections with the pre-norm and the short conv folded in
+  (``gemv.one_row_conv``);
 * ``row_<D>x<N>``: the one-row matmul kernel (``gemv.one_row_matmul`` over ``W^T``) at the
   GDN and Mamba2 layers' projection shapes, and the tied head (1024 x 8192), each unrolled
   call reading its own weight (16 of them: more than the 50 MB L2 holds); each call also
@@ -35,6 +39,7 @@ measured time (GB/s). The sum over a layer's kernels, times the layers, against
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -133,11 +138,53 @@ def _layer_parts(ks, batch: int, quick: bool, warps: tuple[int, ...]) -> dict[st
             _, c, s = layer_kernels.ssd_layer(msp, mproj, c, mw, None, s, mh, mh, mh)
         return c, s
 
-    for name, fn, carry in (("gdn_layer", gdn, (cache, state)),
-                            ("mamba2_layer", mamba2, (mcache, mstate))):
+    # the layer kernels as the library runs them at batch 1 since the conv moved into the
+    # input projection's kernel: no conv, no conv cache
+    sp_nc = dataclasses.replace(sp, conv_width=None)
+    msp_nc = dataclasses.replace(msp, conv_width=None)
+
+    def gdn_nc(s, _u, nwarps=None):
+        with _warps(nwarps):
+            return layer_kernels.delta_layer(sp_nc, proj, None, None, None, s, a_log, dt_bias,
+                                             scale)[2]
+
+    def mamba2_nc(s, _u, nwarps=None):
+        with _warps(nwarps):
+            return layer_kernels.ssd_layer(msp_nc, mproj, None, None, None, s, mh, mh, mh)[2]
+
+    for name, fn, carry in (("gdn_layer_conv", gdn, (cache, state)),
+                            ("mamba2_layer_conv", mamba2, (mcache, mstate)),
+                            ("gdn_layer", gdn_nc, state), ("mamba2_layer", mamba2_nc, mstate)):
         out[name + suffix] = (fn, carry, 0)
         for n in warps:
             out[f"{name}{suffix}_w{n}"] = (functools.partial(fn, nwarps=n), carry, 0)
+    return out
+
+
+def _conv_rows(ks, quick: bool, unroll: int) -> dict[str, tuple]:
+    """The input projections with the pre-norm and the short conv folded in
+    (``gemv.one_row_conv``), GDN's (1024 -> 6176, conv over the first 4096 columns) and
+    Mamba2's (1024 -> 4256, conv over [2048, 4224)); the conv cache carried."""
+    out: dict[str, tuple] = {}
+    shapes = [("gdn", 1024, 6176, 0, 4096), ("mamba2", 1024, 4256, 2048, 2176)]
+    if quick:
+        shapes = [("gdn", 64, 96, 0, 64)]
+    for name, d, n, start, c in shapes:
+        wts = [(jax.random.normal(next(ks), (n, d), F32) * d ** -0.5).astype(BF16)
+               for _ in range(min(unroll, 2) if quick else unroll)]
+        cw = jax.random.normal(next(ks), (4, c), F32) * 0.3
+        scale = jnp.ones((d,), F32)
+        x0 = jax.random.normal(next(ks), (1, d), F32).astype(BF16)
+        cache0 = jax.random.normal(next(ks), (1, 3, c), F32).astype(BF16)
+
+        def mm(carry, u, wts=wts, cw=cw, scale=scale, start=start):
+            x, cache = carry
+            y, cache = gemv.one_row_conv(x, wts[u % len(wts)], cache, cw, None,
+                                         conv_start=start, transposed=True, norm_scale=scale,
+                                         norm_eps=1e-5)  # [1, N], [1, 3, C]
+            return x + 0 * y[:, :1], cache
+
+        out[f"row_conv_{name}_{d}x{n}"] = (mm, (x0, cache0), 2 * d * n)
     return out
 
 
@@ -168,6 +215,7 @@ def parts(quick: bool, warps: tuple[int, ...], unroll: int) -> dict[str, tuple]:
             return x + 0 * y[:, :1]  # [1, D] again: one small XLA fusion (see xla_noop)
 
         out[f"row_{d}x{n}"] = (mm, x0, 2 * d * n)
+    out.update(_conv_rows(ks, quick, unroll))
     return out
 
 
