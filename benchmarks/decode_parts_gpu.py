@@ -19,8 +19,9 @@ back on the host); the median of 5 loops each. Parts, at the shapes of
 * ``gdn_layer`` / ``mamba2_layer``: the fused one-token layer kernels
   (``kernels/fused_decode/pallas.py``: gates, state update, output norm) as batch-1
   decoding runs them (the short conv in the input projection's kernel), the state
-  carried; ``*_layer_conv``: with the conv and its cache inside (the path before, and
-  batch > 1);
+  carried (GDN: 4 programs per head, the output norm left to ``o_proj``);
+  ``gdn_layer_whole_v``: one program per head with the norm; ``*_layer_conv``: with the
+  conv and its cache inside (the path before, and batch > 1);
 * ``row_conv_*``: the input projections with the pre-norm and the short conv folded in
   (``gemv.one_row_conv``);
 * ``row_<D>x<N>``: the one-row matmul kernel (``gemv.one_row_matmul`` over ``W^T``) at the
@@ -148,13 +149,21 @@ def _layer_parts(ks, batch: int, quick: bool, warps: tuple[int, ...]) -> dict[st
             return layer_kernels.delta_layer(sp_nc, proj, None, None, None, s, a_log, dt_bias,
                                              scale)[2]
 
+    sp_vb = dataclasses.replace(sp_nc, norm_out=False, value_blocks=4)
+
+    def gdn_vb(s, _u, nwarps=None):  # 4 programs per head, the norm left to o_proj
+        with _warps(nwarps):
+            return layer_kernels.delta_layer(sp_vb, proj, None, None, None, s, a_log, dt_bias,
+                                             scale)[2]
+
     def mamba2_nc(s, _u, nwarps=None):
         with _warps(nwarps):
             return layer_kernels.ssd_layer(msp_nc, mproj, None, None, None, s, mh, mh, mh)[2]
 
     for name, fn, carry in (("gdn_layer_conv", gdn, (cache, state)),
                             ("mamba2_layer_conv", mamba2, (mcache, mstate)),
-                            ("gdn_layer", gdn_nc, state), ("mamba2_layer", mamba2_nc, mstate)):
+                            ("gdn_layer_whole_v", gdn_nc, state), ("gdn_layer", gdn_vb, state),
+                            ("mamba2_layer", mamba2_nc, mstate)):
         out[name + suffix] = (fn, carry, 0)
         for n in warps:
             out[f"{name}{suffix}_w{n}"] = (functools.partial(fn, nwarps=n), carry, 0)

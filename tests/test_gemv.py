@@ -227,6 +227,15 @@ def test_kernels_lower_through_triton(monkeypatch):
         return gemv.one_row_conv(x, wt, cache, cw, cb, conv_start=1024, transposed=True,
                                  norm_scale=scale, norm_eps=1e-6)
 
+    def head_norm(o, gate_row, wt, vscale):
+        return gemv.one_row_group_norm(o, wt, group=128, norm_scale=vscale, norm_eps=1e-5,
+                                       gate=gate_row, gate_offset=4128, transposed=True)
+
+    text = lower_for_gpu(head_norm, jax.ShapeDtypeStruct((1, 2048), bf),
+                         jax.ShapeDtypeStruct((1, 6176), bf),
+                         jax.ShapeDtypeStruct((1000, 2048), bf),
+                         jax.ShapeDtypeStruct((128,), jnp.float32))
+    assert text.count("__gpu$xla.gpu.triton") == 1
     text = lower_for_gpu(conv, row, jax.ShapeDtypeStruct((4256, 1000), bf),
                          jax.ShapeDtypeStruct((1, 3, 2176), bf),
                          jax.ShapeDtypeStruct((4, 2176), jnp.float32),
@@ -569,3 +578,92 @@ def test_ssd_layer_without_a_conv_refuses_conv_operands():
         ssd_layer_step(spec, proj, jnp.zeros((1, 3, spec.conv_channels)), None, None,
                        jnp.zeros((1, 2, 4, 4)), jnp.zeros(2), jnp.zeros(2), jnp.zeros(2),
                        fallback=lambda *a: a)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("gated,transposed", [(True, False), (True, True), (False, False)])
+def test_one_row_group_norm_is_the_head_norm_then_the_matmul(dtype, gated, transposed):
+    """``one_row_group_norm`` (interpreted) equals the layers' per-head output norm (FLA's
+    gated RMSNorm, or a plain RMSNorm) then XLA's matmul: 6 heads of 16 (D = 96, not a
+    tile), the gate read from a longer row at offset 37; float32 1e-5, bf16 one rounding;
+    its gradient is the reference's."""
+    heads, size, n, offset = 6, 16, 40, 37
+    d = heads * size
+    ks = jax.random.split(jax.random.key(7), 4)
+    x = jax.random.normal(ks[0], (1, d)).astype(dtype)
+    w = (jax.random.normal(ks[1], (d, n)) * 0.1).astype(dtype)
+    gate = jax.random.normal(ks[2], (1, 150)).astype(dtype) if gated else None
+    if gated:
+        norm = common.GatedRMSNorm(size, eps=1e-5, norm_before_gate=True, activation="silu",
+                                   dtype=dtype)
+    else:
+        norm = common.RMSNorm(size, eps=1e-5, dtype=dtype)
+    norm.scale[...] = jax.random.uniform(ks[3], (size,), minval=0.5, maxval=1.5)
+
+    def want_fn(x):
+        heads_x = x.reshape(heads, size)  # [1, D] -> [H, V]
+        xn = (norm(heads_x, gate[0, offset:offset + d].reshape(heads, size)) if gated
+              else norm(heads_x)).reshape(1, d)  # [H, V] -> [1, D]
+        return jnp.dot(xn, w, preferred_element_type=jnp.float32).astype(w.dtype)
+
+    def got_fn(x):
+        return gemv.one_row_group_norm(x, w.T if transposed else w, group=size,
+                                       norm_scale=norm.scale[...], norm_eps=1e-5, gate=gate,
+                                       gate_offset=offset, transposed=transposed)
+
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    np.testing.assert_allclose(np.asarray(got_fn(x), np.float32),
+                               np.asarray(want_fn(x), np.float32), rtol=tol, atol=tol)
+    if dtype == "float32":
+        np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(got_fn(x) ** 2))(x),
+                                   jax.grad(lambda x: jnp.sum(want_fn(x) ** 2))(x),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_one_row_group_norm_refuses_bad_operands():
+    x, w, scale = jnp.ones((1, 96)), jnp.ones((96, 8)), jnp.ones((16,))
+    with pytest.raises(ValueError, match="group: expected a power of two"):
+        gemv.one_row_group_norm(x, w, group=24, norm_scale=jnp.ones((24,)), norm_eps=1e-5)
+    with pytest.raises(ValueError, match=r"norm_scale: expected shape \(16,\)"):
+        gemv.one_row_group_norm(x, w, group=16, norm_scale=jnp.ones((8,)), norm_eps=1e-5)
+    with pytest.raises(ValueError, match="gate: expected a \\[1, F\\] row"):
+        gemv.one_row_group_norm(x, w, group=16, norm_scale=scale, norm_eps=1e-5,
+                                gate=jnp.ones((1, 100)), gate_offset=10)
+    with pytest.raises(ValueError, match="gate: expected dtype float32"):
+        gemv.one_row_group_norm(x, w, group=16, norm_scale=scale, norm_eps=1e-5,
+                                gate=jnp.ones((1, 96), jnp.bfloat16))
+
+
+@pytest.mark.parametrize("output_gate", [True, False])
+def test_batch1_delta_layer_splits_values_over_programs(monkeypatch, output_gate):
+    """At batch 1 with the kernels picked (interpreted), a Gated DeltaNet layer of 3 heads
+    runs its layer kernel with 4 programs per head (value blocks of 32), leaves the output
+    norm and gate to ``o_proj``'s kernel, and three tokens' logits and states equal the XLA
+    mode's (1e-5), with and without the output gate."""
+    import linearnexus.modules.linear.deltanet as deltanet
+
+    cfg = ModelConfig(vocab_size=61, d_model=96, n_layers=2, block_pattern=("gated_deltanet",),
+                      mlp=True, tie_embeddings=True,
+                      block_options={"gated_deltanet": {"num_heads": 3, "head_dim": 32,
+                                                        "use_output_gate": output_gate}})
+    model = LMModel(cfg, rngs=nnx.Rngs(6))
+
+    def three():
+        state, out = model.init_state(1), []
+        for t in (5, 9, 33):
+            logits, state = model(jnp.array([[t]], jnp.int32), state=state, mode="recurrent")
+            out.append(logits)
+        return out, state
+
+    monkeypatch.setenv(gemv.GEMV_ENV, "xla")
+    want = three()
+    _picked(monkeypatch)
+    specs = []
+    real = deltanet.delta_layer_step
+    monkeypatch.setattr(deltanet, "delta_layer_step",
+                        lambda spec, *a, **k: specs.append(spec) or real(spec, *a, **k))
+    got = three()
+    assert [(sp.value_blocks, sp.norm_out) for sp in specs] == [(4, False)] * 6
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=1e-5, atol=1e-5)

@@ -27,6 +27,7 @@ from linearnexus.kernels.fused_decode.gemv import (
     fused_ready,
     one_row_conv,
     one_row_fused,
+    one_row_group_norm,
     one_row_matmul,
     one_row_ready,
     tiles,
@@ -297,6 +298,47 @@ def conv_dense(x: Array, linears: Sequence[nnx.Linear], conv: ShortConv, cache: 
         norm_scale=None if norm is None else norm.scale[...],
         norm_eps=None if norm is None else norm.eps)  # [1, sum F], [1, W-1, C]
     return y.reshape(*x.shape[:-1], y.shape[-1]), new_cache  # [1, sum F] -> [..., sum F]
+
+
+def head_norm_group(lin: nnx.Linear, x: Array, norm: Any, gated: bool) -> int | None:
+    """The group size with which :func:`head_normed_dense` folds ``norm`` (per head, over
+    its last axis of ``norm.dim`` features) into ``lin``'s one-row kernel for an input like
+    ``x [..., H*V]`` (shape and dtype), or None where it does not: ``norm`` a plain
+    :class:`RMSNorm` (``gated`` False) or a :class:`GatedRMSNorm` that normalises before a
+    silu gate over whole heads (``gated`` True), in ``lin``'s compute dtype; ``lin`` a
+    plain bias-free matmul; the head size a power of two the kernel's tiles hold whole."""
+    dtype = jnp.dtype(lin.dtype or lin.param_dtype)
+    if gated:
+        ok = (type(norm) is GatedRMSNorm and norm.norm_before_gate and norm.activation == "silu"
+              and norm.group_size in (None, norm.dim))
+    else:
+        ok = type(norm) is RMSNorm
+    if not (ok and fused_ready(x) and _kernel_linear(lin) and jnp.dtype(x.dtype) == dtype
+            and jnp.dtype(norm.dtype or x.dtype) == dtype and x.shape[-1] == lin.in_features):
+        return None
+    group, depth = norm.dim, x.shape[-1]
+    if group & (group - 1) or depth % group or group > tiles(depth)[0]:
+        return None
+    return group
+
+
+def head_normed_dense(lin: nnx.Linear, x: Array, norm: Any, gate_row: Array | None = None,
+                      gate_offset: int = 0) -> Array | None:
+    """``lin(norm(x per head, gate))`` in one kernel (``gemv.one_row_group_norm``: the
+    per-head output norm and silu gate of a linear-attention layer in ``o_proj``'s
+    prologue) for one row on a GPU, or None where :func:`head_norm_group` says it does not
+    apply. ``x [..., H*V]``; ``gate_row [1, F]`` holds the gate's ``H*V`` values from
+    ``gate_offset`` on (None without a gate)."""
+    group = head_norm_group(lin, x, norm, gate_row is not None)
+    if group is None:
+        return None
+    depth = x.shape[-1]
+    kernel, _, transposed = _group_weights([lin])
+    dtype = jnp.dtype(lin.dtype or lin.param_dtype)
+    out = one_row_group_norm(x.reshape(1, depth), kernel.astype(dtype), group=group,
+                             norm_scale=norm.scale[...], norm_eps=norm.eps, gate=gate_row,
+                             gate_offset=gate_offset, transposed=transposed)  # [1, N]
+    return out.reshape(*x.shape[:-1], out.shape[-1])  # [1, N] -> [..., N]
 
 
 def dense(lin: nnx.Linear, x: Array, *, norm: RMSNorm | None = None) -> Array:

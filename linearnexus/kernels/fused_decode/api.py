@@ -118,7 +118,8 @@ def delta_layer_step(spec: DeltaLayerSpec, proj: Array, conv_cache: Array | None
 
     Returns:
         ``(y [B, H*V] in proj's dtype, new_cache, new_state [B, H, K, V] float32)``;
-        ``y`` is the output norm (and gate), ``o_proj``'s input.
+        ``y`` is the output norm (and gate), ``o_proj``'s input (the op's output ``o``
+        when ``spec.norm_out`` is False).
 
     Raises:
         ValueError: an argument of the wrong shape, naming it.
@@ -127,6 +128,13 @@ def delta_layer_step(spec: DeltaLayerSpec, proj: Array, conv_cache: Array | None
     """
     batch = _start(spec, proj, f"K={spec.key_dim}, V={spec.value_dim}")
     h, kd, vd = spec.heads, spec.key_dim, spec.value_dim
+    blocks = spec.value_blocks
+    if blocks < 1 or vd % blocks or not _pow2(vd // blocks):
+        raise NotImplementedError(f"spec.value_blocks: expected a divisor of V={vd} leaving a "
+                                  f"power of two, got {blocks}")
+    if blocks > 1 and (spec.norm_out or spec.conv_width is not None):
+        raise NotImplementedError("spec.value_blocks > 1 needs norm_out=False and no conv (the "
+                                  "norm spans V; each head's q / k conv cache has one writer)")
     if spec.conv_width is not None:
         _check_conv(batch, spec.conv_width, spec.qkv_width, conv_cache, conv_weight, conv_bias)
     _check("state", state, (batch, h, kd, vd), "[B, H, K, V]")

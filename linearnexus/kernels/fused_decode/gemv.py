@@ -121,6 +121,8 @@ class _Static:
     glu: bool  # W^T = [W_gate^T ; W_up^T] ([2N, D]): out = silu(x W_gate) * (x W_up)
     norm_eps: float | None  # an RMSNorm prologue with this epsilon
     out_dtype: jnp.dtype  # also the dtype every intermediate sum is rounded to
+    group: int | None = None  # an RMSNorm prologue per group of this many features
+    gate_offset: int | None = None  # and a silu gate read from gate_ref at this offset
     conv_width: int | None = None  # a causal conv (+ silu) epilogue over W taps
     conv_start: int = 0  # the first output column the conv covers (a multiple of BN)
     conv_channels: int = 0  # how many columns it covers (a multiple of BN)
@@ -152,8 +154,25 @@ def _conv_epilogue(y: Array, j: Array, rnd, *, cache_ref, cw_ref, cb_ref, new_ca
     return jnp.where(inside, conv, y)
 
 
-def _kernel(*, x_ref, add_ref, scale_ref, w_ref, res_ref, res_add_ref, cache_ref, cw_ref,
-            cb_ref, y_ref, new_cache_ref, st: _Static):
+def _group_prologue(xk: Array, k0: Array, rnd, *, scale_ref, gate_ref, st: _Static) -> Array:
+    """``rmsnorm(x_g) * scale (* silu(gate_g))`` per group ``g`` of ``st.group`` features of
+    the tile (a whole number of groups: the tile width is a multiple of the group), rounded
+    once to the output dtype, as the layers' per-head output norm computes it."""
+    from jax.experimental import pallas as pl
+
+    size, bk = st.group, st.block_k
+    xg = xk.reshape(bk // size, size)  # [BK] -> [BK / G, G]
+    inv = jax.lax.rsqrt(jnp.mean(xg * xg, axis=1, keepdims=True) + st.norm_eps)
+    y = xg * inv * scale_ref[pl.ds(0, size)].astype(F32)[None, :]
+    if gate_ref is not None:
+        gate = _row(gate_ref, st.gate_offset + k0, bk, st.gate_offset + st.depth)
+        gate = gate.reshape(bk // size, size)  # [BK] -> [BK / G, G]
+        y = y * (gate * jax.nn.sigmoid(gate))
+    return rnd(y.reshape(bk))  # [BK / G, G] -> [BK]
+
+
+def _kernel(*, x_ref, add_ref, scale_ref, gate_ref, w_ref, res_ref, res_add_ref, cache_ref,
+            cw_ref, cb_ref, y_ref, new_cache_ref, st: _Static):
     """Program ``j``: output columns ``[j BN, (j + 1) BN)`` = rows of ``W^T``, the
     contraction read in ``BK``-wide tiles (float32 sums). Prologue ``x (+ add)
     (-> rmsnorm * scale)``, epilogue ``glu`` and ``(res + res_add) + y``, or the short
@@ -175,7 +194,7 @@ def _kernel(*, x_ref, add_ref, scale_ref, w_ref, res_ref, res_add_ref, cache_ref
         return xk if add_ref is None else rnd(xk + _row(add_ref, k0, bk, depth))
 
     inv = None
-    if st.norm_eps is not None:  # RMSNorm over the whole row first (one row: cheap)
+    if st.norm_eps is not None and st.group is None:  # RMSNorm over the whole row first
         squares = jax.lax.fori_loop(0, n_tiles, lambda i, a: a + jnp.sum(jnp.square(
             x_in(pl.multiple_of(i * bk, bk)))), jnp.zeros((), F32))
         inv = jax.lax.rsqrt(squares / depth + st.norm_eps)
@@ -186,6 +205,8 @@ def _kernel(*, x_ref, add_ref, scale_ref, w_ref, res_ref, res_add_ref, cache_ref
         k0 = pl.multiple_of(i * bk, bk)
         ks = k0 + jnp.arange(bk)
         xk = x_in(k0)  # [BK]
+        if st.group is not None:
+            xk = _group_prologue(xk, k0, rnd, scale_ref=scale_ref, gate_ref=gate_ref, st=st)
         if inv is not None:
             scale = plt.load(scale_ref.at[pl.ds(k0, bk)], mask=ks < depth, other=0.0)
             xk = rnd(xk * inv * scale.astype(F32))
@@ -228,6 +249,7 @@ def _launch_any(x: Array, wt: Array, add: Array | None, scale: Array | None,
                 res: Array | None, res_add: Array | None, cache: Array | None,
                 conv_weight: Array | None, conv_bias: Array | None, *, glu: bool,
                 norm_eps: float | None, out_dtype: jnp.dtype, conv_start: int = 0,
+                group: int | None = None, gate: Array | None = None, gate_offset: int = 0,
                 blocks: tuple[int, int] | None = None,
                 warps: int = 4) -> tuple[Array, Array | None]:
     """The kernel with every operand; returns ``(y [1, N], new cache or None)``."""
@@ -239,11 +261,12 @@ def _launch_any(x: Array, wt: Array, add: Array | None, scale: Array | None,
     conv = {} if cache is None else dict(conv_width=conv_weight.shape[0],
                                          conv_start=conv_start, conv_channels=cache.shape[2])
     st = _Static(depth=depth, width=width, block_k=bk, block_n=bn, glu=glu,
-                 norm_eps=norm_eps, out_dtype=jnp.dtype(out_dtype), **conv)
+                 norm_eps=norm_eps, out_dtype=jnp.dtype(out_dtype), group=group,
+                 gate_offset=None if gate is None else gate_offset, **conv)
     out = named_pallas_call(
         functools.partial(_kernel, st=st),
-        inputs={"x": x, "add": add, "scale": scale, "w": wt, "res": res, "res_add": res_add,
-                "cache": cache, "cw": conv_weight, "cb": conv_bias},
+        inputs={"x": x, "add": add, "scale": scale, "gate": gate, "w": wt, "res": res,
+                "res_add": res_add, "cache": cache, "cw": conv_weight, "cb": conv_bias},
         outputs={"y": jax.ShapeDtypeStruct((1, width), out_dtype),
                  "new_cache": None if cache is None else jax.ShapeDtypeStruct(
                      cache.shape, cache.dtype)},
@@ -476,3 +499,74 @@ def one_row_conv(x: Array, w: Array, conv_cache: Array, conv_weight: Array,
     return with_reference_vjp(
         kernel, functools.partial(_conv_reference, conv_start=conv_start, **kw),
         x, wt, norm_scale, conv_cache, conv_weight, conv_bias)
+
+
+def _group_reference(x: Array, wt: Array, scale: Array, gate: Array | None, *, group: int,
+                     norm_eps: float, gate_offset: int, out_dtype: jnp.dtype) -> Array:
+    """:func:`one_row_group_norm`'s math in XLA (its backward pass)."""
+    depth = x.shape[1]
+    xf = x.astype(F32).reshape(depth // group, group)  # [1, D] -> [D / G, G]
+    inv = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + norm_eps)
+    y = xf * inv * scale.astype(F32)
+    if gate is not None:
+        gf = gate[0, gate_offset:gate_offset + depth].astype(F32).reshape(depth // group, group)
+        y = y * jax.nn.silu(gf)
+    xn = y.reshape(1, depth).astype(out_dtype)  # [D / G, G] -> [1, D]
+    return _reference(xn, wt, True, out_dtype)
+
+
+def one_row_group_norm(x: Array, w: Array, *, group: int, norm_scale: Array, norm_eps: float,
+                       gate: Array | None = None, gate_offset: int = 0,
+                       transposed: bool = False) -> Array:
+    """``y = x' @ w`` for one row with a per-group RMSNorm and a silu gate in the kernel's
+    prologue: ``x'_g = rmsnorm(x_g) * norm_scale * silu(gate_g)`` for each group ``g`` of
+    ``group`` consecutive features (a linear-attention layer's per-head output norm and
+    gate before ``o_proj``, FLA's FusedRMSNormGated), rounded once to ``w``'s dtype.
+
+    Args:
+        x: ``[1, D]`` with ``D`` a multiple of ``group`` (the op's output, heads side by
+            side); w: ``[D, N]`` or ``[N, D]`` with ``transposed``.
+        group: features per group, a power of two of at most the kernel's tile width.
+        norm_scale: ``[group]`` (shared by the groups); norm_eps: the norm's epsilon.
+        gate: None, or a ``[1, F]`` row holding the gate's ``D`` values from
+            ``gate_offset`` on (the input projection's row: no slice is made).
+
+    Returns:
+        ``[1, N]`` in ``w``'s dtype.
+
+    Raises:
+        ValueError: an operand of the wrong shape or dtype, or a group the tiles do not
+            hold whole, naming the argument.
+    """
+    depth = x.shape[-1]
+    if x.ndim != 2 or x.shape[0] != 1:
+        raise ValueError(f"x: expected [1, D], got shape {tuple(x.shape)}")
+    k_axis = 1 if transposed else 0
+    if w.ndim != 2 or w.shape[k_axis] != depth:
+        want = "[N, D]" if transposed else "[D, N]"
+        raise ValueError(f"w: expected {want} with D={depth}, got shape {tuple(w.shape)}")
+    bk = tiles(depth)[0]
+    if group < 1 or group & (group - 1) or group > bk or depth % group:
+        raise ValueError(f"group: expected a power of two <= {bk} dividing D={depth}, "
+                         f"got {group}")
+    if tuple(norm_scale.shape) != (group,):
+        raise ValueError(f"norm_scale: expected shape {(group,)}, got "
+                         f"{tuple(norm_scale.shape)}")
+    if gate is not None and (gate.ndim != 2 or gate.shape[0] != 1 or gate_offset < 0
+                             or gate_offset + depth > gate.shape[1]):
+        raise ValueError(f"gate: expected a [1, F] row holding D={depth} values from "
+                         f"gate_offset={gate_offset}, got shape {tuple(gate.shape)}")
+    for name, arr in (("x", x), ("gate", gate)):
+        if arr is not None and arr.dtype != w.dtype:
+            raise ValueError(f"{name}: expected dtype {w.dtype} (w's), got {arr.dtype}")
+    kw = dict(group=group, norm_eps=float(norm_eps), gate_offset=gate_offset,
+              out_dtype=w.dtype)
+    wt = w if transposed else w.T  # [N, D]
+
+    def kernel(x, wt, scale, gate):
+        return _launch_any(x, wt, None, scale, None, None, None, None, None, glu=False,
+                           norm_eps=kw["norm_eps"], out_dtype=w.dtype, group=group, gate=gate,
+                           gate_offset=gate_offset)[0]
+
+    return with_reference_vjp(kernel, functools.partial(_group_reference, **kw), x, wt,
+                              norm_scale, gate)

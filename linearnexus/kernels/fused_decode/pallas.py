@@ -55,6 +55,12 @@ class DeltaLayerSpec:
         allow_neg_eigval: ``beta = 2 sigmoid(b)``.
         qk_eps, norm_eps: epsilons of the L2 norm and of the output RMSNorm.
         scale: multiplies q (``K ** -0.5``).
+        norm_out: write the output norm and gate (True), or the op's output ``o`` and leave
+            them to ``o_proj``'s kernel (``gemv.one_row_group_norm``).
+        value_blocks: programs per head, each ``V / value_blocks`` columns of the state
+            (more programs for batch-1 decoding); above 1 needs ``norm_out=False`` (the
+            norm spans V) and no conv (each head's q and k channels would be shifted by
+            several programs).
 
     The projection row ``proj [B, F]`` holds, in order: q, k, v (``2HK + HV``), the beta
     logits (H), with ``gated`` the decay logits (H), with ``output_gate`` the gate (HV).
@@ -71,6 +77,13 @@ class DeltaLayerSpec:
     qk_eps: float
     norm_eps: float
     scale: float
+    norm_out: bool = True
+    value_blocks: int = 1
+
+    @property
+    def gate_offset(self) -> int:
+        """Where the output gate starts in the projection row."""
+        return self.qkv_width + self.heads * (2 if self.gated else 1)
 
     @property
     def qkv_width(self) -> int:
@@ -155,8 +168,9 @@ def _conv_channels(proj_ref, cache_ref, w_ref, bias_ref, new_cache_ref, *, b, pr
 
 def _delta_kernel(*, proj_ref, cache_ref, w_ref, bias_ref, h0_ref, a_log_ref, dt_bias_ref,
                   scale_ref, y_ref, new_cache_ref, final_ref, sp: DeltaLayerSpec):
-    b, h = pl.program_id(0), pl.program_id(1)
+    b, h, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     nh, kd, vd = sp.heads, sp.key_dim, sp.value_dim
+    bv = vd // sp.value_blocks
     rnd = _rounder(proj_ref.dtype)
 
     def qkv(offset, size):  # one head's q, k or v channels, after the conv (or silu)
@@ -173,7 +187,8 @@ def _delta_kernel(*, proj_ref, cache_ref, w_ref, bias_ref, h0_ref, a_log_ref, dt
 
     q = l2(qkv(h * kd, kd))  # [K]
     k = l2(qkv(nh * kd + h * kd, kd))
-    v = qkv(2 * nh * kd + h * vd, vd)  # [V]
+    v_full = qkv(2 * nh * kd + h * vd, vd)  # [V]: the whole head, for the guard's check
+    v = v_full if sp.value_blocks == 1 else qkv(2 * nh * kd + h * vd + vb * bv, bv)  # [BV]
     at = sp.qkv_width
     beta = _sigmoid(proj_ref[b, pl.ds(at + h, 1)].astype(F32))  # [1]
     if sp.allow_neg_eigval:
@@ -182,10 +197,15 @@ def _delta_kernel(*, proj_ref, cache_ref, w_ref, bias_ref, h0_ref, a_log_ref, dt
     if sp.gated:
         a = proj_ref[b, pl.ds(at + nh + h, 1)].astype(F32) + dt_bias_ref[pl.ds(h, 1)].astype(F32)
         g = -jnp.exp(a_log_ref[pl.ds(h, 1)].astype(F32)) * _softplus(a)  # [1], <= 0
-    s = h0_ref[b, h, :, :].astype(F32)  # [K, V]
-    o, s = guarded_update(q, k, v, g, beta, s, delta=True, scale=sp.scale, guard=True)
-    final_ref[b, h, :, :] = s
+    cols = pl.ds(vb * bv, bv)
+    s = h0_ref[b, h, :, cols].astype(F32)  # [K, BV]
+    o, s = guarded_update(q, k, v, g, beta, s, delta=True, scale=sp.scale, guard=True,
+                          v_full=None if sp.value_blocks == 1 else v_full)
+    final_ref[b, h, :, cols] = s
     o = rnd(o)  # the op's output, in the compute dtype
+    if not sp.norm_out:  # o_proj's kernel normalises and gates
+        y_ref[b, pl.ds(h * vd + vb * bv, bv)] = o.astype(y_ref.dtype)
+        return
     y = o * jax.lax.rsqrt(jnp.mean(o * o) + sp.norm_eps) * scale_ref[...].astype(F32)
     if sp.output_gate:
         gate = proj_ref[b, pl.ds(at + (2 if sp.gated else 1) * nh + h * vd, vd)].astype(F32)
@@ -237,14 +257,14 @@ def layer_warps(programs: int, tile: int) -> int:
     return 2 if programs <= FEW_PROGRAMS or tile < 4096 else 4
 
 
-def _launch(kernel, sp, inputs, outputs, *, aliases, heads, tile, name):
+def _launch(kernel, sp, inputs, outputs, *, aliases, heads, tile, name, blocks=1):
     batch = inputs["proj"].shape[0]
     interpret = interpret_mode()
     return named_pallas_call(
         functools.partial(kernel, sp=sp), inputs=inputs, outputs=outputs, aliases=aliases,
-        grid=(batch, heads), interpret=interpret,
+        grid=(batch, heads, blocks), interpret=interpret,
         compiler_params=None if interpret else compiler_params(
-            layer_warps(batch * heads, tile), 1), name=name)
+            layer_warps(batch * heads * blocks, tile // blocks), 1), name=name)
 
 
 def delta_layer(sp: DeltaLayerSpec, proj: Array, conv_cache: Array | None,
@@ -252,7 +272,8 @@ def delta_layer(sp: DeltaLayerSpec, proj: Array, conv_cache: Array | None,
                 a_log: Array | None, dt_bias: Array | None,
                 norm_scale: Array) -> tuple[Array, Array | None, Array]:
     """The kernel (shapes checked by :func:`..api.delta_layer_step`); returns
-    ``(y [B, HV] in proj's dtype, new_cache or None, final [B, H, K, V] float32)``."""
+    ``(y [B, HV] in proj's dtype (``o`` without ``sp.norm_out``), new_cache or None,
+    final [B, H, K, V] float32)``."""
     batch = proj.shape[0]
     out = _launch(
         _delta_kernel, sp,
@@ -263,7 +284,7 @@ def delta_layer(sp: DeltaLayerSpec, proj: Array, conv_cache: Array | None,
              conv_cache.shape, conv_cache.dtype),
          "final": jax.ShapeDtypeStruct(state.shape, F32)},
         aliases={"h0": "final", **({"cache": "new_cache"} if conv_cache is not None else {})},
-        heads=sp.heads, tile=sp.key_dim * sp.value_dim,
+        heads=sp.heads, tile=sp.key_dim * sp.value_dim, blocks=sp.value_blocks,
         name=f"{'gated_' if sp.gated else ''}delta_layer_step")
     return out["y"], out["new_cache"], out["final"]
 

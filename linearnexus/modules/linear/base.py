@@ -256,9 +256,9 @@ class LinearAttentionBlock(nnx.Module):
     def _fused_layer(self, x: Array, linear: LinearState,
                      input_norm: RMSNorm | None = None) -> tuple[Array, LinearState] | None:
         """A one-token call (no mask, no packing) through one fused layer kernel, from the
-        input projection (of ``input_norm(x)`` with a norm) to ``o_proj``'s input
-        ``[B, 1, H*V]``, with the new state; None (the default) when the block has none or
-        it does not apply (then the block runs its unfused path)."""
+        input projection (of ``input_norm(x)`` with a norm) to the block's output
+        ``[B, 1, D]`` (``o_proj`` included), with the new state; None (the default) when
+        the block has none or it does not apply (then the block runs its unfused path)."""
         return None
 
     def _prepare_qk(self, q: Array, k: Array, state: Any,
@@ -341,9 +341,9 @@ class LinearAttentionBlock(nnx.Module):
         fused = seq == 1 and gate_linears is not None and fused_decode_enabled()
         if fused and call.layout is None and call.cu_seqlens is None:
             layer = self._fused_layer(x, linear, input_norm)
-            if layer is not None:  # the recurrent part in one kernel (a GPU)
-                o, new_linear = layer
-                return dense(self.o_proj, o), self._next_state(state, new_linear, call, seq)
+            if layer is not None:  # the recurrent part in one kernel (a GPU), o_proj after
+                y, new_linear = layer
+                return y, self._next_state(state, new_linear, call, seq)
         if fused:  # one token: q, k, v, the gates' and the output gate's projections in one GEMV
             rest = self.decode_linears()[0]
             qkv, *rest = fused_dense(x, rest, groups=(3,) + (1,) * (len(rest) - 3),

@@ -59,6 +59,7 @@ from linearnexus.core.types import Array
 from linearnexus.kernels.conv import conv_step
 from linearnexus.kernels.delta_rule import delta_rule
 from linearnexus.kernels.fused_decode import DeltaLayerSpec, delta_layer_step, layer_kernel_ready
+from linearnexus.kernels.fused_decode.pallas import FEW_PROGRAMS
 from linearnexus.kernels.gated_delta_rule import gated_delta_rule
 from linearnexus.modules.base import MOSAIC_KERNEL_BACKENDS, dtype_of
 from linearnexus.modules.common import (
@@ -67,6 +68,8 @@ from linearnexus.modules.common import (
     dense,
     fused_dense,
     gated_rms_norm,
+    head_norm_group,
+    head_normed_dense,
     l2_normalize,
     math_dtype,
 )
@@ -278,11 +281,24 @@ class DeltaNetFamilyBlock(LinearAttentionBlock):
         if done is not None:  # batch 1: the conv ran in the input projection's kernel
             proj, cache = done
             spec = dataclasses.replace(spec, conv_width=None, silu_without_conv=False)
-            y, _, final = delta_layer_step(
+            # more programs per head (V split) with the output norm and gate in o_proj's
+            # kernel, where that kernel takes them
+            o_like = jnp.zeros((1, 1, spec.heads * spec.value_dim), proj.dtype)
+            blocks = _value_blocks(spec.value_dim, spec.heads)
+            if blocks > 1 and head_norm_group(self.o_proj, o_like, self.norm,
+                                              spec.output_gate) is not None:
+                spec = dataclasses.replace(spec, norm_out=False, value_blocks=blocks)
+            o, _, final = delta_layer_step(
                 spec, proj[:, 0], None, None, None, linear.recurrent.state, *gates,
                 self.norm.scale[...], fallback=lambda *a: self._layer_reference(spec, *a))
-            return y[:, None], LinearState(conv=linear.conv.update(cache),
-                                           recurrent=linear.recurrent.update(final))
+            new_linear = LinearState(conv=linear.conv.update(cache),
+                                     recurrent=linear.recurrent.update(final))
+            if not spec.norm_out:
+                y = head_normed_dense(self.o_proj, o[:, None], self.norm,
+                                      proj[:, 0] if spec.output_gate else None,
+                                      spec.gate_offset)
+                return y, new_linear
+            return dense(self.o_proj, o[:, None]), new_linear
         proj = fused_dense(x, linears, groups=(len(linears),),
                            norm=input_norm)[0][:, 0]  # [B, 1, F] -> [B, F]
 
@@ -295,7 +311,8 @@ class DeltaNetFamilyBlock(LinearAttentionBlock):
             None if conv is None else value(conv.conv_bias), linear.recurrent.state,
             *gates, self.norm.scale[...], fallback=lambda *a: self._layer_reference(spec, *a))
         new_conv = None if conv is None else linear.conv.update(cache)
-        return y[:, None], LinearState(conv=new_conv, recurrent=linear.recurrent.update(final))
+        return dense(self.o_proj, y[:, None]), LinearState(
+            conv=new_conv, recurrent=linear.recurrent.update(final))
 
     def _layer_reference(self, spec: DeltaLayerSpec, proj: Array, cache: Array | None,
                          conv_weight: Array | None, conv_bias: Array | None, state: Array,
@@ -322,6 +339,9 @@ class DeltaNetFamilyBlock(LinearAttentionBlock):
             gates = (softplus_decay(logits, a_log, dt_bias), beta)
         o, final = type(self).op(q, k, v, *gates, initial_state=state, output_final_state=True,
                                  mode="recurrent", backend=self.config.backend)  # [B, 1, H, V]
+        if not spec.norm_out:  # the op's output, in the compute dtype
+            o = o[:, 0].astype(proj.dtype)  # [B, H, V]
+            return o.reshape(batch, h * spec.value_dim), cache, final  # [B, H, V] -> [B, HV]
         gate = None
         if spec.output_gate:
             gate = proj[:, at + len(gates) * h:].reshape(batch, h, spec.value_dim)  # [B, H, V]
@@ -355,6 +375,17 @@ class DeltaNetBlock(DeltaNetFamilyBlock):
 
     def _gates_from(self, x: Array, logits: list[Array]) -> tuple[Array]:
         return (self._beta_from(logits[0]),)
+
+
+def _value_blocks(value_dim: int, heads: int) -> int:
+    """Programs per head for the batch-1 layer kernel: the most of 4, 2, 1 that leaves at
+    most ``FEW_PROGRAMS`` programs and a power-of-two value block of >= 16 columns."""
+    for blocks in (4, 2):
+        bv = value_dim // blocks
+        if (value_dim % blocks == 0 and bv >= 16 and bv & (bv - 1) == 0
+                and heads * blocks <= FEW_PROGRAMS):
+            return blocks
+    return 1
 
 
 class GatedDeltaNetBlock(DeltaNetFamilyBlock):
