@@ -456,6 +456,16 @@ def test_pre_norm_folds_into_the_input_projection(monkeypatch, pattern, options,
     assert seen == [False] * (2 * cfg.n_layers)
 
 
+def _tokens_one_by_one(model, tokens):
+    """``(logits of each step, final state)`` of batch-1 one-token calls from an empty
+    state."""
+    state, out = model.init_state(1), []
+    for t in tokens:
+        logits, state = model(jnp.array([[t]], jnp.int32), state=state, mode="recurrent")
+        out.append(logits)
+    return out, state
+
+
 def _conv_want(x, w, cache, cw, cb, conv_start, norm):
     """The matmul (XLA) then the conv's one-token step (``kernels.conv``, jax backend)."""
     from linearnexus.kernels.conv.api import conv_step
@@ -546,20 +556,13 @@ def test_conv_runs_in_the_input_projection(monkeypatch, pattern, options):
                       block_options=options)
     model = LMModel(cfg, rngs=nnx.Rngs(2))
 
-    def three():
-        state, out = model.init_state(1), []
-        for t in (3, 17, 40):
-            logits, state = model(jnp.array([[t]], jnp.int32), state=state, mode="recurrent")
-            out.append(logits)
-        return out, state
-
     monkeypatch.setenv(gemv.GEMV_ENV, "xla")
-    want = three()
+    want = _tokens_one_by_one(model, (3, 17, 40))
     _picked(monkeypatch)
     calls = []
     real = common.one_row_conv
     monkeypatch.setattr(common, "one_row_conv", lambda *a, **k: calls.append(1) or real(*a, **k))
-    got = three()
+    got = _tokens_one_by_one(model, (3, 17, 40))
     assert len(calls) == 3 * cfg.n_layers
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
@@ -648,21 +651,14 @@ def test_batch1_delta_layer_splits_values_over_programs(monkeypatch, output_gate
                                                         "use_output_gate": output_gate}})
     model = LMModel(cfg, rngs=nnx.Rngs(6))
 
-    def three():
-        state, out = model.init_state(1), []
-        for t in (5, 9, 33):
-            logits, state = model(jnp.array([[t]], jnp.int32), state=state, mode="recurrent")
-            out.append(logits)
-        return out, state
-
     monkeypatch.setenv(gemv.GEMV_ENV, "xla")
-    want = three()
+    want = _tokens_one_by_one(model, (5, 9, 33))
     _picked(monkeypatch)
     specs = []
     real = deltanet.delta_layer_step
     monkeypatch.setattr(deltanet, "delta_layer_step",
                         lambda spec, *a, **k: specs.append(spec) or real(spec, *a, **k))
-    got = three()
+    got = _tokens_one_by_one(model, (5, 9, 33))
     assert [(sp.value_blocks, sp.norm_out) for sp in specs] == [(4, False)] * 6
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),

@@ -407,6 +407,19 @@ def one_row_fused(x: Array, w: Array, *, transposed: bool = False, glu: bool = F
                               x, wt, add, norm_scale, residual, residual_add)
 
 
+def _row_and_weight(x: Array, w: Array, transposed: bool) -> tuple[int, int]:
+    """``(D, N)`` of a one-row call: ``x [1, D]`` and ``w [D, N]`` (``[N, D]`` with
+    ``transposed``), checked, naming the bad argument."""
+    depth = x.shape[-1]
+    if x.ndim != 2 or x.shape[0] != 1:
+        raise ValueError(f"x: expected [1, D], got shape {tuple(x.shape)}")
+    k_axis = 1 if transposed else 0
+    if w.ndim != 2 or w.shape[k_axis] != depth:
+        want = "[N, D]" if transposed else "[D, N]"
+        raise ValueError(f"w: expected {want} with D={depth}, got shape {tuple(w.shape)}")
+    return depth, w.shape[1 - k_axis]
+
+
 def _conv_reference(x: Array, wt: Array, scale: Array | None, cache: Array,
                     conv_weight: Array, conv_bias: Array | None, *, norm_eps: float | None,
                     out_dtype: jnp.dtype, conv_start: int) -> tuple[Array, Array]:
@@ -456,14 +469,7 @@ def one_row_conv(x: Array, w: Array, conv_cache: Array, conv_weight: Array,
         ValueError: an operand of the wrong shape or dtype, or conv columns that do not
             fit, naming the argument.
     """
-    depth = x.shape[-1]
-    if x.ndim != 2 or x.shape[0] != 1:
-        raise ValueError(f"x: expected [1, D], got shape {tuple(x.shape)}")
-    k_axis = 1 if transposed else 0
-    if w.ndim != 2 or w.shape[k_axis] != depth:
-        want = "[N, D]" if transposed else "[D, N]"
-        raise ValueError(f"w: expected {want} with D={depth}, got shape {tuple(w.shape)}")
-    width = w.shape[1 - k_axis]
+    depth, width = _row_and_weight(x, w, transposed)
     if conv_cache.ndim != 3 or conv_cache.shape[0] != 1 or conv_cache.shape[1] < 1:
         raise ValueError(f"conv_cache: expected [1, W-1, C] with W >= 2, got shape "
                          f"{tuple(conv_cache.shape)}")
@@ -538,13 +544,7 @@ def one_row_group_norm(x: Array, w: Array, *, group: int, norm_scale: Array, nor
         ValueError: an operand of the wrong shape or dtype, or a group the tiles do not
             hold whole, naming the argument.
     """
-    depth = x.shape[-1]
-    if x.ndim != 2 or x.shape[0] != 1:
-        raise ValueError(f"x: expected [1, D], got shape {tuple(x.shape)}")
-    k_axis = 1 if transposed else 0
-    if w.ndim != 2 or w.shape[k_axis] != depth:
-        want = "[N, D]" if transposed else "[D, N]"
-        raise ValueError(f"w: expected {want} with D={depth}, got shape {tuple(w.shape)}")
+    depth, _ = _row_and_weight(x, w, transposed)
     bk = tiles(depth)[0]
     if group < 1 or group & (group - 1) or group > bk or depth % group:
         raise ValueError(f"group: expected a power of two <= {bk} dividing D={depth}, "
