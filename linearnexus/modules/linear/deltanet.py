@@ -283,7 +283,7 @@ class DeltaNetFamilyBlock(LinearAttentionBlock):
             spec = dataclasses.replace(spec, conv_width=None, silu_without_conv=False)
             # more programs per head (V split) with the output norm and gate in o_proj's
             # kernel, where that kernel takes them
-            o_like = jnp.zeros((1, 1, spec.heads * spec.value_dim), proj.dtype)
+            o_like = jax.ShapeDtypeStruct((1, 1, spec.heads * spec.value_dim), proj.dtype)
             blocks = _value_blocks(spec.value_dim, spec.heads)
             if blocks > 1 and head_norm_group(self.o_proj, o_like, self.norm,
                                               spec.output_gate) is not None:
