@@ -20,7 +20,11 @@ flags and, on a host with 2+ cores, the batch split over 2 CPU devices); two mor
 the first model show what they bring: one with XLA's defaults on one device, one with the
 flags on one device (``--cpu-devices N`` adds one with N devices). ``--xla-flags
 NAME=FLAGS`` adds a run of the first model with ``XLA_FLAGS=FLAGS`` (to
-measure a flag: ``--xla-flags noynn=--xla_cpu_experimental_ynn_fusion_type=``).
+measure a flag: ``--xla-flags noynn=--xla_cpu_experimental_ynn_fusion_type=``), ``--env
+NAME=VAR=VALUE[,VAR=VALUE]`` one with environment variables set (``--env
+flat-off=LINEARNEXUS_FLAT_ALLREDUCE=0``), ``--train NAME=KEY=VALUE[,KEY=VALUE]`` one with
+TrainConfig fields overridden (``--train sync-ckpt=background_checkpoints=false``); an
+``--env`` and a ``--train`` of the same NAME make one run.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cpu_recipe  # noqa: E402
@@ -103,7 +110,8 @@ def ours_worker(args: argparse.Namespace) -> None:
         use_cpu_devices(n_devices)
     import jax
 
-    overrides = {"max_steps": args.max_steps, "mesh": mesh}
+    overrides = {"max_steps": args.max_steps, "mesh": mesh,
+                 **json.loads(args.train_overrides or "{}")}
     with tempfile.TemporaryDirectory(prefix="ln-ours-") as tmp:
         model = {"dtype": args.dtype} if args.dtype else None
         trainer = cpu_recipe.make_trainer(args.model, Path(tmp) / "run", model_overrides=model,
@@ -154,6 +162,13 @@ def main() -> None:
                    help="add a run of the first model per N, its batch split over N CPU "
                         "devices (LINEARNEXUS_CPU_DEVICES=N)")
     p.add_argument("--xla-flags", nargs="*", default=[], metavar="NAME=FLAGS")
+    p.add_argument("--env", nargs="*", default=[], metavar="NAME=VAR=VALUE[,VAR=VALUE]",
+                   help="add a run of the first model with environment variables set "
+                   "(e.g. flat-off=LINEARNEXUS_FLAT_ALLREDUCE=0)")
+    p.add_argument("--train", nargs="*", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
+                   help="add a run of the first model with TrainConfig fields overridden, "
+                   "values as YAML (e.g. sync-ckpt=background_checkpoints=false)")
+    p.add_argument("--train-overrides", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dtype", nargs="*", default=[], metavar="DTYPE",
                    help="add a run of the first model per compute dtype (e.g. bfloat16)")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -189,6 +204,22 @@ def main() -> None:
         name, _, flags = spec.partition("=")
         runs.append(Run(f"{args.models[0]}[{name}]", runs[0].cmd,
                         {**base_env, "XLA_FLAGS": f"{base_env.get('XLA_FLAGS', '')} {flags}".strip()}))
+    variants: dict[str, tuple[dict[str, str], dict[str, Any]]] = {}  # one run per NAME
+    for option, specs in (("--env", args.env), ("--train", args.train)):
+        for spec in specs:
+            name, _, settings = spec.partition("=")
+            pairs = [setting.partition("=") for setting in settings.split(",")]
+            if not name or not all(key and sep for key, sep, _ in pairs):
+                p.error(f"{option}: expected NAME=KEY=VALUE[,KEY=VALUE], got {spec!r}")
+            env, overrides = variants.setdefault(name, ({}, {}))
+            for key, _, value in pairs:
+                if option == "--env":
+                    env[key] = value
+                else:
+                    overrides[key] = yaml.safe_load(value)
+    for name, (env, overrides) in variants.items():
+        cmd = runs[0].cmd + (["--train-overrides", json.dumps(overrides)] if overrides else [])
+        runs.append(Run(f"{args.models[0]}[{name}]", cmd, {**base_env, **env}))
     for dtype in args.dtype:
         runs.append(Run(f"{args.models[0]}[{dtype}]", [*runs[0].cmd, "--model-dtype", dtype],
                         dict(base_env)))

@@ -300,6 +300,63 @@ def test_full_disk_keeps_earlier_checkpoints_and_ends_clearly(build, reference, 
     _assert_continues_from_4(build, out, reference)
 
 
+# ---- checkpoints written in the background ---------------------------------------------
+
+
+def test_a_background_checkpoint_holds_its_step_while_training_goes_on(build, tmp_path,
+                                                                       monkeypatch):
+    """``save_checkpoint(wait=False)`` returns before the write is done; the steps after it
+    (which donate, so overwrite, the trainer's buffers) do not reach what it writes; the
+    checkpoint is complete (manifest) only once waited for, and holds step 4's state."""
+    import threading
+
+    from linearnexus.train import sft
+
+    trainer, _ = build(tmp_path / "run")
+    for _ in range(4):
+        trainer.train_step(*next(trainer.train_loader))
+    at_4 = jax.tree.map(lambda x: jnp.array(x, copy=True), trainer.state.params)
+    release, writing = threading.Event(), threading.Event()
+    write = sft.write_checkpoint_manifest
+
+    def held(step_dir, step):
+        writing.set()
+        assert release.wait(60)
+        return write(step_dir, step)
+
+    monkeypatch.setattr(sft, "write_checkpoint_manifest", held)
+    step_dir = trainer.save_checkpoint({"val_loss": 2.0}, wait=False)
+    assert writing.wait(60)  # orbax's files are down; the manifest waits
+    assert "missing" in verify_checkpoint(step_dir)
+    for _ in range(2):
+        trainer.train_step(*next(trainer.train_loader))
+    release.set()
+    trainer.wait_for_checkpoint()
+    assert verify_checkpoint(step_dir) is None
+    again, _ = build(tmp_path / "run")
+    assert again.restore_checkpoint() == 4
+    for a, b in zip(jax.tree.leaves(again.state.params), jax.tree.leaves(at_4), strict=True):
+        assert jnp.array_equal(a, b)
+
+
+def test_a_failed_background_checkpoint_stops_the_run(build, reference, tmp_path, monkeypatch):
+    """Checkpoint 4 (written in the background) fails on a full disk: the run stops with
+    its error (as soon as it is known, at the latest before the next checkpoint starts),
+    writes no later checkpoint and releases its lock."""
+    from linearnexus.train import integrity
+
+    out = tmp_path / "run"
+    write = integrity.atomic_write_text
+    monkeypatch.setattr(integrity, "atomic_write_text", lambda path, text: _no_space()
+                        if Path(path).name == MANIFEST_FILE else write(path, text))
+    trainer, _ = build(out, background_checkpoints=True)
+    with pytest.raises(CheckpointWriteError, match=r"step 4 .*No space left") as e:
+        trainer.train()
+    assert e.value.errno == errno.ENOSPC
+    assert not (out / LOCK_FILE).exists()
+    assert not (out / "checkpoints" / "8").exists()
+
+
 # ---- one writer per run folder -----------------------------------------------------------
 
 

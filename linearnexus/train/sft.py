@@ -51,11 +51,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import SingleDeviceSharding
 
 from linearnexus.core.compile_cache import CompileCache
 from linearnexus.core.config import ConfigBase, ConfigError, field
 from linearnexus.core.fileio import VERIFY_MODES, atomic_write, atomic_write_text
 from linearnexus.data import DataLoader, TextDataset, load_tokenizer
+from linearnexus.kernels.common.chunking import maybe_tune_cpu_malloc
 from linearnexus.models import LMModel, ModelConfig, get_preset
 from linearnexus.optim import (
     OPTIMIZERS,
@@ -139,6 +141,11 @@ class TrainConfig(ConfigBase):
         checkpoint_interval: steps between checkpoints; None = eval_interval; 0 = only at
             the end (and on SIGINT / SIGTERM).
         keep_last_n: newest checkpoints kept. keep_best: also keep the lowest-val-loss one.
+        background_checkpoints: write the periodic checkpoints in a background thread
+            while training goes on (the last one, and one on SIGINT / SIGTERM, are always
+            waited for). Off by default: on a CPU whose cores train, orbax's save work
+            slowed the steps more than the wait it saved (docs/benchmarks.md, "CPU training
+            speed, round 6"); meant for hosts whose CPU is idle while an accelerator trains.
         tokenizer / bpe_vocab_size / val_fraction / data: how the command line prepares
             data (``char`` or ``bpe``; BPE vocabulary; held-out share; text file, None =
             TinyShakespeare). The trainer itself does not read them.
@@ -174,6 +181,7 @@ class TrainConfig(ConfigBase):
     checkpoint_interval: int | None = field(None, ge=0)
     keep_last_n: int = field(2, gt=0)
     keep_best: bool = True
+    background_checkpoints: bool = False
     tokenizer: str = field("char", choices=("char", "bpe"))
     bpe_vocab_size: int | None = field(None, ge=257)
     val_fraction: float = field(0.1, gt=0, lt=1)
@@ -388,6 +396,56 @@ def _eval_fn(graphdef: Any, placement: Any = None) -> Callable[..., jax.Array]:
     return _EVALS.get(graphdef, None, lambda: jax.jit(mean_loss))
 
 
+#: set to "0" to let XLA place the data-parallel gradient all-reduce (see flat_data_parallel)
+FLAT_ALLREDUCE_ENV = "LINEARNEXUS_FLAT_ALLREDUCE"
+
+
+def flat_data_parallel(placement: Any) -> bool:
+    """Whether a mesh step reduces its gradients as one flat buffer (``_flat_reduced_grads``).
+
+    True on CPU meshes that split only the batch (``data`` and ``fsdp`` are the only axes
+    above 1 and every parameter is replicated). There XLA:CPU's all-reduce of the
+    gradients is one collective per parameter array, each a rendezvous of the devices'
+    threads: measured ~110 us per array on a 2-core host, 4.7 ms for gpt-small's 40
+    gradients against 0.8 ms for the same floats as one array (docs/benchmarks.md, "CPU
+    training speed, round 6"). GPU meshes keep XLA's placement, which overlaps the
+    reductions with the backward pass. ``LINEARNEXUS_FLAT_ALLREDUCE=0`` turns it off.
+    """
+    if os.environ.get(FLAT_ALLREDUCE_ENV, "1") == "0":
+        return False
+    mesh = placement.mesh
+    if mesh.devices.flat[0].platform != "cpu" or mesh.size == 1:
+        return False
+    if any(size > 1 for name, size in mesh.shape.items() if name not in ("data", "fsdp")):
+        return False
+    return all(s.is_fully_replicated for s in jax.tree.leaves(placement.state.params))
+
+
+def _flat_reduced_grads(loss_and_grads: Callable[..., Any], mesh: Any, state: TrainState,
+                        inputs: jax.Array, targets: jax.Array) -> Any:
+    """``((loss, rest), grads)`` of the whole batch, each device differentiating its rows
+    and the gradients averaged as one flat vector (one ``pmean``).
+
+    The loss is a mean over equally many tokens per device (``cross_entropy_loss`` has no
+    mask and the batch splits evenly), so the mean of the devices' means is the batch's.
+    """
+    from jax.flatten_util import ravel_pytree
+    from jax.sharding import PartitionSpec
+
+    axes = tuple(name for name in ("data", "fsdp") if mesh.shape[name] > 1)
+    rows = PartitionSpec(axes)
+
+    def local(state, inputs, targets):  # inputs, targets: this device's [B / n, T]
+        (loss, rest), grads = loss_and_grads(state, inputs, targets)
+        vector, unravel = ravel_pytree(grads)  # [P] every gradient, concatenated
+        vector = jax.lax.pmean(vector, axes)
+        return (jax.lax.pmean(loss, axes), rest), unravel(vector)
+
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), rows, rows),
+                           out_specs=PartitionSpec(), check_vma=False)
+    return mapped(state, inputs, targets)
+
+
 def _compiled(graphdef: Any, tx: optax.GradientTransformation, placement: Any = None) -> _Steps:
     if placement is not None:  # shardings pinned per trainer; not cached
         return _build_steps(graphdef, tx, placement)
@@ -396,10 +454,19 @@ def _compiled(graphdef: Any, tx: optax.GradientTransformation, placement: Any = 
 
 def _build_steps(graphdef: Any, tx: optax.GradientTransformation,
                  placement: Any = None) -> _Steps:
-    def step(state: TrainState, inputs, targets, with_hessian: bool):
-        (loss, rest), grads = jax.value_and_grad(
+    def loss_and_grads(state: TrainState, inputs, targets):
+        return jax.value_and_grad(
             lambda p: _loss_fn(graphdef, p, state.rest, inputs, targets), has_aux=True)(
             state.params)
+
+    flat = placement is not None and flat_data_parallel(placement)
+
+    def step(state: TrainState, inputs, targets, with_hessian: bool):
+        if flat and not jax.tree.leaves(state.rest):
+            (loss, rest), grads = _flat_reduced_grads(loss_and_grads, placement.mesh, state,
+                                                      inputs, targets)
+        else:
+            (loss, rest), grads = loss_and_grads(state, inputs, targets)
         rng = state.rng
         extra = {}
         if with_hessian:  # static: a separate compiled step
@@ -445,6 +512,39 @@ def _abstract(tree: Any) -> Any:
     import orbax.checkpoint as ocp
 
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+@jax.jit
+def _copy_arrays(tree: Any) -> Any:
+    """Fresh buffers holding ``tree``'s arrays (same shardings), for a background save."""
+    return jax.tree.map(jnp.copy, tree)
+
+
+class _BackgroundSave:
+    """One checkpoint written by a thread while training goes on (``save_checkpoint(...,
+    wait=False)``): ``join`` waits and re-raises what the write raised, in the caller's
+    thread. Not a daemon: an interpreter that exits waits for the write to finish."""
+
+    def __init__(self, write: Callable[[], None], step: int) -> None:
+        self.step = step
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                write()
+            except BaseException as e:  # noqa: BLE001 - handed to the training thread
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name=f"checkpoint-{step}")
+        self._thread.start()
+
+    def failed(self) -> bool:
+        return not self._thread.is_alive() and self._error is not None
+
+    def join(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _tokenizer_json(tokenizer: Any) -> Any:
@@ -644,6 +744,10 @@ class SFTTrainer:
         self.tokenizer = tokenizer
         self._log_fn = log
         self._model = model
+        self._background_save: _BackgroundSave | None = None
+        # fixed malloc thresholds on the CPU: without them, the background checkpoints' frees
+        # moved glibc's dynamic ones and every later step page-faulted its buffers afresh
+        maybe_tune_cpu_malloc()
         self.out_dir = Path(config.out_dir).expanduser().absolute()  # orbax wants absolute paths
         self.checkpoint_dir = self.out_dir / CHECKPOINT_DIR
         self.metrics_path = self.out_dir / METRICS_FILE
@@ -736,53 +840,110 @@ class SFTTrainer:
         }
 
     def save_checkpoint(self, metrics: dict[str, Any] | None = None, *,
-                        elapsed: float | None = None, manager: Any = None) -> Path:
+                        elapsed: float | None = None, manager: Any = None,
+                        wait: bool = True) -> Path:
         """Write a checkpoint of the current step (no-op if that step is already saved).
 
         ``metrics`` with a ``val_loss`` makes the checkpoint a candidate for "best".
         Orbax writes the items; then an integrity manifest (sizes and SHA-256 of every file)
         is written last, which marks the checkpoint complete. Returns the step folder.
 
+        With ``wait=False`` the state is copied (a few ms) and written by a background
+        thread while training goes on (``train`` does this for its periodic checkpoints: a
+        save of a small model took ~0.5 s of orbax's bookkeeping, 40x a step). The next
+        save, :meth:`wait_for_checkpoint` and the end of ``train`` wait for it and raise its
+        error; until its manifest is written it is not a complete checkpoint, so a kill
+        before then resumes from the one before, as a kill during a waited save does.
+
         Raises:
             CheckpointWriteError: a write failed (e.g. a full disk); older checkpoints are
-                untouched, and this step's partial files are ignored on resume.
+                untouched, and this step's partial files are ignored on resume. (Also an
+                earlier background save's failure, raised here before this save starts.)
         """
+        self.wait_for_checkpoint()
         own = manager is None
         mgr = manager or _checkpoint_manager(self.checkpoint_dir, self.config)
-        step_dir = self.checkpoint_dir / str(self.step)
+        step, step_dir = self.step, self.checkpoint_dir / str(self.step)
         try:
-            if self.step not in mgr.all_steps():
-                self._write_checkpoint(mgr, metrics, elapsed)
-        except OSError as e:
-            raise CheckpointWriteError(
-                e.errno, f"checkpoint: writing step {self.step} to {step_dir} failed "
-                f"({e.strerror or e}); the earlier checkpoints "
-                f"{[s for s, _ in step_folders(self.checkpoint_dir) if s != self.step]} are "
-                "intact and --resume continues from the newest of them") from e
-        finally:
+            if step in mgr.all_steps():
+                return step_dir
+            # everything read from the trainer is taken now, in this thread
+            args, metrics_arg = self._checkpoint_args(metrics, elapsed, copy=not wait)
+        except BaseException:
             if own:
                 mgr.close()
+            raise
+
+        def write() -> None:
+            try:
+                self._write_checkpoint(mgr, step, args, metrics_arg)
+            finally:
+                if own:
+                    mgr.close()
+
+        if wait:
+            write()
+        else:
+            self._background_save = _BackgroundSave(write, step)
         return step_dir
 
-    def _write_checkpoint(self, mgr: Any, metrics: dict[str, Any] | None,
-                          elapsed: float | None) -> None:
+    def wait_for_checkpoint(self) -> None:
+        """Wait for a checkpoint being written in the background (``save_checkpoint(...,
+        wait=False)``), if any.
+
+        Raises:
+            CheckpointWriteError (or whatever else the save raised): that save failed.
+        """
+        pending, self._background_save = self._background_save, None
+        if pending is not None:
+            pending.join()
+
+    def _raise_if_background_save_failed(self) -> None:
+        """Raise a background save's error as soon as it is known (checked every step)."""
+        pending = self._background_save
+        if pending is not None and pending.failed():
+            self.wait_for_checkpoint()
+
+    def _checkpoint_args(self, metrics: dict[str, Any] | None, elapsed: float | None, *,
+                         copy: bool) -> tuple[Any, dict[str, float] | None]:
+        """Orbax's arguments for the current state (its arrays copied first when ``copy``:
+        the next training step donates, so overwrites, the trainer's own buffers)."""
         import orbax.checkpoint as ocp
 
+        state = _copy_arrays(self.state) if copy else self.state
+        if jax.process_count() == 1 and self.placement is not None:
+            # one process: replicated arrays go to orbax as one device's copy. Orbax writes
+            # a replicated array on N devices in N slices (replica-parallel writes), each an
+            # eager slice op: ~25% of a 2-device gpt-small save. Restores take the reader's
+            # shardings anyway; sharded arrays are left as they are (no gather).
+            first = SingleDeviceSharding(jax.local_devices()[0])
+            state = jax.device_put(state, jax.tree.map(
+                lambda x: first if x.sharding.is_fully_replicated else x.sharding, state))
         items = {
-            "model": ocp.args.StandardSave({"params": self.state.params,
-                                            "rest": self.state.rest}),
-            "opt": ocp.args.StandardSave({"opt_state": self.state.opt_state,
-                                          "rng": self.state.rng}),
+            "model": ocp.args.StandardSave({"params": state.params, "rest": state.rest}),
+            "opt": ocp.args.StandardSave({"opt_state": state.opt_state, "rng": state.rng}),
             "meta": ocp.args.JsonSave(self._meta(metrics, self.elapsed_before
                                                  if elapsed is None else elapsed)),
         }
         if self.tokenizer is not None:
             items["tokenizer"] = ocp.args.JsonSave(_tokenizer_json(self.tokenizer))
         val = None if not metrics else metrics.get("val_loss")
-        mgr.save(self.step, args=ocp.args.Composite(**items),
-                 metrics=None if val is None else {"val_loss": float(val)})
-        mgr.wait_until_finished()
-        write_checkpoint_manifest(self.checkpoint_dir / str(self.step), self.step)
+        return (ocp.args.Composite(**items),
+                None if val is None else {"val_loss": float(val)})
+
+    def _write_checkpoint(self, mgr: Any, step: int, args: Any,
+                          metrics: dict[str, float] | None) -> None:
+        step_dir = self.checkpoint_dir / str(step)
+        try:
+            mgr.save(step, args=args, metrics=metrics)
+            mgr.wait_until_finished()
+            write_checkpoint_manifest(step_dir, step)
+        except OSError as e:
+            raise CheckpointWriteError(
+                e.errno, f"checkpoint: writing step {step} to {step_dir} failed "
+                f"({e.strerror or e}); the earlier checkpoints "
+                f"{[s for s, _ in step_folders(self.checkpoint_dir) if s != step]} are "
+                "intact and --resume continues from the newest of them") from e
 
     def restore_checkpoint(self, step: int | None = None, *, manager: Any = None) -> int | None:
         """Load the newest checkpoint of ``out_dir`` that verifies (or ``step``) into the
@@ -965,6 +1126,15 @@ class SFTTrainer:
                     on_step(self.step)
             if session.stop is not None:
                 self._save_on_signal(session, mgr)
+            self.wait_for_checkpoint()
+        except BaseException:
+            # the run is failing anyway: a periodic checkpoint still being written finishes
+            # (nothing is lost); its own error, if any, is logged, not raised over this one
+            try:
+                self.wait_for_checkpoint()
+            except Exception as e:  # noqa: BLE001
+                self._log(f"warning: a background checkpoint failed too: {e}")
+            raise
         finally:
             session.metrics_file.close()
             if self._bar is not None:
@@ -1062,11 +1232,15 @@ class SFTTrainer:
         return do_eval
 
     def _maybe_checkpoint(self, session: _Session, mgr: Any, evaluated: bool) -> None:
+        self._raise_if_background_save_failed()
         every = self.config.resolved_checkpoint_interval
-        if self.step == self.config.max_steps or (every > 0 and self.step % every == 0):
+        last = self.step == self.config.max_steps
+        if last or (every > 0 and self.step % every == 0):
             metrics = {"val_loss": session.last_val} if evaluated else None
-            session.last_ckpt = self.save_checkpoint(metrics, elapsed=session.elapsed(),
-                                                     manager=mgr)
+            # periodic checkpoints may be written while training goes on; the last one never
+            session.last_ckpt = self.save_checkpoint(
+                metrics, elapsed=session.elapsed(), manager=mgr,
+                wait=last or not self.config.background_checkpoints)
             session.window_start = time.perf_counter()
 
     def _save_on_signal(self, session: _Session, mgr: Any) -> None:

@@ -7,10 +7,13 @@ losses (1e-5 relative) and parameters (the whole parameter vector within 1e-5 re
 single tensors within 5e-5, since Adam divides each element's update by its own gradient
 scale, so float32 reduction-order noise on near-zero gradients shows up per element).
 Also: the weights are really split, each device holds 1/8 of parameters and optimizer
-state under fsdp=8, checkpoints move between meshes, bad specs fail before compiling.
+state under fsdp=8, checkpoints move between meshes, bad specs fail before compiling, and
+CPU meshes that only split the batch all-reduce one flat gradient vector.
 """
 
 from __future__ import annotations
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +26,7 @@ from linearnexus.parallel import MeshError, Placement, make_mesh, param_sharding
 from linearnexus.parallel.rules import path_str
 from linearnexus.registry import LAYER_REGISTRY
 from linearnexus.train import SFTTrainer, TrainConfig, load_checkpoint
+from linearnexus.train.sft import FLAT_ALLREDUCE_ENV, flat_data_parallel
 
 B, T, VOCAB, STEPS = 8, 16, 64, 5
 MESHES = ("data=8", "fsdp=8", "data=2,fsdp=2,tensor=2", "data=2,context=4")
@@ -195,3 +199,28 @@ def test_evaluation_on_a_context_mesh(tmp_path):
                              prepared.val_dataset(), cfg)
         losses.append(trainer.evaluate())
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+
+
+def _all_reduces(trainer) -> list[str]:
+    """The result shapes of every all-reduce in the compiled train step."""
+    inputs, targets = trainer.placement.place_batch(*_batches(1)[0])
+    text = trainer._fns.step.lower(trainer.state, inputs, targets).compile().as_text()
+    return [line.split(" = ", 1)[1].split(" all-reduce(")[0]
+            for line in text.splitlines() if re.search(r" = .* all-reduce\(", line)]
+
+
+def test_a_batch_split_on_cpus_reduces_its_gradients_as_one_array(monkeypatch):
+    """On CPU meshes that only split the batch, the step all-reduces one flat gradient
+    vector (XLA:CPU pays a rendezvous per array of a tuple all-reduce); other meshes, and
+    the switch, keep XLA's placement. Equality with one device: the data=8 case above."""
+    config = _model_config("gpt")
+    trainer = _trainer(config, "data=8")
+    n_params = sum(int(x.size) for x in jax.tree.leaves(trainer.state.params))
+    assert flat_data_parallel(trainer.placement)
+    assert _all_reduces(trainer) == [f"(f32[{n_params}]{{0}}, f32[])"]
+    for mesh in ("fsdp=8", "data=2,fsdp=2,tensor=2", "data=2,context=4"):
+        assert not flat_data_parallel(_trainer(config, mesh).placement), mesh
+    monkeypatch.setenv(FLAT_ALLREDUCE_ENV, "0")
+    unflat = _trainer(config, "data=8")
+    assert not flat_data_parallel(unflat.placement)
+    assert len(_all_reduces(unflat)) >= 1 and f"f32[{n_params}]" not in str(_all_reduces(unflat))
