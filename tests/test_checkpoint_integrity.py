@@ -23,6 +23,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -298,6 +299,33 @@ def test_full_disk_keeps_earlier_checkpoints_and_ends_clearly(build, reference, 
     assert verify_checkpoint(out / "checkpoints" / "4") is None
     assert not (out / LOCK_FILE).exists()  # released on the way out
     _assert_continues_from_4(build, out, reference)
+
+
+# ---- the optimizer state's layout -----------------------------------------------------
+
+
+def test_both_optimizer_state_layouts_resume_exactly(build, reference, tmp_path, monkeypatch):
+    """One process with a whole optimizer state writes it as one vector per dtype ("flat",
+    the reference run's checkpoints); sharded states and older checkpoints have it array by
+    array ("tree"). Either resumes to the same losses; vectors that do not fit this run's
+    optimizer are refused, naming the sizes."""
+    from linearnexus.train import sft
+
+    assert read_checkpoint_meta(reference[0] / "checkpoints" / "4")["opt_layout"] == "flat"
+    out = _copy(reference, tmp_path)
+    shutil.rmtree(out / "checkpoints" / "8")
+    trainer, _ = build(out)
+    assert trainer.restore_checkpoint() == 4  # from the flat layout
+    shutil.rmtree(out / "checkpoints" / "4")
+    with monkeypatch.context() as patch:  # written again, array by array
+        patch.setattr(sft, "_opt_layout", lambda opt: "tree")
+        trainer.save_checkpoint({"val_loss": trainer.restored_metrics.get("val_loss")})
+    assert read_checkpoint_meta(out / "checkpoints" / "4")["opt_layout"] == "tree"
+    _assert_continues_from_4(build, out, reference)
+
+    flat = {"float32": np.zeros(3, np.float32)}
+    with pytest.raises(ValueError, match=r"optimizer state: the checkpoint holds \{'float32': 3\}"):
+        sft._unflat_by_dtype(flat, {"mu": jnp.zeros((2, 2))})
 
 
 # ---- checkpoints written in the background ---------------------------------------------
