@@ -23,7 +23,7 @@ NAME=FLAGS`` adds a run of the first model with ``XLA_FLAGS=FLAGS`` (to
 measure a flag: ``--xla-flags noynn=--xla_cpu_experimental_ynn_fusion_type=``), ``--env
 NAME=VAR=VALUE[,VAR=VALUE]`` one with environment variables set (``--env
 flat-off=LINEARNEXUS_FLAT_ALLREDUCE=0``), ``--train NAME=KEY=VALUE[,KEY=VALUE]`` one with
-TrainConfig fields overridden (``--train sync-ckpt=background_checkpoints=false``); an
+TrainConfig fields overridden (``--train bg=background_checkpoints=true``); an
 ``--env`` and a ``--train`` of the same NAME make one run.
 """
 
@@ -167,7 +167,7 @@ def main() -> None:
                    "(e.g. flat-off=LINEARNEXUS_FLAT_ALLREDUCE=0)")
     p.add_argument("--train", nargs="*", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
                    help="add a run of the first model with TrainConfig fields overridden, "
-                   "values as YAML (e.g. sync-ckpt=background_checkpoints=false)")
+                   "values as YAML, no commas in a value (e.g. bg=background_checkpoints=true)")
     p.add_argument("--train-overrides", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dtype", nargs="*", default=[], metavar="DTYPE",
                    help="add a run of the first model per compute dtype (e.g. bfloat16)")
@@ -215,6 +215,9 @@ def main() -> None:
             for key, _, value in pairs:
                 if option == "--env":
                     env[key] = value
+                elif key in ("max_steps", "mesh"):  # the turns and the device split own these
+                    p.error(f"--train: {key} cannot be overridden per run (use --max-steps; "
+                            f"the mesh follows the CPU device split), got {spec!r}")
                 else:
                     overrides[key] = yaml.safe_load(value)
     for name, (env, overrides) in variants.items():

@@ -358,8 +358,17 @@ def test_a_background_checkpoint_holds_its_step_while_training_goes_on(build, tm
     assert "missing" in verify_checkpoint(step_dir)
     for _ in range(2):
         trainer.train_step(*next(trainer.train_loader))
+    pending = trainer._background_save
+    with monkeypatch.context() as patch:  # a Ctrl-C during the wait leaves the save pending
+        def interrupted(self):
+            raise KeyboardInterrupt
+        patch.setattr(sft._BackgroundSave, "wait", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            trainer.wait_for_checkpoint()
+    assert trainer._background_save is pending
     release.set()
     trainer.wait_for_checkpoint()
+    assert trainer._background_save is None
     assert verify_checkpoint(step_dir) is None
     again, _ = build(tmp_path / "run")
     assert again.restore_checkpoint() == 4

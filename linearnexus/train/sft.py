@@ -215,7 +215,8 @@ class TrainConfig(ConfigBase):
 # fields that may differ between a run and its resumption without changing the losses
 # (max_steps too when the schedule is constant; otherwise it moves the lr schedule)
 _HARMLESS_FIELDS = ("out_dir", "progress", "log_interval", "eval_interval", "eval_batches",
-                    "checkpoint_interval", "keep_last_n", "keep_best", "data",
+                    "checkpoint_interval", "keep_last_n", "keep_best", "background_checkpoints",
+                    "data",
                     "verify_checkpoints", "mesh")
 
 
@@ -406,7 +407,9 @@ def flat_data_parallel(placement: Any) -> bool:
     """Whether a mesh step reduces its gradients as one flat buffer (``_flat_reduced_grads``).
 
     True on CPU meshes that split only the batch (``data`` and ``fsdp`` are the only axes
-    above 1 and every parameter is replicated). There XLA:CPU's all-reduce of the
+    above 1, every parameter is replicated and the model keeps no other state); the step
+    takes it for float32 / float64 parameters (low-precision gradients would be rounded
+    per device before the sum, where XLA sums them in float32). There XLA:CPU's all-reduce of the
     gradients is one collective per parameter array, each a rendezvous of the devices'
     threads: measured ~110 us per array on a 2-core host, 4.7 ms for gpt-small's 40
     gradients against 0.8 ms for the same floats as one array (docs/benchmarks.md, "CPU
@@ -419,6 +422,8 @@ def flat_data_parallel(placement: Any) -> bool:
     if mesh.devices.flat[0].platform != "cpu" or mesh.size == 1:
         return False
     if any(size > 1 for name, size in mesh.shape.items() if name not in ("data", "fsdp")):
+        return False
+    if jax.tree.leaves(placement.state.rest):  # the step keeps XLA's path then
         return False
     return all(s.is_fully_replicated for s in jax.tree.leaves(placement.state.params))
 
@@ -464,7 +469,8 @@ def _build_steps(graphdef: Any, tx: optax.GradientTransformation,
     flat = placement is not None and flat_data_parallel(placement)
 
     def step(state: TrainState, inputs, targets, with_hessian: bool):
-        if flat and not jax.tree.leaves(state.rest):
+        if flat and not jax.tree.leaves(state.rest) and all(
+                x.dtype in (jnp.float32, jnp.float64) for x in jax.tree.leaves(state.params)):
             (loss, rest), grads = _flat_reduced_grads(loss_and_grads, placement.mesh, state,
                                                       inputs, targets)
         else:
@@ -599,10 +605,11 @@ class _BackgroundSave:
     def failed(self) -> bool:
         return not self._thread.is_alive() and self._error is not None
 
-    def join(self) -> None:
+    def wait(self) -> BaseException | None:
+        """Block until the write is done (a KeyboardInterrupt here leaves it pending);
+        returns what it raised."""
         self._thread.join()
-        if self._error is not None:
-            raise self._error
+        return self._error
 
 
 def _tokenizer_json(tokenizer: Any) -> Any:
@@ -803,6 +810,9 @@ class SFTTrainer:
         self._log_fn = log
         self._model = model
         self._background_save: _BackgroundSave | None = None
+        if config.background_checkpoints and jax.process_count() > 1:
+            raise ValueError("background_checkpoints: needs a single process (orbax's save "
+                             f"synchronizes the {jax.process_count()} processes); got True")
         # fixed malloc thresholds on the CPU: without them, the background checkpoints' frees
         # moved glibc's dynamic ones and every later step page-faulted its buffers afresh
         maybe_tune_cpu_malloc()
@@ -907,8 +917,8 @@ class SFTTrainer:
         is written last, which marks the checkpoint complete. Returns the step folder.
 
         With ``wait=False`` the state is copied (a few ms) and written by a background
-        thread while training goes on (``train`` does this for its periodic checkpoints: a
-        save of a small model took ~0.5 s of orbax's bookkeeping, 40x a step). The next
+        thread while training goes on (``train`` does this for its periodic checkpoints
+        when ``config.background_checkpoints``; one process only). The next
         save, :meth:`wait_for_checkpoint` and the end of ``train`` wait for it and raise its
         error; until its manifest is written it is not a complete checkpoint, so a kill
         before then resumes from the one before, as a kill during a waited save does.
@@ -918,6 +928,10 @@ class SFTTrainer:
                 untouched, and this step's partial files are ignored on resume. (Also an
                 earlier background save's failure, raised here before this save starts.)
         """
+        if not wait and jax.process_count() > 1:
+            raise ValueError("wait: background checkpoints need a single process (orbax's "
+                             f"save synchronizes the {jax.process_count()} processes); got "
+                             "wait=False")
         self.wait_for_checkpoint()
         own = manager is None
         mgr = manager or _checkpoint_manager(self.checkpoint_dir, self.config)
@@ -952,9 +966,21 @@ class SFTTrainer:
         Raises:
             CheckpointWriteError (or whatever else the save raised): that save failed.
         """
-        pending, self._background_save = self._background_save, None
-        if pending is not None:
-            pending.join()
+        pending = self._background_save
+        if pending is None:
+            return
+        error = pending.wait()  # interrupted (Ctrl-C): the save stays pending, not forgotten
+        self._background_save = None
+        if error is not None:
+            raise error
+
+    def _settle_background_save(self) -> None:
+        """Wait for a background save without raising its error (logged instead): for paths
+        that are failing already, and before the run's manager closes."""
+        try:
+            self.wait_for_checkpoint()
+        except Exception as e:  # noqa: BLE001 - an error of its own is already on its way
+            self._log(f"warning: a background checkpoint failed too: {e}")
 
     def _raise_if_background_save_failed(self) -> None:
         """Raise a background save's error as soon as it is known (checked every step)."""
@@ -968,15 +994,17 @@ class SFTTrainer:
         the next training step donates, so overwrites, the trainer's own buffers)."""
         import orbax.checkpoint as ocp
 
-        state = _copy_arrays(self.state) if copy else self.state
+        state = self.state
         if jax.process_count() == 1 and self.placement is not None:
             # one process: replicated arrays go to orbax as one device's copy. Orbax writes
             # a replicated array on N devices in N slices (replica-parallel writes), each an
             # eager slice op: ~25% of a 2-device gpt-small save. Restores take the reader's
             # shardings anyway; sharded arrays are left as they are (no gather).
-            first = SingleDeviceSharding(jax.local_devices()[0])
+            first = SingleDeviceSharding(self.placement.mesh.devices.flat[0])
             state = jax.device_put(state, jax.tree.map(
                 lambda x: first if x.sharding.is_fully_replicated else x.sharding, state))
+        if copy:  # after the move, so only one replica of a replicated array is copied
+            state = _copy_arrays(state)
         opt: Any = {"opt_state": state.opt_state, "rng": state.rng}
         # the optimizer state as a few vectors where it is whole on every device (one
         # process): orbax's bookkeeping is per array, ~3 ms each (gpt-small's save 255 ->
@@ -1025,6 +1053,7 @@ class SFTTrainer:
         """
         import orbax.checkpoint as ocp
 
+        self.wait_for_checkpoint()  # never read (or set aside) a checkpoint still being written
         if not self.checkpoint_dir.is_dir():
             return None
         if manager is None:
@@ -1145,11 +1174,13 @@ class SFTTrainer:
             CheckpointError: ``resume`` and checkpoints exist, but none verifies.
             CheckpointWriteError: a checkpoint could not be written (e.g. a full disk).
         """
+        self.wait_for_checkpoint()  # a save(wait=False) of the caller's lands before the run opens
         with RunLock(self.out_dir, warn=self._log):
             mgr = self._open_run(resume)
             try:
                 return self._loop(mgr, on_step)
             finally:
+                self._settle_background_save()  # never close the manager under a writer
                 mgr.close()
 
     def _open_run(self, resume: bool) -> Any:
@@ -1204,10 +1235,7 @@ class SFTTrainer:
         except BaseException:
             # the run is failing anyway: a periodic checkpoint still being written finishes
             # (nothing is lost); its own error, if any, is logged, not raised over this one
-            try:
-                self.wait_for_checkpoint()
-            except Exception as e:  # noqa: BLE001
-                self._log(f"warning: a background checkpoint failed too: {e}")
+            self._settle_background_save()
             raise
         finally:
             session.metrics_file.close()
