@@ -466,6 +466,25 @@ def _tokens_one_by_one(model, tokens):
     return out, state
 
 
+def _picked_against_xla(monkeypatch, model, tokens, module, name):
+    """``(want, got, args)``: ``tokens`` fed one by one in the XLA mode (``want``) and with
+    the picked kernels (``got``), ``module.name``'s positional arguments recorded per call
+    in the second run."""
+    monkeypatch.setenv(gemv.GEMV_ENV, "xla")
+    want = _tokens_one_by_one(model, tokens)
+    _picked(monkeypatch)
+    args = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: args.append(a) or real(*a, **k))
+    return want, _tokens_one_by_one(model, tokens), args
+
+
+def _assert_trees_close(got, want):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def _conv_want(x, w, cache, cw, cb, conv_start, norm):
     """The matmul (XLA) then the conv's one-token step (``kernels.conv``, jax backend)."""
     from linearnexus.kernels.conv.api import conv_step
@@ -556,17 +575,10 @@ def test_conv_runs_in_the_input_projection(monkeypatch, pattern, options):
                       block_options=options)
     model = LMModel(cfg, rngs=nnx.Rngs(2))
 
-    monkeypatch.setenv(gemv.GEMV_ENV, "xla")
-    want = _tokens_one_by_one(model, (3, 17, 40))
-    _picked(monkeypatch)
-    calls = []
-    real = common.one_row_conv
-    monkeypatch.setattr(common, "one_row_conv", lambda *a, **k: calls.append(1) or real(*a, **k))
-    got = _tokens_one_by_one(model, (3, 17, 40))
+    want, got, calls = _picked_against_xla(monkeypatch, model, (3, 17, 40), common,
+                                           "one_row_conv")
     assert len(calls) == 3 * cfg.n_layers
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                   rtol=1e-5, atol=1e-5)
+    _assert_trees_close(got, want)
 
 
 def test_ssd_layer_without_a_conv_refuses_conv_operands():
@@ -651,15 +663,8 @@ def test_batch1_delta_layer_splits_values_over_programs(monkeypatch, output_gate
                                                         "use_output_gate": output_gate}})
     model = LMModel(cfg, rngs=nnx.Rngs(6))
 
-    monkeypatch.setenv(gemv.GEMV_ENV, "xla")
-    want = _tokens_one_by_one(model, (5, 9, 33))
-    _picked(monkeypatch)
-    specs = []
-    real = deltanet.delta_layer_step
-    monkeypatch.setattr(deltanet, "delta_layer_step",
-                        lambda spec, *a, **k: specs.append(spec) or real(spec, *a, **k))
-    got = _tokens_one_by_one(model, (5, 9, 33))
+    want, got, calls = _picked_against_xla(monkeypatch, model, (5, 9, 33), deltanet,
+                                           "delta_layer_step")
+    specs = [a[0] for a in calls]
     assert [(sp.value_blocks, sp.norm_out) for sp in specs] == [(4, False)] * 6
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                   rtol=1e-5, atol=1e-5)
+    _assert_trees_close(got, want)

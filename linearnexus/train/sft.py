@@ -576,12 +576,9 @@ def _unflat_by_dtype(flat: Mapping[str, np.ndarray], like: Any) -> Any:
 def _place_like(host: Any, like: Any) -> Any:
     """Host arrays placed with the dtypes and shardings of ``like``'s arrays (a process
     fills only its own devices' shards when there are several)."""
-    def put(h: np.ndarray, ref: jax.Array) -> jax.Array:
-        h = np.asarray(h, dtype=ref.dtype)
-        if jax.process_count() == 1:
-            return jax.device_put(h, ref.sharding)
-        return jax.make_array_from_callback(h.shape, ref.sharding, lambda index: h[index])
-    return jax.tree.map(put, host, like)
+    from linearnexus.parallel.training import _put  # the Placement's own helper
+
+    return jax.tree.map(lambda h, ref: _put(np.asarray(h, ref.dtype), ref.sharding), host, like)
 
 
 class _BackgroundSave:

@@ -124,7 +124,9 @@ def delta_layer_step(spec: DeltaLayerSpec, proj: Array, conv_cache: Array | None
     Raises:
         ValueError: an argument of the wrong shape, naming it.
         NotImplementedError: a spec the kernel does not take (head sizes not powers of
-            two, a state tile over 16384, a conv narrower than 2).
+            two, a state tile over 16384, a conv narrower than 2, ``value_blocks`` that
+            does not split V into power-of-two blocks, or ``value_blocks > 1`` with
+            ``norm_out`` or a conv).
     """
     batch = _start(spec, proj, f"K={spec.key_dim}, V={spec.value_dim}")
     h, kd, vd = spec.heads, spec.key_dim, spec.value_dim
