@@ -22,14 +22,16 @@ finished):
    states <= 5e-3, gradients <= 1e-2, NaN fails): ``gated_delta_rule(backend="mosaic")``
    through the api, the output, final state and the gradients of
    ``sum(o * do) + sum(ht * dht)`` w.r.t. q, k, v, g, beta (and the initial state) against
-   ``backend="naive"`` (float32 inputs, highest matmul precision), at every ``--seqs`` x
+   ``backend="naive"`` (float32 inputs, highest matmul precision), with the backward
+   ``--check-backward`` names (default the Mosaic kernels), at every ``--seqs`` x
    ``--dims`` (B = 2, H = 4, K = V = D), with an initial state and without one (the
    reference then runs from a zero state); then delta_rule (no gate) at T = 1000, D = 128
    with an initial state and T = 63, D = 64 without. No new check starts after
    ``--check-share`` of the budget.
 3. Speed at ``--shape`` (bf16, no states): forward and forward+backward (the gradient of
    ``sum(o * do)`` w.r.t. q, k, v, g, beta) through the api for mosaic (the heuristic's
-   config) and pallas, with ``kernels_gpu.host_time`` (host clock around back-to-back
+   config), mosaic with the Mosaic backward (``MosaicConfig(backward="mosaic")``) and
+   pallas, with ``kernels_gpu.host_time`` (host clock around back-to-back
    calls, median of 5, inputs rotated past L2); plus ``||mosaic - pallas|| / ||pallas||``
    of the output at that shape.
 4. FLA's ``chunk_gated_delta_rule`` at the same shape and method, in a child process
@@ -214,6 +216,8 @@ def main() -> None:
     parser.add_argument("--dims", nargs="+", type=int, default=[128, 64])
     parser.add_argument("--shape", default="8,4096,16,128")
     parser.add_argument("--no-fla", action="store_true")
+    parser.add_argument("--check-backward", choices=["mosaic", "pallas"], default="mosaic",
+                        help="the backward the numerics checks run (MosaicConfig.backward)")
     parser.add_argument("--check-share", type=float, default=0.5,
                         help="share of the budget after which no new check starts")
     parser.add_argument("--extras-reserve", type=float, default=15.0,
@@ -253,11 +257,16 @@ def main() -> None:
         if time.perf_counter() > checks_until:
             results["skipped"].append(f"check {label}: budget spent")
             continue
+        kernel = ops()[op].BACKENDS["mosaic"]
+        kernel.config = MosaicConfig(backward=args.check_backward)
         try:
             row = check(op, T, D, h0, 9000 + i, ref_cache)
         except Exception as e:  # noqa: BLE001 - report it and go on
             row = {"op": op, "T": T, "D": D, "h0": h0, "status": "ERROR",
                    "error": kg.short_error(e)}
+        finally:
+            kernel.config = None
+        row["backward"] = args.check_backward
         results["checks"].append(row)
         errs = " ".join(f"{n}={e:.1e}" for n, e in row.get("errors", {}).items())
         kg.log(f"{row['status']:5s} {label}: {errs or row.get('error', '')}"
@@ -288,6 +297,7 @@ def main() -> None:
         save()
 
     timing("mosaic", "mosaic", None)
+    timing("mosaic bwd=mosaic", "mosaic", MosaicConfig(backward="mosaic"))
     timing("pallas", "pallas", None)
     if "mosaic" in outs and "pallas" in outs:
         results["mosaic_vs_pallas_o"] = kg.rel_err(outs["mosaic"], outs["pallas"])

@@ -11,6 +11,7 @@ the reason, when the installed JAX's Mosaic GPU lacks an API the kernels use.
 from __future__ import annotations
 
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -198,11 +199,17 @@ def _delta_specs(B, T, H, K, V, h0, gated):
     ((2, 1000, 2, 128, 128), True, True, None),
     # the ungated delta rule, odd head dims (padded), one pipeline stage
     ((1, 63, 3, 40, 72), False, False, MosaicConfig(stages=1, bwd_stages=1)),
+    # the Mosaic backward: gated with an initial state, and ungated at one stage
+    ((2, 1000, 2, 128, 128), True, True, MosaicConfig(backward="mosaic")),
+    ((1, 63, 3, 40, 72), False, False, MosaicConfig(backward="mosaic", bwd_stages=1,
+                                                    dqk_stages=1)),
 ])
 def test_delta_rules_mosaic_lower_forward_and_backward(shape, h0, gated, config, monkeypatch):
     """The delta rules' mosaic backend lowers for CUDA: the forward is the Triton WY kernel
     and one Mosaic GPU kernel; under the gradient that kernel stores the states and vn, and
-    the Triton backward (dv, dh, dq / dk, WY backward) follows, with no Triton fwd_h."""
+    the Triton backward (dv, dh, dq / dk, WY backward) follows, with no Triton fwd_h; with
+    ``backward="mosaic"`` the backward is the two Mosaic kernels (reverse walk, dq / dk)
+    and the Triton WY backward."""
     monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")
 
     def fwd(q, k, v, beta, g, s0):
@@ -218,20 +225,23 @@ def test_delta_rules_mosaic_lower_forward_and_backward(shape, h0, gated, config,
     assert text.count("custom_call @mosaic_gpu") == 1 and text.count("xla.gpu.triton") == 1
     argnums = tuple(i for i, s in enumerate(specs) if s is not None)
     grad_text = _lower(jax.value_and_grad(loss, argnums=argnums), *specs)
-    assert grad_text.count("custom_call @mosaic_gpu") == 1
-    assert grad_text.count("xla.gpu.triton") == 5
+    mosaic_bwd = config is not None and config.backward == "mosaic"
+    assert grad_text.count("custom_call @mosaic_gpu") == (3 if mosaic_bwd else 1)
+    assert grad_text.count("xla.gpu.triton") == (2 if mosaic_bwd else 5)
 
 
 @pytest.mark.skipif(REASON is not None or gpu_interpret_reason() is not None,
                     reason=REASON or gpu_interpret_reason() or "")
-@pytest.mark.parametrize("op", ["gated_delta_rule", "simple_gla"])
+@pytest.mark.parametrize("op", ["gated_delta_rule", "gated_delta_rule/mosaic-bwd",
+                                "simple_gla"])
 def test_mosaic_matches_reference_in_the_interpreter(op):
     """The Mosaic GPU kernels run on the CPU by JAX's Mosaic GPU interpreter (JAX 0.11),
     forward and gradient, against the per-step reference: the gated delta rule (the
-    Mosaic forward storing the states and vn, then the Triton backward in interpret mode)
-    and simple_gla (Mosaic forward and both Mosaic backward kernels). bf16, two chunks
-    (T = 100, the last one padded), an initial state; thresholds as on the GPU (outputs and
-    states 5e-3, gradients 1e-2)."""
+    Mosaic forward storing the states and vn, then the Triton backward in interpret mode,
+    or with ``backward="mosaic"`` the two Mosaic backward kernels) and simple_gla (Mosaic
+    forward and both Mosaic backward kernels). bf16, two chunks (T = 100, the last one
+    padded), an initial state; thresholds as on the GPU (outputs and states 5e-3,
+    gradients 1e-2)."""
     B, T, H, K, V = 1, 100, 1, 64, 64
     ks = jax.random.split(jax.random.PRNGKey(3), 8)
     q = jax.random.normal(ks[0], (B, T, H, K)).astype(jnp.bfloat16)
@@ -255,9 +265,11 @@ def test_mosaic_matches_reference_in_the_interpreter(op):
     else:
         args, names = (q, k, v, g, beta, s0), ("dq", "dk", "dv", "dg", "dbeta", "dh0")
 
+        config = MosaicConfig(backward="mosaic" if op.endswith("mosaic-bwd") else "pallas")
+
         def mosaic(q, k, v, g, beta, s0):
             return delta_rule_mosaic(q, k, v, beta, g, scale=K ** -0.5, initial_state=s0,
-                                     check_device=False)
+                                     config=config, check_device=False)
 
         def reference(q, k, v, g, beta, s0):
             return gated_delta_rule_reference(q, k, v, g, beta, scale=K ** -0.5,
@@ -320,13 +332,17 @@ def test_delta_mosaic_dispatch_and_declines_what_it_does_not_cover(monkeypatch):
         delta_rule_mosaic(q.astype(jnp.float32), q, q, beta, g, scale=1.0, check_device=False)
     if REASON is None:
         q128 = jnp.ones((1, 8, 1, 128), jnp.bfloat16)
-        for config, match in ((MosaicConfig(backward="mosaic"), "Triton backward"),
-                              (MosaicConfig(block_v=128), "block_v"),
-                              (MosaicConfig(dqk_stages=2), "dqk_stages"),
-                              (MosaicConfig(stages=3), "stages=3"),
-                              (MosaicConfig(bwd_stages=3), "bwd_stages=3")):
-            with pytest.raises(ValueError, match=f"config.*{match}"):
-                delta_rule_mosaic(q128, q128, q128, beta, g, scale=1.0, config=config,
+        v256 = jnp.ones((1, 8, 1, 256), jnp.bfloat16)
+        for config, v, match in (
+                (MosaicConfig(backward="mosaic"), v256, "backward='mosaic' at K=128, V=256"),
+                (MosaicConfig(block_v=128), q128, "block_v"),
+                (MosaicConfig(dqk_stages=2), q128, "dqk_stages sets"),
+                (MosaicConfig(backward="mosaic", dqk_stages=3), q128, "dqk_stages=3"),
+                (MosaicConfig(backward="mosaic", bwd_stages=3), q128, "bwd_stages=3"),
+                (MosaicConfig(stages=3), q128, "stages=3"),
+                (MosaicConfig(bwd_stages=3), q128, "bwd_stages=3")):
+            with pytest.raises(ValueError, match=f"config.*{re.escape(match)}"):
+                delta_rule_mosaic(q128, q128, v, beta, g, scale=1.0, config=config,
                                   check_device=False)
     for K in (64, 128):  # the heuristic fits shared memory
         for n_chunks in (1, 64):

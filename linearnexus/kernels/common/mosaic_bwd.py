@@ -70,12 +70,15 @@ DQK_BLOCK_K = 64
 STATE_BLOCK_V = 64
 
 
-def state_smem_bytes(*, chunk: int, key_dim: int, block_v: int, stages: int, itemsize: int) -> int:
+def state_smem_bytes(*, chunk: int, key_dim: int, block_v: int, stages: int, itemsize: int,
+                     delta: bool = False) -> int:
     """Shared memory of one ``state_grad`` program: per stage the q, k, do, gate, dv and dh
-    tiles; the scaled-do tile; the scoped float32 staging tile of dht / dh0."""
+    tiles; the scaled-do tile; the scoped float32 staging tile of dht / dh0. ``delta``: one
+    more ``[L, K]`` slot a stage (``w``) and the ``-dvn`` tile."""
     L, K, BV = chunk, key_dim, block_v
-    per_stage = (2 * L * K + 2 * L * BV + K * BV) * itemsize + (2 * L + K) * 4
-    return L * BV * itemsize + max(stages * per_stage, K * BV * 4)
+    per_stage = ((3 if delta else 2) * L * K + 2 * L * BV + K * BV) * itemsize + (2 * L + K) * 4
+    scratch = (2 if delta else 1) * L * BV * itemsize
+    return scratch + max(stages * per_stage, K * BV * 4)
 
 
 def dqk_smem_bytes(*, chunk: int, key_dim: int, value_dim: int, stages: int, itemsize: int) -> int:
@@ -90,13 +93,19 @@ def _bcast(x: Array, shape: tuple[int, int], dim: int) -> Array:
     return jax.lax.broadcast_in_dim(x, shape, [dim])
 
 
-def _state_grad_kernel(q_ref, k_ref, do_ref, b_ref, d_ref, e_ref, dht_ref, dv_ref, dh_ref,
-                       dh0_ref, doe_smem, bar, *, st: MosaicStatic, dtype: Any,
-                       stages: int) -> None:
+def _state_grad_kernel(*refs, st: MosaicStatic, dtype: Any, stages: int) -> None:
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     c = st.core
+    delta = c.delta  # the delta rules: dv is dvn, and dS_c loses w^T dvn
+    if delta:
+        (q_ref, k_ref, do_ref, b_ref, d_ref, e_ref, w_ref, dht_ref, dv_ref, dh_ref, dh0_ref,
+         doe_smem, ndv_smem, bar) = refs
+    else:
+        (q_ref, k_ref, do_ref, b_ref, d_ref, e_ref, dht_ref, dv_ref, dh_ref, dh0_ref,
+         doe_smem, bar) = refs
+        w_ref = ndv_smem = None
     L, K, BV, NC = c.chunk, c.key_dim, min(c.value_dim, STATE_BLOCK_V), c.n_chunks
     wgmma_layout = plgpu.Layout.WGMMA
     rows_layout, cols_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)
@@ -107,7 +116,9 @@ def _state_grad_kernel(q_ref, k_ref, do_ref, b_ref, d_ref, e_ref, dht_ref, dv_re
     upper = (plgpu.broadcasted_iota(jnp.int32, (L, L), 1, layout=wgmma_layout)
              >= plgpu.broadcasted_iota(jnp.int32, (L, L), 0, layout=wgmma_layout))
 
-    def body(_, q_smem, k_smem, do_smem, b_smem, d_smem, e_smem, dv_smem, dh_smem, ds):
+    def body(_, q_smem, k_smem, do_smem, b_smem, d_smem, e_smem, *rest):
+        w_smem, rest = (rest[0], rest[1:]) if delta else (None, rest)
+        dv_smem, dh_smem, ds = rest
         # dS_{c+1} in the input dtype: the k dS matmul reads it, and it goes out for dqk
         dh_smem[...] = ds.astype(dtype)
         plgpu.commit_smem()
@@ -129,8 +140,10 @@ def _state_grad_kernel(q_ref, k_ref, do_ref, b_ref, d_ref, e_ref, dht_ref, dv_re
         def intra_dv(acc_dv):
             wgmma_regs(acc_dv, at.astype(dtype), do_smem)  # registers [L, L] @ SMEM [L, BV]
 
-        dv = wgmma_onto(kds * _bcast(d_row, (L, BV), 0), intra_dv)
+        dv = wgmma_onto(kds * _bcast(d_row, (L, BV), 0), intra_dv)  # dvn for the delta rules
         dv_smem[...] = dv.astype(dtype)
+        if delta:  # -dvn in the input dtype, the B operand of the w^T dvn term below
+            ndv_smem[...] = (-dv).astype(dtype)
 
         # dS_c = e^{b_L} dS_{c+1} + q^T (s e^{b} do): the decay goes on do's rows
         do = _load(do_smem, wgmma_layout).astype(F32)  # [L, BV]
@@ -140,6 +153,8 @@ def _state_grad_kernel(q_ref, k_ref, do_ref, b_ref, d_ref, e_ref, dht_ref, dv_re
 
         def update(acc_s):
             plgpu.wgmma(acc_s, q_t, doe_smem)  # [K, L] @ [L, BV]
+            if delta:  # dS_c -= w^T dvn: vn = u - w S_c carries S_c into the chunk's values
+                plgpu.wgmma(acc_s, _transposed(w_smem), ndv_smem)  # [K, L] @ [L, BV]
 
         return wgmma_onto(ds * _bcast(e_row, (K, BV), 0), update)
 
@@ -154,6 +169,12 @@ def _state_grad_kernel(q_ref, k_ref, do_ref, b_ref, d_ref, e_ref, dht_ref, dv_re
         plgpu.BlockSpec((L,), lambda c: (back(c),)),  # e^{b_L - b}
         plgpu.BlockSpec((K,), lambda c: (back(c),)),  # e^{b_L}, K copies per chunk
     ]
+    ins = [q_ref.at[r, :, h, :], k_ref.at[r, :, h, :], do_ref.at[r, :, h, vs], b_ref.at[r, h],
+           d_ref.at[r, h], e_ref.at[r, h]]
+    if delta:  # w, [L, K] per chunk
+        in_specs.append(plgpu.BlockSpec((L, K), lambda c: (back(c), 0),
+                                        transforms=_swizzled(K, dtype)))
+        ins.append(w_ref.at[r, :, h, :])
     out_specs = [
         plgpu.BlockSpec((L, BV), lambda c: (back(c), 0), transforms=_swizzled(BV, dtype)),  # dv
         plgpu.BlockSpec((None, K, BV), lambda c: (back(c), 0, 0),
@@ -161,9 +182,7 @@ def _state_grad_kernel(q_ref, k_ref, do_ref, b_ref, d_ref, e_ref, dht_ref, dv_re
     ]
     pipeline = plgpu.emit_pipeline(body, grid=(NC,), in_specs=in_specs, out_specs=out_specs,
                                    max_concurrent_steps=stages, init_carry=ds0)
-    ds_first = pipeline(q_ref.at[r, :, h, :], k_ref.at[r, :, h, :], do_ref.at[r, :, h, vs],
-                        b_ref.at[r, h], d_ref.at[r, h], e_ref.at[r, h],
-                        dv_ref.at[r, :, h, vs], dh_ref.at[r, :, h, :, vs])
+    ds_first = pipeline(*ins, dv_ref.at[r, :, h, vs], dh_ref.at[r, :, h, :, vs])
     _state_out(ds_first, dh0_ref.at[r, h, :, vs])
 
 
@@ -262,30 +281,37 @@ def _dqk_kernel(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, d_ref, dq_ref
 
 
 def run_state_grad(st: MosaicStatic, q: Array, k: Array, do: Array, gates: tuple[Array, ...],
-                   dfinal: Array) -> tuple[Array, Array, Array]:
+                   dfinal: Array, w: Array | None = None) -> tuple[Array, Array, Array]:
     """The reverse walk: ``(dv [R, TP, H, V], dh [R, NC, H, K, V] (dS_{c+1} per chunk, in
-    q's dtype), dh0 [R, H, K, V] float32)``; ``gates`` from ``mosaic_chunk.gate_rows``."""
+    q's dtype), dh0 [R, H, K, V] float32)``; ``gates`` from ``mosaic_chunk.gate_rows``. For
+    the delta rules (``st.core.delta``) ``w [R, TP, H, K]`` is the WY form's and ``dv`` is
+    the gradient of ``vn = u - w S_c`` (which is ``u``'s)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     c = st.core
+    if c.delta != (w is not None):
+        raise ValueError(f"w: expected {'[R, TP, H, K]' if c.delta else 'None'} for "
+                         f"delta={c.delta}, got {None if w is None else w.shape}")
     R, NC, L, H, K, V = c.rows, c.n_chunks, c.chunk, c.heads, c.key_dim, c.value_dim
     dtype = q.dtype
     bv = min(V, STATE_BLOCK_V)
     stages = st.bwd_stages or deepest_stages(lambda s: state_smem_bytes(
-        chunk=L, key_dim=K, block_v=bv, stages=s,
-        itemsize=jnp.dtype(dtype).itemsize) <= SMEM_LIMIT, 3)
+        chunk=L, key_dim=K, block_v=bv, stages=s, itemsize=jnp.dtype(dtype).itemsize,
+        delta=c.delta) <= SMEM_LIMIT, 3)
+    tile = plgpu.SMEM((L, bv), dtype, transforms=_swizzled(bv, dtype))
+    # the scaled-do tile, and for the delta rules the -dvn tile
+    scratch = (tile, tile) if c.delta else (tile,)
     return plgpu.kernel(
         functools.partial(_state_grad_kernel, st=st, dtype=dtype, stages=stages),
         out_type=(jax.ShapeDtypeStruct((R, NC * L, H, V), dtype),
                   jax.ShapeDtypeStruct((R, NC, H, K, V), dtype),
                   jax.ShapeDtypeStruct((R, H, K, V), F32)),
-        scratch_types=(plgpu.SMEM((L, bv), dtype, transforms=_swizzled(bv, dtype)),
-                       plgpu.Barrier(num_barriers=1)),
+        scratch_types=(*scratch, plgpu.Barrier(num_barriers=1)),
         grid=(V // bv, H, R),
         grid_names=("v", "h", "r"),
         compiler_params=compiler_params(),
         **interpret_kwargs(),
-    )(q, k, do.astype(dtype), *gates, dfinal.astype(F32))
+    )(q, k, do.astype(dtype), *gates, *(() if w is None else (w,)), dfinal.astype(F32))
 
 
 def run_dqk(st: MosaicStatic, q: Array, k: Array, v: Array, do: Array, h: Array, dh: Array,
@@ -330,10 +356,55 @@ def mosaic_backward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array, h:
         dh0 [R, H, K, V] float32)``.
     """
     c = st.core
-    R, NC, L, H = c.rows, c.n_chunks, c.chunk, c.heads
-    gates = gate_rows(b, L, c.key_dim)
+    gates = gate_rows(b, c.chunk, c.key_dim)
     dv, dh, dh0 = run_state_grad(st, q, k, do, gates, dfinal)
     dq, dk, term, kdk, sds = run_dqk(st, q, k, v, do, h, dh, gates)
+    return dq, dk, dv, _gate_grad(st, gates, term, kdk, sds), dh0
+
+
+def mosaic_delta_backward(st: MosaicStatic, q: Array, k: Array, w: Array, b: Array, h: Array,
+                          vn: Array, do: Array, dfinal: Array
+                          ) -> tuple[Array, Array, Array, Array, Array, Array]:
+    """Gradients of the delta rules' chunk core (``vn = u - w S_c`` in place of ``v``) through
+    the two Mosaic GPU kernels.
+
+    The reverse walk runs with ``w``: its ``dv`` is ``dvn = dv_intra + e^{b_L - b} (k dS_{c+1})``,
+    the gradient of ``u``, and its state gradient takes ``- w^T dvn`` per chunk
+    (``dS_c = e^{b_L} dS_{c+1} + q^T (s e^{b} do) - w^T dvn``). ``dq / dk`` and the gate terms
+    are simple_gla's with ``vn`` (the forward's, stored) as the values: ``vn`` is what each
+    chunk adds to the state, and the ``w S`` term moves with the entering state, so the gate
+    gradient gains no term (``pallas_chunk.py``'s module doc). ``dw = -dvn S_c^T`` per chunk
+    is one batched matmul in XLA (``dq / dk`` has no shared memory left for the ``[L, V]``
+    tile of ``dvn`` at two stages).
+
+    Args:
+        st: static description (``st.core.delta``). q, k, w: ``[R, TP, H, K]``. b:
+            ``[R, TP, H]`` float32 in-chunk cumsum of the log-gates (zeros without a gate).
+            h: ``[R, NC, H, K, V]`` the entering states and vn: ``[R, TP, H, V]`` (both from
+            the forward that stores them). do: ``[R, TP, H, V]``. dfinal: ``[R, H, K, V]``.
+
+    Returns:
+        ``(dq, dk, du, dw)`` in q's dtype (``[R, TP, H, K]``, ``du [R, TP, H, V]``),
+        ``dg [R, TP, H]`` float32 and ``dh0 [R, H, K, V]`` float32.
+    """
+    c = st.core
+    R, NC, L, H, K, V = c.rows, c.n_chunks, c.chunk, c.heads, c.key_dim, c.value_dim
+    gates = gate_rows(b, L, K)
+    dvn, dh, dh0 = run_state_grad(st, q, k, do, gates, dfinal, w=w)
+    dq, dk, term, kdk, sds = run_dqk(st, q, k, vn, do, h, dh, gates)
+    dvn_c = dvn.reshape(R, NC, L, H, V)  # [R, TP, H, V] -> [R, NC, L, H, V]
+    # [R, NC, L, H, V] x [R, NC, H, K, V] -> [R, NC, L, H, K]: dvn S_c^T per chunk
+    dws = jnp.einsum("rclhv,rchkv->rclhk", dvn_c, h, preferred_element_type=F32)
+    dw = (-dws).astype(q.dtype).reshape(R, NC * L, H, K)  # [R, NC, L, H, K] -> [R, TP, H, K]
+    return dq, dk, dvn, dw, _gate_grad(st, gates, term, kdk, sds), dh0
+
+
+def _gate_grad(st: MosaicStatic, gates: tuple[Array, ...], term: Array, kdk: Array,
+               sds: Array) -> Array:
+    """``dg [R, TP, H]`` float32 from ``dqk``'s per-token terms ``term, kdk [NK, R, H, TP]``
+    and per-key-row ``sds [R, H, NC, K]`` (module doc)."""
+    c = st.core
+    R, NC, L, H = c.rows, c.n_chunks, c.chunk, c.heads
     # dg_t = sum_{i >= t} term_i + sum_{j < t} kdk_j + e^{b_L} <S_c, dS_{c+1}>, per chunk
     term = jnp.sum(term, axis=0).reshape(R, H, NC, L)  # [NK, R, H, TP] -> [R, H, NC, L]
     kdk = jnp.sum(kdk, axis=0).reshape(R, H, NC, L)
@@ -342,4 +413,4 @@ def mosaic_backward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array, h:
     b_last = gates[0].reshape(R, H, NC, L)[..., -1:]  # [R, H, TP] -> [R, H, NC, L] -> [.., 1]
     carried = jnp.exp(b_last) * jnp.sum(sds, axis=3, keepdims=True)  # [R, H, NC, 1]
     dg = (after + before + carried).reshape(R, H, NC * L)  # [R, H, NC, L] -> [R, H, TP]
-    return dq, dk, dv, jnp.transpose(dg, (0, 2, 1)), dh0
+    return jnp.transpose(dg, (0, 2, 1))  # [R, H, TP] -> [R, TP, H]

@@ -1,4 +1,5 @@
-"""The delta rules' chunk core on Mosaic GPU (Hopper, sm_90+): forward kernel, Triton backward.
+"""The delta rules' chunk core on Mosaic GPU (Hopper, sm_90+): forward kernel, and a Triton
+or Mosaic GPU backward (``MosaicConfig.backward``).
 
 Checked on the H200 (``benchmarks/mosaic_gdn_check.py``, 2026-12-04): forward and every
 gradient through the api against the reference at T = 63, 1000, 4096, head dims 128, with
@@ -27,8 +28,16 @@ The backward (``jax.custom_vjp``): under a gradient the kernel also stores every
 entering state ``S_c`` (the bf16 tile of the ``w S_c`` / ``q S_c`` matmuls becomes a
 pipeline output slot, as simple_gla's ``store_states``) and ``vn`` (likewise): exactly the
 two residuals the Triton ``pallas`` backend keeps from its ``fwd_h``, so no recompute and no
-more memory than that backend. The Triton core backward (``pallas_chunk._core_bwd``) reads
-them; the WY preparation's own ``custom_vjp`` (``pallas_wy.py``) then carries ``dw``,
+more memory than that backend. Two backwards read them:
+
+* ``backward="pallas"``: the Triton core backward (``pallas_chunk._core_bwd``: ``bwd_dv``,
+  ``bwd_dh``, ``bwd_dqk``);
+* ``backward="mosaic"``: simple_gla's two Mosaic kernels (``mosaic_bwd.mosaic_delta_backward``):
+  the reverse walk with ``w`` as one more input (``dvn`` is its ``dv``, and the state
+  gradient takes ``- w^T dvn`` per chunk as a second wgmma into its accumulator), ``dq / dk``
+  with ``vn`` as the values, and ``dw = -dvn S_c^T`` as one batched XLA matmul.
+
+Either way the WY preparation's own ``custom_vjp`` (``pallas_wy.py``) then carries ``dw``,
 ``du`` back to ``k``, ``v``, ``beta`` and ``g``.
 """
 
@@ -41,6 +50,8 @@ import jax
 import jax.numpy as jnp
 
 from linearnexus.core.types import Array
+from linearnexus.kernels.common import mosaic_bwd
+from linearnexus.kernels.common.mosaic_bwd import mosaic_delta_backward
 from linearnexus.kernels.common.mosaic_chunk import (
     HOPPER_SMS,
     SMEM_LIMIT,
@@ -61,9 +72,16 @@ OPT_IN_ENV = "LINEARNEXUS_MOSAIC_GDN"
 #: H200, 2026-12-04), so pallas stays the automatic choice until it wins there
 AUTOMATIC = False
 #: the feature table's note on the backend
-MOSAIC_STATUS = ("sm_90+, dense batches: Triton WY, Mosaic GPU forward walk, Triton backward; "
-                 "gated_delta_rule checked on an H200 (delta_rule in the interpreter), slower "
-                 "than pallas in LM training: automatic only with LINEARNEXUS_MOSAIC_GDN=1")
+MOSAIC_STATUS = ("sm_90+, dense batches: Triton WY, Mosaic GPU forward walk, Triton backward "
+                 "(Mosaic backward with MosaicConfig(backward='mosaic'): interpreter-checked, "
+                 "not yet on a GPU); gated_delta_rule checked on an H200 (delta_rule in the "
+                 "interpreter), slower than pallas in LM training: automatic only with "
+                 "LINEARNEXUS_MOSAIC_GDN=1")
+
+
+#: the gradient the heuristic picks where the Mosaic backward fits (V <= 128): "pallas" (the
+#: Triton backward kernels) until the Mosaic one is measured faster on the GPU
+DEFAULT_BACKWARD = "pallas"
 
 
 def delta_opted_in() -> bool:
@@ -91,18 +109,35 @@ def default_delta_config(*, rows: int, heads: int, key_dim: int, value_dim: int,
     stages = 3 if n_chunks >= 8 and fits(3) else 2 if fits(2) else 1
     if n_chunks >= 8 and (value_dim // block_v) * rows * heads > HOPPER_SMS:
         stages = 1
-    return MosaicConfig(chunk=64, block_v=block_v, stages=stages, backward="pallas")
+    backward = DEFAULT_BACKWARD
+    if backward == "mosaic" and not delta_backward_fits(chunk=64, key_dim=key_dim,
+                                                        value_dim=value_dim, itemsize=itemsize):
+        backward = "pallas"
+    return MosaicConfig(chunk=64, block_v=block_v, stages=stages, backward=backward)
+
+
+def delta_backward_fits(*, chunk: int, key_dim: int, value_dim: int, itemsize: int = 2) -> bool:
+    """Whether the delta rules' Mosaic backward fits shared memory at 2 stages: the reverse
+    walk with its ``w`` slots and ``-dvn`` tile, and ``dq / dk`` (whole ``[L, V]`` tiles, so
+    V <= 128)."""
+    return (mosaic_bwd.state_smem_bytes(chunk=chunk, key_dim=key_dim,
+                                        block_v=min(value_dim, mosaic_bwd.STATE_BLOCK_V),
+                                        stages=2, itemsize=itemsize, delta=True) <= SMEM_LIMIT
+            and mosaic_bwd.dqk_smem_bytes(chunk=chunk, key_dim=key_dim, value_dim=value_dim,
+                                          stages=2, itemsize=itemsize) <= SMEM_LIMIT)
 
 
 def check_delta_config(cfg: MosaicConfig, *, key_dim: int, value_dim: int) -> None:
     """Raise ``ValueError`` naming ``config`` for knobs the delta rules' kernel does not take
     (``cfg`` resolved: no None field but ``bwd_stages`` / ``dqk_stages``)."""
-    if cfg.backward != "pallas":
-        raise ValueError(f"config: backward={cfg.backward!r}: the delta rules' Mosaic backend "
-                         "has the Triton backward only (backward='pallas')")
-    if cfg.dqk_stages is not None:
-        raise ValueError("config: dqk_stages sets a Mosaic backward kernel the delta rules do "
-                         "not have; leave it None")
+    if cfg.backward == "pallas" and cfg.dqk_stages is not None:
+        raise ValueError("config: dqk_stages sets the Mosaic backward's dq / dk kernel, which "
+                         "backward='pallas' does not run; leave it None")
+    if cfg.backward == "mosaic" and not delta_backward_fits(chunk=cfg.chunk, key_dim=key_dim,
+                                                            value_dim=value_dim):
+        raise ValueError(f"config: backward='mosaic' at K={key_dim}, V={value_dim}: the dq / dk "
+                         "kernel holds whole [L, V] tiles, which do not fit shared memory past "
+                         "V = 128; use backward='pallas'")
     if cfg.block_v != 64 or value_dim % cfg.block_v:
         raise ValueError(f"config: block_v={cfg.block_v}: the delta rules' kernel takes 64 (at "
                          "128 the [K, 128] float32 state and three accumulators exceed a "
@@ -113,10 +148,21 @@ def check_delta_config(cfg: MosaicConfig, *, key_dim: int, value_dim: int) -> No
             continue
         need = smem_bytes(chunk=cfg.chunk, key_dim=key_dim, block_v=cfg.block_v, stages=stages,
                           itemsize=2, delta=True, store_states=stored)
+        if stored and cfg.backward == "mosaic":  # bwd_stages is the reverse walk's depth too
+            need = max(need, mosaic_bwd.state_smem_bytes(
+                chunk=cfg.chunk, key_dim=key_dim, block_v=min(value_dim, mosaic_bwd.STATE_BLOCK_V),
+                stages=stages, itemsize=2, delta=True))
         if need > SMEM_LIMIT:
             raise ValueError(f"config: {name}={stages} at K={key_dim} needs {need} bytes of "
                              f"shared memory with the delta rule's w and vn tiles, over the "
                              f"{SMEM_LIMIT} a block may use; use fewer stages")
+    if cfg.dqk_stages is not None:
+        need = mosaic_bwd.dqk_smem_bytes(chunk=cfg.chunk, key_dim=key_dim, value_dim=value_dim,
+                                         stages=cfg.dqk_stages, itemsize=2)
+        if need > SMEM_LIMIT:
+            raise ValueError(f"config: dqk_stages={cfg.dqk_stages} at K={key_dim}, V={value_dim} "
+                             f"needs {need} bytes of shared memory, over the {SMEM_LIMIT} a "
+                             "block may use; use fewer stages")
 
 
 def _gates(st: MosaicStatic, g: Array | None, like: Array) -> tuple[Array, Array | None]:
@@ -162,6 +208,12 @@ def _fwd_rule(st: MosaicStatic, q, k, u, w, g, h0):
 def _bwd_rule(st: MosaicStatic, res, cts):
     q, k, u, w, g, h0, h, vn, final = res
     core = st.core
+    if st.backward == "mosaic":
+        b, _ = _gates(st, g, q)  # zeros without a gate: the kernels read gate rows regardless
+        do, dfinal = cts
+        dq, dk, du, dw, dg, dh0 = mosaic_delta_backward(st, q, k, w, b, h, vn, do, dfinal)
+        return (dq, dk, du, dw, None if g is None else dg,
+                None if h0 is None else dh0.astype(h0.dtype))
     _, b = _gates(st, g, q)
     seq_info, flags = batch_layout_info(core.rows, core.n_chunks)
     full = (q, k, u, w, b, h0, seq_info, flags, h, vn, final)

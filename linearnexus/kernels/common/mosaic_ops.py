@@ -257,8 +257,8 @@ def delta_rule_mosaic(q: Array, k: Array, v: Array, beta: Array, g: Array | None
     w, uc, kc = wy_prepare(wst, kc, vc, _layout(beta, plan), gc)
     core = _core_static(dtype, plan, kp, vp, heads=heads, scale=scale, has_h0=h0 is not None,
                         gate="none" if g is None else "scalar", delta=True)
-    st = MosaicStatic(core=core, block_v=cfg.block_v, stages=cfg.stages, backward="pallas",
-                      bwd_stages=cfg.bwd_stages)
+    st = MosaicStatic(core=core, block_v=cfg.block_v, stages=cfg.stages, backward=cfg.backward,
+                      bwd_stages=cfg.bwd_stages, dqk_stages=cfg.dqk_stages)
     o, final = mosaic_delta_core(st, qc, kc, uc, w, gc, h0)
     o = _unlayout(o, plan)[..., :v.shape[3]].astype(v.dtype)
     return o, final[:, :, :q.shape[3], :v.shape[3]]
