@@ -32,7 +32,8 @@ so a killed call keeps what it finished):
 2. **Throughput** (``throughput``). A Gated DeltaNet LM: d_model 1024, 12 layers, vocab 8192,
    16 heads of K = 64, V = 128, SwiGLU MLP (hidden 2752), tied embeddings (~211M
    parameters), T = 2048, batch 8, float32 parameters, bf16 compute, AdamW; per backend in
-   ``--backends`` (``mosaic``, ``pallas``): ``--warmup`` steps (the first compiles), then
+   ``--backends`` (``mosaic``, ``pallas``; ``mosaic-bwd`` is ``mosaic`` with the delta
+   rules' Mosaic backward): ``--warmup`` steps (the first compiles), then
    ``--steps`` steps each blocked with ``jax.block_until_ready``: median ms/step and
    tokens/s = B T / median.
 3. **FLA** (``fla``). FLA 0.6.0's ``GatedDeltaNetForCausalLM`` of the same sizes (16 heads
@@ -87,6 +88,11 @@ SIZES = {
 PARTS = ("losses", "throughput", "fla")
 
 
+#: timed backend names beyond the ops' own: ``mosaic-bwd`` is ``mosaic`` with the delta
+#: rules' Mosaic backward (``MosaicConfig(backward="mosaic")``) in place of the Triton one
+MOSAIC_BWD = "mosaic-bwd"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (module doc); ``--quick`` / ``--cpu`` fill in their defaults."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -99,7 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loss-tol", type=float, default=2e-2,
                    help="max relative loss difference per step that passes (module doc)")
     p.add_argument("--backends", nargs="+", default=None,
-                   help="timed LinearNexus backends (default: mosaic pallas; --cpu: jax)")
+                   help="timed LinearNexus backends (default: mosaic pallas; --cpu: jax); "
+                        f"{MOSAIC_BWD}: mosaic with the delta rules' Mosaic backward")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (the first compiles)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (median)")
     p.add_argument("--budget", type=float, default=240.0,
@@ -192,6 +199,19 @@ def compare(ref: dict[str, Any], run: dict[str, Any], tol: float) -> dict[str, A
 
 def throughput_run(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     """ms/step and tokens/s of the GDN LM on ``backend`` (module doc, part 2)."""
+    if backend != MOSAIC_BWD:
+        return _throughput_run(backend, args)
+    from linearnexus.kernels.common.mosaic_chunk import MosaicConfig
+    from linearnexus.kernels.gated_delta_rule import api
+
+    api.BACKENDS["mosaic"].config = MosaicConfig(backward="mosaic")
+    try:
+        return {**_throughput_run("mosaic", args), "backend": MOSAIC_BWD}
+    finally:
+        api.BACKENDS["mosaic"].config = None
+
+
+def _throughput_run(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     import jax
     from common import shakespeare_batches
 

@@ -28,7 +28,11 @@ from linearnexus.kernels.common.mosaic_chunk import (
     mosaic_unavailable_reason,
     smem_bytes,
 )
-from linearnexus.kernels.common.mosaic_ops import delta_rule_mosaic, linear_attention_mosaic
+from linearnexus.kernels.common.mosaic_ops import (
+    PACKED_ENV,
+    delta_rule_mosaic,
+    linear_attention_mosaic,
+)
 from linearnexus.kernels.gated_delta_rule.reference import gated_delta_rule_reference
 from linearnexus.kernels.simple_gla.api import BACKENDS, simple_gla
 from linearnexus.kernels.simple_gla.reference import simple_gla_reference
@@ -88,7 +92,53 @@ def test_simple_gla_mosaic_lowers_forward_and_backward(shape, h0, config, monkey
         assert "xla.gpu.triton" not in grad_text
 
 
-def test_mosaic_declines_what_it_does_not_cover():
+@needs_mosaic
+@pytest.mark.parametrize("op,h0,config", [
+    ("simple_gla", True, None),  # the Mosaic backward
+    ("simple_gla", False, MosaicConfig(backward="pallas")),
+    ("gated_delta_rule", True, MosaicConfig(backward="mosaic")),
+    ("delta_rule", False, None),  # the Triton backward (the delta rules' default)
+])
+def test_packed_sequences_lower_forward_and_backward(op, h0, config, monkeypatch):
+    """Packed sequences (``cu_seqlens``, traced) lower for CUDA through the Mosaic kernels:
+    each chunk's sequence and open / close flags are read in the kernels, which load the
+    sequence's initial state (its final state's gradient) at the chunk that opens (closes)
+    it and store the final state (dh0) there; the same kernel counts as batch rows."""
+    monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")
+    monkeypatch.setenv(PACKED_ENV, "1")
+    N, T, H, K, V = 3, 300, 2, 64, 64
+    qk = jax.ShapeDtypeStruct((1, T, H, K), jnp.bfloat16)
+    v = jax.ShapeDtypeStruct((1, T, H, V), jnp.bfloat16)
+    g = jax.ShapeDtypeStruct((1, T, H), jnp.float32)
+    beta = jax.ShapeDtypeStruct((1, T, H), jnp.bfloat16)
+    s0 = jax.ShapeDtypeStruct((N, H, K, V), jnp.float32) if h0 else None
+    cu = jax.ShapeDtypeStruct((N + 1,), jnp.int32)
+    specs = (qk, qk, v, g, beta, s0, cu)
+
+    def fwd(q, k, v, g, beta, s0, cu):
+        if op == "simple_gla":
+            return linear_attention_mosaic(q, k, v, g, scale=0.1, initial_state=s0, cu_seqlens=cu,
+                                           config=config, check_device=False)
+        return delta_rule_mosaic(q, k, v, beta, g if op == "gated_delta_rule" else None,
+                                 scale=0.1, initial_state=s0, cu_seqlens=cu, config=config,
+                                 check_device=False)
+
+    def loss(*args):
+        o, final = fwd(*args)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
+
+    assert _lower(fwd, *specs).count("custom_call @mosaic_gpu") == 1
+    argnums = tuple(i for i, s in enumerate(specs[:-1]) if s is not None)
+    grad_text = _lower(jax.value_and_grad(loss, argnums=argnums), *specs)
+    mosaic_bwd = (config is None and op == "simple_gla") or (
+        config is not None and config.backward == "mosaic")
+    assert grad_text.count("custom_call @mosaic_gpu") == (3 if mosaic_bwd else 1)
+    wy = 0 if op == "simple_gla" else 2  # the delta rules' Triton WY forward and backward
+    triton_bwd = 0 if mosaic_bwd else (4 if op == "simple_gla" else 3)  # (fwd_h +) dv, dh, dqk
+    assert grad_text.count("xla.gpu.triton") == wy + triton_bwd
+
+
+def test_mosaic_declines_what_it_does_not_cover(monkeypatch):
     """What the kernel does not run raises NotImplementedError (so dispatch moves on), and a
     config over the shared-memory budget is a ValueError naming config."""
     q, k, v, g, _ = (-jnp.ones(s.shape, s.dtype) if s is not None else None
@@ -102,7 +152,8 @@ def test_mosaic_declines_what_it_does_not_cover():
             simple_gla(q, k, v, g, backend="mosaic", mode="chunk")
     with pytest.raises(NotImplementedError, match="float32"):
         linear_attention_mosaic(q.astype(jnp.float32), k, v, g, scale=1.0, check_device=False)
-    with pytest.raises(NotImplementedError, match="cu_seqlens"):
+    monkeypatch.delenv(PACKED_ENV, raising=False)  # packed: not on by default yet
+    with pytest.raises(NotImplementedError, match=PACKED_ENV):
         linear_attention_mosaic(q, k, v, g, scale=1.0, check_device=False,
                                 cu_seqlens=jnp.array([0, 3, 8], jnp.int32))
     with pytest.raises(NotImplementedError, match="key dim"):
@@ -233,16 +284,23 @@ def test_delta_rules_mosaic_lower_forward_and_backward(shape, h0, gated, config,
 @pytest.mark.skipif(REASON is not None or gpu_interpret_reason() is not None,
                     reason=REASON or gpu_interpret_reason() or "")
 @pytest.mark.parametrize("op", ["gated_delta_rule", "gated_delta_rule/mosaic-bwd",
-                                "simple_gla"])
-def test_mosaic_matches_reference_in_the_interpreter(op):
+                                "simple_gla", "simple_gla/packed", "gated_delta_rule/packed"])
+def test_mosaic_matches_reference_in_the_interpreter(op, monkeypatch):
     """The Mosaic GPU kernels run on the CPU by JAX's Mosaic GPU interpreter (JAX 0.11),
     forward and gradient, against the per-step reference: the gated delta rule (the
     Mosaic forward storing the states and vn, then the Triton backward in interpret mode,
     or with ``backward="mosaic"`` the two Mosaic backward kernels) and simple_gla (Mosaic
     forward and both Mosaic backward kernels). bf16, two chunks (T = 100, the last one
     padded), an initial state; thresholds as on the GPU (outputs and states 5e-3,
-    gradients 1e-2)."""
-    B, T, H, K, V = 1, 100, 1, 64, 64
+    gradients 1e-2). ``/packed``: four packed sequences of 70, 0, 30 and 64 tokens (one
+    empty, one closing mid-chunk, one a whole chunk), each with its initial state, through
+    the Mosaic backward."""
+    packed = op.endswith("/packed")
+    monkeypatch.setenv(PACKED_ENV, "1")
+    lens = (70, 0, 30, 64) if packed else None
+    B, T, H, K, V = 1, sum(lens) if packed else 100, 1, 64, 64
+    cu = jnp.array([0, *itertools.accumulate(lens)], jnp.int32) if packed else None
+    N = len(lens) if packed else B
     ks = jax.random.split(jax.random.PRNGKey(3), 8)
     q = jax.random.normal(ks[0], (B, T, H, K)).astype(jnp.bfloat16)
     k = jax.random.normal(ks[1], (B, T, H, K))
@@ -250,30 +308,31 @@ def test_mosaic_matches_reference_in_the_interpreter(op):
     v = jax.random.normal(ks[2], (B, T, H, V)).astype(jnp.bfloat16)
     g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H)))
     beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H))).astype(jnp.bfloat16)
-    s0 = jax.random.normal(ks[5], (B, H, K, V))
+    s0 = jax.random.normal(ks[5], (N, H, K, V))
     do = jax.random.normal(ks[6], (B, T, H, V))
-    dht = jax.random.normal(ks[7], (B, H, K, V))
-    if op == "simple_gla":
+    dht = jax.random.normal(ks[7], (N, H, K, V))
+    if op.startswith("simple_gla"):
         args, names = (q, k, v, g, s0), ("dq", "dk", "dv", "dg", "dh0")
 
         def mosaic(q, k, v, g, s0):
             return linear_attention_mosaic(q, k, v, g, scale=K ** -0.5, initial_state=s0,
-                                           check_device=False)
+                                           cu_seqlens=cu, check_device=False)
 
         def reference(q, k, v, g, s0):
-            return simple_gla_reference(q, k, v, g, scale=K ** -0.5, initial_state=s0)
+            return simple_gla_reference(q, k, v, g, scale=K ** -0.5, initial_state=s0,
+                                        cu_seqlens=cu)
     else:
         args, names = (q, k, v, g, beta, s0), ("dq", "dk", "dv", "dg", "dbeta", "dh0")
-
-        config = MosaicConfig(backward="mosaic" if op.endswith("mosaic-bwd") else "pallas")
+        mosaic_bwd = op.endswith("mosaic-bwd") or packed
+        config = MosaicConfig(backward="mosaic" if mosaic_bwd else "pallas")
 
         def mosaic(q, k, v, g, beta, s0):
             return delta_rule_mosaic(q, k, v, beta, g, scale=K ** -0.5, initial_state=s0,
-                                     config=config, check_device=False)
+                                     cu_seqlens=cu, config=config, check_device=False)
 
         def reference(q, k, v, g, beta, s0):
             return gated_delta_rule_reference(q, k, v, g, beta, scale=K ** -0.5,
-                                              initial_state=s0)
+                                              initial_state=s0, cu_seqlens=cu)
 
     def loss(fn, *args):
         o, final = fn(*args)

@@ -49,6 +49,9 @@ from linearnexus.core.types import Array
 from linearnexus.kernels.common.mosaic_chunk import (
     SMEM_LIMIT,
     MosaicStatic,
+    _chunk_flags,
+    _enter,
+    _leave,
     _load,
     _state_in,
     _state_out,
@@ -71,13 +74,14 @@ STATE_BLOCK_V = 64
 
 
 def state_smem_bytes(*, chunk: int, key_dim: int, block_v: int, stages: int, itemsize: int,
-                     delta: bool = False) -> int:
+                     delta: bool = False, packed: bool = False) -> int:
     """Shared memory of one ``state_grad`` program: per stage the q, k, do, gate, dv and dh
     tiles; the scaled-do tile; the scoped float32 staging tile of dht / dh0. ``delta``: one
-    more ``[L, K]`` slot a stage (``w``) and the ``-dvn`` tile."""
+    more ``[L, K]`` slot a stage (``w``) and the ``-dvn`` tile. ``packed``: the staging tile
+    stays beside the pipeline (each sequence's dht / dh0 pass through it inside)."""
     L, K, BV = chunk, key_dim, block_v
     per_stage = ((3 if delta else 2) * L * K + 2 * L * BV + K * BV) * itemsize + (2 * L + K) * 4
-    scratch = (2 if delta else 1) * L * BV * itemsize
+    scratch = (2 if delta else 1) * L * BV * itemsize + (K * BV * 4 if packed else 0)
     return scratch + max(stages * per_stage, K * BV * 4)
 
 
@@ -99,26 +103,37 @@ def _state_grad_kernel(*refs, st: MosaicStatic, dtype: Any, stages: int) -> None
 
     c = st.core
     delta = c.delta  # the delta rules: dv is dvn, and dS_c loses w^T dvn
-    if delta:
-        (q_ref, k_ref, do_ref, b_ref, d_ref, e_ref, w_ref, dht_ref, dv_ref, dh_ref, dh0_ref,
-         doe_smem, ndv_smem, bar) = refs
-    else:
-        (q_ref, k_ref, do_ref, b_ref, d_ref, e_ref, dht_ref, dv_ref, dh_ref, dh0_ref,
-         doe_smem, bar) = refs
-        w_ref = ndv_smem = None
+    packed = c.packed  # a row of packed sequences: dht enters and dh0 leaves at their chunks
+    refs = list(refs)
+    bar = refs.pop()
+    seq_smem = refs.pop() if packed else None
+    ndv_smem = refs.pop() if delta else None
+    doe_smem = refs.pop()
+    dv_ref, dh_ref, dh0_ref = refs[-3:]
+    refs = refs[:-3]
+    seq_ref, flag_ref = (refs.pop(-2), refs.pop()) if packed else (None, None)
+    dht_ref = refs.pop()
+    w_ref = refs.pop() if delta else None
+    q_ref, k_ref, do_ref, b_ref, d_ref, e_ref = refs
     L, K, BV, NC = c.chunk, c.key_dim, min(c.value_dim, STATE_BLOCK_V), c.n_chunks
     wgmma_layout = plgpu.Layout.WGMMA
     rows_layout, cols_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)
     iv, h, r = jax.lax.axis_index("v"), jax.lax.axis_index("h"), jax.lax.axis_index("r")
     vs = pl.ds(iv * BV, BV)
-    ds0 = _state_in(dht_ref.at[r, h, :, vs], bar, (K, BV))
+    if packed:  # each sequence's dht enters at the chunk that closes it
+        ds0 = plgpu.layout_cast(jnp.zeros((K, BV), F32), wgmma_layout)
+    else:
+        ds0 = _state_in(dht_ref.at[r, h, :, vs], bar, (K, BV))
     # [key j, query i]: Gamma^T keeps i >= j
     upper = (plgpu.broadcasted_iota(jnp.int32, (L, L), 1, layout=wgmma_layout)
              >= plgpu.broadcasted_iota(jnp.int32, (L, L), 0, layout=wgmma_layout))
 
-    def body(_, q_smem, k_smem, do_smem, b_smem, d_smem, e_smem, *rest):
+    def body(idx, q_smem, k_smem, do_smem, b_smem, d_smem, e_smem, *rest):
         w_smem, rest = (rest[0], rest[1:]) if delta else (None, rest)
         dv_smem, dh_smem, ds = rest
+        if packed:  # the chunk that closes a sequence enters with its final state's gradient
+            seq, opens, closes = _chunk_flags(seq_ref, flag_ref, r, back(idx[0]))
+            ds = _enter(ds, closes, seq_smem, dht_ref.at[seq, h, :, vs], bar)
         # dS_{c+1} in the input dtype: the k dS matmul reads it, and it goes out for dqk
         dh_smem[...] = ds.astype(dtype)
         plgpu.commit_smem()
@@ -156,7 +171,10 @@ def _state_grad_kernel(*refs, st: MosaicStatic, dtype: Any, stages: int) -> None
             if delta:  # dS_c -= w^T dvn: vn = u - w S_c carries S_c into the chunk's values
                 plgpu.wgmma(acc_s, _transposed(w_smem), ndv_smem)  # [K, L] @ [L, BV]
 
-        return wgmma_onto(ds * _bcast(e_row, (K, BV), 0), update)
+        ds = wgmma_onto(ds * _bcast(e_row, (K, BV), 0), update)
+        if packed and c.has_h0:  # the chunk that opens a sequence leaves dS_c as its dh0
+            _leave(ds, opens, seq_smem, dh0_ref.at[seq, h, :, vs])
+        return ds
 
     def back(c):  # chunks in reverse
         return NC - 1 - c
@@ -183,7 +201,8 @@ def _state_grad_kernel(*refs, st: MosaicStatic, dtype: Any, stages: int) -> None
     pipeline = plgpu.emit_pipeline(body, grid=(NC,), in_specs=in_specs, out_specs=out_specs,
                                    max_concurrent_steps=stages, init_carry=ds0)
     ds_first = pipeline(*ins, dv_ref.at[r, :, h, vs], dh_ref.at[r, :, h, :, vs])
-    _state_out(ds_first, dh0_ref.at[r, h, :, vs])
+    if not packed:
+        _state_out(ds_first, dh0_ref.at[r, h, :, vs])
 
 
 def _dqk_kernel(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, d_ref, dq_ref, dk_ref,
@@ -281,11 +300,14 @@ def _dqk_kernel(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, d_ref, dq_ref
 
 
 def run_state_grad(st: MosaicStatic, q: Array, k: Array, do: Array, gates: tuple[Array, ...],
-                   dfinal: Array, w: Array | None = None) -> tuple[Array, Array, Array]:
+                   dfinal: Array, w: Array | None = None,
+                   layout: tuple[Array, Array] | None = None) -> tuple[Array, Array, Array]:
     """The reverse walk: ``(dv [R, TP, H, V], dh [R, NC, H, K, V] (dS_{c+1} per chunk, in
-    q's dtype), dh0 [R, H, K, V] float32)``; ``gates`` from ``mosaic_chunk.gate_rows``. For
-    the delta rules (``st.core.delta``) ``w [R, TP, H, K]`` is the WY form's and ``dv`` is
-    the gradient of ``vn = u - w S_c`` (which is ``u``'s)."""
+    q's dtype), dh0 [N, H, K, V] float32)``; ``gates`` from ``mosaic_chunk.gate_rows``,
+    ``dfinal [N, H, K, V]``. For the delta rules (``st.core.delta``) ``w [R, TP, H, K]`` is
+    the WY form's and ``dv`` is the gradient of ``vn = u - w S_c`` (which is ``u``'s).
+    ``layout``: packed rows' ``(seq_info, flags)`` (``mosaic_forward``); ``dh0`` then holds
+    only the sequences that own a chunk, and only with an initial state."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     c = st.core
@@ -297,21 +319,28 @@ def run_state_grad(st: MosaicStatic, q: Array, k: Array, do: Array, gates: tuple
     bv = min(V, STATE_BLOCK_V)
     stages = st.bwd_stages or deepest_stages(lambda s: state_smem_bytes(
         chunk=L, key_dim=K, block_v=bv, stages=s, itemsize=jnp.dtype(dtype).itemsize,
-        delta=c.delta) <= SMEM_LIMIT, 3)
+        delta=c.delta, packed=c.packed) <= SMEM_LIMIT, 3)
+    if c.packed != (layout is not None):
+        raise ValueError(f"layout: expected {'(seq_info, flags)' if c.packed else 'None'} for "
+                         f"packed={c.packed}")
     tile = plgpu.SMEM((L, bv), dtype, transforms=_swizzled(bv, dtype))
-    # the scaled-do tile, and for the delta rules the -dvn tile
-    scratch = (tile, tile) if c.delta else (tile,)
+    # the scaled-do tile, for the delta rules the -dvn tile, for packed rows the float32
+    # staging tile of each sequence's dht / dh0
+    scratch = [tile, tile] if c.delta else [tile]
+    if c.packed:
+        scratch.append(plgpu.SMEM((K, bv), F32, transforms=_swizzled(bv, F32)))
     return plgpu.kernel(
         functools.partial(_state_grad_kernel, st=st, dtype=dtype, stages=stages),
         out_type=(jax.ShapeDtypeStruct((R, NC * L, H, V), dtype),
                   jax.ShapeDtypeStruct((R, NC, H, K, V), dtype),
-                  jax.ShapeDtypeStruct((R, H, K, V), F32)),
+                  jax.ShapeDtypeStruct((c.n_seqs if c.packed else R, H, K, V), F32)),
         scratch_types=(*scratch, plgpu.Barrier(num_barriers=1)),
         grid=(V // bv, H, R),
         grid_names=("v", "h", "r"),
         compiler_params=compiler_params(),
         **interpret_kwargs(),
-    )(q, k, do.astype(dtype), *gates, *(() if w is None else (w,)), dfinal.astype(F32))
+    )(q, k, do.astype(dtype), *gates, *(() if w is None else (w,)), dfinal.astype(F32),
+      *(() if layout is None else layout))
 
 
 def run_dqk(st: MosaicStatic, q: Array, k: Array, v: Array, do: Array, h: Array, dh: Array,
@@ -342,28 +371,31 @@ def run_dqk(st: MosaicStatic, q: Array, k: Array, v: Array, do: Array, h: Array,
 
 
 def mosaic_backward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array, h: Array,
-                    do: Array, dfinal: Array) -> tuple[Array, Array, Array, Array, Array]:
+                    do: Array, dfinal: Array, layout: tuple[Array, Array] | None = None
+                    ) -> tuple[Array, Array, Array, Array, Array]:
     """Gradients of the chunked core through the two Mosaic GPU kernels (module doc).
 
     Args:
         st: static description (chunk layout, batch rows). q, k: ``[R, TP, H, K]``.
             v: ``[R, TP, H, V]`` (bf16 / f16). b: ``[R, TP, H]`` float32 in-chunk cumsum of
             the log-gates. h: ``[R, NC, H, K, V]`` every chunk's entering state (the
-            forward's ``store_states``). do: ``[R, TP, H, V]``. dfinal: ``[R, H, K, V]``.
+            forward's ``store_states``). do: ``[R, TP, H, V]``. dfinal: ``[N, H, K, V]``.
+        layout: packed rows' ``(seq_info, flags)`` (``mosaic_forward``), else None.
 
     Returns:
         ``(dq, dk [R, TP, H, K], dv [R, TP, H, V] in q's dtype, dg [R, TP, H] float32,
-        dh0 [R, H, K, V] float32)``.
+        dh0 [N, H, K, V] float32)`` (packed: ``dh0`` only for sequences that own a chunk).
     """
     c = st.core
     gates = gate_rows(b, c.chunk, c.key_dim)
-    dv, dh, dh0 = run_state_grad(st, q, k, do, gates, dfinal)
+    dv, dh, dh0 = run_state_grad(st, q, k, do, gates, dfinal, layout=layout)
     dq, dk, term, kdk, sds = run_dqk(st, q, k, v, do, h, dh, gates)
     return dq, dk, dv, _gate_grad(st, gates, term, kdk, sds), dh0
 
 
 def mosaic_delta_backward(st: MosaicStatic, q: Array, k: Array, w: Array, b: Array, h: Array,
-                          vn: Array, do: Array, dfinal: Array
+                          vn: Array, do: Array, dfinal: Array,
+                          layout: tuple[Array, Array] | None = None
                           ) -> tuple[Array, Array, Array, Array, Array, Array]:
     """Gradients of the delta rules' chunk core (``vn = u - w S_c`` in place of ``v``) through
     the two Mosaic GPU kernels.
@@ -381,16 +413,17 @@ def mosaic_delta_backward(st: MosaicStatic, q: Array, k: Array, w: Array, b: Arr
         st: static description (``st.core.delta``). q, k, w: ``[R, TP, H, K]``. b:
             ``[R, TP, H]`` float32 in-chunk cumsum of the log-gates (zeros without a gate).
             h: ``[R, NC, H, K, V]`` the entering states and vn: ``[R, TP, H, V]`` (both from
-            the forward that stores them). do: ``[R, TP, H, V]``. dfinal: ``[R, H, K, V]``.
+            the forward that stores them). do: ``[R, TP, H, V]``. dfinal: ``[N, H, K, V]``.
+        layout: packed rows' ``(seq_info, flags)`` (``mosaic_forward``), else None.
 
     Returns:
         ``(dq, dk, du, dw)`` in q's dtype (``[R, TP, H, K]``, ``du [R, TP, H, V]``),
-        ``dg [R, TP, H]`` float32 and ``dh0 [R, H, K, V]`` float32.
+        ``dg [R, TP, H]`` float32 and ``dh0 [N, H, K, V]`` float32.
     """
     c = st.core
     R, NC, L, H, K, V = c.rows, c.n_chunks, c.chunk, c.heads, c.key_dim, c.value_dim
     gates = gate_rows(b, L, K)
-    dvn, dh, dh0 = run_state_grad(st, q, k, do, gates, dfinal, w=w)
+    dvn, dh, dh0 = run_state_grad(st, q, k, do, gates, dfinal, w=w, layout=layout)
     dq, dk, term, kdk, sds = run_dqk(st, q, k, vn, do, h, dh, gates)
     dvn_c = dvn.reshape(R, NC, L, H, V)  # [R, TP, H, V] -> [R, NC, L, H, V]
     # [R, NC, L, H, V] x [R, NC, H, K, V] -> [R, NC, L, H, K]: dvn S_c^T per chunk

@@ -160,7 +160,7 @@ SMEM_LIMIT = 232448 - 2048
 
 
 def smem_bytes(*, chunk: int, key_dim: int, block_v: int, stages: int, itemsize: int,
-               store_states: bool = False, delta: bool = False) -> int:
+               store_states: bool = False, delta: bool = False, packed: bool = False) -> int:
     """Shared memory one program of the forward kernel asks for: ``stages`` pipeline slots
     of the q, k, v, gate and output tiles (and of the per-chunk state tile when the states
     are stored for the backward), the bf16 state tile otherwise and the decayed-v tile. The
@@ -168,18 +168,20 @@ def smem_bytes(*, chunk: int, key_dim: int, block_v: int, stages: int, itemsize:
     pipeline and reuses its space. ``delta`` (the delta rules): one more ``[L, K]`` pipeline
     slot (``w``) a stage and one more ``[L, BV]`` tile (``vn = u - w S_c``, the B operand of
     ``A vn``): scratch, or a pipeline output slot when the states are stored (``vn`` goes to
-    HBM with them)."""
+    HBM with them). ``packed``: a float32 ``[K, BV]`` tile that stages each sequence's initial
+    and final state inside the pipeline."""
     L, K, BV = chunk, key_dim, block_v
     state_tile = K * BV * itemsize
     vn_tile = L * BV * itemsize if delta else 0
     per_stage = ((3 if delta else 2) * L * K + 2 * L * BV) * itemsize + (2 * L + K) * 4
     per_stage += state_tile + vn_tile if store_states else 0
     scratch = L * BV * itemsize + (0 if store_states else state_tile + vn_tile)
+    scratch += K * BV * 4 if packed else 0
     return scratch + max(stages * per_stage, K * BV * 4)
 
 
 def mosaic_backward_fits(*, chunk: int, key_dim: int, value_dim: int, block_v: int,
-                         itemsize: int = 2) -> bool:
+                         itemsize: int = 2, packed: bool = False) -> bool:
     """Whether the Mosaic backward kernels (``mosaic_bwd.py``) and the forward that stores
     the states (at value block ``block_v``) fit shared memory at 2 stages: the ``dq / dk``
     kernel holds whole ``[L, V]`` and ``[64, V]`` tiles, so V <= 128."""
@@ -187,11 +189,11 @@ def mosaic_backward_fits(*, chunk: int, key_dim: int, value_dim: int, block_v: i
 
     return (mosaic_bwd.state_smem_bytes(chunk=chunk, key_dim=key_dim,
                                         block_v=min(value_dim, mosaic_bwd.STATE_BLOCK_V),
-                                        stages=2, itemsize=itemsize) <= SMEM_LIMIT
+                                        stages=2, itemsize=itemsize, packed=packed) <= SMEM_LIMIT
             and mosaic_bwd.dqk_smem_bytes(chunk=chunk, key_dim=key_dim, value_dim=value_dim,
                                           stages=2, itemsize=itemsize) <= SMEM_LIMIT
             and smem_bytes(chunk=chunk, key_dim=key_dim, block_v=block_v, stages=2,
-                           itemsize=itemsize, store_states=True) <= SMEM_LIMIT)
+                           itemsize=itemsize, store_states=True, packed=packed) <= SMEM_LIMIT)
 
 
 def deepest_stages(fits, most: int = 4) -> int:
@@ -204,7 +206,8 @@ HOPPER_SMS = 132
 
 
 def default_mosaic_config(*, rows: int, heads: int, key_dim: int, value_dim: int,
-                          n_chunks: int, itemsize: int = 2, chunk: int = 64) -> MosaicConfig:
+                          n_chunks: int, itemsize: int = 2, chunk: int = 64,
+                          packed: bool = False) -> MosaicConfig:
     """The heuristic at chunk ``chunk`` (64 unless the call asks for 128): value blocks of
     64 (at V = 128 two programs per head, which the H200's 132 SMs need at B * H = 128),
     128 only when that still leaves >= 2 programs per SM and fits shared memory. The plain
@@ -220,7 +223,7 @@ def default_mosaic_config(*, rows: int, heads: int, key_dim: int, value_dim: int
     3 stages 0.303 ms, 1 stage 0.318 ms; ``dq / dk`` 2 stages 0.515 ms, 1 stage 0.671 ms."""
     def fits(block: int, stages: int) -> bool:
         return smem_bytes(chunk=chunk, key_dim=key_dim, block_v=block, stages=stages,
-                          itemsize=itemsize) <= SMEM_LIMIT
+                          itemsize=itemsize, packed=packed) <= SMEM_LIMIT
 
     block_v = 64
     if (value_dim % 128 == 0 and (value_dim // 128) * rows * heads >= 264
@@ -234,7 +237,7 @@ def default_mosaic_config(*, rows: int, heads: int, key_dim: int, value_dim: int
         stages -= 1
     backward = "mosaic" if mosaic_backward_fits(chunk=chunk, key_dim=key_dim,
                                                 value_dim=value_dim, block_v=block_v,
-                                                itemsize=itemsize) else "pallas"
+                                                itemsize=itemsize, packed=packed) else "pallas"
     return MosaicConfig(chunk=chunk, block_v=block_v, stages=stages, backward=backward)
 
 
@@ -354,10 +357,14 @@ def _forward_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> 
 
     c = st.core
     delta = c.delta  # the delta rules: v is u (WY form), w corrects it by the entering state
-    n_in = 8 if delta else 7
+    packed = c.packed  # a row of packed sequences, each starting on a fresh chunk
+    n_in = 7 + delta + 2 * packed
     q_ref, k_ref, v_ref, b_ref, d_ref, e_ref, h0_ref = refs[:7]
     w_ref = refs[7] if delta else None
+    seq_ref, flag_ref = refs[7 + delta:9 + delta] if packed else (None, None)
     o_ref, final_ref = refs[n_in:n_in + 2]
+    # packed: a float32 [K, BV] tile that stages a sequence's initial and final states
+    seq_smem, refs = (refs[-2], refs[:-2] + refs[-1:]) if packed else (None, refs)
     vn_smem = vn_ref = None
     if store_states and delta:  # the states and vn go out through pipeline slots
         h_ref, vn_ref, vd_smem, bar = refs[n_in + 2:]
@@ -377,20 +384,24 @@ def _forward_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> 
     iv, h, r = jax.lax.axis_index("v"), jax.lax.axis_index("h"), jax.lax.axis_index("r")
     vs = pl.ds(iv * BV, BV)
 
-    if c.has_h0:
+    if c.has_h0 and not packed:
         state0 = _state_in(h0_ref.at[r, h, :, vs], bar, (K, BV))
-    else:
+    else:  # packed: each sequence's initial state enters at the chunk that opens it
         state0 = plgpu.layout_cast(jnp.zeros((K, BV), F32), wgmma_layout)
 
     causal = (plgpu.broadcasted_iota(jnp.int32, (L, L), 0, layout=wgmma_layout)
               >= plgpu.broadcasted_iota(jnp.int32, (L, L), 1, layout=wgmma_layout))
 
-    def body(_, q_smem, k_smem, v_smem, b_smem, d_smem, e_smem, *rest):
+    def body(idx, q_smem, k_smem, v_smem, b_smem, d_smem, e_smem, *rest):
         w_smem, rest = (rest[0], rest[1:]) if delta else (None, rest)
         o_smem, rest = rest[0], rest[1:]
         s_smem, rest = (rest[0], rest[1:]) if store_states else (s_scratch, rest)
         vn_tile, rest = (rest[0], rest[1:]) if store_states and delta else (vn_smem, rest)
         state = rest[0]
+        if packed:  # a chunk that opens a sequence enters with its initial state
+            seq, opens, closes = _chunk_flags(seq_ref, flag_ref, r, idx[0])
+            state = _enter(state, opens, seq_smem, None if not c.has_h0 else
+                           h0_ref.at[seq, h, :, vs], bar)
         # S_c in the input dtype for the q S_c matmul (and, stored, for the backward); the
         # float32 carry stays in registers
         s_smem[...] = state.astype(dtype)
@@ -452,7 +463,10 @@ def _forward_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> 
             plgpu.wgmma(acc_s, k_t, vd_smem)  # [K, L] @ [L, BV]
 
         decayed = state * jax.lax.broadcast_in_dim(e_row, (K, BV), [0])
-        return wgmma_onto(decayed, update)
+        state = wgmma_onto(decayed, update)
+        if packed:  # a chunk that closes a sequence leaves its final state
+            _leave(state, closes, seq_smem, final_ref.at[seq, h, :, vs])
+        return state
 
     in_specs = [
         plgpu.BlockSpec((L, K), lambda c: (c, 0), transforms=_swizzled(K, dtype)),  # q
@@ -481,7 +495,47 @@ def _forward_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> 
                                    out_specs=out_specs, max_concurrent_steps=st.stages,
                                    init_carry=state0)
     final = pipeline(*ins, *outs)
-    _state_out(final, final_ref.at[r, h, :, vs])
+    if not packed:
+        _state_out(final, final_ref.at[r, h, :, vs])
+
+
+def _chunk_flags(seq_ref: Any, flag_ref: Any, r: Any, c: Any) -> tuple[Any, Any, Any]:
+    """``(sequence, opens, closes)`` of chunk ``c`` of row ``r`` from the packed layout's
+    ``[R, NC]`` int32 rows (``pallas_chunk.chunk_layout_info``: bit 0 opens, bit 1 closes),
+    scalar loads from HBM."""
+    flag = flag_ref[r, c]
+    return seq_ref[r, c], (flag & 1) != 0, (flag & 2) != 0
+
+
+def _enter(state: Array, opens: Any, f32_smem: Any, gmem: Any, bar: Any) -> Array:
+    """``state``, or where ``opens`` the state a sequence enters with: ``gmem`` (a float32
+    ``[rows, cols]`` HBM block, staged through ``f32_smem``), or zeros when ``gmem`` is None."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if gmem is None:
+        return jnp.where(opens, 0.0, state)
+
+    @pl.when(opens)
+    def _():
+        plgpu.copy_gmem_to_smem(gmem, f32_smem, bar.at[0])
+        plgpu.barrier_wait(bar.at[0])
+
+    return jnp.where(opens, _load(f32_smem, plgpu.Layout.WGMMA), state)
+
+
+def _leave(state: Array, closes: Any, f32_smem: Any, gmem: Any) -> None:
+    """Where ``closes``, store the float32 register ``state`` to ``gmem`` through
+    ``f32_smem`` (waited for: the next sequence's state may reuse the tile)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    @pl.when(closes)
+    def _():
+        f32_smem[...] = state
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(f32_smem, gmem)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
 def gate_rows(b: Array, chunk: int, key_dim: int) -> tuple[Array, Array, Array]:
@@ -499,7 +553,8 @@ def gate_rows(b: Array, chunk: int, key_dim: int) -> tuple[Array, Array, Array]:
 
 
 def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
-                   h0: Array | None, *, store_states: bool = False, w: Array | None = None
+                   h0: Array | None, *, store_states: bool = False, w: Array | None = None,
+                   layout: tuple[Array, Array] | None = None
                    ) -> tuple[Array, Array] | tuple[Array, Array, Array]:
     """Run the forward kernel in the chunk layout.
 
@@ -512,9 +567,13 @@ def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
         store_states: also return every chunk's entering state (for the backward), and for
             the delta rules every chunk's ``vn``.
         w: ``[R, TP, H, K]`` the WY form's ``w`` (the delta rules only, else None).
+        layout: ``(seq_info, flags)`` ``[R, NC]`` int32 (``pallas_chunk.chunk_layout_info``)
+            when ``st.core.packed``: each chunk's sequence and whether it opens / closes it;
+            ``h0`` and the final states are then ``[N, H, K, V]`` (N sequences). The final
+            state of a sequence that owns no chunk is never written (the caller's).
 
     Returns:
-        ``(o [R, TP, H, V] in q's dtype, final [R, H, K, V] float32)``, and with
+        ``(o [R, TP, H, V] in q's dtype, final [R or N, H, K, V] float32)``, and with
         ``store_states`` a third ``h [R, NC, H, K, V]`` in q's dtype (``S_c`` per chunk) and
         for the delta rules a fourth ``vn [R, TP, H, V]`` in q's dtype (``u - w S_c``).
     """
@@ -525,6 +584,9 @@ def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
     if c.delta != (w is not None):
         raise ValueError(f"w: expected {'[R, TP, H, K]' if c.delta else 'None'} for "
                          f"delta={c.delta}, got {None if w is None else w.shape}")
+    if c.packed != (layout is not None):
+        raise ValueError(f"layout: expected {'(seq_info, flags)' if c.packed else 'None'} for "
+                         f"packed={c.packed}")
     dtype = q.dtype
     bh, decay, e_last = gate_rows(b, L, K)
     if h0 is None:
@@ -534,13 +596,15 @@ def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
         # take shared memory: by default as many stages as still fit, up to 3)
         stages = st.bwd_stages or deepest_stages(lambda s: smem_bytes(
             chunk=L, key_dim=K, block_v=st.block_v, stages=s, itemsize=jnp.dtype(dtype).itemsize,
-            store_states=True, delta=c.delta) <= SMEM_LIMIT, 3)
+            store_states=True, delta=c.delta, packed=c.packed) <= SMEM_LIMIT, 3)
     kernel = functools.partial(_forward_kernel, st=dataclasses.replace(st, stages=stages),
                                dtype=dtype, store_states=store_states)
     out_type = [jax.ShapeDtypeStruct((R, NC * L, H, V), dtype),
-                jax.ShapeDtypeStruct((R, H, K, V), F32)]
+                jax.ShapeDtypeStruct((c.n_seqs if c.packed else R, H, K, V), F32)]
     scratch = [plgpu.SMEM((L, st.block_v), dtype, transforms=_swizzled(st.block_v, dtype)),
                plgpu.Barrier(num_barriers=1)]
+    if c.packed:  # the sequences' initial / final state staging tile, before the barrier
+        scratch.insert(-1, plgpu.SMEM((K, st.block_v), F32, transforms=_swizzled(st.block_v, F32)))
     if store_states:
         out_type.append(jax.ShapeDtypeStruct((R, NC, H, K, V), dtype))
         if c.delta:
@@ -560,7 +624,8 @@ def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
         compiler_params=compiler_params(),
         **interpret_kwargs(),
     )
-    return f(q, k, v, bh, decay, e_last, h0, *(() if w is None else (w,)))
+    return f(q, k, v, bh, decay, e_last, h0, *(() if w is None else (w,)),
+             *(() if layout is None else layout))
 
 
 def compiler_params() -> Any:
@@ -575,54 +640,75 @@ def compiler_params() -> Any:
                                 lowering_semantics=plgpu.LoweringSemantics.Lane)
 
 
-def _fwd_rule(st: MosaicStatic, q, k, v, g, h0):
+def owned(layout: tuple[Array, Array], n_seqs: int) -> Array:
+    """``[N]`` bool: the packed sequence owns at least one chunk. A length-0 sequence owns
+    none, so the kernels never write its final state or its initial state's gradient: the
+    caller passes its initial state (its final-state cotangent) through."""
+    seq_info, flags = layout
+    starts = ((flags & 1) == 1).ravel()
+    return jnp.zeros((n_seqs,), bool).at[seq_info.ravel()].max(starts)
+
+
+def pass_empty(st: MosaicStatic, layout: tuple[Array, Array] | None, value: Array,
+               through: Array | None) -> Array:
+    """``value [N, H, K, V]`` with the rows of sequences that own no chunk replaced by
+    ``through`` (zeros when None); ``value`` itself for batch rows."""
+    if not st.core.packed:
+        return value
+    keep = owned(layout, st.core.n_seqs)[:, None, None, None]
+    return jnp.where(keep, value, jnp.zeros_like(value) if through is None else through)
+
+
+def _fwd_rule(st: MosaicStatic, q, k, v, g, h0, layout):
     from linearnexus.kernels.common.pallas_chunk import in_chunk_cumsum
 
     b = in_chunk_cumsum(g, st.core.chunk)
     h0f = None if h0 is None else h0.astype(F32)
     if st.backward == "mosaic":  # the Mosaic backward reads every chunk's entering state
-        o, final, h = mosaic_forward(st, q, k, v, b, h0f, store_states=True)
+        o, final, h = mosaic_forward(st, q, k, v, b, h0f, store_states=True, layout=layout)
     else:
-        (o, final), h = mosaic_forward(st, q, k, v, b, h0f), None
-    return (o, final), (q, k, v, b, h0, h)
+        (o, final), h = mosaic_forward(st, q, k, v, b, h0f, layout=layout), None
+    final = pass_empty(st, layout, final, h0f)
+    return (o, final), (q, k, v, b, h0, h, layout)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def mosaic_core(st: MosaicStatic, q, k, v, g, h0):
+def mosaic_core(st: MosaicStatic, q, k, v, g, h0, layout=None):
     """Scalar-gated linear attention in the chunk layout on Mosaic GPU.
 
     Args:
-        st: the static description (its ``core``: batch rows, scalar gate; its ``backward``:
-            which backward kernels the gradient runs).
+        st: the static description (its ``core``: rows, scalar gate, packed or not; its
+            ``backward``: which backward kernels the gradient runs).
         q, k: ``[R, TP, H, K]``. v: ``[R, TP, H, V]``. g: ``[R, TP, H]`` float32 log-gates.
-        h0: ``[R, H, K, V]`` or None.
+        h0: ``[N, H, K, V]`` or None (N = R for batch rows).
+        layout: ``(seq_info, flags)`` ``[R, NC]`` int32 for packed rows
+            (``pallas_chunk.chunk_layout_info``), else None.
 
     Returns:
-        ``(o [R, TP, H, V], final [R, H, K, V] float32)``.
+        ``(o [R, TP, H, V], final [N, H, K, V] float32)``.
     """
-    from linearnexus.kernels.common.pallas_chunk import in_chunk_cumsum
-
-    b = in_chunk_cumsum(g, st.core.chunk)
-    return mosaic_forward(st, q, k, v, b, None if h0 is None else h0.astype(F32))
+    return _fwd_rule(dataclasses.replace(st, backward="pallas"), q, k, v, g, h0, layout)[0]
 
 
 def _bwd_rule(st: MosaicStatic, res, cts):
-    q, k, v, b, h0, h = res
+    q, k, v, b, h0, h, layout = res
+    core = st.core
     if st.backward == "mosaic":
         from linearnexus.kernels.common.mosaic_bwd import mosaic_backward
 
         do, dfinal = cts
-        dq, dk, dv, dg, dh0 = mosaic_backward(st, q, k, v, b, h, do, dfinal)
-        return dq, dk, dv, dg, None if h0 is None else dh0.astype(h0.dtype)
-    core = st.core
-    seq_info, flags = batch_layout_info(core.rows, core.n_chunks)
+        dq, dk, dv, dg, dh0 = mosaic_backward(st, q, k, v, b, h, do, dfinal, layout=layout)
+        if h0 is not None:
+            dh0 = pass_empty(st, layout, dh0, dfinal.astype(F32)).astype(h0.dtype)
+        return dq, dk, dv, dg, None if h0 is None else dh0, None
+    seq_info, flags = layout if core.packed else batch_layout_info(core.rows, core.n_chunks)
     h0f = None if h0 is None else h0.astype(F32)
     # the Triton backward needs every chunk's entering state, which the fused forward kept
     # in registers only: one more Triton fwd_h walk recomputes them
     h, _, final = run_fwd_h(core, k, v, None, b, h0f, seq_info, flags)
     full = (q, k, v, None, b, h0, seq_info, flags, h, None, final)
     dq, dk, dv, _, dg, dh0, _, _ = _core_bwd(core, full, cts)
-    return dq, dk, dv, dg, dh0
+    return dq, dk, dv, dg, dh0, None
 
 
 mosaic_core.defvjp(_fwd_rule, _bwd_rule)

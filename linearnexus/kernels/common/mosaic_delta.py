@@ -58,6 +58,7 @@ from linearnexus.kernels.common.mosaic_chunk import (
     MosaicConfig,
     MosaicStatic,
     mosaic_forward,
+    pass_empty,
     smem_bytes,
 )
 from linearnexus.kernels.common.pallas_chunk import _core_bwd, batch_layout_info, in_chunk_cumsum
@@ -91,7 +92,7 @@ def delta_opted_in() -> bool:
 
 
 def default_delta_config(*, rows: int, heads: int, key_dim: int, value_dim: int,
-                         n_chunks: int, itemsize: int = 2) -> MosaicConfig:
+                         n_chunks: int, itemsize: int = 2, packed: bool = False) -> MosaicConfig:
     """The heuristic of the delta rules' forward: chunk 64, value blocks of 64 (the
     ``[K, 64]`` float32 state, 64 registers a thread at K = 128, plus three ``[64, 64]``
     accumulators), the Triton backward. Stages of the plain forward: one when the grid has
@@ -104,37 +105,41 @@ def default_delta_config(*, rows: int, heads: int, key_dim: int, value_dim: int,
 
     def fits(stages: int) -> bool:
         return smem_bytes(chunk=64, key_dim=key_dim, block_v=block_v, stages=stages,
-                          itemsize=itemsize, delta=True) <= SMEM_LIMIT
+                          itemsize=itemsize, delta=True, packed=packed) <= SMEM_LIMIT
 
     stages = 3 if n_chunks >= 8 and fits(3) else 2 if fits(2) else 1
     if n_chunks >= 8 and (value_dim // block_v) * rows * heads > HOPPER_SMS:
         stages = 1
     backward = DEFAULT_BACKWARD
     if backward == "mosaic" and not delta_backward_fits(chunk=64, key_dim=key_dim,
-                                                        value_dim=value_dim, itemsize=itemsize):
+                                                        value_dim=value_dim, itemsize=itemsize,
+                                                        packed=packed):
         backward = "pallas"
     return MosaicConfig(chunk=64, block_v=block_v, stages=stages, backward=backward)
 
 
-def delta_backward_fits(*, chunk: int, key_dim: int, value_dim: int, itemsize: int = 2) -> bool:
+def delta_backward_fits(*, chunk: int, key_dim: int, value_dim: int, itemsize: int = 2,
+                        packed: bool = False) -> bool:
     """Whether the delta rules' Mosaic backward fits shared memory at 2 stages: the reverse
     walk with its ``w`` slots and ``-dvn`` tile, and ``dq / dk`` (whole ``[L, V]`` tiles, so
     V <= 128)."""
     return (mosaic_bwd.state_smem_bytes(chunk=chunk, key_dim=key_dim,
                                         block_v=min(value_dim, mosaic_bwd.STATE_BLOCK_V),
-                                        stages=2, itemsize=itemsize, delta=True) <= SMEM_LIMIT
+                                        stages=2, itemsize=itemsize, delta=True,
+                                        packed=packed) <= SMEM_LIMIT
             and mosaic_bwd.dqk_smem_bytes(chunk=chunk, key_dim=key_dim, value_dim=value_dim,
                                           stages=2, itemsize=itemsize) <= SMEM_LIMIT)
 
 
-def check_delta_config(cfg: MosaicConfig, *, key_dim: int, value_dim: int) -> None:
+def check_delta_config(cfg: MosaicConfig, *, key_dim: int, value_dim: int,
+                       packed: bool = False) -> None:
     """Raise ``ValueError`` naming ``config`` for knobs the delta rules' kernel does not take
     (``cfg`` resolved: no None field but ``bwd_stages`` / ``dqk_stages``)."""
     if cfg.backward == "pallas" and cfg.dqk_stages is not None:
         raise ValueError("config: dqk_stages sets the Mosaic backward's dq / dk kernel, which "
                          "backward='pallas' does not run; leave it None")
     if cfg.backward == "mosaic" and not delta_backward_fits(chunk=cfg.chunk, key_dim=key_dim,
-                                                            value_dim=value_dim):
+                                                            value_dim=value_dim, packed=packed):
         raise ValueError(f"config: backward='mosaic' at K={key_dim}, V={value_dim}: the dq / dk "
                          "kernel holds whole [L, V] tiles, which do not fit shared memory past "
                          "V = 128; use backward='pallas'")
@@ -147,11 +152,11 @@ def check_delta_config(cfg: MosaicConfig, *, key_dim: int, value_dim: int) -> No
         if stages is None:
             continue
         need = smem_bytes(chunk=cfg.chunk, key_dim=key_dim, block_v=cfg.block_v, stages=stages,
-                          itemsize=2, delta=True, store_states=stored)
+                          itemsize=2, delta=True, store_states=stored, packed=packed)
         if stored and cfg.backward == "mosaic":  # bwd_stages is the reverse walk's depth too
             need = max(need, mosaic_bwd.state_smem_bytes(
                 chunk=cfg.chunk, key_dim=key_dim, block_v=min(value_dim, mosaic_bwd.STATE_BLOCK_V),
-                stages=stages, itemsize=2, delta=True))
+                stages=stages, itemsize=2, delta=True, packed=packed))
         if need > SMEM_LIMIT:
             raise ValueError(f"config: {name}={stages} at K={key_dim} needs {need} bytes of "
                              f"shared memory with the delta rule's w and vn tiles, over the "
@@ -176,49 +181,53 @@ def _gates(st: MosaicStatic, g: Array | None, like: Array) -> tuple[Array, Array
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def mosaic_delta_core(st: MosaicStatic, q: Array, k: Array, u: Array, w: Array,
-                      g: Array | None, h0: Array | None) -> tuple[Array, Array]:
-    """The delta rules' chunk core in the chunk layout: Mosaic GPU forward, Triton backward.
+                      g: Array | None, h0: Array | None,
+                      layout: tuple[Array, Array] | None = None) -> tuple[Array, Array]:
+    """The delta rules' chunk core in the chunk layout: Mosaic GPU forward, Triton or Mosaic
+    GPU backward (``st.backward``).
 
     Args:
         st: static description (``st.core.delta`` True; ``core.gate`` "scalar" or "none").
         q, k, w: ``[R, TP, H, K]`` (bf16 / f16). u: ``[R, TP, H, V]``. w, u: the WY form's.
         g: ``[R, TP, H]`` float32 log-gates, or None (the ungated delta rule).
-        h0: ``[R, H, K, V]`` or None.
+        h0: ``[N, H, K, V]`` or None (N = R for batch rows).
+        layout: ``(seq_info, flags)`` ``[R, NC]`` int32 for packed rows, else None.
 
     Returns:
-        ``(o [R, TP, H, V], final [R, H, K, V] float32)``.
+        ``(o [R, TP, H, V], final [N, H, K, V] float32)``.
     """
-    return _forward(st, q, k, u, w, g, h0)
-
-
-def _forward(st: MosaicStatic, q, k, u, w, g, h0) -> tuple[Array, Array]:
     b, _ = _gates(st, g, q)
-    return mosaic_forward(st, q, k, u, b, None if h0 is None else h0.astype(F32), w=w)
+    h0f = None if h0 is None else h0.astype(F32)
+    o, final = mosaic_forward(st, q, k, u, b, h0f, w=w, layout=layout)
+    return o, pass_empty(st, layout, final, h0f)
 
 
-def _fwd_rule(st: MosaicStatic, q, k, u, w, g, h0):
+def _fwd_rule(st: MosaicStatic, q, k, u, w, g, h0, layout):
     # under a gradient the kernel also stores every chunk's entering state and vn, the two
     # residuals the Triton backward reads (the pallas backend keeps the same two)
     b, _ = _gates(st, g, q)
-    o, final, h, vn = mosaic_forward(st, q, k, u, b, None if h0 is None else h0.astype(F32),
-                                     w=w, store_states=True)
-    return (o, final), (q, k, u, w, g, h0, h, vn, final)
+    h0f = None if h0 is None else h0.astype(F32)
+    o, final, h, vn = mosaic_forward(st, q, k, u, b, h0f, w=w, store_states=True, layout=layout)
+    final = pass_empty(st, layout, final, h0f)
+    return (o, final), (q, k, u, w, g, h0, h, vn, final, layout)
 
 
 def _bwd_rule(st: MosaicStatic, res, cts):
-    q, k, u, w, g, h0, h, vn, final = res
+    q, k, u, w, g, h0, h, vn, final, layout = res
     core = st.core
     if st.backward == "mosaic":
         b, _ = _gates(st, g, q)  # zeros without a gate: the kernels read gate rows regardless
         do, dfinal = cts
-        dq, dk, du, dw, dg, dh0 = mosaic_delta_backward(st, q, k, w, b, h, vn, do, dfinal)
-        return (dq, dk, du, dw, None if g is None else dg,
-                None if h0 is None else dh0.astype(h0.dtype))
+        dq, dk, du, dw, dg, dh0 = mosaic_delta_backward(st, q, k, w, b, h, vn, do, dfinal,
+                                                        layout=layout)
+        if h0 is not None:
+            dh0 = pass_empty(st, layout, dh0, dfinal.astype(F32)).astype(h0.dtype)
+        return (dq, dk, du, dw, None if g is None else dg, None if h0 is None else dh0, None)
     _, b = _gates(st, g, q)
-    seq_info, flags = batch_layout_info(core.rows, core.n_chunks)
+    seq_info, flags = layout if core.packed else batch_layout_info(core.rows, core.n_chunks)
     full = (q, k, u, w, b, h0, seq_info, flags, h, vn, final)
     dq, dk, du, dw, dg, dh0, _, _ = _core_bwd(core, full, cts)
-    return dq, dk, du, dw, None if g is None else dg, None if h0 is None else dh0
+    return dq, dk, du, dw, None if g is None else dg, None if h0 is None else dh0, None
 
 
 mosaic_delta_core.defvjp(_fwd_rule, _bwd_rule)

@@ -8,8 +8,16 @@ automatic dispatch moves on to the Triton kernels (``pallas``), which run everyt
 * not an NVIDIA GPU of compute capability 9.0 or newer (Ampere keeps the Triton kernels);
 * an installed JAX whose Mosaic GPU lacks an API the kernel uses
   (:func:`~linearnexus.kernels.common.mosaic_chunk.mosaic_unavailable_reason`);
-* float32 inputs (wgmma rounds float32 operands to TF32), packed ``cu_seqlens``, key dims
-  above 128, chunk sizes other than 64 / 128 (64 only for the delta rules).
+* float32 inputs (wgmma rounds float32 operands to TF32), key dims above 128, chunk sizes
+  other than 64 / 128 (64 only for the delta rules).
+
+Packed sequences (``cu_seqlens``, B = 1) run on the same kernels with
+``LINEARNEXUS_MOSAIC_PACKED=1`` (:data:`PACKED_ENV`; interpreter-checked, not yet on a GPU,
+so by default they raise ``NotImplementedError`` and run on ``pallas``): the layout starts every
+sequence on a fresh chunk (``chunking.plan_chunks``), and the kernels read each chunk's
+sequence and open / close flags (``pallas_chunk.chunk_layout_info``) to load a sequence's
+initial state (the backward: its final state's gradient) at the chunk that opens (closes)
+it and to store its final state (``dh0``) there.
 
 The delta rules (``delta_rule_mosaic``: Triton WY preparation, Mosaic GPU walk, Triton
 backward) carry an ``opt_in`` (``mosaic_delta.delta_opted_in``): automatic dispatch passes
@@ -19,6 +27,7 @@ them by unless ``LINEARNEXUS_MOSAIC_GDN=1`` (slower than pallas in LM training).
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -40,7 +49,7 @@ from linearnexus.kernels.common.mosaic_chunk import (
     smem_bytes,
 )
 from linearnexus.kernels.common.pallas import TritonConfig, next_pow2
-from linearnexus.kernels.common.pallas_chunk import CoreStatic
+from linearnexus.kernels.common.pallas_chunk import CoreStatic, chunk_layout_info
 from linearnexus.kernels.common.pallas_ops import (
     PallasKernel,
     _layout,
@@ -75,8 +84,22 @@ def mosaic_dtype(q: Array, k: Array, v: Array) -> Any:
     return qk if jnp.dtype(qk) in MOSAIC_DTYPES else jnp.result_type(q.dtype, k.dtype, v.dtype)
 
 
-def check_mosaic_call(q: Array, k: Array, v: Array, *, cu_seqlens: Array | None,
-                      chunk: int, check_device: bool = True) -> None:
+#: "1" runs packed sequences (``cu_seqlens``) on the Mosaic kernels; otherwise they raise
+#: ``NotImplementedError`` (automatic dispatch then runs them on ``pallas``) until
+#: :data:`PACKED_ON_BY_DEFAULT`: the packed kernels are checked in the CPU interpreter and
+#: lowered for CUDA, not yet run on a GPU
+PACKED_ENV = "LINEARNEXUS_MOSAIC_PACKED"
+PACKED_ON_BY_DEFAULT = False
+
+
+def packed_enabled() -> bool:
+    """Whether packed sequences run on the Mosaic kernels (:data:`PACKED_ENV`)."""
+    flag = os.environ.get(PACKED_ENV, "")
+    return flag == "1" or (PACKED_ON_BY_DEFAULT and flag != "0")
+
+
+def check_mosaic_call(q: Array, k: Array, v: Array, *, chunk: int,
+                      check_device: bool = True, cu_seqlens: Array | None = None) -> None:
     """Raise ``NotImplementedError`` naming what the Mosaic kernel does not cover
     (``check_device`` False skips the GPU check: lowering for CUDA on a CPU machine)."""
     cc = compute_capability() if check_device else (9, 0)
@@ -93,9 +116,11 @@ def check_mosaic_call(q: Array, k: Array, v: Array, *, cu_seqlens: Array | None,
         raise NotImplementedError(
             f"mosaic backend: takes bfloat16 / float16 inputs, got {dtype} (wgmma rounds float32 "
             f"operands to TF32); the pallas backend runs float32")
-    if cu_seqlens is not None:
-        raise NotImplementedError("mosaic backend: packed sequences (cu_seqlens) are not "
-                                  "implemented; the pallas backend runs them")
+    if cu_seqlens is not None and not packed_enabled():
+        raise NotImplementedError(
+            f"mosaic backend: packed sequences (cu_seqlens) run on the Mosaic kernels only with "
+            f"{PACKED_ENV}=1 (checked in the CPU interpreter, not yet on a GPU); the pallas "
+            f"backend runs them")
     if next_pow2(q.shape[3], minimum=64) > 128:
         raise NotImplementedError(f"mosaic backend: key dim {q.shape[3]} > 128 (the [K, BV] "
                                   "float32 state must fit one warpgroup's registers)")
@@ -113,43 +138,46 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
     Args:
         q, k: ``[B, T, H, K]``. v: ``[B, T, H, V]`` (bfloat16 / float16).
         g: ``[B, T, H]`` log-gates or None. scale: multiplies q.
-        initial_state: ``[B, H, K, V]`` or None. cu_seqlens: must be None (raises).
+        initial_state: ``[N, H, K, V]`` or None (N = B, or the packed sequences).
+        cu_seqlens: ``[N+1]`` offsets of packed sequences (B == 1), or None.
         chunk_size: L (64 or 128); ``config.chunk`` wins; default 64.
         config: tile / pipeline overrides (:class:`MosaicConfig`); None fields: heuristic.
         check_device: False skips the sm_90 check, to lower for CUDA on a machine without a
             GPU (``jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))``, the CI test).
 
     Returns:
-        ``(o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32)``.
+        ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32)``.
 
     Raises:
         NotImplementedError: a call the kernel does not cover (module doc).
     """
     cfg = config or MosaicConfig()
     chunk = cfg.chunk or chunk_size or 64
-    check_mosaic_call(q, k, v, cu_seqlens=cu_seqlens, chunk=chunk, check_device=check_device)
+    check_mosaic_call(q, k, v, chunk=chunk, check_device=check_device, cu_seqlens=cu_seqlens)
     heads = q.shape[2]
-    dtype, kp, vp, plan, h0, (qc, kc, vc) = _chunk_inputs(q, k, v, initial_state, chunk)
+    dtype, kp, vp, plan, h0, (qc, kc, vc) = _chunk_inputs(q, k, v, initial_state, chunk,
+                                                          cu_seqlens)
+    packed = plan.packed
+    itemsize = jnp.dtype(dtype).itemsize
     cfg = cfg.merged(default_mosaic_config(rows=plan.rows, heads=heads, key_dim=kp,
                                            value_dim=vp, n_chunks=plan.n_chunks,
-                                           itemsize=jnp.dtype(dtype).itemsize, chunk=chunk))
+                                           itemsize=itemsize, chunk=chunk, packed=packed))
     if vp % cfg.block_v:
         raise ValueError(f"config: block_v={cfg.block_v} must divide the padded value dim {vp}")
     need = smem_bytes(chunk=chunk, key_dim=kp, block_v=cfg.block_v, stages=cfg.stages,
-                      itemsize=jnp.dtype(dtype).itemsize)
+                      itemsize=itemsize, packed=packed)
     if need > SMEM_LIMIT:
         raise ValueError(f"config: chunk={chunk}, block_v={cfg.block_v}, stages={cfg.stages} at "
                          f"K={kp} needs {need} bytes of shared memory, over the {SMEM_LIMIT} "
                          "a block may use; use fewer stages or a smaller block_v / chunk")
-    itemsize = jnp.dtype(dtype).itemsize
     needs = {}  # shared memory of the backward kernels' stage overrides
     if cfg.bwd_stages:  # the reverse walk and the forward that stores the states
         needs["bwd_stages"] = max(
             mosaic_bwd.state_smem_bytes(chunk=chunk, key_dim=kp,
                                         block_v=min(vp, mosaic_bwd.STATE_BLOCK_V),
-                                        stages=cfg.bwd_stages, itemsize=itemsize),
+                                        stages=cfg.bwd_stages, itemsize=itemsize, packed=packed),
             smem_bytes(chunk=chunk, key_dim=kp, block_v=cfg.block_v, stages=cfg.bwd_stages,
-                       itemsize=itemsize, store_states=True))
+                       itemsize=itemsize, store_states=True, packed=packed))
     if cfg.dqk_stages:
         needs["dqk_stages"] = mosaic_bwd.dqk_smem_bytes(
             chunk=chunk, key_dim=kp, value_dim=vp, stages=cfg.dqk_stages, itemsize=itemsize)
@@ -158,33 +186,40 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
             raise ValueError(f"config: {name}={getattr(cfg, name)} at K={kp}, V={vp} needs "
                              f"{need} bytes of shared memory, over the {SMEM_LIMIT} a block may use")
     if cfg.backward == "mosaic" and not mosaic_backward_fits(
-            chunk=chunk, key_dim=kp, value_dim=vp, block_v=cfg.block_v,
-            itemsize=jnp.dtype(dtype).itemsize):
+            chunk=chunk, key_dim=kp, value_dim=vp, block_v=cfg.block_v, itemsize=itemsize,
+            packed=packed):
         raise ValueError(f"config: backward='mosaic' at chunk={chunk}, K={kp}, V={vp}, "
                          f"block_v={cfg.block_v} does not fit shared memory (the dq / dk kernel "
                          "holds whole [L, V] tiles: V <= 128); use backward='pallas'")
     if g is None:
         g = jnp.zeros(q.shape[:3], F32)
-    gc = _layout(floor_log_gate(g), plan)  # [B, NC * L, H]
+    gc = _layout(floor_log_gate(g), plan)  # [B, T, H] -> [R, NC * L, H]
     core = _core_static(dtype, plan, kp, vp, heads=heads, scale=scale, has_h0=h0 is not None,
-                        gate="scalar", delta=False)
+                        gate="scalar", delta=False, n_seqs=_n_seqs(q, cu_seqlens))
     st = MosaicStatic(core=core, block_v=cfg.block_v, stages=cfg.stages, backward=cfg.backward,
                       bwd_stages=cfg.bwd_stages, dqk_stages=cfg.dqk_stages)
-    o, final = mosaic_core(st, qc, kc, vc, gc, h0)
+    o, final = mosaic_core(st, qc, kc, vc, gc, h0, _packed_layout(plan))
     o = _unlayout(o, plan)[..., :v.shape[3]].astype(v.dtype)
     return o, final[:, :, :q.shape[3], :v.shape[3]]
 
 
-def _chunk_inputs(q: Array, k: Array, v: Array, initial_state: Array | None, chunk: int):
-    """``(dtype, Kp, Vp, plan, h0, (q, k, v))`` in the chunk layout ``[B, NC * L, H, D]``,
-    head dims zero-padded to powers of two >= 64 (the initial state likewise, float32)."""
+def _n_seqs(q: Array, cu_seqlens: Array | None) -> int:
+    """N: the batch, or the packed sequences' count."""
+    return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
+def _chunk_inputs(q: Array, k: Array, v: Array, initial_state: Array | None, chunk: int,
+                  cu_seqlens: Array | None):
+    """``(dtype, Kp, Vp, plan, h0, (q, k, v))`` in the chunk layout ``[R, NC * L, H, D]``
+    (batch rows, or one row of packed sequences each starting on a fresh chunk), head dims
+    zero-padded to powers of two >= 64 (the initial state likewise, float32)."""
     batch, seq, _, key_dim = q.shape
     value_dim = v.shape[3]
     dtype = mosaic_dtype(q, k, v)
     # zero padding of head dims is inert; 64 is the smallest wgmma-friendly tile here and a
     # power of two keeps the Triton backward's blocks valid on the same padded arrays
     kp, vp = next_pow2(key_dim, minimum=64), next_pow2(value_dim, minimum=64)
-    plan = plan_chunks(batch, seq, chunk, None)  # [B, NC * L] rows, padded at the end
+    plan = plan_chunks(batch, seq, chunk, cu_seqlens)  # rows padded to whole chunks
     h0 = initial_state
     if h0 is not None:
         h0 = jnp.pad(h0.astype(F32), [(0, 0), (0, 0), (0, kp - key_dim), (0, vp - value_dim)])
@@ -195,12 +230,17 @@ def _chunk_inputs(q: Array, k: Array, v: Array, initial_state: Array | None, chu
 
 
 def _core_static(dtype: Any, plan: Any, kp: int, vp: int, *, heads: int, scale: float,
-                 has_h0: bool, gate: str, delta: bool) -> CoreStatic:
+                 has_h0: bool, gate: str, delta: bool, n_seqs: int) -> CoreStatic:
     """The Triton core's description of the call (the backward runs the Triton kernels)."""
     tcfg = _resolve(TritonConfig(chunk=plan.chunk), rows=plan.rows, heads=heads, key_dim=kp,
                     value_dim=vp, delta=delta, dtype=dtype, n_chunks=plan.n_chunks)
     return _static(tcfg, gate=gate, delta=delta, has_h0=has_h0, scale=scale, plan=plan,
-                   heads=heads, key_dim=kp, value_dim=vp, n_seqs=plan.rows)
+                   heads=heads, key_dim=kp, value_dim=vp, n_seqs=n_seqs)
+
+
+def _packed_layout(plan: Any) -> tuple[Array, Array] | None:
+    """The kernels' ``(seq_info, flags)`` for a packed plan, None for batch rows."""
+    return chunk_layout_info(plan) if plan.packed else None
 
 
 def delta_rule_mosaic(q: Array, k: Array, v: Array, beta: Array, g: Array | None, *,
@@ -209,21 +249,22 @@ def delta_rule_mosaic(q: Array, k: Array, v: Array, beta: Array, g: Array | None
                       config: MosaicConfig | None = None,
                       check_device: bool = True) -> tuple[Array, Array]:
     """The (gated) delta rule: WY preparation in Triton, the chunk walk on Mosaic GPU, the
-    backward in Triton (``mosaic_delta.py``; checked on an H200, automatic only with
-    ``LINEARNEXUS_MOSAIC_GDN=1``).
+    backward in Triton or Mosaic GPU (``mosaic_delta.py``; checked on an H200, automatic only
+    with ``LINEARNEXUS_MOSAIC_GDN=1``).
 
     Args:
         q, k: ``[B, T, H, K]`` (k L2-normalised). v: ``[B, T, H, V]`` (bfloat16 / float16).
         beta: ``[B, T, H]``. g: ``[B, T, H]`` log-gates, or None (the ungated delta rule).
-        scale, initial_state, cu_seqlens (must be None), check_device: as
-            :func:`linear_attention_mosaic`.
+        scale, initial_state, cu_seqlens, check_device: as :func:`linear_attention_mosaic`.
         chunk_size: L; 64 only (``config.chunk`` wins).
         config: :class:`MosaicConfig` overrides (``stages``, ``bwd_stages``: the depth of the
-            forward that stores the states under a gradient; ``block_v`` 64; the Triton
-            backward); None fields: ``mosaic_delta.default_delta_config``.
+            forward that stores the states under a gradient and of the Mosaic reverse walk;
+            ``block_v`` 64; ``backward``: ``"pallas"`` (Triton) or ``"mosaic"``;
+            ``dqk_stages`` with the Mosaic backward); None fields:
+            ``mosaic_delta.default_delta_config``.
 
     Returns:
-        ``(o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32)``.
+        ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32)``.
 
     Raises:
         NotImplementedError: what :func:`check_mosaic_call` declines, and chunk sizes other
@@ -239,16 +280,17 @@ def delta_rule_mosaic(q: Array, k: Array, v: Array, beta: Array, g: Array | None
 
     cfg = config or MosaicConfig()
     chunk = cfg.chunk or chunk_size or 64
-    check_mosaic_call(q, k, v, cu_seqlens=cu_seqlens, chunk=chunk, check_device=check_device)
+    check_mosaic_call(q, k, v, chunk=chunk, check_device=check_device, cu_seqlens=cu_seqlens)
     if chunk != 64:
         raise NotImplementedError(f"mosaic backend: chunk_size {chunk}: the delta rules' kernel "
                                   "takes chunks of 64 (a [128, 128] q k^T accumulator would not "
                                   "fit beside the state in registers)")
     heads = q.shape[2]
-    dtype, kp, vp, plan, h0, (qc, kc, vc) = _chunk_inputs(q, k, v, initial_state, chunk)
+    dtype, kp, vp, plan, h0, (qc, kc, vc) = _chunk_inputs(q, k, v, initial_state, chunk,
+                                                          cu_seqlens)
     cfg = cfg.merged(default_delta_config(rows=plan.rows, heads=heads, key_dim=kp, value_dim=vp,
-                                          n_chunks=plan.n_chunks))
-    check_delta_config(cfg, key_dim=kp, value_dim=vp)
+                                          n_chunks=plan.n_chunks, packed=plan.packed))
+    check_delta_config(cfg, key_dim=kp, value_dim=vp, packed=plan.packed)
     gc = None if g is None else _layout(floor_log_gate(g), plan)  # [B, NC * L, H]
     wst = WyStatic(gated=g is not None, rows=plan.rows, n_chunks=plan.n_chunks, chunk=chunk,
                    heads=heads, key_dim=kp, value_dim=vp, exact=False,
@@ -256,10 +298,11 @@ def delta_rule_mosaic(q: Array, k: Array, v: Array, beta: Array, g: Array | None
     # k passes through so that the core's dk is added inside the WY backward kernel
     w, uc, kc = wy_prepare(wst, kc, vc, _layout(beta, plan), gc)
     core = _core_static(dtype, plan, kp, vp, heads=heads, scale=scale, has_h0=h0 is not None,
-                        gate="none" if g is None else "scalar", delta=True)
+                        gate="none" if g is None else "scalar", delta=True,
+                        n_seqs=_n_seqs(q, cu_seqlens))
     st = MosaicStatic(core=core, block_v=cfg.block_v, stages=cfg.stages, backward=cfg.backward,
                       bwd_stages=cfg.bwd_stages, dqk_stages=cfg.dqk_stages)
-    o, final = mosaic_delta_core(st, qc, kc, uc, w, gc, h0)
+    o, final = mosaic_delta_core(st, qc, kc, uc, w, gc, h0, _packed_layout(plan))
     o = _unlayout(o, plan)[..., :v.shape[3]].astype(v.dtype)
     return o, final[:, :, :q.shape[3], :v.shape[3]]
 

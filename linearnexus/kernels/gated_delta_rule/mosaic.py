@@ -22,7 +22,7 @@ def gated_delta_rule_mosaic(q: Array, k: Array, v: Array, g: Array, beta: Array,
     Returns ``(o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32)``.
 
     Raises:
-        NotImplementedError: not sm_90+, float32 inputs, ``cu_seqlens``, key dims > 128,
+        NotImplementedError: not sm_90+, float32 inputs, key dims > 128,
             chunk sizes other than 64 (the dispatcher then runs the ``pallas`` backend).
     """
     return delta_rule_mosaic(q, k, v, beta, g, scale=scale, initial_state=initial_state,

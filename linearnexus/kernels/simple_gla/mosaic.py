@@ -24,7 +24,7 @@ def simple_gla_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, scale: f
     Returns ``(o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32)``.
 
     Raises:
-        NotImplementedError: float32 inputs, ``cu_seqlens``, key dims > 128, a JAX without
+        NotImplementedError: float32 inputs, key dims > 128, a JAX without
             the Mosaic GPU APIs used (the dispatcher then runs the ``pallas`` backend).
     """
     return linear_attention_mosaic(q, k, v, g, scale=scale, initial_state=initial_state,
