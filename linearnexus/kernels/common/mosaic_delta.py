@@ -73,7 +73,8 @@ OPT_IN_ENV = "LINEARNEXUS_MOSAIC_GDN"
 #: H200, 2026-12-04), so pallas stays the automatic choice until it wins there
 AUTOMATIC = False
 #: the feature table's note on the backend
-MOSAIC_STATUS = ("sm_90+, dense batches: Triton WY, Mosaic GPU forward walk, Triton backward "
+MOSAIC_STATUS = ("sm_90+, dense batches (packed with LINEARNEXUS_MOSAIC_PACKED=1, not yet run on "
+                 "a GPU): Triton WY, Mosaic GPU forward walk, Triton backward "
                  "(Mosaic backward with MosaicConfig(backward='mosaic'): interpreter-checked, "
                  "not yet on a GPU); gated_delta_rule checked on an H200 (delta_rule in the "
                  "interpreter), slower than pallas in LM training: automatic only with "

@@ -330,8 +330,9 @@ class MosaicKernel(PallasKernel):
 
     name: ClassVar[str] = "mosaic"
     #: shown after the name in the README's feature table
-    status: str = ("sm_90+, dense batches: Mosaic GPU forward and backward (Triton "
-                   "backward at V > 128); otherwise falls back to pallas")
+    status: str = ("sm_90+, dense batches (packed with LINEARNEXUS_MOSAIC_PACKED=1, not yet "
+                   "run on a GPU): Mosaic GPU forward and backward (Triton backward at V > 128); "
+                   "otherwise falls back to pallas")
 
     def __init__(self, chunked: Callable[..., tuple[Array, Array]],
                  recurrent: Callable[..., tuple[Array, Array]] | None,
