@@ -509,19 +509,20 @@ def _chunk_flags(seq_ref: Any, flag_ref: Any, r: Any, c: Any) -> tuple[Any, Any,
 
 def _enter(state: Array, opens: Any, f32_smem: Any, gmem: Any, bar: Any) -> Array:
     """``state``, or where ``opens`` the state a sequence enters with: ``gmem`` (a float32
-    ``[rows, cols]`` HBM block, staged through ``f32_smem``), or zeros when ``gmem`` is None."""
-    from jax.experimental import pallas as pl
+    ``[rows, cols]`` HBM block, staged through ``f32_smem``), or zeros when ``gmem`` is None.
+    A conditional (uniform over the warpgroup): the other chunks neither copy nor read the
+    tile."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     if gmem is None:
         return jnp.where(opens, 0.0, state)
 
-    @pl.when(opens)
-    def _():
+    def load():
         plgpu.copy_gmem_to_smem(gmem, f32_smem, bar.at[0])
         plgpu.barrier_wait(bar.at[0])
+        return _load(f32_smem, plgpu.Layout.WGMMA)
 
-    return jnp.where(opens, _load(f32_smem, plgpu.Layout.WGMMA), state)
+    return jax.lax.cond(opens, load, lambda: state)
 
 
 def _leave(state: Array, closes: Any, f32_smem: Any, gmem: Any) -> None:
