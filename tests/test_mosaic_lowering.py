@@ -105,7 +105,7 @@ def test_packed_sequences_lower_forward_and_backward(op, h0, config, monkeypatch
     sequence's initial state (its final state's gradient) at the chunk that opens (closes)
     it and store the final state (dh0) there; the same kernel counts as batch rows."""
     monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")
-    monkeypatch.setenv(PACKED_ENV, "1")
+    monkeypatch.delenv(PACKED_ENV, raising=False)  # packed runs on the Mosaic kernels by default
     N, T, H, K, V = 3, 300, 2, 64, 64
     qk = jax.ShapeDtypeStruct((1, T, H, K), jnp.bfloat16)
     v = jax.ShapeDtypeStruct((1, T, H, V), jnp.bfloat16)
@@ -152,7 +152,7 @@ def test_mosaic_declines_what_it_does_not_cover(monkeypatch):
             simple_gla(q, k, v, g, backend="mosaic", mode="chunk")
     with pytest.raises(NotImplementedError, match="float32"):
         linear_attention_mosaic(q.astype(jnp.float32), k, v, g, scale=1.0, check_device=False)
-    monkeypatch.delenv(PACKED_ENV, raising=False)  # packed: not on by default yet
+    monkeypatch.setenv(PACKED_ENV, "0")  # the switch that keeps packed calls on pallas
     with pytest.raises(NotImplementedError, match=PACKED_ENV):
         linear_attention_mosaic(q, k, v, g, scale=1.0, check_device=False,
                                 cu_seqlens=jnp.array([0, 3, 8], jnp.int32))
@@ -296,7 +296,7 @@ def test_mosaic_matches_reference_in_the_interpreter(op, monkeypatch):
     empty, one closing mid-chunk, one a whole chunk), each with its initial state, through
     the Mosaic backward."""
     packed = op.endswith("/packed")
-    monkeypatch.setenv(PACKED_ENV, "1")
+    monkeypatch.delenv(PACKED_ENV, raising=False)
     lens = (70, 0, 30, 64) if packed else None
     B, T, H, K, V = 1, sum(lens) if packed else 100, 1, 64, 64
     cu = jnp.array([0, *itertools.accumulate(lens)], jnp.int32) if packed else None

@@ -11,9 +11,8 @@ automatic dispatch moves on to the Triton kernels (``pallas``), which run everyt
 * float32 inputs (wgmma rounds float32 operands to TF32), key dims above 128, chunk sizes
   other than 64 / 128 (64 only for the delta rules).
 
-Packed sequences (``cu_seqlens``, B = 1) run on the same kernels with
-``LINEARNEXUS_MOSAIC_PACKED=1`` (:data:`PACKED_ENV`; interpreter-checked, not yet on a GPU,
-so by default they raise ``NotImplementedError`` and run on ``pallas``): the layout starts every
+Packed sequences (``cu_seqlens``, B = 1) run on the same kernels (``LINEARNEXUS_MOSAIC_PACKED=0``,
+:data:`PACKED_ENV`, sends them to ``pallas``): the layout starts every
 sequence on a fresh chunk (``chunking.plan_chunks``), and the kernels read each chunk's
 sequence and open / close flags (``pallas_chunk.chunk_layout_info``) to load a sequence's
 initial state (the backward: its final state's gradient) at the chunk that opens (closes)
@@ -84,12 +83,13 @@ def mosaic_dtype(q: Array, k: Array, v: Array) -> Any:
     return qk if jnp.dtype(qk) in MOSAIC_DTYPES else jnp.result_type(q.dtype, k.dtype, v.dtype)
 
 
-#: "1" runs packed sequences (``cu_seqlens``) on the Mosaic kernels; otherwise they raise
-#: ``NotImplementedError`` (automatic dispatch then runs them on ``pallas``) until
-#: :data:`PACKED_ON_BY_DEFAULT`: the packed kernels are checked in the CPU interpreter and
-#: lowered for CUDA, not yet run on a GPU
+#: "0" keeps packed sequences (``cu_seqlens``) off the Mosaic kernels: they then raise
+#: ``NotImplementedError`` and automatic dispatch runs them on ``pallas`` (the Triton kernels)
 PACKED_ENV = "LINEARNEXUS_MOSAIC_PACKED"
-PACKED_ON_BY_DEFAULT = False
+#: packed sequences run on the Mosaic kernels unless :data:`PACKED_ENV` is "0": checked on an
+#: H100 (``kernels_gpu.py`` packed rows, 2026-12-05) for simple_gla and both delta rules, and
+#: through the delta rules' Mosaic backward; not yet timed against ``pallas``
+PACKED_ON_BY_DEFAULT = True
 
 
 def packed_enabled() -> bool:
@@ -118,9 +118,8 @@ def check_mosaic_call(q: Array, k: Array, v: Array, *, chunk: int,
             f"operands to TF32); the pallas backend runs float32")
     if cu_seqlens is not None and not packed_enabled():
         raise NotImplementedError(
-            f"mosaic backend: packed sequences (cu_seqlens) run on the Mosaic kernels only with "
-            f"{PACKED_ENV}=1 (checked in the CPU interpreter, not yet on a GPU); the pallas "
-            f"backend runs them")
+            f"mosaic backend: packed sequences (cu_seqlens) are kept off the Mosaic kernels "
+            f"({PACKED_ENV}=0); the pallas backend runs them")
     if next_pow2(q.shape[3], minimum=64) > 128:
         raise NotImplementedError(f"mosaic backend: key dim {q.shape[3]} > 128 (the [K, BV] "
                                   "float32 state must fit one warpgroup's registers)")
@@ -330,9 +329,8 @@ class MosaicKernel(PallasKernel):
 
     name: ClassVar[str] = "mosaic"
     #: shown after the name in the README's feature table
-    status: str = ("sm_90+, dense batches (packed with LINEARNEXUS_MOSAIC_PACKED=1, not yet "
-                   "run on a GPU): Mosaic GPU forward and backward (Triton backward at V > 128); "
-                   "otherwise falls back to pallas")
+    status: str = ("sm_90+, batches and packed sequences: Mosaic GPU forward and backward "
+                   "(Triton backward at V > 128); otherwise falls back to pallas")
 
     def __init__(self, chunked: Callable[..., tuple[Array, Array]],
                  recurrent: Callable[..., tuple[Array, Array]] | None,
