@@ -40,7 +40,9 @@ finished):
 5. Extras, if time is left: mosaic at ``stages=2`` (the plain forward) / ``bwd_stages=1``
    (the forward that stores the states under the gradient), the other side of each
    heuristic choice; then each kernel alone in the chunk layout: the Triton WY
-   preparation and the Mosaic walk at 1 and 2 stages, plain and storing ``S_c`` / ``vn``.
+   preparation (forward, and forward + backward) and the Mosaic walk at 1 and 2 stages,
+   plain and storing ``S_c`` / ``vn``; the Triton core backward and the Mosaic one (its
+   reverse walk, ``dq / dk``, the XLA ``dw`` matmul, and whole) on the stored residuals.
 
 Prints a compact table; writes ``mosaic_gdn_check.json`` under ``--out``.
 """
@@ -148,14 +150,23 @@ def time_backend(op: str, shape: tuple[int, ...], backend: str, config: MosaicCo
 
 
 def time_kernels(shape: tuple[int, ...], sets: list, n_sets: int) -> dict[str, float]:
-    """Each kernel of the mosaic forward alone, in the chunk layout (T a multiple of 64, D a
-    power of two >= 64): the Triton WY preparation, and the Mosaic walk at 1 and 2 pipeline
-    stages, plain and storing ``S_c`` and ``vn`` (the gradient's forward). Median ms."""
+    """Each kernel of the mosaic forward and backward alone, in the chunk layout (T a
+    multiple of 64, D a power of two >= 64): the Triton WY preparation (and its forward +
+    backward), the Mosaic walk at 1 and 2 pipeline stages, plain and storing ``S_c`` and
+    ``vn`` (the gradient's forward); then the two backwards of the core on the stored
+    residuals: the Triton one (``pallas_chunk._core_bwd``: dv, dh, dq / dk) and the Mosaic
+    one's parts (the reverse walk with ``w``, ``dq / dk``, the XLA ``dw`` matmul) and whole
+    (``mosaic_bwd.mosaic_delta_backward``). Median ms."""
     import dataclasses
 
-    from linearnexus.kernels.common import mosaic_chunk
+    from linearnexus.kernels.common import mosaic_bwd, mosaic_chunk
     from linearnexus.kernels.common.pallas import interpret_mode
-    from linearnexus.kernels.common.pallas_chunk import CoreStatic, in_chunk_cumsum
+    from linearnexus.kernels.common.pallas_chunk import (
+        CoreStatic,
+        _core_bwd,
+        batch_layout_info,
+        in_chunk_cumsum,
+    )
     from linearnexus.kernels.common.pallas_wy import WyStatic, wy_prepare
 
     B, T, H, D = shape
@@ -187,6 +198,48 @@ def time_kernels(shape: tuple[int, ...], sets: list, n_sets: int) -> dict[str, f
                 st, q, k, u, b, None, w=w, store_states=stored))
             timed(f"walk{' storing S_c, vn' if stored else ''} stages={stages}",
                   lambda i, f=f: f(*walk_in[i % n_sets]))
+
+    def wy_loss(q, k, v, g, beta):
+        w, u, _ = wy_prepare(wst, k, v, beta, g)
+        return jnp.sum(w.astype(jnp.float32)) + jnp.sum(u.astype(jnp.float32))
+
+    wy_grad = jax.jit(jax.grad(wy_loss, argnums=(1, 2, 3, 4)))
+    timed("WY preparation forward + backward (Triton)", lambda i: wy_grad(*sets[i % n_sets]))
+
+    # the backward on the stored residuals (the default bwd_stages: the deepest that fit)
+    st = dataclasses.replace(base, backward="mosaic")
+    store = jax.jit(lambda q, k, w, u, b: mosaic_chunk.mosaic_forward(
+        st, q, k, u, b, None, w=w, store_states=True))
+    do = jax.random.normal(jax.random.PRNGKey(5), (B, T, H, D), jnp.float32).astype(jnp.bfloat16)
+    dfinal = jnp.zeros((B, H, D, D), jnp.float32)
+    res = []
+    for q, k, w, u, b in walk_in:
+        _, final, h, vn = store(q, k, w, u, b)
+        res.append((q, k, w, u, b, h, vn, final))
+    seq_info, flags = batch_layout_info(B, T // L)
+    triton = jax.jit(lambda q, k, w, u, b, h, vn, final: _core_bwd(
+        core, (q, k, u, w, b, None, seq_info, flags, h, vn, final), (do, dfinal)))
+    timed("core backward, Triton (dv, dh, dq / dk)", lambda i: triton(*res[i % n_sets]))
+    gates = jax.jit(lambda b: mosaic_chunk.gate_rows(b, L, D))
+    rev = jax.jit(lambda q, k, w, b: mosaic_bwd.run_state_grad(st, q, k, do, gates(b), dfinal,
+                                                               w=w))
+    timed("Mosaic reverse walk with w", lambda i: rev(*(res[i % n_sets][j] for j in (0, 1, 2, 4))))
+    rev_out = [rev(r[0], r[1], r[2], r[4]) for r in res]
+    dqk = jax.jit(lambda q, k, vn, h, dh, b: mosaic_bwd.run_dqk(st, q, k, vn, do, h, dh, gates(b)))
+    timed("Mosaic dq / dk", lambda i: dqk(res[i % n_sets][0], res[i % n_sets][1],
+                                          res[i % n_sets][6], res[i % n_sets][5],
+                                          rev_out[i % n_sets][1], res[i % n_sets][4]))
+
+    def dw_xla(dvn, h):
+        dvn_c = dvn.reshape(B, T // L, L, H, D)  # [R, TP, H, V] -> [R, NC, L, H, V]
+        # [R, NC, L, H, V] x [R, NC, H, K, V] -> [R, NC, L, H, K]
+        return jnp.einsum("rclhv,rchkv->rclhk", dvn_c, h, preferred_element_type=jnp.float32)
+
+    dw = jax.jit(dw_xla)
+    timed("dw = -dvn S_c^T (XLA)", lambda i: dw(rev_out[i % n_sets][0], res[i % n_sets][5]))
+    whole = jax.jit(lambda q, k, w, u, b, h, vn, final: mosaic_bwd.mosaic_delta_backward(
+        st, q, k, w, b, h, vn, do, dfinal))
+    timed("core backward, Mosaic (whole)", lambda i: whole(*res[i % n_sets]))
     return out
 
 
