@@ -204,11 +204,12 @@ def throughput_run(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     from linearnexus.kernels.common.mosaic_chunk import MosaicConfig
     from linearnexus.kernels.gated_delta_rule import api
 
-    api.BACKENDS["mosaic"].config = MosaicConfig(backward="mosaic")
+    kernel = api.BACKENDS["mosaic"]
+    before, kernel.config = kernel.config, MosaicConfig(backward="mosaic")
     try:
         return {**_throughput_run("mosaic", args), "backend": MOSAIC_BWD}
     finally:
-        api.BACKENDS["mosaic"].config = None
+        kernel.config = before
 
 
 def _throughput_run(backend: str, args: argparse.Namespace) -> dict[str, Any]:

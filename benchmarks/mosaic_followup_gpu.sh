@@ -1,8 +1,8 @@
 #!/bin/bash
 # One device call for what issue 26 built without a GPU (docs/mosaic.md, "Next" 2), each part
 # bounded so the call ends inside the 10-minute limit; logs and JSON under $OUT:
-#   1. packed sequences through the Mosaic kernels (kernels_gpu.py's packed rows, with
-#      LINEARNEXUS_MOSAIC_PACKED=1): if they pass, mosaic_ops.PACKED_ON_BY_DEFAULT can go on;
+#   1. packed sequences through the Mosaic kernels (kernels_gpu.py's packed rows; on by
+#      default since they passed on an H100, 2026-12-05);
 #   2. the delta rules' Mosaic backward: numerics against the reference and its time beside
 #      the Triton backward and FLA (mosaic_gdn_check.py);
 #   3. the ~211M Gated DeltaNet LM's training step through it (lm_train_gpu.py, mosaic-bwd

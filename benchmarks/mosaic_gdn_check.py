@@ -129,7 +129,7 @@ def time_backend(op: str, shape: tuple[int, ...], backend: str, config: MosaicCo
     api = ops()[op]
     fn = getattr(api, op)
     kernel = api.BACKENDS[backend]
-    kernel.config = config
+    before, kernel.config = kernel.config, config
     try:
         def fwd(*a):
             return fn(*a, backend=backend, mode="chunk")[0]
@@ -146,7 +146,7 @@ def time_backend(op: str, shape: tuple[int, ...], backend: str, config: MosaicCo
         out["o"] = f(*sets[0])
         return out
     finally:
-        kernel.config = None
+        kernel.config = before
 
 
 def time_kernels(shape: tuple[int, ...], sets: list, n_sets: int) -> dict[str, float]:
@@ -311,14 +311,14 @@ def main() -> None:
             results["skipped"].append(f"check {label}: budget spent")
             continue
         kernel = ops()[op].BACKENDS["mosaic"]
-        kernel.config = MosaicConfig(backward=args.check_backward)
+        before, kernel.config = kernel.config, MosaicConfig(backward=args.check_backward)
         try:
             row = check(op, T, D, h0, 9000 + i, ref_cache)
         except Exception as e:  # noqa: BLE001 - report it and go on
             row = {"op": op, "T": T, "D": D, "h0": h0, "status": "ERROR",
                    "error": kg.short_error(e)}
         finally:
-            kernel.config = None
+            kernel.config = before
         row["backward"] = args.check_backward
         results["checks"].append(row)
         errs = " ".join(f"{n}={e:.1e}" for n, e in row.get("errors", {}).items())

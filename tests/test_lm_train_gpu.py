@@ -87,9 +87,9 @@ def test_mosaic_takes_ssd_float32_v_beside_16_bit_qk():
     assert mosaic_dtype(qk, qk, v32) == jnp.bfloat16
     assert mosaic_dtype(qk.astype(jnp.float32), qk, v32) == jnp.float32
     try:
-        check_mosaic_call(qk, qk, v32, chunk=64, check_device=False)
+        check_mosaic_call(qk, qk, v32, chunk=64, cu_seqlens=None, check_device=False)
     except NotImplementedError as e:  # only a JAX without the Mosaic GPU APIs may refuse
         assert "float32" not in str(e)
     with pytest.raises(NotImplementedError, match="float32"):
-        check_mosaic_call(qk.astype(jnp.float32), qk, v32, chunk=64,
+        check_mosaic_call(qk.astype(jnp.float32), qk, v32, chunk=64, cu_seqlens=None,
                           check_device=False)

@@ -376,7 +376,7 @@ def mosaic_backward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array, h:
     """Gradients of the chunked core through the two Mosaic GPU kernels (module doc).
 
     Args:
-        st: static description (chunk layout, batch rows). q, k: ``[R, TP, H, K]``.
+        st: static description (chunk layout, batch rows or packed). q, k: ``[R, TP, H, K]``.
             v: ``[R, TP, H, V]`` (bf16 / f16). b: ``[R, TP, H]`` float32 in-chunk cumsum of
             the log-gates. h: ``[R, NC, H, K, V]`` every chunk's entering state (the
             forward's ``store_states``). do: ``[R, TP, H, V]``. dfinal: ``[N, H, K, V]``.

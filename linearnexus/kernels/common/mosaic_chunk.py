@@ -25,15 +25,17 @@ cumsum of log-gates (``pallas_chunk.py``'s module doc has the derivation)::
 Scope (anything else raises ``NotImplementedError`` and the dispatcher moves on to the
 Triton kernels): bfloat16 / float16 inputs (the wgmma of float32 operands is TF32, short of
 the float32 thresholds), key dim padded to 64 or 128, value dim padded to a multiple of the
-value block, batch rows (no ``cu_seqlens`` packing). The delta rules run the same walk
-with ``core.delta`` set (``mosaic_delta.py``).
+value block. Batch rows and rows of packed sequences (``cu_seqlens``: each sequence starts on
+a fresh chunk; the walks read each chunk's sequence and open / close flags, load the
+sequence's initial state where it opens and store its final state where it closes). The
+delta rules run the same walk with ``core.delta`` set (``mosaic_delta.py``).
 
 Backward (``mosaic_core``'s custom_vjp): under a gradient the forward also stores every
 chunk's entering state (``store_states``: the bf16 state tile of the ``q S_c`` matmul
 becomes a pipeline output slot), and the Mosaic GPU kernels of ``mosaic_bwd.py`` run the
 backward; ``MosaicConfig(backward="pallas")`` (the default where those do not fit shared
-memory, V > 128) runs the Triton kernels of ``pallas_chunk.py`` instead, after re-running
-their ``fwd_h`` for the states.
+memory: V > 128, and chunks of 128 at K = V = 128) runs the Triton kernels of
+``pallas_chunk.py`` instead, after re-running their ``fwd_h`` for the states.
 """
 
 from __future__ import annotations

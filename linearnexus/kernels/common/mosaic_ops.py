@@ -19,8 +19,9 @@ initial state (the backward: its final state's gradient) at the chunk that opens
 it and to store its final state (``dh0``) there.
 
 The delta rules (``delta_rule_mosaic``: Triton WY preparation, Mosaic GPU walk, Triton
-backward) carry an ``opt_in`` (``mosaic_delta.delta_opted_in``): automatic dispatch passes
-them by unless ``LINEARNEXUS_MOSAIC_GDN=1`` (slower than pallas in LM training).
+or Mosaic GPU backward) carry an ``opt_in`` (``mosaic_delta.delta_opted_in``): automatic
+dispatch passes them by unless ``LINEARNEXUS_MOSAIC_GDN=1`` (slower than pallas in LM
+training).
 """
 
 from __future__ import annotations
@@ -98,8 +99,8 @@ def packed_enabled() -> bool:
     return flag == "1" or (PACKED_ON_BY_DEFAULT and flag != "0")
 
 
-def check_mosaic_call(q: Array, k: Array, v: Array, *, chunk: int,
-                      check_device: bool = True, cu_seqlens: Array | None = None) -> None:
+def check_mosaic_call(q: Array, k: Array, v: Array, *, chunk: int, cu_seqlens: Array | None,
+                      check_device: bool = True) -> None:
     """Raise ``NotImplementedError`` naming what the Mosaic kernel does not cover
     (``check_device`` False skips the GPU check: lowering for CUDA on a CPU machine)."""
     cc = compute_capability() if check_device else (9, 0)
@@ -163,6 +164,36 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
                                            itemsize=itemsize, chunk=chunk, packed=packed))
     if vp % cfg.block_v:
         raise ValueError(f"config: block_v={cfg.block_v} must divide the padded value dim {vp}")
+    if config is None or config.backward is None:  # the heuristic's, for the merged block_v
+        cfg = dataclasses.replace(cfg, backward="mosaic" if mosaic_backward_fits(
+            chunk=chunk, key_dim=kp, value_dim=vp, block_v=cfg.block_v, itemsize=itemsize,
+            packed=packed) else "pallas")
+    _check_fits(cfg, chunk=chunk, kp=kp, vp=vp, itemsize=itemsize, packed=False)
+    if packed:
+        try:
+            _check_fits(cfg, chunk=chunk, kp=kp, vp=vp, itemsize=itemsize, packed=True)
+        except ValueError as e:
+            # a config that fits batch rows (one from the tuning cache, which does not key on
+            # packing, say) but not beside the packed staging tile: dispatch moves on
+            raise NotImplementedError(
+                f"mosaic backend: packed sequences add a float32 [K, block_v] staging tile "
+                f"({kp * cfg.block_v * 4} bytes) to the walks, and then {e}") from e
+    if g is None:
+        g = jnp.zeros(q.shape[:3], F32)
+    gc = _layout(floor_log_gate(g), plan)  # [B, T, H] -> [R, NC * L, H]
+    core = _core_static(dtype, plan, kp, vp, heads=heads, scale=scale, has_h0=h0 is not None,
+                        gate="scalar", delta=False, n_seqs=_n_seqs(q, cu_seqlens))
+    st = MosaicStatic(core=core, block_v=cfg.block_v, stages=cfg.stages, backward=cfg.backward,
+                      bwd_stages=cfg.bwd_stages, dqk_stages=cfg.dqk_stages)
+    o, final = mosaic_core(st, qc, kc, vc, gc, h0, _packed_layout(plan))
+    o = _unlayout(o, plan)[..., :v.shape[3]].astype(v.dtype)
+    return o, final[:, :, :q.shape[3], :v.shape[3]]
+
+
+def _check_fits(cfg: MosaicConfig, *, chunk: int, kp: int, vp: int, itemsize: int,
+                packed: bool) -> None:
+    """Raise ``ValueError`` naming ``config`` when a kernel of the resolved ``cfg`` would ask
+    for more shared memory than a block may use (``packed``: with the staging tile)."""
     need = smem_bytes(chunk=chunk, key_dim=kp, block_v=cfg.block_v, stages=cfg.stages,
                       itemsize=itemsize, packed=packed)
     if need > SMEM_LIMIT:
@@ -187,19 +218,12 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
     if cfg.backward == "mosaic" and not mosaic_backward_fits(
             chunk=chunk, key_dim=kp, value_dim=vp, block_v=cfg.block_v, itemsize=itemsize,
             packed=packed):
+        beside = " beside the packed staging tile" if packed else ""
         raise ValueError(f"config: backward='mosaic' at chunk={chunk}, K={kp}, V={vp}, "
-                         f"block_v={cfg.block_v} does not fit shared memory (the dq / dk kernel "
-                         "holds whole [L, V] tiles: V <= 128); use backward='pallas'")
-    if g is None:
-        g = jnp.zeros(q.shape[:3], F32)
-    gc = _layout(floor_log_gate(g), plan)  # [B, T, H] -> [R, NC * L, H]
-    core = _core_static(dtype, plan, kp, vp, heads=heads, scale=scale, has_h0=h0 is not None,
-                        gate="scalar", delta=False, n_seqs=_n_seqs(q, cu_seqlens))
-    st = MosaicStatic(core=core, block_v=cfg.block_v, stages=cfg.stages, backward=cfg.backward,
-                      bwd_stages=cfg.bwd_stages, dqk_stages=cfg.dqk_stages)
-    o, final = mosaic_core(st, qc, kc, vc, gc, h0, _packed_layout(plan))
-    o = _unlayout(o, plan)[..., :v.shape[3]].astype(v.dtype)
-    return o, final[:, :, :q.shape[3], :v.shape[3]]
+                         f"block_v={cfg.block_v} does not fit shared memory: the dq / dk kernel "
+                         "holds whole [L, V] tiles (V <= 128), and the forward that stores the "
+                         f"states needs 2 stages of [K, block_v] slots{beside}; use "
+                         "backward='pallas' or a smaller block_v")
 
 
 def _n_seqs(q: Array, cu_seqlens: Array | None) -> int:
@@ -289,7 +313,14 @@ def delta_rule_mosaic(q: Array, k: Array, v: Array, beta: Array, g: Array | None
                                                           cu_seqlens)
     cfg = cfg.merged(default_delta_config(rows=plan.rows, heads=heads, key_dim=kp, value_dim=vp,
                                           n_chunks=plan.n_chunks, packed=plan.packed))
-    check_delta_config(cfg, key_dim=kp, value_dim=vp, packed=plan.packed)
+    check_delta_config(cfg, key_dim=kp, value_dim=vp)
+    if plan.packed:
+        try:
+            check_delta_config(cfg, key_dim=kp, value_dim=vp, packed=True)
+        except ValueError as e:  # fits batch rows, not beside the packed tile: move on
+            raise NotImplementedError(
+                f"mosaic backend: packed sequences add a float32 [K, 64] staging tile "
+                f"({kp * 64 * 4} bytes) to the walks, and then {e}") from e
     gc = None if g is None else _layout(floor_log_gate(g), plan)  # [B, NC * L, H]
     wst = WyStatic(gated=g is not None, rows=plan.rows, n_chunks=plan.n_chunks, chunk=chunk,
                    heads=heads, key_dim=kp, value_dim=vp, exact=False,

@@ -31,7 +31,7 @@ BACKENDS = make_backends(gated_delta_rule_reference, gated_delta_rule_chunked,
 # "pallas_step": the fused one-token step by name (pallas runs it for T == 1 on a GPU)
 BACKENDS.update(pallas_backends(gated_delta_rule_pallas, gated_delta_rule_recurrent, STEP))
 BACKENDS["pallas_tpu"] = PallasTpuKernel(gated_delta_rule_pallas_tpu, gated_delta_rule_recurrent)
-# the Mosaic GPU forward (sm_90+, bf16 / f16, batch rows): by name, or automatically with
+# the Mosaic GPU forward (sm_90+, bf16 / f16, batch rows and packed): by name, or automatically with
 # LINEARNEXUS_MOSAIC_GDN=1 (slower than pallas in LM training: kernels/common/mosaic_delta.py)
 BACKENDS["mosaic"] = MosaicKernel(gated_delta_rule_mosaic, gated_delta_rule_recurrent,
                                   step=STEP, opt_in=delta_opted_in, status=MOSAIC_STATUS)

@@ -19,7 +19,8 @@ def gated_delta_rule_mosaic(q: Array, k: Array, v: Array, g: Array, beta: Array,
     :func:`gated_delta_rule_reference` plus ``chunk_size`` (64) and ``config``
     (:class:`MosaicConfig`: ``stages``).
 
-    Returns ``(o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32)``.
+    Returns ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32)`` (N = B, or
+    the packed sequences).
 
     Raises:
         NotImplementedError: not sm_90+, float32 inputs, key dims > 128,

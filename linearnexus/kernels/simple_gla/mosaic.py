@@ -21,7 +21,8 @@ def simple_gla_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, scale: f
     :func:`simple_gla_reference` plus ``chunk_size`` (64 or 128) and ``config`` (tile /
     pipeline overrides, which backward: :class:`MosaicConfig`).
 
-    Returns ``(o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32)``.
+    Returns ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32)`` (N = B, or
+    the packed sequences).
 
     Raises:
         NotImplementedError: float32 inputs, key dims > 128, a JAX without
