@@ -52,6 +52,7 @@ from linearnexus.core.types import Array
 from linearnexus.kernels.common.pallas_chunk import (
     CoreStatic,
     _core_bwd,
+    _has_chunk,
     batch_layout_info,
     run_fwd_h,
 )
@@ -183,19 +184,23 @@ def smem_bytes(*, chunk: int, key_dim: int, block_v: int, stages: int, itemsize:
 
 
 def mosaic_backward_fits(*, chunk: int, key_dim: int, value_dim: int, block_v: int,
-                         itemsize: int = 2, packed: bool = False) -> bool:
+                         itemsize: int = 2, packed: bool = False, delta: bool = False) -> bool:
     """Whether the Mosaic backward kernels (``mosaic_bwd.py``) and the forward that stores
     the states (at value block ``block_v``) fit shared memory at 2 stages: the ``dq / dk``
-    kernel holds whole ``[L, V]`` and ``[64, V]`` tiles, so V <= 128."""
+    kernel holds whole ``[L, V]`` and ``[64, V]`` tiles, so V <= 128. ``delta``: the delta
+    rules' kernels (the ``w`` slots and the ``-dvn`` tile of the reverse walk, the ``vn``
+    slots of the storing forward)."""
     from linearnexus.kernels.common import mosaic_bwd
 
     return (mosaic_bwd.state_smem_bytes(chunk=chunk, key_dim=key_dim,
                                         block_v=min(value_dim, mosaic_bwd.STATE_BLOCK_V),
-                                        stages=2, itemsize=itemsize, packed=packed) <= SMEM_LIMIT
+                                        stages=2, itemsize=itemsize, delta=delta,
+                                        packed=packed) <= SMEM_LIMIT
             and mosaic_bwd.dqk_smem_bytes(chunk=chunk, key_dim=key_dim, value_dim=value_dim,
                                           stages=2, itemsize=itemsize) <= SMEM_LIMIT
             and smem_bytes(chunk=chunk, key_dim=key_dim, block_v=block_v, stages=2,
-                           itemsize=itemsize, store_states=True, packed=packed) <= SMEM_LIMIT)
+                           itemsize=itemsize, store_states=True, delta=delta,
+                           packed=packed) <= SMEM_LIMIT)
 
 
 def deepest_stages(fits, most: int = 4) -> int:
@@ -643,23 +648,21 @@ def compiler_params() -> Any:
                                 lowering_semantics=plgpu.LoweringSemantics.Lane)
 
 
-def owned(layout: tuple[Array, Array], n_seqs: int) -> Array:
-    """``[N]`` bool: the packed sequence owns at least one chunk. A length-0 sequence owns
-    none, so the kernels never write its final state or its initial state's gradient: the
-    caller passes its initial state (its final-state cotangent) through."""
-    seq_info, flags = layout
-    starts = ((flags & 1) == 1).ravel()
-    return jnp.zeros((n_seqs,), bool).at[seq_info.ravel()].max(starts)
-
-
 def pass_empty(st: MosaicStatic, layout: tuple[Array, Array] | None, value: Array,
                through: Array | None) -> Array:
     """``value [N, H, K, V]`` with the rows of sequences that own no chunk replaced by
-    ``through`` (zeros when None); ``value`` itself for batch rows."""
+    ``through`` (zeros when None); ``value`` itself for batch rows. A length-0 packed
+    sequence owns no chunk, so the kernels never write its final state or its initial
+    state's gradient: it passes its initial state (its final-state cotangent) through."""
     if not st.core.packed:
         return value
-    keep = owned(layout, st.core.n_seqs)[:, None, None, None]
+    keep = _has_chunk(st.core, *layout)[:, None, None, None]
     return jnp.where(keep, value, jnp.zeros_like(value) if through is None else through)
+
+
+def triton_layout(core: CoreStatic, layout: tuple[Array, Array] | None) -> tuple[Array, Array]:
+    """``(seq_info, flags)`` for the Triton kernels: the packed layout's, or batch rows'."""
+    return layout if core.packed else batch_layout_info(core.rows, core.n_chunks)
 
 
 def _fwd_rule(st: MosaicStatic, q, k, v, g, h0, layout):
@@ -704,7 +707,7 @@ def _bwd_rule(st: MosaicStatic, res, cts):
         if h0 is not None:
             dh0 = pass_empty(st, layout, dh0, dfinal.astype(F32)).astype(h0.dtype)
         return dq, dk, dv, dg, None if h0 is None else dh0, None
-    seq_info, flags = layout if core.packed else batch_layout_info(core.rows, core.n_chunks)
+    seq_info, flags = triton_layout(core, layout)
     h0f = None if h0 is None else h0.astype(F32)
     # the Triton backward needs every chunk's entering state, which the fused forward kept
     # in registers only: one more Triton fwd_h walk recomputes them

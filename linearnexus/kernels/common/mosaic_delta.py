@@ -57,11 +57,13 @@ from linearnexus.kernels.common.mosaic_chunk import (
     SMEM_LIMIT,
     MosaicConfig,
     MosaicStatic,
+    mosaic_backward_fits,
     mosaic_forward,
     pass_empty,
     smem_bytes,
+    triton_layout,
 )
-from linearnexus.kernels.common.pallas_chunk import _core_bwd, batch_layout_info, in_chunk_cumsum
+from linearnexus.kernels.common.pallas_chunk import _core_bwd, in_chunk_cumsum
 
 F32 = jnp.float32
 #: "1" puts the delta rules' mosaic backend first in automatic dispatch; "0" keeps it out
@@ -112,24 +114,18 @@ def default_delta_config(*, rows: int, heads: int, key_dim: int, value_dim: int,
     if n_chunks >= 8 and (value_dim // block_v) * rows * heads > HOPPER_SMS:
         stages = 1
     backward = DEFAULT_BACKWARD
-    if backward == "mosaic" and not delta_backward_fits(chunk=64, key_dim=key_dim,
-                                                        value_dim=value_dim, itemsize=itemsize,
-                                                        packed=packed):
+    if backward == "mosaic" and not delta_backward_fits(key_dim=key_dim, value_dim=value_dim,
+                                                        itemsize=itemsize, packed=packed):
         backward = "pallas"
     return MosaicConfig(chunk=64, block_v=block_v, stages=stages, backward=backward)
 
 
-def delta_backward_fits(*, chunk: int, key_dim: int, value_dim: int, itemsize: int = 2,
+def delta_backward_fits(*, key_dim: int, value_dim: int, itemsize: int = 2,
                         packed: bool = False) -> bool:
-    """Whether the delta rules' Mosaic backward fits shared memory at 2 stages: the reverse
-    walk with its ``w`` slots and ``-dvn`` tile, and ``dq / dk`` (whole ``[L, V]`` tiles, so
-    V <= 128)."""
-    return (mosaic_bwd.state_smem_bytes(chunk=chunk, key_dim=key_dim,
-                                        block_v=min(value_dim, mosaic_bwd.STATE_BLOCK_V),
-                                        stages=2, itemsize=itemsize, delta=True,
-                                        packed=packed) <= SMEM_LIMIT
-            and mosaic_bwd.dqk_smem_bytes(chunk=chunk, key_dim=key_dim, value_dim=value_dim,
-                                          stages=2, itemsize=itemsize) <= SMEM_LIMIT)
+    """Whether the delta rules' Mosaic backward fits shared memory at 2 stages (chunk 64,
+    value blocks of 64): ``mosaic_chunk.mosaic_backward_fits`` with the delta rules' tiles."""
+    return mosaic_backward_fits(chunk=64, key_dim=key_dim, value_dim=value_dim, block_v=64,
+                                itemsize=itemsize, packed=packed, delta=True)
 
 
 def check_delta_config(cfg: MosaicConfig, *, key_dim: int, value_dim: int,
@@ -139,8 +135,8 @@ def check_delta_config(cfg: MosaicConfig, *, key_dim: int, value_dim: int,
     if cfg.backward == "pallas" and cfg.dqk_stages is not None:
         raise ValueError("config: dqk_stages sets the Mosaic backward's dq / dk kernel, which "
                          "backward='pallas' does not run; leave it None")
-    if cfg.backward == "mosaic" and not delta_backward_fits(chunk=cfg.chunk, key_dim=key_dim,
-                                                            value_dim=value_dim, packed=packed):
+    if cfg.backward == "mosaic" and not delta_backward_fits(key_dim=key_dim, value_dim=value_dim,
+                                                            packed=packed):
         raise ValueError(f"config: backward='mosaic' at K={key_dim}, V={value_dim}: the dq / dk "
                          "kernel holds whole [L, V] tiles, which do not fit shared memory past "
                          "V = 128; use backward='pallas'")
@@ -225,7 +221,7 @@ def _bwd_rule(st: MosaicStatic, res, cts):
             dh0 = pass_empty(st, layout, dh0, dfinal.astype(F32)).astype(h0.dtype)
         return (dq, dk, du, dw, None if g is None else dg, None if h0 is None else dh0, None)
     _, b = _gates(st, g, q)
-    seq_info, flags = layout if core.packed else batch_layout_info(core.rows, core.n_chunks)
+    seq_info, flags = triton_layout(core, layout)
     full = (q, k, u, w, b, h0, seq_info, flags, h, vn, final)
     dq, dk, du, dw, dg, dh0, _, _ = _core_bwd(core, full, cts)
     return dq, dk, du, dw, None if g is None else dg, None if h0 is None else dh0, None
