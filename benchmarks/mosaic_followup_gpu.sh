@@ -6,7 +6,10 @@
 #   2. the delta rules' Mosaic backward: numerics against the reference and its time beside
 #      the Triton backward and FLA (mosaic_gdn_check.py);
 #   3. the ~211M Gated DeltaNet LM's training step through it (lm_train_gpu.py, mosaic-bwd
-#      against mosaic and pallas), if PARTS has "lm".
+#      against mosaic and pallas), if PARTS has "lm";
+#   4. GLA's Mosaic GPU walk (kernels/gla/mosaic.py, never run on a GPU before): checks
+#      against the reference (dense and packed, T = 63 / 1000, D = 64 / 128), then mosaic,
+#      pallas and FLA timed at (8, 4096, 16, 128) and (2, 16384, 16, 128), if PARTS has "gla".
 # Usage, on the GPU from the repository root, with FLA's wheels in .whl/ (carry .whl):
 #   bash benchmarks/mosaic_followup_gpu.sh            # PARTS="packed gdn lm" by default
 set -u
@@ -31,6 +34,14 @@ case " $PARTS " in *" gdn "*)
   echo "== the delta rules' Mosaic backward"
   timeout ${GDN_S:-230} python3 benchmarks/mosaic_gdn_check.py --out "$OUT" \
     --budget $(( ${GDN_S:-230} - 30 )) 2>&1 | quiet | tee "$OUT/gdn.log" | tail -30;;
+esac
+case " $PARTS " in *" gla "*)
+  echo "== GLA's Mosaic GPU walk"
+  timeout ${GLA_S:-300} python3 benchmarks/kernels_gpu.py --ops gla --backends mosaic pallas \
+    --check-backends mosaic --check-seqs 63 1000 --check-dims 64 128 --shapes 6 1 \
+    --skip-mamba --out "$OUT" --name gla_mosaic --budget $(( ${GLA_S:-300} - 30 )) 2>&1 \
+    | quiet | grep -E "PASS|FAIL|ERROR|not impl|rror|fwd|ceiling" | cut -c1-260 \
+    | tee "$OUT/gla.log";;
 esac
 case " $PARTS " in *" lm "*)
   echo "== the GDN LM through the delta rules' Mosaic backward"

@@ -6,6 +6,7 @@ from linearnexus.core.hooks import overridable
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array
 from linearnexus.kernels.common.backends import DEFAULT_ORDER, check_and_run, make_backends
+from linearnexus.kernels.common.mosaic_ops import MosaicKernel
 from linearnexus.kernels.common.pallas_ops import pallas_backends
 from linearnexus.kernels.common.pallas_step import StepSpec
 from linearnexus.kernels.common.pallas_tpu import PallasTpuKernel
@@ -14,19 +15,26 @@ from linearnexus.kernels.common.validation import (
     check_qkv,
 )
 from linearnexus.kernels.gla.chunked import gla_chunked
+from linearnexus.kernels.gla.mosaic import MOSAIC_STATUS, gla_mosaic, gla_opted_in
 from linearnexus.kernels.gla.pallas import gla_pallas
 from linearnexus.kernels.gla.pallas_tpu import gla_pallas_tpu
 from linearnexus.kernels.gla.reference import gla_recurrent, gla_reference
 
 DEFAULT_CHUNK_SIZE = 64
 
+STEP = StepSpec("vector", delta=False)
 BACKENDS = make_backends(gla_reference, gla_chunked, gla_recurrent)
 # "pallas_step": the fused one-token step by name (pallas runs it for T == 1 on a GPU)
-BACKENDS.update(pallas_backends(gla_pallas, gla_recurrent, StepSpec("vector", delta=False)))
+BACKENDS.update(pallas_backends(gla_pallas, gla_recurrent, STEP))
 BACKENDS["pallas_tpu"] = PallasTpuKernel(gla_pallas_tpu, gla_recurrent)
-# Pallas first: automatic dispatch takes "pallas" on a GPU only and "pallas_tpu" on a TPU
-# only (their `supports` say no elsewhere)
-BACKEND_ORDER = ("pallas", "pallas_tpu", *DEFAULT_ORDER)
+# the Mosaic GPU walk (sm_90+, bf16 / f16, batch rows and packed): by name, or automatically
+# with LINEARNEXUS_MOSAIC_GLA=1 until it has run on a GPU (kernels/gla/mosaic.py)
+BACKENDS["mosaic"] = MosaicKernel(gla_mosaic, gla_recurrent, step=STEP, opt_in=gla_opted_in,
+                                  status=MOSAIC_STATUS)
+# automatic dispatch takes "mosaic" (opted in) and "pallas" on a GPU only, "pallas_tpu" on a
+# TPU only (their `supports` say no elsewhere); mosaic raises NotImplementedError for what it
+# does not cover and pallas runs it
+BACKEND_ORDER = ("mosaic", "pallas", "pallas_tpu", *DEFAULT_ORDER)
 
 
 @overridable("gla")  # context parallelism re-routes it (linearnexus.parallel)
@@ -59,7 +67,9 @@ def gla(
             sequence starts from its own initial state and never sees the others.
         chunk_size: tokens per chunk in chunk mode (default 64).
         mode: "chunk", "recurrent" or None (recurrent when T < 64).
-        backend: "pallas" (Triton kernels; the automatic choice on a GPU), "pallas_tpu"
+        backend: "mosaic" (Mosaic GPU walk between Triton preparation and backward, sm_90+,
+            bf16 / f16; automatic only with ``LINEARNEXUS_MOSAIC_GLA=1``), "pallas"
+            (Triton kernels; the automatic choice on a GPU), "pallas_tpu"
             (Mosaic TPU kernels; the automatic choice on a TPU; on a CPU only with
             ``LINEARNEXUS_PALLAS_TPU_INTERPRET=1``, through the TPU interpreter), "pallas_step" (the fused
             one-token kernel, T == 1 only), "jax"

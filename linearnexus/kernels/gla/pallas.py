@@ -260,7 +260,8 @@ def _scaled(x: Array, exponent: Array) -> Array:
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_a_kernel(q_ref, k_ref, b_ref, c_ref, a_ref, *, st: CoreStatic):
+def _fwd_a_kernel(q_ref, k_ref, b_ref, c_ref, a_ref, qe_ref=None, ke_ref=None, *,
+                  st: CoreStatic):
     """``A`` for one chunk (without ``scale``), one program per (chunk, row x head).
 
     Where the chunk's decay, ``max_k (b_0 - b_{L-1})``, is at most :data:`DIAG_DENSE_MAX`,
@@ -268,12 +269,24 @@ def _fwd_a_kernel(q_ref, k_ref, b_ref, c_ref, a_ref, *, st: CoreStatic):
     second <= e^{DIAG_DENSE_MAX}; every kept product ``e^{b_i - b_j} <= 1``; float32
     operands, TF32 for 16-bit inputs). Otherwise the program builds it sub-chunk by
     sub-chunk (:func:`_fwd_a_rows`), stable at any decay.
+
+    With ``qe_ref`` / ``ke_ref`` (the Mosaic GPU forward, ``gla/mosaic.py``) it also writes
+    the decayed operands of the chunk walk, in the input dtype: ``q e^{b}`` (as ``fwd_o``
+    scales q) and ``k e^{b_L - b}`` (as ``fwd_h`` scales k), both factors <= 1.
     """
     L = st.chunk
     c = pl.program_id(1)
     r, h = _row_col(st)
     t0 = c * L
     rows = pl.ds(t0, L)
+    if qe_ref is not None:
+        for ik in range(st.key_dim // st.block_k):
+            ks = pl.ds(ik * st.block_k, st.block_k)
+            b = _load_b(b_ref, c_ref, r, rows, h, ks)  # [L, BK]
+            qe_ref[r, rows, h, ks] = _scaled(q_ref[r, rows, h, ks], b[0]).astype(qe_ref.dtype)
+            b_last = _load_b(b_ref, c_ref, r, t0 + L - 1, h, ks)  # [BK]
+            ke_ref[r, rows, h, ks] = _scaled(k_ref[r, rows, h, ks],
+                                             _gap(b_last, b)).astype(ke_ref.dtype)
     dense = _dense_over(b_ref, c_ref, r, h, t0, t0 + L - 1, pl.ds(0, st.key_dim))
 
     @pl.when(dense)
@@ -372,14 +385,28 @@ def _fwd_o_kernel(q_ref, v_ref, h_ref, b_ref, a_ref, o_ref, *, st: CoreStatic):
     o_ref[r, pl.ds(t0, L), h, vs] = o.astype(o_ref.dtype)
 
 
+def run_fwd_a(st: CoreStatic, q: Array, k: Array, b: Array, bc: Array, *,
+              decayed: bool = False) -> tuple[Array, Array | None, Array | None]:
+    """The ``fwd_a`` kernel: ``A [R, TP, H, L]`` float32 (zeros above the diagonal) from q, k
+    ``[R, TP, H, K]`` and the compensated in-chunk sums ``b`` (float32), ``bc`` (bfloat16).
+    ``decayed``: also ``q e^{b}`` and ``k e^{b_L - b}`` in q's dtype (else None)."""
+    R, TP, H, _ = q.shape
+    outs = dict(a=jax.ShapeDtypeStruct((R, TP, H, st.chunk), F32))
+    if decayed:
+        outs.update(qe=jax.ShapeDtypeStruct(q.shape, q.dtype),
+                    ke=jax.ShapeDtypeStruct(k.shape, k.dtype))
+    res = _call(functools.partial(_fwd_a_kernel, st=st), st, (1, st.n_chunks, R * H),
+                dict(q=q, k=k, b=b, c=bc), outs)
+    return res["a"], res.get("qe"), res.get("ke")
+
+
 def gla_forward(st: CoreStatic, q, k, v, b, bc, h0, seq_info, flags):
     """Run ``fwd_a``, ``fwd_h``, ``fwd_o``; returns ``(o, a, h, final)``."""
     R, NC, L, H, K, V = st.rows, st.n_chunks, st.chunk, st.heads, st.key_dim, st.value_dim
     TP = NC * L
     dt = q.dtype
     nk, nv = K // st.block_k, V // st.block_v
-    a = _call(functools.partial(_fwd_a_kernel, st=st), st, (1, NC, R * H),
-              dict(q=q, k=k, b=b, c=bc), dict(a=jax.ShapeDtypeStruct((R, TP, H, L), F32)))["a"]
+    a = run_fwd_a(st, q, k, b, bc)[0]
     ins = dict(k=k, v=v, b=b, c=bc, h0=h0 if st.has_h0 else None, seq=seq_info, flag=flags)
     outs = dict(h=jax.ShapeDtypeStruct((R, NC, H, K, V), dt),
                 final=jax.ShapeDtypeStruct((st.n_seqs, H, K, V), F32))

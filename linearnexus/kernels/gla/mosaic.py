@@ -1,0 +1,406 @@
+"""GLA's ``mosaic`` backend: a Mosaic GPU (Hopper, sm_90+) chunk walk for a log-gate per key
+dimension, between GLA's Triton preparation and its Triton backward.
+
+Per chunk of L = 64 tokens, entering with the state ``S_c [K, V]`` (float32 registers), with
+``b`` the compensated in-chunk inclusive sum of the log-gates (a vector over K per token)::
+
+    o       = scale [ (q e^{b}) S_c + A v ]          A_ij = sum_k q_ik k_jk e^{b_ik - b_jk}
+    S_{c+1} = diag(e^{b_L}) S_c + (k e^{b_L - b})^T v
+
+The decay of ``A`` differs per key dimension, so it is not one ``[L, L]`` mask on ``q k^T``
+as in simple GLA (``mosaic_chunk.py``). The parts that need that care stay in GLA's Triton
+kernels (``gla/pallas.py``), run once per chunk in parallel:
+
+* ``sums``: the compensated in-chunk sums ``b = hi + lo``;
+* ``fwd_a``: ``A`` (float32, one factored matmul per chunk or by sub-chunks where the decay
+  is strong), and here also the walk's decayed operands in the input dtype: ``q e^{b}`` and
+  ``k e^{b_L - b}`` (both factors <= 1, so bf16 keeps their relative precision; the Triton
+  ``fwd_o`` / ``fwd_h`` round them the same way).
+
+The Mosaic GPU kernel then replaces Triton's ``fwd_h`` and ``fwd_o`` (which store every
+chunk's state to HBM and read it back) with one walk per (value block, head, row), the state
+never leaving registers. Per chunk: the bf16 state tile to SMEM; ``wgmma`` ``(q e^b) S_c``;
+``A`` (TMA'd float32, cast to the input dtype, as ``fwd_o`` does) as the register operand of
+``o += A v``; ``S = e^{b_L} S + (k e^{b_L - b})^T v`` with a transposed SMEM view of the
+decayed keys, and ``e^{b_L}`` a float32 row per chunk.
+
+Backward: GLA's Triton backward (``gla/pallas.py``: ``bwd_dh``, ``bwd_da``, ``bwd_dv``,
+``bwd_dqk`` and its walk, ``dg``), fed by the residuals it expects; under a gradient the walk
+stores every chunk's entering state (the bf16 tile of the ``(q e^b) S_c`` matmul becomes a
+pipeline output slot, as simple_gla's ``store_states``), so Triton's ``fwd_h`` is not re-run.
+
+Scope: bf16 / f16, chunk 64, key dims padded to 64 or 128, batch rows and packed sequences
+(``cu_seqlens``). Anything else raises ``NotImplementedError`` and the dispatcher moves on to
+``pallas``. Checked in JAX 0.11's Mosaic GPU interpreter on the CPU
+(``tests/test_mosaic_lowering.py``) and lowered for CUDA in CI; **not yet run on a GPU**, so
+automatic dispatch takes it only with ``LINEARNEXUS_MOSAIC_GLA=1`` (:data:`OPT_IN_ENV`);
+``backend="mosaic"`` runs it by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from linearnexus.core.types import Array
+from linearnexus.kernels.common.chunking import plan_chunks
+from linearnexus.kernels.common.mosaic_chunk import (
+    HOPPER_SMS,
+    SMEM_LIMIT,
+    MosaicConfig,
+    MosaicStatic,
+    _chunk_flags,
+    _enter,
+    _leave,
+    _load,
+    _state_in,
+    _state_out,
+    _swizzled,
+    _transposed,
+    compiler_params,
+    deepest_stages,
+    interpret_kwargs,
+    pass_empty,
+    triton_layout,
+    wgmma_onto,
+    wgmma_regs,
+)
+from linearnexus.kernels.common.mosaic_ops import check_mosaic_call, mosaic_dtype
+from linearnexus.kernels.common.pallas import TritonConfig, next_pow2
+from linearnexus.kernels.common.pallas_chunk import chunk_layout_info
+from linearnexus.kernels.common.pallas_ops import _layout, _pad_last, _static, _unlayout
+from linearnexus.kernels.gla import pallas as gla_pallas
+
+F32 = jnp.float32
+#: the chunk the kernel takes: the float32 ``A`` tile is ``[L, L]`` (16 KB a pipeline slot at
+#: 64; 64 KB at 128, which leaves no room for a second stage)
+CHUNK = 64
+#: "1" lets automatic dispatch pick GLA's mosaic backend; "0" keeps it out (by name it runs)
+OPT_IN_ENV = "LINEARNEXUS_MOSAIC_GLA"
+#: automatic without the variable: no. The kernel is checked in the CPU interpreter only; it
+#: becomes automatic once it has passed and been timed on an sm_90 GPU
+AUTOMATIC = False
+#: the feature table's note on the backend
+MOSAIC_STATUS = ("sm_90+, batches and packed sequences: Triton preparation (A, decayed q / k), "
+                 "Mosaic GPU forward walk, Triton backward; interpreter-checked, not yet run on a "
+                 "GPU: automatic only with LINEARNEXUS_MOSAIC_GLA=1")
+
+
+def gla_opted_in() -> bool:
+    """Whether automatic dispatch may pick GLA's Mosaic kernel (:data:`OPT_IN_ENV`)."""
+    flag = os.environ.get(OPT_IN_ENV, "")
+    return flag == "1" or (AUTOMATIC and flag != "0")
+
+
+def gla_smem_bytes(*, key_dim: int, block_v: int, stages: int, itemsize: int = 2,
+                   store_states: bool = False, packed: bool = False) -> int:
+    """Shared memory one program of the walk asks for: ``stages`` pipeline slots of the
+    decayed q and k (``[L, K]``), v and o (``[L, BV]``), ``A`` (``[L, L]`` float32), the
+    ``e^{b_L}`` row (``[K]`` float32) and, storing the states, the state tile; otherwise one
+    bf16 state tile as scratch. ``packed``: the float32 ``[K, BV]`` staging tile of each
+    sequence's initial and final state. The initial / final state of batch rows goes through
+    a scoped float32 tile before and after the pipeline, in its space."""
+    L, K, BV = CHUNK, key_dim, block_v
+    state_tile = K * BV * itemsize
+    per_stage = (2 * L * K + 2 * L * BV) * itemsize + L * L * 4 + K * 4
+    per_stage += state_tile if store_states else 0
+    scratch = (0 if store_states else state_tile) + (K * BV * 4 if packed else 0)
+    return scratch + max(stages * per_stage, K * BV * 4)
+
+
+def default_gla_config(*, rows: int, heads: int, key_dim: int, value_dim: int, n_chunks: int,
+                       itemsize: int = 2, packed: bool = False) -> MosaicConfig:
+    """The heuristic: chunk 64, value blocks of 64 (two programs per head at V = 128, as
+    simple_gla's kernel, whose measured best this follows), the Triton backward. Stages of the
+    plain forward: one when the grid has more programs than the 132 SMs and the walk is long
+    (two programs then share each SM and overlap each other's dependent chains), else the
+    deepest of 3 that fits (2 for walks of fewer than 8 chunks). ``bwd_stages`` (the forward
+    that stores the states under a gradient): None, the deepest that fits up to 3.
+    Unmeasured on a GPU (docs/mosaic.md)."""
+    block_v = min(64, value_dim)
+
+    def fits(stages: int) -> bool:
+        return gla_smem_bytes(key_dim=key_dim, block_v=block_v, stages=stages,
+                              itemsize=itemsize, packed=packed) <= SMEM_LIMIT
+
+    stages = 3 if n_chunks >= 8 and fits(3) else 2 if fits(2) else 1
+    if n_chunks >= 8 and (value_dim // block_v) * rows * heads > HOPPER_SMS:
+        stages = 1
+    return MosaicConfig(chunk=CHUNK, block_v=block_v, stages=stages, backward="pallas")
+
+
+def check_gla_config(cfg: MosaicConfig, *, key_dim: int, value_dim: int,
+                     packed: bool = False) -> None:
+    """Raise ``ValueError`` naming ``config`` for knobs GLA's kernel does not take (``cfg``
+    resolved: no None field but ``bwd_stages`` / ``dqk_stages``)."""
+    if cfg.backward != "pallas":
+        raise ValueError(f"config: backward={cfg.backward!r}: GLA's mosaic backend has the Triton "
+                         "backward only (backward='pallas')")
+    if cfg.dqk_stages is not None:
+        raise ValueError("config: dqk_stages sets a Mosaic backward kernel, which GLA's mosaic "
+                         "backend does not run; leave it None")
+    if cfg.block_v not in (64, 128) or value_dim % cfg.block_v:
+        raise ValueError(f"config: block_v={cfg.block_v} must be 64 or 128 and divide the padded "
+                         f"value dim {value_dim}")
+    for name, stored in (("stages", False), ("bwd_stages", True)):
+        stages = getattr(cfg, name)
+        if stages is None:
+            continue
+        need = gla_smem_bytes(key_dim=key_dim, block_v=cfg.block_v, stages=stages,
+                              store_states=stored, packed=packed)
+        if need > SMEM_LIMIT:
+            raise ValueError(f"config: {name}={stages}, block_v={cfg.block_v} at K={key_dim} "
+                             f"needs {need} bytes of shared memory, over the {SMEM_LIMIT} a "
+                             "block may use; use fewer stages or block_v=64")
+
+
+def _walk_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> None:
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    c = st.core
+    packed = c.packed
+    n_in = 6 + 2 * packed
+    qe_ref, ke_ref, v_ref, a_ref, e_ref, h0_ref = refs[:6]
+    seq_ref, flag_ref = refs[6:8] if packed else (None, None)
+    o_ref, final_ref = refs[n_in:n_in + 2]
+    rest = refs[n_in + 2:]
+    h_ref, rest = (rest[0], rest[1:]) if store_states else (None, rest)
+    s_scratch, rest = (None, rest) if store_states else (rest[0], rest[1:])
+    seq_smem, rest = (rest[0], rest[1:]) if packed else (None, rest)
+    (bar,) = rest
+    L, K, BV = c.chunk, c.key_dim, st.block_v
+    wgmma_layout = plgpu.Layout.WGMMA
+    rows_layout = wgmma_layout.reduce(1)
+    iv, h, r = jax.lax.axis_index("v"), jax.lax.axis_index("h"), jax.lax.axis_index("r")
+    vs = pl.ds(iv * BV, BV)
+
+    if c.has_h0 and not packed:
+        state0 = _state_in(h0_ref.at[r, h, :, vs], bar, (K, BV))
+    else:  # packed: each sequence's initial state enters at the chunk that opens it
+        state0 = plgpu.layout_cast(jnp.zeros((K, BV), F32), wgmma_layout)
+
+    def body(idx, qe_smem, ke_smem, v_smem, a_smem, e_smem, o_smem, *rest):
+        s_smem, state = (rest[0], rest[1]) if store_states else (s_scratch, rest[0])
+        if packed:  # a chunk that opens a sequence enters with its initial state
+            seq, opens, closes = _chunk_flags(seq_ref, flag_ref, r, idx[0])
+            state = _enter(state, opens, seq_smem,
+                           h0_ref.at[seq, h, :, vs] if c.has_h0 else None, bar)
+        # S_c in the input dtype for the (q e^b) S_c matmul (and, stored, for the backward);
+        # the float32 carry stays in registers
+        s_smem[...] = state.astype(dtype)
+        plgpu.commit_smem()
+
+        def inter(acc):
+            plgpu.wgmma(acc, qe_smem, s_smem)  # [L, K] @ [K, BV]
+            return acc[...]
+
+        qs = pl.run_scoped(inter, plgpu.ACC((L, BV), F32))
+        # A in the input dtype as the register operand of A v (Triton's fwd_o rounds it so)
+        a = _load(a_smem, wgmma_layout).astype(dtype)  # [L, L]
+
+        def intra(acc):
+            wgmma_regs(acc, a, v_smem)  # registers [L, L] @ SMEM [L, BV]
+
+        o = wgmma_onto(qs, intra)
+        o_smem[...] = (o * c.scale).astype(dtype)
+
+        # S e^{b_L} (a decay per state row) + (k e^{b_L - b})^T v
+        e_row = _load(e_smem, rows_layout)  # [K]
+
+        def update(acc):
+            plgpu.wgmma(acc, _transposed(ke_smem), v_smem)  # [K, L] @ [L, BV]
+
+        state = wgmma_onto(state * jax.lax.broadcast_in_dim(e_row, (K, BV), [0]), update)
+        if packed:  # a chunk that closes a sequence leaves its final state
+            _leave(state, closes, seq_smem, final_ref.at[seq, h, :, vs])
+        return state
+
+    in_specs = [
+        plgpu.BlockSpec((L, K), lambda i: (i, 0), transforms=_swizzled(K, dtype)),  # q e^b
+        plgpu.BlockSpec((L, K), lambda i: (i, 0), transforms=_swizzled(K, dtype)),  # k e^{bL-b}
+        plgpu.BlockSpec((L, BV), lambda i: (i, 0), transforms=_swizzled(BV, dtype)),  # v
+        plgpu.BlockSpec((L, L), lambda i: (i, 0), transforms=_swizzled(L, F32)),  # A
+        plgpu.BlockSpec((K,), lambda i: (i,)),  # e^{b_L}
+    ]
+    ins = [qe_ref.at[r, :, h, :], ke_ref.at[r, :, h, :], v_ref.at[r, :, h, vs],
+           a_ref.at[r, :, h, :], e_ref.at[r, h]]
+    out_specs = [plgpu.BlockSpec((L, BV), lambda i: (i, 0), transforms=_swizzled(BV, dtype))]
+    outs = [o_ref.at[r, :, h, vs]]
+    if store_states:  # S_c of every chunk, [NC, K, BV] of h [R, NC, H, K, V]
+        out_specs.append(plgpu.BlockSpec((None, K, BV), lambda i: (i, 0, 0),
+                                         transforms=_swizzled(BV, dtype)))
+        outs.append(h_ref.at[r, :, h, :, vs])
+    pipeline = plgpu.emit_pipeline(body, grid=(c.n_chunks,), in_specs=in_specs,
+                                   out_specs=out_specs, max_concurrent_steps=st.stages,
+                                   init_carry=state0)
+    final = pipeline(*ins, *outs)
+    if not packed:
+        _state_out(final, final_ref.at[r, h, :, vs])
+
+
+def gla_walk(st: MosaicStatic, qe: Array, ke: Array, v: Array, a: Array, e_last: Array,
+             h0: Array | None, *, store_states: bool = False,
+             layout: tuple[Array, Array] | None = None
+             ) -> tuple[Array, Array] | tuple[Array, Array, Array]:
+    """Run the walk in the chunk layout.
+
+    Args:
+        st: static description (``st.core``: GLA's Triton core, ``gate="vector"``).
+        qe, ke: ``[R, TP, H, K]`` ``q e^{b}`` and ``k e^{b_L - b}`` (bf16 / f16). v:
+            ``[R, TP, H, V]``. a: ``[R, TP, H, L]`` float32 (``fwd_a``).
+        e_last: ``[R, H, NC * K]`` float32, ``e^{b_L}`` of each chunk.
+        h0: ``[N, H, K, V]`` float32 or None.
+        store_states: also return every chunk's entering state.
+        layout: ``(seq_info, flags)`` ``[R, NC]`` int32 for packed rows, else None.
+
+    Returns:
+        ``(o [R, TP, H, V] in qe's dtype, final [R or N, H, K, V] float32)``, and with
+        ``store_states`` a third ``h [R, NC, H, K, V]`` in qe's dtype.
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    c = st.core
+    R, NC, L, H, K, V = c.rows, c.n_chunks, c.chunk, c.heads, c.key_dim, c.value_dim
+    if c.packed != (layout is not None):
+        raise ValueError(f"layout: expected {'(seq_info, flags)' if c.packed else 'None'} for "
+                         f"packed={c.packed}")
+    dtype = qe.dtype
+    if h0 is None:
+        h0 = jnp.zeros((1, 1, K, V), F32)  # never read (core.has_h0 False); keeps one signature
+    stages = st.stages
+    if store_states:  # under a gradient: the state slots take shared memory
+        stages = st.bwd_stages or deepest_stages(lambda s: gla_smem_bytes(
+            key_dim=K, block_v=st.block_v, stages=s, itemsize=jnp.dtype(dtype).itemsize,
+            store_states=True, packed=c.packed) <= SMEM_LIMIT, 3)
+    kernel = functools.partial(_walk_kernel, st=dataclasses.replace(st, stages=stages),
+                               dtype=dtype, store_states=store_states)
+    out_type = [jax.ShapeDtypeStruct((R, NC * L, H, V), dtype),
+                jax.ShapeDtypeStruct((c.n_seqs if c.packed else R, H, K, V), F32)]
+    scratch = []
+    if store_states:
+        out_type.append(jax.ShapeDtypeStruct((R, NC, H, K, V), dtype))
+    else:
+        scratch.append(plgpu.SMEM((K, st.block_v), dtype, transforms=_swizzled(st.block_v, dtype)))
+    if c.packed:
+        scratch.append(plgpu.SMEM((K, st.block_v), F32, transforms=_swizzled(st.block_v, F32)))
+    scratch.append(plgpu.Barrier(num_barriers=1))
+    f = plgpu.kernel(kernel, out_type=tuple(out_type), scratch_types=tuple(scratch),
+                     grid=(V // st.block_v, H, R), grid_names=("v", "h", "r"),
+                     compiler_params=compiler_params(), **interpret_kwargs())
+    return f(qe, ke, v, a, e_last, h0, *(() if layout is None else layout))
+
+
+def _last_rows(b: Array, chunk: int) -> Array:
+    """``e^{b_L}`` per chunk as ``[R, H, NC * K]`` float32 from ``b [R, TP, H, K]`` (hi)."""
+    R, TP, H, K = b.shape
+    last = b.reshape(R, TP // chunk, chunk, H, K)[:, :, -1]  # [R, NC, H, K]
+    return jnp.exp(jnp.transpose(last, (0, 2, 1, 3))).reshape(R, H, -1)  # [R, H, NC * K]
+
+
+def _forward(st: MosaicStatic, q, k, v, g, h0, layout, *, store_states: bool):
+    core = st.core
+    b, bc = gla_pallas._in_chunk_sums(g, core)
+    a, qe, ke = gla_pallas.run_fwd_a(core, q, k, b, bc, decayed=True)
+    h0f = None if h0 is None else h0.astype(F32)
+    out = gla_walk(st, qe, ke, v, a, _last_rows(b, core.chunk), h0f, store_states=store_states,
+                   layout=layout)
+    final = pass_empty(st, layout, out[1], h0f)
+    return out[0], final, (out[2] if store_states else None), (b, bc, a, h0f)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def gla_mosaic_core(st: MosaicStatic, q: Array, k: Array, v: Array, g: Array, h0: Array | None,
+                    layout: tuple[Array, Array] | None = None) -> tuple[Array, Array]:
+    """GLA in the chunk layout: Triton preparation, Mosaic GPU walk, Triton backward.
+
+    Args:
+        st: static description. q, k: ``[R, TP, H, K]``. v: ``[R, TP, H, V]`` (bf16 / f16).
+        g: ``[R, TP, H, K]`` float32 log-gates. h0: ``[N, H, K, V]`` or None.
+        layout: ``(seq_info, flags)`` ``[R, NC]`` int32 for packed rows, else None.
+
+    Returns:
+        ``(o [R, TP, H, V], final [N, H, K, V] float32)``.
+    """
+    o, final, _, _ = _forward(st, q, k, v, g, h0, layout, store_states=False)
+    return o, final
+
+
+def _fwd_rule(st: MosaicStatic, q, k, v, g, h0, layout):
+    # under a gradient the walk also stores every chunk's entering state: the one residual
+    # of the Triton backward that the walk does not otherwise leave in HBM
+    o, final, h, (b, bc, a, _) = _forward(st, q, k, v, g, h0, layout, store_states=True)
+    seq_info, flags = triton_layout(st.core, layout)
+    return (o, final), (q, k, v, b, bc, a, h0, seq_info, flags, h)
+
+
+def _bwd_rule(st: MosaicStatic, res, cts):
+    dq, dk, dv, dg, dh0, _, _ = gla_pallas._core_bwd(st.core, res, cts)
+    return dq, dk, dv, dg, dh0, None
+
+
+gla_mosaic_core.defvjp(_fwd_rule, _bwd_rule)
+
+
+def gla_mosaic(q: Array, k: Array, v: Array, g: Array, *, scale: float,
+               initial_state: Array | None = None, cu_seqlens: Array | None = None,
+               chunk_size: int | None = None, config: MosaicConfig | None = None,
+               check_device: bool = True) -> tuple[Array, Array]:
+    """GLA with the Mosaic GPU walk; arguments as :func:`gla_reference` plus ``chunk_size``
+    (64), ``config`` (:class:`MosaicConfig`: ``block_v``, ``stages``, ``bwd_stages``;
+    ``backward`` "pallas" only) and ``check_device`` (False skips the sm_90 check, to lower
+    for CUDA on a machine without a GPU).
+
+    Returns:
+        ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32)``.
+
+    Raises:
+        NotImplementedError: float32 inputs, key dims > 128, chunk sizes other than 64, no
+            sm_90 GPU or a JAX without the Mosaic GPU APIs used (dispatch runs ``pallas``).
+        ValueError: a config the kernel does not take (names ``config``).
+    """
+    cfg = config or MosaicConfig()
+    chunk = cfg.chunk or chunk_size or CHUNK
+    check_mosaic_call(q, k, v, chunk=chunk, check_device=check_device, cu_seqlens=cu_seqlens)
+    if chunk != CHUNK:
+        raise NotImplementedError(f"mosaic backend: chunk_size {chunk}: GLA's walk takes chunks "
+                                  f"of {CHUNK} (its float32 [L, L] A tile at 128 leaves no room "
+                                  "for a second pipeline stage)")
+    batch, seq, heads, key_dim = q.shape
+    value_dim = v.shape[3]
+    dtype = mosaic_dtype(q, k, v)
+    kp, vp = next_pow2(key_dim, minimum=64), next_pow2(value_dim, minimum=64)
+    plan = plan_chunks(batch, seq, chunk, cu_seqlens)  # rows padded to whole chunks
+    cfg = cfg.merged(default_gla_config(rows=plan.rows, heads=heads, key_dim=kp, value_dim=vp,
+                                        n_chunks=plan.n_chunks, packed=plan.packed))
+    check_gla_config(cfg, key_dim=kp, value_dim=vp)
+    if plan.packed:
+        try:
+            check_gla_config(cfg, key_dim=kp, value_dim=vp, packed=True)
+        except ValueError as e:  # fits batch rows, not beside the packed tile: move on
+            raise NotImplementedError(
+                f"mosaic backend: packed sequences add a float32 [K, block_v] staging tile "
+                f"({kp * cfg.block_v * 4} bytes) to the walk, and then {e}") from e
+    h0 = initial_state
+    if h0 is not None:
+        h0 = jnp.pad(h0.astype(F32), [(0, 0), (0, 0), (0, kp - key_dim), (0, vp - value_dim)])
+    qc = _layout(_pad_last(q.astype(dtype), kp), plan)  # [B, T, H, K] -> [R, NC * L, H, Kp]
+    kc = _layout(_pad_last(k.astype(dtype), kp), plan)
+    vc = _layout(_pad_last(v.astype(dtype), vp), plan)  # [R, NC * L, H, Vp]
+    gc = _layout(_pad_last(g.astype(F32), kp), plan)  # floored in the Triton sums kernel
+    n_seqs = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    tcfg = gla_pallas._resolve(TritonConfig(chunk=chunk), rows=plan.rows, heads=heads,
+                               key_dim=kp, value_dim=vp)
+    core = _static(tcfg, gate="vector", delta=False, has_h0=h0 is not None, scale=scale,
+                   plan=plan, heads=heads, key_dim=kp, value_dim=vp, n_seqs=n_seqs)
+    st = MosaicStatic(core=core, block_v=cfg.block_v, stages=cfg.stages, backward="pallas",
+                      bwd_stages=cfg.bwd_stages)
+    layout = chunk_layout_info(plan) if plan.packed else None  # the walk reads it if packed
+    o, final = gla_mosaic_core(st, qc, kc, vc, gc, h0, layout)
+    o = _unlayout(o, plan)[..., :value_dim].astype(v.dtype)
+    return o, final[:, :, :key_dim, :value_dim]

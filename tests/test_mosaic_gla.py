@@ -1,0 +1,171 @@
+"""GLA's Mosaic GPU walk (``kernels/gla/mosaic.py``) without a GPU: it lowers for CUDA with
+its Triton preparation and backward (every JAX the Mosaic kernels take), matches the per-step
+reference in JAX 0.11's Mosaic GPU interpreter, and declines what it does not cover."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from linearnexus.kernels.common.gpu_lowering import lower_for_gpu
+from linearnexus.kernels.common.mosaic_chunk import (
+    SMEM_LIMIT,
+    MosaicConfig,
+    gpu_interpret,
+    gpu_interpret_reason,
+    mosaic_unavailable_reason,
+)
+from linearnexus.kernels.gla import mosaic as gla_mosaic_mod
+from linearnexus.kernels.gla.api import BACKEND_ORDER, BACKENDS, gla
+from linearnexus.kernels.gla.mosaic import gla_mosaic
+from linearnexus.kernels.gla.reference import gla_reference
+
+REASON = mosaic_unavailable_reason()
+needs_mosaic = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+INTERPRET_REASON = REASON or gpu_interpret_reason()
+
+
+@needs_mosaic
+@pytest.mark.parametrize("shape,packed", [((2, 1000, 2, 128, 128), False),
+                                          ((1, 300, 2, 40, 72), True)])
+def test_gla_mosaic_lowers_forward_and_backward(shape, packed, monkeypatch):
+    """The forward is one Mosaic GPU kernel after the Triton ``sums`` and ``fwd_a``; the
+    gradient adds GLA's six Triton backward kernels and no Triton ``fwd_h`` / ``fwd_o``
+    (the walk stores the chunk states)."""
+    monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")  # Triton kernels, not interpret mode
+    B, T, H, K, V = shape
+    qk = jax.ShapeDtypeStruct((B, T, H, K), jnp.bfloat16)
+    v = jax.ShapeDtypeStruct((B, T, H, V), jnp.bfloat16)
+    g = jax.ShapeDtypeStruct((B, T, H, K), jnp.float32)
+    n = 3 if packed else B
+    s0 = jax.ShapeDtypeStruct((n, H, K, V), jnp.float32)
+    cu = jax.ShapeDtypeStruct((n + 1,), jnp.int32) if packed else None
+
+    def fwd(q, k, v, g, s0, cu):
+        return gla_mosaic(q, k, v, g, scale=0.1, initial_state=s0, cu_seqlens=cu,
+                          check_device=False)
+
+    def loss(q, k, v, g, s0, cu):
+        o, final = fwd(q, k, v, g, s0, cu)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
+
+    text = lower_for_gpu(fwd, qk, qk, v, g, s0, cu)
+    assert text.count("custom_call @mosaic_gpu") == 1 and text.count("xla.gpu.triton") == 2
+    grad_text = lower_for_gpu(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)),
+                              qk, qk, v, g, s0, cu)
+    assert grad_text.count("custom_call @mosaic_gpu") == 1
+    # sums, fwd_a; bwd_dh, bwd_da, bwd_dv, bwd_dqk, bwd_dqk_walk, dg
+    assert grad_text.count("xla.gpu.triton") == 8
+
+
+@pytest.mark.skipif(INTERPRET_REASON is not None, reason=INTERPRET_REASON or "")
+@pytest.mark.parametrize("case", ["dense", "packed", "strong-decay", "forward-odd-dims"])
+def test_gla_mosaic_matches_reference_in_the_interpreter(case):
+    """Forward and every gradient against the per-step reference (bf16 thresholds: outputs
+    and states 5e-3, gradients 1e-2): two chunks, the last one padded, with an initial state
+    (``dense``); four packed sequences of 70, 0, 30 and 64 tokens (``packed``); half the key
+    dims decaying by e^-3 a step, so ``fwd_a`` and the backward take their sub-chunk forms
+    (``strong-decay``); the forward alone (the walk without its stored states) at head dims
+    40 x 72 and T = 63 (``forward-odd-dims``)."""
+    lens = (70, 0, 30, 64) if case == "packed" else None
+    B, H, K, V = (2, 2, 40, 72) if case == "forward-odd-dims" else (1, 1, 64, 64)
+    T = sum(lens) if lens else 63 if case == "forward-odd-dims" else 100
+    cu = jnp.array([0, *itertools.accumulate(lens)], jnp.int32) if lens else None
+    N = len(lens) if lens else B
+    ks = jax.random.split(jax.random.PRNGKey(7), 8)
+    q, k, v = (jax.random.normal(kk, (B, T, H, d)).astype(jnp.bfloat16)
+               for kk, d in zip(ks[:3], (K, K, V), strict=True))
+    g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H, K)) + 2) / 4
+    if case == "strong-decay":
+        g = g.at[..., : K // 2].set(-3.0)
+    s0 = jax.random.normal(ks[4], (N, H, K, V))
+    do = jax.random.normal(ks[5], (B, T, H, V))
+    dht = jax.random.normal(ks[6], (N, H, K, V))
+
+    def rel(a, b):
+        return float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+
+    def mosaic(q, k, v, g, s0):
+        return gla_mosaic(q, k, v, g, scale=K ** -0.5, initial_state=s0, cu_seqlens=cu,
+                          check_device=False)
+
+    def reference(q, k, v, g, s0):
+        return gla_reference(q, k, v, g, scale=K ** -0.5, initial_state=s0, cu_seqlens=cu)
+
+    args = (q, k, v, g, s0)
+    f32 = tuple(x.astype(jnp.float32) for x in args)
+    if case == "forward-odd-dims":
+        with gpu_interpret():
+            o, final = mosaic(*args)
+        with jax.default_matmul_precision("highest"):
+            ro, rf = reference(*f32)
+        errors = {"o": rel(o, ro), "final": rel(final, rf)}
+        assert max(errors.values()) <= 5e-3, errors
+        return
+
+    def loss(fn, *args):
+        o, final = fn(*args)
+        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(final * dht), (o, final)
+
+    argnums = (1, 2, 3, 4, 5)
+    with gpu_interpret():
+        grads, (o, final) = jax.grad(loss, argnums, has_aux=True)(mosaic, *args)
+    with jax.default_matmul_precision("highest"):
+        ref_grads, (ro, rf) = jax.grad(loss, argnums, has_aux=True)(reference, *f32)
+    errors = {"o": rel(o, ro), "final": rel(final, rf)}
+    assert max(errors.values()) <= 5e-3, errors
+    errors = {n: rel(a, b) for n, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), grads, ref_grads,
+                                               strict=True)}
+    assert max(errors.values()) <= 1e-2, errors
+
+
+def test_gla_mosaic_dispatch_and_declines_what_it_does_not_cover(monkeypatch):
+    """Automatic dispatch passes GLA's mosaic backend by until it has run on a GPU, unless
+    LINEARNEXUS_MOSAIC_GLA=1 (then it comes first on a GPU for bf16); calls it does not cover
+    raise NotImplementedError, configs it does not take a ValueError naming config; the
+    heuristic's config always fits shared memory."""
+    from linearnexus.kernels.base import dispatch
+
+    def chosen(dtype):
+        return dispatch("gla", BACKENDS, BACKEND_ORDER, lambda k: k.name, backend=None,
+                        dtype=dtype, platform="gpu")
+
+    assert BACKEND_ORDER[0] == "mosaic"
+    for flag in ("0", ""):
+        monkeypatch.setenv(gla_mosaic_mod.OPT_IN_ENV, flag)
+        assert chosen(jnp.bfloat16) == "pallas"
+        assert BACKENDS["mosaic"].by_name_dtypes  # the feature table: by name only
+    monkeypatch.setenv(gla_mosaic_mod.OPT_IN_ENV, "1")
+    assert chosen(jnp.bfloat16) == "mosaic" and chosen(jnp.float32) == "pallas"
+    q = jnp.ones((1, 8, 1, 64), jnp.bfloat16)
+    g = -jnp.ones((1, 8, 1, 64), jnp.float32)
+    if jax.default_backend() != "gpu":
+        with pytest.raises(NotImplementedError, match="compute capability"):
+            gla(q, q, q, g, backend="mosaic", mode="chunk")
+    with pytest.raises(NotImplementedError, match="chunk_size 128"):
+        gla_mosaic(q, q, q, g, scale=1.0, chunk_size=128, check_device=False)
+    with pytest.raises(NotImplementedError, match="float32"):
+        gla_mosaic(q.astype(jnp.float32), q, q, g, scale=1.0, check_device=False)
+    with pytest.raises(NotImplementedError, match="key dim"):
+        wide = jnp.ones((1, 8, 1, 256), jnp.bfloat16)
+        gla_mosaic(wide, wide, q, -jnp.ones(wide.shape, jnp.float32), scale=1.0,
+                   check_device=False)
+    q128 = jnp.ones((1, 8, 1, 128), jnp.bfloat16)
+    g128 = -jnp.ones(q128.shape, jnp.float32)
+    for config, match in ((MosaicConfig(backward="mosaic"), "backward='mosaic'"),
+                          (MosaicConfig(dqk_stages=2), "dqk_stages"),
+                          (MosaicConfig(stages=4), "stages=4"),
+                          (MosaicConfig(bwd_stages=3), "bwd_stages=3")):
+        with pytest.raises(ValueError, match=f"config.*{re.escape(match)}"):
+            gla_mosaic(q128, q128, q128, g128, scale=1.0, config=config, check_device=False)
+    for K, V, n_chunks, packed in itertools.product((64, 128), (64, 128, 256), (1, 64),
+                                                    (False, True)):
+        cfg = gla_mosaic_mod.default_gla_config(rows=8, heads=16, key_dim=K, value_dim=V,
+                                                n_chunks=n_chunks, packed=packed)
+        gla_mosaic_mod.check_gla_config(cfg, key_dim=K, value_dim=V, packed=packed)
+        assert gla_mosaic_mod.gla_smem_bytes(key_dim=K, block_v=cfg.block_v, stages=cfg.stages,
+                                             packed=packed) <= SMEM_LIMIT
