@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import statistics
@@ -200,7 +201,9 @@ def _conv_rows(ks, quick: bool, unroll: int) -> dict[str, tuple]:
 def parts(quick: bool, warps: tuple[int, ...], unroll: int) -> dict[str, tuple]:
     """``{name: (fn(carry, u) -> carry, carry, weight bytes per call)}``; ``u`` is the
     call's place in the unrolled iteration."""
-    ks = iter(jax.random.split(jax.random.key(0), 64))
+    # as many keys as the parts take: the row shapes alone take unroll + 1 each (6 x 17 at the
+    # default unroll of 16), past the 64 a fixed split gave, which ended a run on the GPU
+    ks = (jax.random.fold_in(jax.random.key(0), i) for i in itertools.count())
     out: dict[str, tuple] = {}
     row = jnp.zeros((1, 1024), F32)
     out["pallas_noop"] = (lambda x, _u: pallas_noop(x), row, 0)

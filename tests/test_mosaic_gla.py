@@ -124,9 +124,9 @@ def test_gla_mosaic_matches_reference_in_the_interpreter(case):
 
 
 def test_gla_mosaic_dispatch_and_declines_what_it_does_not_cover(monkeypatch):
-    """Automatic dispatch passes GLA's mosaic backend by until it has run on a GPU, unless
-    LINEARNEXUS_MOSAIC_GLA=1 (then it comes first on a GPU for bf16); calls it does not cover
-    raise NotImplementedError, configs it does not take a ValueError naming config; the
+    """Automatic dispatch takes GLA's mosaic backend first on a GPU for bf16 (float32 stays
+    with pallas) unless LINEARNEXUS_MOSAIC_GLA=0; calls it does not cover raise
+    NotImplementedError, configs it does not take a ValueError naming config; the
     heuristic's config always fits shared memory."""
     from linearnexus.kernels.base import dispatch
 
@@ -135,12 +135,13 @@ def test_gla_mosaic_dispatch_and_declines_what_it_does_not_cover(monkeypatch):
                         dtype=dtype, platform="gpu")
 
     assert BACKEND_ORDER[0] == "mosaic"
-    for flag in ("0", ""):
+    monkeypatch.setenv(gla_mosaic_mod.OPT_IN_ENV, "0")
+    assert chosen(jnp.bfloat16) == "pallas"
+    assert BACKENDS["mosaic"].by_name_dtypes  # the feature table: by name only
+    for flag in ("1", ""):  # on, and the default
         monkeypatch.setenv(gla_mosaic_mod.OPT_IN_ENV, flag)
-        assert chosen(jnp.bfloat16) == "pallas"
-        assert BACKENDS["mosaic"].by_name_dtypes  # the feature table: by name only
-    monkeypatch.setenv(gla_mosaic_mod.OPT_IN_ENV, "1")
-    assert chosen(jnp.bfloat16) == "mosaic" and chosen(jnp.float32) == "pallas"
+        assert chosen(jnp.bfloat16) == "mosaic" and chosen(jnp.float32) == "pallas"
+        assert BACKENDS["mosaic"].by_name_dtypes is None
     q = jnp.ones((1, 8, 1, 64), jnp.bfloat16)
     g = -jnp.ones((1, 8, 1, 64), jnp.float32)
     if jax.default_backend() != "gpu":

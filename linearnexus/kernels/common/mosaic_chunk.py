@@ -293,6 +293,18 @@ def _state_in(gmem: Any, bar: Any, shape: tuple[int, int]) -> Array:
     return pl.run_scoped(scoped, plgpu.SMEM(shape, F32, transforms=_swizzled(shape[1], F32)))
 
 
+def initial_carry(core: CoreStatic, h0_ref: Any, bar: Any, r: Any, h: Any, vs: Any,
+                  shape: tuple[int, int]) -> Array:
+    """The float32 state a forward walk starts from (WGMMA layout): batch row ``r``'s initial
+    state block ``h0_ref[r, h, :, vs]`` when the call has one, else zeros (packed rows too:
+    each sequence's initial state enters at the chunk that opens it, :func:`_enter`)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if core.has_h0 and not core.packed:
+        return _state_in(h0_ref.at[r, h, :, vs], bar, shape)
+    return plgpu.layout_cast(jnp.zeros(shape, F32), plgpu.Layout.WGMMA)
+
+
 def _state_out(state: Array, gmem: Any) -> None:
     """Store a float32 register state block (WGMMA layout) to HBM through a scoped SMEM tile."""
     from jax.experimental import pallas as pl
@@ -391,10 +403,7 @@ def _forward_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> 
     iv, h, r = jax.lax.axis_index("v"), jax.lax.axis_index("h"), jax.lax.axis_index("r")
     vs = pl.ds(iv * BV, BV)
 
-    if c.has_h0 and not packed:
-        state0 = _state_in(h0_ref.at[r, h, :, vs], bar, (K, BV))
-    else:  # packed: each sequence's initial state enters at the chunk that opens it
-        state0 = plgpu.layout_cast(jnp.zeros((K, BV), F32), wgmma_layout)
+    state0 = initial_carry(c, h0_ref, bar, r, h, vs, (K, BV))
 
     causal = (plgpu.broadcasted_iota(jnp.int32, (L, L), 0, layout=wgmma_layout)
               >= plgpu.broadcasted_iota(jnp.int32, (L, L), 1, layout=wgmma_layout))

@@ -170,14 +170,9 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
             packed=packed) else "pallas")
     _check_fits(cfg, chunk=chunk, kp=kp, vp=vp, itemsize=itemsize, packed=False)
     if packed:
-        try:
-            _check_fits(cfg, chunk=chunk, kp=kp, vp=vp, itemsize=itemsize, packed=True)
-        except ValueError as e:
-            # a config that fits batch rows (one from the tuning cache, which does not key on
-            # packing, say) but not beside the packed staging tile: dispatch moves on
-            raise NotImplementedError(
-                f"mosaic backend: packed sequences add a float32 [K, block_v] staging tile "
-                f"({kp * cfg.block_v * 4} bytes) to the walks, and then {e}") from e
+        decline_unless_packed_fits(
+            lambda: _check_fits(cfg, chunk=chunk, kp=kp, vp=vp, itemsize=itemsize, packed=True),
+            key_dim=kp, block_v=cfg.block_v)
     if g is None:
         g = jnp.zeros(q.shape[:3], F32)
     gc = _layout(floor_log_gate(g), plan)  # [B, T, H] -> [R, NC * L, H]
@@ -188,6 +183,20 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
     o, final = mosaic_core(st, qc, kc, vc, gc, h0, _packed_layout(plan))
     o = _unlayout(o, plan)[..., :v.shape[3]].astype(v.dtype)
     return o, final[:, :, :q.shape[3], :v.shape[3]]
+
+
+def decline_unless_packed_fits(check: Callable[[], None], *, key_dim: int,
+                               block_v: int) -> None:
+    """Run ``check`` (a config check of a packed call, raising ``ValueError``) and turn its
+    refusal into ``NotImplementedError``: a config that fits batch rows (one from the tuning
+    cache, which does not key on packing, say) but not beside the packed staging tile makes
+    dispatch move on to ``pallas`` rather than fail the call."""
+    try:
+        check()
+    except ValueError as e:
+        raise NotImplementedError(
+            f"mosaic backend: packed sequences add a float32 [K, block_v] staging tile "
+            f"({key_dim * block_v * 4} bytes) to the walks, and then {e}") from e
 
 
 def _check_fits(cfg: MosaicConfig, *, chunk: int, kp: int, vp: int, itemsize: int,
@@ -315,12 +324,9 @@ def delta_rule_mosaic(q: Array, k: Array, v: Array, beta: Array, g: Array | None
                                           n_chunks=plan.n_chunks, packed=plan.packed))
     check_delta_config(cfg, key_dim=kp, value_dim=vp)
     if plan.packed:
-        try:
-            check_delta_config(cfg, key_dim=kp, value_dim=vp, packed=True)
-        except ValueError as e:  # fits batch rows, not beside the packed tile: move on
-            raise NotImplementedError(
-                f"mosaic backend: packed sequences add a float32 [K, 64] staging tile "
-                f"({kp * 64 * 4} bytes) to the walks, and then {e}") from e
+        decline_unless_packed_fits(
+            lambda: check_delta_config(cfg, key_dim=kp, value_dim=vp, packed=True),
+            key_dim=kp, block_v=cfg.block_v)
     gc = None if g is None else _layout(floor_log_gate(g), plan)  # [B, NC * L, H]
     wst = WyStatic(gated=g is not None, rows=plan.rows, n_chunks=plan.n_chunks, chunk=chunk,
                    heads=heads, key_dim=kp, value_dim=vp, exact=False,

@@ -27,8 +27,8 @@ BACKENDS = make_backends(gla_reference, gla_chunked, gla_recurrent)
 # "pallas_step": the fused one-token step by name (pallas runs it for T == 1 on a GPU)
 BACKENDS.update(pallas_backends(gla_pallas, gla_recurrent, STEP))
 BACKENDS["pallas_tpu"] = PallasTpuKernel(gla_pallas_tpu, gla_recurrent)
-# the Mosaic GPU walk (sm_90+, bf16 / f16, batch rows and packed): by name, or automatically
-# with LINEARNEXUS_MOSAIC_GLA=1 until it has run on a GPU (kernels/gla/mosaic.py)
+# the Mosaic GPU walk (sm_90+, bf16 / f16, batch rows and packed): automatic first on a GPU
+# (faster than pallas on an H100), LINEARNEXUS_MOSAIC_GLA=0 keeps it out (kernels/gla/mosaic.py)
 BACKENDS["mosaic"] = MosaicKernel(gla_mosaic, gla_recurrent, step=STEP, opt_in=gla_opted_in,
                                   status=MOSAIC_STATUS)
 # automatic dispatch takes "mosaic" (opted in) and "pallas" on a GPU only, "pallas_tpu" on a
@@ -67,9 +67,10 @@ def gla(
             sequence starts from its own initial state and never sees the others.
         chunk_size: tokens per chunk in chunk mode (default 64).
         mode: "chunk", "recurrent" or None (recurrent when T < 64).
-        backend: "mosaic" (Mosaic GPU walk between Triton preparation and backward, sm_90+,
-            bf16 / f16; automatic only with ``LINEARNEXUS_MOSAIC_GLA=1``), "pallas"
-            (Triton kernels; the automatic choice on a GPU), "pallas_tpu"
+        backend: "mosaic" (Mosaic GPU walk between Triton preparation and backward; the
+            automatic choice on sm_90+ GPUs for bf16 / f16, off with
+            ``LINEARNEXUS_MOSAIC_GLA=0``), "pallas" (Triton kernels; the automatic choice on
+            other GPUs and for float32), "pallas_tpu"
             (Mosaic TPU kernels; the automatic choice on a TPU; on a CPU only with
             ``LINEARNEXUS_PALLAS_TPU_INTERPRET=1``, through the TPU interpreter), "pallas_step" (the fused
             one-token kernel, T == 1 only), "jax"

@@ -32,9 +32,11 @@ pipeline output slot, as simple_gla's ``store_states``), so Triton's ``fwd_h`` i
 Scope: bf16 / f16, chunk 64, key dims padded to 64 or 128, batch rows and packed sequences
 (``cu_seqlens``). Anything else raises ``NotImplementedError`` and the dispatcher moves on to
 ``pallas``. Checked in JAX 0.11's Mosaic GPU interpreter on the CPU
-(``tests/test_mosaic_lowering.py``) and lowered for CUDA in CI; **not yet run on a GPU**, so
-automatic dispatch takes it only with ``LINEARNEXUS_MOSAIC_GLA=1`` (:data:`OPT_IN_ENV`);
-``backend="mosaic"`` runs it by name.
+(``tests/test_mosaic_gla.py``), lowered for CUDA in CI, and on an H100 (2026-12-05,
+``kernels_gpu.py``: dense and packed, T = 63 / 1000, D = 64 / 128, worst 3.0e-3). Timed there
+at (8, 4096, 16, 128) and (2, 16384, 16, 128): forward 0.78x / 0.76x the Triton kernels'
+time, forward + backward 0.97x / 0.92x (docs/benchmarks.md), so automatic dispatch takes it
+first on sm_90; ``LINEARNEXUS_MOSAIC_GLA=0`` (:data:`OPT_IN_ENV`) keeps it out.
 """
 
 from __future__ import annotations
@@ -48,7 +50,6 @@ import jax
 import jax.numpy as jnp
 
 from linearnexus.core.types import Array
-from linearnexus.kernels.common.chunking import plan_chunks
 from linearnexus.kernels.common.mosaic_chunk import (
     HOPPER_SMS,
     SMEM_LIMIT,
@@ -58,20 +59,24 @@ from linearnexus.kernels.common.mosaic_chunk import (
     _enter,
     _leave,
     _load,
-    _state_in,
     _state_out,
     _swizzled,
     _transposed,
     compiler_params,
     deepest_stages,
+    initial_carry,
     interpret_kwargs,
     pass_empty,
     triton_layout,
     wgmma_onto,
     wgmma_regs,
 )
-from linearnexus.kernels.common.mosaic_ops import check_mosaic_call, mosaic_dtype
-from linearnexus.kernels.common.pallas import TritonConfig, next_pow2
+from linearnexus.kernels.common.mosaic_ops import (
+    _chunk_inputs,
+    check_mosaic_call,
+    decline_unless_packed_fits,
+)
+from linearnexus.kernels.common.pallas import TritonConfig
 from linearnexus.kernels.common.pallas_chunk import chunk_layout_info
 from linearnexus.kernels.common.pallas_ops import _layout, _pad_last, _static, _unlayout
 from linearnexus.kernels.gla import pallas as gla_pallas
@@ -80,15 +85,17 @@ F32 = jnp.float32
 #: the chunk the kernel takes: the float32 ``A`` tile is ``[L, L]`` (16 KB a pipeline slot at
 #: 64; 64 KB at 128, which leaves no room for a second stage)
 CHUNK = 64
-#: "1" lets automatic dispatch pick GLA's mosaic backend; "0" keeps it out (by name it runs)
+#: "0" keeps GLA's mosaic backend out of automatic dispatch ("1" puts it in when
+#: :data:`AUTOMATIC` is off); by name it always runs
 OPT_IN_ENV = "LINEARNEXUS_MOSAIC_GLA"
-#: automatic without the variable: no. The kernel is checked in the CPU interpreter only; it
-#: becomes automatic once it has passed and been timed on an sm_90 GPU
-AUTOMATIC = False
+#: automatic without the variable: yes. Checked on an H100 and faster than the Triton
+#: kernels there at K = 128 (forward 0.76-0.78x, forward + backward 0.92-0.97x, bf16,
+#: (8, 4096, 16, 128) and (2, 16384, 16, 128), 2026-12-05); K = 64 not timed yet
+AUTOMATIC = True
 #: the feature table's note on the backend
 MOSAIC_STATUS = ("sm_90+, batches and packed sequences: Triton preparation (A, decayed q / k), "
-                 "Mosaic GPU forward walk, Triton backward; interpreter-checked, not yet run on a "
-                 "GPU: automatic only with LINEARNEXUS_MOSAIC_GLA=1")
+                 "Mosaic GPU forward walk, Triton backward; checked on an H100; "
+                 "LINEARNEXUS_MOSAIC_GLA=0 keeps it out of automatic dispatch")
 
 
 def gla_opted_in() -> bool:
@@ -120,8 +127,9 @@ def default_gla_config(*, rows: int, heads: int, key_dim: int, value_dim: int, n
     plain forward: one when the grid has more programs than the 132 SMs and the walk is long
     (two programs then share each SM and overlap each other's dependent chains), else the
     deepest of 3 that fits (2 for walks of fewer than 8 chunks). ``bwd_stages`` (the forward
-    that stores the states under a gradient): None, the deepest that fits up to 3.
-    Unmeasured on a GPU (docs/mosaic.md)."""
+    that stores the states under a gradient): None, the deepest that fits up to 3. The
+    timings in the module doc are of this heuristic's choice; other stage counts are not
+    measured for GLA yet (docs/mosaic.md)."""
     block_v = min(64, value_dim)
 
     def fits(stages: int) -> bool:
@@ -180,10 +188,7 @@ def _walk_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> Non
     iv, h, r = jax.lax.axis_index("v"), jax.lax.axis_index("h"), jax.lax.axis_index("r")
     vs = pl.ds(iv * BV, BV)
 
-    if c.has_h0 and not packed:
-        state0 = _state_in(h0_ref.at[r, h, :, vs], bar, (K, BV))
-    else:  # packed: each sequence's initial state enters at the chunk that opens it
-        state0 = plgpu.layout_cast(jnp.zeros((K, BV), F32), wgmma_layout)
+    state0 = initial_carry(c, h0_ref, bar, r, h, vs, (K, BV))
 
     def body(idx, qe_smem, ke_smem, v_smem, a_smem, e_smem, o_smem, *rest):
         s_smem, state = (rest[0], rest[1]) if store_states else (s_scratch, rest[0])
@@ -371,27 +376,17 @@ def gla_mosaic(q: Array, k: Array, v: Array, g: Array, *, scale: float,
         raise NotImplementedError(f"mosaic backend: chunk_size {chunk}: GLA's walk takes chunks "
                                   f"of {CHUNK} (its float32 [L, L] A tile at 128 leaves no room "
                                   "for a second pipeline stage)")
-    batch, seq, heads, key_dim = q.shape
+    batch, _, heads, key_dim = q.shape
     value_dim = v.shape[3]
-    dtype = mosaic_dtype(q, k, v)
-    kp, vp = next_pow2(key_dim, minimum=64), next_pow2(value_dim, minimum=64)
-    plan = plan_chunks(batch, seq, chunk, cu_seqlens)  # rows padded to whole chunks
+    # q, k, v in the chunk layout [R, NC * L, H, D], head dims zero-padded to 64 / 128
+    _, kp, vp, plan, h0, (qc, kc, vc) = _chunk_inputs(q, k, v, initial_state, chunk, cu_seqlens)
     cfg = cfg.merged(default_gla_config(rows=plan.rows, heads=heads, key_dim=kp, value_dim=vp,
                                         n_chunks=plan.n_chunks, packed=plan.packed))
     check_gla_config(cfg, key_dim=kp, value_dim=vp)
     if plan.packed:
-        try:
-            check_gla_config(cfg, key_dim=kp, value_dim=vp, packed=True)
-        except ValueError as e:  # fits batch rows, not beside the packed tile: move on
-            raise NotImplementedError(
-                f"mosaic backend: packed sequences add a float32 [K, block_v] staging tile "
-                f"({kp * cfg.block_v * 4} bytes) to the walk, and then {e}") from e
-    h0 = initial_state
-    if h0 is not None:
-        h0 = jnp.pad(h0.astype(F32), [(0, 0), (0, 0), (0, kp - key_dim), (0, vp - value_dim)])
-    qc = _layout(_pad_last(q.astype(dtype), kp), plan)  # [B, T, H, K] -> [R, NC * L, H, Kp]
-    kc = _layout(_pad_last(k.astype(dtype), kp), plan)
-    vc = _layout(_pad_last(v.astype(dtype), vp), plan)  # [R, NC * L, H, Vp]
+        decline_unless_packed_fits(
+            lambda: check_gla_config(cfg, key_dim=kp, value_dim=vp, packed=True),
+            key_dim=kp, block_v=cfg.block_v)
     gc = _layout(_pad_last(g.astype(F32), kp), plan)  # floored in the Triton sums kernel
     n_seqs = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
     tcfg = gla_pallas._resolve(TritonConfig(chunk=chunk), rows=plan.rows, heads=heads,
