@@ -4,7 +4,7 @@
     python benchmarks/run.py --preset gpu                    # the H200 shapes of kernels_gpu.py
     python benchmarks/run.py --preset full --ops gla --backends jax pallas
     python benchmarks/run.py --preset constrained --quick --blocks   # ops only, short sequences
-    python benchmarks/run.py --preset gpu --tune             # fill the Pallas tuning cache
+    python benchmarks/run.py --preset gpu --tune             # fill the tuning cache (pallas, mosaic)
 
 Every op in ``OP_REGISTRY`` runs on every backend of it in ``KERNEL_REGISTRY`` that claims
 this machine's platform (Pallas backends only on a GPU: interpret mode timings mean nothing),
@@ -16,9 +16,10 @@ the output with respect to every input, parameters included for blocks): the med
 
 Prints a table and writes ``benchmarks/results/run_<preset>.json`` and ``.md``;
 ``--docs`` also replaces the ``run-<preset>`` section of ``docs/benchmarks.md``.
-``--tune`` times a few launch configs of each Pallas backend at the preset's op sizes and
-records the fastest in the tuning cache (``linearnexus.kernels.tuning``), which the Pallas
-backends read before their heuristic default; it needs a GPU.
+``--tune`` times a few launch configs of each Pallas backend (Triton ``pallas``: chunk sizes
+and warps; Mosaic GPU ``mosaic``: value blocks and pipeline depths) at the preset's op sizes
+and records the fastest in the tuning cache (``linearnexus.kernels.tuning``), which both
+backends read before their heuristic default; it needs a GPU (sm_90 for ``mosaic``).
 """
 
 from __future__ import annotations
@@ -218,47 +219,77 @@ def markdown(preset_name: str, preset: Preset, rows: list[dict[str, Any]], comma
     return "\n".join(lines) + "\n"
 
 
-def tune(preset: Preset, ops: Sequence[str], repeats: int) -> None:
-    """Time a few launch configs per Pallas backend and op size; cache the fastest."""
-    from linearnexus.kernels import tuning
+#: the backends ``--tune`` sweeps, in this order
+TUNED_BACKENDS = ("pallas", "mosaic")
+
+
+def tune_candidates(op: str, backend: str) -> list[Any]:
+    """The launch configs ``--tune`` times for ``op`` on ``backend``: Triton chunk sizes and
+    warps (``pallas``; block_v and warps for Mamba-1's scan), Mosaic GPU value blocks and
+    pipeline depths (``mosaic``; a config the op's kernel does not take, or one over the
+    shared-memory budget at that shape, is a ValueError when it runs and is skipped)."""
+    from linearnexus.kernels.common.mosaic_chunk import MosaicConfig
     from linearnexus.kernels.common.pallas import TritonConfig
+
+    if backend == "mosaic":
+        return [MosaicConfig(block_v=b, stages=s) for b in (64, 128) for s in (1, 2, 3)]
+    if op == "mamba":
+        return [TritonConfig(block_v=b, num_warps=w) for b in (16, 32) for w in (1, 2)]
+    return [TritonConfig(chunk=c, num_warps=w) for c in (32, 64) for w in (4, 8)]
+
+
+def tune(preset: Preset, ops: Sequence[str], repeats: int,
+         backends: Sequence[str] = TUNED_BACKENDS) -> dict[tuple[str, str, tuple[int, ...]], Any]:
+    """Time each candidate launch config (:func:`tune_candidates`) of the Pallas backends
+    (Triton ``pallas``, Mosaic GPU ``mosaic``) per op and op size, forward + backward, and
+    record the fastest in the tuning cache, under the backend's name. Returns
+    ``{(op, backend, sizes): best config}``."""
+    from linearnexus.kernels import tuning
+    from linearnexus.kernels.common.mosaic_chunk import MOSAIC_DTYPES
 
     dtype = jnp.dtype(preset.dtype)
     tuned_kernels: list[Any] = []
+    chosen: dict[tuple[str, str, tuple[int, ...]], Any] = {}
     for op in ops:
-        kernel = kernels_for(op).get("pallas")
-        if kernel is None or any(kernel is k for k in tuned_kernels):
-            continue  # retention / ssd run on simple_gla's kernel: tuned once, under its name
-        tuned_kernels.append(kernel)
-        if not kernel.supports(platform=current_platform(), dtype=dtype):
-            print(f"tune: skipping {op}:pallas (needs a GPU; this is {current_platform()})")
-            continue
-        if op == "mamba":
-            candidates = [TritonConfig(block_v=b, num_warps=w) for b in (16, 32) for w in (1, 2)]
-        else:
-            candidates = [TritonConfig(chunk=c, num_warps=w) for c in (32, 64) for w in (4, 8)]
-        fn = OP_REGISTRY[op]
-        for sizes in preset.op_sizes:
-            args = make_op_inputs(op, jax.random.PRNGKey(0), sizes, dtype)
-            best: tuple[float, TritonConfig] | None = None
-            for cfg in candidates:
-                kernel.config = cfg  # the backend's own config wins over the cache
-                try:
-                    _, t_fb = _time_pair(lambda *a, f=fn: f(*a, backend="pallas", mode="chunk")[0],
-                                         args, repeats, tuple(range(len(args))))
-                except (ValueError, NotImplementedError) as e:
-                    print(f"tune: {op} {cfg}: {e}")
-                    continue
-                finally:
-                    kernel.config = None
-                print(f"tune: {op} {sizes} {cfg}: fwd+bwd {1e3 * t_fb:.2f} ms", flush=True)
-                if best is None or t_fb < best[0]:
-                    best = (t_fb, cfg)
-            if best is not None:
-                dims = (*sizes[:4], sizes[4]) if op != "mamba" else (
-                    sizes[0], sizes[1], sizes[2] * sizes[4], min(sizes[3], 16))
-                path = tuning.record(op, "pallas", dims, dtype, best[1], seconds=best[0])
-                print(f"tune: {op} {sizes}: {best[1]} -> {path}")
+        for backend in backends:
+            kernel = kernels_for(op).get(backend)
+            if kernel is None or any(kernel is k for k in tuned_kernels):
+                continue  # retention / ssd run on simple_gla's kernels: tuned once, under its name
+            tuned_kernels.append(kernel)
+            if backend == "mosaic":  # opted-in or not (the delta rules): it runs by name
+                runs_here = current_platform() == "gpu" and dtype in MOSAIC_DTYPES
+            else:
+                runs_here = kernel.supports(platform=current_platform(), dtype=dtype)
+            if not runs_here:
+                print(f"tune: skipping {op}:{backend} (not for {dtype.name} on "
+                      f"{current_platform()})")
+                continue
+            fn = OP_REGISTRY[op]
+            for sizes in preset.op_sizes:
+                args = make_op_inputs(op, jax.random.PRNGKey(0), sizes, dtype)
+                best: tuple[float, Any] | None = None
+                for cfg in tune_candidates(op, backend):
+                    kernel.config = cfg  # the backend's own config wins over the cache
+                    try:
+                        _, t_fb = _time_pair(
+                            lambda *a, f=fn, b=backend: f(*a, backend=b, mode="chunk")[0],
+                            args, repeats, tuple(range(len(args))))
+                    except (ValueError, NotImplementedError) as e:
+                        print(f"tune: {op}:{backend} {cfg}: {e}")
+                        continue
+                    finally:
+                        kernel.config = None
+                    print(f"tune: {op}:{backend} {sizes} {cfg}: fwd+bwd {1e3 * t_fb:.2f} ms",
+                          flush=True)
+                    if best is None or t_fb < best[0]:
+                        best = (t_fb, cfg)
+                if best is not None:
+                    dims = (*sizes[:4], sizes[4]) if op != "mamba" else (
+                        sizes[0], sizes[1], sizes[2] * sizes[4], min(sizes[3], 16))
+                    path = tuning.record(op, backend, dims, dtype, best[1], seconds=best[0])
+                    chosen[(op, backend, tuple(sizes))] = best[1]
+                    print(f"tune: {op}:{backend} {sizes}: {best[1]} -> {path}")
+    return chosen
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

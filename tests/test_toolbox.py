@@ -150,6 +150,51 @@ def test_benchmark_harness_quick(tmp_path):
     assert "| retention | jax | default L |" in text and "x |" in text  # speed-up column
 
 
+def test_tune_records_the_fastest_config_per_backend(tmp_path, monkeypatch):
+    """``run.py --tune`` times every candidate of both Pallas backends (Triton chunk sizes and
+    warps; Mosaic value blocks and stages), skips the ones that raise, records the fastest
+    under the backend's name, and the backends read it back from the cache (timings faked:
+    this machine has no GPU)."""
+    from linearnexus.kernels import tuning
+    from linearnexus.kernels.common.mosaic_chunk import MosaicConfig
+    from linearnexus.kernels.common.pallas import TritonConfig
+    from linearnexus.registry import kernels_for
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import run as bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    monkeypatch.setenv("LINEARNEXUS_TUNING_CACHE", str(tmp_path / "tuning.json"))
+    monkeypatch.setattr(bench, "current_platform", lambda: "gpu")
+    kernels = kernels_for("gla")
+    fastest = {"pallas": TritonConfig(chunk=32, num_warps=8),
+               "mosaic": MosaicConfig(block_v=64, stages=2)}
+
+    def fake_time_pair(forward, args, repeats, argnums):
+        for backend in ("pallas", "mosaic"):
+            cfg = kernels[backend].config
+            if cfg is None:
+                continue
+            if cfg == MosaicConfig(block_v=128, stages=3):
+                raise ValueError("config: over the shared-memory budget")
+            return 1.0, (1.0 if cfg == fastest[backend] else 2.0)
+        raise AssertionError("no candidate config was set on the backend")
+
+    monkeypatch.setattr(bench, "_time_pair", fake_time_pair)
+    preset = bench.Preset("test", op_sizes=((1, 128, 2, 64, 64),), block_size=None,
+                          dtype="bfloat16", repeats=1)
+    chosen = bench.tune(preset, ["gla"], repeats=1)
+    assert chosen == {("gla", b, (1, 128, 2, 64, 64)): c for b, c in fastest.items()}
+    assert kernels["pallas"].config is None and kernels["mosaic"].config is None  # taken back
+    device = jax.devices()[0].device_kind
+    dims, bf16 = (1, 128, 2, 64, 64), jnp.bfloat16
+    assert tuning.lookup("gla", "mosaic", dims, bf16, device_kind=device) == {
+        "block_v": 64, "stages": 2}
+    assert kernels["mosaic"].cached_config("gla", dims, bf16) == fastest["mosaic"]
+    assert tuning.lookup("gla", "pallas", dims, bf16, device_kind=device)["chunk"] == 32
+
+
 def test_profile_layer(tmp_path, capsys):
     from linearnexus.modules.linear.gla import SimpleGLABlock, SimpleGLAConfig
     from linearnexus.tools.profile import profile_layer
