@@ -9,7 +9,12 @@
 #      against mosaic and pallas), if PARTS has "lm";
 #   4. GLA's Mosaic GPU walk (kernels/gla/mosaic.py, never run on a GPU before): checks
 #      against the reference (dense and packed, T = 63 / 1000, D = 64 / 128), then mosaic,
-#      pallas and FLA timed at (8, 4096, 16, 128) and (2, 16384, 16, 128), if PARTS has "gla".
+#      pallas and FLA timed at (8, 4096, 16, 128) and (2, 16384, 16, 128), if PARTS has "gla";
+#   5. GLA's forward kernel by kernel (benchmarks/gla_profile_gpu.py), if PARTS has
+#      "gla-profile";
+#   6. the one-row decode kernels' tests compiled on the GPU, failures with their tracebacks
+#      (10 failed on an H100 on 2026-12-05, unexplained: docs/benchmarks.md), if PARTS has
+#      "gemv-tests".
 # Usage, on the GPU from the repository root, with FLA's wheels in .whl/ (carry .whl):
 #   bash benchmarks/mosaic_followup_gpu.sh            # PARTS="packed gdn lm" by default
 set -u
@@ -42,6 +47,26 @@ case " $PARTS " in *" gla "*)
     --skip-mamba --out "$OUT" --name gla_mosaic --budget $(( ${GLA_S:-300} - 30 )) 2>&1 \
     | quiet | grep -E "PASS|FAIL|ERROR|not impl|rror|fwd|ceiling" | cut -c1-260 \
     | tee "$OUT/gla.log";;
+esac
+case " $PARTS " in *" gla-profile "*)
+  echo "== GLA's forward, kernel by kernel"
+  timeout ${GLA_PROFILE_S:-300} python3 benchmarks/gla_profile_gpu.py --out "$OUT" \
+    --budget $(( ${GLA_PROFILE_S:-300} - 30 )) 2>&1 | quiet | tee "$OUT/gla_profile.log";;
+esac
+case " $PARTS " in *" gemv-tests "*)
+  echo "== one-row decode kernel tests on the GPU: the ten that failed on 2026-12-05 first"
+  G=tests/test_gemv.py
+  JAX_DEFAULT_MATMUL_PRECISION=highest timeout ${GEMV_FIRST_S:-200} python3 -m pytest -q \
+    -p no:cacheprovider -rf --tb=short "$G::test_one_token_models_match_xla" \
+    "$G::test_mlp_half_runs_two_kernels_and_matches" "$G::test_transposed_decode_table" \
+    "$G::test_dense_with_a_norm_is_the_norm_then_the_matmul" 2>&1 | quiet \
+    | tee "$OUT/gemv_failed_before.log" | grep -E "^(FAILED|E  |[0-9]+ (passed|failed))" \
+    | cut -c1-240 | head -60
+  echo "== both files whole"
+  JAX_DEFAULT_MATMUL_PRECISION=highest timeout ${GEMV_S:-400} python3 -m pytest -q \
+    -p no:cacheprovider tests/test_gemv.py tests/test_fused_decode.py -rf --tb=line 2>&1 \
+    | quiet | tee "$OUT/gemv_tests.log" | grep -E "^(FAILED|[0-9]+ (passed|failed))" \
+    | cut -c1-240 | head -40;;
 esac
 case " $PARTS " in *" lm "*)
   echo "== the GDN LM through the delta rules' Mosaic backward"

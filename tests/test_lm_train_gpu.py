@@ -14,6 +14,7 @@ from flax import nnx
 from linearnexus.core.config import ConfigError
 from linearnexus.models import ModelConfig
 from linearnexus.modules.linear.deltanet import GatedDeltaNetBlock, GatedDeltaNetConfig
+from linearnexus.modules.linear.gla import GLABlock, GLAConfig
 from tests.conftest import ROOT
 
 
@@ -65,7 +66,7 @@ def test_compare_and_markdown():
 def test_kernel_backend_mosaic_pins_the_op():
     """'mosaic' is a block option of the blocks whose op has that backend; named, a call it
     cannot run (here: no sm_90 GPU) raises instead of falling back."""
-    for name in ("gated_deltanet", "deltanet", "mamba2"):
+    for name in ("gated_deltanet", "deltanet", "mamba2", "gla", "simple_gla", "retnet"):
         ModelConfig(block_pattern=(name,), block_options={name: {"kernel_backend": "mosaic"}})
     with pytest.raises(ConfigError, match="kernel_backend"):
         ModelConfig(block_pattern=("mamba",), block_options={"mamba": {"kernel_backend": "mosaic"}})
@@ -75,6 +76,10 @@ def test_kernel_backend_mosaic_pins_the_op():
     if jax.default_backend() == "cpu":
         with pytest.raises(NotImplementedError, match="compute capability"):
             jax.eval_shape(lambda x: block(x, mode="chunk"), x)  # traced only: raises there
+        gla_block = GLABlock(GLAConfig.tiny(kernel_backend="mosaic", dtype="bfloat16"),
+                             rngs=nnx.Rngs(0))
+        with pytest.raises(NotImplementedError, match="compute capability"):
+            jax.eval_shape(lambda x: gla_block(x, mode="chunk"), x)
 
 
 def test_mosaic_takes_ssd_float32_v_beside_16_bit_qk():

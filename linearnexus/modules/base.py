@@ -32,8 +32,9 @@ KERNEL_BACKENDS = ("auto", "jax", "naive", "pallas")
 
 #: ``KERNEL_BACKENDS`` plus "mosaic" (the Mosaic GPU kernels on sm_90+, docs/mosaic.md), for
 #: the blocks whose op has that backend (Mamba2 through ssd / simple_gla, DeltaNet, Gated
-#: DeltaNet). Naming it pins every layer of a model to it (``ModelConfig.block_options``);
-#: a call it cannot run then raises ``NotImplementedError`` instead of falling back.
+#: DeltaNet, GLA, Simple GLA, RetNet). Naming it pins every layer of a model to it
+#: (``ModelConfig.block_options``); a call it cannot run then raises ``NotImplementedError``
+#: instead of falling back.
 MOSAIC_KERNEL_BACKENDS = (*KERNEL_BACKENDS, "mosaic")
 
 

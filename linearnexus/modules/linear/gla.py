@@ -39,7 +39,7 @@ from linearnexus.core.gating import clamp_log_gate, log_sigmoid_gate, low_rank_g
 from linearnexus.core.types import Array
 from linearnexus.kernels.gla import gla
 from linearnexus.kernels.simple_gla import simple_gla
-from linearnexus.modules.base import KERNEL_BACKENDS, dtype_of
+from linearnexus.modules.base import MOSAIC_KERNEL_BACKENDS, dtype_of
 from linearnexus.modules.common import dense, math_dtype, xavier_uniform
 from linearnexus.modules.linear.base import INIT_GAIN, LinearAttentionBlock, LinearAttentionConfig
 
@@ -69,9 +69,10 @@ class GLAFamilyConfig(LinearAttentionConfig):
         norm_eps: epsilon of the per-head gated RMSNorm.
         chunk_size: tokens per chunk in chunk mode (FLA's 64).
         mode_threshold: with ``mode=None``, calls with T < this run in recurrent mode.
-        kernel_backend: one of :data:`~linearnexus.modules.base.KERNEL_BACKENDS`: "auto"
-            (best available), "jax", "naive" (the per-step reference; needs concrete
-            ``cu_seqlens``) or "pallas".
+        kernel_backend: one of :data:`~linearnexus.modules.base.MOSAIC_KERNEL_BACKENDS`:
+            "auto" (best available), "jax", "naive" (the per-step reference; needs concrete
+            ``cu_seqlens``), "pallas" (Triton) or "mosaic" (Mosaic GPU on sm_90+; every op of
+            this family has it: gla, simple_gla, retention).
     """
 
     num_heads: int = field(4, gt=0)
@@ -83,7 +84,7 @@ class GLAFamilyConfig(LinearAttentionConfig):
     norm_eps: float = field(1e-5, gt=0)
     chunk_size: int = field(64, gt=0)
     mode_threshold: int = field(64, gt=0)
-    kernel_backend: str = field("auto", choices=KERNEL_BACKENDS)
+    kernel_backend: str = field("auto", choices=MOSAIC_KERNEL_BACKENDS)
 
 
 @dataclasses.dataclass
