@@ -231,8 +231,9 @@ def tune_candidates(op: str, backend: str) -> list[Any]:
     from linearnexus.kernels.common.mosaic_chunk import MosaicConfig
     from linearnexus.kernels.common.pallas import TritonConfig
 
-    if backend == "mosaic":
-        return [MosaicConfig(block_v=b, stages=s) for b in (64, 128) for s in (1, 2, 3)]
+    if backend == "mosaic":  # stages and bwd_stages together; tune() separates them
+        return [MosaicConfig(block_v=b, stages=s, bwd_stages=s) for b in (64, 128)
+                for s in (1, 2, 3)]
     if op == "mamba":
         return [TritonConfig(block_v=b, num_warps=w) for b in (16, 32) for w in (1, 2)]
     return [TritonConfig(chunk=c, num_warps=w) for c in (32, 64) for w in (4, 8)]
@@ -241,9 +242,13 @@ def tune_candidates(op: str, backend: str) -> list[Any]:
 def tune(preset: Preset, ops: Sequence[str], repeats: int,
          backends: Sequence[str] = TUNED_BACKENDS) -> dict[tuple[str, str, tuple[int, ...]], Any]:
     """Time each candidate launch config (:func:`tune_candidates`) of the Pallas backends
-    (Triton ``pallas``, Mosaic GPU ``mosaic``) per op and op size, forward + backward, and
-    record the fastest in the tuning cache, under the backend's name. Returns
-    ``{(op, backend, sizes): best config}``."""
+    (Triton ``pallas``, Mosaic GPU ``mosaic``) per op and op size, forward and forward +
+    backward, and record the fastest in the tuning cache, under the backend's name: for
+    ``pallas`` the config of the fastest forward + backward; for ``mosaic`` its value block
+    and ``bwd_stages`` (the depth of the kernels that run under a gradient) from the fastest
+    forward + backward, and ``stages`` (the plain forward's depth, which a gradient does not
+    run) from the fastest forward at that value block. Returns
+    ``{(op, backend, sizes): recorded config}``."""
     from linearnexus.kernels import tuning
     from linearnexus.kernels.common.mosaic_chunk import MOSAIC_DTYPES
 
@@ -267,11 +272,11 @@ def tune(preset: Preset, ops: Sequence[str], repeats: int,
             fn = OP_REGISTRY[op]
             for sizes in preset.op_sizes:
                 args = make_op_inputs(op, jax.random.PRNGKey(0), sizes, dtype)
-                best: tuple[float, Any] | None = None
+                timed: list[tuple[Any, float, float]] = []  # (config, fwd s, fwd+bwd s)
                 for cfg in tune_candidates(op, backend):
                     kernel.config = cfg  # the backend's own config wins over the cache
                     try:
-                        _, t_fb = _time_pair(
+                        t_f, t_fb = _time_pair(
                             lambda *a, f=fn, b=backend: f(*a, backend=b, mode="chunk")[0],
                             args, repeats, tuple(range(len(args))))
                     except (ValueError, NotImplementedError) as e:
@@ -279,16 +284,21 @@ def tune(preset: Preset, ops: Sequence[str], repeats: int,
                         continue
                     finally:
                         kernel.config = None
-                    print(f"tune: {op}:{backend} {sizes} {cfg}: fwd+bwd {1e3 * t_fb:.2f} ms",
-                          flush=True)
-                    if best is None or t_fb < best[0]:
-                        best = (t_fb, cfg)
-                if best is not None:
-                    dims = (*sizes[:4], sizes[4]) if op != "mamba" else (
-                        sizes[0], sizes[1], sizes[2] * sizes[4], min(sizes[3], 16))
-                    path = tuning.record(op, backend, dims, dtype, best[1], seconds=best[0])
-                    chosen[(op, backend, tuple(sizes))] = best[1]
-                    print(f"tune: {op}:{backend} {sizes}: {best[1]} -> {path}")
+                    print(f"tune: {op}:{backend} {sizes} {cfg}: fwd {1e3 * t_f:.2f} ms, "
+                          f"fwd+bwd {1e3 * t_fb:.2f} ms", flush=True)
+                    timed.append((cfg, t_f, t_fb))
+                if not timed:
+                    continue
+                best, _, seconds = min(timed, key=lambda r: r[2])
+                if backend == "mosaic":
+                    fwd_best = min((r for r in timed if r[0].block_v == best.block_v),
+                                   key=lambda r: r[1])[0]
+                    best = dataclasses.replace(best, stages=fwd_best.stages)
+                dims = (*sizes[:4], sizes[4]) if op != "mamba" else (
+                    sizes[0], sizes[1], sizes[2] * sizes[4], min(sizes[3], 16))
+                path = tuning.record(op, backend, dims, dtype, best, seconds=seconds)
+                chosen[(op, backend, tuple(sizes))] = best
+                print(f"tune: {op}:{backend} {sizes}: {best} -> {path}")
     return chosen
 
 

@@ -376,7 +376,11 @@ def test_dense_with_a_norm_is_the_norm_then_the_matmul(monkeypatch, dtype, width
     x = (3.0 * jax.random.normal(jax.random.key(2), (1, 1, depth))).astype(dtype)
     want = lin(norm(x))
     want_other = other(norm(x))
-    assert np.allclose(common.dense(lin, x, norm=norm), want)  # CPU: the norm, then lin
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    # as this machine runs it: on a CPU the norm, then lin (equal); on a GPU the kernel, which
+    # rounds in another order than XLA's matmul (an exact comparison failed there, 2026-12-05)
+    np.testing.assert_allclose(np.asarray(common.dense(lin, x, norm=norm), np.float32),
+                               np.asarray(want, np.float32), rtol=tol, atol=tol)
     _picked(monkeypatch, layer_kernels=False)
     calls = []
     real = common.one_row_fused
@@ -386,7 +390,6 @@ def test_dense_with_a_norm_is_the_norm_then_the_matmul(monkeypatch, dtype, width
     got = common.dense(lin, x, norm=norm)
     got_pair = common.fused_dense(x, [lin, other], norm=norm)
     assert calls == ([] if bias else [True, True])  # a bias: norm first, then the plain kernel
-    tol = 1e-5 if dtype == "float32" else 2e-2
     for a, b in ((got, want), (got_pair[0], want), (got_pair[1], want_other)):
         assert a.shape == b.shape and a.dtype == b.dtype
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),

@@ -204,8 +204,9 @@ def mosaic_backward_fits(*, chunk: int, key_dim: int, value_dim: int, block_v: i
 
 
 def deepest_stages(fits, most: int = 4) -> int:
-    """The most pipeline stages in ``2..most`` for which ``fits(stages)`` holds (2 if none)."""
-    return max([s for s in range(2, most + 1) if fits(s)], default=2)
+    """The most pipeline stages in ``1..most`` for which ``fits(stages)`` holds (1 if none:
+    the kernel's own shared-memory check then names what is over)."""
+    return max([s for s in range(1, most + 1) if fits(s)], default=1)
 
 
 #: streaming multiprocessors of the H100 SXM / H200 (the heuristic's wave arithmetic)
@@ -214,7 +215,7 @@ HOPPER_SMS = 132
 
 def default_mosaic_config(*, rows: int, heads: int, key_dim: int, value_dim: int,
                           n_chunks: int, itemsize: int = 2, chunk: int = 64,
-                          packed: bool = False) -> MosaicConfig:
+                          packed: bool = False, block_v: int | None = None) -> MosaicConfig:
     """The heuristic at chunk ``chunk`` (64 unless the call asks for 128): value blocks of
     64 (at V = 128 two programs per head, which the H200's 132 SMs need at B * H = 128),
     128 only when that still leaves >= 2 programs per SM and fits shared memory. The plain
@@ -223,6 +224,7 @@ def default_mosaic_config(*, rows: int, heads: int, key_dim: int, value_dim: int
     other's dependent chains), else 3 stages when they fit and the walk is longer than a few
     chunks, else 2. The gradient's kernels (``bwd_stages``, ``dqk_stages``): None, the
     deepest that fit. The Mosaic backward wherever it fits shared memory (V <= 128).
+    ``block_v`` given (a call's own): the stages and backward are sized for it.
 
     Measured on an H200 (bf16, (8, 4096, 16, 128): 256 programs, 2026-12-04, kernels alone):
     plain forward 1 stage 0.241 ms, 3 stages 0.257 ms (0.309 / 0.335 ms through the api);
@@ -232,11 +234,12 @@ def default_mosaic_config(*, rows: int, heads: int, key_dim: int, value_dim: int
         return smem_bytes(chunk=chunk, key_dim=key_dim, block_v=block, stages=stages,
                           itemsize=itemsize, packed=packed) <= SMEM_LIMIT
 
-    block_v = 64
-    if (value_dim % 128 == 0 and (value_dim // 128) * rows * heads >= 264
-            and fits(128, 2)):
-        block_v = 128
-    block_v = min(block_v, value_dim)
+    if block_v is None:
+        block_v = 64
+        if (value_dim % 128 == 0 and (value_dim // 128) * rows * heads >= 264
+                and fits(128, 2)):
+            block_v = 128
+        block_v = min(block_v, value_dim)
     stages = 3 if n_chunks >= 8 and fits(block_v, 3) else 2
     if n_chunks >= 8 and (value_dim // block_v) * rows * heads > HOPPER_SMS:
         stages = 1

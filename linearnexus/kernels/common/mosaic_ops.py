@@ -161,7 +161,8 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
     itemsize = jnp.dtype(dtype).itemsize
     cfg = cfg.merged(default_mosaic_config(rows=plan.rows, heads=heads, key_dim=kp,
                                            value_dim=vp, n_chunks=plan.n_chunks,
-                                           itemsize=itemsize, chunk=chunk, packed=packed))
+                                           itemsize=itemsize, chunk=chunk, packed=packed,
+                                           block_v=cfg.block_v))
     if vp % cfg.block_v:
         raise ValueError(f"config: block_v={cfg.block_v} must divide the padded value dim {vp}")
     if config is None or config.backward is None:  # the heuristic's, for the merged block_v

@@ -33,7 +33,8 @@ Scope: bf16 / f16, chunk 64, key dims padded to 64 or 128, batch rows and packed
 (``cu_seqlens``). Anything else raises ``NotImplementedError`` and the dispatcher moves on to
 ``pallas``. Checked in JAX 0.11's Mosaic GPU interpreter on the CPU
 (``tests/test_mosaic_gla.py``), lowered for CUDA in CI, and on an H100 (2026-12-05,
-``kernels_gpu.py``: dense and packed, T = 63 / 1000, D = 64 / 128, worst 3.0e-3). Timed there
+``kernels_gpu.py``, bf16: dense and packed, T = 63 / 1000, D = 64 / 128, worst 3.0e-3;
+float16 only in the interpreter). Timed there
 at (8, 4096, 16, 128) and (2, 16384, 16, 128): forward 0.78x / 0.76x the Triton kernels'
 time, forward + backward 0.97x / 0.92x (docs/benchmarks.md), so automatic dispatch takes it
 first on sm_90; ``LINEARNEXUS_MOSAIC_GLA=0`` (:data:`OPT_IN_ENV`) keeps it out.
@@ -121,7 +122,8 @@ def gla_smem_bytes(*, key_dim: int, block_v: int, stages: int, itemsize: int = 2
 
 
 def default_gla_config(*, rows: int, heads: int, key_dim: int, value_dim: int, n_chunks: int,
-                       itemsize: int = 2, packed: bool = False) -> MosaicConfig:
+                       itemsize: int = 2, packed: bool = False,
+                       block_v: int | None = None) -> MosaicConfig:
     """The heuristic: chunk 64, value blocks of 64 (two programs per head at V = 128, as
     simple_gla's kernel, whose measured best this follows), the Triton backward. Stages of the
     plain forward: one when the grid has more programs than the 132 SMs and the walk is long
@@ -129,8 +131,9 @@ def default_gla_config(*, rows: int, heads: int, key_dim: int, value_dim: int, n
     deepest of 3 that fits (2 for walks of fewer than 8 chunks). ``bwd_stages`` (the forward
     that stores the states under a gradient): None, the deepest that fits up to 3. The
     timings in the module doc are of this heuristic's choice; other stage counts are not
-    measured for GLA yet (docs/mosaic.md)."""
-    block_v = min(64, value_dim)
+    measured for GLA yet (docs/mosaic.md). ``block_v`` given (a call's own): the stages are
+    sized for it."""
+    block_v = min(64, value_dim) if block_v is None else block_v
 
     def fits(stages: int) -> bool:
         return gla_smem_bytes(key_dim=key_dim, block_v=block_v, stages=stages,
@@ -140,6 +143,15 @@ def default_gla_config(*, rows: int, heads: int, key_dim: int, value_dim: int, n
     if n_chunks >= 8 and (value_dim // block_v) * rows * heads > HOPPER_SMS:
         stages = 1
     return MosaicConfig(chunk=CHUNK, block_v=block_v, stages=stages, backward="pallas")
+
+
+def gradient_stages(cfg: MosaicConfig, *, key_dim: int, itemsize: int = 2,
+                    packed: bool = False) -> int:
+    """The pipeline depth of the walk under a gradient (it stores the chunk states):
+    ``cfg.bwd_stages``, else the deepest of 1-3 that fits shared memory."""
+    return cfg.bwd_stages or deepest_stages(lambda s: gla_smem_bytes(
+        key_dim=key_dim, block_v=cfg.block_v, stages=s, itemsize=itemsize, store_states=True,
+        packed=packed) <= SMEM_LIMIT, 3)
 
 
 def check_gla_config(cfg: MosaicConfig, *, key_dim: int, value_dim: int,
@@ -155,14 +167,19 @@ def check_gla_config(cfg: MosaicConfig, *, key_dim: int, value_dim: int,
     if cfg.block_v not in (64, 128) or value_dim % cfg.block_v:
         raise ValueError(f"config: block_v={cfg.block_v} must be 64 or 128 and divide the padded "
                          f"value dim {value_dim}")
-    for name, stored in (("stages", False), ("bwd_stages", True)):
-        stages = getattr(cfg, name)
+    # the gradient's depth as the walk will resolve it (bwd_stages, else the deepest that
+    # fits, down to one stage, which must fit too)
+    depths = (("stages", cfg.stages, False),
+              ("bwd_stages", gradient_stages(cfg, key_dim=key_dim, packed=packed), True))
+    for name, stages, stored in depths:
         if stages is None:
             continue
         need = gla_smem_bytes(key_dim=key_dim, block_v=cfg.block_v, stages=stages,
                               store_states=stored, packed=packed)
         if need > SMEM_LIMIT:
-            raise ValueError(f"config: {name}={stages}, block_v={cfg.block_v} at K={key_dim} "
+            what = (f"{name}={stages}" if name == "stages" or cfg.bwd_stages else
+                    f"the walk under a gradient (storing the states) at {stages} stage(s)")
+            raise ValueError(f"config: {what}, block_v={cfg.block_v} at K={key_dim} "
                              f"needs {need} bytes of shared memory, over the {SMEM_LIMIT} a "
                              "block may use; use fewer stages or block_v=64")
 
@@ -280,9 +297,9 @@ def gla_walk(st: MosaicStatic, qe: Array, ke: Array, v: Array, a: Array, e_last:
         h0 = jnp.zeros((1, 1, K, V), F32)  # never read (core.has_h0 False); keeps one signature
     stages = st.stages
     if store_states:  # under a gradient: the state slots take shared memory
-        stages = st.bwd_stages or deepest_stages(lambda s: gla_smem_bytes(
-            key_dim=K, block_v=st.block_v, stages=s, itemsize=jnp.dtype(dtype).itemsize,
-            store_states=True, packed=c.packed) <= SMEM_LIMIT, 3)
+        stages = gradient_stages(MosaicConfig(block_v=st.block_v, bwd_stages=st.bwd_stages),
+                                 key_dim=K, itemsize=jnp.dtype(dtype).itemsize,
+                                 packed=c.packed)
     kernel = functools.partial(_walk_kernel, st=dataclasses.replace(st, stages=stages),
                                dtype=dtype, store_states=store_states)
     out_type = [jax.ShapeDtypeStruct((R, NC * L, H, V), dtype),
@@ -366,7 +383,9 @@ def gla_mosaic(q: Array, k: Array, v: Array, g: Array, *, scale: float,
 
     Raises:
         NotImplementedError: float32 inputs, key dims > 128, chunk sizes other than 64, no
-            sm_90 GPU or a JAX without the Mosaic GPU APIs used (dispatch runs ``pallas``).
+            sm_90 GPU or a JAX without the Mosaic GPU APIs used, packed sequences with
+            ``LINEARNEXUS_MOSAIC_PACKED=0`` or with a config that fits batch rows but not
+            beside the packed staging tile (dispatch runs ``pallas``).
         ValueError: a config the kernel does not take (names ``config``).
     """
     cfg = config or MosaicConfig()
@@ -381,7 +400,8 @@ def gla_mosaic(q: Array, k: Array, v: Array, g: Array, *, scale: float,
     # q, k, v in the chunk layout [R, NC * L, H, D], head dims zero-padded to 64 / 128
     _, kp, vp, plan, h0, (qc, kc, vc) = _chunk_inputs(q, k, v, initial_state, chunk, cu_seqlens)
     cfg = cfg.merged(default_gla_config(rows=plan.rows, heads=heads, key_dim=kp, value_dim=vp,
-                                        n_chunks=plan.n_chunks, packed=plan.packed))
+                                        n_chunks=plan.n_chunks, packed=plan.packed,
+                                        block_v=cfg.block_v))
     check_gla_config(cfg, key_dim=kp, value_dim=vp)
     if plan.packed:
         decline_unless_packed_fits(
