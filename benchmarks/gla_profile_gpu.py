@@ -137,8 +137,16 @@ def profile_shape(shape: tuple[int, int, int, int], deadline: float,
     do = jax.random.normal(jax.random.PRNGKey(99), (B, T, H, D), jnp.float32).astype(jnp.bfloat16)
     for backend in ("mosaic", "mosaic fused prep", "pallas"):
         def fwd(*a, backend=backend):
+            # read when traced (jit traces fwd once, inside the first timed call)
+            before = os.environ.get(gla_mosaic.FUSED_PREP_ENV)
             os.environ[gla_mosaic.FUSED_PREP_ENV] = "1" if "fused" in backend else "0"
-            return gla_api.gla(*a, backend=backend.split()[0], mode="chunk")[0]
+            try:
+                return gla_api.gla(*a, backend=backend.split()[0], mode="chunk")[0]
+            finally:
+                if before is None:
+                    del os.environ[gla_mosaic.FUSED_PREP_ENV]
+                else:
+                    os.environ[gla_mosaic.FUSED_PREP_ENV] = before
 
         def loss(do, *a, fwd=fwd):
             return jnp.sum(fwd(*a).astype(jnp.float32) * do.astype(jnp.float32))

@@ -391,38 +391,46 @@ def _row_of(x: Array, row: int) -> Array:
     return jnp.sum(jnp.where(_iota(x.shape, 0) == row, x, 0.0), axis=0)
 
 
+def _chunk_sums(g_ref, r, rows, h, ks, c_dtype) -> tuple[Array, Array]:
+    """One key block's compensated in-chunk sums ``(hi, lo)`` ``[L, BK]`` float32, computed
+    as the ``sums`` kernel computes and stores them (``lo`` rounded to ``c_dtype``), so every
+    later kernel sees the same ``b``."""
+    hi, lo = compensated_cumsum(jnp.maximum(g_ref[r, rows, h, ks], LOG_GATE_FLOOR), axis=0)
+    return hi, lo.astype(c_dtype).astype(F32)
+
+
 def _sums_a_kernel(q_ref, k_ref, g_ref, a_ref, qe_ref, ke_ref, b_ref, c_ref, todo_ref,
                    last_ref, *, st: CoreStatic, all_sums: bool):
     """``sums`` and ``fwd_a`` (its factored form, with the decayed q and k) in one program per
     (chunk, row x head), the in-chunk sums kept in registers.
 
-    Per key block it takes the compensated sums of the chunk's log-gates as the ``sums``
-    kernel does (``lo`` rounded to bfloat16, as that kernel stores it, so every later kernel
-    sees the same ``b``), then writes ``q e^{b}``, ``k e^{b_L - b}`` and, where the chunk's
-    decay is within :data:`DIAG_DENSE_MAX` (the same test as ``fwd_a``'s on the same values),
-    ``A`` as one factored product. A chunk past the bound gets ``A = 0`` and ``todo = 1``:
-    :func:`_sub_chunk_a_kernel` then builds its ``A`` by sub-chunks from the stored sums.
-    The sums go to ``b_ref`` / ``c_ref`` for every chunk with ``all_sums`` (the backward reads
-    them), else only for the chunks that need the sub-chunk form; each chunk's last row of
-    ``hi`` (the state's decay ``b_L``) always goes to ``last_ref`` ``[R, NC, H, K]``.
+    One pass over the key blocks: each block's compensated sums of the chunk's log-gates
+    (:func:`_chunk_sums`), then its ``q e^{b}``, ``k e^{b_L - b}``, ``b_L`` and its share of
+    the factored product (each key dim's factors need only its own first row); the blocks'
+    decays ``max_k (b_0 - b_{L-1})`` combine into the chunk's. Within
+    :data:`DIAG_DENSE_MAX` (the same test as ``fwd_a``'s on the same values) that product
+    is ``A``; a chunk past the bound gets ``A = 0`` and ``todo = 1``, and
+    :func:`_sub_chunk_a_kernel` builds its ``A`` by sub-chunks from the stored sums. The sums
+    go to ``b_ref`` / ``c_ref`` inside the pass for every chunk with ``all_sums`` (the
+    backward reads them); without, only a chunk past the bound recomputes and stores them
+    (rare: keeping every block's tiles live for that spilled registers at K = 128).
     """
     L, BK = st.chunk, st.block_k
     c = pl.program_id(1)
     r, h = _row_col(st)
     rows = pl.ds(c * L, L)
-    sums, decay = [], None
-    for ik in range(st.key_dim // BK):
-        ks = pl.ds(ik * BK, BK)
-        hi, lo = compensated_cumsum(jnp.maximum(g_ref[r, rows, h, ks], LOG_GATE_FLOOR), axis=0)
-        b = (hi, lo.astype(c_ref.dtype).astype(F32))  # [L, BK] each
+    blocks = [pl.ds(ik * BK, BK) for ik in range(st.key_dim // BK)]
+    decay = None
+    acc = jnp.zeros((L, L), F32)
+    for ks in blocks:
+        b = _chunk_sums(g_ref, r, rows, h, ks, c_ref.dtype)  # [L, BK] each
+        if all_sums:
+            b_ref[r, rows, h, ks] = b[0]
+            c_ref[r, rows, h, ks] = b[1].astype(c_ref.dtype)
         first = (_row_of(b[0], 0), _row_of(b[1], 0))  # [BK]
         last = (_row_of(b[0], L - 1), _row_of(b[1], L - 1))
         block_decay = jnp.max(_gap(first, last))
         decay = block_decay if decay is None else jnp.maximum(decay, block_decay)
-        sums.append((ks, b, first, last))
-    dense = decay <= DIAG_DENSE_MAX
-    acc = jnp.zeros((L, L), F32)
-    for ks, b, first, last in sums:
         q, k = q_ref[r, rows, h, ks], k_ref[r, rows, h, ks]  # [L, BK]
         qe_ref[r, rows, h, ks] = _scaled(q, b[0])
         ke_ref[r, rows, h, ks] = _scaled(k, _gap(last, b))
@@ -430,15 +438,17 @@ def _sums_a_kernel(q_ref, k_ref, g_ref, a_ref, qe_ref, ke_ref, b_ref, c_ref, tod
         x = _gap(b, first)  # <= 0: b - b_0 (the factored form's exponents, as _factors)
         acc += _diag_dot(q.astype(F32) * exp_approx(x), k.astype(F32) * exp_approx(-x),
                          exact=q_ref.dtype == F32, tb=True)
+    dense = decay <= DIAG_DENSE_MAX
     a_ref[r, rows, h, pl.ds(0, L)] = jnp.where(_causal(L) & dense, acc, 0.0)
     todo_ref[r, c, h] = jnp.where(dense, 0, 1).astype(todo_ref.dtype)
-    store = jnp.logical_or(all_sums, jnp.logical_not(dense))
+    if not all_sums:
 
-    @pl.when(store)
-    def _():
-        for ks, b, _, _ in sums:
-            b_ref[r, rows, h, ks] = b[0]
-            c_ref[r, rows, h, ks] = b[1].astype(c_ref.dtype)
+        @pl.when(jnp.logical_not(dense))
+        def _():  # the sub-chunk pass reads this chunk's sums
+            for ks in blocks:
+                b = _chunk_sums(g_ref, r, rows, h, ks, c_ref.dtype)
+                b_ref[r, rows, h, ks] = b[0]
+                c_ref[r, rows, h, ks] = b[1].astype(c_ref.dtype)
 
 
 def _sub_chunk_a_kernel(q_ref, k_ref, b_ref, c_ref, todo_ref, a0_ref, a_ref, *,
@@ -456,7 +466,7 @@ def _sub_chunk_a_kernel(q_ref, k_ref, b_ref, c_ref, todo_ref, a0_ref, a_ref, *,
 
 
 def sums_and_fwd_a(st: CoreStatic, q: Array, k: Array, g: Array, *, all_sums: bool
-                   ) -> tuple[Array, Array, Array, Array, Array]:
+                   ) -> tuple[Array, Array, Array, Array, Array, Array]:
     """``sums`` and ``fwd_a`` with the decayed q and k, fused (:func:`_sums_a_kernel`), then the
     sub-chunk form for the chunks whose decay exceeds the factored form's bound.
 
