@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 from typing import Any
 
 import jax
@@ -84,6 +85,13 @@ def mosaic_unavailable_reason() -> str | None:
     if "init_carry" not in inspect.signature(plgpu.emit_pipeline).parameters:
         return f"jax {jax.__version__}'s plgpu.emit_pipeline takes no init_carry"
     return None
+
+
+def env_switch(name: str, default: bool) -> bool:
+    """A Mosaic backend switch, read from the environment variable ``name`` at trace time:
+    "1" on, "0" off, unset (or any other value) ``default``."""
+    flag = os.environ.get(name, "")
+    return flag == "1" or (default and flag != "0")
 
 
 #: JAX 0.11 deprecates ``plgpu.load(ref, idx)`` and ``plgpu.transpose_ref`` in favour of

@@ -44,7 +44,6 @@ Either way the WY preparation's own ``custom_vjp`` (``pallas_wy.py``) then carri
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +56,7 @@ from linearnexus.kernels.common.mosaic_chunk import (
     SMEM_LIMIT,
     MosaicConfig,
     MosaicStatic,
+    env_switch,
     mosaic_backward_fits,
     mosaic_forward,
     pass_empty,
@@ -90,8 +90,7 @@ DEFAULT_BACKWARD = "pallas"
 
 def delta_opted_in() -> bool:
     """Whether automatic dispatch may pick the delta rules' Mosaic kernel."""
-    flag = os.environ.get(OPT_IN_ENV, "")
-    return flag == "1" or (AUTOMATIC and flag != "0")
+    return env_switch(OPT_IN_ENV, AUTOMATIC)
 
 
 def default_delta_config(*, rows: int, heads: int, key_dim: int, value_dim: int,

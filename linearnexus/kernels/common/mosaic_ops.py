@@ -27,7 +27,6 @@ training).
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -43,6 +42,7 @@ from linearnexus.kernels.common.mosaic_chunk import (
     MosaicConfig,
     MosaicStatic,
     default_mosaic_config,
+    env_switch,
     mosaic_backward_fits,
     mosaic_core,
     mosaic_unavailable_reason,
@@ -95,8 +95,7 @@ PACKED_ON_BY_DEFAULT = True
 
 def packed_enabled() -> bool:
     """Whether packed sequences run on the Mosaic kernels (:data:`PACKED_ENV`)."""
-    flag = os.environ.get(PACKED_ENV, "")
-    return flag == "1" or (PACKED_ON_BY_DEFAULT and flag != "0")
+    return env_switch(PACKED_ENV, PACKED_ON_BY_DEFAULT)
 
 
 def check_mosaic_call(q: Array, k: Array, v: Array, *, chunk: int, cu_seqlens: Array | None,
@@ -165,10 +164,6 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
                                            block_v=cfg.block_v))
     if vp % cfg.block_v:
         raise ValueError(f"config: block_v={cfg.block_v} must divide the padded value dim {vp}")
-    if config is None or config.backward is None:  # the heuristic's, for the merged block_v
-        cfg = dataclasses.replace(cfg, backward="mosaic" if mosaic_backward_fits(
-            chunk=chunk, key_dim=kp, value_dim=vp, block_v=cfg.block_v, itemsize=itemsize,
-            packed=packed) else "pallas")
     _check_fits(cfg, chunk=chunk, kp=kp, vp=vp, itemsize=itemsize, packed=False)
     if packed:
         decline_unless_packed_fits(

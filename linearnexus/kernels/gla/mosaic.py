@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any
 
 import jax
@@ -65,6 +64,7 @@ from linearnexus.kernels.common.mosaic_chunk import (
     _transposed,
     compiler_params,
     deepest_stages,
+    env_switch,
     initial_carry,
     interpret_kwargs,
     pass_empty,
@@ -74,11 +74,12 @@ from linearnexus.kernels.common.mosaic_chunk import (
 )
 from linearnexus.kernels.common.mosaic_ops import (
     _chunk_inputs,
+    _n_seqs,
+    _packed_layout,
     check_mosaic_call,
     decline_unless_packed_fits,
 )
 from linearnexus.kernels.common.pallas import TritonConfig
-from linearnexus.kernels.common.pallas_chunk import chunk_layout_info
 from linearnexus.kernels.common.pallas_ops import _layout, _pad_last, _static, _unlayout
 from linearnexus.kernels.gla import pallas as gla_pallas
 
@@ -108,8 +109,7 @@ MOSAIC_STATUS = ("sm_90+, batches and packed sequences: Triton preparation (A, d
 
 def gla_opted_in() -> bool:
     """Whether automatic dispatch may pick GLA's Mosaic kernel (:data:`OPT_IN_ENV`)."""
-    flag = os.environ.get(OPT_IN_ENV, "")
-    return flag == "1" or (AUTOMATIC and flag != "0")
+    return env_switch(OPT_IN_ENV, AUTOMATIC)
 
 
 def gla_smem_bytes(*, key_dim: int, block_v: int, stages: int, itemsize: int = 2,
@@ -340,7 +340,7 @@ def _decay_rows(b_last: Array) -> Array:
 
 def fused_prep_enabled() -> bool:
     """Whether the walk's Triton preparation runs as one fused kernel (:data:`FUSED_PREP_ENV`)."""
-    return os.environ.get(FUSED_PREP_ENV, "1" if FUSED_PREP_DEFAULT else "0") == "1"
+    return env_switch(FUSED_PREP_ENV, FUSED_PREP_DEFAULT)
 
 
 def _forward(st: MosaicStatic, q, k, v, g, h0, layout, *, store_states: bool):
@@ -418,7 +418,7 @@ def gla_mosaic(q: Array, k: Array, v: Array, g: Array, *, scale: float,
         raise NotImplementedError(f"mosaic backend: chunk_size {chunk}: GLA's walk takes chunks "
                                   f"of {CHUNK} (its float32 [L, L] A tile at 128 leaves no room "
                                   "for a second pipeline stage)")
-    batch, _, heads, key_dim = q.shape
+    heads, key_dim = q.shape[2:]
     value_dim = v.shape[3]
     # q, k, v in the chunk layout [R, NC * L, H, D], head dims zero-padded to 64 / 128
     _, kp, vp, plan, h0, (qc, kc, vc) = _chunk_inputs(q, k, v, initial_state, chunk, cu_seqlens)
@@ -431,14 +431,12 @@ def gla_mosaic(q: Array, k: Array, v: Array, g: Array, *, scale: float,
             lambda: check_gla_config(cfg, key_dim=kp, value_dim=vp, packed=True),
             key_dim=kp, block_v=cfg.block_v)
     gc = _layout(_pad_last(g.astype(F32), kp), plan)  # floored in the Triton sums kernel
-    n_seqs = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
     tcfg = gla_pallas._resolve(TritonConfig(chunk=chunk), rows=plan.rows, heads=heads,
                                key_dim=kp, value_dim=vp)
     core = _static(tcfg, gate="vector", delta=False, has_h0=h0 is not None, scale=scale,
-                   plan=plan, heads=heads, key_dim=kp, value_dim=vp, n_seqs=n_seqs)
+                   plan=plan, heads=heads, key_dim=kp, value_dim=vp, n_seqs=_n_seqs(q, cu_seqlens))
     st = MosaicStatic(core=core, block_v=cfg.block_v, stages=cfg.stages, backward="pallas",
                       bwd_stages=cfg.bwd_stages)
-    layout = chunk_layout_info(plan) if plan.packed else None  # the walk reads it if packed
-    o, final = gla_mosaic_core(st, qc, kc, vc, gc, h0, layout)
+    o, final = gla_mosaic_core(st, qc, kc, vc, gc, h0, _packed_layout(plan))
     o = _unlayout(o, plan)[..., :value_dim].astype(v.dtype)
     return o, final[:, :, :key_dim, :value_dim]

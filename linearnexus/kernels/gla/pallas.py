@@ -283,10 +283,9 @@ def _fwd_a_kernel(q_ref, k_ref, b_ref, c_ref, a_ref, qe_ref=None, ke_ref=None, *
         for ik in range(st.key_dim // st.block_k):
             ks = pl.ds(ik * st.block_k, st.block_k)
             b = _load_b(b_ref, c_ref, r, rows, h, ks)  # [L, BK]
-            qe_ref[r, rows, h, ks] = _scaled(q_ref[r, rows, h, ks], b[0]).astype(qe_ref.dtype)
+            qe_ref[r, rows, h, ks] = _scaled(q_ref[r, rows, h, ks], b[0])
             b_last = _load_b(b_ref, c_ref, r, t0 + L - 1, h, ks)  # [BK]
-            ke_ref[r, rows, h, ks] = _scaled(k_ref[r, rows, h, ks],
-                                             _gap(b_last, b)).astype(ke_ref.dtype)
+            ke_ref[r, rows, h, ks] = _scaled(k_ref[r, rows, h, ks], _gap(b_last, b))
     dense = _dense_over(b_ref, c_ref, r, h, t0, t0 + L - 1, pl.ds(0, st.key_dim))
 
     @pl.when(dense)
@@ -392,9 +391,10 @@ def _row_of(x: Array, row: int) -> Array:
 
 
 def _chunk_sums(g_ref, r, rows, h, ks, c_dtype) -> tuple[Array, Array]:
-    """One key block's compensated in-chunk sums ``(hi, lo)`` ``[L, BK]`` float32, computed
-    as the ``sums`` kernel computes and stores them (``lo`` rounded to ``c_dtype``), so every
-    later kernel sees the same ``b``."""
+    """One key block's compensated in-chunk sums ``(hi, lo)`` ``[L, BK]`` float32, ``lo``
+    rounded to ``c_dtype`` (as stored), so every kernel that takes them sees the same ``b``.
+    The log-gates are floored here (``LOG_GATE_FLOOR``: -inf, a zero gate, would make TwoSum
+    NaN) rather than in the glue, where it was a pass of its own over the gates."""
     hi, lo = compensated_cumsum(jnp.maximum(g_ref[r, rows, h, ks], LOG_GATE_FLOOR), axis=0)
     return hi, lo.astype(c_dtype).astype(F32)
 
@@ -854,9 +854,7 @@ def gla_backward(st: CoreStatic, res, do, dfinal):
 def _sums_kernel(g_ref, hi_ref, lo_ref, *, st: CoreStatic):
     """One chunk's inclusive in-chunk sums of the log-gates, compensated (``[L, BK]`` tile)."""
     r, h, rows, ks = _chunk_block(st)
-    # log-gates floored (LOG_GATE_FLOOR: -inf, a zero gate, would make TwoSum NaN); here rather
-    # than in the glue, where it was a pass of its own over the [B, T, H, K] gates
-    hi, lo = compensated_cumsum(jnp.maximum(g_ref[r, rows, h, ks], LOG_GATE_FLOOR), axis=0)
+    hi, lo = _chunk_sums(g_ref, r, rows, h, ks, lo_ref.dtype)
     hi_ref[r, rows, h, ks] = hi
     lo_ref[r, rows, h, ks] = lo.astype(lo_ref.dtype)
 
