@@ -56,3 +56,18 @@ def key(request):
     import jax
 
     return jax.random.PRNGKey(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def cpu_dispatch(monkeypatch):
+    """The decode dispatch as on the CPU whatever runs the suite: neither the one-row matmul
+    kernels nor the fused layer kernels are picked by themselves (their ``_compiles`` is
+    False), so a test that picks them (``monkeypatch.setattr(..., "_compiles", lambda:
+    True)``) runs the same combination on a CPU (interpreted) and on a GPU (compiled). Without
+    it a GPU picks every kernel at once, and tests that count one path's calls or compare a
+    path with XLA's fail there for that reason alone (10 did on an H100, 2026-12-05)."""
+    import linearnexus.kernels.fused_decode.api as layer_api
+    import linearnexus.kernels.fused_decode.gemv as gemv
+
+    monkeypatch.setattr(layer_api, "_compiles", lambda: False)
+    monkeypatch.setattr(gemv, "_compiles", lambda: False)

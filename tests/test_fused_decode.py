@@ -18,6 +18,9 @@ from linearnexus.modules.common import (
 )
 from linearnexus.registry import LAYER_REGISTRY
 
+# the kernels run only where a test picks them, on the CPU and on a GPU alike
+pytestmark = pytest.mark.usefixtures("cpu_dispatch")
+
 
 def _both(monkeypatch, fn):
     """``fn()`` with the fused path, then with it off."""

@@ -17,6 +17,9 @@ import linearnexus.kernels.fused_decode.gemv as gemv
 import linearnexus.modules.common as common
 from linearnexus.models import LMModel, ModelConfig
 
+# the kernels run only where a test picks them, on the CPU and on a GPU alike
+pytestmark = pytest.mark.usefixtures("cpu_dispatch")
+
 
 def _ref(x, w, transposed):
     xf, wf = np.asarray(x, np.float64), np.asarray(w, np.float64)
@@ -377,8 +380,7 @@ def test_dense_with_a_norm_is_the_norm_then_the_matmul(monkeypatch, dtype, width
     want = lin(norm(x))
     want_other = other(norm(x))
     tol = 1e-5 if dtype == "float32" else 2e-2
-    # as this machine runs it: on a CPU the norm, then lin (equal); on a GPU the kernel, which
-    # rounds in another order than XLA's matmul (an exact comparison failed there, 2026-12-05)
+    # the kernels not picked (cpu_dispatch): the norm, then lin
     np.testing.assert_allclose(np.asarray(common.dense(lin, x, norm=norm), np.float32),
                                np.asarray(want, np.float32), rtol=tol, atol=tol)
     _picked(monkeypatch, layer_kernels=False)

@@ -54,6 +54,13 @@ class WyStatic:
     exact: bool  # float32 inputs: exact float32 products (no TF32)
     num_warps: int
     interpret: bool
+    # 16-bit inputs only (float32 inputs are exact throughout). merge_exact: the blocks of
+    # M^{-1} below the diagonal from exact float32 products (False: TF32, as FLA 0.6.0's
+    # merge); low_wu: w and u from M^{-1} rounded to the inputs' dtype (the copy stored for
+    # the backward) times 16-bit operands, as FLA's recompute_w_u (False: float32 M^{-1}
+    # and operands on TF32). Both on trial (benchmarks/wy_profile_gpu.py).
+    merge_exact: bool = True
+    low_wu: bool = False
 
 
 def _dot(a, b, st: WyStatic, *, ta=False, tb=False, exact=False):
@@ -134,8 +141,8 @@ def _wy_fwd_kernel(*refs, st: WyStatic):
         for j in range(i):
             acc = jnp.zeros((SUB, SUB), F32)
             for m in range(j, i):
-                acc += _dot(a[i, m], minv[m, j], st, exact=True)
-            minv[i, j] = -_dot(minv[i, i], acc, st, exact=True)
+                acc += _dot(a[i, m], minv[m, j], st, exact=st.merge_exact)
+            minv[i, j] = -_dot(minv[i, i], acc, st, exact=st.merge_exact)
     # every thread has used its blocks of A (so its loads are done) before M^{-1} replaces it
     _barrier(st)
     for i in range(nb):
@@ -148,13 +155,16 @@ def _wy_fwd_kernel(*refs, st: WyStatic):
     # w and u as whole-chunk products with M^{-1} read back as one [L, L] tile (16-row
     # products with M = 16 run on the small MMA shapes)
     _barrier(st)
-    minv_all = work_ref[r, rows, h, :]  # [L, L] float32
+    low = st.low_wu and work  # 16-bit inputs: M^{-1} as stored for the backward
+    minv_all = m_ref[r, rows, h, :] if low else work_ref[r, rows, h, :]  # [L, L]
     scale = beta * exp_approx(b) if st.gated else beta
     for dim, src, dst, fac in ((st.key_dim, k_ref, w_ref, scale), (st.value_dim, v_ref, u_ref, beta)):
         blk = min(dim, 64)  # 64 columns: float32 operands of 256 columns overflow shared memory
         for j in range(dim // blk):
             cs = pl.ds(j * blk, blk)
             x = src[r, rows, h, cs].astype(F32) * fac[:, None]
+            if low:
+                x = x.astype(minv_all.dtype)
             dst[r, rows, h, cs] = _dot(minv_all, x, st).astype(dst.dtype)
 
 
