@@ -53,19 +53,21 @@ from linearnexus.kernels.common import pallas_wy  # noqa: E402
 from linearnexus.kernels.common.pallas import interpret_mode  # noqa: E402
 
 F32 = jnp.float32
-# (name, merge_exact, low_wu, warps); the first is the default preparation
-VARIANTS = [("default", True, False, 4), ("tf32-merge", False, False, 4),
-            ("low-wu", True, True, 4), ("tf32-merge+low-wu", False, True, 4),
-            ("tf32-merge+low-wu w2", False, True, 2), ("tf32-merge+low-wu w8", False, True, 8),
-            ("default w2", True, False, 2), ("default w8", True, False, 8)]
+# (name, merge_exact, low_wu, warps, split); the first is the default preparation
+VARIANTS = [("default", True, False, 4, False), ("tf32-merge", False, False, 4, False),
+            ("low-wu", True, True, 4, False), ("tf32-merge+low-wu", False, True, 4, False),
+            ("split", True, True, 4, True), ("tf32-merge+split", False, True, 4, True),
+            ("tf32-merge+split w2", False, True, 2, True),
+            ("tf32-merge+low-wu w2", False, True, 2, False),
+            ("default w2", True, False, 2, False), ("default w8", True, False, 8, False)]
 
 
 def wy_static(B: int, T: int, H: int, D: int, chunk: int, merge_exact: bool, low_wu: bool,
-              warps: int) -> pallas_wy.WyStatic:
+              warps: int, split: bool) -> pallas_wy.WyStatic:
     return pallas_wy.WyStatic(gated=True, rows=B, n_chunks=T // chunk, chunk=chunk, heads=H,
                               key_dim=D, value_dim=D, exact=False, num_warps=warps,
                               interpret=interpret_mode(), merge_exact=merge_exact,
-                              low_wu=low_wu)
+                              low_wu=low_wu, split=split)
 
 
 def reference(k: jax.Array, v: jax.Array, beta: jax.Array, g: jax.Array,
@@ -115,11 +117,11 @@ def profile_shape(shape: tuple[int, int, int, int], repeats: int, deadline: floa
     du = jax.random.normal(jax.random.PRNGKey(9), v.shape, F32).astype(v.dtype)
     row: dict[str, Any] = {}
     results["wy"][str(shape)] = row
-    for name, merge_exact, low_wu, warps in VARIANTS:
+    for name, merge_exact, low_wu, warps, split in VARIANTS:
         if time.time() > deadline:
             row[name] = "skipped: budget spent"
             continue
-        st = wy_static(B, T, H, D, chunk, merge_exact, low_wu, warps)
+        st = wy_static(B, T, H, D, chunk, merge_exact, low_wu, warps, split)
         fwd = jax.jit(lambda k, v, b, g, st=st: pallas_wy.wy_prepare(st, k, v, b, g)[:2])
 
         def loss(k, v, b, g, dw, du, st=st):
@@ -128,7 +130,8 @@ def profile_shape(shape: tuple[int, int, int, int], repeats: int, deadline: floa
                     + jnp.sum(kk.astype(F32)))
 
         grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
-        entry: dict[str, Any] = {"merge_exact": merge_exact, "low_wu": low_wu, "warps": warps}
+        entry: dict[str, Any] = {"merge_exact": merge_exact, "low_wu": low_wu, "warps": warps,
+                                 "split": split}
         try:
             w, u = fwd(k, v, beta, g)
             entry["w_err"], entry["u_err"] = max_rel(w, w_ref), max_rel(u, u_ref)
@@ -146,13 +149,13 @@ def profile_shape(shape: tuple[int, int, int, int], repeats: int, deadline: floa
 
 
 @contextlib.contextmanager
-def preparation(merge_exact: bool, low_wu: bool, warps: int | None):
+def preparation(merge_exact: bool, low_wu: bool, warps: int | None, split: bool = False):
     """The api's delta-rule backends build their ``WyStatic`` with these settings (``warps``
     None: theirs)."""
     real = pallas_wy.WyStatic
 
     def make(**kw):
-        kw.update(merge_exact=merge_exact, low_wu=low_wu)
+        kw.update(merge_exact=merge_exact, low_wu=low_wu, split=split)
         if warps is not None:
             kw["num_warps"] = warps
         return real(**kw)
@@ -171,12 +174,12 @@ def op_rows(shape: tuple[int, int, int, int], variants: list[tuple], repeats: in
     row: dict[str, Any] = {}
     results["op"][str(shape)] = row
     for backend in ("mosaic", "pallas"):
-        for name, merge_exact, low_wu, warps in variants:
+        for name, merge_exact, low_wu, warps, split in variants:
             label = f"{backend} {name}"
             if time.time() > deadline:
                 row[label] = "skipped: budget spent"
                 continue
-            with preparation(merge_exact, low_wu, warps):
+            with preparation(merge_exact, low_wu, warps, split):
                 row[label] = kg.time_ln("gated_delta_rule", shape, repeats, None,
                                         results["env"].get("l2_bytes", 50 * 2 ** 20),
                                         backend=backend)
@@ -188,13 +191,13 @@ def op_rows(shape: tuple[int, int, int, int], variants: list[tuple], repeats: in
     results["checks"] = checks
     ref_cache: dict = {}
     for backend in ("mosaic", "pallas"):
-        for name, merge_exact, low_wu, warps in variants[1:]:
+        for name, merge_exact, low_wu, warps, split in variants[1:]:
             for case in ("dense", "packed"):
                 label = f"{backend} {name} {case}"
                 if time.time() > deadline:
                     checks[label] = "skipped: budget spent"
                     continue
-                with preparation(merge_exact, low_wu, warps):
+                with preparation(merge_exact, low_wu, warps, split):
                     try:
                         checks[label] = kg.check_linear(
                             "gated_delta_rule", "bfloat16", case, jax.random.PRNGKey(3),

@@ -61,6 +61,10 @@ class WyStatic:
     # and operands on TF32). Both on trial (benchmarks/wy_profile_gpu.py).
     merge_exact: bool = True
     low_wu: bool = False
+    # split: w and u in a second kernel of their own (grid (chunk, row x head, 2): one
+    # program forms w, another u, from the stored M^{-1}), as FLA's recompute_w_u; the first
+    # kernel then stops at M^{-1}. Implies low_wu's rounding. On trial, as above.
+    split: bool = False
 
 
 def _dot(a, b, st: WyStatic, *, ta=False, tb=False, exact=False):
@@ -152,6 +156,8 @@ def _wy_fwd_kernel(*refs, st: WyStatic):
             work_ref[at] = blk
             if work:
                 m_ref[at] = blk.astype(m_ref.dtype)
+    if st.split and work:  # w and u in _wy_wu_kernel
+        return
     # w and u as whole-chunk products with M^{-1} read back as one [L, L] tile (16-row
     # products with M = 16 run on the small MMA shapes)
     _barrier(st)
@@ -242,8 +248,41 @@ def _wy_bwd_kernel(*refs, st: WyStatic):
         db_ref[r, rows, h] = jnp.sum(p, axis=1) - jnp.sum(p, axis=0) + db
 
 
-def _call(kernel, st, out_shape, *args, aliases=None):
-    return pl.pallas_call(kernel, out_shape=out_shape, grid=(st.n_chunks, st.rows * st.heads),
+def _wy_wu_kernel(*refs, st: WyStatic):
+    """``split``'s second kernel: program ``(c, r h, z)`` forms ``w`` (z = 0) or ``u`` (z = 1)
+    of one chunk as ``M^{-1} (fac x)`` from the stored 16-bit ``M^{-1}``, 64 columns at a
+    time, on 16-bit operands."""
+    if st.gated:
+        k_ref, v_ref, beta_ref, b_ref, m_ref, w_ref, u_ref = refs
+    else:
+        k_ref, v_ref, beta_ref, m_ref, w_ref, u_ref = refs
+        b_ref = None
+    c, rh, z = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    r, h = rh // st.heads, rh % st.heads
+    rows = pl.ds(c * st.chunk, st.chunk)
+    beta = beta_ref[r, rows, h].astype(F32)  # [L]
+    minv = m_ref[r, rows, h, :]  # [L, L] in the inputs' dtype
+
+    def form(dim, src, dst, fac):
+        blk = min(dim, 64)
+        for j in range(dim // blk):
+            cs = pl.ds(j * blk, blk)
+            x = (src[r, rows, h, cs].astype(F32) * fac[:, None]).astype(minv.dtype)
+            dst[r, rows, h, cs] = _dot(minv, x, st).astype(dst.dtype)
+
+    @pl.when(z == 0)
+    def _():
+        fac = beta * exp_approx(b_ref[r, rows, h]) if st.gated else beta
+        form(st.key_dim, k_ref, w_ref, fac)
+
+    @pl.when(z == 1)
+    def _():
+        form(st.value_dim, v_ref, u_ref, beta)
+
+
+def _call(kernel, st, out_shape, *args, aliases=None, split_grid=False):
+    grid = (st.n_chunks, st.rows * st.heads) + ((2,) if split_grid else ())
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid,
                           interpret=st.interpret, input_output_aliases=aliases or {},
                           compiler_params=compiler_params(st.num_warps, 1))(*args)
 
@@ -258,6 +297,9 @@ def _fwd(st: WyStatic, k, v, beta, g):
         outs.append(jax.ShapeDtypeStruct((R, TP, H, st.chunk), F32))
     ins = [k, v, beta] + ([in_chunk_cumsum(g, st.chunk)] if st.gated else [])
     w, u, minv = _call(functools.partial(_wy_fwd_kernel, st=st), st, outs, *ins)[:3]
+    if st.split and not st.exact:
+        w, u = _call(functools.partial(_wy_wu_kernel, st=st), st, outs[:2], *ins, minv,
+                     split_grid=True)
     return (w, u, k), (k, v, beta, g, minv)
 
 
