@@ -13,8 +13,8 @@
 #   5. GLA's forward kernel by kernel (benchmarks/gla_profile_gpu.py), if PARTS has
 #      "gla-profile";
 #   6. the one-row decode kernels' tests compiled on the GPU, failures with their tracebacks
-#      (10 failed on an H100 on 2026-12-05, unexplained: docs/benchmarks.md), if PARTS has
-#      "gemv-tests".
+#      (10 failed on an H100 on 2026-12-05: the tests' dispatch, fixed by tests/conftest.py's
+#      cpu_dispatch; docs/benchmarks.md), if PARTS has "gemv-tests".
 # Usage, on the GPU from the repository root, with FLA's wheels in .whl/ (carry .whl):
 #   bash benchmarks/mosaic_followup_gpu.sh            # PARTS="packed gdn lm" by default
 set -u
