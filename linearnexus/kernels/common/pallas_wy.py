@@ -56,11 +56,12 @@ class WyStatic:
     interpret: bool
     # 16-bit inputs only (float32 inputs are exact throughout). merge_exact: the blocks of
     # M^{-1} below the diagonal from exact float32 products (False: TF32, as FLA 0.6.0's
-    # merge); low_wu: w and u from M^{-1} rounded to the inputs' dtype (the copy stored for
-    # the backward) times 16-bit operands, as FLA's recompute_w_u (False: float32 M^{-1}
-    # and operands on TF32). Both on trial (benchmarks/wy_profile_gpu.py).
+    # merge; 0.09 ms slower on an H100, benchmarks/wy_profile_gpu.py); low_wu: w and u from
+    # M^{-1} rounded to the inputs' dtype (the copy stored for the backward) times 16-bit
+    # operands, as FLA's recompute_w_u (False: float32 M^{-1} and operands on TF32; the
+    # preparation 0.58 -> 0.44 ms at (8, 4096, 16, 128) bf16 on an H100, FLA's 0.44).
     merge_exact: bool = True
-    low_wu: bool = False
+    low_wu: bool = True
     # split: w and u in a second kernel of their own (grid (chunk, row x head, 2): one
     # program forms w, another u, from the stored M^{-1}), as FLA's recompute_w_u; the first
     # kernel then stops at M^{-1}. Implies low_wu's rounding. On trial, as above.
