@@ -11,9 +11,6 @@ calls, median of 5), each of these alone in the chunk layout:
 * ``sums``: the Triton compensated in-chunk sums of the log-gates;
 * ``fwd_a``: the Triton intra-chunk scores ``A``, and ``fwd_a`` also writing the decayed
   ``q e^b``, ``k e^{b_L - b}`` (what the mosaic backend runs);
-* ``sums`` and ``fwd_a`` fused (``gla/pallas.sums_and_fwd_a``, the mosaic backend's with
-  ``LINEARNEXUS_MOSAIC_GLA_FUSED_PREP=1``), storing the sums only where needed and for
-  every chunk (under a gradient);
 * the Mosaic GPU walk (``gla/mosaic.gla_walk``) at 1, 2 and 3 pipeline stages, value blocks of
   64 and 128 where they fit, plain and storing the chunk states (the gradient's forward);
 * the Triton ``fwd_h`` + ``fwd_o`` the walk replaces (``gla_forward`` less ``fwd_a``);
@@ -108,11 +105,6 @@ def profile_shape(shape: tuple[int, int, int, int], deadline: float,
     fwd_a_d = jax.jit(lambda q, k, b, bc: gla_pallas.run_fwd_a(core, q, k, b, bc, decayed=True))
     timed("fwd_a + decayed q, k (Triton)", lambda i: fwd_a_d(
         sets[i % n_sets][0], sets[i % n_sets][1], *bs[i % n_sets]))
-    for all_sums in (False, True):  # the fused preparation (gla/mosaic.FUSED_PREP_ENV)
-        fused = jax.jit(lambda q, k, g, all_sums=all_sums: gla_pallas.sums_and_fwd_a(
-            core, q, k, g, all_sums=all_sums))
-        timed(f"sums + fwd_a fused{', storing every sum' if all_sums else ''} (Triton)",
-              lambda i, fused=fused: fused(*sets[i % n_sets][:2], sets[i % n_sets][3]))
     walk_in = []
     for s, (b, bc) in zip(sets, bs, strict=True):
         a, qe, ke = fwd_a_d(s[0], s[1], b, bc)
@@ -135,18 +127,9 @@ def profile_shape(shape: tuple[int, int, int, int], deadline: float,
     timed("fwd_h + fwd_o (Triton)", lambda i: tri(*sets[i % n_sets][:3], *bs[i % n_sets],
                                                   a0[i % n_sets]))
     do = jax.random.normal(jax.random.PRNGKey(99), (B, T, H, D), jnp.float32).astype(jnp.bfloat16)
-    for backend in ("mosaic", "mosaic fused prep", "pallas"):
+    for backend in ("mosaic", "pallas"):
         def fwd(*a, backend=backend):
-            # read when traced (jit traces fwd once, inside the first timed call)
-            before = os.environ.get(gla_mosaic.FUSED_PREP_ENV)
-            os.environ[gla_mosaic.FUSED_PREP_ENV] = "1" if "fused" in backend else "0"
-            try:
-                return gla_api.gla(*a, backend=backend.split()[0], mode="chunk")[0]
-            finally:
-                if before is None:
-                    del os.environ[gla_mosaic.FUSED_PREP_ENV]
-                else:
-                    os.environ[gla_mosaic.FUSED_PREP_ENV] = before
+            return gla_api.gla(*a, backend=backend, mode="chunk")[0]
 
         def loss(do, *a, fwd=fwd):
             return jnp.sum(fwd(*a).astype(jnp.float32) * do.astype(jnp.float32))

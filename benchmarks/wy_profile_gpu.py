@@ -1,24 +1,26 @@
 """The delta rules' WY preparation on a GPU: where its time goes, and what its variants cost
 in time and in error (docs/mosaic.md, "The delta rules' forward": the preparation is most of
-the forward, ~0.55 of ~1.05 ms at (8, 4096, 16, 128) on an H200).
+the forward: 0.59 of 1.05 ms at (8, 4096, 16, 128) on an H100 before ``low_wu``, 0.43 after).
 
     python3 benchmarks/wy_profile_gpu.py [--out DIR] [--budget 300]
-        [--shapes 8,4096,16,128 8,4096,16,64] [--skip-fla]
+        [--shapes 8,4096,16,128 8,4096,16,64] [--skip-fla] [--skip-op]
+        [--variants NAME ...] [--op-variants NAME ...]
 
 Per shape (B, T, H, D), K = V = D, bf16 (``kernels_gpu.py``'s recipe, gated), in the chunk
 layout, ``kernels_gpu.host_time``:
 
 * ``pallas_wy.wy_prepare`` alone, forward and forward + backward, for each variant of its
-  ``WyStatic`` (``merge_exact``: the blocks of ``M^{-1}`` below the diagonal in exact float32
-  or TF32; ``low_wu``: ``w``, ``u`` from the bf16 ``M^{-1}`` on bf16 operands, as FLA; and
-  the warps per program), each with its error against a float32 reference (triangular
-  solves at full precision): ``max |w - w_ref| / max |w_ref|`` and the same for ``u``;
+  ``WyStatic`` (``low_wu``: ``w``, ``u`` from the bf16 ``M^{-1}`` on bf16 operands, as FLA,
+  the default, or from the float32 one on TF32; the warps per program), each with its error
+  against a float32 reference (triangular solves at full precision):
+  ``max |w - w_ref| / max |w_ref|`` and the same for ``u``;
 * the whole ``gated_delta_rule`` through the api (``mosaic`` and ``pallas``), forward and
-  forward + backward, with the default preparation and with each variant that is faster,
-  and its check against the naive reference (``kernels_gpu.check_linear``, bf16 thresholds;
+  forward + backward, per variant (``--op-variants``, default all), and each variant's
+  check against the naive reference (``kernels_gpu.check_linear``, bf16 thresholds;
   T = 1000, D = 128, dense and packed, with an initial state);
-* FLA 0.6.0 in a child process: its fused ``kkt + solve_tril`` kernel, ``recompute_w_u``,
-  both (``chunk_gated_delta_rule_fwd_intra``) and the whole forward / forward + backward.
+* FLA 0.6.0 in a child process: its preparation (``chunk_gated_delta_rule_fwd_intra``: the
+  fused ``kkt + solve_tril`` kernel and ``recompute_w_u``) and the whole op, forward and
+  forward + backward.
 
 A step not started when ``--budget`` seconds are spent is skipped and said so; the JSON
 (``wy_profile.json`` under ``--out``) is rewritten after every step. ``--quick`` on the CPU
@@ -53,20 +55,18 @@ from linearnexus.kernels.common.pallas import interpret_mode  # noqa: E402
 
 F32 = jnp.float32
 WY_STATIC = pallas_wy.WyStatic
-# (name, merge_exact, low_wu, warps, split); the first is the preparation before low_wu
-VARIANTS = [("default", True, False, 4, False), ("tf32-merge", False, False, 4, False),
-            ("low-wu", True, True, 4, False), ("tf32-merge+low-wu", False, True, 4, False),
-            ("split", True, True, 4, True), ("tf32-merge+split", False, True, 4, True),
-            ("default w8", True, False, 8, False)]
-# two warps made the backward spill (~14 ms instead of ~1.2 on an H100, 2026-12-05)
+# (name, low_wu, warps); the first is the preparation before low_wu became the default.
+# Also measured on an H100 (2026-12-05) and removed since: the blocks of M^{-1} below the
+# diagonal on TF32 (0.09 ms slower), w and u in a kernel of their own (the op 0.1 ms slower),
+# two warps (the backward spilled: ~14 ms instead of ~1.2)
+VARIANTS = [("float32-wu", False, 4), ("default", True, 4), ("default w8", True, 8)]
 
 
-def wy_static(B: int, T: int, H: int, D: int, chunk: int, merge_exact: bool, low_wu: bool,
-              warps: int, split: bool) -> pallas_wy.WyStatic:
+def wy_static(B: int, T: int, H: int, D: int, chunk: int, low_wu: bool,
+              warps: int) -> pallas_wy.WyStatic:
     return WY_STATIC(gated=True, rows=B, n_chunks=T // chunk, chunk=chunk, heads=H,
                               key_dim=D, value_dim=D, exact=False, num_warps=warps,
-                              interpret=interpret_mode(), merge_exact=merge_exact,
-                              low_wu=low_wu, split=split)
+                              interpret=interpret_mode(), low_wu=low_wu)
 
 
 def reference(k: jax.Array, v: jax.Array, beta: jax.Array, g: jax.Array,
@@ -116,11 +116,11 @@ def profile_shape(shape: tuple[int, int, int, int], variants: list[tuple], repea
     du = jax.random.normal(jax.random.PRNGKey(9), v.shape, F32).astype(v.dtype)
     row: dict[str, Any] = {}
     results["wy"][str(shape)] = row
-    for name, merge_exact, low_wu, warps, split in variants:
+    for name, low_wu, warps in variants:
         if time.time() > deadline:
             row[name] = "skipped: budget spent"
             continue
-        st = wy_static(B, T, H, D, chunk, merge_exact, low_wu, warps, split)
+        st = wy_static(B, T, H, D, chunk, low_wu, warps)
         fwd = jax.jit(lambda k, v, b, g, st=st: pallas_wy.wy_prepare(st, k, v, b, g)[:2])
 
         def loss(k, v, b, g, dw, du, st=st):
@@ -129,8 +129,7 @@ def profile_shape(shape: tuple[int, int, int, int], variants: list[tuple], repea
                     + jnp.sum(kk.astype(F32)))
 
         grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
-        entry: dict[str, Any] = {"merge_exact": merge_exact, "low_wu": low_wu, "warps": warps,
-                                 "split": split}
+        entry: dict[str, Any] = {"low_wu": low_wu, "warps": warps}
         try:
             w, u = fwd(k, v, beta, g)
             entry["w_err"], entry["u_err"] = max_rel(w, w_ref), max_rel(u, u_ref)
@@ -148,13 +147,13 @@ def profile_shape(shape: tuple[int, int, int, int], variants: list[tuple], repea
 
 
 @contextlib.contextmanager
-def preparation(merge_exact: bool, low_wu: bool, warps: int | None, split: bool = False):
+def preparation(low_wu: bool, warps: int | None):
     """The api's delta-rule backends build their ``WyStatic`` with these settings (``warps``
     None: theirs)."""
     real = WY_STATIC
 
     def make(**kw):
-        kw.update(merge_exact=merge_exact, low_wu=low_wu, split=split)
+        kw.update(low_wu=low_wu)
         if warps is not None:
             kw["num_warps"] = warps
         return real(**kw)
@@ -174,12 +173,12 @@ def op_rows(shape: tuple[int, int, int, int], variants: list[tuple], repeats: in
     row: dict[str, Any] = {}
     results["op"][str(shape)] = row
     for backend in ("mosaic", "pallas"):
-        for name, merge_exact, low_wu, warps, split in variants:
+        for name, low_wu, warps in variants:
             label = f"{backend} {name}"
             if time.time() > deadline:
                 row[label] = "skipped: budget spent"
                 continue
-            with preparation(merge_exact, low_wu, warps, split):
+            with preparation(low_wu, warps):
                 row[label] = kg.time_ln("gated_delta_rule", shape, repeats, None,
                                         results["env"].get("l2_bytes", 50 * 2 ** 20),
                                         backend=backend)
@@ -191,13 +190,13 @@ def op_rows(shape: tuple[int, int, int, int], variants: list[tuple], repeats: in
     results["checks"] = checks
     ref_cache: dict = {}
     for backend in ("mosaic", "pallas"):
-        for name, merge_exact, low_wu, warps, split in variants[1:]:
+        for name, low_wu, warps in variants:
             for case in ("dense", "packed"):
                 label = f"{backend} {name} {case}"
                 if time.time() > deadline:
                     checks[label] = "skipped: budget spent"
                     continue
-                with preparation(merge_exact, low_wu, warps, split):
+                with preparation(low_wu, warps):
                     try:
                         checks[label] = kg.check_linear(
                             "gated_delta_rule", "bfloat16", case, jax.random.PRNGKey(3),
@@ -296,16 +295,7 @@ def main() -> None:
         kg.log(f"== WY preparation {shape}")
         profile_shape(shape, chosen, repeats, deadline, results, save)
     if not a.skip_op:
-        # the variants no slower than the default (forward) at the first shape, then checked
-        timed = results["wy"][str(shapes[0])]
-        base = timed.get("default", {}).get("fwd_ms") if isinstance(timed.get("default"),
-                                                                      dict) else None
-        keep = [VARIANTS[0]] + sorted(
-            [v for v in VARIANTS[1:] if isinstance(timed.get(v[0]), dict) and base
-             and timed[v[0]].get("fwd_ms", 1e9) < base],
-            key=lambda v: timed[v[0]]["fwd_ms"])[:2]
-        if a.op_variants is not None:
-            keep = [v for v in VARIANTS if v[0] in a.op_variants]
+        keep = [v for v in VARIANTS if a.op_variants is None or v[0] in a.op_variants]
         kg.log(f"== the op with {[v[0] for v in keep]}")
         op_rows(shapes[0], keep, repeats, deadline, results, save, check_shape, check_cu)
     kg.log(json.dumps(results["fla"]))

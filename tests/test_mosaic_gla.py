@@ -64,10 +64,8 @@ def test_gla_mosaic_lowers_forward_and_backward(shape, packed, monkeypatch):
 
 
 @pytest.mark.skipif(INTERPRET_REASON is not None, reason=INTERPRET_REASON or "")
-@pytest.mark.parametrize("case", ["dense", "packed", "strong-decay", "forward-odd-dims",
-                                  "packed/fused-prep", "strong-decay/fused-prep",
-                                  "forward-odd-dims/fused-prep"])
-def test_gla_mosaic_matches_reference_in_the_interpreter(case, monkeypatch):
+@pytest.mark.parametrize("case", ["dense", "packed", "strong-decay", "forward-odd-dims"])
+def test_gla_mosaic_matches_reference_in_the_interpreter(case):
     """Forward and every gradient against the per-step reference (bf16 thresholds: outputs
     and states 5e-3, gradients 1e-2): two chunks, the last one padded, two rows, two heads
     and two value blocks (eight programs storing their states), no initial state
@@ -75,10 +73,7 @@ def test_gla_mosaic_matches_reference_in_the_interpreter(case, monkeypatch):
     state (``packed``); half the key dims decaying by e^-3 a step, so ``fwd_a`` and the
     backward take their sub-chunk forms, with an initial state (``strong-decay``); the
     forward alone (the walk without its stored states) at head dims 40 x 72 and T = 63
-    (``forward-odd-dims``); ``/fused-prep``: through the fused Triton preparation
-    (``LINEARNEXUS_MOSAIC_GLA_FUSED_PREP=1``)."""
-    monkeypatch.setenv(gla_mosaic_mod.FUSED_PREP_ENV, "1" if case.endswith("fused-prep") else "0")
-    case = case.split("/")[0]
+    (``forward-odd-dims``)."""
     lens = (70, 0, 30, 64) if case == "packed" else None
     B, H, K, V = {"forward-odd-dims": (2, 2, 40, 72), "dense": (2, 2, 64, 128)}.get(
         case, (1, 1, 64, 64))
@@ -201,66 +196,3 @@ def test_gla_mosaic_dispatch_and_declines_what_it_does_not_cover(monkeypatch):
     # K = 128, block_v = 128, packed: one stage storing the states fits (two do not)
     assert gla_mosaic_mod.gradient_stages(MosaicConfig(block_v=128), key_dim=128,
                                           packed=True) == 1
-
-
-def test_fused_preparation_equals_sums_then_fwd_a():
-    """``sums_and_fwd_a`` (the mosaic backend's preparation with
-    ``LINEARNEXUS_MOSAIC_GLA_FUSED_PREP=1``) gives exactly what ``sums`` then ``fwd_a`` give
-    (Triton interpret mode): ``A`` (one chunk past the factored form's decay bound, so its
-    ``A`` comes from the sub-chunk kernel), the decayed q and k, each chunk's ``b_L``, and the
-    sums, stored everywhere with ``all_sums`` and where the sub-chunk form needs them
-    without."""
-    from linearnexus.kernels.common.pallas import TritonConfig
-    from linearnexus.kernels.common.pallas_ops import _static
-    from linearnexus.kernels.gla import pallas as gp
-
-    R, NC, L, H, K = 1, 3, 64, 2, 128  # two key blocks of 64
-
-    class Plan:  # the fields _static reads of a batch-row chunk plan
-        rows, n_chunks, chunk, packed = R, NC, L, False
-
-    cfg = gp._resolve(TritonConfig(chunk=L), rows=R, heads=H, key_dim=K, value_dim=K)
-    st = _static(cfg, gate="vector", delta=False, has_h0=False, scale=0.125, plan=Plan,
-                 heads=H, key_dim=K, value_dim=K, n_seqs=R)
-    ks = jax.random.split(jax.random.PRNGKey(4), 3)
-    q, k = (jax.random.normal(kk, (R, NC * L, H, K)).astype(jnp.bfloat16) for kk in ks[:2])
-    g = jax.nn.log_sigmoid(jax.random.normal(ks[2], (R, NC * L, H, K)) + 2) / 4
-    g = g.at[0, L:2 * L, 1, :8].set(-3.0)  # chunk 1, head 1: decay 189 > 40 in key block 0
-    g = g.at[0, 2 * L:, 0, -8:].set(-3.0)  # chunk 2, head 0: past the bound in key block 1
-    b, bc = gp._in_chunk_sums(g, st)
-    a, qe, ke = gp.run_fwd_a(st, q, k, b, bc, decayed=True)
-    b_last = b.reshape(R, NC, L, H, K)[:, :, -1]  # [R, TP, H, K] -> [R, NC, H, K]
-    for all_sums in (True, False):
-        fa, fqe, fke, fb, fbc, flast = gp.sums_and_fwd_a(st, q, k, g, all_sums=all_sums)
-        for name, got, want in (("A", fa, a), ("qe", fqe, qe), ("ke", fke, ke),
-                                ("b_L", flast, b_last)):
-            assert jnp.array_equal(got, want), (name, all_sums)
-        for stored in ((slice(None), slice(L, 2 * L), 1), (slice(None), slice(2 * L, None), 0)):
-            # the chunks and heads past the bound: their sums are stored either way
-            assert jnp.array_equal(fb[stored], b[stored])
-            assert jnp.array_equal(fbc[stored], bc[stored])
-        if all_sums:
-            assert jnp.array_equal(fb, b) and jnp.array_equal(fbc, bc)
-
-
-@needs_mosaic
-def test_fused_preparation_lowers(monkeypatch):
-    """With the fused preparation the forward is the Mosaic walk after two Triton kernels
-    (fused sums + fwd_a, the sub-chunk pass), the gradient eight Triton kernels as before."""
-    monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")
-    monkeypatch.setenv(gla_mosaic_mod.FUSED_PREP_ENV, "1")
-    qk = jax.ShapeDtypeStruct((1, 200, 2, 128), jnp.bfloat16)
-    g = jax.ShapeDtypeStruct((1, 200, 2, 128), jnp.float32)
-
-    def fwd(q, k, v, g):
-        return gla_mosaic(q, k, v, g, scale=0.1, check_device=False)
-
-    def loss(q, k, v, g):
-        o, final = fwd(q, k, v, g)
-        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
-
-    text = lower_for_gpu(fwd, qk, qk, qk, g)
-    assert text.count("custom_call @mosaic_gpu") == 1 and text.count("xla.gpu.triton") == 2
-    grad_text = lower_for_gpu(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)), qk, qk, qk, g)
-    assert grad_text.count("custom_call @mosaic_gpu") == 1
-    assert grad_text.count("xla.gpu.triton") == 8

@@ -7,10 +7,12 @@ Per chunk of L tokens (``kernels/common/delta.py`` has the derivation)::
 
 ``M`` is unit lower triangular. The forward kernel builds ``M^{-1}`` from 16 x 16 blocks:
 each diagonal block is inverted exactly by a product of 4 factors (``a`` is nilpotent), the
-blocks below by block substitution. ``M^{-1}`` is written to a float32 scratch and read back
-as one ``[L, L]`` tile for ``w`` and ``u`` (whole-chunk products), and stored
-(``[R, TP, H, L]``, in k's dtype: float32 for float32 inputs) for the backward, which then
-needs only whole-chunk products::
+blocks below by block substitution (exact float32 products: TF32 there was slower on an
+H100). ``M^{-1}`` is written to a float32 scratch (where ``A`` was parked) and stored
+(``[R, TP, H, L]``, in k's dtype: float32 for float32 inputs) for the backward; ``w`` and
+``u`` are whole-chunk products with the stored copy read back as one ``[L, L]`` tile (16-bit
+operands for 16-bit inputs, ``WyStatic.low_wu``). The backward then needs only whole-chunk
+products::
 
     X = dw kbe^T + du vb^T  (kbe = beta e^b k, vb = beta v),   dA = -M^{-T} X M^{-T}
 
@@ -54,18 +56,12 @@ class WyStatic:
     exact: bool  # float32 inputs: exact float32 products (no TF32)
     num_warps: int
     interpret: bool
-    # 16-bit inputs only (float32 inputs are exact throughout). merge_exact: the blocks of
-    # M^{-1} below the diagonal from exact float32 products (False: TF32, as FLA 0.6.0's
-    # merge; 0.09 ms slower on an H100, benchmarks/wy_profile_gpu.py); low_wu: w and u from
-    # M^{-1} rounded to the inputs' dtype (the copy stored for the backward) times 16-bit
-    # operands, as FLA's recompute_w_u (False: float32 M^{-1} and operands on TF32; the
-    # preparation 0.58 -> 0.44 ms at (8, 4096, 16, 128) bf16 on an H100, FLA's 0.44).
-    merge_exact: bool = True
+    # 16-bit inputs (float32 ones are exact throughout): w and u from M^{-1} rounded to the
+    # inputs' dtype (the copy stored for the backward) times 16-bit operands, as FLA 0.6.0's
+    # recompute_w_u; False: the float32 M^{-1} and operands on TF32, ~1.6x the rounding error
+    # of u. The preparation 0.59 -> 0.43 ms at (8, 4096, 16, 128) bf16 on an H100 (FLA's
+    # 0.44), benchmarks/wy_profile_gpu.py; its notes in docs/mosaic.md.
     low_wu: bool = True
-    # split: w and u in a second kernel of their own (grid (chunk, row x head, 2): one
-    # program forms w, another u, from the stored M^{-1}), as FLA's recompute_w_u; the first
-    # kernel then stops at M^{-1}. Implies low_wu's rounding. On trial, as above.
-    split: bool = False
 
 
 def _dot(a, b, st: WyStatic, *, ta=False, tb=False, exact=False):
@@ -146,8 +142,8 @@ def _wy_fwd_kernel(*refs, st: WyStatic):
         for j in range(i):
             acc = jnp.zeros((SUB, SUB), F32)
             for m in range(j, i):
-                acc += _dot(a[i, m], minv[m, j], st, exact=st.merge_exact)
-            minv[i, j] = -_dot(minv[i, i], acc, st, exact=st.merge_exact)
+                acc += _dot(a[i, m], minv[m, j], st, exact=True)
+            minv[i, j] = -_dot(minv[i, i], acc, st, exact=True)
     # every thread has used its blocks of A (so its loads are done) before M^{-1} replaces it
     _barrier(st)
     for i in range(nb):
@@ -157,8 +153,6 @@ def _wy_fwd_kernel(*refs, st: WyStatic):
             work_ref[at] = blk
             if work:
                 m_ref[at] = blk.astype(m_ref.dtype)
-    if st.split and work:  # w and u in _wy_wu_kernel
-        return
     # w and u as whole-chunk products with M^{-1} read back as one [L, L] tile (16-row
     # products with M = 16 run on the small MMA shapes)
     _barrier(st)
@@ -249,41 +243,8 @@ def _wy_bwd_kernel(*refs, st: WyStatic):
         db_ref[r, rows, h] = jnp.sum(p, axis=1) - jnp.sum(p, axis=0) + db
 
 
-def _wy_wu_kernel(*refs, st: WyStatic):
-    """``split``'s second kernel: program ``(c, r h, z)`` forms ``w`` (z = 0) or ``u`` (z = 1)
-    of one chunk as ``M^{-1} (fac x)`` from the stored 16-bit ``M^{-1}``, 64 columns at a
-    time, on 16-bit operands."""
-    if st.gated:
-        k_ref, v_ref, beta_ref, b_ref, m_ref, w_ref, u_ref = refs
-    else:
-        k_ref, v_ref, beta_ref, m_ref, w_ref, u_ref = refs
-        b_ref = None
-    c, rh, z = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    r, h = rh // st.heads, rh % st.heads
-    rows = pl.ds(c * st.chunk, st.chunk)
-    beta = beta_ref[r, rows, h].astype(F32)  # [L]
-    minv = m_ref[r, rows, h, :]  # [L, L] in the inputs' dtype
-
-    def form(dim, src, dst, fac):
-        blk = min(dim, 64)
-        for j in range(dim // blk):
-            cs = pl.ds(j * blk, blk)
-            x = (src[r, rows, h, cs].astype(F32) * fac[:, None]).astype(minv.dtype)
-            dst[r, rows, h, cs] = _dot(minv, x, st).astype(dst.dtype)
-
-    @pl.when(z == 0)
-    def _():
-        fac = beta * exp_approx(b_ref[r, rows, h]) if st.gated else beta
-        form(st.key_dim, k_ref, w_ref, fac)
-
-    @pl.when(z == 1)
-    def _():
-        form(st.value_dim, v_ref, u_ref, beta)
-
-
-def _call(kernel, st, out_shape, *args, aliases=None, split_grid=False):
-    grid = (st.n_chunks, st.rows * st.heads) + ((2,) if split_grid else ())
-    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid,
+def _call(kernel, st, out_shape, *args, aliases=None):
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=(st.n_chunks, st.rows * st.heads),
                           interpret=st.interpret, input_output_aliases=aliases or {},
                           compiler_params=compiler_params(st.num_warps, 1))(*args)
 
@@ -298,9 +259,6 @@ def _fwd(st: WyStatic, k, v, beta, g):
         outs.append(jax.ShapeDtypeStruct((R, TP, H, st.chunk), F32))
     ins = [k, v, beta] + ([in_chunk_cumsum(g, st.chunk)] if st.gated else [])
     w, u, minv = _call(functools.partial(_wy_fwd_kernel, st=st), st, outs, *ins)[:3]
-    if st.split and not st.exact:
-        w, u = _call(functools.partial(_wy_wu_kernel, st=st), st, outs[:2], *ins, minv,
-                     split_grid=True)
     return (w, u, k), (k, v, beta, g, minv)
 
 

@@ -94,13 +94,6 @@ OPT_IN_ENV = "LINEARNEXUS_MOSAIC_GLA"
 #: kernels there at K = 128 (forward 0.76-0.78x, forward + backward 0.92-0.97x, bf16,
 #: (8, 4096, 16, 128) and (2, 16384, 16, 128), 2026-12-05); K = 64 not timed yet
 AUTOMATIC = True
-#: "1" runs the walk's Triton preparation as one kernel (``gla/pallas.sums_and_fwd_a``: the
-#: in-chunk sums stay in registers, stored only where the backward or the sub-chunk form
-#: reads them) instead of ``sums`` then ``fwd_a``; "0" the two kernels
-FUSED_PREP_ENV = "LINEARNEXUS_MOSAIC_GLA_FUSED_PREP"
-#: the fused preparation is checked in interpret mode and lowers for CUDA but is not timed on
-#: a GPU yet (``benchmarks/gla_profile_gpu.py`` times both), so the two kernels stay the default
-FUSED_PREP_DEFAULT = False
 #: the feature table's note on the backend
 MOSAIC_STATUS = ("sm_90+, batches and packed sequences: Triton preparation (A, decayed q / k), "
                  "Mosaic GPU forward walk, Triton backward; checked on an H100; "
@@ -338,20 +331,13 @@ def _decay_rows(b_last: Array) -> Array:
     return jnp.exp(jnp.transpose(b_last, (0, 2, 1, 3))).reshape(R, H, -1)  # [R, H, NC * K]
 
 
-def fused_prep_enabled() -> bool:
-    """Whether the walk's Triton preparation runs as one fused kernel (:data:`FUSED_PREP_ENV`)."""
-    return env_switch(FUSED_PREP_ENV, FUSED_PREP_DEFAULT)
-
-
 def _forward(st: MosaicStatic, q, k, v, g, h0, layout, *, store_states: bool):
     core = st.core
-    if fused_prep_enabled():  # sums and fwd_a in one Triton kernel, the sums in registers
-        a, qe, ke, b, bc, b_last = gla_pallas.sums_and_fwd_a(core, q, k, g,
-                                                             all_sums=store_states)
-    else:
-        b, bc = gla_pallas._in_chunk_sums(g, core)
-        a, qe, ke = gla_pallas.run_fwd_a(core, q, k, b, bc, decayed=True)
-        b_last = _last_rows(b, core.chunk)
+    # sums and fwd_a as two Triton kernels: one fused (the sums kept in registers, stored
+    # only where read) was 2x slower on an H100, 2026-12-05 (docs/mosaic.md)
+    b, bc = gla_pallas._in_chunk_sums(g, core)
+    a, qe, ke = gla_pallas.run_fwd_a(core, q, k, b, bc, decayed=True)
+    b_last = _last_rows(b, core.chunk)
     h0f = None if h0 is None else h0.astype(F32)
     out = gla_walk(st, qe, ke, v, a, _decay_rows(b_last), h0f, store_states=store_states,
                    layout=layout)

@@ -384,12 +384,6 @@ def _fwd_o_kernel(q_ref, v_ref, h_ref, b_ref, a_ref, o_ref, *, st: CoreStatic):
     o_ref[r, pl.ds(t0, L), h, vs] = o.astype(o_ref.dtype)
 
 
-def _row_of(x: Array, row: int) -> Array:
-    """Row ``row`` of a register tile ``[n, m]`` as ``[m]``: a masked sum over the rows (the
-    Triton lowering slices refs, not values)."""
-    return jnp.sum(jnp.where(_iota(x.shape, 0) == row, x, 0.0), axis=0)
-
-
 def _chunk_sums(g_ref, r, rows, h, ks, c_dtype) -> tuple[Array, Array]:
     """One key block's compensated in-chunk sums ``(hi, lo)`` ``[L, BK]`` float32, ``lo``
     rounded to ``c_dtype`` (as stored), so every kernel that takes them sees the same ``b``.
@@ -397,103 +391,6 @@ def _chunk_sums(g_ref, r, rows, h, ks, c_dtype) -> tuple[Array, Array]:
     NaN) rather than in the glue, where it was a pass of its own over the gates."""
     hi, lo = compensated_cumsum(jnp.maximum(g_ref[r, rows, h, ks], LOG_GATE_FLOOR), axis=0)
     return hi, lo.astype(c_dtype).astype(F32)
-
-
-def _sums_a_kernel(q_ref, k_ref, g_ref, a_ref, qe_ref, ke_ref, b_ref, c_ref, todo_ref,
-                   last_ref, *, st: CoreStatic, all_sums: bool):
-    """``sums`` and ``fwd_a`` (its factored form, with the decayed q and k) in one program per
-    (chunk, row x head), the in-chunk sums kept in registers.
-
-    One pass over the key blocks: each block's compensated sums of the chunk's log-gates
-    (:func:`_chunk_sums`), then its ``q e^{b}``, ``k e^{b_L - b}``, ``b_L`` and its share of
-    the factored product (each key dim's factors need only its own first row); the blocks'
-    decays ``max_k (b_0 - b_{L-1})`` combine into the chunk's. Within
-    :data:`DIAG_DENSE_MAX` (the same test as ``fwd_a``'s on the same values) that product
-    is ``A``; a chunk past the bound gets ``A = 0`` and ``todo = 1``, and
-    :func:`_sub_chunk_a_kernel` builds its ``A`` by sub-chunks from the stored sums. The sums
-    go to ``b_ref`` / ``c_ref`` inside the pass for every chunk with ``all_sums`` (the
-    backward reads them); without, only a chunk past the bound recomputes and stores them
-    (rare: keeping every block's tiles live for that spilled registers at K = 128).
-    """
-    L, BK = st.chunk, st.block_k
-    c = pl.program_id(1)
-    r, h = _row_col(st)
-    rows = pl.ds(c * L, L)
-    blocks = [pl.ds(ik * BK, BK) for ik in range(st.key_dim // BK)]
-    decay = None
-    acc = jnp.zeros((L, L), F32)
-    for ks in blocks:
-        b = _chunk_sums(g_ref, r, rows, h, ks, c_ref.dtype)  # [L, BK] each
-        if all_sums:
-            b_ref[r, rows, h, ks] = b[0]
-            c_ref[r, rows, h, ks] = b[1].astype(c_ref.dtype)
-        first = (_row_of(b[0], 0), _row_of(b[1], 0))  # [BK]
-        last = (_row_of(b[0], L - 1), _row_of(b[1], L - 1))
-        block_decay = jnp.max(_gap(first, last))
-        decay = block_decay if decay is None else jnp.maximum(decay, block_decay)
-        q, k = q_ref[r, rows, h, ks], k_ref[r, rows, h, ks]  # [L, BK]
-        qe_ref[r, rows, h, ks] = _scaled(q, b[0])
-        ke_ref[r, rows, h, ks] = _scaled(k, _gap(last, b))
-        last_ref[r, c, h, ks] = last[0]
-        x = _gap(b, first)  # <= 0: b - b_0 (the factored form's exponents, as _factors)
-        acc += _diag_dot(q.astype(F32) * exp_approx(x), k.astype(F32) * exp_approx(-x),
-                         exact=q_ref.dtype == F32, tb=True)
-    dense = decay <= DIAG_DENSE_MAX
-    a_ref[r, rows, h, pl.ds(0, L)] = jnp.where(_causal(L) & dense, acc, 0.0)
-    todo_ref[r, c, h] = jnp.where(dense, 0, 1).astype(todo_ref.dtype)
-    if not all_sums:
-
-        @pl.when(jnp.logical_not(dense))
-        def _():  # the sub-chunk pass reads this chunk's sums
-            for ks in blocks:
-                b = _chunk_sums(g_ref, r, rows, h, ks, c_ref.dtype)
-                b_ref[r, rows, h, ks] = b[0]
-                c_ref[r, rows, h, ks] = b[1].astype(c_ref.dtype)
-
-
-def _sub_chunk_a_kernel(q_ref, k_ref, b_ref, c_ref, todo_ref, a0_ref, a_ref, *,
-                        st: CoreStatic):
-    """``A`` by sub-chunks (:func:`_fwd_a_rows`) for the chunks :func:`_sums_a_kernel` marked;
-    every other program returns at once (``a_ref`` aliases ``a0_ref``: their ``A`` stays)."""
-    del a0_ref
-    c = pl.program_id(1)
-    r, h = _row_col(st)
-
-    @pl.when(todo_ref[r, c, h] != 0)
-    def _():
-        for bi in range(st.chunk // SUB):
-            _fwd_a_rows(q_ref, k_ref, b_ref, c_ref, a_ref, bi, r, h, c * st.chunk, st=st)
-
-
-def sums_and_fwd_a(st: CoreStatic, q: Array, k: Array, g: Array, *, all_sums: bool
-                   ) -> tuple[Array, Array, Array, Array, Array, Array]:
-    """``sums`` and ``fwd_a`` with the decayed q and k, fused (:func:`_sums_a_kernel`), then the
-    sub-chunk form for the chunks whose decay exceeds the factored form's bound.
-
-    Args:
-        st: GLA's core description. q, k: ``[R, TP, H, K]``. g: ``[R, TP, H, K]`` float32.
-        all_sums: store the in-chunk sums of every chunk (the backward's residuals); else only
-            where the sub-chunk form needs them (the other rows of ``b``, ``bc`` are unset).
-
-    Returns:
-        ``(A [R, TP, H, L] float32, q e^b, k e^{b_L - b} in q's dtype, b float32, bc bfloat16,
-        b_L [R, NC, H, K] float32)``: ``b_L`` each chunk's last row of ``b`` (hi).
-    """
-    R, TP, H, K = q.shape
-    L = st.chunk
-    outs = dict(a=jax.ShapeDtypeStruct((R, TP, H, L), F32),
-                qe=jax.ShapeDtypeStruct(q.shape, q.dtype),
-                ke=jax.ShapeDtypeStruct(k.shape, k.dtype),
-                b=jax.ShapeDtypeStruct((R, TP, H, K), F32),
-                c=jax.ShapeDtypeStruct((R, TP, H, K), jnp.bfloat16),
-                todo=jax.ShapeDtypeStruct((R, st.n_chunks, H), jnp.int32),
-                last=jax.ShapeDtypeStruct((R, st.n_chunks, H, K), F32))
-    res = _call(functools.partial(_sums_a_kernel, st=st, all_sums=all_sums), st,
-                (1, st.n_chunks, R * H), dict(q=q, k=k, g=g.astype(F32)), outs)
-    a = _call(functools.partial(_sub_chunk_a_kernel, st=st), st, (1, st.n_chunks, R * H),
-              dict(q=q, k=k, b=res["b"], c=res["c"], todo=res["todo"], a0=res["a"]),
-              dict(a=outs["a"]), aliases={"a0": "a"})["a"]
-    return a, res["qe"], res["ke"], res["b"], res["c"], res["last"]
 
 
 def run_fwd_a(st: CoreStatic, q: Array, k: Array, b: Array, bc: Array, *,
