@@ -4,6 +4,7 @@ reference in JAX 0.11's Mosaic GPU interpreter, and declines what it does not co
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 
@@ -64,7 +65,8 @@ def test_gla_mosaic_lowers_forward_and_backward(shape, packed, monkeypatch):
 
 
 @pytest.mark.skipif(INTERPRET_REASON is not None, reason=INTERPRET_REASON or "")
-@pytest.mark.parametrize("case", ["dense", "packed", "strong-decay", "forward-odd-dims"])
+@pytest.mark.parametrize("case", ["dense", "packed", "strong-decay", "forward-odd-dims",
+                                  "wide-values"])
 def test_gla_mosaic_matches_reference_in_the_interpreter(case):
     """Forward and every gradient against the per-step reference (bf16 thresholds: outputs
     and states 5e-3, gradients 1e-2): two chunks, the last one padded, two rows, two heads
@@ -73,10 +75,12 @@ def test_gla_mosaic_matches_reference_in_the_interpreter(case):
     state (``packed``); half the key dims decaying by e^-3 a step, so ``fwd_a`` and the
     backward take their sub-chunk forms, with an initial state (``strong-decay``); the
     forward alone (the walk without its stored states) at head dims 40 x 72 and T = 63
-    (``forward-odd-dims``)."""
+    (``forward-odd-dims``); K = V = 128 in one value block of 128 (the heuristic's choice
+    where that fills the GPU), with an initial state (``wide-values``)."""
     lens = (70, 0, 30, 64) if case == "packed" else None
-    B, H, K, V = {"forward-odd-dims": (2, 2, 40, 72), "dense": (2, 2, 64, 128)}.get(
-        case, (1, 1, 64, 64))
+    B, H, K, V = {"forward-odd-dims": (2, 2, 40, 72), "dense": (2, 2, 64, 128),
+                  "wide-values": (1, 1, 128, 128)}.get(case, (1, 1, 64, 64))
+    config = MosaicConfig(block_v=128) if case == "wide-values" else None
     with_h0 = case != "dense"
     T = sum(lens) if lens else 63 if case == "forward-odd-dims" else 100
     cu = jnp.array([0, *itertools.accumulate(lens)], jnp.int32) if lens else None
@@ -96,7 +100,7 @@ def test_gla_mosaic_matches_reference_in_the_interpreter(case):
 
     def mosaic(q, k, v, g, s0):
         return gla_mosaic(q, k, v, g, scale=K ** -0.5, initial_state=s0 if with_h0 else None,
-                          cu_seqlens=cu, check_device=False)
+                          cu_seqlens=cu, check_device=False, config=config)
 
     def reference(q, k, v, g, s0):
         return gla_reference(q, k, v, g, scale=K ** -0.5,
@@ -196,3 +200,10 @@ def test_gla_mosaic_dispatch_and_declines_what_it_does_not_cover(monkeypatch):
     # K = 128, block_v = 128, packed: one stage storing the states fits (two do not)
     assert gla_mosaic_mod.gradient_stages(MosaicConfig(block_v=128), key_dim=128,
                                           packed=True) == 1
+    # the heuristic's choices (measured on an H100): value blocks of 128 where that still
+    # fills ~the SMs, else 64; the storing walk at one stage
+    pick = functools.partial(gla_mosaic_mod.default_gla_config, key_dim=128, value_dim=128,
+                             n_chunks=64)
+    assert (pick(rows=8, heads=16).block_v, pick(rows=8, heads=16).stages) == (128, 2)
+    assert pick(rows=2, heads=16).block_v == 64 and pick(rows=8, heads=16).bwd_stages == 1
+    assert pick(rows=1, heads=16, value_dim=64).block_v == 64

@@ -124,16 +124,24 @@ def gla_smem_bytes(*, key_dim: int, block_v: int, stages: int, itemsize: int = 2
 def default_gla_config(*, rows: int, heads: int, key_dim: int, value_dim: int, n_chunks: int,
                        itemsize: int = 2, packed: bool = False,
                        block_v: int | None = None) -> MosaicConfig:
-    """The heuristic: chunk 64, value blocks of 64 (two programs per head at V = 128, as
-    simple_gla's kernel, whose measured best this follows), the Triton backward. Stages of the
-    plain forward: one when the grid has more programs than the 132 SMs and the walk is long
-    (two programs then share each SM and overlap each other's dependent chains), else the
-    deepest of 3 that fits (2 for walks of fewer than 8 chunks). ``bwd_stages`` (the forward
-    that stores the states under a gradient): None, the deepest that fits up to 3. The
-    timings in the module doc are of this heuristic's choice; other stage counts are not
-    measured for GLA yet (docs/mosaic.md). ``block_v`` given (a call's own): the stages are
-    sized for it."""
-    block_v = min(64, value_dim) if block_v is None else block_v
+    """The heuristic: chunk 64, the Triton backward, and, from the walk timed alone on an H100
+    at (8, 4096, 16, 128) (``benchmarks/gla_profile_gpu.py``, 2026-12-05: block_v 64 at 1 / 2
+    / 3 stages 0.265 / 0.389 / 0.388 ms, block_v 128 at 1 / 2 stages 0.256 / 0.244; storing
+    the states 0.409 / 0.515 at block_v 64, 0.350 / 0.361 at 128):
+
+    * value blocks of 128 when a block of 128 still gives nearly one program per SM
+      (``V / 128 * rows * heads >= 0.9 * 132``: each program then loads q, k and ``A`` once,
+      not once per value block of 64), else of 64 (more programs: a long walk on few heads
+      needs them, unmeasured);
+    * stages of the plain forward: one when the grid has more programs than SMs and the walk
+      is long (two programs then share each SM and overlap each other's dependent chains),
+      else the deepest of 3 that fits (2 for walks of fewer than 8 chunks);
+    * ``bwd_stages`` (the forward that stores the states under a gradient): one.
+
+    ``block_v`` given (a call's own): the stages are sized for it."""
+    if block_v is None:
+        wide = value_dim % 128 == 0 and (value_dim // 128) * rows * heads >= 0.9 * HOPPER_SMS
+        block_v = 128 if wide else min(64, value_dim)
 
     def fits(stages: int) -> bool:
         return gla_smem_bytes(key_dim=key_dim, block_v=block_v, stages=stages,
@@ -142,7 +150,8 @@ def default_gla_config(*, rows: int, heads: int, key_dim: int, value_dim: int, n
     stages = 3 if n_chunks >= 8 and fits(3) else 2 if fits(2) else 1
     if n_chunks >= 8 and (value_dim // block_v) * rows * heads > HOPPER_SMS:
         stages = 1
-    return MosaicConfig(chunk=CHUNK, block_v=block_v, stages=stages, backward="pallas")
+    return MosaicConfig(chunk=CHUNK, block_v=block_v, stages=stages, backward="pallas",
+                        bwd_stages=1)
 
 
 def gradient_stages(cfg: MosaicConfig, *, key_dim: int, itemsize: int = 2,
