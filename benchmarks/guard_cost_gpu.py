@@ -10,9 +10,13 @@ cleaned inputs. This script times the api path with the guard as shipped, or wit
 * decode: the ~200M Gated DeltaNet LM of ``benchmarks/decode_gpu.py`` at batch 1 and 64
   (its on-device loop).
 
-Run it twice on the GPU machine (one process each, so no compiled program is shared)::
+Run it in one process per variant on the GPU machine (no compiled program is shared); the
+guard's two forms of its last step (``validation.GUARD_SETTLE_ENV``: a ``lax.cond``, the
+default, or a one-step ``lax.while_loop`` that passes the outputs through without a copy)::
 
-    python3 benchmarks/guard_cost_gpu.py && python3 benchmarks/guard_cost_gpu.py --no-guard
+    python3 benchmarks/guard_cost_gpu.py --no-guard
+    python3 benchmarks/guard_cost_gpu.py
+    LINEARNEXUS_GUARD_SETTLE=loop python3 benchmarks/guard_cost_gpu.py
 """
 
 from __future__ import annotations
@@ -99,7 +103,10 @@ def main() -> None:
         from linearnexus.kernels.common import backends
 
         backends.run_guarded = _unguarded
-    result = {"guard": not args.no_guard, "device": str(jax.devices()[0]),
+    from linearnexus.kernels.common.validation import guard_settle_form
+
+    result = {"guard": not args.no_guard, "settle": guard_settle_form(),
+              "device": str(jax.devices()[0]),
               "jax": jax.__version__, "ops": op_rows((8, 4096, 16, 128)),
               "decode": decode_rows([1, 64])}
     if args.out:

@@ -612,3 +612,39 @@ def test_small_bfloat16_matches_float32_reference(op, impl, key):
         assert g.dtype == a.dtype, f"{op}: d{name} is {g.dtype}, input {a.dtype}"
     ref = small_reference(op, False)(tuple(a.astype(jnp.float32) for a in low), h0, cot_o, cot_s)
     compare_all(op, names, got, ref, BF16_TOL, BF16_GRAD_TOL, f"{impl} bfloat16")
+
+
+@pytest.mark.parametrize("op", ["simple_gla", "gated_delta_rule"])
+def test_guard_settle_forms_agree(op, key, monkeypatch):
+    """The guard's two last steps (``LINEARNEXUS_GUARD_SETTLE``: a cond, or a one-step while
+    loop that passes the outputs through without a copy) give the same outputs, states and
+    gradients on clean inputs, the same causal NaN after a NaN mid-chunk, and NaN for
+    invalid traced offsets; another value of the variable is refused, naming it."""
+    from linearnexus.kernels.common.validation import GUARD_SETTLE_ENV
+
+    fn, kwargs = SPECS[op].fn, IMPLEMENTATIONS["chunk"].kwargs
+    arrays, h0 = _inputs(op, key, 1, 65, 2, 32, 24, with_state=True)
+    bad = (arrays[0], arrays[1].at[0, BAD_T].set(jnp.nan), *arrays[2:])
+    cu_bad = jnp.asarray([0, 70, 65], jnp.int32)
+    h0_2 = jnp.concatenate([h0, h0])
+
+    def loss(arrays, h0):
+        o, s = fn(*arrays, initial_state=h0, output_final_state=True, **kwargs)
+        return jnp.sum(o ** 2) + jnp.sum(s), (o, s)
+
+    results = {}
+    for form in ("cond", "loop"):
+        monkeypatch.setenv(GUARD_SETTLE_ENV, form)
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))  # traced with the form
+        run = jax.jit(lambda a, h, cu: fn(*a, initial_state=h, output_final_state=True,
+                                          cu_seqlens=cu, **kwargs))
+        results[form] = (grad(arrays, h0), run(bad, h0, None), run(arrays, h0_2, cu_bad))
+    for got, want in zip(jax.tree.leaves(results["loop"]), jax.tree.leaves(results["cond"]),
+                         strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    o_bad = np.asarray(results["loop"][1][0])
+    assert np.isnan(o_bad[0, BAD_T:]).any(axis=(1, 2)).all() and not np.isnan(o_bad[0, :BAD_T]).any()
+    assert np.isnan(np.asarray(results["loop"][2][0])).all()
+    monkeypatch.setenv(GUARD_SETTLE_ENV, "select")
+    with pytest.raises(ValueError, match=GUARD_SETTLE_ENV):
+        fn(*arrays, initial_state=h0, **kwargs)

@@ -31,6 +31,7 @@ when the op is called:
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Sequence
 
 import jax
@@ -157,6 +158,26 @@ def check_log_gate(name: str, g: Array | None) -> None:
 #: ``g = -inf`` (a gate of exactly 0) becomes this before a rerun: ``e^-105`` is 0 in float32,
 #: and the chunked forms' in-chunk sums would otherwise form ``-inf - -inf`` or ``0 * -inf``
 LOG_GATE_FLOOR = -105.0
+
+#: how :func:`run_guarded` picks between the fast run's outputs and the guarded rerun: "cond"
+#: (the default) a ``lax.cond``, whose pass-through branch XLA compiles to a copy of every
+#: output (seen in the compiled HLO on the CPU); "loop" a ``lax.while_loop`` of at most one
+#: step, whose carry's buffer is the output's, so the clean case copies nothing. On a 2-core
+#: CPU the two were within noise of each other (simple_gla, gla, gated_delta_rule chunked at
+#: (2, 2048, 4, 64), 2026-12-05); not yet timed on a GPU (``benchmarks/guard_cost_gpu.py``
+#: with the variable set), where the copy is a read and a write of ``o`` per call. Read when
+#: the op is traced.
+GUARD_SETTLE_ENV = "LINEARNEXUS_GUARD_SETTLE"
+GUARD_SETTLE_FORMS = ("cond", "loop")
+
+
+def guard_settle_form() -> str:
+    """The form :data:`GUARD_SETTLE_ENV` names ("cond" when unset); anything else is a
+    ``ValueError`` naming the variable."""
+    form = os.environ.get(GUARD_SETTLE_ENV, "cond")
+    if form not in GUARD_SETTLE_FORMS:
+        raise ValueError(f"{GUARD_SETTLE_ENV}: expected one of {GUARD_SETTLE_FORMS}, got {form!r}")
+    return form
 
 
 def _token_ok(x: Array, valid: Callable[[Array], Array]) -> tuple[Array, Array]:
@@ -292,16 +313,30 @@ def run_guarded(run: Callable[..., tuple[Array, Array]], q: Array, k: Array, v: 
             ok = ok & _cu_valid(cu, seq)
         return ok
 
+    form = guard_settle_form()
+
+    def settle(ok, out, cu, args):
+        """``out`` if ok, else the guarded run (:data:`GUARD_SETTLE_ENV`)."""
+        if form == "cond":
+            return jax.lax.cond(ok, lambda: out, lambda: slow(cu, *args))
+
+        def again(carry):
+            return jnp.logical_not(carry[0])
+
+        def redo(carry):
+            return jnp.bool_(True), slow(cu, *args)
+
+        return jax.lax.while_loop(again, redo, (ok, out))[1]
+
     @jax.custom_vjp
     def guarded(cu, *args):
         out = fast(cu, *args)
-        return jax.lax.cond(clean_run(out, cu, args[3]), lambda: out, lambda: slow(cu, *args))
+        return settle(clean_run(out, cu, args[3]), out, cu, args)
 
     def guarded_fwd(cu, *args):
         out, fast_vjp = jax.vjp(functools.partial(fast, cu), *args)
         ok = clean_run(out, cu, args[3])
-        out = jax.lax.cond(ok, lambda: out, lambda: slow(cu, *args))
-        return out, (ok, fast_vjp)
+        return settle(ok, out, cu, args), (ok, fast_vjp)
 
     def guarded_bwd(res, ct):
         # after bad inputs the gradients are NaN (as the recurrence's would be): a NaN
