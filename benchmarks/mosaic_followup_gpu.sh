@@ -12,6 +12,11 @@
 #      pallas and FLA timed at (8, 4096, 16, 128) and (2, 16384, 16, 128), if PARTS has "gla";
 #   5. GLA's forward kernel by kernel (benchmarks/gla_profile_gpu.py), if PARTS has
 #      "gla-profile";
+#   5b. GLA through the api with the heuristic set from that profile (value blocks of 128
+#      where they fill the SMs, the storing walk at one stage), mosaic and pallas at
+#      (8, 4096, 16, 128) and (2, 16384, 16, 128), if PARTS has "gla-time";
+#   5c. the api's guard: no guard, the cond, the one-step loop (LINEARNEXUS_GUARD_SETTLE=loop),
+#      one process each (guard_cost_gpu.py), if PARTS has "guard";
 #   6. the one-row decode kernels' tests compiled on the GPU, failures with their tracebacks
 #      (10 failed on an H100 on 2026-12-05: the tests' dispatch, fixed by tests/conftest.py's
 #      cpu_dispatch; docs/benchmarks.md), if PARTS has "gemv-tests".
@@ -52,6 +57,22 @@ case " $PARTS " in *" gla-profile "*)
   echo "== GLA's forward, kernel by kernel"
   timeout ${GLA_PROFILE_S:-300} python3 benchmarks/gla_profile_gpu.py --out "$OUT" \
     --budget $(( ${GLA_PROFILE_S:-300} - 30 )) 2>&1 | quiet | tee "$OUT/gla_profile.log";;
+esac
+case " $PARTS " in *" gla-time "*)
+  echo "== GLA through the api, the heuristic from the walk profile"
+  timeout ${GLA_TIME_S:-200} python3 benchmarks/kernels_gpu.py --ops gla --backends mosaic pallas \
+    --skip-check --skip-fla --skip-mamba --skip-ceilings --shapes 6 1 --out "$OUT" \
+    --name gla_time --budget $(( ${GLA_TIME_S:-200} - 20 )) 2>&1 | quiet \
+    | grep -E "fwd|rror" | cut -c1-260 | tee "$OUT/gla_time.log";;
+esac
+case " $PARTS " in *" guard "*)
+  echo "== the api's guard: none, cond, loop"
+  for form in none cond loop; do
+    if [ $form = none ]; then flag=--no-guard; else flag=; fi
+    LINEARNEXUS_GUARD_SETTLE=$([ $form = loop ] && echo loop || echo cond) \
+      timeout ${GUARD_S:-120} python3 benchmarks/guard_cost_gpu.py $flag \
+      --out "$OUT/guard_$form.json" 2>&1 | quiet | tee "$OUT/guard_$form.log" | tail -8
+  done;;
 esac
 case " $PARTS " in *" gemv-tests "*)
   echo "== one-row decode kernel tests on the GPU: the ten that failed on 2026-12-05 first"
