@@ -5,8 +5,9 @@ valid) and only then returns, through a ``lax.cond`` whose other branch reruns t
 cleaned inputs. This script times the api path with the guard as shipped, or with
 ``--no-guard`` (the op called directly, as before the guard), for:
 
-* ops: simple_gla and gated_delta_rule, bf16 (8, 4096, 16, 128), forward and forward +
-  backward (``jax.grad`` of a sum), the default backend (Pallas on a GPU);
+* ops: simple_gla, gated_delta_rule and gla, bf16 (8, 4096, 16, 128), forward and forward +
+  backward (``jax.grad`` of a sum), the default backend (on sm_90: mosaic for simple_gla
+  and gla, pallas for gated_delta_rule);
 * decode: the ~200M Gated DeltaNet LM of ``benchmarks/decode_gpu.py`` at batch 1 and 64
   (its on-device loop).
 
@@ -53,6 +54,7 @@ def time_call(fn, *args, repeats: int = 20) -> float:
 
 def op_rows(shape: tuple[int, int, int, int]) -> list[dict]:
     from linearnexus.kernels.gated_delta_rule import gated_delta_rule
+    from linearnexus.kernels.gla import gla
     from linearnexus.kernels.simple_gla import simple_gla
 
     b, t, h, d = shape
@@ -62,9 +64,11 @@ def op_rows(shape: tuple[int, int, int, int]) -> list[dict]:
     v = jax.random.normal(keys[2], shape, jnp.bfloat16)
     g = -jax.nn.softplus(jax.random.normal(keys[3], (b, t, h), jnp.float32)) * 0.1
     beta = jax.nn.sigmoid(jax.random.normal(keys[4], (b, t, h), jnp.float32))
+    gk = jnp.broadcast_to(g[..., None], shape) / 16  # GLA's per-key log-gates
     ops = {
         "simple_gla": lambda q, k, v: simple_gla(q, k, v, g)[0],
         "gated_delta_rule": lambda q, k, v: gated_delta_rule(q, k, v, g, beta)[0],
+        "gla": lambda q, k, v: gla(q, k, v, gk)[0],
     }
     rows = []
     for name, op in ops.items():
@@ -97,7 +101,10 @@ def decode_rows(batches: list[int]) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--no-guard", action="store_true", help="call the ops without the guard")
-    p.add_argument("--out", type=Path, default=None, help="JSON file to write")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON file, written after the ops and again after the decode rows")
+    p.add_argument("--skip-decode", action="store_true",
+                   help="the ops only (decode calls skip the settle step either way)")
     args = p.parse_args()
     if args.no_guard:
         from linearnexus.kernels.common import backends
@@ -106,12 +113,17 @@ def main() -> None:
     from linearnexus.kernels.common.validation import guard_settle_form
 
     result = {"guard": not args.no_guard, "settle": guard_settle_form(),
-              "device": str(jax.devices()[0]),
-              "jax": jax.__version__, "ops": op_rows((8, 4096, 16, 128)),
-              "decode": decode_rows([1, 64])}
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
+              "device": str(jax.devices()[0]), "jax": jax.__version__, "ops": [], "decode": []}
 
+    def save() -> None:
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=1))
+
+    result["ops"] = op_rows((8, 4096, 16, 128))
+    save()
+    if not args.skip_decode:
+        result["decode"] = decode_rows([1, 64])
+        save()
 
 if __name__ == "__main__":
     main()

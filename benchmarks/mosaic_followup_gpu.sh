@@ -16,7 +16,8 @@
 #      where they fill the SMs, the storing walk at one stage), mosaic and pallas at
 #      (8, 4096, 16, 128) and (2, 16384, 16, 128), if PARTS has "gla-time";
 #   5c. the api's guard: no guard, the cond, the one-step loop (LINEARNEXUS_GUARD_SETTLE=loop),
-#      one process each (guard_cost_gpu.py), if PARTS has "guard";
+#      one process each (guard_cost_gpu.py --skip-decode: simple_gla, gated_delta_rule, gla),
+#      if PARTS has "guard" (~3 x 100 s: with gla-time, ~500 s in all);
 #   6. the one-row decode kernels' tests compiled on the GPU, failures with their tracebacks
 #      (10 failed on an H100 on 2026-12-05: the tests' dispatch, fixed by tests/conftest.py's
 #      cpu_dispatch; docs/benchmarks.md), if PARTS has "gemv-tests".
@@ -60,7 +61,7 @@ case " $PARTS " in *" gla-profile "*)
 esac
 case " $PARTS " in *" gla-time "*)
   echo "== GLA through the api, the heuristic from the walk profile"
-  timeout ${GLA_TIME_S:-200} python3 benchmarks/kernels_gpu.py --ops gla --backends mosaic pallas \
+  timeout ${GLA_TIME_S:-200} python3 benchmarks/kernels_gpu.py --ops gla --backends pallas mosaic \
     --skip-check --skip-fla --skip-mamba --skip-ceilings --shapes 6 1 --out "$OUT" \
     --name gla_time --budget $(( ${GLA_TIME_S:-200} - 20 )) 2>&1 | quiet \
     | grep -E "fwd|rror" | cut -c1-260 | tee "$OUT/gla_time.log";;
@@ -70,8 +71,8 @@ case " $PARTS " in *" guard "*)
   for form in none cond loop; do
     if [ $form = none ]; then flag=--no-guard; else flag=; fi
     LINEARNEXUS_GUARD_SETTLE=$([ $form = loop ] && echo loop || echo cond) \
-      timeout ${GUARD_S:-120} python3 benchmarks/guard_cost_gpu.py $flag \
-      --out "$OUT/guard_$form.json" 2>&1 | quiet | tee "$OUT/guard_$form.log" | tail -8
+      timeout ${GUARD_S:-100} python3 benchmarks/guard_cost_gpu.py $flag --skip-decode \
+      --out "$OUT/guard_$form.json" 2>&1 | quiet | tee "$OUT/guard_$form.log" | tail -4
   done;;
 esac
 case " $PARTS " in *" gemv-tests "*)

@@ -65,8 +65,8 @@ VARIANTS = [("float32-wu", False, 4), ("default", True, 4), ("default w8", True,
 def wy_static(B: int, T: int, H: int, D: int, chunk: int, low_wu: bool,
               warps: int) -> pallas_wy.WyStatic:
     return WY_STATIC(gated=True, rows=B, n_chunks=T // chunk, chunk=chunk, heads=H,
-                              key_dim=D, value_dim=D, exact=False, num_warps=warps,
-                              interpret=interpret_mode(), low_wu=low_wu)
+                     key_dim=D, value_dim=D, exact=False, num_warps=warps,
+                     interpret=interpret_mode(), low_wu=low_wu)
 
 
 def reference(k: jax.Array, v: jax.Array, beta: jax.Array, g: jax.Array,
@@ -251,8 +251,7 @@ def main() -> None:
     p.add_argument("--variants", nargs="*", default=None,
                    help="the preparation's variants to time alone (names; default all)")
     p.add_argument("--op-variants", nargs="*", default=None,
-                   help="the variants to time and check through the api (default: the "
-                        "first and the two fastest alone)")
+                   help="the variants to time and check through the api (default: all)")
     p.add_argument("--quick", action="store_true", help="the CPU: a tiny shape, interpreted")
     p.add_argument("--fla-child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()

@@ -60,9 +60,10 @@ def key(request):
 
 @pytest.fixture
 def cpu_dispatch(monkeypatch):
-    """The decode dispatch as on the CPU whatever runs the suite: neither the one-row matmul
-    kernels nor the fused layer kernels are picked by themselves (their ``_compiles`` is
-    False), so a test that picks them (``monkeypatch.setattr(..., "_compiles", lambda:
+    """The one-row matmul kernels and the fused layer kernels' dispatch as on the CPU
+    whatever runs the suite: neither family is picked by itself (their ``_compiles`` is
+    False; other one-token kernels, the op's step and the conv step, still follow the
+    machine), so a test that picks them (``monkeypatch.setattr(..., "_compiles", lambda:
     True)``) runs the same combination on a CPU (interpreted) and on a GPU (compiled). Without
     it a GPU picks every kernel at once, and tests that count one path's calls or compare a
     path with XLA's fail there for that reason alone (10 did on an H100, 2026-12-05)."""

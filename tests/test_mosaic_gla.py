@@ -207,3 +207,5 @@ def test_gla_mosaic_dispatch_and_declines_what_it_does_not_cover(monkeypatch):
     assert (pick(rows=8, heads=16).block_v, pick(rows=8, heads=16).stages) == (128, 2)
     assert pick(rows=2, heads=16).block_v == 64 and pick(rows=8, heads=16).bwd_stages == 1
     assert pick(rows=1, heads=16, value_dim=64).block_v == 64
+    assert pick(rows=8, heads=16, key_dim=64).block_v == 64  # K = 64: not timed at 128
+    assert pick(rows=8, heads=16, stages=3).block_v == 64  # three stages fit only at 64

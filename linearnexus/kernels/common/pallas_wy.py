@@ -58,9 +58,10 @@ class WyStatic:
     interpret: bool
     # 16-bit inputs (float32 ones are exact throughout): w and u from M^{-1} rounded to the
     # inputs' dtype (the copy stored for the backward) times 16-bit operands, as FLA 0.6.0's
-    # recompute_w_u; False: the float32 M^{-1} and operands on TF32, ~1.6x the rounding error
-    # of u. The preparation 0.59 -> 0.43 ms at (8, 4096, 16, 128) bf16 on an H100 (FLA's
-    # 0.44), benchmarks/wy_profile_gpu.py; its notes in docs/mosaic.md.
+    # recompute_w_u, with u's error ~1.6x that of False (5.4e-3 vs 3.3e-3 of its largest
+    # entry); False: the float32 M^{-1} (kept in the scratch) and operands on TF32. The
+    # preparation 0.59 -> 0.43 ms at (8, 4096, 16, 128) bf16 on an H100 (FLA's 0.44),
+    # benchmarks/wy_profile_gpu.py; its notes in docs/mosaic.md.
     low_wu: bool = True
 
 
@@ -144,19 +145,22 @@ def _wy_fwd_kernel(*refs, st: WyStatic):
             for m in range(j, i):
                 acc += _dot(a[i, m], minv[m, j], st, exact=True)
             minv[i, j] = -_dot(minv[i, i], acc, st, exact=True)
-    # every thread has used its blocks of A (so its loads are done) before M^{-1} replaces it
-    _barrier(st)
+    # w and u read back the stored 16-bit M^{-1} (low) or the float32 one from the scratch,
+    # which then replaces A there: every thread has used its blocks of A first
+    low = st.low_wu and bool(work)
+    if not low:
+        _barrier(st)
     for i in range(nb):
         for j in range(nb):
             blk = minv[i, j] if j <= i else jnp.zeros((SUB, SUB), F32)
             at = (r, pl.ds(t0 + i * SUB, SUB), h, pl.ds(j * SUB, SUB))
-            work_ref[at] = blk
+            if not low:  # (float32 inputs: the scratch is m_ref itself)
+                work_ref[at] = blk
             if work:
                 m_ref[at] = blk.astype(m_ref.dtype)
     # w and u as whole-chunk products with M^{-1} read back as one [L, L] tile (16-row
     # products with M = 16 run on the small MMA shapes)
     _barrier(st)
-    low = st.low_wu and work  # 16-bit inputs: M^{-1} as stored for the backward
     minv_all = m_ref[r, rows, h, :] if low else work_ref[r, rows, h, :]  # [L, L]
     scale = beta * exp_approx(b) if st.gated else beta
     for dim, src, dst, fac in ((st.key_dim, k_ref, w_ref, scale), (st.value_dim, v_ref, u_ref, beta)):

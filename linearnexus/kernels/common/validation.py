@@ -268,7 +268,8 @@ def run_guarded(run: Callable[..., tuple[Array, Array]], q: Array, k: Array, v: 
 
     ``run`` is first called on the inputs as they are. When its outputs are all finite,
     every log-gate is <= 0 and traced ``cu_seqlens`` are valid (the usual case), that is
-    the answer; otherwise (a ``lax.cond``) the op runs again through :func:`causal_guard`.
+    the answer; otherwise (a ``lax.cond``, or a one-step ``lax.while_loop``:
+    :data:`GUARD_SETTLE_ENV`) the op runs again through :func:`causal_guard`.
     Guarding every call instead cost a copy of every input and output (+20-40% on a
     chunked forward, 2-core CPU). Reverse-mode differentiable through a ``custom_vjp``
     (forward-mode ``jvp`` is not supported): the fast path's backward, whose gradients
@@ -301,6 +302,7 @@ def run_guarded(run: Callable[..., tuple[Array, Array]], q: Array, k: Array, v: 
                                      cu_seqlens=cu)
         return finish(*run(*clean, initial_state=h0, cu_seqlens=cu))
 
+    form = guard_settle_form()  # a bad value is refused on every path
     if always_clean:
         return slow(cu_seqlens, q, k, v, tuple(a for _, a in gates), initial_state)
 
@@ -312,8 +314,6 @@ def run_guarded(run: Callable[..., tuple[Array, Array]], q: Array, k: Array, v: 
         if traced_cu:
             ok = ok & _cu_valid(cu, seq)
         return ok
-
-    form = guard_settle_form()
 
     def settle(ok, out, cu, args):
         """``out`` if ok, else the guarded run (:data:`GUARD_SETTLE_ENV`)."""

@@ -36,8 +36,10 @@ Scope: bf16 / f16, chunk 64, key dims padded to 64 or 128, batch rows and packed
 ``kernels_gpu.py``, bf16: dense and packed, T = 63 / 1000, D = 64 / 128, worst 3.0e-3;
 float16 only in the interpreter). Timed there
 at (8, 4096, 16, 128) and (2, 16384, 16, 128): forward 0.78x / 0.76x the Triton kernels'
-time, forward + backward 0.97x / 0.92x (docs/benchmarks.md), so automatic dispatch takes it
-first on sm_90; ``LINEARNEXUS_MOSAIC_GLA=0`` (:data:`OPT_IN_ENV`) keeps it out.
+time, forward + backward 0.97x / 0.92x (docs/benchmarks.md; with the heuristic before
+:func:`default_gla_config` took value blocks of 128 and a one-stage storing walk from the
+walk's own profile, not yet timed through the api), so automatic dispatch takes it first
+on sm_90; ``LINEARNEXUS_MOSAIC_GLA=0`` (:data:`OPT_IN_ENV`) keeps it out.
 """
 
 from __future__ import annotations
@@ -122,35 +124,38 @@ def gla_smem_bytes(*, key_dim: int, block_v: int, stages: int, itemsize: int = 2
 
 
 def default_gla_config(*, rows: int, heads: int, key_dim: int, value_dim: int, n_chunks: int,
-                       itemsize: int = 2, packed: bool = False,
-                       block_v: int | None = None) -> MosaicConfig:
+                       itemsize: int = 2, packed: bool = False, block_v: int | None = None,
+                       stages: int | None = None) -> MosaicConfig:
     """The heuristic: chunk 64, the Triton backward, and, from the walk timed alone on an H100
     at (8, 4096, 16, 128) (``benchmarks/gla_profile_gpu.py``, 2026-12-05: block_v 64 at 1 / 2
     / 3 stages 0.265 / 0.389 / 0.388 ms, block_v 128 at 1 / 2 stages 0.256 / 0.244; storing
     the states 0.409 / 0.515 at block_v 64, 0.350 / 0.361 at 128):
 
-    * value blocks of 128 when a block of 128 still gives nearly one program per SM
-      (``V / 128 * rows * heads >= 0.9 * 132``: each program then loads q, k and ``A`` once,
-      not once per value block of 64), else of 64 (more programs: a long walk on few heads
-      needs them, unmeasured);
+    * value blocks of 128 at K = 128 when a block of 128 still gives nearly one program per
+      SM (``V / 128 * rows * heads >= 0.9 * 132``: each program then loads q, k and ``A``
+      once, not once per value block of 64), else of 64 (more programs: a long walk on few
+      heads needs them, unmeasured; K = 64 is not timed);
     * stages of the plain forward: one when the grid has more programs than SMs and the walk
       is long (two programs then share each SM and overlap each other's dependent chains),
       else the deepest of 3 that fits (2 for walks of fewer than 8 chunks);
     * ``bwd_stages`` (the forward that stores the states under a gradient): one.
 
-    ``block_v`` given (a call's own): the stages are sized for it."""
-    if block_v is None:
-        wide = value_dim % 128 == 0 and (value_dim // 128) * rows * heads >= 0.9 * HOPPER_SMS
-        block_v = 128 if wide else min(64, value_dim)
-
-    def fits(stages: int) -> bool:
-        return gla_smem_bytes(key_dim=key_dim, block_v=block_v, stages=stages,
+    ``block_v`` given (a call's own): the stages are sized for it; ``stages`` given: value
+    blocks of 128 only where that depth fits them."""
+    def fits(depth: int, bv: int | None = None) -> bool:
+        return gla_smem_bytes(key_dim=key_dim, block_v=bv or block_v, stages=depth,
                               itemsize=itemsize, packed=packed) <= SMEM_LIMIT
 
-    stages = 3 if n_chunks >= 8 and fits(3) else 2 if fits(2) else 1
+    if block_v is None:
+        wide = (key_dim == 128 and value_dim % 128 == 0
+                and (value_dim // 128) * rows * heads >= 0.9 * HOPPER_SMS
+                and (stages is None or fits(stages, 128)))
+        block_v = 128 if wide else min(64, value_dim)
+
+    depth = 3 if n_chunks >= 8 and fits(3) else 2 if fits(2) else 1
     if n_chunks >= 8 and (value_dim // block_v) * rows * heads > HOPPER_SMS:
-        stages = 1
-    return MosaicConfig(chunk=CHUNK, block_v=block_v, stages=stages, backward="pallas",
+        depth = 1
+    return MosaicConfig(chunk=CHUNK, block_v=block_v, stages=depth, backward="pallas",
                         bwd_stages=1)
 
 
@@ -419,7 +424,7 @@ def gla_mosaic(q: Array, k: Array, v: Array, g: Array, *, scale: float,
     _, kp, vp, plan, h0, (qc, kc, vc) = _chunk_inputs(q, k, v, initial_state, chunk, cu_seqlens)
     cfg = cfg.merged(default_gla_config(rows=plan.rows, heads=heads, key_dim=kp, value_dim=vp,
                                         n_chunks=plan.n_chunks, packed=plan.packed,
-                                        block_v=cfg.block_v))
+                                        block_v=cfg.block_v, stages=cfg.stages))
     check_gla_config(cfg, key_dim=kp, value_dim=vp)
     if plan.packed:
         decline_unless_packed_fits(
