@@ -11,7 +11,8 @@ layout, ``kernels_gpu.host_time``:
 
 * ``pallas_wy.wy_prepare`` alone, forward and forward + backward, for each variant of its
   ``WyStatic`` (``low_wu``: ``w``, ``u`` from the bf16 ``M^{-1}`` on bf16 operands, as FLA,
-  the default, or from the float32 one on TF32; the warps per program), each with its error
+  the default, or from the float32 one on TF32; ``split_x``: the bf16 operands as a hi + lo
+  pair, one more product each; the warps per program), each with its error
   against a float32 reference (triangular solves at full precision):
   ``max |w - w_ref| / max |w_ref|`` and the same for ``u``;
 * the whole ``gated_delta_rule`` through the api (``mosaic`` and ``pallas``), forward and
@@ -55,18 +56,20 @@ from linearnexus.kernels.common.pallas import interpret_mode  # noqa: E402
 
 F32 = jnp.float32
 WY_STATIC = pallas_wy.WyStatic
-# (name, low_wu, warps); the first is the preparation before low_wu became the default.
+# (name, low_wu, warps, split_x); the first is the preparation before low_wu became the
+# default.
 # Also measured on an H100 (2026-12-05) and removed since: the blocks of M^{-1} below the
 # diagonal on TF32 (0.09 ms slower), w and u in a kernel of their own (the op 0.1 ms slower),
 # two warps (the backward spilled: ~14 ms instead of ~1.2)
-VARIANTS = [("float32-wu", False, 4), ("default", True, 4), ("default w8", True, 8)]
+VARIANTS = [("float32-wu", False, 4, False), ("default", True, 4, False),
+            ("split-x", True, 4, True), ("default w8", True, 8, False)]
 
 
 def wy_static(B: int, T: int, H: int, D: int, chunk: int, low_wu: bool,
-              warps: int) -> pallas_wy.WyStatic:
+              warps: int, split_x: bool = False) -> pallas_wy.WyStatic:
     return WY_STATIC(gated=True, rows=B, n_chunks=T // chunk, chunk=chunk, heads=H,
                      key_dim=D, value_dim=D, exact=False, num_warps=warps,
-                     interpret=interpret_mode(), low_wu=low_wu)
+                     interpret=interpret_mode(), low_wu=low_wu, split_x=split_x)
 
 
 def reference(k: jax.Array, v: jax.Array, beta: jax.Array, g: jax.Array,
@@ -116,11 +119,11 @@ def profile_shape(shape: tuple[int, int, int, int], variants: list[tuple], repea
     du = jax.random.normal(jax.random.PRNGKey(9), v.shape, F32).astype(v.dtype)
     row: dict[str, Any] = {}
     results["wy"][str(shape)] = row
-    for name, low_wu, warps in variants:
+    for name, low_wu, warps, split_x in variants:
         if time.time() > deadline:
             row[name] = "skipped: budget spent"
             continue
-        st = wy_static(B, T, H, D, chunk, low_wu, warps)
+        st = wy_static(B, T, H, D, chunk, low_wu, warps, split_x)
         fwd = jax.jit(lambda k, v, b, g, st=st: pallas_wy.wy_prepare(st, k, v, b, g)[:2])
 
         def loss(k, v, b, g, dw, du, st=st):
@@ -129,7 +132,7 @@ def profile_shape(shape: tuple[int, int, int, int], variants: list[tuple], repea
                     + jnp.sum(kk.astype(F32)))
 
         grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
-        entry: dict[str, Any] = {"low_wu": low_wu, "warps": warps}
+        entry: dict[str, Any] = {"low_wu": low_wu, "warps": warps, "split_x": split_x}
         try:
             w, u = fwd(k, v, beta, g)
             entry["w_err"], entry["u_err"] = max_rel(w, w_ref), max_rel(u, u_ref)
@@ -147,13 +150,13 @@ def profile_shape(shape: tuple[int, int, int, int], variants: list[tuple], repea
 
 
 @contextlib.contextmanager
-def preparation(low_wu: bool, warps: int | None):
+def preparation(low_wu: bool, warps: int | None, split_x: bool = False):
     """The api's delta-rule backends build their ``WyStatic`` with these settings (``warps``
     None: theirs)."""
     real = WY_STATIC
 
     def make(**kw):
-        kw.update(low_wu=low_wu)
+        kw.update(low_wu=low_wu, split_x=split_x)
         if warps is not None:
             kw["num_warps"] = warps
         return real(**kw)
@@ -173,12 +176,12 @@ def op_rows(shape: tuple[int, int, int, int], variants: list[tuple], repeats: in
     row: dict[str, Any] = {}
     results["op"][str(shape)] = row
     for backend in ("mosaic", "pallas"):
-        for name, low_wu, warps in variants:
+        for name, low_wu, warps, split_x in variants:
             label = f"{backend} {name}"
             if time.time() > deadline:
                 row[label] = "skipped: budget spent"
                 continue
-            with preparation(low_wu, warps):
+            with preparation(low_wu, warps, split_x):
                 row[label] = kg.time_ln("gated_delta_rule", shape, repeats, None,
                                         results["env"].get("l2_bytes", 50 * 2 ** 20),
                                         backend=backend)
@@ -190,13 +193,13 @@ def op_rows(shape: tuple[int, int, int, int], variants: list[tuple], repeats: in
     results["checks"] = checks
     ref_cache: dict = {}
     for backend in ("mosaic", "pallas"):
-        for name, low_wu, warps in variants:
+        for name, low_wu, warps, split_x in variants:
             for case in ("dense", "packed"):
                 label = f"{backend} {name} {case}"
                 if time.time() > deadline:
                     checks[label] = "skipped: budget spent"
                     continue
-                with preparation(low_wu, warps):
+                with preparation(low_wu, warps, split_x):
                     try:
                         checks[label] = kg.check_linear(
                             "gated_delta_rule", "bfloat16", case, jax.random.PRNGKey(3),

@@ -63,6 +63,12 @@ class WyStatic:
     # preparation 0.59 -> 0.43 ms at (8, 4096, 16, 128) bf16 on an H100 (FLA's 0.44),
     # benchmarks/wy_profile_gpu.py; its notes in docs/mosaic.md.
     low_wu: bool = True
+    # with low_wu: the scaled operands (beta e^b k, beta v) as a 16-bit pair hi + lo, one more
+    # product each. Their rounding, not M^{-1}'s, is most of low_wu's extra error (a float64
+    # emulation: u's error 2.6e-3 of its largest entry from rounding them, 1.2e-4 from
+    # rounding M^{-1}, before u's own rounding). On trial: not timed on a GPU yet
+    # (benchmarks/wy_profile_gpu.py's "split-x").
+    split_x: bool = False
 
 
 def _dot(a, b, st: WyStatic, *, ta=False, tb=False, exact=False):
@@ -168,9 +174,14 @@ def _wy_fwd_kernel(*refs, st: WyStatic):
         for j in range(dim // blk):
             cs = pl.ds(j * blk, blk)
             x = src[r, rows, h, cs].astype(F32) * fac[:, None]
-            if low:
-                x = x.astype(minv_all.dtype)
-            dst[r, rows, h, cs] = _dot(minv_all, x, st).astype(dst.dtype)
+            if not low:
+                dst[r, rows, h, cs] = _dot(minv_all, x, st).astype(dst.dtype)
+                continue
+            hi = x.astype(minv_all.dtype)
+            y = _dot(minv_all, hi, st)
+            if st.split_x:  # x = hi + lo in the 16-bit dtype: its rounding leaves the product
+                y = y + _dot(minv_all, (x - hi.astype(F32)).astype(minv_all.dtype), st)
+            dst[r, rows, h, cs] = y.astype(dst.dtype)
 
 
 def _wy_bwd_kernel(*refs, st: WyStatic):
