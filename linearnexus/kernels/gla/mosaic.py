@@ -332,17 +332,12 @@ def gla_walk(st: MosaicStatic, qe: Array, ke: Array, v: Array, a: Array, e_last:
     return f(qe, ke, v, a, e_last, h0, *(() if layout is None else layout))
 
 
-def _last_rows(b: Array, chunk: int) -> Array:
-    """Each chunk's last row of ``b [R, TP, H, K]`` (hi) as ``[R, NC, H, K]``."""
+def _decay_rows(b: Array, chunk: int) -> Array:
+    """``e^{b_L}`` per chunk as the walk reads it, ``[R, H, NC * K]`` float32, from each
+    chunk's last row of ``b [R, TP, H, K]`` (hi)."""
     R, TP, H, K = b.shape
-    return b.reshape(R, TP // chunk, chunk, H, K)[:, :, -1]  # [R, TP, H, K] -> [R, NC, H, K]
-
-
-def _decay_rows(b_last: Array) -> Array:
-    """``e^{b_L}`` per chunk as the walk reads it, ``[R, H, NC * K]`` float32, from
-    ``b_L [R, NC, H, K]``."""
-    R, _, H, _ = b_last.shape
-    return jnp.exp(jnp.transpose(b_last, (0, 2, 1, 3))).reshape(R, H, -1)  # [R, H, NC * K]
+    last = b.reshape(R, TP // chunk, chunk, H, K)[:, :, -1]  # [R, TP, H, K] -> [R, NC, H, K]
+    return jnp.exp(jnp.transpose(last, (0, 2, 1, 3))).reshape(R, H, -1)  # [R, H, NC * K]
 
 
 def _forward(st: MosaicStatic, q, k, v, g, h0, layout, *, store_states: bool):
@@ -351,9 +346,8 @@ def _forward(st: MosaicStatic, q, k, v, g, h0, layout, *, store_states: bool):
     # only where read) was 2x slower on an H100, 2026-12-05 (docs/mosaic.md)
     b, bc = gla_pallas._in_chunk_sums(g, core)
     a, qe, ke = gla_pallas.run_fwd_a(core, q, k, b, bc, decayed=True)
-    b_last = _last_rows(b, core.chunk)
     h0f = None if h0 is None else h0.astype(F32)
-    out = gla_walk(st, qe, ke, v, a, _decay_rows(b_last), h0f, store_states=store_states,
+    out = gla_walk(st, qe, ke, v, a, _decay_rows(b, core.chunk), h0f, store_states=store_states,
                    layout=layout)
     final = pass_empty(st, layout, out[1], h0f)
     return out[0], final, (out[2] if store_states else None), (b, bc, a, h0f)

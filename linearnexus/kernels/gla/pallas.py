@@ -384,15 +384,6 @@ def _fwd_o_kernel(q_ref, v_ref, h_ref, b_ref, a_ref, o_ref, *, st: CoreStatic):
     o_ref[r, pl.ds(t0, L), h, vs] = o.astype(o_ref.dtype)
 
 
-def _chunk_sums(g_ref, r, rows, h, ks, c_dtype) -> tuple[Array, Array]:
-    """One key block's compensated in-chunk sums ``(hi, lo)`` ``[L, BK]`` float32, ``lo``
-    rounded to ``c_dtype`` (as stored), so every kernel that takes them sees the same ``b``.
-    The log-gates are floored here (``LOG_GATE_FLOOR``: -inf, a zero gate, would make TwoSum
-    NaN) rather than in the glue, where it was a pass of its own over the gates."""
-    hi, lo = compensated_cumsum(jnp.maximum(g_ref[r, rows, h, ks], LOG_GATE_FLOOR), axis=0)
-    return hi, lo.astype(c_dtype).astype(F32)
-
-
 def run_fwd_a(st: CoreStatic, q: Array, k: Array, b: Array, bc: Array, *,
               decayed: bool = False) -> tuple[Array, Array | None, Array | None]:
     """The ``fwd_a`` kernel: ``A [R, TP, H, L]`` float32 (zeros above the diagonal) from q, k
@@ -751,7 +742,9 @@ def gla_backward(st: CoreStatic, res, do, dfinal):
 def _sums_kernel(g_ref, hi_ref, lo_ref, *, st: CoreStatic):
     """One chunk's inclusive in-chunk sums of the log-gates, compensated (``[L, BK]`` tile)."""
     r, h, rows, ks = _chunk_block(st)
-    hi, lo = _chunk_sums(g_ref, r, rows, h, ks, lo_ref.dtype)
+    # log-gates floored (LOG_GATE_FLOOR: -inf, a zero gate, would make TwoSum NaN); here rather
+    # than in the glue, where it was a pass of its own over the [B, T, H, K] gates
+    hi, lo = compensated_cumsum(jnp.maximum(g_ref[r, rows, h, ks], LOG_GATE_FLOOR), axis=0)
     hi_ref[r, rows, h, ks] = hi
     lo_ref[r, rows, h, ks] = lo.astype(lo_ref.dtype)
 
