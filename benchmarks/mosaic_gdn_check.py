@@ -26,23 +26,27 @@ finished):
    ``--check-backward`` names (default the Mosaic kernels), at every ``--seqs`` x
    ``--dims`` (B = 2, H = 4, K = V = D), with an initial state and without one (the
    reference then runs from a zero state); then delta_rule (no gate) at T = 1000, D = 128
-   with an initial state and T = 63, D = 64 without. No new check starts after
+   with an initial state and T = 63, D = 64 without. Each check also runs the plain
+   forward with the WY products in the walk (``MosaicConfig(fused_wy=True)``: ``o_fused``,
+   ``ht_fused``; the gradient's forward is the separate form). No new check starts after
    ``--check-share`` of the budget.
 3. Speed at ``--shape`` (bf16, no states): forward and forward+backward (the gradient of
    ``sum(o * do)`` w.r.t. q, k, v, g, beta) through the api for mosaic (the heuristic's
-   config), mosaic with the Mosaic backward (``MosaicConfig(backward="mosaic")``) and
-   pallas, with ``kernels_gpu.host_time`` (host clock around back-to-back
-   calls, median of 5, inputs rotated past L2); plus ``||mosaic - pallas|| / ||pallas||``
-   of the output at that shape.
+   config: the fused forward, the Mosaic backward where it fits), the forward with ``w``,
+   ``u`` through HBM (``fused_wy=False``), mosaic with the Triton backward
+   (``backward="pallas"``) and pallas, with ``kernels_gpu.host_time`` (host clock around
+   back-to-back calls, median of 5, inputs rotated past L2); plus
+   ``||mosaic - pallas|| / ||pallas||`` of the output at that shape.
 4. FLA's ``chunk_gated_delta_rule`` at the same shape and method, in a child process
    bounded by what is left of the budget less ``--extras-reserve`` (its first call
    autotunes); skipped when ``fla`` is not importable.
-5. Extras, if time is left: mosaic at ``stages=2`` (the plain forward) / ``bwd_stages=1``
-   (the forward that stores the states under the gradient), the other side of each
-   heuristic choice; then each kernel alone in the chunk layout: the Triton WY
-   preparation (forward, and forward + backward) and the Mosaic walk at 1 and 2 stages,
-   plain and storing ``S_c`` / ``vn``; the Triton core backward and the Mosaic one (its
-   reverse walk, ``dq / dk``, the XLA ``dw`` matmul, and whole) on the stored residuals.
+5. Extras, if time is left: mosaic at ``bwd_stages=1`` (the forward that stores the states
+   under the gradient, and the reverse walk) and the plain forward at 1 and 3 stages, the
+   other sides of the heuristic's choices; then each kernel alone in the chunk layout: the
+   Triton WY preparation (forward, and forward + backward), the Mosaic walk at 1 and 2
+   stages, plain and storing ``S_c`` / ``vn``, ``M^{-1}`` alone and the fused walk at 1-3
+   stages; the Triton core backward and the Mosaic one (its reverse walk, ``dq / dk``, the
+   XLA ``dw`` matmul, and whole) on the stored residuals.
 
 Prints a compact table; writes ``mosaic_gdn_check.json`` under ``--out``.
 """
@@ -54,6 +58,7 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the FLA child shares the GPU
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
@@ -118,6 +123,18 @@ def check(op: str, T: int, D: int, with_h0: bool, seed: int, ref_cache: dict) ->
     errors.update({f"d{n}": kg.rel_err(a, b) for n, a, b in zip(names, g, rg, strict=True)})
     if with_h0:
         errors["dh0"] = kg.rel_err(g_h0, rg_h0)
+    # the plain forward with the WY products in the walk (MosaicConfig(fused_wy=True)): the
+    # gradient above ran the separate form, which the fused one's gradient is
+    kernel = api.BACKENDS["mosaic"]
+    before, kernel.config = kernel.config, dataclasses.replace(kernel.config or MosaicConfig(),
+                                                               fused_wy=True)
+    try:
+        fo, fht = jax.jit(lambda a, h: fn(*a, initial_state=h if with_h0 else None,
+                                          output_final_state=True, backend="mosaic",
+                                          mode="chunk"))(args, h0)
+    finally:
+        kernel.config = before
+    errors["o_fused"], errors["ht_fused"] = kg.rel_err(fo, ro), kg.rel_err(fht, rht)
     grads = {f"d{n}" for n in names} | {"dh0"}
     ok, bad = kg.judge(errors, grads, "bfloat16")
     return {"op": op, "T": T, "D": D, "h0": with_h0, "status": "PASS" if ok else "FAIL",
@@ -125,7 +142,7 @@ def check(op: str, T: int, D: int, with_h0: bool, seed: int, ref_cache: dict) ->
 
 
 def time_backend(op: str, shape: tuple[int, ...], backend: str, config: MosaicConfig | None,
-                 sets: list, n_sets: int, do: Any) -> dict[str, Any]:
+                 sets: list, n_sets: int, do: Any, fwd_only: bool = False) -> dict[str, Any]:
     api = ops()[op]
     fn = getattr(api, op)
     kernel = api.BACKENDS[backend]
@@ -141,8 +158,9 @@ def time_backend(op: str, shape: tuple[int, ...], backend: str, config: MosaicCo
         fb = jax.jit(jax.grad(loss, argnums=tuple(range(1, len(sets[0]) + 1))))
         out = {"fwd": kg.host_time(lambda i: f(*sets[i % n_sets]), kg.jax_sync, repeats=5,
                                    n_sets=n_sets)}
-        out["fwd_bwd"] = kg.host_time(lambda i: fb(do, *sets[i % n_sets]), kg.jax_sync,
-                                      repeats=5, n_sets=n_sets)
+        if not fwd_only:
+            out["fwd_bwd"] = kg.host_time(lambda i: fb(do, *sets[i % n_sets]), kg.jax_sync,
+                                          repeats=5, n_sets=n_sets)
         out["o"] = f(*sets[0])
         return out
     finally:
@@ -153,11 +171,11 @@ def time_kernels(shape: tuple[int, ...], sets: list, n_sets: int) -> dict[str, f
     """Each kernel of the mosaic forward and backward alone, in the chunk layout (T a
     multiple of 64, D a power of two >= 64): the Triton WY preparation (and its forward +
     backward), the Mosaic walk at 1 and 2 pipeline stages, plain and storing ``S_c`` and
-    ``vn`` (the gradient's forward); then the two backwards of the core on the stored
+    ``vn`` (the gradient's forward); the fused form's two kernels (``M^{-1}`` alone, the
+    walk forming ``vn`` at 1-3 stages); then the two backwards of the core on the stored
     residuals: the Triton one (``pallas_chunk._core_bwd``: dv, dh, dq / dk) and the Mosaic
     one's parts (the reverse walk with ``w``, ``dq / dk``, the XLA ``dw`` matmul) and whole
     (``mosaic_bwd.mosaic_delta_backward``). Median ms."""
-    import dataclasses
 
     from linearnexus.kernels.common import mosaic_bwd, mosaic_chunk
     from linearnexus.kernels.common.pallas import interpret_mode
@@ -167,7 +185,7 @@ def time_kernels(shape: tuple[int, ...], sets: list, n_sets: int) -> dict[str, f
         batch_layout_info,
         in_chunk_cumsum,
     )
-    from linearnexus.kernels.common.pallas_wy import WyStatic, wy_prepare
+    from linearnexus.kernels.common.pallas_wy import WyStatic, wy_inverse, wy_prepare
 
     B, T, H, D = shape
     L = 64
@@ -198,6 +216,17 @@ def time_kernels(shape: tuple[int, ...], sets: list, n_sets: int) -> dict[str, f
                 st, q, k, u, b, None, w=w, store_states=stored))
             timed(f"walk{' storing S_c, vn' if stored else ''} stages={stages}",
                   lambda i, f=f: f(*walk_in[i % n_sets]))
+    # the fused form (MosaicConfig.fused_wy): M^{-1} alone, then the walk that forms vn
+    minv_st = dataclasses.replace(wst, minv_only=True)
+    inv = jax.jit(lambda k, g, beta: wy_inverse(minv_st, k, beta, g))
+    timed("WY M^{-1} only (Triton)", lambda i: inv(*(sets[i % n_sets][j] for j in (1, 3, 4))))
+    fused_in = [(s[0], s[1], s[2], in_chunk_cumsum(s[3], L), inv(s[1], s[3], s[4]), s[4])
+                for s in sets]
+    for stages in (1, 2, 3):
+        st = dataclasses.replace(base, stages=stages, fused_wy=True)
+        f = jax.jit(lambda q, k, v, b, m, beta, st=st: mosaic_chunk.mosaic_forward(
+            st, q, k, v, b, None, minv=m, beta=beta))
+        timed(f"walk fused_wy stages={stages}", lambda i, f=f: f(*fused_in[i % n_sets]))
 
     def wy_loss(q, k, v, g, beta):
         w, u, _ = wy_prepare(wst, k, v, beta, g)
@@ -334,27 +363,31 @@ def main() -> None:
     do = jax.random.normal(jax.random.PRNGKey(99), (B, T, H, D), jnp.float32).astype(jnp.bfloat16)
     outs = {}
 
-    def timing(label: str, backend: str, config: MosaicConfig | None) -> None:
+    def timing(label: str, backend: str, config: MosaicConfig | None,
+               fwd_only: bool = False) -> None:
         if time.perf_counter() > deadline:
             results["skipped"].append(f"timing {label}: budget spent")
             return
         try:
-            res = time_backend(op, shape, backend, config, sets, n_sets, do)
+            res = time_backend(op, shape, backend, config, sets, n_sets, do, fwd_only)
             outs[label] = res.pop("o")
             results["timing"][label] = res
-            kg.log(f"{label}: fwd {res['fwd']['ms']:.3f} ms, fwd+bwd {res['fwd_bwd']['ms']:.3f} ms"
+            both = "" if fwd_only else f", fwd+bwd {res['fwd_bwd']['ms']:.3f} ms"
+            kg.log(f"{label}: fwd {res['fwd']['ms']:.3f} ms{both}"
                    f"  [{time.perf_counter() - t0:.0f} s]")
         except Exception as e:  # noqa: BLE001
             results["timing"][label] = {"error": kg.short_error(e)}
             kg.log(f"{label}: {kg.short_error(e)}")
         save()
 
-    timing("mosaic", "mosaic", None)
-    timing("mosaic bwd=mosaic", "mosaic", MosaicConfig(backward="mosaic"))
+    timing("mosaic", "mosaic", None)  # the heuristic: fused_wy forward, Mosaic backward
+    timing("mosaic fused_wy=False", "mosaic", MosaicConfig(fused_wy=False), fwd_only=True)
+    timing("mosaic bwd=pallas", "mosaic", MosaicConfig(backward="pallas"))
     timing("pallas", "pallas", None)
-    if "mosaic" in outs and "pallas" in outs:
-        results["mosaic_vs_pallas_o"] = kg.rel_err(outs["mosaic"], outs["pallas"])
-        kg.log(f"||o_mosaic - o_pallas|| / ||o_pallas|| = {results['mosaic_vs_pallas_o']:.2e}")
+    for label in ("mosaic", "mosaic fused_wy=False"):
+        if label in outs and "pallas" in outs:
+            err = results[f"{label} vs pallas o"] = kg.rel_err(outs[label], outs["pallas"])
+            kg.log(f"||o ({label}) - o_pallas|| / ||o_pallas|| = {err:.2e}")
     outs.clear()
 
     # FLA before the extras: its ratio is the issue's measure; it may take what is left but
@@ -380,7 +413,9 @@ def main() -> None:
             results["timing"]["fla"] = {"error": kg.short_error(e)}
         save()
 
-    timing("mosaic stages=2 bwd_stages=1", "mosaic", MosaicConfig(stages=2, bwd_stages=1))
+    timing("mosaic bwd_stages=1", "mosaic", MosaicConfig(bwd_stages=1))
+    for stages in (1, 3):
+        timing(f"mosaic stages={stages}", "mosaic", MosaicConfig(stages=stages), fwd_only=True)
     if time.perf_counter() > deadline - 10:
         results["skipped"].append("kernels alone: budget spent")
     elif T % 64 or D not in (64, 128):
@@ -412,9 +447,9 @@ def print_table(results: dict[str, Any], shape: tuple[int, ...]) -> None:
         cells = []
         for part in ("fwd", "fwd_bwd"):
             ref = fla.get(part, {}).get("ms")
-            cells.append(f"{row[part]['ms'] / ref:.2f}x" if ref else "-")
-        kg.log(f"| {label} | {row['fwd']['ms']:.3f} | {row['fwd_bwd']['ms']:.3f} | "
-               f"{cells[0]} | {cells[1]} |")
+            cells.append(f"{row[part]['ms'] / ref:.2f}x" if ref and part in row else "-")
+        both = f"{row['fwd_bwd']['ms']:.3f}" if "fwd_bwd" in row else "-"
+        kg.log(f"| {label} | {row['fwd']['ms']:.3f} | {both} | {cells[0]} | {cells[1]} |")
     for s in results["skipped"]:
         kg.log(f"skipped: {s}")
     kg.log(f"elapsed {results['elapsed_s']} s")

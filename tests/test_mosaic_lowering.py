@@ -10,13 +10,16 @@ the reason, when the installed JAX's Mosaic GPU lacks an API the kernels use.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
+from linearnexus.kernels.common import mosaic_delta
 from linearnexus.kernels.common.gpu_lowering import lower_for_gpu
 from linearnexus.kernels.common.mosaic_chunk import (
     SMEM_LIMIT,
@@ -97,7 +100,8 @@ def test_simple_gla_mosaic_lowers_forward_and_backward(shape, h0, config, monkey
     ("simple_gla", True, None),  # the Mosaic backward
     ("simple_gla", False, MosaicConfig(backward="pallas")),
     ("gated_delta_rule", True, MosaicConfig(backward="mosaic")),
-    ("delta_rule", False, None),  # the Triton backward (the delta rules' default)
+    ("delta_rule", False, None),  # the heuristic's backward (Mosaic: V <= 128)
+    ("delta_rule", True, MosaicConfig(backward="pallas")),  # the Triton backward
 ])
 def test_packed_sequences_lower_forward_and_backward(op, h0, config, monkeypatch):
     """Packed sequences (``cu_seqlens``, traced) lower for CUDA through the Mosaic kernels:
@@ -130,8 +134,8 @@ def test_packed_sequences_lower_forward_and_backward(op, h0, config, monkeypatch
     assert _lower(fwd, *specs).count("custom_call @mosaic_gpu") == 1
     argnums = tuple(i for i, s in enumerate(specs[:-1]) if s is not None)
     grad_text = _lower(jax.value_and_grad(loss, argnums=argnums), *specs)
-    mosaic_bwd = (config is None and op == "simple_gla") or (
-        config is not None and config.backward == "mosaic")
+    mosaic_bwd = (config.backward if config is not None and config.backward else "mosaic"
+                  if op == "simple_gla" else mosaic_delta.DEFAULT_BACKWARD) == "mosaic"
     assert grad_text.count("custom_call @mosaic_gpu") == (3 if mosaic_bwd else 1)
     wy = 0 if op == "simple_gla" else 2  # the delta rules' Triton WY forward and backward
     triton_bwd = 0 if mosaic_bwd else (4 if op == "simple_gla" else 3)  # (fwd_h +) dv, dh, dqk
@@ -190,6 +194,13 @@ def test_mosaic_declines_what_it_does_not_cover(monkeypatch):
         MosaicConfig(dqk_stages=True)
     with pytest.raises(ValueError, match="backward"):
         MosaicConfig(backward="triton")
+    with pytest.raises(ValueError, match="fused_wy"):
+        MosaicConfig(fused_wy=1)
+    if REASON is None:  # the delta rules' knob, named where another op is given it
+        x = jnp.ones((1, 8, 1, 64), jnp.bfloat16)
+        with pytest.raises(ValueError, match="config: fused_wy"):
+            linear_attention_mosaic(x, x, x, jnp.zeros((1, 8, 1)), scale=1.0,
+                                    config=MosaicConfig(fused_wy=True), check_device=False)
     # the heuristic always fits shared memory at either chunk size, few programs or many,
     # and picks the Mosaic backward where it fits
     for chunk, K, V, rows, n_chunks, packed in itertools.product(
@@ -263,13 +274,17 @@ def _delta_specs(B, T, H, K, V, h0, gated):
     ((2, 1000, 2, 128, 128), True, True, MosaicConfig(backward="mosaic")),
     ((1, 63, 3, 40, 72), False, False, MosaicConfig(backward="mosaic", bwd_stages=1,
                                                     dqk_stages=1)),
+    # the WY products in the walk (the plain forward; the gradient's forward is separate)
+    ((2, 1000, 2, 128, 128), True, True, MosaicConfig(fused_wy=True)),
+    ((1, 63, 3, 40, 72), False, False, MosaicConfig(fused_wy=True, stages=3)),
 ])
 def test_delta_rules_mosaic_lower_forward_and_backward(shape, h0, gated, config, monkeypatch):
     """The delta rules' mosaic backend lowers for CUDA: the forward is the Triton WY kernel
     and one Mosaic GPU kernel; under the gradient that kernel stores the states and vn, and
     the Triton backward (dv, dh, dq / dk, WY backward) follows, with no Triton fwd_h; with
     ``backward="mosaic"`` the backward is the two Mosaic kernels (reverse walk, dq / dk)
-    and the Triton WY backward."""
+    and the Triton WY backward. ``fused_wy``: the forward's Triton kernel writes M^{-1} only
+    (``w``, ``u`` formed in the walk); the gradient as without it."""
     monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")
 
     def fwd(q, k, v, beta, g, s0):
@@ -285,7 +300,9 @@ def test_delta_rules_mosaic_lower_forward_and_backward(shape, h0, gated, config,
     assert text.count("custom_call @mosaic_gpu") == 1 and text.count("xla.gpu.triton") == 1
     argnums = tuple(i for i, s in enumerate(specs) if s is not None)
     grad_text = _lower(jax.value_and_grad(loss, argnums=argnums), *specs)
-    mosaic_bwd = config is not None and config.backward == "mosaic"
+    # the backward the heuristic resolves to: these shapes fit the Mosaic one (V <= 128)
+    mosaic_bwd = (config.backward if config is not None and config.backward
+                  else mosaic_delta.DEFAULT_BACKWARD) == "mosaic"
     assert grad_text.count("custom_call @mosaic_gpu") == (3 if mosaic_bwd else 1)
     assert grad_text.count("xla.gpu.triton") == (2 if mosaic_bwd else 5)
 
@@ -367,13 +384,70 @@ def test_mosaic_matches_reference_in_the_interpreter(op, monkeypatch):
     assert max(errors.values()) <= 1e-2, errors
 
 
+@pytest.mark.skipif(REASON is not None or gpu_interpret_reason() is not None,
+                    reason=REASON or gpu_interpret_reason() or "")
+@pytest.mark.parametrize("gated,packed,dims", [(True, False, (64, 64)), (False, True, (64, 64)),
+                                               (True, True, (40, 72))])
+def test_delta_fused_wy_forward_in_the_interpreter(gated, packed, dims, monkeypatch):
+    """The delta rules' plain forward with the WY products in the walk
+    (``MosaicConfig(fused_wy=True)``: the Triton preparation writes M^{-1} only, the walk
+    forms ``vn = M^{-1} (beta v - beta e^b k S_c)``) in JAX's Mosaic GPU interpreter, against
+    the per-step reference at the GPU thresholds and no worse than the separate form's
+    (``w``, ``u`` through HBM) by more than 10%: the gated and the ungated rule, batch rows and
+    four packed sequences (70, 0, 30, 64 tokens: one empty, one closing mid-chunk), with
+    initial states, head dims padded (40 -> 64, 72 -> 128); and its gradient, which runs the
+    separate form, equal to that form's."""
+    monkeypatch.delenv(PACKED_ENV, raising=False)
+    lens = (70, 0, 30, 64) if packed else None
+    K, V = dims
+    B, T, H = (1, sum(lens), 2) if packed else (2, 100, 1)
+    cu = jnp.array([0, *itertools.accumulate(lens)], jnp.int32) if packed else None
+    ks = jax.random.split(jax.random.PRNGKey(11), 7)
+    q = jax.random.normal(ks[0], (B, T, H, K)).astype(jnp.bfloat16)
+    k = jax.random.normal(ks[1], (B, T, H, K))
+    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
+    v = jax.random.normal(ks[2], (B, T, H, V)).astype(jnp.bfloat16)
+    g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H)))
+    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H))).astype(jnp.bfloat16)
+    s0 = jax.random.normal(ks[5], (len(lens) if packed else B, H, K, V))
+    do = jax.random.normal(ks[6], (B, T, H, V))
+
+    def mosaic(fused, q, k, v, beta, s0):
+        return delta_rule_mosaic(q, k, v, beta, g if gated else None, scale=K ** -0.5,
+                                 initial_state=s0, cu_seqlens=cu,
+                                 config=MosaicConfig(fused_wy=fused), check_device=False)
+
+    with jax.default_matmul_precision("highest"):
+        ro, rf = gated_delta_rule_reference(
+            *(x.astype(jnp.float32) for x in (q, k, v, g if gated else jnp.zeros_like(g), beta)),
+            scale=K ** -0.5, initial_state=s0, cu_seqlens=cu)
+
+    def rel(a, b):
+        return float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+
+    def loss(fused, *args):
+        o, final = mosaic(fused, *args)
+        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(final)
+
+    with gpu_interpret():
+        fused = mosaic(True, q, k, v, beta, s0)
+        separate = mosaic(False, q, k, v, beta, s0)
+        grads = [jax.grad(functools.partial(loss, f), argnums=(0, 1, 2, 3, 4))(q, k, v, beta, s0)
+                 for f in (True, False)]
+    for name, a, sep, ref in (("o", fused[0], separate[0], ro), ("final", fused[1], separate[1], rf)):
+        assert rel(a, ref) <= 5e-3, (name, rel(a, ref))
+        assert rel(a, ref) <= 1.1 * rel(sep, ref), (name, rel(a, ref), rel(sep, ref))
+    for a, b in zip(*grads, strict=True):
+        np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)),
+                                      np.asarray(b.astype(jnp.float32)))
+
+
 def test_delta_mosaic_dispatch_and_declines_what_it_does_not_cover(monkeypatch):
     """Automatic dispatch passes the delta rules' mosaic backend by (slower than pallas in
     LM training) unless LINEARNEXUS_MOSAIC_GDN=1 (then it comes first on a GPU for bf16);
     calls it does
     not cover raise NotImplementedError, configs it does not take a ValueError naming config."""
     from linearnexus.kernels.base import dispatch
-    from linearnexus.kernels.common import mosaic_delta
     from linearnexus.kernels.delta_rule import api as dr_api
     from linearnexus.kernels.gated_delta_rule import api as gdn_api
 
@@ -408,17 +482,21 @@ def test_delta_mosaic_dispatch_and_declines_what_it_does_not_cover(monkeypatch):
         for config, v, match in (
                 (MosaicConfig(backward="mosaic"), v256, "backward='mosaic' at K=128, V=256"),
                 (MosaicConfig(block_v=128), q128, "block_v"),
-                (MosaicConfig(dqk_stages=2), q128, "dqk_stages sets"),
+                (MosaicConfig(backward="pallas", dqk_stages=2), q128, "dqk_stages sets"),
                 (MosaicConfig(backward="mosaic", dqk_stages=3), q128, "dqk_stages=3"),
                 (MosaicConfig(backward="mosaic", bwd_stages=3), q128, "bwd_stages=3"),
-                (MosaicConfig(stages=3), q128, "stages=3"),
+                (MosaicConfig(stages=3, fused_wy=False), q128, "stages=3"),
+                (MosaicConfig(stages=4), q128, "stages=4"),  # fused: 3 fit at K = 128
                 (MosaicConfig(bwd_stages=3), q128, "bwd_stages=3")):
             with pytest.raises(ValueError, match=f"config.*{re.escape(match)}"):
                 delta_rule_mosaic(q128, q128, v, beta, g, scale=1.0, config=config,
                                   check_device=False)
-    for K, n_chunks, packed in itertools.product((64, 128), (1, 64), (False, True)):
-        # the heuristic fits shared memory, batch rows and packed
+    for K, n_chunks, packed, fused in itertools.product((64, 128), (1, 64), (False, True),
+                                                        (None, False, True)):
+        # the heuristic fits shared memory, batch rows and packed, either WY form
         cfg = mosaic_delta.default_delta_config(rows=8, heads=16, key_dim=K, value_dim=128,
-                                                n_chunks=n_chunks, packed=packed)
+                                                n_chunks=n_chunks, packed=packed,
+                                                fused_wy=fused)
+        assert cfg.fused_wy == (mosaic_delta.DEFAULT_FUSED_WY if fused is None else fused)
         mosaic_delta.check_delta_config(cfg, key_dim=K, value_dim=128, packed=packed)
 

@@ -133,6 +133,11 @@ class MosaicConfig:
             Mosaic backward: the forward that stores every chunk's state and the backward's
             reverse walk (``stages`` is the depth of the plain forward).
         dqk_stages: pipeline depth (>= 1) of the Mosaic backward's ``dq / dk`` kernel.
+        fused_wy: the delta rules only: the plain forward (no gradient) forms
+            ``vn = M^{-1} (beta v - beta e^b (k S_c))`` in the walk from the stored
+            ``M^{-1}``, and the WY preparation writes only ``M^{-1}`` (no ``w``, ``u``);
+            under a gradient the walk reads ``w``, ``u`` as without it
+            (``mosaic_delta.py``).
 
     One stage leaves room in shared memory for two programs per SM, whose copies and
     dependent wgmma chains then overlap each other's (measured: faster for the plain forward
@@ -145,6 +150,7 @@ class MosaicConfig:
     backward: str | None = None
     bwd_stages: int | None = None
     dqk_stages: int | None = None
+    fused_wy: bool | None = None
 
     def __post_init__(self) -> None:
         if self.chunk is not None and self.chunk not in (64, 128):
@@ -158,6 +164,8 @@ class MosaicConfig:
                 raise ValueError(f"{name}: expected an int >= 1 or None, got {value!r}")
         if self.backward is not None and self.backward not in BACKWARDS:
             raise ValueError(f"backward: expected one of {BACKWARDS} or None, got {self.backward!r}")
+        if self.fused_wy is not None and not isinstance(self.fused_wy, bool):
+            raise ValueError(f"fused_wy: expected a bool or None, got {self.fused_wy!r}")
 
     def merged(self, default: MosaicConfig) -> MosaicConfig:
         """This config with its None fields taken from ``default``."""
@@ -171,7 +179,8 @@ SMEM_LIMIT = 232448 - 2048
 
 
 def smem_bytes(*, chunk: int, key_dim: int, block_v: int, stages: int, itemsize: int,
-               store_states: bool = False, delta: bool = False, packed: bool = False) -> int:
+               store_states: bool = False, delta: bool = False, packed: bool = False,
+               fused_wy: bool = False) -> int:
     """Shared memory one program of the forward kernel asks for: ``stages`` pipeline slots
     of the q, k, v, gate and output tiles (and of the per-chunk state tile when the states
     are stored for the backward), the bf16 state tile otherwise and the decayed-v tile. The
@@ -180,11 +189,15 @@ def smem_bytes(*, chunk: int, key_dim: int, block_v: int, stages: int, itemsize:
     slot (``w``) a stage and one more ``[L, BV]`` tile (``vn = u - w S_c``, the B operand of
     ``A vn``): scratch, or a pipeline output slot when the states are stored (``vn`` goes to
     HBM with them). ``packed``: a float32 ``[K, BV]`` tile that stages each sequence's initial
-    and final state inside the pipeline."""
+    and final state inside the pipeline. ``fused_wy`` (the delta rules' plain forward,
+    :class:`MosaicConfig`): an ``[L, L]`` ``M^{-1}`` slot and a float32 ``beta`` row a stage
+    instead of the ``[L, K]`` ``w`` slot."""
     L, K, BV = chunk, key_dim, block_v
     state_tile = K * BV * itemsize
     vn_tile = L * BV * itemsize if delta else 0
     per_stage = ((3 if delta else 2) * L * K + 2 * L * BV) * itemsize + (2 * L + K) * 4
+    if delta and fused_wy:
+        per_stage += (L * L - L * K) * itemsize + L * 4
     per_stage += state_tile + vn_tile if store_states else 0
     scratch = L * BV * itemsize + (0 if store_states else state_tile + vn_tile)
     scratch += K * BV * 4 if packed else 0
@@ -270,6 +283,8 @@ class MosaicStatic:
         backward: ``"mosaic"`` or ``"pallas"`` (:class:`MosaicConfig`).
         bwd_stages, dqk_stages: the gradient's pipeline depths (:class:`MosaicConfig`); None:
             the most that fit (up to 3).
+        fused_wy: the delta rules' plain forward forms ``vn`` from ``M^{-1}`` in the walk
+            (:class:`MosaicConfig`).
     """
 
     core: CoreStatic
@@ -278,6 +293,7 @@ class MosaicStatic:
     backward: str = "pallas"
     bwd_stages: int | None = None
     dqk_stages: int | None = None
+    fused_wy: bool = False
 
 
 def _swizzled(cols: int, dtype: Any) -> tuple[Any, ...]:
@@ -387,11 +403,14 @@ def _forward_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> 
 
     c = st.core
     delta = c.delta  # the delta rules: v is u (WY form), w corrects it by the entering state
+    # the delta rules' fused form: v is v itself, and M^{-1}, beta replace w (u never formed)
+    fused = delta and st.fused_wy
     packed = c.packed  # a row of packed sequences, each starting on a fresh chunk
-    n_in = 7 + delta + 2 * packed
+    n_wy = 2 if fused else int(delta)  # (M^{-1}, beta) or (w,) or nothing
+    n_in = 7 + n_wy + 2 * packed
     q_ref, k_ref, v_ref, b_ref, d_ref, e_ref, h0_ref = refs[:7]
-    w_ref = refs[7] if delta else None
-    seq_ref, flag_ref = refs[7 + delta:9 + delta] if packed else (None, None)
+    wy_refs = refs[7:7 + n_wy]
+    seq_ref, flag_ref = refs[7 + n_wy:9 + n_wy] if packed else (None, None)
     o_ref, final_ref = refs[n_in:n_in + 2]
     # packed: a float32 [K, BV] tile that stages a sequence's initial and final states
     seq_smem, refs = (refs[-2], refs[:-2] + refs[-1:]) if packed else (None, refs)
@@ -420,7 +439,7 @@ def _forward_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> 
               >= plgpu.broadcasted_iota(jnp.int32, (L, L), 1, layout=wgmma_layout))
 
     def body(idx, q_smem, k_smem, v_smem, b_smem, d_smem, e_smem, *rest):
-        w_smem, rest = (rest[0], rest[1:]) if delta else (None, rest)
+        wy_smem, rest = rest[:n_wy], rest[n_wy:]  # (w,) or (M^{-1}, beta) or ()
         o_smem, rest = rest[0], rest[1:]
         s_smem, rest = (rest[0], rest[1:]) if store_states else (s_scratch, rest)
         vn_tile, rest = (rest[0], rest[1:]) if store_states and delta else (vn_smem, rest)
@@ -437,20 +456,39 @@ def _forward_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> 
         av_smem = v_smem  # the B operand of A v (vn for the delta rules)
 
         if delta:
-            # the three products of S_c (and q k^T) issued together: w S_c is on the chain
-            # (vn needs it), q k^T and q S_c overlap it
+            # the three products of S_c (and q k^T) issued together: w S_c (fused: k S_c) is
+            # on the chain (vn needs it), q k^T and q S_c overlap it
             def intra3(acc_qk, acc_o, acc_ws):
-                plgpu.wgmma(acc_ws, w_smem, s_smem)  # [L, K] @ [K, BV]
+                plgpu.wgmma(acc_ws, k_smem if fused else wy_smem[0], s_smem)  # [L, K] @ [K, BV]
                 plgpu.wgmma(acc_qk, q_smem, k_t)  # [L, K] @ [K, L]
                 plgpu.wgmma(acc_o, q_smem, s_smem)  # [L, K] @ [K, BV]
                 return acc_qk[...], acc_o[...], acc_ws[...]
 
             qk, qs, ws = pl.run_scoped(intra3, plgpu.ACC((L, L), F32), plgpu.ACC((L, BV), F32),
                                        plgpu.ACC((L, BV), F32))
-            # vn = u - w S_c: the values the chunk actually writes; in the input dtype as the
-            # B operand of A vn, and decayed by e^{b_L - b} for the state update (the Triton
-            # fwd_h rounds both the same way)
-            vn = _load(v_smem, wgmma_layout).astype(F32) - ws  # [L, BV]
+            if fused:
+                # vn = M^{-1} y, y = beta (v - e^b (k S_c)) (= u - w S_c with w, u's products
+                # by M^{-1} taken after the subtraction): y goes through the decayed tile
+                # (free until vn is known) as the B operand of one more wgmma on the chain
+                m_smem, beta_smem = wy_smem
+                b_row = _load(b_smem, rows_layout)  # [L]
+                beta_row = _load(beta_smem, rows_layout)  # [L]
+                v_in = _load(v_smem, wgmma_layout).astype(F32)  # [L, BV]
+                y = (v_in - ws * jax.lax.broadcast_in_dim(jnp.exp(b_row), (L, BV), [0])
+                     ) * jax.lax.broadcast_in_dim(beta_row, (L, BV), [0])
+                vd_smem[...] = y.astype(dtype)
+                plgpu.commit_smem()
+
+                def solve(acc_vn):
+                    plgpu.wgmma(acc_vn, m_smem, vd_smem)  # [L, L] @ [L, BV]
+                    return acc_vn[...]
+
+                vn = pl.run_scoped(solve, plgpu.ACC((L, BV), F32))
+            else:
+                # vn = u - w S_c: the values the chunk actually writes; in the input dtype as
+                # the B operand of A vn, and decayed by e^{b_L - b} for the state update (the
+                # Triton fwd_h rounds both the same way)
+                vn = _load(v_smem, wgmma_layout).astype(F32) - ws  # [L, BV]
             d_row = _load(d_smem, rows_layout)  # [L]
             vn_tile[...] = vn.astype(dtype)
             vd_smem[...] = (vn * jax.lax.broadcast_in_dim(d_row, (L, BV), [0])).astype(dtype)
@@ -505,9 +543,13 @@ def _forward_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> 
     ]
     ins = [q_ref.at[r, :, h, :], k_ref.at[r, :, h, :], v_ref.at[r, :, h, vs], b_ref.at[r, h],
            d_ref.at[r, h], e_ref.at[r, h]]
-    if delta:  # w, [L, K] per chunk
+    if fused:  # M^{-1} [L, L] and beta [L] per chunk
+        in_specs += [plgpu.BlockSpec((L, L), lambda c: (c, 0), transforms=_swizzled(L, dtype)),
+                     plgpu.BlockSpec((L,), lambda c: (c,))]
+        ins += [wy_refs[0].at[r, :, h, :], wy_refs[1].at[r, h]]
+    elif delta:  # w, [L, K] per chunk
         in_specs.append(plgpu.BlockSpec((L, K), lambda c: (c, 0), transforms=_swizzled(K, dtype)))
-        ins.append(w_ref.at[r, :, h, :])
+        ins.append(wy_refs[0].at[r, :, h, :])
     out_specs = [plgpu.BlockSpec((L, BV), lambda c: (c, 0), transforms=_swizzled(BV, dtype))]
     outs = [o_ref.at[r, :, h, vs]]
     if store_states:  # S_c of every chunk, [NC, K, BV] of h [R, NC, H, K, V]
@@ -582,7 +624,8 @@ def gate_rows(b: Array, chunk: int, key_dim: int) -> tuple[Array, Array, Array]:
 
 def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
                    h0: Array | None, *, store_states: bool = False, w: Array | None = None,
-                   layout: tuple[Array, Array] | None = None
+                   layout: tuple[Array, Array] | None = None,
+                   minv: Array | None = None, beta: Array | None = None
                    ) -> tuple[Array, Array] | tuple[Array, Array, Array]:
     """Run the forward kernel in the chunk layout.
 
@@ -595,6 +638,9 @@ def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
         store_states: also return every chunk's entering state (for the backward), and for
             the delta rules every chunk's ``vn``.
         w: ``[R, TP, H, K]`` the WY form's ``w`` (the delta rules only, else None).
+        minv, beta: with ``st.fused_wy`` (the delta rules' plain forward) instead of ``w``:
+            ``M^{-1}`` ``[R, TP, H, L]`` in q's dtype (``pallas_wy.wy_inverse``) and
+            ``beta`` ``[R, TP, H]``; ``v`` is then the values themselves, not ``u``.
         layout: ``(seq_info, flags)`` ``[R, NC]`` int32 (``pallas_chunk.chunk_layout_info``)
             when ``st.core.packed``: each chunk's sequence and whether it opens / closes it;
             ``h0`` and the final states are then ``[N, H, K, V]`` (N sequences). The final
@@ -609,9 +655,18 @@ def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
 
     c = st.core
     R, NC, L, H, K, V = c.rows, c.n_chunks, c.chunk, c.heads, c.key_dim, c.value_dim
-    if c.delta != (w is not None):
-        raise ValueError(f"w: expected {'[R, TP, H, K]' if c.delta else 'None'} for "
-                         f"delta={c.delta}, got {None if w is None else w.shape}")
+    fused = c.delta and st.fused_wy
+    if st.fused_wy and (not c.delta or store_states):
+        raise ValueError("st: fused_wy is the delta rules' plain forward only (delta="
+                         f"{c.delta}, store_states={store_states})")
+    if (c.delta and not fused) != (w is not None):
+        raise ValueError(f"w: expected {'[R, TP, H, K]' if c.delta and not fused else 'None'} "
+                         f"for delta={c.delta}, fused_wy={st.fused_wy}, "
+                         f"got {None if w is None else w.shape}")
+    if fused != (minv is not None and beta is not None):
+        raise ValueError(f"minv, beta: expected both for fused_wy={st.fused_wy}, got "
+                         f"{None if minv is None else minv.shape}, "
+                         f"{None if beta is None else beta.shape}")
     if c.packed != (layout is not None):
         raise ValueError(f"layout: expected {'(seq_info, flags)' if c.packed else 'None'} for "
                          f"packed={c.packed}")
@@ -652,8 +707,11 @@ def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
         compiler_params=compiler_params(),
         **interpret_kwargs(),
     )
-    return f(q, k, v, bh, decay, e_last, h0, *(() if w is None else (w,)),
-             *(() if layout is None else layout))
+    if fused:  # beta's rows as the gates', a chunk's values contiguous
+        wy = (minv, jnp.transpose(beta.astype(F32), (0, 2, 1)))  # [R, TP, H] -> [R, H, TP]
+    else:
+        wy = () if w is None else (w,)
+    return f(q, k, v, bh, decay, e_last, h0, *wy, *(() if layout is None else layout))
 
 
 def compiler_params() -> Any:

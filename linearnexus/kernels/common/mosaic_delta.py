@@ -24,6 +24,12 @@ chunk once): ``w = M^{-1} (beta e^{b} k)``, ``u = M^{-1} (beta v)``. The sequent
     o   = scale [ e^{b} qs + ((qk) * Gamma) vn ]     wgmma, A the register operand
     S_{c+1} = e^{b_L} S_c + k^T (e^{b_L - b} vn)     wgmma into the state accumulator
 
+The plain forward (no gradient; ``MosaicConfig.fused_wy``, the default) does not form ``w``,
+``u`` at all: the preparation writes ``M^{-1}`` only (``pallas_wy.wy_inverse``) and the walk
+takes ``k S_c`` in place of ``w S_c`` and forms ``vn = M^{-1} (beta (v - e^{b} k S_c))`` with
+one more wgmma (:func:`mosaic_delta_fused`; 0.704 ms against 0.885 at (8, 4096, 16, 128)
+bf16 on an H100, with lower errors).
+
 The backward (``jax.custom_vjp``): under a gradient the kernel also stores every chunk's
 entering state ``S_c`` (the bf16 tile of the ``w S_c`` / ``q S_c`` matmuls becomes a
 pipeline output slot, as simple_gla's ``store_states``) and ``vn`` (likewise): exactly the
@@ -43,6 +49,7 @@ Either way the WY preparation's own ``custom_vjp`` (``pallas_wy.py``) then carri
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -64,28 +71,39 @@ from linearnexus.kernels.common.mosaic_chunk import (
     triton_layout,
 )
 from linearnexus.kernels.common.pallas_chunk import _core_bwd, in_chunk_cumsum
+from linearnexus.kernels.common.pallas_wy import WyStatic, wy_inverse, wy_prepare
 
 F32 = jnp.float32
 #: "1" puts the delta rules' mosaic backend first in automatic dispatch; "0" keeps it out
 #: (by name it always runs)
 OPT_IN_ENV = "LINEARNEXUS_MOSAIC_GDN"
-#: automatic without the variable: no. The forward walk is 0.92x Triton's forward at
-#: (8, 4096, 16, 128), but a whole 211M Gated DeltaNet LM (K = 64, V = 128) trained at
-#: 86.3 ms/step through it against 79.9 through pallas (benchmarks/lm_train_gpu.py,
-#: H200, 2026-12-04), so pallas stays the automatic choice until it wins there
+#: automatic without the variable: no. A whole 211M Gated DeltaNet LM (K = 64, V = 128)
+#: trained at 86.3 ms/step through an earlier version against 79.9 through pallas
+#: (benchmarks/lm_train_gpu.py, H200, 2026-12-04); the kernels have since gone to fwd 0.69x /
+#: fwd+bwd 0.88x pallas's at (8, 4096, 16, 64) on an H100 (2026-12-05), but pallas stays the
+#: automatic choice until the LM step is re-timed
 AUTOMATIC = False
 #: the feature table's note on the backend
-MOSAIC_STATUS = ("sm_90+, batches and packed sequences: Triton WY, Mosaic GPU forward walk, "
-                 "Triton backward (Mosaic backward with MosaicConfig(backward='mosaic'): checked "
-                 "on an H100, as fast as the Triton one); slower than pallas in LM training: "
-                 "automatic only with LINEARNEXUS_MOSAIC_GDN=1")
+MOSAIC_STATUS = ("sm_90+, batches and packed sequences: Triton M^{-1}, Mosaic GPU forward walk "
+                 "forming the WY products, Mosaic GPU backward (Triton at V > 128); fwd 0.66-0.68x "
+                 "FLA on an H100; LM training not re-timed: automatic only with "
+                 "LINEARNEXUS_MOSAIC_GDN=1")
 
 
-#: the gradient the heuristic picks where the Mosaic backward fits (V <= 128): "pallas" (the
-#: Triton backward kernels). The Mosaic backward matched it on an H100 (bf16 (8, 4096, 16,
-#: 128) gated_delta_rule fwd+bwd 3.491 ms against 3.477, one run, 2026-12-05), so the
-#: Triton one stays until the Mosaic one is faster
-DEFAULT_BACKWARD = "pallas"
+#: the gradient the heuristic picks where the Mosaic backward fits (V <= 128): "mosaic" (the
+#: reverse walk and dq / dk on Mosaic GPU). bf16 gated_delta_rule fwd+bwd on an H100
+#: (benchmarks/mosaic_gdn_check.py, 2026-12-05): (8, 4096, 16, 128) 3.284 ms against the
+#: Triton backward's 3.346, (8, 4096, 16, 64) 1.538 against 1.669 (FLA 0.6.0: 4.023 / 2.948);
+#: one earlier run had them level (3.491 / 3.477)
+DEFAULT_BACKWARD = "mosaic"
+
+
+#: the plain forward's WY products in the walk (MosaicConfig.fused_wy) by default: yes.
+#: bf16 gated_delta_rule forward on an H100 (2026-12-05): (8, 4096, 16, 128) 0.704 ms against
+#: 0.888-0.897 with w, u through HBM (FLA 0.6.0: 1.038), (8, 4096, 16, 64) 0.468 against
+#: 0.522 (FLA 0.713); errors against the reference equal or lower (delta_rule o 3.6e-3
+#: against 4.0e-3)
+DEFAULT_FUSED_WY = True
 
 
 def delta_opted_in() -> bool:
@@ -94,29 +112,39 @@ def delta_opted_in() -> bool:
 
 
 def default_delta_config(*, rows: int, heads: int, key_dim: int, value_dim: int,
-                         n_chunks: int, itemsize: int = 2, packed: bool = False) -> MosaicConfig:
-    """The heuristic of the delta rules' forward: chunk 64, value blocks of 64 (the
+                         n_chunks: int, itemsize: int = 2, packed: bool = False,
+                         fused_wy: bool | None = None) -> MosaicConfig:
+    """The heuristic of the delta rules' kernels: chunk 64, value blocks of 64 (the
     ``[K, 64]`` float32 state, 64 registers a thread at K = 128, plus three ``[64, 64]``
-    accumulators), the Triton backward. Stages of the plain forward: one when the grid has
-    more programs than the 132 SMs and the walk is long (two programs of ~97 KB share an SM
-    at K = 128, as the simple_gla forward's measured best), else the deepest of 3 (walks of
-    >= 8 chunks) or 2 that fits (3 do not at K = 128: 227 KB). ``bwd_stages`` (the forward
-    that stores the states under a gradient): None, the deepest that fits up to 3 (2 at
-    K = 128: 186 KB). Unmeasured (docs/mosaic.md)."""
+    accumulators), the WY products in the plain forward's walk (:data:`DEFAULT_FUSED_WY`;
+    ``fused_wy`` a call's own choice) and the Mosaic backward where it fits
+    (:data:`DEFAULT_BACKWARD`), else the Triton one. Stages of the plain forward, fused:
+    2 where they fit (measured on an H100, bf16 (8, 4096, 16, D), 2026-12-05: D = 64 1 / 2 /
+    3 stages 0.516 / 0.468 / 0.471 ms, D = 128 0.707 / 0.704 / 0.719); with ``w``, ``u``
+    through HBM: one when the grid has more programs than the 132 SMs and the walk is long
+    (two programs share an SM), else the deepest of 3 (walks of >= 8 chunks) or 2 that fits
+    (level within 1% at those shapes). ``bwd_stages`` (the forward that stores the states
+    under a gradient, and the Mosaic reverse walk): None, the deepest that fits up to 3."""
     block_v = min(64, value_dim)
+    fused = DEFAULT_FUSED_WY if fused_wy is None else fused_wy
 
     def fits(stages: int) -> bool:
         return smem_bytes(chunk=64, key_dim=key_dim, block_v=block_v, stages=stages,
-                          itemsize=itemsize, delta=True, packed=packed) <= SMEM_LIMIT
+                          itemsize=itemsize, delta=True, packed=packed,
+                          fused_wy=fused) <= SMEM_LIMIT
 
-    stages = 3 if n_chunks >= 8 and fits(3) else 2 if fits(2) else 1
-    if n_chunks >= 8 and (value_dim // block_v) * rows * heads > HOPPER_SMS:
-        stages = 1
+    if fused:
+        stages = 2 if fits(2) else 1
+    else:
+        stages = 3 if n_chunks >= 8 and fits(3) else 2 if fits(2) else 1
+        if n_chunks >= 8 and (value_dim // block_v) * rows * heads > HOPPER_SMS:
+            stages = 1
     backward = DEFAULT_BACKWARD
     if backward == "mosaic" and not delta_backward_fits(key_dim=key_dim, value_dim=value_dim,
                                                         itemsize=itemsize, packed=packed):
         backward = "pallas"
-    return MosaicConfig(chunk=64, block_v=block_v, stages=stages, backward=backward)
+    return MosaicConfig(chunk=64, block_v=block_v, stages=stages, backward=backward,
+                        fused_wy=fused)
 
 
 def delta_backward_fits(*, key_dim: int, value_dim: int, itemsize: int = 2,
@@ -148,7 +176,8 @@ def check_delta_config(cfg: MosaicConfig, *, key_dim: int, value_dim: int,
         if stages is None:
             continue
         need = smem_bytes(chunk=cfg.chunk, key_dim=key_dim, block_v=cfg.block_v, stages=stages,
-                          itemsize=2, delta=True, store_states=stored, packed=packed)
+                          itemsize=2, delta=True, store_states=stored, packed=packed,
+                          fused_wy=bool(cfg.fused_wy) and not stored)
         if stored and cfg.backward == "mosaic":  # bwd_stages is the reverse walk's depth too
             need = max(need, mosaic_bwd.state_smem_bytes(
                 chunk=cfg.chunk, key_dim=key_dim, block_v=min(value_dim, mosaic_bwd.STATE_BLOCK_V),
@@ -227,3 +256,51 @@ def _bwd_rule(st: MosaicStatic, res, cts):
 
 
 mosaic_delta_core.defvjp(_fwd_rule, _bwd_rule)
+
+
+def _separate(st: MosaicStatic, wst: WyStatic, q: Array, k: Array, v: Array, beta: Array,
+              g: Array | None, h0: Array | None,
+              layout: tuple[Array, Array] | None) -> tuple[Array, Array]:
+    """The WY preparation's ``w``, ``u`` then the walk that reads them (k passes through the
+    preparation so that the core's ``dk`` is added inside the WY backward kernel)."""
+    w, u, k = wy_prepare(dataclasses.replace(wst, minv_only=False), k, v, beta, g)
+    return mosaic_delta_core(dataclasses.replace(st, fused_wy=False), q, k, u, w, g, h0, layout)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def mosaic_delta_fused(st: MosaicStatic, wst: WyStatic, q: Array, k: Array, v: Array,
+                       beta: Array, g: Array | None, h0: Array | None,
+                       layout: tuple[Array, Array] | None = None) -> tuple[Array, Array]:
+    """The delta rules from the chunk layout with the WY products in the walk
+    (``MosaicConfig.fused_wy``): the preparation writes only ``M^{-1}``
+    (``pallas_wy.wy_inverse``) and the walk forms ``vn = M^{-1} (beta v - beta e^b (k S_c))``
+    per chunk, so ``w`` and ``u`` never reach HBM. Under a gradient the forward is
+    :func:`_separate`'s (the backward reads ``w`` and the stored ``vn``, ``S_c``), and so is
+    the backward.
+
+    Args:
+        st: static description (``st.core.delta``). wst: the WY preparation's.
+        q, k: ``[R, TP, H, K]``; v: ``[R, TP, H, V]`` (bf16 / f16); beta: ``[R, TP, H]``;
+        g, h0, layout: as :func:`mosaic_delta_core`.
+
+    Returns:
+        ``(o [R, TP, H, V], final [N, H, K, V] float32)``.
+    """
+    minv = wy_inverse(dataclasses.replace(wst, minv_only=True), k, beta, g)
+    b, _ = _gates(st, g, q)
+    h0f = None if h0 is None else h0.astype(F32)
+    o, final = mosaic_forward(dataclasses.replace(st, fused_wy=True), q, k, v, b, h0f,
+                              layout=layout, minv=minv, beta=beta)
+    return o, pass_empty(st, layout, final, h0f)
+
+
+def _fused_fwd(st, wst, q, k, v, beta, g, h0, layout):
+    out, pullback = jax.vjp(lambda *xs: _separate(st, wst, *xs, layout), q, k, v, beta, g, h0)
+    return out, pullback  # (a jax.tree_util.Partial: a pytree of the residual arrays)
+
+
+def _fused_bwd(st, wst, pullback, cts):
+    return (*pullback(cts), None)
+
+
+mosaic_delta_fused.defvjp(_fused_fwd, _fused_bwd)

@@ -164,6 +164,9 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
                                            block_v=cfg.block_v))
     if vp % cfg.block_v:
         raise ValueError(f"config: block_v={cfg.block_v} must divide the padded value dim {vp}")
+    if cfg.fused_wy:
+        raise ValueError("config: fused_wy=True is a knob of the delta rules' kernel (the WY "
+                         "products in the walk); simple_gla's has no WY form: leave it None")
     _check_fits(cfg, chunk=chunk, kp=kp, vp=vp, itemsize=itemsize, packed=False)
     if packed:
         decline_unless_packed_fits(
@@ -302,6 +305,7 @@ def delta_rule_mosaic(q: Array, k: Array, v: Array, beta: Array, g: Array | None
         check_delta_config,
         default_delta_config,
         mosaic_delta_core,
+        mosaic_delta_fused,
     )
     from linearnexus.kernels.common.pallas import interpret_mode
     from linearnexus.kernels.common.pallas_wy import WyStatic, wy_prepare
@@ -317,7 +321,8 @@ def delta_rule_mosaic(q: Array, k: Array, v: Array, beta: Array, g: Array | None
     dtype, kp, vp, plan, h0, (qc, kc, vc) = _chunk_inputs(q, k, v, initial_state, chunk,
                                                           cu_seqlens)
     cfg = cfg.merged(default_delta_config(rows=plan.rows, heads=heads, key_dim=kp, value_dim=vp,
-                                          n_chunks=plan.n_chunks, packed=plan.packed))
+                                          n_chunks=plan.n_chunks, packed=plan.packed,
+                                          fused_wy=cfg.fused_wy))
     check_delta_config(cfg, key_dim=kp, value_dim=vp)
     if plan.packed:
         decline_unless_packed_fits(
@@ -327,14 +332,18 @@ def delta_rule_mosaic(q: Array, k: Array, v: Array, beta: Array, g: Array | None
     wst = WyStatic(gated=g is not None, rows=plan.rows, n_chunks=plan.n_chunks, chunk=chunk,
                    heads=heads, key_dim=kp, value_dim=vp, exact=False,
                    num_warps=8 if max(kp, vp) >= 256 else 4, interpret=interpret_mode())
-    # k passes through so that the core's dk is added inside the WY backward kernel
-    w, uc, kc = wy_prepare(wst, kc, vc, _layout(beta, plan), gc)
     core = _core_static(dtype, plan, kp, vp, heads=heads, scale=scale, has_h0=h0 is not None,
                         gate="none" if g is None else "scalar", delta=True,
                         n_seqs=_n_seqs(q, cu_seqlens))
     st = MosaicStatic(core=core, block_v=cfg.block_v, stages=cfg.stages, backward=cfg.backward,
                       bwd_stages=cfg.bwd_stages, dqk_stages=cfg.dqk_stages)
-    o, final = mosaic_delta_core(st, qc, kc, uc, w, gc, h0, _packed_layout(plan))
+    bc = _layout(beta, plan)  # [B, T, H] -> [R, NC * L, H]
+    if cfg.fused_wy:  # w, u formed in the walk (the plain forward; a gradient's is separate)
+        o, final = mosaic_delta_fused(st, wst, qc, kc, vc, bc, gc, h0, _packed_layout(plan))
+    else:
+        # k passes through so that the core's dk is added inside the WY backward kernel
+        w, uc, kc = wy_prepare(wst, kc, vc, bc, gc)
+        o, final = mosaic_delta_core(st, qc, kc, uc, w, gc, h0, _packed_layout(plan))
     o = _unlayout(o, plan)[..., :v.shape[3]].astype(v.dtype)
     return o, final[:, :, :q.shape[3], :v.shape[3]]
 

@@ -66,9 +66,13 @@ class WyStatic:
     # with low_wu: the scaled operands (beta e^b k, beta v) as a 16-bit pair hi + lo, one more
     # product each. Their rounding, not M^{-1}'s, is most of low_wu's extra error (a float64
     # emulation: u's error 2.6e-3 of its largest entry from rounding them, 1.2e-4 from
-    # rounding M^{-1}, before u's own rounding). On trial: not timed on a GPU yet
-    # (benchmarks/wy_profile_gpu.py's "split-x").
+    # rounding M^{-1}, before u's own rounding). Off: on an H100 the preparation took 0.450 ms
+    # with it against 0.420 (u's error 3.3e-3 against 5.4e-3; benchmarks/wy_profile_gpu.py's
+    # "split-x", 2026-12-05), and the Mosaic plain forward forms no w, u (minv_only)
     split_x: bool = False
+    # M^{-1} only (stored in the inputs' dtype; no w, u): the delta rules' fused Mosaic
+    # forward forms vn = M^{-1} (beta v - beta e^b k S_c) in its walk (wy_inverse)
+    minv_only: bool = False
 
 
 def _dot(a, b, st: WyStatic, *, ta=False, tb=False, exact=False):
@@ -110,6 +114,8 @@ def _barrier(st: WyStatic) -> None:
 
 
 def _wy_fwd_kernel(*refs, st: WyStatic):
+    if st.minv_only:  # (M^{-1} only: no v in, no w, u out)
+        refs = refs[:1] + (None,) + refs[1:2 + st.gated] + (None, None) + refs[2 + st.gated:]
     if st.gated:
         k_ref, v_ref, beta_ref, b_ref, w_ref, u_ref, m_ref, *work = refs
     else:
@@ -153,7 +159,7 @@ def _wy_fwd_kernel(*refs, st: WyStatic):
             minv[i, j] = -_dot(minv[i, i], acc, st, exact=True)
     # w and u read back the stored 16-bit M^{-1} (low) or the float32 one from the scratch,
     # which then replaces A there: every thread has used its blocks of A first
-    low = st.low_wu and bool(work)
+    low = (st.low_wu or st.minv_only) and bool(work)
     if not low:
         _barrier(st)
     for i in range(nb):
@@ -164,6 +170,8 @@ def _wy_fwd_kernel(*refs, st: WyStatic):
                 work_ref[at] = blk
             if work:
                 m_ref[at] = blk.astype(m_ref.dtype)
+    if st.minv_only:
+        return
     # w and u as whole-chunk products with M^{-1} read back as one [L, L] tile (16-row
     # products with M = 16 run on the small MMA shapes)
     _barrier(st)
@@ -275,6 +283,22 @@ def _fwd(st: WyStatic, k, v, beta, g):
     ins = [k, v, beta] + ([in_chunk_cumsum(g, st.chunk)] if st.gated else [])
     w, u, minv = _call(functools.partial(_wy_fwd_kernel, st=st), st, outs, *ins)[:3]
     return (w, u, k), (k, v, beta, g, minv)
+
+
+def wy_inverse(st: WyStatic, k: Array, beta: Array, g: Array | None) -> Array:
+    """``M^{-1}`` ``[R, TP, H, L]`` in k's dtype (chunk ``c``'s ``[L, L]`` block in rows
+    ``c L .. c L + L - 1``, zero above the diagonal): the preparation without ``w`` and ``u``,
+    for the delta rules' fused Mosaic forward (``st.minv_only``; no gradient: the gradient's
+    forward runs :func:`wy_prepare`). Arguments as :func:`wy_prepare`; 16-bit ``k`` only.
+    """
+    if not st.minv_only or st.exact:
+        raise ValueError(f"st: wy_inverse takes minv_only=True and 16-bit inputs (exact=False), "
+                         f"got minv_only={st.minv_only}, exact={st.exact}")
+    R, TP, H = st.rows, st.n_chunks * st.chunk, st.heads
+    outs = [jax.ShapeDtypeStruct((R, TP, H, st.chunk), k.dtype),
+            jax.ShapeDtypeStruct((R, TP, H, st.chunk), F32)]  # A's float32 scratch
+    ins = [k, beta] + ([in_chunk_cumsum(g, st.chunk)] if st.gated else [])
+    return _call(functools.partial(_wy_fwd_kernel, st=st), st, outs, *ins)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
