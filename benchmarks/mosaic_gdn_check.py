@@ -34,8 +34,9 @@ finished):
    ``sum(o * do)`` w.r.t. q, k, v, g, beta) through the api for mosaic (the heuristic's
    config: the fused forward, the Mosaic backward where it fits), the forward with ``w``,
    ``u`` through HBM (``fused_wy=False``), mosaic with the Triton backward
-   (``backward="pallas"``) and pallas, with ``kernels_gpu.host_time`` (host clock around
-   back-to-back calls, median of 5, inputs rotated past L2); plus
+   (``backward="pallas"``), with ``dw`` in the Mosaic kernel
+   (``LINEARNEXUS_MOSAIC_DW_KERNEL=1``) and pallas, with ``kernels_gpu.host_time`` (host
+   clock around back-to-back calls, median of 5, inputs rotated past L2); plus
    ``||mosaic - pallas|| / ||pallas||`` of the output at that shape.
 4. FLA's ``chunk_gated_delta_rule`` at the same shape and method, in a child process
    bounded by what is left of the budget less ``--extras-reserve`` (its first call
@@ -46,7 +47,8 @@ finished):
    Triton WY preparation (forward, and forward + backward), the Mosaic walk at 1 and 2
    stages, plain and storing ``S_c`` / ``vn``, ``M^{-1}`` alone and the fused walk at 1-3
    stages; the Triton core backward and the Mosaic one (its reverse walk, ``dq / dk``, the
-   XLA ``dw`` matmul, and whole) on the stored residuals.
+   XLA ``dw`` matmul and the ``dw`` kernel at 1-3 stages, and whole) on the stored
+   residuals.
 
 Prints a compact table; writes ``mosaic_gdn_check.json`` under ``--out``.
 """
@@ -74,7 +76,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kernels_gpu as kg  # noqa: E402  (input recipe, metric, thresholds, timing)
 
 from linearnexus.kernels.base import dispatch  # noqa: E402
-from linearnexus.kernels.common import mosaic_delta  # noqa: E402
+from linearnexus.kernels.common import mosaic_bwd, mosaic_delta  # noqa: E402
 from linearnexus.kernels.common.mosaic_chunk import MosaicConfig  # noqa: E402
 
 
@@ -266,6 +268,10 @@ def time_kernels(shape: tuple[int, ...], sets: list, n_sets: int) -> dict[str, f
 
     dw = jax.jit(dw_xla)
     timed("dw = -dvn S_c^T (XLA)", lambda i: dw(rev_out[i % n_sets][0], res[i % n_sets][5]))
+    for stages in (1, 2, 3):  # the same product in the Mosaic kernel (DW_KERNEL_ENV)
+        dwk = jax.jit(lambda dvn, h, stages=stages: mosaic_bwd.run_dw(st, dvn, h, stages))
+        timed(f"dw kernel (Mosaic) stages={stages}",
+              lambda i, f=dwk: f(rev_out[i % n_sets][0], res[i % n_sets][5]))
     whole = jax.jit(lambda q, k, w, u, b, h, vn, final: mosaic_bwd.mosaic_delta_backward(
         st, q, k, w, b, h, vn, do, dfinal))
     timed("core backward, Mosaic (whole)", lambda i: whole(*res[i % n_sets]))
@@ -383,6 +389,9 @@ def main() -> None:
     timing("mosaic", "mosaic", None)  # the heuristic: fused_wy forward, Mosaic backward
     timing("mosaic fused_wy=False", "mosaic", MosaicConfig(fused_wy=False), fwd_only=True)
     timing("mosaic bwd=pallas", "mosaic", MosaicConfig(backward="pallas"))
+    os.environ[mosaic_bwd.DW_KERNEL_ENV] = "1"  # dw = -dvn S_c^T in the Mosaic kernel
+    timing("mosaic dw kernel", "mosaic", None)
+    del os.environ[mosaic_bwd.DW_KERNEL_ENV]
     timing("pallas", "pallas", None)
     for label in ("mosaic", "mosaic fused_wy=False"):
         if label in outs and "pallas" in outs:

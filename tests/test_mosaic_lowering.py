@@ -19,11 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from linearnexus.kernels.common import mosaic_delta
+from linearnexus.kernels.common import mosaic_bwd, mosaic_delta
 from linearnexus.kernels.common.gpu_lowering import lower_for_gpu
 from linearnexus.kernels.common.mosaic_chunk import (
     SMEM_LIMIT,
     MosaicConfig,
+    MosaicStatic,
     default_mosaic_config,
     gpu_interpret,
     gpu_interpret_reason,
@@ -382,6 +383,68 @@ def test_mosaic_matches_reference_in_the_interpreter(op, monkeypatch):
     errors = {n: rel(a, b) for n, a, b in zip(names, grads, ref_grads, strict=True)
               if with_h0 or n != "dh0"}  # without an initial state its gradient is not asked
     assert max(errors.values()) <= 1e-2, errors
+
+
+@needs_mosaic
+def test_delta_dw_kernel_lowers_and_matches_xla(monkeypatch):
+    """``dw = -dvn S_c^T`` in the Mosaic kernel (``mosaic_bwd.run_dw``, on with
+    ``LINEARNEXUS_MOSAIC_DW_KERNEL=1``): the gradient with the Mosaic backward lowers for CUDA
+    with one more Mosaic kernel (4) and the same two Triton (WY) kernels; on JAX 0.11 the
+    kernel runs in the interpreter against the XLA product at chunk splits of 1-4 (head dims
+    64 / 128, V 64 / 128), and a whole gradient through it equals the XLA one's bit for bit."""
+    monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")
+    monkeypatch.setenv(mosaic_bwd.DW_KERNEL_ENV, "1")
+    config = MosaicConfig(backward="mosaic")
+
+    def loss(q, k, v, beta, g, s0):
+        o, final = delta_rule_mosaic(q, k, v, beta, g, scale=0.1, initial_state=s0,
+                                     config=config, check_device=False)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
+
+    specs = _delta_specs(2, 1000, 2, 128, 128, True, True)
+    grad_text = _lower(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5)), *specs)
+    assert grad_text.count("custom_call @mosaic_gpu") == 4
+    assert grad_text.count("xla.gpu.triton") == 2
+    if gpu_interpret_reason() is not None:
+        return
+    monkeypatch.delenv("LINEARNEXUS_PALLAS_INTERPRET")  # the Triton WY kernels interpreted
+    from linearnexus.kernels.common.pallas_chunk import CoreStatic
+
+    for R, NC, H, K, V in ((2, 3, 2, 64, 64), (1, 4, 1, 128, 128), (1, 2, 3, 64, 128)):
+        L = 64
+        core = CoreStatic(gate="scalar", delta=True, has_h0=False, scale=1.0, rows=R,
+                          n_chunks=NC, chunk=L, heads=H, key_dim=K, value_dim=V, n_seqs=R,
+                          block_k=K, block_v=64, num_warps=4, num_stages=2, interpret=True,
+                          packed=False)
+        st = MosaicStatic(core=core, block_v=64, stages=1)
+        k1, k2 = jax.random.split(jax.random.PRNGKey(R * NC + K))
+        dvn = jax.random.normal(k1, (R, NC * L, H, V)).astype(jnp.bfloat16)
+        h = jax.random.normal(k2, (R, NC, H, K, V)).astype(jnp.bfloat16)
+        with gpu_interpret():
+            dw = mosaic_bwd.run_dw(st, dvn, h).astype(jnp.float32)
+        # [R, NC, L, H, V] x [R, NC, H, K, V] -> [R, NC, L, H, K], then [R, TP, H, K]
+        ref = -jnp.einsum("rclhv,rchkv->rclhk", dvn.astype(jnp.float32).reshape(R, NC, L, H, V),
+                          h.astype(jnp.float32), precision="highest").reshape(R, NC * L, H, K)
+        # float32 accumulation both ways; dw rounded once to bf16 (2^-8 of each entry)
+        np.testing.assert_allclose(np.asarray(dw), np.asarray(ref), rtol=2 ** -8, atol=1e-6)
+
+    ks = jax.random.split(jax.random.PRNGKey(3), 6)
+    B, T, H, K, V = 1, 100, 2, 64, 64
+    q = jax.random.normal(ks[0], (B, T, H, K)).astype(jnp.bfloat16)
+    k = jax.random.normal(ks[1], (B, T, H, K))
+    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
+    v = jax.random.normal(ks[2], (B, T, H, V)).astype(jnp.bfloat16)
+    g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H)))
+    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H))).astype(jnp.bfloat16)
+    s0 = jax.random.normal(ks[5], (B, H, K, V))
+    grads = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv(mosaic_bwd.DW_KERNEL_ENV, flag)
+        with gpu_interpret():
+            grads[flag] = jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))(q, k, v, beta, g, s0)
+    for a, b in zip(grads["0"], grads["1"], strict=True):
+        np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)),
+                                      np.asarray(b.astype(jnp.float32)))
 
 
 @pytest.mark.skipif(REASON is not None or gpu_interpret_reason() is not None,

@@ -59,6 +59,7 @@ from linearnexus.kernels.common.mosaic_chunk import (
     _transposed,
     compiler_params,
     deepest_stages,
+    env_switch,
     gate_rows,
     interpret_kwargs,
     wgmma_onto,
@@ -370,6 +371,86 @@ def run_dqk(st: MosaicStatic, q: Array, k: Array, v: Array, do: Array, h: Array,
     )(q, k, v, do.astype(dtype), h, dh, gates[0], gates[1])
 
 
+#: "1" forms the delta rules' ``dw = -dvn S_c^T`` in the Mosaic kernel :func:`run_dw`, "0" in
+#: one batched XLA matmul; unset: :data:`DW_KERNEL`
+DW_KERNEL_ENV = "LINEARNEXUS_MOSAIC_DW_KERNEL"
+#: the default of :data:`DW_KERNEL_ENV`: the XLA matmul, until the kernel is timed on a GPU
+#: (the matmul took 0.506 ms of the Mosaic core backward's 1.513 at (8, 4096, 16, 128) bf16
+#: on an H100, 2026-12-05, for ~0.5 GB of operands: ~0.16 ms at the HBM's speed)
+DW_KERNEL = False
+#: programs the ``dw`` kernel aims for (two per SM of an H100 / H200)
+DW_PROGRAMS = 264
+
+
+def dw_smem_bytes(*, chunk: int, key_dim: int, value_dim: int, stages: int,
+                  itemsize: int) -> int:
+    """Shared memory of one ``dw`` program: per stage the ``dvn [L, V]``, ``S_c [K, V]`` and
+    ``dw [L, K]`` tiles."""
+    L, K, V = chunk, key_dim, value_dim
+    return stages * (L * V + K * V + L * K) * itemsize
+
+
+def dw_split(*, rows: int, heads: int, n_chunks: int) -> int:
+    """How many programs share a (row, head)'s chunks in :func:`run_dw`: the fewest (a
+    divisor of ``n_chunks``) that give :data:`DW_PROGRAMS` programs, else one per chunk."""
+    for d in range(1, n_chunks + 1):
+        if n_chunks % d == 0 and d * rows * heads >= DW_PROGRAMS:
+            return d
+    return n_chunks
+
+
+def _dw_kernel(dvn_ref: Any, h_ref: Any, dw_ref: Any, *, st: MosaicStatic, dtype: Any,
+               per: int, stages: int) -> None:
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    c = st.core
+    L, K, V = c.chunk, c.key_dim, c.value_dim
+    part, h, r = jax.lax.axis_index("s"), jax.lax.axis_index("h"), jax.lax.axis_index("r")
+
+    def body(idx, dvn_smem, s_smem, dw_smem):
+        def product(acc):
+            plgpu.wgmma(acc, dvn_smem, _transposed(s_smem))  # [L, V] @ [V, K]
+            return acc[...]
+
+        dw_smem[...] = (-pl.run_scoped(product, plgpu.ACC((L, K), F32))).astype(dtype)
+
+    rows = pl.ds(part * per * L, per * L)  # this program's chunks' tokens
+    pipeline = plgpu.emit_pipeline(
+        body, grid=(per,), max_concurrent_steps=stages,
+        in_specs=[plgpu.BlockSpec((L, V), lambda i: (i, 0), transforms=_swizzled(V, dtype)),
+                  plgpu.BlockSpec((None, K, V), lambda i: (i, 0, 0),
+                                  transforms=_swizzled(V, dtype))],
+        out_specs=[plgpu.BlockSpec((L, K), lambda i: (i, 0), transforms=_swizzled(K, dtype))])
+    pipeline(dvn_ref.at[r, rows, h, :], h_ref.at[r, pl.ds(part * per, per), h, :, :],
+             dw_ref.at[r, rows, h, :])
+
+
+def run_dw(st: MosaicStatic, dvn: Array, h: Array, stages: int | None = None) -> Array:
+    """``dw = -dvn S_c^T`` per chunk, ``[R, TP, H, K]`` in dvn's dtype, from ``dvn [R, TP, H,
+    V]`` and the stored entering states ``h [R, NC, H, K, V]``: a streaming Mosaic kernel
+    (grid ``[parts of the chunks, heads, rows]``, one wgmma a chunk in a TMA pipeline) that
+    reads each operand once in the layout it has. XLA's batched matmul of the same product
+    transposes around it (``dvn`` has the chunk's tokens between its batch axes)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    c = st.core
+    R, NC, L, H, K, V = c.rows, c.n_chunks, c.chunk, c.heads, c.key_dim, c.value_dim
+    dtype = dvn.dtype
+    stages = stages or deepest_stages(lambda s: dw_smem_bytes(
+        chunk=L, key_dim=K, value_dim=V, stages=s,
+        itemsize=jnp.dtype(dtype).itemsize) <= SMEM_LIMIT, 3)
+    split = dw_split(rows=R, heads=H, n_chunks=NC)
+    return plgpu.kernel(
+        functools.partial(_dw_kernel, st=st, dtype=dtype, per=NC // split, stages=stages),
+        out_type=jax.ShapeDtypeStruct((R, NC * L, H, K), dtype),
+        grid=(split, H, R),
+        grid_names=("s", "h", "r"),
+        compiler_params=compiler_params(),
+        **interpret_kwargs(),
+    )(dvn, h.astype(dtype))
+
+
 def mosaic_backward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array, h: Array,
                     do: Array, dfinal: Array, layout: tuple[Array, Array] | None = None
                     ) -> tuple[Array, Array, Array, Array, Array]:
@@ -425,10 +506,13 @@ def mosaic_delta_backward(st: MosaicStatic, q: Array, k: Array, w: Array, b: Arr
     gates = gate_rows(b, L, K)
     dvn, dh, dh0 = run_state_grad(st, q, k, do, gates, dfinal, w=w, layout=layout)
     dq, dk, term, kdk, sds = run_dqk(st, q, k, vn, do, h, dh, gates)
-    dvn_c = dvn.reshape(R, NC, L, H, V)  # [R, TP, H, V] -> [R, NC, L, H, V]
-    # [R, NC, L, H, V] x [R, NC, H, K, V] -> [R, NC, L, H, K]: dvn S_c^T per chunk
-    dws = jnp.einsum("rclhv,rchkv->rclhk", dvn_c, h, preferred_element_type=F32)
-    dw = (-dws).astype(q.dtype).reshape(R, NC * L, H, K)  # [R, NC, L, H, K] -> [R, TP, H, K]
+    if env_switch(DW_KERNEL_ENV, DW_KERNEL):
+        dw = run_dw(st, dvn, h).astype(q.dtype)
+    else:
+        dvn_c = dvn.reshape(R, NC, L, H, V)  # [R, TP, H, V] -> [R, NC, L, H, V]
+        # [R, NC, L, H, V] x [R, NC, H, K, V] -> [R, NC, L, H, K]: dvn S_c^T per chunk
+        dws = jnp.einsum("rclhv,rchkv->rclhk", dvn_c, h, preferred_element_type=F32)
+        dw = (-dws).astype(q.dtype).reshape(R, NC * L, H, K)  # -> [R, TP, H, K]
     return dq, dk, dvn, dw, _gate_grad(st, gates, term, kdk, sds), dh0
 
 
