@@ -134,14 +134,17 @@ def test_fused_step_dispatch(monkeypatch, key):
 
     monkeypatch.setattr(ops, "interpret_mode", lambda: False)
     monkeypatch.setattr("linearnexus.kernels.common.backends.current_platform", lambda: "gpu")
-    # gated_delta_rule tries mosaic first on a GPU when opted in (it runs the same fused
-    # step); by default, and without it, pallas does
+    # gated_delta_rule tries mosaic first on a GPU (it runs the same fused step) unless
+    # LINEARNEXUS_MOSAIC_GDN=0 keeps it out; then pallas does
     from linearnexus.kernels.common import mosaic_delta
 
-    monkeypatch.delenv(mosaic_delta.OPT_IN_ENV, raising=False)
+    monkeypatch.setenv(mosaic_delta.OPT_IN_ENV, "0")
     assert step_kernel(GDN_BACKENDS, GDN_ORDER, None, jnp.bfloat16) is pallas
     monkeypatch.setenv(mosaic_delta.OPT_IN_ENV, "1")
     assert step_kernel(GDN_BACKENDS, GDN_ORDER, None, jnp.bfloat16) is GDN_BACKENDS["mosaic"]
+    monkeypatch.delenv(mosaic_delta.OPT_IN_ENV)
+    assert step_kernel(GDN_BACKENDS, GDN_ORDER, None, jnp.bfloat16) is (
+        GDN_BACKENDS["mosaic"] if mosaic_delta.AUTOMATIC else pallas)
     assert step_kernel(GDN_BACKENDS, GDN_ORDER[1:], None, jnp.bfloat16) is pallas
     from linearnexus.kernels.simple_gla.api import BACKEND_ORDER, BACKENDS
 

@@ -135,11 +135,13 @@ def test_packed_sequences_lower_forward_and_backward(op, h0, config, monkeypatch
     assert _lower(fwd, *specs).count("custom_call @mosaic_gpu") == 1
     argnums = tuple(i for i, s in enumerate(specs[:-1]) if s is not None)
     grad_text = _lower(jax.value_and_grad(loss, argnums=argnums), *specs)
-    mosaic_bwd = (config.backward if config is not None and config.backward else "mosaic"
+    bwd_mosaic = (config.backward if config is not None and config.backward else "mosaic"
                   if op == "simple_gla" else mosaic_delta.DEFAULT_BACKWARD) == "mosaic"
-    assert grad_text.count("custom_call @mosaic_gpu") == (3 if mosaic_bwd else 1)
+    # the delta rules' Mosaic backward: a third kernel for dw (mosaic_bwd.DW_KERNEL)
+    dw = int(op != "simple_gla" and mosaic_bwd.DW_KERNEL)
+    assert grad_text.count("custom_call @mosaic_gpu") == (3 + dw if bwd_mosaic else 1)
     wy = 0 if op == "simple_gla" else 2  # the delta rules' Triton WY forward and backward
-    triton_bwd = 0 if mosaic_bwd else (4 if op == "simple_gla" else 3)  # (fwd_h +) dv, dh, dqk
+    triton_bwd = 0 if bwd_mosaic else (4 if op == "simple_gla" else 3)  # (fwd_h +) dv, dh, dqk
     assert grad_text.count("xla.gpu.triton") == wy + triton_bwd
 
 
@@ -302,10 +304,11 @@ def test_delta_rules_mosaic_lower_forward_and_backward(shape, h0, gated, config,
     argnums = tuple(i for i, s in enumerate(specs) if s is not None)
     grad_text = _lower(jax.value_and_grad(loss, argnums=argnums), *specs)
     # the backward the heuristic resolves to: these shapes fit the Mosaic one (V <= 128)
-    mosaic_bwd = (config.backward if config is not None and config.backward
+    bwd_mosaic = (config.backward if config is not None and config.backward
                   else mosaic_delta.DEFAULT_BACKWARD) == "mosaic"
-    assert grad_text.count("custom_call @mosaic_gpu") == (3 if mosaic_bwd else 1)
-    assert grad_text.count("xla.gpu.triton") == (2 if mosaic_bwd else 5)
+    dw = int(mosaic_bwd.DW_KERNEL)  # dw = -dvn S_c^T in a Mosaic kernel of its own
+    assert grad_text.count("custom_call @mosaic_gpu") == (3 + dw if bwd_mosaic else 1)
+    assert grad_text.count("xla.gpu.triton") == (2 if bwd_mosaic else 5)
 
 
 @pytest.mark.skipif(REASON is not None or gpu_interpret_reason() is not None,
@@ -353,8 +356,8 @@ def test_mosaic_matches_reference_in_the_interpreter(op, monkeypatch):
                                         initial_state=s0 if with_h0 else None, cu_seqlens=cu)
     else:
         args, names = (q, k, v, g, beta, s0), ("dq", "dk", "dv", "dg", "dbeta", "dh0")
-        mosaic_bwd = op.endswith("mosaic-bwd") or (packed and not op.endswith("triton-bwd"))
-        config = MosaicConfig(backward="mosaic" if mosaic_bwd else "pallas")
+        bwd_mosaic = op.endswith("mosaic-bwd") or (packed and not op.endswith("triton-bwd"))
+        config = MosaicConfig(backward="mosaic" if bwd_mosaic else "pallas")
 
         def mosaic(q, k, v, g, beta, s0):
             return delta_rule_mosaic(q, k, v, beta, g, scale=K ** -0.5, initial_state=s0,
@@ -387,8 +390,8 @@ def test_mosaic_matches_reference_in_the_interpreter(op, monkeypatch):
 
 @needs_mosaic
 def test_delta_dw_kernel_lowers_and_matches_xla(monkeypatch):
-    """``dw = -dvn S_c^T`` in the Mosaic kernel (``mosaic_bwd.run_dw``, on with
-    ``LINEARNEXUS_MOSAIC_DW_KERNEL=1``): the gradient with the Mosaic backward lowers for CUDA
+    """``dw = -dvn S_c^T`` in the Mosaic kernel (``mosaic_bwd.run_dw``, the default;
+    ``LINEARNEXUS_MOSAIC_DW_KERNEL=0``: the XLA matmul): the gradient with the Mosaic backward lowers for CUDA
     with one more Mosaic kernel (4) and the same two Triton (WY) kernels; on JAX 0.11 the
     kernel runs in the interpreter against the XLA product at chunk splits of 1-4 (head dims
     64 / 128, V 64 / 128), and a whole gradient through it equals the XLA one's bit for bit."""
@@ -506,10 +509,10 @@ def test_delta_fused_wy_forward_in_the_interpreter(gated, packed, dims, monkeypa
 
 
 def test_delta_mosaic_dispatch_and_declines_what_it_does_not_cover(monkeypatch):
-    """Automatic dispatch passes the delta rules' mosaic backend by (slower than pallas in
-    LM training) unless LINEARNEXUS_MOSAIC_GDN=1 (then it comes first on a GPU for bf16);
-    calls it does
-    not cover raise NotImplementedError, configs it does not take a ValueError naming config."""
+    """Automatic dispatch takes the delta rules' mosaic backend first on a GPU for bf16 (the
+    default, and with LINEARNEXUS_MOSAIC_GDN=1) and passes it by with the variable at 0;
+    calls it does not cover raise NotImplementedError, configs it does not take a
+    ValueError naming config."""
     from linearnexus.kernels.base import dispatch
     from linearnexus.kernels.delta_rule import api as dr_api
     from linearnexus.kernels.gated_delta_rule import api as gdn_api
@@ -518,16 +521,19 @@ def test_delta_mosaic_dispatch_and_declines_what_it_does_not_cover(monkeypatch):
         return dispatch("op", api.BACKENDS, api.BACKEND_ORDER, lambda k: k.name, backend=None,
                         dtype=dtype, platform="gpu")
 
-    for flag in ("0", ""):  # off, and the default (slower than pallas in LM training)
+    monkeypatch.setenv(mosaic_delta.OPT_IN_ENV, "0")
+    for api in (gdn_api, dr_api):
+        assert api.BACKEND_ORDER[0] == "mosaic"
+        assert chosen(api, jnp.bfloat16) == "pallas"
+        assert api.BACKENDS["mosaic"].by_name_dtypes  # the feature table: by name only
+    for flag in ("1", ""):  # on, and the default
         monkeypatch.setenv(mosaic_delta.OPT_IN_ENV, flag)
         for api in (gdn_api, dr_api):
-            assert api.BACKEND_ORDER[0] == "mosaic"
-            assert chosen(api, jnp.bfloat16) == "pallas"
-            assert api.BACKENDS["mosaic"].by_name_dtypes  # the feature table: by name only
+            assert chosen(api, jnp.bfloat16) == ("mosaic" if flag or mosaic_delta.AUTOMATIC
+                                                 else "pallas")
+            assert chosen(api, jnp.float32) == "pallas"
     monkeypatch.setenv(mosaic_delta.OPT_IN_ENV, "1")
     for api in (gdn_api, dr_api):
-        assert chosen(api, jnp.bfloat16) == "mosaic"
-        assert chosen(api, jnp.float32) == "pallas"
         assert api.BACKENDS["mosaic"].by_name_dtypes is None
     q = jnp.ones((1, 8, 1, 64), jnp.bfloat16)
     beta = jnp.ones((1, 8, 1), jnp.bfloat16)

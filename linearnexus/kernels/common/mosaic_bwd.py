@@ -374,10 +374,10 @@ def run_dqk(st: MosaicStatic, q: Array, k: Array, v: Array, do: Array, h: Array,
 #: "1" forms the delta rules' ``dw = -dvn S_c^T`` in the Mosaic kernel :func:`run_dw`, "0" in
 #: one batched XLA matmul; unset: :data:`DW_KERNEL`
 DW_KERNEL_ENV = "LINEARNEXUS_MOSAIC_DW_KERNEL"
-#: the default of :data:`DW_KERNEL_ENV`: the XLA matmul, until the kernel is timed on a GPU
-#: (the matmul took 0.506 ms of the Mosaic core backward's 1.513 at (8, 4096, 16, 128) bf16
-#: on an H100, 2026-12-05, for ~0.5 GB of operands: ~0.16 ms at the HBM's speed)
-DW_KERNEL = False
+#: the default of :data:`DW_KERNEL_ENV`: the kernel. On an H200 (bf16 (8, 4096, 16, 128),
+#: 2026-12-05, benchmarks/mosaic_gdn_check.py): 0.132 ms alone against the XLA matmul's 0.370,
+#: gated_delta_rule fwd+bwd 2.536 ms against 2.666 through the api
+DW_KERNEL = True
 #: programs the ``dw`` kernel aims for (two per SM of an H100 / H200)
 DW_PROGRAMS = 264
 
@@ -487,8 +487,9 @@ def mosaic_delta_backward(st: MosaicStatic, q: Array, k: Array, w: Array, b: Arr
     are simple_gla's with ``vn`` (the forward's, stored) as the values: ``vn`` is what each
     chunk adds to the state, and the ``w S`` term moves with the entering state, so the gate
     gradient gains no term (``pallas_chunk.py``'s module doc). ``dw = -dvn S_c^T`` per chunk
-    is one batched matmul in XLA (``dq / dk`` has no shared memory left for the ``[L, V]``
-    tile of ``dvn`` at two stages).
+    is a third Mosaic kernel (:func:`run_dw`; ``dq / dk`` has no shared memory left for the
+    ``[L, V]`` tile of ``dvn`` at two stages), or with ``LINEARNEXUS_MOSAIC_DW_KERNEL=0`` one
+    batched XLA matmul.
 
     Args:
         st: static description (``st.core.delta``). q, k, w: ``[R, TP, H, K]``. b:

@@ -6,9 +6,10 @@ gradient through the api against the reference at T = 63, 1000, 4096, head dims 
 and without an initial state (bf16, worst 3.8e-3); head dims 64 and the ungated
 ``delta_rule`` in JAX 0.11's Mosaic GPU interpreter on the CPU (``mosaic_chunk.gpu_interpret``).
 A whole Gated DeltaNet LM trained slower through it than through the Triton kernels
-(:data:`AUTOMATIC`), so automatic dispatch picks it only with ``LINEARNEXUS_MOSAIC_GDN=1``
-(:data:`OPT_IN_ENV`); ``backend="mosaic"`` (or the blocks' ``kernel_backend="mosaic"``)
-runs it by name.
+(:data:`AUTOMATIC`), so automatic dispatch picked it only when asked; with the Mosaic
+backward the same LM trains 1.08x faster through it (H200, 2026-12-05), and automatic
+dispatch takes it first on sm_90+ for bf16 / f16 (``LINEARNEXUS_MOSAIC_GDN=0``,
+:data:`OPT_IN_ENV`, keeps it out).
 ``benchmarks/mosaic_gdn_check.py`` is the GPU check (docs/mosaic.md).
 
 ``delta_rule`` and ``gated_delta_rule`` share it (``g`` None: no gate). The per-chunk WY
@@ -74,20 +75,21 @@ from linearnexus.kernels.common.pallas_chunk import _core_bwd, in_chunk_cumsum
 from linearnexus.kernels.common.pallas_wy import WyStatic, wy_inverse, wy_prepare
 
 F32 = jnp.float32
-#: "1" puts the delta rules' mosaic backend first in automatic dispatch; "0" keeps it out
-#: (by name it always runs)
+#: "0" keeps the delta rules' mosaic backend out of automatic dispatch ("1" puts it in when
+#: :data:`AUTOMATIC` is off); by name it always runs
 OPT_IN_ENV = "LINEARNEXUS_MOSAIC_GDN"
-#: automatic without the variable: no. A whole 211M Gated DeltaNet LM (K = 64, V = 128)
-#: trained at 86.3 ms/step through an earlier version against 79.9 through pallas
-#: (benchmarks/lm_train_gpu.py, H200, 2026-12-04); the kernels have since gone to fwd 0.69x /
-#: fwd+bwd 0.88x pallas's at (8, 4096, 16, 64) on an H100 (2026-12-05), but pallas stays the
-#: automatic choice until the LM step is re-timed
-AUTOMATIC = False
+#: automatic without the variable: yes. A 211M Gated DeltaNet LM (K = 64, V = 128, T = 2048,
+#: batch 8, bf16 compute) trained at 80.8 ms/step through it against 87.7 through pallas
+#: (1.08x the tokens/s; benchmarks/lm_train_gpu.py, H200, 2026-12-05: the Mosaic backward,
+#: dw still in XLA; an earlier version had trained at 0.93x, 2026-12-04); the gated rule's fwd /
+#: fwd+bwd 0.68x / 0.82x FLA 0.6.0's at (8, 4096, 16, 128) on an H100. The ungated
+#: delta_rule runs the same kernels (checked, not timed apart)
+AUTOMATIC = True
 #: the feature table's note on the backend
 MOSAIC_STATUS = ("sm_90+, batches and packed sequences: Triton M^{-1}, Mosaic GPU forward walk "
-                 "forming the WY products, Mosaic GPU backward (Triton at V > 128); fwd 0.66-0.68x "
-                 "FLA on an H100; LM training not re-timed: automatic only with "
-                 "LINEARNEXUS_MOSAIC_GDN=1")
+                 "forming the WY products, Mosaic GPU backward (Triton at V > 128); GDN LM "
+                 "training 1.08x pallas's tokens/s (H200); LINEARNEXUS_MOSAIC_GDN=0 keeps it out "
+                 "of automatic dispatch")
 
 
 #: the gradient the heuristic picks where the Mosaic backward fits (V <= 128): "mosaic" (the
