@@ -452,21 +452,22 @@ def test_delta_dw_kernel_lowers_and_matches_xla(monkeypatch):
 
 @pytest.mark.skipif(REASON is not None or gpu_interpret_reason() is not None,
                     reason=REASON or gpu_interpret_reason() or "")
-@pytest.mark.parametrize("gated,packed,dims", [(True, False, (64, 64)), (False, True, (64, 64)),
-                                               (True, True, (40, 72))])
-def test_delta_fused_wy_forward_in_the_interpreter(gated, packed, dims, monkeypatch):
+@pytest.mark.parametrize("gated,packed,dims,T", [
+    (True, False, (64, 64), 100), (True, False, (64, 64), 1), (False, False, (64, 128), 65),
+    (False, True, (64, 64), None), (True, True, (40, 72), None)])
+def test_delta_fused_wy_forward_in_the_interpreter(gated, packed, dims, T, monkeypatch):
     """The delta rules' plain forward with the WY products in the walk
     (``MosaicConfig(fused_wy=True)``: the Triton preparation writes M^{-1} only, the walk
     forms ``vn = M^{-1} (beta v - beta e^b k S_c)``) in JAX's Mosaic GPU interpreter, against
     the per-step reference at the GPU thresholds and no worse than the separate form's
     (``w``, ``u`` through HBM) by more than 10%: the gated and the ungated rule, batch rows and
-    four packed sequences (70, 0, 30, 64 tokens: one empty, one closing mid-chunk), with
-    initial states, head dims padded (40 -> 64, 72 -> 128); and its gradient, which runs the
-    separate form, equal to that form's."""
+    four packed sequences (70, 0, 30, 64 tokens: one empty, one closing mid-chunk), T = 1,
+    65 and 100, with initial states, head dims padded (40 -> 64, 72 -> 128); and its
+    gradient, which runs the separate form, equal to that form's."""
     monkeypatch.delenv(PACKED_ENV, raising=False)
     lens = (70, 0, 30, 64) if packed else None
     K, V = dims
-    B, T, H = (1, sum(lens), 2) if packed else (2, 100, 1)
+    B, T, H = (1, sum(lens), 2) if packed else (2, T, 1)
     cu = jnp.array([0, *itertools.accumulate(lens)], jnp.int32) if packed else None
     ks = jax.random.split(jax.random.PRNGKey(11), 7)
     q = jax.random.normal(ks[0], (B, T, H, K)).astype(jnp.bfloat16)

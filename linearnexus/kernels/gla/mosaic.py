@@ -20,7 +20,8 @@ kernels (``gla/pallas.py``), run once per chunk in parallel:
 The Mosaic GPU kernel then replaces Triton's ``fwd_h`` and ``fwd_o`` (which store every
 chunk's state to HBM and read it back) with one walk per (value block, head, row), the state
 never leaving registers. Per chunk: the bf16 state tile to SMEM; ``wgmma`` ``(q e^b) S_c``;
-``A`` (TMA'd float32, cast to the input dtype, as ``fwd_o`` does) as the register operand of
+``A`` (in the input dtype, as ``fwd_o`` rounds it: the plain forward's ``fwd_a`` stores it so,
+the gradient's in float32 for the backward) as the register operand of
 ``o += A v``; ``S = e^{b_L} S + (k e^{b_L - b})^T v`` with a transposed SMEM view of the
 decayed keys, and ``e^{b_L}`` a float32 row per chunk.
 
@@ -110,14 +111,18 @@ def gla_opted_in() -> bool:
 def gla_smem_bytes(*, key_dim: int, block_v: int, stages: int, itemsize: int = 2,
                    store_states: bool = False, packed: bool = False) -> int:
     """Shared memory one program of the walk asks for: ``stages`` pipeline slots of the
-    decayed q and k (``[L, K]``), v and o (``[L, BV]``), ``A`` (``[L, L]`` float32), the
+    decayed q and k (``[L, K]``), v and o (``[L, BV]``), ``A`` (``[L, L]``: float32 storing
+    the states, else in the inputs' dtype), the
     ``e^{b_L}`` row (``[K]`` float32) and, storing the states, the state tile; otherwise one
     bf16 state tile as scratch. ``packed``: the float32 ``[K, BV]`` staging tile of each
     sequence's initial and final state. The initial / final state of batch rows goes through
     a scoped float32 tile before and after the pipeline, in its space."""
     L, K, BV = CHUNK, key_dim, block_v
     state_tile = K * BV * itemsize
-    per_stage = (2 * L * K + 2 * L * BV) * itemsize + L * L * 4 + K * 4
+    # A: float32 under a gradient (the Triton backward reads it), else in the inputs' dtype
+    # (the walk rounds it to that dtype for its wgmma either way)
+    per_stage = (2 * L * K + 2 * L * BV) * itemsize + L * L * (4 if store_states else itemsize)
+    per_stage += K * 4
     per_stage += state_tile if store_states else 0
     scratch = (0 if store_states else state_tile) + (K * BV * 4 if packed else 0)
     return scratch + max(stages * per_stage, K * BV * 4)
@@ -240,7 +245,8 @@ def _walk_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> Non
             return acc[...]
 
         qs = pl.run_scoped(inter, plgpu.ACC((L, BV), F32))
-        # A in the input dtype as the register operand of A v (Triton's fwd_o rounds it so)
+        # A in the input dtype as the register operand of A v (Triton's fwd_o rounds it so;
+        # the plain forward's fwd_a stores it rounded so)
         a = _load(a_smem, wgmma_layout).astype(dtype)  # [L, L]
 
         def intra(acc):
@@ -264,7 +270,7 @@ def _walk_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> Non
         plgpu.BlockSpec((L, K), lambda i: (i, 0), transforms=_swizzled(K, dtype)),  # q e^b
         plgpu.BlockSpec((L, K), lambda i: (i, 0), transforms=_swizzled(K, dtype)),  # k e^{bL-b}
         plgpu.BlockSpec((L, BV), lambda i: (i, 0), transforms=_swizzled(BV, dtype)),  # v
-        plgpu.BlockSpec((L, L), lambda i: (i, 0), transforms=_swizzled(L, F32)),  # A
+        plgpu.BlockSpec((L, L), lambda i: (i, 0), transforms=_swizzled(L, a_ref.dtype)),  # A
         plgpu.BlockSpec((K,), lambda i: (i,)),  # e^{b_L}
     ]
     ins = [qe_ref.at[r, :, h, :], ke_ref.at[r, :, h, :], v_ref.at[r, :, h, vs],
@@ -292,7 +298,8 @@ def gla_walk(st: MosaicStatic, qe: Array, ke: Array, v: Array, a: Array, e_last:
     Args:
         st: static description (``st.core``: GLA's Triton core, ``gate="vector"``).
         qe, ke: ``[R, TP, H, K]`` ``q e^{b}`` and ``k e^{b_L - b}`` (bf16 / f16). v:
-            ``[R, TP, H, V]``. a: ``[R, TP, H, L]`` float32 (``fwd_a``).
+            ``[R, TP, H, V]``. a: ``[R, TP, H, L]`` (``fwd_a``): float32 with
+            ``store_states`` (the backward's residual), else float32 or the inputs' dtype.
         e_last: ``[R, H, NC * K]`` float32, ``e^{b_L}`` of each chunk.
         h0: ``[N, H, K, V]`` float32 or None.
         store_states: also return every chunk's entering state.
@@ -348,7 +355,10 @@ def _forward(st: MosaicStatic, q, k, v, g, h0, layout, *, store_states: bool):
     # sums and fwd_a as two Triton kernels: one fused (the sums kept in registers, stored
     # only where read) was 2x slower on an H100, 2026-12-05 (docs/mosaic.md)
     b, bc = gla_pallas._in_chunk_sums(g, core)
-    a, qe, ke = gla_pallas.run_fwd_a(core, q, k, b, bc, decayed=True)
+    # the plain forward stores A as the walk uses it, in the inputs' dtype (half the bytes
+    # of float32, the same rounding); under a gradient float32, which the backward reads
+    a, qe, ke = gla_pallas.run_fwd_a(core, q, k, b, bc, decayed=True,
+                                     a_dtype=F32 if store_states else q.dtype)
     h0f = None if h0 is None else h0.astype(F32)
     out = gla_walk(st, qe, ke, v, a, _decay_rows(b, core.chunk), h0f, store_states=store_states,
                    layout=layout)

@@ -83,6 +83,7 @@ dims padded to powers of two >= 16 (padded key dims have q = k = 0, g = 0: inert
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -291,7 +292,7 @@ def _fwd_a_kernel(q_ref, k_ref, b_ref, c_ref, a_ref, qe_ref=None, ke_ref=None, *
     @pl.when(dense)
     def _one_matmul():
         acc = _factored_scores(q_ref, k_ref, b_ref, c_ref, r, h, rows, t0, st)
-        a_ref[r, rows, h, pl.ds(0, L)] = jnp.where(_causal(L), acc, 0.0)
+        a_ref[r, rows, h, pl.ds(0, L)] = jnp.where(_causal(L), acc, 0.0).astype(a_ref.dtype)
 
     @pl.when(jnp.logical_not(dense))
     def _by_sub_chunks():
@@ -317,7 +318,8 @@ def _fwd_a_rows(q_ref, k_ref, b_ref, c_ref, a_ref, bi, r, h, t0, *, st: CoreStat
     @pl.when(dense)
     def _diag_matmul():
         acc = _factored_scores(q_ref, k_ref, b_ref, c_ref, r, h, ri, t0 + bi * SUB, st)
-        a_ref[r, ri, h, pl.ds(bi * SUB, SUB)] = jnp.where(_causal(SUB), acc, 0.0)
+        a_ref[r, ri, h, pl.ds(bi * SUB, SUB)] = jnp.where(_causal(SUB), acc, 0.0).astype(
+            a_ref.dtype)
 
     @pl.when(jnp.logical_not(dense))
     def _diag_walk():
@@ -333,7 +335,9 @@ def _fwd_a_rows(q_ref, k_ref, b_ref, c_ref, a_ref, bi, r, h, t0, *, st: CoreStat
             k_j, b_j = cur
             nxt = key_row(j + 1)  # issued before this column's math and store
             e = exp_approx(jnp.where(row_i >= j, _gap(b, b_j), -jnp.inf))
-            a_ref[r, ri, h, bi * SUB + j] = jnp.sum(qf * k_j[None, :] * e, axis=1)  # zero above i
+            # zero above i
+            a_ref[r, ri, h, bi * SUB + j] = jnp.sum(qf * k_j[None, :] * e, axis=1).astype(
+                a_ref.dtype)
             return nxt
 
         jax.lax.fori_loop(0, SUB, column, key_row(0))
@@ -347,11 +351,11 @@ def _fwd_a_rows(q_ref, k_ref, b_ref, c_ref, a_ref, bi, r, h, t0, *, st: CoreStat
                 ks = pl.ds(ik * BK, BK)
                 b_r, kj = _keys_to_ref(k_ref, b_ref, c_ref, r, h, t0, bj, ks)
                 acc += _dot(_queries_from_ref(q_ref, b_ref, c_ref, r, ri, h, ks, b_r), kj, tb=True)
-            a_ref[r, ri, h, pl.ds(bj * SUB, SUB)] = acc
+            a_ref[r, ri, h, pl.ds(bj * SUB, SUB)] = acc.astype(a_ref.dtype)
 
         @pl.when(bj > bi)
         def _above(bj=bj):
-            a_ref[r, ri, h, pl.ds(bj * SUB, SUB)] = jnp.zeros((SUB, SUB), F32)
+            a_ref[r, ri, h, pl.ds(bj * SUB, SUB)] = jnp.zeros((SUB, SUB), a_ref.dtype)
 
 
 def _fwd_h_kernel(*, k_ref, v_ref, b_ref, c_ref, h0_ref, seq_ref, flag_ref, h_ref, final_ref,
@@ -385,12 +389,14 @@ def _fwd_o_kernel(q_ref, v_ref, h_ref, b_ref, a_ref, o_ref, *, st: CoreStatic):
 
 
 def run_fwd_a(st: CoreStatic, q: Array, k: Array, b: Array, bc: Array, *,
-              decayed: bool = False) -> tuple[Array, Array | None, Array | None]:
-    """The ``fwd_a`` kernel: ``A [R, TP, H, L]`` float32 (zeros above the diagonal) from q, k
-    ``[R, TP, H, K]`` and the compensated in-chunk sums ``b`` (float32), ``bc`` (bfloat16).
-    ``decayed``: also ``q e^{b}`` and ``k e^{b_L - b}`` in q's dtype (else None)."""
+              decayed: bool = False, a_dtype: Any = F32
+              ) -> tuple[Array, Array | None, Array | None]:
+    """The ``fwd_a`` kernel: ``A [R, TP, H, L]`` (zeros above the diagonal; summed in float32,
+    stored in ``a_dtype``) from q, k ``[R, TP, H, K]`` and the compensated in-chunk sums
+    ``b`` (float32), ``bc`` (bfloat16). ``decayed``: also ``q e^{b}`` and ``k e^{b_L - b}``
+    in q's dtype (else None)."""
     R, TP, H, _ = q.shape
-    outs = dict(a=jax.ShapeDtypeStruct((R, TP, H, st.chunk), F32))
+    outs = dict(a=jax.ShapeDtypeStruct((R, TP, H, st.chunk), a_dtype))
     if decayed:
         outs.update(qe=jax.ShapeDtypeStruct(q.shape, q.dtype),
                     ke=jax.ShapeDtypeStruct(k.shape, k.dtype))
