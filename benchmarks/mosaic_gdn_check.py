@@ -3,8 +3,8 @@ WY preparation and backward): numerics against the per-step reference, then spee
 the Triton ``pallas`` backend (and FLA 0.6.0 when importable), within a time budget.
 
     python3 benchmarks/mosaic_gdn_check.py [--out DIR] [--budget 130] [--seqs 1000 63 4096]
-        [--dims 128 64] [--shape 8,4096,16,128] [--no-fla] [--check-share 0.5]
-        [--extras-reserve 15]
+        [--dims 128 64] [--shape 8,4096,16,128] [--op gated_delta_rule|delta_rule] [--no-fla]
+        [--check-share 0.5] [--extras-reserve 15]
 
 On the GPU machine, FLA from the carried wheels (``.whl/``, docs: kernels_gpu.py)::
 
@@ -30,15 +30,16 @@ finished):
    forward with the WY products in the walk (``MosaicConfig(fused_wy=True)``: ``o_fused``,
    ``ht_fused``; the gradient's forward is the separate form). No new check starts after
    ``--check-share`` of the budget.
-3. Speed at ``--shape`` (bf16, no states): forward and forward+backward (the gradient of
-   ``sum(o * do)`` w.r.t. q, k, v, g, beta) through the api for mosaic (the heuristic's
+3. Speed of ``--op`` at ``--shape`` (bf16, no states): forward and forward+backward (the
+   gradient of ``sum(o * do)`` w.r.t. every input) through the api for mosaic (the heuristic's
    config: the fused forward, the Mosaic backward where it fits), the forward with ``w``,
    ``u`` through HBM (``fused_wy=False``), mosaic with the Triton backward
    (``backward="pallas"``), with ``dw`` in the Mosaic kernel
    (``LINEARNEXUS_MOSAIC_DW_KERNEL=1``) and pallas, with ``kernels_gpu.host_time`` (host
    clock around back-to-back calls, median of 5, inputs rotated past L2); plus
    ``||mosaic - pallas|| / ||pallas||`` of the output at that shape.
-4. FLA's ``chunk_gated_delta_rule`` at the same shape and method, in a child process
+4. FLA's ``chunk_gated_delta_rule`` (``chunk_delta_rule``) at the same shape and method, in
+   a child process
    bounded by what is left of the budget less ``--extras-reserve`` (its first call
    autotunes); skipped when ``fla`` is not importable.
 5. Extras, if time is left: mosaic at ``bwd_stages=1`` (the forward that stores the states
@@ -278,8 +279,8 @@ def time_kernels(shape: tuple[int, ...], sets: list, n_sets: int) -> dict[str, f
     return out
 
 
-def fla_child(shape: tuple[int, ...], out_file: str) -> None:
-    """(child process) FLA's chunk_gated_delta_rule fwd and fwd+bwd at ``shape``."""
+def fla_child(shape: tuple[int, ...], out_file: str, op: str = "gated_delta_rule") -> None:
+    """(child process) FLA's ``chunk_<op>`` fwd and fwd+bwd at ``shape``."""
     import torch
     import triton.testing as triton_testing
 
@@ -288,7 +289,7 @@ def fla_child(shape: tuple[int, ...], out_file: str) -> None:
     if kg.unlock_fla_gated_backward(env):  # as kernels_gpu.py: timing only (FLA issue #640)
         notes.append("fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 forced True (timing only)")
     l2 = int((env.get("l2_cache_mib") or 50) * 2 ** 20)
-    res = kg.time_fla(torch, triton_testing, "gated_delta_rule", shape, 5, l2)
+    res = kg.time_fla(torch, triton_testing, op, shape, 5, l2)
     res["notes"] = notes
     res["versions"] = {k: env.get(k) for k in ("torch", "triton", "fla_core",
                                                "flash_linear_attention")}
@@ -310,11 +311,14 @@ def main() -> None:
                         help="share of the budget after which no new check starts")
     parser.add_argument("--extras-reserve", type=float, default=15.0,
                         help="seconds FLA leaves for the extra timings after it")
+    parser.add_argument("--op", choices=["gated_delta_rule", "delta_rule"],
+                        default="gated_delta_rule",
+                        help="the op the speed steps time (the checks run both)")
     parser.add_argument("--fla-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     shape = tuple(int(x) for x in args.shape.split(","))
     if args.fla_child:
-        fla_child(shape, args.fla_child)
+        fla_child(shape, args.fla_child, args.op)
         return
     t0 = time.perf_counter()
     deadline = t0 + args.budget
@@ -362,7 +366,7 @@ def main() -> None:
         save()
 
     B, T, H, D = shape
-    op = "gated_delta_rule"
+    op = args.op
     n_sets = kg.input_sets(kg.input_bytes(op, B, T, H, D, D), 60 * 2 ** 20)
     sets = [tuple(kg.jax_inputs(op, jax.random.PRNGKey(100 + i), B, T, H, D, D,
                                 jnp.bfloat16).values()) for i in range(n_sets)]
@@ -409,7 +413,8 @@ def main() -> None:
     else:
         child = out_dir / "fla_child.json"
         try:
-            subprocess.run([sys.executable, __file__, "--shape", args.shape, "--fla-child",
+            subprocess.run([sys.executable, __file__, "--shape", args.shape, "--op", op,
+                            "--fla-child",
                             str(child)], timeout=left, check=True)
             results["timing"]["fla"] = json.loads(child.read_text())
             fla = results["timing"]["fla"]
@@ -427,6 +432,8 @@ def main() -> None:
         timing(f"mosaic stages={stages}", "mosaic", MosaicConfig(stages=stages), fwd_only=True)
     if time.perf_counter() > deadline - 10:
         results["skipped"].append("kernels alone: budget spent")
+    elif op != "gated_delta_rule":
+        results["skipped"].append("kernels alone: gated_delta_rule only")
     elif T % 64 or D not in (64, 128):
         results["skipped"].append("kernels alone: T not a multiple of 64 or D not 64 / 128")
     else:
