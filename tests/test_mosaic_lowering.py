@@ -311,6 +311,21 @@ def test_delta_rules_mosaic_lower_forward_and_backward(shape, h0, gated, config,
     assert grad_text.count("xla.gpu.triton") == (2 if bwd_mosaic else 5)
 
 
+def _delta_inputs(seed: int, B: int, T: int, H: int, K: int, V: int, N: int):
+    """Random delta-rule inputs ``(q, k, v, g, beta, s0, ks)``: bf16 q, L2-normalised k, v
+    ``[B, T, H, K / V]`` and beta ``[B, T, H]``, float32 log-gates ``g`` and ``N`` initial
+    states ``s0 [N, H, K, V]``; ``ks``, two PRNG keys left for the caller's cotangents."""
+    ks = jax.random.split(jax.random.PRNGKey(seed), 8)
+    q = jax.random.normal(ks[0], (B, T, H, K)).astype(jnp.bfloat16)
+    k = jax.random.normal(ks[1], (B, T, H, K))
+    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
+    v = jax.random.normal(ks[2], (B, T, H, V)).astype(jnp.bfloat16)
+    g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H)))
+    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H))).astype(jnp.bfloat16)
+    s0 = jax.random.normal(ks[5], (N, H, K, V))
+    return q, k, v, g, beta, s0, ks[6:]
+
+
 @pytest.mark.skipif(REASON is not None or gpu_interpret_reason() is not None,
                     reason=REASON or gpu_interpret_reason() or "")
 @pytest.mark.parametrize("op", ["gated_delta_rule", "gated_delta_rule/mosaic-bwd",
@@ -333,16 +348,9 @@ def test_mosaic_matches_reference_in_the_interpreter(op, monkeypatch):
     B, T, H, K, V = 1, sum(lens) if packed else 100, 1, 64, 64
     cu = jnp.array([0, *itertools.accumulate(lens)], jnp.int32) if packed else None
     N = len(lens) if packed else B
-    ks = jax.random.split(jax.random.PRNGKey(3), 8)
-    q = jax.random.normal(ks[0], (B, T, H, K)).astype(jnp.bfloat16)
-    k = jax.random.normal(ks[1], (B, T, H, K))
-    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
-    v = jax.random.normal(ks[2], (B, T, H, V)).astype(jnp.bfloat16)
-    g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H)))
-    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H))).astype(jnp.bfloat16)
-    s0 = jax.random.normal(ks[5], (N, H, K, V))
-    do = jax.random.normal(ks[6], (B, T, H, V))
-    dht = jax.random.normal(ks[7], (N, H, K, V))
+    q, k, v, g, beta, s0, ks = _delta_inputs(3, B, T, H, K, V, N)
+    do = jax.random.normal(ks[0], (B, T, H, V))
+    dht = jax.random.normal(ks[1], (N, H, K, V))
     if op.startswith("simple_gla"):
         args, names = (q, k, v, g, s0), ("dq", "dk", "dv", "dg", "dh0")
 
@@ -431,15 +439,7 @@ def test_delta_dw_kernel_lowers_and_matches_xla(monkeypatch):
         # float32 accumulation both ways; dw rounded once to bf16 (2^-8 of each entry)
         np.testing.assert_allclose(np.asarray(dw), np.asarray(ref), rtol=2 ** -8, atol=1e-6)
 
-    ks = jax.random.split(jax.random.PRNGKey(3), 6)
-    B, T, H, K, V = 1, 100, 2, 64, 64
-    q = jax.random.normal(ks[0], (B, T, H, K)).astype(jnp.bfloat16)
-    k = jax.random.normal(ks[1], (B, T, H, K))
-    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
-    v = jax.random.normal(ks[2], (B, T, H, V)).astype(jnp.bfloat16)
-    g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H)))
-    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H))).astype(jnp.bfloat16)
-    s0 = jax.random.normal(ks[5], (B, H, K, V))
+    q, k, v, g, beta, s0, _ = _delta_inputs(3, 1, 100, 2, 64, 64, 1)
     grads = {}
     for flag in ("0", "1"):
         monkeypatch.setenv(mosaic_bwd.DW_KERNEL_ENV, flag)
@@ -469,15 +469,8 @@ def test_delta_fused_wy_forward_in_the_interpreter(gated, packed, dims, T, monke
     K, V = dims
     B, T, H = (1, sum(lens), 2) if packed else (2, T, 1)
     cu = jnp.array([0, *itertools.accumulate(lens)], jnp.int32) if packed else None
-    ks = jax.random.split(jax.random.PRNGKey(11), 7)
-    q = jax.random.normal(ks[0], (B, T, H, K)).astype(jnp.bfloat16)
-    k = jax.random.normal(ks[1], (B, T, H, K))
-    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
-    v = jax.random.normal(ks[2], (B, T, H, V)).astype(jnp.bfloat16)
-    g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H)))
-    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H))).astype(jnp.bfloat16)
-    s0 = jax.random.normal(ks[5], (len(lens) if packed else B, H, K, V))
-    do = jax.random.normal(ks[6], (B, T, H, V))
+    q, k, v, g, beta, s0, ks = _delta_inputs(11, B, T, H, K, V, len(lens) if packed else B)
+    do = jax.random.normal(ks[0], (B, T, H, V))
 
     def mosaic(fused, q, k, v, beta, s0):
         return delta_rule_mosaic(q, k, v, beta, g if gated else None, scale=K ** -0.5,
