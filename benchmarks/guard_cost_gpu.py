@@ -6,8 +6,7 @@ cleaned inputs. This script times the api path with the guard as shipped, or wit
 ``--no-guard`` (the op called directly, as before the guard), for:
 
 * ops: simple_gla, gated_delta_rule and gla, bf16 (8, 4096, 16, 128), forward and forward +
-  backward (``jax.grad`` of a sum), the default backend (on sm_90: mosaic for simple_gla
-  and gla, pallas for gated_delta_rule);
+  backward (``jax.grad`` of a sum), the default backend (on sm_90: mosaic);
 * decode: the ~200M Gated DeltaNet LM of ``benchmarks/decode_gpu.py`` at batch 1 and 64
   (its on-device loop).
 

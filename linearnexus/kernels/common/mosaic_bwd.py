@@ -508,7 +508,7 @@ def mosaic_delta_backward(st: MosaicStatic, q: Array, k: Array, w: Array, b: Arr
     dvn, dh, dh0 = run_state_grad(st, q, k, do, gates, dfinal, w=w, layout=layout)
     dq, dk, term, kdk, sds = run_dqk(st, q, k, vn, do, h, dh, gates)
     if env_switch(DW_KERNEL_ENV, DW_KERNEL):
-        dw = run_dw(st, dvn, h).astype(q.dtype)
+        dw = run_dw(st, dvn, h)  # (dvn is in q's dtype)
     else:
         dvn_c = dvn.reshape(R, NC, L, H, V)  # [R, TP, H, V] -> [R, NC, L, H, V]
         # [R, NC, L, H, V] x [R, NC, H, K, V] -> [R, NC, L, H, K]: dvn S_c^T per chunk

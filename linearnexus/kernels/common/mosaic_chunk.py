@@ -454,6 +454,8 @@ def _forward_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> 
         plgpu.commit_smem()
         k_t = _transposed(k_smem)  # [K, L] view of the [L, K] tile
         av_smem = v_smem  # the B operand of A v (vn for the delta rules)
+        b_row = _load(b_smem, rows_layout)  # [L], one per query row
+        eb_row = jnp.exp(b_row)  # [L], e^{b}
 
         if delta:
             # the three products of S_c (and q k^T) issued together: w S_c (fused: k S_c) is
@@ -471,10 +473,9 @@ def _forward_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> 
                 # by M^{-1} taken after the subtraction): y goes through the decayed tile
                 # (free until vn is known) as the B operand of one more wgmma on the chain
                 m_smem, beta_smem = wy_smem
-                b_row = _load(b_smem, rows_layout)  # [L]
                 beta_row = _load(beta_smem, rows_layout)  # [L]
                 v_in = _load(v_smem, wgmma_layout).astype(F32)  # [L, BV]
-                y = (v_in - ws * jax.lax.broadcast_in_dim(jnp.exp(b_row), (L, BV), [0])
+                y = (v_in - ws * jax.lax.broadcast_in_dim(eb_row, (L, BV), [0])
                      ) * jax.lax.broadcast_in_dim(beta_row, (L, BV), [0])
                 vd_smem[...] = y.astype(dtype)
                 plgpu.commit_smem()
@@ -501,13 +502,12 @@ def _forward_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> 
                 return acc_qk[...], acc_o[...]
 
             qk, qs = pl.run_scoped(intra, plgpu.ACC((L, L), F32), plgpu.ACC((L, BV), F32))
-        b_row = _load(b_smem, rows_layout)  # [L], one per query row
         b_col = _load(b_smem, cols_layout)  # [L], one per key column
         diff = (jax.lax.broadcast_in_dim(b_row, (L, L), [0])
                 - jax.lax.broadcast_in_dim(b_col, (L, L), [1]))
         # masked before the exp: above the diagonal b_i - b_j > 0 could overflow
         a = jnp.where(causal, qk * jnp.exp(jnp.where(causal, diff, 0.0)), 0.0)
-        o_inter = qs * jax.lax.broadcast_in_dim(jnp.exp(b_row), (L, BV), [0])
+        o_inter = qs * jax.lax.broadcast_in_dim(eb_row, (L, BV), [0])
 
         def inner(acc_o):
             wgmma_regs(acc_o, a.astype(dtype), av_smem)  # registers [L, L] @ SMEM [L, BV]
@@ -655,10 +655,10 @@ def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
 
     c = st.core
     R, NC, L, H, K, V = c.rows, c.n_chunks, c.chunk, c.heads, c.key_dim, c.value_dim
-    fused = c.delta and st.fused_wy
     if st.fused_wy and (not c.delta or store_states):
         raise ValueError("st: fused_wy is the delta rules' plain forward only (delta="
                          f"{c.delta}, store_states={store_states})")
+    fused = st.fused_wy
     if (c.delta and not fused) != (w is not None):
         raise ValueError(f"w: expected {'[R, TP, H, K]' if c.delta and not fused else 'None'} "
                          f"for delta={c.delta}, fused_wy={st.fused_wy}, "

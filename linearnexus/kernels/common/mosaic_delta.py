@@ -1,15 +1,14 @@
 """The delta rules' chunk core on Mosaic GPU (Hopper, sm_90+): forward kernel, and a Triton
 or Mosaic GPU backward (``MosaicConfig.backward``).
 
-Checked on the H200 (``benchmarks/mosaic_gdn_check.py``, 2026-12-04): forward and every
-gradient through the api against the reference at T = 63, 1000, 4096, head dims 128, with
-and without an initial state (bf16, worst 3.8e-3); head dims 64 and the ungated
-``delta_rule`` in JAX 0.11's Mosaic GPU interpreter on the CPU (``mosaic_chunk.gpu_interpret``).
-A whole Gated DeltaNet LM trained slower through it than through the Triton kernels
-(:data:`AUTOMATIC`), so automatic dispatch picked it only when asked; with the Mosaic
-backward the same LM trains 1.08x faster through it (H200, 2026-12-05), and automatic
-dispatch takes it first on sm_90+ for bf16 / f16 (``LINEARNEXUS_MOSAIC_GDN=0``,
-:data:`OPT_IN_ENV`, keeps it out).
+Checked on the H200 and an H100 (``benchmarks/mosaic_gdn_check.py``): forward and every
+gradient through the api against the reference at T = 63, 1000, 4096, head dims 64 and
+128, with and without an initial state, gated and ungated (bf16, outputs <= 4.0e-3,
+gradients <= 5.6e-3), and in JAX 0.11's Mosaic GPU interpreter on the CPU
+(``mosaic_chunk.gpu_interpret``). A 211M Gated DeltaNet LM trains 1.08x faster through it
+than through the Triton kernels (H200, :data:`AUTOMATIC`), so automatic dispatch takes it
+first on sm_90+ for bf16 / f16 (``LINEARNEXUS_MOSAIC_GDN=0``, :data:`OPT_IN_ENV`, keeps it
+out).
 ``benchmarks/mosaic_gdn_check.py`` is the GPU check (docs/mosaic.md).
 
 ``delta_rule`` and ``gated_delta_rule`` share it (``g`` None: no gate). The per-chunk WY
@@ -265,8 +264,8 @@ def _separate(st: MosaicStatic, wst: WyStatic, q: Array, k: Array, v: Array, bet
               layout: tuple[Array, Array] | None) -> tuple[Array, Array]:
     """The WY preparation's ``w``, ``u`` then the walk that reads them (k passes through the
     preparation so that the core's ``dk`` is added inside the WY backward kernel)."""
-    w, u, k = wy_prepare(dataclasses.replace(wst, minv_only=False), k, v, beta, g)
-    return mosaic_delta_core(dataclasses.replace(st, fused_wy=False), q, k, u, w, g, h0, layout)
+    w, u, k = wy_prepare(wst, k, v, beta, g)
+    return mosaic_delta_core(st, q, k, u, w, g, h0, layout)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -288,7 +287,7 @@ def mosaic_delta_fused(st: MosaicStatic, wst: WyStatic, q: Array, k: Array, v: A
     Returns:
         ``(o [R, TP, H, V], final [N, H, K, V] float32)``.
     """
-    minv = wy_inverse(dataclasses.replace(wst, minv_only=True), k, beta, g)
+    minv = wy_inverse(wst, k, beta, g)
     b, _ = _gates(st, g, q)
     h0f = None if h0 is None else h0.astype(F32)
     o, final = mosaic_forward(dataclasses.replace(st, fused_wy=True), q, k, v, b, h0f,

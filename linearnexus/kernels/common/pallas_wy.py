@@ -288,12 +288,13 @@ def _fwd(st: WyStatic, k, v, beta, g):
 def wy_inverse(st: WyStatic, k: Array, beta: Array, g: Array | None) -> Array:
     """``M^{-1}`` ``[R, TP, H, L]`` in k's dtype (chunk ``c``'s ``[L, L]`` block in rows
     ``c L .. c L + L - 1``, zero above the diagonal): the preparation without ``w`` and ``u``,
-    for the delta rules' fused Mosaic forward (``st.minv_only``; no gradient: the gradient's
-    forward runs :func:`wy_prepare`). Arguments as :func:`wy_prepare`; 16-bit ``k`` only.
+    for the delta rules' fused Mosaic forward (the kernel with ``minv_only``; no gradient: the
+    gradient's forward runs :func:`wy_prepare`). Arguments as :func:`wy_prepare`; 16-bit
+    ``k`` only.
     """
-    if not st.minv_only or st.exact:
-        raise ValueError(f"st: wy_inverse takes minv_only=True and 16-bit inputs (exact=False), "
-                         f"got minv_only={st.minv_only}, exact={st.exact}")
+    if st.exact:
+        raise ValueError("st: wy_inverse takes 16-bit inputs (exact=False), got exact=True")
+    st = dataclasses.replace(st, minv_only=True)
     R, TP, H = st.rows, st.n_chunks * st.chunk, st.heads
     outs = [jax.ShapeDtypeStruct((R, TP, H, st.chunk), k.dtype),
             jax.ShapeDtypeStruct((R, TP, H, st.chunk), F32)]  # A's float32 scratch
