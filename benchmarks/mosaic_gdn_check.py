@@ -28,11 +28,13 @@ finished):
    reference then runs from a zero state); then delta_rule (no gate) at T = 1000, D = 128
    with an initial state and T = 63, D = 64 without. Each check also runs the plain
    forward with the WY products in the walk (``MosaicConfig(fused_wy=True)``: ``o_fused``,
-   ``ht_fused``; the gradient's forward is the separate form). No new check starts after
-   ``--check-share`` of the budget.
+   ``ht_fused``; the gradient's forward is the separate form) and the gradient from
+   ``M^{-1}`` (``MosaicConfig(fused_grad=True)``: ``dq_fg`` ... ``dh0_fg``). No new check
+   starts after ``--check-share`` of the budget.
 3. Speed of ``--op`` at ``--shape`` (bf16, no states): forward and forward+backward (the
    gradient of ``sum(o * do)`` w.r.t. every input) through the api for mosaic (the heuristic's
-   config: the fused forward, the Mosaic backward where it fits), the forward with ``w``,
+   config: the fused forward, the Mosaic backward where it fits), the gradient from
+   ``M^{-1}`` (``fused_grad=True``), the forward with ``w``,
    ``u`` through HBM (``fused_wy=False``), mosaic with the Triton backward
    (``backward="pallas"``), with ``dw`` as one XLA matmul
    (``LINEARNEXUS_MOSAIC_DW_KERNEL=0``) and pallas, with ``kernels_gpu.host_time`` (host
@@ -49,7 +51,9 @@ finished):
    stages, plain and storing ``S_c`` / ``vn``, ``M^{-1}`` alone and the fused walk at 1-3
    stages; the Triton core backward and the Mosaic one (its reverse walk, ``dq / dk``, the
    XLA ``dw`` matmul and the ``dw`` kernel at 1-3 stages, and whole) on the stored
-   residuals.
+   residuals; and the gradient from ``M^{-1}``'s kernels (the fused walk storing ``S_c``,
+   ``vn``; the reverse walk with ``M^{-1}``; its core backward whole; the Triton WY
+   backward from ``dy``).
 
 Prints a compact table; writes ``mosaic_gdn_check.json`` under ``--out``.
 """
@@ -138,7 +142,17 @@ def check(op: str, T: int, D: int, with_h0: bool, seed: int, ref_cache: dict) ->
     finally:
         kernel.config = before
     errors["o_fused"], errors["ht_fused"] = kg.rel_err(fo, ro), kg.rel_err(fht, rht)
+    # the gradient from M^{-1} too (MosaicConfig(fused_grad=True)): every gradient again
+    kernel.config = MosaicConfig(backward="mosaic", fused_wy=True, fused_grad=True)
+    try:
+        (fg, fg_h0), _ = make("mosaic", with_h0)(args, h0, do, dht)
+    finally:
+        kernel.config = before
+    errors.update({f"d{n}_fg": kg.rel_err(a, b) for n, a, b in zip(names, fg, rg, strict=True)})
+    if with_h0:
+        errors["dh0_fg"] = kg.rel_err(fg_h0, rg_h0)
     grads = {f"d{n}" for n in names} | {"dh0"}
+    grads |= {f"{n}_fg" for n in grads}
     ok, bad = kg.judge(errors, grads, "bfloat16")
     return {"op": op, "T": T, "D": D, "h0": with_h0, "status": "PASS" if ok else "FAIL",
             "failed": bad, "errors": errors}
@@ -188,7 +202,12 @@ def time_kernels(shape: tuple[int, ...], sets: list, n_sets: int) -> dict[str, f
         batch_layout_info,
         in_chunk_cumsum,
     )
-    from linearnexus.kernels.common.pallas_wy import WyStatic, wy_inverse, wy_prepare
+    from linearnexus.kernels.common.pallas_wy import (
+        WyStatic,
+        wy_fused_backward,
+        wy_inverse,
+        wy_prepare,
+    )
 
     B, T, H, D = shape
     L = 64
@@ -276,6 +295,29 @@ def time_kernels(shape: tuple[int, ...], sets: list, n_sets: int) -> dict[str, f
     whole = jax.jit(lambda q, k, w, u, b, h, vn, final: mosaic_bwd.mosaic_delta_backward(
         st, q, k, w, b, h, vn, do, dfinal))
     timed("core backward, Mosaic (whole)", lambda i: whole(*res[i % n_sets]))
+
+    # the gradient from M^{-1} (MosaicConfig.fused_grad): the fused walk storing S_c and vn,
+    # the reverse walk with M^{-1} (dy = M^{-T} dvn), the core backward whole (with dq / dk
+    # and the dks kernel) and the Triton WY backward from dy
+    fst = dataclasses.replace(base, backward="mosaic", fused_wy=True, fused_grad=True)
+    fstore = jax.jit(lambda q, k, v, b, m, beta: mosaic_chunk.mosaic_forward(
+        fst, q, k, v, b, None, minv=m, beta=beta, store_states=True))
+    timed("walk fused_wy storing S_c, vn", lambda i: fstore(*fused_in[i % n_sets]))
+    fres = [(*x, *fstore(*x)[2:]) for x in fused_in]  # q, k, v, b, minv, beta, h, vn
+    frev = jax.jit(lambda q, k, b, m, beta: mosaic_bwd.run_state_grad(
+        fst, q, k, do, gates(b), dfinal, minv=m, beta=beta))
+    timed("Mosaic reverse walk with M^{-1}",
+          lambda i: frev(*(fres[i % n_sets][j] for j in (0, 1, 3, 4, 5))))
+    fwhole = jax.jit(lambda q, k, v, b, m, beta, h, vn: mosaic_bwd.mosaic_delta_fused_backward(
+        fst, q, k, m, beta, b, h, vn, do, dfinal))
+    timed("core backward from M^{-1}, Mosaic (whole)", lambda i: fwhole(*fres[i % n_sets]))
+    core_out = [fwhole(*x) for x in fres]  # dq, dk, dy, dks, dg, dh0
+    wyb = jax.jit(lambda k, v, beta, g, vn, dy, dks, dkc: wy_fused_backward(
+        wst, k, v, beta, g, vn, dy, dks, dkc))
+    timed("WY backward from dy (Triton)", lambda i: wyb(
+        sets[i % n_sets][1], sets[i % n_sets][2], sets[i % n_sets][4], sets[i % n_sets][3],
+        fres[i % n_sets][7], core_out[i % n_sets][2], core_out[i % n_sets][3],
+        core_out[i % n_sets][1]))
     return out
 
 
@@ -391,6 +433,9 @@ def main() -> None:
         save()
 
     timing("mosaic", "mosaic", None)  # the heuristic: fused_wy forward, Mosaic backward
+    if mosaic_delta.delta_backward_fits(key_dim=D, value_dim=D):  # no w, u in the gradient
+        timing("mosaic fused_grad=True", "mosaic",
+               MosaicConfig(backward="mosaic", fused_wy=True, fused_grad=True))
     timing("mosaic fused_wy=False", "mosaic", MosaicConfig(fused_wy=False), fwd_only=True)
     timing("mosaic bwd=pallas", "mosaic", MosaicConfig(backward="pallas"))
     os.environ[mosaic_bwd.DW_KERNEL_ENV] = "0"  # dw = -dvn S_c^T as one XLA matmul

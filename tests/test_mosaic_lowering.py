@@ -199,11 +199,14 @@ def test_mosaic_declines_what_it_does_not_cover(monkeypatch):
         MosaicConfig(backward="triton")
     with pytest.raises(ValueError, match="fused_wy"):
         MosaicConfig(fused_wy=1)
-    if REASON is None:  # the delta rules' knob, named where another op is given it
+    with pytest.raises(ValueError, match="fused_grad"):
+        MosaicConfig(fused_grad="yes")
+    if REASON is None:  # the delta rules' knobs, named where another op is given them
         x = jnp.ones((1, 8, 1, 64), jnp.bfloat16)
-        with pytest.raises(ValueError, match="config: fused_wy"):
-            linear_attention_mosaic(x, x, x, jnp.zeros((1, 8, 1)), scale=1.0,
-                                    config=MosaicConfig(fused_wy=True), check_device=False)
+        for knob in ("fused_wy", "fused_grad"):
+            with pytest.raises(ValueError, match=f"config: {knob}"):
+                linear_attention_mosaic(x, x, x, jnp.zeros((1, 8, 1)), scale=1.0,
+                                        config=MosaicConfig(**{knob: True}), check_device=False)
     # the heuristic always fits shared memory at either chunk size, few programs or many,
     # and picks the Mosaic backward where it fits
     for chunk, K, V, rows, n_chunks, packed in itertools.product(
@@ -280,6 +283,10 @@ def _delta_specs(B, T, H, K, V, h0, gated):
     # the WY products in the walk (the plain forward; the gradient's forward is separate)
     ((2, 1000, 2, 128, 128), True, True, MosaicConfig(fused_wy=True)),
     ((1, 63, 3, 40, 72), False, False, MosaicConfig(fused_wy=True, stages=3)),
+    # the gradient from M^{-1} too: the same kernel counts (M^{-1} and the WY backward
+    # from dy in Triton, the storing fused walk and three Mosaic backward kernels)
+    ((2, 1000, 2, 128, 128), True, True, MosaicConfig(fused_grad=True)),
+    ((1, 63, 3, 40, 72), False, False, MosaicConfig(fused_grad=True, bwd_stages=1)),
 ])
 def test_delta_rules_mosaic_lower_forward_and_backward(shape, h0, gated, config, monkeypatch):
     """The delta rules' mosaic backend lowers for CUDA: the forward is the Triton WY kernel
@@ -287,7 +294,7 @@ def test_delta_rules_mosaic_lower_forward_and_backward(shape, h0, gated, config,
     the Triton backward (dv, dh, dq / dk, WY backward) follows, with no Triton fwd_h; with
     ``backward="mosaic"`` the backward is the two Mosaic kernels (reverse walk, dq / dk)
     and the Triton WY backward. ``fused_wy``: the forward's Triton kernel writes M^{-1} only
-    (``w``, ``u`` formed in the walk); the gradient as without it."""
+    (``w``, ``u`` formed in the walk); the gradient as without it unless ``fused_grad``."""
     monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")
 
     def fwd(q, k, v, beta, g, s0):
@@ -502,6 +509,72 @@ def test_delta_fused_wy_forward_in_the_interpreter(gated, packed, dims, T, monke
                                       np.asarray(b.astype(jnp.float32)))
 
 
+@pytest.mark.skipif(REASON is not None or gpu_interpret_reason() is not None,
+                    reason=REASON or gpu_interpret_reason() or "")
+@pytest.mark.parametrize("gated,packed,dims,B,T,H", [
+    (True, False, (64, 64), 1, 100, 1), (True, False, (64, 64), 2, 1, 1),
+    (False, False, (40, 72), 1, 65, 2), (True, True, (64, 64), 1, None, 2),
+    (False, True, (64, 128), 1, None, 1), (True, False, (128, 128), 1, 300, 1)])
+def test_delta_fused_grad_in_the_interpreter(gated, packed, dims, B, T, H, monkeypatch):
+    """The delta rules' gradient from M^{-1} (``MosaicConfig(fused_grad=True)``: the fused
+    walk storing S_c and vn, the reverse walk forming ``dy = M^{-T} dvn``, the ``dks``
+    kernel and the Triton WY backward from ``dy``) in JAX's Mosaic GPU interpreter: every
+    gradient (q, k, v, g, beta, h0) against the per-step reference at the GPU threshold
+    (1e-2) and within 1.25x the separate form's error (``dy`` is rounded to bf16 once more:
+    1.0-1.14x measured), outputs and final states equal to the plain fused forward's. Gated
+    and ungated, T = 1 / 65 / 100 / 300, head dims 40 / 72 padded, K = V = 128, four packed
+    sequences (70, 0, 30, 64 tokens), initial states throughout."""
+    monkeypatch.delenv(PACKED_ENV, raising=False)
+    lens = (70, 0, 30, 64) if packed else None
+    K, V = dims
+    if packed:
+        T = sum(lens)
+    cu = jnp.array([0, *itertools.accumulate(lens)], jnp.int32) if packed else None
+    N = len(lens) if packed else B
+    q, k, v, g, beta, s0, ks = _delta_inputs(5, B, T, H, K, V, N)
+    do = jax.random.normal(ks[0], (B, T, H, V))
+    dht = jax.random.normal(ks[1], (N, H, K, V))
+    g = g if gated else jnp.zeros_like(g)  # the reference's ungated rule; mosaic gets None
+
+    def run(config, q, k, v, g, beta, s0):
+        return delta_rule_mosaic(q, k, v, beta, g if gated else None, scale=K ** -0.5,
+                                 initial_state=s0, cu_seqlens=cu, config=config,
+                                 check_device=False)
+
+    def loss(fn, *args):
+        o, final = fn(*args)
+        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(final * dht), (o, final)
+
+    args = (q, k, v, g, beta, s0)
+    argnums = tuple(range(1, 7))
+    names = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
+    fused = MosaicConfig(backward="mosaic", fused_wy=True, fused_grad=True)
+    separate = MosaicConfig(backward="mosaic", fused_grad=False)
+    with gpu_interpret():
+        grads, (o, final) = jax.grad(loss, argnums, has_aux=True)(
+            functools.partial(run, fused), *args)
+        sep_grads, _ = jax.grad(loss, argnums, has_aux=True)(
+            functools.partial(run, separate), *args)
+        plain = run(fused, *args)
+    with jax.default_matmul_precision("highest"):
+        ref_grads, _ = jax.grad(loss, argnums, has_aux=True)(
+            lambda q, k, v, g, beta, s0: gated_delta_rule_reference(
+                q, k, v, g, beta, scale=K ** -0.5, initial_state=s0, cu_seqlens=cu),
+            *(x.astype(jnp.float32) for x in args))
+
+    def rel(a, b):
+        return float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+
+    for a, b in zip((o, final), plain, strict=True):  # the storing walk computes the same
+        np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)),
+                                      np.asarray(b.astype(jnp.float32)))
+    for name, a, sep, ref in zip(names, grads, sep_grads, ref_grads, strict=True):
+        if name == "dg" and not gated:
+            continue
+        err, sep_err = rel(a, ref), rel(sep, ref)
+        assert err <= 1e-2 and err <= 1.25 * sep_err, (name, err, sep_err)
+
+
 def test_delta_mosaic_dispatch_and_declines_what_it_does_not_cover(monkeypatch):
     """Automatic dispatch takes the delta rules' mosaic backend first on a GPU for bf16 (the
     default, and with LINEARNEXUS_MOSAIC_GDN=1) and passes it by with the variable at 0;
@@ -550,16 +623,28 @@ def test_delta_mosaic_dispatch_and_declines_what_it_does_not_cover(monkeypatch):
                 (MosaicConfig(backward="mosaic", bwd_stages=3), q128, "bwd_stages=3"),
                 (MosaicConfig(stages=3, fused_wy=False), q128, "stages=3"),
                 (MosaicConfig(stages=4), q128, "stages=4"),  # fused: 3 fit at K = 128
-                (MosaicConfig(bwd_stages=3), q128, "bwd_stages=3")):
+                (MosaicConfig(bwd_stages=3), q128, "bwd_stages=3"),
+                (MosaicConfig(fused_grad=True, bwd_stages=3), q128, "bwd_stages=3"),
+                (MosaicConfig(fused_grad=True, backward="pallas"), q128, "fused_grad=True takes"),
+                (MosaicConfig(fused_grad=True, fused_wy=False), q128, "fused_grad=True takes")):
             with pytest.raises(ValueError, match=f"config.*{re.escape(match)}"):
                 delta_rule_mosaic(q128, q128, v, beta, g, scale=1.0, config=config,
                                   check_device=False)
-    for K, n_chunks, packed, fused in itertools.product((64, 128), (1, 64), (False, True),
-                                                        (None, False, True)):
-        # the heuristic fits shared memory, batch rows and packed, either WY form
+    for K, n_chunks, packed, fused, grad in itertools.product(
+            (64, 128), (1, 64), (False, True), (None, False, True), (None, False, True)):
+        # the heuristic fits shared memory, batch rows and packed, either WY form, either
+        # gradient; the gradient from M^{-1} only with the fused walk and the Mosaic backward
         cfg = mosaic_delta.default_delta_config(rows=8, heads=16, key_dim=K, value_dim=128,
                                                 n_chunks=n_chunks, packed=packed,
-                                                fused_wy=fused)
+                                                fused_wy=fused, fused_grad=grad)
         assert cfg.fused_wy == (mosaic_delta.DEFAULT_FUSED_WY if fused is None else fused)
+        want = mosaic_delta.DEFAULT_FUSED_GRAD if grad is None else grad
+        assert cfg.fused_grad == (want and cfg.fused_wy and cfg.backward == "mosaic")
         mosaic_delta.check_delta_config(cfg, key_dim=K, value_dim=128, packed=packed)
+    monkeypatch.setenv(mosaic_delta.FUSED_GRAD_ENV, "1")  # the switch without a config
+    assert mosaic_delta.default_delta_config(rows=8, heads=16, key_dim=128, value_dim=128,
+                                             n_chunks=64).fused_grad
+    monkeypatch.setenv(mosaic_delta.FUSED_GRAD_ENV, "0")
+    assert not mosaic_delta.default_delta_config(rows=8, heads=16, key_dim=128, value_dim=128,
+                                                 n_chunks=64, fused_grad=None).fused_grad
 

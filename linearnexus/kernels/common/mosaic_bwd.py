@@ -27,6 +27,11 @@ with every matmul a warpgroup ``wgmma``:
   64 keys keep the whole ``[L, V]`` and ``[64, V]`` tiles of two stages in shared memory
   (V <= 128; ``mosaic_chunk.mosaic_backward_fits``).
 
+For the delta rules the reverse walk also reads ``w`` (``dv`` is ``dvn``, and the state
+gradient loses ``w^T dvn``), or with ``st.fused_grad`` ``M^{-1}`` and ``beta`` (``dv`` is
+``dy = M^{-T} dvn``, and the state gradient loses ``k^T (beta e^b dy)``, the same term);
+:func:`run_dw` forms ``-x S_c^T`` per chunk for ``x`` = ``dvn`` or ``dy``.
+
 The gate gradient (``pallas_chunk.py``'s module doc derives it) is
 ``dg_t = sum_{i >= t} term_i + sum_{j < t} kdk_j + e^{b_L} <S_c, dS_{c+1}>`` within the
 chunk, with ``term_i = s q_i . dq_i(state) + sum_{j < i} P_ij - sum_{l > i} P_li``,
@@ -57,6 +62,7 @@ from linearnexus.kernels.common.mosaic_chunk import (
     _state_out,
     _swizzled,
     _transposed,
+    check_wy_args,
     compiler_params,
     deepest_stages,
     env_switch,
@@ -75,13 +81,17 @@ STATE_BLOCK_V = 64
 
 
 def state_smem_bytes(*, chunk: int, key_dim: int, block_v: int, stages: int, itemsize: int,
-                     delta: bool = False, packed: bool = False) -> int:
+                     delta: bool = False, packed: bool = False, fused: bool = False) -> int:
     """Shared memory of one ``state_grad`` program: per stage the q, k, do, gate, dv and dh
     tiles; the scaled-do tile; the scoped float32 staging tile of dht / dh0. ``delta``: one
-    more ``[L, K]`` slot a stage (``w``) and the ``-dvn`` tile. ``packed``: the staging tile
-    stays beside the pipeline (each sequence's dht / dh0 pass through it inside)."""
+    more ``[L, K]`` slot a stage (``w``) and the ``-dvn`` tile. ``fused`` (the delta rules'
+    gradient from ``M^{-1}``): an ``[L, L]`` ``M^{-1}`` slot and a float32 ``beta`` row a
+    stage in place of ``w``. ``packed``: the staging tile stays beside the pipeline (each
+    sequence's dht / dh0 pass through it inside)."""
     L, K, BV = chunk, key_dim, block_v
     per_stage = ((3 if delta else 2) * L * K + 2 * L * BV + K * BV) * itemsize + (2 * L + K) * 4
+    if delta and fused:
+        per_stage += (L * L - L * K) * itemsize + L * 4
     scratch = (2 if delta else 1) * L * BV * itemsize + (K * BV * 4 if packed else 0)
     return scratch + max(stages * per_stage, K * BV * 4)
 
@@ -104,6 +114,9 @@ def _state_grad_kernel(*refs, st: MosaicStatic, dtype: Any, stages: int) -> None
 
     c = st.core
     delta = c.delta  # the delta rules: dv is dvn, and dS_c loses w^T dvn
+    # the delta rules' gradient from M^{-1}: dv is dy = M^{-T} dvn, and dS_c loses
+    # k^T (beta e^b dy) (= w^T dvn)
+    fused = delta and st.fused_grad
     packed = c.packed  # a row of packed sequences: dht enters and dh0 leaves at their chunks
     refs = list(refs)
     bar = refs.pop()
@@ -114,7 +127,7 @@ def _state_grad_kernel(*refs, st: MosaicStatic, dtype: Any, stages: int) -> None
     refs = refs[:-3]
     seq_ref, flag_ref = (refs.pop(-2), refs.pop()) if packed else (None, None)
     dht_ref = refs.pop()
-    w_ref = refs.pop() if delta else None
+    wy_refs = (refs.pop(-2), refs.pop()) if fused else (refs.pop(),) if delta else ()
     q_ref, k_ref, do_ref, b_ref, d_ref, e_ref = refs
     L, K, BV, NC = c.chunk, c.key_dim, min(c.value_dim, STATE_BLOCK_V), c.n_chunks
     wgmma_layout = plgpu.Layout.WGMMA
@@ -130,7 +143,8 @@ def _state_grad_kernel(*refs, st: MosaicStatic, dtype: Any, stages: int) -> None
              >= plgpu.broadcasted_iota(jnp.int32, (L, L), 0, layout=wgmma_layout))
 
     def body(idx, q_smem, k_smem, do_smem, b_smem, d_smem, e_smem, *rest):
-        w_smem, rest = (rest[0], rest[1:]) if delta else (None, rest)
+        n_wy = len(wy_refs)
+        wy_smem, rest = rest[:n_wy], rest[n_wy:]  # (w,) or (M^{-1}, beta) or ()
         dv_smem, dh_smem, ds = rest
         if packed:  # the chunk that closes a sequence enters with its final state's gradient
             seq, opens, closes = _chunk_flags(seq_ref, flag_ref, r, back(idx[0]))
@@ -157,9 +171,27 @@ def _state_grad_kernel(*refs, st: MosaicStatic, dtype: Any, stages: int) -> None
             wgmma_regs(acc_dv, at.astype(dtype), do_smem)  # registers [L, L] @ SMEM [L, BV]
 
         dv = wgmma_onto(kds * _bcast(d_row, (L, BV), 0), intra_dv)  # dvn for the delta rules
-        dv_smem[...] = dv.astype(dtype)
-        if delta:  # -dvn in the input dtype, the B operand of the w^T dvn term below
-            ndv_smem[...] = (-dv).astype(dtype)
+        if fused:
+            # dy = M^{-T} dvn (vn = M^{-1} y): dvn in the input dtype through the scratch tile
+            # as the B operand of one more wgmma on the chain; dy goes out (the WY backward
+            # and the dks kernel read it), and -(beta e^b dy) is the B operand of the state
+            # update's k^T term (the Triton WY backward rounds dvn the same way)
+            m_smem, beta_smem = wy_smem
+            ndv_smem[...] = dv.astype(dtype)
+            plgpu.commit_smem()
+
+            def solve(acc_dy):
+                plgpu.wgmma(acc_dy, _transposed(m_smem), ndv_smem)  # [L, L] @ [L, BV]
+                return acc_dy[...]
+
+            dy = pl.run_scoped(solve, plgpu.ACC((L, BV), F32))
+            dv_smem[...] = dy.astype(dtype)
+            beta_row = _load(beta_smem, rows_layout)  # [L]
+            ndv_smem[...] = (-dy * _bcast(beta_row * jnp.exp(b_row), (L, BV), 0)).astype(dtype)
+        else:
+            dv_smem[...] = dv.astype(dtype)
+            if delta:  # -dvn in the input dtype, the B operand of the w^T dvn term below
+                ndv_smem[...] = (-dv).astype(dtype)
 
         # dS_c = e^{b_L} dS_{c+1} + q^T (s e^{b} do): the decay goes on do's rows
         do = _load(do_smem, wgmma_layout).astype(F32)  # [L, BV]
@@ -169,8 +201,10 @@ def _state_grad_kernel(*refs, st: MosaicStatic, dtype: Any, stages: int) -> None
 
         def update(acc_s):
             plgpu.wgmma(acc_s, q_t, doe_smem)  # [K, L] @ [L, BV]
-            if delta:  # dS_c -= w^T dvn: vn = u - w S_c carries S_c into the chunk's values
-                plgpu.wgmma(acc_s, _transposed(w_smem), ndv_smem)  # [K, L] @ [L, BV]
+            if fused:  # dS_c -= k^T (beta e^b dy): y = beta (v - e^b k S_c)
+                plgpu.wgmma(acc_s, _transposed(k_smem), ndv_smem)  # [K, L] @ [L, BV]
+            elif delta:  # dS_c -= w^T dvn: vn = u - w S_c carries S_c into the chunk's values
+                plgpu.wgmma(acc_s, _transposed(wy_smem[0]), ndv_smem)  # [K, L] @ [L, BV]
 
         ds = wgmma_onto(ds * _bcast(e_row, (K, BV), 0), update)
         if packed and c.has_h0:  # the chunk that opens a sequence leaves dS_c as its dh0
@@ -190,10 +224,15 @@ def _state_grad_kernel(*refs, st: MosaicStatic, dtype: Any, stages: int) -> None
     ]
     ins = [q_ref.at[r, :, h, :], k_ref.at[r, :, h, :], do_ref.at[r, :, h, vs], b_ref.at[r, h],
            d_ref.at[r, h], e_ref.at[r, h]]
-    if delta:  # w, [L, K] per chunk
+    if fused:  # M^{-1} [L, L] and beta [L] per chunk
+        in_specs += [plgpu.BlockSpec((L, L), lambda c: (back(c), 0),
+                                     transforms=_swizzled(L, dtype)),
+                     plgpu.BlockSpec((L,), lambda c: (back(c),))]
+        ins += [wy_refs[0].at[r, :, h, :], wy_refs[1].at[r, h]]
+    elif delta:  # w, [L, K] per chunk
         in_specs.append(plgpu.BlockSpec((L, K), lambda c: (back(c), 0),
                                         transforms=_swizzled(K, dtype)))
-        ins.append(w_ref.at[r, :, h, :])
+        ins.append(wy_refs[0].at[r, :, h, :])
     out_specs = [
         plgpu.BlockSpec((L, BV), lambda c: (back(c), 0), transforms=_swizzled(BV, dtype)),  # dv
         plgpu.BlockSpec((None, K, BV), lambda c: (back(c), 0, 0),
@@ -302,25 +341,27 @@ def _dqk_kernel(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, d_ref, dq_ref
 
 def run_state_grad(st: MosaicStatic, q: Array, k: Array, do: Array, gates: tuple[Array, ...],
                    dfinal: Array, w: Array | None = None,
-                   layout: tuple[Array, Array] | None = None) -> tuple[Array, Array, Array]:
+                   layout: tuple[Array, Array] | None = None, *, minv: Array | None = None,
+                   beta: Array | None = None) -> tuple[Array, Array, Array]:
     """The reverse walk: ``(dv [R, TP, H, V], dh [R, NC, H, K, V] (dS_{c+1} per chunk, in
     q's dtype), dh0 [N, H, K, V] float32)``; ``gates`` from ``mosaic_chunk.gate_rows``,
     ``dfinal [N, H, K, V]``. For the delta rules (``st.core.delta``) ``w [R, TP, H, K]`` is
-    the WY form's and ``dv`` is the gradient of ``vn = u - w S_c`` (which is ``u``'s).
-    ``layout``: packed rows' ``(seq_info, flags)`` (``mosaic_forward``); ``dh0`` then holds
-    only the sequences that own a chunk, and only with an initial state."""
+    the WY form's and ``dv`` is the gradient of ``vn = u - w S_c`` (which is ``u``'s); with
+    ``st.fused_grad`` ``minv [R, TP, H, L]`` (``pallas_wy.wy_inverse``) and ``beta [R, TP,
+    H]`` replace ``w``, and ``dv`` is ``dy = M^{-T} dvn``, the gradient of ``y = beta (v -
+    e^b k S_c)``. ``layout``: packed rows' ``(seq_info, flags)`` (``mosaic_forward``); ``dh0``
+    then holds only the sequences that own a chunk, and only with an initial state."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     c = st.core
-    if c.delta != (w is not None):
-        raise ValueError(f"w: expected {'[R, TP, H, K]' if c.delta else 'None'} for "
-                         f"delta={c.delta}, got {None if w is None else w.shape}")
+    fused = c.delta and st.fused_grad
+    check_wy_args(c.delta, fused, "fused_grad", w, minv, beta)
     R, NC, L, H, K, V = c.rows, c.n_chunks, c.chunk, c.heads, c.key_dim, c.value_dim
     dtype = q.dtype
     bv = min(V, STATE_BLOCK_V)
     stages = st.bwd_stages or deepest_stages(lambda s: state_smem_bytes(
         chunk=L, key_dim=K, block_v=bv, stages=s, itemsize=jnp.dtype(dtype).itemsize,
-        delta=c.delta, packed=c.packed) <= SMEM_LIMIT, 3)
+        delta=c.delta, packed=c.packed, fused=fused) <= SMEM_LIMIT, 3)
     if c.packed != (layout is not None):
         raise ValueError(f"layout: expected {'(seq_info, flags)' if c.packed else 'None'} for "
                          f"packed={c.packed}")
@@ -328,6 +369,10 @@ def run_state_grad(st: MosaicStatic, q: Array, k: Array, do: Array, gates: tuple
     # the scaled-do tile, for the delta rules the -dvn tile, for packed rows the float32
     # staging tile of each sequence's dht / dh0
     scratch = [tile, tile] if c.delta else [tile]
+    if fused:  # beta's rows as the gates', a chunk's tokens contiguous
+        wy = (minv, jnp.transpose(beta.astype(F32), (0, 2, 1)))  # [R, TP, H] -> [R, H, TP]
+    else:
+        wy = () if w is None else (w,)
     if c.packed:
         scratch.append(plgpu.SMEM((K, bv), F32, transforms=_swizzled(bv, F32)))
     return plgpu.kernel(
@@ -340,7 +385,7 @@ def run_state_grad(st: MosaicStatic, q: Array, k: Array, do: Array, gates: tuple
         grid_names=("v", "h", "r"),
         compiler_params=compiler_params(),
         **interpret_kwargs(),
-    )(q, k, do.astype(dtype), *gates, *(() if w is None else (w,)), dfinal.astype(F32),
+    )(q, k, do.astype(dtype), *gates, *wy, dfinal.astype(F32),
       *(() if layout is None else layout))
 
 
@@ -503,18 +548,61 @@ def mosaic_delta_backward(st: MosaicStatic, q: Array, k: Array, w: Array, b: Arr
         ``dg [R, TP, H]`` float32 and ``dh0 [N, H, K, V]`` float32.
     """
     c = st.core
-    R, NC, L, H, K, V = c.rows, c.n_chunks, c.chunk, c.heads, c.key_dim, c.value_dim
-    gates = gate_rows(b, L, K)
+    gates = gate_rows(b, c.chunk, c.key_dim)
     dvn, dh, dh0 = run_state_grad(st, q, k, do, gates, dfinal, w=w, layout=layout)
     dq, dk, term, kdk, sds = run_dqk(st, q, k, vn, do, h, dh, gates)
-    if env_switch(DW_KERNEL_ENV, DW_KERNEL):
-        dw = run_dw(st, dvn, h)  # (dvn is in q's dtype)
-    else:
-        dvn_c = dvn.reshape(R, NC, L, H, V)  # [R, TP, H, V] -> [R, NC, L, H, V]
-        # [R, NC, L, H, V] x [R, NC, H, K, V] -> [R, NC, L, H, K]: dvn S_c^T per chunk
-        dws = jnp.einsum("rclhv,rchkv->rclhk", dvn_c, h, preferred_element_type=F32)
-        dw = (-dws).astype(q.dtype).reshape(R, NC * L, H, K)  # -> [R, TP, H, K]
+    dw = _minus_times_states(st, dvn, h)
     return dq, dk, dvn, dw, _gate_grad(st, gates, term, kdk, sds), dh0
+
+
+def _minus_times_states(st: MosaicStatic, x: Array, h: Array) -> Array:
+    """``-x S_c^T`` per chunk ``[R, TP, H, K]`` in x's dtype from ``x [R, TP, H, V]`` and the
+    stored states ``h [R, NC, H, K, V]``: :func:`run_dw`, or with
+    ``LINEARNEXUS_MOSAIC_DW_KERNEL=0`` one batched XLA matmul."""
+    if env_switch(DW_KERNEL_ENV, DW_KERNEL):
+        return run_dw(st, x, h)
+    c = st.core
+    R, NC, L, H, K, V = c.rows, c.n_chunks, c.chunk, c.heads, c.key_dim, c.value_dim
+    xc = x.reshape(R, NC, L, H, V)  # [R, TP, H, V] -> [R, NC, L, H, V]
+    # [R, NC, L, H, V] x [R, NC, H, K, V] -> [R, NC, L, H, K]: x S_c^T per chunk
+    xs = jnp.einsum("rclhv,rchkv->rclhk", xc, h, preferred_element_type=F32)
+    return (-xs).astype(x.dtype).reshape(R, NC * L, H, K)  # -> [R, TP, H, K]
+
+
+def mosaic_delta_fused_backward(st: MosaicStatic, q: Array, k: Array, minv: Array,
+                                beta: Array, b: Array, h: Array, vn: Array, do: Array,
+                                dfinal: Array, layout: tuple[Array, Array] | None = None
+                                ) -> tuple[Array, Array, Array, Array, Array, Array]:
+    """The chunk core's share of the delta rules' gradient in the fused form
+    (``st.fused_grad``: ``vn = M^{-1} y`` with ``y = beta (v - e^b k S_c)`` formed in the
+    walk), through the same kernels as :func:`mosaic_delta_backward`.
+
+    The reverse walk reads ``M^{-1}`` and ``beta`` in place of ``w``: per chunk ``dvn`` as
+    there, then ``dy = M^{-T} dvn`` (one more wgmma; ``dy`` is its output), and the state
+    gradient takes ``- k^T (beta e^b dy)`` (which is ``w^T dvn``). ``dq / dk`` and the gate
+    terms are unchanged (``vn`` as the values); the ``dw`` kernel forms ``dks = -dy S_c^T``,
+    the cotangent of ``k S_c`` before its ``beta e^b`` row scale. ``pallas_wy.
+    wy_fused_backward`` then turns ``dy``, ``dks`` and ``vn`` into the WY part.
+
+    Args:
+        st: static description (``st.core.delta``, ``st.fused_grad``). q, k: ``[R, TP, H,
+            K]``. minv: ``[R, TP, H, L]`` (``pallas_wy.wy_inverse``). beta: ``[R, TP, H]``.
+            b, h, vn, do, dfinal, layout: as :func:`mosaic_delta_backward`.
+
+    Returns:
+        ``(dq, dk, dy, dks)`` in q's dtype (``dy [R, TP, H, V]``, the others ``[R, TP, H,
+        K]``), ``dg [R, TP, H]`` float32 (the core's share) and ``dh0 [N, H, K, V]`` float32.
+    """
+    c = st.core
+    if not (c.delta and st.fused_grad):
+        raise ValueError(f"st: expected the delta rules with fused_grad, got delta={c.delta}, "
+                         f"fused_grad={st.fused_grad}")
+    gates = gate_rows(b, c.chunk, c.key_dim)
+    dy, dh, dh0 = run_state_grad(st, q, k, do, gates, dfinal, layout=layout, minv=minv,
+                                 beta=beta)
+    dq, dk, term, kdk, sds = run_dqk(st, q, k, vn, do, h, dh, gates)
+    dks = _minus_times_states(st, dy, h)
+    return dq, dk, dy, dks, _gate_grad(st, gates, term, kdk, sds), dh0
 
 
 def _gate_grad(st: MosaicStatic, gates: tuple[Array, ...], term: Array, kdk: Array,

@@ -137,7 +137,12 @@ class MosaicConfig:
             ``vn = M^{-1} (beta v - beta e^b (k S_c))`` in the walk from the stored
             ``M^{-1}``, and the WY preparation writes only ``M^{-1}`` (no ``w``, ``u``);
             under a gradient the walk reads ``w``, ``u`` as without it
-            (``mosaic_delta.py``).
+            (``mosaic_delta.py``), unless ``fused_grad``.
+        fused_grad: the delta rules only (with ``fused_wy`` and ``backward="mosaic"``): the
+            gradient from ``M^{-1}`` too: the forward under a gradient is the fused walk
+            storing ``S_c`` and ``vn``, the reverse walk forms ``dy = M^{-T} dvn`` and takes
+            ``k^T (beta e^b dy)`` off the state gradient, and the WY backward works from
+            ``dy`` and ``vn`` (no ``w``, ``u``, no products by ``M^{-1}`` there).
 
     One stage leaves room in shared memory for two programs per SM, whose copies and
     dependent wgmma chains then overlap each other's (measured: faster for the plain forward
@@ -151,6 +156,7 @@ class MosaicConfig:
     bwd_stages: int | None = None
     dqk_stages: int | None = None
     fused_wy: bool | None = None
+    fused_grad: bool | None = None
 
     def __post_init__(self) -> None:
         if self.chunk is not None and self.chunk not in (64, 128):
@@ -164,8 +170,10 @@ class MosaicConfig:
                 raise ValueError(f"{name}: expected an int >= 1 or None, got {value!r}")
         if self.backward is not None and self.backward not in BACKWARDS:
             raise ValueError(f"backward: expected one of {BACKWARDS} or None, got {self.backward!r}")
-        if self.fused_wy is not None and not isinstance(self.fused_wy, bool):
-            raise ValueError(f"fused_wy: expected a bool or None, got {self.fused_wy!r}")
+        for name in ("fused_wy", "fused_grad"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{name}: expected a bool or None, got {value!r}")
 
     def merged(self, default: MosaicConfig) -> MosaicConfig:
         """This config with its None fields taken from ``default``."""
@@ -283,8 +291,8 @@ class MosaicStatic:
         backward: ``"mosaic"`` or ``"pallas"`` (:class:`MosaicConfig`).
         bwd_stages, dqk_stages: the gradient's pipeline depths (:class:`MosaicConfig`); None:
             the most that fit (up to 3).
-        fused_wy: the delta rules' plain forward forms ``vn`` from ``M^{-1}`` in the walk
-            (:class:`MosaicConfig`).
+        fused_wy: the delta rules' walk forms ``vn`` from ``M^{-1}`` (:class:`MosaicConfig`).
+        fused_grad: the delta rules' gradient from ``M^{-1}`` too (:class:`MosaicConfig`).
     """
 
     core: CoreStatic
@@ -294,6 +302,7 @@ class MosaicStatic:
     bwd_stages: int | None = None
     dqk_stages: int | None = None
     fused_wy: bool = False
+    fused_grad: bool = False
 
 
 def _swizzled(cols: int, dtype: Any) -> tuple[Any, ...]:
@@ -622,6 +631,21 @@ def gate_rows(b: Array, chunk: int, key_dim: int) -> tuple[Array, Array, Array]:
     return bh, decay, e_last
 
 
+def check_wy_args(delta: bool, fused: bool, knob: str, w: Array | None, minv: Array | None,
+                  beta: Array | None) -> None:
+    """Raise ``ValueError`` unless the delta rules' WY inputs match the form: ``w`` for the
+    separate one, ``minv`` and ``beta`` for the fused one (``knob`` names its switch), none
+    for the other ops."""
+    if (delta and not fused) != (w is not None):
+        raise ValueError(f"w: expected {'[R, TP, H, K]' if delta and not fused else 'None'} "
+                         f"for delta={delta}, {knob}={fused}, "
+                         f"got {None if w is None else w.shape}")
+    if fused != (minv is not None and beta is not None):
+        raise ValueError(f"minv, beta: expected both for {knob}={fused}, got "
+                         f"{None if minv is None else minv.shape}, "
+                         f"{None if beta is None else beta.shape}")
+
+
 def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
                    h0: Array | None, *, store_states: bool = False, w: Array | None = None,
                    layout: tuple[Array, Array] | None = None,
@@ -638,7 +662,8 @@ def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
         store_states: also return every chunk's entering state (for the backward), and for
             the delta rules every chunk's ``vn``.
         w: ``[R, TP, H, K]`` the WY form's ``w`` (the delta rules only, else None).
-        minv, beta: with ``st.fused_wy`` (the delta rules' plain forward) instead of ``w``:
+        minv, beta: with ``st.fused_wy`` (the delta rules; under a gradient only with
+            ``st.fused_grad``) instead of ``w``:
             ``M^{-1}`` ``[R, TP, H, L]`` in q's dtype (``pallas_wy.wy_inverse``) and
             ``beta`` ``[R, TP, H]``; ``v`` is then the values themselves, not ``u``.
         layout: ``(seq_info, flags)`` ``[R, NC]`` int32 (``pallas_chunk.chunk_layout_info``)
@@ -655,18 +680,12 @@ def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
 
     c = st.core
     R, NC, L, H, K, V = c.rows, c.n_chunks, c.chunk, c.heads, c.key_dim, c.value_dim
-    if st.fused_wy and (not c.delta or store_states):
-        raise ValueError("st: fused_wy is the delta rules' plain forward only (delta="
-                         f"{c.delta}, store_states={store_states})")
+    if st.fused_wy and (not c.delta or (store_states and not st.fused_grad)):
+        raise ValueError("st: fused_wy is the delta rules' forward only, and stores the states "
+                         f"only with fused_grad (delta={c.delta}, store_states={store_states}, "
+                         f"fused_grad={st.fused_grad})")
     fused = st.fused_wy
-    if (c.delta and not fused) != (w is not None):
-        raise ValueError(f"w: expected {'[R, TP, H, K]' if c.delta and not fused else 'None'} "
-                         f"for delta={c.delta}, fused_wy={st.fused_wy}, "
-                         f"got {None if w is None else w.shape}")
-    if fused != (minv is not None and beta is not None):
-        raise ValueError(f"minv, beta: expected both for fused_wy={st.fused_wy}, got "
-                         f"{None if minv is None else minv.shape}, "
-                         f"{None if beta is None else beta.shape}")
+    check_wy_args(c.delta, fused, "fused_wy", w, minv, beta)
     if c.packed != (layout is not None):
         raise ValueError(f"layout: expected {'(seq_info, flags)' if c.packed else 'None'} for "
                          f"packed={c.packed}")
@@ -679,7 +698,7 @@ def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
         # take shared memory: by default as many stages as still fit, up to 3)
         stages = st.bwd_stages or deepest_stages(lambda s: smem_bytes(
             chunk=L, key_dim=K, block_v=st.block_v, stages=s, itemsize=jnp.dtype(dtype).itemsize,
-            store_states=True, delta=c.delta, packed=c.packed) <= SMEM_LIMIT, 3)
+            store_states=True, delta=c.delta, packed=c.packed, fused_wy=fused) <= SMEM_LIMIT, 3)
     kernel = functools.partial(_forward_kernel, st=dataclasses.replace(st, stages=stages),
                                dtype=dtype, store_states=store_states)
     out_type = [jax.ShapeDtypeStruct((R, NC * L, H, V), dtype),

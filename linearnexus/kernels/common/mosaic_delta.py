@@ -45,6 +45,13 @@ more memory than that backend. Two backwards read them:
 
 Either way the WY preparation's own ``custom_vjp`` (``pallas_wy.py``) then carries ``dw``,
 ``du`` back to ``k``, ``v``, ``beta`` and ``g``.
+
+With ``MosaicConfig.fused_grad`` (and the Mosaic backward) the gradient is formed from
+``M^{-1}`` as well: the forward under a gradient is the fused walk storing ``S_c`` and ``vn``,
+the reverse walk forms ``dy = M^{-T} dvn`` and takes ``k^T (beta e^b dy)`` off the state
+gradient, the ``dw`` kernel forms ``-dy S_c^T``, and ``pallas_wy.wy_fused_backward`` finishes
+(``mosaic_bwd.mosaic_delta_fused_backward``); ``w`` and ``u`` are never formed. Checked in
+the interpreter, not yet timed (:data:`DEFAULT_FUSED_GRAD`).
 """
 
 from __future__ import annotations
@@ -57,7 +64,10 @@ import jax.numpy as jnp
 
 from linearnexus.core.types import Array
 from linearnexus.kernels.common import mosaic_bwd
-from linearnexus.kernels.common.mosaic_bwd import mosaic_delta_backward
+from linearnexus.kernels.common.mosaic_bwd import (
+    mosaic_delta_backward,
+    mosaic_delta_fused_backward,
+)
 from linearnexus.kernels.common.mosaic_chunk import (
     HOPPER_SMS,
     SMEM_LIMIT,
@@ -71,7 +81,12 @@ from linearnexus.kernels.common.mosaic_chunk import (
     triton_layout,
 )
 from linearnexus.kernels.common.pallas_chunk import _core_bwd, in_chunk_cumsum
-from linearnexus.kernels.common.pallas_wy import WyStatic, wy_inverse, wy_prepare
+from linearnexus.kernels.common.pallas_wy import (
+    WyStatic,
+    wy_fused_backward,
+    wy_inverse,
+    wy_prepare,
+)
 
 F32 = jnp.float32
 #: "0" keeps the delta rules' mosaic backend out of automatic dispatch ("1" puts it in when
@@ -106,6 +121,16 @@ DEFAULT_BACKWARD = "mosaic"
 #: against 4.0e-3)
 DEFAULT_FUSED_WY = True
 
+#: "1" runs the gradient from M^{-1} too (MosaicConfig.fused_grad) where a call's config does
+#: not say, "0" keeps it off; unset: :data:`DEFAULT_FUSED_GRAD`
+FUSED_GRAD_ENV = "LINEARNEXUS_MOSAIC_FUSED_GRAD"
+#: the gradient from M^{-1} (MosaicConfig.fused_grad) by default: not yet. It drops w, u
+#: from the gradient (the Triton preparation writes M^{-1} only, the WY backward no longer
+#: multiplies by M^{-1}: 0.286 against 0.515 ms for the preparation alone on an H100) for
+#: one more wgmma a chunk in the reverse walk; checked in the Mosaic GPU interpreter, lowered
+#: for CUDA on the CPU, not yet timed on a GPU (docs/mosaic.md, Next)
+DEFAULT_FUSED_GRAD = False
+
 
 def delta_opted_in() -> bool:
     """Whether automatic dispatch may pick the delta rules' Mosaic kernel."""
@@ -114,7 +139,8 @@ def delta_opted_in() -> bool:
 
 def default_delta_config(*, rows: int, heads: int, key_dim: int, value_dim: int,
                          n_chunks: int, itemsize: int = 2, packed: bool = False,
-                         fused_wy: bool | None = None) -> MosaicConfig:
+                         fused_wy: bool | None = None,
+                         fused_grad: bool | None = None) -> MosaicConfig:
     """The heuristic of the delta rules' kernels: chunk 64, value blocks of 64 (the
     ``[K, 64]`` float32 state, 64 registers a thread at K = 128, plus three ``[64, 64]``
     accumulators), the WY products in the plain forward's walk (:data:`DEFAULT_FUSED_WY`;
@@ -125,7 +151,9 @@ def default_delta_config(*, rows: int, heads: int, key_dim: int, value_dim: int,
     through HBM: one when the grid has more programs than the 132 SMs and the walk is long
     (two programs share an SM), else the deepest of 3 (walks of >= 8 chunks) or 2 that fits
     (level within 1% at those shapes). ``bwd_stages`` (the forward that stores the states
-    under a gradient, and the Mosaic reverse walk): None, the deepest that fits up to 3."""
+    under a gradient, and the Mosaic reverse walk): None, the deepest that fits up to 3.
+    ``fused_grad`` (a call's own choice, else :data:`FUSED_GRAD_ENV` /
+    :data:`DEFAULT_FUSED_GRAD`) only with the fused forward and the Mosaic backward."""
     block_v = min(64, value_dim)
     fused = DEFAULT_FUSED_WY if fused_wy is None else fused_wy
 
@@ -144,8 +172,9 @@ def default_delta_config(*, rows: int, heads: int, key_dim: int, value_dim: int,
     if backward == "mosaic" and not delta_backward_fits(key_dim=key_dim, value_dim=value_dim,
                                                         itemsize=itemsize, packed=packed):
         backward = "pallas"
+    grad = env_switch(FUSED_GRAD_ENV, DEFAULT_FUSED_GRAD) if fused_grad is None else fused_grad
     return MosaicConfig(chunk=64, block_v=block_v, stages=stages, backward=backward,
-                        fused_wy=fused)
+                        fused_wy=fused, fused_grad=grad and fused and backward == "mosaic")
 
 
 def delta_backward_fits(*, key_dim: int, value_dim: int, itemsize: int = 2,
@@ -160,6 +189,10 @@ def check_delta_config(cfg: MosaicConfig, *, key_dim: int, value_dim: int,
                        packed: bool = False) -> None:
     """Raise ``ValueError`` naming ``config`` for knobs the delta rules' kernel does not take
     (``cfg`` resolved: no None field but ``bwd_stages`` / ``dqk_stages``)."""
+    if cfg.fused_grad and not (cfg.fused_wy and cfg.backward == "mosaic"):
+        raise ValueError(f"config: fused_grad=True takes fused_wy=True and backward='mosaic' "
+                         f"(the gradient from M^{{-1}} runs the fused walk and the Mosaic "
+                         f"reverse walk), got fused_wy={cfg.fused_wy}, backward={cfg.backward!r}")
     if cfg.backward == "pallas" and cfg.dqk_stages is not None:
         raise ValueError("config: dqk_stages sets the Mosaic backward's dq / dk kernel, which "
                          "backward='pallas' does not run; leave it None")
@@ -178,11 +211,12 @@ def check_delta_config(cfg: MosaicConfig, *, key_dim: int, value_dim: int,
             continue
         need = smem_bytes(chunk=cfg.chunk, key_dim=key_dim, block_v=cfg.block_v, stages=stages,
                           itemsize=2, delta=True, store_states=stored, packed=packed,
-                          fused_wy=bool(cfg.fused_wy) and not stored)
+                          fused_wy=bool(cfg.fused_wy) and (not stored or bool(cfg.fused_grad)))
         if stored and cfg.backward == "mosaic":  # bwd_stages is the reverse walk's depth too
             need = max(need, mosaic_bwd.state_smem_bytes(
                 chunk=cfg.chunk, key_dim=key_dim, block_v=min(value_dim, mosaic_bwd.STATE_BLOCK_V),
-                stages=stages, itemsize=2, delta=True, packed=packed))
+                stages=stages, itemsize=2, delta=True, packed=packed,
+                fused=bool(cfg.fused_grad)))
         if need > SMEM_LIMIT:
             raise ValueError(f"config: {name}={stages} at K={key_dim} needs {need} bytes of "
                              f"shared memory with the delta rule's w and vn tiles, over the "
@@ -277,7 +311,9 @@ def mosaic_delta_fused(st: MosaicStatic, wst: WyStatic, q: Array, k: Array, v: A
     (``pallas_wy.wy_inverse``) and the walk forms ``vn = M^{-1} (beta v - beta e^b (k S_c))``
     per chunk, so ``w`` and ``u`` never reach HBM. Under a gradient the forward is
     :func:`_separate`'s (the backward reads ``w`` and the stored ``vn``, ``S_c``), and so is
-    the backward.
+    the backward; with ``st.fused_grad`` it is this walk storing ``S_c`` and ``vn``, and the
+    backward :func:`mosaic_bwd.mosaic_delta_fused_backward` then
+    :func:`pallas_wy.wy_fused_backward` (no ``w``, ``u`` either way).
 
     Args:
         st: static description (``st.core.delta``). wst: the WY preparation's.
@@ -296,12 +332,31 @@ def mosaic_delta_fused(st: MosaicStatic, wst: WyStatic, q: Array, k: Array, v: A
 
 
 def _fused_fwd(st, wst, q, k, v, beta, g, h0, layout):
+    if st.fused_grad:  # the walk stores S_c and vn, as the separate one does
+        minv = wy_inverse(wst, k, beta, g)
+        b, _ = _gates(st, g, q)
+        h0f = None if h0 is None else h0.astype(F32)
+        o, final, h, vn = mosaic_forward(dataclasses.replace(st, fused_wy=True), q, k, v, b, h0f,
+                                         store_states=True, layout=layout, minv=minv, beta=beta)
+        final = pass_empty(st, layout, final, h0f)
+        return (o, final), (q, k, v, beta, g, h0, minv, h, vn, layout)
     out, pullback = jax.vjp(lambda *xs: _separate(st, wst, *xs, layout), q, k, v, beta, g, h0)
     return out, pullback  # (a jax.tree_util.Partial: a pytree of the residual arrays)
 
 
-def _fused_bwd(st, wst, pullback, cts):
-    return (*pullback(cts), None)
+def _fused_bwd(st, wst, res, cts):
+    if not st.fused_grad:
+        return (*res(cts), None)
+    q, k, v, beta, g, h0, minv, h, vn, layout = res
+    b, _ = _gates(st, g, q)  # zeros without a gate: the kernels read gate rows regardless
+    do, dfinal = cts
+    dq, dk_core, dy, dks, dg_core, dh0 = mosaic_delta_fused_backward(
+        st, q, k, minv, beta, b, h, vn, do, dfinal, layout=layout)
+    dk, dv, dbeta, dg_wy = wy_fused_backward(wst, k, v, beta, g, vn, dy, dks, dk_core)
+    if h0 is not None:
+        dh0 = pass_empty(st, layout, dh0, dfinal.astype(F32)).astype(h0.dtype)
+    return (dq, dk, dv, dbeta, None if g is None else dg_core + dg_wy,
+            None if h0 is None else dh0, None)
 
 
 mosaic_delta_fused.defvjp(_fused_fwd, _fused_bwd)

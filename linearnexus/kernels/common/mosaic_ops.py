@@ -164,9 +164,10 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
                                            block_v=cfg.block_v))
     if vp % cfg.block_v:
         raise ValueError(f"config: block_v={cfg.block_v} must divide the padded value dim {vp}")
-    if cfg.fused_wy:
-        raise ValueError("config: fused_wy=True is a knob of the delta rules' kernel (the WY "
-                         "products in the walk); simple_gla's has no WY form: leave it None")
+    for knob in ("fused_wy", "fused_grad"):
+        if getattr(cfg, knob):
+            raise ValueError(f"config: {knob}=True is a knob of the delta rules' kernel (the WY "
+                             "products in the walk); simple_gla's has no WY form: leave it None")
     _check_fits(cfg, chunk=chunk, kp=kp, vp=vp, itemsize=itemsize, packed=False)
     if packed:
         decline_unless_packed_fits(
@@ -322,7 +323,7 @@ def delta_rule_mosaic(q: Array, k: Array, v: Array, beta: Array, g: Array | None
                                                           cu_seqlens)
     cfg = cfg.merged(default_delta_config(rows=plan.rows, heads=heads, key_dim=kp, value_dim=vp,
                                           n_chunks=plan.n_chunks, packed=plan.packed,
-                                          fused_wy=cfg.fused_wy))
+                                          fused_wy=cfg.fused_wy, fused_grad=cfg.fused_grad))
     check_delta_config(cfg, key_dim=kp, value_dim=vp)
     if plan.packed:
         decline_unless_packed_fits(
@@ -336,9 +337,10 @@ def delta_rule_mosaic(q: Array, k: Array, v: Array, beta: Array, g: Array | None
                         gate="none" if g is None else "scalar", delta=True,
                         n_seqs=_n_seqs(q, cu_seqlens))
     st = MosaicStatic(core=core, block_v=cfg.block_v, stages=cfg.stages, backward=cfg.backward,
-                      bwd_stages=cfg.bwd_stages, dqk_stages=cfg.dqk_stages)
+                      bwd_stages=cfg.bwd_stages, dqk_stages=cfg.dqk_stages,
+                      fused_grad=bool(cfg.fused_grad))
     bc = _layout(beta, plan)  # [B, T, H] -> [R, NC * L, H]
-    if cfg.fused_wy:  # w, u formed in the walk (the plain forward; a gradient's is separate)
+    if cfg.fused_wy:  # w, u formed in the walk (a gradient's too with fused_grad)
         o, final = mosaic_delta_fused(st, wst, qc, kc, vc, bc, gc, h0, _packed_layout(plan))
     else:
         # k passes through so that the core's dk is added inside the WY backward kernel

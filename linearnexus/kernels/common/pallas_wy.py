@@ -20,6 +20,11 @@ products::
 through ``A``, ``kbe`` and ``vb`` gives ``dk, dv, dbeta`` and the gradient of the in-chunk
 cumulative log-gate ``b`` (turned into ``dg`` in JAX).
 
+When the walk itself forms ``vn = M^{-1} y``, ``y = beta (v - e^b (k S_c))`` (the delta rules'
+fused Mosaic gradient), its backward hands over ``dy = M^{-T} dvn`` and ``dks = -dy S_c^T``
+and :func:`wy_fused_backward` needs no ``M^{-1}``: ``X = dvn y^T`` there, so ``dA = -dy vn^T``,
+and ``M^{-T} du``, ``M^{-T} dw`` above are ``dy`` and ``dks``.
+
 Pallas's Triton lowering cannot slice values, so sub-blocks are loaded from refs.
 """
 
@@ -192,28 +197,68 @@ def _wy_fwd_kernel(*refs, st: WyStatic):
             dst[r, rows, h, cs] = y.astype(dst.dtype)
 
 
+def _bwd_chunk(refs, st: WyStatic):
+    """Both backward kernels' refs and per-chunk rows: ``(refs, (r, rows, h), beta, b, eb,
+    op)`` with ``refs`` = ``(k, v, beta, b, x1, x2, x3, dk0, dk, dv, dbeta, db)`` (``b``, ``db``
+    None without a gate; ``x1..x3`` the kernel's own inputs). 16-bit inputs: the big products
+    take operands in the inputs' dtype (float32 accumulation), as the forward's w / u are in
+    that dtype anyway; float32 inputs keep float32 (exact) operands."""
+    if st.gated:
+        full = refs
+    else:
+        full = (*refs[:3], None, *refs[3:], None)
+    c, rh = pl.program_id(0), pl.program_id(1)
+    r, h = rh // st.heads, rh % st.heads
+    rows = pl.ds(c * st.chunk, st.chunk)
+    beta = full[2][r, rows, h].astype(F32)  # [L]
+    b = full[3][r, rows, h] if st.gated else None
+    eb = exp_approx(b) if st.gated else jnp.ones_like(beta)
+    return full, (r, rows, h), beta, b, eb, F32 if st.exact else full[0].dtype
+
+
+def _through_a(st: WyStatic, refs, at, da, kk, dbeta, beta, b, eb, op, drw_of) -> None:
+    """The shared tail of both backward kernels: from ``dA`` (``[L, L]``, strictly lower
+    once masked) and ``k k^T`` through ``A_ij = beta_i gam_ij k_i.k_j`` and the ``beta e^b k``
+    operand (whose cotangent for key block ``ks`` is ``drw_of(ks)``, ``[L, bk]`` float32) to
+    ``dk`` (plus the core's), ``dbeta`` and ``db``, written to their refs."""
+    k_ref, dk0_ref, dk_ref, dbeta_ref, db_ref = refs[0], refs[7], refs[8], refs[10], refs[11]
+    r, rows, h = at
+    row, col = _iota2(st.chunk)
+    # the decay factors of A, built only now to keep fewer [L, L] tiles live in the loops
+    if st.gated:
+        gam = exp_approx(jnp.where(row > col, b[:, None] - b[None, :], -jnp.inf))
+    else:
+        gam = jnp.where(row > col, 1.0, 0.0)
+    g = da * gam  # zero on and above the diagonal
+    gb = g * beta[:, None]
+    dbeta += jnp.sum(g * kk, axis=1)
+    # A_ij = beta_i gam_ij k_i.k_j: dk_i gets sum_j gb_ij k_j, dk_j gets sum_i gb_ij k_i
+    sym = (gb + gb.T).astype(op)
+    db = jnp.zeros((st.chunk,), F32)
+    bk = min(st.key_dim, 64)
+    for j in range(st.key_dim // bk):  # dk through A and through kbe
+        ks = pl.ds(j * bk, bk)
+        k = k_ref[r, rows, h, ks]
+        drw = drw_of(ks)
+        dk = _dot(sym, k.astype(op), st) + drw * (beta * eb)[:, None]
+        dk_ref[r, rows, h, ks] = (dk + dk0_ref[r, rows, h, ks].astype(F32)).astype(dk_ref.dtype)
+        rk = jnp.sum(drw * k.astype(F32), axis=1)
+        dbeta += rk * eb
+        db += rk * (beta * eb)
+    dbeta_ref[r, rows, h] = dbeta
+    if st.gated:
+        p = gb * kk  # dA_ij * A_ij
+        db_ref[r, rows, h] = jnp.sum(p, axis=1) - jnp.sum(p, axis=0) + db
+
+
 def _wy_bwd_kernel(*refs, st: WyStatic):
     """One chunk's ``dk`` (added to the core's, ``dk0_ref``, whose buffer ``dk_ref`` reuses),
     ``dv``, ``dbeta`` (and ``db``, the gate's in-chunk share) from ``dw``, ``du``."""
-    if st.gated:
-        (k_ref, v_ref, beta_ref, b_ref, m_ref, dw_ref, du_ref, dk0_ref,
-         dk_ref, dv_ref, dbeta_ref, db_ref) = refs
-    else:
-        k_ref, v_ref, beta_ref, m_ref, dw_ref, du_ref, dk0_ref, dk_ref, dv_ref, dbeta_ref = refs
-        b_ref = db_ref = None
-    c, rh = pl.program_id(0), pl.program_id(1)
-    r, h = rh // st.heads, rh % st.heads
+    refs, at, beta, b, eb, op = _bwd_chunk(refs, st)
+    k_ref, v_ref, _, _, m_ref, dw_ref, du_ref, _, _, dv_ref, _, _ = refs
+    r, rows, h = at
     L = st.chunk
-    rows = pl.ds(c * L, L)
-    row, col = _iota2(L)
-    # 16-bit inputs: the big products take operands in the inputs' dtype (float32
-    # accumulation), as the forward's w / u are in that dtype anyway; float32 inputs keep
-    # float32 (exact) operands
-    op = F32 if st.exact else k_ref.dtype
-    beta = beta_ref[r, rows, h].astype(F32)  # [L]
     minv = m_ref[r, rows, h, :].astype(op)  # [L, L] M^{-1}, stored in the operand dtype
-    b = b_ref[r, rows, h] if st.gated else None
-    eb = exp_approx(b) if st.gated else jnp.ones_like(beta)
     # head dims in blocks of <= 64 columns: whole 256-wide float32 operands overflow shared
     # memory (measured: 344 KB asked of 227 KB at K = V = 256)
     bk, bv = min(st.key_dim, 64), min(st.value_dim, 64)
@@ -240,30 +285,37 @@ def _wy_bwd_kernel(*refs, st: WyStatic):
     # two [L, L] products in float32 operands (TF32 on the GPU for bf16 inputs)
     minv32 = minv.astype(F32)
     da = -_dot(_dot(minv32, x, st, ta=True), minv32, st, tb=True)
-    # the decay factors of A, built only now to keep fewer [L, L] tiles live in the loops
-    if st.gated:
-        gam = exp_approx(jnp.where(row > col, b[:, None] - b[None, :], -jnp.inf))
-    else:
-        gam = jnp.where(row > col, 1.0, 0.0)
-    g = da * gam  # zero on and above the diagonal
-    gb = g * beta[:, None]
-    dbeta += jnp.sum(g * kk, axis=1)
-    # A_ij = beta_i gam_ij k_i.k_j: dk_i gets sum_j gb_ij k_j, dk_j gets sum_i gb_ij k_i
-    sym = (gb + gb.T).astype(op)
-    db = jnp.zeros((L,), F32)
-    for j in range(st.key_dim // bk):  # dk through A and through kbe
-        ks = pl.ds(j * bk, bk)
-        k = k_ref[r, rows, h, ks]
-        drw = _dot(minv, dw_ref[r, rows, h, ks].astype(op), st, ta=True)  # M^{-T} dw
-        dk = _dot(sym, k.astype(op), st) + drw * (beta * eb)[:, None]
-        dk_ref[r, rows, h, ks] = (dk + dk0_ref[r, rows, h, ks].astype(F32)).astype(dk_ref.dtype)
-        rk = jnp.sum(drw * k.astype(F32), axis=1)
-        dbeta += rk * eb
-        db += rk * (beta * eb)
-    dbeta_ref[r, rows, h] = dbeta
-    if st.gated:
-        p = gb * kk  # dA_ij * A_ij
-        db_ref[r, rows, h] = jnp.sum(p, axis=1) - jnp.sum(p, axis=0) + db
+    _through_a(st, refs, at, da, kk, dbeta, beta, b, eb, op,  # M^{-T} dw per key block
+               lambda ks: _dot(minv, dw_ref[r, rows, h, ks].astype(op), st, ta=True))
+
+
+def _wy_bwd_fused_kernel(*refs, st: WyStatic):
+    """One chunk's ``dk`` (added to the core's), ``dv``, ``dbeta`` (and ``db``) when the walk
+    formed ``vn = M^{-1} y``, ``y = beta (v - e^b k S_c)`` itself: from ``dy = M^{-T} dvn``
+    and ``dks = -dy S_c^T`` (both from the Mosaic backward) and the stored ``vn``. No
+    ``M^{-1}`` here: ``dA = -dy vn^T`` (strictly lower), which is :func:`_wy_bwd_kernel`'s
+    ``-M^{-T} X M^{-T}`` with ``X = dvn y^T``, and its ``M^{-T} du``, ``M^{-T} dw`` are ``dy``
+    and ``dks``."""
+    refs, at, beta, b, eb, op = _bwd_chunk(refs, st)
+    k_ref, v_ref, _, _, vn_ref, dy_ref, dks_ref, _, _, dv_ref, _, _ = refs
+    r, rows, h = at
+    L = st.chunk
+    bk, bv = min(st.key_dim, 64), min(st.value_dim, 64)
+    da = jnp.zeros((L, L), F32)
+    dbeta = jnp.zeros((L,), F32)
+    for j in range(st.value_dim // bv):  # dv = beta dy, dbeta's share from v, dA = -dy vn^T
+        vs = pl.ds(j * bv, bv)
+        dy = dy_ref[r, rows, h, vs]
+        dyf = dy.astype(F32)
+        dv_ref[r, rows, h, vs] = (dyf * beta[:, None]).astype(dv_ref.dtype)
+        dbeta += jnp.sum(dyf * v_ref[r, rows, h, vs].astype(F32), axis=1)
+        da -= _dot(dy.astype(op), vn_ref[r, rows, h, vs].astype(op), st, tb=True)
+    kk = jnp.zeros((L, L), F32)
+    for j in range(st.key_dim // bk):
+        k = k_ref[r, rows, h, pl.ds(j * bk, bk)].astype(op)
+        kk += _dot(k, k, st, tb=True)
+    _through_a(st, refs, at, da, kk, dbeta, beta, b, eb, op,  # -dy S_c^T per key block
+               lambda ks: dks_ref[r, rows, h, ks].astype(F32))
 
 
 def _call(kernel, st, out_shape, *args, aliases=None):
@@ -302,6 +354,55 @@ def wy_inverse(st: WyStatic, k: Array, beta: Array, g: Array | None) -> Array:
     return _call(functools.partial(_wy_fwd_kernel, st=st), st, outs, *ins)[0]
 
 
+def wy_fused_backward(st: WyStatic, k: Array, v: Array, beta: Array, g: Array | None,
+                      vn: Array, dy: Array, dks: Array, dk_core: Array
+                      ) -> tuple[Array, Array, Array, Array | None]:
+    """The WY part of the gradient when the walk formed ``vn = M^{-1} y`` with ``y = beta (v -
+    e^b (k S_c))`` (the delta rules' fused Mosaic form, ``mosaic_delta.mosaic_delta_fused``).
+
+    Args:
+        st: as :func:`wy_prepare` (16-bit or float32 inputs). k ``[R, TP, H, K]``, v
+            ``[R, TP, H, V]``, beta ``[R, TP, H]``, g ``[R, TP, H]`` float32 log-gates or None.
+        vn: ``[R, TP, H, V]`` the walk's (stored under the gradient).
+        dy: ``[R, TP, H, V]`` ``M^{-T} dvn``, the cotangent of ``y``.
+        dks: ``[R, TP, H, K]`` ``-dy S_c^T`` per chunk.
+        dk_core: ``[R, TP, H, K]`` the core's ``dk``, added in the kernel.
+
+    Returns:
+        ``(dk, dv, dbeta, dg)``: ``dk`` (the core's included) and ``dv`` in the inputs'
+        dtypes, ``dbeta`` in beta's, ``dg`` float32 (None without a gate).
+    """
+    R, TP, H = st.rows, st.n_chunks * st.chunk, st.heads
+    for name, x, last in (("vn", vn, st.value_dim), ("dy", dy, st.value_dim),
+                          ("dks", dks, st.key_dim), ("dk_core", dk_core, st.key_dim)):
+        if x.shape != (R, TP, H, last):
+            raise ValueError(f"{name}: expected {(R, TP, H, last)}, got {x.shape}")
+    return _run_bwd(_wy_bwd_fused_kernel, st, k, v, beta, g, (vn, dy, dks), dk_core)
+
+
+def _run_bwd(kernel, st: WyStatic, k, v, beta, g, own: tuple, dk_core):
+    """Run a backward kernel (``own``: its three inputs after the gates) and finish:
+    ``(dk, dv, dbeta, dg)``. dk, dv leave the kernel in the inputs' dtype (float32 copies
+    cost ~0.25 ms of HBM traffic at (8, 4096, 16, 128)); dk is the sum with the core's dk
+    (dk_core's buffer)."""
+    R, TP, H = st.rows, st.n_chunks * st.chunk, st.heads
+    outs = [jax.ShapeDtypeStruct((R, TP, H, st.key_dim), k.dtype),
+            jax.ShapeDtypeStruct((R, TP, H, st.value_dim), v.dtype),
+            jax.ShapeDtypeStruct((R, TP, H), F32)]
+    ins = [k, v, beta]
+    if st.gated:
+        outs.append(jax.ShapeDtypeStruct((R, TP, H), F32))
+        ins.append(in_chunk_cumsum(g, st.chunk))
+    ins += [*own, dk_core.astype(k.dtype)]
+    res = _call(functools.partial(kernel, st=st), st, outs, *ins, aliases={len(ins) - 1: 0})
+    dk, dv, dbeta = res[0], res[1], res[2]
+    dg = None
+    if st.gated:  # b is the in-chunk inclusive cumsum of g: dg is the in-chunk suffix sum of db
+        db = res[3].reshape(R, st.n_chunks, st.chunk, H)  # [R, TP, H] -> [R, NC, L, H]
+        dg = jnp.flip(jnp.cumsum(jnp.flip(db, 2), axis=2), 2).reshape(R, TP, H)  # -> [R, TP, H]
+    return dk.astype(k.dtype), dv.astype(v.dtype), dbeta.astype(beta.dtype), dg
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def wy_prepare(st: WyStatic, k: Array, v: Array, beta: Array,
                g: Array | None) -> tuple[Array, Array, Array]:
@@ -325,25 +426,7 @@ def _wy_fwd(st, k, v, beta, g):
 def _wy_bwd(st, res, cts):
     k, v, beta, g, minv = res
     dw, du, dk_core = cts
-    R, TP, H = st.rows, st.n_chunks * st.chunk, st.heads
-    # dk, dv leave the kernel in the inputs' dtype (float32 copies cost ~0.25 ms of HBM
-    # traffic at (8, 4096, 16, 128)); dk is the sum with the core's dk (dk_core's buffer)
-    outs = [jax.ShapeDtypeStruct((R, TP, H, st.key_dim), k.dtype),
-            jax.ShapeDtypeStruct((R, TP, H, st.value_dim), v.dtype),
-            jax.ShapeDtypeStruct((R, TP, H), F32)]
-    ins = [k, v, beta]
-    if st.gated:
-        outs.append(jax.ShapeDtypeStruct((R, TP, H), F32))
-        ins.append(in_chunk_cumsum(g, st.chunk))
-    ins += [minv, dw, du, dk_core.astype(k.dtype)]
-    res_ = _call(functools.partial(_wy_bwd_kernel, st=st), st, outs, *ins,
-                 aliases={len(ins) - 1: 0})
-    dk, dv, dbeta = res_[0], res_[1], res_[2]
-    dg = None
-    if st.gated:  # b is the in-chunk inclusive cumsum of g: dg is the in-chunk suffix sum of db
-        db = res_[3].reshape(R, st.n_chunks, st.chunk, H)
-        dg = jnp.flip(jnp.cumsum(jnp.flip(db, 2), axis=2), 2).reshape(R, TP, H)
-    return dk.astype(k.dtype), dv.astype(v.dtype), dbeta.astype(beta.dtype), dg
+    return _run_bwd(_wy_bwd_kernel, st, k, v, beta, g, (minv, dw, du), dk_core)
 
 
 wy_prepare.defvjp(_wy_fwd, _wy_bwd)

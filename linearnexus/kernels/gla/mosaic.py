@@ -183,9 +183,10 @@ def check_gla_config(cfg: MosaicConfig, *, key_dim: int, value_dim: int,
     if cfg.dqk_stages is not None:
         raise ValueError("config: dqk_stages sets a Mosaic backward kernel, which GLA's mosaic "
                          "backend does not run; leave it None")
-    if cfg.fused_wy:
-        raise ValueError("config: fused_wy=True is a knob of the delta rules' kernel (the WY "
-                         "products in the walk); GLA has no WY form: leave it None")
+    for knob in ("fused_wy", "fused_grad"):
+        if getattr(cfg, knob):
+            raise ValueError(f"config: {knob}=True is a knob of the delta rules' kernel (the WY "
+                             "products in the walk); GLA has no WY form: leave it None")
     if cfg.block_v not in (64, 128) or value_dim % cfg.block_v:
         raise ValueError(f"config: block_v={cfg.block_v} must be 64 or 128 and divide the padded "
                          f"value dim {value_dim}")
