@@ -32,8 +32,9 @@ so a killed call keeps what it finished):
 2. **Throughput** (``throughput``). A Gated DeltaNet LM: d_model 1024, 12 layers, vocab 8192,
    16 heads of K = 64, V = 128, SwiGLU MLP (hidden 2752), tied embeddings (~211M
    parameters), T = 2048, batch 8, float32 parameters, bf16 compute, AdamW; per backend in
-   ``--backends`` (``mosaic``, ``pallas``; ``mosaic-bwd`` is ``mosaic`` with the delta
-   rules' Mosaic backward): ``--warmup`` steps (the first compiles), then
+   ``--backends`` (``mosaic``, ``pallas``; ``mosaic-bwd`` and ``mosaic-fused-grad`` are
+   ``mosaic`` with a config on the delta rules' kernel, :data:`VARIANTS`, which
+   ``--loss-backends`` also takes): ``--warmup`` steps (the first compiles), then
    ``--steps`` steps each blocked with ``jax.block_until_ready``: median ms/step and
    tokens/s = B T / median.
 3. **FLA** (``fla``). FLA 0.6.0's ``GatedDeltaNetForCausalLM`` of the same sizes (16 heads
@@ -59,6 +60,7 @@ row and the CPU's jax-vs-naive row (``--quick --cpu``) show the measured noise n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -88,9 +90,31 @@ SIZES = {
 PARTS = ("losses", "throughput", "fla")
 
 
-#: timed backend names beyond the ops' own: ``mosaic-bwd`` is ``mosaic`` with the delta
-#: rules' Mosaic backward (``MosaicConfig(backward="mosaic")``) in place of the Triton one
+#: backend names beyond the ops' own (timed and loss runs): ``mosaic`` with a
+#: ``MosaicConfig`` on the delta rules' kernel: ``mosaic-bwd`` the Mosaic backward (the
+#: default now), ``mosaic-fused-grad`` the gradient from ``M^{-1}`` (``fused_grad``)
 MOSAIC_BWD = "mosaic-bwd"
+MOSAIC_FUSED_GRAD = "mosaic-fused-grad"
+VARIANTS = {MOSAIC_BWD: {"backward": "mosaic"},
+            MOSAIC_FUSED_GRAD: {"backward": "mosaic", "fused_wy": True, "fused_grad": True}}
+
+
+@contextlib.contextmanager
+def _variant(backend: str):
+    """``(the op backend to name, the label)``: a :data:`VARIANTS` name sets its config on
+    the delta rules' mosaic kernel for the duration."""
+    if backend not in VARIANTS:
+        yield backend
+        return
+    from linearnexus.kernels.common.mosaic_chunk import MosaicConfig
+    from linearnexus.kernels.gated_delta_rule import api
+
+    kernel = api.BACKENDS["mosaic"]
+    before, kernel.config = kernel.config, MosaicConfig(**VARIANTS[backend])
+    try:
+        yield "mosaic"
+    finally:
+        kernel.config = before
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,7 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="max relative loss difference per step that passes (module doc)")
     p.add_argument("--backends", nargs="+", default=None,
                    help="timed LinearNexus backends (default: mosaic pallas; --cpu: jax); "
-                        f"{MOSAIC_BWD}: mosaic with the delta rules' Mosaic backward")
+                        f"{', '.join(VARIANTS)}: mosaic with a config (VARIANTS)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (the first compiles)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (median)")
     p.add_argument("--budget", type=float, default=240.0,
@@ -174,15 +198,19 @@ def loss_run(kind: str, backend: str, args: argparse.Namespace, txs: dict) -> di
     from common import shakespeare_batches
 
     s = args.sizes
-    cfg = lm_config(kind, backend, d=s["loss_d"], layers=s["loss_layers"], vocab=s["loss_vocab"],
-                    heads=s["loss_heads"], head_dim=s["head_dim"], d_state=s["d_state"],
-                    seq=s["loss_seq"], dtype=s["dtype"])
-    t = trainer(cfg, batch=s["loss_batch"], seq=s["loss_seq"], steps=args.loss_steps,
-                tx=txs.get(kind))
-    txs.setdefault(kind, t.tx)
-    batch_of = shakespeare_batches(s["loss_batch"], s["loss_seq"], s["loss_vocab"])
-    start = time.perf_counter()
-    losses = [float(jax.device_get(t.train_step(*batch_of(i)))) for i in range(args.loss_steps)]
+    with _variant(backend) as op_backend:
+        cfg = lm_config(kind, op_backend, d=s["loss_d"], layers=s["loss_layers"],
+                        vocab=s["loss_vocab"], heads=s["loss_heads"], head_dim=s["head_dim"],
+                        d_state=s["d_state"], seq=s["loss_seq"], dtype=s["dtype"])
+        # (a variant's own optax object: the step compiled for another config is not reused)
+        t = trainer(cfg, batch=s["loss_batch"], seq=s["loss_seq"], steps=args.loss_steps,
+                    tx=None if backend in VARIANTS else txs.get(kind))
+        if backend not in VARIANTS:
+            txs.setdefault(kind, t.tx)
+        batch_of = shakespeare_batches(s["loss_batch"], s["loss_seq"], s["loss_vocab"])
+        start = time.perf_counter()
+        losses = [float(jax.device_get(t.train_step(*batch_of(i))))
+                  for i in range(args.loss_steps)]
     return {"model": kind, "backend": backend, "losses": losses,
             "seconds": round(time.perf_counter() - start, 1)}
 
@@ -199,17 +227,8 @@ def compare(ref: dict[str, Any], run: dict[str, Any], tol: float) -> dict[str, A
 
 def throughput_run(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     """ms/step and tokens/s of the GDN LM on ``backend`` (module doc, part 2)."""
-    if backend != MOSAIC_BWD:
-        return _throughput_run(backend, args)
-    from linearnexus.kernels.common.mosaic_chunk import MosaicConfig
-    from linearnexus.kernels.gated_delta_rule import api
-
-    kernel = api.BACKENDS["mosaic"]
-    before, kernel.config = kernel.config, MosaicConfig(backward="mosaic")
-    try:
-        return {**_throughput_run("mosaic", args), "backend": MOSAIC_BWD}
-    finally:
-        kernel.config = before
+    with _variant(backend) as op_backend:
+        return {**_throughput_run(op_backend, args), "backend": backend}
 
 
 def _throughput_run(backend: str, args: argparse.Namespace) -> dict[str, Any]:

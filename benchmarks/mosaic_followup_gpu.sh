@@ -3,10 +3,10 @@
 # bounded so the call ends inside the 10-minute limit; logs and JSON under $OUT:
 #   1. packed sequences through the Mosaic kernels (kernels_gpu.py's packed rows; on by
 #      default since they passed on an H100, 2026-12-05);
-#   2. the delta rules' Mosaic backward: numerics against the reference and its time beside
-#      the Triton backward and FLA (mosaic_gdn_check.py);
-#   3. the ~211M Gated DeltaNet LM's training step through it (lm_train_gpu.py, mosaic-bwd
-#      against mosaic and pallas), if PARTS has "lm";
+#   2. the delta rules' Mosaic kernels: numerics against the reference (the gradient from
+#      M^{-1} too) and their time beside the Triton backward and FLA (mosaic_gdn_check.py);
+#   3. the ~211M Gated DeltaNet LM's training step through it (lm_train_gpu.py: mosaic, the
+#      gradient from M^{-1} (mosaic-fused-grad) and pallas), if PARTS has "lm";
 #   4. GLA's Mosaic GPU walk (kernels/gla/mosaic.py, never run on a GPU before): checks
 #      against the reference (dense and packed, T = 63 / 1000, D = 64 / 128), then mosaic,
 #      pallas and FLA timed at (8, 4096, 16, 128) and (2, 16384, 16, 128), if PARTS has "gla";
@@ -93,6 +93,6 @@ esac
 case " $PARTS " in *" lm "*)
   echo "== the GDN LM through the delta rules' Mosaic backward"
   timeout ${LM_S:-200} python3 benchmarks/lm_train_gpu.py --parts throughput \
-    --backends mosaic-bwd mosaic pallas --budget $(( ${LM_S:-200} - 20 )) --out "$OUT" 2>&1 \
-    | quiet | tee "$OUT/lm.log" | tail -12;;
+    --backends mosaic mosaic-fused-grad pallas --budget $(( ${LM_S:-200} - 20 )) --out "$OUT" \
+    2>&1 | quiet | tee "$OUT/lm.log" | tail -12;;
 esac
