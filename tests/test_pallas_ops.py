@@ -355,3 +355,50 @@ def test_wy_fused_backward_matches_autodiff(dtype, gated):
         assert err <= tol, (name, err)
     if not gated:
         assert got[3] is None
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gla_fwd_a_decayed_operands(dtype):
+    """GLA's ``fwd_a`` (interpreted) with the Mosaic walk's decayed operands: ``q e^{b}`` and
+    ``k e^{b_L - b}`` equal the plain formula (``b`` the in-chunk sums) within the operands'
+    rounding, both on the one-matmul path (formed from the factored product's operands) and
+    on the sub-chunk path of a chunk whose decay is past ``DIAG_DENSE_MAX`` (head 1 decays by
+    e^-3 a step), and ``A`` is the one ``fwd_a`` writes without them. Two chunks, K = 128
+    (two key blocks), two heads."""
+    import dataclasses
+
+    from linearnexus.kernels.common.pallas import TritonConfig
+    from linearnexus.kernels.common.pallas_ops import _static
+    from linearnexus.kernels.gla import pallas as gla_pallas
+
+    @dataclasses.dataclass(frozen=True)
+    class Plan:  # the fields _static reads of chunking.ChunkPlan
+        rows: int
+        n_chunks: int
+        chunk: int
+        packed: bool = False
+
+    R, NC, L, H, K = 1, 2, 64, 2, 128
+    plan = Plan(rows=R, n_chunks=NC, chunk=L)
+    tcfg = gla_pallas._resolve(TritonConfig(chunk=L), rows=R, heads=H, key_dim=K, value_dim=64)
+    core = dataclasses.replace(
+        _static(tcfg, gate="vector", delta=False, has_h0=False, scale=K ** -0.5, plan=plan,
+                heads=H, key_dim=K, value_dim=64, n_seqs=R), interpret=True)
+    ks = jax.random.split(jax.random.key(5), 3)
+    q = jax.random.normal(ks[0], (R, NC * L, H, K)).astype(dtype)
+    k = jax.random.normal(ks[1], (R, NC * L, H, K)).astype(dtype)
+    g = jax.nn.log_sigmoid(jax.random.normal(ks[2], (R, NC * L, H, K))) / 16
+    g = g.at[:, :, 1].set(-3.0)  # head 1: 189 nats over a chunk, the sub-chunk path
+    b, bc = gla_pallas._in_chunk_sums(g, core)
+    a, qe, ke = jax.jit(lambda *x: gla_pallas.run_fwd_a(core, *x, decayed=True))(q, k, b, bc)
+    a_plain = jax.jit(lambda *x: gla_pallas.run_fwd_a(core, *x)[0])(q, k, b, bc)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(a_plain))
+    bs = b.astype(jnp.float32) + bc.astype(jnp.float32)
+    b_last = bs.reshape(R, NC, L, H, K)[:, :, -1:]  # [R, TP, H, K] -> [R, NC, 1, H, K]
+    want_q = q.astype(jnp.float32) * jnp.exp(bs)
+    want_k = k.astype(jnp.float32) * jnp.exp(b_last - bs.reshape(R, NC, L, H, K)).reshape(
+        R, NC * L, H, K)  # [R, NC, L, H, K] -> [R, TP, H, K]
+    tol = 1e-5 if dtype == jnp.float32 else 2 ** -8
+    for got, want in ((qe, want_q), (ke, want_k)):
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=tol,
+                                   atol=1e-30)

@@ -227,16 +227,31 @@ def _factors(b_ref, c_ref, r, h, row0, ks, b) -> tuple[Array, Array]:
     return exp_approx(x), exp_approx(-x)
 
 
-def _factored_scores(q_ref, k_ref, b_ref, c_ref, r, h, rows, row0, st: CoreStatic) -> Array:
+def _factored_scores(q_ref, k_ref, b_ref, c_ref, r, h, rows, row0, st: CoreStatic,
+                     decayed: tuple[Any, Any] | None = None) -> Array:
     """``(q e^{b - b_0}) (k e^{b_0 - b})^T`` over all key dims (blocks of ``block_k``) for the
-    token rows ``rows`` (first row ``row0``): ``[n, n]`` float32, unmasked."""
+    token rows ``rows`` (first row ``row0``): ``[n, n]`` float32, unmasked.
+
+    ``decayed`` (``(qe_ref, ke_ref)``, a whole chunk's rows): also write the chunk walk's
+    operands from the same loads and exponentials, ``q e^{b} = (q e^{b - b_0}) e^{b_0}`` and
+    ``k e^{b_L - b} = (k e^{b_0 - b}) e^{b_L - b_0}`` (one ``[BK]`` exponential each per key
+    block, in place of two more ``[n, BK]`` ones and a second read of q, k and ``b``)."""
     n, BK = rows.size, st.block_k
     acc = jnp.zeros((n, n), F32)
     for ik in range(st.key_dim // BK):
         ks = pl.ds(ik * BK, BK)
         e_q, e_k = _factors(b_ref, c_ref, r, h, row0, ks, _load_b(b_ref, c_ref, r, rows, h, ks))
-        acc += _diag_dot(q_ref[r, rows, h, ks].astype(F32) * e_q,
-                         k_ref[r, rows, h, ks].astype(F32) * e_k, exact=q_ref.dtype == F32, tb=True)
+        qf = q_ref[r, rows, h, ks].astype(F32) * e_q
+        kf = k_ref[r, rows, h, ks].astype(F32) * e_k
+        acc += _diag_dot(qf, kf, exact=q_ref.dtype == F32, tb=True)
+        if decayed is not None:
+            qe_ref, ke_ref = decayed
+            b0 = _load_b(b_ref, c_ref, r, row0, h, ks)  # [BK]
+            b_last = _load_b(b_ref, c_ref, r, row0 + n - 1, h, ks)
+            qe_ref[r, rows, h, ks] = (qf * exp_approx(b0[0] + b0[1])[None, :]).astype(
+                qe_ref.dtype)
+            ke_ref[r, rows, h, ks] = (kf * exp_approx(_gap(b_last, b0))[None, :]).astype(
+                ke_ref.dtype)
     return acc
 
 
@@ -272,30 +287,32 @@ def _fwd_a_kernel(q_ref, k_ref, b_ref, c_ref, a_ref, qe_ref=None, ke_ref=None, *
     sub-chunk (:func:`_fwd_a_rows`), stable at any decay.
 
     With ``qe_ref`` / ``ke_ref`` (the Mosaic GPU forward, ``gla/mosaic.py``) it also writes
-    the decayed operands of the chunk walk, in the input dtype: ``q e^{b}`` (as ``fwd_o``
-    scales q) and ``k e^{b_L - b}`` (as ``fwd_h`` scales k), both factors <= 1.
+    the decayed operands of the chunk walk, in the input dtype: ``q e^{b}`` and
+    ``k e^{b_L - b}``, both factors <= 1; on the one-matmul path from the factored operands
+    it already holds (:func:`_factored_scores`), on the sub-chunk path directly.
     """
     L = st.chunk
     c = pl.program_id(1)
     r, h = _row_col(st)
     t0 = c * L
     rows = pl.ds(t0, L)
-    if qe_ref is not None:
-        for ik in range(st.key_dim // st.block_k):
-            ks = pl.ds(ik * st.block_k, st.block_k)
-            b = _load_b(b_ref, c_ref, r, rows, h, ks)  # [L, BK]
-            qe_ref[r, rows, h, ks] = _scaled(q_ref[r, rows, h, ks], b[0])
-            b_last = _load_b(b_ref, c_ref, r, t0 + L - 1, h, ks)  # [BK]
-            ke_ref[r, rows, h, ks] = _scaled(k_ref[r, rows, h, ks], _gap(b_last, b))
+    decayed = None if qe_ref is None else (qe_ref, ke_ref)
     dense = _dense_over(b_ref, c_ref, r, h, t0, t0 + L - 1, pl.ds(0, st.key_dim))
 
     @pl.when(dense)
-    def _one_matmul():
-        acc = _factored_scores(q_ref, k_ref, b_ref, c_ref, r, h, rows, t0, st)
+    def _one_matmul():  # (the decayed operands from the factored product's own operands)
+        acc = _factored_scores(q_ref, k_ref, b_ref, c_ref, r, h, rows, t0, st, decayed)
         a_ref[r, rows, h, pl.ds(0, L)] = jnp.where(_causal(L), acc, 0.0).astype(a_ref.dtype)
 
     @pl.when(jnp.logical_not(dense))
     def _by_sub_chunks():
+        if decayed is not None:
+            for ik in range(st.key_dim // st.block_k):
+                ks = pl.ds(ik * st.block_k, st.block_k)
+                b = _load_b(b_ref, c_ref, r, rows, h, ks)  # [L, BK]
+                qe_ref[r, rows, h, ks] = _scaled(q_ref[r, rows, h, ks], b[0] + b[1])
+                b_last = _load_b(b_ref, c_ref, r, t0 + L - 1, h, ks)  # [BK]
+                ke_ref[r, rows, h, ks] = _scaled(k_ref[r, rows, h, ks], _gap(b_last, b))
         for bi in range(L // SUB):
             _fwd_a_rows(q_ref, k_ref, b_ref, c_ref, a_ref, bi, r, h, t0, st=st)
 
