@@ -30,7 +30,6 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
-import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
@@ -49,28 +48,14 @@ from linearnexus.kernels.common.mosaic_chunk import (  # noqa: E402
     MosaicStatic,
     gpu_interpret,
 )
-from linearnexus.kernels.common.pallas import TritonConfig  # noqa: E402
 from linearnexus.kernels.common.pallas_chunk import _call, batch_layout_info  # noqa: E402
-from linearnexus.kernels.common.pallas_ops import _static  # noqa: E402
 from linearnexus.kernels.gla import mosaic as gla_mosaic  # noqa: E402
 from linearnexus.kernels.gla import pallas as gla_pallas  # noqa: E402
 
 
 def _core(B: int, T: int, H: int, D: int) -> Any:
     """GLA's Triton core description at (B, T, H, D), batch rows, no initial state."""
-
-    @dataclasses.dataclass(frozen=True)
-    class Plan:  # the fields _static reads of chunking.ChunkPlan
-        rows: int
-        n_chunks: int
-        chunk: int
-        packed: bool = False
-
-    plan = Plan(rows=B, n_chunks=T // gla_mosaic.CHUNK, chunk=gla_mosaic.CHUNK)
-    tcfg = gla_pallas._resolve(TritonConfig(chunk=plan.chunk), rows=B, heads=H, key_dim=D,
-                               value_dim=D)
-    return _static(tcfg, gate="vector", delta=False, has_h0=False, scale=D ** -0.5, plan=plan,
-                   heads=H, key_dim=D, value_dim=D, n_seqs=B)
+    return gla_mosaic.batch_core(B, T // gla_mosaic.CHUNK, H, D, D)
 
 
 def profile_shape(shape: tuple[int, int, int, int], deadline: float,

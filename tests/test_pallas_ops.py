@@ -365,25 +365,11 @@ def test_gla_fwd_a_decayed_operands(dtype):
     on the sub-chunk path of a chunk whose decay is past ``DIAG_DENSE_MAX`` (head 1 decays by
     e^-3 a step), and ``A`` is the one ``fwd_a`` writes without them. Two chunks, K = 128
     (two key blocks), two heads."""
-    import dataclasses
-
-    from linearnexus.kernels.common.pallas import TritonConfig
-    from linearnexus.kernels.common.pallas_ops import _static
+    from linearnexus.kernels.gla import mosaic as gla_mosaic
     from linearnexus.kernels.gla import pallas as gla_pallas
 
-    @dataclasses.dataclass(frozen=True)
-    class Plan:  # the fields _static reads of chunking.ChunkPlan
-        rows: int
-        n_chunks: int
-        chunk: int
-        packed: bool = False
-
     R, NC, L, H, K = 1, 2, 64, 2, 128
-    plan = Plan(rows=R, n_chunks=NC, chunk=L)
-    tcfg = gla_pallas._resolve(TritonConfig(chunk=L), rows=R, heads=H, key_dim=K, value_dim=64)
-    core = dataclasses.replace(
-        _static(tcfg, gate="vector", delta=False, has_h0=False, scale=K ** -0.5, plan=plan,
-                heads=H, key_dim=K, value_dim=64, n_seqs=R), interpret=True)
+    core = gla_mosaic.batch_core(R, NC, H, K, 64, interpret=True)
     ks = jax.random.split(jax.random.key(5), 3)
     q = jax.random.normal(ks[0], (R, NC * L, H, K)).astype(dtype)
     k = jax.random.normal(ks[1], (R, NC * L, H, K)).astype(dtype)

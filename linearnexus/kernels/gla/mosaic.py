@@ -400,6 +400,29 @@ def _bwd_rule(st: MosaicStatic, res, cts):
 gla_mosaic_core.defvjp(_fwd_rule, _bwd_rule)
 
 
+@dataclasses.dataclass(frozen=True)
+class _BatchPlan:
+    """The fields ``pallas_ops._static`` reads of a ``chunking.ChunkPlan``: batch rows."""
+
+    rows: int
+    n_chunks: int
+    chunk: int
+    packed: bool = False
+
+
+def batch_core(rows: int, n_chunks: int, heads: int, key_dim: int, value_dim: int, *,
+               interpret: bool = False) -> Any:
+    """GLA's Triton core description (``CoreStatic``) of batch rows already in the chunk
+    layout (``n_chunks`` chunks of :data:`CHUNK`, head dims padded), no initial state: for
+    calling the kernels alone (benchmarks, tests)."""
+    plan = _BatchPlan(rows=rows, n_chunks=n_chunks, chunk=CHUNK)
+    tcfg = gla_pallas._resolve(TritonConfig(chunk=CHUNK), rows=rows, heads=heads,
+                               key_dim=key_dim, value_dim=value_dim)
+    core = _static(tcfg, gate="vector", delta=False, has_h0=False, scale=key_dim ** -0.5,
+                   plan=plan, heads=heads, key_dim=key_dim, value_dim=value_dim, n_seqs=rows)
+    return dataclasses.replace(core, interpret=True) if interpret else core
+
+
 def gla_mosaic(q: Array, k: Array, v: Array, g: Array, *, scale: float,
                initial_state: Array | None = None, cu_seqlens: Array | None = None,
                chunk_size: int | None = None, config: MosaicConfig | None = None,
