@@ -5,8 +5,11 @@
 #      default since they passed on an H100, 2026-12-05);
 #   2. the delta rules' Mosaic kernels: numerics against the reference (the gradient from
 #      M^{-1} too) and their time beside the Triton backward and FLA (mosaic_gdn_check.py);
+#   2b. the ungated delta_rule's speed against FLA's chunk_delta_rule (mosaic_gdn_check.py
+#      --op delta_rule, no checks), if PARTS has "delta";
 #   3. the ~211M Gated DeltaNet LM's training step through it (lm_train_gpu.py: mosaic, the
-#      gradient from M^{-1} (mosaic-fused-grad) and pallas), if PARTS has "lm";
+#      gradient from M^{-1} (mosaic-fused-grad) and pallas; LM_PARTS="losses throughput fla"
+#      adds the 50-step losses against the jax backend and FLA's LM), if PARTS has "lm";
 #   4. GLA's Mosaic GPU walk (kernels/gla/mosaic.py, never run on a GPU before): checks
 #      against the reference (dense and packed, T = 63 / 1000, D = 64 / 128), then mosaic,
 #      pallas and FLA timed at (8, 4096, 16, 128) and (2, 16384, 16, 128), if PARTS has "gla";
@@ -45,6 +48,12 @@ case " $PARTS " in *" gdn "*)
   echo "== the delta rules' Mosaic backward"
   timeout ${GDN_S:-230} python3 benchmarks/mosaic_gdn_check.py --out "$OUT" \
     --budget $(( ${GDN_S:-230} - 30 )) 2>&1 | quiet | tee "$OUT/gdn.log" | tail -30;;
+esac
+case " $PARTS " in *" delta "*)
+  echo "== the ungated delta rule through mosaic against FLA's chunk_delta_rule"
+  timeout ${DELTA_S:-170} python3 benchmarks/mosaic_gdn_check.py --op delta_rule --check-share 0 \
+    --out "$OUT/delta_rule" --budget $(( ${DELTA_S:-170} - 20 )) 2>&1 | quiet \
+    | tee "$OUT/delta_rule.log" | tail -16;;
 esac
 case " $PARTS " in *" gla "*)
   echo "== GLA's Mosaic GPU walk"
@@ -92,7 +101,7 @@ case " $PARTS " in *" gemv-tests "*)
 esac
 case " $PARTS " in *" lm "*)
   echo "== the GDN LM through the delta rules' Mosaic backward"
-  timeout ${LM_S:-200} python3 benchmarks/lm_train_gpu.py --parts throughput \
-    --backends mosaic mosaic-fused-grad pallas --budget $(( ${LM_S:-200} - 20 )) --out "$OUT" \
-    2>&1 | quiet | tee "$OUT/lm.log" | tail -12;;
+  timeout ${LM_S:-200} python3 benchmarks/lm_train_gpu.py --parts ${LM_PARTS:-throughput} \
+    --loss-backends mosaic mosaic-fused-grad --backends mosaic mosaic-fused-grad pallas \
+    --budget $(( ${LM_S:-200} - 20 )) --out "$OUT" 2>&1 | quiet | tee "$OUT/lm.log" | tail -16;;
 esac
