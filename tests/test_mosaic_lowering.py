@@ -103,6 +103,7 @@ def test_simple_gla_mosaic_lowers_forward_and_backward(shape, h0, config, monkey
     ("gated_delta_rule", True, MosaicConfig(backward="mosaic")),
     ("delta_rule", False, None),  # the heuristic's backward (Mosaic: V <= 128)
     ("delta_rule", True, MosaicConfig(backward="pallas")),  # the Triton backward
+    ("gated_delta_rule", True, MosaicConfig(fused_grad=True)),  # the gradient from M^{-1}
 ])
 def test_packed_sequences_lower_forward_and_backward(op, h0, config, monkeypatch):
     """Packed sequences (``cu_seqlens``, traced) lower for CUDA through the Mosaic kernels:
