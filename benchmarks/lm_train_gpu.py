@@ -101,8 +101,9 @@ VARIANTS = {MOSAIC_BWD: {"backward": "mosaic"},
 
 @contextlib.contextmanager
 def _variant(backend: str):
-    """``(the op backend to name, the label)``: a :data:`VARIANTS` name sets its config on
-    the delta rules' mosaic kernel for the duration."""
+    """Yields the op backend to name: ``backend`` itself, or for a :data:`VARIANTS` name
+    ``"mosaic"`` with that variant's config set on the delta rules' mosaic kernel for the
+    duration."""
     if backend not in VARIANTS:
         yield backend
         return
@@ -441,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 if backend != "jax" and kind not in refs:
                     res["skipped"].append(f"losses {kind} {label}: no jax reference")
+                    continue
+                if backend in VARIANTS and kind != "gdn":  # (configs of the delta rules' kernel)
+                    res["skipped"].append(f"losses {kind} {label}: the same run as mosaic")
                     continue
                 try:
                     row = loss_run(kind, backend, args, txs)

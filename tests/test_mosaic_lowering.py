@@ -112,6 +112,7 @@ def test_packed_sequences_lower_forward_and_backward(op, h0, config, monkeypatch
     it and store the final state (dh0) there; the same kernel counts as batch rows."""
     monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")
     monkeypatch.delenv(PACKED_ENV, raising=False)  # packed runs on the Mosaic kernels by default
+    monkeypatch.delenv(mosaic_delta.FUSED_GRAD_ENV, raising=False)
     N, T, H, K, V = 3, 300, 2, 64, 64
     qk = jax.ShapeDtypeStruct((1, T, H, K), jnp.bfloat16)
     v = jax.ShapeDtypeStruct((1, T, H, V), jnp.bfloat16)
@@ -144,6 +145,8 @@ def test_packed_sequences_lower_forward_and_backward(op, h0, config, monkeypatch
     wy = 0 if op == "simple_gla" else 2  # the delta rules' Triton WY forward and backward
     triton_bwd = 0 if bwd_mosaic else (4 if op == "simple_gla" else 3)  # (fwd_h +) dv, dh, dqk
     assert grad_text.count("xla.gpu.triton") == wy + triton_bwd
+    # the gradient from M^{-1}: its WY backward is the one that takes dy (named in the text)
+    assert ("_wy_bwd_fused_kernel" in grad_text) == bool(config is not None and config.fused_grad)
 
 
 def test_mosaic_declines_what_it_does_not_cover(monkeypatch):
@@ -297,6 +300,7 @@ def test_delta_rules_mosaic_lower_forward_and_backward(shape, h0, gated, config,
     and the Triton WY backward. ``fused_wy``: the forward's Triton kernel writes M^{-1} only
     (``w``, ``u`` formed in the walk); the gradient as without it unless ``fused_grad``."""
     monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")
+    monkeypatch.delenv(mosaic_delta.FUSED_GRAD_ENV, raising=False)
 
     def fwd(q, k, v, beta, g, s0):
         return delta_rule_mosaic(q, k, v, beta, g, scale=0.1, initial_state=s0, config=config,
@@ -317,6 +321,10 @@ def test_delta_rules_mosaic_lower_forward_and_backward(shape, h0, gated, config,
     dw = int(mosaic_bwd.DW_KERNEL)  # dw = -dvn S_c^T in a Mosaic kernel of its own
     assert grad_text.count("custom_call @mosaic_gpu") == (3 + dw if bwd_mosaic else 1)
     assert grad_text.count("xla.gpu.triton") == (2 if bwd_mosaic else 5)
+    # the gradient from M^{-1}: its WY backward is the one that takes dy (named in the text)
+    fused_grad = bool(config is not None and config.fused_grad)
+    assert ("_wy_bwd_fused_kernel" in grad_text) == fused_grad
+    assert ("_wy_bwd_kernel" in grad_text) == (not fused_grad)
 
 
 def _delta_inputs(seed: int, B: int, T: int, H: int, K: int, V: int, N: int):
@@ -512,11 +520,13 @@ def test_delta_fused_wy_forward_in_the_interpreter(gated, packed, dims, T, monke
 
 @pytest.mark.skipif(REASON is not None or gpu_interpret_reason() is not None,
                     reason=REASON or gpu_interpret_reason() or "")
-@pytest.mark.parametrize("gated,packed,dims,B,T,H", [
-    (True, False, (64, 64), 1, 100, 1), (True, False, (64, 64), 2, 1, 1),
-    (False, False, (40, 72), 1, 65, 2), (True, True, (64, 64), 1, None, 2),
-    (False, True, (64, 128), 1, None, 1), (True, False, (128, 128), 1, 300, 1)])
-def test_delta_fused_grad_in_the_interpreter(gated, packed, dims, B, T, H, monkeypatch):
+@pytest.mark.parametrize("gated,packed,dims,B,T,H,xla_dw", [
+    (True, False, (64, 64), 1, 100, 1, False), (True, False, (64, 64), 2, 1, 1, False),
+    (False, False, (40, 72), 1, 65, 2, False), (True, True, (64, 64), 1, None, 2, False),
+    (False, True, (64, 128), 1, None, 1, False), (True, False, (128, 128), 1, 300, 1, False),
+    (True, False, (64, 64), 1, 130, 1, True)])
+def test_delta_fused_grad_in_the_interpreter(gated, packed, dims, B, T, H, xla_dw,
+                                             monkeypatch):
     """The delta rules' gradient from M^{-1} (``MosaicConfig(fused_grad=True)``: the fused
     walk storing S_c and vn, the reverse walk forming ``dy = M^{-T} dvn``, the ``dks``
     kernel and the Triton WY backward from ``dy``) in JAX's Mosaic GPU interpreter: every
@@ -524,8 +534,10 @@ def test_delta_fused_grad_in_the_interpreter(gated, packed, dims, B, T, H, monke
     (1e-2) and within 1.25x the separate form's error (``dy`` is rounded to bf16 once more:
     1.0-1.14x measured), outputs and final states equal to the plain fused forward's. Gated
     and ungated, T = 1 / 65 / 100 / 300, head dims 40 / 72 padded, K = V = 128, four packed
-    sequences (70, 0, 30, 64 tokens), initial states throughout."""
+    sequences (70, 0, 30, 64 tokens), initial states throughout; ``xla_dw``: ``dks`` as the
+    XLA matmul (``LINEARNEXUS_MOSAIC_DW_KERNEL=0``) in place of the Mosaic kernel."""
     monkeypatch.delenv(PACKED_ENV, raising=False)
+    monkeypatch.setenv(mosaic_bwd.DW_KERNEL_ENV, "0" if xla_dw else "1")
     lens = (70, 0, 30, 64) if packed else None
     K, V = dims
     if packed:
@@ -631,6 +643,7 @@ def test_delta_mosaic_dispatch_and_declines_what_it_does_not_cover(monkeypatch):
             with pytest.raises(ValueError, match=f"config.*{re.escape(match)}"):
                 delta_rule_mosaic(q128, q128, v, beta, g, scale=1.0, config=config,
                                   check_device=False)
+    monkeypatch.delenv(mosaic_delta.FUSED_GRAD_ENV, raising=False)  # the module's default
     for K, n_chunks, packed, fused, grad in itertools.product(
             (64, 128), (1, 64), (False, True), (None, False, True), (None, False, True)):
         # the heuristic fits shared memory, batch rows and packed, either WY form, either
@@ -645,6 +658,13 @@ def test_delta_mosaic_dispatch_and_declines_what_it_does_not_cover(monkeypatch):
     monkeypatch.setenv(mosaic_delta.FUSED_GRAD_ENV, "1")  # the switch without a config
     assert mosaic_delta.default_delta_config(rows=8, heads=16, key_dim=128, value_dim=128,
                                              n_chunks=64).fused_grad
+    # ... which gives way to a call's own Triton backward instead of clashing with it
+    own = MosaicConfig(backward="pallas")
+    cfg = own.merged(mosaic_delta.default_delta_config(rows=8, heads=16, key_dim=128,
+                                                       value_dim=128, n_chunks=64,
+                                                       backward=own.backward))
+    assert cfg.backward == "pallas" and not cfg.fused_grad
+    mosaic_delta.check_delta_config(cfg, key_dim=128, value_dim=128)
     monkeypatch.setenv(mosaic_delta.FUSED_GRAD_ENV, "0")
     assert not mosaic_delta.default_delta_config(rows=8, heads=16, key_dim=128, value_dim=128,
                                                  n_chunks=64, fused_grad=None).fused_grad

@@ -594,9 +594,10 @@ def mosaic_delta_fused_backward(st: MosaicStatic, q: Array, k: Array, minv: Arra
         K]``), ``dg [R, TP, H]`` float32 (the core's share) and ``dh0 [N, H, K, V]`` float32.
     """
     c = st.core
-    if not (c.delta and st.fused_grad):
-        raise ValueError(f"st: expected the delta rules with fused_grad, got delta={c.delta}, "
-                         f"fused_grad={st.fused_grad}")
+    if not (c.delta and st.fused_grad and st.backward == "mosaic"):
+        raise ValueError(f"st: expected the delta rules with fused_grad and the Mosaic backward, "
+                         f"got delta={c.delta}, fused_grad={st.fused_grad}, "
+                         f"backward={st.backward!r}")
     gates = gate_rows(b, c.chunk, c.key_dim)
     dy, dh, dh0 = run_state_grad(st, q, k, do, gates, dfinal, layout=layout, minv=minv,
                                  beta=beta)

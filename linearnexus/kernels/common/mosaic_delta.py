@@ -139,8 +139,8 @@ def delta_opted_in() -> bool:
 
 def default_delta_config(*, rows: int, heads: int, key_dim: int, value_dim: int,
                          n_chunks: int, itemsize: int = 2, packed: bool = False,
-                         fused_wy: bool | None = None,
-                         fused_grad: bool | None = None) -> MosaicConfig:
+                         fused_wy: bool | None = None, fused_grad: bool | None = None,
+                         backward: str | None = None) -> MosaicConfig:
     """The heuristic of the delta rules' kernels: chunk 64, value blocks of 64 (the
     ``[K, 64]`` float32 state, 64 registers a thread at K = 128, plus three ``[64, 64]``
     accumulators), the WY products in the plain forward's walk (:data:`DEFAULT_FUSED_WY`;
@@ -153,7 +153,9 @@ def default_delta_config(*, rows: int, heads: int, key_dim: int, value_dim: int,
     (level within 1% at those shapes). ``bwd_stages`` (the forward that stores the states
     under a gradient, and the Mosaic reverse walk): None, the deepest that fits up to 3.
     ``fused_grad`` (a call's own choice, else :data:`FUSED_GRAD_ENV` /
-    :data:`DEFAULT_FUSED_GRAD`) only with the fused forward and the Mosaic backward."""
+    :data:`DEFAULT_FUSED_GRAD`) only with the fused forward and the Mosaic backward;
+    ``backward`` a call's own choice, which the default ``fused_grad`` then follows (an
+    explicit ``"pallas"`` turns it off rather than clash with it)."""
     block_v = min(64, value_dim)
     fused = DEFAULT_FUSED_WY if fused_wy is None else fused_wy
 
@@ -168,7 +170,8 @@ def default_delta_config(*, rows: int, heads: int, key_dim: int, value_dim: int,
         stages = 3 if n_chunks >= 8 and fits(3) else 2 if fits(2) else 1
         if n_chunks >= 8 and (value_dim // block_v) * rows * heads > HOPPER_SMS:
             stages = 1
-    backward = DEFAULT_BACKWARD
+    if backward is None:
+        backward = DEFAULT_BACKWARD
     if backward == "mosaic" and not delta_backward_fits(key_dim=key_dim, value_dim=value_dim,
                                                         itemsize=itemsize, packed=packed):
         backward = "pallas"
@@ -219,7 +222,7 @@ def check_delta_config(cfg: MosaicConfig, *, key_dim: int, value_dim: int,
                 fused=bool(cfg.fused_grad)))
         if need > SMEM_LIMIT:
             raise ValueError(f"config: {name}={stages} at K={key_dim} needs {need} bytes of "
-                             f"shared memory with the delta rule's w and vn tiles, over the "
+                             f"shared memory with the delta rule's WY and vn tiles, over the "
                              f"{SMEM_LIMIT} a block may use; use fewer stages")
     if cfg.dqk_stages is not None:
         need = mosaic_bwd.dqk_smem_bytes(chunk=cfg.chunk, key_dim=key_dim, value_dim=value_dim,

@@ -292,7 +292,9 @@ def delta_rule_mosaic(q: Array, k: Array, v: Array, beta: Array, g: Array | None
         config: :class:`MosaicConfig` overrides (``stages``, ``bwd_stages``: the depth of the
             forward that stores the states under a gradient and of the Mosaic reverse walk;
             ``block_v`` 64; ``backward``: ``"pallas"`` (Triton) or ``"mosaic"``;
-            ``dqk_stages`` with the Mosaic backward); None fields:
+            ``dqk_stages`` with the Mosaic backward; ``fused_wy``: the walk forms the WY
+            products from ``M^{-1}``; ``fused_grad``: the gradient from ``M^{-1}`` too, with
+            ``fused_wy`` and the Mosaic backward); None fields:
             ``mosaic_delta.default_delta_config``.
 
     Returns:
@@ -323,7 +325,8 @@ def delta_rule_mosaic(q: Array, k: Array, v: Array, beta: Array, g: Array | None
                                                           cu_seqlens)
     cfg = cfg.merged(default_delta_config(rows=plan.rows, heads=heads, key_dim=kp, value_dim=vp,
                                           n_chunks=plan.n_chunks, packed=plan.packed,
-                                          fused_wy=cfg.fused_wy, fused_grad=cfg.fused_grad))
+                                          fused_wy=cfg.fused_wy, fused_grad=cfg.fused_grad,
+                                          backward=cfg.backward))
     check_delta_config(cfg, key_dim=kp, value_dim=vp)
     if plan.packed:
         decline_unless_packed_fits(
