@@ -146,7 +146,8 @@ def test_packed_sequences_lower_forward_and_backward(op, h0, config, monkeypatch
     triton_bwd = 0 if bwd_mosaic else (4 if op == "simple_gla" else 3)  # (fwd_h +) dv, dh, dqk
     assert grad_text.count("xla.gpu.triton") == wy + triton_bwd
     # the gradient from M^{-1}: its WY backward is the one that takes dy (named in the text)
-    assert ("_wy_bwd_fused_kernel" in grad_text) == bool(config is not None and config.fused_grad)
+    assert ("_wy_bwd_fused_kernel" in grad_text) == (
+        op != "simple_gla" and _resolved_fused_grad(config, bwd_mosaic))
 
 
 def test_mosaic_declines_what_it_does_not_cover(monkeypatch):
@@ -321,10 +322,22 @@ def test_delta_rules_mosaic_lower_forward_and_backward(shape, h0, gated, config,
     dw = int(mosaic_bwd.DW_KERNEL)  # dw = -dvn S_c^T in a Mosaic kernel of its own
     assert grad_text.count("custom_call @mosaic_gpu") == (3 + dw if bwd_mosaic else 1)
     assert grad_text.count("xla.gpu.triton") == (2 if bwd_mosaic else 5)
-    # the gradient from M^{-1}: its WY backward is the one that takes dy (named in the text)
-    fused_grad = bool(config is not None and config.fused_grad)
+    # the gradient from M^{-1} (the default with the Mosaic backward and the fused walk): its
+    # WY backward is the one that takes dy (named in the text)
+    fused_grad = _resolved_fused_grad(config, bwd_mosaic)
     assert ("_wy_bwd_fused_kernel" in grad_text) == fused_grad
     assert ("_wy_bwd_kernel" in grad_text) == (not fused_grad)
+
+
+def _resolved_fused_grad(config: MosaicConfig | None, bwd_mosaic: bool) -> bool:
+    """Whether the delta rules' gradient runs from M^{-1} under ``config`` (None fields: the
+    module defaults, the switch unset)."""
+    def pick(name, default):
+        value = None if config is None else getattr(config, name)
+        return default if value is None else value
+
+    return bool(bwd_mosaic and pick("fused_wy", mosaic_delta.DEFAULT_FUSED_WY)
+                and pick("fused_grad", mosaic_delta.DEFAULT_FUSED_GRAD))
 
 
 def _delta_inputs(seed: int, B: int, T: int, H: int, K: int, V: int, N: int):
@@ -479,7 +492,7 @@ def test_delta_fused_wy_forward_in_the_interpreter(gated, packed, dims, T, monke
     (``w``, ``u`` through HBM) by more than 10%: the gated and the ungated rule, batch rows and
     four packed sequences (70, 0, 30, 64 tokens: one empty, one closing mid-chunk), T = 1,
     65 and 100, with initial states, head dims padded (40 -> 64, 72 -> 128); and its
-    gradient, which runs the separate form, equal to that form's."""
+    gradient with `fused_grad=False`, which runs the separate form, equal to that form's."""
     monkeypatch.delenv(PACKED_ENV, raising=False)
     lens = (70, 0, 30, 64) if packed else None
     K, V = dims
@@ -491,7 +504,8 @@ def test_delta_fused_wy_forward_in_the_interpreter(gated, packed, dims, T, monke
     def mosaic(fused, q, k, v, beta, s0):
         return delta_rule_mosaic(q, k, v, beta, g if gated else None, scale=K ** -0.5,
                                  initial_state=s0, cu_seqlens=cu,
-                                 config=MosaicConfig(fused_wy=fused), check_device=False)
+                                 config=MosaicConfig(fused_wy=fused, fused_grad=False),
+                                 check_device=False)
 
     with jax.default_matmul_precision("highest"):
         ro, rf = gated_delta_rule_reference(

@@ -46,12 +46,12 @@ more memory than that backend. Two backwards read them:
 Either way the WY preparation's own ``custom_vjp`` (``pallas_wy.py``) then carries ``dw``,
 ``du`` back to ``k``, ``v``, ``beta`` and ``g``.
 
-With ``MosaicConfig.fused_grad`` (and the Mosaic backward) the gradient is formed from
-``M^{-1}`` as well: the forward under a gradient is the fused walk storing ``S_c`` and ``vn``,
+With ``MosaicConfig.fused_grad`` (the default with the Mosaic backward) the gradient is
+formed from ``M^{-1}`` as well: the forward under a gradient is the fused walk storing ``S_c`` and ``vn``,
 the reverse walk forms ``dy = M^{-T} dvn`` and takes ``k^T (beta e^b dy)`` off the state
 gradient, the ``dw`` kernel forms ``-dy S_c^T``, and ``pallas_wy.wy_fused_backward`` finishes
-(``mosaic_bwd.mosaic_delta_fused_backward``); ``w`` and ``u`` are never formed. Checked in
-the interpreter, not yet timed (:data:`DEFAULT_FUSED_GRAD`).
+(``mosaic_bwd.mosaic_delta_fused_backward``); ``w`` and ``u`` are never formed: fwd+bwd
+2.786 ms against 3.081 at (8, 4096, 16, 128) bf16 on an H100 (:data:`DEFAULT_FUSED_GRAD`).
 """
 
 from __future__ import annotations
@@ -96,8 +96,8 @@ OPT_IN_ENV = "LINEARNEXUS_MOSAIC_GDN"
 #: batch 8, bf16 compute) trained at 80.8 ms/step through it against 87.7 through pallas
 #: (1.08x the tokens/s; benchmarks/lm_train_gpu.py, H200, 2026-12-05: the Mosaic backward,
 #: dw still in XLA; an earlier version had trained at 0.93x, 2026-12-04); the gated rule's fwd /
-#: fwd+bwd 0.68x / 0.82x FLA 0.6.0's at (8, 4096, 16, 128) on an H100. The ungated
-#: delta_rule runs the same kernels (checked, not timed apart)
+#: fwd+bwd 0.68x / 0.82x FLA 0.6.0's at (8, 4096, 16, 128) on an H100; the ungated
+#: delta_rule 0.55x / 0.74x FLA's chunk_delta_rule there (with the gradient from M^{-1})
 AUTOMATIC = True
 #: the feature table's note on the backend
 MOSAIC_STATUS = ("sm_90+, batches and packed sequences: Triton M^{-1}, Mosaic GPU forward walk "
@@ -124,12 +124,13 @@ DEFAULT_FUSED_WY = True
 #: "1" runs the gradient from M^{-1} too (MosaicConfig.fused_grad) where a call's config does
 #: not say, "0" keeps it off; unset: :data:`DEFAULT_FUSED_GRAD`
 FUSED_GRAD_ENV = "LINEARNEXUS_MOSAIC_FUSED_GRAD"
-#: the gradient from M^{-1} (MosaicConfig.fused_grad) by default: not yet. It drops w, u
-#: from the gradient (the Triton preparation writes M^{-1} only, the WY backward no longer
-#: multiplies by M^{-1}: 0.286 against 0.515 ms for the preparation alone on an H100) for
-#: one more wgmma a chunk in the reverse walk; checked in the Mosaic GPU interpreter, lowered
-#: for CUDA on the CPU, not yet timed on a GPU (docs/mosaic.md, Next)
-DEFAULT_FUSED_GRAD = False
+#: the gradient from M^{-1} (MosaicConfig.fused_grad) by default: yes. It drops w, u from the
+#: gradient for one more wgmma a chunk in the reverse walk. bf16 (8, 4096, 16, 128) fwd+bwd
+#: on an H100 (benchmarks/mosaic_gdn_check.py, 2026-12-05): gated_delta_rule 2.786 ms against
+#: 3.081, delta_rule 2.658 against 2.895 (FLA 0.6.0's chunk_delta_rule: 3.607); errors equal
+#: to the separate form's (9 of 9 checks); the 211M GDN LM 81.1 ms/step against 83.5
+#: (pallas 84.3), its first 50 losses within 2.7e-4 of the jax backend's
+DEFAULT_FUSED_GRAD = True
 
 
 def delta_opted_in() -> bool:
