@@ -313,11 +313,11 @@ def mosaic_delta_fused(st: MosaicStatic, wst: WyStatic, q: Array, k: Array, v: A
     """The delta rules from the chunk layout with the WY products in the walk
     (``MosaicConfig.fused_wy``): the preparation writes only ``M^{-1}``
     (``pallas_wy.wy_inverse``) and the walk forms ``vn = M^{-1} (beta v - beta e^b (k S_c))``
-    per chunk, so ``w`` and ``u`` never reach HBM. Under a gradient the forward is
-    :func:`_separate`'s (the backward reads ``w`` and the stored ``vn``, ``S_c``), and so is
-    the backward; with ``st.fused_grad`` it is this walk storing ``S_c`` and ``vn``, and the
-    backward :func:`mosaic_bwd.mosaic_delta_fused_backward` then
-    :func:`pallas_wy.wy_fused_backward` (no ``w``, ``u`` either way).
+    per chunk, so ``w`` and ``u`` never reach HBM. Under a gradient with ``st.fused_grad``
+    (the default with the Mosaic backward) the forward is this walk storing ``S_c`` and
+    ``vn`` and the backward :func:`mosaic_bwd.mosaic_delta_fused_backward` then
+    :func:`pallas_wy.wy_fused_backward`, still without ``w``, ``u``; without it both are
+    :func:`_separate`'s (its backward reads ``w`` and the stored ``vn``, ``S_c``).
 
     Args:
         st: static description (``st.core.delta``). wst: the WY preparation's.
