@@ -22,13 +22,28 @@ adds, SwiGLU and a norm between them) with each projection computed as:
   without and with the layer's norms, SwiGLU and residual sums folded in.
 
 ms per chain step against the weight bytes read once at the measured copy bandwidth (the
-floor). CPU smoke test: ``python benchmarks/gemv_gpu.py
---quick`` (Pallas interpret mode; checks every variant against ``xla``, no timing claims).
+floor).
+
+``--bare`` times the projections alone, back to back with no XLA op between them (each
+reads the first K columns of the previous one's output: ``in`` -> ``o`` -> ``gu`` ->
+``down`` per layer, no norms or residuals), to isolate what each dependent kernel costs
+beyond its bytes:
+
+* ``xla`` / ``lib``: XLA's matmul / the library's Triton kernel (with XLA slices between);
+* ``mgpu`` / ``mgpu_pdl``: the Mosaic GPU kernel (``kernels/fused_decode/mosaic_gemv.py``,
+  activations as ``[8, D]``) launched plainly / with programmatic dependent launch, whose
+  weight copies start before the previous kernel ends; ``mgpu_bk64*``: 64-wide K steps,
+  up to 8 in flight.
+
+CPU smoke test: ``python benchmarks/gemv_gpu.py --quick [--bare]`` (Pallas interpret mode,
+the Mosaic kernels through JAX 0.11's Mosaic GPU interpreter; checks every variant against
+``xla``, no timing claims).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -140,6 +155,44 @@ def variants(quick: bool) -> dict[str, tuple[callable, bool]]:
     return out
 
 
+def bare_variants() -> dict[str, tuple[callable, bool]]:
+    """The ``--bare`` chain's forms: name -> (matmul(x, w^T), whether x is ``[8, D]``)."""
+    from linearnexus.kernels.fused_decode import mosaic_gemv as mg
+
+    def mgpu(pdl: bool, bk: int | None = None):
+        def mm(x, wt):
+            tiles = mg.default_tiles(*wt.shape)
+            if bk is not None and wt.shape[1] % bk == 0:  # as deep a ring as fits, up to 8
+                stages = min(8, wt.shape[1] // bk)
+                while stages > 1 and mg.GemvTiles(tiles.bn, bk, stages).smem_bytes() > \
+                        mg.SMEM_BUDGET:
+                    stages -= 1
+                tiles = mg.GemvTiles(tiles.bn, bk, stages)
+            return mg.few_row_matmul(x, wt, tiles=tiles, pdl=pdl)
+        return mm
+
+    def sliced(mm):
+        return lambda x, wt: mm(x[:, :wt.shape[1]], wt)  # [1, >= K] -> [1, K] @ [K, N]
+
+    return {"xla": (sliced(lambda x, wt: jnp.dot(x, wt.T)), False),
+            "lib": (sliced(lambda x, wt: gemv.one_row_fused(x, wt, transposed=True)), False),
+            "mgpu": (mgpu(False), True), "mgpu_pdl": (mgpu(True), True),
+            "mgpu_bk64": (mgpu(False, 64), True), "mgpu_bk64_pdl": (mgpu(True, 64), True)}
+
+
+def bare_chain(mm):
+    """One decode-like step of projections only: ``mm(x, w^T)`` per projection, each reading
+    the first K columns of the previous output (``--bare``)."""
+    def step(h, ws):
+        for w in ws:
+            y = mm(h, w["in_t"])  # [R, 6160]
+            h = mm(y, w["o_t"])  # y[:, :2048] -> [R, 1024]
+            g = mm(h, w["gu_t"])  # [R, 5504]
+            h = mm(g, w["down_t"])  # g[:, :2752] -> [R, 1024]
+        return h
+    return step
+
+
 def make_weights(key, d: int, layers: int, dims: dict[str, tuple[int, int]]):
     ws = []
     for layer in range(layers):
@@ -188,10 +241,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=None)
     p.add_argument("--variants", nargs="*", default=None,
-                   help="names to time (default: all; see variants())")
+                   help="names to time (default: all; see variants() / bare_variants())")
+    p.add_argument("--bare", action="store_true",
+                   help="projections alone, back to back (module doc)")
     args = p.parse_args()
     if args.quick:
-        d, layers, inner, hidden, n_in = 64, 2, 128, 176, 400
+        d, layers, inner, hidden, n_in = 64, 2, 128, 192, 400
     else:
         d, layers, inner, hidden, n_in = 1024, 12, 2048, 2752, 6160
     dims = {"in": (d, n_in), "o": (inner, d), "gu": (d, 2 * hidden), "down": (hidden, d)}
@@ -220,28 +275,48 @@ def main() -> None:
 
     ref = None
     rows = []
-    chosen = variants(args.quick)
+    known = bare_variants() if args.bare else variants(False)
+    chosen = known if args.bare else variants(args.quick)
     if args.variants:
-        unknown = sorted(set(args.variants) - set(variants(False)))
+        unknown = sorted(set(args.variants) - set(known))
         if unknown:
-            p.error(f"--variants: unknown {unknown}; known: {sorted(variants(False))}")
-        chosen = {k: v for k, v in variants(False).items() if k in args.variants}
+            p.error(f"--variants: unknown {unknown}; known: {sorted(known)}")
+        chosen = {k: v for k, v in known.items() if k in args.variants}
     for name, (mm, transposed) in chosen.items():
-        step = chain(mm, transposed, d, inner, hidden)
-        run = jax.jit(lambda h, ws, step=step: jax.lax.fori_loop(
-            0, args.steps, lambda i, h: step(h, ws), h))
-        one = jax.jit(step)
+        if args.bare:  # transposed here: the activation is [8, D] (row 0 is the batch row)
+            step = bare_chain(mm)
+            rows8 = transposed
+            h_in = jnp.pad(h0, ((0, 7), (0, 0))) if rows8 else h0  # [8, D] or [1, D]
+            one = jax.jit(lambda h, ws, step=step: step(h, ws)[:1])
+            run = jax.jit(lambda h, ws, step=step: jax.lax.fori_loop(
+                0, args.steps, lambda i, h: step(h, ws), h))
+        else:
+            step = chain(mm, transposed, d, inner, hidden)
+            h_in = h0
+            one = jax.jit(step)
+            run = jax.jit(lambda h, ws, step=step: jax.lax.fori_loop(
+                0, args.steps, lambda i, h: step(h, ws), h))
+        interp = contextlib.nullcontext
+        if args.bare and transposed and jax.default_backend() == "cpu":
+            from linearnexus.kernels.common import mosaic_chunk
+            if mosaic_chunk.gpu_interpret_reason():  # (JAX 0.10: no Mosaic GPU interpreter)
+                print(f"{name:24s} skipped: {mosaic_chunk.gpu_interpret_reason()}")
+                continue
+            interp = mosaic_chunk.gpu_interpret  # the Mosaic kernels on the CPU
         try:
-            out1 = np.asarray(one(h0, ws).astype(F32))
+            with interp():
+                out1 = np.asarray(one(h_in, ws).astype(F32))
             if ref is None:
                 ref = out1
+                print(f"(reference {name}: |out| = {np.linalg.norm(ref):.3e} after one step)")
             err = float(np.linalg.norm(out1 - ref) / np.linalg.norm(ref))
-            compiled = run.lower(h0, ws).compile()
-            compiled(h0, ws).block_until_ready()
+            with interp():
+                compiled = run.lower(h_in, ws).compile()
+            compiled(h_in, ws).block_until_ready()
             times = []
             for _ in range(1 if args.quick else args.repeats):
                 t = time.perf_counter()
-                compiled(h0, ws).block_until_ready()
+                compiled(h_in, ws).block_until_ready()
                 times.append(time.perf_counter() - t)
             ms = statistics.median(times) / args.steps * 1e3
         except Exception as exc:  # a variant that does not compile here: report, go on
@@ -256,8 +331,10 @@ def main() -> None:
     if args.out or os.environ.get("OUT"):
         path = Path(args.out or os.environ["OUT"]) / "gemv_gpu.json"
         path.parent.mkdir(parents=True, exist_ok=True)
+        path = path.with_name("gemv_gpu_bare.json") if args.bare else path
         path.write_text(json.dumps({"device": jax.devices()[0].device_kind,
                                     "jax": jax.__version__, "bandwidth": bandwidth,
+                                    "bare": args.bare,
                                     "rows": rows}, indent=1))
 
 

@@ -683,3 +683,73 @@ def test_delta_mosaic_dispatch_and_declines_what_it_does_not_cover(monkeypatch):
     assert not mosaic_delta.default_delta_config(rows=8, heads=16, key_dim=128, value_dim=128,
                                                  n_chunks=64, fused_grad=None).fused_grad
 
+
+
+@needs_mosaic
+@pytest.mark.parametrize("pdl", [False, True])
+def test_few_row_matmul_lowers_with_and_without_pdl(pdl, monkeypatch):
+    """The Mosaic GPU few-row matmul (``fused_decode/mosaic_gemv.py``) lowers for CUDA at a
+    decode projection's shape, one kernel, with ``griddepcontrol`` (programmatic dependent
+    launch) exactly when asked; its default tiles fit the shared-memory budget."""
+    from linearnexus.kernels.fused_decode import mosaic_gemv as mg
+
+    monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")
+    n, k = 1024, 2752  # the GDN LM's MLP down projection: K is 43 steps of 64
+    tiles = mg.default_tiles(n, k)
+    assert tiles.smem_bytes() <= mg.SMEM_BUDGET and n // tiles.bn >= 128
+    text = _lower(functools.partial(mg.few_row_matmul, pdl=pdl),
+                  jax.ShapeDtypeStruct((mg.ROWS, k), jnp.bfloat16),
+                  jax.ShapeDtypeStruct((n, k), jnp.bfloat16))
+    assert text.count("custom_call @mosaic_gpu") == 1
+    assert ("griddepcontrol" in text) == pdl
+
+
+@pytest.mark.skipif(REASON is not None or gpu_interpret_reason() is not None,
+                    reason=REASON or gpu_interpret_reason() or "")
+@pytest.mark.parametrize("dtype,n,k,width,tiles", [
+    # the ring wraps (3 steps, 2 slots); x wider than K (its first K columns are read)
+    (jnp.bfloat16, 40, 192, 256, (8, 64, 2)),
+    # one slot; two 64-column groups per step; float16
+    (jnp.float16, 48, 256, 256, (16, 128, 1)),
+    # the default tiles (bn 8, bk 64 here)
+    (jnp.bfloat16, 24, 320, 320, None),
+])
+def test_few_row_matmul_matches_in_the_interpreter(dtype, n, k, width, tiles):
+    """Three batch rows and five zero rows times ``W^T``, against float32 XLA: every entry
+    within one rounding of the 16-bit output; the zero rows stay zero."""
+    from linearnexus.kernels.fused_decode import mosaic_gemv as mg
+
+    kx, kw = jax.random.split(jax.random.PRNGKey(n + k))
+    x = jnp.zeros((mg.ROWS, width), dtype).at[:3].set(
+        jax.random.normal(kx, (3, width)).astype(dtype))
+    wt = jax.random.normal(kw, (n, k)).astype(dtype)
+    with gpu_interpret():
+        y = mg.few_row_matmul(x, wt, tiles=None if tiles is None else mg.GemvTiles(*tiles))
+    assert y.shape == (mg.ROWS, n) and y.dtype == dtype
+    # [8, K] x [N, K] -> [8, N]
+    ref = jnp.einsum("rk,nk->rn", x[:, :k].astype(jnp.float32), wt.astype(jnp.float32),
+                     precision="highest")
+    eps = float(jnp.finfo(dtype).eps)
+    np.testing.assert_allclose(np.asarray(y.astype(jnp.float32)), np.asarray(ref),
+                               rtol=eps, atol=eps)
+    assert not np.any(np.asarray(y[3:].astype(jnp.float32)))
+
+
+def test_few_row_matmul_rejects_bad_input():
+    """Wrong row count, narrow x, mixed dtypes and tiles that do not divide raise ValueError
+    naming the argument, before any kernel is built."""
+    from linearnexus.kernels.fused_decode import mosaic_gemv as mg
+
+    wt = jnp.zeros((64, 128), jnp.bfloat16)
+    cases = [
+        (jnp.zeros((1, 128), jnp.bfloat16), wt, None, "x: expected"),
+        (jnp.zeros((8, 64), jnp.bfloat16), wt, None, "x: expected"),
+        (jnp.zeros((8, 128), jnp.float32), wt, None, "x, wt"),
+        (jnp.zeros((8, 128), jnp.bfloat16), wt, mg.GemvTiles(24, 64, 2), "tiles.bn"),
+        (jnp.zeros((8, 128), jnp.bfloat16), wt, mg.GemvTiles(8, 96, 2), "tiles.bk"),
+        (jnp.zeros((8, 128), jnp.bfloat16), wt, mg.GemvTiles(8, 64, 0), "tiles.stages"),
+        (jnp.zeros((8, 100), jnp.bfloat16), jnp.zeros((64, 100), jnp.bfloat16), None, "wt:"),
+    ]
+    for x, w, tiles, match in cases:
+        with pytest.raises(ValueError, match=re.escape(match)):
+            mg.few_row_matmul(x, w, tiles=tiles)
