@@ -165,7 +165,10 @@ def few_row_matmul(x: Array, wt: Array, *, tiles: GemvTiles | None = None,
         wt: ``[N, K]`` weight, transposed (same dtype); N a multiple of 8, K of 64.
         tiles: the kernel's tiles (:func:`default_tiles` when None).
         pdl: launch with programmatic dependent launch (module doc): the weight copies of
-            the first ``stages`` steps start before the previous kernel finishes.
+            the first ``stages`` steps start before the previous kernel finishes, so ``wt``
+            must not be an output of the kernel just before this one (weights of a decode
+            loop never are); ``x`` is read, and the output written, only after that kernel
+            has finished.
 
     Returns:
         ``[ROWS, N]`` in ``x``'s dtype (float32 accumulation).
