@@ -14,11 +14,16 @@ Layout. Activations travel between these kernels as ``[ROWS, D]`` (``ROWS`` = 8 
 unused ones zero), weights as the transposed table ``W^T [N, K]`` (``gemv.py``'s decode
 layout). Program ``j`` owns ``bn`` output columns. Per ``bk``-wide step of K it copies (TMA)
 the ``[bn, bk]`` weight tile and the ``[ROWS, bk]`` activation tile into a ring of
-``stages`` slots; the activation tile lands in rows ``0..ROWS-1`` of a ``[64, bk]`` tile
-whose other rows stay zero, because wgmma's M is 64: ``acc [64, bn] += a [64, bk] @
-W^T[bn, bk]^T``. Rows ``0..ROWS-1`` of the float32 accumulator are the output. An
-activation wider than K is read in its first K columns, so a kernel can consume a slice of
-the previous kernel's output (a fused projection's first part) with no XLA op between.
+``stages`` slots, and multiplies ``acc [64, bn] += a [64, bk] @ W^T[bn, bk]^T`` (wgmma's M
+is 64). Rows ``0..ROWS-1`` of ``acc`` are the output and depend on rows ``0..ROWS-1`` of
+``a`` alone, so the other 56 rows of ``a`` may hold anything: slot ``s``'s ``a`` is rows
+``[8 s, 8 s + 64)`` of one ``[8 stages + 56, bk]`` buffer, its own activation rows
+followed by the next slots' (and rows never written). The ring then costs ``8 stages + 56``
+activation rows instead of ``64 stages``, which leaves shared memory for a deep weight
+ring: the bytes in flight that a program needs to read at the HBM rate. A wgmma may read
+those other rows while a copy writes them; only rows its output discards. An activation
+wider than K is read in its first K columns, so a kernel can consume a slice of the
+previous kernel's output (a fused projection's first part) with no XLA op between.
 
 Status: an experimental kernel for measuring whether PDL closes the per-kernel gap; the
 models' decode path does not call it (``docs/generation.md``, "One-row matmuls").
@@ -45,6 +50,11 @@ WGMMA_M = 64
 #: shared memory one program may use, leaving room for a second (the next kernel's, under
 #: PDL) on the same SM (228 KB per SM on Hopper)
 SMEM_BUDGET = 100 * 1024
+#: weight bytes one program keeps in flight by default: at ~3 TB/s over 132 SMs and ~1 us
+#: from HBM, an SM must have ~23 KB requested to read at the full rate
+IN_FLIGHT = 32 * 1024
+#: the deepest ring :func:`default_tiles` picks
+MAX_STAGES = 32
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -58,17 +68,25 @@ class GemvTiles:
     bk: int
     stages: int
 
+    @property
+    def a_rows(self) -> int:
+        """Rows of the activation buffer: each slot's ``ROWS`` and the 56 more that the last
+        slot's 64-row wgmma operand spans (module doc)."""
+        return ROWS * self.stages + WGMMA_M - ROWS
+
     def smem_bytes(self, itemsize: int = 2) -> int:
-        """Shared memory of one program: the ring's activation and weight tiles plus the
+        """Shared memory of one program: the activation buffer, the weight ring and the
         ``[64, bn]`` output tile."""
-        return (self.stages * (WGMMA_M + self.bn) * self.bk + WGMMA_M * self.bn) * itemsize
+        return (self.a_rows * self.bk + self.stages * self.bn * self.bk
+                + WGMMA_M * self.bn) * itemsize
 
 
 def default_tiles(n: int, k: int, *, programs: int = 132) -> GemvTiles:
     """Tiles for ``W^T [n, k]``: the widest ``bn`` in (64, 32, 16, 8) dividing ``n`` that
     still gives at least ``programs`` programs (else 8, or the widest that divides), the
-    widest ``bk`` in (256, 128, 64) dividing ``k``, and as many stages (up to 4 and the
-    number of steps) as fit :data:`SMEM_BUDGET`."""
+    widest ``bk`` in (256, 128, 64) dividing ``k``, and enough stages for
+    :data:`IN_FLIGHT` weight bytes per program (at least 2, at most :data:`MAX_STAGES` and
+    the number of steps), fewer where :data:`SMEM_BUDGET` is short."""
     dividing = [b for b in (64, 32, 16, 8) if n % b == 0]
     if not dividing:
         raise ValueError(f"wt: expected a row count that is a multiple of 8, got {n}")
@@ -76,7 +94,8 @@ def default_tiles(n: int, k: int, *, programs: int = 132) -> GemvTiles:
     bk = next((b for b in (256, 128, 64) if k % b == 0), None)
     if bk is None:
         raise ValueError(f"wt: expected a column count (K) that is a multiple of 64, got {k}")
-    stages = min(4, k // bk)
+    want = max(2, -(-IN_FLIGHT // (bn * bk * 2)))
+    stages = min(want, MAX_STAGES, k // bk)
     while stages > 1 and GemvTiles(bn, bk, stages).smem_bytes() > SMEM_BUDGET:
         stages -= 1
     return GemvTiles(bn, bk, stages)
@@ -114,20 +133,19 @@ def _kernel(x_gmem: Any, w_gmem: Any, o_gmem: Any, a_smem: Any, w_smem: Any, o_s
         plgpu.copy_gmem_to_smem(w_gmem.at[pl.ds(j * bn, bn), pl.ds(i * bk, bk)],
                                 w_smem.at[slot], w_bar.at[slot])
 
+    def first_row(slot: Any) -> Any:  # slot s's activation rows start at 8 s
+        return slot * ROWS if isinstance(slot, int) else pl.multiple_of(slot * ROWS, ROWS)
+
     def x_copy(i: Any, slot: Any) -> None:
         plgpu.copy_gmem_to_smem(x_gmem.at[:, pl.ds(i * bk, bk)],
-                                a_smem.at[slot, pl.ds(0, ROWS)], x_bar.at[slot])
+                                a_smem.at[pl.ds(first_row(slot), ROWS)],
+                                x_bar.at[slot])
 
     first = min(stages, steps)
     for s in range(first):  # the weights do not depend on the step: copy before the wait
         w_copy(s, s)
     if pdl:
         plgpu.griddepcontrol_launch_dependents()
-    zeros = plgpu.layout_cast(jnp.zeros((WGMMA_M, bk), x_gmem.dtype), plgpu.Layout.WGMMA)
-    for s in range(stages):  # rows ROWS..63 of every activation slot stay zero
-        a_smem[s] = zeros
-    plgpu.commit_smem()
-    if pdl:
         plgpu.griddepcontrol_wait()  # the previous kernel's output is complete from here
     for s in range(first):
         x_copy(s, s)
@@ -138,8 +156,9 @@ def _kernel(x_gmem: Any, w_gmem: Any, o_gmem: Any, a_smem: Any, w_smem: Any, o_s
         plgpu.barrier_wait(x_bar.at[slot])
         # [64, bk] @ [bk, bn] -> [64, bn]; reading the value waits for the wgmma, so the slot
         # is free for the copies below
+        rows = pl.ds(first_row(slot), WGMMA_M)  # this slot's 64-row operand
         acc = mosaic_chunk.wgmma_onto(acc, lambda r: plgpu.wgmma(
-            r, a_smem.at[slot], mosaic_chunk._transposed(w_smem.at[slot])))
+            r, a_smem.at[rows], mosaic_chunk._transposed(w_smem.at[slot])))
 
         @pl.when(i + stages < steps)
         def _() -> None:
@@ -182,7 +201,7 @@ def few_row_matmul(x: Array, wt: Array, *, tiles: GemvTiles | None = None,
     tiles = default_tiles(n, k) if tiles is None else tiles
     _check(x, wt, tiles)
     swizzled = mosaic_chunk._swizzled(tiles.bk, x.dtype)
-    scratch = (plgpu.SMEM((tiles.stages, WGMMA_M, tiles.bk), x.dtype, transforms=swizzled),
+    scratch = (plgpu.SMEM((tiles.a_rows, tiles.bk), x.dtype, transforms=swizzled),
                plgpu.SMEM((tiles.stages, tiles.bn, tiles.bk), x.dtype, transforms=swizzled),
                plgpu.SMEM((WGMMA_M, tiles.bn), x.dtype),
                plgpu.Barrier(num_arrivals=1, num_barriers=tiles.stages),
