@@ -2,7 +2,7 @@
 # One device call for the batch-1 decode matmuls (kernels/fused_decode/gemv.py):
 # the tests with the kernels compiled through Triton, the decode loop under each
 # LINEARNEXUS_DECODE_GEMV mode (GDN and Mamba2 of benchmarks/decode_gpu.py), and the
-# one-row matmul forms alone (benchmarks/gemv_gpu.py). Usage (repo root, on the GPU):
+# one-row matmul forms alone (benchmarks/gemv_gpu.py, in the layer chain and --bare). Usage (repo root, on the GPU):
 #   bash benchmarks/gemv_ab_gpu.sh            # results under $OUT
 set -u
 export PYTHONUNBUFFERED=1
@@ -21,5 +21,7 @@ decode() {  # mode, batches...
 decode pallas 1 64
 decode xla 1 64
 decode pad 1
-timeout 120 python3 benchmarks/gemv_gpu.py --out "$OUT" --variants xla pad8 rowsT_bn2_bk1024_w4 \
-  lib lib_fused 2>&1 | grep -v "^W0000\|^I0000"
+decode table 1
+timeout 120 python3 benchmarks/gemv_gpu.py --out "$OUT" --variants xla xla_t pad8 \
+  rowsT_bn2_bk1024_w4 lib lib_fused 2>&1 | grep -v "^W0000\|^I0000"
+timeout 150 python3 benchmarks/gemv_gpu.py --bare --out "$OUT" 2>&1 | grep -v "^W0000\|^I0000"

@@ -26,7 +26,7 @@ def _ref(x, w, transposed):
     return xf.reshape(1, -1) @ (wf.T if transposed else wf)
 
 
-@pytest.mark.parametrize("mode", ["xla", "pad", "pallas"])
+@pytest.mark.parametrize("mode", ["xla", "pad", "table", "pallas"])
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("depth,width,dtype", [(1, 1, "float32"), (63, 65, "float32"),
                                                (100, 1000, "bfloat16"), (520, 33, "float32")])
@@ -83,7 +83,7 @@ def test_one_row_ready_only_for_one_row_where_kernels_compile(monkeypatch):
 
 @pytest.mark.parametrize("pattern,mlp", [(("gated_deltanet",), True), (("mamba2",), False),
                                          (("attention",), True), (("mamba",), False)])
-@pytest.mark.parametrize("mode", ["pad", "pallas"])
+@pytest.mark.parametrize("mode", ["pad", "table", "pallas"])
 def test_one_token_models_match_xla(monkeypatch, pattern, mlp, mode):
     """Batch-1 one-token logits and states with every projection and the tied head
     through the mode (interpreted, picked as on a GPU) equal XLA's path to 1e-5."""
@@ -283,6 +283,36 @@ def test_transposed_decode_table(monkeypatch):
     bad[o_proj[0]] = (table[o_proj[0]][0].T, None)
     with pytest.raises(ValueError, match="kernel of shape"), using_decode_weights(model, bad):
         pass
+
+
+def test_table_mode_reads_the_transposed_table_through_xla(monkeypatch):
+    """Mode ``"table"`` (as on a GPU): the decode table is transposed as for ``"pallas"``, the
+    one-token call reads it through XLA's matmul and launches none of this module's kernels,
+    and its logits and states equal XLA's path without a table (1e-5)."""
+    from linearnexus.modules.common import TRANSPOSED, decode_weights, using_decode_weights
+
+    cfg = ModelConfig(vocab_size=61, d_model=64, n_layers=2, block_pattern=("gated_deltanet",),
+                      mlp=True, tie_embeddings=True)
+    model = LMModel(cfg, rngs=nnx.Rngs(5))
+    tokens, state = jnp.array([[7]], jnp.int32), model.init_state(1)
+    monkeypatch.setenv(gemv.GEMV_ENV, "xla")  # the reference, also on a GPU
+    want = model(tokens, state=state, mode="recurrent")
+    monkeypatch.setattr(gemv, "_compiles", lambda: True)
+    monkeypatch.setenv(gemv.GEMV_ENV, "table")
+    table = decode_weights(model)
+    assert table and all(k.endswith(TRANSPOSED) for k in table)
+    launched = []
+    monkeypatch.setattr(gemv, "_launch", lambda *a, **k: launched.append(1))
+    matmuls = []
+    real = common.one_row_matmul
+    monkeypatch.setattr(common, "one_row_matmul",
+                        lambda *a, **k: matmuls.append(k.get("transposed")) or real(*a, **k))
+    with using_decode_weights(model, table):
+        got = model(tokens, state=state, mode="recurrent")
+    assert not launched and matmuls and all(matmuls)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("pattern", [("gated_deltanet",), ("mamba2",)])

@@ -10,6 +10,12 @@ way, chosen by ``LINEARNEXUS_DECODE_GEMV`` (read at trace time):
 * ``"xla"``: ``lax.dot_general`` as every other call (XLA's rewrite);
 * ``"pad"``: the row padded to :data:`PAD_ROWS` rows, so XLA keeps a matmul (cuBLAS or its
   own GEMM), then row 0;
+* ``"table"``: XLA's matmul over the transposed decode table ``W^T [N, D]`` (below), no
+  kernels of this module: XLA's multiply + reduce then reduces along contiguous rows, which
+  on an H100 read a chain of the GDN LM's projections alone at 1.4x the weight-read time
+  against 1.8x for the ``"pallas"`` kernel, but 1.9x against 1.8x with the layer's norms and
+  sums between them, which ``"pallas"`` folds into its kernels (``docs/benchmarks.md``,
+  "A Mosaic GPU few-row matmul"); untimed in the models;
 * ``"pallas"``: a Pallas (Triton) kernel over the weight stored transposed, ``W^T [N, D]``:
   program ``j`` owns ``BN`` rows of it (output columns) and reads them in contiguous
   ``BK``-wide tiles, accumulating in float32. :func:`one_row_fused` folds a pre-norm
@@ -42,9 +48,9 @@ from linearnexus.kernels.common.pallas import (
     with_reference_vjp,
 )
 
-#: "xla" | "pad" | "pallas": how one-row matmuls run on a GPU (read at trace time)
+#: "xla" | "pad" | "table" | "pallas": how one-row matmuls run on a GPU (read at trace time)
 GEMV_ENV = "LINEARNEXUS_DECODE_GEMV"
-MODES = ("xla", "pad", "pallas")
+MODES = ("xla", "pad", "table", "pallas")
 DEFAULT_MODE = "pallas"
 #: rows the "pad" mode pads one row to
 PAD_ROWS = 8
@@ -70,8 +76,9 @@ def _compiles() -> bool:
 
 def transposed_weights() -> bool:
     """Whether decode weight tables store kernels transposed (``[N, D]``, the layout the
-    ``"pallas"`` kernels read): mode ``"pallas"`` where the kernels compile."""
-    return gemv_mode() == "pallas" and _compiles()
+    ``"pallas"`` kernels read): modes ``"pallas"`` and ``"table"`` where the kernels
+    compile."""
+    return gemv_mode() in ("pallas", "table") and _compiles()
 
 
 def one_row_ready(x: Array) -> bool:

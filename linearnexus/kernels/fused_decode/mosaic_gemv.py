@@ -106,6 +106,8 @@ def _check(x: Array, wt: Array, tiles: GemvTiles) -> None:
     if x.ndim != 2 or x.shape[0] != ROWS or x.shape[1] < k:
         raise ValueError(f"x: expected [{ROWS}, >= {k}] (batch slots, at least wt's K "
                          f"columns), got shape {x.shape}")
+    if x.shape[1] % 64 and x.shape[1] > 64:  # TMA's 64-column tiles of x in HBM
+        raise ValueError(f"x: expected a width that is a multiple of 64, got {x.shape[1]}")
     if jnp.dtype(x.dtype) not in _DTYPES or x.dtype != wt.dtype:
         raise ValueError(f"x, wt: expected the same 16-bit dtype (bfloat16 or float16), got "
                          f"{x.dtype} and {wt.dtype}")
