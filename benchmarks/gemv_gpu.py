@@ -33,7 +33,9 @@ beyond its bytes:
 * ``mgpu`` / ``mgpu_pdl``: the Mosaic GPU kernel (``kernels/fused_decode/mosaic_gemv.py``,
   activations as ``[8, D]``) launched plainly / with programmatic dependent launch, whose
   weight copies start before the previous kernel ends; ``mgpu_bk64*``: 64-wide K steps,
-  up to 8 in flight.
+  up to 8 in flight; ``mgpu_wave*``: one wave of at most 132 programs of <= 64 KB of shared
+  memory, so that the next kernel's programs fit beside them (the default tiles fill the
+  SMs, which leaves PDL nothing to overlap).
 
 CPU smoke test: ``python benchmarks/gemv_gpu.py --quick [--bare]`` (Pallas interpret mode,
 the Mosaic kernels through JAX 0.11's Mosaic GPU interpreter; checks every variant against
@@ -174,13 +176,31 @@ def bare_variants() -> dict[str, tuple[callable, bool]]:
             return mg.few_row_matmul(x, wt, tiles=tiles, pdl=pdl)
         return mm
 
+    def one_wave(pdl: bool):
+        """Tiles for overlap: at most 132 programs (one wave at one per SM) of at most
+        64 KB of shared memory each, so the next kernel's programs fit beside them on an
+        SM and PDL can start their copies early (the default tiles fill the SMs)."""
+        def mm(x, wt):
+            n, k = wt.shape
+            bn = next((b for b in range(8, 257, 8) if n % b == 0 and n // b <= 132), None)
+            tiles = mg.default_tiles(n, k)
+            if bn is not None:  # the most weight bytes in flight that fit 64 KB
+                fits = [mg.GemvTiles(bn, bk, st) for bk in (256, 128, 64) if k % bk == 0
+                        for st in range(1, min(k // bk, mg.MAX_STAGES) + 1)
+                        if mg.GemvTiles(bn, bk, st).smem_bytes() <= 64 * 1024]
+                if fits:
+                    tiles = max(fits, key=lambda t: (t.stages * t.bn * t.bk, t.bk))
+            return mg.few_row_matmul(x, wt, tiles=tiles, pdl=pdl)
+        return mm
+
     def sliced(mm):
         return lambda x, wt: mm(x[:, :wt.shape[1]], wt)  # [1, >= K] -> [1, K] @ [K, N]
 
     return {"xla": (sliced(lambda x, wt: jnp.dot(x, wt.T)), False),
             "lib": (sliced(lambda x, wt: gemv.one_row_fused(x, wt, transposed=True)), False),
             "mgpu": (mgpu(False), True), "mgpu_pdl": (mgpu(True), True),
-            "mgpu_bk64": (mgpu(False, 64), True), "mgpu_bk64_pdl": (mgpu(True, 64), True)}
+            "mgpu_bk64": (mgpu(False, 64), True), "mgpu_bk64_pdl": (mgpu(True, 64), True),
+            "mgpu_wave": (one_wave(False), True), "mgpu_wave_pdl": (one_wave(True), True)}
 
 
 def bare_chain(mm):

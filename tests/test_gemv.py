@@ -246,6 +246,23 @@ def test_kernels_lower_through_triton(monkeypatch):
     assert text.count("__gpu$xla.gpu.triton") == 1
 
 
+def _gdn_one_token(monkeypatch, *, seed: int, token: int):
+    """A 2-layer GDN LM, one token and its state, and XLA's one-token output (the
+    reference, also on a GPU): ``(cfg, model, tokens, state, want)``."""
+    cfg = ModelConfig(vocab_size=61, d_model=64, n_layers=2, block_pattern=("gated_deltanet",),
+                      mlp=True, tie_embeddings=True)
+    model = LMModel(cfg, rngs=nnx.Rngs(seed))
+    tokens, state = jnp.array([[token]], jnp.int32), model.init_state(1)
+    monkeypatch.setenv(gemv.GEMV_ENV, "xla")
+    return cfg, model, tokens, state, model(tokens, state=state, mode="recurrent")
+
+
+def _assert_trees_close(got, want) -> None:
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_transposed_decode_table(monkeypatch):
     """With the Pallas mode picked (as on a GPU), the decode table stores every projection
     transposed (the fused groups and each other Linear), the one-token call reads it, and
@@ -253,12 +270,7 @@ def test_transposed_decode_table(monkeypatch):
     shape is refused, naming it."""
     from linearnexus.modules.common import TRANSPOSED, decode_weights, using_decode_weights
 
-    cfg = ModelConfig(vocab_size=61, d_model=64, n_layers=2, block_pattern=("gated_deltanet",),
-                      mlp=True, tie_embeddings=True)
-    model = LMModel(cfg, rngs=nnx.Rngs(2))
-    tokens, state = jnp.array([[3]], jnp.int32), model.init_state(1)
-    monkeypatch.setenv(gemv.GEMV_ENV, "xla")  # the reference, also on a GPU
-    want = model(tokens, state=state, mode="recurrent")
+    cfg, model, tokens, state, want = _gdn_one_token(monkeypatch, seed=2, token=3)
     monkeypatch.setattr(gemv, "_compiles", lambda: False)  # the CPU: plain layout
     assert decode_weights(model) and not any(k.endswith(TRANSPOSED)
                                              for k in decode_weights(model))
@@ -276,9 +288,7 @@ def test_transposed_decode_table(monkeypatch):
         got = model(tokens, state=state, mode="recurrent")
     tabled = {id(v[0]) for v in table.values()}
     assert seen and sum(id(w) in tabled for w in seen) >= 4 * cfg.n_layers
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                   rtol=1e-5, atol=1e-5)
+    _assert_trees_close(got, want)
     bad = dict(table)
     bad[o_proj[0]] = (table[o_proj[0]][0].T, None)
     with pytest.raises(ValueError, match="kernel of shape"), using_decode_weights(model, bad):
@@ -291,12 +301,7 @@ def test_table_mode_reads_the_transposed_table_through_xla(monkeypatch):
     and its logits and states equal XLA's path without a table (1e-5)."""
     from linearnexus.modules.common import TRANSPOSED, decode_weights, using_decode_weights
 
-    cfg = ModelConfig(vocab_size=61, d_model=64, n_layers=2, block_pattern=("gated_deltanet",),
-                      mlp=True, tie_embeddings=True)
-    model = LMModel(cfg, rngs=nnx.Rngs(5))
-    tokens, state = jnp.array([[7]], jnp.int32), model.init_state(1)
-    monkeypatch.setenv(gemv.GEMV_ENV, "xla")  # the reference, also on a GPU
-    want = model(tokens, state=state, mode="recurrent")
+    _, model, tokens, state, want = _gdn_one_token(monkeypatch, seed=5, token=7)
     monkeypatch.setattr(gemv, "_compiles", lambda: True)
     monkeypatch.setenv(gemv.GEMV_ENV, "table")
     table = decode_weights(model)
@@ -310,9 +315,7 @@ def test_table_mode_reads_the_transposed_table_through_xla(monkeypatch):
     with using_decode_weights(model, table):
         got = model(tokens, state=state, mode="recurrent")
     assert not launched and matmuls and all(matmuls)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                   rtol=1e-5, atol=1e-5)
+    _assert_trees_close(got, want)
 
 
 @pytest.mark.parametrize("pattern", [("gated_deltanet",), ("mamba2",)])
