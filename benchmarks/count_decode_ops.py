@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import re
@@ -48,6 +49,7 @@ from decode_gpu import our_config  # noqa: E402
 from profile_decode import body_opcodes  # noqa: E402
 
 from linearnexus.generate import Decoder, SamplingConfig, decode_step, stop_array  # noqa: E402
+from linearnexus.kernels.common.gpu_lowering import abstract_gpu  # noqa: E402
 from linearnexus.kernels.common.pallas import INTERPRET_ENV  # noqa: E402
 from linearnexus.models import create_model  # noqa: E402
 
@@ -69,12 +71,9 @@ def counts(kind: str, layers: int, args: argparse.Namespace) -> dict[str, int]:
     def step(params, tokens, state, key):
         return decode_step(graphdef, sampler, params, tokens, state, key)
 
-    if args.lower_gpu:  # on a CPU host JAX 0.11's Triton lowering needs a GPU to target
-        from linearnexus.kernels.common.gpu_lowering import abstract_gpu
-        with abstract_gpu():
-            text = jax.jit(step).trace(dec.inputs, tok, state, key).lower(
-                lowering_platforms=("cuda",)).as_text()
-    else:
+    # on a CPU host JAX 0.11's Triton lowering needs a GPU to target
+    target = abstract_gpu() if args.lower_gpu else contextlib.nullcontext()
+    with target:
         text = jax.jit(step).trace(dec.inputs, tok, state, key).lower(
             lowering_platforms=("cuda",)).as_text()
     hlo_ops = len(re.findall(r"^\s*(?:%[\w#:]+(?:, %[\w#:]+)* = )?\"?stablehlo\.", text, re.M))

@@ -7,9 +7,10 @@
 #           default against XLA over the transposed table), and batch 64 under the first;
 #   gemv:   the one-row matmul forms alone (benchmarks/gemv_gpu.py): the layer chain, then
 #           the projections alone back to back (--bare, with the Mosaic few-row matmul).
-# Usage (repo root, on the GPU):
-#   bash benchmarks/gemv_ab_gpu.sh                      # PARTS="decode gemv", ~400 s
-#   PARTS="tests decode gemv" MODES="pallas table pad xla" bash benchmarks/gemv_ab_gpu.sh
+# Usage (repo root, on the GPU; one device call is at most 600 s: the default set takes
+# ~400 s and at most 520, each extra mode up to 150 s more, the tests up to 200 s):
+#   bash benchmarks/gemv_ab_gpu.sh                      # PARTS="decode gemv"
+#   PARTS="tests decode" MODES="pad xla" bash benchmarks/gemv_ab_gpu.sh   # a second call
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gemv_ab}
@@ -34,8 +35,8 @@ case " $PARTS " in *" decode "*)
   done;;
 esac
 case " $PARTS " in *" gemv "*)
-  timeout 100 python3 benchmarks/gemv_gpu.py --out "$OUT" --variants xla xla_t pad8 \
-    rowsT_bn2_bk1024_w4 lib lib_fused 2>&1 | grep -v "^W0000\|^I0000"
-  timeout 120 python3 benchmarks/gemv_gpu.py --bare --out "$OUT" 2>&1 \
-    | grep -v "^W0000\|^I0000";;
+  timeout 100 python3 benchmarks/gemv_gpu.py --out "$OUT" --variants xla xla_t lib \
+    lib_fused 2>&1 | grep -v "^W0000\|^I0000"
+  timeout 120 python3 benchmarks/gemv_gpu.py --bare --out "$OUT" --variants xla lib mgpu \
+    mgpu_pdl mgpu_wave mgpu_wave_pdl 2>&1 | grep -v "^W0000\|^I0000";;
 esac

@@ -11,6 +11,8 @@ adds, SwiGLU and a norm between them) with each projection computed as:
 * ``xla``: ``jnp.dot`` of the one row (what the models do today);
 * ``pad2`` / ``pad8``: the row padded to 2 / 8 rows, so XLA keeps a matmul (cuBLAS or its
   Triton GEMM), then row 0;
+* ``xla_t``: ``jnp.dot`` over the transposed weight ``W^T [N, D]`` (XLA's multiply and
+  reduce then run along contiguous rows: the ``table`` mode of the models);
 * ``splitk``: a Pallas (Triton) kernel over a ``(N / BN, S)`` grid, each program one
   ``[D / S, BN]`` tile of the weight loaded at once, float32 partial sums ``[S, N]`` summed
   by XLA;
@@ -29,13 +31,15 @@ reads the first K columns of the previous one's output: ``in`` -> ``o`` -> ``gu`
 ``down`` per layer, no norms or residuals), to isolate what each dependent kernel costs
 beyond its bytes:
 
-* ``xla`` / ``lib``: XLA's matmul / the library's Triton kernel (with XLA slices between);
+* ``xla`` / ``lib``: XLA's matmul over ``W^T`` / the library's Triton kernel; both read
+  the previous output's first K columns through an XLA slice, which XLA can fuse into its
+  own product but runs as a separate kernel before ``lib`` (24 of the 48 projections);
 * ``mgpu`` / ``mgpu_pdl``: the Mosaic GPU kernel (``kernels/fused_decode/mosaic_gemv.py``,
   activations as ``[8, D]``) launched plainly / with programmatic dependent launch, whose
   weight copies start before the previous kernel ends; ``mgpu_bk64*``: 64-wide K steps,
   up to 8 in flight; ``mgpu_wave*``: one wave of at most 132 programs of <= 64 KB of shared
-  memory, so that the next kernel's programs fit beside them (the default tiles fill the
-  SMs, which leaves PDL nothing to overlap).
+  memory, so that at least two of the next kernel's programs fit beside each one (the
+  default tiles' programs take up to 100 KB).
 
 CPU smoke test: ``python benchmarks/gemv_gpu.py --quick [--bare]`` (Pallas interpret mode,
 the Mosaic kernels through JAX 0.11's Mosaic GPU interpreter; checks every variant against
@@ -156,7 +160,7 @@ def variants(quick: bool) -> dict[str, tuple[callable, bool]]:
     out["lib_fused"] = ("fused", False)  # prologue / epilogue folded in: see chain()
     if quick:
         out = {k: v for i, (k, v) in enumerate(out.items()) if i < 3 or k.endswith(
-            ("bn32_s4", "bn16_bk256", "bn4_bk512_w4", "lib", "lib_fused"))}
+            ("bn32_s4", "bn16_bk256", "bn4_bk512_w4", "lib", "lib_fused", "xla_t"))}
     return out
 
 
@@ -179,7 +183,7 @@ def bare_variants() -> dict[str, tuple[callable, bool]]:
     def one_wave(pdl: bool):
         """Tiles for overlap: at most 132 programs (one wave at one per SM) of at most
         64 KB of shared memory each, so the next kernel's programs fit beside them on an
-        SM and PDL can start their copies early (the default tiles fill the SMs)."""
+        SM and PDL can start their copies early."""
         def mm(x, wt):
             n, k = wt.shape
             bn = next((b for b in range(8, 257, 8) if n % b == 0 and n // b <= 132), None)
@@ -260,7 +264,8 @@ def chain(mm, transposed: bool, d: int, inner: int, hidden: int):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, CPU check only")
-    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--steps", type=int, default=None,
+                   help="decode steps per timed call (default 64; 1 with --quick)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=None)
     p.add_argument("--variants", nargs="*", default=None,
@@ -268,6 +273,10 @@ def main() -> None:
     p.add_argument("--bare", action="store_true",
                    help="projections alone, back to back (module doc)")
     args = p.parse_args()
+    if args.steps is None:
+        args.steps = 1 if args.quick else 64
+    if args.steps < 1:
+        p.error(f"--steps: expected >= 1, got {args.steps}")
     if args.quick:
         d, layers, inner, hidden, n_in = 64, 2, 128, 192, 400
     else:
@@ -302,6 +311,17 @@ def main() -> None:
 
     ref = None
     rows = []
+    def save(rows: list[dict]) -> None:
+        if not (args.out or os.environ.get("OUT")):
+            return
+        path = Path(args.out or os.environ["OUT"]) / (
+            "gemv_gpu_bare.json" if args.bare else "gemv_gpu.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"device": jax.devices()[0].device_kind,
+                                    "jax": jax.__version__, "bandwidth": bandwidth,
+                                    "bare": args.bare, "steps": args.steps,
+                                    "rows": rows}, indent=1))
+
     known = bare_variants() if args.bare else variants(False)
     chosen = known if args.bare else variants(args.quick)
     if args.variants:
@@ -355,14 +375,9 @@ def main() -> None:
         print(f"{name:24s} {ms:8.3f} ms/step  err {err:.1e}"
               + ("" if floor is None else f"  {ms / floor:5.1f}x floor ({floor:.3f} ms)"),
               flush=True)
-    if args.out or os.environ.get("OUT"):
-        path = Path(args.out or os.environ["OUT"]) / "gemv_gpu.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path = path.with_name("gemv_gpu_bare.json") if args.bare else path
-        path.write_text(json.dumps({"device": jax.devices()[0].device_kind,
-                                    "jax": jax.__version__, "bandwidth": bandwidth,
-                                    "bare": args.bare,
-                                    "rows": rows}, indent=1))
+        save(rows)  # after every variant: a run cut short by its timeout keeps the rows
+
+
 
 
 if __name__ == "__main__":

@@ -385,7 +385,8 @@ def decode_params(model: LMModel, params: Any) -> DecodeParams:
     ``params`` (cached with them: the same ``params`` object gives the same result). It is
     a second copy of the fused projections' weights (q, k, v, gates and output gate of
     the DeltaNet-family blocks, gate and up of the MLPs), of every projection's in the
-    ``pallas`` mode of ``LINEARNEXUS_DECODE_GEMV`` on a GPU, while the model lives."""
+    ``pallas`` and ``table`` modes of ``LINEARNEXUS_DECODE_GEMV`` on a GPU, while the model
+    lives."""
     cached = _DECODE_PARAMS.get(model)
     if cached is not None and cached[0] is params:
         return cached[1]

@@ -749,6 +749,8 @@ def test_few_row_matmul_rejects_bad_input():
         (jnp.zeros((8, 128), jnp.bfloat16), wt, mg.GemvTiles(8, 96, 2), "tiles.bk"),
         (jnp.zeros((8, 128), jnp.bfloat16), wt, mg.GemvTiles(8, 64, 0), "tiles.stages"),
         (jnp.zeros((8, 100), jnp.bfloat16), jnp.zeros((64, 100), jnp.bfloat16), None, "wt:"),
+        (jnp.zeros((8, 128), jnp.bfloat16), jnp.zeros((64, 128, 1), jnp.bfloat16), None, "wt:"),
+        (jnp.zeros((8, 128), jnp.bfloat16), wt, mg.GemvTiles(8, 64, 33), "tiles.stages"),
         # wider than K but not in whole 64-column tiles (TMA's tiling of x in HBM)
         (jnp.zeros((8, 200), jnp.bfloat16), wt, None, "x: expected a width"),
     ]

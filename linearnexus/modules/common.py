@@ -446,10 +446,11 @@ def _decode_groups(model: nnx.Module, *, singles: bool = False
 
 def decode_weights(model: nnx.Module) -> dict[str, tuple[Array, Array | None]]:
     """The decode weight table of ``model``, keyed by module path: the concatenated weights
-    of every one-token fused projection (see :func:`fused_dense`); where the batch-1 Pallas
-    matmuls run (``LINEARNEXUS_DECODE_GEMV=pallas`` on a GPU) those and every other
-    ``nnx.Linear``'s kernel stored transposed (``[sum F, D]``, names ending in
-    :data:`TRANSPOSED`), the layout those kernels read. Compute it once per set of
+    of every one-token fused projection (see :func:`fused_dense`); in the
+    ``LINEARNEXUS_DECODE_GEMV`` modes ``pallas`` and ``table`` on a GPU those and every
+    other ``nnx.Linear``'s kernel stored transposed (``[sum F, D]``, names ending in
+    :data:`TRANSPOSED`), the layout the batch-1 Pallas matmuls read (and XLA's matmul in
+    ``table``). Compute it once per set of
     parameters (``linearnexus.generate.Decoder`` does) and pass it to
     :func:`using_decode_weights` inside the decode step, so a step that XLA cannot hoist
     it out of (the per-token host loop) does not rebuild it on every call. It is a second

@@ -53,7 +53,7 @@ SMEM_BUDGET = 100 * 1024
 #: weight bytes one program keeps in flight by default: at ~3 TB/s over 132 SMs and ~1 us
 #: from HBM, an SM must have ~23 KB requested to read at the full rate
 IN_FLIGHT = 32 * 1024
-#: the deepest ring :func:`default_tiles` picks
+#: the deepest ring (Mosaic GPU allocates at most 32 barriers in a group)
 MAX_STAGES = 32
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -83,7 +83,7 @@ class GemvTiles:
 
 def default_tiles(n: int, k: int, *, programs: int = 132) -> GemvTiles:
     """Tiles for ``W^T [n, k]``: the widest ``bn`` in (64, 32, 16, 8) dividing ``n`` that
-    still gives at least ``programs`` programs (else 8, or the widest that divides), the
+    still gives at least ``programs`` programs (else 8), the
     widest ``bk`` in (256, 128, 64) dividing ``k``, and enough stages for
     :data:`IN_FLIGHT` weight bytes per program (at least 2, at most :data:`MAX_STAGES` and
     the number of steps), fewer where :data:`SMEM_BUDGET` is short."""
@@ -101,13 +101,20 @@ def default_tiles(n: int, k: int, *, programs: int = 132) -> GemvTiles:
     return GemvTiles(bn, bk, stages)
 
 
-def _check(x: Array, wt: Array, tiles: GemvTiles) -> None:
+def _check_shapes(x: Array, wt: Array) -> None:
+    if wt.ndim != 2 or wt.shape[0] % 8 or wt.shape[1] % 64 or not wt.shape[1]:
+        raise ValueError(f"wt: expected [N, K] with N a multiple of 8 and K a positive "
+                         f"multiple of 64, got shape {tuple(wt.shape)}")
     n, k = wt.shape
     if x.ndim != 2 or x.shape[0] != ROWS or x.shape[1] < k:
         raise ValueError(f"x: expected [{ROWS}, >= {k}] (batch slots, at least wt's K "
                          f"columns), got shape {x.shape}")
-    if x.shape[1] % 64 and x.shape[1] > 64:  # TMA's 64-column tiles of x in HBM
+    if x.shape[1] % 64:  # TMA reads x in 64-column tiles of the whole array
         raise ValueError(f"x: expected a width that is a multiple of 64, got {x.shape[1]}")
+
+
+def _check(x: Array, wt: Array, tiles: GemvTiles) -> None:
+    n, k = wt.shape
     if jnp.dtype(x.dtype) not in _DTYPES or x.dtype != wt.dtype:
         raise ValueError(f"x, wt: expected the same 16-bit dtype (bfloat16 or float16), got "
                          f"{x.dtype} and {wt.dtype}")
@@ -116,8 +123,8 @@ def _check(x: Array, wt: Array, tiles: GemvTiles) -> None:
                          f"got {tiles.bn}")
     if tiles.bk % 64 or k % tiles.bk:
         raise ValueError(f"tiles.bk: expected a multiple of 64 dividing K={k}, got {tiles.bk}")
-    if tiles.stages < 1:
-        raise ValueError(f"tiles.stages: expected >= 1, got {tiles.stages}")
+    if not 1 <= tiles.stages <= MAX_STAGES:  # (Mosaic GPU: at most 32 barriers a group)
+        raise ValueError(f"tiles.stages: expected 1 to {MAX_STAGES}, got {tiles.stages}")
 
 
 def _kernel(x_gmem: Any, w_gmem: Any, o_gmem: Any, a_smem: Any, w_smem: Any, o_smem: Any,
@@ -186,10 +193,11 @@ def few_row_matmul(x: Array, wt: Array, *, tiles: GemvTiles | None = None,
         wt: ``[N, K]`` weight, transposed (same dtype); N a multiple of 8, K of 64.
         tiles: the kernel's tiles (:func:`default_tiles` when None).
         pdl: launch with programmatic dependent launch (module doc): the weight copies of
-            the first ``stages`` steps start before the previous kernel finishes, so ``wt``
-            must not be an output of the kernel just before this one (weights of a decode
-            loop never are); ``x`` is read, and the output written, only after that kernel
-            has finished.
+            the first ``stages`` steps start before the previous kernel finishes, and a
+            chain of such kernels can run ahead by more than one, so ``wt`` must not be
+            written by any earlier kernel that may still be running (weights of a decode
+            loop never are); ``x`` is read, and the output written, only after the kernel
+            just before has finished.
 
     Returns:
         ``[ROWS, N]`` in ``x``'s dtype (float32 accumulation).
@@ -199,6 +207,7 @@ def few_row_matmul(x: Array, wt: Array, *, tiles: GemvTiles | None = None,
     """
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
+    _check_shapes(x, wt)
     n, k = wt.shape
     tiles = default_tiles(n, k) if tiles is None else tiles
     _check(x, wt, tiles)
