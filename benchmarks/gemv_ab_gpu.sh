@@ -11,6 +11,9 @@
 # ~400 s and at most 520, each extra mode up to 150 s more, the tests up to 200 s):
 #   bash benchmarks/gemv_ab_gpu.sh                      # PARTS="decode gemv"
 #   PARTS="tests decode" MODES="pad xla" bash benchmarks/gemv_ab_gpu.sh   # a second call
+# and, for the Triton kernel's tiles against XLA's row reduction in the bare chain:
+#   python3 benchmarks/gemv_gpu.py --bare --variants xla lib lib_bn8_bk1024_w8 \
+#     lib_bn4_bk1024_w4 lib_bn16_bk512_w8
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gemv_ab}

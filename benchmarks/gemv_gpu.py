@@ -39,7 +39,9 @@ beyond its bytes:
   weight copies start before the previous kernel ends; ``mgpu_bk64*``: 64-wide K steps,
   up to 8 in flight; ``mgpu_wave*``: one wave of at most 132 programs of <= 64 KB of shared
   memory, so that at least two of the next kernel's programs fit beside each one (the
-  default tiles' programs take up to 100 KB).
+  default tiles' programs take up to 100 KB);
+* ``lib_bn*_bk*_w*``: the Triton kernel at other tiles (``bn`` rows a program, ``bk``
+  columns a step, ``w`` warps), among them one warp per row as XLA's row reduction runs.
 
 CPU smoke test: ``python benchmarks/gemv_gpu.py --quick [--bare]`` (Pallas interpret mode,
 the Mosaic kernels through JAX 0.11's Mosaic GPU interpreter; checks every variant against
@@ -204,7 +206,12 @@ def bare_variants() -> dict[str, tuple[callable, bool]]:
             "lib": (sliced(lambda x, wt: gemv.one_row_fused(x, wt, transposed=True)), False),
             "mgpu": (mgpu(False), True), "mgpu_pdl": (mgpu(True), True),
             "mgpu_bk64": (mgpu(False, 64), True), "mgpu_bk64_pdl": (mgpu(True, 64), True),
-            "mgpu_wave": (one_wave(False), True), "mgpu_wave_pdl": (one_wave(True), True)}
+            "mgpu_wave": (one_wave(False), True), "mgpu_wave_pdl": (one_wave(True), True),
+            # the Triton kernel at other tiles (rows per program, columns per step, warps):
+            # one warp per row, as XLA's row reduction runs it, and two wider tilings
+            **{f"lib_bn{bn}_bk{bk}_w{w}": (sliced(functools.partial(
+                rows_t, bn=bn, bk=bk, warps=w)), False)
+               for bn, bk, w in ((8, 1024, 8), (4, 1024, 4), (16, 512, 8))}}
 
 
 def bare_chain(mm):
