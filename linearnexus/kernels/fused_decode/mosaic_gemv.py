@@ -23,7 +23,11 @@ activation rows instead of ``64 stages``, which leaves shared memory for a deep 
 ring: the bytes in flight that a program needs to read at the HBM rate. A wgmma may read
 those other rows while a copy writes them; only rows its output discards. An activation
 wider than K is read in its first K columns, so a kernel can consume a slice of the
-previous kernel's output (a fused projection's first part) with no XLA op between.
+previous kernel's output (a fused projection's first part) with no XLA op between. Each
+step's wgmma is left in flight while the next step's starts (``wgmma_wait(1)``); the slot
+of the step before then takes its next copies. (JAX's Mosaic GPU interpreter, which the
+tests run, does not model wgmma's asynchrony: that ordering is argued in the code, and
+timed only on a GPU.)
 
 Status: an experimental kernel for measuring whether PDL closes the per-kernel gap; the
 models' decode path does not call it (``docs/generation.md``, "One-row matmuls").
@@ -159,25 +163,35 @@ def _kernel(x_gmem: Any, w_gmem: Any, o_gmem: Any, a_smem: Any, w_smem: Any, o_s
     for s in range(first):
         x_copy(s, s)
 
-    def step(i: Any, acc: Array) -> Array:
-        slot = jax.lax.rem(i, stages)
-        plgpu.barrier_wait(w_bar.at[slot])
-        plgpu.barrier_wait(x_bar.at[slot])
-        # [64, bk] @ [bk, bn] -> [64, bn]; reading the value waits for the wgmma, so the slot
-        # is free for the copies below
-        rows = pl.ds(first_row(slot), WGMMA_M)  # this slot's 64-row operand
-        acc = mosaic_chunk.wgmma_onto(acc, lambda r: plgpu.wgmma(
-            r, a_smem.at[rows], mosaic_chunk._transposed(w_smem.at[slot])))
+    lag = 1 if stages > 1 else 0  # wgmma groups left in flight at the end of a step
 
-        @pl.when(i + stages < steps)
-        def _() -> None:
-            w_copy(i + stages, slot)
-            x_copy(i + stages, slot)
+    def walk(acc_ref: Any) -> Array:
+        def step(i: Any, carry: None) -> None:
+            slot = jax.lax.rem(i, stages)
+            plgpu.barrier_wait(w_bar.at[slot])
+            plgpu.barrier_wait(x_bar.at[slot])
+            # [64, bk] @ [bk, bn] -> [64, bn], left in flight: waiting for all but this one
+            # (lag 1) means the previous step's wgmma is done, so its slot takes the copies
+            # of step i - 1 + stages while this one runs; one slot has nothing to overlap
+            rows = pl.ds(first_row(slot), WGMMA_M)  # this slot's 64-row operand
+            plgpu.wgmma(acc_ref, a_smem.at[rows], mosaic_chunk._transposed(w_smem.at[slot]))
+            plgpu.wgmma_wait(lag)
+            ahead = i - lag + stages
 
-        return acc
+            @pl.when((i >= lag) & (ahead < steps))
+            def _() -> None:
+                free = jax.lax.rem(i - lag, stages)
+                w_copy(ahead, free)
+                x_copy(ahead, free)
 
-    acc = jax.lax.fori_loop(0, steps, step, plgpu.layout_cast(
-        jnp.zeros((WGMMA_M, bn), F32), plgpu.Layout.WGMMA))
+            return carry
+
+        jax.lax.fori_loop(0, steps, step, None)
+        plgpu.wgmma_wait(0)
+        return acc_ref[...]
+
+    # the accumulator starts at zero ([64, bn] float32, wgmma's register layout)
+    acc = pl.run_scoped(walk, plgpu.ACC((WGMMA_M, bn), F32))
     o_smem[...] = acc.astype(o_smem.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, ROWS)], o_gmem.at[:, pl.ds(j * bn, bn)])
