@@ -170,15 +170,19 @@ def bare_variants() -> dict[str, tuple[callable, bool]]:
     """The ``--bare`` chain's forms: name -> (matmul(x, w^T), whether x is ``[8, D]``)."""
     from linearnexus.kernels.fused_decode import mosaic_gemv as mg
 
+    def deepest(bn: int, k: int, bks: tuple[int, ...], most: int, budget: int):
+        """The tiles of ``bn`` columns with the most weight bytes in flight (then the widest
+        K step) among ``bks`` and up to ``most`` stages within ``budget`` bytes, or None."""
+        fits = [mg.GemvTiles(bn, bk, st) for bk in bks if k % bk == 0
+                for st in range(1, min(k // bk, most) + 1)
+                if mg.GemvTiles(bn, bk, st).smem_bytes() <= budget]
+        return max(fits, key=lambda t: (t.stages * t.bn * t.bk, t.bk), default=None)
+
     def mgpu(pdl: bool, bk: int | None = None):
         def mm(x, wt):
             tiles = mg.default_tiles(*wt.shape)
-            if bk is not None and wt.shape[1] % bk == 0:  # as deep a ring as fits, up to 8
-                stages = min(8, wt.shape[1] // bk)
-                while stages > 1 and mg.GemvTiles(tiles.bn, bk, stages).smem_bytes() > \
-                        mg.SMEM_BUDGET:
-                    stages -= 1
-                tiles = mg.GemvTiles(tiles.bn, bk, stages)
+            if bk is not None:  # as deep a ring of bk-wide steps as fits, up to 8
+                tiles = deepest(tiles.bn, wt.shape[1], (bk,), 8, mg.SMEM_BUDGET) or tiles
             return mg.few_row_matmul(x, wt, tiles=tiles, pdl=pdl)
         return mm
 
@@ -189,14 +193,9 @@ def bare_variants() -> dict[str, tuple[callable, bool]]:
         def mm(x, wt):
             n, k = wt.shape
             bn = next((b for b in range(8, 257, 8) if n % b == 0 and n // b <= 132), None)
-            tiles = mg.default_tiles(n, k)
-            if bn is not None:  # the most weight bytes in flight that fit 64 KB
-                fits = [mg.GemvTiles(bn, bk, st) for bk in (256, 128, 64) if k % bk == 0
-                        for st in range(1, min(k // bk, mg.MAX_STAGES) + 1)
-                        if mg.GemvTiles(bn, bk, st).smem_bytes() <= 64 * 1024]
-                if fits:
-                    tiles = max(fits, key=lambda t: (t.stages * t.bn * t.bk, t.bk))
-            return mg.few_row_matmul(x, wt, tiles=tiles, pdl=pdl)
+            tiles = None if bn is None else deepest(bn, k, (256, 128, 64), mg.MAX_STAGES,
+                                                    64 * 1024)
+            return mg.few_row_matmul(x, wt, tiles=tiles or mg.default_tiles(n, k), pdl=pdl)
         return mm
 
     def sliced(mm):
@@ -339,17 +338,14 @@ def main() -> None:
     for name, (mm, transposed) in chosen.items():
         if args.bare:  # transposed here: the activation is [8, D] (row 0 is the batch row)
             step = bare_chain(mm)
-            rows8 = transposed
-            h_in = jnp.pad(h0, ((0, 7), (0, 0))) if rows8 else h0  # [8, D] or [1, D]
+            h_in = jnp.pad(h0, ((0, 7), (0, 0))) if transposed else h0  # [8, D] or [1, D]
             one = jax.jit(lambda h, ws, step=step: step(h, ws)[:1])
-            run = jax.jit(lambda h, ws, step=step: jax.lax.fori_loop(
-                0, args.steps, lambda i, h: step(h, ws), h))
         else:
             step = chain(mm, transposed, d, inner, hidden)
             h_in = h0
             one = jax.jit(step)
-            run = jax.jit(lambda h, ws, step=step: jax.lax.fori_loop(
-                0, args.steps, lambda i, h: step(h, ws), h))
+        run = jax.jit(lambda h, ws, step=step: jax.lax.fori_loop(
+            0, args.steps, lambda i, h: step(h, ws), h))
         interp = contextlib.nullcontext
         if args.bare and transposed and jax.default_backend() == "cpu":
             from linearnexus.kernels.common import mosaic_chunk
