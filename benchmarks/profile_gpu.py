@@ -1,7 +1,7 @@
 """Per-kernel device time of one op's ``pallas`` backend, from the JAX profiler.
 
     python3 benchmarks/profile_gpu.py OP [--shape B,T,H,D] [--mode fwd|fwd+bwd] [--calls 3]
-        [--json FILE]
+        [--json FILE] [--once]
 
 OP is one of ``simple_gla gla delta_rule gated_delta_rule selective_scan``; the shape is
 ``B,T,H,D`` (``B,T,d_inner,d_state`` for the selective scan), default the issue's
@@ -110,8 +110,12 @@ def main() -> None:
     parser.add_argument("--mode", choices=("fwd", "fwd+bwd"), default="fwd+bwd")
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--backend", default="pallas", choices=("pallas", "mosaic"),
-                        help="the linear-attention op's backend (mosaic: simple_gla, bf16)")
+                        help="the linear-attention op's backend")
     parser.add_argument("--json", default=None, help="also write the times to this file")
+    parser.add_argument("--once", action="store_true",
+                        help="run the call once, untraced, and exit: the program for an outside "
+                             "profiler (Nsight Compute: benchmarks/ncu_gpu.sh), which sees only "
+                             "that call's kernels")
     args = parser.parse_args()
     if args.calls < 1:
         parser.error(f"--calls: expected >= 1, got {args.calls}")
@@ -125,6 +129,10 @@ def main() -> None:
         if len(shape) != 4 or min(shape) < 1:
             parser.error(f"--shape: expected four positive integers B,T,H,D, got {args.shape!r}")
     fn, arg = build(args.op, shape, args.mode, args.backend)
+    if args.once:
+        jax.block_until_ready(fn(arg))
+        print(f"{args.op} {args.mode} {shape} ({args.backend}) ran once, untraced")
+        return
     times = kernel_times(fn, arg, args.calls)
     if not times:
         print(f"no GPU kernels in the trace (devices: {jax.devices()}): run this on a GPU")

@@ -87,3 +87,69 @@ def test_scan_bound_balances_the_two_pipes():
     # where issue is the scarce resource the FMA-pipe exp2 never pays
     slow_issue = module.forward_bound(shape, r_mufu, r_mufu / 100)
     assert slow_issue["best_offload"] == 0.0 and slow_issue["best_s"] == slow_issue["all_mufu_s"]
+
+
+_NCU_SAMPLE = """==PROF== Connected to process 123 (/usr/bin/python3.12)
+==PROF== Profiling "simple_gla_fwd": 0%....50%....100% - 9 passes
+  simple_gla_fwd (16, 8, 2)x(128, 1, 1), Context 1, Stream 13, Device 0, CC 9.0
+    Section: GPU Speed Of Light Throughput
+    ----------------------- ----------- ------------
+    Metric Name             Metric Unit Metric Value
+    ----------------------- ----------- ------------
+    DRAM Frequency                  Ghz         2.62
+    Memory Throughput                 %        41.20
+    DRAM Throughput                   %        38.50
+    Duration                         us       241.06
+    Compute (SM) Throughput           %        22.10
+    ----------------------- ----------- ------------
+
+    OPT   This kernel grid is too small to fill the available resources on this device.
+    Section: Memory Workload Analysis
+    Memory Throughput         Tbyte/s         1.64
+    Section: Occupancy
+    Achieved Occupancy              %         6.25
+  void input_reduce_fusion<float>(int) (132, 1, 1)x(256, 1, 1), Context 1, Stream 13, Device 0, CC 9.0
+    Section: GPU Speed Of Light Throughput
+    DRAM Throughput                   %        80.00
+    Duration                         ms         1.50
+    Memory Throughput         Gbyte/s       900.00
+    Registers Per Thread  register/thread           40
+"""
+
+
+def test_ncu_summary_parses_a_report():
+    # benchmarks/ncu_summary.py: kernels by their header lines (a templated name with spaces
+    # too), each metric in its unit (Memory Throughput both as Speed Of Light's % and as a
+    # rate), durations in microseconds, shares of the summed duration; text rows skipped
+    spec = importlib.util.spec_from_file_location("ncu_summary", ROOT / "benchmarks" / "ncu_summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    kernels = module.parse(_NCU_SAMPLE)
+    assert [k["name"] for k in kernels] == ["simple_gla_fwd", "void input_reduce_fusion<float>(int)"]
+    assert kernels[0]["grid"] == (16, 8, 2) and kernels[0]["block"] == (128, 1, 1)
+    first, second = kernels
+    assert module._value(first, "Duration") == pytest.approx(241.06)
+    assert module._value(second, "Duration") == pytest.approx(1500.0)
+    assert module._value(first, "Memory Throughput") == pytest.approx(1640.0)  # the rate
+    assert first["metrics"]["Memory Throughput"] == ("%", 41.2)  # the first seen
+    assert module._value(second, "Memory Throughput") == pytest.approx(900.0)
+    assert module._value(second, "Registers Per Thread") == 40
+    assert module._value(first, "Registers Per Thread") is None
+    rows = module.table(kernels).splitlines()
+    assert len(rows) == 4 and rows[2].startswith("| simple_gla_fwd | 16x8x2 | 241.1 | 38.5 |")
+    assert rows[2].endswith("| 14% |") and rows[3].endswith("| 86% |")
+
+
+def test_profile_script_once_runs_untraced(capsys):
+    # profile_gpu.py --once: the program Nsight Compute wraps (benchmarks/ncu_gpu.sh) runs the
+    # call once and writes no trace
+    spec = importlib.util.spec_from_file_location("profile_gpu", ROOT / "benchmarks" / "profile_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.argv, argv = ["profile_gpu.py", "simple_gla", "--shape", "1,32,2,16", "--mode", "fwd",
+                      "--once"], sys.argv
+    try:
+        module.main()
+    finally:
+        sys.argv = argv
+    assert "ran once, untraced" in capsys.readouterr().out
