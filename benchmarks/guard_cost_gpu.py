@@ -52,7 +52,10 @@ def time_call(fn, *args, repeats: int = 20) -> float:
     return statistics.median(times) * 1e3
 
 
-def op_rows(shape: tuple[int, int, int, int]) -> list[dict]:
+OPS = ("simple_gla", "gated_delta_rule", "gla")
+
+
+def op_rows(shape: tuple[int, int, int, int], names: tuple[str, ...] = OPS) -> list[dict]:
     from linearnexus.kernels.gated_delta_rule import gated_delta_rule
     from linearnexus.kernels.gla import gla
     from linearnexus.kernels.simple_gla import simple_gla
@@ -74,6 +77,8 @@ def op_rows(shape: tuple[int, int, int, int]) -> list[dict]:
     }
     rows = []
     for name, op in ops.items():
+        if name not in names:
+            continue
         fwd = jax.jit(op)
         grad = jax.jit(jax.grad(lambda *a, op=op: op(*a).astype(jnp.float32).sum(),
                                 argnums=(0, 1, 2)))
@@ -108,6 +113,8 @@ def main() -> None:
                    help="JSON file, written after the ops and again after the decode rows")
     p.add_argument("--skip-decode", action="store_true",
                    help="the ops only (decode calls skip the settle step either way)")
+    p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS),
+                   help="the ops to time (default: all three)")
     args = p.parse_args()
     if args.no_guard:
         from linearnexus.kernels.common import backends
@@ -122,7 +129,7 @@ def main() -> None:
         if args.out:
             args.out.write_text(json.dumps(result, indent=1))
 
-    result["ops"] = op_rows((8, 4096, 16, 128))
+    result["ops"] = op_rows((8, 4096, 16, 128), tuple(args.ops))
     save()
     if not args.skip_decode:
         result["decode"] = decode_rows([1, 64])

@@ -19,8 +19,8 @@
 #      where they fill the SMs, the storing walk at one stage), mosaic and pallas at
 #      (8, 4096, 16, 128) and (2, 16384, 16, 128), if PARTS has "gla-time";
 #   5c. the api's guard: no guard, the cond, the one-step loop (LINEARNEXUS_GUARD_SETTLE=loop),
-#      one process each (guard_cost_gpu.py --skip-decode: simple_gla, gated_delta_rule, gla),
-#      if PARTS has "guard" (~3 x 100 s: with gla-time, ~500 s in all);
+#      one process each (guard_cost_gpu.py --skip-decode: simple_gla, gated_delta_rule, gla,
+#      or the ops in GUARD_OPS), if PARTS has "guard" (~3 x 100 s: with gla-time, ~500 s);
 #   6. the one-row decode kernels' tests compiled on the GPU, failures with their tracebacks
 #      (10 failed on an H100 on 2026-12-05: the tests' dispatch, fixed by tests/conftest.py's
 #      cpu_dispatch; docs/benchmarks.md), if PARTS has "gemv-tests".
@@ -77,11 +77,12 @@ case " $PARTS " in *" gla-time "*)
 esac
 case " $PARTS " in *" guard "*)
   echo "== the api's guard: none, cond, loop"
-  for form in none cond loop; do
+  for form in cond loop none; do  # the two settle forms first: their difference is the question
     if [ $form = none ]; then flag=--no-guard; else flag=; fi
     LINEARNEXUS_GUARD_SETTLE=$([ $form = loop ] && echo loop || echo cond) \
       timeout ${GUARD_S:-100} python3 benchmarks/guard_cost_gpu.py $flag --skip-decode \
-      --out "$OUT/guard_$form.json" 2>&1 | quiet | tee "$OUT/guard_$form.log" | tail -4
+      --ops ${GUARD_OPS:-simple_gla gated_delta_rule gla} --out "$OUT/guard_$form.json" 2>&1 \
+      | quiet | tee "$OUT/guard_$form.log" | tail -4
   done;;
 esac
 case " $PARTS " in *" gemv-tests "*)

@@ -16,6 +16,12 @@ NCU=${NCU:-/usr/local/cuda/bin/ncu}
 SPECS=${SPECS:-simple_gla:fwd gated_delta_rule:fwd gated_delta_rule:fwd+bwd}
 BACKEND=${BACKEND:-mosaic}
 SHAPE=${SHAPE:-8,4096,16,128}
+# every kernel but XLA's own (fusions, copies, cuBLAS, the autotuner's redzone checks and
+# delays), which otherwise fill -c with the inputs' generation and the GEMM autotuning; ncu
+# names kernels without their namespaces and its regexes take lookaheads
+FILTER=${FILTER:-'regex:^(?!(input_|loop_|wrapped_|fusion|copy|transpose|nvjet|sm90_|cutlass|void|Redzone|Delay|RepeatBuffer|xla_|unnamed))'}
+# no GEMM autotuning (its hundreds of launches; the kernels profiled here are not autotuned)
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0"
 mkdir -p "$OUT"
 for spec in $SPECS; do
   op=${spec%%:*}
@@ -26,7 +32,7 @@ for spec in $SPECS; do
   timeout -k 10 "${NCU_S:-150}" "$NCU" --clock-control none --section SpeedOfLight \
     --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section Occupancy \
     --section LaunchStats --section WarpStateStats --section SchedulerStats \
-    -c "${NCU_COUNT:-40}" python3 benchmarks/profile_gpu.py "$op" --mode "$mode" \
+    -k "$FILTER" -c "${NCU_COUNT:-40}" python3 benchmarks/profile_gpu.py "$op" --mode "$mode" \
     --backend "$BACKEND" --shape "$SHAPE" --once > "$OUT/ncu_$tag.txt" 2>&1
   echo "   exit $?, $(grep -c '^  [^ ].*(.*)x(.*)' "$OUT/ncu_$tag.txt") kernels profiled"
 done

@@ -68,6 +68,8 @@ def _specs(B, T, H, K, V, h0):
     ((1, 130, 2, 64, 64), True, MosaicConfig(stages=1, bwd_stages=1, dqk_stages=1)),
     # chunks of 128 with few programs: the heuristic's stages fit shared memory (no error)
     ((1, 1100, 2, 128, 128), True, MosaicConfig(chunk=128)),
+    # value blocks of 32 (every wgmma operand at a 64-byte swizzle), the Mosaic backward
+    ((2, 1000, 2, 128, 128), True, MosaicConfig(block_v=32)),
 ])
 def test_simple_gla_mosaic_lowers_forward_and_backward(shape, h0, config, monkeypatch):
     """Forward (the Mosaic GPU kernel) and its gradient lower for CUDA: with the Mosaic
@@ -359,6 +361,7 @@ def _delta_inputs(seed: int, B: int, T: int, H: int, K: int, V: int, N: int):
                     reason=REASON or gpu_interpret_reason() or "")
 @pytest.mark.parametrize("op", ["gated_delta_rule", "gated_delta_rule/mosaic-bwd",
                                 "simple_gla", "simple_gla/packed", "simple_gla/packed-no-h0",
+                                "simple_gla/block_v32",
                                 "gated_delta_rule/packed", "gated_delta_rule/packed-triton-bwd"])
 def test_mosaic_matches_reference_in_the_interpreter(op, monkeypatch):
     """The Mosaic GPU kernels run on the CPU by JAX's Mosaic GPU interpreter (JAX 0.11),
@@ -369,7 +372,9 @@ def test_mosaic_matches_reference_in_the_interpreter(op, monkeypatch):
     padded), an initial state; thresholds as on the GPU (outputs and states 5e-3,
     gradients 1e-2). ``/packed``: four packed sequences of 70, 0, 30 and 64 tokens (one
     empty, one closing mid-chunk, one a whole chunk), each with its initial state (none with
-    ``-no-h0``), through the Mosaic backward (the Triton one with ``-triton-bwd``)."""
+    ``-no-h0``), through the Mosaic backward (the Triton one with ``-triton-bwd``).
+    ``/block_v32``: simple_gla's walks at value blocks of 32 (two per head here), every
+    operand tile at a 64-byte swizzle."""
     packed = "/packed" in op
     with_h0 = not op.endswith("-no-h0")
     monkeypatch.delenv(PACKED_ENV, raising=False)
@@ -383,10 +388,12 @@ def test_mosaic_matches_reference_in_the_interpreter(op, monkeypatch):
     if op.startswith("simple_gla"):
         args, names = (q, k, v, g, s0), ("dq", "dk", "dv", "dg", "dh0")
 
+        config = MosaicConfig(block_v=32) if op.endswith("block_v32") else None
+
         def mosaic(q, k, v, g, s0):
             return linear_attention_mosaic(q, k, v, g, scale=K ** -0.5,
                                            initial_state=s0 if with_h0 else None,
-                                           cu_seqlens=cu, check_device=False)
+                                           cu_seqlens=cu, config=config, check_device=False)
 
         def reference(q, k, v, g, s0):
             return simple_gla_reference(q, k, v, g, scale=K ** -0.5,

@@ -124,8 +124,10 @@ class MosaicConfig:
 
     Attributes:
         chunk: tokens per chunk L (64 or 128): the M and K size of the intra-chunk wgmmas.
-        block_v: value columns per program (64 or 128); the state block is ``[K, block_v]``
-            float32 in registers (64 registers a thread at K = 128, block_v = 64).
+        block_v: value columns per program (32, 64 or 128; 32 for simple_gla only: twice the
+            programs of 64 where B * H * V / 64 leaves SMs idle, every wgmma operand tile then
+            at a 64-byte swizzle); the state block is ``[K, block_v]`` float32 in registers
+            (64 registers a thread at K = 128, block_v = 64).
         stages: TMA pipeline depth (chunks in flight, >= 1) of the forward.
         backward: ``"mosaic"`` (the Mosaic GPU backward kernels, ``mosaic_bwd.py``) or
             ``"pallas"`` (the Triton backward kernels after a Triton ``fwd_h`` recompute).
@@ -161,8 +163,8 @@ class MosaicConfig:
     def __post_init__(self) -> None:
         if self.chunk is not None and self.chunk not in (64, 128):
             raise ValueError(f"chunk: expected 64, 128 or None, got {self.chunk!r}")
-        if self.block_v is not None and self.block_v not in (64, 128):
-            raise ValueError(f"block_v: expected 64, 128 or None, got {self.block_v!r}")
+        if self.block_v is not None and self.block_v not in (32, 64, 128):
+            raise ValueError(f"block_v: expected 32, 64, 128 or None, got {self.block_v!r}")
         for name in ("stages", "bwd_stages", "dqk_stages"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -305,14 +307,23 @@ class MosaicStatic:
     fused_grad: bool = False
 
 
-def _swizzled(cols: int, dtype: Any) -> tuple[Any, ...]:
+def _swizzled(cols: int, dtype: Any, cap: int = 128) -> tuple[Any, ...]:
     """SMEM transforms for a ``[rows, cols]`` tile that a wgmma reads: 8-row tiles of one
-    swizzle span, swizzled (the bank-conflict-free layout the tensor cores expect)."""
+    swizzle span (the widest that the row's bytes allow, at most ``cap`` bytes), swizzled
+    (the bank-conflict-free layout the tensor cores expect)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    swizzle = plgpu.find_swizzle(cols * jnp.dtype(dtype).itemsize * 8)
+    swizzle = min(plgpu.find_swizzle(cols * jnp.dtype(dtype).itemsize * 8), cap)
     return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
             plgpu.SwizzleTransform(swizzle))
+
+
+def operand_swizzle(block_v: int, dtype: Any) -> int:
+    """The swizzle (bytes) of every wgmma operand tile of the forward walk at value block
+    ``block_v``: a wgmma takes its two SMEM operands at one swizzle, and a ``[rows,
+    block_v]`` tile's rows hold ``block_v * itemsize`` bytes (64 at ``block_v = 32`` in
+    bf16, which caps q's and k's tiles to 64 too; 128 otherwise)."""
+    return min(128, block_v * jnp.dtype(dtype).itemsize)
 
 
 def _state_in(gmem: Any, bar: Any, shape: tuple[int, int]) -> Array:
@@ -387,10 +398,10 @@ def wgmma_onto(init: Array, issue: Any) -> Array:
     return init + pl.run_scoped(scoped, plgpu.ACC(init.shape, F32))
 
 
-def wgmma_regs(acc: Any, a: Array, b: Any) -> None:
+def wgmma_regs(acc: Any, a: Array, b: Any, cap: int = 128) -> None:
     """``acc += a @ b`` with ``a`` in registers (wgmma's A operand; FlashAttention-3's ``P``).
-    Under :func:`gpu_interpret` ``a`` goes through a scoped SMEM tile first: the interpreter
-    takes SMEM operands only."""
+    Under :func:`gpu_interpret` ``a`` goes through a scoped SMEM tile first (swizzled at most
+    ``cap`` bytes, ``b``'s swizzle): the interpreter takes SMEM operands only."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -403,7 +414,8 @@ def wgmma_regs(acc: Any, a: Array, b: Any) -> None:
         plgpu.commit_smem()
         plgpu.wgmma(acc, a_smem, b)
 
-    pl.run_scoped(scoped, plgpu.SMEM(a.shape, a.dtype, transforms=_swizzled(a.shape[1], a.dtype)))
+    pl.run_scoped(scoped, plgpu.SMEM(a.shape, a.dtype,
+                                     transforms=_swizzled(a.shape[1], a.dtype, cap)))
 
 
 def _forward_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> None:
@@ -441,6 +453,7 @@ def _forward_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> 
     rows_layout, cols_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)
     iv, h, r = jax.lax.axis_index("v"), jax.lax.axis_index("h"), jax.lax.axis_index("r")
     vs = pl.ds(iv * BV, BV)
+    cap = operand_swizzle(BV, dtype)
 
     state0 = initial_carry(c, h0_ref, bar, r, h, vs, (K, BV))
 
@@ -519,7 +532,7 @@ def _forward_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> 
         o_inter = qs * jax.lax.broadcast_in_dim(eb_row, (L, BV), [0])
 
         def inner(acc_o):
-            wgmma_regs(acc_o, a.astype(dtype), av_smem)  # registers [L, L] @ SMEM [L, BV]
+            wgmma_regs(acc_o, a.astype(dtype), av_smem, cap)  # registers [L, L] @ SMEM [L, BV]
 
         o = wgmma_onto(o_inter, inner)
         o_smem[...] = (o * c.scale).astype(dtype)
@@ -543,9 +556,9 @@ def _forward_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> 
         return state
 
     in_specs = [
-        plgpu.BlockSpec((L, K), lambda c: (c, 0), transforms=_swizzled(K, dtype)),  # q
-        plgpu.BlockSpec((L, K), lambda c: (c, 0), transforms=_swizzled(K, dtype)),  # k
-        plgpu.BlockSpec((L, BV), lambda c: (c, 0), transforms=_swizzled(BV, dtype)),  # v
+        plgpu.BlockSpec((L, K), lambda c: (c, 0), transforms=_swizzled(K, dtype, cap)),  # q
+        plgpu.BlockSpec((L, K), lambda c: (c, 0), transforms=_swizzled(K, dtype, cap)),  # k
+        plgpu.BlockSpec((L, BV), lambda c: (c, 0), transforms=_swizzled(BV, dtype, cap)),  # v
         plgpu.BlockSpec((L,), lambda c: (c,)),  # b
         plgpu.BlockSpec((L,), lambda c: (c,)),  # e^{b_L - b}
         plgpu.BlockSpec((K,), lambda c: (c,)),  # e^{b_L}, K copies per chunk
@@ -553,21 +566,23 @@ def _forward_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> 
     ins = [q_ref.at[r, :, h, :], k_ref.at[r, :, h, :], v_ref.at[r, :, h, vs], b_ref.at[r, h],
            d_ref.at[r, h], e_ref.at[r, h]]
     if fused:  # M^{-1} [L, L] and beta [L] per chunk
-        in_specs += [plgpu.BlockSpec((L, L), lambda c: (c, 0), transforms=_swizzled(L, dtype)),
+        in_specs += [plgpu.BlockSpec((L, L), lambda c: (c, 0),
+                                     transforms=_swizzled(L, dtype, cap)),
                      plgpu.BlockSpec((L,), lambda c: (c,))]
         ins += [wy_refs[0].at[r, :, h, :], wy_refs[1].at[r, h]]
     elif delta:  # w, [L, K] per chunk
-        in_specs.append(plgpu.BlockSpec((L, K), lambda c: (c, 0), transforms=_swizzled(K, dtype)))
+        in_specs.append(plgpu.BlockSpec((L, K), lambda c: (c, 0),
+                                        transforms=_swizzled(K, dtype, cap)))
         ins.append(wy_refs[0].at[r, :, h, :])
-    out_specs = [plgpu.BlockSpec((L, BV), lambda c: (c, 0), transforms=_swizzled(BV, dtype))]
+    out_specs = [plgpu.BlockSpec((L, BV), lambda c: (c, 0), transforms=_swizzled(BV, dtype, cap))]
     outs = [o_ref.at[r, :, h, vs]]
     if store_states:  # S_c of every chunk, [NC, K, BV] of h [R, NC, H, K, V]
         out_specs.append(plgpu.BlockSpec((None, K, BV), lambda c: (c, 0, 0),
-                                         transforms=_swizzled(BV, dtype)))
+                                         transforms=_swizzled(BV, dtype, cap)))
         outs.append(h_ref.at[r, :, h, :, vs])
     if store_states and delta:  # vn of every chunk, [TP, BV] of vn [R, TP, H, V]
         out_specs.append(plgpu.BlockSpec((L, BV), lambda c: (c, 0),
-                                         transforms=_swizzled(BV, dtype)))
+                                         transforms=_swizzled(BV, dtype, cap)))
         outs.append(vn_ref.at[r, :, h, vs])
     pipeline = plgpu.emit_pipeline(body, grid=(c.n_chunks,), in_specs=in_specs,
                                    out_specs=out_specs, max_concurrent_steps=st.stages,
@@ -703,7 +718,8 @@ def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
                                dtype=dtype, store_states=store_states)
     out_type = [jax.ShapeDtypeStruct((R, NC * L, H, V), dtype),
                 jax.ShapeDtypeStruct((c.n_seqs if c.packed else R, H, K, V), F32)]
-    scratch = [plgpu.SMEM((L, st.block_v), dtype, transforms=_swizzled(st.block_v, dtype)),
+    cap = operand_swizzle(st.block_v, dtype)
+    scratch = [plgpu.SMEM((L, st.block_v), dtype, transforms=_swizzled(st.block_v, dtype, cap)),
                plgpu.Barrier(num_barriers=1)]
     if c.packed:  # the sequences' initial / final state staging tile, before the barrier
         scratch.insert(-1, plgpu.SMEM((K, st.block_v), F32, transforms=_swizzled(st.block_v, F32)))
@@ -713,10 +729,10 @@ def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
             out_type.append(jax.ShapeDtypeStruct((R, NC * L, H, V), dtype))
     else:
         scratch.insert(0, plgpu.SMEM((K, st.block_v), dtype,
-                                     transforms=_swizzled(st.block_v, dtype)))
+                                     transforms=_swizzled(st.block_v, dtype, cap)))
         if c.delta:  # vn, the B operand of A vn (after the state tile, before the decayed one)
             scratch.insert(1, plgpu.SMEM((L, st.block_v), dtype,
-                                         transforms=_swizzled(st.block_v, dtype)))
+                                         transforms=_swizzled(st.block_v, dtype, cap)))
     f = plgpu.kernel(
         kernel,
         out_type=tuple(out_type),
