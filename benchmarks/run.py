@@ -232,7 +232,9 @@ def tune_candidates(op: str, backend: str) -> list[Any]:
     from linearnexus.kernels.common.pallas import TritonConfig
 
     if backend == "mosaic":  # stages and bwd_stages together; tune() separates them
-        return [MosaicConfig(block_v=b, stages=s, bwd_stages=s) for b in (64, 128)
+        # value blocks of 32: simple_gla's walk only (and the ops it serves)
+        blocks = (32, 64, 128) if op in ("simple_gla", "retention", "ssd") else (64, 128)
+        return [MosaicConfig(block_v=b, stages=s, bwd_stages=s) for b in blocks
                 for s in (1, 2, 3)]
     if op == "mamba":
         return [TritonConfig(block_v=b, num_warps=w) for b in (16, 32) for w in (1, 2)]
