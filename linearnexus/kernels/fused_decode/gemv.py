@@ -15,8 +15,9 @@ way, chosen by ``LINEARNEXUS_DECODE_GEMV`` (read at trace time):
   on an H100 read a chain of the GDN LM's projections alone at 1.4x the weight-read time
   against 1.8x for the ``"pallas"`` kernel (whose chain there had XLA slices between), but
   1.9x against 1.8x with the layer's norms and sums between them, which ``"pallas"`` folds
-  into its kernels (``docs/benchmarks.md``, "A Mosaic GPU few-row matmul"); untimed in the
-  models;
+  into its kernels (``docs/benchmarks.md``, "A Mosaic GPU few-row matmul"); in the models
+  it gained nothing (H100, batch 1: GDN 0.448 against 0.446 ms a step, Mamba2 0.303 against
+  0.262);
 * ``"pallas"``: a Pallas (Triton) kernel over the weight stored transposed, ``W^T [N, D]``:
   program ``j`` owns ``BN`` rows of it (output columns) and reads them in contiguous
   ``BK``-wide tiles, accumulating in float32. :func:`one_row_fused` folds a pre-norm
