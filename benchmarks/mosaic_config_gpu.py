@@ -65,16 +65,17 @@ def parse_config(text: str) -> MosaicConfig:
     return MosaicConfig(**kwargs)
 
 
-def time_config(op: str, shape: tuple[int, ...], config: MosaicConfig, sets: list, n_sets: int,
-                do: Any, fwd_only: bool) -> dict[str, Any]:
-    """``{"fwd": timing, "fwd_bwd": timing, "o": output}`` of ``op`` on mosaic at ``config``."""
+def time_config(op: str, shape: tuple[int, ...], config: Any, sets: list, n_sets: int,
+                do: Any, fwd_only: bool, backend: str = "mosaic") -> dict[str, Any]:
+    """``{"fwd": timing, "fwd_bwd": timing, "o": output}`` of ``op`` through the api on
+    ``backend`` with ``config`` set on that backend (None: its own resolution)."""
     api = importlib.import_module(f"linearnexus.kernels.{op}.api")
     fn = getattr(api, op)
-    kernel = api.BACKENDS["mosaic"]
+    kernel = api.BACKENDS[backend]
     before, kernel.config = kernel.config, config
     try:
         def fwd(*a):
-            return fn(*a, backend="mosaic", mode="chunk")[0]
+            return fn(*a, backend=backend, mode="chunk")[0]
 
         def loss(do, *a):
             return jnp.sum(fwd(*a).astype(jnp.float32) * do.astype(jnp.float32))

@@ -168,28 +168,11 @@ def check(op: str, T: int, D: int, with_h0: bool, seed: int, ref_cache: dict) ->
 
 def time_backend(op: str, shape: tuple[int, ...], backend: str, config: MosaicConfig | None,
                  sets: list, n_sets: int, do: Any, fwd_only: bool = False) -> dict[str, Any]:
-    api = ops()[op]
-    fn = getattr(api, op)
-    kernel = api.BACKENDS[backend]
-    before, kernel.config = kernel.config, config
-    try:
-        def fwd(*a):
-            return fn(*a, backend=backend, mode="chunk")[0]
+    """``op`` through the api on ``backend`` at ``config``: ``mosaic_config_gpu.time_config``."""
+    import mosaic_config_gpu
 
-        def loss(do, *a):
-            return jnp.sum(fwd(*a).astype(jnp.float32) * do.astype(jnp.float32))
-
-        f = jax.jit(fwd)
-        fb = jax.jit(jax.grad(loss, argnums=tuple(range(1, len(sets[0]) + 1))))
-        out = {"fwd": kg.host_time(lambda i: f(*sets[i % n_sets]), kg.jax_sync, repeats=5,
-                                   n_sets=n_sets)}
-        if not fwd_only:
-            out["fwd_bwd"] = kg.host_time(lambda i: fb(do, *sets[i % n_sets]), kg.jax_sync,
-                                          repeats=5, n_sets=n_sets)
-        out["o"] = f(*sets[0])
-        return out
-    finally:
-        kernel.config = before
+    return mosaic_config_gpu.time_config(op, shape, config, sets, n_sets, do, fwd_only,
+                                         backend=backend)
 
 
 def time_kernels(shape: tuple[int, ...], sets: list, n_sets: int) -> dict[str, float]:
