@@ -208,7 +208,8 @@ def check_delta_config(cfg: MosaicConfig, *, key_dim: int, value_dim: int,
     if cfg.block_v != 64 or value_dim % cfg.block_v:
         raise ValueError(f"config: block_v={cfg.block_v}: the delta rules' kernel takes 64 (at "
                          "128 the [K, 128] float32 state and three accumulators exceed a "
-                         f"warpgroup's registers); padded V={value_dim}")
+                         "warpgroup's registers; 32, simple_gla's narrow blocks, is not built "
+                         f"for the WY products); padded V={value_dim}")
     for name, stored in (("stages", False), ("bwd_stages", True)):
         stages = getattr(cfg, name)
         if stages is None:
