@@ -201,11 +201,18 @@ def test_gla_mosaic_dispatch_and_declines_what_it_does_not_cover(monkeypatch):
     assert gla_mosaic_mod.gradient_stages(MosaicConfig(block_v=128), key_dim=128,
                                           packed=True) == 1
     # the heuristic's choices (measured on an H100): value blocks of 128 where that still
-    # fills ~the SMs, else 64; the storing walk at one stage
+    # fills ~the SMs, else 64; the storing walk at one stage unless the grid leaves more
+    # than half the SMs free, then at two
     pick = functools.partial(gla_mosaic_mod.default_gla_config, key_dim=128, value_dim=128,
                              n_chunks=64)
     assert (pick(rows=8, heads=16).block_v, pick(rows=8, heads=16).stages) == (128, 2)
     assert pick(rows=2, heads=16).block_v == 64 and pick(rows=8, heads=16).bwd_stages == 1
+    assert pick(rows=2, heads=16).bwd_stages == 2  # 64 programs for 132 SMs
+    assert pick(rows=2, heads=16, packed=True).bwd_stages in (1, 2)
+    for rows, heads in ((1, 1), (2, 16), (4, 16), (8, 16), (1, 96)):
+        for packed in (False, True):
+            cfg = pick(rows=rows, heads=heads, packed=packed)
+            gla_mosaic_mod.check_gla_config(cfg, key_dim=128, value_dim=128, packed=packed)
     assert pick(rows=1, heads=16, value_dim=64).block_v == 64
     assert pick(rows=8, heads=16, key_dim=64).block_v == 64  # K = 64: not timed at 128
     assert pick(rows=8, heads=16, stages=3).block_v == 64  # three stages fit only at 64
