@@ -21,6 +21,11 @@
 #   5c. the api's guard: no guard, the cond, the one-step loop (LINEARNEXUS_GUARD_SETTLE=loop),
 #      one process each (guard_cost_gpu.py --skip-decode: simple_gla, gated_delta_rule, gla,
 #      or the ops in GUARD_OPS), if PARTS has "guard" (~3 x 100 s: with gla-time, ~500 s);
+#   5d. tile configs through the api (mosaic_config_gpu.py), if PARTS has "configs" (~300 s):
+#      simple_gla at value blocks of 32 against the heuristic at (2, 16384, 16, 128) and
+#      (8, 4096, 16, 128); gla's storing walk at two stages (the heuristic at 64 programs)
+#      against one at (2, 16384, 16, 128); gated_delta_rule's bwd_stages=1 against the
+#      heuristic at (8, 4096, 16, 128);
 #   6. the one-row decode kernels' tests compiled on the GPU, failures with their tracebacks
 #      (10 failed on an H100 on 2026-12-05: the tests' dispatch, fixed by tests/conftest.py's
 #      cpu_dispatch; docs/benchmarks.md), if PARTS has "gemv-tests".
@@ -84,6 +89,19 @@ case " $PARTS " in *" guard "*)
       --ops ${GUARD_OPS:-simple_gla gated_delta_rule gla} --out "$OUT/guard_$form.json" 2>&1 \
       | quiet | tee "$OUT/guard_$form.log" | tail -4
   done;;
+esac
+case " $PARTS " in *" configs "*)
+  echo "== tile configs through the api"
+  cfg() {  # op, shapes, budget seconds, configs...
+    local op=$1 shapes=$2 budget=$3
+    shift 3
+    timeout $(( budget + 60 )) python3 benchmarks/mosaic_config_gpu.py --op "$op" \
+      --shapes $shapes --configs "$@" --budget "$budget" --out "$OUT/configs_$op" 2>&1 \
+      | quiet | grep -E "^\{|rror" | cut -c1-300 | tee "$OUT/configs_$op.log"
+  }
+  cfg simple_gla "2,16384,16,128 8,4096,16,128" 90 "" block_v=32
+  cfg gla "2,16384,16,128" 40 "" bwd_stages=1
+  cfg gated_delta_rule "8,4096,16,128" 40 "" bwd_stages=1;;
 esac
 case " $PARTS " in *" gemv-tests "*)
   echo "== one-row decode kernel tests on the GPU: the ten that failed on 2026-12-05 first"
