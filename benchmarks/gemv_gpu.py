@@ -381,7 +381,5 @@ def main() -> None:
         save(rows)  # after every variant: a run cut short by its timeout keeps the rows
 
 
-
-
 if __name__ == "__main__":
     main()
