@@ -17,6 +17,7 @@ default, or a one-step ``lax.while_loop`` that passes the outputs through withou
     python3 benchmarks/guard_cost_gpu.py --no-guard
     python3 benchmarks/guard_cost_gpu.py
     LINEARNEXUS_GUARD_SETTLE=loop python3 benchmarks/guard_cost_gpu.py
+    LINEARNEXUS_GUARD_BACKWARD=cond python3 benchmarks/guard_cost_gpu.py   # no pass over do
 """
 
 from __future__ import annotations
@@ -120,9 +121,10 @@ def main() -> None:
         from linearnexus.kernels.common import backends
 
         backends.run_guarded = _unguarded
-    from linearnexus.kernels.common.validation import guard_settle_form
+    from linearnexus.kernels.common.validation import guard_backward_form, guard_settle_form
 
     result = {"guard": not args.no_guard, "settle": guard_settle_form(),
+              "backward": guard_backward_form(),
               "device": str(jax.devices()[0]), "jax": jax.__version__, "ops": [], "decode": []}
 
     def save() -> None:

@@ -18,14 +18,19 @@
 #   5b. GLA through the api with the heuristic set from that profile (value blocks of 128
 #      where they fill the SMs, the storing walk at one stage), mosaic and pallas at
 #      (8, 4096, 16, 128) and (2, 16384, 16, 128), if PARTS has "gla-time";
-#   5c. the api's guard: no guard, the cond, the one-step loop (LINEARNEXUS_GUARD_SETTLE=loop),
-#      one process each (guard_cost_gpu.py --skip-decode: simple_gla, gated_delta_rule, gla,
+#   5c. the api's guard in the forms GUARD_FORMS names (default "cond bcond none": as shipped,
+#      the backward's cond in place of its where over the cotangents
+#      (LINEARNEXUS_GUARD_BACKWARD=cond), the op called directly; "loop":
+#      LINEARNEXUS_GUARD_SETTLE=loop), one process each (guard_cost_gpu.py --skip-decode: simple_gla, gated_delta_rule, gla,
 #      or the ops in GUARD_OPS), if PARTS has "guard" (~3 x 100 s: with gla-time, ~500 s);
 #   5d. tile configs through the api (mosaic_config_gpu.py), if PARTS has "configs" (~300 s):
 #      simple_gla at value blocks of 32 against the heuristic at (2, 16384, 16, 128) and
 #      (8, 4096, 16, 128); gla's storing walk at two stages (the heuristic at 64 programs)
 #      against one at (2, 16384, 16, 128); gated_delta_rule's bwd_stages=1 against the
 #      heuristic at (8, 4096, 16, 128);
+#   5e. the fused gradient's WY kernels alone (wy_inverse, wy_fused_backward) at 2 / 4 / 8
+#      warps, with the rate of their bytes (wy_profile_gpu.py --fused-warps), if PARTS has
+#      "wy-warps" (~60 s);
 #   6. the one-row decode kernels' tests compiled on the GPU, failures with their tracebacks
 #      (10 failed on an H100 on 2026-12-05: the tests' dispatch, fixed by tests/conftest.py's
 #      cpu_dispatch; docs/benchmarks.md), if PARTS has "gemv-tests".
@@ -81,10 +86,12 @@ case " $PARTS " in *" gla-time "*)
     | grep -E "fwd|rror" | cut -c1-260 | tee "$OUT/gla_time.log";;
 esac
 case " $PARTS " in *" guard "*)
-  echo "== the api's guard: none, cond, loop"
-  for form in cond loop none; do  # the two settle forms first: their difference is the question
-    if [ $form = none ]; then flag=--no-guard; else flag=; fi
-    LINEARNEXUS_GUARD_SETTLE=$([ $form = loop ] && echo loop || echo cond) \
+  echo "== the api's guard: ${GUARD_FORMS:=cond bcond none}"
+  for form in $GUARD_FORMS; do  # cond: as shipped; loop: LINEARNEXUS_GUARD_SETTLE=loop;
+    # bcond: LINEARNEXUS_GUARD_BACKWARD=cond; none: the op called directly
+    flag=; settle=cond; backward=where
+    case $form in none) flag=--no-guard;; loop) settle=loop;; bcond) backward=cond;; esac
+    LINEARNEXUS_GUARD_SETTLE=$settle LINEARNEXUS_GUARD_BACKWARD=$backward \
       timeout ${GUARD_S:-100} python3 benchmarks/guard_cost_gpu.py $flag --skip-decode \
       --ops ${GUARD_OPS:-simple_gla gated_delta_rule gla} --out "$OUT/guard_$form.json" 2>&1 \
       | quiet | tee "$OUT/guard_$form.log" | tail -4
@@ -102,6 +109,12 @@ case " $PARTS " in *" configs "*)
   cfg simple_gla "2,16384,16,128 8,4096,16,128" 90 "" block_v=32
   cfg gla "2,16384,16,128" 40 "" bwd_stages=1
   cfg gated_delta_rule "8,4096,16,128" 40 "" bwd_stages=1;;
+esac
+case " $PARTS " in *" wy-warps "*)
+  echo "== the fused gradient's WY kernels by warps"
+  timeout ${WY_S:-120} python3 benchmarks/wy_profile_gpu.py --fused-warps 2 4 8 --variants \
+    --skip-op --skip-fla --shapes 8,4096,16,128 --out "$OUT" --budget $(( ${WY_S:-120} - 20 )) \
+    2>&1 | quiet | grep -E "fused|rror" | cut -c1-200 | tee "$OUT/wy_warps.log";;
 esac
 case " $PARTS " in *" gemv-tests "*)
   echo "== one-row decode kernel tests on the GPU: the ten that failed on 2026-12-05 first"

@@ -4,7 +4,7 @@ the forward: 0.59 of 1.05 ms at (8, 4096, 16, 128) on an H100 before ``low_wu``,
 
     python3 benchmarks/wy_profile_gpu.py [--out DIR] [--budget 300]
         [--shapes 8,4096,16,128 8,4096,16,64] [--skip-fla] [--skip-op]
-        [--variants NAME ...] [--op-variants NAME ...]
+        [--variants NAME ...] [--op-variants NAME ...] [--fused-warps N ...]
 
 Per shape (B, T, H, D), K = V = D, bf16 (``kernels_gpu.py``'s recipe, gated), in the chunk
 layout, ``kernels_gpu.host_time``:
@@ -19,6 +19,9 @@ layout, ``kernels_gpu.host_time``:
   forward + backward, per variant (``--op-variants``, default all), and each variant's
   check against the naive reference (``kernels_gpu.check_linear``, bf16 thresholds;
   T = 1000, D = 128, dense and packed, with an initial state);
+* with ``--fused-warps``, first: the fused gradient's two WY kernels alone
+  (``wy_inverse``, ``M^{-1}`` only, and ``wy_fused_backward``) at each warp count, with
+  the rate of the bytes each must move (``--variants`` with no names skips the rest);
 * FLA 0.6.0 in a child process: its preparation (``chunk_gated_delta_rule_fwd_intra``: the
   fused ``kkt + solve_tril`` kernel and ``recompute_w_u``) and the whole op, forward and
   forward + backward.
@@ -36,6 +39,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
@@ -149,6 +153,48 @@ def profile_shape(shape: tuple[int, int, int, int], variants: list[tuple], repea
         save()
 
 
+def fused_rows(shape: tuple[int, int, int, int], warps: list[int], repeats: int,
+               deadline: float, results: dict, save) -> None:
+    """The fused gradient's two WY kernels alone (``wy_inverse``: ``M^{-1}`` only, with ``A``
+    parked in its scratch and from k's row blocks (``direct_a``); ``wy_fused_backward``), at
+    each warp count: time and the rate of the bytes each must move (inputs read once,
+    outputs written once; the scratch not counted)."""
+    B, T, H, D = shape
+    chunk = 64
+    ins = kg.jax_inputs("gated_delta_rule", jax.random.PRNGKey(7), B, T, H, D, D, jnp.bfloat16)
+    k, v, beta, g = ins["k"], ins["v"], ins["beta"], ins["g"]
+    keys = jax.random.split(jax.random.PRNGKey(11), 4)
+    vn, dy, dks, dk_core = (jax.random.normal(key, k.shape, F32).astype(k.dtype) for key in keys)
+    row: dict[str, Any] = {}
+    results["fused"][str(shape)] = row
+    n = B * T * H
+    small = n * (2 + 4)  # beta (bf16) and the gate rows (float32)
+    inv_bytes = n * D * 2 + small + n * chunk * 2  # k in, M^{-1} out
+    bwd_bytes = 8 * n * D * 2 + small + 2 * n * 4  # k v vn dy dks dk0 in, dk dv out; dbeta db
+    for kind in ("inverse", "inverse direct_a", "fused_bwd"):
+        for w in warps:
+            label = f"{kind} w{w}"
+            if time.time() > deadline:
+                row[label] = "skipped: budget spent"
+                continue
+            st = dataclasses.replace(wy_static(B, T, H, D, chunk, True, w),
+                                     direct_a=kind.endswith("direct_a"))
+            if kind.startswith("inverse"):
+                fn = jax.jit(lambda k, b, g, st=st: pallas_wy.wy_inverse(st, k, b, g))
+                args, nbytes = (k, beta, g), inv_bytes
+            else:
+                fn = jax.jit(lambda *a, st=st: pallas_wy.wy_fused_backward(st, *a))
+                args, nbytes = (k, v, beta, g, vn, dy, dks, dk_core), bwd_bytes
+            try:
+                ms = kg.host_time(lambda i, fn=fn, args=args: fn(*args), kg.jax_sync,
+                                  repeats=repeats, n_sets=1)["ms"]
+                row[label] = {"ms": ms, "GB": nbytes / 1e9, "TB_s": nbytes / ms / 1e9}
+            except Exception as e:  # noqa: BLE001
+                row[label] = {"error": kg.short_error(e)}
+            kg.log(f"  fused {shape} {label:16s} {row[label]}")
+            save()
+
+
 @contextlib.contextmanager
 def preparation(low_wu: bool, warps: int | None, split_x: bool = False):
     """The api's delta-rule backends build their ``WyStatic`` with these settings (``warps``
@@ -255,6 +301,9 @@ def main() -> None:
                    help="the preparation's variants to time alone (names; default all)")
     p.add_argument("--op-variants", nargs="*", default=None,
                    help="the variants to time and check through the api (default: all)")
+    p.add_argument("--fused-warps", nargs="*", type=int, default=None,
+                   help="time the fused gradient's WY kernels alone (wy_inverse, "
+                        "wy_fused_backward) at these warp counts, first")
     p.add_argument("--quick", action="store_true", help="the CPU: a tiny shape, interpreted")
     p.add_argument("--fla-child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -271,7 +320,7 @@ def main() -> None:
                                        "devices": [d.device_kind for d in jax.devices()],
                                        "date_utc": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                  time.gmtime())},
-                               "wy": {}, "op": {}, "fla": {}}
+                               "wy": {}, "op": {}, "fla": {}, "fused": {}}
     if a.quick:
         shapes, check_shape, check_cu = [(1, 128, 2, 32)], (1, 100, 2, 32), (0, 30, 100)
     else:
@@ -280,6 +329,10 @@ def main() -> None:
     def save() -> None:
         (out_dir / "wy_profile.json").write_text(json.dumps(results, indent=1))
 
+    if a.fused_warps:
+        for shape in shapes:
+            kg.log(f"== the fused gradient's WY kernels {shape}")
+            fused_rows(shape, a.fused_warps, repeats, deadline, results, save)
     # FLA first, in a child, while nothing of ours holds GPU memory
     fla_budget = 0.3 * a.budget
     if not (a.skip_fla or a.quick):

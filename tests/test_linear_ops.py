@@ -616,11 +616,13 @@ def test_small_bfloat16_matches_float32_reference(op, impl, key):
 
 @pytest.mark.parametrize("op", ["simple_gla", "gated_delta_rule"])
 def test_guard_settle_forms_agree(op, key, monkeypatch):
-    """The guard's two last steps (``LINEARNEXUS_GUARD_SETTLE``: a cond, or a one-step while
-    loop that passes the outputs through without a copy) give the same outputs, states and
-    gradients on clean inputs, the same causal NaN after a NaN mid-chunk, and NaN for
-    invalid traced offsets; another value of the variable is refused, naming it."""
-    from linearnexus.kernels.common.validation import GUARD_SETTLE_ENV
+    """The guard's forms (``LINEARNEXUS_GUARD_SETTLE``: a cond, or a one-step while loop that
+    passes the outputs through without a copy; ``LINEARNEXUS_GUARD_BACKWARD``: a where over
+    the cotangents, or a cond between the backward and NaN gradients) give the same outputs,
+    states and gradients on clean inputs, the same causal NaN after a NaN mid-chunk, NaN
+    gradients after it, and NaN for invalid traced offsets; another value of either variable
+    is refused, naming it."""
+    from linearnexus.kernels.common.validation import GUARD_BACKWARD_ENV, GUARD_SETTLE_ENV
 
     fn, kwargs = SPECS[op].fn, IMPLEMENTATIONS["chunk"].kwargs
     arrays, h0 = _inputs(op, key, 1, 65, 2, 32, 24, with_state=True)
@@ -633,18 +635,30 @@ def test_guard_settle_forms_agree(op, key, monkeypatch):
         return jnp.sum(o ** 2) + jnp.sum(s), (o, s)
 
     results = {}
-    for form in ("cond", "loop"):
-        monkeypatch.setenv(GUARD_SETTLE_ENV, form)
+    forms = (("cond", "where"), ("loop", "where"), ("cond", "cond"))
+    for settle, backward in forms:
+        monkeypatch.setenv(GUARD_SETTLE_ENV, settle)
+        monkeypatch.setenv(GUARD_BACKWARD_ENV, backward)
         grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))  # traced with the form
         run = jax.jit(lambda a, h, cu: fn(*a, initial_state=h, output_final_state=True,
                                           cu_seqlens=cu, **kwargs))
-        results[form] = (grad(arrays, h0), run(bad, h0, None), run(arrays, h0_2, cu_bad))
-    for got, want in zip(jax.tree.leaves(results["loop"]), jax.tree.leaves(results["cond"]),
-                         strict=True):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    o_bad = np.asarray(results["loop"][1][0])
-    assert np.isnan(o_bad[0, BAD_T:]).any(axis=(1, 2)).all() and not np.isnan(o_bad[0, :BAD_T]).any()
-    assert np.isnan(np.asarray(results["loop"][2][0])).all()
+        results[settle, backward] = (grad(arrays, h0), run(bad, h0, None),
+                                     run(arrays, h0_2, cu_bad), grad(bad, h0)[0])
+    for form in forms[1:]:
+        for got, want in zip(jax.tree.leaves(results[form]), jax.tree.leaves(results[forms[0]]),
+                             strict=True):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=str(form))
+    for form in forms:
+        o_bad = np.asarray(results[form][1][0])
+        assert (np.isnan(o_bad[0, BAD_T:]).any(axis=(1, 2)).all()
+                and not np.isnan(o_bad[0, :BAD_T]).any()), form
+        assert np.isnan(np.asarray(results[form][2][0])).all(), form
+        for g in jax.tree.leaves(results[form][3]):  # every gradient after the NaN
+            assert np.isnan(np.asarray(g)).all(), form
     monkeypatch.setenv(GUARD_SETTLE_ENV, "select")
     with pytest.raises(ValueError, match=GUARD_SETTLE_ENV):
+        fn(*arrays, initial_state=h0, **kwargs)
+    monkeypatch.setenv(GUARD_SETTLE_ENV, "cond")
+    monkeypatch.setenv(GUARD_BACKWARD_ENV, "mask")
+    with pytest.raises(ValueError, match=GUARD_BACKWARD_ENV):
         fn(*arrays, initial_state=h0, **kwargs)

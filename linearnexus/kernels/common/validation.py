@@ -171,6 +171,25 @@ GUARD_SETTLE_ENV = "LINEARNEXUS_GUARD_SETTLE"
 GUARD_SETTLE_FORMS = ("cond", "loop")
 
 
+#: how :func:`run_guarded`'s backward makes the gradients NaN after bad inputs: "where" (the
+#: default) a ``where`` over the cotangents before the fast path's backward (a pass over
+#: ``do`` that XLA cannot fuse into a custom call, though in a model it fuses into the
+#: cotangent's producer), or "cond" a ``lax.cond`` between that backward and NaN-filled
+#: gradients (no pass over ``do``). Read when the op is traced.
+GUARD_BACKWARD_ENV = "LINEARNEXUS_GUARD_BACKWARD"
+GUARD_BACKWARD_FORMS = ("where", "cond")
+
+
+def guard_backward_form() -> str:
+    """The form :data:`GUARD_BACKWARD_ENV` names ("where" when unset); anything else is a
+    ``ValueError`` naming the variable."""
+    form = os.environ.get(GUARD_BACKWARD_ENV, "where")
+    if form not in GUARD_BACKWARD_FORMS:
+        raise ValueError(f"{GUARD_BACKWARD_ENV}: expected one of {GUARD_BACKWARD_FORMS}, "
+                         f"got {form!r}")
+    return form
+
+
 def guard_settle_form() -> str:
     """The form :data:`GUARD_SETTLE_ENV` names ("cond" when unset); anything else is a
     ``ValueError`` naming the variable."""
@@ -303,6 +322,7 @@ def run_guarded(run: Callable[..., tuple[Array, Array]], q: Array, k: Array, v: 
         return finish(*run(*clean, initial_state=h0, cu_seqlens=cu))
 
     form = guard_settle_form()  # a bad value is refused on every path
+    bwd_form = guard_backward_form()
     if always_clean:
         return slow(cu_seqlens, q, k, v, tuple(a for _, a in gates), initial_state)
 
@@ -343,6 +363,10 @@ def run_guarded(run: Callable[..., tuple[Array, Array]], q: Array, k: Array, v: 
         # cotangent through the fast path's backward, rather than a conditional between two
         # backward passes (its operands, every residual, were copied: +40% fwd+bwd on the CPU)
         ok, fast_vjp = res
+        if bwd_form == "cond":
+            shapes = jax.eval_shape(fast_vjp, ct)
+            return (None, *jax.lax.cond(ok, lambda: fast_vjp(ct), lambda: jax.tree.map(
+                lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shapes)))
         ct = jax.tree.map(lambda c: jnp.where(ok, c, c * jnp.nan), ct)
         return (None, *fast_vjp(ct))
 
