@@ -541,13 +541,14 @@ def test_delta_fused_wy_forward_in_the_interpreter(gated, packed, dims, T, monke
 
 @pytest.mark.skipif(REASON is not None or gpu_interpret_reason() is not None,
                     reason=REASON or gpu_interpret_reason() or "")
-@pytest.mark.parametrize("gated,packed,dims,B,T,H,xla_dw", [
-    (True, False, (64, 64), 1, 100, 1, False), (True, False, (64, 64), 2, 1, 1, False),
-    (False, False, (40, 72), 1, 65, 2, False), (True, True, (64, 64), 1, None, 2, False),
-    (False, True, (64, 128), 1, None, 1, False), (True, False, (128, 128), 1, 300, 1, False),
-    (True, False, (64, 64), 1, 130, 1, True)])
-def test_delta_fused_grad_in_the_interpreter(gated, packed, dims, B, T, H, xla_dw,
-                                             monkeypatch):
+@pytest.mark.parametrize("gated,packed,dims,B,T,H,dks", [
+    (True, False, (64, 64), 1, 100, 1, "kernel"), (True, False, (64, 64), 2, 1, 1, "kernel"),
+    (False, False, (40, 72), 1, 65, 2, "kernel"), (True, True, (64, 64), 1, None, 2, "kernel"),
+    (False, True, (64, 128), 1, None, 1, "kernel"),
+    (True, False, (128, 128), 1, 300, 1, "kernel"), (True, False, (64, 64), 1, 130, 1, "xla"),
+    (True, False, (128, 128), 1, 300, 1, "wy"), (False, True, (64, 128), 1, None, 1, "wy"),
+    (True, False, (40, 72), 2, 65, 2, "wy")])
+def test_delta_fused_grad_in_the_interpreter(gated, packed, dims, B, T, H, dks, monkeypatch):
     """The delta rules' gradient from M^{-1} (``MosaicConfig(fused_grad=True)``: the fused
     walk storing S_c and vn, the reverse walk forming ``dy = M^{-T} dvn``, the ``dks``
     kernel and the Triton WY backward from ``dy``) in JAX's Mosaic GPU interpreter: every
@@ -555,10 +556,14 @@ def test_delta_fused_grad_in_the_interpreter(gated, packed, dims, B, T, H, xla_d
     (1e-2) and within 1.25x the separate form's error (``dy`` is rounded to bf16 once more:
     1.0-1.14x measured), outputs and final states equal to the plain fused forward's. Gated
     and ungated, T = 1 / 65 / 100 / 300, head dims 40 / 72 padded, K = V = 128, four packed
-    sequences (70, 0, 30, 64 tokens), initial states throughout; ``xla_dw``: ``dks`` as the
-    XLA matmul (``LINEARNEXUS_MOSAIC_DW_KERNEL=0``) in place of the Mosaic kernel."""
+    sequences (70, 0, 30, 64 tokens), initial states throughout; ``dks``: formed by the
+    Mosaic ``dw`` kernel, by the XLA matmul (``LINEARNEXUS_MOSAIC_DW_KERNEL=0``) or in the
+    Triton WY backward from the states (``LINEARNEXUS_MOSAIC_DKS_IN_WY=1``)."""
+    from linearnexus.kernels.common import mosaic_delta
+
     monkeypatch.delenv(PACKED_ENV, raising=False)
-    monkeypatch.setenv(mosaic_bwd.DW_KERNEL_ENV, "0" if xla_dw else "1")
+    monkeypatch.setenv(mosaic_bwd.DW_KERNEL_ENV, "0" if dks == "xla" else "1")
+    monkeypatch.setenv(mosaic_delta.DKS_IN_WY_ENV, "1" if dks == "wy" else "0")
     lens = (70, 0, 30, 64) if packed else None
     K, V = dims
     if packed:

@@ -351,15 +351,18 @@ def _fused_wy_reference(k, v, beta, g, s, L):
     return jnp.moveaxis(vn, 2, 3).reshape(R, TP, H, V), mt  # -> [R, TP, H, V]
 
 
+@pytest.mark.parametrize("from_states", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("gated", [True, False])
-def test_wy_fused_backward_matches_autodiff(dtype, gated):
+def test_wy_fused_backward_matches_autodiff(dtype, gated, from_states):
     """``pallas_wy.wy_fused_backward`` (interpreted): the gradient of ``vn = M^{-1} beta (v -
-    e^b (k S_c))`` in k, v, beta and g from ``dy = M^{-T} dvn``, ``dks = -dy S_c^T`` and vn
-    (what the fused Mosaic backward hands it), against autodiff of the plain-JAX form with
-    the entering states held fixed, plus a core ``dk`` passed through. Two chunks, two
-    heads, K = 128 (two 64-wide blocks) and V = 32 gated, K = 32 and V = 128 ungated (the
-    ops pad head dims to powers of two); float32 exact, bf16 within its rounding."""
+    e^b (k S_c))`` in k, v, beta and g from ``dy = M^{-T} dvn``, ``dks = -dy S_c^T`` (or,
+    ``from_states``, the states ``S_c``, the kernel forming ``dks``) and vn (what the fused
+    Mosaic backward hands it), against autodiff of the plain-JAX form with the entering
+    states held fixed, plus a core ``dk`` passed through. Two chunks, two heads, K = 128
+    (two 64-wide blocks) and V = 32 gated, K = 32 and V = 128 ungated (the ops pad head dims
+    to powers of two); float32 exact, bf16 within its rounding. Both or neither of ``dks``
+    and ``states`` is refused, naming them."""
     from linearnexus.kernels.common.pallas_wy import WyStatic, wy_fused_backward
 
     R, NC, L, H = 1, 2, 64, 2
@@ -389,9 +392,16 @@ def test_wy_fused_backward_matches_autodiff(dtype, gated):
     tok = lambda x: jnp.moveaxis(x, 2, 3).reshape(R, NC * L, H, x.shape[-1])  # noqa: E731
     st = WyStatic(gated=gated, rows=R, n_chunks=NC, chunk=L, heads=H, key_dim=K, value_dim=V,
                   exact=dtype == jnp.float32, num_warps=4, interpret=True)
-    got = jax.jit(lambda *a: wy_fused_backward(st, *a))(
-        k.astype(dtype), v.astype(dtype), beta, g, vn.astype(dtype), tok(dy).astype(dtype),
-        tok(dks).astype(dtype), dk_core.astype(dtype))
+    args = (k.astype(dtype), v.astype(dtype), beta, g, vn.astype(dtype), tok(dy).astype(dtype))
+    if from_states:
+        got = jax.jit(lambda *a: wy_fused_backward(st, *a, None, dk_core.astype(dtype),
+                                                   states=s_in.astype(dtype)))(*args)
+        with pytest.raises(ValueError, match="dks, states"):
+            wy_fused_backward(st, *args, tok(dks).astype(dtype), dk_core.astype(dtype),
+                              states=s_in.astype(dtype))
+    else:
+        got = jax.jit(lambda *a: wy_fused_backward(st, *a))(
+            *args, tok(dks).astype(dtype), dk_core.astype(dtype))
     tol = 2e-6 if dtype == jnp.float32 else 8e-3  # (measured: 4.8e-7; 4.2e-3, dv)
     want_dk = want[0] + dk_core.astype(dtype).astype(jnp.float32)
     for name, a, b in (("dk", got[0], want_dk), ("dv", got[1], want[1]),

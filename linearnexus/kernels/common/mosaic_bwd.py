@@ -571,8 +571,9 @@ def _minus_times_states(st: MosaicStatic, x: Array, h: Array) -> Array:
 
 def mosaic_delta_fused_backward(st: MosaicStatic, q: Array, k: Array, minv: Array,
                                 beta: Array, b: Array, h: Array, vn: Array, do: Array,
-                                dfinal: Array, layout: tuple[Array, Array] | None = None
-                                ) -> tuple[Array, Array, Array, Array, Array, Array]:
+                                dfinal: Array, layout: tuple[Array, Array] | None = None,
+                                *, dks: bool = True
+                                ) -> tuple[Array, Array, Array, Array | None, Array, Array]:
     """The chunk core's share of the delta rules' gradient in the fused form
     (``st.fused_grad``: ``vn = M^{-1} y`` with ``y = beta (v - e^b k S_c)`` formed in the
     walk), through the same kernels as :func:`mosaic_delta_backward`.
@@ -588,6 +589,9 @@ def mosaic_delta_fused_backward(st: MosaicStatic, q: Array, k: Array, minv: Arra
         st: static description (``st.core.delta``, ``st.fused_grad``). q, k: ``[R, TP, H,
             K]``. minv: ``[R, TP, H, L]`` (``pallas_wy.wy_inverse``). beta: ``[R, TP, H]``.
             b, h, vn, do, dfinal, layout: as :func:`mosaic_delta_backward`.
+        dks: form ``dks`` (the ``dw`` kernel on ``dy``); False: None in its place, for a WY
+            backward that forms it from the states (``pallas_wy.wy_fused_backward``'s
+            ``states``).
 
     Returns:
         ``(dq, dk, dy, dks)`` in q's dtype (``dy [R, TP, H, V]``, the others ``[R, TP, H,
@@ -602,8 +606,8 @@ def mosaic_delta_fused_backward(st: MosaicStatic, q: Array, k: Array, minv: Arra
     dy, dh, dh0 = run_state_grad(st, q, k, do, gates, dfinal, layout=layout, minv=minv,
                                  beta=beta)
     dq, dk, term, kdk, sds = run_dqk(st, q, k, vn, do, h, dh, gates)
-    dks = _minus_times_states(st, dy, h)
-    return dq, dk, dy, dks, _gate_grad(st, gates, term, kdk, sds), dh0
+    dks_out = _minus_times_states(st, dy, h) if dks else None
+    return dq, dk, dy, dks_out, _gate_grad(st, gates, term, kdk, sds), dh0
 
 
 def _gate_grad(st: MosaicStatic, gates: tuple[Array, ...], term: Array, kdk: Array,

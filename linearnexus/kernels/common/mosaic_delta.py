@@ -132,6 +132,15 @@ FUSED_GRAD_ENV = "LINEARNEXUS_MOSAIC_FUSED_GRAD"
 #: (pallas 84.3), its first 50 losses within 2.7e-4 of the jax backend's
 DEFAULT_FUSED_GRAD = True
 
+#: "1": in the gradient from M^{-1}, the Triton WY backward forms dks = -dy S_c^T from the
+#: stored states (pallas_wy.wy_fused_backward's ``states``) and the Mosaic dw kernel does not
+#: run; "0" keeps the dw kernel; unset: :data:`DKS_IN_WY`. By bytes: the dw kernel reads dy
+#: and S_c and writes dks, the WY backward reads dks (~0.67 GB at (8, 4096, 16, 128) bf16),
+#: against the WY backward reading S_c (0.27 GB)
+DKS_IN_WY_ENV = "LINEARNEXUS_MOSAIC_DKS_IN_WY"
+#: off until timed on a GPU beside the dw kernel
+DKS_IN_WY = False
+
 
 def delta_opted_in() -> bool:
     """Whether automatic dispatch may pick the delta rules' Mosaic kernel."""
@@ -355,9 +364,11 @@ def _fused_bwd(st, wst, res, cts):
     q, k, v, beta, g, h0, minv, h, vn, layout = res
     b, _ = _gates(st, g, q)  # zeros without a gate: the kernels read gate rows regardless
     do, dfinal = cts
+    in_wy = env_switch(DKS_IN_WY_ENV, DKS_IN_WY)
     dq, dk_core, dy, dks, dg_core, dh0 = mosaic_delta_fused_backward(
-        st, q, k, minv, beta, b, h, vn, do, dfinal, layout=layout)
-    dk, dv, dbeta, dg_wy = wy_fused_backward(wst, k, v, beta, g, vn, dy, dks, dk_core)
+        st, q, k, minv, beta, b, h, vn, do, dfinal, layout=layout, dks=not in_wy)
+    dk, dv, dbeta, dg_wy = wy_fused_backward(wst, k, v, beta, g, vn, dy, dks, dk_core,
+                                             states=h if in_wy else None)
     if h0 is not None:
         dh0 = pass_empty(st, layout, dh0, dfinal.astype(F32)).astype(h0.dtype)
     return (dq, dk, dv, dbeta, None if g is None else dg_core + dg_wy,

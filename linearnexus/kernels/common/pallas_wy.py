@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +83,22 @@ class WyStatic:
     # x [K, 16] products) instead of one [L, L] product parked in a float32 scratch and read
     # back in blocks: no scratch (2 L^2 float32 bytes a chunk written and read back)
     direct_a: bool = False
+    # wy_fused_backward: dks = -dy S_c^T formed here from the stored entering states
+    # ([R, NC, H, K, V], read in [64, 64] tiles) instead of read from the Mosaic dw kernel's
+    # output: that kernel's read of dy and S_c and its write and this kernel's read of dks go
+    # (~0.4 GB at (8, 4096, 16, 128)), this kernel reads S_c (0.27 GB)
+    dks_from_states: bool = False
+
+
+#: "1": :func:`wy_inverse` forms ``A``'s blocks from k's sixteen-row blocks
+#: (``WyStatic.direct_a``) where its static does not already; "0" or unset: the scratch, as
+#: timed. Read at trace time.
+DIRECT_A_ENV = "LINEARNEXUS_WY_DIRECT_A"
+
+
+def direct_a_default() -> bool:
+    """Whether :data:`DIRECT_A_ENV` turns ``direct_a`` on."""
+    return os.environ.get(DIRECT_A_ENV, "") == "1"
 
 
 def _dot(a, b, st: WyStatic, *, ta=False, tb=False, exact=False):
@@ -338,6 +355,19 @@ def _wy_bwd_fused_kernel(*refs, st: WyStatic):
     r, rows, h = at
     L = st.chunk
     bk, bv = min(st.key_dim, 64), min(st.value_dim, 64)
+    c = pl.program_id(0)
+
+    def dks_of(ks):  # [L, bk] float32: -dy S_c^T's key block ks
+        if not st.dks_from_states:
+            return dks_ref[r, rows, h, ks].astype(F32)
+        acc = jnp.zeros((L, bk), F32)  # (dks_ref holds the states [R, NC, H, K, V])
+        for j in range(st.value_dim // bv):
+            vs = pl.ds(j * bv, bv)
+            # [L, bv] x [bk, bv]^T -> [L, bk]
+            acc -= _dot(dy_ref[r, rows, h, vs].astype(op), dks_ref[r, c, h, ks, vs].astype(op),
+                        st, tb=True)
+        return acc
+
     da = jnp.zeros((L, L), F32)
     dbeta = jnp.zeros((L,), F32)
     for j in range(st.value_dim // bv):  # dv = beta dy, dbeta's share from v, dA = -dy vn^T
@@ -351,8 +381,7 @@ def _wy_bwd_fused_kernel(*refs, st: WyStatic):
     for j in range(st.key_dim // bk):
         k = k_ref[r, rows, h, pl.ds(j * bk, bk)].astype(op)
         kk += _dot(k, k, st, tb=True)
-    _through_a(st, refs, at, da, kk, dbeta, beta, b, eb, op,  # -dy S_c^T per key block
-               lambda ks: dks_ref[r, rows, h, ks].astype(F32))
+    _through_a(st, refs, at, da, kk, dbeta, beta, b, eb, op, dks_of)  # -dy S_c^T per key block
 
 
 def _call(kernel, st, out_shape, *args, aliases=None):
@@ -386,7 +415,7 @@ def wy_inverse(st: WyStatic, k: Array, beta: Array, g: Array | None) -> Array:
     """
     if st.exact:
         raise ValueError("st: wy_inverse takes 16-bit inputs (exact=False), got exact=True")
-    st = dataclasses.replace(st, minv_only=True)
+    st = dataclasses.replace(st, minv_only=True, direct_a=st.direct_a or direct_a_default())
     R, TP, H = st.rows, st.n_chunks * st.chunk, st.heads
     outs = [jax.ShapeDtypeStruct((R, TP, H, st.chunk), k.dtype)]
     if not st.direct_a:
@@ -396,7 +425,8 @@ def wy_inverse(st: WyStatic, k: Array, beta: Array, g: Array | None) -> Array:
 
 
 def wy_fused_backward(st: WyStatic, k: Array, v: Array, beta: Array, g: Array | None,
-                      vn: Array, dy: Array, dks: Array, dk_core: Array
+                      vn: Array, dy: Array, dks: Array | None, dk_core: Array, *,
+                      states: Array | None = None
                       ) -> tuple[Array, Array, Array, Array | None]:
     """The WY part of the gradient when the walk formed ``vn = M^{-1} y`` with ``y = beta (v -
     e^b (k S_c))`` (the delta rules' fused Mosaic form, ``mosaic_delta.mosaic_delta_fused``).
@@ -406,19 +436,33 @@ def wy_fused_backward(st: WyStatic, k: Array, v: Array, beta: Array, g: Array | 
             ``[R, TP, H, V]``, beta ``[R, TP, H]``, g ``[R, TP, H]`` float32 log-gates or None.
         vn: ``[R, TP, H, V]`` the walk's (stored under the gradient).
         dy: ``[R, TP, H, V]`` ``M^{-T} dvn``, the cotangent of ``y``.
-        dks: ``[R, TP, H, K]`` ``-dy S_c^T`` per chunk.
+        dks: ``[R, TP, H, K]`` ``-dy S_c^T`` per chunk, or None with ``states``.
         dk_core: ``[R, TP, H, K]`` the core's ``dk``, added in the kernel.
+        states: ``[R, NC, H, K, V]`` the entering states ``S_c`` (the walk's, stored under
+            the gradient), in place of ``dks``: the kernel forms ``-dy S_c^T`` itself
+            (``WyStatic.dks_from_states``), in float32 from the 16-bit operands.
 
     Returns:
         ``(dk, dv, dbeta, dg)``: ``dk`` (the core's included) and ``dv`` in the inputs'
         dtypes, ``dbeta`` in beta's, ``dg`` float32 (None without a gate).
     """
     R, TP, H = st.rows, st.n_chunks * st.chunk, st.heads
-    for name, x, last in (("vn", vn, st.value_dim), ("dy", dy, st.value_dim),
-                          ("dks", dks, st.key_dim), ("dk_core", dk_core, st.key_dim)):
-        if x.shape != (R, TP, H, last):
-            raise ValueError(f"{name}: expected {(R, TP, H, last)}, got {x.shape}")
-    return _run_bwd(_wy_bwd_fused_kernel, st, k, v, beta, g, (vn, dy, dks), dk_core)
+    if (dks is None) == (states is None):
+        raise ValueError(f"dks, states: expected exactly one of them, got dks "
+                         f"{'None' if dks is None else dks.shape} and states "
+                         f"{'None' if states is None else states.shape}")
+    checks = [("vn", vn, (R, TP, H, st.value_dim)), ("dy", dy, (R, TP, H, st.value_dim)),
+              ("dk_core", dk_core, (R, TP, H, st.key_dim))]
+    if states is None:
+        checks.append(("dks", dks, (R, TP, H, st.key_dim)))
+    else:
+        checks.append(("states", states, (R, st.n_chunks, H, st.key_dim, st.value_dim)))
+    for name, x, shape in checks:
+        if x.shape != shape:
+            raise ValueError(f"{name}: expected {shape}, got {x.shape}")
+    st = dataclasses.replace(st, dks_from_states=states is not None)
+    third = dks if states is None else states.astype(k.dtype)
+    return _run_bwd(_wy_bwd_fused_kernel, st, k, v, beta, g, (vn, dy, third), dk_core)
 
 
 def _run_bwd(kernel, st: WyStatic, k, v, beta, g, own: tuple, dk_core):
