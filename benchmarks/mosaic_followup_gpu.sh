@@ -21,9 +21,8 @@
 #   5c. the api's guard and the gated gradient's switches in the forms GUARD_FORMS names
 #      (default "cond bcond none": as shipped, the backward's cond in place of its where over
 #      the cotangents (LINEARNEXUS_GUARD_BACKWARD=cond), the op called directly; "loop":
-#      LINEARNEXUS_GUARD_SETTLE=loop; "dkswy": dks in the WY backward
-#      (LINEARNEXUS_MOSAIC_DKS_IN_WY=1); "directa": M^{-1}'s A without its scratch
-#      (LINEARNEXUS_WY_DIRECT_A=1); "best": bcond, dkswy and directa), one process each (guard_cost_gpu.py --skip-decode: simple_gla, gated_delta_rule, gla,
+#      LINEARNEXUS_GUARD_SETTLE=loop; "dkswy0": the gated gradient's dks from the Mosaic dw
+#      kernel (LINEARNEXUS_MOSAIC_DKS_IN_WY=0); "best0": bcond and dkswy0), one process each (guard_cost_gpu.py --skip-decode: simple_gla, gated_delta_rule, gla,
 #      or the ops in GUARD_OPS), if PARTS has "guard" (~3 x 100 s: with gla-time, ~500 s);
 #   5d. tile configs through the api (mosaic_config_gpu.py), if PARTS has "configs" (~300 s):
 #      simple_gla at value blocks of 32 against the heuristic at (2, 16384, 16, 128) and
@@ -91,15 +90,14 @@ case " $PARTS " in *" guard "*)
   echo "== the api's guard and the gated gradient's switches: ${GUARD_FORMS:=cond bcond none}"
   for form in $GUARD_FORMS; do  # one process each; cond: as shipped; none: no guard;
     # loop: LINEARNEXUS_GUARD_SETTLE=loop; bcond: LINEARNEXUS_GUARD_BACKWARD=cond;
-    # dkswy: LINEARNEXUS_MOSAIC_DKS_IN_WY=1; directa: LINEARNEXUS_WY_DIRECT_A=1;
-    # best: bcond, dkswy and directa together
-    flag=; settle=cond; backward=where; dks=0; direct=0
+    # dkswy0: the dw kernel (LINEARNEXUS_MOSAIC_DKS_IN_WY=0); best0: bcond and dkswy0
+    flag=; settle=cond; backward=where; dks=1
     case $form in
-      none) flag=--no-guard;; loop) settle=loop;; bcond) backward=cond;; dkswy) dks=1;;
-      directa) direct=1;; best) backward=cond; dks=1; direct=1;;
+      none) flag=--no-guard;; loop) settle=loop;; bcond) backward=cond;; dkswy0) dks=0;;
+      best0) backward=cond; dks=0;;
     esac
     LINEARNEXUS_GUARD_SETTLE=$settle LINEARNEXUS_GUARD_BACKWARD=$backward \
-      LINEARNEXUS_MOSAIC_DKS_IN_WY=$dks LINEARNEXUS_WY_DIRECT_A=$direct \
+      LINEARNEXUS_MOSAIC_DKS_IN_WY=$dks \
       timeout ${GUARD_S:-100} python3 benchmarks/guard_cost_gpu.py $flag --skip-decode \
       --ops ${GUARD_OPS:-simple_gla gated_delta_rule gla} --out "$OUT/guard_$form.json" 2>&1 \
       | quiet | tee "$OUT/guard_$form.log" | grep -E "^\{|rror" | sed "s/^/$form /" | cut -c1-200

@@ -141,8 +141,10 @@ def test_packed_sequences_lower_forward_and_backward(op, h0, config, monkeypatch
     grad_text = _lower(jax.value_and_grad(loss, argnums=argnums), *specs)
     bwd_mosaic = (config.backward if config is not None and config.backward else "mosaic"
                   if op == "simple_gla" else mosaic_delta.DEFAULT_BACKWARD) == "mosaic"
-    # the delta rules' Mosaic backward: a third kernel for dw (mosaic_bwd.DW_KERNEL)
-    dw = int(op != "simple_gla" and mosaic_bwd.DW_KERNEL)
+    # the delta rules' Mosaic backward: a third kernel for dw (mosaic_bwd.DW_KERNEL), except
+    # where the gradient from M^{-1} forms it in the WY backward (mosaic_delta.DKS_IN_WY)
+    dw = int(op != "simple_gla" and mosaic_bwd.DW_KERNEL and not (
+        _resolved_fused_grad(config, bwd_mosaic) and mosaic_delta.DKS_IN_WY))
     assert grad_text.count("custom_call @mosaic_gpu") == (3 + dw if bwd_mosaic else 1)
     wy = 0 if op == "simple_gla" else 2  # the delta rules' Triton WY forward and backward
     triton_bwd = 0 if bwd_mosaic else (4 if op == "simple_gla" else 3)  # (fwd_h +) dv, dh, dqk
@@ -228,6 +230,15 @@ def test_mosaic_declines_what_it_does_not_cover(monkeypatch):
             else "pallas")
         if chunk == 64 and not packed:
             assert cfg.backward == ("mosaic" if V <= 128 else "pallas")
+    # value blocks of 32 where 64 would leave half the SMs idle on a long walk (measured at
+    # (2, 16384, 16, 128)); 64 at (8, 4096, 16, 128), short walks, packed rows, chunk 128
+    pick = functools.partial(default_mosaic_config, heads=16, key_dim=128, value_dim=128)
+    assert pick(rows=2, n_chunks=256).block_v == 32
+    assert pick(rows=8, n_chunks=64).block_v == 64
+    assert pick(rows=2, n_chunks=4).block_v == 64
+    assert pick(rows=1, n_chunks=256, packed=True).block_v == 64
+    assert pick(rows=2, n_chunks=128, chunk=128).block_v == 64
+    assert pick(rows=2, n_chunks=256, block_v=64).block_v == 64  # a call's own wins
 
 
 def test_mosaic_config_comes_from_the_tuning_cache(tmp_path, monkeypatch):
@@ -321,12 +332,14 @@ def test_delta_rules_mosaic_lower_forward_and_backward(shape, h0, gated, config,
     # the backward the heuristic resolves to: these shapes fit the Mosaic one (V <= 128)
     bwd_mosaic = (config.backward if config is not None and config.backward
                   else mosaic_delta.DEFAULT_BACKWARD) == "mosaic"
-    dw = int(mosaic_bwd.DW_KERNEL)  # dw = -dvn S_c^T in a Mosaic kernel of its own
-    assert grad_text.count("custom_call @mosaic_gpu") == (3 + dw if bwd_mosaic else 1)
-    assert grad_text.count("xla.gpu.triton") == (2 if bwd_mosaic else 5)
     # the gradient from M^{-1} (the default with the Mosaic backward and the fused walk): its
     # WY backward is the one that takes dy (named in the text)
     fused_grad = _resolved_fused_grad(config, bwd_mosaic)
+    # dw = -dvn S_c^T in a Mosaic kernel of its own, except where the gradient from M^{-1}
+    # forms it in the WY backward (mosaic_delta.DKS_IN_WY)
+    dw = int(mosaic_bwd.DW_KERNEL and not (fused_grad and mosaic_delta.DKS_IN_WY))
+    assert grad_text.count("custom_call @mosaic_gpu") == (3 + dw if bwd_mosaic else 1)
+    assert grad_text.count("xla.gpu.triton") == (2 if bwd_mosaic else 5)
     assert ("_wy_bwd_fused_kernel" in grad_text) == fused_grad
     assert ("_wy_bwd_kernel" in grad_text) == (not fused_grad)
 
@@ -438,7 +451,11 @@ def test_delta_dw_kernel_lowers_and_matches_xla(monkeypatch):
     ``LINEARNEXUS_MOSAIC_DW_KERNEL=0``: the XLA matmul): the gradient with the Mosaic backward lowers for CUDA
     with one more Mosaic kernel (4) and the same two Triton (WY) kernels; on JAX 0.11 the
     kernel runs in the interpreter against the XLA product at chunk splits of 1-4 (head dims
-    64 / 128, V 64 / 128), and a whole gradient through it equals the XLA one's bit for bit."""
+    64 / 128, V 64 / 128), and a whole gradient through it equals the XLA one's bit for bit.
+    With ``dks`` in the WY backward (``LINEARNEXUS_MOSAIC_DKS_IN_WY=1``, the default) the
+    gradient from ``M^{-1}`` has no ``dw`` kernel: 3 Mosaic kernels, the same 2 Triton."""
+    from linearnexus.kernels.common import mosaic_delta
+
     monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")
     monkeypatch.setenv(mosaic_bwd.DW_KERNEL_ENV, "1")
     config = MosaicConfig(backward="mosaic")
@@ -449,9 +466,12 @@ def test_delta_dw_kernel_lowers_and_matches_xla(monkeypatch):
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
 
     specs = _delta_specs(2, 1000, 2, 128, 128, True, True)
-    grad_text = _lower(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5)), *specs)
-    assert grad_text.count("custom_call @mosaic_gpu") == 4
-    assert grad_text.count("xla.gpu.triton") == 2
+    for in_wy, mosaic_kernels in (("0", 4), ("1", 3)):
+        monkeypatch.setenv(mosaic_delta.DKS_IN_WY_ENV, in_wy)
+        grad_text = _lower(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5)), *specs)
+        assert grad_text.count("custom_call @mosaic_gpu") == mosaic_kernels, in_wy
+        assert grad_text.count("xla.gpu.triton") == 2, in_wy
+    monkeypatch.setenv(mosaic_delta.DKS_IN_WY_ENV, "0")  # the dw kernel's own checks below
     if gpu_interpret_reason() is not None:
         return
     monkeypatch.delenv("LINEARNEXUS_PALLAS_INTERPRET")  # the Triton WY kernels interpreted

@@ -277,18 +277,12 @@ def test_wy_preparation_forms_match_a_float64_solve(low_wu, split_x, gated):
         assert err <= tol, err
 
 
-@pytest.mark.parametrize("direct_a", [False, True])
 @pytest.mark.parametrize("gated", [True, False])
-def test_wy_inverse_matches_a_float64_inverse(direct_a, gated):
-    """``wy_inverse`` (``M^{-1}`` alone, bf16, interpreted), with ``A`` parked in its float32
-    scratch and with ``A``'s blocks from k's sixteen-row blocks (``direct_a``), against the
-    float64 inverse of ``M = I + A`` per chunk: within bf16 rounding of the largest entry,
-    zero above the diagonal; the two forms within bf16 rounding of each other. Three
-    chunks, K = 48 (not a power of two), two heads, strong and weak gates; ``wy_prepare``
-    refuses ``direct_a`` by name."""
-    import dataclasses
-
-    from linearnexus.kernels.common.pallas_wy import WyStatic, wy_inverse, wy_prepare
+def test_wy_inverse_matches_a_float64_inverse(gated):
+    """``wy_inverse`` (``M^{-1}`` alone, bf16, interpreted) against the float64 inverse of
+    ``M = I + A`` per chunk: within bf16 rounding of the largest entry, zero above the
+    diagonal. Three chunks, K = 48 (not a power of two), two heads, strong and weak gates."""
+    from linearnexus.kernels.common.pallas_wy import WyStatic, wy_inverse
 
     R, NC, L, H, K = 1, 3, 64, 2, 48
     ks = jax.random.split(jax.random.key(21 + gated), 3)
@@ -297,7 +291,7 @@ def test_wy_inverse_matches_a_float64_inverse(direct_a, gated):
     beta = jax.nn.sigmoid(jax.random.normal(ks[1], (R, NC * L, H))).astype(jnp.bfloat16)
     g = jax.nn.log_sigmoid(2.0 * jax.random.normal(ks[2], (R, NC * L, H))) if gated else None
     st = WyStatic(gated=gated, rows=R, n_chunks=NC, chunk=L, heads=H, key_dim=K, value_dim=K,
-                  exact=False, num_warps=4, interpret=True, direct_a=direct_a)
+                  exact=False, num_warps=4, interpret=True)
     minv = jax.jit(lambda *a: wy_inverse(st, *a))(k, beta, g)
     assert minv.shape == (R, NC * L, H, L) and minv.dtype == jnp.bfloat16
 
@@ -315,12 +309,6 @@ def test_wy_inverse_matches_a_float64_inverse(direct_a, gated):
     assert np.all(got[..., ~np.tril(np.ones((L, L), bool))] == 0)
     err = np.max(np.abs(got - ref)) / np.max(np.abs(ref))
     assert err <= 6e-3, err
-    other = jax.jit(lambda *a: wy_inverse(dataclasses.replace(st, direct_a=not direct_a), *a))(
-        k, beta, g)
-    assert np.max(np.abs(chunks(other) - got)) / np.max(np.abs(ref)) <= 6e-3
-    if direct_a:
-        with pytest.raises(ValueError, match="direct_a"):
-            wy_prepare(st, k, k, beta, g)
 
 
 def _fused_wy_reference(k, v, beta, g, s, L):

@@ -249,7 +249,11 @@ def default_mosaic_config(*, rows: int, heads: int, key_dim: int, value_dim: int
                           packed: bool = False, block_v: int | None = None) -> MosaicConfig:
     """The heuristic at chunk ``chunk`` (64 unless the call asks for 128): value blocks of
     64 (at V = 128 two programs per head, which the H200's 132 SMs need at B * H = 128),
-    128 only when that still leaves >= 2 programs per SM and fits shared memory. The plain
+    128 only when that still leaves >= 2 programs per SM and fits shared memory, 32 where
+    blocks of 64 would leave at least half the SMs idle on a walk of >= 8 chunks (chunk 64,
+    batch rows: at (2, 16384, 16, 128) bf16 on an H200, 2026-12-06, forward 0.575 ms against
+    0.601 at 64, forward + backward 2.263 against 2.376; at (8, 4096, 16, 128), 256
+    programs, 32 was slower: 0.568 against 0.367). The plain
     forward: one pipeline stage when there are more
     programs than SMs (two programs then share each SM, in one wave, and overlap each
     other's dependent chains), else 3 stages when they fit and the walk is longer than a few
@@ -270,6 +274,9 @@ def default_mosaic_config(*, rows: int, heads: int, key_dim: int, value_dim: int
         if (value_dim % 128 == 0 and (value_dim // 128) * rows * heads >= 264
                 and fits(128, 2)):
             block_v = 128
+        elif (chunk == 64 and not packed and value_dim % 64 == 0 and n_chunks >= 8
+              and 2 * (value_dim // 64) * rows * heads <= HOPPER_SMS):
+            block_v = 32  # at most half the SMs busy at 64: twice the programs
         block_v = min(block_v, value_dim)
     stages = 3 if n_chunks >= 8 and fits(block_v, 3) else 2
     if n_chunks >= 8 and (value_dim // block_v) * rows * heads > HOPPER_SMS:

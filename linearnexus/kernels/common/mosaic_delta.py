@@ -134,12 +134,15 @@ DEFAULT_FUSED_GRAD = True
 
 #: "1": in the gradient from M^{-1}, the Triton WY backward forms dks = -dy S_c^T from the
 #: stored states (pallas_wy.wy_fused_backward's ``states``) and the Mosaic dw kernel does not
-#: run; "0" keeps the dw kernel; unset: :data:`DKS_IN_WY`. By bytes: the dw kernel reads dy
+#: run; "0" the dw kernel forms it; unset: :data:`DKS_IN_WY`. By bytes: the dw kernel reads dy
 #: and S_c and writes dks, the WY backward reads dks (~0.67 GB at (8, 4096, 16, 128) bf16),
 #: against the WY backward reading S_c (0.27 GB)
 DKS_IN_WY_ENV = "LINEARNEXUS_MOSAIC_DKS_IN_WY"
-#: off until timed on a GPU beside the dw kernel
-DKS_IN_WY = False
+#: on: bf16 gated_delta_rule (8, 4096, 16, 128) fwd+bwd on an H200 (2026-12-06,
+#: mosaic_gdn_check.py, one process per setting, the default timed before and after):
+#: 2.318 / 2.328 ms against 2.351 / 2.370 and 2.369 / 2.364 with the dw kernel; checked on
+#: that GPU at T = 1000 (with and without an initial state) and in the 0.11 interpreter
+DKS_IN_WY = True
 
 
 def delta_opted_in() -> bool:

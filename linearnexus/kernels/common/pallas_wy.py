@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -79,26 +78,11 @@ class WyStatic:
     # M^{-1} only (stored in the inputs' dtype; no w, u): the delta rules' fused Mosaic
     # forward forms vn = M^{-1} (beta v - beta e^b k S_c) in its walk (wy_inverse)
     minv_only: bool = False
-    # with minv_only: A's sixteen-row blocks as products of k's sixteen-row blocks (ten [16, K]
-    # x [K, 16] products) instead of one [L, L] product parked in a float32 scratch and read
-    # back in blocks: no scratch (2 L^2 float32 bytes a chunk written and read back)
-    direct_a: bool = False
     # wy_fused_backward: dks = -dy S_c^T formed here from the stored entering states
     # ([R, NC, H, K, V], read in [64, 64] tiles) instead of read from the Mosaic dw kernel's
     # output: that kernel's read of dy and S_c and its write and this kernel's read of dks go
     # (~0.4 GB at (8, 4096, 16, 128)), this kernel reads S_c (0.27 GB)
     dks_from_states: bool = False
-
-
-#: "1": :func:`wy_inverse` forms ``A``'s blocks from k's sixteen-row blocks
-#: (``WyStatic.direct_a``) where its static does not already; "0" or unset: the scratch, as
-#: timed. Read at trace time.
-DIRECT_A_ENV = "LINEARNEXUS_WY_DIRECT_A"
-
-
-def direct_a_default() -> bool:
-    """Whether :data:`DIRECT_A_ENV` turns ``direct_a`` on."""
-    return os.environ.get(DIRECT_A_ENV, "") == "1"
 
 
 def _dot(a, b, st: WyStatic, *, ta=False, tb=False, exact=False):
@@ -139,29 +123,6 @@ def _barrier(st: WyStatic) -> None:
         plt.debug_barrier()
 
 
-def _a_blocks(k_ref, beta_ref, b_ref, r, h, t0: int, nb: int, row, col, st: WyStatic) -> dict:
-    """``A``'s blocks on and below the diagonal, ``{(i, j): [SUB, SUB] float32}``, each
-    ``beta_i (k_i . k_j) e^{b_i - b_j}`` from k's sixteen-row blocks (strictly lower on the
-    diagonal; below it every entry is a later token's against an earlier one's)."""
-    def rows_of(i):
-        return pl.ds(t0 + i * SUB, SUB)
-
-    ks = [k_ref[r, rows_of(i), h, :] for i in range(nb)]  # nb x [SUB, K]
-    betas = [beta_ref[r, rows_of(i), h].astype(F32) for i in range(nb)]  # nb x [SUB]
-    bs = [b_ref[r, rows_of(i), h] for i in range(nb)] if st.gated else None
-    a = {}
-    for i in range(nb):
-        for j in range(i + 1):
-            kk = _dot(ks[i], ks[j], st, tb=True)  # [SUB, K] x [SUB, K]^T -> [SUB, SUB]
-            if st.gated:
-                diff = bs[i][:, None] - bs[j][None, :]
-                decay = exp_approx(jnp.where(row > col, diff, -jnp.inf) if i == j else diff)
-            else:
-                decay = jnp.where(row > col, 1.0, 0.0) if i == j else 1.0
-            a[i, j] = kk * betas[i][:, None] * decay
-    return a
-
-
 def _wy_fwd_kernel(*refs, st: WyStatic):
     if st.minv_only:  # (M^{-1} only: no v in, no w, u out)
         refs = refs[:1] + (None,) + refs[1:2 + st.gated] + (None, None) + refs[2 + st.gated:]
@@ -184,22 +145,20 @@ def _wy_fwd_kernel(*refs, st: WyStatic):
     rows = pl.ds(t0, st.chunk)
     beta = beta_ref[r, rows, h].astype(F32)  # [L]
     b = b_ref[r, rows, h] if st.gated else None
-    if st.direct_a:  # A's blocks from k's sixteen-row blocks, no scratch
-        a = _a_blocks(k_ref, beta_ref, b_ref, r, h, t0, nb, row, col, st)
+    # A as one [L, L] product, parked in work_ref (M^{-1} overwrites it below) and read back
+    # in 16 x 16 blocks: Pallas cannot slice values. (Ten 16-row products of K columns
+    # instead: 252 registers against 160 in the full preparation; in the M^{-1}-only kernel
+    # 0.402 ms against 0.284 at 4 warps on an H200, (8, 4096, 16, 128), 2026-12-06)
+    k = k_ref[r, rows, h, :]
+    full_row, full_col = _iota2(st.chunk)
+    if st.gated:
+        decay = exp_approx(jnp.where(full_row > full_col, b[:, None] - b[None, :], -jnp.inf))
     else:
-        # A as one [L, L] product (ten 16-row products of K columns before), parked in
-        # work_ref (M^{-1} overwrites it below) and read back in 16 x 16 blocks: Pallas
-        # cannot slice values
-        k = k_ref[r, rows, h, :]
-        full_row, full_col = _iota2(st.chunk)
-        if st.gated:
-            decay = exp_approx(jnp.where(full_row > full_col, b[:, None] - b[None, :], -jnp.inf))
-        else:
-            decay = jnp.where(full_row > full_col, 1.0, 0.0)
-        work_ref[r, rows, h, :] = _dot(k, k, st, tb=True) * beta[:, None] * decay
-        _barrier(st)
-        a = {(i, j): work_ref[r, pl.ds(t0 + i * SUB, SUB), h, pl.ds(j * SUB, SUB)]
-             for i in range(nb) for j in range(i + 1)}
+        decay = jnp.where(full_row > full_col, 1.0, 0.0)
+    work_ref[r, rows, h, :] = _dot(k, k, st, tb=True) * beta[:, None] * decay
+    _barrier(st)
+    a = {(i, j): work_ref[r, pl.ds(t0 + i * SUB, SUB), h, pl.ds(j * SUB, SUB)]
+         for i in range(nb) for j in range(i + 1)}
     minv = {}
     for i in range(nb):
         minv[i, i] = _unit_lower_inverse(a[i, i], eye, st)
@@ -210,12 +169,6 @@ def _wy_fwd_kernel(*refs, st: WyStatic):
             for m in range(j, i):
                 acc += _dot(a[i, m], minv[m, j], st, exact=True)
             minv[i, j] = -_dot(minv[i, i], acc, st, exact=True)
-    if st.direct_a:  # (minv_only: M^{-1} is the output)
-        for i in range(nb):
-            for j in range(nb):
-                blk = minv[i, j] if j <= i else jnp.zeros((SUB, SUB), F32)
-                m_ref[r, pl.ds(t0 + i * SUB, SUB), h, pl.ds(j * SUB, SUB)] = blk.astype(m_ref.dtype)
-        return
     # w and u read back the stored 16-bit M^{-1} (low) or the float32 one from the scratch,
     # which then replaces A there: every thread has used its blocks of A first
     low = (st.low_wu or st.minv_only) and bool(work)
@@ -391,9 +344,6 @@ def _call(kernel, st, out_shape, *args, aliases=None):
 
 
 def _fwd(st: WyStatic, k, v, beta, g):
-    if st.direct_a:
-        raise ValueError("st: direct_a is wy_inverse's (M^{-1} only); wy_prepare forms w and "
-                         "u from the parked A's scratch, got direct_a=True")
     R, TP, H = st.rows, st.n_chunks * st.chunk, st.heads
     m_dtype = F32 if st.exact else k.dtype
     outs = [jax.ShapeDtypeStruct((R, TP, H, st.key_dim), k.dtype),
@@ -415,11 +365,10 @@ def wy_inverse(st: WyStatic, k: Array, beta: Array, g: Array | None) -> Array:
     """
     if st.exact:
         raise ValueError("st: wy_inverse takes 16-bit inputs (exact=False), got exact=True")
-    st = dataclasses.replace(st, minv_only=True, direct_a=st.direct_a or direct_a_default())
+    st = dataclasses.replace(st, minv_only=True)
     R, TP, H = st.rows, st.n_chunks * st.chunk, st.heads
-    outs = [jax.ShapeDtypeStruct((R, TP, H, st.chunk), k.dtype)]
-    if not st.direct_a:
-        outs.append(jax.ShapeDtypeStruct((R, TP, H, st.chunk), F32))  # A's float32 scratch
+    outs = [jax.ShapeDtypeStruct((R, TP, H, st.chunk), k.dtype),
+            jax.ShapeDtypeStruct((R, TP, H, st.chunk), F32)]  # A's float32 scratch
     ins = [k, beta] + ([in_chunk_cumsum(g, st.chunk)] if st.gated else [])
     return _call(functools.partial(_wy_fwd_kernel, st=st), st, outs, *ins)[0]
 
