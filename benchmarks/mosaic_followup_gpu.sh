@@ -24,11 +24,11 @@
 #      LINEARNEXUS_GUARD_SETTLE=loop; "dkswy0": the gated gradient's dks from the Mosaic dw
 #      kernel (LINEARNEXUS_MOSAIC_DKS_IN_WY=0); "best0": bcond and dkswy0), one process each (guard_cost_gpu.py --skip-decode: simple_gla, gated_delta_rule, gla,
 #      or the ops in GUARD_OPS), if PARTS has "guard" (~3 x 100 s: with gla-time, ~500 s);
-#   5d. tile configs through the api (mosaic_config_gpu.py), if PARTS has "configs" (~300 s):
-#      simple_gla at value blocks of 32 against the heuristic at (2, 16384, 16, 128) and
-#      (8, 4096, 16, 128); gla's storing walk at two stages (the heuristic at 64 programs)
-#      against one at (2, 16384, 16, 128); gated_delta_rule's bwd_stages=1 against the
-#      heuristic at (8, 4096, 16, 128);
+#   5d. tile configs through the api (mosaic_config_gpu.py), if PARTS has "configs" (~250 s):
+#      simple_gla at (2, 16384, 16, 128): the heuristic (value blocks of 32 there) against
+#      blocks of 64 and the sequence split in 2 and 4 segments (MosaicConfig.seq_split);
+#      gla's storing walk at two stages (the heuristic at 64 programs) against one at
+#      (2, 16384, 16, 128);
 #   5e. the fused gradient's WY kernels alone (wy_inverse, wy_fused_backward) at 2 / 4 / 8
 #      warps, with the rate of their bytes (wy_profile_gpu.py --fused-warps), if PARTS has
 #      "wy-warps" (~60 s);
@@ -112,9 +112,8 @@ case " $PARTS " in *" configs "*)
       --shapes $shapes --configs "$@" --budget "$budget" --out "$OUT/configs_$op" 2>&1 \
       | quiet | grep -E "^\{|rror" | cut -c1-300 | tee "$OUT/configs_$op.log"
   }
-  cfg simple_gla "2,16384,16,128 8,4096,16,128" 90 "" block_v=32
-  cfg gla "2,16384,16,128" 40 "" bwd_stages=1
-  cfg gated_delta_rule "8,4096,16,128" 40 "" bwd_stages=1;;
+  cfg simple_gla "2,16384,16,128" 90 "" block_v=64 seq_split=2 seq_split=4
+  cfg gla "2,16384,16,128" 40 "" bwd_stages=1;;
 esac
 case " $PARTS " in *" wy-warps "*)
   echo "== the fused gradient's WY kernels by warps"

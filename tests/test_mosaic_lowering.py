@@ -154,6 +154,95 @@ def test_packed_sequences_lower_forward_and_backward(op, h0, config, monkeypatch
         op != "simple_gla" and _resolved_fused_grad(config, bwd_mosaic))
 
 
+@needs_mosaic
+def test_seq_split_lowers_and_is_refused_where_it_does_not_apply(monkeypatch):
+    """``MosaicConfig(seq_split=n)`` (simple_gla, batch rows) lowers for CUDA with the same
+    Mosaic kernels as one walk (one forward, three under a gradient): the segments are rows
+    of the same kernels. Refused naming ``config``: packed sequences, more segments than
+    chunks, and the delta rules' and GLA's kernels; ``seq_split`` must be an int >= 1."""
+    from linearnexus.kernels.gla.mosaic import gla_mosaic
+
+    monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")
+    config = MosaicConfig(seq_split=4)
+
+    def fwd(q, k, v, g, s0):
+        return linear_attention_mosaic(q, k, v, g, scale=0.1, initial_state=s0, config=config,
+                                       check_device=False)
+
+    def loss(q, k, v, g, s0):
+        o, final = fwd(q, k, v, g, s0)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
+
+    specs = _specs(2, 1000, 2, 128, 128, True)
+    assert _lower(fwd, *specs).count("custom_call @mosaic_gpu") == 1
+    grad_text = _lower(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)), *specs)
+    assert grad_text.count("custom_call @mosaic_gpu") == 3
+    with pytest.raises(ValueError, match="seq_split"):
+        MosaicConfig(seq_split=0)
+    x = jnp.ones((1, 200, 1, 64), jnp.bfloat16)
+    gz = jnp.zeros((1, 200, 1))
+    with pytest.raises(ValueError, match="config: seq_split=8 at T=200"):
+        linear_attention_mosaic(x, x, x, gz, scale=1.0, config=MosaicConfig(seq_split=8),
+                                check_device=False)
+    with pytest.raises(ValueError, match="config: seq_split=2 cuts batch rows"):
+        linear_attention_mosaic(x, x, x, gz, scale=1.0, cu_seqlens=jnp.array([0, 50, 200]),
+                                config=MosaicConfig(seq_split=2), check_device=False)
+    with pytest.raises(ValueError, match="config: seq_split=2 is simple_gla's"):
+        delta_rule_mosaic(x, x, x, gz.astype(jnp.bfloat16), -jnp.ones((1, 200, 1)), scale=1.0,
+                          config=MosaicConfig(seq_split=2), check_device=False)
+    with pytest.raises(ValueError, match="config: seq_split=2 is simple_gla's"):
+        gla_mosaic(x, x, x, -jnp.ones((1, 200, 1, 64)), scale=1.0,
+                   config=MosaicConfig(seq_split=2), check_device=False)
+
+
+@pytest.mark.skipif(gpu_interpret_reason() is not None, reason=gpu_interpret_reason() or "")
+@pytest.mark.parametrize("B,T,split,with_h0", [(1, 300, 2, True), (2, 200, 3, False),
+                                               (1, 65, 2, True)])
+def test_seq_split_in_the_interpreter(B, T, split, with_h0):
+    """simple_gla with its rows cut into segments (``seq_split``) in JAX 0.11's Mosaic GPU
+    interpreter: outputs, final states and every gradient against the per-step reference
+    at the GPU thresholds and close to one walk's (the segments' entering states pass
+    through bf16 once more, as the walk's own q S products do). T = 300 in two segments of
+    three chunks (the last padded), 200 in three, 65 (two chunks) in two; head dims 40 / 72
+    padded; with and without an initial state."""
+    H, K, V = 2, 40, 72
+    q, k, v, g, _, s0, ks = _delta_inputs(7, B, T, H, K, V, B)
+    do = jax.random.normal(ks[0], (B, T, H, V))
+    dht = jax.random.normal(ks[1], (B, H, K, V))
+
+    def run(config, q, k, v, g, s0):
+        return linear_attention_mosaic(q, k, v, g, scale=K ** -0.5,
+                                       initial_state=s0 if with_h0 else None, config=config,
+                                       check_device=False)
+
+    def loss(fn, *args):
+        o, final = fn(*args)
+        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(final * dht), (o, final)
+
+    args = (q, k, v, g, s0)
+    argnums = (1, 2, 3, 4, 5) if with_h0 else (1, 2, 3, 4)
+    with gpu_interpret():
+        grads, (o, final) = jax.grad(loss, argnums, has_aux=True)(
+            functools.partial(run, MosaicConfig(seq_split=split)), *args)
+        one_grads, (o1, final1) = jax.grad(loss, argnums, has_aux=True)(
+            functools.partial(run, None), *args)
+    with jax.default_matmul_precision("highest"):
+        ref_grads, (ro, rf) = jax.grad(loss, argnums, has_aux=True)(
+            lambda q, k, v, g, s0: simple_gla_reference(q, k, v, g, scale=K ** -0.5,
+                                                        initial_state=s0 if with_h0 else None),
+            *(x.astype(jnp.float32) for x in args))
+
+    def rel(a, b):
+        return float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+
+    names = ("dq", "dk", "dv", "dg", "dh0")[:len(argnums)]
+    for name, a, one, ref, tol in (("o", o, o1, ro, 5e-3), ("final", final, final1, rf, 5e-3),
+                                   *((n, a, b, c, 1e-2) for n, a, b, c in zip(
+                                       names, grads, one_grads, ref_grads, strict=True))):
+        err, one_err = rel(a, ref), rel(one, ref)
+        assert err <= tol and err <= 1.5 * one_err + 1e-3, (name, err, one_err)
+
+
 def test_mosaic_declines_what_it_does_not_cover(monkeypatch):
     """What the kernel does not run raises NotImplementedError (so dispatch moves on), and a
     config over the shared-memory budget is a ValueError naming config."""

@@ -153,6 +153,13 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
     cfg = config or MosaicConfig()
     chunk = cfg.chunk or chunk_size or 64
     check_mosaic_call(q, k, v, chunk=chunk, check_device=check_device, cu_seqlens=cu_seqlens)
+    if (cfg.seq_split or 1) > 1:
+        if cu_seqlens is not None:
+            raise ValueError(f"config: seq_split={cfg.seq_split} cuts batch rows into segments; "
+                             "packed sequences (cu_seqlens) walk whole: leave it None")
+        return _split_walk(q, k, v, g, scale=scale, initial_state=initial_state, chunk=chunk,
+                           config=dataclasses.replace(cfg, seq_split=None),
+                           split=cfg.seq_split, check_device=check_device)
     heads = q.shape[2]
     dtype, kp, vp, plan, h0, (qc, kc, vc) = _chunk_inputs(q, k, v, initial_state, chunk,
                                                           cu_seqlens)
@@ -183,6 +190,63 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
     o, final = mosaic_core(st, qc, kc, vc, gc, h0, _packed_layout(plan))
     o = _unlayout(o, plan)[..., :v.shape[3]].astype(v.dtype)
     return o, final[:, :, :q.shape[3], :v.shape[3]]
+
+
+def _split_walk(q: Array, k: Array, v: Array, g: Array | None, *, scale: float,
+                initial_state: Array | None, chunk: int, config: MosaicConfig, split: int,
+                check_device: bool) -> tuple[Array, Array]:
+    """simple_gla with each batch row's sequence cut into ``split`` segments of whole chunks
+    (``MosaicConfig.seq_split``), walked as rows of their own from zero states: ``split``
+    times the programs of one walk. With ``S_s`` the state a segment ends on from zero,
+    ``D_s`` its total decay ``e^{sum g}`` and ``S_in`` the state it really starts from,
+
+        S_in(0) = h0,   S_in(s + 1) = D_s S_in(s) + S_s,   final = D_last S_in(last) + S_last,
+        o_t = o_t(from zero) + scale e^{b_t} q_t S_in(s)    (b_t: the segment's inclusive sums)
+
+    The gradient is autodiff of this composition: the kernels' own backward per segment
+    (the final states' cotangents from the combination), and XLA's for the rest. Arguments
+    and returns as :func:`linear_attention_mosaic` (batch rows; ``config`` without the
+    split).
+    """
+    batch, seq, heads, key_dim = q.shape
+    value_dim = v.shape[3]
+    n_chunks = -(-seq // chunk)
+    if split > n_chunks:
+        raise ValueError(f"config: seq_split={split} at T={seq} leaves segments without a chunk "
+                         f"of {chunk} tokens; use at most {n_chunks}")
+    per = -(-n_chunks // split) * chunk  # tokens a segment, whole chunks
+    total = per * split
+    gl = (jnp.zeros((batch, seq, heads), F32) if g is None
+          else floor_log_gate(g).astype(F32))
+
+    def cut(x: Array) -> Array:  # [B, T, H, *] -> [B * split, per, H, *], zeros after T
+        x = jnp.pad(x, [(0, 0), (0, total - seq)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape(batch * split, per, *x.shape[2:])  # [B, total, ..] -> [B*split, per, ..]
+
+    qs, gs = cut(q), cut(gl)  # (padded tokens: zero k and v, no decay: inert)
+    o_loc, s_loc = linear_attention_mosaic(qs, cut(k), cut(v), gs, scale=scale, chunk_size=chunk,
+                                           config=config, check_device=check_device)
+    b = jnp.cumsum(gs, axis=1)  # [B * split, per, H] in-segment inclusive sums
+    decay = jnp.exp(b[:, -1]).reshape(batch, split, heads)  # [B*split, H] -> [B, split, H]
+    s_loc = s_loc.reshape(batch, split, heads, key_dim, value_dim)  # [B*split, ..] -> [B, split, ..]
+    s_in = [jnp.zeros((batch, heads, key_dim, value_dim), F32) if initial_state is None
+            else initial_state.astype(F32)]
+    for i in range(1, split):  # a few [K, V] steps
+        s_in.append(decay[:, i - 1, :, None, None] * s_in[-1] + s_loc[:, i - 1])
+    final = decay[:, -1, :, None, None] * s_in[-1] + s_loc[:, -1]
+    # [B, split, H, K, V] -> [B * split, H, K, V]: each segment's entering state
+    s_in = jnp.stack(s_in, axis=1).reshape(batch * split, heads, key_dim, value_dim)
+    # the walk's own q S products take 16-bit states: S_in is rounded the same way. XLA:CPU
+    # has no 16-bit x 16-bit -> float32 dot (its DotThunk refuses one), so off the GPU (the
+    # Mosaic GPU interpreter) the same 16-bit values go in as float32: the same products
+    dtype = mosaic_dtype(q, k, v)
+    op = F32 if jax.default_backend() == "cpu" else dtype
+    # [B*split, per, H, K] x [B*split, H, K, V] -> [B*split, per, H, V]: q_t S_in per segment
+    carried = jnp.einsum("rthk,rhkv->rthv", qs.astype(dtype).astype(op),
+                         s_in.astype(dtype).astype(op), preferred_element_type=F32)
+    o = o_loc.astype(F32) + (scale * jnp.exp(b))[..., None] * carried
+    o = o.reshape(batch, total, heads, value_dim)[:, :seq]  # [B*split, per, ..] -> [B, T, ..]
+    return o.astype(v.dtype), final
 
 
 def decline_unless_packed_fits(check: Callable[[], None], *, key_dim: int,
