@@ -29,9 +29,9 @@
 #      blocks of 64 and the sequence split in 2 and 4 segments (MosaicConfig.seq_split);
 #      gla's storing walk at two stages (the heuristic at 64 programs) against one at
 #      (2, 16384, 16, 128);
-#   5e. the fused gradient's WY kernels alone (wy_inverse, wy_fused_backward) at 2 / 4 / 8
-#      warps, with the rate of their bytes (wy_profile_gpu.py --fused-warps), if PARTS has
-#      "wy-warps" (~60 s);
+#   5e. the fused gradient's WY kernels alone (wy_inverse; wy_fused_backward from dks and,
+#      as the default gradient runs it, from the states) at 2 / 4 / 8 warps, with the rate
+#      of their bytes (wy_profile_gpu.py --fused-warps), if PARTS has "wy-warps" (~90 s);
 #   6. the one-row decode kernels' tests compiled on the GPU, failures with their tracebacks
 #      (10 failed on an H100 on 2026-12-05: the tests' dispatch, fixed by tests/conftest.py's
 #      cpu_dispatch; docs/benchmarks.md), if PARTS has "gemv-tests".

@@ -155,8 +155,9 @@ def profile_shape(shape: tuple[int, int, int, int], variants: list[tuple], repea
 def fused_rows(shape: tuple[int, int, int, int], warps: list[int], repeats: int,
                deadline: float, results: dict, save) -> None:
     """The fused gradient's two WY kernels alone (``wy_inverse``: ``M^{-1}`` only;
-    ``wy_fused_backward``), at each warp count: time and the rate of the bytes each must
-    move (inputs read once, outputs written once; ``M^{-1}``'s float32 scratch not counted).
+    ``wy_fused_backward`` from ``dks``, and from the states as the default gradient runs
+    it), at each warp count: time and the rate of the bytes each must move (inputs read
+    once, outputs written once; ``M^{-1}``'s float32 scratch not counted).
     On an H200 (2026-12-06, (8, 4096, 16, 128)): 4 warps best for both (0.284 / 0.551 ms;
     2 warps 0.293 / 1.020, 8 warps 0.373 / 0.855)."""
     B, T, H, D = shape
@@ -171,7 +172,10 @@ def fused_rows(shape: tuple[int, int, int, int], warps: list[int], repeats: int,
     small = n * (2 + 4)  # beta (bf16) and the gate rows (float32)
     inv_bytes = n * D * 2 + small + n * chunk * 2  # k in, M^{-1} out
     bwd_bytes = 8 * n * D * 2 + small + 2 * n * 4  # k v vn dy dks dk0 in, dk dv out; dbeta db
-    for kind in ("inverse", "fused_bwd"):
+    states = jax.random.normal(keys[0], (B, T // chunk, H, D, D), F32).astype(k.dtype) * 0.1
+    # the states [B, NC, H, K, V] in place of dks: (D / chunk) n D 16-bit values
+    states_bytes = bwd_bytes - n * D * 2 + n * D * D // chunk * 2
+    for kind in ("inverse", "fused_bwd", "fused_bwd states"):
         for w in warps:
             label = f"{kind} w{w}"
             if time.time() > deadline:
@@ -181,9 +185,13 @@ def fused_rows(shape: tuple[int, int, int, int], warps: list[int], repeats: int,
             if kind == "inverse":
                 fn = jax.jit(lambda k, b, g, st=st: pallas_wy.wy_inverse(st, k, b, g))
                 args, nbytes = (k, beta, g), inv_bytes
-            else:
+            elif kind == "fused_bwd":
                 fn = jax.jit(lambda *a, st=st: pallas_wy.wy_fused_backward(st, *a))
                 args, nbytes = (k, v, beta, g, vn, dy, dks, dk_core), bwd_bytes
+            else:  # the default form since 2026-12-06 (mosaic_delta.DKS_IN_WY)
+                fn = jax.jit(lambda *a, st=st: pallas_wy.wy_fused_backward(
+                    st, *a[:6], None, a[7], states=a[6]))
+                args, nbytes = (k, v, beta, g, vn, dy, states, dk_core), states_bytes
             try:
                 ms = kg.host_time(lambda i, fn=fn, args=args: fn(*args), kg.jax_sync,
                                   repeats=repeats, n_sets=1)["ms"]

@@ -168,9 +168,11 @@ def test_seq_split_is_refused_where_it_does_not_apply():
         MosaicConfig(seq_split=0)
     x = jnp.ones((1, 200, 1, 64), jnp.bfloat16)
     gz = jnp.zeros((1, 200, 1))
-    with pytest.raises(ValueError, match="config: seq_split=8 at T=200"):
-        linear_attention_mosaic(x, x, x, gz, scale=1.0, config=MosaicConfig(seq_split=8),
-                                check_device=False)
+    for split, fits in ((8, 4), (3, 2)):  # 4 chunks: 3 segments of 2 leave the last empty
+        with pytest.raises(ValueError, match=f"config: seq_split={split} at T=200 .* at most "
+                                             f"{fits} would not"):
+            linear_attention_mosaic(x, x, x, gz, scale=1.0, config=MosaicConfig(seq_split=split),
+                                    check_device=False)
     with pytest.raises(ValueError, match="config: seq_split=2 cuts batch rows"):
         linear_attention_mosaic(x, x, x, gz, scale=1.0, cu_seqlens=jnp.array([0, 50, 200]),
                                 config=MosaicConfig(seq_split=2), check_device=False)
@@ -183,15 +185,16 @@ def test_seq_split_is_refused_where_it_does_not_apply():
 
 
 @pytest.mark.skipif(gpu_interpret_reason() is not None, reason=gpu_interpret_reason() or "")
-@pytest.mark.parametrize("B,T,split,with_h0", [(1, 300, 2, True), (2, 200, 3, False),
-                                               (1, 65, 2, True)])
+@pytest.mark.parametrize("B,T,split,with_h0", [(1, 300, 2, True), (2, 300, 3, False),
+                                               (1, 65, 2, True), (1, 1000, 4, True)])
 def test_seq_split_in_the_interpreter(B, T, split, with_h0):
     """simple_gla with its rows cut into segments (``seq_split``) in JAX 0.11's Mosaic GPU
     interpreter: outputs, final states and every gradient against the per-step reference
-    at the GPU thresholds and close to one walk's (the segments' entering states pass
-    through bf16 once more, as the walk's own q S products do). T = 300 in two segments of
-    three chunks (the last padded), 200 in three, 65 (two chunks) in two; head dims 40 / 72
-    padded; with and without an initial state."""
+    at the GPU thresholds and within 10% of one walk's error (measured: within 2%; the
+    segments' entering states pass through bf16, as the walk's own q S products take them,
+    and the joined output is rounded once more). T = 300 in two segments of three chunks
+    (the last padded) and in three of two, 65 (two chunks) in two, 1000 in four; head dims
+    40 / 72 padded; with and without an initial state."""
     H, K, V = 2, 40, 72
     q, k, v, g, _, s0, ks = _delta_inputs(7, B, T, H, K, V, B)
     do = jax.random.normal(ks[0], (B, T, H, V))
@@ -227,7 +230,7 @@ def test_seq_split_in_the_interpreter(B, T, split, with_h0):
                                    *((n, a, b, c, 1e-2) for n, a, b, c in zip(
                                        names, grads, one_grads, ref_grads, strict=True))):
         err, one_err = rel(a, ref), rel(one, ref)
-        assert err <= tol and err <= 1.5 * one_err + 1e-3, (name, err, one_err)
+        assert err <= tol and err <= 1.1 * one_err, (name, err, one_err)
 
 
 def test_mosaic_declines_what_it_does_not_cover(monkeypatch):

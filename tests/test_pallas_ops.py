@@ -303,6 +303,7 @@ def test_wy_inverse_matches_a_float64_inverse(gated):
     b = np.cumsum(chunks(g), axis=-1) if gated else np.zeros_like(bc)
     low = np.tril(np.ones((L, L), bool), -1)
     decay = np.where(low, np.exp(np.where(low, b[..., :, None] - b[..., None, :], 0.0)), 0.0)
+    # [R, H, NC, L, K] x [R, H, NC, L, K] -> [R, H, NC, L, L]: k_i . k_j per chunk
     m = np.eye(L) + bc[..., :, None] * np.einsum("rhcik,rhcjk->rhcij", kc, kc) * decay
     ref = np.linalg.inv(m)  # [R, H, NC, L, L]
     got = chunks(minv)
@@ -387,6 +388,8 @@ def test_wy_fused_backward_matches_autodiff(dtype, gated, from_states):
         with pytest.raises(ValueError, match="dks, states"):
             wy_fused_backward(st, *args, tok(dks).astype(dtype), dk_core.astype(dtype),
                               states=s_in.astype(dtype))
+        with pytest.raises(ValueError, match="dks, states"):
+            wy_fused_backward(st, *args, None, dk_core.astype(dtype))
     else:
         got = jax.jit(lambda *a: wy_fused_backward(st, *a))(
             *args, tok(dks).astype(dtype), dk_core.astype(dtype))

@@ -581,9 +581,10 @@ def mosaic_delta_fused_backward(st: MosaicStatic, q: Array, k: Array, minv: Arra
     The reverse walk reads ``M^{-1}`` and ``beta`` in place of ``w``: per chunk ``dvn`` as
     there, then ``dy = M^{-T} dvn`` (one more wgmma; ``dy`` is its output), and the state
     gradient takes ``- k^T (beta e^b dy)`` (which is ``w^T dvn``). ``dq / dk`` and the gate
-    terms are unchanged (``vn`` as the values); the ``dw`` kernel forms ``dks = -dy S_c^T``,
-    the cotangent of ``k S_c`` before its ``beta e^b`` row scale. ``pallas_wy.
-    wy_fused_backward`` then turns ``dy``, ``dks`` and ``vn`` into the WY part.
+    terms are unchanged (``vn`` as the values); with ``dks`` the ``dw`` kernel forms
+    ``dks = -dy S_c^T``, the cotangent of ``k S_c`` before its ``beta e^b`` row scale (else
+    ``pallas_wy.wy_fused_backward`` forms it from the states). That function then turns
+    ``dy``, ``dks`` (or the states) and ``vn`` into the WY part.
 
     Args:
         st: static description (``st.core.delta``, ``st.fused_grad``). q, k: ``[R, TP, H,

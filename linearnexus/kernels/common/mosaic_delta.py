@@ -41,7 +41,8 @@ more memory than that backend. Two backwards read them:
 * ``backward="mosaic"``: simple_gla's two Mosaic kernels (``mosaic_bwd.mosaic_delta_backward``):
   the reverse walk with ``w`` as one more input (``dvn`` is its ``dv``, and the state
   gradient takes ``- w^T dvn`` per chunk as a second wgmma into its accumulator), ``dq / dk``
-  with ``vn`` as the values, and ``dw = -dvn S_c^T`` as one batched XLA matmul.
+  with ``vn`` as the values, and ``dw = -dvn S_c^T`` in a Mosaic kernel of its own
+  (``mosaic_bwd.run_dw``; ``LINEARNEXUS_MOSAIC_DW_KERNEL=0``: one batched XLA matmul).
 
 Either way the WY preparation's own ``custom_vjp`` (``pallas_wy.py``) then carries ``dw``,
 ``du`` back to ``k``, ``v``, ``beta`` and ``g``.
@@ -49,8 +50,9 @@ Either way the WY preparation's own ``custom_vjp`` (``pallas_wy.py``) then carri
 With ``MosaicConfig.fused_grad`` (the default with the Mosaic backward) the gradient is
 formed from ``M^{-1}`` as well: the forward under a gradient is the fused walk storing ``S_c`` and ``vn``,
 the reverse walk forms ``dy = M^{-T} dvn`` and takes ``k^T (beta e^b dy)`` off the state
-gradient, the ``dw`` kernel forms ``-dy S_c^T``, and ``pallas_wy.wy_fused_backward`` finishes
-(``mosaic_bwd.mosaic_delta_fused_backward``); ``w`` and ``u`` are never formed: fwd+bwd
+gradient, and ``pallas_wy.wy_fused_backward`` finishes, forming ``-dy S_c^T`` from the stored
+states itself (:data:`DKS_IN_WY`; else the ``dw`` kernel forms it,
+``mosaic_bwd.mosaic_delta_fused_backward``); ``w`` and ``u`` are never formed: fwd+bwd
 2.786 ms against 3.081 at (8, 4096, 16, 128) bf16 on an H100 (:data:`DEFAULT_FUSED_GRAD`).
 """
 

@@ -43,6 +43,7 @@ from linearnexus.kernels.common.mosaic_chunk import (
     MosaicStatic,
     default_mosaic_config,
     env_switch,
+    interpret_kwargs,
     mosaic_backward_fits,
     mosaic_core,
     mosaic_unavailable_reason,
@@ -211,9 +212,15 @@ def _split_walk(q: Array, k: Array, v: Array, g: Array | None, *, scale: float,
     batch, seq, heads, key_dim = q.shape
     value_dim = v.shape[3]
     n_chunks = -(-seq // chunk)
-    if split > n_chunks:
-        raise ValueError(f"config: seq_split={split} at T={seq} leaves segments without a chunk "
-                         f"of {chunk} tokens; use at most {n_chunks}")
+
+    def last_has_tokens(s: int) -> bool:  # segments of ceil(n_chunks / s) whole chunks
+        return (s - 1) * -(-n_chunks // s) < n_chunks
+
+    if not last_has_tokens(split):
+        fits = max(s for s in range(1, split) if last_has_tokens(s))
+        raise ValueError(f"config: seq_split={split} at T={seq} ({n_chunks} chunks of {chunk}) "
+                         f"leaves the last segment without a token (segments of "
+                         f"{-(-n_chunks // split)} whole chunks); at most {fits} would not")
     per = -(-n_chunks // split) * chunk  # tokens a segment, whole chunks
     total = per * split
     gl = (jnp.zeros((batch, seq, heads), F32) if g is None
@@ -237,13 +244,14 @@ def _split_walk(q: Array, k: Array, v: Array, g: Array | None, *, scale: float,
     # [B, split, H, K, V] -> [B * split, H, K, V]: each segment's entering state
     s_in = jnp.stack(s_in, axis=1).reshape(batch * split, heads, key_dim, value_dim)
     # the walk's own q S products take 16-bit states: S_in is rounded the same way. XLA:CPU
-    # has no 16-bit x 16-bit -> float32 dot (its DotThunk refuses one), so off the GPU (the
-    # Mosaic GPU interpreter) the same 16-bit values go in as float32: the same products
+    # has no 16-bit x 16-bit -> float32 dot (its DotThunk refuses one), so in the Mosaic GPU
+    # interpreter (on the CPU) the same 16-bit values go in as float32: the same products
     dtype = mosaic_dtype(q, k, v)
-    op = F32 if jax.default_backend() == "cpu" else dtype
+    op = F32 if interpret_kwargs() else dtype
     # [B*split, per, H, K] x [B*split, H, K, V] -> [B*split, per, H, V]: q_t S_in per segment
     carried = jnp.einsum("rthk,rhkv->rthv", qs.astype(dtype).astype(op),
                          s_in.astype(dtype).astype(op), preferred_element_type=F32)
+    # (o_loc is the walk's 16-bit output: the sum is rounded once more)
     o = o_loc.astype(F32) + (scale * jnp.exp(b))[..., None] * carried
     o = o.reshape(batch, total, heads, value_dim)[:, :seq]  # [B*split, per, ..] -> [B, T, ..]
     return o.astype(v.dtype), final

@@ -22,7 +22,8 @@ cumulative log-gate ``b`` (turned into ``dg`` in JAX).
 
 When the walk itself forms ``vn = M^{-1} y``, ``y = beta (v - e^b (k S_c))`` (the delta rules'
 fused Mosaic gradient), its backward hands over ``dy = M^{-T} dvn`` and ``dks = -dy S_c^T``
-and :func:`wy_fused_backward` needs no ``M^{-1}``: ``X = dvn y^T`` there, so ``dA = -dy vn^T``,
+(or the stored states ``S_c``, from which the kernel forms ``dks``) and
+:func:`wy_fused_backward` needs no ``M^{-1}``: ``X = dvn y^T`` there, so ``dA = -dy vn^T``,
 and ``M^{-T} du``, ``M^{-T} dw`` above are ``dy`` and ``dks``.
 
 Pallas's Triton lowering cannot slice values, so sub-blocks are loaded from refs.
@@ -80,8 +81,8 @@ class WyStatic:
     minv_only: bool = False
     # wy_fused_backward: dks = -dy S_c^T formed here from the stored entering states
     # ([R, NC, H, K, V], read in [64, 64] tiles) instead of read from the Mosaic dw kernel's
-    # output: that kernel's read of dy and S_c and its write and this kernel's read of dks go
-    # (~0.4 GB at (8, 4096, 16, 128)), this kernel reads S_c (0.27 GB)
+    # output: that kernel's read of dy and S_c, its write of dks and this kernel's read of it
+    # (~0.67 GB at (8, 4096, 16, 128)) become this kernel's read of S_c (0.27 GB)
     dks_from_states: bool = False
 
 
@@ -299,7 +300,8 @@ def _wy_bwd_kernel(*refs, st: WyStatic):
 def _wy_bwd_fused_kernel(*refs, st: WyStatic):
     """One chunk's ``dk`` (added to the core's), ``dv``, ``dbeta`` (and ``db``) when the walk
     formed ``vn = M^{-1} y``, ``y = beta (v - e^b k S_c)`` itself: from ``dy = M^{-T} dvn``
-    and ``dks = -dy S_c^T`` (both from the Mosaic backward) and the stored ``vn``. No
+    and ``dks = -dy S_c^T`` (or the states it is formed from, ``st.dks_from_states``) and the
+    stored ``vn``. No
     ``M^{-1}`` here: ``dA = -dy vn^T`` (strictly lower), which is :func:`_wy_bwd_kernel`'s
     ``-M^{-T} X M^{-T}`` with ``X = dvn y^T``, and its ``M^{-T} du``, ``M^{-T} dw`` are ``dy``
     and ``dks``."""

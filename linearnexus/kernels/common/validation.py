@@ -292,7 +292,9 @@ def run_guarded(run: Callable[..., tuple[Array, Array]], q: Array, k: Array, v: 
     Guarding every call instead cost a copy of every input and output (+20-40% on a
     chunked forward, 2-core CPU). Reverse-mode differentiable through a ``custom_vjp``
     (forward-mode ``jvp`` is not supported): the fast path's backward, whose gradients
-    are NaN after bad inputs; a conditional under autodiff would make each branch carry
+    are NaN after bad inputs (a ``where`` over the cotangents, or with
+    :data:`GUARD_BACKWARD_ENV` = "cond" a conditional between that backward and NaN
+    gradients); a conditional under autodiff of the whole op would make each branch carry
     the other's residuals.
 
     Args:
@@ -360,8 +362,10 @@ def run_guarded(run: Callable[..., tuple[Array, Array]], q: Array, k: Array, v: 
 
     def guarded_bwd(res, ct):
         # after bad inputs the gradients are NaN (as the recurrence's would be): a NaN
-        # cotangent through the fast path's backward, rather than a conditional between two
-        # backward passes (its operands, every residual, were copied: +40% fwd+bwd on the CPU)
+        # cotangent through the fast path's backward, or ("cond") a conditional between that
+        # backward and NaN-filled gradients; not one between the fast and the guarded
+        # backward passes (its operands, every residual of both, were copied: +40% fwd+bwd
+        # on the CPU)
         ok, fast_vjp = res
         if bwd_form == "cond":
             shapes = jax.eval_shape(fast_vjp, ct)
