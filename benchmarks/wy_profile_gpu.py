@@ -39,6 +39,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
@@ -154,12 +155,13 @@ def profile_shape(shape: tuple[int, int, int, int], variants: list[tuple], repea
 
 def fused_rows(shape: tuple[int, int, int, int], warps: list[int], repeats: int,
                deadline: float, results: dict, save) -> None:
-    """The fused gradient's two WY kernels alone (``wy_inverse``: ``M^{-1}`` only;
-    ``wy_fused_backward`` from ``dks``, and from the states as the default gradient runs
-    it), at each warp count: time and the rate of the bytes each must move (inputs read
-    once, outputs written once; ``M^{-1}``'s float32 scratch not counted).
-    On an H200 (2026-12-06, (8, 4096, 16, 128)): 4 warps best for both (0.284 / 0.551 ms;
-    2 warps 0.293 / 1.020, 8 warps 0.373 / 0.855)."""
+    """The fused gradient's two WY kernels alone (``wy_inverse``: ``M^{-1}`` only, by block
+    substitution and by halves, ``WyStatic.inverse_halves``; ``wy_fused_backward`` from
+    ``dks``, and from the states as the default gradient runs it), at each warp count: time
+    and the rate of the bytes each must move (inputs read once, outputs written once;
+    ``M^{-1}``'s float32 scratch not counted). On an H200 (2026-12-06, (8, 4096, 16, 128)):
+    4 warps best for the substitution inverse and the backward from ``dks`` (0.284 / 0.551
+    ms; 2 warps 0.293 / 1.020, 8 warps 0.373 / 0.855)."""
     B, T, H, D = shape
     chunk = 64
     ins = kg.jax_inputs("gated_delta_rule", jax.random.PRNGKey(7), B, T, H, D, D, jnp.bfloat16)
@@ -175,14 +177,15 @@ def fused_rows(shape: tuple[int, int, int, int], warps: list[int], repeats: int,
     states = jax.random.normal(keys[0], (B, T // chunk, H, D, D), F32).astype(k.dtype) * 0.1
     # the states [B, NC, H, K, V] in place of dks: (D / chunk) n D 16-bit values
     states_bytes = bwd_bytes - n * D * 2 + n * D * D // chunk * 2
-    for kind in ("inverse", "fused_bwd", "fused_bwd states"):
+    for kind in ("inverse", "inverse halves", "fused_bwd", "fused_bwd states"):
         for w in warps:
             label = f"{kind} w{w}"
             if time.time() > deadline:
                 row[label] = "skipped: budget spent"
                 continue
             st = wy_static(B, T, H, D, chunk, True, w)
-            if kind == "inverse":
+            if kind.startswith("inverse"):  # by block substitution, or by halves
+                st = dataclasses.replace(st, inverse_halves=kind.endswith("halves"))
                 fn = jax.jit(lambda k, b, g, st=st: pallas_wy.wy_inverse(st, k, b, g))
                 args, nbytes = (k, beta, g), inv_bytes
             elif kind == "fused_bwd":

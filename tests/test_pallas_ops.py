@@ -237,15 +237,16 @@ def test_dispatch_never_picks_pallas_on_cpu(op):
                     dtype=jnp.float32, platform="gpu") == "jax"
 
 
-@pytest.mark.parametrize("low_wu,split_x", [(True, False), (True, True), (False, False)])
+@pytest.mark.parametrize("low_wu,split_x,halves", [(True, False, False), (True, True, False),
+                                                   (False, False, False), (True, False, True)])
 @pytest.mark.parametrize("gated", [True, False])
-def test_wy_preparation_forms_match_a_float64_solve(low_wu, split_x, gated):
+def test_wy_preparation_forms_match_a_float64_solve(low_wu, split_x, halves, gated):
     """The WY preparation's ``w = M^{-1} (beta e^b k)`` and ``u = M^{-1} (beta v)`` from bf16
     inputs (interpreted), with the 16-bit ``M^{-1}`` and operands (``low_wu``, the default),
     with the operands as a 16-bit hi + lo pair (``split_x``) and with the float32 ones,
     against per-chunk float64 triangular solves: within bf16 rounding of the largest entry
     (``low_wu`` alone rounds the operands once more: 1e-2, else 6e-3). Three chunks, K = 64,
-    V = 32, two heads, strong and weak gates."""
+    V = 32, two heads, strong and weak gates; ``halves``: ``M^{-1}`` by halves."""
     from linearnexus.kernels.common.pallas_wy import WyStatic, wy_prepare
 
     R, NC, L, H, K, V = 1, 3, 64, 2, 64, 32
@@ -256,7 +257,8 @@ def test_wy_preparation_forms_match_a_float64_solve(low_wu, split_x, gated):
     beta = jax.nn.sigmoid(jax.random.normal(ks[2], (R, NC * L, H))).astype(jnp.bfloat16)
     g = jax.nn.log_sigmoid(2.0 * jax.random.normal(ks[3], (R, NC * L, H))) if gated else None
     st = WyStatic(gated=gated, rows=R, n_chunks=NC, chunk=L, heads=H, key_dim=K, value_dim=V,
-                  exact=False, num_warps=4, interpret=True, low_wu=low_wu, split_x=split_x)
+                  exact=False, num_warps=4, interpret=True, low_wu=low_wu, split_x=split_x,
+                  inverse_halves=halves)
     w, u, k_out = jax.jit(lambda *a: wy_prepare(st, *a))(k, v, beta, g)
     assert np.array_equal(np.asarray(k_out, np.float32), np.asarray(k, np.float32))
 
@@ -277,11 +279,16 @@ def test_wy_preparation_forms_match_a_float64_solve(low_wu, split_x, gated):
         assert err <= tol, err
 
 
+@pytest.mark.parametrize("halves", [False, True])
 @pytest.mark.parametrize("gated", [True, False])
-def test_wy_inverse_matches_a_float64_inverse(gated):
-    """``wy_inverse`` (``M^{-1}`` alone, bf16, interpreted) against the float64 inverse of
-    ``M = I + A`` per chunk: within bf16 rounding of the largest entry, zero above the
-    diagonal. Three chunks, K = 48 (not a power of two), two heads, strong and weak gates."""
+def test_wy_inverse_matches_a_float64_inverse(gated, halves):
+    """``wy_inverse`` (``M^{-1}`` alone, bf16, interpreted), by block substitution and by
+    halves (``WyStatic.inverse_halves``), against the float64 inverse of ``M = I + A`` per
+    chunk: within bf16 rounding of the largest entry, zero above the diagonal, the two forms
+    within float32 rounding of each other before their bf16 store. Three chunks, K = 48 (not
+    a power of two), two heads, strong and weak gates; chunks of 32 too (two blocks)."""
+    import dataclasses
+
     from linearnexus.kernels.common.pallas_wy import WyStatic, wy_inverse
 
     R, NC, L, H, K = 1, 3, 64, 2, 48
@@ -291,9 +298,20 @@ def test_wy_inverse_matches_a_float64_inverse(gated):
     beta = jax.nn.sigmoid(jax.random.normal(ks[1], (R, NC * L, H))).astype(jnp.bfloat16)
     g = jax.nn.log_sigmoid(2.0 * jax.random.normal(ks[2], (R, NC * L, H))) if gated else None
     st = WyStatic(gated=gated, rows=R, n_chunks=NC, chunk=L, heads=H, key_dim=K, value_dim=K,
-                  exact=False, num_warps=4, interpret=True)
+                  exact=False, num_warps=4, interpret=True, inverse_halves=halves)
     minv = jax.jit(lambda *a: wy_inverse(st, *a))(k, beta, g)
     assert minv.shape == (R, NC * L, H, L) and minv.dtype == jnp.bfloat16
+    other = jax.jit(lambda *a: wy_inverse(dataclasses.replace(st, inverse_halves=not halves),
+                                          *a))(k, beta, g)
+    # the two forms sum the same products in another order; bf16 stores: one ulp at most
+    np.testing.assert_allclose(np.asarray(minv, np.float32), np.asarray(other, np.float32),
+                               rtol=1e-2, atol=1e-2 * float(jnp.max(jnp.abs(minv))))
+    if halves:  # chunks of 32: two blocks, one level
+        st32 = dataclasses.replace(st, n_chunks=NC * 2, chunk=32)
+        got32 = np.asarray(jax.jit(lambda *a: wy_inverse(st32, *a))(k, beta, g), np.float64)
+        sub = dataclasses.replace(st32, inverse_halves=False)
+        want32 = np.asarray(jax.jit(lambda *a: wy_inverse(sub, *a))(k, beta, g), np.float64)
+        assert np.max(np.abs(got32 - want32)) <= 1e-2 * np.max(np.abs(want32))
 
     def chunks(x):  # [R, NC * L, H, *] -> [R, H, NC, L, *] in float64
         x = np.asarray(x, np.float64).reshape(R, NC, L, H, *x.shape[3:])

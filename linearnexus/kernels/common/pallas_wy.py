@@ -84,6 +84,11 @@ class WyStatic:
     # output: that kernel's read of dy and S_c, its write of dks and this kernel's read of it
     # (~0.67 GB at (8, 4096, 16, 128)) become this kernel's read of S_c (0.27 GB)
     dks_from_states: bool = False
+    # M^{-1} by halves (16 -> 32 -> 64 rows: each level's lower-left block is
+    # -inv(lower) A_21 inv(upper), two dependent products) instead of block substitution
+    # (a chain of ~10 dependent products at L = 64); the same products in number. Opt-in
+    # until timed: the M^{-1} kernel is latency-bound (0.284 ms at 0.72 TB/s on an H200)
+    inverse_halves: bool = False
 
 
 def _dot(a, b, st: WyStatic, *, ta=False, tb=False, exact=False):
@@ -115,6 +120,26 @@ def _unit_lower_inverse(a, eye, st: WyStatic):
     a8 = _dot(a4, a4, st, exact=True)
     p = _dot(p, eye + a4, st, exact=True)
     return _dot(p, eye + a8, st, exact=True)
+
+
+def _inverse_by_halves(a: dict, eye, lo: int, n: int, st: WyStatic) -> dict:
+    """``(I + A)^{-1}``'s ``[SUB, SUB]`` blocks on and below the diagonal for block rows and
+    columns ``lo .. lo + n - 1`` (``n`` a power of two), from ``A``'s blocks ``a[i, j]``
+    (``j <= i``): the two halves' inverses ``P`` (upper) and ``Q`` (lower), then the
+    lower-left block ``-Q A_21 P`` as ``X = A_21 P`` and ``-Q X``, each a layer of
+    independent block products."""
+    if n == 1:
+        return {(lo, lo): _unit_lower_inverse(a[lo, lo], eye, st)}
+    h = n // 2
+    out = {**_inverse_by_halves(a, eye, lo, h, st), **_inverse_by_halves(a, eye, lo + h, h, st)}
+    upper, lower = range(lo, lo + h), range(lo + h, lo + n)
+    # X_ij = sum_m A_im P_mj (P lower triangular: m >= j)
+    x = {(i, j): sum(_dot(a[i, m], out[m, j], st, exact=True) for m in upper if m >= j)
+         for i in lower for j in upper}
+    for i in lower:  # -Q X (Q lower triangular: m <= i)
+        for j in upper:
+            out[i, j] = -sum(_dot(out[i, m], x[m, j], st, exact=True) for m in lower if m <= i)
+    return out
 
 
 def _barrier(st: WyStatic) -> None:
@@ -160,16 +185,19 @@ def _wy_fwd_kernel(*refs, st: WyStatic):
     _barrier(st)
     a = {(i, j): work_ref[r, pl.ds(t0 + i * SUB, SUB), h, pl.ds(j * SUB, SUB)]
          for i in range(nb) for j in range(i + 1)}
-    minv = {}
-    for i in range(nb):
-        minv[i, i] = _unit_lower_inverse(a[i, i], eye, st)
-    # blocks below the diagonal: M^{-1}_ij = -M^{-1}_ii sum_{j <= m < i} A_im M^{-1}_mj
-    for i in range(nb):
-        for j in range(i):
-            acc = jnp.zeros((SUB, SUB), F32)
-            for m in range(j, i):
-                acc += _dot(a[i, m], minv[m, j], st, exact=True)
-            minv[i, j] = -_dot(minv[i, i], acc, st, exact=True)
+    if st.inverse_halves:
+        minv = _inverse_by_halves(a, eye, 0, nb, st)
+    else:
+        minv = {}
+        for i in range(nb):
+            minv[i, i] = _unit_lower_inverse(a[i, i], eye, st)
+        # blocks below the diagonal: M^{-1}_ij = -M^{-1}_ii sum_{j <= m < i} A_im M^{-1}_mj
+        for i in range(nb):
+            for j in range(i):
+                acc = jnp.zeros((SUB, SUB), F32)
+                for m in range(j, i):
+                    acc += _dot(a[i, m], minv[m, j], st, exact=True)
+                minv[i, j] = -_dot(minv[i, i], acc, st, exact=True)
     # w and u read back the stored 16-bit M^{-1} (low) or the float32 one from the scratch,
     # which then replaces A there: every thread has used its blocks of A first
     low = (st.low_wu or st.minv_only) and bool(work)
