@@ -173,7 +173,7 @@ GUARD_SETTLE_FORMS = ("cond", "loop")
 
 #: how :func:`run_guarded`'s backward makes the gradients NaN after bad inputs: "where" (the
 #: default) a ``where`` over the cotangents before the fast path's backward (a pass over
-#: ``do`` that XLA cannot fuse into a custom call, though in a model it fuses into the
+#: ``do`` that XLA cannot fuse into a custom call, though in a model it can fuse into the
 #: cotangent's producer), or "cond" a ``lax.cond`` between that backward and NaN-filled
 #: gradients (no pass over ``do``). Read when the op is traced.
 GUARD_BACKWARD_ENV = "LINEARNEXUS_GUARD_BACKWARD"
