@@ -19,9 +19,10 @@ layout, ``kernels_gpu.host_time``:
   forward + backward, per variant (``--op-variants``, default all), and each variant's
   check against the naive reference (``kernels_gpu.check_linear``, bf16 thresholds;
   T = 1000, D = 128, dense and packed, with an initial state);
-* with ``--fused-warps``, first: the fused gradient's two WY kernels alone
-  (``wy_inverse``, ``M^{-1}`` only, and ``wy_fused_backward``) at each warp count, with
-  the rate of the bytes each must move (``--variants`` with no names skips the rest);
+* with ``--fused-warps``, first: the fused gradient's two WY kernels alone (``wy_inverse``,
+  ``M^{-1}`` only, by block substitution and by halves; ``wy_fused_backward`` from ``dks``
+  and from the states) at each warp count, with the rate of the bytes each must move
+  (``--variants`` with no names skips the rest);
 * FLA 0.6.0 in a child process: its preparation (``chunk_gated_delta_rule_fwd_intra``: the
   fused ``kkt + solve_tril`` kernel and ``recompute_w_u``) and the whole op, forward and
   forward + backward.

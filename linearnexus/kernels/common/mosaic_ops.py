@@ -213,15 +213,15 @@ def _split_walk(q: Array, k: Array, v: Array, g: Array | None, *, scale: float,
     value_dim = v.shape[3]
     n_chunks = -(-seq // chunk)
 
-    def last_has_tokens(s: int) -> bool:  # segments of ceil(n_chunks / s) whole chunks
-        return (s - 1) * -(-n_chunks // s) < n_chunks
+    def seg_chunks(s: int) -> int:  # chunks a segment when cut in s
+        return -(-n_chunks // s)
 
-    if not last_has_tokens(split):
-        fits = max(s for s in range(1, split) if last_has_tokens(s))
+    if (split - 1) * seg_chunks(split) >= n_chunks:  # the last segment would hold no token
+        fits = max(s for s in range(1, split) if (s - 1) * seg_chunks(s) < n_chunks)
         raise ValueError(f"config: seq_split={split} at T={seq} ({n_chunks} chunks of {chunk}) "
                          f"leaves the last segment without a token (segments of "
-                         f"{-(-n_chunks // split)} whole chunks); at most {fits} would not")
-    per = -(-n_chunks // split) * chunk  # tokens a segment, whole chunks
+                         f"{seg_chunks(split)} whole chunks); at most {fits} would not")
+    per = seg_chunks(split) * chunk  # tokens a segment
     total = per * split
     gl = (jnp.zeros((batch, seq, heads), F32) if g is None
           else floor_log_gate(g).astype(F32))

@@ -180,23 +180,23 @@ GUARD_BACKWARD_ENV = "LINEARNEXUS_GUARD_BACKWARD"
 GUARD_BACKWARD_FORMS = ("where", "cond")
 
 
-def guard_backward_form() -> str:
-    """The form :data:`GUARD_BACKWARD_ENV` names ("where" when unset); anything else is a
-    ``ValueError`` naming the variable."""
-    form = os.environ.get(GUARD_BACKWARD_ENV, "where")
-    if form not in GUARD_BACKWARD_FORMS:
-        raise ValueError(f"{GUARD_BACKWARD_ENV}: expected one of {GUARD_BACKWARD_FORMS}, "
-                         f"got {form!r}")
+def _env_form(name: str, forms: tuple[str, ...]) -> str:
+    """The form the environment variable ``name`` names (``forms[0]`` when unset); anything
+    else is a ``ValueError`` naming the variable."""
+    form = os.environ.get(name, forms[0])
+    if form not in forms:
+        raise ValueError(f"{name}: expected one of {forms}, got {form!r}")
     return form
+
+
+def guard_backward_form() -> str:
+    """The form :data:`GUARD_BACKWARD_ENV` names ("where" when unset)."""
+    return _env_form(GUARD_BACKWARD_ENV, GUARD_BACKWARD_FORMS)
 
 
 def guard_settle_form() -> str:
-    """The form :data:`GUARD_SETTLE_ENV` names ("cond" when unset); anything else is a
-    ``ValueError`` naming the variable."""
-    form = os.environ.get(GUARD_SETTLE_ENV, "cond")
-    if form not in GUARD_SETTLE_FORMS:
-        raise ValueError(f"{GUARD_SETTLE_ENV}: expected one of {GUARD_SETTLE_FORMS}, got {form!r}")
-    return form
+    """The form :data:`GUARD_SETTLE_ENV` names ("cond" when unset)."""
+    return _env_form(GUARD_SETTLE_ENV, GUARD_SETTLE_FORMS)
 
 
 def _token_ok(x: Array, valid: Callable[[Array], Array]) -> tuple[Array, Array]:
