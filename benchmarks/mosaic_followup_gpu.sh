@@ -26,7 +26,7 @@
 #      or the ops in GUARD_OPS), if PARTS has "guard" (~3 x 100 s: with gla-time, ~500 s);
 #   5d. tile configs through the api (mosaic_config_gpu.py), if PARTS has "configs" (~250 s):
 #      simple_gla at (2, 16384, 16, 128): the heuristic (value blocks of 32 there) against
-#      blocks of 64 and the sequence split in 2 and 4 segments (MosaicConfig.seq_split);
+#      blocks of 64;
 #      gla's storing walk at two stages (the heuristic at 64 programs) against one at
 #      (2, 16384, 16, 128);
 #   5e. the fused gradient's WY kernels alone (wy_inverse; wy_fused_backward from dks and,
@@ -112,8 +112,8 @@ case " $PARTS " in *" configs "*)
       --shapes $shapes --configs "$@" --budget "$budget" --out "$OUT/configs_$op" 2>&1 \
       | quiet | grep -E "^\{|rror" | cut -c1-300 | tee "$OUT/configs_$op.log"
   }
-  cfg simple_gla "2,16384,16,128" 90 "" block_v=64 seq_split=2 seq_split=4
-  cfg gla "2,16384,16,128" 40 "" bwd_stages=1;;
+  cfg simple_gla "2,16384,16,128" 60 "" block_v=64
+  cfg gla "2,16384,16,128" 100 "" bwd_stages=1;;
 esac
 case " $PARTS " in *" wy-warps "*)
   echo "== the fused gradient's WY kernels by warps"

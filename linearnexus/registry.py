@@ -118,7 +118,7 @@ register_op("mamba", "linearnexus.kernels.mamba.api", "selective_scan",
 # one-token kernel by name); retention and ssd run through simple_gla's backends
 LINEAR_OPS = ("simple_gla", "gla", "delta_rule", "gated_delta_rule", "retention", "ssd")
 #: ops with a "mosaic" backend (Mosaic GPU kernels, sm_90+); retention and ssd share simple_gla's
-#: (delta_rule and gated_delta_rule: the forward walk, automatic with LINEARNEXUS_MOSAIC_GDN=1;
+#: (delta_rule and gated_delta_rule: the forward walk, automatic unless LINEARNEXUS_MOSAIC_GDN=0;
 #: gla: the forward walk)
 MOSAIC_OPS = ("simple_gla", "retention", "ssd", "gla", "delta_rule", "gated_delta_rule")
 for _op in LINEAR_OPS:

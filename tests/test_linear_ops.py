@@ -662,3 +662,57 @@ def test_guard_settle_forms_agree(op, key, monkeypatch):
     monkeypatch.setenv(GUARD_BACKWARD_ENV, "mask")
     with pytest.raises(ValueError, match=GUARD_BACKWARD_ENV):
         fn(*arrays, initial_state=h0, **kwargs)
+
+
+def test_guard_reads_only_the_final_state_where_the_kernel_marks_outputs(key):
+    """A run that reports (a third return, True) that its final state is non-finite wherever
+    its output is (the Mosaic GPU walks) has its output's finiteness left unread: a stand-in
+    whose output leaks a bad q's NaN everywhere while its state stays finite is returned as
+    it is, and without the report the same run is caught and settled causally (NaN at the
+    bad step only). ``run_op`` reports the flag of the kernel that ran, in chunk mode only,
+    after a backend that declined."""
+    from linearnexus.kernels.common.backends import run_op
+    from linearnexus.kernels.common.validation import run_guarded
+
+    B, T, H, K, V = 1, 8, 1, 4, 4
+    q = jax.random.normal(key, (B, T, H, K))
+    bad = q.at[0, 3, 0, 0].set(jnp.nan)
+
+    def leaky(marks):
+        def run(q, k, v, *gates, initial_state, cu_seqlens):
+            o = jnp.where(jnp.isnan(q).any(), jnp.nan, 1.0) * jnp.ones((B, T, H, V))
+            return o, jnp.zeros((B, H, K, V)), marks  # the state never sees q
+        return run
+
+    for marks in (True, False):
+        o, final = run_guarded(leaky(marks), bad, q, q, (), initial_state=None, cu_seqlens=None)
+        nan_at = np.isnan(np.asarray(o)).any(axis=(2, 3))[0]  # [T]
+        want = np.ones(T, bool) if marks else np.arange(T) == 3
+        np.testing.assert_array_equal(nan_at, want, err_msg=f"marks={marks}")
+        assert np.isfinite(np.asarray(final)).all()
+        o, _ = run_guarded(leaky(marks), q, q, q, (), initial_state=None, cu_seqlens=None)
+        np.testing.assert_array_equal(np.asarray(o), np.ones((B, T, H, V)))
+
+    class Stand:
+        def __init__(self, marks: bool, declines: bool) -> None:
+            self.final_marks_outputs, self.declines = marks, declines
+
+        def supports(self, *, platform, dtype):
+            return True
+
+        def forward_chunk(self, q, k, v, *, initial_state, grid=None, **kwargs):
+            if self.declines:
+                raise NotImplementedError("stand-in declines")
+            return v, jnp.zeros((B, H, K, V))
+
+        forward_recurrent = forward_chunk
+
+    def report(order, mode, **backends):
+        got: list[bool] = []
+        run_op("stand", backends, order, (q, q, q), initial_state=None, output_final_state=True,
+               chunk_size=4, mode=mode, backend=None, dtype=q.dtype, report=got)
+        return got
+
+    assert report(("a", "b"), "chunk", a=Stand(True, True), b=Stand(False, False)) == [True, False]
+    assert report(("a", "b"), "chunk", a=Stand(True, False), b=Stand(False, False)) == [True]
+    assert report(("a",), "recurrent", a=Stand(True, False)) == [False]

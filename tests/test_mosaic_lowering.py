@@ -70,8 +70,6 @@ def _specs(B, T, H, K, V, h0):
     ((1, 1100, 2, 128, 128), True, MosaicConfig(chunk=128)),
     # value blocks of 32 (every wgmma operand at a 64-byte swizzle), the Mosaic backward
     ((2, 1000, 2, 128, 128), True, MosaicConfig(block_v=32)),
-    # each row walked as four segments (the same kernels, four times the rows)
-    ((2, 1000, 2, 128, 128), True, MosaicConfig(seq_split=4)),
 ])
 def test_simple_gla_mosaic_lowers_forward_and_backward(shape, h0, config, monkeypatch):
     """Forward (the Mosaic GPU kernel) and its gradient lower for CUDA: with the Mosaic
@@ -154,83 +152,6 @@ def test_packed_sequences_lower_forward_and_backward(op, h0, config, monkeypatch
     # the gradient from M^{-1}: its WY backward is the one that takes dy (named in the text)
     assert ("_wy_bwd_fused_kernel" in grad_text) == (
         op != "simple_gla" and _resolved_fused_grad(config, bwd_mosaic))
-
-
-@needs_mosaic
-def test_seq_split_is_refused_where_it_does_not_apply():
-    """``MosaicConfig(seq_split=n)`` (simple_gla, batch rows; its lowering is a case of
-    ``test_simple_gla_mosaic_lowers_forward_and_backward``) is refused naming ``config``
-    for packed sequences, more segments than chunks, and the delta rules' and GLA's
-    kernels; ``seq_split`` must be an int >= 1."""
-    from linearnexus.kernels.gla.mosaic import gla_mosaic
-
-    with pytest.raises(ValueError, match="seq_split"):
-        MosaicConfig(seq_split=0)
-    x = jnp.ones((1, 200, 1, 64), jnp.bfloat16)
-    gz = jnp.zeros((1, 200, 1))
-    for split, fits in ((8, 4), (3, 2)):  # 4 chunks: 3 segments of 2 leave the last empty
-        with pytest.raises(ValueError, match=f"config: seq_split={split} at T=200 .* at most "
-                                             f"{fits} would not"):
-            linear_attention_mosaic(x, x, x, gz, scale=1.0, config=MosaicConfig(seq_split=split),
-                                    check_device=False)
-    with pytest.raises(ValueError, match="config: seq_split=2 cuts batch rows"):
-        linear_attention_mosaic(x, x, x, gz, scale=1.0, cu_seqlens=jnp.array([0, 50, 200]),
-                                config=MosaicConfig(seq_split=2), check_device=False)
-    with pytest.raises(ValueError, match="config: seq_split=2 is simple_gla's"):
-        delta_rule_mosaic(x, x, x, gz.astype(jnp.bfloat16), -jnp.ones((1, 200, 1)), scale=1.0,
-                          config=MosaicConfig(seq_split=2), check_device=False)
-    with pytest.raises(ValueError, match="config: seq_split=2 is simple_gla's"):
-        gla_mosaic(x, x, x, -jnp.ones((1, 200, 1, 64)), scale=1.0,
-                   config=MosaicConfig(seq_split=2), check_device=False)
-
-
-@pytest.mark.skipif(gpu_interpret_reason() is not None, reason=gpu_interpret_reason() or "")
-@pytest.mark.parametrize("B,T,split,with_h0", [(1, 300, 2, True), (2, 300, 3, False),
-                                               (1, 65, 2, True), (1, 1000, 4, True)])
-def test_seq_split_in_the_interpreter(B, T, split, with_h0):
-    """simple_gla with its rows cut into segments (``seq_split``) in JAX 0.11's Mosaic GPU
-    interpreter: outputs, final states and every gradient against the per-step reference
-    at the GPU thresholds and within 10% of one walk's error (measured: within 2%; the
-    segments' entering states pass through bf16, as the walk's own q S products take them,
-    and the joined output is rounded once more). T = 300 in two segments of three chunks
-    (the last padded) and in three of two, 65 (two chunks) in two, 1000 in four; head dims
-    40 / 72 padded; with and without an initial state."""
-    H, K, V = 2, 40, 72
-    q, k, v, g, _, s0, ks = _delta_inputs(7, B, T, H, K, V, B)
-    do = jax.random.normal(ks[0], (B, T, H, V))
-    dht = jax.random.normal(ks[1], (B, H, K, V))
-
-    def run(config, q, k, v, g, s0):
-        return linear_attention_mosaic(q, k, v, g, scale=K ** -0.5,
-                                       initial_state=s0 if with_h0 else None, config=config,
-                                       check_device=False)
-
-    def loss(fn, *args):
-        o, final = fn(*args)
-        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(final * dht), (o, final)
-
-    args = (q, k, v, g, s0)
-    argnums = (1, 2, 3, 4, 5) if with_h0 else (1, 2, 3, 4)
-    with gpu_interpret():
-        grads, (o, final) = jax.grad(loss, argnums, has_aux=True)(
-            functools.partial(run, MosaicConfig(seq_split=split)), *args)
-        one_grads, (o1, final1) = jax.grad(loss, argnums, has_aux=True)(
-            functools.partial(run, None), *args)
-    with jax.default_matmul_precision("highest"):
-        ref_grads, (ro, rf) = jax.grad(loss, argnums, has_aux=True)(
-            lambda q, k, v, g, s0: simple_gla_reference(q, k, v, g, scale=K ** -0.5,
-                                                        initial_state=s0 if with_h0 else None),
-            *(x.astype(jnp.float32) for x in args))
-
-    def rel(a, b):
-        return float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
-
-    names = ("dq", "dk", "dv", "dg", "dh0")[:len(argnums)]
-    for name, a, one, ref, tol in (("o", o, o1, ro, 5e-3), ("final", final, final1, rf, 5e-3),
-                                   *((n, a, b, c, 1e-2) for n, a, b, c in zip(
-                                       names, grads, one_grads, ref_grads, strict=True))):
-        err, one_err = rel(a, ref), rel(one, ref)
-        assert err <= tol and err <= 1.1 * one_err, (name, err, one_err)
 
 
 def test_mosaic_declines_what_it_does_not_cover(monkeypatch):
@@ -522,6 +443,83 @@ def test_mosaic_matches_reference_in_the_interpreter(op, monkeypatch):
     errors = {n: rel(a, b) for n, a, b in zip(names, grads, ref_grads, strict=True)
               if with_h0 or n != "dh0"}  # without an initial state its gradient is not asked
     assert max(errors.values()) <= 1e-2, errors
+
+
+@pytest.mark.skipif(REASON is not None or gpu_interpret_reason() is not None,
+                    reason=REASON or gpu_interpret_reason() or "")
+@pytest.mark.parametrize("op", ["simple_gla", "simple_gla/packed", "gated_delta_rule",
+                                "gated_delta_rule/packed"])
+def test_final_state_marks_non_finite_outputs_in_the_interpreter(op, monkeypatch):
+    """The walks add ``o * 0`` (the delta rules: ``(q S_c) * 0``) to the state update, so a
+    NaN in one q row leaves the final state of that head's row (packed: of its sequence)
+    NaN, in the plain forward and in the forward under a gradient, the outputs it reaches
+    (the bad step's, later chunks') NaN and every other final state and output bit for bit
+    as on clean inputs. The guard, told so (``run_guarded``'s
+    third return), reads only the final states and still returns the reference's causal
+    NaN: the output at the bad step only, every final state finite and as the reference's.
+    JAX 0.11's Mosaic GPU interpreter; bf16, T = 100 (two chunks, the last padded) or
+    packed sequences of 70 and 30, K = V = 64."""
+    from linearnexus.kernels.common.validation import run_guarded
+
+    packed = op.endswith("/packed")
+    monkeypatch.delenv(PACKED_ENV, raising=False)
+    B, T, H, K, V = (1, 100, 2, 64, 64) if packed else (2, 100, 2, 64, 64)
+    cu = jnp.array([0, 70, 100], jnp.int32) if packed else None
+    row, t_bad = (0, 80) if packed else (1, 40)  # packed: step 10 of the second sequence
+    bad_state = (1, 0) if packed else (row, 0)  # (sequence or row, head) the NaN reaches
+    q, k, v, g, beta, _, _ = _delta_inputs(5, B, T, H, K, V, B)
+    q_bad = q.at[row, t_bad, 0, 3].set(jnp.nan)
+    gated = op.startswith("gated_delta_rule")
+    gates = (("g", g), ("beta", beta)) if gated else (("g", g),)
+
+    def mosaic(q, k, v, *gate_arrays, initial_state=None, cu_seqlens=cu):
+        if gated:
+            g_, beta_ = gate_arrays
+            return delta_rule_mosaic(q, k, v, beta_, g_, scale=K ** -0.5, cu_seqlens=cu_seqlens,
+                                     initial_state=initial_state, check_device=False)
+        return linear_attention_mosaic(q, k, v, gate_arrays[0], scale=K ** -0.5,
+                                       cu_seqlens=cu_seqlens, initial_state=initial_state,
+                                       check_device=False)
+
+    def reference(q, k, v, *gate_arrays):
+        f32 = [x.astype(jnp.float32) for x in (q, k, v, *gate_arrays)]
+        if gated:
+            return gated_delta_rule_reference(*f32, scale=K ** -0.5, cu_seqlens=cu)
+        return simple_gla_reference(*f32, scale=K ** -0.5, cu_seqlens=cu)
+
+    arrays = [a for _, a in gates]
+    with gpu_interpret():
+        o_clean, f_clean = mosaic(q, k, v, *arrays)
+        o_bad, f_bad = mosaic(q_bad, k, v, *arrays)
+        (_, f_grad), _ = jax.vjp(lambda q: mosaic(q, k, v, *arrays), q_bad)
+        o_g, f_g = run_guarded(lambda *a, **kw: (*mosaic(*a, **kw), True), q_bad, k, v, gates,
+                               initial_state=None, cu_seqlens=cu)
+    f_bad, f_clean, f_grad = (np.asarray(x) for x in (f_bad, f_clean, f_grad))
+    for final in (f_bad, f_grad):
+        assert np.isnan(final[bad_state]).all()
+        others = np.ones(final.shape[:2], bool)
+        others[bad_state] = False
+        np.testing.assert_array_equal(final[others], f_clean[others])
+    o_bad, o_clean = np.asarray(o_bad, np.float32), np.asarray(o_clean, np.float32)
+    rows_bad = np.isnan(o_bad).any(axis=-1)  # [B, T, H]
+    # the NaN state reaches later chunks' outputs (that row or sequence and head), never
+    # earlier ones
+    reach = np.zeros_like(rows_bad)
+    reach[row, t_bad:(cu[2] if packed else T), 0] = True
+    assert rows_bad[row, t_bad, 0] and not (rows_bad & ~reach).any()
+    np.testing.assert_array_equal(o_bad[~rows_bad], o_clean[~rows_bad])
+
+    ro, rf = reference(q_bad, k, v, *arrays)
+    o_g = np.asarray(o_g, np.float32)
+    np.testing.assert_array_equal(np.isnan(o_g), np.isnan(np.asarray(ro)))
+    assert np.isfinite(np.asarray(f_g)).all()
+    keep = ~np.isnan(o_g)
+
+    def rel(a, b):
+        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+    assert rel(o_g[keep], np.asarray(ro)[keep]) <= 5e-3
+    assert rel(np.asarray(f_g), np.asarray(rf)) <= 5e-3
 
 
 @needs_mosaic

@@ -90,12 +90,21 @@ def check_chunk_size(chunk_size: int | None, default: int) -> int:
 def run_op(op_name: str, backends: Mapping[str, Any], order: Sequence[str], arrays: tuple[Array, ...],
            *, initial_state: Array | None, output_final_state: bool, chunk_size: int,
            mode: KernelMode | str | None, backend: str | None, dtype: DType,
-           chunk_size_given: bool = True, **kwargs: Any) -> tuple[Array, Array | None]:
-    """Pick the mode and backend, run the op, drop the final state unless asked for."""
+           chunk_size_given: bool = True, report: list[bool] | None = None,
+           **kwargs: Any) -> tuple[Array, Array | None]:
+    """Pick the mode and backend, run the op, drop the final state unless asked for.
+
+    ``report``, when given, gets one bool appended: whether the kernel that ran marks a
+    non-finite output in its final state (chunk mode on a backend whose
+    ``final_marks_outputs`` is set; :func:`validation.run_guarded` then reads only the
+    final state)."""
     run_mode = resolve_mode(mode, arrays[0].shape[1])
     grid = GridConfig(chunk_size=chunk_size, chunk_size_given=chunk_size_given)
 
     def call(kernel):
+        if report is not None:
+            report.append(run_mode is KernelMode.CHUNK
+                          and bool(getattr(kernel, "final_marks_outputs", False)))
         if run_mode is KernelMode.CHUNK:
             return kernel.forward_chunk(*arrays, initial_state=initial_state, grid=grid, **kwargs)
         return kernel.forward_recurrent(*arrays, initial_state=initial_state, **kwargs)
@@ -153,10 +162,13 @@ def check_and_run(op_name: str, backends: Mapping[str, Any], order: Sequence[str
     cu_seqlens_ok(cu_seqlens, seq)  # the checkify switch's check (traced offsets only)
 
     def run(*arrays, initial_state, cu_seqlens):
-        return run_op(op_name, backends, order, arrays, initial_state=initial_state,
-                      output_final_state=True, chunk_size=chunk_size, mode=mode,
-                      backend=backend, dtype=arrays[0].dtype, scale=scale,
-                      cu_seqlens=cu_seqlens, chunk_size_given=chunk_size_given)
+        report: list[bool] = []  # whether the kernel that ran marks outputs in its state
+        o, final = run_op(op_name, backends, order, arrays, initial_state=initial_state,
+                          output_final_state=True, chunk_size=chunk_size, mode=mode,
+                          backend=backend, dtype=arrays[0].dtype, scale=scale,
+                          cu_seqlens=cu_seqlens, chunk_size_given=chunk_size_given,
+                          report=report)
+        return o, final, report[-1]
 
     recurrent = resolve_mode(mode, seq) is KernelMode.RECURRENT
     names = gate_names

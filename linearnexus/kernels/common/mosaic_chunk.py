@@ -30,6 +30,19 @@ a fresh chunk; the walks read each chunk's sequence and open / close flags, load
 sequence's initial state where it opens and store its final state where it closes). The
 delta rules run the same walk with ``core.delta`` set (``mosaic_delta.py``).
 
+Finite outputs: the api's guard (``validation.run_guarded``) needs to know whether an output
+or the final state is not finite (then a bad input reached them), and otherwise reads the
+whole output for it. The walk folds that into its state instead. Non-finite ``k``, ``v``,
+gates or ``beta`` reach the state anyway; a non-finite ``q`` row reaches only its output
+and ``q S_c``'s row, so each chunk adds ``(q S_c) * 0`` (0, or NaN in exactly those rows) to
+the decayed values of the state update (simple_gla: summed over the row first, a ``[L]``
+vector added to the decay factors, so that no ``[L, BV]`` tile stays live in registers
+until the update: keeping one there cost 45% of the forward on an H100). For finite rows
+that adds exactly zero; a non-finite row turns the state NaN from that chunk on, so the
+final state of its sequence is NaN and the guard reads only the final states
+(``MosaicKernel.final_marks_outputs``). An output that overflows from finite inputs is the
+one difference, harmless: the guard's other path would return the same values.
+
 Backward (``mosaic_core``'s custom_vjp): under a gradient the forward also stores every
 chunk's entering state (``store_states``: the bf16 state tile of the ``q S_c`` matmul
 becomes a pipeline output slot), and the Mosaic GPU kernels of ``mosaic_bwd.py`` run the
@@ -145,14 +158,6 @@ class MosaicConfig:
             storing ``S_c`` and ``vn``, the reverse walk forms ``dy = M^{-T} dvn`` and takes
             ``k^T (beta e^b dy)`` off the state gradient, and the WY backward works from
             ``dy`` and ``vn`` (no ``w``, ``u``, no products by ``M^{-1}`` there).
-        seq_split: simple_gla only (batch rows): cut each row's sequence into this many
-            segments of whole chunks and walk them as rows of their own, from zero states,
-            so the grid has that many times the programs; each segment's entering state is
-            then the decayed sum of the ones before (a few ``[K, V]`` steps in XLA) and its
-            outputs get ``scale e^{b_t} q_t S_in`` added (``b_t`` the segment's cumulative
-            log-gate). None or 1: one walk. For small grids on long sequences
-            (``mosaic_ops.linear_attention_mosaic``); the gradient is autodiff of that
-            composition (the kernels' own backward per segment).
 
     One stage leaves room in shared memory for two programs per SM, whose copies and
     dependent wgmma chains then overlap each other's (measured: faster for the plain forward
@@ -167,14 +172,13 @@ class MosaicConfig:
     dqk_stages: int | None = None
     fused_wy: bool | None = None
     fused_grad: bool | None = None
-    seq_split: int | None = None
 
     def __post_init__(self) -> None:
         if self.chunk is not None and self.chunk not in (64, 128):
             raise ValueError(f"chunk: expected 64, 128 or None, got {self.chunk!r}")
         if self.block_v is not None and self.block_v not in (32, 64, 128):
             raise ValueError(f"block_v: expected 32, 64, 128 or None, got {self.block_v!r}")
-        for name in ("stages", "bwd_stages", "dqk_stages", "seq_split"):
+        for name in ("stages", "bwd_stages", "dqk_stages"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
@@ -530,7 +534,10 @@ def _forward_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> 
                 vn = _load(v_smem, wgmma_layout).astype(F32) - ws  # [L, BV]
             d_row = _load(d_smem, rows_layout)  # [L]
             vn_tile[...] = vn.astype(dtype)
-            vd_smem[...] = (vn * jax.lax.broadcast_in_dim(d_row, (L, BV), [0])).astype(dtype)
+            # + qs * 0: the state carries q's finiteness (0, or NaN in a non-finite q row;
+            # module doc, "Finite outputs"); qs is live here anyway
+            vd_smem[...] = (vn * jax.lax.broadcast_in_dim(d_row, (L, BV), [0])
+                            + qs * 0.0).astype(dtype)
             plgpu.commit_smem()
             av_smem = vn_tile
         else:
@@ -540,6 +547,9 @@ def _forward_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> 
                 return acc_qk[...], acc_o[...]
 
             qk, qs = pl.run_scoped(intra, plgpu.ACC((L, L), F32), plgpu.ACC((L, BV), F32))
+            # q's finiteness for the state (module doc, "Finite outputs"): 0 per row, NaN in
+            # a non-finite q row; a [L] row vector, so no tile lives on to the state update
+            q_bad = jnp.sum(qs * 0.0, axis=1)  # [L]
         b_col = _load(b_smem, cols_layout)  # [L], one per key column
         diff = (jax.lax.broadcast_in_dim(b_row, (L, L), [0])
                 - jax.lax.broadcast_in_dim(b_col, (L, L), [1]))
@@ -558,7 +568,8 @@ def _forward_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> 
         if not delta:
             d_row = _load(d_smem, rows_layout)  # [L]
             v = _load(v_smem, wgmma_layout).astype(F32)  # [L, BV]
-            vd_smem[...] = (v * jax.lax.broadcast_in_dim(d_row, (L, BV), [0])).astype(dtype)
+            vd_smem[...] = (v * jax.lax.broadcast_in_dim(d_row + q_bad, (L, BV), [0])
+                            ).astype(dtype)
             plgpu.commit_smem()
         e_row = _load(e_smem, rows_layout)  # [K], e^{b_L} repeated
 

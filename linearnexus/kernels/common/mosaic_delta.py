@@ -214,10 +214,6 @@ def check_delta_config(cfg: MosaicConfig, *, key_dim: int, value_dim: int,
     if cfg.backward == "pallas" and cfg.dqk_stages is not None:
         raise ValueError("config: dqk_stages sets the Mosaic backward's dq / dk kernel, which "
                          "backward='pallas' does not run; leave it None")
-    if cfg.seq_split not in (None, 1):
-        raise ValueError(f"config: seq_split={cfg.seq_split} is simple_gla's (segments joined "
-                         "by a decay and a linear correction); the delta rules carry an entering "
-                         "state through products of (I - beta k k^T) factors: leave it None")
     if cfg.backward == "mosaic" and not delta_backward_fits(key_dim=key_dim, value_dim=value_dim,
                                                             packed=packed):
         raise ValueError(f"config: backward='mosaic' at K={key_dim}, V={value_dim}: the dq / dk "

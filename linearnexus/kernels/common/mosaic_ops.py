@@ -20,8 +20,7 @@ it and to store its final state (``dh0``) there.
 
 The delta rules (``delta_rule_mosaic``: Triton WY preparation, Mosaic GPU walk, Triton
 or Mosaic GPU backward) carry an ``opt_in`` (``mosaic_delta.delta_opted_in``): automatic
-dispatch passes them by unless ``LINEARNEXUS_MOSAIC_GDN=1`` (slower than pallas in LM
-training).
+dispatch takes them (faster than pallas in LM training) unless ``LINEARNEXUS_MOSAIC_GDN=0``.
 """
 
 from __future__ import annotations
@@ -43,7 +42,6 @@ from linearnexus.kernels.common.mosaic_chunk import (
     MosaicStatic,
     default_mosaic_config,
     env_switch,
-    interpret_kwargs,
     mosaic_backward_fits,
     mosaic_core,
     mosaic_unavailable_reason,
@@ -154,13 +152,6 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
     cfg = config or MosaicConfig()
     chunk = cfg.chunk or chunk_size or 64
     check_mosaic_call(q, k, v, chunk=chunk, check_device=check_device, cu_seqlens=cu_seqlens)
-    if (cfg.seq_split or 1) > 1:
-        if cu_seqlens is not None:
-            raise ValueError(f"config: seq_split={cfg.seq_split} cuts batch rows into segments; "
-                             "packed sequences (cu_seqlens) walk whole: leave it None")
-        return _split_walk(q, k, v, g, scale=scale, initial_state=initial_state, chunk=chunk,
-                           config=dataclasses.replace(cfg, seq_split=None),
-                           split=cfg.seq_split, check_device=check_device)
     heads = q.shape[2]
     dtype, kp, vp, plan, h0, (qc, kc, vc) = _chunk_inputs(q, k, v, initial_state, chunk,
                                                           cu_seqlens)
@@ -191,70 +182,6 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
     o, final = mosaic_core(st, qc, kc, vc, gc, h0, _packed_layout(plan))
     o = _unlayout(o, plan)[..., :v.shape[3]].astype(v.dtype)
     return o, final[:, :, :q.shape[3], :v.shape[3]]
-
-
-def _split_walk(q: Array, k: Array, v: Array, g: Array | None, *, scale: float,
-                initial_state: Array | None, chunk: int, config: MosaicConfig, split: int,
-                check_device: bool) -> tuple[Array, Array]:
-    """simple_gla with each batch row's sequence cut into ``split`` segments of whole chunks
-    (``MosaicConfig.seq_split``), walked as rows of their own from zero states: ``split``
-    times the programs of one walk. With ``S_s`` the state a segment ends on from zero,
-    ``D_s`` its total decay ``e^{sum g}`` and ``S_in`` the state it really starts from,
-
-        S_in(0) = h0,   S_in(s + 1) = D_s S_in(s) + S_s,   final = D_last S_in(last) + S_last,
-        o_t = o_t(from zero) + scale e^{b_t} q_t S_in(s)    (b_t: the segment's inclusive sums)
-
-    The gradient is autodiff of this composition: the kernels' own backward per segment
-    (the final states' cotangents from the combination), and XLA's for the rest. Arguments
-    and returns as :func:`linear_attention_mosaic` (batch rows; ``config`` without the
-    split).
-    """
-    batch, seq, heads, key_dim = q.shape
-    value_dim = v.shape[3]
-    n_chunks = -(-seq // chunk)
-
-    def seg_chunks(s: int) -> int:  # chunks a segment when cut in s
-        return -(-n_chunks // s)
-
-    if (split - 1) * seg_chunks(split) >= n_chunks:  # the last segment would hold no token
-        fits = max(s for s in range(1, split) if (s - 1) * seg_chunks(s) < n_chunks)
-        raise ValueError(f"config: seq_split={split} at T={seq} ({n_chunks} chunks of {chunk}) "
-                         f"leaves the last segment without a token (segments of "
-                         f"{seg_chunks(split)} whole chunks); at most {fits} would not")
-    per = seg_chunks(split) * chunk  # tokens a segment
-    total = per * split
-    gl = (jnp.zeros((batch, seq, heads), F32) if g is None
-          else floor_log_gate(g).astype(F32))
-
-    def cut(x: Array) -> Array:  # [B, T, H, *] -> [B * split, per, H, *], zeros after T
-        x = jnp.pad(x, [(0, 0), (0, total - seq)] + [(0, 0)] * (x.ndim - 2))
-        return x.reshape(batch * split, per, *x.shape[2:])  # [B, total, ..] -> [B*split, per, ..]
-
-    qs, gs = cut(q), cut(gl)  # (padded tokens: zero k and v, no decay: inert)
-    o_loc, s_loc = linear_attention_mosaic(qs, cut(k), cut(v), gs, scale=scale, chunk_size=chunk,
-                                           config=config, check_device=check_device)
-    b = jnp.cumsum(gs, axis=1)  # [B * split, per, H] in-segment inclusive sums
-    decay = jnp.exp(b[:, -1]).reshape(batch, split, heads)  # [B*split, H] -> [B, split, H]
-    s_loc = s_loc.reshape(batch, split, heads, key_dim, value_dim)  # [B*split, ..] -> [B, split, ..]
-    s_in = [jnp.zeros((batch, heads, key_dim, value_dim), F32) if initial_state is None
-            else initial_state.astype(F32)]
-    for i in range(1, split):  # a few [K, V] steps
-        s_in.append(decay[:, i - 1, :, None, None] * s_in[-1] + s_loc[:, i - 1])
-    final = decay[:, -1, :, None, None] * s_in[-1] + s_loc[:, -1]
-    # [B, split, H, K, V] -> [B * split, H, K, V]: each segment's entering state
-    s_in = jnp.stack(s_in, axis=1).reshape(batch * split, heads, key_dim, value_dim)
-    # the walk's own q S products take 16-bit states: S_in is rounded the same way. XLA:CPU
-    # has no 16-bit x 16-bit -> float32 dot (its DotThunk refuses one), so in the Mosaic GPU
-    # interpreter (on the CPU) the same 16-bit values go in as float32: the same products
-    dtype = mosaic_dtype(q, k, v)
-    op = F32 if interpret_kwargs() else dtype
-    # [B*split, per, H, K] x [B*split, H, K, V] -> [B*split, per, H, V]: q_t S_in per segment
-    carried = jnp.einsum("rthk,rhkv->rthv", qs.astype(dtype).astype(op),
-                         s_in.astype(dtype).astype(op), preferred_element_type=F32)
-    # (o_loc is the walk's 16-bit output: the sum is rounded once more)
-    o = o_loc.astype(F32) + (scale * jnp.exp(b))[..., None] * carried
-    o = o.reshape(batch, total, heads, value_dim)[:, :seq]  # [B*split, per, ..] -> [B, T, ..]
-    return o.astype(v.dtype), final
 
 
 def decline_unless_packed_fits(check: Callable[[], None], *, key_dim: int,
@@ -353,8 +280,8 @@ def delta_rule_mosaic(q: Array, k: Array, v: Array, beta: Array, g: Array | None
                       config: MosaicConfig | None = None,
                       check_device: bool = True) -> tuple[Array, Array]:
     """The (gated) delta rule: WY preparation in Triton, the chunk walk on Mosaic GPU, the
-    backward in Triton or Mosaic GPU (``mosaic_delta.py``; checked on an H200, automatic only
-    with ``LINEARNEXUS_MOSAIC_GDN=1``).
+    backward in Triton or Mosaic GPU (``mosaic_delta.py``; checked on an H200, automatic unless
+    ``LINEARNEXUS_MOSAIC_GDN=0``).
 
     Args:
         q, k: ``[B, T, H, K]`` (k L2-normalised). v: ``[B, T, H, V]`` (bfloat16 / float16).
@@ -444,6 +371,9 @@ class MosaicKernel(PallasKernel):
             (``mosaic_delta.delta_opted_in``: an environment variable); by name it always
             runs. None: automatic dispatch picks it.
         status: the feature table's note after the name (None: the class's).
+        final_marks_outputs: the op's chunk forward is ``mosaic_chunk``'s walk, whose final
+            state is NaN wherever an output is not finite (that module's doc), so the api's
+            guard reads the final state only (:func:`validation.run_guarded`).
     """
 
     name: ClassVar[str] = "mosaic"
@@ -454,9 +384,11 @@ class MosaicKernel(PallasKernel):
     def __init__(self, chunked: Callable[..., tuple[Array, Array]],
                  recurrent: Callable[..., tuple[Array, Array]] | None,
                  config: MosaicConfig | None = None, step: StepSpec | None = None, *,
-                 opt_in: Callable[[], bool] | None = None, status: str | None = None) -> None:
+                 opt_in: Callable[[], bool] | None = None, status: str | None = None,
+                 final_marks_outputs: bool = False) -> None:
         super().__init__(chunked, recurrent, config=config, step=step)
         self.opt_in = opt_in
+        self.final_marks_outputs = final_marks_outputs
         if status is not None:
             self.status = status
 

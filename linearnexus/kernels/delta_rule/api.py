@@ -30,10 +30,11 @@ BACKENDS = make_backends(delta_rule_reference, delta_rule_chunked, delta_rule_re
 # "pallas_step": the fused one-token step by name (pallas runs it for T == 1 on a GPU)
 BACKENDS.update(pallas_backends(delta_rule_pallas, delta_rule_recurrent, STEP))
 BACKENDS["pallas_tpu"] = PallasTpuKernel(delta_rule_pallas_tpu, delta_rule_recurrent)
-# the Mosaic GPU forward (sm_90+, bf16 / f16, batch rows): by name, or automatically with
-# LINEARNEXUS_MOSAIC_GDN=1 (slower than pallas in LM training: kernels/common/mosaic_delta.py)
+# the Mosaic GPU kernels (sm_90+, bf16 / f16, batch rows and packed): automatic unless
+# LINEARNEXUS_MOSAIC_GDN=0 (kernels/common/mosaic_delta.py)
 BACKENDS["mosaic"] = MosaicKernel(delta_rule_mosaic, delta_rule_recurrent,
-                                  step=STEP, opt_in=delta_opted_in, status=MOSAIC_STATUS)
+                                  step=STEP, opt_in=delta_opted_in, status=MOSAIC_STATUS,
+                                  final_marks_outputs=True)
 # automatic dispatch takes "mosaic" (opted in) and "pallas" on a GPU
 # only, "pallas_tpu" on a TPU only (their `supports` say no elsewhere); mosaic raises
 # NotImplementedError for what it does not cover and pallas runs it
@@ -75,10 +76,10 @@ def delta_rule(
             sequence starts from its own initial state and never sees the others.
         chunk_size: tokens per chunk in chunk mode (default 64).
         mode: "chunk", "recurrent" or None (recurrent when T < 64).
-        backend: "mosaic" (Mosaic GPU forward on sm_90+ for bf16 / f16 batch rows, Triton
-            backward; automatic only with
-            ``LINEARNEXUS_MOSAIC_GDN=1``), "pallas" (Triton kernels; the automatic choice on
-            a GPU), "pallas_tpu"
+        backend: "mosaic" (Mosaic GPU forward on sm_90+ for bf16 / f16 batch rows, Mosaic GPU
+            or Triton backward; the automatic choice on sm_90+ unless
+            ``LINEARNEXUS_MOSAIC_GDN=0``), "pallas" (Triton kernels; the automatic choice on
+            other GPUs), "pallas_tpu"
             (Mosaic TPU kernels; the automatic choice on a TPU; on a CPU only with
             ``LINEARNEXUS_PALLAS_TPU_INTERPRET=1``, through the TPU interpreter), "pallas_step" (the fused
             one-token kernel, T == 1 only), "jax"

@@ -1,7 +1,7 @@
 """delta_rule's ``mosaic`` backend: gated_delta_rule's kernels without a gate (no decay).
-Checked in JAX 0.11's Mosaic GPU interpreter (its gated twin on an H200); by name, or
-automatically with ``LINEARNEXUS_MOSAIC_GDN=1`` (slower than pallas in LM training:
-``kernels/common/mosaic_delta.py``; docs/mosaic.md).
+Checked in JAX 0.11's Mosaic GPU interpreter (its gated twin on an H200); automatic on sm_90+
+(``LINEARNEXUS_MOSAIC_GDN=0`` leaves it to name only: ``kernels/common/mosaic_delta.py``;
+docs/mosaic.md).
 """
 
 from __future__ import annotations

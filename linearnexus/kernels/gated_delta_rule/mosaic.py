@@ -1,7 +1,7 @@
 """gated_delta_rule's ``mosaic`` backend: the Triton WY preparation, the chunk walk on Mosaic
-GPU (Hopper), the Triton backward. Checked on an H200; by name, or automatically with
-``LINEARNEXUS_MOSAIC_GDN=1`` (slower than pallas in LM training:
-``kernels/common/mosaic_delta.py``; docs/mosaic.md).
+GPU (Hopper), the Triton backward. Checked on an H200; automatic on sm_90+ (faster than pallas in LM training;
+``LINEARNEXUS_MOSAIC_GDN=0`` leaves it to name only: ``kernels/common/mosaic_delta.py``;
+docs/mosaic.md).
 """
 
 from __future__ import annotations
