@@ -24,9 +24,9 @@
 #      LINEARNEXUS_GUARD_SETTLE=loop; "dkswy0": the gated gradient's dks from the Mosaic dw
 #      kernel (LINEARNEXUS_MOSAIC_DKS_IN_WY=0); "best0": bcond and dkswy0), one process each (guard_cost_gpu.py --skip-decode: simple_gla, gated_delta_rule, gla,
 #      or the ops in GUARD_OPS), if PARTS has "guard" (~3 x 100 s: with gla-time, ~500 s);
-#   5d. tile configs through the api (mosaic_config_gpu.py), if PARTS has "configs" (~250 s):
+#   5d. tile configs through the api (mosaic_config_gpu.py), if PARTS has "configs" (~350 s):
 #      simple_gla at (2, 16384, 16, 128): the heuristic (value blocks of 32 there) against
-#      blocks of 64;
+#      blocks of 64; gated_delta_rule there at value blocks of 64 (the heuristic) and 32;
 #      gla's storing walk at two stages (the heuristic at 64 programs) against one at
 #      (2, 16384, 16, 128);
 #   5e. the fused gradient's WY kernels alone (wy_inverse; wy_fused_backward from dks and,
@@ -113,6 +113,7 @@ case " $PARTS " in *" configs "*)
       | quiet | grep -E "^\{|rror" | cut -c1-300 | tee "$OUT/configs_$op.log"
   }
   cfg simple_gla "2,16384,16,128" 60 "" block_v=64
+  cfg gated_delta_rule "2,16384,16,128" 90 "" block_v=32
   cfg gla "2,16384,16,128" 100 "" bwd_stages=1;;
 esac
 case " $PARTS " in *" wy-warps "*)

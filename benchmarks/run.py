@@ -232,8 +232,10 @@ def tune_candidates(op: str, backend: str) -> list[Any]:
     from linearnexus.kernels.common.pallas import TritonConfig
 
     if backend == "mosaic":  # stages and bwd_stages together; tune() separates them
-        # value blocks of 32: simple_gla's walk only (and the ops it serves)
-        blocks = (32, 64, 128) if op in ("simple_gla", "retention", "ssd") else (64, 128)
+        # value blocks: simple_gla's walk (and the ops it serves) 32 / 64 / 128, the delta
+        # rules' 32 / 64, GLA's 64 / 128
+        blocks = ((32, 64, 128) if op in ("simple_gla", "retention", "ssd")
+                  else (32, 64) if op in ("delta_rule", "gated_delta_rule") else (64, 128))
         return [MosaicConfig(block_v=b, stages=s, bwd_stages=s) for b in blocks
                 for s in (1, 2, 3)]
     if op == "mamba":

@@ -305,6 +305,9 @@ def _delta_specs(B, T, H, K, V, h0, gated):
     # from dy in Triton, the storing fused walk and three Mosaic backward kernels)
     ((2, 1000, 2, 128, 128), True, True, MosaicConfig(fused_grad=True)),
     ((1, 63, 3, 40, 72), False, False, MosaicConfig(fused_grad=True, bwd_stages=1)),
+    # value blocks of 32 in the walks (every operand tile at a 64-byte swizzle)
+    ((2, 1000, 2, 128, 128), True, True, MosaicConfig(block_v=32)),
+    ((1, 63, 3, 40, 72), False, False, MosaicConfig(block_v=32, fused_wy=False)),
 ])
 def test_delta_rules_mosaic_lower_forward_and_backward(shape, h0, gated, config, monkeypatch):
     """The delta rules' mosaic backend lowers for CUDA: the forward is the Triton WY kernel
@@ -634,6 +637,60 @@ def test_delta_fused_wy_forward_in_the_interpreter(gated, packed, dims, T, monke
     for a, b in zip(*grads, strict=True):
         np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)),
                                       np.asarray(b.astype(jnp.float32)))
+
+
+@pytest.mark.skipif(REASON is not None or gpu_interpret_reason() is not None,
+                    reason=REASON or gpu_interpret_reason() or "")
+@pytest.mark.parametrize("packed,fused_wy", [(False, True), (True, True), (False, False)])
+def test_delta_value_blocks_of_32_in_the_interpreter(packed, fused_wy, monkeypatch):
+    """The delta rules' walks at value blocks of 32 (``MosaicConfig(block_v=32)``, four
+    programs per head at V = 128) in JAX's Mosaic GPU interpreter: the plain forward and
+    the default gradient (the storing walk, then the Mosaic backward, whose blocks do not
+    depend on the forward's) give the same outputs, final states and gradients as value
+    blocks of 64 (every output column's products are the same at either width), and the
+    per-step reference's within the GPU thresholds. Gated, K = V = 128, T = 130 (the last
+    chunk padded) with an initial state, or four packed sequences (70, 0, 30, 64); the WY
+    products in the walk (``fused_wy``) or through HBM."""
+    monkeypatch.delenv(PACKED_ENV, raising=False)
+    lens = (70, 0, 30, 64) if packed else None
+    B, T, H, K, V = 1, sum(lens) if packed else 130, 1, 128, 128
+    cu = jnp.array([0, *itertools.accumulate(lens)], jnp.int32) if packed else None
+    N = len(lens) if packed else B
+    q, k, v, g, beta, s0, ks = _delta_inputs(13, B, T, H, K, V, N)
+    do = jax.random.normal(ks[0], (B, T, H, V))
+    dht = jax.random.normal(ks[1], (N, H, K, V))
+
+    def run(block_v, q, k, v, g, beta, s0):
+        return delta_rule_mosaic(q, k, v, beta, g, scale=K ** -0.5, initial_state=s0,
+                                 cu_seqlens=cu, check_device=False,
+                                 config=MosaicConfig(block_v=block_v, fused_wy=fused_wy))
+
+    def loss(fn, *args):
+        o, final = fn(*args)
+        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(final * dht), (o, final)
+
+    args = (q, k, v, g, beta, s0)
+    argnums = tuple(range(1, 7))
+    with gpu_interpret():
+        runs = {bv: (run(bv, *args), jax.grad(loss, argnums, has_aux=True)(
+            functools.partial(run, bv), *args)) for bv in (32, 64)}
+    with jax.default_matmul_precision("highest"):
+        ref_grads, (ro, rf) = jax.grad(loss, argnums, has_aux=True)(
+            lambda q, k, v, g, beta, s0: gated_delta_rule_reference(
+                q, k, v, g, beta, scale=K ** -0.5, initial_state=s0, cu_seqlens=cu),
+            *(x.astype(jnp.float32) for x in args))
+
+    def rel(a, b):
+        return float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+
+    (plain32, (grads32, _)), (plain64, (grads64, _)) = runs[32], runs[64]
+    for a, b in zip((*plain32, *grads32), (*plain64, *grads64), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=1e-6, atol=1e-6)
+    assert rel(plain32[0], ro) <= 5e-3 and rel(plain32[1], rf) <= 5e-3
+    for name, a, ref in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), grads32, ref_grads,
+                            strict=True):
+        assert rel(a, ref) <= 1e-2, (name, rel(a, ref))
 
 
 @pytest.mark.skipif(REASON is not None or gpu_interpret_reason() is not None,

@@ -219,11 +219,10 @@ def check_delta_config(cfg: MosaicConfig, *, key_dim: int, value_dim: int,
         raise ValueError(f"config: backward='mosaic' at K={key_dim}, V={value_dim}: the dq / dk "
                          "kernel holds whole [L, V] tiles, which do not fit shared memory past "
                          "V = 128; use backward='pallas'")
-    if cfg.block_v != 64 or value_dim % cfg.block_v:
-        raise ValueError(f"config: block_v={cfg.block_v}: the delta rules' kernel takes 64 (at "
-                         "128 the [K, 128] float32 state and three accumulators exceed a "
-                         "warpgroup's registers; 32, simple_gla's narrow blocks, is not built "
-                         f"for the WY products); padded V={value_dim}")
+    if cfg.block_v not in (32, 64) or value_dim % cfg.block_v:
+        raise ValueError(f"config: block_v={cfg.block_v}: the delta rules' walk takes 64 or 32 "
+                         "dividing the padded value dim (at 128 the [K, 128] float32 state and "
+                         f"three accumulators exceed a warpgroup's registers); padded V={value_dim}")
     for name, stored in (("stages", False), ("bwd_stages", True)):
         stages = getattr(cfg, name)
         if stages is None:
