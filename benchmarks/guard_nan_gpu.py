@@ -1,20 +1,24 @@
 """Bad values through the ``mosaic`` backend's guard on a GPU: the same NaN as the reference.
 
-The Mosaic GPU walks fold their outputs' finiteness into the final state (``o * 0`` added to
+The Mosaic GPU walks fold a non-finite q row into the final state (``(q S_c) * 0`` added to
 the state update; ``kernels/common/mosaic_chunk.py``, "Finite outputs"), so the api's guard
 (``validation.run_guarded``) reads only the final states. Whether ``x * 0`` survives the
 compiler and the tensor cores' NaN handling is a question for the hardware: this script
 injects bad values and compares, exactly, where the outputs, final states and gradients are
 NaN against the ``jax`` backend (float32, the chunked form under the same guard, which
 still reads its outputs), and the finite values within 5e-3 (outputs, states) / 1e-2
-(gradients)::
+(gradients), under ``jax.value_and_grad`` and in a plain forward call. For a bad q the
+outputs alone cannot tell (the walk's own output is already causal for q): the gradients
+can (all NaN only if the guard saw the bad row), and so can the raw kernel's final state,
+checked NaN for that row and head (``raw final``)::
 
     python3 benchmarks/guard_nan_gpu.py [--ops simple_gla gated_delta_rule delta_rule]
         [--out DIR]
 
 Cases per op, bf16 (2, 1000, 4, 64) and packed (1, 1000) in sequences of 300, 1 and 699: a
-NaN in one q entry (the case the state marks for the guard), NaN in k, +inf in v, a
-positive log-gate (traced), and clean inputs. Prints one PASS / FAIL line per case and
+NaN in one q entry and +inf in one (the cases the state marks for the guard; the second
+in the padded last chunk), NaN in k, +inf in v, a positive log-gate (traced), and clean
+inputs. Prints one PASS / FAIL line per case and
 writes ``guard_nan_gpu.json`` under ``--out``.
 """
 
@@ -35,19 +39,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels_gpu as kg  # noqa: E402  (the shared input recipe)
 
 OPS = ("simple_gla", "gated_delta_rule", "delta_rule")
-CASES = ("clean", "q_nan", "k_nan", "v_inf", "g_positive")
+CASES = ("clean", "q_nan", "q_inf", "k_nan", "v_inf", "g_positive")
+#: (input, head, column, value) of each bad case; the step is the script's row / step, or
+#: for "q_inf" one in the padded last chunk (T = 1000 is not a multiple of 64)
+BAD = {"q_nan": ("q", 1, 5, jnp.nan), "q_inf": ("q", 0, 1, jnp.inf), "k_nan": ("k", 2, 0, jnp.nan),
+       "v_inf": ("v", 0, 7, jnp.inf), "g_positive": ("g", 3, None, 0.5)}
+LATE_STEP = 995
 
 
 def _bad(case: str, inputs: dict[str, jax.Array], row: int, t: int) -> dict[str, jax.Array]:
     out = dict(inputs)
-    if case == "q_nan":
-        out["q"] = out["q"].at[row, t, 1, 5].set(jnp.nan)
-    elif case == "k_nan":
-        out["k"] = out["k"].at[row, t, 2, 0].set(jnp.nan)
-    elif case == "v_inf":
-        out["v"] = out["v"].at[row, t, 0, 7].set(jnp.inf)
-    elif case == "g_positive" and "g" in out:
-        out["g"] = out["g"].at[row, t, 3].set(0.5)
+    if case in BAD and BAD[case][0] in out:
+        name, head, col, value = BAD[case]
+        step = LATE_STEP if case == "q_inf" else t
+        at = (row, step, head) if col is None else (row, step, head, col)
+        out[name] = out[name].at[at].set(value)
     return out
 
 
@@ -56,6 +62,20 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     if not keep.any():
         return 0.0
     return float(np.linalg.norm(a[keep] - b[keep]) / max(np.linalg.norm(b[keep]), 1e-30))
+
+
+def _raw_final(op: str, inputs: dict[str, jax.Array], cu: jax.Array | None) -> np.ndarray:
+    """The mosaic kernel's final states called directly (no guard): NaN after a bad q row."""
+    from linearnexus.kernels.common.mosaic_ops import delta_rule_mosaic, linear_attention_mosaic
+
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    scale = q.shape[-1] ** -0.5
+    if op == "simple_gla":
+        _, final = linear_attention_mosaic(q, k, v, inputs["g"], scale=scale, cu_seqlens=cu)
+    else:
+        _, final = delta_rule_mosaic(q, k, v, inputs["beta"], inputs.get("g"), scale=scale,
+                                     cu_seqlens=cu)
+    return np.asarray(final)
 
 
 def check(op: str, packed: bool, backend: str = "mosaic") -> list[dict]:
@@ -67,40 +87,53 @@ def check(op: str, packed: bool, backend: str = "mosaic") -> list[dict]:
     row, t = (0, 640) if packed else (1, 500)
 
     def make(backend: str):
+        def call(arrays, cu):
+            return fn(*arrays, backend=backend, mode="chunk", output_final_state=True,
+                      cu_seqlens=cu)
+
         def loss(arrays, cu):
-            o, final = fn(*arrays, backend=backend, mode="chunk", output_final_state=True,
-                          cu_seqlens=cu)
+            o, final = call(arrays, cu)
             return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(final), (o, final)
 
-        return jax.jit(jax.value_and_grad(loss, has_aux=True))
+        return jax.jit(jax.value_and_grad(loss, has_aux=True)), jax.jit(call)
 
     runs = {"mosaic": make(backend), "jax": make("jax")}
     rows = []
     for case in CASES:
-        if case == "g_positive" and "g" not in clean:
+        if case in BAD and BAD[case][0] not in clean:
             continue
         inputs = _bad(case, clean, row, t)
         arrays = [inputs[n] for n in names]
         got = {}
-        for backend, run in runs.items():
-            xs = arrays if backend == "mosaic" else [
+        for name, (grad_run, plain_run) in runs.items():
+            xs = arrays if name == "mosaic" else [
                 a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in arrays]
-            (_, (o, final)), grads = run(xs, cu)
-            got[backend] = [np.asarray(x, np.float32) for x in (o, final, *grads)]
-        labels = ["o", "final", *(f"d{n}" for n in names)]
+            (_, (o, final)), grads = grad_run(xs, cu)
+            o_plain, final_plain = plain_run(xs, cu)
+            got[name] = [np.asarray(x, np.float32)
+                         for x in (o, final, *grads, o_plain, final_plain)]
+        labels = ["o", "final", *(f"d{n}" for n in names), "o (plain)", "final (plain)"]
         result = {"op": op, "packed": packed, "case": case, "ok": True, "errors": {}}
         for label, a, b in zip(labels, got["mosaic"], got["jax"], strict=True):
             same_nan = np.array_equal(np.isnan(a), np.isnan(b))
             err = _rel(a, b)
-            tol = 5e-3 if label in ("o", "final") else 1e-2
+            tol = 1e-2 if label.startswith("d") else 5e-3
             result["errors"][label] = {"same_nan": same_nan, "nan": int(np.isnan(b).sum()),
                                        "rel": err}
             result["ok"] &= bool(same_nan and err <= tol)
+        if case.startswith("q_") and backend == "mosaic":
+            head = BAD[case][1]
+            state = 2 if packed else row  # packed: the third sequence holds both steps
+            raw = _raw_final(op, inputs, cu)
+            result["raw final NaN"] = bool(np.isnan(raw[state, head]).all())
+            result["ok"] &= result["raw final NaN"]
         rows.append(result)
         print(("PASS " if result["ok"] else "FAIL ") + f"{op:17s} {'packed' if packed else 'dense '} "
               f"{case:11s} " + " ".join(
                   f"{k}={v['rel']:.1e}{'' if v['same_nan'] else ' NaN-MISMATCH'}(nan {v['nan']})"
-                  for k, v in result["errors"].items()), flush=True)
+                  for k, v in result["errors"].items())
+              + (f" raw-final-NaN={result['raw final NaN']}" if "raw final NaN" in result else ""),
+              flush=True)
     return rows
 
 

@@ -716,3 +716,53 @@ def test_guard_reads_only_the_final_state_where_the_kernel_marks_outputs(key):
     assert report(("a", "b"), "chunk", a=Stand(True, True), b=Stand(False, False)) == [True, False]
     assert report(("a", "b"), "chunk", a=Stand(True, False), b=Stand(False, False)) == [True]
     assert report(("a",), "recurrent", a=Stand(True, False)) == [False]
+
+
+@pytest.mark.parametrize("marks", [True, False])
+def test_api_guard_follows_the_backend_that_marks_outputs(marks, key, monkeypatch):
+    """Through simple_gla's api: a backend whose ``final_marks_outputs`` is set has its
+    output's finiteness left unread by the guard, in the forward and under ``jax.grad``
+    (where the fast run is traced inside ``jax.vjp``). A stand-in that leaks a bad q's NaN
+    into every output while its state stays finite is returned as it is and its gradient
+    stays finite; unmarked, the guard catches it (the bad step's output NaN only, every
+    gradient NaN). The shipped mosaic backends mark where their walks do: simple_gla and
+    the delta rules, not GLA."""
+    from linearnexus.kernels.delta_rule.api import BACKENDS as DELTA
+    from linearnexus.kernels.gated_delta_rule.api import BACKENDS as GATED
+    from linearnexus.kernels.gla.api import BACKENDS as GLA
+    from linearnexus.kernels.simple_gla.api import BACKENDS, simple_gla
+
+    assert [b["mosaic"].final_marks_outputs for b in (BACKENDS, DELTA, GATED, GLA)] == [
+        True, True, True, False]
+
+    class Leaky:
+        final_marks_outputs = marks
+
+        def supports(self, *, platform, dtype):
+            return True
+
+        def forward_chunk(self, q, k, v, g, *, initial_state, grid=None, **kwargs):
+            leak = jnp.where(jnp.isnan(q).any(), jnp.nan, 0.0)  # every output, not the state
+            return v + leak, jnp.zeros((v.shape[0], v.shape[2], q.shape[3], v.shape[3]))
+
+        forward_recurrent = forward_chunk
+
+    monkeypatch.setitem(BACKENDS, "leaky", Leaky())
+    B, T, H, K = 1, 8, 1, 4
+    q = jax.random.normal(key, (B, T, H, K))
+    bad = q.at[0, 3, 0, 0].set(jnp.nan)
+    g = -jnp.ones((B, T, H))
+
+    def run(q, v):
+        return simple_gla(q, v, v, g, backend="leaky", mode="chunk")[0]
+
+    o = np.asarray(run(bad, q))
+    nan_at = np.isnan(o).any(axis=(2, 3))[0]
+    np.testing.assert_array_equal(nan_at, np.ones(T, bool) if marks else np.arange(T) == 3)
+
+    def loss(v):  # the finite outputs' sum: its gradient is NaN only if the guard NaNs it
+        o = run(bad, v)
+        return jnp.sum(jnp.where(jnp.isnan(o), 0.0, o))
+
+    dv = np.asarray(jax.grad(loss)(q))
+    assert np.isfinite(dv).all() == marks and (np.isnan(dv).all() or marks)

@@ -453,8 +453,8 @@ def test_mosaic_matches_reference_in_the_interpreter(op, monkeypatch):
 @pytest.mark.parametrize("op", ["simple_gla", "simple_gla/packed", "gated_delta_rule",
                                 "gated_delta_rule/packed"])
 def test_final_state_marks_non_finite_outputs_in_the_interpreter(op, monkeypatch):
-    """The walks add ``o * 0`` (the delta rules: ``(q S_c) * 0``) to the state update, so a
-    NaN in one q row leaves the final state of that head's row (packed: of its sequence)
+    """The walks add ``(q S_c) * 0`` to the state update (simple_gla: its row sums, to the
+    decay factors), so a NaN in one q row leaves the final state of that head's row (packed: of its sequence)
     NaN, in the plain forward and in the forward under a gradient, the outputs it reaches
     (the bad step's, later chunks') NaN and every other final state and output bit for bit
     as on clean inputs. The guard, told so (``run_guarded``'s

@@ -37,11 +37,16 @@ gates or ``beta`` reach the state anyway; a non-finite ``q`` row reaches only it
 and ``q S_c``'s row, so each chunk adds ``(q S_c) * 0`` (0, or NaN in exactly those rows) to
 the decayed values of the state update (simple_gla: summed over the row first, a ``[L]``
 vector added to the decay factors, so that no ``[L, BV]`` tile stays live in registers
-until the update: keeping one there cost 45% of the forward on an H100). For finite rows
-that adds exactly zero; a non-finite row turns the state NaN from that chunk on, so the
-final state of its sequence is NaN and the guard reads only the final states
-(``MosaicKernel.final_marks_outputs``). An output that overflows from finite inputs is the
-one difference, harmless: the guard's other path would return the same values.
+until the update). For finite rows that adds exactly zero; a non-finite row turns the
+state NaN from that chunk on, so the final state of its sequence is NaN and the guard
+reads only the final states (``MosaicKernel.final_marks_outputs``). So the kernel called
+directly (``linear_attention_mosaic``, ``delta_rule_mosaic``, not through the api) returns
+a NaN final state, and NaN outputs in the later chunks, after a non-finite q; through the
+api the guard's other path returns the reference's causal NaN. Overflow from finite inputs
+differs from the plain check in two ways: a ``q S_c`` product past float32's range marks
+the state (the guard's rerun then returns that state NaN), and an output that overflows
+while the state stays finite passes the check where it failed before (forward values the
+same either way; the gradient then comes from the backward instead of being NaN).
 
 Backward (``mosaic_core``'s custom_vjp): under a gradient the forward also stores every
 chunk's entering state (``store_states``: the bf16 state tile of the ``q S_c`` matmul
@@ -137,10 +142,11 @@ class MosaicConfig:
 
     Attributes:
         chunk: tokens per chunk L (64 or 128): the M and K size of the intra-chunk wgmmas.
-        block_v: value columns per program (32, 64 or 128; 32 for simple_gla only: twice the
-            programs of 64 where B * H * V / 64 leaves SMs idle, every wgmma operand tile then
-            at a 64-byte swizzle); the state block is ``[K, block_v]`` float32 in registers
-            (64 registers a thread at K = 128, block_v = 64).
+        block_v: value columns per program (32, 64 or 128; the delta rules' walks 32 or 64,
+            GLA's 64 or 128; 32: twice the programs of 64 where B * H * V / 64 leaves SMs
+            idle, every wgmma operand tile then at a 64-byte swizzle); the state block is
+            ``[K, block_v]`` float32 in registers (64 registers a thread at K = 128,
+            block_v = 64).
         stages: TMA pipeline depth (chunks in flight, >= 1) of the forward.
         backward: ``"mosaic"`` (the Mosaic GPU backward kernels, ``mosaic_bwd.py``) or
             ``"pallas"`` (the Triton backward kernels after a Triton ``fwd_h`` recompute).

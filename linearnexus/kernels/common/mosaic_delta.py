@@ -155,7 +155,7 @@ def delta_opted_in() -> bool:
 def default_delta_config(*, rows: int, heads: int, key_dim: int, value_dim: int,
                          n_chunks: int, itemsize: int = 2, packed: bool = False,
                          fused_wy: bool | None = None, fused_grad: bool | None = None,
-                         backward: str | None = None) -> MosaicConfig:
+                         backward: str | None = None, block_v: int | None = None) -> MosaicConfig:
     """The heuristic of the delta rules' kernels: chunk 64, value blocks of 64 (the
     ``[K, 64]`` float32 state, 64 registers a thread at K = 128, plus three ``[64, 64]``
     accumulators), the WY products in the plain forward's walk (:data:`DEFAULT_FUSED_WY`;
@@ -170,8 +170,9 @@ def default_delta_config(*, rows: int, heads: int, key_dim: int, value_dim: int,
     ``fused_grad`` (a call's own choice, else :data:`FUSED_GRAD_ENV` /
     :data:`DEFAULT_FUSED_GRAD`) only with the fused forward and the Mosaic backward;
     ``backward`` a call's own choice, which the default ``fused_grad`` then follows (an
-    explicit ``"pallas"`` turns it off rather than clash with it)."""
-    block_v = min(64, value_dim)
+    explicit ``"pallas"`` turns it off rather than clash with it). ``block_v`` a call's own
+    (32 or 64): the stages are sized and the programs counted for it."""
+    block_v = min(64, value_dim) if block_v is None else block_v
     fused = DEFAULT_FUSED_WY if fused_wy is None else fused_wy
 
     def fits(stages: int) -> bool:

@@ -290,7 +290,7 @@ def delta_rule_mosaic(q: Array, k: Array, v: Array, beta: Array, g: Array | None
         chunk_size: L; 64 only (``config.chunk`` wins).
         config: :class:`MosaicConfig` overrides (``stages``, ``bwd_stages``: the depth of the
             forward that stores the states under a gradient and of the Mosaic reverse walk;
-            ``block_v`` 64; ``backward``: ``"pallas"`` (Triton) or ``"mosaic"``;
+            ``block_v`` 64 or 32; ``backward``: ``"pallas"`` (Triton) or ``"mosaic"``;
             ``dqk_stages`` with the Mosaic backward; ``fused_wy``: the walk forms the WY
             products from ``M^{-1}``; ``fused_grad``: the gradient from ``M^{-1}`` too, with
             ``fused_wy`` and the Mosaic backward); None fields:
@@ -325,7 +325,7 @@ def delta_rule_mosaic(q: Array, k: Array, v: Array, beta: Array, g: Array | None
     cfg = cfg.merged(default_delta_config(rows=plan.rows, heads=heads, key_dim=kp, value_dim=vp,
                                           n_chunks=plan.n_chunks, packed=plan.packed,
                                           fused_wy=cfg.fused_wy, fused_grad=cfg.fused_grad,
-                                          backward=cfg.backward))
+                                          backward=cfg.backward, block_v=cfg.block_v))
     check_delta_config(cfg, key_dim=kp, value_dim=vp)
     if plan.packed:
         decline_unless_packed_fits(
@@ -372,8 +372,9 @@ class MosaicKernel(PallasKernel):
             runs. None: automatic dispatch picks it.
         status: the feature table's note after the name (None: the class's).
         final_marks_outputs: the op's chunk forward is ``mosaic_chunk``'s walk, whose final
-            state is NaN wherever an output is not finite (that module's doc), so the api's
-            guard reads the final state only (:func:`validation.run_guarded`).
+            state is NaN after a non-finite q row (that module's doc, "Finite outputs": with
+            the bad k, v, gates and beta that reach it anyway, every bad input), so the api's
+            guard reads the final states only (:func:`validation.run_guarded`).
     """
 
     name: ClassVar[str] = "mosaic"
