@@ -1,8 +1,9 @@
 """Bad values through the ``mosaic`` backend's guard on a GPU: the same NaN as the reference.
 
-The Mosaic GPU walks fold a non-finite q row into the final state (``(q S_c) * 0`` added to
-the state update; ``kernels/common/mosaic_chunk.py``, "Finite outputs"), so the api's guard
-(``validation.run_guarded``) reads only the final states. Whether ``x * 0`` survives the
+The Mosaic GPU kernels fold a non-finite q row into the final state (``(q S_c) * 0`` added
+to the state update; ``kernels/common/mosaic_chunk.py``, "Finite outputs") and a positive
+log-gate too (made NaN with the floor), so the api's guard (``validation.run_guarded``)
+reads only the final states, not the outputs or the log-gates. Whether ``x * 0`` survives the
 compiler and the tensor cores' NaN handling is a question for the hardware: this script
 injects bad values and compares, exactly, where the outputs, final states and gradients are
 NaN against the ``jax`` backend (float32, the chunked form under the same guard, which
@@ -10,9 +11,10 @@ still reads its outputs), and the finite values within 5e-3 (outputs, states) / 
 (gradients), under ``jax.value_and_grad`` and in a plain forward call. For a bad q the
 outputs alone cannot tell (the walk's own output is already causal for q): the gradients
 can (all NaN only if the guard saw the bad row), and so can the raw kernel's final state,
-checked NaN for that row and head (``raw final``)::
+checked NaN for that row and head (``raw final``; likewise after a positive log-gate, which
+the kernels mark too, GLA's ``[B, T, H, K]`` ones included)::
 
-    python3 benchmarks/guard_nan_gpu.py [--ops simple_gla gated_delta_rule delta_rule]
+    python3 benchmarks/guard_nan_gpu.py [--ops simple_gla gated_delta_rule delta_rule gla]
         [--out DIR]
 
 Cases per op, bf16 (2, 1000, 4, 64) and packed (1, 1000) in sequences of 300, 1 and 699: a
@@ -38,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels_gpu as kg  # noqa: E402  (the shared input recipe)
 
-OPS = ("simple_gla", "gated_delta_rule", "delta_rule")
+OPS = ("simple_gla", "gated_delta_rule", "delta_rule", "gla")
 CASES = ("clean", "q_nan", "q_inf", "k_nan", "v_inf", "g_positive")
 #: (input, head, column, value) of each bad case; the step is the script's row / step, or
 #: for "q_inf" one in the padded last chunk (T = 1000 is not a multiple of 64)
@@ -65,12 +67,16 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _raw_final(op: str, inputs: dict[str, jax.Array], cu: jax.Array | None) -> np.ndarray:
-    """The mosaic kernel's final states called directly (no guard): NaN after a bad q row."""
+    """The mosaic kernel's final states called directly (no guard): NaN after a bad q row or
+    a positive log-gate."""
     from linearnexus.kernels.common.mosaic_ops import delta_rule_mosaic, linear_attention_mosaic
+    from linearnexus.kernels.gla.mosaic import gla_mosaic
 
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
     scale = q.shape[-1] ** -0.5
-    if op == "simple_gla":
+    if op == "gla":
+        _, final = gla_mosaic(q, k, v, inputs["g"], scale=scale, cu_seqlens=cu)
+    elif op == "simple_gla":
         _, final = linear_attention_mosaic(q, k, v, inputs["g"], scale=scale, cu_seqlens=cu)
     else:
         _, final = delta_rule_mosaic(q, k, v, inputs["beta"], inputs.get("g"), scale=scale,
@@ -121,7 +127,7 @@ def check(op: str, packed: bool, backend: str = "mosaic") -> list[dict]:
             result["errors"][label] = {"same_nan": same_nan, "nan": int(np.isnan(b).sum()),
                                        "rel": err}
             result["ok"] &= bool(same_nan and err <= tol)
-        if case.startswith("q_") and backend == "mosaic":
+        if case in ("q_nan", "q_inf", "g_positive") and backend == "mosaic":
             head = BAD[case][1]
             state = 2 if packed else row  # packed: the third sequence holds both steps
             raw = _raw_final(op, inputs, cu)

@@ -1,11 +1,12 @@
 #!/bin/bash
 # One device call for what issue 26 built without a GPU (docs/mosaic.md, "Next" 2), each part
 # bounded so the call ends inside the 10-minute limit; logs and JSON under $OUT:
-#   0. mosaic beside FLA in the same call (kernels_gpu.py; FLA_OPS, FLA_SHAPES: indices into
+#   0. bad values (NaN / inf / positive gates) through the mosaic backend's guard against
+#      the jax backend, exact NaN patterns (guard_nan_gpu.py, four ops), if PARTS has "nan"
+#      (~90 s);
+#   0b. mosaic beside FLA in the same call (kernels_gpu.py; FLA_OPS, FLA_SHAPES: indices into
 #      its SHAPES, default (8, 4096, 16, 128) and (2, 16384, 16, 128)), if PARTS has "fla"
 #      (~140 s on a warm machine, ~450 s while FLA autotunes on a fresh one);
-#   0b. bad values (NaN / inf / positive gates) through the mosaic backend's guard against
-#      the jax backend, exact NaN patterns (guard_nan_gpu.py), if PARTS has "nan" (~60 s);
 #   1. packed sequences through the Mosaic kernels (kernels_gpu.py's packed rows; on by
 #      default since they passed on an H100, 2026-12-05);
 #   2. the delta rules' Mosaic kernels: numerics against the reference (the gradient from
@@ -53,17 +54,17 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 quiet() { grep -v "^W0000\|^I0000"; }
+case " $PARTS " in *" nan "*)
+  echo "== bad values through the mosaic backend's guard, against the jax backend"
+  timeout ${NAN_S:-180} python3 benchmarks/guard_nan_gpu.py --out "$OUT" 2>&1 | quiet \
+    | cut -c1-200 | tee "$OUT/nan.log";;
+esac
 case " $PARTS " in *" fla "*)
   echo "== mosaic beside FLA in the same call (the issue's T >= 4096 shapes of these ops)"
   timeout ${FLA_S:-450} python3 benchmarks/kernels_gpu.py --ops ${FLA_OPS:-simple_gla gated_delta_rule} \
     --backends mosaic --skip-check --skip-mamba --skip-ceilings --shapes ${FLA_SHAPES:-6 1} \
     --budget $(( ${FLA_S:-450} - 20 )) --out "$OUT" --name fla_same_call 2>&1 | quiet \
     | grep -E "LN fwd|timing|rror" | cut -c1-230 | tee "$OUT/fla.log";;
-esac
-case " $PARTS " in *" nan "*)
-  echo "== bad values through the mosaic backend's guard, against the jax backend"
-  timeout ${NAN_S:-150} python3 benchmarks/guard_nan_gpu.py --out "$OUT" 2>&1 | quiet \
-    | cut -c1-200 | tee "$OUT/nan.log";;
 esac
 case " $PARTS " in *" packed "*)
   echo "== packed sequences through mosaic"

@@ -695,7 +695,7 @@ def test_guard_reads_only_the_final_state_where_the_kernel_marks_outputs(key):
 
     class Stand:
         def __init__(self, marks: bool, declines: bool) -> None:
-            self.final_marks_outputs, self.declines = marks, declines
+            self.final_marks_bad_inputs, self.declines = marks, declines
 
         def supports(self, *, platform, dtype):
             return True
@@ -718,25 +718,41 @@ def test_guard_reads_only_the_final_state_where_the_kernel_marks_outputs(key):
     assert report(("a",), "recurrent", a=Stand(True, False)) == [False]
 
 
+def test_floor_log_gate_marks_positive_gates_where_asked():
+    """The glue's floor: -inf and anything below LOG_GATE_FLOOR raised to it, NaN kept; with
+    ``mark_positive`` (the Mosaic backends, whose final states then mark the bad gate for
+    the guard) a positive log-gate, +inf included, becomes NaN; 0 is a valid gate (no
+    decay)."""
+    from linearnexus.kernels.common.pallas_ops import LOG_GATE_FLOOR, floor_log_gate
+
+    g = jnp.array([-jnp.inf, 2 * LOG_GATE_FLOOR, -1.0, 0.0, 0.5, jnp.inf, jnp.nan])
+    floor = LOG_GATE_FLOOR
+    np.testing.assert_array_equal(np.asarray(floor_log_gate(g)),
+                                  np.array([floor, floor, -1, 0, 0.5, np.inf, np.nan], np.float32))
+    np.testing.assert_array_equal(np.asarray(floor_log_gate(g, mark_positive=True)),
+                                  np.array([floor, floor, -1, 0, np.nan, np.nan, np.nan],
+                                           np.float32))
+
+
 @pytest.mark.parametrize("marks", [True, False])
 def test_api_guard_follows_the_backend_that_marks_outputs(marks, key, monkeypatch):
-    """Through simple_gla's api: a backend whose ``final_marks_outputs`` is set has its
+    """Through simple_gla's api: a backend whose ``final_marks_bad_inputs`` is set has its
     output's finiteness left unread by the guard, in the forward and under ``jax.grad``
     (where the fast run is traced inside ``jax.vjp``). A stand-in that leaks a bad q's NaN
     into every output while its state stays finite is returned as it is and its gradient
     stays finite; unmarked, the guard catches it (the bad step's output NaN only, every
-    gradient NaN). The shipped mosaic backends mark where their walks do: simple_gla and
-    the delta rules, not GLA."""
+    gradient NaN). The shipped mosaic backends mark (their walks do), the Triton ones not."""
     from linearnexus.kernels.delta_rule.api import BACKENDS as DELTA
     from linearnexus.kernels.gated_delta_rule.api import BACKENDS as GATED
     from linearnexus.kernels.gla.api import BACKENDS as GLA
     from linearnexus.kernels.simple_gla.api import BACKENDS, simple_gla
 
-    assert [b["mosaic"].final_marks_outputs for b in (BACKENDS, DELTA, GATED, GLA)] == [
-        True, True, True, False]
+    assert all(b["mosaic"].final_marks_bad_inputs for b in (BACKENDS, DELTA, GATED, GLA))
+    assert not any(getattr(b["pallas"], "final_marks_bad_inputs", False)
+                   for b in (BACKENDS, DELTA, GATED, GLA))
 
     class Leaky:
-        final_marks_outputs = marks
+        final_marks_bad_inputs = marks
 
         def supports(self, *, platform, dtype):
             return True

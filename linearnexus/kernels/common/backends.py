@@ -94,17 +94,16 @@ def run_op(op_name: str, backends: Mapping[str, Any], order: Sequence[str], arra
            **kwargs: Any) -> tuple[Array, Array | None]:
     """Pick the mode and backend, run the op, drop the final state unless asked for.
 
-    ``report``, when given, gets one bool appended: whether the kernel that ran marks a
-    non-finite output in its final state (chunk mode on a backend whose
-    ``final_marks_outputs`` is set; :func:`validation.run_guarded` then reads only the
-    final state)."""
+    ``report``, when given, gets one bool appended: whether the kernel that ran marks every
+    bad input in its final state (chunk mode on a backend whose ``final_marks_bad_inputs``
+    is set; :func:`validation.run_guarded` then reads only the final state)."""
     run_mode = resolve_mode(mode, arrays[0].shape[1])
     grid = GridConfig(chunk_size=chunk_size, chunk_size_given=chunk_size_given)
 
     def call(kernel):
         if report is not None:
             report.append(run_mode is KernelMode.CHUNK
-                          and bool(getattr(kernel, "final_marks_outputs", False)))
+                          and bool(getattr(kernel, "final_marks_bad_inputs", False)))
         if run_mode is KernelMode.CHUNK:
             return kernel.forward_chunk(*arrays, initial_state=initial_state, grid=grid, **kwargs)
         return kernel.forward_recurrent(*arrays, initial_state=initial_state, **kwargs)

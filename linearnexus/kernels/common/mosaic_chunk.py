@@ -30,16 +30,19 @@ a fresh chunk; the walks read each chunk's sequence and open / close flags, load
 sequence's initial state where it opens and store its final state where it closes). The
 delta rules run the same walk with ``core.delta`` set (``mosaic_delta.py``).
 
-Finite outputs: the api's guard (``validation.run_guarded``) needs to know whether an output
-or the final state is not finite (then a bad input reached them), and otherwise reads the
-whole output for it. The walk folds that into its state instead. Non-finite ``k``, ``v``,
-gates or ``beta`` reach the state anyway; a non-finite ``q`` row reaches only its output
-and ``q S_c``'s row, so each chunk adds ``(q S_c) * 0`` (0, or NaN in exactly those rows) to
-the decayed values of the state update (simple_gla: summed over the row first, a ``[L]``
-vector added to the decay factors, so that no ``[L, BV]`` tile stays live in registers
-until the update). For finite rows that adds exactly zero; a non-finite row turns the
-state NaN from that chunk on, so the final state of its sequence is NaN and the guard
-reads only the final states (``MosaicKernel.final_marks_outputs``). So the kernel called
+Finite outputs: the api's guard (``validation.run_guarded``) needs to know whether an input
+was bad (non-finite, or a positive log-gate), and otherwise reads the whole output (a bad
+input makes it non-finite) and the log-gates for it. The walk folds that into its state
+instead. Non-finite ``k``, ``v``, gates or ``beta`` reach the state anyway; a positive
+log-gate is made NaN in the glue (``floor_log_gate(mark_positive=True)``), so it does too;
+a non-finite ``q`` row reaches only its output and ``q S_c``'s row, so each chunk adds
+``(q S_c) * 0`` (0, or NaN in exactly those rows) to the decayed values of the state update
+(simple_gla: summed over the row first, a ``[L]`` vector added to the decay factors, so
+that no ``[L, BV]`` tile stays live in registers until the update; GLA's walk, whose update
+reads ``v`` from its pipeline slot, carries the row sums and adds their total to the final
+state). For finite rows that adds exactly zero; a non-finite row turns the state NaN from
+that chunk on, so the final state of its sequence is NaN and the guard reads only the final
+states (``MosaicKernel.final_marks_bad_inputs``). So the kernel called
 directly (``linear_attention_mosaic``, ``delta_rule_mosaic``, not through the api) returns
 a NaN final state, and NaN outputs in the later chunks, after a non-finite q; through the
 api the guard's other path returns the reference's causal NaN. Overflow from finite inputs
@@ -205,6 +208,9 @@ class MosaicConfig:
 
 #: shared memory a block may use on sm_90 (227 KB), less a margin for barriers and alignment
 SMEM_LIMIT = 232448 - 2048
+#: shared memory Pallas reserves in a Mosaic GPU kernel that reduces across a warpgroup's
+#: rows (``reduction_scratch_bytes``, 2 KB by default): the walks that sum q's row marks
+REDUCTION_SCRATCH = 128 * 4 * 4
 
 
 def smem_bytes(*, chunk: int, key_dim: int, block_v: int, stages: int, itemsize: int,
@@ -220,7 +226,8 @@ def smem_bytes(*, chunk: int, key_dim: int, block_v: int, stages: int, itemsize:
     HBM with them). ``packed``: a float32 ``[K, BV]`` tile that stages each sequence's initial
     and final state inside the pipeline. ``fused_wy`` (the delta rules' plain forward,
     :class:`MosaicConfig`): an ``[L, L]`` ``M^{-1}`` slot and a float32 ``beta`` row a stage
-    instead of the ``[L, K]`` ``w`` slot."""
+    instead of the ``[L, K]`` ``w`` slot. Without ``delta``, the reduction scratch the
+    walk's row sums of q's marks take (:data:`REDUCTION_SCRATCH`)."""
     L, K, BV = chunk, key_dim, block_v
     state_tile = K * BV * itemsize
     vn_tile = L * BV * itemsize if delta else 0
@@ -230,6 +237,7 @@ def smem_bytes(*, chunk: int, key_dim: int, block_v: int, stages: int, itemsize:
     per_stage += state_tile + vn_tile if store_states else 0
     scratch = L * BV * itemsize + (0 if store_states else state_tile + vn_tile)
     scratch += K * BV * 4 if packed else 0
+    scratch += 0 if delta else REDUCTION_SCRATCH
     return scratch + max(stages * per_stage, K * BV * 4)
 
 
@@ -651,15 +659,17 @@ def _enter(state: Array, opens: Any, f32_smem: Any, gmem: Any, bar: Any) -> Arra
     return jax.lax.cond(opens, load, lambda: state)
 
 
-def _leave(state: Array, closes: Any, f32_smem: Any, gmem: Any) -> None:
+def _leave(state: Array, closes: Any, f32_smem: Any, gmem: Any,
+           mark: Array | None = None) -> None:
     """Where ``closes``, store the float32 register ``state`` to ``gmem`` through
-    ``f32_smem`` (waited for: the next sequence's state may reuse the tile)."""
+    ``f32_smem`` (waited for: the next sequence's state may reuse the tile); with ``mark``
+    (a vector of zeros or NaN), ``state`` plus its sum (summed only where the chunk closes)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     @pl.when(closes)
     def _():
-        f32_smem[...] = state
+        f32_smem[...] = state if mark is None else state + jnp.sum(mark)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(f32_smem, gmem)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)

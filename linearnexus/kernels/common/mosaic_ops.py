@@ -174,7 +174,7 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
             key_dim=kp, block_v=cfg.block_v)
     if g is None:
         g = jnp.zeros(q.shape[:3], F32)
-    gc = _layout(floor_log_gate(g), plan)  # [B, T, H] -> [R, NC * L, H]
+    gc = _layout(floor_log_gate(g, mark_positive=True), plan)  # [B, T, H] -> [R, NC * L, H]
     core = _core_static(dtype, plan, kp, vp, heads=heads, scale=scale, has_h0=h0 is not None,
                         gate="scalar", delta=False, n_seqs=_n_seqs(q, cu_seqlens))
     st = MosaicStatic(core=core, block_v=cfg.block_v, stages=cfg.stages, backward=cfg.backward,
@@ -331,7 +331,7 @@ def delta_rule_mosaic(q: Array, k: Array, v: Array, beta: Array, g: Array | None
         decline_unless_packed_fits(
             lambda: check_delta_config(cfg, key_dim=kp, value_dim=vp, packed=True),
             key_dim=kp, block_v=cfg.block_v)
-    gc = None if g is None else _layout(floor_log_gate(g), plan)  # [B, NC * L, H]
+    gc = None if g is None else _layout(floor_log_gate(g, mark_positive=True), plan)  # [B, NC*L, H]
     wst = WyStatic(gated=g is not None, rows=plan.rows, n_chunks=plan.n_chunks, chunk=chunk,
                    heads=heads, key_dim=kp, value_dim=vp, exact=False,
                    num_warps=8 if max(kp, vp) >= 256 else 4, interpret=interpret_mode())
@@ -371,10 +371,12 @@ class MosaicKernel(PallasKernel):
             (``mosaic_delta.delta_opted_in``: an environment variable); by name it always
             runs. None: automatic dispatch picks it.
         status: the feature table's note after the name (None: the class's).
-        final_marks_outputs: the op's chunk forward is ``mosaic_chunk``'s walk, whose final
-            state is NaN after a non-finite q row (that module's doc, "Finite outputs": with
-            the bad k, v, gates and beta that reach it anyway, every bad input), so the api's
-            guard reads the final states only (:func:`validation.run_guarded`).
+        final_marks_bad_inputs: the op's chunk forward makes its final state NaN after every
+            bad input: a non-finite q row (the walk's own marking, ``mosaic_chunk``'s doc,
+            "Finite outputs"), a positive log-gate (made NaN in the glue or GLA's ``sums``
+            kernel) and the bad k, v, gates and beta that reach the state anyway; so the
+            api's guard reads the final states only (:func:`validation.run_guarded`), not the
+            outputs or the log-gates.
     """
 
     name: ClassVar[str] = "mosaic"
@@ -386,10 +388,10 @@ class MosaicKernel(PallasKernel):
                  recurrent: Callable[..., tuple[Array, Array]] | None,
                  config: MosaicConfig | None = None, step: StepSpec | None = None, *,
                  opt_in: Callable[[], bool] | None = None, status: str | None = None,
-                 final_marks_outputs: bool = False) -> None:
+                 final_marks_bad_inputs: bool = False) -> None:
         super().__init__(chunked, recurrent, config=config, step=step)
         self.opt_in = opt_in
-        self.final_marks_outputs = final_marks_outputs
+        self.final_marks_bad_inputs = final_marks_bad_inputs
         if status is not None:
             self.status = status
 

@@ -48,10 +48,14 @@ LOG_GATE_FLOOR = -105.0
 _SUPPORTED = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def floor_log_gate(g: Array) -> Array:
+def floor_log_gate(g: Array, mark_positive: bool = False) -> Array:
     """``g`` (float32) with every entry below :data:`LOG_GATE_FLOOR` (``-inf`` included) raised
-    to it; NaN stays NaN."""
-    return jnp.maximum(g.astype(F32), LOG_GATE_FLOOR)
+    to it; NaN stays NaN. ``mark_positive``: a positive log-gate (not a decay) becomes NaN,
+    which then reaches the state and its final value (the Mosaic walks, whose final state
+    marks every bad input for the api's guard: ``mosaic_chunk``'s "Finite outputs")."""
+    g = g.astype(F32)
+    floored = jnp.maximum(g, LOG_GATE_FLOOR)
+    return jnp.where(g > 0, jnp.nan, floored) if mark_positive else floored
 
 
 def check_pallas_dtype(op: str, *arrays: Array) -> None:

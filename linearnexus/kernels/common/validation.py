@@ -286,8 +286,9 @@ def run_guarded(run: Callable[..., tuple[Array, Array]], q: Array, k: Array, v: 
     handled as the module doc says, at the cost of a check when the inputs are clean.
 
     ``run`` may also return ``(o, final, marks)`` with ``marks`` a Python bool: True when
-    the kernel that ran makes ``final`` non-finite wherever ``o`` is (the Mosaic GPU walks,
-    ``mosaic_chunk``'s module doc); the check then reads ``final`` only, not ``o``.
+    the kernel that ran makes ``final`` non-finite after every bad input, positive log-gates
+    included (the Mosaic GPU walks, ``mosaic_chunk``'s module doc); the check then reads
+    ``final`` only, not ``o`` or the log-gates.
 
     ``run`` is first called on the inputs as they are. When its outputs are all finite,
     every log-gate is <= 0 and traced ``cu_seqlens`` are valid (the usual case), that is
@@ -317,7 +318,7 @@ def run_guarded(run: Callable[..., tuple[Array, Array]], q: Array, k: Array, v: 
     traced_cu = cu_seqlens is not None and is_traced(cu_seqlens)
     fixed_cu = None if traced_cu else cu_seqlens
 
-    marks = [False]  # whether the fast run's final state marks its non-finite outputs
+    marks = [False]  # whether the fast run's final state marks every bad input
 
     def fast(cu, q, k, v, gate_arrays, h0):
         out = run(q, k, v, *gate_arrays, initial_state=h0,
@@ -337,14 +338,14 @@ def run_guarded(run: Callable[..., tuple[Array, Array]], q: Array, k: Array, v: 
         return slow(cu_seqlens, q, k, v, tuple(a for _, a in gates), initial_state)
 
     def clean_run(out, cu, gate_arrays):
-        # the output's read is the check's cost (~0.05 ms of a 0.3 ms forward on an H100):
-        # skipped where the final state already marks a non-finite output
+        # the output's read is the check's cost (~0.05 ms of a 0.3 ms forward on an H100), and
+        # GLA's [B, T, H, K] log-gates' more: skipped where the final state marks them
         ok = jnp.all(jnp.isfinite(out[1]))
         if not marks[0]:
             ok = ok & jnp.all(jnp.isfinite(out[0]))
-        for name, gate in zip(names, gate_arrays, strict=True):
-            if name == "g":
-                ok = ok & jnp.all(gate <= 0)
+            for name, gate in zip(names, gate_arrays, strict=True):
+                if name == "g":
+                    ok = ok & jnp.all(gate <= 0)
         if traced_cu:
             ok = ok & _cu_valid(cu, seq)
         return ok

@@ -35,7 +35,7 @@ BACKENDS["pallas_tpu"] = PallasTpuKernel(gated_delta_rule_pallas_tpu, gated_delt
 # LINEARNEXUS_MOSAIC_GDN=0 (faster than pallas in LM training: kernels/common/mosaic_delta.py)
 BACKENDS["mosaic"] = MosaicKernel(gated_delta_rule_mosaic, gated_delta_rule_recurrent,
                                   step=STEP, opt_in=delta_opted_in, status=MOSAIC_STATUS,
-                                  final_marks_outputs=True)
+                                  final_marks_bad_inputs=True)
 # automatic dispatch takes "mosaic" (opted in) and "pallas" on a GPU
 # only, "pallas_tpu" on a TPU only (their `supports` say no elsewhere); mosaic raises
 # NotImplementedError for what it does not cover and pallas runs it

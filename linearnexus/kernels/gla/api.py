@@ -30,7 +30,7 @@ BACKENDS["pallas_tpu"] = PallasTpuKernel(gla_pallas_tpu, gla_recurrent)
 # the Mosaic GPU walk (sm_90+, bf16 / f16, batch rows and packed): automatic first on a GPU
 # (faster than pallas on an H100), LINEARNEXUS_MOSAIC_GLA=0 keeps it out (kernels/gla/mosaic.py)
 BACKENDS["mosaic"] = MosaicKernel(gla_mosaic, gla_recurrent, step=STEP, opt_in=gla_opted_in,
-                                  status=MOSAIC_STATUS)
+                                  status=MOSAIC_STATUS, final_marks_bad_inputs=True)
 # automatic dispatch takes "mosaic" (opted in) and "pallas" on a GPU only, "pallas_tpu" on a
 # TPU only (their `supports` say no elsewhere); mosaic raises NotImplementedError for what it
 # does not cover and pallas runs it

@@ -55,6 +55,7 @@ import jax.numpy as jnp
 from linearnexus.core.types import Array
 from linearnexus.kernels.common.mosaic_chunk import (
     HOPPER_SMS,
+    REDUCTION_SCRATCH,
     SMEM_LIMIT,
     MosaicConfig,
     MosaicStatic,
@@ -125,6 +126,7 @@ def gla_smem_bytes(*, key_dim: int, block_v: int, stages: int, itemsize: int = 2
     per_stage += K * 4
     per_stage += state_tile if store_states else 0
     scratch = (0 if store_states else state_tile) + (K * BV * 4 if packed else 0)
+    scratch += REDUCTION_SCRATCH  # the row sums of q's marks (the api's guard)
     return scratch + max(stages * per_stage, K * BV * 4)
 
 
@@ -239,9 +241,14 @@ def _walk_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> Non
     vs = pl.ds(iv * BV, BV)
 
     state0 = initial_carry(c, h0_ref, bar, r, h, vs, (K, BV))
+    # q's finiteness, carried and added to the final state (the api's guard reads only that:
+    # mosaic_chunk's "Finite outputs"); the state update's B operand is v itself, so the
+    # [L] row sums travel in the carry rather than into the update as in mosaic_chunk
+    mark0 = plgpu.layout_cast(jnp.zeros((L,), F32), rows_layout)
 
     def body(idx, qe_smem, ke_smem, v_smem, a_smem, e_smem, o_smem, *rest):
-        s_smem, state = (rest[0], rest[1]) if store_states else (s_scratch, rest[0])
+        s_smem, carry = (rest[0], rest[1]) if store_states else (s_scratch, rest[0])
+        state, mark = carry
         if packed:  # a chunk that opens a sequence enters with its initial state
             seq, opens, closes = _chunk_flags(seq_ref, flag_ref, r, idx[0])
             state = _enter(state, opens, seq_smem,
@@ -256,6 +263,7 @@ def _walk_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> Non
             return acc[...]
 
         qs = pl.run_scoped(inter, plgpu.ACC((L, BV), F32))
+        mark = mark + jnp.sum(qs * 0.0, axis=1)  # [L]: 0, or NaN after a non-finite q row
         # A in the input dtype as the register operand of A v (Triton's fwd_o rounds it so;
         # the plain forward's fwd_a stores it rounded so)
         a = _load(a_smem, wgmma_layout).astype(dtype)  # [L, L]
@@ -274,8 +282,8 @@ def _walk_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> Non
 
         state = wgmma_onto(state * jax.lax.broadcast_in_dim(e_row, (K, BV), [0]), update)
         if packed:  # a chunk that closes a sequence leaves its final state
-            _leave(state, closes, seq_smem, final_ref.at[seq, h, :, vs])
-        return state
+            _leave(state, closes, seq_smem, final_ref.at[seq, h, :, vs], mark)
+        return state, mark
 
     in_specs = [
         plgpu.BlockSpec((L, K), lambda i: (i, 0), transforms=_swizzled(K, dtype)),  # q e^b
@@ -294,10 +302,10 @@ def _walk_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> Non
         outs.append(h_ref.at[r, :, h, :, vs])
     pipeline = plgpu.emit_pipeline(body, grid=(c.n_chunks,), in_specs=in_specs,
                                    out_specs=out_specs, max_concurrent_steps=st.stages,
-                                   init_carry=state0)
-    final = pipeline(*ins, *outs)
+                                   init_carry=(state0, mark0))
+    final, mark = pipeline(*ins, *outs)
     if not packed:
-        _state_out(final, final_ref.at[r, h, :, vs])
+        _state_out(final + jnp.sum(mark), final_ref.at[r, h, :, vs])
 
 
 def gla_walk(st: MosaicStatic, qe: Array, ke: Array, v: Array, a: Array, e_last: Array,

@@ -766,8 +766,12 @@ def _sums_kernel(g_ref, hi_ref, lo_ref, *, st: CoreStatic):
     """One chunk's inclusive in-chunk sums of the log-gates, compensated (``[L, BK]`` tile)."""
     r, h, rows, ks = _chunk_block(st)
     # log-gates floored (LOG_GATE_FLOOR: -inf, a zero gate, would make TwoSum NaN); here rather
-    # than in the glue, where it was a pass of its own over the [B, T, H, K] gates
-    hi, lo = compensated_cumsum(jnp.maximum(g_ref[r, rows, h, ks], LOG_GATE_FLOOR), axis=0)
+    # than in the glue, where it was a pass of its own over the [B, T, H, K] gates. A positive
+    # one (not a decay) becomes NaN: it reaches the state, whose final value then marks it
+    # for the api's guard (GLA's mosaic backend; the pallas one's guard checks the gates)
+    g = g_ref[r, rows, h, ks]
+    g = jnp.where(g > 0, jnp.nan, jnp.maximum(g, LOG_GATE_FLOOR))
+    hi, lo = compensated_cumsum(g, axis=0)
     hi_ref[r, rows, h, ks] = hi
     lo_ref[r, rows, h, ks] = lo.astype(lo_ref.dtype)
 

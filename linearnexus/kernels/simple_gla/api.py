@@ -29,7 +29,7 @@ STEP = StepSpec("scalar", delta=False)
 # "pallas_step": the fused one-token step by name (pallas and mosaic run it for T == 1 on a GPU)
 BACKENDS.update(pallas_backends(simple_gla_pallas, simple_gla_recurrent, STEP))
 BACKENDS["mosaic"] = MosaicKernel(simple_gla_mosaic, simple_gla_recurrent, step=STEP,
-                                  final_marks_outputs=True)
+                                  final_marks_bad_inputs=True)
 BACKENDS["pallas_tpu"] = PallasTpuKernel(simple_gla_pallas_tpu, simple_gla_recurrent)
 # Mosaic GPU first on sm_90+ (bf16 / f16, batch rows; it raises NotImplementedError for the
 # rest), then the Triton kernels on any NVIDIA GPU; both decline off a GPU; the Mosaic TPU
