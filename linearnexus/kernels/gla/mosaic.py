@@ -243,7 +243,9 @@ def _walk_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> Non
     state0 = initial_carry(c, h0_ref, bar, r, h, vs, (K, BV))
     # q's finiteness, carried and added to the final state (the api's guard reads only that:
     # mosaic_chunk's "Finite outputs"); the state update's B operand is v itself, so the
-    # [L] row sums travel in the carry rather than into the update as in mosaic_chunk
+    # [L] row sums travel in the carry rather than into the update as in mosaic_chunk. Not
+    # reset where a packed sequence opens: the sequences after a bad q row end NaN too (the
+    # guard reruns the whole call after any bad input either way)
     mark0 = plgpu.layout_cast(jnp.zeros((L,), F32), rows_layout)
 
     def body(idx, qe_smem, ke_smem, v_smem, a_smem, e_smem, o_smem, *rest):
