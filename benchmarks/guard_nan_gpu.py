@@ -19,8 +19,8 @@ the kernels mark too, GLA's ``[B, T, H, K]`` ones included)::
 
 Cases per op, bf16 (2, 1000, 4, 64) and packed (1, 1000) in sequences of 300, 1 and 699: a
 NaN in one q entry and +inf in one (the cases the state marks for the guard; the second
-in the padded last chunk), NaN in k, +inf in v, a positive log-gate (traced), and clean
-inputs. Prints one PASS / FAIL line per case and
+in the padded last chunk), NaN in k, +inf in v, a positive log-gate and a NaN one (traced;
+GLA's in one key dim), and clean inputs. Prints one PASS / FAIL line per case and
 writes ``guard_nan_gpu.json`` under ``--out``.
 """
 
@@ -41,11 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels_gpu as kg  # noqa: E402  (the shared input recipe)
 
 OPS = ("simple_gla", "gated_delta_rule", "delta_rule", "gla")
-CASES = ("clean", "q_nan", "q_inf", "k_nan", "v_inf", "g_positive")
+CASES = ("clean", "q_nan", "q_inf", "k_nan", "v_inf", "g_positive", "g_nan")
 #: (input, head, column, value) of each bad case; the step is the script's row / step, or
 #: for "q_inf" one in the padded last chunk (T = 1000 is not a multiple of 64)
 BAD = {"q_nan": ("q", 1, 5, jnp.nan), "q_inf": ("q", 0, 1, jnp.inf), "k_nan": ("k", 2, 0, jnp.nan),
-       "v_inf": ("v", 0, 7, jnp.inf), "g_positive": ("g", 3, None, 0.5)}
+       "v_inf": ("v", 0, 7, jnp.inf), "g_positive": ("g", 3, None, 0.5),
+       "g_nan": ("g", 2, None, jnp.nan)}
 LATE_STEP = 995
 
 
@@ -53,6 +54,8 @@ def _bad(case: str, inputs: dict[str, jax.Array], row: int, t: int) -> dict[str,
     out = dict(inputs)
     if case in BAD and BAD[case][0] in out:
         name, head, col, value = BAD[case]
+        if name == "g" and out[name].ndim == 4:  # GLA: one key dim's gate
+            col = 5
         step = LATE_STEP if case == "q_inf" else t
         at = (row, step, head) if col is None else (row, step, head, col)
         out[name] = out[name].at[at].set(value)
@@ -127,7 +130,7 @@ def check(op: str, packed: bool, backend: str = "mosaic") -> list[dict]:
             result["errors"][label] = {"same_nan": same_nan, "nan": int(np.isnan(b).sum()),
                                        "rel": err}
             result["ok"] &= bool(same_nan and err <= tol)
-        if case in ("q_nan", "q_inf", "g_positive") and backend == "mosaic":
+        if case in ("q_nan", "q_inf", "g_positive", "g_nan") and backend == "mosaic":
             head = BAD[case][1]
             state = 2 if packed else row  # packed: the third sequence holds both steps
             raw = _raw_final(op, inputs, cu)

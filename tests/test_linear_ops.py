@@ -721,8 +721,8 @@ def test_guard_reads_only_the_final_state_where_the_kernel_marks_outputs(key):
 def test_floor_log_gate_marks_positive_gates_where_asked():
     """The glue's floor: -inf and anything below LOG_GATE_FLOOR raised to it, NaN kept; with
     ``mark_positive`` (the Mosaic backends, whose final states then mark the bad gate for
-    the guard) a positive log-gate, +inf included, becomes NaN; 0 is a valid gate (no
-    decay)."""
+    the guard) a positive log-gate, +inf included, becomes NaN, and NaN stays NaN without
+    relying on max's NaN rule; 0 is a valid gate (no decay)."""
     from linearnexus.kernels.common.pallas_ops import LOG_GATE_FLOOR, floor_log_gate
 
     g = jnp.array([-jnp.inf, 2 * LOG_GATE_FLOOR, -1.0, 0.0, 0.5, jnp.inf, jnp.nan])

@@ -450,14 +450,15 @@ def test_mosaic_matches_reference_in_the_interpreter(op, monkeypatch):
 
 @pytest.mark.skipif(REASON is not None or gpu_interpret_reason() is not None,
                     reason=REASON or gpu_interpret_reason() or "")
-@pytest.mark.parametrize("bad", ["q_nan", "g_positive"])
+@pytest.mark.parametrize("bad", ["q_nan", "g_positive", "g_nan"])
 @pytest.mark.parametrize("op", ["simple_gla", "simple_gla/packed", "gated_delta_rule",
                                 "gated_delta_rule/packed", "gla", "gla/packed"])
 def test_final_state_marks_bad_inputs_in_the_interpreter(op, bad, monkeypatch):
     """The Mosaic kernels mark every bad input in their final states: a NaN in one q row
     (the walks add ``(q S_c) * 0`` to the state update, simple_gla its row sums to the decay
-    factors, GLA its row sums to the final state from a carry) and a positive log-gate
-    (made NaN with the floor: the glue's ``floor_log_gate``, GLA's ``sums`` kernel) leave
+    factors, GLA its row sums to the final state from a carry) and a positive or NaN
+    log-gate (made or kept NaN with the floor, whatever the backend's max does with NaN: the
+    glue's ``floor_log_gate``, GLA's ``sums`` kernel; GLA's in one key dim) leave
     the final state of that head's row (packed: of its sequence) NaN, in the plain forward
     and in the forward under a gradient; the outputs they reach (that step's and later
     chunks' of that row and head; a bad gate's, its chunk's) are NaN, and every other final
@@ -488,8 +489,9 @@ def test_final_state_marks_bad_inputs_in_the_interpreter(op, bad, monkeypatch):
     bad_inputs = dict(q=q, g=g)
     if bad == "q_nan":
         bad_inputs["q"] = q.at[row, t_bad, 0, 3].set(jnp.nan)
-    else:
-        bad_inputs["g"] = g.at[row, t_bad, 0].set(0.5)
+    else:  # GLA: one key dim's gate
+        at = (row, t_bad, 0, 5) if name == "gla" else (row, t_bad, 0)
+        bad_inputs["g"] = g.at[at].set(0.5 if bad == "g_positive" else jnp.nan)
 
     def mosaic(q, k, v, *gate_arrays, initial_state=None, cu_seqlens=cu):
         kw = dict(scale=K ** -0.5, cu_seqlens=cu_seqlens, initial_state=initial_state,

@@ -34,7 +34,9 @@ Finite outputs: the api's guard (``validation.run_guarded``) needs to know wheth
 was bad (non-finite, or a positive log-gate), and otherwise reads the whole output (a bad
 input makes it non-finite) and the log-gates for it. The walk folds that into its state
 instead. Non-finite ``k``, ``v``, gates or ``beta`` reach the state anyway; a positive
-log-gate is made NaN in the glue (``floor_log_gate(mark_positive=True)``), so it does too;
+log-gate is made NaN in the glue (``floor_log_gate(mark_positive=True)``; GLA's ``sums``
+kernel, where the floor's test also keeps a NaN gate NaN, which Triton's ``max`` would
+not), so it does too;
 a non-finite ``q`` row reaches only its output and ``q S_c``'s row, so each chunk adds
 ``(q S_c) * 0`` (0, or NaN in exactly those rows) to the decayed values of the state update
 (simple_gla: summed over the row first, a ``[L]`` vector added to the decay factors, so

@@ -55,7 +55,8 @@ def floor_log_gate(g: Array, mark_positive: bool = False) -> Array:
     marks every bad input for the api's guard: ``mosaic_chunk``'s "Finite outputs")."""
     g = g.astype(F32)
     floored = jnp.maximum(g, LOG_GATE_FLOOR)
-    return jnp.where(g > 0, jnp.nan, floored) if mark_positive else floored
+    # g <= 0 is false for NaN too, whatever max does with it (Triton's maxnumf drops NaN)
+    return jnp.where(g <= 0, floored, jnp.nan) if mark_positive else floored
 
 
 def check_pallas_dtype(op: str, *arrays: Array) -> None:

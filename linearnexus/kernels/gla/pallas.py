@@ -768,9 +768,11 @@ def _sums_kernel(g_ref, hi_ref, lo_ref, *, st: CoreStatic):
     # log-gates floored (LOG_GATE_FLOOR: -inf, a zero gate, would make TwoSum NaN); here rather
     # than in the glue, where it was a pass of its own over the [B, T, H, K] gates. A positive
     # one (not a decay) becomes NaN: it reaches the state, whose final value then marks it
-    # for the api's guard (GLA's mosaic backend; the pallas one's guard checks the gates)
+    # for the api's guard (GLA's mosaic backend; the pallas one's guard checks the gates).
+    # The where tests g <= 0, false for NaN too: Triton lowers max to maxnumf, which would
+    # turn a NaN gate into the floor
     g = g_ref[r, rows, h, ks]
-    g = jnp.where(g > 0, jnp.nan, jnp.maximum(g, LOG_GATE_FLOOR))
+    g = jnp.where(g <= 0, jnp.maximum(g, LOG_GATE_FLOOR), jnp.nan)
     hi, lo = compensated_cumsum(g, axis=0)
     hi_ref[r, rows, h, ks] = hi
     lo_ref[r, rows, h, ks] = lo.astype(lo_ref.dtype)
