@@ -243,7 +243,8 @@ def test_mosaic_declines_what_it_does_not_cover(monkeypatch):
 
 def test_mosaic_config_comes_from_the_tuning_cache(tmp_path, monkeypatch):
     """With no config on the backend object, the tuning cache's entry for (op, "mosaic",
-    shape bucket, dtype) reaches the kernel as a MosaicConfig; a stale entry is ignored."""
+    shape bucket, dtype) reaches the kernel as a MosaicConfig; a stale entry is ignored, and
+    one the kernel refuses for the call runs the heuristic with a warning."""
     import dataclasses as dc
 
     from linearnexus.kernels import tuning
@@ -277,6 +278,24 @@ def test_mosaic_config_comes_from_the_tuning_cache(tmp_path, monkeypatch):
     kernel.forward_chunk(q, q, q, g, initial_state=None, grid=GridConfig(chunk_size=64), scale=1.0,
                          cu_seqlens=None)
     assert seen[-1] is None  # stages=0 does not validate: the heuristic decides
+
+    # an entry the kernel refuses for this call (a ValueError naming config: over a shared-
+    # memory budget, say) warns and runs the heuristic; the caller's own config still raises
+    def refusing(*arrays, config=None, **kwargs):
+        seen.append(config)
+        if config is not None:
+            raise ValueError(f"config: stages={config.stages} does not fit")
+        return arrays[0], None
+
+    refusing.__module__ = fake_chunked.__module__
+    tuning.record("simple_gla", "mosaic", (2, 300, 4, 64, 64), jnp.bfloat16,
+                  Knobs(stages=3, block_v=64), seconds=1e-3, device_kind=jax.devices()[0].device_kind)
+    call = dict(initial_state=None, grid=GridConfig(chunk_size=64), scale=1.0, cu_seqlens=None)
+    with pytest.warns(UserWarning, match="tuning cache.*does not fit"):
+        MosaicKernel(refusing, None).forward_chunk(q, q, q, g, **call)
+    assert seen[-2:] == [MosaicConfig(stages=3, block_v=64), None]
+    with pytest.raises(ValueError, match="config: stages=2"):
+        MosaicKernel(refusing, None, config=MosaicConfig(stages=2)).forward_chunk(q, q, q, g, **call)
 
 
 def _delta_specs(B, T, H, K, V, h0, gated):

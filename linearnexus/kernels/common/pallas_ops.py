@@ -19,6 +19,7 @@ platform; interpret mode off a GPU).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -276,13 +277,30 @@ class PallasKernel:
 
     def forward_chunk(self, *arrays: Array, initial_state: Array | None, grid: GridConfig,
                       **kwargs: Any) -> tuple[Array, Array]:
-        config = self.config
+        config, cached = self.config, None
         if config is None:  # the tuning cache (benchmarks/run.py --tune), before the heuristic
             q, _, v = arrays[:3]
             op = self.chunked.__module__.split(".")[-2]  # kernels/<op>/<backend>.py
-            config = self.cached_config(op, (*q.shape, v.shape[-1]), q.dtype)
-        return self.chunked(*arrays, initial_state=initial_state, chunk_size=grid.chunk_size,
-                            config=config, **kwargs)
+            config = cached = self.cached_config(op, (*q.shape, v.shape[-1]), q.dtype)
+
+        def run(config):
+            return self.chunked(*arrays, initial_state=initial_state, chunk_size=grid.chunk_size,
+                                config=config, **kwargs)
+
+        if cached is None:
+            return run(config)
+        try:
+            return run(cached)
+        except ValueError as err:
+            # a cached config this call's shape, or this version's kernels, do not take (one
+            # over a shared-memory budget that grew, say): the heuristic runs instead; a
+            # config given by the caller still raises
+            if not str(err).startswith("config"):
+                raise
+            warnings.warn(f"{self.name}: the tuning cache's {cached} does not fit this call "
+                          f"({err}); the heuristic's config runs (benchmarks/run.py --tune "
+                          "refreshes the cache)", stacklevel=2)
+            return run(None)
 
     def cached_config(self, op: str, dims: tuple[int, ...], dtype: Any) -> TritonConfig | None:
         """This backend's tuning-cache entry for the call, or None."""
