@@ -392,6 +392,30 @@ def _delta_inputs(seed: int, B: int, T: int, H: int, K: int, V: int, N: int):
     return q, k, v, g, beta, s0, ks[6:]
 
 
+#: the interpreter tests' packed sequences: one empty, one closing mid-chunk, one a whole chunk
+PACKED_LENS = (70, 0, 30, 64)
+
+
+def _interpreter_case(seed: int, packed: bool, B: int, T: int, H: int, K: int, V: int):
+    """``(T, cu, inputs, loss)`` of an interpreter test: batch rows, or (``packed``, B = 1)
+    :data:`PACKED_LENS` with ``T`` their sum and ``cu`` their offsets (else None); ``inputs``
+    as :func:`_delta_inputs` without its keys, one initial state a row or sequence;
+    ``loss(fn, *args)`` is ``(sum(o * do) + sum(final * dht), (o, final))`` for
+    ``(o, final) = fn(*args)`` and random cotangents ``do``, ``dht``."""
+    T = sum(PACKED_LENS) if packed else T
+    cu = jnp.array([0, *itertools.accumulate(PACKED_LENS)], jnp.int32) if packed else None
+    N = len(PACKED_LENS) if packed else B
+    *inputs, ks = _delta_inputs(seed, B, T, H, K, V, N)
+    do = jax.random.normal(ks[0], (B, T, H, V))
+    dht = jax.random.normal(ks[1], (N, H, K, V))
+
+    def loss(fn, *args):
+        o, final = fn(*args)
+        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(final * dht), (o, final)
+
+    return T, cu, tuple(inputs), loss
+
+
 @pytest.mark.skipif(REASON is not None or gpu_interpret_reason() is not None,
                     reason=REASON or gpu_interpret_reason() or "")
 @pytest.mark.parametrize("op", ["gated_delta_rule", "gated_delta_rule/mosaic-bwd",
@@ -413,13 +437,8 @@ def test_mosaic_matches_reference_in_the_interpreter(op, monkeypatch):
     packed = "/packed" in op
     with_h0 = not op.endswith("-no-h0")
     monkeypatch.delenv(PACKED_ENV, raising=False)
-    lens = (70, 0, 30, 64) if packed else None
-    B, T, H, K, V = 1, sum(lens) if packed else 100, 1, 64, 64
-    cu = jnp.array([0, *itertools.accumulate(lens)], jnp.int32) if packed else None
-    N = len(lens) if packed else B
-    q, k, v, g, beta, s0, ks = _delta_inputs(3, B, T, H, K, V, N)
-    do = jax.random.normal(ks[0], (B, T, H, V))
-    dht = jax.random.normal(ks[1], (N, H, K, V))
+    B, H, K, V = 1, 1, 64, 64
+    T, cu, (q, k, v, g, beta, s0), loss = _interpreter_case(3, packed, B, 100, H, K, V)
     if op.startswith("simple_gla"):
         args, names = (q, k, v, g, s0), ("dq", "dk", "dv", "dg", "dh0")
 
@@ -445,10 +464,6 @@ def test_mosaic_matches_reference_in_the_interpreter(op, monkeypatch):
         def reference(q, k, v, g, beta, s0):
             return gated_delta_rule_reference(q, k, v, g, beta, scale=K ** -0.5,
                                               initial_state=s0, cu_seqlens=cu)
-
-    def loss(fn, *args):
-        o, final = fn(*args)
-        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(final * dht), (o, final)
 
     argnums = tuple(range(1, len(args) + 1))
     with gpu_interpret():
@@ -644,7 +659,7 @@ def test_delta_fused_wy_forward_in_the_interpreter(gated, packed, dims, T, monke
     65 and 100, with initial states, head dims padded (40 -> 64, 72 -> 128); and its
     gradient with `fused_grad=False`, which runs the separate form, equal to that form's."""
     monkeypatch.delenv(PACKED_ENV, raising=False)
-    lens = (70, 0, 30, 64) if packed else None
+    lens = PACKED_LENS if packed else None
     K, V = dims
     B, T, H = (1, sum(lens), 2) if packed else (2, T, 1)
     cu = jnp.array([0, *itertools.accumulate(lens)], jnp.int32) if packed else None
@@ -695,22 +710,13 @@ def test_delta_value_blocks_of_32_in_the_interpreter(packed, fused_wy, monkeypat
     chunk padded) with an initial state, or four packed sequences (70, 0, 30, 64); the WY
     products in the walk (``fused_wy``) or through HBM."""
     monkeypatch.delenv(PACKED_ENV, raising=False)
-    lens = (70, 0, 30, 64) if packed else None
-    B, T, H, K, V = 1, sum(lens) if packed else 130, 1, 128, 128
-    cu = jnp.array([0, *itertools.accumulate(lens)], jnp.int32) if packed else None
-    N = len(lens) if packed else B
-    q, k, v, g, beta, s0, ks = _delta_inputs(13, B, T, H, K, V, N)
-    do = jax.random.normal(ks[0], (B, T, H, V))
-    dht = jax.random.normal(ks[1], (N, H, K, V))
+    B, H, K, V = 1, 1, 128, 128
+    T, cu, (q, k, v, g, beta, s0), loss = _interpreter_case(13, packed, B, 130, H, K, V)
 
     def run(block_v, q, k, v, g, beta, s0):
         return delta_rule_mosaic(q, k, v, beta, g, scale=K ** -0.5, initial_state=s0,
                                  cu_seqlens=cu, check_device=False,
                                  config=MosaicConfig(block_v=block_v, fused_wy=fused_wy))
-
-    def loss(fn, *args):
-        o, final = fn(*args)
-        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(final * dht), (o, final)
 
     args = (q, k, v, g, beta, s0)
     argnums = tuple(range(1, 7))
@@ -761,25 +767,14 @@ def test_delta_fused_grad_in_the_interpreter(gated, packed, dims, B, T, H, dks, 
     monkeypatch.delenv(PACKED_ENV, raising=False)
     monkeypatch.setenv(mosaic_bwd.DW_KERNEL_ENV, "0" if dks == "xla" else "1")
     monkeypatch.setenv(mosaic_delta.DKS_IN_WY_ENV, "1" if dks == "wy" else "0")
-    lens = (70, 0, 30, 64) if packed else None
     K, V = dims
-    if packed:
-        T = sum(lens)
-    cu = jnp.array([0, *itertools.accumulate(lens)], jnp.int32) if packed else None
-    N = len(lens) if packed else B
-    q, k, v, g, beta, s0, ks = _delta_inputs(5, B, T, H, K, V, N)
-    do = jax.random.normal(ks[0], (B, T, H, V))
-    dht = jax.random.normal(ks[1], (N, H, K, V))
+    T, cu, (q, k, v, g, beta, s0), loss = _interpreter_case(5, packed, B, T, H, K, V)
     g = g if gated else jnp.zeros_like(g)  # the reference's ungated rule; mosaic gets None
 
     def run(config, q, k, v, g, beta, s0):
         return delta_rule_mosaic(q, k, v, beta, g if gated else None, scale=K ** -0.5,
                                  initial_state=s0, cu_seqlens=cu, config=config,
                                  check_device=False)
-
-    def loss(fn, *args):
-        o, final = fn(*args)
-        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(final * dht), (o, final)
 
     args = (q, k, v, g, beta, s0)
     argnums = tuple(range(1, 7))

@@ -161,7 +161,7 @@ def check_and_run(op_name: str, backends: Mapping[str, Any], order: Sequence[str
     cu_seqlens_ok(cu_seqlens, seq)  # the checkify switch's check (traced offsets only)
 
     def run(*arrays, initial_state, cu_seqlens):
-        report: list[bool] = []  # whether the kernel that ran marks outputs in its state
+        report: list[bool] = []  # whether the kernel that ran marks bad inputs in its state
         o, final = run_op(op_name, backends, order, arrays, initial_state=initial_state,
                           output_final_state=True, chunk_size=chunk_size, mode=mode,
                           backend=backend, dtype=arrays[0].dtype, scale=scale,

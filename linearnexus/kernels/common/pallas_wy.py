@@ -86,8 +86,10 @@ class WyStatic:
     dks_from_states: bool = False
     # M^{-1} by halves (16 -> 32 -> 64 rows: each level's lower-left block is
     # -inv(lower) A_21 inv(upper), two dependent products) instead of block substitution
-    # (a chain of ~10 dependent products at L = 64); the same products in number. Opt-in
-    # until timed: the M^{-1} kernel is latency-bound (0.284 ms at 0.72 TB/s on an H200)
+    # (a chain of ~10 dependent products at L = 64); the same products in number. Aimed at
+    # the latency-bound M^{-1} kernel (0.284 ms at 0.72 TB/s on an H200), measured 2% faster
+    # alone on an H100 (0.2835 against 0.2900 ms, 4 warps): opt-in, benchmarks/wy_profile_gpu.py
+    # times both
     inverse_halves: bool = False
 
 
