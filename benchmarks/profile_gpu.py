@@ -1,12 +1,13 @@
 """Per-kernel device time of one op's ``pallas`` backend, from the JAX profiler.
 
     python3 benchmarks/profile_gpu.py OP [--shape B,T,H,D] [--mode fwd|fwd+bwd] [--calls 3]
-        [--json FILE] [--once]
+        [--backend pallas|mosaic] [--config "seq_split=4,block_v=64"] [--json FILE] [--once]
 
 OP is one of ``simple_gla gla delta_rule gated_delta_rule selective_scan``; the shape is
 ``B,T,H,D`` (``B,T,d_inner,d_state`` for the selective scan), default the issue's
 (8, 4096, 16, 128) / (8, 4096, 2048, 16). Inputs follow ``benchmarks/kernels_gpu.py`` (bf16,
-gates float32).
+gates float32). ``--config`` sets a ``MosaicConfig`` on the mosaic backend (the syntax of
+``mosaic_config_gpu.py --configs``).
 
 It compiles the op's forward (or ``jax.grad`` of the sum of its output), runs it twice,
 then records ``--calls`` calls with ``jax.profiler`` and reads the trace back with
@@ -43,8 +44,10 @@ LINEAR_OPS = ("simple_gla", "gla", "delta_rule", "gated_delta_rule")
 OPS = (*LINEAR_OPS, "selective_scan")
 
 
-def build(op: str, shape: tuple[int, ...], mode: str, backend: str = "pallas"):
-    """``(jitted function, its argument)`` for ``op`` at ``shape`` on ``backend``."""
+def build(op: str, shape: tuple[int, ...], mode: str, backend: str = "pallas",
+          config: object = None):
+    """``(jitted function, its argument)`` for ``op`` at ``shape`` on ``backend`` (``config``:
+    set on that backend's kernel for the rest of the process, unless None)."""
     key = jax.random.PRNGKey(0)
     if op == "selective_scan":
         B, T, D, N = shape
@@ -56,7 +59,10 @@ def build(op: str, shape: tuple[int, ...], mode: str, backend: str = "pallas"):
     else:
         B, T, H, D = shape
         inputs = kg.jax_inputs(op, key, B, T, H, D, D, jnp.bfloat16)
-        fn = getattr(importlib.import_module(f"linearnexus.kernels.{op}.api"), op)
+        api = importlib.import_module(f"linearnexus.kernels.{op}.api")
+        fn = getattr(api, op)
+        if config is not None:
+            api.BACKENDS[backend].config = config
         names = list(inputs)
         inputs = tuple(inputs[n] for n in names)
 
@@ -111,6 +117,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--backend", default="pallas", choices=("pallas", "mosaic"),
                         help="the linear-attention op's backend")
+    parser.add_argument("--config", default=None,
+                        help="a MosaicConfig for --backend mosaic, e.g. seq_split=4,block_v=64")
     parser.add_argument("--json", default=None, help="also write the times to this file")
     parser.add_argument("--once", action="store_true",
                         help="run the call once, untraced, and exit: the program for an outside "
@@ -128,7 +136,17 @@ def main() -> None:
             parser.error(f"--shape: expected four integers B,T,H,D, got {args.shape!r}")
         if len(shape) != 4 or min(shape) < 1:
             parser.error(f"--shape: expected four positive integers B,T,H,D, got {args.shape!r}")
-    fn, arg = build(args.op, shape, args.mode, args.backend)
+    config = None
+    if args.config is not None:
+        if args.backend != "mosaic" or args.op == "selective_scan":
+            parser.error("--config: sets a MosaicConfig, so it needs --backend mosaic and a "
+                         f"linear op, got --backend {args.backend} and {args.op}")
+        from mosaic_config_gpu import parse_config
+        try:
+            config = parse_config(args.config)
+        except ValueError as e:
+            parser.error(str(e).replace("--configs", "--config"))
+    fn, arg = build(args.op, shape, args.mode, args.backend, config)
     if args.once:
         jax.block_until_ready(fn(arg))
         print(f"{args.op} {args.mode} {shape} ({args.backend}) ran once, untraced")

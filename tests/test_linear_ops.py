@@ -732,6 +732,16 @@ def test_floor_log_gate_marks_positive_gates_where_asked():
     np.testing.assert_array_equal(np.asarray(floor_log_gate(g, mark_positive=True)),
                                   np.array([floor, floor, -1, 0, np.nan, np.nan, np.nan],
                                            np.float32))
+    # the gradient: the mark is a constant, so a valid gate's is the plain floor's, and the
+    # api guard's NaN cotangent after bad inputs reaches every entry, the bad gates' too (a
+    # where would have given them a finite zero)
+    _, plain_vjp = jax.vjp(floor_log_gate, g)
+    _, marked_vjp = jax.vjp(lambda x: floor_log_gate(x, mark_positive=True), g)
+    ones = jnp.ones_like(g)
+    np.testing.assert_array_equal(np.asarray(marked_vjp(ones)[0])[:4],
+                                  np.asarray(plain_vjp(ones)[0])[:4])
+    np.testing.assert_array_equal(np.asarray(marked_vjp(ones)[0])[:4], [0, 0, 1, 1])
+    assert np.isnan(np.asarray(marked_vjp(ones * jnp.nan)[0])).all()
 
 
 @pytest.mark.parametrize("marks", [True, False])

@@ -34,6 +34,7 @@ from linearnexus.kernels.common.mosaic_chunk import (
 )
 from linearnexus.kernels.common.mosaic_ops import (
     PACKED_ENV,
+    default_seq_split,
     delta_rule_mosaic,
     linear_attention_mosaic,
 )
@@ -70,11 +71,18 @@ def _specs(B, T, H, K, V, h0):
     ((1, 1100, 2, 128, 128), True, MosaicConfig(chunk=128)),
     # value blocks of 32 (every wgmma operand at a 64-byte swizzle), the Mosaic backward
     ((2, 1000, 2, 128, 128), True, MosaicConfig(block_v=32)),
+    # each row walked as four segments from their entering states (four times the rows)
+    ((2, 1000, 2, 128, 128), True, MosaicConfig(seq_split=4)),
+    # a walk of 64 chunks on 4 programs: the heuristic splits the plain forward in two
+    ((1, 4096, 2, 64, 64), False, None),
 ])
 def test_simple_gla_mosaic_lowers_forward_and_backward(shape, h0, config, monkeypatch):
     """Forward (the Mosaic GPU kernel) and its gradient lower for CUDA: with the Mosaic
     backward, three Mosaic GPU kernels (forward storing the chunk states, the reverse walk,
-    dq / dk) and no Triton; with ``backward="pallas"``, the Triton backward kernels."""
+    dq / dk) and no Triton; with ``backward="pallas"``, the Triton backward kernels. A
+    sequence split (asked, or the heuristic's on a long walk of few programs) adds the
+    Triton kernel of the segments' states to the plain forward only: under a gradient the
+    whole walk runs."""
     monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")  # Triton kernels, not interpret mode
 
     def fwd(q, k, v, g, s0):
@@ -88,6 +96,11 @@ def test_simple_gla_mosaic_lowers_forward_and_backward(shape, h0, config, monkey
     specs = _specs(*shape, h0)
     text = _lower(fwd, *specs)
     assert text.count("custom_call @mosaic_gpu") == 1
+    B, T, H, K, V = shape
+    split = (config.seq_split if config is not None and config.seq_split is not None
+             else default_seq_split(rows=B, heads=H, value_dim=V, n_chunks=-(-T // 64),
+                                    chunk=64, block_v=None if config is None else config.block_v))
+    assert ("xla.gpu.triton" in text) == (split > 1)
     grad_text = _lower(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4) if h0 else (0, 1, 2, 3)),
                        *specs)
     # at chunk 128, K = V = 128 the Mosaic backward does not fit: the heuristic picks Triton
@@ -152,6 +165,142 @@ def test_packed_sequences_lower_forward_and_backward(op, h0, config, monkeypatch
     # the gradient from M^{-1}: its WY backward is the one that takes dy (named in the text)
     assert ("_wy_bwd_fused_kernel" in grad_text) == (
         op != "simple_gla" and _resolved_fused_grad(config, bwd_mosaic))
+
+
+@needs_mosaic
+def test_seq_split_is_refused_where_it_does_not_apply():
+    """``MosaicConfig(seq_split=n)`` (simple_gla, batch rows; its lowering is a case of
+    ``test_simple_gla_mosaic_lowers_forward_and_backward``) is refused naming ``config``
+    for packed sequences, more segments than chunks (under a gradient too, where the whole
+    walk runs), and the delta rules' and GLA's kernels; ``seq_split`` must be an int >= 1."""
+    from linearnexus.kernels.gla.mosaic import gla_mosaic
+
+    with pytest.raises(ValueError, match="seq_split"):
+        MosaicConfig(seq_split=0)
+    x = jnp.ones((1, 200, 1, 64), jnp.bfloat16)
+    gz = jnp.zeros((1, 200, 1))
+    for split, fits in ((8, 4), (3, 2)):  # 4 chunks: 3 segments of 2 leave the last empty
+        with pytest.raises(ValueError, match=f"config: seq_split={split} at T=200 .* at most "
+                                             f"{fits} would not"):
+            linear_attention_mosaic(x, x, x, gz, scale=1.0, config=MosaicConfig(seq_split=split),
+                                    check_device=False)
+    with pytest.raises(ValueError, match="config: seq_split=8 at T=200"):  # under a gradient too
+        jax.grad(lambda q: jnp.sum(linear_attention_mosaic(
+            q, x, x, gz, scale=1.0, config=MosaicConfig(seq_split=8),
+            check_device=False)[0].astype(jnp.float32)))(x)
+    with pytest.raises(ValueError, match="config: seq_split=2 cuts batch rows"):
+        linear_attention_mosaic(x, x, x, gz, scale=1.0, cu_seqlens=jnp.array([0, 50, 200]),
+                                config=MosaicConfig(seq_split=2), check_device=False)
+    with pytest.raises(ValueError, match="config: seq_split=2 is simple_gla's"):
+        delta_rule_mosaic(x, x, x, gz.astype(jnp.bfloat16), -jnp.ones((1, 200, 1)), scale=1.0,
+                          config=MosaicConfig(seq_split=2), check_device=False)
+    with pytest.raises(ValueError, match="config: seq_split=2 is simple_gla's"):
+        gla_mosaic(x, x, x, -jnp.ones((1, 200, 1, 64)), scale=1.0,
+                   config=MosaicConfig(seq_split=2), check_device=False)
+
+
+@pytest.mark.skipif(gpu_interpret_reason() is not None, reason=gpu_interpret_reason() or "")
+@pytest.mark.parametrize("B,T,split,with_h0,gated", [
+    (1, 300, 2, True, True), (2, 300, 3, False, True), (1, 65, 2, True, False),
+    (1, 1000, 4, True, True)])
+def test_seq_split_in_the_interpreter(B, T, split, with_h0, gated):
+    """simple_gla with its rows cut into segments (``seq_split``) in JAX 0.11's Mosaic GPU
+    interpreter: the plain forward's outputs and final states against the per-step reference
+    at the GPU thresholds and within 10% of one walk's error (the segments' own states come
+    from bf16 operands, as the walk's do); under a gradient the whole walk runs, so every
+    gradient equals one walk's bit for bit (and is checked against the reference too). T =
+    300 in two segments of three chunks (the last padded) and in three of two, 65 (two
+    chunks) in two without a gate, 1000 in four; head dims 40 / 72 padded; with and without
+    an initial state."""
+    H, K, V = 2, 40, 72
+    q, k, v, g, _, s0, ks = _delta_inputs(7, B, T, H, K, V, B)
+    if not gated:
+        g = None
+    do = jax.random.normal(ks[0], (B, T, H, V))
+    dht = jax.random.normal(ks[1], (B, H, K, V))
+
+    def run(config, q, k, v, g, s0):
+        return linear_attention_mosaic(q, k, v, g, scale=K ** -0.5,
+                                       initial_state=s0 if with_h0 else None, config=config,
+                                       check_device=False)
+
+    def loss(fn, *args):
+        o, final = fn(*args)
+        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(final * dht), (o, final)
+
+    args = (q, k, v, g, s0)
+    argnums = tuple(i for i, x in enumerate(args, 1) if x is not None and (i < 5 or with_h0))
+    split_run = functools.partial(run, MosaicConfig(seq_split=split))
+    with gpu_interpret():
+        o, final = split_run(*args)
+        grads, _ = jax.grad(loss, argnums, has_aux=True)(split_run, *args)
+        one_grads, (o1, final1) = jax.grad(loss, argnums, has_aux=True)(
+            functools.partial(run, None), *args)
+    with jax.default_matmul_precision("highest"):
+        ref_grads, (ro, rf) = jax.grad(loss, argnums, has_aux=True)(
+            lambda q, k, v, g, s0: simple_gla_reference(
+                q, k, v, jnp.zeros(q.shape[:3]) if g is None else g, scale=K ** -0.5,
+                initial_state=s0 if with_h0 else None),
+            *(None if x is None else x.astype(jnp.float32) for x in args))
+
+    def rel(a, b):
+        return float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+
+    for name, a, one, ref in (("o", o, o1, ro), ("final", final, final1, rf)):
+        err, one_err = rel(a, ref), rel(one, ref)
+        assert err <= 5e-3 and err <= 1.1 * one_err, (name, err, one_err)
+    for a, one, ref in zip(grads, one_grads, ref_grads, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(one))
+        assert rel(a, ref) <= 1e-2
+
+
+@pytest.mark.parametrize("gated,dtype,pieces", [(True, jnp.float32, 1), (True, jnp.float32, 2),
+                                                (True, jnp.bfloat16, 2), (False, jnp.float32, 2)])
+def test_segment_states_matches_the_sum_it_stands_for(gated, dtype, pieces):
+    """``pallas_chunk.segment_states`` (the sequence split's entering states; Triton, here in
+    Pallas interpret mode): each segment but the last ends on ``sum_t e^{b_end - b_t} k_t^T
+    v_t`` from zero, against that sum in float32 (``b``: the segment's cumulative log-gates,
+    which the kernel forms from in-chunk sums and chunk decays), walked whole or as two
+    pieces joined by their decays; the segments' summed log-gates (zeros without a gate);
+    rows 2, three segments of two chunks of 16, K = 16, V = 32; a segment count or piece
+    count that cuts a chunk is refused."""
+    from linearnexus.kernels.common.pallas_chunk import in_chunk_cumsum, segment_states
+
+    R, S, P, H, K, V, L = 2, 3, 32, 2, 16, 32, 16
+    ks = jax.random.split(jax.random.PRNGKey(3), 3)
+    k = jax.random.normal(ks[0], (R, S * P, H, K)).astype(dtype)
+    v = jax.random.normal(ks[1], (R, S * P, H, V)).astype(dtype)
+    g = jax.nn.log_sigmoid(jax.random.normal(ks[2], (R, S * P, H)) + 2)
+    got, log_decay = segment_states(k, v, in_chunk_cumsum(g, L) if gated else None,
+                                    segments=S, chunk=L, pieces=pieces, interpret=True)
+    assert got.shape == (R, S - 1, H, K, V) and got.dtype == jnp.float32
+    gs = g.reshape(R, S, P, H) if gated else jnp.zeros((R, S, P, H))  # [R, S*P, H] -> [R, S, P, H]
+    tail = jnp.cumsum(gs[:, :, ::-1], axis=2)[:, :, ::-1] - gs  # the gates after t in its segment
+    kd = k.astype(jnp.float32).reshape(R, S, P, H, K) * jnp.exp(tail)[..., None]
+    # [R, S, P, H, K] x [R, S, P, H, V] -> [R, S, H, K, V]
+    want = jnp.einsum("rsphk,rsphv->rshkv", kd, v.astype(jnp.float32).reshape(R, S, P, H, V),
+                      precision="highest")[:, :-1]
+    tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5  # bf16: the decayed k is rounded
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(log_decay), np.asarray(jnp.sum(gs, axis=2)[:, :-1]),
+                               rtol=1e-5, atol=1e-5)
+    for segments, n in ((4, 1), (3, 4)):
+        with pytest.raises(ValueError, match="segments, pieces: expected >= 2 segments"):
+            segment_states(k, v, None, segments=segments, chunk=L, pieces=n, interpret=True)
+    # the split's pieces: more walks where one per segment gives < 4 programs an SM,
+    # each of >= 8 whole chunks
+    from linearnexus.kernels.common.mosaic_ops import split_pieces
+
+    assert split_pieces(384, 64) == 2  # (2, 16384, 16, 128) in four segments
+    assert split_pieces(10, 64) == 8 and split_pieces(10, 16) == 2 and split_pieces(10, 8) == 1
+    assert split_pieces(2000, 64) == 1
+    # the heuristic's split: two segments where one walk at value blocks of 64 leaves half
+    # the SMs idle on >= 64 chunks (batch rows, chunk 64, no value block of the call's own)
+    pick = functools.partial(default_seq_split, heads=16, value_dim=128, chunk=64)
+    assert pick(rows=2, n_chunks=256) == 2
+    assert pick(rows=8, n_chunks=64) == 1 and pick(rows=2, n_chunks=32) == 1
+    assert pick(rows=2, n_chunks=256, block_v=64) == 1
+    assert default_seq_split(rows=2, heads=16, value_dim=128, n_chunks=128, chunk=128) == 1
 
 
 def test_mosaic_declines_what_it_does_not_cover(monkeypatch):
@@ -583,6 +732,56 @@ def test_final_state_marks_bad_inputs_in_the_interpreter(op, bad, monkeypatch):
     assert rel(o_g, ro) <= 5e-3 and rel(f_g, rf) <= 5e-3
 
 
+@pytest.mark.skipif(gpu_interpret_reason() is not None, reason=gpu_interpret_reason() or "")
+@pytest.mark.parametrize("bad", ["q_nan", "g_positive", "k_nan"])
+def test_seq_split_marks_bad_inputs_in_the_final_state(bad):
+    """With the sequence split (``seq_split=2``), a bad input in the first segment still
+    leaves the returned final state NaN (a NaN q row marks its segment's walk, whose final
+    state is added at zero weight; a bad gate or key reaches the second segment's entering
+    state), every other head's finite; through the guard the outputs and final states have
+    the reference guard's NaN and its values within bf16's 5e-3. JAX 0.11's Mosaic GPU
+    interpreter; bf16, T = 300 (segments of 192 and 108 tokens), K = V = 64."""
+    from linearnexus.kernels.common.validation import run_guarded
+
+    B, T, H, K, V = 2, 300, 2, 64, 64
+    row, t_bad = 1, 20
+    q, k, v, g, _, _, _ = _delta_inputs(5, B, T, H, K, V, B)
+    if bad == "q_nan":
+        q = q.at[row, t_bad, 0, 3].set(jnp.nan)
+    elif bad == "k_nan":
+        k = k.at[row, t_bad, 0, 3].set(jnp.nan)
+    else:
+        g = g.at[row, t_bad, 0].set(0.5)
+    config = MosaicConfig(seq_split=2)
+
+    def mosaic(q, k, v, g, initial_state=None, cu_seqlens=None):
+        return linear_attention_mosaic(q, k, v, g, scale=K ** -0.5, config=config,
+                                       initial_state=initial_state, check_device=False)
+
+    def reference(q, k, v, g, initial_state=None, cu_seqlens=None):
+        f32 = [x.astype(jnp.float32) for x in (q, k, v, g)]
+        return simple_gla_reference(*f32, scale=K ** -0.5, initial_state=initial_state)
+
+    with gpu_interpret():
+        _, final = mosaic(q, k, v, g)
+        o_g, f_g = run_guarded(lambda *a, **kw: (*mosaic(*a, **kw), True), q, k, v,
+                               (("g", g),), initial_state=None, cu_seqlens=None)
+    with jax.default_matmul_precision("highest"):
+        ro, rf = run_guarded(reference, q, k, v, (("g", g),), initial_state=None,
+                             cu_seqlens=None)
+    final = np.asarray(final)
+    assert np.isnan(final[row, 0]).all()
+    others = np.ones(final.shape[:2], bool)
+    others[row, 0] = False
+    assert np.isfinite(final[others]).all()
+    o_g, ro = np.asarray(o_g, np.float32), np.asarray(ro, np.float32)
+    f_g, rf = np.asarray(f_g), np.asarray(rf)
+    np.testing.assert_array_equal(np.isnan(o_g), np.isnan(ro))
+    np.testing.assert_array_equal(np.isnan(f_g), np.isnan(rf))
+    keep = ~np.isnan(ro)
+    assert (np.linalg.norm(o_g[keep] - ro[keep]) / np.linalg.norm(ro[keep])) <= 5e-3
+
+
 @needs_mosaic
 def test_delta_dw_kernel_lowers_and_matches_xla(monkeypatch):
     """``dw = -dvn S_c^T`` in the Mosaic kernel (``mosaic_bwd.run_dw``, the default;
@@ -873,6 +1072,17 @@ def test_delta_mosaic_dispatch_and_declines_what_it_does_not_cover(monkeypatch):
         want = mosaic_delta.DEFAULT_FUSED_GRAD if grad is None else grad
         assert cfg.fused_grad == (want and cfg.fused_wy and cfg.backward == "mosaic")
         mosaic_delta.check_delta_config(cfg, key_dim=K, value_dim=128, packed=packed)
+    # value blocks of 32 where 64 would leave half the SMs idle on a long walk (measured at
+    # (2, 16384, 16, 128)); 64 at (8, 4096, 16, 128), short walks, packed rows, a call's own
+    pick = functools.partial(mosaic_delta.default_delta_config, heads=16, key_dim=128,
+                             value_dim=128)
+    assert pick(rows=2, n_chunks=256).block_v == 32
+    assert pick(rows=8, n_chunks=64).block_v == 64
+    assert pick(rows=2, n_chunks=4).block_v == 64
+    assert pick(rows=1, n_chunks=256, packed=True).block_v == 64
+    assert pick(rows=2, n_chunks=256, block_v=64).block_v == 64
+    cfg = pick(rows=2, n_chunks=256)
+    mosaic_delta.check_delta_config(cfg, key_dim=128, value_dim=128)
     monkeypatch.setenv(mosaic_delta.FUSED_GRAD_ENV, "1")  # the switch without a config
     assert mosaic_delta.default_delta_config(rows=8, heads=16, key_dim=128, value_dim=128,
                                              n_chunks=64).fused_grad

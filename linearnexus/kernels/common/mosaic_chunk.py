@@ -169,8 +169,17 @@ class MosaicConfig:
             storing ``S_c`` and ``vn``, the reverse walk forms ``dy = M^{-T} dvn`` and takes
             ``k^T (beta e^b dy)`` off the state gradient, and the WY backward works from
             ``dy`` and ``vn`` (no ``w``, ``u``, no products by ``M^{-1}`` there).
-
-    One stage leaves room in shared memory for two programs per SM, whose copies and
+        seq_split: simple_gla only (batch rows): cut each row's sequence into this many
+            segments of whole chunks and walk them as rows of their own, so the grid has
+            that many times the programs. The state entering each segment comes first, in
+            XLA: a segment's own share of the state it leaves is one matmul over its tokens
+            (``(k e^{tail})^T v``, ``tail`` the log-gates after a token in its segment), and
+            a few ``[K, V]`` steps join them; the walk then starts every segment from its
+            entering state, so no output is corrected afterwards
+            (``mosaic_ops.linear_attention_mosaic``). None or 1: one walk. For small grids
+            on long sequences; the gradient is autodiff of that composition (the kernels'
+            own backward per segment, the initial states' gradients through the matmuls).
+ leaves room in shared memory for two programs per SM, whose copies and
     dependent wgmma chains then overlap each other's (measured: faster for the plain forward
     at 256 programs, slower for the three kernels of the gradient; ``default_mosaic_config``).
     """
@@ -183,13 +192,14 @@ class MosaicConfig:
     dqk_stages: int | None = None
     fused_wy: bool | None = None
     fused_grad: bool | None = None
+    seq_split: int | None = None
 
     def __post_init__(self) -> None:
         if self.chunk is not None and self.chunk not in (64, 128):
             raise ValueError(f"chunk: expected 64, 128 or None, got {self.chunk!r}")
         if self.block_v is not None and self.block_v not in (32, 64, 128):
             raise ValueError(f"block_v: expected 32, 64, 128 or None, got {self.block_v!r}")
-        for name in ("stages", "bwd_stages", "dqk_stages"):
+        for name in ("stages", "bwd_stages", "dqk_stages", "seq_split"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):

@@ -56,8 +56,13 @@ def floor_log_gate(g: Array, mark_positive: bool = False) -> Array:
     marks every bad input for the api's guard: ``mosaic_chunk``'s "Finite outputs")."""
     g = g.astype(F32)
     floored = jnp.maximum(g, LOG_GATE_FLOOR)
-    # g <= 0 is false for NaN too, whatever max does with it (Triton's maxnumf drops NaN)
-    return jnp.where(g <= 0, floored, jnp.nan) if mark_positive else floored
+    if not mark_positive:
+        return floored
+    # g <= 0 is false for NaN too, whatever max does with it (Triton's maxnumf drops NaN).
+    # The mark is ADDED, a constant: the gradient still reaches a bad gate through the max
+    # (a where would give it a zero there, and the api guard's NaN cotangent would leave a
+    # finite dg at exactly the bad entry; seen on an H100, 2026-12-06)
+    return floored + jnp.where(g <= 0, 0.0, jnp.nan)
 
 
 def check_pallas_dtype(op: str, *arrays: Array) -> None:
