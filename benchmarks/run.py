@@ -233,11 +233,14 @@ def tune_candidates(op: str, backend: str) -> list[Any]:
 
     if backend == "mosaic":  # stages and bwd_stages together; tune() separates them
         # value blocks: simple_gla's walk (and the ops it serves) 32 / 64 / 128, the delta
-        # rules' 32 / 64, GLA's 64 / 128
-        blocks = ((32, 64, 128) if op in ("simple_gla", "retention", "ssd")
+        # rules' 32 / 64, GLA's 64 / 128; simple_gla's plain forward whole or split in two
+        # by entering states (MosaicConfig.seq_split: a config with a value block would
+        # otherwise turn the heuristic's split off)
+        simple = op in ("simple_gla", "retention", "ssd")
+        blocks = ((32, 64, 128) if simple
                   else (32, 64) if op in ("delta_rule", "gated_delta_rule") else (64, 128))
-        return [MosaicConfig(block_v=b, stages=s, bwd_stages=s) for b in blocks
-                for s in (1, 2, 3)]
+        return [MosaicConfig(block_v=b, stages=s, bwd_stages=s, seq_split=p) for b in blocks
+                for s in (1, 2, 3) for p in ((1, 2) if simple else (None,))]
     if op == "mamba":
         return [TritonConfig(block_v=b, num_warps=w) for b in (16, 32) for w in (1, 2)]
     return [TritonConfig(chunk=c, num_warps=w) for c in (32, 64) for w in (4, 8)]
@@ -250,8 +253,9 @@ def tune(preset: Preset, ops: Sequence[str], repeats: int,
     backward, and record the fastest in the tuning cache, under the backend's name: for
     ``pallas`` the config of the fastest forward + backward; for ``mosaic`` its value block
     and ``bwd_stages`` (the depth of the kernels that run under a gradient) from the fastest
-    forward + backward, and ``stages`` (the plain forward's depth, which a gradient does not
-    run) from the fastest forward at that value block. Returns
+    forward + backward, and ``stages`` and ``seq_split`` (the plain forward's depth and
+    sequence split, which a gradient does not run) from the fastest forward at that value
+    block. Returns
     ``{(op, backend, sizes): recorded config}``."""
     from linearnexus.kernels import tuning
     from linearnexus.kernels.common.mosaic_chunk import MOSAIC_DTYPES
@@ -297,7 +301,8 @@ def tune(preset: Preset, ops: Sequence[str], repeats: int,
                 if backend == "mosaic":
                     fwd_best = min((r for r in timed if r[0].block_v == best.block_v),
                                    key=lambda r: r[1])[0]
-                    best = dataclasses.replace(best, stages=fwd_best.stages)
+                    best = dataclasses.replace(best, stages=fwd_best.stages,
+                                               seq_split=fwd_best.seq_split)
                 dims = (*sizes[:4], sizes[4]) if op != "mamba" else (
                     sizes[0], sizes[1], sizes[2] * sizes[4], min(sizes[3], 16))
                 path = tuning.record(op, backend, dims, dtype, best, seconds=seconds)

@@ -199,6 +199,44 @@ def test_tune_records_the_fastest_config_per_backend(tmp_path, monkeypatch):
     assert tuning.lookup("gla", "pallas", dims, bf16, device_kind=device)["chunk"] == 32
 
 
+def test_tune_takes_simple_gla_split_from_the_fastest_forward(tmp_path, monkeypatch):
+    """For simple_gla's mosaic backend ``--tune`` also times the plain forward split in two
+    by entering states (``seq_split``, which a gradient does not run) and records the split
+    of the fastest forward at the value block of the fastest forward + backward (timings
+    faked: this machine has no GPU)."""
+    from linearnexus.kernels import tuning
+    from linearnexus.kernels.common.mosaic_chunk import MosaicConfig
+    from linearnexus.registry import kernels_for
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import run as bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    monkeypatch.setenv("LINEARNEXUS_TUNING_CACHE", str(tmp_path / "tuning.json"))
+    monkeypatch.setattr(bench, "current_platform", lambda: "gpu")
+    kernel = kernels_for("simple_gla")["mosaic"]
+    seen = []
+
+    def fake_time_pair(forward, args, repeats, argnums):
+        cfg = kernel.config
+        seen.append(cfg)
+        t_f = 1.0 if (cfg.block_v, cfg.stages, cfg.seq_split) == (32, 1, 2) else 2.0
+        return t_f, (1.0 if (cfg.block_v, cfg.bwd_stages) == (32, 3) else 2.0)
+
+    monkeypatch.setattr(bench, "_time_pair", fake_time_pair)
+    preset = bench.Preset("test", op_sizes=((2, 4096, 2, 64, 64),), block_size=None,
+                          dtype="bfloat16", repeats=1)
+    chosen = bench.tune(preset, ["simple_gla"], repeats=1, backends=("mosaic",))
+    want = MosaicConfig(block_v=32, stages=1, bwd_stages=3, seq_split=2)
+    assert chosen == {("simple_gla", "mosaic", (2, 4096, 2, 64, 64)): want}
+    assert {c.seq_split for c in seen} == {1, 2} and len(seen) == 18
+    dims = (2, 4096, 2, 64, 64)
+    assert tuning.lookup("simple_gla", "mosaic", dims, jnp.bfloat16,
+                         device_kind=jax.devices()[0].device_kind)["seq_split"] == 2
+    assert kernel.cached_config("simple_gla", dims, jnp.bfloat16) == want
+
+
 def test_profile_layer(tmp_path, capsys):
     from linearnexus.modules.linear.gla import SimpleGLABlock, SimpleGLAConfig
     from linearnexus.tools.profile import profile_layer
