@@ -15,7 +15,11 @@ checked NaN for that row and head (``raw final``; likewise after a positive log-
 the kernels mark too, GLA's ``[B, T, H, K]`` ones included)::
 
     python3 benchmarks/guard_nan_gpu.py [--ops simple_gla gated_delta_rule delta_rule gla]
-        [--out DIR]
+        [--seq-split N] [--out DIR]
+
+``--seq-split N`` runs simple_gla's plain forward split in N segments by entering states
+(``MosaicConfig(seq_split=N)`` on the mosaic backend; under a gradient one walk runs), the
+raw final state then the split's; packed cases are skipped (the split takes batch rows).
 
 Cases per op, bf16 (2, 1000, 4, 64) and packed (1, 1000) in sequences of 300, 1 and 699: a
 NaN in one q entry and +inf in one (the cases the state marks for the guard; the second
@@ -69,6 +73,10 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a[keep] - b[keep]) / max(np.linalg.norm(b[keep]), 1e-30))
 
 
+#: the mosaic backend's config for simple_gla (``--seq-split``), None: its own
+SPLIT_CONFIG: dict[str, object] = {"config": None}
+
+
 def _raw_final(op: str, inputs: dict[str, jax.Array], cu: jax.Array | None) -> np.ndarray:
     """The mosaic kernel's final states called directly (no guard): NaN after a bad q row or
     a positive log-gate."""
@@ -80,7 +88,8 @@ def _raw_final(op: str, inputs: dict[str, jax.Array], cu: jax.Array | None) -> n
     if op == "gla":
         _, final = gla_mosaic(q, k, v, inputs["g"], scale=scale, cu_seqlens=cu)
     elif op == "simple_gla":
-        _, final = linear_attention_mosaic(q, k, v, inputs["g"], scale=scale, cu_seqlens=cu)
+        _, final = linear_attention_mosaic(q, k, v, inputs["g"], scale=scale, cu_seqlens=cu,
+                                           config=SPLIT_CONFIG["config"])
     else:
         _, final = delta_rule_mosaic(q, k, v, inputs["beta"], inputs.get("g"), scale=scale,
                                      cu_seqlens=cu)
@@ -152,11 +161,22 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--backend", default="mosaic",
                         help="the backend checked against jax (another one: a CPU dry run)")
+    parser.add_argument("--seq-split", type=int, default=None,
+                        help="simple_gla's plain forward split in this many segments")
     args = parser.parse_args()
+    if args.seq_split is not None:
+        if args.seq_split < 2 or args.ops != ["simple_gla"]:
+            parser.error(f"--seq-split: expected >= 2 with --ops simple_gla, got "
+                         f"{args.seq_split} with {args.ops}")
+        from linearnexus.kernels.common.mosaic_chunk import MosaicConfig
+        from linearnexus.kernels.simple_gla.api import BACKENDS
+
+        SPLIT_CONFIG["config"] = MosaicConfig(seq_split=args.seq_split)
+        BACKENDS["mosaic"].config = SPLIT_CONFIG["config"]
     print(f"{jax.devices()[0].device_kind}, JAX {jax.__version__}", flush=True)
     rows = []
     for op in args.ops:
-        for packed in (False, True):
+        for packed in ((False,) if args.seq_split else (False, True)):
             try:
                 rows += check(op, packed, args.backend)
             except Exception as exc:  # noqa: BLE001  (a failed op is reported, the rest run)

@@ -2,8 +2,8 @@
 # One device call for what issue 26 built without a GPU (docs/mosaic.md, "Next" 2), each part
 # bounded so the call ends inside the 10-minute limit; logs and JSON under $OUT:
 #   0. bad values (NaN / inf / positive gates) through the mosaic backend's guard against
-#      the jax backend, exact NaN patterns (guard_nan_gpu.py, the four ops or NAN_OPS), if
-#      PARTS has "nan"
+#      the jax backend, exact NaN patterns (guard_nan_gpu.py, the four ops or NAN_OPS; then
+#      simple_gla with its plain forward split in two, --seq-split 2), if PARTS has "nan"
 #      (~90 s);
 #   0b. mosaic beside FLA in the same call (kernels_gpu.py; FLA_OPS, FLA_SHAPES: indices into
 #      its SHAPES, default (8, 4096, 16, 128) and (2, 16384, 16, 128)), if PARTS has "fla"
@@ -36,10 +36,11 @@
 #      blocks of 64; gated_delta_rule there at value blocks of 64 (the heuristic) and 32;
 #      gla's storing walk at two stages (the heuristic at 64 programs) against one at
 #      (2, 16384, 16, 128);
-#   5d'. simple_gla's sequence split (MosaicConfig.seq_split: the entering states from one XLA
-#      matmul per segment, then the walk over B * split rows) at (2, 16384, 16, 128) against
-#      the heuristic, and the JAX profiler's kernel list of seq_split=4, if PARTS has "split"
-#      (~200 s + 2 x ~60 s);
+#   5d'. simple_gla's sequence split (MosaicConfig.seq_split: each segment's entering state
+#      from a Triton walk of the segments before, then the Mosaic walk over B * split rows)
+#      at (2, 16384, 16, 128): one walk (seq_split=1), the heuristic (two segments there),
+#      four, two at value blocks of 32; and the JAX profiler's kernel list of the heuristic,
+#      if PARTS has "split" (~200 s + 2 x ~60 s);
 #   5e. the fused gradient's WY kernels alone (wy_inverse; wy_fused_backward from dks and,
 #      as the default gradient runs it, from the states) at 2 / 4 / 8 warps, with the rate
 #      of their bytes (wy_profile_gpu.py --fused-warps), if PARTS has "wy-warps" (~90 s);
@@ -62,7 +63,10 @@ quiet() { grep -v "^W0000\|^I0000"; }
 case " $PARTS " in *" nan "*)
   echo "== bad values through the mosaic backend's guard, against the jax backend"
   timeout ${NAN_S:-180} python3 benchmarks/guard_nan_gpu.py --ops ${NAN_OPS:-simple_gla gated_delta_rule delta_rule gla} --out "$OUT" 2>&1 | quiet \
-    | cut -c1-200 | tee "$OUT/nan.log";;
+    | cut -c1-200 | tee "$OUT/nan.log"
+  echo "== the same for simple_gla's plain forward split in two segments"
+  timeout ${NAN_SPLIT_S:-90} python3 benchmarks/guard_nan_gpu.py --ops simple_gla --seq-split 2 \
+    --out "$OUT/nan_split" 2>&1 | quiet | cut -c1-200 | tee "$OUT/nan_split.log";;
 esac
 case " $PARTS " in *" fla "*)
   echo "== mosaic beside FLA in the same call (the issue's T >= 4096 shapes of these ops)"
@@ -142,12 +146,12 @@ esac
 case " $PARTS " in *" split "*)
   echo "== simple_gla's sequence split (entering states first) at (2, 16384, 16, 128)"
   timeout ${SPLIT_S:-200} python3 benchmarks/mosaic_config_gpu.py --op simple_gla \
-    --shapes 2,16384,16,128 --configs "" seq_split=2 seq_split=4 seq_split=2,block_v=32 \
-    seq_split=8 --budget $(( ${SPLIT_S:-200} - 40 )) --out "$OUT/split" 2>&1 | quiet \
+    --shapes 2,16384,16,128 --configs seq_split=1 "" seq_split=4 seq_split=2,block_v=32 \
+    --budget $(( ${SPLIT_S:-200} - 40 )) --out "$OUT/split" 2>&1 | quiet \
     | grep -E "^\{|rror" | cut -c1-300 | tee "$OUT/split.log"
   for mode in ${SPLIT_PROFILE:-fwd fwd+bwd}; do
     timeout 90 python3 benchmarks/profile_gpu.py simple_gla --shape 2,16384,16,128 \
-      --mode $mode --backend mosaic --config seq_split=4 --calls 3 \
+      --mode $mode --backend mosaic --calls 3 \
       --json "$OUT/split_profile_$mode.json" 2>&1 | quiet | cut -c1-160 \
       | tee "$OUT/split_profile_$mode.log" | head -24
   done;;

@@ -73,8 +73,8 @@ def _specs(B, T, H, K, V, h0):
     ((2, 1000, 2, 128, 128), True, MosaicConfig(block_v=32)),
     # each row walked as four segments from their entering states (four times the rows)
     ((2, 1000, 2, 128, 128), True, MosaicConfig(seq_split=4)),
-    # a walk of 64 chunks on 4 programs: the heuristic splits the plain forward in two
-    ((1, 4096, 2, 64, 64), False, None),
+    # a walk of 128 chunks on 4 programs: the heuristic splits the plain forward in two
+    ((1, 8192, 2, 64, 64), False, None),
 ])
 def test_simple_gla_mosaic_lowers_forward_and_backward(shape, h0, config, monkeypatch):
     """Forward (the Mosaic GPU kernel) and its gradient lower for CUDA: with the Mosaic
@@ -97,9 +97,11 @@ def test_simple_gla_mosaic_lowers_forward_and_backward(shape, h0, config, monkey
     text = _lower(fwd, *specs)
     assert text.count("custom_call @mosaic_gpu") == 1
     B, T, H, K, V = shape
+    chunk = (config.chunk if config is not None else None) or 64
     split = (config.seq_split if config is not None and config.seq_split is not None
-             else default_seq_split(rows=B, heads=H, value_dim=V, n_chunks=-(-T // 64),
-                                    chunk=64, block_v=None if config is None else config.block_v))
+             else default_seq_split(rows=B, heads=H, value_dim=V, n_chunks=-(-T // chunk),
+                                    chunk=chunk,
+                                    block_v=None if config is None else config.block_v))
     assert ("xla.gpu.triton" in text) == (split > 1)
     grad_text = _lower(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4) if h0 else (0, 1, 2, 3)),
                        *specs)
@@ -179,9 +181,9 @@ def test_seq_split_is_refused_where_it_does_not_apply():
         MosaicConfig(seq_split=0)
     x = jnp.ones((1, 200, 1, 64), jnp.bfloat16)
     gz = jnp.zeros((1, 200, 1))
-    for split, fits in ((8, 4), (3, 2)):  # 4 chunks: 3 segments of 2 leave the last empty
-        with pytest.raises(ValueError, match=f"config: seq_split={split} at T=200 .* at most "
-                                             f"{fits} would not"):
+    for split in (8, 3):  # 4 chunks: 3 segments of 2 leave the last empty, 4 of 1 do not
+        with pytest.raises(ValueError, match=f"config: seq_split={split} at T=200 .* splits "
+                                             "that keep one here: 1, 2, 4$"):
             linear_attention_mosaic(x, x, x, gz, scale=1.0, config=MosaicConfig(seq_split=split),
                                     check_device=False)
     with pytest.raises(ValueError, match="config: seq_split=8 at T=200"):  # under a gradient too
@@ -200,18 +202,22 @@ def test_seq_split_is_refused_where_it_does_not_apply():
 
 
 @pytest.mark.skipif(gpu_interpret_reason() is not None, reason=gpu_interpret_reason() or "")
-@pytest.mark.parametrize("B,T,split,with_h0,gated", [
-    (1, 300, 2, True, True), (2, 300, 3, False, True), (1, 65, 2, True, False),
-    (1, 1000, 4, True, True)])
-def test_seq_split_in_the_interpreter(B, T, split, with_h0, gated):
+@pytest.mark.parametrize("B,T,split,with_h0,gated,pieces", [
+    (1, 300, 2, True, True, None), (2, 300, 3, False, True, None),
+    (1, 65, 2, True, False, None), (1, 1000, 4, True, True, 2)])
+def test_seq_split_in_the_interpreter(B, T, split, with_h0, gated, pieces, monkeypatch):
     """simple_gla with its rows cut into segments (``seq_split``) in JAX 0.11's Mosaic GPU
     interpreter: the plain forward's outputs and final states against the per-step reference
     at the GPU thresholds and within 10% of one walk's error (the segments' own states come
     from bf16 operands, as the walk's do); under a gradient the whole walk runs, so every
     gradient equals one walk's bit for bit (and is checked against the reference too). T =
     300 in two segments of three chunks (the last padded) and in three of two, 65 (two
-    chunks) in two without a gate, 1000 in four; head dims 40 / 72 padded; with and without
-    an initial state."""
+    chunks) in two without a gate, 1000 in four with each segment's state walked in two
+    pieces; head dims 40 / 72 padded; with and without an initial state."""
+    from linearnexus.kernels.common import mosaic_ops
+
+    if pieces is not None:
+        monkeypatch.setattr(mosaic_ops, "split_pieces", lambda programs, seg_chunks: pieces)
     H, K, V = 2, 40, 72
     q, k, v, g, _, s0, ks = _delta_inputs(7, B, T, H, K, V, B)
     if not gated:
@@ -297,9 +303,12 @@ def test_segment_states_matches_the_sum_it_stands_for(gated, dtype, pieces):
     # the heuristic's split: two segments where one walk at value blocks of 64 leaves half
     # the SMs idle on >= 64 chunks (batch rows, chunk 64, no value block of the call's own)
     pick = functools.partial(default_seq_split, heads=16, value_dim=128, chunk=64)
-    assert pick(rows=2, n_chunks=256) == 2
-    assert pick(rows=8, n_chunks=64) == 1 and pick(rows=2, n_chunks=32) == 1
+    assert pick(rows=2, n_chunks=256) == 2 and pick(rows=2, n_chunks=128) == 2
+    assert pick(rows=8, n_chunks=256) == 1 and pick(rows=2, n_chunks=64) == 1
     assert pick(rows=2, n_chunks=256, block_v=64) == 1
+    # on the padded value dim, as the value blocks' rule: V = 96 walks as 128
+    assert default_seq_split(rows=2, heads=16, value_dim=96, n_chunks=256, chunk=64) == 2
+    assert default_seq_split(rows=4, heads=16, value_dim=96, n_chunks=256, chunk=64) == 1
     assert default_seq_split(rows=2, heads=16, value_dim=128, n_chunks=128, chunk=128) == 1
 
 
@@ -733,14 +742,15 @@ def test_final_state_marks_bad_inputs_in_the_interpreter(op, bad, monkeypatch):
 
 
 @pytest.mark.skipif(gpu_interpret_reason() is not None, reason=gpu_interpret_reason() or "")
-@pytest.mark.parametrize("bad", ["q_nan", "g_positive", "k_nan"])
+@pytest.mark.parametrize("bad", ["q_nan", "g_positive", "g_nan", "k_nan", "v_nan"])
 def test_seq_split_marks_bad_inputs_in_the_final_state(bad):
-    """With the sequence split (``seq_split=2``), a bad input in the first segment still
-    leaves the returned final state NaN (a NaN q row marks its segment's walk, whose final
-    state is added at zero weight; a bad gate or key reaches the second segment's entering
-    state), every other head's finite; through the guard the outputs and final states have
-    the reference guard's NaN and its values within bf16's 5e-3. JAX 0.11's Mosaic GPU
-    interpreter; bf16, T = 300 (segments of 192 and 108 tokens), K = V = 64."""
+    """With the sequence split (``seq_split=2``), a bad input in the first segment (NaN
+    q, k or v, a positive or NaN log-gate) still leaves the returned final state NaN (a
+    NaN q row marks its segment's walk, whose final state is added at zero weight; the
+    others reach the second segment's entering state), every other head's finite;
+    through the guard the outputs and final states have the reference guard's NaN and
+    its values within bf16's 5e-3. JAX 0.11's Mosaic GPU interpreter; bf16, T = 300
+    (segments of 192 and 108 tokens), K = V = 64."""
     from linearnexus.kernels.common.validation import run_guarded
 
     B, T, H, K, V = 2, 300, 2, 64, 64
@@ -750,8 +760,10 @@ def test_seq_split_marks_bad_inputs_in_the_final_state(bad):
         q = q.at[row, t_bad, 0, 3].set(jnp.nan)
     elif bad == "k_nan":
         k = k.at[row, t_bad, 0, 3].set(jnp.nan)
+    elif bad == "v_nan":
+        v = v.at[row, t_bad, 0, 3].set(jnp.nan)
     else:
-        g = g.at[row, t_bad, 0].set(0.5)
+        g = g.at[row, t_bad, 0].set(0.5 if bad == "g_positive" else jnp.nan)
     config = MosaicConfig(seq_split=2)
 
     def mosaic(q, k, v, g, initial_state=None, cu_seqlens=None):
@@ -778,8 +790,9 @@ def test_seq_split_marks_bad_inputs_in_the_final_state(bad):
     f_g, rf = np.asarray(f_g), np.asarray(rf)
     np.testing.assert_array_equal(np.isnan(o_g), np.isnan(ro))
     np.testing.assert_array_equal(np.isnan(f_g), np.isnan(rf))
-    keep = ~np.isnan(ro)
-    assert (np.linalg.norm(o_g[keep] - ro[keep]) / np.linalg.norm(ro[keep])) <= 5e-3
+    for got, want in ((o_g, ro), (f_g, rf)):
+        keep = ~np.isnan(want)
+        assert (np.linalg.norm(got[keep] - want[keep]) / np.linalg.norm(want[keep])) <= 5e-3
 
 
 @needs_mosaic

@@ -35,23 +35,25 @@ was bad (non-finite, or a positive log-gate), and otherwise reads the whole outp
 input makes it non-finite) and the log-gates for it. The walk folds that into its state
 instead. Non-finite ``k``, ``v``, gates or ``beta`` reach the state anyway; a positive
 log-gate is made NaN in the glue (``floor_log_gate(mark_positive=True)``; GLA's ``sums``
-kernel, where the floor's test also keeps a NaN gate NaN, which Triton's ``max`` would
-not), so it does too;
-a non-finite ``q`` row reaches only its output and ``q S_c``'s row, so each chunk adds
-``(q S_c) * 0`` (0, or NaN in exactly those rows) to the decayed values of the state update
-(simple_gla: summed over the row first, a ``[L]`` vector added to the decay factors, so
-that no ``[L, BV]`` tile stays live in registers until the update; GLA's walk, whose update
-reads ``v`` from its pipeline slot, carries the row sums and adds their total to the final
-state). For finite rows that adds exactly zero; a non-finite row turns the state NaN from
-that chunk on, so the final state of its sequence is NaN and the guard reads only the final
-states (``MosaicKernel.final_marks_bad_inputs``). So the kernel called
-directly (``linear_attention_mosaic``, ``delta_rule_mosaic``, not through the api) returns
-a NaN final state, and NaN outputs in the later chunks, after a non-finite q; through the
-api the guard's other path returns the reference's causal NaN. Overflow from finite inputs
-differs from the plain check in two ways: a ``q S_c`` product past float32's range marks
-the state (the guard's rerun then returns that state NaN), and an output that overflows
-while the state stays finite passes the check where it failed before (forward values the
-same either way; the gradient then comes from the backward instead of being NaN).
+kernel, where the floor's test also keeps a NaN gate NaN, which Triton's ``max`` would not),
+so it does too; a non-finite ``q`` row reaches only its output and ``q S_c``'s row, so each
+chunk adds ``(q S_c) * 0`` (0, or NaN in exactly those rows) to the decayed values of the
+state update (simple_gla: summed over the row first, a ``[L]`` vector added to the decay
+factors, so that no ``[L, BV]`` tile stays live in registers until the update; GLA's walk,
+whose update reads ``v`` from its pipeline slot, carries the row sums and adds their total
+to the final state). For finite rows that adds exactly zero; a non-finite row turns the
+state NaN from that chunk on, so the final state of its sequence is NaN and the guard reads
+only the final states (``MosaicKernel.final_marks_bad_inputs``). So the kernel called
+directly (``linear_attention_mosaic``, ``delta_rule_mosaic``, not through the api) returns a
+NaN final state, and NaN outputs in the later chunks, after a non-finite q (with
+simple_gla's sequence split, ``seq_split``, the later chunks of that segment only: each
+segment's final state is added to the returned one at zero weight, so the mark still reaches
+it); through the api the guard's other path returns the reference's causal NaN. Overflow
+from finite inputs differs from the plain check in two ways: a ``q S_c`` product past
+float32's range marks the state (the guard's rerun then returns that state NaN), and an
+output that overflows while the state stays finite passes the check where it failed before
+(forward values the same either way; the gradient then comes from the backward instead of
+being NaN).
 
 Backward (``mosaic_core``'s custom_vjp): under a gradient the forward also stores every
 chunk's entering state (``store_states``: the bf16 state tile of the ``q S_c`` matmul
@@ -169,17 +171,17 @@ class MosaicConfig:
             storing ``S_c`` and ``vn``, the reverse walk forms ``dy = M^{-T} dvn`` and takes
             ``k^T (beta e^b dy)`` off the state gradient, and the WY backward works from
             ``dy`` and ``vn`` (no ``w``, ``u``, no products by ``M^{-1}`` there).
-        seq_split: simple_gla only (batch rows): cut each row's sequence into this many
-            segments of whole chunks and walk them as rows of their own, so the grid has
-            that many times the programs. The state entering each segment comes first, in
-            XLA: a segment's own share of the state it leaves is one matmul over its tokens
-            (``(k e^{tail})^T v``, ``tail`` the log-gates after a token in its segment), and
-            a few ``[K, V]`` steps join them; the walk then starts every segment from its
-            entering state, so no output is corrected afterwards
-            (``mosaic_ops.linear_attention_mosaic``). None or 1: one walk. For small grids
-            on long sequences; the gradient is autodiff of that composition (the kernels'
-            own backward per segment, the initial states' gradients through the matmuls).
- leaves room in shared memory for two programs per SM, whose copies and
+        seq_split: simple_gla only (batch rows), the plain forward: cut each row's sequence
+            into this many segments of whole chunks and walk them as rows of their own, so
+            the grid has that many times the programs. A Triton kernel
+            (``pallas_chunk.segment_states``) first walks every segment but the last from a
+            zero state for its own state and summed log-gate, a few ``[K, V]`` steps give
+            each segment's entering state, and the walk then starts every segment from it,
+            so no output is corrected afterwards (``mosaic_ops.linear_attention_mosaic``).
+            Under a gradient one walk per row runs (a ``custom_vjp``). 1: one walk; None:
+            the heuristic (``mosaic_ops.default_seq_split``).
+
+    One stage leaves room in shared memory for two programs per SM, whose copies and
     dependent wgmma chains then overlap each other's (measured: faster for the plain forward
     at 256 programs, slower for the three kernels of the gradient; ``default_mosaic_config``).
     """
@@ -283,6 +285,16 @@ def deepest_stages(fits, most: int = 4) -> int:
 HOPPER_SMS = 132
 
 
+def small_grid(*, rows: int, heads: int, value_dim: int, chunk: int = 64,
+               packed: bool = False) -> bool:
+    """Whether one walk at value blocks of 64 leaves at least half the SMs idle (batch rows,
+    chunk 64, ``value_dim`` the padded value dim, a multiple of 64): where the heuristics
+    take value blocks of 32 (``default_mosaic_config``, ``mosaic_delta.default_delta_config``)
+    and simple_gla's plain forward splits its rows (``mosaic_ops.default_seq_split``)."""
+    return (chunk == 64 and not packed and value_dim % 64 == 0
+            and 2 * (value_dim // 64) * rows * heads <= HOPPER_SMS)
+
+
 def default_mosaic_config(*, rows: int, heads: int, key_dim: int, value_dim: int,
                           n_chunks: int, itemsize: int = 2, chunk: int = 64,
                           packed: bool = False, block_v: int | None = None) -> MosaicConfig:
@@ -313,8 +325,8 @@ def default_mosaic_config(*, rows: int, heads: int, key_dim: int, value_dim: int
         if (value_dim % 128 == 0 and (value_dim // 128) * rows * heads >= 264
                 and fits(128, 2)):
             block_v = 128
-        elif (chunk == 64 and not packed and value_dim % 64 == 0 and n_chunks >= 8
-              and 2 * (value_dim // 64) * rows * heads <= HOPPER_SMS):
+        elif n_chunks >= 8 and small_grid(rows=rows, heads=heads, value_dim=value_dim,
+                                          chunk=chunk, packed=packed):
             block_v = 32  # at most half the SMs busy at 64: twice the programs
         block_v = min(block_v, value_dim)
     stages = 3 if n_chunks >= 8 and fits(block_v, 3) else 2

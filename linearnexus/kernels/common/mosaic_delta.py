@@ -79,6 +79,7 @@ from linearnexus.kernels.common.mosaic_chunk import (
     mosaic_backward_fits,
     mosaic_forward,
     pass_empty,
+    small_grid,
     smem_bytes,
     triton_layout,
 )
@@ -178,8 +179,8 @@ def default_delta_config(*, rows: int, heads: int, key_dim: int, value_dim: int,
     api): forward 0.902 ms against 0.979 at 64, forward + backward 3.409 against 3.539."""
     if block_v is None:
         block_v = min(64, value_dim)
-        if (not packed and value_dim % 64 == 0 and n_chunks >= 8
-                and 2 * (value_dim // 64) * rows * heads <= HOPPER_SMS):
+        if n_chunks >= 8 and small_grid(rows=rows, heads=heads, value_dim=value_dim,
+                                        packed=packed):
             block_v = 32  # at most half the SMs busy at 64: twice the programs
     fused = DEFAULT_FUSED_WY if fused_wy is None else fused_wy
 

@@ -47,6 +47,7 @@ from linearnexus.kernels.common.mosaic_chunk import (
     mosaic_backward_fits,
     mosaic_core,
     mosaic_unavailable_reason,
+    small_grid,
     smem_bytes,
 )
 from linearnexus.kernels.common.pallas import TritonConfig, next_pow2
@@ -148,6 +149,10 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
         cu_seqlens: ``[N+1]`` offsets of packed sequences (B == 1), or None.
         chunk_size: L (64 or 128); ``config.chunk`` wins; default 64.
         config: tile / pipeline overrides (:class:`MosaicConfig`); None fields: heuristic.
+            ``seq_split`` (None: :func:`default_seq_split`) cuts batch rows into segments
+            for the plain forward (:func:`_split_walk`); under a gradient one walk per row
+            runs, so ``jax.value_and_grad``'s value is that walk's (within ~2e-5 relative of
+            the split's on an H100 at (2, 16384, 16, 128)).
         check_device: False skips the sm_90 check, to lower for CUDA on a machine without a
             GPU (``jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))``, the CI test).
 
@@ -156,6 +161,9 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
 
     Raises:
         NotImplementedError: a call the kernel does not cover (module doc).
+        ValueError: a config the kernels do not take (naming ``config``): over the shared
+            memory budget, a knob of another op, ``seq_split`` with ``cu_seqlens`` or with
+            more segments than leave the last one a token.
     """
     cfg = config or MosaicConfig()
     chunk = cfg.chunk or chunk_size or 64
@@ -211,14 +219,16 @@ def default_seq_split(*, rows: int, heads: int, value_dim: int, n_chunks: int, c
                       block_v: int | None = None) -> int:
     """The heuristic's sequence split (``MosaicConfig.seq_split``) of simple_gla's plain
     forward: 2 segments where one walk at value blocks of 64 would leave at least half the
-    SMs idle (the case ``default_mosaic_config`` gives value blocks of 32) on a walk of >= 64
-    chunks (batch rows, chunk 64, no value block of the call's own), else 1. Measured at
-    (2, 16384, 16, 128) bf16 on an H100 (2026-12-06, through the api, two calls): 0.384 /
-    0.392 ms against 0.453 / 0.492 for one walk at value blocks of 32; four segments
-    0.422 / 0.456. Under a gradient the whole walk runs whatever the split."""
-    value_blocks = max(value_dim // 64, 1)
-    if (chunk == 64 and block_v is None and n_chunks >= 64
-            and 2 * value_blocks * rows * heads <= HOPPER_SMS):
+    SMs idle (``mosaic_chunk.small_grid`` on the padded value dim: where
+    ``default_mosaic_config`` would take value blocks of 32) on a walk of >= 128 chunks
+    (each segment then walks >= 64, as a full grid's walk does at T = 4096), with no value
+    block of the call's own; else 1. Measured at (2, 16384, 16, 128) bf16 on an H100
+    (2026-12-06, through the api): 0.384 ms against 0.453 for one walk in one call, 0.392
+    against 0.492 in another; four segments 0.422 / 0.456. Shorter walks and V = 64 (ssd's
+    usual head) are untimed. Under a gradient one walk per row runs whatever the split."""
+    if (block_v is None and n_chunks >= 128
+            and small_grid(rows=rows, heads=heads, chunk=chunk,
+                           value_dim=next_pow2(value_dim, minimum=64))):
         return 2
     return 1
 
@@ -284,11 +294,15 @@ def _check_split(seq: int, chunk: int, split: int) -> int:
     def seg_chunks(s: int) -> int:  # chunks a segment when cut in s
         return -(-n_chunks // s)
 
-    if (split - 1) * seg_chunks(split) >= n_chunks:
-        fits = max(s for s in range(1, split) if (s - 1) * seg_chunks(s) < n_chunks)
+    def fits(s: int) -> bool:  # the last segment keeps a token
+        return (s - 1) * seg_chunks(s) < n_chunks
+
+    if not fits(split):
+        valid = [s for s in range(1, min(n_chunks, 4 * split) + 1) if fits(s)]
         raise ValueError(f"config: seq_split={split} at T={seq} ({n_chunks} chunks of {chunk}) "
                          f"leaves the last segment without a token (segments of "
-                         f"{seg_chunks(split)} whole chunks); at most {fits} would not")
+                         f"{seg_chunks(split)} whole chunk(s) each); splits that keep one "
+                         f"here: {', '.join(map(str, valid))}")
     return seg_chunks(split) * chunk
 
 

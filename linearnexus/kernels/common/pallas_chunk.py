@@ -347,7 +347,8 @@ def core_forward(st: CoreStatic, q, k, v, w, b, h0, seq_info, flags):
 
 
 def _segment_states_kernel(*, k_ref, v_ref, b_ref, out_ref, decay_ref, heads: int,
-                           pieces: int, length: int, chunk: int, block_k: int, block_v: int):
+                           pieces: int, length: int, chunk: int, block_k: int, block_v: int,
+                           interpret: bool):
     """One ``[BK, BV]`` block of one piece's own state (grid ``[K blocks, V blocks, rows x
     pieces x heads]``, piece ``i`` the ``length`` tokens from ``i * length``): the walk of
     ``fwd_h`` from a zero state over the piece's chunks, nothing stored on the way, and the
@@ -366,8 +367,9 @@ def _segment_states_kernel(*, k_ref, v_ref, b_ref, out_ref, decay_ref, heads: in
         if b_ref is not None:
             b = b_ref[row, pl.ds(t0, L), h]  # [L]
             b_last = b_ref[row, pl.ds(t0 + L - 1, 1), h]  # [1]
-            k = (k.astype(F32) * exp_approx(b_last - b)[:, None]).astype(k.dtype)
-            state = state * exp_approx(b_last)[:, None]
+            k = (k.astype(F32) * exp_approx(b_last - b, interpret=interpret)[:, None]
+                 ).astype(k.dtype)
+            state = state * exp_approx(b_last, interpret=interpret)[:, None]
             log_decay = log_decay + b_last
         return state + _dot(k, v, ta=True), log_decay
 
@@ -382,8 +384,9 @@ def _segment_states_kernel(*, k_ref, v_ref, b_ref, out_ref, decay_ref, heads: in
 
 def segment_blocks(key_dim: int, value_dim: int) -> tuple[int, int]:
     """``(block_k, block_v)`` of :func:`segment_states`: whole head dims up to 128, so that
-    every ``k`` and ``v`` tile is read by one program (blocks of 64 at K = V = 128 read each
-    twice: 0.122-0.139 ms for 201 MB on an H100, 2026-12-06)."""
+    every ``k`` and ``v`` tile is read by one program (64-wide blocks at K = V = 128 read each
+    tile twice). On an H100 (2026-12-06, not side by side): 64-wide blocks read 201 MB in
+    0.122-0.139 ms, whole head dims 134 MB in 0.085 ms."""
     return min(128, key_dim), min(128, value_dim)
 
 
@@ -398,9 +401,9 @@ def segment_states(k: Array, v: Array, b: Array | None, *, segments: int, chunk:
     kernel that reads ``k`` and ``v`` in place (an XLA einsum over the ``[B, T, H, D]`` layout
     ran two transpose fusions of them first: 0.14 of its 0.22 ms on an H100 at (2, 16384, 16,
     128), 2026-12-06), each segment walked as ``pieces`` shorter walks (more programs, a
-    shorter dependent chain each) that XLA then joins by their decays (a few ``[K, V]``
-    steps). The summed log-gates come from the same walk (an XLA reduction over the middle
-    axis of ``[B, S, P, H]`` took 0.12 ms there).
+    shorter dependent chain each; against one walk a segment untimed side by side) that XLA
+    then joins by their decays (a few ``[K, V]`` steps). The summed log-gates come from the
+    same walk (an XLA reduction over the middle axis of ``[B, S, P, H]`` took 0.12 ms there).
 
     Args:
         k: ``[R, S * P, H, K]``, v: ``[R, S * P, H, V]`` (head dims powers of two >= 16; P a
@@ -424,21 +427,24 @@ def segment_states(k: Array, v: Array, b: Array | None, *, segments: int, chunk:
     block_k, block_v = segment_blocks(key_dim, value_dim)
     if num_warps is None:
         num_warps = 8 if block_k * block_v >= 128 * 128 else 4
+    interpret = interpret_mode() if interpret is None else interpret
     kernel = functools.partial(_segment_states_kernel, heads=heads, pieces=n, length=length,
-                               chunk=chunk, block_k=block_k, block_v=block_v)
+                               chunk=chunk, block_k=block_k, block_v=block_v,
+                               interpret=interpret)
     outs = dict(out=jax.ShapeDtypeStruct((rows, n, heads, key_dim, value_dim), F32),
                 decay=jax.ShapeDtypeStruct((rows, n, heads), F32))
     grid = (key_dim // block_k, value_dim // block_v, rows * n * heads)
     res = named_pallas_call(kernel, inputs=dict(k=k, v=v, b=b), outputs=outs, grid=grid,
-                            interpret=interpret_mode() if interpret is None else interpret,
+                            interpret=interpret,
                             compiler_params=compiler_params(num_warps, num_stages))
     # [R, (S - 1) * pieces, ..] -> [R, S - 1, pieces, ..]
     own = res["out"].reshape(rows, segments - 1, pieces, heads, key_dim, value_dim)
     log_decay = res["decay"].reshape(rows, segments - 1, pieces, heads)
     if pieces > 1:
-        # a piece's state decays through the later pieces of its segment: their log-gates
-        # (a reverse cumsum over a few pieces, less the piece's own)
-        after = jax.lax.cumsum(log_decay, axis=2, reverse=True) - log_decay  # [R, S-1, pieces, H]
+        # a piece's state decays through the later pieces of its segment: the sum of their
+        # log-gates (a reverse cumsum shifted by one piece, no difference of two sums)
+        later = jax.lax.cumsum(log_decay[:, :, 1:], axis=2, reverse=True)  # [R, S-1, pieces-1, H]
+        after = jnp.concatenate([later, jnp.zeros_like(log_decay[:, :, :1])], axis=2)
         own = jnp.sum(own * jnp.exp(after)[..., None, None], axis=2)  # -> [R, S-1, H, K, V]
     else:
         own = own[:, :, 0]  # [R, S-1, 1, H, K, V] -> [R, S-1, H, K, V]
