@@ -15,11 +15,12 @@ checked NaN for that row and head (``raw final``; likewise after a positive log-
 the kernels mark too, GLA's ``[B, T, H, K]`` ones included)::
 
     python3 benchmarks/guard_nan_gpu.py [--ops simple_gla gated_delta_rule delta_rule gla]
-        [--seq-split N] [--out DIR]
+        [--seq-split N [--seq-split-grad]] [--out DIR]
 
 ``--seq-split N`` runs simple_gla's plain forward split in N segments by entering states
-(``MosaicConfig(seq_split=N)`` on the mosaic backend; under a gradient one walk runs), the
-raw final state then the split's; packed cases are skipped (the split takes batch rows).
+(``MosaicConfig(seq_split=N)`` on the mosaic backend; under a gradient one walk runs, or
+with ``--seq-split-grad`` the split's own backward), the raw final state then the split's;
+packed cases are skipped (the split takes batch rows).
 
 Cases per op, bf16 (2, 1000, 4, 64) and packed (1, 1000) in sequences of 300, 1 and 699: a
 NaN in one q entry and +inf in one (the cases the state marks for the guard; the second
@@ -163,7 +164,11 @@ def main() -> None:
                         help="the backend checked against jax (another one: a CPU dry run)")
     parser.add_argument("--seq-split", type=int, default=None,
                         help="simple_gla's plain forward split in this many segments")
+    parser.add_argument("--seq-split-grad", action="store_true",
+                        help="with --seq-split: the gradient split too (seq_split_grad)")
     args = parser.parse_args()
+    if args.seq_split_grad and args.seq_split is None:
+        parser.error("--seq-split-grad: needs --seq-split N")
     if args.seq_split is not None:
         if args.seq_split < 2 or args.ops != ["simple_gla"]:
             parser.error(f"--seq-split: expected >= 2 with --ops simple_gla, got "
@@ -171,7 +176,8 @@ def main() -> None:
         from linearnexus.kernels.common.mosaic_chunk import MosaicConfig
         from linearnexus.kernels.simple_gla.api import BACKENDS
 
-        SPLIT_CONFIG["config"] = MosaicConfig(seq_split=args.seq_split)
+        SPLIT_CONFIG["config"] = MosaicConfig(seq_split=args.seq_split,
+                                              seq_split_grad=args.seq_split_grad or None)
         BACKENDS["mosaic"].config = SPLIT_CONFIG["config"]
     print(f"{jax.devices()[0].device_kind}, JAX {jax.__version__}", flush=True)
     rows = []

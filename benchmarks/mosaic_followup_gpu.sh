@@ -3,7 +3,8 @@
 # bounded so the call ends inside the 10-minute limit; logs and JSON under $OUT:
 #   0. bad values (NaN / inf / positive gates) through the mosaic backend's guard against
 #      the jax backend, exact NaN patterns (guard_nan_gpu.py, the four ops or NAN_OPS; then
-#      simple_gla with its plain forward split in two, --seq-split 2), if PARTS has "nan"
+#      simple_gla split in two, forward and gradient, --seq-split 2 --seq-split-grad), if
+#      PARTS has "nan"
 #      (~90 s);
 #   0b. mosaic beside FLA in the same call (kernels_gpu.py; FLA_OPS, FLA_SHAPES: indices into
 #      its SHAPES, default (8, 4096, 16, 128) and (2, 16384, 16, 128)), if PARTS has "fla"
@@ -39,8 +40,9 @@
 #   5d'. simple_gla's sequence split (MosaicConfig.seq_split: each segment's entering state
 #      from a Triton walk of the segments before, then the Mosaic walk over B * split rows)
 #      at (2, 16384, 16, 128): one walk (seq_split=1), the heuristic (two segments there),
-#      four, two at value blocks of 32; and the JAX profiler's kernel list of the heuristic,
-#      if PARTS has "split" (~200 s + 2 x ~60 s);
+#      the gradient split too (seq_split_grad, opt-in until timed) at two and four segments,
+#      four; and the JAX profiler's kernel list of the heuristic, if PARTS has "split"
+#      (~250 s + 2 x ~60 s);
 #   5e. the fused gradient's WY kernels alone (wy_inverse; wy_fused_backward from dks and,
 #      as the default gradient runs it, from the states) at 2 / 4 / 8 warps, with the rate
 #      of their bytes (wy_profile_gpu.py --fused-warps), if PARTS has "wy-warps" (~90 s);
@@ -64,8 +66,9 @@ case " $PARTS " in *" nan "*)
   echo "== bad values through the mosaic backend's guard, against the jax backend"
   timeout ${NAN_S:-180} python3 benchmarks/guard_nan_gpu.py --ops ${NAN_OPS:-simple_gla gated_delta_rule delta_rule gla} --out "$OUT" 2>&1 | quiet \
     | cut -c1-200 | tee "$OUT/nan.log"
-  echo "== the same for simple_gla's plain forward split in two segments"
+  echo "== the same for simple_gla split in two segments, forward and gradient"
   timeout ${NAN_SPLIT_S:-90} python3 benchmarks/guard_nan_gpu.py --ops simple_gla --seq-split 2 \
+    --seq-split-grad \
     --out "$OUT/nan_split" 2>&1 | quiet | cut -c1-200 | tee "$OUT/nan_split.log";;
 esac
 case " $PARTS " in *" fla "*)
@@ -145,9 +148,10 @@ case " $PARTS " in *" configs "*)
 esac
 case " $PARTS " in *" split "*)
   echo "== simple_gla's sequence split (entering states first) at (2, 16384, 16, 128)"
-  timeout ${SPLIT_S:-200} python3 benchmarks/mosaic_config_gpu.py --op simple_gla \
-    --shapes 2,16384,16,128 --configs seq_split=1 "" seq_split=4 seq_split=2,block_v=32 \
-    --budget $(( ${SPLIT_S:-200} - 40 )) --out "$OUT/split" 2>&1 | quiet \
+  timeout ${SPLIT_S:-250} python3 benchmarks/mosaic_config_gpu.py --op simple_gla \
+    --shapes 2,16384,16,128 --configs seq_split=1 "" seq_split=2,seq_split_grad=True \
+    seq_split=4,seq_split_grad=True seq_split=4 \
+    --budget $(( ${SPLIT_S:-250} - 40 )) --out "$OUT/split" 2>&1 | quiet \
     | grep -E "^\{|rror" | cut -c1-300 | tee "$OUT/split.log"
   for mode in ${SPLIT_PROFILE:-fwd fwd+bwd}; do
     timeout 90 python3 benchmarks/profile_gpu.py simple_gla --shape 2,16384,16,128 \

@@ -178,8 +178,15 @@ class MosaicConfig:
             zero state for its own state and summed log-gate, a few ``[K, V]`` steps give
             each segment's entering state, and the walk then starts every segment from it,
             so no output is corrected afterwards (``mosaic_ops.linear_attention_mosaic``).
-            Under a gradient one walk per row runs (a ``custom_vjp``). 1: one walk; None:
-            the heuristic (``mosaic_ops.default_seq_split``).
+            Under a gradient one walk per row runs (a ``custom_vjp``), unless
+            ``seq_split_grad``. 1: one walk; None: the heuristic
+            (``mosaic_ops.default_seq_split``).
+        seq_split_grad: with ``seq_split``, the gradient splits too: the forward walks the
+            segments storing their states, and the backward walks each segment from the
+            state gradient leaving it (the segments' ``q, do`` sent to their starts by the
+            same Triton kernel in reverse, joined by their decays; ``mosaic_ops``'s
+            ``_split_backward``). None / False: one walk per row under a gradient (the
+            default until timed on a GPU).
 
     One stage leaves room in shared memory for two programs per SM, whose copies and
     dependent wgmma chains then overlap each other's (measured: faster for the plain forward
@@ -195,6 +202,7 @@ class MosaicConfig:
     fused_wy: bool | None = None
     fused_grad: bool | None = None
     seq_split: int | None = None
+    seq_split_grad: bool | None = None
 
     def __post_init__(self) -> None:
         if self.chunk is not None and self.chunk not in (64, 128):
@@ -208,7 +216,7 @@ class MosaicConfig:
                 raise ValueError(f"{name}: expected an int >= 1 or None, got {value!r}")
         if self.backward is not None and self.backward not in BACKWARDS:
             raise ValueError(f"backward: expected one of {BACKWARDS} or None, got {self.backward!r}")
-        for name in ("fused_wy", "fused_grad"):
+        for name in ("fused_wy", "fused_grad", "seq_split_grad"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"{name}: expected a bool or None, got {value!r}")

@@ -224,8 +224,9 @@ def check_delta_config(cfg: MosaicConfig, *, key_dim: int, value_dim: int,
     if cfg.backward == "pallas" and cfg.dqk_stages is not None:
         raise ValueError("config: dqk_stages sets the Mosaic backward's dq / dk kernel, which "
                          "backward='pallas' does not run; leave it None")
-    if cfg.seq_split not in (None, 1):
-        raise ValueError(f"config: seq_split={cfg.seq_split} is simple_gla's (a segment's entering "
+    if cfg.seq_split not in (None, 1) or cfg.seq_split_grad:
+        raise ValueError(f"config: seq_split={cfg.seq_split} (seq_split_grad="
+                         f"{cfg.seq_split_grad}) is simple_gla's (a segment's entering "
                          "state from one matmul over the segments before); the delta rules carry "
                          "a state through products of (I - beta k k^T) factors: leave it None")
     if cfg.backward == "mosaic" and not delta_backward_fits(key_dim=key_dim, value_dim=value_dim,

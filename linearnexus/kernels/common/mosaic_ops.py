@@ -180,8 +180,10 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
                              "packed sequences (cu_seqlens) walk whole: leave it None")
         _check_split(q.shape[1], chunk, cfg.seq_split)  # refused with or without a gradient
         # the segments' walk, and the whole walk under a gradient, split no further
-        call = _SplitCall(scale=scale, chunk=chunk, config=dataclasses.replace(cfg, seq_split=1),
-                          split=cfg.seq_split, check_device=check_device)
+        call = _SplitCall(scale=scale, chunk=chunk,
+                          config=dataclasses.replace(cfg, seq_split=1, seq_split_grad=None),
+                          split=cfg.seq_split, check_device=check_device,
+                          grad=bool(cfg.seq_split_grad))
         return _split_forward(call, q, k, v, g, initial_state)
     heads = q.shape[2]
     dtype, kp, vp, plan, h0, (qc, kc, vc) = _chunk_inputs(q, k, v, initial_state, chunk,
@@ -246,48 +248,101 @@ def split_pieces(programs: int, seg_chunks: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class _SplitCall:
-    """The static arguments of one split call (hashable: a ``custom_vjp`` nondiff argument)."""
+    """The static arguments of one split call (hashable: a ``custom_vjp`` nondiff argument).
+    ``grad``: the gradient splits too (``MosaicConfig.seq_split_grad``)."""
 
     scale: float
     chunk: int
     config: MosaicConfig  # seq_split=1: one walk per row
     split: int
     check_device: bool
+    grad: bool = False
 
     def whole(self, q, k, v, g, h0):
-        """The same call as one walk per row (what runs under a gradient)."""
+        """The same call as one walk per row (what runs under a gradient unless ``grad``)."""
         return linear_attention_mosaic(q, k, v, g, scale=self.scale, initial_state=h0,
                                        chunk_size=self.chunk, config=self.config,
                                        check_device=self.check_device)
 
+    def rows(self, q, k, v, g, s_in):
+        """The walk over the ``B * split`` segment rows from their entering states ``s_in``
+        ``[B * split, H, K, V]``: ``(o [B, T, H, V], finals [B * split, H, K, V])``."""
+        batch, seq = q.shape[:2]
+        per = _check_split(seq, self.chunk, self.split)
+        qs, ks, vs, gs = _split_rows(q, k, v, g, per=per, split=self.split)
+        o, final = linear_attention_mosaic(qs, ks, vs, gs, scale=self.scale, initial_state=s_in,
+                                           chunk_size=self.chunk, config=self.config,
+                                           check_device=self.check_device)
+        # [B * split, per, H, V] -> [B, split * per, H, V] -> [B, T, H, V]
+        return o.reshape(batch, self.split * per, *o.shape[2:])[:, :seq], final
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _split_forward(call: _SplitCall, q, k, v, g, h0):
-    """:func:`_split_walk` for the plain forward; under a gradient the whole walk runs (its
-    forward stores the states its backward reads; the split's entering states would add a
-    backward pass of their own)."""
+    """:func:`_split_walk` for the plain forward. Under a gradient one walk per row runs (its
+    forward stores the states its backward reads), unless ``call.grad``: then the split's
+    walk stores them and the backward walks the segments from their exiting state gradients
+    (:func:`_split_backward`)."""
     return _split_walk(q, k, v, g, scale=call.scale, initial_state=h0, chunk=call.chunk,
                        config=call.config, split=call.split, check_device=call.check_device)
 
 
 def _split_forward_fwd(call: _SplitCall, q, k, v, g, h0):
-    return jax.vjp(call.whole, q, k, v, g, h0)
+    if not call.grad:
+        return jax.vjp(call.whole, q, k, v, g, h0)
+    s_in = _entering_states(q, k, v, g, h0, chunk=call.chunk, split=call.split)
+    (o, finals), vjp = jax.vjp(call.rows, q, k, v, g, s_in)
+    return (o, _join_finals(finals, q.shape[0], call.split)), (vjp, q, g, h0)
 
 
-def _split_forward_bwd(call: _SplitCall, vjp, ct):
-    del call
-    return vjp(ct)
+def _split_forward_bwd(call: _SplitCall, res, ct):
+    if not call.grad:
+        return res(ct)
+    return _split_backward(call, *res, ct)
 
 
 _split_forward.defvjp(_split_forward_fwd, _split_forward_bwd)
+
+
+def _split_backward(call: _SplitCall, vjp, q, g, h0, ct):
+    """The split's gradient: each segment's reverse walk from the state gradient that leaves
+    it. With ``R_s = scale sum_t e^{B_t} q_t^T do_t`` what segment ``s``'s outputs send to the
+    state entering it (``B_t`` its log-gates up to ``t``; ``pallas_chunk.segment_states``
+    in reverse) and ``D_s`` its total decay::
+
+        dS_end(last) = dfinal,   dS_end(s) = dS_in(s + 1) = R_{s+1} + D_{s+1} dS_end(s + 1)
+
+    Walked from ``dS_end(s)`` (as its final state's cotangent) and ``S_in(s)``, segment
+    ``s``'s backward gives its tokens' full gradients: the state gradient already holds
+    every later output's. ``dh0`` is the first segment's initial-state gradient."""
+    do, dfinal = ct
+    batch, seq, heads, key_dim = q.shape
+    value_dim = do.shape[3]
+    split, chunk = call.split, call.chunk
+    per = _check_split(seq, chunk, split)
+    qs, _, dos, gs = _split_rows(q, q, do, g, per=per, split=split, cut=False)
+    # [B, split-1, H, K, V], [B, split-1, H]: segments 1 .. split-1
+    sent, log_decay = _segment_sums(qs, dos, gs, split=split, per=per, chunk=chunk,
+                                    reverse=True)
+    sent = call.scale * sent
+    decay = jnp.exp(log_decay)
+    d_end = [dfinal.astype(F32)]  # the last segment's exiting state gradient
+    for s in range(split - 2, -1, -1):  # a few [K, V] steps, right to left
+        d_end.insert(0, sent[:, s] + decay[:, s, :, None, None] * d_end[0])
+    # [B, split, H, K, V] -> [B * split, H, K, V]: each segment's final-state cotangent
+    d_end = jnp.stack(d_end, axis=1).reshape(batch * split, heads, key_dim, value_dim)
+    dq, dk, dv, dg, ds_in = vjp((do, d_end))
+    dh0 = None
+    if h0 is not None:  # [B * split, ..] -> [B, split, ..]: the first segment's
+        dh0 = ds_in.reshape(batch, split, heads, key_dim, value_dim)[:, 0].astype(h0.dtype)
+    return dq, dk, dv, dg, dh0
 
 
 def _check_split(seq: int, chunk: int, split: int) -> int:
     """Tokens a segment (whole chunks) when ``seq`` tokens are cut in ``split``.
 
     Raises:
-        ValueError: the last segment would hold no token (naming the largest split that
-            would not).
+        ValueError: the last segment would hold no token (naming the splits that would not).
     """
     n_chunks = -(-seq // chunk)
 
@@ -306,69 +361,87 @@ def _check_split(seq: int, chunk: int, split: int) -> int:
     return seg_chunks(split) * chunk
 
 
+def _split_rows(q: Array, k: Array, v: Array, g: Array | None, *, per: int, split: int,
+                cut: bool = True) -> tuple[Array, Array, Array, Array | None]:
+    """``q, k, v`` and the floored log-gates (a positive gate NaN: it marks the states it
+    reaches) zero-padded to ``split * per`` tokens (padded tokens: zero k, v, g, inert), as
+    ``[B * split, per, H, *]`` segment rows, or (``cut`` False) ``[B, split * per, H, *]``."""
+    batch, seq = q.shape[:2]
+    total = per * split
+
+    def pad(x: Array) -> Array:  # [B, T, H, *] -> [B, total, H, *] -> rows
+        x = jnp.pad(x, [(0, 0), (0, total - seq)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape(batch * split, per, *x.shape[2:]) if cut else x
+
+    gl = None if g is None else pad(floor_log_gate(g, mark_positive=True))
+    return pad(q), pad(k), pad(v), gl
+
+
+def _entering_states(q: Array, k: Array, v: Array, g: Array | None, h0: Array | None, *,
+                     chunk: int, split: int) -> Array:
+    """Each segment's entering state ``[B * split, H, K, V]`` float32: with ``U_s`` the state
+    segment ``s`` ends on from zero and ``D_s`` its total decay (``pallas_chunk
+    .segment_states``), ``S_in(0) = h0``, ``S_in(s + 1) = D_s S_in(s) + U_s``. Not
+    differentiated: the split's backward sends the state gradients itself."""
+    batch, seq, heads, key_dim = q.shape
+    value_dim = v.shape[3]
+    per = _check_split(seq, chunk, split)
+    _, ks, vs, gs = _split_rows(q, k, v, g, per=per, split=split, cut=False)
+    # [B, split-1, H, K, V], [B, split-1, H]: each segment's own state and summed log-gate
+    own, log_decay = _segment_sums(ks, vs, gs, split=split, per=per, chunk=chunk)
+    decay = jnp.exp(log_decay)
+    s_in = [jnp.zeros((batch, heads, key_dim, value_dim), F32) if h0 is None
+            else h0.astype(F32)]
+    for i in range(split - 1):  # a few [K, V] steps
+        s_in.append(decay[:, i, :, None, None] * s_in[-1] + own[:, i])
+    # [B, split, H, K, V] -> [B * split, H, K, V]
+    return jax.lax.stop_gradient(
+        jnp.stack(s_in, axis=1).reshape(batch * split, heads, key_dim, value_dim))
+
+
+def _segment_sums(a: Array, b: Array, gs: Array | None, *, split: int, per: int, chunk: int,
+                  reverse: bool = False) -> tuple[Array, Array]:
+    """``pallas_chunk.segment_states`` over ``a [B, split * per, H, K]`` (k, or q in
+    ``reverse``) and ``b [B, split * per, H, V]`` (v, or do) with the floored log-gates ``gs``
+    (or None): head dims padded to powers of two for the kernel and cut back, walked in
+    :func:`split_pieces` pieces. Returns ``([B, split-1, H, K, V], [B, split-1, H])``."""
+    batch, _, heads, key_dim = a.shape
+    value_dim = b.shape[3]
+    kp, vp = next_pow2(key_dim, minimum=16), next_pow2(value_dim, minimum=16)
+    block_k, block_v = segment_blocks(kp, vp)
+    dtype = mosaic_dtype(a, a, b)
+    sums, log_decay = segment_states(
+        _pad_last(a.astype(dtype), kp), _pad_last(b.astype(dtype), vp),
+        None if gs is None else in_chunk_cumsum(gs, chunk), segments=split, chunk=chunk,
+        reverse=reverse,
+        pieces=split_pieces(batch * (split - 1) * heads * (kp // block_k) * (vp // block_v),
+                            per // chunk))
+    return sums[..., :key_dim, :value_dim], log_decay
+
+
+def _join_finals(finals: Array, batch: int, split: int) -> Array:
+    """The last segment's final state ``[B, H, K, V]`` from ``[B * split, H, K, V]``, the
+    earlier segments' added at zero weight: their walks mark a bad output in them (a
+    non-finite q row; module doc of mosaic_chunk, "Finite outputs"), which the api's guard
+    reads in the final state it is given."""
+    finals = finals.reshape(batch, split, *finals.shape[1:])  # [B*split, ..] -> [B, split, ..]
+    return finals[:, -1] + 0.0 * jnp.sum(finals[:, :-1], axis=1)
+
+
 def _split_walk(q: Array, k: Array, v: Array, g: Array | None, *, scale: float,
                 initial_state: Array | None, chunk: int, config: MosaicConfig, split: int,
                 check_device: bool) -> tuple[Array, Array]:
     """simple_gla with each batch row's sequence cut into ``split`` segments of whole chunks
     (``MosaicConfig.seq_split``), walked as ``B * split`` rows, each from the state that
-    really enters it: ``split`` times the programs of one walk, at the price of reading the
-    keys and values of all but the last segment once more.
-
-    With ``b`` the in-chunk sums of the log-gates, a segment's own share of the state it
-    leaves, ``U_s = sum_t e^{b_end - b_t} k_t^T v_t`` (walked chunk by chunk from zero), and
-    its summed log-gate (``D_s = e^{sum g}`` its total decay) come from one Triton kernel
-    (``pallas_chunk.segment_states``), and::
-
-        S_in(0) = h0,   S_in(s + 1) = D_s S_in(s) + U_s      (a few [K, V] steps)
-
-    The final state is the last segment's. Arguments and returns as
-    :func:`linear_attention_mosaic` (batch rows; ``config`` with ``seq_split=1``; ``split``
-    checked by :func:`_check_split`).
-    """
-    batch, seq, heads, key_dim = q.shape
-    value_dim = v.shape[3]
-    per = _check_split(seq, chunk, split)  # tokens a segment
-    total = per * split
-    # floored as the walk floors them, a positive gate NaN (it marks the states it reaches)
-    gl = (None if g is None else floor_log_gate(g, mark_positive=True))
-
-    def pad(x: Array) -> Array:  # [B, T, H, *] -> [B, total, H, *], zeros after T (inert)
-        return jnp.pad(x, [(0, 0), (0, total - seq)] + [(0, 0)] * (x.ndim - 2))
-
-    qs, ks, vs = pad(q), pad(k), pad(v)
-    gs = None if gl is None else pad(gl)
-    kp, vp = next_pow2(key_dim, minimum=16), next_pow2(value_dim, minimum=16)
-    block_k, block_v = segment_blocks(kp, vp)
-    dtype = mosaic_dtype(q, k, v)
-    # [B, split-1, H, KP, VP], [B, split-1, H]: each segment's own state and summed log-gate
-    own, log_decay = segment_states(
-        _pad_last(ks.astype(dtype), kp), _pad_last(vs.astype(dtype), vp),
-        None if gs is None else in_chunk_cumsum(gs, chunk), segments=split, chunk=chunk,
-        pieces=split_pieces(batch * (split - 1) * heads * (kp // block_k) * (vp // block_v),
-                            per // chunk))
-    own = own[..., :key_dim, :value_dim]
-    decay = jnp.exp(log_decay)
-    s_in = [jnp.zeros((batch, heads, key_dim, value_dim), F32) if initial_state is None
-            else initial_state.astype(F32)]
-    for i in range(split - 1):  # a few [K, V] steps
-        s_in.append(decay[:, i, :, None, None] * s_in[-1] + own[:, i])
-    # [B, split, H, K, V] -> [B * split, H, K, V]: each segment's entering state
-    s_in = jnp.stack(s_in, axis=1).reshape(batch * split, heads, key_dim, value_dim)
-
-    def rows(x: Array) -> Array:  # [B, total, ..] -> [B * split, per, ..]
-        return x.reshape(batch * split, per, *x.shape[2:])
-
-    o, final = linear_attention_mosaic(rows(qs), rows(ks), rows(vs),
-                                       None if gs is None else rows(gs), scale=scale,
-                                       initial_state=s_in, chunk_size=chunk, config=config,
-                                       check_device=check_device)
-    final = final.reshape(batch, split, heads, key_dim, value_dim)  # [B*split, ..] -> [B, split, ..]
-    # the earlier segments' final states carry their bad outputs' marks (a non-finite q row
-    # makes its walk's final state NaN; module doc of mosaic_chunk, "Finite outputs"), which
-    # the api's guard reads in the final state it is given: added at zero weight
-    final = final[:, -1] + 0.0 * jnp.sum(final[:, :-1], axis=1)
-    o = o.reshape(batch, total, heads, value_dim)[:, :seq]  # [B*split, per, ..] -> [B, T, ..]
-    return o, final
+    really enters it (:func:`_entering_states`): ``split`` times the programs of one walk, at
+    the price of reading the keys and values of all but the last segment once more. Arguments
+    and returns as :func:`linear_attention_mosaic` (batch rows; ``config`` with
+    ``seq_split=1``; ``split`` checked by :func:`_check_split`)."""
+    call = _SplitCall(scale=scale, chunk=chunk, config=config, split=split,
+                      check_device=check_device)
+    s_in = _entering_states(q, k, v, g, initial_state, chunk=chunk, split=split)
+    o, finals = call.rows(q, k, v, g, s_in)
+    return o, _join_finals(finals, q.shape[0], split)
 
 
 def decline_unless_packed_fits(check: Callable[[], None], *, key_dim: int,

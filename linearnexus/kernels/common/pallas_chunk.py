@@ -347,39 +347,43 @@ def core_forward(st: CoreStatic, q, k, v, w, b, h0, seq_info, flags):
 
 
 def _segment_states_kernel(*, k_ref, v_ref, b_ref, out_ref, decay_ref, heads: int,
-                           pieces: int, length: int, chunk: int, block_k: int, block_v: int,
-                           interpret: bool):
+                           pieces: int, first: int, length: int, chunk: int, block_k: int,
+                           block_v: int, reverse: bool, interpret: bool):
     """One ``[BK, BV]`` block of one piece's own state (grid ``[K blocks, V blocks, rows x
-    pieces x heads]``, piece ``i`` the ``length`` tokens from ``i * length``): the walk of
-    ``fwd_h`` from a zero state over the piece's chunks, nothing stored on the way, and the
-    piece's summed log-gate (by the programs of the first block)."""
+    pieces x heads]``, piece ``i`` the ``length`` tokens from ``(first + i) * length``) and
+    the piece's summed log-gate (by the programs of the first block). Forward: the walk of
+    ``fwd_h`` from a zero state over the piece's chunks, nothing stored on the way
+    (``sum_t e^{B_end - B_t} k_t^T v_t``); ``reverse``: its chunks last to first, each row
+    decayed from the piece's start instead (``sum_t e^{B_t} k_t^T v_t``, ``B_t`` the
+    inclusive sum of the piece's log-gates up to ``t``: the state gradient a piece's
+    ``q, do`` send to the state entering it)."""
     ik, iv, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     h = p % heads
-    row, piece = (p // heads) // pieces, (p // heads) % pieces
+    row, piece = (p // heads) // pieces, first + (p // heads) % pieces
     ks, vs = pl.ds(ik * block_k, block_k), pl.ds(iv * block_v, block_v)
-    L = chunk
+    L, n = chunk, length // chunk
 
-    def body(c, carry):
+    def body(i, carry):
         state, log_decay = carry
-        t0 = piece * length + c * L
+        t0 = piece * length + ((n - 1 - i) if reverse else i) * L
         k = k_ref[row, pl.ds(t0, L), h, ks]  # [L, BK]
         v = v_ref[row, pl.ds(t0, L), h, vs]  # [L, BV]
         if b_ref is not None:
             b = b_ref[row, pl.ds(t0, L), h]  # [L]
             b_last = b_ref[row, pl.ds(t0 + L - 1, 1), h]  # [1]
-            k = (k.astype(F32) * exp_approx(b_last - b, interpret=interpret)[:, None]
-                 ).astype(k.dtype)
+            decay = exp_approx(b if reverse else b_last - b, interpret=interpret)  # [L]
+            k = (k.astype(F32) * decay[:, None]).astype(k.dtype)
             state = state * exp_approx(b_last, interpret=interpret)[:, None]
             log_decay = log_decay + b_last
         return state + _dot(k, v, ta=True), log_decay
 
     state, log_decay = jax.lax.fori_loop(
-        0, length // L, body, (jnp.zeros((block_k, block_v), F32), jnp.zeros((1,), F32)))
-    out_ref[row, piece, h, ks, vs] = state
+        0, n, body, (jnp.zeros((block_k, block_v), F32), jnp.zeros((1,), F32)))
+    out_ref[row, piece - first, h, ks, vs] = state
 
     @pl.when((ik == 0) & (iv == 0))
     def _():
-        decay_ref[row, pl.ds(piece, 1), h] = log_decay
+        decay_ref[row, pl.ds(piece - first, 1), h] = log_decay
 
 
 def segment_blocks(key_dim: int, value_dim: int) -> tuple[int, int]:
@@ -391,31 +395,36 @@ def segment_blocks(key_dim: int, value_dim: int) -> tuple[int, int]:
 
 
 def segment_states(k: Array, v: Array, b: Array | None, *, segments: int, chunk: int,
-                   pieces: int = 1, num_warps: int | None = None, num_stages: int = 2,
-                   interpret: bool | None = None) -> tuple[Array, Array]:
-    """The state each segment but the last ends on from a zero state, and each segment's
-    summed log-gate, for rows cut into ``segments`` segments of whole chunks (the mosaic
-    backend's sequence split, ``mosaic_ops.linear_attention_mosaic``).
+                   pieces: int = 1, reverse: bool = False, num_warps: int | None = None,
+                   num_stages: int = 2, interpret: bool | None = None) -> tuple[Array, Array]:
+    """Each segment's own state and summed log-gate, for rows cut into ``segments`` segments
+    of whole chunks (the mosaic backend's sequence split, ``mosaic_ops.linear_attention_mosaic``).
 
-    ``U_s = sum_t e^{b_end - b_t} k_t^T v_t`` over segment ``s``'s tokens: one Triton
-    kernel that reads ``k`` and ``v`` in place (an XLA einsum over the ``[B, T, H, D]`` layout
-    ran two transpose fusions of them first: 0.14 of its 0.22 ms on an H100 at (2, 16384, 16,
-    128), 2026-12-06), each segment walked as ``pieces`` shorter walks (more programs, a
-    shorter dependent chain each; against one walk a segment untimed side by side) that XLA
-    then joins by their decays (a few ``[K, V]`` steps). The summed log-gates come from the
-    same walk (an XLA reduction over the middle axis of ``[B, S, P, H]`` took 0.12 ms there).
+    Forward (every segment but the last): the state the segment ends on from a zero state,
+    ``U_s = sum_t e^{B_end - B_t} k_t^T v_t`` (``B`` the segment's cumulative log-gates).
+    ``reverse`` (every segment but the first; ``k, v`` then ``q, do``): the state gradient
+    the segment's outputs send to the state entering it, ``R_s = sum_t e^{B_t} q_t^T do_t``
+    (times the op's scale, which the caller applies).
+
+    One Triton kernel that reads ``k`` and ``v`` in place (an XLA einsum over the ``[B, T, H,
+    D]`` layout ran two transpose fusions of them first: 0.14 of its 0.22 ms on an H100 at
+    (2, 16384, 16, 128), 2026-12-06), each segment walked as ``pieces`` shorter walks (more
+    programs, a shorter dependent chain each; against one walk a segment untimed side by
+    side) that XLA then joins by their decays (a few ``[K, V]`` steps). The summed log-gates
+    come from the same walk (an XLA reduction over the middle axis of ``[B, S, P, H]`` took
+    0.12 ms there).
 
     Args:
         k: ``[R, S * P, H, K]``, v: ``[R, S * P, H, V]`` (head dims powers of two >= 16; P a
             multiple of ``pieces * chunk``).
         b: ``[R, S * P, H]`` in-chunk inclusive cumsums of the log-gates (float32), or None.
-        segments: S (>= 2). chunk: L. pieces: walks a segment (>= 1).
+        segments: S (>= 2). chunk: L. pieces: walks a segment (>= 1). reverse: as above.
         num_warps, num_stages: Triton launch knobs (None warps: 8 for a ``[128, 128]``
             state block, else 4). interpret: None: off a GPU.
 
     Returns:
-        ``(U [R, S - 1, H, K, V] float32, log_decay [R, S - 1, H] float32)`` (zeros
-        without gates).
+        ``(U or R [R, S - 1, H, K, V] float32, log_decay [R, S - 1, H] float32)`` (zeros
+        without gates), for segments ``0 .. S - 2`` (forward) or ``1 .. S - 1`` (reverse).
     """
     rows, total, heads, key_dim = k.shape
     value_dim = v.shape[3]
@@ -423,13 +432,14 @@ def segment_states(k: Array, v: Array, b: Array | None, *, segments: int, chunk:
         raise ValueError(f"segments, pieces: expected >= 2 segments of >= 1 pieces of whole "
                          f"chunks of {chunk} in {total} tokens, got {segments} and {pieces}")
     length = total // (segments * pieces)  # tokens a piece
-    n = (segments - 1) * pieces  # the pieces walked a row: the last segment's are not needed
+    n = (segments - 1) * pieces  # the pieces walked a row: one segment's are not needed
     block_k, block_v = segment_blocks(key_dim, value_dim)
     if num_warps is None:
         num_warps = 8 if block_k * block_v >= 128 * 128 else 4
     interpret = interpret_mode() if interpret is None else interpret
-    kernel = functools.partial(_segment_states_kernel, heads=heads, pieces=n, length=length,
-                               chunk=chunk, block_k=block_k, block_v=block_v,
+    kernel = functools.partial(_segment_states_kernel, heads=heads, pieces=n,
+                               first=pieces if reverse else 0, length=length, chunk=chunk,
+                               block_k=block_k, block_v=block_v, reverse=reverse,
                                interpret=interpret)
     outs = dict(out=jax.ShapeDtypeStruct((rows, n, heads, key_dim, value_dim), F32),
                 decay=jax.ShapeDtypeStruct((rows, n, heads), F32))
@@ -441,11 +451,18 @@ def segment_states(k: Array, v: Array, b: Array | None, *, segments: int, chunk:
     own = res["out"].reshape(rows, segments - 1, pieces, heads, key_dim, value_dim)
     log_decay = res["decay"].reshape(rows, segments - 1, pieces, heads)
     if pieces > 1:
-        # a piece's state decays through the later pieces of its segment: the sum of their
-        # log-gates (a reverse cumsum shifted by one piece, no difference of two sums)
-        later = jax.lax.cumsum(log_decay[:, :, 1:], axis=2, reverse=True)  # [R, S-1, pieces-1, H]
-        after = jnp.concatenate([later, jnp.zeros_like(log_decay[:, :, :1])], axis=2)
-        own = jnp.sum(own * jnp.exp(after)[..., None, None], axis=2)  # -> [R, S-1, H, K, V]
+        # forward: a piece's state decays through the later pieces of its segment (their
+        # log-gates: a reverse cumsum shifted by one piece); reverse: a piece's gradient
+        # reaches its segment's start through the earlier ones (a cumsum shifted the other
+        # way). No difference of two sums either way.
+        zero = jnp.zeros_like(log_decay[:, :, :1])
+        if reverse:
+            before = jnp.cumsum(log_decay[:, :, :-1], axis=2)  # [R, S-1, pieces-1, H]
+            shift = jnp.concatenate([zero, before], axis=2)
+        else:
+            later = jax.lax.cumsum(log_decay[:, :, 1:], axis=2, reverse=True)
+            shift = jnp.concatenate([later, zero], axis=2)
+        own = jnp.sum(own * jnp.exp(shift)[..., None, None], axis=2)  # -> [R, S-1, H, K, V]
     else:
         own = own[:, :, 0]  # [R, S-1, 1, H, K, V] -> [R, S-1, H, K, V]
     return own, jnp.sum(log_decay, axis=2)

@@ -195,8 +195,9 @@ def check_gla_config(cfg: MosaicConfig, *, key_dim: int, value_dim: int,
     if cfg.dqk_stages is not None:
         raise ValueError("config: dqk_stages sets a Mosaic backward kernel, which GLA's mosaic "
                          "backend does not run; leave it None")
-    if cfg.seq_split not in (None, 1):
-        raise ValueError(f"config: seq_split={cfg.seq_split} is simple_gla's; GLA's mosaic "
+    if cfg.seq_split not in (None, 1) or cfg.seq_split_grad:
+        raise ValueError(f"config: seq_split={cfg.seq_split} (seq_split_grad="
+                         f"{cfg.seq_split_grad}) is simple_gla's; GLA's mosaic "
                          "backend walks each sequence whole: leave it None")
     for knob in ("fused_wy", "fused_grad"):
         if getattr(cfg, knob):
