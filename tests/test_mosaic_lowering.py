@@ -198,6 +198,11 @@ def test_seq_split_is_refused_where_it_does_not_apply():
         jax.grad(lambda q: jnp.sum(linear_attention_mosaic(
             q, x, x, gz, scale=1.0, config=MosaicConfig(seq_split=8),
             check_device=False)[0].astype(jnp.float32)))(x)
+    for config, cu in ((MosaicConfig(seq_split=1, seq_split_grad=True), None),
+                       (MosaicConfig(seq_split_grad=True), jnp.array([0, 50, 200]))):
+        with pytest.raises(ValueError, match="config: seq_split_grad=True splits the gradient"):
+            linear_attention_mosaic(x, x, x, gz, scale=1.0, cu_seqlens=cu, config=config,
+                                    check_device=False)
     with pytest.raises(ValueError, match="config: seq_split=2 cuts batch rows"):
         linear_attention_mosaic(x, x, x, gz, scale=1.0, cu_seqlens=jnp.array([0, 50, 200]),
                                 config=MosaicConfig(seq_split=2), check_device=False)
@@ -215,9 +220,9 @@ def test_seq_split_is_refused_where_it_does_not_apply():
 
 @pytest.mark.skipif(gpu_interpret_reason() is not None, reason=gpu_interpret_reason() or "")
 @pytest.mark.parametrize("B,T,split,with_h0,gated,pieces,grad_split", [
-    (1, 300, 2, True, True, None, False), (2, 300, 3, False, True, None, True),
-    (1, 65, 2, True, False, None, True), (1, 1000, 4, True, True, 2, True),
-    (1, 300, 2, True, True, None, True)])
+    (1, 300, 2, True, 1.0, None, False), (2, 300, 3, False, 1.0, None, True),
+    (1, 65, 2, True, None, None, True), (1, 1000, 4, True, 1.0, 2, True),
+    (1, 300, 2, True, 1.0, None, True), (1, 512, 4, True, 0.01, None, True)])
 def test_seq_split_in_the_interpreter(B, T, split, with_h0, gated, pieces, grad_split,
                                       monkeypatch):
     """simple_gla with its rows cut into segments (``seq_split``) in JAX 0.11's Mosaic GPU
@@ -226,18 +231,19 @@ def test_seq_split_in_the_interpreter(B, T, split, with_h0, gated, pieces, grad_
     from bf16 operands, as the walk's do); under a gradient the whole walk runs, so every
     gradient equals one walk's bit for bit (and is checked against the reference too), or
     with ``seq_split_grad`` each segment's backward walks from the state gradient leaving it
-    (every gradient against the reference, within 1.25x one walk's error). T = 300 in two
+    (every gradient against the reference, within 1.5x one walk's error). T = 300 in two
     segments of three chunks (the last padded) and in three of two, 65 (two chunks) in two
-    without a gate, 1000 in four with each segment's state walked in two pieces; head dims
-    40 / 72 padded; with and without an initial state."""
+    without a gate, 1000 in four with each segment's state walked in two pieces, 512 in four
+    with gates a hundredth as strong (so the segments' decays, which the split gradient's
+    steps carry, are far from zero); head dims 40 / 72 padded; with and without an initial
+    state."""
     from linearnexus.kernels.common import mosaic_ops
 
     if pieces is not None:
         monkeypatch.setattr(mosaic_ops, "split_pieces", lambda programs, seg_chunks: pieces)
     H, K, V = 2, 40, 72
     q, k, v, g, _, s0, ks = _delta_inputs(7, B, T, H, K, V, B)
-    if not gated:
-        g = None
+    g = None if gated is None else g * gated  # weak gates: segments' decays far from 0
     do = jax.random.normal(ks[0], (B, T, H, V))
     dht = jax.random.normal(ks[1], (B, H, K, V))
 
@@ -276,7 +282,7 @@ def test_seq_split_in_the_interpreter(B, T, split, with_h0, gated, pieces, grad_
     for name, a, one, ref in zip(names, grads, one_grads, ref_grads, strict=True):
         if grad_split:  # the segments' own backward walks: within one walk's error
             err, one_err = rel(a, ref), rel(one, ref)
-            assert err <= 1e-2 and err <= 1.25 * one_err + 1e-4, (name, err, one_err)
+            assert err <= 1e-2 and err <= 1.5 * one_err + 5e-4, (name, err, one_err)
         else:
             np.testing.assert_array_equal(np.asarray(a), np.asarray(one))
             assert rel(a, ref) <= 1e-2

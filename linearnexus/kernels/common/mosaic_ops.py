@@ -152,7 +152,8 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
             ``seq_split`` (None: :func:`default_seq_split`) cuts batch rows into segments
             for the plain forward (:func:`_split_walk`); under a gradient one walk per row
             runs, so ``jax.value_and_grad``'s value is that walk's (within ~2e-5 relative of
-            the split's on an H100 at (2, 16384, 16, 128)).
+            the split's on an H100 at (2, 16384, 16, 128)), unless ``seq_split_grad`` (the
+            value and gradient then the split's: :func:`_split_backward`).
         check_device: False skips the sm_90 check, to lower for CUDA on a machine without a
             GPU (``jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))``, the CI test).
 
@@ -168,6 +169,11 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
     cfg = config or MosaicConfig()
     chunk = cfg.chunk or chunk_size or 64
     check_mosaic_call(q, k, v, chunk=chunk, check_device=check_device, cu_seqlens=cu_seqlens)
+    if cfg.seq_split_grad and (cfg.seq_split == 1 or cu_seqlens is not None):
+        whole = ("packed sequences (cu_seqlens) walk whole" if cu_seqlens is not None
+                 else "seq_split=1 walks whole")
+        raise ValueError(f"config: seq_split_grad=True splits the gradient of a split walk; "
+                         f"{whole}: leave it None")
     split = cfg.seq_split
     if split is None and cu_seqlens is None:
         split = default_seq_split(rows=q.shape[0], heads=q.shape[2], value_dim=v.shape[3],
@@ -227,7 +233,8 @@ def default_seq_split(*, rows: int, heads: int, value_dim: int, n_chunks: int, c
     block of the call's own; else 1. Measured at (2, 16384, 16, 128) bf16 on an H100
     (2026-12-06, through the api): 0.384 ms against 0.453 for one walk in one call, 0.392
     against 0.492 in another; four segments 0.422 / 0.456. Shorter walks and V = 64 (ssd's
-    usual head) are untimed. Under a gradient one walk per row runs whatever the split."""
+    usual head) are untimed. Under a gradient one walk per row runs whatever the split,
+    unless the config sets ``seq_split_grad``."""
     if (block_v is None and n_chunks >= 128
             and small_grid(rows=rows, heads=heads, chunk=chunk,
                            value_dim=next_pow2(value_dim, minimum=64))):
@@ -269,7 +276,8 @@ class _SplitCall:
         ``[B * split, H, K, V]``: ``(o [B, T, H, V], finals [B * split, H, K, V])``."""
         batch, seq = q.shape[:2]
         per = _check_split(seq, self.chunk, self.split)
-        qs, ks, vs, gs = _split_rows(q, k, v, g, per=per, split=self.split)
+        # the raw gates (zero-padded: not positive, so unmarked): the walk floors them once
+        qs, ks, vs, gs = _split_rows(q, k, v, g, per=per, split=self.split, floor=False)
         o, final = linear_attention_mosaic(qs, ks, vs, gs, scale=self.scale, initial_state=s_in,
                                            chunk_size=self.chunk, config=self.config,
                                            check_device=self.check_device)
@@ -362,10 +370,11 @@ def _check_split(seq: int, chunk: int, split: int) -> int:
 
 
 def _split_rows(q: Array, k: Array, v: Array, g: Array | None, *, per: int, split: int,
-                cut: bool = True) -> tuple[Array, Array, Array, Array | None]:
-    """``q, k, v`` and the floored log-gates (a positive gate NaN: it marks the states it
-    reaches) zero-padded to ``split * per`` tokens (padded tokens: zero k, v, g, inert), as
-    ``[B * split, per, H, *]`` segment rows, or (``cut`` False) ``[B, split * per, H, *]``."""
+                cut: bool = True, floor: bool = True) -> tuple[Array, Array, Array, Array | None]:
+    """``q, k, v`` and the log-gates, floored (``floor``; a positive gate NaN: it marks the
+    states it reaches) or as given, zero-padded to ``split * per`` tokens (padded tokens: zero
+    k, v, g, inert), as ``[B * split, per, H, *]`` segment rows, or (``cut`` False)
+    ``[B, split * per, H, *]``."""
     batch, seq = q.shape[:2]
     total = per * split
 
@@ -373,7 +382,7 @@ def _split_rows(q: Array, k: Array, v: Array, g: Array | None, *, per: int, spli
         x = jnp.pad(x, [(0, 0), (0, total - seq)] + [(0, 0)] * (x.ndim - 2))
         return x.reshape(batch * split, per, *x.shape[2:]) if cut else x
 
-    gl = None if g is None else pad(floor_log_gate(g, mark_positive=True))
+    gl = None if g is None else pad(floor_log_gate(g, mark_positive=True) if floor else g)
     return pad(q), pad(k), pad(v), gl
 
 
