@@ -150,7 +150,21 @@ def test_benchmark_harness_quick(tmp_path):
     assert "| retention | jax | default L |" in text and "x |" in text  # speed-up column
 
 
-def test_tune_records_the_fastest_config_per_backend(tmp_path, monkeypatch):
+@pytest.fixture
+def tune_bench(tmp_path, monkeypatch):
+    """``benchmarks/run.py`` as a module, its tuning cache under ``tmp_path`` and its
+    platform faked as a GPU (this machine has none)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import run as bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    monkeypatch.setenv("LINEARNEXUS_TUNING_CACHE", str(tmp_path / "tuning.json"))
+    monkeypatch.setattr(bench, "current_platform", lambda: "gpu")
+    return bench
+
+
+def test_tune_records_the_fastest_config_per_backend(tune_bench, monkeypatch):
     """``run.py --tune`` times every candidate of both Pallas backends (Triton chunk sizes and
     warps; Mosaic value blocks and stages), skips the ones that raise, records the fastest
     under the backend's name, and the backends read it back from the cache (timings faked:
@@ -160,13 +174,7 @@ def test_tune_records_the_fastest_config_per_backend(tmp_path, monkeypatch):
     from linearnexus.kernels.common.pallas import TritonConfig
     from linearnexus.registry import kernels_for
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import run as bench
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    monkeypatch.setenv("LINEARNEXUS_TUNING_CACHE", str(tmp_path / "tuning.json"))
-    monkeypatch.setattr(bench, "current_platform", lambda: "gpu")
+    bench = tune_bench
     kernels = kernels_for("gla")
     # pallas: the fastest fwd+bwd; mosaic: block_v and bwd_stages from the fastest fwd+bwd
     # (2 stages at block_v 64), stages from the fastest forward at that block_v (1 stage; 128
@@ -199,7 +207,7 @@ def test_tune_records_the_fastest_config_per_backend(tmp_path, monkeypatch):
     assert tuning.lookup("gla", "pallas", dims, bf16, device_kind=device)["chunk"] == 32
 
 
-def test_tune_takes_simple_gla_split_from_the_fastest_forward(tmp_path, monkeypatch):
+def test_tune_takes_simple_gla_split_from_the_fastest_forward(tune_bench, monkeypatch):
     """For simple_gla's mosaic backend ``--tune`` also times the plain forward split in two
     by entering states (``seq_split``, which a gradient does not run) and records the split
     of the fastest forward at the value block of the fastest forward + backward (timings
@@ -208,13 +216,7 @@ def test_tune_takes_simple_gla_split_from_the_fastest_forward(tmp_path, monkeypa
     from linearnexus.kernels.common.mosaic_chunk import MosaicConfig
     from linearnexus.registry import kernels_for
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import run as bench
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    monkeypatch.setenv("LINEARNEXUS_TUNING_CACHE", str(tmp_path / "tuning.json"))
-    monkeypatch.setattr(bench, "current_platform", lambda: "gpu")
+    bench = tune_bench
     kernel = kernels_for("simple_gla")["mosaic"]
     seen = []
 

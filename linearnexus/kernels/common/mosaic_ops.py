@@ -277,7 +277,7 @@ class _SplitCall:
         batch, seq = q.shape[:2]
         per = _check_split(seq, self.chunk, self.split)
         # the raw gates (zero-padded: not positive, so unmarked): the walk floors them once
-        qs, ks, vs, gs = _split_rows(q, k, v, g, per=per, split=self.split, floor=False)
+        qs, ks, vs, gs = _split_rows((q, k, v), g, per=per, split=self.split, floor=False)
         o, final = linear_attention_mosaic(qs, ks, vs, gs, scale=self.scale, initial_state=s_in,
                                            chunk_size=self.chunk, config=self.config,
                                            check_device=self.check_device)
@@ -328,7 +328,7 @@ def _split_backward(call: _SplitCall, vjp, q, g, h0, ct):
     value_dim = do.shape[3]
     split, chunk = call.split, call.chunk
     per = _check_split(seq, chunk, split)
-    qs, _, dos, gs = _split_rows(q, q, do, g, per=per, split=split, cut=False)
+    qs, dos, gs = _split_rows((q, do), g, per=per, split=split, cut=False)
     # [B, split-1, H, K, V], [B, split-1, H]: segments 1 .. split-1
     sent, log_decay = _segment_sums(qs, dos, gs, split=split, per=per, chunk=chunk,
                                     reverse=True)
@@ -369,13 +369,13 @@ def _check_split(seq: int, chunk: int, split: int) -> int:
     return seg_chunks(split) * chunk
 
 
-def _split_rows(q: Array, k: Array, v: Array, g: Array | None, *, per: int, split: int,
-                cut: bool = True, floor: bool = True) -> tuple[Array, Array, Array, Array | None]:
-    """``q, k, v`` and the log-gates, floored (``floor``; a positive gate NaN: it marks the
-    states it reaches) or as given, zero-padded to ``split * per`` tokens (padded tokens: zero
-    k, v, g, inert), as ``[B * split, per, H, *]`` segment rows, or (``cut`` False)
-    ``[B, split * per, H, *]``."""
-    batch, seq = q.shape[:2]
+def _split_rows(arrays: tuple[Array, ...], g: Array | None, *, per: int, split: int,
+                cut: bool = True, floor: bool = True) -> tuple[Array | None, ...]:
+    """``arrays`` (``[B, T, H, *]`` each) and the log-gates ``g``, floored (``floor``; a
+    positive gate NaN: it marks the states it reaches) or as given, zero-padded to
+    ``split * per`` tokens (padded tokens: zero k, v, g, inert), as ``[B * split, per, H, *]``
+    segment rows, or (``cut`` False) ``[B, split * per, H, *]``; the gates last."""
+    batch, seq = arrays[0].shape[:2]
     total = per * split
 
     def pad(x: Array) -> Array:  # [B, T, H, *] -> [B, total, H, *] -> rows
@@ -383,7 +383,7 @@ def _split_rows(q: Array, k: Array, v: Array, g: Array | None, *, per: int, spli
         return x.reshape(batch * split, per, *x.shape[2:]) if cut else x
 
     gl = None if g is None else pad(floor_log_gate(g, mark_positive=True) if floor else g)
-    return pad(q), pad(k), pad(v), gl
+    return (*(pad(x) for x in arrays), gl)
 
 
 def _entering_states(q: Array, k: Array, v: Array, g: Array | None, h0: Array | None, *,
@@ -395,7 +395,7 @@ def _entering_states(q: Array, k: Array, v: Array, g: Array | None, h0: Array | 
     batch, seq, heads, key_dim = q.shape
     value_dim = v.shape[3]
     per = _check_split(seq, chunk, split)
-    _, ks, vs, gs = _split_rows(q, k, v, g, per=per, split=split, cut=False)
+    ks, vs, gs = _split_rows((k, v), g, per=per, split=split, cut=False)
     # [B, split-1, H, K, V], [B, split-1, H]: each segment's own state and summed log-gate
     own, log_decay = _segment_sums(ks, vs, gs, split=split, per=per, chunk=chunk)
     decay = jnp.exp(log_decay)

@@ -60,8 +60,8 @@ def floor_log_gate(g: Array, mark_positive: bool = False) -> Array:
         return floored
     # g <= 0 is false for NaN too, whatever max does with it (Triton's maxnumf drops NaN).
     # The mark is ADDED, a constant: the gradient still reaches a bad gate through the max
-    # (a where would give it a zero there, and the api guard's NaN cotangent would leave a
-    # finite dg at exactly the bad entry; seen on an H100, 2026-12-06)
+    # (a where selecting NaN would give it a zero there, so the api guard's NaN cotangent
+    # would leave a finite dg at exactly the bad entry)
     return floored + jnp.where(g <= 0, 0.0, jnp.nan)
 
 
