@@ -252,10 +252,10 @@ def tune(preset: Preset, ops: Sequence[str], repeats: int,
     (Triton ``pallas``, Mosaic GPU ``mosaic``) per op and op size, forward and forward +
     backward, and record the fastest in the tuning cache, under the backend's name: for
     ``pallas`` the config of the fastest forward + backward; for ``mosaic`` its value block
-    and ``bwd_stages`` (the depth of the kernels that run under a gradient) from the fastest
-    forward + backward, and ``stages`` and ``seq_split`` (the plain forward's depth and
-    sequence split, which a gradient does not run) from the fastest forward at that value
-    block. Returns
+    ``bwd_stages`` (the depth of the kernels that run under a gradient) and ``seq_split``
+    (simple_gla's sequence split, which its gradient runs too) from the fastest forward +
+    backward, and ``stages`` (the plain forward's depth, which a gradient does not run) from
+    the fastest forward at that value block and split. Returns
     ``{(op, backend, sizes): recorded config}``."""
     from linearnexus.kernels import tuning
     from linearnexus.kernels.common.mosaic_chunk import MOSAIC_DTYPES
@@ -299,10 +299,9 @@ def tune(preset: Preset, ops: Sequence[str], repeats: int,
                     continue
                 best, _, seconds = min(timed, key=lambda r: r[2])
                 if backend == "mosaic":
-                    fwd_best = min((r for r in timed if r[0].block_v == best.block_v),
-                                   key=lambda r: r[1])[0]
-                    best = dataclasses.replace(best, stages=fwd_best.stages,
-                                               seq_split=fwd_best.seq_split)
+                    fwd_best = min((r for r in timed if (r[0].block_v, r[0].seq_split)
+                                    == (best.block_v, best.seq_split)), key=lambda r: r[1])[0]
+                    best = dataclasses.replace(best, stages=fwd_best.stages)
                 dims = (*sizes[:4], sizes[4]) if op != "mamba" else (
                     sizes[0], sizes[1], sizes[2] * sizes[4], min(sizes[3], 16))
                 path = tuning.record(op, backend, dims, dtype, best, seconds=seconds)

@@ -208,10 +208,10 @@ def test_tune_records_the_fastest_config_per_backend(tune_bench, monkeypatch):
 
 
 def test_tune_takes_simple_gla_split_from_the_fastest_forward(tune_bench, monkeypatch):
-    """For simple_gla's mosaic backend ``--tune`` also times the plain forward split in two
-    by entering states (``seq_split``, which a gradient does not run) and records the split
-    of the fastest forward at the value block of the fastest forward + backward (timings
-    faked: this machine has no GPU)."""
+    """For simple_gla's mosaic backend ``--tune`` also times the walk split in two by
+    entering states (``seq_split``, forward and gradient) and records the value block, split
+    and backward depth of the fastest forward + backward with the forward depth of the
+    fastest forward at that block and split (timings faked: this machine has no GPU)."""
     from linearnexus.kernels import tuning
     from linearnexus.kernels.common.mosaic_chunk import MosaicConfig
     from linearnexus.registry import kernels_for
@@ -223,8 +223,8 @@ def test_tune_takes_simple_gla_split_from_the_fastest_forward(tune_bench, monkey
     def fake_time_pair(forward, args, repeats, argnums):
         cfg = kernel.config
         seen.append(cfg)
-        t_f = 1.0 if (cfg.block_v, cfg.stages, cfg.seq_split) == (32, 1, 2) else 2.0
-        return t_f, (1.0 if (cfg.block_v, cfg.bwd_stages) == (32, 3) else 2.0)
+        t_f = 1.0 if (cfg.block_v, cfg.stages) == (32, 1) else 2.0
+        return t_f, (1.0 if (cfg.block_v, cfg.bwd_stages, cfg.seq_split) == (32, 3, 2) else 2.0)
 
     monkeypatch.setattr(bench, "_time_pair", fake_time_pair)
     preset = bench.Preset("test", op_sizes=((2, 4096, 2, 64, 64),), block_size=None,

@@ -150,10 +150,11 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
         chunk_size: L (64 or 128); ``config.chunk`` wins; default 64.
         config: tile / pipeline overrides (:class:`MosaicConfig`); None fields: heuristic.
             ``seq_split`` (None: :func:`default_seq_split`) cuts batch rows into segments
-            for the plain forward (:func:`_split_walk`); under a gradient one walk per row
-            runs, so ``jax.value_and_grad``'s value is that walk's (within ~2e-5 relative of
-            the split's on an H100 at (2, 16384, 16, 128)), unless ``seq_split_grad`` (the
-            value and gradient then the split's: :func:`_split_backward`).
+            for the plain forward (:func:`_split_walk`), and under a gradient the backward
+            splits too (:func:`_split_backward`; ``seq_split_grad`` None: :data:`SPLIT_GRAD`).
+            With ``seq_split_grad=False`` one walk per row runs under a gradient, so
+            ``jax.value_and_grad``'s value is that walk's (within ~2e-5 relative of the
+            split's on an H100 at (2, 16384, 16, 128)).
         check_device: False skips the sm_90 check, to lower for CUDA on a machine without a
             GPU (``jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))``, the CI test).
 
@@ -189,7 +190,8 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
         call = _SplitCall(scale=scale, chunk=chunk,
                           config=dataclasses.replace(cfg, seq_split=1, seq_split_grad=None),
                           split=cfg.seq_split, check_device=check_device,
-                          grad=bool(cfg.seq_split_grad))
+                          grad=(env_switch(SPLIT_GRAD_ENV, SPLIT_GRAD)
+                                if cfg.seq_split_grad is None else cfg.seq_split_grad))
         return _split_forward(call, q, k, v, g, initial_state)
     heads = q.shape[2]
     dtype, kp, vp, plan, h0, (qc, kc, vc) = _chunk_inputs(q, k, v, initial_state, chunk,
@@ -223,6 +225,18 @@ def linear_attention_mosaic(q: Array, k: Array, v: Array, g: Array | None, *, sc
     return o, final[:, :, :q.shape[3], :v.shape[3]]
 
 
+#: "0": under a gradient a split forward (``MosaicConfig.seq_split`` > 1) runs one walk per row
+#: instead of the segments' own backward, where the config's ``seq_split_grad`` is None;
+#: unset: :data:`SPLIT_GRAD`
+SPLIT_GRAD_ENV = "LINEARNEXUS_MOSAIC_SPLIT_GRAD"
+#: the split's own backward by default: yes. simple_gla (2, 16384, 16, 128) bf16 on an H100
+#: (benchmarks/mosaic_config_gpu.py, one call, 2026-12-06): forward + backward 1.518 ms at two
+#: segments against 2.132 for one walk and 2.083 for the split forward with one walk's
+#: gradient; four segments 1.814. Its bad inputs' NaN patterns match the jax backend's on that
+#: GPU (guard_nan_gpu.py --seq-split 2 --seq-split-grad, 7 of 7 dense cases)
+SPLIT_GRAD = True
+
+
 def default_seq_split(*, rows: int, heads: int, value_dim: int, n_chunks: int, chunk: int,
                       block_v: int | None = None) -> int:
     """The heuristic's sequence split (``MosaicConfig.seq_split``) of simple_gla's plain
@@ -233,8 +247,8 @@ def default_seq_split(*, rows: int, heads: int, value_dim: int, n_chunks: int, c
     block of the call's own; else 1. Measured at (2, 16384, 16, 128) bf16 on an H100
     (2026-12-06, through the api): 0.384 ms against 0.453 for one walk in one call, 0.392
     against 0.492 in another; four segments 0.422 / 0.456. Shorter walks and V = 64 (ssd's
-    usual head) are untimed. Under a gradient one walk per row runs whatever the split,
-    unless the config sets ``seq_split_grad``."""
+    usual head) are untimed. Under a gradient the split's own backward runs
+    (:data:`SPLIT_GRAD`) unless the config sets ``seq_split_grad=False``."""
     if (block_v is None and n_chunks >= 128
             and small_grid(rows=rows, heads=heads, chunk=chunk,
                            value_dim=next_pow2(value_dim, minimum=64))):
