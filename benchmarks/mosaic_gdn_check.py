@@ -307,7 +307,7 @@ def time_kernels(shape: tuple[int, ...], sets: list, n_sets: int) -> dict[str, f
         fst, q, k, m, beta, b, h, vn, do, dfinal))
     timed("core backward from M^{-1}, Mosaic (whole)", lambda i: fwhole(*fres[i % n_sets]))
     try:
-        core_out = [fwhole(*x) for x in fres]  # dq, dk, dy, dks, dg, dh0
+        core_out = [fwhole(*x) for x in fres]  # dq, dk, dy, dks, dv (None), dg, dh0
     except Exception as e:  # noqa: BLE001
         kg.log(f"  the gradient from M^{{-1}}'s core backward: {kg.short_error(e)}")
         return out

@@ -10,6 +10,7 @@ the reason, when the installed JAX's Mosaic GPU lacks an API the kernels use.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import re
@@ -73,19 +74,22 @@ def _specs(B, T, H, K, V, h0):
     ((2, 1000, 2, 128, 128), True, MosaicConfig(block_v=32)),
     # each row walked as four segments from their entering states (four times the rows)
     ((2, 1000, 2, 128, 128), True, MosaicConfig(seq_split=4)),
-    # a walk of 128 chunks on 4 programs: the heuristic splits the plain forward in two
+    # a walk of 128 chunks on 4 programs: the heuristic splits the walk in two, and its
+    # gradient
     ((1, 8192, 2, 64, 64), False, None),
     # the gradient split too: the segments' states forward and their gradients in reverse
     ((2, 1000, 2, 128, 128), True, MosaicConfig(seq_split=2, seq_split_grad=True)),
+    # the split forward with one walk's gradient
+    ((2, 1000, 2, 128, 128), True, MosaicConfig(seq_split=2, seq_split_grad=False)),
 ])
 def test_simple_gla_mosaic_lowers_forward_and_backward(shape, h0, config, monkeypatch):
     """Forward (the Mosaic GPU kernel) and its gradient lower for CUDA: with the Mosaic
     backward, three Mosaic GPU kernels (forward storing the chunk states, the reverse walk,
     dq / dk) and no Triton; with ``backward="pallas"``, the Triton backward kernels. A
     sequence split (asked, or the heuristic's on a long walk of few programs) adds the
-    Triton kernel of the segments' states to the plain forward only: under a gradient the
-    whole walk runs, unless ``seq_split_grad`` (then that kernel and its reverse run in the
-    gradient too)."""
+    Triton kernel of the segments' states to the plain forward, and that kernel and its
+    reverse to the gradient (the segments' own backward), unless ``seq_split_grad=False``
+    (then the whole walk runs under a gradient)."""
     monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")  # Triton kernels, not interpret mode
 
     def fwd(q, k, v, g, s0):
@@ -111,7 +115,7 @@ def test_simple_gla_mosaic_lowers_forward_and_backward(shape, h0, config, monkey
     # at chunk 128, K = V = 128 the Mosaic backward does not fit: the heuristic picks Triton
     if config is not None and (config.backward == "pallas" or config.chunk == 128):
         assert grad_text.count("custom_call @mosaic_gpu") == 1 and "xla.gpu.triton" in grad_text
-    elif config is not None and config.seq_split_grad:
+    elif split > 1 and (config is None or config.seq_split_grad is not False):
         # the Mosaic forward storing states, reverse walk and dq / dk; two Triton kernels
         # (the segments' states, forward and reverse)
         assert grad_text.count("custom_call @mosaic_gpu") == 3
@@ -138,6 +142,7 @@ def test_packed_sequences_lower_forward_and_backward(op, h0, config, monkeypatch
     monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")
     monkeypatch.delenv(PACKED_ENV, raising=False)  # packed runs on the Mosaic kernels by default
     monkeypatch.delenv(mosaic_delta.FUSED_GRAD_ENV, raising=False)
+    monkeypatch.delenv(mosaic_delta.WY_MOSAIC_ENV, raising=False)
     N, T, H, K, V = 3, 300, 2, 64, 64
     qk = jax.ShapeDtypeStruct((1, T, H, K), jnp.bfloat16)
     v = jax.ShapeDtypeStruct((1, T, H, V), jnp.bfloat16)
@@ -164,17 +169,20 @@ def test_packed_sequences_lower_forward_and_backward(op, h0, config, monkeypatch
     grad_text = _lower(jax.value_and_grad(loss, argnums=argnums), *specs)
     bwd_mosaic = (config.backward if config is not None and config.backward else "mosaic"
                   if op == "simple_gla" else mosaic_delta.DEFAULT_BACKWARD) == "mosaic"
+    fused_grad = op != "simple_gla" and _resolved_fused_grad(config, bwd_mosaic)
+    wy_mosaic = int(fused_grad and mosaic_delta.WY_MOSAIC)  # the WY backward on Mosaic GPU
     # the delta rules' Mosaic backward: a third kernel for dw (mosaic_bwd.DW_KERNEL), except
     # where the gradient from M^{-1} forms it in the WY backward (mosaic_delta.DKS_IN_WY)
     dw = int(op != "simple_gla" and mosaic_bwd.DW_KERNEL and not (
-        _resolved_fused_grad(config, bwd_mosaic) and mosaic_delta.DKS_IN_WY))
-    assert grad_text.count("custom_call @mosaic_gpu") == (3 + dw if bwd_mosaic else 1)
-    wy = 0 if op == "simple_gla" else 2  # the delta rules' Triton WY forward and backward
+        fused_grad and (mosaic_delta.DKS_IN_WY or wy_mosaic)))
+    assert grad_text.count("custom_call @mosaic_gpu") == (3 + dw + wy_mosaic if bwd_mosaic
+                                                         else 1)
+    # the delta rules' Triton WY forward and backward (the backward unless on Mosaic GPU)
+    wy = 0 if op == "simple_gla" else 2 - wy_mosaic
     triton_bwd = 0 if bwd_mosaic else (4 if op == "simple_gla" else 3)  # (fwd_h +) dv, dh, dqk
     assert grad_text.count("xla.gpu.triton") == wy + triton_bwd
     # the gradient from M^{-1}: its WY backward is the one that takes dy (named in the text)
-    assert ("_wy_bwd_fused_kernel" in grad_text) == (
-        op != "simple_gla" and _resolved_fused_grad(config, bwd_mosaic))
+    assert ("_wy_bwd_fused_kernel" in grad_text) == (fused_grad and not wy_mosaic)
 
 
 @needs_mosaic
@@ -259,7 +267,7 @@ def test_seq_split_in_the_interpreter(B, T, split, with_h0, gated, pieces, grad_
     args = (q, k, v, g, s0)
     argnums = tuple(i for i, x in enumerate(args, 1) if x is not None and (i < 5 or with_h0))
     split_run = functools.partial(run, MosaicConfig(seq_split=split,
-                                                    seq_split_grad=grad_split or None))
+                                                    seq_split_grad=grad_split))
     with gpu_interpret():
         o, final = split_run(*args)
         grads, _ = jax.grad(loss, argnums, has_aux=True)(split_run, *args)
@@ -536,6 +544,7 @@ def test_delta_rules_mosaic_lower_forward_and_backward(shape, h0, gated, config,
     (``w``, ``u`` formed in the walk); the gradient as without it unless ``fused_grad``."""
     monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")
     monkeypatch.delenv(mosaic_delta.FUSED_GRAD_ENV, raising=False)
+    monkeypatch.delenv(mosaic_delta.WY_MOSAIC_ENV, raising=False)
 
     def fwd(q, k, v, beta, g, s0):
         return delta_rule_mosaic(q, k, v, beta, g, scale=0.1, initial_state=s0, config=config,
@@ -556,12 +565,14 @@ def test_delta_rules_mosaic_lower_forward_and_backward(shape, h0, gated, config,
     # the gradient from M^{-1} (the default with the Mosaic backward and the fused walk): its
     # WY backward is the one that takes dy (named in the text)
     fused_grad = _resolved_fused_grad(config, bwd_mosaic)
+    wy_mosaic = int(fused_grad and mosaic_delta.WY_MOSAIC)  # the WY backward on Mosaic GPU
     # dw = -dvn S_c^T in a Mosaic kernel of its own, except where the gradient from M^{-1}
-    # forms it in the WY backward (mosaic_delta.DKS_IN_WY)
-    dw = int(mosaic_bwd.DW_KERNEL and not (fused_grad and mosaic_delta.DKS_IN_WY))
-    assert grad_text.count("custom_call @mosaic_gpu") == (3 + dw if bwd_mosaic else 1)
-    assert grad_text.count("xla.gpu.triton") == (2 if bwd_mosaic else 5)
-    assert ("_wy_bwd_fused_kernel" in grad_text) == fused_grad
+    # forms it in the WY backward (mosaic_delta.DKS_IN_WY, or the Mosaic one)
+    dw = int(mosaic_bwd.DW_KERNEL and not (fused_grad and (mosaic_delta.DKS_IN_WY or wy_mosaic)))
+    assert grad_text.count("custom_call @mosaic_gpu") == (3 + dw + wy_mosaic if bwd_mosaic
+                                                         else 1)
+    assert grad_text.count("xla.gpu.triton") == (2 - wy_mosaic if bwd_mosaic else 5)
+    assert ("_wy_bwd_fused_kernel" in grad_text) == (fused_grad and not wy_mosaic)
     assert ("_wy_bwd_kernel" in grad_text) == (not fused_grad)
 
 
@@ -849,6 +860,7 @@ def test_delta_dw_kernel_lowers_and_matches_xla(monkeypatch):
 
     monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")
     monkeypatch.setenv(mosaic_bwd.DW_KERNEL_ENV, "1")
+    monkeypatch.setenv(mosaic_delta.WY_MOSAIC_ENV, "0")  # the Triton WY backward's forms
     config = MosaicConfig(backward="mosaic")
 
     def loss(q, k, v, beta, g, s0):
@@ -1003,7 +1015,9 @@ def test_delta_value_blocks_of_32_in_the_interpreter(packed, fused_wy, monkeypat
     (False, True, (64, 128), 1, None, 1, "kernel"),
     (True, False, (128, 128), 1, 300, 1, "kernel"), (True, False, (64, 64), 1, 130, 1, "xla"),
     (True, False, (128, 128), 1, 300, 1, "wy"), (False, True, (64, 128), 1, None, 1, "wy"),
-    (True, False, (40, 72), 2, 65, 2, "wy")])
+    (True, False, (40, 72), 2, 65, 2, "wy"), (True, False, (128, 128), 1, 300, 1, "mosaic"),
+    (False, True, (64, 128), 1, None, 1, "mosaic"), (True, False, (40, 72), 2, 65, 2, "mosaic"),
+    (True, True, (128, 64), 1, None, 2, "mosaic"), (True, False, (64, 64), 2, 1, 1, "mosaic")])
 def test_delta_fused_grad_in_the_interpreter(gated, packed, dims, B, T, H, dks, monkeypatch):
     """The delta rules' gradient from M^{-1} (``MosaicConfig(fused_grad=True)``: the fused
     walk storing S_c and vn, the reverse walk forming ``dy = M^{-T} dvn``, the ``dks``
@@ -1013,13 +1027,16 @@ def test_delta_fused_grad_in_the_interpreter(gated, packed, dims, B, T, H, dks, 
     1.0-1.14x measured), outputs and final states equal to the plain fused forward's. Gated
     and ungated, T = 1 / 65 / 100 / 300, head dims 40 / 72 padded, K = V = 128, four packed
     sequences (70, 0, 30, 64 tokens), initial states throughout; ``dks``: formed by the
-    Mosaic ``dw`` kernel, by the XLA matmul (``LINEARNEXUS_MOSAIC_DW_KERNEL=0``) or in the
-    Triton WY backward from the states (``LINEARNEXUS_MOSAIC_DKS_IN_WY=1``)."""
+    Mosaic ``dw`` kernel, by the XLA matmul (``LINEARNEXUS_MOSAIC_DW_KERNEL=0``), in the
+    Triton WY backward from the states (``LINEARNEXUS_MOSAIC_DKS_IN_WY=1``) or in the Mosaic
+    WY backward (``LINEARNEXUS_MOSAIC_WY_BWD=1``, the reverse walk writing ``dv = beta dy``;
+    K = V = 128, K = 64 / V = 128 packed, K = 128 / V = 64 packed, head dims 40 / 72, T = 1)."""
     from linearnexus.kernels.common import mosaic_delta
 
     monkeypatch.delenv(PACKED_ENV, raising=False)
     monkeypatch.setenv(mosaic_bwd.DW_KERNEL_ENV, "0" if dks == "xla" else "1")
     monkeypatch.setenv(mosaic_delta.DKS_IN_WY_ENV, "1" if dks == "wy" else "0")
+    monkeypatch.setenv(mosaic_delta.WY_MOSAIC_ENV, "1" if dks == "mosaic" else "0")
     K, V = dims
     T, cu, (q, k, v, g, beta, s0), loss = _interpreter_case(5, packed, B, T, H, K, V)
     g = g if gated else jnp.zeros_like(g)  # the reference's ungated rule; mosaic gets None
@@ -1057,6 +1074,174 @@ def test_delta_fused_grad_in_the_interpreter(gated, packed, dims, B, T, H, dks, 
             continue
         err, sep_err = rel(a, ref), rel(sep, ref)
         assert err <= 1e-2 and err <= 1.25 * sep_err, (name, err, sep_err)
+
+
+@needs_mosaic
+def test_delta_mosaic_wy_backward_lowers_and_refuses(monkeypatch):
+    """The Mosaic WY backward (``LINEARNEXUS_MOSAIC_WY_BWD=1``, ``mosaic_wy.py``): the gradient
+    from ``M^{-1}`` lowers for CUDA with it as a fourth Mosaic kernel and one Triton kernel
+    (``M^{-1}``) where the Triton WY backward made two Triton and three Mosaic (gated, K = V
+    = 128; and with it, ungated at K = 64 / V = 128, gated at K = 128 / V = 64); the kernel
+    refuses what
+    it does not take before any work (a chunk of 128, a head dim not a multiple of 64, an
+    argument of the wrong shape, naming it), and ``scaled_dy`` asks for the gradient from
+    ``M^{-1}``."""
+    from linearnexus.kernels.common import mosaic_wy
+    from linearnexus.kernels.common.pallas_chunk import CoreStatic
+
+    monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")
+    config = MosaicConfig(backward="mosaic")
+    for gated, (K, V), flags in ((True, (128, 128), "10"), (False, (64, 128), "1"),
+                                 (True, (128, 64), "1")):
+        def loss(q, k, v, beta, g, s0, gated=gated):
+            o, final = delta_rule_mosaic(q, k, v, beta, g if gated else None, scale=0.1,
+                                         initial_state=s0, config=config, check_device=False)
+            return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
+
+        specs = _delta_specs(2, 1000, 2, K, V, True, True)
+        for flag, mosaic_kernels, triton_kernels in (("1", 4, 1), ("0", 3, 2))[:len(flags)]:
+            monkeypatch.setenv(mosaic_delta.WY_MOSAIC_ENV, flag)
+            text = _lower(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5)), *specs)
+            assert text.count("custom_call @mosaic_gpu") == mosaic_kernels, (gated, K, V, flag)
+            assert text.count("xla.gpu.triton") == triton_kernels, (gated, K, V, flag)
+
+    assert mosaic_wy.wy_mosaic_fits(chunk=64, key_dim=128, value_dim=128)
+    assert not mosaic_wy.wy_mosaic_fits(chunk=128, key_dim=128, value_dim=128)
+    assert not mosaic_wy.wy_mosaic_fits(chunk=64, key_dim=96, value_dim=128)
+    assert not mosaic_wy.wy_mosaic_fits(chunk=64, key_dim=128, value_dim=256)  # 3 x [L, V]
+
+    def static(chunk, K, V):
+        core = CoreStatic(gate="scalar", delta=True, has_h0=False, scale=1.0, rows=1,
+                          n_chunks=2, chunk=chunk, heads=1, key_dim=K, value_dim=V, n_seqs=1,
+                          block_k=K, block_v=64, num_warps=4, num_stages=2, interpret=False,
+                          packed=False)
+        return MosaicStatic(core=core, block_v=64, stages=2, backward="mosaic",
+                            fused_wy=True, fused_grad=True)
+
+    x = jnp.zeros((1, 128, 1, 64), jnp.bfloat16)
+    rows = jnp.zeros((1, 128, 1), jnp.float32)
+    h = jnp.zeros((1, 2, 1, 64, 64), jnp.bfloat16)
+    with pytest.raises(NotImplementedError, match="chunk 64"):
+        mosaic_wy.wy_fused_backward_mosaic(static(128, 64, 64), x, x, rows, rows, x, x, h, x)
+    with pytest.raises(ValueError, match=r"dy: expected \(1, 128, 1, 64\), got"):
+        mosaic_wy.wy_fused_backward_mosaic(static(64, 64, 64), x, x, rows, rows, x, x[:, :64],
+                                           h, x)
+    with pytest.raises(ValueError, match="scaled_dy: beta dy exists only"):
+        mosaic_bwd.run_state_grad(dataclasses.replace(static(64, 64, 64), fused_grad=False),
+                                  x, x, x, (rows,) * 3, jnp.zeros((1, 1, 64, 64)),
+                                  w=x, scaled_dy=True)
+
+
+@pytest.mark.skipif(REASON is not None or gpu_interpret_reason() is not None,
+                    reason=REASON or gpu_interpret_reason() or "")
+@pytest.mark.parametrize("R,NC,H,K,V,gated", [
+    (1, 2, 2, 128, 128, True), (1, 3, 1, 64, 128, False), (2, 1, 1, 128, 64, True),
+    (1, 5, 1, 64, 64, True)])
+def test_delta_mosaic_wy_backward_in_the_interpreter(R, NC, H, K, V, gated):
+    """``mosaic_wy.wy_fused_backward_mosaic`` in JAX 0.11's Mosaic GPU interpreter against
+    autodiff of the plain-JAX WY form (``tests/helpers/wy.py``; the same target as the Triton
+    kernel's test): ``dk`` (with the core's added), ``dbeta`` and ``dg`` within bf16's
+    rounding (8e-3 of the largest entry; 1.2e-3-4.4e-3 measured), gated and ungated, K and V
+    of 64 and 128 (one and two key blocks a chunk), chunk splits of one (NC = 1) to five
+    chunks a program."""
+    from linearnexus.kernels.common import mosaic_wy
+    from linearnexus.kernels.common.pallas_chunk import CoreStatic, in_chunk_cumsum
+    from tests.helpers.wy import fused_wy_case
+
+    L, bf16 = 64, jnp.bfloat16
+    case = fused_wy_case(31 + NC, R, NC, H, K, V, gated, bf16, L)
+    core = CoreStatic(gate="scalar" if gated else "none", delta=True, has_h0=False, scale=1.0,
+                      rows=R, n_chunks=NC, chunk=L, heads=H, key_dim=K, value_dim=V, n_seqs=R,
+                      block_k=K, block_v=64, num_warps=4, num_stages=2, interpret=True,
+                      packed=False)
+    st = MosaicStatic(core=core, block_v=64, stages=2, backward="mosaic", fused_wy=True,
+                      fused_grad=True)
+    b = in_chunk_cumsum(case["g"], L) if gated else jnp.zeros((R, NC * L, H))
+    with gpu_interpret():
+        dk, dbeta, dg = mosaic_wy.wy_fused_backward_mosaic(
+            st, case["k"].astype(bf16), case["v"].astype(bf16), case["beta"], b,
+            case["vn"].astype(bf16), case["dy"].astype(bf16), case["states"].astype(bf16),
+            case["dk_core"].astype(bf16))
+    want = case["want"]
+    for name, a, ref in (("dk", dk, want[0]), ("dbeta", dbeta, want[2])) + (
+            (("dg", dg, want[3]),) if gated else ()):
+        a, ref = np.asarray(a, np.float32), np.asarray(ref, np.float32)
+        err = np.max(np.abs(a - ref)) / np.max(np.abs(ref))
+        assert err <= 8e-3, (name, err)
+
+
+@needs_mosaic
+def test_dqk_split_fills_the_sms_on_small_grids(monkeypatch):
+    """``mosaic_bwd.dqk_split`` with ``LINEARNEXUS_MOSAIC_DQK_SPLIT=1``: one program per
+    (key block, head, row) where they fill the 132 SMs, else the fewest divisors of the
+    chunks that do, each walking >= 8 chunks; one with the switch at 0 (the default until
+    timed). With it on, simple_gla's and the gated rule's gradients lower for CUDA at a
+    shape it splits (8 programs, 16 chunks: 2 a row), with the same kernel counts."""
+    monkeypatch.setenv(mosaic_bwd.DQK_SPLIT_ENV, "1")
+    assert mosaic_bwd.dqk_split(programs=256, n_chunks=64) == 1  # (8, 4096, 16, 128)
+    assert mosaic_bwd.dqk_split(programs=64, n_chunks=256) == 4  # (2, 16384, 16, 128)
+    assert mosaic_bwd.dqk_split(programs=4, n_chunks=16) == 2  # at most 16 / 8
+    assert mosaic_bwd.dqk_split(programs=4, n_chunks=7) == 1  # too few chunks to share
+    assert mosaic_bwd.dqk_split(programs=32, n_chunks=72) == 6  # 5 does not divide 72
+    monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")
+    monkeypatch.setenv(mosaic_delta.WY_MOSAIC_ENV, "0")
+    specs = _delta_specs(2, 1000, 2, 128, 128, True, True)
+
+    def loss(q, k, v, beta, g, s0):
+        o1, f1 = linear_attention_mosaic(q, k, v, g, scale=0.1, initial_state=s0,
+                                         check_device=False)
+        o2, f2 = delta_rule_mosaic(q, k, v, beta, g, scale=0.1, initial_state=s0,
+                                   check_device=False)
+        return sum(jnp.sum(x.astype(jnp.float32)) for x in (o1, f1, o2, f2))
+
+    text = _lower(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5)), *specs)
+    assert text.count("custom_call @mosaic_gpu") == 6 and text.count("xla.gpu.triton") == 2
+    monkeypatch.setenv(mosaic_bwd.DQK_SPLIT_ENV, "0")
+    assert mosaic_bwd.dqk_split(programs=64, n_chunks=256) == 1
+
+
+@pytest.mark.skipif(REASON is not None or gpu_interpret_reason() is not None,
+                    reason=REASON or gpu_interpret_reason() or "")
+@pytest.mark.parametrize("op,packed", [("simple_gla", False), ("gated_delta_rule", False),
+                                       ("gated_delta_rule", True)])
+def test_dqk_split_is_bit_identical_in_the_interpreter(op, packed, monkeypatch):
+    """``dq / dk`` with each row's chunks shared between programs (``dqk_split``; forced to 2
+    and 4 here, where the heuristic needs >= 16 chunks) gives the same gradients bit for bit
+    as one program per row, in JAX 0.11's Mosaic GPU interpreter: every chunk's terms are
+    independent of the others'. simple_gla and the gated rule (T = 256, four chunks; and five
+    packed sequences in eight), K = V = 64, initial states."""
+    monkeypatch.delenv(PACKED_ENV, raising=False)
+    lens = PACKED_LENS + (92,)  # packed rows of 8 chunks
+    T, N = (256, 1) if not packed else (sum(lens), len(lens))
+    cu = jnp.cumsum(jnp.array((0,) + lens)) if packed else None
+    q, k, v, g, beta, s0, ks = _delta_inputs(11, 1, T, 2, 64, 64, N)
+    do = jax.random.normal(ks[0], v.shape)
+
+    def loss(q, k, v, g, beta, s0):
+        if op == "simple_gla":
+            o, final = linear_attention_mosaic(q, k, v, g, scale=0.125, initial_state=s0,
+                                               cu_seqlens=cu, check_device=False)
+        else:
+            o, final = delta_rule_mosaic(q, k, v, beta, g, scale=0.125, initial_state=s0,
+                                         cu_seqlens=cu, check_device=False)
+        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(final)
+
+    argnums = (0, 1, 2, 3, 5) if op == "simple_gla" else (0, 1, 2, 3, 4, 5)
+    splits = (1, 2, 4)  # divisors of the chunks
+    grads, seen = {}, []
+    for split in splits:
+        def fixed(programs, n_chunks, split=split):
+            seen.append(n_chunks)
+            return split
+
+        monkeypatch.setattr(mosaic_bwd, "dqk_split", fixed)
+        with gpu_interpret():
+            grads[split] = jax.grad(loss, argnums)(q, k, v, g, beta, s0)
+    assert set(seen) == {4 if not packed else 8}
+    for split in splits[1:]:
+        for a, b in zip(grads[split], grads[1], strict=True):
+            np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)),
+                                          np.asarray(b.astype(jnp.float32)))
 
 
 def test_delta_mosaic_dispatch_and_declines_what_it_does_not_cover(monkeypatch):

@@ -24,6 +24,7 @@ from linearnexus.kernels.common.pallas import TritonConfig
 from linearnexus.kernels.common.pallas_ops import _chunk_of
 from linearnexus.registry import KERNEL_REGISTRY
 from tests.helpers.parity import x64
+from tests.helpers.wy import fused_wy_case
 from tests.op_specs import IMPLEMENTATIONS, SPECS
 from tests.test_linear_ops import (
     BATCH,
@@ -330,34 +331,6 @@ def test_wy_inverse_matches_a_float64_inverse(gated, halves):
     assert err <= 6e-3, err
 
 
-def _fused_wy_reference(k, v, beta, g, s, L):
-    """``vn = M^{-1} beta (v - e^b (k S_c))`` per chunk in plain JAX (float32, exact
-    products): k ``[R, TP, H, K]``, v ``[R, TP, H, V]``, beta / g ``[R, TP, H]``, s
-    ``[R, NC, H, K, V]`` the entering states; returns vn ``[R, TP, H, V]`` and ``M``."""
-    R, TP, H, K = k.shape
-    NC, V = TP // L, v.shape[-1]
-    hi = jax.lax.Precision.HIGHEST
-    kc = k.reshape(R, NC, L, H, K)  # [R, TP, H, K] -> [R, NC, L, H, K]
-    vc = v.reshape(R, NC, L, H, V)  # [R, TP, H, V] -> [R, NC, L, H, V]
-    bc = beta.reshape(R, NC, L, H)  # [R, TP, H] -> [R, NC, L, H]
-    b = (jnp.cumsum(g.reshape(R, NC, L, H), axis=2) if g is not None
-         else jnp.zeros((R, NC, L, H)))
-    low = jnp.tril(jnp.ones((L, L), bool), -1)
-    diff = b[:, :, :, None, :] - b[:, :, None, :, :]  # [R, NC, i, j, H]: b_i - b_j
-    decay = jnp.where(low[None, None, :, :, None], jnp.exp(jnp.where(
-        low[None, None, :, :, None], diff, 0.0)), 0.0)
-    # [R, NC, i, H, K] x [R, NC, j, H, K] -> [R, NC, i, j, H]: k_i . k_j
-    kk = jnp.einsum("rcihk,rcjhk->rcijh", kc, kc, precision=hi)
-    m = jnp.eye(L)[None, None, :, :, None] + bc[:, :, :, None, :] * kk * decay
-    # [R, NC, L, H, K] x [R, NC, H, K, V] -> [R, NC, L, H, V]: k S_c per chunk
-    ks = jnp.einsum("rclhk,rchkv->rclhv", kc, s, precision=hi)
-    y = bc[..., None] * (vc - jnp.exp(b)[..., None] * ks)
-    mt = jnp.moveaxis(m, 4, 2)  # [R, NC, i, j, H] -> [R, NC, H, i, j]
-    vn = jax.scipy.linalg.solve_triangular(mt, jnp.moveaxis(y, 3, 2), lower=True,
-                                           unit_diagonal=True)  # [R, NC, H, L, V]
-    return jnp.moveaxis(vn, 2, 3).reshape(R, TP, H, V), mt  # -> [R, TP, H, V]
-
-
 @pytest.mark.parametrize("from_states", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("gated", [True, False])
@@ -374,46 +347,23 @@ def test_wy_fused_backward_matches_autodiff(dtype, gated, from_states):
 
     R, NC, L, H = 1, 2, 64, 2
     K, V = (128, 32) if gated else (32, 128)
-    ks = jax.random.split(jax.random.key(21 + gated), 7)
-    k = jax.random.normal(ks[0], (R, NC * L, H, K))
-    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
-    v = jax.random.normal(ks[1], (R, NC * L, H, V))
-    beta = jax.nn.sigmoid(jax.random.normal(ks[2], (R, NC * L, H)))
-    g = jax.nn.log_sigmoid(2.0 + jax.random.normal(ks[3], (R, NC * L, H))) if gated else None
-    s = 0.3 * jax.random.normal(ks[4], (R, NC, H, K, V))
-    dvn = jax.random.normal(ks[5], (R, NC * L, H, V))
-    dk_core = jax.random.normal(ks[6], (R, NC * L, H, K))
-    k, v, beta, s_in = (x.astype(dtype).astype(jnp.float32) for x in (k, v, beta, s))
-
-    def f(k, v, beta, g):
-        return _fused_wy_reference(k, v, beta, g, s_in, L)[0]
-
-    vn, pull = jax.vjp(f, k, v, beta, g)
-    want = pull(dvn)
-    mt = _fused_wy_reference(k, v, beta, g, s_in, L)[1]  # [R, NC, H, L, L]
-    dvn_c = jnp.moveaxis(dvn.reshape(R, NC, L, H, V), 3, 2)  # -> [R, NC, H, L, V]
-    dy = jax.scipy.linalg.solve_triangular(mt, dvn_c, lower=True, unit_diagonal=True,
-                                           trans=1)  # M^{-T} dvn
-    # [R, NC, H, L, V] x [R, NC, H, K, V] -> [R, NC, H, L, K]: -dy S_c^T
-    dks = -jnp.einsum("rchlv,rchkv->rchlk", dy, s_in, precision=jax.lax.Precision.HIGHEST)
-    tok = lambda x: jnp.moveaxis(x, 2, 3).reshape(R, NC * L, H, x.shape[-1])  # noqa: E731
+    case = fused_wy_case(21 + gated, R, NC, H, K, V, gated, dtype, L)
     st = WyStatic(gated=gated, rows=R, n_chunks=NC, chunk=L, heads=H, key_dim=K, value_dim=V,
                   exact=dtype == jnp.float32, num_warps=4, interpret=True)
-    args = (k.astype(dtype), v.astype(dtype), beta, g, vn.astype(dtype), tok(dy).astype(dtype))
+    args = tuple(case[n] if n in ("beta", "g") else case[n].astype(dtype)
+                 for n in ("k", "v", "beta", "g", "vn", "dy"))
+    dks, dk_core, states = (case[n].astype(dtype) for n in ("dks", "dk_core", "states"))
     if from_states:
-        got = jax.jit(lambda *a: wy_fused_backward(st, *a, None, dk_core.astype(dtype),
-                                                   states=s_in.astype(dtype)))(*args)
+        got = jax.jit(lambda *a: wy_fused_backward(st, *a, None, dk_core, states=states))(*args)
         with pytest.raises(ValueError, match="dks, states"):
-            wy_fused_backward(st, *args, tok(dks).astype(dtype), dk_core.astype(dtype),
-                              states=s_in.astype(dtype))
+            wy_fused_backward(st, *args, dks, dk_core, states=states)
         with pytest.raises(ValueError, match="dks, states"):
-            wy_fused_backward(st, *args, None, dk_core.astype(dtype))
+            wy_fused_backward(st, *args, None, dk_core)
     else:
-        got = jax.jit(lambda *a: wy_fused_backward(st, *a))(
-            *args, tok(dks).astype(dtype), dk_core.astype(dtype))
+        got = jax.jit(lambda *a: wy_fused_backward(st, *a))(*args, dks, dk_core)
     tol = 2e-6 if dtype == jnp.float32 else 8e-3  # (measured: 4.8e-7; 4.2e-3, dv)
-    want_dk = want[0] + dk_core.astype(dtype).astype(jnp.float32)
-    for name, a, b in (("dk", got[0], want_dk), ("dv", got[1], want[1]),
+    want = case["want"]
+    for name, a, b in (("dk", got[0], want[0]), ("dv", got[1], want[1]),
                        ("dbeta", got[2], want[2])) + ((("dg", got[3], want[3]),) if gated else ()):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         err = np.max(np.abs(a - b)) / np.max(np.abs(b))

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 
 from linearnexus.core.types import Array
 from linearnexus.kernels.common.mosaic_chunk import (
+    HOPPER_SMS,
     SMEM_LIMIT,
     MosaicStatic,
     _chunk_flags,
@@ -81,17 +82,20 @@ STATE_BLOCK_V = 64
 
 
 def state_smem_bytes(*, chunk: int, key_dim: int, block_v: int, stages: int, itemsize: int,
-                     delta: bool = False, packed: bool = False, fused: bool = False) -> int:
+                     delta: bool = False, packed: bool = False, fused: bool = False,
+                     scaled_dy: bool = False) -> int:
     """Shared memory of one ``state_grad`` program: per stage the q, k, do, gate, dv and dh
     tiles; the scaled-do tile; the scoped float32 staging tile of dht / dh0. ``delta``: one
     more ``[L, K]`` slot a stage (``w``) and the ``-dvn`` tile. ``fused`` (the delta rules'
     gradient from ``M^{-1}``): an ``[L, L]`` ``M^{-1}`` slot and a float32 ``beta`` row a
     stage in place of ``w``. ``packed``: the staging tile stays beside the pipeline (each
-    sequence's dht / dh0 pass through it inside)."""
+    sequence's dht / dh0 pass through it inside). ``scaled_dy``: one more ``[L, BV]`` output
+    slot a stage (``beta dy``)."""
     L, K, BV = chunk, key_dim, block_v
     per_stage = ((3 if delta else 2) * L * K + 2 * L * BV + K * BV) * itemsize + (2 * L + K) * 4
     if delta and fused:
         per_stage += (L * L - L * K) * itemsize + L * 4
+    per_stage += L * BV * itemsize if scaled_dy else 0
     scratch = (2 if delta else 1) * L * BV * itemsize + (K * BV * 4 if packed else 0)
     return scratch + max(stages * per_stage, K * BV * 4)
 
@@ -108,7 +112,8 @@ def _bcast(x: Array, shape: tuple[int, int], dim: int) -> Array:
     return jax.lax.broadcast_in_dim(x, shape, [dim])
 
 
-def _state_grad_kernel(*refs, st: MosaicStatic, dtype: Any, stages: int) -> None:
+def _state_grad_kernel(*refs, st: MosaicStatic, dtype: Any, stages: int,
+                       scaled_dy: bool = False) -> None:
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -123,6 +128,7 @@ def _state_grad_kernel(*refs, st: MosaicStatic, dtype: Any, stages: int) -> None
     seq_smem = refs.pop() if packed else None
     ndv_smem = refs.pop() if delta else None
     doe_smem = refs.pop()
+    dvb_ref = refs.pop() if scaled_dy else None  # beta dy, the delta rules' dv
     dv_ref, dh_ref, dh0_ref = refs[-3:]
     refs = refs[:-3]
     seq_ref, flag_ref = (refs.pop(-2), refs.pop()) if packed else (None, None)
@@ -145,7 +151,7 @@ def _state_grad_kernel(*refs, st: MosaicStatic, dtype: Any, stages: int) -> None
     def body(idx, q_smem, k_smem, do_smem, b_smem, d_smem, e_smem, *rest):
         n_wy = len(wy_refs)
         wy_smem, rest = rest[:n_wy], rest[n_wy:]  # (w,) or (M^{-1}, beta) or ()
-        dv_smem, dh_smem, ds = rest
+        dv_smem, dh_smem, *dvb_smem, ds = rest
         if packed:  # the chunk that closes a sequence enters with its final state's gradient
             seq, opens, closes = _chunk_flags(seq_ref, flag_ref, r, back(idx[0]))
             ds = _enter(ds, closes, seq_smem, dht_ref.at[seq, h, :, vs], bar)
@@ -187,6 +193,8 @@ def _state_grad_kernel(*refs, st: MosaicStatic, dtype: Any, stages: int) -> None
             dy = pl.run_scoped(solve, plgpu.ACC((L, BV), F32))
             dv_smem[...] = dy.astype(dtype)
             beta_row = _load(beta_smem, rows_layout)  # [L]
+            if scaled_dy:  # dv = beta dy (y = beta (v - ...)), for the Mosaic WY backward
+                dvb_smem[0][...] = (dy * _bcast(beta_row, (L, BV), 0)).astype(dtype)
             ndv_smem[...] = (-dy * _bcast(beta_row * jnp.exp(b_row), (L, BV), 0)).astype(dtype)
         else:
             dv_smem[...] = dv.astype(dtype)
@@ -238,25 +246,32 @@ def _state_grad_kernel(*refs, st: MosaicStatic, dtype: Any, stages: int) -> None
         plgpu.BlockSpec((None, K, BV), lambda c: (back(c), 0, 0),
                         transforms=_swizzled(BV, dtype)),  # dS_{c+1}
     ]
+    outs = [dv_ref.at[r, :, h, vs], dh_ref.at[r, :, h, :, vs]]
+    if scaled_dy:  # beta dy
+        out_specs.append(out_specs[0])
+        outs.append(dvb_ref.at[r, :, h, vs])
     pipeline = plgpu.emit_pipeline(body, grid=(NC,), in_specs=in_specs, out_specs=out_specs,
                                    max_concurrent_steps=stages, init_carry=ds0)
-    ds_first = pipeline(*ins, dv_ref.at[r, :, h, vs], dh_ref.at[r, :, h, :, vs])
+    ds_first = pipeline(*ins, *outs)
     if not packed:
         _state_out(ds_first, dh0_ref.at[r, h, :, vs])
 
 
 def _dqk_kernel(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, d_ref, dq_ref, dk_ref,
                 term_ref, kdk_ref, sds_ref, *, st: MosaicStatic, dtype: Any,
-                stages: int) -> None:
+                stages: int, per: int) -> None:
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     c = st.core
-    L, BK, V, NC = c.chunk, min(c.key_dim, DQK_BLOCK_K), c.value_dim, c.n_chunks
+    L, BK, V = c.chunk, min(c.key_dim, DQK_BLOCK_K), c.value_dim
+    nk = c.key_dim // BK
     wgmma_layout = plgpu.Layout.WGMMA
     rows_layout, cols_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)
-    ik, h, r = jax.lax.axis_index("k"), jax.lax.axis_index("h"), jax.lax.axis_index("r")
+    s, h, r = jax.lax.axis_index("k"), jax.lax.axis_index("h"), jax.lax.axis_index("r")
+    ik, part = s % nk, s // nk  # this program's key block and its share of the chunks
     ks = pl.ds(ik * BK, BK)
+    chunks, rows = pl.ds(part * per, per), pl.ds(part * per * L, per * L)
     row = plgpu.broadcasted_iota(jnp.int32, (L, L), 0, layout=wgmma_layout)
     col = plgpu.broadcasted_iota(jnp.int32, (L, L), 1, layout=wgmma_layout)
     lower, upper = row >= col, col >= row
@@ -331,18 +346,19 @@ def _dqk_kernel(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, d_ref, dq_ref
         plgpu.BlockSpec((L,), lambda c: (c,)),  # kdk
         plgpu.BlockSpec((None, BK), lambda c: (c, 0)),  # <S_c, dS_{c+1}> per key row
     ]
-    pipeline = plgpu.emit_pipeline(body, grid=(NC,), in_specs=in_specs, out_specs=out_specs,
+    pipeline = plgpu.emit_pipeline(body, grid=(per,), in_specs=in_specs, out_specs=out_specs,
                                    max_concurrent_steps=stages)
-    pipeline(q_ref.at[r, :, h, ks], k_ref.at[r, :, h, ks], v_ref.at[r, :, h, :],
-             do_ref.at[r, :, h, :], h_ref.at[r, :, h, ks, :], dh_ref.at[r, :, h, ks, :],
-             b_ref.at[r, h], d_ref.at[r, h], dq_ref.at[r, :, h, ks], dk_ref.at[r, :, h, ks],
-             term_ref.at[ik, r, h], kdk_ref.at[ik, r, h], sds_ref.at[r, h, :, ks])
+    pipeline(q_ref.at[r, rows, h, ks], k_ref.at[r, rows, h, ks], v_ref.at[r, rows, h, :],
+             do_ref.at[r, rows, h, :], h_ref.at[r, chunks, h, ks, :],
+             dh_ref.at[r, chunks, h, ks, :], b_ref.at[r, h, rows], d_ref.at[r, h, rows],
+             dq_ref.at[r, rows, h, ks], dk_ref.at[r, rows, h, ks], term_ref.at[ik, r, h, rows],
+             kdk_ref.at[ik, r, h, rows], sds_ref.at[r, h, chunks, ks])
 
 
 def run_state_grad(st: MosaicStatic, q: Array, k: Array, do: Array, gates: tuple[Array, ...],
                    dfinal: Array, w: Array | None = None,
                    layout: tuple[Array, Array] | None = None, *, minv: Array | None = None,
-                   beta: Array | None = None) -> tuple[Array, Array, Array]:
+                   beta: Array | None = None, scaled_dy: bool = False) -> tuple[Array, ...]:
     """The reverse walk: ``(dv [R, TP, H, V], dh [R, NC, H, K, V] (dS_{c+1} per chunk, in
     q's dtype), dh0 [N, H, K, V] float32)``; ``gates`` from ``mosaic_chunk.gate_rows``,
     ``dfinal [N, H, K, V]``. For the delta rules (``st.core.delta``) ``w [R, TP, H, K]`` is
@@ -350,18 +366,25 @@ def run_state_grad(st: MosaicStatic, q: Array, k: Array, do: Array, gates: tuple
     ``st.fused_grad`` ``minv [R, TP, H, L]`` (``pallas_wy.wy_inverse``) and ``beta [R, TP,
     H]`` replace ``w``, and ``dv`` is ``dy = M^{-T} dvn``, the gradient of ``y = beta (v -
     e^b k S_c)``. ``layout``: packed rows' ``(seq_info, flags)`` (``mosaic_forward``); ``dh0``
-    then holds only the sequences that own a chunk, and only with an initial state."""
+    then holds only the sequences that own a chunk, and only with an initial state.
+    ``scaled_dy`` (with ``fused_grad``): a fourth output, ``dv = beta dy [R, TP, H, V]`` in
+    q's dtype, the delta rules' value gradient (for ``mosaic_wy.wy_fused_backward_mosaic``,
+    which does not form it)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     c = st.core
     fused = c.delta and st.fused_grad
     check_wy_args(c.delta, fused, "fused_grad", w, minv, beta)
+    if scaled_dy and not fused:
+        raise ValueError(f"scaled_dy: beta dy exists only in the delta rules' gradient from "
+                         f"M^{{-1}} (fused_grad), got delta={c.delta}, "
+                         f"fused_grad={st.fused_grad}")
     R, NC, L, H, K, V = c.rows, c.n_chunks, c.chunk, c.heads, c.key_dim, c.value_dim
     dtype = q.dtype
     bv = min(V, STATE_BLOCK_V)
     stages = st.bwd_stages or deepest_stages(lambda s: state_smem_bytes(
         chunk=L, key_dim=K, block_v=bv, stages=s, itemsize=jnp.dtype(dtype).itemsize,
-        delta=c.delta, packed=c.packed, fused=fused) <= SMEM_LIMIT, 3)
+        delta=c.delta, packed=c.packed, fused=fused, scaled_dy=scaled_dy) <= SMEM_LIMIT, 3)
     if c.packed != (layout is not None):
         raise ValueError(f"layout: expected {'(seq_info, flags)' if c.packed else 'None'} for "
                          f"packed={c.packed}")
@@ -376,10 +399,12 @@ def run_state_grad(st: MosaicStatic, q: Array, k: Array, do: Array, gates: tuple
     if c.packed:
         scratch.append(plgpu.SMEM((K, bv), F32, transforms=_swizzled(bv, F32)))
     return plgpu.kernel(
-        functools.partial(_state_grad_kernel, st=st, dtype=dtype, stages=stages),
+        functools.partial(_state_grad_kernel, st=st, dtype=dtype, stages=stages,
+                          scaled_dy=scaled_dy),
         out_type=(jax.ShapeDtypeStruct((R, NC * L, H, V), dtype),
                   jax.ShapeDtypeStruct((R, NC, H, K, V), dtype),
-                  jax.ShapeDtypeStruct((c.n_seqs if c.packed else R, H, K, V), F32)),
+                  jax.ShapeDtypeStruct((c.n_seqs if c.packed else R, H, K, V), F32),
+                  *([jax.ShapeDtypeStruct((R, NC * L, H, V), dtype)] if scaled_dy else [])),
         scratch_types=(*scratch, plgpu.Barrier(num_barriers=1)),
         grid=(V // bv, H, R),
         grid_names=("v", "h", "r"),
@@ -387,6 +412,33 @@ def run_state_grad(st: MosaicStatic, q: Array, k: Array, do: Array, gates: tuple
         **interpret_kwargs(),
     )(q, k, do.astype(dtype), *gates, *wy, dfinal.astype(F32),
       *(() if layout is None else layout))
+
+
+#: "1" shares each row's chunks between ``dq / dk`` programs where the grid would leave SMs
+#: idle (:func:`dqk_split`), "0" keeps one program per key block, head and row; unset:
+#: :data:`DQK_SPLIT`
+DQK_SPLIT_ENV = "LINEARNEXUS_MOSAIC_DQK_SPLIT"
+#: off until timed on a GPU: at (2, 16384, 16, 128) the kernel has 64 programs (2 key blocks
+#: x 16 heads x 2 rows) for 132 SMs at one program per SM (196 KB of shared memory at two
+#: stages), each walking 256 chunks whose terms are independent of each other's (the split
+#: gives the same gradients bit for bit: tests/test_mosaic_lowering.py)
+DQK_SPLIT = False
+
+
+def dqk_split(*, programs: int, n_chunks: int) -> int:
+    """How many programs share a (key block, head, row)'s chunks in :func:`run_dqk`: 1
+    unless the split is on (:data:`DQK_SPLIT_ENV`) and ``programs`` leave SMs idle
+    (:data:`mosaic_chunk.HOPPER_SMS`), else the fewest (a divisor of ``n_chunks``) that fill
+    them, each keeping >= 8 chunks (the pipeline's fill is one chunk of a program's walk)."""
+    if programs >= HOPPER_SMS or not env_switch(DQK_SPLIT_ENV, DQK_SPLIT):
+        return 1
+    best = 1
+    for d in range(2, n_chunks // 8 + 1):
+        if n_chunks % d == 0:
+            best = d
+            if d * programs >= HOPPER_SMS:
+                break
+    return best
 
 
 def run_dqk(st: MosaicStatic, q: Array, k: Array, v: Array, do: Array, h: Array, dh: Array,
@@ -402,14 +454,15 @@ def run_dqk(st: MosaicStatic, q: Array, k: Array, v: Array, do: Array, h: Array,
     stages = st.dqk_stages or deepest_stages(lambda s: dqk_smem_bytes(
         chunk=L, key_dim=K, value_dim=V, stages=s,
         itemsize=jnp.dtype(dtype).itemsize) <= SMEM_LIMIT, 3)
+    split = dqk_split(programs=nk * H * R, n_chunks=NC)
     return plgpu.kernel(
-        functools.partial(_dqk_kernel, st=st, dtype=dtype, stages=stages),
+        functools.partial(_dqk_kernel, st=st, dtype=dtype, stages=stages, per=NC // split),
         out_type=(jax.ShapeDtypeStruct((R, TP, H, K), dtype),
                   jax.ShapeDtypeStruct((R, TP, H, K), dtype),
                   jax.ShapeDtypeStruct((nk, R, H, TP), F32),
                   jax.ShapeDtypeStruct((nk, R, H, TP), F32),
                   jax.ShapeDtypeStruct((R, H, NC, K), F32)),
-        grid=(nk, H, R),
+        grid=(nk * split, H, R),
         grid_names=("k", "h", "r"),
         compiler_params=compiler_params(),
         **interpret_kwargs(),
@@ -572,8 +625,9 @@ def _minus_times_states(st: MosaicStatic, x: Array, h: Array) -> Array:
 def mosaic_delta_fused_backward(st: MosaicStatic, q: Array, k: Array, minv: Array,
                                 beta: Array, b: Array, h: Array, vn: Array, do: Array,
                                 dfinal: Array, layout: tuple[Array, Array] | None = None,
-                                *, dks: bool = True
-                                ) -> tuple[Array, Array, Array, Array | None, Array, Array]:
+                                *, dks: bool = True, scaled_dy: bool = False
+                                ) -> tuple[Array, Array, Array, Array | None, Array | None,
+                                           Array, Array]:
     """The chunk core's share of the delta rules' gradient in the fused form
     (``st.fused_grad``: ``vn = M^{-1} y`` with ``y = beta (v - e^b k S_c)`` formed in the
     walk), through the same kernels as :func:`mosaic_delta_backward`.
@@ -584,7 +638,9 @@ def mosaic_delta_fused_backward(st: MosaicStatic, q: Array, k: Array, minv: Arra
     terms are unchanged (``vn`` as the values); with ``dks`` the ``dw`` kernel forms
     ``dks = -dy S_c^T``, the cotangent of ``k S_c`` before its ``beta e^b`` row scale (else
     ``pallas_wy.wy_fused_backward`` forms it from the states). That function then turns
-    ``dy``, ``dks`` (or the states) and ``vn`` into the WY part.
+    ``dy``, ``dks`` (or the states) and ``vn`` into the WY part, or with ``scaled_dy``
+    ``mosaic_wy.wy_fused_backward_mosaic`` does from ``dy`` and the states, the reverse walk
+    writing ``dv = beta dy`` beside ``dy``.
 
     Args:
         st: static description (``st.core.delta``, ``st.fused_grad``). q, k: ``[R, TP, H,
@@ -593,10 +649,13 @@ def mosaic_delta_fused_backward(st: MosaicStatic, q: Array, k: Array, minv: Arra
         dks: form ``dks`` (the ``dw`` kernel on ``dy``); False: None in its place, for a WY
             backward that forms it from the states (``pallas_wy.wy_fused_backward``'s
             ``states``).
+        scaled_dy: the reverse walk also writes ``dv = beta dy``.
 
     Returns:
-        ``(dq, dk, dy, dks)`` in q's dtype (``dy [R, TP, H, V]``, the others ``[R, TP, H,
-        K]``), ``dg [R, TP, H]`` float32 (the core's share) and ``dh0 [N, H, K, V]`` float32.
+        ``(dq, dk, dy, dks, dv)`` in q's dtype (``dy``, ``dv`` ``[R, TP, H, V]``, the others
+        ``[R, TP, H, K]``; ``dks`` None without ``dks``, ``dv`` None without
+        ``scaled_dy``), ``dg [R, TP, H]`` float32 (the core's share) and ``dh0 [N, H, K, V]``
+        float32.
     """
     c = st.core
     if not (c.delta and st.fused_grad and st.backward == "mosaic"):
@@ -604,11 +663,12 @@ def mosaic_delta_fused_backward(st: MosaicStatic, q: Array, k: Array, minv: Arra
                          f"got delta={c.delta}, fused_grad={st.fused_grad}, "
                          f"backward={st.backward!r}")
     gates = gate_rows(b, c.chunk, c.key_dim)
-    dy, dh, dh0 = run_state_grad(st, q, k, do, gates, dfinal, layout=layout, minv=minv,
-                                 beta=beta)
+    dy, dh, dh0, *dv = run_state_grad(st, q, k, do, gates, dfinal, layout=layout, minv=minv,
+                                      beta=beta, scaled_dy=scaled_dy)
     dq, dk, term, kdk, sds = run_dqk(st, q, k, vn, do, h, dh, gates)
     dks_out = _minus_times_states(st, dy, h) if dks else None
-    return dq, dk, dy, dks_out, _gate_grad(st, gates, term, kdk, sds), dh0
+    return (dq, dk, dy, dks_out, dv[0] if dv else None, _gate_grad(st, gates, term, kdk, sds),
+            dh0)
 
 
 def _gate_grad(st: MosaicStatic, gates: tuple[Array, ...], term: Array, kdk: Array,

@@ -54,6 +54,8 @@ gradient, and ``pallas_wy.wy_fused_backward`` finishes, forming ``-dy S_c^T`` fr
 states itself (:data:`DKS_IN_WY`; else the ``dw`` kernel forms it,
 ``mosaic_bwd.mosaic_delta_fused_backward``); ``w`` and ``u`` are never formed: fwd+bwd
 2.786 ms against 3.081 at (8, 4096, 16, 128) bf16 on an H100 (:data:`DEFAULT_FUSED_GRAD`).
+With :data:`WY_MOSAIC_ENV` the WY backward is the Mosaic GPU kernel of ``mosaic_wy.py`` instead
+(the reverse walk then writes ``dv = beta dy``).
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ from linearnexus.kernels.common.mosaic_chunk import (
     smem_bytes,
     triton_layout,
 )
+from linearnexus.kernels.common.mosaic_wy import wy_fused_backward_mosaic, wy_mosaic_fits
 from linearnexus.kernels.common.pallas_chunk import _core_bwd, in_chunk_cumsum
 from linearnexus.kernels.common.pallas_wy import (
     WyStatic,
@@ -146,6 +149,19 @@ DKS_IN_WY_ENV = "LINEARNEXUS_MOSAIC_DKS_IN_WY"
 #: 2.318 / 2.328 ms against 2.351 / 2.370 and 2.369 / 2.364 with the dw kernel; checked on
 #: that GPU at T = 1000 (with and without an initial state) and in the 0.11 interpreter
 DKS_IN_WY = True
+
+#: "1": in the gradient from M^{-1}, the WY backward is the Mosaic GPU kernel
+#: (mosaic_wy.wy_fused_backward_mosaic: dks from the states, dk, dbeta, dg; the reverse walk
+#: writes dv = beta dy) where it fits (mosaic_wy.wy_mosaic_fits), "0" the Triton one
+#: (pallas_wy.wy_fused_backward); unset: :data:`WY_MOSAIC`
+WY_MOSAIC_ENV = "LINEARNEXUS_MOSAIC_WY_BWD"
+#: off: on an H100 (bf16, 2026-12-06, benchmarks/wy_mosaic_gpu.py and mosaic_config_gpu.py)
+#: the kernel alone took 0.581 ms against the Triton one's 0.742 at (8, 4096, 16, 128), but
+#: gated_delta_rule's forward + backward through the api did not get faster there (2.656 /
+#: 2.671 ms against 2.663 / 2.644), 4% at (2, 16384, 16, 128) (3.295 against 3.43), and
+#: delta_rule's was 1.3% slower (2.549 against 2.516); where the kernel's saving goes is not
+#: profiled yet (docs/mosaic.md, "Next"). Its checks pass on that GPU, dense and packed
+WY_MOSAIC = False
 
 
 def delta_opted_in() -> bool:
@@ -383,11 +399,21 @@ def _fused_bwd(st, wst, res, cts):
     q, k, v, beta, g, h0, minv, h, vn, layout = res
     b, _ = _gates(st, g, q)  # zeros without a gate: the kernels read gate rows regardless
     do, dfinal = cts
-    in_wy = env_switch(DKS_IN_WY_ENV, DKS_IN_WY)
-    dq, dk_core, dy, dks, dg_core, dh0 = mosaic_delta_fused_backward(
-        st, q, k, minv, beta, b, h, vn, do, dfinal, layout=layout, dks=not in_wy)
-    dk, dv, dbeta, dg_wy = wy_fused_backward(wst, k, v, beta, g, vn, dy, dks, dk_core,
-                                             states=h if in_wy else None)
+    core = st.core
+    if env_switch(WY_MOSAIC_ENV, WY_MOSAIC) and wy_mosaic_fits(
+            chunk=core.chunk, key_dim=core.key_dim, value_dim=core.value_dim,
+            itemsize=jnp.dtype(k.dtype).itemsize):
+        dq, dk_core, dy, _, dv, dg_core, dh0 = mosaic_delta_fused_backward(
+            st, q, k, minv, beta, b, h, vn, do, dfinal, layout=layout, dks=False,
+            scaled_dy=True)
+        dk, dbeta, dg_wy = wy_fused_backward_mosaic(st, k, v, beta, b, vn, dy, h, dk_core)
+        dv = dv.astype(v.dtype)
+    else:
+        in_wy = env_switch(DKS_IN_WY_ENV, DKS_IN_WY)
+        dq, dk_core, dy, dks, _, dg_core, dh0 = mosaic_delta_fused_backward(
+            st, q, k, minv, beta, b, h, vn, do, dfinal, layout=layout, dks=not in_wy)
+        dk, dv, dbeta, dg_wy = wy_fused_backward(wst, k, v, beta, g, vn, dy, dks, dk_core,
+                                                 states=h if in_wy else None)
     if h0 is not None:
         dh0 = pass_empty(st, layout, dh0, dfinal.astype(F32)).astype(h0.dtype)
     return (dq, dk, dv, dbeta, None if g is None else dg_core + dg_wy,
