@@ -5,7 +5,9 @@
         [--out DIR]
 
 Each config is ``name=value`` pairs of :class:`MosaicConfig` fields, comma-separated (``""``:
-the heuristic's own). Per shape and config: the forward and the forward + backward (the
+the heuristic's own); a pair whose name starts with ``LINEARNEXUS_`` sets that environment
+variable while the config's functions trace and run (the kernels' switches, e.g.
+``LINEARNEXUS_MOSAIC_WY_BWD=1``). Per shape and config: the forward and the forward + backward (the
 gradient of ``sum(o * do)`` w.r.t. every input) through ``<op>(..., backend="mosaic")``
 with the config set on the backend (as the tuning cache would), on
 ``kernels_gpu.host_time`` (host clock around back-to-back calls, median of 5, inputs
@@ -43,6 +45,16 @@ from linearnexus.kernels.common.mosaic_chunk import MosaicConfig  # noqa: E402
 OPS = ("simple_gla", "gla", "delta_rule", "gated_delta_rule")
 
 
+#: config parts naming an environment variable (:func:`config_env`)
+ENV_PREFIX = "LINEARNEXUS_"
+
+
+def config_env(text: str) -> dict[str, str]:
+    """The ``LINEARNEXUS_*=value`` parts of a config's text, as ``{name: value}``."""
+    pairs = (p.strip().partition("=") for p in text.split(","))
+    return {name: value for name, sep, value in pairs if sep and name.startswith(ENV_PREFIX)}
+
+
 def parse_config(text: str) -> MosaicConfig:
     """``"block_v=32,stages=1"`` -> ``MosaicConfig(block_v=32, stages=1)``; ``""``: all None.
 
@@ -53,6 +65,8 @@ def parse_config(text: str) -> MosaicConfig:
     kwargs: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = part.partition("=")
+        if sep and name.startswith(ENV_PREFIX):
+            continue  # (config_env's)
         if not sep or name not in fields:
             raise ValueError(f"--configs: expected name=value with a MosaicConfig field "
                              f"({', '.join(sorted(fields))}), got {part!r}")
@@ -103,7 +117,8 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     try:
-        configs = [(text or "heuristic", parse_config(text)) for text in args.configs]
+        configs = [(text or "heuristic", parse_config(text), config_env(text))
+                   for text in args.configs]
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
     except ValueError as e:
         parser.error(str(e))
@@ -129,11 +144,13 @@ def main() -> None:
             sets.append(tuple(x + 0 for x in sets[0]))
         do = jax.random.normal(jax.random.PRNGKey(1), (B, T, H, D), jnp.bfloat16)
         first = None
-        for name, config in configs:
+        for name, config, env in configs:
             row: dict[str, Any] = {"shape": list(shape), "config": name}
+            saved = {k: os.environ.get(k) for k in env}
             if time.perf_counter() - start > args.budget:
                 row["skipped"] = "budget spent"
             else:
+                os.environ.update(env)  # read when the functions trace
                 try:
                     out = time_config(args.op, shape, config, sets, n_sets, do, args.fwd_only)
                     row["fwd_ms"] = round(out["fwd"]["ms"], 4)
@@ -146,6 +163,12 @@ def main() -> None:
                                                 / jnp.linalg.norm(first))
                 except (NotImplementedError, ValueError) as e:
                     row["error"] = kg.short_error(e)
+                finally:
+                    for k, v in saved.items():
+                        if v is None:
+                            os.environ.pop(k, None)
+                        else:
+                            os.environ[k] = v
             results["rows"].append(row)
             print(row, flush=True)
             save()

@@ -46,6 +46,11 @@
 #   5e. the fused gradient's WY kernels alone (wy_inverse; wy_fused_backward from dks and,
 #      as the default gradient runs it, from the states) at 2 / 4 / 8 warps, with the rate
 #      of their bytes (wy_profile_gpu.py --fused-warps), if PARTS has "wy-warps" (~90 s);
+#   5f. the delta rules' Mosaic WY backward (mosaic_wy.py, LINEARNEXUS_MOSAIC_WY_BWD): checks
+#      through the api and both WY backwards alone (wy_mosaic_gpu.py), the api's forward +
+#      backward with it off and on (mosaic_config_gpu.py: gated_delta_rule at (8, 4096, 16,
+#      128) and (2, 16384, 16, 128), twice each; delta_rule once), packed sequences through
+#      it (kernels_gpu.py's packed rows), if PARTS has "wy" (~400 s);
 #   6. the one-row decode kernels' tests compiled on the GPU, failures with their tracebacks
 #      (10 failed on an H100 on 2026-12-05: the tests' dispatch, fixed by tests/conftest.py's
 #      cpu_dispatch; docs/benchmarks.md), if PARTS has "gemv-tests".
@@ -165,6 +170,27 @@ case " $PARTS " in *" wy-warps "*)
   timeout ${WY_S:-120} python3 benchmarks/wy_profile_gpu.py --fused-warps 2 4 8 --variants \
     --skip-op --skip-fla --shapes 8,4096,16,128 --out "$OUT" --budget $(( ${WY_S:-120} - 20 )) \
     2>&1 | quiet | grep -E "fused|rror" | cut -c1-200 | tee "$OUT/wy_warps.log";;
+esac
+case " $PARTS " in *" wy "*)
+  echo "== the delta rules' Mosaic WY backward: checks, and the two WY backwards alone"
+  timeout ${WYM_S:-190} python3 benchmarks/wy_mosaic_gpu.py --out "$OUT" \
+    --budget $(( ${WYM_S:-190} - 30 )) 2>&1 | quiet | tee "$OUT/wy_mosaic.log" \
+    | grep -E "PASS|FAIL|ERROR|shape|rror" | cut -c1-400
+  echo "== through the api, the Triton WY backward (0) and the Mosaic one (1)"
+  W0=LINEARNEXUS_MOSAIC_WY_BWD=0; W1=LINEARNEXUS_MOSAIC_WY_BWD=1
+  timeout ${WYA_S:-150} python3 benchmarks/mosaic_config_gpu.py --op gated_delta_rule \
+    --shapes 8,4096,16,128 2,16384,16,128 --configs $W0 $W1 $W0 $W1 \
+    --budget $(( ${WYA_S:-150} - 30 )) --out "$OUT/wy_api" 2>&1 | quiet \
+    | grep -E "^\{|rror" | cut -c1-300 | tee "$OUT/wy_api.log"
+  timeout ${WYD_S:-60} python3 benchmarks/mosaic_config_gpu.py --op delta_rule \
+    --shapes 8,4096,16,128 --configs $W0 $W1 --budget $(( ${WYD_S:-60} - 25 )) \
+    --out "$OUT/wy_api_delta" 2>&1 | quiet | grep -E "^\{|rror" | cut -c1-300 \
+    | tee "$OUT/wy_api_delta.log"
+  echo "== packed sequences through it"
+  LINEARNEXUS_MOSAIC_WY_BWD=1 LINEARNEXUS_MOSAIC_PACKED=1 timeout ${WYP_S:-90} python3 \
+    benchmarks/kernels_gpu.py --ops gated_delta_rule delta_rule --check-backends mosaic \
+    --skip-fla --skip-ln --skip-mamba --skip-ceilings --out "$OUT" --name wy_packed_check 2>&1 \
+    | quiet | grep -E "PASS|FAIL|ERROR|not impl|rror" | cut -c1-230 | tee "$OUT/wy_packed.log";;
 esac
 case " $PARTS " in *" gemv-tests "*)
   echo "== one-row decode kernel tests on the GPU: the ten that failed on 2026-12-05 first"
