@@ -51,6 +51,11 @@
 #      backward with it off and on (mosaic_config_gpu.py: gated_delta_rule at (8, 4096, 16,
 #      128) and (2, 16384, 16, 128), twice each; delta_rule once), packed sequences through
 #      it (kernels_gpu.py's packed rows), if PARTS has "wy" (~400 s);
+#   5g. the backward's switches for small grids at (2, 16384, 16, 128) (mosaic_config_gpu.py):
+#      dq / dk split by chunks (LINEARNEXUS_MOSAIC_DQK_SPLIT=1), the reverse walk at value
+#      blocks of 32 (LINEARNEXUS_MOSAIC_BWD_BV32=1), both, and both with the Mosaic WY
+#      backward, for gated_delta_rule; simple_gla with one walk's gradient
+#      (seq_split_grad=False) off and with both, if PARTS has "small" (~300 s);
 #   6. the one-row decode kernels' tests compiled on the GPU, failures with their tracebacks
 #      (10 failed on an H100 on 2026-12-05: the tests' dispatch, fixed by tests/conftest.py's
 #      cpu_dispatch; docs/benchmarks.md), if PARTS has "gemv-tests".
@@ -191,6 +196,18 @@ case " $PARTS " in *" wy "*)
     benchmarks/kernels_gpu.py --ops gated_delta_rule delta_rule --check-backends mosaic \
     --skip-fla --skip-ln --skip-mamba --skip-ceilings --out "$OUT" --name wy_packed_check 2>&1 \
     | quiet | grep -E "PASS|FAIL|ERROR|not impl|rror" | cut -c1-230 | tee "$OUT/wy_packed.log";;
+esac
+case " $PARTS " in *" small "*)
+  echo "== the backward's switches for small grids at (2, 16384, 16, 128)"
+  D1=LINEARNEXUS_MOSAIC_DQK_SPLIT=1; B1=LINEARNEXUS_MOSAIC_BWD_BV32=1
+  timeout ${SMALL_S:-200} python3 benchmarks/mosaic_config_gpu.py --op gated_delta_rule \
+    --shapes 2,16384,16,128 --configs "" $D1 $B1 "$D1,$B1" "$D1,$B1,LINEARNEXUS_MOSAIC_WY_BWD=1" \
+    "" --budget $(( ${SMALL_S:-200} - 30 )) --out "$OUT/small_gdn" 2>&1 | quiet \
+    | grep -E "^\{|rror" | cut -c1-300 | tee "$OUT/small_gdn.log"
+  timeout ${SMALL_SGLA_S:-100} python3 benchmarks/mosaic_config_gpu.py --op simple_gla \
+    --shapes 2,16384,16,128 --configs seq_split_grad=False "seq_split_grad=False,$D1,$B1" "" \
+    --budget $(( ${SMALL_SGLA_S:-100} - 25 )) --out "$OUT/small_sgla" 2>&1 | quiet \
+    | grep -E "^\{|rror" | cut -c1-300 | tee "$OUT/small_sgla.log";;
 esac
 case " $PARTS " in *" gemv-tests "*)
   echo "== one-row decode kernel tests on the GPU: the ten that failed on 2026-12-05 first"

@@ -11,8 +11,9 @@ Triton one it replaces, in the gradient from ``M^{-1}``.
 2. The two kernels alone in the chunk layout at each ``--shapes`` (B, T, H, D; K = V = D),
    on the same random residuals: ``pallas_wy.wy_fused_backward`` from the states (Triton,
    which also writes ``dv``) and ``mosaic_wy.wy_fused_backward_mosaic`` (``dv = beta dy`` is
-   the reverse walk's), median ms on ``kernels_gpu.host_time``, the rate of the bytes each
-   must move, and the relative distance of ``dk``, ``dbeta``, ``dg`` between them.
+   the reverse walk's) at its default depth (two stages, one program per SM) and at one
+   (two programs per SM), median ms on ``kernels_gpu.host_time``, the rate of the bytes
+   each must move, and the relative distance of ``dk``, ``dbeta``, ``dg`` between them.
 
 Prints one line per result; writes ``wy_mosaic_gpu.json`` under ``--out`` after every step.
 The api's forward + backward with and without the kernel is ``mosaic_config_gpu.py``'s
@@ -81,16 +82,20 @@ def kernels(shape: tuple[int, ...], budget_left: float) -> dict[str, Any]:
     triton = jax.jit(lambda r: wy_fused_backward(wst, r["k"], r["v"], r["beta"], r["g"],
                                                  r["vn"], r["dy"], None, r["dk_core"],
                                                  states=r["h"]))
-    mosaic = jax.jit(lambda r: wy_fused_backward_mosaic(st, r["k"], r["v"], r["beta"], r["b"],
-                                                        r["vn"], r["dy"], r["h"],
-                                                        r["dk_core"]))
+    def mosaic_at(stages):
+        return jax.jit(lambda r: wy_fused_backward_mosaic(
+            st, r["k"], r["v"], r["beta"], r["b"], r["vn"], r["dy"], r["h"], r["dk_core"],
+            stages=stages))
+
+    mosaic = mosaic_at(None)
     tok = B * T * H * D * 2  # one bf16 [B, T, H, D] tensor
     # both read k, v, vn, dy, dk_core and the states (D * D bf16 a chunk) and write dk;
     # Triton writes dv too
     states = B * NC * H * D * D * 2
     row: dict[str, Any] = {"shape": list(shape)}
     for name, fn, nbytes in (("triton", triton, 7 * tok + states),
-                             ("mosaic", mosaic, 6 * tok + states)):
+                             ("mosaic", mosaic, 6 * tok + states),
+                             ("mosaic_1stage", mosaic_at(1), 6 * tok + states)):
         if budget_left <= 0:
             row[name] = "skipped: budget spent"
             continue

@@ -1175,8 +1175,10 @@ def test_dqk_split_fills_the_sms_on_small_grids(monkeypatch):
     """``mosaic_bwd.dqk_split`` with ``LINEARNEXUS_MOSAIC_DQK_SPLIT=1``: one program per
     (key block, head, row) where they fill the 132 SMs, else the fewest divisors of the
     chunks that do, each walking >= 8 chunks; one with the switch at 0 (the default until
-    timed). With it on, simple_gla's and the gated rule's gradients lower for CUDA at a
-    shape it splits (8 programs, 16 chunks: 2 a row), with the same kernel counts."""
+    timed). With it on, and the reverse walk at value blocks of 32
+    (``LINEARNEXUS_MOSAIC_BWD_BV32=1``: every wgmma operand at a 64-byte swizzle),
+    simple_gla's and the gated rule's gradients lower for CUDA at a shape both apply to (8
+    programs, 16 chunks: 2 a row), with the same kernel counts."""
     monkeypatch.setenv(mosaic_bwd.DQK_SPLIT_ENV, "1")
     assert mosaic_bwd.dqk_split(programs=256, n_chunks=64) == 1  # (8, 4096, 16, 128)
     assert mosaic_bwd.dqk_split(programs=64, n_chunks=256) == 4  # (2, 16384, 16, 128)
@@ -1185,6 +1187,8 @@ def test_dqk_split_fills_the_sms_on_small_grids(monkeypatch):
     assert mosaic_bwd.dqk_split(programs=32, n_chunks=72) == 6  # 5 does not divide 72
     monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")
     monkeypatch.setenv(mosaic_delta.WY_MOSAIC_ENV, "0")
+    monkeypatch.setenv(mosaic_bwd.STATE_SMALL_BV_ENV, "1")
+    assert mosaic_bwd.state_block_v(rows=2, heads=2, value_dim=128) == 32
     specs = _delta_specs(2, 1000, 2, 128, 128, True, True)
 
     def loss(q, k, v, beta, g, s0):
@@ -1242,6 +1246,46 @@ def test_dqk_split_is_bit_identical_in_the_interpreter(op, packed, monkeypatch):
         for a, b in zip(grads[split], grads[1], strict=True):
             np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)),
                                           np.asarray(b.astype(jnp.float32)))
+
+
+@pytest.mark.skipif(REASON is not None or gpu_interpret_reason() is not None,
+                    reason=REASON or gpu_interpret_reason() or "")
+@pytest.mark.parametrize("op,config,wy", [
+    ("simple_gla", None, "0"), ("gated_delta_rule", None, "0"),
+    ("gated_delta_rule", None, "1"), ("delta_rule", MosaicConfig(fused_grad=False), "0")])
+def test_reverse_walk_value_blocks_of_32_in_the_interpreter(op, config, wy, monkeypatch):
+    """The reverse walk at value blocks of 32 (``LINEARNEXUS_MOSAIC_BWD_BV32=1``, where 64
+    leaves half the SMs idle: every test shape here) in JAX 0.11's Mosaic GPU interpreter:
+    the same gradients as at 64 (every output column's products are the same at either
+    width; within float32 rounding), for simple_gla, the gated rule's gradient from
+    ``M^{-1}`` (with the Triton and with the Mosaic WY backward, whose ``dv = beta dy`` the
+    walk writes) and the ungated rule's separate form. K = V = 128, T = 130 (the last chunk
+    padded), an initial state; and the switch off keeps 64."""
+    monkeypatch.setenv(mosaic_delta.WY_MOSAIC_ENV, wy)
+    B, H, K, V = 1, 1, 128, 128
+    T, cu, (q, k, v, g, beta, s0), loss = _interpreter_case(17, False, B, 130, H, K, V)
+
+    def run(q, k, v, g, beta, s0):
+        if op == "simple_gla":
+            return linear_attention_mosaic(q, k, v, g, scale=K ** -0.5, initial_state=s0,
+                                           config=config, check_device=False)
+        return delta_rule_mosaic(q, k, v, beta, g if op == "gated_delta_rule" else None,
+                                 scale=K ** -0.5, initial_state=s0, config=config,
+                                 check_device=False)
+
+    args = (q, k, v, g, beta, s0)
+    argnums = (0, 1, 2, 3, 5) if op == "simple_gla" else (0, 1, 2, 3, 4, 5)
+    if op == "delta_rule":
+        argnums = (0, 1, 2, 4, 5)
+    grads = {}
+    for flag, want in (("0", 64), ("1", 32)):
+        monkeypatch.setenv(mosaic_bwd.STATE_SMALL_BV_ENV, flag)
+        assert mosaic_bwd.state_block_v(rows=B, heads=H, value_dim=V) == want
+        with gpu_interpret():
+            grads[flag], _ = jax.grad(lambda *a: loss(run, *a), argnums, has_aux=True)(*args)
+    for a, b in zip(grads["1"], grads["0"], strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=1e-6, atol=1e-6)
 
 
 def test_delta_mosaic_dispatch_and_declines_what_it_does_not_cover(monkeypatch):

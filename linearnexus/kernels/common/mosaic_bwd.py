@@ -69,6 +69,8 @@ from linearnexus.kernels.common.mosaic_chunk import (
     env_switch,
     gate_rows,
     interpret_kwargs,
+    operand_swizzle,
+    small_grid,
     wgmma_onto,
     wgmma_regs,
 )
@@ -112,7 +114,7 @@ def _bcast(x: Array, shape: tuple[int, int], dim: int) -> Array:
     return jax.lax.broadcast_in_dim(x, shape, [dim])
 
 
-def _state_grad_kernel(*refs, st: MosaicStatic, dtype: Any, stages: int,
+def _state_grad_kernel(*refs, st: MosaicStatic, dtype: Any, stages: int, block_v: int,
                        scaled_dy: bool = False) -> None:
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -135,7 +137,8 @@ def _state_grad_kernel(*refs, st: MosaicStatic, dtype: Any, stages: int,
     dht_ref = refs.pop()
     wy_refs = (refs.pop(-2), refs.pop()) if fused else (refs.pop(),) if delta else ()
     q_ref, k_ref, do_ref, b_ref, d_ref, e_ref = refs
-    L, K, BV, NC = c.chunk, c.key_dim, min(c.value_dim, STATE_BLOCK_V), c.n_chunks
+    L, K, BV, NC = c.chunk, c.key_dim, block_v, c.n_chunks
+    cap = operand_swizzle(BV, dtype)  # every wgmma operand at one swizzle (64 B at BV = 32)
     wgmma_layout = plgpu.Layout.WGMMA
     rows_layout, cols_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)
     iv, h, r = jax.lax.axis_index("v"), jax.lax.axis_index("h"), jax.lax.axis_index("r")
@@ -174,7 +177,7 @@ def _state_grad_kernel(*refs, st: MosaicStatic, dtype: Any, stages: int,
         d_row = _load(d_smem, rows_layout)  # [L], e^{b_L - b}
 
         def intra_dv(acc_dv):
-            wgmma_regs(acc_dv, at.astype(dtype), do_smem)  # registers [L, L] @ SMEM [L, BV]
+            wgmma_regs(acc_dv, at.astype(dtype), do_smem, cap)  # registers [L, L] @ [L, BV]
 
         dv = wgmma_onto(kds * _bcast(d_row, (L, BV), 0), intra_dv)  # dvn for the delta rules
         if fused:
@@ -223,9 +226,10 @@ def _state_grad_kernel(*refs, st: MosaicStatic, dtype: Any, stages: int,
         return NC - 1 - c
 
     in_specs = [
-        plgpu.BlockSpec((L, K), lambda c: (back(c), 0), transforms=_swizzled(K, dtype)),  # q
-        plgpu.BlockSpec((L, K), lambda c: (back(c), 0), transforms=_swizzled(K, dtype)),  # k
-        plgpu.BlockSpec((L, BV), lambda c: (back(c), 0), transforms=_swizzled(BV, dtype)),  # do
+        plgpu.BlockSpec((L, K), lambda c: (back(c), 0), transforms=_swizzled(K, dtype, cap)),  # q
+        plgpu.BlockSpec((L, K), lambda c: (back(c), 0), transforms=_swizzled(K, dtype, cap)),  # k
+        plgpu.BlockSpec((L, BV), lambda c: (back(c), 0),
+                        transforms=_swizzled(BV, dtype, cap)),  # do
         plgpu.BlockSpec((L,), lambda c: (back(c),)),  # b
         plgpu.BlockSpec((L,), lambda c: (back(c),)),  # e^{b_L - b}
         plgpu.BlockSpec((K,), lambda c: (back(c),)),  # e^{b_L}, K copies per chunk
@@ -234,17 +238,18 @@ def _state_grad_kernel(*refs, st: MosaicStatic, dtype: Any, stages: int,
            d_ref.at[r, h], e_ref.at[r, h]]
     if fused:  # M^{-1} [L, L] and beta [L] per chunk
         in_specs += [plgpu.BlockSpec((L, L), lambda c: (back(c), 0),
-                                     transforms=_swizzled(L, dtype)),
+                                     transforms=_swizzled(L, dtype, cap)),
                      plgpu.BlockSpec((L,), lambda c: (back(c),))]
         ins += [wy_refs[0].at[r, :, h, :], wy_refs[1].at[r, h]]
     elif delta:  # w, [L, K] per chunk
         in_specs.append(plgpu.BlockSpec((L, K), lambda c: (back(c), 0),
-                                        transforms=_swizzled(K, dtype)))
+                                        transforms=_swizzled(K, dtype, cap)))
         ins.append(wy_refs[0].at[r, :, h, :])
     out_specs = [
-        plgpu.BlockSpec((L, BV), lambda c: (back(c), 0), transforms=_swizzled(BV, dtype)),  # dv
+        plgpu.BlockSpec((L, BV), lambda c: (back(c), 0),
+                        transforms=_swizzled(BV, dtype, cap)),  # dv
         plgpu.BlockSpec((None, K, BV), lambda c: (back(c), 0, 0),
-                        transforms=_swizzled(BV, dtype)),  # dS_{c+1}
+                        transforms=_swizzled(BV, dtype, cap)),  # dS_{c+1}
     ]
     outs = [dv_ref.at[r, :, h, vs], dh_ref.at[r, :, h, :, vs]]
     if scaled_dy:  # beta dy
@@ -355,6 +360,25 @@ def _dqk_kernel(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, d_ref, dq_ref
              kdk_ref.at[ik, r, h, rows], sds_ref.at[r, h, chunks, ks])
 
 
+#: "1" runs the reverse walk at value blocks of 32 where 64 would leave at least half the SMs
+#: idle (:func:`state_block_v`); unset: :data:`STATE_SMALL_BV`
+STATE_SMALL_BV_ENV = "LINEARNEXUS_MOSAIC_BWD_BV32"
+#: off until timed on a GPU: at (2, 16384, 16, 128) the delta rules' reverse walk runs 64
+#: programs (value blocks of 64 x 16 heads x 2 rows) for 132 SMs, the forward walk 128 (its
+#: heuristic's blocks of 32 there); blocks of 32 give the same products per output column
+STATE_SMALL_BV = False
+
+
+def state_block_v(*, rows: int, heads: int, value_dim: int, packed: bool = False) -> int:
+    """The reverse walk's value block: :data:`STATE_BLOCK_V`, or 32 with
+    :data:`STATE_SMALL_BV_ENV` on where blocks of 64 leave at least half the SMs idle
+    (``mosaic_chunk.small_grid``: batch rows, value dims a multiple of 64)."""
+    if env_switch(STATE_SMALL_BV_ENV, STATE_SMALL_BV) and small_grid(
+            rows=rows, heads=heads, value_dim=value_dim, packed=packed):
+        return 32
+    return min(value_dim, STATE_BLOCK_V)
+
+
 def run_state_grad(st: MosaicStatic, q: Array, k: Array, do: Array, gates: tuple[Array, ...],
                    dfinal: Array, w: Array | None = None,
                    layout: tuple[Array, Array] | None = None, *, minv: Array | None = None,
@@ -381,14 +405,14 @@ def run_state_grad(st: MosaicStatic, q: Array, k: Array, do: Array, gates: tuple
                          f"fused_grad={st.fused_grad}")
     R, NC, L, H, K, V = c.rows, c.n_chunks, c.chunk, c.heads, c.key_dim, c.value_dim
     dtype = q.dtype
-    bv = min(V, STATE_BLOCK_V)
+    bv = state_block_v(rows=R, heads=H, value_dim=V, packed=c.packed)
     stages = st.bwd_stages or deepest_stages(lambda s: state_smem_bytes(
         chunk=L, key_dim=K, block_v=bv, stages=s, itemsize=jnp.dtype(dtype).itemsize,
         delta=c.delta, packed=c.packed, fused=fused, scaled_dy=scaled_dy) <= SMEM_LIMIT, 3)
     if c.packed != (layout is not None):
         raise ValueError(f"layout: expected {'(seq_info, flags)' if c.packed else 'None'} for "
                          f"packed={c.packed}")
-    tile = plgpu.SMEM((L, bv), dtype, transforms=_swizzled(bv, dtype))
+    tile = plgpu.SMEM((L, bv), dtype, transforms=_swizzled(bv, dtype, operand_swizzle(bv, dtype)))
     # the scaled-do tile, for the delta rules the -dvn tile, for packed rows the float32
     # staging tile of each sequence's dht / dh0
     scratch = [tile, tile] if c.delta else [tile]
@@ -399,7 +423,7 @@ def run_state_grad(st: MosaicStatic, q: Array, k: Array, do: Array, gates: tuple
     if c.packed:
         scratch.append(plgpu.SMEM((K, bv), F32, transforms=_swizzled(bv, F32)))
     return plgpu.kernel(
-        functools.partial(_state_grad_kernel, st=st, dtype=dtype, stages=stages,
+        functools.partial(_state_grad_kernel, st=st, dtype=dtype, stages=stages, block_v=bv,
                           scaled_dy=scaled_dy),
         out_type=(jax.ShapeDtypeStruct((R, NC * L, H, V), dtype),
                   jax.ShapeDtypeStruct((R, NC, H, K, V), dtype),
