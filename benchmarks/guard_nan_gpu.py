@@ -164,10 +164,12 @@ def main() -> None:
                         help="the backend checked against jax (another one: a CPU dry run)")
     parser.add_argument("--seq-split", type=int, default=None,
                         help="simple_gla's plain forward split in this many segments")
-    parser.add_argument("--seq-split-grad", action="store_true",
-                        help="with --seq-split: the gradient split too (seq_split_grad)")
+    parser.add_argument("--seq-split-grad", action=argparse.BooleanOptionalAction,
+                        default=None,
+                        help="with --seq-split: the gradient split too, or not (seq_split_grad; "
+                             "unset: the default, mosaic_ops.SPLIT_GRAD)")
     args = parser.parse_args()
-    if args.seq_split_grad and args.seq_split is None:
+    if args.seq_split_grad is not None and args.seq_split is None:
         parser.error("--seq-split-grad: needs --seq-split N")
     if args.seq_split is not None:
         if args.seq_split < 2 or args.ops != ["simple_gla"]:
@@ -177,7 +179,7 @@ def main() -> None:
         from linearnexus.kernels.simple_gla.api import BACKENDS
 
         SPLIT_CONFIG["config"] = MosaicConfig(seq_split=args.seq_split,
-                                              seq_split_grad=args.seq_split_grad or None)
+                                              seq_split_grad=args.seq_split_grad)
         BACKENDS["mosaic"].config = SPLIT_CONFIG["config"]
     print(f"{jax.devices()[0].device_kind}, JAX {jax.__version__}", flush=True)
     rows = []

@@ -233,9 +233,9 @@ def tune_candidates(op: str, backend: str) -> list[Any]:
 
     if backend == "mosaic":  # stages and bwd_stages together; tune() separates them
         # value blocks: simple_gla's walk (and the ops it serves) 32 / 64 / 128, the delta
-        # rules' 32 / 64, GLA's 64 / 128; simple_gla's plain forward whole or split in two
-        # by entering states (MosaicConfig.seq_split: a config with a value block would
-        # otherwise turn the heuristic's split off)
+        # rules' 32 / 64, GLA's 64 / 128; simple_gla's walk whole or split in two by entering
+        # states, forward and gradient (MosaicConfig.seq_split: a config with a value block
+        # would otherwise turn the heuristic's split off)
         simple = op in ("simple_gla", "retention", "ssd")
         blocks = ((32, 64, 128) if simple
                   else (32, 64) if op in ("delta_rule", "gated_delta_rule") else (64, 128))
@@ -255,7 +255,9 @@ def tune(preset: Preset, ops: Sequence[str], repeats: int,
     ``bwd_stages`` (the depth of the kernels that run under a gradient) and ``seq_split``
     (simple_gla's sequence split, which its gradient runs too) from the fastest forward +
     backward, and ``stages`` (the plain forward's depth, which a gradient does not run) from
-    the fastest forward at that value block and split. Returns
+    the fastest forward at that value block and split; where only the forward gains from the
+    split (the fastest forward split, the fastest forward + backward not), the forward's
+    split with ``seq_split_grad=False`` (one walk's gradient, as timed). Returns
     ``{(op, backend, sizes): recorded config}``."""
     from linearnexus.kernels import tuning
     from linearnexus.kernels.common.mosaic_chunk import MOSAIC_DTYPES
@@ -299,9 +301,16 @@ def tune(preset: Preset, ops: Sequence[str], repeats: int,
                     continue
                 best, _, seconds = min(timed, key=lambda r: r[2])
                 if backend == "mosaic":
-                    fwd_best = min((r for r in timed if (r[0].block_v, r[0].seq_split)
-                                    == (best.block_v, best.seq_split)), key=lambda r: r[1])[0]
-                    best = dataclasses.replace(best, stages=fwd_best.stages)
+                    at_block = [r for r in timed if r[0].block_v == best.block_v]
+                    fwd_best = min(at_block, key=lambda r: r[1])[0]
+                    if (fwd_best.seq_split or 1) > 1 and (best.seq_split or 1) == 1:
+                        best = dataclasses.replace(best, stages=fwd_best.stages,
+                                                   seq_split=fwd_best.seq_split,
+                                                   seq_split_grad=False)
+                    else:
+                        fwd_best = min((r for r in at_block if r[0].seq_split == best.seq_split),
+                                       key=lambda r: r[1])[0]
+                        best = dataclasses.replace(best, stages=fwd_best.stages)
                 dims = (*sizes[:4], sizes[4]) if op != "mamba" else (
                     sizes[0], sizes[1], sizes[2] * sizes[4], min(sizes[3], 16))
                 path = tuning.record(op, backend, dims, dtype, best, seconds=seconds)

@@ -11,9 +11,10 @@ Triton one it replaces, in the gradient from ``M^{-1}``.
 2. The two kernels alone in the chunk layout at each ``--shapes`` (B, T, H, D; K = V = D),
    on the same random residuals: ``pallas_wy.wy_fused_backward`` from the states (Triton,
    which also writes ``dv``) and ``mosaic_wy.wy_fused_backward_mosaic`` (``dv = beta dy`` is
-   the reverse walk's) at its default depth (two stages, one program per SM) and at one
-   (two programs per SM), median ms on ``kernels_gpu.host_time``, the rate of the bytes
-   each must move, and the relative distance of ``dk``, ``dbeta``, ``dg`` between them.
+   the reverse walk's) at its default depth (the deepest that fits: two stages and one
+   program per SM at D = 128, three at 64) and at one stage (two programs per SM at
+   D = 128), median ms on ``kernels_gpu.host_time``, the rate of the bytes each must move,
+   and the relative distance of ``dk``, ``dbeta``, ``dg`` between them.
 
 Prints one line per result; writes ``wy_mosaic_gpu.json`` under ``--out`` after every step.
 The api's forward + backward with and without the kernel is ``mosaic_config_gpu.py``'s

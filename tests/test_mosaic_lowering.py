@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from linearnexus.kernels.common import mosaic_bwd, mosaic_delta
+from linearnexus.kernels.common import mosaic_bwd, mosaic_delta, mosaic_ops
 from linearnexus.kernels.common.gpu_lowering import lower_for_gpu
 from linearnexus.kernels.common.mosaic_chunk import (
     SMEM_LIMIT,
@@ -91,6 +91,7 @@ def test_simple_gla_mosaic_lowers_forward_and_backward(shape, h0, config, monkey
     reverse to the gradient (the segments' own backward), unless ``seq_split_grad=False``
     (then the whole walk runs under a gradient)."""
     monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")  # Triton kernels, not interpret mode
+    monkeypatch.delenv(mosaic_ops.SPLIT_GRAD_ENV, raising=False)
 
     def fwd(q, k, v, g, s0):
         return linear_attention_mosaic(q, k, v, g, scale=0.1, initial_state=s0, config=config,
@@ -576,6 +577,19 @@ def test_delta_rules_mosaic_lower_forward_and_backward(shape, h0, gated, config,
     assert ("_wy_bwd_kernel" in grad_text) == (not fused_grad)
 
 
+def _count_calls(monkeypatch, module, name: str) -> list:
+    """Wrap ``module.name`` so that each call appends to the returned list (a spy)."""
+    calls: list = []
+    original = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
 def _resolved_fused_grad(config: MosaicConfig | None, bwd_mosaic: bool) -> bool:
     """Whether the delta rules' gradient runs from M^{-1} under ``config`` (None fields: the
     module defaults, the switch unset)."""
@@ -1037,6 +1051,7 @@ def test_delta_fused_grad_in_the_interpreter(gated, packed, dims, B, T, H, dks, 
     monkeypatch.setenv(mosaic_bwd.DW_KERNEL_ENV, "0" if dks == "xla" else "1")
     monkeypatch.setenv(mosaic_delta.DKS_IN_WY_ENV, "1" if dks == "wy" else "0")
     monkeypatch.setenv(mosaic_delta.WY_MOSAIC_ENV, "1" if dks == "mosaic" else "0")
+    wy_calls = _count_calls(monkeypatch, mosaic_delta, "wy_fused_backward_mosaic")
     K, V = dims
     T, cu, (q, k, v, g, beta, s0), loss = _interpreter_case(5, packed, B, T, H, K, V)
     g = g if gated else jnp.zeros_like(g)  # the reference's ungated rule; mosaic gets None
@@ -1074,6 +1089,7 @@ def test_delta_fused_grad_in_the_interpreter(gated, packed, dims, B, T, H, dks, 
             continue
         err, sep_err = rel(a, ref), rel(sep, ref)
         assert err <= 1e-2 and err <= 1.25 * sep_err, (name, err, sep_err)
+    assert (len(wy_calls) > 0) == (dks == "mosaic")  # the Mosaic WY backward ran, or not
 
 
 @needs_mosaic
@@ -1134,20 +1150,25 @@ def test_delta_mosaic_wy_backward_lowers_and_refuses(monkeypatch):
 
 @pytest.mark.skipif(REASON is not None or gpu_interpret_reason() is not None,
                     reason=REASON or gpu_interpret_reason() or "")
-@pytest.mark.parametrize("R,NC,H,K,V,gated", [
-    (1, 2, 2, 128, 128, True), (1, 3, 1, 64, 128, False), (2, 1, 1, 128, 64, True),
-    (1, 5, 1, 64, 64, True)])
-def test_delta_mosaic_wy_backward_in_the_interpreter(R, NC, H, K, V, gated):
+@pytest.mark.parametrize("R,NC,H,K,V,gated,walk", [
+    (1, 2, 2, 128, 128, True, False), (1, 3, 1, 64, 128, False, False),
+    (2, 1, 1, 128, 64, True, False), (1, 5, 1, 64, 64, True, True),
+    (1, 4, 2, 128, 64, True, True)])
+def test_delta_mosaic_wy_backward_in_the_interpreter(R, NC, H, K, V, gated, walk, monkeypatch):
     """``mosaic_wy.wy_fused_backward_mosaic`` in JAX 0.11's Mosaic GPU interpreter against
     autodiff of the plain-JAX WY form (``tests/helpers/wy.py``; the same target as the Triton
     kernel's test): ``dk`` (with the core's added), ``dbeta`` and ``dg`` within bf16's
     rounding (8e-3 of the largest entry; 1.2e-3-4.4e-3 measured), gated and ungated, K and V
-    of 64 and 128 (one and two key blocks a chunk), chunk splits of one (NC = 1) to five
-    chunks a program."""
+    of 64 and 128 (one and two key blocks a chunk); one chunk a program (what ``wy_split``
+    gives these small grids) and, ``walk``, every chunk of a row in one program's pipeline
+    (``WY_PROGRAMS`` at 1: four and five chunks, as on a GPU's full grids)."""
     from linearnexus.kernels.common import mosaic_wy
     from linearnexus.kernels.common.pallas_chunk import CoreStatic, in_chunk_cumsum
     from tests.helpers.wy import fused_wy_case
 
+    if walk:
+        monkeypatch.setattr(mosaic_wy, "WY_PROGRAMS", 1)
+    assert mosaic_wy.wy_split(programs=R * H * K // 64, n_chunks=NC) == (1 if walk else NC)
     L, bf16 = 64, jnp.bfloat16
     case = fused_wy_case(31 + NC, R, NC, H, K, V, gated, bf16, L)
     core = CoreStatic(gate="scalar" if gated else "none", delta=True, has_h0=False, scale=1.0,
@@ -1174,8 +1195,9 @@ def test_delta_mosaic_wy_backward_in_the_interpreter(R, NC, H, K, V, gated):
 def test_dqk_split_fills_the_sms_on_small_grids(monkeypatch):
     """``mosaic_bwd.dqk_split`` with ``LINEARNEXUS_MOSAIC_DQK_SPLIT=1``: one program per
     (key block, head, row) where they fill the 132 SMs, else the fewest divisors of the
-    chunks that do, each walking >= 8 chunks; one with the switch at 0 (the default until
-    timed). With it on, and the reverse walk at value blocks of 32
+    chunks that do, each walking >= 8 chunks, where at most half the SMs would be busy
+    (128 programs are one wave at one program per SM); one with the switch at 0 (the default
+    until timed). With it on, and the reverse walk at value blocks of 32
     (``LINEARNEXUS_MOSAIC_BWD_BV32=1``: every wgmma operand at a 64-byte swizzle),
     simple_gla's and the gated rule's gradients lower for CUDA at a shape both apply to (8
     programs, 16 chunks: 2 a row), with the same kernel counts."""
@@ -1185,6 +1207,7 @@ def test_dqk_split_fills_the_sms_on_small_grids(monkeypatch):
     assert mosaic_bwd.dqk_split(programs=4, n_chunks=16) == 2  # at most 16 / 8
     assert mosaic_bwd.dqk_split(programs=4, n_chunks=7) == 1  # too few chunks to share
     assert mosaic_bwd.dqk_split(programs=32, n_chunks=72) == 6  # 5 does not divide 72
+    assert mosaic_bwd.dqk_split(programs=128, n_chunks=256) == 1  # one wave already
     monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")
     monkeypatch.setenv(mosaic_delta.WY_MOSAIC_ENV, "0")
     monkeypatch.setenv(mosaic_bwd.STATE_SMALL_BV_ENV, "1")
@@ -1262,6 +1285,7 @@ def test_reverse_walk_value_blocks_of_32_in_the_interpreter(op, config, wy, monk
     walk writes) and the ungated rule's separate form. K = V = 128, T = 130 (the last chunk
     padded), an initial state; and the switch off keeps 64."""
     monkeypatch.setenv(mosaic_delta.WY_MOSAIC_ENV, wy)
+    wy_calls = _count_calls(monkeypatch, mosaic_delta, "wy_fused_backward_mosaic")
     B, H, K, V = 1, 1, 128, 128
     T, cu, (q, k, v, g, beta, s0), loss = _interpreter_case(17, False, B, 130, H, K, V)
 
@@ -1286,6 +1310,7 @@ def test_reverse_walk_value_blocks_of_32_in_the_interpreter(op, config, wy, monk
     for a, b in zip(grads["1"], grads["0"], strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                    rtol=1e-6, atol=1e-6)
+    assert len(wy_calls) == (2 if wy == "1" else 0)  # once a gradient
 
 
 def test_delta_mosaic_dispatch_and_declines_what_it_does_not_cover(monkeypatch):

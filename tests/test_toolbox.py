@@ -207,11 +207,15 @@ def test_tune_records_the_fastest_config_per_backend(tune_bench, monkeypatch):
     assert tuning.lookup("gla", "pallas", dims, bf16, device_kind=device)["chunk"] == 32
 
 
-def test_tune_takes_simple_gla_split_from_the_fastest_forward(tune_bench, monkeypatch):
+@pytest.mark.parametrize("grad_split", [True, False])
+def test_tune_takes_simple_gla_split_from_the_fastest_pair(tune_bench, monkeypatch, grad_split):
     """For simple_gla's mosaic backend ``--tune`` also times the walk split in two by
     entering states (``seq_split``, forward and gradient) and records the value block, split
     and backward depth of the fastest forward + backward with the forward depth of the
-    fastest forward at that block and split (timings faked: this machine has no GPU)."""
+    fastest forward at that block and split (``grad_split``: the split fastest forward +
+    backward, one walk at two stages the fastest forward); where the split is fastest
+    forward but not forward + backward (``grad_split`` False), the forward's split and depth
+    with one walk's gradient (``seq_split_grad=False``). Timings faked: no GPU here."""
     from linearnexus.kernels import tuning
     from linearnexus.kernels.common.mosaic_chunk import MosaicConfig
     from linearnexus.registry import kernels_for
@@ -223,14 +227,19 @@ def test_tune_takes_simple_gla_split_from_the_fastest_forward(tune_bench, monkey
     def fake_time_pair(forward, args, repeats, argnums):
         cfg = kernel.config
         seen.append(cfg)
-        t_f = 1.0 if (cfg.block_v, cfg.stages) == (32, 1) else 2.0
-        return t_f, (1.0 if (cfg.block_v, cfg.bwd_stages, cfg.seq_split) == (32, 3, 2) else 2.0)
+        # the forward: split at one stage, whole at two stages, one of them fastest
+        fast_f = {(32, 1, 2): 1.5, (32, 2, 1): 1.0} if grad_split else {(32, 1, 2): 1.0,
+                                                                        (32, 2, 1): 1.5}
+        t_f = fast_f.get((cfg.block_v, cfg.stages, cfg.seq_split), 2.0)
+        fast_fb = (32, 3, 2 if grad_split else 1)
+        return t_f, (1.0 if (cfg.block_v, cfg.bwd_stages, cfg.seq_split) == fast_fb else 2.0)
 
     monkeypatch.setattr(bench, "_time_pair", fake_time_pair)
     preset = bench.Preset("test", op_sizes=((2, 4096, 2, 64, 64),), block_size=None,
                           dtype="bfloat16", repeats=1)
     chosen = bench.tune(preset, ["simple_gla"], repeats=1, backends=("mosaic",))
-    want = MosaicConfig(block_v=32, stages=1, bwd_stages=3, seq_split=2)
+    want = MosaicConfig(block_v=32, stages=1, bwd_stages=3, seq_split=2,
+                        seq_split_grad=None if grad_split else False)
     assert chosen == {("simple_gla", "mosaic", (2, 4096, 2, 64, 64)): want}
     assert {c.seq_split for c in seen} == {1, 2} and len(seen) == 18
     dims = (2, 4096, 2, 64, 64)

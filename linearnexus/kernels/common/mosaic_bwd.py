@@ -438,8 +438,8 @@ def run_state_grad(st: MosaicStatic, q: Array, k: Array, do: Array, gates: tuple
       *(() if layout is None else layout))
 
 
-#: "1" shares each row's chunks between ``dq / dk`` programs where the grid would leave SMs
-#: idle (:func:`dqk_split`), "0" keeps one program per key block, head and row; unset:
+#: "1" shares each row's chunks between ``dq / dk`` programs where the grid would leave at
+#: least half the SMs idle (:func:`dqk_split`), "0" keeps one program per key block, head and row; unset:
 #: :data:`DQK_SPLIT`
 DQK_SPLIT_ENV = "LINEARNEXUS_MOSAIC_DQK_SPLIT"
 #: off until timed on a GPU: at (2, 16384, 16, 128) the kernel has 64 programs (2 key blocks
@@ -451,10 +451,11 @@ DQK_SPLIT = False
 
 def dqk_split(*, programs: int, n_chunks: int) -> int:
     """How many programs share a (key block, head, row)'s chunks in :func:`run_dqk`: 1
-    unless the split is on (:data:`DQK_SPLIT_ENV`) and ``programs`` leave SMs idle
-    (:data:`mosaic_chunk.HOPPER_SMS`), else the fewest (a divisor of ``n_chunks``) that fill
+    unless the split is on (:data:`DQK_SPLIT_ENV`) and ``programs`` leave at least half the
+    SMs idle (:data:`mosaic_chunk.HOPPER_SMS`; at one program per SM, 128 programs are one
+    wave and doubling them makes two), else the fewest (a divisor of ``n_chunks``) that fill
     them, each keeping >= 8 chunks (the pipeline's fill is one chunk of a program's walk)."""
-    if programs >= HOPPER_SMS or not env_switch(DQK_SPLIT_ENV, DQK_SPLIT):
+    if 2 * programs > HOPPER_SMS or not env_switch(DQK_SPLIT_ENV, DQK_SPLIT):
         return 1
     best = 1
     for d in range(2, n_chunks // 8 + 1):

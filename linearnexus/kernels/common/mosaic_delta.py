@@ -262,10 +262,12 @@ def check_delta_config(cfg: MosaicConfig, *, key_dim: int, value_dim: int,
                           itemsize=2, delta=True, store_states=stored, packed=packed,
                           fused_wy=bool(cfg.fused_wy) and (not stored or bool(cfg.fused_grad)))
         if stored and cfg.backward == "mosaic":  # bwd_stages is the reverse walk's depth too
+            # (with the Mosaic WY backward the walk's beta dy slot too: the stricter count)
             need = max(need, mosaic_bwd.state_smem_bytes(
                 chunk=cfg.chunk, key_dim=key_dim, block_v=min(value_dim, mosaic_bwd.STATE_BLOCK_V),
                 stages=stages, itemsize=2, delta=True, packed=packed,
-                fused=bool(cfg.fused_grad)))
+                fused=bool(cfg.fused_grad),
+                scaled_dy=bool(cfg.fused_grad) and env_switch(WY_MOSAIC_ENV, WY_MOSAIC)))
         if need > SMEM_LIMIT:
             raise ValueError(f"config: {name}={stages} at K={key_dim} needs {need} bytes of "
                              f"shared memory with the delta rule's WY and vn tiles, over the "

@@ -18,12 +18,13 @@ the reverse walk (``mosaic_bwd.run_state_grad(..., scaled_dy=True)``).
 in the layout of ``mosaic_bwd.run_dw``: grid ``[parts of the chunks x key blocks, heads,
 rows]``, each program walking its chunks in a TMA pipeline with every product a warpgroup
 wgmma. A program owns one key block of 64 (``dks``, ``dk``): the state's ``[64, V]`` rows
-instead of all ``[K, V]`` keep two stages in shared memory at K = V = 128 (210 KB), and the
-``[L, L]`` terms (``dA``, ``kk``) are formed again by each key block's program (two wgmmas
-of 64 x 64 x 128; the tiles they read were just read by the neighbouring program, so mostly
-from L2). The transposes are products of their own (``vn dy^T`` for ``dA^T``): the column
-sums of ``Gb * kk`` are the row sums of ``Gb^T * kk`` (``kk`` is symmetric), so no array
-is transposed in registers, as ``mosaic_bwd``'s ``dq / dk`` kernel forms ``dA^T``.
+instead of all ``[K, V]`` keep two stages in shared memory at K = V = 128 (215,040 bytes),
+and the ``[L, L]`` terms (``dA``, ``dA^T``, ``kk``) are formed again by each key block's
+program (three wgmmas of 64 x 64 x K or V; the tiles they read were just read by the
+neighbouring program, so mostly from L2). The transposes are products of their own
+(``vn dy^T`` for ``dA^T``): the column sums of ``Gb * kk`` are the row sums of ``Gb^T * kk``
+(``kk`` is symmetric), so no array is transposed in registers, as ``mosaic_bwd``'s
+``dq / dk`` kernel forms ``dA^T``.
 
 The per-token sums (``dbeta``, ``db``) leave each program as ``[NK, R, H, TP]`` float32
 rows (the key-block-free terms from the first key block's program only) and XLA adds the
@@ -79,8 +80,9 @@ def wy_mosaic_fits(*, chunk: int, key_dim: int, value_dim: int, itemsize: int = 
 
 
 def wy_split(*, programs: int, n_chunks: int) -> int:
-    """How many programs share a (row, head, key block)'s chunks: the fewest (a divisor of
-    ``n_chunks``) that give :data:`WY_PROGRAMS` programs, else one per chunk."""
+    """Into how many parts a (row, head, key block)'s chunks are cut, one program a part: the
+    fewest (a divisor of ``n_chunks``) that give :data:`WY_PROGRAMS` programs, else one part a
+    chunk (every program then walks one chunk)."""
     for d in range(1, n_chunks + 1):
         if n_chunks % d == 0 and d * programs >= WY_PROGRAMS:
             return d
@@ -159,11 +161,11 @@ def _wy_kernel(k_ref: Any, v_ref: Any, vn_ref: Any, dy_ref: Any, h_ref: Any, dk0
                                    transforms=_swizzled(cols, dtype))
         return plgpu.BlockSpec((L, cols), lambda i: (i, 0), transforms=_swizzled(cols, dtype))
 
-    row = plgpu.BlockSpec((L,), lambda i: (i,))  # a chunk's float32 row
+    row_spec = plgpu.BlockSpec((L,), lambda i: (i,))  # a chunk's float32 row
     # k, v, vn, dy, the state's key block, k's key block, the core's dk, beta, b
     in_specs = [tile(K), tile(V), tile(V), tile(V), tile(V, state=True), tile(BK), tile(BK),
-                row, row]
-    out_specs = [tile(BK), row, row]  # dk, dbeta, db
+                row_spec, row_spec]
+    out_specs = [tile(BK), row_spec, row_spec]  # dk, dbeta, db
     rows = pl.ds(part * per * L, per * L)  # this program's chunks' tokens
     pipeline = plgpu.emit_pipeline(body, grid=(per,), in_specs=in_specs, out_specs=out_specs,
                                    max_concurrent_steps=stages)

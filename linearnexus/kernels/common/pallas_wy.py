@@ -391,9 +391,10 @@ def _fwd(st: WyStatic, k, v, beta, g):
 def wy_inverse(st: WyStatic, k: Array, beta: Array, g: Array | None) -> Array:
     """``M^{-1}`` ``[R, TP, H, L]`` in k's dtype (chunk ``c``'s ``[L, L]`` block in rows
     ``c L .. c L + L - 1``, zero above the diagonal): the preparation without ``w`` and ``u``,
-    for the delta rules' fused Mosaic forward (the kernel with ``minv_only``; no gradient: the
-    gradient's forward runs :func:`wy_prepare`). Arguments as :func:`wy_prepare`; 16-bit
-    ``k`` only.
+    for the delta rules' fused Mosaic forward and its gradient from ``M^{-1}`` (the kernel with
+    ``minv_only``; no gradient of its own: that gradient's WY backward takes ``dy`` and needs
+    no ``M^{-1}``, and the separate form's forward runs :func:`wy_prepare`). Arguments as
+    :func:`wy_prepare`; 16-bit ``k`` only.
     """
     if st.exact:
         raise ValueError("st: wy_inverse takes 16-bit inputs (exact=False), got exact=True")
