@@ -166,8 +166,8 @@ case " $PARTS " in *" split "*)
   for mode in ${SPLIT_PROFILE:-fwd fwd+bwd}; do
     timeout 90 python3 benchmarks/profile_gpu.py simple_gla --shape 2,16384,16,128 \
       --mode $mode --backend mosaic --calls 3 \
-      --json "$OUT/split_profile_$mode.json" 2>&1 | quiet | cut -c1-160 \
-      | tee "$OUT/split_profile_$mode.log" | head -24
+      --json "$OUT/split_profile_${mode/+/_}.json" 2>&1 | quiet | cut -c1-160 \
+      | tee "$OUT/split_profile_${mode/+/_}.log" | head -24
   done;;
 esac
 case " $PARTS " in *" wy-warps "*)
