@@ -56,6 +56,9 @@
 #      blocks of 32 (LINEARNEXUS_MOSAIC_BWD_BV32=1), both, and both with the Mosaic WY
 #      backward, for gated_delta_rule; simple_gla with one walk's gradient
 #      (seq_split_grad=False) off and with both, if PARTS has "small" (~300 s);
+#   5h. the gated rule's forward + backward kernel by kernel at (8, 4096, 16, 128), the Triton
+#      WY backward and the Mosaic one (profile_gpu.py, LINEARNEXUS_MOSAIC_WY_BWD=0 / 1), if
+#      PARTS has "wy-profile" (~2 x 70 s): where the Mosaic kernel's saving goes;
 #   6. the one-row decode kernels' tests compiled on the GPU, failures with their tracebacks
 #      (10 failed on an H100 on 2026-12-05: the tests' dispatch, fixed by tests/conftest.py's
 #      cpu_dispatch; docs/benchmarks.md), if PARTS has "gemv-tests".
@@ -208,6 +211,15 @@ case " $PARTS " in *" small "*)
     --shapes 2,16384,16,128 --configs seq_split_grad=False "seq_split_grad=False,$D1,$B1" "" \
     --budget $(( ${SMALL_SGLA_S:-100} - 25 )) --out "$OUT/small_sgla" 2>&1 | quiet \
     | grep -E "^\{|rror" | cut -c1-300 | tee "$OUT/small_sgla.log";;
+esac
+case " $PARTS " in *" wy-profile "*)
+  echo "== the gated rule's gradient kernel by kernel, Triton (0) and Mosaic (1) WY backward"
+  for wy in 0 1; do
+    LINEARNEXUS_MOSAIC_WY_BWD=$wy timeout 100 python3 benchmarks/profile_gpu.py gated_delta_rule \
+      --shape 8,4096,16,128 --mode fwd+bwd --backend mosaic --calls 3 \
+      --json "$OUT/wy_profile_fwd_bwd_$wy.json" 2>&1 | quiet | cut -c1-160 \
+      | tee "$OUT/wy_profile_fwd_bwd_$wy.log" | head -24
+  done;;
 esac
 case " $PARTS " in *" gemv-tests "*)
   echo "== one-row decode kernel tests on the GPU: the ten that failed on 2026-12-05 first"
