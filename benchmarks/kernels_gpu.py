@@ -275,6 +275,10 @@ def version_tuple(text: str | None) -> tuple[int, ...]:
 
 #: seconds of back-to-back calls before a measurement (clocks and caches settle)
 WARM_S = 0.5
+#: calls issued right after a synchronisation whose host time is the dispatch cost of one
+DISPATCH_CALLS = 5
+#: a measurement is host-bound when one call's dispatch takes this share of its time or more
+HOST_BOUND = 0.8
 
 
 def host_time(call: Callable[[int], Any], sync: Callable[[Any], None], *, repeats: int,
@@ -282,6 +286,13 @@ def host_time(call: Callable[[int], Any], sync: Callable[[Any], None], *, repeat
     """Median seconds per call: warm-up (compile, then :data:`WARM_S` of calls), then
     ``repeats`` x (n back-to-back calls between two
     device synchronisations on the host clock) / n, n so that one measurement >= TARGET_S.
+
+    The time counts the device only while the host issues calls faster than the device runs
+    them. So each measurement also takes the host time of its first :data:`DISPATCH_CALLS`
+    calls, issued to an idle queue (``dispatch_ms``, the median). ``host_bound`` marks a
+    result whose dispatch is :data:`HOST_BOUND` of its time or more: it measures the host,
+    not the kernels. Seen on an H100 VM (2026-12-06): simple_gla's 0.3 ms forward read
+    0.340-0.408 ms within one run, where another machine read 0.287-0.289.
 
     ``call(i)`` runs on input set ``i % n_sets`` and returns its outputs; ``sync(out)`` waits
     for the device (``jax.block_until_ready`` / ``torch.cuda.synchronize``).
@@ -304,18 +315,23 @@ def host_time(call: Callable[[int], Any], sync: Callable[[Any], None], *, repeat
         for i in range(n):
             out = call(i)
         sync(out)
-    times = []
+    times, dispatch = [], []
+    k = min(n, DISPATCH_CALLS)
     for _ in range(repeats):
         sync(None)
         start = time.perf_counter()
         out = None
         for i in range(n):
             out = call(i)
+            if i == k - 1:
+                dispatch.append((time.perf_counter() - start) / k)
         sync(out)
         times.append((time.perf_counter() - start) / n)
         del out
-    return {"ms": 1e3 * statistics.median(times), "all_ms": [1e3 * t for t in times], "n": n,
-            "warmup_s": round(compile_s, 2), "n_sets": n_sets}
+    ms, dispatch_ms = 1e3 * statistics.median(times), 1e3 * statistics.median(dispatch)
+    return {"ms": ms, "all_ms": [1e3 * t for t in times], "n": n,
+            "warmup_s": round(compile_s, 2), "n_sets": n_sets,
+            "dispatch_ms": round(dispatch_ms, 4), "host_bound": dispatch_ms >= HOST_BOUND * ms}
 
 
 def jax_sync(out: Any) -> None:
@@ -844,8 +860,8 @@ def time_mamba(shape: tuple[int, ...], repeats: int, l2_bytes: int, ceil: dict) 
 def fmt_ms(entry: dict | None, part: str) -> str:
     if not entry:
         return "-"
-    if part in entry:
-        return f"{entry[part]['ms']:.3f}"
+    if part in entry:  # (* : host-bound, the host's dispatch not the kernels: host_time)
+        return f"{entry[part]['ms']:.3f}" + ("*" if entry[part].get("host_bound") else "")
     status = entry.get("status", "-")
     if status == "not implemented":
         return "n/i"
@@ -912,7 +928,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["## Speed (bf16, K = V = D; ms, median)", "",
               "ratio = LinearNexus time / FLA time (< 1: LinearNexus faster). %HBM / %MMA: "
               "fwd / fwd+bwd share of the measured ceilings (bytes that must move, FLOPs of the "
-              "chunked algorithm; formulas in benchmarks/kernels_gpu.py).", ""]
+              "chunked algorithm; formulas in benchmarks/kernels_gpu.py). A * after a time: "
+              "host-bound (the host's dispatch of a call took >= 80% of it: host_time).", ""]
     for op, rows in results["timing"].items():
         # backends after the first of --backends (which fills the LN columns) get columns of
         # their own: their times, ratios to FLA and shares
