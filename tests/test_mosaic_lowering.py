@@ -577,6 +577,21 @@ def test_delta_rules_mosaic_lower_forward_and_backward(shape, h0, gated, config,
     assert ("_wy_bwd_kernel" in grad_text) == (not fused_grad)
 
 
+def _delta_static(R: int, NC: int, H: int, K: int, V: int, *, gated: bool = True,
+                  chunk: int = 64) -> MosaicStatic:
+    """The static description of a delta-rule call in the chunk layout (batch rows, no initial
+    state, scale 1) with the Mosaic backward and the gradient from ``M^{-1}``: what the
+    kernels of the backward (``run_dw``, ``wy_fused_backward_mosaic``) are called with."""
+    from linearnexus.kernels.common.pallas_chunk import CoreStatic
+
+    core = CoreStatic(gate="scalar" if gated else "none", delta=True, has_h0=False, scale=1.0,
+                      rows=R, n_chunks=NC, chunk=chunk, heads=H, key_dim=K, value_dim=V,
+                      n_seqs=R, block_k=K, block_v=64, num_warps=4, num_stages=2,
+                      interpret=True, packed=False)
+    return MosaicStatic(core=core, block_v=64, stages=2, backward="mosaic", fused_wy=True,
+                        fused_grad=True)
+
+
 def _count_calls(monkeypatch, module, name: str) -> list:
     """Wrap ``module.name`` so that each call appends to the returned list (a spy)."""
     calls: list = []
@@ -892,15 +907,9 @@ def test_delta_dw_kernel_lowers_and_matches_xla(monkeypatch):
     if gpu_interpret_reason() is not None:
         return
     monkeypatch.delenv("LINEARNEXUS_PALLAS_INTERPRET")  # the Triton WY kernels interpreted
-    from linearnexus.kernels.common.pallas_chunk import CoreStatic
-
     for R, NC, H, K, V in ((2, 3, 2, 64, 64), (1, 4, 1, 128, 128), (1, 2, 3, 64, 128)):
         L = 64
-        core = CoreStatic(gate="scalar", delta=True, has_h0=False, scale=1.0, rows=R,
-                          n_chunks=NC, chunk=L, heads=H, key_dim=K, value_dim=V, n_seqs=R,
-                          block_k=K, block_v=64, num_warps=4, num_stages=2, interpret=True,
-                          packed=False)
-        st = MosaicStatic(core=core, block_v=64, stages=1)
+        st = _delta_static(R, NC, H, K, V)
         k1, k2 = jax.random.split(jax.random.PRNGKey(R * NC + K))
         dvn = jax.random.normal(k1, (R, NC * L, H, V)).astype(jnp.bfloat16)
         h = jax.random.normal(k2, (R, NC, H, K, V)).astype(jnp.bfloat16)
@@ -1103,7 +1112,6 @@ def test_delta_mosaic_wy_backward_lowers_and_refuses(monkeypatch):
     argument of the wrong shape, naming it), and ``scaled_dy`` asks for the gradient from
     ``M^{-1}``."""
     from linearnexus.kernels.common import mosaic_wy
-    from linearnexus.kernels.common.pallas_chunk import CoreStatic
 
     monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")
     config = MosaicConfig(backward="mosaic")
@@ -1127,12 +1135,7 @@ def test_delta_mosaic_wy_backward_lowers_and_refuses(monkeypatch):
     assert not mosaic_wy.wy_mosaic_fits(chunk=64, key_dim=128, value_dim=256)  # 3 x [L, V]
 
     def static(chunk, K, V):
-        core = CoreStatic(gate="scalar", delta=True, has_h0=False, scale=1.0, rows=1,
-                          n_chunks=2, chunk=chunk, heads=1, key_dim=K, value_dim=V, n_seqs=1,
-                          block_k=K, block_v=64, num_warps=4, num_stages=2, interpret=False,
-                          packed=False)
-        return MosaicStatic(core=core, block_v=64, stages=2, backward="mosaic",
-                            fused_wy=True, fused_grad=True)
+        return _delta_static(1, 2, 1, K, V, chunk=chunk)
 
     x = jnp.zeros((1, 128, 1, 64), jnp.bfloat16)
     rows = jnp.zeros((1, 128, 1), jnp.float32)
@@ -1163,7 +1166,7 @@ def test_delta_mosaic_wy_backward_in_the_interpreter(R, NC, H, K, V, gated, walk
     gives these small grids) and, ``walk``, every chunk of a row in one program's pipeline
     (``WY_PROGRAMS`` at 1: four and five chunks, as on a GPU's full grids)."""
     from linearnexus.kernels.common import mosaic_wy
-    from linearnexus.kernels.common.pallas_chunk import CoreStatic, in_chunk_cumsum
+    from linearnexus.kernels.common.pallas_chunk import in_chunk_cumsum
     from tests.helpers.wy import fused_wy_case
 
     if walk:
@@ -1171,12 +1174,7 @@ def test_delta_mosaic_wy_backward_in_the_interpreter(R, NC, H, K, V, gated, walk
     assert mosaic_wy.wy_split(programs=R * H * K // 64, n_chunks=NC) == (1 if walk else NC)
     L, bf16 = 64, jnp.bfloat16
     case = fused_wy_case(31 + NC, R, NC, H, K, V, gated, bf16, L)
-    core = CoreStatic(gate="scalar" if gated else "none", delta=True, has_h0=False, scale=1.0,
-                      rows=R, n_chunks=NC, chunk=L, heads=H, key_dim=K, value_dim=V, n_seqs=R,
-                      block_k=K, block_v=64, num_warps=4, num_stages=2, interpret=True,
-                      packed=False)
-    st = MosaicStatic(core=core, block_v=64, stages=2, backward="mosaic", fused_wy=True,
-                      fused_grad=True)
+    st = _delta_static(R, NC, H, K, V, gated=gated)
     b = in_chunk_cumsum(case["g"], L) if gated else jnp.zeros((R, NC * L, H))
     with gpu_interpret():
         dk, dbeta, dg = mosaic_wy.wy_fused_backward_mosaic(

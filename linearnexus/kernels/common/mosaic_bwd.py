@@ -513,13 +513,20 @@ def dw_smem_bytes(*, chunk: int, key_dim: int, value_dim: int, stages: int,
     return stages * (L * V + K * V + L * K) * itemsize
 
 
-def dw_split(*, rows: int, heads: int, n_chunks: int) -> int:
-    """How many programs share a (row, head)'s chunks in :func:`run_dw`: the fewest (a
-    divisor of ``n_chunks``) that give :data:`DW_PROGRAMS` programs, else one per chunk."""
+def chunk_parts(*, programs: int, n_chunks: int, target: int) -> int:
+    """Into how many parts a streaming kernel cuts each walk's ``n_chunks`` chunks, one program
+    a part, when ``programs`` walks run side by side: the fewest (a divisor of ``n_chunks``)
+    that give ``target`` programs, else one part a chunk."""
     for d in range(1, n_chunks + 1):
-        if n_chunks % d == 0 and d * rows * heads >= DW_PROGRAMS:
+        if n_chunks % d == 0 and d * programs >= target:
             return d
     return n_chunks
+
+
+def dw_split(*, rows: int, heads: int, n_chunks: int) -> int:
+    """How many programs share a (row, head)'s chunks in :func:`run_dw`
+    (:func:`chunk_parts` towards :data:`DW_PROGRAMS`)."""
+    return chunk_parts(programs=rows * heads, n_chunks=n_chunks, target=DW_PROGRAMS)
 
 
 def _dw_kernel(dvn_ref: Any, h_ref: Any, dw_ref: Any, *, st: MosaicStatic, dtype: Any,

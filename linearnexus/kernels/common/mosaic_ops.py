@@ -239,9 +239,9 @@ SPLIT_GRAD = True
 
 def default_seq_split(*, rows: int, heads: int, value_dim: int, n_chunks: int, chunk: int,
                       block_v: int | None = None) -> int:
-    """The heuristic's sequence split (``MosaicConfig.seq_split``) of simple_gla's plain
-    forward: 2 segments where one walk at value blocks of 64 would leave at least half the
-    SMs idle (``mosaic_chunk.small_grid`` on the padded value dim: where
+    """The heuristic's sequence split (``MosaicConfig.seq_split``) of simple_gla's walk,
+    forward and (:data:`SPLIT_GRAD`) gradient: 2 segments where one walk at value blocks of
+    64 would leave at least half the SMs idle (``mosaic_chunk.small_grid`` on the padded value dim: where
     ``default_mosaic_config`` would take value blocks of 32) on a walk of >= 128 chunks
     (each segment then walks >= 64, as a full grid's walk does at T = 4096), with no value
     block of the call's own; else 1. Measured at (2, 16384, 16, 128) bf16 on an H100

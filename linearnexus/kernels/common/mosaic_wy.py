@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from linearnexus.core.types import Array
+from linearnexus.kernels.common.mosaic_bwd import _bcast, chunk_parts
 from linearnexus.kernels.common.mosaic_chunk import (
     SMEM_LIMIT,
     MosaicStatic,
@@ -80,17 +81,10 @@ def wy_mosaic_fits(*, chunk: int, key_dim: int, value_dim: int, itemsize: int = 
 
 
 def wy_split(*, programs: int, n_chunks: int) -> int:
-    """Into how many parts a (row, head, key block)'s chunks are cut, one program a part: the
-    fewest (a divisor of ``n_chunks``) that give :data:`WY_PROGRAMS` programs, else one part a
-    chunk (every program then walks one chunk)."""
-    for d in range(1, n_chunks + 1):
-        if n_chunks % d == 0 and d * programs >= WY_PROGRAMS:
-            return d
-    return n_chunks
-
-
-def _bcast(x: Array, shape: tuple[int, int], dim: int) -> Array:
-    return jax.lax.broadcast_in_dim(x, shape, [dim])
+    """Into how many parts a (row, head, key block)'s chunks are cut, one program a part
+    (``mosaic_bwd.chunk_parts`` towards :data:`WY_PROGRAMS`; on a small grid one part a
+    chunk, every program then walking one chunk)."""
+    return chunk_parts(programs=programs, n_chunks=n_chunks, target=WY_PROGRAMS)
 
 
 def _wy_kernel(k_ref: Any, v_ref: Any, vn_ref: Any, dy_ref: Any, h_ref: Any, dk0_ref: Any,
