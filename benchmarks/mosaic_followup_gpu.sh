@@ -59,6 +59,11 @@
 #   5h. the gated rule's forward + backward kernel by kernel at (8, 4096, 16, 128), the Triton
 #      WY backward and the Mosaic one (profile_gpu.py, LINEARNEXUS_MOSAIC_WY_BWD=0 / 1), if
 #      PARTS has "wy-profile" (~2 x 70 s): where the Mosaic kernel's saving goes;
+#   5i. the programs' launch order (mosaic_chunk.program_grid): the blocks that share a head's
+#      q / k tiles next to each other (the default) against batch rows fastest
+#      (LINEARNEXUS_MOSAIC_SPLIT_MINOR=0, the order before), each twice, through the api at
+#      (8, 4096, 16, 128) (mosaic_config_gpu.py: gated_delta_rule, simple_gla, then delta_rule
+#      once each), if PARTS has "order" (~300 s);
 #   6. the one-row decode kernels' tests compiled on the GPU, failures with their tracebacks
 #      (10 failed on an H100 on 2026-12-05: the tests' dispatch, fixed by tests/conftest.py's
 #      cpu_dispatch; docs/benchmarks.md), if PARTS has "gemv-tests".
@@ -220,6 +225,19 @@ case " $PARTS " in *" wy-profile "*)
       --json "$OUT/wy_profile_fwd_bwd_$wy.json" 2>&1 | quiet | cut -c1-160 \
       | tee "$OUT/wy_profile_fwd_bwd_$wy.log" | head -24
   done;;
+esac
+case " $PARTS " in *" order "*)
+  echo "== the programs' launch order: blocks of a head side by side (default) against rows fastest"
+  O0=LINEARNEXUS_MOSAIC_SPLIT_MINOR=0
+  for op in gated_delta_rule simple_gla; do
+    timeout ${ORDER_S:-120} python3 benchmarks/mosaic_config_gpu.py --op $op --shapes 8,4096,16,128 \
+      --configs "" $O0 "" $O0 --budget $(( ${ORDER_S:-120} - 20 )) --out "$OUT/order_$op" 2>&1 \
+      | quiet | grep -E "^\{|rror" | cut -c1-300 | tee "$OUT/order_$op.log"
+  done
+  timeout ${ORDER_DR_S:-70} python3 benchmarks/mosaic_config_gpu.py --op delta_rule \
+    --shapes 8,4096,16,128 --configs "" $O0 --budget $(( ${ORDER_DR_S:-70} - 15 )) \
+    --out "$OUT/order_delta_rule" 2>&1 | quiet | grep -E "^\{|rror" | cut -c1-300 \
+    | tee "$OUT/order_delta_rule.log";;
 esac
 case " $PARTS " in *" gemv-tests "*)
   echo "== one-row decode kernel tests on the GPU: the ten that failed on 2026-12-05 first"

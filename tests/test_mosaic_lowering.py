@@ -1311,6 +1311,67 @@ def test_reverse_walk_value_blocks_of_32_in_the_interpreter(op, config, wy, monk
     assert len(wy_calls) == (2 if wy == "1" else 0)  # once a gradient
 
 
+
+def test_program_grid_puts_the_shared_blocks_last(monkeypatch):
+    """The kernels' launch order (``mosaic_chunk.program_grid``): by default the blocks that
+    share a head's tiles are the grid's last axis (Pallas Mosaic GPU's fastest), batch rows
+    the first; ``LINEARNEXUS_MOSAIC_SPLIT_MINOR=0`` gives the order before, blocks first.
+    Each axis keeps its name and size either way."""
+    from linearnexus.kernels.common.mosaic_chunk import SPLIT_MINOR_ENV, program_grid
+
+    monkeypatch.delenv(SPLIT_MINOR_ENV, raising=False)
+    assert program_grid("v", 2, heads=16, rows=8) == {"grid": (8, 16, 2),
+                                                      "grid_names": ("r", "h", "v")}
+    monkeypatch.setenv(SPLIT_MINOR_ENV, "0")
+    assert program_grid("k", 4, heads=3, rows=5) == {"grid": (4, 3, 5),
+                                                     "grid_names": ("k", "h", "r")}
+    monkeypatch.setenv(SPLIT_MINOR_ENV, "1")
+    assert program_grid("s", 6, heads=2, rows=1)["grid"] == (1, 2, 6)
+
+
+@pytest.mark.skipif(REASON is not None or gpu_interpret_reason() is not None,
+                    reason=REASON or gpu_interpret_reason() or "")
+@pytest.mark.parametrize("op", ["simple_gla", "gated_delta_rule", "gated_delta_rule/mosaic-wy",
+                                "gla"])
+def test_launch_order_is_bit_identical_in_the_interpreter(op, monkeypatch):
+    """Launching the blocks of a head side by side (``program_grid``'s default) or the rows
+    fastest (``LINEARNEXUS_MOSAIC_SPLIT_MINOR=0``) gives the same outputs, final states and
+    gradients bit for bit in JAX 0.11's Mosaic GPU interpreter: the kernels read their
+    indices by name. Two rows, two heads, K = V = 128 (two value blocks of 64 in every walk,
+    two key blocks in ``dq / dk`` and the Mosaic WY backward), T = 130, initial states;
+    simple_gla, the gated rule's gradient from ``M^{-1}`` with the Triton and the Mosaic WY
+    backward, and GLA at value blocks of 64."""
+    from linearnexus.kernels.common.mosaic_chunk import SPLIT_MINOR_ENV
+    from linearnexus.kernels.gla.mosaic import gla_mosaic
+
+    monkeypatch.setenv(mosaic_delta.WY_MOSAIC_ENV, "1" if op.endswith("/mosaic-wy") else "0")
+    B, H, K, V = 2, 2, 128, 128
+    T, cu, (q, k, v, g, beta, s0), loss = _interpreter_case(23, False, B, 130, H, K, V)
+    if op == "gla":  # per-key log-gates [B, T, H, K]
+        g = jax.nn.log_sigmoid(jax.random.normal(jax.random.PRNGKey(5), q.shape) + 2) / 4
+
+    def run(q, k, v, g, beta, s0):
+        if op == "simple_gla":
+            return linear_attention_mosaic(q, k, v, g, scale=K ** -0.5, initial_state=s0,
+                                           check_device=False)
+        if op == "gla":
+            return gla_mosaic(q, k, v, g, scale=K ** -0.5, initial_state=s0,
+                              check_device=False, config=MosaicConfig(block_v=64))
+        return delta_rule_mosaic(q, k, v, beta, g, scale=K ** -0.5, initial_state=s0,
+                                 check_device=False)
+
+    argnums = (0, 1, 2, 3, 5) if op in ("simple_gla", "gla") else (0, 1, 2, 3, 4, 5)
+    got = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv(SPLIT_MINOR_ENV, flag)
+        with gpu_interpret():
+            got[flag] = jax.grad(lambda *a: loss(run, *a), argnums, has_aux=True)(
+                q, k, v, g, beta, s0)
+    for a, b in zip(jax.tree.leaves(got["1"]), jax.tree.leaves(got["0"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)),
+                                      np.asarray(b.astype(jnp.float32)))
+
+
 def test_delta_mosaic_dispatch_and_declines_what_it_does_not_cover(monkeypatch):
     """Automatic dispatch takes the delta rules' mosaic backend first on a GPU for bf16 (the
     default, and with LINEARNEXUS_MOSAIC_GDN=1) and passes it by with the variable at 0;

@@ -70,6 +70,7 @@ from linearnexus.kernels.common.mosaic_chunk import (
     gate_rows,
     interpret_kwargs,
     operand_swizzle,
+    program_grid,
     small_grid,
     wgmma_onto,
     wgmma_regs,
@@ -363,10 +364,13 @@ def _dqk_kernel(q_ref, k_ref, v_ref, do_ref, h_ref, dh_ref, b_ref, d_ref, dq_ref
 #: "1" runs the reverse walk at value blocks of 32 where 64 would leave at least half the SMs
 #: idle (:func:`state_block_v`); unset: :data:`STATE_SMALL_BV`
 STATE_SMALL_BV_ENV = "LINEARNEXUS_MOSAIC_BWD_BV32"
-#: off until timed on a GPU: at (2, 16384, 16, 128) the delta rules' reverse walk runs 64
-#: programs (value blocks of 64 x 16 heads x 2 rows) for 132 SMs, the forward walk 128 (its
-#: heuristic's blocks of 32 there); blocks of 32 give the same products per output column
-STATE_SMALL_BV = False
+#: on: at (2, 16384, 16, 128) the delta rules' reverse walk ran 64 programs (value blocks of
+#: 64 x 16 heads x 2 rows) for 132 SMs, the forward walk 128 (its heuristic's blocks of 32
+#: there); blocks of 32 give the same products per output column. On an H100 (bf16,
+#: 2026-12-06, mosaic_config_gpu.py through the api) gated_delta_rule's forward + backward
+#: there took 3.235 ms with it against 3.396 without, 2.788 with the dqk split too (3.396
+#: neither), 2.567 with both and the Mosaic WY backward
+STATE_SMALL_BV = True
 
 
 def state_block_v(*, rows: int, heads: int, value_dim: int, packed: bool = False) -> int:
@@ -430,8 +434,7 @@ def run_state_grad(st: MosaicStatic, q: Array, k: Array, do: Array, gates: tuple
                   jax.ShapeDtypeStruct((c.n_seqs if c.packed else R, H, K, V), F32),
                   *([jax.ShapeDtypeStruct((R, NC * L, H, V), dtype)] if scaled_dy else [])),
         scratch_types=(*scratch, plgpu.Barrier(num_barriers=1)),
-        grid=(V // bv, H, R),
-        grid_names=("v", "h", "r"),
+        **program_grid("v", V // bv, heads=H, rows=R),
         compiler_params=compiler_params(),
         **interpret_kwargs(),
     )(q, k, do.astype(dtype), *gates, *wy, dfinal.astype(F32),
@@ -439,14 +442,18 @@ def run_state_grad(st: MosaicStatic, q: Array, k: Array, do: Array, gates: tuple
 
 
 #: "1" shares each row's chunks between ``dq / dk`` programs where the grid would leave at
-#: least half the SMs idle (:func:`dqk_split`), "0" keeps one program per key block, head and row; unset:
+#: least half the SMs idle (:func:`dqk_split`), "0" keeps one program per key block, head and
+#: row; unset:
 #: :data:`DQK_SPLIT`
 DQK_SPLIT_ENV = "LINEARNEXUS_MOSAIC_DQK_SPLIT"
-#: off until timed on a GPU: at (2, 16384, 16, 128) the kernel has 64 programs (2 key blocks
-#: x 16 heads x 2 rows) for 132 SMs at one program per SM (196 KB of shared memory at two
-#: stages), each walking 256 chunks whose terms are independent of each other's (the split
-#: gives the same gradients bit for bit: tests/test_mosaic_lowering.py)
-DQK_SPLIT = False
+#: on: at (2, 16384, 16, 128) the kernel had 64 programs (2 key blocks x 16 heads x 2 rows)
+#: for 132 SMs at one program per SM (196 KB of shared memory at two stages), each walking 256
+#: chunks whose terms are independent of each other's (the split gives the same gradients
+#: bit for bit: tests/test_mosaic_lowering.py). On an H100 (bf16, 2026-12-06, through the
+#: api) gated_delta_rule's forward + backward there took 2.929 ms with it against 3.396
+#: without; simple_gla's with one walk's gradient 1.539 with it and value blocks of 32
+#: against 2.104
+DQK_SPLIT = True
 
 
 def dqk_split(*, programs: int, n_chunks: int) -> int:
@@ -487,8 +494,7 @@ def run_dqk(st: MosaicStatic, q: Array, k: Array, v: Array, do: Array, h: Array,
                   jax.ShapeDtypeStruct((nk, R, H, TP), F32),
                   jax.ShapeDtypeStruct((nk, R, H, TP), F32),
                   jax.ShapeDtypeStruct((R, H, NC, K), F32)),
-        grid=(nk * split, H, R),
-        grid_names=("k", "h", "r"),
+        **program_grid("k", nk * split, heads=H, rows=R),
         compiler_params=compiler_params(),
         **interpret_kwargs(),
     )(q, k, v, do.astype(dtype), h, dh, gates[0], gates[1])

@@ -50,12 +50,12 @@ Either way the WY preparation's own ``custom_vjp`` (``pallas_wy.py``) then carri
 With ``MosaicConfig.fused_grad`` (the default with the Mosaic backward) the gradient is
 formed from ``M^{-1}`` as well: the forward under a gradient is the fused walk storing ``S_c`` and ``vn``,
 the reverse walk forms ``dy = M^{-T} dvn`` and takes ``k^T (beta e^b dy)`` off the state
-gradient, and ``pallas_wy.wy_fused_backward`` finishes, forming ``-dy S_c^T`` from the stored
-states itself (:data:`DKS_IN_WY`; else the ``dw`` kernel forms it,
-``mosaic_bwd.mosaic_delta_fused_backward``); ``w`` and ``u`` are never formed: fwd+bwd
+gradient, and the WY backward finishes: by default the Mosaic GPU kernel of ``mosaic_wy.py``
+(:data:`WY_MOSAIC`; the reverse walk then writes ``dv = beta dy``), with
+:data:`WY_MOSAIC_ENV` "0" (or where it does not fit) ``pallas_wy.wy_fused_backward``, forming
+``-dy S_c^T`` from the stored states itself (:data:`DKS_IN_WY`; else the ``dw`` kernel forms
+it, ``mosaic_bwd.mosaic_delta_fused_backward``); ``w`` and ``u`` are never formed: fwd+bwd
 2.786 ms against 3.081 at (8, 4096, 16, 128) bf16 on an H100 (:data:`DEFAULT_FUSED_GRAD`).
-With :data:`WY_MOSAIC_ENV` the WY backward is the Mosaic GPU kernel of ``mosaic_wy.py`` instead
-(the reverse walk then writes ``dv = beta dy``).
 """
 
 from __future__ import annotations
@@ -155,13 +155,14 @@ DKS_IN_WY = True
 #: writes dv = beta dy) where it fits (mosaic_wy.wy_mosaic_fits), "0" the Triton one
 #: (pallas_wy.wy_fused_backward); unset: :data:`WY_MOSAIC`
 WY_MOSAIC_ENV = "LINEARNEXUS_MOSAIC_WY_BWD"
-#: off: on an H100 (bf16, 2026-12-06, benchmarks/wy_mosaic_gpu.py and mosaic_config_gpu.py)
-#: the kernel alone took 0.581 ms against the Triton one's 0.742 at (8, 4096, 16, 128), but
-#: gated_delta_rule's forward + backward through the api did not get faster there (2.656 /
-#: 2.671 ms against 2.663 / 2.644), 4% at (2, 16384, 16, 128) (3.295 against 3.43), and
-#: delta_rule's was 1.3% slower (2.549 against 2.516); where the kernel's saving goes is not
-#: profiled yet (docs/mosaic.md, "Next"). Its checks pass on that GPU, dense and packed
-WY_MOSAIC = False
+#: on. On an H100 (bf16, 2026-12-06) the kernel alone took 0.581 ms against the Triton one's
+#: 0.742 at (8, 4096, 16, 128) but gained nothing through the api while its key blocks ran in
+#: different waves (each read dy, vn, v and the states' rows twice from HBM); launched side by
+#: side (mosaic_chunk.program_grid) it took 0.41 ms of the gradient's kernels against the
+#: Triton kernel's 0.62 (profile_gpu.py, 2.036 against 2.245 ms of kernels in all), and at
+#: (2, 16384, 16, 128) forward + backward 2.567 ms against 2.788 (with the small-grid
+#: switches of mosaic_bwd). Its checks pass on that GPU, dense and packed (worst 4.1e-3)
+WY_MOSAIC = True
 
 
 def delta_opted_in() -> bool:

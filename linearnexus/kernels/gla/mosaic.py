@@ -72,6 +72,7 @@ from linearnexus.kernels.common.mosaic_chunk import (
     initial_carry,
     interpret_kwargs,
     pass_empty,
+    program_grid,
     triton_layout,
     wgmma_onto,
     wgmma_regs,
@@ -362,7 +363,7 @@ def gla_walk(st: MosaicStatic, qe: Array, ke: Array, v: Array, a: Array, e_last:
         scratch.append(plgpu.SMEM((K, st.block_v), F32, transforms=_swizzled(st.block_v, F32)))
     scratch.append(plgpu.Barrier(num_barriers=1))
     f = plgpu.kernel(kernel, out_type=tuple(out_type), scratch_types=tuple(scratch),
-                     grid=(V // st.block_v, H, R), grid_names=("v", "h", "r"),
+                     **program_grid("v", V // st.block_v, heads=H, rows=R),
                      compiler_params=compiler_params(), **interpret_kwargs())
     return f(qe, ke, v, a, e_last, h0, *(() if layout is None else layout))
 
