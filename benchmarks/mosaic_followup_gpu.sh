@@ -64,6 +64,10 @@
 #      (LINEARNEXUS_MOSAIC_SPLIT_MINOR=0, the order before), each twice, through the api at
 #      (8, 4096, 16, 128) (mosaic_config_gpu.py: gated_delta_rule, simple_gla, then delta_rule
 #      once each), if PARTS has "order" (~300 s);
+#   5j. the wave balance (mosaic_chunk.balances_waves, LINEARNEXUS_MOSAIC_WAVES=1: value blocks
+#      of 32 and dq / dk in two chunk parts where twice the programs fill the last wave
+#      better) off and on, twice each, for gated_delta_rule and simple_gla at (1, 8192, 96,
+#      128), the case it is for (192 programs for 132 SMs), if PARTS has "waves" (~250 s);
 #   6. the one-row decode kernels' tests compiled on the GPU, failures with their tracebacks
 #      (10 failed on an H100 on 2026-12-05: the tests' dispatch, fixed by tests/conftest.py's
 #      cpu_dispatch; docs/benchmarks.md), if PARTS has "gemv-tests".
@@ -238,6 +242,15 @@ case " $PARTS " in *" order "*)
     --shapes 8,4096,16,128 --configs "" $O0 --budget $(( ${ORDER_DR_S:-70} - 15 )) \
     --out "$OUT/order_delta_rule" 2>&1 | quiet | grep -E "^\{|rror" | cut -c1-300 \
     | tee "$OUT/order_delta_rule.log";;
+esac
+case " $PARTS " in *" waves "*)
+  echo "== the wave balance off and on at (1, 8192, 96, 128)"
+  W1=LINEARNEXUS_MOSAIC_WAVES=1
+  for op in gated_delta_rule simple_gla; do
+    timeout ${WAVES_S:-130} python3 benchmarks/mosaic_config_gpu.py --op $op --shapes 1,8192,96,128 \
+      --configs "" $W1 "" $W1 --budget $(( ${WAVES_S:-130} - 20 )) --out "$OUT/waves_$op" 2>&1 \
+      | quiet | grep -E "^\{|rror" | cut -c1-300 | tee "$OUT/waves_$op.log"
+  done;;
 esac
 case " $PARTS " in *" gemv-tests "*)
   echo "== one-row decode kernel tests on the GPU: the ten that failed on 2026-12-05 first"

@@ -1225,6 +1225,41 @@ def test_dqk_split_fills_the_sms_on_small_grids(monkeypatch):
     assert mosaic_bwd.dqk_split(programs=64, n_chunks=256) == 1
 
 
+
+def test_wave_balance_doubles_programs_only_where_the_last_wave_fills(monkeypatch):
+    """``LINEARNEXUS_MOSAIC_WAVES=1`` (opt-in): the delta rules' walks take value blocks of
+    32, the reverse walk too, and ``dq / dk`` two chunk parts, where twice the programs fill
+    the waves >= 0.1 better at one program per SM: 192 programs (1, 8192, 96, 128) fill 0.73
+    of two waves' slots, 384 fill 0.97 of three. Not at (8, 4096, 16, 128) (256 of 264
+    slots), (4, 4096, 64, 128) (512), packed rows or walks of too few chunks; off by default
+    (every choice as without it)."""
+    from linearnexus.kernels.common.mosaic_chunk import WAVES_ENV, balances_waves, wave_fill
+
+    assert wave_fill(192) == pytest.approx(192 / 264) and wave_fill(384) == pytest.approx(384 / 396)
+    assert wave_fill(256) == pytest.approx(256 / 264) and wave_fill(264, per_sm=2) == 1.0
+
+    def choices():
+        return (mosaic_bwd.state_block_v(rows=1, heads=96, value_dim=128),
+                mosaic_bwd.dqk_split(programs=192, n_chunks=128),
+                mosaic_delta.default_delta_config(rows=1, heads=96, key_dim=128, value_dim=128,
+                                                  n_chunks=128).block_v)
+
+    monkeypatch.delenv(WAVES_ENV, raising=False)
+    assert not balances_waves(192) and choices() == (64, 1, 64)
+    monkeypatch.setenv(WAVES_ENV, "1")
+    assert balances_waves(192) and choices() == (32, 2, 32)
+    for rows, heads in ((8, 16), (4, 64)):  # full waves already
+        assert not balances_waves(2 * rows * heads)
+        assert mosaic_bwd.state_block_v(rows=rows, heads=heads, value_dim=128) == 64
+        assert mosaic_delta.default_delta_config(rows=rows, heads=heads, key_dim=128,
+                                                 value_dim=128, n_chunks=64).block_v == 64
+    assert mosaic_bwd.dqk_split(programs=256, n_chunks=64) == 1
+    assert mosaic_bwd.state_block_v(rows=1, heads=96, value_dim=128, packed=True) == 64
+    assert mosaic_bwd.dqk_split(programs=192, n_chunks=8) == 1  # too few chunks to share
+    assert mosaic_delta.default_delta_config(rows=1, heads=96, key_dim=128, value_dim=128,
+                                             n_chunks=4).block_v == 64
+
+
 @pytest.mark.skipif(REASON is not None or gpu_interpret_reason() is not None,
                     reason=REASON or gpu_interpret_reason() or "")
 @pytest.mark.parametrize("op,packed", [("simple_gla", False), ("gated_delta_rule", False),

@@ -63,6 +63,7 @@ from linearnexus.kernels.common.mosaic_chunk import (
     _state_out,
     _swizzled,
     _transposed,
+    balances_waves,
     check_wy_args,
     compiler_params,
     deepest_stages,
@@ -376,9 +377,14 @@ STATE_SMALL_BV = True
 def state_block_v(*, rows: int, heads: int, value_dim: int, packed: bool = False) -> int:
     """The reverse walk's value block: :data:`STATE_BLOCK_V`, or 32 with
     :data:`STATE_SMALL_BV_ENV` on where blocks of 64 leave at least half the SMs idle
-    (``mosaic_chunk.small_grid``: batch rows, value dims a multiple of 64)."""
+    (``mosaic_chunk.small_grid``: batch rows, value dims a multiple of 64), or where 32
+    fills the last wave better (``mosaic_chunk.balances_waves``, opt-in:
+    ``LINEARNEXUS_MOSAIC_WAVES=1``)."""
     if env_switch(STATE_SMALL_BV_ENV, STATE_SMALL_BV) and small_grid(
             rows=rows, heads=heads, value_dim=value_dim, packed=packed):
+        return 32
+    if (not packed and value_dim % 64 == 0
+            and balances_waves((value_dim // 64) * heads * rows)):  # (opt-in)
         return 32
     return min(value_dim, STATE_BLOCK_V)
 
@@ -461,8 +467,14 @@ def dqk_split(*, programs: int, n_chunks: int) -> int:
     unless the split is on (:data:`DQK_SPLIT_ENV`) and ``programs`` leave at least half the
     SMs idle (:data:`mosaic_chunk.HOPPER_SMS`; at one program per SM, 128 programs are one
     wave and doubling them makes two), else the fewest (a divisor of ``n_chunks``) that fill
-    them, each keeping >= 8 chunks (the pipeline's fill is one chunk of a program's walk)."""
-    if 2 * programs > HOPPER_SMS or not env_switch(DQK_SPLIT_ENV, DQK_SPLIT):
+    them, each keeping >= 8 chunks (the pipeline's fill is one chunk of a program's walk).
+    Past half the SMs, 2 where that fills the last wave better
+    (:func:`mosaic_chunk.balances_waves`, opt-in: ``LINEARNEXUS_MOSAIC_WAVES=1``)."""
+    if 2 * programs > HOPPER_SMS:
+        # (opt-in) two parts where they fill the last wave better, e.g. 192 programs -> 384
+        two = n_chunks % 2 == 0 and n_chunks >= 16 and balances_waves(programs)
+        return 2 if two else 1
+    if not env_switch(DQK_SPLIT_ENV, DQK_SPLIT):
         return 1
     best = 1
     for d in range(2, n_chunks // 8 + 1):

@@ -334,6 +334,32 @@ def small_grid(*, rows: int, heads: int, value_dim: int, chunk: int = 64,
             and 2 * (value_dim // 64) * rows * heads <= HOPPER_SMS)
 
 
+#: "1": the delta rules' walks and the shared backward kernels also double their programs
+#: (value blocks of 32, ``dq / dk`` chunk parts) where that fills the last wave much better
+#: (:func:`balances_waves`), beyond :func:`small_grid`'s cases; unset: :data:`WAVES`
+WAVES_ENV = "LINEARNEXUS_MOSAIC_WAVES"
+#: off until timed: the case it is for is gated_delta_rule at (1, 8192, 96, 128) on an H100,
+#: forward + backward 0.602x FLA's (target 0.6x; 2026-12-06), whose walks run 192 programs
+#: for 132 SMs at one program per SM (value blocks of 64): a second wave of 60
+WAVES = False
+
+
+def wave_fill(programs: int, per_sm: int = 1) -> float:
+    """The share of the SMs' program slots that ``programs`` use over their waves
+    (``per_sm`` programs resident on each of :data:`HOPPER_SMS`): 1.0 when the last wave is
+    full, e.g. 192 programs at one per SM fill 0.73 (two waves, the second of 60)."""
+    slots = HOPPER_SMS * per_sm
+    return programs / (-(-programs // slots) * slots)
+
+
+def balances_waves(programs: int, *, per_sm: int = 1, gain: float = 0.1) -> bool:
+    """Whether twice ``programs`` would fill the waves at least ``gain`` better
+    (:func:`wave_fill`), with :data:`WAVES_ENV` on. Off, or where more programs fill no
+    better (256 of 264 slots at (8, 4096, 16, 128)), False."""
+    return (env_switch(WAVES_ENV, WAVES)
+            and wave_fill(2 * programs, per_sm) >= wave_fill(programs, per_sm) + gain)
+
+
 def default_mosaic_config(*, rows: int, heads: int, key_dim: int, value_dim: int,
                           n_chunks: int, itemsize: int = 2, chunk: int = 64,
                           packed: bool = False, block_v: int | None = None) -> MosaicConfig:

@@ -77,6 +77,7 @@ from linearnexus.kernels.common.mosaic_chunk import (
     SMEM_LIMIT,
     MosaicConfig,
     MosaicStatic,
+    balances_waves,
     env_switch,
     mosaic_backward_fits,
     mosaic_forward,
@@ -193,12 +194,17 @@ def default_delta_config(*, rows: int, heads: int, key_dim: int, value_dim: int,
     64 would leave at least half the SMs idle on a walk of >= 8 chunks (batch rows; as
     simple_gla's :func:`~linearnexus.kernels.common.mosaic_chunk.default_mosaic_config`).
     Measured at (2, 16384, 16, 128) bf16 gated_delta_rule on an H100 (2026-12-06, through the
-    api): forward 0.902 ms against 0.979 at 64, forward + backward 3.409 against 3.539."""
+    api): forward 0.902 ms against 0.979 at 64, forward + backward 3.409 against 3.539. Also
+    32 where that fills the last wave better (``mosaic_chunk.balances_waves``: opt-in,
+    ``LINEARNEXUS_MOSAIC_WAVES=1``; e.g. 192 programs -> 384 at (1, 8192, 96, 128))."""
     if block_v is None:
         block_v = min(64, value_dim)
         if n_chunks >= 8 and small_grid(rows=rows, heads=heads, value_dim=value_dim,
                                         packed=packed):
             block_v = 32  # at most half the SMs busy at 64: twice the programs
+        elif (n_chunks >= 8 and not packed and value_dim % 64 == 0
+              and balances_waves((value_dim // 64) * rows * heads)):
+            block_v = 32  # (opt-in) a fuller last wave: one program per SM either way
     fused = DEFAULT_FUSED_WY if fused_wy is None else fused_wy
 
     def fits(stages: int) -> bool:
