@@ -528,8 +528,8 @@ def _delta_specs(B, T, H, K, V, h0, gated):
     # the WY products in the walk (the plain forward; the gradient's forward is separate)
     ((2, 1000, 2, 128, 128), True, True, MosaicConfig(fused_wy=True)),
     ((1, 63, 3, 40, 72), False, False, MosaicConfig(fused_wy=True, stages=3)),
-    # the gradient from M^{-1} too: the same kernel counts (M^{-1} and the WY backward
-    # from dy in Triton, the storing fused walk and three Mosaic backward kernels)
+    # the gradient from M^{-1} too: M^{-1} in Triton, the storing fused walk, the two Mosaic
+    # backward kernels and the WY backward from dy (Mosaic by default, else Triton)
     ((2, 1000, 2, 128, 128), True, True, MosaicConfig(fused_grad=True)),
     ((1, 63, 3, 40, 72), False, False, MosaicConfig(fused_grad=True, bwd_stages=1)),
     # value blocks of 32 in the walks (every operand tile at a 64-byte swizzle)
@@ -541,8 +541,10 @@ def test_delta_rules_mosaic_lower_forward_and_backward(shape, h0, gated, config,
     and one Mosaic GPU kernel; under the gradient that kernel stores the states and vn, and
     the Triton backward (dv, dh, dq / dk, WY backward) follows, with no Triton fwd_h; with
     ``backward="mosaic"`` the backward is the two Mosaic kernels (reverse walk, dq / dk)
-    and the Triton WY backward. ``fused_wy``: the forward's Triton kernel writes M^{-1} only
-    (``w``, ``u`` formed in the walk); the gradient as without it unless ``fused_grad``."""
+    and the Triton WY backward (with ``fused_grad``, the default, the WY backward from dy:
+    a Mosaic kernel where ``mosaic_delta.WY_MOSAIC``). ``fused_wy``: the forward's Triton
+    kernel writes M^{-1} only (``w``, ``u`` formed in the walk); the gradient as without it
+    unless ``fused_grad``."""
     monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")
     monkeypatch.delenv(mosaic_delta.FUSED_GRAD_ENV, raising=False)
     monkeypatch.delenv(mosaic_delta.WY_MOSAIC_ENV, raising=False)
@@ -1040,7 +1042,8 @@ def test_delta_value_blocks_of_32_in_the_interpreter(packed, fused_wy, monkeypat
     (True, False, (128, 128), 1, 300, 1, "wy"), (False, True, (64, 128), 1, None, 1, "wy"),
     (True, False, (40, 72), 2, 65, 2, "wy"), (True, False, (128, 128), 1, 300, 1, "mosaic"),
     (False, True, (64, 128), 1, None, 1, "mosaic"), (True, False, (40, 72), 2, 65, 2, "mosaic"),
-    (True, True, (128, 64), 1, None, 2, "mosaic"), (True, False, (64, 64), 2, 1, 1, "mosaic")])
+    (True, True, (128, 64), 1, None, 2, "mosaic"), (True, False, (64, 64), 2, 1, 1, "mosaic"),
+    (True, False, (128, 128), 1, 300, 1, "mosaic-f16")])
 def test_delta_fused_grad_in_the_interpreter(gated, packed, dims, B, T, H, dks, monkeypatch):
     """The delta rules' gradient from M^{-1} (``MosaicConfig(fused_grad=True)``: the fused
     walk storing S_c and vn, the reverse walk forming ``dy = M^{-T} dvn``, the ``dks``
@@ -1053,17 +1056,23 @@ def test_delta_fused_grad_in_the_interpreter(gated, packed, dims, B, T, H, dks, 
     Mosaic ``dw`` kernel, by the XLA matmul (``LINEARNEXUS_MOSAIC_DW_KERNEL=0``), in the
     Triton WY backward from the states (``LINEARNEXUS_MOSAIC_DKS_IN_WY=1``) or in the Mosaic
     WY backward (``LINEARNEXUS_MOSAIC_WY_BWD=1``, the reverse walk writing ``dv = beta dy``;
-    K = V = 128, K = 64 / V = 128 packed, K = 128 / V = 64 packed, head dims 40 / 72, T = 1)."""
+    K = V = 128, K = 64 / V = 128 packed, K = 128 / V = 64 packed, head dims 40 / 72, T = 1;
+    and float16 inputs with the reverse walk at value blocks of 32, ``-f16``)."""
     from linearnexus.kernels.common import mosaic_delta
 
     monkeypatch.delenv(PACKED_ENV, raising=False)
     monkeypatch.setenv(mosaic_bwd.DW_KERNEL_ENV, "0" if dks == "xla" else "1")
     monkeypatch.setenv(mosaic_delta.DKS_IN_WY_ENV, "1" if dks == "wy" else "0")
-    monkeypatch.setenv(mosaic_delta.WY_MOSAIC_ENV, "1" if dks == "mosaic" else "0")
+    monkeypatch.setenv(mosaic_delta.WY_MOSAIC_ENV, "1" if dks.startswith("mosaic") else "0")
     wy_calls = _count_calls(monkeypatch, mosaic_delta, "wy_fused_backward_mosaic")
     K, V = dims
     T, cu, (q, k, v, g, beta, s0), loss = _interpreter_case(5, packed, B, T, H, K, V)
     g = g if gated else jnp.zeros_like(g)  # the reference's ungated rule; mosaic gets None
+    if dks.endswith("-f16"):  # float16 operands; the reverse walk at value blocks of 32
+        q, k, v, beta = (x.astype(jnp.float16) for x in (q, k, v, beta))
+        monkeypatch.setenv(mosaic_bwd.STATE_SMALL_BV_ENV, "1")
+        monkeypatch.setattr(mosaic_bwd, "STATE_SMALL_MIN_CHUNKS", 1)
+        assert mosaic_bwd.state_block_v(rows=B, heads=H, value_dim=V, n_chunks=5) == 32
 
     def run(config, q, k, v, g, beta, s0):
         return delta_rule_mosaic(q, k, v, beta, g if gated else None, scale=K ** -0.5,
@@ -1098,7 +1107,7 @@ def test_delta_fused_grad_in_the_interpreter(gated, packed, dims, B, T, H, dks, 
             continue
         err, sep_err = rel(a, ref), rel(sep, ref)
         assert err <= 1e-2 and err <= 1.25 * sep_err, (name, err, sep_err)
-    assert (len(wy_calls) > 0) == (dks == "mosaic")  # the Mosaic WY backward ran, or not
+    assert (len(wy_calls) > 0) == dks.startswith("mosaic")  # the Mosaic WY backward ran, or not
 
 
 @needs_mosaic
@@ -1194,8 +1203,8 @@ def test_dqk_split_fills_the_sms_on_small_grids(monkeypatch):
     """``mosaic_bwd.dqk_split`` with ``LINEARNEXUS_MOSAIC_DQK_SPLIT=1``: one program per
     (key block, head, row) where they fill the 132 SMs, else the fewest divisors of the
     chunks that do, each walking >= 8 chunks, where at most half the SMs would be busy
-    (128 programs are one wave at one program per SM); one with the switch at 0 (the default
-    until timed). With it on, and the reverse walk at value blocks of 32
+    (128 programs are one wave at one program per SM); one with the switch at 0 (it is on by
+    default). With it on, and the reverse walk at value blocks of 32
     (``LINEARNEXUS_MOSAIC_BWD_BV32=1``: every wgmma operand at a 64-byte swizzle),
     simple_gla's and the gated rule's gradients lower for CUDA at a shape both apply to (8
     programs, 16 chunks: 2 a row), with the same kernel counts."""
@@ -1209,7 +1218,7 @@ def test_dqk_split_fills_the_sms_on_small_grids(monkeypatch):
     monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")
     monkeypatch.setenv(mosaic_delta.WY_MOSAIC_ENV, "0")
     monkeypatch.setenv(mosaic_bwd.STATE_SMALL_BV_ENV, "1")
-    assert mosaic_bwd.state_block_v(rows=2, heads=2, value_dim=128) == 32
+    assert mosaic_bwd.state_block_v(rows=2, heads=2, value_dim=128, n_chunks=16) == 32
     specs = _delta_specs(2, 1000, 2, 128, 128, True, True)
 
     def loss(q, k, v, beta, g, s0):
@@ -1239,7 +1248,7 @@ def test_wave_balance_doubles_programs_only_where_the_last_wave_fills(monkeypatc
     assert wave_fill(256) == pytest.approx(256 / 264) and wave_fill(264, per_sm=2) == 1.0
 
     def choices():
-        return (mosaic_bwd.state_block_v(rows=1, heads=96, value_dim=128),
+        return (mosaic_bwd.state_block_v(rows=1, heads=96, value_dim=128, n_chunks=128),
                 mosaic_bwd.dqk_split(programs=192, n_chunks=128),
                 mosaic_delta.default_delta_config(rows=1, heads=96, key_dim=128, value_dim=128,
                                                   n_chunks=128).block_v)
@@ -1250,11 +1259,14 @@ def test_wave_balance_doubles_programs_only_where_the_last_wave_fills(monkeypatc
     assert balances_waves(192) and choices() == (32, 2, 32)
     for rows, heads in ((8, 16), (4, 64)):  # full waves already
         assert not balances_waves(2 * rows * heads)
-        assert mosaic_bwd.state_block_v(rows=rows, heads=heads, value_dim=128) == 64
+        assert mosaic_bwd.state_block_v(rows=rows, heads=heads, value_dim=128,
+                                        n_chunks=64) == 64
         assert mosaic_delta.default_delta_config(rows=rows, heads=heads, key_dim=128,
                                                  value_dim=128, n_chunks=64).block_v == 64
     assert mosaic_bwd.dqk_split(programs=256, n_chunks=64) == 1
-    assert mosaic_bwd.state_block_v(rows=1, heads=96, value_dim=128, packed=True) == 64
+    assert mosaic_bwd.state_block_v(rows=1, heads=96, value_dim=128, n_chunks=128,
+                                    packed=True) == 64
+    assert mosaic_bwd.state_block_v(rows=1, heads=96, value_dim=128, n_chunks=4) == 64
     assert mosaic_bwd.dqk_split(programs=192, n_chunks=8) == 1  # too few chunks to share
     assert mosaic_delta.default_delta_config(rows=1, heads=96, key_dim=128, value_dim=128,
                                              n_chunks=4).block_v == 64
@@ -1316,8 +1328,10 @@ def test_reverse_walk_value_blocks_of_32_in_the_interpreter(op, config, wy, monk
     width; within float32 rounding), for simple_gla, the gated rule's gradient from
     ``M^{-1}`` (with the Triton and with the Mosaic WY backward, whose ``dv = beta dy`` the
     walk writes) and the ungated rule's separate form. K = V = 128, T = 130 (the last chunk
-    padded), an initial state; and the switch off keeps 64."""
+    padded; the walk's shortest length for blocks of 32 lowered to its 3 chunks here), an
+    initial state; and the switch off keeps 64."""
     monkeypatch.setenv(mosaic_delta.WY_MOSAIC_ENV, wy)
+    monkeypatch.setattr(mosaic_bwd, "STATE_SMALL_MIN_CHUNKS", 3)
     wy_calls = _count_calls(monkeypatch, mosaic_delta, "wy_fused_backward_mosaic")
     B, H, K, V = 1, 1, 128, 128
     T, cu, (q, k, v, g, beta, s0), loss = _interpreter_case(17, False, B, 130, H, K, V)
@@ -1337,7 +1351,7 @@ def test_reverse_walk_value_blocks_of_32_in_the_interpreter(op, config, wy, monk
     grads = {}
     for flag, want in (("0", 64), ("1", 32)):
         monkeypatch.setenv(mosaic_bwd.STATE_SMALL_BV_ENV, flag)
-        assert mosaic_bwd.state_block_v(rows=B, heads=H, value_dim=V) == want
+        assert mosaic_bwd.state_block_v(rows=B, heads=H, value_dim=V, n_chunks=3) == want
         with gpu_interpret():
             grads[flag], _ = jax.grad(lambda *a: loss(run, *a), argnums, has_aux=True)(*args)
     for a, b in zip(grads["1"], grads["0"], strict=True):
@@ -1364,6 +1378,49 @@ def test_program_grid_puts_the_shared_blocks_last(monkeypatch):
     assert program_grid("s", 6, heads=2, rows=1)["grid"] == (1, 2, 6)
 
 
+@needs_mosaic
+def test_lowered_kernels_launch_their_blocks_fastest(monkeypatch):
+    """What the lowering hands Mosaic GPU: every kernel of simple_gla's and the gated rule's
+    gradient (the walks, ``dq / dk``, the Mosaic WY backward) has a 3-axis grid whose last
+    axis, the one Pallas Mosaic GPU launches fastest (CUDA's x; JAX 0.10.2 / 0.11.2's
+    ``lower_jaxpr_to_module``, spied on here), is its blocks', and with
+    ``LINEARNEXUS_MOSAIC_SPLIT_MINOR=0`` its first (rows last)."""
+    from jax._src.pallas.mosaic_gpu import lowering as mgpu_lowering
+
+    from linearnexus.kernels.common.mosaic_chunk import SPLIT_MINOR_ENV
+
+    seen = []
+    original = mgpu_lowering.lower_jaxpr_to_module
+
+    def spy(jax_mesh, axis_names, grid, *args, **kwargs):
+        seen.append((tuple(axis_names.grid), tuple(grid)))
+        return original(jax_mesh, axis_names, grid, *args, **kwargs)
+
+    monkeypatch.setattr(mgpu_lowering, "lower_jaxpr_to_module", spy)
+    monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")
+    monkeypatch.delenv(mosaic_delta.WY_MOSAIC_ENV, raising=False)
+    specs = _delta_specs(2, 1000, 2, 128, 128, True, True)
+
+    def loss(q, k, v, beta, g, s0):
+        o1, f1 = linear_attention_mosaic(q, k, v, g, scale=0.1, initial_state=s0,
+                                         check_device=False)
+        o2, f2 = delta_rule_mosaic(q, k, v, beta, g, scale=0.1, initial_state=s0,
+                                   check_device=False)
+        return sum(jnp.sum(x.astype(jnp.float32)) for x in (o1, f1, o2, f2))
+
+    for flag, rows_at in (("", 0), ("0", 2)):
+        monkeypatch.setenv(SPLIT_MINOR_ENV, flag)
+        seen.clear()
+        # a new function each time: jit's trace cache does not see the environment
+        _lower(jax.grad(lambda *a: loss(*a), argnums=(0, 1, 2, 3, 4, 5)), *specs)
+        # each op's storing walk, reverse walk and dq / dk, and the gated rule's WY backward
+        assert len(seen) == 7
+        for names, grid in seen:
+            assert len(names) == len(grid) == 3 and names[1] == "h" and grid[1] == 2
+            assert names[rows_at] == "r" and grid[rows_at] == 2
+            assert names[2 - rows_at] in ("v", "k", "s")
+
+
 @pytest.mark.skipif(REASON is not None or gpu_interpret_reason() is not None,
                     reason=REASON or gpu_interpret_reason() or "")
 @pytest.mark.parametrize("op", ["simple_gla", "gated_delta_rule", "gated_delta_rule/mosaic-wy",
@@ -1380,6 +1437,7 @@ def test_launch_order_is_bit_identical_in_the_interpreter(op, monkeypatch):
     from linearnexus.kernels.gla.mosaic import gla_mosaic
 
     monkeypatch.setenv(mosaic_delta.WY_MOSAIC_ENV, "1" if op.endswith("/mosaic-wy") else "0")
+    wy_calls = _count_calls(monkeypatch, mosaic_delta, "wy_fused_backward_mosaic")
     B, H, K, V = 2, 2, 128, 128
     T, cu, (q, k, v, g, beta, s0), loss = _interpreter_case(23, False, B, 130, H, K, V)
     if op == "gla":  # per-key log-gates [B, T, H, K]
@@ -1405,6 +1463,7 @@ def test_launch_order_is_bit_identical_in_the_interpreter(op, monkeypatch):
     for a, b in zip(jax.tree.leaves(got["1"]), jax.tree.leaves(got["0"]), strict=True):
         np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)),
                                       np.asarray(b.astype(jnp.float32)))
+    assert len(wy_calls) == (2 if op.endswith("/mosaic-wy") else 0)  # once a gradient
 
 
 def test_delta_mosaic_dispatch_and_declines_what_it_does_not_cover(monkeypatch):

@@ -14,13 +14,15 @@ Per chunk c of L tokens, entering with state ``S_c`` and leaving with the state 
 Two kernels, both walking the chunks of one row in a TMA pipeline (``plgpu.emit_pipeline``)
 with every matmul a warpgroup ``wgmma``:
 
-* ``state_grad`` (grid ``[V blocks of 64, heads, rows]``, chunks in reverse): the state gradient
+* ``state_grad`` (value blocks of 64, or 32 on small grids, x heads x rows, launched as
+  ``(rows, heads, blocks)``: ``mosaic_chunk.program_grid``; chunks in reverse): the state gradient
   ``dS [K, BV]`` is a float32 wgmma accumulator that never leaves registers; per chunk it
   goes out once in bf16 (``dh [R, NC, H, K, V]``, read by the next kernel), ``dv`` is
   complete here (its contractions run over K and L, both whole in the program), and after
   the walk ``dS_0`` is the initial state's gradient. It is the forward kernel run
   backwards: the same four wgmmas, ``q`` in place of ``k`` and ``do`` in place of ``v``.
-* ``dqk`` (grid ``[K blocks of 64, heads, rows]``, chunks in order): ``dq``, ``dk`` and the
+* ``dqk`` (key blocks of 64 times chunk parts on small grids, x heads x rows, launched as
+  ``(rows, heads, parts x blocks)``; chunks in order): ``dq``, ``dk`` and the
   gate gradient's per-token terms from ``q, k, v, do``, the stored ``S_c`` (the forward's
   ``store_states``) and ``dS_{c+1}``. ``dA^T`` is a second small wgmma (``v do^T``) rather
   than a transpose of registers, as FlashAttention-3's backward forms ``dP^T``. Blocks of
@@ -372,14 +374,21 @@ STATE_SMALL_BV_ENV = "LINEARNEXUS_MOSAIC_BWD_BV32"
 #: there took 3.235 ms with it against 3.396 without, 2.788 with the dqk split too (3.396
 #: neither), 2.567 with both and the Mosaic WY backward
 STATE_SMALL_BV = True
+#: the shortest walk (chunks) that takes value blocks of 32 on a small grid, as the forward
+#: heuristics' (``default_mosaic_config``, ``mosaic_delta.default_delta_config``)
+STATE_SMALL_MIN_CHUNKS = 8
 
 
-def state_block_v(*, rows: int, heads: int, value_dim: int, packed: bool = False) -> int:
+def state_block_v(*, rows: int, heads: int, value_dim: int, n_chunks: int,
+                  packed: bool = False) -> int:
     """The reverse walk's value block: :data:`STATE_BLOCK_V`, or 32 with
     :data:`STATE_SMALL_BV_ENV` on where blocks of 64 leave at least half the SMs idle
-    (``mosaic_chunk.small_grid``: batch rows, value dims a multiple of 64), or where 32
+    (``mosaic_chunk.small_grid``: batch rows, value dims a multiple of 64) on a walk of >= 8
+    chunks (as the forward heuristics: ``n_chunks``, chunk 64), or where 32
     fills the last wave better (``mosaic_chunk.balances_waves``, opt-in:
     ``LINEARNEXUS_MOSAIC_WAVES=1``)."""
+    if n_chunks < STATE_SMALL_MIN_CHUNKS:  # a short walk: as the forward heuristics, 64
+        return min(value_dim, STATE_BLOCK_V)
     if env_switch(STATE_SMALL_BV_ENV, STATE_SMALL_BV) and small_grid(
             rows=rows, heads=heads, value_dim=value_dim, packed=packed):
         return 32
@@ -415,7 +424,7 @@ def run_state_grad(st: MosaicStatic, q: Array, k: Array, do: Array, gates: tuple
                          f"fused_grad={st.fused_grad}")
     R, NC, L, H, K, V = c.rows, c.n_chunks, c.chunk, c.heads, c.key_dim, c.value_dim
     dtype = q.dtype
-    bv = state_block_v(rows=R, heads=H, value_dim=V, packed=c.packed)
+    bv = state_block_v(rows=R, heads=H, value_dim=V, n_chunks=NC, packed=c.packed)
     stages = st.bwd_stages or deepest_stages(lambda s: state_smem_bytes(
         chunk=L, key_dim=K, block_v=bv, stages=s, itemsize=jnp.dtype(dtype).itemsize,
         delta=c.delta, packed=c.packed, fused=fused, scaled_dy=scaled_dy) <= SMEM_LIMIT, 3)

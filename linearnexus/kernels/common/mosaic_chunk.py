@@ -126,6 +126,8 @@ SPLIT_MINOR_ENV = "LINEARNEXUS_MOSAIC_SPLIT_MINOR"
 #: the programs that read the same q / k tiles (a head's value blocks, or its key blocks)
 #: launched next to each other, so that they run in the same wave (:func:`program_grid`)
 SPLIT_MINOR = True
+#: the most blocks CUDA launches along a grid's y or z axis (x takes 2^31 - 1)
+CUDA_GRID_YZ = 65535
 
 
 def program_grid(split_name: str, split: int, *, heads: int, rows: int) -> dict[str, Any]:
@@ -144,8 +146,9 @@ def program_grid(split_name: str, split: int, *, heads: int, rows: int) -> dict[
     against 1.34, 1.21, 1.61 computed with the shared tiles read twice), while simple_gla's
     plain walk (two programs per SM, one wave) moved its floor's bytes. With the blocks
     last the programs that share tiles run side by side (:data:`SPLIT_MINOR_ENV` "0":
-    the order before)."""
-    if env_switch(SPLIT_MINOR_ENV, SPLIT_MINOR):
+    the order before). Rows go to CUDA's z axis then, which takes at most
+    :data:`CUDA_GRID_YZ`; more rows keep the order before (rows on x)."""
+    if env_switch(SPLIT_MINOR_ENV, SPLIT_MINOR) and rows <= CUDA_GRID_YZ:
         return {"grid": (rows, heads, split), "grid_names": ("r", "h", split_name)}
     return {"grid": (split, heads, rows), "grid_names": (split_name, "h", "r")}
 

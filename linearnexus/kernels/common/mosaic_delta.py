@@ -141,7 +141,9 @@ DEFAULT_FUSED_GRAD = True
 
 #: "1": in the gradient from M^{-1}, the Triton WY backward forms dks = -dy S_c^T from the
 #: stored states (pallas_wy.wy_fused_backward's ``states``) and the Mosaic dw kernel does not
-#: run; "0" the dw kernel forms it; unset: :data:`DKS_IN_WY`. By bytes: the dw kernel reads dy
+#: run; "0" the dw kernel forms it; unset: :data:`DKS_IN_WY`. Read only where the Triton WY
+#: backward runs (``LINEARNEXUS_MOSAIC_WY_BWD=0``, or the Mosaic one does not fit): the Mosaic
+#: WY backward forms dks from the states itself. By bytes: the dw kernel reads dy
 #: and S_c and writes dks, the WY backward reads dks (~0.67 GB at (8, 4096, 16, 128) bf16),
 #: against the WY backward reading S_c (0.27 GB)
 DKS_IN_WY_ENV = "LINEARNEXUS_MOSAIC_DKS_IN_WY"
@@ -369,8 +371,9 @@ def mosaic_delta_fused(st: MosaicStatic, wst: WyStatic, q: Array, k: Array, v: A
     (``pallas_wy.wy_inverse``) and the walk forms ``vn = M^{-1} (beta v - beta e^b (k S_c))``
     per chunk, so ``w`` and ``u`` never reach HBM. Under a gradient with ``st.fused_grad``
     (the default with the Mosaic backward) the forward is this walk storing ``S_c`` and
-    ``vn`` and the backward :func:`mosaic_bwd.mosaic_delta_fused_backward` then
-    :func:`pallas_wy.wy_fused_backward`, still without ``w``, ``u``; without it both are
+    ``vn`` and the backward :func:`mosaic_bwd.mosaic_delta_fused_backward` then the WY
+    backward (``mosaic_wy.wy_fused_backward_mosaic`` by default, :data:`WY_MOSAIC`; else
+    :func:`pallas_wy.wy_fused_backward`), still without ``w``, ``u``; without it both are
     :func:`_separate`'s (its backward reads ``w`` and the stored ``vn``, ``S_c``).
 
     Args:

@@ -16,15 +16,16 @@ with ``kk = k k^T``; ``dg`` is the in-chunk suffix sum of ``db``, and ``dv = bet
 the reverse walk (``mosaic_bwd.run_state_grad(..., scaled_dy=True)``).
 ``pallas_wy.wy_fused_backward`` is the same gradient in Triton; this is a streaming kernel
 in the layout of ``mosaic_bwd.run_dw``: grid ``[parts of the chunks x key blocks, heads,
-rows]``, each program walking its chunks in a TMA pipeline with every product a warpgroup
+rows]``, launched as ``(rows, heads, parts x key blocks)`` (``mosaic_chunk.program_grid``),
+each program walking its chunks in a TMA pipeline with every product a warpgroup
 wgmma. A program owns one key block of 64 (``dks``, ``dk``): the state's ``[64, V]`` rows
 instead of all ``[K, V]`` keep two stages in shared memory at K = V = 128 (215,040 bytes),
 and the ``[L, L]`` terms (``dA``, ``dA^T``, ``kk``) are formed again by each key block's
 program (three wgmmas of 64 x 64 x K or V; the tiles they read were just read by the
-neighbouring program, so mostly from L2). The transposes are products of their own
-(``vn dy^T`` for ``dA^T``): the column sums of ``Gb * kk`` are the row sums of ``Gb^T * kk``
-(``kk`` is symmetric), so no array is transposed in registers, as ``mosaic_bwd``'s
-``dq / dk`` kernel forms ``dA^T``.
+neighbouring program, which the launch order runs beside it, so mostly from L2). The
+transposes are products of their own (``vn dy^T`` for ``dA^T``): the column sums of
+``Gb * kk`` are the row sums of ``Gb^T * kk`` (``kk`` is symmetric), so no array is
+transposed in registers, as ``mosaic_bwd``'s ``dq / dk`` kernel forms ``dA^T``.
 
 The per-token sums (``dbeta``, ``db``) leave each program as ``[NK, R, H, TP]`` float32
 rows (the key-block-free terms from the first key block's program only) and XLA adds the
