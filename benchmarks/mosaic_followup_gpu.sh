@@ -68,6 +68,11 @@
 #      of 32 and dq / dk in two chunk parts where twice the programs fill the last wave
 #      better) off and on, twice each, for gated_delta_rule and simple_gla at (1, 8192, 96,
 #      128), the case it is for (192 programs for 132 SMs), if PARTS has "waves" (~250 s);
+#   5k. GLA's state walk on Mosaic GPU (gla/mosaic.py's gla_state_grad, LINEARNEXUS_MOSAIC_GLA_BWD=1:
+#      the Triton bwd_dh and bwd_dv as one walk): checks against the reference with it on
+#      (kernels_gpu.py, dense and packed, T = 63 / 1000, D = 64 / 128), then off and on twice
+#      through the api at (8, 4096, 16, 128) and (2, 16384, 16, 128), if PARTS has "gla-bwd"
+#      (~400 s);
 #   6. the one-row decode kernels' tests compiled on the GPU, failures with their tracebacks
 #      (10 failed on an H100 on 2026-12-05: the tests' dispatch, fixed by tests/conftest.py's
 #      cpu_dispatch; docs/benchmarks.md), if PARTS has "gemv-tests".
@@ -251,6 +256,18 @@ case " $PARTS " in *" waves "*)
       --configs "" $W1 "" $W1 --budget $(( ${WAVES_S:-130} - 20 )) --out "$OUT/waves_$op" 2>&1 \
       | quiet | grep -E "^\{|rror" | cut -c1-300 | tee "$OUT/waves_$op.log"
   done;;
+esac
+case " $PARTS " in *" gla-bwd "*)
+  echo "== GLA's state walk on Mosaic GPU: checks with it on, then off / on through the api"
+  G1=LINEARNEXUS_MOSAIC_GLA_BWD=1
+  env $G1 timeout ${GLA_BWD_CHECK_S:-200} python3 benchmarks/kernels_gpu.py --ops gla \
+    --check-backends mosaic --check-seqs 63 1000 --check-dims 64 128 --skip-fla --skip-ln \
+    --skip-mamba --skip-ceilings --out "$OUT" --name gla_bwd_check 2>&1 | quiet \
+    | grep -E "PASS|FAIL|ERROR|not impl|rror" | cut -c1-230 | tee "$OUT/gla_bwd_check.log"
+  timeout ${GLA_BWD_S:-200} python3 benchmarks/mosaic_config_gpu.py --op gla \
+    --shapes 8,4096,16,128 2,16384,16,128 --configs "" $G1 "" $G1 \
+    --budget $(( ${GLA_BWD_S:-200} - 25 )) --out "$OUT/gla_bwd" 2>&1 | quiet \
+    | grep -E "^\{|rror" | cut -c1-300 | tee "$OUT/gla_bwd.log";;
 esac
 case " $PARTS " in *" gemv-tests "*)
   echo "== one-row decode kernel tests on the GPU: the ten that failed on 2026-12-05 first"

@@ -36,7 +36,8 @@ INTERPRET_REASON = REASON or gpu_interpret_reason()
 def test_gla_mosaic_lowers_forward_and_backward(shape, packed, monkeypatch):
     """The forward is one Mosaic GPU kernel after the Triton ``sums`` and ``fwd_a``; the
     gradient adds GLA's six Triton backward kernels and no Triton ``fwd_h`` / ``fwd_o``
-    (the walk stores the chunk states)."""
+    (the walk stores the chunk states); with the Mosaic state walk (opt-in) four Triton
+    backward kernels and one more Mosaic kernel."""
     monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")  # Triton kernels, not interpret mode
     B, T, H, K, V = shape
     qk = jax.ShapeDtypeStruct((B, T, H, K), jnp.bfloat16)
@@ -62,6 +63,30 @@ def test_gla_mosaic_lowers_forward_and_backward(shape, packed, monkeypatch):
     assert grad_text.count("custom_call @mosaic_gpu") == 1
     # sums, fwd_a; bwd_dh, bwd_da, bwd_dv, bwd_dqk, bwd_dqk_walk, dg
     assert grad_text.count("xla.gpu.triton") == 8
+    # the state walk on Mosaic GPU (LINEARNEXUS_MOSAIC_GLA_BWD=1): bwd_dh and bwd_dv become
+    # one Mosaic kernel (a new function: jit's trace cache does not see the environment)
+    monkeypatch.setenv(gla_mosaic_mod.BWD_WALK_ENV, "1")
+    walk_text = lower_for_gpu(jax.value_and_grad(lambda *a: loss(*a), argnums=(0, 1, 2, 3) + (
+        () if packed else (4,))), qk, qk, v, g, s0, cu)
+    assert walk_text.count("custom_call @mosaic_gpu") == 2
+    assert walk_text.count("xla.gpu.triton") == 6
+
+
+def _gla_inputs(seed: int, B: int, T: int, H: int, K: int, V: int, N: int, *,
+                strong: bool = False):
+    """``(q, k, v, g, s0, do, dht)``: bf16 q, k ``[B, T, H, K]`` and v ``[B, T, H, V]``,
+    float32 log-gates ``[B, T, H, K]`` (half the key dims at -3 a step with ``strong``), ``N``
+    initial states and final-state cotangents ``[N, H, K, V]``, output cotangents like v."""
+    ks = jax.random.split(jax.random.PRNGKey(seed), 8)
+    q, k, v = (jax.random.normal(kk, (B, T, H, d)).astype(jnp.bfloat16)
+               for kk, d in zip(ks[:3], (K, K, V), strict=True))
+    g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H, K)) + 2) / 4
+    if strong:
+        g = g.at[..., : K // 2].set(-3.0)
+    s0 = jax.random.normal(ks[4], (N, H, K, V))
+    do = jax.random.normal(ks[5], (B, T, H, V))
+    dht = jax.random.normal(ks[6], (N, H, K, V))
+    return q, k, v, g, s0, do, dht
 
 
 @pytest.mark.skipif(INTERPRET_REASON is not None, reason=INTERPRET_REASON or "")
@@ -85,15 +110,7 @@ def test_gla_mosaic_matches_reference_in_the_interpreter(case):
     T = sum(lens) if lens else 63 if case == "forward-odd-dims" else 100
     cu = jnp.array([0, *itertools.accumulate(lens)], jnp.int32) if lens else None
     N = len(lens) if lens else B
-    ks = jax.random.split(jax.random.PRNGKey(7), 8)
-    q, k, v = (jax.random.normal(kk, (B, T, H, d)).astype(jnp.bfloat16)
-               for kk, d in zip(ks[:3], (K, K, V), strict=True))
-    g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H, K)) + 2) / 4
-    if case == "strong-decay":
-        g = g.at[..., : K // 2].set(-3.0)
-    s0 = jax.random.normal(ks[4], (N, H, K, V))
-    do = jax.random.normal(ks[5], (B, T, H, V))
-    dht = jax.random.normal(ks[6], (N, H, K, V))
+    q, k, v, g, s0, do, dht = _gla_inputs(7, B, T, H, K, V, N, strong=case == "strong-decay")
 
     def rel(a, b):
         return float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
@@ -131,6 +148,76 @@ def test_gla_mosaic_matches_reference_in_the_interpreter(case):
     errors = {n: rel(a, b) for n, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), grads, ref_grads,
                                                strict=True) if with_h0 or n != "dh0"}
     assert max(errors.values()) <= 1e-2, errors
+
+
+
+@pytest.mark.skipif(INTERPRET_REASON is not None, reason=INTERPRET_REASON or "")
+@pytest.mark.parametrize("case", ["dense", "packed", "strong-decay", "wide", "value-blocks-32"])
+def test_gla_mosaic_state_walk_gradient_in_the_interpreter(case, monkeypatch):
+    """GLA's gradient with its state walk on Mosaic GPU (``LINEARNEXUS_MOSAIC_GLA_BWD=1``:
+    ``gla_state_grad`` in place of the Triton ``bwd_dh`` and ``bwd_dv``) in JAX 0.11's
+    Mosaic GPU interpreter: every gradient against the per-step reference (1e-2, bf16) and
+    within 1.1x the Triton backward's error plus 1e-4 (the same roundings, in another
+    order), outputs unchanged. Two rows, two heads, K = 64, V = 128 (two value
+    blocks), T = 100, initial states (``dense``); four packed sequences of 70, 0, 30 and 64
+    tokens with their initial states (``packed``); half the key dims decaying by e^-3 a step
+    (``strong-decay``); K = V = 128, T = 130 (``wide``); the walk at value blocks of 32
+    (``value-blocks-32``)."""
+    from linearnexus.kernels.common import mosaic_bwd
+
+    lens = (70, 0, 30, 64) if case == "packed" else None
+    B, H, K, V = {"dense": (2, 2, 64, 128), "wide": (1, 1, 128, 128),
+                  "value-blocks-32": (1, 1, 64, 128)}.get(case, (1, 1, 64, 64))
+    T = sum(lens) if lens else 130 if case == "wide" else 100
+    cu = jnp.array([0, *itertools.accumulate(lens)], jnp.int32) if lens else None
+    N = len(lens) if lens else B
+    if case == "value-blocks-32":  # the small-grid rule on a 2-chunk walk
+        monkeypatch.setattr(mosaic_bwd, "STATE_SMALL_MIN_CHUNKS", 1)
+        monkeypatch.setenv(mosaic_bwd.STATE_SMALL_BV_ENV, "1")
+    else:
+        monkeypatch.setenv(mosaic_bwd.STATE_SMALL_BV_ENV, "0")
+    q, k, v, g, s0, do, dht = _gla_inputs(11, B, T, H, K, V, N, strong=case == "strong-decay")
+    walks = []
+    original = gla_mosaic_mod.gla_state_grad
+
+    def spy(*a, **kw):
+        walks.append(1)
+        return original(*a, **kw)
+
+    monkeypatch.setattr(gla_mosaic_mod, "gla_state_grad", spy)
+
+    def rel(a, b):
+        return float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+
+    def loss(fn, *args):
+        o, final = fn(*args)
+        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(final * dht), (o, final)
+
+    def mosaic(q, k, v, g, s0):
+        return gla_mosaic(q, k, v, g, scale=K ** -0.5, initial_state=s0, cu_seqlens=cu,
+                          check_device=False)
+
+    args = (q, k, v, g, s0)
+    argnums = (1, 2, 3, 4, 5)
+    got = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv(gla_mosaic_mod.BWD_WALK_ENV, flag)
+        with gpu_interpret():
+            got[flag] = jax.grad(loss, argnums, has_aux=True)(
+                lambda *a: mosaic(*a), *args)
+    assert len(walks) == 1  # the Mosaic walk ran with the switch on only
+    with jax.default_matmul_precision("highest"):
+        ref_grads, _ = jax.grad(loss, argnums, has_aux=True)(
+            lambda q, k, v, g, s0: gla_reference(q, k, v, g, scale=K ** -0.5, initial_state=s0,
+                                                 cu_seqlens=cu),
+            *(x.astype(jnp.float32) for x in args))
+    (grads, outs), (tri_grads, tri_outs) = got["1"], got["0"]
+    for a, b in zip(outs, tri_outs, strict=True):  # the forward is the same either way
+        assert float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))) == 0.0
+    for name, a, t, ref in zip(("dq", "dk", "dv", "dg", "dh0"), grads, tri_grads, ref_grads,
+                               strict=True):
+        err, tri_err = rel(a, ref), rel(t, ref)
+        assert err <= 1e-2 and err <= 1.1 * tri_err + 1e-4, (name, err, tri_err)
 
 
 def test_gla_mosaic_dispatch_and_declines_what_it_does_not_cover(monkeypatch):

@@ -61,11 +61,11 @@ from linearnexus.kernels.common.mosaic_chunk import (
     _enter,
     _leave,
     _load,
-    _state_in,
     _state_out,
     _swizzled,
     _transposed,
     balances_waves,
+    check_layout,
     check_wy_args,
     compiler_params,
     deepest_stages,
@@ -75,6 +75,7 @@ from linearnexus.kernels.common.mosaic_chunk import (
     operand_swizzle,
     program_grid,
     small_grid,
+    state_grad_carry,
     wgmma_onto,
     wgmma_regs,
 )
@@ -147,10 +148,7 @@ def _state_grad_kernel(*refs, st: MosaicStatic, dtype: Any, stages: int, block_v
     rows_layout, cols_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)
     iv, h, r = jax.lax.axis_index("v"), jax.lax.axis_index("h"), jax.lax.axis_index("r")
     vs = pl.ds(iv * BV, BV)
-    if packed:  # each sequence's dht enters at the chunk that closes it
-        ds0 = plgpu.layout_cast(jnp.zeros((K, BV), F32), wgmma_layout)
-    else:
-        ds0 = _state_in(dht_ref.at[r, h, :, vs], bar, (K, BV))
+    ds0 = state_grad_carry(c, dht_ref, bar, r, h, vs, (K, BV))
     # [key j, query i]: Gamma^T keeps i >= j
     upper = (plgpu.broadcasted_iota(jnp.int32, (L, L), 1, layout=wgmma_layout)
              >= plgpu.broadcasted_iota(jnp.int32, (L, L), 0, layout=wgmma_layout))
@@ -428,9 +426,7 @@ def run_state_grad(st: MosaicStatic, q: Array, k: Array, do: Array, gates: tuple
     stages = st.bwd_stages or deepest_stages(lambda s: state_smem_bytes(
         chunk=L, key_dim=K, block_v=bv, stages=s, itemsize=jnp.dtype(dtype).itemsize,
         delta=c.delta, packed=c.packed, fused=fused, scaled_dy=scaled_dy) <= SMEM_LIMIT, 3)
-    if c.packed != (layout is not None):
-        raise ValueError(f"layout: expected {'(seq_info, flags)' if c.packed else 'None'} for "
-                         f"packed={c.packed}")
+    check_layout(c, layout)
     tile = plgpu.SMEM((L, bv), dtype, transforms=_swizzled(bv, dtype, operand_swizzle(bv, dtype)))
     # the scaled-do tile, for the delta rules the -dvn tile, for packed rows the float32
     # staging tile of each sequence's dht / dh0

@@ -466,6 +466,26 @@ def _state_in(gmem: Any, bar: Any, shape: tuple[int, int]) -> Array:
     return pl.run_scoped(scoped, plgpu.SMEM(shape, F32, transforms=_swizzled(shape[1], F32)))
 
 
+def check_layout(core: Any, layout: tuple[Array, Array] | None) -> None:
+    """Raise ``ValueError`` naming ``layout`` unless it is ``(seq_info, flags)`` exactly when
+    ``core`` describes packed rows."""
+    if core.packed != (layout is not None):
+        raise ValueError(f"layout: expected {'(seq_info, flags)' if core.packed else 'None'} "
+                         f"for packed={core.packed}")
+
+
+def state_grad_carry(core: Any, dht_ref: Any, bar: Any, r: Any, h: Any, vs: Any,
+                     shape: tuple[int, int]) -> Array:
+    """The float32 state gradient a reverse walk starts from (WGMMA layout): batch row
+    ``r``'s final-state gradient block ``dht_ref[r, h, :, vs]``, or zeros for packed rows
+    (each sequence's enters at the chunk that closes it, :func:`_enter`)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if core.packed:
+        return plgpu.layout_cast(jnp.zeros(shape, F32), plgpu.Layout.WGMMA)
+    return _state_in(dht_ref.at[r, h, :, vs], bar, shape)
+
+
 def initial_carry(core: CoreStatic, h0_ref: Any, bar: Any, r: Any, h: Any, vs: Any,
                   shape: tuple[int, int]) -> Array:
     """The float32 state a forward walk starts from (WGMMA layout): batch row ``r``'s initial
@@ -836,9 +856,7 @@ def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
                          f"fused_grad={st.fused_grad})")
     fused = st.fused_wy
     check_wy_args(c.delta, fused, "fused_wy", w, minv, beta)
-    if c.packed != (layout is not None):
-        raise ValueError(f"layout: expected {'(seq_info, flags)' if c.packed else 'None'} for "
-                         f"packed={c.packed}")
+    check_layout(c, layout)
     dtype = q.dtype
     bh, decay, e_last = gate_rows(b, L, K)
     if h0 is None:

@@ -29,6 +29,8 @@ Backward: GLA's Triton backward (``gla/pallas.py``: ``bwd_dh``, ``bwd_da``, ``bw
 ``bwd_dqk`` and its walk, ``dg``), fed by the residuals it expects; under a gradient the walk
 stores every chunk's entering state (the bf16 tile of the ``(q e^b) S_c`` matmul becomes a
 pipeline output slot, as simple_gla's ``store_states``), so Triton's ``fwd_h`` is not re-run.
+With :data:`BWD_WALK_ENV` (opt-in until timed) ``bwd_dh`` and ``bwd_dv`` are one Mosaic GPU
+reverse walk instead (:func:`gla_state_grad`).
 
 Scope: bf16 / f16, chunk 64, key dims padded to 64 or 128, batch rows and packed sequences
 (``cu_seqlens``). Anything else raises ``NotImplementedError`` and the dispatcher moves on to
@@ -66,13 +68,16 @@ from linearnexus.kernels.common.mosaic_chunk import (
     _state_out,
     _swizzled,
     _transposed,
+    check_layout,
     compiler_params,
     deepest_stages,
     env_switch,
     initial_carry,
     interpret_kwargs,
+    operand_swizzle,
     pass_empty,
     program_grid,
+    state_grad_carry,
     triton_layout,
     wgmma_onto,
     wgmma_regs,
@@ -99,6 +104,13 @@ OPT_IN_ENV = "LINEARNEXUS_MOSAIC_GLA"
 #: kernels there at K = 128 (forward 0.76-0.78x, forward + backward 0.92-0.97x, bf16,
 #: (8, 4096, 16, 128) and (2, 16384, 16, 128), 2026-12-05); K = 64 not timed yet
 AUTOMATIC = True
+#: "1": GLA's gradient walks its state gradient on Mosaic GPU (:func:`gla_state_grad`: the
+#: Triton ``bwd_dh`` and ``bwd_dv`` as one walk), "0" the Triton kernels; unset:
+#: :data:`BWD_WALK`
+BWD_WALK_ENV = "LINEARNEXUS_MOSAIC_GLA_BWD"
+#: off until timed on a GPU: checked against the Triton backward in JAX 0.11's Mosaic GPU
+#: interpreter (tests/test_mosaic_gla.py) and lowered for CUDA on 0.10 and 0.11
+BWD_WALK = False
 #: the feature table's note on the backend
 MOSAIC_STATUS = ("sm_90+, batches and packed sequences: Triton preparation (A, decayed q / k), "
                  "Mosaic GPU forward walk, Triton backward; checked on an H100; "
@@ -339,9 +351,7 @@ def gla_walk(st: MosaicStatic, qe: Array, ke: Array, v: Array, a: Array, e_last:
 
     c = st.core
     R, NC, L, H, K, V = c.rows, c.n_chunks, c.chunk, c.heads, c.key_dim, c.value_dim
-    if c.packed != (layout is not None):
-        raise ValueError(f"layout: expected {'(seq_info, flags)' if c.packed else 'None'} for "
-                         f"packed={c.packed}")
+    check_layout(c, layout)
     dtype = qe.dtype
     if h0 is None:
         h0 = jnp.zeros((1, 1, K, V), F32)  # never read (core.has_h0 False); keeps one signature
@@ -368,6 +378,161 @@ def gla_walk(st: MosaicStatic, qe: Array, ke: Array, v: Array, a: Array, e_last:
     return f(qe, ke, v, a, e_last, h0, *(() if layout is None else layout))
 
 
+def state_grad_smem(*, key_dim: int, block_v: int, stages: int, itemsize: int = 2,
+                    packed: bool = False) -> int:
+    """Shared memory of one :func:`gla_state_grad` program: per stage the ``q e^b``, ``k
+    e^{b_L - b}`` ``[L, K]`` tiles, ``do`` and ``dv`` ``[L, BV]``, ``dS`` ``[K, BV]`` in the
+    inputs' dtype, ``A`` ``[L, L]`` float32 and the ``e^{b_L}`` row; the 16-bit ``A s``
+    tile; for packed rows the float32 staging tile beside the pipeline (the scoped tile of
+    ``dht`` / ``dh0`` otherwise reuses the pipeline's space)."""
+    L, K, BV = CHUNK, key_dim, block_v
+    per_stage = (2 * L * K + 2 * L * BV + K * BV) * itemsize + L * L * 4 + K * 4
+    scratch = L * L * itemsize + (K * BV * 4 if packed else 0)
+    return scratch + max(stages * per_stage, K * BV * 4)
+
+
+def _state_grad_kernel(*refs, st: MosaicStatic, dtype: Any, stages: int, block_v: int) -> None:
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    c = st.core
+    packed = c.packed
+    refs = list(refs)
+    bar = refs.pop()
+    seq_smem = refs.pop() if packed else None
+    a16_smem = refs.pop()
+    dv_ref, dh_ref, dh0_ref = refs[-3:]
+    refs = refs[:-3]
+    seq_ref, flag_ref = (refs.pop(-2), refs.pop()) if packed else (None, None)
+    qe_ref, ke_ref, do_ref, a_ref, e_ref, dht_ref = refs
+    L, K, BV, NC = c.chunk, c.key_dim, block_v, c.n_chunks
+    cap = operand_swizzle(BV, dtype)  # every wgmma operand at one swizzle (64 B at BV = 32)
+    wgmma_layout = plgpu.Layout.WGMMA
+    rows_layout = wgmma_layout.reduce(1)
+    iv, h, r = jax.lax.axis_index("v"), jax.lax.axis_index("h"), jax.lax.axis_index("r")
+    vs = pl.ds(iv * BV, BV)
+    ds0 = state_grad_carry(c, dht_ref, bar, r, h, vs, (K, BV))
+
+    def back(i):  # chunks in reverse
+        return NC - 1 - i
+
+    def body(idx, qe_smem, ke_smem, do_smem, a_smem, e_smem, dv_smem, dh_smem, ds):
+        if packed:  # the chunk that closes a sequence enters with its final state's gradient
+            seq, opens, closes = _chunk_flags(seq_ref, flag_ref, r, back(idx[0]))
+            ds = _enter(ds, closes, seq_smem, dht_ref.at[seq, h, :, vs], bar)
+        # dS_{c+1} in the input dtype: out for bwd_dqk (Triton's bwd_dh stores it so) and the
+        # B operand of (k e^{b_L - b}) dS; A s in the input dtype, as Triton's bwd_dv rounds it
+        dh_smem[...] = ds.astype(dtype)
+        a16_smem[...] = (_load(a_smem, wgmma_layout) * c.scale).astype(dtype)  # [L, L]
+        plgpu.commit_smem()
+
+        def values(acc):
+            plgpu.wgmma(acc, ke_smem, dh_smem)  # [L, K] @ [K, BV]
+            plgpu.wgmma(acc, _transposed(a16_smem), do_smem)  # [L, L] @ [L, BV]: (A s)^T do
+            return acc[...]
+
+        dv = pl.run_scoped(values, plgpu.ACC((L, BV), F32))
+        dv_smem[...] = dv.astype(dtype)
+        e_row = _load(e_smem, rows_layout)  # [K], e^{b_L}
+
+        def update(acc):  # dS_c = s (e^{b_L} dS_{c+1} / s + (q e^b)^T do)
+            plgpu.wgmma(acc, _transposed(qe_smem), do_smem)  # [K, L] @ [L, BV]
+
+        # the scale as two float32 factors rather than on a rounded copy of do (Triton's
+        # bwd_dh scales the float32 product)
+        decay = jax.lax.broadcast_in_dim(e_row * (1.0 / c.scale), (K, BV), [0])
+        ds = wgmma_onto(ds * decay, update) * c.scale
+        if packed and c.has_h0:  # the chunk that opens a sequence leaves dS_c as its dh0
+            _leave(ds, opens, seq_smem, dh0_ref.at[seq, h, :, vs])
+        return ds
+
+    key_tile = _swizzled(K, dtype, cap)
+    value_tile = _swizzled(BV, dtype, cap)
+    in_specs = [
+        plgpu.BlockSpec((L, K), lambda i: (back(i), 0), transforms=key_tile),  # q e^b
+        plgpu.BlockSpec((L, K), lambda i: (back(i), 0), transforms=key_tile),  # k e^{b_L - b}
+        plgpu.BlockSpec((L, BV), lambda i: (back(i), 0), transforms=value_tile),  # do
+        plgpu.BlockSpec((L, L), lambda i: (back(i), 0), transforms=_swizzled(L, F32)),  # A
+        plgpu.BlockSpec((K,), lambda i: (back(i),)),  # e^{b_L}
+    ]
+    out_specs = [
+        plgpu.BlockSpec((L, BV), lambda i: (back(i), 0), transforms=value_tile),  # dv
+        plgpu.BlockSpec((None, K, BV), lambda i: (back(i), 0, 0), transforms=value_tile),  # dh
+    ]
+    pipeline = plgpu.emit_pipeline(body, grid=(NC,), in_specs=in_specs, out_specs=out_specs,
+                                   max_concurrent_steps=stages, init_carry=ds0)
+    ds_first = pipeline(qe_ref.at[r, :, h, :], ke_ref.at[r, :, h, :], do_ref.at[r, :, h, vs],
+                        a_ref.at[r, :, h, :], e_ref.at[r, h], dv_ref.at[r, :, h, vs],
+                        dh_ref.at[r, :, h, :, vs])
+    if not packed:
+        _state_out(ds_first, dh0_ref.at[r, h, :, vs])
+
+
+def state_grad_block_v(st: MosaicStatic) -> int:
+    """The walk's value block: the shared reverse walk's (``mosaic_bwd.state_block_v``)."""
+    from linearnexus.kernels.common.mosaic_bwd import state_block_v
+
+    c = st.core
+    return state_block_v(rows=c.rows, heads=c.heads, value_dim=c.value_dim,
+                         n_chunks=c.n_chunks, packed=c.packed)
+
+
+def state_grad_fits(st: MosaicStatic, itemsize: int = 2) -> bool:
+    """Whether :func:`gla_state_grad` runs this call: value dims a multiple of its block, and
+    one pipeline stage fitting shared memory."""
+    bv = state_grad_block_v(st)
+    return st.core.value_dim % bv == 0 and state_grad_smem(
+        key_dim=st.core.key_dim, block_v=bv, stages=1, itemsize=itemsize,
+        packed=st.core.packed) <= SMEM_LIMIT
+
+
+def gla_state_grad(st: MosaicStatic, qe: Array, ke: Array, do: Array, a: Array,
+                   e_last: Array, dfinal: Array, layout: tuple[Array, Array] | None = None
+                   ) -> tuple[Array, Array, Array]:
+    """GLA's reverse walk on Mosaic GPU: the state gradient carried in registers from chunk to
+    chunk (``dS_c = e^{b_L} dS_{c+1} + s (q e^b)^T do``) and the value gradient
+    (``dv = (k e^{b_L - b}) dS_{c+1} + (A s)^T do``, complete here), the Triton ``bwd_dh``
+    and ``bwd_dv`` in one pass, rounding as they do.
+
+    Args:
+        st: static description (``st.core``: GLA's Triton core). qe, ke: ``[R, TP, H, K]``
+            ``q e^{b}`` and ``k e^{b_L - b}`` (``fwd_a``'s, bf16 / f16). do: ``[R, TP, H, V]``.
+            a: ``[R, TP, H, L]`` float32 (``fwd_a``). e_last: ``[R, H, NC * K]`` float32.
+            dfinal: ``[N, H, K, V]``, the final state's gradient.
+        layout: ``(seq_info, flags)`` for packed rows, else None.
+
+    Returns:
+        ``(dv [R, TP, H, V], dh [R, NC, H, K, V] (dS_{c+1} per chunk), both in qe's dtype,
+        dh0 [R or N, H, K, V] float32)``; packed: ``dh0`` holds only the sequences that own
+        a chunk, and only with an initial state.
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    c = st.core
+    R, NC, L, H, K, V = c.rows, c.n_chunks, c.chunk, c.heads, c.key_dim, c.value_dim
+    check_layout(c, layout)
+    dtype = qe.dtype
+    bv = state_grad_block_v(st)
+    stages = deepest_stages(lambda s: state_grad_smem(
+        key_dim=K, block_v=bv, stages=s, itemsize=jnp.dtype(dtype).itemsize,
+        packed=c.packed) <= SMEM_LIMIT, 3)
+    cap = operand_swizzle(bv, dtype)
+    scratch = [plgpu.SMEM((L, L), dtype, transforms=_swizzled(L, dtype, cap))]  # A s
+    if c.packed:
+        scratch.append(plgpu.SMEM((K, bv), F32, transforms=_swizzled(bv, F32)))
+    return plgpu.kernel(
+        functools.partial(_state_grad_kernel, st=st, dtype=dtype, stages=stages, block_v=bv),
+        out_type=(jax.ShapeDtypeStruct((R, NC * L, H, V), dtype),
+                  jax.ShapeDtypeStruct((R, NC, H, K, V), dtype),
+                  jax.ShapeDtypeStruct((c.n_seqs if c.packed else R, H, K, V), F32)),
+        scratch_types=(*scratch, plgpu.Barrier(num_barriers=1)),
+        **program_grid("v", V // bv, heads=H, rows=R),
+        compiler_params=compiler_params(),
+        **interpret_kwargs(),
+    )(qe, ke, do.astype(dtype), a, e_last, dfinal.astype(F32),
+      *(() if layout is None else layout))
+
+
 def _decay_rows(b: Array, chunk: int) -> Array:
     """``e^{b_L}`` per chunk as the walk reads it, ``[R, H, NC * K]`` float32, from each
     chunk's last row of ``b [R, TP, H, K]`` (hi)."""
@@ -389,7 +554,7 @@ def _forward(st: MosaicStatic, q, k, v, g, h0, layout, *, store_states: bool):
     out = gla_walk(st, qe, ke, v, a, _decay_rows(b, core.chunk), h0f, store_states=store_states,
                    layout=layout)
     final = pass_empty(st, layout, out[1], h0f)
-    return out[0], final, (out[2] if store_states else None), (b, bc, a, h0f)
+    return out[0], final, (out[2] if store_states else None), (b, bc, a, h0f, qe, ke)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -409,16 +574,33 @@ def gla_mosaic_core(st: MosaicStatic, q: Array, k: Array, v: Array, g: Array, h0
     return o, final
 
 
+def _walks_gradient(st: MosaicStatic) -> bool:
+    """Whether the gradient's state walk runs on Mosaic GPU (:data:`BWD_WALK_ENV`, where it
+    fits)."""
+    return env_switch(BWD_WALK_ENV, BWD_WALK) and state_grad_fits(st)
+
+
 def _fwd_rule(st: MosaicStatic, q, k, v, g, h0, layout):
     # under a gradient the walk also stores every chunk's entering state: the one residual
-    # of the Triton backward that the walk does not otherwise leave in HBM
-    o, final, h, (b, bc, a, _) = _forward(st, q, k, v, g, h0, layout, store_states=True)
+    # of the Triton backward that the walk does not otherwise leave in HBM; with the Mosaic
+    # state walk also fwd_a's decayed q and k, which it reads
+    o, final, h, (b, bc, a, _, qe, ke) = _forward(st, q, k, v, g, h0, layout,
+                                                  store_states=True)
     seq_info, flags = triton_layout(st.core, layout)
-    return (o, final), (q, k, v, b, bc, a, h0, seq_info, flags, h)
+    decayed = (qe, ke, layout) if _walks_gradient(st) else None
+    return (o, final), ((q, k, v, b, bc, a, h0, seq_info, flags, h), decayed)
 
 
 def _bwd_rule(st: MosaicStatic, res, cts):
-    dq, dk, dv, dg, dh0, _, _ = gla_pallas._core_bwd(st.core, res, cts)
+    res, decayed = res
+    state_grads = None
+    if decayed is not None:  # dh, dh0 and dv from the Mosaic walk; the rest in Triton
+        qe, ke, layout = decayed
+        b, a = res[3], res[5]
+        do, dfinal = cts
+        state_grads = gla_state_grad(st, qe, ke, do, a, _decay_rows(b, st.core.chunk),
+                                     dfinal, layout)
+    dq, dk, dv, dg, dh0, _, _ = gla_pallas._core_bwd(st.core, res, cts, state_grads=state_grads)
     return dq, dk, dv, dg, dh0, None
 
 

@@ -723,9 +723,11 @@ def _diag_walk_grads(q_ref, k_ref, b_ref, c_ref, da_ref, dq1_ref, dk1_ref, dq_re
     dk_ref[r, ri, h, ks] = (dk1_ref[r, ri, h, ks] + dk + dd[:, None] * qf).astype(dk_ref.dtype)
 
 
-def gla_backward(st: CoreStatic, res, do, dfinal):
+def gla_backward(st: CoreStatic, res, do, dfinal, state_grads=None):
     """Gradients in the chunk layout: ``(dq, dk, dv, p, pk, dh0)`` (``p``, ``pk``: see
-    :func:`_bwd_dqk_rows` and :func:`_bwd_dqk_walk_kernel`)."""
+    :func:`_bwd_dqk_rows` and :func:`_bwd_dqk_walk_kernel`). ``state_grads``: ``(dv, dh,
+    dh0)`` formed elsewhere (the Mosaic GPU walk, ``gla/mosaic.py``'s ``gla_state_grad``),
+    in place of ``bwd_dh`` and ``bwd_dv``."""
     q, k, v, b, bc, a, h0, seq_info, flags, h = res
     del h0
     R, NC, L, H, K, V = st.rows, st.n_chunks, st.chunk, st.heads, st.key_dim, st.value_dim
@@ -733,16 +735,20 @@ def gla_backward(st: CoreStatic, res, do, dfinal):
     dt = q.dtype
     nk, nv = K // st.block_k, V // st.block_v
     do = do.astype(dt)
-    outs = dict(dh=jax.ShapeDtypeStruct((R, NC, H, K, V), dt),
-                dh0=jax.ShapeDtypeStruct((st.n_seqs, H, K, V), F32))
-    ins = dict(q=q, do=do, b=b, dht=dfinal.astype(F32), seq=seq_info, flag=flags)
-    res_ = _call(functools.partial(_bwd_dh_kernel, st=st), st, (nk, nv, R * H), ins, outs)
-    dh, dh0 = res_["dh"], res_["dh0"]
+    if state_grads is None:
+        outs = dict(dh=jax.ShapeDtypeStruct((R, NC, H, K, V), dt),
+                    dh0=jax.ShapeDtypeStruct((st.n_seqs, H, K, V), F32))
+        ins = dict(q=q, do=do, b=b, dht=dfinal.astype(F32), seq=seq_info, flag=flags)
+        res_ = _call(functools.partial(_bwd_dh_kernel, st=st), st, (nk, nv, R * H), ins, outs)
+        dh, dh0 = res_["dh"], res_["dh0"]
+    else:
+        dv, dh, dh0 = state_grads
     da = _call(functools.partial(_bwd_da_kernel, st=st), st, (1, NC, R * H),
                dict(do=do, v=v), dict(da=jax.ShapeDtypeStruct((R, TP, H, L), F32)))["da"]
-    dv = _call(functools.partial(_bwd_dv_kernel, st=st), st, (nv, NC, R * H),
-               dict(k=k, do=do, dh=dh, b=b, c=bc, a=a),
-               dict(dv=jax.ShapeDtypeStruct((R, TP, H, V), dt)))["dv"]
+    if state_grads is None:
+        dv = _call(functools.partial(_bwd_dv_kernel, st=st), st, (nv, NC, R * H),
+                   dict(k=k, do=do, dh=dh, b=b, c=bc, a=a),
+                   dict(dv=jax.ShapeDtypeStruct((R, TP, H, V), dt)))["dv"]
     grid = (nk * (L // SUB), NC, R * H)
     part = jax.ShapeDtypeStruct((R, TP, H, K), F32)
     grad = jax.ShapeDtypeStruct((R, TP, H, K), dt)
@@ -836,10 +842,10 @@ def _core_fwd(st, q, k, v, g, h0, seq_info, flags):
     return (o, final), (q, k, v, b, bc, a, h0, seq_info, flags, h)
 
 
-def _core_bwd(st, res, cts):
+def _core_bwd(st, res, cts, state_grads=None):
     do, dfinal = cts
     h0, seq_info, flags = res[6], res[7], res[8]
-    dq, dk, dv, p, pk, dh0 = gla_backward(st, res, do, dfinal)
+    dq, dk, dv, p, pk, dh0 = gla_backward(st, res, do, dfinal, state_grads)
     # dg_t = sum_{i >= t} p_i + sum_{j < t} pk_j, within the chunk (module doc)
     dg = _call(functools.partial(_dg_kernel, st=st), st,
                (st.key_dim // st.block_k, st.n_chunks, st.rows * st.heads),
