@@ -64,12 +64,18 @@ def test_gla_mosaic_lowers_forward_and_backward(shape, packed, monkeypatch):
     # sums, fwd_a; bwd_dh, bwd_da, bwd_dv, bwd_dqk, bwd_dqk_walk, dg
     assert grad_text.count("xla.gpu.triton") == 8
     # the state walk on Mosaic GPU (LINEARNEXUS_MOSAIC_GLA_BWD=1): bwd_dh and bwd_dv become
-    # one Mosaic kernel (a new function: jit's trace cache does not see the environment)
+    # one Mosaic kernel, at value blocks of 64 and 32, with initial states (packed rows then
+    # leave each sequence's dh0 at its opening chunk)
     monkeypatch.setenv(gla_mosaic_mod.BWD_WALK_ENV, "1")
-    walk_text = lower_for_gpu(jax.value_and_grad(lambda *a: loss(*a), argnums=(0, 1, 2, 3) + (
-        () if packed else (4,))), qk, qk, v, g, s0, cu)
-    assert walk_text.count("custom_call @mosaic_gpu") == 2
-    assert walk_text.count("xla.gpu.triton") == 6
+    from linearnexus.kernels.common import mosaic_bwd
+
+    h0 = jax.ShapeDtypeStruct((n, H, K, V), jnp.float32)
+    for bv32 in ("0", "1"):
+        monkeypatch.setenv(mosaic_bwd.STATE_SMALL_BV_ENV, bv32)
+        walk_text = lower_for_gpu(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)),
+                                  qk, qk, v, g, h0, cu)
+        assert walk_text.count("custom_call @mosaic_gpu") == 2
+        assert walk_text.count("xla.gpu.triton") == 6
 
 
 def _gla_inputs(seed: int, B: int, T: int, H: int, K: int, V: int, N: int, *,
@@ -174,6 +180,7 @@ def test_gla_mosaic_state_walk_gradient_in_the_interpreter(case, monkeypatch):
     if case == "value-blocks-32":  # the small-grid rule on a 2-chunk walk
         monkeypatch.setattr(mosaic_bwd, "STATE_SMALL_MIN_CHUNKS", 1)
         monkeypatch.setenv(mosaic_bwd.STATE_SMALL_BV_ENV, "1")
+        assert mosaic_bwd.state_block_v(rows=B, heads=H, value_dim=V, n_chunks=2) == 32
     else:
         monkeypatch.setenv(mosaic_bwd.STATE_SMALL_BV_ENV, "0")
     q, k, v, g, s0, do, dht = _gla_inputs(11, B, T, H, K, V, N, strong=case == "strong-decay")

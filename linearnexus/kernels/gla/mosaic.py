@@ -203,8 +203,9 @@ def check_gla_config(cfg: MosaicConfig, *, key_dim: int, value_dim: int,
     """Raise ``ValueError`` naming ``config`` for knobs GLA's kernel does not take (``cfg``
     resolved: no None field but ``bwd_stages`` / ``dqk_stages``)."""
     if cfg.backward != "pallas":
-        raise ValueError(f"config: backward={cfg.backward!r}: GLA's mosaic backend has the Triton "
-                         "backward only (backward='pallas')")
+        raise ValueError(f"config: backward={cfg.backward!r}: GLA's mosaic backend runs the "
+                         "Triton backward (backward='pallas'; its state walk on Mosaic GPU is "
+                         "LINEARNEXUS_MOSAIC_GLA_BWD=1)")
     if cfg.dqk_stages is not None:
         raise ValueError("config: dqk_stages sets a Mosaic backward kernel, which GLA's mosaic "
                          "backend does not run; leave it None")
@@ -492,7 +493,9 @@ def gla_state_grad(st: MosaicStatic, qe: Array, ke: Array, do: Array, a: Array,
     """GLA's reverse walk on Mosaic GPU: the state gradient carried in registers from chunk to
     chunk (``dS_c = e^{b_L} dS_{c+1} + s (q e^b)^T do``) and the value gradient
     (``dv = (k e^{b_L - b}) dS_{c+1} + (A s)^T do``, complete here), the Triton ``bwd_dh``
-    and ``bwd_dv`` in one pass, rounding as they do.
+    and ``bwd_dv`` in one pass, rounding at the same points (``dS_{c+1}`` and ``A s`` to
+    qe's dtype). Packed rows without an initial state leave ``dh0`` unwritten (no caller
+    reads it).
 
     Args:
         st: static description (``st.core``: GLA's Triton core). qe, ke: ``[R, TP, H, K]``
@@ -560,7 +563,8 @@ def _forward(st: MosaicStatic, q, k, v, g, h0, layout, *, store_states: bool):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def gla_mosaic_core(st: MosaicStatic, q: Array, k: Array, v: Array, g: Array, h0: Array | None,
                     layout: tuple[Array, Array] | None = None) -> tuple[Array, Array]:
-    """GLA in the chunk layout: Triton preparation, Mosaic GPU walk, Triton backward.
+    """GLA in the chunk layout: Triton preparation, Mosaic GPU walk, Triton backward (its
+    state walk on Mosaic GPU with :data:`BWD_WALK_ENV`).
 
     Args:
         st: static description. q, k: ``[R, TP, H, K]``. v: ``[R, TP, H, V]`` (bf16 / f16).
@@ -576,8 +580,9 @@ def gla_mosaic_core(st: MosaicStatic, q: Array, k: Array, v: Array, g: Array, h0
 
 def _walks_gradient(st: MosaicStatic) -> bool:
     """Whether the gradient's state walk runs on Mosaic GPU (:data:`BWD_WALK_ENV`, where it
-    fits)."""
-    return env_switch(BWD_WALK_ENV, BWD_WALK) and state_grad_fits(st)
+    fits, and where the walk's ``1 / scale`` factor is a normal float32: not at scale 0)."""
+    return (env_switch(BWD_WALK_ENV, BWD_WALK) and 2.0 ** -60 < abs(st.core.scale) < 2.0 ** 60
+            and state_grad_fits(st))
 
 
 def _fwd_rule(st: MosaicStatic, q, k, v, g, h0, layout):
@@ -587,7 +592,7 @@ def _fwd_rule(st: MosaicStatic, q, k, v, g, h0, layout):
     o, final, h, (b, bc, a, _, qe, ke) = _forward(st, q, k, v, g, h0, layout,
                                                   store_states=True)
     seq_info, flags = triton_layout(st.core, layout)
-    decayed = (qe, ke, layout) if _walks_gradient(st) else None
+    decayed = (qe, ke) if _walks_gradient(st) else None
     return (o, final), ((q, k, v, b, bc, a, h0, seq_info, flags, h), decayed)
 
 
@@ -595,8 +600,9 @@ def _bwd_rule(st: MosaicStatic, res, cts):
     res, decayed = res
     state_grads = None
     if decayed is not None:  # dh, dh0 and dv from the Mosaic walk; the rest in Triton
-        qe, ke, layout = decayed
+        qe, ke = decayed
         b, a = res[3], res[5]
+        layout = (res[7], res[8]) if st.core.packed else None
         do, dfinal = cts
         state_grads = gla_state_grad(st, qe, ke, do, a, _decay_rows(b, st.core.chunk),
                                      dfinal, layout)
