@@ -201,6 +201,20 @@ def pkg_version(name: str) -> str | None:
         return None
 
 
+def source_digest(root: Path | None = None) -> str:
+    """The first 12 hex digits of a sha256 over the library's Python sources (each path
+    relative to ``root`` and its bytes, in sorted order): which code a run imported, whatever
+    the checkout's git metadata says (the device's copy of the tree can carry an older
+    ``.git``). ``python benchmarks/kernels_gpu.py --digest`` prints it for the tree here."""
+    import hashlib
+
+    root = root or Path(ROOT)
+    digest = hashlib.sha256()
+    for path in sorted((root / "linearnexus").rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 def environment(torch: Any) -> dict[str, Any]:
     import jaxlib
 
@@ -216,6 +230,10 @@ def environment(torch: Any) -> dict[str, Any]:
         "env": {k: os.environ.get(k) for k in ("XLA_PYTHON_CLIENT_PREALLOCATE",
                                                "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_FLAGS",
                                                "LINEARNEXUS_PALLAS_INTERPRET")},
+        # every library switch set in the environment (the kernels read them when tracing)
+        "linearnexus_switches": {k: v for k, v in sorted(os.environ.items())
+                                 if k.startswith("LINEARNEXUS_")},
+        "linearnexus_source": source_digest(),
     }
     try:  # LINEARNEXUS_COMMIT overrides git where the checkout's .git is not the tree's own
         env["linearnexus_commit"] = os.environ.get("LINEARNEXUS_COMMIT") or subprocess.run(
@@ -1117,7 +1135,13 @@ def main() -> None:
     parser.add_argument("--docs", default=None,
                         help="also write the table into this markdown file, between its "
                              "kernels-gpu-table markers (docs/benchmarks.md)")
+    parser.add_argument("--digest", action="store_true",
+                        help="print the library's source digest (the JSON's linearnexus_source: "
+                             "match a result to a commit) and exit")
     args = parser.parse_args()
+    if args.digest:
+        print(source_digest())
+        return
     if args.docs:  # fail now, not after half an hour of timing
         doc_text = Path(args.docs).read_text() if Path(args.docs).is_file() else ""
         if DOCS_BEGIN not in doc_text or DOCS_END not in doc_text:

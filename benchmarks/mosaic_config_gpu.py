@@ -127,7 +127,8 @@ def main() -> None:
             parser.error(f"--shapes: expected B,T,H,D of positive integers, got {shape}")
     start = time.perf_counter()
     results: dict[str, Any] = {"op": args.op, "device": str(jax.devices()[0].device_kind),
-                               "jax": jax.__version__, "rows": []}
+                               "jax": jax.__version__,
+                               "linearnexus_source": kg.source_digest(), "rows": []}
 
     def save() -> None:
         if args.out:

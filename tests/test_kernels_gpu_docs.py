@@ -182,3 +182,21 @@ def test_host_time_flags_a_host_bound_measurement(monkeypatch):
     assert host["host_bound"] and host["ms"] >= 2.9
     assert kg.fmt_ms({"fwd": host}, "fwd").endswith("*")
     assert not kg.fmt_ms({"fwd": device}, "fwd").endswith("*")
+
+
+def test_environment_records_the_switches_and_the_source(tmp_path, monkeypatch):
+    """Every GPU result file's environment names the library switches set
+    (``LINEARNEXUS_*``) and a digest of the library's sources: equal for equal trees,
+    different after any edit, whatever the checkout's git says."""
+    kg = load_script()
+    monkeypatch.setenv("LINEARNEXUS_MOSAIC_WAVES", "1")
+    env = kg.environment(None)
+    assert env["linearnexus_switches"]["LINEARNEXUS_MOSAIC_WAVES"] == "1"
+    assert env["linearnexus_source"] == kg.source_digest()
+    tree = tmp_path / "linearnexus"
+    tree.mkdir()
+    (tree / "a.py").write_text("x = 1\n")
+    first = kg.source_digest(tmp_path)
+    assert len(first) == 12 and kg.source_digest(tmp_path) == first
+    (tree / "a.py").write_text("x = 2\n")
+    assert kg.source_digest(tmp_path) != first
