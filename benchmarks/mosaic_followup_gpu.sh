@@ -1,5 +1,5 @@
 #!/bin/bash
-# One device call for what issue 26 built without a GPU (docs/mosaic.md, "Next" 2), each part
+# One device call for what issue 26 built without a GPU (docs/mosaic.md, "Next"), each part
 # bounded so the call ends inside the 10-minute limit; logs and JSON under $OUT:
 #   0. bad values (NaN / inf / positive gates) through the mosaic backend's guard against
 #      the jax backend, exact NaN patterns (guard_nan_gpu.py, the four ops or NAN_OPS; then
