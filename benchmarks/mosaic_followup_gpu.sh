@@ -89,6 +89,16 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 quiet() { grep -v "^W0000\|^I0000"; }
+# mosaic_config_gpu.py's configs through the api, its rows to $OUT/NAME.log and JSON under
+# $OUT/NAME: configs NAME SECONDS MARGIN OP "SHAPES" CONFIG... (the script's own budget is
+# SECONDS - MARGIN, so that it stops starting cells before the timeout)
+configs() {
+  local name=$1 seconds=$2 margin=$3 op=$4 shapes=$5
+  shift 5
+  timeout "$seconds" python3 benchmarks/mosaic_config_gpu.py --op "$op" --shapes $shapes \
+    --configs "$@" --budget $(( seconds - margin )) --out "$OUT/$name" 2>&1 | quiet \
+    | grep -E "^\{|rror" | cut -c1-300 | tee "$OUT/$name.log"
+}
 case " $PARTS " in *" nan "*)
   echo "== bad values through the mosaic backend's guard, against the jax backend"
   timeout ${NAN_S:-180} python3 benchmarks/guard_nan_gpu.py --ops ${NAN_OPS:-simple_gla gated_delta_rule delta_rule gla} --out "$OUT" 2>&1 | quiet \
@@ -162,24 +172,14 @@ case " $PARTS " in *" guard "*)
 esac
 case " $PARTS " in *" configs "*)
   echo "== tile configs through the api"
-  cfg() {  # op, shapes, budget seconds, configs...
-    local op=$1 shapes=$2 budget=$3
-    shift 3
-    timeout $(( budget + 60 )) python3 benchmarks/mosaic_config_gpu.py --op "$op" \
-      --shapes $shapes --configs "$@" --budget "$budget" --out "$OUT/configs_$op" 2>&1 \
-      | quiet | grep -E "^\{|rror" | cut -c1-300 | tee "$OUT/configs_$op.log"
-  }
-  cfg simple_gla "2,16384,16,128" 60 "" block_v=64
-  cfg gated_delta_rule "2,16384,16,128" 90 "" block_v=32
-  cfg gla "2,16384,16,128" 100 "" bwd_stages=1;;
+  configs configs_simple_gla 120 60 simple_gla "2,16384,16,128" "" block_v=64
+  configs configs_gated_delta_rule 150 60 gated_delta_rule "2,16384,16,128" "" block_v=32
+  configs configs_gla 160 60 gla "2,16384,16,128" "" bwd_stages=1;;
 esac
 case " $PARTS " in *" split "*)
   echo "== simple_gla's sequence split (entering states first) at (2, 16384, 16, 128)"
-  timeout ${SPLIT_S:-250} python3 benchmarks/mosaic_config_gpu.py --op simple_gla \
-    --shapes 2,16384,16,128 --configs seq_split=1 "" seq_split=2,seq_split_grad=True \
-    seq_split=4,seq_split_grad=True seq_split=4 \
-    --budget $(( ${SPLIT_S:-250} - 40 )) --out "$OUT/split" 2>&1 | quiet \
-    | grep -E "^\{|rror" | cut -c1-300 | tee "$OUT/split.log"
+  configs split ${SPLIT_S:-250} 40 simple_gla 2,16384,16,128 seq_split=1 "" \
+    seq_split=2,seq_split_grad=True seq_split=4,seq_split_grad=True seq_split=4
   for mode in ${SPLIT_PROFILE:-fwd fwd+bwd}; do
     timeout 90 python3 benchmarks/profile_gpu.py simple_gla --shape 2,16384,16,128 \
       --mode $mode --backend mosaic --calls 3 \
@@ -200,14 +200,9 @@ case " $PARTS " in *" wy "*)
     | grep -E "PASS|FAIL|ERROR|shape|rror" | cut -c1-400
   echo "== through the api, the Triton WY backward (0) and the Mosaic one (1)"
   W0=LINEARNEXUS_MOSAIC_WY_BWD=0; W1=LINEARNEXUS_MOSAIC_WY_BWD=1
-  timeout ${WYA_S:-150} python3 benchmarks/mosaic_config_gpu.py --op gated_delta_rule \
-    --shapes 8,4096,16,128 2,16384,16,128 --configs $W0 $W1 $W0 $W1 \
-    --budget $(( ${WYA_S:-150} - 30 )) --out "$OUT/wy_api" 2>&1 | quiet \
-    | grep -E "^\{|rror" | cut -c1-300 | tee "$OUT/wy_api.log"
-  timeout ${WYD_S:-60} python3 benchmarks/mosaic_config_gpu.py --op delta_rule \
-    --shapes 8,4096,16,128 --configs $W0 $W1 --budget $(( ${WYD_S:-60} - 25 )) \
-    --out "$OUT/wy_api_delta" 2>&1 | quiet | grep -E "^\{|rror" | cut -c1-300 \
-    | tee "$OUT/wy_api_delta.log"
+  configs wy_api ${WYA_S:-150} 30 gated_delta_rule "8,4096,16,128 2,16384,16,128" \
+    $W0 $W1 $W0 $W1
+  configs wy_api_delta ${WYD_S:-60} 25 delta_rule 8,4096,16,128 $W0 $W1
   echo "== packed sequences through it"
   LINEARNEXUS_MOSAIC_WY_BWD=1 LINEARNEXUS_MOSAIC_PACKED=1 timeout ${WYP_S:-90} python3 \
     benchmarks/kernels_gpu.py --ops gated_delta_rule delta_rule --check-backends mosaic \
@@ -217,14 +212,10 @@ esac
 case " $PARTS " in *" small "*)
   echo "== the backward's switches for small grids at (2, 16384, 16, 128)"
   D1=LINEARNEXUS_MOSAIC_DQK_SPLIT=1; B1=LINEARNEXUS_MOSAIC_BWD_BV32=1
-  timeout ${SMALL_S:-200} python3 benchmarks/mosaic_config_gpu.py --op gated_delta_rule \
-    --shapes 2,16384,16,128 --configs "" $D1 $B1 "$D1,$B1" "$D1,$B1,LINEARNEXUS_MOSAIC_WY_BWD=1" \
-    "" --budget $(( ${SMALL_S:-200} - 30 )) --out "$OUT/small_gdn" 2>&1 | quiet \
-    | grep -E "^\{|rror" | cut -c1-300 | tee "$OUT/small_gdn.log"
-  timeout ${SMALL_SGLA_S:-100} python3 benchmarks/mosaic_config_gpu.py --op simple_gla \
-    --shapes 2,16384,16,128 --configs seq_split_grad=False "seq_split_grad=False,$D1,$B1" "" \
-    --budget $(( ${SMALL_SGLA_S:-100} - 25 )) --out "$OUT/small_sgla" 2>&1 | quiet \
-    | grep -E "^\{|rror" | cut -c1-300 | tee "$OUT/small_sgla.log";;
+  configs small_gdn ${SMALL_S:-200} 30 gated_delta_rule 2,16384,16,128 "" $D1 $B1 "$D1,$B1" \
+    "$D1,$B1,LINEARNEXUS_MOSAIC_WY_BWD=1" ""
+  configs small_sgla ${SMALL_SGLA_S:-100} 25 simple_gla 2,16384,16,128 seq_split_grad=False \
+    "seq_split_grad=False,$D1,$B1" "";;
 esac
 case " $PARTS " in *" wy-profile "*)
   echo "== the gated rule's gradient kernel by kernel, Triton (0) and Mosaic (1) WY backward"
@@ -239,22 +230,15 @@ case " $PARTS " in *" order "*)
   echo "== the programs' launch order: blocks of a head side by side (default) against rows fastest"
   O0=LINEARNEXUS_MOSAIC_SPLIT_MINOR=0
   for op in gated_delta_rule simple_gla; do
-    timeout ${ORDER_S:-120} python3 benchmarks/mosaic_config_gpu.py --op $op --shapes 8,4096,16,128 \
-      --configs "" $O0 "" $O0 --budget $(( ${ORDER_S:-120} - 20 )) --out "$OUT/order_$op" 2>&1 \
-      | quiet | grep -E "^\{|rror" | cut -c1-300 | tee "$OUT/order_$op.log"
+    configs order_$op ${ORDER_S:-120} 20 $op 8,4096,16,128 "" $O0 "" $O0
   done
-  timeout ${ORDER_DR_S:-70} python3 benchmarks/mosaic_config_gpu.py --op delta_rule \
-    --shapes 8,4096,16,128 --configs "" $O0 --budget $(( ${ORDER_DR_S:-70} - 15 )) \
-    --out "$OUT/order_delta_rule" 2>&1 | quiet | grep -E "^\{|rror" | cut -c1-300 \
-    | tee "$OUT/order_delta_rule.log";;
+  configs order_delta_rule ${ORDER_DR_S:-70} 15 delta_rule 8,4096,16,128 "" $O0;;
 esac
 case " $PARTS " in *" waves "*)
   echo "== the wave balance off and on at (1, 8192, 96, 128)"
   W1=LINEARNEXUS_MOSAIC_WAVES=1
   for op in gated_delta_rule simple_gla; do
-    timeout ${WAVES_S:-130} python3 benchmarks/mosaic_config_gpu.py --op $op --shapes 1,8192,96,128 \
-      --configs "" $W1 "" $W1 --budget $(( ${WAVES_S:-130} - 20 )) --out "$OUT/waves_$op" 2>&1 \
-      | quiet | grep -E "^\{|rror" | cut -c1-300 | tee "$OUT/waves_$op.log"
+    configs waves_$op ${WAVES_S:-130} 20 $op 1,8192,96,128 "" $W1 "" $W1
   done;;
 esac
 case " $PARTS " in *" gla-bwd "*)
@@ -264,10 +248,7 @@ case " $PARTS " in *" gla-bwd "*)
     --check-backends mosaic --check-seqs 63 1000 --check-dims 64 128 --skip-fla --skip-ln \
     --skip-mamba --skip-ceilings --out "$OUT" --name gla_bwd_check 2>&1 | quiet \
     | grep -E "PASS|FAIL|ERROR|not impl|rror" | cut -c1-230 | tee "$OUT/gla_bwd_check.log"
-  timeout ${GLA_BWD_S:-200} python3 benchmarks/mosaic_config_gpu.py --op gla \
-    --shapes 8,4096,16,128 2,16384,16,128 --configs "" $G1 "" $G1 \
-    --budget $(( ${GLA_BWD_S:-200} - 25 )) --out "$OUT/gla_bwd" 2>&1 | quiet \
-    | grep -E "^\{|rror" | cut -c1-300 | tee "$OUT/gla_bwd.log";;
+  configs gla_bwd ${GLA_BWD_S:-200} 25 gla "8,4096,16,128 2,16384,16,128" "" $G1 "" $G1;;
 esac
 case " $PARTS " in *" gemv-tests "*)
   echo "== one-row decode kernel tests on the GPU: the ten that failed on 2026-12-05 first"

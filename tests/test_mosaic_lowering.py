@@ -1198,6 +1198,13 @@ def test_delta_mosaic_wy_backward_in_the_interpreter(R, NC, H, K, V, gated, walk
         assert err <= 8e-3, (name, err)
 
 
+def _both_ops_loss(q, k, v, beta, g, s0):
+    """The sum of simple_gla's and the gated rule's outputs and final states on the Mosaic
+    kernels (a gradient through both lowers each op's forward and backward kernels)."""
+    o1, f1 = linear_attention_mosaic(q, k, v, g, scale=0.1, initial_state=s0, check_device=False)
+    o2, f2 = delta_rule_mosaic(q, k, v, beta, g, scale=0.1, initial_state=s0, check_device=False)
+    return sum(jnp.sum(x.astype(jnp.float32)) for x in (o1, f1, o2, f2))
+
 @needs_mosaic
 def test_dqk_split_fills_the_sms_on_small_grids(monkeypatch):
     """``mosaic_bwd.dqk_split`` with ``LINEARNEXUS_MOSAIC_DQK_SPLIT=1``: one program per
@@ -1221,14 +1228,7 @@ def test_dqk_split_fills_the_sms_on_small_grids(monkeypatch):
     assert mosaic_bwd.state_block_v(rows=2, heads=2, value_dim=128, n_chunks=16) == 32
     specs = _delta_specs(2, 1000, 2, 128, 128, True, True)
 
-    def loss(q, k, v, beta, g, s0):
-        o1, f1 = linear_attention_mosaic(q, k, v, g, scale=0.1, initial_state=s0,
-                                         check_device=False)
-        o2, f2 = delta_rule_mosaic(q, k, v, beta, g, scale=0.1, initial_state=s0,
-                                   check_device=False)
-        return sum(jnp.sum(x.astype(jnp.float32)) for x in (o1, f1, o2, f2))
-
-    text = _lower(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5)), *specs)
+    text = _lower(jax.value_and_grad(_both_ops_loss, argnums=(0, 1, 2, 3, 4, 5)), *specs)
     assert text.count("custom_call @mosaic_gpu") == 6 and text.count("xla.gpu.triton") == 2
     monkeypatch.setenv(mosaic_bwd.DQK_SPLIT_ENV, "0")
     assert mosaic_bwd.dqk_split(programs=64, n_chunks=256) == 1
@@ -1401,18 +1401,11 @@ def test_lowered_kernels_launch_their_blocks_fastest(monkeypatch):
     monkeypatch.delenv(mosaic_delta.WY_MOSAIC_ENV, raising=False)
     specs = _delta_specs(2, 1000, 2, 128, 128, True, True)
 
-    def loss(q, k, v, beta, g, s0):
-        o1, f1 = linear_attention_mosaic(q, k, v, g, scale=0.1, initial_state=s0,
-                                         check_device=False)
-        o2, f2 = delta_rule_mosaic(q, k, v, beta, g, scale=0.1, initial_state=s0,
-                                   check_device=False)
-        return sum(jnp.sum(x.astype(jnp.float32)) for x in (o1, f1, o2, f2))
-
     for flag, rows_at in (("", 0), ("0", 2)):
         monkeypatch.setenv(SPLIT_MINOR_ENV, flag)
         seen.clear()
         # a new function each time: jit's trace cache does not see the environment
-        _lower(jax.grad(lambda *a: loss(*a), argnums=(0, 1, 2, 3, 4, 5)), *specs)
+        _lower(jax.grad(lambda *a: _both_ops_loss(*a), argnums=(0, 1, 2, 3, 4, 5)), *specs)
         # each op's storing walk, reverse walk and dq / dk, and the gated rule's WY backward
         assert len(seen) == 7
         for names, grid in seen:

@@ -76,6 +76,7 @@ from linearnexus.kernels.common.mosaic_chunk import (
     program_grid,
     small_grid,
     state_grad_carry,
+    waves_want_block_32,
     wgmma_onto,
     wgmma_regs,
 )
@@ -390,8 +391,8 @@ def state_block_v(*, rows: int, heads: int, value_dim: int, n_chunks: int,
     if env_switch(STATE_SMALL_BV_ENV, STATE_SMALL_BV) and small_grid(
             rows=rows, heads=heads, value_dim=value_dim, packed=packed):
         return 32
-    if (not packed and value_dim % 64 == 0
-            and balances_waves((value_dim // 64) * heads * rows)):  # (opt-in)
+    if waves_want_block_32(rows=rows, heads=heads, value_dim=value_dim, n_chunks=n_chunks,
+                           packed=packed):  # (opt-in)
         return 32
     return min(value_dim, STATE_BLOCK_V)
 
@@ -454,8 +455,7 @@ def run_state_grad(st: MosaicStatic, q: Array, k: Array, do: Array, gates: tuple
 
 #: "1" shares each row's chunks between ``dq / dk`` programs where the grid would leave at
 #: least half the SMs idle (:func:`dqk_split`), "0" keeps one program per key block, head and
-#: row; unset:
-#: :data:`DQK_SPLIT`
+#: row; unset: :data:`DQK_SPLIT`
 DQK_SPLIT_ENV = "LINEARNEXUS_MOSAIC_DQK_SPLIT"
 #: on: at (2, 16384, 16, 128) the kernel had 64 programs (2 key blocks x 16 heads x 2 rows)
 #: for 132 SMs at one program per SM (196 KB of shared memory at two stages), each walking 256

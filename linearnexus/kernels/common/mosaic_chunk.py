@@ -119,7 +119,6 @@ def env_switch(name: str, default: bool) -> bool:
     return flag == "1" or (default and flag != "0")
 
 
-
 #: "0" launches the kernels' programs with the batch rows fastest (the order before
 #: :func:`program_grid`); unset: :data:`SPLIT_MINOR`
 SPLIT_MINOR_ENV = "LINEARNEXUS_MOSAIC_SPLIT_MINOR"
@@ -361,6 +360,16 @@ def balances_waves(programs: int, *, per_sm: int = 1, gain: float = 0.1) -> bool
     better (256 of 264 slots at (8, 4096, 16, 128)), False."""
     return (env_switch(WAVES_ENV, WAVES)
             and wave_fill(2 * programs, per_sm) >= wave_fill(programs, per_sm) + gain)
+
+
+def waves_want_block_32(*, rows: int, heads: int, value_dim: int, n_chunks: int,
+                        packed: bool = False) -> bool:
+    """Whether a walk of >= 8 chunks over batch rows (value dims a multiple of 64) should
+    take value blocks of 32 for a fuller last wave (:func:`balances_waves` over its
+    programs at 64; opt-in): the rule the delta rules' walks and the shared reverse walk
+    add to :func:`small_grid`'s."""
+    return (n_chunks >= 8 and not packed and value_dim % 64 == 0
+            and balances_waves((value_dim // 64) * rows * heads))
 
 
 def default_mosaic_config(*, rows: int, heads: int, key_dim: int, value_dim: int,

@@ -77,7 +77,6 @@ from linearnexus.kernels.common.mosaic_chunk import (
     SMEM_LIMIT,
     MosaicConfig,
     MosaicStatic,
-    balances_waves,
     env_switch,
     mosaic_backward_fits,
     mosaic_forward,
@@ -85,6 +84,7 @@ from linearnexus.kernels.common.mosaic_chunk import (
     small_grid,
     smem_bytes,
     triton_layout,
+    waves_want_block_32,
 )
 from linearnexus.kernels.common.mosaic_wy import wy_fused_backward_mosaic, wy_mosaic_fits
 from linearnexus.kernels.common.pallas_chunk import _core_bwd, in_chunk_cumsum
@@ -204,8 +204,8 @@ def default_delta_config(*, rows: int, heads: int, key_dim: int, value_dim: int,
         if n_chunks >= 8 and small_grid(rows=rows, heads=heads, value_dim=value_dim,
                                         packed=packed):
             block_v = 32  # at most half the SMs busy at 64: twice the programs
-        elif (n_chunks >= 8 and not packed and value_dim % 64 == 0
-              and balances_waves((value_dim // 64) * rows * heads)):
+        elif waves_want_block_32(rows=rows, heads=heads, value_dim=value_dim,
+                                 n_chunks=n_chunks, packed=packed):
             block_v = 32  # (opt-in) a fuller last wave: one program per SM either way
     fused = DEFAULT_FUSED_WY if fused_wy is None else fused_wy
 
