@@ -17,7 +17,8 @@
 #      --op delta_rule, no checks), if PARTS has "delta";
 #   3. the ~211M Gated DeltaNet LM's training step through it (lm_train_gpu.py: mosaic, the
 #      gradient from M^{-1} (mosaic-fused-grad) and pallas; LM_PARTS="losses throughput fla"
-#      adds the 50-step losses against the jax backend and FLA's LM), if PARTS has "lm";
+#      adds the 50-step losses against the jax backend and FLA's LM; LM_BACKENDS the backends
+#      timed), if PARTS has "lm";
 #   4. GLA's Mosaic GPU walk (kernels/gla/mosaic.py, never run on a GPU before): checks
 #      against the reference (dense and packed, T = 63 / 1000, D = 64 / 128), then mosaic,
 #      pallas and FLA timed at (8, 4096, 16, 128) and (2, 16384, 16, 128), if PARTS has "gla";
@@ -64,10 +65,11 @@
 #      (LINEARNEXUS_MOSAIC_SPLIT_MINOR=0, the order before), each twice, through the api at
 #      (8, 4096, 16, 128) (mosaic_config_gpu.py: gated_delta_rule, simple_gla, then delta_rule
 #      once each), if PARTS has "order" (~300 s);
-#   5j. the wave balance (mosaic_chunk.balances_waves, LINEARNEXUS_MOSAIC_WAVES=1: value blocks
-#      of 32 and dq / dk in two chunk parts where twice the programs fill the last wave
-#      better) off and on, twice each, for gated_delta_rule and simple_gla at (1, 8192, 96,
-#      128), the case it is for (192 programs for 132 SMs), if PARTS has "waves" (~250 s);
+#   5j. the wave balance (mosaic_chunk.balances_waves, on by default: the reverse walk at value
+#      blocks of 32 and dq / dk in two chunk parts where twice the programs fill the last
+#      wave better) on and off (LINEARNEXUS_MOSAIC_WAVES=0), twice each, for the ops in
+#      WAVES_OPS (default gated_delta_rule simple_gla) at (1, 8192, 96, 128), the case it is
+#      for (192 programs for 132 SMs), if PARTS has "waves" (~125 s an op);
 #   5k. GLA's state walk on Mosaic GPU (gla/mosaic.py's gla_state_grad, LINEARNEXUS_MOSAIC_GLA_BWD=1:
 #      the Triton bwd_dh and bwd_dv as one walk): checks against the reference with it on
 #      (kernels_gpu.py, dense and packed, T = 63 / 1000, D = 64 / 128), then off and on twice
@@ -235,10 +237,10 @@ case " $PARTS " in *" order "*)
   configs order_delta_rule ${ORDER_DR_S:-70} 15 delta_rule 8,4096,16,128 "" $O0;;
 esac
 case " $PARTS " in *" waves "*)
-  echo "== the wave balance off and on at (1, 8192, 96, 128)"
-  W1=LINEARNEXUS_MOSAIC_WAVES=1
-  for op in gated_delta_rule simple_gla; do
-    configs waves_$op ${WAVES_S:-130} 20 $op 1,8192,96,128 "" $W1 "" $W1
+  echo "== the wave balance on (the default) and off at (1, 8192, 96, 128)"
+  W0=LINEARNEXUS_MOSAIC_WAVES=0
+  for op in ${WAVES_OPS:-gated_delta_rule simple_gla}; do
+    configs waves_$op ${WAVES_S:-130} 20 $op 1,8192,96,128 "" $W0 "" $W0
   done;;
 esac
 case " $PARTS " in *" gla-bwd "*)
@@ -269,6 +271,6 @@ case " $PARTS " in *" lm "*)
   echo "== the GDN LM through the delta rules' Mosaic backward"
   # (three LMs of ~211M: the first mosaic step compiles for ~110 s)
   timeout ${LM_S:-330} python3 benchmarks/lm_train_gpu.py --parts ${LM_PARTS:-throughput} \
-    --loss-backends mosaic mosaic-fused-grad --backends mosaic mosaic-fused-grad pallas \
+    --loss-backends mosaic mosaic-fused-grad --backends ${LM_BACKENDS:-mosaic mosaic-fused-grad pallas} \
     --budget $(( ${LM_S:-330} - 20 )) --out "$OUT" 2>&1 | quiet | tee "$OUT/lm.log" | tail -16;;
 esac

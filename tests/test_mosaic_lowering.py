@@ -1236,12 +1236,12 @@ def test_dqk_split_fills_the_sms_on_small_grids(monkeypatch):
 
 
 def test_wave_balance_doubles_programs_only_where_the_last_wave_fills(monkeypatch):
-    """``LINEARNEXUS_MOSAIC_WAVES=1`` (opt-in): the delta rules' walks take value blocks of
-    32, the reverse walk too, and ``dq / dk`` two chunk parts, where twice the programs fill
+    """The wave balance (on; ``LINEARNEXUS_MOSAIC_WAVES=0`` turns it off): the reverse walk
+    takes value blocks of 32 and ``dq / dk`` two chunk parts where twice the programs fill
     the waves >= 0.1 better at one program per SM: 192 programs (1, 8192, 96, 128) fill 0.73
-    of two waves' slots, 384 fill 0.97 of three. Not at (8, 4096, 16, 128) (256 of 264
-    slots), (4, 4096, 64, 128) (512), packed rows or walks of too few chunks; off by default
-    (every choice as without it)."""
+    of two waves' slots, 384 fill 0.97 of three. The delta rules' forward walks keep value
+    blocks of 64 there (slower at 32 on an H100). Not at (8, 4096, 16, 128) (256 of 264
+    slots), (4, 4096, 64, 128) (512), packed rows or walks of too few chunks."""
     from linearnexus.kernels.common.mosaic_chunk import WAVES_ENV, balances_waves, wave_fill
 
     assert wave_fill(192) == pytest.approx(192 / 264) and wave_fill(384) == pytest.approx(384 / 396)
@@ -1253,10 +1253,10 @@ def test_wave_balance_doubles_programs_only_where_the_last_wave_fills(monkeypatc
                 mosaic_delta.default_delta_config(rows=1, heads=96, key_dim=128, value_dim=128,
                                                   n_chunks=128).block_v)
 
-    monkeypatch.delenv(WAVES_ENV, raising=False)
+    monkeypatch.setenv(WAVES_ENV, "0")
     assert not balances_waves(192) and choices() == (64, 1, 64)
-    monkeypatch.setenv(WAVES_ENV, "1")
-    assert balances_waves(192) and choices() == (32, 2, 32)
+    monkeypatch.delenv(WAVES_ENV, raising=False)
+    assert balances_waves(192) and choices() == (32, 2, 64)
     for rows, heads in ((8, 16), (4, 64)):  # full waves already
         assert not balances_waves(2 * rows * heads)
         assert mosaic_bwd.state_block_v(rows=rows, heads=heads, value_dim=128,

@@ -384,15 +384,15 @@ def state_block_v(*, rows: int, heads: int, value_dim: int, n_chunks: int,
     :data:`STATE_SMALL_BV_ENV` on where blocks of 64 leave at least half the SMs idle
     (``mosaic_chunk.small_grid``: batch rows, value dims a multiple of 64) on a walk of >= 8
     chunks (as the forward heuristics: ``n_chunks``, chunk 64), or where 32
-    fills the last wave better (``mosaic_chunk.balances_waves``, opt-in:
-    ``LINEARNEXUS_MOSAIC_WAVES=1``)."""
+    fills the last wave better (``mosaic_chunk.balances_waves``; ``LINEARNEXUS_MOSAIC_WAVES=0``
+    turns that off)."""
     if n_chunks < STATE_SMALL_MIN_CHUNKS:  # a short walk: as the forward heuristics, 64
         return min(value_dim, STATE_BLOCK_V)
     if env_switch(STATE_SMALL_BV_ENV, STATE_SMALL_BV) and small_grid(
             rows=rows, heads=heads, value_dim=value_dim, packed=packed):
         return 32
     if waves_want_block_32(rows=rows, heads=heads, value_dim=value_dim, n_chunks=n_chunks,
-                           packed=packed):  # (opt-in)
+                           packed=packed):  # a fuller last wave
         return 32
     return min(value_dim, STATE_BLOCK_V)
 
@@ -474,9 +474,9 @@ def dqk_split(*, programs: int, n_chunks: int) -> int:
     wave and doubling them makes two), else the fewest (a divisor of ``n_chunks``) that fill
     them, each keeping >= 8 chunks (the pipeline's fill is one chunk of a program's walk).
     Past half the SMs, 2 where that fills the last wave better
-    (:func:`mosaic_chunk.balances_waves`, opt-in: ``LINEARNEXUS_MOSAIC_WAVES=1``)."""
+    (:func:`mosaic_chunk.balances_waves`; ``LINEARNEXUS_MOSAIC_WAVES=0`` turns that off)."""
     if 2 * programs > HOPPER_SMS:
-        # (opt-in) two parts where they fill the last wave better, e.g. 192 programs -> 384
+        # two parts where they fill the last wave better, e.g. 192 programs -> 384
         two = n_chunks % 2 == 0 and n_chunks >= 16 and balances_waves(programs)
         return 2 if two else 1
     if not env_switch(DQK_SPLIT_ENV, DQK_SPLIT):

@@ -336,14 +336,17 @@ def small_grid(*, rows: int, heads: int, value_dim: int, chunk: int = 64,
             and 2 * (value_dim // 64) * rows * heads <= HOPPER_SMS)
 
 
-#: "1": the delta rules' walks and the shared backward kernels also double their programs
-#: (value blocks of 32, ``dq / dk`` chunk parts) where that fills the last wave much better
-#: (:func:`balances_waves`), beyond :func:`small_grid`'s cases; unset: :data:`WAVES`
+#: "0": the shared backward kernels no longer double their programs (the reverse walk's
+#: value blocks of 32, ``dq / dk`` in two chunk parts) where that fills the last wave much
+#: better (:func:`balances_waves`), beyond :func:`small_grid`'s cases; unset: :data:`WAVES`
 WAVES_ENV = "LINEARNEXUS_MOSAIC_WAVES"
-#: off until timed: the case it is for is gated_delta_rule at (1, 8192, 96, 128) on an H100,
-#: forward + backward 0.602x FLA's (target 0.6x; 2026-12-06), whose walks run 192 programs
-#: for 132 SMs at one program per SM (value blocks of 64): a second wave of 60
-WAVES = False
+#: on: the case it is for is (1, 8192, 96, 128), whose walks run 192 programs for 132 SMs at
+#: one program per SM (value blocks of 64): a second wave of 60. Measured there on an H100
+#: (2026-12-06, through the api, twice each): simple_gla forward + backward 2.37 / 2.34 ms
+#: off against 2.26 / 2.25 on (its forward does not take the rule). The delta rules'
+#: forward walks do not take it: at value blocks of 32 the gated rule's forward went from
+#: 1.15 to 1.32 ms there.
+WAVES = True
 
 
 def wave_fill(programs: int, per_sm: int = 1) -> float:
@@ -366,8 +369,7 @@ def waves_want_block_32(*, rows: int, heads: int, value_dim: int, n_chunks: int,
                         packed: bool = False) -> bool:
     """Whether a walk of >= 8 chunks over batch rows (value dims a multiple of 64) should
     take value blocks of 32 for a fuller last wave (:func:`balances_waves` over its
-    programs at 64; opt-in): the rule the delta rules' walks and the shared reverse walk
-    add to :func:`small_grid`'s."""
+    programs at 64): the rule the shared reverse walk adds to :func:`small_grid`'s."""
     return (n_chunks >= 8 and not packed and value_dim % 64 == 0
             and balances_waves((value_dim // 64) * rows * heads))
 

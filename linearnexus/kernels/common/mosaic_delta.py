@@ -84,7 +84,6 @@ from linearnexus.kernels.common.mosaic_chunk import (
     small_grid,
     smem_bytes,
     triton_layout,
-    waves_want_block_32,
 )
 from linearnexus.kernels.common.mosaic_wy import wy_fused_backward_mosaic, wy_mosaic_fits
 from linearnexus.kernels.common.pallas_chunk import _core_bwd, in_chunk_cumsum
@@ -196,17 +195,15 @@ def default_delta_config(*, rows: int, heads: int, key_dim: int, value_dim: int,
     64 would leave at least half the SMs idle on a walk of >= 8 chunks (batch rows; as
     simple_gla's :func:`~linearnexus.kernels.common.mosaic_chunk.default_mosaic_config`).
     Measured at (2, 16384, 16, 128) bf16 gated_delta_rule on an H100 (2026-12-06, through the
-    api): forward 0.902 ms against 0.979 at 64, forward + backward 3.409 against 3.539. Also
-    32 where that fills the last wave better (``mosaic_chunk.balances_waves``: opt-in,
-    ``LINEARNEXUS_MOSAIC_WAVES=1``; e.g. 192 programs -> 384 at (1, 8192, 96, 128))."""
+    api): forward 0.902 ms against 0.979 at 64, forward + backward 3.409 against 3.539. Not
+    32 merely for a fuller last wave (``mosaic_chunk.balances_waves``, which the backward
+    kernels take): at (1, 8192, 96, 128) the gated forward took 1.32 ms at 32 against 1.15
+    at 64 (H100, 2026-12-06)."""
     if block_v is None:
         block_v = min(64, value_dim)
         if n_chunks >= 8 and small_grid(rows=rows, heads=heads, value_dim=value_dim,
                                         packed=packed):
             block_v = 32  # at most half the SMs busy at 64: twice the programs
-        elif waves_want_block_32(rows=rows, heads=heads, value_dim=value_dim,
-                                 n_chunks=n_chunks, packed=packed):
-            block_v = 32  # (opt-in) a fuller last wave: one program per SM either way
     fused = DEFAULT_FUSED_WY if fused_wy is None else fused_wy
 
     def fits(stages: int) -> bool:
