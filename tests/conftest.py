@@ -72,3 +72,14 @@ def cpu_dispatch(monkeypatch):
 
     monkeypatch.setattr(layer_api, "_compiles", lambda: False)
     monkeypatch.setattr(gemv, "_compiles", lambda: False)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_mosaic_traces():
+    """Each test traces the Mosaic kernels anew: ``mosaic_chunk.lowered_once`` keeps a trace
+    per static description for the process, and tests change module constants the kernels
+    read at trace time (``monkeypatch.setattr(mosaic_bwd, "STATE_SMALL_MIN_CHUNKS", 1)``)."""
+    yield
+    module = sys.modules.get("linearnexus.kernels.common.mosaic_chunk")
+    if module is not None:
+        module.clear_lowering_caches()

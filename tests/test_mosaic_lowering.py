@@ -23,6 +23,7 @@ import pytest
 from linearnexus.kernels.common import mosaic_bwd, mosaic_delta, mosaic_ops
 from linearnexus.kernels.common.gpu_lowering import lower_for_gpu
 from linearnexus.kernels.common.mosaic_chunk import (
+    LOWER_ONCE_ENV,
     SMEM_LIMIT,
     MosaicConfig,
     MosaicStatic,
@@ -124,6 +125,59 @@ def test_simple_gla_mosaic_lowers_forward_and_backward(shape, h0, config, monkey
     else:
         assert grad_text.count("custom_call @mosaic_gpu") == 3
         assert "xla.gpu.triton" not in grad_text
+
+
+@needs_mosaic
+def test_each_distinct_kernel_lowers_once_per_program(monkeypatch):
+    """Two layers' worth of calls (same description, same shapes) hold each Mosaic kernel
+    once in the lowered program (``mosaic_chunk.lowered_once``: a nested jit, called twice);
+    a call of other shapes adds its own; ``LINEARNEXUS_MOSAIC_LOWER_ONCE=0`` lowers every call
+    site (on JAX 0.11 with a different ``kernel_hash`` each, which jaxlib compiles apart). A
+    switch set in the environment retraces (the reverse walk's value block follows
+    ``LINEARNEXUS_MOSAIC_BWD_BV32``), and setting it back reuses the first trace."""
+    monkeypatch.setenv("LINEARNEXUS_PALLAS_INTERPRET", "0")
+    q, k, v, g, _ = _specs(1, 1000, 2, 64, 64, False)
+
+    def layer(x, k, v, g):
+        o, _ = linear_attention_mosaic(x, k, v, g, scale=0.1, check_device=False)
+        return o
+
+    def loss(q, k, v, g, n_layers, other=False):
+        x = q
+        for _ in range(n_layers):
+            x = layer(x, k, v, g)
+        if other:  # other shapes: kernels of their own
+            x = x + layer(x[:, :500], k[:, :500], v[:, :500], g[:, :500]).sum()
+        # squared: every layer's output is live under the gradient (a dead one would give
+        # that layer's forward a jaxpr of its own)
+        return jnp.sum(jnp.square(x.astype(jnp.float32)))
+
+    def kernels(text):
+        hashes = re.findall(r'custom_call @mosaic_gpu\w*\(.*?kernel_hash = "(.*?)"', text)
+        return len(hashes), len(set(hashes))
+
+    grad = functools.partial(jax.grad, argnums=(0, 1, 2, 3))
+    one = kernels(_lower(grad(functools.partial(loss, n_layers=1)), q, k, v, g))
+    two = kernels(_lower(grad(functools.partial(loss, n_layers=2)), q, k, v, g))
+    assert one == (3, 3) and two == (3, 3)  # forward storing states, reverse walk, dq / dk
+    assert kernels(_lower(grad(functools.partial(loss, n_layers=2, other=True)), q, k, v, g)) \
+        == (6, 6)
+    monkeypatch.setenv(LOWER_ONCE_ENV, "0")
+    # every call site its own copy; on JAX 0.11 each copy also hashes differently, so jaxlib
+    # would compile each one (on 0.10 the copies share a hash)
+    calls, distinct = kernels(_lower(grad(functools.partial(loss, n_layers=2)), q, k, v, g))
+    assert calls == 6 and distinct in (3, 6)
+    monkeypatch.delenv(LOWER_ONCE_ENV)
+
+    picked = []  # the reverse walk's value block, each time run_state_grad is traced
+    choose = mosaic_bwd.state_block_v
+    monkeypatch.setattr(mosaic_bwd, "state_block_v",
+                        lambda **kw: picked.append(choose(**kw)) or picked[-1])
+    for flag in ("1", "0", "1"):  # blocks of 32 on this small grid, 64, then the first trace
+        monkeypatch.setenv(mosaic_bwd.STATE_SMALL_BV_ENV, flag)
+        assert kernels(_lower(grad(functools.partial(loss, n_layers=2)), q, k, v, g)) \
+            == (3, 3)
+    assert picked == [32, 64]
 
 
 @needs_mosaic

@@ -72,6 +72,7 @@ from linearnexus.kernels.common.mosaic_chunk import (
     env_switch,
     gate_rows,
     interpret_kwargs,
+    lowered_once,
     operand_swizzle,
     program_grid,
     small_grid,
@@ -397,6 +398,7 @@ def state_block_v(*, rows: int, heads: int, value_dim: int, n_chunks: int,
     return min(value_dim, STATE_BLOCK_V)
 
 
+@lowered_once("scaled_dy")
 def run_state_grad(st: MosaicStatic, q: Array, k: Array, do: Array, gates: tuple[Array, ...],
                    dfinal: Array, w: Array | None = None,
                    layout: tuple[Array, Array] | None = None, *, minv: Array | None = None,
@@ -490,6 +492,7 @@ def dqk_split(*, programs: int, n_chunks: int) -> int:
     return best
 
 
+@lowered_once()
 def run_dqk(st: MosaicStatic, q: Array, k: Array, v: Array, do: Array, h: Array, dh: Array,
             gates: tuple[Array, ...]) -> tuple[Array, ...]:
     """``(dq, dk [R, TP, H, K], term, kdk [NK, R, H, TP], sds [R, H, NC, K])``: the
@@ -579,6 +582,7 @@ def _dw_kernel(dvn_ref: Any, h_ref: Any, dw_ref: Any, *, st: MosaicStatic, dtype
              dw_ref.at[r, rows, h, :])
 
 
+@lowered_once("stages")
 def run_dw(st: MosaicStatic, dvn: Array, h: Array, stages: int | None = None) -> Array:
     """``dw = -dvn S_c^T`` per chunk, ``[R, TP, H, K]`` in dvn's dtype, from ``dvn [R, TP, H,
     V]`` and the stored entering states ``h [R, NC, H, K, V]``: a streaming Mosaic kernel

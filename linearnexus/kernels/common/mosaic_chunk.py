@@ -68,6 +68,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import os
 from typing import Any
 
@@ -105,7 +106,6 @@ def mosaic_unavailable_reason() -> str | None:
     missing = [n for n in needed if not hasattr(plgpu, n)]
     if missing:
         return f"jax {jax.__version__}'s Mosaic GPU lacks {', '.join(missing)}"
-    import inspect
 
     if "init_carry" not in inspect.signature(plgpu.emit_pipeline).parameters:
         return f"jax {jax.__version__}'s plgpu.emit_pipeline takes no init_carry"
@@ -528,6 +528,72 @@ def _state_out(state: Array, gmem: Any) -> None:
 _INTERPRETING: Any = False
 
 
+#: "0": every call of a Mosaic kernel traces and lowers it anew (see :func:`lowered_once`)
+LOWER_ONCE_ENV = "LINEARNEXUS_MOSAIC_LOWER_ONCE"
+
+
+def _trace_key() -> tuple[tuple[str, str], ...]:
+    """What a Mosaic kernel's trace depends on beyond its static description and its
+    inputs' shapes: the ``LINEARNEXUS_*`` switches set in the environment (read at trace
+    time)."""
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("LINEARNEXUS_")))
+
+
+def lowered_once(*static_argnames: str) -> Any:
+    """Decorator for a function ``fn(st, *arrays, **kwargs)`` that runs Mosaic kernels: calls
+    with the same static description ``st`` (hashable), the same ``static_argnames`` values,
+    input shapes and dtypes and the same switches trace ``fn`` once per process and lower it
+    once per program (a nested ``jax.jit``, which XLA inlines; its outputs are unchanged).
+    Under :func:`gpu_interpret` every call runs ``fn`` itself: the interpreter's callbacks
+    dispatch JAX computations of their own, and a kernel in a computation dispatched ahead
+    of the caller's next one deadlocked XLA:CPU's in-order queue in a test.
+
+    Pallas lowers each call site of a kernel anew, and Mosaic GPU's lowering is Python: a
+    ~211M Gated DeltaNet LM's loss and gradient lowered its 5 distinct Mosaic kernels once
+    per layer, ~1.5 s a layer on a 2-core CPU (docs/benchmarks.md, "The wave balance in the
+    backward"), and on JAX 0.11 each copy had a ``kernel_hash`` of its own, so jaxlib
+    compiled every copy on the GPU (60 compiles for 12 layers). Module constants that a
+    kernel reads at trace time (``WY_PROGRAMS``, ``STATE_SMALL_MIN_CHUNKS``, ...) are read at
+    the first trace of a description in a process: after changing one, call the returned
+    function's ``clear_cache()`` (:func:`clear_lowering_caches` clears them all).
+    ``LINEARNEXUS_MOSAIC_LOWER_ONCE=0`` traces every call.
+    """
+
+    def wrap(fn: Any) -> Any:
+        signature = inspect.signature(fn)
+        first = next(iter(signature.parameters))
+
+        @functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=static_argnames)
+        def traced(key: tuple[Any, ...], st: Any, **kwargs: Any) -> Any:
+            del key  # keys the trace only
+            return fn(st, **kwargs)
+
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if _INTERPRETING or not env_switch(LOWER_ONCE_ENV, True):
+                return fn(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)  # every argument by name: a static one
+            named = dict(bound.arguments)  # passed by position stays static
+            st = named.pop(first)
+            return traced(_trace_key(), st, **named)
+
+        call.clear_cache = traced.clear_cache
+        _LOWERED_ONCE.append(call)
+        return call
+
+    return wrap
+
+
+_LOWERED_ONCE: list[Any] = []
+
+
+def clear_lowering_caches() -> None:
+    """Forget every trace :func:`lowered_once` kept (after a module constant that a Mosaic
+    kernel reads at trace time changed)."""
+    for call in _LOWERED_ONCE:
+        call.clear_cache()
+
+
 def interpret_kwargs() -> dict[str, Any]:
     """``plgpu.kernel``'s ``interpret=`` under :func:`gpu_interpret`, else nothing: passed to
     each Mosaic kernel, because a global interpret switch would also hand the Triton kernels
@@ -827,6 +893,7 @@ def check_wy_args(delta: bool, fused: bool, knob: str, w: Array | None, minv: Ar
                          f"{None if beta is None else beta.shape}")
 
 
+@lowered_once("store_states")
 def mosaic_forward(st: MosaicStatic, q: Array, k: Array, v: Array, b: Array,
                    h0: Array | None, *, store_states: bool = False, w: Array | None = None,
                    layout: tuple[Array, Array] | None = None,

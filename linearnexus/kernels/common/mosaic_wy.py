@@ -52,6 +52,7 @@ from linearnexus.kernels.common.mosaic_chunk import (
     compiler_params,
     deepest_stages,
     interpret_kwargs,
+    lowered_once,
     program_grid,
     wgmma_onto,
     wgmma_regs,
@@ -172,6 +173,7 @@ def _wy_kernel(k_ref: Any, v_ref: Any, vn_ref: Any, dy_ref: Any, h_ref: Any, dk0
              db_ref.at[ik, r, h, rows])
 
 
+@lowered_once("stages")
 def wy_fused_backward_mosaic(st: MosaicStatic, k: Array, v: Array, beta: Array, b: Array,
                              vn: Array, dy: Array, h: Array, dk_core: Array, *,
                              stages: int | None = None) -> tuple[Array, Array, Array]:

@@ -74,6 +74,7 @@ from linearnexus.kernels.common.mosaic_chunk import (
     env_switch,
     initial_carry,
     interpret_kwargs,
+    lowered_once,
     operand_swizzle,
     pass_empty,
     program_grid,
@@ -328,6 +329,7 @@ def _walk_kernel(*refs, st: MosaicStatic, dtype: Any, store_states: bool) -> Non
         _state_out(final + jnp.sum(mark), final_ref.at[r, h, :, vs])
 
 
+@lowered_once("store_states")
 def gla_walk(st: MosaicStatic, qe: Array, ke: Array, v: Array, a: Array, e_last: Array,
              h0: Array | None, *, store_states: bool = False,
              layout: tuple[Array, Array] | None = None
@@ -487,6 +489,7 @@ def state_grad_fits(st: MosaicStatic, itemsize: int = 2) -> bool:
         packed=st.core.packed) <= SMEM_LIMIT
 
 
+@lowered_once()
 def gla_state_grad(st: MosaicStatic, qe: Array, ke: Array, do: Array, a: Array,
                    e_last: Array, dfinal: Array, layout: tuple[Array, Array] | None = None
                    ) -> tuple[Array, Array, Array]:
