@@ -551,7 +551,8 @@ def lowered_once(*static_argnames: str) -> Any:
     Pallas lowers each call site of a kernel anew, and Mosaic GPU's lowering is Python: a
     ~211M Gated DeltaNet LM's loss and gradient lowered its 5 distinct Mosaic kernels once
     per layer, ~1.5 s a layer on a 2-core CPU (docs/benchmarks.md, "The wave balance in the
-    backward"), and on JAX 0.11 each copy had a ``kernel_hash`` of its own, so jaxlib
+    backward"), and on JAX 0.11 each copy had a ``kernel_hash`` of its own (its symbol
+    carries a per-program counter, ``anonymous_0``, ``anonymous_1``, ...), so jaxlib
     compiled every copy on the GPU (60 compiles for 12 layers). Module constants that a
     kernel reads at trace time (``WY_PROGRAMS``, ``STATE_SMALL_MIN_CHUNKS``, ...) are read at
     the first trace of a description in a process: after changing one, call the returned
