@@ -156,7 +156,6 @@ def test_gla_mosaic_matches_reference_in_the_interpreter(case):
     assert max(errors.values()) <= 1e-2, errors
 
 
-
 @pytest.mark.skipif(INTERPRET_REASON is not None, reason=INTERPRET_REASON or "")
 @pytest.mark.parametrize("case", ["dense", "packed", "strong-decay", "wide", "value-blocks-32"])
 def test_gla_mosaic_state_walk_gradient_in_the_interpreter(case, monkeypatch):

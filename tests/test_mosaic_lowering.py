@@ -1259,6 +1259,7 @@ def _both_ops_loss(q, k, v, beta, g, s0):
     o2, f2 = delta_rule_mosaic(q, k, v, beta, g, scale=0.1, initial_state=s0, check_device=False)
     return sum(jnp.sum(x.astype(jnp.float32)) for x in (o1, f1, o2, f2))
 
+
 @needs_mosaic
 def test_dqk_split_fills_the_sms_on_small_grids(monkeypatch):
     """``mosaic_bwd.dqk_split`` with ``LINEARNEXUS_MOSAIC_DQK_SPLIT=1``: one program per

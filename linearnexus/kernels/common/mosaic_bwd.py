@@ -77,7 +77,6 @@ from linearnexus.kernels.common.mosaic_chunk import (
     program_grid,
     small_grid,
     state_grad_carry,
-    waves_want_block_32,
     wgmma_onto,
     wgmma_regs,
 )
@@ -392,8 +391,8 @@ def state_block_v(*, rows: int, heads: int, value_dim: int, n_chunks: int,
     if env_switch(STATE_SMALL_BV_ENV, STATE_SMALL_BV) and small_grid(
             rows=rows, heads=heads, value_dim=value_dim, packed=packed):
         return 32
-    if waves_want_block_32(rows=rows, heads=heads, value_dim=value_dim, n_chunks=n_chunks,
-                           packed=packed):  # a fuller last wave
+    if (not packed and value_dim % 64 == 0
+            and balances_waves((value_dim // 64) * rows * heads)):  # a fuller last wave
         return 32
     return min(value_dim, STATE_BLOCK_V)
 

@@ -365,15 +365,6 @@ def balances_waves(programs: int, *, per_sm: int = 1, gain: float = 0.1) -> bool
             and wave_fill(2 * programs, per_sm) >= wave_fill(programs, per_sm) + gain)
 
 
-def waves_want_block_32(*, rows: int, heads: int, value_dim: int, n_chunks: int,
-                        packed: bool = False) -> bool:
-    """Whether a walk of >= 8 chunks over batch rows (value dims a multiple of 64) should
-    take value blocks of 32 for a fuller last wave (:func:`balances_waves` over its
-    programs at 64): the rule the shared reverse walk adds to :func:`small_grid`'s."""
-    return (n_chunks >= 8 and not packed and value_dim % 64 == 0
-            and balances_waves((value_dim // 64) * rows * heads))
-
-
 def default_mosaic_config(*, rows: int, heads: int, key_dim: int, value_dim: int,
                           n_chunks: int, itemsize: int = 2, chunk: int = 64,
                           packed: bool = False, block_v: int | None = None) -> MosaicConfig:

@@ -741,14 +741,13 @@ def gla_backward(st: CoreStatic, res, do, dfinal, state_grads=None):
         ins = dict(q=q, do=do, b=b, dht=dfinal.astype(F32), seq=seq_info, flag=flags)
         res_ = _call(functools.partial(_bwd_dh_kernel, st=st), st, (nk, nv, R * H), ins, outs)
         dh, dh0 = res_["dh"], res_["dh0"]
+        dv = _call(functools.partial(_bwd_dv_kernel, st=st), st, (nv, NC, R * H),
+                   dict(k=k, do=do, dh=dh, b=b, c=bc, a=a),
+                   dict(dv=jax.ShapeDtypeStruct((R, TP, H, V), dt)))["dv"]
     else:
         dv, dh, dh0 = state_grads
     da = _call(functools.partial(_bwd_da_kernel, st=st), st, (1, NC, R * H),
                dict(do=do, v=v), dict(da=jax.ShapeDtypeStruct((R, TP, H, L), F32)))["da"]
-    if state_grads is None:
-        dv = _call(functools.partial(_bwd_dv_kernel, st=st), st, (nv, NC, R * H),
-                   dict(k=k, do=do, dh=dh, b=b, c=bc, a=a),
-                   dict(dv=jax.ShapeDtypeStruct((R, TP, H, V), dt)))["dv"]
     grid = (nk * (L // SUB), NC, R * H)
     part = jax.ShapeDtypeStruct((R, TP, H, K), F32)
     grad = jax.ShapeDtypeStruct((R, TP, H, K), dt)
