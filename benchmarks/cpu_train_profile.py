@@ -37,9 +37,10 @@ def _median_ms(fn, n: int) -> float:
 
 
 def _op_kind(name: str) -> str:
-    """Coarse kind of an XLA CPU op from its HLO name (``dot.12``, ``loop_add_fusion`` ...)."""
+    """Coarse kind of an XLA CPU op from its HLO name (``dot.12``, ``loop_add_fusion`` ...);
+    ``ynn_fusion``: a YNNPACK fusion (XLA:CPU's matmuls, with the elementwise ops it took in)."""
     base = re.sub(r"[.\d]+$", "", name)
-    for kind in ("dot", "convolution", "custom-call", "while", "reduce", "scatter", "gather",
+    for kind in ("ynn_fusion", "dot", "convolution", "custom-call", "while", "reduce", "scatter", "gather",
                  "copy", "transpose", "fusion", "sort"):
         if kind in base:
             return kind

@@ -4,6 +4,8 @@ quickstart notebook (executed on a shortened setting so it cannot rot)."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -283,3 +285,32 @@ def test_quickstart_notebook_runs(monkeypatch, tmp_path):
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "step    2  loss" in text and "ROMEO:" in text
+
+
+def test_cpu_matmul_rates_times_every_layout(tmp_path, capsys):
+    """``benchmarks/cpu_matmul_rates.py`` times the chunked ops' three product layouts in
+    JAX, PyTorch and NumPy (checking that all three compute the same product) and refuses a
+    chunk length that does not divide the rows, naming ``--chunks``."""
+    spec = importlib.util.spec_from_file_location(
+        "cpu_matmul_rates", ROOT / "benchmarks" / "cpu_matmul_rates.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "rates" / "run.json"
+    assert module.main(["--rows", "48", "--chunks", "8", "16", "--dim", "5", "--big", "32",
+                        "--repeats", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["product"] for r in rows] == ["NN L=8", "NT L=8", "TN L=8", "NN L=16", "NT L=16",
+                                             "TN L=16", "32^3"]
+    # 48 rows in chunks of 8: six [8, 8] @ [8, 5] products, 2 * 6 * 8 * 5 * 8 flops
+    assert rows[0]["mflop"] == pytest.approx(2 * 6 * 8 * 5 * 8 / 1e6)
+    assert rows[2]["mflop"] == pytest.approx(2 * 6 * 5 * 5 * 8 / 1e6)  # [5, 8] @ [8, 5]
+    assert all(rate > 0 for r in rows for rate in r["gflops"].values())
+    # the GPT recipe's projections alone: X W and X^T dY per shape, 768 tokens
+    assert module.main(["--chunks", "--projections", "--big", "8", "--repeats", "1", "--json",
+                        str(out)]) == 0
+    rows = {r["product"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows)[:2] == ["XW 128->128", "XtdY 128->128"] and len(rows) == 9
+    assert rows["XtdY 384->128"]["mflop"] == pytest.approx(2 * 384 * 128 * 768 / 1e6)
+    with pytest.raises(SystemExit):
+        module.main(["--rows", "48", "--chunks", "7"])
+    assert "--chunks: each must be >= 1 and divide --rows=48, got [7]" in capsys.readouterr().err

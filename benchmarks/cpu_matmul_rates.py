@@ -1,0 +1,155 @@
+"""The chunked ops' matmuls on the CPU: XLA's rate against PyTorch's and NumPy's, same process.
+
+    python benchmarks/cpu_matmul_rates.py                 # issue 22's shape, chunks 32 and 64
+    python benchmarks/cpu_matmul_rates.py --chunks 64 --repeats 20 --json out.json
+    python benchmarks/cpu_matmul_rates.py --chunks --projections   # the GPT recipe's matmuls
+
+The chunked forms of the linear ops (``linearnexus/kernels/*/chunk.py``) spend their floor in
+batched products of one chunk per (batch, head, chunk) row: at issue 22's shape (B=2, T=2048,
+H=4, K=V=64) and chunk L that is ``B*H*T/L`` products of ``[L, 64]`` operands, in three
+layouts:
+
+* ``NN``: ``[n, L, L] @ [n, L, 64]`` (the masked scores times the values, ``A V``);
+* ``NT``: ``[n, L, 64] @ [n, L, 64]^T`` (the scores, ``Q K^T``);
+* ``TN``: ``[n, L, 64]^T @ [n, L, 64]`` (a chunk's state, ``K^T V``, the contraction over the
+  chunk axis).
+
+Each is timed as one jitted ``jnp.einsum`` (XLA:CPU with its default flags, as
+``benchmarks/run.py --preset linear-ops-cpu`` times the ops; ``--training-flags`` adds those of
+``linearnexus/core/cpu_flags.py``: each matmul on one thread), as ``torch.matmul``
+on the same operands (``torch.set_num_threads`` = the cores this process may use) and as
+``numpy.matmul``. ``--projections`` adds the nanoGPT recipe's projections (``configs/models/
+gpt_nanogpt_cpu.yaml``: 768 tokens a step, width 128, SwiGLU hidden 384): ``X W`` and the
+weight gradient ``X^T dY`` for q / k / v / o (``128 -> 128``), SwiGLU's gate or up
+(``128 -> 384``), both as one (``128 -> 768``) and its down projection (``384 -> 128``).
+A ``2048^3`` product (``--big``) gives each library's large-matmul rate. The median of
+``--repeats`` calls after two warm-ups, in GFLOP/s. This says what XLA:CPU's small-matmul rate
+costs the chunked ops' 10x target (docs/benchmarks.md, "CPU training speed, round 11").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--chunks", type=int, nargs="*", default=[32, 64],
+                   help="chunk lengths L (none: no chunk products)")
+    p.add_argument("--projections", action="store_true",
+                   help="add the nanoGPT recipe's projections (768 tokens, width 128)")
+    p.add_argument("--rows", type=int, default=2 * 4 * 2048,
+                   help="B*H*T: rows of the chunked operands (issue 22: 2*4*2048)")
+    p.add_argument("--dim", type=int, default=64, help="the head dim K = V")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--big", type=int, default=2048, help="the large product's size N (N^3)")
+    p.add_argument("--training-flags", action="store_true",
+                   help="add train_lm.py's XLA:CPU flags (each matmul on one thread)")
+    p.add_argument("--json", type=Path, help="also write the rows here")
+    args = p.parse_args(argv)
+    bad = [c for c in args.chunks if c < 1 or args.rows % c]
+    if bad:
+        p.error(f"--chunks: each must be >= 1 and divide --rows={args.rows}, got {bad}")
+    if min(args.dim, args.repeats, args.big) < 1:
+        p.error(f"--dim, --repeats and --big must be >= 1, got {args.dim}, {args.repeats} and "
+                f"{args.big}")
+    return args
+
+
+def median_s(fn, operands: tuple, repeats: int) -> float:
+    """Median wall seconds of ``fn(*operands)`` over ``repeats`` calls, after two warm-ups."""
+    fn(*operands)
+    fn(*operands)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*operands)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.training_flags:
+        from linearnexus.core.cpu_flags import apply_cpu_flags
+
+        apply_cpu_flags()
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    d = args.dim
+    # (name, einsum, lhs shape, rhs shape, contraction length, numpy / torch form)
+    cases = []
+    for chunk in args.chunks:
+        n = args.rows // chunk  # one product per (batch, head, chunk)
+        cases += [
+            (f"NN L={chunk}", "nij,njd->nid", (n, chunk, chunk), (n, chunk, d), chunk,
+             lambda a, b: a @ b),
+            (f"NT L={chunk}", "nid,njd->nij", (n, chunk, d), (n, chunk, d), d,
+             lambda a, b: a @ b.transpose(0, 2, 1) if isinstance(a, np.ndarray) else a @ b.transpose(1, 2)),
+            (f"TN L={chunk}", "nid,nie->nde", (n, chunk, d), (n, chunk, d), chunk,
+             lambda a, b: a.transpose(0, 2, 1) @ b if isinstance(a, np.ndarray) else a.transpose(1, 2) @ b),
+        ]
+    if args.projections:
+        tokens = 768  # batch 12 x context 64
+        for k_in, n_out in ((128, 128), (128, 384), (128, 768), (384, 128)):
+            cases += [
+                (f"XW {k_in}->{n_out}", "tk,kn->tn", (tokens, k_in), (k_in, n_out), k_in,
+                 lambda a, b: a @ b),
+                (f"XtdY {k_in}->{n_out}", "tk,tn->kn", (tokens, k_in), (tokens, n_out), tokens,
+                 lambda a, b: a.T @ b),
+            ]
+    big = args.big
+    cases.append((f"{big}^3", "ij,jk->ik", (big, big), (big, big), big, lambda a, b: a @ b))
+
+    rows = []
+    print(f"JAX {jax.__version__} ({'training flags' if args.training_flags else 'XLA defaults'}), "
+          f"torch {torch.__version__} ({threads} threads), numpy {np.__version__}; GFLOP/s, "
+          f"median of {args.repeats}")
+    print(f"{'product':<10} {'MFLOP':>8} {'jax':>8} {'torch':>8} {'numpy':>8}")
+    for name, spec, ls, rs, contraction, form in cases:
+        a = rng.standard_normal(ls, dtype=np.float32)
+        b = rng.standard_normal(rs, dtype=np.float32)
+        out = np.einsum(spec, a, b)
+        flop = 2.0 * out.size * contraction
+        ja, jb = jnp.asarray(a), jnp.asarray(b)
+        jf = jax.jit(lambda x, y, spec=spec: jnp.einsum(spec, x, y))
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        got = {
+            "jax": median_s(lambda x, y, f=jf: f(x, y).block_until_ready(), (ja, jb), args.repeats),
+            "torch": median_s(form, (ta, tb), args.repeats),
+            "numpy": median_s(form, (a, b), args.repeats),
+        }
+        # every library computes the same product
+        np.testing.assert_allclose(np.asarray(jf(ja, jb)), out, rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(form(ta, tb).numpy(), out, rtol=2e-3, atol=2e-3)
+        rates = {k: flop / s / 1e9 for k, s in got.items()}
+        rows.append({"product": name, "mflop": flop / 1e6, "gflops": rates,
+                     "ms": {k: 1e3 * s for k, s in got.items()}})
+        print(f"{name:<10} {flop / 1e6:>8.1f} {rates['jax']:>8.1f} {rates['torch']:>8.1f} "
+              f"{rates['numpy']:>8.1f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "jax": jax.__version__, "torch": torch.__version__, "numpy": np.__version__,
+            "threads": threads, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows,
+        }, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
