@@ -22,6 +22,10 @@ on the same operands (``torch.set_num_threads`` = the cores this process may use
 gpt_nanogpt_cpu.yaml``: 768 tokens a step, width 128, SwiGLU hidden 384): ``X W`` and the
 weight gradient ``X^T dY`` for q / k / v / o (``128 -> 128``), SwiGLU's gate or up
 (``128 -> 384``), both as one (``128 -> 768``) and its down projection (``384 -> 128``).
+``--callback`` also times a chain of the recipe's products shaped like a training step (4
+layers of ``X W`` forward, then ``dY W^T`` and ``X^T dY`` for each, elementwise ops
+between: 84 products) with XLA's ``@`` and with every product sent to ``numpy.matmul``
+through ``jax.pure_callback``: what routing the matmuls to a BLAS from Python would cost.
 A ``2048^3`` product (``--big``) gives each library's large-matmul rate. The median of
 ``--repeats`` calls after two warm-ups, in GFLOP/s. This says what XLA:CPU's small-matmul rate
 costs the chunked ops' 10x target (docs/benchmarks.md, "CPU training speed, round 11").
@@ -51,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=64, help="the head dim K = V")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--big", type=int, default=2048, help="the large product's size N (N^3)")
+    p.add_argument("--callback", action="store_true",
+                   help="also time a step-shaped chain of products through jax.pure_callback")
     p.add_argument("--training-flags", action="store_true",
                    help="add train_lm.py's XLA:CPU flags (each matmul on one thread)")
     p.add_argument("--json", type=Path, help="also write the rows here")
@@ -74,6 +80,61 @@ def median_s(fn, operands: tuple, repeats: int) -> float:
         fn(*operands)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def step_chain(dot, weights: list[dict], x):
+    """A training step's products for the recipe's GPT, without its attention scores: per
+    layer ``q, k, v, o, gate, up, down`` forward (``x [T, 128]``), then in reverse the input
+    gradients ``dY W^T`` and weight gradients ``X^T dY``; ``dot(a, b)`` computes ``a @ b``.
+    Returns the input gradient ``[T, 128]`` and the weight gradients."""
+    import jax
+    import jax.numpy as jnp
+
+    saved = []
+    for w in weights:
+        a = jnp.tanh(dot(x, w["q"]) + dot(x, w["k"]) + dot(x, w["v"]))  # [T, 128]
+        y = x + dot(a, w["o"])
+        h = jax.nn.silu(dot(y, w["gate"])) * dot(y, w["up"])  # [T, 384]
+        saved.append((x, a, y, h))
+        x = y + dot(h, w["down"])
+    dy, grads = jnp.full_like(x, 1e-3), []
+    for w, (xi, a, y, h) in zip(reversed(weights), reversed(saved), strict=True):
+        dh = dot(dy, w["down"].T)
+        dyy = dot(dh, w["gate"].T) + dot(dh, w["up"].T) + dy
+        da = dot(dyy, w["o"].T)
+        grads.append([dot(h.T, dy), dot(y.T, dh), dot(y.T, dh), dot(a.T, dyy),
+                      dot(xi.T, da), dot(xi.T, da), dot(xi.T, da)])
+        dy = dot(da, w["q"].T) + dot(da, w["k"].T) + dot(da, w["v"].T) + dyy
+    return dy, grads
+
+
+def callback_chain(repeats: int) -> dict:
+    """:func:`step_chain` with XLA's ``@`` against every product through
+    ``jax.pure_callback`` into ``numpy.matmul``: median ms of each, and their largest
+    relative difference."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    shapes = {"q": (128, 128), "k": (128, 128), "v": (128, 128), "o": (128, 128),
+              "gate": (128, 384), "up": (128, 384), "down": (384, 128)}
+    weights = [{n: jnp.asarray(0.05 * rng.standard_normal(s, dtype=np.float32))
+                for n, s in shapes.items()} for _ in range(4)]
+    x = jnp.asarray(rng.standard_normal((768, 128), dtype=np.float32))
+
+    def host_dot(a, b):
+        out = jax.ShapeDtypeStruct((a.shape[0], b.shape[1]), a.dtype)
+        return jax.pure_callback(np.matmul, out, a, b)
+
+    xla = jax.jit(lambda w, x: step_chain(jnp.matmul, w, x))
+    host = jax.jit(lambda w, x: step_chain(host_dot, w, x))
+    diff = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
+               for a, b in zip(jax.tree.leaves(xla(weights, x)), jax.tree.leaves(host(weights, x)),
+                               strict=True))
+    ms = {name: 1e3 * median_s(lambda w, x, f=f: jax.block_until_ready(f(w, x)), (weights, x),
+                               repeats) for name, f in (("xla", xla), ("callback", host))}
+    return {"products": 84, "ms": ms, "max_rel_diff": diff}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,12 +202,19 @@ def main(argv: list[str] | None = None) -> int:
                      "ms": {k: 1e3 * s for k, s in got.items()}})
         print(f"{name:<10} {flop / 1e6:>8.1f} {rates['jax']:>8.1f} {rates['torch']:>8.1f} "
               f"{rates['numpy']:>8.1f}")
+    chain = None
+    if args.callback:
+        chain = callback_chain(args.repeats)
+        print(f"a step's 84 products: XLA {chain['ms']['xla']:.2f} ms, through "
+              f"jax.pure_callback into numpy {chain['ms']['callback']:.2f} ms (largest "
+              f"relative difference {chain['max_rel_diff']:.1e})")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "jax": jax.__version__, "torch": torch.__version__, "numpy": np.__version__,
             "threads": threads, "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows,
+            "callback_chain": chain,
         }, indent=1))
     return 0
 

@@ -305,10 +305,14 @@ def test_cpu_matmul_rates_times_every_layout(tmp_path, capsys):
     assert rows[0]["mflop"] == pytest.approx(2 * 6 * 8 * 5 * 8 / 1e6)
     assert rows[2]["mflop"] == pytest.approx(2 * 6 * 5 * 5 * 8 / 1e6)  # [5, 8] @ [8, 5]
     assert all(rate > 0 for r in rows for rate in r["gflops"].values())
-    # the GPT recipe's projections alone: X W and X^T dY per shape, 768 tokens
-    assert module.main(["--chunks", "--projections", "--big", "8", "--repeats", "1", "--json",
-                        str(out)]) == 0
-    rows = {r["product"]: r for r in json.loads(out.read_text())["rows"]}
+    # the GPT recipe's projections alone: X W and X^T dY per shape, 768 tokens; and a
+    # step's chain of them through a host callback, equal to XLA's
+    assert module.main(["--chunks", "--projections", "--big", "8", "--repeats", "1",
+                        "--callback", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    chain = result["callback_chain"]
+    assert chain["max_rel_diff"] < 1e-4 and min(chain["ms"].values()) > 0
+    rows = {r["product"]: r for r in result["rows"]}
     assert list(rows)[:2] == ["XW 128->128", "XtdY 128->128"] and len(rows) == 9
     assert rows["XtdY 384->128"]["mflop"] == pytest.approx(2 * 384 * 128 * 768 / 1e6)
     with pytest.raises(SystemExit):
