@@ -82,11 +82,31 @@ def median_s(fn, operands: tuple, repeats: int) -> float:
     return statistics.median(times)
 
 
+def xla_dot(a, b, ta: bool = False, tb: bool = False):
+    """``op(a) @ op(b)`` by XLA (``op`` transposes where ``ta`` / ``tb``)."""
+    return (a.T if ta else a) @ (b.T if tb else b)
+
+
+def chain_inputs() -> tuple[list[dict], object]:
+    """:func:`step_chain`'s weights (4 layers: ``q, k, v, o`` ``[128, 128]``, ``gate, up``
+    ``[128, 384]``, ``down`` ``[384, 128]``) and input ``x [768, 128]``, float32."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    shapes = {"q": (128, 128), "k": (128, 128), "v": (128, 128), "o": (128, 128),
+              "gate": (128, 384), "up": (128, 384), "down": (384, 128)}
+    weights = [{n: jnp.asarray(0.05 * rng.standard_normal(s, dtype=np.float32))
+                for n, s in shapes.items()} for _ in range(4)]
+    return weights, jnp.asarray(rng.standard_normal((768, 128), dtype=np.float32))
+
+
 def step_chain(dot, weights: list[dict], x):
     """A training step's products for the recipe's GPT, without its attention scores: per
     layer ``q, k, v, o, gate, up, down`` forward (``x [T, 128]``), then in reverse the input
-    gradients ``dY W^T`` and weight gradients ``X^T dY``; ``dot(a, b)`` computes ``a @ b``.
-    Returns the input gradient ``[T, 128]`` and the weight gradients."""
+    gradients ``dY W^T`` and weight gradients ``X^T dY``; ``dot(a, b, ta, tb)`` computes
+    ``op(a) @ op(b)`` (:func:`xla_dot`). Returns the input gradient ``[T, 128]`` and the
+    weight gradients."""
     import jax
     import jax.numpy as jnp
 
@@ -99,35 +119,32 @@ def step_chain(dot, weights: list[dict], x):
         x = y + dot(h, w["down"])
     dy, grads = jnp.full_like(x, 1e-3), []
     for w, (xi, a, y, h) in zip(reversed(weights), reversed(saved), strict=True):
-        dh = dot(dy, w["down"].T)
-        dyy = dot(dh, w["gate"].T) + dot(dh, w["up"].T) + dy
-        da = dot(dyy, w["o"].T)
-        grads.append([dot(h.T, dy), dot(y.T, dh), dot(y.T, dh), dot(a.T, dyy),
-                      dot(xi.T, da), dot(xi.T, da), dot(xi.T, da)])
-        dy = dot(da, w["q"].T) + dot(da, w["k"].T) + dot(da, w["v"].T) + dyy
+        dh = dot(dy, w["down"], tb=True)
+        dyy = dot(dh, w["gate"], tb=True) + dot(dh, w["up"], tb=True) + dy
+        da = dot(dyy, w["o"], tb=True)
+        grads.append([dot(h, dy, ta=True), dot(y, dh, ta=True), dot(y, dh, ta=True),
+                      dot(a, dyy, ta=True), dot(xi, da, ta=True), dot(xi, da, ta=True),
+                      dot(xi, da, ta=True)])
+        dy = dot(da, w["q"], tb=True) + dot(da, w["k"], tb=True) + dot(da, w["v"], tb=True) + dyy
     return dy, grads
 
 
 def callback_chain(repeats: int) -> dict:
-    """:func:`step_chain` with XLA's ``@`` against every product through
-    ``jax.pure_callback`` into ``numpy.matmul``: median ms of each, and their largest
-    relative difference."""
+    """:func:`step_chain` with XLA's products against every product through
+    ``jax.pure_callback`` into ``numpy.matmul`` (transposes inside NumPy): median ms of each,
+    and their largest relative difference."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    rng = np.random.default_rng(1)
-    shapes = {"q": (128, 128), "k": (128, 128), "v": (128, 128), "o": (128, 128),
-              "gate": (128, 384), "up": (128, 384), "down": (384, 128)}
-    weights = [{n: jnp.asarray(0.05 * rng.standard_normal(s, dtype=np.float32))
-                for n, s in shapes.items()} for _ in range(4)]
-    x = jnp.asarray(rng.standard_normal((768, 128), dtype=np.float32))
+    weights, x = chain_inputs()
 
-    def host_dot(a, b):
-        out = jax.ShapeDtypeStruct((a.shape[0], b.shape[1]), a.dtype)
-        return jax.pure_callback(np.matmul, out, a, b)
+    def host_dot(a, b, ta=False, tb=False):
+        m, n = a.shape[1] if ta else a.shape[0], b.shape[0] if tb else b.shape[1]
+        return jax.pure_callback(lambda a, b: np.matmul(a.T if ta else a, b.T if tb else b),
+                                 jax.ShapeDtypeStruct((m, n), a.dtype), a, b)
 
-    xla = jax.jit(lambda w, x: step_chain(jnp.matmul, w, x))
+    xla = jax.jit(lambda w, x: step_chain(xla_dot, w, x))
     host = jax.jit(lambda w, x: step_chain(host_dot, w, x))
     diff = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
                for a, b in zip(jax.tree.leaves(xla(weights, x)), jax.tree.leaves(host(weights, x)),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -318,3 +319,26 @@ def test_cpu_matmul_rates_times_every_layout(tmp_path, capsys):
     with pytest.raises(SystemExit):
         module.main(["--rows", "48", "--chunks", "7"])
     assert "--chunks: each must be >= 1 and divide --rows=48, got [7]" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the FFI handler")
+def test_cpu_ffi_gemm_handler_matches_numpy(tmp_path):
+    """``benchmarks/cpu_ffi_gemm.py``'s FFI handler (one OpenBLAS ``sgemm`` a product, the
+    transposes as flags) computes ``op(a) @ op(b)`` for all four flag pairs, inside a jitted
+    program, at sizes that are not multiples of anything."""
+    spec = importlib.util.spec_from_file_location("cpu_ffi_gemm",
+                                                  ROOT / "benchmarks" / "cpu_ffi_gemm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if module.find_openblas() is None:
+        pytest.skip("NumPy without its bundled OpenBLAS")
+    gemm = module.register(module.build(tmp_path), threads=1)
+    rng = np.random.default_rng(0)
+    m, k, n = 7, 5, 3
+    for ta in (False, True):
+        for tb in (False, True):
+            a = rng.standard_normal((k, m) if ta else (m, k), dtype=np.float32)
+            b = rng.standard_normal((n, k) if tb else (k, n), dtype=np.float32)
+            got = jax.jit(lambda a, b, ta=ta, tb=tb: gemm(a, b, ta=ta, tb=tb))(a, b)
+            want = (a.T if ta else a) @ (b.T if tb else b)
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
