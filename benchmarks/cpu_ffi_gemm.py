@@ -118,14 +118,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['ms']['ffi']:.2f} ms a step's 84 products (largest relative difference "
                   f"{r['max_rel_diff']:.1e})")
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({
-                "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows},
-                indent=1))
+            rates.write_json(args.json, {"rows": rows})
         return 0
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,9 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         weights, x = rates.chain_inputs()
         fns = {"xla": jax.jit(lambda w, x: rates.step_chain(rates.xla_dot, w, x)),
                "ffi": jax.jit(lambda w, x: rates.step_chain(gemm, w, x))}
-        diff = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
-                   for a, b in zip(jax.tree.leaves(fns["xla"](weights, x)),
-                                   jax.tree.leaves(fns["ffi"](weights, x)), strict=True))
+        diff = rates.max_rel_diff(fns["xla"](weights, x), fns["ffi"](weights, x))
         if diff > 1e-4:  # the handler must compute XLA's products
             raise SystemExit(f"cpu_ffi_gemm.py: FFI and XLA differ by {diff:.1e} (relative)")
         ms = race(fns, (weights, x), args.rounds)

@@ -4,7 +4,7 @@
     python benchmarks/cpu_matmul_rates.py --chunks 64 --repeats 20 --json out.json
     python benchmarks/cpu_matmul_rates.py --chunks --projections   # the GPT recipe's matmuls
 
-The chunked forms of the linear ops (``linearnexus/kernels/*/chunk.py``) spend their floor in
+The chunked forms of the linear ops (``linearnexus/kernels/*/chunked.py``) spend their floor in
 batched products of one chunk per (batch, head, chunk) row: at issue 22's shape (B=2, T=2048,
 H=4, K=V=64) and chunk L that is ``B*H*T/L`` products of ``[L, 64]`` operands, in three
 layouts:
@@ -101,6 +101,22 @@ def chain_inputs() -> tuple[list[dict], object]:
     return weights, jnp.asarray(rng.standard_normal((768, 128), dtype=np.float32))
 
 
+def max_rel_diff(want: object, got: object) -> float:
+    """The largest ``max |want - got| / max |want|`` over the two pytrees' leaves."""
+    import jax
+    import jax.numpy as jnp
+
+    return max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
+               for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True))
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """``payload`` with the UTC date to ``path`` (its folder made if missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(
+        {"date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **payload}, indent=1))
+
+
 def step_chain(dot, weights: list[dict], x):
     """A training step's products for the recipe's GPT, without its attention scores: per
     layer ``q, k, v, o, gate, up, down`` forward (``x [T, 128]``), then in reverse the input
@@ -134,7 +150,6 @@ def callback_chain(repeats: int) -> dict:
     ``jax.pure_callback`` into ``numpy.matmul`` (transposes inside NumPy): median ms of each,
     and their largest relative difference."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     weights, x = chain_inputs()
@@ -146,9 +161,7 @@ def callback_chain(repeats: int) -> dict:
 
     xla = jax.jit(lambda w, x: step_chain(xla_dot, w, x))
     host = jax.jit(lambda w, x: step_chain(host_dot, w, x))
-    diff = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
-               for a, b in zip(jax.tree.leaves(xla(weights, x)), jax.tree.leaves(host(weights, x)),
-                               strict=True))
+    diff = max_rel_diff(xla(weights, x), host(weights, x))
     ms = {name: 1e3 * median_s(lambda w, x, f=f: jax.block_until_ready(f(w, x)), (weights, x),
                                repeats) for name, f in (("xla", xla), ("callback", host))}
     return {"products": 84, "ms": ms, "max_rel_diff": diff}
@@ -177,9 +190,9 @@ def main(argv: list[str] | None = None) -> int:
             (f"NN L={chunk}", "nij,njd->nid", (n, chunk, chunk), (n, chunk, d), chunk,
              lambda a, b: a @ b),
             (f"NT L={chunk}", "nid,njd->nij", (n, chunk, d), (n, chunk, d), d,
-             lambda a, b: a @ b.transpose(0, 2, 1) if isinstance(a, np.ndarray) else a @ b.transpose(1, 2)),
+             lambda a, b: a @ b.mT),
             (f"TN L={chunk}", "nid,nie->nde", (n, chunk, d), (n, chunk, d), chunk,
-             lambda a, b: a.transpose(0, 2, 1) @ b if isinstance(a, np.ndarray) else a.transpose(1, 2) @ b),
+             lambda a, b: a.mT @ b),
         ]
     if args.projections:
         tokens = 768  # batch 12 x context 64
@@ -226,13 +239,10 @@ def main(argv: list[str] | None = None) -> int:
               f"jax.pure_callback into numpy {chain['ms']['callback']:.2f} ms (largest "
               f"relative difference {chain['max_rel_diff']:.1e})")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
+        write_json(args.json, {
             "jax": jax.__version__, "torch": torch.__version__, "numpy": np.__version__,
-            "threads": threads, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows,
-            "callback_chain": chain,
-        }, indent=1))
+            "threads": threads, "xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": rows,
+            "callback_chain": chain})
     return 0
 
 
