@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -210,7 +211,29 @@ def bare_variants() -> dict[str, tuple[callable, bool]]:
             # one warp per row, as XLA's row reduction runs it, and two wider tilings
             **{f"lib_bn{bn}_bk{bk}_w{w}": (sliced(functools.partial(
                 rows_t, bn=bn, bk=bk, warps=w)), False)
-               for bn, bk, w in ((8, 1024, 8), (4, 1024, 4), (16, 512, 8))}}
+               for bn, bk, w in ((8, 1024, 8), (4, 1024, 4), (16, 512, 8))},
+            # the whole chain as one persistent kernel with grid barriers
+            # (benchmarks/persistent_gemv.py): rows per tile, warps, prefetch across barriers
+            **{f"persist_bn{bn}_w{w}{'_pf' if pf else ''}": (
+                Persistent(bn=bn, warps=w, prefetch=pf), False)
+               for bn, w, pf in ((8, 4, False), (8, 4, True), (8, 8, True), (16, 8, True),
+                                 (32, 8, True))}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Persistent:
+    """A ``--bare`` form that is not a per-projection matmul: the whole chain in one kernel
+    (``persistent_gemv.persistent_chain``) over the layers' stacked weights."""
+
+    bn: int
+    warps: int
+    prefetch: bool
+
+    def chain(self, programs: int, virtual: bool):
+        from persistent_gemv import persistent_chain
+
+        return functools.partial(persistent_chain, programs=programs, bn=self.bn,
+                                 warps=self.warps, prefetch=self.prefetch, virtual=virtual)
 
 
 def bare_chain(mm):
@@ -335,8 +358,28 @@ def main() -> None:
         if unknown:
             p.error(f"--variants: unknown {unknown}; known: {sorted(known)}")
         chosen = {k: v for k, v in known.items() if k in args.variants}
+    stacked = None
     for name, (mm, transposed) in chosen.items():
-        if args.bare:  # transposed here: the activation is [8, D] (row 0 is the batch row)
+        weights = ws
+        if isinstance(mm, Persistent):  # one kernel per step over [L, N, K] weights
+            if stacked is None:
+                stacked = {k: jnp.stack([w[k] for w in ws])  # L x [N, K] -> [L, N, K]
+                           for k in ("in_t", "o_t", "gu_t", "down_t")}
+            weights = stacked
+            on_gpu = jax.default_backend() == "gpu"
+            # one program per SM on a GPU (all resident: the barriers need it); off a GPU
+            # 3 programs run in turn (interpret mode, no barriers)
+            programs = getattr(jax.devices()[0], "core_count", 132) if on_gpu else 3
+            kernel = mm.chain(programs, virtual=not on_gpu)
+            expect = programs * 4 * layers if on_gpu else 0
+
+            def step(h, st, kernel=kernel, expect=expect):
+                out, counter = kernel(h, st)
+                # a barrier that gave up (programs not all resident) poisons the result
+                return jnp.where(counter[0] == expect, out, jnp.nan).astype(out.dtype)
+            h_in = h0
+            one = jax.jit(step)
+        elif args.bare:  # transposed here: the activation is [8, D] (row 0 is the batch row)
             step = bare_chain(mm)
             h_in = jnp.pad(h0, ((0, 7), (0, 0))) if transposed else h0  # [8, D] or [1, D]
             one = jax.jit(lambda h, ws, step=step: step(h, ws)[:1])
@@ -355,18 +398,20 @@ def main() -> None:
             interp = mosaic_chunk.gpu_interpret  # the Mosaic kernels on the CPU
         try:
             with interp():
-                out1 = np.asarray(one(h_in, ws).astype(F32))
+                out1 = np.asarray(one(h_in, weights).astype(F32))
+            if not np.isfinite(out1).all():
+                raise RuntimeError("non-finite output (a persistent kernel's barrier gave up?)")
             if ref is None:
                 ref = out1
                 print(f"(reference {name}: |out| = {np.linalg.norm(ref):.3e} after one step)")
             err = float(np.linalg.norm(out1 - ref) / np.linalg.norm(ref))
             with interp():
-                compiled = run.lower(h_in, ws).compile()
-            compiled(h_in, ws).block_until_ready()
+                compiled = run.lower(h_in, weights).compile()
+            compiled(h_in, weights).block_until_ready()
             times = []
             for _ in range(1 if args.quick else args.repeats):
                 t = time.perf_counter()
-                compiled(h_in, ws).block_until_ready()
+                compiled(h_in, weights).block_until_ready()
                 times.append(time.perf_counter() - t)
             ms = statistics.median(times) / args.steps * 1e3
         except Exception as exc:  # a variant that does not compile here: report, go on

@@ -75,6 +75,10 @@
 #      (kernels_gpu.py, dense and packed, T = 63 / 1000, D = 64 / 128), then off and on twice
 #      through the api at (8, 4096, 16, 128) and (2, 16384, 16, 128), if PARTS has "gla-bwd"
 #      (~400 s);
+#   5l. the gated rule at (1, 8192, 96, 128), its one target miss (forward + backward 0.614x
+#      FLA's against 0.6x): the heuristic against the storing forward and reverse walk at one
+#      and two stages (bwd_stages) and dq / dk at one (dqk_stages), if PARTS has "gdn-stages"
+#      (~240 s; FLA's time there: PARTS="fla" FLA_OPS=gated_delta_rule FLA_SHAPES=0);
 #   6. the one-row decode kernels' tests compiled on the GPU, failures with their tracebacks
 #      (10 failed on an H100 on 2026-12-05: the tests' dispatch, fixed by tests/conftest.py's
 #      cpu_dispatch; docs/benchmarks.md), if PARTS has "gemv-tests".
@@ -242,6 +246,11 @@ case " $PARTS " in *" waves "*)
   for op in ${WAVES_OPS:-gated_delta_rule simple_gla}; do
     configs waves_$op ${WAVES_S:-130} 20 $op 1,8192,96,128 "" $W0 "" $W0
   done;;
+esac
+case " $PARTS " in *" gdn-stages "*)
+  echo "== the gated rule at (1, 8192, 96, 128): the gradient's pipeline depths"
+  configs gdn_stages ${GDN_STAGES_S:-240} 25 gated_delta_rule 1,8192,96,128 "" bwd_stages=1 \
+    bwd_stages=2 dqk_stages=1;;
 esac
 case " $PARTS " in *" gla-bwd "*)
   echo "== GLA's state walk on Mosaic GPU: checks with it on, then off / on through the api"

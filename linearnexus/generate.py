@@ -68,6 +68,34 @@ DECODE_GRAPH_ENV = "LINEARNEXUS_DECODE_GRAPH"
 _GRAPH_COMMANDS = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
 
 
+#: ``LINEARNEXUS_DECODE_BLOCK=U`` runs the on-device decode loop's steps in counted blocks
+#: of ``U`` (an inner ``fori_loop``) inside the ``while_loop`` that checks the budget and
+#: the stop rule: on a GPU each ``while`` iteration reads its condition back on the host
+#: (~17 us on an H100, docs/benchmarks.md), a counted loop does not. Read when the loop is
+#: traced. Default :data:`DEFAULT_DECODE_BLOCK`.
+DECODE_BLOCK_ENV = "LINEARNEXUS_DECODE_BLOCK"
+DEFAULT_DECODE_BLOCK = 1
+
+
+def decode_block() -> int:
+    """Steps per counted block of the on-device loop (``LINEARNEXUS_DECODE_BLOCK``).
+
+    Raises:
+        ValueError: a value that is not an integer in ``[1, LOOP_CHUNK]``.
+    """
+    raw = os.environ.get(DECODE_BLOCK_ENV, "")
+    if raw == "":
+        return DEFAULT_DECODE_BLOCK
+    try:
+        block = int(raw)
+    except ValueError:
+        block = 0
+    if not 1 <= block <= LOOP_CHUNK:
+        raise ValueError(f"{DECODE_BLOCK_ENV}: expected an integer in [1, {LOOP_CHUNK}], "
+                         f"got {raw!r}")
+    return block
+
+
 def _loop_compiler_options() -> dict[str, str] | None:
     """XLA options of the decode loop's compile (read when the loop is built)."""
     choice = os.environ.get(DECODE_GRAPH_ENV, "")
@@ -397,9 +425,9 @@ def decode_params(model: LMModel, params: Any) -> DecodeParams:
     return out
 
 
-def _build(graphdef: Any, cfg: SamplingConfig) -> _Compiled:
-    """jit the prefill, the decode step and the decode loop for one model structure and
-    sampler setting."""
+def _build(graphdef: Any, cfg: SamplingConfig, block: int = 1) -> _Compiled:
+    """jit the decode step and the decode loop for one model structure and sampler setting;
+    the loop runs its steps in counted blocks of ``block`` (:func:`decode_block`)."""
     sampler = _sampler(cfg)
 
     def sample_first(logits: Array, key: Array) -> tuple[Array, Array]:
@@ -421,21 +449,30 @@ def _build(graphdef: Any, cfg: SamplingConfig) -> _Compiled:
         buf = jnp.full((batch, LOOP_CHUNK), -1, jnp.int32)
         buf = buf.at[:, 0].set(jnp.where(first & ~done, nxt, -1))
 
-        def cond(carry):
-            i, _, _, _, done, _ = carry
-            return (i < n) & ~jnp.all(done)
+        never = jnp.int32(LOOP_CHUNK + 1)  # "not every row has finished yet"
 
         def body(carry):
-            i, nxt, state, key, done, buf = carry
+            i, nxt, state, key, done, buf, end = carry
             feed = jnp.where(done, pad_id, nxt)[:, None]  # [B, 1]; finished rows get pads
             nxt, state, key = decode_step(graphdef, sampler, params, feed, state, key)
             done = done | jnp.isin(nxt, stops)
             col = jnp.where(done, -1, nxt)[:, None]  # [B, 1]
-            return i + 1, nxt, state, key, done, jax.lax.dynamic_update_slice(buf, col, (0, i))
+            # the count a one-step loop would stop at: the step after which every row is done
+            end = jnp.where((end == never) & jnp.all(done), i + 1, end)
+            buf = jax.lax.dynamic_update_slice(buf, col, (0, i))
+            return i + 1, nxt, state, key, done, buf, end
 
-        i, nxt, state, key, done, buf = jax.lax.while_loop(
-            cond, body, (first.astype(jnp.int32), nxt, state, key, done, buf))
-        return buf, i, nxt, state, key, done
+        carry = (first.astype(jnp.int32), nxt, state, key, done, buf, never)
+        if block > 1:
+            # whole blocks of `block` steps while they fit in `n`; the stop rule is checked
+            # between blocks, so a block that finishes every row runs its remaining steps
+            # on pads (their columns are -1 and past the returned count)
+            carry = jax.lax.while_loop(
+                lambda c: (c[0] + block <= n) & ~jnp.all(c[4]),
+                lambda c: jax.lax.fori_loop(0, block, lambda _, c: body(c), c), carry)
+        i, nxt, state, key, done, buf, end = jax.lax.while_loop(
+            lambda c: (c[0] < n) & ~jnp.all(c[4]), body, carry)
+        return buf, jnp.minimum(i, end), nxt, state, key, done
 
     # donating the state lets XLA update KV caches in place instead of copying them per token
     return _Compiled(jax.jit(sample_first), jax.jit(step, donate_argnums=(2,)),
@@ -536,7 +573,10 @@ class Decoder:
         self.params = inference_params(model, weights)
         #: what the step and the loop take: the params and the fused projections' weights
         self.inputs = decode_params(model, self.params)
-        self._compiled = _COMPILED.get(graphdef, cfg.sampler_key(), lambda: _build(graphdef, cfg))
+        # the loop's block size is part of the key: a new LINEARNEXUS_DECODE_BLOCK compiles anew
+        block = decode_block()
+        self._compiled = _COMPILED.get(graphdef, (cfg.sampler_key(), block),
+                                       lambda: _build(graphdef, cfg, block))
         self._prefill = _PREFILL.get(graphdef, None, lambda: _build_prefill(graphdef))
 
     @property
@@ -596,7 +636,9 @@ class Decoder:
         Returns:
             ``(buf [B, LOOP_CHUNK] int32, count [] int32, nxt, state, key, done)``: the first
             ``count`` columns of ``buf`` hold this run's tokens, -1 where a row had finished
-            (its stop token included).
+            (its stop token included). With ``LINEARNEXUS_DECODE_BLOCK`` above 1
+            (:func:`decode_block`), ``nxt``, ``state`` and ``key`` returned after every row
+            has finished may be up to ``block - 1`` pad steps further along.
 
         Raises:
             ValueError: ``n`` outside ``[1, LOOP_CHUNK]``.
@@ -791,7 +833,7 @@ def generate_text(model: LMModel, tokenizer: Any, prompt: str, cfg: SamplingConf
 
 __all__ = [
     "LOOP_CHUNK", "PAD_ID", "DecodeParams", "Decoder", "SamplingConfig", "apply_top_k",
-    "apply_top_p", "cache_limit", "check_capacity", "decode_params", "decode_step", "generate",
-    "generate_text", "inference_params", "left_pad", "prompt_bucket", "sample_next", "start_tokens",
-    "stop_array", "stream", "trace_counts",
+    "apply_top_p", "cache_limit", "check_capacity", "decode_block", "decode_params",
+    "decode_step", "generate", "generate_text", "inference_params", "left_pad",
+    "prompt_bucket", "sample_next", "start_tokens", "stop_array", "stream", "trace_counts",
 ]

@@ -49,6 +49,7 @@ from linearnexus.generate import (
     _sampler,
     cache_limit,
     check_capacity,
+    decode_block,
     left_pad,
     prompt_bucket,
     sample_next,
@@ -76,7 +77,7 @@ class _Slots(NamedTuple):
     stops: Array  # [B, S] int32 stop ids, -1 padded
 
 
-def _build(graphdef: Any, cfg: SamplingConfig) -> _Serve:
+def _build(graphdef: Any, cfg: SamplingConfig, block: int = 1) -> _Serve:
     sampler = _sampler(cfg)
 
     def sample_rows(logits: Array, keys: Array) -> tuple[Array, Array]:
@@ -114,7 +115,7 @@ def _build(graphdef: Any, cfg: SamplingConfig) -> _Serve:
             return (i < n) & jnp.any(s.active) & ~finished
 
         def body(carry):
-            i, s, buf, _ = carry
+            i, s, buf, finished = carry
             model = nnx.merge(graphdef, params)
             feed = jnp.where(s.active, s.nxt, pad_id)[:, None]  # [B, 1]; free slots get pads
             logits, state = model(feed, state=s.state, mode="recurrent")  # [B, 1, V]
@@ -126,9 +127,15 @@ def _build(graphdef: Any, cfg: SamplingConfig) -> _Serve:
             col = jnp.where(s.active & ~stop, nxt, -1)[:, None]  # [B, 1]
             buf = jax.lax.dynamic_update_slice(buf, col, (0, i))
             s = _Slots(nxt, state, keys, s.active & ~finish, left, s.stops)
-            return i + 1, s, buf, jnp.any(finish)
+            return i + 1, s, buf, finished | jnp.any(finish)
 
-        i, slots, buf, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), slots, buf, False))
+        carry = (jnp.int32(0), slots, buf, False)
+        if block > 1:  # counted blocks of steps while they fit (generate.decode_block): a
+            # block in which a request finishes runs to its end, the other slots going on
+            carry = jax.lax.while_loop(
+                lambda c: (c[0] + block <= n) & jnp.any(c[1].active) & ~c[3],
+                lambda c: jax.lax.fori_loop(0, block, lambda _, c: body(c), c), carry)
+        i, slots, buf, _ = jax.lax.while_loop(cond, body, carry)
         return buf, i, slots
 
     return _Serve(jax.jit(insert, donate_argnums=(0,)), jax.jit(loop, donate_argnums=(1,)))
@@ -188,8 +195,9 @@ class ContinuousBatcher:
         self.pad_id = pad_id
         self._decoder = Decoder(model, self.cfg, weights=weights)
         graphdef, _ = nnx.split(model)
-        self._fns = _SERVE.get(graphdef, (self.cfg.sampler_key(), "serve"),
-                               lambda: _build(graphdef, self.cfg))
+        block = decode_block()
+        self._fns = _SERVE.get(graphdef, (self.cfg.sampler_key(), "serve", block),
+                               lambda: _build(graphdef, self.cfg, block))
         self._queue: collections.deque[Request] = collections.deque()
         self._next_id = 0
         self._slots: _Slots | None = None

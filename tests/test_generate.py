@@ -262,6 +262,42 @@ def test_device_loop_equals_host_loop_every_block(models, cfg, key):
     assert stopped[1] == device[1][: device[1].index(stop)]
 
 
+def test_blocked_device_loop_equals_host_loop(models, key, monkeypatch):
+    """LINEARNEXUS_DECODE_BLOCK: steps in counted blocks, the stop rule between blocks.
+    Same tokens as the host loop when rows stop mid-block, when the budget is not a
+    multiple of the block, and through continuous batching's early returns."""
+    from linearnexus.serving import ContinuousBatcher
+
+    model = models["hybrid"]
+    prompts = random_prompts(key, [5, 14, 1])
+    host = G.generate(model, prompts, SAMPLED, loop="host")
+    stop = host[1][4]
+    stopped_host = G.generate(model, prompts, SAMPLED.replace(stop_tokens=(stop,)), loop="host")
+    monkeypatch.setenv(G.DECODE_BLOCK_ENV, "5")
+    before = G.trace_counts()["loop"]
+    assert G.generate(model, prompts, SAMPLED) == host  # 12 tokens: blocks of 5, 1 step
+    assert G.trace_counts()["loop"] == before + 1  # the block size is part of the cache key
+    assert G.generate(model, prompts, SAMPLED.replace(stop_tokens=(stop,))) == stopped_host
+    row = host[0]
+    assert list(G.stream(model, prompts[0], SAMPLED, sync_every=7)) == row
+    # every row stops inside a block: the count ends at the stop, not the block's end
+    only = G.generate(model, prompts[:1], SAMPLED.replace(stop_tokens=(row[2],)))
+    assert only == [row[: row.index(row[2])]]
+
+    requests = [(p, n, s) for p, n, s in zip(random_prompts(key, [3, 9, 2, 7]), (9, 2, 12, 5),
+                                             (1, 2, 3, 4), strict=True)]
+    server = ContinuousBatcher(model, slots=2, cfg=SAMPLED, sync_every=8)
+    ids = [server.submit(p, max_new_tokens=n, seed=s) for p, n, s in requests]
+    out = server.run()
+    monkeypatch.delenv(G.DECODE_BLOCK_ENV)
+    for rid, (p, n, s) in zip(ids, requests, strict=True):
+        assert out[rid] == G.generate(model, [p], SAMPLED.replace(max_new_tokens=n, seed=s))[0]
+    for bad in ("0", "x", str(G.LOOP_CHUNK + 1)):
+        monkeypatch.setenv(G.DECODE_BLOCK_ENV, bad)
+        with pytest.raises(ValueError, match="LINEARNEXUS_DECODE_BLOCK: expected an integer"):
+            G.decode_block()
+
+
 def test_compute_dtype_weights(key):
     """bf16 compute with float32 master weights: Linear / embedding weights are cast once
     (same tokens as casting per call), vectors the blocks read in float32 stay float32."""

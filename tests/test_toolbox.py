@@ -342,3 +342,37 @@ def test_cpu_ffi_gemm_handler_matches_numpy(tmp_path):
             got = jax.jit(lambda a, b, ta=ta, tb=tb: gemm(a, b, ta=ta, tb=tb))(a, b)
             want = (a.T if ta else a) @ (b.T if tb else b)
             np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_persistent_gemv_chain_matches_xla():
+    """``benchmarks/persistent_gemv.py`` (a decode step's projections in one kernel with
+    grid barriers): its programs' tiles, run in turn in interpret mode, compute the bare
+    chain exactly as XLA's bf16 matmuls do, at sizes that are not multiples of the tiles
+    (N = 100 rows in tiles of 8, 16, 32; contractions of 40, 48 and 72 columns), with and
+    without the prefetch across barriers. (The barriers themselves run only on a GPU.)"""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gemv_gpu
+        import persistent_gemv as pg
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    d, layers, inner, hidden, n_in = 48, 2, 40, 72, 100
+    keys = jax.random.split(jax.random.PRNGKey(0), 5)
+    shapes = {"in_t": (layers, n_in, d), "o_t": (layers, d, inner),
+              "gu_t": (layers, 2 * hidden, d), "down_t": (layers, d, hidden)}
+    st = {name: (jax.random.normal(k, shape, f32) / np.sqrt(shape[-1])).astype(bf16)
+          for k, (name, shape) in zip(keys, shapes.items(), strict=False)}
+    h0 = jax.random.normal(keys[4], (1, d), f32).astype(bf16)
+    per_layer = [{name: w[i] for name, w in st.items()} for i in range(layers)]
+    want = gemv_gpu.bare_chain(lambda x, wt: jnp.dot(
+        x[:, :wt.shape[1]], wt.T, preferred_element_type=f32).astype(bf16))(h0, per_layer)
+    assert float(jnp.linalg.norm(want.astype(f32))) > 1.0  # activations of order one
+    for programs, bn, prefetch in ((3, 8, True), (5, 16, False), (1, 32, True)):
+        got, counter = jax.jit(lambda h, w, p=programs, b=bn, f=prefetch: pg.persistent_chain(
+            h, w, programs=p, bn=b, prefetch=f, virtual=True))(h0, st)
+        np.testing.assert_array_equal(np.asarray(got.astype(f32)), np.asarray(want.astype(f32)))
+        assert int(counter[0]) == 0  # no barriers in turn
+    bad = dict(st, o_t=st["o_t"][:, :, :-1].T)
+    with pytest.raises(ValueError, match=r"ws\['o_t'\]: expected \[L=2, 48, <= 100\]"):
+        pg.persistent_chain(h0, bad, programs=2, virtual=True)

@@ -1,0 +1,33 @@
+#!/bin/bash
+# One device call for the batch-1 decode step's fixed costs (issue 23); results under $OUT:
+#   persist: the bare chain of a GDN LM's 48 projections (benchmarks/gemv_gpu.py --bare) as
+#            separate kernels (xla, lib) and as ONE persistent kernel with grid barriers
+#            between projections (benchmarks/persistent_gemv.py) at several tiles, with and
+#            without each program's next weights loaded before it waits (~200 s);
+#   block:   the decode loop (GDN and Mamba2 of benchmarks/decode_gpu.py, batch 1) with its
+#            steps in counted blocks of 1 (one while iteration a step, the default) and of
+#            each size in $BLOCKS (LINEARNEXUS_DECODE_BLOCK), one process each (~110 s each).
+# Usage (repo root, on the GPU): bash benchmarks/decode_step_ab_gpu.sh   # PARTS="persist block"
+set -u
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/decode_step_ab}
+PARTS=${PARTS:-persist block}
+BLOCKS=${BLOCKS:-8}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+quiet() { grep -v "^W0000\|^I0000"; }
+case " $PARTS " in *" persist "*)
+  echo "== the bare projection chain: separate kernels against one persistent kernel"
+  timeout ${PERSIST_S:-240} python3 benchmarks/gemv_gpu.py --bare --out "$OUT" --variants xla lib \
+    persist_bn8_w4 persist_bn8_w4_pf persist_bn8_w8_pf persist_bn16_w8_pf persist_bn32_w8_pf \
+    2>&1 | quiet | cut -c1-300;;
+esac
+case " $PARTS " in *" block "*)
+  for block in 1 $BLOCKS; do
+    echo "== LINEARNEXUS_DECODE_BLOCK=$block"
+    LINEARNEXUS_DECODE_BLOCK=$block timeout ${BLOCK_S:-130} python3 benchmarks/decode_gpu.py \
+      --models gdn mamba2 --batches 1 --host-batches --steps 64 --skip-fla \
+      --budget $(( ${BLOCK_S:-130} - 20 )) --out "$OUT/block$block" 2>&1 \
+      | grep -E "^\| linearnexus|rror|budget" | cut -c1-300 | head -20
+  done;;
+esac
