@@ -4,10 +4,15 @@
 #            separate kernels (xla, lib) and as ONE persistent kernel with grid barriers
 #            between projections (benchmarks/persistent_gemv.py) at several tiles, with and
 #            without each program's next weights loaded before it waits (~200 s);
+#   layer:   the persistent layer kernel (kernels/fused_decode/persistent.py, one kernel per
+#            Gated DeltaNet + MLP layer with grid barriers between its five phases): its
+#            tests compiled on the GPU (real barriers), then the GDN decode loop at batch 1
+#            with LINEARNEXUS_DECODE_PERSISTENT=0 and 1, one process each (~250 s);
 #   block:   the decode loop (GDN and Mamba2 of benchmarks/decode_gpu.py, batch 1) with its
 #            steps in counted blocks of 1 (one while iteration a step, the default) and of
 #            each size in $BLOCKS (LINEARNEXUS_DECODE_BLOCK), one process each (~110 s each).
 # Usage (repo root, on the GPU): bash benchmarks/decode_step_ab_gpu.sh   # PARTS="persist block"
+#   PARTS="layer" bash benchmarks/decode_step_ab_gpu.sh
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/decode_step_ab}
@@ -21,6 +26,18 @@ case " $PARTS " in *" persist "*)
   timeout ${PERSIST_S:-240} python3 benchmarks/gemv_gpu.py --bare --out "$OUT" --variants xla lib \
     persist_bn8_w4 persist_bn8_w4_pf persist_bn8_w8_pf persist_bn16_w8_pf persist_bn32_w8_pf \
     2>&1 | quiet | cut -c1-300;;
+esac
+case " $PARTS " in *" layer "*)
+  echo "== the persistent layer kernel's tests, compiled (real grid barriers)"
+  timeout ${LAYER_TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -rf --tb=short \
+    tests/test_persistent_decode.py 2>&1 | quiet | tail -25
+  for on in 0 1; do
+    echo "== LINEARNEXUS_DECODE_PERSISTENT=$on"
+    LINEARNEXUS_DECODE_PERSISTENT=$on timeout ${LAYER_S:-100} python3 benchmarks/decode_gpu.py \
+      --models gdn --batches 1 --host-batches --steps 64 --skip-fla \
+      --budget $(( ${LAYER_S:-100} - 20 )) --out "$OUT/persistent$on" 2>&1 \
+      | grep -E "^\| linearnexus|rror|budget" | cut -c1-300 | head -20
+  done;;
 esac
 case " $PARTS " in *" block "*)
   for block in 1 $BLOCKS; do

@@ -19,10 +19,11 @@ column chunks (float32 sums, the result rounded to the activation dtype); activa
 travel through ``[1, W]`` buffers in global memory (volatile loads: never a stale L1 line
 of an earlier layer).
 
-A poll that spins ``SPIN_LIMIT`` times (programs not all resident) adds
-``RELEASE`` to the counter, which frees every later barrier at once, and the caller sees
-the counter's final value: :func:`persistent_chain` returns it, and the benchmark reports
-a run whose counter is not ``P x phases`` as failed (wrong results, no hang).
+The barrier is the library's (``kernels/fused_decode/persistent.py``, whose persistent
+layer kernel grew from this experiment). A poll that spins ``SPIN_LIMIT`` times (programs
+not all resident) adds ``RELEASE`` to the counter, which frees every later barrier at
+once; :func:`persistent_chain` returns the counter's final value, and the benchmark
+reports a run whose counter is not ``P x phases`` as failed (wrong results, no hang).
 
 Off a GPU (Pallas interpret mode, where programs run one after another) ``virtual=True``
 runs the ``P`` programs' work in turn inside each phase, without barriers: the same tile
@@ -37,10 +38,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from linearnexus.kernels.fused_decode.persistent import arrive, wait
+
 F32 = jnp.float32
 BK = 1024  # columns per chunk of a row tile (a power of two; the last chunk masked)
-SPIN_LIMIT = 1 << 22  # polls before a barrier gives up (~seconds; never on a healthy run)
-RELEASE = 1 << 24  # added to the counter by a program that gave up: frees every barrier
 
 # the bare chain's projections per layer, as (weight name, source buffer, sink buffer):
 # in: h -> y, o: y[:, :K] -> h, gu: h -> g, down: g[:, :K] -> h (benchmarks/gemv_gpu.py)
@@ -63,35 +64,6 @@ def _load(ref, *, fresh: bool = False, **kw):
     from jax.experimental.pallas import triton as plt
 
     return plt.load(ref, volatile=fresh, **kw)
-
-
-def _scalar_add(counter_ref, value):
-    """``counter[0] += value`` atomically (acquire-release, GPU scope); returns the old
-    value. One thread of the program performs it (a scalar atomic)."""
-    from jax.experimental.pallas import triton as plt
-
-    return plt.atomic_add(counter_ref, (jnp.int32(0),), jnp.asarray(value, jnp.int32))
-
-
-def _arrive(counter_ref) -> None:
-    from jax.experimental.pallas import triton as plt
-
-    plt.debug_barrier()  # every thread's stores of this phase are issued before the add
-    _scalar_add(counter_ref, 1)
-
-
-def _wait(counter_ref, target) -> None:
-    from jax.experimental.pallas import triton as plt
-
-    def cond(c):
-        return (c[0] < target) & (c[1] < SPIN_LIMIT)
-
-    def body(c):
-        return _scalar_add(counter_ref, 0), c[1] + 1
-
-    seen, _ = jax.lax.while_loop(cond, body, (_scalar_add(counter_ref, 0), jnp.int32(0)))
-    _scalar_add(counter_ref, jnp.where(seen < target, RELEASE, 0))  # gave up: free all
-    plt.debug_barrier()  # no thread reads the phase's inputs before the poll succeeded
 
 
 def _kernel(h0_ref, count0_ref, *refs, dims, programs: int, bn: int, layers: int,
@@ -163,12 +135,12 @@ def _kernel(h0_ref, count0_ref, *refs, dims, programs: int, bn: int, layers: int
     def layer_body(layer, pre):
         for phase in range(n_phases):
             work(pid, phase, layer, pre)
-            _arrive(counter_ref)
+            arrive(counter_ref)
             step = layer * n_phases + phase + 1  # phases finished by every program after this
             nxt_phase, nxt_layer = (phase + 1) % n_phases, layer + (phase + 1) // n_phases
             pre = (first_tile(pid, nxt_phase, jnp.minimum(nxt_layer, layers - 1))
                    if prefetch else None)  # issued before the wait: weights need no inputs
-            _wait(counter_ref, step * programs)
+            wait(counter_ref, step * programs)
         return pre
 
     pre = first_tile(pid, 0, 0) if prefetch else None

@@ -137,6 +137,13 @@ class Layer(nnx.Module):
 
     def __call__(self, x: Array, *, state: Any, mask: Array | None,
                  mode: KernelMode | str | None) -> tuple[Array, Any]:
+        whole = getattr(self.mixer, "persistent_layer", None)
+        if whole is not None and mask is None and self.mlp is not None:
+            # batch-1 decoding on a GPU with LINEARNEXUS_DECODE_PERSISTENT=1: the whole
+            # layer in one persistent kernel (kernels/fused_decode/persistent.py)
+            done = whole(x, state, self.norm1, self.mlp, self.norm2)
+            if done is not None:
+                return done
         if (mask is None and x.ndim == 3 and x.shape[1] == 1 and _takes_input_norm(self.mixer)
                 and norm_foldable(x, self.norm1, self.norm1.dtype or x.dtype)):
             # batch-1 decoding on a GPU: the mixer folds the pre-norm into its input

@@ -263,20 +263,12 @@ def _normed_matmul(norm: RMSNorm, linears: Sequence[nnx.Linear], x: Array) -> Ar
     return out.reshape(*x.shape[:-1], out.shape[-1])  # [1, sum F] -> [..., sum F]
 
 
-def conv_dense(x: Array, linears: Sequence[nnx.Linear], conv: ShortConv, cache: Array, *,
-               conv_start: int = 0, norm: RMSNorm | None = None) -> tuple[Array, Array] | None:
-    """``fused_dense(x, linears)`` (of ``norm(x)`` with a norm) whose columns ``[conv_start,
-    conv_start + C)`` then take ``conv``'s one-token step (silu), in one kernel
-    (``kernels.fused_decode.gemv.one_row_conv``): a recurrent layer's input projection and
-    short conv at batch 1 on a GPU in the ``pallas`` mode. Returns ``(y [..., sum F] in the
-    compute dtype, new_cache [1, W-1, C])``, or None where that does not apply (then the
-    caller runs the conv itself): not one row on the GPU path, linears that are not plain
-    bias-free matmuls of one dtype, a conv without silu or of another width than the
-    cache, a cache not in the compute dtype, odd ``conv_start`` or ``C``, or a norm that
-    does not fold."""
+def conv_dense_weight(x: Array, linears: Sequence[nnx.Linear], conv: ShortConv, cache: Array,
+                      *, conv_start: int = 0, norm: RMSNorm | None = None) -> Array | None:
+    """The transposed weight ``[sum F, D]`` (compute dtype) that :func:`conv_dense`'s kernel
+    reads, or None where :func:`conv_dense` does not apply (see there)."""
     dtype = jnp.dtype(linears[0].dtype or linears[0].param_dtype)
-    depth = x.shape[-1]
-    bn = tiles(depth)[1]
+    bn = tiles(x.shape[-1])[1]
     channels = conv.channels
     if not (fused_ready(x) and conv.activation == "silu" and conv.width >= 2
             and tuple(cache.shape) == (1, conv.width - 1, channels)
@@ -290,11 +282,36 @@ def conv_dense(x: Array, linears: Sequence[nnx.Linear], conv: ShortConv, cache: 
             return None
     elif not norm_foldable(x, norm, dtype):
         return None
+    return transposed_weight(linears).astype(dtype)
+
+
+def transposed_weight(linears: Sequence[nnx.Linear]) -> Array:
+    """``[W_1 | ... | W_n]^T`` ``[sum F, D]``: the decode table's transposed copy where it
+    holds one (:func:`using_decode_weights`), else made here (hoisted out of a decode loop
+    by XLA)."""
     kernel, _, transposed = _group_weights(linears)  # [D, sum F] or [sum F, D]
+    return kernel if transposed else kernel.T
+
+
+def conv_dense(x: Array, linears: Sequence[nnx.Linear], conv: ShortConv, cache: Array, *,
+               conv_start: int = 0, norm: RMSNorm | None = None) -> tuple[Array, Array] | None:
+    """``fused_dense(x, linears)`` (of ``norm(x)`` with a norm) whose columns ``[conv_start,
+    conv_start + C)`` then take ``conv``'s one-token step (silu), in one kernel
+    (``kernels.fused_decode.gemv.one_row_conv``): a recurrent layer's input projection and
+    short conv at batch 1 on a GPU in the ``pallas`` mode. Returns ``(y [..., sum F] in the
+    compute dtype, new_cache [1, W-1, C])``, or None where that does not apply (then the
+    caller runs the conv itself): not one row on the GPU path, linears that are not plain
+    bias-free matmuls of one dtype, a conv without silu or of another width than the
+    cache, a cache not in the compute dtype, odd ``conv_start`` or ``C``, or a norm that
+    does not fold."""
+    wt = conv_dense_weight(x, linears, conv, cache, conv_start=conv_start, norm=norm)
+    if wt is None:
+        return None
+    depth = x.shape[-1]
     bias = None if conv.conv_bias is None else conv.conv_bias[...]
     y, new_cache = one_row_conv(
-        x.reshape(1, depth), kernel.astype(dtype), cache, conv.conv_weight[...], bias,
-        conv_start=conv_start, transposed=transposed,
+        x.reshape(1, depth), wt, cache, conv.conv_weight[...], bias,
+        conv_start=conv_start, transposed=True,
         norm_scale=None if norm is None else norm.scale[...],
         norm_eps=None if norm is None else norm.eps)  # [1, sum F], [1, W-1, C]
     return y.reshape(*x.shape[:-1], y.shape[-1]), new_cache  # [1, sum F] -> [..., sum F]

@@ -181,16 +181,17 @@ def _group_prologue(xk: Array, k0: Array, rnd, *, scale_ref, gate_ref, st: _Stat
 
 
 def _kernel(*, x_ref, add_ref, scale_ref, gate_ref, w_ref, res_ref, res_add_ref, cache_ref,
-            cw_ref, cb_ref, y_ref, new_cache_ref, st: _Static):
+            cw_ref, cb_ref, y_ref, new_cache_ref, st: _Static, j: Array | None = None):
     """Program ``j``: output columns ``[j BN, (j + 1) BN)`` = rows of ``W^T``, the
     contraction read in ``BK``-wide tiles (float32 sums). Prologue ``x (+ add)
     (-> rmsnorm * scale)``, epilogue ``glu`` and ``(res + res_add) + y``, or the short
     conv's step (:func:`_conv_epilogue`), each rounded to the output dtype where the layers
-    round."""
+    round. ``j``: the program, given by a kernel that runs this one's programs itself
+    (``persistent.py``); default ``pl.program_id(0)``."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plt
 
-    j = pl.program_id(0)
+    j = pl.program_id(0) if j is None else j
     bk, bn, depth, width = st.block_k, st.block_n, st.depth, st.width
     outs = j * bn + jnp.arange(bn)
     n_tiles = pl.cdiv(depth, bk)
@@ -254,6 +255,21 @@ def _launch(x: Array, wt: Array, add: Array | None, scale: Array | None,
                        norm_eps=norm_eps, out_dtype=out_dtype, blocks=blocks, warps=warps)[0]
 
 
+def static_for(depth: int, rows: int, cache: Array | None, conv_weight: Array | None, *,
+               glu: bool, norm_eps: float | None, out_dtype: jnp.dtype, conv_start: int = 0,
+               group: int | None = None, gate_offset: int | None = None,
+               blocks: tuple[int, int] | None = None) -> _Static:
+    """What is static in a launch over ``W^T [rows, depth]`` (``rows = 2N`` with ``glu``):
+    the tiles (:func:`tiles`, or ``blocks``) and the prologue / epilogue. Shared by
+    :func:`_launch_any` and the persistent layer kernel, so both run one computation."""
+    bk, bn = blocks or tiles(depth)
+    conv = {} if cache is None else dict(conv_width=conv_weight.shape[0],
+                                         conv_start=conv_start, conv_channels=cache.shape[2])
+    return _Static(depth=depth, width=rows // (2 if glu else 1), block_k=bk, block_n=bn,
+                   glu=glu, norm_eps=norm_eps, out_dtype=jnp.dtype(out_dtype), group=group,
+                   gate_offset=gate_offset, **conv)
+
+
 def _launch_any(x: Array, wt: Array, add: Array | None, scale: Array | None,
                 res: Array | None, res_add: Array | None, cache: Array | None,
                 conv_weight: Array | None, conv_bias: Array | None, *, glu: bool,
@@ -264,14 +280,10 @@ def _launch_any(x: Array, wt: Array, add: Array | None, scale: Array | None,
     """The kernel with every operand; returns ``(y [1, N], new cache or None)``."""
     from jax.experimental import pallas as pl
 
-    depth = x.shape[1]
-    width = wt.shape[0] // (2 if glu else 1)
-    bk, bn = blocks or tiles(depth)
-    conv = {} if cache is None else dict(conv_width=conv_weight.shape[0],
-                                         conv_start=conv_start, conv_channels=cache.shape[2])
-    st = _Static(depth=depth, width=width, block_k=bk, block_n=bn, glu=glu,
-                 norm_eps=norm_eps, out_dtype=jnp.dtype(out_dtype), group=group,
-                 gate_offset=None if gate is None else gate_offset, **conv)
+    st = static_for(x.shape[1], wt.shape[0], cache, conv_weight, glu=glu, norm_eps=norm_eps,
+                    out_dtype=out_dtype, conv_start=conv_start, group=group,
+                    gate_offset=None if gate is None else gate_offset, blocks=blocks)
+    width, bn = st.width, st.block_n
     out = named_pallas_call(
         functools.partial(_kernel, st=st),
         inputs={"x": x, "add": add, "scale": scale, "gate": gate, "w": wt, "res": res,

@@ -167,8 +167,11 @@ def _conv_channels(proj_ref, cache_ref, w_ref, bias_ref, new_cache_ref, *, b, pr
 
 
 def _delta_kernel(*, proj_ref, cache_ref, w_ref, bias_ref, h0_ref, a_log_ref, dt_bias_ref,
-                  scale_ref, y_ref, new_cache_ref, final_ref, sp: DeltaLayerSpec):
-    b, h, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+                  scale_ref, y_ref, new_cache_ref, final_ref, sp: DeltaLayerSpec,
+                  ids: tuple[Array, Array, Array] | None = None):
+    """Program ``(b, h, vb)``: row b, head h, value block vb (``ids``, given by a kernel
+    that runs this one's programs itself, ``persistent.py``; default the program ids)."""
+    b, h, vb = ids or (pl.program_id(0), pl.program_id(1), pl.program_id(2))
     nh, kd, vd = sp.heads, sp.key_dim, sp.value_dim
     bv = vd // sp.value_blocks
     rnd = _rounder(proj_ref.dtype)

@@ -55,7 +55,9 @@ from flax import nnx
 
 from linearnexus.core.config import ConfigError, field
 from linearnexus.core.gating import sample_dt_bias, softplus_decay
+from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array
+from linearnexus.kernels.common.pallas import with_reference_vjp
 from linearnexus.kernels.conv import conv_step
 from linearnexus.kernels.delta_rule import delta_rule
 from linearnexus.kernels.fused_decode import DeltaLayerSpec, delta_layer_step, layer_kernel_ready
@@ -313,6 +315,73 @@ class DeltaNetFamilyBlock(LinearAttentionBlock):
         new_conv = None if conv is None else linear.conv.update(cache)
         return dense(self.o_proj, y[:, None]), LinearState(
             conv=new_conv, recurrent=linear.recurrent.update(final))
+
+    def persistent_layer(self, x: Array, state: Any, input_norm: RMSNorm, mlp: Any,
+                         mlp_norm: RMSNorm) -> tuple[Array, Any] | None:
+        """A whole pre-norm layer's batch-1 token (this block after ``input_norm``, the
+        residual sum, ``mlp`` after ``mlp_norm``) in one persistent kernel
+        (``kernels.fused_decode.persistent.delta_mlp_layer``), where
+        ``LINEARNEXUS_DECODE_PERSISTENT=1`` asks for it and the five separate kernels it
+        stands for would run (the fused layer kernel with value blocks and the output norm
+        in ``o_proj``, the conv in the input projection, the MLP's two kernels); else None
+        (the caller runs the layer as usual). ``x [1, 1, D]``; returns ``(x + h + mlp(...)
+        [1, 1, D], new_state)``. Differentiable through the separate kernels."""
+        from linearnexus.kernels.fused_decode.persistent import (
+            delta_mlp_layer,
+            delta_mlp_layer_separate,
+            persistent_enabled,
+        )
+        from linearnexus.modules.common import SwiGLU, conv_dense_weight, transposed_weight
+        from linearnexus.modules.linear.runtime import begin_call
+
+        cfg = self.config
+        dtype = dtype_of(cfg.dtype)
+        if not (persistent_enabled() and isinstance(mlp, SwiGLU) and self.conv is not None
+                and self._gate_linears() is not None and state is not None
+                and getattr(x, "ndim", 0) == 3 and x.shape[:2] == (1, 1)
+                and jnp.dtype(x.dtype) == jnp.dtype(dtype)):
+            return None
+        x, call = begin_call(x, cfg.d_model, mode=KernelMode.RECURRENT,
+                             mode_threshold=cfg.mode_threshold, dtype=dtype)
+        linear = self._linear_state(state, call)
+        spec = self._layer_spec()
+        if not layer_kernel_ready(spec, x.dtype, cfg.backend):
+            return None
+        linears = self.decode_linears()[0]
+        w_in_t = conv_dense_weight(x, linears, self.conv, linear.conv.buffer, norm=input_norm)
+        o_like = jax.ShapeDtypeStruct((1, 1, cfg.heads * cfg.head_v_dim), x.dtype)
+        blocks = _value_blocks(spec.value_dim, spec.heads)
+        if (w_in_t is None or blocks < 2 or not mlp._fused_residual_ready(x, x, mlp_norm)
+                or head_norm_group(self.o_proj, o_like, self.norm, spec.output_gate) is None):
+            return None
+        spec = dataclasses.replace(spec, conv_width=None, silu_without_conv=False,
+                                   norm_out=False, value_blocks=blocks)
+        conv = self.conv
+        args = (x.reshape(1, cfg.d_model), input_norm.scale[...], w_in_t, linear.conv.buffer,
+                conv.conv_weight[...], None if conv.conv_bias is None else conv.conv_bias[...],
+                linear.recurrent.state.astype(jnp.float32),
+                *((self.A_log[...], self.dt_bias[...]) if spec.gated else (None, None)),
+                self.norm.scale[...], transposed_weight([self.o_proj]).astype(dtype),
+                mlp_norm.scale[...], transposed_weight(mlp.decode_linears()[0]).astype(dtype),
+                transposed_weight([mlp.w_down]).astype(dtype))
+        eps = dict(norm1_eps=input_norm.eps, o_norm_eps=self.norm.eps, norm2_eps=mlp_norm.eps,
+                   spec=spec)
+        names = ("x", "norm1_scale", "w_in_t", "conv_cache", "conv_weight", "conv_bias",
+                 "state", "a_log", "dt_bias", "o_norm_scale", "w_o_t", "norm2_scale",
+                 "w_gu_t", "w_down_t")
+
+        def fused(*a):
+            return delta_mlp_layer(**dict(zip(names, a, strict=True)), **eps)
+
+        def separate(*a):
+            return delta_mlp_layer_separate(
+                **dict(zip(names, a, strict=True)), **eps,
+                layer_fallback=lambda *b: self._layer_reference(spec, *b))
+
+        out, cache, final = with_reference_vjp(fused, separate, *args)
+        new_linear = LinearState(conv=linear.conv.update(cache),
+                                 recurrent=linear.recurrent.update(final))
+        return out.reshape(1, 1, cfg.d_model), self._next_state(state, new_linear, call, 1)
 
     def _layer_reference(self, spec: DeltaLayerSpec, proj: Array, cache: Array | None,
                          conv_weight: Array | None, conv_bias: Array | None, state: Array,

@@ -1,0 +1,339 @@
+"""A whole DeltaNet-family + SwiGLU layer's batch-1 decode step in ONE persistent kernel.
+
+Experimental (``LINEARNEXUS_DECODE_PERSISTENT=1``, read at trace time; off by default until
+timed on a GPU). A batch-1 decode step on a GPU is a chain of small dependent kernels:
+per Gated DeltaNet layer with an MLP, five Pallas (Triton) kernels (the input projection
+with the pre-norm and short conv folded in, the layer kernel, ``o_proj`` with the per-head
+norm and gate, the MLP's gate | up with its norm and the MLP's down with the residual
+sums). Each pays its launch, the latency of its first loads and the drain of its grid: on
+an H100 ~2.6 us a projection beyond its bytes (``docs/benchmarks.md``, "A Mosaic GPU
+few-row matmul"), and the step stays at ~3x the weight-read time.
+
+Here one kernel of ``P`` programs (one per SM, all resident) runs the same five kernels'
+programs as **phases**: in phase ``s`` program ``p`` runs the phase's programs ``p, p + P,
+p + 2P, ...`` with the very bodies of the separate kernels (``gemv._kernel`` and
+``pallas._delta_kernel``, given their program ids), so the arithmetic is theirs, rounding
+for rounding. Between phases the programs meet at a **grid barrier**: a counter in global
+memory that each program increments after a CTA barrier (an acquire-release atomic at GPU
+scope; every thread's stores precede it) and then polls until all ``P`` have arrived. Each
+phase reads what the previous ones wrote in global memory (the projection row, ``o``, the
+MLP's input); every such buffer is written once per launch before any program reads it,
+so no SM holds a stale cached line of it.
+
+A barrier whose poll spins :data:`SPIN_LIMIT` times (programs not all resident, which
+cannot happen at one program per SM unless another kernel holds SMs) adds
+:data:`RELEASE` to the counter, which frees every later barrier: the launch then finishes
+(wrong values, no hang) and its counter output tells: :func:`delta_mlp_layer` turns the
+output NaN.
+
+Off a GPU (Pallas interpret mode runs programs one after another, where a barrier could
+never be met) the kernel runs each phase's programs in turn instead (``virtual``): the
+same bodies and index arithmetic, which the tests check against the five separate kernels
+(equal bit for bit) and the XLA path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from linearnexus.core.types import Array
+from linearnexus.kernels.common.pallas import compiler_params, interpret_mode, named_pallas_call
+from linearnexus.kernels.fused_decode import gemv
+from linearnexus.kernels.fused_decode.pallas import DeltaLayerSpec, _delta_kernel
+
+#: "1" turns on the persistent layer kernel for batch-1 decoding (read at trace time)
+PERSISTENT_ENV = "LINEARNEXUS_DECODE_PERSISTENT"
+#: polls before a barrier gives up (seconds of spinning; never reached on a healthy launch)
+SPIN_LIMIT = 1 << 22
+#: added to the counter by a program that gave up: every later barrier is met at once
+RELEASE = 1 << 24
+#: programs on a GPU whose device does not report its SM count (an H100 / H200 has 132)
+DEFAULT_PROGRAMS = 132
+F32 = jnp.float32
+
+
+def persistent_enabled() -> bool:
+    """Whether ``LINEARNEXUS_DECODE_PERSISTENT`` asks for the persistent layer kernel.
+
+    Raises:
+        ValueError: a value other than "0" / "1" (or unset).
+    """
+    raw = os.environ.get(PERSISTENT_ENV, "0")
+    if raw not in ("0", "1"):
+        raise ValueError(f"{PERSISTENT_ENV}: expected '0' or '1', got {raw!r}")
+    return raw == "1"
+
+
+def device_programs() -> int:
+    """One program per SM of the first device (:data:`DEFAULT_PROGRAMS` where it does not
+    say)."""
+    return int(getattr(jax.devices()[0], "core_count", 0) or DEFAULT_PROGRAMS)
+
+
+# ---- the grid barrier ------------------------------------------------------------------
+
+
+def _counter_add(counter_ref, value) -> Array:
+    """``counter[0] += value`` atomically (acquire-release at GPU scope), the old value
+    returned; one thread of the program performs it (a scalar atomic)."""
+    from jax.experimental.pallas import triton as plt
+
+    return plt.atomic_add(counter_ref, (jnp.int32(0),), jnp.asarray(value, jnp.int32))
+
+
+def arrive(counter_ref) -> None:
+    """This program is done with the phase: after a CTA barrier (every thread's stores
+    issued), one release-ordered increment."""
+    from jax.experimental.pallas import triton as plt
+
+    plt.debug_barrier()
+    _counter_add(counter_ref, 1)
+
+
+def wait(counter_ref, target: Array | int) -> None:
+    """Poll (acquire) until the counter reaches ``target``, then a CTA barrier so no thread
+    reads the next phase's inputs earlier. After :data:`SPIN_LIMIT` polls, add
+    :data:`RELEASE` (the launch's result is then marked bad by its caller)."""
+    from jax.experimental.pallas import triton as plt
+
+    def cond(c):
+        return (c[0] < target) & (c[1] < SPIN_LIMIT)
+
+    def body(c):
+        return _counter_add(counter_ref, 0), c[1] + 1
+
+    seen, _ = jax.lax.while_loop(cond, body, (_counter_add(counter_ref, 0), jnp.int32(0)))
+    _counter_add(counter_ref, jnp.where(seen < target, RELEASE, 0))
+    plt.debug_barrier()
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """``count`` programs of one of the separate kernels; ``body(i)`` runs program ``i``."""
+
+    count: int
+    body: Callable[[Array], None]
+
+
+def run_phases(phases: Sequence[Phase], *, programs: int, counter_ref,
+               virtual: bool) -> None:
+    """Inside a kernel of grid ``(programs,)`` (``(1,)`` with ``virtual``): every phase's
+    programs, the phases in order. On a GPU program ``p`` runs programs ``p, p + P, ...``
+    of each phase and a grid barrier separates the phases; ``virtual`` runs them all in
+    turn with no barrier (interpret mode)."""
+    from jax.experimental import pallas as pl
+
+    if virtual:
+        for ph in phases:
+            jax.lax.fori_loop(0, ph.count, lambda i, c, ph=ph: (ph.body(i), c)[1], 0)
+        return
+    pid = pl.program_id(0)
+    for s, ph in enumerate(phases):
+        rounds = (ph.count - pid + programs - 1) // programs  # 0 for p >= count
+
+        def one(r, c, ph=ph):
+            ph.body(pid + r * programs)
+            return c
+
+        jax.lax.fori_loop(0, rounds, one, 0)
+        if s + 1 < len(phases):
+            arrive(counter_ref)
+            wait(counter_ref, (s + 1) * programs)
+
+
+# ---- the DeltaNet-family + SwiGLU layer ------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DeltaMlpStatics:
+    """The five kernels' static parts (as their separate launches build them)."""
+
+    proj: Any  # gemv._Static: pre-norm, input projection, short conv
+    layer: DeltaLayerSpec  # the layer kernel (no conv, o written unnormalised)
+    out: Any  # gemv._Static: per-head norm and gate, o_proj
+    gate_up: Any  # gemv._Static: x + h, RMSNorm, gate | up, SwiGLU
+    down: Any  # gemv._Static: down, (x + h) + .
+
+
+def _kernel(*, x_ref, n1_ref, w_in_ref, cache_ref, cw_ref, cb_ref, h0_ref, a_log_ref,
+            dt_bias_ref, o_scale_ref, w_o_ref, n2_ref, w_gu_ref, w_dn_ref, count0_ref,
+            proj_ref, o_ref, h_ref, hid_ref, out_ref, new_cache_ref, final_ref, counter_ref,
+            st: DeltaMlpStatics, programs: int, virtual: bool):
+    from jax.experimental import pallas as pl
+
+    del count0_ref  # aliased to counter_ref
+    none = dict(add_ref=None, gate_ref=None, res_ref=None, res_add_ref=None, cache_ref=None,
+                cw_ref=None, cb_ref=None, new_cache_ref=None)
+    sp = st.layer
+    zero, blocks = jnp.int32(0), jnp.int32(sp.value_blocks)
+
+    def projection(j):
+        gemv._kernel(**{**none, "cache_ref": cache_ref, "cw_ref": cw_ref, "cb_ref": cb_ref,
+                        "new_cache_ref": new_cache_ref}, x_ref=x_ref, scale_ref=n1_ref,
+                     w_ref=w_in_ref, y_ref=proj_ref, st=st.proj, j=j)
+
+    def layer(i):
+        _delta_kernel(proj_ref=proj_ref, cache_ref=None, w_ref=None, bias_ref=None,
+                      h0_ref=h0_ref, a_log_ref=a_log_ref, dt_bias_ref=dt_bias_ref,
+                      scale_ref=o_scale_ref, y_ref=o_ref, new_cache_ref=None,
+                      final_ref=final_ref, sp=sp,
+                      # lax.div / rem (i >= 0): the Triton lowering of jnp's floor
+                      # remainder fails on its sign fix-up (i1 against i32)
+                      ids=(zero, jax.lax.div(i, blocks), jax.lax.rem(i, blocks)))
+
+    def out_proj(j):
+        gemv._kernel(**{**none, "gate_ref": proj_ref if sp.output_gate else None},
+                     x_ref=o_ref, scale_ref=o_scale_ref, w_ref=w_o_ref, y_ref=h_ref,
+                     st=st.out, j=j)
+
+    def gate_up(j):
+        gemv._kernel(**{**none, "add_ref": h_ref}, x_ref=x_ref, scale_ref=n2_ref,
+                     w_ref=w_gu_ref, y_ref=hid_ref, st=st.gate_up, j=j)
+
+    def down(j):
+        gemv._kernel(**{**none, "res_ref": x_ref, "res_add_ref": h_ref}, x_ref=hid_ref,
+                     scale_ref=None, w_ref=w_dn_ref, y_ref=out_ref, st=st.down, j=j)
+
+    def grid(s):
+        return pl.cdiv(s.width, s.block_n)
+
+    run_phases([Phase(grid(st.proj), projection), Phase(sp.heads * sp.value_blocks, layer),
+                Phase(grid(st.out), out_proj), Phase(grid(st.gate_up), gate_up),
+                Phase(grid(st.down), down)], programs=programs, counter_ref=counter_ref,
+               virtual=virtual)
+
+
+def delta_mlp_layer(x: Array, *, norm1_scale: Array, norm1_eps: float, w_in_t: Array,
+                    conv_cache: Array, conv_weight: Array, conv_bias: Array | None,
+                    spec: DeltaLayerSpec, state: Array, a_log: Array | None,
+                    dt_bias: Array | None, o_norm_scale: Array, o_norm_eps: float,
+                    w_o_t: Array, norm2_scale: Array, norm2_eps: float, w_gu_t: Array,
+                    w_down_t: Array, programs: int | None = None,
+                    virtual: bool | None = None) -> tuple[Array, Array, Array]:
+    """One batch-1 token through a pre-norm DeltaNet-family layer and its SwiGLU MLP.
+
+    The same computation as the five separate kernels of the fused decode path
+    (``modules.common.conv_dense``, ``delta_layer_step``, ``head_normed_dense``,
+    ``SwiGLU.residual_step``): ``h = o_proj(norm_o(layer(conv(norm1(x) W_in))))``, then
+    ``(x + h) + down(silu(gate) * up)`` of ``norm2(x + h)``.
+
+    Args:
+        x: ``[1, D]`` residual stream in the compute dtype.
+        norm1_scale, norm2_scale: ``[D]`` RMSNorm scales (epsilons beside them).
+        w_in_t: ``[F, D]`` the fused input projection, transposed (q | k | v | beta |
+            decay | output gate columns as rows).
+        conv_cache: ``[1, W - 1, C]`` the short conv's cache over the first C = 2HK + HV
+            rows' outputs; conv_weight ``[W, C]``, conv_bias ``[C]`` or None.
+        spec: the layer kernel's spec as the block's batch-1 path makes it (no conv:
+            ``conv_width=None``; ``norm_out=False``).
+        state: ``[1, H, K, V]`` float32; a_log, dt_bias: ``[H]`` (gated) or None.
+        o_norm_scale: ``[V]`` the per-head output norm's scale (epsilon beside it).
+        w_o_t: ``[D, HV]``; w_gu_t: ``[2M, D]`` (gate rows then up rows); w_down_t
+            ``[D, M]``.
+        programs: the grid on a GPU (default one per SM: :func:`device_programs`).
+        virtual: run every phase's programs in turn, no barriers (default: in interpret
+            mode).
+
+    Returns:
+        ``(out [1, D], new conv cache, new state [1, H, K, V] float32)``; the cache and the
+        state are updated in place (their buffers are the outputs').
+
+    Raises:
+        ValueError: a spec with a conv or with the output norm in the layer kernel, a batch
+            other than 1, or operands whose shapes disagree (named).
+    """
+    if spec.conv_width is not None or spec.norm_out:
+        raise ValueError("spec: expected conv_width=None and norm_out=False (the conv in the "
+                         f"input projection, the output norm in o_proj), got {spec}")
+    depth = x.shape[-1]
+    if x.ndim != 2 or x.shape[0] != 1:
+        raise ValueError(f"x: expected [1, D], got shape {tuple(x.shape)}")
+    hv = spec.heads * spec.value_dim
+    checks = (("w_in_t", w_in_t, (spec.width, depth)), ("w_o_t", w_o_t, (depth, hv)),
+              ("state", state, (1, spec.heads, spec.key_dim, spec.value_dim)),
+              ("norm1_scale", norm1_scale, (depth,)), ("norm2_scale", norm2_scale, (depth,)),
+              ("o_norm_scale", o_norm_scale, (spec.value_dim,)),
+              ("w_down_t", w_down_t, (depth, w_gu_t.shape[0] // 2)))
+    for name, arr, shape in checks:
+        if tuple(arr.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(arr.shape)}")
+    if w_gu_t.ndim != 2 or w_gu_t.shape[1] != depth or w_gu_t.shape[0] % 2:
+        raise ValueError(f"w_gu_t: expected [2M, D={depth}], got {tuple(w_gu_t.shape)}")
+    dtype = jnp.dtype(w_in_t.dtype)
+    if virtual is None:
+        virtual = interpret_mode() or jax.default_backend() != "gpu"
+    if programs is None:
+        programs = 1 if virtual else device_programs()
+    st = DeltaMlpStatics(
+        proj=gemv.static_for(depth, spec.width, conv_cache, conv_weight, glu=False,
+                             norm_eps=float(norm1_eps), out_dtype=dtype),
+        layer=spec,
+        out=gemv.static_for(hv, depth, None, None, glu=False, norm_eps=float(o_norm_eps),
+                            out_dtype=dtype, group=spec.value_dim,
+                            gate_offset=spec.gate_offset if spec.output_gate else None),
+        gate_up=gemv.static_for(depth, w_gu_t.shape[0], None, None, glu=True,
+                                norm_eps=float(norm2_eps), out_dtype=dtype),
+        down=gemv.static_for(w_down_t.shape[1], depth, None, None, glu=False, norm_eps=None,
+                             out_dtype=dtype))
+    row = functools.partial(jax.ShapeDtypeStruct, dtype=dtype)
+    out = named_pallas_call(
+        functools.partial(_kernel, st=st, programs=programs, virtual=virtual),
+        inputs={"x": x, "n1": norm1_scale, "w_in": w_in_t, "cache": conv_cache,
+                "cw": conv_weight, "cb": conv_bias, "h0": state, "a_log": a_log,
+                "dt_bias": dt_bias, "o_scale": o_norm_scale, "w_o": w_o_t, "n2": norm2_scale,
+                "w_gu": w_gu_t, "w_dn": w_down_t, "count0": jnp.zeros((1,), jnp.int32)},
+        outputs={"proj": row((1, spec.width)), "o": row((1, hv)), "h": row((1, depth)),
+                 "hid": row((1, w_gu_t.shape[0] // 2)), "out": row((1, depth)),
+                 "new_cache": jax.ShapeDtypeStruct(conv_cache.shape, conv_cache.dtype),
+                 "final": jax.ShapeDtypeStruct(state.shape, F32),
+                 "counter": jax.ShapeDtypeStruct((1,), jnp.int32)},
+        aliases={"cache": "new_cache", "h0": "final", "count0": "counter"},
+        grid=(1 if virtual else programs,), interpret=interpret_mode(),
+        compiler_params=None if interpret_mode() else compiler_params(4, 3),
+        name="delta_mlp_layer_persistent")
+    result = out["out"]
+    if not virtual:  # a barrier gave up: the values are not to be trusted
+        expect = programs * 4
+        result = jnp.where(out["counter"][0] == expect, result, jnp.nan).astype(dtype)
+    return result, out["new_cache"], out["final"]
+
+
+def delta_mlp_layer_separate(x: Array, *, norm1_scale: Array, norm1_eps: float,
+                             w_in_t: Array, conv_cache: Array, conv_weight: Array,
+                             conv_bias: Array | None, spec: DeltaLayerSpec, state: Array,
+                             a_log: Array | None, dt_bias: Array | None, o_norm_scale: Array,
+                             o_norm_eps: float, w_o_t: Array, norm2_scale: Array,
+                             norm2_eps: float, w_gu_t: Array, w_down_t: Array,
+                             layer_fallback: Callable[..., Any]) -> tuple[Array, Array, Array]:
+    """:func:`delta_mlp_layer` as the five separate kernels the fused decode path launches
+    (each differentiable through its own reference), on the same operands: the persistent
+    kernel's backward pass, and what the tests hold it to. ``layer_fallback``: the layer
+    kernel's reference (``delta_layer_step``'s ``fallback``)."""
+    from linearnexus.kernels.fused_decode.api import delta_layer_step
+
+    proj, cache = gemv.one_row_conv(x, w_in_t, conv_cache, conv_weight, conv_bias,
+                                    transposed=True, norm_scale=norm1_scale,
+                                    norm_eps=norm1_eps)  # [1, F], [1, W-1, C]
+    o, _, final = delta_layer_step(spec, proj, None, None, None, state, a_log, dt_bias,
+                                   o_norm_scale, fallback=layer_fallback)  # [1, HV]
+    h = gemv.one_row_group_norm(o, w_o_t, group=spec.value_dim, norm_scale=o_norm_scale,
+                                norm_eps=o_norm_eps, gate=proj if spec.output_gate else None,
+                                gate_offset=spec.gate_offset if spec.output_gate else 0,
+                                transposed=True)  # [1, D]
+    hidden = gemv.one_row_fused(x, w_gu_t, transposed=True, glu=True, add=h,
+                                norm_scale=norm2_scale, norm_eps=norm2_eps)  # [1, M]
+    out = gemv.one_row_fused(hidden, w_down_t, transposed=True, residual=x,
+                             residual_add=h)  # [1, D]
+    return out, cache, final
+
+
+__all__ = ["PERSISTENT_ENV", "DeltaMlpStatics", "Phase", "arrive", "delta_mlp_layer",
+           "delta_mlp_layer_separate", "device_programs", "persistent_enabled", "run_phases",
+           "wait"]
