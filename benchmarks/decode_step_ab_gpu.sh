@@ -7,7 +7,8 @@
 #   layer:   the persistent layer kernel (kernels/fused_decode/persistent.py, one kernel per
 #            Gated DeltaNet + MLP layer with grid barriers between its five phases): its
 #            tests compiled on the GPU (real barriers), then the GDN decode loop at batch 1
-#            with LINEARNEXUS_DECODE_PERSISTENT=0 and 1, one process each (~250 s);
+#            with it off and on at each LINEARNEXUS_PERSISTENT_CONFIG in $LAYER_CONFIGS
+#            (default "off rows=16,per_sm=1 rows=8,per_sm=2"), one process each (~450 s);
 #   block:   the decode loop (GDN and Mamba2 of benchmarks/decode_gpu.py, batch 1) with its
 #            steps in counted blocks of 1 (one while iteration a step, the default) and of
 #            each size in $BLOCKS (LINEARNEXUS_DECODE_BLOCK), one process each (~110 s each).
@@ -31,11 +32,14 @@ case " $PARTS " in *" layer "*)
   echo "== the persistent layer kernel's tests, compiled (real grid barriers)"
   timeout ${LAYER_TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -rf --tb=short \
     tests/test_persistent_decode.py 2>&1 | quiet | tail -25
-  for on in 0 1; do
-    echo "== LINEARNEXUS_DECODE_PERSISTENT=$on"
-    LINEARNEXUS_DECODE_PERSISTENT=$on timeout ${LAYER_S:-100} python3 benchmarks/decode_gpu.py \
+  for config in ${LAYER_CONFIGS:-off rows=16,per_sm=1 rows=8,per_sm=2}; do
+    on=1
+    [ "$config" = off ] && on=0
+    echo "== LINEARNEXUS_DECODE_PERSISTENT=$on LINEARNEXUS_PERSISTENT_CONFIG=$config"
+    LINEARNEXUS_DECODE_PERSISTENT=$on LINEARNEXUS_PERSISTENT_CONFIG=${config/off/} \
+      timeout ${LAYER_S:-100} python3 benchmarks/decode_gpu.py \
       --models gdn --batches 1 --host-batches --steps 64 --skip-fla \
-      --budget $(( ${LAYER_S:-100} - 20 )) --out "$OUT/persistent$on" 2>&1 \
+      --budget $(( ${LAYER_S:-100} - 20 )) --out "$OUT/persistent_${config//[=,]/_}" 2>&1 \
       | grep -E "^\| linearnexus|rror|budget" | cut -c1-300 | head -20
   done;;
 esac

@@ -63,13 +63,15 @@ def test_persistent_layer_equals_the_separate_kernels(gated, output_gate, dtype,
     want = P.delta_mlp_layer_separate(**ops, layer_fallback=fallback)
     on_gpu = jax.default_backend() == "gpu"
     # on a GPU also with real barriers (one program per SM), compiled: to float rounding
-    for virtual in (True, False) if on_gpu else (True,):
-        got = P.delta_mlp_layer(**ops, virtual=virtual)
+    # the separate kernels' tiles (2 rows a program), then the persistent default's 16 rows
+    # (each row's sums run over the same tiles in the same order: the same values)
+    for virtual, rows in ((True, None), (True, 16), *(((False, 16),) if on_gpu else ())):
+        got = P.delta_mlp_layer(**ops, virtual=virtual, rows=rows)
         for name, a, b in zip(("out", "conv cache", "state"), got, want, strict=True):
             assert a.shape == b.shape and a.dtype == b.dtype, name
             tol = (1e-5 if dtype == "float32" else 1e-2) if on_gpu else 0.0
             np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                       rtol=tol, atol=tol, err_msg=f"{name}, virtual={virtual}")
+                                       rtol=tol, atol=tol, err_msg=f"{name}, virtual={virtual}, rows={rows}")
     assert float(jnp.abs(got[0].astype(jnp.float32)).max()) > 0.1  # not a row of zeros
     assert got[2].shape == (1, spec.heads, spec.key_dim, spec.value_dim)
 
@@ -83,6 +85,15 @@ def test_persistent_layer_refuses_bad_operands(monkeypatch):
         P.delta_mlp_layer(**{**ops, "w_o_t": ops["w_o_t"][:, :63]}, virtual=True)
     with pytest.raises(ValueError, match=r"x: expected \[1, D\], got shape \(2, 48\)"):
         P.delta_mlp_layer(**{**ops, "x": jnp.zeros((2, 48))}, virtual=True)
+    with pytest.raises(ValueError, match="rows: expected a power of two dividing the conv's"):
+        P.delta_mlp_layer(**ops, virtual=True, rows=12)
+    monkeypatch.setenv(P.CONFIG_ENV, "rows=8,per_sm=2")
+    assert P.persistent_config() == P.PersistentConfig(rows=8, per_sm=2)
+    for bad, match in (("rows=8,warps=4", "expected 'rows=R,per_sm=S'"),
+                       ("rows=6", "rows: expected a power of two")):
+        monkeypatch.setenv(P.CONFIG_ENV, bad)
+        with pytest.raises(ValueError, match=match):
+            P.persistent_config()
     monkeypatch.setenv(P.PERSISTENT_ENV, "yes")
     with pytest.raises(ValueError, match="LINEARNEXUS_DECODE_PERSISTENT: expected '0' or '1'"):
         P.persistent_enabled()

@@ -59,6 +59,52 @@ DEFAULT_PROGRAMS = 132
 F32 = jnp.float32
 
 
+#: "rows=R,per_sm=S": rows of W^T per phase program of the projections (R, a power of two)
+#: and programs per SM (S) of the persistent layer kernel (read at trace time)
+CONFIG_ENV = "LINEARNEXUS_PERSISTENT_CONFIG"
+
+
+@dataclasses.dataclass(frozen=True)
+class PersistentConfig:
+    """Tiles of the persistent layer kernel.
+
+    Attributes:
+        rows: rows of ``W^T`` (output columns) a projection phase's program reads, a power
+            of two. The separate kernels take 2 and rely on thousands of programs in flight
+            for the memory's parallelism; one resident program per SM has one tile in
+            flight at a time, so it needs larger tiles: 16 rows of a 1024-wide weight are
+            32 KB a program, ~4 MB in flight over 132 SMs.
+        per_sm: programs per SM (all must be resident at once for the barriers).
+    """
+
+    rows: int = 16
+    per_sm: int = 1
+
+    def __post_init__(self) -> None:
+        if self.rows < 1 or self.rows & (self.rows - 1):
+            raise ValueError(f"rows: expected a power of two >= 1, got {self.rows}")
+        if self.per_sm < 1:
+            raise ValueError(f"per_sm: expected >= 1, got {self.per_sm}")
+
+
+def persistent_config() -> PersistentConfig:
+    """:class:`PersistentConfig` from ``LINEARNEXUS_PERSISTENT_CONFIG`` ("rows=16,per_sm=1";
+    unset: the defaults).
+
+    Raises:
+        ValueError: an unknown name or a value that is not an integer, naming it.
+    """
+    raw = os.environ.get(CONFIG_ENV, "")
+    fields = {}
+    for part in filter(None, raw.split(",")):
+        name, _, value = part.partition("=")
+        if name not in ("rows", "per_sm") or not value.strip().isdigit():
+            raise ValueError(f"{CONFIG_ENV}: expected 'rows=R,per_sm=S' with integers, got "
+                             f"{raw!r}")
+        fields[name] = int(value)
+    return PersistentConfig(**fields)
+
+
 def persistent_enabled() -> bool:
     """Whether ``LINEARNEXUS_DECODE_PERSISTENT`` asks for the persistent layer kernel.
 
@@ -216,7 +262,8 @@ def delta_mlp_layer(x: Array, *, norm1_scale: Array, norm1_eps: float, w_in_t: A
                     dt_bias: Array | None, o_norm_scale: Array, o_norm_eps: float,
                     w_o_t: Array, norm2_scale: Array, norm2_eps: float, w_gu_t: Array,
                     w_down_t: Array, programs: int | None = None,
-                    virtual: bool | None = None) -> tuple[Array, Array, Array]:
+                    virtual: bool | None = None,
+                    rows: int | None = None) -> tuple[Array, Array, Array]:
     """One batch-1 token through a pre-norm DeltaNet-family layer and its SwiGLU MLP.
 
     The same computation as the five separate kernels of the fused decode path
@@ -240,6 +287,8 @@ def delta_mlp_layer(x: Array, *, norm1_scale: Array, norm1_eps: float, w_in_t: A
         programs: the grid on a GPU (default one per SM: :func:`device_programs`).
         virtual: run every phase's programs in turn, no barriers (default: in interpret
             mode).
+        rows: rows of ``W^T`` per projection program (a power of two; :class:`
+            PersistentConfig`); None: the separate kernels' own tiles (2).
 
     Returns:
         ``(out [1, D], new conv cache, new state [1, H, K, V] float32)``; the cache and the
@@ -267,21 +316,30 @@ def delta_mlp_layer(x: Array, *, norm1_scale: Array, norm1_eps: float, w_in_t: A
     if w_gu_t.ndim != 2 or w_gu_t.shape[1] != depth or w_gu_t.shape[0] % 2:
         raise ValueError(f"w_gu_t: expected [2M, D={depth}], got {tuple(w_gu_t.shape)}")
     dtype = jnp.dtype(w_in_t.dtype)
+    channels = conv_cache.shape[-1]
+    if rows is not None and (rows < 1 or rows & (rows - 1) or channels % rows):
+        raise ValueError(f"rows: expected a power of two dividing the conv's C={channels}, "
+                         f"got {rows}")
     if virtual is None:
         virtual = interpret_mode() or jax.default_backend() != "gpu"
     if programs is None:
         programs = 1 if virtual else device_programs()
+    def blocks(k: int) -> tuple[int, int] | None:  # the separate kernels' BK, `rows` rows
+        return None if rows is None else (gemv.tiles(k)[0], rows)
+
     st = DeltaMlpStatics(
         proj=gemv.static_for(depth, spec.width, conv_cache, conv_weight, glu=False,
-                             norm_eps=float(norm1_eps), out_dtype=dtype),
+                             norm_eps=float(norm1_eps), out_dtype=dtype, blocks=blocks(depth)),
         layer=spec,
         out=gemv.static_for(hv, depth, None, None, glu=False, norm_eps=float(o_norm_eps),
                             out_dtype=dtype, group=spec.value_dim,
-                            gate_offset=spec.gate_offset if spec.output_gate else None),
+                            gate_offset=spec.gate_offset if spec.output_gate else None,
+                            blocks=blocks(hv)),
         gate_up=gemv.static_for(depth, w_gu_t.shape[0], None, None, glu=True,
-                                norm_eps=float(norm2_eps), out_dtype=dtype),
+                                norm_eps=float(norm2_eps), out_dtype=dtype,
+                                blocks=blocks(depth)),
         down=gemv.static_for(w_down_t.shape[1], depth, None, None, glu=False, norm_eps=None,
-                             out_dtype=dtype))
+                             out_dtype=dtype, blocks=blocks(w_down_t.shape[1])))
     row = functools.partial(jax.ShapeDtypeStruct, dtype=dtype)
     out = named_pallas_call(
         functools.partial(_kernel, st=st, programs=programs, virtual=virtual),
@@ -334,6 +392,6 @@ def delta_mlp_layer_separate(x: Array, *, norm1_scale: Array, norm1_eps: float,
     return out, cache, final
 
 
-__all__ = ["PERSISTENT_ENV", "DeltaMlpStatics", "Phase", "arrive", "delta_mlp_layer",
-           "delta_mlp_layer_separate", "device_programs", "persistent_enabled", "run_phases",
-           "wait"]
+__all__ = ["CONFIG_ENV", "PERSISTENT_ENV", "DeltaMlpStatics", "PersistentConfig", "Phase",
+           "arrive", "delta_mlp_layer", "delta_mlp_layer_separate", "device_programs",
+           "persistent_config", "persistent_enabled", "run_phases", "wait"]

@@ -326,9 +326,12 @@ class DeltaNetFamilyBlock(LinearAttentionBlock):
         in ``o_proj``, the conv in the input projection, the MLP's two kernels); else None
         (the caller runs the layer as usual). ``x [1, 1, D]``; returns ``(x + h + mlp(...)
         [1, 1, D], new_state)``. Differentiable through the separate kernels."""
+        from linearnexus.kernels.common.pallas import interpret_mode
         from linearnexus.kernels.fused_decode.persistent import (
             delta_mlp_layer,
             delta_mlp_layer_separate,
+            device_programs,
+            persistent_config,
             persistent_enabled,
         )
         from linearnexus.modules.common import SwiGLU, conv_dense_weight, transposed_weight
@@ -364,14 +367,19 @@ class DeltaNetFamilyBlock(LinearAttentionBlock):
                 self.norm.scale[...], transposed_weight([self.o_proj]).astype(dtype),
                 mlp_norm.scale[...], transposed_weight(mlp.decode_linears()[0]).astype(dtype),
                 transposed_weight([mlp.w_down]).astype(dtype))
+        config = persistent_config()
+        if linear.conv.buffer.shape[-1] % config.rows:  # the conv's channels in whole tiles
+            return None
         eps = dict(norm1_eps=input_norm.eps, o_norm_eps=self.norm.eps, norm2_eps=mlp_norm.eps,
                    spec=spec)
+        tiles = dict(rows=config.rows, programs=None if interpret_mode() else
+                     config.per_sm * device_programs())
         names = ("x", "norm1_scale", "w_in_t", "conv_cache", "conv_weight", "conv_bias",
                  "state", "a_log", "dt_bias", "o_norm_scale", "w_o_t", "norm2_scale",
                  "w_gu_t", "w_down_t")
 
         def fused(*a):
-            return delta_mlp_layer(**dict(zip(names, a, strict=True)), **eps)
+            return delta_mlp_layer(**dict(zip(names, a, strict=True)), **eps, **tiles)
 
         def separate(*a):
             return delta_mlp_layer_separate(
