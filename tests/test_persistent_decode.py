@@ -123,12 +123,15 @@ def test_model_decode_step_through_the_persistent_kernel(monkeypatch):
     def loss(params):
         return run(params)[0].astype(jnp.float32).sum()
 
+    def both(params):  # one program: the step and its gradient (one compile per setting)
+        return run(params), jax.grad(loss)(params)
+
     monkeypatch.setenv(P.PERSISTENT_ENV, "0")
-    want, want_grad = run(params), jax.grad(loss)(params)
+    want, want_grad = jax.jit(lambda p: both(p))(params)  # a new function: a new trace
     assert not launches
     monkeypatch.setenv(P.PERSISTENT_ENV, "1")
-    got, got_grad = run(params), jax.grad(loss)(params)
-    assert len(launches) == 2 * pattern.count("gated_deltanet")  # (grad traces it again)
+    got, got_grad = jax.jit(lambda p: both(p))(params)
+    assert len(launches) == 2 * pattern.count("gated_deltanet")  # the step, and in the grad
     # interpreted: the same ops in the same order, bit for bit; compiled on a GPU (real
     # barriers, one Triton kernel against five) the compiler may contract differently
     tol = 1e-5 if jax.default_backend() == "gpu" else 0.0
