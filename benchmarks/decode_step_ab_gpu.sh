@@ -4,11 +4,12 @@
 #            separate kernels (xla, lib) and as ONE persistent kernel with grid barriers
 #            between projections (benchmarks/persistent_gemv.py) at several tiles, with and
 #            without each program's next weights loaded before it waits (~200 s);
-#   layer:   the persistent layer kernel (kernels/fused_decode/persistent.py, one kernel per
-#            Gated DeltaNet + MLP layer with grid barriers between its five phases): its
-#            tests compiled on the GPU (real barriers), then the GDN decode loop at batch 1
+#   layer:   the persistent layer kernels (kernels/fused_decode/persistent.py, one kernel per
+#            Gated DeltaNet + MLP layer, five phases, or Mamba2 layer, three, with grid
+#            barriers between them): their tests compiled on the GPU (real barriers), then
+#            the GDN and Mamba2 decode loops at batch 1
 #            with it off and on at each LINEARNEXUS_PERSISTENT_CONFIG in $LAYER_CONFIGS
-#            (default "off rows=16,per_sm=1 rows=8,per_sm=2"), one process each (~450 s);
+#            (default "off rows=16,per_sm=1 rows=8,per_sm=2"), one process each (~500 s);
 #   block:   the decode loop (GDN and Mamba2 of benchmarks/decode_gpu.py, batch 1) with its
 #            steps in counted blocks of 1 (one while iteration a step, the default) and of
 #            each size in $BLOCKS (LINEARNEXUS_DECODE_BLOCK), one process each (~110 s each).
@@ -37,9 +38,9 @@ case " $PARTS " in *" layer "*)
     [ "$config" = off ] && on=0
     echo "== LINEARNEXUS_DECODE_PERSISTENT=$on LINEARNEXUS_PERSISTENT_CONFIG=$config"
     LINEARNEXUS_DECODE_PERSISTENT=$on LINEARNEXUS_PERSISTENT_CONFIG=${config/off/} \
-      timeout ${LAYER_S:-100} python3 benchmarks/decode_gpu.py \
-      --models gdn --batches 1 --host-batches --steps 64 --skip-fla \
-      --budget $(( ${LAYER_S:-100} - 20 )) --out "$OUT/persistent_${config//[=,]/_}" 2>&1 \
+      timeout ${LAYER_S:-120} python3 benchmarks/decode_gpu.py \
+      --models gdn mamba2 --batches 1 --host-batches --steps 64 --skip-fla \
+      --budget $(( ${LAYER_S:-120} - 20 )) --out "$OUT/persistent_${config//[=,]/_}" 2>&1 \
       | grep -E "^\| linearnexus|rror|budget" | cut -c1-300 | head -20
   done;;
 esac

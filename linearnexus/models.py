@@ -138,9 +138,10 @@ class Layer(nnx.Module):
     def __call__(self, x: Array, *, state: Any, mask: Array | None,
                  mode: KernelMode | str | None) -> tuple[Array, Any]:
         whole = getattr(self.mixer, "persistent_layer", None)
-        if whole is not None and mask is None and self.mlp is not None:
+        if whole is not None and mask is None:
             # batch-1 decoding on a GPU with LINEARNEXUS_DECODE_PERSISTENT=1: the whole
-            # layer in one persistent kernel (kernels/fused_decode/persistent.py)
+            # layer in one persistent kernel (kernels/fused_decode/persistent.py) where the
+            # block has one for this layer (DeltaNet family + MLP, Mamba2 without)
             done = whole(x, state, self.norm1, self.mlp, self.norm2)
             if done is not None:
                 return done

@@ -139,3 +139,71 @@ def test_model_decode_step_through_the_persistent_kernel(monkeypatch):
                     strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                    rtol=tol, atol=tol)
+
+
+def _ssd_operands(dtype, seed: int = 1):
+    from linearnexus.kernels.fused_decode.pallas import SsdLayerSpec
+
+    spec = SsdLayerSpec(heads=4, head_dim=16, groups=1, d_state=16, conv_width=None,
+                        d_per_channel=False, dt_limit=None)
+    depth, e, channels = 48, spec.inner, spec.conv_channels
+    keys = iter(jax.random.split(jax.random.PRNGKey(seed), 16))
+    f32 = jnp.float32
+
+    def rnd(shape, scale=1.0, dt=dtype):
+        return (scale * jax.random.normal(next(keys), shape, f32)).astype(dt)
+
+    return dict(x=rnd((1, depth)), norm1_scale=rnd((depth,), 0.2) + 1, norm1_eps=1e-5,
+                w_in_t=rnd((spec.width, depth), depth ** -0.5), conv_cache=rnd((1, 3, channels)),
+                conv_weight=rnd((4, channels), 0.5), conv_bias=rnd((channels,), 0.1),
+                spec=spec, state=rnd((1, 4, 16, 16), 0.3, f32), a_log=rnd((4,), 0.5, f32),
+                dt_bias=rnd((4,), 0.5, f32), d=rnd((4,), 1.0, f32),
+                out_norm_scale=rnd((e,), 0.2) + 1, out_norm_eps=1e-5,
+                w_out_t=rnd((depth, e), e ** -0.5))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_persistent_mamba2_layer_equals_the_separate_kernels(dtype):
+    """Mamba2's three kernels (conv in in_proj, the layer kernel, the gated norm in
+    out_proj) and the residual sum as one kernel's phases: the same values."""
+    ops = _ssd_operands(jnp.dtype(dtype))
+    fallback = lambda *a: pytest.fail("the layer kernel's reference is its backward only")  # noqa: E731
+    want = P.ssd_layer_separate(**ops, layer_fallback=fallback)
+    on_gpu = jax.default_backend() == "gpu"
+    for virtual, rows in ((True, None), (True, 16), *(((False, 16),) if on_gpu else ())):
+        got = P.ssd_layer(**ops, virtual=virtual, rows=rows)
+        for name, a, b in zip(("out", "conv cache", "state"), got, want, strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype, name
+            tol = (1e-5 if dtype == "float32" else 1e-2) if on_gpu else 0.0
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                       rtol=tol, atol=tol, err_msg=f"{name}, rows={rows}")
+    with pytest.raises(ValueError, match=r"w_out_t: expected shape \(48, 64\)"):
+        P.ssd_layer(**{**ops, "w_out_t": ops["w_out_t"][:, :-1]}, virtual=True)
+
+
+def test_mamba2_model_decode_step_through_the_persistent_kernel(monkeypatch):
+    """A Mamba2 LM without an MLP (the decode benchmark's): every layer through the
+    persistent kernel, logits and states equal to the separate kernels'."""
+    cfg = ModelConfig(vocab_size=61, d_model=64, n_layers=2, block_pattern=("mamba2",),
+                      mlp=False, tie_embeddings=True)
+    model = LMModel(cfg, rngs=nnx.Rngs(0))
+    tokens = jnp.array([[7]], jnp.int32)
+    state = model.init_state(1)
+    monkeypatch.setattr(gemv, "_compiles", lambda: True)
+    monkeypatch.setattr(layer_api, "_compiles", lambda: True)
+    launches = []
+    real = P.ssd_layer
+    monkeypatch.setattr(P, "ssd_layer", lambda **k: launches.append(1) or real(**k))
+
+    def run():
+        return model(tokens, state=state, mode="recurrent")
+
+    monkeypatch.setenv(P.PERSISTENT_ENV, "0")
+    want = jax.jit(lambda: run())()
+    monkeypatch.setenv(P.PERSISTENT_ENV, "1")
+    got = jax.jit(lambda: run())()
+    assert len(launches) == 2
+    tol = 1e-5 if jax.default_backend() == "gpu" else 0.0
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=tol, atol=tol)

@@ -217,8 +217,11 @@ def _delta_kernel(*, proj_ref, cache_ref, w_ref, bias_ref, h0_ref, a_log_ref, dt
 
 
 def _ssd_kernel(*, proj_ref, cache_ref, w_ref, bias_ref, h0_ref, a_log_ref, dt_bias_ref, d_ref,
-                y_ref, new_cache_ref, final_ref, sp: SsdLayerSpec):
-    b, h = pl.program_id(0), pl.program_id(1)
+                y_ref, new_cache_ref, final_ref, sp: SsdLayerSpec,
+                ids: tuple[Array, Array] | None = None):
+    """Program ``(b, h)``: row b, head h (``ids``, given by a kernel that runs this one's
+    programs itself, ``persistent.py``; default the program ids)."""
+    b, h = ids or (pl.program_id(0), pl.program_id(1))
     e, p, n = sp.inner, sp.head_dim, sp.d_state
     group = h // (sp.heads // sp.groups)
     rnd = _rounder(proj_ref.dtype)

@@ -46,7 +46,12 @@ import jax.numpy as jnp
 from linearnexus.core.types import Array
 from linearnexus.kernels.common.pallas import compiler_params, interpret_mode, named_pallas_call
 from linearnexus.kernels.fused_decode import gemv
-from linearnexus.kernels.fused_decode.pallas import DeltaLayerSpec, _delta_kernel
+from linearnexus.kernels.fused_decode.pallas import (
+    DeltaLayerSpec,
+    SsdLayerSpec,
+    _delta_kernel,
+    _ssd_kernel,
+)
 
 #: "1" turns on the persistent layer kernel for batch-1 decoding (read at trace time)
 PERSISTENT_ENV = "LINEARNEXUS_DECODE_PERSISTENT"
@@ -392,6 +397,158 @@ def delta_mlp_layer_separate(x: Array, *, norm1_scale: Array, norm1_eps: float,
     return out, cache, final
 
 
+# ---- the Mamba2 layer (no MLP) ------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SsdStatics:
+    """The three kernels' static parts (as their separate launches build them)."""
+
+    proj: Any  # gemv._Static: pre-norm, in_proj, short conv over x | B | C
+    layer: SsdLayerSpec  # the layer kernel (no conv)
+    out: Any  # gemv._Static: gated RMSNorm (over y * silu(z)), out_proj, + x
+
+
+def _ssd_persistent_kernel(*, x_ref, n1_ref, w_in_ref, cache_ref, cw_ref, cb_ref, h0_ref,
+                           a_log_ref, dt_bias_ref, d_ref, n_out_ref, w_out_ref, count0_ref,
+                           proj_ref, y_ref, out_ref, new_cache_ref, final_ref, counter_ref,
+                           st: SsdStatics, programs: int, virtual: bool):
+    from jax.experimental import pallas as pl
+
+    del count0_ref  # aliased to counter_ref
+    none = dict(add_ref=None, gate_ref=None, res_ref=None, res_add_ref=None, cache_ref=None,
+                cw_ref=None, cb_ref=None, new_cache_ref=None)
+    zero = jnp.int32(0)
+
+    def projection(j):
+        gemv._kernel(**{**none, "cache_ref": cache_ref, "cw_ref": cw_ref, "cb_ref": cb_ref,
+                        "new_cache_ref": new_cache_ref}, x_ref=x_ref, scale_ref=n1_ref,
+                     w_ref=w_in_ref, y_ref=proj_ref, st=st.proj, j=j)
+
+    def layer(h):
+        _ssd_kernel(proj_ref=proj_ref, cache_ref=None, w_ref=None, bias_ref=None,
+                    h0_ref=h0_ref, a_log_ref=a_log_ref, dt_bias_ref=dt_bias_ref, d_ref=d_ref,
+                    y_ref=y_ref, new_cache_ref=None, final_ref=final_ref, sp=st.layer,
+                    ids=(zero, h))
+
+    def out_proj(j):
+        gemv._kernel(**{**none, "res_ref": x_ref}, x_ref=y_ref, scale_ref=n_out_ref,
+                     w_ref=w_out_ref, y_ref=out_ref, st=st.out, j=j)
+
+    def grid(s):
+        return pl.cdiv(s.width, s.block_n)
+
+    run_phases([Phase(grid(st.proj), projection), Phase(st.layer.heads, layer),
+                Phase(grid(st.out), out_proj)], programs=programs, counter_ref=counter_ref,
+               virtual=virtual)
+
+
+def ssd_layer(x: Array, *, norm1_scale: Array, norm1_eps: float, w_in_t: Array,
+              conv_cache: Array, conv_weight: Array, conv_bias: Array | None,
+              spec: SsdLayerSpec, state: Array, a_log: Array, dt_bias: Array, d: Array,
+              out_norm_scale: Array, out_norm_eps: float, w_out_t: Array,
+              programs: int | None = None, virtual: bool | None = None,
+              rows: int | None = None) -> tuple[Array, Array, Array]:
+    """One batch-1 token through a pre-norm Mamba2 layer without an MLP, in one kernel.
+
+    The same computation as the three separate kernels of the fused decode path
+    (``conv_dense``, ``ssd_layer_step``, ``normed_dense``) and the residual sum:
+    ``x + out_proj(gated_norm(ssd(conv(norm1(x) W_in))))``.
+
+    Args:
+        x: ``[1, D]``; norm1_scale ``[D]``; w_in_t ``[F, D]`` (z | x | B | C | dt rows).
+        conv_cache: ``[1, W - 1, C]`` over x | B | C (``C = E + 2GN``, from row E on);
+            conv_weight ``[W, C]``, conv_bias ``[C]`` or None.
+        spec: the layer kernel's spec without a conv (``conv_width=None``).
+        state: ``[1, H, N, P]`` float32; a_log, dt_bias ``[H]``; d ``[H]`` or ``[H, P]``.
+        out_norm_scale: ``[E]`` the gated RMSNorm's scale (over the whole row).
+        w_out_t: ``[D, E]``.
+        programs, virtual, rows: as :func:`delta_mlp_layer`.
+
+    Returns:
+        ``(x + out [1, D], new conv cache, new state)``, the last two in place.
+
+    Raises:
+        ValueError: a spec with a conv, a batch other than 1, operands whose shapes
+            disagree, or ``rows`` that do not tile the conv's channels (named).
+    """
+    if spec.conv_width is not None:
+        raise ValueError(f"spec: expected conv_width=None (the conv in in_proj), got {spec}")
+    depth = x.shape[-1]
+    if x.ndim != 2 or x.shape[0] != 1:
+        raise ValueError(f"x: expected [1, D], got shape {tuple(x.shape)}")
+    for name, arr, shape in (("w_in_t", w_in_t, (spec.width, depth)),
+                             ("w_out_t", w_out_t, (depth, spec.inner)),
+                             ("state", state, (1, spec.heads, spec.d_state, spec.head_dim)),
+                             ("norm1_scale", norm1_scale, (depth,)),
+                             ("out_norm_scale", out_norm_scale, (spec.inner,)),
+                             ("conv_cache", conv_cache, (1, conv_cache.shape[1],
+                                                         spec.conv_channels))):
+        if tuple(arr.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(arr.shape)}")
+    dtype = jnp.dtype(w_in_t.dtype)
+    if rows is not None and (rows < 1 or rows & (rows - 1) or spec.conv_channels % rows
+                             or spec.inner % rows):
+        raise ValueError(f"rows: expected a power of two dividing the conv's start E="
+                         f"{spec.inner} and C={spec.conv_channels}, got {rows}")
+    if virtual is None:
+        virtual = interpret_mode() or jax.default_backend() != "gpu"
+    if programs is None:
+        programs = 1 if virtual else device_programs()
+
+    def blocks(k: int) -> tuple[int, int] | None:
+        return None if rows is None else (gemv.tiles(k)[0], rows)
+
+    st = SsdStatics(
+        proj=gemv.static_for(depth, spec.width, conv_cache, conv_weight, glu=False,
+                             norm_eps=float(norm1_eps), out_dtype=dtype,
+                             conv_start=spec.inner, blocks=blocks(depth)),
+        layer=spec,
+        out=gemv.static_for(spec.inner, depth, None, None, glu=False,
+                            norm_eps=float(out_norm_eps), out_dtype=dtype,
+                            blocks=blocks(spec.inner)))
+    out = named_pallas_call(
+        functools.partial(_ssd_persistent_kernel, st=st, programs=programs, virtual=virtual),
+        inputs={"x": x, "n1": norm1_scale, "w_in": w_in_t, "cache": conv_cache,
+                "cw": conv_weight, "cb": conv_bias, "h0": state, "a_log": a_log,
+                "dt_bias": dt_bias, "d": d, "n_out": out_norm_scale, "w_out": w_out_t,
+                "count0": jnp.zeros((1,), jnp.int32)},
+        outputs={"proj": jax.ShapeDtypeStruct((1, spec.width), dtype),
+                 "y": jax.ShapeDtypeStruct((1, spec.inner), F32),
+                 "out": jax.ShapeDtypeStruct((1, depth), dtype),
+                 "new_cache": jax.ShapeDtypeStruct(conv_cache.shape, conv_cache.dtype),
+                 "final": jax.ShapeDtypeStruct(state.shape, F32),
+                 "counter": jax.ShapeDtypeStruct((1,), jnp.int32)},
+        aliases={"cache": "new_cache", "h0": "final", "count0": "counter"},
+        grid=(1 if virtual else programs,), interpret=interpret_mode(),
+        compiler_params=None if interpret_mode() else compiler_params(4, 3),
+        name="ssd_layer_persistent")
+    result = out["out"]
+    if not virtual:  # a barrier gave up: the values are not to be trusted
+        result = jnp.where(out["counter"][0] == programs * 2, result, jnp.nan).astype(dtype)
+    return result, out["new_cache"], out["final"]
+
+
+def ssd_layer_separate(x: Array, *, norm1_scale: Array, norm1_eps: float, w_in_t: Array,
+                       conv_cache: Array, conv_weight: Array, conv_bias: Array | None,
+                       spec: SsdLayerSpec, state: Array, a_log: Array, dt_bias: Array,
+                       d: Array, out_norm_scale: Array, out_norm_eps: float, w_out_t: Array,
+                       layer_fallback: Callable[..., Any]) -> tuple[Array, Array, Array]:
+    """:func:`ssd_layer` as the separate kernels and the residual sum (its backward pass,
+    and what the tests hold it to)."""
+    from linearnexus.kernels.fused_decode.api import ssd_layer_step
+
+    proj, cache = gemv.one_row_conv(x, w_in_t, conv_cache, conv_weight, conv_bias,
+                                    conv_start=spec.inner, transposed=True,
+                                    norm_scale=norm1_scale, norm_eps=norm1_eps)  # [1, F]
+    y, _, final = ssd_layer_step(spec, proj, None, None, None, state, a_log, dt_bias, d,
+                                 fallback=layer_fallback)  # [1, E] float32
+    h = gemv.one_row_fused(y, w_out_t, transposed=True, norm_scale=out_norm_scale,
+                           norm_eps=out_norm_eps)  # [1, D]
+    return x + h, cache, final
+
+
 __all__ = ["CONFIG_ENV", "PERSISTENT_ENV", "DeltaMlpStatics", "PersistentConfig", "Phase",
-           "arrive", "delta_mlp_layer", "delta_mlp_layer_separate", "device_programs",
-           "persistent_config", "persistent_enabled", "run_phases", "wait"]
+           "SsdStatics", "arrive", "delta_mlp_layer", "delta_mlp_layer_separate",
+           "device_programs", "persistent_config", "persistent_enabled", "run_phases",
+           "ssd_layer", "ssd_layer_separate", "wait"]

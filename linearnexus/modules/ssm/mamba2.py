@@ -240,6 +240,72 @@ class Mamba2Block(nnx.Module):
         return y, LinearState(conv=state.conv.update(cache),
                               recurrent=state.recurrent.update(final))
 
+    def persistent_layer(self, x: Array, state: Any, input_norm: RMSNorm, mlp: Any,
+                         mlp_norm: Any) -> tuple[Array, Any] | None:
+        """A whole pre-norm layer without an MLP (``x + self(input_norm(x))``) at batch 1 in
+        one persistent kernel (``kernels.fused_decode.persistent.ssd_layer``), where
+        ``LINEARNEXUS_DECODE_PERSISTENT=1`` asks for it and the three separate kernels it
+        stands for would run (the conv in ``in_proj``, the layer kernel, the gated norm in
+        ``out_proj``); else None (the caller runs the layer as usual). ``x [1, 1, D]``;
+        returns ``(x + y [1, 1, D], new_state)``. Differentiable through the separate
+        kernels."""
+        from linearnexus.kernels.common.pallas import interpret_mode, with_reference_vjp
+        from linearnexus.kernels.fused_decode.persistent import (
+            device_programs,
+            persistent_config,
+            persistent_enabled,
+            ssd_layer,
+            ssd_layer_separate,
+        )
+        from linearnexus.modules.common import GatedRMSNorm, conv_dense_weight, transposed_weight
+
+        cfg = self.config
+        dtype = dtype_of(cfg.dtype)
+        norm = self.norm
+        if not (persistent_enabled() and mlp is None and state is not None
+                and isinstance(norm, GatedRMSNorm) and not norm.norm_before_gate
+                and norm.group_size in (None, norm.dim) and fused_decode_enabled()
+                and getattr(x, "ndim", 0) == 3 and x.shape[:2] == (1, 1)
+                and jnp.dtype(x.dtype) == jnp.dtype(dtype)
+                and jnp.dtype(norm.dtype or dtype) == jnp.dtype(dtype)):
+            return None
+        spec = self._layer_spec()
+        if not layer_kernel_ready(spec, dtype, op_backend(cfg.kernel_backend)):
+            return None
+        x, call = begin_call(x, cfg.d_model, mode=KernelMode.RECURRENT,
+                             mode_threshold=cfg.mode_threshold, dtype=dtype)
+        check_linear_state(state, call, **self._state_dims())
+        w_in_t = conv_dense_weight(x, [self.in_proj], self.conv, state.conv.buffer,
+                                   conv_start=cfg.d_inner, norm=input_norm)
+        config = persistent_config()
+        out_lin = self.out_proj
+        if (w_in_t is None or spec.conv_channels % config.rows or cfg.d_inner % config.rows
+                or out_lin.bias is not None or type(out_lin).__call__ is not nnx.Linear.__call__
+                or jnp.dtype(out_lin.dtype or out_lin.param_dtype) != jnp.dtype(dtype)):
+            return None
+        spec = dataclasses.replace(spec, conv_width=None)
+        conv = self.conv
+        args = (x.reshape(1, cfg.d_model), input_norm.scale[...], w_in_t, state.conv.buffer,
+                conv.conv_weight[...], None if conv.conv_bias is None else conv.conv_bias[...],
+                state.recurrent.state.astype(jnp.float32), self.A_log[...], self.dt_bias[...],
+                self.D[...], norm.scale[...], transposed_weight([out_lin]).astype(dtype))
+        names = ("x", "norm1_scale", "w_in_t", "conv_cache", "conv_weight", "conv_bias",
+                 "state", "a_log", "dt_bias", "d", "out_norm_scale", "w_out_t")
+        eps = dict(norm1_eps=input_norm.eps, out_norm_eps=norm.eps, spec=spec)
+        tiles = dict(rows=config.rows, programs=None if interpret_mode() else
+                     config.per_sm * device_programs())
+
+        def fused(*a):
+            return ssd_layer(**dict(zip(names, a, strict=True)), **eps, **tiles)
+
+        def separate(*a):
+            return ssd_layer_separate(**dict(zip(names, a, strict=True)), **eps,
+                                      layer_fallback=lambda *b: self._layer_reference(spec, *b))
+
+        out, cache, final = with_reference_vjp(fused, separate, *args)
+        return out.reshape(1, 1, cfg.d_model), LinearState(
+            conv=state.conv.update(cache), recurrent=state.recurrent.update(final))
+
     def _layer_reference(self, spec: SsdLayerSpec, proj: Array, cache: Array | None,
                          conv_weight: Array | None, conv_bias: Array | None, state: Array,
                          a_log: Array, dt_bias: Array,
