@@ -21,7 +21,7 @@ of an earlier layer).
 
 The barrier is the library's (``kernels/fused_decode/persistent.py``, whose persistent
 layer kernel grew from this experiment). A poll that spins ``SPIN_LIMIT`` times (programs
-not all resident) adds ``RELEASE`` to the counter, which frees every later barrier at
+not all resident) sets the counter's ``RELEASE`` bit, which frees every later barrier at
 once; :func:`persistent_chain` returns the counter's final value, and the benchmark
 reports a run whose counter is not ``P x phases`` as failed (wrong results, no hang).
 

@@ -284,6 +284,19 @@ def test_blocked_device_loop_equals_host_loop(models, key, monkeypatch):
     only = G.generate(model, prompts[:1], SAMPLED.replace(stop_tokens=(row[2],)))
     assert only == [row[: row.index(row[2])]]
 
+    def run(block: str):  # Decoder.run's own outputs: the count and the token columns
+        monkeypatch.setenv(G.DECODE_BLOCK_ENV, block)
+        cfg = SAMPLED.replace(stop_tokens=(row[2],))
+        dec = G.Decoder(model, cfg)
+        tokens, mask = G.left_pad(prompts[:1], 16, G.PAD_ID)
+        nxt, state, key = dec.prefill(tokens, mask, jax.random.key(cfg.seed))
+        buf, count, *_ = dec.run(nxt, state, key, jnp.zeros(1, bool),
+                                 G.stop_array(cfg.stop_tokens), 12, first=True)
+        return int(count), np.asarray(buf)[:, : int(count)].tolist()
+
+    one_step = run("1")
+    assert one_step == run("5") and one_step[0] == row.index(row[2]) + 1  # the stop's column
+
     requests = [(p, n, s) for p, n, s in zip(random_prompts(key, [3, 9, 2, 7]), (9, 2, 12, 5),
                                              (1, 2, 3, 4), strict=True)]
     server = ContinuousBatcher(model, slots=2, cfg=SAMPLED, sync_every=8)

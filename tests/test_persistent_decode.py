@@ -65,13 +65,16 @@ def test_persistent_layer_equals_the_separate_kernels(gated, output_gate, dtype,
     # on a GPU also with real barriers (one program per SM), compiled: to float rounding
     # the separate kernels' tiles (2 rows a program), then the persistent default's 16 rows
     # (each row's sums run over the same tiles in the same order: the same values)
-    for virtual, rows in ((True, None), (True, 16), *(((False, 16),) if on_gpu else ())):
-        got = P.delta_mlp_layer(**ops, virtual=virtual, rows=rows)
+    # and the shares of 3 / 5 programs (the GPU's round-robin arithmetic, run in turn)
+    for virtual, rows, programs in ((True, None, 1), (True, 16, 3), (True, 16, 5),
+                                    *(((False, 16, None),) if on_gpu else ())):
+        got = P.delta_mlp_layer(**ops, virtual=virtual, rows=rows, programs=programs)
         for name, a, b in zip(("out", "conv cache", "state"), got, want, strict=True):
             assert a.shape == b.shape and a.dtype == b.dtype, name
             tol = (1e-5 if dtype == "float32" else 1e-2) if on_gpu else 0.0
-            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                       rtol=tol, atol=tol, err_msg=f"{name}, virtual={virtual}, rows={rows}")
+            np.testing.assert_allclose(
+                np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol,
+                err_msg=f"{name}, virtual={virtual}, rows={rows}, programs={programs}")
     assert float(jnp.abs(got[0].astype(jnp.float32)).max()) > 0.1  # not a row of zeros
     assert got[2].shape == (1, spec.heads, spec.key_dim, spec.value_dim)
 
@@ -99,6 +102,29 @@ def test_persistent_layer_refuses_bad_operands(monkeypatch):
         P.persistent_enabled()
 
 
+def _random_state(model, seed: int):
+    """A batch-1 state of random values (a wrong offset into it would show)."""
+    zeros = model.init_state(1)
+    leaves, tree = jax.tree.flatten(zeros)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree.unflatten(tree, [
+        leaf if not jnp.issubdtype(leaf.dtype, jnp.floating)
+        else (0.3 * jax.random.normal(k, leaf.shape)).astype(leaf.dtype)
+        for k, leaf in zip(keys, leaves, strict=True)])
+
+
+def _model_on_gpu_path(monkeypatch, cfg: ModelConfig, kernel: str, seed: int):
+    """``(model, a random batch-1 state, the launches of persistent.<kernel>)`` with the
+    one-row and layer kernels picked as on a GPU (interpreted here)."""
+    model = LMModel(cfg, rngs=nnx.Rngs(0))
+    monkeypatch.setattr(gemv, "_compiles", lambda: True)
+    monkeypatch.setattr(layer_api, "_compiles", lambda: True)
+    launches = []
+    real = getattr(P, kernel)
+    monkeypatch.setattr(P, kernel, lambda **k: launches.append(1) or real(**k))
+    return model, _random_state(model, seed), launches
+
+
 def test_model_decode_step_through_the_persistent_kernel(monkeypatch):
     """A batch-1 token of an LM with the kernels picked as on a GPU (interpreted): the
     persistent kernel runs every Gated DeltaNet layer (one launch each, in place of five),
@@ -106,14 +132,8 @@ def test_model_decode_step_through_the_persistent_kernel(monkeypatch):
     pattern = ("gated_deltanet", "attention")  # the attention layer keeps its own kernels
     cfg = ModelConfig(vocab_size=61, d_model=64, n_layers=2, block_pattern=pattern, mlp=True,
                       tie_embeddings=True)
-    model = LMModel(cfg, rngs=nnx.Rngs(0))
+    model, state, launches = _model_on_gpu_path(monkeypatch, cfg, "delta_mlp_layer", 3)
     tokens = jnp.array([[5]], jnp.int32)
-    state = model.init_state(1)
-    monkeypatch.setattr(gemv, "_compiles", lambda: True)
-    monkeypatch.setattr(layer_api, "_compiles", lambda: True)
-    launches = []
-    real = P.delta_mlp_layer
-    monkeypatch.setattr(P, "delta_mlp_layer", lambda **k: launches.append(1) or real(**k))
     graphdef, params = nnx.split(model)
 
     def run(params):
@@ -170,8 +190,9 @@ def test_persistent_mamba2_layer_equals_the_separate_kernels(dtype):
     fallback = lambda *a: pytest.fail("the layer kernel's reference is its backward only")  # noqa: E731
     want = P.ssd_layer_separate(**ops, layer_fallback=fallback)
     on_gpu = jax.default_backend() == "gpu"
-    for virtual, rows in ((True, None), (True, 16), *(((False, 16),) if on_gpu else ())):
-        got = P.ssd_layer(**ops, virtual=virtual, rows=rows)
+    for virtual, rows, programs in ((True, None, 1), (True, 16, 3),
+                                    *(((False, 16, None),) if on_gpu else ())):
+        got = P.ssd_layer(**ops, virtual=virtual, rows=rows, programs=programs)
         for name, a, b in zip(("out", "conv cache", "state"), got, want, strict=True):
             assert a.shape == b.shape and a.dtype == b.dtype, name
             tol = (1e-5 if dtype == "float32" else 1e-2) if on_gpu else 0.0
@@ -186,14 +207,8 @@ def test_mamba2_model_decode_step_through_the_persistent_kernel(monkeypatch):
     persistent kernel, logits and states equal to the separate kernels'."""
     cfg = ModelConfig(vocab_size=61, d_model=64, n_layers=2, block_pattern=("mamba2",),
                       mlp=False, tie_embeddings=True)
-    model = LMModel(cfg, rngs=nnx.Rngs(0))
+    model, state, launches = _model_on_gpu_path(monkeypatch, cfg, "ssd_layer", 4)
     tokens = jnp.array([[7]], jnp.int32)
-    state = model.init_state(1)
-    monkeypatch.setattr(gemv, "_compiles", lambda: True)
-    monkeypatch.setattr(layer_api, "_compiles", lambda: True)
-    launches = []
-    real = P.ssd_layer
-    monkeypatch.setattr(P, "ssd_layer", lambda **k: launches.append(1) or real(**k))
 
     def run():
         return model(tokens, state=state, mode="recurrent")

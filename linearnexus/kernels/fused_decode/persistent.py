@@ -17,19 +17,19 @@ for rounding. Between phases the programs meet at a **grid barrier**: a counter 
 memory that each program increments after a CTA barrier (an acquire-release atomic at GPU
 scope; every thread's stores precede it) and then polls until all ``P`` have arrived. Each
 phase reads what the previous ones wrote in global memory (the projection row, ``o``, the
-MLP's input); every such buffer is written once per launch before any program reads it,
-so no SM holds a stale cached line of it.
+MLP's input), after the barrier's acquire (which also drops stale L1 lines, as
+cooperative groups' grid sync relies on).
 
 A barrier whose poll spins :data:`SPIN_LIMIT` times (programs not all resident, which
-cannot happen at one program per SM unless another kernel holds SMs) adds
-:data:`RELEASE` to the counter, which frees every later barrier: the launch then finishes
-(wrong values, no hang) and its counter output tells: :func:`delta_mlp_layer` turns the
-output NaN.
+cannot happen at one program per SM unless another kernel holds SMs) sets the counter's
+:data:`RELEASE` bit, which frees every later barrier: the launch then finishes (wrong
+values, no hang) and its counter output tells: :func:`delta_mlp_layer` and
+:func:`ssd_layer` turn the output, the conv cache and the state NaN.
 
 Off a GPU (Pallas interpret mode runs programs one after another, where a barrier could
-never be met) the kernel runs each phase's programs in turn instead (``virtual``): the
-same bodies and index arithmetic, which the tests check against the five separate kernels
-(equal bit for bit) and the XLA path.
+never be met) the kernel runs each program's share of each phase in turn (``virtual``):
+the same bodies and index arithmetic, which the tests check against the separate kernels
+(equal bit for bit) and through a model's decode step.
 """
 
 from __future__ import annotations
@@ -57,8 +57,10 @@ from linearnexus.kernels.fused_decode.pallas import (
 PERSISTENT_ENV = "LINEARNEXUS_DECODE_PERSISTENT"
 #: polls before a barrier gives up (seconds of spinning; never reached on a healthy launch)
 SPIN_LIMIT = 1 << 22
-#: added to the counter by a program that gave up: every later barrier is met at once
-RELEASE = 1 << 24
+#: the counter's flag bit, set (atomic or: idempotent, however many programs give up) by a
+#: program that gave up: every later barrier is met at once and the launch reads as failed.
+#: Arrivals count far below it (programs x barriers < 2^30).
+RELEASE = 1 << 30
 #: programs on a GPU whose device does not report its SM count (an H100 / H200 has 132)
 DEFAULT_PROGRAMS = 132
 F32 = jnp.float32
@@ -150,8 +152,8 @@ def arrive(counter_ref) -> None:
 
 def wait(counter_ref, target: Array | int) -> None:
     """Poll (acquire) until the counter reaches ``target``, then a CTA barrier so no thread
-    reads the next phase's inputs earlier. After :data:`SPIN_LIMIT` polls, add
-    :data:`RELEASE` (the launch's result is then marked bad by its caller)."""
+    reads the next phase's inputs earlier. After :data:`SPIN_LIMIT` polls, set the
+    :data:`RELEASE` bit (the launch's results are then marked bad by its caller)."""
     from jax.experimental.pallas import triton as plt
 
     def cond(c):
@@ -161,8 +163,14 @@ def wait(counter_ref, target: Array | int) -> None:
         return _counter_add(counter_ref, 0), c[1] + 1
 
     seen, _ = jax.lax.while_loop(cond, body, (_counter_add(counter_ref, 0), jnp.int32(0)))
-    _counter_add(counter_ref, jnp.where(seen < target, RELEASE, 0))
+    plt.atomic_or(counter_ref, (jnp.int32(0),), jnp.where(seen < target, RELEASE, 0))
     plt.debug_barrier()
+
+
+def launch_ok(counter: Array, programs: int, phases: int) -> Array:
+    """Whether a launch of ``programs`` programs over ``phases`` phases met every barrier:
+    its final counter is one arrival per program per barrier, the flag bit clear."""
+    return counter[0] == programs * (phases - 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,30 +184,82 @@ class Phase:
 def run_phases(phases: Sequence[Phase], *, programs: int, counter_ref,
                virtual: bool) -> None:
     """Inside a kernel of grid ``(programs,)`` (``(1,)`` with ``virtual``): every phase's
-    programs, the phases in order. On a GPU program ``p`` runs programs ``p, p + P, ...``
-    of each phase and a grid barrier separates the phases; ``virtual`` runs them all in
-    turn with no barrier (interpret mode)."""
+    programs, the phases in order. Program ``p`` runs programs ``p, p + P, ...`` of each
+    phase; on a GPU a grid barrier separates the phases, ``virtual`` runs the ``P``
+    programs' shares in turn with no barrier (interpret mode)."""
     from jax.experimental import pallas as pl
 
-    if virtual:
-        for ph in phases:
-            jax.lax.fori_loop(0, ph.count, lambda i, c, ph=ph: (ph.body(i), c)[1], 0)
-        return
-    pid = pl.program_id(0)
-    for s, ph in enumerate(phases):
-        rounds = (ph.count - pid + programs - 1) // programs  # 0 for p >= count
+    def share(pid, ph: Phase) -> None:  # program pid's part of a phase: pid, pid + P, ...
+        rounds = (ph.count - pid + programs - 1) // programs  # 0 for pid >= count
 
-        def one(r, c, ph=ph):
+        def one(r, c):
             ph.body(pid + r * programs)
             return c
 
         jax.lax.fori_loop(0, rounds, one, 0)
+
+    for s, ph in enumerate(phases):
+        if virtual:  # the programs in turn, each its own share
+            jax.lax.fori_loop(0, programs, lambda pid, c, ph=ph: (share(pid, ph), c)[1], 0)
+            continue
+        share(pl.program_id(0), ph)
         if s + 1 < len(phases):
             arrive(counter_ref)
             wait(counter_ref, (s + 1) * programs)
 
 
+def _placement(virtual: bool | None, programs: int | None, rows: int | None
+               ) -> tuple[bool, int, Callable[[int], tuple[int, int] | None]]:
+    """``(virtual, programs, blocks)`` with the defaults filled in: virtual in interpret
+    mode or off a GPU; one program per SM on a GPU (one in turn when virtual); ``blocks(K)``
+    the one-row kernel's ``(BK, BN)`` for a contraction of K: the separate kernels' BK and
+    ``rows`` rows (None: their own tiles)."""
+    if virtual is None:
+        virtual = interpret_mode() or jax.default_backend() != "gpu"
+    if programs is None:
+        programs = 1 if virtual else device_programs()
+
+    def blocks(k: int) -> tuple[int, int] | None:
+        return None if rows is None else (gemv.tiles(k)[0], rows)
+
+    return virtual, programs, blocks
+
+
+def _launch(kernel: Callable[..., None], inputs: dict[str, Any], buffers: dict[str, Any], *,
+            programs: int, virtual: bool, phases: int,
+            name: str) -> tuple[Array, Array, Array]:
+    """One persistent layer launch: ``inputs`` (with ``cache`` and ``h0``, updated in place)
+    and the phases' ``buffers`` (``out`` among them), plus the barrier counter. Returns
+    ``(out, new_cache, final)``, all NaN where a barrier gave up (the values, the cache and
+    the state alike: a bad state must not feed later steps)."""
+    out = named_pallas_call(
+        kernel, inputs={**inputs, "count0": jnp.zeros((1,), jnp.int32)},
+        outputs={**buffers,
+                 "new_cache": jax.ShapeDtypeStruct(inputs["cache"].shape,
+                                                   inputs["cache"].dtype),
+                 "final": jax.ShapeDtypeStruct(inputs["h0"].shape, F32),
+                 "counter": jax.ShapeDtypeStruct((1,), jnp.int32)},
+        aliases={"cache": "new_cache", "h0": "final", "count0": "counter"},
+        grid=(1 if virtual else programs,), interpret=interpret_mode(),
+        compiler_params=None if interpret_mode() else compiler_params(4, 3), name=name)
+    results = out["out"], out["new_cache"], out["final"]
+    if virtual:
+        return results
+    ok = launch_ok(out["counter"], programs, phases)
+    return tuple(jnp.where(ok, r, jnp.nan).astype(r.dtype) for r in results)
+
+
 # ---- the DeltaNet-family + SwiGLU layer ------------------------------------------------
+
+
+_GEMV_REFS = ("x_ref", "add_ref", "scale_ref", "gate_ref", "w_ref", "res_ref", "res_add_ref",
+              "cache_ref", "cw_ref", "cb_ref", "y_ref", "new_cache_ref")
+
+
+def _gemv(st: Any, j: Array, **refs: Any) -> None:
+    """Program ``j`` of a one-row matmul kernel (``gemv._kernel``) on the given refs (the
+    others absent)."""
+    gemv._kernel(**{name: refs.get(name) for name in _GEMV_REFS}, st=st, j=j)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,15 +280,12 @@ def _kernel(*, x_ref, n1_ref, w_in_ref, cache_ref, cw_ref, cb_ref, h0_ref, a_log
     from jax.experimental import pallas as pl
 
     del count0_ref  # aliased to counter_ref
-    none = dict(add_ref=None, gate_ref=None, res_ref=None, res_add_ref=None, cache_ref=None,
-                cw_ref=None, cb_ref=None, new_cache_ref=None)
     sp = st.layer
     zero, blocks = jnp.int32(0), jnp.int32(sp.value_blocks)
+    conv = dict(cache_ref=cache_ref, cw_ref=cw_ref, cb_ref=cb_ref, new_cache_ref=new_cache_ref)
 
     def projection(j):
-        gemv._kernel(**{**none, "cache_ref": cache_ref, "cw_ref": cw_ref, "cb_ref": cb_ref,
-                        "new_cache_ref": new_cache_ref}, x_ref=x_ref, scale_ref=n1_ref,
-                     w_ref=w_in_ref, y_ref=proj_ref, st=st.proj, j=j)
+        _gemv(st.proj, j, x_ref=x_ref, scale_ref=n1_ref, w_ref=w_in_ref, y_ref=proj_ref, **conv)
 
     def layer(i):
         _delta_kernel(proj_ref=proj_ref, cache_ref=None, w_ref=None, bias_ref=None,
@@ -240,17 +297,16 @@ def _kernel(*, x_ref, n1_ref, w_in_ref, cache_ref, cw_ref, cb_ref, h0_ref, a_log
                       ids=(zero, jax.lax.div(i, blocks), jax.lax.rem(i, blocks)))
 
     def out_proj(j):
-        gemv._kernel(**{**none, "gate_ref": proj_ref if sp.output_gate else None},
-                     x_ref=o_ref, scale_ref=o_scale_ref, w_ref=w_o_ref, y_ref=h_ref,
-                     st=st.out, j=j)
+        _gemv(st.out, j, x_ref=o_ref, scale_ref=o_scale_ref, w_ref=w_o_ref, y_ref=h_ref,
+              gate_ref=proj_ref if sp.output_gate else None)
 
     def gate_up(j):
-        gemv._kernel(**{**none, "add_ref": h_ref}, x_ref=x_ref, scale_ref=n2_ref,
-                     w_ref=w_gu_ref, y_ref=hid_ref, st=st.gate_up, j=j)
+        _gemv(st.gate_up, j, x_ref=x_ref, add_ref=h_ref, scale_ref=n2_ref, w_ref=w_gu_ref,
+              y_ref=hid_ref)
 
     def down(j):
-        gemv._kernel(**{**none, "res_ref": x_ref, "res_add_ref": h_ref}, x_ref=hid_ref,
-                     scale_ref=None, w_ref=w_dn_ref, y_ref=out_ref, st=st.down, j=j)
+        _gemv(st.down, j, x_ref=hid_ref, res_ref=x_ref, res_add_ref=h_ref, w_ref=w_dn_ref,
+              y_ref=out_ref)
 
     def grid(s):
         return pl.cdiv(s.width, s.block_n)
@@ -310,7 +366,10 @@ def delta_mlp_layer(x: Array, *, norm1_scale: Array, norm1_eps: float, w_in_t: A
     if x.ndim != 2 or x.shape[0] != 1:
         raise ValueError(f"x: expected [1, D], got shape {tuple(x.shape)}")
     hv = spec.heads * spec.value_dim
+    width = conv_weight.shape[0]
     checks = (("w_in_t", w_in_t, (spec.width, depth)), ("w_o_t", w_o_t, (depth, hv)),
+              ("conv_cache", conv_cache, (1, width - 1, spec.qkv_width)),
+              ("conv_weight", conv_weight, (width, spec.qkv_width)),
               ("state", state, (1, spec.heads, spec.key_dim, spec.value_dim)),
               ("norm1_scale", norm1_scale, (depth,)), ("norm2_scale", norm2_scale, (depth,)),
               ("o_norm_scale", o_norm_scale, (spec.value_dim,)),
@@ -325,12 +384,7 @@ def delta_mlp_layer(x: Array, *, norm1_scale: Array, norm1_eps: float, w_in_t: A
     if rows is not None and (rows < 1 or rows & (rows - 1) or channels % rows):
         raise ValueError(f"rows: expected a power of two dividing the conv's C={channels}, "
                          f"got {rows}")
-    if virtual is None:
-        virtual = interpret_mode() or jax.default_backend() != "gpu"
-    if programs is None:
-        programs = 1 if virtual else device_programs()
-    def blocks(k: int) -> tuple[int, int] | None:  # the separate kernels' BK, `rows` rows
-        return None if rows is None else (gemv.tiles(k)[0], rows)
+    virtual, programs, blocks = _placement(virtual, programs, rows)
 
     st = DeltaMlpStatics(
         proj=gemv.static_for(depth, spec.width, conv_cache, conv_weight, glu=False,
@@ -346,26 +400,15 @@ def delta_mlp_layer(x: Array, *, norm1_scale: Array, norm1_eps: float, w_in_t: A
         down=gemv.static_for(w_down_t.shape[1], depth, None, None, glu=False, norm_eps=None,
                              out_dtype=dtype, blocks=blocks(w_down_t.shape[1])))
     row = functools.partial(jax.ShapeDtypeStruct, dtype=dtype)
-    out = named_pallas_call(
+    return _launch(
         functools.partial(_kernel, st=st, programs=programs, virtual=virtual),
-        inputs={"x": x, "n1": norm1_scale, "w_in": w_in_t, "cache": conv_cache,
-                "cw": conv_weight, "cb": conv_bias, "h0": state, "a_log": a_log,
-                "dt_bias": dt_bias, "o_scale": o_norm_scale, "w_o": w_o_t, "n2": norm2_scale,
-                "w_gu": w_gu_t, "w_dn": w_down_t, "count0": jnp.zeros((1,), jnp.int32)},
-        outputs={"proj": row((1, spec.width)), "o": row((1, hv)), "h": row((1, depth)),
-                 "hid": row((1, w_gu_t.shape[0] // 2)), "out": row((1, depth)),
-                 "new_cache": jax.ShapeDtypeStruct(conv_cache.shape, conv_cache.dtype),
-                 "final": jax.ShapeDtypeStruct(state.shape, F32),
-                 "counter": jax.ShapeDtypeStruct((1,), jnp.int32)},
-        aliases={"cache": "new_cache", "h0": "final", "count0": "counter"},
-        grid=(1 if virtual else programs,), interpret=interpret_mode(),
-        compiler_params=None if interpret_mode() else compiler_params(4, 3),
-        name="delta_mlp_layer_persistent")
-    result = out["out"]
-    if not virtual:  # a barrier gave up: the values are not to be trusted
-        expect = programs * 4
-        result = jnp.where(out["counter"][0] == expect, result, jnp.nan).astype(dtype)
-    return result, out["new_cache"], out["final"]
+        {"x": x, "n1": norm1_scale, "w_in": w_in_t, "cache": conv_cache, "cw": conv_weight,
+         "cb": conv_bias, "h0": state, "a_log": a_log, "dt_bias": dt_bias,
+         "o_scale": o_norm_scale, "w_o": w_o_t, "n2": norm2_scale, "w_gu": w_gu_t,
+         "w_dn": w_down_t},
+        {"proj": row((1, spec.width)), "o": row((1, hv)), "h": row((1, depth)),
+         "hid": row((1, w_gu_t.shape[0] // 2)), "out": row((1, depth))},
+        programs=programs, virtual=virtual, phases=5, name="delta_mlp_layer_persistent")
 
 
 def delta_mlp_layer_separate(x: Array, *, norm1_scale: Array, norm1_eps: float,
@@ -416,14 +459,11 @@ def _ssd_persistent_kernel(*, x_ref, n1_ref, w_in_ref, cache_ref, cw_ref, cb_ref
     from jax.experimental import pallas as pl
 
     del count0_ref  # aliased to counter_ref
-    none = dict(add_ref=None, gate_ref=None, res_ref=None, res_add_ref=None, cache_ref=None,
-                cw_ref=None, cb_ref=None, new_cache_ref=None)
     zero = jnp.int32(0)
+    conv = dict(cache_ref=cache_ref, cw_ref=cw_ref, cb_ref=cb_ref, new_cache_ref=new_cache_ref)
 
     def projection(j):
-        gemv._kernel(**{**none, "cache_ref": cache_ref, "cw_ref": cw_ref, "cb_ref": cb_ref,
-                        "new_cache_ref": new_cache_ref}, x_ref=x_ref, scale_ref=n1_ref,
-                     w_ref=w_in_ref, y_ref=proj_ref, st=st.proj, j=j)
+        _gemv(st.proj, j, x_ref=x_ref, scale_ref=n1_ref, w_ref=w_in_ref, y_ref=proj_ref, **conv)
 
     def layer(h):
         _ssd_kernel(proj_ref=proj_ref, cache_ref=None, w_ref=None, bias_ref=None,
@@ -432,8 +472,8 @@ def _ssd_persistent_kernel(*, x_ref, n1_ref, w_in_ref, cache_ref, cw_ref, cb_ref
                     ids=(zero, h))
 
     def out_proj(j):
-        gemv._kernel(**{**none, "res_ref": x_ref}, x_ref=y_ref, scale_ref=n_out_ref,
-                     w_ref=w_out_ref, y_ref=out_ref, st=st.out, j=j)
+        _gemv(st.out, j, x_ref=y_ref, scale_ref=n_out_ref, w_ref=w_out_ref, res_ref=x_ref,
+              y_ref=out_ref)
 
     def grid(s):
         return pl.cdiv(s.width, s.block_n)
@@ -491,13 +531,7 @@ def ssd_layer(x: Array, *, norm1_scale: Array, norm1_eps: float, w_in_t: Array,
                              or spec.inner % rows):
         raise ValueError(f"rows: expected a power of two dividing the conv's start E="
                          f"{spec.inner} and C={spec.conv_channels}, got {rows}")
-    if virtual is None:
-        virtual = interpret_mode() or jax.default_backend() != "gpu"
-    if programs is None:
-        programs = 1 if virtual else device_programs()
-
-    def blocks(k: int) -> tuple[int, int] | None:
-        return None if rows is None else (gemv.tiles(k)[0], rows)
+    virtual, programs, blocks = _placement(virtual, programs, rows)
 
     st = SsdStatics(
         proj=gemv.static_for(depth, spec.width, conv_cache, conv_weight, glu=False,
@@ -507,26 +541,15 @@ def ssd_layer(x: Array, *, norm1_scale: Array, norm1_eps: float, w_in_t: Array,
         out=gemv.static_for(spec.inner, depth, None, None, glu=False,
                             norm_eps=float(out_norm_eps), out_dtype=dtype,
                             blocks=blocks(spec.inner)))
-    out = named_pallas_call(
+    return _launch(
         functools.partial(_ssd_persistent_kernel, st=st, programs=programs, virtual=virtual),
-        inputs={"x": x, "n1": norm1_scale, "w_in": w_in_t, "cache": conv_cache,
-                "cw": conv_weight, "cb": conv_bias, "h0": state, "a_log": a_log,
-                "dt_bias": dt_bias, "d": d, "n_out": out_norm_scale, "w_out": w_out_t,
-                "count0": jnp.zeros((1,), jnp.int32)},
-        outputs={"proj": jax.ShapeDtypeStruct((1, spec.width), dtype),
-                 "y": jax.ShapeDtypeStruct((1, spec.inner), F32),
-                 "out": jax.ShapeDtypeStruct((1, depth), dtype),
-                 "new_cache": jax.ShapeDtypeStruct(conv_cache.shape, conv_cache.dtype),
-                 "final": jax.ShapeDtypeStruct(state.shape, F32),
-                 "counter": jax.ShapeDtypeStruct((1,), jnp.int32)},
-        aliases={"cache": "new_cache", "h0": "final", "count0": "counter"},
-        grid=(1 if virtual else programs,), interpret=interpret_mode(),
-        compiler_params=None if interpret_mode() else compiler_params(4, 3),
-        name="ssd_layer_persistent")
-    result = out["out"]
-    if not virtual:  # a barrier gave up: the values are not to be trusted
-        result = jnp.where(out["counter"][0] == programs * 2, result, jnp.nan).astype(dtype)
-    return result, out["new_cache"], out["final"]
+        {"x": x, "n1": norm1_scale, "w_in": w_in_t, "cache": conv_cache, "cw": conv_weight,
+         "cb": conv_bias, "h0": state, "a_log": a_log, "dt_bias": dt_bias, "d": d,
+         "n_out": out_norm_scale, "w_out": w_out_t},
+        {"proj": jax.ShapeDtypeStruct((1, spec.width), dtype),
+         "y": jax.ShapeDtypeStruct((1, spec.inner), F32),
+         "out": jax.ShapeDtypeStruct((1, depth), dtype)},
+        programs=programs, virtual=virtual, phases=3, name="ssd_layer_persistent")
 
 
 def ssd_layer_separate(x: Array, *, norm1_scale: Array, norm1_eps: float, w_in_t: Array,
@@ -550,5 +573,5 @@ def ssd_layer_separate(x: Array, *, norm1_scale: Array, norm1_eps: float, w_in_t
 
 __all__ = ["CONFIG_ENV", "PERSISTENT_ENV", "DeltaMlpStatics", "PersistentConfig", "Phase",
            "SsdStatics", "arrive", "delta_mlp_layer", "delta_mlp_layer_separate",
-           "device_programs", "persistent_config", "persistent_enabled", "run_phases",
-           "ssd_layer", "ssd_layer_separate", "wait"]
+           "device_programs", "launch_ok", "persistent_config", "persistent_enabled",
+           "run_phases", "ssd_layer", "ssd_layer_separate", "wait"]

@@ -257,7 +257,12 @@ class Mamba2Block(nnx.Module):
             ssd_layer,
             ssd_layer_separate,
         )
-        from linearnexus.modules.common import GatedRMSNorm, conv_dense_weight, transposed_weight
+        from linearnexus.modules.common import (
+            GatedRMSNorm,
+            _kernel_linear,
+            conv_dense_weight,
+            transposed_weight,
+        )
 
         cfg = self.config
         dtype = dtype_of(cfg.dtype)
@@ -267,7 +272,8 @@ class Mamba2Block(nnx.Module):
                 and norm.group_size in (None, norm.dim) and fused_decode_enabled()
                 and getattr(x, "ndim", 0) == 3 and x.shape[:2] == (1, 1)
                 and jnp.dtype(x.dtype) == jnp.dtype(dtype)
-                and jnp.dtype(norm.dtype or dtype) == jnp.dtype(dtype)):
+                # as modules.common.normed_dense decides for the separate out_proj kernel
+                and jnp.dtype(norm.dtype or jnp.float32) == jnp.dtype(dtype)):
             return None
         spec = self._layer_spec()
         if not layer_kernel_ready(spec, dtype, op_backend(cfg.kernel_backend)):
@@ -280,7 +286,7 @@ class Mamba2Block(nnx.Module):
         config = persistent_config()
         out_lin = self.out_proj
         if (w_in_t is None or spec.conv_channels % config.rows or cfg.d_inner % config.rows
-                or out_lin.bias is not None or type(out_lin).__call__ is not nnx.Linear.__call__
+                or not _kernel_linear(out_lin)
                 or jnp.dtype(out_lin.dtype or out_lin.param_dtype) != jnp.dtype(dtype)):
             return None
         spec = dataclasses.replace(spec, conv_width=None)
