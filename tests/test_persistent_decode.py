@@ -153,8 +153,9 @@ def test_model_decode_step_through_the_persistent_kernel(monkeypatch):
     got, got_grad = jax.jit(lambda p: both(p))(params)
     assert len(launches) == 2 * pattern.count("gated_deltanet")  # the step, and in the grad
     # interpreted: the same ops in the same order, bit for bit; compiled on a GPU (real
-    # barriers, one Triton kernel against five) the compiler may contract differently
-    tol = 1e-5 if jax.default_backend() == "gpu" else 0.0
+    # barriers, one Triton kernel against five) the compiler may contract differently, and
+    # the gradient carries that on (an H100: one of 3904 entries 3e-5 off, relative)
+    tol = 1e-4 if jax.default_backend() == "gpu" else 0.0
     for a, b in zip(jax.tree.leaves((got, got_grad)), jax.tree.leaves((want, want_grad)),
                     strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),

@@ -163,7 +163,8 @@ def wait(counter_ref, target: Array | int) -> None:
         return _counter_add(counter_ref, 0), c[1] + 1
 
     seen, _ = jax.lax.while_loop(cond, body, (_counter_add(counter_ref, 0), jnp.int32(0)))
-    plt.atomic_or(counter_ref, (jnp.int32(0),), jnp.where(seen < target, RELEASE, 0))
+    flag = jnp.where(seen < target, jnp.int32(RELEASE), jnp.int32(0)).astype(jnp.int32)
+    plt.atomic_or(counter_ref, (jnp.int32(0),), flag)
     plt.debug_barrier()
 
 
