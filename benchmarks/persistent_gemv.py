@@ -37,6 +37,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
 
 from linearnexus.kernels.fused_decode.persistent import arrive, wait
 
@@ -61,8 +62,6 @@ def _load(ref, *, fresh: bool = False, **kw):
     """``plt.load``; ``fresh``: a volatile load (``ld.volatile``: coherent, never an L1
     line, for data other programs wrote). Not ``.cg``: JAX 0.10-0.11's Triton lowering
     accepts the name ".cg" and then looks up "cg", so every cache modifier fails."""
-    from jax.experimental.pallas import triton as plt
-
     return plt.load(ref, volatile=fresh, **kw)
 
 
@@ -112,8 +111,6 @@ def _kernel(h0_ref, count0_ref, *refs, dims, programs: int, bn: int, layers: int
                               mask=mask, other=0.0)  # [bn, width]
                 acc = acc + jnp.sum(w.astype(F32) * x[c][None, :], axis=1)  # [bn]
             out = bufs[dst]
-            from jax.experimental.pallas import triton as plt
-
             plt.store(out.at[pl.ds(0, 1), pl.ds(t * bn, bn)],
                       acc.astype(out.dtype)[None], mask=(rows < n)[None])
 

@@ -96,6 +96,20 @@ def decode_block() -> int:
     return block
 
 
+def counted_while(keep_going: Callable[[Any], Array], body: Callable[[Any], Any], carry: Any,
+                  n: Array, block: int) -> Any:
+    """``while carry[0] < n and keep_going(carry): carry = body(carry)`` (``carry[0]`` the
+    step index, which ``body`` advances by one), run as counted blocks of ``block`` steps
+    while whole blocks fit in ``n`` (``keep_going`` checked between blocks only), then step
+    by step (:func:`decode_block`: the on-device decode loops of this module and of
+    ``serving``)."""
+    if block > 1:
+        carry = jax.lax.while_loop(
+            lambda c: (c[0] + block <= n) & keep_going(c),
+            lambda c: jax.lax.fori_loop(0, block, lambda _, c: body(c), c), carry)
+    return jax.lax.while_loop(lambda c: (c[0] < n) & keep_going(c), body, carry)
+
+
 def _loop_compiler_options() -> dict[str, str] | None:
     """XLA options of the decode loop's compile (read when the loop is built)."""
     choice = os.environ.get(DECODE_GRAPH_ENV, "")
@@ -462,16 +476,11 @@ def _build(graphdef: Any, cfg: SamplingConfig, block: int = 1) -> _Compiled:
             buf = jax.lax.dynamic_update_slice(buf, col, (0, i))
             return i + 1, nxt, state, key, done, buf, end
 
-        carry = (first.astype(jnp.int32), nxt, state, key, done, buf, never)
-        if block > 1:
-            # whole blocks of `block` steps while they fit in `n`; the stop rule is checked
-            # between blocks, so a block that finishes every row runs its remaining steps
-            # on pads (their columns are -1 and past the returned count)
-            carry = jax.lax.while_loop(
-                lambda c: (c[0] + block <= n) & ~jnp.all(c[4]),
-                lambda c: jax.lax.fori_loop(0, block, lambda _, c: body(c), c), carry)
-        i, nxt, state, key, done, buf, end = jax.lax.while_loop(
-            lambda c: (c[0] < n) & ~jnp.all(c[4]), body, carry)
+        # the stop rule is checked between blocks, so a block that finishes every row runs
+        # its remaining steps on pads (their columns are -1 and past the returned count)
+        i, nxt, state, key, done, buf, end = counted_while(
+            lambda c: ~jnp.all(c[4]), body,
+            (first.astype(jnp.int32), nxt, state, key, done, buf, never), n, block)
         return buf, jnp.minimum(i, end), nxt, state, key, done
 
     # donating the state lets XLA update KV caches in place instead of copying them per token
@@ -833,7 +842,8 @@ def generate_text(model: LMModel, tokenizer: Any, prompt: str, cfg: SamplingConf
 
 __all__ = [
     "LOOP_CHUNK", "PAD_ID", "DecodeParams", "Decoder", "SamplingConfig", "apply_top_k",
-    "apply_top_p", "cache_limit", "check_capacity", "decode_block", "decode_params",
+    "apply_top_p", "cache_limit", "check_capacity", "counted_while", "decode_block",
+    "decode_params",
     "decode_step", "generate", "generate_text", "inference_params", "left_pad",
     "prompt_bucket", "sample_next", "start_tokens", "stop_array", "stream", "trace_counts",
 ]

@@ -49,6 +49,7 @@ from linearnexus.generate import (
     _sampler,
     cache_limit,
     check_capacity,
+    counted_while,
     decode_block,
     left_pad,
     prompt_bucket,
@@ -110,10 +111,6 @@ def _build(graphdef: Any, cfg: SamplingConfig, block: int = 1) -> _Serve:
         batch = slots.nxt.shape[0]
         buf = jnp.full((batch, LOOP_CHUNK), -1, jnp.int32)
 
-        def cond(carry):
-            i, s, _, finished = carry
-            return (i < n) & jnp.any(s.active) & ~finished
-
         def body(carry):
             i, s, buf, finished = carry
             model = nnx.merge(graphdef, params)
@@ -129,13 +126,10 @@ def _build(graphdef: Any, cfg: SamplingConfig, block: int = 1) -> _Serve:
             s = _Slots(nxt, state, keys, s.active & ~finish, left, s.stops)
             return i + 1, s, buf, finished | jnp.any(finish)
 
-        carry = (jnp.int32(0), slots, buf, False)
-        if block > 1:  # counted blocks of steps while they fit (generate.decode_block): a
-            # block in which a request finishes runs to its end, the other slots going on
-            carry = jax.lax.while_loop(
-                lambda c: (c[0] + block <= n) & jnp.any(c[1].active) & ~c[3],
-                lambda c: jax.lax.fori_loop(0, block, lambda _, c: body(c), c), carry)
-        i, slots, buf, _ = jax.lax.while_loop(cond, body, carry)
+        # in blocks of steps (generate.decode_block), a block in which a request finishes
+        # runs to its end, the other slots going on
+        i, slots, buf, _ = counted_while(lambda c: jnp.any(c[1].active) & ~c[3], body,
+                                         (jnp.int32(0), slots, buf, False), n, block)
         return buf, i, slots
 
     return _Serve(jax.jit(insert, donate_argnums=(0,)), jax.jit(loop, donate_argnums=(1,)))

@@ -572,7 +572,36 @@ def ssd_layer_separate(x: Array, *, norm1_scale: Array, norm1_eps: float, w_in_t
     return x + h, cache, final
 
 
+def layer_call(kernel: Callable[..., Any], separate: Callable[..., Any],
+               operands: dict[str, Any], *, tiled: Sequence[int],
+               layer_fallback: Callable[..., Any], **statics: Any
+               ) -> tuple[Array, Array, Array] | None:
+    """A block's persistent layer: ``kernel(**operands, **statics)`` (:func:`delta_mlp_layer`
+    or :func:`ssd_layer`) at :func:`persistent_config`'s tiles, differentiated as
+    ``separate`` (the separate kernels, the layer kernel's backward from
+    ``layer_fallback``); None where ``rows`` does not divide every size in ``tiled`` (the
+    caller then runs the separate kernels)."""
+    from linearnexus.kernels.common.pallas import with_reference_vjp
+
+    config = persistent_config()
+    if any(size % config.rows for size in tiled):
+        return None
+    names = tuple(operands)
+    tiles = dict(rows=config.rows,
+                 programs=None if interpret_mode() else config.per_sm * device_programs())
+
+    def fused(*a):
+        return kernel(**dict(zip(names, a, strict=True)), **statics, **tiles)
+
+    def reference(*a):
+        return separate(**dict(zip(names, a, strict=True)), **statics,
+                        layer_fallback=layer_fallback)
+
+    return with_reference_vjp(fused, reference, *operands.values())
+
+
 __all__ = ["CONFIG_ENV", "PERSISTENT_ENV", "DeltaMlpStatics", "PersistentConfig", "Phase",
            "SsdStatics", "arrive", "delta_mlp_layer", "delta_mlp_layer_separate",
-           "device_programs", "launch_ok", "persistent_config", "persistent_enabled",
+           "device_programs", "launch_ok", "layer_call", "persistent_config",
+           "persistent_enabled",
            "run_phases", "ssd_layer", "ssd_layer_separate", "wait"]

@@ -57,7 +57,6 @@ from linearnexus.core.config import ConfigError, field
 from linearnexus.core.gating import sample_dt_bias, softplus_decay
 from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array
-from linearnexus.kernels.common.pallas import with_reference_vjp
 from linearnexus.kernels.conv import conv_step
 from linearnexus.kernels.delta_rule import delta_rule
 from linearnexus.kernels.fused_decode import DeltaLayerSpec, delta_layer_step, layer_kernel_ready
@@ -326,21 +325,15 @@ class DeltaNetFamilyBlock(LinearAttentionBlock):
         in ``o_proj``, the conv in the input projection, the MLP's two kernels); else None
         (the caller runs the layer as usual). ``x [1, 1, D]``; returns ``(x + h + mlp(...)
         [1, 1, D], new_state)``. Differentiable through the separate kernels."""
-        from linearnexus.kernels.common.pallas import interpret_mode
-        from linearnexus.kernels.fused_decode.persistent import (
-            delta_mlp_layer,
-            delta_mlp_layer_separate,
-            device_programs,
-            persistent_config,
-            persistent_enabled,
-        )
+        from linearnexus.kernels.fused_decode import persistent
         from linearnexus.modules.common import SwiGLU, conv_dense_weight, transposed_weight
         from linearnexus.modules.linear.runtime import begin_call
 
         cfg = self.config
         dtype = dtype_of(cfg.dtype)
-        if not (persistent_enabled() and isinstance(mlp, SwiGLU) and self.conv is not None
-                and self._gate_linears() is not None and state is not None
+        if not (persistent.persistent_enabled() and isinstance(mlp, SwiGLU)
+                and self.conv is not None and self._gate_linears() is not None
+                and state is not None
                 and getattr(x, "ndim", 0) == 3 and x.shape[:2] == (1, 1)
                 and jnp.dtype(x.dtype) == jnp.dtype(dtype)):
             return None
@@ -360,33 +353,25 @@ class DeltaNetFamilyBlock(LinearAttentionBlock):
         spec = dataclasses.replace(spec, conv_width=None, silu_without_conv=False,
                                    norm_out=False, value_blocks=blocks)
         conv = self.conv
-        args = (x.reshape(1, cfg.d_model), input_norm.scale[...], w_in_t, linear.conv.buffer,
-                conv.conv_weight[...], None if conv.conv_bias is None else conv.conv_bias[...],
-                linear.recurrent.state.astype(jnp.float32),
-                *((self.A_log[...], self.dt_bias[...]) if spec.gated else (None, None)),
-                self.norm.scale[...], transposed_weight([self.o_proj]).astype(dtype),
-                mlp_norm.scale[...], transposed_weight(mlp.decode_linears()[0]).astype(dtype),
-                transposed_weight([mlp.w_down]).astype(dtype))
-        config = persistent_config()
-        if linear.conv.buffer.shape[-1] % config.rows:  # the conv's channels in whole tiles
+        done = persistent.layer_call(
+            persistent.delta_mlp_layer, persistent.delta_mlp_layer_separate, dict(
+                x=x.reshape(1, cfg.d_model), norm1_scale=input_norm.scale[...], w_in_t=w_in_t,
+                conv_cache=linear.conv.buffer, conv_weight=conv.conv_weight[...],
+                conv_bias=None if conv.conv_bias is None else conv.conv_bias[...],
+                state=linear.recurrent.state.astype(jnp.float32),
+                a_log=self.A_log[...] if spec.gated else None,
+                dt_bias=self.dt_bias[...] if spec.gated else None,
+                o_norm_scale=self.norm.scale[...],
+                w_o_t=transposed_weight([self.o_proj]).astype(dtype),
+                norm2_scale=mlp_norm.scale[...],
+                w_gu_t=transposed_weight(mlp.decode_linears()[0]).astype(dtype),
+                w_down_t=transposed_weight([mlp.w_down]).astype(dtype)),
+            tiled=(spec.qkv_width,),  # the conv's channels in whole tiles
+            layer_fallback=lambda *b: self._layer_reference(spec, *b), spec=spec,
+            norm1_eps=input_norm.eps, o_norm_eps=self.norm.eps, norm2_eps=mlp_norm.eps)
+        if done is None:
             return None
-        eps = dict(norm1_eps=input_norm.eps, o_norm_eps=self.norm.eps, norm2_eps=mlp_norm.eps,
-                   spec=spec)
-        tiles = dict(rows=config.rows, programs=None if interpret_mode() else
-                     config.per_sm * device_programs())
-        names = ("x", "norm1_scale", "w_in_t", "conv_cache", "conv_weight", "conv_bias",
-                 "state", "a_log", "dt_bias", "o_norm_scale", "w_o_t", "norm2_scale",
-                 "w_gu_t", "w_down_t")
-
-        def fused(*a):
-            return delta_mlp_layer(**dict(zip(names, a, strict=True)), **eps, **tiles)
-
-        def separate(*a):
-            return delta_mlp_layer_separate(
-                **dict(zip(names, a, strict=True)), **eps,
-                layer_fallback=lambda *b: self._layer_reference(spec, *b))
-
-        out, cache, final = with_reference_vjp(fused, separate, *args)
+        out, cache, final = done
         new_linear = LinearState(conv=linear.conv.update(cache),
                                  recurrent=linear.recurrent.update(final))
         return out.reshape(1, 1, cfg.d_model), self._next_state(state, new_linear, call, 1)

@@ -249,14 +249,7 @@ class Mamba2Block(nnx.Module):
         ``out_proj``); else None (the caller runs the layer as usual). ``x [1, 1, D]``;
         returns ``(x + y [1, 1, D], new_state)``. Differentiable through the separate
         kernels."""
-        from linearnexus.kernels.common.pallas import interpret_mode, with_reference_vjp
-        from linearnexus.kernels.fused_decode.persistent import (
-            device_programs,
-            persistent_config,
-            persistent_enabled,
-            ssd_layer,
-            ssd_layer_separate,
-        )
+        from linearnexus.kernels.fused_decode import persistent
         from linearnexus.modules.common import (
             GatedRMSNorm,
             _kernel_linear,
@@ -267,7 +260,7 @@ class Mamba2Block(nnx.Module):
         cfg = self.config
         dtype = dtype_of(cfg.dtype)
         norm = self.norm
-        if not (persistent_enabled() and mlp is None and state is not None
+        if not (persistent.persistent_enabled() and mlp is None and state is not None
                 and isinstance(norm, GatedRMSNorm) and not norm.norm_before_gate
                 and norm.group_size in (None, norm.dim) and fused_decode_enabled()
                 and getattr(x, "ndim", 0) == 3 and x.shape[:2] == (1, 1)
@@ -283,32 +276,26 @@ class Mamba2Block(nnx.Module):
         check_linear_state(state, call, **self._state_dims())
         w_in_t = conv_dense_weight(x, [self.in_proj], self.conv, state.conv.buffer,
                                    conv_start=cfg.d_inner, norm=input_norm)
-        config = persistent_config()
         out_lin = self.out_proj
-        if (w_in_t is None or spec.conv_channels % config.rows or cfg.d_inner % config.rows
-                or not _kernel_linear(out_lin)
+        if (w_in_t is None or not _kernel_linear(out_lin)
                 or jnp.dtype(out_lin.dtype or out_lin.param_dtype) != jnp.dtype(dtype)):
             return None
         spec = dataclasses.replace(spec, conv_width=None)
         conv = self.conv
-        args = (x.reshape(1, cfg.d_model), input_norm.scale[...], w_in_t, state.conv.buffer,
-                conv.conv_weight[...], None if conv.conv_bias is None else conv.conv_bias[...],
-                state.recurrent.state.astype(jnp.float32), self.A_log[...], self.dt_bias[...],
-                self.D[...], norm.scale[...], transposed_weight([out_lin]).astype(dtype))
-        names = ("x", "norm1_scale", "w_in_t", "conv_cache", "conv_weight", "conv_bias",
-                 "state", "a_log", "dt_bias", "d", "out_norm_scale", "w_out_t")
-        eps = dict(norm1_eps=input_norm.eps, out_norm_eps=norm.eps, spec=spec)
-        tiles = dict(rows=config.rows, programs=None if interpret_mode() else
-                     config.per_sm * device_programs())
-
-        def fused(*a):
-            return ssd_layer(**dict(zip(names, a, strict=True)), **eps, **tiles)
-
-        def separate(*a):
-            return ssd_layer_separate(**dict(zip(names, a, strict=True)), **eps,
-                                      layer_fallback=lambda *b: self._layer_reference(spec, *b))
-
-        out, cache, final = with_reference_vjp(fused, separate, *args)
+        done = persistent.layer_call(
+            persistent.ssd_layer, persistent.ssd_layer_separate, dict(
+                x=x.reshape(1, cfg.d_model), norm1_scale=input_norm.scale[...], w_in_t=w_in_t,
+                conv_cache=state.conv.buffer, conv_weight=conv.conv_weight[...],
+                conv_bias=None if conv.conv_bias is None else conv.conv_bias[...],
+                state=state.recurrent.state.astype(jnp.float32), a_log=self.A_log[...],
+                dt_bias=self.dt_bias[...], d=self.D[...], out_norm_scale=norm.scale[...],
+                w_out_t=transposed_weight([out_lin]).astype(dtype)),
+            tiled=(spec.conv_channels, cfg.d_inner),  # the conv's start and channels
+            layer_fallback=lambda *b: self._layer_reference(spec, *b), spec=spec,
+            norm1_eps=input_norm.eps, out_norm_eps=norm.eps)
+        if done is None:
+            return None
+        out, cache, final = done
         return out.reshape(1, 1, cfg.d_model), LinearState(
             conv=state.conv.update(cache), recurrent=state.recurrent.update(final))
 
