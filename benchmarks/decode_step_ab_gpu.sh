@@ -3,15 +3,13 @@
 #   persist: the bare chain of a GDN LM's 48 projections (benchmarks/gemv_gpu.py --bare) as
 #            separate kernels (xla, lib) and as ONE persistent kernel with grid barriers
 #            between projections (benchmarks/persistent_gemv.py) at several tiles, with and
-#            without each program's next weights loaded before it waits, the barriers polling
-#            with atomics and (_ld) with volatile loads (~200 s);
+#            without each program's next weights loaded before it waits (~200 s);
 #   layer:   the persistent layer kernels (kernels/fused_decode/persistent.py, one kernel per
 #            Gated DeltaNet + MLP layer, five phases, or Mamba2 layer, three, with grid
 #            barriers between them): their tests compiled on the GPU (real barriers), then
 #            the GDN and Mamba2 decode loops at batch 1
 #            with it off and on at each LINEARNEXUS_PERSISTENT_CONFIG in $LAYER_CONFIGS
-#            (default "off rows=16,per_sm=1 rows=16,per_sm=1,poll=load": the barriers polling
-#            with atomics, then with volatile loads), one process each (~500 s);
+#            (default "off rows=16,per_sm=1 rows=8,per_sm=2"), one process each (~500 s);
 #   block:   the decode loop (GDN and Mamba2 of benchmarks/decode_gpu.py, batch 1) with its
 #            steps in counted blocks of 1 (one while iteration a step, the default) and of
 #            each size in $BLOCKS (LINEARNEXUS_DECODE_BLOCK), one process each (~110 s each).
@@ -28,15 +26,14 @@ quiet() { grep -v "^W0000\|^I0000"; }
 case " $PARTS " in *" persist "*)
   echo "== the bare projection chain: separate kernels against one persistent kernel"
   timeout ${PERSIST_S:-240} python3 benchmarks/gemv_gpu.py --bare --out "$OUT" --variants xla lib \
-    persist_bn8_w4 persist_bn8_w4_ld persist_bn16_w8_pf persist_bn16_w8_pf_ld persist_bn32_w8_pf \
-    persist_bn32_w8_pf_ld \
+    persist_bn8_w4 persist_bn8_w4_pf persist_bn8_w8_pf persist_bn16_w8_pf persist_bn32_w8_pf \
     2>&1 | quiet | cut -c1-300;;
 esac
 case " $PARTS " in *" layer "*)
   echo "== the persistent layer kernel's tests, compiled (real grid barriers)"
   timeout ${LAYER_TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -rf --tb=short \
     tests/test_persistent_decode.py 2>&1 | quiet | tail -25
-  for config in ${LAYER_CONFIGS:-off rows=16,per_sm=1 rows=16,per_sm=1,poll=load}; do
+  for config in ${LAYER_CONFIGS:-off rows=16,per_sm=1 rows=8,per_sm=2}; do
     on=1
     [ "$config" = off ] && on=0
     echo "== LINEARNEXUS_DECODE_PERSISTENT=$on LINEARNEXUS_PERSISTENT_CONFIG=$config"

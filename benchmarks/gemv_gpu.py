@@ -213,14 +213,11 @@ def bare_variants() -> dict[str, tuple[callable, bool]]:
                 rows_t, bn=bn, bk=bk, warps=w)), False)
                for bn, bk, w in ((8, 1024, 8), (4, 1024, 4), (16, 512, 8))},
             # the whole chain as one persistent kernel with grid barriers
-            # (benchmarks/persistent_gemv.py): rows per tile, warps, prefetch across
-            # barriers, barriers polling with atomics or (_ld) volatile loads
-            **{f"persist_bn{bn}_w{w}{'_pf' if pf else ''}{'_ld' if poll == 'load' else ''}": (
-                Persistent(bn=bn, warps=w, prefetch=pf, poll=poll), False)
-               for bn, w, pf, poll in ((8, 4, False, "atomic"), (8, 4, True, "atomic"),
-                                       (8, 8, True, "atomic"), (16, 8, True, "atomic"),
-                                       (32, 8, True, "atomic"), (8, 4, False, "load"),
-                                       (16, 8, True, "load"), (32, 8, True, "load"))}}
+            # (benchmarks/persistent_gemv.py): rows per tile, warps, prefetch across barriers
+            **{f"persist_bn{bn}_w{w}{'_pf' if pf else ''}": (
+                Persistent(bn=bn, warps=w, prefetch=pf), False)
+               for bn, w, pf in ((8, 4, False), (8, 4, True), (8, 8, True), (16, 8, True),
+                                 (32, 8, True))}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,14 +228,12 @@ class Persistent:
     bn: int
     warps: int
     prefetch: bool
-    poll: str = "atomic"
 
     def chain(self, programs: int, virtual: bool):
         from persistent_gemv import persistent_chain
 
         return functools.partial(persistent_chain, programs=programs, bn=self.bn,
-                                 warps=self.warps, prefetch=self.prefetch, virtual=virtual,
-                                 poll=self.poll)
+                                 warps=self.warps, prefetch=self.prefetch, virtual=virtual)
 
 
 def bare_chain(mm):

@@ -66,7 +66,7 @@ def _load(ref, *, fresh: bool = False, **kw):
 
 
 def _kernel(h0_ref, count0_ref, *refs, dims, programs: int, bn: int, layers: int,
-            prefetch: bool, virtual: bool, poll: str):
+            prefetch: bool, virtual: bool):
     """``refs``: the four stacked weights (PHASES order), then the outputs: counter, and
     the ``h``, ``y``, ``g`` buffers (``h`` aliased to ``h0``)."""
     del h0_ref, count0_ref  # aliased to the counter and h outputs, read through them
@@ -137,7 +137,7 @@ def _kernel(h0_ref, count0_ref, *refs, dims, programs: int, bn: int, layers: int
             nxt_phase, nxt_layer = (phase + 1) % n_phases, layer + (phase + 1) // n_phases
             pre = (first_tile(pid, nxt_phase, jnp.minimum(nxt_layer, layers - 1))
                    if prefetch else None)  # issued before the wait: weights need no inputs
-            wait(counter_ref, step * programs, poll=poll)
+            wait(counter_ref, step * programs)
         return pre
 
     pre = first_tile(pid, 0, 0) if prefetch else None
@@ -151,7 +151,7 @@ def _kernel(h0_ref, count0_ref, *refs, dims, programs: int, bn: int, layers: int
 
 
 def persistent_chain(h, ws: dict, *, programs: int, bn: int = 8, warps: int = 4,
-                     prefetch: bool = True, virtual: bool = False, poll: str = "atomic"):
+                     prefetch: bool = True, virtual: bool = False):
     """The bare chain (``gemv_gpu.bare_chain``) over every layer in one kernel.
 
     Args:
@@ -162,8 +162,7 @@ def persistent_chain(h, ws: dict, *, programs: int, bn: int = 8, warps: int = 4,
         programs: the grid (one program per SM on a GPU: they must all be resident);
             with ``virtual`` the number of programs run in turn.
         bn: rows of ``W^T`` per tile; warps: per program; prefetch: load the next phase's
-            first tile before each barrier's wait; poll: how the barriers poll
-            (``persistent.wait``: "atomic" or "load").
+            first tile before each barrier's wait.
 
     Returns:
         ``(h [1, D], counter [1] int32)``: the counter is ``programs * 4 * L`` on a healthy
@@ -182,7 +181,7 @@ def persistent_chain(h, ws: dict, *, programs: int, bn: int = 8, warps: int = 4,
             raise ValueError(f"ws[{name!r}]: expected [L={layers}, {widths[dst]}, <= "
                              f"{widths[src]}], got {list(ws[name].shape)}")
     kernel = functools.partial(_kernel, dims=dims, programs=programs, bn=bn, layers=layers,
-                               prefetch=prefetch, virtual=virtual, poll=poll)
+                               prefetch=prefetch, virtual=virtual)
     count0 = jnp.zeros((1,), jnp.int32)
     outs = pl.pallas_call(
         kernel,

@@ -65,20 +65,16 @@ def test_persistent_layer_equals_the_separate_kernels(gated, output_gate, dtype,
     # on a GPU also with real barriers (one program per SM), compiled: to float rounding
     # the separate kernels' tiles (2 rows a program), then the persistent default's 16 rows
     # (each row's sums run over the same tiles in the same order: the same values)
-    # and the shares of 3 / 5 programs (the GPU's round-robin arithmetic, run in turn);
-    # on a GPU the barriers polling with atomics and with loads
-    for virtual, rows, programs, poll in (
-            (True, None, 1, "atomic"), (True, 16, 3, "atomic"), (True, 16, 5, "atomic"),
-            *(((False, 16, None, "atomic"), (False, 16, None, "load")) if on_gpu else ())):
-        got = P.delta_mlp_layer(**ops, virtual=virtual, rows=rows, programs=programs,
-                                poll=poll)
+    # and the shares of 3 / 5 programs (the GPU's round-robin arithmetic, run in turn)
+    for virtual, rows, programs in ((True, None, 1), (True, 16, 3), (True, 16, 5),
+                                    *(((False, 16, None),) if on_gpu else ())):
+        got = P.delta_mlp_layer(**ops, virtual=virtual, rows=rows, programs=programs)
         for name, a, b in zip(("out", "conv cache", "state"), got, want, strict=True):
             assert a.shape == b.shape and a.dtype == b.dtype, name
             tol = (1e-5 if dtype == "float32" else 1e-2) if on_gpu else 0.0
             np.testing.assert_allclose(
                 np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol,
-                err_msg=f"{name}, virtual={virtual}, rows={rows}, programs={programs}, "
-                        f"poll={poll}")
+                err_msg=f"{name}, virtual={virtual}, rows={rows}, programs={programs}")
     assert float(jnp.abs(got[0].astype(jnp.float32)).max()) > 0.1  # not a row of zeros
     assert got[2].shape == (1, spec.heads, spec.key_dim, spec.value_dim)
 
@@ -96,10 +92,7 @@ def test_persistent_layer_refuses_bad_operands(monkeypatch):
         P.delta_mlp_layer(**ops, virtual=True, rows=12)
     monkeypatch.setenv(P.CONFIG_ENV, "rows=8,per_sm=2")
     assert P.persistent_config() == P.PersistentConfig(rows=8, per_sm=2)
-    monkeypatch.setenv(P.CONFIG_ENV, "poll=load")
-    assert P.persistent_config() == P.PersistentConfig(poll="load")
-    for bad, match in (("rows=8,warps=4", "expected 'rows=R,per_sm=S,poll=P'"),
-                       ("poll=spin", "expected 'rows=R,per_sm=S,poll=P'"),
+    for bad, match in (("rows=8,warps=4", "expected 'rows=R,per_sm=S'"),
                        ("rows=6", "rows: expected a power of two")):
         monkeypatch.setenv(P.CONFIG_ENV, bad)
         with pytest.raises(ValueError, match=match):
@@ -198,16 +191,14 @@ def test_persistent_mamba2_layer_equals_the_separate_kernels(dtype):
     fallback = lambda *a: pytest.fail("the layer kernel's reference is its backward only")  # noqa: E731
     want = P.ssd_layer_separate(**ops, layer_fallback=fallback)
     on_gpu = jax.default_backend() == "gpu"
-    for virtual, rows, programs, poll in (
-            (True, None, 1, "atomic"), (True, 16, 3, "atomic"),
-            *(((False, 16, None, "atomic"), (False, 16, None, "load")) if on_gpu else ())):
-        got = P.ssd_layer(**ops, virtual=virtual, rows=rows, programs=programs, poll=poll)
+    for virtual, rows, programs in ((True, None, 1), (True, 16, 3),
+                                    *(((False, 16, None),) if on_gpu else ())):
+        got = P.ssd_layer(**ops, virtual=virtual, rows=rows, programs=programs)
         for name, a, b in zip(("out", "conv cache", "state"), got, want, strict=True):
             assert a.shape == b.shape and a.dtype == b.dtype, name
             tol = (1e-5 if dtype == "float32" else 1e-2) if on_gpu else 0.0
             np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                       rtol=tol, atol=tol,
-                                       err_msg=f"{name}, rows={rows}, poll={poll}")
+                                       rtol=tol, atol=tol, err_msg=f"{name}, rows={rows}")
     with pytest.raises(ValueError, match=r"w_out_t: expected shape \(48, 64\)"):
         P.ssd_layer(**{**ops, "w_out_t": ops["w_out_t"][:, :-1]}, virtual=True)
 

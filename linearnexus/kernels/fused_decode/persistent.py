@@ -61,16 +61,13 @@ SPIN_LIMIT = 1 << 22
 #: program that gave up: every later barrier is met at once and the launch reads as failed.
 #: Arrivals count far below it (programs x barriers < 2^30).
 RELEASE = 1 << 30
-#: how :func:`wait` polls the counter
-POLLS = ("atomic", "load")
 #: programs on a GPU whose device does not report its SM count (an H100 / H200 has 132)
 DEFAULT_PROGRAMS = 132
 F32 = jnp.float32
 
 
-#: "rows=R,per_sm=S,poll=P": rows of W^T per phase program of the projections (R, a power
-#: of two), programs per SM (S) and how the barriers poll (P, one of :data:`POLLS`) of the
-#: persistent layer kernel (read at trace time)
+#: "rows=R,per_sm=S": rows of W^T per phase program of the projections (R, a power of two)
+#: and programs per SM (S) of the persistent layer kernel (read at trace time)
 CONFIG_ENV = "LINEARNEXUS_PERSISTENT_CONFIG"
 
 
@@ -85,41 +82,33 @@ class PersistentConfig:
             flight at a time, so it needs larger tiles: 16 rows of a 1024-wide weight are
             32 KB a program, ~4 MB in flight over 132 SMs.
         per_sm: programs per SM (all must be resident at once for the barriers).
-        poll: how a barrier polls the counter (:func:`wait`): "atomic" or "load".
     """
 
     rows: int = 16
     per_sm: int = 1
-    poll: str = "atomic"
 
     def __post_init__(self) -> None:
         if self.rows < 1 or self.rows & (self.rows - 1):
             raise ValueError(f"rows: expected a power of two >= 1, got {self.rows}")
         if self.per_sm < 1:
             raise ValueError(f"per_sm: expected >= 1, got {self.per_sm}")
-        if self.poll not in POLLS:
-            raise ValueError(f"poll: expected one of {POLLS}, got {self.poll!r}")
 
 
 def persistent_config() -> PersistentConfig:
-    """:class:`PersistentConfig` from ``LINEARNEXUS_PERSISTENT_CONFIG``
-    ("rows=16,per_sm=1,poll=atomic", any subset; unset: the defaults).
+    """:class:`PersistentConfig` from ``LINEARNEXUS_PERSISTENT_CONFIG`` ("rows=16,per_sm=1";
+    unset: the defaults).
 
     Raises:
-        ValueError: an unknown name, or a value of the wrong kind, naming it.
+        ValueError: an unknown name or a value that is not an integer, naming it.
     """
     raw = os.environ.get(CONFIG_ENV, "")
-    fields: dict[str, Any] = {}
+    fields = {}
     for part in filter(None, raw.split(",")):
         name, _, value = part.partition("=")
-        value = value.strip()
-        if name == "poll" and value in POLLS:
-            fields[name] = value
-        elif name in ("rows", "per_sm") and value.isdigit():
-            fields[name] = int(value)
-        else:
-            raise ValueError(f"{CONFIG_ENV}: expected 'rows=R,per_sm=S,poll=P' (R, S "
-                             f"integers, P one of {POLLS}), got {raw!r}")
+        if name not in ("rows", "per_sm") or not value.strip().isdigit():
+            raise ValueError(f"{CONFIG_ENV}: expected 'rows=R,per_sm=S' with integers, got "
+                             f"{raw!r}")
+        fields[name] = int(value)
     return PersistentConfig(**fields)
 
 
@@ -161,38 +150,19 @@ def arrive(counter_ref) -> None:
     _counter_add(counter_ref, 1)
 
 
-def wait(counter_ref, target: Array | int, *, poll: str = "atomic") -> None:
-    """Poll until the counter reaches ``target``, then a CTA barrier so no thread reads
-    the next phase's inputs earlier. After :data:`SPIN_LIMIT` polls, set the
-    :data:`RELEASE` bit (the launch's results are then marked bad by its caller).
-
-    ``poll``: "atomic" polls with acquire-release atomics (``atomic_add(0)``: one
-    read-modify-write per program per poll, on the line the arrivals add to); "load" polls
-    with volatile loads (``ld.volatile``, from L2: no read-modify-write traffic competing
-    with the arrivals, as cooperative groups' grid sync polls) and then reads the counter
-    once with an acquire atomic, which synchronises with every arrival's release (they are
-    all read-modify-writes of the counter, so the value read heads their release
-    sequences) and orders this program's later loads after them.
-    """
+def wait(counter_ref, target: Array | int) -> None:
+    """Poll (acquire) until the counter reaches ``target``, then a CTA barrier so no thread
+    reads the next phase's inputs earlier. After :data:`SPIN_LIMIT` polls, set the
+    :data:`RELEASE` bit (the launch's results are then marked bad by its caller)."""
     from jax.experimental.pallas import triton as plt
-
-    if poll not in POLLS:
-        raise ValueError(f"poll: expected one of {POLLS}, got {poll!r}")
-
-    def read():
-        if poll == "atomic":
-            return _counter_add(counter_ref, 0)
-        return jnp.min(plt.load(counter_ref, volatile=True))  # [1] -> scalar
 
     def cond(c):
         return (c[0] < target) & (c[1] < SPIN_LIMIT)
 
     def body(c):
-        return read(), c[1] + 1
+        return _counter_add(counter_ref, 0), c[1] + 1
 
-    seen, _ = jax.lax.while_loop(cond, body, (read(), jnp.int32(0)))
-    if poll == "load":
-        seen = _counter_add(counter_ref, 0)  # the acquire (>= what the loads saw)
+    seen, _ = jax.lax.while_loop(cond, body, (_counter_add(counter_ref, 0), jnp.int32(0)))
     flag = jnp.where(seen < target, jnp.int32(RELEASE), jnp.int32(0)).astype(jnp.int32)
     plt.atomic_or(counter_ref, (jnp.int32(0),), flag)
     plt.debug_barrier()
@@ -213,7 +183,7 @@ class Phase:
 
 
 def run_phases(phases: Sequence[Phase], *, programs: int, counter_ref,
-               virtual: bool, poll: str = "atomic") -> None:
+               virtual: bool) -> None:
     """Inside a kernel of grid ``(programs,)`` (``(1,)`` with ``virtual``): every phase's
     programs, the phases in order. Program ``p`` runs programs ``p, p + P, ...`` of each
     phase; on a GPU a grid barrier separates the phases, ``virtual`` runs the ``P``
@@ -236,7 +206,7 @@ def run_phases(phases: Sequence[Phase], *, programs: int, counter_ref,
         share(pl.program_id(0), ph)
         if s + 1 < len(phases):
             arrive(counter_ref)
-            wait(counter_ref, (s + 1) * programs, poll=poll)
+            wait(counter_ref, (s + 1) * programs)
 
 
 def _placement(virtual: bool | None, programs: int | None, rows: int | None
@@ -307,7 +277,7 @@ class DeltaMlpStatics:
 def _kernel(*, x_ref, n1_ref, w_in_ref, cache_ref, cw_ref, cb_ref, h0_ref, a_log_ref,
             dt_bias_ref, o_scale_ref, w_o_ref, n2_ref, w_gu_ref, w_dn_ref, count0_ref,
             proj_ref, o_ref, h_ref, hid_ref, out_ref, new_cache_ref, final_ref, counter_ref,
-            st: DeltaMlpStatics, programs: int, virtual: bool, poll: str):
+            st: DeltaMlpStatics, programs: int, virtual: bool):
     from jax.experimental import pallas as pl
 
     del count0_ref  # aliased to counter_ref
@@ -345,7 +315,7 @@ def _kernel(*, x_ref, n1_ref, w_in_ref, cache_ref, cw_ref, cb_ref, h0_ref, a_log
     run_phases([Phase(grid(st.proj), projection), Phase(sp.heads * sp.value_blocks, layer),
                 Phase(grid(st.out), out_proj), Phase(grid(st.gate_up), gate_up),
                 Phase(grid(st.down), down)], programs=programs, counter_ref=counter_ref,
-               virtual=virtual, poll=poll)
+               virtual=virtual)
 
 
 def delta_mlp_layer(x: Array, *, norm1_scale: Array, norm1_eps: float, w_in_t: Array,
@@ -355,8 +325,7 @@ def delta_mlp_layer(x: Array, *, norm1_scale: Array, norm1_eps: float, w_in_t: A
                     w_o_t: Array, norm2_scale: Array, norm2_eps: float, w_gu_t: Array,
                     w_down_t: Array, programs: int | None = None,
                     virtual: bool | None = None,
-                    rows: int | None = None,
-                    poll: str = "atomic") -> tuple[Array, Array, Array]:
+                    rows: int | None = None) -> tuple[Array, Array, Array]:
     """One batch-1 token through a pre-norm DeltaNet-family layer and its SwiGLU MLP.
 
     The same computation as the five separate kernels of the fused decode path
@@ -382,7 +351,6 @@ def delta_mlp_layer(x: Array, *, norm1_scale: Array, norm1_eps: float, w_in_t: A
             mode).
         rows: rows of ``W^T`` per projection program (a power of two; :class:`
             PersistentConfig`); None: the separate kernels' own tiles (2).
-        poll: how the grid barriers poll (:func:`wait`).
 
     Returns:
         ``(out [1, D], new conv cache, new state [1, H, K, V] float32)``; the cache and the
@@ -434,7 +402,7 @@ def delta_mlp_layer(x: Array, *, norm1_scale: Array, norm1_eps: float, w_in_t: A
                              out_dtype=dtype, blocks=blocks(w_down_t.shape[1])))
     row = functools.partial(jax.ShapeDtypeStruct, dtype=dtype)
     return _launch(
-        functools.partial(_kernel, st=st, programs=programs, virtual=virtual, poll=poll),
+        functools.partial(_kernel, st=st, programs=programs, virtual=virtual),
         {"x": x, "n1": norm1_scale, "w_in": w_in_t, "cache": conv_cache, "cw": conv_weight,
          "cb": conv_bias, "h0": state, "a_log": a_log, "dt_bias": dt_bias,
          "o_scale": o_norm_scale, "w_o": w_o_t, "n2": norm2_scale, "w_gu": w_gu_t,
@@ -488,7 +456,7 @@ class SsdStatics:
 def _ssd_persistent_kernel(*, x_ref, n1_ref, w_in_ref, cache_ref, cw_ref, cb_ref, h0_ref,
                            a_log_ref, dt_bias_ref, d_ref, n_out_ref, w_out_ref, count0_ref,
                            proj_ref, y_ref, out_ref, new_cache_ref, final_ref, counter_ref,
-                           st: SsdStatics, programs: int, virtual: bool, poll: str):
+                           st: SsdStatics, programs: int, virtual: bool):
     from jax.experimental import pallas as pl
 
     del count0_ref  # aliased to counter_ref
@@ -513,7 +481,7 @@ def _ssd_persistent_kernel(*, x_ref, n1_ref, w_in_ref, cache_ref, cw_ref, cb_ref
 
     run_phases([Phase(grid(st.proj), projection), Phase(st.layer.heads, layer),
                 Phase(grid(st.out), out_proj)], programs=programs, counter_ref=counter_ref,
-               virtual=virtual, poll=poll)
+               virtual=virtual)
 
 
 def ssd_layer(x: Array, *, norm1_scale: Array, norm1_eps: float, w_in_t: Array,
@@ -521,8 +489,7 @@ def ssd_layer(x: Array, *, norm1_scale: Array, norm1_eps: float, w_in_t: Array,
               spec: SsdLayerSpec, state: Array, a_log: Array, dt_bias: Array, d: Array,
               out_norm_scale: Array, out_norm_eps: float, w_out_t: Array,
               programs: int | None = None, virtual: bool | None = None,
-              rows: int | None = None,
-              poll: str = "atomic") -> tuple[Array, Array, Array]:
+              rows: int | None = None) -> tuple[Array, Array, Array]:
     """One batch-1 token through a pre-norm Mamba2 layer without an MLP, in one kernel.
 
     The same computation as the three separate kernels of the fused decode path
@@ -537,7 +504,7 @@ def ssd_layer(x: Array, *, norm1_scale: Array, norm1_eps: float, w_in_t: Array,
         state: ``[1, H, N, P]`` float32; a_log, dt_bias ``[H]``; d ``[H]`` or ``[H, P]``.
         out_norm_scale: ``[E]`` the gated RMSNorm's scale (over the whole row).
         w_out_t: ``[D, E]``.
-        programs, virtual, rows, poll: as :func:`delta_mlp_layer`.
+        programs, virtual, rows: as :func:`delta_mlp_layer`.
 
     Returns:
         ``(x + out [1, D], new conv cache, new state)``, the last two in place.
@@ -576,8 +543,7 @@ def ssd_layer(x: Array, *, norm1_scale: Array, norm1_eps: float, w_in_t: Array,
                             norm_eps=float(out_norm_eps), out_dtype=dtype,
                             blocks=blocks(spec.inner)))
     return _launch(
-        functools.partial(_ssd_persistent_kernel, st=st, programs=programs, virtual=virtual,
-                          poll=poll),
+        functools.partial(_ssd_persistent_kernel, st=st, programs=programs, virtual=virtual),
         {"x": x, "n1": norm1_scale, "w_in": w_in_t, "cache": conv_cache, "cw": conv_weight,
          "cb": conv_bias, "h0": state, "a_log": a_log, "dt_bias": dt_bias, "d": d,
          "n_out": out_norm_scale, "w_out": w_out_t},
@@ -621,7 +587,7 @@ def layer_call(kernel: Callable[..., Any], separate: Callable[..., Any],
     if any(size % config.rows for size in tiled):
         return None
     names = tuple(operands)
-    tiles = dict(rows=config.rows, poll=config.poll,
+    tiles = dict(rows=config.rows,
                  programs=None if interpret_mode() else config.per_sm * device_programs())
 
     def fused(*a):
