@@ -1,13 +1,14 @@
 """A whole DeltaNet-family + SwiGLU layer's batch-1 decode step in ONE persistent kernel.
 
-Experimental (``LINEARNEXUS_DECODE_PERSISTENT=1``, read at trace time; off by default until
-timed on a GPU). A batch-1 decode step on a GPU is a chain of small dependent kernels:
-per Gated DeltaNet layer with an MLP, five Pallas (Triton) kernels (the input projection
-with the pre-norm and short conv folded in, the layer kernel, ``o_proj`` with the per-head
-norm and gate, the MLP's gate | up with its norm and the MLP's down with the residual
-sums). Each pays its launch, the latency of its first loads and the drain of its grid: on
-an H100 ~2.6 us a projection beyond its bytes (``docs/benchmarks.md``, "A Mosaic GPU
-few-row matmul"), and the step stays at ~3x the weight-read time.
+Experimental (``LINEARNEXUS_DECODE_PERSISTENT=1``, read at trace time; off by default: on an
+H100 it made a batch-1 step 48-57% slower than the separate kernels, ``docs/benchmarks.md``,
+"The persistent layer kernel and counted loop blocks"). A batch-1 decode step on a GPU is a
+chain of small dependent kernels: per Gated DeltaNet layer with an MLP, five Pallas (Triton)
+kernels (the input projection with the pre-norm and short conv folded in, the layer kernel,
+``o_proj`` with the per-head norm and gate, the MLP's gate | up with its norm and the MLP's
+down with the residual sums). Each pays its launch, the latency of its first loads and the
+drain of its grid: on an H100 ~2.6 us a projection beyond its bytes (``docs/benchmarks.md``,
+"A Mosaic GPU few-row matmul"), and the step stays at ~3x the weight-read time.
 
 Here one kernel of ``P`` programs (one per SM, all resident) runs the same five kernels'
 programs as **phases**: in phase ``s`` program ``p`` runs the phase's programs ``p, p + P,
