@@ -1,13 +1,15 @@
 """One table from Nsight Compute's text reports (``benchmarks/ncu_gpu.sh``).
 
-    python3 benchmarks/ncu_summary.py REPORT.txt [...] [--json FILE]
+    python3 benchmarks/ncu_summary.py REPORT.txt [...] [--json FILE] [--between A B]
 
 Each report is ncu's default text output: per kernel a header line ``NAME (grid)x(block),
 Context .., Stream .., Device .., CC ..`` followed by sections of ``Metric  Unit  Value``
 rows. Printed per report, one markdown row per kernel: its duration, DRAM and SM throughput
 (% of peak), the memory bandwidth it moved, achieved occupancy, registers a thread, warp
-cycles per issued instruction, and the kernel's share of the summed duration. The numbers
-are ncu's own; nothing is derived but the share.
+cycles per issued instruction, and the kernel's share of the summed duration, then the
+summed duration itself. The numbers are ncu's own; nothing is derived but the share and the
+sum. ``--between A B`` keeps the kernels after the first whose name contains ``A`` and
+before the next whose name contains ``B`` (``benchmarks/decode_step_once.py``'s markers).
 """
 
 from __future__ import annotations
@@ -106,19 +108,38 @@ def table(kernels: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def between(kernels: list[dict], first: str, last: str) -> list[dict]:
+    """The kernels strictly between the first named like ``first`` and the next named like
+    ``last`` after it (all of them after ``first`` when no ``last`` follows; none when no
+    kernel is named like ``first``)."""
+    start = next((i for i, k in enumerate(kernels) if first in k["name"]), None)
+    if start is None:
+        return []
+    end = next((i for i in range(start + 1, len(kernels)) if last in kernels[i]["name"]),
+               len(kernels))
+    return kernels[start + 1:end]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("reports", nargs="+")
     parser.add_argument("--json", default=None, help="also write every parsed metric here")
+    parser.add_argument("--between", nargs=2, metavar=("A", "B"), default=None,
+                        help="only the kernels between the first named like A and the next "
+                             "named like B")
     args = parser.parse_args()
     parsed = {}
     for path in args.reports:
         with open(path, errors="replace") as f:
             kernels = parse(f.read())
+        if args.between:
+            kernels = between(kernels, *args.between)
         parsed[path] = kernels
         print(f"\n{path}: {len(kernels)} kernels")
         if kernels:
             print(table(kernels))
+            total = sum(_value(k, "Duration") or 0.0 for k in kernels)
+            print(f"\nsummed duration: {total:,.1f} us over {len(kernels)} kernels")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(parsed, f, indent=1)

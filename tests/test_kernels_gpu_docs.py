@@ -138,6 +138,24 @@ def test_ncu_summary_parses_a_report():
     rows = module.table(kernels).splitlines()
     assert len(rows) == 4 and rows[2].startswith("| simple_gla_fwd | 16x8x2 | 241.1 | 38.5 |")
     assert rows[2].endswith("| 14% |") and rows[3].endswith("| 86% |")
+    # --between: the kernels strictly between two markers (decode_step_once.py's)
+    names = ["init", "step_marker_before", "a", "b", "step_marker_after", "c"]
+    listed = [{"name": n} for n in names]
+    assert [k["name"] for k in module.between(listed, "marker_before", "marker_after")] == [
+        "a", "b"]
+    assert [k["name"] for k in module.between(listed[:4], "marker_before", "marker_after")] == [
+        "a", "b"]  # no closing marker: everything after the first
+    assert module.between(listed, "absent", "marker_after") == []
+
+
+def test_decode_step_once_runs_one_step(capsys):
+    # decode_step_once.py: the program benchmarks/ncu_decode_gpu.sh wraps (a tiny model here)
+    spec = importlib.util.spec_from_file_location(
+        "decode_step_once", ROOT / "benchmarks" / "decode_step_once.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--quick", "--model", "mamba2"]) == 0
+    assert "mamba2 batch 1: one step (with its two markers) took" in capsys.readouterr().out
 
 
 def test_profile_script_once_runs_untraced(capsys):
