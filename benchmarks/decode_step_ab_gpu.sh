@@ -13,6 +13,12 @@
 #   block:   the decode loop (GDN and Mamba2 of benchmarks/decode_gpu.py, batch 1) with its
 #            steps in counted blocks of 1 (one while iteration a step, the default) and of
 #            each size in $BLOCKS (LINEARNEXUS_DECODE_BLOCK), one process each (~110 s each).
+#   stream:  the bare chain as ONE Mosaic GPU kernel whose programs stream their weights
+#            through a ring of TMA copies across grid barriers of GMEM semaphores
+#            (benchmarks/streaming_gemv.py; never run on a GPU before: the first call checks
+#            it against XLA in the same run) beside xla and lib, rings of 8 and 12 (~120 s);
+#   ncu:     Nsight Compute over one batch-1 GDN and Mamba2 decode step
+#            (benchmarks/ncu_decode_gpu.sh: each kernel's duration and their sum, ~120 s).
 # Usage (repo root, on the GPU): bash benchmarks/decode_step_ab_gpu.sh   # PARTS="persist block"
 #   PARTS="layer" bash benchmarks/decode_step_ab_gpu.sh
 set -u
@@ -43,6 +49,14 @@ case " $PARTS " in *" layer "*)
       --budget $(( ${LAYER_S:-120} - 20 )) --out "$OUT/persistent_${config//[=,]/_}" 2>&1 \
       | grep -E "^\| linearnexus|rror|budget" | cut -c1-300 | head -20
   done;;
+esac
+case " $PARTS " in *" stream "*)
+  echo "== the bare projection chain: separate kernels against one streaming Mosaic kernel"
+  timeout ${STREAM_S:-150} python3 benchmarks/gemv_gpu.py --bare --out "$OUT/stream" \
+    --variants xla lib stream_s8 stream_s12 2>&1 | quiet | cut -c1-300;;
+esac
+case " $PARTS " in *" ncu "*)
+  OUT="$OUT/ncu" NCU_S=${NCU_S:-75} bash benchmarks/ncu_decode_gpu.sh 2>&1 | quiet;;
 esac
 case " $PARTS " in *" block "*)
   for block in 1 $BLOCKS; do

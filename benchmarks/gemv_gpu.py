@@ -217,7 +217,11 @@ def bare_variants() -> dict[str, tuple[callable, bool]]:
             **{f"persist_bn{bn}_w{w}{'_pf' if pf else ''}": (
                 Persistent(bn=bn, warps=w, prefetch=pf), False)
                for bn, w, pf in ((8, 4, False), (8, 4, True), (8, 8, True), (16, 8, True),
-                                 (32, 8, True))}}
+                                 (32, 8, True))},
+            # the whole chain as one Mosaic GPU kernel streaming every program's weights
+            # through a ring of TMA copies across the grid barriers
+            # (benchmarks/streaming_gemv.py): slots of the ring
+            **{f"stream_s{s}": (Streaming(stages=s), True) for s in (8, 12)}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +238,19 @@ class Persistent:
 
         return functools.partial(persistent_chain, programs=programs, bn=self.bn,
                                  warps=self.warps, prefetch=self.prefetch, virtual=virtual)
+
+
+@dataclasses.dataclass(frozen=True)
+class Streaming:
+    """A ``--bare`` form over the stacked, padded weights of ``streaming_gemv.prepare``:
+    the whole chain in one Mosaic GPU kernel (``streaming_gemv.streaming_chain``)."""
+
+    stages: int
+
+    def chain(self, programs: int):
+        from streaming_gemv import streaming_chain
+
+        return functools.partial(streaming_chain, programs=programs, stages=self.stages)
 
 
 def bare_chain(mm):
@@ -361,7 +378,16 @@ def main() -> None:
     stacked = None
     for name, (mm, transposed) in chosen.items():
         weights = ws
-        if isinstance(mm, Persistent):  # one kernel per step over [L, N, K] weights
+        if isinstance(mm, Streaming):  # one Mosaic kernel per step over padded [L, N, K]
+            from streaming_gemv import prepare
+
+            h_in, weights = prepare(h0, ws)  # [8, Dp], the stacked weights
+            on_gpu = jax.default_backend() == "gpu"
+            # one program per SM on a GPU; one under the interpreter (no global semaphores)
+            programs = getattr(jax.devices()[0], "core_count", 132) if on_gpu else 1
+            step = mm.chain(programs)
+            one = jax.jit(lambda h, ws, step=step, d=h0.shape[1]: step(h, ws)[:1, :d])
+        elif isinstance(mm, Persistent):  # one kernel per step over [L, N, K] weights
             if stacked is None:
                 stacked = {k: jnp.stack([w[k] for w in ws])  # L x [N, K] -> [L, N, K]
                            for k in ("in_t", "o_t", "gu_t", "down_t")}

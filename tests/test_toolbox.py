@@ -376,3 +376,71 @@ def test_persistent_gemv_chain_matches_xla():
     bad = dict(st, o_t=st["o_t"][:, :, :-1].T)
     with pytest.raises(ValueError, match=r"ws\['o_t'\]: expected \[L=2, 48, <= 100\]"):
         pg.persistent_chain(h0, bad, programs=2, virtual=True)
+
+
+def _streaming_operands():
+    """``benchmarks/streaming_gemv.py``'s operands at a small size (widths that are not
+    multiples of its tiles, padded by its ``prepare``) and the bare chain's XLA result."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gemv_gpu
+        import streaming_gemv as sg
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    d, layers, inner, hidden, n_in = 200, 2, 300, 136, 400
+    keys = jax.random.split(jax.random.PRNGKey(0), 5)
+    shapes = {"in_t": (n_in, d), "o_t": (d, inner), "gu_t": (2 * hidden, d),
+              "down_t": (d, hidden)}
+    per_layer = [{name: (jax.random.normal(jax.random.fold_in(k, i), shape, f32)
+                         / np.sqrt(shape[-1])).astype(bf16)
+                  for k, (name, shape) in zip(keys, shapes.items(), strict=False)}
+                 for i in range(layers)]
+    h0 = jax.random.normal(keys[4], (1, d), f32).astype(bf16)
+    want = gemv_gpu.bare_chain(lambda x, wt: jnp.dot(
+        x[:, :wt.shape[1]], wt.T, preferred_element_type=f32).astype(bf16))(h0, per_layer)
+    return sg, h0, per_layer, want
+
+
+def test_streaming_gemv_chain_matches_xla():
+    """``benchmarks/streaming_gemv.py`` (a step's projections in one Mosaic GPU kernel that
+    streams its weights through a ring of TMA copies across projections and layers): under
+    JAX's Mosaic GPU interpreter, with one program (the interpreter has no global
+    semaphores, so no grid barrier), the same values as XLA's bf16 matmuls, at ring depths
+    that a projection's steps are shorter and longer than."""
+    from linearnexus.kernels.common import mosaic_chunk
+
+    if mosaic_chunk.gpu_interpret_reason():
+        pytest.skip(mosaic_chunk.gpu_interpret_reason())
+    sg, h0, per_layer, want = _streaming_operands()
+    f32 = jnp.float32
+    assert float(jnp.linalg.norm(want.astype(f32))) > 1.0  # activations of order one
+    h8, ws = sg.prepare(h0, per_layer)
+    assert ws["down_t"].shape == (2, 256, 256) and ws["in_t"].shape == (2, 512, 256)
+    assert ws["gu_t"].shape == (2, 320, 256)
+    assert h8.shape == (8, 256)
+    for stages in (2, 7):
+        with mosaic_chunk.gpu_interpret():
+            got = jax.jit(lambda h, w, s=stages: sg.streaming_chain(
+                h, w, programs=1, stages=s))(h8, ws)
+        np.testing.assert_array_equal(np.asarray(got[:1, :200].astype(f32)),
+                                      np.asarray(want.astype(f32)))
+        assert not np.asarray(got[1:].astype(f32)).any()  # the other batch slots stay zero
+
+
+def test_streaming_gemv_lowers_with_grid_barriers():
+    """The many-program kernel (global semaphores between projections) lowers for CUDA on
+    the CPU, on JAX 0.10 and 0.11; bad operands are refused before any work."""
+    from linearnexus.kernels.common.gpu_lowering import lower_for_gpu
+
+    sg, h0, per_layer, _ = _streaming_operands()
+    h8, ws = sg.prepare(h0, per_layer)
+    specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (h8, ws))
+    text = lower_for_gpu(lambda h, w: sg.streaming_chain(h, w, programs=132, stages=8),
+                         *specs)
+    assert text.count("mosaic_gpu") >= 1
+    with pytest.raises(ValueError, match=r"ws\['o_t'\]: expected \[L=2, 256 \(a multiple of "
+                                         r"64\), K <= 512, a multiple of 256\]"):
+        sg.streaming_chain(h8, dict(ws, o_t=ws["o_t"][:, :, :200]), programs=1)
+    with pytest.raises(ValueError, match=r"stages: expected 2..32"):
+        sg.streaming_chain(h8, ws, programs=1, stages=1)

@@ -1,0 +1,297 @@
+"""A batch-1 step's projections in ONE Mosaic GPU kernel whose weight stream never stops.
+
+An experiment for issue 23 (batch-1 decoding within 2x of the weight-read time). The
+persistent Triton kernel (``persistent_gemv.py``, ``kernels/fused_decode/persistent.py``)
+lost to separate kernels on an H100: one resident program per SM keeps one weight tile in
+flight, and every grid barrier drains the memory pipe (``docs/benchmarks.md``, "The
+persistent layer kernel and counted loop blocks"). Weights never depend on activations, so
+here every program streams its share of the WHOLE step's weights through a ring of
+``stages`` shared-memory slots by TMA, in the order it will use them, across projection
+boundaries: while a program waits at the grid barrier for the previous projection's
+output, the copies of the next projection's first tiles are already in flight. Only the
+arithmetic waits for activations.
+
+The chain is ``gemv_gpu.py --bare``'s: per layer ``in`` (h -> y), ``o`` (y[:, :K_o] -> h),
+``gu`` (h -> g), ``down`` (g[:, :K_down] -> h), the weights stacked ``[L, N, K]`` per kind,
+transposed (``W^T``), K a multiple of :data:`BK` (the caller pads ``down``'s K with zero
+columns). Activations travel as ``[8, W]`` rows (row 0 the batch row, the rest zero), as in
+``kernels/fused_decode/mosaic_gemv.py``, whose arithmetic this reuses: per ``BK``-wide step
+``acc [64, bn] += a [64, BK] @ W^T[bn, BK]^T``, ``a`` the 64-row window of an activation
+buffer that holds step ``s``'s 8 rows at row ``8 s`` (rows past a window's first 8 only feed
+output rows that are discarded).
+
+Program ``p`` of ``P`` owns row tiles ``p, p + P, ...`` of ``bn`` rows (16 where that still
+gives every program a tile, else 8). Its steps, in order, are numbered ``g = 0, 1, ...``
+over the layers, kinds, its tiles and their K steps; slot ``g mod stages`` holds step
+``g``'s weight tile, and the copy of step ``g + stages`` is issued as soon as step ``g``'s
+wgmma is done (one wgmma stays in flight). Between projections the programs meet at a grid
+barrier of GMEM semaphores (``pl.get_global``): every program signals one, program 0 waits
+for all ``P`` and signals each program's own, each program waits for its own; every wait
+consumes its count, so the semaphores are back at zero when the kernel ends.
+
+JAX's Mosaic GPU interpreter (0.11) runs programs one after another and has no rule for
+global semaphores, so the tests run it with ``programs=1`` (no barrier; the whole stream,
+the ring's reuse across projections and layers, checked against XLA), and lower the
+``P``-program kernel for CUDA on the CPU. ``gemv_gpu.py --bare --variants stream_*`` times
+it on a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+#: columns of K per step (one TMA copy of a weight tile; K must be a multiple)
+BK = 256
+#: rows of an activation (batch slots; only row 0 is the batch row in the bare chain)
+ROWS = 8
+WGMMA_M = 64
+#: the kinds of projection of a layer, as (name, source buffer, sink buffer)
+KINDS = (("in_t", "h", "y"), ("o_t", "y", "h"), ("gu_t", "h", "g"), ("down_t", "g", "h"))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kind:
+    name: str
+    src: str
+    dst: str
+    n: int  # output columns (rows of W^T)
+    k: int  # contraction (a multiple of BK)
+    bn: int  # rows of W^T per tile
+
+    @property
+    def steps(self) -> int:  # K steps per tile
+        return self.k // BK
+
+    @property
+    def tiles(self) -> int:
+        return self.n // self.bn
+
+
+def _kinds(ws: dict[str, Any], programs: int) -> tuple[_Kind, ...]:
+    out = []
+    for name, src, dst in KINDS:
+        n, k = ws[name].shape[1:]
+        bn = 16 if n % 16 == 0 and n // 16 >= programs else 8
+        out.append(_Kind(name, src, dst, n, k, bn))
+    return tuple(out)
+
+
+def _kernel(h0_ref, in_ref, o_ref, gu_ref, dn_ref, h_ref, y_ref, g_ref, ring, a_smem, o16,
+            o8, w_bar, x_bar, *, kinds: tuple[_Kind, ...], layers: int, programs: int,
+            stages: int) -> None:
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from linearnexus.kernels.common import mosaic_chunk
+
+    weights = dict(zip([k.name for k in kinds], (in_ref, o_ref, gu_ref, dn_ref), strict=True))
+    bufs = {"h": h_ref, "y": y_ref, "g": g_ref}
+    pid = jax.lax.axis_index("p")
+    P = programs
+
+    def rounds(kind: _Kind):  # this program's tiles of a kind: ceil((tiles - pid) / P), >= 0
+        return jnp.maximum(jax.lax.div(kind.tiles - pid + P - 1, P), 0)
+
+    steps = [rounds(kind) * kind.steps for kind in kinds]  # this program's steps per kind
+    starts = [sum(steps[:i], jnp.int32(0)) for i in range(len(kinds))]
+    per_layer = sum(steps, jnp.int32(0))
+    total = per_layer * layers
+
+    def issue(g) -> None:
+        """The TMA copy of step ``g``'s weight tile into slot ``g mod stages`` (none past
+        the last step)."""
+        layer = jax.lax.div(g, jnp.maximum(per_layer, 1))
+        rem = g - layer * per_layer
+        slot = jax.lax.rem(g, stages)
+        for kind, start, count in zip(kinds, starts, steps, strict=True):
+            @pl.when((g < total) & (rem >= start) & (rem < start + count))
+            def _(kind=kind, start=start) -> None:
+                r = jax.lax.div(rem - start, kind.steps)
+                s = rem - start - r * kind.steps
+                j = pid + r * P  # the tile
+                plgpu.copy_gmem_to_smem(
+                    weights[kind.name].at[layer, pl.ds(j * kind.bn, kind.bn),
+                                          pl.ds(s * BK, BK)],
+                    ring.at[slot, pl.ds(0, kind.bn)], w_bar.at[slot])
+
+    for g0 in range(stages):  # the ring's first fill: weights need no activations
+        issue(jnp.int32(g0))
+
+    if P > 1:
+        central = pl.get_global(plgpu.SemaphoreType.REGULAR)
+        mine = pl.get_global(plgpu.SemaphoreType.REGULAR((P,)))
+
+    def grid_barrier() -> None:
+        if P == 1:
+            return
+        pl.semaphore_signal(central, 1)
+
+        @pl.when(pid == 0)
+        def _() -> None:
+            pl.semaphore_wait(central, P)  # every program's signal; consumed (back to 0)
+            plgpu.semaphore_signal_parallel(
+                *[plgpu.SemaphoreSignal(mine.at[q], device_id=None) for q in range(P)])
+
+        pl.semaphore_wait(mine.at[pid], 1)
+
+    def projection(layer, g, kind: _Kind, first: bool):
+        src = bufs[kind.src]
+        if kind.src == "h":  # layer 0's input projection reads the kernel's input
+            src = h0_ref if first else h_ref
+        for s in range(kind.steps):  # the activation, step s's 8 rows at row 8 s
+            plgpu.copy_gmem_to_smem(src.at[:, pl.ds(s * BK, BK)],
+                                    a_smem.at[pl.ds(s * ROWS, ROWS)], x_bar.at[s])
+        for s in range(kind.steps):
+            plgpu.barrier_wait(x_bar.at[s])
+        o_smem = o16 if kind.bn == 16 else o8
+
+        def tile(r, g):
+            j = pid + r * P
+
+            def walk(acc_ref):
+                def step(s, c):
+                    gs = g + s
+                    slot = jax.lax.rem(gs, stages)
+                    plgpu.barrier_wait(w_bar.at[slot])
+                    window = a_smem.at[pl.ds(pl.multiple_of(s * ROWS, ROWS), WGMMA_M)]
+                    plgpu.wgmma(acc_ref, window,
+                                mosaic_chunk._transposed(ring.at[slot, pl.ds(0, kind.bn)]))
+                    plgpu.wgmma_wait(1)  # the step before is done: its slot takes a copy
+
+                    @pl.when(s > 0)
+                    def _() -> None:
+                        issue(gs - 1 + stages)
+
+                    return c
+
+                jax.lax.fori_loop(0, kind.steps, step, 0)
+                plgpu.wgmma_wait(0)
+                issue(g + kind.steps - 1 + stages)  # the last step's slot
+                return acc_ref[...]
+
+            acc = pl.run_scoped(walk, plgpu.ACC((WGMMA_M, kind.bn), F32))
+            o_smem[...] = acc.astype(o_smem.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, ROWS)],
+                                    bufs[kind.dst].at[:, pl.ds(j * kind.bn, kind.bn)])
+            plgpu.wait_smem_to_gmem(0)  # o_smem is free again, the row tile written
+            return g + kind.steps
+
+        return jax.lax.fori_loop(0, rounds(kind), tile, g)
+
+    def layer_body(layer, g):
+        for i, kind in enumerate(kinds):
+            if i == 0:
+                @pl.when(layer > 0)
+                def _() -> None:
+                    grid_barrier()
+
+                def first_layer(g, kind=kind):
+                    return projection(layer, g, kind, True)
+
+                def later_layer(g, kind=kind):
+                    return projection(layer, g, kind, False)
+
+                g = jax.lax.cond(layer == 0, first_layer, later_layer, g)
+            else:
+                grid_barrier()
+                g = projection(layer, g, kind, False)
+        return g
+
+    jax.lax.fori_loop(0, layers, layer_body, jnp.int32(0))
+
+
+def streaming_chain(h: Any, ws: dict[str, Any], *, programs: int, stages: int = 12) -> Any:
+    """The bare chain over every layer in one kernel (module doc).
+
+    Args:
+        h: ``[8, D]`` bf16 activation (row 0 the batch row).
+        ws: ``{"in_t": [L, N_in, D], "o_t": [L, D, K_o], "gu_t": [L, N_gu, D],
+            "down_t": [L, D, K_down]}`` stacked transposed bf16 weights, every K a multiple
+            of :data:`BK` and every N of 64 (:func:`prepare` pads them); ``o`` reads the
+            first ``K_o`` columns of ``in``'s output, ``down`` the first ``K_down`` of
+            ``gu``'s.
+        programs: the grid (at most one per SM on a GPU: all must be resident for the
+            barriers); 1 under the Mosaic GPU interpreter.
+        stages: slots of the weight ring.
+
+    Returns:
+        ``[8, D]``: ``h`` after the chain.
+
+    Raises:
+        ValueError: shapes outside the above, before any work.
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from linearnexus.kernels.common import mosaic_chunk
+
+    layers = ws["in_t"].shape[0]
+    d = h.shape[1]
+    kinds = _kinds(ws, programs)
+    widths = {"h": d, "y": ws["in_t"].shape[1], "g": ws["gu_t"].shape[1]}
+    for kind in kinds:
+        w = ws[kind.name]
+        if (w.ndim != 3 or w.shape[0] != layers or kind.k % BK or kind.n % 64
+                or kind.k > widths[kind.src] or kind.n != widths[kind.dst]):
+            raise ValueError(f"ws[{kind.name!r}]: expected [L={layers}, {widths[kind.dst]} (a "
+                             f"multiple of 64), K <= {widths[kind.src]}, a multiple of {BK}], "
+                             f"got {list(w.shape)}")
+    if h.ndim != 2 or h.shape[0] != ROWS or d % BK:
+        raise ValueError(f"h: expected [{ROWS}, D] with D a multiple of {BK}, got "
+                         f"{list(h.shape)}")
+    max_steps = max(kind.steps for kind in kinds)
+    if not 2 <= stages <= 32 or max_steps > 32:
+        raise ValueError(f"stages: expected 2..32 (and K <= 32 * {BK}), got {stages}")
+    dtype = h.dtype
+    swz = mosaic_chunk._swizzled(BK, dtype)
+    scratch = (plgpu.SMEM((stages, 16, BK), dtype, transforms=swz),
+               plgpu.SMEM((ROWS * max_steps + WGMMA_M - ROWS, BK), dtype, transforms=swz),
+               plgpu.SMEM((WGMMA_M, 16), dtype), plgpu.SMEM((WGMMA_M, 8), dtype),
+               plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+               plgpu.Barrier(num_arrivals=1, num_barriers=max_steps))
+    kernel = functools.partial(_kernel, kinds=kinds, layers=layers, programs=programs,
+                               stages=stages)
+    out = plgpu.kernel(
+        kernel,
+        out_type=(jax.ShapeDtypeStruct((ROWS, widths["h"]), dtype),
+                  jax.ShapeDtypeStruct((ROWS, widths["y"]), dtype),
+                  jax.ShapeDtypeStruct((ROWS, widths["g"]), dtype)),
+        scratch_types=scratch, grid=(programs,), grid_names=("p",),
+        compiler_params=mosaic_chunk.compiler_params(),
+        **mosaic_chunk.interpret_kwargs())(h, *(ws[name] for name, _, _ in KINDS))
+    return out[0]
+
+
+def prepare(h: Any, ws: list[dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
+    """``gemv_gpu.py --bare``'s operands in :func:`streaming_chain`'s form, built once:
+    ``h [1, D]`` as ``[8, Dp]`` rows, the per-layer ``W^T`` stacked ``[L, N, K]``, zero-padded
+    where the kernel needs it: D to a multiple of :data:`BK` (``Dp``), every K to a multiple
+    of :data:`BK`, every N to a multiple of 64 (TMA reads the activations in 64-column
+    tiles of the whole buffer; ``in``'s and ``gu``'s N at least as wide as
+    ``o``'s and ``down``'s padded K). At the benchmark's size only ``down``'s K grows (2752
+    -> 2816: 0.5% more weight bytes in all)."""
+    d = h.shape[1]
+    dp = -(-d // BK) * BK
+
+    def padded(w, n_to, k_to):  # [L, N, K] zero-padded to [L, n_to, k_to]
+        return jnp.pad(w, ((0, 0), (0, n_to - w.shape[1]), (0, k_to - w.shape[2])))
+
+    def up(x, m):
+        return -(-x // m) * m
+
+    stacked = {name: jnp.stack([w[name] for w in ws]) for name, _, _ in KINDS}  # L x [N, K]
+    k_o, k_down = up(stacked["o_t"].shape[2], BK), up(stacked["down_t"].shape[2], BK)
+    # y and g at least as wide as o's and down's padded K (their extra columns are zero)
+    n_in = max(up(stacked["in_t"].shape[1], 64), k_o)
+    n_gu = max(up(stacked["gu_t"].shape[1], 64), k_down)
+    out = {"in_t": padded(stacked["in_t"], n_in, dp), "o_t": padded(stacked["o_t"], dp, k_o),
+           "gu_t": padded(stacked["gu_t"], n_gu, dp),
+           "down_t": padded(stacked["down_t"], dp, k_down)}
+    h8 = jnp.zeros((ROWS, dp), h.dtype).at[:1, :d].set(h)  # [8, Dp]
+    return h8, out
