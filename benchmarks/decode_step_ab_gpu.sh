@@ -11,12 +11,14 @@
 #            with it off and on at each LINEARNEXUS_PERSISTENT_CONFIG in $LAYER_CONFIGS
 #            (default "off rows=16,per_sm=1 rows=8,per_sm=2"), one process each (~500 s);
 #   block:   the decode loop (GDN and Mamba2 of benchmarks/decode_gpu.py, batch 1) with its
-#            steps in counted blocks of 1 (one while iteration a step, the default) and of
-#            each size in $BLOCKS (LINEARNEXUS_DECODE_BLOCK), one process each (~110 s each).
+#            steps in counted blocks of 1 (one while iteration a step) and of each size in
+#            $BLOCKS (LINEARNEXUS_DECODE_BLOCK; 8, the GPU default since it won here on an
+#            H100, 2026-12-07), one process each (~110 s each).
 #   stream:  the bare chain as ONE Mosaic GPU kernel whose programs stream their weights
 #            through a ring of TMA copies across grid barriers of GMEM semaphores
 #            (benchmarks/streaming_gemv.py; never run on a GPU before: the first call checks
-#            it against XLA in the same run) beside xla and lib, rings of 8 and 12 (~120 s);
+#            it against XLA in the same run) beside xla and lib, rings of 8, 12 and 16, and
+#            the two-round-trip barrier (~150 s);
 #   ncu:     Nsight Compute over one batch-1 GDN and Mamba2 decode step
 #            (benchmarks/ncu_decode_gpu.sh: each kernel's duration and their sum, ~120 s).
 # Usage (repo root, on the GPU): bash benchmarks/decode_step_ab_gpu.sh   # PARTS="persist block"
@@ -53,7 +55,7 @@ esac
 case " $PARTS " in *" stream "*)
   echo "== the bare projection chain: separate kernels against one streaming Mosaic kernel"
   timeout ${STREAM_S:-150} python3 benchmarks/gemv_gpu.py --bare --out "$OUT/stream" \
-    --variants xla lib stream_s8 stream_s12 2>&1 | quiet | cut -c1-300;;
+    --variants xla lib stream_s8 stream_s12 stream_s16 stream_s12_two 2>&1 | quiet | cut -c1-300;;
 esac
 case " $PARTS " in *" ncu "*)
   OUT="$OUT/ncu" NCU_S=${NCU_S:-75} bash benchmarks/ncu_decode_gpu.sh 2>&1 | quiet;;

@@ -220,8 +220,11 @@ def bare_variants() -> dict[str, tuple[callable, bool]]:
                                  (32, 8, True))},
             # the whole chain as one Mosaic GPU kernel streaming every program's weights
             # through a ring of TMA copies across the grid barriers
-            # (benchmarks/streaming_gemv.py): slots of the ring
-            **{f"stream_s{s}": (Streaming(stages=s), True) for s in (8, 12)}}
+            # (benchmarks/streaming_gemv.py): slots of the ring; its grid barrier in one
+            # round trip through L2 (the default) or two (_two)
+            **{f"stream_s{s}{'' if b == 'one' else '_two'}": (Streaming(stages=s, barrier=b),
+                                                              True)
+               for s, b in ((8, "one"), (12, "one"), (16, "one"), (12, "two"))}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,11 +249,13 @@ class Streaming:
     the whole chain in one Mosaic GPU kernel (``streaming_gemv.streaming_chain``)."""
 
     stages: int
+    barrier: str = "one"
 
     def chain(self, programs: int):
         from streaming_gemv import streaming_chain
 
-        return functools.partial(streaming_chain, programs=programs, stages=self.stages)
+        return functools.partial(streaming_chain, programs=programs, stages=self.stages,
+                                 barrier=self.barrier)
 
 
 def bare_chain(mm):

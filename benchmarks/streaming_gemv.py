@@ -25,9 +25,10 @@ gives every program a tile, else 8). Its steps, in order, are numbered ``g = 0, 
 over the layers, kinds, its tiles and their K steps; slot ``g mod stages`` holds step
 ``g``'s weight tile, and the copy of step ``g + stages`` is issued as soon as step ``g``'s
 wgmma is done (one wgmma stays in flight). Between projections the programs meet at a grid
-barrier of GMEM semaphores (``pl.get_global``): every program signals one, program 0 waits
-for all ``P`` and signals each program's own, each program waits for its own; every wait
-consumes its count, so the semaphores are back at zero when the kernel ends.
+barrier of GMEM semaphores (``pl.get_global``, release / acquire at GPU scope): by default
+every program adds one to a count and waits until it reaches the barrier's total (one
+round trip through L2; ``barrier="two"``: program 0 collects the signals, then signals each
+program's own semaphore, two round trips).
 
 JAX's Mosaic GPU interpreter (0.11) runs programs one after another and has no rule for
 global semaphores, so the tests run it with ``programs=1`` (no barrier; the whole stream,
@@ -84,7 +85,7 @@ def _kinds(ws: dict[str, Any], programs: int) -> tuple[_Kind, ...]:
 
 def _kernel(h0_ref, in_ref, o_ref, gu_ref, dn_ref, h_ref, y_ref, g_ref, ring, a_smem, o16,
             o8, w_bar, x_bar, *, kinds: tuple[_Kind, ...], layers: int, programs: int,
-            stages: int) -> None:
+            stages: int, barrier: str) -> None:
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -123,22 +124,36 @@ def _kernel(h0_ref, in_ref, o_ref, gu_ref, dn_ref, h_ref, y_ref, g_ref, ring, a_
     for g0 in range(stages):  # the ring's first fill: weights need no activations
         issue(jnp.int32(g0))
 
-    if P > 1:
+    gpu = dict(memory_scope="gpu")  # release / acquire at GPU scope, not the system's
+    if P > 1 and barrier == "two":
         central = pl.get_global(plgpu.SemaphoreType.REGULAR)
         mine = pl.get_global(plgpu.SemaphoreType.REGULAR((P,)))
+    elif P > 1:
+        count = pl.get_global(plgpu.SemaphoreType.REGULAR)
+        # the count when this launch began: launches add whole multiples of P and none can
+        # signal twice before this program's first signal, so it is this read rounded down
+        # to a multiple of P
+        seen = pl.semaphore_read(count)
+        base = seen - jax.lax.rem(seen, jnp.int32(P))
 
-    def grid_barrier() -> None:
+    def grid_barrier(index) -> None:
+        """Barrier ``index`` (0, 1, ... in program order, traced)."""
         if P == 1:
             return
-        pl.semaphore_signal(central, 1)
+        if barrier == "two":
+            plgpu.semaphore_signal(central, 1, **gpu)
 
-        @pl.when(pid == 0)
-        def _() -> None:
-            pl.semaphore_wait(central, P)  # every program's signal; consumed (back to 0)
-            plgpu.semaphore_signal_parallel(
-                *[plgpu.SemaphoreSignal(mine.at[q], device_id=None) for q in range(P)])
+            @pl.when(pid == 0)
+            def _() -> None:
+                # every program's signal, consumed (the count is back at zero)
+                plgpu.semaphore_wait(central, P, **gpu)
+                for q in range(P):
+                    plgpu.semaphore_signal(mine.at[q], 1, **gpu)
 
-        pl.semaphore_wait(mine.at[pid], 1)
+            plgpu.semaphore_wait(mine.at[pid], 1, **gpu)
+            return
+        plgpu.semaphore_signal(count, 1, **gpu)
+        plgpu.semaphore_wait(count, base + (index + 1) * P, decrement=False, **gpu)
 
     def projection(layer, g, kind: _Kind, first: bool):
         src = bufs[kind.src]
@@ -187,10 +202,11 @@ def _kernel(h0_ref, in_ref, o_ref, gu_ref, dn_ref, h_ref, y_ref, g_ref, ring, a_
 
     def layer_body(layer, g):
         for i, kind in enumerate(kinds):
+            index = layer * len(kinds) + i - 1  # barriers before this projection, minus one
             if i == 0:
                 @pl.when(layer > 0)
-                def _() -> None:
-                    grid_barrier()
+                def _(index=index) -> None:
+                    grid_barrier(index)
 
                 def first_layer(g, kind=kind):
                     return projection(layer, g, kind, True)
@@ -200,14 +216,15 @@ def _kernel(h0_ref, in_ref, o_ref, gu_ref, dn_ref, h_ref, y_ref, g_ref, ring, a_
 
                 g = jax.lax.cond(layer == 0, first_layer, later_layer, g)
             else:
-                grid_barrier()
+                grid_barrier(index)
                 g = projection(layer, g, kind, False)
         return g
 
     jax.lax.fori_loop(0, layers, layer_body, jnp.int32(0))
 
 
-def streaming_chain(h: Any, ws: dict[str, Any], *, programs: int, stages: int = 12) -> Any:
+def streaming_chain(h: Any, ws: dict[str, Any], *, programs: int, stages: int = 12,
+                    barrier: str = "one") -> Any:
     """The bare chain over every layer in one kernel (module doc).
 
     Args:
@@ -220,6 +237,12 @@ def streaming_chain(h: Any, ws: dict[str, Any], *, programs: int, stages: int = 
         programs: the grid (at most one per SM on a GPU: all must be resident for the
             barriers); 1 under the Mosaic GPU interpreter.
         stages: slots of the weight ring.
+        barrier: the grid barrier: "one" (every program adds one to a global count and
+            waits for the count this barrier completes: one round trip through L2; the
+            count persists across launches, each adding a multiple of ``P``, so it wraps
+            after ~2^32 / (4 L P) launches: ~680k at the benchmark's size, an experiment's
+            limit) or "two" (program 0 collects every signal, consuming them, then signals
+            each program's own semaphore: two round trips, the semaphores back at zero).
 
     Returns:
         ``[8, D]``: ``h`` after the chain.
@@ -245,6 +268,8 @@ def streaming_chain(h: Any, ws: dict[str, Any], *, programs: int, stages: int = 
     if h.ndim != 2 or h.shape[0] != ROWS or d % BK:
         raise ValueError(f"h: expected [{ROWS}, D] with D a multiple of {BK}, got "
                          f"{list(h.shape)}")
+    if barrier not in ("one", "two"):
+        raise ValueError(f"barrier: expected 'one' or 'two', got {barrier!r}")
     max_steps = max(kind.steps for kind in kinds)
     if not 2 <= stages <= 32 or max_steps > 32:
         raise ValueError(f"stages: expected 2..32 (and K <= 32 * {BK}), got {stages}")
@@ -256,7 +281,7 @@ def streaming_chain(h: Any, ws: dict[str, Any], *, programs: int, stages: int = 
                plgpu.Barrier(num_arrivals=1, num_barriers=stages),
                plgpu.Barrier(num_arrivals=1, num_barriers=max_steps))
     kernel = functools.partial(_kernel, kinds=kinds, layers=layers, programs=programs,
-                               stages=stages)
+                               stages=stages, barrier=barrier)
     out = plgpu.kernel(
         kernel,
         out_type=(jax.ShapeDtypeStruct((ROWS, widths["h"]), dtype),

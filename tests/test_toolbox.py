@@ -436,11 +436,14 @@ def test_streaming_gemv_lowers_with_grid_barriers():
     sg, h0, per_layer, _ = _streaming_operands()
     h8, ws = sg.prepare(h0, per_layer)
     specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (h8, ws))
-    text = lower_for_gpu(lambda h, w: sg.streaming_chain(h, w, programs=132, stages=8),
-                         *specs)
-    assert text.count("mosaic_gpu") >= 1
+    for barrier in ("one", "two"):
+        text = lower_for_gpu(lambda h, w, b=barrier: sg.streaming_chain(
+            h, w, programs=132, stages=8, barrier=b), *specs)
+        assert text.count("mosaic_gpu") >= 1
     with pytest.raises(ValueError, match=r"ws\['o_t'\]: expected \[L=2, 256 \(a multiple of "
                                          r"64\), K <= 512, a multiple of 256\]"):
         sg.streaming_chain(h8, dict(ws, o_t=ws["o_t"][:, :, :200]), programs=1)
     with pytest.raises(ValueError, match=r"stages: expected 2..32"):
         sg.streaming_chain(h8, ws, programs=1, stages=1)
+    with pytest.raises(ValueError, match=r"barrier: expected 'one' or 'two', got 'three'"):
+        sg.streaming_chain(h8, ws, programs=1, barrier="three")
