@@ -195,10 +195,12 @@ def _kernel(h0_ref, in_ref, o_ref, gu_ref, dn_ref, h_ref, y_ref, g_ref, ring, a_
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, ROWS)],
                                     bufs[kind.dst].at[:, pl.ds(j * kind.bn, kind.bn)])
-            plgpu.wait_smem_to_gmem(0)  # o_smem is free again, the row tile written
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_smem read: free again
             return g + kind.steps
 
-        return jax.lax.fori_loop(0, rounds(kind), tile, g)
+        g = jax.lax.fori_loop(0, rounds(kind), tile, g)
+        plgpu.wait_smem_to_gmem(0)  # every row tile written before the barrier's signal
+        return g
 
     def layer_body(layer, g):
         for i, kind in enumerate(kinds):
