@@ -29,7 +29,11 @@ issue's 3.4 ms/step was measured.
 
 FLA (``fla.models.*ForCausalLM``, bf16, ``model.generate(do_sample=False)``, a 16-token
 prompt): ms/step = (time of ``max_new_tokens=N`` - time of ``max_new_tokens=1``) / (N - 1),
-each the median of ``--repeats`` after a warm-up call (Triton autotuning).
+each the median of ``--repeats`` after a warm-up call (Triton autotuning). Each FLA cell
+runs in a process of its own (``--fla-cell``, JAX kept off the GPU there, PyTorch's
+allocator with expandable segments): in one process with JAX, FLA's Mamba2 at batch 64 ran
+out of memory on an H100 (its prompt path asks for 32 GiB at once, beside what JAX and
+the earlier cells held).
 
 Floors: ``weights`` = the inference parameter bytes read once per step at the measured
 device-to-device bandwidth (torch copy of 2 GiB, read + write bytes; 4.3 TB/s when torch
@@ -192,6 +196,32 @@ def time_fla(kind: str, batch: int, args: argparse.Namespace, torch: Any) -> dic
             "weight_bytes": params * 2, "ms_per_step": step * 1e3, "tokens_per_s": batch / step}
 
 
+def fla_cell(kind: str, batch: int, args: argparse.Namespace, budget_s: float
+             ) -> dict[str, Any]:
+    """:func:`time_fla` in a child process (``--fla-cell``): its row, or an error row."""
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--fla-cell", kind, str(batch),
+           "--d-model", str(args.d_model), "--layers", str(args.layers), "--vocab",
+           str(args.vocab), "--fla-steps", str(args.fla_steps), "--repeats",
+           str(args.repeats), "--max-seq-len", str(args.max_seq_len)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF",
+                                                      "expandable_segments:True"))
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                              timeout=max(budget_s, 30.0))
+    except subprocess.TimeoutExpired:
+        return {"framework": "fla", "model": kind, "batch": batch,
+                "error": f"TimeoutExpired: over {max(budget_s, 30.0):.0f} s"}
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"framework": "fla", "model": kind, "batch": batch,
+                "error": f"exit {done.returncode}: {tail[0][:300]}"}
+    return json.loads(lines[-1])
+
+
 def bandwidth(torch: Any) -> float:
     """Device-to-device copy bandwidth (bytes read + written per second), torch's copy."""
     if torch is None or not torch.cuda.is_available():
@@ -271,7 +301,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=420.0,
                    help="seconds; cells not started by then are skipped")
     p.add_argument("--out", type=Path, default=None, help="folder for decode_gpu.json")
+    p.add_argument("--fla-cell", nargs=2, metavar=("MODEL", "BATCH"), default=None,
+                   help="(internal) time one FLA cell in this process and print its row")
     args = p.parse_args(argv)
+    if args.fla_cell:
+        import torch
+
+        kind, batch = args.fla_cell[0], int(args.fla_cell[1])
+        try:
+            row = time_fla(kind, batch, args, torch)
+        except Exception as e:  # noqa: BLE001 - the parent reports the cell's error
+            row = {"framework": "fla", "model": kind, "batch": batch,
+                   "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print(json.dumps(row), flush=True)
+        return 0
     if args.quick:
         args.d_model, args.layers, args.vocab, args.steps, args.fla_steps = 64, 2, 256, 8, 4
         args.batches, args.host_batches, args.repeats = [1, 4], [1], 1
@@ -307,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         try:
             row = (time_ours(model, batch, args) if framework == "linearnexus" else
-                   time_fla(model, batch, args, torch))
+                   fla_cell(model, batch, args, args.budget - (time.perf_counter() - start)))
         except Exception as e:  # noqa: BLE001 - one failing cell must not lose the others
             row = {"framework": framework, "model": model, "batch": batch,
                    "error": f"{type(e).__name__}: {e}"}

@@ -148,6 +148,25 @@ def test_ncu_summary_parses_a_report():
     assert module.between(listed, "absent", "marker_after") == []
 
 
+def test_decode_gpu_on_the_cpu_and_an_fla_cell_in_its_own_process(tmp_path):
+    # decode_gpu.py --quick (the issue 23 benchmark's CPU smoke test) writes its rows; an FLA
+    # cell runs in a child process and comes back as a row, here an error one (no FLA / CUDA)
+    import argparse
+
+    spec = importlib.util.spec_from_file_location("decode_gpu", ROOT / "benchmarks" / "decode_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--quick", "--skip-fla", "--models", "mamba2", "--out",
+                        str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "decode_gpu.json").read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 4] and all(r["ms_per_step"] > 0 for r in rows)
+    args = argparse.Namespace(d_model=64, layers=2, vocab=256, fla_steps=4, repeats=1,
+                              max_seq_len=64)
+    row = module.fla_cell("mamba2", 1, args, 120.0)
+    assert row["framework"] == "fla" and row["model"] == "mamba2" and row["batch"] == 1
+    assert "error" in row and "ms_per_step" not in row
+
+
 def test_decode_step_once_runs_one_step(capsys):
     # decode_step_once.py: the program benchmarks/ncu_decode_gpu.sh wraps (a tiny model here)
     spec = importlib.util.spec_from_file_location(

@@ -344,18 +344,25 @@ def test_cpu_ffi_gemm_handler_matches_numpy(tmp_path):
             np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
+def _benchmark_modules(*names: str) -> list:
+    """``benchmarks/<name>.py`` modules, imported with ``benchmarks/`` on the path (they
+    import each other by bare name)."""
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return [importlib.import_module(name) for name in names]
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
 def test_persistent_gemv_chain_matches_xla():
     """``benchmarks/persistent_gemv.py`` (a decode step's projections in one kernel with
     grid barriers): its programs' tiles, run in turn in interpret mode, compute the bare
     chain exactly as XLA's bf16 matmuls do, at sizes that are not multiples of the tiles
     (N = 100 rows in tiles of 8, 16, 32; contractions of 40, 48 and 72 columns), with and
     without the prefetch across barriers. (The barriers themselves run only on a GPU.)"""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import gemv_gpu
-        import persistent_gemv as pg
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    gemv_gpu, pg = _benchmark_modules("gemv_gpu", "persistent_gemv")
     f32, bf16 = jnp.float32, jnp.bfloat16
     d, layers, inner, hidden, n_in = 48, 2, 40, 72, 100
     keys = jax.random.split(jax.random.PRNGKey(0), 5)
@@ -381,12 +388,7 @@ def test_persistent_gemv_chain_matches_xla():
 def _streaming_operands():
     """``benchmarks/streaming_gemv.py``'s operands at a small size (widths that are not
     multiples of its tiles, padded by its ``prepare``) and the bare chain's XLA result."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import gemv_gpu
-        import streaming_gemv as sg
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    gemv_gpu, sg = _benchmark_modules("gemv_gpu", "streaming_gemv")
     f32, bf16 = jnp.float32, jnp.bfloat16
     d, layers, inner, hidden, n_in = 200, 2, 300, 136, 400
     keys = jax.random.split(jax.random.PRNGKey(0), 5)
