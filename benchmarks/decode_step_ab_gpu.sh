@@ -20,7 +20,10 @@
 #            it against XLA in the same run) beside xla and lib, rings of 8, 12 and 16, and
 #            the two-round-trip barrier (~150 s);
 #   ncu:     Nsight Compute over one batch-1 GDN and Mamba2 decode step
-#            (benchmarks/ncu_decode_gpu.sh: each kernel's duration and their sum, ~120 s).
+#            (benchmarks/ncu_decode_gpu.sh: each kernel's duration and their sum, ~120 s);
+#   fla64:   the GDN and Mamba2 decode loops at batch 64 beside FLA's HF models, each FLA
+#            cell in a process of its own (FLA's wheels installed first, as decode_gpu.py's
+#            docstring says; ~200 s with FLA's autotuning).
 # Usage (repo root, on the GPU): bash benchmarks/decode_step_ab_gpu.sh   # PARTS="persist block"
 #   PARTS="layer" bash benchmarks/decode_step_ab_gpu.sh
 set -u
@@ -59,6 +62,11 @@ case " $PARTS " in *" stream "*)
 esac
 case " $PARTS " in *" ncu "*)
   OUT="$OUT/ncu" NCU_S=${NCU_S:-75} bash benchmarks/ncu_decode_gpu.sh 2>&1 | quiet;;
+esac
+case " $PARTS " in *" fla64 "*)
+  timeout ${FLA64_S:-240} python3 benchmarks/decode_gpu.py --models gdn mamba2 --batches 64 \
+    --host-batches --steps 64 --budget $(( ${FLA64_S:-240} - 20 )) --out "$OUT/fla64" 2>&1 \
+    | grep -E "^\| |rror|budget" | cut -c1-300 | head -20;;
 esac
 case " $PARTS " in *" block "*)
   for block in 1 $BLOCKS; do
