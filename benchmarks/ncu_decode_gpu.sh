@@ -36,6 +36,6 @@ for model in $MODELS; do
       --batch "$BATCH" > "$OUT/ncu_$tag.txt" 2>&1
   fi
   grep "one step" "$OUT/ncu_$tag.txt"
-  python3 benchmarks/ncu_summary.py "$OUT/ncu_$tag.txt" --between step_marker_before \
-    step_marker_after | tee "$OUT/ncu_$tag.md" | tail -"${SHOW:-90}"
+  python3 benchmarks/ncu_summary.py "$OUT/ncu_$tag.txt" --by-name --between step_marker_before \
+    step_marker_after | tee "$OUT/ncu_$tag.md" | tail -"${SHOW:-120}"
 done

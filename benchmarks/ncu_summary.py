@@ -1,6 +1,7 @@
 """One table from Nsight Compute's text reports (``benchmarks/ncu_gpu.sh``).
 
     python3 benchmarks/ncu_summary.py REPORT.txt [...] [--json FILE] [--between A B]
+        [--by-name]
 
 Each report is ncu's default text output: per kernel a header line ``NAME (grid)x(block),
 Context .., Stream .., Device .., CC ..`` followed by sections of ``Metric  Unit  Value``
@@ -10,6 +11,8 @@ cycles per issued instruction, and the kernel's share of the summed duration, th
 summed duration itself. The numbers are ncu's own; nothing is derived but the share and the
 sum. ``--between A B`` keeps the kernels after the first whose name contains ``A`` and
 before the next whose name contains ``B`` (``benchmarks/decode_step_once.py``'s markers).
+``--by-name`` adds a table of the kernels grouped by name (a decode step runs each layer's
+kernels once per layer): count, summed and mean duration, share.
 """
 
 from __future__ import annotations
@@ -108,6 +111,21 @@ def table(kernels: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def by_name(kernels: list[dict]) -> str:
+    """Markdown rows, one per distinct kernel name (largest summed duration first): how
+    many ran, their summed and mean duration (us) and the sum's share of the total."""
+    groups: dict[str, list[float]] = {}
+    for k in kernels:
+        groups.setdefault(k["name"], []).append(_value(k, "Duration") or 0.0)
+    total = sum(sum(v) for v in groups.values())
+    lines = ["| kernel | count | us | mean us | share |", "|---|---:|---:|---:|---:|"]
+    for name, times in sorted(groups.items(), key=lambda kv: -sum(kv[1])):
+        share = f"{100 * sum(times) / total:.0f}%" if total else ""
+        lines.append(f"| {name[:60]} | {len(times)} | {sum(times):,.1f} | "
+                     f"{sum(times) / len(times):,.1f} | {share} |")
+    return "\n".join(lines)
+
+
 def between(kernels: list[dict], first: str, last: str) -> list[dict]:
     """The kernels strictly between the first named like ``first`` and the next named like
     ``last`` after it (all of them after ``first`` when no ``last`` follows; none when no
@@ -124,6 +142,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("reports", nargs="+")
     parser.add_argument("--json", default=None, help="also write every parsed metric here")
+    parser.add_argument("--by-name", action="store_true",
+                        help="also the kernels grouped by name")
     parser.add_argument("--between", nargs=2, metavar=("A", "B"), default=None,
                         help="only the kernels between the first named like A and the next "
                              "named like B")
@@ -140,6 +160,8 @@ def main() -> None:
             print(table(kernels))
             total = sum(_value(k, "Duration") or 0.0 for k in kernels)
             print(f"\nsummed duration: {total:,.1f} us over {len(kernels)} kernels")
+            if args.by_name:
+                print("\n" + by_name(kernels))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(parsed, f, indent=1)

@@ -146,6 +146,10 @@ def test_ncu_summary_parses_a_report():
     assert [k["name"] for k in module.between(listed[:4], "marker_before", "marker_after")] == [
         "a", "b"]  # no closing marker: everything after the first
     assert module.between(listed, "absent", "marker_after") == []
+    # --by-name: one row per distinct name, largest sum first
+    grouped = module.by_name(kernels + kernels[:1]).splitlines()
+    assert grouped[2].startswith("| void input_reduce_fusion<float>(int) | 1 | 1,500.0 |")
+    assert grouped[3].startswith("| simple_gla_fwd | 2 | 482.1 | 241.1 |")
 
 
 def test_decode_gpu_on_the_cpu_and_an_fla_cell_in_its_own_process(tmp_path):
