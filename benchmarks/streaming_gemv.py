@@ -30,6 +30,15 @@ every program adds one to a count and waits until it reaches the barrier's total
 round trip through L2; ``barrier="two"``: program 0 collects the signals, then signals each
 program's own semaphore, two round trips).
 
+What should bound it (an estimate to check against the GPU's numbers, not a measurement):
+the bytes (404.6 MB at ~2.7 TB/s on an H100: 0.15 ms) overlap the arithmetic, but each of
+the 48 projections also pays a chain no ring can hide: the barrier (an L2 round trip after
+the slowest program's last store), the activation's copy from L2, and the last tile's store
+(together ~1.5-2.5 us: 0.07-0.12 ms a step), and each K step of a program costs a
+barrier wait, a wgmma and the next copy's issue (~40 steps a layer a program). If the
+chain dominates, fewer steps (wider tiles) and fewer grid-wide syncs are the levers, not
+a deeper ring.
+
 JAX's Mosaic GPU interpreter (0.11) runs programs one after another and has no rule for
 global semaphores, so the tests run it with ``programs=1`` (no barrier; the whole stream,
 the ring's reuse across projections and layers, checked against XLA), and lower the
