@@ -18,7 +18,7 @@
 #            through a ring of TMA copies across grid barriers of GMEM semaphores
 #            (benchmarks/streaming_gemv.py; never run on a GPU before: the first call checks
 #            it against XLA in the same run) beside xla and lib, rings of 8, 12 and 16, and
-#            the two-round-trip barrier (~150 s);
+#            the two-round-trip barrier, and 32-row tiles (~180 s);
 #   ncu:     Nsight Compute over one batch-1 GDN and Mamba2 decode step
 #            (benchmarks/ncu_decode_gpu.sh: each kernel's duration and their sum, ~120 s);
 #   fla64:   the GDN and Mamba2 decode loops at batch 64 beside FLA's HF models, each FLA
@@ -57,8 +57,8 @@ case " $PARTS " in *" layer "*)
 esac
 case " $PARTS " in *" stream "*)
   echo "== the bare projection chain: separate kernels against one streaming Mosaic kernel"
-  timeout ${STREAM_S:-150} python3 benchmarks/gemv_gpu.py --bare --out "$OUT/stream" \
-    --variants xla lib stream_s8 stream_s12 stream_s16 stream_s12_two 2>&1 | quiet | cut -c1-300;;
+  timeout ${STREAM_S:-180} python3 benchmarks/gemv_gpu.py --bare --out "$OUT/stream" \
+    --variants xla lib stream_s8 stream_s12 stream_s16 stream_s12_two stream_s8_bn32 2>&1 | quiet | cut -c1-300;;
 esac
 case " $PARTS " in *" ncu "*)
   OUT="$OUT/ncu" NCU_S=${NCU_S:-75} bash benchmarks/ncu_decode_gpu.sh 2>&1 | quiet;;

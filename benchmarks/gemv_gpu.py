@@ -221,10 +221,12 @@ def bare_variants() -> dict[str, tuple[callable, bool]]:
             # the whole chain as one Mosaic GPU kernel streaming every program's weights
             # through a ring of TMA copies across the grid barriers
             # (benchmarks/streaming_gemv.py): slots of the ring; its grid barrier in one
-            # round trip through L2 (the default) or two (_two)
-            **{f"stream_s{s}{'' if b == 'one' else '_two'}": (Streaming(stages=s, barrier=b),
-                                                              True)
-               for s, b in ((8, "one"), (12, "one"), (16, "one"), (12, "two"))}}
+            # round trip through L2 (the default) or two
+            # (_two), rows per tile up to 32 (_bn32)
+            **{f"stream_s{s}{'' if b == 'one' else '_two'}{'' if w == 16 else '_bn32'}": (
+                Streaming(stages=s, barrier=b, max_bn=w), True)
+               for s, b, w in ((8, "one", 16), (12, "one", 16), (16, "one", 16),
+                               (12, "two", 16), (8, "one", 32))}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,12 +252,13 @@ class Streaming:
 
     stages: int
     barrier: str = "one"
+    max_bn: int = 16
 
     def chain(self, programs: int):
         from streaming_gemv import streaming_chain
 
         return functools.partial(streaming_chain, programs=programs, stages=self.stages,
-                                 barrier=self.barrier)
+                                 barrier=self.barrier, max_bn=self.max_bn)
 
 
 def bare_chain(mm):

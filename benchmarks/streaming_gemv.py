@@ -20,15 +20,15 @@ columns). Activations travel as ``[8, W]`` rows (row 0 the batch row, the rest z
 buffer that holds step ``s``'s 8 rows at row ``8 s`` (rows past a window's first 8 only feed
 output rows that are discarded).
 
-Program ``p`` of ``P`` owns row tiles ``p, p + P, ...`` of ``bn`` rows (16 where that still
-gives every program a tile, else 8). Its steps, in order, are numbered ``g = 0, 1, ...``
-over the layers, kinds, its tiles and their K steps; slot ``g mod stages`` holds step
-``g``'s weight tile, and the copy of step ``g + stages`` is issued as soon as step ``g``'s
-wgmma is done (one wgmma stays in flight). Between projections the programs meet at a grid
-barrier of GMEM semaphores (``pl.get_global``, release / acquire at GPU scope): by default
-every program adds one to a count and waits until it reaches the barrier's total (one
-round trip through L2; ``barrier="two"``: program 0 collects the signals, then signals each
-program's own semaphore, two round trips).
+Program ``p`` of ``P`` owns row tiles ``p, p + P, ...`` of ``bn`` rows (16, or up to
+``max_bn``, where that still gives every program a tile, else 8). Its steps, in order, are
+numbered ``g = 0, 1, ...`` over the layers, kinds, its tiles and their K steps; slot ``g mod
+stages`` holds step ``g``'s weight tile, and the copy of step ``g + stages`` is issued as
+soon as step ``g``'s wgmma is done (one wgmma stays in flight). Between projections the
+programs meet at a grid barrier of GMEM semaphores (``pl.get_global``, release / acquire at
+GPU scope): by default every program adds one to a count and waits until it reaches the
+barrier's total (one round trip through L2; ``barrier="two"``: program 0 collects the
+signals, then signals each program's own semaphore, two round trips).
 
 What should bound it (an estimate to check against the GPU's numbers, not a measurement):
 the bytes (404.6 MB at ~2.7 TB/s on an H100: 0.15 ms) overlap the arithmetic, but each of
@@ -83,17 +83,20 @@ class _Kind:
         return self.n // self.bn
 
 
-def _kinds(ws: dict[str, Any], programs: int) -> tuple[_Kind, ...]:
+def _kinds(ws: dict[str, Any], programs: int, max_bn: int) -> tuple[_Kind, ...]:
+    """Each kind's tile rows: the widest of ``max_bn``, ..., 16 that divides N and still gives
+    every program a tile, else 8."""
     out = []
     for name, src, dst in KINDS:
         n, k = ws[name].shape[1:]
-        bn = 16 if n % 16 == 0 and n // 16 >= programs else 8
+        bn = next((b for b in (32, 16) if b <= max_bn and n % b == 0 and n // b >= programs),
+                  8)
         out.append(_Kind(name, src, dst, n, k, bn))
     return tuple(out)
 
 
-def _kernel(h0_ref, in_ref, o_ref, gu_ref, dn_ref, h_ref, y_ref, g_ref, ring, a_smem, o16,
-            o8, w_bar, x_bar, *, kinds: tuple[_Kind, ...], layers: int, programs: int,
+def _kernel(h0_ref, in_ref, o_ref, gu_ref, dn_ref, h_ref, y_ref, g_ref, ring, a_smem, w_bar,
+            x_bar, *o_bufs, tile_rows: tuple[int, ...], kinds: tuple[_Kind, ...], layers: int, programs: int,
             stages: int, barrier: str) -> None:
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -173,7 +176,7 @@ def _kernel(h0_ref, in_ref, o_ref, gu_ref, dn_ref, h_ref, y_ref, g_ref, ring, a_
                                     a_smem.at[pl.ds(s * ROWS, ROWS)], x_bar.at[s])
         for s in range(kind.steps):
             plgpu.barrier_wait(x_bar.at[s])
-        o_smem = o16 if kind.bn == 16 else o8
+        o_smem = o_bufs[tile_rows.index(kind.bn)]  # [64, bn]
 
         def tile(r, g):
             j = pid + r * P
@@ -235,7 +238,7 @@ def _kernel(h0_ref, in_ref, o_ref, gu_ref, dn_ref, h_ref, y_ref, g_ref, ring, a_
 
 
 def streaming_chain(h: Any, ws: dict[str, Any], *, programs: int, stages: int = 12,
-                    barrier: str = "one") -> Any:
+                    barrier: str = "one", max_bn: int = 16) -> Any:
     """The bare chain over every layer in one kernel (module doc).
 
     Args:
@@ -248,6 +251,8 @@ def streaming_chain(h: Any, ws: dict[str, Any], *, programs: int, stages: int = 
         programs: the grid (at most one per SM on a GPU: all must be resident for the
             barriers); 1 under the Mosaic GPU interpreter.
         stages: slots of the weight ring.
+        max_bn: the widest row tile (16 or 32; 8 where fewer tiles than programs): wider
+            tiles mean fewer K steps a program but a less even share of the rows.
         barrier: the grid barrier: "one" (every program adds one to a global count and
             waits for the count this barrier completes: one round trip through L2; the
             count persists across launches, each adding a multiple of ``P``, so it wraps
@@ -267,7 +272,9 @@ def streaming_chain(h: Any, ws: dict[str, Any], *, programs: int, stages: int = 
 
     layers = ws["in_t"].shape[0]
     d = h.shape[1]
-    kinds = _kinds(ws, programs)
+    if max_bn not in (16, 32):
+        raise ValueError(f"max_bn: expected 16 or 32, got {max_bn}")
+    kinds = _kinds(ws, programs, max_bn)
     widths = {"h": d, "y": ws["in_t"].shape[1], "g": ws["gu_t"].shape[1]}
     for kind in kinds:
         w = ws[kind.name]
@@ -286,13 +293,14 @@ def streaming_chain(h: Any, ws: dict[str, Any], *, programs: int, stages: int = 
         raise ValueError(f"stages: expected 2..32 (and K <= 32 * {BK}), got {stages}")
     dtype = h.dtype
     swz = mosaic_chunk._swizzled(BK, dtype)
-    scratch = (plgpu.SMEM((stages, 16, BK), dtype, transforms=swz),
+    tile_rows = tuple(sorted({kind.bn for kind in kinds}))  # one output tile buffer each
+    scratch = (plgpu.SMEM((stages, max(tile_rows), BK), dtype, transforms=swz),
                plgpu.SMEM((ROWS * max_steps + WGMMA_M - ROWS, BK), dtype, transforms=swz),
-               plgpu.SMEM((WGMMA_M, 16), dtype), plgpu.SMEM((WGMMA_M, 8), dtype),
                plgpu.Barrier(num_arrivals=1, num_barriers=stages),
-               plgpu.Barrier(num_arrivals=1, num_barriers=max_steps))
+               plgpu.Barrier(num_arrivals=1, num_barriers=max_steps),
+               *(plgpu.SMEM((WGMMA_M, b), dtype) for b in tile_rows))
     kernel = functools.partial(_kernel, kinds=kinds, layers=layers, programs=programs,
-                               stages=stages, barrier=barrier)
+                               stages=stages, barrier=barrier, tile_rows=tile_rows)
     out = plgpu.kernel(
         kernel,
         out_type=(jax.ShapeDtypeStruct((ROWS, widths["h"]), dtype),

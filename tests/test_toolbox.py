@@ -421,10 +421,10 @@ def test_streaming_gemv_chain_matches_xla():
     assert ws["down_t"].shape == (2, 256, 256) and ws["in_t"].shape == (2, 512, 256)
     assert ws["gu_t"].shape == (2, 320, 256)
     assert h8.shape == (8, 256)
-    for stages in (2, 7):
+    for stages, max_bn in ((2, 16), (7, 16), (3, 32)):
         with mosaic_chunk.gpu_interpret():
-            got = jax.jit(lambda h, w, s=stages: sg.streaming_chain(
-                h, w, programs=1, stages=s))(h8, ws)
+            got = jax.jit(lambda h, w, s=stages, b=max_bn: sg.streaming_chain(
+                h, w, programs=1, stages=s, max_bn=b))(h8, ws)
         np.testing.assert_array_equal(np.asarray(got[:1, :200].astype(f32)),
                                       np.asarray(want.astype(f32)))
         assert not np.asarray(got[1:].astype(f32)).any()  # the other batch slots stay zero
@@ -438,9 +438,9 @@ def test_streaming_gemv_lowers_with_grid_barriers():
     sg, h0, per_layer, _ = _streaming_operands()
     h8, ws = sg.prepare(h0, per_layer)
     specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (h8, ws))
-    for barrier in ("one", "two"):
-        text = lower_for_gpu(lambda h, w, b=barrier: sg.streaming_chain(
-            h, w, programs=132, stages=8, barrier=b), *specs)
+    for barrier, max_bn in (("one", 16), ("two", 16), ("one", 32)):
+        text = lower_for_gpu(lambda h, w, b=barrier, n=max_bn: sg.streaming_chain(
+            h, w, programs=132, stages=8, barrier=b, max_bn=n), *specs)
         assert text.count("mosaic_gpu") >= 1
     with pytest.raises(ValueError, match=r"ws\['o_t'\]: expected \[L=2, 256 \(a multiple of "
                                          r"64\), K <= 512, a multiple of 256\]"):
@@ -449,3 +449,5 @@ def test_streaming_gemv_lowers_with_grid_barriers():
         sg.streaming_chain(h8, ws, programs=1, stages=1)
     with pytest.raises(ValueError, match=r"barrier: expected 'one' or 'two', got 'three'"):
         sg.streaming_chain(h8, ws, programs=1, barrier="three")
+    with pytest.raises(ValueError, match=r"max_bn: expected 16 or 32, got 64"):
+        sg.streaming_chain(h8, ws, programs=1, max_bn=64)
