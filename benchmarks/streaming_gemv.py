@@ -41,9 +41,10 @@ a deeper ring.
 
 JAX's Mosaic GPU interpreter (0.11) runs programs one after another and has no rule for
 global semaphores, so the tests run it with ``programs=1`` (no barrier; the whole stream,
-the ring's reuse across projections and layers, checked against XLA), and lower the
-``P``-program kernel for CUDA on the CPU. ``gemv_gpu.py --bare --variants stream_*`` times
-it on a GPU.
+the ring's reuse across projections and layers, checked against XLA), check every
+program's copy schedule (:func:`step_of`) against the order its loops consume the tiles for
+all 132 programs at the benchmark's sizes, and lower the ``P``-program kernel for CUDA on the
+CPU. ``gemv_gpu.py --bare --variants stream_*`` times it on a GPU.
 """
 
 from __future__ import annotations
@@ -95,9 +96,35 @@ def _kinds(ws: dict[str, Any], programs: int, max_bn: int) -> tuple[_Kind, ...]:
     return tuple(out)
 
 
+def rounds(kind: _Kind, pid: Any, programs: int) -> Any:
+    """Program ``pid``'s row tiles of a kind (``pid, pid + P, ...``): ``ceil((tiles - pid) /
+    P)``, at least 0."""
+    return jnp.maximum(jax.lax.div(kind.tiles - pid + programs - 1, programs), 0)
+
+
+def step_of(g: Any, kinds: tuple[_Kind, ...], pid: Any, programs: int,
+            layers: int) -> tuple[Any, Any, Any, Any, Any]:
+    """What program ``pid``'s step ``g`` is, in the order its consumer walks them (layers,
+    kinds, its tiles, their K steps): ``(valid, layer, kind index, round r, K step s)``; the
+    tile is ``pid + r P``. ``valid`` is False past the program's last step."""
+    steps = [rounds(kind, pid, programs) * kind.steps for kind in kinds]
+    per_layer = sum(steps, jnp.int32(0))
+    layer = jax.lax.div(g, jnp.maximum(per_layer, 1))
+    rem = g - layer * per_layer
+    kind_index, r, s, start = jnp.int32(0), jnp.int32(0), jnp.int32(0), jnp.int32(0)
+    for i, (kind, count) in enumerate(zip(kinds, steps, strict=True)):
+        here = (rem >= start) & (rem < start + count)
+        r_i = jax.lax.div(rem - start, kind.steps)
+        kind_index = jnp.where(here, i, kind_index)
+        r = jnp.where(here, r_i, r)
+        s = jnp.where(here, rem - start - r_i * kind.steps, s)
+        start = start + count
+    return g < per_layer * layers, layer, kind_index, r, s
+
+
 def _kernel(h0_ref, in_ref, o_ref, gu_ref, dn_ref, h_ref, y_ref, g_ref, ring, a_smem, w_bar,
-            x_bar, *o_bufs, tile_rows: tuple[int, ...], kinds: tuple[_Kind, ...], layers: int, programs: int,
-            stages: int, barrier: str) -> None:
+            x_bar, *o_bufs, tile_rows: tuple[int, ...], kinds: tuple[_Kind, ...],
+            layers: int, programs: int, stages: int, barrier: str) -> None:
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -108,25 +135,14 @@ def _kernel(h0_ref, in_ref, o_ref, gu_ref, dn_ref, h_ref, y_ref, g_ref, ring, a_
     pid = jax.lax.axis_index("p")
     P = programs
 
-    def rounds(kind: _Kind):  # this program's tiles of a kind: ceil((tiles - pid) / P), >= 0
-        return jnp.maximum(jax.lax.div(kind.tiles - pid + P - 1, P), 0)
-
-    steps = [rounds(kind) * kind.steps for kind in kinds]  # this program's steps per kind
-    starts = [sum(steps[:i], jnp.int32(0)) for i in range(len(kinds))]
-    per_layer = sum(steps, jnp.int32(0))
-    total = per_layer * layers
-
     def issue(g) -> None:
         """The TMA copy of step ``g``'s weight tile into slot ``g mod stages`` (none past
         the last step)."""
-        layer = jax.lax.div(g, jnp.maximum(per_layer, 1))
-        rem = g - layer * per_layer
+        valid, layer, index, r, s = step_of(g, kinds, pid, P, layers)
         slot = jax.lax.rem(g, stages)
-        for kind, start, count in zip(kinds, starts, steps, strict=True):
-            @pl.when((g < total) & (rem >= start) & (rem < start + count))
-            def _(kind=kind, start=start) -> None:
-                r = jax.lax.div(rem - start, kind.steps)
-                s = rem - start - r * kind.steps
+        for i, kind in enumerate(kinds):
+            @pl.when(valid & (index == i))
+            def _(kind=kind) -> None:
                 j = pid + r * P  # the tile
                 plgpu.copy_gmem_to_smem(
                     weights[kind.name].at[layer, pl.ds(j * kind.bn, kind.bn),
@@ -210,7 +226,7 @@ def _kernel(h0_ref, in_ref, o_ref, gu_ref, dn_ref, h_ref, y_ref, g_ref, ring, a_
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_smem read: free again
             return g + kind.steps
 
-        g = jax.lax.fori_loop(0, rounds(kind), tile, g)
+        g = jax.lax.fori_loop(0, rounds(kind, pid, P), tile, g)
         plgpu.wait_smem_to_gmem(0)  # every row tile written before the barrier's signal
         return g
 

@@ -430,6 +430,44 @@ def test_streaming_gemv_chain_matches_xla():
         assert not np.asarray(got[1:].astype(f32)).any()  # the other batch slots stay zero
 
 
+def test_streaming_gemv_issues_each_program_s_tiles_in_the_order_it_uses_them():
+    """``streaming_gemv.step_of`` (which tile the copy of a program's step ``g`` fetches) is
+    the order that program's loops consume them, for every program of 132 at the
+    benchmark's sizes, and the programs' tiles cover every row tile of every projection of
+    every layer exactly once: what the one-program interpreter test cannot show."""
+    (sg,) = _benchmark_modules("streaming_gemv")
+    layers, programs = 12, 132
+    shapes = {"in_t": (layers, 6208, 1024), "o_t": (layers, 1024, 2048),
+              "gu_t": (layers, 5504, 1024), "down_t": (layers, 1024, 2816)}
+    ws = {name: jax.ShapeDtypeStruct(shape, jnp.bfloat16) for name, shape in shapes.items()}
+    for max_bn in (16, 32):
+        kinds = sg._kinds(ws, programs, max_bn)
+        assert [k.bn for k in kinds] == ([16, 8, 16, 8] if max_bn == 16 else [32, 8, 32, 8])
+        # past the most steps any program has (program 0's), so the invalid tail shows
+        span = 1 + layers * sum(-(-k.tiles // programs) * k.steps for k in kinds)
+        g = jnp.arange(span, dtype=jnp.int32)
+        fields = jax.jit(jax.vmap(jax.vmap(
+            lambda g, p, kinds=kinds: sg.step_of(g, kinds, p, programs, layers),
+            in_axes=(0, None)), in_axes=(None, 0)))(g, jnp.arange(programs, dtype=jnp.int32))
+        valid, layer, index, r, s = (np.asarray(f) for f in fields)  # each [P, span]
+        covered: dict[tuple[int, int], list[int]] = {}
+        for pid in range(programs):
+            want = [(ly, i, rr, ss) for ly in range(layers) for i, kind in enumerate(kinds)
+                    for rr in range(max(0, -(-(kind.tiles - pid) // programs)))
+                    for ss in range(kind.steps)]
+            n = len(want)
+            assert valid[pid, :n].all() and not valid[pid, n:].any(), pid
+            got = list(zip(layer[pid, :n].tolist(), index[pid, :n].tolist(),
+                           r[pid, :n].tolist(), s[pid, :n].tolist(), strict=True))
+            assert got == want, pid
+            for ly, i, rr, ss in want:
+                if ss == 0:
+                    covered.setdefault((ly, i), []).append(pid + rr * programs)
+        for (ly, i), tiles in covered.items():
+            assert sorted(tiles) == list(range(kinds[i].tiles)), (ly, kinds[i].name)
+        assert len(covered) == layers * len(kinds)
+
+
 def test_streaming_gemv_lowers_with_grid_barriers():
     """The many-program kernel (global semaphores between projections) lowers for CUDA on
     the CPU, on JAX 0.10 and 0.11; bad operands are refused before any work."""
