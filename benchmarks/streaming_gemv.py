@@ -25,10 +25,14 @@ Program ``p`` of ``P`` owns row tiles ``p, p + P, ...`` of ``bn`` rows (16, or u
 numbered ``g = 0, 1, ...`` over the layers, kinds, its tiles and their K steps; slot ``g mod
 stages`` holds step ``g``'s weight tile, and the copy of step ``g + stages`` is issued as
 soon as step ``g``'s wgmma is done (one wgmma stays in flight). Between projections the
-programs meet at a grid barrier of GMEM semaphores (``pl.get_global``, release / acquire at
-GPU scope): by default every program adds one to a count and waits until it reaches the
-barrier's total (one round trip through L2; ``barrier="two"``: program 0 collects the
-signals, then signals each program's own semaphore, two round trips).
+programs meet at a grid barrier of GMEM semaphores (``pl.get_global``, which Pallas
+zero-fills before each launch; release / acquire at GPU scope): by default every program
+adds one to a count and waits until it reaches the barrier's total (one round trip through
+L2, 132 pollers); ``barrier="two"``: program 0 alone waits for that total and then raises a
+second count that the others wait on (two round trips, one poller of the first count).
+Every program must be resident at once (one per SM; there is no cooperative launch and a
+semaphore wait has no timeout): a GPU shared with another kernel, or one of fewer SMs than
+``programs``, hangs instead of failing, so run it alone and under ``timeout``.
 
 What should bound it (an estimate to check against the GPU's numbers, not a measurement):
 the bytes (404.6 MB at ~2.7 TB/s on an H100: 0.15 ms) overlap the arithmetic, but each of
@@ -149,49 +153,47 @@ def _kernel(h0_ref, in_ref, o_ref, gu_ref, dn_ref, h_ref, y_ref, g_ref, ring, a_
                                           pl.ds(s * BK, BK)],
                     ring.at[slot, pl.ds(0, kind.bn)], w_bar.at[slot])
 
-    for g0 in range(stages):  # the ring's first fill: weights need no activations
-        issue(jnp.int32(g0))
+    # the ring's first fill (weights need no activations); a loop, not 4 x stages copy sites
+    jax.lax.fori_loop(0, stages, lambda g0, c: (issue(g0), c)[1], 0)
 
     gpu = dict(memory_scope="gpu")  # release / acquire at GPU scope, not the system's
-    if P > 1 and barrier == "two":
-        central = pl.get_global(plgpu.SemaphoreType.REGULAR)
-        mine = pl.get_global(plgpu.SemaphoreType.REGULAR((P,)))
-    elif P > 1:
+    if P > 1:
+        # Pallas zero-fills kernel-scoped GMEM scratch before every launch, semaphores too
         count = pl.get_global(plgpu.SemaphoreType.REGULAR)
-        # the count when this launch began: launches add whole multiples of P and none can
-        # signal twice before this program's first signal, so it is this read rounded down
-        # to a multiple of P
-        seen = pl.semaphore_read(count)
-        base = seen - jax.lax.rem(seen, jnp.int32(P))
+        if barrier == "two":
+            go = pl.get_global(plgpu.SemaphoreType.REGULAR)
 
     def grid_barrier(index) -> None:
-        """Barrier ``index`` (0, 1, ... in program order, traced)."""
+        """Barrier ``index`` (0, 1, ... in program order, traced): every program has
+        signalled ``index + 1`` times, and the counts only grow within a launch."""
         if P == 1:
             return
-        if barrier == "two":
-            plgpu.semaphore_signal(central, 1, **gpu)
-
-            @pl.when(pid == 0)
-            def _() -> None:
-                # every program's signal, consumed (the count is back at zero)
-                plgpu.semaphore_wait(central, P, **gpu)
-                for q in range(P):
-                    plgpu.semaphore_signal(mine.at[q], 1, **gpu)
-
-            plgpu.semaphore_wait(mine.at[pid], 1, **gpu)
-            return
         plgpu.semaphore_signal(count, 1, **gpu)
-        plgpu.semaphore_wait(count, base + (index + 1) * P, decrement=False, **gpu)
+        if barrier == "one":
+            plgpu.semaphore_wait(count, (index + 1) * P, decrement=False, **gpu)
+            return
+
+        @pl.when(pid == 0)
+        def _() -> None:  # program 0 collects every signal, then releases all at once
+            plgpu.semaphore_wait(count, (index + 1) * P, decrement=False, **gpu)
+            plgpu.semaphore_signal(go, 1, **gpu)
+
+        plgpu.semaphore_wait(go, index + 1, decrement=False, **gpu)
 
     def projection(layer, g, kind: _Kind, first: bool):
         src = bufs[kind.src]
         if kind.src == "h":  # layer 0's input projection reads the kernel's input
             src = h0_ref if first else h_ref
-        for s in range(kind.steps):  # the activation, step s's 8 rows at row 8 s
-            plgpu.copy_gmem_to_smem(src.at[:, pl.ds(s * BK, BK)],
-                                    a_smem.at[pl.ds(s * ROWS, ROWS)], x_bar.at[s])
-        for s in range(kind.steps):
-            plgpu.barrier_wait(x_bar.at[s])
+        mine = rounds(kind, pid, P)
+
+        @pl.when(mine > 0)  # (a program with no tile of this kind needs no activation)
+        def _() -> None:
+            for s in range(kind.steps):  # the activation, step s's 8 rows at row 8 s
+                plgpu.copy_gmem_to_smem(src.at[:, pl.ds(s * BK, BK)],
+                                        a_smem.at[pl.ds(s * ROWS, ROWS)], x_bar.at[s])
+            for s in range(kind.steps):
+                plgpu.barrier_wait(x_bar.at[s])
+
         o_smem = o_bufs[tile_rows.index(kind.bn)]  # [64, bn]
 
         def tile(r, g):
@@ -219,14 +221,15 @@ def _kernel(h0_ref, in_ref, o_ref, gu_ref, dn_ref, h_ref, y_ref, g_ref, ring, a_
                 return acc_ref[...]
 
             acc = pl.run_scoped(walk, plgpu.ACC((WGMMA_M, kind.bn), F32))
+            # the previous tile's store has read o_smem (it ran beside this tile's steps)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             o_smem[...] = acc.astype(o_smem.dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, ROWS)],
                                     bufs[kind.dst].at[:, pl.ds(j * kind.bn, kind.bn)])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_smem read: free again
             return g + kind.steps
 
-        g = jax.lax.fori_loop(0, rounds(kind, pid, P), tile, g)
+        g = jax.lax.fori_loop(0, mine, tile, g)
         plgpu.wait_smem_to_gmem(0)  # every row tile written before the barrier's signal
         return g
 
@@ -269,12 +272,10 @@ def streaming_chain(h: Any, ws: dict[str, Any], *, programs: int, stages: int = 
         stages: slots of the weight ring.
         max_bn: the widest row tile (16 or 32; 8 where fewer tiles than programs): wider
             tiles mean fewer K steps a program but a less even share of the rows.
-        barrier: the grid barrier: "one" (every program adds one to a global count and
-            waits for the count this barrier completes: one round trip through L2; the
-            count persists across launches, each adding a multiple of ``P``, so it wraps
-            after ~2^32 / (4 L P) launches: ~680k at the benchmark's size, an experiment's
-            limit) or "two" (program 0 collects every signal, consuming them, then signals
-            each program's own semaphore: two round trips, the semaphores back at zero).
+        barrier: the grid barrier: "one" (every program adds one to a count and waits for
+            the total this barrier completes: one round trip through L2) or "two" (program
+            0 waits for that total, then raises a second count the others wait on: two
+            round trips, one poller of the first count).
 
     Returns:
         ``[8, D]``: ``h`` after the chain.
