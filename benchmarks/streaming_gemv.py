@@ -41,7 +41,9 @@ the slowest program's last store), the activation's copy from L2, and the last t
 (together ~1.5-2.5 us: 0.07-0.12 ms a step), and each K step of a program costs a
 barrier wait, a wgmma and the next copy's issue (~40 steps a layer a program). If the
 chain dominates, fewer steps (wider tiles) and fewer grid-wide syncs are the levers, not
-a deeper ring.
+a deeper ring. Each step copies 8 activation rows where one is live (~6 MB of L2 reads a
+projection over the grid); copying one row is refused by Mosaic GPU's lowering (a slice of
+the wgmma operand's 8-row-tiled shared memory must be whole tiles).
 
 JAX's Mosaic GPU interpreter (0.11) runs programs one after another and has no rule for
 global semaphores, so the tests run it with ``programs=1`` (no barrier; the whole stream,
