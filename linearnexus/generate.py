@@ -846,7 +846,6 @@ def generate_text(model: LMModel, tokenizer: Any, prompt: str, cfg: SamplingConf
 __all__ = [
     "LOOP_CHUNK", "PAD_ID", "DecodeParams", "Decoder", "SamplingConfig", "apply_top_k",
     "apply_top_p", "cache_limit", "check_capacity", "counted_while", "decode_block",
-    "decode_params",
-    "decode_step", "generate", "generate_text", "inference_params", "left_pad",
+    "decode_params", "decode_step", "generate", "generate_text", "inference_params", "left_pad",
     "prompt_bucket", "sample_next", "start_tokens", "stop_array", "stream", "trace_counts",
 ]

@@ -573,6 +573,18 @@ def ssd_layer_separate(x: Array, *, norm1_scale: Array, norm1_eps: float, w_in_t
     return x + h, cache, final
 
 
+def input_operands(x: Array, input_norm: Any, w_in_t: Array, conv: Any, conv_cache: Array,
+                   state: Array) -> dict[str, Any]:
+    """The operands every persistent layer kernel takes first, from a block's batch-1 call:
+    the residual row ``x [1, 1, D]`` as ``[1, D]``, the pre-norm's scale, the input
+    projection's transposed weight, the short conv (``modules.common.ShortConv``: weight,
+    bias or None) and its cache, and the recurrent state as float32."""
+    return dict(x=x.reshape(1, x.shape[-1]), norm1_scale=input_norm.scale[...], w_in_t=w_in_t,
+                conv_cache=conv_cache, conv_weight=conv.conv_weight[...],
+                conv_bias=None if conv.conv_bias is None else conv.conv_bias[...],
+                state=state.astype(jnp.float32))
+
+
 def layer_call(kernel: Callable[..., Any], separate: Callable[..., Any],
                operands: dict[str, Any], *, tiled: Sequence[int],
                layer_fallback: Callable[..., Any], **statics: Any
@@ -603,6 +615,5 @@ def layer_call(kernel: Callable[..., Any], separate: Callable[..., Any],
 
 __all__ = ["CONFIG_ENV", "PERSISTENT_ENV", "DeltaMlpStatics", "PersistentConfig", "Phase",
            "SsdStatics", "arrive", "delta_mlp_layer", "delta_mlp_layer_separate",
-           "device_programs", "launch_ok", "layer_call", "persistent_config",
-           "persistent_enabled",
-           "run_phases", "ssd_layer", "ssd_layer_separate", "wait"]
+           "device_programs", "input_operands", "launch_ok", "layer_call", "persistent_config",
+           "persistent_enabled", "run_phases", "ssd_layer", "ssd_layer_separate", "wait"]

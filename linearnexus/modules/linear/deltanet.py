@@ -352,13 +352,10 @@ class DeltaNetFamilyBlock(LinearAttentionBlock):
             return None
         spec = dataclasses.replace(spec, conv_width=None, silu_without_conv=False,
                                    norm_out=False, value_blocks=blocks)
-        conv = self.conv
         done = persistent.layer_call(
             persistent.delta_mlp_layer, persistent.delta_mlp_layer_separate, dict(
-                x=x.reshape(1, cfg.d_model), norm1_scale=input_norm.scale[...], w_in_t=w_in_t,
-                conv_cache=linear.conv.buffer, conv_weight=conv.conv_weight[...],
-                conv_bias=None if conv.conv_bias is None else conv.conv_bias[...],
-                state=linear.recurrent.state.astype(jnp.float32),
+                **persistent.input_operands(x, input_norm, w_in_t, self.conv,
+                                            linear.conv.buffer, linear.recurrent.state),
                 a_log=self.A_log[...] if spec.gated else None,
                 dt_bias=self.dt_bias[...] if spec.gated else None,
                 o_norm_scale=self.norm.scale[...],

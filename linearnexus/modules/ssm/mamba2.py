@@ -281,13 +281,11 @@ class Mamba2Block(nnx.Module):
                 or jnp.dtype(out_lin.dtype or out_lin.param_dtype) != jnp.dtype(dtype)):
             return None
         spec = dataclasses.replace(spec, conv_width=None)
-        conv = self.conv
         done = persistent.layer_call(
             persistent.ssd_layer, persistent.ssd_layer_separate, dict(
-                x=x.reshape(1, cfg.d_model), norm1_scale=input_norm.scale[...], w_in_t=w_in_t,
-                conv_cache=state.conv.buffer, conv_weight=conv.conv_weight[...],
-                conv_bias=None if conv.conv_bias is None else conv.conv_bias[...],
-                state=state.recurrent.state.astype(jnp.float32), a_log=self.A_log[...],
+                **persistent.input_operands(x, input_norm, w_in_t, self.conv,
+                                            state.conv.buffer, state.recurrent.state),
+                a_log=self.A_log[...],
                 dt_bias=self.dt_bias[...], d=self.D[...], out_norm_scale=norm.scale[...],
                 w_out_t=transposed_weight([out_lin]).astype(dtype)),
             tiled=(spec.conv_channels, cfg.d_inner),  # the conv's start and channels
