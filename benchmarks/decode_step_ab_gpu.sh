@@ -57,8 +57,16 @@ case " $PARTS " in *" layer "*)
 esac
 case " $PARTS " in *" stream "*)
   echo "== the bare projection chain: separate kernels against one streaming Mosaic kernel"
-  timeout ${STREAM_S:-180} python3 benchmarks/gemv_gpu.py --bare --out "$OUT/stream" \
-    --variants xla lib stream_s8 stream_s12 stream_s16 stream_s12_two stream_s8_bn32 2>&1 | quiet | cut -c1-300;;
+  # the first streaming variant alone under a short limit: a grid barrier that never
+  # opens (programs not all resident) hangs, and should not eat the other variants' time
+  timeout ${STREAM_FIRST_S:-100} python3 benchmarks/gemv_gpu.py --bare --out "$OUT/stream" \
+    --variants xla lib stream_s8 2>&1 | quiet | cut -c1-300
+  if [ "${PIPESTATUS[0]}" = 0 ] && grep -q stream_s8 "$OUT/stream/"*.json 2>/dev/null; then
+    timeout ${STREAM_S:-150} python3 benchmarks/gemv_gpu.py --bare --out "$OUT/stream_more" \
+      --variants xla stream_s12 stream_s16 stream_s12_two stream_s8_bn32 2>&1 | quiet | cut -c1-300
+  else
+    echo "stream_s8 failed or hung: the other streaming variants skipped"
+  fi;;
 esac
 case " $PARTS " in *" ncu "*)
   OUT="$OUT/ncu" NCU_S=${NCU_S:-75} bash benchmarks/ncu_decode_gpu.sh 2>&1 | quiet;;
