@@ -20,7 +20,8 @@
 #            it against XLA in the same run) beside xla and lib, rings of 8, 12 and 16, and
 #            the two-round-trip barrier, and 32-row tiles (~180 s);
 #   ncu:     Nsight Compute over one batch-1 GDN and Mamba2 decode step
-#            (benchmarks/ncu_decode_gpu.sh: each kernel's duration and their sum, ~120 s);
+#            (benchmarks/ncu_decode_gpu.sh: each kernel's duration and their sum, ~120 s),
+#            then Mamba2's step at batch 64 (NCU64_MODELS, ~60 s);
 #   fla64:   the GDN and Mamba2 decode loops at batch 64 beside FLA's HF models, each FLA
 #            cell in a process of its own (FLA's wheels installed first, as decode_gpu.py's
 #            docstring says; ~200 s with FLA's autotuning).
@@ -69,7 +70,10 @@ case " $PARTS " in *" stream "*)
   fi;;
 esac
 case " $PARTS " in *" ncu "*)
-  OUT="$OUT/ncu" NCU_S=${NCU_S:-75} bash benchmarks/ncu_decode_gpu.sh 2>&1 | quiet;;
+  OUT="$OUT/ncu" NCU_S=${NCU_S:-75} bash benchmarks/ncu_decode_gpu.sh 2>&1 | quiet
+  # batch 64 (the issue's >= 20x FLA target), where the state's read and write weigh most
+  OUT="$OUT/ncu" NCU_S=${NCU_S:-75} MODELS=${NCU64_MODELS:-mamba2} BATCH=64 SHOW=40 \
+    bash benchmarks/ncu_decode_gpu.sh 2>&1 | quiet;;
 esac
 case " $PARTS " in *" fla64 "*)
   timeout ${FLA64_S:-240} python3 benchmarks/decode_gpu.py --models gdn mamba2 --batches 64 \
