@@ -36,7 +36,9 @@ so a killed call keeps what it finished):
    ``mosaic`` with a config on the delta rules' kernel, :data:`VARIANTS`, which
    ``--loss-backends`` also takes): ``--warmup`` steps (the first compiles), then
    ``--steps`` steps each blocked with ``jax.block_until_ready``: median ms/step and
-   tokens/s = B T / median.
+   tokens/s = B T / median. The first step's seconds are split (``first_step_parts``, from
+   JAX's compile-phase events) into tracing, lowering (the Pallas kernels' own lowering
+   included), XLA's compile and the first run.
 3. **FLA** (``fla``). FLA 0.6.0's ``GatedDeltaNetForCausalLM`` of the same sizes (16 heads
    of ``head_dim`` 64, ``expand_v`` 2, ``intermediate_size`` 2752, tied embeddings), float32
    parameters under ``torch.autocast(bfloat16)``, ``labels=`` (FLA's fused cross-entropy),
@@ -226,6 +228,40 @@ def compare(ref: dict[str, Any], run: dict[str, Any], tol: float) -> dict[str, A
             "status": "PASS" if rel[worst] <= tol else "FAIL"}
 
 
+#: JAX's compile-phase duration events (``jax._src.dispatch``; the same names on 0.10 and
+#: 0.11) and the short name each gets in a row's ``first_step_parts``
+COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace",
+                  "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+                  "/jax/core/compile/backend_compile_duration": "compile"}
+_phases: dict[str, float] | None = None  # summed durations while a first step is measured
+
+
+def _on_event(event: str, duration: float, **_: Any) -> None:
+    if _phases is not None and event in COMPILE_EVENTS:
+        name = COMPILE_EVENTS[event]
+        _phases[name] = _phases.get(name, 0.0) + duration
+
+
+@contextlib.contextmanager
+def compile_phases() -> Any:
+    """Yields a dict that fills, during the block, with the seconds JAX spent tracing,
+    lowering to StableHLO (the Pallas kernels' own lowering included) and in XLA's compile;
+    what the block took beyond their sum is the first run (a Mosaic GPU kernel whose module
+    is compiled when first launched shows there). The listener is registered once per
+    process (jax.monitoring has no public way to remove one)."""
+    global _phases
+    import jax
+
+    if not getattr(compile_phases, "registered", False):
+        jax.monitoring.register_event_duration_secs_listener(_on_event)
+        compile_phases.registered = True
+    _phases = {}
+    try:
+        yield _phases
+    finally:
+        _phases = None
+
+
 def throughput_run(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     """ms/step and tokens/s of the GDN LM on ``backend`` (module doc, part 2)."""
     with _variant(backend) as op_backend:
@@ -244,8 +280,11 @@ def _throughput_run(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     params = sum(int(x.size) for x in jax.tree.leaves(t.state.params))
     batch_of = shakespeare_batches(s["batch"], s["seq"], s["vocab"])
     start = time.perf_counter()
-    jax.block_until_ready(t.train_step(*batch_of(0)))
+    with compile_phases() as phases:
+        jax.block_until_ready(t.train_step(*batch_of(0)))
     first = time.perf_counter() - start
+    parts = {k: round(phases.get(k, 0.0), 1) for k in ("trace", "lower", "compile")}
+    parts["run"] = round(first - sum(phases.values()), 1)  # the first run, launches' own work
     for i in range(1, args.warmup):
         jax.block_until_ready(t.train_step(*batch_of(i)))
     times, loss = [], None
@@ -257,7 +296,8 @@ def _throughput_run(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     sec = statistics.median(times)
     row = {"framework": "linearnexus", "backend": backend, "params": params,
            "ms_per_step": sec * 1e3, "tokens_per_s": s["batch"] * s["seq"] / sec,
-           "first_step_s": round(first, 1), "last_loss": float(loss)}
+           "first_step_s": round(first, 1), "first_step_parts": parts,
+           "last_loss": float(loss)}
     stats = getattr(jax.devices()[0], "memory_stats", lambda: None)() or {}
     if "peak_bytes_in_use" in stats:
         row["peak_gib"] = round(stats["peak_bytes_in_use"] / 2 ** 30, 1)
@@ -392,6 +432,9 @@ def markdown(res: dict[str, Any]) -> str:
                          f"{r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {rel} | "
                          f"{r['first_step_s']} | {r.get('peak_gib', '')} |")
         for r in res["throughput"]:
+            if "first_step_parts" in r:
+                lines.append(f"* {r['backend']}'s first step, s: " + ", ".join(
+                    f"{k} {v}" for k, v in r["first_step_parts"].items()))
             lines += [f"* {n}" for n in r.get("notes", [])]
         lines.append("")
     lines += [f"* skipped: {n}" for n in res["skipped"]]
