@@ -25,6 +25,9 @@
 #   fla64:   the GDN and Mamba2 decode loops at batch 64 beside FLA's HF models, each FLA
 #            cell in a process of its own (FLA's wheels installed first, as decode_gpu.py's
 #            docstring says; ~200 s with FLA's autotuning).
+#   warps64: the GDN and Mamba2 decode loops at batch 64 with the layer kernels at their
+#            default warps (4 there) and at each count in $WARPS (default "2 8";
+#            LINEARNEXUS_LAYER_WARPS), one process each (~3 x 90 s).
 # Usage (repo root, on the GPU): bash benchmarks/decode_step_ab_gpu.sh   # PARTS="persist block"
 #   PARTS="layer" bash benchmarks/decode_step_ab_gpu.sh
 set -u
@@ -79,6 +82,17 @@ case " $PARTS " in *" fla64 "*)
   timeout ${FLA64_S:-240} python3 benchmarks/decode_gpu.py --models gdn mamba2 --batches 64 \
     --host-batches --steps 64 --budget $(( ${FLA64_S:-240} - 20 )) --out "$OUT/fla64" 2>&1 \
     | grep -E "^\| |rror|budget" | cut -c1-300 | head -20;;
+esac
+case " $PARTS " in *" warps64 "*)
+  # the layer kernels' warps at batch 64 (4 by layer_warps there; LINEARNEXUS_LAYER_WARPS
+  # forces a count), one process each
+  for warps in default ${WARPS:-2 8}; do
+    echo "== batch 64, LINEARNEXUS_LAYER_WARPS=$warps"
+    LINEARNEXUS_LAYER_WARPS=${warps/default/} timeout ${WARPS_S:-100} python3 \
+      benchmarks/decode_gpu.py --models ${WARPS_MODELS:-mamba2 gdn} --batches 64 --steps 64 \
+      --skip-fla --budget $(( ${WARPS_S:-100} - 20 )) --out "$OUT/warps64_$warps" 2>&1 \
+      | grep -E "^\| linearnexus|rror|budget" | cut -c1-300 | head -20
+  done;;
 esac
 case " $PARTS " in *" block "*)
   for block in 1 $BLOCKS; do

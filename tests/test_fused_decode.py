@@ -160,3 +160,17 @@ def test_layer_step_refuses_bad_arguments():
     with pytest.raises(NotImplementedError, match="power-of-two"):
         delta_layer_step(spec.__class__(**{**spec.__dict__, "value_dim": 12}), *args,
                          fallback=None)
+
+
+def test_layer_warps_default_and_override(monkeypatch):
+    from linearnexus.kernels.fused_decode.pallas import FEW_PROGRAMS, WARPS_ENV, layer_warps
+
+    monkeypatch.delenv(WARPS_ENV, raising=False)
+    assert layer_warps(FEW_PROGRAMS, 64 * 128) == 2  # batch-1 grids: few programs
+    assert layer_warps(64 * 32, 64 * 64) == 4  # Mamba2 at batch 64
+    assert layer_warps(64 * 32, 32 * 32) == 2  # small tiles
+    monkeypatch.setenv(WARPS_ENV, "8")
+    assert layer_warps(64 * 32, 64 * 64) == 8
+    monkeypatch.setenv(WARPS_ENV, "3")
+    with pytest.raises(ValueError, match=f"{WARPS_ENV}: expected 1, 2, 4 or 8, got '3'"):
+        layer_warps(1, 1)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -256,10 +257,21 @@ def _ssd_kernel(*, proj_ref, cache_ref, w_ref, bias_ref, h0_ref, a_log_ref, dt_b
 FEW_PROGRAMS = 128
 
 
+#: an explicit warp count for every layer kernel (read when a step is traced; 1, 2, 4 or 8):
+#: how the choice of :func:`layer_warps` is measured against others (decode_step_ab_gpu.sh)
+WARPS_ENV = "LINEARNEXUS_LAYER_WARPS"
+
+
 def layer_warps(programs: int, tile: int) -> int:
     """Warps per program of a layer kernel with ``programs`` programs of ``tile`` state
     elements: 2 for a grid that leaves most SMs idle (batch-1 decoding), where fewer
-    threads per program finished sooner; else 4 for tiles of >= 4096 elements."""
+    threads per program finished sooner; else 4 for tiles of >= 4096 elements.
+    :data:`WARPS_ENV` overrides it."""
+    forced = os.environ.get(WARPS_ENV, "")
+    if forced:
+        if forced not in ("1", "2", "4", "8"):
+            raise ValueError(f"{WARPS_ENV}: expected 1, 2, 4 or 8, got {forced!r}")
+        return int(forced)
     return 2 if programs <= FEW_PROGRAMS or tile < 4096 else 4
 
 
