@@ -21,10 +21,13 @@
 #            the two-round-trip barrier, and 32-row tiles (~180 s);
 #   ncu:     Nsight Compute over one batch-1 GDN and Mamba2 decode step
 #            (benchmarks/ncu_decode_gpu.sh: each kernel's duration and their sum, ~120 s),
-#            then Mamba2's step at batch 64 (NCU64_MODELS, ~60 s);
+#            then Mamba2's step at batch 64 (NCU64_MODELS, ~60 s; NCU_B1=0: batch 64 only);
 #   fla64:   the GDN and Mamba2 decode loops at batch 64 beside FLA's HF models, each FLA
 #            cell in a process of its own (FLA's wheels installed first, as decode_gpu.py's
 #            docstring says; ~200 s with FLA's autotuning).
+#   rows64:  the several-row fused projection kernels (LINEARNEXUS_DECODE_ROWS): their
+#            tests compiled, then the GDN and Mamba2 decode loops at batch 64 (ROWS_BATCH)
+#            with them off (1) and on (64), one process each (~60 + 2 x 90 s).
 #   warps64: the GDN and Mamba2 decode loops at batch 64 with the layer kernels at their
 #            default warps (4 there) and at each count in $WARPS (default "2 8";
 #            LINEARNEXUS_LAYER_WARPS), one process each (~3 x 90 s).
@@ -73,7 +76,9 @@ case " $PARTS " in *" stream "*)
   fi;;
 esac
 case " $PARTS " in *" ncu "*)
-  OUT="$OUT/ncu" NCU_S=${NCU_S:-75} bash benchmarks/ncu_decode_gpu.sh 2>&1 | quiet
+  if [ "${NCU_B1:-1}" = 1 ]; then
+    OUT="$OUT/ncu" NCU_S=${NCU_S:-75} bash benchmarks/ncu_decode_gpu.sh 2>&1 | quiet
+  fi
   # batch 64 (the issue's >= 20x FLA target), where the state's read and write weigh most
   OUT="$OUT/ncu" NCU_S=${NCU_S:-75} MODELS=${NCU64_MODELS:-mamba2} BATCH=64 SHOW=40 \
     bash benchmarks/ncu_decode_gpu.sh 2>&1 | quiet;;
@@ -82,6 +87,22 @@ case " $PARTS " in *" fla64 "*)
   timeout ${FLA64_S:-240} python3 benchmarks/decode_gpu.py --models gdn mamba2 --batches 64 \
     --host-batches --steps 64 --budget $(( ${FLA64_S:-240} - 20 )) --out "$OUT/fla64" 2>&1 \
     | grep -E "^\| |rror|budget" | cut -c1-300 | head -20;;
+esac
+case " $PARTS " in *" rows64 "*)
+  # batch 2..64 through the fused projection kernels (gemv._rows_kernel: the norms, conv,
+  # SwiGLU and residual sums folded into the projections as at batch 1): their tests
+  # compiled (tests/test_gemv_rows.py picks the kernels; on a GPU they compile), then the
+  # decode loops at batch 64 with LINEARNEXUS_DECODE_ROWS unset (XLA's matmuls) and 64
+  echo "== the several-row kernels' tests, compiled"
+  timeout ${ROWS_TEST_S:-120} python3 -m pytest -q -p no:cacheprovider -rf --tb=short \
+    tests/test_gemv_rows.py 2>&1 | quiet | tail -15
+  for rows in 1 64; do
+    echo "== batch ${ROWS_BATCH:-64}, LINEARNEXUS_DECODE_ROWS=$rows"
+    LINEARNEXUS_DECODE_ROWS=$rows timeout ${ROWS_S:-100} python3 benchmarks/decode_gpu.py \
+      --models ${ROWS_MODELS:-mamba2 gdn} --batches ${ROWS_BATCH:-64} --steps 64 --skip-fla \
+      --budget $(( ${ROWS_S:-100} - 20 )) --out "$OUT/rows64_$rows" 2>&1 \
+      | grep -E "^\| linearnexus|rror|budget" | cut -c1-300 | head -20
+  done;;
 esac
 case " $PARTS " in *" warps64 "*)
   # the layer kernels' warps at batch 64 (4 by layer_warps there; LINEARNEXUS_LAYER_WARPS

@@ -156,8 +156,12 @@ def test_one_row_fused_matches_the_layers_ops(monkeypatch, options, dtype):
 
 def test_one_row_fused_refuses_bad_operands():
     x, w = jnp.ones((1, 8)), jnp.ones((8, 6))
-    with pytest.raises(ValueError, match=r"x: expected \[1, D\]"):
-        gemv.one_row_fused(jnp.ones((2, 8)), w)
+    with pytest.raises(ValueError, match=r"x: expected \[R, D\] with 1 <= R <= 64"):
+        gemv.one_row_fused(jnp.ones((65, 8)), w)
+    with pytest.raises(ValueError, match=r"x: expected \[R, D\] with 1 <= R <= 64"):
+        gemv.one_row_fused(jnp.ones((1, 1, 8)), w)
+    with pytest.raises(ValueError, match=r"add: expected shape \(1, 8\)"):
+        gemv.one_row_fused(x, w, add=jnp.ones((2, 8)))
     with pytest.raises(ValueError, match=r"w: expected \[D, 2N\] with D=8"):
         gemv.one_row_fused(x, jnp.ones((8, 5)), glu=True)
     with pytest.raises(ValueError, match=r"w: expected \[2N, D\] with D=8"):
@@ -201,15 +205,16 @@ def test_mlp_half_runs_two_kernels_and_matches(monkeypatch, dtype):
                                    rtol=tol, atol=tol)
 
 
-def test_kernels_lower_through_triton(monkeypatch):
+@pytest.mark.parametrize("rows", [1, 64])
+def test_kernels_lower_through_triton(monkeypatch, rows):
     """Both kernels, every prologue / epilogue, lowered for CUDA on this host (Triton form,
-    not interpreted): one Triton custom call each."""
+    not interpreted): one Triton custom call each; one row and 64 (the tensor-core form)."""
     from linearnexus.kernels.common.gpu_lowering import lower_for_gpu
     from linearnexus.kernels.common.pallas import INTERPRET_ENV
 
     monkeypatch.setenv(INTERPRET_ENV, "0")
     bf = jnp.bfloat16
-    row, h = jax.ShapeDtypeStruct((1, 1000), bf), jax.ShapeDtypeStruct((1, 1000), bf)
+    row, h = jax.ShapeDtypeStruct((rows, 1000), bf), jax.ShapeDtypeStruct((rows, 1000), bf)
     w_gu = jax.ShapeDtypeStruct((1000, 2 * 2752), bf)
     w_dn = jax.ShapeDtypeStruct((2752, 1000), bf)
     scale = jax.ShapeDtypeStruct((1000,), jnp.float32)
@@ -234,13 +239,13 @@ def test_kernels_lower_through_triton(monkeypatch):
         return gemv.one_row_group_norm(o, wt, group=128, norm_scale=vscale, norm_eps=1e-5,
                                        gate=gate_row, gate_offset=4128, transposed=True)
 
-    text = lower_for_gpu(head_norm, jax.ShapeDtypeStruct((1, 2048), bf),
-                         jax.ShapeDtypeStruct((1, 6176), bf),
+    text = lower_for_gpu(head_norm, jax.ShapeDtypeStruct((rows, 2048), bf),
+                         jax.ShapeDtypeStruct((rows, 6176), bf),
                          jax.ShapeDtypeStruct((1000, 2048), bf),
                          jax.ShapeDtypeStruct((128,), jnp.float32))
     assert text.count("__gpu$xla.gpu.triton") == 1
     text = lower_for_gpu(conv, row, jax.ShapeDtypeStruct((4256, 1000), bf),
-                         jax.ShapeDtypeStruct((1, 3, 2176), bf),
+                         jax.ShapeDtypeStruct((rows, 3, 2176), bf),
                          jax.ShapeDtypeStruct((4, 2176), jnp.float32),
                          jax.ShapeDtypeStruct((2176,), jnp.float32), scale)
     assert text.count("__gpu$xla.gpu.triton") == 1
@@ -688,7 +693,7 @@ def test_one_row_group_norm_refuses_bad_operands():
         gemv.one_row_group_norm(x, w, group=24, norm_scale=jnp.ones((24,)), norm_eps=1e-5)
     with pytest.raises(ValueError, match=r"norm_scale: expected shape \(16,\)"):
         gemv.one_row_group_norm(x, w, group=16, norm_scale=jnp.ones((8,)), norm_eps=1e-5)
-    with pytest.raises(ValueError, match="gate: expected a \\[1, F\\] row"):
+    with pytest.raises(ValueError, match="gate: expected \\[R, F\\] rows \\(R=1\\)"):
         gemv.one_row_group_norm(x, w, group=16, norm_scale=scale, norm_eps=1e-5,
                                 gate=jnp.ones((1, 100)), gate_offset=10)
     with pytest.raises(ValueError, match="gate: expected dtype float32"):

@@ -96,9 +96,9 @@ class Embedding(nnx.Module):
         table = self.embedding[...].astype(self.dtype)
         if norm is not None:
             if norm_foldable(x, norm, jnp.dtype(self.dtype)):
-                out = one_row_fused(x.reshape(1, self.features), table, transposed=True,
-                                    norm_scale=norm.scale[...], norm_eps=norm.eps)  # [1, V]
-                return out.reshape(*x.shape[:-1], out.shape[-1])  # [1, V] -> [..., V]
+                out = one_row_fused(x.reshape(-1, self.features), table, transposed=True,
+                                    norm_scale=norm.scale[...], norm_eps=norm.eps)  # [R, V]
+                return out.reshape(*x.shape[:-1], out.shape[-1])  # [R, V] -> [..., V]
             x = norm(x)
         if one_row_ready(x):  # batch-1 decoding on a GPU: kernels/fused_decode/gemv.py
             return one_row_matmul(x.astype(self.dtype), table, transposed=True)  # [..., V]
@@ -149,9 +149,10 @@ def fused_decode_enabled() -> bool:
 
 
 def norm_foldable(x: Array, norm: Any, dtype: DType) -> bool:
-    """Whether ``norm(x)`` can run in the prologue of a one-row matmul kernel computing in
-    ``dtype`` (``kernels.fused_decode.gemv.one_row_fused``): one row on a GPU in the
-    ``pallas`` mode, ``norm`` a plain :class:`RMSNorm` over ``x``'s last axis whose output
+    """Whether ``norm(x)`` can run in the prologue of a one-row (or few-row) matmul kernel
+    computing in ``dtype`` (``kernels.fused_decode.gemv.one_row_fused``): ``fused_ready``
+    (one row, or up to ``LINEARNEXUS_DECODE_ROWS``, on a GPU in the ``pallas`` mode),
+    ``norm`` a plain :class:`RMSNorm` over ``x``'s last axis whose output
     dtype is ``dtype`` (the matmul's compute dtype), ``x`` a float array. The kernel then
     computes the same float32 norm and rounds the normalised row to ``dtype`` as the module
     does."""
@@ -194,9 +195,9 @@ def fused_dense(x: Array, linears: Sequence[nnx.Linear], *,
             ``len(linears)``): ``(3, 1)`` returns ``[y_1 | y_2 | y_3, y_4]``, the first three
             outputs side by side without a concatenate. None: one output per linear.
         norm: an :class:`RMSNorm` applied to ``x`` first (a pre-norm layer's norm), or
-            None. For one row on a GPU in the ``pallas`` mode it runs in the matmul
-            kernel's prologue (:func:`norm_foldable`, and bias-free plain linears);
-            elsewhere as the module.
+            None. For one row (or up to ``LINEARNEXUS_DECODE_ROWS``) on a GPU in the
+            ``pallas`` mode it runs in the matmul kernel's prologue (:func:`norm_foldable`,
+            and bias-free plain linears); elsewhere as the module.
 
     Returns:
         ``[y_1 [..., F_1], ..., y_n [..., F_n]]`` (or one per group) in the linears'
@@ -258,9 +259,9 @@ def _normed_matmul(norm: RMSNorm, linears: Sequence[nnx.Linear], x: Array) -> Ar
             for lin in linears)):
         return None
     kernel, _, transposed = _group_weights(linears)  # [D, sum F] or [sum F, D]
-    out = one_row_fused(x.reshape(1, norm.dim), kernel.astype(dtype), transposed=transposed,
-                        norm_scale=norm.scale[...], norm_eps=norm.eps)  # [1, sum F]
-    return out.reshape(*x.shape[:-1], out.shape[-1])  # [1, sum F] -> [..., sum F]
+    out = one_row_fused(x.reshape(-1, norm.dim), kernel.astype(dtype), transposed=transposed,
+                        norm_scale=norm.scale[...], norm_eps=norm.eps)  # [R, sum F]
+    return out.reshape(*x.shape[:-1], out.shape[-1])  # [R, sum F] -> [..., sum F]
 
 
 def conv_dense_weight(x: Array, linears: Sequence[nnx.Linear], conv: ShortConv, cache: Array,
@@ -268,10 +269,11 @@ def conv_dense_weight(x: Array, linears: Sequence[nnx.Linear], conv: ShortConv, 
     """The transposed weight ``[sum F, D]`` (compute dtype) that :func:`conv_dense`'s kernel
     reads, or None where :func:`conv_dense` does not apply (see there)."""
     dtype = jnp.dtype(linears[0].dtype or linears[0].param_dtype)
-    bn = tiles(x.shape[-1])[1]
+    rows = math.prod(x.shape[:-1])
+    bn = tiles(x.shape[-1], rows)[1]
     channels = conv.channels
     if not (fused_ready(x) and conv.activation == "silu" and conv.width >= 2
-            and tuple(cache.shape) == (1, conv.width - 1, channels)
+            and tuple(cache.shape) == (rows, conv.width - 1, channels)
             and jnp.dtype(cache.dtype) == dtype and conv_start % bn == 0 and channels % bn == 0
             and conv_start + channels <= sum(lin.out_features for lin in linears)
             and all(_kernel_linear(lin) and jnp.dtype(lin.dtype or lin.param_dtype) == dtype
@@ -298,23 +300,23 @@ def conv_dense(x: Array, linears: Sequence[nnx.Linear], conv: ShortConv, cache: 
     """``fused_dense(x, linears)`` (of ``norm(x)`` with a norm) whose columns ``[conv_start,
     conv_start + C)`` then take ``conv``'s one-token step (silu), in one kernel
     (``kernels.fused_decode.gemv.one_row_conv``): a recurrent layer's input projection and
-    short conv at batch 1 on a GPU in the ``pallas`` mode. Returns ``(y [..., sum F] in the
-    compute dtype, new_cache [1, W-1, C])``, or None where that does not apply (then the
-    caller runs the conv itself): not one row on the GPU path, linears that are not plain
-    bias-free matmuls of one dtype, a conv without silu or of another width than the
-    cache, a cache not in the compute dtype, odd ``conv_start`` or ``C``, or a norm that
-    does not fold."""
+    short conv at batch 1 (or up to ``LINEARNEXUS_DECODE_ROWS``) on a GPU in the ``pallas``
+    mode. Returns ``(y [..., sum F] in the compute dtype, new_cache [R, W-1, C])``, or None
+    where that does not apply (then the caller runs the conv itself): not ``fused_ready``,
+    linears that are not plain bias-free matmuls of one dtype, a conv without silu or of
+    another width than the cache, a cache not in the compute dtype, odd ``conv_start`` or
+    ``C``, or a norm that does not fold."""
     wt = conv_dense_weight(x, linears, conv, cache, conv_start=conv_start, norm=norm)
     if wt is None:
         return None
     depth = x.shape[-1]
     bias = None if conv.conv_bias is None else conv.conv_bias[...]
     y, new_cache = one_row_conv(
-        x.reshape(1, depth), wt, cache, conv.conv_weight[...], bias,
+        x.reshape(-1, depth), wt, cache, conv.conv_weight[...], bias,
         conv_start=conv_start, transposed=True,
         norm_scale=None if norm is None else norm.scale[...],
-        norm_eps=None if norm is None else norm.eps)  # [1, sum F], [1, W-1, C]
-    return y.reshape(*x.shape[:-1], y.shape[-1]), new_cache  # [1, sum F] -> [..., sum F]
+        norm_eps=None if norm is None else norm.eps)  # [R, sum F], [R, W-1, C]
+    return y.reshape(*x.shape[:-1], y.shape[-1]), new_cache  # [R, sum F] -> [..., sum F]
 
 
 def head_norm_group(lin: nnx.Linear, x: Array, norm: Any, gated: bool) -> int | None:
@@ -334,7 +336,7 @@ def head_norm_group(lin: nnx.Linear, x: Array, norm: Any, gated: bool) -> int | 
             and jnp.dtype(norm.dtype or x.dtype) == dtype and x.shape[-1] == lin.in_features):
         return None
     group, depth = norm.dim, x.shape[-1]
-    if group & (group - 1) or depth % group or group > tiles(depth)[0]:
+    if group & (group - 1) or depth % group or group > tiles(depth, math.prod(x.shape[:-1]))[0]:
         return None
     return group
 
@@ -343,19 +345,20 @@ def head_normed_dense(lin: nnx.Linear, x: Array, norm: Any, gate_row: Array | No
                       gate_offset: int = 0) -> Array | None:
     """``lin(norm(x per head, gate))`` in one kernel (``gemv.one_row_group_norm``: the
     per-head output norm and silu gate of a linear-attention layer in ``o_proj``'s
-    prologue) for one row on a GPU, or None where :func:`head_norm_group` says it does not
-    apply. ``x [..., H*V]``; ``gate_row [1, F]`` holds the gate's ``H*V`` values from
-    ``gate_offset`` on (None without a gate)."""
+    prologue) for one row (or up to ``LINEARNEXUS_DECODE_ROWS``) on a GPU, or None where
+    :func:`head_norm_group` says it does not apply. ``x [..., H*V]`` (R rows);
+    ``gate_row [R, F]`` holds the gate's ``H*V`` values from ``gate_offset`` on (None
+    without a gate)."""
     group = head_norm_group(lin, x, norm, gate_row is not None)
     if group is None:
         return None
     depth = x.shape[-1]
     kernel, _, transposed = _group_weights([lin])
     dtype = jnp.dtype(lin.dtype or lin.param_dtype)
-    out = one_row_group_norm(x.reshape(1, depth), kernel.astype(dtype), group=group,
+    out = one_row_group_norm(x.reshape(-1, depth), kernel.astype(dtype), group=group,
                              norm_scale=norm.scale[...], norm_eps=norm.eps, gate=gate_row,
-                             gate_offset=gate_offset, transposed=transposed)  # [1, N]
-    return out.reshape(*x.shape[:-1], out.shape[-1])  # [1, N] -> [..., N]
+                             gate_offset=gate_offset, transposed=transposed)  # [R, N]
+    return out.reshape(*x.shape[:-1], out.shape[-1])  # [R, N] -> [..., N]
 
 
 def dense(lin: nnx.Linear, x: Array, *, norm: RMSNorm | None = None) -> Array:
@@ -378,12 +381,13 @@ def dense(lin: nnx.Linear, x: Array, *, norm: RMSNorm | None = None) -> Array:
 
 
 def normed_dense(lin: nnx.Linear, norm: Any, xg: Array) -> Array | None:
-    """``lin(norm.normalize_gated(xg))`` as one kernel for a one-row call on a GPU in the
-    ``pallas`` mode (the RMSNorm in the matmul's prologue: Mamba2's gated norm before
-    ``out_proj`` at batch 1), or None where that does not apply (the caller runs the two
-    steps): ``norm`` a :class:`GatedRMSNorm` that gates before normalising, over the whole
-    row (one group), in ``lin``'s compute dtype; ``lin`` a plain ``nnx.Linear`` without a
-    bias. ``xg [..., D]`` (float32 from a fused kernel, or the compute dtype)."""
+    """``lin(norm.normalize_gated(xg))`` as one kernel for a one-row call (or up to
+    ``LINEARNEXUS_DECODE_ROWS`` rows) on a GPU in the ``pallas`` mode (the RMSNorm in the
+    matmul's prologue: Mamba2's gated norm before ``out_proj`` when decoding), or None where
+    that does not apply (the caller runs the two steps): ``norm`` a :class:`GatedRMSNorm` that
+    gates before normalising, over the whole row (one group), in ``lin``'s compute dtype;
+    ``lin`` a plain ``nnx.Linear`` without a bias. ``xg [..., D]`` (float32 from a fused
+    kernel, or the compute dtype)."""
     if not (isinstance(norm, GatedRMSNorm) and not norm.norm_before_gate
             and norm.group_size in (None, norm.dim) and fused_ready(xg) and _kernel_linear(lin)
             and xg.shape[-1] == norm.dim == lin.in_features):
@@ -392,9 +396,9 @@ def normed_dense(lin: nnx.Linear, norm: Any, xg: Array) -> Array | None:
     if jnp.dtype(norm.dtype or xg.dtype) != dtype or not is_float_dtype(xg.dtype):
         return None
     kernel, _, transposed = _group_weights([lin])
-    out = one_row_fused(xg.reshape(1, norm.dim), kernel.astype(dtype), transposed=transposed,
-                        norm_scale=norm.scale[...], norm_eps=norm.eps)  # [1, N]
-    return out.reshape(*xg.shape[:-1], lin.out_features)  # [1, N] -> [..., N]
+    out = one_row_fused(xg.reshape(-1, norm.dim), kernel.astype(dtype), transposed=transposed,
+                        norm_scale=norm.scale[...], norm_eps=norm.eps)  # [R, N]
+    return out.reshape(*xg.shape[:-1], lin.out_features)  # [R, N] -> [..., N]
 
 
 def _plain_linear(lin: nnx.Linear) -> bool:
@@ -561,24 +565,25 @@ class SwiGLU(nnx.Module):
         """A pre-norm layer's MLP half: ``r + self(norm(r))`` with ``r = x + h`` (``x`` the
         residual stream, ``h`` the mixer's output, ``[..., D]``).
 
-        One row on a GPU with ``LINEARNEXUS_DECODE_GEMV=pallas`` (batch-1 decoding) runs
-        as two kernels (``kernels.fused_decode.gemv.one_row_fused``): the sum, the norm,
-        gate | up and the activation in one; down and the residual sum in the other.
-        Elsewhere (and for biases, a custom matmul, or mixed dtypes) the same steps in XLA.
+        One row (or up to ``LINEARNEXUS_DECODE_ROWS``) on a GPU with
+        ``LINEARNEXUS_DECODE_GEMV=pallas`` (decoding) runs as two kernels
+        (``kernels.fused_decode.gemv.one_row_fused``): the sum, the norm, gate | up and the
+        activation in one; down and the residual sum in the other. Elsewhere (and for biases,
+        a custom matmul, or mixed dtypes) the same steps in XLA.
         """
         if not self._fused_residual_ready(x, h, norm):
             r = x + h
             return r + self(norm(r))
         d = self.d_model
-        row, h_row = x.reshape(1, d), h.reshape(1, d)  # [..., 1, D] -> [1, D]
+        row, h_row = x.reshape(-1, d), h.reshape(-1, d)  # [..., 1, D] -> [R, D]
         w_gu, _, gu_t = _group_weights(self.decode_linears()[0])  # [D, 2F] or [2F, D]
         w_dn, _, dn_t = _group_weights([self.w_down])  # [F, D] or [D, F]
         dtype = x.dtype
         hidden = one_row_fused(row, w_gu.astype(dtype), transposed=gu_t, glu=True, add=h_row,
-                               norm_scale=norm.scale[...], norm_eps=norm.eps)  # [1, F]
+                               norm_scale=norm.scale[...], norm_eps=norm.eps)  # [R, F]
         out = one_row_fused(hidden, w_dn.astype(dtype), transposed=dn_t, residual=row,
-                            residual_add=h_row)  # [1, D]
-        return out.reshape(x.shape)  # [1, D] -> [..., 1, D]
+                            residual_add=h_row)  # [R, D]
+        return out.reshape(x.shape)  # [R, D] -> [..., 1, D]
 
     def _fused_residual_ready(self, x: Array, h: Array, norm: RMSNorm) -> bool:
         lins = (self.w_gate, self.w_up, self.w_down)

@@ -56,6 +56,15 @@ MODES = ("xla", "pad", "table", "pallas")
 DEFAULT_MODE = "pallas"
 #: rows the "pad" mode pads one row to
 PAD_ROWS = 8
+#: most input rows the fused kernels (:func:`one_row_fused`, :func:`one_row_conv`,
+#: :func:`one_row_group_norm`) take: ``x [R, D]`` with ``1 <= R <= MAX_ROWS``
+MAX_ROWS = 64
+#: the largest batch whose one-token calls take the fused kernels in the ``"pallas"`` mode
+#: (read at trace time; 1 .. MAX_ROWS): above 1, batch 2 .. N decoding folds its norms,
+#: conv, SwiGLU and residual sums into the projections as batch 1 does
+ROWS_ENV = "LINEARNEXUS_DECODE_ROWS"
+#: batch 1 only until the several-row kernels are timed against XLA on a GPU
+DEFAULT_ROWS = 1
 F32 = jnp.float32
 
 
@@ -90,10 +99,27 @@ def one_row_ready(x: Array) -> bool:
     return math.prod(x.shape[:-1]) == 1 and _compiles() and gemv_mode() != "xla"
 
 
+def fused_rows() -> int:
+    """The largest batch the fused kernels take (:data:`ROWS_ENV`, default
+    :data:`DEFAULT_ROWS`).
+
+    Raises:
+        ValueError: a value that is not an integer in ``1 .. MAX_ROWS``.
+    """
+    raw = os.environ.get(ROWS_ENV, "")
+    if not raw:
+        return DEFAULT_ROWS
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_ROWS:
+        raise ValueError(f"{ROWS_ENV}: expected an integer in 1..{MAX_ROWS}, got {raw!r}")
+    return int(raw)
+
+
 def fused_ready(x: Array) -> bool:
-    """Whether :func:`one_row_fused` runs for ``x``: :func:`one_row_ready` in mode
+    """Whether the fused kernels (:func:`one_row_fused` and the like) run for ``x [..., D]``:
+    at most :func:`fused_rows` rows in all, the kernels compile here, and the mode is
     ``"pallas"`` (the other modes keep the layer's ops in XLA)."""
-    return one_row_ready(x) and gemv_mode() == "pallas"
+    return (math.prod(x.shape[:-1]) <= fused_rows() and _compiles()
+            and gemv_mode() == "pallas")
 
 
 def _pow2_at_most(n: int, cap: int) -> int:
@@ -103,11 +129,23 @@ def _pow2_at_most(n: int, cap: int) -> int:
     return p
 
 
-def tiles(depth: int) -> tuple[int, int]:
-    """``(BK, BN)`` for a ``[N, depth]`` transposed weight: ``BN = 2`` rows per program and
-    ``BK`` up to 1024 contiguous weights per row (a power of two; the last tile is masked).
-    The best of those timed on the H200 (``benchmarks/gemv_gpu.py``)."""
-    return _pow2_at_most(max(depth, 16), 1024), 2
+def tiles(depth: int, rows: int = 1) -> tuple[int, int]:
+    """``(BK, BN)`` for a ``[N, depth]`` transposed weight and ``rows`` input rows.
+
+    One row: ``BN = 2`` rows of the weight per program and ``BK`` up to 1024 contiguous
+    weights per row (a power of two; the last tile is masked), the best of those timed on
+    the H200 (``benchmarks/gemv_gpu.py``). Several rows (a tensor-core product per tile):
+    ``BN = 32`` weight rows a program (16 where ``depth < 512``: small layers keep more
+    programs) and ``BK`` up to 128 (the ``[rows, BK]`` input tile is held in registers)."""
+    if rows <= 1:
+        return _pow2_at_most(max(depth, 16), 1024), 2
+    return _pow2_at_most(max(depth, 16), 128), 32 if depth >= 512 else 16
+
+
+def padded_rows(rows: int) -> int:
+    """The row count of the kernels' tiles for ``rows`` input rows: 1 for one row, else the
+    next power of two of at least 16 (a tensor-core product's smallest side)."""
+    return 1 if rows <= 1 else max(16, 1 << (rows - 1).bit_length())
 
 
 def _row(ref, start: Array, size: int, limit: int) -> Array:
@@ -135,6 +173,7 @@ class _Static:
     conv_width: int | None = None  # a causal conv (+ silu) epilogue over W taps
     conv_start: int = 0  # the first output column the conv covers (a multiple of BN)
     conv_channels: int = 0  # how many columns it covers (a multiple of BN)
+    rows: int = 1  # input rows (> 1: _rows_kernel, tensor-core products)
 
 
 def _conv_epilogue(y: Array, j: Array, rnd, *, cache_ref, cw_ref, cb_ref, new_cache_ref,
@@ -244,6 +283,109 @@ def _kernel(*, x_ref, add_ref, scale_ref, gate_ref, w_ref, res_ref, res_add_ref,
               mask=(outs < width)[None])  # [BN] -> [1, BN]
 
 
+def _rows_kernel(*, x_ref, add_ref, scale_ref, gate_ref, w_ref, res_ref, res_add_ref,
+                 cache_ref, cw_ref, cb_ref, y_ref, new_cache_ref, st: _Static):
+    """:func:`_kernel` for ``st.rows`` input rows (batch 2 .. :data:`MAX_ROWS` decoding):
+    program ``j`` owns output columns ``[j BN, (j + 1) BN)``, its ``[BN, BK]`` weight tiles
+    multiplied with the ``[RP, BK]`` input tile on the tensor cores (``RP`` =
+    :func:`padded_rows`, rows past ``st.rows`` masked to zero and never stored), float32
+    sums. The prologue and epilogue are :func:`_kernel`'s per row, rounded at the same
+    places; the matmul's operands are the compute dtype, as XLA's matmul takes them."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plt
+
+    j = pl.program_id(0)
+    bk, bn, depth, width = st.block_k, st.block_n, st.depth, st.width
+    rp = padded_rows(st.rows)
+    live = jnp.arange(rp) < st.rows  # [RP]
+    outs = j * bn + jnp.arange(bn)
+    n_tiles = pl.cdiv(depth, bk)
+    exact = st.out_dtype == jnp.dtype(F32)  # float32 weights: full-precision products
+
+    def rnd(v):
+        return v.astype(st.out_dtype).astype(F32)
+
+    def tile(ref, start, size, limit):  # [RP, size] of a [R, L] operand, float32, masked
+        cols = start + jnp.arange(size)
+        return plt.load(ref.at[pl.ds(0, rp), pl.ds(start, size)],
+                        mask=live[:, None] & (cols < limit)[None, :], other=0.0).astype(F32)
+
+    def x_in(k0):
+        xk = tile(x_ref, k0, bk, depth)  # [RP, BK]
+        return xk if add_ref is None else rnd(xk + tile(add_ref, k0, bk, depth))
+
+    inv = None
+    if st.norm_eps is not None and st.group is None:  # RMSNorm over each whole row first
+        squares = jax.lax.fori_loop(0, n_tiles, lambda i, a: a + jnp.sum(jnp.square(
+            x_in(pl.multiple_of(i * bk, bk))), axis=1), jnp.zeros((rp,), F32))  # [RP]
+        inv = jax.lax.rsqrt(squares / depth + st.norm_eps)
+
+    starts = [j * bn] + ([width + j * bn] if st.glu else [])
+
+    def body(i, acc):
+        k0 = pl.multiple_of(i * bk, bk)
+        ks = k0 + jnp.arange(bk)
+        xk = x_in(k0)  # [RP, BK]
+        if st.group is not None:  # per-group RMSNorm (and silu gate) of each row
+            size = st.group
+            xg = xk.reshape(rp * bk // size, size)  # [RP, BK] -> [RP BK / G, G]
+            g_inv = jax.lax.rsqrt(jnp.mean(xg * xg, axis=1, keepdims=True) + st.norm_eps)
+            y = xg * g_inv * scale_ref[pl.ds(0, size)].astype(F32)[None, :]
+            if gate_ref is not None:
+                gate = tile(gate_ref, st.gate_offset + k0, bk, st.gate_offset + depth)
+                gate = gate.reshape(rp * bk // size, size)  # [RP, BK] -> [RP BK / G, G]
+                y = y * (gate * jax.nn.sigmoid(gate))
+            xk = rnd(y.reshape(rp, bk))  # [RP BK / G, G] -> [RP, BK]
+        if inv is not None:
+            scale = plt.load(scale_ref.at[pl.ds(k0, bk)], mask=ks < depth, other=0.0)
+            xk = rnd(xk * inv[:, None] * scale.astype(F32)[None, :])
+        xk = xk.astype(st.out_dtype)  # exact: every prologue value is rounded to it
+        mask = (outs[:, None] < width) & (ks[None, :] < depth)
+        return tuple(
+            a + jnp.dot(xk, plt.load(w_ref.at[pl.ds(c, bn), pl.ds(k0, bk)], mask=mask,
+                                     other=0.0).T,
+                        preferred_element_type=F32,
+                        precision=jax.lax.Precision.HIGHEST if exact else None)
+            for a, c in zip(acc, starts, strict=True))  # [RP, BK] x [BK, BN] -> [RP, BN]
+
+    acc = jax.lax.fori_loop(0, n_tiles, body,
+                            tuple(jnp.zeros((rp, bn), F32) for _ in starts))
+    ys = [rnd(a) for a in acc]  # [RP, BN] each, the matmul's output in the output dtype
+    if st.glu:
+        gate, up = ys
+        y = rnd(rnd(gate * rnd(jax.nn.sigmoid(gate))) * up)
+    else:
+        y = ys[0]
+    if res_ref is not None:
+        res = tile(res_ref, j * bn, bn, width)  # [RP, BN]
+        if res_add_ref is not None:
+            res = rnd(res + tile(res_add_ref, j * bn, bn, width))
+        y = rnd(res + y)
+    if st.conv_width is not None:  # the short conv's step on these columns, per row
+        channel = j * bn - st.conv_start
+        inside = (channel >= 0) & (channel < st.conv_channels)  # all BN columns or none
+        span = pl.ds(jnp.clip(channel, 0, st.conv_channels - bn), bn)
+        # (the tap as an int32 array: a masked load's discharge rule in the interpreter takes
+        # no Python int index)
+        window = [plt.load(cache_ref.at[pl.ds(0, rp), jnp.int32(i), span], mask=live[:, None],
+                           other=0.0).astype(F32) for i in range(st.conv_width - 1)] + [y]
+        conv = (cb_ref[span].astype(F32)[None, :] if cb_ref is not None
+                else jnp.zeros((rp, bn), F32))
+        for i, value in enumerate(window):  # [RP, BN] each
+            conv = conv + cw_ref[i, span].astype(F32)[None, :] * value
+        conv = rnd(conv * jax.nn.sigmoid(conv))
+
+        @pl.when(inside)
+        def _():
+            for i in range(st.conv_width - 1):
+                plt.store(new_cache_ref.at[pl.ds(0, rp), jnp.int32(i), span],
+                          window[i + 1].astype(new_cache_ref.dtype), mask=live[:, None])
+
+        y = jnp.where(inside, conv, y)
+    plt.store(y_ref.at[pl.ds(0, rp), pl.ds(j * bn, bn)], y.astype(y_ref.dtype),
+              mask=live[:, None] & (outs < width)[None, :])
+
+
 def _launch(x: Array, wt: Array, add: Array | None, scale: Array | None,
             res: Array | None, res_add: Array | None, *, glu: bool,
             norm_eps: float | None, out_dtype: jnp.dtype,
@@ -258,16 +400,17 @@ def _launch(x: Array, wt: Array, add: Array | None, scale: Array | None,
 def static_for(depth: int, rows: int, cache: Array | None, conv_weight: Array | None, *,
                glu: bool, norm_eps: float | None, out_dtype: jnp.dtype, conv_start: int = 0,
                group: int | None = None, gate_offset: int | None = None,
-               blocks: tuple[int, int] | None = None) -> _Static:
-    """What is static in a launch over ``W^T [rows, depth]`` (``rows = 2N`` with ``glu``):
-    the tiles (:func:`tiles`, or ``blocks``) and the prologue / epilogue. Shared by
-    :func:`_launch_any` and the persistent layer kernel, so both run one computation."""
-    bk, bn = blocks or tiles(depth)
+               blocks: tuple[int, int] | None = None, x_rows: int = 1) -> _Static:
+    """What is static in a launch over ``W^T [rows, depth]`` (``rows = 2N`` with ``glu``)
+    for ``x_rows`` input rows: the tiles (:func:`tiles`, or ``blocks``) and the prologue /
+    epilogue. Shared by :func:`_launch_any` and the persistent layer kernel, so both run
+    one computation."""
+    bk, bn = blocks or tiles(depth, x_rows)
     conv = {} if cache is None else dict(conv_width=conv_weight.shape[0],
                                          conv_start=conv_start, conv_channels=cache.shape[2])
     return _Static(depth=depth, width=rows // (2 if glu else 1), block_k=bk, block_n=bn,
                    glu=glu, norm_eps=norm_eps, out_dtype=jnp.dtype(out_dtype), group=group,
-                   gate_offset=gate_offset, **conv)
+                   gate_offset=gate_offset, rows=x_rows, **conv)
 
 
 def _launch_any(x: Array, wt: Array, add: Array | None, scale: Array | None,
@@ -277,23 +420,26 @@ def _launch_any(x: Array, wt: Array, add: Array | None, scale: Array | None,
                 group: int | None = None, gate: Array | None = None, gate_offset: int = 0,
                 blocks: tuple[int, int] | None = None,
                 warps: int = 4) -> tuple[Array, Array | None]:
-    """The kernel with every operand; returns ``(y [1, N], new cache or None)``."""
+    """The kernel with every operand (``x [R, D]``, R = 1 or several rows); returns
+    ``(y [R, N], new cache or None)``."""
     from jax.experimental import pallas as pl
 
     st = static_for(x.shape[1], wt.shape[0], cache, conv_weight, glu=glu, norm_eps=norm_eps,
                     out_dtype=out_dtype, conv_start=conv_start, group=group,
-                    gate_offset=None if gate is None else gate_offset, blocks=blocks)
+                    gate_offset=None if gate is None else gate_offset, blocks=blocks,
+                    x_rows=x.shape[0])
     width, bn = st.width, st.block_n
     out = named_pallas_call(
-        functools.partial(_kernel, st=st),
+        functools.partial(_kernel if st.rows == 1 else _rows_kernel, st=st),
         inputs={"x": x, "add": add, "scale": scale, "gate": gate, "w": wt, "res": res,
                 "res_add": res_add, "cache": cache, "cw": conv_weight, "cb": conv_bias},
-        outputs={"y": jax.ShapeDtypeStruct((1, width), out_dtype),
+        outputs={"y": jax.ShapeDtypeStruct((st.rows, width), out_dtype),
                  "new_cache": None if cache is None else jax.ShapeDtypeStruct(
                      cache.shape, cache.dtype)},
         aliases={} if cache is None else {"cache": "new_cache"},
         grid=(pl.cdiv(width, bn),), interpret=interpret_mode(),
-        compiler_params=compiler_params(warps, 3), name="one_row_matmul")
+        compiler_params=compiler_params(warps, 3),
+        name="one_row_matmul" if st.rows == 1 else "few_rows_matmul")
     return out["y"], out["new_cache"]
 
 
@@ -369,7 +515,8 @@ def one_row_fused(x: Array, w: Array, *, transposed: bool = False, glu: bool = F
                   add: Array | None = None, norm_scale: Array | None = None,
                   norm_eps: float | None = None, residual: Array | None = None,
                   residual_add: Array | None = None) -> Array:
-    """A one-row matmul with a pre-norm layer's work around it, in one Pallas kernel.
+    """A one-row (or few-row) matmul with a pre-norm layer's work around it, in one Pallas
+    kernel.
 
     ``y = x' @ w`` (``w [D, N]``, or ``[N, D]`` stored transposed: the kernel reads that
     layout, and a ``[D, N]`` weight is transposed first) with the prologue
@@ -381,32 +528,37 @@ def one_row_fused(x: Array, w: Array, *, transposed: bool = False, glu: bool = F
     the normalised row is rounded to ``w``'s dtype. A GPU-only
     path (``one_row_ready`` and mode ``"pallas"``); differentiable (as the XLA ops).
 
+    Several rows (``R > 1``: batch-``R`` decoding) run a tensor-core form of the kernel
+    (``_rows_kernel``) with the same prologue and epilogue per row.
+
     Args:
-        x: ``[1, D]`` in ``w``'s dtype (another float dtype with ``norm_scale`` and no
-            ``add``); add: ``[1, D]`` or None.
+        x: ``[R, D]``, ``1 <= R <=`` :data:`MAX_ROWS`, in ``w``'s dtype (another float
+            dtype with ``norm_scale`` and no ``add``); add: ``[R, D]`` or None.
         w: ``[D, N]`` (``[D, 2N]`` with ``glu``); ``[N, D]`` (``[2N, D]``) with
             ``transposed``.
         norm_scale: ``[D]`` (with ``norm_eps``) or None.
-        residual, residual_add: ``[1, N]`` or None.
+        residual, residual_add: ``[R, N]`` or None.
 
     Returns:
-        ``[1, N]`` in ``w``'s dtype.
+        ``[R, N]`` in ``w``'s dtype.
 
     Raises:
         ValueError: an operand of the wrong shape or dtype, naming it.
     """
     depth = x.shape[-1]
-    if x.ndim != 2 or x.shape[0] != 1:
-        raise ValueError(f"x: expected [1, D], got shape {tuple(x.shape)}")
+    if x.ndim != 2 or not 1 <= x.shape[0] <= MAX_ROWS:
+        raise ValueError(f"x: expected [R, D] with 1 <= R <= {MAX_ROWS}, got shape "
+                         f"{tuple(x.shape)}")
+    rows = x.shape[0]
     k_axis = 1 if transposed else 0
     if w.ndim != 2 or w.shape[k_axis] != depth or (glu and w.shape[1 - k_axis] % 2):
         want = (("[2N, D]" if glu else "[N, D]") if transposed
                 else ("[D, 2N]" if glu else "[D, N]"))
         raise ValueError(f"w: expected {want} with D={depth}, got shape {tuple(w.shape)}")
     width = w.shape[1 - k_axis] // (2 if glu else 1)
-    for name, arr, shape in (("add", add, (1, depth)), ("norm_scale", norm_scale, (depth,)),
-                             ("residual", residual, (1, width)),
-                             ("residual_add", residual_add, (1, width))):
+    for name, arr, shape in (("add", add, (rows, depth)), ("norm_scale", norm_scale, (depth,)),
+                             ("residual", residual, (rows, width)),
+                             ("residual_add", residual_add, (rows, width))):
         if arr is not None and tuple(arr.shape) != shape:
             raise ValueError(f"{name}: expected shape {shape}, got {tuple(arr.shape)}")
     if (norm_scale is None) != (norm_eps is None):
@@ -429,11 +581,12 @@ def one_row_fused(x: Array, w: Array, *, transposed: bool = False, glu: bool = F
 
 
 def _row_and_weight(x: Array, w: Array, transposed: bool) -> tuple[int, int]:
-    """``(D, N)`` of a one-row call: ``x [1, D]`` and ``w [D, N]`` (``[N, D]`` with
-    ``transposed``), checked, naming the bad argument."""
+    """``(D, N)`` of a fused call: ``x [R, D]`` (``1 <= R <= MAX_ROWS``) and ``w [D, N]``
+    (``[N, D]`` with ``transposed``), checked, naming the bad argument."""
     depth = x.shape[-1]
-    if x.ndim != 2 or x.shape[0] != 1:
-        raise ValueError(f"x: expected [1, D], got shape {tuple(x.shape)}")
+    if x.ndim != 2 or not 1 <= x.shape[0] <= MAX_ROWS:
+        raise ValueError(f"x: expected [R, D] with 1 <= R <= {MAX_ROWS}, got shape "
+                         f"{tuple(x.shape)}")
     k_axis = 1 if transposed else 0
     if w.ndim != 2 or w.shape[k_axis] != depth:
         want = "[N, D]" if transposed else "[D, N]"
@@ -446,54 +599,58 @@ def _conv_reference(x: Array, wt: Array, scale: Array | None, cache: Array,
                     out_dtype: jnp.dtype, conv_start: int) -> tuple[Array, Array]:
     """:func:`one_row_conv`'s math in XLA (its backward pass)."""
     y = _fused_reference(x, wt, None, scale, None, None, transposed=True, glu=False,
-                         norm_eps=norm_eps, out_dtype=out_dtype)  # [1, N]
+                         norm_eps=norm_eps, out_dtype=out_dtype)  # [R, N]
     channels = cache.shape[2]
-    window = jnp.concatenate([cache[0], y[:, conv_start:conv_start + channels]],
-                             axis=0).astype(cache.dtype)  # [W-1, C] + [1, C] -> [W, C]
-    acc = jnp.sum(conv_weight.astype(F32) * window.astype(F32), axis=0)  # [W, C] -> [C]
+    window = jnp.concatenate([cache, y[:, None, conv_start:conv_start + channels]],
+                             axis=1).astype(cache.dtype)  # [R, W-1, C] + [R, 1, C] -> [R, W, C]
+    acc = jnp.sum(conv_weight.astype(F32) * window.astype(F32), axis=1)  # [R, W, C] -> [R, C]
     if conv_bias is not None:
         acc = acc + conv_bias.astype(F32)
-    conv = (acc * jax.nn.sigmoid(acc)).astype(out_dtype)  # [C]
-    y = y.at[0, conv_start:conv_start + channels].set(conv)
-    return y, window[1:][None]  # [1, W-1, C]
+    conv = (acc * jax.nn.sigmoid(acc)).astype(out_dtype)  # [R, C]
+    y = y.at[:, conv_start:conv_start + channels].set(conv)
+    return y, window[:, 1:]  # [R, W-1, C]
 
 
 def one_row_conv(x: Array, w: Array, conv_cache: Array, conv_weight: Array,
                  conv_bias: Array | None = None, *, conv_start: int = 0,
                  transposed: bool = False, norm_scale: Array | None = None,
                  norm_eps: float | None = None) -> tuple[Array, Array]:
-    """A one-row matmul whose output columns ``[conv_start, conv_start + C)`` then take the
-    short conv's one-token step, in one Pallas kernel (a recurrent layer's input
-    projection at batch 1: q | k | v or Mamba2's x | B | C go through the conv, the other
-    columns, gates and the like, come out as the matmul gives them).
+    """A one-row (or few-row) matmul whose output columns ``[conv_start, conv_start + C)``
+    then take the short conv's one-token step, in one Pallas kernel (a recurrent layer's
+    input projection at batch 1 .. :data:`MAX_ROWS`: q | k | v or Mamba2's x | B | C go
+    through the conv, the other columns, gates and the like, come out as the matmul gives
+    them).
 
     ``y = x' @ w`` with the optional RMSNorm prologue of :func:`one_row_fused`; then for
     each conv channel ``c``: ``silu(bias_c + sum_i conv_weight[i, c] * window[i, c])``
-    with ``window = [conv_cache[0, :, c], y_c]`` (float32 sums, rounded to ``w``'s dtype
-    once, as the layers' one-token conv step), and the cache shifted by one token: each
-    channel's new cache is written in place by the one program that owns the column.
+    with ``window = [conv_cache[r, :, c], y_rc]`` per row ``r`` (float32 sums, rounded to
+    ``w``'s dtype once, as the layers' one-token conv step), and the cache shifted by one
+    token: each channel's new cache is written in place by the one program that owns the
+    column.
 
     Args:
-        x: ``[1, D]`` (as :func:`one_row_fused`); w: ``[D, N]`` or ``[N, D]`` with
+        x: ``[R, D]`` (as :func:`one_row_fused`); w: ``[D, N]`` or ``[N, D]`` with
             ``transposed``.
-        conv_cache: ``[1, W-1, C]`` in ``w``'s dtype; conv_weight ``[W, C]``; conv_bias
+        conv_cache: ``[R, W-1, C]`` in ``w``'s dtype; conv_weight ``[W, C]``; conv_bias
             ``[C]`` or None; ``W >= 2``.
-        conv_start: the first conv column; ``conv_start`` and ``C`` even (two output
-            columns per program, never split between the conv and the rest), and
+        conv_start: the first conv column; ``conv_start`` and ``C`` multiples of the
+            kernel's output columns per program (``tiles(D, R)[1]``: 2 for one row, 16 or 32
+            for several), never split between the conv and the rest, and
             ``conv_start + C <= N``.
         norm_scale, norm_eps: an RMSNorm prologue, or None.
 
     Returns:
-        ``(y [1, N] in w's dtype, new_cache [1, W-1, C])``.
+        ``(y [R, N] in w's dtype, new_cache [R, W-1, C])``.
 
     Raises:
         ValueError: an operand of the wrong shape or dtype, or conv columns that do not
             fit, naming the argument.
     """
     depth, width = _row_and_weight(x, w, transposed)
-    if conv_cache.ndim != 3 or conv_cache.shape[0] != 1 or conv_cache.shape[1] < 1:
-        raise ValueError(f"conv_cache: expected [1, W-1, C] with W >= 2, got shape "
-                         f"{tuple(conv_cache.shape)}")
+    rows = x.shape[0]
+    if conv_cache.ndim != 3 or conv_cache.shape[0] != rows or conv_cache.shape[1] < 1:
+        raise ValueError(f"conv_cache: expected [R, W-1, C] with R={rows} (x's rows) and "
+                         f"W >= 2, got shape {tuple(conv_cache.shape)}")
     taps, channels = conv_cache.shape[1] + 1, conv_cache.shape[2]
     if tuple(conv_weight.shape) != (taps, channels):
         raise ValueError(f"conv_weight: expected shape {(taps, channels)} [W, C] (from "
@@ -501,7 +658,7 @@ def one_row_conv(x: Array, w: Array, conv_cache: Array, conv_weight: Array,
     if conv_bias is not None and tuple(conv_bias.shape) != (channels,):
         raise ValueError(f"conv_bias: expected shape {(channels,)}, got "
                          f"{tuple(conv_bias.shape)}")
-    bn = tiles(depth)[1]
+    bn = tiles(depth, rows)[1]
     if conv_start < 0 or conv_start % bn or channels % bn or conv_start + channels > width:
         raise ValueError(f"conv_start: expected a multiple of {bn} with conv_start + C <= N "
                          f"and C a multiple of {bn}, got conv_start={conv_start}, "
@@ -531,52 +688,56 @@ def one_row_conv(x: Array, w: Array, conv_cache: Array, conv_weight: Array,
 def _group_reference(x: Array, wt: Array, scale: Array, gate: Array | None, *, group: int,
                      norm_eps: float, gate_offset: int, out_dtype: jnp.dtype) -> Array:
     """:func:`one_row_group_norm`'s math in XLA (its backward pass)."""
-    depth = x.shape[1]
-    xf = x.astype(F32).reshape(depth // group, group)  # [1, D] -> [D / G, G]
+    rows, depth = x.shape
+    groups = rows * depth // group
+    xf = x.astype(F32).reshape(groups, group)  # [R, D] -> [R D / G, G]
     inv = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + norm_eps)
     y = xf * inv * scale.astype(F32)
     if gate is not None:
-        gf = gate[0, gate_offset:gate_offset + depth].astype(F32).reshape(depth // group, group)
+        gf = gate[:, gate_offset:gate_offset + depth].astype(F32).reshape(
+            groups, group)  # [R, D] -> [R D / G, G]
         y = y * jax.nn.silu(gf)
-    xn = y.reshape(1, depth).astype(out_dtype)  # [D / G, G] -> [1, D]
+    xn = y.reshape(rows, depth).astype(out_dtype)  # [R D / G, G] -> [R, D]
     return _reference(xn, wt, True, out_dtype)
 
 
 def one_row_group_norm(x: Array, w: Array, *, group: int, norm_scale: Array, norm_eps: float,
                        gate: Array | None = None, gate_offset: int = 0,
                        transposed: bool = False) -> Array:
-    """``y = x' @ w`` for one row with a per-group RMSNorm and a silu gate in the kernel's
-    prologue: ``x'_g = rmsnorm(x_g) * norm_scale * silu(gate_g)`` for each group ``g`` of
+    """``y = x' @ w`` for one row (or a few) with a per-group RMSNorm and a silu gate in the
+    kernel's prologue: ``x'_g = rmsnorm(x_g) * norm_scale * silu(gate_g)`` for each group ``g`` of
     ``group`` consecutive features (a linear-attention layer's per-head output norm and
     gate before ``o_proj``, FLA's FusedRMSNormGated), rounded once to ``w``'s dtype.
 
     Args:
-        x: ``[1, D]`` with ``D`` a multiple of ``group`` (the op's output, heads side by
-            side); w: ``[D, N]`` or ``[N, D]`` with ``transposed``.
+        x: ``[R, D]`` (``1 <= R <=`` :data:`MAX_ROWS`) with ``D`` a multiple of ``group``
+            (the op's output, heads side by side); w: ``[D, N]`` or ``[N, D]`` with
+            ``transposed``.
         group: features per group, a power of two of at most the kernel's tile width.
         norm_scale: ``[group]`` (shared by the groups); norm_eps: the norm's epsilon.
-        gate: None, or a ``[1, F]`` row holding the gate's ``D`` values from
-            ``gate_offset`` on (the input projection's row: no slice is made).
+        gate: None, or ``[R, F]`` rows holding the gate's ``D`` values from
+            ``gate_offset`` on (the input projection's rows: no slice is made).
 
     Returns:
-        ``[1, N]`` in ``w``'s dtype.
+        ``[R, N]`` in ``w``'s dtype.
 
     Raises:
         ValueError: an operand of the wrong shape or dtype, or a group the tiles do not
             hold whole, naming the argument.
     """
     depth, _ = _row_and_weight(x, w, transposed)
-    bk = tiles(depth)[0]
+    rows = x.shape[0]
+    bk = tiles(depth, rows)[0]
     if group < 1 or group & (group - 1) or group > bk or depth % group:
         raise ValueError(f"group: expected a power of two <= {bk} dividing D={depth}, "
                          f"got {group}")
     if tuple(norm_scale.shape) != (group,):
         raise ValueError(f"norm_scale: expected shape {(group,)}, got "
                          f"{tuple(norm_scale.shape)}")
-    if gate is not None and (gate.ndim != 2 or gate.shape[0] != 1 or gate_offset < 0
+    if gate is not None and (gate.ndim != 2 or gate.shape[0] != rows or gate_offset < 0
                              or gate_offset + depth > gate.shape[1]):
-        raise ValueError(f"gate: expected a [1, F] row holding D={depth} values from "
-                         f"gate_offset={gate_offset}, got shape {tuple(gate.shape)}")
+        raise ValueError(f"gate: expected [R, F] rows (R={rows}) holding D={depth} values "
+                         f"from gate_offset={gate_offset}, got shape {tuple(gate.shape)}")
     for name, arr in (("x", x), ("gate", gate)):
         if arr is not None and arr.dtype != w.dtype:
             raise ValueError(f"{name}: expected dtype {w.dtype} (w's), got {arr.dtype}")

@@ -279,13 +279,14 @@ class DeltaNetFamilyBlock(LinearAttentionBlock):
         gates = (self.A_log[...], self.dt_bias[...]) if spec.gated else (None, None)
         done = None if conv is None else conv_dense(x, linears, conv, linear.conv.buffer,
                                                    norm=input_norm)
-        if done is not None:  # batch 1: the conv ran in the input projection's kernel
+        if done is not None:  # the conv ran in the input projection's kernel
             proj, cache = done
             spec = dataclasses.replace(spec, conv_width=None, silu_without_conv=False)
             # more programs per head (V split) with the output norm and gate in o_proj's
-            # kernel, where that kernel takes them
-            o_like = jax.ShapeDtypeStruct((1, 1, spec.heads * spec.value_dim), proj.dtype)
-            blocks = _value_blocks(spec.value_dim, spec.heads)
+            # kernel, where that kernel takes them (a grid of few programs: batch 1)
+            batch = proj.shape[0]
+            o_like = jax.ShapeDtypeStruct((batch, 1, spec.heads * spec.value_dim), proj.dtype)
+            blocks = _value_blocks(spec.value_dim, spec.heads * batch)
             if blocks > 1 and head_norm_group(self.o_proj, o_like, self.norm,
                                               spec.output_gate) is not None:
                 spec = dataclasses.replace(spec, norm_out=False, value_blocks=blocks)
@@ -437,8 +438,9 @@ class DeltaNetBlock(DeltaNetFamilyBlock):
 
 
 def _value_blocks(value_dim: int, heads: int) -> int:
-    """Programs per head for the batch-1 layer kernel: the most of 4, 2, 1 that leaves at
-    most ``FEW_PROGRAMS`` programs and a power-of-two value block of >= 16 columns."""
+    """Programs per head for the layer kernel over ``heads`` heads in all (batch x heads):
+    the most of 4, 2, 1 that leaves at most ``FEW_PROGRAMS`` programs and a power-of-two
+    value block of >= 16 columns (1 where the batch alone fills the GPU)."""
     for blocks in (4, 2):
         bv = value_dim // blocks
         if (value_dim % blocks == 0 and bv >= 16 and bv & (bv - 1) == 0
