@@ -27,8 +27,12 @@ way, chosen by ``LINEARNEXUS_DECODE_GEMV`` (read at trace time):
   (hoisted out of an on-device decode loop by XLA). On the H200 the ``[D, N]`` layout read
   in column tiles was 1.8x slower (32-byte rows per tile), hence the transposed layout.
 
-Only one-row calls on a GPU change (``one_row_ready``); batch > 1 and the CPU always take
-XLA's matmul. The default is the mode measured fastest on the H200 (``DEFAULT_MODE``).
+Only one-row calls on a GPU change (``one_row_ready``); batch > 1 and the CPU take XLA's
+matmul, except that ``LINEARNEXUS_DECODE_ROWS=N`` (:data:`ROWS_ENV`, opt-in until timed)
+sends fused calls (:func:`fused_ready`: norms, conv, SwiGLU and residual sums around the
+projection) of up to ``N <= 64`` rows to ``_rows_kernel``, the same kernel with
+tensor-core tiles. The default is the mode measured fastest on the H200
+(``DEFAULT_MODE``).
 """
 
 from __future__ import annotations
