@@ -294,7 +294,8 @@ def _rows_kernel(*, x_ref, add_ref, scale_ref, gate_ref, w_ref, res_ref, res_add
     multiplied with the ``[RP, BK]`` input tile on the tensor cores (``RP`` =
     :func:`padded_rows`, rows past ``st.rows`` masked to zero and never stored), float32
     sums. The prologue and epilogue are :func:`_kernel`'s per row, rounded at the same
-    places; the matmul's operands are the compute dtype, as XLA's matmul takes them."""
+    places, but for a whole-row RMSNorm, whose ``1 / rms`` scales the product's rows (see
+    ``body``); the matmul's operands are the compute dtype, as XLA's matmul takes them."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plt
 
@@ -318,18 +319,24 @@ def _rows_kernel(*, x_ref, add_ref, scale_ref, gate_ref, w_ref, res_ref, res_add
         xk = tile(x_ref, k0, bk, depth)  # [RP, BK]
         return xk if add_ref is None else rnd(xk + tile(add_ref, k0, bk, depth))
 
-    inv = None
-    if st.norm_eps is not None and st.group is None:  # RMSNorm over each whole row first
-        squares = jax.lax.fori_loop(0, n_tiles, lambda i, a: a + jnp.sum(jnp.square(
-            x_in(pl.multiple_of(i * bk, bk))), axis=1), jnp.zeros((rp,), F32))  # [RP]
-        inv = jax.lax.rsqrt(squares / depth + st.norm_eps)
-
+    # A whole-row RMSNorm is applied after the product: rmsnorm(x) W = inv * ((x * scale) W)
+    # with inv each row's 1 / rms, summed from the same tiles the product reads, so the
+    # kernel reads its input once (its [R, D] input is re-read by every program, which for
+    # 64 rows is no longer small). ``x * scale`` is what is rounded to the compute dtype
+    # (the layers round the normalised row): the same one rounding of each operand, at
+    # another scale.
+    whole_norm = st.norm_eps is not None and st.group is None
     starts = [j * bn] + ([width + j * bn] if st.glu else [])
 
-    def body(i, acc):
+    def body(i, carry):
+        acc, squares = carry
         k0 = pl.multiple_of(i * bk, bk)
         ks = k0 + jnp.arange(bk)
         xk = x_in(k0)  # [RP, BK]
+        if whole_norm:
+            squares = squares + jnp.sum(xk * xk, axis=1)  # [RP]
+            scale = plt.load(scale_ref.at[pl.ds(k0, bk)], mask=ks < depth, other=0.0)
+            xk = rnd(xk * scale.astype(F32)[None, :])
         if st.group is not None:  # per-group RMSNorm (and silu gate) of each row
             size = st.group
             xg = xk.reshape(rp * bk // size, size)  # [RP, BK] -> [RP BK / G, G]
@@ -340,9 +347,6 @@ def _rows_kernel(*, x_ref, add_ref, scale_ref, gate_ref, w_ref, res_ref, res_add
                 gate = gate.reshape(rp * bk // size, size)  # [RP, BK] -> [RP BK / G, G]
                 y = y * (gate * jax.nn.sigmoid(gate))
             xk = rnd(y.reshape(rp, bk))  # [RP BK / G, G] -> [RP, BK]
-        if inv is not None:
-            scale = plt.load(scale_ref.at[pl.ds(k0, bk)], mask=ks < depth, other=0.0)
-            xk = rnd(xk * inv[:, None] * scale.astype(F32)[None, :])
         xk = xk.astype(st.out_dtype)  # exact: every prologue value is rounded to it
         mask = (outs[:, None] < width) & (ks[None, :] < depth)
         return tuple(
@@ -350,10 +354,14 @@ def _rows_kernel(*, x_ref, add_ref, scale_ref, gate_ref, w_ref, res_ref, res_add
                                      other=0.0).T,
                         preferred_element_type=F32,
                         precision=jax.lax.Precision.HIGHEST if exact else None)
-            for a, c in zip(acc, starts, strict=True))  # [RP, BK] x [BK, BN] -> [RP, BN]
+            for a, c in zip(acc, starts, strict=True)), squares  # [RP, BK] x [BK, BN] -> [RP, BN]
 
-    acc = jax.lax.fori_loop(0, n_tiles, body,
-                            tuple(jnp.zeros((rp, bn), F32) for _ in starts))
+    acc, squares = jax.lax.fori_loop(
+        0, n_tiles, body, (tuple(jnp.zeros((rp, bn), F32) for _ in starts),
+                           jnp.zeros((rp,), F32)))
+    if whole_norm:
+        inv = jax.lax.rsqrt(squares / depth + st.norm_eps)  # [RP]
+        acc = tuple(a * inv[:, None] for a in acc)
     ys = [rnd(a) for a in acc]  # [RP, BN] each, the matmul's output in the output dtype
     if st.glu:
         gate, up = ys
