@@ -25,6 +25,8 @@
 #   fla64:   the GDN and Mamba2 decode loops at batch 64 beside FLA's HF models, each FLA
 #            cell in a process of its own (FLA's wheels installed first, as decode_gpu.py's
 #            docstring says; ~200 s with FLA's autotuning).
+#   rowsk:   the several-row fused projection kernels one projection at a time against the
+#            same math in XLA, at 16 and 64 rows (benchmarks/rows_gpu.py, ~60 s);
 #   rows64:  the several-row fused projection kernels (LINEARNEXUS_DECODE_ROWS): their
 #            tests compiled, then the GDN and Mamba2 decode loops at batch 64 (ROWS_BATCH)
 #            with them off (1) and on (64), one process each (~60 + 2 x 90 s).
@@ -87,6 +89,11 @@ case " $PARTS " in *" fla64 "*)
   timeout ${FLA64_S:-240} python3 benchmarks/decode_gpu.py --models gdn mamba2 --batches 64 \
     --host-batches --steps 64 --budget $(( ${FLA64_S:-240} - 20 )) --out "$OUT/fla64" 2>&1 \
     | grep -E "^\| |rror|budget" | cut -c1-300 | head -20;;
+esac
+case " $PARTS " in *" rowsk "*)
+  echo "== the several-row kernels one projection at a time against XLA (rows_gpu.py)"
+  timeout ${ROWSK_S:-90} python3 benchmarks/rows_gpu.py --rows ${ROWSK_ROWS:-16 64} \
+    --out "$OUT/rowsk" 2>&1 | quiet | cut -c1-200;;
 esac
 case " $PARTS " in *" rows64 "*)
   # batch 2..64 through the fused projection kernels (gemv._rows_kernel: the norms, conv,

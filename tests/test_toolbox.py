@@ -153,6 +153,22 @@ def test_benchmark_harness_quick(tmp_path):
     assert "| retention | jax | default L |" in text and "x |" in text  # speed-up column
 
 
+def test_rows_benchmark_quick(tmp_path):
+    """``benchmarks/rows_gpu.py --quick`` (the several-row kernels interpreted against their
+    XLA references) writes its rows, each kernel within bf16 rounding of the reference."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import rows_gpu
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    res = rows_gpu.main(["--quick", "--rows", "2", "--cases", "gdn_o", "mlp_down",
+                         "--out", str(tmp_path)])
+    assert [r["case"] for r in res["rows"]] == ["gdn_o", "mlp_down"]
+    assert all(r["rows_ms"] > 0 and r["xla_ms"] > 0 and r["rel_diff"] < 1e-2
+               for r in res["rows"])
+    assert (tmp_path / "rows_gpu.json").exists()
+
+
 @pytest.fixture
 def tune_bench(tmp_path, monkeypatch):
     """``benchmarks/run.py`` as a module, its tuning cache under ``tmp_path`` and its
