@@ -20,8 +20,9 @@ that batch-1 decoding folds into it, and each row count in ``--rows``:
 * ``head``: the final norm and the tied head (8192 columns).
 
 Each is timed as ``--steps`` dependent calls in one ``fori_loop`` (each call's input
-carries the last call's first output element times zero, so the calls run one after
-another as a decode step's do; the extra elementwise kernel is in both forms): the kernel
+carries the sum of the last call's outputs times zero, so the calls run one after another
+as a decode step's do and XLA drops none of the reference's work; the extra elementwise
+and reduction kernels are in both forms): the kernel
 (``rows``) and its XLA reference (``xla``: the function the kernel's gradient uses, op by op
 as the layers compute it), median of ``--repeats`` loops, ms per call, their ratio, and the
 kernel's relative difference from the reference. The JSON goes to ``--out``.
@@ -133,13 +134,16 @@ def cases(rows: int, quick: bool) -> dict[str, tuple]:
 
 
 def chained(fn, steps: int):
-    """``args -> scalar``: ``steps`` dependent calls of ``fn`` (module doc)."""
+    """``args -> scalar``: ``steps`` dependent calls of ``fn`` (module doc). Every output
+    (the conv's new cache too) is summed into the carry, so XLA keeps all of the
+    reference's work, as the Pallas call always does; the sums are the same extra kernels in
+    both forms."""
     def run(*args):
         def body(_, carry):
             x = args[0] + (carry * 0).astype(args[0].dtype)  # a dependency, no change
-            y = fn(x, *args[1:])
-            first = (y[0] if isinstance(y, tuple) else y)[0, 0]
-            return carry + first.astype(F32)
+            outs = fn(x, *args[1:])
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            return carry + sum(jnp.sum(o.astype(F32)) for o in outs)
         return jax.lax.fori_loop(0, steps, body, jnp.zeros((), F32))
     return jax.jit(run)
 

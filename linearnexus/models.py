@@ -147,7 +147,8 @@ class Layer(nnx.Module):
                 return done
         if (mask is None and x.ndim == 3 and x.shape[1] == 1 and _takes_input_norm(self.mixer)
                 and norm_foldable(x, self.norm1, self.norm1.dtype or x.dtype)):
-            # batch-1 decoding on a GPU: the mixer folds the pre-norm into its input
+            # one-token decoding on a GPU (batch 1, or up to LINEARNEXUS_DECODE_ROWS): the
+            # mixer folds the pre-norm into its input
             # projection's kernel (one launch instead of three)
             h, new_state = self.mixer(x, state=state, mask=mask, mode=mode, input_norm=self.norm1)
         else:
@@ -211,7 +212,7 @@ class LMModel(nnx.Module):
         if state is not None and len(state) != len(self.layers):
             raise ValueError(f"state: expected {len(self.layers)} layer states, got {len(state)}")
         x, new_state = self._trunk(tokens, state=state, mask=mask, mode=mode)
-        if self.lm_head is None:  # the final norm runs in the tied head's kernel at batch 1
+        if self.lm_head is None:  # the final norm runs in the tied head's kernel (decoding)
             logits = self.embed.attend(x, norm=self.norm)
             return logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), new_state
         return self.logits(self.norm(x)), new_state

@@ -205,10 +205,12 @@ def test_mlp_half_runs_two_kernels_and_matches(monkeypatch, dtype):
                                    rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("rows", [1, 64])
+@pytest.mark.parametrize("rows", [1, 3, 64])
 def test_kernels_lower_through_triton(monkeypatch, rows):
     """Both kernels, every prologue / epilogue, lowered for CUDA on this host (Triton form,
-    not interpreted): one Triton custom call each; one row and 64 (the tensor-core form)."""
+    not interpreted): one Triton custom call each; one row, 3 (the tensor-core form with
+    masked padding rows) and 64; for several rows also heads of 64 (a tile of 128 reshaped
+    into two groups a row)."""
     from linearnexus.kernels.common.gpu_lowering import lower_for_gpu
     from linearnexus.kernels.common.pallas import INTERPRET_ENV
 
@@ -244,6 +246,14 @@ def test_kernels_lower_through_triton(monkeypatch, rows):
                          jax.ShapeDtypeStruct((1000, 2048), bf),
                          jax.ShapeDtypeStruct((128,), jnp.float32))
     assert text.count("__gpu$xla.gpu.triton") == 1
+    if rows > 1:
+        text = lower_for_gpu(
+            lambda o, g, wt, s: gemv.one_row_group_norm(o, wt, group=64, norm_scale=s,
+                                                        norm_eps=1e-5, gate=g, gate_offset=64,
+                                                        transposed=True),
+            jax.ShapeDtypeStruct((rows, 2048), bf), jax.ShapeDtypeStruct((rows, 2112), bf),
+            jax.ShapeDtypeStruct((1000, 2048), bf), jax.ShapeDtypeStruct((64,), jnp.float32))
+        assert text.count("__gpu$xla.gpu.triton") == 1
     text = lower_for_gpu(conv, row, jax.ShapeDtypeStruct((4256, 1000), bf),
                          jax.ShapeDtypeStruct((rows, 3, 2176), bf),
                          jax.ShapeDtypeStruct((4, 2176), jnp.float32),

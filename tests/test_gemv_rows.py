@@ -61,7 +61,7 @@ def test_fused_rows_match_the_layers_ops(rows, options, dtype):
                                  out_dtype=jnp.dtype(dtype), transposed=transposed,
                                  glu=kw["glu"])
     _close(got, want, dtype)
-    if dtype == "float32":  # the gradient is the reference's (its VJP)
+    if dtype == "float32":  # the VJP's wiring: the reference's gradient, operands in order
         probe = jax.random.normal(keys[0], (rows, width))
         got_g = jax.grad(lambda x: jnp.sum(gemv.one_row_fused(x, w, **kw) * probe))(x)
         want_g = jax.grad(lambda x: jnp.sum(gemv._fused_reference(
@@ -113,24 +113,29 @@ def test_conv_rows_are_the_matmul_then_the_conv_step(dtype, width, bias, norm):
     _close(got_cache, want_cache, dtype)
 
 
-@pytest.mark.parametrize("gated", [True, False])
-def test_group_norm_rows_are_the_head_norm_then_the_matmul(gated):
-    """``one_row_group_norm`` with 3 rows: each row's per-head norm (and silu gate read from
-    a longer row at offset 37), then XLA's matmul (float32, 1e-5)."""
-    rows, heads, size, n, offset = 3, 6, 16, 40, 37
+@pytest.mark.parametrize("rows,gated,dtype", [(3, True, "float32"), (3, False, "float32"),
+                                              (17, True, "bfloat16")])
+def test_group_norm_rows_are_the_head_norm_then_the_matmul(rows, gated, dtype):
+    """``one_row_group_norm`` with several rows: each row's per-head norm (heads of 16 in
+    64-column tiles, so the tile is reshaped into 4 groups a row), the silu gate read from a
+    longer row at offset 37, then XLA's matmul (float32 1e-5, bf16 one rounding)."""
+    heads, size, n, offset = 6, 16, 40, 37
     d = heads * size
     ks = jax.random.split(jax.random.key(3), 4)
-    x = jax.random.normal(ks[0], (rows, d))
-    w = 0.1 * jax.random.normal(ks[1], (d, n))
-    gate = jax.random.normal(ks[2], (rows, 150)) if gated else None
+    x = jax.random.normal(ks[0], (rows, d)).astype(dtype)
+    w = (0.1 * jax.random.normal(ks[1], (d, n))).astype(dtype)
+    gate = jax.random.normal(ks[2], (rows, 150)).astype(dtype) if gated else None
     scale = jax.random.uniform(ks[3], (size,), minval=0.5, maxval=1.5)
     got = gemv.one_row_group_norm(x, w, group=size, norm_scale=scale, norm_eps=1e-5,
                                   gate=gate, gate_offset=offset)
-    xh = x.reshape(rows, heads, size)  # [R, D] -> [R, H, V]
+    xh = x.astype(jnp.float32).reshape(rows, heads, size)  # [R, D] -> [R, H, V]
     y = xh * jax.lax.rsqrt(jnp.mean(xh * xh, -1, keepdims=True) + 1e-5) * scale
     if gated:
-        y = y * jax.nn.silu(gate[:, offset:offset + d].reshape(rows, heads, size))
-    _close(got, y.reshape(rows, d) @ w, "float32")  # [R, H, V] -> [R, D]
+        y = y * jax.nn.silu(gate[:, offset:offset + d].astype(jnp.float32).reshape(
+            rows, heads, size))  # [R, D] -> [R, H, V]
+    want = jnp.dot(y.reshape(rows, d).astype(dtype), w,  # [R, H, V] -> [R, D]
+                   preferred_element_type=jnp.float32).astype(dtype)
+    _close(got, want, dtype)
 
 
 def test_rows_are_checked():
@@ -151,6 +156,7 @@ def test_rows_switch(monkeypatch):
     monkeypatch.setenv(gemv.GEMV_ENV, "pallas")
     monkeypatch.delenv(gemv.ROWS_ENV, raising=False)
     assert gemv.fused_ready(jnp.ones((1, 1, 8))) and not gemv.fused_ready(jnp.ones((2, 1, 8)))
+    assert not gemv.fused_ready(jnp.ones((0, 1, 8)))  # no rows: XLA's path
     monkeypatch.setenv(gemv.ROWS_ENV, "64")
     assert gemv.fused_ready(jnp.ones((64, 1, 8))) and not gemv.fused_ready(jnp.ones((65, 1, 8)))
     assert not gemv.one_row_ready(jnp.ones((2, 1, 8)))  # plain matmuls stay one-row only
@@ -160,29 +166,33 @@ def test_rows_switch(monkeypatch):
             gemv.fused_rows()
 
 
-@pytest.mark.parametrize("pattern,options", [
-    (("gated_deltanet",), {}),
-    (("mamba2",), {"mamba2": {"d_state": 16, "headdim": 16}}),
-    (("attention",), {}),
+@pytest.mark.parametrize("pattern,options,dtype", [
+    (("gated_deltanet",), {}, "float32"),
+    (("gated_deltanet",), {}, "bfloat16"),
+    (("mamba2",), {"mamba2": {"d_state": 16, "headdim": 16}}, "float32"),
+    (("attention",), {}, "float32"),
 ])
-def test_batch3_decoding_through_the_row_kernels(monkeypatch, pattern, options):
+def test_batch3_decoding_through_the_row_kernels(monkeypatch, pattern, options, dtype):
     """Batch-3 one-token calls with ``LINEARNEXUS_DECODE_ROWS=4`` and the kernels picked
-    (interpreted): the norms, conv, SwiGLU and residual sums run in the projections'
-    kernels (for the recurrent blocks the conv in the input projection's, once per layer
-    and token) and the logits and every state over three tokens equal the XLA mode's
-    (float32, 1e-5)."""
+    (interpreted here, compiled on a GPU): the norms, conv, SwiGLU and residual sums run in
+    the projections' kernels (for the recurrent blocks the conv in the input projection's,
+    once per layer and token; GDN's output norm and gate in ``o_proj``'s) and the logits and
+    every state over three tokens equal the XLA mode's (float32 1e-5, with XLA's float32
+    matmuls at full precision as the kernels' are; bf16 2e-2 on O(1) values)."""
     import linearnexus.kernels.fused_decode.api as layer_api
 
     cfg = ModelConfig(vocab_size=61, d_model=64, n_layers=2, block_pattern=pattern,
-                      mlp=pattern != ("mamba2",), tie_embeddings=True, block_options=options)
+                      mlp=pattern != ("mamba2",), tie_embeddings=True, block_options=options,
+                      dtype=dtype)
     model = LMModel(cfg, rngs=nnx.Rngs(5))
     steps = jnp.array([[3, 9, 20], [17, 1, 60], [40, 33, 2]], jnp.int32)  # [B, steps]
 
     def run():
         state, out = model.init_state(3), []
-        for t in range(steps.shape[1]):
-            logits, state = model(steps[:, t:t + 1], state=state, mode="recurrent")
-            out.append(logits)
+        with jax.default_matmul_precision("float32"):  # (a GPU's default would be TF32)
+            for t in range(steps.shape[1]):
+                logits, state = model(steps[:, t:t + 1], state=state, mode="recurrent")
+                out.append(logits)
         return out, state
 
     monkeypatch.setenv(gemv.GEMV_ENV, "xla")
@@ -191,19 +201,26 @@ def test_batch3_decoding_through_the_row_kernels(monkeypatch, pattern, options):
     monkeypatch.setattr(gemv, "_compiles", lambda: True)
     monkeypatch.setenv(gemv.GEMV_ENV, "pallas")
     monkeypatch.setenv(gemv.ROWS_ENV, "4")
-    fused, convs = [], []
+    fused, convs, heads = [], [], []
     real_fused, real_conv = common.one_row_fused, common.one_row_conv
+    real_heads = common.one_row_group_norm
     monkeypatch.setattr(common, "one_row_fused",
                         lambda x, *a, **k: fused.append(x.shape[0]) or real_fused(x, *a, **k))
     monkeypatch.setattr(common, "one_row_conv",
                         lambda x, *a, **k: convs.append(x.shape[0]) or real_conv(x, *a, **k))
+    monkeypatch.setattr(common, "one_row_group_norm",
+                        lambda x, *a, **k: heads.append(x.shape[0]) or real_heads(x, *a, **k))
     got = run()
+    calls = cfg.n_layers * steps.shape[1]
     assert fused and set(fused) == {3}
     if pattern != ("attention",):
-        assert convs == [3] * (cfg.n_layers * steps.shape[1])
+        assert convs == [3] * calls
+    if pattern == ("gated_deltanet",):
+        assert heads == [3] * calls
+    tol = 1e-5 if dtype == "float32" else 2e-2
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                   rtol=1e-5, atol=1e-5)
+                                   rtol=tol, atol=tol)
     # batch 5 is past the switch: XLA's path, no row kernels
     fused.clear()
     model(jnp.ones((5, 1), jnp.int32), state=model.init_state(5), mode="recurrent")

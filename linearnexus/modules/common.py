@@ -89,13 +89,15 @@ class Embedding(nnx.Module):
 
     def attend(self, x: Array, *, norm: RMSNorm | None = None) -> Array:
         """Tied output head: ``x: [..., D]`` -> logits ``[..., V] = x @ table.T``
-        (``norm(x) @ table.T`` with ``norm``: batch-1 decoding on a GPU folds that norm into
-        the head's one-row kernel, see :func:`norm_foldable`)."""
+        (``norm(x) @ table.T`` with ``norm``: one-token decoding on a GPU folds that norm into
+        the head's kernel, see :func:`norm_foldable`; at batch 1, or up to
+        ``LINEARNEXUS_DECODE_ROWS`` rows of one token each)."""
         if x.shape[-1] != self.features:
             raise ValueError(f"x: expected last axis D={self.features}, got shape {x.shape}")
         table = self.embedding[...].astype(self.dtype)
         if norm is not None:
-            if norm_foldable(x, norm, jnp.dtype(self.dtype)):
+            one_token = math.prod(x.shape[:-1]) == 1 or (x.ndim >= 2 and x.shape[-2] == 1)
+            if one_token and norm_foldable(x, norm, jnp.dtype(self.dtype)):
                 out = one_row_fused(x.reshape(-1, self.features), table, transposed=True,
                                     norm_scale=norm.scale[...], norm_eps=norm.eps)  # [R, V]
                 return out.reshape(*x.shape[:-1], out.shape[-1])  # [R, V] -> [..., V]
@@ -366,7 +368,8 @@ def dense(lin: nnx.Linear, x: Array, *, norm: RMSNorm | None = None) -> Array:
     same dtypes, precision and bias; a call of one row in all on a GPU runs
     ``kernels.fused_decode.gemv`` (batch-1 decoding's projections), reading the weight from
     the decode table when it is there, with ``norm`` in the kernel's prologue where
-    :func:`norm_foldable` says so (and ``lin`` is bias-free)."""
+    :func:`norm_foldable` says so (and ``lin`` is bias-free; then also for up to
+    ``LINEARNEXUS_DECODE_ROWS`` rows)."""
     if norm is not None:
         y = _normed_matmul(norm, [lin], x)
         if y is not None:

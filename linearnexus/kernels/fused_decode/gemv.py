@@ -120,9 +120,9 @@ def fused_rows() -> int:
 
 def fused_ready(x: Array) -> bool:
     """Whether the fused kernels (:func:`one_row_fused` and the like) run for ``x [..., D]``:
-    at most :func:`fused_rows` rows in all, the kernels compile here, and the mode is
+    1 to :func:`fused_rows` rows in all, the kernels compile here, and the mode is
     ``"pallas"`` (the other modes keep the layer's ops in XLA)."""
-    return (math.prod(x.shape[:-1]) <= fused_rows() and _compiles()
+    return (1 <= math.prod(x.shape[:-1]) <= fused_rows() and _compiles()
             and gemv_mode() == "pallas")
 
 
@@ -402,7 +402,7 @@ def _launch(x: Array, wt: Array, add: Array | None, scale: Array | None,
             res: Array | None, res_add: Array | None, *, glu: bool,
             norm_eps: float | None, out_dtype: jnp.dtype,
             blocks: tuple[int, int] | None = None, warps: int = 4) -> Array:
-    """The kernel: ``x [1, D]``, ``wt [N, D]`` (``[2N, D]`` with glu) -> ``[1, N]``;
+    """The kernel: ``x [R, D]``, ``wt [N, D]`` (``[2N, D]`` with glu) -> ``[R, N]``;
     ``blocks`` ``(BK, BN)`` (powers of two) in place of :func:`tiles`' (the benchmark's
     sweep)."""
     return _launch_any(x, wt, add, scale, res, res_add, None, None, None, glu=glu,
@@ -535,13 +535,15 @@ def one_row_fused(x: Array, w: Array, *, transposed: bool = False, glu: bool = F
     ``x' = rmsnorm(x + add) * norm_scale`` (each part optional) and the epilogue
     ``silu(y_gate) * y_up`` (``glu``: ``w = [W_gate | W_up]``) then
     ``(residual + residual_add) + y``; every sum is rounded to ``w``'s dtype (the compute
-    dtype) where the layers round it, so it matches them to the matmul's summation order.
-    ``x`` may be float32 with a norm prologue and no ``add`` (Mamba2's gated-norm input):
-    the normalised row is rounded to ``w``'s dtype. A GPU-only
-    path (``one_row_ready`` and mode ``"pallas"``); differentiable (as the XLA ops).
+    dtype) where the layers round it, so for one row it matches them to the matmul's
+    summation order. ``x`` may be float32 with a norm prologue and no ``add`` (Mamba2's
+    gated-norm input): the normalised row is rounded to ``w``'s dtype. A GPU path
+    (``fused_ready``: mode ``"pallas"``); differentiable (as the XLA ops).
 
     Several rows (``R > 1``: batch-``R`` decoding) run a tensor-core form of the kernel
-    (``_rows_kernel``) with the same prologue and epilogue per row.
+    (``_rows_kernel``) with the same prologue and epilogue per row, but for the RMSNorm,
+    whose ``1 / rms`` scales the product (``x * norm_scale`` is what is rounded to ``w``'s
+    dtype): one rounding of each operand, not at the layers' place.
 
     Args:
         x: ``[R, D]``, ``1 <= R <=`` :data:`MAX_ROWS`, in ``w``'s dtype (another float

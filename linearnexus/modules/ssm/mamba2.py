@@ -213,9 +213,9 @@ class Mamba2Block(nnx.Module):
                      state: LinearState) -> tuple[Array, LinearState] | None:
         """One token (no mask, no packing) of ``x [B, 1, D]`` (``input_norm(x)`` with a
         norm) from ``in_proj`` through ``kernels.fused_decode.ssd_layer_step`` where it
-        runs: ``(y * silu(z) [B, E] float32, new_state)``; else None. At batch 1 on a GPU
-        the conv runs in ``in_proj``'s kernel (``modules.common.conv_dense``: its cache is
-        then updated in place, not copied)."""
+        runs: ``(y * silu(z) [B, E] float32, new_state)``; else None. At batch 1 (or up to
+        ``LINEARNEXUS_DECODE_ROWS``) on a GPU the conv runs in ``in_proj``'s kernel
+        (``modules.common.conv_dense``: its cache is then updated in place, not copied)."""
         cfg = self.config
         spec = self._layer_spec()
         if not (fused_decode_enabled()
@@ -371,7 +371,7 @@ class Mamba2Block(nnx.Module):
             if layer is not None:  # conv, step size, SSD step, skip and gate in one kernel
                 y, new_state = layer  # [B, E] float32: y * silu(z)
                 out = (None if self.norm is None
-                       else normed_dense(self.out_proj, self.norm, y[:, None]))  # batch 1
+                       else normed_dense(self.out_proj, self.norm, y[:, None]))  # decoding
                 if out is None:
                     y = (self.norm.normalize_gated(y) if self.norm is not None
                          else y.astype(dtype))
