@@ -221,8 +221,8 @@ def bare_variants() -> dict[str, tuple[callable, bool]]:
             # the whole chain as one Mosaic GPU kernel streaming every program's weights
             # through a ring of TMA copies across the grid barriers
             # (benchmarks/streaming_gemv.py): slots of the ring; its grid barrier in one
-            # round trip through L2 (the default) or two
-            # (_two), rows per tile up to 32 (_bn32)
+            # round trip through L2 (the default) or two (_two); rows per tile up to 32
+            # (_bn32)
             **{f"stream_s{s}{'' if b == 'one' else '_two'}{'' if w == 16 else '_bn32'}": (
                 Streaming(stages=s, barrier=b, max_bn=w), True)
                for s, b, w in ((8, "one", 16), (12, "one", 16), (16, "one", 16),

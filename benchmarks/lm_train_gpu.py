@@ -234,6 +234,7 @@ COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
                   "/jax/core/compile/backend_compile_duration": "compile"}
 _phases: dict[str, float] | None = None  # summed durations while a first step is measured
+_listening = False  # the listener is registered (once per process)
 
 
 def _on_event(event: str, duration: float, **_: Any) -> None:
@@ -249,12 +250,12 @@ def compile_phases() -> Any:
     what the block took beyond their sum is the first run (a Mosaic GPU kernel whose module
     is compiled when first launched shows there). The listener is registered once per
     process (jax.monitoring has no public way to remove one)."""
-    global _phases
+    global _phases, _listening
     import jax
 
-    if not getattr(compile_phases, "registered", False):
+    if not _listening:
         jax.monitoring.register_event_duration_secs_listener(_on_event)
-        compile_phases.registered = True
+        _listening = True
     _phases = {}
     try:
         yield _phases

@@ -67,7 +67,7 @@ def cases(rows: int, quick: bool) -> dict[str, tuple]:
     # Mamba2: d_inner 2 d, B and C 64 each, 32 heads of dt; conv over x | B | C (width 4)
     inner, state = 2 * d, (16 if quick else 64)
     conv_ch = inner + 2 * state
-    width = 2 * inner + 2 * state + inner // 64 + (16 if quick else 0)
+    width = 2 * inner + 2 * state + inner // 64  # z | x | B | C | dt
     conv = dict(conv_start=inner, transposed=True, norm_eps=1e-5)
     args = (arr((rows, d)), arr((width, d), scale=d ** -0.5), norm_scale(d),
             arr((rows, 3, conv_ch)), arr((4, conv_ch), F32, 0.5), arr((conv_ch,), F32))

@@ -148,8 +148,8 @@ class Layer(nnx.Module):
         if (mask is None and x.ndim == 3 and x.shape[1] == 1 and _takes_input_norm(self.mixer)
                 and norm_foldable(x, self.norm1, self.norm1.dtype or x.dtype)):
             # one-token decoding on a GPU (batch 1, or up to LINEARNEXUS_DECODE_ROWS): the
-            # mixer folds the pre-norm into its input
-            # projection's kernel (one launch instead of three)
+            # mixer folds the pre-norm into its input projection's kernel (one launch
+            # instead of three)
             h, new_state = self.mixer(x, state=state, mask=mask, mode=mode, input_norm=self.norm1)
         else:
             h, new_state = self.mixer(self.norm1(x), state=state, mask=mask, mode=mode)

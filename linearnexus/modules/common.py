@@ -154,10 +154,10 @@ def norm_foldable(x: Array, norm: Any, dtype: DType) -> bool:
     """Whether ``norm(x)`` can run in the prologue of a one-row (or few-row) matmul kernel
     computing in ``dtype`` (``kernels.fused_decode.gemv.one_row_fused``): ``fused_ready``
     (one row, or up to ``LINEARNEXUS_DECODE_ROWS``, on a GPU in the ``pallas`` mode),
-    ``norm`` a plain :class:`RMSNorm` over ``x``'s last axis whose output
-    dtype is ``dtype`` (the matmul's compute dtype), ``x`` a float array. The kernel then
-    computes the same float32 norm and rounds the normalised row to ``dtype`` as the module
-    does."""
+    ``norm`` a plain :class:`RMSNorm` over ``x``'s last axis whose output dtype is ``dtype``
+    (the matmul's compute dtype), ``x`` a float array. The kernel then computes the same
+    float32 norm; for one row it rounds the normalised row to ``dtype`` as the module does
+    (for several, ``x * scale``, with ``1 / rms`` applied to the product)."""
     return (type(norm) is RMSNorm and x.shape[-1] == norm.dim and is_float_dtype(x.dtype)
             and fused_ready(x) and jnp.dtype(norm.dtype or x.dtype) == jnp.dtype(dtype))
 

@@ -181,18 +181,25 @@ class _Static:
 
 
 def _conv_epilogue(y: Array, j: Array, rnd, *, cache_ref, cw_ref, cb_ref, new_cache_ref,
-                   st: _Static) -> Array:
+                   st: _Static, live: Array | None = None) -> Array:
     """The short conv's one-token step on this program's columns when they are conv
     channels: ``silu(bias + sum_w cw[w] * window[w])`` with the window the cache rows and
     ``y``, rounded to the output dtype; the cache shifted by one token in place (each
-    channel belongs to one program, so no other program reads it)."""
+    channel belongs to one program, so no other program reads it). ``y`` is ``[BN]`` (one
+    row) or ``[RP, BN]`` with ``live [RP]`` the rows that exist (masked loads and stores)."""
     from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plt
 
     bn, width = st.block_n, st.conv_width
     channel = j * bn - st.conv_start
     inside = (channel >= 0) & (channel < st.conv_channels)  # all BN columns or none
     span = pl.ds(jnp.clip(channel, 0, st.conv_channels - bn), bn)  # in bounds either way
-    window = [cache_ref[0, i, span].astype(F32) for i in range(width - 1)] + [y]
+    if live is None:
+        window = [cache_ref[0, i, span].astype(F32) for i in range(width - 1)] + [y]
+    else:  # (the tap as an int32 array: the interpreter's masked load takes no Python int)
+        rows = pl.ds(0, live.shape[0])
+        window = [plt.load(cache_ref.at[rows, jnp.int32(i), span], mask=live[:, None],
+                           other=0.0).astype(F32) for i in range(width - 1)] + [y]
     acc = (cb_ref[span].astype(F32) if cb_ref is not None else jnp.zeros((bn,), F32))
     for i, value in enumerate(window):  # W is 2..4: unrolled multiply-adds
         acc = acc + cw_ref[i, span].astype(F32) * value
@@ -201,26 +208,51 @@ def _conv_epilogue(y: Array, j: Array, rnd, *, cache_ref, cw_ref, cb_ref, new_ca
     @pl.when(inside)
     def _():
         for i in range(width - 1):
-            new_cache_ref[0, i, span] = window[i + 1].astype(new_cache_ref.dtype)
+            value = window[i + 1].astype(new_cache_ref.dtype)
+            if live is None:
+                new_cache_ref[0, i, span] = value
+            else:
+                plt.store(new_cache_ref.at[rows, jnp.int32(i), span], value,
+                          mask=live[:, None])
 
     return jnp.where(inside, conv, y)
 
 
-def _group_prologue(xk: Array, k0: Array, rnd, *, scale_ref, gate_ref, st: _Static) -> Array:
+def _group_prologue(xk: Array, k0: Array, rnd, *, scale_ref, gate_ref, st: _Static,
+                    load=None) -> Array:
     """``rmsnorm(x_g) * scale (* silu(gate_g))`` per group ``g`` of ``st.group`` features of
-    the tile (a whole number of groups: the tile width is a multiple of the group), rounded
-    once to the output dtype, as the layers' per-head output norm computes it."""
+    the tile ``xk`` (``[BK]``, or ``[RP, BK]`` with ``load`` the kernel's masked tile load;
+    default :func:`_row`; a whole number of groups a row: the tile width is a multiple of
+    the group), rounded once to the output dtype, as the layers' per-head output norm
+    computes it."""
     from jax.experimental import pallas as pl
 
     size, bk = st.group, st.block_k
-    xg = xk.reshape(bk // size, size)  # [BK] -> [BK / G, G]
+    groups = xk.size // size
+    xg = xk.reshape(groups, size)  # [(RP,) BK] -> [(RP) BK / G, G]
     inv = jax.lax.rsqrt(jnp.mean(xg * xg, axis=1, keepdims=True) + st.norm_eps)
     y = xg * inv * scale_ref[pl.ds(0, size)].astype(F32)[None, :]
     if gate_ref is not None:
-        gate = _row(gate_ref, st.gate_offset + k0, bk, st.gate_offset + st.depth)
-        gate = gate.reshape(bk // size, size)  # [BK] -> [BK / G, G]
+        gate = (load or _row)(gate_ref, st.gate_offset + k0, bk, st.gate_offset + st.depth)
+        gate = gate.reshape(groups, size)  # [(RP,) BK] -> [(RP) BK / G, G]
         y = y * (gate * jax.nn.sigmoid(gate))
-    return rnd(y.reshape(bk))  # [BK / G, G] -> [BK]
+    return rnd(y.reshape(xk.shape))  # [(RP) BK / G, G] -> [(RP,) BK]
+
+
+def _epilogue(ys: list[Array], res: Array | None, res_add: Array | None, rnd, *,
+              glu: bool) -> Array:
+    """The matmul's outputs (rounded) to the kernel's: ``silu(gate) * up`` with ``glu``
+    (each op rounded as XLA rounds it), then ``(res + res_add) + y`` where given."""
+    if glu:
+        gate, up = ys
+        y = rnd(rnd(gate * rnd(jax.nn.sigmoid(gate))) * up)
+    else:
+        y = ys[0]
+    if res is not None:
+        if res_add is not None:
+            res = rnd(res + res_add)
+        y = rnd(res + y)
+    return y
 
 
 def _kernel(*, x_ref, add_ref, scale_ref, gate_ref, w_ref, res_ref, res_add_ref, cache_ref,
@@ -270,16 +302,9 @@ def _kernel(*, x_ref, add_ref, scale_ref, gate_ref, w_ref, res_ref, res_add_ref,
 
     acc = jax.lax.fori_loop(0, n_tiles, body, tuple(jnp.zeros((bn,), F32) for _ in starts))
     ys = [rnd(a) for a in acc]  # the matmul's output, in the output dtype
-    if st.glu:  # silu(gate) * up, each op rounded as XLA rounds it
-        gate, up = ys
-        y = rnd(rnd(gate * rnd(jax.nn.sigmoid(gate))) * up)
-    else:
-        y = ys[0]
-    if res_ref is not None:
-        res = _row(res_ref, j * bn, bn, width)  # [BN]
-        if res_add_ref is not None:
-            res = rnd(res + _row(res_add_ref, j * bn, bn, width))
-        y = rnd(res + y)
+    y = _epilogue(ys, None if res_ref is None else _row(res_ref, j * bn, bn, width),  # [BN]
+                  None if res_add_ref is None else _row(res_add_ref, j * bn, bn, width),
+                  rnd, glu=st.glu)
     if st.conv_width is not None:
         y = _conv_epilogue(y, j, rnd, cache_ref=cache_ref, cw_ref=cw_ref, cb_ref=cb_ref,
                            new_cache_ref=new_cache_ref, st=st)
@@ -338,15 +363,8 @@ def _rows_kernel(*, x_ref, add_ref, scale_ref, gate_ref, w_ref, res_ref, res_add
             scale = plt.load(scale_ref.at[pl.ds(k0, bk)], mask=ks < depth, other=0.0)
             xk = rnd(xk * scale.astype(F32)[None, :])
         if st.group is not None:  # per-group RMSNorm (and silu gate) of each row
-            size = st.group
-            xg = xk.reshape(rp * bk // size, size)  # [RP, BK] -> [RP BK / G, G]
-            g_inv = jax.lax.rsqrt(jnp.mean(xg * xg, axis=1, keepdims=True) + st.norm_eps)
-            y = xg * g_inv * scale_ref[pl.ds(0, size)].astype(F32)[None, :]
-            if gate_ref is not None:
-                gate = tile(gate_ref, st.gate_offset + k0, bk, st.gate_offset + depth)
-                gate = gate.reshape(rp * bk // size, size)  # [RP, BK] -> [RP BK / G, G]
-                y = y * (gate * jax.nn.sigmoid(gate))
-            xk = rnd(y.reshape(rp, bk))  # [RP BK / G, G] -> [RP, BK]
+            xk = _group_prologue(xk, k0, rnd, scale_ref=scale_ref, gate_ref=gate_ref, st=st,
+                                 load=tile)
         xk = xk.astype(st.out_dtype)  # exact: every prologue value is rounded to it
         mask = (outs[:, None] < width) & (ks[None, :] < depth)
         return tuple(
@@ -363,37 +381,12 @@ def _rows_kernel(*, x_ref, add_ref, scale_ref, gate_ref, w_ref, res_ref, res_add
         inv = jax.lax.rsqrt(squares / depth + st.norm_eps)  # [RP]
         acc = tuple(a * inv[:, None] for a in acc)
     ys = [rnd(a) for a in acc]  # [RP, BN] each, the matmul's output in the output dtype
-    if st.glu:
-        gate, up = ys
-        y = rnd(rnd(gate * rnd(jax.nn.sigmoid(gate))) * up)
-    else:
-        y = ys[0]
-    if res_ref is not None:
-        res = tile(res_ref, j * bn, bn, width)  # [RP, BN]
-        if res_add_ref is not None:
-            res = rnd(res + tile(res_add_ref, j * bn, bn, width))
-        y = rnd(res + y)
+    y = _epilogue(ys, None if res_ref is None else tile(res_ref, j * bn, bn, width),
+                  None if res_add_ref is None else tile(res_add_ref, j * bn, bn, width),
+                  rnd, glu=st.glu)  # [RP, BN]
     if st.conv_width is not None:  # the short conv's step on these columns, per row
-        channel = j * bn - st.conv_start
-        inside = (channel >= 0) & (channel < st.conv_channels)  # all BN columns or none
-        span = pl.ds(jnp.clip(channel, 0, st.conv_channels - bn), bn)
-        # (the tap as an int32 array: a masked load's discharge rule in the interpreter takes
-        # no Python int index)
-        window = [plt.load(cache_ref.at[pl.ds(0, rp), jnp.int32(i), span], mask=live[:, None],
-                           other=0.0).astype(F32) for i in range(st.conv_width - 1)] + [y]
-        conv = (cb_ref[span].astype(F32)[None, :] if cb_ref is not None
-                else jnp.zeros((rp, bn), F32))
-        for i, value in enumerate(window):  # [RP, BN] each
-            conv = conv + cw_ref[i, span].astype(F32)[None, :] * value
-        conv = rnd(conv * jax.nn.sigmoid(conv))
-
-        @pl.when(inside)
-        def _():
-            for i in range(st.conv_width - 1):
-                plt.store(new_cache_ref.at[pl.ds(0, rp), jnp.int32(i), span],
-                          window[i + 1].astype(new_cache_ref.dtype), mask=live[:, None])
-
-        y = jnp.where(inside, conv, y)
+        y = _conv_epilogue(y, j, rnd, cache_ref=cache_ref, cw_ref=cw_ref, cb_ref=cb_ref,
+                           new_cache_ref=new_cache_ref, st=st, live=live)
     plt.store(y_ref.at[pl.ds(0, rp), pl.ds(j * bn, bn)], y.astype(y_ref.dtype),
               mask=live[:, None] & (outs < width)[None, :])
 
