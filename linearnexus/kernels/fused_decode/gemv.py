@@ -28,10 +28,10 @@ way, chosen by ``LINEARNEXUS_DECODE_GEMV`` (read at trace time):
   in column tiles was 1.8x slower (32-byte rows per tile), hence the transposed layout.
 
 Only one-row calls on a GPU change (``one_row_ready``); batch > 1 and the CPU take XLA's
-matmul, except that ``LINEARNEXUS_DECODE_ROWS=N`` (:data:`ROWS_ENV`, opt-in until timed)
-sends fused calls (:func:`fused_ready`: norms, conv, SwiGLU and residual sums around the
-projection) of up to ``N <= 64`` rows to ``_rows_kernel``, the same kernel with
-tensor-core tiles. The default is the mode measured fastest on the H200
+matmul, except that ``LINEARNEXUS_DECODE_ROWS=N`` (:data:`ROWS_ENV`, opt-in: slower than
+XLA's matmuls on an H100) sends fused calls (:func:`fused_ready`: norms, conv, SwiGLU and
+residual sums around the projection) of up to ``N <= 64`` rows to ``_rows_kernel``, the same
+kernel with tensor-core tiles. The default is the mode measured fastest on the H200
 (``DEFAULT_MODE``).
 """
 
@@ -67,7 +67,8 @@ MAX_ROWS = 64
 #: (read at trace time; 1 .. MAX_ROWS): above 1, batch 2 .. N decoding folds its norms,
 #: conv, SwiGLU and residual sums into the projections as batch 1 does
 ROWS_ENV = "LINEARNEXUS_DECODE_ROWS"
-#: batch 1 only until the several-row kernels are timed against XLA on a GPU
+#: batch 1 only: on an H100 (2026-12-07) the several-row kernels took 1.1-4.8x XLA's time per
+#: projection and batch-64 decoding 28-32% longer (docs/benchmarks.md, "Several-row kernels")
 DEFAULT_ROWS = 1
 F32 = jnp.float32
 
