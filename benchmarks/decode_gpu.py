@@ -38,6 +38,9 @@ the earlier cells held).
 Floors: ``weights`` = the inference parameter bytes read once per step at the measured
 device-to-device bandwidth (torch copy of 2 GiB, read + write bytes; 4.3 TB/s when torch
 is absent); ``+ state`` adds the recurrent state (or KV cache) read and written once.
+``--state-dtype bfloat16`` keeps our recurrent states in bf16 between steps
+(``Decoder(state_dtype=...)``; FLA's Mamba2 keeps its HF cache in the model's bf16 too); the
+row's ``state_dtype`` and ``state_bytes`` say which.
 
 Runs past ``--budget`` seconds skip the cells not started; everything measured is printed
 and written (``$OUT/decode_gpu.json`` when ``OUT`` is set, and ``--out``).
@@ -105,14 +108,15 @@ def time_ours(kind: str, batch: int, args: argparse.Namespace) -> dict[str, Any]
     cfg = our_config(kind, d=args.d_model, layers=args.layers, vocab=args.vocab,
                      dtype=args.dtype, max_seq_len=args.max_seq_len)
     model = create_model(cfg, seed=0)
-    dec = Decoder(model, SamplingConfig(temperature=0.0), weights="compute")
+    dec = Decoder(model, SamplingConfig(temperature=0.0), weights="compute",
+                  state_dtype=args.state_dtype)
     stops = stop_array(())
     rng = np.random.default_rng(0)
     steps = args.steps
 
     def fresh():
         tok = jnp.asarray(rng.integers(0, args.vocab, batch), jnp.int32)
-        return tok, model.init_state(batch), jax.random.key(0), jnp.zeros(batch, bool)
+        return tok, dec.init_state(batch), jax.random.key(0), jnp.zeros(batch, bool)
 
     def once() -> float:
         tok, state, key, done = fresh()
@@ -130,9 +134,10 @@ def time_ours(kind: str, batch: int, args: argparse.Namespace) -> dict[str, Any]
     t_compile = time.perf_counter() - t_compile
     times = [once() for _ in range(args.repeats)]
     loop_s = statistics.median(times) / steps
-    state_bytes = tree_bytes(jax.eval_shape(lambda: model.init_state(batch)))
+    state_bytes = tree_bytes(jax.eval_shape(lambda: dec.init_state(batch)))
     row: dict[str, Any] = {
         "framework": "linearnexus", "model": kind, "batch": batch,
+        "state_dtype": args.state_dtype or "float32",
         "params": model.num_params(), "weight_bytes": tree_bytes(dec.params),
         "state_bytes": state_bytes, "ms_per_step": loop_s * 1e3,
         "tokens_per_s": batch / loop_s, "first_call_s": t_compile,
@@ -272,7 +277,9 @@ def table(rows: list[dict[str, Any]], bw: float) -> str:
         w = r["weight_bytes"] / bw * 1e3
         ws = (r["weight_bytes"] + 2 * r.get("state_bytes", 0)) / bw * 1e3
         host = r.get("host_loop_ms_per_step")
-        out.append(f"| {r['framework']} | {r['model']} | {r['params'] / 1e6:.0f}M | {r['batch']} | "
+        state16 = r.get("state_dtype", "float32") != "float32"
+        name = f"{r['framework']} ({r['state_dtype']} state)" if state16 else r["framework"]
+        out.append(f"| {name} | {r['model']} | {r['params'] / 1e6:.0f}M | {r['batch']} | "
                    f"{r['ms_per_step']:.3f} | {r['tokens_per_s']:,.0f} | "
                    f"{'' if host is None else f'{host:.3f}'} | {w:.3f} | "
                    f"{ws:.3f} | {r['ms_per_step'] / ws:.1f}x |")
@@ -296,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seq-len", type=int, default=512, help="GPT's KV-cache slots")
     p.add_argument("--dtype", default=None, help="compute dtype (default bfloat16 on a GPU, "
                    "float32 on the CPU)")
+    p.add_argument("--state-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="our recurrent states' dtype between steps (default float32)")
     p.add_argument("--skip-fla", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny models (a CPU smoke test)")
     p.add_argument("--budget", type=float, default=420.0,

@@ -30,6 +30,15 @@
 #   rows64:  the several-row fused projection kernels (LINEARNEXUS_DECODE_ROWS): their
 #            tests compiled, then the GDN and Mamba2 decode loops at batch 64 (ROWS_BATCH)
 #            with them off (1) and on (64), one process each (~60 + 2 x 90 s).
+#   state16: the GDN and Mamba2 decode loops at batch 1 and 64 (STATE16_BATCHES) with the
+#            recurrent states kept in float32 (the default) and in bfloat16 between steps
+#            (decode_gpu.py --state-dtype: the layer kernels read and write bf16, halving
+#            the state's bytes), one process each (~2 x 100 s); beside PARTS's fla64 for
+#            FLA's time in the same call.
+#   flags64: the Mamba2 (FLAGS_MODELS) decode loop at batch 64 under each XLA_FLAGS value
+#            in FLAGS_SETS (";"-separated; default: none, PDL off, command-buffer loops
+#            unrolled), one process each (~3 x 80 s): what XLA's launch machinery does to a
+#            step of ~80 small kernels.
 #   warps64: the GDN and Mamba2 decode loops at batch 64 with the layer kernels at their
 #            default warps (4 there) and at each count in $WARPS (default "2 8";
 #            LINEARNEXUS_LAYER_WARPS), one process each (~3 x 90 s).
@@ -109,6 +118,27 @@ case " $PARTS " in *" rows64 "*)
       --models ${ROWS_MODELS:-mamba2 gdn} --batches ${ROWS_BATCH:-64} --steps 64 --skip-fla \
       --budget $(( ${ROWS_S:-100} - 20 )) --out "$OUT/rows64_$rows" 2>&1 \
       | grep -E "^\| linearnexus|rror|budget" | cut -c1-300 | head -20
+  done;;
+esac
+case " $PARTS " in *" state16 "*)
+  for dtype in float32 bfloat16; do
+    echo "== batches ${STATE16_BATCHES:-1 64}, --state-dtype $dtype"
+    timeout ${STATE16_S:-110} python3 benchmarks/decode_gpu.py --models ${STATE16_MODELS:-mamba2 gdn} \
+      --batches ${STATE16_BATCHES:-1 64} --steps 64 --skip-fla --state-dtype $dtype \
+      --budget $(( ${STATE16_S:-110} - 20 )) --out "$OUT/state16_$dtype" 2>&1 \
+      | grep -E "^\| linearnexus|rror|budget" | cut -c1-300 | head -20
+  done;;
+esac
+case " $PARTS " in *" flags64 "*)
+  IFS=';' read -ra sets <<< "${FLAGS_SETS:-none;--xla_gpu_enable_pdl=false;--xla_gpu_command_buffer_unroll_loops=true}"
+  i=0
+  for flags in "${sets[@]}"; do
+    echo "== batch 64, XLA_FLAGS=${flags/none/}"
+    XLA_FLAGS="${flags/none/}" timeout ${FLAGS_S:-90} python3 benchmarks/decode_gpu.py \
+      --models ${FLAGS_MODELS:-mamba2} --batches 64 --steps 64 --skip-fla \
+      --budget $(( ${FLAGS_S:-90} - 20 )) --out "$OUT/flags64_$i" 2>&1 \
+      | grep -E "^\| linearnexus|rror|budget" | cut -c1-300 | head -20
+    i=$((i + 1))
   done;;
 esac
 case " $PARTS " in *" warps64 "*)

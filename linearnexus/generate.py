@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from linearnexus.core.cache import RECURRENT_DTYPES, cast_recurrent
 from linearnexus.core.compile_cache import CompileCache
 from linearnexus.core.config import ConfigBase, ConfigError, field
 from linearnexus.core.types import Array
@@ -572,15 +573,24 @@ class Decoder:
         dec = Decoder(model, cfg)
         nxt, state, key = dec.prefill(tokens, mask, jax.random.key(0))   # [B], state, key
         nxt, state, key = dec.step(nxt[:, None], state, key)            # one more token
+
+    ``state_dtype`` (None, ``"float32"``, ``"bfloat16"``, ``"float16"``) keeps every
+    recurrent state (linear attention, SSM scans) in that dtype between steps: a 16-bit
+    state halves the bytes a step reads and writes for it, which at large batches is most
+    of a step; each step still updates it in float32 and rounds the new state once, so it
+    drifts from the float32 state (see ``docs/generation.md``). KV caches are unchanged.
     """
 
     def __init__(self, model: LMModel, cfg: SamplingConfig | None = None, *,
-                 weights: str = "compute") -> None:
+                 weights: str = "compute", state_dtype: str | None = None) -> None:
         if not isinstance(model, LMModel):
             raise TypeError(f"model: expected an LMModel, got {type(model).__name__}")
+        check_state_dtype(state_dtype)
         cfg = SamplingConfig() if cfg is None else cfg
         self.model = model
         self.cfg = cfg
+        #: the recurrent states' dtype between steps (None: as the blocks make them, float32)
+        self.state_dtype = state_dtype
         graphdef, _ = nnx.split(model)
         self.params = inference_params(model, weights)
         #: what the step and the loop take: the params and the fused projections' weights
@@ -617,7 +627,17 @@ class Decoder:
                        mask: Array | np.ndarray) -> tuple[Array, ModelState]:
         """:meth:`prefill` without the sampling: ``(next-token logits [B, V], state)``
         (compiled once per model structure and shape, whatever the sampler)."""
-        return self._prefill(self.params, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool))
+        last, state = self._prefill(self.params, jnp.asarray(tokens, jnp.int32),
+                                    jnp.asarray(mask, bool))
+        return last, self._cast(state)
+
+    def init_state(self, batch_size: int) -> ModelState:
+        """The model's empty state for ``batch_size`` rows, its recurrent states in
+        :attr:`state_dtype`."""
+        return self._cast(self.model.init_state(batch_size))
+
+    def _cast(self, state: ModelState) -> ModelState:
+        return state if self.state_dtype is None else cast_recurrent(state, self.state_dtype)
 
     def step(self, tokens: Array | np.ndarray, state: ModelState,
              key: Array) -> tuple[Array, ModelState, Array]:
@@ -676,12 +696,19 @@ def _checked_cfg(cfg: SamplingConfig | None, vocab_size: int) -> SamplingConfig:
     return cfg
 
 
+def check_state_dtype(state_dtype: str | None) -> None:
+    """Raise ValueError unless ``state_dtype`` is None or one of ``RECURRENT_DTYPES``."""
+    if state_dtype is not None and state_dtype not in RECURRENT_DTYPES:
+        raise ValueError(f"state_dtype: expected None or one of {RECURRENT_DTYPES}, "
+                         f"got {state_dtype!r}")
+
+
 def _host_steps(model: LMModel, rows: list[list[int]], cfg: SamplingConfig, pad_id: int,
-                weights: str) -> Iterator[np.ndarray]:
+                weights: str, state_dtype: str | None = None) -> Iterator[np.ndarray]:
     """The per-step host loop (the reference the device loop is tested against): yield each
     step's new tokens ``[B, 1]`` int32, -1 for rows that have finished (a row's stop token is
     reported as -1 too). Ends when all rows finished or after ``max_new_tokens`` steps."""
-    dec = Decoder(model, cfg, weights=weights)
+    dec = Decoder(model, cfg, weights=weights, state_dtype=state_dtype)
     tokens, mask = left_pad(rows, prompt_bucket(max(map(len, rows)), cache_limit(model)), pad_id)
     nxt, state, key = dec.prefill(tokens, mask, jax.random.key(cfg.seed))
     stops = np.asarray(cfg.stop_tokens, np.int32)
@@ -697,12 +724,13 @@ def _host_steps(model: LMModel, rows: list[list[int]], cfg: SamplingConfig, pad_
 
 
 def _device_steps(model: LMModel, rows: list[list[int]], cfg: SamplingConfig, pad_id: int,
-                  weights: str, sync_every: int | None = None) -> Iterator[np.ndarray]:
+                  weights: str, sync_every: int | None = None,
+                  state_dtype: str | None = None) -> Iterator[np.ndarray]:
     """The on-device loop: yield ``[B, n]`` int32 blocks of new tokens (-1 where a row had
     finished), one host sync per block of at most ``sync_every`` (default
     :data:`LOOP_CHUNK`) tokens."""
     sync_every = LOOP_CHUNK if sync_every is None else sync_every
-    dec = Decoder(model, cfg, weights=weights)
+    dec = Decoder(model, cfg, weights=weights, state_dtype=state_dtype)
     tokens, mask = left_pad(rows, prompt_bucket(max(map(len, rows)), cache_limit(model)), pad_id)
     nxt, state, key = dec.prefill(tokens, mask, jax.random.key(cfg.seed))
     stops = stop_array(cfg.stop_tokens)
@@ -724,7 +752,7 @@ LOOPS = ("device", "host")
 
 def generate(model: LMModel, prompts: Sequence[Sequence[int]] | Array | np.ndarray,
              cfg: SamplingConfig | None = None, *, pad_id: int = PAD_ID, loop: str = "device",
-             weights: str = "compute") -> list[list[int]]:
+             weights: str = "compute", state_dtype: str | None = None) -> list[list[int]]:
     """Continue a batch of prompts of any lengths.
 
     Args:
@@ -736,6 +764,9 @@ def generate(model: LMModel, prompts: Sequence[Sequence[int]] | Array | np.ndarr
             ``lax.while_loop`` per :data:`LOOP_CHUNK` tokens; ``"host"``: one jitted step
             per token driven from Python (the reference; same tokens for the same seed).
         weights: ``"compute"`` (default) or ``"stored"``, see :func:`inference_params`.
+        state_dtype: the recurrent states' dtype between steps (None: float32; or
+            ``"bfloat16"`` / ``"float16"``: half the state's bytes a step, see
+            :class:`Decoder`).
 
     Returns:
         per prompt, the new ids only (at most ``max_new_tokens``; shorter when the row
@@ -743,8 +774,8 @@ def generate(model: LMModel, prompts: Sequence[Sequence[int]] | Array | np.ndarr
 
     Raises:
         ValueError: empty or out-of-vocabulary prompts; ``longest prompt + max_new_tokens``
-            over ``max_seq_len`` for models with attention caches; unknown ``loop`` or
-            ``weights`` (all checked before any work).
+            over ``max_seq_len`` for models with attention caches; unknown ``loop``,
+            ``weights`` or ``state_dtype`` (all checked before any work).
         ConfigError (a ValueError): bad sampling settings (names the field).
         TypeError: wrong argument types.
     """
@@ -752,13 +783,16 @@ def generate(model: LMModel, prompts: Sequence[Sequence[int]] | Array | np.ndarr
         raise ValueError(f"loop: expected one of {LOOPS}, got {loop!r}")
     if weights not in WEIGHTS:
         raise ValueError(f"weights: expected one of {WEIGHTS}, got {weights!r}")
+    check_state_dtype(state_dtype)
     cfg = _checked_cfg(cfg, model.config.vocab_size)
     rows = _as_prompts(prompts, model.config.vocab_size)
     check_capacity(model, max(map(len, rows)), cfg.max_new_tokens)
     out: list[list[int]] = [[] for _ in rows]
     if cfg.max_new_tokens == 0:
         return out
-    steps = (_device_steps if loop == "device" else _host_steps)(model, rows, cfg, pad_id, weights)
+    steps = (_device_steps(model, rows, cfg, pad_id, weights, state_dtype=state_dtype)
+             if loop == "device" else
+             _host_steps(model, rows, cfg, pad_id, weights, state_dtype=state_dtype))
     for block in steps:
         for r, toks in enumerate(block.tolist()):
             out[r].extend(t for t in toks if t >= 0)
@@ -766,7 +800,8 @@ def generate(model: LMModel, prompts: Sequence[Sequence[int]] | Array | np.ndarr
 
 
 def stream(model: LMModel, prompt: Sequence[int], cfg: SamplingConfig | None = None,
-           *, pad_id: int = PAD_ID, sync_every: int = 1, weights: str = "compute") -> Iterator[int]:
+           *, pad_id: int = PAD_ID, sync_every: int = 1, weights: str = "compute",
+           state_dtype: str | None = None) -> Iterator[int]:
     """Yield the new tokens of one prompt as they are produced.
 
     Same compiled functions, seed handling and stop rule as :func:`generate` with a batch of
@@ -776,6 +811,7 @@ def stream(model: LMModel, prompt: Sequence[int], cfg: SamplingConfig | None = N
         sync_every: tokens per host sync. 1 (default): the per-step host loop, each token
             as soon as it exists; ``k > 1``: the on-device loop hands over blocks of ``k``
             tokens (``k <= LOOP_CHUNK``), paying one host round trip per block.
+        weights, state_dtype: as :func:`generate`.
 
     Raises:
         as :func:`generate`, at the call (before the first token), not at the first ``next``;
@@ -785,6 +821,7 @@ def stream(model: LMModel, prompt: Sequence[int], cfg: SamplingConfig | None = N
         raise ValueError(f"sync_every: expected an int in [1, {LOOP_CHUNK}], got {sync_every!r}")
     if weights not in WEIGHTS:
         raise ValueError(f"weights: expected one of {WEIGHTS}, got {weights!r}")
+    check_state_dtype(state_dtype)
     cfg = _checked_cfg(cfg, model.config.vocab_size)
     rows = _as_prompts([prompt], model.config.vocab_size)
     check_capacity(model, len(rows[0]), cfg.max_new_tokens)
@@ -792,8 +829,8 @@ def stream(model: LMModel, prompt: Sequence[int], cfg: SamplingConfig | None = N
     def tokens() -> Iterator[int]:
         if cfg.max_new_tokens == 0:
             return
-        steps = (_host_steps(model, rows, cfg, pad_id, weights) if sync_every == 1 else
-                 _device_steps(model, rows, cfg, pad_id, weights, sync_every))
+        steps = (_host_steps(model, rows, cfg, pad_id, weights, state_dtype) if sync_every == 1
+                 else _device_steps(model, rows, cfg, pad_id, weights, sync_every, state_dtype))
         for block in steps:
             for tok in block[0].tolist():
                 if tok < 0:
@@ -845,7 +882,7 @@ def generate_text(model: LMModel, tokenizer: Any, prompt: str, cfg: SamplingConf
 
 __all__ = [
     "LOOP_CHUNK", "PAD_ID", "DecodeParams", "Decoder", "SamplingConfig", "apply_top_k",
-    "apply_top_p", "cache_limit", "check_capacity", "counted_while", "decode_block",
+    "apply_top_p", "cache_limit", "check_capacity", "check_state_dtype", "counted_while", "decode_block",
     "decode_params", "decode_step", "generate", "generate_text", "inference_params", "left_pad",
     "prompt_bucket", "sample_next", "start_tokens", "stop_array", "stream", "trace_counts",
 ]

@@ -166,6 +166,8 @@ class ContinuousBatcher:
             :data:`~linearnexus.generate.LOOP_CHUNK`); a call also returns as soon as a
             request finishes, so its slot is refilled without waiting.
         weights: see :func:`linearnexus.generate.inference_params`.
+        state_dtype: the recurrent states' dtype between steps (None: float32; see
+            :class:`~linearnexus.generate.Decoder`).
         pad_id: the id fed to free slots.
 
     Raises:
@@ -173,7 +175,8 @@ class ContinuousBatcher:
     """
 
     def __init__(self, model: LMModel, *, slots: int = 8, cfg: SamplingConfig | None = None,
-                 sync_every: int = 32, weights: str = "compute", pad_id: int = PAD_ID) -> None:
+                 sync_every: int = 32, weights: str = "compute", pad_id: int = PAD_ID,
+                 state_dtype: str | None = None) -> None:
         if not isinstance(model, LMModel):
             raise TypeError(f"model: expected an LMModel, got {type(model).__name__}")
         if not isinstance(slots, int) or slots < 1:
@@ -187,7 +190,7 @@ class ContinuousBatcher:
         self.n_slots = slots
         self.sync_every = sync_every
         self.pad_id = pad_id
-        self._decoder = Decoder(model, self.cfg, weights=weights)
+        self._decoder = Decoder(model, self.cfg, weights=weights, state_dtype=state_dtype)
         graphdef, _ = nnx.split(model)
         block = decode_block()
         self._fns = _SERVE.get(graphdef, (self.cfg.sampler_key(), "serve", block),
@@ -227,7 +230,7 @@ class ContinuousBatcher:
     def _empty_slots(self) -> _Slots:
         b = self.n_slots
         width = int(stop_array(()).shape[0])
-        return _Slots(jnp.zeros(b, jnp.int32), self.model.init_state(b),
+        return _Slots(jnp.zeros(b, jnp.int32), self._decoder.init_state(b),
                       jax.random.split(jax.random.key(0), b), jnp.zeros(b, bool),
                       jnp.zeros(b, jnp.int32), jnp.full((b, width), -1, jnp.int32))
 
@@ -299,7 +302,8 @@ class ContinuousBatcher:
 
 def serve_bench(model: LMModel, n_requests: int, *, slots: int = 16,
                 cfg: SamplingConfig | None = None, max_prompt: int = 64, max_new: int = 256,
-                sync_every: int = 32, seed: int = 0) -> dict[str, Any]:
+                sync_every: int = 32, seed: int = 0,
+                state_dtype: str | None = None) -> dict[str, Any]:
     """Throughput under a stream of mixed-length requests: continuous batching vs static
     batches.
 
@@ -308,18 +312,21 @@ def serve_bench(model: LMModel, n_requests: int, *, slots: int = 16,
     tokens) are decoded twice: by a :class:`ContinuousBatcher` with ``slots`` slots, and by
     :func:`~linearnexus.generate.generate` over consecutive groups of ``slots`` requests,
     where each group runs until its longest request is done. Each method runs once untimed
-    (compiles), then once timed.
+    (compiles), then once timed. ``state_dtype``: as :class:`ContinuousBatcher`'s, for both.
 
     Returns:
         ``{"requests", "tokens", "continuous": {"seconds", "tokens_per_s", "decode_calls"},
         "static": {"seconds", "tokens_per_s"}, "speedup"}``.
 
     Raises:
-        ValueError: ``n_requests < 1``, ``max_prompt < 1`` or ``max_new < 1``.
+        ValueError: ``n_requests < 1``, ``max_prompt < 1``, ``max_new < 1`` or an unknown
+            ``state_dtype``.
     """
     import time
 
-    from linearnexus.generate import generate
+    from linearnexus.generate import check_state_dtype, generate
+
+    check_state_dtype(state_dtype)
 
     for name, value in (("n_requests", n_requests), ("max_prompt", max_prompt),
                         ("max_new", max_new)):
@@ -333,7 +340,8 @@ def serve_bench(model: LMModel, n_requests: int, *, slots: int = 16,
     total = sum(n for _, n in reqs)
 
     def continuous() -> tuple[float, int]:
-        server = ContinuousBatcher(model, slots=slots, cfg=cfg, sync_every=sync_every)
+        server = ContinuousBatcher(model, slots=slots, cfg=cfg, sync_every=sync_every,
+                                   state_dtype=state_dtype)
         t0 = time.perf_counter()
         for i, (prompt, n) in enumerate(reqs):
             server.submit(prompt, max_new_tokens=n, seed=cfg.seed + i)
@@ -345,7 +353,8 @@ def serve_bench(model: LMModel, n_requests: int, *, slots: int = 16,
         for i in range(0, n_requests, slots):
             group = reqs[i: i + slots]
             generate(model, [p for p, _ in group],
-                     cfg.replace(max_new_tokens=max(n for _, n in group), seed=cfg.seed + i))
+                     cfg.replace(max_new_tokens=max(n for _, n in group), seed=cfg.seed + i),
+                     state_dtype=state_dtype)
         return time.perf_counter() - t0
 
     continuous()

@@ -174,3 +174,89 @@ def test_layer_warps_default_and_override(monkeypatch):
     monkeypatch.setenv(WARPS_ENV, "3")
     with pytest.raises(ValueError, match=f"{WARPS_ENV}: expected 1, 2, 4 or 8, got '3'"):
         layer_warps(1, 1)
+
+
+@pytest.mark.parametrize("name,overrides", [("gated_deltanet", {}),
+                                            ("mamba2", {"ngroups": 2, "D_has_hdim": True})])
+def test_sixteen_bit_state_through_the_layer_kernel(monkeypatch, name, overrides):
+    """A bf16 recurrent state (``generate.Decoder(state_dtype="bfloat16")``): the layer
+    kernel reads and writes it as bf16 (no float32 copy), updating in float32, and agrees
+    with the unfused path on the same bf16 state: the output to 1e-5 (float32 compute),
+    the new state to its one rounding; gradients flow through the reference as before."""
+    import linearnexus.kernels.fused_decode.api as layer_api
+    from linearnexus.core.cache import RecurrentState, cast_recurrent
+
+    monkeypatch.setattr(layer_api, "_compiles", lambda: True)  # pick it as on a GPU
+    finals = []
+    module, step = (("linearnexus.modules.linear.deltanet", "delta_layer_step")
+                    if name != "mamba2" else ("linearnexus.modules.ssm.mamba2", "ssd_layer_step"))
+    real = getattr(layer_api, step)
+
+    def record(*args, fallback):
+        out = real(*args, fallback=fallback)
+        finals.append(out[2].dtype)
+        return out
+
+    monkeypatch.setattr(f"{module}.{step}", record)
+    entry = LAYER_REGISTRY[name]
+    block = entry.block(entry.config.tiny(dtype="float32", **overrides), rngs=nnx.Rngs(1))
+    zeros = jax.tree.leaves(block.init_state(2))
+    keys = jax.random.split(jax.random.key(5), len(zeros))
+    state = jax.tree.unflatten(jax.tree.structure(block.init_state(2)), [
+        (0.3 * jax.random.normal(k, z.shape)).astype(z.dtype) for k, z in zip(keys, zeros, strict=True)])
+    state = cast_recurrent(state, "bfloat16")
+    x = jax.random.normal(jax.random.key(6), (2, 1, 16))
+    run = jax.jit(lambda x, s: block(x, state=s))
+    (fused, plain) = _both(monkeypatch, lambda: run(x, state))
+    assert finals == [jnp.bfloat16]  # the kernel ran once (the unfused call never reaches it)
+    (y_f, s_f), (y_p, s_p) = fused, plain
+    np.testing.assert_allclose(np.asarray(y_f), np.asarray(y_p), rtol=1e-5, atol=1e-6)
+    rec = lambda s: [r.state for r in jax.tree.leaves(  # noqa: E731
+        s, is_leaf=lambda v: isinstance(v, RecurrentState)) if isinstance(r, RecurrentState)]
+    for a, b in zip(rec(s_f), rec(s_p), strict=True):
+        assert a.dtype == b.dtype == jnp.bfloat16
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, rtol=2 ** -7, atol=1e-6)  # one bf16 rounding apart
+    # the backward pass: the reference's VJP at the bf16 state (its new state rounded the same)
+    grad_fn = lambda x, s: jax.grad(lambda x: jnp.sum(block(x, state=s)[0] ** 2))(x)  # noqa: E731
+    grad = jax.jit(grad_fn)(x, state)
+    monkeypatch.setenv("LINEARNEXUS_FUSED_DECODE", "0")
+    want = jax.jit(grad_fn)(x, state)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(want), rtol=1e-4, atol=1e-6)
+
+
+def test_layer_kernels_lower_with_sixteen_bit_states(monkeypatch):
+    """The GDN and Mamba2 layer kernels lowered for CUDA (Triton form, not interpreted) at
+    the benchmark models' sizes, batch 64, with a bf16 state: one Triton call each, whose
+    state operand and result are bf16 (read and written as such, aliased in place)."""
+    from linearnexus.kernels.common.gpu_lowering import lower_for_gpu
+    from linearnexus.kernels.common.pallas import INTERPRET_ENV
+    from linearnexus.kernels.fused_decode.pallas import (
+        DeltaLayerSpec,
+        SsdLayerSpec,
+        delta_layer,
+        ssd_layer,
+    )
+
+    monkeypatch.setenv(INTERPRET_ENV, "0")
+    bf, f32, b = jnp.bfloat16, jnp.float32, 64
+    sds = jax.ShapeDtypeStruct
+    ssd = SsdLayerSpec(heads=24, head_dim=64, groups=1, d_state=64, conv_width=4,
+                       d_per_channel=False, dt_limit=None)
+    c = ssd.conv_channels
+    text = lower_for_gpu(
+        lambda *a: ssd_layer(ssd, *a), sds((b, ssd.width), bf), sds((b, 3, c), bf),
+        sds((4, c), f32), sds((c,), f32), sds((b, 24, 64, 64), bf), sds((24,), f32),
+        sds((24,), f32), sds((24,), f32))
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    assert "tensor<64x24x64x64xbf16>" in text and "tensor<64x24x64x64xf32>" not in text
+    gdn = DeltaLayerSpec(heads=16, key_dim=64, value_dim=128, conv_width=4,
+                         silu_without_conv=True, gated=True, output_gate=True,
+                         allow_neg_eigval=False, qk_eps=1e-6, norm_eps=1e-5, scale=0.125)
+    q = gdn.qkv_width
+    text = lower_for_gpu(
+        lambda *a: delta_layer(gdn, *a), sds((b, gdn.width), bf), sds((b, 3, q), bf),
+        sds((4, q), f32), None, sds((b, 16, 64, 128), bf), sds((16,), f32), sds((16,), f32),
+        sds((128,), f32))
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    assert "tensor<64x16x64x128xbf16>" in text and "tensor<64x16x64x128xf32>" not in text

@@ -166,9 +166,10 @@ def test_rows_switch(monkeypatch):
             gemv.fused_rows()
 
 
+# (GDN in bf16 ran here too, 10 s of CI; its bf16 rounding places are the kernels' own,
+# checked at 17 rows above, and the path is an opt-in measured slower than XLA's matmuls)
 @pytest.mark.parametrize("pattern,options,dtype", [
     (("gated_deltanet",), {}, "float32"),
-    (("gated_deltanet",), {}, "bfloat16"),
     (("mamba2",), {"mamba2": {"d_state": 16, "headdim": 16}}, "float32"),
     (("attention",), {}, "float32"),
 ])

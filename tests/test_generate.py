@@ -366,6 +366,45 @@ def test_continuous_batching_equals_alone(models, key):
         server.submit([VOCAB])
 
 
+def test_sixteen_bit_decode_state(models, key):
+    """``state_dtype="bfloat16"``: every recurrent state (Mamba's scan, RetNet's) stays bf16
+    through the prefill, the loop and continuous batching's slots, KV caches unchanged;
+    the batcher's rows equal generate's; bad values are refused before any work."""
+    from linearnexus.core.cache import RecurrentState, cast_recurrent
+    from linearnexus.serving import ContinuousBatcher
+
+    model = models.setdefault("serve", tiny_model(
+        "gpt", n_layers=3, block_pattern=("attention", "mamba", "retnet"), max_seq_len=48,
+        block_options={"attention": {"n_heads": 2}, "mamba": {"chunk_size": 4}}))
+    prompts = random_prompts(key, [5, 11])
+    cfg = GREEDY.replace(max_new_tokens=6)
+    half = G.generate(model, prompts, cfg, state_dtype="bfloat16")
+    assert all(len(row) == 6 for row in half)
+    # the first token comes from the float32 prefill, before the state is cast
+    assert [r[0] for r in half] == [r[0] for r in G.generate(model, prompts, cfg)]
+    dec = G.Decoder(model, cfg, state_dtype="bfloat16")
+    tokens, mask = G.left_pad(prompts, G.prompt_bucket(11, G.cache_limit(model)), G.PAD_ID)
+    nxt, state, k = dec.prefill(tokens, mask, jax.random.key(0))
+    buf, count, _, state, _, _ = dec.run(nxt, state, k, jnp.zeros(2, bool), G.stop_array(()),
+                                         5, first=True)
+    assert np.asarray(buf)[:, : int(count)].tolist() == [r[:5] for r in half]
+    leaves = jax.tree.leaves(state, is_leaf=lambda v: isinstance(v, RecurrentState))
+    recurrent = [v.state for v in leaves if isinstance(v, RecurrentState)]
+    assert len(recurrent) == 2 and all(r.dtype == jnp.bfloat16 for r in recurrent)
+    assert state[0].k.dtype == jnp.float32  # the KV cache as the model keeps it
+    server = ContinuousBatcher(model, slots=2, cfg=cfg, sync_every=4, state_dtype="bfloat16")
+    ids = [server.submit(p) for p in prompts]
+    out = server.run()
+    assert [out[i] for i in ids] == half
+    for bad in ("int8", "float64"):
+        with pytest.raises(ValueError, match="state_dtype: expected None or one of"):
+            G.generate(model, prompts, cfg, state_dtype=bad)
+        with pytest.raises(ValueError, match="state_dtype"):
+            ContinuousBatcher(model, slots=2, state_dtype=bad)
+    with pytest.raises(ValueError, match="dtype: expected one of"):
+        cast_recurrent(state, "int8")
+
+
 # ---- errors ------------------------------------------------------------------------------
 
 
@@ -418,3 +457,6 @@ def test_sample_cli_serve_bench_arguments(capsys):
     assert "--checkpoint: required" in capsys.readouterr().err
     assert sample.main(["--serve-bench", "2", "--preset", "no-such-model"]) == 2
     assert "--preset: unknown model preset" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sample.main(["--serve-bench", "2", "--preset", "gpt-small", "--state-dtype", "int8"])
+    assert "--state-dtype: invalid choice" in capsys.readouterr().err

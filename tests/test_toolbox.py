@@ -153,6 +153,24 @@ def test_benchmark_harness_quick(tmp_path):
     assert "| retention | jax | default L |" in text and "x |" in text  # speed-up column
 
 
+def test_state_dtype_quality_quick(tmp_path):
+    """``benchmarks/state_dtype_quality.py --quick``: a random Mamba2 decodes held-out text
+    with float32 and bf16 states; float32's recurrent loss equals the chunked forward's, bf16
+    stays within a rounding's reach of it and the JSON records both."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import state_dtype_quality
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert state_dtype_quality.main(["--quick", "--tokens", "64", "--dtypes", "float32",
+                                     "bfloat16", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "state_dtype_quality.json").read_text())
+    f32, bf16 = res["dtypes"]["float32"], res["dtypes"]["bfloat16"]
+    assert abs(f32["loss"] - res["chunked_loss"]) < 1e-4
+    assert abs(bf16["loss_minus_float32"]) < 1e-2 and bf16["greedy_agreement"] > 0.9
+    assert f32["max_logit_diff_at_depth"]["10"] == 0.0
+
+
 def test_rows_benchmark_quick(tmp_path):
     """``benchmarks/rows_gpu.py --quick`` (the several-row kernels interpreted against their
     XLA references) writes its rows, each kernel within bf16 rounding of the reference."""

@@ -239,7 +239,7 @@ def test_load_checkpoint_and_sample_cli(make_trainer, capsys):
     texts = out.split(sample.SEPARATOR + "\n")
     assert len(texts) == 3 and texts[0].startswith("the king") and len(texts[0]) > 20
     assert sample.main(["--checkpoint", str(trainer.out_dir), "--max-tokens", "16",
-                        "--stream", "--prompt", "my lord"]) == 0
+                        "--stream", "--prompt", "my lord", "--state-dtype", "bfloat16"]) == 0
     assert capsys.readouterr().out.startswith("my lord")
     # a character the tokenizer has never seen: a clear error, not a traceback
     assert sample.main(["--checkpoint", str(trainer.out_dir), "--prompt", "Zzz"]) == 2

@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int_at_least(0), default=None,
                    help="context window in tokens, 0 = unlimited (default: the training "
                         "seq_len for models with attention, unlimited for recurrent ones)")
+    p.add_argument("--state-dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="recurrent states' dtype between decode steps: bfloat16 / float16 halve "
+                        "their bytes per step and round the state once a token (default: "
+                        "float32); see docs/generation.md")
     p.add_argument("--verify-checkpoints", choices=("full", "sizes", "off"), default="full",
                    help="check the checkpoint against its manifest first: SHA-256 and sizes, "
                         "sizes only, or nothing (default full)")
@@ -124,9 +128,10 @@ def _windows(prompt_len: int, max_new: int, window: int | None) -> Iterator[tupl
 
 
 def sample_texts(model: Any, tokenizer: Any, prompt: str, cfg: Any, num_samples: int = 1,
-                 window: int | None = None) -> list[str]:
+                 window: int | None = None, state_dtype: str | None = None) -> list[str]:
     """``generate_text`` with a sliding context of at most ``window`` tokens (None = the
-    whole text). Returns ``prompt`` + continuation per sample."""
+    whole text) and ``generate``'s ``state_dtype``. Returns ``prompt`` + continuation per
+    sample."""
     from linearnexus.generate import generate, start_tokens
 
     ids = list(tokenizer.encode(prompt)) if prompt else start_tokens(tokenizer)
@@ -134,8 +139,8 @@ def sample_texts(model: Any, tokenizer: Any, prompt: str, cfg: Any, num_samples:
     new: list[list[int]] = [[] for _ in range(num_samples)]
     done = [False] * num_samples
     for i, (keep, n) in enumerate(_windows(len(ids), cfg.max_new_tokens, window)):
-        outs = generate(model, [r[-keep:] for r in rows], cfg.replace(max_new_tokens=n,
-                                                                       seed=cfg.seed + i))
+        outs = generate(model, [r[-keep:] for r in rows],
+                        cfg.replace(max_new_tokens=n, seed=cfg.seed + i), state_dtype=state_dtype)
         for r, out in enumerate(outs):
             if not done[r]:
                 rows[r].extend(out)
@@ -146,14 +151,16 @@ def sample_texts(model: Any, tokenizer: Any, prompt: str, cfg: Any, num_samples:
     return [prompt + tokenizer.decode(t) for t in new]
 
 
-def stream_ids(model: Any, ids: list[int], cfg: Any, window: int | None = None) -> Iterator[int]:
+def stream_ids(model: Any, ids: list[int], cfg: Any, window: int | None = None,
+               state_dtype: str | None = None) -> Iterator[int]:
     """``generate.stream`` with a sliding context of at most ``window`` tokens."""
     from linearnexus.generate import stream
 
     rows = list(ids)
     for i, (keep, n) in enumerate(_windows(len(ids), cfg.max_new_tokens, window)):
         got = 0
-        for tok in stream(model, rows[-keep:], cfg.replace(max_new_tokens=n, seed=cfg.seed + i)):
+        for tok in stream(model, rows[-keep:], cfg.replace(max_new_tokens=n, seed=cfg.seed + i),
+                          state_dtype=state_dtype):
             rows.append(tok)
             got += 1
             yield tok
@@ -212,7 +219,7 @@ def _serve_bench(args: argparse.Namespace) -> int:
     cfg = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                          seed=args.seed)
     print(json.dumps(serve_bench(model, args.serve_bench, slots=args.slots, cfg=cfg,
-                                 max_new=args.max_tokens), indent=1))
+                                 max_new=args.max_tokens, state_dtype=args.state_dtype), indent=1))
     return 0
 
 
@@ -254,14 +261,15 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.stream:
             ids = tokenizer.encode(args.prompt) if args.prompt else start_tokens(tokenizer)
-            pieces = _stream_text(tokenizer, stream_ids(model, ids, cfg, window))
+            pieces = _stream_text(tokenizer, stream_ids(model, ids, cfg, window, args.state_dtype))
             sys.stdout.write(args.prompt)
             for piece in pieces:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
         else:
-            for text in sample_texts(model, tokenizer, args.prompt, cfg, args.num_samples, window):
+            for text in sample_texts(model, tokenizer, args.prompt, cfg, args.num_samples, window,
+                                     args.state_dtype):
                 print(text)
                 print(SEPARATOR)
     except ValueError as e:  # unencodable prompt, prompt + max tokens over the cache size

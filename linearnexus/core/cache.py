@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from linearnexus.core.types import Array, DType
@@ -109,3 +110,33 @@ class RecurrentState(NamedTuple):
         if state.shape != self.state.shape:
             raise ValueError(f"state: expected shape {self.state.shape}, got {state.shape}")
         return RecurrentState(state.astype(self.state.dtype))
+
+
+#: the dtypes a recurrent state may be kept in between decode steps (:func:`cast_recurrent`)
+RECURRENT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def cast_recurrent(state: object, dtype: DType | str) -> object:
+    """``state`` (any pytree of block states, e.g. a model's per-layer tuple) with every
+    :class:`RecurrentState` array cast to ``dtype``; KV caches, conv buffers and offsets
+    unchanged.
+
+    A 16-bit recurrent state halves what a decode step reads and writes for it; blocks
+    still update it in float32 and round the new state to its dtype once per step
+    (:meth:`RecurrentState.update` keeps the stored dtype), so it drifts from the float32
+    state by one rounding per step.
+
+    Raises:
+        ValueError: ``dtype`` is not one of :data:`RECURRENT_DTYPES`.
+    """
+    name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in RECURRENT_DTYPES:
+        raise ValueError(f"dtype: expected one of {RECURRENT_DTYPES}, got {dtype!r}")
+    target = jnp.dtype(name)
+
+    def cast(leaf):
+        if isinstance(leaf, RecurrentState):
+            return RecurrentState(leaf.state.astype(target))
+        return leaf
+
+    return jax.tree.map(cast, state, is_leaf=lambda x: isinstance(x, RecurrentState))

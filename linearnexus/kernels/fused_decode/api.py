@@ -34,6 +34,26 @@ from linearnexus.kernels.fused_decode.pallas import (
 
 #: set to "0" to run one-token layer steps as separate kernels (conv, gates, step, norm)
 FUSED_LAYER_ENV = "LINEARNEXUS_FUSED_LAYER"
+
+#: recurrent-state dtypes the layer kernels read and write as they are (16-bit decode states:
+#: ``generate.Decoder(state_dtype=...)``); any other float state is computed as float32
+_STATE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _kept_state(state: Array, fallback: Callable[..., tuple[Array, Array | None, Array]]
+                ) -> tuple[Array, Callable[..., tuple[Array, Array | None, Array]]]:
+    """The state the kernel takes (float32, bfloat16 and float16 as they are: the kernel
+    updates in float32 and rounds the new state to that dtype once; float64 under x64 tests
+    as float32) and ``fallback`` returning its new state in that same dtype (the kernel's
+    and the reference's outputs must agree for the VJP)."""
+    kept = state if jnp.dtype(state.dtype) in _STATE_DTYPES else state.astype(jnp.float32)
+    dtype = kept.dtype
+
+    def reference(*args):
+        y, cache, final = fallback(*args)
+        return y, cache, final.astype(dtype)
+
+    return kept, reference
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -111,13 +131,15 @@ def delta_layer_step(spec: DeltaLayerSpec, proj: Array, conv_cache: Array | None
             logits | output gate), in the compute dtype.
         conv_cache: ``[B, W-1, 2HK + HV]`` or None without a short conv; conv_weight
             ``[W, 2HK + HV]``; conv_bias ``[2HK + HV]`` or None.
-        state: ``[B, H, K, V]`` float32 recurrent state.
+        state: ``[B, H, K, V]`` recurrent state: float32, or bfloat16 / float16 (a 16-bit
+            decode state: read and written in that dtype, updated in float32).
         a_log, dt_bias: ``[H]`` (Gated DeltaNet) or None. norm_scale: ``[V]``.
         fallback: the same function of the same arguments, unfused (the block's own
             path): its VJP is the backward pass.
 
     Returns:
-        ``(y [B, H*V] in proj's dtype, new_cache, new_state [B, H, K, V] float32)``;
+        ``(y [B, H*V] in proj's dtype, new_cache, new_state [B, H, K, V] in the state's
+        dtype)``;
         ``y`` is the output norm (and gate), ``o_proj``'s input (the op's output ``o``
         when ``spec.norm_out`` is False).
 
@@ -144,9 +166,9 @@ def delta_layer_step(spec: DeltaLayerSpec, proj: Array, conv_cache: Array | None
         _check("a_log", a_log, (h,), "[H]")
         _check("dt_bias", dt_bias, (h,), "[H]")
     _check("norm_scale", norm_scale, (vd,), "[V]")
-    args = (proj, conv_cache, conv_weight, conv_bias, state.astype(jnp.float32), a_log, dt_bias,
-            norm_scale)
-    return with_reference_vjp(lambda *a: delta_layer(spec, *a), fallback, *args)
+    state, reference = _kept_state(state, fallback)
+    args = (proj, conv_cache, conv_weight, conv_bias, state, a_log, dt_bias, norm_scale)
+    return with_reference_vjp(lambda *a: delta_layer(spec, *a), reference, *args)
 
 
 def ssd_layer_step(spec: SsdLayerSpec, proj: Array, conv_cache: Array | None,
@@ -162,12 +184,13 @@ def ssd_layer_step(spec: SsdLayerSpec, proj: Array, conv_cache: Array | None,
             with ``spec.conv_width`` None, x | B | C after the conv and its silu.
         conv_cache: ``[B, W-1, E + 2GN]``; conv_weight ``[W, E + 2GN]``; conv_bias
             ``[E + 2GN]`` or None. All three None when ``spec.conv_width`` is None.
-        state: ``[B, H, N, P]`` float32. a_log, dt_bias: ``[H]``. d: ``[H]`` or ``[H, P]``.
+        state: ``[B, H, N, P]``, float32 or bfloat16 / float16 (as
+            :func:`delta_layer_step`). a_log, dt_bias: ``[H]``. d: ``[H]`` or ``[H, P]``.
         fallback: the same function, unfused: its VJP is the backward pass.
 
     Returns:
         ``(y * silu(z) [B, E] float32, new_cache (None without a conv), new_state
-        [B, H, N, P] float32)``, with ``y`` the SSD output plus the ``D`` skip, rounded to
+        [B, H, N, P] in the state's dtype)``, with ``y`` the SSD output plus the ``D`` skip, rounded to
         the compute dtype.
 
     Raises:
@@ -185,5 +208,6 @@ def ssd_layer_step(spec: SsdLayerSpec, proj: Array, conv_cache: Array | None,
     _check("a_log", a_log, (h,), "[H]")
     _check("dt_bias", dt_bias, (h,), "[H]")
     _check("d", d, (h, spec.head_dim) if spec.d_per_channel else (h,), "(D)")
-    args = (proj, conv_cache, conv_weight, conv_bias, state.astype(jnp.float32), a_log, dt_bias, d)
-    return with_reference_vjp(lambda *a: ssd_layer(spec, *a), fallback, *args)
+    state, reference = _kept_state(state, fallback)
+    args = (proj, conv_cache, conv_weight, conv_bias, state, a_log, dt_bias, d)
+    return with_reference_vjp(lambda *a: ssd_layer(spec, *a), reference, *args)

@@ -205,7 +205,7 @@ def _delta_kernel(*, proj_ref, cache_ref, w_ref, bias_ref, h0_ref, a_log_ref, dt
     s = h0_ref[b, h, :, cols].astype(F32)  # [K, BV]
     o, s = guarded_update(q, k, v, g, beta, s, delta=True, scale=sp.scale, guard=True,
                           v_full=None if sp.value_blocks == 1 else v_full)
-    final_ref[b, h, :, cols] = s
+    final_ref[b, h, :, cols] = s.astype(final_ref.dtype)  # the state's dtype (float32 or 16-bit)
     o = rnd(o)  # the op's output, in the compute dtype
     if not sp.norm_out:  # o_proj's kernel normalises and gates
         y_ref[b, pl.ds(h * vd + vb * bv, bv)] = o.astype(y_ref.dtype)
@@ -244,7 +244,7 @@ def _ssd_kernel(*, proj_ref, cache_ref, w_ref, bias_ref, h0_ref, a_log_ref, dt_b
     g = dt * -jnp.exp(a_log_ref[pl.ds(h, 1)].astype(F32))  # [1]
     s = h0_ref[b, h, :, :].astype(F32)  # [N, P]
     y, s = guarded_update(q, k, x * dt, g, None, s, delta=False, scale=1.0, guard=True)
-    final_ref[b, h, :, :] = s
+    final_ref[b, h, :, :] = s.astype(final_ref.dtype)
     skip = d_ref[h, :] if sp.d_per_channel else d_ref[pl.ds(h, 1)]  # [P] or [1]
     y = rnd(y + x * skip.astype(F32))  # ssd's output, in the compute dtype
     z = proj_ref[b, pl.ds(h * p, p)].astype(F32)
@@ -291,7 +291,7 @@ def delta_layer(sp: DeltaLayerSpec, proj: Array, conv_cache: Array | None,
                 norm_scale: Array) -> tuple[Array, Array | None, Array]:
     """The kernel (shapes checked by :func:`..api.delta_layer_step`); returns
     ``(y [B, HV] in proj's dtype (``o`` without ``sp.norm_out``), new_cache or None,
-    final [B, H, K, V] float32)``."""
+    final [B, H, K, V] in the state's dtype)``."""
     batch = proj.shape[0]
     out = _launch(
         _delta_kernel, sp,
@@ -300,7 +300,7 @@ def delta_layer(sp: DeltaLayerSpec, proj: Array, conv_cache: Array | None,
         {"y": jax.ShapeDtypeStruct((batch, sp.heads * sp.value_dim), proj.dtype),
          "new_cache": None if conv_cache is None else jax.ShapeDtypeStruct(
              conv_cache.shape, conv_cache.dtype),
-         "final": jax.ShapeDtypeStruct(state.shape, F32)},
+         "final": jax.ShapeDtypeStruct(state.shape, state.dtype)},
         aliases={"h0": "final", **({"cache": "new_cache"} if conv_cache is not None else {})},
         heads=sp.heads, tile=sp.key_dim * sp.value_dim, blocks=sp.value_blocks,
         name=f"{'gated_' if sp.gated else ''}delta_layer_step")
@@ -311,7 +311,8 @@ def ssd_layer(sp: SsdLayerSpec, proj: Array, conv_cache: Array | None,
               conv_weight: Array | None, conv_bias: Array | None, state: Array,
               a_log: Array, dt_bias: Array, d: Array) -> tuple[Array, Array | None, Array]:
     """The kernel (shapes checked by :func:`..api.ssd_layer_step`); returns
-    ``(y * silu(z) [B, E] float32, new_cache or None, final [B, H, N, P] float32)``."""
+    ``(y * silu(z) [B, E] float32, new_cache or None, final [B, H, N, P] in the state's
+    dtype)``."""
     batch = proj.shape[0]
     out = _launch(
         _ssd_kernel, sp,
@@ -320,7 +321,7 @@ def ssd_layer(sp: SsdLayerSpec, proj: Array, conv_cache: Array | None,
         {"y": jax.ShapeDtypeStruct((batch, sp.inner), F32),
          "new_cache": None if conv_cache is None else jax.ShapeDtypeStruct(
              conv_cache.shape, conv_cache.dtype),
-         "final": jax.ShapeDtypeStruct(state.shape, F32)},
+         "final": jax.ShapeDtypeStruct(state.shape, state.dtype)},
         aliases={"h0": "final"}, heads=sp.heads, tile=sp.d_state * sp.head_dim,
         name="ssd_layer_step")
     return out["y"], out["new_cache"], out["final"]

@@ -239,7 +239,7 @@ def _launch(kernel: Callable[..., None], inputs: dict[str, Any], buffers: dict[s
         outputs={**buffers,
                  "new_cache": jax.ShapeDtypeStruct(inputs["cache"].shape,
                                                    inputs["cache"].dtype),
-                 "final": jax.ShapeDtypeStruct(inputs["h0"].shape, F32),
+                 "final": jax.ShapeDtypeStruct(inputs["h0"].shape, inputs["h0"].dtype),
                  "counter": jax.ShapeDtypeStruct((1,), jnp.int32)},
         aliases={"cache": "new_cache", "h0": "final", "count0": "counter"},
         grid=(1 if virtual else programs,), interpret=interpret_mode(),
