@@ -36,9 +36,9 @@
 #            the state's bytes), one process each (~2 x 100 s); beside PARTS's fla64 for
 #            FLA's time in the same call.
 #   flags64: the Mamba2 (FLAGS_MODELS) decode loop at batch 64 under each XLA_FLAGS value
-#            in FLAGS_SETS (";"-separated; default: none, PDL off, command-buffer loops
-#            unrolled), one process each (~3 x 80 s): what XLA's launch machinery does to a
-#            step of ~80 small kernels.
+#            in FLAGS_SETS (";"-separated; default: none, PDL on, PDL off, command-buffer
+#            loops unrolled), one process each (~4 x 80 s): what XLA's launch machinery does
+#            to a step of ~80 small kernels.
 #   warps64: the GDN and Mamba2 decode loops at batch 64 with the layer kernels at their
 #            default warps (4 there) and at each count in $WARPS (default "2 8";
 #            LINEARNEXUS_LAYER_WARPS), one process each (~3 x 90 s).
@@ -130,7 +130,9 @@ case " $PARTS " in *" state16 "*)
   done;;
 esac
 case " $PARTS " in *" flags64 "*)
-  IFS=';' read -ra sets <<< "${FLAGS_SETS:-none;--xla_gpu_enable_pdl=false;--xla_gpu_command_buffer_unroll_loops=true}"
+  # PDL both ways (its default differs between XLA versions), then loops unrolled into the
+  # command buffer
+  IFS=';' read -ra sets <<< "${FLAGS_SETS:-none;--xla_gpu_enable_pdl=true;--xla_gpu_enable_pdl=false;--xla_gpu_command_buffer_unroll_loops=true}"
   i=0
   for flags in "${sets[@]}"; do
     echo "== batch 64, XLA_FLAGS=${flags/none/}"

@@ -1,9 +1,11 @@
-"""What a 16-bit decode state costs in quality: a trained checkpoint decodes held-out text
-token by token (teacher forcing, recurrent mode, as ``generate``'s steps run) with its
-recurrent states kept in float32, bfloat16 and float16 between steps
-(``core.cache.cast_recurrent``, what ``Decoder(state_dtype=...)`` does), and reports per
-dtype the mean next-token loss, its difference from float32's, how often the greedy token
-agrees with float32's, and the largest logit difference at a few depths.
+"""What a 16-bit decode state costs in quality: a trained checkpoint reads held-out text
+one token per recurrent-mode call (teacher forcing, the call a decode step makes), from an
+empty state kept in float32, bfloat16 or float16 between calls
+(``core.cache.cast_recurrent``, what ``Decoder(state_dtype=...)`` does after its float32
+prefill; here there is no prefill, so every token goes through the 16-bit state), and
+reports per dtype the mean next-token loss, its difference from float32's, how often the
+greedy token agrees with float32's, the largest logit difference at a few depths and the
+largest state entry met (float16 overflows past 65,504).
 
 Usage (any machine; seconds to minutes on a CPU for the small presets)::
 
@@ -12,7 +14,8 @@ Usage (any machine; seconds to minutes on a CPU for the small presets)::
 
 The text is the end of the repository's TinyShakespeare copy (the part ``train_lm.py``
 holds out for validation: its last 10%), cut into ``--batch`` rows of ``--tokens``. The
-float32 run is also checked against the chunked (parallel) forward over the same rows.
+chunked (parallel) forward's loss over the same rows is printed beside them: float32's
+recurrent loss should equal it.
 ``--quick``: a random 2-layer Mamba2, a few hundred tokens (a smoke test; no checkpoint).
 """
 
@@ -34,7 +37,7 @@ from flax import nnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from linearnexus.core.cache import cast_recurrent  # noqa: E402
+from linearnexus.core.cache import RecurrentState, cast_recurrent  # noqa: E402
 
 TEXT = ROOT / "linearnexus" / "assets" / "tinyshakespeare.txt"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -68,13 +71,18 @@ def teacher_forced(model: Any, rows: np.ndarray, dtype: str) -> dict[str, np.nda
                                                         mode="recurrent")  # [B, 1, V]
             logits = logits[:, 0].astype(jnp.float32)  # [B, V]
             loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), target[:, None], 1)[:, 0]
-            return state, (loss, jnp.argmax(logits, -1), logits)
+            big = jnp.max(jnp.stack([  # the largest |entry| of every recurrent state
+                jnp.max(jnp.abs(r.state.astype(jnp.float32))) for r in jax.tree.leaves(
+                    state, is_leaf=lambda v: isinstance(v, RecurrentState))
+                if isinstance(r, RecurrentState)]))
+            return state, (loss, jnp.argmax(logits, -1), logits, big)
 
-        _, (loss, greedy, logits) = jax.lax.scan(step, state, (inputs.T, targets.T))
-        return loss.T, greedy.T, logits  # [B, T], [B, T], [T, B, V]
+        _, (loss, greedy, logits, big) = jax.lax.scan(step, state, (inputs.T, targets.T))
+        return loss.T, greedy.T, logits, jnp.max(big)  # [B, T], [B, T], [T, B, V], []
 
-    loss, greedy, logits = run(params, inputs, targets)
-    return {"loss": np.asarray(loss), "greedy": np.asarray(greedy), "logits": np.asarray(logits)}
+    loss, greedy, logits, big = run(params, inputs, targets)
+    return {"loss": np.asarray(loss), "greedy": np.asarray(greedy), "logits": np.asarray(logits),
+            "max_abs_state": float(big)}
 
 
 def chunked_loss(model: Any, rows: np.ndarray) -> float:
@@ -123,11 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{source}: {model.num_params():,} parameters, {args.batch} x {args.tokens} held-out "
           f"tokens; chunked forward loss {result['chunked_loss']:.4f}")
     print("| state dtype | loss | vs float32 | greedy agrees | max |logit diff| at depth "
-          + " / ".join(map(str, depths)) + " |")
-    print("|---|---:|---:|---:|---|")
+          + " / ".join(map(str, depths)) + " | max |state| |")
+    print("|---|---:|---:|---:|---|---:|")
     for dtype, run in runs.items():
         loss = float(run["loss"].mean())
-        row = {"loss": loss}
+        row = {"loss": loss, "max_abs_state": run["max_abs_state"]}
         if base is not None:
             row["loss_minus_float32"] = loss - float(base["loss"].mean())
             row["greedy_agreement"] = float((run["greedy"] == base["greedy"]).mean())
@@ -137,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         result["dtypes"][dtype] = row
         diffs = " / ".join(f"{v:.2e}" for v in row.get("max_logit_diff_at_depth", {}).values())
         print(f"| {dtype} | {loss:.4f} | {row.get('loss_minus_float32', 0.0):+.5f} | "
-              f"{100 * row.get('greedy_agreement', 1.0):.2f}% | {diffs} |")
+              f"{100 * row.get('greedy_agreement', 1.0):.2f}% | {diffs} | "
+              f"{row['max_abs_state']:.3g} |")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "state_dtype_quality.json").write_text(json.dumps(result, indent=1))

@@ -585,11 +585,12 @@ class Decoder:
                  weights: str = "compute", state_dtype: str | None = None) -> None:
         if not isinstance(model, LMModel):
             raise TypeError(f"model: expected an LMModel, got {type(model).__name__}")
-        check_state_dtype(state_dtype)
+        state_dtype = check_state_dtype(state_dtype)
         cfg = SamplingConfig() if cfg is None else cfg
         self.model = model
         self.cfg = cfg
-        #: the recurrent states' dtype between steps (None: as the blocks make them, float32)
+        #: the recurrent states' dtype between steps (a name; None: as the blocks make them,
+        #: float32, float64 for a float64 model)
         self.state_dtype = state_dtype
         graphdef, _ = nnx.split(model)
         self.params = inference_params(model, weights)
@@ -644,8 +645,11 @@ class Decoder:
         """Feed ``tokens [B, 1]`` int32 and sample the next token of every row.
 
         Returns ``(next [B] int32, new_state, key)``; ``state`` is donated (do not reuse it).
+        Its recurrent states are cast to :attr:`state_dtype` first (a no-op for states from
+        :meth:`prefill` or :meth:`init_state`).
         """
-        return self._compiled.step(self.inputs, jnp.asarray(tokens, jnp.int32), state, key)
+        return self._compiled.step(self.inputs, jnp.asarray(tokens, jnp.int32),
+                                   self._cast(state), key)
 
     def run(self, nxt: Array, state: ModelState, key: Array, done: Array, stops: Array, n: int,
             *, first: bool, pad_id: int = PAD_ID
@@ -677,7 +681,8 @@ class Decoder:
         """
         if not 1 <= n <= LOOP_CHUNK:
             raise ValueError(f"n: expected 1 <= n <= {LOOP_CHUNK}, got {n}")
-        return self._compiled.loop(self.inputs, nxt, state, key, done, stops, jnp.int32(n),
+        return self._compiled.loop(self.inputs, nxt, self._cast(state), key, done, stops,
+                                   jnp.int32(n),
                                    jnp.asarray(first), jnp.int32(pad_id))
 
 
@@ -696,11 +701,23 @@ def _checked_cfg(cfg: SamplingConfig | None, vocab_size: int) -> SamplingConfig:
     return cfg
 
 
-def check_state_dtype(state_dtype: str | None) -> None:
-    """Raise ValueError unless ``state_dtype`` is None or one of ``RECURRENT_DTYPES``."""
-    if state_dtype is not None and state_dtype not in RECURRENT_DTYPES:
+def check_state_dtype(state_dtype: Any) -> str | None:
+    """``state_dtype`` as a dtype name (None stays None): a name or dtype of
+    ``RECURRENT_DTYPES`` (``"bfloat16"``, ``jnp.bfloat16``, ``np.dtype("float16")``...).
+
+    Raises:
+        ValueError: anything else, naming ``state_dtype``.
+    """
+    if state_dtype is None:
+        return None
+    try:
+        name = jnp.dtype(state_dtype).name
+    except TypeError:
+        name = None
+    if name not in RECURRENT_DTYPES:
         raise ValueError(f"state_dtype: expected None or one of {RECURRENT_DTYPES}, "
                          f"got {state_dtype!r}")
+    return name
 
 
 def _host_steps(model: LMModel, rows: list[list[int]], cfg: SamplingConfig, pad_id: int,
@@ -764,9 +781,9 @@ def generate(model: LMModel, prompts: Sequence[Sequence[int]] | Array | np.ndarr
             ``lax.while_loop`` per :data:`LOOP_CHUNK` tokens; ``"host"``: one jitted step
             per token driven from Python (the reference; same tokens for the same seed).
         weights: ``"compute"`` (default) or ``"stored"``, see :func:`inference_params`.
-        state_dtype: the recurrent states' dtype between steps (None: float32; or
-            ``"bfloat16"`` / ``"float16"``: half the state's bytes a step, see
-            :class:`Decoder`).
+        state_dtype: the recurrent states' dtype between steps (None: as the blocks make
+            them, float32; or ``"bfloat16"`` / ``"float16"``: half the state's bytes a
+            step, see :class:`Decoder`).
 
     Returns:
         per prompt, the new ids only (at most ``max_new_tokens``; shorter when the row

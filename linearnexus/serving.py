@@ -166,8 +166,8 @@ class ContinuousBatcher:
             :data:`~linearnexus.generate.LOOP_CHUNK`); a call also returns as soon as a
             request finishes, so its slot is refilled without waiting.
         weights: see :func:`linearnexus.generate.inference_params`.
-        state_dtype: the recurrent states' dtype between steps (None: float32; see
-            :class:`~linearnexus.generate.Decoder`).
+        state_dtype: the recurrent states' dtype between steps (None: as the blocks make
+            them, float32; see :class:`~linearnexus.generate.Decoder`).
         pad_id: the id fed to free slots.
 
     Raises:

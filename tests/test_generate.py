@@ -380,6 +380,7 @@ def test_sixteen_bit_decode_state(models, key):
     cfg = GREEDY.replace(max_new_tokens=6)
     half = G.generate(model, prompts, cfg, state_dtype="bfloat16")
     assert all(len(row) == 6 for row in half)
+    assert G.generate(model, prompts, cfg, loop="host", state_dtype=jnp.bfloat16) == half
     # the first token comes from the float32 prefill, before the state is cast
     assert [r[0] for r in half] == [r[0] for r in G.generate(model, prompts, cfg)]
     dec = G.Decoder(model, cfg, state_dtype="bfloat16")
@@ -392,6 +393,12 @@ def test_sixteen_bit_decode_state(models, key):
     recurrent = [v.state for v in leaves if isinstance(v, RecurrentState)]
     assert len(recurrent) == 2 and all(r.dtype == jnp.bfloat16 for r in recurrent)
     assert state[0].k.dtype == jnp.float32  # the KV cache as the model keeps it
+    # a state built elsewhere is cast by the step (float16 here: the other 16-bit dtype)
+    dec16 = G.Decoder(model, cfg, state_dtype="float16")
+    _, stepped, _ = dec16.step(nxt[:, None], model.init_state(2), k)
+    leaves = jax.tree.leaves(stepped, is_leaf=lambda v: isinstance(v, RecurrentState))
+    assert {v.state.dtype for v in leaves if isinstance(v, RecurrentState)} == {
+        jnp.dtype(jnp.float16)}
     server = ContinuousBatcher(model, slots=2, cfg=cfg, sync_every=4, state_dtype="bfloat16")
     ids = [server.submit(p) for p in prompts]
     out = server.run()

@@ -183,13 +183,18 @@ def _ssd_operands(dtype, seed: int = 1):
                 w_out_t=rnd((depth, e), e ** -0.5))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_persistent_mamba2_layer_equals_the_separate_kernels(dtype):
+@pytest.mark.parametrize("dtype,state16", [("float32", False), ("bfloat16", False),
+                                           ("float32", True)])
+def test_persistent_mamba2_layer_equals_the_separate_kernels(dtype, state16):
     """Mamba2's three kernels (conv in in_proj, the layer kernel, the gated norm in
-    out_proj) and the residual sum as one kernel's phases: the same values."""
+    out_proj) and the residual sum as one kernel's phases: the same values; with a bf16
+    decode state (``state16``) both read and write it as bf16."""
     ops = _ssd_operands(jnp.dtype(dtype))
+    if state16:
+        ops["state"] = ops["state"].astype(jnp.bfloat16)
     fallback = lambda *a: pytest.fail("the layer kernel's reference is its backward only")  # noqa: E731
     want = P.ssd_layer_separate(**ops, layer_fallback=fallback)
+    assert want[2].dtype == ops["state"].dtype  # the new state in the state's dtype
     on_gpu = jax.default_backend() == "gpu"
     for virtual, rows, programs in ((True, None, 1), (True, 16, 3),
                                     *(((False, 16, None),) if on_gpu else ())):

@@ -169,6 +169,8 @@ def test_state_dtype_quality_quick(tmp_path):
     assert abs(f32["loss"] - res["chunked_loss"]) < 1e-4
     assert abs(bf16["loss_minus_float32"]) < 1e-2 and bf16["greedy_agreement"] > 0.9
     assert f32["max_logit_diff_at_depth"]["10"] == 0.0
+    assert bf16["max_logit_diff_at_depth"]["10"] > 0.0  # the state really was rounded
+    assert 0 < bf16["max_abs_state"] < 1e3
 
 
 def test_rows_benchmark_quick(tmp_path):

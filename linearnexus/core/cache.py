@@ -65,7 +65,8 @@ class ConvState(NamedTuple):
 
 
 class RecurrentState(NamedTuple):
-    """The recurrent state of a scan, kept in float32 (float64 under x64 tests).
+    """The recurrent state of a scan, kept in float32 (float64 under x64 tests; bfloat16 or
+    float16 between decode steps when asked: :func:`cast_recurrent`).
 
     Attributes:
         state: ``[B, ...]``; ``[B, C, N]`` for the selective scan, ``[B, H, K, V]`` for

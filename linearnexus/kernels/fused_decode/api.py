@@ -35,9 +35,17 @@ from linearnexus.kernels.fused_decode.pallas import (
 #: set to "0" to run one-token layer steps as separate kernels (conv, gates, step, norm)
 FUSED_LAYER_ENV = "LINEARNEXUS_FUSED_LAYER"
 
-#: recurrent-state dtypes the layer kernels read and write as they are (16-bit decode states:
-#: ``generate.Decoder(state_dtype=...)``); any other float state is computed as float32
-_STATE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+#: the compute dtypes the kernels take, and the recurrent-state dtypes they read and write
+#: as they are (16-bit decode states: ``generate.Decoder(state_dtype=...)``); any other
+#: float state is computed as float32
+_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def kept_state_dtype(state: Array) -> Array:
+    """``state`` as the layer kernels take it: float32, bfloat16 and float16 as they are
+    (the kernels update in float32 and round the new state to that dtype once), anything
+    else (float64 under x64 tests) as float32."""
+    return state if jnp.dtype(state.dtype) in _DTYPES else state.astype(jnp.float32)
 
 
 def _kept_state(state: Array, fallback: Callable[..., tuple[Array, Array | None, Array]]
@@ -46,7 +54,7 @@ def _kept_state(state: Array, fallback: Callable[..., tuple[Array, Array | None,
     updates in float32 and rounds the new state to that dtype once; float64 under x64 tests
     as float32) and ``fallback`` returning its new state in that same dtype (the kernel's
     and the reference's outputs must agree for the VJP)."""
-    kept = state if jnp.dtype(state.dtype) in _STATE_DTYPES else state.astype(jnp.float32)
+    kept = kept_state_dtype(state)
     dtype = kept.dtype
 
     def reference(*args):
@@ -54,7 +62,6 @@ def _kept_state(state: Array, fallback: Callable[..., tuple[Array, Array | None,
         return y, cache, final.astype(dtype)
 
     return kept, reference
-_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def _compiles() -> bool:

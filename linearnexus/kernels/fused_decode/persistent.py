@@ -578,11 +578,14 @@ def input_operands(x: Array, input_norm: Any, w_in_t: Array, conv: Any, conv_cac
     """The operands every persistent layer kernel takes first, from a block's batch-1 call:
     the residual row ``x [1, 1, D]`` as ``[1, D]``, the pre-norm's scale, the input
     projection's transposed weight, the short conv (``modules.common.ShortConv``: weight,
-    bias or None) and its cache, and the recurrent state as float32."""
+    bias or None) and its cache, and the recurrent state (float32, or a 16-bit decode state
+    as it is: ``api.kept_state_dtype``)."""
+    from linearnexus.kernels.fused_decode.api import kept_state_dtype
+
     return dict(x=x.reshape(1, x.shape[-1]), norm1_scale=input_norm.scale[...], w_in_t=w_in_t,
                 conv_cache=conv_cache, conv_weight=conv.conv_weight[...],
                 conv_bias=None if conv.conv_bias is None else conv.conv_bias[...],
-                state=state.astype(jnp.float32))
+                state=kept_state_dtype(state))
 
 
 def layer_call(kernel: Callable[..., Any], separate: Callable[..., Any],

@@ -87,7 +87,8 @@ class RetNetState(NamedTuple):
 
     Attributes:
         conv: the short conv's cache ``[B, W-1, 2HK + HV]``, or None without a short conv.
-        recurrent: the ``[B, H, K, V]`` retention state, float32 (float64 for float64).
+        recurrent: the ``[B, H, K, V]`` retention state, float32 (float64 for float64; or
+            a 16-bit decode state, ``generate.Decoder(state_dtype=...)``).
         offset: ``[B]`` int32, tokens each sequence has seen: the absolute position of its
             next token, for the rotary embedding.
 

@@ -60,7 +60,8 @@ class LinearState(NamedTuple):
             dtype, or None for a block without a short conv. One buffer covers every
             channel the block convolves (q, k and v convs concatenate: depthwise).
         recurrent: the ``[B, H, K, V]`` state, float32 (float64 when the block computes
-            in float64: :func:`core.types.state_dtype`).
+            in float64: :func:`core.types.state_dtype`; 16-bit between decode steps with
+            ``generate.Decoder(state_dtype=...)``, kept so by every update).
 
     ``B`` is the number of sequences: the batch, or ``N`` with ``cu_seqlens``.
     """

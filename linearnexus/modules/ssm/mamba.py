@@ -96,7 +96,8 @@ class MambaState(NamedTuple):
 
     Attributes:
         conv: the last ``d_conv - 1`` conv inputs, ``[B, d_conv-1, C]``.
-        ssm: the scan state, ``[B, C, N]`` float32.
+        ssm: the scan state, ``[B, C, N]`` float32 (or a 16-bit decode state,
+            ``generate.Decoder(state_dtype=...)``).
     """
 
     conv: ConvState
