@@ -497,35 +497,40 @@ def test_pre_norm_folds_into_the_input_projection(monkeypatch, pattern, options,
                                                            ).astype(s.dtype)
                          if jnp.issubdtype(s.dtype, jnp.floating) else s, state)
     monkeypatch.setenv(gemv.GEMV_ENV, "xla")
-    want = model(tokens, state=state, mode="recurrent")
+    # jitted (one compile, not an eager op-by-op run: CI time); a new function each time,
+    # so each traces under the switches set then
+    want = jax.jit(lambda: model(tokens, state=state, mode="recurrent"))()
     _picked(monkeypatch)
     seen = []
     for cls in {type(layer.mixer) for layer in model.layers}:
         monkeypatch.setattr(cls, "__call__",
                             lambda self, x, real=cls.__call__, **k: seen.append(
                                 k.get("input_norm") is not None) or real(self, x, **k))
-    got = model(tokens, state=state, mode="recurrent")
+    got = jax.jit(lambda: model(tokens, state=state, mode="recurrent"))()
     assert seen == [True] * cfg.n_layers
     tol = 1e-5 if dtype == "float32" else 2e-2
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                    rtol=tol, atol=tol)
     # two tokens, or the XLA mode: the layer applies the norm itself
-    seen.clear()
-    model(jnp.array([[11, 12]], jnp.int32), state=state, mode="recurrent")
+    seen.clear()  # (traced only: what the layers hand over is decided at trace time)
+    jax.eval_shape(lambda: model(jnp.array([[11, 12]], jnp.int32), state=state, mode="recurrent"))
     monkeypatch.setenv(gemv.GEMV_ENV, "xla")
-    model(tokens, state=state, mode="recurrent")
+    jax.eval_shape(lambda: model(tokens, state=state, mode="recurrent"))
     assert seen == [False] * (2 * cfg.n_layers)
 
 
 def _tokens_one_by_one(model, tokens):
     """``(logits of each step, final state)`` of batch-1 one-token calls from an empty
     state."""
-    state, out = model.init_state(1), []
-    for t in tokens:
-        logits, state = model(jnp.array([[t]], jnp.int32), state=state, mode="recurrent")
-        out.append(logits)
-    return out, state
+    def run():  # traced once per call (a new function each time: the switches apply)
+        state, out = model.init_state(1), []
+        for t in tokens:
+            logits, state = model(jnp.array([[t]], jnp.int32), state=state, mode="recurrent")
+            out.append(logits)
+        return out, state
+
+    return jax.jit(run)()  # one compile, not an eager op-by-op run of the kernels (CI time)
 
 
 def _picked_against_xla(monkeypatch, model, tokens, module, name):
