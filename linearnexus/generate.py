@@ -373,11 +373,14 @@ _COMPILED: CompileCache[_Compiled] = CompileCache(max_entries=16)
 _PREFILL: CompileCache[Callable[..., tuple[Array, ModelState]]] = CompileCache(max_entries=16)
 
 
-def _build_prefill(graphdef: Any) -> Callable[..., tuple[Array, ModelState]]:
+def _build_prefill(graphdef: Any, state_dtype: str | None = None
+                   ) -> Callable[..., tuple[Array, ModelState]]:
     def prefill(params: Any, tokens: Array, mask: Array) -> tuple[Array, ModelState]:
         _TRACES["prefill"] += 1  # runs at trace time only
         model = nnx.merge(graphdef, params)
         logits, state = model(tokens, state=None, mask=mask, mode="chunk")  # [B, P, V]
+        if state_dtype is not None:  # in the program: no float32 copy beside the 16-bit one
+            state = cast_recurrent(state, state_dtype)
         # left padding: column -1 is every row's last real token
         return logits[:, -1], state
 
@@ -600,7 +603,8 @@ class Decoder:
         block = decode_block()
         self._compiled = _COMPILED.get(graphdef, (cfg.sampler_key(), block),
                                        lambda: _build(graphdef, cfg, block))
-        self._prefill = _PREFILL.get(graphdef, None, lambda: _build_prefill(graphdef))
+        self._prefill = _PREFILL.get(graphdef, state_dtype,
+                                     lambda: _build_prefill(graphdef, state_dtype))
 
     @property
     def step_fn(self) -> Callable[..., tuple[Array, ModelState, Array]]:
@@ -626,11 +630,11 @@ class Decoder:
 
     def prefill_logits(self, tokens: Array | np.ndarray,
                        mask: Array | np.ndarray) -> tuple[Array, ModelState]:
-        """:meth:`prefill` without the sampling: ``(next-token logits [B, V], state)``
-        (compiled once per model structure and shape, whatever the sampler)."""
-        last, state = self._prefill(self.params, jnp.asarray(tokens, jnp.int32),
-                                    jnp.asarray(mask, bool))
-        return last, self._cast(state)
+        """:meth:`prefill` without the sampling: ``(next-token logits [B, V], state)``,
+        the state's recurrent parts in :attr:`state_dtype` (cast in the compiled program;
+        compiled once per model structure, state dtype and shape, whatever the sampler)."""
+        return self._prefill(self.params, jnp.asarray(tokens, jnp.int32),
+                             jnp.asarray(mask, bool))
 
     def init_state(self, batch_size: int) -> ModelState:
         """The model's empty state for ``batch_size`` rows, its recurrent states in
