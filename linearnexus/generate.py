@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from linearnexus.core.cache import RECURRENT_DTYPES, cast_recurrent
+from linearnexus.core.cache import RECURRENT_DTYPES, cast_recurrent, recurrent_dtype_name
 from linearnexus.core.compile_cache import CompileCache
 from linearnexus.core.config import ConfigBase, ConfigError, field
 from linearnexus.core.types import Array
@@ -714,11 +714,8 @@ def check_state_dtype(state_dtype: Any) -> str | None:
     """
     if state_dtype is None:
         return None
-    try:
-        name = jnp.dtype(state_dtype).name
-    except TypeError:
-        name = None
-    if name not in RECURRENT_DTYPES:
+    name = recurrent_dtype_name(state_dtype)
+    if name is None:
         raise ValueError(f"state_dtype: expected None or one of {RECURRENT_DTYPES}, "
                          f"got {state_dtype!r}")
     return name

@@ -117,6 +117,16 @@ class RecurrentState(NamedTuple):
 RECURRENT_DTYPES = ("float32", "bfloat16", "float16")
 
 
+def recurrent_dtype_name(dtype: object) -> str | None:
+    """The name of ``dtype`` (a name, ``jnp.bfloat16``, ``np.dtype("float16")``...) if it is
+    one of :data:`RECURRENT_DTYPES`, else None."""
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        return None
+    return name if name in RECURRENT_DTYPES else None
+
+
 def cast_recurrent(state: object, dtype: DType | str) -> object:
     """``state`` (any pytree of block states, e.g. a model's per-layer tuple) with every
     :class:`RecurrentState` array cast to ``dtype``; KV caches, conv buffers and offsets
@@ -130,8 +140,8 @@ def cast_recurrent(state: object, dtype: DType | str) -> object:
     Raises:
         ValueError: ``dtype`` is not one of :data:`RECURRENT_DTYPES`.
     """
-    name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
-    if name not in RECURRENT_DTYPES:
+    name = recurrent_dtype_name(dtype)
+    if name is None:
         raise ValueError(f"dtype: expected one of {RECURRENT_DTYPES}, got {dtype!r}")
     target = jnp.dtype(name)
 

@@ -197,8 +197,8 @@ def ssd_layer_step(spec: SsdLayerSpec, proj: Array, conv_cache: Array | None,
 
     Returns:
         ``(y * silu(z) [B, E] float32, new_cache (None without a conv), new_state
-        [B, H, N, P] in the state's dtype)``, with ``y`` the SSD output plus the ``D`` skip, rounded to
-        the compute dtype.
+        [B, H, N, P] in the state's dtype)``, with ``y`` the SSD output plus the ``D``
+        skip, rounded to the compute dtype.
 
     Raises:
         ValueError: an argument of the wrong shape. NotImplementedError: a spec the kernel
