@@ -167,8 +167,9 @@ def test_layer_warps_default_and_override(monkeypatch):
 
     monkeypatch.delenv(WARPS_ENV, raising=False)
     assert layer_warps(FEW_PROGRAMS, 64 * 128) == 2  # batch-1 grids: few programs
-    assert layer_warps(64 * 32, 64 * 64) == 4  # Mamba2 at batch 64
-    assert layer_warps(64 * 32, 32 * 32) == 2  # small tiles
+    assert layer_warps(64 * 32, 64 * 64) == 2  # Mamba2 at batch 64
+    assert layer_warps(64 * 16, 64 * 128) == 2  # GDN at batch 64
+    assert layer_warps(64 * 16, 128 * 128) == 4  # the largest tiles in a full grid
     monkeypatch.setenv(WARPS_ENV, "8")
     assert layer_warps(64 * 32, 64 * 64) == 8
     monkeypatch.setenv(WARPS_ENV, "3")
@@ -267,3 +268,33 @@ def test_layer_kernels_lower_with_sixteen_bit_states(monkeypatch):
         sds((128,), f32))
     assert text.count("__gpu$xla.gpu.triton") == 1
     assert "tensor<64x16x64x128xbf16>" in text and "tensor<64x16x64x128xf32>" not in text
+
+
+@pytest.mark.parametrize("d_per_channel", [False, True])
+def test_ssd_value_blocks_match_one_block(d_per_channel):
+    """The Mamba2 layer kernel with P split over 2 and 4 programs per head equals the kernel
+    with one (interpreted: the output, conv cache and state, bit for bit), a NaN in one
+    block's x marking the whole head's state and output as one program would."""
+    import dataclasses
+
+    from linearnexus.kernels.fused_decode.pallas import SsdLayerSpec, ssd_layer
+
+    sp = SsdLayerSpec(heads=4, head_dim=16, groups=2, d_state=8, conv_width=4,
+                      d_per_channel=d_per_channel, dt_limit=(0.0, 0.5))
+    ks = jax.random.split(jax.random.key(11), 8)
+    b, c = 3, sp.conv_channels
+    proj = jax.random.normal(ks[0], (b, sp.width)).astype(jnp.bfloat16)
+    proj = proj.at[1, sp.inner + 1 * sp.head_dim + 13].set(jnp.nan)  # row 1, head 1, block 1
+    args = (proj, jax.random.normal(ks[1], (b, 3, c)).astype(jnp.bfloat16),
+            0.3 * jax.random.normal(ks[2], (4, c)), 0.1 * jax.random.normal(ks[3], (c,)),
+            0.3 * jax.random.normal(ks[4], (b, 4, 8, 16)), jax.random.normal(ks[5], (4,)),
+            jax.random.normal(ks[6], (4,)),
+            jax.random.normal(ks[7], (4, 16) if d_per_channel else (4,)))
+    one = ssd_layer(sp, *args)
+    y1, _, s1 = (np.asarray(a, np.float32) for a in one)
+    assert np.isnan(s1[1, 1]).all() and np.isnan(y1[1, 16:32]).all()  # the whole head
+    assert not np.isnan(s1[1, 0]).any() and not np.isnan(s1[0]).any()
+    for blocks in (2, 4):
+        split = ssd_layer(dataclasses.replace(sp, value_blocks=blocks), *args)
+        for a, w in zip(split, one, strict=True):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(w, np.float32))

@@ -202,10 +202,15 @@ def ssd_layer_step(spec: SsdLayerSpec, proj: Array, conv_cache: Array | None,
 
     Raises:
         ValueError: an argument of the wrong shape. NotImplementedError: a spec the kernel
-            does not take.
+            does not take (``value_blocks`` that does not split P into power-of-two
+            blocks among them).
     """
     batch = _start(spec, proj, f"N={spec.d_state}, P={spec.head_dim}")
     h, c = spec.heads, spec.conv_channels
+    blocks = spec.value_blocks
+    if blocks < 1 or spec.head_dim % blocks or not _pow2(spec.head_dim // blocks):
+        raise NotImplementedError(f"spec.value_blocks: expected a divisor of P={spec.head_dim} "
+                                  f"leaving a power of two, got {blocks}")
     if spec.conv_width is not None:
         _check_conv(batch, spec.conv_width, c, conv_cache, conv_weight, conv_bias)
     elif any(a is not None for a in (conv_cache, conv_weight, conv_bias)):

@@ -107,6 +107,9 @@ class SsdLayerSpec:
             conv (and its silu) applied already (``gemv.one_row_conv``).
         d_per_channel: ``D`` is ``[H, P]`` (else ``[H]``).
         dt_limit: ``(low, high)`` clamp of the step size, or None.
+        value_blocks: programs per head, each ``P / value_blocks`` columns of the state
+            (more, smaller tiles; each program convolves its head's whole x for the
+            input guard's check, writing only its own channels of the cache).
 
     The projection row ``proj [B, F]`` holds z (E), x, B, C (``E + 2GN``, the conv's
     channels) and the raw step sizes (H).
@@ -119,6 +122,7 @@ class SsdLayerSpec:
     conv_width: int | None
     d_per_channel: bool
     dt_limit: tuple[float, float] | None
+    value_blocks: int = 1
 
     @property
     def inner(self) -> int:
@@ -152,17 +156,18 @@ def _softplus(x: Array) -> Array:
 
 
 def _conv_channels(proj_ref, cache_ref, w_ref, bias_ref, new_cache_ref, *, b, proj_at, cache_at,
-                   size, width):
+                   size, width, write: bool = True):
     """One span of conv channels for row ``b``: ``silu(bias + sum_w w[w] * window[w])`` in
-    float32, and the span's cache rows shifted by one token (written to ``new_cache_ref``).
-    ``proj_at`` / ``cache_at``: where the span starts in the projection row / the cache."""
+    float32, and (with ``write``) the span's cache rows shifted by one token (written to
+    ``new_cache_ref``). ``proj_at`` / ``cache_at``: where the span starts in the projection
+    row / the cache."""
     x = proj_ref[b, pl.ds(proj_at, size)].astype(F32)  # [S]
     span = pl.ds(cache_at, size)
     window = [cache_ref[b, i, span].astype(F32) for i in range(width - 1)] + [x]
     acc = bias_ref[span].astype(F32) if bias_ref is not None else jnp.zeros((size,), F32)
     for i, value in enumerate(window):  # W is 2..4: unrolled multiply-adds
         acc = acc + w_ref[i, span].astype(F32) * value
-    for i in range(width - 1):  # no other program reads these channels from new_cache_ref
+    for i in range(width - 1 if write else 0):  # no program reads new_cache_ref's channels
         new_cache_ref[b, i, span] = window[i + 1].astype(new_cache_ref.dtype)
     return acc * _sigmoid(acc)
 
@@ -219,22 +224,29 @@ def _delta_kernel(*, proj_ref, cache_ref, w_ref, bias_ref, h0_ref, a_log_ref, dt
 
 def _ssd_kernel(*, proj_ref, cache_ref, w_ref, bias_ref, h0_ref, a_log_ref, dt_bias_ref, d_ref,
                 y_ref, new_cache_ref, final_ref, sp: SsdLayerSpec,
-                ids: tuple[Array, Array] | None = None):
-    """Program ``(b, h)``: row b, head h (``ids``, given by a kernel that runs this one's
-    programs itself, ``persistent.py``; default the program ids)."""
-    b, h = ids or (pl.program_id(0), pl.program_id(1))
+                ids: tuple[Array, ...] | None = None):
+    """Program ``(b, h, vb)``: row b, head h, value block vb of ``sp.value_blocks`` (``ids``,
+    given by a kernel that runs this one's programs itself, ``persistent.py``: ``(b, h)``
+    with one block; default the program ids)."""
+    b, h, vb = (tuple(ids) + (0,))[:3] if ids else (pl.program_id(0), pl.program_id(1),
+                                                    pl.program_id(2))
     e, p, n = sp.inner, sp.head_dim, sp.d_state
+    bp = p // sp.value_blocks
     group = h // (sp.heads // sp.groups)
     rnd = _rounder(proj_ref.dtype)
 
-    def conv(channel, size):  # conv channel offset within x | B | C
+    def conv(channel, size, write=True):  # conv channel offset within x | B | C
         if sp.conv_width is None:  # the row holds the conv's output already
             return proj_ref[b, pl.ds(e + channel, size)].astype(F32)
         return rnd(_conv_channels(proj_ref, cache_ref, w_ref, bias_ref, new_cache_ref, b=b,
                                   proj_at=e + channel, cache_at=channel, size=size,
-                                  width=sp.conv_width))
+                                  width=sp.conv_width, write=write))
 
-    x = conv(h * p, p)  # [P]
+    if sp.value_blocks == 1:
+        x = x_full = conv(h * p, p)  # [P]
+    else:  # the block's channels, and the whole head's for the guard's check
+        x_full = conv(h * p, p, write=False)  # [P]
+        x = conv(h * p + vb * bp, bp)  # [BP]
     k = conv(e + group * n, n)  # B: [N]
     q = conv(e + sp.groups * n + group * n, n)  # C: [N]
     dt = _softplus(proj_ref[b, pl.ds(e + sp.conv_channels + h, 1)].astype(F32)
@@ -242,19 +254,27 @@ def _ssd_kernel(*, proj_ref, cache_ref, w_ref, bias_ref, h0_ref, a_log_ref, dt_b
     if sp.dt_limit is not None:
         dt = jnp.clip(dt, *sp.dt_limit)
     g = dt * -jnp.exp(a_log_ref[pl.ds(h, 1)].astype(F32))  # [1]
-    s = h0_ref[b, h, :, :].astype(F32)  # [N, P]
-    y, s = guarded_update(q, k, x * dt, g, None, s, delta=False, scale=1.0, guard=True)
-    final_ref[b, h, :, :] = s.astype(final_ref.dtype)
-    skip = d_ref[h, :] if sp.d_per_channel else d_ref[pl.ds(h, 1)]  # [P] or [1]
+    cols = pl.ds(vb * bp, bp)
+    s = h0_ref[b, h, :, cols].astype(F32)  # [N, BP]
+    y, s = guarded_update(q, k, x * dt, g, None, s, delta=False, scale=1.0, guard=True,
+                          v_full=None if sp.value_blocks == 1 else x_full * dt)
+    final_ref[b, h, :, cols] = s.astype(final_ref.dtype)
+    skip = d_ref[h, cols] if sp.d_per_channel else d_ref[pl.ds(h, 1)]  # [BP] or [1]
     y = rnd(y + x * skip.astype(F32))  # ssd's output, in the compute dtype
-    z = proj_ref[b, pl.ds(h * p, p)].astype(F32)
-    y_ref[b, pl.ds(h * p, p)] = y * (z * _sigmoid(z))
+    z = proj_ref[b, pl.ds(h * p + vb * bp, bp)].astype(F32)
+    y_ref[b, pl.ds(h * p + vb * bp, bp)] = y * (z * _sigmoid(z))
 
 
-#: at most this many programs (batch x heads) launch with 2 warps: on an H100, batch 1,
-#: the GDN layer kernel (16 programs, [64, 128] tiles) took 4.8 us at 2 warps and 5.8 at 4,
-#: Mamba2's (32 programs, [64, 64]) 2.4 and 5.3 us (benchmarks/decode_parts_gpu.py)
+#: grids of at most this many programs (batch x heads x value blocks) launch with 2 warps
+#: whatever their tiles: on an H100, batch 1, the GDN layer kernel (16 programs, [64, 128]
+#: tiles) took 4.8 us at 2 warps and 5.8 at 4, Mamba2's (32 programs, [64, 64]) 2.4 and 5.3
+#: us (benchmarks/decode_parts_gpu.py)
 FEW_PROGRAMS = 128
+#: tiles of at most this many state elements launch with 2 warps in any grid: on an H100 at
+#: batch 64 (2048 Mamba2 programs of [64, 64], 1024 GDN programs of [64, 128]) 2 warps took
+#: the decode step from 0.712 to 0.617 ms (Mamba2) and 0.942 to 0.831 (GDN) against 4; 1
+#: warp 0.625 / 0.996, 8 warps 0.770 (docs/benchmarks.md, "The layer kernels' warps")
+TWO_WARP_TILE = 8192
 
 
 #: an explicit warp count for every layer kernel (read when a step is traced; 1, 2, 4 or 8):
@@ -264,15 +284,42 @@ WARPS_ENV = "LINEARNEXUS_LAYER_WARPS"
 
 def layer_warps(programs: int, tile: int) -> int:
     """Warps per program of a layer kernel with ``programs`` programs of ``tile`` state
-    elements: 2 for a grid that leaves most SMs idle (batch-1 decoding), where fewer
-    threads per program finished sooner; else 4 for tiles of >= 4096 elements.
-    :data:`WARPS_ENV` overrides it."""
+    elements: 2 for a grid that leaves most SMs idle (batch-1 decoding) or tiles of at most
+    :data:`TWO_WARP_TILE` elements (measured faster at both batch 1 and 64); else 4 (larger
+    tiles in 2 warps would hold over 128 state values a thread). :data:`WARPS_ENV`
+    overrides it."""
     forced = os.environ.get(WARPS_ENV, "")
     if forced:
         if forced not in ("1", "2", "4", "8"):
             raise ValueError(f"{WARPS_ENV}: expected 1, 2, 4 or 8, got {forced!r}")
         return int(forced)
-    return 2 if programs <= FEW_PROGRAMS or tile < 4096 else 4
+    return 2 if programs <= FEW_PROGRAMS or tile <= TWO_WARP_TILE else 4
+
+
+#: programs per head for the Mamba2 layer kernel (read when a step is traced; 1, 2 or 4,
+#: clipped to what P allows): how :func:`ssd_value_blocks`'s choice is measured against
+#: others (benchmarks/layer_b64_gpu.py, decode_step_ab_gpu.sh)
+SSD_BLOCKS_ENV = "LINEARNEXUS_SSD_VALUE_BLOCKS"
+
+
+def ssd_value_blocks(head_dim: int) -> int:
+    """Programs per head for the Mamba2 layer kernel: 1 (one ``[N, P]`` tile a program),
+    or what :data:`SSD_BLOCKS_ENV` names where ``P`` splits into power-of-two blocks of at
+    least 16 columns.
+
+    Raises:
+        ValueError: an override that is not 1, 2 or 4.
+    """
+    forced = os.environ.get(SSD_BLOCKS_ENV, "")
+    if not forced:
+        return 1
+    if forced not in ("1", "2", "4"):
+        raise ValueError(f"{SSD_BLOCKS_ENV}: expected 1, 2 or 4, got {forced!r}")
+    blocks = int(forced)
+    while blocks > 1 and (head_dim % blocks or head_dim // blocks < 16
+                          or (head_dim // blocks) & (head_dim // blocks - 1)):
+        blocks //= 2
+    return blocks
 
 
 def _launch(kernel, sp, inputs, outputs, *, aliases, heads, tile, name, blocks=1):
@@ -323,5 +370,5 @@ def ssd_layer(sp: SsdLayerSpec, proj: Array, conv_cache: Array | None,
              conv_cache.shape, conv_cache.dtype),
          "final": jax.ShapeDtypeStruct(state.shape, state.dtype)},
         aliases={"h0": "final"}, heads=sp.heads, tile=sp.d_state * sp.head_dim,
-        name="ssd_layer_step")
+        blocks=sp.value_blocks, name="ssd_layer_step")
     return out["y"], out["new_cache"], out["final"]

@@ -36,6 +36,7 @@ from linearnexus.core.mode import KernelMode
 from linearnexus.core.types import Array
 from linearnexus.kernels.conv import conv_step
 from linearnexus.kernels.fused_decode import SsdLayerSpec, layer_kernel_ready, ssd_layer_step
+from linearnexus.kernels.fused_decode.pallas import ssd_value_blocks
 from linearnexus.kernels.ssd import ssd
 from linearnexus.modules.base import MOSAIC_KERNEL_BACKENDS, BlockConfig, dtype_of, op_backend
 from linearnexus.modules.common import (
@@ -233,6 +234,7 @@ class Mamba2Block(nnx.Module):
                                          fallback=lambda *a: self._layer_reference(spec, *a))
         else:
             proj = dense(self.in_proj, x, norm=input_norm)  # [B, 1, 2E + 2GN + H]
+            spec = dataclasses.replace(spec, value_blocks=ssd_value_blocks(cfg.headdim))
             y, cache, final = ssd_layer_step(
                 spec, proj[:, 0], state.conv.buffer, conv.conv_weight[...],
                 None if conv.conv_bias is None else conv.conv_bias[...], *params,
