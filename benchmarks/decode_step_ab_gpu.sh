@@ -39,8 +39,13 @@
 #            in FLAGS_SETS (";"-separated; default: none, PDL on, PDL off, command-buffer
 #            loops unrolled), one process each (~4 x 80 s): what XLA's launch machinery does
 #            to a step of ~80 small kernels.
+#   lb64:    the layer kernels alone at batch 64 against copies of the same bytes
+#            (benchmarks/layer_b64_gpu.py: value blocks, warps, 16-bit states; ~200 s);
+#   vb64:    the Mamba2 decode loop at batch 64 with its layer kernel at each value-block
+#            count in $VBLOCKS (default "1 2"; LINEARNEXUS_SSD_VALUE_BLOCKS), one process
+#            each (~2 x 80 s);
 #   warps64: the GDN and Mamba2 decode loops at batch 64 with the layer kernels at their
-#            default warps (4 there) and at each count in $WARPS (default "2 8";
+#            default warps (2 there) and at each count in $WARPS (default "4 8";
 #            LINEARNEXUS_LAYER_WARPS), one process each (~3 x 90 s).
 # Usage (repo root, on the GPU): bash benchmarks/decode_step_ab_gpu.sh   # PARTS="persist block"
 #   PARTS="layer" bash benchmarks/decode_step_ab_gpu.sh
@@ -143,10 +148,23 @@ case " $PARTS " in *" flags64 "*)
     i=$((i + 1))
   done;;
 esac
+case " $PARTS " in *" lb64 "*)
+  echo "== the layer kernels alone at batch 64 (layer_b64_gpu.py)"
+  timeout ${LB64_S:-300} python3 benchmarks/layer_b64_gpu.py --json "$OUT/layer_b64.json" \
+    2>&1 | quiet | cut -c1-200;;
+esac
+case " $PARTS " in *" vb64 "*)
+  for vb in ${VBLOCKS:-1 2}; do
+    echo "== batch 64, LINEARNEXUS_SSD_VALUE_BLOCKS=$vb"
+    LINEARNEXUS_SSD_VALUE_BLOCKS=$vb timeout ${VB_S:-100} python3 benchmarks/decode_gpu.py \
+      --models mamba2 --batches 64 --steps 64 --skip-fla --budget $(( ${VB_S:-100} - 20 )) \
+      --out "$OUT/vb64_$vb" 2>&1 | grep -E "^\| linearnexus|rror|budget" | cut -c1-300
+  done;;
+esac
 case " $PARTS " in *" warps64 "*)
-  # the layer kernels' warps at batch 64 (4 by layer_warps there; LINEARNEXUS_LAYER_WARPS
-  # forces a count), one process each
-  for warps in default ${WARPS:-2 8}; do
+  # the layer kernels' warps at batch 64 (2 by layer_warps there since 2026-12-07, 4 before;
+  # LINEARNEXUS_LAYER_WARPS forces a count), one process each
+  for warps in default ${WARPS:-4 8}; do
     echo "== batch 64, LINEARNEXUS_LAYER_WARPS=$warps"
     LINEARNEXUS_LAYER_WARPS=${warps/default/} timeout ${WARPS_S:-100} python3 \
       benchmarks/decode_gpu.py --models ${WARPS_MODELS:-mamba2 gdn} --batches 64 --steps 64 \
