@@ -17,8 +17,9 @@ grid and tiles scaling the state in place: the same bytes and tiling, no other w
 rate to beat), then the Mamba2 and
 Gated DeltaNet layer kernels (with their short conv, as batch > 1 runs them) at value
 blocks ``vb`` (programs per head), warps ``w`` (none: the library's choice) and the
-state's dtype (``bf16``: a 16-bit state). Each line: us per call and GB/s over the
-state's read and write.
+state's dtype (``bf16``: a 16-bit state); then the one-token kernels of the other blocks
+(GLA's and Simple GLA's ``linear_step``, the Mamba-1 step) at their warps and at 2 and 4.
+Each line: us per call and GB/s over the state's read and write.
 
 Read the numbers against each other, not against the memory's peak: on an H100 the copy
 came out at 4.8 TB/s (over the HBM's 3.35), so part of the four states stays in L2 or
@@ -30,6 +31,7 @@ calls' multiplies of one state into one pass.)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -46,10 +48,12 @@ import jax.numpy as jnp  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from decode_parts_gpu import _warps  # noqa: E402 - the same warps override (this directory)
-
+import linearnexus.kernels.common.pallas as common_pallas  # noqa: E402
+import linearnexus.kernels.common.pallas_step as step_kernels  # noqa: E402
 import linearnexus.kernels.fused_decode.pallas as layer_kernels  # noqa: E402
+import linearnexus.kernels.mamba.step as mamba_step  # noqa: E402
 from linearnexus.kernels.common.pallas import compiler_params, interpret_mode  # noqa: E402
+from linearnexus.kernels.common.pallas_step import StepSpec  # noqa: E402
 from linearnexus.kernels.fused_decode.pallas import DeltaLayerSpec, SsdLayerSpec  # noqa: E402
 
 BF16 = jnp.bfloat16
@@ -83,6 +87,23 @@ def per_call_us(fn, make_carry, iters: int, repeats: int) -> float:
     t4 = _loop_time(fn, make_carry(), iters, 4, repeats) / 4
     t8 = _loop_time(fn, make_carry(), iters, 8, repeats) / 8
     return (2 * t8 - t4) * 1e6
+
+
+@contextlib.contextmanager
+def _warps(n: int | None):
+    """Every kernel launched inside takes ``n`` warps (the layer kernels, the linear ops'
+    step kernel and the Mamba-1 step, whichever name of ``compiler_params`` they call;
+    None: their own choice)."""
+    owners = (layer_kernels, step_kernels, common_pallas)
+    saved = [o.compiler_params for o in owners]
+    if n is not None:
+        for owner in owners:
+            owner.compiler_params = lambda _w, stages: compiler_params(n, stages)
+    try:
+        yield
+    finally:
+        for owner, fn in zip(owners, saved, strict=True):
+            owner.compiler_params = fn
 
 
 def _copy_kernel(s_ref, o_ref):
@@ -168,6 +189,36 @@ def variants(batch: int, quick: bool) -> dict[str, tuple]:
     out["gdn copy_pallas vb1 w4"] = (copy(1, 4), make, nbytes)
     for warps in (None, 4, 8):
         out[f"gdn layer vb1 w{warps or '-'}"] = (delta(gsp, warps), make, nbytes)
+
+    # the linear ops' one-token kernel (kernels/common/pallas_step.py: GLA, Simple GLA,
+    # RetNet, the delta rules outside the layer kernels) at K = V = 128, 16 heads, and the
+    # Mamba-1 step (kernels/mamba/step.py: 2048 channels, N = 16; its 8.4 MB states fit the
+    # L2 four times over, so its times are the L2's)
+    lh, d = (2, 16) if quick else (16, 128)
+    q = jax.random.normal(next(ks), (batch, lh, d), F32).astype(BF16) * 0.1
+    gv = -jnp.abs(jax.random.normal(next(ks), (batch, lh, d), F32)) * 0.1
+    for gate, g in (("vector", gv), ("scalar", gv[..., 0])):
+        spec = StepSpec(gate, delta=False)
+        name = "gla" if gate == "vector" else "simple_gla"
+        shape = (batch, lh, d, d)
+        nbytes = 2 * batch * lh * d * d * 4
+        make = states(shape, F32, 1)
+        for warps in (None, 2, 4):
+            out[f"{name} step w{warps or '-'}"] = (carried(
+                lambda s, c, spec=spec, g=g: (c, step_kernels._launch(  # noqa: SLF001
+                    q, q, q, g, None, s, spec=spec, scale=d ** -0.5, guard=True)[1]),
+                warps), make, nbytes)
+    ch, n = (32, 16) if quick else (2048, 16)
+    x = jax.random.normal(next(ks), (batch, ch), F32).astype(BF16)
+    a = -jnp.exp(jax.random.normal(next(ks), (ch, n), F32))
+    bc = jax.random.normal(next(ks), (batch, n), F32).astype(BF16)
+    dvec = jnp.ones((ch,), F32)
+    make = states((batch, ch, n), F32, 1)
+    for warps in (None, 2, 4):
+        out[f"mamba1 step w{warps or '-'}"] = (carried(
+            lambda s, c: (c, mamba_step._launch(  # noqa: SLF001
+                x, jnp.abs(x) * 0.1, a, bc, bc, dvec, x, s)[1]), warps), make,
+            2 * batch * ch * n * 4)
     return out
 
 
