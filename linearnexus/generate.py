@@ -808,9 +808,8 @@ def generate(model: LMModel, prompts: Sequence[Sequence[int]] | Array | np.ndarr
     out: list[list[int]] = [[] for _ in rows]
     if cfg.max_new_tokens == 0:
         return out
-    steps = (_device_steps(model, rows, cfg, pad_id, weights, state_dtype=state_dtype)
-             if loop == "device" else
-             _host_steps(model, rows, cfg, pad_id, weights, state_dtype=state_dtype))
+    steps = (_device_steps if loop == "device" else _host_steps)(
+        model, rows, cfg, pad_id, weights, state_dtype=state_dtype)
     for block in steps:
         for r, toks in enumerate(block.tolist()):
             out[r].extend(t for t in toks if t >= 0)

@@ -50,10 +50,8 @@ def kept_state_dtype(state: Array) -> Array:
 
 def _kept_state(state: Array, fallback: Callable[..., tuple[Array, Array | None, Array]]
                 ) -> tuple[Array, Callable[..., tuple[Array, Array | None, Array]]]:
-    """The state the kernel takes (float32, bfloat16 and float16 as they are: the kernel
-    updates in float32 and rounds the new state to that dtype once; float64 under x64 tests
-    as float32) and ``fallback`` returning its new state in that same dtype (the kernel's
-    and the reference's outputs must agree for the VJP)."""
+    """``(kept_state_dtype(state), fallback with its new state cast to that dtype)``: the
+    kernel's and the reference's outputs must agree in dtype for the VJP."""
     kept = kept_state_dtype(state)
     dtype = kept.dtype
 
