@@ -334,6 +334,46 @@ def test_table_mode_reads_the_transposed_table_through_xla(monkeypatch):
     _assert_trees_close(got, want)
 
 
+@pytest.mark.parametrize("layout,want_t", [("auto", {(64, 386)}), ("kn", set()),
+                                            ("nk", {(64, 386), (128, 64)})])
+def test_batch_layout_reads_the_transposed_table(monkeypatch, layout, want_t):
+    """A batch-3 one-token Mamba2 call (as on a GPU, Pallas mode: the table transposed)
+    reads the table's ``W^T`` through XLA's matmul for the projections that
+    ``LINEARNEXUS_DECODE_BATCH_LAYOUT`` picks (``auto``: wider than deep, ``in_proj`` 64 ->
+    386; ``nk``: also ``out_proj`` 128 -> 64; ``kn``: none) and no one-row kernel; logits
+    and states equal XLA's path without a table (1e-5); a bad value is refused, naming the
+    variable."""
+    from linearnexus.modules.common import decode_weights, using_decode_weights
+
+    cfg = ModelConfig(vocab_size=61, d_model=64, n_layers=2, block_pattern=("mamba2",),
+                      mlp=False, tie_embeddings=True)
+    model = LMModel(cfg, rngs=nnx.Rngs(6))
+    tokens = jnp.array([[3], [60], [0]], jnp.int32)
+    state = model.init_state(3)
+    monkeypatch.setenv(gemv.GEMV_ENV, "xla")
+    want = model(tokens, state=state, mode="recurrent")
+    monkeypatch.setattr(gemv, "_compiles", lambda: True)
+    monkeypatch.setenv(gemv.GEMV_ENV, "pallas")
+    monkeypatch.setenv(gemv.BATCH_LAYOUT_ENV, layout)
+    table = decode_weights(model)
+    launched = []
+    monkeypatch.setattr(gemv, "_launch_any", lambda *a, **k: launched.append(1))
+    seen = []
+    real = common._matmul
+    monkeypatch.setattr(common, "_matmul", lambda lin, x, kernel, transposed=False: seen.append(
+        (lin.in_features, lin.out_features, transposed)) or real(lin, x, kernel, transposed))
+    with using_decode_weights(model, table):
+        got = model(tokens, state=state, mode="recurrent")
+    assert not launched
+    assert {(d, n) for d, n, t in seen if t} == want_t
+    assert all(t for _, _, t in seen)  # a projection not picked runs nnx.Linear itself
+    _assert_trees_close(got, want)
+    monkeypatch.setenv(gemv.BATCH_LAYOUT_ENV, "tn")
+    with pytest.raises(ValueError, match=gemv.BATCH_LAYOUT_ENV), \
+            using_decode_weights(model, table):
+        model(tokens, state=state, mode="recurrent")
+
+
 @pytest.mark.parametrize("pattern", [("gated_deltanet",), ("mamba2",)])
 def test_generate_with_pallas_mode_equals_xla(monkeypatch, pattern):
     """Greedy tokens of the on-device loop with every batch-1 matmul through the Pallas

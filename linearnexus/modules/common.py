@@ -24,6 +24,7 @@ from linearnexus.core.autodiff import rotate_half_pairs, swiglu, written_backwar
 from linearnexus.core.conv import depthwise_conv1d
 from linearnexus.core.types import Array, DType, is_float_dtype
 from linearnexus.kernels.fused_decode.gemv import (
+    batch_transposed,
     fused_ready,
     one_row_conv,
     one_row_fused,
@@ -369,15 +370,22 @@ def dense(lin: nnx.Linear, x: Array, *, norm: RMSNorm | None = None) -> Array:
     ``kernels.fused_decode.gemv`` (batch-1 decoding's projections), reading the weight from
     the decode table when it is there, with ``norm`` in the kernel's prologue where
     :func:`norm_foldable` says so (and ``lin`` is bias-free; then also for up to
-    ``LINEARNEXUS_DECODE_ROWS`` rows)."""
+    ``LINEARNEXUS_DECODE_ROWS`` rows). Several rows take XLA's matmul, over the decode
+    table's transposed weight where it holds one and ``gemv.batch_transposed`` picks it."""
     if norm is not None:
         y = _normed_matmul(norm, [lin], x)
         if y is not None:
             return y
         x = norm(x)
-    if not (one_row_ready(x) and _plain_linear(lin)):
+    if not _plain_linear(lin):
         return lin(x)
-    kernel, bias, transposed = _group_weights([lin])
+    if one_row_ready(x):
+        kernel, bias, transposed = _group_weights([lin])
+    else:
+        cached = _table_transposed(lin)
+        if cached is None or not batch_transposed(lin.in_features, lin.out_features):
+            return lin(x)
+        kernel, bias, transposed = cached
     x, kernel, bias = lin.promote_dtype((x, kernel, bias), dtype=lin.dtype)
     y = _matmul(lin, x, kernel, transposed)
     return y if bias is None else y + bias
@@ -415,6 +423,14 @@ def _kernel_linear(lin: nnx.Linear) -> bool:
     ``nnx.Linear`` without a bias, precision, preferred element type or custom matmul."""
     return (_plain_linear(lin) and lin.bias is None and lin.precision is None
             and lin.preferred_element_type is None and lin.dot_general is jax.lax.dot_general)
+
+
+def _table_transposed(lin: nnx.Linear) -> tuple[Array, Array | None, bool] | None:
+    """``(W^T [N, D], bias, True)`` of ``lin`` from :func:`using_decode_weights`' table when
+    it holds ``lin``'s kernel transposed, else None."""
+    table = _DECODE_WEIGHTS.get()
+    cached = None if table is None else table.get((id(lin),))
+    return cached if cached is not None and cached[2] else None
 
 
 def _group_weights(linears: Sequence[nnx.Linear]) -> tuple[Array, Array | None, bool]:

@@ -71,6 +71,12 @@ ROWS_ENV = "LINEARNEXUS_DECODE_ROWS"
 #: projection and batch-64 decoding 28-32% longer (docs/benchmarks.md, "Several-row kernels")
 DEFAULT_ROWS = 1
 F32 = jnp.float32
+#: how XLA's matmuls of batch > 1 decode steps read a projection's weight when the decode
+#: table holds it transposed (read at trace time): ``"auto"`` (``W^T [N, D]`` for
+#: projections wider than deep, ``N > D``; the parameter ``W [D, N]`` otherwise), ``"kn"``
+#: (always ``W``, as ``nnx.Linear`` does), ``"nk"`` (always ``W^T``)
+BATCH_LAYOUT_ENV = "LINEARNEXUS_DECODE_BATCH_LAYOUT"
+BATCH_LAYOUTS = ("auto", "kn", "nk")
 
 
 def gemv_mode() -> str:
@@ -83,6 +89,23 @@ def gemv_mode() -> str:
     if mode not in MODES:
         raise ValueError(f"{GEMV_ENV}: expected one of {MODES}, got {mode!r}")
     return mode
+
+
+def batch_transposed(depth: int, width: int) -> bool:
+    """Whether a batch > 1 decode step's matmul ``[R, depth] @ [depth, width]`` reads the
+    decode table's ``W^T [width, depth]`` (:data:`BATCH_LAYOUT_ENV`). ``"auto"`` takes
+    ``W^T`` for ``width > depth``: on an H100 at 64 rows with cold weights XLA's matmul over
+    ``W^T`` took 7.3 us against 12.7 over ``W`` for Mamba2's ``in_proj`` (1024 -> 4256) and
+    5.3 against 4.7 for its ``out_proj`` (2048 -> 1024) (``docs/benchmarks.md``, "Batch 64:
+    the projections' weight layout").
+
+    Raises:
+        ValueError: a value not in :data:`BATCH_LAYOUTS`.
+    """
+    mode = os.environ.get(BATCH_LAYOUT_ENV, "auto")
+    if mode not in BATCH_LAYOUTS:
+        raise ValueError(f"{BATCH_LAYOUT_ENV}: expected one of {BATCH_LAYOUTS}, got {mode!r}")
+    return mode == "nk" or (mode == "auto" and width > depth)
 
 
 def _compiles() -> bool:
