@@ -49,6 +49,23 @@ def time_fn(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5) -> floa
     return statistics.median(times)
 
 
+def loop_time(body: Callable[[Any, Any], Any], carry: Any, *, iters: int,
+              repeats: int = 5) -> float:
+    """Median seconds per iteration of a jitted ``fori_loop(0, iters, body, carry)``, each
+    run's carry donated and fed to the next (so a state updated in place stays one buffer),
+    after one warm-up run (the compile)."""
+    loop = jax.jit(lambda c: jax.lax.fori_loop(0, iters, body, c), donate_argnums=0)
+    carry = loop(carry)
+    jax.block_until_ready(carry)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        carry = loop(carry)
+        jax.block_until_ready(carry)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) / iters
+
+
 def shakespeare_batches(global_batch: int, seq: int, vocab: int
                         ) -> Callable[[int], tuple[Any, Any]]:
     """``batch(i) -> (inputs, targets)``, each ``[global_batch, seq]`` int32: windows of

@@ -157,7 +157,8 @@ def time_ours(kind: str, batch: int, args: argparse.Namespace) -> dict[str, Any]
     return row
 
 
-def time_fla(kind: str, batch: int, args: argparse.Namespace, torch: Any) -> dict[str, Any]:
+def fla_model(kind: str, args: argparse.Namespace, torch: Any) -> Any:
+    """FLA's HF model of ``kind`` at our models' sizes (``args``), bf16 on the GPU, eval."""
     import fla.models as fm
 
     d, layers, vocab = args.d_model, args.layers, args.vocab
@@ -177,18 +178,28 @@ def time_fla(kind: str, batch: int, args: argparse.Namespace, torch: Any) -> dic
                                       max_position_embeddings=args.max_seq_len,
                                       tie_word_embeddings=True)
         model = fm.TransformerForCausalLM(config)
-    model = model.to(device="cuda", dtype=torch.bfloat16).eval()
-    ids = torch.randint(0, vocab, (batch, 16), device="cuda")
+    return model.to(device="cuda", dtype=torch.bfloat16).eval()
+
+
+def fla_generate(model: Any, ids: Any, k: int, torch: Any) -> float:
+    """Seconds of ``model.generate`` of exactly ``k`` greedy tokens after the prompt ``ids``
+    (synchronised before and after)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False,
+                       use_cache=True, pad_token_id=0)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def time_fla(kind: str, batch: int, args: argparse.Namespace, torch: Any) -> dict[str, Any]:
+    model = fla_model(kind, args, torch)
+    ids = torch.randint(0, args.vocab, (batch, 16), device="cuda")
     n = args.fla_steps
 
     def gen(k: int) -> float:
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False,
-                           use_cache=True, pad_token_id=0)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        return fla_generate(model, ids, k, torch)
 
     gen(n)  # warm-up: Triton autotuning and compiles
     t_n = statistics.median(gen(n) for _ in range(args.repeats))

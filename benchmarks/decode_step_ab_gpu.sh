@@ -150,8 +150,33 @@ case " $PARTS " in *" flags64 "*)
 esac
 case " $PARTS " in *" lb64 "*)
   echo "== the layer kernels alone at batch 64 (layer_b64_gpu.py)"
+  # LB64_ONLY: variants whose name contains one of these words (default: all)
   timeout ${LB64_S:-300} python3 benchmarks/layer_b64_gpu.py --json "$OUT/layer_b64.json" \
+    ${LB64_ONLY:+--only $LB64_ONLY} \
     2>&1 | quiet | cut -c1-200;;
+esac
+case " $PARTS " in *" gemm64 "*)
+  shapes=${GEMM_SHAPES:-mamba2_in mamba2_out gdn_in}
+  echo "== the projections alone at ${GEMM_ROWS:-64} rows, cold weights (skinny_gemm_gpu.py)"
+  timeout ${GEMM_S:-300} python3 benchmarks/skinny_gemm_gpu.py --rows ${GEMM_ROWS:-64} \
+    --shapes $shapes --json "$OUT/gemm64.json" 2>&1 | quiet | cut -c1-200
+  IFS=';' read -ra sets <<< "${GEMM_FLAG_SETS:---xla_gpu_exhaustive_tiling_search=true}"
+  for i in "${!sets[@]}"; do
+    echo "== XLA_FLAGS=${sets[$i]}"
+    XLA_FLAGS="${sets[$i]}" timeout ${GEMM_FLAG_S:-150} python3 benchmarks/skinny_gemm_gpu.py \
+      --rows ${GEMM_ROWS:-64} --shapes $shapes --only xla --json "$OUT/gemm64_flags$i.json" \
+      2>&1 | quiet | cut -c1-200
+  done;;
+esac
+case " $PARTS " in *" layout64 "*)
+  for layout in ${LAYOUTS:-auto kn nk}; do
+    echo "== LINEARNEXUS_DECODE_BATCH_LAYOUT=$layout"
+    LINEARNEXUS_DECODE_BATCH_LAYOUT=$layout timeout ${LAYOUT_S:-110} python3 \
+      benchmarks/decode_gpu.py --models ${LAYOUT_MODELS:-mamba2 gdn} \
+      --batches ${LAYOUT_BATCHES:-64} --steps 64 --skip-fla \
+      --budget $(( ${LAYOUT_S:-110} - 20 )) --out "$OUT/layout_$layout" 2>&1 \
+      | grep -E "^\| linearnexus|rror|budget" | cut -c1-300 | head -20
+  done;;
 esac
 case " $PARTS " in *" vb64 "*)
   for vb in ${VBLOCKS:-1 2}; do

@@ -36,9 +36,7 @@ import dataclasses
 import itertools
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -48,6 +46,8 @@ import jax.numpy as jnp  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import loop_time  # noqa: E402
+
 import linearnexus.kernels.common.pallas as common_pallas  # noqa: E402
 import linearnexus.kernels.common.pallas_step as step_kernels  # noqa: E402
 import linearnexus.kernels.fused_decode.pallas as layer_kernels  # noqa: E402
@@ -70,16 +70,7 @@ def _loop_time(fn, carry, iters: int, unroll: int, repeats: int) -> float:
             c = fn(c, u % STATES)
         return c
 
-    loop = jax.jit(lambda c: jax.lax.fori_loop(0, iters, body, c), donate_argnums=0)
-    carry = loop(carry)
-    jax.block_until_ready(carry)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        carry = loop(carry)
-        jax.block_until_ready(carry)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) / iters
+    return loop_time(body, carry, iters=iters, repeats=repeats)
 
 
 def per_call_us(fn, make_carry, iters: int, repeats: int) -> float:

@@ -421,6 +421,25 @@ def test_persistent_gemv_chain_matches_xla():
         pg.persistent_chain(h0, bad, programs=2, virtual=True)
 
 
+def test_skinny_gemm_kernel_matches_xla():
+    """``benchmarks/skinny_gemm_gpu.py``'s bare few-row Pallas matmul (interpreted) equals
+    XLA's bf16 product over the same ``W^T`` at sizes that are not multiples of its tiles
+    (N = 100 in tiles of 16 and 32, K = 72 and 200 in tiles of 32 and 64), with the
+    contraction whole and split over 2 and 3 programs (float32 partial sums)."""
+    (sg,) = _benchmark_modules("skinny_gemm_gpu")
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    for rows, depth, bn, bk, slices in ((16, 72, 16, 32, 1), (64, 200, 32, 64, 2),
+                                        (32, 200, 16, 32, 3)):
+        kx, kw = jax.random.split(jax.random.PRNGKey(depth + slices))
+        x = jax.random.normal(kx, (rows, depth), f32).astype(bf16)
+        wt = (jax.random.normal(kw, (100, depth), f32) / np.sqrt(depth)).astype(bf16)
+        want = jnp.dot(x.astype(f32), wt.T.astype(f32))  # [R, K] x [K, N] -> [R, N]
+        got = sg.pallas_matmul(x, wt, bn=bn, bk=bk, warps=4, stages=3, slices=slices)
+        assert got.shape == (rows, 100) and got.dtype == bf16
+        np.testing.assert_allclose(np.asarray(got.astype(f32)), np.asarray(want),
+                                   rtol=1e-2, atol=1e-2)
+
+
 def _streaming_operands():
     """``benchmarks/streaming_gemv.py``'s operands at a small size (widths that are not
     multiples of its tiles, padded by its ``prepare``) and the bare chain's XLA result."""

@@ -1,0 +1,72 @@
+"""Where a step of FLA's HF ``generate`` goes: host or GPU (issue 23's peer at batch 64).
+
+    PYTHONPATH=/tmp/site:$PWD python3 benchmarks/fla_decode_profile_gpu.py [--model mamba2]
+
+FLA's Mamba2 decode step at batch 64 measured 11.1 to 23.7 ms across H100 machines and
+calls (``docs/benchmarks.md``) while ours stayed within 3%. This script runs the same model
+as ``decode_gpu.py`` (FLA 0.6.0's ``Mamba2ForCausalLM`` or ``GatedDeltaNetForCausalLM``,
+d_model 1024, 12 layers, bf16) and reports, for ``--steps`` greedy tokens: the wall time per
+step, the GPU's busy time per step (the sum of its kernels' durations from
+``torch.profiler``, one token's run subtracted: the prefill), the kernels launched per
+step, and the host's top operators by their own CPU time. A step whose GPU time is a small
+part of its wall time is bound by the host, and then the host CPU's speed sets the peer's
+number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=["mamba2", "gdn"], default="mamba2")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=16)
+    args = p.parse_args()
+    # decode_gpu imports JAX: keep it off the GPU, as decode_gpu.py's FLA cells do
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import torch
+    from decode_gpu import fla_generate, fla_model
+    from torch.profiler import ProfilerActivity, profile
+
+    sizes = argparse.Namespace(d_model=1024, layers=12, vocab=8192, max_seq_len=512)
+    model = fla_model(args.model, sizes, torch)
+    ids = torch.randint(0, sizes.vocab, (args.batch, 16), device="cuda")
+
+    def gen(k: int) -> float:
+        return fla_generate(model, ids, k, torch)
+
+    gen(4)  # warm-up (Triton autotuning)
+    wall = (gen(args.steps) - gen(1)) / (args.steps - 1)
+
+    def profiled(k: int):
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            gen(k)
+        events = prof.key_averages()
+        gpu = sum(e.self_device_time_total for e in events if e.self_device_time_total > 0)
+        launches = sum(e.count for e in events if e.key in (
+            "cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC"))
+        return events, gpu, launches
+
+    # one token (the prompt's prefill and one step) against --steps tokens: the difference
+    # over steps - 1 is the decode steps' alone, as decode_gpu.py times them
+    _, gpu_1, launches_1 = profiled(1)
+    events, gpu_n, launches_n = profiled(args.steps)
+    print(json.dumps({"model": args.model, "batch": args.batch, "device":
+                      torch.cuda.get_device_name(), "torch": torch.__version__,
+                      "wall_ms_per_step": wall * 1e3,
+                      "gpu_busy_ms_per_step": (gpu_n - gpu_1) / 1e3 / (args.steps - 1),
+                      "launches_per_step": (launches_n - launches_1) / (args.steps - 1)}),
+          flush=True)
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50))
+
+
+if __name__ == "__main__":
+    main()
