@@ -13,9 +13,11 @@ CPU smoke test (tiny models, seconds): ``python benchmarks/decode_gpu.py --quick
 
 Method
 ------
-Models: d_model 1024, 12 layers, vocab 8192, tied embeddings; GDN (``gated_deltanet``,
-head_dim 64, 16 heads, expand_v 2) and GPT (16 heads) with a SwiGLU MLP (hidden 2752),
-Mamba2 (d_state 64, headdim 64, expand 2) without; float32 master weights, bfloat16 compute
+Models: d_model 1024, vocab 8192, tied embeddings; GDN (``gated_deltanet``, head_dim 64, 16
+heads, expand_v 2; 211M) and GPT (16 heads; 160M), 12 layers with a SwiGLU MLP (hidden
+2752), and Mamba2 (d_state 64, headdim 64, expand 2) without an MLP and with twice the
+layers, 24 (164M; ``--mamba2-layers``: runs before 2026-12-07 10:30 UTC used 12, 86M);
+float32 master weights, bfloat16 compute
 (as ``train_lm.py`` trains them), decoded with ``weights="compute"`` (Linear and embedding
 weights cast to bf16 once). GPT's KV cache has ``max_seq_len = 512`` slots.
 
@@ -98,6 +100,14 @@ def our_config(kind: str, *, d: int, layers: int, vocab: int, dtype: str,
     raise ValueError(f"kind: expected gdn, mamba2 or gpt, got {kind!r}")
 
 
+def model_layers(kind: str, args: argparse.Namespace) -> int:
+    """Layers of the ``kind`` model: ``--mamba2-layers`` for Mamba2 (blocks without an MLP;
+    by default twice ``--layers``, as the Mamba papers size a Mamba model against a
+    Transformer), ``--layers`` for the others."""
+    mamba2 = getattr(args, "mamba2_layers", None)
+    return (mamba2 or 2 * args.layers) if kind == "mamba2" else args.layers
+
+
 def tree_bytes(tree: Any) -> int:
     return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree)
                if hasattr(x, "dtype"))
@@ -105,7 +115,7 @@ def tree_bytes(tree: Any) -> int:
 
 def time_ours(kind: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
     """ms/step of the on-device loop (and of the host loop at batch 1 / 64)."""
-    cfg = our_config(kind, d=args.d_model, layers=args.layers, vocab=args.vocab,
+    cfg = our_config(kind, d=args.d_model, layers=model_layers(kind, args), vocab=args.vocab,
                      dtype=args.dtype, max_seq_len=args.max_seq_len)
     model = create_model(cfg, seed=0)
     dec = Decoder(model, SamplingConfig(temperature=0.0), weights="compute",
@@ -161,7 +171,7 @@ def fla_model(kind: str, args: argparse.Namespace, torch: Any) -> Any:
     """FLA's HF model of ``kind`` at our models' sizes (``args``), bf16 on the GPU, eval."""
     import fla.models as fm
 
-    d, layers, vocab = args.d_model, args.layers, args.vocab
+    d, layers, vocab = args.d_model, model_layers(kind, args), args.vocab
     if kind == "gdn":
         config = fm.GatedDeltaNetConfig(hidden_size=d, num_hidden_layers=layers, vocab_size=vocab,
                                         head_dim=64, num_heads=d // 64, expand_v=2.0,
@@ -220,7 +230,8 @@ def fla_cell(kind: str, batch: int, args: argparse.Namespace, budget_s: float
     cmd = [sys.executable, str(Path(__file__).resolve()), "--fla-cell", kind, str(batch),
            "--d-model", str(args.d_model), "--layers", str(args.layers), "--vocab",
            str(args.vocab), "--fla-steps", str(args.fla_steps), "--repeats",
-           str(args.repeats), "--max-seq-len", str(args.max_seq_len)]
+           str(args.repeats), "--max-seq-len", str(args.max_seq_len), "--mamba2-layers",
+           str(model_layers("mamba2", args))]
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF",
                                                       "expandable_segments:True"))
@@ -310,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--d-model", type=int, default=1024)
     p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--mamba2-layers", type=int, default=None,
+                   help="Mamba2's layers (default: twice --layers; it has no MLP)")
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--max-seq-len", type=int, default=512, help="GPT's KV-cache slots")
     p.add_argument("--dtype", default=None, help="compute dtype (default bfloat16 on a GPU, "

@@ -5,8 +5,8 @@
 FLA's Mamba2 decode step at batch 64 measured 11.1 to 23.7 ms across H100 machines and
 calls (``docs/benchmarks.md``) while ours stayed within 3%. This script runs the same model
 as ``decode_gpu.py`` (FLA 0.6.0's ``Mamba2ForCausalLM`` or ``GatedDeltaNetForCausalLM``,
-d_model 1024, 12 layers, bf16) and reports, for ``--steps`` greedy tokens: the wall time per
-step, the GPU's busy time per step (the sum of its kernels' durations from
+d_model 1024, 12 layers, Mamba2 24, bf16) and reports, for ``--steps`` greedy tokens: the
+wall time per step, the GPU's busy time per step (the sum of its kernels' durations from
 ``torch.profiler``, one token's run subtracted: the prefill), the kernels launched per
 step, and the host's top operators by their own CPU time. A step whose GPU time is a small
 part of its wall time is bound by the host, and then the host CPU's speed sets the peer's
@@ -29,6 +29,9 @@ def main() -> None:
     p.add_argument("--model", choices=["mamba2", "gdn"], default="mamba2")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--mamba2-layers", type=int, default=None,
+                   help="Mamba2's layers (default: decode_gpu.py's, 24; 2026-12-07's profile "
+                   "ran 12)")
     args = p.parse_args()
     # decode_gpu imports JAX: keep it off the GPU, as decode_gpu.py's FLA cells do
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -36,7 +39,8 @@ def main() -> None:
     from decode_gpu import fla_generate, fla_model
     from torch.profiler import ProfilerActivity, profile
 
-    sizes = argparse.Namespace(d_model=1024, layers=12, vocab=8192, max_seq_len=512)
+    sizes = argparse.Namespace(d_model=1024, layers=12, vocab=8192, max_seq_len=512,
+                               mamba2_layers=args.mamba2_layers)
     model = fla_model(args.model, sizes, torch)
     ids = torch.randint(0, sizes.vocab, (args.batch, 16), device="cuda")
 

@@ -166,6 +166,9 @@ def test_decode_gpu_on_the_cpu_and_an_fla_cell_in_its_own_process(tmp_path):
     assert [r["batch"] for r in rows] == [1, 4] and all(r["ms_per_step"] > 0 for r in rows)
     args = argparse.Namespace(d_model=64, layers=2, vocab=256, fla_steps=4, repeats=1,
                               max_seq_len=64)
+    # Mamba2 (no MLP) gets twice the layers unless --mamba2-layers says otherwise
+    assert module.model_layers("mamba2", args) == 4 and module.model_layers("gdn", args) == 2
+    assert module.model_layers("mamba2", argparse.Namespace(layers=2, mamba2_layers=3)) == 3
     row = module.fla_cell("mamba2", 1, args, 120.0)
     assert row["framework"] == "fla" and row["model"] == "mamba2" and row["batch"] == 1
     assert "error" in row and "ms_per_step" not in row
