@@ -334,19 +334,21 @@ def test_table_mode_reads_the_transposed_table_through_xla(monkeypatch):
     _assert_trees_close(got, want)
 
 
-@pytest.mark.parametrize("layout,want_t", [("auto", {(64, 386)}), ("kn", set()),
-                                            ("nk", {(64, 386), (128, 64)})])
-def test_batch_layout_reads_the_transposed_table(monkeypatch, layout, want_t):
+@pytest.mark.parametrize("layout,want_t,bias", [("auto", {(64, 386)}, False), ("kn", set(), False),
+                                                 ("nk", {(64, 386), (128, 64)}, False),
+                                                 ("auto", {(64, 386)}, True)])
+def test_batch_layout_reads_the_transposed_table(monkeypatch, layout, want_t, bias):
     """A batch-3 one-token Mamba2 call (as on a GPU, Pallas mode: the table transposed)
     reads the table's ``W^T`` through XLA's matmul for the projections that
     ``LINEARNEXUS_DECODE_BATCH_LAYOUT`` picks (``auto``: wider than deep, ``in_proj`` 64 ->
     386; ``nk``: also ``out_proj`` 128 -> 64; ``kn``: none) and no one-row kernel; logits
-    and states equal XLA's path without a table (1e-5); a bad value is refused, naming the
-    variable."""
+    and states equal XLA's path without a table (1e-5), with and without projection biases;
+    a bad value is refused, naming the variable."""
     from linearnexus.modules.common import decode_weights, using_decode_weights
 
     cfg = ModelConfig(vocab_size=61, d_model=64, n_layers=2, block_pattern=("mamba2",),
-                      mlp=False, tie_embeddings=True)
+                      mlp=False, tie_embeddings=True,
+                      block_options={"mamba2": {"bias": bias}} if bias else {})
     model = LMModel(cfg, rngs=nnx.Rngs(6))
     tokens = jnp.array([[3], [60], [0]], jnp.int32)
     state = model.init_state(3)
@@ -356,6 +358,7 @@ def test_batch_layout_reads_the_transposed_table(monkeypatch, layout, want_t):
     monkeypatch.setenv(gemv.GEMV_ENV, "pallas")
     monkeypatch.setenv(gemv.BATCH_LAYOUT_ENV, layout)
     table = decode_weights(model)
+    assert any(b is not None for _, b in table.values()) == bias
     launched = []
     monkeypatch.setattr(gemv, "_launch_any", lambda *a, **k: launched.append(1))
     seen = []
