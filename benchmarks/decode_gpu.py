@@ -31,7 +31,10 @@ issue's 3.4 ms/step was measured.
 
 FLA (``fla.models.*ForCausalLM``, bf16, ``model.generate(do_sample=False)``, a 16-token
 prompt): ms/step = (time of ``max_new_tokens=N`` - time of ``max_new_tokens=1``) / (N - 1),
-each the median of ``--repeats`` after a warm-up call (Triton autotuning). Each FLA cell
+each the median of ``--repeats`` after a warm-up call (Triton autotuning); then its GPU
+kernels' time per step, the same difference over two ``torch.profiler`` runs (the kernels,
+copies and fills of the chrome trace; ``--no-fla-kernel-time`` skips it): FLA's step is
+mostly its host loop, which the kernel time leaves out. Each FLA cell
 runs in a process of its own (``--fla-cell``, JAX kept off the GPU there, PyTorch's
 allocator with expandable segments): in one process with JAX, FLA's Mamba2 at batch 64 ran
 out of memory on an H100 (its prompt path asks for 32 GiB at once, beside what JAX and
@@ -203,6 +206,41 @@ def fla_generate(model: Any, ids: Any, k: int, torch: Any) -> float:
     return time.perf_counter() - t0
 
 
+#: chrome-trace categories of work on the GPU itself (kernels, copies, fills)
+GPU_TRACE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def trace_gpu_time(trace: dict[str, Any]) -> tuple[float, int]:
+    """``(seconds, kernels)``: the summed duration of the GPU's own work in a
+    ``torch.profiler`` chrome trace (events of :data:`GPU_TRACE_CATEGORIES`; not the
+    profiler's host-side markers such as "Command Buffer Full", which ``key_averages``
+    also gives a device time) and the count of kernels among them."""
+    events = [e for e in trace.get("traceEvents", [])
+              if e.get("ph") == "X" and e.get("cat") in GPU_TRACE_CATEGORIES]
+    return (sum(float(e.get("dur", 0.0)) for e in events) * 1e-6,
+            sum(e.get("cat") == "kernel" for e in events))
+
+
+def fla_kernel_time(gen: Any, n: int, torch: Any) -> tuple[float, float]:
+    """``(GPU seconds, kernels)`` per decode step of ``gen(k)`` (FLA's ``generate`` of ``k``
+    tokens): ``torch.profiler`` over ``gen(n)`` and ``gen(1)``, the difference over
+    ``n - 1`` steps as the wall time is taken (the prompt's prefill cancels)."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    def traced(k: int) -> tuple[float, int]:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            gen(k)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "trace.json"
+            prof.export_chrome_trace(str(path))
+            return trace_gpu_time(json.loads(path.read_text()))
+
+    (gpu_n, kernels_n), (gpu_1, kernels_1) = traced(n), traced(1)
+    return (gpu_n - gpu_1) / (n - 1), (kernels_n - kernels_1) / (n - 1)
+
+
 def time_fla(kind: str, batch: int, args: argparse.Namespace, torch: Any) -> dict[str, Any]:
     model = fla_model(kind, args, torch)
     ids = torch.randint(0, args.vocab, (batch, 16), device="cuda")
@@ -215,11 +253,16 @@ def time_fla(kind: str, batch: int, args: argparse.Namespace, torch: Any) -> dic
     t_n = statistics.median(gen(n) for _ in range(args.repeats))
     t_1 = statistics.median(gen(1) for _ in range(args.repeats))
     step = (t_n - t_1) / (n - 1)
-    params = sum(p.numel() for p in model.parameters())
+    row = {"framework": "fla", "model": kind, "batch": batch,
+           "params": sum(p.numel() for p in model.parameters()), "ms_per_step": step * 1e3,
+           "tokens_per_s": batch / step}
+    row["weight_bytes"] = row["params"] * 2
+    if not getattr(args, "no_fla_kernel_time", False):  # after the timing: the profiler slows the host
+        gpu, kernels = fla_kernel_time(gen, n, torch)
+        row.update(kernel_ms_per_step=gpu * 1e3, kernels_per_step=kernels)
     model.to("cpu")  # frees its GPU memory for the next cell
     torch.cuda.empty_cache()
-    return {"framework": "fla", "model": kind, "batch": batch, "params": params,
-            "weight_bytes": params * 2, "ms_per_step": step * 1e3, "tokens_per_s": batch / step}
+    return row
 
 
 def fla_cell(kind: str, batch: int, args: argparse.Namespace, budget_s: float
@@ -231,7 +274,8 @@ def fla_cell(kind: str, batch: int, args: argparse.Namespace, budget_s: float
            "--d-model", str(args.d_model), "--layers", str(args.layers), "--vocab",
            str(args.vocab), "--fla-steps", str(args.fla_steps), "--repeats",
            str(args.repeats), "--max-seq-len", str(args.max_seq_len), "--mamba2-layers",
-           str(model_layers("mamba2", args))]
+           str(model_layers("mamba2", args)),
+           *(["--no-fla-kernel-time"] if getattr(args, "no_fla_kernel_time", False) else [])]
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF",
                                                       "expandable_segments:True"))
@@ -289,22 +333,24 @@ def environment(torch: Any) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]], bw: float) -> str:
     out = ["| framework | model | params | batch | ms/step | tokens/s | host loop ms/step | "
-           "floor: weights | floor: + state | step / floor |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "floor: weights | floor: + state | step / floor | GPU kernels ms/step |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
             out.append(f"| {r['framework']} | {r['model']} | | {r['batch']} | "
-                       f"error: {r['error'][:80]} | | | | | |")
+                       f"error: {r['error'][:80]} | | | | | | |")
             continue
         w = r["weight_bytes"] / bw * 1e3
         ws = (r["weight_bytes"] + 2 * r.get("state_bytes", 0)) / bw * 1e3
         host = r.get("host_loop_ms_per_step")
+        kernels = r.get("kernel_ms_per_step")
         state16 = r.get("state_dtype", "float32") != "float32"
         name = f"{r['framework']} ({r['state_dtype']} state)" if state16 else r["framework"]
         out.append(f"| {name} | {r['model']} | {r['params'] / 1e6:.0f}M | {r['batch']} | "
                    f"{r['ms_per_step']:.3f} | {r['tokens_per_s']:,.0f} | "
                    f"{'' if host is None else f'{host:.3f}'} | {w:.3f} | "
-                   f"{ws:.3f} | {r['ms_per_step'] / ws:.1f}x |")
+                   f"{ws:.3f} | {r['ms_per_step'] / ws:.1f}x | "
+                   f"{'' if kernels is None else f'{kernels:.3f}'} |")
     return "\n".join(out)
 
 
@@ -330,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="our recurrent states' dtype between steps (default float32)")
     p.add_argument("--skip-fla", action="store_true")
+    p.add_argument("--no-fla-kernel-time", action="store_true",
+                   help="skip profiling FLA's GPU kernel time per step (two profiled runs a "
+                   "cell)")
     p.add_argument("--quick", action="store_true", help="tiny models (a CPU smoke test)")
     p.add_argument("--budget", type=float, default=420.0,
                    help="seconds; cells not started by then are skipped")

@@ -174,6 +174,26 @@ def test_decode_gpu_on_the_cpu_and_an_fla_cell_in_its_own_process(tmp_path):
     assert "error" in row and "ms_per_step" not in row
 
 
+def test_decode_gpu_counts_only_the_gpus_own_work_in_a_trace():
+    # FLA's kernel time a step: the chrome trace's kernels, copies and fills, not the
+    # profiler's host-side markers nor the operators that launched the kernels
+    spec = importlib.util.spec_from_file_location("decode_gpu", ROOT / "benchmarks" / "decode_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    trace = {"traceEvents": [
+        {"ph": "X", "cat": "kernel", "name": "gemm", "dur": 5.0},
+        {"ph": "X", "cat": "kernel", "name": "fused_recurrent", "dur": 30.0},
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoD", "dur": 2.0},
+        {"ph": "X", "cat": "gpu_memset", "name": "Memset", "dur": 1.0},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "dur": 40.0},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "dur": 8.0},
+        {"ph": "X", "cat": "overhead", "name": "Command Buffer Full", "dur": 4000.0},
+        {"ph": "i", "cat": "kernel", "name": "marker"}]}
+    seconds, kernels = module.trace_gpu_time(trace)
+    assert seconds == pytest.approx(38e-6) and kernels == 2
+    assert module.trace_gpu_time({}) == (0.0, 0)
+
+
 def test_decode_step_once_runs_one_step(capsys):
     # decode_step_once.py: the program benchmarks/ncu_decode_gpu.sh wraps (a tiny model here)
     spec = importlib.util.spec_from_file_location(
