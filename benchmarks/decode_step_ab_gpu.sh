@@ -168,6 +168,18 @@ case " $PARTS " in *" gemm64 "*)
       2>&1 | quiet | cut -c1-200
   done;;
 esac
+case " $PARTS " in *" arrival "*)
+  echo "== the one-launch Mamba2 layer's tests, compiled"
+  timeout ${ARRIVAL_TEST_S:-120} python3 -m pytest -q -p no:cacheprovider -rf --tb=short \
+    tests/test_arrival_decode.py 2>&1 | quiet | tail -25
+  for on in 0 1; do
+    echo "== batch 1, LINEARNEXUS_DECODE_ARRIVAL=$on"
+    LINEARNEXUS_DECODE_ARRIVAL=$on timeout ${ARRIVAL_S:-100} python3 benchmarks/decode_gpu.py \
+      --models mamba2 --batches 1 --steps 64 --skip-fla --budget $(( ${ARRIVAL_S:-100} - 20 )) \
+      ${ARRIVAL_LAYERS:+--mamba2-layers $ARRIVAL_LAYERS} --out "$OUT/arrival$on" 2>&1 \
+      | grep -E "^\| linearnexus|rror|budget" | cut -c1-300 | head -20
+  done;;
+esac
 case " $PARTS " in *" layout64 "*)
   for layout in ${LAYOUTS:-auto kn nk}; do
     echo "== LINEARNEXUS_DECODE_BATCH_LAYOUT=$layout"

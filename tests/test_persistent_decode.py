@@ -15,6 +15,7 @@ import linearnexus.kernels.fused_decode.gemv as gemv
 from linearnexus.kernels.fused_decode import persistent as P
 from linearnexus.kernels.fused_decode.pallas import DeltaLayerSpec
 from linearnexus.models import LMModel, ModelConfig
+from tests.decode_helpers import random_state
 
 pytestmark = pytest.mark.usefixtures("cpu_dispatch")
 
@@ -102,17 +103,6 @@ def test_persistent_layer_refuses_bad_operands(monkeypatch):
         P.persistent_enabled()
 
 
-def _random_state(model, seed: int):
-    """A batch-1 state of random values (a wrong offset into it would show)."""
-    zeros = model.init_state(1)
-    leaves, tree = jax.tree.flatten(zeros)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    return jax.tree.unflatten(tree, [
-        leaf if not jnp.issubdtype(leaf.dtype, jnp.floating)
-        else (0.3 * jax.random.normal(k, leaf.shape)).astype(leaf.dtype)
-        for k, leaf in zip(keys, leaves, strict=True)])
-
-
 def _model_on_gpu_path(monkeypatch, cfg: ModelConfig, kernel: str, seed: int):
     """``(model, a random batch-1 state, the launches of persistent.<kernel>)`` with the
     one-row and layer kernels picked as on a GPU (interpreted here)."""
@@ -122,7 +112,7 @@ def _model_on_gpu_path(monkeypatch, cfg: ModelConfig, kernel: str, seed: int):
     launches = []
     real = getattr(P, kernel)
     monkeypatch.setattr(P, kernel, lambda **k: launches.append(1) or real(**k))
-    return model, _random_state(model, seed), launches
+    return model, random_state(model, seed), launches
 
 
 def test_model_decode_step_through_the_persistent_kernel(monkeypatch):

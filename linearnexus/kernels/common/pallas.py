@@ -39,6 +39,19 @@ def interpret_mode() -> bool:
     return current_platform() != "gpu"
 
 
+def binary_switch(name: str) -> bool:
+    """An opt-in switch read from the environment variable ``name`` (at trace time where a
+    kernel's caller reads it): "1" on, "0" or unset off.
+
+    Raises:
+        ValueError: any other value, naming the variable.
+    """
+    raw = os.environ.get(name, "0")
+    if raw not in ("0", "1"):
+        raise ValueError(f"{name}: expected '0' or '1', got {raw!r}")
+    return raw == "1"
+
+
 def compiler_params(num_warps: int | None, num_stages: int | None) -> Any:
     """Triton compiler parameters for ``pl.pallas_call(compiler_params=...)``."""
     from jax.experimental.pallas import triton as pl_triton

@@ -45,7 +45,12 @@ import jax
 import jax.numpy as jnp
 
 from linearnexus.core.types import Array
-from linearnexus.kernels.common.pallas import compiler_params, interpret_mode, named_pallas_call
+from linearnexus.kernels.common.pallas import (
+    binary_switch,
+    compiler_params,
+    interpret_mode,
+    named_pallas_call,
+)
 from linearnexus.kernels.fused_decode import gemv
 from linearnexus.kernels.fused_decode.pallas import (
     DeltaLayerSpec,
@@ -119,10 +124,7 @@ def persistent_enabled() -> bool:
     Raises:
         ValueError: a value other than "0" / "1" (or unset).
     """
-    raw = os.environ.get(PERSISTENT_ENV, "0")
-    if raw not in ("0", "1"):
-        raise ValueError(f"{PERSISTENT_ENV}: expected '0' or '1', got {raw!r}")
-    return raw == "1"
+    return binary_switch(PERSISTENT_ENV)
 
 
 def device_programs() -> int:

@@ -225,6 +225,11 @@ class Mamba2Block(nnx.Module):
             return None
         conv = self.conv
         params = (state.recurrent.state, self.A_log[...], self.dt_bias[...], self.D[...])
+        arrived = self._arrival_layer(x, input_norm, state, spec)
+        if arrived is not None:
+            y, cache, final = arrived
+            return y, LinearState(conv=state.conv.update(cache),
+                                  recurrent=state.recurrent.update(final))
         done = conv_dense(x, [self.in_proj], conv, state.conv.buffer, conv_start=cfg.d_inner,
                           norm=input_norm)
         if done is not None:  # x | B | C arrive after the conv
@@ -241,6 +246,38 @@ class Mamba2Block(nnx.Module):
                 fallback=lambda *a: self._layer_reference(spec, *a))
         return y, LinearState(conv=state.conv.update(cache),
                               recurrent=state.recurrent.update(final))
+
+    def _arrival_layer(self, x: Array, input_norm: RMSNorm | None, state: LinearState,
+                       spec: SsdLayerSpec) -> tuple[Array, Array, Array] | None:
+        """``in_proj`` (with the pre-norm and the conv) and the layer kernel of a batch-1
+        token as one launch (``kernels.fused_decode.arrival.ssd_in_layer``), where
+        ``LINEARNEXUS_DECODE_ARRIVAL=1`` asks for it and the separate kernels it stands for
+        would run (``conv_dense``'s kernel, then the layer kernel without a conv): ``(y *
+        silu(z) [1, E] float32, new conv cache, new state)``; else None. Differentiable
+        through the separate kernels."""
+        from linearnexus.kernels.fused_decode import arrival
+        from linearnexus.kernels.fused_decode.api import kept_state_dtype
+        from linearnexus.modules.common import conv_dense_weight
+
+        cfg = self.config
+        if not (arrival.arrival_enabled() and x.shape[:2] == (1, 1)):
+            return None
+        w_in_t = conv_dense_weight(x, [self.in_proj], self.conv, state.conv.buffer,
+                                   conv_start=cfg.d_inner, norm=input_norm)
+        if w_in_t is None:
+            return None
+        spec = dataclasses.replace(spec, conv_width=None)
+        conv = self.conv
+        return arrival.layer_call(
+            dict(x=x.reshape(1, cfg.d_model),
+                 norm1_scale=None if input_norm is None else input_norm.scale[...],
+                 w_in_t=w_in_t, conv_cache=state.conv.buffer,
+                 conv_weight=conv.conv_weight[...],
+                 conv_bias=None if conv.conv_bias is None else conv.conv_bias[...],
+                 state=kept_state_dtype(state.recurrent.state), a_log=self.A_log[...],
+                 dt_bias=self.dt_bias[...], d=self.D[...]),
+            spec=spec, norm1_eps=None if input_norm is None else input_norm.eps,
+            layer_fallback=lambda *a: self._layer_reference(spec, *a))
 
     def persistent_layer(self, x: Array, state: Any, input_norm: RMSNorm, mlp: Any,
                          mlp_norm: Any) -> tuple[Array, Any] | None:
