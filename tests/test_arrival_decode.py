@@ -17,7 +17,7 @@ import linearnexus.kernels.fused_decode.gemv as gemv
 from linearnexus.kernels.fused_decode import arrival as A
 from linearnexus.kernels.fused_decode.pallas import SsdLayerSpec
 from linearnexus.models import LMModel, ModelConfig
-from tests.decode_helpers import random_state
+from tests.helpers.decode import random_state
 
 pytestmark = pytest.mark.usefixtures("cpu_dispatch")
 

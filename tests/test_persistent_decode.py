@@ -15,7 +15,7 @@ import linearnexus.kernels.fused_decode.gemv as gemv
 from linearnexus.kernels.fused_decode import persistent as P
 from linearnexus.kernels.fused_decode.pallas import DeltaLayerSpec
 from linearnexus.models import LMModel, ModelConfig
-from tests.decode_helpers import random_state
+from tests.helpers.decode import random_state
 
 pytestmark = pytest.mark.usefixtures("cpu_dispatch")
 
