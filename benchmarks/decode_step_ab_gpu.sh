@@ -174,8 +174,9 @@ case " $PARTS " in *" arrival "*)
     tests/test_arrival_decode.py 2>&1 | quiet | tail -25
   for on in 0 1; do
     echo "== batch 1, LINEARNEXUS_DECODE_ARRIVAL=$on"
-    LINEARNEXUS_DECODE_ARRIVAL=$on timeout ${ARRIVAL_S:-100} python3 benchmarks/decode_gpu.py \
-      --models mamba2 --batches 1 --steps 64 --skip-fla --budget $(( ${ARRIVAL_S:-100} - 20 )) \
+    LINEARNEXUS_DECODE_ARRIVAL=$on timeout ${ARRIVAL_S:-120} python3 benchmarks/decode_gpu.py \
+      --models mamba2 gdn --batches 1 --steps 64 --skip-fla \
+      --budget $(( ${ARRIVAL_S:-120} - 20 )) \
       ${ARRIVAL_LAYERS:+--mamba2-layers $ARRIVAL_LAYERS} --out "$OUT/arrival$on" 2>&1 \
       | grep -E "^\| linearnexus|rror|budget" | cut -c1-300 | head -20
   done;;

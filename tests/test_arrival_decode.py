@@ -1,6 +1,7 @@
-"""Mamba2's batch-1 input projection and layer kernel in one launch
-(kernels/fused_decode/arrival.py), checked in interpret mode against the two separate
-kernels: the programs run one after another there, with the same atomics and counts."""
+"""A recurrent layer's batch-1 input projection and layer kernel in one launch
+(kernels/fused_decode/arrival.py; Mamba2 and the DeltaNet family), checked in interpret
+mode against the two separate kernels: the programs run one after another there, with the
+same atomics and counts."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from flax import nnx
 import linearnexus.kernels.fused_decode.api as layer_api
 import linearnexus.kernels.fused_decode.gemv as gemv
 from linearnexus.kernels.fused_decode import arrival as A
-from linearnexus.kernels.fused_decode.pallas import SsdLayerSpec
+from linearnexus.kernels.fused_decode.pallas import DeltaLayerSpec, SsdLayerSpec
 from linearnexus.models import LMModel, ModelConfig
 from tests.helpers.decode import random_state
 
@@ -120,6 +121,74 @@ def _layer_reference(spec, proj, cache, w, bias, state, a_log, dt_bias, d):
     return block._layer_reference(spec, proj, cache, w, bias, state, a_log, dt_bias, d)
 
 
+def _delta_operands(dtype, *, gated: bool, output_gate: bool, norm_out: bool,
+                    value_blocks: int, seed: int = 0) -> dict:
+    """Random operands for a 2-head DeltaNet-family layer (K = 16, V = 32) over D = 48."""
+    spec = DeltaLayerSpec(heads=2, key_dim=16, value_dim=32, conv_width=None,
+                          silu_without_conv=False, gated=gated, output_gate=output_gate,
+                          allow_neg_eigval=not gated, qk_eps=1e-6, norm_eps=1e-5,
+                          scale=0.25, norm_out=norm_out, value_blocks=value_blocks)
+    depth, channels = 48, spec.qkv_width
+    keys = iter(jax.random.split(jax.random.PRNGKey(seed), 16))
+    f32 = jnp.float32
+
+    def rnd(shape, scale=1.0, dt=dtype):
+        return (scale * jax.random.normal(next(keys), shape, f32)).astype(dt)
+
+    return dict(x=rnd((1, depth)), norm1_scale=rnd((depth,), 0.2) + 1, norm1_eps=1e-5,
+                w_in_t=rnd((spec.width, depth), depth ** -0.5), conv_cache=rnd((1, 3, channels)),
+                conv_weight=rnd((4, channels), 0.5), conv_bias=rnd((channels,), 0.1),
+                spec=spec, state=rnd((1, 2, 16, 32), 0.3, f32),
+                a_log=rnd((2,), 0.5, f32) if gated else None,
+                dt_bias=rnd((2,), 0.5, f32) if gated else None,
+                norm_scale=rnd((32,), 0.2, f32) + 1)
+
+
+@pytest.mark.parametrize("dtype,gated,output_gate,norm_out,value_blocks,state16", [
+    ("float32", True, True, False, 2, False),  # Gated DeltaNet as batch 1 runs it
+    ("bfloat16", False, False, True, 1, False),  # DeltaNet, the norm in the layer kernel
+    ("float32", True, True, True, 1, True),  # the gate's columns counted in; a bf16 state
+])
+def test_delta_one_launch_equals_the_separate_kernels(dtype, gated, output_gate, norm_out,
+                                                      value_blocks, state16):
+    """The DeltaNet family's input projection and layer kernel (its value blocks in turn in
+    the head's last program): projection row, output, conv cache and state equal the two
+    separate kernels' bit for bit, the column blocks taken in either order."""
+    ops = _delta_operands(jnp.dtype(dtype), gated=gated, output_gate=output_gate,
+                          norm_out=norm_out, value_blocks=value_blocks)
+    if state16:
+        ops["state"] = ops["state"].astype(jnp.bfloat16)
+    want = A.delta_in_layer_separate(**ops, layer_fallback=_fail)
+    assert float(jnp.abs(want[1].astype(jnp.float32)).max()) > 0.05
+    tol = (1e-5 if dtype == "float32" else 1e-2) if jax.default_backend() == "gpu" else 0.0
+    for reverse in (True, False):
+        got = A.delta_in_layer(**ops, reverse=reverse)
+        for name, a, b in zip(("proj", "y", "conv cache", "state"), got, want, strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype, name
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                       rtol=tol, atol=tol, err_msg=f"{name}, reverse={reverse}")
+    with pytest.raises(ValueError, match=r"state: expected shape \(1, 2, 16, 32\)"):
+        A.delta_in_layer(**{**ops, "state": ops["state"][:, :1]})
+    with pytest.raises(ValueError, match="spec: expected conv_width=None"):
+        A.delta_in_layer(**{**ops, "spec": dataclasses.replace(ops["spec"], conv_width=4)})
+
+
+def test_delta_heads_read_their_columns():
+    """``feeds`` for the DeltaNet family: q_h, k_h, v_h, the beta and decay logits, and the
+    output gate only where the layer kernel gates."""
+    for norm_out, gate_cols in ((False, 0), (True, 32)):
+        spec = DeltaLayerSpec(heads=2, key_dim=16, value_dim=32, conv_width=None,
+                              silu_without_conv=False, gated=True, output_gate=True,
+                              allow_neg_eigval=False, qk_eps=1e-6, norm_eps=1e-5, scale=0.25,
+                              norm_out=norm_out)
+        cols = jnp.arange(spec.width)  # q 0..31 | k 32..63 | v 64..127 | b 128.. | a 130.. | g 132..
+        got = np.flatnonzero(np.asarray(A.feeds(cols, jnp.int32(1), spec)))
+        want = np.concatenate([np.arange(16, 32), np.arange(48, 64), np.arange(96, 128), [129],
+                               [131], np.arange(164, 164 + gate_cols)])
+        np.testing.assert_array_equal(got, want)
+        assert len(got) == A.head_columns(spec) == 16 + 16 + 32 + 2 + gate_cols
+
+
 def test_bad_operands_are_refused():
     """A spec with a conv or value blocks, a batch of 2, a weight of the wrong shape and a
     pre-norm scale without its eps are refused by name; so is a bad switch value."""
@@ -181,3 +250,39 @@ def test_mamba2_model_decode_step_and_generation_through_one_launch(monkeypatch)
     monkeypatch.setenv(A.ARRIVAL_ENV, "0")
     off = generate(model, [[3, 14, 15, 9]], sampler)
     assert on == off and len(on[0]) == 6
+
+
+def test_gated_deltanet_model_decode_step_and_generation_through_one_launch(monkeypatch):
+    """A Gated DeltaNet LM with an MLP at batch 1, the kernels picked as on a GPU
+    (interpreted): one launch per layer for the input projection and the layer kernel, then
+    o_proj with the norm and gate as before; logits and states equal the separate kernels'
+    exactly, and greedy generation gives the same tokens."""
+    from linearnexus.generate import SamplingConfig, generate
+
+    cfg = ModelConfig(vocab_size=61, d_model=64, n_layers=2, block_pattern=("gated_deltanet",),
+                      mlp=True, tie_embeddings=True)
+    model = LMModel(cfg, rngs=nnx.Rngs(1))
+    monkeypatch.setattr(gemv, "_compiles", lambda: True)
+    monkeypatch.setattr(layer_api, "_compiles", lambda: True)
+    launches = []
+    real = A.delta_in_layer
+    monkeypatch.setattr(A, "delta_in_layer", lambda *a, **k: launches.append(1) or real(*a, **k))
+    state, tokens = random_state(model, 6), jnp.array([[11]], jnp.int32)
+
+    def step():
+        return jax.jit(lambda: model(tokens, state=state, mode="recurrent"))()
+
+    monkeypatch.setenv(A.ARRIVAL_ENV, "0")
+    want = step()
+    assert not launches
+    monkeypatch.setenv(A.ARRIVAL_ENV, "1")
+    got = step()
+    assert len(launches) == cfg.n_layers
+    tol = 1e-5 if jax.default_backend() == "gpu" else 0.0
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=tol, atol=tol)
+    sampler = SamplingConfig(temperature=0.0, max_new_tokens=5)
+    on = generate(model, [[2, 7, 1]], sampler)
+    monkeypatch.setenv(A.ARRIVAL_ENV, "0")
+    assert on == generate(model, [[2, 7, 1]], sampler) and len(on[0]) == 5

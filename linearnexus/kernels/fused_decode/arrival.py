@@ -1,5 +1,6 @@
-"""Batch-1 Mamba2 decoding: the input projection and the layer kernel in one launch, the
-layer's work done by whichever program finishes a head's columns last (experimental).
+"""Batch-1 decoding: a recurrent layer's input projection and its layer kernel in one
+launch, each head's step done by whichever program finishes that head's columns last
+(experimental; Mamba2 and the DeltaNet family).
 
 A batch-1 decode step is a chain of small dependent kernels, and on an H100 each costs a few
 microseconds beyond its bytes (``docs/benchmarks.md``, "Fused one-token kernels and where a
@@ -23,6 +24,13 @@ last column is written, overlapping the projection's remaining programs. The pro
 the column blocks in reverse order (``dt`` and ``B | C`` first), so that the last arrivals
 are spread over the ``z`` blocks of different heads instead of landing on the few programs
 that hold the ``dt`` columns.
+
+The DeltaNet-family layers (:func:`delta_in_layer`) work the same way over their projection
+row (q | k | v | beta | decay | output gate; the conv over q | k | v): head ``h`` reads
+``q_h`` and ``k_h`` (``K`` each), ``v_h`` (``V``), its beta and decay logits, and its output
+gate where the layer kernel applies the gate; its last program runs the layer kernel's
+programs for all the head's value blocks in turn (``pallas._delta_kernel``). In reverse
+order the last arrivals fall on the heads' ``q`` blocks.
 
 The counters are a zeroed ``[H]`` int32 array per launch (aliased to an output). Off a GPU
 (Pallas interpret mode runs the programs one after another) the atomics and the counts are
@@ -50,10 +58,15 @@ from linearnexus.kernels.common.pallas import (
     named_pallas_call,
 )
 from linearnexus.kernels.fused_decode import gemv
-from linearnexus.kernels.fused_decode.pallas import SsdLayerSpec, _ssd_kernel
+from linearnexus.kernels.fused_decode.pallas import (
+    DeltaLayerSpec,
+    SsdLayerSpec,
+    _delta_kernel,
+    _ssd_kernel,
+)
 
-#: "1" runs batch-1 Mamba2 layers' ``in_proj`` and layer kernel as one launch (read at trace
-#: time; default "0")
+#: "1" runs batch-1 Mamba2 and DeltaNet-family layers' input projection and layer kernel as
+#: one launch (read at trace time; default "0")
 ARRIVAL_ENV = "LINEARNEXUS_DECODE_ARRIVAL"
 F32 = jnp.float32
 
@@ -67,24 +80,37 @@ def arrival_enabled() -> bool:
     return binary_switch(ARRIVAL_ENV)
 
 
-def head_columns(sp: SsdLayerSpec) -> int:
-    """Columns of the projection row one head's step reads: ``z_h`` and ``x_h`` (``P``
-    each), its group's ``B`` and ``C`` (``N`` each) and ``dt_h``."""
-    return 2 * sp.head_dim + 2 * sp.d_state + 1
+def head_columns(sp: SsdLayerSpec | DeltaLayerSpec) -> int:
+    """Columns of the projection row one head's step reads. Mamba2: ``z_h`` and ``x_h``
+    (``P`` each), its group's ``B`` and ``C`` (``N`` each) and ``dt_h``. DeltaNet family:
+    ``q_h`` and ``k_h`` (``K`` each), ``v_h`` (``V``), the beta logit, the decay logit
+    (gated) and the output gate (``V``) where the layer kernel gates (``norm_out``)."""
+    if isinstance(sp, SsdLayerSpec):
+        return 2 * sp.head_dim + 2 * sp.d_state + 1
+    gate = sp.value_dim if sp.norm_out and sp.output_gate else 0
+    return 2 * sp.key_dim + sp.value_dim + 1 + int(sp.gated) + gate
 
 
-def feeds(cols: Array, h: Array, sp: SsdLayerSpec) -> Array:
-    """``[BN]`` bool: which of the projection columns ``cols`` (``z | x | B | C | dt``) head
-    ``h``'s step reads."""
+def feeds(cols: Array, h: Array, sp: SsdLayerSpec | DeltaLayerSpec) -> Array:
+    """``[BN]`` bool: which of the projection columns ``cols`` head ``h``'s step reads
+    (:func:`head_columns`)."""
+    def within(start, size):
+        return (cols >= start) & (cols < start + size)
+
+    if isinstance(sp, DeltaLayerSpec):
+        nh, kd, vd, at = sp.heads, sp.key_dim, sp.value_dim, sp.qkv_width
+        out = (within(h * kd, kd) | within(nh * kd + h * kd, kd)
+               | within(2 * nh * kd + h * vd, vd) | (cols == at + h))
+        if sp.gated:
+            out = out | (cols == at + nh + h)
+        if sp.norm_out and sp.output_gate:
+            out = out | within(sp.gate_offset + h * vd, vd)
+        return out
     e, p, n = sp.inner, sp.head_dim, sp.d_state
     g = h // (sp.heads // sp.groups)
-    b0 = 2 * e + g * n  # the group's B
-    c0 = 2 * e + sp.groups * n + g * n  # the group's C
-    dt = 2 * e + 2 * sp.groups * n + h
-    return (((cols >= h * p) & (cols < (h + 1) * p))
-            | ((cols >= e + h * p) & (cols < e + (h + 1) * p))
-            | ((cols >= b0) & (cols < b0 + n)) | ((cols >= c0) & (cols < c0 + n))
-            | (cols == dt))
+    return (within(h * p, p) | within(e + h * p, p)
+            | within(2 * e + g * n, n) | within(2 * e + sp.groups * n + g * n, n)
+            | (cols == 2 * e + 2 * sp.groups * n + h))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,14 +118,14 @@ class Statics:
     """The launch's static parts: the projection's (as ``one_row_conv`` builds them), the
     layer kernel's spec (no conv) and the block order."""
 
-    proj: Any  # gemv._Static: pre-norm, in_proj, short conv over x | B | C
-    layer: SsdLayerSpec
+    proj: Any  # gemv._Static: pre-norm, the input projection, short conv
+    layer: SsdLayerSpec | DeltaLayerSpec
     reverse: bool
 
 
 def _kernel(*, x_ref, n1_ref, w_in_ref, cache_ref, cw_ref, cb_ref, h0_ref, a_log_ref,
-            dt_bias_ref, d_ref, count0_ref, proj_ref, y_ref, new_cache_ref, final_ref,
-            counter_ref, st: Statics):
+            dt_bias_ref, d_ref, scale_ref, count0_ref, proj_ref, y_ref, new_cache_ref,
+            final_ref, counter_ref, st: Statics):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plt
 
@@ -115,11 +141,29 @@ def _kernel(*, x_ref, n1_ref, w_in_ref, cache_ref, cw_ref, cb_ref, h0_ref, a_log
         plt.debug_barrier()  # every thread's stores of the columns precede the release below
     cols = blk * st.proj.block_n + jnp.arange(st.proj.block_n)  # [BN]
     live = cols < st.proj.width
-    need = head_columns(st.layer)
+    sp = st.layer
+    need = head_columns(sp)
     zero = jnp.int32(0)
 
+    def step(h):  # the layer kernel's program(s) for head h
+        if isinstance(sp, SsdLayerSpec):
+            _ssd_kernel(proj_ref=proj_ref, cache_ref=None, w_ref=None, bias_ref=None,
+                        h0_ref=h0_ref, a_log_ref=a_log_ref, dt_bias_ref=dt_bias_ref,
+                        d_ref=d_ref, y_ref=y_ref, new_cache_ref=None, final_ref=final_ref,
+                        sp=sp, ids=(zero, h))
+            return
+
+        def block(vb, carry):
+            _delta_kernel(proj_ref=proj_ref, cache_ref=None, w_ref=None, bias_ref=None,
+                          h0_ref=h0_ref, a_log_ref=a_log_ref, dt_bias_ref=dt_bias_ref,
+                          scale_ref=scale_ref, y_ref=y_ref, new_cache_ref=None,
+                          final_ref=final_ref, sp=sp, ids=(zero, h, vb))
+            return carry
+
+        jax.lax.fori_loop(0, sp.value_blocks, block, 0)
+
     def head(h, carry):
-        count = jnp.sum(jnp.where(live & feeds(cols, h, st.layer), 1, 0)).astype(jnp.int32)
+        count = jnp.sum(jnp.where(live & feeds(cols, h, sp), 1, 0)).astype(jnp.int32)
 
         @pl.when(count > 0)
         def _():
@@ -127,14 +171,52 @@ def _kernel(*, x_ref, n1_ref, w_in_ref, cache_ref, cw_ref, cb_ref, h0_ref, a_log
 
             @pl.when(before + count == need)  # this program wrote the head's last column
             def _():
-                _ssd_kernel(proj_ref=proj_ref, cache_ref=None, w_ref=None, bias_ref=None,
-                            h0_ref=h0_ref, a_log_ref=a_log_ref, dt_bias_ref=dt_bias_ref,
-                            d_ref=d_ref, y_ref=y_ref, new_cache_ref=None, final_ref=final_ref,
-                            sp=st.layer, ids=(zero, h))
+                step(h)
 
         return carry
 
-    jax.lax.fori_loop(0, st.layer.heads, head, 0)
+    jax.lax.fori_loop(0, sp.heads, head, 0)
+
+
+def _launch(inputs: dict[str, Any], *, sp: SsdLayerSpec | DeltaLayerSpec, x: Array,
+            w_in_t: Array, conv_cache: Array, conv_weight: Array, state: Array,
+            norm1_eps: float | None, conv_start: int, out_width: int, out_dtype: Any,
+            reverse: bool, name: str) -> dict[str, Array]:
+    """The launch over ``inputs`` (the kernel's operands by name, without the counters):
+    ``{"proj", "y", "new_cache", "final"}``."""
+    dtype = jnp.dtype(w_in_t.dtype)
+    st = Statics(proj=gemv.static_for(x.shape[-1], sp.width, conv_cache, conv_weight,
+                                      glu=False,
+                                      norm_eps=None if norm1_eps is None else float(norm1_eps),
+                                      out_dtype=dtype, conv_start=conv_start),
+                 layer=sp, reverse=reverse)
+    if conv_start % st.proj.block_n or conv_cache.shape[2] % st.proj.block_n:
+        raise ValueError(f"spec: the conv's start {conv_start} and channels "
+                         f"{conv_cache.shape[2]} must be multiples of the projection's "
+                         f"{st.proj.block_n} columns a program")
+    return named_pallas_call(
+        functools.partial(_kernel, st=st),
+        inputs={**inputs, "count0": jnp.zeros((sp.heads,), jnp.int32)},
+        outputs={"proj": jax.ShapeDtypeStruct((1, sp.width), dtype),
+                 "y": jax.ShapeDtypeStruct((1, out_width), out_dtype),
+                 "new_cache": jax.ShapeDtypeStruct(conv_cache.shape, conv_cache.dtype),
+                 "final": jax.ShapeDtypeStruct(state.shape, state.dtype),
+                 "counter": jax.ShapeDtypeStruct((sp.heads,), jnp.int32)},
+        aliases={"cache": "new_cache", "h0": "final", "count0": "counter"},
+        grid=(-(-sp.width // st.proj.block_n),), interpret=interpret_mode(),
+        compiler_params=None if interpret_mode() else compiler_params(4, 3), name=name)
+
+
+def _check(x: Array, norm1_scale: Array | None, norm1_eps: float | None,
+           shapes: tuple[tuple[str, Array, tuple[int, ...]], ...]) -> None:
+    if x.ndim != 2 or x.shape[0] != 1:
+        raise ValueError(f"x: expected [1, D], got shape {tuple(x.shape)}")
+    if (norm1_scale is None) != (norm1_eps is None):
+        raise ValueError("norm1_scale, norm1_eps: expected both or neither, got "
+                         f"{'a scale' if norm1_eps is None else 'an eps'} alone")
+    for name, arr, shape in shapes:
+        if tuple(arr.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(arr.shape)}")
 
 
 def ssd_in_layer(x: Array, *, norm1_scale: Array | None, norm1_eps: float | None,
@@ -169,39 +251,16 @@ def ssd_in_layer(x: Array, *, norm1_scale: Array | None, norm1_eps: float | None
         raise ValueError(f"spec: expected conv_width=None and value_blocks=1 (the conv in "
                          f"in_proj, one program a head), got {spec}")
     depth = x.shape[-1]
-    if x.ndim != 2 or x.shape[0] != 1:
-        raise ValueError(f"x: expected [1, D], got shape {tuple(x.shape)}")
-    if (norm1_scale is None) != (norm1_eps is None):
-        raise ValueError("norm1_scale, norm1_eps: expected both or neither, got "
-                         f"{'a scale' if norm1_eps is None else 'an eps'} alone")
-    for name, arr, shape in (("w_in_t", w_in_t, (spec.width, depth)),
-                             ("state", state, (1, spec.heads, spec.d_state, spec.head_dim)),
-                             ("conv_cache", conv_cache, (1, conv_cache.shape[1],
-                                                         spec.conv_channels))):
-        if tuple(arr.shape) != shape:
-            raise ValueError(f"{name}: expected shape {shape}, got {tuple(arr.shape)}")
-    dtype = jnp.dtype(w_in_t.dtype)
-    st = Statics(proj=gemv.static_for(depth, spec.width, conv_cache, conv_weight, glu=False,
-                                      norm_eps=None if norm1_eps is None else float(norm1_eps),
-                                      out_dtype=dtype, conv_start=spec.inner),
-                 layer=spec, reverse=reverse)
-    if spec.inner % st.proj.block_n or spec.conv_channels % st.proj.block_n:
-        raise ValueError(f"spec: E={spec.inner} and C={spec.conv_channels} must be multiples "
-                         f"of the projection's {st.proj.block_n} columns a program")
-    out = named_pallas_call(
-        functools.partial(_kernel, st=st),
-        inputs={"x": x, "n1": norm1_scale, "w_in": w_in_t, "cache": conv_cache,
-                "cw": conv_weight, "cb": conv_bias, "h0": state, "a_log": a_log,
-                "dt_bias": dt_bias, "d": d, "count0": jnp.zeros((spec.heads,), jnp.int32)},
-        outputs={"proj": jax.ShapeDtypeStruct((1, spec.width), dtype),
-                 "y": jax.ShapeDtypeStruct((1, spec.inner), F32),
-                 "new_cache": jax.ShapeDtypeStruct(conv_cache.shape, conv_cache.dtype),
-                 "final": jax.ShapeDtypeStruct(state.shape, state.dtype),
-                 "counter": jax.ShapeDtypeStruct((spec.heads,), jnp.int32)},
-        aliases={"cache": "new_cache", "h0": "final", "count0": "counter"},
-        grid=(-(-spec.width // st.proj.block_n),), interpret=interpret_mode(),
-        compiler_params=None if interpret_mode() else compiler_params(4, 3),
-        name="ssd_in_layer")
+    _check(x, norm1_scale, norm1_eps, (
+        ("w_in_t", w_in_t, (spec.width, depth)),
+        ("state", state, (1, spec.heads, spec.d_state, spec.head_dim)),
+        ("conv_cache", conv_cache, (1, conv_cache.shape[1], spec.conv_channels))))
+    out = _launch({"x": x, "n1": norm1_scale, "w_in": w_in_t, "cache": conv_cache,
+                   "cw": conv_weight, "cb": conv_bias, "h0": state, "a_log": a_log,
+                   "dt_bias": dt_bias, "d": d, "scale": None},
+                  sp=spec, x=x, w_in_t=w_in_t, conv_cache=conv_cache, conv_weight=conv_weight,
+                  state=state, norm1_eps=norm1_eps, conv_start=spec.inner,
+                  out_width=spec.inner, out_dtype=F32, reverse=reverse, name="ssd_in_layer")
     return out["y"], out["new_cache"], out["final"]
 
 
@@ -222,23 +281,93 @@ def ssd_in_layer_separate(x: Array, *, norm1_scale: Array | None, norm1_eps: flo
     return y, cache, final
 
 
-def layer_call(operands: dict[str, Any], *, spec: SsdLayerSpec, norm1_eps: float | None,
-               layer_fallback: Callable[..., Any]) -> tuple[Array, Array, Array]:
-    """:func:`ssd_in_layer` on ``operands`` (its array arguments by name), differentiated
-    as :func:`ssd_in_layer_separate`."""
+def delta_in_layer(x: Array, *, norm1_scale: Array | None, norm1_eps: float | None,
+                   w_in_t: Array, conv_cache: Array, conv_weight: Array,
+                   conv_bias: Array | None, spec: DeltaLayerSpec, state: Array,
+                   a_log: Array | None, dt_bias: Array | None, norm_scale: Array,
+                   reverse: bool = True) -> tuple[Array, Array, Array, Array]:
+    """One batch-1 token from the pre-norm through a DeltaNet-family layer kernel in one
+    launch: what ``gemv.one_row_conv`` (the conv over q | k | v) then
+    ``api.delta_layer_step`` compute (:func:`delta_in_layer_separate`), bit for bit in
+    interpret mode.
+
+    Args:
+        x: ``[1, D]``; norm1_scale ``[D]`` and norm1_eps, or both None.
+        w_in_t: ``[F, D]`` (q | k | v | beta | decay | output gate rows, ``spec.width``).
+        conv_cache: ``[1, W - 1, 2HK + HV]``; conv_weight ``[W, 2HK + HV]``; conv_bias or
+            None.
+        spec: the layer kernel's spec without a conv (``conv_width=None``); its value
+            blocks run in turn in the head's last program.
+        state: ``[1, H, K, V]``; a_log, dt_bias ``[H]`` (gated) or None; norm_scale ``[V]``.
+        reverse: the programs take the column blocks last first.
+
+    Returns:
+        ``(proj [1, F], y [1, H*V] in proj's dtype, new conv cache, new state)``: ``y`` as
+        ``delta_layer_step`` gives it (``o`` without the norm when ``spec.norm_out`` is
+        False), ``proj`` for ``o_proj``'s gate.
+
+    Raises:
+        ValueError: a spec with a conv, a batch other than 1, or operands whose shapes
+            disagree (named).
+    """
+    if spec.conv_width is not None:
+        raise ValueError(f"spec: expected conv_width=None (the conv in the input "
+                         f"projection), got {spec}")
+    depth = x.shape[-1]
+    _check(x, norm1_scale, norm1_eps, (
+        ("w_in_t", w_in_t, (spec.width, depth)),
+        ("state", state, (1, spec.heads, spec.key_dim, spec.value_dim)),
+        ("conv_cache", conv_cache, (1, conv_cache.shape[1], spec.qkv_width))))
+    out = _launch({"x": x, "n1": norm1_scale, "w_in": w_in_t, "cache": conv_cache,
+                   "cw": conv_weight, "cb": conv_bias, "h0": state, "a_log": a_log,
+                   "dt_bias": dt_bias, "d": None, "scale": norm_scale},
+                  sp=spec, x=x, w_in_t=w_in_t, conv_cache=conv_cache, conv_weight=conv_weight,
+                  state=state, norm1_eps=norm1_eps, conv_start=0,
+                  out_width=spec.heads * spec.value_dim, out_dtype=w_in_t.dtype,
+                  reverse=reverse, name="delta_in_layer")
+    return out["proj"], out["y"], out["new_cache"], out["final"]
+
+
+def delta_in_layer_separate(x: Array, *, norm1_scale: Array | None, norm1_eps: float | None,
+                            w_in_t: Array, conv_cache: Array, conv_weight: Array,
+                            conv_bias: Array | None, spec: DeltaLayerSpec, state: Array,
+                            a_log: Array | None, dt_bias: Array | None, norm_scale: Array,
+                            layer_fallback: Callable[..., Any]
+                            ) -> tuple[Array, Array, Array, Array]:
+    """:func:`delta_in_layer` as the two separate kernels (its backward pass, and what the
+    tests hold it to)."""
+    from linearnexus.kernels.fused_decode.api import delta_layer_step
+
+    proj, cache = gemv.one_row_conv(x, w_in_t, conv_cache, conv_weight, conv_bias,
+                                    conv_start=0, transposed=True, norm_scale=norm1_scale,
+                                    norm_eps=norm1_eps)  # [1, F]
+    y, _, final = delta_layer_step(spec, proj, None, None, None, state, a_log, dt_bias,
+                                   norm_scale, fallback=layer_fallback)  # [1, H*V]
+    return proj, y, cache, final
+
+
+def layer_call(operands: dict[str, Any], *, spec: SsdLayerSpec | DeltaLayerSpec,
+               norm1_eps: float | None, layer_fallback: Callable[..., Any]) -> tuple:
+    """:func:`ssd_in_layer` or :func:`delta_in_layer` (by the spec's kind) on ``operands``
+    (its array arguments by name), differentiated as the separate kernels
+    (:func:`ssd_in_layer_separate`, :func:`delta_in_layer_separate`)."""
     from linearnexus.kernels.common.pallas import with_reference_vjp
 
+    ssd = isinstance(spec, SsdLayerSpec)
+    kernel = ssd_in_layer if ssd else delta_in_layer
+    separate = ssd_in_layer_separate if ssd else delta_in_layer_separate
     names = tuple(operands)
 
     def fused(*a):
-        return ssd_in_layer(**dict(zip(names, a, strict=True)), spec=spec, norm1_eps=norm1_eps)
+        return kernel(**dict(zip(names, a, strict=True)), spec=spec, norm1_eps=norm1_eps)
 
     def reference(*a):
-        return ssd_in_layer_separate(**dict(zip(names, a, strict=True)), spec=spec,
-                                     norm1_eps=norm1_eps, layer_fallback=layer_fallback)
+        return separate(**dict(zip(names, a, strict=True)), spec=spec, norm1_eps=norm1_eps,
+                        layer_fallback=layer_fallback)
 
     return with_reference_vjp(fused, reference, *operands.values())
 
 
-__all__ = ["ARRIVAL_ENV", "Statics", "arrival_enabled", "feeds", "head_columns", "layer_call",
-           "ssd_in_layer", "ssd_in_layer_separate"]
+__all__ = ["ARRIVAL_ENV", "Statics", "arrival_enabled", "delta_in_layer",
+           "delta_in_layer_separate", "feeds", "head_columns", "layer_call", "ssd_in_layer",
+           "ssd_in_layer_separate"]

@@ -277,30 +277,19 @@ class DeltaNetFamilyBlock(LinearAttentionBlock):
         linears = self.decode_linears()[0]
         conv = self.conv
         gates = (self.A_log[...], self.dt_bias[...]) if spec.gated else (None, None)
+        arrived = self._arrival_layer(x, linear, input_norm, spec, linears, gates)
+        if arrived is not None:
+            return arrived
         done = None if conv is None else conv_dense(x, linears, conv, linear.conv.buffer,
                                                    norm=input_norm)
         if done is not None:  # the conv ran in the input projection's kernel
             proj, cache = done
-            spec = dataclasses.replace(spec, conv_width=None, silu_without_conv=False)
-            # more programs per head (V split) with the output norm and gate in o_proj's
-            # kernel, where that kernel takes them (a grid of few programs: batch 1)
-            batch = proj.shape[0]
-            o_like = jax.ShapeDtypeStruct((batch, 1, spec.heads * spec.value_dim), proj.dtype)
-            blocks = _value_blocks(spec.value_dim, spec.heads * batch)
-            if blocks > 1 and head_norm_group(self.o_proj, o_like, self.norm,
-                                              spec.output_gate) is not None:
-                spec = dataclasses.replace(spec, norm_out=False, value_blocks=blocks)
+            spec = self._conv_in_spec(spec, proj.shape[0], proj.dtype)
             o, _, final = delta_layer_step(
                 spec, proj[:, 0], None, None, None, linear.recurrent.state, *gates,
                 self.norm.scale[...], fallback=lambda *a: self._layer_reference(spec, *a))
-            new_linear = LinearState(conv=linear.conv.update(cache),
-                                     recurrent=linear.recurrent.update(final))
-            if not spec.norm_out:
-                y = head_normed_dense(self.o_proj, o[:, None], self.norm,
-                                      proj[:, 0] if spec.output_gate else None,
-                                      spec.gate_offset)
-                return y, new_linear
-            return dense(self.o_proj, o[:, None]), new_linear
+            return self._conv_in_out(spec, o, proj[:, 0]), LinearState(
+                conv=linear.conv.update(cache), recurrent=linear.recurrent.update(final))
         proj = fused_dense(x, linears, groups=(len(linears),),
                            norm=input_norm)[0][:, 0]  # [B, 1, F] -> [B, F]
 
@@ -315,6 +304,60 @@ class DeltaNetFamilyBlock(LinearAttentionBlock):
         new_conv = None if conv is None else linear.conv.update(cache)
         return dense(self.o_proj, y[:, None]), LinearState(
             conv=new_conv, recurrent=linear.recurrent.update(final))
+
+    def _conv_in_spec(self, spec: DeltaLayerSpec, batch: int, dtype: Any) -> DeltaLayerSpec:
+        """The layer kernel's spec when the conv runs in the input projection's kernel: no
+        conv, and more programs per head (V split) with the output norm and gate in
+        ``o_proj``'s kernel where that kernel takes them (a grid of few programs: batch
+        1)."""
+        spec = dataclasses.replace(spec, conv_width=None, silu_without_conv=False)
+        o_like = jax.ShapeDtypeStruct((batch, 1, spec.heads * spec.value_dim), dtype)
+        blocks = _value_blocks(spec.value_dim, spec.heads * batch)
+        if blocks > 1 and head_norm_group(self.o_proj, o_like, self.norm,
+                                          spec.output_gate) is not None:
+            spec = dataclasses.replace(spec, norm_out=False, value_blocks=blocks)
+        return spec
+
+    def _conv_in_out(self, spec: DeltaLayerSpec, o: Array, proj: Array) -> Array:
+        """``o_proj`` of the layer kernel's output ``o [B, H*V]`` (``[B, 1, D]``), with the
+        output norm and gate (from the projection row ``proj [B, F]``) in its kernel where
+        the layer kernel left them (``spec.norm_out`` False)."""
+        if not spec.norm_out:
+            return head_normed_dense(self.o_proj, o[:, None], self.norm,
+                                     proj if spec.output_gate else None, spec.gate_offset)
+        return dense(self.o_proj, o[:, None])
+
+    def _arrival_layer(self, x: Array, linear: LinearState, input_norm: RMSNorm | None,
+                       spec: DeltaLayerSpec, linears: Any, gates: tuple[Any, Any]
+                       ) -> tuple[Array, LinearState] | None:
+        """The input projection (with the pre-norm and the conv) and the layer kernel of a
+        batch-1 token as one launch (``kernels.fused_decode.arrival.delta_in_layer``),
+        then ``o_proj`` as in the separate path, where ``LINEARNEXUS_DECODE_ARRIVAL=1`` asks
+        for it and the separate kernels would run (the conv in the input projection's
+        kernel); else None. Differentiable through the separate kernels."""
+        from linearnexus.kernels.fused_decode import arrival
+        from linearnexus.kernels.fused_decode.api import kept_state_dtype
+        from linearnexus.modules.common import conv_dense_weight
+
+        conv = self.conv
+        if not (arrival.arrival_enabled() and conv is not None and x.shape[:2] == (1, 1)):
+            return None
+        w_in_t = conv_dense_weight(x, linears, conv, linear.conv.buffer, norm=input_norm)
+        if w_in_t is None:
+            return None
+        spec = self._conv_in_spec(spec, 1, w_in_t.dtype)
+        proj, o, cache, final = arrival.layer_call(
+            dict(x=x.reshape(1, x.shape[-1]),
+                 norm1_scale=None if input_norm is None else input_norm.scale[...],
+                 w_in_t=w_in_t, conv_cache=linear.conv.buffer,
+                 conv_weight=conv.conv_weight[...],
+                 conv_bias=None if conv.conv_bias is None else conv.conv_bias[...],
+                 state=kept_state_dtype(linear.recurrent.state), a_log=gates[0],
+                 dt_bias=gates[1], norm_scale=self.norm.scale[...]),
+            spec=spec, norm1_eps=None if input_norm is None else input_norm.eps,
+            layer_fallback=lambda *a: self._layer_reference(spec, *a))
+        return self._conv_in_out(spec, o, proj), LinearState(
+            conv=linear.conv.update(cache), recurrent=linear.recurrent.update(final))
 
     def persistent_layer(self, x: Array, state: Any, input_norm: RMSNorm, mlp: Any,
                          mlp_norm: RMSNorm) -> tuple[Array, Any] | None:
