@@ -47,6 +47,22 @@
 #   warps64: the GDN and Mamba2 decode loops at batch 64 with the layer kernels at their
 #            default warps (2 there) and at each count in $WARPS (default "4 8";
 #            LINEARNEXUS_LAYER_WARPS), one process each (~3 x 90 s).
+#   gemm64:  the models' projections alone at GEMM_ROWS rows (default 64) with cold weights,
+#            XLA over W and W^T against a bare Pallas kernel at several tilings
+#            (benchmarks/skinny_gemm_gpu.py; GEMM_SHAPES, default the three layer
+#            projections; ~250 s), then XLA's forms again under each XLA_FLAGS value in
+#            GEMM_FLAG_SETS (";"-separated; default: exhaustive tiling search), one process
+#            each (~40 s a shape: the search's autotuning).
+#   layout64: the GDN and Mamba2 decode loops at LAYOUT_BATCHES (default 64) with each
+#            LINEARNEXUS_DECODE_BATCH_LAYOUT in LAYOUTS (default "auto kn nk"), one process
+#            each (~100 s each).
+#   arrival: batch-1 input projection and layer kernel as one launch whose last program to
+#            finish a head's columns runs that head's step (kernels/fused_decode/arrival.py,
+#            Mamba2 and GDN; never run on a GPU before): its tests compiled (real atomics),
+#            then the Mamba2 and GDN decode loops at batch 1 with LINEARNEXUS_DECODE_ARRIVAL=0,
+#            =1 (8 rows of the weight a program), and =1 with LINEARNEXUS_ARRIVAL_ROWS in
+#            ARRIVAL_ROWS (default 2: the separate kernel's), one process each
+#            (~60 + 3 x 110 s; ARRIVAL_LAYERS: Mamba2's layers, default decode_gpu.py's).
 # Usage (repo root, on the GPU): bash benchmarks/decode_step_ab_gpu.sh   # PARTS="persist block"
 #   PARTS="layer" bash benchmarks/decode_step_ab_gpu.sh
 set -u
@@ -169,15 +185,18 @@ case " $PARTS " in *" gemm64 "*)
   done;;
 esac
 case " $PARTS " in *" arrival "*)
-  echo "== the one-launch Mamba2 layer's tests, compiled"
+  echo "== the one-launch projection and layer kernel's tests, compiled"
   timeout ${ARRIVAL_TEST_S:-120} python3 -m pytest -q -p no:cacheprovider -rf --tb=short \
     tests/test_arrival_decode.py 2>&1 | quiet | tail -25
-  for on in 0 1; do
-    echo "== batch 1, LINEARNEXUS_DECODE_ARRIVAL=$on"
-    LINEARNEXUS_DECODE_ARRIVAL=$on timeout ${ARRIVAL_S:-120} python3 benchmarks/decode_gpu.py \
-      --models mamba2 gdn --batches 1 --steps 64 --skip-fla \
+  for run in 0 1 ${ARRIVAL_ROWS:-2}; do
+    on=1 rows=
+    case $run in 0) on=0;; 1) ;; *) rows=$run;; esac
+    echo "== batch 1, LINEARNEXUS_DECODE_ARRIVAL=$on LINEARNEXUS_ARRIVAL_ROWS=$rows"
+    LINEARNEXUS_DECODE_ARRIVAL=$on LINEARNEXUS_ARRIVAL_ROWS=$rows \
+      timeout ${ARRIVAL_S:-120} python3 benchmarks/decode_gpu.py \
+      --models mamba2 gdn --batches 1 --host-batches --steps 64 --skip-fla \
       --budget $(( ${ARRIVAL_S:-120} - 20 )) \
-      ${ARRIVAL_LAYERS:+--mamba2-layers $ARRIVAL_LAYERS} --out "$OUT/arrival$on" 2>&1 \
+      ${ARRIVAL_LAYERS:+--mamba2-layers $ARRIVAL_LAYERS} --out "$OUT/arrival_$run" 2>&1 \
       | grep -E "^\| linearnexus|rror|budget" | cut -c1-300 | head -20
   done;;
 esac

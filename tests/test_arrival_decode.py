@@ -56,19 +56,50 @@ def _operands(dtype, *, groups: int = 1, d_per_channel: bool = False, norm: bool
 def test_one_launch_equals_the_separate_kernels(dtype, groups, d_per_channel, norm, state16):
     """The projection's programs and, in whichever program completes a head's columns, the
     layer kernel's program for that head: y, conv cache and state equal the two separate
-    kernels' bit for bit, the column blocks taken in either order."""
+    kernels' bit for bit (P = 16: one value block), the column blocks taken in either order,
+    at 8 rows of the weight a program and at the separate kernel's 2."""
     ops = _operands(jnp.dtype(dtype), groups=groups, d_per_channel=d_per_channel, norm=norm)
+    assert A.ssd_blocks(ops["spec"].head_dim) == 1
     if state16:
         ops["state"] = ops["state"].astype(jnp.bfloat16)
     want = A.ssd_in_layer_separate(**ops, layer_fallback=_fail)
     assert float(jnp.abs(want[0]).max()) > 0.05  # every head's output is there to compare
     tol = (1e-5 if dtype == "float32" else 1e-2) if jax.default_backend() == "gpu" else 0.0
-    for reverse in (True, False):
-        got = A.ssd_in_layer(**ops, reverse=reverse)
+    for reverse, rows in ((True, None), (False, None), (True, "2")):
+        with pytest.MonkeyPatch.context() as mp:
+            if rows:
+                mp.setenv(A.ROWS_ENV, rows)
+            got = A.ssd_in_layer(**ops, reverse=reverse)
         for name, a, b in zip(("y", "conv cache", "state"), got, want, strict=True):
             assert a.shape == b.shape and a.dtype == b.dtype, name
             np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                       rtol=tol, atol=tol, err_msg=f"{name}, reverse={reverse}")
+                                       rtol=tol, atol=tol,
+                                       err_msg=f"{name}, reverse={reverse}, rows={rows}")
+
+
+def test_value_blocks_of_a_wide_head():
+    """P = 64: the head's last program runs its step in 4 value blocks of 16 columns (fewer
+    registers for the whole launch); y, cache and state equal one block's to float32
+    rounding (1e-6), the state and cache exactly."""
+    spec = SsdLayerSpec(heads=2, head_dim=64, groups=1, d_state=16, conv_width=None,
+                        d_per_channel=True, dt_limit=None)
+    assert A.ssd_blocks(64) == 4 and A.ssd_blocks(32) == 2 and A.ssd_blocks(24) == 1
+    ops = _operands(jnp.float32, seed=4)
+    channels = spec.conv_channels
+    keys = iter(jax.random.split(jax.random.PRNGKey(9), 8))
+    ops.update(spec=spec, w_in_t=jax.random.normal(next(keys), (spec.width, 48)) * 0.15,
+               conv_cache=jax.random.normal(next(keys), (1, 3, channels)),
+               conv_weight=jax.random.normal(next(keys), (4, channels)) * 0.5,
+               conv_bias=jax.random.normal(next(keys), (channels,)) * 0.1,
+               state=jax.random.normal(next(keys), (1, 2, 16, 64)) * 0.3,
+               a_log=ops["a_log"][:2], dt_bias=ops["dt_bias"][:2],
+               d=jax.random.normal(next(keys), (2, 64)))
+    want = A.ssd_in_layer_separate(**ops, layer_fallback=_fail)
+    got = A.ssd_in_layer(**ops)
+    for name, a, b, tol in zip(("y", "conv cache", "state"), got, want, (1e-6, 0.0, 0.0),
+                               strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol,
+                                   err_msg=name)
 
 
 def test_each_head_reads_its_columns():
@@ -206,6 +237,19 @@ def test_bad_operands_are_refused():
         A.ssd_in_layer(**{**ops, "norm1_eps": None})
 
 
+def test_rows_a_program(monkeypatch):
+    """8 rows of the weight a program by default, or LINEARNEXUS_ARRIVAL_ROWS, halved until
+    they divide the conv's start and channels; a bad value is refused by name."""
+    monkeypatch.delenv(A.ROWS_ENV, raising=False)
+    assert A.proj_rows(2048, 2176) == 8 and A.proj_rows(0, 4096) == 8
+    assert A.proj_rows(2052, 2176) == 4 and A.proj_rows(2050, 2176) == 2
+    monkeypatch.setenv(A.ROWS_ENV, "32")
+    assert A.proj_rows(2048, 2176) == 32 and A.proj_rows(2048, 2160) == 16
+    monkeypatch.setenv(A.ROWS_ENV, "3")
+    with pytest.raises(ValueError, match="LINEARNEXUS_ARRIVAL_ROWS: expected a power of two"):
+        A.proj_rows(2048, 2176)
+
+
 def test_switch(monkeypatch):
     monkeypatch.delenv(A.ARRIVAL_ENV, raising=False)
     assert not A.arrival_enabled()
@@ -219,7 +263,7 @@ def test_switch(monkeypatch):
 def test_mamba2_model_decode_step_and_generation_through_one_launch(monkeypatch):
     """A Mamba2 LM's batch-1 token with the kernels picked as on a GPU (interpreted): one
     launch per layer for in_proj and the layer kernel, and logits and states equal to the
-    separate kernels' exactly; greedy generation gives the same tokens."""
+    separate kernels' (1e-5); greedy generation gives the same tokens."""
     from linearnexus.generate import SamplingConfig, generate
 
     cfg = ModelConfig(vocab_size=61, d_model=64, n_layers=2, block_pattern=("mamba2",),
@@ -241,10 +285,11 @@ def test_mamba2_model_decode_step_and_generation_through_one_launch(monkeypatch)
     monkeypatch.setenv(A.ARRIVAL_ENV, "1")
     got = step()
     assert len(launches) == cfg.n_layers
-    tol = 1e-5 if jax.default_backend() == "gpu" else 0.0
+    # P = 64: the head's step runs in value blocks (A.ssd_blocks), whose sums round apart
+    # from one block's by an ulp
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                   rtol=tol, atol=tol)
+                                   rtol=1e-5, atol=1e-5)
     sampler = SamplingConfig(temperature=0.0, max_new_tokens=6)
     on = generate(model, [[3, 14, 15, 9]], sampler)
     monkeypatch.setenv(A.ARRIVAL_ENV, "0")

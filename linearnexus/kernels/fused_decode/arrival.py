@@ -32,9 +32,18 @@ gate where the layer kernel applies the gate; its last program runs the layer ke
 programs for all the head's value blocks in turn (``pallas._delta_kernel``). In reverse
 order the last arrivals fall on the heads' ``q`` blocks.
 
+A kernel's registers are those of its largest part, so the layer kernel's state tile sets
+them for every projection program (compiled for sm_90: 80-149 a thread against the
+separate projection kernel's 32) and fewer programs stay resident per SM. Two choices keep
+the weight loads in flight: each program computes :data:`PROJ_ROWS` rows of ``W^T`` (8,
+where the separate kernel computes 2), and a Mamba2 head's step runs in :func:`ssd_blocks`
+value blocks in turn (4 of 16 columns at P = 64; its ``y`` then equals one block's to
+float32 rounding, the state and cache exactly).
+
 The counters are a zeroed ``[H]`` int32 array per launch (aliased to an output). Off a GPU
 (Pallas interpret mode runs the programs one after another) the atomics and the counts are
-the same, so the tests check the launch against the two separate kernels bit for bit.
+the same, so the tests check the launch against the two separate kernels (bit for bit where
+a head's step is one block).
 
 Behind ``LINEARNEXUS_DECODE_ARRIVAL=1`` (read at trace time; off by default): not yet timed
 on a GPU.
@@ -44,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -69,6 +79,50 @@ from linearnexus.kernels.fused_decode.pallas import (
 #: one launch (read at trace time; default "0")
 ARRIVAL_ENV = "LINEARNEXUS_DECODE_ARRIVAL"
 F32 = jnp.float32
+
+
+#: value blocks a Mamba2 head's step runs in, in turn, in the head's last program (at most:
+#: blocks of at least 16 of the P columns): the launch's registers are its largest part's,
+#: and every projection program pays them in occupancy
+SSD_BLOCKS = 4
+#: rows of ``W^T`` (output columns) a program of the launch computes by default, where the
+#: separate projection kernel computes 2 (``gemv.tiles``). Compiled for sm_90 (Triton 3.6,
+#: 4 warps) the launch holds 80-96 registers a thread against the separate kernel's 32
+#: (the layer kernel's part sets them), so an SM keeps ~5 of its programs resident instead
+#: of 16; 8 rows a program keep as many weight bytes in flight per SM as the separate
+#: kernel does (5 x 16 KB against 16 x 4 KB). Not yet timed.
+PROJ_ROWS = 8
+#: the rows a program (a power of two, 2 to 32) in place of :data:`PROJ_ROWS` (read at trace
+#: time): for timing one against another
+ROWS_ENV = "LINEARNEXUS_ARRIVAL_ROWS"
+
+
+def ssd_blocks(head_dim: int) -> int:
+    """The value blocks (:data:`SSD_BLOCKS` at most) of a Mamba2 head of ``head_dim``
+    columns: powers of two of at least 16 columns each."""
+    blocks = SSD_BLOCKS
+    while blocks > 1 and (head_dim % blocks or head_dim // blocks < 16
+                          or (head_dim // blocks) & (head_dim // blocks - 1)):
+        blocks //= 2
+    return blocks
+
+
+def proj_rows(conv_start: int, channels: int) -> int:
+    """Rows of ``W^T`` a program: :data:`ROWS_ENV` or :data:`PROJ_ROWS`, halved (to 2 at
+    least) until it divides the conv's start and channels, which no program may straddle.
+
+    Raises:
+        ValueError: a :data:`ROWS_ENV` value that is not a power of two in 2..32.
+    """
+    raw = os.environ.get(ROWS_ENV, "")
+    rows = PROJ_ROWS
+    if raw:
+        if not raw.isdigit() or int(raw) not in (2, 4, 8, 16, 32):
+            raise ValueError(f"{ROWS_ENV}: expected a power of two in 2..32, got {raw!r}")
+        rows = int(raw)
+    while rows > 2 and (conv_start % rows or channels % rows):
+        rows //= 2
+    return rows
 
 
 def arrival_enabled() -> bool:
@@ -107,7 +161,9 @@ def feeds(cols: Array, h: Array, sp: SsdLayerSpec | DeltaLayerSpec) -> Array:
             out = out | within(sp.gate_offset + h * vd, vd)
         return out
     e, p, n = sp.inner, sp.head_dim, sp.d_state
-    g = h // (sp.heads // sp.groups)
+    # lax.div, not //: floor division's sign fix-up on a traced int32 fails in the Triton
+    # lowering (docs/gpu_notes.md); h >= 0
+    g = jax.lax.div(jnp.asarray(h, jnp.int32), jnp.int32(sp.heads // sp.groups))
     return (within(h * p, p) | within(e + h * p, p)
             | within(2 * e + g * n, n) | within(2 * e + sp.groups * n + g * n, n)
             | (cols == 2 * e + 2 * sp.groups * n + h))
@@ -145,25 +201,25 @@ def _kernel(*, x_ref, n1_ref, w_in_ref, cache_ref, cw_ref, cb_ref, h0_ref, a_log
     need = head_columns(sp)
     zero = jnp.int32(0)
 
-    def step(h):  # the layer kernel's program(s) for head h
-        if isinstance(sp, SsdLayerSpec):
-            _ssd_kernel(proj_ref=proj_ref, cache_ref=None, w_ref=None, bias_ref=None,
-                        h0_ref=h0_ref, a_log_ref=a_log_ref, dt_bias_ref=dt_bias_ref,
-                        d_ref=d_ref, y_ref=y_ref, new_cache_ref=None, final_ref=final_ref,
-                        sp=sp, ids=(zero, h))
-            return
-
+    def step(h):  # the layer kernel's programs for head h, its value blocks in turn
         def block(vb, carry):
-            _delta_kernel(proj_ref=proj_ref, cache_ref=None, w_ref=None, bias_ref=None,
-                          h0_ref=h0_ref, a_log_ref=a_log_ref, dt_bias_ref=dt_bias_ref,
-                          scale_ref=scale_ref, y_ref=y_ref, new_cache_ref=None,
-                          final_ref=final_ref, sp=sp, ids=(zero, h, vb))
+            if isinstance(sp, SsdLayerSpec):
+                _ssd_kernel(proj_ref=proj_ref, cache_ref=None, w_ref=None, bias_ref=None,
+                            h0_ref=h0_ref, a_log_ref=a_log_ref, dt_bias_ref=dt_bias_ref,
+                            d_ref=d_ref, y_ref=y_ref, new_cache_ref=None, final_ref=final_ref,
+                            sp=sp, ids=(zero, h, vb))
+            else:
+                _delta_kernel(proj_ref=proj_ref, cache_ref=None, w_ref=None, bias_ref=None,
+                              h0_ref=h0_ref, a_log_ref=a_log_ref, dt_bias_ref=dt_bias_ref,
+                              scale_ref=scale_ref, y_ref=y_ref, new_cache_ref=None,
+                              final_ref=final_ref, sp=sp, ids=(zero, h, vb))
             return carry
 
         jax.lax.fori_loop(0, sp.value_blocks, block, 0)
 
     def head(h, carry):
-        count = jnp.sum(jnp.where(live & feeds(cols, h, sp), 1, 0)).astype(jnp.int32)
+        # an int32 count (an atomic's value built from Python ints reached Triton as i1)
+        count = jnp.sum((live & feeds(cols, h, sp)).astype(jnp.int32))
 
         @pl.when(count > 0)
         def _():
@@ -185,10 +241,12 @@ def _launch(inputs: dict[str, Any], *, sp: SsdLayerSpec | DeltaLayerSpec, x: Arr
     """The launch over ``inputs`` (the kernel's operands by name, without the counters):
     ``{"proj", "y", "new_cache", "final"}``."""
     dtype = jnp.dtype(w_in_t.dtype)
+    bk, _ = gemv.tiles(x.shape[-1])  # the separate kernel's contraction tiles
     st = Statics(proj=gemv.static_for(x.shape[-1], sp.width, conv_cache, conv_weight,
                                       glu=False,
                                       norm_eps=None if norm1_eps is None else float(norm1_eps),
-                                      out_dtype=dtype, conv_start=conv_start),
+                                      out_dtype=dtype, conv_start=conv_start,
+                                      blocks=(bk, proj_rows(conv_start, conv_cache.shape[2]))),
                  layer=sp, reverse=reverse)
     if conv_start % st.proj.block_n or conv_cache.shape[2] % st.proj.block_n:
         raise ValueError(f"spec: the conv's start {conv_start} and channels "
@@ -255,12 +313,14 @@ def ssd_in_layer(x: Array, *, norm1_scale: Array | None, norm1_eps: float | None
         ("w_in_t", w_in_t, (spec.width, depth)),
         ("state", state, (1, spec.heads, spec.d_state, spec.head_dim)),
         ("conv_cache", conv_cache, (1, conv_cache.shape[1], spec.conv_channels))))
+    blocks = ssd_blocks(spec.head_dim)
     out = _launch({"x": x, "n1": norm1_scale, "w_in": w_in_t, "cache": conv_cache,
                    "cw": conv_weight, "cb": conv_bias, "h0": state, "a_log": a_log,
                    "dt_bias": dt_bias, "d": d, "scale": None},
-                  sp=spec, x=x, w_in_t=w_in_t, conv_cache=conv_cache, conv_weight=conv_weight,
-                  state=state, norm1_eps=norm1_eps, conv_start=spec.inner,
-                  out_width=spec.inner, out_dtype=F32, reverse=reverse, name="ssd_in_layer")
+                  sp=dataclasses.replace(spec, value_blocks=blocks), x=x, w_in_t=w_in_t,
+                  conv_cache=conv_cache, conv_weight=conv_weight, state=state,
+                  norm1_eps=norm1_eps, conv_start=spec.inner, out_width=spec.inner,
+                  out_dtype=F32, reverse=reverse, name="ssd_in_layer")
     return out["y"], out["new_cache"], out["final"]
 
 
