@@ -33,14 +33,19 @@ programs for all the head's value blocks in turn (``pallas._delta_kernel``). In 
 order the last arrivals fall on the heads' ``q`` blocks.
 
 A kernel's registers are those of its largest part, so the layer kernel's state tile sets
-them for every projection program (compiled for sm_90: 80-149 a thread against the
+them for every projection program (compiled for sm_90: 72-128 a thread against the
 separate projection kernel's 32) and fewer programs stay resident per SM. Two choices keep
 the weight loads in flight: each program computes :data:`PROJ_ROWS` rows of ``W^T`` (8,
 where the separate kernel computes 2), and a Mamba2 head's step runs in :func:`ssd_blocks`
 value blocks in turn (4 of 16 columns at P = 64; its ``y`` then equals one block's to
 float32 rounding, the state and cache exactly).
 
-The counters are a zeroed ``[H]`` int32 array per launch (aliased to an output). Off a GPU
+The counts go in with one masked vector atomic a program (each head's lane), so a program
+of shared columns (Mamba2's ``B | C``, read by every head of their group) adds to all its
+heads' counters in parallel instead of one atomic (and one fence) after another. The
+counters are a zeroed float32 array per launch (aliased to an output; float32 because JAX
+lowers a vector atomic add as a float add, and exact for these counts), ``H`` rounded up to
+a power of two. Off a GPU
 (Pallas interpret mode runs the programs one after another) the atomics and the counts are
 the same, so the tests check the launch against the two separate kernels (bit for bit where
 a head's step is one block).
@@ -87,10 +92,10 @@ F32 = jnp.float32
 SSD_BLOCKS = 4
 #: rows of ``W^T`` (output columns) a program of the launch computes by default, where the
 #: separate projection kernel computes 2 (``gemv.tiles``). Compiled for sm_90 (Triton 3.6,
-#: 4 warps) the launch holds 80-96 registers a thread against the separate kernel's 32
-#: (the layer kernel's part sets them), so an SM keeps ~5 of its programs resident instead
-#: of 16; 8 rows a program keep as many weight bytes in flight per SM as the separate
-#: kernel does (5 x 16 KB against 16 x 4 KB). Not yet timed.
+#: 4 warps) the launch holds 72-96 registers a thread against the separate kernel's 32
+#: (the layer kernel's part sets them), so an SM keeps ~5-7 of its programs resident
+#: instead of 16; 8 rows a program keep as many weight bytes in flight per SM as the
+#: separate kernel does (5 x 16 KB against 16 x 4 KB). Not yet timed.
 PROJ_ROWS = 8
 #: the rows a program (a power of two, 2 to 32) in place of :data:`PROJ_ROWS` (read at trace
 #: time): for timing one against another
@@ -123,6 +128,12 @@ def proj_rows(conv_start: int, channels: int) -> int:
     while rows > 2 and (conv_start % rows or channels % rows):
         rows //= 2
     return rows
+
+
+def counter_slots(heads: int) -> int:
+    """The arrival counters' length: ``heads`` rounded up to a power of two (the vector
+    atomic's lanes; the slots past ``heads`` stay zero)."""
+    return 1 << max(heads - 1, 0).bit_length()
 
 
 def arrival_enabled() -> bool:
@@ -217,17 +228,27 @@ def _kernel(*, x_ref, n1_ref, w_in_ref, cache_ref, cw_ref, cb_ref, h0_ref, a_log
 
         jax.lax.fori_loop(0, sp.value_blocks, block, 0)
 
+    # every head's count of this program's columns at once, and one masked vector atomic
+    # for them all: a program of shared columns (Mamba2's B | C feed every head of their
+    # group) then adds to all its heads' counters in parallel lanes, not one after another
+    slots = counter_slots(sp.heads)
+    hs = jnp.arange(slots)  # [HS]
+    fed = (feeds(cols[None, :], hs[:, None], sp) & live[None, :]
+           & (hs < sp.heads)[:, None])  # [HS, BN]
+    # float32 counts, exact for these small integers: JAX 0.10 / 0.11 lower an atomic add of
+    # an integer *vector* as a float add (their Triton rule tests the value's type, a tensor,
+    # for an integer type), so the counters are float32 and the add is a float add on purpose
+    counts = jnp.sum(fed.astype(F32), axis=1)  # [HS]
+    # only the lanes with columns to count touch memory (the interpreter has no masked
+    # atomics: it adds the zeros, which changes no counter, and no zero lane is read below)
+    before = plt.atomic_add(counter_ref, (pl.ds(0, slots),), counts,
+                            mask=None if interpret_mode() else counts > 0)
+    done = (counts > 0) & (before + counts == need)  # [HS]: this program wrote the last column
+
     def head(h, carry):
-        # an int32 count (an atomic's value built from Python ints reached Triton as i1)
-        count = jnp.sum((live & feeds(cols, h, sp)).astype(jnp.int32))
-
-        @pl.when(count > 0)
+        @pl.when(jnp.sum(jnp.where(hs == h, done, False).astype(jnp.int32)) > 0)
         def _():
-            before = plt.atomic_add(counter_ref, (h,), count)
-
-            @pl.when(before + count == need)  # this program wrote the head's last column
-            def _():
-                step(h)
+            step(h)
 
         return carry
 
@@ -254,12 +275,12 @@ def _launch(inputs: dict[str, Any], *, sp: SsdLayerSpec | DeltaLayerSpec, x: Arr
                          f"{st.proj.block_n} columns a program")
     return named_pallas_call(
         functools.partial(_kernel, st=st),
-        inputs={**inputs, "count0": jnp.zeros((sp.heads,), jnp.int32)},
+        inputs={**inputs, "count0": jnp.zeros((counter_slots(sp.heads),), F32)},
         outputs={"proj": jax.ShapeDtypeStruct((1, sp.width), dtype),
                  "y": jax.ShapeDtypeStruct((1, out_width), out_dtype),
                  "new_cache": jax.ShapeDtypeStruct(conv_cache.shape, conv_cache.dtype),
                  "final": jax.ShapeDtypeStruct(state.shape, state.dtype),
-                 "counter": jax.ShapeDtypeStruct((sp.heads,), jnp.int32)},
+                 "counter": jax.ShapeDtypeStruct((counter_slots(sp.heads),), F32)},
         aliases={"cache": "new_cache", "h0": "final", "count0": "counter"},
         grid=(-(-sp.width // st.proj.block_n),), interpret=interpret_mode(),
         compiler_params=None if interpret_mode() else compiler_params(4, 3), name=name)
