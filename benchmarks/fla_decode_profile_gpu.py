@@ -11,9 +11,8 @@ kernels, copies and fills of two ``torch.profiler`` chrome traces, one token's r
 subtracted from ``--steps`` tokens' to drop the prefill), the kernels launched per step,
 and the host's top operators by their own CPU time. A step whose kernel time is a small
 part of its wall time is bound by the host, and then the host CPU's speed sets the peer's
-number. (The first version summed ``key_averages``' device times, which also count the
-profiler's "Command Buffer Full" markers: ~4.7 s in a run of FLA's Mamba2 prefill, varying
-by ~90 ms between runs, so its Mamba2 difference was not a kernel time.)
+number. (The kernel time sums the trace's kernels, not ``key_averages``' device times, which
+count a kernel twice and include the profiler's own markers: ``docs/gpu_notes.md``.)
 """
 
 from __future__ import annotations

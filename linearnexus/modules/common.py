@@ -379,13 +379,10 @@ def dense(lin: nnx.Linear, x: Array, *, norm: RMSNorm | None = None) -> Array:
         x = norm(x)
     if not _plain_linear(lin):
         return lin(x)
-    if one_row_ready(x):
-        kernel, bias, transposed = _group_weights([lin])
-    else:
-        cached = _table_transposed(lin)
-        if cached is None or not batch_transposed(lin.in_features, lin.out_features):
-            return lin(x)
-        kernel, bias, transposed = cached
+    kernel, bias, transposed = _group_weights([lin])
+    if not (one_row_ready(x)
+            or (transposed and batch_transposed(lin.in_features, lin.out_features))):
+        return lin(x)
     x, kernel, bias = lin.promote_dtype((x, kernel, bias), dtype=lin.dtype)
     y = _matmul(lin, x, kernel, transposed)
     return y if bias is None else y + bias
@@ -423,14 +420,6 @@ def _kernel_linear(lin: nnx.Linear) -> bool:
     ``nnx.Linear`` without a bias, precision, preferred element type or custom matmul."""
     return (_plain_linear(lin) and lin.bias is None and lin.precision is None
             and lin.preferred_element_type is None and lin.dot_general is jax.lax.dot_general)
-
-
-def _table_transposed(lin: nnx.Linear) -> tuple[Array, Array | None, bool] | None:
-    """``(W^T [N, D], bias, True)`` of ``lin`` from :func:`using_decode_weights`' table when
-    it holds ``lin``'s kernel transposed, else None."""
-    table = _DECODE_WEIGHTS.get()
-    cached = None if table is None else table.get((id(lin),))
-    return cached if cached is not None and cached[2] else None
 
 
 def _group_weights(linears: Sequence[nnx.Linear]) -> tuple[Array, Array | None, bool]:

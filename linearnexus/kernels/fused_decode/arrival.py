@@ -255,15 +255,15 @@ def _kernel(*, x_ref, n1_ref, w_in_ref, cache_ref, cw_ref, cb_ref, h0_ref, a_log
     jax.lax.fori_loop(0, sp.heads, head, 0)
 
 
-def _launch(inputs: dict[str, Any], *, sp: SsdLayerSpec | DeltaLayerSpec, x: Array,
-            w_in_t: Array, conv_cache: Array, conv_weight: Array, state: Array,
+def _launch(inputs: dict[str, Any], *, sp: SsdLayerSpec | DeltaLayerSpec,
             norm1_eps: float | None, conv_start: int, out_width: int, out_dtype: Any,
             reverse: bool, name: str) -> dict[str, Array]:
     """The launch over ``inputs`` (the kernel's operands by name, without the counters):
     ``{"proj", "y", "new_cache", "final"}``."""
+    x, w_in_t, conv_cache, state = inputs["x"], inputs["w_in"], inputs["cache"], inputs["h0"]
     dtype = jnp.dtype(w_in_t.dtype)
     bk, _ = gemv.tiles(x.shape[-1])  # the separate kernel's contraction tiles
-    st = Statics(proj=gemv.static_for(x.shape[-1], sp.width, conv_cache, conv_weight,
+    st = Statics(proj=gemv.static_for(x.shape[-1], sp.width, conv_cache, inputs["cw"],
                                       glu=False,
                                       norm_eps=None if norm1_eps is None else float(norm1_eps),
                                       out_dtype=dtype, conv_start=conv_start,
@@ -305,7 +305,8 @@ def ssd_in_layer(x: Array, *, norm1_scale: Array | None, norm1_eps: float | None
                  ) -> tuple[Array, Array, Array]:
     """One batch-1 token from the pre-norm through Mamba2's layer kernel in one launch:
     ``ssd(conv(norm1(x) W_in))``, what ``gemv.one_row_conv`` then ``api.ssd_layer_step``
-    compute (:func:`ssd_in_layer_separate`), bit for bit in interpret mode.
+    compute (:func:`ssd_in_layer_separate`): in interpret mode bit for bit where a head's
+    step is one block (:func:`ssd_blocks`), else ``y`` to float32 rounding.
 
     Args:
         x: ``[1, D]`` in ``w_in_t``'s dtype; norm1_scale ``[D]`` and norm1_eps (the
@@ -338,10 +339,9 @@ def ssd_in_layer(x: Array, *, norm1_scale: Array | None, norm1_eps: float | None
     out = _launch({"x": x, "n1": norm1_scale, "w_in": w_in_t, "cache": conv_cache,
                    "cw": conv_weight, "cb": conv_bias, "h0": state, "a_log": a_log,
                    "dt_bias": dt_bias, "d": d, "scale": None},
-                  sp=dataclasses.replace(spec, value_blocks=blocks), x=x, w_in_t=w_in_t,
-                  conv_cache=conv_cache, conv_weight=conv_weight, state=state,
-                  norm1_eps=norm1_eps, conv_start=spec.inner, out_width=spec.inner,
-                  out_dtype=F32, reverse=reverse, name="ssd_in_layer")
+                  sp=dataclasses.replace(spec, value_blocks=blocks), norm1_eps=norm1_eps,
+                  conv_start=spec.inner, out_width=spec.inner, out_dtype=F32,
+                  reverse=reverse, name="ssd_in_layer")
     return out["y"], out["new_cache"], out["final"]
 
 
@@ -402,8 +402,7 @@ def delta_in_layer(x: Array, *, norm1_scale: Array | None, norm1_eps: float | No
     out = _launch({"x": x, "n1": norm1_scale, "w_in": w_in_t, "cache": conv_cache,
                    "cw": conv_weight, "cb": conv_bias, "h0": state, "a_log": a_log,
                    "dt_bias": dt_bias, "d": None, "scale": norm_scale},
-                  sp=spec, x=x, w_in_t=w_in_t, conv_cache=conv_cache, conv_weight=conv_weight,
-                  state=state, norm1_eps=norm1_eps, conv_start=0,
+                  sp=spec, norm1_eps=norm1_eps, conv_start=0,
                   out_width=spec.heads * spec.value_dim, out_dtype=w_in_t.dtype,
                   reverse=reverse, name="delta_in_layer")
     return out["proj"], out["y"], out["new_cache"], out["final"]
